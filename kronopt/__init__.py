@@ -1,0 +1,88 @@
+"""kronopt: matrix-aware PyTorch optimizers composed from interchangeable, batched stages.
+
+Importing the package registers every built-in stage.
+"""
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import bases, factors, inner_rules, refresh, splits  # noqa: F401  (registers the built-ins)
+from .config import ConfigError, KronConfig, apply_overrides, dumps, from_dict, load, loads, to_dict
+from .optimizer import KronOptimizer
+from .presets import PRESETS
+from .registry import BASES, FACTORS, INNER_RULES, REFRESH, SLOTS, SPLITS, PluginLoadError, Registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASES",
+    "FACTORS",
+    "INNER_RULES",
+    "PRESETS",
+    "REFRESH",
+    "SLOTS",
+    "SPLITS",
+    "ConfigError",
+    "KronConfig",
+    "KronOptimizer",
+    "PluginLoadError",
+    "Registry",
+    "build",
+    "dumps",
+    "from_dict",
+    "from_state_dict",
+    "load",
+    "loads",
+    "resolve",
+    "to_dict",
+]
+
+
+def _raw(spec: str | Path | Mapping[str, Any] | KronConfig) -> dict[str, Any]:
+    import tomllib
+
+    if isinstance(spec, KronConfig):
+        return to_dict(spec)
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    if isinstance(spec, str) and spec in PRESETS:
+        return to_dict(PRESETS[spec])
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        try:
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError([("", f"cannot read config file {str(path)!r}: {exc.strerror or exc}")]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([("", f"{str(path)!r} is not valid TOML: {exc}")]) from exc
+    raise ConfigError([("", f"unknown preset {str(spec)!r}; presets: {', '.join(PRESETS)}; or give a .toml path or a dict")])
+
+
+def resolve(spec: str | Path | Mapping[str, Any] | KronConfig, **overrides: Any) -> KronConfig:
+    """The validated config of a preset name, TOML path, dict or config, with dotted overrides applied."""
+    return from_dict(apply_overrides(_raw(spec), overrides))
+
+
+def build(
+    params: Iterable[Any], spec: str | Path | Mapping[str, Any] | KronConfig = "soap", **overrides: Any
+) -> KronOptimizer:
+    """Build an optimizer: ``kronopt.build(model.named_parameters(), "soap", lr=1e-3, **{"refresh.every": 20})``.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param-group dicts.
+        spec: a preset name (:data:`PRESETS`), a path to a TOML file, a dict or a
+            :class:`KronConfig`.
+        overrides: top-level hyperparameters and dotted stage keys.
+
+    Raises:
+        ConfigError: listing every problem of the config, before anything is built.
+    """
+    return KronOptimizer(params, resolve(spec, **overrides))
+
+
+def from_state_dict(params: Iterable[Any], state_dict: Mapping[str, Any]) -> KronOptimizer:
+    """Rebuild the optimizer a :meth:`KronOptimizer.state_dict` came from (its config travels with it) and load it."""
+    opt = KronOptimizer(params, from_dict(state_dict["kronopt"]["config"]))
+    opt.load_state_dict(dict(state_dict))
+    return opt

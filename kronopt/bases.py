@@ -1,0 +1,194 @@
+r"""Bases: the ``basis`` slot.
+
+A basis turns the factors into orthonormal eigenbases :math:`Q_L, Q_R` (and
+eigenvalue estimates) when a refresh is due, and reports the change as a
+:class:`~kronopt.types.BasisChange` event so that stages holding state in the
+basis can follow it.
+
+Failure policy (every basis): a decomposition that raises is retried in float64
+by :func:`kronopt.linalg.eigh_descending`; if that fails too, or a block's
+output is not finite, the block keeps its last good basis and its ``failures``
+counter is incremented. No host synchronisation is involved.
+"""
+
+from typing import ClassVar
+
+import attrs
+import torch
+from torch import Tensor
+
+from . import linalg
+from ._validators import ge, to_bool, to_int
+from .registry import BASES
+from .types import BasisChange, BasisState, Layout, StepContext
+
+
+def _eye(b: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(d, dtype=dtype, device=device).expand(b, d, d).clone()
+
+
+def _fresh_state(layout: Layout, dtype: torch.dtype, device: torch.device) -> BasisState:
+    """Identity bases on the rotated sides, not yet refreshed."""
+    b, m, n = layout.batch, layout.m, layout.n
+    full_L, full_R = layout.left == "full", layout.right == "full"
+    return BasisState(
+        Q_L=_eye(b, m, dtype, device) if full_L else None,
+        Q_R=_eye(b, n, dtype, device) if full_R else None,
+        lam_L=torch.zeros(b, m, dtype=dtype, device=device) if full_L else None,
+        lam_R=torch.zeros(b, n, dtype=dtype, device=device) if full_R else None,
+        failures=torch.zeros(b, dtype=torch.int64, device=device),
+        ready=False,
+    )
+
+
+def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fresh eigenbasis of one side, keeping the old one on failed blocks."""
+    try:
+        eig = linalg.eigh_descending(X)
+    except ArithmeticError:
+        return Q_old, lam_old, torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
+    return linalg.select_blocks(eig.ok, eig.Q, Q_old), linalg.select_blocks(eig.ok, eig.lam, lam_old), eig.ok
+
+
+def _check_factors(name: str, factors: tuple[Tensor | None, Tensor | None], state: BasisState) -> None:
+    for side, X, Q in (("left", factors[0], state.Q_L), ("right", factors[1], state.Q_R)):
+        if Q is not None and X is None:
+            raise ValueError(f"basis {name!r} needs a {side} factor, but the factor estimator keeps none")
+
+
+@BASES.register("identity", description="no rotation (Adam, Muon, SGD in the original coordinates)")
+@attrs.frozen(kw_only=True)
+class IdentityBasis:
+    """The identity on both sides; a refresh changes nothing."""
+
+    needs_factors: ClassVar[bool] = False
+    provides_eigvals: ClassVar[bool] = False
+
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
+        return BasisState(
+            Q_L=None,
+            Q_R=None,
+            lam_L=None,
+            lam_R=None,
+            failures=torch.zeros(layout.batch, dtype=torch.int64, device=device),
+            ready=True,
+        )
+
+    def refresh(
+        self, state: BasisState, factors: tuple[Tensor | None, Tensor | None], ctx: StepContext
+    ) -> tuple[BasisState, BasisChange]:
+        return state, BasisChange(old=state, new=state)
+
+
+@BASES.register("eigh", description="full eigendecomposition of each factor at every refresh")
+@attrs.frozen(kw_only=True)
+class EighBasis:
+    r"""Eigenvectors and eigenvalues of each factor, recomputed from scratch.
+
+    .. math::
+        L = Q_L \,\mathrm{diag}(\lambda_L)\, Q_L^\top,\qquad \lambda \text{ descending}.
+
+    A fresh decomposition keeps no column correspondence, so the event carries no
+    permutation. Cost per refresh: one batched ``eigh`` per side, :math:`O(m^3 + n^3)`.
+    """
+
+    needs_factors: ClassVar[bool] = True
+    provides_eigvals: ClassVar[bool] = True
+
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
+        return _fresh_state(layout, dtype, device)
+
+    def refresh(
+        self, state: BasisState, factors: tuple[Tensor | None, Tensor | None], ctx: StepContext
+    ) -> tuple[BasisState, BasisChange]:
+        _check_factors("eigh", factors, state)
+        return _eigh_refresh(state, factors)
+
+
+def _eigh_refresh(
+    state: BasisState, factors: tuple[Tensor | None, Tensor | None]
+) -> tuple[BasisState, BasisChange]:
+    Q_L, lam_L, Q_R, lam_R = state.Q_L, state.lam_L, state.Q_R, state.lam_R
+    failures = state.failures
+    if Q_L is not None:
+        Q_L, lam_L, ok = _eigh_side(factors[0], Q_L, lam_L)  # type: ignore[arg-type]
+        failures = failures + (~ok).long()
+    if Q_R is not None:
+        Q_R, lam_R, ok = _eigh_side(factors[1], Q_R, lam_R)  # type: ignore[arg-type]
+        failures = failures + (~ok).long()
+    new = BasisState(
+        Q_L=Q_L, Q_R=Q_R, lam_L=lam_L, lam_R=lam_R, failures=failures, refreshes=state.refreshes + 1, ready=True
+    )
+    return new, BasisChange(old=state, new=new)
+
+
+@BASES.register("qr", description="SOAP refresh: eigh first, then Rayleigh-sorted warm-started power step + QR")
+@attrs.frozen(kw_only=True)
+class QrBasis:
+    r"""SOAP's cheap refresh.
+
+    The first refresh is a full :class:`EighBasis` decomposition. Each later one,
+    per rotated side with factor :math:`X` and current basis :math:`Q`:
+
+    .. math::
+        e = \mathrm{diag}(Q^\top X Q),\quad \pi = \mathrm{argsort}(e)\!\downarrow,\quad
+        \tilde Q = Q_{:,\pi},\quad Q \leftarrow \mathrm{qr}(X^{p} \tilde Q)
+
+    with ``power_steps`` = p warm-started power steps (each followed by QR). The
+    permutation :math:`\pi` is reported, so per-coordinate statistics (Adam's
+    second moment) are permuted with the columns. The eigenvalue estimates are the
+    sorted Rayleigh quotients :math:`e_\pi` of the old basis.
+
+    Attributes:
+        power_steps: power steps per refresh, ≥ 1.
+        sort: sort columns by Rayleigh quotient before the power step (SOAP); when
+            false no permutation is applied.
+    """
+
+    needs_factors: ClassVar[bool] = True
+    provides_eigvals: ClassVar[bool] = True
+    power_steps: int = attrs.field(default=1, converter=to_int, validator=ge(1))
+    sort: bool = attrs.field(default=True, converter=to_bool)
+
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
+        return _fresh_state(layout, dtype, device)
+
+    def refresh(
+        self, state: BasisState, factors: tuple[Tensor | None, Tensor | None], ctx: StepContext
+    ) -> tuple[BasisState, BasisChange]:
+        _check_factors("qr", factors, state)
+        if not state.ready:
+            return _eigh_refresh(state, factors)
+        failures = state.failures
+        out: dict[str, Tensor | None] = {}
+        for side, X, Q, lam in (("L", factors[0], state.Q_L, state.lam_L), ("R", factors[1], state.Q_R, state.lam_R)):
+            if Q is None or X is None or lam is None:
+                out["Q_" + side], out["lam_" + side], out["perm_" + side] = Q, lam, None
+                continue
+            e = linalg.rayleigh_quotients(X, Q)
+            if self.sort:
+                perm = torch.argsort(e, dim=-1, descending=True)
+                Q_t, e = linalg.permute_columns(Q, perm), torch.gather(e, -1, perm)
+            else:
+                perm, Q_t = None, Q
+            Q_new = Q_t
+            for _ in range(self.power_steps):
+                Q_new = linalg.power_qr(X, Q_new)
+            ok = linalg.finite_blocks(Q_new, e)
+            failures = failures + (~ok).long()
+            out["Q_" + side] = linalg.select_blocks(ok, Q_new, Q)
+            out["lam_" + side] = linalg.select_blocks(ok, e, lam)
+            if perm is not None:
+                identity = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
+                perm = linalg.select_blocks(ok, perm, identity)
+            out["perm_" + side] = perm
+        new = BasisState(
+            Q_L=out["Q_L"],
+            Q_R=out["Q_R"],
+            lam_L=out["lam_L"],
+            lam_R=out["lam_R"],
+            failures=failures,
+            refreshes=state.refreshes + 1,
+            ready=True,
+        )
+        return new, BasisChange(old=state, new=new, perm_L=out["perm_L"], perm_R=out["perm_R"])

@@ -1,0 +1,146 @@
+r"""One pipeline step for one bucket, as a pure function of a frozen config.
+
+For a bucket of ``b`` blocks with gradients ``G (b m n)``::
+
+    first call and skip_first_call:  observe(G); no update
+    otherwise:                       t ← t + 1
+                                     [observe(G)            if factor_update = "before"]
+                                     D ← inner.direction(G) ; D ← split.complement(D) ; D ← post.graft(D)
+                                     [observe(G)            if factor_update = "after"]
+
+where ``observe`` updates the factors and, when the refresh schedule says so,
+refreshes the basis and announces the change to every stage that keeps state in
+it. The caller writes ``W ← post.apply(W, D)``. Nothing here branches on which
+preset runs, and nothing synchronises with the host: the branches read Python
+ints and bools only.
+"""
+
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from .config import KronConfig
+from .types import BasisState, Layout, StepContext
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class BucketState:
+    """Everything a bucket keeps: one record per stage plus the call and update counters."""
+
+    factors: Any
+    basis: BasisState
+    inner: Any
+    split: Any
+    post: Any
+    calls: int = 0
+    step: int = 0
+
+
+def init_state(cfg: KronConfig, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BucketState:
+    """Fresh state of every stage for ``layout``."""
+    kw = {"dtype": dtype, "device": device}
+    return BucketState(
+        factors=cfg.factors.init(layout, **kw),
+        basis=cfg.basis.init(layout, **kw),
+        inner=cfg.inner.init(layout, **kw),
+        split=cfg.split.init(layout, **kw),
+        post=cfg.post.init(layout, **kw),
+    )
+
+
+def _observe(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool) -> BucketState:
+    ctx = StepContext(step=t, layout=layout, basis=state.basis)
+    factors = cfg.factors.update(state.factors, G, ctx)
+    if not cfg.refresh.due(t, first_call=first_call):
+        return attrs.evolve(state, factors=factors)
+    basis, change = cfg.basis.refresh(state.basis, cfg.factors.factors(factors), ctx)
+    inner = cfg.inner.on_basis_change(state.inner, change)
+    split = getattr(cfg.split, "on_basis_change", lambda s, c: s)(state.split, change)
+    return attrs.evolve(state, factors=factors, basis=basis, inner=inner, split=split)
+
+
+def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tuple[Tensor | None, BucketState]:
+    """One call for a bucket: the direction ``D (b m n)`` (``None``: do not touch W) and the new state."""
+    first_call = state.calls == 0
+    calls = state.calls + 1
+    if first_call and cfg.skip_first_call:
+        state = _observe(cfg, layout, state, G, t=state.step, first_call=True)
+        return None, attrs.evolve(state, calls=calls)
+    t = state.step + 1
+    if cfg.factor_update == "before":
+        state = _observe(cfg, layout, state, G, t=t, first_call=first_call)
+    ctx = StepContext(step=t, layout=layout, basis=state.basis)
+    D, inner = cfg.inner.direction(state.inner, G, ctx)
+    D, split = cfg.split.complement(state.split, G, D, ctx)
+    D, post = cfg.post.graft(state.post, G, D, ctx)
+    state = attrs.evolve(state, inner=inner, split=split, post=post)
+    if cfg.factor_update == "after":
+        state = _observe(cfg, layout, state, G, t=t, first_call=first_call)
+    return D, attrs.evolve(state, calls=calls, step=t)
+
+
+# -- generic operations on state records ------------------------------------------------
+
+
+def map_tensors(record: Any, fn: Any) -> Any:
+    """A copy of an attrs state record with ``fn`` applied to every tensor (recursively)."""
+    if isinstance(record, Tensor):
+        return fn(record)
+    if attrs.has(type(record)):
+        changes = {}
+        for f in attrs.fields(type(record)):
+            value = getattr(record, f.name)
+            if isinstance(value, Tensor) or attrs.has(type(value)):
+                changes[f.name] = map_tensors(value, fn)
+        return attrs.evolve(record, **changes) if changes else record
+    return record
+
+
+def zip_tensors(new: Any, old: Any, fn: Any) -> Any:
+    """Combine two records of the same structure tensor by tensor with ``fn(new, old)``."""
+    if isinstance(new, Tensor):
+        return fn(new, old)
+    if attrs.has(type(new)):
+        changes = {}
+        for f in attrs.fields(type(new)):
+            value = getattr(new, f.name)
+            if isinstance(value, Tensor) or attrs.has(type(value)):
+                changes[f.name] = zip_tensors(value, getattr(old, f.name), fn)
+        return attrs.evolve(new, **changes) if changes else new
+    return new
+
+
+def flatten(record: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"inner.exp_avg": tensor, "calls": 3, ...}``: tensors and Python scalars by dotted path."""
+    out: dict[str, Any] = {}
+    for f in attrs.fields(type(record)):
+        value = getattr(record, f.name)
+        path = f"{prefix}{f.name}"
+        if attrs.has(type(value)):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def unflatten(template: Any, flat: dict[str, Any], prefix: str = "") -> Any:
+    """Fill a template record (from :func:`init_state`) with the values of :func:`flatten`."""
+    changes = {}
+    for f in attrs.fields(type(template)):
+        value = getattr(template, f.name)
+        path = f"{prefix}{f.name}"
+        if attrs.has(type(value)):
+            changes[f.name] = unflatten(value, flat, path + ".")
+        elif path in flat:
+            new = flat[path]
+            if isinstance(value, Tensor):
+                if not isinstance(new, Tensor) or new.shape != value.shape:
+                    got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                    raise ValueError(f"saved state {path!r} has shape {got}, expected {tuple(value.shape)}")
+                new = new.to(device=value.device, dtype=value.dtype)
+            changes[f.name] = new
+        elif value is not None:
+            raise ValueError(f"saved state lacks {path!r}")
+    return attrs.evolve(template, **changes)

@@ -1,0 +1,376 @@
+"""Configs as data: TOML ⇄ dict ⇄ frozen objects, with every error listed.
+
+A config is one table per slot (``[factors]``, ``[basis]``, ``[inner]``,
+``[split]``, ``[refresh]``) holding ``type = "<registry key>"`` and that stage's
+fields, plus ``[post]``, ``[shapes]``, ``[route]``, top-level hyperparameters and
+an optional ``[fallback]`` table (a whole pipeline config of its own for the
+parameters the route sends there). :func:`from_dict` validates everything before
+anything is built and raises one :class:`ConfigError` listing every problem with
+its path; :func:`dumps` writes a config back so that ``loads(dumps(c)) == c``.
+"""
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from ._validators import ge, in_, str_tuple, to_bool, to_float, to_int, to_str
+from .post import Post
+from .registry import SLOTS, PluginLoadError
+
+STAGE_SLOTS: tuple[str, ...] = tuple(SLOTS)
+
+
+class ConfigError(ValueError):
+    """An invalid config; ``errors`` holds ``(path, message)`` for every problem found."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        lines = [f"{path}: {msg}" if path else msg for path, msg in errors]
+        super().__init__(f"invalid config ({len(errors)} error{'s' * (len(errors) != 1)}):\n  " + "\n  ".join(lines))
+
+
+@attrs.frozen(kw_only=True)
+class Shapes:
+    """How a parameter becomes an ``m × n`` block, and which sides are rotated.
+
+    Attributes:
+        max_dim: a side longer than this is not rotated (SOAP's ``max_precond_dim``).
+        merge_dims: merge adjacent dims of N-D tensors greedily while the product
+            stays ≤ ``max_dim`` (SOAP's ``merge_dims``).
+        precondition_1d: rotate the (only) side of a 1-D parameter.
+    """
+
+    max_dim: int = attrs.field(default=10000, converter=to_int, validator=ge(0))
+    merge_dims: bool = attrs.field(default=False, converter=to_bool)
+    precondition_1d: bool = attrs.field(default=False, converter=to_bool)
+
+
+def _regexes(value: Any) -> tuple[str, ...]:
+    patterns = str_tuple(value)
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"{p!r} is not a valid regular expression: {exc}") from exc
+    return patterns
+
+
+@attrs.frozen(kw_only=True)
+class Route:
+    """Which parameters the pipeline handles and which go to the ``[fallback]`` config.
+
+    Attributes:
+        vectors: where 0-D and 1-D parameters go: ``"pipeline"`` or ``"fallback"``.
+        fallback_names: regular expressions searched in parameter names (when the
+            optimizer is given named parameters); a match goes to the fallback
+            (embeddings, output heads).
+    """
+
+    vectors: Literal["pipeline", "fallback"] = attrs.field(
+        default="pipeline", converter=to_str, validator=in_(("pipeline", "fallback"))
+    )
+    fallback_names: tuple[str, ...] = attrs.field(default=(), converter=_regexes)
+
+
+_DTYPE_NAMES = ("float32", "float64")
+
+
+@attrs.frozen(kw_only=True)
+class KronConfig:
+    """One pipeline: a stage per slot, the post stage, shapes, routing and hyperparameters.
+
+    Attributes:
+        lr: step size η ≥ 0 (per param group; schedulers change it).
+        weight_decay: decoupled weight decay λ ≥ 0 (per param group).
+        skip_first_call: a parameter's first call only updates factors and
+            builds the basis (SOAP); the parameter is not touched.
+        factor_update: update the factors (and refresh) ``"after"`` the direction
+            is computed (SOAP) or ``"before"`` it (Shampoo).
+        state_dtype: the least precise dtype of the optimizer state; float64
+            parameters always get float64 state.
+        nonfinite: what a non-finite gradient block does: ``"warn"`` (skip it,
+            warn on the next step), ``"raise"`` (skip it and raise at once; one
+            host synchronisation per step) or ``"skip"`` (skip it silently; see
+            ``KronOptimizer.nonfinite_counts``).
+        fallback: the config of the parameters the route sends away.
+    """
+
+    lr: float = attrs.field(default=1e-3, converter=to_float, validator=ge(0.0))
+    weight_decay: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
+    skip_first_call: bool = attrs.field(default=False, converter=to_bool)
+    factor_update: Literal["after", "before"] = attrs.field(
+        default="after", converter=to_str, validator=in_(("after", "before"))
+    )
+    state_dtype: str = attrs.field(default="float32", converter=to_str, validator=in_(_DTYPE_NAMES))
+    nonfinite: Literal["warn", "raise", "skip"] = attrs.field(
+        default="warn", converter=to_str, validator=in_(("warn", "raise", "skip"))
+    )
+    factors: Any
+    basis: Any
+    inner: Any
+    split: Any
+    refresh: Any
+    post: Post = attrs.field(factory=Post)
+    shapes: Shapes = attrs.field(factory=Shapes)
+    route: Route = attrs.field(factory=Route)
+    fallback: "KronConfig | None" = None
+
+    def stages(self) -> dict[str, Any]:
+        return {slot: getattr(self, slot) for slot in STAGE_SLOTS}
+
+
+_SCALARS = tuple(f.name for f in attrs.fields(KronConfig) if f.name not in (*STAGE_SLOTS, "post", "shapes", "route", "fallback"))
+_RECORDS: dict[str, type] = {"post": Post, "shapes": Shapes, "route": Route}
+
+
+# -- building --------------------------------------------------------------------------
+
+
+def _build_record(cls: type, table: Any, path: str, errors: list[tuple[str, str]], *, skip: tuple[str, ...] = ()) -> Any:
+    """Build an attrs record from a table, collecting every field error."""
+    if not isinstance(table, Mapping):
+        errors.append((path, f"must be a table, got {type(table).__name__}"))
+        return None
+    names = {f.name for f in attrs.fields(cls) if f.init and f.name not in skip}
+    kwargs: dict[str, Any] = {}
+    found = len(errors)
+    for key, value in table.items():
+        if key not in names:
+            errors.append((f"{path}.{key}", f"unknown key; {cls.__name__} accepts: {', '.join(sorted(names)) or '(none)'}"))
+            continue
+        try:
+            cls(**{key: value})
+        except (TypeError, ValueError) as exc:
+            errors.append((f"{path}.{key}", str(exc)))
+            continue
+        kwargs[key] = value
+    if len(errors) > found:
+        return None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        errors.append((path, str(exc)))
+        return None
+
+
+def _build_stage(slot: str, table: Any, path: str, errors: list[tuple[str, str]]) -> Any:
+    registry = SLOTS[slot]
+    if not isinstance(table, Mapping):
+        errors.append((path, f"must be a table with a 'type' key, got {type(table).__name__}"))
+        return None
+    key = table.get("type")
+    if not isinstance(key, str):
+        errors.append((f"{path}.type", f"missing or not a string; available {slot} stages: {', '.join(registry.keys())}"))
+        return None
+    try:
+        cls = registry.get(key)
+    except KeyError as exc:
+        errors.append((f"{path}.type", str(exc.args[0])))
+        return None
+    except PluginLoadError as exc:
+        errors.append((f"{path}.type", str(exc)))
+        return None
+    return _build_record(cls, {k: v for k, v in table.items() if k != "type"}, path, errors)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow_fallback: bool) -> KronConfig | None:
+    if not isinstance(raw, Mapping):
+        errors.append((prefix, f"must be a table, got {type(raw).__name__}"))
+        return None
+    known = {*_SCALARS, *STAGE_SLOTS, *_RECORDS, *(("fallback",) if allow_fallback else ())}
+    kwargs: dict[str, Any] = {}
+    found = len(errors)
+    for key in raw:
+        if key not in known:
+            errors.append((_join(prefix, key), f"unknown key; a config accepts: {', '.join(sorted(known))}"))
+    scalars = {k: raw[k] for k in _SCALARS if k in raw}
+    for key, value in scalars.items():
+        try:
+            _probe_scalar(key, value)
+        except (TypeError, ValueError) as exc:
+            errors.append((_join(prefix, key), str(exc)))
+        else:
+            kwargs[key] = value
+    for slot in STAGE_SLOTS:
+        if slot not in raw:
+            errors.append((_join(prefix, slot), f"missing table; give [{slot}] with a 'type' (one of: {', '.join(SLOTS[slot].keys())})"))
+            continue
+        kwargs[slot] = _build_stage(slot, raw[slot], _join(prefix, slot), errors)
+    for name, cls in _RECORDS.items():
+        if name in raw:
+            kwargs[name] = _build_record(cls, raw[name], _join(prefix, name), errors)
+    if allow_fallback and "fallback" in raw:
+        kwargs["fallback"] = _build_config(raw["fallback"], _join(prefix, "fallback"), errors, allow_fallback=False)
+    if len(errors) > found:
+        return None
+    cfg = KronConfig(**kwargs)
+    _check_compatible(cfg, prefix, errors)
+    if allow_fallback and cfg.fallback is None and (cfg.route.vectors == "fallback" or cfg.route.fallback_names):
+        errors.append((_join(prefix, "route"), "sends parameters to the fallback, but there is no [fallback] table"))
+    return None if len(errors) > found else cfg
+
+
+def _probe_scalar(key: str, value: Any) -> None:
+    """Run one top-level field's converter and validators (raises on a bad value)."""
+    probe = KronConfig(
+        factors=SLOTS["factors"].get("none")(),
+        basis=SLOTS["basis"].get("identity")(),
+        inner=SLOTS["inner"].get("sgd")(),
+        split=SLOTS["split"].get("full")(),
+        refresh=SLOTS["refresh"].get("every")(),
+    )
+    attrs.evolve(probe, **{key: value})
+
+
+def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]]) -> None:
+    """Cross-stage checks: a combination that cannot work fails here, naming the stages."""
+    keys = {slot: SLOTS[slot].key_of(type(stage)) for slot, stage in cfg.stages().items()}
+    if getattr(cfg.basis, "needs_factors", False) and not getattr(cfg.factors, "provides_factors", False):
+        providers = [e.key for e in SLOTS["factors"].entries(load_plugins=False) if getattr(e.cls, "provides_factors", False)]
+        errors.append((
+            _join(prefix, "basis.type"),
+            f"basis {keys['basis']!r} needs Kronecker factors, but factors {keys['factors']!r} keeps none; "
+            f"use factors of type: {', '.join(providers)}",
+        ))
+    if getattr(cfg.inner, "needs_eigvals", False) and not getattr(cfg.basis, "provides_eigvals", False):
+        providers = [e.key for e in SLOTS["basis"].entries(load_plugins=False) if getattr(e.cls, "provides_eigvals", False)]
+        errors.append((
+            _join(prefix, "inner.type"),
+            f"inner {keys['inner']!r} needs eigenvalue estimates, but basis {keys['basis']!r} provides none; "
+            f"use a basis of type: {', '.join(providers)}",
+        ))
+
+
+def from_dict(raw: Mapping[str, Any]) -> KronConfig:
+    """Validate and build a config; raises :class:`ConfigError` listing every problem."""
+    errors: list[tuple[str, str]] = []
+    cfg = _build_config(raw, "", errors, allow_fallback=True)
+    if errors or cfg is None:
+        raise ConfigError(errors)
+    return cfg
+
+
+def loads(text: str) -> KronConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("", f"not valid TOML: {exc}")]) from exc
+    return from_dict(raw)
+
+
+def load(path: str | Path) -> KronConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read config file {str(path)!r}: {exc.strerror or exc}")]) from exc
+    return loads(text)
+
+
+# -- writing back ----------------------------------------------------------------------
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(record, f.name)) for f in attrs.fields(type(record)) if f.init}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_dict(cfg: KronConfig) -> dict[str, Any]:
+    """The fully resolved config as plain data (the inverse of :func:`from_dict`)."""
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in _SCALARS}
+    for slot, stage in cfg.stages().items():
+        out[slot] = {"type": SLOTS[slot].key_of(type(stage)), **_record_dict(stage)}
+    for name in _RECORDS:
+        out[name] = _record_dict(getattr(cfg, name))
+    if cfg.fallback is not None:
+        out["fallback"] = to_dict(cfg.fallback)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _dump_table(data: Mapping[str, Any], name: str, lines: list[str]) -> None:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+    tables = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    if name:
+        lines.append(f"[{name}]")
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    if scalars or name:
+        lines.append("")
+    for key, value in tables.items():
+        _dump_table(value, f"{name}.{key}" if name else key, lines)
+
+
+def dumps(cfg: KronConfig | Mapping[str, Any]) -> str:
+    """TOML text of a config (or of a plain config dict)."""
+    data = to_dict(cfg) if isinstance(cfg, KronConfig) else cfg
+    lines: list[str] = []
+    _dump_table(data, "", lines)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- overrides -------------------------------------------------------------------------
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with dotted keys set (``"refresh.every"``, ``"fallback.lr"``).
+
+    Setting a stage's ``type`` to a different stage starts that table afresh (the
+    old stage's options would not apply), keeping the other overrides given for it.
+    """
+    out = _deepcopy(raw)
+    items = sorted(overrides.items(), key=lambda kv: not kv[0].endswith(".type"))
+    for dotted, value in items:
+        parts = dotted.split(".")
+        table = out
+        for part in parts[:-1]:
+            nxt = table.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                table[part] = nxt
+            table = nxt
+        last = parts[-1]
+        if last == "type" and table.get("type") != value:
+            table.clear()
+        table[last] = _deepcopy(value)
+    return out
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_deepcopy(v) for v in value]
+    return value

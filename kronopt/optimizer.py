@@ -1,0 +1,370 @@
+"""``KronOptimizer``: the thin ``torch.optim.Optimizer`` shell around :mod:`kronopt.compose`.
+
+It routes parameters to the main pipeline or the fallback, stacks same-shape
+blocks into buckets, runs :func:`kronopt.compose.step` once per bucket, writes
+the parameters back, guards against non-finite gradients and saves / restores
+everything bit for bit.
+"""
+
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from . import compose, linalg
+from ._shapes import BlockSpec, block_spec, from_block, to_block
+from .config import ConfigError, KronConfig, apply_overrides, from_dict, to_dict
+from .types import Layout
+
+_RESERVED = ("params", "param_names", "lr", "weight_decay", "pipeline", "overrides", "initial_lr")
+_STATE_VERSION = 1
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
+@attrs.define(eq=False)
+class _Bucket:
+    """Blocks stacked for one batched pipeline run: same group, pipeline, block shape, sides, dtype, device."""
+
+    group: int
+    params: list[Tensor]
+    specs: list[BlockSpec]
+    layout: Layout
+    state_dtype: torch.dtype
+    state: compose.BucketState | None = None
+    nonfinite: Tensor | None = None  # (b) count of skipped non-finite gradient blocks
+
+
+def _normalize_groups(params: Any) -> list[dict[str, Any]]:
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a single tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("the optimizer got an empty parameter list")
+    groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+    for g in groups:
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, Tensor) else list(ps)
+        if ps and isinstance(ps[0], tuple):
+            g["param_names"] = [name for name, _ in ps]
+            ps = [p for _, p in ps]
+        g["params"] = ps
+    return groups
+
+
+class KronOptimizer(torch.optim.Optimizer):
+    """A composed matrix-aware optimizer; build one with :func:`kronopt.build`.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (enables routing by name), or
+            param-group dicts. A group may set ``lr``, ``weight_decay`` and any
+            dotted config key (``"refresh.every": 5``); it is validated like the
+            config.
+        config: the resolved :class:`~kronopt.config.KronConfig`.
+
+    Each user group becomes a ``"main"`` group and, when the route sends some of
+    its parameters away, a ``"fallback"`` group (its own ``lr``/``weight_decay``
+    from ``[fallback]``), so LR schedulers scale both.
+    """
+
+    def __init__(self, params: Iterable[Any], config: KronConfig) -> None:
+        self.config = config
+        groups = _normalize_groups(params)
+        base_raw = to_dict(config)
+        split_groups: list[dict[str, Any]] = []
+        errors: list[tuple[str, str]] = []
+        for gi, g in enumerate(groups):
+            overrides = {k: v for k, v in g.items() if k not in ("params", "param_names", "pipeline", "overrides")}
+            overrides.update(g.get("overrides", {}))
+            try:
+                cfg = from_dict(apply_overrides(base_raw, overrides)) if overrides else config
+            except ConfigError as exc:
+                errors.extend((f"param_groups[{gi}].{p}" if p else f"param_groups[{gi}]", m) for p, m in exc.errors)
+                continue
+            split_groups.extend(self._route(g, cfg, overrides))
+        if errors:
+            raise ConfigError(errors)
+        for g in split_groups:
+            for p in g["params"]:
+                if _is_dtensor(p):
+                    raise TypeError(
+                        "kronopt does not support DTensor (FSDP2) parameters yet: a matrix function on a shard "
+                        "would be wrong. Use plain tensors or DDP."
+                    )
+        super().__init__(split_groups, {"lr": config.lr, "weight_decay": config.weight_decay})
+        self._group_cfgs: list[KronConfig] = []
+        for g in self.param_groups:
+            cfg = from_dict(apply_overrides(base_raw, g["overrides"])) if g["overrides"] else config
+            self._group_cfgs.append(cfg if g["pipeline"] == "main" else cfg.fallback)  # type: ignore[arg-type]
+        self._buckets = self._make_buckets()
+        self._pending: list[tuple[_Bucket, Tensor, int]] = []
+
+    # -- construction ----------------------------------------------------------------------
+    @staticmethod
+    def _route(group: dict[str, Any], cfg: KronConfig, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+        names = group.get("param_names")
+        main: list[int] = []
+        fallback: list[int] = []
+        patterns = [re.compile(p) for p in cfg.route.fallback_names]
+        for i, p in enumerate(group["params"]):
+            to_fallback = cfg.fallback is not None and (
+                (p.ndim <= 1 and cfg.route.vectors == "fallback")
+                or (names is not None and any(r.search(names[i]) for r in patterns))
+            )
+            (fallback if to_fallback else main).append(i)
+        if patterns and names is None and cfg.fallback is not None and any(group["params"][i].ndim >= 2 for i in main):
+            warnings.warn(
+                "the route sends embeddings/heads to the fallback by name, but the parameters have no names: "
+                "every matrix goes to the main pipeline. Pass model.named_parameters() to route by name.",
+                stacklevel=4,
+            )
+        out = []
+        for pipeline, idx, c in (("main", main, cfg), ("fallback", fallback, cfg.fallback)):
+            if not idx or c is None:
+                continue
+            g = {k: v for k, v in group.items() if k in ("params", "param_names")}
+            g["params"] = [group["params"][i] for i in idx]
+            if names is not None:
+                g["param_names"] = [names[i] for i in idx]
+            g.update(lr=c.lr, weight_decay=c.weight_decay, pipeline=pipeline, overrides=dict(overrides))
+            out.append(g)
+        return out
+
+    def _make_buckets(self) -> list[_Bucket]:
+        buckets: dict[tuple[Any, ...], _Bucket] = {}
+        for gi, (g, cfg) in enumerate(zip(self.param_groups, self._group_cfgs)):
+            min_dtype = getattr(torch, cfg.state_dtype)
+            for p in g["params"]:
+                sh = cfg.shapes
+                spec = block_spec(tuple(p.shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
+                sides = (cfg.split.side_kind(spec.rotate_left), cfg.split.side_kind(spec.rotate_right))
+                state_dtype = torch.promote_types(p.dtype, min_dtype)
+                key = (gi, spec.m, spec.n, sides, state_dtype, p.dtype, p.device)
+                if key not in buckets:
+                    layout = Layout(batch=0, m=spec.m, n=spec.n, left=sides[0], right=sides[1])
+                    buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype)
+                buckets[key].params.append(p)
+                buckets[key].specs.append(spec)
+        out = list(buckets.values())
+        for b in out:
+            b.layout = attrs.evolve(b.layout, batch=len(b.params))
+        return out
+
+    # -- stepping --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One optimization step over every bucket (parameters without gradients are skipped)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._report_pending()
+        raised: list[str] = []
+        for bucket in list(self._buckets):
+            present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+            if not present:
+                continue
+            if len(present) < len(bucket.params):
+                bucket = self._split(bucket, present)
+            raised.extend(self._step_bucket(bucket))
+        if raised:
+            raise FloatingPointError(
+                "non-finite gradient (NaN or Inf) in: " + ", ".join(raised) + "; these parameters and their "
+                "optimizer state were left untouched"
+            )
+        return loss
+
+    def _split(self, bucket: _Bucket, present: list[int]) -> _Bucket:
+        """Move the blocks with gradients into a bucket of their own (their counters diverge from now on)."""
+        absent = [i for i in range(len(bucket.params)) if i not in present]
+        parts = []
+        for idx in (present, absent):
+            part = _Bucket(
+                group=bucket.group,
+                params=[bucket.params[i] for i in idx],
+                specs=[bucket.specs[i] for i in idx],
+                layout=attrs.evolve(bucket.layout, batch=len(idx)),
+                state_dtype=bucket.state_dtype,
+            )
+            if bucket.state is not None:
+                index = torch.tensor(idx, device=bucket.params[0].device)
+                part.state = compose.map_tensors(bucket.state, lambda t, index=index: t.index_select(0, index))
+                part.nonfinite = bucket.nonfinite.index_select(0, index)  # type: ignore[union-attr]
+            parts.append(part)
+        pos = self._buckets.index(bucket)
+        self._buckets[pos : pos + 1] = parts
+        return parts[0]
+
+    def _init_bucket(self, bucket: _Bucket) -> None:
+        device = bucket.params[0].device
+        cfg = self._group_cfgs[bucket.group]
+        bucket.state = compose.init_state(cfg, bucket.layout, dtype=bucket.state_dtype, device=device)
+        bucket.nonfinite = torch.zeros(bucket.layout.batch, dtype=torch.int64, device=device)
+
+    def _step_bucket(self, bucket: _Bucket) -> list[str]:
+        if bucket.state is None:
+            self._init_bucket(bucket)
+        group = self.param_groups[bucket.group]
+        cfg = self._group_cfgs[bucket.group]
+        dtype = bucket.state_dtype
+        G = torch.stack([to_block(p.grad, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])  # type: ignore[arg-type]
+        ok = linalg.finite_blocks(G)
+        G = linalg.select_blocks(ok, G, torch.zeros_like(G))
+        old = bucket.state
+        D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
+        if cfg.nonfinite == "raise" and not bool(ok.all()):
+            return [self._param_name(bucket, i) for i in torch.nonzero(~ok).flatten().tolist()]
+        bucket.state = compose.zip_tensors(new, old, lambda n, o: linalg.select_blocks(ok, n, o))
+        bucket.nonfinite = bucket.nonfinite + (~ok).long()  # type: ignore[operator]
+        if cfg.nonfinite == "warn":
+            self._pending.append((bucket, ok, new.step))
+        if D is not None:
+            W = torch.stack([to_block(p, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])
+            W_new = cfg.post.apply(W, D, lr=group["lr"], weight_decay=group["weight_decay"])
+            W_new = linalg.select_blocks(ok, W_new, W)
+            for i, (p, s) in enumerate(zip(bucket.params, bucket.specs)):
+                p.copy_(from_block(W_new[i], s))
+        return []
+
+    def _param_name(self, bucket: _Bucket, i: int) -> str:
+        p = bucket.params[i]
+        group = self.param_groups[bucket.group]
+        names = group.get("param_names")
+        for j, q in enumerate(group["params"]):
+            if q is p:
+                return names[j] if names else f"param_groups[{bucket.group}].params[{j}] {tuple(p.shape)}"
+        return f"parameter of shape {tuple(p.shape)}"  # pragma: no cover
+
+    def _report_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for bucket, ok, step in pending:
+            bad = torch.nonzero(~ok).flatten().tolist()  # the step that produced `ok` is long finished
+            if bad:
+                names = ", ".join(self._param_name(bucket, i) for i in bad)
+                warnings.warn(
+                    f"non-finite gradient (NaN or Inf) at update {step} in: {names}; these parameters and their "
+                    "optimizer state were left untouched (nonfinite = 'warn')",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    def flush_warnings(self) -> None:
+        """Report non-finite gradients of the last step now (normally reported at the next step)."""
+        self._report_pending()
+
+    # -- introspection ---------------------------------------------------------------------
+    def nonfinite_counts(self) -> dict[str, int]:
+        """Per parameter, how many gradients were skipped as non-finite (synchronises)."""
+        out: dict[str, int] = {}
+        for bucket in self._buckets:
+            if bucket.nonfinite is None:
+                continue
+            for i, count in enumerate(bucket.nonfinite.tolist()):
+                out[self._param_name(bucket, i)] = count
+        return out
+
+    def eigh_failures(self) -> dict[str, int]:
+        """Per parameter, how many refreshes kept the old basis because ``eigh`` failed (synchronises)."""
+        out: dict[str, int] = {}
+        for bucket in self._buckets:
+            if bucket.state is None:
+                continue
+            for i, count in enumerate(bucket.state.basis.failures.tolist()):
+                out[self._param_name(bucket, i)] = count
+        return out
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state tensors held (allocated lazily at the first step)."""
+        total = 0
+        for bucket in self._buckets:
+            if bucket.state is None:
+                continue
+            for value in compose.flatten(bucket.state).values():
+                if isinstance(value, Tensor):
+                    total += value.numel() * value.element_size()
+        return total
+
+    def bucket_summary(self) -> list[dict[str, Any]]:
+        """One row per bucket: group, pipeline, block shape, sides and size (for display and tests)."""
+        return [
+            {
+                "group": b.group,
+                "pipeline": self.param_groups[b.group]["pipeline"],
+                "blocks": b.layout.batch,
+                "m": b.layout.m,
+                "n": b.layout.n,
+                "sides": b.layout.sides,
+                "state_dtype": str(b.state_dtype).removeprefix("torch."),
+            }
+            for b in self._buckets
+        ]
+
+    # -- persistence -----------------------------------------------------------------------
+    def _index_of(self) -> dict[int, int]:
+        index: dict[int, int] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                index.setdefault(id(p), len(index))
+        return index
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Torch's layout (``state``, ``param_groups``) plus ``kronopt``: the config and every bucket."""
+        sd = super().state_dict()
+        index = self._index_of()
+        buckets = []
+        for b in self._buckets:
+            entry: dict[str, Any] = {"params": [index[id(p)] for p in b.params], "group": b.group}
+            if b.state is not None:
+                entry["state"] = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in compose.flatten(b.state).items()}
+                entry["nonfinite"] = b.nonfinite.clone()  # type: ignore[union-attr]
+            buckets.append(entry)
+        sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config), "buckets": buckets}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore a :meth:`state_dict`; the next step continues bit for bit."""
+        kron = state_dict.get("kronopt")
+        if kron is None or kron.get("version") != _STATE_VERSION:
+            raise ValueError("not a kronopt state dict (missing or unknown 'kronopt' section)")
+        if kron["config"] != to_dict(self.config):
+            warnings.warn(
+                "loading optimizer state saved under a different config; use kronopt.from_state_dict to "
+                "rebuild the saved optimizer exactly",
+                stacklevel=2,
+            )
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        by_index = {i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        spec_of = {id(p): s for b in self._buckets for p, s in zip(b.params, b.specs)}
+        template_of = {id(p): b for b in self._buckets for p in b.params}
+        buckets = []
+        for entry in kron["buckets"]:
+            params = [by_index[i] for i in entry["params"]]
+            like = template_of[id(params[0])]
+            shape_of = lambda b: attrs.evolve(b.layout, batch=0)  # noqa: E731
+            if any(group_of[id(p)] != entry["group"] or shape_of(template_of[id(p)]) != shape_of(like) for p in params):
+                raise ValueError("saved buckets do not match this model's parameters")
+            bucket = _Bucket(
+                group=entry["group"],
+                params=params,
+                specs=[spec_of[id(p)] for p in params],
+                layout=attrs.evolve(like.layout, batch=len(params)),
+                state_dtype=like.state_dtype,
+            )
+            if "state" in entry:
+                self._init_bucket(bucket)
+                bucket.state = compose.unflatten(bucket.state, entry["state"])
+                bucket.nonfinite = entry["nonfinite"].to(bucket.nonfinite.device)  # type: ignore[union-attr]
+            buckets.append(bucket)
+        self._buckets = buckets
+        self._pending = []

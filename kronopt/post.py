@@ -1,0 +1,80 @@
+r"""The ``post`` stage: grafting, then decoupled weight decay and the step.
+
+Not a registry slot: one configurable record that every pipeline ends with.
+"""
+
+from typing import Literal
+
+import attrs
+import torch
+from torch import Tensor
+
+from . import linalg
+from ._validators import each, ge, in_, lt, float_tuple, to_float, to_str
+from .types import Layout, NoState, StepContext
+
+
+@attrs.frozen(eq=False)
+class GraftState:
+    """Adam moments of the grafting direction, ``b m n``, original coordinates."""
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+
+
+@attrs.frozen(kw_only=True)
+class Post:
+    r"""Grafting and decoupled weight decay.
+
+    With ``grafting = "adam"`` the direction :math:`D` of the inner rule is rescaled
+    per block to the norm of an Adam direction :math:`A` on the raw gradient,
+    :math:`D \leftarrow D\,\|A\|_F / \|D\|_F`, and replaced by :math:`A` until the
+    basis has had its first refresh (layer-wise grafting as in Distributed Shampoo).
+    :math:`A = \hat m_g / (\sqrt{\hat v_g} + \epsilon_g)` keeps its own moments.
+
+    The write (``apply``) is decoupled weight decay, ``"before"`` (torch.optim:
+    :math:`W \leftarrow W(1-\eta\lambda) - \eta D`) or ``"after"`` (SOAP:
+    :math:`W \leftarrow W - \eta D`, then :math:`W \leftarrow W - \eta\lambda W`).
+
+    Attributes:
+        weight_decay_order: ``"before"`` or ``"after"`` the step.
+        grafting: ``"none"`` or ``"adam"``.
+        graft_betas: Adam betas of the grafting direction.
+        graft_eps: Adam ε of the grafting direction.
+    """
+
+    weight_decay_order: Literal["before", "after"] = attrs.field(
+        default="before", converter=to_str, validator=in_(("before", "after"))
+    )
+    grafting: Literal["none", "adam"] = attrs.field(default="none", converter=to_str, validator=in_(("none", "adam")))
+    graft_betas: tuple[float, float] = attrs.field(
+        default=(0.9, 0.999), converter=float_tuple(2), validator=each(ge(0.0), lt(1.0))
+    )
+    graft_eps: float = attrs.field(default=1e-8, converter=to_float, validator=ge(0.0))
+
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> GraftState | NoState:
+        if self.grafting == "none":
+            return NoState()
+        shape = (layout.batch, layout.m, layout.n)
+        return GraftState(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def graft(
+        self, state: GraftState | NoState, G: Tensor, D: Tensor, ctx: StepContext
+    ) -> tuple[Tensor, GraftState | NoState]:
+        if isinstance(state, NoState):
+            return D, state
+        beta1, beta2 = self.graft_betas
+        m = state.exp_avg.lerp(G, 1 - beta1)
+        v = state.exp_avg_sq * beta2 + (1 - beta2) * G.square()
+        t = ctx.step
+        A = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + self.graft_eps)
+        if not ctx.basis.ready:
+            return A, GraftState(m, v)
+        return linalg.match_norm(D, A), GraftState(m, v)
+
+    def apply(self, W: Tensor, D: Tensor, *, lr: float, weight_decay: float) -> Tensor:
+        """The new parameters ``b m n`` from ``W`` and the direction ``D``."""
+        if self.weight_decay_order == "before":
+            return W * (1 - lr * weight_decay) - lr * D
+        W = W - lr * D
+        return W - (lr * weight_decay) * W
