@@ -145,7 +145,7 @@ def _build_record(cls: type, table: Any, path: str, errors: list[tuple[str, str]
             errors.append((f"{path}.{key}", f"unknown key; {cls.__name__} accepts: {', '.join(sorted(names)) or '(none)'}"))
             continue
         try:
-            cls(**{key: value})
+            _check_field(cls, key, value)
         except (TypeError, ValueError) as exc:
             errors.append((f"{path}.{key}", str(exc)))
             continue
@@ -196,7 +196,7 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
     scalars = {k: raw[k] for k in _SCALARS if k in raw}
     for key, value in scalars.items():
         try:
-            _probe_scalar(key, value)
+            _check_field(KronConfig, key, value)
         except (TypeError, ValueError) as exc:
             errors.append((_join(prefix, key), str(exc)))
         else:
@@ -220,16 +220,12 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
     return None if len(errors) > found else cfg
 
 
-def _probe_scalar(key: str, value: Any) -> None:
-    """Run one top-level field's converter and validators (raises on a bad value)."""
-    probe = KronConfig(
-        factors=SLOTS["factors"].get("none")(),
-        basis=SLOTS["basis"].get("identity")(),
-        inner=SLOTS["inner"].get("sgd")(),
-        split=SLOTS["split"].get("full")(),
-        refresh=SLOTS["refresh"].get("every")(),
-    )
-    attrs.evolve(probe, **{key: value})
+def _check_field(cls: type, key: str, value: Any) -> None:
+    """Run one field's converter and validators alone (cross-field checks run later)."""
+    field = attrs.fields_dict(cls)[key]
+    converted = field.converter(value) if field.converter is not None else value  # type: ignore[operator]
+    if field.validator is not None:
+        field.validator(None, field, converted)
 
 
 def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]]) -> None:

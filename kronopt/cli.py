@@ -1,0 +1,221 @@
+"""The ``kronopt`` command line: ``stages``, ``show``, ``bench``."""
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import kronopt
+from kronopt.config import ConfigError
+from kronopt.registry import SLOTS, PluginLoadError
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: parsed as a TOML value when it is one, else kept as a string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([("--set", f"expected KEY=VALUE, got {item!r}")])
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    for slot, registry in SLOTS.items():
+        print(f"[{slot}]")
+        try:
+            entries = registry.entries()
+        except PluginLoadError as exc:
+            print(f"  ! {exc}")
+            entries = registry.entries(load_plugins=False)
+        width = max((len(e.key) for e in entries), default=0)
+        for e in entries:
+            origin = "" if e.source == "kronopt" else f"  (plugin: {e.source})"
+            print(f"  {e.key:<{width}}  {e.description}{origin}")
+        print()
+    print("presets: " + ", ".join(kronopt.PRESETS))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cfg = kronopt.resolve(args.config, **parse_sets(args.set))
+    sys.stdout.write(kronopt.dumps(cfg))
+    return 0
+
+
+# -- bench -----------------------------------------------------------------------------
+
+
+def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
+    """Per layer: qkv (3d, d), out (d, d), mlp up (4d, d), mlp down (d, 4d) and two gains (d,)."""
+    per_layer = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
+    return per_layer * layers
+
+
+def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+    shapes = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            shapes.append(tuple(int(x) for x in part.lower().split("x")))
+    return shapes
+
+
+def _torch_state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+class _Pair:
+    """Two torch optimizers stepped as one (torch.optim.Muon needs AdamW for non-matrices)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer):
+        self.opts = opts
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+def _make(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
+    if name == "torch.AdamW":
+        opt = torch.optim.AdamW(params)
+        return opt, lambda: _torch_state_bytes(opt)
+    if name == "torch.Muon":
+        mats = [p for p in params if p.ndim == 2]
+        rest = [p for p in params if p.ndim != 2]
+        muon = torch.optim.Muon(mats)
+        adam = torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+        return _Pair(muon, adam), lambda: _torch_state_bytes(muon) + _torch_state_bytes(adam)
+    opt = kronopt.build([(f"blocks.{i}.weight", p) for i, p in enumerate(params)], name)
+    return opt, opt.state_bytes
+
+
+def bench(
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    steps: int,
+    warmup: int,
+    device: str,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Median optimizer step time and state bytes per optimizer, measured interleaved in one run."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
+    runs = []
+    for name in names:
+        params = [torch.nn.Parameter(b.clone().to(device)) for b in base]
+        opt, state_bytes = _make(name, params)
+        runs.append({"name": name, "params": params, "opt": opt, "state_bytes": state_bytes, "times": []})
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for k in range(warmup + steps):
+        for run in runs:  # interleaved, so machine noise hits every optimizer alike
+            for p, g in zip(run["params"], grads[k % len(grads)]):
+                p.grad = g
+            sync()
+            t0 = time.perf_counter()
+            run["opt"].step()
+            sync()
+            if k >= warmup:
+                run["times"].append(time.perf_counter() - t0)
+    base_ms = None
+    rows = []
+    for run in runs:
+        med = statistics.median(run["times"]) * 1e3
+        if run["name"] == "torch.AdamW":
+            base_ms = med
+        rows.append(
+            {
+                "optimizer": run["name"],
+                "median_ms": med,
+                "mean_ms": statistics.fmean(run["times"]) * 1e3,
+                "state_bytes": run["state_bytes"](),
+            }
+        )
+    for row in rows:
+        row["vs_torch_adamw"] = row["median_ms"] / base_ms if base_ms else float("nan")
+    return rows
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    shapes = _parse_shapes(args.shapes) if args.shapes else transformer_shapes(args.d, args.layers)
+    names = args.optimizers or ["torch.AdamW", "torch.Muon", "adamw", "muon", "shampoo", "soap"]
+    torch.set_num_threads(args.threads) if args.threads else None
+    rows = bench(names, shapes, steps=args.steps, warmup=args.warmup, device=args.device, seed=args.seed)
+    n_params = sum(int(torch.Size(s).numel()) for s in shapes)
+    print(
+        f"{len(shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {args.device}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up (interleaved), torch {torch.__version__}"
+    )
+    header = f"{'optimizer':<14} {'median ms':>10} {'mean ms':>9} {'× torch.AdamW':>14} {'state MiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['optimizer']:<14} {r['median_ms']:>10.2f} {r['mean_ms']:>9.2f} "
+            f"{r['vs_torch_adamw']:>14.2f} {r['state_bytes'] / 2**20:>10.2f}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kronopt", description="Composable matrix-aware optimizers for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stages", help="list every registered stage, plugins included")
+    p.set_defaults(func=cmd_stages)
+
+    p = sub.add_parser("show", help="print the resolved, validated config (or every error in it)")
+    p.add_argument("config", help="a preset name or a TOML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a (dotted) key")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("bench", help="median optimizer step time and state size on a parameter set")
+    p.add_argument("optimizers", nargs="*", help="presets, TOML files, torch.AdamW or torch.Muon (default: all)")
+    p.add_argument("--d", type=int, default=256, help="model width of the transformer-shaped set")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--shapes", help="your own shapes instead, e.g. '768x768,3072x768,768'")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=12)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"kronopt {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except PluginLoadError as exc:
+        print(f"kronopt {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

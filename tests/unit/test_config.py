@@ -1,0 +1,115 @@
+"""Configs are data: TOML ⇄ dict ⇄ objects, and every error is listed with its path."""
+
+import pathlib
+
+import pytest
+
+import kronopt
+from kronopt.config import ConfigError, apply_overrides
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[2] / "configs").glob("*.toml"))
+
+
+def test_every_preset_has_its_file():
+    assert {p.stem for p in CONFIGS} >= set(kronopt.PRESETS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_files_load_to_their_preset_and_round_trip(path):
+    cfg = kronopt.load(path)
+    if path.stem in kronopt.PRESETS:
+        assert cfg == kronopt.PRESETS[path.stem]
+    assert kronopt.loads(kronopt.dumps(cfg)) == cfg
+    assert kronopt.from_dict(kronopt.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"inner.coefficients": "custom", "inner.custom_coefficients": [[3.0, -3.2, 1.2], [2.0, -1.5, 0.5]]},
+        {"inner.eps": 1e-300, "lr": 0.5, "route.fallback_names": ["emb\\w+", "head$"]},
+        {"inner.scale": "spectral", "inner.extra_scale": 0.25, "fallback.inner.betas": [0.5, 0.25]},
+    ],
+)
+def test_generated_configs_round_trip(overrides):
+    cfg = kronopt.resolve("muon", **overrides)
+    assert kronopt.loads(kronopt.dumps(cfg)) == cfg
+
+
+INVALID = [
+    ({"refresh.every": 0}, ["refresh.every: must be ≥ 1, got 0"]),
+    ({"inner.betas": [0.9, 1.0]}, ["inner.betas: must be < 1.0, got 1.0"]),
+    ({"inner.betas": [0.9]}, ["inner.betas: must have 2 entries, got 1"]),
+    ({"lr": -1.0}, ["lr: must be ≥ 0.0, got -1.0"]),
+    ({"lr": "fast"}, ["lr: must be a number, got 'fast'"]),
+    ({"basis.type": "lanczos"}, ["basis.type: unknown basis stage 'lanczos'; available: eigh, identity, qr"]),
+    ({"factors.beta": 2, "basis.bogus": 1}, ["factors.beta: must be < 1.0, got 2.0", "basis.bogus: unknown key; QrBasis accepts: power_steps, sort"]),
+    ({"nonfinite": "ignore"}, ["nonfinite: must be one of 'warn', 'raise', 'skip', got 'ignore'"]),
+    ({"inner.type": "orthogonalize", "inner.coefficients": "custom"}, ["inner: coefficients = 'custom' needs a non-empty custom_coefficients list"]),
+    ({"route.fallback_names": ["(unclosed"]}, ["route.fallback_names: '(unclosed' is not a valid regular expression"]),
+    ({"factors.type": "none"}, ["basis.type: basis 'qr' needs Kronecker factors, but factors 'none' keeps none; use factors of type: ema"]),
+    ({"basis.type": "identity", "inner.type": "eigenvalue"}, ["inner.type: inner 'eigenvalue' needs eigenvalue estimates, but basis 'identity' provides none; use a basis of type: eigh, qr"]),
+    ({"shapes.max_dim": True}, ["shapes.max_dim: must be an integer, got True"]),
+    ({"bogus": 1}, ["bogus: unknown key; a config accepts:"]),
+]
+
+
+@pytest.mark.parametrize("overrides, messages", INVALID)
+def test_invalid_configs_list_every_error_with_its_path(overrides, messages):
+    with pytest.raises(ConfigError) as err:
+        kronopt.resolve("soap", **overrides)
+    text = str(err.value)
+    for message in messages:
+        assert message in text
+    assert len(err.value.errors) == len(messages)
+
+
+def test_missing_tables_and_types_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        kronopt.from_dict({"lr": 1e-3, "factors": {"type": "ema"}, "basis": {}, "inner": "adam"})
+    paths = [p for p, _ in err.value.errors]
+    assert paths == ["basis.type", "inner", "split", "refresh"]
+
+
+def test_route_to_missing_fallback_is_an_error():
+    raw = kronopt.to_dict(kronopt.PRESETS["muon"])
+    del raw["fallback"]
+    with pytest.raises(ConfigError, match="route: sends parameters to the fallback, but there is no"):
+        kronopt.from_dict(raw)
+
+
+def test_nested_fallback_is_rejected():
+    raw = kronopt.to_dict(kronopt.PRESETS["muon"])
+    raw["fallback"]["fallback"] = raw["fallback"].copy()
+    with pytest.raises(ConfigError, match="fallback.fallback: unknown key"):
+        kronopt.from_dict(raw)
+
+
+def test_overrides_swap_a_stage_and_start_its_table_afresh():
+    raw = kronopt.to_dict(kronopt.PRESETS["soap"])
+    out = apply_overrides(raw, {"basis.type": "eigh", "inner.betas": [0.5, 0.6], "refresh.every": 3})
+    assert out["basis"] == {"type": "eigh"}
+    assert out["inner"]["betas"] == [0.5, 0.6] and out["inner"]["type"] == "adam"
+    assert raw["basis"]["type"] == "qr", "the input is not modified"
+    cfg = kronopt.resolve("soap", **{"basis.type": "eigh", "basis.type": "eigh"})
+    assert type(cfg.basis).__name__ == "EighBasis"
+
+
+def test_unknown_preset_and_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'sooap'; presets: adamw, soap, shampoo, muon"):
+        kronopt.resolve("sooap")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        kronopt.resolve(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = = 1")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        kronopt.resolve(str(bad))
+
+
+def test_toml_writer_handles_special_floats_and_strings():
+    text = kronopt.dumps({"a": float("inf"), "b": 'quote " and \\ backslash', "c": [1e-300, -0.0], "t": {"x": True}})
+    import tomllib
+
+    data = tomllib.loads(text)
+    assert data["a"] == float("inf") and data["b"] == 'quote " and \\ backslash' and data["c"] == [1e-300, -0.0]
+    assert data["t"] == {"x": True}

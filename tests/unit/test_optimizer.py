@@ -1,0 +1,300 @@
+"""The torch.optim.Optimizer shell: batching, groups, no-grad params, resume, bad input."""
+
+import pickle
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import kronopt
+from kronopt import linalg
+
+SHAPES = [(6, 4), (6, 4), (6, 4), (5,), (3, 2, 2), (4, 6)]
+
+
+def _params(gen, shapes=SHAPES, dtype=torch.float64):
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+
+
+def _feed(params, gen, dtype=None):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=dtype or p.dtype)
+
+
+@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+def test_batched_equals_separate_runs(preset):
+    gen = torch.Generator().manual_seed(7)
+    params = _params(gen)
+    singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    overrides = {"refresh.every": 3} if preset in ("soap", "shampoo") else {}
+    if preset == "muon":
+        overrides["inner.ns_dtype"] = "float64"
+    batched = kronopt.build(params, preset, **overrides)
+    assert any(b["blocks"] == 3 for b in batched.bucket_summary()), "same-shape blocks must share one bucket"
+    separate = [kronopt.build([p], preset, **overrides) for p in singles]
+    for _ in range(12):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        for p, q, g in zip(params, singles, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        batched.step()
+        for opt in separate:
+            opt.step()
+    for p, q in zip(params, singles):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_different_shapes_never_share_state(gen):
+    params = _params(gen)
+    opt = kronopt.build(params, "soap")
+    _feed(params, gen)
+    opt.step()
+    rows = opt.bucket_summary()
+    assert sorted((r["m"], r["n"], r["blocks"]) for r in rows) == [(3, 4, 1), (4, 6, 1), (5, 1, 1), (6, 4, 3)]
+
+
+def test_param_without_grad_is_untouched_and_others_continue(gen):
+    params = _params(gen)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = kronopt.build(params, "soap", **{"refresh.every": 2})
+    opt_ref = kronopt.build(ref[:1] + ref[2:], "soap", **{"refresh.every": 2})
+    frozen = params[1].detach().clone()
+    for _ in range(8):
+        _feed(params, gen)
+        params[1].grad = None
+        for p, q in zip(params[:1] + params[2:], ref[:1] + ref[2:]):
+            q.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+    assert torch.equal(params[1], frozen)
+    for p, q in zip(params[:1] + params[2:], ref[:1] + ref[2:]):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    # the frozen one joins later with its own fresh state: its first call only builds the basis (SOAP)
+    _feed(params, gen)
+    opt.step()
+    assert torch.equal(params[1], frozen)
+
+
+def test_closure_and_zero_grad(gen):
+    w = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+    x = torch.randn(16, 3, generator=gen)
+    y = torch.randn(16, 4, generator=gen)
+    opt = kronopt.build([w], "adamw", lr=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((x @ w.T - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    first = opt.step(closure).item()
+    for _ in range(50):
+        last = opt.step(closure).item()
+    assert last < first
+    opt.zero_grad()
+    assert w.grad is None
+
+
+def _train(opt, params, gen, steps):
+    for _ in range(steps):
+        _feed(params, gen)
+        opt.step()
+
+
+@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+def test_state_dict_resume_is_bit_for_bit(preset):
+    gen = torch.Generator().manual_seed(3)
+    params = _params(gen, dtype=torch.float32)
+    opt = kronopt.build(params, preset, **({"refresh.every": 3} if preset in ("soap", "shampoo") else {}))
+    for _ in range(7):
+        _feed(params, gen, torch.float32)
+        opt.step()
+    sd = pickle.loads(pickle.dumps(opt.state_dict()))
+    snapshot = [p.detach().clone() for p in params]
+    tail_gen_state = gen.get_state()
+    _train(opt, params, gen, 9)
+    expected = [p.detach().clone() for p in params]
+
+    restored = [torch.nn.Parameter(s.clone()) for s in snapshot]
+    opt2 = kronopt.from_state_dict(restored, sd)
+    gen.set_state(tail_gen_state)
+    _train(opt2, restored, gen, 9)
+    for a, b in zip(expected, restored):
+        assert torch.equal(a, b)
+
+
+def test_resume_in_a_fresh_process(tmp_path):
+    script = """
+import sys, torch, kronopt
+gen = torch.Generator().manual_seed(5)
+params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 4), (6, 4), (5,)]]
+def feed():
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+mode, path = sys.argv[1], sys.argv[2]
+opt = kronopt.build(params, "soap", **{"refresh.every": 2})
+for _ in range(5):
+    feed(); opt.step()
+if mode == "save":
+    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params], "gen": gen.get_state()}, path)
+    for _ in range(6):
+        feed(); opt.step()
+    torch.save([p.detach() for p in params], path + ".expected")
+else:
+    ck = torch.load(path, weights_only=False)
+    params = [torch.nn.Parameter(p.clone()) for p in ck["params"]]
+    gen.set_state(ck["gen"])
+    opt = kronopt.from_state_dict(params, ck["opt"])
+    for _ in range(6):
+        feed(); opt.step()
+    expected = torch.load(path + ".expected")
+    assert all(torch.equal(a, b) for a, b in zip(expected, params)), "resume differs"
+    print("resumed bit for bit")
+"""
+    path = str(tmp_path / "ck.pt")
+    (tmp_path / "run.py").write_text(script)
+    subprocess.run([sys.executable, str(tmp_path / "run.py"), "save", path], check=True)
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), "load", path], check=True, capture_output=True, text=True)
+    assert "resumed bit for bit" in out.stdout
+
+
+def test_config_travels_in_state_dict(gen):
+    params = _params(gen)
+    opt = kronopt.build(params, "soap", lr=0.1234, **{"refresh.every": 7})
+    sd = opt.state_dict()
+    cfg = kronopt.from_dict(sd["kronopt"]["config"])
+    assert cfg.lr == 0.1234 and cfg.refresh.every == 7
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("preset", ["soap", "shampoo", "muon", "adamw"])
+def test_nonfinite_gradient_leaves_param_and_state_untouched(gen, bad, preset):
+    params = _params(gen)
+    opt = kronopt.build(params, preset, **({"refresh.every": 1} if preset in ("soap", "shampoo") else {}))
+    for _ in range(3):
+        _feed(params, gen)
+        opt.step()
+    before_params = [p.detach().clone() for p in params]
+    before_state = {k: v.clone() for k, v in _state_tensors(opt).items()}
+    _feed(params, gen)
+    params[1].grad[0, 0] = bad  # block 1 of the (6, 4) bucket
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        opt.flush_warnings()
+    assert torch.equal(params[1], before_params[1])
+    assert not torch.equal(params[0], before_params[0]), "the other blocks of the bucket still step"
+    after_state = _state_tensors(opt)
+    for key, value in before_state.items():
+        if key.startswith("(6, 4)") and value.ndim >= 1 and value.shape[0] == 3 and "nonfinite" not in key:
+            assert torch.equal(after_state[key][1], value[1]), key
+    assert all(torch.isfinite(p).all() for p in params)
+    assert sum(opt.nonfinite_counts().values()) == 1
+
+
+def _state_tensors(opt):
+    out = {}
+    for b in opt._buckets:
+        if b.state is None:
+            continue
+        tag = f"({b.layout.m}, {b.layout.n}) g{b.group}"
+        for k, v in kronopt.compose.flatten(b.state).items():
+            if isinstance(v, torch.Tensor):
+                out[f"{tag} {k}"] = v
+    return out
+
+
+def test_nonfinite_raise_mode_raises_and_changes_nothing(gen):
+    params = _params(gen)
+    opt = kronopt.build(params, "adamw", nonfinite="raise")
+    _feed(params, gen)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    _feed(params, gen)
+    params[4].grad[0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"params\[4\]"):
+        opt.step()
+    assert torch.equal(params[4], before[4])
+
+
+def test_nonfinite_skip_mode_is_silent(gen):
+    params = _params(gen)
+    opt = kronopt.build(params, "adamw", nonfinite="skip")
+    _feed(params, gen)
+    params[0].grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        opt.step()
+    assert opt.nonfinite_counts()["param_groups[0].params[0] (6, 4)"] == 2
+
+
+def test_failing_eigh_retries_in_float64(gen, monkeypatch):
+    params = _params(gen, [(5, 5)], dtype=torch.float32)
+    opt = kronopt.build(params, "shampoo", **{"refresh.every": 1})
+    _feed(params, gen)
+    opt.step()
+    old = opt._buckets[0].state.basis.Q_L.clone()
+    seen = []
+    real = linalg._eigh
+
+    def float32_fails(A):
+        seen.append(A.dtype)
+        if A.dtype == torch.float32:
+            raise RuntimeError("simulated convergence failure")
+        return real(A)
+
+    monkeypatch.setattr(linalg, "_eigh", float32_fails)
+    _feed(params, gen)
+    opt.step()
+    basis = opt._buckets[0].state.basis
+    assert seen == [torch.float32, torch.float64] * 2  # left and right side, each retried
+    assert basis.Q_L.dtype == torch.float32 and not torch.equal(basis.Q_L, old)
+    assert opt.eigh_failures()["param_groups[0].params[0] (5, 5)"] == 0
+
+
+def test_failing_eigh_keeps_last_good_basis_and_counts(gen, monkeypatch):
+    params = _params(gen, [(5, 5), (5, 5)], dtype=torch.float32)
+    opt = kronopt.build(params, "shampoo", **{"refresh.every": 1})
+    _feed(params, gen)
+    opt.step()
+    good = opt._buckets[0].state.basis.Q_L.clone()
+
+    def always_fails(A):
+        raise RuntimeError("simulated convergence failure")
+
+    monkeypatch.setattr(linalg, "_eigh", always_fails)
+    for _ in range(3):
+        _feed(params, gen)
+        opt.step()
+    assert torch.equal(opt._buckets[0].state.basis.Q_L, good)
+    assert list(opt.eigh_failures().values()) == [6, 6]  # 3 refreshes × 2 sides, per block
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_dtensor_parameters_are_refused(gen, monkeypatch):
+    import kronopt.optimizer as optimizer_module
+
+    monkeypatch.setattr(optimizer_module, "_is_dtensor", lambda p: True)
+    with pytest.raises(TypeError, match="DTensor"):
+        kronopt.build(_params(gen), "soap")
+
+
+def test_group_overrides_are_validated_with_their_path(gen):
+    params = _params(gen)
+    with pytest.raises(kronopt.ConfigError) as err:
+        kronopt.build([{"params": params[:2], "refresh.every": 0}, {"params": params[2:], "inner.bogus": 1}], "soap")
+    text = str(err.value)
+    assert "param_groups[0].refresh.every: must be ≥ 1, got 0" in text
+    assert "param_groups[1].inner.bogus: unknown key" in text
+
+
+def test_state_dtype_is_float32_for_low_precision_params(gen):
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen).to(torch.bfloat16))]
+    opt = kronopt.build(params, "soap")
+    for _ in range(3):
+        params[0].grad = torch.randn(6, 4, generator=gen).to(torch.bfloat16)
+        opt.step()
+    assert opt.bucket_summary()[0]["state_dtype"] == "float32"
+    assert params[0].dtype == torch.bfloat16
+    assert opt._buckets[0].state.factors.L.dtype == torch.float32
