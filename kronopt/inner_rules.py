@@ -76,20 +76,20 @@ class AdamInner:
         beta1, beta2 = self.betas
         basis = ctx.basis
         G_rot = linalg.rotate(G, basis.Q_L, basis.Q_R)
-        m = state.exp_avg.lerp(G_rot, 1 - beta1)
-        v = state.exp_avg_sq * beta2 + (1 - beta2) * G_rot.square()
+        m = torch.lerp(state.exp_avg, G_rot, 1 - beta1)
+        v = state.exp_avg_sq.mul(beta2).addcmul_(G_rot, G_rot, value=1 - beta2)
         t = ctx.step
         c1 = 1 - beta1**t if self.bias_correction else 1.0
         c2 = 1 - beta2**t if self.bias_correction else 1.0
         if self.eps_placement == "before_correction":
-            N = m / (v.sqrt() + self.eps)
+            N = m / v.sqrt().add_(self.eps)
             scale = c2**0.5 / c1
         else:
-            N = m / (v.sqrt() / c2**0.5 + self.eps)
+            N = m / v.sqrt().div_(c2**0.5).add_(self.eps)
             scale = 1 / c1
         if self.normalize:
             N = N / (1e-30 + N.square().mean(dim=(-2, -1), keepdim=True).sqrt())
-        D = linalg.unrotate(N, basis.Q_L, basis.Q_R) * scale
+        D = linalg.unrotate(N, basis.Q_L, basis.Q_R).mul_(scale)
         return D, AdamState(m, v)
 
     def on_basis_change(self, state: AdamState, change: BasisChange) -> AdamState:

@@ -127,7 +127,9 @@ def block_norm(X: Tensor) -> Tensor:
 
 def match_norm(D: Tensor, A: Tensor) -> Tensor:
     r"""``D`` rescaled per block to the Frobenius norm of ``A``: :math:`D\,\|A\|_F/\|D\|_F` (0 stays 0)."""
-    return D * (block_norm(A) / block_norm(D).clamp(min=torch.finfo(D.dtype).tiny))
+    norm_D = block_norm(D)
+    ratio = block_norm(A) / norm_D.clamp(min=torch.finfo(D.dtype).tiny)
+    return D * torch.where(norm_D > 0, ratio, torch.zeros_like(ratio))
 
 
 # -- symmetric eigendecomposition ------------------------------------------------------
@@ -199,12 +201,17 @@ def power_qr(A: Tensor, Q: Tensor) -> Tensor:
 
 
 def finite_blocks(*tensors: Tensor | None) -> Tensor:
-    """``(b)`` mask: True where every given tensor is finite on that block."""
+    """``(b)`` mask: True where every given tensor is finite on that block.
+
+    One reduction pass per tensor: a block's sum is non-finite iff it holds a NaN or
+    an infinity (or its entries are so large that the sum overflows, which a
+    gradient's square would too).
+    """
     ok: Tensor | None = None
     for t in tensors:
         if t is None:
             continue
-        block_ok = torch.isfinite(t).flatten(1).all(dim=1)
+        block_ok = torch.isfinite(t.sum(dim=tuple(range(1, t.ndim))))
         ok = block_ok if ok is None else ok & block_ok
     if ok is None:
         raise ValueError("finite_blocks needs at least one tensor")

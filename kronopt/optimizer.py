@@ -219,21 +219,17 @@ class KronOptimizer(torch.optim.Optimizer):
         dtype = bucket.state_dtype
         G = torch.stack([to_block(p.grad, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])  # type: ignore[arg-type]
         ok = linalg.finite_blocks(G)
-        G = linalg.select_blocks(ok, G, torch.zeros_like(G))
+        G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # keeps bad blocks out of batched solvers
         old = bucket.state
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
         if cfg.nonfinite == "raise" and not bool(ok.all()):
             return [self._param_name(bucket, i) for i in torch.nonzero(~ok).flatten().tolist()]
-        bucket.state = compose.zip_tensors(new, old, lambda n, o: linalg.select_blocks(ok, n, o))
+        bucket.state = compose.zip_tensors(new, old, lambda n, o: o if n is o else linalg.select_blocks(ok, n, o))
         bucket.nonfinite = bucket.nonfinite + (~ok).long()  # type: ignore[operator]
         if cfg.nonfinite == "warn":
             self._pending.append((bucket, ok, new.step))
         if D is not None:
-            W = torch.stack([to_block(p, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])
-            W_new = cfg.post.apply(W, D, lr=group["lr"], weight_decay=group["weight_decay"])
-            W_new = linalg.select_blocks(ok, W_new, W)
-            for i, (p, s) in enumerate(zip(bucket.params, bucket.specs)):
-                p.copy_(from_block(W_new[i], s))
+            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=ok)
         return []
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:

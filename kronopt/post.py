@@ -3,6 +3,7 @@ r"""The ``post`` stage: grafting, then decoupled weight decay and the step.
 Not a registry slot: one configurable record that every pipeline ends with.
 """
 
+from collections.abc import Sequence
 from typing import Literal
 
 import attrs
@@ -72,9 +73,19 @@ class Post:
             return A, GraftState(m, v)
         return linalg.match_norm(D, A), GraftState(m, v)
 
-    def apply(self, W: Tensor, D: Tensor, *, lr: float, weight_decay: float) -> Tensor:
-        """The new parameters ``b m n`` from ``W`` and the direction ``D``."""
-        if self.weight_decay_order == "before":
-            return W * (1 - lr * weight_decay) - lr * D
-        W = W - lr * D
-        return W - (lr * weight_decay) * W
+    def apply_(self, params: Sequence[Tensor], D: Tensor, *, lr: float, weight_decay: float, ok: Tensor) -> None:
+        """Write the step into ``params`` in place: block ``i`` of ``D (b m n)`` goes to ``params[i]``.
+
+        Blocks where ``ok`` is False are left exactly as they are (no decay either).
+        The per-block factors are tensors, so nothing synchronises with the host.
+        """
+        okf = ok.to(D.dtype)
+        D = D * okf.view(-1, 1, 1)
+        decay = (1 - (lr * weight_decay) * okf) if weight_decay else None
+        for i, p in enumerate(params):
+            step = D[i].view(p.shape)
+            if decay is not None and self.weight_decay_order == "before":
+                p.mul_(decay[i])
+            p.add_(step, alpha=-lr)
+            if decay is not None and self.weight_decay_order == "after":
+                p.mul_(decay[i])
