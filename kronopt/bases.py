@@ -42,12 +42,19 @@ def _fresh_state(layout: Layout, dtype: torch.dtype, device: torch.device) -> Ba
 
 
 def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Fresh eigenbasis of one side, keeping the old one on failed blocks."""
+    """Fresh eigenbasis of one side, keeping the old one on failed blocks.
+
+    Non-finite factor blocks are replaced by the identity before the solver runs, so
+    one bad block cannot make the batched solver fail for the others.
+    """
+    finite = linalg.finite_blocks(X)
+    X = linalg.select_blocks(finite, X, torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand_as(X))
     try:
         eig = linalg.eigh_descending(X)
     except ArithmeticError:
-        return Q_old, lam_old, torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
-    return linalg.select_blocks(eig.ok, eig.Q, Q_old), linalg.select_blocks(eig.ok, eig.lam, lam_old), eig.ok
+        return Q_old, lam_old, torch.zeros_like(finite)
+    ok = eig.ok & finite
+    return linalg.select_blocks(ok, eig.Q, Q_old), linalg.select_blocks(ok, eig.lam, lam_old), ok
 
 
 def _check_factors(name: str, factors: tuple[Tensor | None, Tensor | None], state: BasisState) -> None:

@@ -53,8 +53,8 @@ class EmaKronFactors:
 
     def update(self, state: KronFactorsState, G: Tensor, ctx: StepContext) -> KronFactorsState:
         beta = self.beta
-        L = None if state.L is None else beta * state.L + (1 - beta) * linalg.gram_left(G)
-        R = None if state.R is None else beta * state.R + (1 - beta) * linalg.gram_right(G)
+        L = None if state.L is None else linalg.ema_gram_left(state.L, G, beta)
+        R = None if state.R is None else linalg.ema_gram_right(state.R, G, beta)
         return KronFactorsState(L, R)
 
     def factors(self, state: KronFactorsState) -> tuple[Tensor | None, Tensor | None]:

@@ -51,6 +51,18 @@ def gram_right(G: Tensor) -> Tensor:
     return sym(G.mT @ G)
 
 
+def ema_gram_left(L: Tensor, G: Tensor, beta: float) -> Tensor:
+    r""":math:`\beta L + (1-\beta) G G^\top` in one fused product, then :func:`sym`."""
+    _check_batched("G", G)
+    return sym(torch.baddbmm(L, G, G.mT, beta=beta, alpha=1 - beta))
+
+
+def ema_gram_right(R: Tensor, G: Tensor, beta: float) -> Tensor:
+    r""":math:`\beta R + (1-\beta) G^\top G` in one fused product, then :func:`sym`."""
+    _check_batched("G", G)
+    return sym(torch.baddbmm(R, G.mT, G, beta=beta, alpha=1 - beta))
+
+
 def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
     r"""Into the basis: :math:`Q_L^\top X Q_R` (``None`` is the identity), ``b m n``."""
     if Q_L is not None:
