@@ -97,7 +97,8 @@ class KronConfig:
         nonfinite: what a non-finite gradient block does: ``"warn"`` (skip it,
             warn on the next step), ``"raise"`` (skip it and raise at once; one
             host synchronisation per step) or ``"skip"`` (skip it silently; see
-            ``KronOptimizer.nonfinite_counts``).
+            ``KronOptimizer.nonfinite_counts``). Read from the top-level config
+            for every parameter; a ``[fallback]`` table's value is ignored.
         fallback: the config of the parameters the route sends away.
     """
 

@@ -45,6 +45,34 @@ class _Bucket:
     nonfinite: Tensor | None = None  # (b) count of skipped non-finite gradient blocks
 
 
+class _Pending:
+    """A step's finiteness mask on its way to the host, read without a synchronisation.
+
+    On a GPU the mask is copied into pinned memory with ``non_blocking=True`` and an
+    event is recorded; the mask is read once the event has completed (checked at the
+    next step with ``Event.query()``, which does not block).
+    """
+
+    def __init__(self, bucket: "_Bucket", ok: Tensor, step: int) -> None:
+        self.bucket, self.step = bucket, step
+        self.event = None
+        if ok.is_cuda:
+            self.ok = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
+            self.ok.copy_(ok, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.ok = ok
+
+    def result(self, *, wait: bool) -> Tensor | None:
+        if self.event is not None:
+            if wait:
+                self.event.synchronize()
+            elif not self.event.query():
+                return None
+        return self.ok
+
+
 def _normalize_groups(params: Any) -> list[dict[str, Any]]:
     if isinstance(params, Tensor):
         raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a single tensor")
@@ -107,7 +135,7 @@ class KronOptimizer(torch.optim.Optimizer):
             cfg = from_dict(apply_overrides(base_raw, g["overrides"])) if g["overrides"] else config
             self._group_cfgs.append(cfg if g["pipeline"] == "main" else cfg.fallback)  # type: ignore[arg-type]
         self._buckets = self._make_buckets()
-        self._pending: list[tuple[_Bucket, Tensor, int]] = []
+        self._pending: list[_Pending] = []
 
     # -- construction ----------------------------------------------------------------------
     @staticmethod
@@ -222,12 +250,12 @@ class KronOptimizer(torch.optim.Optimizer):
         G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # keeps bad blocks out of batched solvers
         old = bucket.state
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
-        if cfg.nonfinite == "raise" and not bool(ok.all()):
+        if self.config.nonfinite == "raise" and not bool(ok.all()):
             return [self._param_name(bucket, i) for i in torch.nonzero(~ok).flatten().tolist()]
         bucket.state = compose.zip_tensors(new, old, lambda n, o: o if n is o else linalg.select_blocks(ok, n, o))
         bucket.nonfinite = bucket.nonfinite + (~ok).long()  # type: ignore[operator]
-        if cfg.nonfinite == "warn":
-            self._pending.append((bucket, ok, new.step))
+        if self.config.nonfinite == "warn":
+            self._pending.append(_Pending(bucket, ok, new.step))
         if D is not None:
             cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=ok)
         return []
@@ -241,10 +269,15 @@ class KronOptimizer(torch.optim.Optimizer):
                 return names[j] if names else f"param_groups[{bucket.group}].params[{j}] {tuple(p.shape)}"
         return f"parameter of shape {tuple(p.shape)}"  # pragma: no cover
 
-    def _report_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        for bucket, ok, step in pending:
-            bad = torch.nonzero(~ok).flatten().tolist()  # the step that produced `ok` is long finished
+    def _report_pending(self, *, wait: bool = False) -> None:
+        keep = []
+        for item in self._pending:
+            ok = item.result(wait=wait)
+            if ok is None:  # still running on the device: look again at the next step
+                keep.append(item)
+                continue
+            bucket, step = item.bucket, item.step
+            bad = [i for i, good in enumerate(ok.tolist()) if not good]
             if bad:
                 names = ", ".join(self._param_name(bucket, i) for i in bad)
                 warnings.warn(
@@ -253,10 +286,11 @@ class KronOptimizer(torch.optim.Optimizer):
                     RuntimeWarning,
                     stacklevel=3,
                 )
+        self._pending = keep
 
     def flush_warnings(self) -> None:
-        """Report non-finite gradients of the last step now (normally reported at the next step)."""
-        self._report_pending()
+        """Report non-finite gradients of past steps now (waits for the device if needed)."""
+        self._report_pending(wait=True)
 
     # -- introspection ---------------------------------------------------------------------
     def nonfinite_counts(self) -> dict[str, int]:

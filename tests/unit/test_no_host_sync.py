@@ -1,0 +1,54 @@
+"""Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist())."""
+
+import pytest
+import torch
+
+import kronopt
+
+
+def _forbid_host_reads(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("host synchronisation inside step()")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+
+
+@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+def test_step_reads_no_tensor_values_on_the_host(preset, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (6, 4), (4, 6), (5,), (2, 3, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = kronopt.build(params, preset, nonfinite="skip", **({"refresh.every": 2} if preset in ("soap", "shampoo") else {}))
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+    grads[3][0][0, 0] = float("nan")
+    _forbid_host_reads(monkeypatch)
+    for step_grads in grads:  # covers first calls, refreshes and a non-finite block
+        for p, g in zip(params, step_grads):
+            p.grad = g
+        opt.step()
+    monkeypatch.undo()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+def test_cuda_step_does_not_synchronise(preset):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (64, 32), (32, 64), (32,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
+    cpu = [torch.nn.Parameter(p.detach().cpu().clone()) for p in params]
+    opt = kronopt.build(params, preset, **({"refresh.every": 3} if preset in ("soap", "shampoo") else {}))
+    ref = kronopt.build(cpu, preset, **({"refresh.every": 3} if preset in ("soap", "shampoo") else {}))
+    for _ in range(8):
+        for p, q in zip(params, cpu):
+            g = torch.randn(q.shape, generator=gen)
+            p.grad, q.grad = g.cuda(), g
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ref.step()
+    for p, q in zip(params, cpu):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-3, atol=1e-4)
