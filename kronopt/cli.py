@@ -11,7 +11,7 @@ import torch
 
 import kronopt
 from kronopt.config import ConfigError
-from kronopt.registry import SLOTS, PluginLoadError
+from kronopt.registry import SLOTS, PluginError, PluginLoadError
 
 
 def _parse_value(text: str) -> Any:
@@ -39,7 +39,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
         print(f"[{slot}]")
         try:
             entries = registry.entries()
-        except PluginLoadError as exc:
+        except (PluginLoadError, PluginError) as exc:
             print(f"  ! {exc}")
             entries = registry.entries(load_plugins=False)
         width = max((len(e.key) for e in entries), default=0)
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kronopt {args.command}: {exc}", file=sys.stderr)
         return 2
-    except PluginLoadError as exc:
+    except (PluginLoadError, PluginError) as exc:
         print(f"kronopt {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,7 @@ import attrs
 
 from ._validators import ge, in_, str_tuple, to_bool, to_float, to_int, to_str
 from .post import Post
-from .registry import SLOTS, PluginLoadError
+from .registry import SLOTS, PluginError, PluginLoadError
 
 STAGE_SLOTS: tuple[str, ...] = tuple(SLOTS)
 
@@ -174,7 +174,7 @@ def _build_stage(slot: str, table: Any, path: str, errors: list[tuple[str, str]]
     except KeyError as exc:
         errors.append((f"{path}.type", str(exc.args[0])))
         return None
-    except PluginLoadError as exc:
+    except (PluginLoadError, PluginError) as exc:
         errors.append((f"{path}.type", str(exc)))
         return None
     return _build_record(cls, {k: v for k, v in table.items() if k != "type"}, path, errors)
@@ -231,7 +231,10 @@ def _check_field(cls: type, key: str, value: Any) -> None:
 
 def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]]) -> None:
     """Cross-stage checks: a combination that cannot work fails here, naming the stages."""
-    keys = {slot: SLOTS[slot].key_of(type(stage)) for slot, stage in cfg.stages().items()}
+    try:
+        keys = {slot: SLOTS[slot].key_of(type(stage)) for slot, stage in cfg.stages().items()}
+    except KeyError:  # a stage object built outside the registries
+        keys = {slot: type(stage).__name__ for slot, stage in cfg.stages().items()}
     if getattr(cfg.basis, "needs_factors", False) and not getattr(cfg.factors, "provides_factors", False):
         providers = [e.key for e in SLOTS["factors"].entries(load_plugins=False) if getattr(e.cls, "provides_factors", False)]
         errors.append((

@@ -21,6 +21,10 @@ T = TypeVar("T")
 _NO_PLUGINS_ENV = "KRONOPT_NO_PLUGINS"
 
 
+class PluginError(ValueError):
+    """A problem found while discovering plugins: a bad name or a name declared twice."""
+
+
 class PluginLoadError(ImportError):
     """A plugin entry point could not be loaded; names the distribution behind it."""
 
@@ -56,6 +60,8 @@ class Registry(Generic[T]):
     Args:
         slot: the slot name used in configs and messages (``"factors"``).
         group: the entry-point group plugins use (``"kronopt.factors"``).
+        required: attributes a loaded plugin class must have (the slot's protocol);
+            a plugin lacking one, or not an attrs class, fails to load.
         entry_points: optional callable returning entry points, for tests; by
             default :func:`importlib.metadata.entry_points` filtered by ``group``.
     """
@@ -65,10 +71,12 @@ class Registry(Generic[T]):
         slot: str,
         *,
         group: str,
+        required: tuple[str, ...] = (),
         entry_points: Callable[[], Iterable[importlib.metadata.EntryPoint]] | None = None,
     ) -> None:
         self.slot = slot
         self.group = group
+        self.required = required
         self._entries: dict[str, Entry[T]] = {}
         self._entry_points = entry_points
         self._plugins: dict[str, importlib.metadata.EntryPoint] | None = None
@@ -86,6 +94,12 @@ class Registry(Generic[T]):
         return decorate
 
     def _add(self, entry: Entry[T]) -> None:
+        if entry.source == "kronopt" and self._plugins and entry.key in self._plugins:
+            ep = self._plugins[entry.key]
+            raise PluginError(
+                f"built-in {self.slot} stage {entry.key!r} collides with the plugin of that name from "
+                f"distribution {_distribution_name(ep)!r}"
+            )
         old = self._entries.get(entry.key)
         if old is not None:
             raise ValueError(
@@ -117,15 +131,25 @@ class Registry(Generic[T]):
             source = self._entry_points or (lambda: importlib.metadata.entry_points(group=self.group))
             found: dict[str, importlib.metadata.EntryPoint] = {}
             for ep in source():
-                if ep.name in self._entries and self._entries[ep.name].source == "kronopt":
-                    raise ValueError(
-                        f"plugin {self.slot} stage {ep.name!r} from distribution "
-                        f"{_distribution_name(ep)!r} collides with the built-in stage of that name"
+                dist = _distribution_name(ep)
+                if not ep.name.isidentifier() or ep.name != ep.name.lower():
+                    raise PluginError(
+                        f"plugin {self.slot} stage {ep.name!r} from distribution {dist!r} is not a snake_case "
+                        "identifier; rename its entry point"
+                    )
+                old = self._entries.get(ep.name)
+                if old is not None:
+                    if old.cls.__module__ == ep.module:  # the plugin's module was imported and registered itself
+                        self._entries[ep.name] = attrs.evolve(old, source=dist)
+                        continue
+                    raise PluginError(
+                        f"plugin {self.slot} stage {ep.name!r} from distribution {dist!r} collides with the "
+                        f"built-in stage of that name ({old.cls.__module__}.{old.cls.__qualname__})"
                     )
                 if ep.name in found:
-                    raise ValueError(
+                    raise PluginError(
                         f"plugin {self.slot} stage {ep.name!r} is declared by two distributions: "
-                        f"{_distribution_name(found[ep.name])!r} and {_distribution_name(ep)!r}"
+                        f"{_distribution_name(found[ep.name])!r} and {dist!r}"
                     )
                 found[ep.name] = ep
             self._plugins = found
@@ -139,11 +163,27 @@ class Registry(Generic[T]):
         except Exception as exc:  # noqa: BLE001 - wrapped with the distribution name
             raise PluginLoadError(dist, key, self.group, exc) from exc
         if key in self._entries:  # the module registered itself on import
-            return self._entries[key]
+            entry = attrs.evolve(self._entries[key], source=dist)
+            self._entries[key] = entry
+            return entry
+        self._check_plugin_class(cls, dist, key)
         doc = (cls.__doc__ or "").strip().splitlines()
-        entry = Entry(key=key, cls=cls, description=doc[0] if doc else "", source=dist)
+        entry = Entry(key=key, cls=cls, description=doc[0].rstrip(".") if doc else "", source=dist)
         self._add(entry)
         return entry
+
+    def _check_plugin_class(self, cls: object, dist: str, key: str) -> None:
+        if not self.required:
+            return
+        problem = None
+        if not isinstance(cls, type) or not attrs.has(cls):
+            problem = f"{cls!r} is not an attrs class"
+        else:
+            missing = [name for name in self.required if not hasattr(cls, name)]
+            if missing:
+                problem = f"{cls.__qualname__} lacks {', '.join(missing)} required of a {self.slot} stage"
+        if problem:
+            raise PluginLoadError(dist, key, self.group, TypeError(problem))
 
     # -- lookup ----------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -155,9 +195,10 @@ class Registry(Generic[T]):
 
     def entry(self, key: str) -> Entry[T]:
         """The entry for ``key``, loading a plugin on first use; unknown keys list the known ones."""
+        plugins = self.plugins()  # surfaces discovery problems on every lookup
         if key in self._entries:
             return self._entries[key]
-        if key in self.plugins():
+        if key in plugins:
             return self._load_plugin(key)
         raise KeyError(f"unknown {self.slot} stage {key!r}; available: {', '.join(self.keys()) or '(none)'}")
 
@@ -179,11 +220,17 @@ class Registry(Generic[T]):
         raise KeyError(f"{cls.__qualname__} is not a registered {self.slot} stage")
 
 
-FACTORS: Registry = Registry("factors", group="kronopt.factors")
-BASES: Registry = Registry("basis", group="kronopt.bases")
-INNER_RULES: Registry = Registry("inner", group="kronopt.inner_rules")
-SPLITS: Registry = Registry("split", group="kronopt.splits")
-REFRESH: Registry = Registry("refresh", group="kronopt.refresh")
+FACTORS: Registry = Registry(
+    "factors", group="kronopt.factors", required=("init", "update", "factors", "provides_factors")
+)
+BASES: Registry = Registry(
+    "basis", group="kronopt.bases", required=("init", "refresh", "needs_factors", "provides_eigvals")
+)
+INNER_RULES: Registry = Registry(
+    "inner", group="kronopt.inner_rules", required=("init", "direction", "on_basis_change", "needs_eigvals")
+)
+SPLITS: Registry = Registry("split", group="kronopt.splits", required=("side_kind", "init", "complement"))
+REFRESH: Registry = Registry("refresh", group="kronopt.refresh", required=("due",))
 
 #: slot name in configs → its registry
 SLOTS: dict[str, Registry] = {
