@@ -34,14 +34,14 @@ def _fresh_state(layout: Layout, dtype: torch.dtype, device: torch.device) -> Ba
     return BasisState(
         Q_L=_eye(b, m, dtype, device) if full_L else None,
         Q_R=_eye(b, n, dtype, device) if full_R else None,
-        lam_L=torch.zeros(b, m, dtype=dtype, device=device) if full_L else None,
-        lam_R=torch.zeros(b, n, dtype=dtype, device=device) if full_R else None,
+        lam_L=torch.ones(b, m, dtype=dtype, device=device) if full_L else None,
+        lam_R=torch.ones(b, n, dtype=dtype, device=device) if full_R else None,
         failures=torch.zeros(b, dtype=torch.int64, device=device),
         ready=False,
     )
 
 
-def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
     """Fresh eigenbasis of one side, keeping the old one on failed blocks.
 
     Non-finite factor blocks are replaced by the identity before the solver runs, so
@@ -52,9 +52,9 @@ def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tenso
     try:
         eig = linalg.eigh_descending(X)
     except ArithmeticError:
-        return Q_old, lam_old, torch.zeros_like(finite)
+        return Q_old, lam_old, torch.zeros_like(finite), False
     ok = eig.ok & finite
-    return linalg.select_blocks(ok, eig.Q, Q_old), linalg.select_blocks(ok, eig.lam, lam_old), ok
+    return linalg.select_blocks(ok, eig.Q, Q_old), linalg.select_blocks(ok, eig.lam, lam_old), ok, True
 
 
 def _check_factors(name: str, factors: tuple[Tensor | None, Tensor | None], state: BasisState) -> None:
@@ -117,14 +117,18 @@ def _eigh_refresh(
 ) -> tuple[BasisState, BasisChange]:
     Q_L, lam_L, Q_R, lam_R = state.Q_L, state.lam_L, state.Q_R, state.lam_R
     failures = state.failures
+    solved = Q_L is None and Q_R is None  # a basis with no rotated side is ready at once
     if Q_L is not None:
-        Q_L, lam_L, ok = _eigh_side(factors[0], Q_L, lam_L)  # type: ignore[arg-type]
-        failures = failures + (~ok).long()
+        Q_L, lam_L, ok, ran = _eigh_side(factors[0], Q_L, lam_L)  # type: ignore[arg-type]
+        failures, solved = failures + (~ok).long(), solved or ran
     if Q_R is not None:
-        Q_R, lam_R, ok = _eigh_side(factors[1], Q_R, lam_R)  # type: ignore[arg-type]
-        failures = failures + (~ok).long()
+        Q_R, lam_R, ok, ran = _eigh_side(factors[1], Q_R, lam_R)  # type: ignore[arg-type]
+        failures, solved = failures + (~ok).long(), solved or ran
+    # `ready` stays False only when every solver call raised (known on the host); a block
+    # whose output was not finite keeps its identity basis and unit eigenvalues.
     new = BasisState(
-        Q_L=Q_L, Q_R=Q_R, lam_L=lam_L, lam_R=lam_R, failures=failures, refreshes=state.refreshes + 1, ready=True
+        Q_L=Q_L, Q_R=Q_R, lam_L=lam_L, lam_R=lam_R, failures=failures, refreshes=state.refreshes + 1,
+        ready=state.ready or solved,
     )
     return new, BasisChange(old=state, new=new)
 

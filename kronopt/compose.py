@@ -50,8 +50,17 @@ def init_state(cfg: KronConfig, layout: Layout, *, dtype: torch.dtype, device: t
     )
 
 
+def _context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> StepContext:
+    basis = state.basis
+    if getattr(cfg.factors, "provides_eigvals", False):
+        eigvals = cfg.factors.eigvals(state.factors)
+    else:
+        eigvals = (basis.lam_L, basis.lam_R)
+    return StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals)
+
+
 def _observe(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool) -> BucketState:
-    ctx = StepContext(step=t, layout=layout, basis=state.basis)
+    ctx = _context(cfg, layout, state, t)
     factors = cfg.factors.update(state.factors, G, ctx)
     if not cfg.refresh.due(t, first_call=first_call):
         return attrs.evolve(state, factors=factors)
@@ -71,9 +80,9 @@ def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tupl
     t = state.step + 1
     if cfg.factor_update == "before":
         state = _observe(cfg, layout, state, G, t=t, first_call=first_call)
-    ctx = StepContext(step=t, layout=layout, basis=state.basis)
+    ctx = _context(cfg, layout, state, t)
     D, inner = cfg.inner.direction(state.inner, G, ctx)
-    D, split = cfg.split.complement(state.split, G, D, ctx)
+    D, split = cfg.split.complement(state.split, G, D, ctx, lambda: cfg.inner.moment(inner, ctx))
     D, post = cfg.post.graft(state.post, G, D, ctx)
     state = attrs.evolve(state, inner=inner, split=split, post=post)
     if cfg.factor_update == "after":

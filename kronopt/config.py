@@ -242,13 +242,29 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
             f"basis {keys['basis']!r} needs Kronecker factors, but factors {keys['factors']!r} keeps none; "
             f"use factors of type: {', '.join(providers)}",
         ))
-    if getattr(cfg.inner, "needs_eigvals", False) and not getattr(cfg.basis, "provides_eigvals", False):
+    eigvals_from = getattr(cfg.basis, "provides_eigvals", False) or getattr(cfg.factors, "provides_eigvals", False)
+    if getattr(cfg.inner, "needs_eigvals", False) and not eigvals_from:
         providers = [e.key for e in SLOTS["basis"].entries(load_plugins=False) if getattr(e.cls, "provides_eigvals", False)]
         errors.append((
             _join(prefix, "inner.type"),
-            f"inner {keys['inner']!r} needs eigenvalue estimates, but basis {keys['basis']!r} provides none; "
-            f"use a basis of type: {', '.join(providers)}",
+            f"inner {keys['inner']!r} needs eigenvalue estimates, but neither basis {keys['basis']!r} nor "
+            f"factors {keys['factors']!r} provides them; use a basis of type: {', '.join(providers)}",
         ))
+    if getattr(cfg.split, "restricts", False):
+        for slot in ("factors", "basis", "inner"):
+            if not getattr(cfg.stages()[slot], "supports_restricted", False):
+                able = [e.key for e in SLOTS[slot].entries(load_plugins=False) if getattr(e.cls, "supports_restricted", False)]
+                errors.append((
+                    _join(prefix, f"{slot}.type"),
+                    f"split {keys['split']!r} keeps a restricted side, which {slot} {keys[slot]!r} does not support; "
+                    f"{slot} stages that do: {', '.join(able) or '(none)'}",
+                ))
+        if not hasattr(cfg.inner, "moment"):
+            errors.append((
+                _join(prefix, "inner.type"),
+                f"split {keys['split']!r} orthogonalizes the complement of the inner rule's first moment, "
+                f"but inner {keys['inner']!r} exposes none (no moment())",
+            ))
 
 
 def from_dict(raw: Mapping[str, Any]) -> KronConfig:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import compose, linalg
-from ._shapes import BlockSpec, block_spec, from_block, to_block
+from ._shapes import BlockSpec, block_spec, to_block
 from .config import ConfigError, KronConfig, apply_overrides, from_dict, to_dict
 from .types import Layout
 
@@ -175,11 +175,13 @@ class KronOptimizer(torch.optim.Optimizer):
             for p in g["params"]:
                 sh = cfg.shapes
                 spec = block_spec(tuple(p.shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
-                sides = (cfg.split.side_kind(spec.rotate_left), cfg.split.side_kind(spec.rotate_right))
+                (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
                 state_dtype = torch.promote_types(p.dtype, min_dtype)
-                key = (gi, spec.m, spec.n, sides, state_dtype, p.dtype, p.device)
+                key = (gi, spec.m, spec.n, kind_L, kind_R, rank_L, rank_R, state_dtype, p.dtype, p.device)
                 if key not in buckets:
-                    layout = Layout(batch=0, m=spec.m, n=spec.n, left=sides[0], right=sides[1])
+                    layout = Layout(
+                        batch=0, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R
+                    )
                     buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype)
                 buckets[key].params.append(p)
                 buckets[key].specs.append(spec)

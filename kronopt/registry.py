@@ -229,7 +229,7 @@ BASES: Registry = Registry(
 INNER_RULES: Registry = Registry(
     "inner", group="kronopt.inner_rules", required=("init", "direction", "on_basis_change", "needs_eigvals")
 )
-SPLITS: Registry = Registry("split", group="kronopt.splits", required=("side_kind", "init", "complement"))
+SPLITS: Registry = Registry("split", group="kronopt.splits", required=("sides", "init", "complement"))
 REFRESH: Registry = Registry("refresh", group="kronopt.refresh", required=("due",))
 
 #: slot name in configs → its registry

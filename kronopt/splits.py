@@ -5,6 +5,8 @@ the part of the direction a restricted side does not cover. ``full`` keeps every
 rotated side as a full factor and adds nothing.
 """
 
+from collections.abc import Callable
+
 import attrs
 import torch
 from torch import Tensor
@@ -18,11 +20,13 @@ from .types import Layout, NoState, SideKind, StepContext
 class FullSplit:
     """Full factors on every side that the shape policy rotates."""
 
-    def side_kind(self, rotated: bool) -> SideKind:
-        return "full" if rotated else "none"
+    def sides(self, m: int, n: int, rotated: tuple[bool, bool]) -> tuple[tuple[SideKind, int], tuple[SideKind, int]]:
+        return (("full" if rotated[0] else "none", 0), ("full" if rotated[1] else "none", 0))
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> NoState:
         return NoState()
 
-    def complement(self, state: NoState, G: Tensor, D: Tensor, ctx: StepContext) -> tuple[Tensor, NoState]:
+    def complement(
+        self, state: NoState, G: Tensor, D: Tensor, ctx: StepContext, moment: Callable[[], Tensor]
+    ) -> tuple[Tensor, NoState]:
         return D, state

@@ -4,22 +4,25 @@ Axis names follow the einops vocabulary used across the package: ``b`` blocks in
 bucket, ``m`` rows, ``n`` columns.
 """
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import attrs
 import torch
 from torch import Tensor
 
-SideKind = Literal["full", "none"]
-SIDE_KINDS: tuple[str, ...] = ("full", "none")
+SideKind = Literal["full", "restricted", "none"]
+SIDE_KINDS: tuple[str, ...] = ("full", "restricted", "none")
 
 
 @attrs.frozen(kw_only=True)
 class Layout:
     """The shape of one bucket: ``batch`` blocks of ``m × n``, and how each side is kept.
 
-    A side is ``"full"`` (an ``m × m`` / ``n × n`` factor and basis) or ``"none"``
-    (not rotated: the identity).
+    A side is ``"full"`` (an ``m × m`` / ``n × n`` factor and basis),
+    ``"restricted"`` (a rank-``r`` orthonormal subspace with its ``r × r`` spectrum
+    plus one flat eigenvalue on the complement; ``rank_left`` / ``rank_right`` give
+    ``r``) or ``"none"`` (not rotated: the identity).
     """
 
     batch: int
@@ -27,6 +30,8 @@ class Layout:
     n: int
     left: SideKind
     right: SideKind
+    rank_left: int = 0
+    rank_right: int = 0
 
     @property
     def sides(self) -> tuple[SideKind, SideKind]:
@@ -42,8 +47,10 @@ class BasisState:
     ``lam_L`` ``(b m)`` and ``lam_R`` ``(b n)`` are the eigenvalue estimates that
     go with the columns (``None`` when the basis keeps none). ``refreshes`` counts
     completed refreshes (a Python int: it is known on the host without a sync);
-    ``failures`` ``(b)`` counts, per block, refreshes that kept the old basis
-    because the decomposition failed.
+    ``failures`` ``(b)`` counts, per block, the sides whose refresh kept the old
+    basis because the decomposition failed. ``ready`` is False until a first
+    refresh has run (before it the bases are the identity and the eigenvalue
+    estimates 1).
     """
 
     Q_L: Tensor | None
@@ -82,16 +89,25 @@ class StepContext:
         layout: the bucket's layout.
         basis: the current basis (the pre-refresh one while the direction is
             computed).
+        eigvals: the eigenvalue estimates ``(lam_L (b m), lam_R (b n))`` that go
+            with the basis columns: the factor estimator's own when it tracks them
+            (``provides_eigvals``), else the basis's. ``None`` on a side without.
     """
 
     step: int
     layout: Layout
     basis: BasisState
+    eigvals: tuple[Tensor | None, Tensor | None] = (None, None)
 
 
 @runtime_checkable
 class FactorEstimator(Protocol):
-    """Estimates the Kronecker factors ``L (b m m)``, ``R (b n n)`` from each new ``G``."""
+    """Estimates the Kronecker factors ``L (b m m)``, ``R (b n n)`` from each new ``G``.
+
+    Optional members: ``provides_eigvals`` with ``eigvals(state)`` for an estimator
+    that tracks its own eigenvalue estimates in the current basis (KL-Shampoo), and
+    ``supports_restricted`` for one that can keep a ``"restricted"`` side.
+    """
 
     provides_factors: ClassVar[bool]
 
@@ -118,7 +134,11 @@ class Basis(Protocol):
 
 @runtime_checkable
 class InnerRule(Protocol):
-    """The update rule; sees ``G`` in the original coordinates and ``ctx.basis``."""
+    """The update rule; sees ``G`` in the original coordinates and ``ctx.basis``.
+
+    Optional members: ``moment(state, ctx)``, the first moment in the original
+    coordinates (a split's complement reads it), and ``supports_restricted``.
+    """
 
     needs_eigvals: ClassVar[bool]
 
@@ -131,13 +151,21 @@ class InnerRule(Protocol):
 
 @runtime_checkable
 class Split(Protocol):
-    """How each side is represented and what is done with a restricted side's complement."""
+    """How each side is represented and what is done with a restricted side's complement.
 
-    def side_kind(self, rotated: bool) -> SideKind: ...
+    ``sides(m, n, rotated)`` maps a block and which of its sides the shape policy
+    rotates to ``((kind_L, rank_L), (kind_R, rank_R))``. ``complement`` may add a
+    term for the part of the direction a restricted side does not cover;
+    ``moment()`` returns the inner rule's first moment in the original coordinates.
+    """
+
+    def sides(self, m: int, n: int, rotated: tuple[bool, bool]) -> tuple[tuple[SideKind, int], tuple[SideKind, int]]: ...
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> Any: ...
 
-    def complement(self, state: Any, G: Tensor, D: Tensor, ctx: StepContext) -> tuple[Tensor, Any]: ...
+    def complement(
+        self, state: Any, G: Tensor, D: Tensor, ctx: StepContext, moment: Callable[[], Tensor]
+    ) -> tuple[Tensor, Any]: ...
 
 
 @runtime_checkable

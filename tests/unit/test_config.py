@@ -48,7 +48,7 @@ INVALID = [
     ({"inner.type": "orthogonalize", "inner.coefficients": "custom"}, ["inner: coefficients = 'custom' needs a non-empty custom_coefficients list"]),
     ({"route.fallback_names": ["(unclosed"]}, ["route.fallback_names: '(unclosed' is not a valid regular expression"]),
     ({"factors.type": "none"}, ["basis.type: basis 'qr' needs Kronecker factors, but factors 'none' keeps none; use factors of type: ema"]),
-    ({"basis.type": "identity", "inner.type": "eigenvalue"}, ["inner.type: inner 'eigenvalue' needs eigenvalue estimates, but basis 'identity' provides none; use a basis of type: eigh, qr"]),
+    ({"basis.type": "identity", "inner.type": "eigenvalue"}, ["inner.type: inner 'eigenvalue' needs eigenvalue estimates, but neither basis 'identity' nor factors 'ema' provides them; use a basis of type: eigh, qr"]),
     ({"shapes.max_dim": True}, ["shapes.max_dim: must be an integer, got True"]),
     ({"bogus": 1}, ["bogus: unknown key; a config accepts:"]),
 ]

@@ -298,3 +298,20 @@ def test_state_dtype_is_float32_for_low_precision_params(gen):
     assert opt.bucket_summary()[0]["state_dtype"] == "float32"
     assert params[0].dtype == torch.bfloat16
     assert opt._buckets[0].state.factors.L.dtype == torch.float32
+
+
+def test_a_first_refresh_that_fails_never_blows_up_the_step(gen, monkeypatch):
+    params = _params(gen, [(5, 5)], dtype=torch.float32)
+    opt = kronopt.build(params, "shampoo", **{"refresh.every": 1, "post.grafting": "none"})
+
+    def always_fails(A):
+        raise RuntimeError("simulated convergence failure")
+
+    monkeypatch.setattr(linalg, "_eigh", always_fails)
+    before = params[0].detach().clone()
+    params[0].grad = torch.ones(5, 5)
+    opt.step()
+    basis = opt._buckets[0].state.basis
+    assert not basis.ready and torch.equal(basis.lam_L, torch.ones(1, 5))
+    # without a basis the eigenvalue rule steps along the bias-corrected momentum: |ΔW| = lr
+    torch.testing.assert_close((before - params[0]).abs().max(), torch.tensor(1e-3))

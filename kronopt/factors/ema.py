@@ -1,9 +1,4 @@
-r"""Factor estimators: the ``factors`` slot.
-
-A factor estimator keeps Kronecker factors :math:`L` ``(b m m)`` and :math:`R`
-``(b n n)`` with :math:`\mathbb{E}[\mathrm{vec}\,G\,\mathrm{vec}\,G^\top] \approx L \otimes R`
-(``None`` on a side that is not rotated) and updates them from each gradient.
-"""
+"""The ``ema`` and ``none`` factor estimators."""
 
 from typing import ClassVar
 
@@ -11,10 +6,10 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import linalg
-from ._validators import ge, lt, to_float
-from .registry import FACTORS
-from .types import Layout, NoState, StepContext
+from .. import linalg
+from .._validators import ge, lt, to_float
+from ..registry import FACTORS
+from ..types import Layout, NoState, StepContext
 
 
 @attrs.frozen(eq=False)

@@ -1,0 +1,79 @@
+"""Inner rule ``eigenvalue``: Shampoo-style scaling by powers of the eigenvalue estimates."""
+
+from typing import ClassVar, Literal
+
+import attrs
+import torch
+from torch import Tensor
+
+from .. import linalg
+from .._validators import ge, in_, lt, to_bool, to_float, to_str
+from ..registry import INNER_RULES
+from ..types import BasisChange, Layout, StepContext
+from ._common import MomentumState, _zeros
+
+@INNER_RULES.register("eigenvalue", description="Shampoo scaling by eigenvalue powers of each factor")
+@attrs.frozen(kw_only=True)
+class EigenvalueInner:
+    r"""Shampoo-style preconditioning with the eigenvalue estimates of ``ctx.eigvals``.
+
+    .. math::
+        m \leftarrow \beta m + (1-\beta) G,\qquad
+        D = Q_L\, \big(s_L s_R^\top \odot Q_L^\top \hat m Q_R\big)\, Q_R^\top,\qquad
+        s = (\lambda_+ + \epsilon)^{p}\ \text{(inside)}\ \text{or}\ (\lambda_+^{-p'} + \epsilon)^{-1}\ \text{(outside)}
+
+    with :math:`\lambda_+ = \max(\lambda, 0)`, :math:`p` = ``exponent`` (−1/4 for
+    Shampoo, −1/2 for Shampoo^{1/2}) and :math:`\hat m = m/(1-\beta^t)`. ``"inside"``
+    is Distributed Shampoo's ε placement; ``"outside"`` adds ε to
+    :math:`\lambda^{-p}` (the root) instead. A side that is not rotated scales by 1.
+    The momentum lives in the original coordinates, so a refresh needs no
+    rotation. Before the first refresh the scaling is 1 (the direction is the
+    momentum; Shampoo's grafting replaces it, see :mod:`kronopt.post`).
+
+    Attributes:
+        momentum: :math:`\beta \in [0, 1)` (EMA form).
+        exponent: :math:`p < 0`.
+        eps: :math:`\epsilon \ge 0`.
+        eps_placement: ``"inside"`` or ``"outside"`` the root.
+        bias_correction: divide the momentum by :math:`1-\beta^t`.
+    """
+
+    needs_eigvals: ClassVar[bool] = True
+    momentum: float = attrs.field(default=0.9, converter=to_float, validator=[ge(0.0), lt(1.0)])
+    exponent: float = attrs.field(default=-0.25, converter=to_float, validator=[lt(0.0), ge(-1.0)])
+    eps: float = attrs.field(default=1e-12, converter=to_float, validator=ge(0.0))
+    eps_placement: Literal["inside", "outside"] = attrs.field(
+        default="inside", converter=to_str, validator=in_(("inside", "outside"))
+    )
+    bias_correction: bool = attrs.field(default=True, converter=to_bool)
+
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> MomentumState:
+        return MomentumState(_zeros(layout, dtype, device))
+
+    def _scale(self, lam: Tensor) -> Tensor:
+        lam = lam.clamp(min=0.0)
+        if self.eps_placement == "inside":
+            return (lam + self.eps) ** self.exponent
+        return 1.0 / (lam ** (-self.exponent) + self.eps)
+
+    def direction(self, state: MomentumState, G: Tensor, ctx: StepContext) -> tuple[Tensor, MomentumState]:
+        beta = self.momentum
+        m = state.momentum_buffer.lerp(G, 1 - beta)
+        m_hat = m / (1 - beta**ctx.step) if self.bias_correction else m
+        basis = ctx.basis
+        if not basis.ready:
+            return m_hat, MomentumState(m)
+        P = linalg.rotate(m_hat, basis.Q_L, basis.Q_R)
+        lam_L, lam_R = ctx.eigvals
+        if lam_L is not None:
+            P = P * self._scale(lam_L).unsqueeze(-1)
+        if lam_R is not None:
+            P = P * self._scale(lam_R).unsqueeze(-2)
+        return linalg.unrotate(P, basis.Q_L, basis.Q_R), MomentumState(m)
+
+    def moment(self, state: MomentumState, ctx: StepContext) -> Tensor:
+        """The momentum buffer (original coordinates)."""
+        return state.momentum_buffer
+
+    def on_basis_change(self, state: MomentumState, change: BasisChange) -> MomentumState:
+        return state

@@ -1,0 +1,104 @@
+"""Inner rule ``orthogonalize``: Newton–Schulz polar factor of the momentum (Muon)."""
+
+from typing import ClassVar, Literal
+
+import attrs
+import torch
+from torch import Tensor
+
+from .. import linalg
+from .._validators import ge, gt, in_, le, lt, to_bool, to_float, to_int, to_str, triples
+from ..registry import INNER_RULES
+from ..types import BasisChange, Layout, StepContext
+from ._common import _DTYPES, MomentumState, _zeros
+
+@INNER_RULES.register("orthogonalize", description="Newton–Schulz polar factor of the momentum (Muon)")
+@attrs.frozen(kw_only=True)
+class OrthogonalizeInner:
+    r"""Muon: orthogonalized momentum.
+
+    .. math::
+        B \leftarrow \beta B + (1-\beta) G,\quad
+        U = (1-\beta) G + \beta B\ \text{(Nesterov)}\ \text{or}\ B,\quad
+        D = s \cdot \mathrm{NS}(Q_L^\top U Q_R)\ \text{mapped back}.
+
+    ``momentum_form = "classic"`` uses :math:`B \leftarrow \beta B + G`,
+    :math:`U = G + \beta B`. NS is :func:`kronopt.linalg.newton_schulz` with the
+    named coefficient schedule (``"custom"`` reads ``custom_coefficients``); the
+    shape factor :math:`s` follows ``scale`` (:func:`kronopt.linalg.muon_scale`)
+    times ``extra_scale``. NS is rotation-equivariant, so with a non-identity basis
+    the rotation changes the result only through round-off.
+
+    Attributes:
+        momentum: :math:`\beta \in [0, 1)`.
+        nesterov: use the Nesterov look-ahead.
+        momentum_form: ``"ema"`` or ``"classic"``.
+        coefficients: ``kj``, ``polar_express``, ``quintic``, ``cans``, ``deepseekv4`` or ``custom``.
+        custom_coefficients: ``(a, b, c)`` triples for ``custom``.
+        custom_beyond: ``cycle`` or ``repeat_last`` past the custom list.
+        steps: Newton–Schulz iterations (1–99).
+        eps: norm floor.
+        norm: ``clamp`` (torch.optim.Muon) or ``add`` (KellerJordan/Muon).
+        ns_dtype: arithmetic dtype of the iteration.
+        scale: shape rule, one of :data:`kronopt.linalg.MUON_SCALES`.
+        extra_scale: constant factor :math:`> 0`.
+    """
+
+    needs_eigvals: ClassVar[bool] = False
+    momentum: float = attrs.field(default=0.95, converter=to_float, validator=[ge(0.0), lt(1.0)])
+    nesterov: bool = attrs.field(default=True, converter=to_bool)
+    momentum_form: Literal["ema", "classic"] = attrs.field(
+        default="ema", converter=to_str, validator=in_(("ema", "classic"))
+    )
+    coefficients: str = attrs.field(
+        default="kj", converter=to_str, validator=in_((*linalg.NS_SCHEDULES, "custom"))
+    )
+    custom_coefficients: tuple[tuple[float, float, float], ...] = attrs.field(default=(), converter=triples)
+    custom_beyond: str = attrs.field(
+        default="repeat_last", converter=to_str, validator=in_(("cycle", "repeat_last"))
+    )
+    steps: int = attrs.field(default=5, converter=to_int, validator=[ge(1), le(99)])
+    eps: float = attrs.field(default=1e-7, converter=to_float, validator=gt(0.0))
+    norm: Literal["clamp", "add"] = attrs.field(default="clamp", converter=to_str, validator=in_(("clamp", "add")))
+    ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(_DTYPES)))
+    scale: str = attrs.field(default="original", converter=to_str, validator=in_(linalg.MUON_SCALES))
+    extra_scale: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
+
+    def __attrs_post_init__(self) -> None:
+        if self.coefficients == "custom" and not self.custom_coefficients:
+            raise ValueError("coefficients = 'custom' needs a non-empty custom_coefficients list")
+
+    def schedule(self) -> list[tuple[float, float, float]]:
+        if self.coefficients == "custom":
+            return linalg.ns_coefficients(self.custom_coefficients, self.steps, self.custom_beyond)
+        tuples, beyond = linalg.NS_SCHEDULES[self.coefficients]
+        return linalg.ns_coefficients(tuples, self.steps, beyond)
+
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> MomentumState:
+        return MomentumState(_zeros(layout, dtype, device))
+
+    def direction(self, state: MomentumState, G: Tensor, ctx: StepContext) -> tuple[Tensor, MomentumState]:
+        beta = self.momentum
+        if self.momentum_form == "ema":
+            B = state.momentum_buffer.lerp(G, 1 - beta)
+            U = G.lerp(B, beta) if self.nesterov else B
+        else:
+            B = state.momentum_buffer * beta + G
+            U = G + beta * B if self.nesterov else B
+        basis = ctx.basis
+        O = linalg.newton_schulz(
+            linalg.rotate(U, basis.Q_L, basis.Q_R),
+            self.schedule(),
+            eps=self.eps,
+            dtype=_DTYPES[self.ns_dtype],
+            norm=self.norm,
+        ).to(G.dtype)
+        s = linalg.muon_scale(ctx.layout.m, ctx.layout.n, self.scale) * self.extra_scale
+        return linalg.unrotate(O, basis.Q_L, basis.Q_R) * s, MomentumState(B)
+
+    def moment(self, state: MomentumState, ctx: StepContext) -> Tensor:
+        """The momentum buffer (original coordinates)."""
+        return state.momentum_buffer
+
+    def on_basis_change(self, state: MomentumState, change: BasisChange) -> MomentumState:
+        return state

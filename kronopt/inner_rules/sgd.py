@@ -1,0 +1,46 @@
+"""Inner rule ``sgd``: heavy-ball (Nesterov) momentum, as torch.optim.SGD."""
+
+from typing import ClassVar
+
+import attrs
+import torch
+from torch import Tensor
+
+from .._validators import ge, lt, to_bool, to_float
+from ..registry import INNER_RULES
+from ..types import BasisChange, Layout, NoState, StepContext
+from ._common import MomentumState, _zeros
+
+@INNER_RULES.register("sgd", description="SGD with optional (Nesterov) momentum, as torch.optim.SGD")
+@attrs.frozen(kw_only=True)
+class SgdInner:
+    r"""Heavy-ball momentum: :math:`B \leftarrow \mu B + G`, :math:`D = G + \mu B` (Nesterov) or :math:`B`.
+
+    The direction does not depend on the basis (a rotation and its inverse cancel).
+
+    Attributes:
+        momentum: :math:`\mu \in [0, 1)`.
+        nesterov: Nesterov look-ahead (needs ``momentum > 0``).
+    """
+
+    needs_eigvals: ClassVar[bool] = False
+    momentum: float = attrs.field(default=0.0, converter=to_float, validator=[ge(0.0), lt(1.0)])
+    nesterov: bool = attrs.field(default=False, converter=to_bool)
+
+    def __attrs_post_init__(self) -> None:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov = true needs momentum > 0")
+
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> MomentumState | NoState:
+        return MomentumState(_zeros(layout, dtype, device)) if self.momentum > 0 else NoState()
+
+    def direction(
+        self, state: MomentumState | NoState, G: Tensor, ctx: StepContext
+    ) -> tuple[Tensor, MomentumState | NoState]:
+        if isinstance(state, NoState):
+            return G, state
+        B = state.momentum_buffer * self.momentum + G
+        return (G + self.momentum * B if self.nesterov else B), MomentumState(B)
+
+    def on_basis_change(self, state: MomentumState | NoState, change: BasisChange) -> MomentumState | NoState:
+        return state

@@ -1,0 +1,232 @@
+"""The stage contract, over every registered key of every slot (plugins included).
+
+Each entry must: have a default instance; be frozen and hashable; satisfy its
+slot's Protocol; survive a TOML round trip inside a config; keep the shape,
+dtype and device of everything it keeps across calls; and stay finite on every
+gradient family of :mod:`tests.strategies`. A plugin is supported only if it
+passes (STYLE.md §2.7).
+"""
+
+import itertools
+import zlib
+
+import attrs
+import pytest
+import torch
+from hypothesis import given, settings
+
+import kronopt
+from kronopt import compose, types
+from kronopt.refresh import EveryRefresh
+from kronopt.registry import SLOTS
+from tests.strategies import FAMILY_SHAPES, GRADIENT_FAMILIES, SEEDS, generator, gradient, randn
+
+PROTOCOLS = {
+    "factors": types.FactorEstimator,
+    "basis": types.Basis,
+    "inner": types.InnerRule,
+    "split": types.Split,
+    "refresh": types.Refresh,
+}
+
+#: (slot, key) of every registered stage, plugins loaded, collected at import time
+ENTRIES = [
+    pytest.param(slot, entry.key, id=f"{slot}-{entry.key}")
+    for slot, registry in SLOTS.items()
+    for entry in registry.entries()
+]
+
+LAYOUTS = [("full", "full"), ("full", "none"), ("none", "none")]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def test_every_slot_has_a_protocol():
+    assert set(PROTOCOLS) == set(SLOTS)
+
+
+def _cls(slot, key):
+    return SLOTS[slot].get(key)
+
+
+def _first_field(cls):
+    fields = [f for f in attrs.fields(cls) if f.init]
+    return fields[0].name if fields else None
+
+
+# -- configs with compatible companions -------------------------------------------------------------
+
+
+def _preferred_dict(slot, key):
+    """The soap preset with ``slot`` replaced by ``{"type": key}`` and the companions it needs."""
+    raw = kronopt.to_dict(kronopt.PRESETS["soap"])
+    raw[slot] = {"type": key}
+    cls = _cls(slot, key)
+    if slot == "inner" and getattr(cls, "needs_eigvals", False):
+        raw["basis"] = {"type": "eigh"}
+        raw["factors"] = {"type": "ema"}
+    if slot == "basis" and getattr(cls, "needs_factors", False):
+        raw["factors"] = {"type": "ema"}
+    if slot == "factors" and not getattr(cls, "provides_factors", False):
+        raw["basis"] = {"type": "identity"}
+    return raw
+
+
+def config_for(slot, key):
+    """A valid config using ``slot = key`` (default instance), or skip if no companions fit."""
+    raw = _preferred_dict(slot, key)
+    try:
+        return kronopt.from_dict(raw)
+    except kronopt.ConfigError as first:
+        others = [s for s in SLOTS if s != slot]
+        for combo in itertools.product(*(SLOTS[s].keys() for s in others)):
+            attempt = dict(raw)
+            attempt.update({s: {"type": k} for s, k in zip(others, combo)})
+            try:
+                return kronopt.from_dict(attempt)
+            except kronopt.ConfigError:
+                continue
+        pytest.skip(f"{slot} stage {key!r} fits no combination of the registered stages: {first}")
+
+
+def pipeline_for(slot, key):
+    """The config of :func:`config_for`, touching W from the first call and refreshing every call."""
+    cfg = attrs.evolve(config_for(slot, key), skip_first_call=False)
+    if slot != "refresh":
+        cfg = attrs.evolve(cfg, refresh=EveryRefresh(every=1, at_first_call=True))
+    return cfg
+
+
+# -- static contract --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slot,key", ENTRIES)
+def test_default_instance_constructible(slot, key):
+    cls = _cls(slot, key)
+    inst = cls()
+    assert type(inst) is cls
+    assert SLOTS[slot].key_of(cls) == key
+
+
+@pytest.mark.parametrize("slot,key", ENTRIES)
+def test_frozen_and_hashable(slot, key):
+    cls = _cls(slot, key)
+    assert attrs.has(cls), f"{slot} stage {key!r} is not an attrs class"
+    inst = cls()
+    name = _first_field(cls) or "probe"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        setattr(inst, name, getattr(inst, name, None))
+    assert hash(inst) == hash(cls())
+    assert inst == cls()
+    assert len({inst, cls()}) == 1
+
+
+@pytest.mark.parametrize("slot,key", ENTRIES)
+def test_satisfies_slot_protocol(slot, key):
+    inst = _cls(slot, key)()
+    assert isinstance(inst, PROTOCOLS[slot])
+    for flag in {"factors": ("provides_factors",), "basis": ("needs_factors", "provides_eigvals"), "inner": ("needs_eigvals",)}.get(
+        slot, ()
+    ):
+        assert isinstance(getattr(type(inst), flag), bool), f"{key}.{flag} must be a class-level bool"
+    if slot == "split" and hasattr(inst, "sides"):
+        for rotated in itertools.product((True, False), repeat=2):
+            sides = inst.sides(6, 4, rotated)
+            assert len(sides) == 2, sides
+            for (kind, rank), on in zip(sides, rotated):
+                assert kind in types.SIDE_KINDS and isinstance(rank, int) and rank >= 0, sides
+                if not on:
+                    assert kind == "none", f"a side the shape policy does not rotate became {kind!r}"
+    elif slot == "split":
+        assert inst.side_kind(True) in types.SIDE_KINDS and inst.side_kind(False) == "none"
+    if slot == "refresh":
+        for t in range(0, 25):
+            assert isinstance(inst.due(t, first_call=t == 0), bool)
+
+
+@pytest.mark.parametrize("slot,key", ENTRIES)
+def test_toml_round_trip(slot, key):
+    cfg = config_for(slot, key)
+    assert getattr(cfg, slot) == _cls(slot, key)()
+    text = kronopt.dumps(cfg)
+    assert kronopt.loads(text) == cfg
+    assert kronopt.dumps(kronopt.loads(text)) == text
+
+
+# -- dynamic contract --------------------------------------------------------------------------------------
+
+
+def _tensors(state):
+    return {path: value for path, value in compose.flatten(state).items()}
+
+
+def _check_same_structure(before, after, where):
+    assert before.keys() == after.keys(), f"{where}: state keys changed"
+    for path, old in before.items():
+        new = after[path]
+        if isinstance(old, torch.Tensor):
+            assert isinstance(new, torch.Tensor), f"{where}: {path} is no longer a tensor"
+            assert new.shape == old.shape, f"{where}: {path} shape {tuple(old.shape)} -> {tuple(new.shape)}"
+            assert new.dtype == old.dtype, f"{where}: {path} dtype {old.dtype} -> {new.dtype}"
+            assert new.device == old.device, f"{where}: {path} device {old.device} -> {new.device}"
+        else:
+            assert (old is None) == (new is None), f"{where}: {path} went from {old!r} to {new!r}"
+
+
+def _check_sides(cfg, layout, state, dtype, device):
+    b, m, n = layout.batch, layout.m, layout.n
+    L, R = cfg.factors.factors(state.factors)
+    Q_L, Q_R = state.basis.Q_L, state.basis.Q_R
+    for side, X, Q, d in (("left", L, Q_L, m), ("right", R, Q_R, n)):
+        kind = getattr(layout, side)
+        for name, T in (("factor", X), ("basis", Q)):
+            if kind == "none":
+                assert T is None, f"{side} side is 'none' but the {name} is kept"
+            elif T is not None:
+                assert T.shape == (b, d, d) and T.dtype == dtype and T.device == device, (name, side, T.shape, T.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("left,right", LAYOUTS)
+@pytest.mark.parametrize("slot,key", ENTRIES)
+def test_init_and_update_keep_shape_dtype_device(slot, key, left, right, dtype, device):
+    device = torch.device(device)
+    cfg = pipeline_for(slot, key)
+    b, m, n = 2, 5, 3
+    layout = types.Layout(batch=b, m=m, n=n, left=left, right=right)
+    state = compose.init_state(cfg, layout, dtype=dtype, device=device)
+    first = _tensors(state)
+    _check_sides(cfg, layout, state, dtype, device)
+    gen = generator(zlib.crc32(f"{slot}/{key}/{left}/{right}".encode()))
+    for call in range(4):
+        G = randn(gen, b, m, n, dtype=dtype).to(device)
+        D, state = compose.step(cfg, layout, state, G)
+        assert D is not None
+        assert D.shape == (b, m, n) and D.dtype == dtype and D.device == device, (call, D.shape, D.dtype, D.device)
+        _check_same_structure(first, _tensors(state), f"call {call}")
+        _check_sides(cfg, layout, state, dtype, device)
+    assert state.step == 4 and state.calls == 4
+
+
+def _finite_state(state):
+    for path, value in compose.flatten(state).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            assert torch.isfinite(value).all(), f"state {path} is not finite"
+
+
+@pytest.mark.parametrize("family", GRADIENT_FAMILIES)
+@pytest.mark.parametrize("slot,key", ENTRIES)
+@settings(max_examples=3)
+@given(seed=SEEDS)
+def test_finite_on_gradient_families(slot, key, family, seed):
+    cfg = pipeline_for(slot, key)
+    m, n = FAMILY_SHAPES[family]
+    layout = types.Layout(batch=2, m=m, n=n, left="full", right="full")
+    state = compose.init_state(cfg, layout, dtype=torch.float32, device=torch.device("cpu"))
+    gen = generator(seed)
+    for call in range(4):
+        G = gradient(family, gen, batch=2, dtype=torch.float32)
+        D, state = compose.step(cfg, layout, state, G)
+        assert D.shape == G.shape
+        assert torch.isfinite(D).all(), f"{family} gradient, call {call}: direction not finite"
+        _finite_state(state)

@@ -1,0 +1,278 @@
+"""kronopt.bases: identity, eigh and SOAP's QR refresh, and the failure policy."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kronopt import linalg
+from kronopt.bases import EighBasis, IdentityBasis, QrBasis
+from kronopt.types import BasisState, Layout, StepContext
+from tests.assertions import (
+    assert_descending,
+    assert_is_permutation,
+    assert_nearly_diagonal,
+    assert_orthonormal,
+)
+from tests.strategies import SEEDS, dims, generator, orthonormal, randn, spd_from, spd_matrix
+
+F64 = torch.float64
+CPU = torch.device("cpu")
+
+
+def _ctx(layout, state, step=1):
+    return StepContext(step=step, layout=layout, basis=state)
+
+
+def _layout(b, m, n, left="full", right="full"):
+    return Layout(batch=b, m=m, n=n, left=left, right=right)
+
+
+def _factors(gen, b, m, n, dtype=F64, log10_range=(-3.0, 3.0)):
+    return (
+        spd_matrix(gen, b, m, log10_range=log10_range, dtype=dtype),
+        spd_matrix(gen, b, n, log10_range=log10_range, dtype=dtype),
+    )
+
+
+# -- identity -------------------------------------------------------------------------------
+
+
+@given(seed=SEEDS, m=dims(), n=dims())
+def test_identity_basis_is_exact_noop(seed, m, n):
+    layout = _layout(2, m, n)
+    basis = IdentityBasis()
+    state = basis.init(layout, dtype=F64, device=CPU)
+    assert state.Q_L is None and state.Q_R is None and state.ready
+    assert torch.equal(state.failures, torch.zeros(2, dtype=torch.int64))
+    new, change = basis.refresh(state, _factors(generator(seed), 2, m, n), _ctx(layout, state))
+    assert new is state
+    assert change.old is state and change.new is state
+    assert change.perm_L is None and change.perm_R is None
+    X = randn(generator(seed), 2, m, n)
+    assert torch.equal(linalg.rotate(X, new.Q_L, new.Q_R), X)
+    assert torch.equal(linalg.unrotate(X, new.Q_L, new.Q_R), X)
+
+
+# -- eigh -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [EighBasis, QrBasis])
+def test_fresh_state_is_identity_and_not_ready(cls):
+    layout = _layout(2, 3, 4, "full", "none")
+    state = cls().init(layout, dtype=F64, device=CPU)
+    assert not state.ready and state.refreshes == 0
+    assert torch.equal(state.Q_L, torch.eye(3, dtype=F64).expand(2, 3, 3))
+    assert state.Q_R is None and state.lam_R is None
+    assert state.lam_L.shape == (2, 3)
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3))
+def test_eigh_basis_orthonormal_and_diagonalises_factors(seed, m, n, b):
+    layout = _layout(b, m, n)
+    basis = EighBasis()
+    state = basis.init(layout, dtype=F64, device=CPU)
+    L, R = _factors(generator(seed), b, m, n)
+    new, change = basis.refresh(state, (L, R), _ctx(layout, state))
+    assert new.ready and new.refreshes == 1
+    assert change.old is state and change.new is new
+    assert change.perm_L is None and change.perm_R is None
+    for X, Q, lam in ((L, new.Q_L, new.lam_L), (R, new.Q_R, new.lam_R)):
+        d = X.shape[-1]
+        assert Q.shape == X.shape and lam.shape == X.shape[:-1]
+        assert_orthonormal(Q, atol=1e-12 * d)
+        D = Q.mT @ X @ Q
+        assert_nearly_diagonal(D, rtol=1e-11)
+        assert_descending(lam)
+        torch.testing.assert_close(torch.diagonal(D, dim1=-2, dim2=-1), lam, rtol=1e-9, atol=1e-12 * lam[..., :1].abs().max().item())
+    assert torch.equal(new.failures, torch.zeros(b, dtype=torch.int64))
+
+
+def test_eigh_basis_float32_orthonormal():
+    layout = _layout(2, 8, 5)
+    basis = EighBasis()
+    state = basis.init(layout, dtype=torch.float32, device=CPU)
+    L, R = _factors(generator(11), 2, 8, 5, dtype=torch.float32, log10_range=(-2.0, 2.0))
+    new, _ = basis.refresh(state, (L, R), _ctx(layout, state))
+    assert new.Q_L.dtype == torch.float32
+    assert_orthonormal(new.Q_L, atol=1e-5)  # soap.md §12.7
+    assert_orthonormal(new.Q_R, atol=1e-5)
+    assert_nearly_diagonal(new.Q_L.mT @ L @ new.Q_L, rtol=1e-5)
+
+
+def test_eigh_basis_missing_factor_raises():
+    layout = _layout(1, 3, 3)
+    basis = EighBasis()
+    state = basis.init(layout, dtype=F64, device=CPU)
+    with pytest.raises(ValueError, match="needs a left factor"):
+        basis.refresh(state, (None, torch.eye(3, dtype=F64)[None]), _ctx(layout, state))
+
+
+# -- qr ---------------------------------------------------------------------------------------
+
+
+@given(seed=SEEDS, m=dims(), n=dims())
+def test_qr_first_refresh_equals_eigh(seed, m, n):
+    layout = _layout(2, m, n)
+    factors = _factors(generator(seed), 2, m, n)
+    s_qr = QrBasis().init(layout, dtype=F64, device=CPU)
+    s_eig = EighBasis().init(layout, dtype=F64, device=CPU)
+    a, _ = QrBasis().refresh(s_qr, factors, _ctx(layout, s_qr))
+    e, _ = EighBasis().refresh(s_eig, factors, _ctx(layout, s_eig))
+    for x, y in ((a.Q_L, e.Q_L), (a.Q_R, e.Q_R), (a.lam_L, e.lam_L), (a.lam_R, e.lam_R)):
+        assert torch.equal(x, y)
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3), steps=st.integers(1, 3))
+def test_qr_refresh_permutation_and_rayleigh_sorting(seed, m, n, b, steps):
+    gen = generator(seed)
+    layout = _layout(b, m, n)
+    basis = QrBasis(power_steps=steps)
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, _factors(gen, b, m, n), _ctx(layout, state))
+    L, R = _factors(gen, b, m, n)
+    new, change = basis.refresh(state, (L, R), _ctx(layout, state, step=2))
+    assert new.refreshes == 2 and change.old is state and change.new is new
+    for X, Q_old, Q_new, lam, perm in (
+        (L, state.Q_L, new.Q_L, new.lam_L, change.perm_L),
+        (R, state.Q_R, new.Q_R, new.lam_R, change.perm_R),
+    ):
+        d = X.shape[-1]
+        assert perm.shape == (b, d) and perm.dtype == torch.int64
+        assert_is_permutation(perm)
+        Q_sorted = linalg.permute_columns(Q_old, perm)
+        e = linalg.rayleigh_quotients(X, Q_sorted)
+        assert_descending(e)
+        torch.testing.assert_close(lam, e, rtol=1e-12, atol=0.0)
+        assert_orthonormal(Q_new, atol=1e-11 * d)
+        expected = Q_sorted
+        for _ in range(steps):
+            expected = linalg.power_qr(X, expected)
+        torch.testing.assert_close(Q_new, expected, rtol=0.0, atol=0.0)
+    assert torch.equal(new.failures, torch.zeros(b, dtype=torch.int64))
+
+
+def test_qr_refresh_without_sort_reports_no_permutation():
+    gen = generator(5)
+    layout = _layout(2, 4, 3)
+    basis = QrBasis(sort=False)
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, _factors(gen, 2, 4, 3), _ctx(layout, state))
+    L, R = _factors(gen, 2, 4, 3)
+    new, change = basis.refresh(state, (L, R), _ctx(layout, state))
+    assert change.perm_L is None and change.perm_R is None
+    torch.testing.assert_close(new.Q_L, linalg.power_qr(L, state.Q_L), rtol=0.0, atol=0.0)
+    torch.testing.assert_close(new.lam_L, linalg.rayleigh_quotients(L, state.Q_L), rtol=0.0, atol=0.0)
+
+
+@given(seed=SEEDS, n=dims(2, 8))
+def test_qr_refreshes_converge_to_an_eigenbasis(seed, n):
+    gen = generator(seed)
+    # eigenvalues 10^0, 10^-1, ...: well separated, so subspace iteration converges fast
+    lam = 10.0 ** -torch.arange(n, dtype=F64)
+    X = spd_from(orthonormal(gen, 1, n), lam[None])
+    layout = _layout(1, n, 1, "full", "none")
+    basis = QrBasis()
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, (spd_matrix(gen, 1, n), None), _ctx(layout, state))  # unrelated start
+    for _ in range(40):
+        state, _ = basis.refresh(state, (X, None), _ctx(layout, state))
+    assert_orthonormal(state.Q_L, atol=1e-12 * n)
+    D = state.Q_L.mT @ X @ state.Q_L
+    torch.testing.assert_close(torch.diagonal(D, dim1=-2, dim2=-1), lam[None], rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(state.lam_L, lam[None], rtol=1e-8, atol=1e-14)
+
+
+# -- failure policy ---------------------------------------------------------------------------------
+
+
+def _always_fail(A):
+    raise RuntimeError(f"simulated eigh failure in {A.dtype}")
+
+
+def test_failed_eigh_keeps_old_basis_and_counts_failure(monkeypatch):
+    gen = generator(2)
+    layout = _layout(2, 5, 3, "full", "none")
+    basis = EighBasis()
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, (spd_matrix(gen, 2, 5), None), _ctx(layout, state))  # a real basis
+    monkeypatch.setattr(linalg, "_eigh", _always_fail)
+    new, change = basis.refresh(state, (spd_matrix(gen, 2, 5), None), _ctx(layout, state))
+    assert torch.equal(new.Q_L, state.Q_L)
+    assert torch.equal(new.lam_L, state.lam_L)
+    assert new.failures.tolist() == [1, 1]
+    assert change.perm_L is None
+    newer, _ = basis.refresh(new, (spd_matrix(gen, 2, 5), None), _ctx(layout, new))
+    assert torch.equal(newer.Q_L, state.Q_L)
+    assert newer.failures.tolist() == [2, 2]
+
+
+def test_qr_failed_first_refresh_keeps_identity_and_counts_failure(monkeypatch):
+    layout = _layout(2, 4, 3, "none", "full")
+    basis = QrBasis()
+    state = basis.init(layout, dtype=F64, device=CPU)
+    monkeypatch.setattr(linalg, "_eigh", _always_fail)
+    new, _ = basis.refresh(state, (None, spd_matrix(generator(3), 2, 3)), _ctx(layout, state))
+    assert torch.equal(new.Q_R, state.Q_R)
+    assert torch.equal(new.lam_R, state.lam_R)
+    assert new.failures.tolist() == [1, 1]
+
+
+def test_failed_eigh_on_both_sides_counts_at_least_once(monkeypatch):
+    gen = generator(4)
+    layout = _layout(2, 4, 3)
+    basis = EighBasis()
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, _factors(gen, 2, 4, 3), _ctx(layout, state))
+    monkeypatch.setattr(linalg, "_eigh", _always_fail)
+    new, _ = basis.refresh(state, _factors(gen, 2, 4, 3), _ctx(layout, state))
+    assert torch.equal(new.Q_L, state.Q_L) and torch.equal(new.Q_R, state.Q_R)
+    assert (new.failures >= 1).all()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_eigh_nonfinite_factor_block_keeps_old_basis_for_that_block_only(bad, dtype):
+    gen = generator(9)
+    b, m, n = 3, 4, 3
+    layout = _layout(b, m, n)
+    basis = EighBasis()
+    state = basis.init(layout, dtype=dtype, device=CPU)
+    state, _ = basis.refresh(state, _factors(gen, b, m, n, dtype=dtype, log10_range=(-1.0, 1.0)), _ctx(layout, state))
+    L, R = _factors(gen, b, m, n, dtype=dtype, log10_range=(-1.0, 1.0))
+    L_bad = L.clone()
+    L_bad[1, 0, 1] = L_bad[1, 1, 0] = float(bad)
+    new, _ = basis.refresh(state, (L_bad, R), _ctx(layout, state, step=2))
+    fresh, _ = basis.refresh(state, (L, R), _ctx(layout, state, step=2))
+    assert torch.isfinite(new.Q_L).all() and torch.isfinite(new.lam_L).all()
+    assert torch.equal(new.Q_L[1], state.Q_L[1]), "the non-finite block must keep its old basis"
+    assert torch.equal(new.lam_L[1], state.lam_L[1])
+    for i in (0, 2):
+        torch.testing.assert_close(new.Q_L[i], fresh.Q_L[i], msg=f"finite block {i} was not refreshed")
+        torch.testing.assert_close(new.lam_L[i], fresh.lam_L[i])
+    torch.testing.assert_close(new.Q_R, fresh.Q_R)
+    assert new.failures.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_qr_nonfinite_factor_block_keeps_old_basis_for_that_block_only(bad):
+    gen = generator(10)
+    b, m, n = 3, 4, 3
+    layout = _layout(b, m, n)
+    basis = QrBasis()
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, _factors(gen, b, m, n), _ctx(layout, state))
+    L, R = _factors(gen, b, m, n)
+    L_bad = L.clone()
+    L_bad[1, 0, 1] = L_bad[1, 1, 0] = float(bad)
+    new, change = basis.refresh(state, (L_bad, R), _ctx(layout, state, step=2))
+    fresh, fchange = basis.refresh(state, (L, R), _ctx(layout, state, step=2))
+    assert torch.isfinite(new.Q_L).all() and torch.isfinite(new.lam_L).all()
+    assert torch.equal(new.Q_L[1], state.Q_L[1])
+    assert torch.equal(new.lam_L[1], state.lam_L[1])
+    assert torch.equal(change.perm_L[1], torch.arange(m)), "a block that kept its basis must report no permutation"
+    for i in (0, 2):
+        torch.testing.assert_close(new.Q_L[i], fresh.Q_L[i])
+        assert torch.equal(change.perm_L[i], fchange.perm_L[i])
+    torch.testing.assert_close(new.Q_R, fresh.Q_R)
+    assert new.failures.tolist() == [0, 1, 0]

@@ -1,0 +1,402 @@
+"""kronopt.linalg: products, bases, eigh, power/QR, Newton–Schulz, Muon scales."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kronopt import linalg
+from tests.assertions import (
+    assert_close_to_identity,
+    assert_descending,
+    assert_orthonormal,
+    assert_psd,
+    assert_symmetric,
+)
+from tests.strategies import SEEDS, dims, generator, orthonormal, randn, spd, spd_matrix
+
+F64 = torch.float64
+
+
+def close(a, b, rtol=1e-12, atol=1e-12):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+# -- elementary products ------------------------------------------------------------------
+
+
+@given(seed=SEEDS, n=dims(), b=st.integers(1, 3), dtype=st.sampled_from([torch.float32, F64]))
+def test_sym_is_exactly_symmetric_and_fixes_symmetric_input(seed, n, b, dtype):
+    A = randn(generator(seed), b, n, n, dtype=dtype)
+    S = linalg.sym(A)
+    assert_symmetric(S)
+    assert torch.equal(linalg.sym(S), S)
+    close(S, (A + A.mT) / 2, rtol=0, atol=0)
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3))
+def test_gram_left_right_symmetric_psd_and_correct(seed, m, n, b):
+    G = randn(generator(seed), b, m, n)
+    L, R = linalg.gram_left(G), linalg.gram_right(G)
+    assert L.shape == (b, m, m) and R.shape == (b, n, n)
+    assert_symmetric(L)
+    assert_symmetric(R)
+    assert_psd(L)
+    assert_psd(R)
+    close(L, G @ G.mT)
+    close(R, G.mT @ G)
+
+
+@pytest.mark.parametrize("fn", [linalg.gram_left, linalg.gram_right, linalg.block_norm])
+def test_unbatched_input_raises(fn):
+    with pytest.raises(ValueError, match="batch of matrices"):
+        fn(torch.ones(3, 4))
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3), left=st.booleans(), right=st.booleans())
+def test_rotate_unrotate_round_trip(seed, m, n, b, left, right):
+    gen = generator(seed)
+    X = randn(gen, b, m, n)
+    Q_L = orthonormal(gen, b, m) if left else None
+    Q_R = orthonormal(gen, b, n) if right else None
+    Y = linalg.rotate(X, Q_L, Q_R)
+    expected = X
+    if Q_L is not None:
+        expected = Q_L.mT @ expected
+    if Q_R is not None:
+        expected = expected @ Q_R
+    close(Y, expected)
+    close(linalg.unrotate(Y, Q_L, Q_R), X)
+    close(linalg.rotate(linalg.unrotate(X, Q_L, Q_R), Q_L, Q_R), X)
+
+
+def test_rotate_with_identity_is_exact_noop():
+    X = randn(generator(0), 2, 3, 4)
+    assert linalg.rotate(X, None, None) is X
+    assert linalg.unrotate(X, None, None) is X
+
+
+@given(
+    seed=SEEDS,
+    m=dims(),
+    n=dims(),
+    sides=st.tuples(*[st.booleans()] * 4),
+)
+def test_change_basis_equals_rotate_new_of_unrotate_old(seed, m, n, sides):
+    gen = generator(seed)
+    b = 2
+    X = randn(gen, b, m, n)
+    oL, oR, nL, nR = (
+        orthonormal(gen, b, d) if on else None for on, d in zip(sides, (m, n, m, n))
+    )
+    got = linalg.change_basis(X, (oL, oR), (nL, nR))
+    expected = linalg.rotate(linalg.unrotate(X, oL, oR), nL, nR)
+    close(got, expected)
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3))
+def test_permute_along_rows_and_columns(seed, m, n, b):
+    gen = generator(seed)
+    X = randn(gen, b, m, n)
+    pr = torch.stack([torch.randperm(m, generator=gen) for _ in range(b)])
+    pc = torch.stack([torch.randperm(n, generator=gen) for _ in range(b)])
+    rows = linalg.permute_along(X, pr, 1)
+    cols = linalg.permute_along(X, pc, 2)
+    for i in range(b):
+        assert torch.equal(rows[i], X[i][pr[i], :])
+        assert torch.equal(cols[i], X[i][:, pc[i]])
+
+
+def test_permute_along_bad_dim_raises():
+    X = torch.zeros(1, 2, 2)
+    with pytest.raises(ValueError, match="dim must be 1 or 2"):
+        linalg.permute_along(X, torch.tensor([[1, 0]]), 0)
+
+
+@given(seed=SEEDS, n=dims(), k=dims(), b=st.integers(1, 3))
+def test_permute_columns(seed, n, k, b):
+    gen = generator(seed)
+    Q = randn(gen, b, n, k)
+    perm = torch.stack([torch.randperm(k, generator=gen) for _ in range(b)])
+    out = linalg.permute_columns(Q, perm)
+    for i in range(b):
+        assert torch.equal(out[i], Q[i][:, perm[i]])
+
+
+@given(seed=SEEDS, m=dims(), n=dims())
+def test_match_norm(seed, m, n):
+    gen = generator(seed)
+    D, A = randn(gen, 2, m, n), randn(gen, 2, m, n)
+    out = linalg.match_norm(D, A)
+    close(linalg.block_norm(out), linalg.block_norm(A))
+    close(out / linalg.block_norm(out), D / linalg.block_norm(D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("a_norm", [0.0, 0.1, 1.0, 10.0, 1e3])
+def test_match_norm_zero_direction_stays_zero(dtype, a_norm):
+    # documented: "0 stays 0", whatever the norm of A
+    D = torch.zeros(2, 3, 4, dtype=dtype)
+    A = torch.full((2, 3, 4), a_norm / math.sqrt(12), dtype=dtype)
+    out = linalg.match_norm(D, A)
+    assert torch.isfinite(out).all(), f"match_norm(0, A) with ‖A‖_F = {a_norm} gave {out[0, 0, 0].item()}"
+    assert torch.equal(out, D)
+
+
+def test_finite_blocks_and_select_blocks():
+    a = torch.ones(3, 2, 2)
+    a[1, 0, 1] = float("nan")
+    c = torch.ones(3, 2)
+    c[2, 0] = float("inf")
+    ok = linalg.finite_blocks(a, None, c)
+    assert ok.tolist() == [True, False, False]
+    new, old = torch.full((3, 2, 2), 5.0), torch.full((3, 2, 2), -1.0)
+    out = linalg.select_blocks(ok, new, old)
+    assert out[0].eq(5).all() and out[1].eq(-1).all() and out[2].eq(-1).all()
+    with pytest.raises(ValueError):
+        linalg.finite_blocks(None)
+
+
+# -- eigh ----------------------------------------------------------------------------------
+
+
+def _check_eigh(A, eig, *, tol):
+    n = A.shape[-1]
+    assert eig.lam.shape == A.shape[:-1] and eig.Q.shape == A.shape
+    assert eig.lam.dtype == A.dtype and eig.Q.dtype == A.dtype
+    assert eig.ok.dtype == torch.bool and eig.ok.all()
+    assert_descending(eig.lam)
+    assert_orthonormal(eig.Q, atol=tol * n)
+    scale = A.abs().amax(dim=(-2, -1), keepdim=True)
+    recon = (eig.Q * eig.lam.unsqueeze(-2)) @ eig.Q.mT
+    torch.testing.assert_close(recon / scale, A / scale, rtol=0, atol=tol * n)
+    # sign convention: each column's largest-magnitude entry is positive
+    pivot = eig.Q.abs().argmax(dim=-2, keepdim=True)
+    assert (torch.gather(eig.Q, -2, pivot) > 0).all()
+
+
+@given(A=spd(batch=2))
+def test_eigh_descending_float64(A):
+    _check_eigh(A, linalg.eigh_descending(A), tol=1e-12)
+
+
+@given(seed=SEEDS, n=dims(2), b=st.integers(1, 3))
+def test_eigh_descending_indefinite_float64(seed, n, b):
+    A = linalg.sym(randn(generator(seed), b, n, n))
+    _check_eigh(A, linalg.eigh_descending(A), tol=1e-12)
+
+
+@given(seed=SEEDS, n=dims())
+def test_eigh_descending_float32_tolerance(seed, n):
+    A = spd_matrix(generator(seed), 2, n, log10_range=(-2.0, 2.0), dtype=torch.float32)
+    _check_eigh(A, linalg.eigh_descending(A), tol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (3, 3), (1, 2, 3, 3)])
+def test_eigh_non_square_or_unbatched_raises(shape):
+    with pytest.raises(ValueError, match="square"):
+        linalg.eigh_descending(torch.zeros(shape))
+
+
+def test_eigh_retries_in_float64(monkeypatch):
+    seen = []
+
+    def flaky(A):
+        seen.append(A.dtype)
+        if A.dtype == torch.float32:
+            raise RuntimeError("simulated float32 failure")
+        return torch.linalg.eigh(A)
+
+    monkeypatch.setattr(linalg, "_eigh", flaky)
+    A = spd_matrix(generator(3), 2, 5, log10_range=(-1.0, 1.0), dtype=torch.float32)
+    eig = linalg.eigh_descending(A)
+    assert seen == [torch.float32, torch.float64]
+    _check_eigh(A, eig, tol=2e-6)
+
+
+def test_eigh_raises_arithmetic_error_when_retry_fails(monkeypatch):
+    def broken(A):
+        raise RuntimeError(f"simulated failure in {A.dtype}")
+
+    monkeypatch.setattr(linalg, "_eigh", broken)
+    with pytest.raises(ArithmeticError, match="float64"):
+        linalg.eigh_descending(torch.eye(3).expand(2, 3, 3).clone())
+
+
+# -- power / QR and Rayleigh quotients --------------------------------------------------------
+
+
+@given(A=spd(batch=2), seed=SEEDS)
+def test_power_qr_orthonormal_and_spans_AQ(A, seed):
+    n = A.shape[-1]
+    Q = orthonormal(generator(seed), 2, n)
+    Q_new = linalg.power_qr(A, Q)
+    assert Q_new.shape == Q.shape
+    assert_orthonormal(Q_new, atol=1e-12 * n)
+    AQ = A @ Q
+    # A Q lies in the span of Q_new (A is invertible, so the spans are equal)
+    close(Q_new @ (Q_new.mT @ AQ), AQ, rtol=1e-9, atol=1e-9 * AQ.abs().max().item())
+
+
+@given(seed=SEEDS, n=dims(), k=dims(), b=st.integers(1, 3))
+def test_rayleigh_quotients_equal_diag_of_QtAQ(seed, n, k, b):
+    gen = generator(seed)
+    A = linalg.sym(randn(gen, b, n, n))
+    Q = randn(gen, b, n, k)
+    got = linalg.rayleigh_quotients(A, Q)
+    close(got, torch.diagonal(Q.mT @ A @ Q, dim1=-2, dim2=-1))
+
+
+# -- Newton–Schulz ---------------------------------------------------------------------------------
+
+SCHEDULES = ["kj", "polar_express", "quintic", "cans", "deepseekv4"]
+
+
+def composed(coefficients, x):
+    """The scalar polynomial of the iteration, composed, in float64."""
+    for a, b, c in coefficients:
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+def schedule(name, steps):
+    tuples, beyond = linalg.NS_SCHEDULES[name]
+    return linalg.ns_coefficients(tuples, steps, beyond)
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3), name=st.sampled_from(SCHEDULES), steps=st.integers(1, 10))
+def test_newton_schulz_is_composed_polynomial_of_normalized_singular_values(seed, m, n, b, name, steps):
+    X = randn(generator(seed), b, m, n)
+    coeffs = schedule(name, steps)
+    out = linalg.newton_schulz(X, coeffs, dtype=F64)
+    assert out.shape == X.shape and out.dtype == F64
+    P, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    s = S / torch.linalg.vector_norm(X, dim=(-2, -1)).unsqueeze(-1)
+    expected = (P * composed(coeffs, s).unsqueeze(-2)) @ Vh
+    close(out, expected, rtol=1e-9, atol=1e-9)
+    # singular values of the output are p(σ / ‖X‖_F)
+    close(torch.linalg.svdvals(out), composed(coeffs, s).abs().sort(dim=-1, descending=True).values, rtol=1e-9, atol=1e-9)
+
+
+# muon.md §4: (schedule, steps, input range, output range, decimals of the table)
+NS_TABLE = [
+    ("kj", 5, (0.05, 1.0), (0.682, 1.134), 3),
+    ("polar_express", 5, (1e-3, 1.0), (0.846, 1.124), 3),
+    ("polar_express", 6, (1e-3, 1.0), (0.994, 1.001), 3),
+    ("polar_express", 8, (1e-3, 1.0), (1.0, 1.0), 4),
+    ("cans", 5, (1e-3, 1.0), (0.884, 1.120), 3),
+    ("deepseekv4", 10, (0.01, 1.0), (1.0000, 1.0005), 4),
+]
+
+
+@pytest.mark.parametrize("name,steps,inputs,outputs,decimals", NS_TABLE)
+def test_composed_polynomial_range_matches_spec_table(name, steps, inputs, outputs, decimals):
+    lo, hi = inputs
+    x = torch.cat(
+        [
+            torch.linspace(lo, hi, 50_001, dtype=F64),
+            torch.logspace(math.log10(lo), math.log10(hi), 50_001, dtype=F64),
+        ]
+    )
+    y = composed(schedule(name, steps), x)
+    half_ulp = 0.5 * 10.0**-decimals + 1e-12
+    assert abs(y.min().item() - outputs[0]) <= half_ulp, (name, steps, y.min().item())
+    assert abs(y.max().item() - outputs[1]) <= half_ulp, (name, steps, y.max().item())
+
+
+@pytest.mark.parametrize("name,steps,inputs,outputs,decimals", NS_TABLE)
+@given(seed=SEEDS, k=st.integers(1, 6), data=st.data())
+def test_newton_schulz_singular_values_land_in_spec_band(name, steps, inputs, outputs, decimals, seed, k, data):
+    lo = inputs[0]
+    # normalized singular values u with Σu² = 1 and every u in [lo, 1]
+    small = data.draw(st.lists(st.floats(lo, 3 * lo), min_size=k - 1, max_size=k - 1))
+    u = torch.tensor([*small, math.sqrt(1 - sum(v * v for v in small))], dtype=F64)
+    gen = generator(seed)
+    m, n = k + data.draw(st.integers(0, 3)), k + data.draw(st.integers(0, 3))
+    P = orthonormal(gen, 1, m)[..., :k]
+    V = orthonormal(gen, 1, n)[..., :k]
+    X = (P * (7.5 * u)) @ V.mT
+    sv = torch.linalg.svdvals(linalg.newton_schulz(X, schedule(name, steps), dtype=F64))[..., :k]
+    slack = 0.5 * 10.0**-decimals + 1e-9
+    assert sv.min().item() >= outputs[0] - slack
+    assert sv.max().item() <= outputs[1] + slack
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), norm=st.sampled_from(["clamp", "add"]))
+def test_newton_schulz_transpose_equivariant(seed, m, n, norm):
+    X = randn(generator(seed), 2, m, n)
+    coeffs = schedule("kj", 5)
+    close(
+        linalg.newton_schulz(X.mT, coeffs, dtype=F64, norm=norm),
+        linalg.newton_schulz(X, coeffs, dtype=F64, norm=norm).mT,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, F64])
+@pytest.mark.parametrize("norm", ["clamp", "add"])
+@pytest.mark.parametrize("shape", [(2, 3, 5), (2, 5, 3), (1, 4, 4)])
+def test_newton_schulz_of_zero_is_zero(dtype, norm, shape):
+    out = linalg.newton_schulz(torch.zeros(shape), schedule("kj", 5), dtype=dtype, norm=norm)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, torch.zeros(shape, dtype=dtype))
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(2, 4), name=st.sampled_from(SCHEDULES))
+def test_newton_schulz_batch_equals_separate_calls(seed, m, n, b, name):
+    X = randn(generator(seed), b, m, n)
+    coeffs = schedule(name, 5)
+    batched = linalg.newton_schulz(X, coeffs, dtype=F64)
+    for i in range(b):
+        close(batched[i : i + 1], linalg.newton_schulz(X[i : i + 1], coeffs, dtype=F64), rtol=1e-10, atol=1e-11)
+
+
+def test_newton_schulz_bad_norm_or_shape_raises():
+    with pytest.raises(ValueError, match="norm"):
+        linalg.newton_schulz(torch.ones(1, 2, 2), schedule("kj", 1), norm="max")
+    with pytest.raises(ValueError, match="batch"):
+        linalg.newton_schulz(torch.ones(2, 2), schedule("kj", 1))
+
+
+def test_ns_coefficients_extension():
+    sched = ((1.0, 0.0, 0.0), (2.0, 0.0, 0.0), (3.0, 0.0, 0.0))
+    assert [a for a, _, _ in linalg.ns_coefficients(sched, 7, "cycle")] == [1, 2, 3, 1, 2, 3, 1]
+    assert [a for a, _, _ in linalg.ns_coefficients(sched, 5, "repeat_last")] == [1, 2, 3, 3, 3]
+    assert [a for a, _, _ in linalg.ns_coefficients(sched, 2, "cycle")] == [1, 2]
+    with pytest.raises(ValueError):
+        linalg.ns_coefficients((), 3, "cycle")
+    with pytest.raises(ValueError):
+        linalg.ns_coefficients(sched, 3, "wrap")
+
+
+# -- Muon scales ------------------------------------------------------------------------------------
+
+
+def _expected_rms(rule, m, n):
+    """muon.md §5: the update RMS of s·O for an exactly semi-orthogonal O."""
+    return {
+        "original": 1 / math.sqrt(n),
+        "match_rms_adamw": 0.2,
+        "spectral": 1.0,
+        "unit_rms_norm": math.sqrt(m / n) / math.sqrt(max(m, n)),
+        "none": 1 / math.sqrt(max(m, n)),
+    }[rule]
+
+
+@pytest.mark.parametrize("rule", linalg.MUON_SCALES)
+@pytest.mark.parametrize("m,n", [(12, 4), (6, 6), (4, 12), (1, 9), (9, 1)])
+def test_muon_scale_update_rms_table(rule, m, n):
+    O = linalg.newton_schulz(randn(generator(m * 31 + n), 1, m, n), schedule("polar_express", 12), dtype=F64)
+    k = min(m, n)
+    small = O.mT @ O if m >= n else O @ O.mT
+    assert_close_to_identity(small[0], diag_atol=1e-6, offdiag_atol=1e-6)
+    assert k == small.shape[-1]
+    rms = (linalg.muon_scale(m, n, rule) * O).square().mean().sqrt().item()
+    assert rms == pytest.approx(_expected_rms(rule, m, n), rel=1e-6)
+
+
+def test_muon_scale_unknown_rule_raises():
+    with pytest.raises(ValueError, match="unknown scale rule"):
+        linalg.muon_scale(3, 4, "bogus")
