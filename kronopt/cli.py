@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import kronopt
+from kronopt._extras import MissingExtraError
 from kronopt.config import ConfigError
 from kronopt.registry import SLOTS, PluginError, PluginLoadError
 
@@ -179,6 +180,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: modules that add a subcommand with ``add_subcommand(subparsers)``
+SUBCOMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kronopt", description="Composable matrix-aware optimizers for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
+
+    import importlib
+
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_subcommand(sub)
     return parser
 
 
@@ -212,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kronopt {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (PluginLoadError, PluginError) as exc:
+    except (PluginLoadError, PluginError, MissingExtraError) as exc:
         print(f"kronopt {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -24,7 +24,6 @@ used: A uses the same first moment m as P (grafting rescales, it does not graft 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +97,7 @@ def shampoo_update(W: torch.Tensor, G: torch.Tensor, state: ShampooState, hp: Sh
 
     state.t += 1
     t = state.t
-    b1, b2, gb2 = hp.beta1, hp.beta2, hp.graft_beta2
+    b1, _b2, gb2 = hp.beta1, hp.beta2, hp.graft_beta2
 
     # 1. factor EMAs
     if left_factored:

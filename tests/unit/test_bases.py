@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from kronopt import linalg
 from kronopt.bases import EighBasis, IdentityBasis, QrBasis
-from kronopt.types import BasisState, Layout, StepContext
+from kronopt.types import Layout, StepContext
 from tests.assertions import (
     assert_descending,
     assert_is_permutation,

@@ -91,7 +91,7 @@ def test_overrides_swap_a_stage_and_start_its_table_afresh():
     assert out["basis"] == {"type": "eigh"}
     assert out["inner"]["betas"] == [0.5, 0.6] and out["inner"]["type"] == "adam"
     assert raw["basis"]["type"] == "qr", "the input is not modified"
-    cfg = kronopt.resolve("soap", **{"basis.type": "eigh", "basis.type": "eigh"})
+    cfg = kronopt.resolve("soap", **{"basis.type": "eigh"})
     assert type(cfg.basis).__name__ == "EighBasis"
 
 
