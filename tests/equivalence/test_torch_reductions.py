@@ -92,3 +92,17 @@ def test_muon_routes_vectors_and_named_embeddings_to_adamw(gen):
         ref.step()
     for p, q in zip((emb, bias, head), ref_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_muon_on_a_conv_kernel_equals_torch_muon_on_its_flattened_matrix(gen):
+    conv = torch.nn.Parameter(torch.randn(8, 3, 3, 3, generator=gen))
+    flat = torch.nn.Parameter(conv.detach().reshape(8, 27).clone())
+    ours = kronopt.build([("conv.weight", conv)], "muon")
+    ref = torch.optim.Muon([flat])
+    for _ in range(20):
+        g = torch.randn(8, 3, 3, 3, generator=gen)
+        conv.grad, flat.grad = g.clone(), g.reshape(8, 27).clone()
+        ours.step()
+        ref.step()
+    assert conv.shape == (8, 3, 3, 3)
+    torch.testing.assert_close(conv.detach().reshape(8, 27), flat.detach(), rtol=2e-5, atol=2e-5)
