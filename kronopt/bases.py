@@ -27,18 +27,66 @@ def _eye(b: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.eye(d, dtype=dtype, device=device).expand(b, d, d).clone()
 
 
+def _fresh_side(kind: str, b: int, d: int, r: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """Identity basis (full side), the first ``r`` coordinate vectors (restricted side) or ``None``."""
+    if kind == "full":
+        return _eye(b, d, dtype, device), torch.ones(b, d, dtype=dtype, device=device)
+    if kind == "restricted":
+        return _eye(b, d, dtype, device)[:, :, :r].contiguous(), torch.ones(b, r, dtype=dtype, device=device)
+    return None, None
+
+
 def _fresh_state(layout: Layout, dtype: torch.dtype, device: torch.device) -> BasisState:
-    """Identity bases on the rotated sides, not yet refreshed."""
-    b, m, n = layout.batch, layout.m, layout.n
-    full_L, full_R = layout.left == "full", layout.right == "full"
+    """Identity bases on the rotated sides (coordinate subspaces on restricted ones), not yet refreshed."""
+    b = layout.batch
+    Q_L, lam_L = _fresh_side(layout.left, b, layout.m, layout.rank_left, dtype, device)
+    Q_R, lam_R = _fresh_side(layout.right, b, layout.n, layout.rank_right, dtype, device)
     return BasisState(
-        Q_L=_eye(b, m, dtype, device) if full_L else None,
-        Q_R=_eye(b, n, dtype, device) if full_R else None,
-        lam_L=torch.ones(b, m, dtype=dtype, device=device) if full_L else None,
-        lam_R=torch.ones(b, n, dtype=dtype, device=device) if full_R else None,
+        Q_L=Q_L,
+        Q_R=Q_R,
+        lam_L=lam_L,
+        lam_R=lam_R,
         failures=torch.zeros(b, dtype=torch.int64, device=device),
         ready=False,
     )
+
+
+def _restricted_side(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    r"""New subspace of a restricted side from the power product :math:`P = \hat F U` ``(b d r)``.
+
+    First refresh: :math:`U' = \mathrm{orth}(P)` (the factor estimator's first call
+    puts its initial subspace there). Later: Rayleigh–Ritz on the current subspace,
+    :math:`U^\top P = V E V^\top` (``r × r``, descending), then one warm-started power
+    step :math:`U' = \mathrm{orth}(P V)`, so the columns come out ordered by their Ritz
+    values :math:`E` (the new eigenvalue estimates). A vanishing direction of
+    :math:`P` keeps the matching current direction (a ``10⁻¹⁶``-relative multiple of
+    :math:`U V` is added before the QR). Blocks whose output is not finite keep
+    :math:`U`. Cost :math:`O(d r^2 + r^3)`.
+
+    Returns:
+        ``(U', eigenvalue estimates (b r), ok (b))``.
+    """
+    r = U.shape[-1]
+    if r == 0:
+        return U, lam, torch.ones(U.shape[0], dtype=torch.bool, device=U.device)
+    finite = linalg.finite_blocks(P)
+    P = linalg.select_blocks(finite, P, U)
+    delta = torch.finfo(P.dtype).eps * linalg.block_norm(P) + torch.finfo(P.dtype).tiny
+    ok = finite
+    if first:
+        W, lam_new = P + delta * U, None
+    else:
+        try:
+            eig = linalg.eigh_descending(linalg.sym(U.mT @ P))
+        except ArithmeticError:
+            return U, lam, torch.zeros_like(finite)
+        V, lam_new, ok = eig.Q, eig.lam, ok & eig.ok
+        W = P @ V + delta * (U @ V)
+    U_new = linalg.orthonormalize(W)
+    if lam_new is None:
+        lam_new = (U_new * P).sum(-2)
+    ok = ok & linalg.finite_blocks(U_new, lam_new)
+    return linalg.select_blocks(ok, U_new, U), linalg.select_blocks(ok, lam_new, lam), ok
 
 
 def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -150,6 +198,12 @@ class QrBasis:
     second moment) are permuted with the columns. The eigenvalue estimates are the
     sorted Rayleigh quotients :math:`e_\pi` of the old basis.
 
+    A **restricted** side (``Layout`` kind ``"restricted"``, rank ``r``) keeps an
+    orthonormal ``(b d r)`` subspace :math:`U` instead of a basis; its "factor" is the
+    factor estimator's power product :math:`P = \hat F U` and the refresh is
+    Rayleigh–Ritz on :math:`U` followed by one power step (:func:`_restricted_side`);
+    no ``d × d`` matrix is formed. Its event carries no permutation.
+
     Attributes:
         power_steps: power steps per refresh, ≥ 1.
         sort: sort columns by Rayleigh quotient before the power step (SOAP); when
@@ -158,6 +212,7 @@ class QrBasis:
 
     needs_factors: ClassVar[bool] = True
     provides_eigvals: ClassVar[bool] = True
+    supports_restricted: ClassVar[bool] = True
     power_steps: int = attrs.field(default=1, converter=to_int, validator=ge(1))
     sort: bool = attrs.field(default=True, converter=to_bool)
 
@@ -168,13 +223,25 @@ class QrBasis:
         self, state: BasisState, factors: tuple[Tensor | None, Tensor | None], ctx: StepContext
     ) -> tuple[BasisState, BasisChange]:
         _check_factors("qr", factors, state)
-        if not state.ready:
+        kinds = {"L": ctx.layout.left, "R": ctx.layout.right}
+        if not state.ready and "restricted" not in kinds.values():
             return _eigh_refresh(state, factors)
         failures = state.failures
+        solved = state.ready
         out: dict[str, Tensor | None] = {}
         for side, X, Q, lam in (("L", factors[0], state.Q_L, state.lam_L), ("R", factors[1], state.Q_R, state.lam_R)):
             if Q is None or X is None or lam is None:
                 out["Q_" + side], out["lam_" + side], out["perm_" + side] = Q, lam, None
+                continue
+            if kinds[side] == "restricted":
+                Q_new, lam_new, ok = _restricted_side(X, Q, lam, first=not state.ready)
+                failures, solved = failures + (~ok).long(), True
+                out["Q_" + side], out["lam_" + side], out["perm_" + side] = Q_new, lam_new, None
+                continue
+            if not state.ready:
+                Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam)
+                failures, solved = failures + (~ok).long(), solved or ran
+                out["Q_" + side], out["lam_" + side], out["perm_" + side] = Q_new, lam_new, None
                 continue
             e = linalg.rayleigh_quotients(X, Q)
             if self.sort:
@@ -200,6 +267,6 @@ class QrBasis:
             lam_R=out["lam_R"],
             failures=failures,
             refreshes=state.refreshes + 1,
-            ready=True,
+            ready=solved,
         )
         return new, BasisChange(old=state, new=new, perm_L=out["perm_L"], perm_R=out["perm_R"])

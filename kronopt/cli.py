@@ -36,6 +36,11 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
+    if getattr(args, "markdown", False):
+        from kronopt.docs import stages_markdown
+
+        sys.stdout.write(stages_markdown())
+        return 0
     for slot, registry in SLOTS.items():
         print(f"[{slot}]")
         try:
@@ -181,7 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 #: modules that add a subcommand with ``add_subcommand(subparsers)``
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["kronopt.train", "kronopt.ablate", "kronopt.spectrum", "kronopt.fisher"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stages", help="list every registered stage, plugins included")
+    p.add_argument("--markdown", action="store_true", help="print docs/stages.md (built-in stages, options, maths)")
     p.set_defaults(func=cmd_stages)
 
     p = sub.add_parser("show", help="print the resolved, validated config (or every error in it)")

@@ -67,6 +67,7 @@ def _observe(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, 
     basis, change = cfg.basis.refresh(state.basis, cfg.factors.factors(factors), ctx)
     inner = cfg.inner.on_basis_change(state.inner, change)
     split = getattr(cfg.split, "on_basis_change", lambda s, c: s)(state.split, change)
+    factors = getattr(cfg.factors, "on_basis_change", lambda s, c: s)(factors, change)
     return attrs.evolve(state, factors=factors, basis=basis, inner=inner, split=split)
 
 

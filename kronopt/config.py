@@ -138,7 +138,7 @@ def _build_record(cls: type, table: Any, path: str, errors: list[tuple[str, str]
     if not isinstance(table, Mapping):
         errors.append((path, f"must be a table, got {type(table).__name__}"))
         return None
-    names = {f.name for f in attrs.fields(cls) if f.init and f.name not in skip}
+    names = {f.alias for f in attrs.fields(cls) if f.init and f.alias not in skip}
     kwargs: dict[str, Any] = {}
     found = len(errors)
     for key, value in table.items():
@@ -222,8 +222,11 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
 
 
 def _check_field(cls: type, key: str, value: Any) -> None:
-    """Run one field's converter and validators alone (cross-field checks run later)."""
-    field = attrs.fields_dict(cls)[key]
+    """Run one field's converter and validators alone (cross-field checks run later).
+
+    ``key`` is the field's constructor name (its attrs alias), which is also its config key.
+    """
+    field = next(f for f in attrs.fields(cls) if f.alias == key)
     converted = field.converter(value) if field.converter is not None else value  # type: ignore[operator]
     if field.validator is not None:
         field.validator(None, field, converted)
@@ -297,7 +300,7 @@ def load(path: str | Path) -> KronConfig:
 
 
 def _record_dict(record: Any) -> dict[str, Any]:
-    return {f.name: _plain(getattr(record, f.name)) for f in attrs.fields(type(record)) if f.init}
+    return {f.alias: _plain(getattr(record, f.name)) for f in attrs.fields(type(record)) if f.init}
 
 
 def _plain(value: Any) -> Any:

@@ -365,3 +365,552 @@ def muon_scale(m: int, n: int, rule: str) -> float:
 
 
 MUON_SCALES: tuple[str, ...] = ("original", "match_rms_adamw", "spectral", "unit_rms_norm", "none")
+
+
+# -- Kronecker approximation of a second moment (DyKAF, the Fisher lab) -----------------------
+#
+# Convention (dykaf spec §1): vec is row-major, vec(G)[i·n + j] = G[i, j], so a
+# Kronecker product L ⊗ R acts with L (m m) on the rows and R (n n) on the columns,
+# and vec(A X B) = (A ⊗ Bᵀ) vec(X).
+
+
+def _tiny(X: Tensor) -> float:
+    return torch.finfo(X.dtype).tiny
+
+
+def sandwich(G: Tensor, X: Tensor) -> Tensor:
+    r""":math:`G X G^\top`: ``b m n, b n n2, b m2 n2 -> b m m2``, symmetrised.
+
+    By the identity :math:`(G \otimes G)\,\mathrm{vec}\,X = \mathrm{vec}(G X G^\top)`
+    this is the rearranged rank-one second moment :math:`\mathcal R(\mathrm{vec}\,G\,
+    \mathrm{vec}\,G^\top) = G \otimes G` applied to ``vec X`` without forming the
+    ``m² × n²`` matrix. Cost :math:`mn(m+n)` multiply-adds per block.
+
+    Args:
+        G: ``b m n`` batch.
+        X: ``b n n`` symmetric batch.
+
+    Returns:
+        ``b m m``, exactly symmetric.
+
+    Invariants:
+        equals ``rearrange_kron(vec G vec Gᵀ) @ vec X`` (``tests/unit/test_projector_splitting.py``).
+    """
+    _check_batched("G", G)
+    _check_batched_square("X", X)
+    if X.shape[-1] != G.shape[-1]:
+        raise ValueError(f"sandwich needs X of shape (b {G.shape[-1]} {G.shape[-1]}), got {tuple(X.shape)}")
+    return sym(G @ X @ G.mT)
+
+
+def sandwich_t(G: Tensor, Y: Tensor) -> Tensor:
+    r""":math:`G^\top Y G`: ``b m n, b m m2, b m2 n2 -> b n n2``, symmetrised.
+
+    The adjoint of :func:`sandwich`: :math:`(G \otimes G)^\top \mathrm{vec}\,Y = \mathrm{vec}(G^\top Y G)`.
+    """
+    _check_batched("G", G)
+    _check_batched_square("Y", Y)
+    if Y.shape[-1] != G.shape[-2]:
+        raise ValueError(f"sandwich_t needs Y of shape (b {G.shape[-2]} {G.shape[-2]}), got {tuple(Y.shape)}")
+    return sym(G.mT @ Y @ G)
+
+
+def rearrange_kron(A: Tensor, m: int, n: int) -> Tensor:
+    r"""Van Loan–Pitsianis rearrangement :math:`\mathcal R: \mathbb R^{mn\times mn} \to \mathbb R^{m^2 \times n^2}`.
+
+    .. math::
+        \mathcal R(A)[(i,k),(j,l)] = A[(i,j),(k,l)],
+
+    i.e. view ``A`` as ``(m n m2 n2)``, permute to ``(m m2 n n2)`` and reshape
+    (einops ``"... (m n) (m2 n2) -> ... (m m2) (n n2)"``). It permutes entries, so
+    :math:`\|A - L\otimes R\|_F = \|\mathcal R(A) - \mathrm{vec}\,L\,\mathrm{vec}\,R^\top\|_F`,
+    :math:`\mathcal R(L \otimes R) = \mathrm{vec}\,L\,\mathrm{vec}\,R^\top` and
+    :math:`\mathcal R(\mathrm{vec}\,G\,\mathrm{vec}\,G^\top) = G \otimes G`.
+
+    Args:
+        A: ``(... mn mn)``.
+        m, n: the block shape.
+
+    Returns:
+        ``(... m² n²)``.
+
+    References:
+        Van Loan & Pitsianis, *Approximation with Kronecker products* (1993).
+    """
+    if A.ndim < 2 or A.shape[-1] != m * n or A.shape[-2] != m * n:
+        raise ValueError(f"rearrange_kron needs (... {m * n} {m * n}) for m={m}, n={n}, got {tuple(A.shape)}")
+    lead = A.shape[:-2]
+    X = A.reshape(*lead, m, n, m, n).movedim(-3, -2)  # (... m m2 n n2)
+    return X.reshape(*lead, m * m, n * n)
+
+
+def kron_rows(L: Tensor, R: Tensor) -> Tensor:
+    r""":math:`L \otimes R` for the row-major vec convention, ``b m m, b n n -> b (m n) (m n)`` (dense; for small blocks)."""
+    _check_batched_square("L", L)
+    _check_batched_square("R", R)
+    b, m, n = L.shape[0], L.shape[-1], R.shape[-1]
+    return (L[:, :, None, :, None] * R[:, None, :, None, :]).reshape(b, m * n, m * n)
+
+
+def _fresh_directions(fresh: Tensor, X: Tensor) -> Tensor:
+    """``X`` with the blocks flagged in ``fresh (b)`` replaced by the unit-norm identity ``I/√d``."""
+    d = X.shape[-1]
+    eye = (torch.eye(d, dtype=X.dtype, device=X.device) / math.sqrt(d)).expand_as(X)
+    return select_blocks(fresh, eye, X)
+
+
+def projector_split_ksl(
+    L: Tensor, R: Tensor, G: Tensor, beta: float, *, fresh: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""One KSL (Lie–Trotter projector-splitting) step of the rank-1 Kronecker tracker.
+
+    The state :math:`Y_0 = \mathrm{vec}\,L\,\mathrm{vec}\,R^\top = U_0 S_0 V_0^\top` of
+    :math:`\mathcal R(F)` takes the increment of :math:`F \leftarrow \beta F + (1-\beta)\,
+    \mathrm{vec}\,G\,\mathrm{vec}\,G^\top`: the state is scaled by :math:`\sqrt\beta`
+    per factor and :math:`\Delta A = G\otimes G` with :math:`G \leftarrow \sqrt{1-\beta}\,G`.
+    With :math:`r = \|R\|_F`, :math:`\bar R = R/r`:
+
+    .. math::
+        K = rL + G\bar R G^\top,\quad U = K/\|K\|_F,\quad
+        \tilde S = r\langle U, L\rangle,\quad
+        \hat R = \tilde S \bar R + G^\top U G,\quad S = \|\hat R\|_F,
+
+    and the result is :math:`(\sqrt S\,U,\ \hat R/\sqrt S)`: both factors leave with
+    Frobenius norm :math:`\sqrt S`. This is the K-step, backward S-step and L-step of
+    Lubich & Oseledets written with the sandwich products (:func:`sandwich`); no
+    ``mn × mn`` or ``m² × n²`` matrix is formed. :math:`\tilde S = \hat S - \langle U, G\bar R G^\top\rangle`
+    is computed in the cancellation-free form.
+
+    Cost: :math:`2mn(m+n) + O(m^2+n^2)` multiply-adds per block.
+
+    Args:
+        L: ``b m m`` symmetric PSD.
+        R: ``b n n`` symmetric PSD.
+        G: ``b m n`` (not modified).
+        beta: EMA retention in ``(0, 1)``.
+        fresh: optional ``(b)`` mask of blocks that hold nothing yet: their state is
+            taken as :math:`L = 0` with the direction :math:`\bar R = I_n/\sqrt n`, so
+            the step is two half power steps from the identity toward the top pair of
+            :math:`G \otimes G` (:math:`U \propto GG^\top`, :math:`R \propto G^\top U G`),
+            the best approximation of :math:`(1-\beta)G\otimes G` with that :math:`U`.
+
+    Returns:
+        ``(L', R')``, exactly symmetric and PSD. A block with ``L = 0`` or ``R = 0`` and
+        ``G = 0`` returns zeros (never NaN).
+
+    Invariants:
+        equals the KSL step on the dense :math:`\mathcal R(F)`; exact when
+        :math:`\mathcal R(F_t)` stays rank one; ``G = 0`` gives :math:`\beta L\otimes R`;
+        symmetric PSD with :math:`\|L'\|_F = \|R'\|_F`
+        (``tests/unit/test_projector_splitting.py``).
+
+    References:
+        Lubich & Oseledets, BIT 54 (2014); Yudin et al., DyKAF, arXiv 2511.06477.
+    """
+    _check_batched_square("L", L)
+    _check_batched_square("R", R)
+    _check_batched("G", G)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must lie in (0, 1), got {beta}")
+    tiny = _tiny(L)
+    L = L * math.sqrt(beta)
+    R = R * math.sqrt(beta)
+    Gs = G * math.sqrt(1.0 - beta)
+    if fresh is not None:
+        L = select_blocks(fresh, torch.zeros_like(L), L)
+        R = _fresh_directions(fresh, R)
+    r = block_norm(R)
+    R_bar = R / r.clamp(min=tiny)
+    K = sym(r * L + Gs @ R_bar @ Gs.mT)
+    U = K / block_norm(K).clamp(min=tiny)
+    S_tilde = r * (U * L).sum(dim=(-2, -1), keepdim=True)
+    R_hat = sym(S_tilde * R_bar + Gs.mT @ U @ Gs)
+    root = block_norm(R_hat).sqrt()
+    return U * root, R_hat / root.clamp(min=tiny)
+
+
+def projector_split_parallel(
+    L: Tensor, R: Tensor, G: Tensor, beta: float, *, fresh: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""One parallel (basis-update & Galerkin) step of the rank-1 Kronecker tracker.
+
+    Both bases come from the old state, then a Galerkin coefficient. With the
+    scaling of :func:`projector_split_ksl`, :math:`\ell = \|L\|`, :math:`r = \|R\|`,
+    :math:`S_0 = \ell r`:
+
+    .. math::
+        U \propto S_0 \bar L + G \bar R G^\top,\quad V \propto S_0 \bar R + G^\top \bar L G,\quad
+        S_1 = S_0 \langle\bar L, U\rangle\langle\bar R, V\rangle + \langle U, G V G^\top\rangle,
+
+    returning :math:`(\sqrt{S_1}\,U, \sqrt{S_1}\,V)` (unit-norm :math:`U, V`). Cost
+    :math:`3mn(m+n)`. ``fresh`` flags blocks that hold nothing yet: :math:`S_0 = 0`
+    and :math:`\bar L = I_m/\sqrt m`, :math:`\bar R = I_n/\sqrt n` (as in
+    :func:`projector_split_ksl`).
+
+    References:
+        Ceruti & Lubich, BIT 62 (2022); Vepricov/LIB ``dykaf.py`` @0c470ea.
+    """
+    _check_batched_square("L", L)
+    _check_batched_square("R", R)
+    _check_batched("G", G)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must lie in (0, 1), got {beta}")
+    tiny = _tiny(L)
+    L = L * math.sqrt(beta)
+    R = R * math.sqrt(beta)
+    Gs = G * math.sqrt(1.0 - beta)
+    ell, r = block_norm(L), block_norm(R)
+    S0 = ell * r
+    L_bar, R_bar = L / ell.clamp(min=tiny), R / r.clamp(min=tiny)
+    if fresh is not None:
+        S0 = select_blocks(fresh, torch.zeros_like(S0), S0)
+        L_bar, R_bar = _fresh_directions(fresh, L_bar), _fresh_directions(fresh, R_bar)
+    U = sym(S0 * L_bar + Gs @ R_bar @ Gs.mT)
+    U = U / block_norm(U).clamp(min=tiny)
+    V = sym(S0 * R_bar + Gs.mT @ L_bar @ Gs)
+    V = V / block_norm(V).clamp(min=tiny)
+    galerkin = (U * (Gs @ V @ Gs.mT)).sum(dim=(-2, -1), keepdim=True)
+    S1 = S0 * (L_bar * U).sum(dim=(-2, -1), keepdim=True) * (R_bar * V).sum(dim=(-2, -1), keepdim=True) + galerkin
+    root = S1.clamp(min=0.0).sqrt()
+    return U * root, V * root
+
+
+@attrs.frozen(eq=False)
+class SingularTriplet:
+    """Top singular triplet of each block: ``sigma (b)``, ``u (b m)``, ``v (b n)``."""
+
+    sigma: Tensor
+    u: Tensor
+    v: Tensor
+
+
+def top_singular_triplet(G: Tensor) -> SingularTriplet:
+    r"""Dominant singular triplet :math:`(\sigma_1, u_1, v_1)` of each block by a batched SVD.
+
+    Runs in ``G``'s dtype; a zero block gives :math:`\sigma_1 = 0` (its vectors are
+    arbitrary unit vectors). Signs follow the solver; :math:`u_1 u_1^\top` and
+    :math:`v_1 v_1^\top` do not depend on them. Cost :math:`O(mn\min(m,n))`.
+    """
+    _check_batched("G", G)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    return SingularTriplet(sigma=S[:, 0], u=U[:, :, 0], v=Vh[:, 0, :])
+
+
+def top_singular_triplet_power(G: Tensor, iters: int) -> SingularTriplet:
+    r"""Dominant singular triplet by ``iters`` alternating power iterations (matrix-free).
+
+    .. math::
+        v_0 \propto (\|G_{:,j}\|^2)_j + 1,\qquad u \leftarrow G v/\|G v\|,\quad v \leftarrow G^\top u/\|G^\top u\|,
+        \quad \sigma = \|G^\top u\| .
+
+    Converges at the rate :math:`(\sigma_2/\sigma_1)^{2k}`; exact after one iteration on a
+    rank-one block. The start is deterministic (no random generator). A zero block
+    gives :math:`\sigma = 0`. Cost :math:`2mn` per iteration.
+    """
+    _check_batched("G", G)
+    if iters < 1:
+        raise ValueError(f"iters must be ≥ 1, got {iters}")
+    tiny = _tiny(G)
+    v = G.square().sum(dim=-2) + 1.0
+    v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    u = v.new_zeros(G.shape[0], G.shape[1])
+    sigma = v.new_zeros(G.shape[0])
+    for _ in range(iters):
+        u = (G @ v.unsqueeze(-1)).squeeze(-1)
+        u = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp(min=tiny)
+        w = (G.mT @ u.unsqueeze(-1)).squeeze(-1)
+        sigma = torch.linalg.vector_norm(w, dim=-1)
+        v = w / sigma.unsqueeze(-1).clamp(min=tiny)
+    return SingularTriplet(sigma=sigma, u=u, v=v)
+
+
+def rank1_ema_parallel(l: Tensor, r: Tensor, D: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    r"""Rank-one tracker of a nonnegative EMA :math:`V \leftarrow \beta V + (1-\beta) D`, :math:`V \approx l r^\top`.
+
+    The parallel rank-one integrator (DyKAF spec §7): with :math:`a = \|l\|`,
+    :math:`b = \|r\|`, :math:`S_0 = ab`,
+
+    .. math::
+        l_1 \propto \beta S_0 \bar l + (1-\beta) D \bar r,\quad
+        r_1 \propto \beta S_0 \bar r + (1-\beta) D^\top \bar l,\quad
+        c = \beta S_0 (l_1\cdot\bar l)(r_1\cdot\bar r) + (1-\beta)\, l_1^\top D r_1,
+
+    returning :math:`(\sqrt c\, l_1, \sqrt c\, r_1)`. For :math:`l, r, D \ge 0` the
+    output is nonnegative. Cost :math:`3mn`.
+
+    Args:
+        l: ``b m``; r: ``b n``; D: ``b m n`` (nonnegative, e.g. :math:`G'^{\odot 2}`).
+        beta: retention in ``[0, 1)``.
+    """
+    _check_batched("D", D)
+    if l.shape != D.shape[:2] or r.shape != (D.shape[0], D.shape[2]):
+        raise ValueError(f"rank1_ema_parallel needs l (b m), r (b n) for D {tuple(D.shape)}, got {tuple(l.shape)}, {tuple(r.shape)}")
+    tiny = _tiny(D)
+    a = torch.linalg.vector_norm(l, dim=-1, keepdim=True)
+    b_ = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+    S0 = a * b_
+    l_bar, r_bar = l / a.clamp(min=tiny), r / b_.clamp(min=tiny)
+    l1 = beta * S0 * l_bar + (1.0 - beta) * (D @ r_bar.unsqueeze(-1)).squeeze(-1)
+    r1 = beta * S0 * r_bar + (1.0 - beta) * (D.mT @ l_bar.unsqueeze(-1)).squeeze(-1)
+    l1 = l1 / torch.linalg.vector_norm(l1, dim=-1, keepdim=True).clamp(min=tiny)
+    r1 = r1 / torch.linalg.vector_norm(r1, dim=-1, keepdim=True).clamp(min=tiny)
+    c = beta * S0 * (l1 * l_bar).sum(-1, keepdim=True) * (r1 * r_bar).sum(-1, keepdim=True)
+    c = c + (1.0 - beta) * (l1.unsqueeze(-2) @ D @ r1.unsqueeze(-1)).squeeze(-1)
+    root = c.clamp(min=0.0).sqrt()
+    return l1 * root, r1 * root
+
+
+@attrs.frozen(eq=False)
+class NearestKron:
+    r"""Nearest Kronecker product :math:`\sigma\, U \otimes V` (unit Frobenius norm ``U (b m m)``, ``V (b n n)``).
+
+    ``iterations`` is the number of power iterations (0 for the dense SVD) and
+    ``residual`` the last change of the unit-norm right factor (0 for the SVD).
+    """
+
+    sigma: Tensor
+    U: Tensor
+    V: Tensor
+    iterations: int
+    residual: float
+
+
+def _orient(sigma: Tensor, U: Tensor, V: Tensor) -> NearestKron:
+    """Signs so that tr U ≥ 0 (σ stays ≥ 0, so tr V follows)."""
+    s = torch.sign(torch.diagonal(U, dim1=-2, dim2=-1).sum(-1))
+    s = torch.where(s == 0, torch.ones_like(s), s).view(-1, 1, 1)
+    return NearestKron(sigma=sigma, U=U * s, V=V * s, iterations=0, residual=0.0)
+
+
+def nearest_kron_dense(F: Tensor, m: int, n: int) -> NearestKron:
+    r"""Exact nearest Kronecker product of ``F (b mn mn)`` by the SVD of :math:`\mathcal R(F)`.
+
+    .. math::
+        \min_{L,R}\|F - L\otimes R\|_F = \Big(\sum_{k\ge 2}\sigma_k^2\Big)^{1/2},\qquad
+        L^*\otimes R^* = \sigma_1\,\mathrm{mat}(u_1)\otimes\mathrm{mat}(v_1)
+
+    (Eckart–Young on the rearrangement). For symmetric PSD ``F`` the factors are
+    symmetric and, with the sign fixed by :math:`\mathrm{tr}\,U \ge 0`, PSD. Cost
+    :math:`O(m^2 n^2 \min(m,n)^2)`: for blocks up to about 32 × 32.
+
+    References:
+        Van Loan & Pitsianis (1993).
+    """
+    A = rearrange_kron(F, m, n)
+    if A.ndim != 3:
+        raise ValueError(f"nearest_kron_dense needs a batch (b mn mn), got {tuple(F.shape)}")
+    Uf, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    U = Uf[:, :, 0].reshape(-1, m, m)
+    V = Vh[:, 0, :].reshape(-1, n, n)
+    return _orient(S[:, 0], sym(U), sym(V))
+
+
+def nearest_kron_power(
+    grads: Tensor, weights: Tensor, *, iters: int = 200, tol: float = 1e-12, start: Tensor | None = None
+) -> NearestKron:
+    r"""Nearest Kronecker product of :math:`F = \sum_i w_i\,\mathrm{vec}\,G_i\,\mathrm{vec}\,G_i^\top` without forming it.
+
+    Power iteration on :math:`\mathcal R(F)^\top\mathcal R(F)` with the matrix-free
+    operators (F4 of the DyKAF spec)
+
+    .. math::
+        \mathcal R(F)\,\mathrm{vec}\,X = \mathrm{vec}\sum_i w_i G_i X G_i^\top,\qquad
+        \mathcal R(F)^\top\mathrm{vec}\,Y = \mathrm{vec}\sum_i w_i G_i^\top Y G_i,
+
+    started from :math:`X = I_n/\sqrt n` (one step from there is the Shampoo/SOAP
+    factor pair). Stops when the unit-norm right factor moves by less than ``tol``
+    (Frobenius), or after ``iters`` iterations; the error then shrinks by about
+    :math:`(\sigma_2/\sigma_1)^2` per iteration. Cost per iteration :math:`2Tmn(m+n)` for ``T``
+    gradients.
+
+    Args:
+        grads: ``T m n`` gradients (one Fisher).
+        weights: ``T`` nonnegative weights.
+        iters: the most iterations.
+        tol: change of the unit-norm right factor that stops.
+        start: optional ``n n`` warm start.
+
+    Returns:
+        A batch of one :class:`NearestKron`.
+    """
+    _check_batched("grads", grads)
+    if weights.shape != grads.shape[:1]:
+        raise ValueError(f"weights must have shape ({grads.shape[0]},), got {tuple(weights.shape)}")
+    n = grads.shape[-1]
+    w = weights.view(-1, 1, 1)
+    X = torch.eye(n, dtype=grads.dtype, device=grads.device) / math.sqrt(n) if start is None else start
+    sigma = grads.new_zeros(())
+    residual, k = float("inf"), 0
+    X = X / torch.linalg.vector_norm(X)
+    Y = None
+    for k in range(1, iters + 1):
+        Y = sym((w * (grads @ X @ grads.mT)).sum(0))
+        Y = Y / torch.linalg.vector_norm(Y).clamp(min=_tiny(Y))
+        Z = sym((w * (grads.mT @ Y @ grads)).sum(0))
+        sigma = torch.linalg.vector_norm(Z)
+        X_new = Z / sigma.clamp(min=_tiny(Z))
+        residual = float(torch.linalg.vector_norm(X_new - X))
+        X = X_new
+        if residual < tol:
+            break
+    out = _orient(sigma.view(1), Y.unsqueeze(0), X.unsqueeze(0))  # type: ignore[union-attr]
+    return attrs.evolve(out, iterations=k, residual=residual)
+
+
+# -- KL-Shampoo and low-rank + flat sides ------------------------------------------------
+
+
+def accumulate_gram_left(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+    r""":math:`\beta X + \alpha A A^\top` (``b m k, b m2 k -> b m m2``) in one fused product, then :func:`sym`.
+
+    With :math:`A = G Q_R\,\mathrm{diag}(s_R)` this is KL-Shampoo's left factor update
+    :math:`\rho L + (1-\rho)/n \cdot G \hat R^{-1} G^\top`; as a Gram product the
+    increment is PSD by construction.
+    """
+    _check_batched("A", A)
+    _check_batched_square("X", X)
+    return sym(torch.baddbmm(X, A, A.mT, beta=beta, alpha=alpha))
+
+
+def accumulate_gram_right(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+    r""":math:`\beta X + \alpha A^\top A` (``b k n, b k n2 -> b n n2``) in one fused product, then :func:`sym`."""
+    _check_batched("A", A)
+    _check_batched_square("X", X)
+    return sym(torch.baddbmm(X, A.mT, A, beta=beta, alpha=alpha))
+
+
+def kl_clamp_value(d: int, max_clamp: float) -> float:
+    r"""KL-Shampoo's ceiling on an inverse root of a side of size ``d``: :math:`\max(10, \min(d, c_{\max}))`."""
+    return float(max(10.0, min(float(d), float(max_clamp))))
+
+
+def finite_or_zero(x: Tensor) -> Tensor:
+    """``x`` with NaN and ±inf replaced by 0."""
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def tracked_inverse_root_ema(s: Tensor, d: Tensor, rho: float, clamp: float | None) -> Tensor:
+    r"""One EMA step of eigenvalue estimates kept as inverse square roots :math:`s = \lambda^{-1/2}`.
+
+    .. math::
+        \lambda_{prev} = 1/s^2,\quad \lambda = \rho\,\lambda_{prev} + (1-\rho)\,d,\quad
+        s' = \min(\lambda^{-1/2},\ c)
+
+    A non-finite :math:`\lambda_{prev}` (from :math:`s = 0`) counts as 0 and a
+    non-finite :math:`\lambda^{-1/2}` (from :math:`\lambda = 0` or a NaN statistic)
+    becomes 0, so a vanishing eigenvalue gives a zero step along its direction and
+    never a NaN (kl_shampoo.md §6 step 4). The clamp :math:`c` (``None``: off) also
+    floors the next :math:`\lambda_{prev}` at :math:`1/c^2`.
+
+    Args:
+        s: stored inverse roots, ``b k``.
+        d: the new statistic (the diagonal of the factor increment in the basis), ``b k``.
+        rho: retention :math:`\rho \in [0, 1)`.
+        clamp: ceiling :math:`c` of :math:`s`, or ``None``.
+
+    Returns:
+        The new inverse roots, ``b k``, finite and in :math:`[0, c]`.
+    """
+    if s.shape != d.shape:
+        raise ValueError(f"s and d must have the same shape, got {tuple(s.shape)} and {tuple(d.shape)}")
+    lam_prev = finite_or_zero(1.0 / s.square())
+    lam = torch.lerp(lam_prev, d, 1.0 - rho)
+    s_new = finite_or_zero(lam.rsqrt())
+    if clamp is not None:
+        s_new = s_new.clamp(max=clamp)
+    return s_new
+
+
+def inverse_square(s: Tensor) -> Tensor:
+    r"""Eigenvalues from stored inverse roots: :math:`\lambda = 1/s^2` (:math:`s = 0` gives :math:`+\infty`)."""
+    return 1.0 / s.square()
+
+
+def orthonormalize(X: Tensor) -> Tensor:
+    r"""Orthonormal basis of the columns of ``X (b n k)``, ``k ≤ n``: the Q of a thin QR, with :math:`\mathrm{diag}(R) \ge 0`.
+
+    The sign convention makes the result unique for full-rank input, so an
+    already orthonormal ``X`` comes back unchanged (up to round-off) and the column
+    order is kept: column ``j`` spans the part of ``X[:, j]`` orthogonal to the
+    previous columns. ``k = 0`` returns ``X``.
+    """
+    _check_batched("X", X)
+    if X.shape[-1] > X.shape[-2]:
+        raise ValueError(f"orthonormalize needs k ≤ n columns, got shape {tuple(X.shape)}")
+    if X.shape[-1] == 0:
+        return X
+    Q, R = torch.linalg.qr(X)
+    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    return Q * torch.where(signs == 0, torch.ones_like(signs), signs).unsqueeze(-2)
+
+
+def spread_columns(n: int, k: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    r"""A fixed, dense ``n × k`` matrix (cosines) used to complete a subspace; no column is a coordinate vector.
+
+    :math:`\Omega_{ij} = \cos(\pi (i + 1/2)(j + 1/3) / n)`: deterministic and in
+    general position with respect to coordinate subspaces.
+    """
+    i = torch.arange(n, dtype=torch.float64).unsqueeze(-1) + 0.5
+    j = torch.arange(k, dtype=torch.float64).unsqueeze(0) + 1.0 / 3.0
+    return torch.cos(math.pi * i * j / max(n, 1)).to(dtype=dtype, device=device)
+
+
+def top_right_singular(G: Tensor, r: int) -> Tensor:
+    r"""Orthonormal ``b n r``: the top ``r`` right singular vectors of each ``G (m n)``, completed when needed.
+
+    With :math:`G = P \Sigma V^\top` (thin SVD, singular values descending) the
+    first :math:`k = \min(r, m, n)` columns are :math:`V_{:, :k}`; the remaining
+    :math:`r - k` columns complete them with the part of the fixed
+    :func:`spread_columns` orthogonal to them (Gram–Schmidt order). Runs in
+    float64 when the solver fails in the input dtype.
+    """
+    _check_batched("G", G)
+    b, m, n = G.shape
+    if r > n:
+        raise ValueError(f"rank {r} exceeds the side {n}")
+    if r == 0:
+        return G.new_zeros(b, n, 0)
+    try:
+        _, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    except RuntimeError:
+        _, _, Vh = torch.linalg.svd(G.to(torch.float64), full_matrices=False)
+        Vh = Vh.to(G.dtype)
+    k = min(r, Vh.shape[-2])
+    V = Vh[:, :k, :].mT
+    if k < r:
+        extra = spread_columns(n, r - k, dtype=G.dtype, device=G.device).expand(b, n, r - k)
+        V = orthonormalize(torch.cat([V, extra], dim=-1))
+    return V
+
+
+def project_out_right(M: Tensor, U: Tensor) -> Tensor:
+    r"""The complement part :math:`M - (M U) U^\top` of ``M (b m n)`` for orthonormal ``U (b n r)``."""
+    _check_batched("M", M)
+    return M - (M @ U) @ U.mT
+
+
+def project_out_left(M: Tensor, U: Tensor) -> Tensor:
+    r"""The complement part :math:`M - U (U^\top M)` of ``M (b m n)`` for orthonormal ``U (b m r)``."""
+    _check_batched("M", M)
+    return M - U @ (U.mT @ M)
+
+
+def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, exponent: float, eps: float) -> Tensor:
+    r"""KL-Shampoo's scaling with ε outside the root of the eigenvalue product, ``b m 1 × b 1 n -> b m n``.
+
+    .. math::
+        s = \lambda_+^{p},\qquad P_{ij} = \frac{s_{L,i}\, s_{R,j}}{1 + \epsilon\, s_{L,i}\, s_{R,j}}
+        = \frac{1}{(\lambda_{L,i}\lambda_{R,j})^{-p} + \epsilon}
+
+    (kl_shampoo.md §6 step 2, :math:`p = -1/2`). A ``None`` side has :math:`s \equiv 1`.
+    Computed as :math:`1/(1/q + \epsilon)` with :math:`q = s_L s_R`, so an infinite
+    eigenvalue (:math:`q = 0`) gives 0 and a zero eigenvalue gives :math:`1/\epsilon`;
+    the undefined product :math:`0 \cdot \infty` gives 0.
+    """
+    if lam_L is None and lam_R is None:
+        raise ValueError("product_inverse_root_scale needs at least one side's eigenvalues")
+    sL = None if lam_L is None else lam_L.clamp(min=0.0).pow(exponent).unsqueeze(-1)
+    sR = None if lam_R is None else lam_R.clamp(min=0.0).pow(exponent).unsqueeze(-2)
+    q = sR if sL is None else (sL if sR is None else sL * sR)
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q)  # type: ignore[arg-type]
+    return 1.0 / (1.0 / q + eps)

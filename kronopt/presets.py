@@ -4,13 +4,15 @@ Each constant equals the file of the same name in ``configs/`` (tested), and its
 defaults equal its reference implementation's.
 """
 
+import attrs
+
 from .bases import EighBasis, IdentityBasis, QrBasis
 from .config import KronConfig, Route, Shapes
-from .factors import EmaKronFactors, NoFactors
-from .inner_rules import AdamInner, EigenvalueInner, OrthogonalizeInner
+from .factors import EmaKronFactors, KlKronFactors, NoFactors, ProjectorSplittingFactors
+from .inner_rules import AdamInner, AdamRank1Inner, EigenvalueInner, OrthogonalizeInner
 from .post import Post
 from .refresh import EveryRefresh
-from .splits import FullSplit
+from .splits import FullSplit, LowRankFlatSplit
 
 #: torch.optim.AdamW, exactly (its defaults and conventions).
 ADAMW = KronConfig(
@@ -79,4 +81,80 @@ MUON = KronConfig(
     ),
 )
 
-PRESETS: dict[str, KronConfig] = {"adamw": ADAMW, "soap": SOAP, "shampoo": SHAMPOO, "muon": MUON}
+#: DyKAF (Yudin et al. 2025): SOAP whose factors track the nearest Kronecker product of the
+#: Fisher EMA by projector splitting (KSL, EMA-consistent kron start); dykaf spec §11.
+DYKAF = KronConfig(
+    lr=3e-3,
+    weight_decay=1e-2,
+    skip_first_call=True,
+    factor_update="after",
+    factors=ProjectorSplittingFactors(beta=0.95, variant="ksl", init="kron"),
+    basis=QrBasis(),
+    inner=AdamInner(betas=(0.95, 0.95), eps=1e-8, eps_placement="before_correction"),
+    split=FullSplit(),
+    refresh=EveryRefresh(every=10, at_first_call=True),
+    post=Post(weight_decay_order="after"),
+    shapes=Shapes(max_dim=10000),
+)
+
+#: DyKAF with the rank-1 second moment l rᵀ (dykaf spec §7).
+DYKAF_RANK1 = KronConfig(
+    lr=3e-3,
+    weight_decay=1e-2,
+    skip_first_call=True,
+    factor_update="after",
+    factors=ProjectorSplittingFactors(beta=0.95, variant="ksl", init="kron"),
+    basis=QrBasis(),
+    inner=AdamRank1Inner(betas=(0.95, 0.95), eps=1e-8, eps_placement="before_correction"),
+    split=FullSplit(),
+    refresh=EveryRefresh(every=10, at_first_call=True),
+    post=Post(weight_decay_order="after"),
+    shapes=Shapes(max_dim=10000),
+)
+
+#: names routed to the fallback by the KL presets (embeddings and heads, as MUON)
+_KL_AUX_NAMES = (r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|lm_head|head|output)(\.|$)",)
+
+#: AdamW for what KL-Shampoo does not precondition (kl_shampoo.md §8): 1-D, embeddings, head.
+_KL_FALLBACK = KronConfig(
+    lr=1e-4,
+    weight_decay=0.0,
+    factors=NoFactors(),
+    basis=IdentityBasis(),
+    inner=AdamInner(betas=(0.9, 0.98), eps=1e-8, eps_placement="after_correction"),
+    split=FullSplit(),
+    refresh=EveryRefresh(every=1),
+    post=Post(weight_decay_order="before"),
+)
+
+#: KL-Shampoo (Lin et al. 2025), yorkerlin/KL-Methods optim/kl_opt.py KLOpt defaults, float32 state.
+KL_SHAMPOO = KronConfig(
+    lr=1e-4,
+    weight_decay=0.01,
+    skip_first_call=True,
+    factor_update="after",
+    factors=KlKronFactors(beta=0.98, init_factor=0.1, damping=0.0, clamping=True, max_clamp=4000.0),
+    basis=QrBasis(sort=False),
+    inner=EigenvalueInner(momentum=0.9, exponent=-0.5, eps=1e-8, eps_placement="product", bias_correction=False),
+    split=FullSplit(),
+    refresh=EveryRefresh(every=10, at_first_call=True),
+    post=Post(weight_decay_order="after"),
+    shapes=Shapes(max_dim=10000),
+    route=Route(vectors="fallback", fallback_names=_KL_AUX_NAMES),
+    fallback=_KL_FALLBACK,
+)
+
+#: KL-SOAP: KL-Shampoo's factors and basis, Adam (no bias correction) in the basis (kl_shampoo.md §7).
+KL_SOAP = attrs.evolve(
+    KL_SHAMPOO,
+    inner=AdamInner(betas=(0.9, 0.98), eps=1e-8, eps_placement="before_correction", bias_correction=False),
+)
+
+#: Pro-KLShampoo (reconstructed, docs/kl.md): KL-Shampoo with the larger side kept as rank
+#: min(128, d/4) + one flat eigenvalue and an orthogonalized complement.
+PRO_KL_SHAMPOO = attrs.evolve(
+    KL_SHAMPOO,
+    split=LowRankFlatSplit(rank=0.25, max_rank=128, side="larger", complement_scale="identity", complement_mult=1.0),
+)
+
+PRESETS: dict[str, KronConfig] = {"adamw": ADAMW, "soap": SOAP, "shampoo": SHAMPOO, "muon": MUON, "dykaf": DYKAF, "dykaf_rank1": DYKAF_RANK1, "kl_shampoo": KL_SHAMPOO, "kl_soap": KL_SOAP, "pro_kl_shampoo": PRO_KL_SHAMPOO}

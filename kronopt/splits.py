@@ -2,17 +2,24 @@ r"""Splits: the ``split`` slot.
 
 A split says how each rotated side of a block is represented and what happens to
 the part of the direction a restricted side does not cover. ``full`` keeps every
-rotated side as a full factor and adds nothing.
+rotated side as a full factor and adds nothing; ``lowrank_flat`` keeps one side as a
+rank-r subspace plus a flat eigenvalue and orthogonalizes the complement.
 """
 
+import math
 from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import attrs
 import torch
 from torch import Tensor
 
+from . import linalg
+from ._validators import ge, gt, in_, le, to_float, to_int, to_str
 from .registry import SPLITS
 from .types import Layout, NoState, SideKind, StepContext
+
+_NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 @SPLITS.register("full", description="every rotated side is a full factor; no complement")
@@ -30,3 +37,135 @@ class FullSplit:
         self, state: NoState, G: Tensor, D: Tensor, ctx: StepContext, moment: Callable[[], Tensor]
     ) -> tuple[Tensor, NoState]:
         return D, state
+
+
+def _rank(value: Any) -> int | float:
+    """An integer rank (≥ 0) or a fraction of the side (a float in ``[0, 1]``); TOML keeps the type."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"must be an integer rank or a fraction in [0, 1], got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"must be ≥ 0, got {value!r}")
+        return value
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"a fractional rank must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+_SCALE_RULES = ("identity", "muon", "match_rms_adamw")
+
+
+def _scale_rule(value: Any) -> str | float:
+    """A named complement scale rule or a positive number."""
+    if isinstance(value, str):
+        if value not in _SCALE_RULES:
+            raise ValueError(f"must be one of {', '.join(map(repr, _SCALE_RULES))} or a number > 0, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"must be one of {', '.join(map(repr, _SCALE_RULES))} or a number > 0, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"a numeric complement scale must be > 0, got {value!r}")
+    return float(value)
+
+
+@SPLITS.register(
+    "lowrank_flat",
+    description="Pro-KLShampoo: one side kept as a rank-r subspace + one flat eigenvalue; the complement of the "
+    "momentum is orthogonalized (reads ctx.basis, ctx.layout, the inner rule's moment())",
+)
+@attrs.frozen(kw_only=True)
+class LowRankFlatSplit:
+    r"""Low-rank + flat side with an orthogonalized complement (Pro-KLShampoo, reconstructed).
+
+    On the chosen side (``side``; right shown) the factor is
+    :math:`\hat R = U S U^\top + \mu P_\perp`, :math:`U` ``(b n r)`` orthonormal and
+    :math:`P_\perp = I - U U^\top`: the factor estimator and the basis keep only
+    :math:`U, S, \mu` (``Layout`` kind ``"restricted"``), the inner rule gives the
+    subspace block, and this stage adds the complement block
+
+    .. math::
+        D \leftarrow D + c \cdot \mathrm{NS}\big(M - (M U) U^\top\big)
+
+    with :math:`M` the inner rule's first moment (``moment()``) and NS the Newton–Schulz
+    iteration of :func:`kronopt.linalg.newton_schulz`. The identity of
+    pro_kl_shampoo.md §4 makes this the whitened complement of full KL-Shampoo when
+    :math:`c = \sqrt{n - r}` (``complement_scale = "identity"``); alternatives:
+    ``"muon"`` :math:`\sqrt{\max(1, m/n)}`, ``"match_rms_adamw"``
+    :math:`0.2\sqrt{\max(m, n)}`, or a number; times ``complement_mult``.
+
+    The rank is ``rank`` (an integer) or ``floor(rank · d)`` (a float fraction),
+    capped at ``max_rank`` when that is > 0. A rank ``≥ d`` keeps the side ``"full"``:
+    the block is then exactly KL-Shampoo's (no complement). A side the shape policy
+    does not rotate is never restricted.
+
+    Attributes:
+        rank: integer rank ≥ 0 or fraction of the side in ``[0, 1]``.
+        max_rank: cap on the rank (0: none).
+        side: ``"larger"`` (right when square), ``"left"`` or ``"right"``.
+        complement_scale: ``"identity"``, ``"muon"``, ``"match_rms_adamw"`` or a number > 0.
+        complement_mult: extra factor > 0.
+        ns_coefficients: Newton–Schulz schedule (:data:`kronopt.linalg.NS_SCHEDULES`).
+        ns_steps: iterations (1–99).
+        ns_dtype: arithmetic dtype of the iteration.
+        ns_eps: norm floor.
+    """
+
+    restricts: ClassVar[bool] = True
+    rank: int | float = attrs.field(default=0.25, converter=_rank)
+    max_rank: int = attrs.field(default=128, converter=to_int, validator=ge(0))
+    side: Literal["larger", "left", "right"] = attrs.field(
+        default="larger", converter=to_str, validator=in_(("larger", "left", "right"))
+    )
+    complement_scale: str | float = attrs.field(default="identity", converter=_scale_rule)
+    complement_mult: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
+    ns_coefficients: str = attrs.field(default="kj", converter=to_str, validator=in_(tuple(linalg.NS_SCHEDULES)))
+    ns_steps: int = attrs.field(default=5, converter=to_int, validator=[ge(1), le(99)])
+    ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(_NS_DTYPES)))
+    ns_eps: float = attrs.field(default=1e-7, converter=to_float, validator=gt(0.0))
+
+    def resolve_rank(self, d: int) -> int:
+        """The rank on a side of size ``d`` (may be ``≥ d``: then the side stays full)."""
+        r = self.rank if isinstance(self.rank, int) else math.floor(self.rank * d)
+        return min(r, self.max_rank) if self.max_rank > 0 else r
+
+    def sides(self, m: int, n: int, rotated: tuple[bool, bool]) -> tuple[tuple[SideKind, int], tuple[SideKind, int]]:
+        kinds: list[tuple[SideKind, int]] = [("full" if rotated[0] else "none", 0), ("full" if rotated[1] else "none", 0)]
+        which = {"left": 0, "right": 1, "larger": 0 if m > n else 1}[self.side]
+        d = (m, n)[which]
+        r = self.resolve_rank(d)
+        if rotated[which] and r < d:
+            kinds[which] = ("restricted", r)
+        return kinds[0], kinds[1]
+
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> NoState:
+        return NoState()
+
+    def scale(self, layout: Layout) -> float:
+        """The complement factor :math:`c` times ``complement_mult`` for ``layout``."""
+        m, n = layout.m, layout.n
+        if self.complement_scale == "identity":
+            d, r = (m, layout.rank_left) if layout.left == "restricted" else (n, layout.rank_right)
+            c = math.sqrt(d - r)
+        elif self.complement_scale == "muon":
+            c = linalg.muon_scale(m, n, "original")
+        elif self.complement_scale == "match_rms_adamw":
+            c = linalg.muon_scale(m, n, "match_rms_adamw")
+        else:
+            c = float(self.complement_scale)
+        return c * self.complement_mult
+
+    def complement(
+        self, state: NoState, G: Tensor, D: Tensor, ctx: StepContext, moment: Callable[[], Tensor]
+    ) -> tuple[Tensor, NoState]:
+        layout = ctx.layout
+        if layout.left == "restricted":
+            C = linalg.project_out_left(moment(), ctx.basis.Q_L)  # type: ignore[arg-type]
+        elif layout.right == "restricted":
+            C = linalg.project_out_right(moment(), ctx.basis.Q_R)  # type: ignore[arg-type]
+        else:
+            return D, state
+        coefficients, beyond = linalg.NS_SCHEDULES[self.ns_coefficients]
+        O = linalg.newton_schulz(
+            C, linalg.ns_coefficients(coefficients, self.ns_steps, beyond), eps=self.ns_eps, dtype=_NS_DTYPES[self.ns_dtype]
+        ).to(D.dtype)
+        return D + self.scale(layout) * O, state

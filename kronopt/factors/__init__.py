@@ -6,5 +6,7 @@ A factor estimator keeps Kronecker factors :math:`L` ``(b m m)`` and :math:`R`
 """
 
 from .ema import EmaKronFactors, KronFactorsState, NoFactors
+from .projector_splitting import ProjectorSplittingFactors, ProjectorSplittingState
+from .kl import KlFactorsState, KlKronFactors
 
-__all__ = ["EmaKronFactors", "KronFactorsState", "NoFactors"]
+__all__ = ["EmaKronFactors", "KlFactorsState", "KlKronFactors", "KronFactorsState", "NoFactors", "ProjectorSplittingFactors", "ProjectorSplittingState"]

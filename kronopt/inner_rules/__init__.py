@@ -9,8 +9,9 @@ it keeps in that basis; a rule that keeps rotated state follows each refresh in
 
 from ._common import MomentumState
 from .adam import AdamInner, AdamState
+from .adam_rank1 import AdamRank1Inner, AdamRank1State
 from .eigenvalue import EigenvalueInner
 from .orthogonalize import OrthogonalizeInner
 from .sgd import SgdInner
 
-__all__ = ["AdamInner", "AdamState", "EigenvalueInner", "MomentumState", "OrthogonalizeInner", "SgdInner"]
+__all__ = ["AdamInner", "AdamRank1Inner", "AdamRank1State", "AdamState", "EigenvalueInner", "MomentumState", "OrthogonalizeInner", "SgdInner"]

@@ -20,12 +20,20 @@ class EigenvalueInner:
     .. math::
         m \leftarrow \beta m + (1-\beta) G,\qquad
         D = Q_L\, \big(s_L s_R^\top \odot Q_L^\top \hat m Q_R\big)\, Q_R^\top,\qquad
-        s = (\lambda_+ + \epsilon)^{p}\ \text{(inside)}\ \text{or}\ (\lambda_+^{-p'} + \epsilon)^{-1}\ \text{(outside)}
+        s = (\lambda_+ + \epsilon)^{p}\ \text{(inside)}\ \text{or}\ (\lambda_+^{-p} + \epsilon)^{-1}\ \text{(outside)}
 
-    with :math:`\lambda_+ = \max(\lambda, 0)`, :math:`p` = ``exponent`` (−1/4 for
+    or, with ``eps_placement = "product"`` (KL-Shampoo, kl_shampoo.md §6 step 2), ε
+    outside the root of the eigenvalue *product*:
+    :math:`P_{ij} = s_{L,i} s_{R,j} / (1 + \epsilon\, s_{L,i} s_{R,j})` with
+    :math:`s = \lambda_+^{p}`, i.e. :math:`1/((\lambda_{L,i}\lambda_{R,j})^{-p} + \epsilon)`;
+    :math:`\lambda = +\infty` gives a zero step along that direction. With :math:`\lambda_+ = \max(\lambda, 0)`, :math:`p` = ``exponent`` (−1/4 for
     Shampoo, −1/2 for Shampoo^{1/2}) and :math:`\hat m = m/(1-\beta^t)`. ``"inside"``
     is Distributed Shampoo's ε placement; ``"outside"`` adds ε to
     :math:`\lambda^{-p}` (the root) instead. A side that is not rotated scales by 1.
+    On a restricted side ``ctx.basis`` holds the subspace :math:`U` ``(b d r)`` and the
+    rule yields the subspace block :math:`Q_L (Q_L^\top M U \odot P) U^\top`; the split
+    adds the complement. ``normalize`` divides the direction by
+    :math:`10^{-30} + \mathrm{RMS}(D)` per block (KL-Shampoo's ``normalize_grads``).
     The momentum lives in the original coordinates, so a refresh needs no
     rotation. Before the first refresh the scaling is 1 (the direction is the
     momentum; Shampoo's grafting replaces it, see :mod:`kronopt.post`).
@@ -34,18 +42,21 @@ class EigenvalueInner:
         momentum: :math:`\beta \in [0, 1)` (EMA form).
         exponent: :math:`p < 0`.
         eps: :math:`\epsilon \ge 0`.
-        eps_placement: ``"inside"`` or ``"outside"`` the root.
+        eps_placement: ``"inside"`` or ``"outside"`` the root per side, or ``"product"``.
         bias_correction: divide the momentum by :math:`1-\beta^t`.
+        normalize: divide the direction by its RMS per block.
     """
 
     needs_eigvals: ClassVar[bool] = True
+    supports_restricted: ClassVar[bool] = True
     momentum: float = attrs.field(default=0.9, converter=to_float, validator=[ge(0.0), lt(1.0)])
     exponent: float = attrs.field(default=-0.25, converter=to_float, validator=[lt(0.0), ge(-1.0)])
     eps: float = attrs.field(default=1e-12, converter=to_float, validator=ge(0.0))
-    eps_placement: Literal["inside", "outside"] = attrs.field(
-        default="inside", converter=to_str, validator=in_(("inside", "outside"))
+    eps_placement: Literal["inside", "outside", "product"] = attrs.field(
+        default="inside", converter=to_str, validator=in_(("inside", "outside", "product"))
     )
     bias_correction: bool = attrs.field(default=True, converter=to_bool)
+    normalize: bool = attrs.field(default=False, converter=to_bool)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> MomentumState:
         return MomentumState(_zeros(layout, dtype, device))
@@ -65,11 +76,20 @@ class EigenvalueInner:
             return m_hat, MomentumState(m)
         P = linalg.rotate(m_hat, basis.Q_L, basis.Q_R)
         lam_L, lam_R = ctx.eigvals
-        if lam_L is not None:
-            P = P * self._scale(lam_L).unsqueeze(-1)
-        if lam_R is not None:
-            P = P * self._scale(lam_R).unsqueeze(-2)
-        return linalg.unrotate(P, basis.Q_L, basis.Q_R), MomentumState(m)
+        if self.eps_placement == "product":
+            if lam_L is None and lam_R is None:  # no rotated side: s ≡ 1 on both
+                P = P / (1.0 + self.eps)
+            else:
+                P = P * linalg.product_inverse_root_scale(lam_L, lam_R, self.exponent, self.eps)
+        else:
+            if lam_L is not None:
+                P = P * self._scale(lam_L).unsqueeze(-1)
+            if lam_R is not None:
+                P = P * self._scale(lam_R).unsqueeze(-2)
+        D = linalg.unrotate(P, basis.Q_L, basis.Q_R)
+        if self.normalize:
+            D = D / (1e-30 + D.square().mean(dim=(-2, -1), keepdim=True).sqrt())
+        return D, MomentumState(m)
 
     def moment(self, state: MomentumState, ctx: StepContext) -> Tensor:
         """The momentum buffer (original coordinates)."""

@@ -68,6 +68,13 @@ def _preferred_dict(slot, key):
         raw["factors"] = {"type": "ema"}
     if slot == "factors" and not getattr(cls, "provides_factors", False):
         raw["basis"] = {"type": "identity"}
+    if slot == "split" and getattr(cls, "restricts", False):
+        # a restricted side needs stages that support it (config._check_compatible): pick the
+        # built-in ones that do, preferring the preset that uses such a split (pro_kl_shampoo)
+        for companion in ("factors", "basis", "inner"):
+            able = [e.key for e in SLOTS[companion].entries(load_plugins=False) if getattr(e.cls, "supports_restricted", False)]
+            if able and not getattr(_cls(companion, raw[companion]["type"]), "supports_restricted", False):
+                raw[companion] = {"type": able[0]}
     return raw
 
 

@@ -1,0 +1,340 @@
+r"""The ``kl`` factor estimator: KL-Shampoo's two-sided factors with tracked eigenvalues.
+
+Specs: ``shared/specs/kl_shampoo.md`` §5–§6 (full sides) and
+``shared/specs/pro_kl_shampoo.md`` §6–§7 (a restricted side; reconstructed, see
+``docs/kl.md``).
+"""
+
+from typing import ClassVar, Literal
+
+import attrs
+import torch
+from torch import Tensor
+
+from .. import linalg
+from .._validators import ge, gt, in_, lt, to_bool, to_float, to_str
+from ..registry import FACTORS
+from ..types import BasisChange, Layout, StepContext
+
+
+@attrs.frozen(eq=False)
+class KlFactorsState:
+    """State of the ``kl`` estimator; every field is ``None`` on a side that does not use it.
+
+    Full side (left shown): ``L (b m m)`` the factor EMA, ``s_L (b m)`` the tracked
+    inverse roots :math:`\\lambda^{-1/2}` attached to the basis columns.
+    Restricted side (rank ``r``): ``sub_L (b r r)`` the factor in the subspace
+    coordinates :math:`U^\\top \\hat L U`, ``s_L (b r)`` the tracked inverse roots of
+    its eigenvalue estimates, ``mu_L (b)`` the flat eigenvalue of the complement and
+    ``power_L (b m r)`` the action :math:`\\hat L_{new} U` that the basis stage turns
+    into the next subspace.
+    """
+
+    L: Tensor | None
+    R: Tensor | None
+    s_L: Tensor | None
+    s_R: Tensor | None
+    sub_L: Tensor | None = None
+    sub_R: Tensor | None = None
+    mu_L: Tensor | None = None
+    mu_R: Tensor | None = None
+    power_L: Tensor | None = None
+    power_R: Tensor | None = None
+
+
+@attrs.frozen(eq=False)
+class _Side:
+    """One side of a block, as seen by the update (internal)."""
+
+    kind: str
+    d: int
+    rank: int
+    Q: Tensor | None  # basis (b d d) or subspace U (b d r); None: identity
+    F: Tensor | None  # full factor (b d d)
+    s: Tensor | None  # inverse roots (b d) / (b r); None: ones
+    sub: Tensor | None = None
+    mu: Tensor | None = None
+    power: Tensor | None = None
+
+
+def _sides(state: KlFactorsState, layout: Layout, ctx: StepContext) -> tuple[_Side, _Side]:
+    basis = ctx.basis
+    left = _Side(layout.left, layout.m, layout.rank_left, basis.Q_L, state.L, state.s_L, state.sub_L, state.mu_L, state.power_L)
+    right = _Side(layout.right, layout.n, layout.rank_right, basis.Q_R, state.R, state.s_R, state.sub_R, state.mu_R, state.power_R)
+    return left, right
+
+
+def _pack(left: _Side, right: _Side) -> KlFactorsState:
+    return KlFactorsState(
+        L=left.F, R=right.F, s_L=left.s, s_R=right.s,
+        sub_L=left.sub, sub_R=right.sub, mu_L=left.mu, mu_R=right.mu, power_L=left.power, power_R=right.power,
+    )
+
+
+def _mean_inverse(side: _Side, like: Tensor) -> Tensor:
+    """Mean eigenvalue of the side's inverse factor, ``(b 1)``: ``mean(s²)`` (1 on a ``none`` side)."""
+    if side.s is None:
+        return torch.ones(like.shape[0], 1, dtype=like.dtype, device=like.device)
+    total = side.s.square().sum(-1, keepdim=True)
+    if side.kind == "restricted":
+        total = total + (side.d - side.rank) / side.mu.unsqueeze(-1)  # type: ignore[union-attr]
+    return total / side.d
+
+
+@FACTORS.register(
+    "kl",
+    description="KL-Shampoo: each factor from G and the other factor's tracked inverse; eigenvalues tracked per step "
+    "(reads ctx.step, ctx.basis)",
+)
+@attrs.frozen(kw_only=True)
+class KlKronFactors:
+    r"""KL-Shampoo's factors: the two-sided KL (matrix-normal) estimate with tracked eigenvalues.
+
+    Per call, from the **old** basis :math:`Q` and inverse roots :math:`s = \lambda^{-1/2}`
+    (both sides simultaneously, :math:`\hat R^{-1} = Q_R\,\mathrm{diag}(s_R^2)\,Q_R^\top`):
+
+    .. math::
+        L \leftarrow \rho L + \tfrac{1-\rho}{n}\, G \hat R^{-1} G^\top,\qquad
+        R \leftarrow \rho R + \tfrac{1-\rho}{m}\, G^\top \hat L^{-1} G,
+
+        H = Q_L^\top G Q_R,\quad d_{L,i} = \tfrac1n \textstyle\sum_j H_{ij}^2 s_{R,j}^2 + \kappa\,\overline{s_R^2},\quad
+        \lambda_L \leftarrow \rho \lambda_L + (1-\rho)\, d_L
+
+    and likewise on the right; :math:`s = \min(\lambda^{-1/2}, c)` with
+    :math:`c = \max(10, \min(d, c_{\max}))` (:func:`kronopt.linalg.tracked_inverse_root_ema`).
+    The first call (``ctx.step == 0``) only sets :math:`L = (1-\rho) G G^\top / n`,
+    :math:`R = (1-\rho) G^\top G / m` and keeps :math:`\lambda` = ``init_factor``.
+    A side that is not rotated acts as the identity (:math:`s \equiv 1`).
+
+    The eigenvalue estimates go to the inner rule through ``eigvals`` (as
+    :math:`\lambda = 1/s^2`); they stay attached to the basis columns, so a refresh
+    that permutes columns permutes them (:meth:`on_basis_change`).
+
+    **Restricted side** (rank ``r``, right shown; pro_kl_shampoo.md §6): the factor
+    is :math:`\hat R = U S U^\top + \mu P_\perp` with :math:`U` = ``ctx.basis.Q_R``
+    ``(b n r)``. With :math:`Y = G U`, :math:`G_\perp = G - Y U^\top`,
+    :math:`\hat G = \mathrm{diag}(s_L) Q_L^\top G`, :math:`\hat Y = \hat G U`:
+
+    .. math::
+        L \leftarrow \rho L + \tfrac{1-\rho}{n}\big[Y \mathrm{diag}(s_R^2) Y^\top + \mu^{-1} G_\perp G_\perp^\top\big],\quad
+        S \leftarrow \rho S + \tfrac{1-\rho}{m} \hat Y^\top \hat Y,\quad
+        \mu \leftarrow \rho\mu + \tfrac{1-\rho}{m(n-r)} \|\mathrm{diag}(s_L) Q_L^\top G_\perp\|_F^2,
+
+    :math:`s_R` tracks :math:`\mathrm{diag}(\hat Y^\top \hat Y)/m` like a full side,
+    and the power product :math:`P = \hat R_{new} U = \rho U S_{old} + \tfrac{1-\rho}{m}\hat G^\top \hat Y`
+    (``tracker = "power"``) or its EMA over the refresh period (``"sketch"``) is
+    what :meth:`factors` returns for the basis stage. On the first call :math:`U` is
+    initialised to the top-``r`` right singular vectors of :math:`G` (returned as
+    :math:`P`), :math:`S = (1-\rho) U^\top G^\top G U / m`, :math:`\mu` =
+    ``init_factor``. When the basis moves :math:`U \to U'`, :math:`(S, \mu, s)` are
+    re-projected onto the new family (trace preserved; :meth:`on_basis_change`).
+
+    Attributes:
+        beta: factor retention :math:`\rho \in [0, 1)` (the reference's ``shampoo_beta``, = β₂).
+        init_factor: start value of every eigenvalue estimate (and of :math:`\mu`), > 0.
+        damping: :math:`\kappa \ge 0` added as :math:`\kappa \cdot \mathrm{mean}(s_{other}^2)` to the
+            eigenvalue statistics (the reference uses κ = eps with ``using_damping``; 0 = off).
+        clamping: cap :math:`s` at :math:`c` (and floor :math:`\mu` at :math:`1/c^2`).
+        max_clamp: :math:`c_{\max} \ge 1`.
+        tracker: how a restricted side's power product is formed: ``"power"`` (this
+            step's gradient only) or ``"sketch"`` (EMA over the refresh period).
+
+    Invariants:
+        Factors exactly symmetric and PSD; inverse roots finite and in ``[0, c]``
+        (``tests/unit/test_kl_factors.py``).
+    """
+
+    provides_factors: ClassVar[bool] = True
+    provides_eigvals: ClassVar[bool] = True
+    supports_restricted: ClassVar[bool] = True
+
+    beta: float = attrs.field(default=0.98, converter=to_float, validator=[ge(0.0), lt(1.0)])
+    init_factor: float = attrs.field(default=0.1, converter=to_float, validator=gt(0.0))
+    damping: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
+    clamping: bool = attrs.field(default=True, converter=to_bool)
+    max_clamp: float = attrs.field(default=4000.0, converter=to_float, validator=ge(1.0))
+    tracker: Literal["power", "sketch"] = attrs.field(
+        default="power", converter=to_str, validator=in_(("power", "sketch"))
+    )
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _clamp(self, d: int) -> float | None:
+        return linalg.kl_clamp_value(d, self.max_clamp) if self.clamping else None
+
+    def _mu_floor(self, d: int, like: Tensor) -> float:
+        c = self._clamp(d)
+        return 1.0 / (c * c) if c is not None else torch.finfo(like.dtype).tiny
+
+    # -- protocol --------------------------------------------------------------------------
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> KlFactorsState:
+        if layout.left == "restricted" and layout.right == "restricted":
+            raise ValueError("factors 'kl' supports at most one restricted side per block")
+        b = layout.batch
+        s0 = self.init_factor**-0.5
+        kw = {"dtype": dtype, "device": device}
+        out: dict[str, Tensor | None] = {}
+        for side, kind, d, r in (("L", layout.left, layout.m, layout.rank_left), ("R", layout.right, layout.n, layout.rank_right)):
+            out[side] = torch.zeros(b, d, d, **kw) if kind == "full" else None
+            k = d if kind == "full" else r
+            out["s_" + side] = torch.full((b, k), s0, **kw) if kind in ("full", "restricted") else None
+            restricted = kind == "restricted"
+            out["sub_" + side] = torch.zeros(b, r, r, **kw) if restricted else None
+            out["mu_" + side] = torch.full((b,), self.init_factor, **kw) if restricted else None
+            out["power_" + side] = torch.zeros(b, d, r, **kw) if restricted else None
+        return KlFactorsState(**out)
+
+    def factors(self, state: KlFactorsState) -> tuple[Tensor | None, Tensor | None]:
+        """``(L, R)``; on a restricted side the power product ``(b d r)`` instead of a factor."""
+        return (
+            state.L if state.power_L is None else state.power_L,
+            state.R if state.power_R is None else state.power_R,
+        )
+
+    def eigvals(self, state: KlFactorsState) -> tuple[Tensor | None, Tensor | None]:
+        """The tracked eigenvalue estimates :math:`\\lambda = 1/s^2` per basis column (``+inf`` where ``s = 0``)."""
+        return (
+            None if state.s_L is None else linalg.inverse_square(state.s_L),
+            None if state.s_R is None else linalg.inverse_square(state.s_R),
+        )
+
+    def update(self, state: KlFactorsState, G: Tensor, ctx: StepContext) -> KlFactorsState:
+        left, right = _sides(state, ctx.layout, ctx)
+        if left.kind == "restricted":
+            new_right, new_left = self._update(G.mT, right, left, first=ctx.step == 0)
+        else:
+            new_left, new_right = self._update(G, left, right, first=ctx.step == 0)
+        return _pack(new_left, new_right)
+
+    def on_basis_change(self, state: KlFactorsState, change: BasisChange) -> KlFactorsState:
+        """Keep the estimates attached to their columns; re-project a restricted side onto its new subspace."""
+        out = {}
+        for side, perm in (("L", change.perm_L), ("R", change.perm_R)):
+            s = getattr(state, "s_" + side)
+            if getattr(state, "sub_" + side) is not None:
+                out.update(self._reproject(state, side, change))
+            elif s is not None and perm is not None:
+                out["s_" + side] = torch.gather(s, -1, perm)
+        return attrs.evolve(state, **out)
+
+    # -- the update, with the restricted side (if any) on the right --------------------------
+    def _update(self, G: Tensor, left: _Side, right: _Side, *, first: bool) -> tuple[_Side, _Side]:
+        rho = self.beta
+        m, n = G.shape[-2], G.shape[-1]
+        if first:
+            return self._first(G, left, right)
+        Gl = G if left.Q is None else left.Q.mT @ G  # Q_Lᵀ G
+        sL = None if left.s is None else left.s.unsqueeze(-1)  # (b m 1)
+        if right.kind == "restricted":
+            return self._update_restricted(G, Gl, sL, left, right)
+        GQ = G if right.Q is None else G @ right.Q  # G Q_R
+        H = Gl if right.Q is None else Gl @ right.Q  # Q_Lᵀ G Q_R
+        H2 = H.square()
+        sR = None if right.s is None else right.s.unsqueeze(-2)  # (b 1 n)
+        new_left, new_right = left, right
+        if left.F is not None:
+            A = GQ if sR is None else GQ * sR
+            F = linalg.accumulate_gram_left(left.F, A, rho, (1 - rho) / n)
+            d_L = (H2 if sR is None else H2 * sR.square()).sum(-1) / n
+            d_L = d_L + self.damping * _mean_inverse(right, G) if self.damping else d_L
+            s = linalg.tracked_inverse_root_ema(left.s, d_L, rho, self._clamp(m))  # type: ignore[arg-type]
+            new_left = attrs.evolve(left, F=F, s=s)
+        if right.F is not None:
+            B = Gl if sL is None else Gl * sL
+            F = linalg.accumulate_gram_right(right.F, B, rho, (1 - rho) / m)
+            d_R = (H2 if sL is None else H2 * sL.square()).sum(-2) / m
+            d_R = d_R + self.damping * _mean_inverse(left, G) if self.damping else d_R
+            s = linalg.tracked_inverse_root_ema(right.s, d_R, rho, self._clamp(n))  # type: ignore[arg-type]
+            new_right = attrs.evolve(right, F=F, s=s)
+        return new_left, new_right
+
+    def _update_restricted(
+        self, G: Tensor, Gl: Tensor, sL: Tensor | None, left: _Side, right: _Side
+    ) -> tuple[_Side, _Side]:
+        rho = self.beta
+        m, n, r = G.shape[-2], G.shape[-1], right.rank
+        U, tau, mu = right.Q, right.s, right.mu
+        assert U is not None and tau is not None and mu is not None and right.sub is not None
+        Y = G @ U  # (b m r)
+        Gc = linalg.project_out_right(G, U)  # G P⊥
+        Hy = Gl @ U  # Q_Lᵀ G U
+        Hc = Gl - Hy @ U.mT  # Q_Lᵀ G P⊥
+        inv_mu = (1.0 / mu).view(-1, 1, 1)
+        new_left = left
+        if left.F is not None:
+            F = linalg.accumulate_gram_left(left.F, Y * tau.unsqueeze(-2), rho, (1 - rho) / n)
+            F = linalg.accumulate_gram_left(F, Gc * inv_mu.sqrt(), 1.0, (1 - rho) / n)
+            d_L = ((Hy.square() * tau.square().unsqueeze(-2)).sum(-1) + inv_mu.squeeze(-1) * Hc.square().sum(-1)) / n
+            d_L = d_L + self.damping * _mean_inverse(right, G) if self.damping else d_L
+            s = linalg.tracked_inverse_root_ema(left.s, d_L, rho, self._clamp(m))  # type: ignore[arg-type]
+            new_left = attrs.evolve(left, F=F, s=s)
+        Yh = Hy if sL is None else Hy * sL  # Ŷ = diag(s_L) Q_Lᵀ G U
+        Gh = Gl if sL is None else Gl * sL  # Ĝ
+        Hch = Hc if sL is None else Hc * sL
+        sub = linalg.accumulate_gram_right(right.sub, Yh, rho, (1 - rho) / m)
+        extra = self.damping * _mean_inverse(left, G) if self.damping else 0.0
+        d_R = Yh.square().sum(-2) / m + extra
+        tau = linalg.tracked_inverse_root_ema(tau, d_R, rho, self._clamp(n))
+        d_mu = Hch.square().sum((-2, -1)) / (m * max(n - r, 1))
+        if self.damping:
+            d_mu = d_mu + extra.squeeze(-1)  # type: ignore[union-attr]
+        mu_new = torch.lerp(mu, d_mu, 1 - rho).nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(n, mu))
+        step = (1 - rho) / m * (Gh.mT @ Yh)  # (1-ρ)/m Ĝᵀ Ŷ
+        if self.tracker == "power":
+            power = torch.baddbmm(step, U, right.sub, beta=1.0, alpha=rho)
+        else:
+            power = torch.add(step, right.power, alpha=rho)  # type: ignore[arg-type]
+        return new_left, attrs.evolve(right, sub=sub, s=tau, mu=mu_new, power=power)
+
+    def _first(self, G: Tensor, left: _Side, right: _Side) -> tuple[_Side, _Side]:
+        """kl_shampoo.md §5: factors from G alone, eigenvalue estimates stay at ``init_factor``."""
+        rho = self.beta
+        m, n = G.shape[-2], G.shape[-1]
+        new_left, new_right = left, right
+        if left.F is not None:
+            new_left = attrs.evolve(left, F=linalg.accumulate_gram_left(torch.zeros_like(left.F), G, 0.0, (1 - rho) / n))
+        if right.F is not None:
+            new_right = attrs.evolve(right, F=linalg.accumulate_gram_right(torch.zeros_like(right.F), G, 0.0, (1 - rho) / m))
+        elif right.kind == "restricted":
+            U0 = linalg.top_right_singular(G, right.rank)
+            Y = G @ U0
+            sub = linalg.accumulate_gram_right(torch.zeros_like(right.sub), Y, 0.0, (1 - rho) / m)  # type: ignore[arg-type]
+            new_right = attrs.evolve(right, sub=sub, power=U0)
+        return new_left, new_right
+
+    def _reproject(self, state: KlFactorsState, side: str, change: BasisChange) -> dict[str, Tensor]:
+        r"""Project :math:`(S, \mu, s)` of a restricted side onto the new subspace (pro_kl_shampoo.md §7).
+
+        With :math:`T = U'^\top U`: :math:`S' = T S T^\top + \mu (I - T T^\top)`,
+        :math:`\mu' = (\mathrm{tr} S + (n-r)\mu - \mathrm{tr} S')/(n-r)` (floored), and the
+        tracked eigenvalues :math:`\sigma'_j = \sum_k T_{jk}^2 \sigma_k + \mu (1 - \sum_k T_{jk}^2)`.
+        Before the first refresh the state is already expressed in the initial
+        subspace (the first call's power product), so it is kept.
+        """
+        sub, mu, s, power = (getattr(state, f"{name}_{side}") for name in ("sub", "mu", "s", "power"))
+        U_new = getattr(change.new, "Q_" + side)
+        if not change.old.ready:
+            out = {}
+            if self.tracker == "sketch":
+                out["power_" + side] = U_new @ sub
+            return out
+        U_old = getattr(change.old, "Q_" + side)
+        d, r = U_new.shape[-2], U_new.shape[-1]
+        T = U_new.mT @ U_old  # (b r r)
+        T2 = T.square()
+        mu_ = mu.view(-1, 1, 1)
+        eye = torch.eye(r, dtype=sub.dtype, device=sub.device)
+        sub_new = linalg.sym(T @ sub @ T.mT + mu_ * (eye - T @ T.mT))
+        trace = lambda X: torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+        k = max(d - r, 1)
+        mu_new = ((trace(sub) + (d - r) * mu - trace(sub_new)) / k).nan_to_num(nan=self.init_factor)
+        mu_new = mu_new.clamp(min=self._mu_floor(d, mu))
+        lam = linalg.finite_or_zero(1.0 / s.square())
+        lam_new = (T2 @ lam.unsqueeze(-1)).squeeze(-1) + mu.unsqueeze(-1) * (1 - T2.sum(-1))
+        s_new = linalg.finite_or_zero(lam_new.clamp(min=0.0).rsqrt())
+        c = self._clamp(d)
+        if c is not None:
+            s_new = s_new.clamp(max=c)
+        out = {"sub_" + side: sub_new, "mu_" + side: mu_new, "s_" + side: s_new}
+        if self.tracker == "sketch":
+            out["power_" + side] = U_new @ sub_new
+        return out

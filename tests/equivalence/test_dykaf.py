@@ -1,0 +1,149 @@
+"""The dykaf presets against the clean-room float64 reference of tests/reference/dykaf.py."""
+
+import pytest
+import torch
+
+import kronopt
+from tests.reference.dykaf import dykaf_reference
+
+SHAPES = [(6, 4), (4, 6), (5, 5), (7,), (6, 4)]
+
+
+def _grads(gen, shapes, steps, *, first="single"):
+    """Gaussian gradients; the first one made well posed for step-for-step comparison.
+
+    The kron start is rank one (u₁u₁ᵀ, v₁v₁ᵀ), so the first eigh basis is u₁ plus an arbitrary
+    completion fixed by round-off (spec §5), and two correct implementations diverge there.
+    With a single nonzero entry in G₁, u₁ and v₁ are coordinate vectors and the first factors
+    are diagonal, whose eigenvectors are exact. ``first="surplus"`` is the soap trick for a
+    full-rank-as-possible G₁ (zero rows/columns beyond min(m, n)); ``"random"`` keeps G₁.
+    """
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+    for g in grads[0]:
+        if g.ndim != 2:
+            continue
+        m, n = g.shape
+        if first == "single":
+            value = g[1, 2].item()
+            g.zero_()
+            g[1, 2] = value
+        elif first == "surplus":
+            g[min(m, n) :, :] = 0.0
+            g[:, min(m, n) :] = 0.0
+    return grads
+
+
+def _run(opt, params, grads):
+    history = []
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+KEYMAP = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "precondition_frequency": "refresh.every",
+    "betas": "inner.betas",
+    "shampoo_beta": "factors.beta",
+    "max_precond_dim": "shapes.max_dim",
+    "variant": "factors.variant",
+    "init": "factors.init",
+    "one_sided": "factors.one_sided",
+}
+
+
+@pytest.mark.parametrize(
+    "options,first",
+    [
+        ({}, "single"),
+        ({"precondition_frequency": 3, "weight_decay": 0.1, "lr": 1e-2}, "single"),
+        ({"variant": "parallel", "precondition_frequency": 4}, "single"),
+        ({"init": "kron_reference", "precondition_frequency": 5}, "single"),
+        ({"init": "eps", "betas": (0.9, 0.99), "shampoo_beta": 0.9, "precondition_frequency": 4}, "surplus"),
+        ({"init": "eps", "variant": "parallel"}, "surplus"),
+        ({"init": "sum", "precondition_frequency": 5}, "surplus"),
+        ({"max_precond_dim": 5, "precondition_frequency": 3}, "single"),
+        ({"max_precond_dim": 5, "one_sided": "sum", "precondition_frequency": 3}, "single"),
+    ],
+)
+def test_dykaf_preset_matches_reference(gen, options, first):
+    steps = 55
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = _grads(gen, SHAPES, steps, first=first)
+    ref = dykaf_reference(params, grads, **options)
+    overrides = {KEYMAP[k]: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = kronopt.build(ours_params, "dykaf", **overrides)
+    ours = _run(opt, ours_params, grads)
+    assert not torch.equal(ours[-1][0], params[0])
+    for k, (a_k, b_k) in enumerate(zip(ours, ref)):
+        for i, (a, b) in enumerate(zip(a_k, b_k)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, k=k, i=i: f"call {k}, param {i}: {m}")
+
+
+@pytest.mark.parametrize("options", [{}, {"precondition_frequency": 3, "variant": "parallel"}])
+def test_dykaf_rank1_preset_matches_reference(gen, options):
+    steps = 50
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = _grads(gen, SHAPES, steps)
+    ref = dykaf_reference(params, grads, rank1=True, **options)
+    overrides = {KEYMAP[k]: v for k, v in options.items()}
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    ours = _run(kronopt.build(ours_params, "dykaf_rank1", **overrides), ours_params, grads)
+    for k, (a_k, b_k) in enumerate(zip(ours, ref)):
+        for i, (a, b) in enumerate(zip(a_k, b_k)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, k=k, i=i: f"call {k}, param {i}: {m}")
+
+
+def test_first_call_leaves_parameters_bit_identical(gen):
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    before = [p.detach().clone() for p in params]
+    opt = kronopt.build(params, "dykaf", weight_decay=0.5)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+def test_one_dimensional_parameters_follow_the_soap_path(gen):
+    shapes = [(7,), (3,), (1,)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(25)]
+    runs = []
+    for preset in ("soap", "dykaf"):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        runs.append(_run(kronopt.build(ps, preset, **{"refresh.every": 3}), ps, grads))
+    for a_k, b_k in zip(*runs):
+        for a, b in zip(a_k, b_k):
+            assert torch.equal(a, b)
+
+
+def test_forcing_the_ema_estimator_gives_the_soap_preset():
+    cfg = kronopt.resolve("dykaf", **{"factors.type": "ema", "factors.beta": 0.95})
+    assert cfg == kronopt.PRESETS["soap"]
+
+
+def test_zero_first_gradient_leaves_the_block_uninitialised(gen):
+    W = torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))
+    opt = kronopt.build([W], "dykaf", weight_decay=0.0)
+    before = W.detach().clone()
+    W.grad = torch.zeros(6, 4, dtype=torch.float64)
+    opt.step()
+    assert torch.equal(W, before)
+    (bucket,) = opt._buckets
+    assert not bucket.state.factors.initialised.any()
+    assert torch.equal(bucket.state.factors.L, torch.zeros(1, 6, 6, dtype=torch.float64))
+    G = torch.outer(torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64))
+    W.grad = G
+    opt.step()
+    assert bucket.state.factors.initialised.all()
+    # started from this (rank-one) gradient: exactly the kron start, (1 − β) G ⊗ G's NKP
+    L, R = bucket.state.factors.L[0], bucket.state.factors.R[0]
+    U, S, Vh = torch.linalg.svd(G)
+    expected = 0.05 * S[0] ** 2 * torch.kron(torch.outer(U[:, 0], U[:, 0]), torch.outer(Vh[0], Vh[0]))
+    torch.testing.assert_close(torch.kron(L, R), expected, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,146 @@
+"""The kl_shampoo, kl_soap and pro_kl_shampoo presets against float64 references written from the specs."""
+
+import pytest
+import torch
+
+import kronopt
+from tests.reference.kl_shampoo import kl_reference
+
+SHAPES = [(6, 4), (4, 6), (5, 5), (6, 4), (3, 7)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny LAPACK calls (QR of 5×5) are ~10⁴× slower with a contended OpenMP pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _grads(gen, shapes, steps):
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+    # The first basis is eigh of G₁G₁ᵀ, rank deficient for a non-square block: its null-space
+    # eigenvectors are fixed by round-off. Zeroing the surplus rows/columns of G₁ makes that
+    # null space exact (coordinate vectors), so the comparison is well posed (as for SOAP).
+    for g in grads[0]:
+        m, n = g.shape
+        g[min(m, n) :, :] = 0.0
+        g[:, min(m, n) :] = 0.0
+    return grads
+
+
+def _run(opt, params, grads):
+    history = []
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+def _named(params):
+    return [(f"blocks.{i}.weight", p) for i, p in enumerate(params)]
+
+
+def _assert_histories_close(ours, ref, rtol=1e-10, atol=1e-12):
+    for k, (a_k, b_k) in enumerate(zip(ours, ref)):
+        for i, (a, b) in enumerate(zip(a_k, b_k)):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"call {k}, param {i}: {m}")
+
+
+KEYMAP = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "precondition_frequency": "refresh.every",
+    "normalize_grads": "inner.normalize",
+    "shampoo_beta": "factors.beta",
+    "init_factor": "factors.init_factor",
+    "using_clamping": "factors.clamping",
+    "max_clamp_value": "factors.max_clamp",
+    "max_precond_dim": "shapes.max_dim",
+}
+
+OPTIONS = [
+    {},
+    {"precondition_frequency": 3, "weight_decay": 0.1, "lr": 1e-2},
+    {"normalize_grads": True, "precondition_frequency": 4, "lr": 1e-3},
+    {"betas": (0.8, 0.9), "shampoo_beta": 0.7, "precondition_frequency": 5, "init_factor": 1.0, "eps": 1e-3},
+    {"using_damping": True, "eps": 1e-2, "precondition_frequency": 2},
+    {"using_clamping": False, "precondition_frequency": 6},
+    {"max_clamp_value": 2.0, "init_factor": 0.01, "precondition_frequency": 3},
+    {"max_precond_dim": 5, "precondition_frequency": 2},
+]
+
+
+def _overrides(options, klsoap):
+    out = {}
+    for k, v in options.items():
+        if k in KEYMAP:
+            out[KEYMAP[k]] = v
+    betas = options.get("betas", (0.9, 0.98))
+    eps = options.get("eps", 1e-8)
+    if "shampoo_beta" not in options:
+        out["factors.beta"] = betas[1]
+    out["factors.damping"] = eps if options.get("using_damping") else 0.0
+    if klsoap:
+        out["inner.betas"] = list(betas)
+        out["inner.eps"] = eps
+    else:
+        out["inner.momentum"] = betas[0]
+        out["inner.eps"] = eps
+    return out
+
+
+@pytest.mark.parametrize("klsoap", [False, True], ids=["kl_shampoo", "kl_soap"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_kl_presets_match_reference(gen, options, klsoap):
+    steps = 60
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = _grads(gen, SHAPES, steps)
+    ref = kl_reference(params, grads, using_klsoap=klsoap, **options)
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = kronopt.build(_named(ours_params), "kl_soap" if klsoap else "kl_shampoo", **_overrides(options, klsoap))
+    ours = _run(opt, ours_params, grads)
+    assert not torch.equal(ours[-1][0], params[0])
+    _assert_histories_close(ours, ref)
+
+
+def test_kl_first_call_leaves_parameters_untouched_and_sets_init_roots(gen):
+    """kl_shampoo.md §12 test 6: W unchanged, s = init_factor^{-1/2}."""
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    before = [p.detach().clone() for p in params]
+    opt = kronopt.build(_named(params), "kl_shampoo", weight_decay=0.5, **{"factors.init_factor": 0.25})
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    for bucket in opt._buckets:
+        f = bucket.state.factors
+        assert torch.equal(f.s_L, torch.full_like(f.s_L, 2.0)) and torch.equal(f.s_R, torch.full_like(f.s_R, 2.0))
+        assert bucket.state.basis.ready
+
+
+def test_kl_presets_route_vectors_embeddings_and_head_to_adamw(gen):
+    """kl_shampoo.md §8: 1-D parameters, embeddings and the head take torch.optim.AdamW's step."""
+    for preset in ("kl_shampoo", "kl_soap", "pro_kl_shampoo"):
+        shapes = {"embed.weight": (7, 5), "blocks.0.weight": (5, 5), "blocks.0.bias": (5,), "lm_head.weight": (7, 5)}
+        ours = {k: torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for k, s in shapes.items()}
+        theirs = {k: torch.nn.Parameter(v.detach().clone()) for k, v in ours.items()}
+        opt = kronopt.build(list(ours.items()), preset)
+        fb = opt.config.fallback
+        ref = torch.optim.AdamW(
+            [theirs[k] for k in ("embed.weight", "blocks.0.bias", "lm_head.weight")],
+            lr=fb.lr, betas=fb.inner.betas, eps=fb.inner.eps, weight_decay=fb.weight_decay,
+        )
+        for _ in range(5):
+            for k in shapes:
+                g = torch.randn(shapes[k], generator=gen, dtype=torch.float64)
+                ours[k].grad, theirs[k].grad = g, g.clone()
+            opt.step()
+            ref.step()
+        for k in ("embed.weight", "blocks.0.bias", "lm_head.weight"):
+            torch.testing.assert_close(ours[k], theirs[k], rtol=1e-12, atol=1e-14)
+        assert not torch.equal(ours["blocks.0.weight"], theirs["blocks.0.weight"])

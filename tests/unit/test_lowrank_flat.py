@@ -1,0 +1,357 @@
+"""The ``lowrank_flat`` split and restricted sides (Pro-KLShampoo, pro_kl_shampoo.md §3–§10)."""
+
+import math
+
+import attrs
+import pytest
+import torch
+
+import kronopt
+from kronopt import compose, linalg
+from kronopt.factors import KlKronFactors
+from kronopt.inner_rules import EigenvalueInner
+from kronopt.splits import LowRankFlatSplit
+from kronopt.types import BasisChange, BasisState, Layout, StepContext
+from tests.assertions import assert_orthonormal, assert_psd, assert_symmetric
+from tests.strategies import generator, orthonormal, randn, spd_from, spd_matrix
+
+F64 = {"dtype": torch.float64, "device": torch.device("cpu")}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _root(A, p):
+    e = torch.linalg.eigh(A)
+    return e.eigenvectors @ torch.diag_embed(e.eigenvalues.clamp(min=0) ** p) @ e.eigenvectors.mT
+
+
+def _polar(X):
+    P, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    return P @ Vh
+
+
+def _pro(**split):
+    cfg = kronopt.PRESETS["pro_kl_shampoo"]
+    return attrs.evolve(cfg, split=attrs.evolve(cfg.split, **split)) if split else cfg
+
+
+# -- sides and validation -------------------------------------------------------------------------
+
+
+def test_sides_resolve_rank_and_side():
+    s = LowRankFlatSplit()
+    assert s.sides(64, 1024, (True, True)) == (("full", 0), ("restricted", 128))
+    assert s.sides(1024, 64, (True, True)) == (("restricted", 128), ("full", 0))
+    assert s.sides(40, 40, (True, True)) == (("full", 0), ("restricted", 10))  # square: right
+    assert s.sides(40, 80, (True, False)) == (("full", 0), ("none", 0))  # a side not rotated stays none
+    assert LowRankFlatSplit(rank=3, side="left").sides(8, 20, (True, True)) == (("restricted", 3), ("full", 0))
+    assert LowRankFlatSplit(rank=0).sides(8, 20, (True, True)) == (("full", 0), ("restricted", 0))
+    assert LowRankFlatSplit(rank=20).sides(8, 20, (True, True)) == (("full", 0), ("full", 0))  # r = n: full
+    assert LowRankFlatSplit(rank=1.0).sides(8, 20, (True, True)) == (("full", 0), ("full", 0))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"split.rank": -1}, "split.rank: must be ≥ 0"),
+        ({"split.rank": 1.5}, "split.rank: a fractional rank must be in [0, 1]"),
+        ({"split.rank": True}, "split.rank: must be an integer rank"),
+        ({"split.complement_scale": "bogus"}, "split.complement_scale: must be one of"),
+        ({"split.complement_scale": -2.0}, "split.complement_scale: a numeric complement scale must be > 0"),
+        ({"split.side": "top"}, "split.side: must be one of"),
+    ],
+)
+def test_invalid_split_options_are_rejected_with_their_path(overrides, message):
+    with pytest.raises(kronopt.ConfigError) as exc:
+        kronopt.resolve("pro_kl_shampoo", **overrides)
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,names",
+    [
+        ({"inner.type": "adam"}, ("inner 'adam'", "split 'lowrank_flat'")),
+        ({"basis.type": "eigh"}, ("basis 'eigh'", "split 'lowrank_flat'")),
+        ({"factors.type": "ema"}, ("factors 'ema'", "split 'lowrank_flat'")),
+    ],
+)
+def test_combinations_that_cannot_hold_a_restricted_side_fail_at_build(overrides, names):
+    with pytest.raises(kronopt.ConfigError) as exc:
+        kronopt.resolve("pro_kl_shampoo", **overrides)
+    for name in names:
+        assert name in str(exc.value)
+
+
+# -- reductions ------------------------------------------------------------------------------------
+
+
+def _run(cfg, shapes, steps, gen, *, lr=1e-2):
+    params = [torch.nn.Parameter(randn(gen, *s)) for s in shapes]
+    opt = kronopt.KronOptimizer([(f"blocks.{i}.weight", p) for i, p in enumerate(params)], cfg)
+    grads = [[randn(gen, *s) for s in shapes] for _ in range(steps)]
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+    return opt, params
+
+
+def test_rank_equal_to_the_side_is_exactly_kl_shampoo():
+    shapes = [(6, 4), (4, 6), (5, 5)]
+    kl = attrs.evolve(kronopt.PRESETS["kl_shampoo"], lr=1e-2)
+    pro = attrs.evolve(_pro(rank=1.0), lr=1e-2)
+    _, a = _run(kl, shapes, 30, generator(3))
+    opt, b = _run(pro, shapes, 30, generator(3))
+    assert all(s == ("full", "full") for s in (r["sides"] for r in opt.bucket_summary()))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_rank_zero_step_is_the_orthogonalized_momentum_scaled_by_sqrt_n(gen):
+    """pro_kl_shampoo.md §5 and §10 test 3: r = 0 gives c·NS(M) with c = √n."""
+    m, n, lr, beta1 = 5, 8, 0.1, 0.9
+    cfg = attrs.evolve(_pro(rank=0, ns_dtype="float64", ns_coefficients="polar_express", ns_steps=8), lr=lr, weight_decay=0.0)
+    W = torch.nn.Parameter(randn(gen, m, n))
+    opt = kronopt.KronOptimizer([("blocks.0.weight", W)], cfg)
+    assert opt.bucket_summary()[0]["sides"] == ("full", "restricted")
+    M = torch.zeros(m, n, dtype=torch.float64)
+    for call in range(4):
+        G = randn(gen, m, n)
+        before = W.detach().clone()
+        W.grad = G
+        opt.step()
+        if call == 0:
+            assert torch.equal(W, before)
+            continue
+        M = beta1 * M + (1 - beta1) * G
+        D = (before - W.detach()) / lr
+        expected = math.sqrt(n) * linalg.newton_schulz(M[None], opt.config.split and _ns(cfg), dtype=torch.float64)[0]
+        torch.testing.assert_close(D, expected, rtol=1e-10, atol=1e-12)
+
+
+def _ns(cfg):
+    tuples, beyond = linalg.NS_SCHEDULES[cfg.split.ns_coefficients]
+    return linalg.ns_coefficients(tuples, cfg.split.ns_steps, beyond)
+
+
+def test_complement_scale_rules():
+    layout = Layout(batch=1, m=6, n=10, left="full", right="restricted", rank_right=2)
+    assert LowRankFlatSplit().scale(layout) == pytest.approx(math.sqrt(8))
+    assert LowRankFlatSplit(complement_scale="muon").scale(layout) == pytest.approx(1.0)
+    assert LowRankFlatSplit(complement_scale="match_rms_adamw").scale(layout) == pytest.approx(0.2 * math.sqrt(10))
+    assert LowRankFlatSplit(complement_scale=3.0, complement_mult=0.5).scale(layout) == pytest.approx(1.5)
+
+
+# -- the identities (§3, §4, §10 tests 1, 2, 4, 6) ----------------------------------------------------
+
+
+def _spike_and_flat(gen, n, r, mu0):
+    U = orthonormal(gen, 1, n)[:, :, :r]
+    Sigma = spd_matrix(gen, 1, r, log10_range=(0.5, 2.0))
+    R = U @ Sigma @ U.mT + mu0 * (torch.eye(n, dtype=torch.float64) - U @ U.mT)
+    return U, Sigma, R
+
+
+@pytest.mark.parametrize("mu0", [1e-2, 1.0, 37.0])
+def test_complement_whitening_is_orthogonalization(gen, mu0):
+    """§10 test 1: L⊥^{-1/2}(M P⊥) μ^{-1/2} = √(n−r)·polar(M P⊥), independent of μ."""
+    m, n, r = 3, 9, 2
+    U, _, _ = _spike_and_flat(gen, n, r, mu0)
+    M = randn(gen, 1, m, n)
+    MP = linalg.project_out_right(M, U)
+    L_perp = MP @ MP.mT / (mu0 * (n - r))
+    lhs = _root(L_perp, -0.5) @ MP * mu0**-0.5
+    torch.testing.assert_close(lhs, math.sqrt(n - r) * _polar(MP), rtol=1e-10, atol=1e-12)
+
+
+def test_rank_deficient_complement_matches_newton_schulz(gen):
+    """§10 test 2: m > n − r: the pseudo-inverse root gives √(n−r) times the partial isometry; NS matches."""
+    m, n, r = 8, 6, 2
+    U, _, _ = _spike_and_flat(gen, n, r, 1.0)
+    MP = linalg.project_out_right(randn(gen, 1, m, n), U)
+    P, S, Vh = torch.linalg.svd(MP, full_matrices=False)
+    keep = S > 1e-10 * S.max()
+    iso = (P * keep.unsqueeze(-2)) @ Vh
+    tuples, beyond = linalg.NS_SCHEDULES["polar_express"]
+    ns = linalg.newton_schulz(MP, linalg.ns_coefficients(tuples, 8, beyond), dtype=torch.float64)
+    assert (ns - iso).norm() / iso.norm() < 0.05
+    split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=8, ns_dtype="float64")
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    basis = BasisState(Q_L=None, Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    D, _ = split.complement(None, MP, torch.zeros_like(MP), StepContext(step=1, layout=layout, basis=basis), lambda: MP)
+    torch.testing.assert_close(D, math.sqrt(n - r) * ns, rtol=1e-12, atol=1e-12)
+
+
+def test_spike_and_flat_restricted_preconditioner_equals_full_kl_shampoo(gen):
+    """§10 test 4 through the stages: subspace block (inner rule) + whitened complement = L^{-1/2} M R^{-1/2}."""
+    m, n, r, mu0 = 4, 9, 3, 0.7
+    U, Sigma, R = _spike_and_flat(gen, n, r, mu0)
+    e = torch.linalg.eigh(Sigma)
+    U_eig = U @ e.eigenvectors  # the subspace in Σ's eigenbasis, as the basis stage keeps it
+    L = spd_matrix(gen, 1, m, log10_range=(-1.0, 1.0))
+    lam_L, Q_L = torch.linalg.eigh(L)
+    M = randn(gen, 1, m, n)
+    full = _root(L, -0.5) @ M @ _root(R, -0.5)
+    rule = EigenvalueInner(momentum=0.0, exponent=-0.5, eps=0.0, eps_placement="product", bias_correction=False)
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    basis = BasisState(Q_L=Q_L, Q_R=U_eig, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    ctx = StepContext(step=1, layout=layout, basis=basis, eigvals=(lam_L, e.eigenvalues))
+    D_sub, _ = rule.direction(rule.init(layout, **F64), M, ctx)
+    complement = mu0**-0.5 * _root(L, -0.5) @ linalg.project_out_right(M, U)
+    torch.testing.assert_close(D_sub + complement, full, rtol=1e-10, atol=1e-12)
+    # with L := L⊥ the complement term is the orthogonalized complement (the identity)
+    MP = linalg.project_out_right(M, U)
+    L_perp = MP @ MP.mT / (mu0 * (n - r))
+    torch.testing.assert_close(
+        mu0**-0.5 * _root(L_perp, -0.5) @ MP, math.sqrt(n - r) * _polar(MP), rtol=1e-10, atol=1e-12
+    )
+
+
+def _restricted_state(gen, m, n, r, *, tracker="power"):
+    est = KlKronFactors(beta=0.8, clamping=False, tracker=tracker)
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    st = est.init(layout, **F64)
+    U = orthonormal(gen, 1, n)[:, :, :r]
+    st = attrs.evolve(
+        st,
+        L=spd_matrix(gen, 1, m),
+        s_L=0.5 + torch.rand(1, m, generator=gen, dtype=torch.float64),
+        s_R=0.5 + torch.rand(1, r, generator=gen, dtype=torch.float64),
+        sub_R=spd_matrix(gen, 1, r),
+        mu_R=torch.tensor([0.4], dtype=torch.float64),
+    )
+    basis = BasisState(Q_L=orthonormal(gen, 1, m), Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    return est, layout, st, basis
+
+
+def test_restricted_updates_are_the_m_projection_and_the_sandwich(gen):
+    """§10 test 6: (S, μ) = M-projection of ρR̂ + (1−ρ)GᵀL̂⁻¹G/m; G R̂⁻¹ Gᵀ sandwich; power identity."""
+    m, n, r = 5, 8, 3
+    est, layout, st, basis = _restricted_state(gen, m, n, r)
+    rho, U, Q_L = est.beta, basis.Q_R, basis.Q_L
+    G = randn(gen, 1, m, n)
+    new = est.update(st, G, StepContext(step=4, layout=layout, basis=basis))
+    P_perp = torch.eye(n, dtype=torch.float64) - U @ U.mT
+    R_hat = U @ st.sub_R @ U.mT + st.mu_R * P_perp
+    inv_L = Q_L @ torch.diag_embed(st.s_L**2) @ Q_L.mT
+    target = rho * R_hat + (1 - rho) * G.mT @ inv_L @ G / m
+    torch.testing.assert_close(new.sub_R, U.mT @ target @ U, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new.mu_R, torch.diagonal(P_perp @ target, dim1=-2, dim2=-1).sum(-1) / (n - r), rtol=1e-12, atol=0)
+    torch.testing.assert_close(new.power_R, target @ U, rtol=1e-12, atol=1e-12)
+    inv_R = U @ torch.diag_embed(st.s_R**2) @ U.mT + P_perp / st.mu_R
+    torch.testing.assert_close(new.L, rho * st.L + (1 - rho) / n * G @ inv_R @ G.mT, rtol=1e-12, atol=1e-12)
+    d_L = torch.diagonal(Q_L.mT @ G @ inv_R @ G.mT @ Q_L, dim1=-2, dim2=-1) / n
+    torch.testing.assert_close(new.s_L, (rho / st.s_L**2 + (1 - rho) * d_L).rsqrt(), rtol=1e-12, atol=0)
+    d_R = torch.diagonal(U.mT @ G.mT @ inv_L @ G @ U, dim1=-2, dim2=-1) / m
+    torch.testing.assert_close(new.s_R, (rho / st.s_R**2 + (1 - rho) * d_R).rsqrt(), rtol=1e-12, atol=0)
+
+
+def test_reprojection_preserves_the_trace_and_keeps_s_spd(gen):
+    """§10 test 8."""
+    m, n, r = 4, 10, 3
+    est, layout, st, basis = _restricted_state(gen, m, n, r)
+    U_new = linalg.orthonormalize(basis.Q_R + 0.3 * randn(gen, 1, n, r))
+    new_basis = attrs.evolve(basis, Q_R=U_new)
+    out = est.on_basis_change(st, BasisChange(old=basis, new=new_basis))
+    trace = lambda X: torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    torch.testing.assert_close(trace(out.sub_R) + (n - r) * out.mu_R, trace(st.sub_R) + (n - r) * st.mu_R)
+    assert_symmetric(out.sub_R)
+    assert torch.linalg.eigvalsh(out.sub_R).min() > 0 and (out.mu_R > 0).all()
+    P_perp = torch.eye(n, dtype=torch.float64) - basis.Q_R @ basis.Q_R.mT
+    R_hat = basis.Q_R @ st.sub_R @ basis.Q_R.mT + st.mu_R * P_perp
+    torch.testing.assert_close(out.sub_R, U_new.mT @ R_hat @ U_new, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tracker", ["power", "sketch"])
+def test_tracking_finds_the_signal_subspace(tracker):
+    """§10 test 7: G = A + νZ, rank A = k ≤ r: span(U) contains A's right singular subspace."""
+    gen = generator(11)
+    m, n, r, k = 6, 24, 4, 2
+    A = randn(gen, 1, m, k) @ randn(gen, 1, k, n)
+    V_A = torch.linalg.svd(A, full_matrices=False).Vh[:, :k, :].mT
+    cfg = _pro(rank=r, side="right")
+    # `power` lets new directions in at weight (1 − ρ) per refresh only, so it refreshes every step here
+    every = 1 if tracker == "power" else 5
+    cfg = attrs.evolve(cfg, factors=attrs.evolve(cfg.factors, tracker=tracker), refresh=attrs.evolve(cfg.refresh, every=every))
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    state = compose.init_state(cfg, layout, **F64)
+    # start away from the signal: the first gradient is pure noise
+    _, state = compose.step(cfg, layout, state, randn(gen, 1, m, n))
+    for _ in range(300):
+        _, state = compose.step(cfg, layout, state, A + 0.3 * randn(gen, 1, m, n))
+    U = state.basis.Q_R
+    assert_orthonormal(U, atol=1e-10)
+    leak = (V_A - U @ (U.mT @ V_A)).norm() / math.sqrt(k)
+    assert leak < 0.1, f"signal subspace outside span(U): {leak:.3f}"
+
+
+def test_restricted_side_holds_order_n_r_numbers():
+    m, n = 16, 96
+    cfg = _pro(rank=6, side="right")
+    opt, _ = _run(cfg, [(m, n)], 3, generator(5))
+    assert opt.bucket_summary()[0]["sides"] == ("full", "restricted")
+    r = 6
+    state = opt._buckets[0].state
+    numbers = sum(v.numel() for v in compose.flatten(state).values() if isinstance(v, torch.Tensor))
+    for path, v in compose.flatten(state).items():
+        if isinstance(v, torch.Tensor):
+            assert n * n > v.numel() or v.shape[-2:] != (n, n), f"{path} has a full {n}×{n} side"
+            assert v.numel() <= max(m * n, m * m, 2 * n * r), f"{path} {tuple(v.shape)}"
+    # momentum mn; left: factor + basis m², roots + eigenvalues m; right: U, power product nr; S r²; roots r; μ
+    expected = m * n + 2 * m * m + 2 * m + 2 * n * r + r * r + 2 * r + 1
+    assert numbers <= expected + 4, (numbers, expected)  # + per-block counters
+    kl_opt, _ = _run(kronopt.PRESETS["kl_shampoo"], [(m, n)], 3, generator(5))
+    assert opt.state_bytes() < kl_opt.state_bytes() / 4
+
+
+def test_restricted_pipeline_stays_finite_and_psd_on_hard_gradients():
+    gen = generator(2)
+    cfg = attrs.evolve(_pro(rank=2), refresh=attrs.evolve(kronopt.PRESETS["pro_kl_shampoo"].refresh, every=2))
+    layout = Layout(batch=2, m=4, n=7, left="full", right="restricted", rank_right=2)
+    state = compose.init_state(cfg, layout, dtype=torch.float32, device=torch.device("cpu"))
+    grads = [torch.zeros(2, 4, 7), randn(gen, 2, 4, 1, dtype=torch.float32) @ randn(gen, 2, 1, 7, dtype=torch.float32)]
+    grads += [randn(gen, 2, 4, 7, dtype=torch.float32) * 1e4, torch.zeros(2, 4, 7)] * 3
+    for G in grads:
+        D, state = compose.step(cfg, layout, state, G)
+        if D is not None:
+            assert torch.isfinite(D).all()
+        for path, v in compose.flatten(state).items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert torch.isfinite(v).all(), path
+    assert_psd(state.factors.sub_R.double(), rel=1e-5)
+    assert_orthonormal(state.basis.Q_R, atol=1e-5)
+
+
+def test_first_call_initialises_the_subspace_from_the_top_singular_vectors(gen):
+    m, n, r = 5, 12, 3
+    cfg = _pro(rank=r, side="right")
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    state = compose.init_state(cfg, layout, **F64)
+    G = randn(gen, 1, m, n)
+    _, state = compose.step(cfg, layout, state, G)
+    V = torch.linalg.svd(G, full_matrices=False).Vh[:, :r, :].mT
+    U = state.basis.Q_R
+    torch.testing.assert_close(U @ U.mT, V @ V.mT, rtol=1e-10, atol=1e-10)
+    rho = cfg.factors.beta
+    torch.testing.assert_close(state.factors.sub_R, (1 - rho) * U.mT @ G.mT @ G @ U / m, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(state.factors.mu_R, torch.full_like(state.factors.mu_R, cfg.factors.init_factor))
+
+
+def test_top_right_singular_completes_a_rank_deficient_gradient(gen):
+    G = randn(gen, 2, 2, 9)
+    U = linalg.top_right_singular(G, 5)
+    assert U.shape == (2, 9, 5)
+    assert_orthonormal(U, atol=1e-12)
+    V = torch.linalg.svd(G, full_matrices=False).Vh.mT
+    torch.testing.assert_close(U[:, :, :2] @ U[:, :, :2].mT, V @ V.mT, rtol=1e-10, atol=1e-12)
+
+
+def test_spd_helper_sanity(gen):
+    Q = orthonormal(gen, 1, 3)
+    assert_psd(spd_from(Q, torch.ones(1, 3, dtype=torch.float64)))

@@ -1,0 +1,332 @@
+"""kronopt.factors.projector_splitting and its numerics in kronopt.linalg (DyKAF spec §2-§5, §12)."""
+
+import attrs
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kronopt import linalg
+from kronopt.config import ConfigError, from_dict, to_dict
+from kronopt.factors import EmaKronFactors, ProjectorSplittingFactors
+from kronopt.presets import DYKAF
+from kronopt.types import BasisState, Layout, StepContext
+from tests.assertions import assert_psd, assert_symmetric
+from tests.strategies import SEEDS, dims, generator, randn, spd_matrix
+
+F64 = torch.float64
+CPU = torch.device("cpu")
+BETAS = st.floats(0.01, 0.99)
+
+
+def _ctx(layout, step=1):
+    basis = BasisState(Q_L=None, Q_R=None, lam_L=None, lam_R=None, failures=torch.zeros(layout.batch, dtype=torch.int64))
+    return StepContext(step=step, layout=layout, basis=basis)
+
+
+def _run(est, grads, layout=None, dtype=F64):
+    b, m, n = grads[0].shape
+    layout = layout or Layout(batch=b, m=m, n=n, left="full", right="full")
+    state = est.init(layout, dtype=dtype, device=CPU)
+    for t, G in enumerate(grads, start=1):
+        state = est.update(state, G, _ctx(layout, t))
+    return state
+
+
+def _fisher(grads, beta):
+    """F_t = β F_{t−1} + (1−β) vec G vec Gᵀ from F_0 = 0, dense, ``b mn mn``."""
+    F = 0
+    for G in grads:
+        g = G.reshape(G.shape[0], -1)
+        F = beta * F + (1 - beta) * g.unsqueeze(-1) * g.unsqueeze(-2)
+    return F
+
+
+def _rel(A, B):
+    return (torch.linalg.vector_norm(A - B, dim=(-2, -1)) / torch.linalg.vector_norm(B, dim=(-2, -1))).max().item()
+
+
+# -- the identities F1-F4 -----------------------------------------------------------------------------
+
+
+@given(seed=SEEDS, m=dims(1, 6), n=dims(1, 6))
+def test_rearrangement_identities(seed, m, n):
+    gen = generator(seed)
+    G = randn(gen, 2, m, n)
+    L, R = spd_matrix(gen, 2, m), spd_matrix(gen, 2, n)
+    g = G.reshape(2, -1)
+    # F3: R(vec G vec Gᵀ) = G ⊗ G
+    outer = g.unsqueeze(-1) * g.unsqueeze(-2)
+    expected = torch.stack([torch.kron(G[i], G[i]) for i in range(2)])
+    torch.testing.assert_close(linalg.rearrange_kron(outer, m, n), expected, rtol=0, atol=0)
+    # F2: R(L ⊗ R) = vec L vec Rᵀ, and kron_rows is torch.kron
+    K = linalg.kron_rows(L, R)
+    torch.testing.assert_close(K, torch.stack([torch.kron(L[i], R[i]) for i in range(2)]), rtol=0, atol=0)
+    vecs = L.reshape(2, -1).unsqueeze(-1) * R.reshape(2, -1).unsqueeze(-2)
+    torch.testing.assert_close(linalg.rearrange_kron(K, m, n), vecs, rtol=0, atol=0)
+    # F1: the rearrangement permutes entries
+    torch.testing.assert_close(linalg.block_norm(K - outer), linalg.block_norm(linalg.rearrange_kron(K - outer, m, n)))
+    # row-major vec: (L ⊗ R) vec X = vec(L X Rᵀ)
+    X = randn(gen, 2, m, n)
+    torch.testing.assert_close((K @ X.reshape(2, -1, 1)).reshape(2, m, n), L @ X @ R.mT, rtol=1e-12, atol=1e-12)
+
+
+@given(seed=SEEDS, m=dims(1, 6), n=dims(1, 6))
+def test_sandwich_products(seed, m, n):
+    gen = generator(seed)
+    G = randn(gen, 2, m, n)
+    X, Y = spd_matrix(gen, 2, n), spd_matrix(gen, 2, m)
+    GG = torch.stack([torch.kron(G[i], G[i]) for i in range(2)])  # m² × n²
+    # F4: (G⊗G) vec X = vec(G X Gᵀ); (G⊗G)ᵀ vec Y = vec(Gᵀ Y G); vec Yᵀ (G⊗G) vec X = ⟨Y, G X Gᵀ⟩
+    torch.testing.assert_close(linalg.sandwich(G, X).reshape(2, -1), (GG @ X.reshape(2, -1, 1)).squeeze(-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(linalg.sandwich_t(G, Y).reshape(2, -1), (GG.mT @ Y.reshape(2, -1, 1)).squeeze(-1), rtol=1e-12, atol=1e-12)
+    bilinear = (Y.reshape(2, 1, -1) @ GG @ X.reshape(2, -1, 1)).view(2)
+    torch.testing.assert_close(bilinear, (Y * linalg.sandwich(G, X)).sum((-2, -1)), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="sandwich needs X"):
+        linalg.sandwich(G, Y if m != n else randn(gen, 2, n + 1, n + 1))
+
+
+# -- cheap integrators equal their dense forms -----------------------------------------------------------
+
+
+def _dense_ksl(L, R, G, beta):
+    """§3 on the explicit m² × n² matrices."""
+    dA = (1 - beta) * torch.kron(G, G)
+    U0, V0 = L.reshape(-1) / L.norm(), R.reshape(-1) / R.norm()
+    S0 = beta * L.norm() * R.norm()
+    K = U0 * S0 + dA @ V0
+    U1 = K / K.norm()
+    S_t = K.norm() - U1 @ dA @ V0
+    Lt = V0 * S_t + dA.T @ U1
+    return torch.kron(U1.reshape(L.shape), Lt.reshape(R.shape))
+
+
+def _dense_parallel(L, R, G, beta):
+    A = beta * torch.outer(L.reshape(-1), R.reshape(-1)) + (1 - beta) * torch.kron(G, G)
+    U = A @ (R.reshape(-1) / R.norm())
+    V = A.T @ (L.reshape(-1) / L.norm())
+    U, V = U / U.norm(), V / V.norm()
+    return (U @ A @ V) * torch.kron(U.reshape(L.shape), V.reshape(R.shape))
+
+
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+@given(seed=SEEDS, m=dims(1, 6), n=dims(1, 6), beta=BETAS)
+def test_cheap_integrator_equals_dense_form(variant, seed, m, n, beta):
+    gen = generator(seed)
+    L, R, G = spd_matrix(gen, 1, m, log10_range=(-1, 1)), spd_matrix(gen, 1, n, log10_range=(-1, 1)), randn(gen, 1, m, n)
+    step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
+    dense = _dense_ksl if variant == "ksl" else _dense_parallel
+    L1, R1 = step(L, R, G, beta)
+    assert _rel(linalg.kron_rows(L1, R1)[0:1], dense(L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
+
+
+# -- properties -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+@given(seed=SEEDS, m=dims(1, 8), n=dims(1, 8), beta=BETAS, scale=st.floats(-3, 3), rank=st.integers(0, 3))
+def test_factors_symmetric_psd_balanced_after_every_update(variant, seed, m, n, beta, scale, rank):
+    gen = generator(seed)
+    L, R = spd_matrix(gen, 3, m), spd_matrix(gen, 3, n)
+    for _ in range(4):
+        G = 10.0**scale * (randn(gen, 3, m, rank) @ randn(gen, 3, rank, n) if rank else randn(gen, 3, m, n))
+        G_before = G.clone()
+        step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
+        L, R = step(L, R, G, beta)
+        assert torch.equal(G, G_before)
+        assert_symmetric(L)
+        assert_symmetric(R)
+        assert_psd(L, rel=1e-10)
+        assert_psd(R, rel=1e-10)
+        torch.testing.assert_close(linalg.block_norm(L), linalg.block_norm(R), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+@given(seed=SEEDS, m=dims(1, 6), n=dims(1, 6), beta=BETAS)
+def test_zero_gradient_gives_beta_times_the_state(variant, seed, m, n, beta):
+    gen = generator(seed)
+    L, R = spd_matrix(gen, 2, m), spd_matrix(gen, 2, n)
+    G = torch.zeros(2, m, n, dtype=F64)
+    step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
+    L1, R1 = step(L, R, G, beta)
+    assert _rel(linalg.kron_rows(L1, R1), beta * linalg.kron_rows(L, R)) <= 1e-12
+    assert torch.equal(G, torch.zeros_like(G))
+
+
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+@pytest.mark.parametrize("fixed", ["right", "left"])
+def test_exact_on_rank_one_streams(variant, fixed):
+    gen = generator(7)
+    m, n, beta, steps = 5, 4, 0.95, 30
+    u, v = randn(gen, m), randn(gen, n)
+    grads = []
+    for _ in range(steps):
+        a = randn(gen, 1).item()
+        if fixed == "right":
+            grads.append((a * torch.outer(randn(gen, m), v)).unsqueeze(0))
+        else:
+            grads.append((a * torch.outer(u, randn(gen, n))).unsqueeze(0))
+    est = ProjectorSplittingFactors(beta=beta, variant=variant)
+    layout = Layout(batch=1, m=m, n=n, left="full", right="full")
+    state = est.init(layout, dtype=F64, device=CPU)
+    for t, G in enumerate(grads, start=1):
+        state = est.update(state, G, _ctx(layout, t))
+        F = _fisher(grads[:t], beta)
+        assert _rel(linalg.kron_rows(state.L, state.R), F) <= 1e-12, t
+
+
+# -- initialisation ---------------------------------------------------------------------------------------
+
+
+@given(seed=SEEDS, m=dims(1, 6), n=dims(1, 6), beta=BETAS, solver=st.sampled_from(["svd", "power"]))
+def test_kron_init_equals_the_ema_after_one_gradient(seed, m, n, beta, solver):
+    gen = generator(seed)
+    G = randn(gen, 2, m, n)
+    G[:, 0, 0] += 4.0  # a clear spectral gap for the power solver
+    est = ProjectorSplittingFactors(beta=beta, init_solver=solver, power_iters=200)
+    state = _run(est, [G])
+    K = linalg.kron_rows(state.L, state.R)
+    tol = 1e-10 if solver == "svd" else 1e-6
+    # the exact NKP of the EMA after one gradient, F₁ = (1 − β) vec G vec Gᵀ (SVD of its rearrangement)
+    nkp = linalg.nearest_kron_dense(_fisher([G], beta), m, n)
+    assert _rel(K, nkp.sigma.view(-1, 1, 1) * linalg.kron_rows(nkp.U, nkp.V)) <= tol
+    # ... which is (1 − β) times the top singular term of G ⊗ G, i.e. (1 − β) σ₁² u₁u₁ᵀ ⊗ v₁v₁ᵀ
+    for i in range(2):
+        U, S, Vh = torch.linalg.svd(torch.kron(G[i], G[i]))
+        top = (1 - beta) * S[0] * torch.kron(U[:, 0].reshape(m, m), Vh[0].reshape(n, n))
+        assert _rel(K[i : i + 1], top.unsqueeze(0)) <= tol
+    assert state.initialised.all()
+    assert_symmetric(state.L)
+    assert_psd(state.R)
+
+
+def test_kron_init_is_sign_invariant(gen):
+    G = randn(gen, 1, 5, 3)
+    a = _run(ProjectorSplittingFactors(), [G])
+    b = _run(ProjectorSplittingFactors(), [-G])
+    torch.testing.assert_close(a.L, b.L, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.R, b.R, rtol=1e-12, atol=1e-14)
+
+
+def test_kron_reference_feeds_the_first_gradient_again(gen):
+    beta = 0.9
+    G = randn(gen, 1, 4, 3)
+    state = _run(ProjectorSplittingFactors(beta=beta, init="kron_reference"), [G])
+    # start √σ₁ u₁u₁ᵀ ⊗ √σ₁ v₁v₁ᵀ; feeding G keeps the pair (G v₁ = σ₁u₁), so the state is exactly
+    # β σ₁ u₁u₁ᵀ⊗v₁v₁ᵀ + (1 − β) σ₁² u₁u₁ᵀ⊗v₁v₁ᵀ: the first gradient over-weighted (spec §5)
+    U, S, Vh = torch.linalg.svd(G[0])
+    base = torch.kron(torch.outer(U[:, 0], U[:, 0]), torch.outer(Vh[0], Vh[0]))
+    expected = (beta * S[0] + (1 - beta) * S[0] ** 2) * base
+    assert _rel(linalg.kron_rows(state.L, state.R), expected.unsqueeze(0)) <= 1e-12
+
+
+def test_eps_and_sum_starts(gen):
+    G = randn(gen, 2, 4, 3)
+    beta = 0.8
+    eps = _run(ProjectorSplittingFactors(beta=beta, init="eps"), [G])
+    L0 = 1e-3 * torch.eye(4, dtype=F64).expand(2, 4, 4) / 2
+    R0 = 1e-3 * torch.eye(3, dtype=F64).expand(2, 3, 3) / 3**0.5
+    L1, R1 = linalg.projector_split_ksl(L0, R0, G, beta)
+    torch.testing.assert_close(eps.L, L1, rtol=1e-12, atol=0)
+    summed = _run(ProjectorSplittingFactors(beta=beta, init="sum"), [G])
+    L1, R1 = linalg.projector_split_ksl(G @ G.mT, G.mT @ G, G, beta)
+    torch.testing.assert_close(summed.R, R1, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+def test_zero_first_gradient_stays_uninitialised_per_block(gen, variant):
+    beta = 0.9
+    G = randn(gen, 3, 4, 5)
+    G[1] = 0
+    est = ProjectorSplittingFactors(beta=beta, variant=variant)
+    layout = Layout(batch=3, m=4, n=5, left="full", right="full")
+    state = est.update(est.init(layout, dtype=F64, device=CPU), G, _ctx(layout))
+    assert state.initialised.tolist() == [True, False, True]
+    assert torch.equal(state.L[1], torch.zeros(4, 4, dtype=F64)) and torch.equal(state.R[1], torch.zeros(5, 5, dtype=F64))
+    zero = torch.zeros(3, 4, 5, dtype=F64)
+    state = est.update(state, zero, _ctx(layout, 2))  # still nothing for block 1
+    assert state.initialised.tolist() == [True, False, True]
+    assert torch.equal(state.L[1], torch.zeros(4, 4, dtype=F64))
+    # a rank-one gradient: the late start is exactly the kron start (1 − β) NKP(vec G vec Gᵀ)
+    G3 = randn(gen, 3, 4, 1) @ randn(gen, 3, 1, 5)
+    after = est.update(state, G3, _ctx(layout, 3))
+    assert after.initialised.all()
+    fresh = _run(est, [G3[1:2]])
+    assert _rel(linalg.kron_rows(after.L[1:2], after.R[1:2]), linalg.kron_rows(fresh.L, fresh.R)) <= 1e-12
+    # a general gradient: U ∝ G Gᵀ and R ∝ Gᵀ U G (ksl) or Gᵀ G (parallel), with the
+    # Galerkin coefficient: the best fit of (1 − β) G ⊗ G along that direction
+    G3 = randn(gen, 3, 4, 5)
+    after = est.update(state, G3, _ctx(layout, 3))
+    U = G3[1] @ G3[1].T
+    R = G3[1].T @ U @ G3[1] if variant == "ksl" else G3[1].T @ G3[1]
+    direction = torch.kron(U / U.norm(), R / R.norm())
+    K = linalg.kron_rows(after.L[1:2], after.R[1:2])[0]
+    assert _rel(K.unsqueeze(0), (K * direction).sum() * direction.unsqueeze(0)) <= 1e-12
+    gg = (1 - beta) * torch.kron(G3[1], G3[1])
+    coef = (linalg.rearrange_kron(direction.unsqueeze(0), 4, 5)[0] * gg).sum()
+    torch.testing.assert_close((K * direction).sum(), coef, rtol=1e-12, atol=0)
+    # the other blocks were fed as usual
+    ref = _run(est, [G[0:1], zero[0:1], G3[0:1]])
+    torch.testing.assert_close(after.L[0:1], ref.L, rtol=1e-12, atol=1e-14)
+
+
+def test_batching_changes_nothing(gen):
+    grads = [randn(gen, 3, 5, 4) for _ in range(6)]
+    together = _run(ProjectorSplittingFactors(), grads)
+    for i in range(3):
+        alone = _run(ProjectorSplittingFactors(), [G[i : i + 1] for G in grads])
+        torch.testing.assert_close(together.L[i : i + 1], alone.L, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(together.R[i : i + 1], alone.R, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("one_sided", ["ema", "sum"])
+def test_one_sided_blocks(gen, one_sided):
+    beta = 0.9
+    grads = [randn(gen, 2, 5, 3) for _ in range(3)]
+    for left, right in (("full", "none"), ("none", "full")):
+        layout = Layout(batch=2, m=5, n=3, left=left, right=right)
+        state = _run(ProjectorSplittingFactors(beta=beta, one_sided=one_sided), grads, layout)
+        X = state.L if left == "full" else state.R
+        assert (state.R if left == "full" else state.L) is None
+        d = X.shape[-1]
+        if one_sided == "ema":
+            expected = EmaKronFactors(beta=beta).factors(_run(EmaKronFactors(beta=beta), grads, layout))
+            expected = expected[0] if left == "full" else expected[1]
+        else:
+            expected = 1e-3 * torch.eye(d, dtype=F64) / d**0.5 + sum(G @ G.mT if left == "full" else G.mT @ G for G in grads)
+        torch.testing.assert_close(X, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_float32_tolerance(gen):
+    grads = [randn(gen, 2, 6, 4) for _ in range(10)]
+    s64 = _run(ProjectorSplittingFactors(), grads)
+    s32 = _run(ProjectorSplittingFactors(), [G.float() for G in grads], dtype=torch.float32)
+    assert _rel(linalg.kron_rows(s32.L.double(), s32.R.double()), linalg.kron_rows(s64.L, s64.R)) <= 1e-5
+
+
+# -- validation -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("init", "zeros", "'zeros' is not supported by projector splitting"),
+        ("init", "ones", "must be one of 'kron'"),
+        ("beta", 0, "must be > 0.0"),
+        ("beta", 1.0, "must be < 1.0"),
+        ("variant", "lie", "must be one of 'ksl', 'parallel'"),
+        ("one_sided", "none", "must be one of 'ema', 'sum'"),
+    ],
+)
+def test_invalid_options_rejected_at_config_validation(key, value, message):
+    raw = to_dict(DYKAF)
+    raw["factors"][key] = value
+    with pytest.raises(ConfigError, match=message) as info:
+        from_dict(raw)
+    assert info.value.errors[0][0] == f"factors.{key}"
+
+
+def test_preset_defaults_follow_the_spec():
+    f = DYKAF.factors
+    assert (f.beta, f.variant, f.initialization, f.one_sided) == (0.95, "ksl", "kron", "ema")
+    assert attrs.evolve(DYKAF, factors=EmaKronFactors(beta=0.95)) == __import__("kronopt").PRESETS["soap"]
