@@ -14,6 +14,24 @@ from .post import Post
 from .refresh import EveryRefresh
 from .splits import FullSplit, LowRankFlatSplit
 
+#: parameter names the routed presets send to their fallback: embeddings and output heads
+AUX_NAMES: tuple[str, ...] = (r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|lm_head|head|output)(\.|$)",)
+
+
+def _adamw_fallback(*, lr: float, betas: tuple[float, float], eps: float) -> KronConfig:
+    """torch.optim.AdamW semantics, no weight decay: the fallback of the routed presets."""
+    return KronConfig(
+        lr=lr,
+        weight_decay=0.0,
+        factors=NoFactors(),
+        basis=IdentityBasis(),
+        inner=AdamInner(betas=betas, eps=eps, eps_placement="after_correction"),
+        split=FullSplit(),
+        refresh=EveryRefresh(every=1),
+        post=Post(weight_decay_order="before"),
+    )
+
+
 #: torch.optim.AdamW, exactly (its defaults and conventions).
 ADAMW = KronConfig(
     lr=1e-3,
@@ -67,18 +85,9 @@ MUON = KronConfig(
     post=Post(weight_decay_order="before"),
     route=Route(
         vectors="fallback",
-        fallback_names=(r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|lm_head|head|output)(\.|$)",),
+        fallback_names=AUX_NAMES,
     ),
-    fallback=KronConfig(
-        lr=3e-4,
-        weight_decay=0.0,
-        factors=NoFactors(),
-        basis=IdentityBasis(),
-        inner=AdamInner(betas=(0.9, 0.95), eps=1e-10, eps_placement="after_correction"),
-        split=FullSplit(),
-        refresh=EveryRefresh(every=1),
-        post=Post(weight_decay_order="before"),
-    ),
+    fallback=_adamw_fallback(lr=3e-4, betas=(0.9, 0.95), eps=1e-10),
 )
 
 #: DyKAF (Yudin et al. 2025): SOAP whose factors track the nearest Kronecker product of the
@@ -98,34 +107,10 @@ DYKAF = KronConfig(
 )
 
 #: DyKAF with the rank-1 second moment l rᵀ (dykaf spec §7).
-DYKAF_RANK1 = KronConfig(
-    lr=3e-3,
-    weight_decay=1e-2,
-    skip_first_call=True,
-    factor_update="after",
-    factors=ProjectorSplittingFactors(beta=0.95, variant="ksl", init="kron"),
-    basis=QrBasis(),
-    inner=AdamRank1Inner(betas=(0.95, 0.95), eps=1e-8, eps_placement="before_correction"),
-    split=FullSplit(),
-    refresh=EveryRefresh(every=10, at_first_call=True),
-    post=Post(weight_decay_order="after"),
-    shapes=Shapes(max_dim=10000),
-)
-
-#: names routed to the fallback by the KL presets (embeddings and heads, as MUON)
-_KL_AUX_NAMES = (r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|lm_head|head|output)(\.|$)",)
+DYKAF_RANK1 = attrs.evolve(DYKAF, inner=AdamRank1Inner(betas=(0.95, 0.95), eps=1e-8, eps_placement="before_correction"))
 
 #: AdamW for what KL-Shampoo does not precondition (kl_shampoo.md §8): 1-D, embeddings, head.
-_KL_FALLBACK = KronConfig(
-    lr=1e-4,
-    weight_decay=0.0,
-    factors=NoFactors(),
-    basis=IdentityBasis(),
-    inner=AdamInner(betas=(0.9, 0.98), eps=1e-8, eps_placement="after_correction"),
-    split=FullSplit(),
-    refresh=EveryRefresh(every=1),
-    post=Post(weight_decay_order="before"),
-)
+_KL_FALLBACK = _adamw_fallback(lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
 
 #: KL-Shampoo (Lin et al. 2025), yorkerlin/KL-Methods optim/kl_opt.py KLOpt defaults, float32 state.
 KL_SHAMPOO = KronConfig(
@@ -140,7 +125,7 @@ KL_SHAMPOO = KronConfig(
     refresh=EveryRefresh(every=10, at_first_call=True),
     post=Post(weight_decay_order="after"),
     shapes=Shapes(max_dim=10000),
-    route=Route(vectors="fallback", fallback_names=_KL_AUX_NAMES),
+    route=Route(vectors="fallback", fallback_names=AUX_NAMES),
     fallback=_KL_FALLBACK,
 )
 
@@ -157,4 +142,14 @@ PRO_KL_SHAMPOO = attrs.evolve(
     split=LowRankFlatSplit(rank=0.25, max_rank=128, side="larger", complement_scale="identity", complement_mult=1.0),
 )
 
-PRESETS: dict[str, KronConfig] = {"adamw": ADAMW, "soap": SOAP, "shampoo": SHAMPOO, "muon": MUON, "dykaf": DYKAF, "dykaf_rank1": DYKAF_RANK1, "kl_shampoo": KL_SHAMPOO, "kl_soap": KL_SOAP, "pro_kl_shampoo": PRO_KL_SHAMPOO}
+PRESETS: dict[str, KronConfig] = {
+    "adamw": ADAMW,
+    "soap": SOAP,
+    "shampoo": SHAMPOO,
+    "muon": MUON,
+    "dykaf": DYKAF,
+    "dykaf_rank1": DYKAF_RANK1,
+    "kl_shampoo": KL_SHAMPOO,
+    "kl_soap": KL_SOAP,
+    "pro_kl_shampoo": PRO_KL_SHAMPOO,
+}

@@ -1,10 +1,14 @@
 """Pieces shared by several inner rules: the momentum record and buffer allocation."""
 
+from typing import Any, Literal
+
 import attrs
 import torch
 from torch import Tensor
 
-from ..types import Layout
+from .. import linalg
+from .._validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
+from ..types import Layout, StepContext
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -18,3 +22,48 @@ class MomentumState:
     """One momentum buffer ``b m n`` in the original coordinates."""
 
     momentum_buffer: Tensor
+
+
+@attrs.frozen(kw_only=True)
+class AdamConventions:
+    r"""The options and the final arithmetic every Adam-like rule shares.
+
+    Given the first moment ``m`` and the second moment ``v`` in the basis,
+
+    .. math::
+        D = c_t\, Q_L \frac{m}{\sqrt{v} + \epsilon} Q_R^\top\ (\text{before\_correction}),\qquad
+        D = Q_L \frac{\hat m}{\sqrt{\hat v} + \epsilon} Q_R^\top\ (\text{after\_correction}),
+
+    with :math:`c_t = \sqrt{1-\beta_2^t}/(1-\beta_1^t)` and, with ``normalize``, the
+    ratio divided by its RMS per block before the bias-correction scale.
+    """
+
+    betas: tuple[float, float] = attrs.field(
+        default=(0.9, 0.999), converter=float_tuple(2), validator=each(ge(0.0), lt(1.0))
+    )
+    eps: float = attrs.field(default=1e-8, converter=to_float, validator=ge(0.0))
+    eps_placement: Literal["after_correction", "before_correction"] = attrs.field(
+        default="after_correction", converter=to_str, validator=in_(("after_correction", "before_correction"))
+    )
+    bias_correction: bool = attrs.field(default=True, converter=to_bool)
+    normalize: bool = attrs.field(default=False, converter=to_bool)
+
+    def adam_direction(self, m: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
+        """The direction in the original coordinates from the moments in the basis."""
+        beta1, beta2 = self.betas
+        t = ctx.step
+        c1 = 1 - beta1**t if self.bias_correction else 1.0
+        c2 = 1 - beta2**t if self.bias_correction else 1.0
+        if self.eps_placement == "before_correction":
+            N = m / v.sqrt().add_(self.eps)
+            scale = c2**0.5 / c1
+        else:
+            N = m / v.sqrt().div_(c2**0.5).add_(self.eps)
+            scale = 1 / c1
+        if self.normalize:
+            N = N / (1e-30 + N.square().mean(dim=(-2, -1), keepdim=True).sqrt())
+        return linalg.unrotate(N, ctx.basis.Q_L, ctx.basis.Q_R).mul_(scale)
+
+    def moment(self, state: Any, ctx: StepContext) -> Tensor:
+        """The first moment (``state.exp_avg``, kept in the basis) in the original coordinates."""
+        return linalg.unrotate(state.exp_avg, ctx.basis.Q_L, ctx.basis.Q_R)

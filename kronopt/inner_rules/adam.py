@@ -1,16 +1,15 @@
 """Inner rule ``adam``: Adam in the rotated basis (SOAP; AdamW with the identity basis)."""
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import attrs
 import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import each, ge, in_, lt, float_tuple, to_bool, to_float, to_str
 from ..registry import INNER_RULES
 from ..types import BasisChange, Layout, StepContext
-from ._common import _zeros
+from ._common import AdamConventions, _zeros
 
 @attrs.frozen(eq=False)
 class AdamState:
@@ -22,7 +21,7 @@ class AdamState:
 
 @INNER_RULES.register("adam", description="Adam in the rotated basis (SOAP; AdamW with the identity basis)")
 @attrs.frozen(kw_only=True)
-class AdamInner:
+class AdamInner(AdamConventions):
     r"""Adam on :math:`G' = Q_L^\top G Q_R`, mapped back with :math:`Q_L \cdot Q_R^\top`.
 
     .. math::
@@ -46,15 +45,6 @@ class AdamInner:
     """
 
     needs_eigvals: ClassVar[bool] = False
-    betas: tuple[float, float] = attrs.field(
-        default=(0.9, 0.999), converter=float_tuple(2), validator=each(ge(0.0), lt(1.0))
-    )
-    eps: float = attrs.field(default=1e-8, converter=to_float, validator=ge(0.0))
-    eps_placement: Literal["after_correction", "before_correction"] = attrs.field(
-        default="after_correction", converter=to_str, validator=in_(("after_correction", "before_correction"))
-    )
-    bias_correction: bool = attrs.field(default=True, converter=to_bool)
-    normalize: bool = attrs.field(default=False, converter=to_bool)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> AdamState:
         return AdamState(_zeros(layout, dtype, device), _zeros(layout, dtype, device))
@@ -65,23 +55,8 @@ class AdamInner:
         G_rot = linalg.rotate(G, basis.Q_L, basis.Q_R)
         m = torch.lerp(state.exp_avg, G_rot, 1 - beta1)
         v = state.exp_avg_sq.mul(beta2).addcmul_(G_rot, G_rot, value=1 - beta2)
-        t = ctx.step
-        c1 = 1 - beta1**t if self.bias_correction else 1.0
-        c2 = 1 - beta2**t if self.bias_correction else 1.0
-        if self.eps_placement == "before_correction":
-            N = m / v.sqrt().add_(self.eps)
-            scale = c2**0.5 / c1
-        else:
-            N = m / v.sqrt().div_(c2**0.5).add_(self.eps)
-            scale = 1 / c1
-        if self.normalize:
-            N = N / (1e-30 + N.square().mean(dim=(-2, -1), keepdim=True).sqrt())
-        D = linalg.unrotate(N, basis.Q_L, basis.Q_R).mul_(scale)
+        D = self.adam_direction(m, v, ctx)
         return D, AdamState(m, v)
-
-    def moment(self, state: AdamState, ctx: StepContext) -> Tensor:
-        """The first moment in the original coordinates."""
-        return linalg.unrotate(state.exp_avg, ctx.basis.Q_L, ctx.basis.Q_R)
 
     def on_basis_change(self, state: AdamState, change: BasisChange) -> AdamState:
         old, new = change.old, change.new

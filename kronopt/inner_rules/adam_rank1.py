@@ -1,16 +1,15 @@
 """Inner rule ``adam_rank1``: Adam in the rotated basis with a rank-one second moment (DyKAF §7)."""
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import attrs
 import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
 from ..registry import INNER_RULES
 from ..types import BasisChange, Layout, StepContext
-from ._common import _zeros
+from ._common import AdamConventions, _zeros
 
 #: the start of both rank-one factors (spec §7): V₀ = 1e-16 · 𝟙𝟙ᵀ
 RANK1_START = 1e-8
@@ -29,7 +28,7 @@ class AdamRank1State:
     "adam_rank1", description="Adam in the rotated basis with a nonnegative rank-1 second moment l rᵀ (DyKAF)"
 )
 @attrs.frozen(kw_only=True)
-class AdamRank1Inner:
+class AdamRank1Inner(AdamConventions):
     r"""Adam on :math:`G' = Q_L^\top G Q_R` whose second moment is kept as :math:`V \approx l r^\top`.
 
     .. math::
@@ -57,15 +56,6 @@ class AdamRank1Inner:
     """
 
     needs_eigvals: ClassVar[bool] = False
-    betas: tuple[float, float] = attrs.field(
-        default=(0.9, 0.999), converter=float_tuple(2), validator=each(ge(0.0), lt(1.0))
-    )
-    eps: float = attrs.field(default=1e-8, converter=to_float, validator=ge(0.0))
-    eps_placement: Literal["after_correction", "before_correction"] = attrs.field(
-        default="after_correction", converter=to_str, validator=in_(("after_correction", "before_correction"))
-    )
-    bias_correction: bool = attrs.field(default=True, converter=to_bool)
-    normalize: bool = attrs.field(default=False, converter=to_bool)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> AdamRank1State:
         b, m, n = layout.batch, layout.m, layout.n
@@ -82,23 +72,8 @@ class AdamRank1Inner:
         m = torch.lerp(state.exp_avg, G_rot, 1 - beta1)
         l, r = linalg.rank1_ema_parallel(state.l, state.r, G_rot * G_rot, beta2)
         v = l.unsqueeze(-1) * r.unsqueeze(-2)
-        t = ctx.step
-        c1 = 1 - beta1**t if self.bias_correction else 1.0
-        c2 = 1 - beta2**t if self.bias_correction else 1.0
-        if self.eps_placement == "before_correction":
-            N = m / v.sqrt().add_(self.eps)
-            scale = c2**0.5 / c1
-        else:
-            N = m / v.sqrt().div_(c2**0.5).add_(self.eps)
-            scale = 1 / c1
-        if self.normalize:
-            N = N / (1e-30 + N.square().mean(dim=(-2, -1), keepdim=True).sqrt())
-        D = linalg.unrotate(N, basis.Q_L, basis.Q_R).mul_(scale)
+        D = self.adam_direction(m, v, ctx)
         return D, AdamRank1State(m, l, r)
-
-    def moment(self, state: AdamRank1State, ctx: StepContext) -> Tensor:
-        """The first moment in the original coordinates."""
-        return linalg.unrotate(state.exp_avg, ctx.basis.Q_L, ctx.basis.Q_R)
 
     def second_moment(self, state: AdamRank1State) -> Tensor:
         """The (uncorrected) second moment :math:`l r^\\top` in the basis, ``b m n``."""

@@ -4,43 +4,14 @@ import pytest
 import torch
 
 import kronopt
+from tests.equivalence._helpers import reference_grads, run_history
 from tests.reference.dykaf import dykaf_reference
 
 SHAPES = [(6, 4), (4, 6), (5, 5), (7,), (6, 4)]
 
 
-def _grads(gen, shapes, steps, *, first="single"):
-    """Gaussian gradients; the first one made well posed for step-for-step comparison.
-
-    The kron start is rank one (u₁u₁ᵀ, v₁v₁ᵀ), so the first eigh basis is u₁ plus an arbitrary
-    completion fixed by round-off (spec §5), and two correct implementations diverge there.
-    With a single nonzero entry in G₁, u₁ and v₁ are coordinate vectors and the first factors
-    are diagonal, whose eigenvectors are exact. ``first="surplus"`` is the soap trick for a
-    full-rank-as-possible G₁ (zero rows/columns beyond min(m, n)); ``"random"`` keeps G₁.
-    """
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
-    for g in grads[0]:
-        if g.ndim != 2:
-            continue
-        m, n = g.shape
-        if first == "single":
-            value = g[1, 2].item()
-            g.zero_()
-            g[1, 2] = value
-        elif first == "surplus":
-            g[min(m, n) :, :] = 0.0
-            g[:, min(m, n) :] = 0.0
-    return grads
 
 
-def _run(opt, params, grads):
-    history = []
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        opt.step()
-        history.append([p.detach().clone() for p in params])
-    return history
 
 
 KEYMAP = {
@@ -73,12 +44,12 @@ KEYMAP = {
 def test_dykaf_preset_matches_reference(gen, options, first):
     steps = 55
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    grads = _grads(gen, SHAPES, steps, first=first)
+    grads = reference_grads(gen, SHAPES, steps, first=first)
     ref = dykaf_reference(params, grads, **options)
     overrides = {KEYMAP[k]: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
     ours_params = [torch.nn.Parameter(p.clone()) for p in params]
     opt = kronopt.build(ours_params, "dykaf", **overrides)
-    ours = _run(opt, ours_params, grads)
+    ours = run_history(opt, ours_params, grads)
     assert not torch.equal(ours[-1][0], params[0])
     for k, (a_k, b_k) in enumerate(zip(ours, ref)):
         for i, (a, b) in enumerate(zip(a_k, b_k)):
@@ -89,11 +60,11 @@ def test_dykaf_preset_matches_reference(gen, options, first):
 def test_dykaf_rank1_preset_matches_reference(gen, options):
     steps = 50
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    grads = _grads(gen, SHAPES, steps)
+    grads = reference_grads(gen, SHAPES, steps, first="single")
     ref = dykaf_reference(params, grads, rank1=True, **options)
     overrides = {KEYMAP[k]: v for k, v in options.items()}
     ours_params = [torch.nn.Parameter(p.clone()) for p in params]
-    ours = _run(kronopt.build(ours_params, "dykaf_rank1", **overrides), ours_params, grads)
+    ours = run_history(kronopt.build(ours_params, "dykaf_rank1", **overrides), ours_params, grads)
     for k, (a_k, b_k) in enumerate(zip(ours, ref)):
         for i, (a, b) in enumerate(zip(a_k, b_k)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, k=k, i=i: f"call {k}, param {i}: {m}")
@@ -117,7 +88,7 @@ def test_one_dimensional_parameters_follow_the_soap_path(gen):
     runs = []
     for preset in ("soap", "dykaf"):
         ps = [torch.nn.Parameter(p.clone()) for p in params]
-        runs.append(_run(kronopt.build(ps, preset, **{"refresh.every": 3}), ps, grads))
+        runs.append(run_history(kronopt.build(ps, preset, **{"refresh.every": 3}), ps, grads))
     for a_k, b_k in zip(*runs):
         for a, b in zip(a_k, b_k):
             assert torch.equal(a, b)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kronopt
+from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.kl_shampoo import kl_reference
 
 SHAPES = [(6, 4), (4, 6), (5, 5), (6, 4), (3, 7)]
@@ -18,36 +19,14 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _grads(gen, shapes, steps):
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
-    # The first basis is eigh of G₁G₁ᵀ, rank deficient for a non-square block: its null-space
-    # eigenvectors are fixed by round-off. Zeroing the surplus rows/columns of G₁ makes that
-    # null space exact (coordinate vectors), so the comparison is well posed (as for SOAP).
-    for g in grads[0]:
-        m, n = g.shape
-        g[min(m, n) :, :] = 0.0
-        g[:, min(m, n) :] = 0.0
-    return grads
 
 
-def _run(opt, params, grads):
-    history = []
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        opt.step()
-        history.append([p.detach().clone() for p in params])
-    return history
 
 
 def _named(params):
     return [(f"blocks.{i}.weight", p) for i, p in enumerate(params)]
 
 
-def _assert_histories_close(ours, ref, rtol=1e-10, atol=1e-12):
-    for k, (a_k, b_k) in enumerate(zip(ours, ref)):
-        for i, (a, b) in enumerate(zip(a_k, b_k)):
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"call {k}, param {i}: {m}")
 
 
 KEYMAP = {
@@ -98,13 +77,13 @@ def _overrides(options, klsoap):
 def test_kl_presets_match_reference(gen, options, klsoap):
     steps = 60
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    grads = _grads(gen, SHAPES, steps)
+    grads = reference_grads(gen, SHAPES, steps)
     ref = kl_reference(params, grads, using_klsoap=klsoap, **options)
     ours_params = [torch.nn.Parameter(p.clone()) for p in params]
     opt = kronopt.build(_named(ours_params), "kl_soap" if klsoap else "kl_shampoo", **_overrides(options, klsoap))
-    ours = _run(opt, ours_params, grads)
+    ours = run_history(opt, ours_params, grads)
     assert not torch.equal(ours[-1][0], params[0])
-    _assert_histories_close(ours, ref)
+    assert_histories_close(ours, ref)
 
 
 def test_kl_first_call_leaves_parameters_untouched_and_sets_init_roots(gen):

@@ -4,38 +4,15 @@ import pytest
 import torch
 
 import kronopt
+from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.shampoo import shampoo_reference
 from tests.reference.soap import soap_reference
 
 
-def _grads(gen, shapes, steps):
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
-    # SOAP builds its first basis from G₁G₁ᵀ alone, which is rank deficient for a non-square
-    # block: its null-space eigenvectors are fixed by round-off (spec §8), so two correct
-    # implementations diverge there. Zeroing the surplus rows/columns of G₁ makes that null
-    # space exact (coordinate vectors), and the comparison well posed.
-    for g in grads[0]:
-        if g.ndim == 2:
-            m, n = g.shape
-            g[min(m, n) :, :] = 0.0
-            g[:, min(m, n) :] = 0.0
-    return grads
 
 
-def _run(opt, params, grads):
-    history = []
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        opt.step()
-        history.append([p.detach().clone() for p in params])
-    return history
 
 
-def _assert_histories_close(ours, ref, rtol=1e-10, atol=1e-12):
-    for k, (a_k, b_k) in enumerate(zip(ours, ref)):
-        for i, (a, b) in enumerate(zip(a_k, b_k)):
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"call {k}, param {i}: {m}")
 
 
 SHAPES = [(6, 4), (4, 6), (5, 5), (7,), (6, 4)]
@@ -54,7 +31,7 @@ SHAPES = [(6, 4), (4, 6), (5, 5), (7,), (6, 4)]
 def test_soap_preset_matches_reference(gen, options):
     steps = 60
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    grads = _grads(gen, SHAPES, steps)
+    grads = reference_grads(gen, SHAPES, steps)
     ref = soap_reference(params, grads, **options)
 
     overrides = {}
@@ -74,11 +51,11 @@ def test_soap_preset_matches_reference(gen, options):
         overrides["factors.beta"] = options["betas"][1]
     ours_params = [torch.nn.Parameter(p.clone()) for p in params]
     opt = kronopt.build(ours_params, "soap", **overrides)
-    ours = _run(opt, ours_params, grads)
+    ours = run_history(opt, ours_params, grads)
     # sanity: several refreshes happened and W moved
     assert max(b["m"] for b in opt.bucket_summary()) > 1
     assert not torch.equal(ours[-1][0], params[0])
-    _assert_histories_close(ours, ref)
+    assert_histories_close(ours, ref)
 
 
 def test_soap_first_call_leaves_parameters_bit_identical(gen):
@@ -104,7 +81,7 @@ def test_soap_first_call_leaves_parameters_bit_identical(gen):
 def test_shampoo_preset_matches_reference(gen, options):
     steps = 50
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    grads = _grads(gen, SHAPES, steps)
+    grads = reference_grads(gen, SHAPES, steps)
     ref = shampoo_reference(params, grads, lr=1e-3, **options)
     beta1, beta2 = options["betas"]
     overrides = {
@@ -119,5 +96,5 @@ def test_shampoo_preset_matches_reference(gen, options):
         "shapes.max_dim": options.get("max_precond_dim", 10000),
     }
     ours_params = [torch.nn.Parameter(p.clone()) for p in params]
-    ours = _run(kronopt.build(ours_params, "shampoo", **overrides), ours_params, grads)
-    _assert_histories_close(ours, ref)
+    ours = run_history(kronopt.build(ours_params, "shampoo", **overrides), ours_params, grads)
+    assert_histories_close(ours, ref)

@@ -1,0 +1,46 @@
+"""What every preset-versus-reference comparison needs: gradients, a driver and the check."""
+
+import torch
+
+
+def reference_grads(gen, shapes, steps, *, first="surplus"):
+    """Seeded float64 gradients, the first one made well posed for step-for-step comparison.
+
+    A first basis built from G₁ alone is rank deficient for a non-square block, so its
+    null-space eigenvectors are fixed by round-off and two correct implementations diverge
+    there. ``first="surplus"`` zeroes G₁'s rows/columns beyond ``min(m, n)`` (that null space is
+    then spanned by coordinate vectors); ``"single"`` keeps one nonzero entry (for a rank-one
+    start, whose completion is otherwise arbitrary); ``"random"`` keeps G₁ as drawn.
+    """
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+    for g in grads[0]:
+        if g.ndim != 2:
+            continue
+        m, n = g.shape
+        if first == "single":
+            value = g[1, 2].item()
+            g.zero_()
+            g[1, 2] = value
+        elif first == "surplus":
+            g[min(m, n) :, :] = 0.0
+            g[:, min(m, n) :] = 0.0
+    return grads
+
+
+def run_history(opt, params, grads):
+    """Feed ``grads`` call by call; the parameters after each call."""
+    history = []
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+def assert_histories_close(ours, ref, rtol=1e-10, atol=1e-12):
+    """Every parameter after every call matches (the property: the preset is the algorithm)."""
+    assert len(ours) == len(ref)
+    for k, (a_k, b_k) in enumerate(zip(ours, ref)):
+        for i, (a, b) in enumerate(zip(a_k, b_k)):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"call {k}, param {i}: {m}")
