@@ -315,3 +315,11 @@ def test_a_first_refresh_that_fails_never_blows_up_the_step(gen, monkeypatch):
     assert not basis.ready and torch.equal(basis.lam_L, torch.ones(1, 5))
     # without a basis the eigenvalue rule steps along the bias-corrected momentum: |ΔW| = lr
     torch.testing.assert_close((before - params[0]).abs().max(), torch.tensor(1e-3))
+
+
+def test_routing_by_name_without_names_warns(gen):
+    with pytest.warns(UserWarning, match="the parameters have no names"):
+        kronopt.build(_params(gen), "muon")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kronopt.build([(f"w{i}", p) for i, p in enumerate(_params(gen))], "muon")
