@@ -136,7 +136,25 @@ def flatten(record: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def unflatten(template: Any, flat: dict[str, Any], prefix: str = "") -> Any:
-    """Fill a template record (from :func:`init_state`) with the values of :func:`flatten`."""
+    """Fill a template record (from :func:`init_state`) with the values of :func:`flatten`.
+
+    Raises:
+        ValueError: the saved entries are not those of this template (another pipeline's state).
+    """
+    if not prefix:
+        expected = flatten(template)
+        missing = sorted(expected.keys() - flat.keys())
+        extra = sorted(flat.keys() - expected.keys())
+        kinds = sorted(k for k in expected.keys() & flat.keys() if (expected[k] is None) != (flat[k] is None))
+        if missing or extra or kinds:
+            raise ValueError(
+                "saved state does not fit this pipeline: "
+                + "; ".join(
+                    f"{what}: {', '.join(keys)}"
+                    for what, keys in (("missing", missing), ("unexpected", extra), ("tensor vs none", kinds))
+                    if keys
+                )
+            )
     changes = {}
     for f in attrs.fields(type(template)):
         value = getattr(template, f.name)

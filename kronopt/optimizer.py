@@ -20,7 +20,8 @@ from ._shapes import BlockSpec, block_spec, to_block
 from .config import ConfigError, KronConfig, apply_overrides, from_dict, to_dict
 from .types import Layout
 
-_RESERVED = ("params", "param_names", "lr", "weight_decay", "pipeline", "overrides", "initial_lr")
+#: param-group keys that are not config overrides
+_RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
 _STATE_VERSION = 1
 
 
@@ -60,7 +61,7 @@ class _Pending:
             self.ok = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
             self.ok.copy_(ok, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(ok.device))
         else:
             self.ok = ok
 
@@ -107,35 +108,57 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], config: KronConfig) -> None:
         self.config = config
-        groups = _normalize_groups(params)
-        base_raw = to_dict(config)
         split_groups: list[dict[str, Any]] = []
         errors: list[tuple[str, str]] = []
-        for gi, g in enumerate(groups):
-            overrides = {k: v for k, v in g.items() if k not in ("params", "param_names", "pipeline", "overrides")}
-            overrides.update(g.get("overrides", {}))
+        for gi, g in enumerate(_normalize_groups(params)):
             try:
-                cfg = from_dict(apply_overrides(base_raw, overrides)) if overrides else config
+                split_groups.extend(self._split_user_group(g))
             except ConfigError as exc:
                 errors.extend((f"param_groups[{gi}].{p}" if p else f"param_groups[{gi}]", m) for p, m in exc.errors)
-                continue
-            split_groups.extend(self._route(g, cfg, overrides))
         if errors:
             raise ConfigError(errors)
-        for g in split_groups:
-            for p in g["params"]:
-                if _is_dtensor(p):
-                    raise TypeError(
-                        "kronopt does not support DTensor (FSDP2) parameters yet: a matrix function on a shard "
-                        "would be wrong. Use plain tensors or DDP."
-                    )
-        super().__init__(split_groups, {"lr": config.lr, "weight_decay": config.weight_decay})
         self._group_cfgs: list[KronConfig] = []
-        for g in self.param_groups:
-            cfg = from_dict(apply_overrides(base_raw, g["overrides"])) if g["overrides"] else config
-            self._group_cfgs.append(cfg if g["pipeline"] == "main" else cfg.fallback)  # type: ignore[arg-type]
-        self._buckets = self._make_buckets()
+        super().__init__(split_groups, {"lr": config.lr, "weight_decay": config.weight_decay})
+        self._buckets = self._make_buckets(self.param_groups, self._group_cfgs)
         self._pending: list[_Pending] = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after construction (e.g. progressive unfreezing); routed and validated like the others."""
+        if getattr(self, "_buckets", None) is None:  # inside __init__: the groups are already routed
+            super().add_param_group(param_group)
+            self._group_cfgs.append(self._group_config(param_group))
+            return
+        first = len(self.param_groups)
+        for g in self._split_user_group(_normalize_groups([param_group])[0]):
+            super().add_param_group(g)
+            self._group_cfgs.append(self._group_config(g))
+        new = self._make_buckets(self.param_groups[first:], self._group_cfgs[first:])
+        for b in new:
+            b.group += first
+        self._buckets.extend(new)
+
+    def _split_user_group(self, group: dict[str, Any]) -> list[dict[str, Any]]:
+        """One user group → its routed ``main`` / ``fallback`` groups (raises ConfigError)."""
+        overrides = {k: v for k, v in group.items() if k not in _RESERVED}
+        overrides.update(group.get("overrides", {}))
+        cfg = from_dict(apply_overrides(to_dict(self.config), overrides)) if overrides else self.config
+        for p in group["params"]:
+            if _is_dtensor(p):
+                raise TypeError(
+                    "kronopt does not support DTensor (FSDP2) parameters yet: a matrix function on a shard "
+                    "would be wrong. Use plain tensors or DDP."
+                )
+        out = self._route(group, cfg, overrides)
+        if "initial_lr" in group:  # a scheduler resumed with last_epoch != -1
+            for g in out:
+                g["initial_lr"] = group["initial_lr"] if g["pipeline"] == "main" else g["lr"]
+        return out
+
+    def _group_config(self, group: dict[str, Any]) -> KronConfig:
+        """The pipeline config of a routed group, from its ``overrides`` and ``pipeline``."""
+        overrides = group.get("overrides") or {}
+        cfg = from_dict(apply_overrides(to_dict(self.config), overrides)) if overrides else self.config
+        return cfg if group.get("pipeline", "main") == "main" else cfg.fallback  # type: ignore[return-value]
 
     # -- construction ----------------------------------------------------------------------
     @staticmethod
@@ -168,11 +191,15 @@ class KronOptimizer(torch.optim.Optimizer):
             out.append(g)
         return out
 
-    def _make_buckets(self) -> list[_Bucket]:
+    @staticmethod
+    def _make_buckets(groups: list[dict[str, Any]], cfgs: list[KronConfig]) -> list[_Bucket]:
+        """Buckets of ``groups`` (indexed from 0); parameters with no elements are left out."""
         buckets: dict[tuple[Any, ...], _Bucket] = {}
-        for gi, (g, cfg) in enumerate(zip(self.param_groups, self._group_cfgs)):
+        for gi, (g, cfg) in enumerate(zip(groups, cfgs)):
             min_dtype = getattr(torch, cfg.state_dtype)
             for p in g["params"]:
+                if p.numel() == 0:
+                    continue
                 sh = cfg.shapes
                 spec = block_spec(tuple(p.shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
                 (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
@@ -235,9 +262,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self._buckets[pos : pos + 1] = parts
         return parts[0]
 
-    def _init_bucket(self, bucket: _Bucket) -> None:
+    def _init_bucket(self, bucket: _Bucket, cfg: KronConfig | None = None) -> None:
         device = bucket.params[0].device
-        cfg = self._group_cfgs[bucket.group]
+        cfg = cfg or self._group_cfgs[bucket.group]
         bucket.state = compose.init_state(cfg, bucket.layout, dtype=bucket.state_dtype, device=device)
         bucket.nonfinite = torch.zeros(bucket.layout.batch, dtype=torch.int64, device=device)
 
@@ -263,12 +290,17 @@ class KronOptimizer(torch.optim.Optimizer):
         return []
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
+        """A readable, unique name: the parameter's name (qualified by its group if another
+        group has the same name), else its position and shape."""
         p = bucket.params[i]
         group = self.param_groups[bucket.group]
         names = group.get("param_names")
         for j, q in enumerate(group["params"]):
             if q is p:
-                return names[j] if names else f"param_groups[{bucket.group}].params[{j}] {tuple(p.shape)}"
+                if not names:
+                    return f"param_groups[{bucket.group}].params[{j}] {tuple(p.shape)}"
+                clashes = sum(names[j] in (g.get("param_names") or ()) for g in self.param_groups)
+                return names[j] if clashes == 1 else f"param_groups[{bucket.group}].{names[j]}"
         return f"parameter of shape {tuple(p.shape)}"  # pragma: no cover
 
     def _report_pending(self, *, wait: bool = False) -> None:
@@ -364,27 +396,41 @@ class KronOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore a :meth:`state_dict`; the next step continues bit for bit."""
+        """Restore a :meth:`state_dict`; the next step continues bit for bit.
+
+        Everything is validated before anything changes: a state dict that does not
+        fit (another model, another pipeline) raises and leaves the optimizer as it was.
+        Per-group config overrides come from the saved groups, as torch.optim restores
+        per-group hyperparameters.
+        """
         kron = state_dict.get("kronopt")
         if kron is None or kron.get("version") != _STATE_VERSION:
             raise ValueError("not a kronopt state dict (missing or unknown 'kronopt' section)")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
+        ):
+            raise ValueError("the saved param groups do not match this optimizer's (different model or routing)")
         if kron["config"] != to_dict(self.config):
             warnings.warn(
                 "loading optimizer state saved under a different config; use kronopt.from_state_dict to "
                 "rebuild the saved optimizer exactly",
                 stacklevel=2,
             )
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        cfgs = [self._group_config(g) for g in saved_groups]
+        templates = self._make_buckets(self.param_groups, cfgs)
         by_index = {i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        spec_of = {id(p): s for b in self._buckets for p, s in zip(b.params, b.specs)}
-        template_of = {id(p): b for b in self._buckets for p in b.params}
+        spec_of = {id(p): s for b in templates for p, s in zip(b.params, b.specs)}
+        template_of = {id(p): b for b in templates for p in b.params}
         buckets = []
         for entry in kron["buckets"]:
             params = [by_index[i] for i in entry["params"]]
-            like = template_of[id(params[0])]
+            like = template_of.get(id(params[0]))
             shape_of = lambda b: attrs.evolve(b.layout, batch=0)  # noqa: E731
-            if any(group_of[id(p)] != entry["group"] or shape_of(template_of[id(p)]) != shape_of(like) for p in params):
+            if like is None or any(
+                id(p) not in template_of or template_of[id(p)].group != entry["group"] or shape_of(template_of[id(p)]) != shape_of(like)
+                for p in params
+            ):
                 raise ValueError("saved buckets do not match this model's parameters")
             bucket = _Bucket(
                 group=entry["group"],
@@ -394,9 +440,11 @@ class KronOptimizer(torch.optim.Optimizer):
                 state_dtype=like.state_dtype,
             )
             if "state" in entry:
-                self._init_bucket(bucket)
+                self._init_bucket(bucket, cfgs[bucket.group])
                 bucket.state = compose.unflatten(bucket.state, entry["state"])
                 bucket.nonfinite = entry["nonfinite"].to(bucket.nonfinite.device)  # type: ignore[union-attr]
             buckets.append(bucket)
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        self._group_cfgs = cfgs
         self._buckets = buckets
         self._pending = []

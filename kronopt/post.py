@@ -80,7 +80,7 @@ class Post:
         The per-block factors are tensors, so nothing synchronises with the host.
         """
         okf = ok.to(D.dtype)
-        D = D * okf.view(-1, 1, 1)
+        D = torch.where(ok.view(-1, 1, 1), D, torch.zeros((), dtype=D.dtype, device=D.device))
         decay = (1 - (lr * weight_decay) * okf) if weight_decay else None
         for i, p in enumerate(params):
             step = D[i].view(p.shape)

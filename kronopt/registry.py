@@ -94,7 +94,8 @@ class Registry(Generic[T]):
         return decorate
 
     def _add(self, entry: Entry[T]) -> None:
-        if entry.source == "kronopt" and self._plugins and entry.key in self._plugins:
+        loading = entry.key == getattr(self, "_loading", None)  # a plugin registering itself on import
+        if entry.source == "kronopt" and self._plugins and entry.key in self._plugins and not loading:
             ep = self._plugins[entry.key]
             raise PluginError(
                 f"built-in {self.slot} stage {entry.key!r} collides with the plugin of that name from "
@@ -158,10 +159,13 @@ class Registry(Generic[T]):
     def _load_plugin(self, key: str) -> Entry[T]:
         ep = self.plugins()[key]
         dist = _distribution_name(ep)
+        self._loading = key
         try:
             cls = ep.load()
         except Exception as exc:  # noqa: BLE001 - wrapped with the distribution name
             raise PluginLoadError(dist, key, self.group, exc) from exc
+        finally:
+            self._loading = None
         if key in self._entries:  # the module registered itself on import
             entry = attrs.evolve(self._entries[key], source=dist)
             self._entries[key] = entry

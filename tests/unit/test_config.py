@@ -113,3 +113,8 @@ def test_toml_writer_handles_special_floats_and_strings():
     data = tomllib.loads(text)
     assert data["a"] == float("inf") and data["b"] == 'quote " and \\ backslash' and data["c"] == [1e-300, -0.0]
     assert data["t"] == {"x": True}
+
+
+def test_toml_writer_escapes_control_characters():
+    cfg = kronopt.resolve("muon", **{"route.fallback_names": ["a\x7fb", "tab\there"]})
+    assert kronopt.loads(kronopt.dumps(cfg)) == cfg

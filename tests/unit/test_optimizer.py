@@ -323,3 +323,87 @@ def test_routing_by_name_without_names_warns(gen):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kronopt.build([(f"w{i}", p) for i, p in enumerate(_params(gen))], "muon")
+
+
+# -- found in review --------------------------------------------------------------------------
+
+
+def test_add_param_group_is_routed_bucketed_and_stepped(gen):
+    a, b = _params(gen, [(4, 3), (4, 3)])
+    bias = torch.nn.Parameter(torch.randn(4, generator=gen, dtype=torch.float64))
+    opt = kronopt.build([("l0.w", a)], "muon", **{"inner.ns_dtype": "float64"})
+    opt.add_param_group({"params": [("l1.w", b), ("l1.b", bias)], "lr": 0.01})
+    assert [(g["pipeline"], g["lr"]) for g in opt.param_groups] == [("main", 1e-3), ("main", 0.01), ("fallback", 3e-4)]
+    before = [p.detach().clone() for p in (a, b, bias)]
+    _feed([a, b, bias], gen)
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip((a, b, bias), before))
+    with pytest.raises(kronopt.ConfigError, match="refresh.every: must be ≥ 1"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 2))], "refresh.every": 0})
+
+
+def test_loading_another_pipelines_state_raises_and_changes_nothing(gen):
+    (w,) = _params(gen, [(5, 4)])
+    soap = kronopt.build([w], "soap")
+    for _ in range(3):
+        _feed([w], gen)
+        soap.step()
+    (v,) = _params(gen, [(5, 4)])
+    adamw = kronopt.build([v], "adamw", lr=0.5)
+    _feed([v], gen)
+    adamw.step()
+    adamw_sd = adamw.state_dict()
+    with pytest.warns(UserWarning, match="different config"), pytest.raises(ValueError, match="does not fit this pipeline"):
+        adamw.load_state_dict(soap.state_dict())
+    with pytest.warns(UserWarning, match="different config"), pytest.raises(ValueError, match="does not fit this pipeline"):
+        soap.load_state_dict(adamw_sd)
+    assert soap.param_groups[0]["lr"] == 3e-3, "a failed load leaves the optimizer as it was"
+
+
+def test_group_overrides_survive_a_resume(gen):
+    a = _params(gen, [(5, 4)])
+    opt = kronopt.build([{"params": a, "refresh.every": 2, "inner.betas": [0.9, 0.99]}], "soap")
+    for _ in range(3):
+        _feed(a, gen)
+        opt.step()
+    sd = pickle.loads(pickle.dumps(opt.state_dict()))
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    resumed = kronopt.from_state_dict(b, sd)
+    assert resumed._group_cfgs[0].refresh.every == 2 and resumed._group_cfgs[0].inner.betas == (0.9, 0.99)
+    for _ in range(6):
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in a]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_same_names_in_two_groups_are_reported_apart(gen):
+    l1, l2 = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    opt = kronopt.build([{"params": l1.named_parameters()}, {"params": l2.named_parameters()}], "adamw", nonfinite="skip")
+    for p in (*l1.parameters(), *l2.parameters()):
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    l1.weight.grad[0, 0] = float("nan")
+    opt.step()
+    counts = opt.nonfinite_counts()
+    assert counts["param_groups[0].weight"] == 1 and counts["param_groups[1].weight"] == 0
+
+
+@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+def test_parameters_with_no_elements_are_left_alone(gen, preset):
+    empty = torch.nn.Parameter(torch.randn(0, 4, dtype=torch.float64))
+    (w,) = _params(gen, [(4, 3)])
+    opt = kronopt.build([("a.w", empty), ("b.w", w)], preset)
+    for _ in range(3):
+        _feed([empty, w], gen)
+        opt.step()
+    assert empty.shape == (0, 4) and torch.isfinite(w).all()
+
+
+def test_initial_lr_of_a_resumed_scheduler_is_accepted(gen):
+    (w,) = _params(gen, [(4, 3)])
+    opt = kronopt.build([{"params": [w], "lr": 1e-3, "initial_lr": 1e-3}], "adamw")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5, last_epoch=4)
+    assert opt.param_groups[0]["initial_lr"] == 1e-3
+    del sched

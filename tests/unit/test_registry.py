@@ -362,3 +362,39 @@ def test_config_reports_plugin_conflicts_as_config_errors(tmp_path):
             kronopt.from_dict(raw)
     finally:
         kronopt.registry.SLOTS["inner"] = restore
+
+
+def test_a_plugin_module_that_registers_itself_loads_lazily(tmp_path, monkeypatch):
+    module = tmp_path / "selfreg_plugin_mod.py"
+    module.write_text(
+        "import attrs\n"
+        "from tests.unit import _plugin_fixture as f\n"
+        "import kronopt.registry as r\n"
+        "REG = None\n"
+        "def make(reg):\n"
+        "    @reg.register('selfreg', description='registers itself')\n"
+        "    @attrs.frozen(kw_only=True)\n"
+        "    class SelfReg(f.ScaledGradientInner):\n"
+        "        pass\n"
+        "    return SelfReg\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    holder = {}
+
+    def entry_points():
+        return [_ep("selfreg", "selfreg_loader:cls", _dist(tmp_path, "kronopt-selfreg"))]
+
+    reg = Registry("inner", group=GROUP, entry_points=entry_points)
+    loader = tmp_path / "selfreg_loader.py"
+    loader.write_text("import selfreg_plugin_mod, tests.unit.test_registry as t\ncls = selfreg_plugin_mod.make(t._CURRENT)\n")
+    global _CURRENT
+    _CURRENT = reg
+    try:
+        entry = reg.entry("selfreg")
+    finally:
+        _CURRENT = None
+    assert entry.source == "kronopt-selfreg" and entry.cls.__name__ == "SelfReg"
+    del holder
+
+
+_CURRENT = None
