@@ -56,7 +56,9 @@ def _context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> Ste
         eigvals = cfg.factors.eigvals(state.factors)
     else:
         eigvals = (basis.lam_L, basis.lam_R)
-    return StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals)
+    restricted = "restricted" in (layout.left, layout.right)  # only with an estimator that supports it (validated)
+    flat = cfg.factors.flat_eigvals(state.factors) if restricted else (None, None)
+    return StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat)
 
 
 def _observe(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool) -> BucketState:

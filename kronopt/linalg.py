@@ -139,8 +139,13 @@ def block_norm(X: Tensor) -> Tensor:
 
 def match_norm(D: Tensor, A: Tensor) -> Tensor:
     r"""``D`` rescaled per block to the Frobenius norm of ``A``: :math:`D\,\|A\|_F/\|D\|_F` (0 stays 0)."""
+    return rescale_to_norm(D, block_norm(A))
+
+
+def rescale_to_norm(D: Tensor, norm: Tensor) -> Tensor:
+    r"""``D`` rescaled per block to Frobenius norm ``norm (b 1 1)``: :math:`D\,\nu/\|D\|_F` (0 stays 0)."""
     norm_D = block_norm(D)
-    ratio = block_norm(A) / norm_D.clamp(min=torch.finfo(D.dtype).tiny)
+    ratio = norm / norm_D.clamp(min=torch.finfo(D.dtype).tiny)
     return D * torch.where(norm_D > 0, ratio, torch.zeros_like(ratio))
 
 
@@ -887,6 +892,38 @@ def project_out_right(M: Tensor, U: Tensor) -> Tensor:
     r"""The complement part :math:`M - (M U) U^\top` of ``M (b m n)`` for orthonormal ``U (b n r)``."""
     _check_batched("M", M)
     return M - (M @ U) @ U.mT
+
+
+def whitened_complement_norm(
+    C: Tensor, Q_other: Tensor | None, lam_other: Tensor | None, mu: Tensor, *, restricted: str
+) -> Tensor:
+    r"""Frobenius norm of the complement block as full KL-Shampoo would step it, ``(b 1 1)``.
+
+    For a restricted right side :math:`\hat R = U S U^\top + \mu P_\perp` and the
+    complement :math:`C = M P_\perp` ``(b m n)``, the whitened complement is
+    :math:`\mu^{-1/2} \hat L^{-1/2} C` with
+    :math:`\hat L^{-1/2} = Q_L \mathrm{diag}(\lambda_L^{-1/2}) Q_L^\top`, so
+
+    .. math::
+        \nu = \mu^{-1/2}\, \big\|\mathrm{diag}(\lambda_L^{-1/2})\, Q_L^\top C\big\|_F
+
+    (the left-restricted case mirrors it: :math:`\mu^{-1/2}\|C Q_R \mathrm{diag}(\lambda_R^{-1/2})\|_F`).
+    ``Q_other``/``lam_other`` ``None`` means the other side is not rotated
+    (identity, unit eigenvalues). :math:`\lambda = +\infty` gives a zero weight.
+    Cost: one ``m × m × n`` product.
+    """
+    _check_batched("C", C)
+    if restricted not in ("left", "right"):
+        raise ValueError(f"restricted must be 'left' or 'right', got {restricted!r}")
+    if restricted == "right":
+        X = C if Q_other is None else Q_other.mT @ C
+        w = None if lam_other is None else lam_other.rsqrt().unsqueeze(-1)  # (b m 1)
+    else:
+        X = C if Q_other is None else C @ Q_other
+        w = None if lam_other is None else lam_other.rsqrt().unsqueeze(-2)  # (b 1 n)
+    if w is not None:
+        X = X * w
+    return block_norm(X) * mu.rsqrt().view(-1, 1, 1)
 
 
 def project_out_left(M: Tensor, U: Tensor) -> Tensor:

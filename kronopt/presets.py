@@ -139,7 +139,7 @@ KL_SOAP = attrs.evolve(
 #: min(128, d/4) + one flat eigenvalue and an orthogonalized complement.
 PRO_KL_SHAMPOO = attrs.evolve(
     KL_SHAMPOO,
-    split=LowRankFlatSplit(rank=0.25, max_rank=128, side="larger", complement_scale="identity", complement_mult=1.0),
+    split=LowRankFlatSplit(rank=0.25, max_rank=128, side="larger", complement_scale="whitened", complement_mult=1.0),
 )
 
 PRESETS: dict[str, KronConfig] = {

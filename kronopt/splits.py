@@ -52,7 +52,7 @@ def _rank(value: Any) -> int | float:
     return float(value)
 
 
-_SCALE_RULES = ("identity", "muon", "match_rms_adamw")
+_SCALE_RULES = ("whitened", "identity", "muon", "match_rms_adamw")
 
 
 def _scale_rule(value: Any) -> str | float:
@@ -116,7 +116,7 @@ class LowRankFlatSplit:
     side: Literal["larger", "left", "right"] = attrs.field(
         default="larger", converter=to_str, validator=in_(("larger", "left", "right"))
     )
-    complement_scale: str | float = attrs.field(default="identity", converter=_scale_rule)
+    complement_scale: str | float = attrs.field(default="whitened", converter=_scale_rule)
     complement_mult: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
     ns_coefficients: str = attrs.field(default="kj", converter=to_str, validator=in_(tuple(linalg.NS_SCHEDULES)))
     ns_steps: int = attrs.field(default=5, converter=to_int, validator=[ge(1), le(99)])
@@ -141,9 +141,11 @@ class LowRankFlatSplit:
         return NoState()
 
     def scale(self, layout: Layout) -> float:
-        """The complement factor :math:`c` times ``complement_mult`` for ``layout``."""
+        """The fixed complement factor :math:`c` times ``complement_mult`` (``"whitened"``: ``complement_mult`` alone)."""
         m, n = layout.m, layout.n
-        if self.complement_scale == "identity":
+        if self.complement_scale == "whitened":
+            c = 1.0
+        elif self.complement_scale == "identity":
             d, r = (m, layout.rank_left) if layout.left == "restricted" else (n, layout.rank_right)
             c = math.sqrt(d - r)
         elif self.complement_scale == "muon":
@@ -159,13 +161,18 @@ class LowRankFlatSplit:
     ) -> tuple[Tensor, NoState]:
         layout = ctx.layout
         if layout.left == "restricted":
-            C = linalg.project_out_left(moment(), ctx.basis.Q_L)  # type: ignore[arg-type]
+            side, C = "left", linalg.project_out_left(moment(), ctx.basis.Q_L)  # type: ignore[arg-type]
+            Q_other, lam_other, mu = ctx.basis.Q_R, ctx.eigvals[1], ctx.flat[0]
         elif layout.right == "restricted":
-            C = linalg.project_out_right(moment(), ctx.basis.Q_R)  # type: ignore[arg-type]
+            side, C = "right", linalg.project_out_right(moment(), ctx.basis.Q_R)  # type: ignore[arg-type]
+            Q_other, lam_other, mu = ctx.basis.Q_L, ctx.eigvals[0], ctx.flat[1]
         else:
             return D, state
         coefficients, beyond = linalg.NS_SCHEDULES[self.ns_coefficients]
         O = linalg.newton_schulz(
             C, linalg.ns_coefficients(coefficients, self.ns_steps, beyond), eps=self.ns_eps, dtype=_NS_DTYPES[self.ns_dtype]
         ).to(D.dtype)
+        if self.complement_scale == "whitened":
+            assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
+            O = linalg.rescale_to_norm(O, linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side))
         return D + self.scale(layout) * O, state

@@ -81,7 +81,7 @@ class BasisChange:
 
 @attrs.frozen(kw_only=True, eq=False)
 class StepContext:
-    """Every cross-stage input of one bucket step, typed.
+    r"""Every cross-stage input of one bucket step, typed.
 
     Attributes:
         step: number of parameter updates including the current one (1-based;
@@ -92,12 +92,17 @@ class StepContext:
         eigvals: the eigenvalue estimates ``(lam_L (b m), lam_R (b n))`` that go
             with the basis columns: the factor estimator's own when it tracks them
             (``provides_eigvals``), else the basis's. ``None`` on a side without.
+            On a restricted side of rank ``r`` they are the ``r`` subspace values.
+        flat: the flat eigenvalue ``mu (b)`` of each restricted side (the value of
+            :math:`\hat R = U S U^\top + \mu P_\perp` on the complement), from the
+            factor estimator's ``flat_eigvals``; ``None`` on a side that is not restricted.
     """
 
     step: int
     layout: Layout
     basis: BasisState
     eigvals: tuple[Tensor | None, Tensor | None] = (None, None)
+    flat: tuple[Tensor | None, Tensor | None] = (None, None)
 
 
 @runtime_checkable
@@ -106,7 +111,10 @@ class FactorEstimator(Protocol):
 
     Optional members: ``provides_eigvals`` with ``eigvals(state)`` for an estimator
     that tracks its own eigenvalue estimates in the current basis (KL-Shampoo), and
-    ``supports_restricted`` for one that can keep a ``"restricted"`` side.
+    ``supports_restricted`` for one that can keep a ``"restricted"`` side; such an
+    estimator also gives ``flat_eigvals(state)``, the flat eigenvalue ``mu (b)`` of
+    each restricted side (``None`` elsewhere), which reaches the other stages as
+    ``StepContext.flat``.
     """
 
     provides_factors: ClassVar[bool]

@@ -197,6 +197,10 @@ class KlKronFactors:
             None if state.s_R is None else linalg.inverse_square(state.s_R),
         )
 
+    def flat_eigvals(self, state: KlFactorsState) -> tuple[Tensor | None, Tensor | None]:
+        r"""The flat eigenvalue :math:`\mu` ``(b)`` of each restricted side (``None`` on a full or ``none`` side)."""
+        return state.mu_L, state.mu_R
+
     def update(self, state: KlFactorsState, G: Tensor, ctx: StepContext) -> KlFactorsState:
         left, right = _sides(state, ctx.layout, ctx)
         if left.kind == "restricted":

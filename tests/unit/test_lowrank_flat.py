@@ -116,7 +116,10 @@ def test_rank_equal_to_the_side_is_exactly_kl_shampoo():
 def test_rank_zero_step_is_the_orthogonalized_momentum_scaled_by_sqrt_n(gen):
     """pro_kl_shampoo.md §5 and §10 test 3: r = 0 gives c·NS(M) with c = √n."""
     m, n, lr, beta1 = 5, 8, 0.1, 0.9
-    cfg = attrs.evolve(_pro(rank=0, ns_dtype="float64", ns_coefficients="polar_express", ns_steps=8), lr=lr, weight_decay=0.0)
+    cfg = attrs.evolve(
+        _pro(rank=0, ns_dtype="float64", ns_coefficients="polar_express", ns_steps=8, complement_scale="identity"),
+        lr=lr, weight_decay=0.0,
+    )
     W = torch.nn.Parameter(randn(gen, m, n))
     opt = kronopt.KronOptimizer([("blocks.0.weight", W)], cfg)
     assert opt.bucket_summary()[0]["sides"] == ("full", "restricted")
@@ -142,7 +145,9 @@ def _ns(cfg):
 
 def test_complement_scale_rules():
     layout = Layout(batch=1, m=6, n=10, left="full", right="restricted", rank_right=2)
-    assert LowRankFlatSplit().scale(layout) == pytest.approx(math.sqrt(8))
+    assert LowRankFlatSplit().scale(layout) == 1.0  # "whitened": the norm comes per block, see below
+    assert LowRankFlatSplit(complement_mult=0.5).scale(layout) == 0.5
+    assert LowRankFlatSplit(complement_scale="identity").scale(layout) == pytest.approx(math.sqrt(8))
     assert LowRankFlatSplit(complement_scale="muon").scale(layout) == pytest.approx(1.0)
     assert LowRankFlatSplit(complement_scale="match_rms_adamw").scale(layout) == pytest.approx(0.2 * math.sqrt(10))
     assert LowRankFlatSplit(complement_scale=3.0, complement_mult=0.5).scale(layout) == pytest.approx(1.5)
@@ -181,7 +186,7 @@ def test_rank_deficient_complement_matches_newton_schulz(gen):
     tuples, beyond = linalg.NS_SCHEDULES["polar_express"]
     ns = linalg.newton_schulz(MP, linalg.ns_coefficients(tuples, 8, beyond), dtype=torch.float64)
     assert (ns - iso).norm() / iso.norm() < 0.05
-    split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=8, ns_dtype="float64")
+    split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=8, ns_dtype="float64", complement_scale="identity")
     layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
     basis = BasisState(Q_L=None, Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
     D, _ = split.complement(None, MP, torch.zeros_like(MP), StepContext(step=1, layout=layout, basis=basis), lambda: MP)
@@ -211,6 +216,72 @@ def test_spike_and_flat_restricted_preconditioner_equals_full_kl_shampoo(gen):
     torch.testing.assert_close(
         mu0**-0.5 * _root(L_perp, -0.5) @ MP, math.sqrt(n - r) * _polar(MP), rtol=1e-10, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_whitened_complement_has_full_kl_shampoos_norm(gen, side):
+    """The default scale: NS(C) rescaled to ‖μ^{-1/2} L^{-1/2} C‖ (right side restricted; mirrored on the left)."""
+    m, n, r, mu0, mult = 5, 9, 3, 0.37, 0.5
+    d, o = (n, m) if side == "right" else (m, n)
+    U = orthonormal(gen, 1, d)[:, :, :r]
+    A = spd_matrix(gen, 1, o, log10_range=(-2.0, 1.0))  # the other side's factor
+    lam, Q = torch.linalg.eigh(A)
+    M = randn(gen, 1, m, n)
+    if side == "right":
+        C = M - M @ U @ U.mT
+        expected_norm = (mu0**-0.5 * _root(A, -0.5) @ C).norm()
+        layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+        basis = BasisState(Q_L=Q, Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+        ctx = StepContext(step=1, layout=layout, basis=basis, eigvals=(lam, None), flat=(None, torch.tensor([mu0], **F64)))
+    else:
+        C = M - U @ U.mT @ M
+        expected_norm = (mu0**-0.5 * C @ _root(A, -0.5)).norm()
+        layout = Layout(batch=1, m=m, n=n, left="restricted", right="full", rank_left=r)
+        basis = BasisState(Q_L=U, Q_R=Q, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+        ctx = StepContext(step=1, layout=layout, basis=basis, eigvals=(None, lam), flat=(torch.tensor([mu0], **F64), None))
+    split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=8, ns_dtype="float64", complement_mult=mult)
+    D0 = randn(gen, 1, m, n)
+    D, _ = split.complement(None, M, D0, ctx, lambda: M)
+    block = D - D0
+    torch.testing.assert_close(block.norm(), mult * expected_norm, rtol=1e-12, atol=0)
+    tuples, beyond = linalg.NS_SCHEDULES["polar_express"]
+    ns = linalg.newton_schulz(C, linalg.ns_coefficients(tuples, 8, beyond), dtype=torch.float64)
+    torch.testing.assert_close(block, ns * (mult * expected_norm / ns.norm()), rtol=1e-10, atol=1e-12)
+    # a zero momentum gives a zero block, not NaN
+    Z = torch.zeros_like(M)
+    D, _ = split.complement(None, Z, D0, ctx, lambda: Z)
+    assert torch.equal(D, D0)
+
+
+def _update_rms_ratios(scale, complement_scale):
+    """Per-step update RMS of pro_kl_shampoo (r = 16) over kl_shampoo's, same gradients (rank-4 signal + noise)."""
+    m = n = 64
+    gen = generator(7)
+    signal = randn(gen, m, 4, dtype=torch.float32) @ randn(gen, 4, n, dtype=torch.float32) / 4
+    grads = [scale * (signal + randn(gen, m, n, dtype=torch.float32)) for _ in range(30)]
+    rms = {}
+    for name, over in (("kl_shampoo", {}), ("pro_kl_shampoo", {"split.rank": 16, "split.complement_scale": complement_scale})):
+        W = torch.nn.Parameter(torch.zeros(m, n))
+        opt = kronopt.build([("blocks.0.weight", W)], name, lr=1.0, weight_decay=0.0, **over)
+        out = []
+        for G in grads:
+            before = W.detach().clone()
+            W.grad = G.clone()
+            opt.step()
+            out.append((W.detach() - before).square().mean().sqrt())
+        rms[name] = torch.stack(out[1:])  # the first call only builds the factors
+    assert (rms["kl_shampoo"] > 0).all()
+    return rms["pro_kl_shampoo"] / rms["kl_shampoo"]
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1.0])
+def test_pro_kl_shampoo_steps_like_kl_shampoo_from_the_first_step(scale):
+    """One learning rate serves both presets: the update RMS stays within 1.5× of KL-Shampoo's."""
+    ratios = _update_rms_ratios(scale, "whitened")
+    assert ((ratios > 1 / 1.5) & (ratios < 1.5)).all(), ratios
+    # the old default, √(d − r), fails the same check on small gradients (KL-Shampoo's steps start damped)
+    if scale == 1e-2:
+        assert _update_rms_ratios(scale, "identity")[0] > 10
 
 
 def _restricted_state(gen, m, n, r, *, tracker="power"):
