@@ -54,6 +54,31 @@ def to_float(value: Any) -> float:
     return float(value)
 
 
+#: the value of a factor estimator's ``beta`` that ties it to the inner rule's β₂
+#: (SOAP's and DyKAF's ``shampoo_beta = -1``); :meth:`kronopt.config.KronConfig.bound` resolves it
+BETA_TIE = "beta2"
+
+
+def to_beta(value: Any) -> float | str:
+    """A retention in ``[0, 1)`` (a number) or :data:`BETA_TIE`."""
+    if value == BETA_TIE:
+        return BETA_TIE
+    if isinstance(value, str):
+        raise ValueError(f"must be a number or {BETA_TIE!r} (tie to the inner rule's β₂), got {value!r}")
+    return to_float(value)
+
+
+def unless_tie(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
+    """Apply ``validators`` unless the value is :data:`BETA_TIE`."""
+
+    def validate(inst: Any, attr: Any, value: Any) -> None:
+        if value != BETA_TIE:
+            for v in validators:
+                v(inst, attr, value)
+
+    return validate
+
+
 def to_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"must be an integer, got {value!r}")

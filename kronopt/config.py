@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import attrs
 
-from ._validators import ge, in_, str_tuple, to_bool, to_float, to_int, to_str
+from ._validators import BETA_TIE, ge, in_, str_tuple, to_bool, to_float, to_int, to_str
 from .post import Post
 from .registry import SLOTS, PluginError, PluginLoadError
 
@@ -124,6 +124,17 @@ class KronConfig:
 
     def stages(self) -> dict[str, Any]:
         return {slot: getattr(self, slot) for slot in STAGE_SLOTS}
+
+    def bound(self) -> "KronConfig":
+        """The config the pipeline runs: ``factors.beta = "beta2"`` replaced by the inner rule's β₂.
+
+        The tie stays in the config itself (so ``to_dict``, overrides of
+        ``inner.betas`` and saved state keep it); the optimizer binds each group's
+        config once, when it is built.
+        """
+        if getattr(self.factors, "beta", None) != BETA_TIE:
+            return self
+        return attrs.evolve(self, factors=attrs.evolve(self.factors, beta=self.inner.betas[1]))
 
 
 _SCALARS = tuple(f.name for f in attrs.fields(KronConfig) if f.name not in (*STAGE_SLOTS, "post", "shapes", "route", "fallback"))
@@ -253,6 +264,19 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
             f"inner {keys['inner']!r} needs eigenvalue estimates, but neither basis {keys['basis']!r} nor "
             f"factors {keys['factors']!r} provides them; use a basis of type: {', '.join(providers)}",
         ))
+    if getattr(cfg.factors, "beta", None) == BETA_TIE:
+        betas = getattr(cfg.inner, "betas", None)
+        if not (isinstance(betas, tuple) and len(betas) == 2):
+            errors.append((
+                _join(prefix, "factors.beta"),
+                f"{BETA_TIE!r} ties the factor retention to the inner rule's β₂, but inner {keys['inner']!r} has no "
+                "betas; give a number",
+            ))
+        else:
+            try:
+                cfg.bound()
+            except (TypeError, ValueError) as exc:
+                errors.append((_join(prefix, "factors.beta"), f"{BETA_TIE!r} = inner.betas[1] = {betas[1]!r}: {exc}"))
     if getattr(cfg.split, "restricts", False):
         for slot in ("factors", "basis", "inner"):
             if not getattr(cfg.stages()[slot], "supports_restricted", False):

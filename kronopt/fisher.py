@@ -367,7 +367,7 @@ def hessian_experiment(
         for lr in lrs:
             settings = {"inner.betas": [0.9, 0.999], "factors.beta": 0.999, "refresh.every": 10,
                         "weight_decay": 0.0, "lr": lr, **options}
-            cfg = kronopt.resolve(name, **settings)
+            cfg = kronopt.resolve(name, **settings).bound()
             state = compose.init_state(cfg, layout, dtype=torch.float64, device=torch.device("cpu"))
             W = W0.clone()
             curve: dict[str, list[float]] = {"step": [], "factor_diff2": [], "factor_e_s": [], "eigen_diff2": [],

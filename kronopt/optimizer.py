@@ -158,7 +158,8 @@ class KronOptimizer(torch.optim.Optimizer):
         """The pipeline config of a routed group, from its ``overrides`` and ``pipeline``."""
         overrides = group.get("overrides") or {}
         cfg = from_dict(apply_overrides(to_dict(self.config), overrides)) if overrides else self.config
-        return cfg if group.get("pipeline", "main") == "main" else cfg.fallback  # type: ignore[return-value]
+        cfg = cfg if group.get("pipeline", "main") == "main" else cfg.fallback  # type: ignore[assignment]
+        return cfg.bound()
 
     # -- construction ----------------------------------------------------------------------
     @staticmethod

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import ge, lt, to_float
+from .._validators import ge, lt, to_beta, unless_tie
 from ..registry import FACTORS
 from ..types import Layout, NoState, StepContext
 
@@ -30,7 +30,9 @@ class EmaKronFactors:
         R \leftarrow \beta R + (1-\beta)\, G^\top G .
 
     Attributes:
-        beta: retention :math:`\beta \in [0, 1)` (SOAP's ``shampoo_beta``).
+        beta: retention :math:`\beta \in [0, 1)` (SOAP's ``shampoo_beta``), or ``"beta2"``:
+            the inner rule's :math:`\beta_2` (``shampoo_beta = -1``, resolved by
+            :meth:`kronopt.config.KronConfig.bound` when the optimizer is built).
 
     Invariants:
         Exactly symmetric and PSD; ``beta = 0`` gives ``G Gᵀ``, ``Gᵀ G``
@@ -38,7 +40,7 @@ class EmaKronFactors:
     """
 
     provides_factors: ClassVar[bool] = True
-    beta: float = attrs.field(default=0.95, converter=to_float, validator=[ge(0.0), lt(1.0)])
+    beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(ge(0.0), lt(1.0)))
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> KronFactorsState:
         b, m, n = layout.batch, layout.m, layout.n

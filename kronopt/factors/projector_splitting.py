@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import ge, gt, in_, lt, to_float, to_int, to_str
+from .._validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
 from ..types import Layout, StepContext
 
@@ -91,7 +91,9 @@ class ProjectorSplittingFactors:
     :math:`L \leftarrow L + GG^\top` from :math:`10^{-3} I/\|I\|_F`.
 
     Attributes:
-        beta: EMA retention of the Fisher, in ``(0, 1)`` (SOAP's ``shampoo_beta``).
+        beta: EMA retention of the Fisher, in ``(0, 1)`` (SOAP's ``shampoo_beta``), or
+            ``"beta2"``: the inner rule's :math:`\beta_2`, as the authors' ``shampoo_beta = -1``
+            (resolved by :meth:`kronopt.config.KronConfig.bound`).
         variant: ``"ksl"`` (K-, S-, L-steps) or ``"parallel"`` (basis update & Galerkin).
         initialization: ``"kron"``, ``"kron_reference"``, ``"eps"`` or ``"sum"`` (``"zeros"`` is rejected).
         init_solver: ``"svd"`` (batched SVD) or ``"power"`` for the first call's triplet.
@@ -105,7 +107,7 @@ class ProjectorSplittingFactors:
     """
 
     provides_factors: ClassVar[bool] = True
-    beta: float = attrs.field(default=0.95, converter=to_float, validator=[gt(0.0), lt(1.0)])
+    beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(gt(0.0), lt(1.0)))
     variant: Literal["ksl", "parallel"] = attrs.field(default="ksl", converter=to_str, validator=in_(VARIANTS))
     initialization: Literal["kron", "kron_reference", "eps", "sum"] = attrs.field(
         default="kron", converter=to_str, validator=_init_choice, alias="init"

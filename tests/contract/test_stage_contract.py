@@ -82,14 +82,14 @@ def config_for(slot, key):
     """A valid config using ``slot = key`` (default instance), or skip if no companions fit."""
     raw = _preferred_dict(slot, key)
     try:
-        return kronopt.from_dict(raw)
+        return kronopt.from_dict(raw).bound()
     except kronopt.ConfigError as first:
         others = [s for s in SLOTS if s != slot]
         for combo in itertools.product(*(SLOTS[s].keys() for s in others)):
             attempt = dict(raw)
             attempt.update({s: {"type": k} for s, k in zip(others, combo)})
             try:
-                return kronopt.from_dict(attempt)
+                return kronopt.from_dict(attempt).bound()
             except kronopt.ConfigError:
                 continue
         pytest.skip(f"{slot} stage {key!r} fits no combination of the registered stages: {first}")

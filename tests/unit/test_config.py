@@ -118,3 +118,50 @@ def test_toml_writer_handles_special_floats_and_strings():
 def test_toml_writer_escapes_control_characters():
     cfg = kronopt.resolve("muon", **{"route.fallback_names": ["a\x7fb", "tab\there"]})
     assert kronopt.loads(kronopt.dumps(cfg)) == cfg
+
+
+# -- factors.beta = "beta2": the factor retention tied to the inner rule's β₂ -----------------------
+
+
+@pytest.mark.parametrize("preset", ["soap", "dykaf"])
+def test_beta_tie_follows_inner_betas_and_survives_overrides(preset):
+    torch = pytest.importorskip("torch")
+    tied = kronopt.resolve(preset, **{"factors.beta": "beta2"})
+    assert kronopt.to_dict(tied)["factors"]["beta"] == "beta2"  # the tie is kept, not resolved away
+    moved = kronopt.resolve(tied, **{"inner.betas": [0.9, 0.99]})
+    assert moved.factors.beta == "beta2" and moved.bound().factors.beta == 0.99
+    gen = torch.Generator().manual_seed(3)
+    W1 = torch.nn.Parameter(torch.randn(6, 5, generator=gen, dtype=torch.float64))
+    W2 = torch.nn.Parameter(W1.detach().clone())
+    explicit = kronopt.resolve(preset, **{"factors.beta": 0.99, "inner.betas": [0.9, 0.99]})
+    o1, o2 = kronopt.KronOptimizer([W1], moved), kronopt.KronOptimizer([W2], explicit)
+    for _ in range(12):
+        G = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        W1.grad, W2.grad = G.clone(), G.clone()
+        o1.step()
+        o2.step()
+    assert torch.equal(W1, W2)
+
+
+def test_beta_tie_errors_name_the_problem():
+    with pytest.raises(kronopt.ConfigError) as info:
+        kronopt.resolve("shampoo", **{"factors.beta": "beta2"})
+    assert any(p == "factors.beta" and "inner 'eigenvalue' has no betas" in m for p, m in info.value.errors)
+    with pytest.raises(kronopt.ConfigError) as info:
+        kronopt.resolve("dykaf", **{"factors.beta": "beta2", "inner.betas": [0.0, 0.0]})
+    assert info.value.errors == [("factors.beta", "'beta2' = inner.betas[1] = 0.0: must be > 0.0, got 0.0")]
+    with pytest.raises(kronopt.ConfigError) as info:
+        kronopt.resolve("soap", **{"factors.beta": "beta_2"})
+    assert "must be a number or 'beta2'" in str(info.value)
+
+
+def test_an_unbound_tie_is_refused_by_the_pure_step():
+    torch = pytest.importorskip("torch")
+    from kronopt import compose
+    from kronopt.types import Layout
+
+    cfg = kronopt.resolve("soap", **{"factors.beta": "beta2"})
+    layout = Layout(batch=1, m=3, n=2, left="full", right="full")
+    with pytest.raises(ValueError, match="pass cfg.bound"):
+        compose.init_state(cfg, layout, dtype=torch.float64, device=torch.device("cpu"))
+    compose.init_state(cfg.bound(), layout, dtype=torch.float64, device=torch.device("cpu"))

@@ -23,7 +23,7 @@ def test_every_built_in_stage_is_documented_with_its_options():
         for entry in registry.entries(load_plugins=False):
             if entry.source == "kronopt":
                 assert f"### `{entry.key}` ({entry.cls.__name__})" in text
-    assert "| `beta` | float | `0.95` | retention $\\beta \\in [0, 1)$ (SOAP's `shampoo_beta`). |" in text
+    assert "| `beta` | float \\| str | `0.95` | retention $\\beta \\in [0, 1)$ (SOAP's `shampoo_beta`), or `\"beta2\"`" in text
     assert "```math\nL \\leftarrow \\beta L + (1-\\beta)\\, G G^\\top" in text
     assert "### `[post]` (Post)" in text and "| `max_dim` | int | `10000` |" in text
     assert "sign_momentum" not in text  # plugins are left out: the page is the same on every install

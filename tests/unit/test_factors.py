@@ -120,7 +120,7 @@ def test_ema_update_is_pure():
     assert torch.equal(new.L, torch.full((1, 3, 3), 1.0, dtype=F64))  # 0.5 * (G Gᵀ = 2)
 
 
-@pytest.mark.parametrize("beta,exc", [(1.0, ValueError), (-0.1, ValueError), (1.5, ValueError), ("0.9", TypeError), (True, TypeError)])
+@pytest.mark.parametrize("beta,exc", [(1.0, ValueError), (-0.1, ValueError), (1.5, ValueError), ("0.9", ValueError), ("beta", ValueError), (True, TypeError)])
 def test_ema_bad_beta_raises(beta, exc):
     with pytest.raises(exc):
         EmaKronFactors(beta=beta)
