@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bases, factors, inner_rules, refresh, splits  # noqa: F401  (registers the built-ins)
-from .config import ConfigError, KronConfig, apply_overrides, dumps, from_dict, load, loads, to_dict
+from .config import ConfigError, KronConfig, apply_overrides, dumps, from_dict, load, loads, to_dict, with_overrides
 from .optimizer import KronOptimizer
 from .presets import PRESETS
 from .registry import BASES, FACTORS, INNER_RULES, REFRESH, SLOTS, SPLITS, PluginLoadError, Registry
@@ -36,6 +36,7 @@ __all__ = [
     "loads",
     "resolve",
     "to_dict",
+    "with_overrides",
 ]
 
 
@@ -61,6 +62,8 @@ def _raw(spec: str | Path | Mapping[str, Any] | KronConfig) -> dict[str, Any]:
 
 def resolve(spec: str | Path | Mapping[str, Any] | KronConfig, **overrides: Any) -> KronConfig:
     """The validated config of a preset name, TOML path, dict or config, with dotted overrides applied."""
+    if isinstance(spec, KronConfig) or (isinstance(spec, str) and spec in PRESETS):
+        return with_overrides(spec if isinstance(spec, KronConfig) else PRESETS[spec], overrides)
     return from_dict(apply_overrides(_raw(spec), overrides))
 
 

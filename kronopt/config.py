@@ -411,6 +411,82 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     return out
 
 
+def with_overrides(cfg: KronConfig, overrides: Mapping[str, Any]) -> KronConfig:
+    """``cfg`` with dotted overrides applied to the resolved objects, every problem in one :class:`ConfigError`.
+
+    The result equals ``from_dict(apply_overrides(to_dict(cfg), overrides))`` (tested),
+    but only the records an override names are rebuilt (``attrs.evolve`` semantics:
+    converters, validators and the cross-stage checks run again); the rest of
+    ``cfg`` is shared. Setting ``X.type`` to another stage starts ``X`` afresh, as
+    :func:`apply_overrides` does.
+    """
+    if not overrides:
+        return cfg
+    errors: list[tuple[str, str]] = []
+    out = _evolve_config(cfg, overrides, "", errors, allow_fallback=True)
+    if errors or out is None:
+        raise ConfigError(errors)
+    return out
+
+
+def _evolve_config(
+    cfg: KronConfig, overrides: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]], *, allow_fallback: bool
+) -> KronConfig | None:
+    found = len(errors)
+    tables: dict[str, dict[str, Any]] = {}
+    scalars: dict[str, Any] = {}
+    known = {*_SCALARS, *STAGE_SLOTS, *_RECORDS, *(("fallback",) if allow_fallback else ())}
+    for dotted, value in overrides.items():
+        head, _, rest = dotted.partition(".")
+        if head not in known:
+            errors.append((_join(prefix, dotted), f"unknown key; a config accepts: {', '.join(sorted(known))}"))
+        elif head in _SCALARS:
+            if rest:
+                errors.append((_join(prefix, dotted), f"{head!r} is a value, not a table"))
+            else:
+                scalars[head] = value
+        elif not rest:
+            errors.append((_join(prefix, dotted), "is a table: set one of its keys (e.g. 'inner.type')"))
+        else:
+            tables.setdefault(head, {})[rest] = value
+    kwargs: dict[str, Any] = {}
+    for key, value in scalars.items():
+        try:
+            _check_field(KronConfig, key, value)
+        except (TypeError, ValueError) as exc:
+            errors.append((_join(prefix, key), str(exc)))
+        else:
+            kwargs[key] = value
+    for name, sub in tables.items():
+        path = _join(prefix, name)
+        if name == "fallback":
+            if cfg.fallback is None:
+                errors.append((path, "this config has no [fallback] to override"))
+            else:
+                kwargs[name] = _evolve_config(cfg.fallback, sub, path, errors, allow_fallback=False)
+            continue
+        nested = [k for k in sub if "." in k]
+        for k in nested:
+            errors.append((f"{path}.{k}", f"unknown key; {name} options are not tables"))
+        record = getattr(cfg, name)
+        if name in STAGE_SLOTS:
+            current = {"type": SLOTS[name].key_of(type(record)), **_record_dict(record)}
+            if "type" in sub and sub["type"] != current["type"]:
+                current = {}
+            table = {**current, **{k: v for k, v in sub.items() if k not in nested}}
+            kwargs[name] = _build_stage(name, table, path, errors)
+        else:
+            table = {**_record_dict(record), **{k: v for k, v in sub.items() if k not in nested}}
+            kwargs[name] = _build_record(_RECORDS[name], table, path, errors)
+    if len(errors) > found:
+        return None
+    out = attrs.evolve(cfg, **kwargs)
+    _check_compatible(out, prefix, errors)
+    if allow_fallback and out.fallback is None and (out.route.vectors == "fallback" or out.route.fallback_names):
+        errors.append((_join(prefix, "route"), "sends parameters to the fallback, but there is no [fallback] table"))
+    return None if len(errors) > found else out
+
+
 def _deepcopy(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _deepcopy(v) for k, v in value.items()}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import compose, linalg
 from ._shapes import BlockSpec, block_spec, to_block
-from .config import ConfigError, KronConfig, apply_overrides, from_dict, to_dict
+from .config import ConfigError, KronConfig, to_dict, with_overrides
 from .types import Layout
 
 #: param-group keys that are not config overrides
@@ -108,6 +108,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], config: KronConfig) -> None:
         self.config = config
+        self._resolved: dict[str, KronConfig] = {}  # per-group overrides → config, resolved once
         split_groups: list[dict[str, Any]] = []
         errors: list[tuple[str, str]] = []
         for gi, g in enumerate(_normalize_groups(params)):
@@ -141,7 +142,7 @@ class KronOptimizer(torch.optim.Optimizer):
         """One user group → its routed ``main`` / ``fallback`` groups (raises ConfigError)."""
         overrides = {k: v for k, v in group.items() if k not in _RESERVED}
         overrides.update(group.get("overrides", {}))
-        cfg = from_dict(apply_overrides(to_dict(self.config), overrides)) if overrides else self.config
+        cfg = self._with_overrides(overrides)
         for p in group["params"]:
             if _is_dtensor(p):
                 raise TypeError(
@@ -156,10 +157,18 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _group_config(self, group: dict[str, Any]) -> KronConfig:
         """The pipeline config of a routed group, from its ``overrides`` and ``pipeline``."""
-        overrides = group.get("overrides") or {}
-        cfg = from_dict(apply_overrides(to_dict(self.config), overrides)) if overrides else self.config
+        cfg = self._with_overrides(group.get("overrides") or {})
         cfg = cfg if group.get("pipeline", "main") == "main" else cfg.fallback  # type: ignore[assignment]
         return cfg.bound()
+
+    def _with_overrides(self, overrides: dict[str, Any]) -> KronConfig:
+        """The optimizer's config with a group's overrides, resolved once per distinct set (raises ConfigError)."""
+        if not overrides:
+            return self.config
+        key = repr(sorted(overrides.items()))
+        if key not in self._resolved:
+            self._resolved[key] = with_overrides(self.config, overrides)
+        return self._resolved[key]
 
     # -- construction ----------------------------------------------------------------------
     @staticmethod
@@ -227,20 +236,29 @@ class KronOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._report_pending()
-        raised: list[str] = []
+        if self.config.nonfinite == "raise":
+            self._raise_on_nonfinite()
         for bucket in list(self._buckets):
             present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
             if not present:
                 continue
             if len(present) < len(bucket.params):
                 bucket = self._split(bucket, present)
-            raised.extend(self._step_bucket(bucket))
-        if raised:
-            raise FloatingPointError(
-                "non-finite gradient (NaN or Inf) in: " + ", ".join(raised) + "; these parameters and their "
-                "optimizer state were left untouched"
-            )
+            self._step_bucket(bucket)
         return loss
+
+    def _raise_on_nonfinite(self) -> None:
+        """``nonfinite = "raise"``: check every gradient first (one host synchronisation); raise before anything changes."""
+        named = [(bucket, i, p.grad) for bucket in self._buckets for i, p in enumerate(bucket.params) if p.grad is not None]
+        if not named:
+            return
+        ok = torch.stack([torch.isfinite(g).all().to(named[0][2].device) for _, _, g in named])
+        if bool(ok.all()):
+            return
+        bad = [self._param_name(bucket, i) for (bucket, i, _), good in zip(named, ok.tolist()) if not good]
+        raise FloatingPointError(
+            "non-finite gradient (NaN or Inf) in: " + ", ".join(bad) + "; no parameter or optimizer state was changed"
+        )
 
     def _split(self, bucket: _Bucket, present: list[int]) -> _Bucket:
         """Move the blocks with gradients into a bucket of their own (their counters diverge from now on)."""
@@ -269,7 +287,7 @@ class KronOptimizer(torch.optim.Optimizer):
         bucket.state = compose.init_state(cfg, bucket.layout, dtype=bucket.state_dtype, device=device)
         bucket.nonfinite = torch.zeros(bucket.layout.batch, dtype=torch.int64, device=device)
 
-    def _step_bucket(self, bucket: _Bucket) -> list[str]:
+    def _step_bucket(self, bucket: _Bucket) -> None:
         if bucket.state is None:
             self._init_bucket(bucket)
         group = self.param_groups[bucket.group]
@@ -280,15 +298,12 @@ class KronOptimizer(torch.optim.Optimizer):
         G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # keeps bad blocks out of batched solvers
         old = bucket.state
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
-        if self.config.nonfinite == "raise" and not bool(ok.all()):
-            return [self._param_name(bucket, i) for i in torch.nonzero(~ok).flatten().tolist()]
         bucket.state = compose.zip_tensors(new, old, lambda n, o: o if n is o else linalg.select_blocks(ok, n, o))
         bucket.nonfinite = bucket.nonfinite + (~ok).long()  # type: ignore[operator]
         if self.config.nonfinite == "warn":
             self._pending.append(_Pending(bucket, ok, new.step))
         if D is not None:
             cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=ok)
-        return []
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
         """A readable, unique name: the parameter's name (qualified by its group if another

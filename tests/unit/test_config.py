@@ -165,3 +165,56 @@ def test_an_unbound_tie_is_refused_by_the_pure_step():
     with pytest.raises(ValueError, match="pass cfg.bound"):
         compose.init_state(cfg, layout, dtype=torch.float64, device=torch.device("cpu"))
     compose.init_state(cfg.bound(), layout, dtype=torch.float64, device=torch.device("cpu"))
+
+
+# -- with_overrides: per-group overrides on the resolved objects -------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["soap", "muon", "pro_kl_shampoo", "dykaf"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"lr": 0.5, "refresh.every": 3},
+        {"inner.betas": [0.9, 0.99], "factors.beta": "beta2", "weight_decay": 0.1},
+        {"fallback.lr": 1e-2, "fallback.inner.eps": 1e-6},
+        {"basis.type": "eigh", "inner.type": "sgd", "inner.momentum": 0.5},
+        {"split.type": "full"},
+        {"shapes.max_dim": 64, "post.weight_decay_order": "before", "route.vectors": "main"},
+        {"refresh.every": 0, "inner.bogus": 1, "lr": -1, "nope": 2},
+        {"factors.type": "none"},
+        {"inner.type": "bogus"},
+    ],
+)
+def test_with_overrides_equals_the_dict_round_trip(preset, overrides):
+    """Same config, or the same list of errors, as rebuilding from the dict (the semantics of `resolve`)."""
+    cfg = kronopt.PRESETS[preset]
+    try:
+        expected = kronopt.from_dict(kronopt.apply_overrides(kronopt.to_dict(cfg), overrides))
+    except kronopt.ConfigError as exc:
+        expected = exc
+    try:
+        got = kronopt.with_overrides(cfg, overrides)
+    except kronopt.ConfigError as exc:
+        got = exc
+    if isinstance(expected, kronopt.ConfigError):
+        assert isinstance(got, kronopt.ConfigError), got
+        if cfg.fallback is not None or not any(k.startswith("fallback.") for k in overrides):
+            assert sorted(got.errors) == sorted(expected.errors)
+        else:  # the dict path builds a half-empty [fallback]; the object path says there is none
+            assert got.errors == [("fallback", "this config has no [fallback] to override")]
+    else:
+        assert got == expected
+        untouched = {slot for slot in ("factors", "basis", "inner", "split", "refresh") if not any(k.startswith(slot + ".") for k in overrides)}
+        for slot in untouched:  # only what an override names is rebuilt
+            assert getattr(got, slot) is getattr(cfg, slot)
+
+
+def test_with_overrides_reports_malformed_keys_together():
+    with pytest.raises(kronopt.ConfigError) as info:
+        kronopt.with_overrides(kronopt.PRESETS["soap"], {"inner": 3, "lr.x": 1, "inner.betas.x": 1, "refresh.every": 0})
+    assert sorted(info.value.errors) == [
+        ("inner", "is a table: set one of its keys (e.g. 'inner.type')"),
+        ("inner.betas.x", "unknown key; inner options are not tables"),
+        ("lr.x", "'lr' is a value, not a table"),
+        ("refresh.every", "must be ≥ 1, got 0"),
+    ]

@@ -204,7 +204,7 @@ def _state_tensors(opt):
     return out
 
 
-def test_nonfinite_raise_mode_raises_and_changes_nothing(gen):
+def test_nonfinite_raise_mode_raises_and_changes_nothing(gen, monkeypatch):
     params = _params(gen)
     opt = kronopt.build(params, "adamw", nonfinite="raise")
     _feed(params, gen)
@@ -212,9 +212,15 @@ def test_nonfinite_raise_mode_raises_and_changes_nothing(gen):
     before = [p.detach().clone() for p in params]
     _feed(params, gen)
     params[4].grad[0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"params\[4\]"):
+    state_before = {k: v.clone() for k, v in _state_tensors(opt).items()}
+    calls = []
+    monkeypatch.setattr(kronopt.compose, "step", lambda *a, **k: calls.append(a))  # nothing may be computed
+    with pytest.raises(FloatingPointError, match=r"params\[4\].*no parameter or optimizer state was changed"):
         opt.step()
-    assert torch.equal(params[4], before[4])
+    assert calls == []
+    for p, b in zip(params, before):  # every parameter, not only the one with the NaN
+        assert torch.equal(p, b)
+    assert all(torch.equal(v, state_before[k]) for k, v in _state_tensors(opt).items())
 
 
 def test_nonfinite_skip_mode_is_silent(gen):
