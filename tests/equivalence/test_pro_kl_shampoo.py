@@ -1,0 +1,160 @@
+"""The pro_kl_shampoo preset against the float64 clean-room reference ``tests/reference/pro_kl_shampoo.py``.
+
+Step for step (every parameter after every call), float64 state and Newton–Schulz, ≥ 50 calls with a refresh every
+3–5 updates, over a wide (6×8), a tall (8×6) and a square (7×7) block, both trackers, both restricted sides (and
+"larger"), damping on/off, clamping on/off and several complement scales.  ``rtol = 1e-10, atol = 1e-12`` (observed
+agreement: ~1e-15 relative).
+
+Mutations of the restricted path that these tests must catch (issue 9): the complement not projected, the
+Rayleigh–Ritz rotation dropped, the restricted tracker's ρ decay dropped, μ multiplied instead of divided.
+"""
+
+import pytest
+import torch
+
+import kronopt
+from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
+from tests.reference.pro_kl_shampoo import pro_kl_reference
+
+SHAPES = [(6, 8), (8, 6), (7, 7)]
+STEPS = 50
+
+#: muon.md §4's `polar_express` table, typed from the spec (kronopt's NS_SCHEDULES must agree with it).
+MUON_MD_POLAR_EXPRESS = [
+    (8.2051, -22.9019, 16.4607),
+    (4.0664, -2.8612, 0.5184),
+    (3.9096, -2.8234, 0.5250),
+    (3.2856, -2.4153, 0.4853),
+    (2.2779, -1.6198, 0.3985),
+    (1.8726, -1.2307, 0.3585),
+    (1.8564, -1.2132, 0.3568),
+    (1.8750, -1.2500, 0.3750),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny LAPACK calls are much slower with a contended OpenMP pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _named(params):
+    return [(f"blocks.{i}.weight", p) for i, p in enumerate(params)]
+
+
+#: reference keyword -> kronopt dotted override
+KEYMAP = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "refresh_every": "refresh.every",
+    "shampoo_beta": "factors.beta",
+    "init_factor": "factors.init_factor",
+    "using_clamping": "factors.clamping",
+    "max_clamp_value": "factors.max_clamp",
+    "tracker": "factors.tracker",
+    "rank": "split.rank",
+    "max_rank": "split.max_rank",
+    "side": "split.side",
+    "complement_scale": "split.complement_scale",
+    "complement_mult": "split.complement_mult",
+    "ns_steps": "split.ns_steps",
+}
+
+
+def _overrides(options):
+    out = {"state_dtype": "float64", "split.ns_dtype": "float64"}
+    for k, v in options.items():
+        if k in KEYMAP:
+            out[KEYMAP[k]] = v
+    betas = options.get("betas", (0.9, 0.98))
+    eps = options.get("eps", 1e-8)
+    if "shampoo_beta" not in options:
+        out["factors.beta"] = betas[1]
+    out["inner.momentum"] = betas[0]
+    out["inner.eps"] = eps
+    out["factors.damping"] = eps if options.get("using_damping") else 0.0
+    if options.get("ns_coefficients") is MUON_MD_POLAR_EXPRESS:
+        out["split.ns_coefficients"] = "polar_express"
+    return out
+
+
+def _case(id_, **options):
+    return pytest.param({"lr": 1e-2, **options}, id=id_)
+
+
+CASES = [
+    _case("power-right-whitened", tracker="power", side="right", rank=2, refresh_every=3),
+    _case("sketch-right-whitened", tracker="sketch", side="right", rank=2, refresh_every=4),
+    _case("power-left-identity", tracker="power", side="left", rank=2, complement_scale="identity", refresh_every=5),
+    _case(
+        "sketch-left-identity-damped", tracker="sketch", side="left", rank=3, complement_scale="identity",
+        using_damping=True, eps=1e-2, refresh_every=3,
+    ),
+    _case("power-larger-default-rank-damped", tracker="power", side="larger", using_damping=True, eps=1e-2, refresh_every=4),
+    _case(
+        "sketch-larger-muon-unclamped", tracker="sketch", side="larger", rank=3, complement_scale="muon",
+        using_clamping=False, init_factor=1.0, refresh_every=5,
+    ),
+    _case("rank0-whitened", tracker="power", side="right", rank=0, refresh_every=3),
+    _case(
+        "power-right-adamw-scale-tight-clamp", tracker="power", side="right", rank=2, complement_scale="match_rms_adamw",
+        complement_mult=0.5, max_clamp_value=2.0, init_factor=0.01, refresh_every=3,
+    ),
+    _case(
+        "power-larger-number-betas", tracker="power", side="larger", rank=2, complement_scale=0.7, ns_steps=7,
+        betas=(0.8, 0.9), shampoo_beta=0.7, weight_decay=0.1, refresh_every=4,
+    ),
+    _case(
+        "sketch-right-polar-express", tracker="sketch", side="right", rank=2, ns_coefficients=MUON_MD_POLAR_EXPRESS,
+        ns_steps=8, refresh_every=3,
+    ),
+]
+
+
+@pytest.mark.parametrize("options", CASES)
+def test_pro_kl_shampoo_matches_reference(options):
+    gen = torch.Generator().manual_seed(20260512)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = reference_grads(gen, SHAPES, STEPS)
+    ref = pro_kl_reference(params, grads, **options)
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = kronopt.build(_named(ours_params), "pro_kl_shampoo", **_overrides(options))
+    sides = [b["sides"] for b in opt.bucket_summary()]
+    assert all("restricted" in s for s in sides), sides  # the restricted path is what runs
+    ours = run_history(opt, ours_params, grads)
+    for p, q in zip(ours[-1], params):
+        assert (p - q).abs().max() > 1e-2  # the parameters really moved
+    assert_histories_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_sides_follow_the_option():
+    """The cases above run the side they name (a tall block is left-restricted under "larger")."""
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in SHAPES]
+    for side, expected in (
+        ("right", [("full", "restricted")] * 3),
+        ("left", [("restricted", "full")] * 3),
+        ("larger", [("full", "restricted"), ("restricted", "full"), ("full", "restricted")]),
+    ):
+        opt = kronopt.build(_named(params), "pro_kl_shampoo", **{"split.side": side, "split.rank": 2})
+        by_shape = {(b["m"], b["n"]): b["sides"] for b in opt.bucket_summary()}
+        assert [by_shape[s] for s in SHAPES] == expected
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KRONOPT BUG (reported, not fixed here): with inner.normalize = true the eigenvalue rule divides only the "
+    "subspace block by its RMS (kronopt/inner_rules/eigenvalue.py, direction), before the split adds the complement; "
+    "pro_kl_shampoo.md §5 normalises the whole Δ ('Then, as KL-Shampoo: optional RMS normalisation').",
+)
+def test_normalize_grads_normalises_the_whole_step():
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = reference_grads(gen, SHAPES, 12)
+    options = {"lr": 1e-2, "rank": 2, "refresh_every": 3}
+    ref = pro_kl_reference(params, grads, normalize_grads=True, **options)
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = kronopt.build(_named(ours_params), "pro_kl_shampoo", **{**_overrides(options), "inner.normalize": True})
+    assert_histories_close(run_history(opt, ours_params, grads), ref, rtol=1e-10, atol=1e-12)
