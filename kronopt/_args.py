@@ -235,11 +235,15 @@ def load_torch_file(path: str | Path) -> Any:
     except OSError as exc:
         raise ValueError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure here comes from the file's bytes, not from kronopt
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"{str(path)!r} is not a plain torch state file (tensors, numbers, strings, lists and dicts only; "
-            f"it was not loaded): {first}"
-        ) from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        blocked = [line for line in lines if "GLOBAL" in line]
+        if blocked:
+            raise ValueError(
+                f"{str(path)!r} holds objects other than tensors and plain data, so it was not loaded "
+                f"({blocked[0]}); kronopt reads only files written by torch.save(optimizer.state_dict())"
+            ) from None
+        detail = lines[0].split(". ")[0][:200] if lines else ""
+        raise ValueError(f"{str(path)!r} is not a file written by torch.save ({type(exc).__name__}: {detail})") from None
 
 
 # -- the collector --------------------------------------------------------------------------------
