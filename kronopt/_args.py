@@ -57,13 +57,17 @@ class UsageError(ConfigError):
 # -- parsers: text → value, or ValueError with a message ----------------------------------------
 
 
-def _bounds(value: float, minimum: float | None, maximum: float | None, *, above: float | None = None) -> None:
+def _bounds(
+    value: float, minimum: float | None, maximum: float | None, *, above: float | None = None, below: float | None = None
+) -> None:
     if minimum is not None and value < minimum:
         raise ValueError(f"must be ≥ {minimum}, got {value}")
     if above is not None and value <= above:
         raise ValueError(f"must be > {above}, got {value}")
     if maximum is not None and value > maximum:
         raise ValueError(f"must be ≤ {maximum}, got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"must be < {below}, got {value}")
 
 
 def integer(text: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -76,15 +80,22 @@ def integer(text: str, *, minimum: int | None = None, maximum: int | None = None
     return value
 
 
-def number(text: str, *, minimum: float | None = None, maximum: float | None = None, above: float | None = None) -> float:
-    """A finite float within ``[minimum, maximum]`` and ``> above`` (``"0.95"``, ``"3e-4"``); NaN and ±inf refused."""
+def number(
+    text: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> float:
+    """A finite float in ``[minimum, maximum]``, ``> above``, ``< below`` (``"0.95"``, ``"3e-4"``); NaN and ±inf refused."""
     try:
         value = float(text.strip())
     except ValueError:
         raise ValueError(f"must be a number, got {text!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {text!r}")
-    _bounds(value, minimum, maximum, above=above)
+    _bounds(value, minimum, maximum, above=above, below=below)
     return value
 
 
@@ -307,9 +318,12 @@ class Problems:
         minimum: float | None = None,
         maximum: float | None = None,
         above: float | None = None,
+        below: float | None = None,
         fallback: float = 0.0,
     ) -> float:
-        return self.value(flag, text, lambda s: number(s, minimum=minimum, maximum=maximum, above=above), fallback)
+        return self.value(
+            flag, text, lambda s: number(s, minimum=minimum, maximum=maximum, above=above, below=below), fallback
+        )
 
     def sets(self, items: Sequence[str], *, flag: str = "--set") -> dict[str, Any]:
         """The ``--set KEY=VALUE`` overrides as a dict; each malformed item is recorded."""
