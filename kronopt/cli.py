@@ -224,7 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def check_ablate(args: argparse.Namespace) -> None:
     """Every bad ``kronopt ablate`` argument in one :class:`UsageError`, before any data is read.
 
-    The ablation file (a readable file, valid TOML, a valid format), ``--out`` (a
+    The ablation file (readable, valid TOML, a valid format), ``--out`` (a
     directory or creatable), the task flags (over the file's ``[task]``) and each
     ``--only`` name (a variant of the file).
     """
@@ -233,11 +233,11 @@ def check_ablate(args: argparse.Namespace) -> None:
 
     p = Problems()
     ablation = None
-    if p.value("ablation", args.ablation, _args.input_file, None) is not None:
-        try:
-            ablation = load_ablation(args.ablation)
-        except ConfigError as exc:
-            p.extend(exc, prefix=repr(args.ablation))
+    try:
+        ablation = load_ablation(args.ablation)  # a missing, unreadable or directory path: its message names it
+    except ConfigError as exc:
+        for where, message in exc.errors:
+            p.add(f"{args.ablation}: {where}" if where else "", message)
     if args.out is not None:
         p.value("--out", args.out, _args.output_dir, None)
     try:

@@ -103,8 +103,8 @@ CASES = [
     (["train", "--set", "novalue", "--steps", "0"], ["--set", "--steps"]),
     (["train", "--width", "x", "--heads", "4"], ["--width", "'x'"]),
     # ablate
-    (["ablate", "{missing}"], ["ablation", "no such file"]),
-    (["ablate", "{dir}"], ["ablation", "is a directory"]),
+    (["ablate", "{missing}"], ["cannot read ablation file '{missing}'"]),
+    (["ablate", "{dir}"], ["cannot read ablation file '{dir}'", "Is a directory"]),
     (["ablate", "{bad_toml}"], ["bad.toml", "not valid TOML"]),
     (["ablate", "{ablation}", "--only", "nope"], ["--only", "'nope'"]),
     (["ablate", "{ablation}", "--out", "{file}"], ["--out"]),
@@ -183,18 +183,29 @@ def test_good_arguments_reach_the_work(argv, files, no_work, capsys):
 
 
 def test_unreadable_files_are_named(files, no_work, monkeypatch, capsys):
-    real_open = open
+    # root reads any file, so chmod cannot make one unreadable here: the reads themselves are denied
+    real_open, real_read_text = open, Path.read_text
 
-    def deny(path, *args, **kwargs):
-        if str(path).endswith("a_file.txt") or str(path).endswith("ablation.toml"):
+    def denied(path):
+        return str(path).endswith(("a_file.txt", "ablation.toml"))
+
+    def deny_open(path, *args, **kwargs):
+        if denied(path):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(kronopt._args, "open", deny, raising=False)  # root reads any file, so chmod cannot test this
+    def deny_read_text(self, *args, **kwargs):
+        if denied(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(kronopt._args, "open", deny_open, raising=False)
+    monkeypatch.setattr(Path, "read_text", deny_read_text)
     for argv, flag in [
         (["train", "--data", "{file}"], "--data"),
         (["spectrum", "--state", "{file}"], "--state"),
-        (["ablate", "{ablation}"], "ablation"),
+        (["ablate", "{ablation}"], "cannot read ablation file"),
+        (["show", "{file}"], "cannot read config file"),
     ]:
         rc, text = run(_fill(argv, files), capsys)
         assert rc == 2 and flag in text and "Permission denied" in text and "Traceback" not in text, text
