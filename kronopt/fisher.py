@@ -34,17 +34,17 @@ import math
 import sysconfig
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import linalg
+from . import _args, linalg
+from ._extras import MissingExtraError, pyplot
 from .bases import EighBasis
-from .config import ConfigError
-from .registry import FACTORS
+from .registry import FACTORS, PluginError, PluginLoadError
 from .types import Layout, StepContext
 
 SOURCES: tuple[str, ...] = ("iid", "anisotropic", "mixture", "real")
@@ -327,6 +327,12 @@ def _kron_metrics(RH: Tensor, vecL: Tensor, vecR: Tensor, floor: float) -> dict[
     return {"diff2": max(H2 - 2 * HK + K2, 0.0), "e_s": math.sqrt(max(1 - HK**2 / (H2 * K2), 0.0)) if K2 > 0 else 1.0, "floor": floor}
 
 
+def hessian_settings(lr: float, options: dict[str, Any]) -> dict[str, Any]:
+    """The overrides every optimizer of :func:`hessian_experiment` runs with, its own ``options`` last."""
+    return {"inner.betas": [0.9, 0.999], "factors.beta": 0.999, "refresh.every": 10, "weight_decay": 0.0, "lr": lr,
+            **options}
+
+
 def hessian_experiment(
     optimizers: Sequence[str] = ("soap", "dykaf", "dykaf:factors.variant=parallel"),
     *,
@@ -365,9 +371,7 @@ def hessian_experiment(
     for spec in optimizers:
         name, options = parse_estimator(spec)
         for lr in lrs:
-            settings = {"inner.betas": [0.9, 0.999], "factors.beta": 0.999, "refresh.every": 10,
-                        "weight_decay": 0.0, "lr": lr, **options}
-            cfg = kronopt.resolve(name, **settings).bound()
+            cfg = kronopt.resolve(name, **hessian_settings(lr, options)).bound()
             state = compose.init_state(cfg, layout, dtype=torch.float64, device=torch.device("cpu"))
             W = W0.clone()
             curve: dict[str, list[float]] = {"step": [], "factor_diff2": [], "factor_e_s": [], "eigen_diff2": [],
@@ -478,8 +482,6 @@ def write_outputs(out: Path, lab: dict[str, Any] | None, hessian: dict[str, Any]
         path.write_text(json.dumps(hessian, indent=1))
         written.append(path)
     if plot:
-        from ._extras import pyplot
-
         plt = pyplot("kronopt fisher plots")
         if lab is not None:
             sources = list(lab["curves"])
@@ -529,39 +531,123 @@ def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def cmd_fisher(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+def check_estimator(spec: str) -> str:
+    """A ``key:opt=value`` estimator spec that :func:`track` can drive; ``ValueError`` saying why not."""
+    key, options = parse_estimator(spec)
     try:
-        return _fisher(args)
+        cls = FACTORS.get(key)
+    except KeyError as exc:
+        raise ValueError(str(exc.args[0])) from None
+    except (PluginLoadError, PluginError) as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        est = cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{spec!r}: {exc}") from None
+    if not getattr(est, "provides_factors", False):
+        raise ValueError(f"factor estimator {key!r} keeps no factors; nothing to compare")
+    return spec
+
+
+def _specs(text: str, check: Callable[[str], object], *, allow_empty: bool) -> list[str]:
+    """Comma-separated specs, each passed through ``check``; every bad one in one ``ValueError``."""
+    parts = _csv(text)
+    if not parts and not allow_empty:
+        raise ValueError("must name at least one")
+    bad = []
+    for part in parts:
+        try:
+            check(part)
+        except ValueError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise ValueError("; ".join(bad))
+    return parts
+
+
+#: ``kronopt fisher``'s integer flags: (least, greatest or None)
+_INT_FLAGS: dict[str, tuple[int, int | None]] = {
+    "m": (1, None),
+    "n": (1, None),
+    "seed": (0, 2**63 - 1),
+    "hessian_rows": (10, None),  # 70 % train, 20 % validation: both non-empty
+    "hessian_classes": (2, CLASSES),  # the byte classes, merged modulo this
+    "hessian_epochs": (1, None),
+    "threads": (0, None),
+}
+
+
+def check_fisher(args: argparse.Namespace) -> dict[str, Any]:
+    """``kronopt fisher``'s settings, parsed; every bad argument in one :class:`~kronopt._args.UsageError`."""
+    p = _args.Problems()
+    settings: dict[str, Any] = {"out": p.value("--out", args.out, _args.output_dir, Path(args.out or "."))}
+    sources = p.value("--source", args.source, lambda t: _args.choices(t, SOURCES, allow_empty=True), [])
+    settings["sources"] = sources
+    lab = bool(_csv(args.source))  # the lab runs: its settings must be usable
+    steps = p.value("--steps", args.steps, lambda t: _args.integers(t, minimum=1, allow_empty=not lab), [])
+    settings["checkpoints"] = sorted(set(steps))
+    settings["estimators"] = p.value(
+        "--estimators", args.estimators, lambda t: _specs(t, check_estimator, allow_empty=not lab), []
+    )
+    for name, (low, high) in _INT_FLAGS.items():
+        settings[name] = p.integer(f"--{name.replace('_', '-')}", getattr(args, name), minimum=low, maximum=high,
+                                   fallback=low)
+    settings["beta"] = p.number("--beta", args.beta, minimum=0.0, below=1.0)
+    settings["hessian_optimizers"], settings["hessian_lrs"] = [], []
+    if args.hessian:
+        lrs = p.value("--hessian-lrs", args.hessian_lrs, lambda t: _args.numbers(t, above=0.0), [])
+        specs = _csv(args.hessian_optimizers)
+        if not specs:
+            p.add("--hessian-optimizers", "must name at least one preset or TOML file (or give --no-hessian)")
+        for spec in specs:
+            try:
+                name, options = parse_estimator(spec)
+            except ValueError as exc:
+                p.add("--hessian-optimizers", str(exc))
+            else:
+                p.config(name, hessian_settings(lrs[0] if lrs else 0.01, options), prefix=f"--hessian-optimizers {spec}")
+        settings["hessian_optimizers"], settings["hessian_lrs"] = specs, lrs
+    elif not lab:
+        p.add("--source", "is empty and --no-hessian is given: nothing to run")
+    if not args.no_plot:
+        try:
+            pyplot("kronopt fisher plots")  # fail before the work, not after
+        except MissingExtraError as exc:
+            p.add("", str(exc))
+    p.check()
+    return settings
+
+
+def cmd_fisher(args: argparse.Namespace) -> int:
+    settings = check_fisher(args)
+    threads = torch.get_num_threads()
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    try:
+        return _fisher(settings, plot=not args.no_plot)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fisher(args: argparse.Namespace) -> int:
+def _fisher(s: dict[str, Any], *, plot: bool) -> int:
     t0 = time.perf_counter()
-    sources = _csv(args.source)
-    for s in sources:
-        if s not in SOURCES:
-            raise ConfigError([("--source", f"unknown source {s!r}; sources: {', '.join(SOURCES)}")])
-    checkpoints = sorted({int(s) for s in _csv(args.steps)})
     lab = None
-    if sources:
-        lab = run_lab(sources=sources, estimators=_csv(args.estimators), checkpoints=checkpoints, m=args.m, n=args.n,
-                      beta=args.beta, seed=args.seed)
-        print(f"Fisher approximation, β = {args.beta}, {args.m}×{args.n} blocks (real: {CLASSES}×{FEATURES}), seed {args.seed}")
+    if s["sources"]:
+        lab = run_lab(sources=s["sources"], estimators=s["estimators"], checkpoints=s["checkpoints"], m=s["m"], n=s["n"],
+                      beta=s["beta"], seed=s["seed"])
+        print(f"Fisher approximation, β = {s['beta']}, {s['m']}×{s['n']} blocks (real: {CLASSES}×{FEATURES}), seed {s['seed']}")
         print("e: ‖F − L⊗R‖/‖F‖; e_s: after the best scalar; e_nkp: the exact NKP's; gap(_s): ‖L⊗R − K*‖/‖K*‖ (scale-free)")
         print(format_table(lab["rows"]))
     hessian = None
-    if args.hessian:
-        hessian = hessian_experiment(_csv(args.hessian_optimizers), rows=args.hessian_rows, classes=args.hessian_classes,
-                                     epochs=args.hessian_epochs, lrs=[float(x) for x in _csv(args.hessian_lrs)], seed=args.seed)
+    if s["hessian_optimizers"]:
+        hessian = hessian_experiment(s["hessian_optimizers"], rows=s["hessian_rows"], classes=s["hessian_classes"],
+                                     epochs=s["hessian_epochs"], lrs=s["hessian_lrs"], seed=s["seed"])
         print()
-        print(f"Hessian experiment: linear softmax, {args.hessian_classes} classes × {FEATURES} features, "
-              f"{args.hessian_rows} rows, batch 100, {args.hessian_epochs} epochs (final step)")
+        print(f"Hessian experiment: linear softmax, {s['hessian_classes']} classes × {FEATURES} features, "
+              f"{s['hessian_rows']} rows, batch 100, {s['hessian_epochs']} epochs (final step)")
         print(format_hessian(hessian["final"]))
-    written = write_outputs(Path(args.out), lab, hessian, plot=not args.no_plot)
+    written = write_outputs(s["out"], lab, hessian, plot=plot)
     print()
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -576,20 +662,20 @@ def add_subcommand(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="fisher_out", help="output folder (CSV, JSON, PNG)")
     p.add_argument("--source", default="iid,anisotropic,mixture,real", help=f"comma-separated, of: {', '.join(SOURCES)}; '' for none")
-    p.add_argument("--steps", default="10,50,100,200", help="checkpoints T (the stream is max T long)")
+    p.add_argument("--steps", default="10,50,100,200", help="checkpoints T, each ≥ 1 (the stream is max T long)")
     p.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS),
                    help="factor estimator keys, with options as key:opt=value:opt=value")
-    p.add_argument("--m", type=int, default=8)
-    p.add_argument("--n", type=int, default=12)
-    p.add_argument("--beta", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--m", default="8", help="rows of the synthetic blocks (≥ 1)")
+    p.add_argument("--n", default="12", help="columns of the synthetic blocks (≥ 1)")
+    p.add_argument("--beta", default="0.95", help="EMA factor of the target Fisher, in [0, 1)")
+    p.add_argument("--seed", default="0")
     p.add_argument("--hessian", action=argparse.BooleanOptionalAction, default=True, help="run the Hessian experiment")
     p.add_argument("--hessian-optimizers", default="soap,dykaf,dykaf:factors.variant=parallel",
                    help="presets, with dotted overrides as name:key=value")
-    p.add_argument("--hessian-lrs", default="0.01")
-    p.add_argument("--hessian-rows", type=int, default=4000)
-    p.add_argument("--hessian-classes", type=int, default=CLASSES)
-    p.add_argument("--hessian-epochs", type=int, default=5)
+    p.add_argument("--hessian-lrs", default="0.01", help="learning rates, each > 0")
+    p.add_argument("--hessian-rows", default="4000", help="rows of the data set (≥ 10)")
+    p.add_argument("--hessian-classes", default=str(CLASSES), help=f"classes, 2 to {CLASSES}")
+    p.add_argument("--hessian-epochs", default="5", help="epochs (≥ 1)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG files (no matplotlib needed)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these problems are tiny: 1 is fastest; 0: torch's default)")
+    p.add_argument("--threads", default="1", help="torch CPU threads (these problems are tiny: 1 is fastest; 0: torch's default)")
     p.set_defaults(func=cmd_fisher)

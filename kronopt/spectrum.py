@@ -15,7 +15,9 @@ pro_kl_shampoo.md §2) and governs Pro-KLShampoo's approximation gap.
 
 Input: a training run (``kronopt.train`` when it is installed, else a small
 built-in MLP on synthetic data; ``--builtin`` forces it), or a saved optimizer
-state (``torch.save(optimizer.state_dict(), path)``; ``--state path``).
+state (``torch.save(optimizer.state_dict(), path)``; ``--state path``), loaded with
+``weights_only=True``: a file that holds anything but tensors and plain data is
+refused before any of it is built, so a crafted checkpoint cannot run code.
 """
 
 import argparse
@@ -32,7 +34,8 @@ from torch import Tensor
 
 import kronopt
 
-from ._extras import pyplot
+from . import _args
+from ._extras import MissingExtraError, pyplot
 
 __all__ = [
     "FactorSpectrum",
@@ -267,19 +270,46 @@ def plot(records: Sequence[FactorSpectrum], path: str | Path, *, head: float = 0
     return path
 
 
-def cmd_spectrum(args: argparse.Namespace) -> int:
-    from .cli import parse_sets
+def _state_records(path: Path, layers: str | None) -> list[FactorSpectrum]:
+    """The spectra in a saved state file, loaded without running code; ``ValueError`` naming the file otherwise."""
+    sd = _args.load_torch_file(path)
+    try:
+        return spectra_from_state_dict(sd, layers=layers)
+    except ValueError as exc:
+        raise ValueError(f"{str(path)!r}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a dict of another shape
+        raise ValueError(f"{str(path)!r} is not a kronopt optimizer state dict ({type(exc).__name__}: {exc})") from None
 
-    if args.state:
-        sd = torch.load(args.state, map_location="cpu", weights_only=False)
-        records = spectra_from_state_dict(sd, layers=args.layers)
+
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    p = _args.Problems()
+    steps = p.integer("--steps", args.steps, minimum=1)
+    every = p.integer("--every", args.every, minimum=1)
+    head = p.number("--head", args.head, above=0.0, fallback=0.1)
+    layers = None if args.layers is None else p.value("--layers", args.layers, _args.pattern, None)
+    overrides = p.sets(args.set)
+    records: list[FactorSpectrum] = []
+    if args.state is not None:
+        path = p.value("--state", args.state, _args.input_file, None)
+        if path is not None:
+            records = p.value("--state", path, lambda q: _state_records(q, layers), [])
+    else:
+        p.config(args.config, overrides)  # every config error before the run
+    if not args.no_plot:
+        p.value("--out", args.out, _args.output_dir, None)
+        try:
+            pyplot("spectrum plots")  # fail before the run, not after
+        except MissingExtraError as exc:
+            p.add("", str(exc))
+    p.check()
+    if args.state is not None:
         label = f"saved state {args.state}"
     else:
-        recorder = SpectrumRecorder(every=args.every, layers=args.layers)
-        training_run(args.config, steps=args.steps, on_step=recorder, builtin=args.builtin, **parse_sets(args.set))
+        recorder = SpectrumRecorder(every=every, layers=layers)
+        training_run(args.config, steps=steps, on_step=recorder, builtin=args.builtin, **overrides)
         records = recorder.records
-        label = f"{args.config}, {args.steps} steps"
-    rows = report(records, head=args.head)
+        label = f"{args.config}, {steps} steps"
+    rows = report(records, head=head)
     if not rows:
         print("kronopt spectrum: no factor spectra found (no rotated side, or --layers matched nothing)")
         return 1
@@ -289,7 +319,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         print(f"{r['name'] + ' (' + r['side'] + ')':<{width + 8}} {r['step']:>6} {r['d']:>6} {r['max']:>10.3e} "
               f"{r['min']:>10.3e} {r['tail_am_gm']:>11.4f}")
     if not args.no_plot:
-        out = plot(records, Path(args.out) / "spectrum.png", head=args.head, title=label)
+        out = plot(records, Path(args.out) / "spectrum.png", head=head, title=label)
         print(f"plot: {out}")
     return 0
 
@@ -297,11 +327,12 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 def add_subcommand(sub: Any) -> None:
     p = sub.add_parser("spectrum", help="eigenvalue spectra of the Kronecker factors (log-scale plots, tail AM/GM)")
     p.add_argument("config", nargs="?", default="kl_shampoo", help="preset or TOML file to train with (default kl_shampoo)")
-    p.add_argument("--state", help="a saved optimizer state (torch.save(opt.state_dict())) instead of a run")
-    p.add_argument("--steps", type=int, default=200, help="training steps of the run")
-    p.add_argument("--every", type=int, default=25, help="record every this many steps")
+    p.add_argument("--state", help="a saved optimizer state (torch.save(opt.state_dict())) instead of a run; "
+                   "loaded with weights_only=True, so a file holding anything but tensors and plain data is refused")
+    p.add_argument("--steps", default="200", help="training steps of the run (≥ 1)")
+    p.add_argument("--every", default="25", help="record every this many steps (≥ 1)")
     p.add_argument("--layers", help="regular expression on parameter names (default: every rotated block)")
-    p.add_argument("--head", type=float, default=0.1, help="spike size excluded from the tail: a count ≥ 1 or a fraction")
+    p.add_argument("--head", default="0.1", help="spike size excluded from the tail: a count ≥ 1 or a fraction > 0")
     p.add_argument("--builtin", action="store_true", help="use the built-in MLP run even if kronopt.train exists")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default="runs/spectrum", help="output folder for spectrum.png")

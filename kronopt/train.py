@@ -35,6 +35,7 @@ import torch
 
 import kronopt
 
+from . import _args
 from ._extras import progress as _progress
 from ._extras import pyplot
 from ._validators import ge, in_, to_int, to_str
@@ -455,37 +456,94 @@ _TASK_FLAGS = ("layers", "width", "heads", "context", "batch", "steps", "schedul
                "eval_batches", "device", "seed", "threads", "data")
 
 
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
-    """The task flags (``--layers`` …), each defaulting to the task's own default."""
+    """The task flags (``--layers`` …), each defaulting to the task's own default.
+
+    They are read as text and parsed by :func:`task_from_args`, so that one run
+    reports every bad flag.
+    """
     defaults = TaskConfig()
     g = p.add_argument_group("task (defaults: the embedded default task)")
     for name in _TASK_FLAGS:
-        field = attrs.fields_dict(TaskConfig)[name]
-        kind = int if field.type is int else None
-        g.add_argument(f"--{name.replace('_', '-')}", dest=f"task_{name}", type=kind, default=None,
-                       metavar=name.upper(), help=f"default: {getattr(defaults, name)}")
+        g.add_argument(_flag(name), dest=f"task_{name}", default=None, metavar=name.upper(),
+                       help=f"default: {getattr(defaults, name)}")
 
 
 def task_from_args(args: argparse.Namespace, base: Mapping[str, Any] | None = None) -> TaskConfig:
+    """The task of ``base`` (an ablation file's ``[task]``) with the task flags given on top.
+
+    Raises:
+        ConfigError: every problem at once, before any data is read: a value
+            set by a flag is reported at ``--flag → task.key``, one of ``base`` at
+            ``task.key``; the ``data`` file must be readable and the device present.
+    """
     raw = dict(base or {})
+    fields = attrs.fields_dict(TaskConfig)
+    flags: dict[str, str] = {}  # task key → where a problem with the flag's value is reported
+    errors: list[tuple[str, str]] = []
     for name in _TASK_FLAGS:
-        value = getattr(args, f"task_{name}")
-        if value is not None:
-            raw[name] = value
-    return task_from_dict(raw)
+        text = getattr(args, f"task_{name}")
+        if text is None:
+            continue
+        flags[name] = f"{_flag(name)} → task.{name}"
+        raw.pop(name, None)
+        if fields[name].type is int:
+            try:
+                raw[name] = _args.integer(str(text))
+            except ValueError as exc:
+                errors.append((flags[name], str(exc)))
+        else:
+            raw[name] = text
+
+    def where(path: str) -> str:
+        return flags.get(path.removeprefix("task."), path)
+
+    unparsed = {key for key, at in flags.items() if any(at == e[0] for e in errors)}
+    task: TaskConfig | None = None
+    try:
+        task = task_from_dict(raw)
+    except ConfigError as exc:
+        for path, message in exc.errors:
+            if unparsed & {"width", "heads"} and message.startswith("must be a multiple of heads"):
+                continue  # judged on a default that stands in for the unparsed flag
+            errors.append((where(path), message))
+    reported = {at for at, _ in errors}
+    data, device = raw.get("data"), raw.get("device", "auto")
+    if isinstance(data, str) and where("task.data") not in reported:
+        try:
+            _args.input_file(data)
+        except ValueError as exc:
+            errors.append((where("task.data"), str(exc)))
+    if isinstance(device, str) and where("task.device") not in reported:
+        try:
+            resolve_device(device)
+        except ConfigError as exc:
+            errors.extend((where(path), message) for path, message in exc.errors)
+    if errors or task is None:
+        raise ConfigError(errors)
+    return task
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .cli import parse_sets
-
+    problems = _args.Problems()
     if args.config is not None and args.preset is not None:
-        raise ConfigError([("", "give a CONFIG file or --preset NAME, not both")])
+        problems.add("", "give a CONFIG file or --preset NAME, not both")
     spec = args.preset or args.config or DEFAULT_PRESET
-    overrides = parse_sets(args.set)
-    task = task_from_args(args)
+    overrides = problems.sets(args.set)
+    task = TaskConfig()
+    try:
+        task = task_from_args(args)
+    except ConfigError as exc:
+        problems.extend(exc)
     label = spec_label(spec)
     out = Path(args.out) if args.out else Path("runs") / f"train-{label}-{datetime.now():%Y%m%d-%H%M%S}"
-    kronopt.resolve(spec, **overrides)  # every config error before the data is read
+    problems.value("--out", str(out), _args.output_dir, out)
+    problems.config(spec, overrides)  # every config error before the data is read
+    problems.check()
     result = train(task, spec, overrides=overrides, out_dir=out, progress=not args.no_progress, plot=not args.no_plot)
     print(f"{label} on {result.device}: {result.steps_done} steps ({result.status})")
     if result.reason:

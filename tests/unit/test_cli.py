@@ -37,3 +37,15 @@ def test_bench_reports_every_optimizer(capsys):
     assert float(rows["torch.AdamW"][3]) == pytest.approx(1.0)
     # AdamW state: two moments of 36 float32 numbers
     assert float(rows["adamw"][4]) == pytest.approx(2 * 36 * 4 / 2**20, abs=1e-2)
+
+
+def test_bench_torch_muon_on_matrices_only(capsys):
+    # torch.Muon pairs with AdamW for non-matrices; with none, AdamW would get an empty parameter list
+    assert cli.main(["bench", "torch.Muon", "torch.AdamW", "--shapes", "8x4,6x6", "--steps", "2", "--warmup", "1"]) == 0
+    rows = {line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]}
+    assert rows == {"torch.Muon", "torch.AdamW"}
+
+
+def test_bench_function_refuses_zero_steps():
+    with pytest.raises(ValueError, match="steps ≥ 1"):
+        cli.bench(["adamw"], [(4, 3)], steps=0, warmup=0, device="cpu")
