@@ -16,14 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_TASK = """
 [task]
 layers = 1
-width = 32
+width = 16
 heads = 2
-context = 32
-batch = 4
+context = 16
+batch = 2
 steps = 4
 warmup = 1
 eval_every = 2
 eval_batches = 1
+threads = 1
 device = "cpu"
 """
 
@@ -110,9 +111,9 @@ def test_failing_variants_are_reported_and_the_others_still_run(tmp_path, capsys
     out = tmp_path / "out"
     assert cli.main(["ablate", str(path), "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} >= {"results.csv", "results.json", "loss.png", "cost.png", "ablation.toml",
-                                               "adamw", "muon"}
-    for png in ("loss.png", "cost.png"):
+    assert {p.name for p in out.iterdir()} >= {"results.csv", "grid.csv", "results.json", "loss.png", "lr.png",
+                                               "cost.png", "ablation.toml", "units", "adamw", "muon"}
+    for png in ("loss.png", "lr.png", "cost.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     rows = {r["variant"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert [r["status"] for r in rows.values()] == ["ok", "failed", "failed", "failed", "ok"]
@@ -123,16 +124,18 @@ def test_failing_variants_are_reported_and_the_others_still_run(tmp_path, capsys
     doc = json.loads((out / "results.json").read_text())
     assert doc["ablation"] == "mixed" and doc["task"]["steps"] == 4 and len(doc["results"]) == 5
     lines = text.splitlines()
-    assert lines[1].split()[:3] == ["variant", "status", "train"]
+    assert lines[1].startswith("target validation loss")
+    assert lines[2].split()[:4] == ["variant", "status", "best", "lr"]
     assert any(line.startswith("no_preset") and "failed" in line and "unknown preset" in line for line in lines)
 
 
 def test_every_variant_sees_the_same_task(tmp_path):
     ab = parse_ablation({"ablation": {"base": "adamw"}, "variant": [{"name": "a"}, {"name": "b"}]})
     task = TaskConfig(**tomllib.loads(TINY_TASK)["task"])
-    a, b = run_ablation(ab, task=task, progress=False)
-    assert a.run.history[0]["loss"] == b.run.history[0]["loss"]  # same weights, same first batch
-    assert [r["loss"] for r in a.run.history] == [r["loss"] for r in b.run.history]
+    a, b = run_ablation(ab, task=task, progress=False).variants
+    (ua,), (ub,) = a.units, b.units
+    assert ua.history[0]["loss"] == ub.history[0]["loss"]  # same weights, same first batch
+    assert [r["loss"] for r in ua.history] == [r["loss"] for r in ub.history]
 
 
 def test_task_flags_override_the_file_and_only_selects(tmp_path, capsys):
