@@ -508,6 +508,10 @@ def read_unit(path: Path, unit: Unit) -> UnitResult | None:
         measured = doc["result"]
         if set(measured) != fields or measured["status"] not in ("ok", "diverged"):
             return None
+        numbers = ("train_loss", "val_loss", "median_step_ms", "median_opt_ms", "state_bytes", "peak_memory_bytes")
+        if not isinstance(measured["steps"], int) or not all(
+                measured[k] is None or _is_number(measured[k]) for k in numbers):
+            return None
         result = UnitResult(variant=unit.variant.name, lr=unit.lr, seed=unit.seed, key=unit.key, cached=True,
                             **{**measured, "history": tuple(measured["history"]), "evals": tuple(measured["evals"])})
         for r in result.history:
