@@ -865,7 +865,7 @@ def write_results(result: AblationResult, out: Path, *, ablation: Ablation, task
     _write_csv(out / "grid.csv", grid, "variant")
     tune = ablation.tune
     doc = {"ablation": ablation.name, "description": ablation.description, "task": task_to_dict(task),
-           "tune": {"lr": tune.lr, "lr_mult": tune.lr_mult if tune.lr is not None or tune.lr_mult else [1.0],
+           "tune": {"lr": tune.lr, "lr_mult": None if tune.lr is not None else list(tune.lr_mult or (1.0,)),
                     "seeds": list(tune.seeds_for(task)), "target": result.target,
                     "target_source": "file" if result.target_given else "default"},
            "results": rows, "grid": grid}

@@ -468,6 +468,13 @@ def test_tuned_ablation_end_to_end_and_rerun_reuses_every_unit(tmp_path, capsys)
                for f in (out / "units").glob("*.json") if "fallback" in json.loads(f.read_text())["config"]}
     fb = kronopt.resolve("muon").fallback.lr
     assert sorted(muon_fb.values()) == pytest.approx([0.5 * fb, 2 * fb])
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["grid"]) == 8 and len(doc["results"]) == 2
+    worst = max(float(r["val_loss"]) for r in grid
+                if float(r["lr"]) == float(summary[r["variant"]]["best_lr"]))  # the default target
+    assert {k: v for k, v in doc["tune"].items() if k != "target"} == {
+        "lr": None, "lr_mult": [0.5, 2.0], "seeds": [0, 1], "target_source": "default"}
+    assert doc["tune"]["target"] == pytest.approx(worst)
     before = (out / "results.csv").read_text()
     assert cli.main(["ablate", str(path), "--out", str(out), "--no-progress", "--no-plot"]) == 0
     assert "units:   0 trained, 8 reused" in capsys.readouterr().out
