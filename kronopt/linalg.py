@@ -142,6 +142,11 @@ def match_norm(D: Tensor, A: Tensor) -> Tensor:
     return rescale_to_norm(D, block_norm(A))
 
 
+def normalize_rms(D: Tensor) -> Tensor:
+    r"""``D`` divided per block by :math:`10^{-30} + \mathrm{RMS}(D)` (SOAP's and KL-Shampoo's ``normalize_grads``)."""
+    return D / (1e-30 + D.square().mean(dim=(-2, -1), keepdim=True).sqrt())
+
+
 def rescale_to_norm(D: Tensor, norm: Tensor) -> Tensor:
     r"""``D`` rescaled per block to Frobenius norm ``norm (b 1 1)``: :math:`D\,\nu/\|D\|_F` (0 stays 0)."""
     norm_D = block_norm(D)

@@ -1,4 +1,4 @@
-r"""The ``post`` stage: grafting, then decoupled weight decay and the step.
+r"""The ``post`` stage: RMS normalisation and grafting of the whole direction, then decoupled weight decay and the step.
 
 Not a registry slot: one configurable record that every pipeline ends with.
 """
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from ._validators import each, ge, in_, lt, float_tuple, to_float, to_str
+from ._validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
 from .types import Layout, NoState, StepContext
 
 
@@ -25,9 +25,11 @@ class GraftState:
 
 @attrs.frozen(kw_only=True)
 class Post:
-    r"""Grafting and decoupled weight decay.
+    r"""Normalisation, grafting and decoupled weight decay.
 
-    With ``grafting = "adam"`` the direction :math:`D` of the inner rule is rescaled
+    With ``normalize`` the whole direction (the inner rule's, plus a split's
+    complement) is divided per block by :math:`10^{-30} + \mathrm{RMS}(D)`
+    (KL-Shampoo's ``normalize_grads``; pro_kl_shampoo.md §5). With ``grafting = "adam"`` the direction :math:`D` of the inner rule is rescaled
     per block to the norm of an Adam direction :math:`A` on the raw gradient,
     :math:`D \leftarrow D\,\|A\|_F / \|D\|_F`, and replaced by :math:`A` until the
     basis has had its first refresh (layer-wise grafting as in Distributed Shampoo).
@@ -38,6 +40,7 @@ class Post:
     :math:`W \leftarrow W - \eta D`, then :math:`W \leftarrow W - \eta\lambda W`).
 
     Attributes:
+        normalize: divide the direction by its RMS per block, before grafting.
         weight_decay_order: ``"before"`` or ``"after"`` the step.
         grafting: ``"none"`` or ``"adam"``.
         graft_betas: Adam betas of the grafting direction.
@@ -52,6 +55,7 @@ class Post:
         default=(0.9, 0.999), converter=float_tuple(2), validator=each(ge(0.0), lt(1.0))
     )
     graft_eps: float = attrs.field(default=1e-8, converter=to_float, validator=ge(0.0))
+    normalize: bool = attrs.field(default=False, converter=to_bool)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> GraftState | NoState:
         if self.grafting == "none":
@@ -62,6 +66,9 @@ class Post:
     def graft(
         self, state: GraftState | NoState, G: Tensor, D: Tensor, ctx: StepContext
     ) -> tuple[Tensor, GraftState | NoState]:
+        """The direction normalised (``normalize``), then grafted (``grafting``)."""
+        if self.normalize:
+            D = linalg.normalize_rms(D)
         if isinstance(state, NoState):
             return D, state
         beta1, beta2 = self.graft_betas

@@ -61,7 +61,7 @@ class AdamConventions:
             N = m / v.sqrt().div_(c2**0.5).add_(self.eps)
             scale = 1 / c1
         if self.normalize:
-            N = N / (1e-30 + N.square().mean(dim=(-2, -1), keepdim=True).sqrt())
+            N = linalg.normalize_rms(N)
         return linalg.unrotate(N, ctx.basis.Q_L, ctx.basis.Q_R).mul_(scale)
 
     def moment(self, state: Any, ctx: StepContext) -> Tensor:

@@ -1,5 +1,6 @@
 """Inner rule ``eigenvalue``: Shampoo-style scaling by powers of the eigenvalue estimates."""
 
+import warnings
 from typing import ClassVar, Literal
 
 import attrs
@@ -32,8 +33,9 @@ class EigenvalueInner:
     :math:`\lambda^{-p}` (the root) instead. A side that is not rotated scales by 1.
     On a restricted side ``ctx.basis`` holds the subspace :math:`U` ``(b d r)`` and the
     rule yields the subspace block :math:`Q_L (Q_L^\top M U \odot P) U^\top`; the split
-    adds the complement. ``normalize`` divides the direction by
-    :math:`10^{-30} + \mathrm{RMS}(D)` per block (KL-Shampoo's ``normalize_grads``).
+    adds the complement. ``normalize`` (deprecated: use ``post.normalize``, which also
+    covers the complement) divides this rule's direction by
+    :math:`10^{-30} + \mathrm{RMS}(D)` per block.
     The momentum lives in the original coordinates, so a refresh needs no
     rotation. Before the first refresh the scaling is 1 (the direction is the
     momentum; Shampoo's grafting replaces it, see :mod:`kronopt.post`).
@@ -44,7 +46,8 @@ class EigenvalueInner:
         eps: :math:`\epsilon \ge 0`.
         eps_placement: ``"inside"`` or ``"outside"`` the root per side, or ``"product"``.
         bias_correction: divide the momentum by :math:`1-\beta^t`.
-        normalize: divide the direction by its RMS per block.
+        normalize: deprecated; divide this rule's direction by its RMS per block
+            (``post.normalize`` normalises the whole step, complement included).
     """
 
     needs_eigvals: ClassVar[bool] = True
@@ -57,6 +60,15 @@ class EigenvalueInner:
     )
     bias_correction: bool = attrs.field(default=True, converter=to_bool)
     normalize: bool = attrs.field(default=False, converter=to_bool)
+
+    def __attrs_post_init__(self) -> None:
+        if self.normalize:
+            warnings.warn(
+                "inner.normalize of the 'eigenvalue' rule is deprecated: it normalises this rule's direction only, "
+                "before a split adds its complement; use post.normalize, which normalises the whole step",
+                DeprecationWarning,
+                stacklevel=3,
+            )
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> MomentumState:
         return MomentumState(_zeros(layout, dtype, device))
@@ -88,7 +100,7 @@ class EigenvalueInner:
                 P = P * self._scale(lam_R).unsqueeze(-2)
         D = linalg.unrotate(P, basis.Q_L, basis.Q_R)
         if self.normalize:
-            D = D / (1e-30 + D.square().mean(dim=(-2, -1), keepdim=True).sqrt())
+            D = linalg.normalize_rms(D)
         return D, MomentumState(m)
 
     def moment(self, state: MomentumState, ctx: StepContext) -> Tensor:

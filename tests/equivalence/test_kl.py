@@ -33,7 +33,7 @@ KEYMAP = {
     "lr": "lr",
     "weight_decay": "weight_decay",
     "precondition_frequency": "refresh.every",
-    "normalize_grads": "inner.normalize",
+    "normalize_grads": "post.normalize",
     "shampoo_beta": "factors.beta",
     "init_factor": "factors.init_factor",
     "using_clamping": "factors.clamping",

@@ -143,12 +143,6 @@ def test_sides_follow_the_option():
         assert [by_shape[s] for s in SHAPES] == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KRONOPT BUG (reported, not fixed here): with inner.normalize = true the eigenvalue rule divides only the "
-    "subspace block by its RMS (kronopt/inner_rules/eigenvalue.py, direction), before the split adds the complement; "
-    "pro_kl_shampoo.md §5 normalises the whole Δ ('Then, as KL-Shampoo: optional RMS normalisation').",
-)
 def test_normalize_grads_normalises_the_whole_step():
     gen = torch.Generator().manual_seed(7)
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
@@ -156,5 +150,11 @@ def test_normalize_grads_normalises_the_whole_step():
     options = {"lr": 1e-2, "rank": 2, "refresh_every": 3}
     ref = pro_kl_reference(params, grads, normalize_grads=True, **options)
     ours_params = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = kronopt.build(_named(ours_params), "pro_kl_shampoo", **{**_overrides(options), "inner.normalize": True})
+    opt = kronopt.build(_named(ours_params), "pro_kl_shampoo", **{**_overrides(options), "post.normalize": True})
     assert_histories_close(run_history(opt, ours_params, grads), ref, rtol=1e-10, atol=1e-12)
+    # the deprecated inner.normalize normalises the subspace block alone: not the spec's step
+    old_params = [torch.nn.Parameter(p.clone()) for p in params]
+    with pytest.warns(DeprecationWarning, match="use post.normalize"):
+        old = kronopt.build(_named(old_params), "pro_kl_shampoo", **{**_overrides(options), "inner.normalize": True})
+    with pytest.raises(AssertionError):
+        assert_histories_close(run_history(old, old_params, grads), ref, rtol=1e-10, atol=1e-12)
