@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from ._validators import ge, to_bool, to_int
+from .validators import ge, to_bool, to_int
 from .registry import BASES
 from .types import BasisChange, BasisState, Layout, StepContext
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import attrs
 
-from ._validators import BETA_TIE, ge, in_, str_tuple, to_bool, to_float, to_int, to_str
+from .validators import BETA_TIE, ge, in_, str_tuple, to_bool, to_float, to_int, to_str
 from .post import Post
 from .registry import SLOTS, PluginError, PluginLoadError
 

@@ -142,6 +142,32 @@ def match_norm(D: Tensor, A: Tensor) -> Tensor:
     return rescale_to_norm(D, block_norm(A))
 
 
+def adam_moments(m: Tensor, v: Tensor, G: Tensor, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    r"""Adam's moment EMAs: :math:`m \leftarrow \beta_1 m + (1-\beta_1) G`, :math:`v \leftarrow \beta_2 v + (1-\beta_2) G^2` (new tensors)."""
+    beta1, beta2 = betas
+    return torch.lerp(m, G, 1 - beta1), v.mul(beta2).addcmul_(G, G, value=1 - beta2)
+
+
+def adam_ratio(
+    m: Tensor, v: Tensor, *, step: int, betas: tuple[float, float], eps: float, eps_placement: str, bias_correction: bool
+) -> tuple[Tensor, float]:
+    r"""Adam's elementwise ratio ``N`` and the scalar ``scale`` of the step :math:`D = \mathrm{scale}\cdot N`.
+
+    With :math:`c_1 = 1-\beta_1^t`, :math:`c_2 = 1-\beta_2^t` (1 without bias correction):
+    ``"before_correction"`` (SOAP) :math:`N = m/(\sqrt v + \epsilon)`, scale :math:`\sqrt{c_2}/c_1`;
+    ``"after_correction"`` (torch.optim.Adam) :math:`N = m/(\sqrt{v}/\sqrt{c_2} + \epsilon)`, scale :math:`1/c_1`.
+    The scale is kept apart so a caller can normalise ``N`` before it (SOAP's ``normalize_grads``).
+    """
+    beta1, beta2 = betas
+    c1 = 1 - beta1**step if bias_correction else 1.0
+    c2 = 1 - beta2**step if bias_correction else 1.0
+    if eps_placement == "before_correction":
+        return m / v.sqrt().add_(eps), c2**0.5 / c1
+    if eps_placement == "after_correction":
+        return m / v.sqrt().div_(c2**0.5).add_(eps), 1 / c1
+    raise ValueError(f"eps_placement must be 'before_correction' or 'after_correction', got {eps_placement!r}")
+
+
 def normalize_rms(D: Tensor) -> Tensor:
     r"""``D`` divided per block by :math:`10^{-30} + \mathrm{RMS}(D)` (SOAP's and KL-Shampoo's ``normalize_grads``)."""
     return D / (1e-30 + D.square().mean(dim=(-2, -1), keepdim=True).sqrt())
@@ -285,6 +311,20 @@ NS_SCHEDULES: dict[str, tuple[tuple[tuple[float, float, float], ...], str]] = {
     ),
     "deepseekv4": ((*([(3.4445, -4.7750, 2.0315)] * 8), (2.0, -1.5, 0.5), (2.0, -1.5, 0.5)), "repeat_last"),
 }
+
+
+#: arithmetic dtypes a config may name (e.g. ``ns_dtype``), by name
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
+}
+
+
+def ns_schedule(name: str, steps: int) -> list[tuple[float, float, float]]:
+    """The ``steps`` coefficient tuples of the named schedule of :data:`NS_SCHEDULES`."""
+    if name not in NS_SCHEDULES:
+        raise ValueError(f"unknown Newton–Schulz schedule {name!r}; known: {', '.join(NS_SCHEDULES)}")
+    schedule, beyond = NS_SCHEDULES[name]
+    return ns_coefficients(schedule, steps, beyond)
 
 
 def ns_coefficients(

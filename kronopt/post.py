@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from ._validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
+from .validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
 from .types import Layout, NoState, StepContext
 
 
@@ -71,11 +71,12 @@ class Post:
             D = linalg.normalize_rms(D)
         if isinstance(state, NoState):
             return D, state
-        beta1, beta2 = self.graft_betas
-        m = state.exp_avg.lerp(G, 1 - beta1)
-        v = state.exp_avg_sq * beta2 + (1 - beta2) * G.square()
-        t = ctx.step
-        A = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + self.graft_eps)
+        m, v = linalg.adam_moments(state.exp_avg, state.exp_avg_sq, G, self.graft_betas)
+        N, scale = linalg.adam_ratio(
+            m, v, step=ctx.step, betas=self.graft_betas, eps=self.graft_eps, eps_placement="after_correction",
+            bias_correction=True,
+        )
+        A = N * scale
         if not ctx.basis.ready:
             return A, GraftState(m, v)
         return linalg.match_norm(D, A), GraftState(m, v)

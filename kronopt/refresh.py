@@ -2,7 +2,7 @@
 
 import attrs
 
-from ._validators import ge, to_bool, to_int
+from .validators import ge, to_bool, to_int
 from .registry import REFRESH
 
 

@@ -15,11 +15,10 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from ._validators import ge, gt, in_, le, to_float, to_int, to_str
+from .validators import ge, gt, in_, le, to_float, to_int, to_str
 from .registry import SPLITS
 from .types import Layout, NoState, SideKind, StepContext
 
-_NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 @SPLITS.register("full", description="every rotated side is a full factor; no complement")
@@ -120,7 +119,7 @@ class LowRankFlatSplit:
     complement_mult: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
     ns_coefficients: str = attrs.field(default="kj", converter=to_str, validator=in_(tuple(linalg.NS_SCHEDULES)))
     ns_steps: int = attrs.field(default=5, converter=to_int, validator=[ge(1), le(99)])
-    ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(_NS_DTYPES)))
+    ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(linalg.DTYPES)))
     ns_eps: float = attrs.field(default=1e-7, converter=to_float, validator=gt(0.0))
 
     def resolve_rank(self, d: int) -> int:
@@ -168,10 +167,8 @@ class LowRankFlatSplit:
             Q_other, lam_other, mu = ctx.basis.Q_L, ctx.eigvals[0], ctx.flat[1]
         else:
             return D, state
-        coefficients, beyond = linalg.NS_SCHEDULES[self.ns_coefficients]
-        O = linalg.newton_schulz(
-            C, linalg.ns_coefficients(coefficients, self.ns_steps, beyond), eps=self.ns_eps, dtype=_NS_DTYPES[self.ns_dtype]
-        ).to(D.dtype)
+        schedule = linalg.ns_schedule(self.ns_coefficients, self.ns_steps)
+        O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype]).to(D.dtype)
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
             O = linalg.rescale_to_norm(O, linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side))

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import ge, lt, to_beta, unless_tie
+from ..validators import ge, lt, to_beta, unless_tie
 from ..registry import FACTORS
 from ..types import Layout, NoState, StepContext
 

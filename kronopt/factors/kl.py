@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import ge, gt, in_, lt, to_bool, to_float, to_str
+from ..validators import ge, gt, in_, lt, to_bool, to_float, to_str
 from ..registry import FACTORS
 from ..types import BasisChange, Layout, StepContext
 

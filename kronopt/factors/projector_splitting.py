@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
+from ..validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
 from ..types import Layout, StepContext
 

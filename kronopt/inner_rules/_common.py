@@ -7,11 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
+from ..validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
 from ..types import Layout, StepContext
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
-
 
 def _zeros(layout: Layout, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.zeros(layout.batch, layout.m, layout.n, dtype=dtype, device=device)
@@ -50,16 +47,10 @@ class AdamConventions:
 
     def adam_direction(self, m: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
         """The direction in the original coordinates from the moments in the basis."""
-        beta1, beta2 = self.betas
-        t = ctx.step
-        c1 = 1 - beta1**t if self.bias_correction else 1.0
-        c2 = 1 - beta2**t if self.bias_correction else 1.0
-        if self.eps_placement == "before_correction":
-            N = m / v.sqrt().add_(self.eps)
-            scale = c2**0.5 / c1
-        else:
-            N = m / v.sqrt().div_(c2**0.5).add_(self.eps)
-            scale = 1 / c1
+        N, scale = linalg.adam_ratio(
+            m, v, step=ctx.step, betas=self.betas, eps=self.eps, eps_placement=self.eps_placement,
+            bias_correction=self.bias_correction,
+        )
         if self.normalize:
             N = linalg.normalize_rms(N)
         return linalg.unrotate(N, ctx.basis.Q_L, ctx.basis.Q_R).mul_(scale)

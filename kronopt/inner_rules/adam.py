@@ -50,11 +50,8 @@ class AdamInner(AdamConventions):
         return AdamState(_zeros(layout, dtype, device), _zeros(layout, dtype, device))
 
     def direction(self, state: AdamState, G: Tensor, ctx: StepContext) -> tuple[Tensor, AdamState]:
-        beta1, beta2 = self.betas
-        basis = ctx.basis
-        G_rot = linalg.rotate(G, basis.Q_L, basis.Q_R)
-        m = torch.lerp(state.exp_avg, G_rot, 1 - beta1)
-        v = state.exp_avg_sq.mul(beta2).addcmul_(G_rot, G_rot, value=1 - beta2)
+        G_rot = linalg.rotate(G, ctx.basis.Q_L, ctx.basis.Q_R)
+        m, v = linalg.adam_moments(state.exp_avg, state.exp_avg_sq, G_rot, self.betas)
         D = self.adam_direction(m, v, ctx)
         return D, AdamState(m, v)
 

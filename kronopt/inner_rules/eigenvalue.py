@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import ge, in_, lt, to_bool, to_float, to_str
+from ..validators import ge, in_, lt, to_bool, to_float, to_str
 from ..registry import INNER_RULES
 from ..types import BasisChange, Layout, StepContext
 from ._common import MomentumState, _zeros

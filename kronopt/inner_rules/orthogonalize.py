@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validators import ge, gt, in_, le, lt, to_bool, to_float, to_int, to_str, triples
+from ..validators import ge, gt, in_, le, lt, to_bool, to_float, to_int, to_str, triples
 from ..registry import INNER_RULES
 from ..types import BasisChange, Layout, StepContext
-from ._common import _DTYPES, MomentumState, _zeros
+from ._common import MomentumState, _zeros
 
 @INNER_RULES.register("orthogonalize", description="Newton–Schulz polar factor of the momentum (Muon)")
 @attrs.frozen(kw_only=True)
@@ -60,7 +60,7 @@ class OrthogonalizeInner:
     steps: int = attrs.field(default=5, converter=to_int, validator=[ge(1), le(99)])
     eps: float = attrs.field(default=1e-7, converter=to_float, validator=gt(0.0))
     norm: Literal["clamp", "add"] = attrs.field(default="clamp", converter=to_str, validator=in_(("clamp", "add")))
-    ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(_DTYPES)))
+    ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(linalg.DTYPES)))
     scale: str = attrs.field(default="original", converter=to_str, validator=in_(linalg.MUON_SCALES))
     extra_scale: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
 
@@ -71,8 +71,7 @@ class OrthogonalizeInner:
     def schedule(self) -> list[tuple[float, float, float]]:
         if self.coefficients == "custom":
             return linalg.ns_coefficients(self.custom_coefficients, self.steps, self.custom_beyond)
-        tuples, beyond = linalg.NS_SCHEDULES[self.coefficients]
-        return linalg.ns_coefficients(tuples, self.steps, beyond)
+        return linalg.ns_schedule(self.coefficients, self.steps)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> MomentumState:
         return MomentumState(_zeros(layout, dtype, device))
@@ -90,7 +89,7 @@ class OrthogonalizeInner:
             linalg.rotate(U, basis.Q_L, basis.Q_R),
             self.schedule(),
             eps=self.eps,
-            dtype=_DTYPES[self.ns_dtype],
+            dtype=linalg.DTYPES[self.ns_dtype],
             norm=self.norm,
         ).to(G.dtype)
         s = linalg.muon_scale(ctx.layout.m, ctx.layout.n, self.scale) * self.extra_scale

@@ -6,7 +6,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from .._validators import ge, lt, to_bool, to_float
+from ..validators import ge, lt, to_bool, to_float
 from ..registry import INNER_RULES
 from ..types import BasisChange, Layout, NoState, StepContext
 from ._common import MomentumState, _zeros

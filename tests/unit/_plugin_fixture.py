@@ -10,7 +10,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from kronopt._validators import gt, to_float
+from kronopt.validators import gt, to_float
 from kronopt.types import BasisChange, Layout, NoState, StepContext
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kronopt import linalg
-from kronopt._validators import ge, lt, to_float
+from kronopt.validators import ge, lt, to_float
 from kronopt.types import BasisChange, Layout, StepContext
 
 

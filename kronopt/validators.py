@@ -1,0 +1,140 @@
+"""attrs validators and converters whose messages read well under a config path (public: use them in plugin stages).
+
+A failing validator raises ``ValueError("must be ≥ 1, got 0")``; the config
+builder prefixes the path (``refresh.every: must be ≥ 1, got 0``).
+"""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+def _check(pred: Callable[[Any], bool], text: str) -> Callable[[Any, Any, Any], None]:
+    def validate(_inst: Any, _attr: Any, value: Any) -> None:
+        if not pred(value):
+            raise ValueError(f"must be {text}, got {value!r}")
+
+    return validate
+
+
+def ge(bound: float) -> Callable[[Any, Any, Any], None]:
+    return _check(lambda v: v >= bound, f"≥ {bound}")
+
+
+def gt(bound: float) -> Callable[[Any, Any, Any], None]:
+    return _check(lambda v: v > bound, f"> {bound}")
+
+
+def lt(bound: float) -> Callable[[Any, Any, Any], None]:
+    return _check(lambda v: v < bound, f"< {bound}")
+
+
+def le(bound: float) -> Callable[[Any, Any, Any], None]:
+    return _check(lambda v: v <= bound, f"≤ {bound}")
+
+
+def in_(choices: Iterable[Any]) -> Callable[[Any, Any, Any], None]:
+    options = tuple(choices)
+    return _check(lambda v: v in options, "one of " + ", ".join(repr(c) for c in options))
+
+
+def each(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
+    """Apply ``validators`` to every item of a sequence."""
+
+    def validate(inst: Any, attr: Any, value: Any) -> None:
+        for item in value:
+            for v in validators:
+                v(inst, attr, item)
+
+    return validate
+
+
+def to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"must be a number, got {value!r}")
+    return float(value)
+
+
+#: the value of a factor estimator's ``beta`` that ties it to the inner rule's β₂
+#: (SOAP's and DyKAF's ``shampoo_beta = -1``); :meth:`kronopt.config.KronConfig.bound` resolves it
+BETA_TIE = "beta2"
+
+
+def to_beta(value: Any) -> float | str:
+    """A retention in ``[0, 1)`` (a number) or :data:`BETA_TIE`."""
+    if value == BETA_TIE:
+        return BETA_TIE
+    if isinstance(value, str):
+        raise ValueError(f"must be a number or {BETA_TIE!r} (tie to the inner rule's β₂), got {value!r}")
+    return to_float(value)
+
+
+def unless_tie(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
+    """Apply ``validators`` unless the value is :data:`BETA_TIE`."""
+
+    def validate(inst: Any, attr: Any, value: Any) -> None:
+        if value != BETA_TIE:
+            for v in validators:
+                v(inst, attr, value)
+
+    return validate
+
+
+def to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"must be an integer, got {value!r}")
+    return value
+
+
+def to_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"must be true or false, got {value!r}")
+    return value
+
+
+def to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"must be a string, got {value!r}")
+    return value
+
+
+def float_tuple(length: int | None = None) -> Callable[[Any], tuple[float, ...]]:
+    def convert(value: Any) -> tuple[float, ...]:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"must be a list of numbers, got {value!r}")
+        if length is not None and len(value) != length:
+            raise ValueError(f"must have {length} entries, got {len(value)}")
+        return tuple(to_float(v) for v in value)
+
+    return convert
+
+
+def str_tuple(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"must be a list of strings, got {value!r}")
+    return tuple(to_str(v) for v in value)
+
+
+def triples(value: Any) -> tuple[tuple[float, float, float], ...]:
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"must be a list of [a, b, c] triples, got {value!r}")
+    return tuple(float_tuple(3)(v) for v in value)  # type: ignore[misc]
+
+
+__all__ = [
+    "BETA_TIE",
+    "each",
+    "float_tuple",
+    "ge",
+    "gt",
+    "in_",
+    "le",
+    "lt",
+    "str_tuple",
+    "to_beta",
+    "to_bool",
+    "to_float",
+    "to_int",
+    "to_str",
+    "triples",
+    "unless_tie",
+]
