@@ -181,6 +181,17 @@ def _eigh_refresh(
     return new, BasisChange(old=state, new=new)
 
 
+@attrs.frozen(eq=False)
+class _SideRefresh:
+    """What one side's refresh gives: basis, eigenvalue estimates, column permutation,
+    per-block failure count (``0`` or ``(b)``) and whether a solver ran (host bool)."""
+
+    Q: Tensor | None
+    lam: Tensor | None
+    perm: Tensor | None = None
+    failed: Tensor | int = 0
+    solved: bool = False
+
 @BASES.register("qr", description="SOAP refresh: eigh first, then Rayleigh-sorted warm-started power step + QR")
 @attrs.frozen(kw_only=True)
 class QrBasis:
@@ -223,50 +234,41 @@ class QrBasis:
         self, state: BasisState, factors: tuple[Tensor | None, Tensor | None], ctx: StepContext
     ) -> tuple[BasisState, BasisChange]:
         _check_factors("qr", factors, state)
-        kinds = {"L": ctx.layout.left, "R": ctx.layout.right}
-        if not state.ready and "restricted" not in kinds.values():
+        layout = ctx.layout
+        if not state.ready and "restricted" not in (layout.left, layout.right):
             return _eigh_refresh(state, factors)
-        failures = state.failures
-        solved = state.ready
-        out: dict[str, Tensor | None] = {}
-        for side, X, Q, lam in (("L", factors[0], state.Q_L, state.lam_L), ("R", factors[1], state.Q_R, state.lam_R)):
-            if Q is None or X is None or lam is None:
-                out["Q_" + side], out["lam_" + side], out["perm_" + side] = Q, lam, None
-                continue
-            if kinds[side] == "restricted":
-                Q_new, lam_new, ok = _restricted_side(X, Q, lam, first=not state.ready)
-                failures, solved = failures + (~ok).long(), True
-                out["Q_" + side], out["lam_" + side], out["perm_" + side] = Q_new, lam_new, None
-                continue
-            if not state.ready:
-                Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam)
-                failures, solved = failures + (~ok).long(), solved or ran
-                out["Q_" + side], out["lam_" + side], out["perm_" + side] = Q_new, lam_new, None
-                continue
-            e = linalg.rayleigh_quotients(X, Q)
-            if self.sort:
-                perm = torch.argsort(e, dim=-1, descending=True)
-                Q_t, e = linalg.permute_columns(Q, perm), torch.gather(e, -1, perm)
-            else:
-                perm, Q_t = None, Q
-            Q_new = Q_t
-            for _ in range(self.power_steps):
-                Q_new = linalg.power_qr(X, Q_new)
-            ok = linalg.finite_blocks(Q_new, e)
-            failures = failures + (~ok).long()
-            out["Q_" + side] = linalg.select_blocks(ok, Q_new, Q)
-            out["lam_" + side] = linalg.select_blocks(ok, e, lam)
-            if perm is not None:
-                identity = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
-                perm = linalg.select_blocks(ok, perm, identity)
-            out["perm_" + side] = perm
+        left = self._side(layout.left, factors[0], state.Q_L, state.lam_L, ready=state.ready)
+        right = self._side(layout.right, factors[1], state.Q_R, state.lam_R, ready=state.ready)
         new = BasisState(
-            Q_L=out["Q_L"],
-            Q_R=out["Q_R"],
-            lam_L=out["lam_L"],
-            lam_R=out["lam_R"],
-            failures=failures,
+            Q_L=left.Q,
+            Q_R=right.Q,
+            lam_L=left.lam,
+            lam_R=right.lam,
+            failures=state.failures + left.failed + right.failed,
             refreshes=state.refreshes + 1,
-            ready=solved,
+            ready=state.ready or left.solved or right.solved,
         )
-        return new, BasisChange(old=state, new=new, perm_L=out["perm_L"], perm_R=out["perm_R"])
+        return new, BasisChange(old=state, new=new, perm_L=left.perm, perm_R=right.perm)
+
+    def _side(self, kind: str, X: Tensor | None, Q: Tensor | None, lam: Tensor | None, *, ready: bool) -> _SideRefresh:
+        """One side's refresh: restricted (Rayleigh–Ritz + power), first (eigh) or SOAP's sorted power step."""
+        if Q is None or X is None or lam is None:
+            return _SideRefresh(Q=Q, lam=lam)
+        if kind == "restricted":
+            Q_new, lam_new, ok = _restricted_side(X, Q, lam, first=not ready)
+            return _SideRefresh(Q=Q_new, lam=lam_new, failed=(~ok).long(), solved=True)
+        if not ready:
+            Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam)
+            return _SideRefresh(Q=Q_new, lam=lam_new, failed=(~ok).long(), solved=ran)
+        Q_new, e, perm = linalg.sorted_power_step(X, Q, sort=self.sort)
+        for _ in range(self.power_steps - 1):
+            Q_new = linalg.power_qr(X, Q_new)
+        ok = linalg.finite_blocks(Q_new, e)
+        if perm is not None:
+            identity = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
+            perm = linalg.select_blocks(ok, perm, identity)
+        return _SideRefresh(
+            Q=linalg.select_blocks(ok, Q_new, Q), lam=linalg.select_blocks(ok, e, lam), perm=perm,
+            failed=(~ok).long(), solved=True,
+        )
+

@@ -238,6 +238,30 @@ def rayleigh_quotients(A: Tensor, Q: Tensor) -> Tensor:
     return (Q * (A @ Q)).sum(dim=-2)
 
 
+def sorted_power_step(A: Tensor, Q: Tensor, *, sort: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""SOAP's refresh of one side: Rayleigh quotients, optional sort, one warm-started power step + QR.
+
+    .. math::
+        P = A Q,\quad e = \mathrm{diag}(Q^\top P),\quad \pi = \mathrm{argsort}(e)\!\downarrow,\quad
+        Q' = \mathrm{qr}(P_{:,\pi})
+
+    using :math:`A\,Q_{:,\pi} = (A Q)_{:,\pi}`, so the product serves both the quotients
+    and the power step (one ``n × n × n`` product instead of two).
+
+    Returns:
+        ``(Q' (b n n), e_π (b n), π (b n) or None)`` (``π`` is ``None`` without ``sort``).
+    """
+    _check_batched_square("A", A)
+    P = A @ Q
+    e = (Q * P).sum(dim=-2)
+    perm = None
+    if sort:
+        perm = torch.argsort(e, dim=-1, descending=True)
+        P, e = permute_columns(P, perm), torch.gather(e, -1, perm)
+    Q_new, _ = torch.linalg.qr(P)
+    return Q_new, e, perm
+
+
 def power_qr(A: Tensor, Q: Tensor) -> Tensor:
     r"""One warm-started subspace (power) iteration: the Q factor of :math:`\mathrm{QR}(A Q)`.
 

@@ -148,7 +148,7 @@ def test_qr_refresh_permutation_and_rayleigh_sorting(seed, m, n, b, steps):
         expected = Q_sorted
         for _ in range(steps):
             expected = linalg.power_qr(X, expected)
-        torch.testing.assert_close(Q_new, expected, rtol=0.0, atol=0.0)
+        torch.testing.assert_close(Q_new, expected, rtol=1e-10, atol=1e-10)  # (A Q)[:, π] reused: rounding
     assert torch.equal(new.failures, torch.zeros(b, dtype=torch.int64))
 
 
