@@ -1,6 +1,6 @@
 import pytest
 
-from kronopt import cli
+from kronopt.app import cli
 
 
 def test_stages_lists_every_registered_stage(capsys):

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .config import ConfigError
+from kronopt.config import ConfigError
 
 T = TypeVar("T")
 

@@ -41,11 +41,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _args, linalg
+from kronopt import linalg
+from kronopt.bases import EighBasis
+from kronopt.registry import FACTORS, PluginError, PluginLoadError
+from kronopt.types import Layout, StepContext
+
+from . import _args
 from ._extras import MissingExtraError, pyplot
-from .bases import EighBasis
-from .registry import FACTORS, PluginError, PluginLoadError
-from .types import Layout, StepContext
 
 SOURCES: tuple[str, ...] = ("iid", "anisotropic", "mixture", "real")
 DEFAULT_ESTIMATORS: tuple[str, ...] = ("ema", "projector_splitting", "projector_splitting:variant=parallel")
@@ -579,7 +581,7 @@ _INT_FLAGS: dict[str, tuple[int, int | None]] = {
 
 
 def check_fisher(args: argparse.Namespace) -> dict[str, Any]:
-    """``kronopt fisher``'s settings, parsed; every bad argument in one :class:`~kronopt._args.UsageError`."""
+    """``kronopt fisher``'s settings, parsed; every bad argument in one :class:`~kronopt.app._args.UsageError`."""
     p = _args.Problems()
     settings: dict[str, Any] = {"out": p.value("--out", args.out, _args.output_dir, Path(args.out or "."))}
     sources = p.value("--source", args.source, lambda t: _args.choices(t, SOURCES, allow_empty=True), [])

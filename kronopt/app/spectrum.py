@@ -13,7 +13,7 @@ factor's tail arithmetic-to-geometric mean ratio
 which is 1 exactly when the tail is flat (the spike-and-flat shape of
 pro_kl_shampoo.md §2) and governs Pro-KLShampoo's approximation gap.
 
-Input: a training run (``kronopt.train`` when it is installed, else a small
+Input: a training run (``kronopt.app.train`` when it is installed, else a small
 built-in MLP on synthetic data; ``--builtin`` forces it), or a saved optimizer
 state (``torch.save(optimizer.state_dict(), path)``; ``--state path``), loaded with
 ``weights_only=True``: a file that holds anything but tensors and plain data is
@@ -117,7 +117,7 @@ def _matcher(layers: str | None) -> Callable[[str], bool]:
 
 def spectra_from_optimizer(opt: "kronopt.KronOptimizer", step: int, *, layers: str | None = None) -> list[FactorSpectrum]:
     """The factor spectra of every rotated block of ``opt`` now (``layers``: a regex on parameter names)."""
-    from . import compose
+    from kronopt import compose
 
     out = []
     keep = _matcher(layers)
@@ -198,8 +198,8 @@ def builtin_run(
 def training_run(
     spec: Any, *, steps: int, on_step: Callable[[int, Any, Any], None], builtin: bool = False, **overrides: Any
 ) -> None:
-    """Run the default training task (``kronopt.train``) when it exists, else :func:`builtin_run`."""
-    if not builtin and importlib.util.find_spec("kronopt.train") is not None:
+    """Run the default training task (``kronopt.app.train``) when it exists, else :func:`builtin_run`."""
+    if not builtin and importlib.util.find_spec("kronopt.app.train") is not None:
         from . import train as train_mod
 
         task = train_mod.TaskConfig(
@@ -333,7 +333,7 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--every", default="25", help="record every this many steps (≥ 1)")
     p.add_argument("--layers", help="regular expression on parameter names (default: every rotated block)")
     p.add_argument("--head", default="0.1", help="spike size excluded from the tail: a count ≥ 1 or a fraction > 0")
-    p.add_argument("--builtin", action="store_true", help="use the built-in MLP run even if kronopt.train exists")
+    p.add_argument("--builtin", action="store_true", help="use the built-in MLP run even if kronopt.app.train exists")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default="runs/spectrum", help="output folder for spectrum.png")
     p.add_argument("--no-plot", action="store_true")

@@ -2,7 +2,7 @@
 
 An ablation file names a base config, the task settings, the variants and how to
 tune them (see ``docs/ablations.md`` for the format). Every variant trains the
-same model on the same batches (:func:`kronopt.train.train`). With a ``[tune]``
+same model on the same batches (:func:`kronopt.app.train.train`). With a ``[tune]``
 table each variant runs on a learning-rate grid and several seeds, and is
 reported at its best learning rate (lowest mean validation loss over the seeds).
 A variant whose config is invalid or names a stage or preset that does not
@@ -39,9 +39,9 @@ from typing import Any, Literal
 import attrs
 
 import kronopt
+from kronopt.config import ConfigError, KronConfig, to_dict
 
 from ._extras import MissingExtraError, pyplot
-from .config import ConfigError, KronConfig, to_dict
 from .task import Corpus, load_corpus
 from .train import (
     TaskConfig,
@@ -410,7 +410,7 @@ def unit_key(config: KronConfig, task: TaskConfig) -> str:
 
 @attrs.frozen(kw_only=True)
 class UnitResult:
-    """What one unit measured (the numbers of :class:`~kronopt.train.RunResult` a summary needs).
+    """What one unit measured (the numbers of :class:`~kronopt.app.train.RunResult` a summary needs).
 
     Attributes:
         variant: the variant's name.
@@ -425,7 +425,7 @@ class UnitResult:
         median_step_ms: median wall time of a whole training step.
         median_opt_ms: median wall time of ``optimizer.step()``.
         state_bytes: optimizer state bytes at the end.
-        peak_memory_bytes: peak memory (see :class:`~kronopt.train.RunResult`).
+        peak_memory_bytes: peak memory (see :class:`~kronopt.app.train.RunResult`).
         device: where it ran.
         history: ``{"step", "loss", "step_ms", "opt_ms"}`` per training step.
         evals: ``{"step", "val_loss"}`` per evaluation.

@@ -1,7 +1,7 @@
 """The ``kronopt`` command line: ``stages``, ``show``, ``bench``, and the subcommands of other modules.
 
 Every subcommand checks all of its arguments before it starts working (see
-:mod:`kronopt._args`): a bad one stops it with exit code 2 and one message naming
+:mod:`kronopt.app._args`): a bad one stops it with exit code 2 and one message naming
 each problem, never with a traceback.
 """
 
@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 import kronopt
-from kronopt import _args
-from kronopt._args import Problems
-from kronopt._extras import MissingExtraError
 from kronopt.config import ConfigError
 from kronopt.registry import SLOTS, PluginError, PluginLoadError
+
+from . import _args
+from ._args import Problems
+from ._extras import MissingExtraError
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 def cmd_stages(args: argparse.Namespace) -> int:
     if getattr(args, "markdown", False):
-        from kronopt.docs import stages_markdown
+        from .docs import stages_markdown
 
         sys.stdout.write(stages_markdown())
         return 0
@@ -218,7 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- ablate: its arguments, checked before kronopt.ablate.cmd_ablate runs -------------------------------
+# -- ablate: its arguments, checked before kronopt.app.ablate.cmd_ablate runs -------------------------------
 
 
 def check_ablate(args: argparse.Namespace) -> None:
@@ -228,8 +229,8 @@ def check_ablate(args: argparse.Namespace) -> None:
     directory or creatable), the task flags (over the file's ``[task]``) and each
     ``--only`` name (a variant of the file).
     """
-    from kronopt.ablate import load_ablation
-    from kronopt.train import task_from_args
+    from .ablate import load_ablation
+    from .train import task_from_args
 
     p = Problems()
     ablation = None
@@ -257,7 +258,7 @@ PRECHECKS: dict[str, Callable[[argparse.Namespace], None]] = {"ablate": check_ab
 
 
 #: modules that add a subcommand with ``add_subcommand(subparsers)``
-SUBCOMMAND_MODULES: list[str] = ["kronopt.train", "kronopt.ablate", "kronopt.spectrum", "kronopt.fisher"]
+SUBCOMMAND_MODULES: list[str] = ["kronopt.app.train", "kronopt.app.ablate", "kronopt.app.spectrum", "kronopt.app.fisher"]
 
 
 def build_parser() -> argparse.ArgumentParser:

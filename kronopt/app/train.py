@@ -1,7 +1,7 @@
 """Train the embedded default task with any optimizer config: ``kronopt train``.
 
-The task is a small byte-level GPT (:class:`kronopt.task.TinyGPT`) on the source
-of Python's standard library (:func:`kronopt.task.load_corpus`), or on any text
+The task is a small byte-level GPT (:class:`kronopt.app.task.TinyGPT`) on the source
+of Python's standard library (:func:`kronopt.app.task.load_corpus`), or on any text
 file. :func:`train` runs it with an optimizer built by :func:`kronopt.build` and
 returns a :class:`RunResult`; with ``out_dir`` it also writes a run directory:
 
@@ -34,12 +34,12 @@ import attrs
 import torch
 
 import kronopt
+from kronopt._validators import ge, in_, to_int, to_str
+from kronopt.config import ConfigError, KronConfig
 
 from . import _args
 from ._extras import progress as _progress
 from ._extras import pyplot
-from ._validators import ge, in_, to_int, to_str
-from .config import ConfigError, KronConfig
 from .task import Corpus, TinyGPT, load_corpus
 
 Spec = str | Path | Mapping[str, Any] | KronConfig
