@@ -41,6 +41,7 @@ import attrs
 import kronopt
 from kronopt.config import ConfigError, KronConfig, to_dict
 
+from . import _args
 from ._extras import MissingExtraError, pyplot
 from .task import Corpus, load_corpus
 from .train import (
@@ -947,7 +948,36 @@ def default_out_dir(ablation: Ablation) -> Path:
     return Path("runs") / f"ablate-{_safe(ablation.name)}"
 
 
+def check_ablate(args: argparse.Namespace) -> None:
+    """Every bad ``kronopt ablate`` argument in one :class:`~kronopt.app._args.UsageError`, before any data is read.
+
+    The ablation file (readable, valid TOML, a valid format), ``--out`` (a
+    directory or creatable), the task flags (over the file's ``[task]``) and each
+    ``--only`` name (a variant of the file).
+    """
+    p = _args.Problems()
+    ablation = None
+    try:
+        ablation = load_ablation(args.ablation)  # a missing, unreadable or directory path: its message names it
+    except ConfigError as exc:
+        for where, message in exc.errors:
+            p.add(f"{args.ablation}: {where}" if where else "", message)
+    if args.out is not None:
+        p.value("--out", args.out, _args.output_dir, None)
+    try:
+        task_from_args(args, ablation.task if ablation is not None else None)
+    except ConfigError as exc:
+        p.extend(exc)
+    if ablation is not None:
+        known = [v.name for v in ablation.variants]
+        unknown = [name for name in args.only if name not in known]
+        if unknown:
+            p.add("--only", f"no variant named {', '.join(map(repr, unknown))}; variants: {', '.join(known)}")
+    p.check()
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
+    check_ablate(args)
     ablation = load_ablation(args.ablation)
     task = task_from_args(args, ablation.task)
     if not args.no_plot:

@@ -13,15 +13,14 @@ factor's tail arithmetic-to-geometric mean ratio
 which is 1 exactly when the tail is flat (the spike-and-flat shape of
 pro_kl_shampoo.md §2) and governs Pro-KLShampoo's approximation gap.
 
-Input: a training run (``kronopt.app.train`` when it is installed, else a small
-built-in MLP on synthetic data; ``--builtin`` forces it), or a saved optimizer
+Input: a training run (the default task of :mod:`kronopt.app.train`, made small;
+``--builtin``: a small MLP on synthetic data instead), or a saved optimizer
 state (``torch.save(optimizer.state_dict(), path)``; ``--state path``), loaded with
 ``weights_only=True``: a file that holds anything but tensors and plain data is
 refused before any of it is built, so a crafted checkpoint cannot run code.
 """
 
 import argparse
-import importlib.util
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ from torch import Tensor
 import kronopt
 
 from . import _args
+from . import train as train_mod
 from ._extras import MissingExtraError, pyplot
 
 __all__ = [
@@ -198,10 +198,8 @@ def builtin_run(
 def training_run(
     spec: Any, *, steps: int, on_step: Callable[[int, Any, Any], None], builtin: bool = False, **overrides: Any
 ) -> None:
-    """Run the default training task (``kronopt.app.train``) when it exists, else :func:`builtin_run`."""
-    if not builtin and importlib.util.find_spec("kronopt.app.train") is not None:
-        from . import train as train_mod
-
+    """Run the default training task (:mod:`kronopt.app.train`, made small), or :func:`builtin_run` if ``builtin``."""
+    if not builtin:
         task = train_mod.TaskConfig(
             layers=2, width=64, heads=4, context=64, batch=8, steps=steps, warmup=5, eval_every=0, threads=1
         )
@@ -333,7 +331,7 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--every", default="25", help="record every this many steps (≥ 1)")
     p.add_argument("--layers", help="regular expression on parameter names (default: every rotated block)")
     p.add_argument("--head", default="0.1", help="spike size excluded from the tail: a count ≥ 1 or a fraction > 0")
-    p.add_argument("--builtin", action="store_true", help="use the built-in MLP run even if kronopt.app.train exists")
+    p.add_argument("--builtin", action="store_true", help="use the built-in MLP run instead of the default task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default="runs/spectrum", help="output folder for spectrum.png")
     p.add_argument("--no-plot", action="store_true")

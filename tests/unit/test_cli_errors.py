@@ -21,7 +21,7 @@ import kronopt.app.ablate
 import kronopt.app.fisher
 import kronopt.app.spectrum
 import kronopt.app.train
-from kronopt.app import cli
+from kronopt.app import bench, cli
 
 
 class Reached(Exception):
@@ -36,7 +36,7 @@ def _forbidden(*args, **kwargs):
 def no_work(monkeypatch, tmp_path):
     """Replace every heavy function by one that raises :class:`Reached`; run in an empty directory."""
     for module, name in [
-        (cli, "bench"),
+        (bench, "bench"),
         (kronopt.app.train, "train"),
         (kronopt.app.ablate, "train"),
         (kronopt.app.ablate, "run_ablation"),
