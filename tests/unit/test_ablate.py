@@ -1,4 +1,4 @@
-"""kronopt.ablate and ``kronopt ablate``: the file format, failures as rows, the outputs."""
+"""kronopt.app.ablate and ``kronopt ablate``: the file format, failures as rows, the outputs."""
 
 import csv
 import json
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import kronopt
-from kronopt import ablate, cli
-from kronopt.ablate import load_ablation, parse_ablation, plan_units, run_ablation, time_to_target
+from kronopt.app import ablate, cli
+from kronopt.app.ablate import load_ablation, parse_ablation, plan_units, run_ablation, time_to_target
 from kronopt.config import ConfigError
-from kronopt.train import RunResult, TaskConfig
+from kronopt.app.train import RunResult, TaskConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_TASK = """
@@ -189,7 +189,7 @@ TUNED = {
 
 
 class FakeTrain:
-    """Stands in for kronopt.train.train: 4 steps of ``10·(seed+1)`` ms, evaluations at steps 2 (final + 0.5) and 4.
+    """Stands in for kronopt.app.train.train: 4 steps of ``10·(seed+1)`` ms, evaluations at steps 2 (final + 0.5) and 4.
 
     Records every call as ``(spec, lr, seed)``; raises ``interrupt_at``-th call's KeyboardInterrupt when set.
     """

@@ -1,6 +1,6 @@
 import pytest
 
-from kronopt import cli
+from kronopt.app import bench, cli
 
 
 def test_stages_lists_every_registered_stage(capsys):
@@ -48,4 +48,4 @@ def test_bench_torch_muon_on_matrices_only(capsys):
 
 def test_bench_function_refuses_zero_steps():
     with pytest.raises(ValueError, match="steps ≥ 1"):
-        cli.bench(["adamw"], [(4, 3)], steps=0, warmup=0, device="cpu")
+        bench.bench(["adamw"], [(4, 3)], steps=0, warmup=0, device="cpu")

@@ -1,6 +1,6 @@
 """Command line: every bad argument exits with code 2 and a message naming it; no file runs code.
 
-Each subcommand runs in-process (``kronopt.cli.main``). The functions that do the
+Each subcommand runs in-process (``kronopt.app.cli.main``). The functions that do the
 work (training, benchmarking, the Fisher lab, spectrum runs) are replaced by
 :func:`_forbidden`, so a bad argument that slipped through validation fails the
 test instead of starting a run.
@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kronopt
-import kronopt._args
-import kronopt.ablate
-import kronopt.fisher
-import kronopt.spectrum
-import kronopt.train
-from kronopt import cli
+import kronopt.app._args
+import kronopt.app.ablate
+import kronopt.app.fisher
+import kronopt.app.spectrum
+import kronopt.app.train
+from kronopt.app import bench, cli
 
 
 class Reached(Exception):
@@ -36,14 +36,14 @@ def _forbidden(*args, **kwargs):
 def no_work(monkeypatch, tmp_path):
     """Replace every heavy function by one that raises :class:`Reached`; run in an empty directory."""
     for module, name in [
-        (cli, "bench"),
-        (kronopt.train, "train"),
-        (kronopt.ablate, "train"),
-        (kronopt.ablate, "run_ablation"),
-        (kronopt.fisher, "run_lab"),
-        (kronopt.fisher, "hessian_experiment"),
-        (kronopt.spectrum, "training_run"),
-        (kronopt.spectrum, "builtin_run"),
+        (bench, "bench"),
+        (kronopt.app.train, "train"),
+        (kronopt.app.ablate, "train"),
+        (kronopt.app.ablate, "run_ablation"),
+        (kronopt.app.fisher, "run_lab"),
+        (kronopt.app.fisher, "hessian_experiment"),
+        (kronopt.app.spectrum, "training_run"),
+        (kronopt.app.spectrum, "builtin_run"),
     ]:
         monkeypatch.setattr(module, name, _forbidden)
     threads = torch.get_num_threads()
@@ -199,7 +199,7 @@ def test_unreadable_files_are_named(files, no_work, monkeypatch, capsys):
             raise PermissionError(13, "Permission denied", str(self))
         return real_read_text(self, *args, **kwargs)
 
-    monkeypatch.setattr(kronopt._args, "open", deny_open, raising=False)
+    monkeypatch.setattr(kronopt.app._args, "open", deny_open, raising=False)
     monkeypatch.setattr(Path, "read_text", deny_read_text)
     for argv, flag in [
         (["train", "--data", "{file}"], "--data"),
@@ -299,7 +299,7 @@ def test_torch_load_is_only_called_with_weights_only():
                            for k in node.keywords)
                 calls.append((str(path.relative_to(root)), ast.unparse(node.func), safe))
     torch_loads = [c for c in calls if c[1] != "load"]
-    assert torch_loads == [("_args.py", "torch.load", True)], calls
+    assert torch_loads == [("app/_args.py", "torch.load", True)], calls
 
 
 def _stepped_state(preset):
@@ -318,7 +318,7 @@ def test_every_preset_state_loads_weights_only(preset, tmp_path):
     """A KronOptimizer state dict holds only tensors and plain data, so the safe loader reads it back exactly."""
     opt = _stepped_state(preset)
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
-    loaded = kronopt._args.load_torch_file(tmp_path / "opt.pt")
+    loaded = kronopt.app._args.load_torch_file(tmp_path / "opt.pt")
     before = opt.state_dict()
     assert loaded.keys() == before.keys()
     assert loaded["kronopt"]["config"] == before["kronopt"]["config"]

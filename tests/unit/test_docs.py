@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from kronopt import cli
-from kronopt.docs import stages_markdown
+from kronopt.app import cli
+from kronopt.app.docs import stages_markdown
 from kronopt.registry import SLOTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_stages_md_is_up_to_date():
     committed = (ROOT / "docs" / "stages.md").read_text(encoding="utf-8")
     assert committed == stages_markdown(), (
-        "docs/stages.md is out of date with the registered stages: run `python -m kronopt.docs --write`"
+        "docs/stages.md is out of date with the registered stages: run `python -m kronopt.app.docs --write`"
     )
 
 

@@ -1,4 +1,4 @@
-"""kronopt.fisher: the Fisher-approximation lab and ``kronopt fisher``."""
+"""kronopt.app.fisher: the Fisher-approximation lab and ``kronopt fisher``."""
 
 import csv
 import json
@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kronopt
-from kronopt import fisher, linalg
-from kronopt.cli import main
+from kronopt import linalg
+from kronopt.app import fisher
+from kronopt.app.cli import main
 from tests.strategies import SEEDS, generator, randn
 
 F64 = torch.float64

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kronopt
-from kronopt import cli, spectrum
+from kronopt.app import cli, spectrum
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""kronopt.train and ``kronopt train``: the default task, the run directory, and clean failures."""
+"""kronopt.app.train and ``kronopt train``: the default task, the run directory, and clean failures."""
 
 import json
 import sys
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import kronopt
-from kronopt import cli
+from kronopt.app import cli
 from kronopt.config import ConfigError
 from kronopt.optimizer import KronOptimizer
-from kronopt.task import TinyGPT, load_corpus, stdlib_files
-from kronopt.train import TaskConfig, task_from_dict, train
+from kronopt.app.task import TinyGPT, load_corpus, stdlib_files
+from kronopt.app.train import TaskConfig, task_from_dict, train
 
 TINY = {"layers": 1, "width": 32, "heads": 2, "context": 32, "batch": 4, "steps": 5, "warmup": 1, "eval_every": 2,
         "eval_batches": 1, "device": "cpu"}

@@ -20,7 +20,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from ..config import ConfigError
+from kronopt.config import ConfigError
 
 #: one file in ``VALIDATION_MODULUS`` goes to the validation split (by name)
 VALIDATION_MODULUS = 10

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from .config import ConfigError
+import kronopt
+from kronopt.config import ConfigError
 
 T = TypeVar("T")
 
@@ -37,6 +38,7 @@ __all__ = [
     "number",
     "numbers",
     "output_dir",
+    "parse_sets",
     "pattern",
     "set_item",
     "shape",
@@ -339,8 +341,6 @@ class Problems:
 
     def config(self, spec: Any, overrides: dict[str, Any], *, prefix: str = "") -> Any:
         """``kronopt.resolve(spec, **overrides)``, or ``None`` with each config error recorded under ``prefix``."""
-        import kronopt
-
         try:
             return kronopt.resolve(spec, **overrides)
         except ConfigError as exc:
@@ -357,3 +357,10 @@ class Problems:
         if self.errors:
             raise UsageError(list(self.errors)) if self._usage else ConfigError(list(self.errors))
 
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` overrides as a dict; raises :class:`UsageError` naming every malformed item."""
+    problems = Problems()
+    out = problems.sets(items)
+    problems.check()
+    return out

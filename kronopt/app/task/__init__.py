@@ -1,10 +1,10 @@
 """The embedded default task: a small byte-level GPT trained on Python's own standard library.
 
 Nothing here is needed by the optimizer itself; it is the workload of
-``kronopt train`` and ``kronopt ablate`` (:mod:`kronopt.train`, :mod:`kronopt.ablate`).
+``kronopt train`` and ``kronopt ablate`` (:mod:`kronopt.app.train`, :mod:`kronopt.app.ablate`).
 
-* :mod:`kronopt.task.data` — the corpus (stdlib sources or any text file) and its split;
-* :mod:`kronopt.task.model` — the language model (pure torch, named parameters).
+* :mod:`kronopt.app.task.data` — the corpus (stdlib sources or any text file) and its split;
+* :mod:`kronopt.app.task.model` — the language model (pure torch, named parameters).
 """
 
 from .data import Corpus, load_corpus, stdlib_files

@@ -1,0 +1,338 @@
+r"""``kronopt spectrum``: the eigenvalue spectra of the Kronecker factors, per layer and over time.
+
+Records the eigenvalue estimates each factor keeps (KL-Shampoo's tracked
+:math:`\lambda = 1/s^2`, otherwise the basis's estimates; a restricted side
+contributes its ``r`` subspace eigenvalues plus its flat eigenvalue :math:`\mu`
+``d − r`` times), plots them on a log scale (one panel per factor: the sorted
+spectrum at several times, and its top / tail-mean over time) and reports each
+factor's tail arithmetic-to-geometric mean ratio
+
+.. math::
+    \mathrm{AM/GM}(\lambda_{k+1..d}) = \frac{\frac{1}{d-k}\sum_i \lambda_i}{(\prod_i \lambda_i)^{1/(d-k)}} \ge 1,
+
+which is 1 exactly when the tail is flat (the spike-and-flat shape of
+pro_kl_shampoo.md §2) and governs Pro-KLShampoo's approximation gap.
+
+Input: a training run (the default task of :mod:`kronopt.app.train`, made small;
+``--builtin``: a small MLP on synthetic data instead), or a saved optimizer
+state (``torch.save(optimizer.state_dict(), path)``; ``--state path``), loaded with
+``weights_only=True``: a file that holds anything but tensors and plain data is
+refused before any of it is built, so a crafted checkpoint cannot run code.
+"""
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+import kronopt
+
+from . import _args
+from . import train as train_mod
+from ._extras import MissingExtraError, pyplot
+
+__all__ = [
+    "FactorSpectrum",
+    "SpectrumRecorder",
+    "add_subcommand",
+    "builtin_run",
+    "spectra_from_optimizer",
+    "spectra_from_state_dict",
+    "tail_am_gm",
+]
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class FactorSpectrum:
+    """The eigenvalue estimates of one factor of one parameter at one step (descending, finite, > 0)."""
+
+    name: str
+    side: str  # "left" or "right"
+    step: int
+    eigvals: Tensor  # (d) float64
+
+
+def tail_am_gm(eigvals: Tensor, head: int) -> float:
+    """Arithmetic / geometric mean of the eigenvalues after the ``head`` largest (1.0: a flat tail)."""
+    lam = torch.sort(eigvals.to(torch.float64), descending=True).values[head:]
+    lam = lam[torch.isfinite(lam) & (lam > 0)]
+    if lam.numel() == 0:
+        return float("nan")
+    return float(lam.mean() / torch.exp(torch.log(lam).mean()))
+
+
+def _head(d: int, head: float) -> int:
+    """``head`` as a count: an integer ≥ 1, or a fraction of ``d``."""
+    return int(head) if head >= 1 else max(1, math.floor(head * d))
+
+
+def _side_values(
+    lam: Tensor | None, s: Tensor | None, mu: Tensor | None, d: int
+) -> Tensor | None:
+    """The eigenvalues of one side of one block: tracked roots first, else the basis's; μ fills a restricted side."""
+    if s is not None:
+        values = 1.0 / s.to(torch.float64).square()
+    elif lam is not None:
+        values = lam.to(torch.float64)
+    else:
+        return None
+    if mu is not None:
+        flat = torch.full((d - values.numel(),), float(mu), dtype=torch.float64)
+        values = torch.cat([values, flat])
+    values = values[torch.isfinite(values) & (values > 0)]
+    return torch.sort(values, descending=True).values if values.numel() else None
+
+
+def _from_flat(
+    flat: Mapping[str, Any], names: Sequence[str], step: int, keep: Callable[[str], bool]
+) -> list[FactorSpectrum]:
+    out = []
+    for side, key in (("left", "L"), ("right", "R")):
+        s, lam, mu = flat.get(f"factors.s_{key}"), flat.get(f"basis.lam_{key}"), flat.get(f"factors.mu_{key}")
+        Q = flat.get(f"basis.Q_{key}")
+        if (s is None and lam is None) or Q is None:
+            continue
+        d = Q.shape[-2]
+        for i, name in enumerate(names):
+            if not keep(name):
+                continue
+            values = _side_values(
+                None if lam is None else lam[i], None if s is None else s[i], None if mu is None else mu[i], d
+            )
+            if values is not None:
+                out.append(FactorSpectrum(name=name, side=side, step=step, eigvals=values))
+    return out
+
+
+def _matcher(layers: str | None) -> Callable[[str], bool]:
+    pattern = re.compile(layers) if layers else None
+    return lambda name: pattern is None or pattern.search(name) is not None
+
+
+def spectra_from_optimizer(opt: "kronopt.KronOptimizer", step: int, *, layers: str | None = None) -> list[FactorSpectrum]:
+    """The factor spectra of every rotated block of ``opt`` now (``layers``: a regex on parameter names)."""
+    from kronopt import compose
+
+    out = []
+    keep = _matcher(layers)
+    for bucket in opt._buckets:
+        if bucket.state is None:
+            continue
+        names = [opt._param_name(bucket, i) for i in range(bucket.layout.batch)]
+        out.extend(_from_flat(compose.flatten(bucket.state), names, step, keep))
+    return out
+
+
+def spectra_from_state_dict(sd: Mapping[str, Any], *, layers: str | None = None) -> list[FactorSpectrum]:
+    """The factor spectra in a saved ``KronOptimizer.state_dict()`` (bucket state in ``sd["kronopt"]["buckets"]``)."""
+    kron = sd.get("kronopt") if isinstance(sd, Mapping) else None
+    if kron is None or "buckets" not in kron:
+        raise ValueError("not a kronopt optimizer state dict (no 'kronopt' section with buckets)")
+    names: dict[int, str] = {}
+    index = 0
+    for gi, group in enumerate(sd.get("param_groups", [])):
+        group_names = group.get("param_names")
+        for j, _ in enumerate(group["params"]):
+            names[index] = group_names[j] if group_names else f"param_groups[{gi}].params[{j}]"
+            index += 1
+    keep = _matcher(layers)
+    out = []
+    for entry in kron["buckets"]:
+        state = entry.get("state")
+        if not state:
+            continue
+        step = int(state.get("calls", state.get("step", 0)))  # optimizer steps taken, as on_step counts them
+        out.extend(_from_flat(state, [names.get(i, f"param {i}") for i in entry["params"]], step, keep))
+    return out
+
+
+class SpectrumRecorder:
+    """An ``on_step(step, optimizer, model)`` callback that records the spectra every ``every`` steps."""
+
+    def __init__(self, *, every: int = 10, layers: str | None = None) -> None:
+        self.every, self.layers = max(1, every), layers
+        self.records: list[FactorSpectrum] = []
+
+    def __call__(self, step: int, optimizer: Any, model: Any = None) -> None:
+        if step % self.every == 0 and isinstance(optimizer, kronopt.KronOptimizer):
+            self.records.extend(spectra_from_optimizer(optimizer, step, layers=self.layers))
+
+
+def builtin_run(
+    spec: Any, *, steps: int = 200, on_step: Callable[[int, Any, Any], None] | None = None, seed: int = 0, **overrides: Any
+) -> "kronopt.KronOptimizer":
+    """A small fallback training run: a 3-layer MLP regressing a fixed random teacher on synthetic data.
+
+    The inputs have a few strong directions (a spiked covariance), so the factors
+    develop a visible spike-and-flat spectrum within tens of steps.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    d_in, hidden, d_out, batch = 32, 64, 16, 64
+    mix = torch.randn(d_in, d_in, generator=gen) / math.sqrt(d_in)
+    mix[:, :4] *= 6.0  # spiked input covariance
+    teacher = torch.randn(d_in, d_out, generator=gen) / math.sqrt(d_in)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+            torch.nn.Linear(hidden, d_out),
+        )
+    opt = kronopt.build(model.named_parameters(), spec, **overrides)
+    for step in range(1, steps + 1):
+        x = torch.randn(batch, d_in, generator=gen) @ mix
+        loss = (model(x) - torch.tanh(x @ teacher)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step, opt, model)
+    return opt
+
+
+def training_run(
+    spec: Any, *, steps: int, on_step: Callable[[int, Any, Any], None], builtin: bool = False, **overrides: Any
+) -> None:
+    """Run the default training task (:mod:`kronopt.app.train`, made small), or :func:`builtin_run` if ``builtin``."""
+    if not builtin:
+        task = train_mod.TaskConfig(
+            layers=2, width=64, heads=4, context=64, batch=8, steps=steps, warmup=5, eval_every=0, threads=1
+        )
+        train_mod.train(task, spec, overrides=overrides, on_step=on_step, progress=False, plot=False)
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: LAPACK calls are far slower on a contended thread pool
+    try:
+        builtin_run(spec, steps=steps, on_step=on_step, **overrides)
+    finally:
+        torch.set_num_threads(before)
+
+
+def report(records: Iterable[FactorSpectrum], *, head: float = 0.1) -> list[dict[str, Any]]:
+    """One row per factor at its last recorded step: sizes, extremes and the tail AM/GM ratio."""
+    last: dict[tuple[str, str], FactorSpectrum] = {}
+    for rec in records:
+        key = (rec.name, rec.side)
+        if key not in last or rec.step >= last[key].step:
+            last[key] = rec
+    rows = []
+    for (name, side), rec in last.items():
+        lam = rec.eigvals
+        k = _head(lam.numel(), head)
+        rows.append({
+            "name": name, "side": side, "step": rec.step, "d": lam.numel(), "head": k,
+            "max": float(lam.max()), "min": float(lam.min()), "tail_am_gm": tail_am_gm(lam, k),
+        })
+    return rows
+
+
+def plot(records: Sequence[FactorSpectrum], path: str | Path, *, head: float = 0.1, title: str = "") -> Path:
+    """One row per factor: the sorted spectrum at several steps (log scale) and top / tail mean over time."""
+    plt = pyplot("spectrum plots")
+    keys = sorted({(r.name, r.side) for r in records})
+    if not keys:
+        raise ValueError("no factor spectra to plot (is any side rotated?)")
+    fig, axes = plt.subplots(len(keys), 2, figsize=(10, 2.6 * len(keys)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for row, (name, side) in enumerate(keys):
+        recs = sorted((r for r in records if (r.name, r.side) == (name, side)), key=lambda r: r.step)
+        ax, ax_t = axes[row]
+        shown = recs if len(recs) <= 6 else [recs[round(i * (len(recs) - 1) / 5)] for i in range(6)]
+        for j, rec in enumerate(shown):
+            ax.semilogy(range(1, rec.eigvals.numel() + 1), rec.eigvals.numpy(), color=cmap(j / max(1, len(shown) - 1)),
+                        label=f"step {rec.step}")
+        ax.set_title(f"{name} ({side}): tail AM/GM {tail_am_gm(recs[-1].eigvals, _head(recs[-1].eigvals.numel(), head)):.3g}",
+                     fontsize=9)
+        ax.set_xlabel("index (descending)")
+        ax.set_ylabel("eigenvalue")
+        ax.legend(fontsize=7)
+        steps = [r.step for r in recs]
+        k = _head(recs[-1].eigvals.numel(), head)
+        ax_t.semilogy(steps, [float(r.eigvals[0]) for r in recs], label="top")
+        ax_t.semilogy(steps, [float(r.eigvals[k:].mean()) if r.eigvals.numel() > k else float("nan") for r in recs],
+                      label=f"tail mean (after top {k})")
+        ax_t.set_xlabel("step")
+        ax_t.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _state_records(path: Path, layers: str | None) -> list[FactorSpectrum]:
+    """The spectra in a saved state file, loaded without running code; ``ValueError`` naming the file otherwise."""
+    sd = _args.load_torch_file(path)
+    try:
+        return spectra_from_state_dict(sd, layers=layers)
+    except ValueError as exc:
+        raise ValueError(f"{str(path)!r}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a dict of another shape
+        raise ValueError(f"{str(path)!r} is not a kronopt optimizer state dict ({type(exc).__name__}: {exc})") from None
+
+
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    p = _args.Problems()
+    steps = p.integer("--steps", args.steps, minimum=1)
+    every = p.integer("--every", args.every, minimum=1)
+    head = p.number("--head", args.head, above=0.0, fallback=0.1)
+    layers = None if args.layers is None else p.value("--layers", args.layers, _args.pattern, None)
+    overrides = p.sets(args.set)
+    records: list[FactorSpectrum] = []
+    if args.state is not None:
+        path = p.value("--state", args.state, _args.input_file, None)
+        if path is not None:
+            records = p.value("--state", path, lambda q: _state_records(q, layers), [])
+    else:
+        p.config(args.config, overrides)  # every config error before the run
+    if not args.no_plot:
+        p.value("--out", args.out, _args.output_dir, None)
+        try:
+            pyplot("spectrum plots")  # fail before the run, not after
+        except MissingExtraError as exc:
+            p.add("", str(exc))
+    p.check()
+    if args.state is not None:
+        label = f"saved state {args.state}"
+    else:
+        recorder = SpectrumRecorder(every=every, layers=layers)
+        training_run(args.config, steps=steps, on_step=recorder, builtin=args.builtin, **overrides)
+        records = recorder.records
+        label = f"{args.config}, {steps} steps"
+    rows = report(records, head=head)
+    if not rows:
+        print("kronopt spectrum: no factor spectra found (no rotated side, or --layers matched nothing)")
+        return 1
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'factor':<{width + 8}} {'step':>6} {'d':>6} {'max':>10} {'min':>10} {'tail AM/GM':>11}")
+    for r in rows:
+        print(f"{r['name'] + ' (' + r['side'] + ')':<{width + 8}} {r['step']:>6} {r['d']:>6} {r['max']:>10.3e} "
+              f"{r['min']:>10.3e} {r['tail_am_gm']:>11.4f}")
+    if not args.no_plot:
+        out = plot(records, Path(args.out) / "spectrum.png", head=head, title=label)
+        print(f"plot: {out}")
+    return 0
+
+
+def add_subcommand(sub: Any) -> None:
+    p = sub.add_parser("spectrum", help="eigenvalue spectra of the Kronecker factors (log-scale plots, tail AM/GM)")
+    p.add_argument("config", nargs="?", default="kl_shampoo", help="preset or TOML file to train with (default kl_shampoo)")
+    p.add_argument("--state", help="a saved optimizer state (torch.save(opt.state_dict())) instead of a run; "
+                   "loaded with weights_only=True, so a file holding anything but tensors and plain data is refused")
+    p.add_argument("--steps", default="200", help="training steps of the run (≥ 1)")
+    p.add_argument("--every", default="25", help="record every this many steps (≥ 1)")
+    p.add_argument("--layers", help="regular expression on parameter names (default: every rotated block)")
+    p.add_argument("--head", default="0.1", help="spike size excluded from the tail: a count ≥ 1 or a fraction > 0")
+    p.add_argument("--builtin", action="store_true", help="use the built-in MLP run instead of the default task")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--out", default="runs/spectrum", help="output folder for spectrum.png")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=cmd_spectrum)
