@@ -34,7 +34,7 @@ import attrs
 import torch
 
 import kronopt
-from kronopt._validators import ge, in_, to_int, to_str
+from kronopt.validators import ge, in_, to_int, to_str
 from kronopt.config import ConfigError, KronConfig
 
 from . import _args
