@@ -52,7 +52,9 @@ def init_state(cfg: KronConfig, layout: Layout, *, dtype: torch.dtype, device: t
     )
 
 
-def _context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> StepContext:
+def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> StepContext:
+    """The :class:`StepContext` the stages see at update ``t``: basis, eigenvalue estimates (the factor
+    estimator's own when it tracks them, else the basis's) and the flat eigenvalues of restricted sides."""
     basis = state.basis
     if getattr(cfg.factors, "provides_eigvals", False):
         eigvals = cfg.factors.eigvals(state.factors)
@@ -64,7 +66,7 @@ def _context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> Ste
 
 
 def _observe(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool) -> BucketState:
-    ctx = _context(cfg, layout, state, t)
+    ctx = context(cfg, layout, state, t)
     factors = cfg.factors.update(state.factors, G, ctx)
     if not cfg.refresh.due(t, first_call=first_call):
         return attrs.evolve(state, factors=factors)
@@ -85,7 +87,7 @@ def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tupl
     t = state.step + 1
     if cfg.factor_update == "before":
         state = _observe(cfg, layout, state, G, t=t, first_call=first_call)
-    ctx = _context(cfg, layout, state, t)
+    ctx = context(cfg, layout, state, t)
     D, inner = cfg.inner.direction(state.inner, G, ctx)
     D, split = cfg.split.complement(state.split, G, D, ctx, lambda: cfg.inner.moment(inner, ctx))
     D, post = cfg.post.graft(state.post, G, D, ctx)

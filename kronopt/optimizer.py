@@ -18,6 +18,7 @@ from torch import Tensor
 from . import compose, linalg
 from ._shapes import BlockSpec, block_spec, to_block
 from .config import ConfigError, KronConfig, to_dict, with_overrides
+from .inspection import ParamView, bucket_views
 from .types import Layout
 
 #: param-group keys that are not config overrides
@@ -343,6 +344,20 @@ class KronOptimizer(torch.optim.Optimizer):
         self._report_pending(wait=True)
 
     # -- introspection ---------------------------------------------------------------------
+    def inspect(self) -> dict[str, ParamView]:
+        """Per parameter name, a :class:`~kronopt.inspection.ParamView`: factors, bases, eigenvalue
+        estimates and stage records as plain tensors (parameters without state yet are left out)."""
+        out: dict[str, ParamView] = {}
+        for bucket in self._buckets:
+            if bucket.state is None:
+                continue
+            names = [self._param_name(bucket, i) for i in range(bucket.layout.batch)]
+            cfg = self._group_cfgs[bucket.group]
+            pipeline = self.param_groups[bucket.group]["pipeline"]
+            for view in bucket_views(cfg, bucket.layout, bucket.state, names, pipeline):
+                out[view.name] = view
+        return out
+
     def nonfinite_counts(self) -> dict[str, int]:
         """Per parameter, how many gradients were skipped as non-finite (synchronises)."""
         out: dict[str, int] = {}

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from kronopt import linalg
+from kronopt.inspection import bucket_views
 from kronopt.bases import EighBasis
 from kronopt.registry import FACTORS, PluginError, PluginLoadError
 from kronopt.types import Layout, StepContext
@@ -390,7 +391,7 @@ def hessian_experiment(
                 floor = float(torch.sqrt((RH.square().sum() - torch.linalg.matrix_norm(RH, ord=2) ** 2).clamp(min=0)) / RH.norm())
                 L, R = cfg.factors.factors(state.factors)
                 fac = _kron_metrics(RH, L[0].reshape(-1), R[0].reshape(-1), floor)
-                eig = _eigen_metrics(cfg, state, RH, floor)
+                eig = _eigen_metrics(cfg, layout, state, RH, floor)
                 curve["step"].append(k)
                 curve["factor_diff2"].append(fac["diff2"])
                 curve["factor_e_s"].append(fac["e_s"])
@@ -405,19 +406,16 @@ def hessian_experiment(
             "runs": runs, "final": final}
 
 
-def _eigen_metrics(cfg: Any, state: Any, RH: Tensor, floor: float) -> dict[str, float]:
+def _eigen_metrics(cfg: Any, layout: Layout, state: Any, RH: Tensor, floor: float) -> dict[str, float]:
     r"""Metrics of :math:`(Q_L\otimes Q_R)\mathrm{diag}(\mathrm{vec}\hat V)(Q_L\otimes Q_R)^\top` against ``H``."""
-    inner = state.inner
-    if hasattr(cfg.inner, "second_moment"):
-        V = cfg.inner.second_moment(inner)[0]
-    elif hasattr(inner, "exp_avg_sq"):
-        V = inner.exp_avg_sq[0]
-    else:
+    view = bucket_views(cfg, layout, state, ["W"], "main")[0]
+    if view.second_moment is None:  # the inner rule keeps no second moment
         return {"diff2": float("nan"), "e_s": float("nan"), "floor": floor}
+    V = view.second_moment
     beta2 = cfg.inner.betas[1]
     t = max(state.step, 1)
     V = V / (1 - beta2**t)
-    Q_L, Q_R = state.basis.Q_L[0], state.basis.Q_R[0]
+    Q_L, Q_R = view.left.basis, view.right.basis
     Q = torch.kron(Q_L, Q_R)
     H_hat = (Q * V.reshape(-1)) @ Q.mT
     c, d = Q_L.shape[0], Q_R.shape[0]

@@ -116,16 +116,22 @@ def _matcher(layers: str | None) -> Callable[[str], bool]:
 
 
 def spectra_from_optimizer(opt: "kronopt.KronOptimizer", step: int, *, layers: str | None = None) -> list[FactorSpectrum]:
-    """The factor spectra of every rotated block of ``opt`` now (``layers``: a regex on parameter names)."""
-    from kronopt import compose
+    """The factor spectra of every rotated block of ``opt`` now (``layers``: a regex on parameter names).
 
-    out = []
+    Read through :meth:`kronopt.KronOptimizer.inspect`, so any factor estimator or basis
+    (a plugin's too) that gives eigenvalue estimates shows up.
+    """
     keep = _matcher(layers)
-    for bucket in opt._buckets:
-        if bucket.state is None:
+    out = []
+    for name, view in opt.inspect().items():
+        if not keep(name):
             continue
-        names = [opt._param_name(bucket, i) for i in range(bucket.layout.batch)]
-        out.extend(_from_flat(compose.flatten(bucket.state), names, step, keep))
+        for side in ("left", "right"):
+            if view.side(side).basis is None:
+                continue
+            values = view.spectrum(side)
+            if values is not None and values.numel():
+                out.append(FactorSpectrum(name=name, side=side, step=step, eigvals=values))
     return out
 
 

@@ -55,6 +55,10 @@ class AdamInner(AdamConventions):
         D = self.adam_direction(m, v, ctx)
         return D, AdamState(m, v)
 
+    def second_moment(self, state: AdamState) -> Tensor:
+        """The (uncorrected) second moment in the basis, ``b m n``."""
+        return state.exp_avg_sq
+
     def on_basis_change(self, state: AdamState, change: BasisChange) -> AdamState:
         old, new = change.old, change.new
         m = linalg.change_basis(state.exp_avg, (old.Q_L, old.Q_R), (new.Q_L, new.Q_R))
