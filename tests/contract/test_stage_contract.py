@@ -237,3 +237,94 @@ def test_finite_on_gradient_families(slot, key, family, seed):
         assert D.shape == G.shape
         assert torch.isfinite(D).all(), f"{family} gradient, call {call}: direction not finite"
         _finite_state(state)
+
+
+# -- restricted sides ----------------------------------------------------------------------------------------
+
+#: stages that declare they hold or make a restricted (low-rank + flat) side
+RESTRICTED_ENTRIES = [
+    pytest.param(slot, entry.key, id=f"{slot}-{entry.key}")
+    for slot, registry in SLOTS.items()
+    for entry in registry.entries()
+    if getattr(entry.cls, "supports_restricted", False) or getattr(entry.cls, "restricts", False)
+]
+
+
+def test_some_stages_declare_restricted_sides():
+    keys = {p.values for p in RESTRICTED_ENTRIES}
+    assert {("factors", "kl"), ("basis", "qr"), ("inner", "eigenvalue"), ("split", "lowrank_flat")} <= keys
+
+
+def restricted_pipeline_for(slot, key):
+    """The pro_kl_shampoo preset (whose companions hold a restricted side) with ``slot = key``."""
+    raw = kronopt.to_dict(kronopt.PRESETS["pro_kl_shampoo"])
+    raw[slot] = {"type": key}
+    try:
+        cfg = kronopt.from_dict(raw).bound()
+    except kronopt.ConfigError as err:
+        pytest.fail(f"{slot} stage {key!r} declares restricted support but does not fit pro_kl_shampoo: {err}")
+    return attrs.evolve(cfg, skip_first_call=False, refresh=EveryRefresh(every=1, at_first_call=True))
+
+
+def _restricted_layout(cfg, b, m, n):
+    split = cfg.split if getattr(cfg.split, "restricts", False) else kronopt.PRESETS["pro_kl_shampoo"].split
+    (kl, rl), (kr, rr) = split.sides(m, n, (True, True))
+    layout = types.Layout(batch=b, m=m, n=n, left=kl, right=kr, rank_left=rl, rank_right=rr)
+    assert "restricted" in (kl, kr), (m, n, layout)
+    return layout
+
+
+def _check_restricted_sides(cfg, layout, state, dtype, device):
+    b = layout.batch
+    P_L, P_R = cfg.factors.factors(state.factors)
+    for side, X, Q, d, r in (
+        ("left", P_L, state.basis.Q_L, layout.m, layout.rank_left),
+        ("right", P_R, state.basis.Q_R, layout.n, layout.rank_right),
+    ):
+        cols = r if getattr(layout, side) == "restricted" else d
+        for name, T in (("factor", X), ("basis", Q)):
+            assert T is not None, f"{side} {name} missing"
+            assert T.shape == (b, d, cols) and T.dtype == dtype and T.device == device, (name, side, T.shape, T.dtype)
+    for side, Q, r in (("left", state.basis.Q_L, layout.rank_left), ("right", state.basis.Q_R, layout.rank_right)):
+        if getattr(layout, side) == "restricted":  # the subspace stays orthonormal
+            torch.testing.assert_close(Q.mT @ Q, torch.eye(r, dtype=dtype).expand(b, -1, -1), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("m,n", [(5, 8), (8, 5)])
+@pytest.mark.parametrize("slot,key", RESTRICTED_ENTRIES)
+def test_restricted_init_and_update_keep_shape_dtype_device(slot, key, m, n, dtype):
+    device = torch.device("cpu")
+    cfg = restricted_pipeline_for(slot, key)
+    b = 2
+    layout = _restricted_layout(cfg, b, m, n)
+    state = compose.init_state(cfg, layout, dtype=dtype, device=device)
+    first = _tensors(state)
+    gen = generator(zlib.crc32(f"restricted/{slot}/{key}/{m}/{n}".encode()))
+    for call in range(4):
+        G = randn(gen, b, m, n, dtype=dtype).to(device)
+        D, state = compose.step(cfg, layout, state, G)
+        assert D is not None
+        assert D.shape == (b, m, n) and D.dtype == dtype and D.device == device, (call, D.shape, D.dtype, D.device)
+        assert torch.isfinite(D).all()
+        _check_same_structure(first, _tensors(state), f"call {call}")
+        _check_restricted_sides(cfg, layout, state, dtype, device)
+    assert state.step == 4 and state.calls == 4
+
+
+@pytest.mark.parametrize("family", GRADIENT_FAMILIES)
+@pytest.mark.parametrize("slot,key", RESTRICTED_ENTRIES)
+@settings(max_examples=3)
+@given(seed=SEEDS)
+def test_restricted_finite_on_gradient_families(slot, key, family, seed):
+    cfg = restricted_pipeline_for(slot, key)
+    m, n = FAMILY_SHAPES[family]
+    layout = _restricted_layout(cfg, 2, m, n)
+    state = compose.init_state(cfg, layout, dtype=torch.float32, device=torch.device("cpu"))
+    gen = generator(seed)
+    for call in range(4):
+        G = gradient(family, gen, batch=2, dtype=torch.float32)
+        D, state = compose.step(cfg, layout, state, G)
+        assert D.shape == G.shape
+        assert torch.isfinite(D).all(), f"{family} gradient, call {call}: direction not finite"
+        _finite_state(state)

@@ -51,11 +51,35 @@ def test_soap_preset_matches_reference(gen, options):
         overrides["factors.beta"] = options["betas"][1]
     ours_params = [torch.nn.Parameter(p.clone()) for p in params]
     opt = kronopt.build(ours_params, "soap", **overrides)
-    ours = run_history(opt, ours_params, grads)
-    # sanity: several refreshes happened and W moved
-    assert max(b["m"] for b in opt.bucket_summary()) > 1
+    ours, changed = [], []
+    for k, step_grads in enumerate(grads, start=1):
+        bases = _bases(opt)
+        ours += run_history(opt, ours_params, [step_grads])
+        after = _bases(opt)
+        if len(bases) != len(after) or any(not torch.equal(a, b) for a, b in zip(bases, after)):
+            changed.append(k)
+    # the refreshes really happened, where the reference does them: the first call builds the basis
+    # (and moves nothing), then call k refreshes when its step t = k − 1 is a multiple of the frequency
+    every = options.get("precondition_frequency", 10)
+    expected = [1] + [k for k in range(2, steps + 1) if (k - 1) % every == 0]
+    assert len(expected) >= 6
+    assert changed == expected
+    with_basis = [b for b in opt._buckets if b.state.basis.Q_L is not None or b.state.basis.Q_R is not None]
+    assert with_basis and all(b.state.basis.refreshes == len(expected) for b in with_basis)
     assert not torch.equal(ours[-1][0], params[0])
     assert_histories_close(ours, ref)
+
+
+def _bases(opt):
+    """Every basis tensor the optimizer holds (none before the first call builds the state)."""
+    out = []
+    for b in opt._buckets:
+        if b.state is None:
+            continue
+        for Q in (b.state.basis.Q_L, b.state.basis.Q_R):
+            if Q is not None:
+                out.append(Q.clone())
+    return out
 
 
 def test_soap_first_call_leaves_parameters_bit_identical(gen):

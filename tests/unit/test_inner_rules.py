@@ -12,6 +12,7 @@ from kronopt import linalg
 from kronopt.bases import EighBasis
 from kronopt.inner_rules import AdamInner, EigenvalueInner, OrthogonalizeInner, SgdInner
 from kronopt.types import BasisChange, BasisState, Layout, NoState, StepContext
+from tests.reference import newton_schulz as ns_ref
 from tests.strategies import SEEDS, dims, generator, orthonormal, randn, spd_matrix
 
 F64 = torch.float64
@@ -306,9 +307,25 @@ def test_orthogonalize_without_momentum_is_scaled_newton_schulz(seed, m, n, coef
         momentum=0.0, coefficients=coefficients, steps=steps, ns_dtype="float64", scale=scale, extra_scale=extra
     )
     D, _ = run(rule, layout, identity_basis(2), [G])
-    tuples, beyond = linalg.NS_SCHEDULES[coefficients]
-    ns = linalg.newton_schulz(G, linalg.ns_coefficients(tuples, steps, beyond), dtype=F64)
-    close(D, ns * (linalg.muon_scale(m, n, scale) * extra), rtol=1e-12, atol=1e-13)
+    # the naive float64 NS with the spec's coefficients and shape factors (tests/reference/newton_schulz.py)
+    ns = ns_ref.newton_schulz(G, ns_ref.coefficients(coefficients, steps))
+    close(D, ns * (ns_ref.SHAPE_SCALES[scale](m, n) * extra), rtol=1e-10, atol=1e-12)
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), sigma=st.floats(1e-2, 1e2))
+def test_orthogonalize_rank_one_gradient_closed_form(seed, m, n, sigma):
+    # KellerJordan's quintic (a, b, c) = (3.4445, −4.7750, 2.0315), 5 steps; σ u vᵀ normalises to singular
+    # value 1, so D = s · p⁵(1) · u vᵀ with s = √max(1, m/n) (muon.md §5 "original")
+    gen = generator(seed)
+    u, v = randn(gen, m), randn(gen, n)
+    u, v = u / u.norm(), v / v.norm()
+    x = 1.0
+    for _ in range(5):
+        x = 3.4445 * x - 4.7750 * x**3 + 2.0315 * x**5
+    layout = Layout(batch=1, m=m, n=n, left="none", right="none")
+    rule = OrthogonalizeInner(momentum=0.0, ns_dtype="float64")
+    D, _ = run(rule, layout, identity_basis(1), [(sigma * torch.outer(u, v))[None]])
+    close(D[0], math.sqrt(max(1.0, m / n)) * x * torch.outer(u, v), rtol=1e-10, atol=1e-12)
 
 
 @given(seed=SEEDS, m=dims(), n=dims())
@@ -340,7 +357,9 @@ def test_orthogonalize_momentum_forms(seed, m, n, beta, nesterov, form):
     else:
         U = G + beta * B if nesterov else B
     close(state.momentum_buffer, B)
-    close(D, linalg.newton_schulz(U, rule.schedule(), dtype=F64), rtol=1e-9, atol=1e-10)
+    # the default schedule is KellerJordan's quintic, 5 steps (muon.md §6)
+    expected = ns_ref.newton_schulz(U, [(3.4445, -4.7750, 2.0315)] * 5)
+    close(D, expected, rtol=1e-9, atol=1e-10)
 
 
 @given(seed=SEEDS, m=dims(), n=dims())
@@ -359,6 +378,17 @@ def test_orthogonalize_custom_schedule():
         OrthogonalizeInner(coefficients="custom")
     rule = OrthogonalizeInner(coefficients="custom", custom_coefficients=[[2.0, -1.5, 0.5]], steps=3, custom_beyond="cycle")
     assert rule.schedule() == [(2.0, -1.5, 0.5)] * 3
+    # ... and the rule runs it: the cubic-in-disguise x ← 2x − 1.5x³ + 0.5x⁵ three times on the normalized
+    # singular values of G (orthonormal rows/cols scaled by ‖G‖_F), nothing else
+    G = randn(generator(4), 1, 3, 5)
+    P, S, Vh = torch.linalg.svd(G[0], full_matrices=False)
+    x = S / G.norm()
+    for _ in range(3):
+        x = 2.0 * x - 1.5 * x**3 + 0.5 * x**5
+    layout = Layout(batch=1, m=3, n=5, left="none", right="none")
+    rule = attrs.evolve(rule, momentum=0.0, ns_dtype="float64", scale="none")
+    D, _ = run(rule, layout, identity_basis(1), [G])
+    close(D[0], P @ torch.diag(x) @ Vh, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("ns_dtype", ["bfloat16", "float32"])
@@ -369,7 +399,7 @@ def test_orthogonalize_low_precision_returns_gradient_dtype(ns_dtype):
     state = rule.init(layout, dtype=torch.float32, device=CPU)
     D, _ = rule.direction(state, G, ctx(layout, identity_basis(2), 1))
     assert D.dtype == torch.float32
-    ref = linalg.newton_schulz(G.double(), rule.schedule(), dtype=F64).float()
+    ref = ns_ref.newton_schulz(G.double(), [(3.4445, -4.7750, 2.0315)] * 5).float()  # default: kj, 5 steps
     tol = 5e-2 if ns_dtype == "bfloat16" else 1e-5
     torch.testing.assert_close(D, ref, rtol=tol, atol=tol)
 

@@ -204,6 +204,39 @@ def test_first_call_initialises_factors_from_g_alone(gen):
     assert torch.equal(new.s_L, state.s_L) and torch.equal(new.s_R, state.s_R)
 
 
-def test_qr_basis_with_sort_false_reports_no_permutation(gen):
-    basis = QrBasis(sort=False)
+@pytest.mark.parametrize("sort", [False, True])
+def test_qr_basis_with_sort_false_reports_no_permutation(gen, sort):
+    """KL-Shampoo's basis (sort = False) refreshes without reordering, so the roots stay on their columns."""
+    b, m, n = 2, 5, 4
+    basis = QrBasis(sort=sort)
     assert basis.supports_restricted
+    layout = Layout(batch=b, m=m, n=n, left="full", right="full")
+    state = basis.init(layout, dtype=torch.float64, device=torch.device("cpu"))
+    state, _ = basis.refresh(state, (spd_matrix(gen, b, m), spd_matrix(gen, b, n)), StepContext(step=0, layout=layout, basis=state))
+    assert state.refreshes == 1
+    Q_L, Q_R = state.Q_L, state.Q_R
+    # new factors whose Rayleigh quotients on the current columns come out ascending: 1, 2, …, d
+    up = lambda d: torch.arange(1, d + 1, dtype=torch.float64).expand(b, d)  # noqa: E731
+    L1 = Q_L @ torch.diag_embed(up(m)) @ Q_L.mT
+    R1 = Q_R @ torch.diag_embed(up(n)) @ Q_R.mT
+    new, change = basis.refresh(state, (L1, R1), StepContext(step=10, layout=layout, basis=state))
+    assert new.refreshes == 2 and change.new is new
+    for Q_old, Q_new, lam, perm, d in ((Q_L, new.Q_L, new.lam_L, change.perm_L, m), (Q_R, new.Q_R, new.lam_R, change.perm_R, n)):
+        # Q_old diagonalises the new factor, so one power step keeps each column (up to its sign)
+        expected_order = torch.arange(d) if not sort else torch.arange(d - 1, -1, -1)
+        Q_expected = Q_old[:, :, expected_order]
+        signs = torch.sign((Q_new * Q_expected).sum(-2, keepdim=True))
+        torch.testing.assert_close(Q_new, Q_expected * signs, rtol=0, atol=1e-10)
+        torch.testing.assert_close(lam, up(d)[:, expected_order], rtol=1e-12, atol=1e-12)
+        if sort:
+            assert torch.equal(perm, expected_order.expand(b, d))
+        else:
+            assert perm is None
+    # the KL estimator then keeps (sort = False) or carries along (sort = True) its roots per column
+    est = KlKronFactors()
+    _, kl_state, _ = _random_state(est, gen, b, m, n)
+    out = est.on_basis_change(kl_state, change)
+    if sort:
+        assert torch.equal(out.s_L, kl_state.s_L.flip(-1)) and torch.equal(out.s_R, kl_state.s_R.flip(-1))
+    else:
+        assert torch.equal(out.s_L, kl_state.s_L) and torch.equal(out.s_R, kl_state.s_R)

@@ -15,6 +15,7 @@ from tests.assertions import (
     assert_psd,
     assert_symmetric,
 )
+from tests.reference import newton_schulz as ns_ref
 from tests.strategies import SEEDS, dims, generator, orthonormal, randn, spd, spd_matrix
 
 F64 = torch.float64
@@ -254,16 +255,60 @@ def test_rayleigh_quotients_equal_diag_of_QtAQ(seed, n, k, b):
 SCHEDULES = ["kj", "polar_express", "quintic", "cans", "deepseekv4"]
 
 
-def composed(coefficients, x):
-    """The scalar polynomial of the iteration, composed, in float64."""
-    for a, b, c in coefficients:
-        x = a * x + b * x**3 + c * x**5
-    return x
+# The coefficients come from tests/reference/newton_schulz.py, typed from muon.md §4, never from
+# linalg.NS_SCHEDULES: a wrong number in kronopt's table must disagree with them.
+composed = ns_ref.scalar_iteration
+schedule = ns_ref.coefficients
+
+#: KellerJordan/Muon's quintic, typed here once more (muon.md §4; torch.optim.Muon's defaults)
+KJ = (3.4445, -4.7750, 2.0315)
 
 
-def schedule(name, steps):
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 5, 8, 11, 17])
+def test_ns_schedules_match_the_published_tables(name, steps):
     tuples, beyond = linalg.NS_SCHEDULES[name]
-    return linalg.ns_coefficients(tuples, steps, beyond)
+    assert [tuple(t) for t in linalg.ns_coefficients(tuples, steps, beyond)] == schedule(name, steps)
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), sigma=st.floats(1e-3, 1e3), steps=st.integers(1, 8))
+def test_newton_schulz_of_a_rank_one_matrix_is_the_scalar_iteration_at_one(seed, m, n, sigma, steps):
+    # σ u vᵀ normalised by its Frobenius norm σ has the single singular value 1, so NS gives p∘…∘p(1) u vᵀ
+    gen = generator(seed)
+    u, v = randn(gen, m), randn(gen, n)
+    u, v = u / u.norm(), v / v.norm()
+    x = 1.0
+    for _ in range(steps):
+        x = KJ[0] * x + KJ[1] * x**3 + KJ[2] * x**5
+    out = linalg.newton_schulz((sigma * torch.outer(u, v))[None], [KJ] * steps, dtype=F64)[0]
+    close(out, x * torch.outer(u, v), rtol=1e-10, atol=1e-12)
+
+
+@given(seed=SEEDS, n=dims(1, 8))
+def test_newton_schulz_keeps_an_orthogonal_matrix_in_the_schedules_band(seed, n):
+    # Q/‖Q‖_F has every singular value 1/√n, so NS(Q) = p(1/√n) Q; polar_express (≥ 8 steps) maps
+    # [1e-3, 1] to 1 ± 1e-4 (muon.md §4), so an orthogonal matrix is a fixed point up to that band
+    Q = orthonormal(generator(seed), 1, n)
+    coeffs = [
+        (8.2051, -22.9019, 16.4607), (4.0664, -2.8612, 0.5184), (3.9096, -2.8234, 0.5250),
+        (3.2856, -2.4153, 0.4853), (2.2779, -1.6198, 0.3985), (1.8726, -1.2307, 0.3585),
+        (1.8564, -1.2132, 0.3568), (1.8750, -1.2500, 0.3750),
+    ]  # fmt: skip
+    x = 1 / math.sqrt(n)
+    for a, b, c in coeffs:
+        x = a * x + b * x**3 + c * x**5
+    out = linalg.newton_schulz(Q, coeffs, dtype=F64)
+    close(out, x * Q, rtol=1e-10, atol=1e-12)
+    assert abs(x - 1) <= 1e-4
+    close(out, Q, rtol=0, atol=1e-4)
+
+
+@given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3), name=st.sampled_from(SCHEDULES), steps=st.integers(1, 10))
+def test_newton_schulz_equals_the_naive_reference(seed, m, n, b, name, steps):
+    X = randn(generator(seed), b, m, n) * 10.0 ** (seed % 7 - 3)
+    coeffs = schedule(name, steps)
+    for norm in ("clamp", "add"):
+        close(linalg.newton_schulz(X, coeffs, dtype=F64, norm=norm), ns_ref.newton_schulz(X, coeffs, norm=norm), rtol=1e-9, atol=1e-10)
 
 
 @given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3), name=st.sampled_from(SCHEDULES), steps=st.integers(1, 10))

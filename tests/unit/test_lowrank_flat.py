@@ -13,6 +13,7 @@ from kronopt.inner_rules import EigenvalueInner
 from kronopt.splits import LowRankFlatSplit
 from kronopt.types import BasisChange, BasisState, Layout, StepContext
 from tests.assertions import assert_orthonormal, assert_psd, assert_symmetric
+from tests.reference import newton_schulz as ns_ref
 from tests.strategies import generator, orthonormal, randn, spd_from, spd_matrix
 
 F64 = {"dtype": torch.float64, "device": torch.device("cpu")}
@@ -139,8 +140,8 @@ def test_rank_zero_step_is_the_orthogonalized_momentum_scaled_by_sqrt_n(gen):
 
 
 def _ns(cfg):
-    tuples, beyond = linalg.NS_SCHEDULES[cfg.split.ns_coefficients]
-    return linalg.ns_coefficients(tuples, cfg.split.ns_steps, beyond)
+    """The split's schedule from the spec-typed table of tests/reference/newton_schulz.py."""
+    return ns_ref.coefficients(cfg.split.ns_coefficients, cfg.split.ns_steps)
 
 
 def test_complement_scale_rules():
@@ -169,10 +170,22 @@ def test_complement_whitening_is_orthogonalization(gen, mu0):
     m, n, r = 3, 9, 2
     U, _, _ = _spike_and_flat(gen, n, r, mu0)
     M = randn(gen, 1, m, n)
-    MP = linalg.project_out_right(M, U)
+    MP = M - M @ U @ U.mT
     L_perp = MP @ MP.mT / (mu0 * (n - r))
     lhs = _root(L_perp, -0.5) @ MP * mu0**-0.5
     torch.testing.assert_close(lhs, math.sqrt(n - r) * _polar(MP), rtol=1e-10, atol=1e-12)
+    # ... and the stage computes it: the split's identity-scaled complement of M is that whitened block.
+    # polar_express past its 8 tuples repeats (1.875, −1.25, 0.375), which fixes 1 to third order, so 12
+    # steps take every normalized singular value ≥ 1e-3 to 1 within round-off (checked below)
+    s = torch.linalg.svdvals(MP) / MP.norm()
+    assert s.min() > 1e-2
+    split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=12, ns_dtype="float64", complement_scale="identity")
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    basis = BasisState(Q_L=None, Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    ctx = StepContext(step=1, layout=layout, basis=basis, flat=(None, torch.tensor([mu0], **F64)))
+    D0 = randn(gen, 1, m, n)
+    D, _ = split.complement(None, M, D0, ctx, lambda: M)
+    torch.testing.assert_close(D - D0, lhs, rtol=1e-9, atol=1e-11)
 
 
 def test_rank_deficient_complement_matches_newton_schulz(gen):
@@ -183,8 +196,7 @@ def test_rank_deficient_complement_matches_newton_schulz(gen):
     P, S, Vh = torch.linalg.svd(MP, full_matrices=False)
     keep = S > 1e-10 * S.max()
     iso = (P * keep.unsqueeze(-2)) @ Vh
-    tuples, beyond = linalg.NS_SCHEDULES["polar_express"]
-    ns = linalg.newton_schulz(MP, linalg.ns_coefficients(tuples, 8, beyond), dtype=torch.float64)
+    ns = ns_ref.newton_schulz(MP[0], ns_ref.coefficients("polar_express", 8))[None]
     assert (ns - iso).norm() / iso.norm() < 0.05
     split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=8, ns_dtype="float64", complement_scale="identity")
     layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
@@ -211,11 +223,26 @@ def test_spike_and_flat_restricted_preconditioner_equals_full_kl_shampoo(gen):
     complement = mu0**-0.5 * _root(L, -0.5) @ linalg.project_out_right(M, U)
     torch.testing.assert_close(D_sub + complement, full, rtol=1e-10, atol=1e-12)
     # with L := L⊥ the complement term is the orthogonalized complement (the identity)
-    MP = linalg.project_out_right(M, U)
+    MP = M - M @ U @ U.mT
     L_perp = MP @ MP.mT / (mu0 * (n - r))
     torch.testing.assert_close(
         mu0**-0.5 * _root(L_perp, -0.5) @ MP, math.sqrt(n - r) * _polar(MP), rtol=1e-10, atol=1e-12
     )
+    # ... so with L := L⊥ the three stages together give full KL-Shampoo's L⊥^{-1/2} M R^{-1/2}: the KL
+    # estimator hands its tracked roots (λ = 1/s²) and flat eigenvalue μ to the context, the eigenvalue rule
+    # gives the subspace block, the split (identity or whitened scale, accurate NS) the complement
+    full_perp = _root(L_perp, -0.5) @ M @ _root(R, -0.5)
+    lam_P, Q_P = torch.linalg.eigh(L_perp)
+    est = KlKronFactors(clamping=False)
+    kl = attrs.evolve(est.init(layout, **F64), s_L=lam_P.rsqrt(), s_R=e.eigenvalues.rsqrt(), mu_R=torch.tensor([mu0], **F64))
+    basis = BasisState(Q_L=Q_P, Q_R=U_eig, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    ctx = StepContext(step=1, layout=layout, basis=basis, eigvals=est.eigvals(kl), flat=est.flat_eigvals(kl))
+    for scale in ("identity", "whitened"):
+        split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=12, ns_dtype="float64", complement_scale=scale)
+        inner = rule.init(layout, **F64)
+        D, inner = rule.direction(inner, M, ctx)
+        D, _ = split.complement(split.init(layout, **F64), M, D, ctx, lambda: rule.moment(inner, ctx))
+        torch.testing.assert_close(D, full_perp, rtol=1e-9, atol=1e-11, msg=lambda msg: f"{scale}: {msg}")
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -244,8 +271,7 @@ def test_whitened_complement_has_full_kl_shampoos_norm(gen, side):
     D, _ = split.complement(None, M, D0, ctx, lambda: M)
     block = D - D0
     torch.testing.assert_close(block.norm(), mult * expected_norm, rtol=1e-12, atol=0)
-    tuples, beyond = linalg.NS_SCHEDULES["polar_express"]
-    ns = linalg.newton_schulz(C, linalg.ns_coefficients(tuples, 8, beyond), dtype=torch.float64)
+    ns = ns_ref.newton_schulz(C[0], ns_ref.coefficients("polar_express", 8))[None]
     torch.testing.assert_close(block, ns * (mult * expected_norm / ns.norm()), rtol=1e-10, atol=1e-12)
     # a zero momentum gives a zero block, not NaN
     Z = torch.zeros_like(M)

@@ -286,6 +286,28 @@ def test_dtensor_parameters_are_refused(gen, monkeypatch):
         kronopt.build(_params(gen), "soap")
 
 
+def test_real_dtensor_parameters_are_refused(gen, tmp_path):
+    """A DTensor on a one-process gloo group (no patching): refused with the documented message."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        W = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4, generator=gen), mesh, [Shard(0)]))
+        assert isinstance(W, DTensor)
+        plain = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
+        with pytest.raises(TypeError, match=r"kronopt does not support DTensor \(FSDP2\) parameters yet"):
+            kronopt.build([plain, W], "soap")
+        kronopt.build([plain], "soap")  # the plain tensor alone is fine
+    finally:
+        dist.destroy_process_group()
+
+
 def test_group_overrides_are_validated_with_their_path(gen):
     params = _params(gen)
     with pytest.raises(kronopt.ConfigError) as err:

@@ -12,6 +12,7 @@ from kronopt.factors import EmaKronFactors, ProjectorSplittingFactors
 from kronopt.presets import DYKAF
 from kronopt.types import BasisState, Layout, StepContext
 from tests.assertions import assert_psd, assert_symmetric
+from tests.reference.dykaf import ksl_dense, parallel_dense
 from tests.strategies import SEEDS, dims, generator, randn, spd_matrix
 
 F64 = torch.float64
@@ -89,24 +90,10 @@ def test_sandwich_products(seed, m, n):
 # -- cheap integrators equal their dense forms -----------------------------------------------------------
 
 
-def _dense_ksl(L, R, G, beta):
-    """§3 on the explicit m² × n² matrices."""
-    dA = (1 - beta) * torch.kron(G, G)
-    U0, V0 = L.reshape(-1) / L.norm(), R.reshape(-1) / R.norm()
-    S0 = beta * L.norm() * R.norm()
-    K = U0 * S0 + dA @ V0
-    U1 = K / K.norm()
-    S_t = K.norm() - U1 @ dA @ V0
-    Lt = V0 * S_t + dA.T @ U1
-    return torch.kron(U1.reshape(L.shape), Lt.reshape(R.shape))
-
-
-def _dense_parallel(L, R, G, beta):
-    A = beta * torch.outer(L.reshape(-1), R.reshape(-1)) + (1 - beta) * torch.kron(G, G)
-    U = A @ (R.reshape(-1) / R.norm())
-    V = A.T @ (L.reshape(-1) / L.norm())
-    U, V = U / U.norm(), V / V.norm()
-    return (U @ A @ V) * torch.kron(U.reshape(L.shape), V.reshape(R.shape))
+def _dense(variant, L, R, G, beta):
+    """§3 (ksl) or §4 (parallel) on the explicit m² × n² matrices: the float64 reference's integrators."""
+    L1, R1 = (ksl_dense if variant == "ksl" else parallel_dense)(L, R, G, beta)
+    return torch.kron(L1, R1)
 
 
 @pytest.mark.parametrize("variant", ["ksl", "parallel"])
@@ -115,9 +102,8 @@ def test_cheap_integrator_equals_dense_form(variant, seed, m, n, beta):
     gen = generator(seed)
     L, R, G = spd_matrix(gen, 1, m, log10_range=(-1, 1)), spd_matrix(gen, 1, n, log10_range=(-1, 1)), randn(gen, 1, m, n)
     step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
-    dense = _dense_ksl if variant == "ksl" else _dense_parallel
     L1, R1 = step(L, R, G, beta)
-    assert _rel(linalg.kron_rows(L1, R1)[0:1], dense(L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
+    assert _rel(linalg.kron_rows(L1, R1)[0:1], _dense(variant, L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
 
 
 # -- properties -------------------------------------------------------------------------------------------
@@ -223,14 +209,18 @@ def test_kron_reference_feeds_the_first_gradient_again(gen):
 def test_eps_and_sum_starts(gen):
     G = randn(gen, 2, 4, 3)
     beta = 0.8
+    # spec §5: "eps" starts at 1e-3 I/√d per factor, "sum" at (G Gᵀ, Gᵀ G); both then take one KSL step
+    # with G (the dense float64 reference's integrator, not linalg's)
     eps = _run(ProjectorSplittingFactors(beta=beta, init="eps"), [G])
-    L0 = 1e-3 * torch.eye(4, dtype=F64).expand(2, 4, 4) / 2
-    R0 = 1e-3 * torch.eye(3, dtype=F64).expand(2, 3, 3) / 3**0.5
-    L1, R1 = linalg.projector_split_ksl(L0, R0, G, beta)
-    torch.testing.assert_close(eps.L, L1, rtol=1e-12, atol=0)
     summed = _run(ProjectorSplittingFactors(beta=beta, init="sum"), [G])
-    L1, R1 = linalg.projector_split_ksl(G @ G.mT, G.mT @ G, G, beta)
-    torch.testing.assert_close(summed.R, R1, rtol=1e-12, atol=1e-14)
+    for i in range(2):
+        L0, R0 = 1e-3 * torch.eye(4, dtype=F64) / 2, 1e-3 * torch.eye(3, dtype=F64) / 3**0.5
+        L1, R1 = ksl_dense(L0, R0, G[i], beta)
+        torch.testing.assert_close(eps.L[i], L1, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(eps.R[i], R1, rtol=1e-10, atol=1e-14)
+        L1, R1 = ksl_dense(G[i] @ G[i].T, G[i].T @ G[i], G[i], beta)
+        torch.testing.assert_close(summed.L[i], L1, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(summed.R[i], R1, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["ksl", "parallel"])
