@@ -205,14 +205,7 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
     for key in raw:
         if key not in known:
             errors.append((_join(prefix, key), f"unknown key; a config accepts: {', '.join(sorted(known))}"))
-    scalars = {k: raw[k] for k in _SCALARS if k in raw}
-    for key, value in scalars.items():
-        try:
-            _check_field(KronConfig, key, value)
-        except (TypeError, ValueError) as exc:
-            errors.append((_join(prefix, key), str(exc)))
-        else:
-            kwargs[key] = value
+    kwargs.update(_checked_scalars({k: raw[k] for k in _SCALARS if k in raw}, prefix, errors))
     for slot in STAGE_SLOTS:
         if slot not in raw:
             errors.append((_join(prefix, slot), f"missing table; give [{slot}] with a 'type' (one of: {', '.join(SLOTS[slot].keys())})"))
@@ -230,6 +223,19 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
     if allow_fallback and cfg.fallback is None and (cfg.route.vectors == "fallback" or cfg.route.fallback_names):
         errors.append((_join(prefix, "route"), "sends parameters to the fallback, but there is no [fallback] table"))
     return None if len(errors) > found else cfg
+
+
+def _checked_scalars(scalars: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]]) -> dict[str, Any]:
+    """The top-level values that pass their field's converter and validators; the others become errors."""
+    out: dict[str, Any] = {}
+    for key, value in scalars.items():
+        try:
+            _check_field(KronConfig, key, value)
+        except (TypeError, ValueError) as exc:
+            errors.append((_join(prefix, key), str(exc)))
+        else:
+            out[key] = value
+    return out
 
 
 def _check_field(cls: type, key: str, value: Any) -> None:
@@ -449,14 +455,7 @@ def _evolve_config(
             errors.append((_join(prefix, dotted), "is a table: set one of its keys (e.g. 'inner.type')"))
         else:
             tables.setdefault(head, {})[rest] = value
-    kwargs: dict[str, Any] = {}
-    for key, value in scalars.items():
-        try:
-            _check_field(KronConfig, key, value)
-        except (TypeError, ValueError) as exc:
-            errors.append((_join(prefix, key), str(exc)))
-        else:
-            kwargs[key] = value
+    kwargs: dict[str, Any] = _checked_scalars(scalars, prefix, errors)
     for name, sub in tables.items():
         path = _join(prefix, name)
         if name == "fallback":

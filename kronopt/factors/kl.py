@@ -236,20 +236,21 @@ class KlKronFactors:
         sR = None if right.s is None else right.s.unsqueeze(-2)  # (b 1 n)
         new_left, new_right = left, right
         if left.F is not None:
-            A = GQ if sR is None else GQ * sR
-            F = linalg.accumulate_gram_left(left.F, A, rho, (1 - rho) / n)
+            F = linalg.accumulate_gram_left(left.F, GQ if sR is None else GQ * sR, rho, (1 - rho) / n)
             d_L = (H2 if sR is None else H2 * sR.square()).sum(-1) / n
-            d_L = d_L + self.damping * _mean_inverse(right, G) if self.damping else d_L
-            s = linalg.tracked_inverse_root_ema(left.s, d_L, rho, self._clamp(m))  # type: ignore[arg-type]
-            new_left = attrs.evolve(left, F=F, s=s)
+            new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:
-            B = Gl if sL is None else Gl * sL
-            F = linalg.accumulate_gram_right(right.F, B, rho, (1 - rho) / m)
+            F = linalg.accumulate_gram_right(right.F, Gl if sL is None else Gl * sL, rho, (1 - rho) / m)
             d_R = (H2 if sL is None else H2 * sL.square()).sum(-2) / m
-            d_R = d_R + self.damping * _mean_inverse(left, G) if self.damping else d_R
-            s = linalg.tracked_inverse_root_ema(right.s, d_R, rho, self._clamp(n))  # type: ignore[arg-type]
-            new_right = attrs.evolve(right, F=F, s=s)
+            new_right = self._tracked(right, F, d_R, left, G)
         return new_left, new_right
+
+    def _tracked(self, side: _Side, F: Tensor, d: Tensor, other: _Side, G: Tensor) -> _Side:
+        """The side with its new factor ``F`` and its eigenvalue EMA fed the statistic ``d`` (+ damping)."""
+        if self.damping:
+            d = d + self.damping * _mean_inverse(other, G)
+        s = linalg.tracked_inverse_root_ema(side.s, d, self.beta, self._clamp(side.d))  # type: ignore[arg-type]
+        return attrs.evolve(side, F=F, s=s)
 
     def _update_restricted(
         self, G: Tensor, Gl: Tensor, sL: Tensor | None, left: _Side, right: _Side
@@ -268,9 +269,7 @@ class KlKronFactors:
             F = linalg.accumulate_gram_left(left.F, Y * tau.unsqueeze(-2), rho, (1 - rho) / n)
             F = linalg.accumulate_gram_left(F, Gc * inv_mu.sqrt(), 1.0, (1 - rho) / n)
             d_L = ((Hy.square() * tau.square().unsqueeze(-2)).sum(-1) + inv_mu.squeeze(-1) * Hc.square().sum(-1)) / n
-            d_L = d_L + self.damping * _mean_inverse(right, G) if self.damping else d_L
-            s = linalg.tracked_inverse_root_ema(left.s, d_L, rho, self._clamp(m))  # type: ignore[arg-type]
-            new_left = attrs.evolve(left, F=F, s=s)
+            new_left = self._tracked(left, F, d_L, right, G)
         Yh = Hy if sL is None else Hy * sL  # Ŷ = diag(s_L) Q_Lᵀ G U
         Gh = Gl if sL is None else Gl * sL  # Ĝ
         Hch = Hc if sL is None else Hc * sL
