@@ -99,6 +99,16 @@ class KronConfig:
             host synchronisation per step) or ``"skip"`` (skip it silently; see
             ``KronOptimizer.nonfinite_counts``). Read from the top-level config
             for every parameter; a ``[fallback]`` table's value is ignored.
+        nonfinite_scope: what a non-finite gradient skips: ``"step"`` (every
+            parameter's update and state change of that step, as optax's
+            ``apply_if_finite`` and ``torch.amp.GradScaler`` do; one device-side
+            flag masks every write, no host synchronisation) or ``"block"`` (only
+            the blocks whose gradient is non-finite). Top-level only.
+        max_skipped_steps: with ``"step"`` scope, ``step()`` raises
+            ``FloatingPointError`` once this many consecutive steps were skipped
+            (0: never). The count is read without a host synchronisation, so the
+            error comes at the ``step()`` after the limit is reached (or at
+            :meth:`KronOptimizer.flush_warnings`). Top-level only.
         fallback: the config of the parameters the route sends away.
     """
 
@@ -112,6 +122,10 @@ class KronConfig:
     nonfinite: Literal["warn", "raise", "skip"] = attrs.field(
         default="warn", converter=to_str, validator=in_(("warn", "raise", "skip"))
     )
+    nonfinite_scope: Literal["step", "block"] = attrs.field(
+        default="step", converter=to_str, validator=in_(("step", "block"))
+    )
+    max_skipped_steps: int = attrs.field(default=0, converter=to_int, validator=ge(0))
     factors: Any
     basis: Any
     inner: Any

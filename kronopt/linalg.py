@@ -275,15 +275,14 @@ def power_qr(A: Tensor, Q: Tensor) -> Tensor:
 def finite_blocks(*tensors: Tensor | None) -> Tensor:
     """``(b)`` mask: True where every given tensor is finite on that block.
 
-    One reduction pass per tensor: a block's sum is non-finite iff it holds a NaN or
-    an infinity (or its entries are so large that the sum overflows, which a
-    gradient's square would too).
+    One reduction pass per tensor: a block's max-norm is non-finite exactly when it
+    holds a NaN or an infinity (unlike a sum, it never overflows).
     """
     ok: Tensor | None = None
     for t in tensors:
         if t is None:
             continue
-        block_ok = torch.isfinite(t.sum(dim=tuple(range(1, t.ndim))))
+        block_ok = torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"), dim=tuple(range(1, t.ndim))))
         ok = block_ok if ok is None else ok & block_ok
     if ok is None:
         raise ValueError("finite_blocks needs at least one tensor")

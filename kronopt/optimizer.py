@@ -48,23 +48,24 @@ class _Bucket:
 
 
 class _Pending:
-    """A step's finiteness mask on its way to the host, read without a synchronisation.
+    """A device value on its way to the host, read without a synchronisation.
 
-    On a GPU the mask is copied into pinned memory with ``non_blocking=True`` and an
-    event is recorded; the mask is read once the event has completed (checked at the
-    next step with ``Event.query()``, which does not block).
+    On a GPU the value is copied into pinned memory with ``non_blocking=True`` and an
+    event is recorded; it is read once the event has completed (checked at the
+    next step with ``Event.query()``, which does not block). ``bucket`` is the
+    bucket a finiteness mask belongs to (``None`` for the skipped-steps counter).
     """
 
-    def __init__(self, bucket: "_Bucket", ok: Tensor, step: int) -> None:
-        self.bucket, self.step = bucket, step
+    def __init__(self, bucket: "_Bucket | None", value: Tensor, step: int, *, whole_step: bool = False) -> None:
+        self.bucket, self.step, self.whole_step = bucket, step, whole_step
         self.event = None
-        if ok.is_cuda:
-            self.ok = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
-            self.ok.copy_(ok, non_blocking=True)
+        if value.is_cuda:
+            self.value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self.value.copy_(value, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(ok.device))
+            self.event.record(torch.cuda.current_stream(value.device))
         else:
-            self.ok = ok
+            self.value = value
 
     def result(self, *, wait: bool) -> Tensor | None:
         if self.event is not None:
@@ -72,7 +73,7 @@ class _Pending:
                 self.event.synchronize()
             elif not self.event.query():
                 return None
-        return self.ok
+        return self.value
 
 
 def _normalize_groups(params: Any) -> list[dict[str, Any]]:
@@ -123,6 +124,7 @@ class KronOptimizer(torch.optim.Optimizer):
         super().__init__(split_groups, {"lr": config.lr, "weight_decay": config.weight_decay})
         self._buckets = self._make_buckets(self.param_groups, self._group_cfgs)
         self._pending: list[_Pending] = []
+        self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after construction (e.g. progressive unfreezing); routed and validated like the others."""
@@ -239,14 +241,52 @@ class KronOptimizer(torch.optim.Optimizer):
         self._report_pending()
         if self.config.nonfinite == "raise":
             self._raise_on_nonfinite()
+        step_ok = self._all_finite() if self.config.nonfinite_scope == "step" else None
         for bucket in list(self._buckets):
             present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
             if not present:
                 continue
             if len(present) < len(bucket.params):
                 bucket = self._split(bucket, present)
-            self._step_bucket(bucket)
+            self._step_bucket(bucket, step_ok)
+        if step_ok is not None:
+            self._count_skipped(step_ok)
         return loss
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for bucket in self._buckets for p in bucket.params if p.grad is not None]
+
+    def _all_finite(self) -> Tensor | None:
+        """One device flag: every gradient of this step is finite (``None`` without gradients; no host sync).
+
+        The max-norm of a tensor is NaN or infinite exactly when the tensor holds a
+        NaN or an infinity (it never overflows), one fused reduction per device and dtype.
+        """
+        grouped: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for g in self._grads():
+            grouped.setdefault((g.device, g.dtype), []).append(g)
+        if not grouped:
+            return None
+        flags = [torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all() for gs in grouped.values()]
+        device = flags[0].device
+        return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
+
+    def _count_skipped(self, step_ok: Tensor) -> None:
+        """Consecutive skipped steps, on the device; with ``max_skipped_steps`` queued for a non-blocking check."""
+        prev = self._skipped_steps if self._skipped_steps is not None else torch.zeros((), dtype=torch.int64, device=step_ok.device)
+        self._skipped_steps = torch.where(step_ok, torch.zeros_like(prev), prev + 1)
+        if self.config.max_skipped_steps:
+            self._pending.append(_Pending(None, self._skipped_steps, 0))
+
+    def _grads_device(self, like: Tensor) -> torch.device:
+        """The device of the first parameter (where the step's flags live)."""
+        for bucket in self._buckets:
+            return bucket.params[0].device
+        return like.device
+
+    def skipped_steps(self) -> int:
+        """Consecutive whole steps skipped for a non-finite gradient so far (``nonfinite_scope = "step"``; synchronises)."""
+        return 0 if self._skipped_steps is None else int(self._skipped_steps)
 
     def _raise_on_nonfinite(self) -> None:
         """``nonfinite = "raise"``: check every gradient first (one host synchronisation); raise before anything changes."""
@@ -288,7 +328,7 @@ class KronOptimizer(torch.optim.Optimizer):
         bucket.state = compose.init_state(cfg, bucket.layout, dtype=bucket.state_dtype, device=device)
         bucket.nonfinite = torch.zeros(bucket.layout.batch, dtype=torch.int64, device=device)
 
-    def _step_bucket(self, bucket: _Bucket) -> None:
+    def _step_bucket(self, bucket: _Bucket, step_ok: Tensor | None) -> None:
         if bucket.state is None:
             self._init_bucket(bucket)
         group = self.param_groups[bucket.group]
@@ -297,14 +337,15 @@ class KronOptimizer(torch.optim.Optimizer):
         G = torch.stack([to_block(p.grad, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])  # type: ignore[arg-type]
         ok = linalg.finite_blocks(G)
         G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # keeps bad blocks out of batched solvers
+        write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
         old = bucket.state
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
-        bucket.state = compose.zip_tensors(new, old, lambda n, o: o if n is o else linalg.select_blocks(ok, n, o))
+        bucket.state = compose.zip_tensors(new, old, lambda n, o: o if n is o else linalg.select_blocks(write, n, o))
         bucket.nonfinite = bucket.nonfinite + (~ok).long()  # type: ignore[operator]
         if self.config.nonfinite == "warn":
-            self._pending.append(_Pending(bucket, ok, new.step))
+            self._pending.append(_Pending(bucket, ok, new.step, whole_step=step_ok is not None))
         if D is not None:
-            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=ok)
+            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
         """A readable, unique name: the parameter's name (qualified by its group if another
@@ -323,17 +364,29 @@ class KronOptimizer(torch.optim.Optimizer):
     def _report_pending(self, *, wait: bool = False) -> None:
         keep = []
         for item in self._pending:
-            ok = item.result(wait=wait)
-            if ok is None:  # still running on the device: look again at the next step
+            value = item.result(wait=wait)
+            if value is None:  # still running on the device: look again at the next step
                 keep.append(item)
                 continue
-            bucket, step = item.bucket, item.step
-            bad = [i for i, good in enumerate(ok.tolist()) if not good]
+            if item.bucket is None:  # the skipped-steps counter
+                limit = self.config.max_skipped_steps
+                if int(value) >= limit:
+                    self._pending = []
+                    raise FloatingPointError(
+                        f"{int(value)} consecutive steps were skipped for non-finite gradients "
+                        f"(max_skipped_steps = {limit}); the parameters and optimizer state are those before them"
+                    )
+                continue
+            bad = [i for i, good in enumerate(value.tolist()) if not good]
             if bad:
-                names = ", ".join(self._param_name(bucket, i) for i in bad)
+                names = ", ".join(self._param_name(item.bucket, i) for i in bad)
+                what = (
+                    "the whole step was skipped: no parameter or optimizer state changed (nonfinite_scope = 'step')"
+                    if item.whole_step
+                    else "these parameters and their optimizer state were left untouched (nonfinite_scope = 'block')"
+                )
                 warnings.warn(
-                    f"non-finite gradient (NaN or Inf) at update {step} in: {names}; these parameters and their "
-                    "optimizer state were left untouched (nonfinite = 'warn')",
+                    f"non-finite gradient (NaN or Inf) at update {item.step} in: {names}; {what}",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -424,6 +477,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 entry["nonfinite"] = b.nonfinite.clone()  # type: ignore[union-attr]
             buckets.append(entry)
         sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config), "buckets": buckets}
+        if self._skipped_steps is not None:
+            sd["kronopt"]["skipped_steps"] = self._skipped_steps.clone()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -479,3 +534,5 @@ class KronOptimizer(torch.optim.Optimizer):
         self._group_cfgs = cfgs
         self._buckets = buckets
         self._pending = []
+        skipped = kron.get("skipped_steps")
+        self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))

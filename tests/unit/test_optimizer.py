@@ -170,8 +170,11 @@ def test_config_travels_in_state_dict(gen):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("preset", ["soap", "shampoo", "muon", "adamw"])
 def test_nonfinite_gradient_leaves_param_and_state_untouched(gen, bad, preset):
+    """nonfinite_scope = "block": only the bad block is skipped."""
     params = _params(gen)
-    opt = kronopt.build(params, preset, **({"refresh.every": 1} if preset in ("soap", "shampoo") else {}))
+    opt = kronopt.build(
+        params, preset, nonfinite_scope="block", **({"refresh.every": 1} if preset in ("soap", "shampoo") else {})
+    )
     for _ in range(3):
         _feed(params, gen)
         opt.step()
@@ -180,7 +183,7 @@ def test_nonfinite_gradient_leaves_param_and_state_untouched(gen, bad, preset):
     _feed(params, gen)
     params[1].grad[0, 0] = bad  # block 1 of the (6, 4) bucket
     opt.step()
-    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+    with pytest.warns(RuntimeWarning, match="non-finite gradient.*nonfinite_scope = 'block'"):
         opt.flush_warnings()
     assert torch.equal(params[1], before_params[1])
     assert not torch.equal(params[0], before_params[0]), "the other blocks of the bucket still step"
@@ -190,6 +193,73 @@ def test_nonfinite_gradient_leaves_param_and_state_untouched(gen, bad, preset):
             assert torch.equal(after_state[key][1], value[1]), key
     assert all(torch.isfinite(p).all() for p in params)
     assert sum(opt.nonfinite_counts().values()) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "muon", "adamw", "pro_kl_shampoo"])
+def test_a_nonfinite_gradient_skips_the_whole_step_by_default(gen, bad, preset):
+    """nonfinite_scope = "step" (default): every parameter and every state tensor stays bit-identical."""
+    params = _params(gen)
+    opt = kronopt.build(params, preset, **({"refresh.every": 1} if preset in ("soap",) else {}))
+    assert opt.config.nonfinite_scope == "step"
+    for _ in range(3):
+        _feed(params, gen)
+        opt.step()
+    before_params = [p.detach().clone() for p in params]
+    before_state = {k: v.clone() for k, v in _state_tensors(opt).items()}
+    _feed(params, gen)
+    params[4].grad.view(-1)[0] = bad  # one entry of one parameter
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="whole step was skipped"):
+        opt.flush_warnings()
+    for p, b in zip(params, before_params):
+        assert torch.equal(p, b)
+    after_state = _state_tensors(opt)
+    for key, value in before_state.items():
+        if "nonfinite" not in key:
+            assert torch.equal(after_state[key], value), key
+    assert opt.skipped_steps() == 1
+    _feed(params, gen)  # a finite step afterwards moves everything again and resets the count
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before_params))
+    assert opt.skipped_steps() == 0
+
+
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(gen):
+    params = _params(gen, [(4, 3)])
+    opt = kronopt.build(params, "adamw", nonfinite="skip")
+    params[0].grad = torch.full((4, 3), 1e308, dtype=torch.float64)  # a sum would overflow; the max-norm does not
+    before = params[0].detach().clone()
+    opt.step()
+    assert opt.skipped_steps() == 0 and sum(opt.nonfinite_counts().values()) == 0
+
+
+def test_max_skipped_steps_raises_at_the_next_step(gen):
+    params = _params(gen, [(5, 3)])
+    opt = kronopt.build(params, "soap", nonfinite="skip", max_skipped_steps=2)
+    _feed(params, gen)
+    opt.step()
+    for _ in range(2):  # two consecutive bad steps: the limit is reached...
+        params[0].grad = torch.full((5, 3), float("nan"), dtype=torch.float64)
+        opt.step()
+    before = params[0].detach().clone()
+    _feed(params, gen)
+    with pytest.raises(FloatingPointError, match="2 consecutive steps were skipped"):
+        opt.step()  # ...and reported at the next call, before it changes anything
+    assert torch.equal(params[0], before)
+    sd = opt.state_dict()
+    assert int(sd["kronopt"]["skipped_steps"]) == 2
+    other = kronopt.build([torch.nn.Parameter(p.detach().clone()) for p in params], "soap", nonfinite="skip",
+                          max_skipped_steps=2)
+    other.load_state_dict(sd)
+    assert other.skipped_steps() == 2
+
+
+def test_nonfinite_scope_and_limit_are_validated():
+    with pytest.raises(kronopt.ConfigError) as info:
+        kronopt.resolve("soap", nonfinite_scope="layer", max_skipped_steps=-1)
+    paths = sorted(p for p, _ in info.value.errors)
+    assert paths == ["max_skipped_steps", "nonfinite_scope"]
 
 
 def _state_tensors(opt):
