@@ -20,7 +20,7 @@ from torch import Tensor
 from . import linalg
 from .validators import ge, to_bool, to_int
 from .registry import BASES
-from .types import BasisChange, BasisState, Layout, StepContext
+from .types import BasisCapabilities, BasisChange, BasisState, Layout, StepContext
 
 
 def _eye(b: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -116,8 +116,7 @@ def _check_factors(name: str, factors: tuple[Tensor | None, Tensor | None], stat
 class IdentityBasis:
     """The identity on both sides; a refresh changes nothing."""
 
-    needs_factors: ClassVar[bool] = False
-    provides_eigvals: ClassVar[bool] = False
+    capabilities: ClassVar[BasisCapabilities] = BasisCapabilities()
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
         return BasisState(
@@ -147,8 +146,7 @@ class EighBasis:
     permutation. Cost per refresh: one batched ``eigh`` per side, :math:`O(m^3 + n^3)`.
     """
 
-    needs_factors: ClassVar[bool] = True
-    provides_eigvals: ClassVar[bool] = True
+    capabilities: ClassVar[BasisCapabilities] = BasisCapabilities(needs_factors=True, provides_eigvals=True)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
         return _fresh_state(layout, dtype, device)
@@ -221,9 +219,9 @@ class QrBasis:
             false no permutation is applied.
     """
 
-    needs_factors: ClassVar[bool] = True
-    provides_eigvals: ClassVar[bool] = True
-    supports_restricted: ClassVar[bool] = True
+    capabilities: ClassVar[BasisCapabilities] = BasisCapabilities(
+        needs_factors=True, provides_eigvals=True, supports_restricted=True
+    )
     power_steps: int = attrs.field(default=1, converter=to_int, validator=ge(1))
     sort: bool = attrs.field(default=True, converter=to_bool)
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import KronConfig
-from .types import BasisState, Layout, StepContext
+from .types import BasisState, Layout, StepContext, capabilities
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -56,7 +56,7 @@ def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> Step
     """The :class:`StepContext` the stages see at update ``t``: basis, eigenvalue estimates (the factor
     estimator's own when it tracks them, else the basis's) and the flat eigenvalues of restricted sides."""
     basis = state.basis
-    if getattr(cfg.factors, "provides_eigvals", False):
+    if capabilities(cfg.factors).provides_eigvals:
         eigvals = cfg.factors.eigvals(state.factors)
     else:
         eigvals = (basis.lam_L, basis.lam_R)
@@ -72,8 +72,9 @@ def _observe(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, 
         return attrs.evolve(state, factors=factors)
     basis, change = cfg.basis.refresh(state.basis, cfg.factors.factors(factors), ctx)
     inner = cfg.inner.on_basis_change(state.inner, change)
-    split = getattr(cfg.split, "on_basis_change", lambda s, c: s)(state.split, change)
-    factors = getattr(cfg.factors, "on_basis_change", lambda s, c: s)(factors, change)
+    split = cfg.split.on_basis_change(state.split, change) if capabilities(cfg.split).follows_basis else state.split
+    if capabilities(cfg.factors).follows_basis:
+        factors = cfg.factors.on_basis_change(factors, change)
     return attrs.evolve(state, factors=factors, basis=basis, inner=inner, split=split)
 
 

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ import attrs
 from .validators import BETA_TIE, ge, in_, str_tuple, to_bool, to_float, to_int, to_str
 from .post import Post
 from .registry import SLOTS, PluginError, PluginLoadError
+from .types import capabilities
 
 STAGE_SLOTS: tuple[str, ...] = tuple(SLOTS)
 
@@ -269,20 +270,24 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
         keys = {slot: SLOTS[slot].key_of(type(stage)) for slot, stage in cfg.stages().items()}
     except KeyError:  # a stage object built outside the registries
         keys = {slot: type(stage).__name__ for slot, stage in cfg.stages().items()}
-    if getattr(cfg.basis, "needs_factors", False) and not getattr(cfg.factors, "provides_factors", False):
-        providers = [e.key for e in SLOTS["factors"].entries(load_plugins=False) if getattr(e.cls, "provides_factors", False)]
+    caps = {slot: capabilities(stage) for slot, stage in cfg.stages().items() if slot != "refresh"}
+
+    def able(slot: str, wanted: Callable[[Any], bool]) -> str:
+        """The registered keys of ``slot`` whose capabilities satisfy ``wanted``."""
+        keys = [e.key for e in SLOTS[slot].entries(load_plugins=False) if wanted(capabilities(e.cls))]
+        return ", ".join(keys) or "(none)"
+
+    if caps["basis"].needs_factors and not caps["factors"].provides_factors:
         errors.append((
             _join(prefix, "basis.type"),
             f"basis {keys['basis']!r} needs Kronecker factors, but factors {keys['factors']!r} keeps none; "
-            f"use factors of type: {', '.join(providers)}",
+            f"use factors of type: {able('factors', lambda c: c.provides_factors)}",
         ))
-    eigvals_from = getattr(cfg.basis, "provides_eigvals", False) or getattr(cfg.factors, "provides_eigvals", False)
-    if getattr(cfg.inner, "needs_eigvals", False) and not eigvals_from:
-        providers = [e.key for e in SLOTS["basis"].entries(load_plugins=False) if getattr(e.cls, "provides_eigvals", False)]
+    if caps["inner"].needs_eigvals and not (caps["basis"].provides_eigvals or caps["factors"].provides_eigvals):
         errors.append((
             _join(prefix, "inner.type"),
             f"inner {keys['inner']!r} needs eigenvalue estimates, but neither basis {keys['basis']!r} nor "
-            f"factors {keys['factors']!r} provides them; use a basis of type: {', '.join(providers)}",
+            f"factors {keys['factors']!r} provides them; use a basis of type: {able('basis', lambda c: c.provides_eigvals)}",
         ))
     if getattr(cfg.factors, "beta", None) == BETA_TIE:
         betas = getattr(cfg.inner, "betas", None)
@@ -297,16 +302,15 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
                 cfg.bound()
             except (TypeError, ValueError) as exc:
                 errors.append((_join(prefix, "factors.beta"), f"{BETA_TIE!r} = inner.betas[1] = {betas[1]!r}: {exc}"))
-    if getattr(cfg.split, "restricts", False):
+    if caps["split"].restricts:
         for slot in ("factors", "basis", "inner"):
-            if not getattr(cfg.stages()[slot], "supports_restricted", False):
-                able = [e.key for e in SLOTS[slot].entries(load_plugins=False) if getattr(e.cls, "supports_restricted", False)]
+            if not caps[slot].supports_restricted:
                 errors.append((
                     _join(prefix, f"{slot}.type"),
                     f"split {keys['split']!r} keeps a restricted side, which {slot} {keys[slot]!r} does not support; "
-                    f"{slot} stages that do: {', '.join(able) or '(none)'}",
+                    f"{slot} stages that do: {able(slot, lambda c: c.supports_restricted)}",
                 ))
-        if not hasattr(cfg.inner, "moment"):
+        if not caps["inner"].exposes_moment:
             errors.append((
                 _join(prefix, "inner.type"),
                 f"split {keys['split']!r} orthogonalizes the complement of the inner rule's first moment, "

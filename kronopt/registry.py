@@ -7,14 +7,28 @@ packages declare entry points in the group of the slot (``kronopt.factors``,
 ``kronopt.refresh``); they are *discovered* from package metadata without being
 imported and *loaded* only when a config names them. ``KRONOPT_NO_PLUGINS=1``
 turns discovery off.
+
+Every stage is checked against its slot's contract (:data:`kronopt.types.CONTRACTS`)
+when it is registered, by :meth:`Registry.register`, :meth:`Registry.override` or a
+plugin load: it must have the members of the slot's Protocol, declare its
+capabilities as the slot's typed record (``capabilities: ClassVar[InnerCapabilities]``)
+and have the members each declared capability needs. A class-level flag that is not
+a capability of the slot (``provide_eigvals = True``) is refused. Old-style flags
+(``needs_eigvals = False`` as a class attribute) are translated into the record with a
+``DeprecationWarning``, for one release.
 """
 
+import difflib
 import importlib.metadata
 import os
+import re
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
+
+from .types import _TRANSLATED, CONTRACTS, Capabilities, SlotContract, capabilities, protocol_members
 
 T = TypeVar("T")
 
@@ -23,6 +37,14 @@ _NO_PLUGINS_ENV = "KRONOPT_NO_PLUGINS"
 
 class PluginError(ValueError):
     """A problem found while discovering plugins: a bad name or a name declared twice."""
+
+
+class StageContractError(TypeError):
+    """A stage does not meet its slot's contract; raised when it is registered.
+
+    The message names the stage (key and class), the slot, and the capability or
+    member at fault.
+    """
 
 
 class PluginLoadError(ImportError):
@@ -54,14 +76,174 @@ def _distribution_name(ep: importlib.metadata.EntryPoint) -> str:
     return dist.name if dist is not None else "<unknown distribution>"
 
 
+#: a class-level name that reads like a capability flag (``provides_x``, ``needs_x``, ``supports_x``, …)
+_CAPABILITY_LIKE = re.compile(r"^(provides?|needs?|supports?|restricts?|exposes?|has|keeps?|follows?|requires?)(_|$)")
+
+#: the release that stops translating old-style flags
+LEGACY_FLAGS_REMOVED_IN = "0.3"
+
+
+class _DeprecatedFlag:
+    """Read-only alias of an old-style flag on a class that declares typed capabilities.
+
+    Installed at registration, for one release, so that code still reading
+    ``Stage.provides_eigvals`` gets the typed record's value (with a ``DeprecationWarning``).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type) -> bool:
+        warnings.warn(
+            f"{owner.__qualname__}.{self.name} is deprecated and goes in kronopt {LEGACY_FLAGS_REMOVED_IN}; "
+            f"read kronopt.types.capabilities(stage).{self.name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return bool(attrs.asdict(capabilities(owner))[self.name])
+
+
+def _class_attributes(cls: type) -> dict[str, Any]:
+    """Names defined on ``cls`` or its bases (not ``object``), nearest definition first."""
+    out: dict[str, Any] = {}
+    for base in cls.__mro__:
+        if base is object:
+            continue
+        for name, value in vars(base).items():
+            out.setdefault(name, value)
+    return out
+
+
+def _declared(cls: type) -> object:
+    """The ``capabilities`` record the class itself (or a base) declares, or ``None``."""
+    return _class_attributes(cls).get("capabilities")
+
+
+def _members_text(names: Iterable[str]) -> str:
+    return ", ".join(f"{n}()" for n in names)
+
+
+@attrs.frozen(kw_only=True)
+class _Checked:
+    """The outcome of a contract check: the typed record and the old-style flags it came from."""
+
+    record: Capabilities | None
+    legacy_flags: tuple[str, ...] = ()
+    legacy: bool = False
+
+
+def check_stage(contract: SlotContract, cls: type, key: str) -> _Checked:
+    """Check ``cls`` against the slot contract; raise :class:`StageContractError` naming what is wrong.
+
+    Order: unknown capability-like flags, the capability record (or old-style flags translated
+    into it), the slot Protocol's members, then each capability's members both ways (a declared
+    capability needs its members; an optional member needs its capability declared, else the core
+    would never call it).
+    """
+    slot = contract.slot
+    where = f"{slot} stage {key!r} ({cls.__module__}.{cls.__qualname__})"
+    Record = contract.capabilities
+    names = contract.capability_names()
+    how = (
+        f"declare them as `capabilities: ClassVar[{Record.__name__}] = {Record.__name__}(...)`"
+        if Record is not None
+        else f"{slot} stages declare no capabilities"
+    )
+    if not isinstance(cls, type):
+        raise StageContractError(f"{where} is not a class")
+    fields = {f.name for f in attrs.fields(cls)} if attrs.has(cls) else set()
+    found = _class_attributes(cls)
+
+    flags: dict[str, Any] = {}
+    for name, value in found.items():
+        if name.startswith("_") or name in fields or name == "capabilities" or isinstance(value, _DeprecatedFlag):
+            continue
+        plain = not callable(value) and not isinstance(value, (property, classmethod, staticmethod))
+        if not (isinstance(value, bool) or (plain and _CAPABILITY_LIKE.match(name))):
+            continue
+        if name in names:
+            flags[name] = value
+            continue
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        known = f"{slot} capabilities: {', '.join(names)}; " if names else ""
+        raise StageContractError(
+            f"{where} declares {name!r}, which is not a {slot} capability{hint} ({known}{how})"
+        )
+
+    record = found.get("capabilities")
+    legacy = False
+    if record is not None:
+        if Record is None:
+            raise StageContractError(f"{where} declares capabilities, but {how}")
+        if not isinstance(record, Record):
+            raise StageContractError(
+                f"{where}: capabilities must be a {Record.__name__}, got {type(record).__name__}"
+            )
+        if flags:
+            raise StageContractError(
+                f"{where} declares {', '.join(sorted(flags))} as a class flag and also a capabilities record; "
+                f"keep only the record ({Record.__name__}({', '.join(f'{k}={v!r}' for k, v in flags.items())}))"
+            )
+    elif Record is not None:  # old style: class flags, and members read by their presence (or nothing at all)
+        values: dict[str, Any] = {}
+        for f in attrs.fields(Record):
+            if f.name in flags:
+                values[f.name] = flags[f.name]
+            elif f.metadata["legacy"] == "member":
+                values[f.name] = all(hasattr(cls, m) for m in protocol_members(f.metadata["protocol"]))
+        try:
+            record = Record(**values)
+        except (TypeError, ValueError) as exc:
+            raise StageContractError(f"{where}: its flags do not make a valid {Record.__name__}: {exc}") from exc
+        legacy = bool(flags) or record != Record()  # declaring nothing at all means no capabilities
+
+    required = protocol_members(contract.protocol)
+    missing = [m for m in required if not hasattr(cls, m)]
+    if missing:
+        raise StageContractError(
+            f"{where} lacks {_members_text(missing)}, required of every {slot} stage "
+            f"(kronopt.types.{contract.protocol.__name__})"
+        )
+
+    if record is not None:
+        declared = attrs.asdict(record)
+        claimed = set(required)
+        owner: dict[str, str] = {}  # optional member -> the capability that brings it
+        for f in attrs.fields(type(record)):
+            proto = f.metadata["protocol"]
+            if proto is None:
+                continue
+            members = protocol_members(proto)
+            for m in members:
+                if m not in owner or f.metadata["legacy"] == "member":
+                    owner[m] = f.name
+            if declared[f.name]:
+                claimed.update(members)
+                lacking = [m for m in members if not hasattr(cls, m)]
+                if lacking:
+                    raise StageContractError(
+                        f"{where} declares the {slot} capability {f.name!r} but lacks its member "
+                        f"{_members_text(lacking)} (kronopt.types.{proto.__name__})"
+                    )
+        for m, cap in owner.items():
+            if m not in claimed and hasattr(cls, m):
+                raise StageContractError(
+                    f"{where} defines {m}() but does not declare the {slot} capability {cap!r}, so it would "
+                    f"never be called; set {type(record).__name__}({cap}=True) or rename the method"
+                )
+    return _Checked(record=record, legacy_flags=tuple(sorted(flags)), legacy=legacy)
+
+
 class Registry(Generic[T]):
     """A registry of stage classes for one slot.
 
     Args:
         slot: the slot name used in configs and messages (``"factors"``).
         group: the entry-point group plugins use (``"kronopt.factors"``).
-        required: attributes a loaded plugin class must have (the slot's protocol);
-            a plugin lacking one, or not an attrs class, fails to load.
+        contract: the slot's contract (:data:`kronopt.types.CONTRACTS`); every stage
+            registered, overridden or loaded is checked against it (and a plugin
+            must be an attrs class). ``None``: no checks (a registry of plain classes).
         entry_points: optional callable returning entry points, for tests; by
             default :func:`importlib.metadata.entry_points` filtered by ``group``.
     """
@@ -71,12 +253,13 @@ class Registry(Generic[T]):
         slot: str,
         *,
         group: str,
-        required: tuple[str, ...] = (),
+        contract: SlotContract | None = None,
         entry_points: Callable[[], Iterable[importlib.metadata.EntryPoint]] | None = None,
     ) -> None:
         self.slot = slot
         self.group = group
-        self.required = required
+        self.contract = contract
+        self._loading: str | None = None  # the plugin key being imported (it may register itself)
         self._entries: dict[str, Entry[T]] = {}
         self._entry_points = entry_points
         self._plugins: dict[str, importlib.metadata.EntryPoint] | None = None
@@ -88,13 +271,13 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.slot} key must be a snake_case identifier, got {key!r}")
 
         def decorate(cls: type[T]) -> type[T]:
-            self._add(Entry(key=key, cls=cls, description=description, source=source))
+            self._add(Entry(key=key, cls=cls, description=description, source=source), stacklevel=4)
             return cls
 
         return decorate
 
-    def _add(self, entry: Entry[T]) -> None:
-        loading = entry.key == getattr(self, "_loading", None)  # a plugin registering itself on import
+    def _add(self, entry: Entry[T], *, stacklevel: int = 3) -> None:
+        loading = entry.key == self._loading  # a plugin registering itself on import
         if entry.source == "kronopt" and self._plugins and entry.key in self._plugins and not loading:
             ep = self._plugins[entry.key]
             raise PluginError(
@@ -108,12 +291,45 @@ class Registry(Generic[T]):
                 f"{old.source} ({old.cls.__module__}.{old.cls.__qualname__}), "
                 f"now by {entry.source} ({entry.cls.__module__}.{entry.cls.__qualname__})"
             )
+        self._check(entry, stacklevel=stacklevel + 1)
         self._entries[entry.key] = entry
 
+    def _check(self, entry: Entry[T], *, stacklevel: int) -> None:
+        """Check the entry's class against the slot contract; translate old-style flags (deprecated)."""
+        if self.contract is None:
+            return
+        cls = entry.cls
+        checked = check_stage(self.contract, cls, entry.key)
+        if checked.record is None:
+            return
+        Record = type(checked.record)
+        if checked.record is not _declared(cls):  # no record on the class: remember the translated one
+            _TRANSLATED[cls] = checked.record
+        if checked.legacy:
+            declared = [f"{k}=True" for k, v in attrs.asdict(checked.record).items() if v]
+            warnings.warn(
+                f"{self.slot} stage {entry.key!r} ({cls.__module__}.{cls.__qualname__}, from {entry.source}) declares "
+                f"its capabilities as class flags ({', '.join(checked.legacy_flags) or 'none'}); this is deprecated "
+                f"and stops working in kronopt {LEGACY_FLAGS_REMOVED_IN}: declare "
+                f"`capabilities: ClassVar[{Record.__name__}] = {Record.__name__}({', '.join(declared)})` instead",
+                DeprecationWarning,
+                stacklevel=stacklevel,
+            )
+            return
+        found = _class_attributes(cls)
+        for f in attrs.fields(Record):  # old readers of the flags keep working for one release
+            if f.metadata["legacy"] == "flag" and f.name not in found:
+                setattr(cls, f.name, _DeprecatedFlag(f.name))
+
     def override(self, key: str, cls: type[T], *, description: str = "test override") -> Callable[[], None]:
-        """Replace (or add) ``key`` for a test; returns a function restoring the old entry."""
+        """Replace (or add) ``key`` for a test; returns a function restoring the old entry.
+
+        The class is checked against the slot contract like a registered one.
+        """
         old = self._entries.get(key)
-        self._entries[key] = Entry(key=key, cls=cls, description=description, source="override")
+        entry = Entry(key=key, cls=cls, description=description, source="override")
+        self._check(entry, stacklevel=3)
+        self._entries[key] = entry
 
         def restore() -> None:
             if old is None:
@@ -170,24 +386,15 @@ class Registry(Generic[T]):
             entry = attrs.evolve(self._entries[key], source=dist)
             self._entries[key] = entry
             return entry
-        self._check_plugin_class(cls, dist, key)
+        if self.contract is not None and (not isinstance(cls, type) or not attrs.has(cls)):
+            raise PluginLoadError(dist, key, self.group, TypeError(f"{cls!r} is not an attrs class"))
         doc = (cls.__doc__ or "").strip().splitlines()
         entry = Entry(key=key, cls=cls, description=doc[0].rstrip(".") if doc else "", source=dist)
-        self._add(entry)
+        try:
+            self._add(entry)
+        except StageContractError as exc:
+            raise PluginLoadError(dist, key, self.group, exc) from exc
         return entry
-
-    def _check_plugin_class(self, cls: object, dist: str, key: str) -> None:
-        if not self.required:
-            return
-        problem = None
-        if not isinstance(cls, type) or not attrs.has(cls):
-            problem = f"{cls!r} is not an attrs class"
-        else:
-            missing = [name for name in self.required if not hasattr(cls, name)]
-            if missing:
-                problem = f"{cls.__qualname__} lacks {', '.join(missing)} required of a {self.slot} stage"
-        if problem:
-            raise PluginLoadError(dist, key, self.group, TypeError(problem))
 
     # -- lookup ----------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -224,17 +431,11 @@ class Registry(Generic[T]):
         raise KeyError(f"{cls.__qualname__} is not a registered {self.slot} stage")
 
 
-FACTORS: Registry = Registry(
-    "factors", group="kronopt.factors", required=("init", "update", "factors", "provides_factors")
-)
-BASES: Registry = Registry(
-    "basis", group="kronopt.bases", required=("init", "refresh", "needs_factors", "provides_eigvals")
-)
-INNER_RULES: Registry = Registry(
-    "inner", group="kronopt.inner_rules", required=("init", "direction", "on_basis_change", "needs_eigvals")
-)
-SPLITS: Registry = Registry("split", group="kronopt.splits", required=("sides", "init", "complement"))
-REFRESH: Registry = Registry("refresh", group="kronopt.refresh", required=("due",))
+FACTORS: Registry = Registry("factors", group="kronopt.factors", contract=CONTRACTS["factors"])
+BASES: Registry = Registry("basis", group="kronopt.bases", contract=CONTRACTS["basis"])
+INNER_RULES: Registry = Registry("inner", group="kronopt.inner_rules", contract=CONTRACTS["inner"])
+SPLITS: Registry = Registry("split", group="kronopt.splits", contract=CONTRACTS["split"])
+REFRESH: Registry = Registry("refresh", group="kronopt.refresh", contract=CONTRACTS["refresh"])
 
 #: slot name in configs → its registry
 SLOTS: dict[str, Registry] = {

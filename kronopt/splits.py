@@ -17,7 +17,7 @@ from torch import Tensor
 from . import linalg
 from .validators import ge, gt, in_, le, to_float, to_int, to_str
 from .registry import SPLITS
-from .types import Layout, NoState, SideKind, StepContext
+from .types import Layout, NoState, SideKind, SplitCapabilities, StepContext
 
 
 
@@ -25,6 +25,8 @@ from .types import Layout, NoState, SideKind, StepContext
 @attrs.frozen(kw_only=True)
 class FullSplit:
     """Full factors on every side that the shape policy rotates."""
+
+    capabilities: ClassVar[SplitCapabilities] = SplitCapabilities()
 
     def sides(self, m: int, n: int, rotated: tuple[bool, bool]) -> tuple[tuple[SideKind, int], tuple[SideKind, int]]:
         return (("full" if rotated[0] else "none", 0), ("full" if rotated[1] else "none", 0))
@@ -109,7 +111,7 @@ class LowRankFlatSplit:
         ns_eps: norm floor.
     """
 
-    restricts: ClassVar[bool] = True
+    capabilities: ClassVar[SplitCapabilities] = SplitCapabilities(restricts=True)
     rank: int | float = attrs.field(default=0.25, converter=_rank)
     max_rank: int = attrs.field(default=128, converter=to_int, validator=ge(0))
     side: Literal["larger", "left", "right"] = attrs.field(

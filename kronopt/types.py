@@ -4,8 +4,9 @@ Axis names follow the einops vocabulary used across the package: ``b`` blocks in
 bucket, ``m`` rows, ``n`` columns.
 """
 
+import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, Generic, Literal, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -91,7 +92,8 @@ class StepContext:
             computed).
         eigvals: the eigenvalue estimates ``(lam_L (b m), lam_R (b n))`` that go
             with the basis columns: the factor estimator's own when it tracks them
-            (``provides_eigvals``), else the basis's. ``None`` on a side without.
+            (``FactorCapabilities.provides_eigvals``), else the basis's. This is the one
+            place an inner rule reads eigenvalues from. ``None`` on a side without.
             On a restricted side of rank ``r`` they are the ``r`` subspace values.
         flat: the flat eigenvalue ``mu (b)`` of each restricted side (the value of
             :math:`\hat R = U S U^\top + \mu P_\perp` on the complement), from the
@@ -105,19 +107,16 @@ class StepContext:
     flat: tuple[Tensor | None, Tensor | None] = (None, None)
 
 
+# -- the slot protocols: the members every stage of a slot has ------------------------------
+
+
 @runtime_checkable
 class FactorEstimator(Protocol):
     """Estimates the Kronecker factors ``L (b m m)``, ``R (b n n)`` from each new ``G``.
 
-    Optional members: ``provides_eigvals`` with ``eigvals(state)`` for an estimator
-    that tracks its own eigenvalue estimates in the current basis (KL-Shampoo), and
-    ``supports_restricted`` for one that can keep a ``"restricted"`` side; such an
-    estimator also gives ``flat_eigvals(state)``, the flat eigenvalue ``mu (b)`` of
-    each restricted side (``None`` elsewhere), which reaches the other stages as
-    ``StepContext.flat``.
+    What it offers beyond these members is declared in
+    ``capabilities: ClassVar[FactorCapabilities]``.
     """
-
-    provides_factors: ClassVar[bool]
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> Any: ...
 
@@ -128,10 +127,10 @@ class FactorEstimator(Protocol):
 
 @runtime_checkable
 class Basis(Protocol):
-    """Turns factors into orthonormal bases on the refresh schedule."""
+    """Turns factors into orthonormal bases on the refresh schedule.
 
-    needs_factors: ClassVar[bool]
-    provides_eigvals: ClassVar[bool]
+    Capabilities: ``capabilities: ClassVar[BasisCapabilities]``.
+    """
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState: ...
 
@@ -144,11 +143,8 @@ class Basis(Protocol):
 class InnerRule(Protocol):
     """The update rule; sees ``G`` in the original coordinates and ``ctx.basis``.
 
-    Optional members: ``moment(state, ctx)``, the first moment in the original
-    coordinates (a split's complement reads it), and ``supports_restricted``.
+    Capabilities: ``capabilities: ClassVar[InnerCapabilities]``.
     """
-
-    needs_eigvals: ClassVar[bool]
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> Any: ...
 
@@ -165,6 +161,7 @@ class Split(Protocol):
     rotates to ``((kind_L, rank_L), (kind_R, rank_R))``. ``complement`` may add a
     term for the part of the direction a restricted side does not cover;
     ``moment()`` returns the inner rule's first moment in the original coordinates.
+    Capabilities: ``capabilities: ClassVar[SplitCapabilities]``.
     """
 
     def sides(self, m: int, n: int, rotated: tuple[bool, bool]) -> tuple[tuple[SideKind, int], tuple[SideKind, int]]: ...
@@ -178,9 +175,225 @@ class Split(Protocol):
 
 @runtime_checkable
 class Refresh(Protocol):
-    """When the basis is recomputed."""
+    """When the basis is recomputed. A refresh schedule declares no capabilities."""
 
     def due(self, step: int, *, first_call: bool) -> bool: ...
+
+
+# -- the members a capability adds ------------------------------------------------------------
+
+
+@runtime_checkable
+class ProvidesEigvals(Protocol):
+    """A factor estimator that tracks its own eigenvalue estimates per basis column (``kl``)."""
+
+    def eigvals(self, state: Any) -> tuple[Tensor | None, Tensor | None]:
+        """``(lam_L (b m), lam_R (b n))`` in the order of the current basis columns (``(b r)`` on a
+        restricted side); ``None`` on a side without. They reach the other stages as ``ctx.eigvals``."""
+        ...
+
+
+@runtime_checkable
+class FollowsBasis(Protocol):
+    """A stage that keeps state in the basis and must hear of every basis change."""
+
+    def on_basis_change(self, state: Any, change: BasisChange) -> Any:
+        """The state carried over to ``change.new`` (rotate first moments, permute per-column statistics)."""
+        ...
+
+
+@runtime_checkable
+class RestrictedFactors(Protocol):
+    r"""A factor estimator that can keep a ``"restricted"`` side of rank ``r``.
+
+    On such a side :meth:`FactorEstimator.factors` returns the *power product*
+    ``P (b d r)`` (the factor applied to the current subspace ``U = ctx.basis.Q``)
+    instead of a ``d × d`` factor, and :meth:`flat_eigvals` gives the flat eigenvalue.
+    """
+
+    def flat_eigvals(self, state: Any) -> tuple[Tensor | None, Tensor | None]:
+        """The flat eigenvalue ``mu (b)`` of each restricted side (``None`` elsewhere); it reaches the
+        other stages as ``ctx.flat``."""
+        ...
+
+
+@runtime_checkable
+class ExposesMoment(Protocol):
+    """An inner rule whose first moment a split can read."""
+
+    def moment(self, state: Any, ctx: StepContext) -> Tensor:
+        """The first moment ``(b m n)`` in the original coordinates."""
+        ...
+
+
+@runtime_checkable
+class HasSecondMoment(Protocol):
+    """An inner rule that keeps a per-coordinate second moment (Adam-like)."""
+
+    def second_moment(self, state: Any) -> Tensor:
+        """The second moment ``(b m n)`` in the rotated basis."""
+        ...
+
+
+def protocol_members(protocol: type) -> tuple[str, ...]:
+    """The public members a Protocol class requires (methods and annotated attributes), sorted."""
+    names: set[str] = set()
+    for base in protocol.__mro__:
+        if base in (object, Protocol, Generic):
+            continue
+        names.update(n for n in getattr(base, "__annotations__", {}) if not n.startswith("_"))
+        names.update(n for n, v in vars(base).items() if callable(v) and not n.startswith("_"))
+    return tuple(sorted(names))
+
+
+# -- capability declarations -----------------------------------------------------------------
+
+#: how a capability was spelled before typed declarations: a class-level bool flag of that
+#: name, or (``"member"``) nothing at all, the member's presence being read instead
+LegacyForm = Literal["flag", "member"]
+
+
+def capability(protocol: type | None = None, *, legacy: LegacyForm = "flag") -> Any:
+    """A capability field: ``False`` unless declared; ``protocol`` holds the members it needs."""
+    return attrs.field(
+        default=False,
+        validator=attrs.validators.instance_of(bool),
+        metadata={"protocol": protocol, "legacy": legacy},
+    )
+
+
+@attrs.frozen(kw_only=True)
+class FactorCapabilities:
+    """What a factor estimator offers beyond :class:`FactorEstimator`.
+
+    Attributes:
+        provides_factors: ``factors()`` returns real Kronecker factors (a basis that
+            ``needs_factors`` can use them); false for ``none``.
+        provides_eigvals: it tracks eigenvalue estimates per basis column: ``eigvals(state)``
+            (:class:`ProvidesEigvals`). They replace the basis's in ``ctx.eigvals``.
+        follows_basis: it keeps state in the basis: ``on_basis_change(state, change)``
+            (:class:`FollowsBasis`), called on every refresh.
+        supports_restricted: it can keep a restricted side: ``factors()`` returns the power
+            product ``(b d r)`` there and ``flat_eigvals(state)`` the flat eigenvalue
+            (:class:`RestrictedFactors`).
+    """
+
+    provides_factors: bool = capability()
+    provides_eigvals: bool = capability(ProvidesEigvals)
+    follows_basis: bool = capability(FollowsBasis, legacy="member")
+    supports_restricted: bool = capability(RestrictedFactors)
+
+
+@attrs.frozen(kw_only=True)
+class BasisCapabilities:
+    """What a basis needs and offers beyond :class:`Basis`.
+
+    Attributes:
+        needs_factors: ``refresh`` reads the factors (a factor estimator must ``provides_factors``).
+        provides_eigvals: its ``BasisState`` carries eigenvalue estimates ``lam_L``/``lam_R``.
+        supports_restricted: ``init``/``refresh`` handle a restricted side: given the power
+            product ``P (b d r)`` it returns an orthonormal ``U (b d r)`` in ``Q_L``/``Q_R`` and
+            ``r`` eigenvalue estimates ``(b r)`` in ``lam_L``/``lam_R``.
+    """
+
+    needs_factors: bool = capability()
+    provides_eigvals: bool = capability()
+    supports_restricted: bool = capability()
+
+
+@attrs.frozen(kw_only=True)
+class InnerCapabilities:
+    """What an inner rule needs and offers beyond :class:`InnerRule`.
+
+    Attributes:
+        needs_eigvals: it reads ``ctx.eigvals`` (a basis or factor estimator must provide them).
+        supports_restricted: it handles a restricted side (``ctx.basis`` holds ``U (b d r)``,
+            ``ctx.eigvals`` the ``r`` subspace values, ``ctx.flat`` the flat eigenvalue) and
+            yields the subspace block of the direction; the split adds the complement from
+            ``moment()``, so it must also declare ``exposes_moment``.
+        exposes_moment: ``moment(state, ctx)``, its first moment in the original coordinates
+            (:class:`ExposesMoment`).
+        has_second_moment: ``second_moment(state)``, its per-coordinate second moment in the
+            basis (:class:`HasSecondMoment`); :func:`kronopt.inspection` reads it.
+    """
+
+    needs_eigvals: bool = capability()
+    supports_restricted: bool = capability(ExposesMoment)
+    exposes_moment: bool = capability(ExposesMoment, legacy="member")
+    has_second_moment: bool = capability(HasSecondMoment, legacy="member")
+
+    def __attrs_post_init__(self) -> None:
+        if self.supports_restricted and not self.exposes_moment:
+            raise ValueError(
+                "supports_restricted needs exposes_moment: a split completes a restricted side from the rule's "
+                "first moment (moment(state, ctx))"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class SplitCapabilities:
+    """What a split offers beyond :class:`Split`.
+
+    Attributes:
+        restricts: ``sides()`` may return ``"restricted"`` sides; every other stage must then
+            declare ``supports_restricted`` and the inner rule ``exposes_moment``.
+        follows_basis: it keeps state in the basis: ``on_basis_change(state, change)``
+            (:class:`FollowsBasis`).
+    """
+
+    restricts: bool = capability()
+    follows_basis: bool = capability(FollowsBasis, legacy="member")
+
+
+Capabilities = FactorCapabilities | BasisCapabilities | InnerCapabilities | SplitCapabilities
+
+
+@attrs.frozen(kw_only=True)
+class SlotContract:
+    """A slot's contract: the Protocol of its required members and its capability record type
+    (``None`` for a slot without capabilities). The registries check every stage against it."""
+
+    slot: str
+    protocol: type
+    capabilities: type | None = None
+
+    def capability_names(self) -> tuple[str, ...]:
+        return () if self.capabilities is None else tuple(f.name for f in attrs.fields(self.capabilities))
+
+
+CONTRACTS: dict[str, SlotContract] = {
+    "factors": SlotContract(slot="factors", protocol=FactorEstimator, capabilities=FactorCapabilities),
+    "basis": SlotContract(slot="basis", protocol=Basis, capabilities=BasisCapabilities),
+    "inner": SlotContract(slot="inner", protocol=InnerRule, capabilities=InnerCapabilities),
+    "split": SlotContract(slot="split", protocol=Split, capabilities=SplitCapabilities),
+    "refresh": SlotContract(slot="refresh", protocol=Refresh),
+}
+
+#: classes registered with old-style flags, and the typed record they were translated to
+_TRANSLATED: "weakref.WeakKeyDictionary[type, Capabilities]" = weakref.WeakKeyDictionary()
+
+
+def capabilities(stage: object) -> Capabilities:
+    """The typed capability record of a stage (instance or class): what the core reads.
+
+    ``capabilities(cfg.inner).has_second_moment``. For a class registered with old-style
+    flags it is the record they were translated into.
+
+    Raises:
+        TypeError: the stage declares no capabilities and was never registered.
+    """
+    cls = stage if isinstance(stage, type) else type(stage)
+    translated = _TRANSLATED.get(cls)
+    if translated is not None:
+        return translated
+    try:
+        record = cls.capabilities  # type: ignore[attr-defined]
+    except AttributeError:
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__} declares no capabilities; give it "
+            "`capabilities: ClassVar[...Capabilities] = ...Capabilities(...)` or register it"
+        ) from None
+    return record  # type: ignore[no-any-return]
 
 
 @attrs.frozen(eq=False)

@@ -25,6 +25,7 @@ import kronopt  # noqa: F401  (registers the built-ins)
 from kronopt.config import STAGE_SLOTS, KronConfig, Route, Shapes
 from kronopt.post import Post
 from kronopt.registry import SLOTS
+from kronopt.types import capabilities
 
 #: where the generated page lives, relative to the repository root
 STAGES_MD = Path("docs") / "stages.md"
@@ -37,8 +38,6 @@ _SLOT_TITLES = {
     "refresh": "refresh schedules: when the basis is recomputed",
 }
 
-#: class-level flags the config reads to check a combination before building
-_FLAGS = ("provides_factors", "needs_factors", "provides_eigvals", "needs_eigvals", "supports_restricted", "restricts")
 
 _ROLES = re.compile(r":(?:class|func|meth|mod|data|attr|obj):`~?([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
@@ -152,7 +151,13 @@ def _options_table(cls: type, attributes: dict[str, str], *, skip: Sequence[str]
     return rows
 
 
-def _render_class(cls: type, heading: str, *, skip: Sequence[str] = ()) -> list[str]:
+def _capabilities_line(cls: type) -> list[str]:
+    """``Capabilities: `provides_factors`, ….`` from the stage's typed record (none: no line)."""
+    names = [f"`{name}`" for name, on in attrs.asdict(capabilities(cls)).items() if on]
+    return ["Capabilities: " + ", ".join(names) + ".", ""] if names else []
+
+
+def _render_class(cls: type, heading: str, *, skip: Sequence[str] = (), stage: bool = False) -> list[str]:
     body, attributes, sections = _split_doc(cls)
     out = [heading, ""]
     text = _body_markdown(body)
@@ -160,9 +165,8 @@ def _render_class(cls: type, heading: str, *, skip: Sequence[str] = ()) -> list[
         out += [*text, ""]
     for name, lines in sections:
         out += [f"*{name}.* " + _inline(" ".join(x for x in lines if x)), ""]
-    flags = [f"`{flag}`" for flag in _FLAGS if getattr(cls, flag, False) is True]
-    if flags:
-        out += ["Flags: " + ", ".join(flags) + ".", ""]
+    if stage:
+        out += _capabilities_line(cls)
     out += [*_options_table(cls, attributes, skip=skip), ""]
     return out
 
@@ -193,7 +197,7 @@ def stages_markdown() -> str:
             if e.source != "kronopt":
                 continue
             heading = f"### `{e.key}` ({e.cls.__name__})\n\n{_inline(e.description)}."
-            out += _render_class(e.cls, heading)
+            out += _render_class(e.cls, heading, stage=slot != "refresh")
     out += ["## other tables", ""]
     out += _render_class(Post, "### `[post]` (Post)")
     out += _render_class(Shapes, "### `[shapes]` (Shapes)")

@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, lt, to_beta, unless_tie
 from ..registry import FACTORS
-from ..types import Layout, NoState, StepContext
+from ..types import FactorCapabilities, Layout, NoState, StepContext
 
 
 @attrs.frozen(eq=False)
@@ -39,7 +39,7 @@ class EmaKronFactors:
         (``tests/unit/test_factors.py``).
     """
 
-    provides_factors: ClassVar[bool] = True
+    capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(provides_factors=True)
     beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(ge(0.0), lt(1.0)))
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> KronFactorsState:
@@ -63,7 +63,7 @@ class EmaKronFactors:
 class NoFactors:
     """Keeps nothing; for pipelines whose basis needs no factors."""
 
-    provides_factors: ClassVar[bool] = False
+    capabilities: ClassVar[FactorCapabilities] = FactorCapabilities()
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> NoState:
         return NoState()

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_bool, to_float, to_str
 from ..registry import FACTORS
-from ..types import BasisChange, Layout, StepContext
+from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
 
 @attrs.frozen(eq=False)
@@ -144,9 +144,9 @@ class KlKronFactors:
         (``tests/unit/test_kl_factors.py``).
     """
 
-    provides_factors: ClassVar[bool] = True
-    provides_eigvals: ClassVar[bool] = True
-    supports_restricted: ClassVar[bool] = True
+    capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(
+        provides_factors=True, provides_eigvals=True, follows_basis=True, supports_restricted=True
+    )
 
     beta: float = attrs.field(default=0.98, converter=to_float, validator=[ge(0.0), lt(1.0)])
     init_factor: float = attrs.field(default=0.1, converter=to_float, validator=gt(0.0))

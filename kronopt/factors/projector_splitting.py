@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
-from ..types import Layout, StepContext
+from ..types import FactorCapabilities, Layout, StepContext
 
 VARIANTS: tuple[str, ...] = ("ksl", "parallel")
 INITS: tuple[str, ...] = ("kron", "kron_reference", "eps", "sum")
@@ -106,7 +106,7 @@ class ProjectorSplittingFactors:
         (``tests/unit/test_projector_splitting.py``).
     """
 
-    provides_factors: ClassVar[bool] = True
+    capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(provides_factors=True)
     beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(gt(0.0), lt(1.0)))
     variant: Literal["ksl", "parallel"] = attrs.field(default="ksl", converter=to_str, validator=in_(VARIANTS))
     initialization: Literal["kron", "kron_reference", "eps", "sum"] = attrs.field(

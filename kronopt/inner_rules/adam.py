@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import linalg
 from ..registry import INNER_RULES
-from ..types import BasisChange, Layout, StepContext
+from ..types import BasisChange, InnerCapabilities, Layout, StepContext
 from ._common import AdamConventions, _zeros
 
 @attrs.frozen(eq=False)
@@ -44,7 +44,7 @@ class AdamInner(AdamConventions):
             (SOAP's ``normalize_grads``).
     """
 
-    needs_eigvals: ClassVar[bool] = False
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(exposes_moment=True, has_second_moment=True)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> AdamState:
         return AdamState(_zeros(layout, dtype, device), _zeros(layout, dtype, device))

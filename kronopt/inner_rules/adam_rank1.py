@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import linalg
 from ..registry import INNER_RULES
-from ..types import BasisChange, Layout, StepContext
+from ..types import BasisChange, InnerCapabilities, Layout, StepContext
 from ._common import AdamConventions, _zeros
 
 #: the start of both rank-one factors (spec §7): V₀ = 1e-16 · 𝟙𝟙ᵀ
@@ -55,7 +55,7 @@ class AdamRank1Inner(AdamConventions):
         (``tests/unit/test_adam_rank1.py``).
     """
 
-    needs_eigvals: ClassVar[bool] = False
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(exposes_moment=True, has_second_moment=True)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> AdamRank1State:
         b, m, n = layout.batch, layout.m, layout.n

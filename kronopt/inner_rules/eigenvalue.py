@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, in_, lt, to_bool, to_float, to_str
 from ..registry import INNER_RULES
-from ..types import BasisChange, Layout, StepContext
+from ..types import BasisChange, InnerCapabilities, Layout, StepContext
 from ._common import MomentumState, _zeros
 
 @INNER_RULES.register("eigenvalue", description="Shampoo scaling by eigenvalue powers of each factor")
@@ -50,8 +50,9 @@ class EigenvalueInner:
             (``post.normalize`` normalises the whole step, complement included).
     """
 
-    needs_eigvals: ClassVar[bool] = True
-    supports_restricted: ClassVar[bool] = True
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(
+        needs_eigvals=True, supports_restricted=True, exposes_moment=True
+    )
     momentum: float = attrs.field(default=0.9, converter=to_float, validator=[ge(0.0), lt(1.0)])
     exponent: float = attrs.field(default=-0.25, converter=to_float, validator=[lt(0.0), ge(-1.0)])
     eps: float = attrs.field(default=1e-12, converter=to_float, validator=ge(0.0))

@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, le, lt, to_bool, to_float, to_int, to_str, triples
 from ..registry import INNER_RULES
-from ..types import BasisChange, Layout, StepContext
+from ..types import BasisChange, InnerCapabilities, Layout, StepContext
 from ._common import MomentumState, _zeros
 
 @INNER_RULES.register("orthogonalize", description="Newton–Schulz polar factor of the momentum (Muon)")
@@ -44,7 +44,7 @@ class OrthogonalizeInner:
         extra_scale: constant factor :math:`> 0`.
     """
 
-    needs_eigvals: ClassVar[bool] = False
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(exposes_moment=True)
     momentum: float = attrs.field(default=0.95, converter=to_float, validator=[ge(0.0), lt(1.0)])
     nesterov: bool = attrs.field(default=True, converter=to_bool)
     momentum_form: Literal["ema", "classic"] = attrs.field(

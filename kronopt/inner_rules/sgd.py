@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..validators import ge, lt, to_bool, to_float
 from ..registry import INNER_RULES
-from ..types import BasisChange, Layout, NoState, StepContext
+from ..types import BasisChange, InnerCapabilities, Layout, NoState, StepContext
 from ._common import MomentumState, _zeros
 
 @INNER_RULES.register("sgd", description="SGD with optional (Nesterov) momentum, as torch.optim.SGD")
@@ -23,7 +23,7 @@ class SgdInner:
         nesterov: Nesterov look-ahead (needs ``momentum > 0``).
     """
 
-    needs_eigvals: ClassVar[bool] = False
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities()
     momentum: float = attrs.field(default=0.0, converter=to_float, validator=[ge(0.0), lt(1.0)])
     nesterov: bool = attrs.field(default=False, converter=to_bool)
 
