@@ -168,7 +168,7 @@ def check_stage(contract: SlotContract, cls: type, key: str) -> _Checked:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         known = f"{slot} capabilities: {', '.join(names)}; " if names else ""
         raise StageContractError(
-            f"{where} declares {name!r}, which is not a {slot} capability{hint} ({known}{how})"
+            f"{where} declares {name!r}, which is not a capability of {slot} stages{hint} ({known}{how})"
         )
 
     record = found.get("capabilities")
@@ -178,7 +178,7 @@ def check_stage(contract: SlotContract, cls: type, key: str) -> _Checked:
             raise StageContractError(f"{where} declares capabilities, but {how}")
         if not isinstance(record, Record):
             raise StageContractError(
-                f"{where}: capabilities must be a {Record.__name__}, got {type(record).__name__}"
+                f"{where}: its capabilities must be {Record.__name__}, got {type(record).__name__}"
             )
         if flags:
             raise StageContractError(

@@ -19,6 +19,7 @@ import kronopt
 from kronopt import compose, types
 from kronopt.refresh import EveryRefresh
 from kronopt.registry import SLOTS
+from kronopt.types import CONTRACTS, capabilities, protocol_members
 from tests.strategies import FAMILY_SHAPES, GRADIENT_FAMILIES, SEEDS, generator, gradient, randn
 
 PROTOCOLS = {
@@ -41,7 +42,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def test_every_slot_has_a_protocol():
-    assert set(PROTOCOLS) == set(SLOTS)
+    assert set(PROTOCOLS) == set(SLOTS) == set(CONTRACTS)
+    assert all(CONTRACTS[slot].protocol is PROTOCOLS[slot] for slot in SLOTS)
 
 
 def _cls(slot, key):
@@ -60,20 +62,20 @@ def _preferred_dict(slot, key):
     """The soap preset with ``slot`` replaced by ``{"type": key}`` and the companions it needs."""
     raw = kronopt.to_dict(kronopt.PRESETS["soap"])
     raw[slot] = {"type": key}
-    cls = _cls(slot, key)
-    if slot == "inner" and getattr(cls, "needs_eigvals", False):
+    caps = capabilities(_cls(slot, key)) if slot != "refresh" else None
+    if slot == "inner" and caps.needs_eigvals:
         raw["basis"] = {"type": "eigh"}
         raw["factors"] = {"type": "ema"}
-    if slot == "basis" and getattr(cls, "needs_factors", False):
+    if slot == "basis" and caps.needs_factors:
         raw["factors"] = {"type": "ema"}
-    if slot == "factors" and not getattr(cls, "provides_factors", False):
+    if slot == "factors" and not caps.provides_factors:
         raw["basis"] = {"type": "identity"}
-    if slot == "split" and getattr(cls, "restricts", False):
+    if slot == "split" and caps.restricts:
         # a restricted side needs stages that support it (config._check_compatible): pick the
         # built-in ones that do, preferring the preset that uses such a split (pro_kl_shampoo)
         for companion in ("factors", "basis", "inner"):
-            able = [e.key for e in SLOTS[companion].entries(load_plugins=False) if getattr(e.cls, "supports_restricted", False)]
-            if able and not getattr(_cls(companion, raw[companion]["type"]), "supports_restricted", False):
+            able = [e.key for e in SLOTS[companion].entries(load_plugins=False) if capabilities(e.cls).supports_restricted]
+            if able and not capabilities(_cls(companion, raw[companion]["type"])).supports_restricted:
                 raw[companion] = {"type": able[0]}
     return raw
 
@@ -131,10 +133,6 @@ def test_frozen_and_hashable(slot, key):
 def test_satisfies_slot_protocol(slot, key):
     inst = _cls(slot, key)()
     assert isinstance(inst, PROTOCOLS[slot])
-    for flag in {"factors": ("provides_factors",), "basis": ("needs_factors", "provides_eigvals"), "inner": ("needs_eigvals",)}.get(
-        slot, ()
-    ):
-        assert isinstance(getattr(type(inst), flag), bool), f"{key}.{flag} must be a class-level bool"
     if slot == "split" and hasattr(inst, "sides"):
         for rotated in itertools.product((True, False), repeat=2):
             sides = inst.sides(6, 4, rotated)
@@ -148,6 +146,32 @@ def test_satisfies_slot_protocol(slot, key):
     if slot == "refresh":
         for t in range(0, 25):
             assert isinstance(inst.due(t, first_call=t == 0), bool)
+
+
+@pytest.mark.parametrize("slot,key", ENTRIES)
+def test_capabilities_are_typed_and_backed_by_their_members(slot, key):
+    """The stage's capabilities are its slot's record; each declared one has its members, and each
+    optional member present is claimed by a declared capability (else the core would never call it)."""
+    cls = _cls(slot, key)
+    record_type = CONTRACTS[slot].capabilities
+    if record_type is None:
+        return
+    caps = capabilities(cls)
+    assert type(caps) is record_type, f"{slot} stage {key!r} declares {type(caps).__name__}, not {record_type.__name__}"
+    inst = cls()
+    claimed = set(protocol_members(PROTOCOLS[slot]))
+    optional = {}
+    for field in attrs.fields(record_type):
+        proto = field.metadata["protocol"]
+        if proto is None:
+            continue
+        optional.update({m: field.name for m in protocol_members(proto)})
+        if getattr(caps, field.name):
+            assert isinstance(inst, proto), f"{slot} stage {key!r} declares {field.name} but is not a {proto.__name__}"
+            claimed.update(protocol_members(proto))
+    for member, cap in optional.items():
+        if member not in claimed:
+            assert not hasattr(cls, member), f"{slot} stage {key!r} defines {member}() without declaring {cap}"
 
 
 @pytest.mark.parametrize("slot,key", ENTRIES)
@@ -246,7 +270,9 @@ RESTRICTED_ENTRIES = [
     pytest.param(slot, entry.key, id=f"{slot}-{entry.key}")
     for slot, registry in SLOTS.items()
     for entry in registry.entries()
-    if getattr(entry.cls, "supports_restricted", False) or getattr(entry.cls, "restricts", False)
+    if slot != "refresh" and (
+        capabilities(entry.cls).restricts if slot == "split" else capabilities(entry.cls).supports_restricted
+    )
 ]
 
 
@@ -267,7 +293,7 @@ def restricted_pipeline_for(slot, key):
 
 
 def _restricted_layout(cfg, b, m, n):
-    split = cfg.split if getattr(cfg.split, "restricts", False) else kronopt.PRESETS["pro_kl_shampoo"].split
+    split = cfg.split if capabilities(cfg.split).restricts else kronopt.PRESETS["pro_kl_shampoo"].split
     (kl, rl), (kr, rr) = split.sides(m, n, (True, True))
     layout = types.Layout(batch=b, m=m, n=n, left=kl, right=kr, rank_left=rl, rank_right=rr)
     assert "restricted" in (kl, kr), (m, n, layout)
@@ -288,6 +314,17 @@ def _check_restricted_sides(cfg, layout, state, dtype, device):
     for side, Q, r in (("left", state.basis.Q_L, layout.rank_left), ("right", state.basis.Q_R, layout.rank_right)):
         if getattr(layout, side) == "restricted":  # the subspace stays orthonormal
             torch.testing.assert_close(Q.mT @ Q, torch.eye(r, dtype=dtype).expand(b, -1, -1), rtol=0, atol=1e-4)
+    # the rest of the restricted-side protocol (docs/extending.md): r eigenvalue estimates per
+    # restricted side from the basis and in ctx.eigvals, and one flat eigenvalue per block in ctx.flat
+    ctx = compose.context(cfg, layout, state, state.step)
+    sides = (("left", 0, state.basis.lam_L, layout.rank_left), ("right", 1, state.basis.lam_R, layout.rank_right))
+    for side, i, lam, r in sides:
+        if getattr(layout, side) != "restricted":
+            assert ctx.flat[i] is None, f"{side} side is not restricted but ctx.flat holds a value"
+            continue
+        assert lam is not None and lam.shape == (b, r), (side, None if lam is None else lam.shape)
+        assert ctx.eigvals[i] is not None and ctx.eigvals[i].shape == (b, r), side
+        assert ctx.flat[i] is not None and ctx.flat[i].shape == (b,) and ctx.flat[i].dtype == dtype, side
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
