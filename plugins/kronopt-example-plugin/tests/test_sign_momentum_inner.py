@@ -1,10 +1,13 @@
 """The maths of SignMomentumInner, called directly (no optimizer around it)."""
 
+import warnings
+
 import pytest
 import torch
 
 from kronopt import linalg
-from kronopt.types import BasisChange, BasisState, Layout, StepContext
+from kronopt.registry import Registry
+from kronopt.types import CONTRACTS, BasisChange, BasisState, InnerCapabilities, Layout, StepContext, capabilities
 from kronopt_example_plugin.inner import SignMomentumInner, SignMomentumState
 
 DT = torch.float64
@@ -35,7 +38,16 @@ def test_default_and_conversion():
     assert SignMomentumInner().momentum == 0.9
     rule = SignMomentumInner(momentum=0)
     assert rule.momentum == 0.0 and isinstance(rule.momentum, float)
-    assert SignMomentumInner.needs_eigvals is False
+    assert SignMomentumInner.capabilities == InnerCapabilities()  # needs no eigenvalues, offers nothing extra
+
+
+def test_meets_the_typed_inner_contract_without_warnings():
+    """kronopt checks the class against the inner slot's Protocol and capabilities when it registers it."""
+    reg = Registry("inner", group="kronopt.tests.example", contract=CONTRACTS["inner"], entry_points=lambda: [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DeprecationWarning: the capabilities are declared the typed way
+        reg.register("sign_momentum", description="sign of the EMA momentum")(SignMomentumInner)
+    assert capabilities(SignMomentumInner()) == InnerCapabilities()
 
 
 @pytest.mark.parametrize(

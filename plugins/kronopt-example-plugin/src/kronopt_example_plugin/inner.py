@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kronopt import linalg
 from kronopt.validators import ge, lt, to_float
-from kronopt.types import BasisChange, Layout, StepContext
+from kronopt.types import BasisChange, InnerCapabilities, Layout, StepContext
 
 
 @attrs.frozen(eq=False)
@@ -51,7 +51,9 @@ class SignMomentumInner:
         momentum: :math:`\beta \in [0, 1)`; 0 is plain signSGD.
     """
 
-    needs_eigvals: ClassVar[bool] = False
+    # what the rule needs and offers beyond the InnerRule protocol: nothing (it reads no
+    # eigenvalues, keeps no second moment and does not expose its momentum to a split)
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities()
     momentum: float = attrs.field(default=0.9, converter=to_float, validator=[ge(0.0), lt(1.0)])
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> SignMomentumState:
