@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import compose
 from .config import KronConfig
-from .types import Layout, SideKind
+from .types import Layout, SideKind, capabilities
 
 
 @attrs.frozen(eq=False)
@@ -106,7 +106,7 @@ def bucket_views(
     """One :class:`ParamView` per block of a bucket (``cfg`` bound, ``state`` initialised)."""
     ctx = compose.context(cfg, layout, state, state.step)
     factors = cfg.factors.factors(state.factors)
-    second = cfg.inner.second_moment(state.inner) if hasattr(cfg.inner, "second_moment") else None
+    second = cfg.inner.second_moment(state.inner) if capabilities(cfg.inner).has_second_moment else None
     basis = state.basis
     records = {slot: _batched_fields(getattr(state, slot), layout.batch) for slot in ("factors", "basis", "inner", "split", "post")}
 

@@ -45,7 +45,7 @@ from kronopt import linalg
 from kronopt.inspection import bucket_views
 from kronopt.bases import EighBasis
 from kronopt.registry import FACTORS, PluginError, PluginLoadError
-from kronopt.types import Layout, StepContext
+from kronopt.types import Layout, StepContext, capabilities
 
 from . import _args
 from ._extras import MissingExtraError, pyplot
@@ -97,7 +97,7 @@ def track(name: str, grads: Sequence[Tensor], **options: Any) -> list[tuple[Tens
         estimates the Fisher.
     """
     est = FACTORS.get(name)(**options)
-    if not getattr(est, "provides_factors", False):
+    if not capabilities(est).provides_factors:
         raise ValueError(f"factor estimator {name!r} keeps no factors; nothing to compare")
     m, n = grads[0].shape
     dtype, device = grads[0].dtype, grads[0].device
@@ -107,7 +107,7 @@ def track(name: str, grads: Sequence[Tensor], **options: Any) -> list[tuple[Tens
     state = est.init(layout, dtype=dtype, device=device)
     out = []
     for t, G in enumerate(grads, start=1):
-        eigvals = est.eigvals(state) if getattr(est, "provides_eigvals", False) else (basis.lam_L, basis.lam_R)
+        eigvals = est.eigvals(state) if capabilities(est).provides_eigvals else (basis.lam_L, basis.lam_R)
         ctx = StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals)
         state = est.update(state, G.unsqueeze(0), ctx)
         L, R = est.factors(state)
@@ -545,7 +545,7 @@ def check_estimator(spec: str) -> str:
         est = cls(**options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{spec!r}: {exc}") from None
-    if not getattr(est, "provides_factors", False):
+    if not capabilities(est).provides_factors:
         raise ValueError(f"factor estimator {key!r} keeps no factors; nothing to compare")
     return spec
 

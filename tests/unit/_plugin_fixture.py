@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from kronopt.validators import gt, to_float
-from kronopt.types import BasisChange, Layout, NoState, StepContext
+from kronopt.types import BasisChange, InnerCapabilities, Layout, NoState, StepContext
 
 
 @attrs.frozen(kw_only=True)
@@ -21,7 +21,7 @@ class ScaledGradientInner:
     Used by the registry tests as a plugin class and as an override.
     """
 
-    needs_eigvals: ClassVar[bool] = False
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities()
     scale: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> NoState:

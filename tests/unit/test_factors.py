@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kronopt.factors import EmaKronFactors, KronFactorsState, NoFactors
-from kronopt.types import BasisState, Layout, NoState, StepContext
+from kronopt.types import BasisState, Layout, NoState, StepContext, capabilities
 from tests.assertions import assert_psd, assert_symmetric
 from tests.strategies import SEEDS, dims, generator, randn
 
@@ -133,4 +133,4 @@ def test_no_factors_keeps_nothing():
     assert isinstance(state, NoState)
     assert est.update(state, torch.ones(2, 3, 4, dtype=F64), _ctx(layout)) is state
     assert est.factors(state) == (None, None)
-    assert NoFactors.provides_factors is False and EmaKronFactors.provides_factors is True
+    assert not capabilities(NoFactors).provides_factors and capabilities(EmaKronFactors).provides_factors

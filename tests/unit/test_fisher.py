@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kronopt
+from kronopt.types import capabilities
 from kronopt import linalg
 from kronopt.app import fisher
 from kronopt.app.cli import main
@@ -35,7 +36,7 @@ def test_track_ema_is_the_closed_form(gen):
     torch.testing.assert_close(R, sum(wi * G.T @ G for wi, G in zip(w, grads)), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("key", [e.key for e in kronopt.FACTORS.entries() if getattr(e.cls, "provides_factors", False)])
+@pytest.mark.parametrize("key", [e.key for e in kronopt.FACTORS.entries() if capabilities(e.cls).provides_factors])
 def test_track_drives_every_registered_estimator(gen, key):
     grads = [randn(gen, 5, 4) for _ in range(6)]
     history = fisher.track(key, grads)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import kronopt
 from kronopt import compose, linalg
+from kronopt.types import capabilities
 from kronopt.bases import QrBasis
 from kronopt.factors import KlKronFactors
 from kronopt.inner_rules import EigenvalueInner
@@ -209,7 +210,7 @@ def test_qr_basis_with_sort_false_reports_no_permutation(gen, sort):
     """KL-Shampoo's basis (sort = False) refreshes without reordering, so the roots stay on their columns."""
     b, m, n = 2, 5, 4
     basis = QrBasis(sort=sort)
-    assert basis.supports_restricted
+    assert capabilities(basis).supports_restricted
     layout = Layout(batch=b, m=m, n=n, left="full", right="full")
     state = basis.init(layout, dtype=torch.float64, device=torch.device("cpu"))
     state, _ = basis.refresh(state, (spd_matrix(gen, b, m), spd_matrix(gen, b, n)), StepContext(step=0, layout=layout, basis=state))

@@ -19,7 +19,6 @@ from tests.unit._plugin_fixture import ScaledGradientInner, Undocumented
 
 #: the fixture's stand-in plugin declares the old-style flag ``needs_eigvals`` on purpose (a
 #: third-party class written before typed capabilities); tests/unit/test_contracts.py checks the warning
-pytestmark = pytest.mark.filterwarnings("ignore:inner stage .* declares its capabilities as class flags:DeprecationWarning")
 
 GROUP = "kronopt.tests.inner_rules"
 FIXTURE = "tests.unit._plugin_fixture"
