@@ -243,7 +243,7 @@ def stack_entries(template: Any, entries: list[dict[str, Any]], names: list[str]
                 if not isinstance(value, Tensor) or tuple(value.shape) != tuple(like.shape[1:]):
                     got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(f"saved state {key!r} of {name} has shape {got}, expected {tuple(like.shape[1:])}")
-            flat[key] = torch.stack([v.to(device=like.device, dtype=like.dtype) for v in values])
+            flat[key] = _stack_like([v.to(device=like.device, dtype=like.dtype) for v in values])
             continue
         first = values[0]
         for name, value in zip(names[1:], values[1:]):
@@ -256,6 +256,23 @@ def stack_entries(template: Any, entries: list[dict[str, Any]], names: list[str]
                 raise ValueError(f"saved state {key!r} differs between {names[0]} and {name}, which share a bucket")
         flat[key] = first
     return unflatten(template, flat)
+
+
+def _stack_like(blocks: list[Tensor]) -> Tensor:
+    """``torch.stack(blocks)``, but keeping the blocks' memory layout under the batch axis.
+
+    A stack written by a step has the layout of the stage's output (a QR basis is
+    column-major); reductions over it round by that layout, so a resumed stack
+    must have it too, or the resume would differ in the last bits.
+    """
+    first = blocks[0]
+    dense = torch.empty_like(first).stride() == first.stride()  # preserve_format keeps the strides of a dense tensor
+    if not dense or any(b.stride() != first.stride() for b in blocks):
+        return torch.stack(blocks)
+    out = torch.empty_strided((len(blocks), *first.shape), (first.numel(), *first.stride()), dtype=first.dtype, device=first.device)
+    for i, block in enumerate(blocks):
+        out[i].copy_(block)
+    return out
 
 
 def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
@@ -280,7 +297,7 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
         nonlocal replaced
         if n is o:
             return o
-        if n is None or o is None or n.shape != o.shape or n.dtype != o.dtype or n.device != o.device:
+        if n is None or o is None or n.shape != o.shape or n.stride() != o.stride() or n.dtype != o.dtype or n.device != o.device:
             replaced = True
             if n is None or o is None:
                 return n
