@@ -179,3 +179,136 @@ def unflatten(template: Any, flat: dict[str, Any], prefix: str = "") -> Any:
         elif value is not None:
             raise ValueError(f"saved state lacks {path!r}")
     return attrs.evolve(template, **changes)
+
+
+# -- per-block state: the optimizer's ``state[p]`` ----------------------------------------
+
+
+def is_batched(value: Any, batch: int) -> bool:
+    """Whether a state value carries the block axis first (a tensor ``(b ...)``).
+
+    The stage contract gives every state tensor the leading axis ``b``; a tensor
+    without one (0-d, or a leading size other than ``b``) is shared by the whole
+    bucket. No built-in stage keeps such a tensor.
+    """
+    return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch
+
+
+def block_entries(record: Any, batch: int) -> list[dict[str, Any]]:
+    """Per block, ``{dotted path: value}``: ``t[i]`` for batched tensors (a view of the stack,
+    no copy); bucket-wide tensors, ints and bools as they are (the same object for every
+    block); ``None`` fields left out."""
+    flat = {k: v for k, v in flatten(record).items() if v is not None}
+    batched = [k for k, v in flat.items() if is_batched(v, batch)]
+    shared = {k: v for k, v in flat.items() if k not in batched}
+    return [{**{k: flat[k][i] for k in batched}, **shared} for i in range(batch)]
+
+
+def scalar_entries(record: Any) -> dict[str, Any]:
+    """The Python ints and bools of a record by dotted path (the counters that change every step)."""
+    return {k: v for k, v in flatten(record).items() if v is not None and not isinstance(v, Tensor)}
+
+
+def stack_entries(template: Any, entries: list[dict[str, Any]], names: list[str]) -> Any:
+    """The inverse of :func:`block_entries`: fill ``template`` (from :func:`init_state`, batch
+    ``len(entries)``) with the blocks' values stacked along a new first axis.
+
+    Values shared by the bucket (ints, bools, bucket-wide tensors) must agree across
+    the blocks. Nothing here mutates its inputs.
+
+    Raises:
+        ValueError: naming the block (``names[i]``) and the key: a missing or unexpected
+            entry, a shape that does not fit, or blocks that disagree on a shared value.
+    """
+    batch = len(entries)
+    expected = flatten(template)
+    wanted = {k for k, v in expected.items() if v is not None}
+    flat: dict[str, Any] = {k: None for k, v in expected.items() if v is None}
+    for i, entry in enumerate(entries):
+        missing, extra = sorted(wanted - entry.keys()), sorted(entry.keys() - expected.keys())
+        none_given = sorted(k for k in entry.keys() & flat.keys() if entry[k] is not None)
+        if missing or extra or none_given:
+            raise ValueError(
+                f"saved state of {names[i]} does not fit this pipeline: "
+                + "; ".join(
+                    f"{what}: {', '.join(keys)}"
+                    for what, keys in (("missing", missing), ("unexpected", extra), ("tensor vs none", none_given))
+                    if keys
+                )
+            )
+    for key in sorted(wanted):
+        like = expected[key]
+        values = [entry[key] for entry in entries]
+        if is_batched(like, batch):
+            for name, value in zip(names, values):
+                if not isinstance(value, Tensor) or tuple(value.shape) != tuple(like.shape[1:]):
+                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"saved state {key!r} of {name} has shape {got}, expected {tuple(like.shape[1:])}")
+            flat[key] = _stack_like([v.to(device=like.device, dtype=like.dtype) for v in values])
+            continue
+        first = values[0]
+        for name, value in zip(names[1:], values[1:]):
+            same = (
+                isinstance(value, Tensor) and value.shape == first.shape and torch.equal(value.cpu(), first.cpu())
+                if isinstance(first, Tensor)
+                else not isinstance(value, Tensor) and value == first
+            )
+            if not same:
+                raise ValueError(f"saved state {key!r} differs between {names[0]} and {name}, which share a bucket")
+        flat[key] = first
+    return unflatten(template, flat)
+
+
+def _stack_like(blocks: list[Tensor]) -> Tensor:
+    """``torch.stack(blocks)``, but keeping the blocks' memory layout under the batch axis.
+
+    A stack written by a step has the layout of the stage's output (a QR basis is
+    column-major); reductions over it round by that layout, so a resumed stack
+    must have it too, or the resume would differ in the last bits.
+    """
+    first = blocks[0]
+    dense = torch.empty_like(first).stride() == first.stride()  # preserve_format keeps the strides of a dense tensor
+    if not dense or any(b.stride() != first.stride() for b in blocks):
+        return torch.stack(blocks)
+    out = torch.empty_strided((len(blocks), *first.shape), (first.numel(), *first.stride()), dtype=first.dtype, device=first.device)
+    for i, block in enumerate(blocks):
+        out[i].copy_(block)
+    return out
+
+
+def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
+    """Write a step's new state into the existing stacks, per block where ``ok`` holds.
+
+    ``stacks`` is the record the step started from; ``new`` the record it returned.
+    Each new tensor is selected into its stack in place (``torch.where(ok, new, old,
+    out=old)``: the same reads and writes as an out-of-place select, one allocation
+    fewer), so views of the stacks (the optimizer's ``state[p]``) stay valid. A new
+    tensor that aliases another stack is copied first (a write could otherwise change
+    it before it is read). A field whose shape, dtype or device changed, or that
+    appears or disappears, is replaced instead.
+
+    Returns:
+        The record to keep (the stacks, with the new record's ints and bools) and
+        whether any stack was replaced (its views must then be rebuilt).
+    """
+    storages = {t.untyped_storage().data_ptr() for t in flatten(stacks).values() if isinstance(t, Tensor)}
+    replaced = False
+
+    def select(n: Tensor | None, o: Tensor | None) -> Tensor | None:
+        nonlocal replaced
+        if n is o:
+            return o
+        if n is None or o is None or n.shape != o.shape or n.stride() != o.stride() or n.dtype != o.dtype or n.device != o.device:
+            replaced = True
+            if n is None or o is None:
+                return n
+            return torch.where(ok.view(-1, *([1] * (n.ndim - 1))), n, o)
+        if n.untyped_storage().data_ptr() in storages:
+            n = n.clone()
+        return torch.where(ok.view(-1, *([1] * (n.ndim - 1))), n, o, out=o)
+
+    kept = zip_tensors(new, stacks, select)
+    fields_new = flatten(new)
+    fields_old = flatten(stacks)
+    replaced = replaced or any((fields_new[k] is None) != (fields_old.get(k) is None) for k in fields_new)
+    return kept, replaced

@@ -14,8 +14,14 @@ Example::
     view.right.eigvals          # eigenvalue estimates per basis column
     view.spectrum("right")      # the side's whole spectrum (a restricted side: r values + (d - r) × mu)
     view.records["inner"]       # the inner rule's state for this block, {field: tensor}
+
+A saved state dict gives the same views without the model: :func:`saved_views`
+(``state_dict()["state"]`` holds each parameter's own state, see
+``docs/architecture.md``; :func:`per_parameter_state` also reads version-1 files).
 """
 
+import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -23,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import compose
-from .config import KronConfig
+from .config import KronConfig, from_dict, with_overrides
 from .types import Layout, SideKind, capabilities
 
 
@@ -60,6 +66,7 @@ class ParamView:
         pipeline: ``"main"`` or ``"fallback"``.
         shape: the block ``(m, n)`` the parameter is viewed as.
         step: parameter updates taken (the bucket's counter).
+        calls: ``step()`` calls that reached the parameter (``step`` plus a first call that only observes).
         left, right: the two sides.
         second_moment: the inner rule's second moment in the basis ``(m n)`` when the
             rule declares one (``second_moment``), else ``None``.
@@ -76,6 +83,7 @@ class ParamView:
     right: SideView
     second_moment: Tensor | None
     records: dict[str, dict[str, Tensor]]
+    calls: int = 0
 
     def side(self, which: str) -> SideView:
         """``"left"`` or ``"right"``."""
@@ -126,6 +134,7 @@ def bucket_views(
                 right=side(i, layout.right, layout.rank_right, basis.Q_R, ctx.eigvals[1], ctx.flat[1], factors[1]),
                 second_moment=None if second is None else second[i].detach().clone(),
                 records={slot: {k: v[i].detach().clone() for k, v in fields.items()} for slot, fields in records.items()},
+                calls=state.calls,
             )
         )
     return out
@@ -140,3 +149,108 @@ def _batched_fields(record: Any, batch: int) -> dict[str, Tensor]:
         for key, value in compose.flatten(record).items()
         if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch
     }
+
+
+# -- saved state ------------------------------------------------------------------------
+
+#: keys of a saved per-parameter entry that are not stage state (see ``KronOptimizer.state_dict``)
+NONFINITE_KEY, BUCKET_KEY = "nonfinite", "bucket"
+
+
+def per_parameter_state(state_dict: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
+    """The per-parameter entries of a saved ``KronOptimizer.state_dict()``, keyed as saved.
+
+    Version 2 (and a dict without the ``kronopt`` section, as
+    ``torch.distributed.checkpoint`` returns it) is ``state_dict["state"]``. Version 1
+    kept stacked buckets under ``kronopt.buckets``; each is split per block (``t[j]``,
+    views of the saved stack; values without the block axis repeated) with its
+    ``nonfinite`` count and its bucket position.
+
+    Raises:
+        ValueError: an unknown version, or a version-1 dict without buckets.
+    """
+    kron = state_dict.get("kronopt")
+    version = 2 if kron is None else kron.get("version")
+    if version == 2:
+        return dict(state_dict.get("state", {}))
+    if version != 1:
+        raise ValueError(
+            f"unknown kronopt state dict version {version!r}: this kronopt reads versions 1 and 2 (a newer kronopt wrote it?)"
+        )
+    if "buckets" not in kron:
+        raise ValueError("not a kronopt version-1 state dict: 'kronopt.buckets' is missing")
+    out: dict[Any, dict[str, Any]] = {}
+    for bi, entry in enumerate(kron["buckets"]):
+        if "state" not in entry:
+            continue
+        params = list(entry["params"])
+        flat = {k: v for k, v in entry["state"].items() if v is not None}
+        for j, index in enumerate(params):
+            block = {k: (v[j] if compose.is_batched(v, len(params)) else v) for k, v in flat.items()}
+            block[NONFINITE_KEY] = entry["nonfinite"][j]
+            block[BUCKET_KEY] = bi
+            out[index] = block
+    return out
+
+
+def saved_views(state_dict: Mapping[str, Any], *, config: KronConfig | None = None) -> dict[str, ParamView]:
+    """Per parameter name, the :class:`ParamView` of a saved state dict, as :meth:`KronOptimizer.inspect` gives it live.
+
+    No model is needed: each entry's block layout (``m``, ``n``, the sides) is the one
+    whose fresh state (the stages' ``init``, on the meta device) has exactly the
+    entry's keys and shapes. Names come from the saved groups' ``param_names``
+    (else ``param_groups[g].params[j]``; ``torch.distributed.checkpoint`` keys are names already).
+
+    Args:
+        state_dict: a ``KronOptimizer.state_dict()`` (version 1 or 2).
+        config: the optimizer's config, when the dict has no ``kronopt`` section.
+
+    Raises:
+        ValueError: no config, or an entry that fits no layout of its group's pipeline.
+    """
+    kron = state_dict.get("kronopt")
+    if config is None:
+        if kron is None or "config" not in kron:
+            raise ValueError("the state dict has no kronopt config: pass config=")
+        config = from_dict(kron["config"])
+    entries = per_parameter_state(state_dict)
+    out: dict[str, ParamView] = {}
+    index = 0
+    for gi, group in enumerate(state_dict.get("param_groups", [])):
+        cfg = with_overrides(config, group.get("overrides") or {})
+        pipeline = group.get("pipeline", "main")
+        cfg = (cfg if pipeline == "main" else cfg.fallback).bound()  # type: ignore[union-attr]
+        names = group.get("param_names")
+        for j, key in enumerate(group["params"]):
+            entry = entries.get(key, entries.get(index))
+            index += 1
+            if not entry:
+                continue
+            name = key if isinstance(key, str) else names[j] if names else f"param_groups[{gi}].params[{j}]"
+            out[name] = _saved_view(cfg, {k: v for k, v in entry.items() if k not in (NONFINITE_KEY, BUCKET_KEY)}, name, pipeline)
+    return out
+
+
+def _saved_view(cfg: KronConfig, entry: dict[str, Any], name: str, pipeline: str) -> ParamView:
+    tensors = [v for v in entry.values() if isinstance(v, Tensor)]
+    dims = sorted({1, *(d for t in tensors for d in t.shape)})
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    for m, n, rotated in itertools.product(dims, dims, itertools.product((True, False), repeat=2)):
+        (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(m, n, rotated)
+        layout = Layout(batch=1, m=m, n=n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
+        try:
+            meta = compose.init_state(cfg, layout, dtype=dtype, device=torch.device("meta"))
+        except (ValueError, RuntimeError):
+            continue
+        expected = {k: v for k, v in compose.flatten(meta).items() if v is not None}
+        if expected.keys() != entry.keys() or any(
+            isinstance(v, Tensor) != isinstance(entry[k], Tensor)
+            or (isinstance(v, Tensor) and tuple(v.shape[1:]) != tuple(entry[k].shape))
+            for k, v in expected.items()
+        ):
+            continue
+        device = tensors[0].device if tensors else torch.device("cpu")
+        template = compose.init_state(cfg, layout, dtype=dtype, device=device)
+        state = compose.stack_entries(template, [entry], [name])
+        return bucket_views(cfg, layout, state, [name], pipeline)[0]
+    raise ValueError(f"the saved state of {name} fits no block layout of its pipeline (another config?)")

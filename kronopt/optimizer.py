@@ -18,12 +18,14 @@ from torch import Tensor
 from . import compose, linalg
 from ._shapes import BlockSpec, block_spec, to_block
 from .config import ConfigError, KronConfig, to_dict, with_overrides
-from .inspection import ParamView, bucket_views
+from .inspection import BUCKET_KEY as _BUCKET
+from .inspection import NONFINITE_KEY as _NONFINITE
+from .inspection import ParamView, bucket_views, per_parameter_state
 from .types import Layout
 
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-parameter "state"
 
 
 def _is_dtensor(p: Tensor) -> bool:
@@ -125,6 +127,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._buckets = self._make_buckets(self.param_groups, self._group_cfgs)
         self._pending: list[_Pending] = []
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
+        self._materialize()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after construction (e.g. progressive unfreezing); routed and validated like the others."""
@@ -140,6 +143,7 @@ class KronOptimizer(torch.optim.Optimizer):
         for b in new:
             b.group += first
         self._buckets.extend(new)
+        self._materialize()
 
     def _split_user_group(self, group: dict[str, Any]) -> list[dict[str, Any]]:
         """One user group → its routed ``main`` / ``fallback`` groups (raises ConfigError)."""
@@ -317,16 +321,43 @@ class KronOptimizer(torch.optim.Optimizer):
                 index = torch.tensor(idx, device=bucket.params[0].device)
                 part.state = compose.map_tensors(bucket.state, lambda t, index=index: t.index_select(0, index))
                 part.nonfinite = bucket.nonfinite.index_select(0, index)  # type: ignore[union-attr]
+                self._bind(part)
             parts.append(part)
         pos = self._buckets.index(bucket)
         self._buckets[pos : pos + 1] = parts
         return parts[0]
 
-    def _init_bucket(self, bucket: _Bucket, cfg: KronConfig | None = None) -> None:
+    def _init_bucket(self, bucket: _Bucket) -> None:
         device = bucket.params[0].device
-        cfg = cfg or self._group_cfgs[bucket.group]
+        cfg = self._group_cfgs[bucket.group]
         bucket.state = compose.init_state(cfg, bucket.layout, dtype=bucket.state_dtype, device=device)
         bucket.nonfinite = torch.zeros(bucket.layout.batch, dtype=torch.int64, device=device)
+        self._bind(bucket)
+
+    def _materialize(self) -> None:
+        """Create the state of every bucket that has a parameter requiring a gradient, now.
+
+        Eager rather than at the first step, so that ``self.state`` is never empty for a
+        trainable model: ``torch.distributed.checkpoint``'s ``_init_optim_state`` would
+        otherwise take a zero-gradient ``step()`` (with ``lr = 0``) that advances the
+        counters (Adam's bias correction, SOAP's first call). The values are those the
+        first step would have created. Buckets of frozen parameters stay lazy.
+        """
+        for bucket in self._buckets:
+            if bucket.state is None and any(p.requires_grad for p in bucket.params):
+                self._init_bucket(bucket)
+
+    def _bind(self, bucket: _Bucket) -> None:
+        """Point ``self.state[p]`` of each block at its slices of the bucket's stacks (views, no copies).
+
+        The dicts are updated in place, so one a caller holds stays valid.
+        """
+        entries = compose.block_entries(bucket.state, bucket.layout.batch)
+        for i, (p, entry) in enumerate(zip(bucket.params, entries)):
+            own = self.state[p]
+            own.clear()
+            own.update(entry)
+            own[_NONFINITE] = bucket.nonfinite[i]  # type: ignore[index]
 
     def _step_bucket(self, bucket: _Bucket, step_ok: Tensor | None) -> None:
         if bucket.state is None:
@@ -340,12 +371,19 @@ class KronOptimizer(torch.optim.Optimizer):
         write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
         old = bucket.state
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
-        bucket.state = compose.zip_tensors(new, old, lambda n, o: o if n is o else linalg.select_blocks(write, n, o))
-        bucket.nonfinite = bucket.nonfinite + (~ok).long()  # type: ignore[operator]
+        if D is not None:  # before the state write: D may still read the old stacks
+            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
+        # into the stacks in place, so the per-parameter views in self.state stay valid
+        bucket.state, replaced = compose.write_(old, new, write)
+        bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
+        if replaced:
+            self._bind(bucket)
+        else:
+            counters = compose.scalar_entries(bucket.state)
+            for p in bucket.params:
+                self.state[p].update(counters)
         if self.config.nonfinite == "warn":
             self._pending.append(_Pending(bucket, ok, new.step, whole_step=step_ok is not None))
-        if D is not None:
-            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
         """A readable, unique name: the parameter's name (qualified by its group if another
@@ -397,13 +435,15 @@ class KronOptimizer(torch.optim.Optimizer):
         self._report_pending(wait=True)
 
     # -- introspection ---------------------------------------------------------------------
+    def _stepped(self) -> list[_Bucket]:
+        """Buckets a ``step()`` has reached (state is created eagerly; before its first call it is the fresh state)."""
+        return [b for b in self._buckets if b.state is not None and b.state.calls > 0]
+
     def inspect(self) -> dict[str, ParamView]:
         """Per parameter name, a :class:`~kronopt.inspection.ParamView`: factors, bases, eigenvalue
-        estimates and stage records as plain tensors (parameters without state yet are left out)."""
+        estimates and stage records as plain tensors (parameters not stepped yet are left out)."""
         out: dict[str, ParamView] = {}
-        for bucket in self._buckets:
-            if bucket.state is None:
-                continue
+        for bucket in self._stepped():
             names = [self._param_name(bucket, i) for i in range(bucket.layout.batch)]
             cfg = self._group_cfgs[bucket.group]
             pipeline = self.param_groups[bucket.group]["pipeline"]
@@ -414,25 +454,21 @@ class KronOptimizer(torch.optim.Optimizer):
     def nonfinite_counts(self) -> dict[str, int]:
         """Per parameter, how many gradients were skipped as non-finite (synchronises)."""
         out: dict[str, int] = {}
-        for bucket in self._buckets:
-            if bucket.nonfinite is None:
-                continue
-            for i, count in enumerate(bucket.nonfinite.tolist()):
+        for bucket in self._stepped():
+            for i, count in enumerate(bucket.nonfinite.tolist()):  # type: ignore[union-attr]
                 out[self._param_name(bucket, i)] = count
         return out
 
     def eigh_failures(self) -> dict[str, int]:
         """Per parameter, how many refreshes kept the old basis because ``eigh`` failed (synchronises)."""
         out: dict[str, int] = {}
-        for bucket in self._buckets:
-            if bucket.state is None:
-                continue
-            for i, count in enumerate(bucket.state.basis.failures.tolist()):
+        for bucket in self._stepped():
+            for i, count in enumerate(bucket.state.basis.failures.tolist()):  # type: ignore[union-attr]
                 out[self._param_name(bucket, i)] = count
         return out
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state tensors held (allocated lazily at the first step)."""
+        """Bytes of optimizer state tensors held: the bucket stacks, counted once (``self.state`` holds views of them)."""
         total = 0
         for bucket in self._buckets:
             if bucket.state is None:
@@ -466,17 +502,28 @@ class KronOptimizer(torch.optim.Optimizer):
         return index
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Torch's layout (``state``, ``param_groups``) plus ``kronopt``: the config and every bucket."""
-        sd = super().state_dict()
+        """torch.optim's layout plus a ``kronopt`` section (version 2).
+
+        ``state[i]`` is parameter ``i``'s own state: every stage tensor by dotted path
+        (``"factors.L"``, ``"inner.exp_avg"``: a copy of its block, no batch axis), the
+        bucket's counters (``"calls"``, ``"step"``, ``"basis.refreshes"``…) as ints and
+        bools, ``"nonfinite"`` (skipped non-finite gradients, a 0-d tensor) and
+        ``"bucket"`` (which bucket it was stacked in, so a load keeps split buckets
+        apart). Parameters with no state yet have no entry. ``kronopt`` holds the
+        ``version``, the ``config`` and the ``skipped_steps`` counter.
+        """
+        sd = super().state_dict()  # param_groups (and torch's hooks); its "state" holds our live dicts
         index = self._index_of()
-        buckets = []
-        for b in self._buckets:
-            entry: dict[str, Any] = {"params": [index[id(p)] for p in b.params], "group": b.group}
-            if b.state is not None:
-                entry["state"] = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in compose.flatten(b.state).items()}
-                entry["nonfinite"] = b.nonfinite.clone()  # type: ignore[union-attr]
-            buckets.append(entry)
-        sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config), "buckets": buckets}
+        state: dict[int, dict[str, Any]] = {}
+        for bi, b in enumerate(self._buckets):
+            if b.state is None:
+                continue
+            for p in b.params:
+                entry = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state[p].items()}
+                entry[_BUCKET] = bi
+                state[index[id(p)]] = entry
+        sd["state"] = state
+        sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config)}
         if self._skipped_steps is not None:
             sd["kronopt"]["skipped_steps"] = self._skipped_steps.clone()
         return sd
@@ -484,55 +531,79 @@ class KronOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict`; the next step continues bit for bit.
 
-        Everything is validated before anything changes: a state dict that does not
-        fit (another model, another pipeline) raises and leaves the optimizer as it was.
+        Reads version 2 (per-parameter ``state``; also without the ``kronopt`` section,
+        as ``torch.distributed.checkpoint`` hands it back, keyed by parameter name) and
+        version 1 (stacked buckets under ``kronopt.buckets``, converted block by block).
+        The blocks are stacked into buckets as construction does (and kept apart where
+        the saved optimizer had split a bucket). Everything is validated before anything
+        changes: a state dict that does not fit (another model, another pipeline, an
+        unknown version) raises ``ValueError`` and leaves the optimizer as it was.
         Per-group config overrides come from the saved groups, as torch.optim restores
         per-group hyperparameters.
         """
         kron = state_dict.get("kronopt")
-        if kron is None or kron.get("version") != _STATE_VERSION:
-            raise ValueError("not a kronopt state dict (missing or unknown 'kronopt' section)")
+        saved = per_parameter_state(state_dict)  # raises on an unknown version; converts version 1
+        if "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict: 'param_groups' is missing")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
             raise ValueError("the saved param groups do not match this optimizer's (different model or routing)")
-        if kron["config"] != to_dict(self.config):
+        if kron is not None and kron.get("config", to_dict(self.config)) != to_dict(self.config):
             warnings.warn(
                 "loading optimizer state saved under a different config; use kronopt.from_state_dict to "
                 "rebuild the saved optimizer exactly",
                 stacklevel=2,
             )
+        keys = [k for g in saved_groups for k in g["params"]]  # by position, as torch.optim (indices or DCP's names)
+        key_of = {id(p): k for k, p in zip(keys, (p for g in self.param_groups for p in g["params"]))}
+        unknown = [k for k in saved if k not in set(keys)]
+        if unknown:
+            raise ValueError(f"saved state for parameters the saved param groups do not list: {unknown[:5]}")
         cfgs = [self._group_config(g) for g in saved_groups]
-        templates = self._make_buckets(self.param_groups, cfgs)
-        by_index = {i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        spec_of = {id(p): s for b in templates for p, s in zip(b.params, b.specs)}
-        template_of = {id(p): b for b in templates for p in b.params}
         buckets = []
-        for entry in kron["buckets"]:
-            params = [by_index[i] for i in entry["params"]]
-            like = template_of.get(id(params[0]))
-            shape_of = lambda b: attrs.evolve(b.layout, batch=0)  # noqa: E731
-            if like is None or any(
-                id(p) not in template_of or template_of[id(p)].group != entry["group"] or shape_of(template_of[id(p)]) != shape_of(like)
-                for p in params
-            ):
-                raise ValueError("saved buckets do not match this model's parameters")
-            bucket = _Bucket(
-                group=entry["group"],
-                params=params,
-                specs=[spec_of[id(p)] for p in params],
-                layout=attrs.evolve(like.layout, batch=len(params)),
-                state_dtype=like.state_dtype,
-            )
-            if "state" in entry:
-                self._init_bucket(bucket, cfgs[bucket.group])
-                bucket.state = compose.unflatten(bucket.state, entry["state"])
-                bucket.nonfinite = entry["nonfinite"].to(bucket.nonfinite.device)  # type: ignore[union-attr]
-            buckets.append(bucket)
-        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        for like in self._make_buckets(self.param_groups, cfgs):
+            parts: dict[Any, list[int]] = {}
+            for i, p in enumerate(like.params):
+                entry = saved.get(key_of[id(p)])
+                if not entry:
+                    part: Any = None
+                elif _BUCKET in entry:
+                    part = (_BUCKET, entry[_BUCKET])
+                else:  # no bucket recorded: blocks whose counters agree share one
+                    part = tuple(sorted((k, v) for k, v in entry.items() if not isinstance(v, Tensor)))
+                parts.setdefault(part, []).append(i)
+            for part, idx in parts.items():
+                bucket = _Bucket(
+                    group=like.group,
+                    params=[like.params[i] for i in idx],
+                    specs=[like.specs[i] for i in idx],
+                    layout=attrs.evolve(like.layout, batch=len(idx)),
+                    state_dtype=like.state_dtype,
+                )
+                if part is not None:
+                    self._restack(bucket, cfgs[like.group], [saved[key_of[id(p)]] for p in bucket.params])
+                buckets.append(bucket)
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         self._group_cfgs = cfgs
         self._buckets = buckets
         self._pending = []
-        skipped = kron.get("skipped_steps")
+        for bucket in buckets:
+            if bucket.state is not None:
+                self._bind(bucket)
+        self._materialize()
+        skipped = None if kron is None else kron.get("skipped_steps")
         self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
+
+    def _restack(self, bucket: _Bucket, cfg: KronConfig, entries: list[dict[str, Any]]) -> None:
+        """Fill ``bucket`` from its blocks' saved entries (validated; raises ValueError naming the parameter)."""
+        device = bucket.params[0].device
+        names = [self._param_name(bucket, i) for i in range(bucket.layout.batch)]
+        template = compose.init_state(cfg, bucket.layout, dtype=bucket.state_dtype, device=device)
+        stage = [{k: v for k, v in e.items() if k not in (_NONFINITE, _BUCKET)} for e in entries]
+        state = compose.stack_entries(template, stage, names)
+        counts = [e.get(_NONFINITE, 0) for e in entries]
+        bucket.state = state
+        bucket.nonfinite = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in counts])
+

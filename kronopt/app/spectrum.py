@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 import kronopt
+from kronopt.inspection import ParamView, saved_views
 
 from . import _args
 from . import train as train_mod
@@ -72,44 +73,6 @@ def _head(d: int, head: float) -> int:
     return int(head) if head >= 1 else max(1, math.floor(head * d))
 
 
-def _side_values(
-    lam: Tensor | None, s: Tensor | None, mu: Tensor | None, d: int
-) -> Tensor | None:
-    """The eigenvalues of one side of one block: tracked roots first, else the basis's; μ fills a restricted side."""
-    if s is not None:
-        values = 1.0 / s.to(torch.float64).square()
-    elif lam is not None:
-        values = lam.to(torch.float64)
-    else:
-        return None
-    if mu is not None:
-        flat = torch.full((d - values.numel(),), float(mu), dtype=torch.float64)
-        values = torch.cat([values, flat])
-    values = values[torch.isfinite(values) & (values > 0)]
-    return torch.sort(values, descending=True).values if values.numel() else None
-
-
-def _from_flat(
-    flat: Mapping[str, Any], names: Sequence[str], step: int, keep: Callable[[str], bool]
-) -> list[FactorSpectrum]:
-    out = []
-    for side, key in (("left", "L"), ("right", "R")):
-        s, lam, mu = flat.get(f"factors.s_{key}"), flat.get(f"basis.lam_{key}"), flat.get(f"factors.mu_{key}")
-        Q = flat.get(f"basis.Q_{key}")
-        if (s is None and lam is None) or Q is None:
-            continue
-        d = Q.shape[-2]
-        for i, name in enumerate(names):
-            if not keep(name):
-                continue
-            values = _side_values(
-                None if lam is None else lam[i], None if s is None else s[i], None if mu is None else mu[i], d
-            )
-            if values is not None:
-                out.append(FactorSpectrum(name=name, side=side, step=step, eigvals=values))
-    return out
-
-
 def _matcher(layers: str | None) -> Callable[[str], bool]:
     pattern = re.compile(layers) if layers else None
     return lambda name: pattern is None or pattern.search(name) is not None
@@ -121,9 +84,14 @@ def spectra_from_optimizer(opt: "kronopt.KronOptimizer", step: int, *, layers: s
     Read through :meth:`kronopt.KronOptimizer.inspect`, so any factor estimator or basis
     (a plugin's too) that gives eigenvalue estimates shows up.
     """
+    return _spectra(opt.inspect().items(), step, layers)
+
+
+def _spectra(views: Iterable[tuple[str, ParamView]], step: int | None, layers: str | None) -> list[FactorSpectrum]:
+    """Each rotated side's spectrum (``step``: the views' own ``calls`` when ``None``)."""
     keep = _matcher(layers)
     out = []
-    for name, view in opt.inspect().items():
+    for name, view in views:
         if not keep(name):
             continue
         for side in ("left", "right"):
@@ -131,31 +99,22 @@ def spectra_from_optimizer(opt: "kronopt.KronOptimizer", step: int, *, layers: s
                 continue
             values = view.spectrum(side)
             if values is not None and values.numel():
-                out.append(FactorSpectrum(name=name, side=side, step=step, eigvals=values))
+                at = view.calls if step is None else step
+                out.append(FactorSpectrum(name=name, side=side, step=at, eigvals=values))
     return out
 
 
 def spectra_from_state_dict(sd: Mapping[str, Any], *, layers: str | None = None) -> list[FactorSpectrum]:
-    """The factor spectra in a saved ``KronOptimizer.state_dict()`` (bucket state in ``sd["kronopt"]["buckets"]``)."""
+    """The factor spectra in a saved ``KronOptimizer.state_dict()`` (version 2, or a version-1 file).
+
+    Read through :func:`kronopt.inspection.saved_views`, the saved counterpart of
+    :meth:`kronopt.KronOptimizer.inspect`, so a saved state gives the spectra the live
+    optimizer gave; ``step`` is the optimizer steps taken (``on_step``'s count).
+    """
     kron = sd.get("kronopt") if isinstance(sd, Mapping) else None
-    if kron is None or "buckets" not in kron:
-        raise ValueError("not a kronopt optimizer state dict (no 'kronopt' section with buckets)")
-    names: dict[int, str] = {}
-    index = 0
-    for gi, group in enumerate(sd.get("param_groups", [])):
-        group_names = group.get("param_names")
-        for j, _ in enumerate(group["params"]):
-            names[index] = group_names[j] if group_names else f"param_groups[{gi}].params[{j}]"
-            index += 1
-    keep = _matcher(layers)
-    out = []
-    for entry in kron["buckets"]:
-        state = entry.get("state")
-        if not state:
-            continue
-        step = int(state.get("calls", state.get("step", 0)))  # optimizer steps taken, as on_step counts them
-        out.extend(_from_flat(state, [names.get(i, f"param {i}") for i in entry["params"]], step, keep))
-    return out
+    if kron is None or "config" not in kron:
+        raise ValueError("not a kronopt optimizer state dict (no 'kronopt' section with its config)")
+    return _spectra(saved_views(sd).items(), None, layers)
 
 
 class SpectrumRecorder:

@@ -84,3 +84,15 @@ def test_cli_spectrum_builtin_run(tmp_path, capsys):
 def test_not_a_kronopt_state_dict_is_rejected():
     with pytest.raises(ValueError, match="not a kronopt optimizer state dict"):
         spectrum.spectra_from_state_dict({"state": {}, "param_groups": []})
+
+
+def test_saved_state_of_both_versions_gives_the_live_spectra():
+    from .test_state_dict import _v1_state_dict
+
+    opt = spectrum.builtin_run("pro_kl_shampoo", steps=4)
+    live = {(r.name, r.side): r.eigvals for r in spectrum.spectra_from_optimizer(opt, 4)}
+    for sd in (opt.state_dict(), _v1_state_dict(opt)):
+        saved = {(r.name, r.side): r for r in spectrum.spectra_from_state_dict(sd)}
+        assert saved.keys() == live.keys() and live
+        for key, values in live.items():
+            assert torch.equal(saved[key].eigvals, values) and saved[key].step == 4

@@ -1,0 +1,286 @@
+"""Per-parameter optimizer state (torch.optim's convention): views, state_dict v2, v1 files, DCP."""
+
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import kronopt
+from kronopt import compose
+
+SHAPES = [(6, 4), (6, 4), (6, 4), (5,), (3, 2, 2), (4, 6)]
+PRESETS = ["soap", "kl_shampoo", "pro_kl_shampoo", "muon", "adamw", "dykaf"]
+OVERRIDES = {"soap": {"refresh.every": 2}, "muon": {"inner.ns_dtype": "float32"}}
+
+
+def _params(seed, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def _run(opt, params, gen, steps, *, absent=()):
+    """``steps`` steps; the parameters at ``absent`` get no gradient on the first two (a split bucket)."""
+    for k in range(steps):
+        for j, p in enumerate(params):
+            p.grad = None if (k < 2 and j in absent) else torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def _v1_state_dict(opt):
+    """The version-1 layout of the release before per-parameter state (kronopt 384dda7's writer):
+    ``state`` empty, every bucket stacked under ``kronopt.buckets``."""
+    sd = torch.optim.Optimizer.state_dict(opt)
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    buckets = []
+    for b in opt._buckets:
+        entry = {"params": [index[id(p)] for p in b.params], "group": b.group}
+        if b.state is not None and b.state.calls > 0:  # version 1 created state at the first step
+            entry["state"] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in compose.flatten(b.state).items()}
+            entry["nonfinite"] = b.nonfinite.clone()
+        buckets.append(entry)
+    sd["state"] = {}
+    sd["kronopt"] = {"version": 1, "config": kronopt.to_dict(opt.config), "buckets": buckets}
+    if opt._skipped_steps is not None:
+        sd["kronopt"]["skipped_steps"] = opt._skipped_steps.clone()
+    return sd
+
+
+def _resume_equals_uninterrupted(preset, save, load, *, absent=(1,)):
+    params = _params(0)
+    gen = torch.Generator().manual_seed(1)
+    opt = kronopt.build(params, preset, **OVERRIDES.get(preset, {}))
+    _run(opt, params, gen, 5, absent=absent)
+    saved = pickle.loads(pickle.dumps(save(opt)))
+    snapshot, tail = [p.detach().clone() for p in params], gen.get_state()
+    _run(opt, params, gen, 6)
+    restored = [torch.nn.Parameter(s.clone()) for s in snapshot]
+    opt2 = kronopt.build(restored, preset, **OVERRIDES.get(preset, {}))
+    load(opt2, saved)
+    gen.set_state(tail)
+    _run(opt2, restored, gen, 6)
+    for a, b in zip(params, restored):
+        assert torch.equal(a, b)
+    return opt, opt2
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the route sends embeddings")
+        yield
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_per_parameter_state_dict_resumes_bit_for_bit(preset):
+    """Saved after a split bucket (parameter 1 had no gradient at first), loaded into a fresh optimizer."""
+    opt, opt2 = _resume_equals_uninterrupted(preset, lambda o: o.state_dict(), lambda o, sd: o.load_state_dict(sd))
+    sd = opt.state_dict()
+    assert sd["kronopt"]["version"] == 2 and "buckets" not in sd["kronopt"]
+    assert sorted(sd["state"]) == list(range(len(SHAPES)))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, entry in sd["state"].items():
+        bucket = next(b for b in opt._buckets if any(q is params[i] for q in b.params))
+        assert entry["step"] == bucket.state.step and entry["calls"] == bucket.state.calls
+        for key, stack in compose.flatten(bucket.state).items():
+            if isinstance(stack, torch.Tensor):
+                assert entry[key].shape == stack.shape[1:], key  # the block's own tensor, no batch axis
+    assert sd["state"][1]["calls"] != sd["state"][0]["calls"], "the split bucket's counters diverged"
+    assert len(opt2._buckets) == len(opt._buckets), "the split buckets stay apart after a load"
+
+
+def test_state_entries_hold_the_blocks_of_the_stacks():
+    params = _params(0)
+    opt = kronopt.build(params, "soap", **{"refresh.every": 2})
+    _run(opt, params, torch.Generator().manual_seed(1), 4)
+    bucket = next(b for b in opt._buckets if b.layout.batch == 3)
+    for i, p in enumerate(bucket.params):
+        entry = opt.state_dict()["state"][i]
+        assert set(entry) >= {"factors.L", "factors.R", "basis.Q_L", "inner.exp_avg", "inner.exp_avg_sq", "calls", "step",
+                              "basis.refreshes", "nonfinite", "bucket"}
+        assert torch.equal(entry["factors.L"], bucket.state.factors.L[i]) and entry["factors.L"].shape == (6, 6)
+        assert entry["step"] == bucket.state.step and isinstance(entry["step"], int)
+        assert entry["basis.refreshes"] == bucket.state.basis.refreshes == 2
+
+
+def test_state_of_a_parameter_is_views_of_the_bucket_stacks_that_stay_valid():
+    params = _params(0)
+    opt = kronopt.build(params, "soap", **{"refresh.every": 1})
+    held = opt.state[params[1]]  # a caller holding the dict across steps
+    gen = torch.Generator().manual_seed(1)
+    _run(opt, params, gen, 2)  # the first refreshes may hand a stack a new memory layout: repointed then
+    tensors = {k: v for k, v in held.items() if isinstance(v, torch.Tensor)}
+    _run(opt, params, gen, 3)
+    bucket = next(b for b in opt._buckets if b.layout.batch == 3)
+    assert opt.state[params[1]] is held
+    for key, stack in compose.flatten(bucket.state).items():
+        if isinstance(stack, torch.Tensor):
+            view = held[key]
+            assert view.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr(), key  # same storage
+            assert torch.equal(view, stack[1]), key
+            assert view is tensors[key], f"{key}: written in place, the old view is the current one"
+    assert held["calls"] == bucket.state.calls == 5 and held["step"] == bucket.state.step == 4
+    # a split moves the blocks into new stacks: the same dict now points at them
+    for j, p in enumerate(params):
+        p.grad = None if j == 1 else torch.randn_like(p)
+    opt.step()
+    absent = next(b for b in opt._buckets if any(q is params[1] for q in b.params))
+    assert absent.layout.batch == 1 and opt.state[params[1]] is held
+    assert held["factors.L"].untyped_storage().data_ptr() == absent.state.factors.L.untyped_storage().data_ptr()
+    assert opt.state[params[0]]["calls"] == 6 and held["calls"] == 5
+
+
+def test_state_bytes_counts_the_stacks_once():
+    params = _params(0)
+    opt = kronopt.build(params, "soap")
+    _run(opt, params, torch.Generator().manual_seed(1), 2)
+    stacks = sum(
+        v.numel() * v.element_size()
+        for b in opt._buckets
+        for v in compose.flatten(b.state).values()
+        if isinstance(v, torch.Tensor)
+    )
+    views = sum(
+        v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if isinstance(v, torch.Tensor) and k != "nonfinite"
+    )
+    assert opt.state_bytes() == stacks == views  # the views are not counted on top of the stacks
+
+
+def test_state_exists_before_the_first_step_but_only_for_trainable_parameters():
+    params = _params(0)
+    params[4].requires_grad_(False)
+    opt = kronopt.build(params, "soap")
+    assert set(opt.state) == set(params) - {params[4]}
+    assert opt.inspect() == {} and opt.eigh_failures() == {}, "nothing stepped yet"
+    sd = opt.state_dict()
+    assert 4 not in sd["state"] and sd["state"][0]["calls"] == 0
+    other = kronopt.build(_params(0), "soap")
+    other.load_state_dict(sd)
+    assert other.state_dict()["state"].keys() == set(range(len(SHAPES))), "a trainable parameter without an entry starts fresh"
+
+
+def test_version_1_state_dict_still_loads_bit_for_bit():
+    _resume_equals_uninterrupted("soap", _v1_state_dict, lambda o, sd: o.load_state_dict(sd))
+    _resume_equals_uninterrupted("pro_kl_shampoo", _v1_state_dict, lambda o, sd: o.load_state_dict(sd))
+
+
+def test_version_1_helper_matches_the_real_writer_layout():
+    """The keys the version-1 writer produced (kronopt 384dda7), checked against the helper above."""
+    params = _params(0)
+    opt = kronopt.build(params, "soap")
+    _run(opt, params, torch.Generator().manual_seed(1), 3, absent=(1,))
+    sd = _v1_state_dict(opt)
+    assert [b["params"] for b in sd["kronopt"]["buckets"]] == [[0, 2], [1], [3], [4], [5]]
+    assert set(sd["kronopt"]["buckets"][0]) == {"params", "group", "state", "nonfinite"}
+    assert sd["kronopt"]["buckets"][0]["state"]["factors.L"].shape == (2, 6, 6)
+
+
+def test_unknown_version_fails_clearly_and_changes_nothing():
+    params = _params(0)
+    opt = kronopt.build(params, "soap")
+    _run(opt, params, torch.Generator().manual_seed(1), 3)
+    before = opt.state_dict()
+    sd = opt.state_dict()
+    sd["kronopt"]["version"] = 3
+    with pytest.raises(ValueError, match="unknown kronopt state dict version 3"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert all(torch.equal(after["state"][0][k], v) for k, v in before["state"][0].items() if isinstance(v, torch.Tensor))
+
+
+def test_a_state_dict_of_another_shape_fails_cleanly():
+    params = _params(0)
+    opt = kronopt.build(params, "soap")
+    _run(opt, params, torch.Generator().manual_seed(1), 3)
+    other_params = _params(0, [(6, 5), (6, 4), (6, 4), (5,), (3, 2, 2), (4, 6)])
+    other = kronopt.build(other_params, "soap", lr=0.5)
+    before = other.state_dict()
+    with pytest.warns(UserWarning, match="different config"), pytest.raises(
+        ValueError, match=r"of param_groups\[0\].params\[0\] \(6, 5\) has shape \(4, 4\), expected \(5, 5\)"
+    ):
+        other.load_state_dict(opt.state_dict())
+    assert other.param_groups[0]["lr"] == 0.5
+    assert other.state[other_params[0]]["factors.R"].shape == (5, 5) and other.state_dict()["state"].keys() == before["state"].keys()
+
+
+# -- torch.distributed.checkpoint -------------------------------------------------------------
+
+
+def _model():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Linear(3, 3, bias=False))
+
+
+def _train_model(model, opt, x, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["sharded", "full"])
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
+def test_dcp_get_and_set_optimizer_state_dict_round_trip(preset, full):
+    dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    options = dcp.StateDictOptions(full_state_dict=full)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    model = _model()
+    opt = kronopt.build(model.named_parameters(), preset, **OVERRIDES.get(preset, {}))
+    _train_model(model, opt, x, 3)
+    osd = dcp.get_optimizer_state_dict(model, opt, options=options)
+    assert set(osd["state"]) == {name for name, _ in model.named_parameters()}
+    assert "kronopt" not in osd, "DCP keeps only state and param_groups: they must be enough"
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    _train_model(model, opt, x, 4)
+
+    resumed = _model()
+    with torch.no_grad():
+        for p, s in zip(resumed.parameters(), snapshot):
+            p.copy_(s)
+    opt2 = kronopt.build(resumed.named_parameters(), preset, **OVERRIDES.get(preset, {}))
+    dcp.set_optimizer_state_dict(resumed, opt2, optim_state_dict=osd, options=options)
+    assert all(p.grad is None for p in resumed.parameters())
+    _train_model(resumed, opt2, x, 4)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_dcp_on_a_fresh_optimizer_takes_no_step():
+    """DCP's _init_optim_state steps with zero gradients when optimizer.state is empty; it never is here."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = kronopt.build(model.named_parameters(), "adamw")
+    osd = dcp.get_optimizer_state_dict(model, opt)
+    assert all(entry["calls"] == 0 and entry["step"] == 0 for entry in osd["state"].values())
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
+    twin = _model()
+    opt_twin = kronopt.build(twin.named_parameters(), "adamw")
+    dcp.set_optimizer_state_dict(twin, opt_twin, optim_state_dict=osd, options=dcp.StateDictOptions(full_state_dict=True))
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    _train_model(model, opt, x, 3)
+    _train_model(twin, opt_twin, x, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "pro_kl_shampoo", "dykaf"])
+def test_writing_into_the_stacks_changes_no_bit(preset, monkeypatch):
+    """Against the out-of-place select of the release before (a new tensor per field and step)."""
+    from kronopt import linalg
+
+    def run(out_of_place):
+        if out_of_place:
+            monkeypatch.setattr(compose, "write_", lambda old, new, ok: (
+                compose.zip_tensors(new, old, lambda n, o: o if n is o else linalg.select_blocks(ok, n, o)), True))
+        params = _params(0)
+        opt = kronopt.build(params, preset, **OVERRIDES.get(preset, {}))
+        _run(opt, params, torch.Generator().manual_seed(1), 8, absent=(1,))
+        monkeypatch.undo()
+        return params, opt.state_dict()["state"]
+
+    (p_new, s_new), (p_old, s_old) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(p_new, p_old))
+    for i, entry in s_old.items():
+        for key, value in entry.items():
+            assert torch.equal(s_new[i][key], value) if isinstance(value, torch.Tensor) else s_new[i][key] == value, key
