@@ -243,9 +243,12 @@ class KronOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._report_pending()
-        if self.config.nonfinite == "raise":
+        raising = self.config.nonfinite == "raise"
+        step_ok = self._all_finite() if raising or self.config.nonfinite_scope == "step" else None
+        if raising and step_ok is not None and not bool(step_ok):  # the one host synchronisation of "raise"
             self._raise_on_nonfinite()
-        step_ok = self._all_finite() if self.config.nonfinite_scope == "step" else None
+        if self.config.nonfinite_scope == "block":
+            step_ok = None
         for bucket in list(self._buckets):
             present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
             if not present:
@@ -293,14 +296,13 @@ class KronOptimizer(torch.optim.Optimizer):
         return 0 if self._skipped_steps is None else int(self._skipped_steps)
 
     def _raise_on_nonfinite(self) -> None:
-        """``nonfinite = "raise"``: check every gradient first (one host synchronisation); raise before anything changes."""
-        named = [(bucket, i, p.grad) for bucket in self._buckets for i, p in enumerate(bucket.params) if p.grad is not None]
-        if not named:
-            return
-        ok = torch.stack([torch.isfinite(g).all().to(named[0][2].device) for _, _, g in named])
-        if bool(ok.all()):
-            return
-        bad = [self._param_name(bucket, i) for (bucket, i, _), good in zip(named, ok.tolist()) if not good]
+        """``nonfinite = "raise"`` after a failed check: name every parameter with a non-finite gradient, change nothing."""
+        bad = [
+            self._param_name(bucket, i)
+            for bucket in self._buckets
+            for i, p in enumerate(bucket.params)
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
         raise FloatingPointError(
             "non-finite gradient (NaN or Inf) in: " + ", ".join(bad) + "; no parameter or optimizer state was changed"
         )
