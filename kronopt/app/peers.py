@@ -1,0 +1,295 @@
+"""Other libraries' optimizers that ``kronopt bench`` times against kronopt: a name → constructor registry.
+
+A peer is named ``package.Class`` on the command line (``torch.Muon``,
+``pytorch_optimizer.SOAP``, ``heavyball.SOAP``). Each entry builds the peer with
+settings as close to the matching kronopt preset as the peer allows; the table in
+README.md ("Benchmarking against other libraries") lists them, and
+:data:`PEERS` holds the same text in :attr:`Peer.settings`.
+
+``pytorch-optimizer`` and ``heavyball`` are optional (``pip install
+'kronopt[peers]'``): :func:`unavailable` says why a peer cannot be built (not
+installed, an import error, a class the installed version lacks) so the bench can
+report it as a line instead of failing. Verified with pytorch-optimizer 4.1.0 and
+heavyball 3.2.1.
+
+heavyball compiles parts of its step with ``torch.compile`` by default (a module
+switch, ``heavyball.utils.compile_mode``); :func:`eager` turns that off for the
+duration of a run, so that every optimizer in a bench runs eagerly, kronopt
+included.
+"""
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import attrs
+import torch
+
+__all__ = ["PEERS", "PEER_PACKAGES", "Peer", "StepAll", "build", "eager", "is_peer_name", "state_bytes", "unavailable"]
+
+#: the install hint printed for a missing optional peer
+INSTALL_HINT = "pip install 'kronopt[peers]'"
+
+
+class StepAll:
+    """Several optimizers stepped as one: a peer that takes matrices only, plus an AdamW for the rest."""
+
+    def __init__(self, *opts: torch.optim.Optimizer):
+        self.opts = opts
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+def state_bytes(*opts: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizers' ``state``, walking nested dicts, lists and tuples.
+
+    Each tensor object counts once (``numel × element_size``), so a tensor held
+    under two keys is not counted twice. Parameters themselves are not state.
+
+    Invariants:
+        torch.optim.AdamW after one step: ``2 × numel × 4`` bytes of moments plus
+        one float32 ``step`` per parameter (``test_bench.py::test_state_bytes_of_torch_adamw``).
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def walk(x: Any) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            if id(x) not in seen:
+                seen.add(id(x))
+                total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+
+    for opt in opts:
+        for per_param in opt.state.values():
+            walk(per_param)
+    return total
+
+
+def _split(params: list[torch.nn.Parameter], *, ndim: int) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(parameters with at least ``ndim`` dimensions, the rest)."""
+    return [p for p in params if p.ndim >= ndim], [p for p in params if p.ndim < ndim]
+
+
+def _with_adamw_rest(main: Any, rest: list[torch.nn.Parameter], make_rest: Callable[[list], Any]) -> tuple[Any, Callable[[], int]]:
+    if not rest:
+        return main, lambda: state_bytes(main)
+    other = make_rest(rest)
+    return StepAll(main, other), lambda: state_bytes(main, other)
+
+
+# -- constructors: (the imported package, parameters) → (something with .step(), state bytes) ---------------
+
+
+def _torch_adamw(torch_: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
+    opt = torch_.optim.AdamW(params)
+    return opt, lambda: state_bytes(opt)
+
+
+def _muon_rest(params: list) -> torch.optim.Optimizer:
+    # the muon preset's fallback for vectors: AdamW(lr 3e-4, betas (0.9, 0.95), eps 1e-10, no decay)
+    return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+
+
+def _torch_muon(torch_: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
+    mats = [p for p in params if p.ndim == 2]  # torch.optim.Muon takes exactly 2-D parameters
+    rest = [p for p in params if p.ndim != 2]
+    return _with_adamw_rest(torch_.optim.Muon(mats), rest, _muon_rest)
+
+
+def _po_soap(po: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
+    opt = po.SOAP(
+        params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=0.95, eps=1e-8, weight_decay=0.01,
+        precondition_frequency=10, max_precondition_dim=10000, merge_dims=False, precondition_1d=False,
+        correct_bias=True, normalize_gradient=False,
+    )
+    return opt, lambda: state_bytes(opt)
+
+
+def _po_muon(po: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
+    mats, rest = _split(params, ndim=2)
+    groups = [dict(params=mats, use_muon=True)]
+    if rest:  # its own AdamW groups, set like the muon preset's fallback
+        groups.append(dict(params=rest, use_muon=False))
+    opt = po.Muon(
+        groups, lr=1e-3, momentum=0.95, weight_decay=0.1, nesterov=True, ns_steps=5,
+        adamw_lr=3e-4, adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_wd=0.0,
+    )
+    return opt, lambda: state_bytes(opt)
+
+
+_HEAVYBALL_SOAP_LIKE = dict(
+    eps=1e-8, weight_decay=0.01, precondition_frequency=10, use_precond_schedule=False, max_precond_dim=10000,
+    merge_dims=False, precondition_1d=False, multi_tensor=True, compile_step=False,
+)
+
+
+def _hb_soap(hb: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
+    opt = hb.SOAP(params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=0.95, **_HEAVYBALL_SOAP_LIKE)
+    return opt, lambda: state_bytes(opt)
+
+
+def _hb_kl_shampoo(hb: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
+    opt = hb.KLShampoo(params, lr=1e-4, betas=(0.9, 0.95), shampoo_beta=0.98, init_factor=0.1, **_HEAVYBALL_SOAP_LIKE)
+    return opt, lambda: state_bytes(opt)
+
+
+def _hb_muon(hb: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
+    mats, rest = _split(params, ndim=2)
+    main = hb.Muon(mats, lr=1e-3, betas=(0.95, 0.95), weight_decay=0.1, nesterov=True, multi_tensor=True, compile_step=False)
+    return _with_adamw_rest(
+        main, rest,
+        lambda ps: hb.AdamW(ps, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, multi_tensor=True, compile_step=False),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Peer:
+    """One optimizer of another library, as ``kronopt bench`` builds it.
+
+    Attributes:
+        name: the command-line name, ``package.Class``.
+        package: the module to import (``heavyball``).
+        distribution: what ``pip install`` calls it (``heavyball``).
+        attribute: the class the constructor uses, looked up on ``package`` (dotted for ``optim.AdamW``).
+        settings: the settings, for the documentation table.
+        matches: the kronopt preset the settings follow.
+        construct: ``(package module, parameters) -> (optimizer with .step(), state bytes function)``.
+    """
+
+    name: str
+    package: str
+    distribution: str
+    attribute: str
+    settings: str
+    matches: str
+    construct: Callable[[ModuleType, list], tuple[Any, Callable[[], int]]] = attrs.field(repr=False)
+
+
+PEERS: dict[str, Peer] = {
+    p.name: p
+    for p in [
+        Peer(name="torch.AdamW", package="torch", distribution="torch", attribute="optim.AdamW", matches="adamw",
+             settings="torch defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01",
+             construct=_torch_adamw),
+        Peer(name="torch.Muon", package="torch", distribution="torch", attribute="optim.Muon", matches="muon",
+             settings="torch defaults on 2-D parameters (lr 1e-3, weight_decay 0.1, momentum 0.95, Nesterov, 5 "
+                      "Newton–Schulz steps); every other parameter to torch.optim.AdamW(lr 3e-4, betas (0.9, 0.95), "
+                      "eps 1e-10, weight_decay 0)",
+             construct=_torch_muon),
+        Peer(name="pytorch_optimizer.SOAP", package="pytorch_optimizer", distribution="pytorch-optimizer",
+             attribute="SOAP", matches="soap",
+             settings="lr 3e-3, betas (0.95, 0.95), shampoo_beta 0.95, eps 1e-8, weight_decay 0.01, "
+                      "precondition_frequency 10, max_precondition_dim 10000, merge_dims off, precondition_1d off",
+             construct=_po_soap),
+        Peer(name="pytorch_optimizer.Muon", package="pytorch_optimizer", distribution="pytorch-optimizer",
+             attribute="Muon", matches="muon",
+             settings="parameters with ≥ 2 dimensions: lr 1e-3, momentum 0.95, Nesterov, weight_decay 0.1, 5 "
+                      "Newton–Schulz steps; the rest in its own AdamW group (lr 3e-4, betas (0.9, 0.95), eps 1e-10, "
+                      "weight_decay 0)",
+             construct=_po_muon),
+        Peer(name="heavyball.SOAP", package="heavyball", distribution="heavyball", attribute="SOAP", matches="soap",
+             settings="lr 3e-3, betas (0.95, 0.95), shampoo_beta 0.95, eps 1e-8, weight_decay 0.01, "
+                      "precondition_frequency 10 (use_precond_schedule off), max_precond_dim 10000, merge_dims off, "
+                      "precondition_1d off; foreach (multi_tensor on), eager (compile_step off, compile_mode None)",
+             construct=_hb_soap),
+        Peer(name="heavyball.KLShampoo", package="heavyball", distribution="heavyball", attribute="KLShampoo",
+             matches="kl_shampoo",
+             settings="lr 1e-4, betas (0.9, 0.95) (momentum 0.9), shampoo_beta 0.98, init_factor 0.1, eps 1e-8, "
+                      "weight_decay 0.01, precondition_frequency 10, otherwise as heavyball.SOAP; 1-D parameters stay "
+                      "with it (precondition_1d off), where kronopt's kl_shampoo sends them to AdamW",
+             construct=_hb_kl_shampoo),
+        Peer(name="heavyball.Muon", package="heavyball", distribution="heavyball", attribute="Muon", matches="muon",
+             settings="parameters with ≥ 2 dimensions: lr 1e-3, momentum 0.95 (betas[0]), Nesterov, weight_decay 0.1; "
+                      "the rest to heavyball.AdamW(lr 3e-4, betas (0.9, 0.95), eps 1e-10, weight_decay 0); foreach, eager",
+             construct=_hb_muon),
+    ]
+}
+
+#: the packages whose ``package.Class`` names are peers (an unknown one is an argument error)
+PEER_PACKAGES: tuple[str, ...] = tuple(dict.fromkeys(p.package for p in PEERS.values()))
+
+
+def is_peer_name(name: str) -> bool:
+    """Whether ``name`` is spelled as a peer (``package.Class`` of a peer package), known or not."""
+    package, dot, attr = name.partition(".")
+    return bool(dot) and package in PEER_PACKAGES and bool(attr) and not name.endswith(".toml")
+
+
+def _resolve(module: ModuleType, attribute: str) -> Any:
+    obj: Any = module
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def unavailable(name: str) -> str | None:
+    """Why the known peer ``name`` cannot be built here (one line), or ``None`` when it can.
+
+    Importing the package is the test: a package that is not installed, that fails
+    to import, or whose installed version lacks the class is reported, never raised.
+    """
+    peer = PEERS[name]
+    try:
+        module = importlib.import_module(peer.package)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == peer.package:
+            return f"not installed ({INSTALL_HINT})"
+        return f"cannot be imported ({type(exc).__name__}: {exc}; {INSTALL_HINT})"
+    try:
+        _resolve(module, peer.attribute)
+    except AttributeError:
+        version = getattr(module, "__version__", None) or _version(peer.distribution)
+        return f"the installed {peer.distribution} {version} has no {peer.attribute} ({INSTALL_HINT} --upgrade)"
+    return None
+
+
+def _version(distribution: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "(unknown version)"
+
+
+def build(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Callable[[], int]]:
+    """The peer ``name`` on ``params``: ``(optimizer with .step(), state bytes function)``.
+
+    Raises:
+        KeyError: ``name`` is not in :data:`PEERS`.
+        ImportError: its package is missing (check :func:`unavailable` first).
+    """
+    peer = PEERS[name]
+    return peer.construct(importlib.import_module(peer.package), params)
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Within the block, heavyball (when imported) runs its step functions without ``torch.compile``.
+
+    heavyball compiles its fused step functions on first call unless
+    ``heavyball.utils.compile_mode`` is ``None``; the switch is set for the block
+    and restored after it.
+    """
+    utils = sys.modules.get("heavyball.utils")
+    if utils is None or not hasattr(utils, "compile_mode"):
+        yield
+        return
+    old = utils.compile_mode
+    utils.compile_mode = None
+    try:
+        yield
+    finally:
+        utils.compile_mode = old
