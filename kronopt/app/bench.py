@@ -1,7 +1,10 @@
-"""``kronopt bench``: median optimizer step time and state bytes on a parameter set.
+"""``kronopt bench``: optimizer step time (mean and median) and state bytes, kronopt against its peers.
 
-The optimizers (presets, TOML files, ``torch.AdamW``, ``torch.Muon``) are stepped
-interleaved in one process on the same gradients, so machine noise hits each alike.
+The optimizers (presets, TOML files, and other libraries' optimizers named
+``package.Class``: ``torch.AdamW``, ``torch.Muon``, ``pytorch_optimizer.SOAP``,
+``heavyball.SOAP``, … see :mod:`kronopt.app.peers`) are stepped interleaved in one
+process on the same gradients, round robin each step, so machine noise hits each
+alike. ``--scaling 128,256,512`` adds a table of step time against the model width.
 """
 
 import argparse
@@ -10,12 +13,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import torch
 
 import kronopt
 
-from . import _args
+from . import _args, peers
 from ._args import Problems
+
 
 def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
     """Per layer: qkv (3d, d), out (d, d), mlp up (4d, d), mlp down (d, 4d) and two gains (d,)."""
@@ -23,38 +28,9 @@ def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
     return per_layer * layers
 
 
-def _torch_state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in opt.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
-    return total
-
-
-class _Pair:
-    """Two torch optimizers stepped as one (torch.optim.Muon needs AdamW for non-matrices)."""
-
-    def __init__(self, *opts: torch.optim.Optimizer):
-        self.opts = opts
-
-    def step(self) -> None:
-        for o in self.opts:
-            o.step()
-
-
 def _make(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
-    if name == "torch.AdamW":
-        opt = torch.optim.AdamW(params)
-        return opt, lambda: _torch_state_bytes(opt)
-    if name == "torch.Muon":
-        mats = [p for p in params if p.ndim == 2]
-        rest = [p for p in params if p.ndim != 2]
-        muon = torch.optim.Muon(mats)
-        if not rest:
-            return muon, lambda: _torch_state_bytes(muon)
-        adam = torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
-        return _Pair(muon, adam), lambda: _torch_state_bytes(muon) + _torch_state_bytes(adam)
+    if name in peers.PEERS:
+        return peers.build(name, params)
     opt = kronopt.build([(f"blocks.{i}.weight", p) for i, p in enumerate(params)], name)
     return opt, opt.state_bytes
 
@@ -69,15 +45,27 @@ def bench(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Median optimizer step time and state bytes per optimizer, measured interleaved in one run.
+    """Step time and state bytes per optimizer, measured interleaved in one run.
+
+    Each of the ``warmup + steps`` rounds gives every optimizer the same
+    gradients and times one ``step()`` of each in turn; only the last ``steps``
+    rounds count. ``mean_ms`` is the mean over those steps, so it includes the
+    steps that refresh a preconditioner (every 10th for SOAP); ``median_ms`` is
+    the typical step, which skips them when they are rarer than one in two.
+
+    Returns:
+        One dict per name, in order: ``optimizer``, ``mean_ms``, ``median_ms``,
+        ``state_bytes`` and ``vs_first``: its mean over the first optimizer's mean.
 
     Raises:
-        ValueError: ``steps < 1``, ``warmup < 0``, no shapes, or a dimension < 1.
+        ValueError: ``steps < 1``, ``warmup < 0``, no names, no shapes, or a dimension < 1.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps ≥ 1 and warmup ≥ 0, got steps={steps}, warmup={warmup}")
     if not shapes or any(d < 1 for s in shapes for d in s):
         raise ValueError(f"need at least one shape, every dimension ≥ 1, got {list(shapes)}")
+    if not names:
+        raise ValueError("need at least one optimizer")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
@@ -87,42 +75,78 @@ def bench(
         opt, state_bytes = _make(name, params)
         runs.append({"name": name, "params": params, "opt": opt, "state_bytes": state_bytes, "times": []})
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for k in range(warmup + steps):
-        for run in runs:  # interleaved, so machine noise hits every optimizer alike
-            for p, g in zip(run["params"], grads[k % len(grads)]):
-                p.grad = g
-            sync()
-            t0 = time.perf_counter()
-            run["opt"].step()
-            sync()
-            if k >= warmup:
-                run["times"].append(time.perf_counter() - t0)
-    base_ms = None
-    rows = []
-    for run in runs:
-        med = statistics.median(run["times"]) * 1e3
-        if run["name"] == "torch.AdamW":
-            base_ms = med
-        rows.append(
-            {
-                "optimizer": run["name"],
-                "median_ms": med,
-                "mean_ms": statistics.fmean(run["times"]) * 1e3,
-                "state_bytes": run["state_bytes"](),
-            }
-        )
-    for row in rows:
-        row["vs_torch_adamw"] = row["median_ms"] / base_ms if base_ms else float("nan")
-    return rows
+    with peers.eager():
+        for k in range(warmup + steps):
+            for run in runs:  # interleaved, so machine noise hits every optimizer alike
+                for p, g in zip(run["params"], grads[k % len(grads)]):
+                    p.grad = g
+                sync()
+                t0 = time.perf_counter()
+                run["opt"].step()
+                sync()
+                if k >= warmup:
+                    run["times"].append(time.perf_counter() - t0)
+    first = statistics.fmean(runs[0]["times"]) * 1e3
+    return [
+        {
+            "optimizer": run["name"],
+            "mean_ms": statistics.fmean(run["times"]) * 1e3,
+            "median_ms": statistics.median(run["times"]) * 1e3,
+            "state_bytes": run["state_bytes"](),
+            "vs_first": statistics.fmean(run["times"]) * 1e3 / first if first > 0 else float("nan"),
+        }
+        for run in runs
+    ]
+
+
+def scaling(
+    names: Sequence[str], widths: Sequence[int], *, steps: int, warmup: int, device: str, seed: int = 0
+) -> list[dict[str, Any]]:
+    """:func:`bench` on a one-layer transformer-shaped set (:func:`transformer_shapes`) at each width ``d``.
+
+    Returns:
+        One dict per width: ``d`` and ``rows``, :func:`bench`'s rows at that width.
+    """
+    return [
+        {"d": d, "rows": bench(names, transformer_shapes(d, 1), steps=steps, warmup=warmup, device=device, seed=seed)}
+        for d in widths
+    ]
 
 
 #: what ``kronopt bench`` measures when given no optimizer
 BENCH_DEFAULT: tuple[str, ...] = ("torch.AdamW", "torch.Muon", "adamw", "muon", "shampoo", "soap")
-_TORCH_OPTIMIZERS: tuple[str, ...] = ("torch.AdamW", "torch.Muon")
 
 
-def check_bench(args: argparse.Namespace) -> tuple[list[str], list[tuple[int, ...]], dict[str, int]]:
-    """``kronopt bench``'s optimizers, shapes and counts, every bad argument in one :class:`UsageError`."""
+@attrs.frozen(kw_only=True)
+class BenchPlan:
+    """What ``kronopt bench`` will run, after every argument was checked.
+
+    Attributes:
+        names: the optimizers to time, in the order named.
+        shapes: the parameter set of the main table.
+        counts: ``steps``, ``warmup``, ``threads``, ``seed``.
+        missing: ``(name, reason)`` for each named peer that cannot be built here (not installed, …).
+        widths: the ``--scaling`` widths (empty: no scaling table).
+    """
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    counts: dict[str, int]
+    missing: list[tuple[str, str]]
+    widths: list[int]
+
+
+def _known_peers(package: str) -> str:
+    return ", ".join(n for n, p in peers.PEERS.items() if p.package == package)
+
+
+def check_bench(args: argparse.Namespace) -> BenchPlan:
+    """``kronopt bench``'s plan, every bad argument in one :class:`UsageError`.
+
+    A peer whose package is not installed is not an error: it goes to
+    :attr:`BenchPlan.missing` and is reported. A ``package.Class`` name of a peer
+    package that is not a known peer is an error naming it and the known ones.
+    """
     p = Problems()
     if args.shapes is not None:
         shapes = p.value("--shapes", args.shapes, _args.shapes, [])
@@ -136,50 +160,99 @@ def check_bench(args: argparse.Namespace) -> tuple[list[str], list[tuple[int, ..
         "threads": p.integer("--threads", args.threads, minimum=0),
         "seed": p.integer("--seed", args.seed, minimum=0, maximum=2**63 - 1),
     }
+    widths = [] if args.scaling is None else p.value("--scaling", args.scaling, lambda s: _args.integers(s, minimum=1), [])
     p.value("--device", args.device, _args.device, "cpu")
-    names = list(args.optimizers) or list(BENCH_DEFAULT)
-    for name in names:
-        if name == "torch.Muon" and shapes and not any(len(s) == 2 for s in shapes):
-            p.add("torch.Muon", "needs at least one 2-D shape (it only takes matrices)")
-        elif name not in _TORCH_OPTIMIZERS:
+    names, missing = [], []
+    for name in list(args.optimizers) or list(BENCH_DEFAULT):
+        if name in peers.PEERS:
+            if name == "torch.Muon" and shapes and not any(len(s) == 2 for s in shapes):
+                p.add("torch.Muon", "needs at least one 2-D shape (it only takes matrices)")
+            elif (reason := peers.unavailable(name)) is not None:
+                missing.append((name, reason))
+            elif name not in names:
+                names.append(name)
+        elif peers.is_peer_name(name):
+            package = name.partition(".")[0]
+            p.add(name, f"not a known {package} optimizer; known: {_known_peers(package)} (or a preset or TOML file)")
+        else:
             p.config(name, {}, prefix=name)
+            if name not in names:
+                names.append(name)
     p.check()
-    return names, shapes, counts
+    return BenchPlan(names=names, shapes=shapes, counts=counts, missing=missing, widths=widths)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    names, shapes, counts = check_bench(args)
-    threads = torch.get_num_threads()
-    if counts["threads"]:
-        torch.set_num_threads(counts["threads"])
-    try:
-        rows = bench(names, shapes, steps=counts["steps"], warmup=counts["warmup"], device=args.device, seed=counts["seed"])
-    finally:
-        torch.set_num_threads(threads)
-    n_params = sum(int(torch.Size(s).numel()) for s in shapes)
-    print(
-        f"{len(shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {args.device}, "
-        f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), torch {torch.__version__}"
-    )
-    header = f"{'optimizer':<14} {'median ms':>10} {'mean ms':>9} {'× torch.AdamW':>14} {'state MiB':>10}"
+def _mib(n: int) -> float:
+    return n / 2**20
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    width = max(14, *(len(r["optimizer"]) for r in rows))
+    first = f"× {rows[0]['optimizer']}"
+    header = f"{'optimizer':<{width}} {'mean ms':>9} {'median ms':>10} {first:>{max(12, len(first))}} {'state MiB':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['optimizer']:<14} {r['median_ms']:>10.2f} {r['mean_ms']:>9.2f} "
-            f"{r['vs_torch_adamw']:>14.2f} {r['state_bytes'] / 2**20:>10.2f}"
+            f"{r['optimizer']:<{width}} {r['mean_ms']:>9.3f} {r['median_ms']:>10.3f} "
+            f"{r['vs_first']:>{max(12, len(first))}.2f} {_mib(r['state_bytes']):>10.2f}"
         )
+
+
+def _print_scaling(table: list[dict[str, Any]]) -> None:
+    names = [r["optimizer"] for r in table[0]["rows"]]
+    print(f"scaling: one-layer transformer-shaped set, mean ms per step (refreshes included) and × {names[0]}")
+    cols = [max(len(n), 16) for n in names]
+    header = f"{'d':>6} " + " ".join(f"{n:>{w}}" for n, w in zip(names, cols))
+    print(header)
+    print("-" * len(header))
+    for entry in table:
+        cells = [f"{r['mean_ms']:.4g} ({r['vs_first']:.2f}×)" for r in entry["rows"]]
+        print(f"{entry['d']:>6} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    plan = check_bench(args)
+    for name, reason in plan.missing:
+        print(f"{name}: {reason}")
+    if not plan.names:
+        return 0
+    counts = plan.counts
+    threads = torch.get_num_threads()
+    if counts["threads"]:
+        torch.set_num_threads(counts["threads"])
+    timing = dict(steps=counts["steps"], warmup=counts["warmup"], device=args.device, seed=counts["seed"])
+    try:
+        rows = bench(plan.names, plan.shapes, **timing)
+        table = scaling(plan.names, plan.widths, **timing) if plan.widths else []
+    finally:
+        torch.set_num_threads(threads)
+    n_params = sum(int(torch.Size(s).numel()) for s in plan.shapes)
+    print(
+        f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {args.device}, "
+        f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), "
+        f"{counts['threads'] or threads} threads, torch {torch.__version__}"
+    )
+    _print_table(rows)
+    if table:
+        print()
+        _print_scaling(table)
     return 0
 
 
 def add_subcommand(sub: Any) -> None:
-    p = sub.add_parser("bench", help="median optimizer step time and state size on a parameter set")
-    p.add_argument("optimizers", nargs="*", help="presets, TOML files, torch.AdamW or torch.Muon (default: all)")
+    p = sub.add_parser("bench", help="optimizer step time and state size on a parameter set, against other libraries")
+    p.add_argument(
+        "optimizers", nargs="*",
+        help="presets, TOML files or other libraries' optimizers: " + ", ".join(peers.PEERS) + " (default: "
+        + ", ".join(BENCH_DEFAULT) + ")",
+    )
     p.add_argument("--d", default="256", help="model width of the transformer-shaped set (≥ 1)")
     p.add_argument("--layers", default="4", help="layers of the transformer-shaped set (≥ 1)")
     p.add_argument("--shapes", help="your own shapes instead, e.g. '768x768,3072x768,768'")
     p.add_argument("--steps", default="30", help="timed steps (≥ 1)")
     p.add_argument("--warmup", default="12", help="untimed steps first (≥ 0)")
+    p.add_argument("--scaling", help="also time a one-layer transformer-shaped set at each width, e.g. '128,256,512'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", default="0", help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", default="0")

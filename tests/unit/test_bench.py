@@ -1,0 +1,209 @@
+"""``kronopt bench`` against other libraries: peer names, the interleaved run, ``--scaling``, state bytes.
+
+torch.AdamW and torch.Muon are always there; pytorch-optimizer and heavyball are
+optional (``kronopt[peers]``), so their runs are skipped without them and their
+absence is simulated by making their import fail.
+"""
+
+import re
+import sys
+
+import pytest
+import torch
+
+from kronopt.app import bench, cli, peers
+
+TINY = ["--shapes", "8x4,4", "--steps", "2", "--warmup", "1", "--threads", "1"]
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    """The main table's rows by optimizer name (the lines after the dashes, up to a blank line)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if set(line) == {"-"}) + 1
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        rows[line.split()[0]] = line.split()
+    return rows
+
+
+# -- names ---------------------------------------------------------------------------------------------------
+
+
+def test_every_peer_is_named_package_dot_class_and_recognised():
+    for name, peer in peers.PEERS.items():
+        assert name == f"{peer.package}.{name.partition('.')[2]}" and peers.is_peer_name(name)
+        assert peer.settings and peer.matches
+    assert not peers.is_peer_name("soap") and not peers.is_peer_name("configs/soap.toml")
+    assert not peers.is_peer_name("heavyball.toml") and peers.is_peer_name("heavyball.Nope")
+
+
+@pytest.mark.parametrize("name", ["heavyball.Nope", "pytorch_optimizer.soap", "torch.adamw"])
+def test_unknown_peer_name_exits_2_naming_it(name, capsys):
+    assert cli.main(["bench", name, *TINY]) == 2
+    err = capsys.readouterr().err
+    package = name.partition(".")[0]
+    assert f"{name}: not a known {package} optimizer" in err and "Traceback" not in err
+    assert all(n in err for n, p in peers.PEERS.items() if p.package == package)  # the known ones are listed
+
+
+@pytest.mark.parametrize("package", ["heavyball", "pytorch_optimizer"])
+def test_a_peer_not_installed_is_a_line_not_an_error(package, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ModuleNotFoundError
+    named = [n for n, p in peers.PEERS.items() if p.package == package]
+    assert cli.main(["bench", *named, "torch.AdamW", *TINY]) == 0
+    out = capsys.readouterr().out
+    for name in named:
+        assert f"{name}: not installed (pip install 'kronopt[peers]')" in out
+    assert set(_rows(out)) == {"torch.AdamW"}
+
+
+def test_only_missing_peers_report_and_exit_0(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "heavyball", None)
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("nothing to time"))
+    assert cli.main(["bench", "heavyball.SOAP", *TINY]) == 0
+    assert capsys.readouterr().out == "heavyball.SOAP: not installed (pip install 'kronopt[peers]')\n"
+
+
+def test_a_peer_whose_dependency_is_missing_is_reported(monkeypatch):
+    def broken(name, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'opt_einsum'", name="opt_einsum")
+
+    monkeypatch.setattr(peers.importlib, "import_module", broken)
+    reason = peers.unavailable("heavyball.SOAP")
+    assert reason.startswith("cannot be imported (ModuleNotFoundError") and "opt_einsum" in reason
+
+
+def test_a_class_the_installed_version_lacks_is_reported(monkeypatch):
+    monkeypatch.setitem(peers.PEERS, "torch.Nope", peers.Peer(
+        name="torch.Nope", package="torch", distribution="torch", attribute="optim.Nope", settings="-", matches="-",
+        construct=lambda module, params: None,
+    ))
+    assert peers.unavailable("torch.Nope").startswith(f"the installed torch {torch.__version__} has no optim.Nope")
+
+
+# -- the interleaved run ----------------------------------------------------------------------------------------
+
+
+def test_interleaved_run_includes_torch_peers(capsys):
+    assert cli.main(["bench", "torch.Muon", "torch.AdamW", "muon", *TINY]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert list(rows) == ["torch.Muon", "torch.AdamW", "muon"]
+    assert float(rows["torch.Muon"][3]) == pytest.approx(1.0)  # × the first one named
+
+
+def test_round_robin_each_step_same_gradients(monkeypatch):
+    """Each round steps every optimizer once, in order, and their parameters see the same gradients."""
+    order, seen = [], {}
+    real_make = bench._make
+
+    def spy(name, params):
+        opt, size = real_make(name, params)
+
+        class Spy:
+            def step(self):
+                order.append(name)
+                seen.setdefault(name, []).append([p.grad.clone() for p in params])
+                opt.step()
+
+        return Spy(), size
+
+    monkeypatch.setattr(bench, "_make", spy)
+    rows = bench.bench(["torch.AdamW", "torch.Muon", "adamw"], [(6, 4), (4,)], steps=2, warmup=1, device="cpu")
+    assert order == ["torch.AdamW", "torch.Muon", "adamw"] * 3
+    for name in ("torch.Muon", "adamw"):
+        for a, b in zip(seen[name], seen["torch.AdamW"]):
+            for ga, gb in zip(a, b):
+                torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    assert [r["optimizer"] for r in rows] == ["torch.AdamW", "torch.Muon", "adamw"]
+    assert all(r["mean_ms"] > 0 and r["median_ms"] > 0 for r in rows)
+
+
+def test_mean_includes_slow_steps_and_median_does_not(monkeypatch):
+    """The mean counts every timed step (refreshes included); the median is the typical one."""
+    ticks = iter([0.0, 0.001, 0.0, 0.001, 0.0, 0.010])  # three timed steps: 1 ms, 1 ms, 10 ms
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    [row] = bench.bench(["torch.AdamW"], [(3,)], steps=3, warmup=0, device="cpu")
+    assert row["mean_ms"] == pytest.approx(4.0) and row["median_ms"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("package", ["pytorch_optimizer", "heavyball"])
+def test_interleaved_run_with_optional_peers(package, capsys):
+    pytest.importorskip(package)
+    named = [n for n, p in peers.PEERS.items() if p.package == package]
+    assert cli.main(["bench", "adamw", *named, "--shapes", "8x4,4x4,4", "--steps", "2", "--warmup", "1"]) == 0
+    assert list(_rows(capsys.readouterr().out)) == ["adamw", *named]
+    rows = bench.bench(named, [(8, 4), (4,)], steps=1, warmup=0, device="cpu")
+    for row in rows:  # each holds at least a first moment of every parameter
+        assert row["mean_ms"] > 0 and row["state_bytes"] >= (32 + 4) * 4, row
+
+
+def test_heavyball_runs_eager_and_the_switch_is_restored():
+    utils = pytest.importorskip("heavyball.utils")
+    before = utils.compile_mode
+    with peers.eager():
+        assert utils.compile_mode is None
+    assert utils.compile_mode == before
+
+
+# -- --scaling ------------------------------------------------------------------------------------------------
+
+
+def _scaling_rows(out: str) -> tuple[list[str], list[list[str]]]:
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("scaling:"))
+    names = lines[at + 1].split()[1:]
+    return names, [line.split() for line in lines[at + 3:] if line.strip()]
+
+
+def test_scaling_has_one_row_per_width_and_ratios_match_the_times(capsys):
+    assert cli.main(["bench", "torch.AdamW", "torch.Muon", "adamw", "--d", "4", "--layers", "1", "--steps", "3",
+                     "--warmup", "1", "--threads", "1", "--scaling", "4,8,12"]) == 0
+    names, rows = _scaling_rows(capsys.readouterr().out)
+    assert names == ["torch.AdamW", "torch.Muon", "adamw"]
+    assert [int(r[0]) for r in rows] == [4, 8, 12]
+    for r in rows:
+        cells = r[1:]
+        times = [float(t) for t in cells[0::2]]
+        ratios = [float(re.fullmatch(r"\((.*)×\)", c).group(1)) for c in cells[1::2]]
+        assert len(times) == 3 and ratios[0] == 1.0
+        for t, ratio in zip(times, ratios):
+            expected = t / times[0]  # from the printed times (4 significant digits), ratios printed to 0.01
+            assert ratio == pytest.approx(expected, abs=0.005 + 2e-3 * expected)
+
+
+def test_scaling_uses_a_one_layer_transformer_set(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "bench", lambda names, shapes, **kw: calls.append(list(shapes)) or [])
+    bench.scaling(["adamw"], [8, 16], steps=1, warmup=0, device="cpu")
+    assert calls == [bench.transformer_shapes(8, 1), bench.transformer_shapes(16, 1)]
+
+
+# -- state bytes -------------------------------------------------------------------------------------------------
+
+
+def test_state_bytes_of_torch_adamw():
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5))]
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    numel = 6 * 4 + 5
+    # exp_avg and exp_avg_sq in float32, plus one float32 `step` tensor per parameter (torch's default, not capturable)
+    assert peers.state_bytes(opt) == 2 * numel * 4 + 2 * 4
+
+
+def test_state_bytes_walks_nested_state_once_per_tensor():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))])
+    shared = torch.zeros(3, dtype=torch.float64)
+    opt.state["a"] = {0: {"Q": [torch.zeros(2, 2), shared]}, "again": shared, "n": 3, "s": (torch.zeros(1, dtype=torch.int8),)}
+    assert peers.state_bytes(opt) == 2 * 2 * 4 + 3 * 8 + 1
+
+
+def test_torch_muon_state_counts_its_adamw_for_vectors(capsys):
+    assert cli.main(["bench", "torch.Muon", "--shapes", "8x4,4", "--steps", "1", "--warmup", "0"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    # Muon: one momentum buffer of 32; AdamW on the vector: two moments of 4 and a step
+    assert float(rows["torch.Muon"][4]) == pytest.approx((32 * 4 + 2 * 4 * 4 + 4) / 2**20, abs=5e-3)
+
