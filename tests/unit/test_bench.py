@@ -7,6 +7,7 @@ absence is simulated by making their import fail.
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,9 @@ def test_torch_muon_state_counts_its_adamw_for_vectors(capsys):
     # Muon: one momentum buffer of 32; AdamW on the vector: two moments of 4 and a step
     assert float(rows["torch.Muon"][4]) == pytest.approx((32 * 4 + 2 * 4 * 4 + 4) / 2**20, abs=5e-3)
 
+
+def test_readme_documents_every_peer_with_its_settings():
+    """README.md's peer table is the registry's text (a changed setting must be documented)."""
+    text = (Path(peers.__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    for name, peer in peers.PEERS.items():
+        assert f"| `{name}` | `{peer.matches}` | {peer.settings} |" in text, name
