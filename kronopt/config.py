@@ -79,6 +79,24 @@ class Route:
     fallback_names: tuple[str, ...] = attrs.field(default=(), converter=_regexes)
 
 
+@attrs.frozen(kw_only=True)
+class Distributed:
+    """How the optimizer runs under ``torch.distributed`` (top-level table only; docs/distributed.md).
+
+    Read only when a process group is initialized with more than one rank and the
+    parameters are plain tensors (DDP); in one process it changes nothing.
+
+    Attributes:
+        shard_work: each block's factors, basis, moments and direction are computed
+            by one owner rank only (owners balanced by estimated cost), and the
+            directions are all-gathered, one collective per bucket; every rank then
+            writes every parameter identically. ``false``: every rank computes
+            everything (no collective). Both give bit-identical parameters.
+    """
+
+    shard_work: bool = attrs.field(default=True, converter=to_bool)
+
+
 _DTYPE_NAMES = ("float32", "float64")
 
 
@@ -110,6 +128,8 @@ class KronConfig:
             (0: never). The count is read without a host synchronisation, so the
             error comes at the ``step()`` after the limit is reached (or at
             :meth:`KronOptimizer.flush_warnings`). Top-level only.
+        distributed: the ``[distributed]`` table (:class:`Distributed`); top-level
+            only, a ``[fallback]`` table may not set it.
         fallback: the config of the parameters the route sends away.
     """
 
@@ -135,6 +155,7 @@ class KronConfig:
     post: Post = attrs.field(factory=Post)
     shapes: Shapes = attrs.field(factory=Shapes)
     route: Route = attrs.field(factory=Route)
+    distributed: Distributed = attrs.field(factory=Distributed)
     fallback: "KronConfig | None" = None
 
     def stages(self) -> dict[str, Any]:
@@ -152,8 +173,16 @@ class KronConfig:
         return attrs.evolve(self, factors=attrs.evolve(self.factors, beta=self.inner.betas[1]))
 
 
-_SCALARS = tuple(f.name for f in attrs.fields(KronConfig) if f.name not in (*STAGE_SLOTS, "post", "shapes", "route", "fallback"))
-_RECORDS: dict[str, type] = {"post": Post, "shapes": Shapes, "route": Route}
+_SCALARS = tuple(
+    f.name for f in attrs.fields(KronConfig) if f.name not in (*STAGE_SLOTS, "post", "shapes", "route", "distributed", "fallback")
+)
+_RECORDS: dict[str, type] = {"post": Post, "shapes": Shapes, "route": Route, "distributed": Distributed}
+_TOP_ONLY: tuple[str, ...] = ("distributed",)  # records a [fallback] table may not set
+
+
+def _records(top: bool) -> dict[str, type]:
+    """The record tables of a config: all of them at the top level, those a fallback may set inside it."""
+    return _RECORDS if top else {k: v for k, v in _RECORDS.items() if k not in _TOP_ONLY}
 
 
 # -- building --------------------------------------------------------------------------
@@ -214,7 +243,7 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
     if not isinstance(raw, Mapping):
         errors.append((prefix, f"must be a table, got {type(raw).__name__}"))
         return None
-    known = {*_SCALARS, *STAGE_SLOTS, *_RECORDS, *(("fallback",) if allow_fallback else ())}
+    known = {*_SCALARS, *STAGE_SLOTS, *_records(allow_fallback), *(("fallback",) if allow_fallback else ())}
     kwargs: dict[str, Any] = {}
     found = len(errors)
     for key in raw:
@@ -226,7 +255,7 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
             errors.append((_join(prefix, slot), f"missing table; give [{slot}] with a 'type' (one of: {', '.join(SLOTS[slot].keys())})"))
             continue
         kwargs[slot] = _build_stage(slot, raw[slot], _join(prefix, slot), errors)
-    for name, cls in _RECORDS.items():
+    for name, cls in _records(allow_fallback).items():
         if name in raw:
             kwargs[name] = _build_record(cls, raw[name], _join(prefix, name), errors)
     if allow_fallback and "fallback" in raw:
@@ -359,13 +388,17 @@ def _plain(value: Any) -> Any:
 
 def to_dict(cfg: KronConfig) -> dict[str, Any]:
     """The fully resolved config as plain data (the inverse of :func:`from_dict`)."""
+    return _to_dict(cfg, top=True)
+
+
+def _to_dict(cfg: KronConfig, *, top: bool) -> dict[str, Any]:
     out: dict[str, Any] = {k: getattr(cfg, k) for k in _SCALARS}
     for slot, stage in cfg.stages().items():
         out[slot] = {"type": SLOTS[slot].key_of(type(stage)), **_record_dict(stage)}
-    for name in _RECORDS:
+    for name in _records(top):
         out[name] = _record_dict(getattr(cfg, name))
     if cfg.fallback is not None:
-        out["fallback"] = to_dict(cfg.fallback)
+        out["fallback"] = _to_dict(cfg.fallback, top=False)
     return out
 
 
@@ -459,7 +492,7 @@ def _evolve_config(
     found = len(errors)
     tables: dict[str, dict[str, Any]] = {}
     scalars: dict[str, Any] = {}
-    known = {*_SCALARS, *STAGE_SLOTS, *_RECORDS, *(("fallback",) if allow_fallback else ())}
+    known = {*_SCALARS, *STAGE_SLOTS, *_records(allow_fallback), *(("fallback",) if allow_fallback else ())}
     for dotted, value in overrides.items():
         head, _, rest = dotted.partition(".")
         if head not in known:

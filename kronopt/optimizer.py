@@ -15,7 +15,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import compose, linalg
+from . import compose, distributed, linalg
 from ._shapes import BlockSpec, block_spec, to_block
 from .config import ConfigError, KronConfig, to_dict, with_overrides
 from .inspection import BUCKET_KEY as _BUCKET
@@ -47,6 +47,13 @@ class _Bucket:
     state_dtype: torch.dtype
     state: compose.BucketState | None = None
     nonfinite: Tensor | None = None  # (b) count of skipped non-finite gradient blocks
+    #: with work sharding: every rank's blocks (``params`` are this rank's, the ones stacked)
+    plan: distributed.GatherPlan | None = None
+
+    @property
+    def blocks(self) -> list[Tensor]:
+        """Every parameter of the bucket, this rank's and (with work sharding) the other ranks'."""
+        return self.plan.params if self.plan is not None else self.params
 
 
 class _Pending:
@@ -54,12 +61,15 @@ class _Pending:
 
     On a GPU the value is copied into pinned memory with ``non_blocking=True`` and an
     event is recorded; it is read once the event has completed (checked at the
-    next step with ``Event.query()``, which does not block). ``bucket`` is the
-    bucket a finiteness mask belongs to (``None`` for the skipped-steps counter).
+    next step with ``Event.query()``, which does not block). ``params`` are the
+    parameters of a finiteness mask, in its order, and ``group`` their param group
+    (``params`` is ``None`` for the skipped-steps counter).
     """
 
-    def __init__(self, bucket: "_Bucket | None", value: Tensor, step: int, *, whole_step: bool = False) -> None:
-        self.bucket, self.step, self.whole_step = bucket, step, whole_step
+    def __init__(
+        self, params: list[Tensor] | None, value: Tensor, step: int, *, group: int = 0, whole_step: bool = False
+    ) -> None:
+        self.params, self.group, self.step, self.whole_step = params, group, step, whole_step
         self.event = None
         if value.is_cuda:
             self.value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
@@ -76,6 +86,12 @@ class _Pending:
             elif not self.event.query():
                 return None
         return self.value
+
+
+def _numbers_config(raw: Any) -> Any:
+    """A saved config without the tables that do not change the numbers (``[distributed]``: sharding
+    gives the same parameters), to compare a saved config with the running one."""
+    return {k: v for k, v in raw.items() if k != "distributed"} if isinstance(raw, dict) else raw
 
 
 def _normalize_groups(params: Any) -> list[dict[str, Any]]:
@@ -124,7 +140,10 @@ class KronOptimizer(torch.optim.Optimizer):
             raise ConfigError(errors)
         self._group_cfgs: list[KronConfig] = []
         super().__init__(split_groups, {"lr": config.lr, "weight_decay": config.weight_decay})
-        self._buckets = self._make_buckets(self.param_groups, self._group_cfgs)
+        self._sharding = distributed.current(enabled=config.distributed.shard_work)
+        self._owner: dict[int, int] = {}  # id(param) → owner rank (work sharding)
+        self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
+        self._buckets = self._shard(self._make_buckets(self.param_groups, self._group_cfgs), assign=True)
         self._pending: list[_Pending] = []
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
         self._materialize()
@@ -142,7 +161,7 @@ class KronOptimizer(torch.optim.Optimizer):
         new = self._make_buckets(self.param_groups[first:], self._group_cfgs[first:])
         for b in new:
             b.group += first
-        self._buckets.extend(new)
+        self._buckets.extend(self._shard(new, assign=True))
         self._materialize()
 
     def _split_user_group(self, group: dict[str, Any]) -> list[dict[str, Any]]:
@@ -234,6 +253,36 @@ class KronOptimizer(torch.optim.Optimizer):
             b.layout = attrs.evolve(b.layout, batch=len(b.params))
         return out
 
+    def _shard(self, buckets: list[_Bucket], *, assign: bool = False) -> list[_Bucket]:
+        """With work sharding, each bucket (of every rank's blocks, stateless) cut to this rank's blocks plus
+        its gather plan; unchanged otherwise. ``assign``: pick owners for these blocks first
+        (:func:`distributed.assign`, balanced with the blocks assigned before)."""
+        sh = self._sharding
+        if sh is None:
+            return buckets
+        if assign:
+            sizes = [(b.layout.batch, distributed.block_cost(b.layout)) for b in buckets]
+            owners, self._loads = distributed.assign(sizes, sh.world_size, self._loads)
+            for b, own in zip(buckets, owners):
+                self._owner.update((id(p), r) for p, r in zip(b.params, own))
+        out = []
+        for b in buckets:
+            plan = distributed.GatherPlan(
+                params=b.params, specs=b.specs, owners=[self._owner[id(p)] for p in b.params], sharding=sh
+            )
+            mine = plan.owned()
+            out.append(
+                _Bucket(
+                    group=b.group,
+                    params=[b.params[i] for i in mine],
+                    specs=[b.specs[i] for i in mine],
+                    layout=attrs.evolve(b.layout, batch=len(mine)),
+                    state_dtype=b.state_dtype,
+                    plan=plan,
+                )
+            )
+        return out
+
     # -- stepping --------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -250,10 +299,10 @@ class KronOptimizer(torch.optim.Optimizer):
         if self.config.nonfinite_scope == "block":
             step_ok = None
         for bucket in list(self._buckets):
-            present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+            present = [i for i, p in enumerate(bucket.blocks) if p.grad is not None]
             if not present:
                 continue
-            if len(present) < len(bucket.params):
+            if len(present) < len(bucket.blocks):
                 bucket = self._split(bucket, present)
             self._step_bucket(bucket, step_ok)
         if step_ok is not None:
@@ -261,7 +310,7 @@ class KronOptimizer(torch.optim.Optimizer):
         return loss
 
     def _grads(self) -> list[Tensor]:
-        return [p.grad for bucket in self._buckets for p in bucket.params if p.grad is not None]
+        return [p.grad for bucket in self._buckets for p in bucket.blocks if p.grad is not None]
 
     def _all_finite(self) -> Tensor | None:
         """One device flag: every gradient of this step is finite (``None`` without gradients; no host sync).
@@ -288,7 +337,7 @@ class KronOptimizer(torch.optim.Optimizer):
     def _grads_device(self, like: Tensor) -> torch.device:
         """The device of the first parameter (where the step's flags live)."""
         for bucket in self._buckets:
-            return bucket.params[0].device
+            return bucket.blocks[0].device
         return like.device
 
     def skipped_steps(self) -> int:
@@ -298,9 +347,9 @@ class KronOptimizer(torch.optim.Optimizer):
     def _raise_on_nonfinite(self) -> None:
         """``nonfinite = "raise"`` after a failed check: name every parameter with a non-finite gradient, change nothing."""
         bad = [
-            self._param_name(bucket, i)
+            self._name(bucket.group, p)
             for bucket in self._buckets
-            for i, p in enumerate(bucket.params)
+            for p in bucket.blocks
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())
         ]
         raise FloatingPointError(
@@ -308,19 +357,30 @@ class KronOptimizer(torch.optim.Optimizer):
         )
 
     def _split(self, bucket: _Bucket, present: list[int]) -> _Bucket:
-        """Move the blocks with gradients into a bucket of their own (their counters diverge from now on)."""
-        absent = [i for i in range(len(bucket.params)) if i not in present]
+        """Move the blocks with gradients into a bucket of their own (their counters diverge from now on).
+
+        ``present`` indexes :attr:`_Bucket.blocks`; with work sharding the gather plan is
+        split the same way on every rank (DDP gives every rank the same gradients).
+        """
+        absent = [i for i in range(len(bucket.blocks)) if i not in present]
         parts = []
         for idx in (present, absent):
+            plan = None if bucket.plan is None else bucket.plan.subset(idx)
+            if plan is None:
+                own = idx
+            else:
+                keep = {id(p) for p in plan.params}
+                own = [i for i, p in enumerate(bucket.params) if id(p) in keep]
             part = _Bucket(
                 group=bucket.group,
-                params=[bucket.params[i] for i in idx],
-                specs=[bucket.specs[i] for i in idx],
-                layout=attrs.evolve(bucket.layout, batch=len(idx)),
+                params=[bucket.params[i] for i in own],
+                specs=[bucket.specs[i] for i in own],
+                layout=attrs.evolve(bucket.layout, batch=len(own)),
                 state_dtype=bucket.state_dtype,
+                plan=plan,
             )
-            if bucket.state is not None:
-                index = torch.tensor(idx, device=bucket.params[0].device)
+            if bucket.state is not None and own:
+                index = torch.tensor(own, device=bucket.params[0].device)
                 part.state = compose.map_tensors(bucket.state, lambda t, index=index: t.index_select(0, index))
                 part.nonfinite = bucket.nonfinite.index_select(0, index)  # type: ignore[union-attr]
                 self._bind(part)
@@ -330,6 +390,8 @@ class KronOptimizer(torch.optim.Optimizer):
         return parts[0]
 
     def _init_bucket(self, bucket: _Bucket) -> None:
+        if not bucket.params:  # work sharding: another rank owns every block
+            return
         device = bucket.params[0].device
         cfg = self._group_cfgs[bucket.group]
         bucket.state = compose.init_state(cfg, bucket.layout, dtype=bucket.state_dtype, device=device)
@@ -362,6 +424,9 @@ class KronOptimizer(torch.optim.Optimizer):
             own[_NONFINITE] = bucket.nonfinite[i]  # type: ignore[index]
 
     def _step_bucket(self, bucket: _Bucket, step_ok: Tensor | None) -> None:
+        if bucket.plan is not None:
+            self._step_sharded(bucket, step_ok)
+            return
         if bucket.state is None:
             self._init_bucket(bucket)
         group = self.param_groups[bucket.group]
@@ -385,20 +450,73 @@ class KronOptimizer(torch.optim.Optimizer):
             for p in bucket.params:
                 self.state[p].update(counters)
         if self.config.nonfinite == "warn":
-            self._pending.append(_Pending(bucket, ok, new.step, whole_step=step_ok is not None))
+            self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
+
+    def _step_sharded(self, bucket: _Bucket, step_ok: Tensor | None) -> None:
+        """One bucket with work sharding: this rank computes its blocks, one all-gather, every rank writes every block.
+
+        The finiteness mask of every block comes from the gradients themselves (the
+        same on every rank under DDP), so every rank skips the same blocks: a
+        direction gathered for a skipped block is never applied anywhere. Whether the
+        call writes at all (not a ``skip_first_call`` first call) is read from the
+        plan's counter, which every rank keeps, owner or not.
+        """
+        plan = bucket.plan
+        assert plan is not None
+        group = self.param_groups[bucket.group]
+        cfg = self._group_cfgs[bucket.group]
+        dtype = bucket.state_dtype
+        grads = [p.grad for p in plan.params]
+        ok_all = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite()  # type: ignore[arg-type]
+        writes = plan.calls > 0 or not cfg.skip_first_call
+        plan.calls += 1
+        D: Tensor | None = None
+        D_all: Tensor | None = None
+        if bucket.params:
+            if bucket.state is None:
+                self._init_bucket(bucket)
+            mine = torch.tensor(plan.owned(), device=ok_all.device)
+            ok = ok_all.index_select(0, mine)
+            G = torch.stack([to_block(p.grad, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])  # type: ignore[arg-type]
+            G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            old = bucket.state
+            D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
+            if (D is not None) != writes:  # pragma: no cover - the plan's counter and the state's disagree
+                raise RuntimeError(f"work sharding out of step: the plan counts {plan.calls - 1} calls, the state {old.calls}")  # type: ignore[union-attr]
+        if writes:  # gathered (copied) before the state write: D may still read the old stacks
+            D_all = plan.gather(D, (bucket.layout.m, bucket.layout.n), dtype=dtype, device=ok_all.device)
+        if bucket.params:
+            write = ok if step_ok is None else ok & step_ok
+            bucket.state, replaced = compose.write_(old, new, write)
+            bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
+            if replaced:
+                self._bind(bucket)
+            else:
+                counters = compose.scalar_entries(bucket.state)
+                for p in bucket.params:
+                    self.state[p].update(counters)
+        if D_all is not None:
+            write_all = ok_all if step_ok is None else ok_all & step_ok
+            cfg.post.apply_(plan.params, D_all, lr=group["lr"], weight_decay=group["weight_decay"], ok=write_all)
+        if self.config.nonfinite == "warn":
+            step = plan.calls - int(cfg.skip_first_call)  # the update number compose.step counts, on every rank
+            self._pending.append(_Pending(plan.params, ok_all, step, group=bucket.group, whole_step=step_ok is not None))
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
+        """The name of the bucket's ``i``-th stacked block (:meth:`_name`)."""
+        return self._name(bucket.group, bucket.params[i])
+
+    def _name(self, gi: int, p: Tensor) -> str:
         """A readable, unique name: the parameter's name (qualified by its group if another
         group has the same name), else its position and shape."""
-        p = bucket.params[i]
-        group = self.param_groups[bucket.group]
+        group = self.param_groups[gi]
         names = group.get("param_names")
         for j, q in enumerate(group["params"]):
             if q is p:
                 if not names:
-                    return f"param_groups[{bucket.group}].params[{j}] {tuple(p.shape)}"
+                    return f"param_groups[{gi}].params[{j}] {tuple(p.shape)}"
                 clashes = sum(names[j] in (g.get("param_names") or ()) for g in self.param_groups)
-                return names[j] if clashes == 1 else f"param_groups[{bucket.group}].{names[j]}"
+                return names[j] if clashes == 1 else f"param_groups[{gi}].{names[j]}"
         return f"parameter of shape {tuple(p.shape)}"  # pragma: no cover
 
     def _report_pending(self, *, wait: bool = False) -> None:
@@ -408,7 +526,7 @@ class KronOptimizer(torch.optim.Optimizer):
             if value is None:  # still running on the device: look again at the next step
                 keep.append(item)
                 continue
-            if item.bucket is None:  # the skipped-steps counter
+            if item.params is None:  # the skipped-steps counter
                 limit = self.config.max_skipped_steps
                 if int(value) >= limit:
                     self._pending = []
@@ -419,7 +537,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 continue
             bad = [i for i, good in enumerate(value.tolist()) if not good]
             if bad:
-                names = ", ".join(self._param_name(item.bucket, i) for i in bad)
+                names = ", ".join(self._name(item.group, item.params[i]) for i in bad)
                 what = (
                     "the whole step was skipped: no parameter or optimizer state changed (nonfinite_scope = 'step')"
                     if item.whole_step
@@ -481,12 +599,19 @@ class KronOptimizer(torch.optim.Optimizer):
         return total
 
     def bucket_summary(self) -> list[dict[str, Any]]:
-        """One row per bucket: group, pipeline, block shape, sides and size (for display and tests)."""
+        """One row per bucket: group, pipeline, block shape, sides and size (for display and tests).
+
+        ``blocks`` counts every block of the bucket, ``owned`` those this rank stacks and
+        keeps state for (all of them without work sharding), ``gather_bytes`` the bytes
+        this rank receives at the bucket's all-gather (0 without work sharding).
+        """
         return [
             {
                 "group": b.group,
                 "pipeline": self.param_groups[b.group]["pipeline"],
-                "blocks": b.layout.batch,
+                "blocks": len(b.blocks),
+                "owned": b.layout.batch,
+                "gather_bytes": 0 if b.plan is None else b.plan.gather_bytes(b.layout.m, b.layout.n, b.state_dtype),
                 "m": b.layout.m,
                 "n": b.layout.n,
                 "sides": b.layout.sides,
@@ -513,6 +638,13 @@ class KronOptimizer(torch.optim.Optimizer):
         ``"bucket"`` (which bucket it was stacked in, so a load keeps split buckets
         apart). Parameters with no state yet have no entry. ``kronopt`` holds the
         ``version``, the ``config`` and the ``skipped_steps`` counter.
+
+        With work sharding (docs/distributed.md) each rank's dict holds the entries of
+        the blocks **it owns** only, and ``kronopt["sharding"]`` records ``rank``,
+        ``world_size`` and, per bucket, its parameters' indices (``buckets``) and
+        call count (``calls``). The rank's optimizer loads it back; for anything else
+        join the ranks' dicts with :func:`kronopt.distributed.merge_state_dicts` (a
+        single-process dict, also loadable on every rank of a sharded optimizer).
         """
         sd = super().state_dict()  # param_groups (and torch's hooks); its "state" holds our live dicts
         index = self._index_of()
@@ -526,6 +658,13 @@ class KronOptimizer(torch.optim.Optimizer):
                 state[index[id(p)]] = entry
         sd["state"] = state
         sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config)}
+        if self._sharding is not None:
+            sd["kronopt"][distributed.SHARDING_KEY] = {
+                "rank": self._sharding.rank,
+                "world_size": self._sharding.world_size,
+                "buckets": [[index[id(p)] for p in b.blocks] for b in self._buckets],
+                "calls": [0 if b.plan is None else b.plan.calls for b in self._buckets],
+            }
         if self._skipped_steps is not None:
             sd["kronopt"]["skipped_steps"] = self._skipped_steps.clone()
         return sd
@@ -542,17 +681,32 @@ class KronOptimizer(torch.optim.Optimizer):
         unknown version) raises ``ValueError`` and leaves the optimizer as it was.
         Per-group config overrides come from the saved groups, as torch.optim restores
         per-group hyperparameters.
+
+        With work sharding, a rank loads its own :meth:`state_dict` (same rank and
+        world size) or a whole dict (single-process, or
+        :func:`kronopt.distributed.merge_state_dicts` of every rank's) and keeps the
+        entries of the blocks it owns. A sharded dict of one rank does not load
+        anywhere else (``ValueError``): merge the ranks' dicts first.
         """
         kron = state_dict.get("kronopt")
         saved = per_parameter_state(state_dict)  # raises on an unknown version; converts version 1
         if "param_groups" not in state_dict:
             raise ValueError("not an optimizer state dict: 'param_groups' is missing")
+        shard = None if kron is None else kron.get(distributed.SHARDING_KEY)
+        here = self._sharding
+        if shard is not None and (here is None or (here.rank, here.world_size) != (shard["rank"], shard["world_size"])):
+            where = "a single process" if here is None else f"rank {here.rank} of {here.world_size}"
+            raise ValueError(
+                f"this state dict holds only the blocks rank {shard['rank']} of {shard['world_size']} owned (work sharding), "
+                f"and this optimizer runs as {where}: join every rank's dict with "
+                "kronopt.distributed.merge_state_dicts and load that"
+            )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
             raise ValueError("the saved param groups do not match this optimizer's (different model or routing)")
-        if kron is not None and kron.get("config", to_dict(self.config)) != to_dict(self.config):
+        if kron is not None and _numbers_config(kron.get("config", to_dict(self.config))) != _numbers_config(to_dict(self.config)):
             warnings.warn(
                 "loading optimizer state saved under a different config; use kronopt.from_state_dict to "
                 "rebuild the saved optimizer exactly",
@@ -564,28 +718,43 @@ class KronOptimizer(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"saved state for parameters the saved param groups do not list: {unknown[:5]}")
         cfgs = [self._group_config(g) for g in saved_groups]
+        saved_bucket: dict[Any, int] = {}  # sharded dict of this rank: every block's bucket, owned or not
+        if shard is not None:
+            saved_bucket = {keys[i]: bi for bi, idx in enumerate(shard["buckets"]) for i in idx}
         buckets = []
         for like in self._make_buckets(self.param_groups, cfgs):
             parts: dict[Any, list[int]] = {}
             for i, p in enumerate(like.params):
                 entry = saved.get(key_of[id(p)])
-                if not entry:
-                    part: Any = None
+                if shard is not None:
+                    part: Any = (_BUCKET, saved_bucket[key_of[id(p)]])
+                elif not entry:
+                    part = None
                 elif _BUCKET in entry:
                     part = (_BUCKET, entry[_BUCKET])
                 else:  # no bucket recorded: blocks whose counters agree share one
                     part = tuple(sorted((k, v) for k, v in entry.items() if not isinstance(v, Tensor)))
                 parts.setdefault(part, []).append(i)
             for part, idx in parts.items():
-                bucket = _Bucket(
+                whole = _Bucket(
                     group=like.group,
                     params=[like.params[i] for i in idx],
                     specs=[like.specs[i] for i in idx],
                     layout=attrs.evolve(like.layout, batch=len(idx)),
                     state_dtype=like.state_dtype,
                 )
-                if part is not None:
-                    self._restack(bucket, cfgs[like.group], [saved[key_of[id(p)]] for p in bucket.params])
+                (bucket,) = self._shard([whole])
+                if bucket.plan is not None:
+                    if shard is not None:
+                        bucket.plan.calls = shard["calls"][part[1]]
+                    else:
+                        bucket.plan.calls = next((saved[key_of[id(p)]]["calls"] for p in whole.params if saved.get(key_of[id(p)])), 0)
+                entries = [saved.get(key_of[id(p)]) for p in bucket.params]
+                if part is not None and any(entries):
+                    lacking = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if not e]
+                    if lacking:
+                        raise ValueError(f"saved state lacks the entries of {', '.join(lacking[:5])}, which share a bucket with saved ones")
+                    self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                 buckets.append(bucket)
         super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         self._group_cfgs = cfgs

@@ -1,0 +1,164 @@
+"""Work run inside spawned ranks (``torch.multiprocessing.spawn`` imports this module in each child).
+
+Every job takes ``(rank, world)`` with the gloo process group up and returns plain
+data (tensors, ints, dicts) that the parent test compares.
+"""
+
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import kronopt
+
+warnings.filterwarnings("ignore", message="the route sends embeddings")
+
+#: square, full-rank-at-the-first-refresh blocks: three (8, 8) share a bucket, one (6, 6), one wide, one vector
+SHAPES = [(8, 8), (8, 8), (8, 8), (6, 6), (12, 8), (8,)]
+PRESETS = ["soap", "dykaf", "kl_shampoo", "pro_kl_shampoo", "muon"]
+OVERRIDES = {"refresh.every": 5, "state_dtype": "float64"}
+MUON = {"inner.ns_dtype": "float64"}
+STEPS = 24
+
+
+def overrides(preset: str, **extra):
+    return {**OVERRIDES, **(MUON if preset == "muon" else {}), **extra}
+
+
+def make_params(shapes=SHAPES, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+
+
+def gradients(shapes=SHAPES, steps=STEPS, seed=1, nan_at=None):
+    """The same gradients on every rank (DDP after its all-reduce); ``nan_at``: a NaN in block 0 at that step."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(steps):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        if k == nan_at:
+            grads[0][0, 0] = float("nan")
+        out.append(grads)
+    return out
+
+
+def run(opt, params, grads):
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+
+
+def owned_entries(opt, params):
+    """Positions of the parameters whose ``state[p]`` holds tensors on this rank."""
+    return [i for i, p in enumerate(params) if any(isinstance(v, torch.Tensor) and v.ndim > 0 for v in opt.state.get(p, {}).values())]
+
+
+def job_presets(rank, world, modes=(True, False)):
+    """Each preset sharded and not: final parameters, who holds state, the bytes gathered."""
+    out = {}
+    grads = gradients()
+    for preset in PRESETS:
+        row = {}
+        for shard in modes:
+            params = make_params()
+            opt = kronopt.build(params, preset, **overrides(preset, **{"distributed.shard_work": shard}))
+            run(opt, params, grads)
+            row[shard] = {
+                "params": [p.detach().clone() for p in params],
+                "owned": owned_entries(opt, params),
+                "state_bytes": opt.state_bytes(),
+                "summary": opt.bucket_summary(),
+            }
+        out[preset] = row
+    return out
+
+
+def job_nonfinite(rank, world):
+    """A NaN gradient (on every rank) at step 7: parameters after every step, scope step and block."""
+    out = {}
+    for scope in ("step", "block"):
+        params = make_params()
+        opt = kronopt.build(params, "soap", nonfinite="skip", nonfinite_scope=scope, **overrides("soap"))
+        trace = []
+        for step in gradients(steps=12, nan_at=7):
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+            trace.append([p.detach().clone() for p in params])
+        out[scope] = {"trace": trace, "skipped": opt.skipped_steps()}
+    return out
+
+
+def job_state_dict(rank, world):
+    """Save after 12 steps (each rank its own dict), then 8 more; a fresh sharded optimizer resumes from the rank's dict."""
+    grads = gradients(steps=20)
+    params = make_params()
+    opt = kronopt.build(params, "soap", **overrides("soap"))
+    run(opt, params, grads[:12])
+    sd = opt.state_dict()
+    snapshot = [p.detach().clone() for p in params]
+    run(opt, params, grads[12:])
+    restored = [torch.nn.Parameter(s.clone()) for s in snapshot]
+    opt2 = kronopt.build(restored, "soap", **overrides("soap"))
+    opt2.load_state_dict(sd)
+    run(opt2, restored, grads[12:])
+    return {"sd": sd, "snapshot": snapshot, "final": [p.detach().clone() for p in params], "resumed": [p.detach().clone() for p in restored]}
+
+
+def job_ddp(rank, world):
+    """A real DistributedDataParallel wrapper: each rank its own slice of the batch, SOAP sharded."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Tanh(), torch.nn.Linear(8, 8)).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = kronopt.build(ddp.parameters(), "soap", **overrides("soap"))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = torch.randn(16 * world, 8, generator=gen, dtype=torch.float64)
+        y = torch.randn(16 * world, 8, generator=gen, dtype=torch.float64)
+        mine = slice(16 * rank, 16 * (rank + 1))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x[mine]), y[mine]).backward()
+        opt.step()
+    return {"params": [p.detach().clone() for p in model.parameters()], "owned": owned_entries(opt, list(model.parameters()))}
+
+
+#: one big block and several small ones of different shapes, plus a bucket of four
+BALANCE_SHAPES = [(32, 32), (4, 4), (5, 5), (6, 6), (7, 7), (9, 9), (10, 10), (3, 3), (3, 3), (3, 3), (3, 3)]
+
+
+def job_balance(rank, world):
+    params = make_params(BALANCE_SHAPES)
+    opt = kronopt.build(params, "soap", **overrides("soap"))
+    return {"owned": owned_entries(opt, params), "state_bytes": opt.state_bytes()}
+
+
+def job_presets_sharded(rank, world):
+    return job_presets(rank, world, modes=(True,))
+
+
+JOBS = {
+    f.__name__.removeprefix("job_"): f
+    for f in (job_presets, job_presets_sharded, job_nonfinite, job_state_dict, job_ddp, job_balance)
+}
+
+
+def _main(rank, world, port, out_dir, jobs):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {job: JOBS[job](rank, world) for job in jobs}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world, jobs, out_dir):
+    """Run ``jobs`` on ``world`` ranks; per rank, ``{job: result}``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_main, args=(world, port, str(out_dir), list(jobs)), nprocs=world, join=True)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
