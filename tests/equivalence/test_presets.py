@@ -29,6 +29,7 @@ SHAPES = [(6, 4), (4, 6), (5, 5), (7,), (6, 4)]
     ],
 )
 def test_soap_preset_matches_reference(gen, options):
+    options = {"lr": 3e-3, **options}  # nikhilvyas/SOAP's default lr; the preset's default is tuned
     steps = 60
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     grads = reference_grads(gen, SHAPES, steps)

@@ -56,7 +56,7 @@ def test_muon_preset_equals_torch_muon(gen, adjust, nesterov):
     shapes = [(16, 8), (8, 16), (12, 12), (16, 8)]
     a = _params(gen, shapes, torch.float32)
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    ours = kronopt.build(a, "muon", **{"inner.scale": adjust, "inner.nesterov": nesterov})
+    ours = kronopt.build(a, "muon", lr=1e-3, **{"inner.scale": adjust, "inner.nesterov": nesterov})  # torch's lr
     ref = torch.optim.Muon(b, adjust_lr_fn=adjust, nesterov=nesterov)
     _run_pair(ours, ref, a, b, gen, 50, torch.float32)
     for pa, pb in zip(a, b):
@@ -78,11 +78,11 @@ def test_muon_routes_vectors_and_named_embeddings_to_adamw(gen):
         "lm_head.weight": "fallback",
     }
     fallback = next(g for g in opt.param_groups if g["pipeline"] == "fallback")
-    assert fallback["lr"] == 3e-4 and fallback["weight_decay"] == 0.0
+    assert fallback["lr"] == 9e-3 and fallback["weight_decay"] == 0.0
 
     # the fallback is torch.optim.AdamW with the fallback's hyperparameters
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in (emb, bias, head)]
-    ref = torch.optim.AdamW(ref_params, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+    ref = torch.optim.AdamW(ref_params, lr=9e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
     for _ in range(5):
         for p, q in zip((emb, bias, head), ref_params):
             g = torch.randn(p.shape, generator=gen)
@@ -97,7 +97,7 @@ def test_muon_routes_vectors_and_named_embeddings_to_adamw(gen):
 def test_muon_on_a_conv_kernel_equals_torch_muon_on_its_flattened_matrix(gen):
     conv = torch.nn.Parameter(torch.randn(8, 3, 3, 3, generator=gen))
     flat = torch.nn.Parameter(conv.detach().reshape(8, 27).clone())
-    ours = kronopt.build([("conv.weight", conv)], "muon")
+    ours = kronopt.build([("conv.weight", conv)], "muon", lr=1e-3)
     ref = torch.optim.Muon([flat])
     for _ in range(20):
         g = torch.randn(8, 3, 3, 3, generator=gen)

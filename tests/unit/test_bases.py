@@ -159,7 +159,7 @@ def test_qr_refresh_permutation_and_rayleigh_sorting(seed, m, n, b, steps):
         expected = Q_sorted
         for _ in range(steps):
             expected = torch.linalg.qr(X @ expected).Q
-        _assert_same_columns_up_to_sign(Q_new, expected)
+        _assert_same_columns_up_to_sign(Q_new, expected, atol=1e-7)  # (A Q)[:, π] is reused: rounding, amplified by the QR of ill-conditioned powers
     assert torch.equal(new.failures, torch.zeros(b, dtype=torch.int64))
 
 

@@ -400,7 +400,7 @@ def test_state_dtype_is_float32_for_low_precision_params(gen):
 
 def test_a_first_refresh_that_fails_never_blows_up_the_step(gen, monkeypatch):
     params = _params(gen, [(5, 5)], dtype=torch.float32)
-    opt = kronopt.build(params, "shampoo", **{"refresh.every": 1, "post.grafting": "none"})
+    opt = kronopt.build(params, "shampoo", lr=1e-3, **{"refresh.every": 1, "post.grafting": "none"})
 
     def always_fails(A):
         raise RuntimeError("simulated convergence failure")
@@ -429,9 +429,9 @@ def test_routing_by_name_without_names_warns(gen):
 def test_add_param_group_is_routed_bucketed_and_stepped(gen):
     a, b = _params(gen, [(4, 3), (4, 3)])
     bias = torch.nn.Parameter(torch.randn(4, generator=gen, dtype=torch.float64))
-    opt = kronopt.build([("l0.w", a)], "muon", **{"inner.ns_dtype": "float64"})
+    opt = kronopt.build([("l0.w", a)], "muon", **{"inner.ns_dtype": "float64", "fallback.lr": 3e-4})
     opt.add_param_group({"params": [("l1.w", b), ("l1.b", bias)], "lr": 0.01})
-    assert [(g["pipeline"], g["lr"]) for g in opt.param_groups] == [("main", 1e-3), ("main", 0.01), ("fallback", 3e-4)]
+    assert [(g["pipeline"], g["lr"]) for g in opt.param_groups] == [("main", 3e-2), ("main", 0.01), ("fallback", 3e-4)]
     before = [p.detach().clone() for p in (a, b, bias)]
     _feed([a, b, bias], gen)
     opt.step()
@@ -455,7 +455,7 @@ def test_loading_another_pipelines_state_raises_and_changes_nothing(gen):
         adamw.load_state_dict(soap.state_dict())
     with pytest.warns(UserWarning, match="different config"), pytest.raises(ValueError, match="does not fit this pipeline"):
         soap.load_state_dict(adamw_sd)
-    assert soap.param_groups[0]["lr"] == 3e-3, "a failed load leaves the optimizer as it was"
+    assert soap.param_groups[0]["lr"] == kronopt.PRESETS["soap"].lr, "a failed load leaves the optimizer as it was"
 
 
 def test_group_overrides_survive_a_resume(gen):
