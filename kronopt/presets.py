@@ -111,12 +111,13 @@ DYKAF_RANK1 = attrs.evolve(
     DYKAF, lr=5e-3, inner=AdamRank1Inner(betas=(0.95, 0.95), eps=1e-8, eps_placement="before_correction")
 )
 
-#: AdamW for what KL-Shampoo does not precondition (kl_shampoo.md §8): 1-D, embeddings, head.
-_KL_FALLBACK = _adamw_fallback(lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
+#: AdamW for what KL-Shampoo does not precondition (kl_shampoo.md §8): 1-D, embeddings, head. Its lr
+#: equals the main one, as in the reference (tuned together: docs/configs.md).
+_KL_FALLBACK = _adamw_fallback(lr=0.1, betas=(0.9, 0.98), eps=1e-8)
 
 #: KL-Shampoo (Lin et al. 2025), yorkerlin/KL-Methods optim/kl_opt.py KLOpt defaults, float32 state.
 KL_SHAMPOO = KronConfig(
-    lr=1e-4,
+    lr=0.1,  # tuned (docs/configs.md); the reference's default is 1e-4
     weight_decay=0.01,
     skip_first_call=True,
     factor_update="after",
@@ -134,6 +135,8 @@ KL_SHAMPOO = KronConfig(
 #: KL-SOAP: KL-Shampoo's factors and basis, Adam (no bias correction) in the basis (kl_shampoo.md §7).
 KL_SOAP = attrs.evolve(
     KL_SHAMPOO,
+    lr=3e-3,  # tuned (docs/configs.md); the reference's default is 1e-4
+    fallback=attrs.evolve(_KL_FALLBACK, lr=3e-3),
     inner=AdamInner(betas=(0.9, 0.98), eps=1e-8, eps_placement="before_correction", bias_correction=False),
 )
 
