@@ -51,44 +51,6 @@ def _fresh_state(layout: Layout, dtype: torch.dtype, device: torch.device) -> Ba
     )
 
 
-def _restricted_side(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:
-    r"""New subspace of a restricted side from the power product :math:`P = \hat F U` ``(b d r)``.
-
-    First refresh: :math:`U' = \mathrm{orth}(P)` (the factor estimator's first call
-    puts its initial subspace there). Later: Rayleigh–Ritz on the current subspace,
-    :math:`U^\top P = V E V^\top` (``r × r``, descending), then one warm-started power
-    step :math:`U' = \mathrm{orth}(P V)`, so the columns come out ordered by their Ritz
-    values :math:`E` (the new eigenvalue estimates). A vanishing direction of
-    :math:`P` keeps the matching current direction (a ``10⁻¹⁶``-relative multiple of
-    :math:`U V` is added before the QR). Blocks whose output is not finite keep
-    :math:`U`. Cost :math:`O(d r^2 + r^3)`.
-
-    Returns:
-        ``(U', eigenvalue estimates (b r), ok (b))``.
-    """
-    r = U.shape[-1]
-    if r == 0:
-        return U, lam, torch.ones(U.shape[0], dtype=torch.bool, device=U.device)
-    finite = linalg.finite_blocks(P)
-    P = linalg.select_blocks(finite, P, U)
-    delta = torch.finfo(P.dtype).eps * linalg.block_norm(P) + torch.finfo(P.dtype).tiny
-    ok = finite
-    if first:
-        W, lam_new = P + delta * U, None
-    else:
-        try:
-            eig = linalg.eigh_descending(linalg.sym(U.mT @ P))
-        except ArithmeticError:
-            return U, lam, torch.zeros_like(finite)
-        V, lam_new, ok = eig.Q, eig.lam, ok & eig.ok
-        W = P @ V + delta * (U @ V)
-    U_new = linalg.orthonormalize(W)
-    if lam_new is None:
-        lam_new = (U_new * P).sum(-2)
-    ok = ok & linalg.finite_blocks(U_new, lam_new)
-    return linalg.select_blocks(ok, U_new, U), linalg.select_blocks(ok, lam_new, lam), ok
-
-
 def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
     """Fresh eigenbasis of one side, keeping the old one on failed blocks.
 
@@ -210,7 +172,7 @@ class QrBasis:
     A **restricted** side (``Layout`` kind ``"restricted"``, rank ``r``) keeps an
     orthonormal ``(b d r)`` subspace :math:`U` instead of a basis; its "factor" is the
     factor estimator's power product :math:`P = \hat F U` and the refresh is
-    Rayleigh–Ritz on :math:`U` followed by one power step (:func:`_restricted_side`);
+    Rayleigh–Ritz on :math:`U` followed by one power step (:func:`kronopt.linalg.restricted_refresh`);
     no ``d × d`` matrix is formed. Its event carries no permutation.
 
     Attributes:
@@ -253,7 +215,7 @@ class QrBasis:
         if Q is None or X is None or lam is None:
             return _SideRefresh(Q=Q, lam=lam)
         if kind == "restricted":
-            Q_new, lam_new, ok = _restricted_side(X, Q, lam, first=not ready)
+            Q_new, lam_new, ok = linalg.restricted_refresh(X, Q, lam, first=not ready)
             return _SideRefresh(Q=Q_new, lam=lam_new, failed=(~ok).long(), solved=True)
         if not ready:
             Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam)

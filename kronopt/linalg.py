@@ -994,6 +994,98 @@ def whitened_complement_norm(
     return block_norm(X) * mu.rsqrt().view(-1, 1, 1)
 
 
+def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    r"""New subspace of a restricted side from the power product :math:`P = \hat F U` ``(b d r)``.
+
+    First refresh: :math:`U' = \mathrm{orth}(P)` (the factor estimator's first call
+    puts its initial subspace there). Later: Rayleigh–Ritz on the current subspace,
+    :math:`U^\top P = V E V^\top` (``r × r``, descending), then one warm-started power
+    step :math:`U' = \mathrm{orth}(P V)`, so the columns come out ordered by their Ritz
+    values :math:`E` (the new eigenvalue estimates). A vanishing direction of
+    :math:`P` keeps the matching current direction (a ``10⁻¹⁶``-relative multiple of
+    :math:`U V` is added before the QR). Blocks whose output is not finite keep
+    :math:`U`. Cost :math:`O(d r^2 + r^3)`.
+
+    Returns:
+        ``(U', eigenvalue estimates (b r), ok (b))``.
+    """
+    r = U.shape[-1]
+    if r == 0:
+        return U, lam, torch.ones(U.shape[0], dtype=torch.bool, device=U.device)
+    finite = finite_blocks(P)
+    P = select_blocks(finite, P, U)
+    delta = torch.finfo(P.dtype).eps * block_norm(P) + torch.finfo(P.dtype).tiny
+    ok = finite
+    if first:
+        W, lam_new = P + delta * U, None
+    else:
+        try:
+            eig = eigh_descending(sym(U.mT @ P))
+        except ArithmeticError:
+            return U, lam, torch.zeros_like(finite)
+        V, lam_new, ok = eig.Q, eig.lam, ok & eig.ok
+        W = P @ V + delta * (U @ V)
+    U_new = orthonormalize(W)
+    if lam_new is None:
+        lam_new = (U_new * P).sum(-2)
+    ok = ok & finite_blocks(U_new, lam_new)
+    return select_blocks(ok, U_new, U), select_blocks(ok, lam_new, lam), ok
+
+
+def subspace_split(X: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``X (b m n)`` against an orthonormal ``U (b n r)``: :math:`(X U,\ X - (X U) U^\top)`, the
+    subspace coordinates ``(b m r)`` and the complement ``(b m n)``. Cost :math:`2mnr`."""
+    XU = X @ U
+    return XU, torch.baddbmm(X, XU, U.mT, alpha=-1.0)
+
+
+def weighted_row_energy(X: Tensor, w: Tensor | None) -> Tensor:
+    r"""``b m n, b n -> b m``: :math:`\sum_j X_{ij}^2 w_j` (``w`` ``None``: unit weights)."""
+    X2 = X.square()
+    return (X2 if w is None else X2 * w.unsqueeze(-2)).sum(-1)
+
+
+def restricted_power_product(U: Tensor, S: Tensor, increment: Tensor, rho: float) -> Tensor:
+    r"""The action of the updated restricted factor on its own subspace, ``(b d r)``.
+
+    For :math:`\hat R = U S U^\top + \mu P_\perp` and an EMA step
+    :math:`\hat R \leftarrow \rho \hat R + (1-\rho) A` with :math:`A U =` ``increment``
+    (already scaled by :math:`1-\rho`): :math:`\hat R_{new} U = \rho\, U S + A U`,
+    since :math:`P_\perp U = 0` (pro_kl_shampoo.md §7).
+    """
+    return torch.baddbmm(increment, U, S, beta=1.0, alpha=rho)
+
+
+def reproject_flat(
+    U_new: Tensor, U_old: Tensor, S: Tensor, mu: Tensor, lam: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Project a low-rank + flat factor onto a new subspace (the M-projection, pro_kl_shampoo.md §7).
+
+    With :math:`T = U'^\top U` ``(b r r)``, the old factor
+    :math:`\hat R = U S U^\top + \mu P_\perp` seen from the new subspace is
+
+    .. math::
+        S' = T S T^\top + \mu (I - T T^\top),\qquad
+        \mu' = \frac{\mathrm{tr} S + (d - r)\mu - \mathrm{tr} S'}{d - r},\qquad
+        \lambda'_j = \sum_k T_{jk}^2 \lambda_k + \mu \big(1 - \sum_k T_{jk}^2\big)
+
+    (``lam`` ``(b r)`` are eigenvalue estimates attached to the old columns; the trace
+    of :math:`\hat R` is preserved). ``mu`` is ``(b)``; :math:`\mu'` is not floored
+    here (``d = r`` divides by 1). Returns ``(S', μ', λ')``.
+    """
+    _check_batched("S", S)
+    d, r = U_new.shape[-2], U_new.shape[-1]
+    T = U_new.mT @ U_old
+    T2 = T.square()
+    mu_ = mu.view(-1, 1, 1)
+    eye = torch.eye(r, dtype=S.dtype, device=S.device)
+    S_new = sym(T @ S @ T.mT + mu_ * (eye - T @ T.mT))
+    trace = lambda X: torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    mu_new = (trace(S) + (d - r) * mu - trace(S_new)) / max(d - r, 1)
+    lam_new = (T2 @ lam.unsqueeze(-1)).squeeze(-1) + mu.unsqueeze(-1) * (1 - T2.sum(-1))
+    return S_new, mu_new, lam_new
+
+
 def project_out_left(M: Tensor, U: Tensor) -> Tensor:
     r"""The complement part :math:`M - U (U^\top M)` of ``M (b m n)`` for orthonormal ``U (b m r)``."""
     _check_batched("M", M)

@@ -440,7 +440,15 @@ class KronOptimizer(torch.optim.Optimizer):
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
         if D is not None:  # before the state write: D may still read the old stacks
             cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
-        # into the stacks in place, so the per-parameter views in self.state stay valid
+        self._write_state(bucket, old, new, write, ok)
+        if self.config.nonfinite == "warn":
+            self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
+
+    def _write_state(
+        self, bucket: _Bucket, old: compose.BucketState, new: compose.BucketState, write: Tensor, ok: Tensor
+    ) -> None:
+        """The new state into the stacks in place (blocks where ``write`` is False keep the old), so the
+        per-parameter views in ``self.state`` stay valid; ``ok`` counts the non-finite blocks."""
         bucket.state, replaced = compose.write_(old, new, write)
         bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
         if replaced:
@@ -449,8 +457,6 @@ class KronOptimizer(torch.optim.Optimizer):
             counters = compose.scalar_entries(bucket.state)
             for p in bucket.params:
                 self.state[p].update(counters)
-        if self.config.nonfinite == "warn":
-            self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
 
     def _step_sharded(self, bucket: _Bucket, step_ok: Tensor | None) -> None:
         """One bucket with work sharding: this rank computes its blocks, one all-gather, every rank writes every block.
@@ -486,15 +492,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if writes:  # gathered (copied) before the state write: D may still read the old stacks
             D_all = plan.gather(D, (bucket.layout.m, bucket.layout.n), dtype=dtype, device=ok_all.device)
         if bucket.params:
-            write = ok if step_ok is None else ok & step_ok
-            bucket.state, replaced = compose.write_(old, new, write)
-            bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
-            if replaced:
-                self._bind(bucket)
-            else:
-                counters = compose.scalar_entries(bucket.state)
-                for p in bucket.params:
-                    self.state[p].update(counters)
+            self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok)
         if D_all is not None:
             write_all = ok_all if step_ok is None else ok_all & step_ok
             cfg.post.apply_(plan.params, D_all, lr=group["lr"], weight_decay=group["weight_decay"], ok=write_all)

@@ -211,14 +211,28 @@ class KlKronFactors:
 
     def on_basis_change(self, state: KlFactorsState, change: BasisChange) -> KlFactorsState:
         """Keep the estimates attached to their columns; re-project a restricted side onto its new subspace."""
-        out = {}
-        for side, perm in (("L", change.perm_L), ("R", change.perm_R)):
-            s = getattr(state, "s_" + side)
-            if getattr(state, "sub_" + side) is not None:
-                out.update(self._reproject(state, side, change))
-            elif s is not None and perm is not None:
-                out["s_" + side] = torch.gather(s, -1, perm)
-        return attrs.evolve(state, **out)
+        old, new = change.old, change.new
+        s_L, sub_L, mu_L, power_L = self._follow(
+            state.s_L, state.sub_L, state.mu_L, state.power_L, change.perm_L, old.Q_L, new.Q_L, ready=old.ready
+        )
+        s_R, sub_R, mu_R, power_R = self._follow(
+            state.s_R, state.sub_R, state.mu_R, state.power_R, change.perm_R, old.Q_R, new.Q_R, ready=old.ready
+        )
+        return attrs.evolve(
+            state, s_L=s_L, sub_L=sub_L, mu_L=mu_L, power_L=power_L, s_R=s_R, sub_R=sub_R, mu_R=mu_R, power_R=power_R
+        )
+
+    def _follow(
+        self, s: Tensor | None, sub: Tensor | None, mu: Tensor | None, power: Tensor | None, perm: Tensor | None,
+        U_old: Tensor | None, U_new: Tensor | None, *, ready: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """One side's ``(s, sub, mu, power)`` after a basis change: permuted roots on a full side,
+        the re-projection of :meth:`_reproject` on a restricted one."""
+        if sub is not None:
+            return self._reproject(s, sub, mu, power, U_old, U_new, ready=ready)  # type: ignore[arg-type]
+        if s is not None and perm is not None:
+            s = torch.gather(s, -1, perm)
+        return s, sub, mu, power
 
     # -- the update, with the restricted side (if any) on the right --------------------------
     def _update(self, G: Tensor, left: _Side, right: _Side, *, first: bool) -> tuple[_Side, _Side]:
@@ -259,16 +273,14 @@ class KlKronFactors:
         m, n, r = G.shape[-2], G.shape[-1], right.rank
         U, tau, mu = right.Q, right.s, right.mu
         assert U is not None and tau is not None and mu is not None and right.sub is not None
-        Y = G @ U  # (b m r)
-        Gc = linalg.project_out_right(G, U)  # G P⊥
-        Hy = Gl @ U  # Q_Lᵀ G U
-        Hc = Gl - Hy @ U.mT  # Q_Lᵀ G P⊥
+        Y, Gc = linalg.subspace_split(G, U)  # G U, G P⊥
+        Hy, Hc = linalg.subspace_split(Gl, U)  # Q_Lᵀ G U, Q_Lᵀ G P⊥
         inv_mu = (1.0 / mu).view(-1, 1, 1)
         new_left = left
         if left.F is not None:
             F = linalg.accumulate_gram_left(left.F, Y * tau.unsqueeze(-2), rho, (1 - rho) / n)
             F = linalg.accumulate_gram_left(F, Gc * inv_mu.sqrt(), 1.0, (1 - rho) / n)
-            d_L = ((Hy.square() * tau.square().unsqueeze(-2)).sum(-1) + inv_mu.squeeze(-1) * Hc.square().sum(-1)) / n
+            d_L = (linalg.weighted_row_energy(Hy, tau.square()) + inv_mu.squeeze(-1) * linalg.weighted_row_energy(Hc, None)) / n
             new_left = self._tracked(left, F, d_L, right, G)
         Yh = Hy if sL is None else Hy * sL  # Ŷ = diag(s_L) Q_Lᵀ G U
         Gh = Gl if sL is None else Gl * sL  # Ĝ
@@ -281,11 +293,11 @@ class KlKronFactors:
         if self.damping:
             d_mu = d_mu + extra.squeeze(-1)  # type: ignore[union-attr]
         mu_new = torch.lerp(mu, d_mu, 1 - rho).nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(n, mu))
-        step = (1 - rho) / m * (Gh.mT @ Yh)  # (1-ρ)/m Ĝᵀ Ŷ
+        increment = (1 - rho) / m * (Gh.mT @ Yh)  # (1-ρ)/m Ĝᵀ Ŷ = (1-ρ) Gᵀ L̂⁻¹ G U / m
         if self.tracker == "power":
-            power = torch.baddbmm(step, U, right.sub, beta=1.0, alpha=rho)
+            power = linalg.restricted_power_product(U, right.sub, increment, rho)
         else:
-            power = torch.add(step, right.power, alpha=rho)  # type: ignore[arg-type]
+            power = torch.add(increment, right.power, alpha=rho)  # type: ignore[arg-type]
         return new_left, attrs.evolve(right, sub=sub, s=tau, mu=mu_new, power=power)
 
     def _first(self, G: Tensor, left: _Side, right: _Side) -> tuple[_Side, _Side]:
@@ -304,22 +316,27 @@ class KlKronFactors:
             new_right = attrs.evolve(right, sub=sub, power=U0)
         return new_left, new_right
 
-    def _reproject(self, state: KlFactorsState, side: str, change: BasisChange) -> dict[str, Tensor]:
+    def _reproject(
+        self, s: Tensor, sub: Tensor, mu: Tensor, power: Tensor | None, U_old: Tensor, U_new: Tensor, *, ready: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         r"""Project :math:`(S, \mu, s)` of a restricted side onto the new subspace (pro_kl_shampoo.md §7).
 
-        With :math:`T = U'^\top U`: :math:`S' = T S T^\top + \mu (I - T T^\top)`,
-        :math:`\mu' = (\mathrm{tr} S + (n-r)\mu - \mathrm{tr} S')/(n-r)` (floored), and the
-        tracked eigenvalues :math:`\sigma'_j = \sum_k T_{jk}^2 \sigma_k + \mu (1 - \sum_k T_{jk}^2)`.
-        Before the first refresh the state is already expressed in the initial
-        subspace (the first call's power product), so it is kept.
+        :func:`kronopt.linalg.reproject_flat` with :math:`T = U'^\top U`; :math:`\mu'` is
+        floored and the tracked inverse roots recomputed (and clamped) from the
+        re-projected eigenvalue estimates. Before the first refresh the state is
+        already expressed in the initial subspace (the first call's power product), so
+        it is kept. ``sketch`` restarts its power product at :math:`U' S'`.
         """
-        sub, mu, s, power = (getattr(state, f"{name}_{side}") for name in ("sub", "mu", "s", "power"))
-        U_new = getattr(change.new, "Q_" + side)
-        if not change.old.ready:
-            out = {}
-            if self.tracker == "sketch":
-                out["power_" + side] = U_new @ sub
-            return out
+        if not ready:
+            return s, sub, mu, (U_new @ sub if self.tracker == "sketch" else power)
+        d = U_new.shape[-2]
+        sub_new, mu_new, lam_new = linalg.reproject_flat(U_new, U_old, sub, mu, linalg.finite_or_zero(1.0 / s.square()))
+        mu_new = mu_new.nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(d, mu))
+        s_new = linalg.finite_or_zero(lam_new.clamp(min=0.0).rsqrt())
+        c = self._clamp(d)
+        if c is not None:
+            s_new = s_new.clamp(max=c)
+        return s_new, sub_new, mu_new, (U_new @ sub_new if self.tracker == "sketch" else power)
         U_old = getattr(change.old, "Q_" + side)
         d, r = U_new.shape[-2], U_new.shape[-1]
         T = U_new.mT @ U_old  # (b r r)

@@ -445,3 +445,51 @@ def test_muon_scale_update_rms_table(rule, m, n):
 def test_muon_scale_unknown_rule_raises():
     with pytest.raises(ValueError, match="unknown scale rule"):
         linalg.muon_scale(3, 4, "bogus")
+
+
+# -- restricted (low-rank + flat) sides: dense checks ---------------------------------------------
+
+
+def _flat_factor(gen, d, r):
+    U = orthonormal(gen, 1, d)[:, :, :r]
+    S = spd_matrix(gen, 1, r)
+    mu = torch.tensor([0.37], dtype=torch.float64)
+    dense = U @ S @ U.mT + mu.view(-1, 1, 1) * (torch.eye(d, dtype=torch.float64) - U @ U.mT)
+    return U, S, mu, dense
+
+
+def test_subspace_split_and_row_energy_match_dense_projections():
+    gen = generator(11)
+    X = randn(gen, 2, 5, 7)
+    U = orthonormal(gen, 2, 7)[:, :, :3]
+    XU, Xc = linalg.subspace_split(X, U)
+    P_perp = torch.eye(7, dtype=torch.float64) - U @ U.mT
+    torch.testing.assert_close(XU, torch.einsum("bmn,bnr->bmr", X, U), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(Xc, X @ P_perp, rtol=1e-12, atol=1e-13)
+    w = torch.rand(2, 7, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(linalg.weighted_row_energy(X, w), torch.einsum("bmn,bn->bm", X * X, w), rtol=1e-13, atol=0)
+    torch.testing.assert_close(linalg.weighted_row_energy(X, None), (X * X).sum(-1), rtol=1e-13, atol=0)
+
+
+def test_restricted_power_product_is_the_updated_factor_acting_on_its_subspace():
+    gen = generator(12)
+    d, r, rho = 9, 3, 0.8
+    U, S, mu, dense = _flat_factor(gen, d, r)
+    A = spd_matrix(gen, 1, d)  # the new statistic
+    expected = (rho * dense + (1 - rho) * A) @ U
+    torch.testing.assert_close(linalg.restricted_power_product(U, S, (1 - rho) * A @ U, rho), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reproject_flat_is_the_m_projection_of_the_dense_factor():
+    gen = generator(13)
+    d, r = 10, 4
+    U, S, mu, dense = _flat_factor(gen, d, r)
+    U_new = orthonormal(gen, 1, d)[:, :, :r]
+    lam = torch.rand(1, r, generator=gen, dtype=torch.float64) + 0.5
+    S_new, mu_new, lam_new = linalg.reproject_flat(U_new, U, S, mu, lam)
+    torch.testing.assert_close(S_new, U_new.mT @ dense @ U_new, rtol=1e-12, atol=1e-12)
+    trace = lambda X: torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    torch.testing.assert_close(mu_new, (trace(dense) - trace(S_new)) / (d - r), rtol=1e-12, atol=1e-14)
+    # tracked values: the diagonal of the same projection applied to U diag(λ) Uᵀ + μ P⊥
+    tracked = U @ torch.diag_embed(lam) @ U.mT + mu.view(-1, 1, 1) * (torch.eye(d, dtype=torch.float64) - U @ U.mT)
+    torch.testing.assert_close(lam_new, torch.diagonal(U_new.mT @ tracked @ U_new, dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12)
