@@ -21,11 +21,33 @@ from .config import ConfigError, KronConfig, to_dict, with_overrides
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, per_parameter_state
+from .refresh import Staggered
 from .types import Layout
 
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
 _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-parameter "state"
+
+
+def _phases(layouts: list[Layout], count: int) -> list[int]:
+    """A refresh phase in ``0 … count - 1`` per block, balancing the blocks' cost over the phases.
+
+    Blocks are taken by cost (:func:`distributed.block_cost`), largest first (ties in
+    order), each to the phase with the least cost so far (ties to the lower phase):
+    round robin for blocks of one shape. Blocks with no rotated side never refresh
+    anything and stay in phase 0. Depends on the layouts only, so a load rebuilds the
+    same phases.
+    """
+    phases = [0] * len(layouts)
+    if count <= 1:
+        return phases
+    costs = [0 if l.sides == ("none", "none") else distributed.block_cost(l) for l in layouts]
+    load = [0] * count
+    for i in sorted((i for i in range(len(layouts)) if costs[i]), key=lambda i: (-costs[i], i)):
+        phase = min(range(count), key=lambda r: (load[r], r))
+        phases[i] = phase
+        load[phase] += costs[i]
+    return phases
 
 
 def _is_dtensor(p: Tensor) -> bool:
@@ -139,6 +161,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if errors:
             raise ConfigError(errors)
         self._group_cfgs: list[KronConfig] = []
+        self._phased: dict[tuple[int, int], KronConfig] = {}  # (group, phase) → config at that refresh phase
         super().__init__(split_groups, {"lr": config.lr, "weight_decay": config.weight_decay})
         self._sharding = distributed.current(enabled=config.distributed.shard_work)
         self._owner: dict[int, int] = {}  # id(param) → owner rank (work sharding)
@@ -229,22 +252,30 @@ class KronOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _make_buckets(groups: list[dict[str, Any]], cfgs: list[KronConfig]) -> list[_Bucket]:
-        """Buckets of ``groups`` (indexed from 0); parameters with no elements are left out."""
+        """Buckets of ``groups`` (indexed from 0); parameters with no elements are left out.
+
+        A bucket's blocks share the group, the layout (block shape, sides, ranks and, under
+        a staggered refresh, the refresh phase: :func:`_phases`), the state dtype, the
+        parameter dtype and the device.
+        """
         buckets: dict[tuple[Any, ...], _Bucket] = {}
         for gi, (g, cfg) in enumerate(zip(groups, cfgs)):
             min_dtype = getattr(torch, cfg.state_dtype)
+            blocks: list[tuple[Tensor, BlockSpec, Layout, torch.dtype]] = []
             for p in g["params"]:
                 if p.numel() == 0:
                     continue
                 sh = cfg.shapes
                 spec = block_spec(tuple(p.shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
                 (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
-                state_dtype = torch.promote_types(p.dtype, min_dtype)
-                key = (gi, spec.m, spec.n, kind_L, kind_R, rank_L, rank_R, state_dtype, p.dtype, p.device)
+                layout = Layout(batch=0, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
+                blocks.append((p, spec, layout, torch.promote_types(p.dtype, min_dtype)))
+            count = cfg.refresh.phases() if isinstance(cfg.refresh, Staggered) else 1
+            phases = _phases([b[2] for b in blocks], count)
+            for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
+                layout = attrs.evolve(layout, phase=phase)
+                key = (gi, layout, state_dtype, p.dtype, p.device)
                 if key not in buckets:
-                    layout = Layout(
-                        batch=0, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R
-                    )
                     buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype)
                 buckets[key].params.append(p)
                 buckets[key].specs.append(spec)
@@ -252,6 +283,17 @@ class KronOptimizer(torch.optim.Optimizer):
         for b in out:
             b.layout = attrs.evolve(b.layout, batch=len(b.params))
         return out
+
+    def _bucket_config(self, bucket: _Bucket) -> KronConfig:
+        """The config a bucket steps with: its group's, with the refresh schedule at the bucket's phase."""
+        cfg = self._group_cfgs[bucket.group]
+        phase = bucket.layout.phase
+        if phase == 0:
+            return cfg
+        key = (bucket.group, phase)
+        if key not in self._phased:
+            self._phased[key] = attrs.evolve(cfg, refresh=cfg.refresh.at_phase(phase))
+        return self._phased[key]
 
     def _shard(self, buckets: list[_Bucket], *, assign: bool = False) -> list[_Bucket]:
         """With work sharding, each bucket (of every rank's blocks, stateless) cut to this rank's blocks plus
@@ -430,7 +472,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if bucket.state is None:
             self._init_bucket(bucket)
         group = self.param_groups[bucket.group]
-        cfg = self._group_cfgs[bucket.group]
+        cfg = self._bucket_config(bucket)
         dtype = bucket.state_dtype
         G = torch.stack([to_block(p.grad, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])  # type: ignore[arg-type]
         ok = linalg.finite_blocks(G)
@@ -470,7 +512,7 @@ class KronOptimizer(torch.optim.Optimizer):
         plan = bucket.plan
         assert plan is not None
         group = self.param_groups[bucket.group]
-        cfg = self._group_cfgs[bucket.group]
+        cfg = self._bucket_config(bucket)
         dtype = bucket.state_dtype
         grads = [p.grad for p in plan.params]
         ok_all = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite()  # type: ignore[arg-type]
@@ -599,6 +641,7 @@ class KronOptimizer(torch.optim.Optimizer):
     def bucket_summary(self) -> list[dict[str, Any]]:
         """One row per bucket: group, pipeline, block shape, sides and size (for display and tests).
 
+        ``phase`` is the bucket's refresh phase (0 unless ``[refresh] stagger = true``).
         ``blocks`` counts every block of the bucket, ``owned`` those this rank stacks and
         keeps state for (all of them without work sharding), ``gather_bytes`` the bytes
         this rank receives at the bucket's all-gather (0 without work sharding).
@@ -613,6 +656,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 "m": b.layout.m,
                 "n": b.layout.n,
                 "sides": b.layout.sides,
+                "phase": b.layout.phase,
                 "state_dtype": str(b.state_dtype).removeprefix("torch."),
             }
             for b in self._buckets
@@ -756,6 +800,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 buckets.append(bucket)
         super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         self._group_cfgs = cfgs
+        self._phased = {}
         self._buckets = buckets
         self._pending = []
         for bucket in buckets:

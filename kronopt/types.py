@@ -24,6 +24,11 @@ class Layout:
     ``"restricted"`` (a rank-``r`` orthonormal subspace with its ``r × r`` spectrum
     plus one flat eigenvalue on the complement; ``rank_left`` / ``rank_right`` give
     ``r``) or ``"none"`` (not rotated: the identity).
+
+    ``phase`` is the bucket's refresh phase under a staggered refresh schedule
+    (``[refresh] stagger = true``): the optimizer runs the bucket with the schedule's
+    ``at_phase(phase)`` (:class:`kronopt.refresh.Staggered`). Blocks of different
+    phases are never stacked together. 0 without staggering; the stages ignore it.
     """
 
     batch: int
@@ -33,6 +38,7 @@ class Layout:
     right: SideKind
     rank_left: int = 0
     rank_right: int = 0
+    phase: int = 0
 
     @property
     def sides(self) -> tuple[SideKind, SideKind]:

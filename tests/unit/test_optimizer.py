@@ -505,3 +505,164 @@ def test_initial_lr_of_a_resumed_scheduler_is_accepted(gen):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5, last_epoch=4)
     assert opt.param_groups[0]["initial_lr"] == 1e-3
     del sched
+
+
+# -- staggered refresh ([refresh] stagger = true) ------------------------------------------
+
+_STAGGER = {"refresh.every": 4, "refresh.stagger": True}
+
+
+def _bases(opt):
+    """Per block, its current bases (a refresh replaces them; nothing else does)."""
+    return {name: (v.records["basis"]["Q_L"].clone(), v.records["basis"]["Q_R"].clone()) for name, v in opt.inspect().items()}
+
+
+def _refreshed(before, after):
+    return sorted(k for k in after if not all(torch.equal(a, b) for a, b in zip(after[k], before[k])))
+
+
+def test_stagger_spreads_refreshes_and_each_block_refreshes_every_k_steps(gen):
+    k, blocks = 4, 10
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64)) for _ in range(blocks)]
+    names = [f"w{i}" for i in range(blocks)]
+    opt = kronopt.build(list(zip(names, params)), "soap", **_STAGGER)
+    assert sorted(b["phase"] for b in opt.bucket_summary()) == [0, 1, 2, 3]
+    _feed(params, gen)
+    opt.step()  # soap's first call: every block builds its first basis, no update
+    when: dict[str, list[int]] = {n: [] for n in names}
+    before = _bases(opt)
+    for t in range(1, 17):
+        _feed(params, gen)
+        opt.step()
+        after = _bases(opt)
+        done = _refreshed(before, after)
+        assert 0 < len(done) <= -(-blocks // k), (t, done)
+        for n in done:
+            when[n].append(t)
+        before = after
+    for n, steps in when.items():
+        assert len(steps) == 4 and all(b - a == k for a, b in zip(steps, steps[1:])), (n, steps)
+    assert sorted({steps[0] for steps in when.values()}) == [1, 2, 3, 4]  # every phase used
+
+
+def test_stagger_off_refreshes_every_block_on_one_step(gen):
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64)) for _ in range(4)]
+    opt = kronopt.build(list(zip("abcd", params)), "soap", **{"refresh.every": 4})
+    _feed(params, gen)
+    opt.step()
+    before = _bases(opt)
+    counts = []
+    for _ in range(8):
+        _feed(params, gen)
+        opt.step()
+        after = _bases(opt)
+        counts.append(len(_refreshed(before, after)))
+        before = after
+    assert counts == [0, 0, 0, 4, 0, 0, 0, 4]
+
+
+@pytest.mark.parametrize("preset", ["soap", "shampoo"])
+def test_stagger_of_a_single_block_equals_no_stagger_bit_for_bit(preset):
+    """A lone block is phase 0, whose schedule is the unstaggered one."""
+    results = []
+    for stagger in (False, True):
+        gen = torch.Generator().manual_seed(11)
+        params = _params(gen, shapes=[(6, 4), (5,)])
+        opt = kronopt.build(params, preset, **{"refresh.every": 4, "refresh.stagger": stagger})
+        assert {b["phase"] for b in opt.bucket_summary()} == {0}
+        _train(opt, params, gen, 13)
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_stagger_with_every_one_equals_no_stagger_bit_for_bit(gen):
+    runs = []
+    for stagger in (False, True):
+        g = torch.Generator().manual_seed(5)
+        params = _params(g)
+        opt = kronopt.build(params, "dykaf", **{"refresh.every": 1, "refresh.stagger": stagger})
+        _train(opt, params, g, 6)
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+class _HandSchedule:
+    """A refresh schedule written out by hand for the reference: the first call, then ``t ≡ p (mod k)``."""
+
+    def __init__(self, k, p):
+        self.k, self.p = k, p
+
+    def due(self, step, *, first_call):
+        return first_call or (step >= 1 and (step - self.p) % self.k == 0)
+
+
+def test_a_block_of_phase_p_equals_a_single_block_run_shifted_by_p(gen):
+    import attrs
+
+    from kronopt import compose
+    from kronopt.types import Layout
+
+    k, blocks, steps = 4, 8, 14
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64)) for _ in range(blocks)]
+    refs = [p.detach().clone() for p in params]
+    opt = kronopt.build(params, "soap", **_STAGGER)
+    grads = [[torch.randn(6, 4, generator=gen, dtype=torch.float64) for _ in params] for _ in range(steps)]
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    base = opt._group_cfgs[0]  # the group's (bound) config, phase 0
+    layout = Layout(batch=1, m=6, n=4, left="full", right="full")
+    seen_phases = set()
+    for i, W in enumerate(refs):
+        phase = i % k  # equal costs: round robin over the blocks in order (the documented rule)
+        seen_phases.add(phase)
+        cfg = attrs.evolve(base, refresh=_HandSchedule(k, phase))
+        state = compose.init_state(base, layout, dtype=torch.float64, device=W.device)
+        for gs in grads:
+            D, state = compose.step(cfg, layout, state, gs[i][None])
+            if D is not None:
+                cfg.post.apply_([W], D, lr=cfg.lr, weight_decay=cfg.weight_decay, ok=torch.ones(1, dtype=torch.bool))
+        torch.testing.assert_close(params[i].detach(), W, rtol=1e-10, atol=1e-12)
+    assert seen_phases == set(range(k))
+    # the shift matters: the phase-1 block differs from an unshifted run of it
+    cfg = attrs.evolve(base, refresh=_HandSchedule(k, 0))
+    W, state = refs[1], compose.init_state(base, layout, dtype=torch.float64, device=refs[1].device)
+    W0 = W.clone()
+    for gs in grads:
+        D, state = compose.step(cfg, layout, state, gs[1][None])
+        if D is not None:
+            cfg.post.apply_([W0], D, lr=cfg.lr, weight_decay=cfg.weight_decay, ok=torch.ones(1, dtype=torch.bool))
+    assert not torch.allclose(params[1].detach(), W0, rtol=1e-8, atol=1e-10)
+
+
+def test_stagger_state_dict_resume_is_bit_for_bit(gen):
+    shapes = [(6, 4)] * 6 + [(4, 6), (4, 6), (5,)]
+    params = _params(gen, shapes=shapes, dtype=torch.float32)
+    opt = kronopt.build(params, "soap", **_STAGGER)
+    _train(opt, params, gen, 6)
+    sd = pickle.loads(pickle.dumps(opt.state_dict()))
+    snapshot = [p.detach().clone() for p in params]
+    tail = gen.get_state()
+    _train(opt, params, gen, 9)
+    expected = [p.detach().clone() for p in params]
+
+    restored = [torch.nn.Parameter(s.clone()) for s in snapshot]
+    opt2 = kronopt.from_state_dict(restored, sd)
+    assert opt2.bucket_summary() == kronopt.build(restored, "soap", **_STAGGER).bucket_summary()
+    assert [b["phase"] for b in opt2.bucket_summary()] == [b["phase"] for b in opt.bucket_summary()]
+    gen.set_state(tail)
+    _train(opt2, restored, gen, 9)
+    for a, b in zip(expected, restored):
+        assert torch.equal(a, b)
+
+
+def test_stagger_balances_phases_by_cost(gen):
+    # 4 big blocks and 8 small ones over 4 phases: one big block per phase, two small ones each
+    shapes = [(16, 16)] * 4 + [(4, 4)] * 8
+    opt = kronopt.build(_params(gen, shapes=shapes), "soap", **_STAGGER)
+    rows = opt.bucket_summary()
+    for m in (16, 4):
+        assert sorted((r["phase"], r["blocks"]) for r in rows if r["m"] == m) == [(p, 1 if m == 16 else 2) for p in range(4)]
