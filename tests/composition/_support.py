@@ -127,8 +127,10 @@ def bit_identical(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def snapshot_diff(before: list[dict[str, Any]], after: list[dict[str, Any]], *, ignore: tuple[str, ...] = ()) -> list[str]:
-    """The ``param[i].key`` entries that differ (tensors bit for bit, other values by ``==``)."""
+def snapshot_diff(
+    before: list[dict[str, Any]], after: list[dict[str, Any]], *, ignore: tuple[str, ...] = (), tensors_only: bool = False
+) -> list[str]:
+    """The ``param[i].key`` entries that differ (tensors bit for bit, other values by ``==``, unless ``tensors_only``)."""
     diff = []
     for i, (x, y) in enumerate(zip(before, after)):
         for k in sorted(set(x) | set(y)):
@@ -139,6 +141,6 @@ def snapshot_diff(before: list[dict[str, Any]], after: list[dict[str, Any]], *, 
             elif isinstance(x[k], Tensor) or isinstance(y[k], Tensor):
                 if not (isinstance(x[k], Tensor) and isinstance(y[k], Tensor) and bit_identical(x[k], y[k])):
                     diff.append(f"param[{i}].{k}")
-            elif x[k] != y[k]:
+            elif not tensors_only and x[k] != y[k]:
                 diff.append(f"param[{i}].{k} ({x[k]!r} → {y[k]!r})")
     return diff
