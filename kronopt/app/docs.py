@@ -237,7 +237,7 @@ def composition_markdown() -> list[str]:
     out = [
         "## What composes",
         "",
-        f"Every built-in factors × basis × inner × split, each stage at its defaults (the `soap` preset",
+        "Every built-in factors × basis × inner × split, each stage at its defaults (the `soap` preset",
         f"with the four slots replaced), tried with `kronopt.from_dict`: {built} of {total} build (✓),",
         f"{refused} are refused when the config is built (✗, with the letters of the reasons below). The",
         "error itself names the stages and lists the stages that would work;",
