@@ -144,3 +144,43 @@ def gradients(draw, families: tuple[str, ...] = GRADIENT_FAMILIES, batch: int = 
     """``(family, G)`` with ``G`` of one of the gradient families."""
     family = draw(st.sampled_from(families))
     return family, gradient(family, generator(draw(SEEDS)), batch, dtype)
+
+
+# -- composition configs (tests/composition) ---------------------------------------------
+
+#: strategies for the options of any stage that has them, by (slot, option); other options keep their defaults
+_UNIT = st.floats(0.0, 0.999, allow_nan=False, allow_subnormal=False)
+STAGE_OPTIONS: dict[tuple[str, str], st.SearchStrategy] = {
+    ("factors", "beta"): _UNIT,
+    ("inner", "betas"): st.tuples(_UNIT, _UNIT).map(list),
+    ("inner", "momentum"): _UNIT,
+    ("inner", "eps"): exponents(-12.0, -3.0).map(lambda u: 10.0**u),
+}
+
+
+@st.composite
+def composition_configs(draw, combos: list[tuple[str, ...]], base) -> dict:
+    """A config dict: one of ``combos`` (factors, basis, inner, split keys) with drawn options.
+
+    ``base(combo, **top)`` makes the dict with every stage at its defaults; the
+    options of :data:`STAGE_OPTIONS` a stage has are drawn in their valid ranges,
+    as are ``lr`` ∈ [1e-5, 1], ``weight_decay`` ∈ [0, 0.1] and ``refresh.every`` ∈ [1, 5].
+    The combination may be refused by ``from_dict``: callers ``assume()`` it builds.
+    """
+    import attrs
+
+    from kronopt.registry import SLOTS
+
+    combo = draw(st.sampled_from(combos))
+    raw = base(
+        combo,
+        every=draw(st.integers(1, 5)),
+        lr=10.0 ** draw(exponents(-5.0, 0.0)),
+        weight_decay=draw(st.sampled_from([0.0, 0.01, 0.1])),
+    )
+    for slot, key in zip(("factors", "basis", "inner", "split"), combo):
+        for f in attrs.fields(SLOTS[slot].get(key)):
+            strategy = STAGE_OPTIONS.get((slot, f.alias))
+            if strategy is not None:
+                raw[slot][f.alias] = draw(strategy)
+    return raw

@@ -4,8 +4,11 @@ Each built-in stage is rendered from its class: the registry key and one-line
 description, the class docstring (its maths), and a table of its options built
 from its attrs fields (type and default) with their text from the docstring's
 ``Attributes:`` section. The config tables that are not slots (``[post]``,
-``[shapes]``, ``[route]``) and the top-level keys follow. Plugins are left out,
-so the page is the same on every install; ``kronopt stages`` lists them.
+``[shapes]``, ``[route]``) and the top-level keys follow, then "What composes": the
+matrix of every built-in factors × basis × inner × split, each tried with
+:func:`kronopt.from_dict` (no training), marked as building or refused with the
+short reason. Plugins are left out, so the page is the same on every install;
+``kronopt stages`` lists them.
 
 ``tests/unit/test_docs.py`` fails when ``docs/stages.md`` differs from this output.
 """
@@ -22,7 +25,7 @@ from typing import Any
 import attrs
 
 import kronopt  # noqa: F401  (registers the built-ins)
-from kronopt.config import STAGE_SLOTS, KronConfig, Route, Shapes
+from kronopt.config import STAGE_SLOTS, ConfigError, KronConfig, Route, Shapes, from_dict, to_dict
 from kronopt.post import Post
 from kronopt.registry import SLOTS
 from kronopt.types import capabilities
@@ -171,6 +174,84 @@ def _render_class(cls: type, heading: str, *, skip: Sequence[str] = (), stage: b
     return out
 
 
+#: the slots the "What composes" matrix varies (refresh is a schedule: every stage composes with it)
+_MATRIX_SLOTS: tuple[str, ...] = ("factors", "basis", "inner", "split")
+
+
+def _builtin_keys(slot: str) -> list[str]:
+    return [e.key for e in SLOTS[slot].entries(load_plugins=False) if e.source == "kronopt"]
+
+
+def _refusal_reasons(combo: dict[str, str]) -> list[str] | None:
+    """``None`` when the combination builds, else the short reason of each problem found.
+
+    The config is the ``soap`` preset with the four slots set to ``{"type": key}``
+    (every stage at its defaults). A short reason is a problem's first clause with
+    the stage keys taken out, so that the same rule reads the same in every cell.
+    """
+    from kronopt.presets import PRESETS
+
+    raw = to_dict(PRESETS["soap"])
+    raw.update({slot: {"type": key} for slot, key in combo.items()})
+    try:
+        from_dict(raw)
+    except ConfigError as err:
+        reasons = []
+        for _, msg in err.errors:
+            reason = msg.split(";")[0]
+            for key in combo.values():
+                reason = reason.replace(f" {key!r}", "")
+            reasons.append(reason.strip())
+        return reasons
+    return None
+
+
+def composition_markdown() -> list[str]:
+    """The "What composes" section: per split, a factors × basis by inner table of ✓ / ✗ with reason letters."""
+    keys = {slot: _builtin_keys(slot) for slot in _MATRIX_SLOTS}
+    legend: dict[str, str] = {}  # reason -> letter, in order of first appearance
+    tables: list[str] = []
+    built = refused = 0
+    for split in keys["split"]:
+        tables += [f"Split `{split}`:", "", "| factors + basis | " + " | ".join(f"`{k}`" for k in keys["inner"]) + " |"]
+        tables += ["|---|" + "---|" * len(keys["inner"])]
+        for factors in keys["factors"]:
+            for basis in keys["basis"]:
+                cells = []
+                for inner in keys["inner"]:
+                    reasons = _refusal_reasons({"factors": factors, "basis": basis, "inner": inner, "split": split})
+                    if reasons is None:
+                        built += 1
+                        cells.append("✓")
+                        continue
+                    refused += 1
+                    letters = []
+                    for r in reasons:
+                        letter = legend.setdefault(r, chr(ord("A") + len(legend)))
+                        if letter not in letters:
+                            letters.append(letter)
+                    cells.append("✗ " + " ".join(sorted(letters)))
+                tables.append(f"| `{factors}` + `{basis}` | " + " | ".join(cells) + " |")
+        tables.append("")
+    total = built + refused
+    out = [
+        "## What composes",
+        "",
+        "Every built-in factors × basis × inner × split, each stage at its defaults (the `soap` preset",
+        f"with the four slots replaced), tried with `kronopt.from_dict`: {built} of {total} build (✓),",
+        f"{refused} are refused when the config is built (✗, with the letters of the reasons below). The",
+        "error itself names the stages and lists the stages that would work;",
+        "`tests/composition/test_matrix.py` runs every combination that builds on every block shape.",
+        "",
+        *tables,
+        "Reasons:",
+        "",
+        *[f"- **{letter}**: {_inline(reason)}." for reason, letter in legend.items()],
+        "",
+    ]
+    return out
+
+
 def stages_markdown() -> str:
     """The text of ``docs/stages.md``: every built-in stage and config table, from the code."""
     out = [
@@ -190,6 +271,7 @@ def stages_markdown() -> str:
     for slot in STAGE_SLOTS:
         entries = [e for e in SLOTS[slot].entries(load_plugins=False) if e.source == "kronopt"]
         out += [f"- [`[{slot}]`](#{slot}): " + ", ".join(f"`{e.key}`" for e in entries)]
+    out += ["- [what composes](#what-composes): which factors × basis × inner × split build"]
     out += ["- [other tables](#other-tables): `[post]`, `[shapes]`, `[route]`, top-level keys", ""]
     for slot in STAGE_SLOTS:
         out += [f"## {slot}", "", f"`[{slot}]` — {_SLOT_TITLES.get(slot, slot)}.", ""]
@@ -198,6 +280,7 @@ def stages_markdown() -> str:
                 continue
             heading = f"### `{e.key}` ({e.cls.__name__})\n\n{_inline(e.description)}."
             out += _render_class(e.cls, heading, stage=slot != "refresh")
+    out += composition_markdown()
     out += ["## other tables", ""]
     out += _render_class(Post, "### `[post]` (Post)")
     out += _render_class(Shapes, "### `[shapes]` (Shapes)")

@@ -32,3 +32,21 @@ def test_every_built_in_stage_is_documented_with_its_options():
 def test_cli_stages_markdown_prints_the_page(capsys):
     assert cli.main(["stages", "--markdown"]) == 0
     assert capsys.readouterr().out == stages_markdown()
+
+
+def test_what_composes_marks_each_built_in_combination_as_from_dict_does():
+    """One ✓ per built-in factors × basis × inner × split that ``from_dict`` accepts, one ✗ per refusal."""
+    import kronopt
+    from tests.composition._support import combinations, config_dict
+
+    built = refused = 0
+    for combo in combinations(load_plugins=False):
+        try:
+            kronopt.from_dict(config_dict(combo))
+            built += 1
+        except kronopt.ConfigError:
+            refused += 1
+    section = stages_markdown().split("## What composes", 1)[1].split("\n## ", 1)[0]
+    assert section.count("✓") == built + 1 and section.count("✗") == refused + 1  # +1: the intro names each mark
+    assert f"{built} of {built + refused} build" in section
+    assert "| `kl` + `qr` | " in section and "sign_momentum" not in section
