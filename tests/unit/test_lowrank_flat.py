@@ -77,9 +77,9 @@ def test_invalid_split_options_are_rejected_with_their_path(overrides, message):
 @pytest.mark.parametrize(
     "overrides,names",
     [
-        ({"inner.type": "adam"}, ("inner 'adam'", "split 'lowrank_flat'")),
+        ({"inner.type": "adam_rank1"}, ("inner 'adam_rank1'", "split 'lowrank_flat'")),
         ({"basis.type": "eigh"}, ("basis 'eigh'", "split 'lowrank_flat'")),
-        ({"factors.type": "ema"}, ("factors 'ema'", "split 'lowrank_flat'")),
+        ({"factors.type": "none", "basis.type": "identity"}, ("factors 'none'", "split 'lowrank_flat'")),
     ],
 )
 def test_combinations_that_cannot_hold_a_restricted_side_fail_at_build(overrides, names):
