@@ -157,6 +157,10 @@ PRO_SOAP = attrs.evolve(
     ),
 )
 
+#: Pro-DyKAF (new, docs/pro.md): DyKAF (projector-splitting factors) with pro_soap's low-rank + flat
+#: larger side, Adam in the rotated m × r block and the orthogonalized complement.
+PRO_DYKAF = attrs.evolve(DYKAF, split=PRO_SOAP.split)
+
 PRESETS: dict[str, KronConfig] = {
     "adamw": ADAMW,
     "soap": SOAP,
@@ -168,4 +172,5 @@ PRESETS: dict[str, KronConfig] = {
     "kl_soap": KL_SOAP,
     "pro_kl_shampoo": PRO_KL_SHAMPOO,
     "pro_soap": PRO_SOAP,
+    "pro_dykaf": PRO_DYKAF,
 }

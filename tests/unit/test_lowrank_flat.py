@@ -568,3 +568,71 @@ def test_match_subspace_rms_gives_the_complement_the_subspace_blocks_rms(gen):
     block = D - D0
     torch.testing.assert_close(block @ U, torch.zeros(1, m, r, **F64), rtol=0, atol=1e-12)
     torch.testing.assert_close(block.norm() / math.sqrt(m * (n - r)), D0.norm() / math.sqrt(m * r), rtol=1e-12, atol=0)
+
+
+def test_projector_splitting_restricted_step_is_the_dense_ksl_step_projected(gen):
+    """The restricted KSL step equals the dense one on R = U S Uᵀ + μ P⊥ (linalg.projector_split_ksl), its R̂ then
+    M-projected onto the family (S' = Uᵀ R̂ U, μ' = (tr R̂ − tr S')/(n − r), power product R̂ U), up to the balance
+    of the two factors' norms (L ⊗ R is what is compared)."""
+    from kronopt.factors import ProjectorSplittingFactors
+
+    m, n, r, beta = 5, 9, 3, 0.9
+    est = ProjectorSplittingFactors(beta=beta)
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    st = est.init(layout, **F64)
+    U = orthonormal(gen, 1, n)[:, :, :r]
+    L, S, mu = spd_matrix(gen, 1, m), spd_matrix(gen, 1, r), torch.tensor([0.3], **F64)
+    st = attrs.evolve(st, L=L, sub_R=S, mu_R=mu, initialised=torch.ones(1, dtype=torch.bool), calls=3)
+    basis = BasisState(Q_L=orthonormal(gen, 1, m), Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    G = randn(gen, 1, m, n)
+    new = est.update(st, G, StepContext(step=4, layout=layout, basis=basis))
+    R_dense = U @ S @ U.mT + mu.view(-1, 1, 1) * (torch.eye(n, **F64) - U @ U.mT)
+    L_d, R_d = linalg.projector_split_ksl(L, R_dense, G, beta)
+    a, b = L_d.norm(), new.L.norm()
+    torch.testing.assert_close(new.L / b, L_d / a, rtol=1e-10, atol=1e-12)
+    S_d = U.mT @ R_d @ U
+    torch.testing.assert_close(new.sub_R * b, S_d * a, rtol=1e-10, atol=1e-12)
+    mu_d = (torch.diagonal(R_d, dim1=-2, dim2=-1).sum(-1) - torch.diagonal(S_d, dim1=-2, dim2=-1).sum(-1)) / (n - r)
+    torch.testing.assert_close(new.mu_R * b, mu_d * a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(new.power_R * b, R_d @ U * a, rtol=1e-10, atol=1e-12)
+    # the projected factors are balanced: ‖L‖ = ‖U S Uᵀ + μ P⊥‖
+    torch.testing.assert_close(b**2, new.sub_R.square().sum() + (n - r) * new.mu_R.square().sum(), rtol=1e-12, atol=0)
+    assert est.flat_eigvals(new) == (None, new.mu_R)
+
+
+def test_projector_splitting_refuses_a_restricted_side_it_cannot_integrate():
+    from kronopt.factors import ProjectorSplittingFactors
+
+    layout = Layout(batch=1, m=4, n=8, left="full", right="restricted", rank_right=2)
+    with pytest.raises(ValueError, match="projector_splitting.*variant = 'ksl'"):
+        ProjectorSplittingFactors(variant="parallel").init(layout, **F64)
+
+
+def test_pro_dykaf_holds_order_n_r_numbers_and_steps_like_dykaf():
+    m, n, r = 16, 96, 6
+    cfg = attrs.evolve(kronopt.PRESETS["pro_dykaf"], split=attrs.evolve(kronopt.PRESETS["pro_dykaf"].split, rank=r, side="right"))
+    opt, _ = _run(cfg, [(m, n)], 3, generator(5))
+    assert opt.bucket_summary()[0]["sides"] == ("full", "restricted")
+    for path, v in compose.flatten(opt._buckets[0].state).items():
+        if isinstance(v, torch.Tensor):
+            assert v.shape[-2:] != (n, n), f"{path} has a full {n}×{n} side"
+    dykaf_opt, _ = _run(kronopt.PRESETS["dykaf"], [(m, n)], 3, generator(5))
+    assert opt.state_bytes() < dykaf_opt.state_bytes() / 3
+    # update RMS within 1.5× of DyKAF's on the rank-4-plus-noise stream
+    size = 64
+    gen = generator(7)
+    signal = randn(gen, size, 4, dtype=torch.float32) @ randn(gen, 4, size, dtype=torch.float32) / 4
+    grads = [signal + randn(gen, size, size, dtype=torch.float32) for _ in range(40)]
+    rms = {}
+    for name, over in (("dykaf", {}), ("pro_dykaf", {"split.rank": 16})):
+        W = torch.nn.Parameter(torch.zeros(size, size))
+        o = kronopt.build([("blocks.0.weight", W)], name, lr=1.0, weight_decay=0.0, **over)
+        out = []
+        for G in grads:
+            before = W.detach().clone()
+            W.grad = G.clone()
+            o.step()
+            out.append((W.detach() - before).square().mean().sqrt())
+        rms[name] = torch.stack(out[1:])
+    ratios = rms["pro_dykaf"] / rms["dykaf"]
+    assert torch.isfinite(ratios).all() and ((ratios > 1 / 1.5) & (ratios < 1.5)).all(), ratios
