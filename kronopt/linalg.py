@@ -1111,3 +1111,35 @@ def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, expon
     q = sR if sL is None else (sL if sR is None else sL * sR)
     q = torch.where(torch.isnan(q), torch.zeros_like(q), q)  # type: ignore[arg-type]
     return 1.0 / (1.0 / q + eps)
+
+
+def reproject_lowrank_flat(sub: Tensor, mu: Tensor, U_old: Tensor, U_new: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Re-project a low-rank + flat factor :math:`U S U^\top + \mu P_\perp` onto a new subspace ``U_new``.
+
+    With :math:`T = U'^\top U` ``(b r r)``: :math:`S' = \mathrm{sym}(T S T^\top + \mu (I - T T^\top))`
+    (the new subspace block of the old factor) and :math:`\mu' = (\mathrm{tr} S + (d-r)\mu - \mathrm{tr} S')/(d-r)`
+    (trace preserved; ``d - r`` read as 1 when 0). No floor: a caller floors :math:`\mu'` as it needs.
+    ``sub (b r r)``, ``mu (b)``, ``U_old``/``U_new (b d r)`` orthonormal; cost :math:`O(d r^2)`.
+    """
+    d, r = U_new.shape[-2], U_new.shape[-1]
+    T = U_new.mT @ U_old
+    eye = torch.eye(r, dtype=sub.dtype, device=sub.device)
+    sub_new = sym(T @ sub @ T.mT + mu.view(-1, 1, 1) * (eye - T @ T.mT))
+    trace_old = torch.diagonal(sub, dim1=-2, dim2=-1).sum(-1)
+    trace_new = torch.diagonal(sub_new, dim1=-2, dim2=-1).sum(-1)
+    mu_new = (trace_old + (d - r) * mu - trace_new) / max(d - r, 1)
+    return sub_new, mu_new
+
+
+def subspace_rms_complement_norm(D: Tensor, d: int, r: int, other: int) -> Tensor:
+    r"""Frobenius norm ``(b 1 1)`` that gives a complement block the per-entry RMS of the subspace block ``D``.
+
+    ``D (b m n)`` is the subspace block of a restricted side of size ``d`` and rank ``r``
+    (its ``other × r`` coordinates hold all of :math:`\|D\|_F`); the complement has
+    ``other × (d − r)`` coordinates, so :math:`\nu = \|D\|_F \sqrt{(d-r)/r}`. At ``r = 0``
+    there is no subspace block and the complement gets RMS 1: :math:`\nu = \sqrt{other\,(d-r)}`.
+    """
+    _check_batched("D", D)
+    if r == 0:
+        return D.new_full((D.shape[0], 1, 1), math.sqrt(other * d))
+    return block_norm(D) * math.sqrt((d - r) / r)

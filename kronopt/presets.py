@@ -147,6 +147,20 @@ PRO_KL_SHAMPOO = attrs.evolve(
     split=LowRankFlatSplit(rank=0.25, max_rank=128, side="larger", complement_scale="whitened", complement_mult=1.0),
 )
 
+#: Pro-SOAP (new, docs/pro.md): SOAP with the larger side kept as rank min(128, d/4) + one flat
+#: eigenvalue (the EMA's projection), Adam in the rotated m × r block, and the complement of the
+#: momentum orthogonalized at the subspace block's RMS.
+PRO_SOAP = attrs.evolve(
+    SOAP,
+    split=LowRankFlatSplit(
+        rank=0.25, max_rank=128, side="larger", complement_scale="match_subspace_rms", complement_mult=1.0
+    ),
+)
+
+#: Pro-DyKAF (new, docs/pro.md): DyKAF (projector-splitting factors) with pro_soap's low-rank + flat
+#: larger side, Adam in the rotated m × r block and the orthogonalized complement.
+PRO_DYKAF = attrs.evolve(DYKAF, split=PRO_SOAP.split)
+
 PRESETS: dict[str, KronConfig] = {
     "adamw": ADAMW,
     "soap": SOAP,
@@ -157,4 +171,6 @@ PRESETS: dict[str, KronConfig] = {
     "kl_shampoo": KL_SHAMPOO,
     "kl_soap": KL_SOAP,
     "pro_kl_shampoo": PRO_KL_SHAMPOO,
+    "pro_soap": PRO_SOAP,
+    "pro_dykaf": PRO_DYKAF,
 }

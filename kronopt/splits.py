@@ -53,7 +53,7 @@ def _rank(value: Any) -> int | float:
     return float(value)
 
 
-_SCALE_RULES = ("whitened", "identity", "muon", "match_rms_adamw")
+_SCALE_RULES = ("whitened", "match_subspace_rms", "identity", "muon", "match_rms_adamw")
 
 
 def _scale_rule(value: Any) -> str | float:
@@ -90,8 +90,15 @@ class LowRankFlatSplit:
     with :math:`M` the inner rule's first moment (``moment()``) and NS the Newton–Schulz
     iteration of :func:`kronopt.linalg.newton_schulz`. The identity of
     pro_kl_shampoo.md §4 makes this the whitened complement of full KL-Shampoo when
-    :math:`c = \sqrt{n - r}` (``complement_scale = "identity"``); alternatives:
-    ``"muon"`` :math:`\sqrt{\max(1, m/n)}`, ``"match_rms_adamw"``
+    :math:`c = \sqrt{n - r}` (``complement_scale = "identity"``). The default
+    ``"whitened"`` rescales the block to the norm full KL-Shampoo gives the
+    complement, :math:`\mu^{-1/2}\|\hat L^{-1/2} C\|_F` (KL factors: eigenvalues and
+    :math:`\mu` on the gradient's scale squared). ``"match_subspace_rms"`` (Adam-type
+    inner rules, pro_soap and pro_dykaf) gives the complement block the per-entry RMS
+    of the inner rule's subspace block :math:`D`: norm :math:`\|D\|_F\sqrt{(n-r)/r}`
+    (RMS 1, Adam's first step, at :math:`r = 0`); it is scale-free, needs no
+    eigenvalue, and follows the inner rule's bias correction and warm-up.
+    Alternatives: ``"muon"`` :math:`\sqrt{\max(1, m/n)}`, ``"match_rms_adamw"``
     :math:`0.2\sqrt{\max(m, n)}`, or a number; times ``complement_mult``.
 
     The rank is ``rank`` (an integer) or ``floor(rank · d)`` (a float fraction),
@@ -103,7 +110,8 @@ class LowRankFlatSplit:
         rank: integer rank ≥ 0 or fraction of the side in ``[0, 1]``.
         max_rank: cap on the rank (0: none).
         side: ``"larger"`` (right when square), ``"left"`` or ``"right"``.
-        complement_scale: ``"identity"``, ``"muon"``, ``"match_rms_adamw"`` or a number > 0.
+        complement_scale: ``"whitened"``, ``"match_subspace_rms"``, ``"identity"``, ``"muon"``,
+            ``"match_rms_adamw"`` or a number > 0.
         complement_mult: extra factor > 0.
         ns_coefficients: Newton–Schulz schedule (:data:`kronopt.linalg.NS_SCHEDULES`).
         ns_steps: iterations (1–99).
@@ -142,9 +150,10 @@ class LowRankFlatSplit:
         return NoState()
 
     def scale(self, layout: Layout) -> float:
-        """The fixed complement factor :math:`c` times ``complement_mult`` (``"whitened"``: ``complement_mult`` alone)."""
+        """The fixed complement factor :math:`c` times ``complement_mult`` (``"whitened"``,
+        ``"match_subspace_rms"``: ``complement_mult`` alone)."""
         m, n = layout.m, layout.n
-        if self.complement_scale == "whitened":
+        if self.complement_scale in ("whitened", "match_subspace_rms"):
             c = 1.0
         elif self.complement_scale == "identity":
             d, r = (m, layout.rank_left) if layout.left == "restricted" else (n, layout.rank_right)
@@ -173,5 +182,11 @@ class LowRankFlatSplit:
         O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype]).to(D.dtype)
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
-            O = linalg.rescale_to_norm(O, linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side))
+            nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)
+            # μ = 0 or λ ≤ 0 (an EMA estimator that has seen no complement energy yet): no complement block
+            O = linalg.rescale_to_norm(O, torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu)))
+        elif self.complement_scale == "match_subspace_rms":
+            d, r = (layout.m, layout.rank_left) if side == "left" else (layout.n, layout.rank_right)
+            other = layout.n if side == "left" else layout.m
+            O = linalg.rescale_to_norm(O, linalg.subspace_rms_complement_norm(D, d, r, other))
         return D + self.scale(layout) * O, state

@@ -9,18 +9,33 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, lt, to_beta, unless_tie
 from ..registry import FACTORS
-from ..types import FactorCapabilities, Layout, NoState, StepContext
+from ..types import BasisChange, FactorCapabilities, Layout, NoState, StepContext
 
 
 @attrs.frozen(eq=False)
 class KronFactorsState:
-    """``L (b m m)`` and ``R (b n n)``; ``None`` on a side that is not rotated."""
+    r"""``L (b m m)`` and ``R (b n n)``; ``None`` on a side that is not rotated or is restricted.
+
+    A restricted side of rank ``r`` (left shown) keeps instead ``sub_L (b r r)`` the factor in the
+    subspace coordinates :math:`U^\top \hat L U`, ``mu_L (b)`` the flat eigenvalue of the
+    complement and ``power_L (b m r)`` the power product :math:`\hat L_{new} U` for the basis stage.
+    """
 
     L: Tensor | None
     R: Tensor | None
+    sub_L: Tensor | None = None
+    sub_R: Tensor | None = None
+    mu_L: Tensor | None = None
+    mu_R: Tensor | None = None
+    power_L: Tensor | None = None
+    power_R: Tensor | None = None
 
 
-@FACTORS.register("ema", description="exponential moving average of G Gᵀ and Gᵀ G (Shampoo, SOAP)")
+@FACTORS.register(
+    "ema",
+    description="exponential moving average of G Gᵀ and Gᵀ G (Shampoo, SOAP); a restricted side keeps the EMA's "
+    "projection onto rank r + one flat eigenvalue (reads ctx.step, ctx.basis)",
+)
 @attrs.frozen(kw_only=True)
 class EmaKronFactors:
     r"""EMA factors, started from zero.
@@ -29,6 +44,27 @@ class EmaKronFactors:
         L \leftarrow \beta L + (1-\beta)\, G G^\top, \qquad
         R \leftarrow \beta R + (1-\beta)\, G^\top G .
 
+    **Restricted side** (rank ``r``, right shown; ``docs/pro.md``): the side is the
+    family :math:`\hat R = U S U^\top + \mu P_\perp` with :math:`U` = ``ctx.basis.Q_R``
+    ``(b n r)``, and :math:`(S, \mu)` is the M-projection of the EMA onto it for fixed
+    :math:`U` (the subspace block and the mean complement eigenvalue). With :math:`Y = G U`:
+
+    .. math::
+        S \leftarrow \beta S + (1-\beta)\, Y^\top Y,\qquad
+        \mu \leftarrow \beta \mu + (1-\beta)\, \frac{\|G\|_F^2 - \|Y\|_F^2}{n - r},\qquad
+        P = \hat R_{new} U = \beta\, U S_{old} + (1-\beta)\, G^\top Y
+
+    (the statistic :math:`\|G\|_F^2 - \|Y\|_F^2` floored at 0 against rounding).
+    :meth:`factors` returns the power product :math:`P` ``(b n r)`` there, which the
+    ``qr`` basis turns into the next subspace (Rayleigh–Ritz + one power step), and
+    :meth:`flat_eigvals` gives :math:`\mu`. The first call (``ctx.step == 0``) takes
+    :math:`U` = the top-``r`` right singular vectors of :math:`G` and applies the rule
+    above from zero, so :math:`P = (1-\beta) G^\top G U` spans them and the first
+    refresh's Ritz values are the EMA's eigenvalues there. When the basis moves
+    :math:`U \to U'`, :math:`(S, \mu)` are re-projected onto the new family, trace
+    preserved (:func:`kronopt.linalg.reproject_lowrank_flat`). The side holds
+    :math:`O(n r + r^2)` numbers; no ``n × n`` tensor is formed.
+
     Attributes:
         beta: retention :math:`\beta \in [0, 1)` (SOAP's ``shampoo_beta``), or ``"beta2"``:
             the inner rule's :math:`\beta_2` (``shampoo_beta = -1``, resolved by
@@ -36,26 +72,81 @@ class EmaKronFactors:
 
     Invariants:
         Exactly symmetric and PSD; ``beta = 0`` gives ``G Gᵀ``, ``Gᵀ G``
-        (``tests/unit/test_factors.py``).
+        (``tests/unit/test_factors.py``); :math:`\mu \ge 0`.
     """
 
-    capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(provides_factors=True)
+    capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(
+        provides_factors=True, follows_basis=True, supports_restricted=True
+    )
     beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(ge(0.0), lt(1.0)))
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> KronFactorsState:
-        b, m, n = layout.batch, layout.m, layout.n
-        L = torch.zeros(b, m, m, dtype=dtype, device=device) if layout.left == "full" else None
-        R = torch.zeros(b, n, n, dtype=dtype, device=device) if layout.right == "full" else None
-        return KronFactorsState(L, R)
+        if layout.left == "restricted" and layout.right == "restricted":
+            raise ValueError("factors 'ema' supports at most one restricted side per block")
+        b = layout.batch
+        kw = {"dtype": dtype, "device": device}
+        out: dict[str, Tensor | None] = {}
+        for side, kind, d, r in (("L", layout.left, layout.m, layout.rank_left), ("R", layout.right, layout.n, layout.rank_right)):
+            restricted = kind == "restricted"
+            out[side] = torch.zeros(b, d, d, **kw) if kind == "full" else None
+            out["sub_" + side] = torch.zeros(b, r, r, **kw) if restricted else None
+            out["mu_" + side] = torch.zeros(b, **kw) if restricted else None
+            out["power_" + side] = torch.zeros(b, d, r, **kw) if restricted else None
+        return KronFactorsState(**out)
 
     def update(self, state: KronFactorsState, G: Tensor, ctx: StepContext) -> KronFactorsState:
         beta = self.beta
+        assert isinstance(beta, float), "factors.beta is bound to a number (KronConfig.bound)"
         L = None if state.L is None else linalg.ema_gram_left(state.L, G, beta)
         R = None if state.R is None else linalg.ema_gram_right(state.R, G, beta)
-        return KronFactorsState(L, R)
+        out = attrs.evolve(state, L=L, R=R)
+        first = ctx.step == 0
+        if state.sub_R is not None:
+            sub, mu, power = self._restricted(G, ctx.basis.Q_R, state.sub_R, state.mu_R, first=first)  # type: ignore[arg-type]
+            out = attrs.evolve(out, sub_R=sub, mu_R=mu, power_R=power)
+        if state.sub_L is not None:
+            sub, mu, power = self._restricted(G.mT, ctx.basis.Q_L, state.sub_L, state.mu_L, first=first)  # type: ignore[arg-type]
+            out = attrs.evolve(out, sub_L=sub, mu_L=mu, power_L=power)
+        return out
+
+    def _restricted(self, G: Tensor, U: Tensor, sub: Tensor, mu: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """The restricted right side of ``G (b m n)``: new ``(S, μ, power product)``."""
+        beta = float(self.beta)
+        n, r = G.shape[-1], sub.shape[-1]
+        if first:
+            U = linalg.top_right_singular(G, r)
+        Y = G @ U  # (b m r)
+        energy = (G.square().sum((-2, -1)) - Y.square().sum((-2, -1))).clamp(min=0.0)
+        mu_new = torch.lerp(mu, energy / (n - r), 1 - beta)
+        sub_new = linalg.accumulate_gram_right(sub, Y, beta, 1 - beta)
+        power = torch.baddbmm(G.mT @ Y, U, sub, beta=1 - beta, alpha=beta)  # β U S_old + (1-β) Gᵀ Y
+        return sub_new, mu_new, power
 
     def factors(self, state: KronFactorsState) -> tuple[Tensor | None, Tensor | None]:
-        return state.L, state.R
+        """``(L, R)``; on a restricted side the power product ``(b d r)`` instead of a factor."""
+        return (
+            state.L if state.power_L is None else state.power_L,
+            state.R if state.power_R is None else state.power_R,
+        )
+
+    def flat_eigvals(self, state: KronFactorsState) -> tuple[Tensor | None, Tensor | None]:
+        r"""The flat eigenvalue :math:`\mu` ``(b)`` of each restricted side (``None`` elsewhere)."""
+        return state.mu_L, state.mu_R
+
+    def on_basis_change(self, state: KronFactorsState, change: BasisChange) -> KronFactorsState:
+        """Full sides: nothing (the EMA is basis-free). Restricted sides: re-project ``(S, μ)`` onto the new
+        subspace; before the first refresh the state is already in the initial subspace (the first call's) and kept."""
+        if not change.old.ready:
+            return state
+        out = {}
+        for side in ("L", "R"):
+            sub = getattr(state, "sub_" + side)
+            if sub is None:
+                continue
+            U_old, U_new = getattr(change.old, "Q_" + side), getattr(change.new, "Q_" + side)
+            sub_new, mu_new = linalg.reproject_lowrank_flat(sub, getattr(state, "mu_" + side), U_old, U_new)
+            out["sub_" + side], out["mu_" + side] = sub_new, mu_new.clamp(min=0.0)
+        return attrs.evolve(state, **out)
 
 
 @FACTORS.register("none", description="no factors (identity basis rules: Adam, Muon, SGD)")

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
-from ..types import FactorCapabilities, Layout, StepContext
+from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
 VARIANTS: tuple[str, ...] = ("ksl", "parallel")
 INITS: tuple[str, ...] = ("kron", "kron_reference", "eps", "sum")
@@ -35,13 +35,20 @@ def _init_choice(_inst: object, _attr: object, value: str) -> None:
 
 @attrs.frozen(eq=False)
 class ProjectorSplittingState:
-    """``L (b m m)``, ``R (b n n)`` (``None`` on a side that is not rotated), the per-block
-    flag ``initialised (b)`` and the number of calls seen (a Python int)."""
+    """``L (b m m)``, ``R (b n n)`` (``None`` on a side that is not rotated or is restricted), the per-block
+    flag ``initialised (b)`` and the number of calls seen (a Python int). A restricted side (left shown)
+    keeps ``sub_L (b r r)``, ``mu_L (b)`` and the power product ``power_L (b m r)`` instead."""
 
     L: Tensor | None
     R: Tensor | None
     initialised: Tensor
     calls: int = 0
+    sub_L: Tensor | None = None
+    sub_R: Tensor | None = None
+    mu_L: Tensor | None = None
+    mu_R: Tensor | None = None
+    power_L: Tensor | None = None
+    power_R: Tensor | None = None
 
 
 @FACTORS.register(
@@ -100,13 +107,31 @@ class ProjectorSplittingFactors:
         power_iters: iterations of the ``"power"`` solver, ≥ 1.
         one_sided: the factor of a block with one side not rotated: ``"ema"`` (SOAP) or ``"sum"`` (authors').
 
+    **Restricted side** (rank ``r``, right shown; ``docs/pro.md``; ``variant = "ksl"``,
+    ``initialization = "kron"`` and the other side full, else :meth:`init` refuses):
+    :math:`R = U S U^\top + \mu P_\perp` with :math:`U` = ``ctx.basis.Q_R``. The KSL step
+    runs on this :math:`R` without forming it (:math:`Y = G U`,
+    :math:`G\bar R G^\top = (Y S Y^\top + \mu(GG^\top - YY^\top))/\|R\|_F`), and its new
+    :math:`\hat R = c R + G^\top U_L G` is M-projected onto the family for the same
+    :math:`U`: :math:`S' = cS + Y^\top U_L Y`,
+    :math:`\mu' = c\mu + (\langle U_L, GG^\top\rangle - \mathrm{tr}\,Y^\top U_L Y)/(n-r)`,
+    with the power product :math:`\hat R U = c\,U S + G^\top U_L Y` for the basis stage;
+    the balance :math:`\|L\|_F = \|R\|_F` uses the projected :math:`R`. First call:
+    :math:`L_0` as ``kron``, :math:`U_0` = top-``r`` right singular vectors of :math:`G`
+    (returned as the power product), :math:`(S_0, \mu_0)` the projection of
+    :math:`R_0 = \sqrt{1-\beta}\sigma_1 v_1 v_1^\top`. A block still empty takes the
+    fresh direction :math:`S = I/\sqrt n`, :math:`\mu = 1/\sqrt n`. On a basis change
+    :math:`(S, \mu)` are re-projected, trace kept. O(nr + r²) numbers on that side.
+
     Invariants:
         Factors exactly symmetric and PSD with equal Frobenius norms; ``initialization = "kron"``
         equals the EMA after one gradient; ``G = 0`` gives :math:`\beta\,L\otimes R`
         (``tests/unit/test_projector_splitting.py``).
     """
 
-    capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(provides_factors=True)
+    capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(
+        provides_factors=True, follows_basis=True, supports_restricted=True
+    )
     beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(gt(0.0), lt(1.0)))
     variant: Literal["ksl", "parallel"] = attrs.field(default="ksl", converter=to_str, validator=in_(VARIANTS))
     initialization: Literal["kron", "kron_reference", "eps", "sum"] = attrs.field(
@@ -119,6 +144,8 @@ class ProjectorSplittingFactors:
     # -- slot API ----------------------------------------------------------------------------
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> ProjectorSplittingState:
         b, m, n = layout.batch, layout.m, layout.n
+        if "restricted" in (layout.left, layout.right):
+            return self._init_restricted(layout, dtype, device)
         full_L, full_R = layout.left == "full", layout.right == "full"
         L = R = None
         if full_L:
@@ -129,6 +156,18 @@ class ProjectorSplittingFactors:
         return ProjectorSplittingState(L=L, R=R, initialised=initialised, calls=0)
 
     def update(self, state: ProjectorSplittingState, G: Tensor, ctx: StepContext) -> ProjectorSplittingState:
+        if state.sub_R is not None:
+            L, sub, mu, power, ini = self._restricted(
+                state.L, state.sub_R, state.mu_R, state.power_R, ctx.basis.Q_R, state.initialised, G,  # type: ignore[arg-type]
+                first=state.calls == 0,
+            )
+            return attrs.evolve(state, L=L, sub_R=sub, mu_R=mu, power_R=power, initialised=ini, calls=state.calls + 1)
+        if state.sub_L is not None:
+            R, sub, mu, power, ini = self._restricted(
+                state.R, state.sub_L, state.mu_L, state.power_L, ctx.basis.Q_L, state.initialised, G.mT,  # type: ignore[arg-type]
+                first=state.calls == 0,
+            )
+            return attrs.evolve(state, R=R, sub_L=sub, mu_L=mu, power_L=power, initialised=ini, calls=state.calls + 1)
         L, R = state.L, state.R
         if L is not None and R is not None:
             L, R, initialised = self._two_sided(L, R, state.initialised, G, first=state.calls == 0)
@@ -140,7 +179,98 @@ class ProjectorSplittingFactors:
         return ProjectorSplittingState(L=L, R=R, initialised=state.initialised, calls=state.calls + 1)
 
     def factors(self, state: ProjectorSplittingState) -> tuple[Tensor | None, Tensor | None]:
-        return state.L, state.R
+        """``(L, R)``; on a restricted side the power product ``(b d r)`` instead of a factor."""
+        return (
+            state.L if state.power_L is None else state.power_L,
+            state.R if state.power_R is None else state.power_R,
+        )
+
+    def flat_eigvals(self, state: ProjectorSplittingState) -> tuple[Tensor | None, Tensor | None]:
+        r"""The flat eigenvalue :math:`\mu` ``(b)`` of each restricted side (``None`` elsewhere)."""
+        return state.mu_L, state.mu_R
+
+    def on_basis_change(self, state: ProjectorSplittingState, change: BasisChange) -> ProjectorSplittingState:
+        """Full sides: nothing. Restricted sides: re-project ``(S, μ)`` onto the new subspace (trace kept);
+        before the first refresh the state is already in the first call's subspace and kept."""
+        if not change.old.ready:
+            return state
+        out = {}
+        for side in ("L", "R"):
+            sub = getattr(state, "sub_" + side)
+            if sub is None:
+                continue
+            U_old, U_new = getattr(change.old, "Q_" + side), getattr(change.new, "Q_" + side)
+            sub_new, mu_new = linalg.reproject_lowrank_flat(sub, getattr(state, "mu_" + side), U_old, U_new)
+            out["sub_" + side], out["mu_" + side] = sub_new, mu_new.clamp(min=0.0)
+        return attrs.evolve(state, **out)
+
+    # -- restricted side (kept on the right; a left one runs on Gᵀ) ------------------------------
+    def _init_restricted(self, layout: Layout, dtype: torch.dtype, device: torch.device) -> ProjectorSplittingState:
+        full, restricted = (layout.left, layout.right) if layout.right == "restricted" else (layout.right, layout.left)
+        if full != "full" or self.variant != "ksl" or self.initialization != "kron":
+            raise ValueError(
+                "factors 'projector_splitting' keeps a restricted side only with variant = 'ksl', init = 'kron' and "
+                f"the other side full (got variant {self.variant!r}, init {self.initialization!r}, sides "
+                f"{layout.left!r}/{layout.right!r})"
+            )
+        b = layout.batch
+        kw = {"dtype": dtype, "device": device}
+        out: dict[str, Tensor | None] = {}
+        for side, kind, d, r in (("L", layout.left, layout.m, layout.rank_left), ("R", layout.right, layout.n, layout.rank_right)):
+            is_r = kind == "restricted"
+            out[side] = None if is_r else torch.zeros(b, d, d, **kw)
+            out["sub_" + side] = torch.zeros(b, r, r, **kw) if is_r else None
+            out["mu_" + side] = torch.zeros(b, **kw) if is_r else None
+            out["power_" + side] = torch.zeros(b, d, r, **kw) if is_r else None
+        return ProjectorSplittingState(initialised=torch.zeros(b, dtype=torch.bool, device=device), calls=0, **out)  # type: ignore[arg-type]
+
+    def _restricted(
+        self, L: Tensor, sub: Tensor, mu: Tensor, power: Tensor, U: Tensor, initialised: Tensor, G: Tensor, *, first: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One call with the full side ``L (b m m)`` and the restricted right side ``(S, μ, P)`` of ``G (b m n)``."""
+        beta = float(self.beta)
+        b, m, n = G.shape
+        r = sub.shape[-1]
+        k = max(n - r, 1)
+        nonzero = linalg.block_norm(G).view(-1) > 0
+        if first:
+            top = linalg.top_singular_triplet(G) if self.init_solver == "svd" else linalg.top_singular_triplet_power(G, self.power_iters)
+            scale = ((1.0 - beta) ** 0.5 * top.sigma).view(b, 1, 1)
+            L0 = linalg.sym(scale * (top.u.unsqueeze(-1) * top.u.unsqueeze(-2)))
+            U0 = linalg.top_right_singular(G, r)
+            w = (U0.mT @ top.v.unsqueeze(-1))  # (b r 1)
+            S0 = linalg.sym(scale * (w @ w.mT))
+            mu0 = (scale.view(b) * (1.0 - w.square().sum((-2, -1)))).clamp(min=0.0) / k
+            starting = ~initialised & nonzero
+            return (
+                linalg.select_blocks(starting, L0, L), linalg.select_blocks(starting, S0, sub),
+                torch.where(starting, mu0, mu), linalg.select_blocks(starting, U0, power), initialised | starting,
+            )
+        tiny = linalg._tiny(L)
+        fresh = ~initialised
+        L = linalg.select_blocks(fresh, torch.zeros_like(L), L * beta**0.5)
+        eye = torch.eye(r, dtype=sub.dtype, device=sub.device).expand_as(sub)
+        sub = linalg.select_blocks(fresh, eye / n**0.5, sub * beta**0.5)
+        mu = torch.where(fresh, torch.full_like(mu, n**-0.5), mu * beta**0.5)
+        Gs = G * (1.0 - beta) ** 0.5
+        norm_R = (sub.square().sum((-2, -1)) + (n - r) * mu.square()).sqrt().view(b, 1, 1)
+        Y = Gs @ U  # (b m r)
+        GGt = Gs @ Gs.mT
+        mu_ = mu.view(b, 1, 1)
+        GRG = (Y @ sub @ Y.mT + mu_ * (GGt - Y @ Y.mT)) / norm_R.clamp(min=tiny)  # G R̄ Gᵀ
+        K = linalg.sym(norm_R * L + GRG)
+        UL = K / linalg.block_norm(K).clamp(min=tiny)
+        c = (UL * L).sum((-2, -1), keepdim=True)  # S̃ / ‖R‖: R̂ = c R + Gᵀ U_L G
+        Z = UL @ Y  # (b m r)
+        YZ = linalg.sym(Y.mT @ Z)
+        sub_hat = linalg.sym(c * sub + YZ)
+        trace_full = (UL * GGt).sum((-2, -1))
+        trace_sub = torch.diagonal(YZ, dim1=-2, dim2=-1).sum(-1)
+        mu_hat = (c.view(b) * mu + (trace_full - trace_sub) / k).clamp(min=0.0)
+        power_hat = c * (U @ sub) + Gs.mT @ Z
+        root = (sub_hat.square().sum((-2, -1)) + (n - r) * mu_hat.square()).sqrt().sqrt().view(b, 1, 1)
+        inv = 1.0 / root.clamp(min=tiny)
+        return UL * root, sub_hat * inv, mu_hat * inv.view(b), power_hat * inv, initialised | nonzero
 
     # -- pieces --------------------------------------------------------------------------------
     def _one_sided_start(self, b: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -19,6 +19,16 @@ class AdamState:
     exp_avg_sq: Tensor
 
 
+@attrs.frozen(eq=False)
+class AdamSubspaceState:
+    """Adam on a block with a restricted side (rank ``r``, right shown): the first moment ``exp_avg (b m n)``
+    in the **original** coordinates, the second moment ``exp_avg_sq (b m r)`` in the rotated subspace
+    (``b r n`` when the left side is restricted)."""
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+
+
 @INNER_RULES.register("adam", description="Adam in the rotated basis (SOAP; AdamW with the identity basis)")
 @attrs.frozen(kw_only=True)
 class AdamInner(AdamConventions):
@@ -35,6 +45,22 @@ class AdamInner(AdamConventions):
     Both moments live in the basis: on a refresh ``m`` is rotated to the new basis
     and ``v`` is only permuted with the columns (SOAP's approximation).
 
+    **Restricted side** (rank ``r``, right shown; ``docs/pro.md``): ``ctx.basis.Q_R`` is
+    the subspace :math:`U` ``(b n r)``, and Adam runs in the rotated ``m × r`` block:
+    :math:`v \leftarrow \beta_2 v + (1-\beta_2) (Q_L^\top G U)^{\odot 2}` ``(b m r)``,
+    :math:`D = c_t\, Q_L \frac{Q_L^\top M U}{\sqrt v + \epsilon} U^\top`. The first moment
+    :math:`M \leftarrow \beta_1 M + (1-\beta_1) G` is kept in the **original** coordinates
+    ``(b m n)`` (as SOAP's first release kept it): the split's complement
+    :math:`M - M U U^\top` needs the momentum of the *whole* gradient, including the
+    directions the subspace never sees, and one buffer serves both (the subspace
+    moment :math:`Q_L^\top M U` is its exact restriction, so a refresh loses nothing,
+    where a rotated ``m × r`` moment would drop what leaves the subspace). State
+    :math:`mn + mr` numbers, less than a rotated moment plus a separate momentum
+    (:math:`mn + 2mr`). On a refresh :math:`M` stays; :math:`v` is permuted with the
+    full side's columns and kept as it is on the restricted side (it carries no
+    permutation; SOAP's "keep the second moment" approximation, applied to the
+    Ritz-ordered columns). :meth:`moment` returns :math:`M`.
+
     Attributes:
         betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
         eps: :math:`\epsilon \ge 0`.
@@ -44,22 +70,49 @@ class AdamInner(AdamConventions):
             (SOAP's ``normalize_grads``).
     """
 
-    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(exposes_moment=True, has_second_moment=True)
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(
+        exposes_moment=True, has_second_moment=True, supports_restricted=True
+    )
 
-    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> AdamState:
+    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> AdamState | AdamSubspaceState:
+        if "restricted" in (layout.left, layout.right):
+            m = layout.rank_left if layout.left == "restricted" else layout.m
+            n = layout.rank_right if layout.right == "restricted" else layout.n
+            v = torch.zeros(layout.batch, m, n, dtype=dtype, device=device)
+            return AdamSubspaceState(_zeros(layout, dtype, device), v)
         return AdamState(_zeros(layout, dtype, device), _zeros(layout, dtype, device))
 
-    def direction(self, state: AdamState, G: Tensor, ctx: StepContext) -> tuple[Tensor, AdamState]:
+    def direction(self, state: AdamState | AdamSubspaceState, G: Tensor, ctx: StepContext) -> tuple[Tensor, AdamState | AdamSubspaceState]:
+        if isinstance(state, AdamSubspaceState):
+            Q_L, Q_R = ctx.basis.Q_L, ctx.basis.Q_R
+            M = torch.lerp(state.exp_avg, G, 1 - self.betas[0])
+            G_rot = linalg.rotate(G, Q_L, Q_R)
+            v = state.exp_avg_sq.mul(self.betas[1]).addcmul_(G_rot, G_rot, value=1 - self.betas[1])
+            D = self.adam_direction(linalg.rotate(M, Q_L, Q_R), v, ctx)
+            return D, AdamSubspaceState(M, v)
         G_rot = linalg.rotate(G, ctx.basis.Q_L, ctx.basis.Q_R)
         m, v = linalg.adam_moments(state.exp_avg, state.exp_avg_sq, G_rot, self.betas)
         D = self.adam_direction(m, v, ctx)
         return D, AdamState(m, v)
 
-    def second_moment(self, state: AdamState) -> Tensor:
-        """The (uncorrected) second moment in the basis, ``b m n``."""
+    def second_moment(self, state: AdamState | AdamSubspaceState) -> Tensor:
+        """The (uncorrected) second moment in the basis, ``b m n`` (``b m r``/``b r n`` with a restricted side)."""
         return state.exp_avg_sq
 
-    def on_basis_change(self, state: AdamState, change: BasisChange) -> AdamState:
+    def moment(self, state: AdamState | AdamSubspaceState, ctx: StepContext) -> Tensor:
+        """The first moment in the original coordinates (kept there with a restricted side)."""
+        if isinstance(state, AdamSubspaceState):
+            return state.exp_avg
+        return super().moment(state, ctx)
+
+    def on_basis_change(self, state: AdamState | AdamSubspaceState, change: BasisChange) -> AdamState | AdamSubspaceState:
+        if isinstance(state, AdamSubspaceState):
+            v = state.exp_avg_sq
+            if change.perm_L is not None and v.shape[-2] == change.perm_L.shape[-1]:
+                v = linalg.permute_along(v, change.perm_L, 1)
+            if change.perm_R is not None and v.shape[-1] == change.perm_R.shape[-1]:
+                v = linalg.permute_along(v, change.perm_R, 2)
+            return AdamSubspaceState(state.exp_avg, v)
         old, new = change.old, change.new
         m = linalg.change_basis(state.exp_avg, (old.Q_L, old.Q_R), (new.Q_L, new.Q_R))
         v = state.exp_avg_sq

@@ -359,13 +359,14 @@ def test_compose_calls_on_basis_change_of_a_split_that_declares_follows_basis():
 
 def test_restricted_split_with_stages_that_do_not_support_it_names_the_ones_that_do():
     raw = kronopt.to_dict(kronopt.PRESETS["pro_kl_shampoo"])
-    raw["factors"] = {"type": "ema"}
-    raw["inner"] = {"type": "adam"}
+    raw["factors"] = {"type": "none"}
+    raw["inner"] = {"type": "adam_rank1"}
     with pytest.raises(kronopt.ConfigError) as info:
         kronopt.from_dict(raw)
     errors = dict(info.value.errors)
     assert errors["factors.type"] == (
-        "split 'lowrank_flat' keeps a restricted side, which factors 'ema' does not support; factors stages that do: kl"
+        "split 'lowrank_flat' keeps a restricted side, which factors 'none' does not support; "
+        "factors stages that do: ema, kl, projector_splitting"
     )
-    assert errors["inner.type"].startswith("split 'lowrank_flat' keeps a restricted side, which inner 'adam' does not support; "
-                                           "inner stages that do: eigenvalue")
+    assert errors["inner.type"].startswith("split 'lowrank_flat' keeps a restricted side, which inner 'adam_rank1' does "
+                                           "not support; inner stages that do: adam, eigenvalue")
