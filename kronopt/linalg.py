@@ -1057,8 +1057,8 @@ def restricted_power_product(U: Tensor, S: Tensor, increment: Tensor, rho: float
 
 
 def reproject_flat(
-    U_new: Tensor, U_old: Tensor, S: Tensor, mu: Tensor, lam: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+    U_new: Tensor, U_old: Tensor, S: Tensor, mu: Tensor, lam: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     r"""Project a low-rank + flat factor onto a new subspace (the M-projection, pro_kl_shampoo.md §7).
 
     With :math:`T = U'^\top U` ``(b r r)``, the old factor
@@ -1069,9 +1069,10 @@ def reproject_flat(
         \mu' = \frac{\mathrm{tr} S + (d - r)\mu - \mathrm{tr} S'}{d - r},\qquad
         \lambda'_j = \sum_k T_{jk}^2 \lambda_k + \mu \big(1 - \sum_k T_{jk}^2\big)
 
-    (``lam`` ``(b r)`` are eigenvalue estimates attached to the old columns; the trace
-    of :math:`\hat R` is preserved). ``mu`` is ``(b)``; :math:`\mu'` is not floored
-    here (``d = r`` divides by 1). Returns ``(S', μ', λ')``.
+    (``lam`` ``(b r)``, optional, are eigenvalue estimates attached to the old columns;
+    the trace of :math:`\hat R` is preserved). ``mu`` is ``(b)``; :math:`\mu'` is not
+    floored here (``d = r`` divides by 1). Returns ``(S', μ', λ')`` (``λ'`` ``None``
+    without ``lam``).
     """
     _check_batched("S", S)
     d, r = U_new.shape[-2], U_new.shape[-1]
@@ -1082,6 +1083,8 @@ def reproject_flat(
     S_new = sym(T @ S @ T.mT + mu_ * (eye - T @ T.mT))
     trace = lambda X: torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
     mu_new = (trace(S) + (d - r) * mu - trace(S_new)) / max(d - r, 1)
+    if lam is None:
+        return S_new, mu_new, None
     lam_new = (T2 @ lam.unsqueeze(-1)).squeeze(-1) + mu.unsqueeze(-1) * (1 - T2.sum(-1))
     return S_new, mu_new, lam_new
 
@@ -1111,24 +1114,6 @@ def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, expon
     q = sR if sL is None else (sL if sR is None else sL * sR)
     q = torch.where(torch.isnan(q), torch.zeros_like(q), q)  # type: ignore[arg-type]
     return 1.0 / (1.0 / q + eps)
-
-
-def reproject_lowrank_flat(sub: Tensor, mu: Tensor, U_old: Tensor, U_new: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Re-project a low-rank + flat factor :math:`U S U^\top + \mu P_\perp` onto a new subspace ``U_new``.
-
-    With :math:`T = U'^\top U` ``(b r r)``: :math:`S' = \mathrm{sym}(T S T^\top + \mu (I - T T^\top))`
-    (the new subspace block of the old factor) and :math:`\mu' = (\mathrm{tr} S + (d-r)\mu - \mathrm{tr} S')/(d-r)`
-    (trace preserved; ``d - r`` read as 1 when 0). No floor: a caller floors :math:`\mu'` as it needs.
-    ``sub (b r r)``, ``mu (b)``, ``U_old``/``U_new (b d r)`` orthonormal; cost :math:`O(d r^2)`.
-    """
-    d, r = U_new.shape[-2], U_new.shape[-1]
-    T = U_new.mT @ U_old
-    eye = torch.eye(r, dtype=sub.dtype, device=sub.device)
-    sub_new = sym(T @ sub @ T.mT + mu.view(-1, 1, 1) * (eye - T @ T.mT))
-    trace_old = torch.diagonal(sub, dim1=-2, dim2=-1).sum(-1)
-    trace_new = torch.diagonal(sub_new, dim1=-2, dim2=-1).sum(-1)
-    mu_new = (trace_old + (d - r) * mu - trace_new) / max(d - r, 1)
-    return sub_new, mu_new
 
 
 def subspace_rms_complement_norm(D: Tensor, d: int, r: int, other: int) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, lt, to_beta, unless_tie
 from ..registry import FACTORS
+from ._restricted import follow_subspace
 from ..types import BasisChange, FactorCapabilities, Layout, NoState, StepContext
 
 
@@ -62,7 +63,7 @@ class EmaKronFactors:
     above from zero, so :math:`P = (1-\beta) G^\top G U` spans them and the first
     refresh's Ritz values are the EMA's eigenvalues there. When the basis moves
     :math:`U \to U'`, :math:`(S, \mu)` are re-projected onto the new family, trace
-    preserved (:func:`kronopt.linalg.reproject_lowrank_flat`). The side holds
+    preserved (:func:`kronopt.linalg.reproject_flat`). The side holds
     :math:`O(n r + r^2)` numbers; no ``n × n`` tensor is formed.
 
     Attributes:
@@ -136,17 +137,7 @@ class EmaKronFactors:
     def on_basis_change(self, state: KronFactorsState, change: BasisChange) -> KronFactorsState:
         """Full sides: nothing (the EMA is basis-free). Restricted sides: re-project ``(S, μ)`` onto the new
         subspace; before the first refresh the state is already in the initial subspace (the first call's) and kept."""
-        if not change.old.ready:
-            return state
-        out = {}
-        for side in ("L", "R"):
-            sub = getattr(state, "sub_" + side)
-            if sub is None:
-                continue
-            U_old, U_new = getattr(change.old, "Q_" + side), getattr(change.new, "Q_" + side)
-            sub_new, mu_new = linalg.reproject_lowrank_flat(sub, getattr(state, "mu_" + side), U_old, U_new)
-            out["sub_" + side], out["mu_" + side] = sub_new, mu_new.clamp(min=0.0)
-        return attrs.evolve(state, **out)
+        return follow_subspace(state, change)
 
 
 @FACTORS.register("none", description="no factors (identity basis rules: Adam, Muon, SGD)")

@@ -337,24 +337,3 @@ class KlKronFactors:
         if c is not None:
             s_new = s_new.clamp(max=c)
         return s_new, sub_new, mu_new, (U_new @ sub_new if self.tracker == "sketch" else power)
-        U_old = getattr(change.old, "Q_" + side)
-        d, r = U_new.shape[-2], U_new.shape[-1]
-        T = U_new.mT @ U_old  # (b r r)
-        T2 = T.square()
-        mu_ = mu.view(-1, 1, 1)
-        eye = torch.eye(r, dtype=sub.dtype, device=sub.device)
-        sub_new = linalg.sym(T @ sub @ T.mT + mu_ * (eye - T @ T.mT))
-        trace = lambda X: torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
-        k = max(d - r, 1)
-        mu_new = ((trace(sub) + (d - r) * mu - trace(sub_new)) / k).nan_to_num(nan=self.init_factor)
-        mu_new = mu_new.clamp(min=self._mu_floor(d, mu))
-        lam = linalg.finite_or_zero(1.0 / s.square())
-        lam_new = (T2 @ lam.unsqueeze(-1)).squeeze(-1) + mu.unsqueeze(-1) * (1 - T2.sum(-1))
-        s_new = linalg.finite_or_zero(lam_new.clamp(min=0.0).rsqrt())
-        c = self._clamp(d)
-        if c is not None:
-            s_new = s_new.clamp(max=c)
-        out = {"sub_" + side: sub_new, "mu_" + side: mu_new, "s_" + side: s_new}
-        if self.tracker == "sketch":
-            out["power_" + side] = U_new @ sub_new
-        return out

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
+from ._restricted import follow_subspace
 from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
 VARIANTS: tuple[str, ...] = ("ksl", "parallel")
@@ -192,17 +193,7 @@ class ProjectorSplittingFactors:
     def on_basis_change(self, state: ProjectorSplittingState, change: BasisChange) -> ProjectorSplittingState:
         """Full sides: nothing. Restricted sides: re-project ``(S, μ)`` onto the new subspace (trace kept);
         before the first refresh the state is already in the first call's subspace and kept."""
-        if not change.old.ready:
-            return state
-        out = {}
-        for side in ("L", "R"):
-            sub = getattr(state, "sub_" + side)
-            if sub is None:
-                continue
-            U_old, U_new = getattr(change.old, "Q_" + side), getattr(change.new, "Q_" + side)
-            sub_new, mu_new = linalg.reproject_lowrank_flat(sub, getattr(state, "mu_" + side), U_old, U_new)
-            out["sub_" + side], out["mu_" + side] = sub_new, mu_new.clamp(min=0.0)
-        return attrs.evolve(state, **out)
+        return follow_subspace(state, change)
 
     # -- restricted side (kept on the right; a left one runs on Gᵀ) ------------------------------
     def _init_restricted(self, layout: Layout, dtype: torch.dtype, device: torch.device) -> ProjectorSplittingState:

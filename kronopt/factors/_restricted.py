@@ -1,0 +1,33 @@
+"""What the factor estimators with a restricted side share: following a subspace change."""
+
+from typing import Any
+
+import attrs
+from torch import Tensor
+
+from .. import linalg
+from ..types import BasisChange
+
+
+def follow_subspace(state: Any, change: BasisChange) -> Any:
+    r"""``state`` (with ``sub_L``/``sub_R`` ``(b r r)`` and ``mu_L``/``mu_R`` ``(b)``) re-projected onto the new subspaces.
+
+    Each restricted side's :math:`(S, \mu)` becomes the M-projection of its old
+    factor onto the new subspace (:func:`kronopt.linalg.reproject_flat`, trace kept,
+    :math:`\mu' \ge 0`). Before the first refresh the state is already expressed in
+    the first call's subspace, so it is kept.
+    """
+    if not change.old.ready:
+        return state
+    sub_L, mu_L = _reproject(state.sub_L, state.mu_L, change.old.Q_L, change.new.Q_L)
+    sub_R, mu_R = _reproject(state.sub_R, state.mu_R, change.old.Q_R, change.new.Q_R)
+    return attrs.evolve(state, sub_L=sub_L, mu_L=mu_L, sub_R=sub_R, mu_R=mu_R)
+
+
+def _reproject(
+    sub: Tensor | None, mu: Tensor | None, U_old: Tensor | None, U_new: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    if sub is None or mu is None or U_old is None or U_new is None:
+        return sub, mu
+    sub_new, mu_new, _ = linalg.reproject_flat(U_new, U_old, sub, mu)
+    return sub_new, mu_new.clamp(min=0.0)
