@@ -9,6 +9,20 @@ from .. import linalg
 from ..types import BasisChange
 
 
+def factors_or_power(state: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``(L, R)`` of a state with ``L``/``R`` and ``power_L``/``power_R``: a restricted side gives its
+    power product ``(b d r)`` (what the basis refreshes the subspace from) instead of a factor."""
+    return (
+        state.L if state.power_L is None else state.power_L,
+        state.R if state.power_R is None else state.power_R,
+    )
+
+
+def flat_eigvals(state: Any) -> tuple[Tensor | None, Tensor | None]:
+    r"""The flat eigenvalue :math:`\mu` ``(b)`` of each restricted side (``None`` elsewhere)."""
+    return state.mu_L, state.mu_R
+
+
 def follow_subspace(state: Any, change: BasisChange) -> Any:
     r"""``state`` (with ``sub_L``/``sub_R`` ``(b r r)`` and ``mu_L``/``mu_R`` ``(b)``) re-projected onto the new subspaces.
 

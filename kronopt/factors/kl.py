@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_bool, to_float, to_str
 from ..registry import FACTORS
+from ._restricted import factors_or_power, flat_eigvals
 from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
 
@@ -185,10 +186,7 @@ class KlKronFactors:
 
     def factors(self, state: KlFactorsState) -> tuple[Tensor | None, Tensor | None]:
         """``(L, R)``; on a restricted side the power product ``(b d r)`` instead of a factor."""
-        return (
-            state.L if state.power_L is None else state.power_L,
-            state.R if state.power_R is None else state.power_R,
-        )
+        return factors_or_power(state)
 
     def eigvals(self, state: KlFactorsState) -> tuple[Tensor | None, Tensor | None]:
         """The tracked eigenvalue estimates :math:`\\lambda = 1/s^2` per basis column (``+inf`` where ``s = 0``)."""
@@ -199,7 +197,7 @@ class KlKronFactors:
 
     def flat_eigvals(self, state: KlFactorsState) -> tuple[Tensor | None, Tensor | None]:
         r"""The flat eigenvalue :math:`\mu` ``(b)`` of each restricted side (``None`` on a full or ``none`` side)."""
-        return state.mu_L, state.mu_R
+        return flat_eigvals(state)
 
     def update(self, state: KlFactorsState, G: Tensor, ctx: StepContext) -> KlFactorsState:
         left, right = _sides(state, ctx.layout, ctx)

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
-from ._restricted import follow_subspace
+from ._restricted import factors_or_power, flat_eigvals, follow_subspace
 from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
 VARIANTS: tuple[str, ...] = ("ksl", "parallel")
@@ -181,14 +181,11 @@ class ProjectorSplittingFactors:
 
     def factors(self, state: ProjectorSplittingState) -> tuple[Tensor | None, Tensor | None]:
         """``(L, R)``; on a restricted side the power product ``(b d r)`` instead of a factor."""
-        return (
-            state.L if state.power_L is None else state.power_L,
-            state.R if state.power_R is None else state.power_R,
-        )
+        return factors_or_power(state)
 
     def flat_eigvals(self, state: ProjectorSplittingState) -> tuple[Tensor | None, Tensor | None]:
         r"""The flat eigenvalue :math:`\mu` ``(b)`` of each restricted side (``None`` elsewhere)."""
-        return state.mu_L, state.mu_R
+        return flat_eigvals(state)
 
     def on_basis_change(self, state: ProjectorSplittingState, change: BasisChange) -> ProjectorSplittingState:
         """Full sides: nothing. Restricted sides: re-project ``(S, μ)`` onto the new subspace (trace kept);
