@@ -480,7 +480,10 @@ class KronOptimizer(torch.optim.Optimizer):
         write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
         old = bucket.state
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
-        if D is not None:  # before the state write: D may still read the old stacks
+        if D is not None:  # a finite gradient whose update overflows (e.g. 1e20 in float32) is skipped too
+            ok_D = linalg.finite_blocks(D)
+            ok, write = ok & ok_D, write & ok_D
+            # before the state write: D may still read the old stacks
             cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
         self._write_state(bucket, old, new, write, ok)
         if self.config.nonfinite == "warn":
@@ -534,9 +537,12 @@ class KronOptimizer(torch.optim.Optimizer):
         if writes:  # gathered (copied) before the state write: D may still read the old stacks
             D_all = plan.gather(D, (bucket.layout.m, bucket.layout.n), dtype=dtype, device=ok_all.device)
         if bucket.params:
+            if D is not None:  # an owned block whose update overflowed keeps its state (and is not applied: below)
+                ok = ok & linalg.finite_blocks(D)
             self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok)
         if D_all is not None:
             write_all = ok_all if step_ok is None else ok_all & step_ok
+            write_all = write_all & linalg.finite_blocks(D_all)  # the same gathered D on every rank
             cfg.post.apply_(plan.params, D_all, lr=group["lr"], weight_decay=group["weight_decay"], ok=write_all)
         if self.config.nonfinite == "warn":
             step = plan.calls - int(cfg.skip_first_call)  # the update number compose.step counts, on every rank
