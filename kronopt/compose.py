@@ -21,6 +21,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from . import linalg
 from .config import KronConfig
 from .types import BasisState, Layout, StepContext, capabilities
 
@@ -274,6 +275,25 @@ def _stack_like(blocks: list[Tensor]) -> Tensor:
     for i, block in enumerate(blocks):
         out[i].copy_(block)
     return out
+
+
+def finite_new_state(new: Any, old: Any) -> Tensor | None:
+    """``(b)`` mask: True where every floating tensor the step changed is finite on that block (``None``: none changed).
+
+    A finite gradient can still overflow a state tensor (a 1e20 gradient squared in
+    float32); the optimizer treats such a block like a non-finite gradient.
+    """
+    masks = [
+        linalg.finite_blocks(n)
+        for n, o in zip(flatten(new).values(), flatten(old).values())
+        if isinstance(n, Tensor) and n is not o and n.ndim >= 1 and n.is_floating_point()
+    ]
+    if not masks:
+        return None
+    ok = masks[0]
+    for m in masks[1:]:
+        ok = ok & m
+    return ok
 
 
 def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:

@@ -282,7 +282,10 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
     for t in tensors:
         if t is None:
             continue
-        block_ok = torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"), dim=tuple(range(1, t.ndim))))
+        if t[0].numel() == 0:  # blocks with no entries (e.g. a rank-0 subspace) are trivially finite
+            block_ok = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+        else:
+            block_ok = torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"), dim=tuple(range(1, t.ndim))))
         ok = block_ok if ok is None else ok & block_ok
     if ok is None:
         raise ValueError("finite_blocks needs at least one tensor")

@@ -480,9 +480,13 @@ class KronOptimizer(torch.optim.Optimizer):
         write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
         old = bucket.state
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
-        if D is not None:  # a finite gradient whose update overflows (e.g. 1e20 in float32) is skipped too
-            ok_D = linalg.finite_blocks(D)
-            ok, write = ok & ok_D, write & ok_D
+        # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
+        ok_new = compose.finite_new_state(new, old)
+        if D is not None:
+            ok_new = linalg.finite_blocks(D) if ok_new is None else ok_new & linalg.finite_blocks(D)
+        if ok_new is not None:
+            ok, write = ok & ok_new, write & ok_new
+        if D is not None:
             # before the state write: D may still read the old stacks
             cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
         self._write_state(bucket, old, new, write, ok)
@@ -534,11 +538,16 @@ class KronOptimizer(torch.optim.Optimizer):
             D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
             if (D is not None) != writes:  # pragma: no cover - the plan's counter and the state's disagree
                 raise RuntimeError(f"work sharding out of step: the plan counts {plan.calls - 1} calls, the state {old.calls}")  # type: ignore[union-attr]
+            ok_new = compose.finite_new_state(new, old)  # an owned block whose update or state overflowed
+            if D is not None:  # keeps its state (and its direction is not applied: below)
+                ok_new = linalg.finite_blocks(D) if ok_new is None else ok_new & linalg.finite_blocks(D)
+            if ok_new is not None:
+                ok = ok & ok_new
+                if D is not None:  # NaN marks the block in the gathered directions: every rank then skips it
+                    D = D.masked_fill(~ok_new.view(-1, 1, 1), float("nan"))
         if writes:  # gathered (copied) before the state write: D may still read the old stacks
             D_all = plan.gather(D, (bucket.layout.m, bucket.layout.n), dtype=dtype, device=ok_all.device)
         if bucket.params:
-            if D is not None:  # an owned block whose update overflowed keeps its state (and is not applied: below)
-                ok = ok & linalg.finite_blocks(D)
             self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok)
         if D_all is not None:
             write_all = ok_all if step_ok is None else ok_all & step_ok

@@ -227,11 +227,30 @@ def test_a_nonfinite_gradient_skips_the_whole_step_by_default(gen, bad, preset):
 
 def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(gen):
     params = _params(gen, [(4, 3)])
-    opt = kronopt.build(params, "adamw", nonfinite="skip")
+    opt = kronopt.build(params, "adamw", nonfinite="skip", **{"inner.type": "sgd"})  # no squares in the state
     params[0].grad = torch.full((4, 3), 1e308, dtype=torch.float64)  # a sum would overflow; the max-norm does not
     before = params[0].detach().clone()
     opt.step()
     assert opt.skipped_steps() == 0 and sum(opt.nonfinite_counts().values()) == 0
+
+
+def test_a_finite_gradient_that_overflows_the_state_is_skipped_and_counted(gen):
+    """AdamW's v = (1-β₂) g² overflows float32 at g = 1e22: the block keeps its parameter and state, and is counted."""
+    params = _params(gen, [(4, 3), (5, 2)], dtype=torch.float32)
+    opt = kronopt.build(params, "adamw", nonfinite="skip", nonfinite_scope="block")
+    _feed(params, gen)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    _feed(params, gen)
+    params[0].grad = torch.full((4, 3), 1e22)
+    opt.step()
+    assert torch.equal(params[0], before[0]) and not torch.equal(params[1], before[1])
+    for k, v in state.items():
+        if k != "nonfinite":
+            assert torch.equal(opt.state[params[0]][k], v), k
+    assert all(torch.isfinite(v).all() for v in opt.state[params[0]].values() if isinstance(v, torch.Tensor))
+    assert opt.nonfinite_counts()["param_groups[0].params[0] (4, 3)"] == 1
 
 
 def test_max_skipped_steps_raises_at_the_next_step(gen):
