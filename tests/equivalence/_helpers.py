@@ -44,3 +44,25 @@ def assert_histories_close(ours, ref, rtol=1e-10, atol=1e-12):
     for k, (a_k, b_k) in enumerate(zip(ours, ref)):
         for i, (a, b) in enumerate(zip(a_k, b_k)):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"call {k}, param {i}: {m}")
+
+
+#: pro_soap / pro_dykaf reference options → kronopt config keys
+PRO_ADAM_KEYMAP = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "precondition_frequency": "refresh.every",
+    "rank": "split.rank",
+    "side": "split.side",
+    "complement_mult": "split.complement_mult",
+    "ns_steps": "split.ns_steps",
+}
+
+
+def pro_adam_overrides(options):
+    """kronopt overrides for the pro_soap / pro_dykaf references' options (float64 state and Newton–Schulz)."""
+    out = {"state_dtype": "float64", "split.ns_dtype": "float64"}
+    out.update({PRO_ADAM_KEYMAP[k]: v for k, v in options.items() if k in PRO_ADAM_KEYMAP})
+    betas = options.get("betas", (0.95, 0.95))
+    out["inner.betas"] = betas
+    out["factors.beta"] = options.get("shampoo_beta", betas[1])
+    return out

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kronopt
-from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
+from tests.equivalence._helpers import assert_histories_close, pro_adam_overrides, reference_grads, run_history
 from tests.reference.pro_dykaf import pro_dykaf_reference
 
 SHAPES = [(6, 8), (8, 6), (7, 7)]
@@ -26,24 +26,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-KEYMAP = {
-    "lr": "lr",
-    "weight_decay": "weight_decay",
-    "precondition_frequency": "refresh.every",
-    "rank": "split.rank",
-    "side": "split.side",
-    "complement_mult": "split.complement_mult",
-    "ns_steps": "split.ns_steps",
-}
-
-
-def _overrides(options):
-    out = {"state_dtype": "float64", "split.ns_dtype": "float64"}
-    out.update({KEYMAP[k]: v for k, v in options.items() if k in KEYMAP})
-    betas = options.get("betas", (0.95, 0.95))
-    out["inner.betas"] = betas
-    out["factors.beta"] = options.get("shampoo_beta", betas[1])
-    return out
+_overrides = pro_adam_overrides
 
 
 def _diagonal_first(g):

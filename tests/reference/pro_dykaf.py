@@ -33,7 +33,7 @@ from tests.reference.pro_soap import (
     ProSoapHyper,
     ProSoapState,
     _restricted_refresh,
-    complement_block,
+    adam_subspace_step,
 )
 from tests.reference.soap import initial_basis, refresh_side
 
@@ -106,21 +106,8 @@ def pro_dykaf_update(W: torch.Tensor, G: torch.Tensor, state: ProSoapState, hp: 
         state.v = torch.zeros(m, r, dtype=DTYPE)
         return W
 
-    b1, b2 = hp.beta1, hp.beta2
-    state.t += 1
-    t = state.t
-    Q_L, U = state.Q_L, state.U
-    state.M = b1 * state.M + (1.0 - b1) * G
-    G_rot = Q_L.T @ G @ U
-    state.v = b2 * state.v + (1.0 - b2) * G_rot * G_rot
-    c_t = math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-    D = c_t * (Q_L @ ((Q_L.T @ state.M @ U) / (torch.sqrt(state.v) + hp.eps)) @ U.T)
-    C = state.M - state.M @ U @ U.T
-    D = D + complement_block(C, D, r, hp)
-    if side == "left":
-        D = D.T
-    W = W - hp.lr * D
-    W = W - hp.lr * hp.weight_decay * W
+    W = adam_subspace_step(W, G, state, hp, r, side)
+    t, U = state.t, state.U
 
     state.L, state.S, state.mu, state.P = ksl_restricted(state.L, U, state.S, state.mu, G, beta)
     if t % hp.precondition_frequency == 0:

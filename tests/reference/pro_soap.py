@@ -118,6 +118,28 @@ def complement_block(C: torch.Tensor, D: torch.Tensor, r: int, hp: ProSoapHyper)
     return torch.zeros_like(C) if norm_O == 0.0 else hp.complement_mult * nu * O / norm_O
 
 
+def adam_subspace_step(W: torch.Tensor, G: torch.Tensor, state: "ProSoapState", hp: "ProSoapHyper", r: int,
+                       side: str) -> torch.Tensor:
+    """One parameter update (shared by pro_soap and pro_dykaf): momentum M of G (original coordinates), Adam's v in
+    the rotated m×r block, D = c_t Q_L [(Q_Lᵀ M U)/(√v + ε)] Uᵀ plus the complement block, then the step and the
+    decoupled weight decay after it.  ``G`` is in the working orientation (restricted side on the right)."""
+    b1, b2 = hp.beta1, hp.beta2
+    state.t += 1
+    t = state.t
+    Q_L, U = state.Q_L, state.U
+    state.M = b1 * state.M + (1.0 - b1) * G
+    G_rot = Q_L.T @ G @ U
+    state.v = b2 * state.v + (1.0 - b2) * G_rot * G_rot
+    c_t = math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+    D = c_t * (Q_L @ ((Q_L.T @ state.M @ U) / (torch.sqrt(state.v) + hp.eps)) @ U.T)
+    C = state.M - state.M @ U @ U.T
+    D = D + complement_block(C, D, r, hp)
+    if side == "left":
+        D = D.T
+    W = W - hp.lr * D
+    return W - hp.lr * hp.weight_decay * W
+
+
 def pro_soap_update(W: torch.Tensor, G: torch.Tensor, state: ProSoapState, hp: ProSoapHyper) -> torch.Tensor:
     """One call for one 2-D parameter; mutates ``state`` and returns the new W (float64)."""
     rows, cols = W.shape
@@ -144,21 +166,8 @@ def pro_soap_update(W: torch.Tensor, G: torch.Tensor, state: ProSoapState, hp: P
         state.v = torch.zeros(m, r, dtype=DTYPE)
         return W
 
-    b1, b2 = hp.beta1, hp.beta2
-    state.t += 1
-    t = state.t
-    Q_L, U = state.Q_L, state.U
-    state.M = b1 * state.M + (1.0 - b1) * G
-    G_rot = Q_L.T @ G @ U
-    state.v = b2 * state.v + (1.0 - b2) * G_rot * G_rot
-    c_t = math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-    D = c_t * (Q_L @ ((Q_L.T @ state.M @ U) / (torch.sqrt(state.v) + hp.eps)) @ U.T)
-    C = state.M - state.M @ U @ U.T
-    D = D + complement_block(C, D, r, hp)
-    if side == "left":
-        D = D.T
-    W = W - hp.lr * D
-    W = W - hp.lr * hp.weight_decay * W
+    W = adam_subspace_step(W, G, state, hp, r, side)
+    t, U = state.t, state.U
 
     state.L = hp.rho * state.L + (1.0 - hp.rho) * (G @ G.T)
     _factor_update(G, state, hp.rho, U)
