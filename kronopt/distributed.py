@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._shapes import BlockSpec
+from .inspection import counters_only
 from .types import Layout
 
 #: the ``kronopt`` key under which a sharded ``state_dict()`` describes its shard
@@ -119,7 +120,10 @@ class GatherPlan:
     what the bucket stacks. ``calls`` counts the bucket's ``step()`` calls, known on
     every rank (also on one that owns none of its blocks), so all ranks agree on
     whether a call writes (a first call with ``skip_first_call`` does not, and then
-    gathers nothing).
+    gathers nothing). ``stateful`` is set on every rank once the bucket's owners hold
+    state (created for a trainable block, stepped or loaded): then every rank's
+    ``state_dict()`` lists each block, the owner with its tensors, the others with the
+    counters (docs/distributed.md, "Checkpoints").
     """
 
     params: list[Tensor]
@@ -127,6 +131,7 @@ class GatherPlan:
     owners: list[int]
     sharding: Sharding
     calls: int = 0
+    stateful: bool = False
 
     @property
     def counts(self) -> list[int]:
@@ -179,19 +184,23 @@ class GatherPlan:
             owners=[self.owners[i] for i in keep],
             sharding=self.sharding,
             calls=self.calls,
+            stateful=self.stateful,
         )
 
 
 def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The per-rank ``state_dict()`` s of a sharded optimizer as one single-process state dict.
 
-    Each rank's dict holds the entries of the blocks it owns; the union holds every
-    block once. The result loads into a single-process optimizer (or, on every rank,
-    into a sharded one, which keeps its own blocks' entries).
+    Each rank's dict holds the entries of the blocks it owns, with their tensors, and
+    for the other blocks their counters only (:func:`~kronopt.inspection.counters_only`);
+    the union of the owners' entries holds every block once. The result loads into a
+    single-process optimizer (or, on every rank, into a sharded one of any world size,
+    which keeps its own blocks' entries).
 
     Raises:
         ValueError: the dicts are not all the ranks of one sharded save (wrong count,
-            a rank missing or repeated, different param groups, a block in two dicts).
+            a rank missing or repeated, different param groups, a block with tensors in
+            two dicts or in none, counters that disagree: dicts of different steps).
     """
     if not state_dicts:
         raise ValueError("no state dicts to merge")
@@ -204,12 +213,21 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any
         raise ValueError(f"expected the state dicts of ranks 0..{world - 1} once each, got ranks {ranks}")
     first = state_dicts[0]
     state: dict[Any, Any] = {}
+    counters: dict[Any, list[Mapping[str, Any]]] = {}
     for sd in state_dicts:
         if sd["param_groups"] != first["param_groups"]:
             raise ValueError("the ranks' state dicts have different param groups")
         for key, entry in sd["state"].items():
-            if key in state:
+            if counters_only(entry):
+                counters.setdefault(key, []).append(entry)
+            elif key in state:
                 raise ValueError(f"parameter {key!r} has state in two ranks' dicts")
-            state[key] = entry
+            else:
+                state[key] = entry
+    for key, seen in counters.items():
+        if key not in state:
+            raise ValueError(f"no rank's dict holds the state of parameter {key!r}, which the others list: a rank's dict is missing")
+        if any(entry.get(k) != state[key].get(k) for entry in seen for k in entry):
+            raise ValueError(f"the ranks' counters of parameter {key!r} disagree: the dicts were saved at different steps")
     kron = {k: v for k, v in first["kronopt"].items() if k != SHARDING_KEY}
     return {"state": dict(sorted(state.items(), key=lambda kv: str(kv[0]))), "param_groups": first["param_groups"], "kronopt": kron}

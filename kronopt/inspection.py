@@ -157,11 +157,19 @@ def _batched_fields(record: Any, batch: int) -> dict[str, Tensor]:
 NONFINITE_KEY, BUCKET_KEY = "nonfinite", "bucket"
 
 
+def counters_only(entry: Mapping[str, Any]) -> bool:
+    """Whether a saved entry holds counters and no tensor: under work sharding, a rank's
+    entry for a block another rank owns (``calls`` and ``bucket``; docs/distributed.md)."""
+    return bool(entry) and not any(isinstance(v, Tensor) for v in entry.values())
+
+
 def per_parameter_state(state_dict: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
     """The per-parameter entries of a saved ``KronOptimizer.state_dict()``, keyed as saved.
 
     Version 2 (and a dict without the ``kronopt`` section, as
-    ``torch.distributed.checkpoint`` returns it) is ``state_dict["state"]``. Version 1
+    ``torch.distributed.checkpoint`` returns it) is ``state_dict["state"]``; under work
+    sharding it also lists the blocks other ranks own, with their counters only
+    (:func:`counters_only`). Version 1
     kept stacked buckets under ``kronopt.buckets``; each is split per block (``t[j]``,
     views of the saved stack; values without the block axis repeated) with its
     ``nonfinite`` count and its bucket position.
@@ -224,7 +232,7 @@ def saved_views(state_dict: Mapping[str, Any], *, config: KronConfig | None = No
         for j, key in enumerate(group["params"]):
             entry = entries.get(key, entries.get(index))
             index += 1
-            if not entry:
+            if not entry or counters_only(entry):  # no state, or a block another rank held (work sharding)
                 continue
             name = key if isinstance(key, str) else names[j] if names else f"param_groups[{gi}].params[{j}]"
             out[name] = _saved_view(cfg, {k: v for k, v in entry.items() if k not in (NONFINITE_KEY, BUCKET_KEY)}, name, pipeline)

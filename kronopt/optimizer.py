@@ -20,7 +20,7 @@ from ._shapes import BlockSpec, block_spec, to_block
 from .config import ConfigError, KronConfig, to_dict, with_overrides
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
-from .inspection import ParamView, bucket_views, per_parameter_state
+from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
 from .refresh import Staggered
 from .types import Layout
 
@@ -450,8 +450,20 @@ class KronOptimizer(torch.optim.Optimizer):
         first step would have created. Buckets of frozen parameters stay lazy.
         """
         for bucket in self._buckets:
-            if bucket.state is None and any(p.requires_grad for p in bucket.params):
-                self._init_bucket(bucket)
+            plan = bucket.plan
+            if plan is None:
+                if bucket.state is None and any(p.requires_grad for p in bucket.params):
+                    self._init_bucket(bucket)
+                continue
+            # work sharding: decided from every rank's blocks, so all ranks agree on which buckets hold state
+            plan.stateful = plan.stateful or plan.calls > 0 or any(p.requires_grad for p in plan.params)
+            if not plan.stateful:
+                continue
+            if bucket.state is None:
+                self._init_bucket(bucket)  # nothing when another rank owns every block
+            for p, r in zip(plan.params, plan.owners):
+                if r != plan.sharding.rank:
+                    self.state[p]  # an empty entry: self.state is never empty (DCP's _init_optim_state would step)
 
     def _bind(self, bucket: _Bucket) -> None:
         """Point ``self.state[p]`` of each block at its slices of the bucket's stacks (views, no copies).
@@ -697,10 +709,14 @@ class KronOptimizer(torch.optim.Optimizer):
         ``version``, the ``config`` and the ``skipped_steps`` counter.
 
         With work sharding (docs/distributed.md) each rank's dict holds the entries of
-        the blocks **it owns** only, and ``kronopt["sharding"]`` records ``rank``,
-        ``world_size`` and, per bucket, its parameters' indices (``buckets``) and
-        call count (``calls``). The rank's optimizer loads it back; for anything else
-        join the ranks' dicts with :func:`kronopt.distributed.merge_state_dicts` (a
+        the blocks **it owns**, and for every other block with state an entry of its
+        counters only, ``{"calls": …, "bucket": …}`` (the same on every rank, no
+        tensors), so that a rank of any world size can rebuild every bucket's call
+        counter from the ranks' dicts, as ``torch.distributed.checkpoint`` reshards them
+        (docs/distributed.md, "Checkpoints"). ``kronopt["sharding"]`` records ``rank``,
+        ``world_size`` and, per bucket, its parameters' indices (``buckets``) and call
+        count (``calls``). The rank's optimizer loads it back; for anything else join
+        the ranks' dicts with :func:`kronopt.distributed.merge_state_dicts` (a
         single-process dict, also loadable on every rank of a sharded optimizer).
         """
         sd = super().state_dict()  # param_groups (and torch's hooks); its "state" holds our live dicts
@@ -713,6 +729,13 @@ class KronOptimizer(torch.optim.Optimizer):
                 entry = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state[p].items()}
                 entry[_BUCKET] = bi
                 state[index[id(p)]] = entry
+        for bi, b in enumerate(self._buckets):  # work sharding: the counters of the blocks other ranks own
+            plan = b.plan
+            if plan is None or not (plan.stateful or plan.calls > 0):
+                continue
+            for p, r in zip(plan.params, plan.owners):
+                if r != plan.sharding.rank:
+                    state[index[id(p)]] = {"calls": plan.calls, _BUCKET: bi}
         sd["state"] = state
         sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config)}
         if self._sharding is not None:
@@ -740,8 +763,10 @@ class KronOptimizer(torch.optim.Optimizer):
         per-group hyperparameters.
 
         With work sharding, a rank loads its own :meth:`state_dict` (same rank and
-        world size) or a whole dict (single-process, or
-        :func:`kronopt.distributed.merge_state_dicts` of every rank's) and keeps the
+        world size), a whole dict (single-process, or
+        :func:`kronopt.distributed.merge_state_dicts` of every rank's) or what
+        ``torch.distributed.checkpoint`` loads into this rank's own state dict at any
+        world size (its blocks' tensors and every block's counters), and keeps the
         entries of the blocks it owns. A sharded dict of one rank does not load
         anywhere else (``ValueError``): merge the ranks' dicts first.
         """
@@ -801,16 +826,26 @@ class KronOptimizer(torch.optim.Optimizer):
                     state_dtype=like.state_dtype,
                 )
                 (bucket,) = self._shard([whole])
-                if bucket.plan is not None:
+                listed = [saved[key_of[id(p)]] for p in whole.params if saved.get(key_of[id(p)])]
+                if bucket.plan is not None:  # every rank: the counter (from any block's entry, owned or not)
                     if shard is not None:
                         bucket.plan.calls = shard["calls"][part[1]]
                     else:
-                        bucket.plan.calls = next((saved[key_of[id(p)]]["calls"] for p in whole.params if saved.get(key_of[id(p)])), 0)
+                        bucket.plan.calls = next((e["calls"] for e in listed if "calls" in e), 0)
+                    bucket.plan.stateful = bool(listed) or bucket.plan.calls > 0
                 entries = [saved.get(key_of[id(p)]) for p in bucket.params]
                 if part is not None and any(entries):
                     lacking = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if not e]
                     if lacking:
                         raise ValueError(f"saved state lacks the entries of {', '.join(lacking[:5])}, which share a bucket with saved ones")
+                    elsewhere = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if counters_only(e)]
+                    if elsewhere:
+                        raise ValueError(
+                            f"the saved state of {', '.join(elsewhere[:5])} holds only counters: another rank owned "
+                            "these blocks (work sharding) and saved their tensors. Load every rank's entries: "
+                            "torch.distributed.checkpoint's dcp.load into this optimizer's own state dict "
+                            "(get_optimizer_state_dict), or kronopt.distributed.merge_state_dicts of every rank's state_dict()"
+                        )
                     self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                 buckets.append(bucket)
         super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
