@@ -562,10 +562,10 @@ class KronOptimizer(torch.optim.Optimizer):
         if bucket.params:
             self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok)
         if D_all is not None:
+            ok_all = ok_all & linalg.finite_blocks(D_all)  # the same gathered D on every rank (NaN: an owner's overflow)
             write_all = ok_all if step_ok is None else ok_all & step_ok
-            write_all = write_all & linalg.finite_blocks(D_all)  # the same gathered D on every rank
             cfg.post.apply_(plan.params, D_all, lr=group["lr"], weight_decay=group["weight_decay"], ok=write_all)
-        if self.config.nonfinite == "warn":
+        if self.config.nonfinite == "warn":  # on every rank, the blocks the unsharded run would name
             step = plan.calls - int(cfg.skip_first_call)  # the update number compose.step counts, on every rank
             self._pending.append(_Pending(plan.params, ok_all, step, group=bucket.group, whole_step=step_ok is not None))
 

@@ -184,7 +184,37 @@ def job_add_group(rank, world, where):
     return {shard: add_group_run(shard) for shard in (True, False)}
 
 
-JOBS = {f.__name__.removeprefix("job_"): f for f in (job_lm, job_lm_nan, job_lm_eigh, job_add_group)}
+OVERFLOW_AT = 3  # block 1's float32 gradient times 1e30 at this step: finite, but its factors overflow
+
+
+def overflow_run(shard: bool):
+    """SOAP in float32: a finite gradient whose update overflows is skipped on every rank and warned about."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 8, generator=gen)) for _ in range(3)]
+    opt = kronopt.build(params, "soap", **{"distributed.shard_work": shard, "refresh.every": 2})
+    trace = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        for k in range(6):
+            for j, p in enumerate(params):
+                g = torch.randn(8, 8, generator=gen)
+                p.grad = g * 1e30 if (k, j) == (OVERFLOW_AT, 1) else g
+            opt.step()
+            trace.append([p.detach().clone() for p in params])
+        opt.flush_warnings()
+    return {
+        "trace": trace,
+        "warnings": [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)],
+        "nonfinite": opt.nonfinite_counts(),
+        "skipped": opt.skipped_steps(),
+    }
+
+
+def job_overflow(rank, world, where):
+    return {shard: overflow_run(shard) for shard in (True, False)}
+
+
+JOBS = {f.__name__.removeprefix("job_"): f for f in (job_lm, job_lm_nan, job_lm_eigh, job_add_group, job_overflow)}
 
 
 def spawn(world, jobs, where):

@@ -27,7 +27,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return d.spawn(2, ["lm", "lm_nan", "lm_eigh", "add_group"], tmp_path_factory.mktemp("ddp"))
+    return d.spawn(2, ["lm", "lm_nan", "lm_eigh", "add_group", "overflow"], tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(autouse=True)
@@ -136,3 +136,20 @@ def test_add_param_group_under_sharding(two):
     assert {4, 5} & set(owned[0]) and {4, 5} & set(owned[1]), "the added blocks were not spread over the ranks"
     bytes_ = [rank["add_group"][True]["state_bytes"] for rank in two]
     assert sum(bytes_) == single["state_bytes"]
+
+
+def test_an_update_that_overflows_on_its_owner_is_skipped_and_warned_about_on_every_rank(two):
+    """A finite float32 gradient (× 1e30) whose factors overflow: only the owner sees it (its new state is not
+    finite); it marks the gathered direction, every rank skips that block and warns as the unsharded run does."""
+    unsharded = two[0]["overflow"][False]
+    assert len(unsharded["warnings"]) == 1 and f"at update {d.OVERFLOW_AT} in: param_groups[0].params[1]" in unsharded["warnings"][0]
+    for rank in two:
+        run = rank["overflow"][True]
+        for a, b in zip(run["trace"], unsharded["trace"], strict=True):
+            _equal(a, b)
+        assert torch.equal(run["trace"][d.OVERFLOW_AT][1], run["trace"][d.OVERFLOW_AT - 1][1])
+        assert not torch.equal(run["trace"][d.OVERFLOW_AT][0], run["trace"][d.OVERFLOW_AT - 1][0]), "only that block is skipped"
+        assert run["warnings"] == unsharded["warnings"]
+        assert run["skipped"] == unsharded["skipped"] == 0
+    counts = {**two[0]["overflow"][True]["nonfinite"], **two[1]["overflow"][True]["nonfinite"]}
+    assert counts == unsharded["nonfinite"] and counts["param_groups[0].params[1] (8, 8)"] == 1
