@@ -5,11 +5,19 @@ The optimizers (presets, TOML files, and other libraries' optimizers named
 ``heavyball.SOAP``, … see :mod:`kronopt.app.peers`) are stepped interleaved in one
 process on the same gradients, round robin each step, so machine noise hits each
 alike. ``--scaling 128,256,512`` adds a table of step time against the model width.
+``--world 1,2,4`` instead runs each world size as that many CPU processes on gloo
+(:func:`bench_world`): replicated parameters and the same gradients on every rank,
+as DDP leaves them, kronopt's work sharding dividing the optimizer's work.
 """
 
 import argparse
+import os
+import pickle
+import socket
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,6 +121,110 @@ def scaling(
     ]
 
 
+def _world_rank(rank: int, world: int, port: int, out: str, job: dict[str, Any]) -> None:
+    """One rank of :func:`bench_world` (``torch.multiprocessing.spawn`` runs it in a fresh process)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(job["threads"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(job["seed"])  # the same parameters and gradients on every rank
+        base = [torch.randn(s, generator=gen) for s in job["shapes"]]
+        grads = [[torch.randn(s, generator=gen) for s in job["shapes"]] for _ in range(4)]
+        runs = []
+        for name in job["names"]:
+            params = [torch.nn.Parameter(b.clone()) for b in base]
+            opt, state_bytes = _make(name, params)
+            runs.append({"params": params, "opt": opt, "state_bytes": state_bytes, "times": []})
+        with peers.eager():
+            for k in range(job["warmup"] + job["steps"]):
+                for run in runs:  # interleaved, as in bench()
+                    for p, g in zip(run["params"], grads[k % len(grads)]):
+                        p.grad = g
+                    dist.barrier()  # every rank starts the step together: the slowest rank's time is the step's
+                    t0 = time.perf_counter()
+                    run["opt"].step()
+                    if k >= job["warmup"]:
+                        run["times"].append(time.perf_counter() - t0)
+        rows = []
+        for run in runs:
+            summary = run["opt"].bucket_summary() if isinstance(run["opt"], kronopt.KronOptimizer) else []
+            rows.append({"times": run["times"], "state_bytes": run["state_bytes"](), "gather_bytes": sum(b["gather_bytes"] for b in summary)})
+        Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_world(
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    worlds: Sequence[int],
+    steps: int,
+    warmup: int,
+    threads: int = 0,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Step time, state and communication per rank at each world size, as ``world`` CPU processes on gloo.
+
+    Every rank holds the same parameters and, each step, the same gradients (as DDP
+    leaves them after its all-reduce); kronopt's optimizers shard their work
+    (docs/distributed.md), other libraries' just repeat it. The optimizers are
+    stepped interleaved, as in :func:`bench`, each step after a barrier; a step's
+    time is the slowest rank's.
+
+    Args:
+        threads: torch threads per rank; 0: the machine's cores divided by the world size (at least 1).
+
+    Returns:
+        One dict per world size and name, in that order: ``world``, ``optimizer``,
+        ``mean_ms`` and ``median_ms`` (over the timed steps of the per-step maximum over
+        the ranks), ``threads`` (per rank), ``state_bytes_max`` and ``state_bytes_sum``
+        (over the ranks), ``comm_bytes``: bytes a rank receives per step at the
+        gathers (the sum of ``bucket_summary()``'s ``gather_bytes``, the largest over
+        the ranks; 0 in one process and for other libraries).
+
+    Raises:
+        ValueError: as :func:`bench`, or a world size < 1.
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps ≥ 1 and warmup ≥ 0, got steps={steps}, warmup={warmup}")
+    if not shapes or any(d < 1 for s in shapes for d in s):
+        raise ValueError(f"need at least one shape, every dimension ≥ 1, got {list(shapes)}")
+    if not names:
+        raise ValueError("need at least one optimizer")
+    if not worlds or any(w < 1 for w in worlds):
+        raise ValueError(f"need world sizes ≥ 1, got {list(worlds)}")
+    out = []
+    for world in worlds:
+        job = {
+            "names": list(names), "shapes": [tuple(s) for s in shapes], "steps": steps, "warmup": warmup, "seed": seed,
+            "threads": threads or max(1, (os.cpu_count() or 1) // world),
+        }
+        with tempfile.TemporaryDirectory(prefix="kronopt-bench-") as where, socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            torch.multiprocessing.spawn(_world_rank, args=(world, port, where, job), nprocs=world, join=True)
+            ranks = [pickle.loads(Path(where, f"rank{r}.pkl").read_bytes()) for r in range(world)]
+        for i, name in enumerate(names):
+            rows = [rank[i] for rank in ranks]
+            times = [max(per_rank) * 1e3 for per_rank in zip(*(r["times"] for r in rows))]
+            out.append(
+                {
+                    "world": world,
+                    "optimizer": name,
+                    "mean_ms": statistics.fmean(times),
+                    "median_ms": statistics.median(times),
+                    "threads": job["threads"],
+                    "state_bytes_max": max(r["state_bytes"] for r in rows),
+                    "state_bytes_sum": sum(r["state_bytes"] for r in rows),
+                    "comm_bytes": max(r["gather_bytes"] for r in rows),
+                }
+            )
+    return out
+
+
 #: what ``kronopt bench`` measures when given no optimizer
 BENCH_DEFAULT: tuple[str, ...] = ("torch.AdamW", "torch.Muon", "adamw", "muon", "shampoo", "soap")
 
@@ -127,6 +239,8 @@ class BenchPlan:
         counts: ``steps``, ``warmup``, ``threads``, ``seed``.
         missing: ``(name, reason)`` for each named peer that cannot be built here (not installed, …).
         widths: the ``--scaling`` widths (empty: no scaling table).
+        worlds: the ``--world`` sizes (empty: one process, the interleaved table).
+        device: where the one-process run steps (``--device``; ``cpu`` with ``--world``).
     """
 
     names: list[str]
@@ -134,6 +248,8 @@ class BenchPlan:
     counts: dict[str, int]
     missing: list[tuple[str, str]]
     widths: list[int]
+    worlds: list[int] = attrs.field(factory=list)
+    device: str = "cpu"
 
 
 def _known_peers(package: str) -> str:
@@ -161,7 +277,16 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         "seed": p.integer("--seed", args.seed, minimum=0, maximum=2**63 - 1),
     }
     widths = [] if args.scaling is None else p.value("--scaling", args.scaling, lambda s: _args.integers(s, minimum=1), [])
-    p.value("--device", args.device, _args.device, "cpu")
+    world_text = getattr(args, "world", None)
+    default_device = "cpu" if world_text is not None or not torch.cuda.is_available() else "cuda"
+    device = p.value("--device", default_device if args.device is None else args.device, _args.device, "cpu")
+    worlds: list[int] = []
+    if world_text is not None:
+        worlds = list(dict.fromkeys(p.value("--world", world_text, lambda s: _args.integers(s, minimum=1), [])))
+        if widths:
+            p.add("--world", "cannot be combined with --scaling")
+        if device != "cpu":
+            p.add("--world", f"runs CPU processes on gloo; got --device {device} (use --device cpu)")
     names, missing = [], []
     for name in list(args.optimizers) or list(BENCH_DEFAULT):
         if name in peers.PEERS:
@@ -179,7 +304,7 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
             if name not in names:
                 names.append(name)
     p.check()
-    return BenchPlan(names=names, shapes=shapes, counts=counts, missing=missing, widths=widths)
+    return BenchPlan(names=names, shapes=shapes, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device)
 
 
 def _mib(n: int) -> float:
@@ -211,17 +336,51 @@ def _print_scaling(table: list[dict[str, Any]]) -> None:
         print(f"{entry['d']:>6} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
 
 
+def _print_world(rows: list[dict[str, Any]]) -> None:
+    width = max(14, *(len(r["optimizer"]) for r in rows))
+    header = (
+        f"{'world':>5} {'optimizer':<{width}} {'median ms':>10} {'mean ms':>9} "
+        f"{'state MiB/rank max':>18} {'sum':>9} {'comm KiB/step/rank':>18}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['world']:>5} {r['optimizer']:<{width}} {r['median_ms']:>10.3f} {r['mean_ms']:>9.3f} "
+            f"{_mib(r['state_bytes_max']):>18.2f} {_mib(r['state_bytes_sum']):>9.2f} {r['comm_bytes'] / 2**10:>18.1f}"
+        )
+
+
+def _cmd_world(plan: BenchPlan) -> int:
+    counts = plan.counts
+    rows = bench_world(
+        plan.names, plan.shapes, worlds=plan.worlds, steps=counts["steps"], warmup=counts["warmup"],
+        threads=counts["threads"], seed=counts["seed"],
+    )
+    n_params = sum(int(torch.Size(s).numel()) for s in plan.shapes)
+    threads = ", ".join(f"{r['threads']} at world {r['world']}" for r in rows[:: len(plan.names)])
+    print(
+        f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, CPU processes on gloo, "
+        f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved; a step: the slowest rank), "
+        f"threads per rank: {threads}, torch {torch.__version__}"
+    )
+    _print_world(rows)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     plan = check_bench(args)
     for name, reason in plan.missing:
         print(f"{name}: {reason}")
     if not plan.names:
         return 0
+    if plan.worlds:
+        return _cmd_world(plan)
     counts = plan.counts
     threads = torch.get_num_threads()
     if counts["threads"]:
         torch.set_num_threads(counts["threads"])
-    timing = dict(steps=counts["steps"], warmup=counts["warmup"], device=args.device, seed=counts["seed"])
+    timing = dict(steps=counts["steps"], warmup=counts["warmup"], device=plan.device, seed=counts["seed"])
     try:
         rows = bench(plan.names, plan.shapes, **timing)
         table = scaling(plan.names, plan.widths, **timing) if plan.widths else []
@@ -229,7 +388,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     n_params = sum(int(torch.Size(s).numel()) for s in plan.shapes)
     print(
-        f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {args.device}, "
+        f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {plan.device}, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), "
         f"{counts['threads'] or threads} threads, torch {torch.__version__}"
     )
@@ -253,7 +412,13 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--steps", default="30", help="timed steps (≥ 1)")
     p.add_argument("--warmup", default="12", help="untimed steps first (≥ 0)")
     p.add_argument("--scaling", help="also time a one-layer transformer-shaped set at each width, e.g. '128,256,512'")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", default="0", help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--world",
+        help="instead, run each world size as that many CPU processes on gloo (kronopt's work sharding), e.g. '1,2,4'",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; --world: cpu)")
+    p.add_argument(
+        "--threads", default="0", help="torch CPU threads (0: torch's default; --world: per rank, the cores / the world size)"
+    )
     p.add_argument("--seed", default="0")
     p.set_defaults(func=cmd_bench)

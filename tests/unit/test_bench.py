@@ -214,3 +214,48 @@ def test_readme_documents_every_peer_with_its_settings():
     text = (Path(peers.__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     for name, peer in peers.PEERS.items():
         assert f"| `{name}` | `{peer.matches}` | {peer.settings} |" in text, name
+
+
+# -- --world ---------------------------------------------------------------------------------------------------
+
+
+def _gloo():
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+def test_world_bench_through_the_cli_divides_state_and_reports_the_gathers(monkeypatch, capsys):
+    """One and two CPU ranks: SOAP's state per rank sums to one process's, torch.AdamW's is repeated; the
+    gathers move world · max(blocks per rank) · m · n · 4 bytes per bucket, nothing in one process."""
+    rows = []
+    real = bench.bench_world
+    monkeypatch.setattr(bench, "bench_world", lambda *a, **k: rows.extend(real(*a, **k)) or rows)
+    args = ["bench", "soap", "torch.AdamW", "--shapes", "8x8,8x8,8", "--steps", "2", "--warmup", "1", "--world", "1,2"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "CPU processes on gloo" in out and "threads per rank:" in out
+    by = {(r["world"], r["optimizer"]): r for r in rows}
+    assert list(by) == [(1, "soap"), (1, "torch.AdamW"), (2, "soap"), (2, "torch.AdamW")]
+    printed = [line.split()[:2] for line in out.splitlines()[3:] if line.strip()]
+    assert printed == [["1", "soap"], ["1", "torch.AdamW"], ["2", "soap"], ["2", "torch.AdamW"]]
+
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(8, 8), (8, 8), (8,)]]
+    single = bench._make("soap", params)[0].state_bytes()
+    assert by[(1, "soap")]["state_bytes_max"] == by[(1, "soap")]["state_bytes_sum"] == single
+    assert by[(2, "soap")]["state_bytes_sum"] == single and by[(2, "soap")]["state_bytes_max"] < single
+    adamw = by[(1, "torch.AdamW")]["state_bytes_sum"]
+    assert by[(2, "torch.AdamW")]["state_bytes_sum"] == 2 * adamw and by[(2, "torch.AdamW")]["state_bytes_max"] == adamw
+    assert by[(1, "soap")]["comm_bytes"] == 0 and by[(2, "torch.AdamW")]["comm_bytes"] == 0
+    assert by[(2, "soap")]["comm_bytes"] == 2 * 1 * 8 * 8 * 4 + 2 * 1 * 8 * 4  # the (8, 8) bucket of two, the vector
+    assert all(r["median_ms"] > 0 and r["mean_ms"] > 0 for r in rows)
+
+
+def test_world_bench_arguments_are_checked(capsys):
+    assert cli.main(["bench", "soap", *TINY, "--world", "0,2", "--scaling", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--world: must be ≥ 1, got 0" in err and "--world: cannot be combined with --scaling" in err
+    with pytest.raises(ValueError, match="world sizes ≥ 1"):
+        bench.bench_world(["soap"], [(4, 4)], worlds=[], steps=1, warmup=0)
