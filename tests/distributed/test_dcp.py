@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from kronopt import distributed
-from kronopt.inspection import counters_only
+from kronopt.inspection import counters_only, saved_views
 
 from . import _dcp_workers as d
 
@@ -119,6 +119,13 @@ def test_each_ranks_optimizer_dict_holds_its_blocks_tensors_and_every_blocks_cou
             assert entry == {"calls": owner["calls"], "bucket": owner["bucket"]}
             # one call per step (SOAP's first observes only); parameter 1 missed two
             assert entry["calls"] == (d.SAVE_AT - 2 if name == d.NAMES[d.ABSENT] else d.SAVE_AT)
+
+
+def test_saved_views_of_a_ranks_plain_dict_list_its_own_blocks(saved):
+    plains = [rank["save"][("soap", "sharded")]["plain"] for rank in saved]
+    views = [set(saved_views(plain)) for plain in plains]
+    owned = [{d.NAMES[k] for k, e in plain["state"].items() if not counters_only(e)} for plain in plains]
+    assert views == owned and not views[0] & views[1]
 
 
 def test_one_ranks_dcp_dict_alone_is_refused_and_changes_nothing(saved):
