@@ -121,6 +121,33 @@ def scaling(
     ]
 
 
+def _rank_rows(job: dict[str, Any], barrier: Any) -> list[dict[str, Any]]:
+    """One rank's part of :func:`bench_world`: per name its step times, state bytes and bytes gathered per step."""
+    gen = torch.Generator().manual_seed(job["seed"])  # the same parameters and gradients on every rank
+    base = [torch.randn(s, generator=gen) for s in job["shapes"]]
+    grads = [[torch.randn(s, generator=gen) for s in job["shapes"]] for _ in range(4)]
+    runs = []
+    for name in job["names"]:
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        opt, state_bytes = _make(name, params)
+        runs.append({"params": params, "opt": opt, "state_bytes": state_bytes, "times": []})
+    with peers.eager():
+        for k in range(job["warmup"] + job["steps"]):
+            for run in runs:  # interleaved, as in bench()
+                for p, g in zip(run["params"], grads[k % len(grads)]):
+                    p.grad = g
+                barrier()  # every rank starts the step together: the slowest rank's time is the step's
+                t0 = time.perf_counter()
+                run["opt"].step()
+                if k >= job["warmup"]:
+                    run["times"].append(time.perf_counter() - t0)
+    rows = []
+    for run in runs:
+        summary = run["opt"].bucket_summary() if isinstance(run["opt"], kronopt.KronOptimizer) else []
+        rows.append({"times": run["times"], "state_bytes": run["state_bytes"](), "gather_bytes": sum(b["gather_bytes"] for b in summary)})
+    return rows
+
+
 def _world_rank(rank: int, world: int, port: int, out: str, job: dict[str, Any]) -> None:
     """One rank of :func:`bench_world` (``torch.multiprocessing.spawn`` runs it in a fresh process)."""
     import torch.distributed as dist
@@ -128,31 +155,33 @@ def _world_rank(rank: int, world: int, port: int, out: str, job: dict[str, Any])
     torch.set_num_threads(job["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        gen = torch.Generator().manual_seed(job["seed"])  # the same parameters and gradients on every rank
-        base = [torch.randn(s, generator=gen) for s in job["shapes"]]
-        grads = [[torch.randn(s, generator=gen) for s in job["shapes"]] for _ in range(4)]
-        runs = []
-        for name in job["names"]:
-            params = [torch.nn.Parameter(b.clone()) for b in base]
-            opt, state_bytes = _make(name, params)
-            runs.append({"params": params, "opt": opt, "state_bytes": state_bytes, "times": []})
-        with peers.eager():
-            for k in range(job["warmup"] + job["steps"]):
-                for run in runs:  # interleaved, as in bench()
-                    for p, g in zip(run["params"], grads[k % len(grads)]):
-                        p.grad = g
-                    dist.barrier()  # every rank starts the step together: the slowest rank's time is the step's
-                    t0 = time.perf_counter()
-                    run["opt"].step()
-                    if k >= job["warmup"]:
-                        run["times"].append(time.perf_counter() - t0)
-        rows = []
-        for run in runs:
-            summary = run["opt"].bucket_summary() if isinstance(run["opt"], kronopt.KronOptimizer) else []
-            rows.append({"times": run["times"], "state_bytes": run["state_bytes"](), "gather_bytes": sum(b["gather_bytes"] for b in summary)})
-        Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(rows))
+        Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(_rank_rows(job, dist.barrier)))
     finally:
         dist.destroy_process_group()
+
+
+#: how :func:`bench_world` starts its ranks: fresh interpreters (a forked rank would inherit the bench
+#: process's OpenMP threads; the tests fork, with one thread per rank, to start faster)
+START_METHOD = "spawn"
+
+
+def _world(world: int, job: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Every rank's :func:`_rank_rows`; world size 1 runs in this process (nothing to shard, no process group)."""
+    if world == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(job["threads"])
+        try:
+            return [_rank_rows(job, lambda: None)]
+        finally:
+            torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="kronopt-bench-") as where, socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        torch.multiprocessing.start_processes(
+            _world_rank, args=(world, port, where, job), nprocs=world, join=True, start_method=START_METHOD
+        )
+        return [pickle.loads(Path(where, f"rank{r}.pkl").read_bytes()) for r in range(world)]
 
 
 def bench_world(
@@ -171,7 +200,7 @@ def bench_world(
     leaves them after its all-reduce); kronopt's optimizers shard their work
     (docs/distributed.md), other libraries' just repeat it. The optimizers are
     stepped interleaved, as in :func:`bench`, each step after a barrier; a step's
-    time is the slowest rank's.
+    time is the slowest rank's. World size 1 runs in this process.
 
     Args:
         threads: torch threads per rank; 0: the machine's cores divided by the world size (at least 1).
@@ -201,12 +230,7 @@ def bench_world(
             "names": list(names), "shapes": [tuple(s) for s in shapes], "steps": steps, "warmup": warmup, "seed": seed,
             "threads": threads or max(1, (os.cpu_count() or 1) // world),
         }
-        with tempfile.TemporaryDirectory(prefix="kronopt-bench-") as where, socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            sock.close()
-            torch.multiprocessing.spawn(_world_rank, args=(world, port, where, job), nprocs=world, join=True)
-            ranks = [pickle.loads(Path(where, f"rank{r}.pkl").read_bytes()) for r in range(world)]
+        ranks = _world(world, job)
         for i, name in enumerate(names):
             rows = [rank[i] for rank in ranks]
             times = [max(per_rank) * 1e3 for per_rank in zip(*(r["times"] for r in rows))]

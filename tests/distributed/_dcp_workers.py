@@ -6,6 +6,7 @@ parent runs :func:`resume` itself for world size 1 (no process group).
 """
 
 import importlib
+import multiprocessing
 import socket
 import warnings
 from pathlib import Path
@@ -132,9 +133,16 @@ def _main(rank, world, port, where, module, jobs):
 
 
 def spawn(world, jobs, where, module=__name__):
-    """Run ``jobs`` (names in ``module``'s ``JOBS``) on ``world`` ranks; per rank, ``{job: result}``."""
+    """Run ``jobs`` (names in ``module``'s ``JOBS``) on ``world`` ranks; per rank, ``{job: result}``.
+
+    The ranks are forked where the platform can (they inherit the imported torch and
+    kronopt instead of importing them again, most of a fresh process's start-up; each
+    runs one thread), else spawned.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_main, args=(world, port, str(where), module, list(jobs)), nprocs=world, join=True)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    args = (world, port, str(where), module, list(jobs))
+    torch.multiprocessing.start_processes(_main, args=args, nprocs=world, join=True, start_method=method)
     return [torch.load(Path(where) / f"rank{r}-of-{world}.pt", weights_only=False) for r in range(world)]

@@ -233,10 +233,11 @@ def test_world_bench_through_the_cli_divides_state_and_reports_the_gathers(monke
     rows = []
     real = bench.bench_world
     monkeypatch.setattr(bench, "bench_world", lambda *a, **k: rows.extend(real(*a, **k)) or rows)
-    args = ["bench", "soap", "torch.AdamW", "--shapes", "8x8,8x8,8", "--steps", "2", "--warmup", "1", "--world", "1,2"]
+    monkeypatch.setattr(bench, "START_METHOD", "fork")  # one thread per rank: forking is safe, and starts faster
+    args = ["bench", "soap", "torch.AdamW", "--shapes", "8x8,8x8,8", "--steps", "2", "--warmup", "1", "--world", "1,2", "--threads", "1"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "CPU processes on gloo" in out and "threads per rank:" in out
+    assert "CPU processes on gloo" in out and "threads per rank: 1 at world 1, 1 at world 2" in out
     by = {(r["world"], r["optimizer"]): r for r in rows}
     assert list(by) == [(1, "soap"), (1, "torch.AdamW"), (2, "soap"), (2, "torch.AdamW")]
     printed = [line.split()[:2] for line in out.splitlines()[3:] if line.strip()]
