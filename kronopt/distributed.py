@@ -474,16 +474,17 @@ def is_elementwise(cfg: Any, layout: Layout) -> bool:
     """Whether a bucket of ``layout`` under the pipeline ``cfg`` (a bound ``KronConfig``) works entry by entry.
 
     Then a row shard of a block can be stepped alone, exactly (FSDP2 without
-    communication). It holds when no side is rotated; the inner rule declares the
-    ``elementwise`` capability and its options keep it so (``is_elementwise()``:
-    Adam without ``normalize``, SGD); the factor estimator, the basis and the split
-    keep nothing larger than one number per block on this layout (nothing that could
-    couple the entries; the basis is the identity); and ``post`` neither normalises nor
-    grafts (both read the whole block).
+    communication). It holds when the inner rule declares the ``elementwise``
+    capability and its options keep it so (``is_elementwise()``: Adam without
+    ``normalize``, SGD); the basis keeps no rotation on this layout (its ``Q_L`` and
+    ``Q_R`` are ``None``: the identity, as for an unrotated side or the ``identity``
+    basis); the factor estimator, the basis and the split keep nothing larger than one
+    number per block (nothing that could couple the entries); and ``post`` neither
+    normalises nor grafts (both read the whole block).
     """
     from . import compose
 
-    if layout.sides != ("none", "none") or not capabilities(cfg.inner).elementwise or not cfg.inner.is_elementwise():
+    if not capabilities(cfg.inner).elementwise or not cfg.inner.is_elementwise():
         return False
     if cfg.post.normalize or cfg.post.grafting != "none":
         return False

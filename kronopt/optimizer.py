@@ -914,9 +914,9 @@ class KronOptimizer(torch.optim.Optimizer):
                 entry = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state[p].items()}
                 entry[_BUCKET] = bi
                 state[index[id(p)]] = entry
-            if b.fsdp is not None:  # FSDP2: a marker for the blocks another rank owns (see _fsdp_marker)
-                for p in b.fsdp.params:
-                    state.setdefault(index[id(p)], self._fsdp_marker(bi, b.fsdp))
+        for bi, b in enumerate(self._buckets):  # FSDP2: a marker for the blocks another rank owns (_fsdp_marker)
+            for p in () if b.fsdp is None else b.fsdp.params:
+                state.setdefault(index[id(p)], self._fsdp_marker(bi, b.fsdp))  # type: ignore[arg-type]
         sd["state"] = state
         sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config)}
         if self._sharding is not None:

@@ -85,12 +85,15 @@ def loss_fn(model, x, y):
     return nn.functional.mse_loss(model(x), y)
 
 
+MESH = None  # the device mesh of the jobs running now (all ranks, or the first two)
+
+
 def shard(model):
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(model.a)
-    fully_shard(model.b)
-    fully_shard(model)
+    fully_shard(model.a, mesh=MESH)
+    fully_shard(model.b, mesh=MESH)
+    fully_shard(model, mesh=MESH)
     return model
 
 
@@ -138,26 +141,145 @@ def job_presets(rank, world, out_dir):
     return out
 
 
-JOBS = {f.__name__.removeprefix("job_"): f for f in (job_presets,)}
+class PeakNumel(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.peak = max(self.peak, t.numel())
+        return out
 
 
-def _main(rank, world, port, out_dir, jobs):
+BIG = 48
+
+
+def job_peak(rank, world, out_dir):
+    """SOAP with a (48, 48) matrix next to the 9×9 ones: the largest tensor any op makes during ``step()``."""
+    model = shard(Net(big=BIG))
+    opt = kronopt.build(groups(model, "soap"), "soap", **overrides("soap"))
+    peaks = []
+    for k, (x, y) in enumerate(data(6)):
+        opt.zero_grad(set_to_none=True)
+        rows = BATCH // world
+        loss_fn(model, x[rows * rank : rows * (rank + 1)], y[rows * rank : rows * (rank + 1)]).backward()
+        with torch.no_grad(), PeakNumel() as mode:
+            opt.step()
+        peaks.append(mode.peak)
+    return {"peaks": peaks, "owned": owned(opt, model), "local_big": model.big.weight.to_local().numel()}
+
+
+def _nan_hook(rank, at, where):
+    """Put a NaN in this rank's rows of ``a.weight``'s gradient at step ``at`` (on rank ``where`` only)."""
+
+    def hook(k, model):
+        if k == at and rank == where:
+            model.a.weight.grad.to_local()[0, 0] = float("nan")
+
+    return hook
+
+
+def job_nonfinite(rank, world, out_dir):
+    """A NaN in one rank's shard of ``a.weight``'s gradient at step 4: parameters after every step, per scope."""
+    out = {}
+    for scope in ("step", "block"):
+        model = shard(Net())
+        opt = kronopt.build(groups(model, "soap"), "soap", nonfinite="skip", nonfinite_scope=scope, **overrides("soap"))
+        trace = []
+        for k, batch in enumerate(data(8)):
+            train(model, opt, [batch], rank, world, hook=lambda _, m, k=k: _nan_hook(rank, 4, world - 1)(k, m))
+            trace.append(full(model))
+        out[scope] = {"trace": trace, "skipped": opt.skipped_steps(), "nonfinite": opt.nonfinite_counts()}
+    return out
+
+
+def misc_setup(model):
+    """Muon routed by name (biases to the AdamW fallback), two groups with their own lr, a LambdaLR."""
+    opt = kronopt.build(groups(model, "muon", lr_c=0.01), "muon", **overrides("muon"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + 0.1 * k))
+    return opt, scheduler
+
+
+def job_misc(rank, world, out_dir):
+    model = shard(Net())
+    opt, scheduler = misc_setup(model)
+    train(model, opt, data(12), rank, world, scheduler=scheduler)
+    return {
+        "params": full(model),
+        "pipelines": [(g["pipeline"], g.get("param_names"), g["lr"]) for g in opt.param_groups],
+        "summary": opt.bucket_summary(),
+    }
+
+
+def job_dcp(rank, world, out_dir):
+    """Train 6 steps, save model and optimizer with torch.distributed.checkpoint, train 6 more; a fresh
+    model and optimizer load the checkpoint and train the same 6."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    batches = data(12)
+    model = shard(Net())
+    opt = kronopt.build(groups(model, "soap"), "soap", **overrides("soap"))
+    train(model, opt, batches[:6], rank, world)
+    path = Path(out_dir) / "ckpt"
+    group = MESH.get_group()
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path, process_group=group)
+    train(model, opt, batches[6:], rank, world)
+    fresh = shard(Net(seed=5))
+    opt2 = kronopt.build(groups(fresh, "soap"), "soap", **overrides("soap"))
+    state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(fresh, opt2)}
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    fresh.load_state_dict(state["model"])
+    set_optimizer_state_dict(fresh, opt2, state["optim"])
+    train(fresh, opt2, batches[6:], rank, world)
+    return {"final": full(model), "resumed": full(fresh), "state_bytes": (opt.state_bytes(), opt2.state_bytes())}
+
+
+JOBS = {f.__name__.removeprefix("job_"): f for f in (job_presets, job_peak, job_nonfinite, job_misc, job_dcp)}
+
+
+def _main(rank, world, port, out_dir, plan):
+    """``plan``: ``{ranks: jobs}``; the jobs of each entry run on a device mesh of its first ``ranks`` ranks
+    (the others wait), so one spawn serves several world sizes."""
+    global MESH
+    from torch.distributed.device_mesh import DeviceMesh
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results = {job: JOBS[job](rank, world, out_dir) for job in jobs}
+        results = {}
+        for size, jobs in plan.items():
+            MESH = DeviceMesh("cpu", list(range(size)))  # every rank takes part in creating it
+            if rank < size:
+                sub = Path(out_dir) / f"world{size}"
+                sub.mkdir(exist_ok=True)
+                results[size] = {job: JOBS[job](rank, size, sub) for job in jobs}
+            dist.barrier()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def spawn(world, jobs, out_dir):
-    """Run ``jobs`` on ``world`` ranks; per rank, ``{job: result}``."""
+def spawn(plan, out_dir):
+    """Run ``plan`` (``{ranks: jobs}``) in one set of ``max(ranks)`` processes; per world size, per rank, ``{job: result}``."""
+    world = max(plan)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_main, args=(world, port, str(out_dir), list(jobs)), nprocs=world, join=True)
-    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    # fork, after importing FSDP2 here: each child would otherwise spend seconds importing torch.distributed.tensor
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+    torch.multiprocessing.start_processes(
+        _main, args=(world, port, str(out_dir), dict(plan)), nprocs=world, join=True, start_method="fork"
+    )
+    ranks = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return {size: [ranks[r][size] for r in range(size)] for size in plan}
 
 
 def single(preset, steps=STEPS, **kw):
