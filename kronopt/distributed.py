@@ -1,10 +1,18 @@
-r"""Work sharding under ``torch.distributed`` with replicated parameters (DDP).
+r"""Work sharding under ``torch.distributed``: replicated parameters (DDP) and DTensor parameters (FSDP2).
 
-Every rank holds every parameter and, after DDP's all-reduce, the same gradient.
-Instead of every rank computing every block's update, each block gets one
+**DDP.** Every rank holds every parameter and, after DDP's all-reduce, the same
+gradient. Instead of every rank computing every block's update, each block gets one
 **owner** rank; the owner alone keeps the block's optimizer state and computes its
 direction, and one collective per bucket hands every direction to every rank,
 which then writes every parameter identically (docs/distributed.md).
+
+**FSDP2.** Every rank holds ``torch.chunk``'s rows of each parameter (``Shard(0)``).
+The result is still exactly one process's: a block's owner receives the other
+ranks' rows of its gradient (one ``all_to_all`` per bucket), steps the full matrix,
+and sends every rank its rows of the direction back (a second one); buckets whose
+stages all work entry by entry (:func:`is_elementwise`) step each rank's rows
+locally with no communication. :class:`ShardPlan` holds the row map and the two
+collectives; :func:`check_fsdp_param` refuses placements it cannot map.
 
 * :func:`block_cost` estimates a block's work from its :class:`~kronopt.types.Layout`.
 * :func:`assign` picks the owners: within a bucket (equal costs) the counts per
@@ -14,6 +22,8 @@ which then writes every parameter identically (docs/distributed.md).
   performs the one all-gather.
 * :func:`merge_state_dicts` joins the per-rank ``state_dict()`` s into the dict of
   a single-process optimizer.
+* :func:`chunk_rows`, :func:`fsdp_sharding`, :func:`check_fsdp_param`,
+  :class:`ShardPlan` and :func:`is_elementwise` serve FSDP2.
 
 Nothing here computes an update; the optimizer (``kronopt/optimizer.py``) decides
 what to gather and where to write it.

@@ -48,7 +48,7 @@ class Net(nn.Module):
         self.a = nn.Linear(9, 9)
         self.b = nn.Linear(9, 9)
         self.c = nn.Parameter(torch.randn(3, 3, 9, generator=gen, dtype=torch.float64) / 3)
-        self.unused = nn.Parameter(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+        self.unused = nn.Parameter(torch.randn(9, 9, generator=gen, dtype=torch.float64))  # shares a.weight's bucket
         self.big = nn.Linear(big, big, bias=False) if big else None
         for p in [*self.a.parameters(), *self.b.parameters()] + ([self.big.weight] if big else []):
             with torch.no_grad():
@@ -240,7 +240,49 @@ def job_dcp(rank, world, out_dir):
     return {"final": full(model), "resumed": full(fresh), "state_bytes": (opt.state_bytes(), opt2.state_bytes())}
 
 
-JOBS = {f.__name__.removeprefix("job_"): f for f in (job_presets, job_peak, job_nonfinite, job_misc, job_dcp)}
+def job_dcp_reshard(rank, world, out_dir):
+    """The 2-rank job_dcp checkpoint loaded on this world size (3), then the same 6 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    fresh = shard(Net(seed=5))
+    opt = kronopt.build(groups(fresh, "soap"), "soap", **overrides("soap"))
+    state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(fresh, opt)}
+    dcp.load(state, checkpoint_id=Path(out_dir).parent / "world2" / "ckpt", process_group=MESH.get_group())
+    fresh.load_state_dict(state["model"])
+    set_optimizer_state_dict(fresh, opt, state["optim"])
+    train(fresh, opt, data(12)[6:], rank, world)
+    return {"resumed": full(fresh), "owned": owned(opt, fresh)}
+
+
+def eigh_run(model, steps, rank=0, world=1, fail_from=5):
+    """Shampoo (eigh every 3 updates) whose eigh fails from update ``fail_from`` on: parameters and failure counts."""
+    from kronopt import linalg
+
+    opt = kronopt.build(groups(model, "shampoo"), "shampoo", **overrides("shampoo", **{"refresh.every": 3}))
+    original = linalg._eigh
+
+    def fails(A):
+        raise RuntimeError("simulated convergence failure")
+
+    try:
+        for k, batch in enumerate(data(steps)):
+            if k == fail_from:
+                linalg._eigh = fails
+            train(model, opt, [batch], rank, world)
+    finally:
+        linalg._eigh = original
+    return {"params": full(model), "failures": opt.eigh_failures()}
+
+
+def job_eigh(rank, world, out_dir):
+    return eigh_run(shard(Net()), 9, rank, world)
+
+
+JOBS = {
+    f.__name__.removeprefix("job_"): f
+    for f in (job_presets, job_peak, job_nonfinite, job_misc, job_dcp, job_dcp_reshard, job_eigh)
+}
 
 
 def _main(rank, world, port, out_dir, plan):

@@ -31,7 +31,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     """One spawn of three processes: the 2-rank jobs on a mesh of ranks 0 and 1, then the 3-rank ones."""
-    plan = {2: ["presets", "peak", "nonfinite", "misc", "dcp"], 3: ["presets", "nonfinite"]}
+    plan = {2: ["presets", "peak", "nonfinite", "misc", "dcp", "eigh"], 3: ["presets", "nonfinite", "dcp_reshard"]}
     return w.spawn(plan, tmp_path_factory.mktemp("fsdp"))
 
 
@@ -138,7 +138,7 @@ def test_a_nan_on_one_rank_skips_on_every_rank(scope, world, request):
                 assert torch.equal(trace[k][name], traces[0][k][name]), f"ranks differ at step {k} in {name}"
     before, at = traces[0][3], traces[0][4]
     unchanged = sorted(n for n in at if torch.equal(at[n], before[n]))
-    expected = sorted(at) if scope == "step" else ["a.weight", "unused"]
+    expected = sorted(at) if scope == "step" else ["a.weight", "unused"]  # unused: no gradient
     assert unchanged == expected
     row = distributed.chunk_rows(9, world, world - 1)[0]
 
@@ -200,3 +200,21 @@ def test_is_elementwise_reads_the_capabilities_not_the_preset_name():
     assert not distributed.is_elementwise(kronopt.resolve("soap").bound(), matrix)
     assert distributed.is_elementwise(adamw, matrix), "the identity basis rotates nothing"
     assert not distributed.is_elementwise(kronopt.resolve("dykaf_rank1").bound(), vector), "l rᵀ couples the entries"
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_three(two, three):
+    """The 2-rank checkpoint (full blocks keyed by name, elementwise rows as DTensors) loads on 3 ranks, whose owners
+    differ, and the 6 steps after it equal the 2-rank run's (another world size: the same up to rounding)."""
+    for result in three:
+        _close(result["dcp_reshard"]["resumed"], two[0]["dcp"]["final"])
+
+
+def test_a_failing_eigh_keeps_the_basis_under_fsdp2_as_in_one_process(two):
+    """Shampoo with eigh failing from update 5 on: the owners keep their last bases and count the failures;
+    parameters equal one process's, and the failure counts, joined over the ranks, too."""
+    expected = w.eigh_run(w.Net(), 9)
+    for result in two:
+        _close(result["eigh"]["params"], expected["params"])
+    joined = {name: count for r in two for name, count in r["eigh"]["failures"].items()}
+    assert joined == expected["failures"]
+    assert all(joined[name] > 0 for name in ("a.weight", "b.weight", "c"))
