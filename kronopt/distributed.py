@@ -354,7 +354,9 @@ class ShardPlan:
             return list(range(len(self.params)))
         return [i for i, r in enumerate(self.owners) if r == self.sharding.rank]
 
-    def _index(self, name: str, values: list[int], device: torch.device) -> Tensor:
+    def index(self, name: str, values: list[int], device: torch.device) -> Tensor:
+        """``values`` as an index tensor on ``device``, made once per ``name`` and device (``values`` must not
+        change for a name: the plan's row maps and block lists are fixed at construction)."""
         key = (name, device)
         if key not in self._cache:
             self._cache[key] = torch.tensor(values, dtype=torch.long, device=device)
@@ -382,7 +384,7 @@ class ShardPlan:
         if not owned:
             return None
         m = self.specs[0].m
-        return out.view(-1, n).index_select(0, self._index("assemble", self._assemble_index, out.device)).view(len(owned), m, n)
+        return out.view(-1, n).index_select(0, self.index("assemble", self._assemble_index, out.device)).view(len(owned), m, n)
 
     def scatter(self, D: Tensor | None, *, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Every block's directions on this rank's rows ``(rows n)``, from the owners' ``D (k m n)``.
@@ -395,7 +397,7 @@ class ShardPlan:
         if D is None or not D.shape[0]:
             send = torch.empty(0, dtype=dtype, device=device)
         else:
-            send = D.reshape(-1, n).index_select(0, self._index("scatter", self._scatter_index, device)).reshape(-1)
+            send = D.reshape(-1, n).index_select(0, self.index("scatter", self._scatter_index, device)).reshape(-1)
         out = torch.empty(sum(self._to_owner), dtype=dtype, device=device)
         dist.all_to_all_single(out, send, self._to_owner, self._from_rank, group=self.sharding.group)
         return out.view(-1, n)
@@ -406,7 +408,7 @@ class ShardPlan:
 
     def row_index(self, count: int, rows: list[int], device: torch.device) -> Tensor:
         """The ``rows`` of the group of ``count`` (from :meth:`groups`) as a cached index tensor on ``device``."""
-        return self._index(f"rows{count}", rows, device)
+        return self.index(f"rows{count}", rows, device)
 
     def stack_groups(self) -> list[tuple[int, list[int]]]:
         """Elementwise bucket: ``(rows, block positions)`` per local row count (blocks with no rows left out)."""

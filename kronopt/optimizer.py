@@ -695,7 +695,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if G is not None:
             if bucket.state is None:
                 self._init_bucket(bucket)
-            ok = grad_ok.index_select(0, plan._index("owned", plan.owned(), grad_ok.device))
+            ok = grad_ok.index_select(0, plan.index("owned", plan.owned(), grad_ok.device))
             G = G.to(dtype).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             old = bucket.state
             D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
@@ -715,7 +715,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if D_rows is not None:
             for count, idx, rows in plan.groups():
                 D_g = D_rows.index_select(0, plan.row_index(count, rows, device)).view(len(idx), count, -1)
-                write = grad_ok.index_select(0, plan._index(f"group{count}", idx, device)) & linalg.finite_blocks(D_g)
+                write = grad_ok.index_select(0, plan.index(f"group{count}", idx, device)) & linalg.finite_blocks(D_g)
                 write = write if step_ok is None else write & step_ok
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
@@ -750,7 +750,7 @@ class KronOptimizer(torch.optim.Optimizer):
         write = ok if step_ok is None else ok & step_ok
         if D is not None:
             for count, idx in plan.stack_groups():
-                index = plan._index(f"group{count}", idx, D.device)
+                index = plan.index(f"group{count}", idx, D.device)
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 D_g = D.index_select(0, index)[:, :count]
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write.index_select(0, index))
@@ -860,7 +860,9 @@ class KronOptimizer(torch.optim.Optimizer):
         ``phase`` is the bucket's refresh phase (0 unless ``[refresh] stagger = true``).
         ``blocks`` counts every block of the bucket, ``owned`` those this rank stacks and
         keeps state for (all of them without work sharding), ``gather_bytes`` the bytes
-        this rank receives at the bucket's all-gather (0 without work sharding).
+        this rank receives at the bucket's all-gather (0 without work sharding; under
+        FSDP2 at its two ``all_to_all``s, 0 for an elementwise bucket, whose ``m`` is
+        this rank's padded row count).
         """
         return [
             {

@@ -1,8 +1,13 @@
-"""FSDP2 work run inside spawned ranks (``torch.multiprocessing.spawn`` imports this module in each child).
+"""FSDP2 work run inside forked ranks (:func:`spawn`).
 
-Every job takes ``(rank, world, out_dir)`` with the gloo process group up and returns
-plain data (full parameters as plain tensors, ints, dicts) that the parent test
-compares with a single-process run built from the same helpers here.
+Every job takes ``(rank, world, out_dir)`` with the gloo process group and the job's
+device mesh (``MESH``) up, and returns plain data (full parameters as plain tensors,
+ints, dicts) that the parent test compares with a single-process run built from the
+same helpers here. One set of three processes serves both world sizes: the 2-rank
+jobs run on a mesh of ranks 0 and 1 (so the collectives run on a group other than
+the default one). The ranks are forked rather than spawned: importing
+``torch.distributed.tensor`` takes seconds per process, and the children only set
+one thread before touching torch's thread pools.
 """
 
 import socket

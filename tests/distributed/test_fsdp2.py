@@ -55,6 +55,15 @@ def _quiet():
 _REFERENCE: dict[str, dict[str, torch.Tensor]] = {}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The references are 9 × 9 matrices: one thread (several only wait on each other on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _single(preset):
     if preset not in _REFERENCE:
         _REFERENCE[preset] = w.single(preset)
