@@ -172,6 +172,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._sharding = distributed.current(enabled=config.distributed.shard_work)
         self._owner: dict[int, int] = {}  # id(param) → owner rank (work sharding)
         self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
+        self._fsdp_loads: list[int] | None = None  # FSDP2 on a mesh of another size than the plain blocks' world
         self._buckets = self._shard(self._make_buckets(self.param_groups, self._group_cfgs), assign=True)
         self._pending: list[_Pending] = []
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
@@ -349,14 +350,21 @@ class KronOptimizer(torch.optim.Optimizer):
         matrix = [b for b in dtensor if not distributed.is_elementwise(self._bucket_config(b), b.layout)]
         if assign and matrix:
             sizes = [(b.layout.batch, distributed.block_cost(b.layout)) for b in matrix]
-            loads = self._loads if self._loads is not None and len(self._loads) == sharding.world_size else None
-            owners, self._loads = distributed.assign(sizes, sharding.world_size, loads)
+            # one balance with the plain (DDP-sharded) blocks when they share the ranks, else its own
+            shared = self._sharding is None or self._sharding.world_size == sharding.world_size
+            loads = self._loads if shared else self._fsdp_loads
+            owners, loads = distributed.assign(sizes, sharding.world_size, loads)
+            if shared:
+                self._loads = loads
+            else:
+                self._fsdp_loads = loads
             for b, own in zip(matrix, owners):
                 self._owner.update((id(p), r) for p, r in zip(b.params, own))
+        plain = iter(self._shard([b for b in buckets if not any(b is x for x in dtensor)], assign=assign))
         out = []
         for b in buckets:
-            if b not in dtensor:
-                out.extend(self._shard([b], assign=assign))
+            if not any(b is x for x in dtensor):
+                out.append(next(plain))
                 continue
             elementwise = not any(b is x for x in matrix)
             plan = distributed.ShardPlan(

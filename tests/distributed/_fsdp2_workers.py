@@ -200,6 +200,16 @@ def job_nonfinite(rank, world, out_dir):
             train(model, opt, [batch], rank, world, hook=lambda _, m, k=k: _nan_hook(rank, 4, world - 1)(k, m))
             trace.append(full(model))
         out[scope] = {"trace": trace, "skipped": opt.skipped_steps(), "nonfinite": opt.nonfinite_counts()}
+    model = shard(Net())
+    opt = kronopt.build(groups(model, "soap"), "soap", nonfinite="raise", **overrides("soap"))
+    batches = data(5)
+    train(model, opt, batches[:4], rank, world)
+    before = full(model)
+    try:
+        train(model, opt, batches[4:], rank, world, hook=lambda _, m: _nan_hook(rank, 0, world - 1)(0, m))
+        out["raise"] = None
+    except FloatingPointError as exc:
+        out["raise"] = {"message": str(exc), "unchanged": all(torch.equal(a, before[n]) for n, a in full(model).items())}
     return out
 
 

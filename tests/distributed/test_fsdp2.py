@@ -163,6 +163,15 @@ def test_a_nan_on_one_rank_skips_on_every_rank(scope, world, request):
     assert counts == {"a.weight": 1}
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_nonfinite_raise_raises_on_every_rank_naming_the_parameter(world, request):
+    """nonfinite = "raise", the NaN on the last rank only: every rank raises (none waits in a collective), names
+    a.weight, and no parameter changed."""
+    for result in request.getfixturevalue("two" if world == 2 else "three"):
+        raised = result["nonfinite"]["raise"]
+        assert raised is not None and "a.weight" in raised["message"] and raised["unchanged"]
+
+
 def test_fallback_routing_group_lrs_a_scheduler_and_a_parameter_without_gradient(two):
     """Muon: biases routed to the AdamW fallback (elementwise), c in its own group with its own lr, LambdaLR over 12
     steps, ``unused`` without gradient: equal to one process, and no rank moved ``unused``."""
