@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import compiled, compose, distributed, linalg
 from ._shapes import BlockSpec, block_spec, to_block
-from .config import ConfigError, KronConfig, to_dict, with_overrides
+from .config import ConfigError, KronConfig, from_dict, to_dict, with_overrides
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, per_parameter_state
@@ -112,7 +112,13 @@ class _Pending:
 
 def _numbers_config(raw: Any) -> Any:
     """A saved config without the tables that do not change the numbers (``[distributed]``: sharding
-    gives the same parameters), to compare a saved config with the running one."""
+    gives the same parameters), to compare a saved config with the running one. Keys a saved config
+    lacks (written before they existed, e.g. ``[storage]``) take their defaults."""
+    if isinstance(raw, dict):
+        try:
+            raw = to_dict(from_dict(raw))
+        except ConfigError:  # e.g. a plugin stage not installed here: compare as saved
+            pass
     return {k: v for k, v in raw.items() if k != "distributed"} if isinstance(raw, dict) else raw
 
 

@@ -1,5 +1,7 @@
 """State storage dtypes (``[storage]``): per slot, rounding on the write, resume, bytes, config errors."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -211,3 +213,18 @@ def test_storage_round_trips_through_toml():
     cfg = kronopt.resolve("kl_shampoo", **{"storage.factors": "bfloat16", "fallback.storage.moments": "bfloat16"})
     again = kronopt.loads(kronopt.dumps(cfg))
     assert again == cfg and again.storage.factors == "bfloat16" and again.fallback.storage.moments == "bfloat16"
+
+
+def test_a_state_dict_saved_before_storage_existed_loads_without_a_config_warning():
+    params = _params(shapes=((6, 4),))
+    opt = kronopt.build(params, "soap")
+    _run(opt, params, torch.Generator().manual_seed(1), 2)
+    sd = opt.state_dict()
+    for key in ("storage", "compile"):  # what a state dict of the release before holds
+        del sd["kronopt"]["config"][key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kronopt.build(params, "soap").load_state_dict(sd)
+    sd["kronopt"]["config"]["storage"] = {"factors": "bfloat16"}
+    with pytest.warns(UserWarning, match="different config"):
+        kronopt.build(params, "soap").load_state_dict(sd)
