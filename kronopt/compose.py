@@ -15,6 +15,8 @@ preset runs, and nothing synchronises with the host: the branches read Python
 ints and bools only.
 """
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from .config import KronConfig
+from .config import KronConfig, Storage
 from .types import BasisState, Layout, StepContext, capabilities
 
 
@@ -44,13 +46,70 @@ def init_state(cfg: KronConfig, layout: Layout, *, dtype: torch.dtype, device: t
     if cfg.bound() is not cfg:
         raise ValueError("the config ties factors.beta to the inner rule's β₂ ('beta2'): pass cfg.bound()")
     kw = {"dtype": dtype, "device": device}
-    return BucketState(
+    state = BucketState(
         factors=cfg.factors.init(layout, **kw),
         basis=cfg.basis.init(layout, **kw),
         inner=cfg.inner.init(layout, **kw),
         split=cfg.split.init(layout, **kw),
         post=cfg.post.init(layout, **kw),
     )
+    stored = storage_dtypes(cfg.storage, dtype)
+    return state if stored is None else to_storage(state, stored)
+
+
+# -- storage dtypes ([storage]) -----------------------------------------------------------
+
+_STORAGE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@functools.lru_cache(maxsize=64)
+def storage_dtypes(storage: Storage, compute: torch.dtype) -> dict[str, torch.dtype] | None:
+    """Per :class:`BucketState` record (``factors``, ``basis``, ``inner``, ``split``, ``post``), the dtype
+    its floating tensors are stored in; ``None`` when every record is stored in ``compute`` (no cast)."""
+    out = {name: compute if choice == "compute" else _STORAGE_NAMES[choice] for name, choice in storage.by_field().items()}
+    return None if all(d == compute for d in out.values()) else out
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` if it is a floating tensor of another dtype (counters and masks keep theirs)."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
+def to_storage(state: BucketState, stored: dict[str, torch.dtype]) -> BucketState:
+    """``state`` with each record's floating tensors rounded to its storage dtype (``stored``: :func:`storage_dtypes`)."""
+    return attrs.evolve(state, **{name: map_tensors(getattr(state, name), lambda t, d=d: _cast(t, d)) for name, d in stored.items()})
+
+
+def _with_storage(fn: Callable[..., tuple[Tensor | None, BucketState]]) -> Callable[..., tuple[Tensor | None, BucketState]]:
+    """The storage hook of :func:`step`: with a ``[storage]`` dtype narrower than the compute dtype
+    (``G.dtype``), the stored state is upcast before the step and the new state rounded to the storage
+    dtypes after it. A tensor the step left unchanged comes back as the stored tensor itself (so the
+    optimizer sees it unchanged and does not rewrite it). Without one, the step runs as it is."""
+
+    @functools.wraps(fn)
+    def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tuple[Tensor | None, BucketState]:
+        stored = storage_dtypes(cfg.storage, G.dtype)
+        if stored is None:
+            return fn(cfg, layout, state, G)
+        back: dict[int, Tensor] = {}
+
+        def up(t: Tensor) -> Tensor:
+            u = _cast(t, G.dtype)
+            back[id(u)] = t
+            return u
+
+        upcast = map_tensors(state, up)
+        D, new = fn(cfg, layout, upcast, G)
+
+        def down(t: Tensor, d: torch.dtype) -> Tensor:
+            kept = back.get(id(t))
+            return kept if kept is not None else _cast(t, d)
+
+        rounded = {name: map_tensors(getattr(new, name), lambda t, d=d: down(t, d)) for name, d in stored.items()}
+        del upcast  # kept alive until here: the ids in ``back`` stay unique
+        return D, attrs.evolve(new, **rounded)
+
+    return step
 
 
 def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> StepContext:
@@ -79,6 +138,7 @@ def _observe(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, 
     return attrs.evolve(state, factors=factors, basis=basis, inner=inner, split=split)
 
 
+@_with_storage
 def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tuple[Tensor | None, BucketState]:
     """One call for a bucket: the direction ``D (b m n)`` (``None``: do not touch W) and the new state."""
     first_call = state.calls == 0

@@ -18,6 +18,8 @@ import attrs
 import torch
 from torch import Tensor
 
+from . import compiled
+
 # -- guards --------------------------------------------------------------------------
 
 
@@ -144,6 +146,7 @@ def match_norm(D: Tensor, A: Tensor) -> Tensor:
 
 def adam_moments(m: Tensor, v: Tensor, G: Tensor, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
     r"""Adam's moment EMAs: :math:`m \leftarrow \beta_1 m + (1-\beta_1) G`, :math:`v \leftarrow \beta_2 v + (1-\beta_2) G^2` (new tensors)."""
+    if (twin := compiled.variant("adam_moments")) is not None: return twin(m, v, G, betas)  # noqa: E701 (compile = true)
     beta1, beta2 = betas
     return torch.lerp(m, G, 1 - beta1), v.mul(beta2).addcmul_(G, G, value=1 - beta2)
 
@@ -158,6 +161,7 @@ def adam_ratio(
     ``"after_correction"`` (torch.optim.Adam) :math:`N = m/(\sqrt{v}/\sqrt{c_2} + \epsilon)`, scale :math:`1/c_1`.
     The scale is kept apart so a caller can normalise ``N`` before it (SOAP's ``normalize_grads``).
     """
+    if (twin := compiled.variant("adam_ratio")) is not None: return twin(m, v, step=step, betas=betas, eps=eps, eps_placement=eps_placement, bias_correction=bias_correction)  # noqa: E501,E701
     beta1, beta2 = betas
     c1 = 1 - beta1**step if bias_correction else 1.0
     c2 = 1 - beta2**step if bias_correction else 1.0
@@ -406,6 +410,7 @@ def newton_schulz(
     References:
         Jordan et al., Muon (2024); Amsel et al., Polar Express, arXiv 2505.16932.
     """
+    if (twin := compiled.variant("newton_schulz")) is not None: return twin(U, coefficients, eps=eps, dtype=dtype, norm=norm)  # noqa: E701
     _check_batched("U", U)
     X = U.to(dtype)
     tall = U.shape[-2] > U.shape[-1]

@@ -15,9 +15,9 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import compose, distributed, linalg
+from . import compiled, compose, distributed, linalg
 from ._shapes import BlockSpec, block_spec, to_block
-from .config import ConfigError, KronConfig, to_dict, with_overrides
+from .config import ConfigError, KronConfig, from_dict, to_dict, with_overrides
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, per_parameter_state
@@ -118,7 +118,13 @@ class _Pending:
 
 def _numbers_config(raw: Any) -> Any:
     """A saved config without the tables that do not change the numbers (``[distributed]``: sharding
-    gives the same parameters), to compare a saved config with the running one."""
+    gives the same parameters), to compare a saved config with the running one. Keys a saved config
+    lacks (written before they existed, e.g. ``[storage]``) take their defaults."""
+    if isinstance(raw, dict):
+        try:
+            raw = to_dict(from_dict(raw))
+        except ConfigError:  # e.g. a plugin stage not installed here: compare as saved
+            pass
     return {k: v for k, v in raw.items() if k != "distributed"} if isinstance(raw, dict) else raw
 
 
@@ -413,10 +419,11 @@ class KronOptimizer(torch.optim.Optimizer):
                 continue
             if len(present) < len(bucket.blocks):
                 bucket = self._split(bucket, present)
-            if bucket.fsdp is not None:
-                self._step_fsdp(bucket, step_ok, fsdp_ok[id(bucket.fsdp.params[0])])  # type: ignore[index]
-            else:
-                self._step_bucket(bucket, step_ok)
+            with compiled.scope(self._group_cfgs[bucket.group].compile):  # config key compile (kronopt/compiled.py)
+                if bucket.fsdp is not None:
+                    self._step_fsdp(bucket, step_ok, fsdp_ok[id(bucket.fsdp.params[0])])  # type: ignore[index]
+                else:
+                    self._step_bucket(bucket, step_ok)
         if step_ok is not None:
             self._count_skipped(step_ok)
         return loss
@@ -862,10 +869,18 @@ class KronOptimizer(torch.optim.Optimizer):
                     total += value.numel() * value.element_size()
         return total
 
+    def _storage_names(self, bucket: _Bucket) -> dict[str, str]:
+        """The dtype each kind of state of ``bucket`` is stored in (``[storage]`` with ``"compute"`` resolved)."""
+        storage = self._group_cfgs[bucket.group].storage
+        compute = str(bucket.state_dtype).removeprefix("torch.")
+        return {k: compute if v == "compute" else v for k, v in attrs.asdict(storage).items()}
+
     def bucket_summary(self) -> list[dict[str, Any]]:
         """One row per bucket: group, pipeline, block shape, sides and size (for display and tests).
 
         ``phase`` is the bucket's refresh phase (0 unless ``[refresh] stagger = true``).
+        ``state_dtype`` is the dtype its maths run in, ``storage`` the dtype its factors,
+        basis and moments are kept in (``[storage]``).
         ``blocks`` counts every block of the bucket, ``owned`` those this rank stacks and
         keeps state for (all of them without work sharding), ``gather_bytes`` the bytes
         this rank receives at the bucket's all-gather (0 without work sharding; under
@@ -884,6 +899,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 "sides": b.layout.sides,
                 "phase": b.layout.phase,
                 "state_dtype": str(b.state_dtype).removeprefix("torch."),
+                "storage": self._storage_names(b),
             }
             for b in self._buckets
         ]

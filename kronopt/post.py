@@ -10,7 +10,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import linalg
+from . import compiled, linalg
 from .validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
 from .types import Layout, NoState, StepContext
 
@@ -87,6 +87,7 @@ class Post:
         Blocks where ``ok`` is False are left exactly as they are (no decay either).
         The per-block factors are tensors, so nothing synchronises with the host.
         """
+        if (twin := compiled.variant("post_apply")) is not None: return twin(self, params, D, lr=lr, weight_decay=weight_decay, ok=ok)  # noqa: E501,E701
         okf = ok.to(D.dtype)
         D = torch.where(ok.view(-1, 1, 1), D, torch.zeros((), dtype=D.dtype, device=D.device))
         decay = (1 - (lr * weight_decay) * okf) if weight_decay else None
