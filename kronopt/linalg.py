@@ -162,10 +162,17 @@ def adam_ratio(
     c1 = 1 - beta1**step if bias_correction else 1.0
     c2 = 1 - beta2**step if bias_correction else 1.0
     if eps_placement == "before_correction":
-        return m / v.sqrt().add_(eps), c2**0.5 / c1
+        return _quotient(m, v.sqrt().add_(eps)), c2**0.5 / c1
     if eps_placement == "after_correction":
-        return m / v.sqrt().div_(c2**0.5).add_(eps), 1 / c1
+        return _quotient(m, v.sqrt().div_(c2**0.5).add_(eps)), 1 / c1
     raise ValueError(f"eps_placement must be 'before_correction' or 'after_correction', got {eps_placement!r}")
+
+
+def _quotient(m: Tensor, denom: Tensor) -> Tensor:
+    """``m / denom``, written over ``denom`` (a temporary) when the shapes allow: one allocation fewer."""
+    if denom.shape == m.shape and denom.dtype == m.dtype:
+        return torch.div(m, denom, out=denom)
+    return m / denom
 
 
 def normalize_rms(D: Tensor) -> Tensor:
@@ -275,21 +282,44 @@ def power_qr(A: Tensor, Q: Tensor) -> Tensor:
 def finite_blocks(*tensors: Tensor | None) -> Tensor:
     """``(b)`` mask: True where every given tensor is finite on that block.
 
-    One reduction pass per tensor: a block's max-norm is non-finite exactly when it
-    holds a NaN or an infinity (unlike a sum, it never overflows).
+    A block's largest and smallest entries are both finite exactly when it holds no
+    NaN and no infinity (``amax``/``amin`` propagate NaN; unlike a sum they never
+    overflow). Two plain reductions per tensor: on CPU they run at memory speed,
+    where the max-norm (``vector_norm(ord=inf)``) is about 20 times slower.
     """
-    ok: Tensor | None = None
-    for t in tensors:
-        if t is None:
-            continue
-        if t[0].numel() == 0:  # blocks with no entries (e.g. a rank-0 subspace) are trivially finite
-            block_ok = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
-        else:
-            block_ok = torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"), dim=tuple(range(1, t.ndim))))
-        ok = block_ok if ok is None else ok & block_ok
-    if ok is None:
+    given = [t for t in tensors if t is not None]
+    if not given:
         raise ValueError("finite_blocks needs at least one tensor")
-    return ok
+    extremes = [x for t in given for x in _block_extremes(t)]
+    if len(extremes) == 1:
+        return extremes[0].isfinite()
+    if len({(x.dtype, x.device) for x in extremes}) > 1:
+        return torch.stack([x.isfinite() for x in extremes]).all(0)
+    return torch.stack(extremes).isfinite().all(0)  # one finiteness test for every tensor's extremes
+
+
+def _block_extremes(t: Tensor) -> list[Tensor]:
+    """Per block of ``t (b ...)``, ``(b)`` tensors that are all finite exactly when the block is:
+    its largest and smallest entries (``t`` itself when 1-D; none for empty blocks)."""
+    if t.ndim == 1:
+        return [t]
+    if t[0].numel() == 0:  # blocks with no entries (e.g. a rank-0 subspace) are trivially finite
+        return [torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)]
+    dims = tuple(range(1, t.ndim))
+    return [t.amax(dim=dims), t.amin(dim=dims)]
+
+
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """One 0-d bool: every tensor of a non-empty list (one device) holds no NaN or infinity.
+
+    Two reductions per tensor (``amax``, ``amin``), stacked into one flag; no host synchronisation.
+    """
+    if not tensors:
+        raise ValueError("all_finite needs at least one tensor")
+    extremes = [x for t in tensors if t.numel() for x in (t.amax(), t.amin())]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.stack(extremes).isfinite().all()
 
 
 def select_blocks(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
