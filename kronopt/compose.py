@@ -162,41 +162,56 @@ def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tupl
 # -- generic operations on state records ------------------------------------------------
 
 
+_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The attrs field names of ``cls`` (``None``: not an attrs class), cached: the records are walked every step."""
+    try:
+        return _FIELDS[cls]
+    except KeyError:
+        names = tuple(f.name for f in attrs.fields(cls)) if attrs.has(cls) else None
+        _FIELDS[cls] = names
+        return names
+
+
 def map_tensors(record: Any, fn: Any) -> Any:
     """A copy of an attrs state record with ``fn`` applied to every tensor (recursively)."""
     if isinstance(record, Tensor):
         return fn(record)
-    if attrs.has(type(record)):
-        changes = {}
-        for f in attrs.fields(type(record)):
-            value = getattr(record, f.name)
-            if isinstance(value, Tensor) or attrs.has(type(value)):
-                changes[f.name] = map_tensors(value, fn)
-        return attrs.evolve(record, **changes) if changes else record
-    return record
+    names = _field_names(type(record))
+    if names is None:
+        return record
+    changes = {}
+    for name in names:
+        value = getattr(record, name)
+        if isinstance(value, Tensor) or _field_names(type(value)) is not None:
+            changes[name] = map_tensors(value, fn)
+    return attrs.evolve(record, **changes) if changes else record
 
 
 def zip_tensors(new: Any, old: Any, fn: Any) -> Any:
     """Combine two records of the same structure tensor by tensor with ``fn(new, old)``."""
     if isinstance(new, Tensor):
         return fn(new, old)
-    if attrs.has(type(new)):
-        changes = {}
-        for f in attrs.fields(type(new)):
-            value = getattr(new, f.name)
-            if isinstance(value, Tensor) or attrs.has(type(value)):
-                changes[f.name] = zip_tensors(value, getattr(old, f.name), fn)
-        return attrs.evolve(new, **changes) if changes else new
-    return new
+    names = _field_names(type(new))
+    if names is None:
+        return new
+    changes = {}
+    for name in names:
+        value = getattr(new, name)
+        if isinstance(value, Tensor) or _field_names(type(value)) is not None:
+            changes[name] = zip_tensors(value, getattr(old, name), fn)
+    return attrs.evolve(new, **changes) if changes else new
 
 
 def flatten(record: Any, prefix: str = "") -> dict[str, Any]:
     """``{"inner.exp_avg": tensor, "calls": 3, ...}``: tensors and Python scalars by dotted path."""
     out: dict[str, Any] = {}
-    for f in attrs.fields(type(record)):
-        value = getattr(record, f.name)
-        path = f"{prefix}{f.name}"
-        if attrs.has(type(value)):
+    for name in _field_names(type(record)) or ():
+        value = getattr(record, name)
+        path = f"{prefix}{name}"
+        if _field_names(type(value)) is not None:
             out.update(flatten(value, path + "."))
         else:
             out[path] = value
@@ -337,42 +352,44 @@ def _stack_like(blocks: list[Tensor]) -> Tensor:
     return out
 
 
-def finite_new_state(new: Any, old: Any) -> Tensor | None:
+def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:
     """``(b)`` mask: True where every floating tensor the step changed is finite on that block (``None``: none changed).
 
     A finite gradient can still overflow a state tensor (a 1e20 gradient squared in
-    float32); the optimizer treats such a block like a non-finite gradient.
+    float32); the optimizer treats such a block like a non-finite gradient. Tensors in
+    ``also`` (e.g. the direction) join the same test: one finiteness pass for all.
     """
-    masks = [
-        linalg.finite_blocks(n)
+    changed = [
+        n
         for n, o in zip(flatten(new).values(), flatten(old).values())
         if isinstance(n, Tensor) and n is not o and n.ndim >= 1 and n.is_floating_point()
     ]
-    if not masks:
+    changed += [t for t in also if t is not None]
+    if not changed:
         return None
-    ok = masks[0]
-    for m in masks[1:]:
-        ok = ok & m
-    return ok
+    return linalg.finite_blocks(*changed)
 
 
 def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
     """Write a step's new state into the existing stacks, per block where ``ok`` holds.
 
     ``stacks`` is the record the step started from; ``new`` the record it returned.
-    Each new tensor is selected into its stack in place (``torch.where(ok, new, old,
-    out=old)``: the same reads and writes as an out-of-place select, one allocation
-    fewer), so views of the stacks (the optimizer's ``state[p]``) stay valid. A new
-    tensor that aliases another stack is copied first (a write could otherwise change
-    it before it is read). A field whose shape, dtype or device changed, or that
-    appears or disappears, is replaced instead.
+    Each new tensor is selected into its stack in place (:func:`masked_write_`), so
+    views of the stacks (the optimizer's ``state[p]``) stay valid. A new tensor that
+    aliases another stack is copied first (a write could otherwise change it before
+    it is read). A field whose shape, dtype or device changed, or that appears or
+    disappears, is replaced instead. ``new`` is consumed: its non-finite entries may
+    be zeroed in place.
 
     Returns:
         The record to keep (the stacks, with the new record's ints and bools) and
         whether any stack was replaced (its views must then be rebuilt).
     """
-    storages = {t.untyped_storage().data_ptr() for t in flatten(stacks).values() if isinstance(t, Tensor)}
+    fields_new = flatten(new)
+    fields_old = flatten(stacks)
+    storages = {t.untyped_storage().data_ptr() for t in fields_old.values() if isinstance(t, Tensor)}
     replaced = False
+    weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     def select(n: Tensor | None, o: Tensor | None) -> Tensor | None:
         nonlocal replaced
@@ -385,10 +402,37 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
             return torch.where(ok.view(-1, *([1] * (n.ndim - 1))), n, o)
         if n.untyped_storage().data_ptr() in storages:
             n = n.clone()
-        return torch.where(ok.view(-1, *([1] * (n.ndim - 1))), n, o, out=o)
+        masked_write_(o, n, ok, weights)
+        return o
 
     kept = zip_tensors(new, stacks, select)
-    fields_new = flatten(new)
-    fields_old = flatten(stacks)
     replaced = replaced or any((fields_new[k] is None) != (fields_old.get(k) is None) for k in fields_new)
     return kept, replaced
+
+
+#: below this many entries per block a masked write is one ``torch.where`` (fewer launches)
+_BLEND_MIN = 4096
+
+
+def masked_write_(old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtype, tuple[Tensor, Tensor]] | None = None) -> None:
+    """``old[i] ← new[i]`` where ``ok[i]``, in place; blocks where ``ok`` is False keep ``old`` exactly.
+
+    For large floating blocks this is the blend ``old·(1−w) + sanitize(new)·w`` with a per-block
+    ``w ∈ {0, 1}``: exact (a product by 1 or 0, a sum with 0), and on CPU several times faster
+    than ``torch.where``, whose kernel is not vectorized. It needs ``old`` finite, which every
+    stack is (the optimizer never writes a non-finite block), and zeroes the non-finite entries
+    of ``new`` in place first (they lie in blocks where ``ok`` is False). Other tensors take
+    ``torch.where(..., out=old)``. ``weights`` caches ``(1−w, w)`` per dtype across calls.
+    """
+    shape = (-1, *([1] * (old.ndim - 1)))
+    if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLEND_MIN:
+        torch.where(ok.view(shape), new, old, out=old)
+        return
+    if weights is None:
+        weights = {}
+    if old.dtype not in weights:
+        w = ok.to(old.dtype)
+        weights[old.dtype] = (1 - w, w)
+    keep, take = weights[old.dtype]
+    new.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    old.mul_(keep.view(shape)).addcmul_(new, take.view(shape))
