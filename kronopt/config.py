@@ -99,6 +99,45 @@ class Distributed:
 
 _DTYPE_NAMES = ("float32", "float64")
 
+#: what a ``[storage]`` entry may name: ``"compute"`` (the state dtype the maths run in) or a narrower dtype
+STORAGE_DTYPES = ("compute", "float32", "bfloat16")
+
+
+@attrs.frozen(kw_only=True)
+class Storage:
+    """The dtype each kind of optimizer state is kept in between steps (``[storage]``; docs/configs.md).
+
+    The maths always run in the compute dtype (``state_dtype`` promoted with the
+    parameter's dtype: float32, or float64 for float64 parameters): a bucket's stored
+    state is upcast when its step starts and the new state is rounded to the storage
+    dtype when it is written back. ``"compute"`` keeps today's behaviour (no cast, no
+    copy). Integer and boolean tensors (counters, masks) keep their own dtype. A
+    storage dtype is never wider than the compute dtype (both choices are at most
+    float32, the narrowest compute dtype).
+
+    Attributes:
+        factors: the factor estimator's state (``factors.*``: Kronecker / KL factors,
+            their tracked eigenvalues and subspaces).
+        basis: the basis state (``basis.*``: ``Q_L``, ``Q_R`` and the basis's eigenvalue estimates).
+        moments: the inner rule's, the split's and the post stage's state (``inner.*``,
+            ``split.*``, ``post.*``: momentum, Adam moments, grafting moments).
+    """
+
+    factors: Literal["compute", "float32", "bfloat16"] = attrs.field(
+        default="compute", converter=to_str, validator=in_(STORAGE_DTYPES)
+    )
+    basis: Literal["compute", "float32", "bfloat16"] = attrs.field(
+        default="compute", converter=to_str, validator=in_(STORAGE_DTYPES)
+    )
+    moments: Literal["compute", "float32", "bfloat16"] = attrs.field(
+        default="compute", converter=to_str, validator=in_(STORAGE_DTYPES)
+    )
+
+    def by_field(self) -> dict[str, str]:
+        """The storage choice of each :class:`~kronopt.compose.BucketState` record (``factors``,
+        ``basis``, ``inner``, ``split``, ``post``)."""
+        return {"factors": self.factors, "basis": self.basis, "inner": self.moments, "split": self.moments, "post": self.moments}
+
 
 @attrs.frozen(kw_only=True)
 class KronConfig:
@@ -123,11 +162,19 @@ class KronConfig:
             ``apply_if_finite`` and ``torch.amp.GradScaler`` do; one device-side
             flag masks every write, no host synchronisation) or ``"block"`` (only
             the blocks whose gradient is non-finite). Top-level only.
+        compile: run the Newton–Schulz iteration and the elementwise tail (Adam
+            moments and ratio, the parameter write with weight decay) through
+            ``torch.compile`` (:mod:`kronopt.compiled`; one graph per shape and dtype,
+            with the step count and ``lr`` passed as tensors so they never recompile).
+            Falls back to eager with a warning where compilation fails. Per group
+            and per ``[fallback]``.
         max_skipped_steps: with ``"step"`` scope, ``step()`` raises
             ``FloatingPointError`` once this many consecutive steps were skipped
             (0: never). The count is read without a host synchronisation, so the
             error comes at the ``step()`` after the limit is reached (or at
             :meth:`KronOptimizer.flush_warnings`). Top-level only.
+        storage: the ``[storage]`` table (:class:`Storage`): the dtype factors, bases and
+            moments are kept in between steps.
         distributed: the ``[distributed]`` table (:class:`Distributed`); top-level
             only, a ``[fallback]`` table may not set it.
         fallback: the config of the parameters the route sends away.
@@ -147,6 +194,7 @@ class KronConfig:
         default="step", converter=to_str, validator=in_(("step", "block"))
     )
     max_skipped_steps: int = attrs.field(default=0, converter=to_int, validator=ge(0))
+    compile: bool = attrs.field(default=False, converter=to_bool)
     factors: Any
     basis: Any
     inner: Any
@@ -155,6 +203,7 @@ class KronConfig:
     post: Post = attrs.field(factory=Post)
     shapes: Shapes = attrs.field(factory=Shapes)
     route: Route = attrs.field(factory=Route)
+    storage: Storage = attrs.field(factory=Storage)
     distributed: Distributed = attrs.field(factory=Distributed)
     fallback: "KronConfig | None" = None
 
@@ -174,9 +223,9 @@ class KronConfig:
 
 
 _SCALARS = tuple(
-    f.name for f in attrs.fields(KronConfig) if f.name not in (*STAGE_SLOTS, "post", "shapes", "route", "distributed", "fallback")
+    f.name for f in attrs.fields(KronConfig) if f.name not in (*STAGE_SLOTS, "post", "shapes", "route", "storage", "distributed", "fallback")
 )
-_RECORDS: dict[str, type] = {"post": Post, "shapes": Shapes, "route": Route, "distributed": Distributed}
+_RECORDS: dict[str, type] = {"post": Post, "shapes": Shapes, "route": Route, "storage": Storage, "distributed": Distributed}
 _TOP_ONLY: tuple[str, ...] = ("distributed",)  # records a [fallback] table may not set
 
 

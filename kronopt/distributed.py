@@ -1,10 +1,18 @@
-r"""Work sharding under ``torch.distributed`` with replicated parameters (DDP).
+r"""Work sharding under ``torch.distributed``: replicated parameters (DDP) and DTensor parameters (FSDP2).
 
-Every rank holds every parameter and, after DDP's all-reduce, the same gradient.
-Instead of every rank computing every block's update, each block gets one
+**DDP.** Every rank holds every parameter and, after DDP's all-reduce, the same
+gradient. Instead of every rank computing every block's update, each block gets one
 **owner** rank; the owner alone keeps the block's optimizer state and computes its
 direction, and one collective per bucket hands every direction to every rank,
 which then writes every parameter identically (docs/distributed.md).
+
+**FSDP2.** Every rank holds ``torch.chunk``'s rows of each parameter (``Shard(0)``).
+The result is still exactly one process's: a block's owner receives the other
+ranks' rows of its gradient (one ``all_to_all`` per bucket), steps the full matrix,
+and sends every rank its rows of the direction back (a second one); buckets whose
+stages all work entry by entry (:func:`is_elementwise`) step each rank's rows
+locally with no communication. :class:`ShardPlan` holds the row map and the two
+collectives; :func:`check_fsdp_param` refuses placements it cannot map.
 
 * :func:`block_cost` estimates a block's work from its :class:`~kronopt.types.Layout`.
 * :func:`assign` picks the owners: within a bucket (equal costs) the counts per
@@ -14,6 +22,8 @@ which then writes every parameter identically (docs/distributed.md).
   performs the one all-gather.
 * :func:`merge_state_dicts` joins the per-rank ``state_dict()`` s into the dict of
   a single-process optimizer.
+* :func:`chunk_rows`, :func:`fsdp_sharding`, :func:`check_fsdp_param`,
+  :class:`ShardPlan` and :func:`is_elementwise` serve FSDP2.
 
 Nothing here computes an update; the optimizer (``kronopt/optimizer.py``) decides
 what to gather and where to write it.
@@ -29,7 +39,7 @@ from torch import Tensor
 
 from ._shapes import BlockSpec
 from .inspection import counters_only
-from .types import Layout
+from .types import Layout, capabilities
 
 #: the ``kronopt`` key under which a sharded ``state_dict()`` describes its shard
 SHARDING_KEY = "sharding"
@@ -231,3 +241,289 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any
             raise ValueError(f"the ranks' counters of parameter {key!r} disagree: the dicts were saved at different steps")
     kron = {k: v for k, v in first["kronopt"].items() if k != SHARDING_KEY}
     return {"state": dict(sorted(state.items(), key=lambda kv: str(kv[0]))), "param_groups": first["param_groups"], "kronopt": kron}
+
+
+# -- FSDP2: DTensor parameters sharded by rows ----------------------------------------------
+
+
+def _dtensor_types() -> tuple[type, type]:
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor, Shard
+
+
+def chunk_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of dim 0 that ``rank`` holds under ``Shard(0)`` (``torch.chunk``'s split:
+    ``⌈rows / world⌉`` per rank, the last ranks fewer or none)."""
+    size = -(-rows // world_size)
+    return min(rank * size, rows), min((rank + 1) * size, rows)
+
+
+def fsdp_sharding(p: Tensor) -> Sharding:
+    """The :class:`Sharding` of a DTensor parameter: its mesh's rank, size and process group."""
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    return Sharding(rank=mesh.get_local_rank(), world_size=mesh.size(), group=mesh.get_group())
+
+
+def check_fsdp_param(p: Tensor) -> None:
+    """Refuse a DTensor parameter whose shards kronopt cannot map to whole rows of its block.
+
+    Supported: FSDP2's layout, ``Shard(0)`` on a 1-D device mesh, the local shard being
+    ``torch.chunk``'s piece of dim 0 (checked). Every row of dim 0 is ``m / d₀``
+    consecutive rows of the ``(m, n)`` block (the shape policy only merges dims into
+    the first block dim from the left), so a shard is a run of whole block rows.
+
+    Raises:
+        ValueError: another placement (``Replicate``, ``Shard(1)``, HSDP's 2-D mesh), a 0-D
+            parameter, or a local shard that is not ``torch.chunk``'s.
+    """
+    _, Shard = _dtensor_types()
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    placements = tuple(p.placements)  # type: ignore[attr-defined]
+    where = f"DTensor parameter of shape {tuple(p.shape)} with placements {placements} on a {mesh.ndim}-D mesh"
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise ValueError(
+            f"kronopt supports DTensor parameters sharded as FSDP2 does (Shard(0) on a 1-D device mesh); got a {where}"
+        )
+    if p.ndim == 0:
+        raise ValueError(f"kronopt cannot step a 0-D {where}")
+    start, stop = chunk_rows(p.shape[0], mesh.size(), mesh.get_local_rank())
+    local = p.to_local()  # type: ignore[attr-defined]
+    if local.shape[0] != stop - start or tuple(local.shape[1:]) != tuple(p.shape[1:]):
+        raise ValueError(
+            f"the local shard of a {where} has shape {tuple(local.shape)}, not torch.chunk's rows {start}:{stop} "
+            "of dim 0; kronopt maps shards to block rows by that split"
+        )
+
+
+@attrs.define(eq=False, slots=False)
+class ShardPlan:
+    r"""FSDP2: every block of a bucket, which rows of it each rank holds, and the block's owner.
+
+    Parameter ``params[i]`` (a DTensor, ``Shard(0)``) is the block ``specs[i]``
+    ``(m, n)``; rank ``r`` holds the block rows ``rows[i][r]`` (``torch.chunk``'s piece
+    of dim 0 times ``m / d₀``). Two kinds of bucket:
+
+    * **owned** (``elementwise = False``): block ``i`` is computed by ``owners[i]`` on the
+      full matrix. :meth:`assemble` brings every owner the rows of its blocks (one
+      ``all_to_all_single``, uneven splits, no padding), :meth:`scatter` hands every
+      rank its rows of the directions back (one more). No rank ever holds a full
+      block it does not own.
+    * **elementwise**: every stage works entry by entry, so each rank steps its own rows
+      (stacked ``(b, pad_rows, n)``, shorter shards zero-padded) and nothing is
+      communicated.
+
+    ``calls`` counts the bucket's ``step()`` calls on every rank (owner or not), so
+    every rank agrees on whether a call writes.
+    """
+
+    params: list[Tensor]
+    specs: list[BlockSpec]
+    owners: list[int]
+    sharding: Sharding
+    elementwise: bool = False
+    pad_rows: int = 0
+    calls: int = 0
+    rows: list[list[tuple[int, int]]] = attrs.field(init=False)
+    local_rows: list[int] = attrs.field(init=False)
+    _cache: dict[Any, Tensor] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        world, rank = self.sharding.world_size, self.sharding.rank
+        self.rows = []
+        for spec in self.specs:
+            per_row = spec.m // spec.shape[0]  # block rows per row of dim 0
+            self.rows.append([(a * per_row, b * per_row) for a, b in (chunk_rows(spec.shape[0], world, r) for r in range(world))])
+        self.local_rows = [r[rank][1] - r[rank][0] for r in self.rows]
+        if self.elementwise and not self.pad_rows:
+            self.pad_rows = max([1, *self.local_rows])
+        n = self.specs[0].n if self.specs else 0
+        owned = self.owned()
+        self._send_order = sorted(range(len(self.params)), key=lambda i: (self.owners[i], i))
+        self._to_owner = [sum(self.local_rows[i] * n for i in self._send_order if self.owners[i] == o) for o in range(world)]
+        self._from_rank = [sum((self.rows[k][s][1] - self.rows[k][s][0]) * n for k in owned) for s in range(world)]
+        # received rows, in order (source rank, owned block, its rows): where each owned block row lands
+        gather, position = [], 0
+        where: dict[tuple[int, int], int] = {}
+        for s in range(world):
+            for j, k in enumerate(owned):
+                a, b = self.rows[k][s]
+                for g in range(a, b):
+                    where[(j, g)] = position
+                    position += 1
+        m = self.specs[0].m if self.specs else 0
+        self._assemble_index = [where[(j, g)] for j in range(len(owned)) for g in range(m)]
+        self._scatter_index = [j * m + g for s in range(world) for j, k in enumerate(owned) for g in range(*self.rows[k][s])]
+        # this rank's rows of every block in the scattered directions, grouped by their count
+        offset, starts = 0, {}
+        for i in self._send_order:
+            starts[i] = offset
+            offset += self.local_rows[i]
+        groups: dict[int, list[int]] = {}
+        for i, count in enumerate(self.local_rows):
+            if count:
+                groups.setdefault(count, []).append(i)
+        self._groups = [(count, idx, [starts[i] + g for i in idx for g in range(count)]) for count, idx in sorted(groups.items())]
+        self._stack_groups = [(count, idx) for count, idx in sorted(groups.items())]
+
+    def owned(self) -> list[int]:
+        """Positions of this rank's blocks (all of them in an elementwise bucket)."""
+        if self.elementwise:
+            return list(range(len(self.params)))
+        return [i for i, r in enumerate(self.owners) if r == self.sharding.rank]
+
+    def index(self, name: str, values: list[int], device: torch.device) -> Tensor:
+        """``values`` as an index tensor on ``device``, made once per ``name`` and device (``values`` must not
+        change for a name: the plan's row maps and block lists are fixed at construction)."""
+        key = (name, device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return self._cache[key]
+
+    def local_block(self, t: Tensor, i: int) -> Tensor:
+        """This rank's rows of block ``i`` of ``t`` (the parameter or its gradient, a DTensor), ``(rows n)``: a view."""
+        return t.to_local().reshape(self.local_rows[i], self.specs[i].n)  # type: ignore[attr-defined]
+
+    def assemble(self, grads: Sequence[Tensor]) -> Tensor | None:
+        """The full gradients ``(k m n)`` of this rank's blocks (``None`` if it owns none), from every rank's rows.
+
+        One ``all_to_all_single`` with uneven splits: each rank sends each owner its rows
+        of the owner's blocks and receives only the rows of its own blocks; the owner
+        reorders them (one ``index_select``). Every rank must call it, in the same
+        bucket order.
+        """
+        n = self.specs[0].n
+        ref = grads[0].to_local()  # type: ignore[attr-defined]
+        parts = [self.local_block(grads[i], i).reshape(-1) for i in self._send_order]
+        send = torch.cat(parts) if parts else ref.new_empty(0)
+        out = ref.new_empty(sum(self._from_rank))
+        dist.all_to_all_single(out, send, self._from_rank, self._to_owner, group=self.sharding.group)
+        owned = self.owned()
+        if not owned:
+            return None
+        m = self.specs[0].m
+        return out.view(-1, n).index_select(0, self.index("assemble", self._assemble_index, out.device)).view(len(owned), m, n)
+
+    def scatter(self, D: Tensor | None, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Every block's directions on this rank's rows ``(rows n)``, from the owners' ``D (k m n)``.
+
+        The inverse of :meth:`assemble`: one ``all_to_all_single``; each owner sends each
+        rank only that rank's rows. Rows are ordered by owner, then block position;
+        :meth:`groups` says where each block's rows are.
+        """
+        n = self.specs[0].n
+        if D is None or not D.shape[0]:
+            send = torch.empty(0, dtype=dtype, device=device)
+        else:
+            send = D.reshape(-1, n).index_select(0, self.index("scatter", self._scatter_index, device)).reshape(-1)
+        out = torch.empty(sum(self._to_owner), dtype=dtype, device=device)
+        dist.all_to_all_single(out, send, self._to_owner, self._from_rank, group=self.sharding.group)
+        return out.view(-1, n)
+
+    def groups(self) -> list[tuple[int, list[int], list[int]]]:
+        """``(rows, block positions, their rows in scatter()'s output)`` per local row count (blocks with no rows left out)."""
+        return self._groups
+
+    def row_index(self, count: int, rows: list[int], device: torch.device) -> Tensor:
+        """The ``rows`` of the group of ``count`` (from :meth:`groups`) as a cached index tensor on ``device``."""
+        return self.index(f"rows{count}", rows, device)
+
+    def stack_groups(self) -> list[tuple[int, list[int]]]:
+        """Elementwise bucket: ``(rows, block positions)`` per local row count (blocks with no rows left out)."""
+        return self._stack_groups
+
+    def local_stack(self, grads: Sequence[Tensor], *, dtype: torch.dtype) -> Tensor:
+        """Elementwise bucket: this rank's rows of every block ``(b pad_rows n)`` in ``dtype``, zero-padded."""
+        n = self.specs[0].n
+        blocks = [self.local_block(g, i) for i, g in enumerate(grads)]
+        if all(r == self.pad_rows for r in self.local_rows):
+            return torch.stack(blocks).to(dtype)
+        ref = grads[0].to_local()  # type: ignore[attr-defined]
+        out = torch.zeros((len(blocks), self.pad_rows, n), dtype=dtype, device=ref.device)
+        for i, block in enumerate(blocks):
+            out[i, : self.local_rows[i]].copy_(block)
+        return out
+
+    def gather_bytes(self, m: int, n: int, dtype: torch.dtype) -> int:
+        """Bytes this rank receives from the other ranks per writing step: its blocks' other rows (in the
+        gradient dtype) and its rows of the blocks others own (in the state dtype, ``dtype``). 0 elementwise."""
+        if self.elementwise or not self.params:
+            return 0
+        rank = self.sharding.rank
+        grad_size = self.params[0].element_size()
+        size = torch.empty((), dtype=dtype).element_size()
+        incoming = sum((m - self.local_rows[k]) * n * grad_size for k in self.owned())
+        return incoming + sum(self.local_rows[i] * n * size for i, r in enumerate(self.owners) if r != rank)
+
+    def subset(self, keep: Sequence[int]) -> "ShardPlan":
+        """The plan of the blocks at ``keep`` (a split bucket), ``calls`` and ``pad_rows`` carried over."""
+        return ShardPlan(
+            params=[self.params[i] for i in keep],
+            specs=[self.specs[i] for i in keep],
+            owners=[self.owners[i] for i in keep],
+            sharding=self.sharding,
+            elementwise=self.elementwise,
+            pad_rows=self.pad_rows,
+            calls=self.calls,
+        )
+
+    # -- per-parameter state of an elementwise bucket: DTensors sharded like the parameter --
+
+    def to_dtensor(self, i: int, value: Tensor) -> Tensor:
+        """A state tensor ``(pad_rows n)`` of block ``i`` as a DTensor shaped and sharded like the parameter (a view)."""
+        DTensor, _ = _dtensor_types()
+        p = self.params[i]
+        local = value[: self.local_rows[i]].view(p.to_local().shape)  # type: ignore[attr-defined]
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())  # type: ignore[attr-defined]
+
+    def is_rows(self, i: int, value: Any) -> bool:
+        """Whether a saved state value of block ``i`` is a block-sized tensor (a DTensor like the
+        parameter, or a whole ``(m n)`` block of a single-process save) that :meth:`from_saved` cuts."""
+        DTensor, _ = _dtensor_types()
+        spec = self.specs[i]
+        if isinstance(value, DTensor):
+            return tuple(value.shape) == tuple(self.params[i].shape)
+        return isinstance(value, Tensor) and tuple(value.shape) == (spec.m, spec.n)
+
+    def from_saved(self, i: int, value: Tensor) -> Tensor:
+        """A saved state tensor of block ``i`` (a DTensor like the parameter, or the whole parameter-shaped
+        tensor of a single-process save) as this rank's padded rows ``(pad_rows n)``."""
+        DTensor, _ = _dtensor_types()
+        spec = self.specs[i]
+        if isinstance(value, DTensor):
+            local = value.to_local().reshape(-1, spec.n)
+        else:
+            a, b = self.rows[i][self.sharding.rank]
+            local = value.reshape(spec.m, spec.n)[a:b]
+        out = local.new_zeros((self.pad_rows, spec.n))
+        out[: local.shape[0]].copy_(local)
+        return out
+
+
+def is_elementwise(cfg: Any, layout: Layout) -> bool:
+    """Whether a bucket of ``layout`` under the pipeline ``cfg`` (a bound ``KronConfig``) works entry by entry.
+
+    Then a row shard of a block can be stepped alone, exactly (FSDP2 without
+    communication). It holds when the inner rule declares the ``elementwise``
+    capability and its options keep it so (``is_elementwise()``: Adam without
+    ``normalize``, SGD); the basis keeps no rotation on this layout (its ``Q_L`` and
+    ``Q_R`` are ``None``: the identity, as for an unrotated side or the ``identity``
+    basis); the factor estimator, the basis and the split keep nothing larger than one
+    number per block (nothing that could couple the entries); and ``post`` neither
+    normalises nor grafts (both read the whole block).
+    """
+    from . import compose
+
+    if not capabilities(cfg.inner).elementwise or not cfg.inner.is_elementwise():
+        return False
+    if cfg.post.normalize or cfg.post.grafting != "none":
+        return False
+    probe = attrs.evolve(layout, batch=1)
+    state = compose.init_state(cfg, probe, dtype=torch.float32, device=torch.device("cpu"))
+    if state.basis.Q_L is not None or state.basis.Q_R is not None:
+        return False
+    for record in (state.factors, state.basis, state.split):
+        for value in compose.flatten(record).values() if attrs.has(type(record)) else ():
+            if isinstance(value, Tensor) and value.ndim > 1:
+                return False
+    return True

@@ -8,6 +8,7 @@ everything bit for bit.
 
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,9 +16,9 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import compose, distributed, linalg
+from . import compiled, compose, distributed, linalg
 from ._shapes import BlockSpec, block_spec, to_block
-from .config import ConfigError, KronConfig, to_dict, with_overrides
+from .config import ConfigError, KronConfig, from_dict, to_dict, with_overrides
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
@@ -69,8 +70,14 @@ class _Bucket:
     state_dtype: torch.dtype
     state: compose.BucketState | None = None
     nonfinite: Tensor | None = None  # (b) count of skipped non-finite gradient blocks
-    #: with work sharding: every rank's blocks (``params`` are this rank's, the ones stacked)
-    plan: distributed.GatherPlan | None = None
+    #: with work sharding: every rank's blocks (``params`` are this rank's, the ones stacked); with
+    #: FSDP2 (DTensor parameters) a :class:`~kronopt.distributed.ShardPlan`
+    plan: distributed.GatherPlan | distributed.ShardPlan | None = None
+
+    @property
+    def fsdp(self) -> distributed.ShardPlan | None:
+        """The FSDP2 plan of a bucket of DTensor parameters (``None`` otherwise)."""
+        return self.plan if isinstance(self.plan, distributed.ShardPlan) else None
 
     @property
     def blocks(self) -> list[Tensor]:
@@ -112,7 +119,13 @@ class _Pending:
 
 def _numbers_config(raw: Any) -> Any:
     """A saved config without the tables that do not change the numbers (``[distributed]``: sharding
-    gives the same parameters), to compare a saved config with the running one."""
+    gives the same parameters), to compare a saved config with the running one. Keys a saved config
+    lacks (written before they existed, e.g. ``[storage]``) take their defaults."""
+    if isinstance(raw, dict):
+        try:
+            raw = to_dict(from_dict(raw))
+        except ConfigError:  # e.g. a plugin stage not installed here: compare as saved
+            pass
     return {k: v for k, v in raw.items() if k != "distributed"} if isinstance(raw, dict) else raw
 
 
@@ -166,6 +179,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._sharding = distributed.current(enabled=config.distributed.shard_work)
         self._owner: dict[int, int] = {}  # id(param) → owner rank (work sharding)
         self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
+        self._fsdp_loads: list[int] | None = None  # FSDP2 on a mesh of another size than the plain blocks' world
         self._buckets = self._shard(self._make_buckets(self.param_groups, self._group_cfgs), assign=True)
         self._pending: list[_Pending] = []
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
@@ -193,11 +207,8 @@ class KronOptimizer(torch.optim.Optimizer):
         overrides.update(group.get("overrides", {}))
         cfg = self._with_overrides(overrides)
         for p in group["params"]:
-            if _is_dtensor(p):
-                raise TypeError(
-                    "kronopt does not support DTensor (FSDP2) parameters yet: a matrix function on a shard "
-                    "would be wrong. Use plain tensors or DDP."
-                )
+            if _is_dtensor(p):  # FSDP2: docs/distributed.md; other placements are refused here
+                distributed.check_fsdp_param(p)
         out = self._route(group, cfg, overrides)
         if "initial_lr" in group:  # a scheduler resumed with last_epoch != -1
             for g in out:
@@ -274,7 +285,7 @@ class KronOptimizer(torch.optim.Optimizer):
             phases = _phases([b[2] for b in blocks], count)
             for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
                 layout = attrs.evolve(layout, phase=phase)
-                key = (gi, layout, state_dtype, p.dtype, p.device)
+                key = (gi, layout, state_dtype, p.dtype, p.device, _is_dtensor(p))
                 if key not in buckets:
                     buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype)
                 buckets[key].params.append(p)
@@ -299,6 +310,8 @@ class KronOptimizer(torch.optim.Optimizer):
         """With work sharding, each bucket (of every rank's blocks, stateless) cut to this rank's blocks plus
         its gather plan; unchanged otherwise. ``assign``: pick owners for these blocks first
         (:func:`distributed.assign`, balanced with the blocks assigned before)."""
+        if any(b.params and _is_dtensor(b.params[0]) for b in buckets):
+            return self._shard_fsdp(buckets, assign=assign)
         sh = self._sharding
         if sh is None:
             return buckets
@@ -325,6 +338,63 @@ class KronOptimizer(torch.optim.Optimizer):
             )
         return out
 
+    def _shard_fsdp(self, buckets: list[_Bucket], *, assign: bool = False) -> list[_Bucket]:
+        """:meth:`_shard` for a list holding buckets of DTensor (FSDP2) parameters: each gets a
+        :class:`~kronopt.distributed.ShardPlan`; the others are sharded as usual, in order.
+
+        Every block gets an owner (:func:`distributed.assign`, balanced by cost with every
+        other block) except in elementwise buckets (:func:`distributed.is_elementwise`),
+        where every rank steps its own rows: there the bucket stacks every block, in the
+        rank's local layout (``m`` = its padded row count).
+        """
+        dtensor = [b for b in buckets if b.params and _is_dtensor(b.params[0])]
+        sharding = distributed.fsdp_sharding(dtensor[0].params[0])
+        for b in dtensor:
+            for p in b.params:
+                other = distributed.fsdp_sharding(p)
+                if (other.world_size, other.rank) != (sharding.world_size, sharding.rank) or other.group != sharding.group:
+                    raise ValueError("kronopt steps DTensor parameters of one device mesh only; these use several")
+        matrix = [b for b in dtensor if not distributed.is_elementwise(self._bucket_config(b), b.layout)]
+        if assign and matrix:
+            sizes = [(b.layout.batch, distributed.block_cost(b.layout)) for b in matrix]
+            # one balance with the plain (DDP-sharded) blocks when they share the ranks, else its own
+            shared = self._sharding is None or self._sharding.world_size == sharding.world_size
+            loads = self._loads if shared else self._fsdp_loads
+            owners, loads = distributed.assign(sizes, sharding.world_size, loads)
+            if shared:
+                self._loads = loads
+            else:
+                self._fsdp_loads = loads
+            for b, own in zip(matrix, owners):
+                self._owner.update((id(p), r) for p, r in zip(b.params, own))
+        plain = iter(self._shard([b for b in buckets if not any(b is x for x in dtensor)], assign=assign))
+        out = []
+        for b in buckets:
+            if not any(b is x for x in dtensor):
+                out.append(next(plain))
+                continue
+            elementwise = not any(b is x for x in matrix)
+            plan = distributed.ShardPlan(
+                params=b.params,
+                specs=b.specs,
+                owners=[sharding.rank if elementwise else self._owner[id(p)] for p in b.params],
+                sharding=sharding,
+                elementwise=elementwise,
+            )
+            mine = plan.owned()
+            m = plan.pad_rows if elementwise else b.layout.m
+            out.append(
+                _Bucket(
+                    group=b.group,
+                    params=[b.params[i] for i in mine],
+                    specs=[b.specs[i] for i in mine],
+                    layout=attrs.evolve(b.layout, batch=len(mine), m=m),
+                    state_dtype=b.state_dtype,
+                    plan=plan,
+                )
+            )
+        return out
+
     # -- stepping --------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -335,9 +405,13 @@ class KronOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._report_pending()
         raising = self.config.nonfinite == "raise"
+        fsdp_ok = self._fsdp_finite()
         step_ok = self._all_finite() if raising or self.config.nonfinite_scope == "step" else None
+        if fsdp_ok is not None and (raising or self.config.nonfinite_scope == "step"):
+            whole = torch.stack([ok.all() for ok in fsdp_ok.values()]).all()
+            step_ok = whole if step_ok is None else step_ok & whole.to(step_ok.device)
         if raising and step_ok is not None and not bool(step_ok):  # the one host synchronisation of "raise"
-            self._raise_on_nonfinite()
+            self._raise_on_nonfinite(fsdp_ok)
         if self.config.nonfinite_scope == "block":
             step_ok = None
         for bucket in list(self._buckets):
@@ -346,26 +420,74 @@ class KronOptimizer(torch.optim.Optimizer):
                 continue
             if len(present) < len(bucket.blocks):
                 bucket = self._split(bucket, present)
-            self._step_bucket(bucket, step_ok)
+            with compiled.scope(self._group_cfgs[bucket.group].compile):  # config key compile (kronopt/compiled.py)
+                if bucket.fsdp is not None:
+                    self._step_fsdp(bucket, step_ok, fsdp_ok[id(bucket.fsdp.params[0])])  # type: ignore[index]
+                else:
+                    self._step_bucket(bucket, step_ok)
         if step_ok is not None:
             self._count_skipped(step_ok)
         return loss
 
     def _grads(self) -> list[Tensor]:
-        return [p.grad for bucket in self._buckets for p in bucket.blocks if p.grad is not None]
+        """The gradients of the plain (not FSDP2) parameters: :meth:`_fsdp_finite` checks the others."""
+        return [p.grad for bucket in self._buckets if bucket.fsdp is None for p in bucket.blocks if p.grad is not None]
+
+    def _fsdp_finite(self) -> dict[int, Tensor] | None:
+        """FSDP2: per bucket of DTensor parameters (keyed by ``id`` of its first parameter with a gradient,
+        which :meth:`step`'s split keeps first), ``(b)`` flags: block ``i``'s gradient is finite on every rank.
+
+        A non-finite entry sits only on the rank holding its row, so every rank reduces
+        its rows' max-norms (one fused reduction) and one ``all_reduce`` (MIN) of every
+        block's flag makes the ranks agree, for the step flag and the per-block masks
+        alike. ``None`` without such buckets (or gradients).
+        """
+        owners: list[tuple[int, int]] = []
+        grads: list[Tensor] = []
+        for bucket in self._buckets:
+            plan = bucket.fsdp
+            if plan is None:
+                continue
+            present = [p for p in plan.params if p.grad is not None]
+            if present:
+                owners.append((id(present[0]), len(present)))
+                grads.extend(p.grad.to_local() for p in present)  # type: ignore[union-attr]
+        if not grads:
+            return None
+        norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, float("inf"))])
+        flags = norms.isfinite().to(torch.int32)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=self._fsdp_group())
+        out, start = {}, 0
+        for key, count in owners:
+            out[key] = flags[start : start + count].bool()
+            start += count
+        return out
+
+    def _fsdp_group(self) -> Any:
+        return next(b.fsdp.sharding.group for b in self._buckets if b.fsdp is not None)  # type: ignore[union-attr]
 
     def _all_finite(self) -> Tensor | None:
         """One device flag: every gradient of this step is finite (``None`` without gradients; no host sync).
 
-        The max-norm of a tensor is NaN or infinite exactly when the tensor holds a
-        NaN or an infinity (it never overflows), one fused reduction per device and dtype.
+        A tensor's largest and smallest entries are both finite exactly when it holds no
+        NaN and no infinity (:func:`linalg.all_finite`: two plain reductions per gradient,
+        at memory speed; a max-norm never overflows either, but runs far slower on CPU),
+        one flag per device.
         """
-        grouped: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        grouped: dict[torch.device, list[Tensor]] = {}
         for g in self._grads():
-            grouped.setdefault((g.device, g.dtype), []).append(g)
+            grouped.setdefault(g.device, []).append(g)
         if not grouped:
             return None
-        flags = [torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all() for gs in grouped.values()]
+        # each gradient's own flag is kept for _step_bucket (its block mask), keyed by the tensor and
+        # its version counter, so a gradient changed in place since is never taken for checked
+        self._grad_flags: dict[int, tuple[Any, int, Tensor]] = {}
+        flags = []
+        for gs in grouped.values():
+            each = linalg.finite_each(gs)
+            for g, flag in zip(gs, each.unbind(0)):
+                self._grad_flags[id(g)] = (weakref.ref(g), g._version, flag)
+            flags.append(each.all())
         device = flags[0].device
         return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
 
@@ -386,14 +508,19 @@ class KronOptimizer(torch.optim.Optimizer):
         """Consecutive whole steps skipped for a non-finite gradient so far (``nonfinite_scope = "step"``; synchronises)."""
         return 0 if self._skipped_steps is None else int(self._skipped_steps)
 
-    def _raise_on_nonfinite(self) -> None:
+    def _raise_on_nonfinite(self, fsdp_ok: dict[int, Tensor] | None = None) -> None:
         """``nonfinite = "raise"`` after a failed check: name every parameter with a non-finite gradient, change nothing."""
         bad = [
             self._name(bucket.group, p)
             for bucket in self._buckets
+            if bucket.fsdp is None
             for p in bucket.blocks
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())
         ]
+        for bucket in self._buckets:  # FSDP2: the flags every rank agreed on
+            present = [] if bucket.fsdp is None else [p for p in bucket.fsdp.params if p.grad is not None]
+            if present and fsdp_ok is not None:
+                bad += [self._name(bucket.group, p) for p, ok in zip(present, fsdp_ok[id(present[0])].tolist()) if not ok]
         raise FloatingPointError(
             "non-finite gradient (NaN or Inf) in: " + ", ".join(bad) + "; no parameter or optimizer state was changed"
         )
@@ -451,19 +578,22 @@ class KronOptimizer(torch.optim.Optimizer):
         """
         for bucket in self._buckets:
             plan = bucket.plan
-            if plan is None:
-                if bucket.state is None and any(p.requires_grad for p in bucket.params):
-                    self._init_bucket(bucket)
+            if isinstance(plan, distributed.GatherPlan):
+                # work sharding: decided from every rank's blocks, so all ranks agree on which buckets hold state
+                plan.stateful = plan.stateful or plan.calls > 0 or any(p.requires_grad for p in plan.params)
+                if not plan.stateful:
+                    continue
+                if bucket.state is None:
+                    self._init_bucket(bucket)  # nothing when another rank owns every block
+                for p, r in zip(plan.params, plan.owners):
+                    if r != plan.sharding.rank:
+                        self.state[p]  # an empty entry: self.state is never empty (DCP's _init_optim_state would step)
                 continue
-            # work sharding: decided from every rank's blocks, so all ranks agree on which buckets hold state
-            plan.stateful = plan.stateful or plan.calls > 0 or any(p.requires_grad for p in plan.params)
-            if not plan.stateful:
-                continue
-            if bucket.state is None:
-                self._init_bucket(bucket)  # nothing when another rank owns every block
-            for p, r in zip(plan.params, plan.owners):
-                if r != plan.sharding.rank:
-                    self.state[p]  # an empty entry: self.state is never empty (DCP's _init_optim_state would step)
+            if bucket.state is None and any(p.requires_grad for p in bucket.params):
+                self._init_bucket(bucket)
+            if bucket.fsdp is not None:  # FSDP2: an entry for every parameter on every rank (empty where another
+                for p in bucket.fsdp.params:  # rank owns it), so that torch.distributed.checkpoint never sees an
+                    self.state[p]  # empty state and takes a zero-gradient step to create one on this rank alone
 
     def _bind(self, bucket: _Bucket) -> None:
         """Point ``self.state[p]`` of each block at its slices of the bucket's stacks (views, no copies).
@@ -471,6 +601,13 @@ class KronOptimizer(torch.optim.Optimizer):
         The dicts are updated in place, so one a caller holds stays valid.
         """
         entries = compose.block_entries(bucket.state, bucket.layout.batch)
+        plan = bucket.fsdp
+        if plan is not None and plan.elementwise:  # FSDP2: the rows of a block as a DTensor like its parameter
+            rows = (bucket.layout.m, bucket.layout.n)
+            entries = [
+                {k: plan.to_dtensor(i, v) if isinstance(v, Tensor) and tuple(v.shape) == rows else v for k, v in e.items()}
+                for i, e in enumerate(entries)
+            ]
         for i, (p, entry) in enumerate(zip(bucket.params, entries)):
             own = self.state[p]
             own.clear()
@@ -486,16 +623,29 @@ class KronOptimizer(torch.optim.Optimizer):
         group = self.param_groups[bucket.group]
         cfg = self._bucket_config(bucket)
         dtype = bucket.state_dtype
-        G = torch.stack([to_block(p.grad, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])  # type: ignore[arg-type]
-        ok = linalg.finite_blocks(G)
-        G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # keeps bad blocks out of batched solvers
+        grads = [p.grad for p in bucket.params]
+        checked = getattr(self, "_grad_flags", {})  # from _all_finite, this step
+        hits = [checked.get(id(g)) for g in grads]
+        if all(
+            h is not None and h[0]() is g and h[1] == g._version and g.dtype == dtype  # type: ignore[union-attr]
+            for h, g in zip(hits, grads)
+        ):
+            ok = torch.stack([h[2] for h in hits])  # type: ignore[index]
+            # stacked and sanitized in one pass per block: non-finite entries are zeroed, which
+            # keeps bad blocks out of batched solvers
+            blocks = [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
+            G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)
+            for i, block in enumerate(blocks):
+                torch.nan_to_num(block.to(dtype), nan=0.0, posinf=0.0, neginf=0.0, out=G[i])
+        else:
+            G = torch.stack([to_block(g, s).to(dtype) for g, s in zip(grads, bucket.specs)])  # type: ignore[arg-type]
+            ok = linalg.finite_blocks(G)
+            G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # keeps bad blocks out of batched solvers
         write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
         old = bucket.state
         D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
         # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
-        ok_new = compose.finite_new_state(new, old)
-        if D is not None:
-            ok_new = linalg.finite_blocks(D) if ok_new is None else ok_new & linalg.finite_blocks(D)
+        ok_new = compose.finite_new_state(new, old, D)
         if ok_new is not None:
             ok, write = ok & ok_new, write & ok_new
         if D is not None:
@@ -568,6 +718,96 @@ class KronOptimizer(torch.optim.Optimizer):
         if self.config.nonfinite == "warn":  # on every rank, the blocks the unsharded run would name
             step = plan.calls - int(cfg.skip_first_call)  # the update number compose.step counts, on every rank
             self._pending.append(_Pending(plan.params, ok_all, step, group=bucket.group, whole_step=step_ok is not None))
+
+    def _step_fsdp(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
+        """One bucket of DTensor (FSDP2) parameters; ``grad_ok (b)``: the block's gradient is finite on every rank.
+
+        Owned buckets: one ``all_to_all`` brings each owner the full gradients of its
+        blocks, the owner runs :func:`compose.step` on them exactly as one process would,
+        a second ``all_to_all`` hands every rank its rows of each direction, and every
+        rank writes its rows with ``post.apply_`` (same masks everywhere: the agreed
+        gradient flags, the step flag, and a NaN direction where the owner found the
+        update or the new state non-finite). Elementwise buckets step each rank's rows
+        where they are, with no communication.
+        """
+        plan = bucket.fsdp
+        assert plan is not None
+        group = self.param_groups[bucket.group]
+        cfg = self._bucket_config(bucket)
+        dtype = bucket.state_dtype
+        grads = [p.grad for p in plan.params]
+        writes = plan.calls > 0 or not cfg.skip_first_call
+        plan.calls += 1
+        if plan.elementwise:
+            self._step_fsdp_elementwise(bucket, step_ok, grad_ok)
+            return
+        G = plan.assemble(grads)  # type: ignore[arg-type]
+        D: Tensor | None = None
+        if G is not None:
+            if bucket.state is None:
+                self._init_bucket(bucket)
+            ok = grad_ok.index_select(0, plan.index("owned", plan.owned(), grad_ok.device))
+            G = G.to(dtype).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            old = bucket.state
+            D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
+            if (D is not None) != writes:  # pragma: no cover - the plan's counter and the state's disagree
+                raise RuntimeError(f"FSDP2 step out of step: the plan counts {plan.calls - 1} calls, the state {old.calls}")  # type: ignore[union-attr]
+            ok_new = compose.finite_new_state(new, old)
+            if D is not None:
+                ok_new = linalg.finite_blocks(D) if ok_new is None else ok_new & linalg.finite_blocks(D)
+            if ok_new is not None:
+                ok = ok & ok_new
+                if D is not None:  # a NaN direction: every rank holding rows of the block skips it
+                    D = D.masked_fill(~ok_new.view(-1, 1, 1), float("nan"))
+        device = grad_ok.device
+        D_rows = plan.scatter(D, dtype=dtype, device=device) if writes else None  # before the state write
+        if G is not None:
+            self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok)
+        if D_rows is not None:
+            for count, idx, rows in plan.groups():
+                D_g = D_rows.index_select(0, plan.row_index(count, rows, device)).view(len(idx), count, -1)
+                write = grad_ok.index_select(0, plan.index(f"group{count}", idx, device)) & linalg.finite_blocks(D_g)
+                write = write if step_ok is None else write & step_ok
+                local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
+                cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
+        if self.config.nonfinite == "warn":
+            step = plan.calls - int(cfg.skip_first_call)
+            self._pending.append(_Pending(plan.params, grad_ok, step, group=bucket.group, whole_step=step_ok is not None))
+
+    def _step_fsdp_elementwise(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
+        """An elementwise FSDP2 bucket: each rank steps its own rows of every block, padded to one stack.
+
+        Padding rows are zero gradients on zero state: they stay zero and are never
+        written anywhere. A non-finite gradient anywhere in a block masks the block on
+        every rank (``grad_ok``). An update or state that overflows from finite gradients
+        is detected on the rows where it happens only (no communication here).
+        """
+        plan = bucket.fsdp
+        assert plan is not None
+        group = self.param_groups[bucket.group]
+        cfg = self._bucket_config(bucket)
+        if bucket.state is None:
+            self._init_bucket(bucket)
+        G = plan.local_stack([p.grad for p in plan.params], dtype=bucket.state_dtype)  # type: ignore[misc]
+        G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        ok = grad_ok
+        old = bucket.state
+        D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
+        ok_new = compose.finite_new_state(new, old)
+        if D is not None:
+            ok_new = linalg.finite_blocks(D) if ok_new is None else ok_new & linalg.finite_blocks(D)
+        if ok_new is not None:
+            ok = ok & ok_new
+        write = ok if step_ok is None else ok & step_ok
+        if D is not None:
+            for count, idx in plan.stack_groups():
+                index = plan.index(f"group{count}", idx, D.device)
+                local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
+                D_g = D.index_select(0, index)[:, :count]
+                cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write.index_select(0, index))
+        self._write_state(bucket, old, new, write, ok)
+        if self.config.nonfinite == "warn":
+            self._pending.append(_Pending(plan.params, grad_ok, new.step, group=bucket.group, whole_step=step_ok is not None))
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
         """The name of the bucket's ``i``-th stacked block (:meth:`_name`)."""
@@ -665,13 +905,23 @@ class KronOptimizer(torch.optim.Optimizer):
                     total += value.numel() * value.element_size()
         return total
 
+    def _storage_names(self, bucket: _Bucket) -> dict[str, str]:
+        """The dtype each kind of state of ``bucket`` is stored in (``[storage]`` with ``"compute"`` resolved)."""
+        storage = self._group_cfgs[bucket.group].storage
+        compute = str(bucket.state_dtype).removeprefix("torch.")
+        return {k: compute if v == "compute" else v for k, v in attrs.asdict(storage).items()}
+
     def bucket_summary(self) -> list[dict[str, Any]]:
         """One row per bucket: group, pipeline, block shape, sides and size (for display and tests).
 
         ``phase`` is the bucket's refresh phase (0 unless ``[refresh] stagger = true``).
+        ``state_dtype`` is the dtype its maths run in, ``storage`` the dtype its factors,
+        basis and moments are kept in (``[storage]``).
         ``blocks`` counts every block of the bucket, ``owned`` those this rank stacks and
         keeps state for (all of them without work sharding), ``gather_bytes`` the bytes
-        this rank receives at the bucket's all-gather (0 without work sharding).
+        this rank receives at the bucket's all-gather (0 without work sharding; under
+        FSDP2 at its two ``all_to_all``s, 0 for an elementwise bucket, whose ``m`` is
+        this rank's padded row count).
         """
         return [
             {
@@ -685,6 +935,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 "sides": b.layout.sides,
                 "phase": b.layout.phase,
                 "state_dtype": str(b.state_dtype).removeprefix("torch."),
+                "storage": self._storage_names(b),
             }
             for b in self._buckets
         ]
@@ -731,11 +982,14 @@ class KronOptimizer(torch.optim.Optimizer):
                 state[index[id(p)]] = entry
         for bi, b in enumerate(self._buckets):  # work sharding: the counters of the blocks other ranks own
             plan = b.plan
-            if plan is None or not (plan.stateful or plan.calls > 0):
+            if not isinstance(plan, distributed.GatherPlan) or not (plan.stateful or plan.calls > 0):
                 continue
             for p, r in zip(plan.params, plan.owners):
                 if r != plan.sharding.rank:
                     state[index[id(p)]] = {"calls": plan.calls, _BUCKET: bi}
+        for bi, b in enumerate(self._buckets):  # FSDP2: a marker for the blocks another rank owns (_fsdp_marker)
+            for p in () if b.fsdp is None else b.fsdp.params:
+                state.setdefault(index[id(p)], self._fsdp_marker(bi, b.fsdp))  # type: ignore[arg-type]
         sd["state"] = state
         sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config)}
         if self._sharding is not None:
@@ -748,6 +1002,17 @@ class KronOptimizer(torch.optim.Optimizer):
         if self._skipped_steps is not None:
             sd["kronopt"]["skipped_steps"] = self._skipped_steps.clone()
         return sd
+
+    @staticmethod
+    def _fsdp_marker(bi: int, plan: distributed.ShardPlan) -> dict[str, Any]:
+        """The entry of a block another rank owns (FSDP2): its bucket and the bucket's call count.
+
+        The same on every rank, so ``torch.distributed.checkpoint`` may keep any rank's
+        copy; it gives every parameter an entry on every rank (``set_optimizer_state_dict``
+        refuses a trainable parameter without one), and a load learns the call count
+        even on a rank that owns none of the bucket's blocks.
+        """
+        return {_BUCKET: bi, "calls": plan.calls}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict`; the next step continues bit for bit.
@@ -832,7 +1097,8 @@ class KronOptimizer(torch.optim.Optimizer):
                         bucket.plan.calls = shard["calls"][part[1]]
                     else:
                         bucket.plan.calls = next((e["calls"] for e in listed if "calls" in e), 0)
-                    bucket.plan.stateful = bool(listed) or bucket.plan.calls > 0
+                    if isinstance(bucket.plan, distributed.GatherPlan):
+                        bucket.plan.stateful = bool(listed) or bucket.plan.calls > 0
                 entries = [saved.get(key_of[id(p)]) for p in bucket.params]
                 if part is not None and any(entries):
                     lacking = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if not e]
@@ -865,6 +1131,11 @@ class KronOptimizer(torch.optim.Optimizer):
         device = bucket.params[0].device
         names = [self._param_name(bucket, i) for i in range(bucket.layout.batch)]
         template = compose.init_state(cfg, bucket.layout, dtype=bucket.state_dtype, device=device)
+        plan = bucket.fsdp
+        if plan is not None and plan.elementwise:  # FSDP2: saved rows (DTensors) or whole tensors → this rank's rows
+            entries = [
+                {k: plan.from_saved(i, v) if plan.is_rows(i, v) else v for k, v in e.items()} for i, e in enumerate(entries)
+            ]
         stage = [{k: v for k, v in e.items() if k not in (_NONFINITE, _BUCKET)} for e in entries]
         state = compose.stack_entries(template, stage, names)
         counts = [e.get(_NONFINITE, 0) for e in entries]

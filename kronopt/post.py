@@ -10,7 +10,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import linalg
+from . import compiled, linalg
 from .validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
 from .types import Layout, NoState, StepContext
 
@@ -85,15 +85,19 @@ class Post:
         """Write the step into ``params`` in place: block ``i`` of ``D (b m n)`` goes to ``params[i]``.
 
         Blocks where ``ok`` is False are left exactly as they are (no decay either).
-        The per-block factors are tensors, so nothing synchronises with the host.
+        The per-block factors are tensors, so nothing synchronises with the host. ``D``
+        is consumed: its non-finite entries are zeroed in place (they lie in blocks
+        where ``ok`` is False, which then add ``0 · D = 0``).
         """
+        if (twin := compiled.variant("post_apply")) is not None: return twin(self, params, D, lr=lr, weight_decay=weight_decay, ok=ok)  # noqa: E501,E701
         okf = ok.to(D.dtype)
-        D = torch.where(ok.view(-1, 1, 1), D, torch.zeros((), dtype=D.dtype, device=D.device))
-        decay = (1 - (lr * weight_decay) * okf) if weight_decay else None
-        for i, p in enumerate(params):
-            step = D[i].view(p.shape)
-            if decay is not None and self.weight_decay_order == "before":
-                p.mul_(decay[i])
-            p.add_(step, alpha=-lr)
-            if decay is not None and self.weight_decay_order == "after":
-                p.mul_(decay[i])
+        D = D.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
+        scale = list((okf * -lr).unbind(0))  # -lr on written blocks, 0 elsewhere
+        decay = list((1 - (lr * weight_decay) * okf).unbind(0)) if weight_decay else None
+        params = list(params)
+        if decay is not None and self.weight_decay_order == "before":
+            torch._foreach_mul_(params, decay)
+        torch._foreach_addcmul_(params, steps, scale)
+        if decay is not None and self.weight_decay_order == "after":
+            torch._foreach_mul_(params, decay)

@@ -241,6 +241,17 @@ class HasSecondMoment(Protocol):
         ...
 
 
+@runtime_checkable
+class Elementwise(Protocol):
+    """An inner rule that, on a block with no rotated side, works entry by entry."""
+
+    def is_elementwise(self) -> bool:
+        """Whether these options keep it so (an option that reads the whole block, such as a per-block
+        RMS normalisation, does not): then each entry's direction and state depend only on that entry's
+        gradients, and a row shard of a block can be stepped alone (FSDP2, docs/distributed.md)."""
+        ...
+
+
 def protocol_members(protocol: type) -> tuple[str, ...]:
     """The public members a Protocol class requires (methods and annotated attributes), sorted."""
     names: set[str] = set()
@@ -321,12 +332,16 @@ class InnerCapabilities:
             (:class:`ExposesMoment`).
         has_second_moment: ``second_moment(state)``, its per-coordinate second moment in the
             basis (:class:`HasSecondMoment`); :func:`kronopt.inspection` reads it.
+        elementwise: on a block with no rotated side it works entry by entry when
+            ``is_elementwise()`` says its options allow (:class:`Elementwise`); FSDP2 then
+            steps each rank's rows without communication.
     """
 
     needs_eigvals: bool = capability()
     supports_restricted: bool = capability(ExposesMoment)
     exposes_moment: bool = capability(ExposesMoment, legacy="member")
     has_second_moment: bool = capability(HasSecondMoment, legacy="member")
+    elementwise: bool = capability(Elementwise, legacy="member")
 
     def __attrs_post_init__(self) -> None:
         if self.supports_restricted and not self.exposes_moment:

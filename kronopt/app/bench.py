@@ -2,7 +2,8 @@
 
 The optimizers (presets, TOML files, and other libraries' optimizers named
 ``package.Class``: ``torch.AdamW``, ``torch.Muon``, ``pytorch_optimizer.SOAP``,
-``heavyball.SOAP``, … see :mod:`kronopt.app.peers`) are stepped interleaved in one
+``heavyball.SOAP``, … see :mod:`kronopt.app.peers`; or any optimizer class importable
+from ``PYTHONPATH``, named ``module:Class`` and built with its defaults) are stepped interleaved in one
 process on the same gradients, round robin each step, so machine noise hits each
 alike. ``--scaling 128,256,512`` adds a table of step time against the model width.
 ``--world 1,2,4`` instead runs each world size as that many CPU processes on gloo
@@ -23,6 +24,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kronopt
 
@@ -39,6 +41,8 @@ def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
 def _make(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
     if name in peers.PEERS:
         return peers.build(name, params)
+    if peers.is_import_name(name):
+        return peers.build_imported(name, params)
     opt = kronopt.build([(f"blocks.{i}.weight", p) for i, p in enumerate(params)], name)
     return opt, opt.state_bytes
 
@@ -110,15 +114,103 @@ def bench(
 def scaling(
     names: Sequence[str], widths: Sequence[int], *, steps: int, warmup: int, device: str, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """:func:`bench` on a one-layer transformer-shaped set (:func:`transformer_shapes`) at each width ``d``.
+    """:func:`bench` on a one-layer transformer-shaped set (:func:`transformer_shapes`) at each width ``d``,
+    with :func:`matmul_alone` for each kronopt optimizer.
 
     Returns:
-        One dict per width: ``d`` and ``rows``, :func:`bench`'s rows at that width.
+        One dict per width: ``d``, ``rows`` (:func:`bench`'s rows at that width) and ``alone``
+        (kronopt optimizer name → :func:`matmul_alone`'s ms per step).
     """
-    return [
-        {"d": d, "rows": bench(names, transformer_shapes(d, 1), steps=steps, warmup=warmup, device=device, seed=seed)}
-        for d in widths
-    ]
+    table = []
+    for d in widths:
+        shapes = transformer_shapes(d, 1)
+        rows = bench(names, shapes, steps=steps, warmup=warmup, device=device, seed=seed)
+        alone = {
+            n: matmul_alone(n, shapes, steps=steps, warmup=warmup, device=device, seed=seed)
+            for n in names
+            if n not in peers.PEERS and not peers.is_import_name(n)
+        }
+        table.append({"d": d, "rows": rows, "alone": alone})
+    return table
+
+
+#: the operations :func:`matmul_alone` replays: matrix products and the matrix decompositions
+HEAVY_OPS: frozenset[str] = frozenset(
+    {"mm", "bmm", "addmm", "baddbmm", "addbmm", "_linalg_eigh", "linalg_qr", "geqrf", "linalg_householder_product",
+     "_linalg_svd"}
+)
+
+
+class _HeavyOps(TorchDispatchMode):
+    """Records each :data:`HEAVY_OPS` call as ``(op, args, kwargs)``, tensors replaced by their
+    ``(shape, dtype, device)`` and whether the op needs a symmetric input (``eigh``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple, dict]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in HEAVY_OPS:
+            sym = "eigh" in name
+            spec = lambda x: ("tensor", tuple(x.shape), x.dtype, x.device, sym) if isinstance(x, torch.Tensor) else x  # noqa: E731
+            self.calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def _replay_inputs(calls: list[tuple[Any, tuple, dict]], gen: torch.Generator) -> list[tuple[Any, tuple, dict]]:
+    def make(x: Any) -> Any:
+        if not (isinstance(x, tuple) and len(x) == 5 and x[0] == "tensor"):
+            return x
+        _, shape, dtype, dev, sym = x
+        t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=dev)
+        if sym and len(shape) >= 2:  # a symmetric positive definite matrix, like a factor
+            t = t @ t.mT / shape[-1] + torch.eye(shape[-1], dtype=dtype, device=dev)
+        return t
+
+    return [(op, tuple(make(a) for a in args), {k: make(v) for k, v in kw.items()}) for op, args, kw in calls]
+
+
+def matmul_alone(
+    name: str, shapes: Sequence[tuple[int, ...]], *, steps: int, warmup: int, device: str,
+    dtype: torch.dtype = torch.float32, seed: int = 0,
+) -> float:
+    """Milliseconds per step of the matrix work alone: the same batched products, ``eigh`` and QR.
+
+    The kronopt optimizer ``name`` takes ``warmup`` steps, then its next ``steps`` steps are
+    recorded (every call of :data:`HEAVY_OPS`, with its shapes and settings; refreshes
+    included), and the recorded calls are replayed on fresh random inputs of the same
+    shapes (symmetric positive definite ones for ``eigh``), with nothing around them: no
+    elementwise work, no allocation of state, no Python of kronopt's. The better of two
+    replays after a first one, over ``steps``. A step time close to this is bound by the matrix work itself.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype).to(device)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
+    opt, _ = _make(name, params)
+    recorder = _HeavyOps()
+    for k in range(warmup + steps):
+        for p, g in zip(params, grads[k % len(grads)]):
+            p.grad = g
+        if k < warmup:
+            opt.step()
+        else:
+            with recorder:
+                opt.step()
+    if not recorder.calls:
+        return 0.0
+    calls = _replay_inputs(recorder.calls, gen)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for _ in range(3):  # the first replay warms up
+        sync()
+        t0 = time.perf_counter()
+        for op, args, kw in calls:
+            op(*args, **kw)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best / steps * 1e3
 
 
 def _rank_rows(job: dict[str, Any], barrier: Any) -> list[dict[str, Any]]:
@@ -320,6 +412,11 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
                 missing.append((name, reason))
             elif name not in names:
                 names.append(name)
+        elif peers.is_import_name(name):
+            if (reason := peers.unavailable_imported(name)) is not None:
+                missing.append((name, reason))
+            elif name not in names:
+                names.append(name)
         elif peers.is_peer_name(name):
             package = name.partition(".")[0]
             p.add(name, f"not a known {package} optimizer; known: {_known_peers(package)} (or a preset or TOML file)")
@@ -348,6 +445,23 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _print_alone(table: list[dict[str, Any]]) -> None:
+    names = list(table[0].get("alone", {}))
+    if not names:
+        return
+    print()
+    print("matmul alone: ms per step of the same batched products, eigh and QR replayed without kronopt's other work, "
+          "and the step's mean over it")
+    cols = [max(len(n) + 8, 20) for n in names]
+    header = f"{'d':>6} " + " ".join(f"{n + ' alone':>{w}}" for n, w in zip(names, cols))
+    print(header)
+    print("-" * len(header))
+    for entry in table:
+        means = {r["optimizer"]: r["mean_ms"] for r in entry["rows"]}
+        cells = [f"{entry['alone'][n]:.4g} (step {means[n] / entry['alone'][n]:.2f}×)" if entry["alone"][n] > 0 else "-" for n in names]
+        print(f"{entry['d']:>6} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+
+
 def _print_scaling(table: list[dict[str, Any]]) -> None:
     names = [r["optimizer"] for r in table[0]["rows"]]
     print(f"scaling: one-layer transformer-shaped set, mean ms per step (refreshes included) and × {names[0]}")
@@ -358,6 +472,7 @@ def _print_scaling(table: list[dict[str, Any]]) -> None:
     for entry in table:
         cells = [f"{r['mean_ms']:.4g} ({r['vs_first']:.2f}×)" for r in entry["rows"]]
         print(f"{entry['d']:>6} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+    _print_alone(table)
 
 
 def _print_world(rows: list[dict[str, Any]]) -> None:
@@ -427,8 +542,8 @@ def add_subcommand(sub: Any) -> None:
     p = sub.add_parser("bench", help="optimizer step time and state size on a parameter set, against other libraries")
     p.add_argument(
         "optimizers", nargs="*",
-        help="presets, TOML files or other libraries' optimizers: " + ", ".join(peers.PEERS) + " (default: "
-        + ", ".join(BENCH_DEFAULT) + ")",
+        help="presets, TOML files or other libraries' optimizers: " + ", ".join(peers.PEERS) + ", or any optimizer "
+        "class on PYTHONPATH as module:Class, built with its defaults (default: " + ", ".join(BENCH_DEFAULT) + ")",
     )
     p.add_argument("--d", default="256", help="model width of the transformer-shaped set (≥ 1)")
     p.add_argument("--layers", default="4", help="layers of the transformer-shaped set (≥ 1)")

@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 import kronopt  # noqa: F401  (registers the built-ins)
-from kronopt.config import STAGE_SLOTS, ConfigError, KronConfig, Route, Shapes, from_dict, to_dict
+from kronopt.config import STAGE_SLOTS, ConfigError, KronConfig, Route, Shapes, Storage, from_dict, to_dict
 from kronopt.post import Post
 from kronopt.registry import SLOTS
 from kronopt.types import capabilities
@@ -272,7 +272,7 @@ def stages_markdown() -> str:
         entries = [e for e in SLOTS[slot].entries(load_plugins=False) if e.source == "kronopt"]
         out += [f"- [`[{slot}]`](#{slot}): " + ", ".join(f"`{e.key}`" for e in entries)]
     out += ["- [what composes](#what-composes): which factors × basis × inner × split build"]
-    out += ["- [other tables](#other-tables): `[post]`, `[shapes]`, `[route]`, top-level keys", ""]
+    out += ["- [other tables](#other-tables): `[post]`, `[shapes]`, `[route]`, `[storage]`, top-level keys", ""]
     for slot in STAGE_SLOTS:
         out += [f"## {slot}", "", f"`[{slot}]` — {_SLOT_TITLES.get(slot, slot)}.", ""]
         for e in SLOTS[slot].entries(load_plugins=False):
@@ -285,7 +285,8 @@ def stages_markdown() -> str:
     out += _render_class(Post, "### `[post]` (Post)")
     out += _render_class(Shapes, "### `[shapes]` (Shapes)")
     out += _render_class(Route, "### `[route]` (Route)")
-    out += _render_class(KronConfig, "### top-level keys (KronConfig)", skip=(*STAGE_SLOTS, "post", "shapes", "route"))
+    out += _render_class(Storage, "### `[storage]` (Storage)")
+    out += _render_class(KronConfig, "### top-level keys (KronConfig)", skip=(*STAGE_SLOTS, "post", "shapes", "route", "storage"))
     text = "\n".join(out)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.rstrip() + "\n"

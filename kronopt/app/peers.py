@@ -28,7 +28,10 @@ from typing import Any
 import attrs
 import torch
 
-__all__ = ["PEERS", "PEER_PACKAGES", "Peer", "StepAll", "build", "eager", "is_peer_name", "state_bytes", "unavailable"]
+__all__ = [
+    "PEERS", "PEER_PACKAGES", "Peer", "StepAll", "build", "build_imported", "eager", "is_import_name", "is_peer_name",
+    "state_bytes", "unavailable", "unavailable_imported",
+]
 
 #: the install hint printed for a missing optional peer
 INSTALL_HINT = "pip install 'kronopt[peers]'"
@@ -273,6 +276,47 @@ def build(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Callable[[]
     """
     peer = PEERS[name]
     return peer.construct(importlib.import_module(peer.package), params)
+
+
+# -- any optimizer class by import path: ``module:Class`` ------------------------------------------------
+
+
+def is_import_name(name: str) -> bool:
+    """Whether ``name`` is spelled ``module:Class`` (dotted module and attribute names, e.g. ``soap:SOAP``)."""
+    module, colon, attr = name.partition(":")
+    parts = [*module.split("."), *attr.split(".")]
+    return bool(colon) and all(part.isidentifier() for part in parts)
+
+
+def unavailable_imported(name: str) -> str | None:
+    """Why ``module:Class`` cannot be built here (one line), or ``None`` when it can: the module does
+    not import (it must be on ``PYTHONPATH``), lacks the attribute, or the attribute is not a class."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure is a reported line, not a crash
+        return f"cannot be imported ({type(exc).__name__}: {exc}; is it on PYTHONPATH?)"
+    try:
+        obj = _resolve(module, attr)
+    except AttributeError:
+        return f"module {module_name!r} has no {attr!r}"
+    if not isinstance(obj, type):
+        return f"{name} is not a class"
+    return None
+
+
+def build_imported(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Callable[[], int]]:
+    """The optimizer class ``module:Class`` on ``params`` with its own defaults: ``Class(params)``.
+
+    For an optimizer kronopt has no entry for, e.g. the reference SOAP
+    (``nikhilvyas/SOAP``'s ``soap.py`` on ``PYTHONPATH`` as ``soap:SOAP``: its defaults
+    are SOAP's published settings). Settings other than the defaults need a wrapper
+    module whose class sets them.
+    """
+    module_name, _, attr = name.partition(":")
+    cls = _resolve(importlib.import_module(module_name), attr)
+    opt = cls(params)
+    return opt, lambda: state_bytes(opt)
 
 
 @contextlib.contextmanager

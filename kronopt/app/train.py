@@ -510,6 +510,9 @@ def task_from_args(args: argparse.Namespace, base: Mapping[str, Any] | None = No
         for path, message in exc.errors:
             if unparsed & {"width", "heads"} and message.startswith("must be a multiple of heads"):
                 continue  # judged on a default that stands in for the unparsed flag
+            if path == "task.width" and "width" not in flags and "heads" in flags:
+                # the width is a default: the flag given is the one to change
+                path, message = "task.heads", f"must divide the default width (the width {message}; set --width too)"
             errors.append((where(path), message))
     reported = {at for at, _ in errors}
     data, device = raw.get("data"), raw.get("device", "auto")

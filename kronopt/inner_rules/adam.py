@@ -71,8 +71,12 @@ class AdamInner(AdamConventions):
     """
 
     capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(
-        exposes_moment=True, has_second_moment=True, supports_restricted=True
+        exposes_moment=True, has_second_moment=True, supports_restricted=True, elementwise=True
     )
+
+    def is_elementwise(self) -> bool:
+        """Entry by entry on an unrotated block, unless ``normalize`` divides by the block's RMS."""
+        return not self.normalize
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> AdamState | AdamSubspaceState:
         if "restricted" in (layout.left, layout.right):

@@ -93,7 +93,7 @@ class OrthogonalizeInner:
             norm=self.norm,
         ).to(G.dtype)
         s = linalg.muon_scale(ctx.layout.m, ctx.layout.n, self.scale) * self.extra_scale
-        return linalg.unrotate(O, basis.Q_L, basis.Q_R) * s, MomentumState(B)
+        return linalg.unrotate(O, basis.Q_L, basis.Q_R).mul_(s), MomentumState(B)  # a fresh tensor: scaled in place
 
     def moment(self, state: MomentumState, ctx: StepContext) -> Tensor:
         """The momentum buffer (original coordinates)."""

@@ -23,7 +23,7 @@ class SgdInner:
         nesterov: Nesterov look-ahead (needs ``momentum > 0``).
     """
 
-    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities()
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(elementwise=True)
     momentum: float = attrs.field(default=0.0, converter=to_float, validator=[ge(0.0), lt(1.0)])
     nesterov: bool = attrs.field(default=False, converter=to_bool)
 
@@ -41,6 +41,10 @@ class SgdInner:
             return G, state
         B = state.momentum_buffer * self.momentum + G
         return (G + self.momentum * B if self.nesterov else B), MomentumState(B)
+
+    def is_elementwise(self) -> bool:
+        """Always: the momentum and the direction are entrywise."""
+        return True
 
     def on_basis_change(self, state: MomentumState | NoState, change: BasisChange) -> MomentumState | NoState:
         return state

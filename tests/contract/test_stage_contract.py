@@ -221,7 +221,7 @@ def _check_sides(cfg, layout, state, dtype, device):
 @pytest.mark.parametrize("left,right", LAYOUTS)
 @pytest.mark.parametrize("slot,key", ENTRIES)
 def test_init_and_update_keep_shape_dtype_device(slot, key, left, right, dtype, device):
-    device = torch.device(device)
+    device = torch.empty(0, device=device).device  # "cuda" → "cuda:0", as the tensors report it
     cfg = pipeline_for(slot, key)
     b, m, n = 2, 5, 3
     layout = types.Layout(batch=b, m=m, n=n, left=left, right=right)

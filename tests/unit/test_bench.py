@@ -155,7 +155,12 @@ def _scaling_rows(out: str) -> tuple[list[str], list[list[str]]]:
     lines = out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("scaling:"))
     names = lines[at + 1].split()[1:]
-    return names, [line.split() for line in lines[at + 3:] if line.strip()]
+    rows = []
+    for line in lines[at + 3:]:
+        if not line.strip():  # the matmul-alone table follows after a blank line
+            break
+        rows.append(line.split())
+    return names, rows
 
 
 def test_scaling_has_one_row_per_width_and_ratios_match_the_times(capsys):
@@ -172,6 +177,60 @@ def test_scaling_has_one_row_per_width_and_ratios_match_the_times(capsys):
         for t, ratio in zip(times, ratios):
             expected = t / times[0]  # from the printed times (4 significant digits), ratios printed to 0.01
             assert ratio == pytest.approx(expected, abs=0.005 + 2e-3 * expected)
+
+
+def test_scaling_prints_the_matmul_alone_table_for_kronopt_optimizers_only(capsys):
+    assert cli.main(["bench", "torch.AdamW", "soap", "adamw", "--d", "4", "--layers", "1", "--steps", "3",
+                     "--warmup", "1", "--threads", "1", "--scaling", "8,16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("matmul alone:"))
+    assert lines[at + 1].split() == ["d", "soap", "alone", "adamw", "alone"]  # no peer column
+    rows = [line for line in lines[at + 3:] if line.strip()]
+    assert [int(r.split()[0]) for r in rows] == [8, 16]
+    for r in rows:
+        soap, adamw = re.findall(r"(\S+) \(step (\S+)×\)|(-)", r.split(None, 1)[1])[:2]
+        assert float(soap[0]) > 0 and float(soap[1]) > 0  # soap does products and QR/eigh
+        assert adamw[2] == "-"  # adamw has no matrix work
+
+
+def test_matmul_alone_replays_the_recorded_products(monkeypatch):
+    """The replay runs exactly the heavy calls the steps made: soap at d = 8 over 10 steps
+    (a refresh included) calls products and QR; the replay calls the same ops, as many times."""
+    seen = []
+    real = bench._replay_inputs
+
+    def spy(calls, gen):
+        seen.extend(op.overloadpacket.__name__ for op, _, _ in calls)
+        return real(calls, gen)
+
+    monkeypatch.setattr(bench, "_replay_inputs", spy)
+    ms = bench.matmul_alone("soap", [(8, 8), (16, 8)], steps=10, warmup=2, device="cpu")
+    assert ms > 0
+    # the plain steps' rotations and Gram products, the refresh's power step and Q factor
+    assert {"bmm", "baddbmm", "geqrf", "linalg_householder_product"} <= set(seen)
+    # one refresh in the 10 recorded updates (the 10th), two buckets (one per shape), two sides each
+    assert seen.count("geqrf") == 1 * 2 * 2
+    assert bench.matmul_alone("adamw", [(8, 8)], steps=3, warmup=1, device="cpu") == 0.0
+
+
+def test_a_module_class_peer_is_built_with_its_defaults(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_peer_mod.py").write_text(
+        "import torch\n"
+        "class Opt(torch.optim.SGD):\n"
+        "    def __init__(self, params):\n"
+        "        super().__init__(params, lr=0.1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert peers.is_import_name("my_peer_mod:Opt") and not peers.is_import_name("soap")
+    assert not peers.is_import_name("configs/soap.toml") and not peers.is_import_name("a:b c")
+    assert peers.unavailable_imported("my_peer_mod:Opt") is None
+    assert "no 'Nope'" in peers.unavailable_imported("my_peer_mod:Nope")
+    assert "cannot be imported" in peers.unavailable_imported("no_such_module_xyz:Opt")
+    assert cli.main(["bench", "my_peer_mod:Opt", "adamw", "no_such_module_xyz:Opt", "--d", "4", "--layers", "1",
+                     "--steps", "2", "--warmup", "0", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "no_such_module_xyz:Opt: cannot be imported" in out
+    assert any(line.startswith("my_peer_mod:Opt ") for line in out.splitlines())
 
 
 def test_scaling_uses_a_one_layer_transformer_set(monkeypatch):

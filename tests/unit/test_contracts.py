@@ -60,6 +60,7 @@ OPTIONAL: dict[str, Any] = {
     "on_basis_change": _same,
     "moment": lambda self, state, ctx: None,
     "second_moment": lambda self, state: None,
+    "is_elementwise": lambda self: True,
 }
 
 
@@ -126,7 +127,7 @@ def test_every_capability_with_members_is_listed():
     assert names == {
         ("factors", "provides_eigvals"), ("factors", "follows_basis"), ("factors", "supports_restricted"),
         ("inner", "supports_restricted"), ("inner", "exposes_moment"), ("inner", "has_second_moment"),
-        ("split", "follows_basis"),
+        ("split", "follows_basis"), ("inner", "elementwise"),
     }
 
 

@@ -367,32 +367,36 @@ def test_failing_eigh_keeps_last_good_basis_and_counts(gen, monkeypatch):
     assert all(torch.isfinite(p).all() for p in params)
 
 
-def test_dtensor_parameters_are_refused(gen, monkeypatch):
-    import kronopt.optimizer as optimizer_module
-
-    monkeypatch.setattr(optimizer_module, "_is_dtensor", lambda p: True)
-    with pytest.raises(TypeError, match="DTensor"):
-        kronopt.build(_params(gen), "soap")
-
-
-def test_real_dtensor_parameters_are_refused(gen, tmp_path):
-    """A DTensor on a one-process gloo group (no patching): refused with the documented message."""
+def test_dtensor_parameters_step_like_plain_ones_and_other_placements_are_refused(gen, tmp_path):
+    """DTensors on a one-process gloo group (docs/distributed.md, FSDP2): Shard(0) steps like the plain tensor;
+    Replicate and Shard(1) are refused with the placement in the message. Multi-rank runs: tests/distributed."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        W = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4, generator=gen), mesh, [Shard(0)]))
+        start = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+        W = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
         assert isinstance(W, DTensor)
-        plain = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
-        with pytest.raises(TypeError, match=r"kronopt does not support DTensor \(FSDP2\) parameters yet"):
-            kronopt.build([plain, W], "soap")
-        kronopt.build([plain], "soap")  # the plain tensor alone is fine
+        plain = torch.nn.Parameter(start.clone())
+        opt_w = kronopt.build([W], "soap", state_dtype="float64")
+        opt_p = kronopt.build([plain], "soap", state_dtype="float64")
+        for _ in range(4):
+            G = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+            W.grad = distribute_tensor(G.clone(), mesh, [Shard(0)])
+            plain.grad = G.clone()
+            opt_w.step()
+            opt_p.step()
+        torch.testing.assert_close(W.full_tensor(), plain.detach(), rtol=1e-12, atol=1e-14)
+        for placement in (Replicate(), Shard(1)):
+            other = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4, generator=gen), mesh, [placement]))
+            with pytest.raises(ValueError, match=r"Shard\(0\) on a 1-D device mesh.*" + type(placement).__name__):
+                kronopt.build([other], "soap")
     finally:
         dist.destroy_process_group()
 

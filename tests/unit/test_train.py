@@ -136,6 +136,7 @@ def test_cli_train_end_to_end(tmp_path, capsys):
         (["train", "--set", "novalue"], "expected KEY=VALUE"),
         (["train", "--data", "no/such/file.txt"], "task.data: no such file: 'no/such/file.txt'"),
         (["train", "--width", "30", "--heads", "4"], "task.width: must be a multiple of heads = 4"),
+        (["train", "--heads", "3"], "--heads → task.heads: must divide the default width"),
         (["train", "--steps", "0"], "task.steps: must be ≥ 1, got 0"),
         (["train", "--device", "tpu9"], "task.device: must be 'auto' or a torch device"),
     ],

@@ -1,0 +1,94 @@
+"""CUDA behaviour that the CPU suite cannot see (skipped without a CUDA device).
+
+* float64 on the GPU follows the CPU run to rounding, for every preset, with
+  refreshes, a routed fallback and buckets of several blocks;
+* the non-finite report of ``nonfinite = "warn"`` travels through pinned memory
+  and an event (``_Pending``): it arrives without a synchronisation in ``step()``
+  and names the right parameter;
+* a CUDA optimizer's ``state_dict`` loads into a CPU optimizer (``map_location``
+  style) and the two continue identically.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import kronopt
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(16, 16), (16, 16), (24, 24), (20, 20), (16,)]
+
+
+def _params(device, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype).to(device)) for s in SHAPES]
+
+
+def _grads(steps, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    # square random gradients: full-rank first factors, so the eigenbasis is well posed (a rank-deficient
+    # factor leaves its null-space basis arbitrary, and CPU and GPU would pick different ones)
+    return [[torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES] for _ in range(steps)]
+
+
+def _run(opt, params, grads):
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.to(p.device)
+        opt.step()
+
+
+@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+def test_float64_cuda_run_equals_the_cpu_run(preset):
+    overrides = {"refresh.every": 4} if preset in ("soap", "shampoo", "dykaf", "dykaf_rank1") else {}
+    grads = _grads(12)
+    gpu, cpu = _params("cuda"), _params("cpu")
+    _run(kronopt.build(gpu, preset, **overrides), gpu, grads)
+    _run(kronopt.build(cpu, preset, **overrides), cpu, grads)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-9, atol=1e-11)
+
+
+def test_warn_mode_reports_through_pinned_memory_without_blocking_the_step():
+    params = _params("cuda", torch.float32)
+    before = [p.detach().clone() for p in params]
+    opt = kronopt.build(params, "soap", nonfinite="warn", nonfinite_scope="block")
+    grads = _grads(1, torch.float32)[0]
+    grads[2][3, 3] = float("nan")
+    for p, g in zip(params, grads):
+        p.grad = g.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.flush_warnings()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "params[2]" in messages[0], messages
+    torch.testing.assert_close(params[2].detach(), before[2], rtol=0, atol=0)
+    assert opt.nonfinite_counts()["param_groups[0].params[2] (24, 24)"] == 1
+
+
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "muon"])
+def test_cuda_state_dict_loads_on_the_cpu_and_continues_alike(preset):
+    grads = _grads(10)
+    gpu = _params("cuda")
+    opt = kronopt.build(gpu, preset, **({"refresh.every": 3} if preset == "soap" else {}))
+    _run(opt, gpu, grads[:5])
+    saved = opt.state_dict()
+    moved = {
+        "state": {k: {n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in e.items()} for k, e in saved["state"].items()},
+        "param_groups": saved["param_groups"],
+        "kronopt": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in saved["kronopt"].items()},
+    }
+    cpu = [torch.nn.Parameter(p.detach().cpu().clone()) for p in gpu]
+    resumed = kronopt.build(cpu, preset, **({"refresh.every": 3} if preset == "soap" else {}))
+    resumed.load_state_dict(moved)
+    _run(opt, gpu, grads[5:])
+    _run(resumed, cpu, grads[5:])
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-9, atol=1e-11)

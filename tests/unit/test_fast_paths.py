@@ -1,0 +1,80 @@
+"""The fast paths of the step (issue 14): the masked state write, the finiteness tests, ``q_factor``, ``sym``.
+
+Each is checked against the plain formula it replaces, bit for bit where the docstring promises it.
+"""
+
+import pytest
+import torch
+
+from kronopt import compose, linalg
+
+NONFINITE = [float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 80, 64)])  # the torch.where path and the 0/1 blend (≥ 4096 per block)
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_masked_write_keeps_masked_blocks_bit_for_bit_and_writes_the_others(shape, bad):
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(shape, generator=gen) * 1e30  # large but finite: the blend must not overflow
+    new = torch.randn(shape, generator=gen) * 1e-30
+    new[1, 0, 0] = bad  # a block the caller masks off because its new value is not finite
+    ok = torch.tensor([True, False, True, False])
+    before, expected_new = old.clone(), new.clone()
+    view = old[2]  # a per-parameter view must see the write
+    compose.masked_write_(old, new, ok)
+    assert torch.equal(old[0], expected_new[0]) and torch.equal(old[2], expected_new[2])
+    assert torch.equal(old[1], before[1]) and torch.equal(old[3], before[3])
+    assert torch.equal(view, expected_new[2])
+
+
+def test_masked_write_of_integer_state_selects_blocks():
+    old = torch.arange(8).view(4, 2)
+    compose.masked_write_(old, torch.full((4, 2), -1), torch.tensor([False, True, True, False]))
+    assert old.tolist() == [[0, 1], [-1, -1], [-1, -1], [6, 7]]
+
+
+@pytest.mark.parametrize("bad", NONFINITE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_finite_blocks_flags_each_kind_of_non_finite_value_anywhere(bad, dtype):
+    for position in [(0, 0), (3, 7), (5, 2), (7, 7)]:  # first, last and inner entries (vectorised and tail loops)
+        t = torch.randn(3, 8, 8).to(dtype) * 1e3
+        t[1][position] = bad
+        assert linalg.finite_blocks(t).tolist() == [True, False, True]
+    huge = torch.full((2, 4, 4), torch.finfo(dtype).max, dtype=dtype)  # finite, and sums would overflow
+    huge[0, 0, 0] = -huge[0, 0, 0]
+    assert linalg.finite_blocks(huge).tolist() == [True, True]
+
+
+def test_finite_blocks_of_vectors_and_empty_blocks_and_mixed_dtypes():
+    v = torch.tensor([1.0, float("nan"), 3.0])
+    empty = torch.zeros(3, 0, 4)
+    other = torch.ones(3, 2, dtype=torch.float64)
+    other[2, 1] = float("inf")
+    assert linalg.finite_blocks(v, empty, other).tolist() == [True, False, False]
+    assert linalg.finite_blocks(empty).tolist() == [True, True, True]
+
+
+def test_finite_each_and_all_finite_one_flag_per_tensor():
+    ts = [torch.ones(3, 4), torch.tensor(float("-inf")), torch.zeros(0), torch.full((5,), 2.0)]
+    assert linalg.finite_each(ts).tolist() == [True, False, True, True]
+    assert not bool(linalg.all_finite(ts))
+    assert bool(linalg.all_finite([ts[0], ts[3]]))
+    with pytest.raises(ValueError):
+        linalg.finite_each([])
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 6), (2, 9, 4)])
+def test_q_factor_is_the_q_of_torch_qr(shape):
+    P = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    Q = linalg.q_factor(P)
+    assert torch.equal(Q, torch.linalg.qr(P)[0])
+    with pytest.raises(ValueError):
+        linalg.q_factor(torch.zeros(1, 2, 3))  # more columns than rows
+
+
+@pytest.mark.parametrize("d", [8, 400])  # below and above the blocked CPU path
+def test_sym_equals_half_the_sum_with_the_transpose_bit_for_bit(d):
+    A = torch.randn(2, d, d, generator=torch.Generator().manual_seed(2))
+    S = linalg.sym(A)
+    assert torch.equal(S, (A + A.mT) * 0.5)
+    assert torch.equal(S, S.mT)
