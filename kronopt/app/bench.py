@@ -160,16 +160,27 @@ class _HeavyOps(TorchDispatchMode):
 
 
 def _replay_inputs(calls: list[tuple[Any, tuple, dict]], gen: torch.Generator) -> list[tuple[Any, tuple, dict]]:
+    """The recorded calls with random inputs; one input tensor per distinct (shape, dtype, device, kind),
+    shared by every call that asks for it, so memory stays that of one step, not of every recorded call."""
+    made: dict[tuple, torch.Tensor] = {}
+
     def make(x: Any) -> Any:
         if not (isinstance(x, tuple) and len(x) == 5 and x[0] == "tensor"):
             return x
-        _, shape, dtype, dev, sym = x
-        t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=dev)
-        if sym and len(shape) >= 2:  # a symmetric positive definite matrix, like a factor
-            t = t @ t.mT / shape[-1] + torch.eye(shape[-1], dtype=dtype, device=dev)
-        return t
+        if x not in made:
+            made[x] = _random_input(x, gen)
+        return made[x]
 
     return [(op, tuple(make(a) for a in args), {k: make(v) for k, v in kw.items()}) for op, args, kw in calls]
+
+
+def _random_input(x: tuple, gen: torch.Generator) -> torch.Tensor:
+    """A random tensor for a recorded ``("tensor", shape, dtype, device, symmetric)`` argument."""
+    _, shape, dtype, dev, sym = x
+    t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=dev)
+    if sym and len(shape) >= 2:  # a symmetric positive definite matrix, like a factor
+        t = t @ t.mT / shape[-1] + torch.eye(shape[-1], dtype=dtype, device=dev)
+    return t
 
 
 def matmul_alone(
