@@ -159,6 +159,48 @@ def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tupl
     return D, attrs.evolve(state, calls=calls, step=t)
 
 
+def is_plain_adam(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+    """Whether :func:`adam_step` may stand in for :func:`step` on a bucket: AdamW proper (the ``adam``
+    inner rule without ``normalize``, no factors, the identity basis, the full split, a plain ``post``),
+    its state stored in the compute dtype ``dtype``, no skipped first call, no ``compile``."""
+    from .bases import IdentityBasis
+    from .factors.ema import NoFactors
+    from .inner_rules.adam import AdamInner
+    from .splits import FullSplit
+
+    return (
+        type(cfg.inner) is AdamInner
+        and not cfg.inner.normalize
+        and type(cfg.factors) is NoFactors
+        and type(cfg.basis) is IdentityBasis
+        and type(cfg.split) is FullSplit
+        and not cfg.post.normalize
+        and cfg.post.grafting == "none"
+        and not cfg.skip_first_call
+        and not cfg.compile
+        and storage_dtypes(cfg.storage, dtype) is None
+        and "restricted" not in (layout.left, layout.right)
+    )
+
+
+def adam_step(cfg: KronConfig, state: BucketState, G: Tensor, out: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, BucketState]:
+    """:func:`step` for a bucket where :func:`is_plain_adam` holds, bit for bit, with the new moments
+    and the direction written into ``out = (m, v, D)`` (scratch tensors shaped like ``G``) instead of
+    fresh ones: on CPU a fresh tensor of a few MiB costs as much as a pass over it (the allocator hands
+    the pages back and takes them again). The other stages keep nothing here, so only the inner
+    rule's record and the counters change. ``G`` is only read."""
+    inner = cfg.inner
+    beta1, beta2 = inner.betas
+    t = state.step + 1
+    m = torch.lerp(state.inner.exp_avg, G, 1 - beta1, out=out[0])
+    v = torch.mul(state.inner.exp_avg_sq, beta2, out=out[1]).addcmul_(G, G, value=1 - beta2)
+    N, scale = linalg.adam_ratio(
+        m, v, step=t, betas=inner.betas, eps=inner.eps, eps_placement=inner.eps_placement,
+        bias_correction=inner.bias_correction, out=out[2],
+    )
+    return N.mul_(scale), attrs.evolve(state, inner=attrs.evolve(state.inner, exp_avg=m, exp_avg_sq=v), calls=state.calls + 1, step=t)
+
+
 # -- generic operations on state records ------------------------------------------------
 
 
@@ -352,17 +394,18 @@ def _stack_like(blocks: list[Tensor]) -> Tensor:
     return out
 
 
-def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:
+def finite_new_state(new: Any, old: Any, *also: Tensor | None, skip: Tensor | None = None) -> Tensor | None:
     """``(b)`` mask: True where every floating tensor the step changed is finite on that block (``None``: none changed).
 
     A finite gradient can still overflow a state tensor (a 1e20 gradient squared in
     float32); the optimizer treats such a block like a non-finite gradient. Tensors in
-    ``also`` (e.g. the direction) join the same test: one finiteness pass for all.
+    ``also`` (e.g. the direction) join the same test: one finiteness pass for all. ``skip``
+    is left out (a tensor the caller tests in a cheaper way of its own).
     """
     changed = [
         n
         for n, o in zip(flatten(new).values(), flatten(old).values())
-        if isinstance(n, Tensor) and n is not o and n.ndim >= 1 and n.is_floating_point()
+        if isinstance(n, Tensor) and n is not o and n is not skip and n.ndim >= 1 and n.is_floating_point()
     ]
     changed += [t for t in also if t is not None]
     if not changed:
