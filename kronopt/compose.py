@@ -16,7 +16,7 @@ ints and bools only.
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -183,17 +183,22 @@ def is_plain_adam(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
     )
 
 
-def adam_step(cfg: KronConfig, state: BucketState, G: Tensor, out: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, BucketState]:
-    """:func:`step` for a bucket where :func:`is_plain_adam` holds, bit for bit, with the new moments
-    and the direction written into ``out = (m, v, D)`` (scratch tensors shaped like ``G``) instead of
-    fresh ones: on CPU a fresh tensor of a few MiB costs as much as a pass over it (the allocator hands
-    the pages back and takes them again). The other stages keep nothing here, so only the inner
-    rule's record and the counters change. ``G`` is only read."""
+def adam_step(
+    cfg: KronConfig, state: BucketState, grads: Sequence[Tensor], out: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, BucketState]:
+    """:func:`step` for a bucket where :func:`is_plain_adam` holds, bit for bit, on the blocks' gradients
+    ``grads`` (``b`` tensors ``(m n)``, only read: no stacking copy), with the new moments and the
+    direction written into ``out = (m, v, D)`` (scratch tensors ``(b m n)``) instead of fresh ones: on
+    CPU a fresh tensor of a few MiB costs as much as a pass over it (the allocator hands the pages back
+    and takes them again). The other stages keep nothing here, so only the inner rule's record and the
+    counters change."""
     inner = cfg.inner
     beta1, beta2 = inner.betas
     t = state.step + 1
-    m = torch.lerp(state.inner.exp_avg, G, 1 - beta1, out=out[0])
-    v = torch.mul(state.inner.exp_avg_sq, beta2, out=out[1]).addcmul_(G, G, value=1 - beta2)
+    m, v = out[0], out[1]
+    for i, g in enumerate(grads):  # the same entrywise operations as on the stack, block by block
+        torch.lerp(state.inner.exp_avg[i], g, 1 - beta1, out=m[i])
+        torch.mul(state.inner.exp_avg_sq[i], beta2, out=v[i]).addcmul_(g, g, value=1 - beta2)
     N, scale = linalg.adam_ratio(
         m, v, step=t, betas=inner.betas, eps=inner.eps, eps_placement=inner.eps_placement,
         bias_correction=inner.bias_correction, out=out[2],
@@ -394,18 +399,17 @@ def _stack_like(blocks: list[Tensor]) -> Tensor:
     return out
 
 
-def finite_new_state(new: Any, old: Any, *also: Tensor | None, skip: Tensor | None = None) -> Tensor | None:
+def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:
     """``(b)`` mask: True where every floating tensor the step changed is finite on that block (``None``: none changed).
 
     A finite gradient can still overflow a state tensor (a 1e20 gradient squared in
     float32); the optimizer treats such a block like a non-finite gradient. Tensors in
-    ``also`` (e.g. the direction) join the same test: one finiteness pass for all. ``skip``
-    is left out (a tensor the caller tests in a cheaper way of its own).
+    ``also`` (e.g. the direction) join the same test: one finiteness pass for all.
     """
     changed = [
         n
         for n, o in zip(flatten(new).values(), flatten(old).values())
-        if isinstance(n, Tensor) and n is not o and n is not skip and n.ndim >= 1 and n.is_floating_point()
+        if isinstance(n, Tensor) and n is not o and n.ndim >= 1 and n.is_floating_point()
     ]
     changed += [t for t in also if t is not None]
     if not changed:
