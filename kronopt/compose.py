@@ -16,7 +16,7 @@ ints and bools only.
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -157,6 +157,53 @@ def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tupl
     if cfg.factor_update == "after":
         state = _observe(cfg, layout, state, G, t=t, first_call=first_call)
     return D, attrs.evolve(state, calls=calls, step=t)
+
+
+def is_plain_adam(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+    """Whether :func:`adam_step` may stand in for :func:`step` on a bucket: AdamW proper (the ``adam``
+    inner rule without ``normalize``, no factors, the identity basis, the full split, a plain ``post``),
+    its state stored in the compute dtype ``dtype``, no skipped first call, no ``compile``."""
+    from .bases import IdentityBasis
+    from .factors.ema import NoFactors
+    from .inner_rules.adam import AdamInner
+    from .splits import FullSplit
+
+    return (
+        type(cfg.inner) is AdamInner
+        and not cfg.inner.normalize
+        and type(cfg.factors) is NoFactors
+        and type(cfg.basis) is IdentityBasis
+        and type(cfg.split) is FullSplit
+        and not cfg.post.normalize
+        and cfg.post.grafting == "none"
+        and not cfg.skip_first_call
+        and not cfg.compile
+        and storage_dtypes(cfg.storage, dtype) is None
+        and "restricted" not in (layout.left, layout.right)
+    )
+
+
+def adam_step(
+    cfg: KronConfig, state: BucketState, grads: Sequence[Tensor], out: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, BucketState]:
+    """:func:`step` for a bucket where :func:`is_plain_adam` holds, bit for bit, on the blocks' gradients
+    ``grads`` (``b`` tensors ``(m n)``, only read: no stacking copy), with the new moments and the
+    direction written into ``out = (m, v, D)`` (scratch tensors ``(b m n)``) instead of fresh ones: on
+    CPU a fresh tensor of a few MiB costs as much as a pass over it (the allocator hands the pages back
+    and takes them again). The other stages keep nothing here, so only the inner rule's record and the
+    counters change."""
+    inner = cfg.inner
+    beta1, beta2 = inner.betas
+    t = state.step + 1
+    m, v = out[0], out[1]
+    for i, g in enumerate(grads):  # the same entrywise operations as on the stack, block by block
+        torch.lerp(state.inner.exp_avg[i], g, 1 - beta1, out=m[i])
+        torch.mul(state.inner.exp_avg_sq[i], beta2, out=v[i]).addcmul_(g, g, value=1 - beta2)
+    N, scale = linalg.adam_ratio(
+        m, v, step=t, betas=inner.betas, eps=inner.eps, eps_placement=inner.eps_placement,
+        bias_correction=inner.bias_correction, out=out[2],
+    )
+    return N.mul_(scale), attrs.evolve(state, inner=attrs.evolve(state.inner, exp_avg=m, exp_avg_sq=v), calls=state.calls + 1, step=t)
 
 
 # -- generic operations on state records ------------------------------------------------

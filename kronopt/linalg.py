@@ -181,7 +181,15 @@ def adam_moments(m: Tensor, v: Tensor, G: Tensor, betas: tuple[float, float]) ->
 
 
 def adam_ratio(
-    m: Tensor, v: Tensor, *, step: int, betas: tuple[float, float], eps: float, eps_placement: str, bias_correction: bool
+    m: Tensor,
+    v: Tensor,
+    *,
+    step: int,
+    betas: tuple[float, float],
+    eps: float,
+    eps_placement: str,
+    bias_correction: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, float]:
     r"""Adam's elementwise ratio ``N`` and the scalar ``scale`` of the step :math:`D = \mathrm{scale}\cdot N`.
 
@@ -189,15 +197,17 @@ def adam_ratio(
     ``"before_correction"`` (SOAP) :math:`N = m/(\sqrt v + \epsilon)`, scale :math:`\sqrt{c_2}/c_1`;
     ``"after_correction"`` (torch.optim.Adam) :math:`N = m/(\sqrt{v}/\sqrt{c_2} + \epsilon)`, scale :math:`1/c_1`.
     The scale is kept apart so a caller can normalise ``N`` before it (SOAP's ``normalize_grads``).
+    ``out`` (shaped like ``m``) receives ``N`` instead of a fresh tensor.
     """
-    if (twin := compiled.variant("adam_ratio")) is not None: return twin(m, v, step=step, betas=betas, eps=eps, eps_placement=eps_placement, bias_correction=bias_correction)  # noqa: E501,E701
+    if out is None and (twin := compiled.variant("adam_ratio")) is not None: return twin(m, v, step=step, betas=betas, eps=eps, eps_placement=eps_placement, bias_correction=bias_correction)  # noqa: E501,E701
     beta1, beta2 = betas
     c1 = 1 - beta1**step if bias_correction else 1.0
     c2 = 1 - beta2**step if bias_correction else 1.0
+    root = v.sqrt() if out is None else torch.sqrt(v, out=out)
     if eps_placement == "before_correction":
-        return _quotient(m, v.sqrt().add_(eps)), c2**0.5 / c1
+        return _quotient(m, root.add_(eps)), c2**0.5 / c1
     if eps_placement == "after_correction":
-        return _quotient(m, v.sqrt().div_(c2**0.5).add_(eps)), 1 / c1
+        return _quotient(m, root.div_(c2**0.5).add_(eps)), 1 / c1
     raise ValueError(f"eps_placement must be 'before_correction' or 'after_correction', got {eps_placement!r}")
 
 

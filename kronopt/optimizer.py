@@ -622,8 +622,48 @@ class KronOptimizer(torch.optim.Optimizer):
             self._init_bucket(bucket)
         group = self.param_groups[bucket.group]
         cfg = self._bucket_config(bucket)
-        dtype = bucket.state_dtype
-        grads = [p.grad for p in bucket.params]
+        raw = self._raw_gradients(cfg, bucket)
+        if raw is not None:
+            self._step_plain_adam(bucket, step_ok, cfg, raw)
+            return
+        G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
+        old = bucket.state
+        D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
+        # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
+        ok_new = compose.finite_new_state(new, old, D)
+        if ok_new is not None:
+            ok = ok & ok_new
+        write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
+        if D is not None:
+            # before the state write: D may still read the old stacks
+            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
+        self._write_state(bucket, old, new, write, ok)
+        if self.config.nonfinite == "warn":
+            self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
+
+    def _step_plain_adam(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig, grads: list[Tensor]) -> None:
+        """:meth:`_step_bucket` for a plain AdamW bucket on its raw gradients (:meth:`_raw_gradients`),
+        with the same result bit for bit: only the two moments and the counters change, so they are
+        checked (:func:`_plain_adam_ok`) and written (:func:`compose.masked_write_`) directly."""
+        group = self.param_groups[bucket.group]
+        old = bucket.state
+        D, new = compose.adam_step(cfg, old, grads, self._scratch(bucket))  # type: ignore[arg-type]
+        ok = _plain_adam_ok(new.inner.exp_avg, new.inner.exp_avg_sq, D)
+        write = ok if step_ok is None else ok & step_ok
+        cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
+        weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
+        compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
+        bucket.state = attrs.evolve(old, calls=new.calls, step=new.step)  # type: ignore[misc]
+        bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
+        for p in bucket.params:
+            self.state[p].update(calls=new.calls, step=new.step)
+        if self.config.nonfinite == "warn":
+            self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
+
+    def _sanitized_gradients(self, bucket: _Bucket, grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The bucket's gradients stacked ``(b m n)`` with non-finite entries zeroed (which keeps bad
+        blocks out of batched solvers), and the ``(b)`` flags of the blocks that were finite."""
         checked = getattr(self, "_grad_flags", {})  # from _all_finite, this step
         hits = [checked.get(id(g)) for g in grads]
         if all(
@@ -631,29 +671,40 @@ class KronOptimizer(torch.optim.Optimizer):
             for h, g in zip(hits, grads)
         ):
             ok = torch.stack([h[2] for h in hits])  # type: ignore[index]
-            # stacked and sanitized in one pass per block: non-finite entries are zeroed, which
-            # keeps bad blocks out of batched solvers
+            # stacked and sanitized in one pass per block
             blocks = [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
             G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)
             for i, block in enumerate(blocks):
                 torch.nan_to_num(block.to(dtype), nan=0.0, posinf=0.0, neginf=0.0, out=G[i])
-        else:
-            G = torch.stack([to_block(g, s).to(dtype) for g, s in zip(grads, bucket.specs)])  # type: ignore[arg-type]
-            ok = linalg.finite_blocks(G)
-            G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # keeps bad blocks out of batched solvers
-        write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
-        old = bucket.state
-        D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
-        # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
-        ok_new = compose.finite_new_state(new, old, D)
-        if ok_new is not None:
-            ok, write = ok & ok_new, write & ok_new
-        if D is not None:
-            # before the state write: D may still read the old stacks
-            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
-        self._write_state(bucket, old, new, write, ok)
-        if self.config.nonfinite == "warn":
-            self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
+            return G, ok
+        G = torch.stack([to_block(g, s).to(dtype) for g, s in zip(grads, bucket.specs)])  # type: ignore[arg-type]
+        ok = linalg.finite_blocks(G)
+        return G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), ok
+
+    def _scratch(self, bucket: _Bucket) -> tuple[Tensor, Tensor, Tensor]:
+        """Three tensors shaped like the bucket's moments for :func:`compose.adam_step`, kept across steps
+        (one set per shape, dtype and device: the buckets step one after the other, each done with them
+        before the next)."""
+        like = bucket.state.inner.exp_avg  # type: ignore[union-attr]
+        key = (tuple(like.shape), like.dtype, like.device)
+        scratch = self.__dict__.setdefault("_adam_scratch", {})
+        if key not in scratch:
+            scratch[key] = tuple(torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(3))
+        return scratch[key]
+
+    def _raw_gradients(self, cfg: KronConfig, bucket: _Bucket) -> list[Tensor] | None:
+        """For a plain AdamW bucket (:func:`compose.is_plain_adam`), its blocks' gradients ``(m n)`` as
+        they are (views). Nothing is sanitized (no batched solver mixes the entries) and nothing is
+        checked here: a non-finite gradient makes the new second moment non-finite, which the guard
+        then sees. ``None`` for any other bucket."""
+        key = (id(cfg), bucket.layout, bucket.state_dtype)
+        fast = self.__dict__.setdefault("_plain_adam", {}).get(key)
+        if fast is None:
+            fast = compose.is_plain_adam(cfg, bucket.layout, bucket.state_dtype)
+            self._plain_adam[key] = fast  # cfg objects live as long as the optimizer: the id stays theirs
+        if not fast or not all(p.grad.dtype == bucket.state_dtype for p in bucket.params):  # type: ignore[union-attr]
+            return None
+        return [to_block(p.grad, s) for p, s in zip(bucket.params, bucket.specs)]  # type: ignore[arg-type]
 
     def _write_state(
         self, bucket: _Bucket, old: compose.BucketState, new: compose.BucketState, write: Tensor, ok: Tensor
@@ -1142,3 +1193,17 @@ class KronOptimizer(torch.optim.Optimizer):
         bucket.state = state
         bucket.nonfinite = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in counts])
 
+
+
+def _plain_adam_ok(m: Tensor, v: Tensor, D: Tensor) -> Tensor:
+    r"""``(b)`` mask of a plain AdamW bucket stepped on raw gradients: True where the gradient, the new
+    moments ``m``, ``v`` and the direction ``D`` are finite on that block.
+
+    The gradient needs no test of its own: the new second moment is
+    :math:`\beta_2 v + (1-\beta_2) G^{\odot 2}` with :math:`1-\beta_2 > 0`, non-finite wherever
+    ``G`` is. Being non-negative, it is finite exactly when its largest entry is (one reduction).
+    """
+    ok = linalg.finite_blocks(m, D)
+    if v[0].numel():
+        ok = ok & v.amax(dim=(1, 2)).isfinite()
+    return ok
