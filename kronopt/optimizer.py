@@ -74,6 +74,18 @@ class _Bucket:
     #: FSDP2 (DTensor parameters) a :class:`~kronopt.distributed.ShardPlan`
     plan: distributed.GatherPlan | distributed.ShardPlan | None = None
 
+    def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
+        """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
+        ``layout`` overrides layout fields beyond the batch (FSDP2's padded row count ``m``)."""
+        return _Bucket(
+            group=self.group,
+            params=[self.params[i] for i in keep],
+            specs=[self.specs[i] for i in keep],
+            layout=attrs.evolve(self.layout, batch=len(keep), **layout),
+            state_dtype=self.state_dtype,
+            plan=plan,
+        )
+
     @property
     def fsdp(self) -> distributed.ShardPlan | None:
         """The FSDP2 plan of a bucket of DTensor parameters (``None`` otherwise)."""
@@ -325,17 +337,7 @@ class KronOptimizer(torch.optim.Optimizer):
             plan = distributed.GatherPlan(
                 params=b.params, specs=b.specs, owners=[self._owner[id(p)] for p in b.params], sharding=sh
             )
-            mine = plan.owned()
-            out.append(
-                _Bucket(
-                    group=b.group,
-                    params=[b.params[i] for i in mine],
-                    specs=[b.specs[i] for i in mine],
-                    layout=attrs.evolve(b.layout, batch=len(mine)),
-                    state_dtype=b.state_dtype,
-                    plan=plan,
-                )
-            )
+            out.append(b.subset(plan.owned(), plan))
         return out
 
     def _shard_fsdp(self, buckets: list[_Bucket], *, assign: bool = False) -> list[_Bucket]:
@@ -381,18 +383,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 sharding=sharding,
                 elementwise=elementwise,
             )
-            mine = plan.owned()
-            m = plan.pad_rows if elementwise else b.layout.m
-            out.append(
-                _Bucket(
-                    group=b.group,
-                    params=[b.params[i] for i in mine],
-                    specs=[b.specs[i] for i in mine],
-                    layout=attrs.evolve(b.layout, batch=len(mine), m=m),
-                    state_dtype=b.state_dtype,
-                    plan=plan,
-                )
-            )
+            out.append(b.subset(plan.owned(), plan, m=plan.pad_rows if elementwise else b.layout.m))
         return out
 
     # -- stepping --------------------------------------------------------------------------
@@ -540,14 +531,7 @@ class KronOptimizer(torch.optim.Optimizer):
             else:
                 keep = {id(p) for p in plan.params}
                 own = [i for i, p in enumerate(bucket.params) if id(p) in keep]
-            part = _Bucket(
-                group=bucket.group,
-                params=[bucket.params[i] for i in own],
-                specs=[bucket.specs[i] for i in own],
-                layout=attrs.evolve(bucket.layout, batch=len(own)),
-                state_dtype=bucket.state_dtype,
-                plan=plan,
-            )
+            part = bucket.subset(own, plan)
             if bucket.state is not None and own:
                 index = torch.tensor(own, device=bucket.params[0].device)
                 part.state = compose.map_tensors(bucket.state, lambda t, index=index: t.index_select(0, index))
@@ -1134,13 +1118,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     part = tuple(sorted((k, v) for k, v in entry.items() if not isinstance(v, Tensor)))
                 parts.setdefault(part, []).append(i)
             for part, idx in parts.items():
-                whole = _Bucket(
-                    group=like.group,
-                    params=[like.params[i] for i in idx],
-                    specs=[like.specs[i] for i in idx],
-                    layout=attrs.evolve(like.layout, batch=len(idx)),
-                    state_dtype=like.state_dtype,
-                )
+                whole = like.subset(idx)
                 (bucket,) = self._shard([whole])
                 listed = [saved[key_of[id(p)]] for p in whole.params if saved.get(key_of[id(p)])]
                 if bucket.plan is not None:  # every rank: the counter (from any block's entry, owned or not)

@@ -50,20 +50,6 @@ def one(saved, where):
         return d.resume(0, 1, where)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The references in this process run one thread, as the ranks do (small blocks: threads only contend)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="the route sends embeddings")
-        yield
 
 
 _REFERENCE: dict[str, list[torch.Tensor]] = {}

@@ -10,7 +10,6 @@ trains on its slice of the batch; the single process trains on the whole batch
 with the mean of the slices' mean losses, as DDP averages them.
 """
 
-import warnings
 
 import pytest
 import torch
@@ -30,20 +29,6 @@ def two(tmp_path_factory):
     return d.spawn(2, ["lm", "lm_nan", "lm_eigh", "add_group", "overflow"], tmp_path_factory.mktemp("ddp"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The references in this process run one thread, as the ranks do (small blocks: threads only contend)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="the route sends embeddings")
-        yield
 
 
 def _close(actual, expected):

@@ -11,7 +11,6 @@ runs' gradients differ in the last bits (another summation order), which a
 rank-deficient factor would amplify through its arbitrary null-space basis.
 """
 
-import warnings
 
 import pytest
 import torch
@@ -45,23 +44,9 @@ def three(worlds):
     return worlds[3]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="the route sends embeddings")
-        yield
-
 
 _REFERENCE: dict[str, dict[str, torch.Tensor]] = {}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The references are 9 × 9 matrices: one thread (several only wait on each other on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _single(preset):

@@ -8,7 +8,6 @@ is a well-posed reference (a rank-deficient first factor would leave the basis o
 its null space arbitrary).
 """
 
-import warnings
 
 import pytest
 import torch
@@ -36,12 +35,6 @@ def two(tmp_path_factory):
 def three(tmp_path_factory):
     return w.spawn(3, ["presets_sharded", "balance"], tmp_path_factory.mktemp("three"))
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="the route sends embeddings")
-        yield
 
 
 _REFERENCE: dict[str, list[torch.Tensor]] = {}

@@ -1,0 +1,24 @@
+"""Fixtures every distributed test module uses."""
+
+import warnings
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    """Unnamed parameters with a name-routed preset are expected here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the route sends embeddings")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The in-process references run one thread, as the ranks do: their blocks are small, and several
+    threads only wait on each other on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
