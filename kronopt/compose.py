@@ -16,6 +16,7 @@ ints and bools only.
 """
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -192,18 +193,58 @@ def adam_step(
     CPU a fresh tensor of a few MiB costs as much as a pass over it (the allocator hands the pages back
     and takes them again). The other stages keep nothing here, so only the inner rule's record and the
     counters change."""
-    inner = cfg.inner
-    beta1, beta2 = inner.betas
     t = state.step + 1
     m, v = out[0], out[1]
     for i, g in enumerate(grads):  # the same entrywise operations as on the stack, block by block
-        torch.lerp(state.inner.exp_avg[i], g, 1 - beta1, out=m[i])
-        torch.mul(state.inner.exp_avg_sq[i], beta2, out=v[i]).addcmul_(g, g, value=1 - beta2)
+        _adam_moments(cfg, state.inner.exp_avg[i], state.inner.exp_avg_sq[i], g, m[i], v[i])
+    D = _adam_direction(cfg, t, m, v, out[2])
+    return D, attrs.evolve(state, inner=attrs.evolve(state.inner, exp_avg=m, exp_avg_sq=v), calls=state.calls + 1, step=t)
+
+
+def adam_block(cfg: KronConfig, t: int, m: Tensor, v: Tensor, g: Tensor, out: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """One block of :func:`adam_step` at update ``t``: its new moments into ``out[0]``, ``out[1]`` and its
+    direction into ``out[2]`` (returned), from the moments ``m``, ``v`` and the gradient ``g`` (all ``(m n)``).
+    The same operations on the same entries as :func:`adam_step`, so the same bits; small enough to stay
+    in the CPU's cache from the first operation to the last. Every operation is entrywise, so ``out`` may
+    be ``(m, v, scratch)``: the moments updated in place."""
+    _adam_moments(cfg, m, v, g, out[0], out[1])
+    return _adam_direction(cfg, t, out[0], out[1], out[2])
+
+
+def adam_block_is_safe(cfg: KronConfig, t: int, dtype: torch.dtype, g_abs: float, m_abs: float, v_max: float) -> bool:
+    r"""Whether :func:`adam_block` at update ``t`` is sure to give finite moments and a finite direction in
+    ``dtype`` on a block bounded by ``|g| ≤ g_abs``, ``|m| ≤ m_abs``, ``0 ≤ v ≤ v_max``; ``False`` when
+    it cannot say (a non-finite bound, ``eps = 0``).
+
+    The new first moment is a convex combination of ``m`` and ``g``, so :math:`|m'| \le a = \max(g_{abs}, m_{abs})`;
+    the new second moment is at most :math:`v_{max} + g_{abs}^2`; the direction's denominator is at least
+    :math:`\epsilon`, so :math:`|D| \le a / \epsilon \cdot s` with the bias-correction scale
+    :math:`s \le 1/(1-\beta_1^t)`. Each bound is kept under a quarter of the dtype's largest value, which
+    leaves room for the rounding of every operation on the way.
+    """
+    inner = cfg.inner
+    beta1 = inner.betas[0]
+    c1 = 1 - beta1**t if inner.bias_correction else 1.0
+    if not (inner.eps > 0 and c1 > 0 and math.isfinite(g_abs) and math.isfinite(m_abs) and math.isfinite(v_max)):
+        return False
+    big = torch.finfo(dtype).max / 4
+    a = max(g_abs, m_abs)
+    return a < big and g_abs < math.sqrt(big) and v_max + g_abs * g_abs < big and a / inner.eps / c1 < big
+
+
+def _adam_moments(cfg: KronConfig, m: Tensor, v: Tensor, g: Tensor, m_out: Tensor, v_out: Tensor) -> None:
+    beta1, beta2 = cfg.inner.betas
+    torch.lerp(m, g, 1 - beta1, out=m_out)
+    torch.mul(v, beta2, out=v_out).addcmul_(g, g, value=1 - beta2)
+
+
+def _adam_direction(cfg: KronConfig, t: int, m: Tensor, v: Tensor, out: Tensor) -> Tensor:
+    inner = cfg.inner
     N, scale = linalg.adam_ratio(
         m, v, step=t, betas=inner.betas, eps=inner.eps, eps_placement=inner.eps_placement,
-        bias_correction=inner.bias_correction, out=out[2],
+        bias_correction=inner.bias_correction, out=out,
     )
-    return N.mul_(scale), attrs.evolve(state, inner=attrs.evolve(state.inner, exp_avg=m, exp_avg_sq=v), calls=state.calls + 1, step=t)
+    return N.mul_(scale)
 
 
 # -- generic operations on state records ------------------------------------------------

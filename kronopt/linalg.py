@@ -371,13 +371,19 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
 def finite_each(tensors: Sequence[Tensor]) -> Tensor:
     """``(len(tensors))`` bools, one per tensor of a non-empty list (one device): it holds no NaN or infinity.
 
-    Two reductions per tensor (``amax``, ``amin``), one finiteness test for all; an empty tensor is finite.
+    Finite exactly when its extremes (:func:`extremes_each`) are; an empty tensor is finite.
     """
+    return extremes_each(tensors).isfinite().all(1)
+
+
+def extremes_each(tensors: Sequence[Tensor]) -> Tensor:
+    """``(len(tensors), 2)``: the smallest and largest entry of each tensor of a non-empty list (one
+    device), NaN where it holds one; ``(0, 0)`` for an empty tensor. One pass per tensor (``aminmax``)."""
     if not tensors:
-        raise ValueError("finite_each needs at least one tensor")
+        raise ValueError("extremes_each needs at least one tensor")
     device = tensors[0].device
-    extremes = [x for t in tensors for x in ((t.amax(), t.amin()) if t.numel() else (torch.zeros((), device=device),) * 2)]
-    return torch.stack(extremes).view(-1, 2).isfinite().all(1)
+    extremes = [x for t in tensors for x in (torch.aminmax(t) if t.numel() else (torch.zeros((), device=device),) * 2)]
+    return torch.stack(extremes).view(-1, 2)
 
 
 def select_blocks(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ the parameters back, guards against non-finite gradients and saves / restores
 everything bit for bit.
 """
 
+import math
 import re
 import warnings
 import weakref
@@ -57,6 +58,10 @@ def _is_dtensor(p: Tensor) -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return isinstance(p, DTensor)
+
+
+#: blocks of at least this many entries take the CPU's block-by-block AdamW (smaller ones: the stacks)
+_BLOCKWISE_MIN = 16384
 
 
 @attrs.define(eq=False)
@@ -472,12 +477,14 @@ class KronOptimizer(torch.optim.Optimizer):
             return None
         # each gradient's own flag is kept for _step_bucket (its block mask), keyed by the tensor and
         # its version counter, so a gradient changed in place since is never taken for checked
-        self._grad_flags: dict[int, tuple[Any, int, Tensor]] = {}
+        # (with its smallest and largest entries, for _plain_adam_blocks)
+        self._grad_flags: dict[int, tuple[Any, int, Tensor, Tensor]] = {}
         flags = []
         for gs in grouped.values():
-            each = linalg.finite_each(gs)
-            for g, flag in zip(gs, each.unbind(0)):
-                self._grad_flags[id(g)] = (weakref.ref(g), g._version, flag)
+            extremes = linalg.extremes_each(gs)
+            each = extremes.isfinite().all(1)
+            for g, flag, row in zip(gs, each.unbind(0), extremes.unbind(0)):
+                self._grad_flags[id(g)] = (weakref.ref(g), g._version, flag, row)
             flags.append(each.all())
         device = flags[0].device
         return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
@@ -628,33 +635,65 @@ class KronOptimizer(torch.optim.Optimizer):
     def _step_plain_adam(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig, grads: list[Tensor]) -> None:
         """:meth:`_step_bucket` for a plain AdamW bucket on its raw gradients (:meth:`_raw_gradients`),
         with the same result bit for bit: only the two moments and the counters change, so they are
-        checked (:func:`_plain_adam_ok`) and written (:func:`compose.masked_write_`) directly."""
+        checked (:func:`_plain_adam_ok`) and written directly, one block at a time on the CPU
+        (:meth:`_plain_adam_blocks`), else on the whole stacks with device-side masks."""
         group = self.param_groups[bucket.group]
         old = bucket.state
-        D, new = compose.adam_step(cfg, old, grads, self._scratch(bucket))  # type: ignore[arg-type]
-        ok = _plain_adam_ok(new.inner.exp_avg, new.inner.exp_avg_sq, D)
-        write = ok if step_ok is None else ok & step_ok
-        cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
-        weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
-        compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
-        compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
-        bucket.state = attrs.evolve(old, calls=new.calls, step=new.step)  # type: ignore[misc]
+        if bucket.blocks[0].device.type == "cpu" and bucket.layout.m * bucket.layout.n >= _BLOCKWISE_MIN:
+            ok = self._plain_adam_blocks(bucket, step_ok, cfg, grads)
+        else:
+            D, new = compose.adam_step(cfg, old, grads, self._scratch(bucket, batched=True))  # type: ignore[arg-type]
+            ok = _plain_adam_ok(new.inner.exp_avg_sq, D)
+            write = ok if step_ok is None else ok & step_ok
+            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
+            weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+            compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
+            compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
+        calls, step = old.calls + 1, old.step + 1  # type: ignore[union-attr]
+        bucket.state = attrs.evolve(old, calls=calls, step=step)  # type: ignore[misc]
         bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
         for p in bucket.params:
-            self.state[p].update(calls=new.calls, step=new.step)
+            self.state[p].update(calls=calls, step=step)
         if self.config.nonfinite == "warn":
-            self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
+            self._pending.append(_Pending(bucket.params, ok, step, group=bucket.group, whole_step=step_ok is not None))
+
+    def _plain_adam_blocks(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig, grads: list[Tensor]) -> Tensor:
+        """The CPU form of :meth:`_step_plain_adam`: each block's new moments and direction go into one
+        block-sized scratch set (:func:`compose.adam_block`), are checked there and, when the block is
+        written, copied into its stacks and applied, so a block's work stays in cache, as a per-tensor
+        AdamW's does (passes over whole stacks run at memory speed). On a CPU a verdict read on the
+        host costs nothing (there is no device to wait for). Returns the blocks' ``(b)`` verdicts."""
+        group = self.param_groups[bucket.group]
+        state = bucket.state
+        t = state.step + 1  # type: ignore[union-attr]
+        whole = True if step_ok is None else bool(step_ok)
+        out = self._scratch(bucket, batched=False)
+        factors = cfg.post.block_factors(out[2], lr=group["lr"], weight_decay=group["weight_decay"])
+        bounds = self._adam_bounds(bucket, state.inner.exp_avg, state.inner.exp_avg_sq) if whole else None  # type: ignore[union-attr]
+        verdicts = []
+        for i, (p, g) in enumerate(zip(bucket.params, grads)):
+            m, v = state.inner.exp_avg[i], state.inner.exp_avg_sq[i]  # type: ignore[union-attr]
+            if bounds is not None and compose.adam_block_is_safe(cfg, t, m.dtype, *bounds[i]):
+                # finite whatever the entries: computed in place, nothing to check or copy
+                D = compose.adam_block(cfg, t, m, v, g, (m, v, out[2]))
+                cfg.post.apply_block_(p, D, factors)
+                verdicts.append(True)
+                continue
+            D = compose.adam_block(cfg, t, m, v, g, out)
+            good = bool(_plain_adam_ok(out[1][None], D[None]))
+            verdicts.append(good)
+            if good and whole:
+                cfg.post.apply_block_(p, D, factors)
+                m.copy_(out[0])
+                v.copy_(out[1])
+        return torch.tensor(verdicts, device=bucket.blocks[0].device)
 
     def _sanitized_gradients(self, bucket: _Bucket, grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The bucket's gradients stacked ``(b m n)`` with non-finite entries zeroed (which keeps bad
         blocks out of batched solvers), and the ``(b)`` flags of the blocks that were finite."""
-        checked = getattr(self, "_grad_flags", {})  # from _all_finite, this step
-        hits = [checked.get(id(g)) for g in grads]
-        if all(
-            h is not None and h[0]() is g and h[1] == g._version and g.dtype == dtype  # type: ignore[union-attr]
-            for h, g in zip(hits, grads)
-        ):
-            ok = torch.stack([h[2] for h in hits])  # type: ignore[index]
+        hits = [self._checked(g) for g in grads]
+        if all(h is not None and g.dtype == dtype for h, g in zip(hits, grads)):
+            ok = torch.stack([h[0] for h in hits])  # type: ignore[index]
             # stacked and sanitized in one pass per block
             blocks = [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
             G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)
@@ -665,11 +704,35 @@ class KronOptimizer(torch.optim.Optimizer):
         ok = linalg.finite_blocks(G)
         return G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), ok
 
-    def _scratch(self, bucket: _Bucket) -> tuple[Tensor, Tensor, Tensor]:
-        """Three tensors shaped like the bucket's moments for :func:`compose.adam_step`, kept across steps
-        (one set per shape, dtype and device: the buckets step one after the other, each done with them
-        before the next)."""
+    def _checked(self, g: Tensor) -> tuple[Tensor, Tensor] | None:
+        """What :meth:`_all_finite` found on the gradient ``g`` this step: its finiteness flag and its
+        smallest and largest entries; ``None`` when it did not check this very tensor (or it has been
+        changed in place since)."""
+        hit = getattr(self, "_grad_flags", {}).get(id(g))
+        if hit is None or hit[0]() is not g or hit[1] != g._version:
+            return None
+        return hit[2], hit[3]
+
+    def _adam_bounds(self, bucket: _Bucket, m: Tensor, v: Tensor) -> list[tuple[float, float, float]]:
+        """Per block, ``max |g|``, ``max |m|`` and ``max v`` of the moment stacks ``m``, ``v`` ``(b m n)``, read
+        on the host at once (NaN where ``g`` holds one). A gradient's extremes come from :meth:`_all_finite`
+        when it checked it this step, else from one pass over it."""
+        g_ext = []
+        for p in bucket.params:
+            hit = self._checked(p.grad)  # type: ignore[arg-type]
+            g_ext.append(hit[1] if hit is not None else linalg.extremes_each([p.grad])[0])  # type: ignore[list-item]
+        # (on the CPU, aminmax along a dimension runs many times slower than on a whole block)
+        m_ext = linalg.extremes_each(list(m.unbind(0)))
+        table = torch.cat([torch.stack(g_ext), m_ext, v.amax(dim=tuple(range(1, v.ndim)))[:, None]], 1).tolist()
+        return [(math.nan if math.isnan(lo + hi) else max(-lo, hi), max(-m0, m1), v1) for lo, hi, m0, m1, v1 in table]
+
+    def _scratch(self, bucket: _Bucket, *, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Three tensors shaped like the bucket's moments (``batched``) or like one block of them, for
+        :func:`compose.adam_step` / :func:`compose.adam_block`, kept across steps (one set per shape, dtype
+        and device: the buckets step one after the other, each done with them before the next)."""
         like = bucket.state.inner.exp_avg  # type: ignore[union-attr]
+        if not batched:
+            like = like[0]
         key = (tuple(like.shape), like.dtype, like.device)
         scratch = self.__dict__.setdefault("_adam_scratch", {})
         if key not in scratch:
@@ -1173,15 +1236,17 @@ class KronOptimizer(torch.optim.Optimizer):
 
 
 
-def _plain_adam_ok(m: Tensor, v: Tensor, D: Tensor) -> Tensor:
+def _plain_adam_ok(v: Tensor, D: Tensor) -> Tensor:
     r"""``(b)`` mask of a plain AdamW bucket stepped on raw gradients: True where the gradient, the new
-    moments ``m``, ``v`` and the direction ``D`` are finite on that block.
+    moments and the direction ``D`` are finite on that block, read from the new second moment ``v`` and ``D``.
 
     The gradient needs no test of its own: the new second moment is
     :math:`\beta_2 v + (1-\beta_2) G^{\odot 2}` with :math:`1-\beta_2 > 0`, non-finite wherever
-    ``G`` is. Being non-negative, it is finite exactly when its largest entry is (one reduction).
+    ``G`` is. Being non-negative, it is finite exactly when its largest entry is (one reduction). Nor
+    does the new first moment ``m``: with ``v`` finite, ``D``'s denominator is finite and positive, so a
+    NaN or infinity in ``m`` reaches ``D``.
     """
-    ok = linalg.finite_blocks(m, D)
+    ok = linalg.finite_blocks(D)
     if v[0].numel():
         ok = ok & v.amax(dim=(1, 2)).isfinite()
     return ok

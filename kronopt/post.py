@@ -101,3 +101,20 @@ class Post:
         torch._foreach_addcmul_(params, steps, scale)
         if decay is not None and self.weight_decay_order == "after":
             torch._foreach_mul_(params, decay)
+
+    def block_factors(self, D: Tensor, *, lr: float, weight_decay: float) -> tuple[Tensor, Tensor | None]:
+        """The step and decay factors :meth:`apply_` gives a written block, as 0-d tensors of ``D``'s dtype
+        computed as :meth:`apply_` computes them from its mask (so :meth:`apply_block_` writes the same bits)."""
+        one = torch.ones((), dtype=D.dtype, device=D.device)
+        return one * -lr, (1 - (lr * weight_decay) * one) if weight_decay else None
+
+    def apply_block_(self, param: Tensor, D: Tensor, factors: tuple[Tensor, Tensor | None]) -> None:
+        """:meth:`apply_` for one block that is written (its ``ok`` True, ``D`` finite), with the
+        :meth:`block_factors` ``factors``: the same arithmetic, without masks or sanitising."""
+        scale, decay = factors
+        step = D.view(param.shape)
+        if decay is not None and self.weight_decay_order == "before":
+            param.mul_(decay)
+        param.addcmul_(step, scale)
+        if decay is not None and self.weight_decay_order == "after":
+            param.mul_(decay)

@@ -11,6 +11,7 @@ import torch
 
 import kronopt
 from kronopt import compose
+from kronopt import optimizer as optimizer_module
 
 SHAPES = [(6, 5), (6, 5), (6, 5), (7, 3), (9,)]  # a bucket of three blocks, a one-block bucket, a gain
 
@@ -28,19 +29,21 @@ def _grads(step, gen):
     return grads
 
 
-def _run(monkeypatch, *, fast: bool, scope: str, calls: list[int]):
+def _run(monkeypatch, *, fast: bool, scope: str, calls: list[int], blockwise: bool = False):
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
     with monkeypatch.context() as patch:
         if not fast:
             patch.setattr(compose, "is_plain_adam", lambda *a: False)
-        real = compose.adam_step
+        # the CPU's block-by-block form for every block (else only for large ones), or never
+        patch.setattr(optimizer_module, "_BLOCKWISE_MIN", 1 if blockwise else 10**12)
+        real = compose.adam_block if blockwise else compose.adam_step
 
         def counted(*a, **k):
             calls.append(1)
             return real(*a, **k)
 
-        patch.setattr(compose, "adam_step", counted)
+        patch.setattr(compose, "adam_block" if blockwise else "adam_step", counted)
         opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw", nonfinite_scope=scope, lr=0.05)
         gen = torch.Generator().manual_seed(2)
         for step in range(7):
@@ -51,10 +54,11 @@ def _run(monkeypatch, *, fast: bool, scope: str, calls: list[int]):
     return [p.detach().clone() for p in params], state, opt.nonfinite_counts()
 
 
+@pytest.mark.parametrize("blockwise", [False, True], ids=["stacks", "block_by_block"])
 @pytest.mark.parametrize("scope", ["block", "step"])
-def test_fast_path_matches_the_general_path_bit_for_bit(monkeypatch, scope):
+def test_fast_path_matches_the_general_path_bit_for_bit(monkeypatch, scope, blockwise):
     fast_calls, slow_calls = [], []
-    fast = _run(monkeypatch, fast=True, scope=scope, calls=fast_calls)
+    fast = _run(monkeypatch, fast=True, scope=scope, calls=fast_calls, blockwise=blockwise)
     slow = _run(monkeypatch, fast=False, scope=scope, calls=slow_calls)
     assert fast_calls and not slow_calls  # each optimizer took the path it was meant to
     for a, b in zip(fast[0], slow[0]):
@@ -71,7 +75,9 @@ def test_fast_path_matches_the_general_path_bit_for_bit(monkeypatch, scope):
         assert fast[2] == {"p0": 1, "p1": 1, "p2": 1, "p3": 1, "p4": 1}
 
 
-def test_a_skipped_block_keeps_its_state_and_weights_exactly(monkeypatch):
+@pytest.mark.parametrize("blockwise", [False, True], ids=["stacks", "block_by_block"])
+def test_a_skipped_block_keeps_its_state_and_weights_exactly(monkeypatch, blockwise):
+    monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 1 if blockwise else 10**12)
     params = [torch.nn.Parameter(torch.randn(4, 8)) for _ in range(2)]
     opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw")
     for p in params:
@@ -86,3 +92,55 @@ def test_a_skipped_block_keeps_its_state_and_weights_exactly(monkeypatch):
     assert torch.equal(opt.state[params[0]]["inner.exp_avg"], m) and torch.equal(opt.state[params[0]]["inner.exp_avg_sq"], v)
     assert not torch.equal(params[1], before[1][0])
     assert opt.nonfinite_counts() == {"p0": 1, "p1": 0}
+
+
+# -- the in-place certificate: compose.adam_block_is_safe --------------------------------------
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+magnitude = st.one_of(st.just(0.0), st.floats(min_value=-30, max_value=38.5).map(lambda e: 10.0**e))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    g_abs=magnitude, m_abs=magnitude, v_max=magnitude,
+    eps=st.sampled_from([1e-30, 1e-12, 1e-8, 1e-3]),
+    beta1=st.sampled_from([0.0, 0.5, 0.9, 0.999]),
+    beta2=st.sampled_from([0.0, 0.5, 0.95, 0.999]),
+    t=st.integers(1, 5),
+    placement=st.sampled_from(["before_correction", "after_correction"]),
+    bias_correction=st.booleans(),
+)
+def test_a_certified_block_stays_finite_at_its_worst(g_abs, m_abs, v_max, eps, beta1, beta2, t, placement, bias_correction):
+    """Blocks that reach the bounds in every sign pattern (the largest entries of each tensor, the smallest
+    denominator): where the certificate holds, the moments and the direction come out finite."""
+    cfg = kronopt.config.with_overrides(kronopt.PRESETS["adamw"], 
+        {"inner.eps": eps, "inner.betas": [beta1, beta2], "inner.eps_placement": placement,
+         "inner.bias_correction": bias_correction}
+    ).bound()
+    if not compose.adam_block_is_safe(cfg, t, torch.float32, g_abs, m_abs, v_max):
+        return
+    f32 = lambda x: min(torch.tensor(x, dtype=torch.float32).item(), x)  # a bound the float32 entries keep  # noqa: E731
+    g = torch.tensor([f32(g_abs), -f32(g_abs), f32(g_abs), -f32(g_abs), 0.0, 0.0])
+    m = torch.tensor([f32(m_abs), -f32(m_abs), -f32(m_abs), f32(m_abs), f32(m_abs), 0.0])
+    v = torch.tensor([f32(v_max), f32(v_max), 0.0, 0.0, 0.0, 0.0])
+    out = tuple(torch.empty(1, 6) for _ in range(3))
+    D = compose.adam_block(cfg, t, m[None], v[None], g[None], out)
+    for x in (*out[:2], D):
+        assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize(
+    "g_abs, m_abs, v_max",
+    [(1e20, 0.0, 0.0), (0.0, 0.0, 3e38), (float("nan"), 1.0, 1.0), (float("inf"), 1.0, 1.0), (1.0, 1e35, 1.0)],
+)
+def test_no_certificate_near_overflow_or_for_a_non_finite_gradient(g_abs, m_abs, v_max):
+    """g² overflows; v is at the edge; a NaN or infinite gradient; m / eps overflows (eps = 1e-8)."""
+    cfg = kronopt.PRESETS["adamw"].bound()
+    assert not compose.adam_block_is_safe(cfg, 1, torch.float32, g_abs, m_abs, v_max)
+
+
+def test_no_certificate_without_eps():
+    cfg = kronopt.config.with_overrides(kronopt.PRESETS["adamw"], {"inner.eps": 0.0}).bound()
+    assert not compose.adam_block_is_safe(cfg, 1, torch.float32, 1.0, 1.0, 1.0)
