@@ -684,20 +684,28 @@ def projector_split_ksl(
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
     tiny = _tiny(L)
-    L = L * math.sqrt(beta)
-    R = R * math.sqrt(beta)
-    Gs = G * math.sqrt(1.0 - beta)
+    b, n = R.shape[0], R.shape[-1]
+    # The scalings are folded into per-block factors and the products' alpha, so no scaled
+    # copy of L, R or G is made: with r = √β‖R‖ the direction R̄ = R/‖R‖ loses the √β, the
+    # weight of L in K and of ⟨U, L⟩ in S̃ is r·√β = β‖R‖, and (√(1−β) G)(·)(√(1−β) G)ᵀ
+    # is (1−β) G(·)Gᵀ. A fresh block takes weight 0 and the direction I/√n.
+    norm_R = block_norm(R)
+    inv = 1.0 / norm_R.clamp(min=tiny)
+    weight = beta * norm_R
     if fresh is not None:
-        L = select_blocks(fresh, torch.zeros_like(L), L)
-        R = _fresh_directions(fresh, R)
-    r = block_norm(R)
-    R_bar = R / r.clamp(min=tiny)
-    K = sym(r * L + Gs @ R_bar @ Gs.mT)
-    U = K / block_norm(K).clamp(min=tiny)
-    S_tilde = r * (U * L).sum(dim=(-2, -1), keepdim=True)
-    R_hat = sym(S_tilde * R_bar + Gs.mT @ U @ Gs)
+        keep = (~fresh).to(L.dtype).view(b, 1, 1)
+        inv, weight = inv * keep, weight * keep
+    R_bar = R * inv
+    if fresh is not None:
+        R_bar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
+    # the temporaries are reused in place: on CPU a fresh tensor of a few MiB costs about a pass
+    raw = (L * weight).baddbmm_(G @ R_bar, G.mT, alpha=1.0 - beta)
+    U = sym(raw)
+    U.div_(block_norm(U).clamp(min=tiny))
+    inner = torch.mul(U, L, out=raw).sum(dim=(-2, -1), keepdim=True)  # ⟨U, L⟩ as a pairwise sum (a dot product loses digits)
+    R_hat = sym(R_bar.mul_(weight * inner).baddbmm_(G.mT, U @ G, alpha=1.0 - beta))
     root = block_norm(R_hat).sqrt()
-    return U * root, R_hat / root.clamp(min=tiny)
+    return U.mul_(root), R_hat.div_(root.clamp(min=tiny))
 
 
 def projector_split_parallel(
