@@ -669,11 +669,11 @@ class KronOptimizer(torch.optim.Optimizer):
         whole = True if step_ok is None else bool(step_ok)
         out = self._scratch(bucket, batched=False)
         factors = cfg.post.block_factors(out[2], lr=group["lr"], weight_decay=group["weight_decay"])
-        bounds = self._adam_bounds(bucket, state.inner.exp_avg, state.inner.exp_avg_sq) if whole else None  # type: ignore[union-attr]
         verdicts = []
         for i, (p, g) in enumerate(zip(bucket.params, grads)):
             m, v = state.inner.exp_avg[i], state.inner.exp_avg_sq[i]  # type: ignore[union-attr]
-            if bounds is not None and compose.adam_block_is_safe(cfg, t, m.dtype, *bounds[i]):
+            # the bounds are read block by block, right before the block's work: it then finds them in cache
+            if whole and compose.adam_block_is_safe(cfg, t, m.dtype, *self._adam_bounds(p.grad, m, v)):  # type: ignore[arg-type]
                 # finite whatever the entries: computed in place, nothing to check or copy
                 D = compose.adam_block(cfg, t, m, v, g, (m, v, out[2]))
                 cfg.post.apply_block_(p, D, factors)
@@ -713,18 +713,15 @@ class KronOptimizer(torch.optim.Optimizer):
             return None
         return hit[2], hit[3]
 
-    def _adam_bounds(self, bucket: _Bucket, m: Tensor, v: Tensor) -> list[tuple[float, float, float]]:
-        """Per block, ``max |g|``, ``max |m|`` and ``max v`` of the moment stacks ``m``, ``v`` ``(b m n)``, read
-        on the host at once (NaN where ``g`` holds one). A gradient's extremes come from :meth:`_all_finite`
-        when it checked it this step, else from one pass over it."""
-        g_ext = []
-        for p in bucket.params:
-            hit = self._checked(p.grad)  # type: ignore[arg-type]
-            g_ext.append(hit[1] if hit is not None else linalg.extremes_each([p.grad])[0])  # type: ignore[list-item]
-        # (on the CPU, aminmax along a dimension runs many times slower than on a whole block)
-        m_ext = linalg.extremes_each(list(m.unbind(0)))
-        table = torch.cat([torch.stack(g_ext), m_ext, v.amax(dim=tuple(range(1, v.ndim)))[:, None]], 1).tolist()
-        return [(math.nan if math.isnan(lo + hi) else max(-lo, hi), max(-m0, m1), v1) for lo, hi, m0, m1, v1 in table]
+    def _adam_bounds(self, grad: Tensor, m: Tensor, v: Tensor) -> tuple[float, float, float]:
+        """``max |g|``, ``max |m|`` and ``max v`` of one block (``grad`` its parameter's gradient, ``m``, ``v``
+        its moments), read on the host (NaN where ``g`` holds one). The gradient's extremes come from
+        :meth:`_all_finite` when it checked it this step, else from one pass over it."""
+        hit = self._checked(grad)
+        g_lo, g_hi = hit[1].unbind(0) if hit is not None else torch.aminmax(grad)
+        m_lo, m_hi = torch.aminmax(m)
+        lo, hi, m0, m1, v1 = torch.stack([g_lo, g_hi, m_lo, m_hi, v.amax()]).tolist()
+        return (math.nan if math.isnan(lo + hi) else max(-lo, hi)), max(-m0, m1), v1
 
     def _scratch(self, bucket: _Bucket, *, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Three tensors shaped like the bucket's moments (``batched``) or like one block of them, for
