@@ -65,15 +65,13 @@ def gram_right(G: Tensor) -> Tensor:
 
 
 def ema_gram_left(L: Tensor, G: Tensor, beta: float) -> Tensor:
-    r""":math:`\beta L + (1-\beta) G G^\top` in one fused product, then :func:`sym`."""
-    _check_batched("G", G)
-    return sym(torch.baddbmm(L, G, G.mT, beta=beta, alpha=1 - beta))
+    r""":math:`\beta L + (1-\beta) G G^\top`, exactly symmetric (:func:`accumulate_gram_left`)."""
+    return accumulate_gram_left(L, G, beta, 1 - beta)
 
 
 def ema_gram_right(R: Tensor, G: Tensor, beta: float) -> Tensor:
-    r""":math:`\beta R + (1-\beta) G^\top G` in one fused product, then :func:`sym`."""
-    _check_batched("G", G)
-    return sym(torch.baddbmm(R, G.mT, G, beta=beta, alpha=1 - beta))
+    r""":math:`\beta R + (1-\beta) G^\top G`, exactly symmetric (:func:`accumulate_gram_right`)."""
+    return accumulate_gram_right(R, G, beta, 1 - beta)
 
 
 def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
@@ -948,14 +946,49 @@ def accumulate_gram_left(X: Tensor, A: Tensor, beta: float, alpha: float) -> Ten
     """
     _check_batched("A", A)
     _check_batched_square("X", X)
-    return sym(torch.baddbmm(X, A, A.mT, beta=beta, alpha=alpha))
+    return _sym_gram(X, A, beta, alpha)
 
 
 def accumulate_gram_right(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
     r""":math:`\beta X + \alpha A^\top A` (``b k n, b k n2 -> b n n2``) in one fused product, then :func:`sym`."""
     _check_batched("A", A)
     _check_batched_square("X", X)
-    return sym(torch.baddbmm(X, A.mT, A, beta=beta, alpha=alpha))
+    return _sym_gram(X, A.mT, beta, alpha)
+
+
+#: on CPU, a Gram update of at least this side is computed by tiles of ``_GRAM_TILE``, lower triangle only
+_GRAM_TILED_MIN = 512
+_GRAM_TILE = 256
+
+
+def _sym_gram(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+    r""":math:`\beta X + \alpha A A^\top` for a symmetric ``X (b m m)``, exactly symmetric.
+
+    The product is symmetric, so half of it is redundant. On CPU, from side
+    ``_GRAM_TILED_MIN`` on, only the tiles on and below the diagonal are multiplied
+    (``t(t+1)/2`` of ``t²`` tile products), the diagonal tiles are symmetrised and each
+    tile below is mirrored above it. That saves up to half the flops and replaces the
+    transposed copy of a whole factor (a strided pass many times slower than a plain one)
+    by transposes of tiles that stay in cache. The entries differ from
+    ``sym(baddbmm(...))`` only in rounding: a tile below the diagonal is the product's
+    own value where :func:`sym` averages it with its mirror. Elsewhere (and for smaller
+    sides) the one fused product, then :func:`sym`.
+    """
+    m = A.shape[-2]
+    if A.device.type != "cpu" or m < _GRAM_TILED_MIN or X.shape[-1] != m:
+        return sym(torch.baddbmm(X, A, A.mT, beta=beta, alpha=alpha))
+    out = torch.empty(X.shape, dtype=torch.result_type(X, A), device=X.device)
+    edges = [*range(0, m, _GRAM_TILE), m]
+    tiles = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    for i, I in enumerate(tiles):
+        for J in tiles[: i + 1]:
+            tile = torch.baddbmm(X[:, I, J], A[:, I], A[:, J].mT, beta=beta, alpha=alpha)
+            if I == J:
+                out[:, I, I] = sym(tile)
+            else:
+                out[:, I, J] = tile
+                out[:, J, I] = tile.mT
+    return out
 
 
 def kl_clamp_value(d: int, max_clamp: float) -> float:

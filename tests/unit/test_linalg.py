@@ -50,6 +50,33 @@ def test_gram_left_right_symmetric_psd_and_correct(seed, m, n, b):
     close(R, G.mT @ G)
 
 
+@given(
+    seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5),
+    beta=st.sampled_from([0.0, 0.5, 0.95, 1.0]), right=st.booleans(),
+)
+def test_tiled_gram_update_is_exactly_symmetric_and_equals_the_dense_one(seed, m, k, b, tile, beta, right):
+    """The CPU's tile-by-tile Gram update (lower tiles multiplied, mirrored above; uneven last tile) against the
+    float64 product, in float32 (rounding only) and in float64; ``beta = 0`` ignores ``X`` (NaN in it included)."""
+    gen = generator(seed)
+    A = randn(gen, b, k, m) if right else randn(gen, b, m, k)
+    X = linalg.gram_left(randn(gen, b, m, m))
+    if beta == 0.0:
+        X[:, 0, 0] = float("nan")
+    fn = linalg.accumulate_gram_right if right else linalg.accumulate_gram_left
+    A2 = A.mT if right else A
+    expected = (beta * X if beta else 0.0) + 0.3 * A2 @ A2.mT
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linalg, "_GRAM_TILED_MIN", 1)
+        patch.setattr(linalg, "_GRAM_TILE", tile)
+        out64 = fn(X, A, beta, 0.3)
+        out32 = fn(X.float(), A.float(), beta, 0.3)
+    for out in (out64, out32):
+        assert_symmetric(out)
+        assert torch.equal(out, out.mT)
+    close(out64, expected)
+    close(out32.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fn", [linalg.gram_left, linalg.gram_right, linalg.block_norm])
 def test_unbatched_input_raises(fn):
     with pytest.raises(ValueError, match="batch of matrices"):
