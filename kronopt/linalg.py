@@ -696,12 +696,11 @@ def projector_split_ksl(
     R_bar = R * inv
     if fresh is not None:
         R_bar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
-    # the temporaries are reused in place: on CPU a fresh tensor of a few MiB costs about a pass
-    raw = (L * weight).baddbmm_(G @ R_bar, G.mT, alpha=1.0 - beta)
-    U = sym(raw)
+    # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half
+    U = sym_product(L, G @ R_bar, G, beta=weight, alpha=1.0 - beta)
     U.div_(block_norm(U).clamp(min=tiny))
-    inner = torch.mul(U, L, out=raw).sum(dim=(-2, -1), keepdim=True)  # ⟨U, L⟩ as a pairwise sum (a dot product loses digits)
-    R_hat = sym(R_bar.mul_(weight * inner).baddbmm_(G.mT, U @ G, alpha=1.0 - beta))
+    inner = (U * L).sum(dim=(-2, -1), keepdim=True)  # ⟨U, L⟩ as a pairwise sum (a dot product loses digits)
+    R_hat = sym_product(R_bar, G.mT, (U @ G).mT, beta=weight * inner, alpha=1.0 - beta)
     root = block_norm(R_hat).sqrt()
     return U.mul_(root), R_hat.div_(root.clamp(min=tiny))
 
@@ -962,27 +961,40 @@ _GRAM_TILE = 256
 
 
 def _sym_gram(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
-    r""":math:`\beta X + \alpha A A^\top` for a symmetric ``X (b m m)``, exactly symmetric.
+    r""":math:`\beta X + \alpha A A^\top` for a symmetric ``X (b m m)``, exactly symmetric (:func:`sym_product`)."""
+    return sym_product(X, A, A, beta=beta, alpha=alpha)
+
+
+def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float) -> Tensor:
+    r""":math:`\beta X + \alpha A B^\top`, exactly symmetric, for a symmetric ``X (b m m)`` and a product
+    ``A Bᵀ`` (``b m k, b m k``) that is symmetric in exact arithmetic: a Gram matrix :math:`A A^\top`, a
+    sandwich :math:`(G S) G^\top`. ``beta`` is a number or a per-block ``(b 1 1)`` tensor.
 
     The product is symmetric, so half of it is redundant. On CPU, from side
     ``_GRAM_TILED_MIN`` on, only the tiles on and below the diagonal are multiplied
     (``t(t+1)/2`` of ``t²`` tile products), the diagonal tiles are symmetrised and each
     tile below is mirrored above it. That saves up to half the flops and replaces the
-    transposed copy of a whole factor (a strided pass many times slower than a plain one)
-    by transposes of tiles that stay in cache. The entries differ from
-    ``sym(baddbmm(...))`` only in rounding: a tile below the diagonal is the product's
-    own value where :func:`sym` averages it with its mirror. Elsewhere (and for smaller
-    sides) the one fused product, then :func:`sym`.
+    transposed copy of a whole matrix (a strided pass many times slower than a plain one)
+    by transposes of tiles that stay in cache. The entries differ from the dense form only
+    in rounding: a tile below the diagonal is the product's own value where :func:`sym`
+    averages it with its mirror. Elsewhere (and for smaller sides) one fused product,
+    then :func:`sym`.
     """
     m = A.shape[-2]
+    per_block = isinstance(beta, Tensor)
     if A.device.type != "cpu" or m < _GRAM_TILED_MIN or X.shape[-1] != m:
-        return sym(torch.baddbmm(X, A, A.mT, beta=beta, alpha=alpha))
+        if per_block:
+            return sym((X * beta).baddbmm_(A, B.mT, alpha=alpha))
+        return sym(torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha))  # type: ignore[arg-type]
     out = torch.empty(X.shape, dtype=torch.result_type(X, A), device=X.device)
     edges = [*range(0, m, _GRAM_TILE), m]
     tiles = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
     for i, I in enumerate(tiles):
         for J in tiles[: i + 1]:
-            tile = torch.baddbmm(X[:, I, J], A[:, I], A[:, J].mT, beta=beta, alpha=alpha)
+            if per_block:
+                tile = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
+            else:
+                tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
             if I == J:
                 out[:, I, I] = sym(tile)
             else:

@@ -520,3 +520,20 @@ def test_reproject_flat_is_the_m_projection_of_the_dense_factor():
     # tracked values: the diagonal of the same projection applied to U diag(λ) Uᵀ + μ P⊥
     tracked = U @ torch.diag_embed(lam) @ U.mT + mu.view(-1, 1, 1) * (torch.eye(d, dtype=torch.float64) - U @ U.mT)
     torch.testing.assert_close(lam_new, torch.diagonal(U_new.mT @ tracked @ U_new, dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12)
+
+
+@given(seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5), tiled=st.booleans())
+def test_sym_product_of_a_sandwich_with_per_block_beta(seed, m, k, b, tile, tiled):
+    """``β X + α (G S) Gᵀ`` with a per-block ``β`` tensor, tile by tile or dense: exactly symmetric, equal to float64."""
+    gen = generator(seed)
+    G = randn(gen, b, m, k)
+    S = linalg.gram_left(randn(gen, b, k, k))
+    X = linalg.gram_left(randn(gen, b, m, m))
+    beta = torch.rand(b, 1, 1, generator=gen, dtype=F64)
+    expected = beta * X + 0.7 * G @ S @ G.mT
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linalg, "_GRAM_TILED_MIN", 1 if tiled else 10**9)
+        patch.setattr(linalg, "_GRAM_TILE", tile)
+        out = linalg.sym_product(X, G @ S, G, beta=beta, alpha=0.7)
+    assert torch.equal(out, out.mT)
+    close(out, expected)
