@@ -211,6 +211,34 @@ def adam_block(cfg: KronConfig, t: int, m: Tensor, v: Tensor, g: Tensor, out: tu
     return _adam_direction(cfg, t, out[0], out[1], out[2])
 
 
+def fuses_adamw(cfg: KronConfig) -> bool:
+    """Whether torch's fused AdamW kernel (``torch._fused_adamw_``, what ``torch.optim.AdamW(fused=True)``
+    runs) computes this plain AdamW's arithmetic: ε after the bias correction, bias correction on, the
+    decoupled decay before the step. It then equals :func:`adam_block` and the write up to rounding."""
+    inner = cfg.inner
+    return (
+        hasattr(torch, "_fused_adamw_")
+        and inner.eps_placement == "after_correction"
+        and inner.bias_correction
+        and cfg.post.weight_decay_order == "before"
+    )
+
+
+def fused_adamw_(
+    cfg: KronConfig, t: int, params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor],
+    *, lr: float, weight_decay: float,
+) -> None:
+    """Update ``t`` of blocks known to stay finite (:func:`adam_block_is_safe`) in one call of torch's fused
+    AdamW kernel: the parameters ``params`` and the moments ``ms``, ``vs`` in place, from ``grads`` (only
+    read); every list holds one contiguous tensor per block, all of one dtype and device (:func:`fuses_adamw`)."""
+    beta1, beta2 = cfg.inner.betas
+    step = torch.full((), float(t), dtype=torch.float32, device=params[0].device)
+    torch._fused_adamw_(
+        params, grads, ms, vs, [], [step] * len(params), lr=lr, beta1=beta1, beta2=beta2,
+        weight_decay=weight_decay, eps=cfg.inner.eps, amsgrad=False, maximize=False,
+    )
+
+
 def adam_block_is_safe(cfg: KronConfig, t: int, dtype: torch.dtype, g_abs: float, m_abs: float, v_max: float) -> bool:
     r"""Whether :func:`adam_block` at update ``t`` is sure to give finite moments and a finite direction in
     ``dtype`` on a block bounded by ``|g| ≤ g_abs``, ``|m| ≤ m_abs``, ``0 ≤ v ≤ v_max``; ``False`` when

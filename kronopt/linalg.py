@@ -650,7 +650,8 @@ def projector_split_ksl(
     ``mn × mn`` or ``m² × n²`` matrix is formed. :math:`\tilde S = \hat S - \langle U, G\bar R G^\top\rangle`
     is computed in the cancellation-free form.
 
-    Cost: :math:`2mn(m+n) + O(m^2+n^2)` multiply-adds per block.
+    Cost: :math:`2mn(m+n) + O(m^2+n^2)` multiply-adds per block, less where
+    :func:`sym_product` multiplies only the lower half of the two symmetric sandwiches.
 
     Args:
         L: ``b m m`` symmetric PSD.

@@ -62,6 +62,8 @@ def _is_dtensor(p: Tensor) -> bool:
 
 #: blocks of at least this many entries take the CPU's block-by-block AdamW (smaller ones: the stacks)
 _BLOCKWISE_MIN = 16384
+#: whether proven-finite AdamW blocks on the CPU go through torch's fused AdamW kernel (else block by block)
+_FUSED_ADAMW = True
 
 
 @attrs.define(eq=False)
@@ -669,15 +671,21 @@ class KronOptimizer(torch.optim.Optimizer):
         whole = True if step_ok is None else bool(step_ok)
         out = self._scratch(bucket, batched=False)
         factors = cfg.post.block_factors(out[2], lr=group["lr"], weight_decay=group["weight_decay"])
+        fuse = compose.fuses_adamw(cfg) and _FUSED_ADAMW
+        fused: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         verdicts = []
         for i, (p, g) in enumerate(zip(bucket.params, grads)):
             m, v = state.inner.exp_avg[i], state.inner.exp_avg_sq[i]  # type: ignore[union-attr]
             # the bounds are read block by block, right before the block's work: it then finds them in cache
             if whole and compose.adam_block_is_safe(cfg, t, m.dtype, *self._adam_bounds(p.grad, m, v)):  # type: ignore[arg-type]
                 # finite whatever the entries: computed in place, nothing to check or copy
+                verdicts.append(True)
+                w = to_block(p, bucket.specs[i])  # type: ignore[index]
+                if fuse and w.dtype == g.dtype == m.dtype and w.is_contiguous() and g.is_contiguous():
+                    fused.append((w, g, m, v))  # all of them in one call below
+                    continue
                 D = compose.adam_block(cfg, t, m, v, g, (m, v, out[2]))
                 cfg.post.apply_block_(p, D, factors)
-                verdicts.append(True)
                 continue
             D = compose.adam_block(cfg, t, m, v, g, out)
             good = bool(_plain_adam_ok(out[1][None], D[None]))
@@ -686,6 +694,9 @@ class KronOptimizer(torch.optim.Optimizer):
                 cfg.post.apply_block_(p, D, factors)
                 m.copy_(out[0])
                 v.copy_(out[1])
+        if fused:
+            w_, g_, m_, v_ = (list(x) for x in zip(*fused))
+            compose.fused_adamw_(cfg, t, w_, g_, m_, v_, lr=group["lr"], weight_decay=group["weight_decay"])
         return torch.tensor(verdicts, device=bucket.blocks[0].device)
 
     def _sanitized_gradients(self, bucket: _Bucket, grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -29,21 +29,26 @@ def _grads(step, gen):
     return grads
 
 
-def _run(monkeypatch, *, fast: bool, scope: str, calls: list[int], blockwise: bool = False):
+#: the three forms of the fast path: on the stacks, block by block, and proven blocks through torch's fused kernel
+FORMS = {"stacks": "adam_step", "block_by_block": "adam_block", "fused": "fused_adamw_"}
+
+
+def _run(monkeypatch, *, fast: bool, scope: str, calls: list[int], form: str = "stacks"):
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
     with monkeypatch.context() as patch:
         if not fast:
             patch.setattr(compose, "is_plain_adam", lambda *a: False)
         # the CPU's block-by-block form for every block (else only for large ones), or never
-        patch.setattr(optimizer_module, "_BLOCKWISE_MIN", 1 if blockwise else 10**12)
-        real = compose.adam_block if blockwise else compose.adam_step
+        patch.setattr(optimizer_module, "_BLOCKWISE_MIN", 10**12 if form == "stacks" else 1)
+        patch.setattr(optimizer_module, "_FUSED_ADAMW", form == "fused")
+        real = getattr(compose, FORMS[form])
 
         def counted(*a, **k):
             calls.append(1)
             return real(*a, **k)
 
-        patch.setattr(compose, "adam_block" if blockwise else "adam_step", counted)
+        patch.setattr(compose, FORMS[form], counted)
         opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw", nonfinite_scope=scope, lr=0.05)
         gen = torch.Generator().manual_seed(2)
         for step in range(7):
@@ -54,20 +59,29 @@ def _run(monkeypatch, *, fast: bool, scope: str, calls: list[int], blockwise: bo
     return [p.detach().clone() for p in params], state, opt.nonfinite_counts()
 
 
-@pytest.mark.parametrize("blockwise", [False, True], ids=["stacks", "block_by_block"])
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("scope", ["block", "step"])
-def test_fast_path_matches_the_general_path_bit_for_bit(monkeypatch, scope, blockwise):
+def test_fast_path_matches_the_general_path_bit_for_bit(monkeypatch, scope, form):
+    """Bit for bit on the stacks and block by block; torch's fused kernel orders the same arithmetic
+    otherwise, so there the values agree up to rounding, and the skipped blocks and counts exactly."""
     fast_calls, slow_calls = [], []
-    fast = _run(monkeypatch, fast=True, scope=scope, calls=fast_calls, blockwise=blockwise)
+    fast = _run(monkeypatch, fast=True, scope=scope, calls=fast_calls, form=form)
     slow = _run(monkeypatch, fast=False, scope=scope, calls=slow_calls)
     assert fast_calls and not slow_calls  # each optimizer took the path it was meant to
+
+    def same(a, b):
+        if form == "fused":
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+
     for a, b in zip(fast[0], slow[0]):
-        assert torch.equal(a, b)
+        same(a, b)
     assert fast[1].keys() == slow[1].keys()
     for i in fast[1]:
         assert fast[1][i].keys() == slow[1][i].keys()
         for key in fast[1][i]:
-            assert torch.equal(fast[1][i][key], slow[1][i][key]), (i, key)
+            same(fast[1][i][key], slow[1][i][key])
             if fast[1][i][key].is_floating_point():
                 assert torch.isfinite(fast[1][i][key]).all()
     assert fast[2] == slow[2]
@@ -75,9 +89,10 @@ def test_fast_path_matches_the_general_path_bit_for_bit(monkeypatch, scope, bloc
         assert fast[2] == {"p0": 1, "p1": 1, "p2": 1, "p3": 1, "p4": 1}
 
 
-@pytest.mark.parametrize("blockwise", [False, True], ids=["stacks", "block_by_block"])
-def test_a_skipped_block_keeps_its_state_and_weights_exactly(monkeypatch, blockwise):
-    monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 1 if blockwise else 10**12)
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_skipped_block_keeps_its_state_and_weights_exactly(monkeypatch, form):
+    monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 10**12 if form == "stacks" else 1)
+    monkeypatch.setattr(optimizer_module, "_FUSED_ADAMW", form == "fused")
     params = [torch.nn.Parameter(torch.randn(4, 8)) for _ in range(2)]
     opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw")
     for p in params:
@@ -92,6 +107,30 @@ def test_a_skipped_block_keeps_its_state_and_weights_exactly(monkeypatch, blockw
     assert torch.equal(opt.state[params[0]]["inner.exp_avg"], m) and torch.equal(opt.state[params[0]]["inner.exp_avg_sq"], v)
     assert not torch.equal(params[1], before[1][0])
     assert opt.nonfinite_counts() == {"p0": 1, "p1": 0}
+
+
+def test_fused_form_equals_torch_fused_adamw_bit_for_bit_and_leaves_gradients_alone(monkeypatch):
+    """The fused form is ``torch.optim.AdamW(fused=True)`` on the same blocks: the same parameters and
+    moments after every step (step count, lr, betas, eps and decay wired through), gradients untouched."""
+    monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 1)
+    monkeypatch.setattr(optimizer_module, "_FUSED_ADAMW", True)
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=gen) for s in SHAPES]
+    ours = [torch.nn.Parameter(w.clone()) for w in start]
+    theirs = [torch.nn.Parameter(w.clone()) for w in start]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(ours)], "adamw", lr=0.05, weight_decay=0.1)
+    ref = torch.optim.AdamW(theirs, lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, fused=True)
+    for _ in range(6):
+        grads = [torch.randn(s, generator=gen) for s in SHAPES]
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for a, b, g in zip(ours, theirs, grads):
+            assert torch.equal(a, b)
+            assert torch.equal(a.grad, g)
+            assert torch.equal(opt.state[a]["inner.exp_avg"].view(a.shape), ref.state[b]["exp_avg"])
+            assert torch.equal(opt.state[a]["inner.exp_avg_sq"].view(a.shape), ref.state[b]["exp_avg_sq"])
 
 
 # -- the in-place certificate: compose.adam_block_is_safe --------------------------------------
