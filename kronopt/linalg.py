@@ -697,13 +697,16 @@ def projector_split_ksl(
     R_bar = R * inv
     if fresh is not None:
         R_bar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
-    # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half
-    U = sym_product(L, G @ R_bar, G, beta=weight, alpha=1.0 - beta)
-    U.div_(block_norm(U).clamp(min=tiny))
-    inner = (U * L).sum(dim=(-2, -1), keepdim=True)  # ⟨U, L⟩ as a pairwise sum (a dot product loses digits)
-    R_hat = sym_product(R_bar, G.mT, (U @ G).mT, beta=weight * inner, alpha=1.0 - beta)
+    # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
+    # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and U G (m × n) as a factor, and the
+    # returned L' = √S U as one scaling of K.
+    K = sym_product(L, G @ R_bar, G, beta=weight, alpha=1.0 - beta)
+    inv_K = 1.0 / block_norm(K).clamp(min=tiny)
+    inner = (K * L).sum(dim=(-2, -1), keepdim=True) * inv_K  # ⟨U, L⟩ as a pairwise sum (a dot product loses digits)
+    UG = (K @ G).mul_(inv_K)
+    R_hat = sym_product(R_bar, G.mT, UG.mT, beta=weight * inner, alpha=1.0 - beta)
     root = block_norm(R_hat).sqrt()
-    return U.mul_(root), R_hat.div_(root.clamp(min=tiny))
+    return K.mul_(inv_K * root), R_hat.div_(root.clamp(min=tiny))
 
 
 def projector_split_parallel(
