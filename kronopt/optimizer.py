@@ -635,10 +635,11 @@ class KronOptimizer(torch.optim.Optimizer):
             self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
 
     def _step_plain_adam(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig, grads: list[Tensor]) -> None:
-        """:meth:`_step_bucket` for a plain AdamW bucket on its raw gradients (:meth:`_raw_gradients`),
-        with the same result bit for bit: only the two moments and the counters change, so they are
-        checked (:func:`_plain_adam_ok`) and written directly, one block at a time on the CPU
-        (:meth:`_plain_adam_blocks`), else on the whole stacks with device-side masks."""
+        """:meth:`_step_bucket` for a plain AdamW bucket on its raw gradients (:meth:`_raw_gradients`):
+        only the two moments and the counters change, so they are checked (:func:`_plain_adam_ok`) and
+        written directly, one block at a time on the CPU (:meth:`_plain_adam_blocks`), else on the whole
+        stacks with device-side masks, with the same bits as :meth:`_step_bucket` (torch's fused kernel,
+        where the CPU form uses it, only up to rounding)."""
         group = self.param_groups[bucket.group]
         old = bucket.state
         if bucket.blocks[0].device.type == "cpu" and bucket.layout.m * bucket.layout.n >= _BLOCKWISE_MIN:
@@ -660,11 +661,14 @@ class KronOptimizer(torch.optim.Optimizer):
             self._pending.append(_Pending(bucket.params, ok, step, group=bucket.group, whole_step=step_ok is not None))
 
     def _plain_adam_blocks(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig, grads: list[Tensor]) -> Tensor:
-        """The CPU form of :meth:`_step_plain_adam`: each block's new moments and direction go into one
-        block-sized scratch set (:func:`compose.adam_block`), are checked there and, when the block is
-        written, copied into its stacks and applied, so a block's work stays in cache, as a per-tensor
-        AdamW's does (passes over whole stacks run at memory speed). On a CPU a verdict read on the
-        host costs nothing (there is no device to wait for). Returns the blocks' ``(b)`` verdicts."""
+        """The CPU form of :meth:`_step_plain_adam`, block by block so that a block's work stays in cache,
+        as a per-tensor AdamW's does (passes over whole stacks run at memory speed). A block proven
+        finite from its extremes (:func:`compose.adam_block_is_safe`) is updated in place, through
+        torch's fused AdamW kernel with the other proven blocks where :func:`compose.fuses_adamw` allows;
+        any other block's new moments and direction go into one block-sized scratch set
+        (:func:`compose.adam_block`), are checked there and, when finite, copied into its stacks and
+        applied. On a CPU a verdict read on the host costs nothing (there is no device to wait for).
+        Returns the blocks' ``(b)`` verdicts."""
         group = self.param_groups[bucket.group]
         state = bucket.state
         t = state.step + 1  # type: ignore[union-attr]
@@ -1251,8 +1255,8 @@ def _plain_adam_ok(v: Tensor, D: Tensor) -> Tensor:
     The gradient needs no test of its own: the new second moment is
     :math:`\beta_2 v + (1-\beta_2) G^{\odot 2}` with :math:`1-\beta_2 > 0`, non-finite wherever
     ``G`` is. Being non-negative, it is finite exactly when its largest entry is (one reduction). Nor
-    does the new first moment ``m``: with ``v`` finite, ``D``'s denominator is finite and positive, so a
-    NaN or infinity in ``m`` reaches ``D``.
+    does the new first moment ``m``: with ``v`` finite, ``D``'s denominator is finite and
+    non-negative, so a NaN or infinity in ``m`` reaches ``D``.
     """
     ok = linalg.finite_blocks(D)
     if v[0].numel():
