@@ -113,9 +113,10 @@ def _with_storage(fn: Callable[..., tuple[Tensor | None, BucketState]]) -> Calla
     return step
 
 
-def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> StepContext:
+def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int, shared: dict[str, Any] | None = None) -> StepContext:
     """The :class:`StepContext` the stages see at update ``t``: basis, eigenvalue estimates (the factor
-    estimator's own when it tracks them, else the basis's) and the flat eigenvalues of restricted sides."""
+    estimator's own when it tracks them, else the basis's) and the flat eigenvalues of restricted sides.
+    The contexts of one call share ``shared`` (products several stages use, :meth:`StepContext.rotated`)."""
     basis = state.basis
     if capabilities(cfg.factors).provides_eigvals:
         eigvals = cfg.factors.eigvals(state.factors)
@@ -123,11 +124,13 @@ def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int) -> Step
         eigvals = (basis.lam_L, basis.lam_R)
     restricted = "restricted" in (layout.left, layout.right)  # only with an estimator that supports it (validated)
     flat = cfg.factors.flat_eigvals(state.factors) if restricted else (None, None)
-    return StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat)
+    return StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat, shared={} if shared is None else shared)
 
 
-def _observe(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool) -> BucketState:
-    ctx = context(cfg, layout, state, t)
+def _observe(
+    cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool, shared: dict[str, Any]
+) -> BucketState:
+    ctx = context(cfg, layout, state, t, shared)
     factors = cfg.factors.update(state.factors, G, ctx)
     if not cfg.refresh.due(t, first_call=first_call):
         return attrs.evolve(state, factors=factors)
@@ -144,19 +147,20 @@ def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tupl
     """One call for a bucket: the direction ``D (b m n)`` (``None``: do not touch W) and the new state."""
     first_call = state.calls == 0
     calls = state.calls + 1
+    shared: dict[str, Any] = {}  # products of G that several stages use, computed once (StepContext.rotated)
     if first_call and cfg.skip_first_call:
-        state = _observe(cfg, layout, state, G, t=state.step, first_call=True)
+        state = _observe(cfg, layout, state, G, t=state.step, first_call=True, shared=shared)
         return None, attrs.evolve(state, calls=calls)
     t = state.step + 1
     if cfg.factor_update == "before":
-        state = _observe(cfg, layout, state, G, t=t, first_call=first_call)
-    ctx = context(cfg, layout, state, t)
+        state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared)
+    ctx = context(cfg, layout, state, t, shared)
     D, inner = cfg.inner.direction(state.inner, G, ctx)
     D, split = cfg.split.complement(state.split, G, D, ctx, lambda: cfg.inner.moment(inner, ctx))
     D, post = cfg.post.graft(state.post, G, D, ctx)
     state = attrs.evolve(state, inner=inner, split=split, post=post)
     if cfg.factor_update == "after":
-        state = _observe(cfg, layout, state, G, t=t, first_call=first_call)
+        state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared)
     return D, attrs.evolve(state, calls=calls, step=t)
 
 

@@ -381,6 +381,7 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
             except (TypeError, ValueError) as exc:
                 errors.append((_join(prefix, "factors.beta"), f"{BETA_TIE!r} = inner.betas[1] = {betas[1]!r}: {exc}"))
     if caps["split"].restricts:
+        stages = cfg.stages()
         for slot in ("factors", "basis", "inner"):
             if not caps[slot].supports_restricted:
                 errors.append((
@@ -388,6 +389,13 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
                     f"split {keys['split']!r} keeps a restricted side, which {slot} {keys[slot]!r} does not support; "
                     f"{slot} stages that do: {able(slot, lambda c: c.supports_restricted)}",
                 ))
+                continue
+            # a stage that supports restricted sides may still refuse them with some options
+            conflict = getattr(stages[slot], "restricted_conflict", None)
+            found = conflict() if callable(conflict) else None
+            if found is not None:
+                option, why = found
+                errors.append((_join(prefix, f"{slot}.{option}"), f"split {keys['split']!r} keeps a restricted side: {why}"))
         if not caps["inner"].exposes_moment:
             errors.append((
                 _join(prefix, "inner.type"),

@@ -123,7 +123,10 @@ KL_SHAMPOO = KronConfig(
     factor_update="after",
     factors=KlKronFactors(beta=0.98, init_factor=0.1, damping=0.0, clamping=True, max_clamp=4000.0),
     basis=QrBasis(sort=False),
-    inner=EigenvalueInner(momentum=0.9, exponent=-0.5, eps=1e-8, eps_placement="product", bias_correction=False),
+    # the momentum kept in the eigenbasis: the same direction, and the factor update's rotation of G serves it
+    inner=EigenvalueInner(
+        momentum=0.9, exponent=-0.5, eps=1e-8, eps_placement="product", bias_correction=False, momentum_basis="eigen"
+    ),
     split=FullSplit(),
     refresh=EveryRefresh(every=10, at_first_call=True),
     post=Post(weight_decay_order="after"),
@@ -144,6 +147,7 @@ KL_SOAP = attrs.evolve(
 #: min(128, d/4) + one flat eigenvalue and an orthogonalized complement.
 PRO_KL_SHAMPOO = attrs.evolve(
     KL_SHAMPOO,
+    inner=attrs.evolve(KL_SHAMPOO.inner, momentum_basis="original"),  # a restricted side keeps no full basis
     split=LowRankFlatSplit(rank=0.25, max_rank=128, side="larger", complement_scale="whitened", complement_mult=1.0),
 )
 

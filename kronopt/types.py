@@ -111,6 +111,20 @@ class StepContext:
     basis: BasisState
     eigvals: tuple[Tensor | None, Tensor | None] = (None, None)
     flat: tuple[Tensor | None, Tensor | None] = (None, None)
+    shared: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    def rotated(self, G: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(Q_Lᵀ G, Q_Lᵀ G Q_R)`` in this context's basis (a ``None`` side is the identity), computed
+        once per bucket call for every stage that asks: the contexts of one call share ``shared``, and
+        the products are reused only for this very ``G`` and these very bases."""
+        Q_L, Q_R = self.basis.Q_L, self.basis.Q_R
+        hit = self.shared.get("rotated")
+        if hit is not None and hit[0] is G and hit[1] is Q_L and hit[2] is Q_R:
+            return hit[3], hit[4]
+        Gl = G if Q_L is None else Q_L.mT @ G
+        H = Gl if Q_R is None else Gl @ Q_R
+        self.shared["rotated"] = (G, Q_L, Q_R, Gl, H)
+        return Gl, H
 
 
 # -- the slot protocols: the members every stage of a slot has ------------------------------

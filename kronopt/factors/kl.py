@@ -204,7 +204,7 @@ class KlKronFactors:
         if left.kind == "restricted":
             new_right, new_left = self._update(G.mT, right, left, first=ctx.step == 0)
         else:
-            new_left, new_right = self._update(G, left, right, first=ctx.step == 0)
+            new_left, new_right = self._update(G, left, right, first=ctx.step == 0, ctx=ctx)
         return _pack(new_left, new_right)
 
     def on_basis_change(self, state: KlFactorsState, change: BasisChange) -> KlFactorsState:
@@ -233,17 +233,25 @@ class KlKronFactors:
         return s, sub, mu, power
 
     # -- the update, with the restricted side (if any) on the right --------------------------
-    def _update(self, G: Tensor, left: _Side, right: _Side, *, first: bool) -> tuple[_Side, _Side]:
+    def _update(
+        self, G: Tensor, left: _Side, right: _Side, *, first: bool, ctx: StepContext | None = None
+    ) -> tuple[_Side, _Side]:
+        """One call with the sides as they come (``ctx``: the sides are ``ctx``'s basis, unswapped, so the
+        rotation of ``G`` an inner rule already made is reused, :meth:`StepContext.rotated`)."""
         rho = self.beta
         m, n = G.shape[-2], G.shape[-1]
         if first:
             return self._first(G, left, right)
-        Gl = G if left.Q is None else left.Q.mT @ G  # Q_Lᵀ G
+        if ctx is not None and right.kind != "restricted":
+            Gl, H = ctx.rotated(G)  # Q_Lᵀ G, Q_Lᵀ G Q_R
+        else:
+            Gl, H = (G if left.Q is None else left.Q.mT @ G), None
         sL = None if left.s is None else left.s.unsqueeze(-1)  # (b m 1)
         if right.kind == "restricted":
             return self._update_restricted(G, Gl, sL, left, right)
         GQ = G if right.Q is None else G @ right.Q  # G Q_R
-        H = Gl if right.Q is None else Gl @ right.Q  # Q_Lᵀ G Q_R
+        if H is None:
+            H = Gl if right.Q is None else Gl @ right.Q  # Q_Lᵀ G Q_R
         H2 = H.square()
         sR = None if right.s is None else right.s.unsqueeze(-2)  # (b 1 n)
         new_left, new_right = left, right

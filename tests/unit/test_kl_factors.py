@@ -157,7 +157,7 @@ def test_sorted_refresh_permutes_the_roots_with_the_columns(gen):
 def test_factors_stay_symmetric_psd(seed, m, n, restricted):
     cfg = _kl_cfg(refresh=attrs.evolve(kronopt.PRESETS["kl_shampoo"].refresh, every=2))
     if restricted and n >= 2:
-        cfg = attrs.evolve(cfg, split=kronopt.PRESETS["pro_kl_shampoo"].split)
+        cfg = attrs.evolve(cfg, split=kronopt.PRESETS["pro_kl_shampoo"].split, inner=kronopt.PRESETS["pro_kl_shampoo"].inner)
         (kl, rl), (kr, rr) = cfg.split.sides(m, n, (True, True))
     else:
         (kl, rl), (kr, rr) = ("full", 0), ("full", 0)

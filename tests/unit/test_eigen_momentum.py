@@ -1,0 +1,91 @@
+"""The eigenvalue rule's momentum kept in the eigenbasis (``inner.momentum_basis = "eigen"``, kl_shampoo's preset):
+the same optimizer as the momentum in the original coordinates, two products fewer per step."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kronopt
+from kronopt import config
+
+SHAPES = [(12, 8), (8, 20), (6, 6)]
+
+
+def _run(preset, basis, steps=23, **overrides):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    opt = kronopt.build(
+        [(f"w{i}", p) for i, p in enumerate(params)], preset,
+        **{"inner.momentum_basis": basis, "refresh.every": 3, "state_dtype": "float64", **overrides},
+    )
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [("kl_shampoo", {"basis.sort": False}), ("kl_shampoo", {"basis.sort": True}), ("shampoo", {})],
+    ids=["kl_shampoo", "kl_shampoo_sorted", "shampoo_eigh"],
+)
+def test_eigenbasis_momentum_is_the_same_optimizer(preset, overrides):
+    """Over 23 steps with a refresh every 3 (the first refresh from the identity; QR power steps sorted or
+    not, or eigh), the weights and the momentum in the original coordinates (``moment``) agree to float64
+    rounding."""
+    a, pa = _run(preset, "original", **overrides)
+    b, pb = _run(preset, "eigen", **overrides)
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    for bucket_a, bucket_b in zip(a._buckets, b._buckets):
+        cfg = a._bucket_config(bucket_a)
+        ctx_a = kronopt.compose.context(cfg, bucket_a.layout, bucket_a.state, bucket_a.state.step)
+        ctx_b = kronopt.compose.context(b._bucket_config(bucket_b), bucket_b.layout, bucket_b.state, bucket_b.state.step)
+        torch.testing.assert_close(
+            b._bucket_config(bucket_b).inner.moment(bucket_b.state.inner, ctx_b),
+            cfg.inner.moment(bucket_a.state.inner, ctx_a),
+            rtol=1e-12, atol=1e-12,
+        )
+
+
+class _Products(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("mm", "bmm", "addmm", "baddbmm"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_kl_shampoo_shares_the_rotation_of_the_gradient():
+    """A plain step (no refresh) of a two-sided block makes 7 products with the momentum in the basis, 9 without:
+    the factor update reuses the direction's Q_Lᵀ G Q_R (StepContext.rotated)."""
+    counts = {}
+    for basis in ("original", "eigen"):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(12, 8, generator=gen))
+        opt = kronopt.build([("w", w)], "kl_shampoo", **{"inner.momentum_basis": basis, "refresh.every": 100})
+        for _ in range(3):  # the first call only observes, the second refreshes at the first call's schedule
+            w.grad = torch.randn(12, 8, generator=gen)
+            opt.step()
+        w.grad = torch.randn(12, 8, generator=gen)
+        with _Products() as products:
+            opt.step()
+        counts[basis] = products.count
+    assert counts == {"original": 9, "eigen": 7}
+
+
+def test_a_restricted_side_refuses_the_eigenbasis_momentum():
+    with pytest.raises(config.ConfigError, match="momentum_basis"):
+        config.with_overrides(kronopt.PRESETS["pro_kl_shampoo"], {"inner.momentum_basis": "eigen"})
+
+
+def test_an_old_checkpoint_with_momentum_in_original_coordinates_is_refused_not_misread():
+    a, pa = _run("kl_shampoo", "original", steps=5)
+    b, _ = _run("kl_shampoo", "eigen", steps=5)
+    with pytest.warns(UserWarning, match="different config"), pytest.raises(ValueError, match="momentum"):
+        b.load_state_dict(a.state_dict())
