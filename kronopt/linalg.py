@@ -64,6 +64,49 @@ def gram_right(G: Tensor) -> Tensor:
     return sym(G.mT @ G)
 
 
+#: on CPU, a Gram update of at least this side is computed by tiles of ``_GRAM_TILE``, lower triangle only
+_GRAM_TILED_MIN = 512
+_GRAM_TILE = 256
+
+
+def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float) -> Tensor:
+    r""":math:`\beta X + \alpha A B^\top`, exactly symmetric, for a symmetric ``X (b m m)`` and a product
+    ``A Bᵀ`` (``b m k, b m k``) that is symmetric in exact arithmetic: a Gram matrix :math:`A A^\top`, a
+    sandwich :math:`(G S) G^\top`. ``beta`` is a number or a per-block ``(b 1 1)`` tensor.
+
+    The product is symmetric, so half of it is redundant. On CPU, from side
+    ``_GRAM_TILED_MIN`` on, only the tiles on and below the diagonal are multiplied
+    (``t(t+1)/2`` of ``t²`` tile products), the diagonal tiles are symmetrised and each
+    tile below is mirrored above it. That saves up to half the flops and replaces the
+    transposed copy of a whole matrix (a strided pass many times slower than a plain one)
+    by transposes of tiles that stay in cache. The entries differ from the dense form only
+    in rounding: a tile below the diagonal is the product's own value where :func:`sym`
+    averages it with its mirror. Elsewhere (and for smaller sides) one fused product,
+    then :func:`sym`.
+    """
+    m = A.shape[-2]
+    per_block = isinstance(beta, Tensor)
+    if A.device.type != "cpu" or m < _GRAM_TILED_MIN or X.shape[-1] != m:
+        if per_block:
+            return sym((X * beta).baddbmm_(A, B.mT, alpha=alpha))
+        return sym(torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha))  # type: ignore[arg-type]
+    out = torch.empty(X.shape, dtype=torch.result_type(X, A), device=X.device)
+    edges = [*range(0, m, _GRAM_TILE), m]
+    tiles = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    for i, I in enumerate(tiles):
+        for J in tiles[: i + 1]:
+            if per_block:
+                tile = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
+            else:
+                tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
+            if I == J:
+                out[:, I, I] = sym(tile)
+            else:
+                out[:, I, J] = tile
+                out[:, J, I] = tile.mT
+    return out
+
+
 def ema_gram_left(L: Tensor, G: Tensor, beta: float) -> Tensor:
     r""":math:`\beta L + (1-\beta) G G^\top`, exactly symmetric (:func:`accumulate_gram_left`)."""
     return accumulate_gram_left(L, G, beta, 1 - beta)
@@ -941,7 +984,7 @@ def nearest_kron_power(
 
 
 def accumulate_gram_left(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
-    r""":math:`\beta X + \alpha A A^\top` (``b m k, b m2 k -> b m m2``) in one fused product, then :func:`sym`.
+    r""":math:`\beta X + \alpha A A^\top` (``b m k -> b m m``), exactly symmetric (:func:`sym_product`).
 
     With :math:`A = G Q_R\,\mathrm{diag}(s_R)` this is KL-Shampoo's left factor update
     :math:`\rho L + (1-\rho)/n \cdot G \hat R^{-1} G^\top`; as a Gram product the
@@ -949,62 +992,15 @@ def accumulate_gram_left(X: Tensor, A: Tensor, beta: float, alpha: float) -> Ten
     """
     _check_batched("A", A)
     _check_batched_square("X", X)
-    return _sym_gram(X, A, beta, alpha)
-
-
-def accumulate_gram_right(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
-    r""":math:`\beta X + \alpha A^\top A` (``b k n, b k n2 -> b n n2``) in one fused product, then :func:`sym`."""
-    _check_batched("A", A)
-    _check_batched_square("X", X)
-    return _sym_gram(X, A.mT, beta, alpha)
-
-
-#: on CPU, a Gram update of at least this side is computed by tiles of ``_GRAM_TILE``, lower triangle only
-_GRAM_TILED_MIN = 512
-_GRAM_TILE = 256
-
-
-def _sym_gram(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
-    r""":math:`\beta X + \alpha A A^\top` for a symmetric ``X (b m m)``, exactly symmetric (:func:`sym_product`)."""
     return sym_product(X, A, A, beta=beta, alpha=alpha)
 
 
-def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float) -> Tensor:
-    r""":math:`\beta X + \alpha A B^\top`, exactly symmetric, for a symmetric ``X (b m m)`` and a product
-    ``A Bᵀ`` (``b m k, b m k``) that is symmetric in exact arithmetic: a Gram matrix :math:`A A^\top`, a
-    sandwich :math:`(G S) G^\top`. ``beta`` is a number or a per-block ``(b 1 1)`` tensor.
+def accumulate_gram_right(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+    r""":math:`\beta X + \alpha A^\top A` (``b k n -> b n n``), exactly symmetric (:func:`sym_product`)."""
+    _check_batched("A", A)
+    _check_batched_square("X", X)
+    return sym_product(X, A.mT, A.mT, beta=beta, alpha=alpha)
 
-    The product is symmetric, so half of it is redundant. On CPU, from side
-    ``_GRAM_TILED_MIN`` on, only the tiles on and below the diagonal are multiplied
-    (``t(t+1)/2`` of ``t²`` tile products), the diagonal tiles are symmetrised and each
-    tile below is mirrored above it. That saves up to half the flops and replaces the
-    transposed copy of a whole matrix (a strided pass many times slower than a plain one)
-    by transposes of tiles that stay in cache. The entries differ from the dense form only
-    in rounding: a tile below the diagonal is the product's own value where :func:`sym`
-    averages it with its mirror. Elsewhere (and for smaller sides) one fused product,
-    then :func:`sym`.
-    """
-    m = A.shape[-2]
-    per_block = isinstance(beta, Tensor)
-    if A.device.type != "cpu" or m < _GRAM_TILED_MIN or X.shape[-1] != m:
-        if per_block:
-            return sym((X * beta).baddbmm_(A, B.mT, alpha=alpha))
-        return sym(torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha))  # type: ignore[arg-type]
-    out = torch.empty(X.shape, dtype=torch.result_type(X, A), device=X.device)
-    edges = [*range(0, m, _GRAM_TILE), m]
-    tiles = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
-    for i, I in enumerate(tiles):
-        for J in tiles[: i + 1]:
-            if per_block:
-                tile = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
-            else:
-                tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
-            if I == J:
-                out[:, I, I] = sym(tile)
-            else:
-                out[:, I, J] = tile
-                out[:, J, I] = tile.mT
-    return out
 
 
 def kl_clamp_value(d: int, max_clamp: float) -> float:
