@@ -297,17 +297,7 @@ def _field_names(cls: type) -> tuple[str, ...] | None:
 
 def map_tensors(record: Any, fn: Any) -> Any:
     """A copy of an attrs state record with ``fn`` applied to every tensor (recursively)."""
-    if isinstance(record, Tensor):
-        return fn(record)
-    names = _field_names(type(record))
-    if names is None:
-        return record
-    changes = {}
-    for name in names:
-        value = getattr(record, name)
-        if isinstance(value, Tensor) or _field_names(type(value)) is not None:
-            changes[name] = map_tensors(value, fn)
-    return attrs.evolve(record, **changes) if changes else record
+    return zip_tensors(record, record, lambda t, _: fn(t))
 
 
 def zip_tensors(new: Any, old: Any, fn: Any) -> Any:

@@ -436,7 +436,7 @@ class KronOptimizer(torch.optim.Optimizer):
         which :meth:`step`'s split keeps first), ``(b)`` flags: block ``i``'s gradient is finite on every rank.
 
         A non-finite entry sits only on the rank holding its row, so every rank reduces
-        its rows' max-norms (one fused reduction) and one ``all_reduce`` (MIN) of every
+        its rows' extremes (``linalg.finite_each``: one pass per gradient) and one ``all_reduce`` (MIN) of every
         block's flag makes the ranks agree, for the step flag and the per-block masks
         alike. ``None`` without such buckets (or gradients).
         """
@@ -452,8 +452,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 grads.extend(p.grad.to_local() for p in present)  # type: ignore[union-attr]
         if not grads:
             return None
-        norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, float("inf"))])
-        flags = norms.isfinite().to(torch.int32)
+        flags = linalg.finite_each(grads).to(torch.int32)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=self._fsdp_group())
         out, start = {}, 0
         for key, count in owners:
@@ -794,7 +793,7 @@ class KronOptimizer(torch.optim.Optimizer):
         cfg = self._bucket_config(bucket)
         dtype = bucket.state_dtype
         grads = [p.grad for p in plan.params]
-        ok_all = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite()  # type: ignore[arg-type]
+        ok_all = linalg.finite_each(grads)  # type: ignore[arg-type]
         writes = plan.calls > 0 or not cfg.skip_first_call
         plan.calls += 1
         D: Tensor | None = None

@@ -47,6 +47,16 @@ def _make(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
     return opt, opt.state_bytes
 
 
+def _check_run(names: Sequence[str], shapes: Sequence[tuple[int, ...]], steps: int, warmup: int) -> None:
+    """The arguments :func:`bench` and :func:`bench_world` share; raises ``ValueError`` naming the first bad one."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps ≥ 1 and warmup ≥ 0, got steps={steps}, warmup={warmup}")
+    if not shapes or any(d < 1 for s in shapes for d in s):
+        raise ValueError(f"need at least one shape, every dimension ≥ 1, got {list(shapes)}")
+    if not names:
+        raise ValueError("need at least one optimizer")
+
+
 def bench(
     names: Sequence[str],
     shapes: Sequence[tuple[int, ...]],
@@ -72,12 +82,7 @@ def bench(
     Raises:
         ValueError: ``steps < 1``, ``warmup < 0``, no names, no shapes, or a dimension < 1.
     """
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps ≥ 1 and warmup ≥ 0, got steps={steps}, warmup={warmup}")
-    if not shapes or any(d < 1 for s in shapes for d in s):
-        raise ValueError(f"need at least one shape, every dimension ≥ 1, got {list(shapes)}")
-    if not names:
-        raise ValueError("need at least one optimizer")
+    _check_run(names, shapes, steps, warmup)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
@@ -319,12 +324,7 @@ def bench_world(
     Raises:
         ValueError: as :func:`bench`, or a world size < 1.
     """
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps ≥ 1 and warmup ≥ 0, got steps={steps}, warmup={warmup}")
-    if not shapes or any(d < 1 for s in shapes for d in s):
-        raise ValueError(f"need at least one shape, every dimension ≥ 1, got {list(shapes)}")
-    if not names:
-        raise ValueError("need at least one optimizer")
+    _check_run(names, shapes, steps, warmup)
     if not worlds or any(w < 1 for w in worlds):
         raise ValueError(f"need world sizes ≥ 1, got {list(worlds)}")
     out = []
