@@ -118,7 +118,16 @@ def ema_gram_right(R: Tensor, G: Tensor, beta: float) -> Tensor:
 
 
 def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
-    r"""Into the basis: :math:`Q_L^\top X Q_R` (``None`` is the identity), ``b m n``."""
+    r"""Into the basis: :math:`Q_L^\top X Q_R` (``None`` is the identity), ``b m n``.
+
+    With both sides the two products go in the cheaper order (:func:`_left_first`): a
+    restricted side's ``d × r`` basis is applied first, so :math:`X U` costs
+    :math:`mnr` and never the :math:`m^2 n` of rotating the full block first. Either
+    order is the same product up to rounding; with full bases on both sides the cost is the same
+    and the left goes first.
+    """
+    if Q_L is not None and Q_R is not None and not _left_first(Q_L.shape[-1], X.shape[-2], X.shape[-1], Q_R.shape[-1]):
+        return Q_L.mT @ (X @ Q_R)
     if Q_L is not None:
         X = Q_L.mT @ X
     if Q_R is not None:
@@ -127,12 +136,21 @@ def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
 
 
 def unrotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
-    r"""Back from the basis: :math:`Q_L X Q_R^\top` (``None`` is the identity), ``b m n``."""
+    r"""Back from the basis: :math:`Q_L X Q_R^\top` (``None`` is the identity), ``b m n``, the two
+    products in the cheaper order (:func:`_left_first`; left first when the cost is the same)."""
+    if Q_L is not None and Q_R is not None and not _left_first(Q_L.shape[-2], X.shape[-2], X.shape[-1], Q_R.shape[-2]):
+        return Q_L @ (X @ Q_R.mT)
     if Q_L is not None:
         X = Q_L @ X
     if Q_R is not None:
         X = X @ Q_R.mT
     return X
+
+
+def _left_first(p: int, m: int, n: int, q: int) -> bool:
+    r"""Whether ``(p×m)(m×n)`` then ``(p×n)(n×q)`` costs no more than ``(m×n)(n×q)`` then ``(p×m)(m×q)``:
+    :math:`pn(m + q) \le mq(n + p)`."""
+    return p * n * (m + q) <= m * q * (n + p)
 
 
 def change_basis(
@@ -266,9 +284,15 @@ def normalize_rms(D: Tensor) -> Tensor:
 
 def rescale_to_norm(D: Tensor, norm: Tensor) -> Tensor:
     r"""``D`` rescaled per block to Frobenius norm ``norm (b 1 1)``: :math:`D\,\nu/\|D\|_F` (0 stays 0)."""
-    norm_D = block_norm(D)
-    ratio = norm / norm_D.clamp(min=torch.finfo(D.dtype).tiny)
-    return D * torch.where(norm_D > 0, ratio, torch.zeros_like(ratio))
+    return D * rescale_factor(D, norm)
+
+
+def rescale_factor(D: Tensor, norm: Tensor) -> Tensor:
+    r"""The factor ``(b 1 1)`` that gives ``D`` the Frobenius norm ``norm`` per block,
+    :math:`\nu/\|D\|_F`, and 0 where ``D`` is 0; in ``norm``'s dtype (``D`` may be narrower)."""
+    norm_D = torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True, dtype=norm.dtype)
+    ratio = norm / norm_D.clamp(min=torch.finfo(norm.dtype).tiny)
+    return torch.where(norm_D > 0, ratio, torch.zeros_like(ratio))
 
 
 # -- symmetric eigendecomposition ------------------------------------------------------
@@ -1136,13 +1160,13 @@ def whitened_complement_norm(
         raise ValueError(f"restricted must be 'left' or 'right', got {restricted!r}")
     if restricted == "right":
         X = C if Q_other is None else Q_other.mT @ C
-        w = None if lam_other is None else lam_other.rsqrt().unsqueeze(-1)  # (b m 1)
+        rows = torch.linalg.vector_norm(X, dim=-1)  # (b m): the norm of each rotated row
     else:
         X = C if Q_other is None else C @ Q_other
-        w = None if lam_other is None else lam_other.rsqrt().unsqueeze(-2)  # (b 1 n)
-    if w is not None:
-        X = X * w
-    return block_norm(X) * mu.rsqrt().view(-1, 1, 1)
+        rows = torch.linalg.vector_norm(X, dim=-2)  # (b n)
+    if lam_other is not None:
+        rows = rows * lam_other.rsqrt()
+    return torch.linalg.vector_norm(rows, dim=-1).view(-1, 1, 1) * mu.rsqrt().view(-1, 1, 1)
 
 
 def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:

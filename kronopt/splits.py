@@ -179,14 +179,17 @@ class LowRankFlatSplit:
         else:
             return D, state
         schedule = linalg.ns_schedule(self.ns_coefficients, self.ns_steps)
-        O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype]).to(D.dtype)
+        # O stays in the iteration's dtype (and layout): the scaled sum below reads it once
+        O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype])
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
             nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)
             # μ = 0 or λ ≤ 0 (an EMA estimator that has seen no complement energy yet): no complement block
-            O = linalg.rescale_to_norm(O, torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu)))
+            w = linalg.rescale_factor(O, torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu)))
         elif self.complement_scale == "match_subspace_rms":
             d, r = (layout.m, layout.rank_left) if side == "left" else (layout.n, layout.rank_right)
             other = layout.n if side == "left" else layout.m
-            O = linalg.rescale_to_norm(O, linalg.subspace_rms_complement_norm(D, d, r, other))
-        return D + self.scale(layout) * O, state
+            w = linalg.rescale_factor(O, linalg.subspace_rms_complement_norm(D, d, r, other))
+        else:
+            return torch.add(D, O, alpha=self.scale(layout)), state
+        return torch.addcmul(D, O, w.mul_(self.scale(layout))), state

@@ -242,13 +242,13 @@ class KlKronFactors:
         m, n = G.shape[-2], G.shape[-1]
         if first:
             return self._first(G, left, right)
-        if ctx is not None and right.kind != "restricted":
+        sL = None if left.s is None else left.s.unsqueeze(-1)  # (b m 1)
+        if right.kind == "restricted":
+            return self._update_restricted(G, sL, left, right)
+        if ctx is not None:
             Gl, H = ctx.rotated(G)  # Q_Lᵀ G, Q_Lᵀ G Q_R
         else:
             Gl, H = (G if left.Q is None else left.Q.mT @ G), None
-        sL = None if left.s is None else left.s.unsqueeze(-1)  # (b m 1)
-        if right.kind == "restricted":
-            return self._update_restricted(G, Gl, sL, left, right)
         GQ = G if right.Q is None else G @ right.Q  # G Q_R
         if H is None:
             H = Gl if right.Q is None else Gl @ right.Q  # Q_Lᵀ G Q_R
@@ -272,34 +272,38 @@ class KlKronFactors:
         s = linalg.tracked_inverse_root_ema(side.s, d, self.beta, self._clamp(side.d))  # type: ignore[arg-type]
         return attrs.evolve(side, F=F, s=s)
 
-    def _update_restricted(
-        self, G: Tensor, Gl: Tensor, sL: Tensor | None, left: _Side, right: _Side
-    ) -> tuple[_Side, _Side]:
+    def _update_restricted(self, G: Tensor, sL: Tensor | None, left: _Side, right: _Side) -> tuple[_Side, _Side]:
+        r"""The update with a restricted right side. ``G`` is split against ``U`` first and each part
+        rotated on its own (``Q_Lᵀ Y``: :math:`m^2 r`, ``Q_Lᵀ G_⊥``: :math:`m^2 n`), which is
+        cheaper than rotating ``G`` and splitting the result (:math:`m^2 n + 2mnr`); the power
+        increment :math:`\hat G^\top \hat Y` is then assembled from the two parts."""
         rho = self.beta
         m, n, r = G.shape[-2], G.shape[-1], right.rank
         U, tau, mu = right.Q, right.s, right.mu
         assert U is not None and tau is not None and mu is not None and right.sub is not None
         Y, Gc = linalg.subspace_split(G, U)  # G U, G P⊥
-        Hy, Hc = linalg.subspace_split(Gl, U)  # Q_Lᵀ G U, Q_Lᵀ G P⊥
+        Hy = Y if left.Q is None else left.Q.mT @ Y  # Q_Lᵀ G U
+        Hc = Gc if left.Q is None else left.Q.mT @ Gc  # Q_Lᵀ G P⊥
+        e_c = linalg.weighted_row_energy(Hc, None)  # (b m): ‖(Q_Lᵀ G P⊥)_i‖²
         inv_mu = (1.0 / mu).view(-1, 1, 1)
         new_left = left
         if left.F is not None:
             F = linalg.accumulate_gram_left(left.F, Y * tau.unsqueeze(-2), rho, (1 - rho) / n)
             F = linalg.accumulate_gram_left(F, Gc * inv_mu.sqrt(), 1.0, (1 - rho) / n)
-            d_L = (linalg.weighted_row_energy(Hy, tau.square()) + inv_mu.squeeze(-1) * linalg.weighted_row_energy(Hc, None)) / n
+            d_L = (linalg.weighted_row_energy(Hy, tau.square()) + inv_mu.squeeze(-1) * e_c) / n
             new_left = self._tracked(left, F, d_L, right, G)
         Yh = Hy if sL is None else Hy * sL  # Ŷ = diag(s_L) Q_Lᵀ G U
-        Gh = Gl if sL is None else Gl * sL  # Ĝ
-        Hch = Hc if sL is None else Hc * sL
         sub = linalg.accumulate_gram_right(right.sub, Yh, rho, (1 - rho) / m)
         extra = self.damping * _mean_inverse(left, G) if self.damping else 0.0
         d_R = Yh.square().sum(-2) / m + extra
         tau = linalg.tracked_inverse_root_ema(tau, d_R, rho, self._clamp(n))
-        d_mu = Hch.square().sum((-2, -1)) / (m * max(n - r, 1))
+        d_mu = (e_c if sL is None else e_c * sL.squeeze(-1).square()).sum(-1) / (m * max(n - r, 1))
         if self.damping:
             d_mu = d_mu + extra.squeeze(-1)  # type: ignore[union-attr]
         mu_new = torch.lerp(mu, d_mu, 1 - rho).nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(n, mu))
-        increment = (1 - rho) / m * (Gh.mT @ Yh)  # (1-ρ)/m Ĝᵀ Ŷ = (1-ρ) Gᵀ L̂⁻¹ G U / m
+        # Ĝᵀ Ŷ = (Q_Lᵀ G)ᵀ W with W = diag(s_L²) Q_Lᵀ G U, and Q_Lᵀ G = Hy Uᵀ + Hc
+        W = Yh if sL is None else Yh * sL
+        increment = torch.baddbmm(Hc.mT @ W, U, Hy.mT @ W).mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
         if self.tracker == "power":
             power = linalg.restricted_power_product(U, right.sub, increment, rho)
         else:
