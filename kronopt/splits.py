@@ -181,6 +181,8 @@ class LowRankFlatSplit:
         schedule = linalg.ns_schedule(self.ns_coefficients, self.ns_steps)
         # O stays in the iteration's dtype (and layout): the scaled sum below reads it once
         O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype])
+        if torch.promote_types(O.dtype, D.dtype) != D.dtype:  # a wider iteration: the step keeps D's dtype
+            O = O.to(D.dtype)
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
             nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)

@@ -207,6 +207,54 @@ def test_rank_deficient_complement_matches_newton_schulz(gen):
     torch.testing.assert_close(D, math.sqrt(n - r) * ns, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", ["identity", "whitened", "match_subspace_rms"])
+@pytest.mark.parametrize(("ns_dtype", "dtype"), [("bfloat16", torch.float32), ("float64", torch.float32), ("float32", torch.float64)])
+def test_complement_is_added_in_the_direction_dtype(gen, scale, ns_dtype, dtype):
+    """The complement block is read straight from the iteration's output (narrower or wider than the step)
+    and added to D in D's dtype: D + c · NS(C) rescaled, the same as converting the block first."""
+    m, n, r = 12, 7, 2
+    U, _, _ = _spike_and_flat(gen, n, r, 1.0)
+    U = U.to(dtype)
+    M = randn(gen, 1, m, n).to(dtype)
+    D0 = randn(gen, 1, m, n).to(dtype)
+    split = LowRankFlatSplit(ns_dtype=ns_dtype, complement_scale=scale, complement_mult=1.7)
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    Q_L = torch.linalg.qr(randn(gen, 1, m, m))[0].to(dtype)
+    basis = BasisState(Q_L=Q_L, Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    lam_L = torch.linspace(0.5, 2.0, m, dtype=dtype).unsqueeze(0)
+    ctx = StepContext(step=1, layout=layout, basis=basis, eigvals=(lam_L, None), flat=(None, torch.tensor([0.3], dtype=dtype)))
+    D, _ = split.complement(None, M, D0, ctx, lambda: M)
+    assert D.dtype == dtype
+    C = linalg.project_out_right(M, U)
+    O = linalg.newton_schulz(C, linalg.ns_schedule("kj", 5), eps=1e-7, dtype=linalg.DTYPES[ns_dtype]).to(dtype)
+    if scale == "whitened":
+        O = linalg.rescale_to_norm(O, linalg.whitened_complement_norm(C, Q_L, lam_L, torch.tensor([0.3], dtype=dtype), restricted="right"))
+    elif scale == "match_subspace_rms":
+        O = linalg.rescale_to_norm(O, linalg.subspace_rms_complement_norm(D0, n, r, m))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(D, D0 + split.scale(layout) * O, rtol=tol, atol=tol)
+
+
+def test_whitened_norm_is_the_weighted_frobenius_norm_of_the_rotated_complement(gen):
+    """ν = μ^{-1/2} ‖diag(λ^{-1/2}) Q_Lᵀ C‖_F (right restricted) and μ^{-1/2} ‖C Q_R diag(λ^{-1/2})‖_F (left),
+    written here as the dense weighted product: a weight on the wrong axis or a missing root fails."""
+    m, n = 6, 9
+    C = randn(gen, 2, m, n)
+    Q_L, Q_R = torch.linalg.qr(randn(gen, 2, m, m))[0], torch.linalg.qr(randn(gen, 2, n, n))[0]
+    lam_L, lam_R = torch.rand(2, m, generator=gen, **F64) + 0.1, torch.rand(2, n, generator=gen, **F64) + 0.1
+    mu = torch.tensor([0.5, 2.0], **F64)
+    right = torch.diag_embed(lam_L.rsqrt()) @ Q_L.mT @ C
+    left = C @ Q_R @ torch.diag_embed(lam_R.rsqrt())
+    torch.testing.assert_close(
+        linalg.whitened_complement_norm(C, Q_L, lam_L, mu, restricted="right").view(-1),
+        right.flatten(1).norm(dim=-1) / mu.sqrt(), rtol=1e-12, atol=0,
+    )
+    torch.testing.assert_close(
+        linalg.whitened_complement_norm(C, Q_R, lam_R, mu, restricted="left").view(-1),
+        left.flatten(1).norm(dim=-1) / mu.sqrt(), rtol=1e-12, atol=0,
+    )
+
+
 def test_spike_and_flat_restricted_preconditioner_equals_full_kl_shampoo(gen):
     """§10 test 4 through the stages: subspace block (inner rule) + whitened complement = L^{-1/2} M R^{-1/2}."""
     m, n, r, mu0 = 4, 9, 3, 0.7
