@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, le, lt, to_bool, to_float, to_int, to_str, triples
 from ..registry import INNER_RULES
-from ..types import BasisChange, InnerCapabilities, Layout, StepContext
+from ..types import BasisChange, BasisState, InnerCapabilities, Layout, StepContext
 from ._common import MomentumState, _zeros
 
 @INNER_RULES.register("orthogonalize", description="Newton–Schulz polar factor of the momentum (Muon)")
@@ -78,13 +78,15 @@ class OrthogonalizeInner:
 
     def direction(self, state: MomentumState, G: Tensor, ctx: StepContext) -> tuple[Tensor, MomentumState]:
         beta = self.momentum
+        basis = ctx.basis
         if self.momentum_form == "ema":
             B = state.momentum_buffer.lerp(G, 1 - beta)
-            U = G.lerp(B, beta) if self.nesterov else B
+            # the look-ahead (1-β)G + βB is β²·buf + (1-β²)·G: one pass over the same two inputs, which
+            # without a rotation is written straight in the iteration's dtype
+            U = self._look_ahead(state.momentum_buffer, G, basis) if self.nesterov else B
         else:
             B = state.momentum_buffer * beta + G
             U = G + beta * B if self.nesterov else B
-        basis = ctx.basis
         O = linalg.newton_schulz(
             linalg.rotate(U, basis.Q_L, basis.Q_R),
             self.schedule(),
@@ -94,6 +96,13 @@ class OrthogonalizeInner:
         ).to(G.dtype)
         s = linalg.muon_scale(ctx.layout.m, ctx.layout.n, self.scale) * self.extra_scale
         return linalg.unrotate(O, basis.Q_L, basis.Q_R).mul_(s), MomentumState(B)  # a fresh tensor: scaled in place
+
+    def _look_ahead(self, buf: Tensor, G: Tensor, basis: BasisState) -> Tensor:
+        w = 1 - self.momentum**2
+        dtype = linalg.DTYPES[self.ns_dtype]
+        if basis.Q_L is None and basis.Q_R is None and torch.promote_types(dtype, G.dtype) == G.dtype:
+            return torch.lerp(buf, G, w, out=torch.empty(G.shape, dtype=dtype, device=G.device))
+        return buf.lerp(G, w)
 
     def moment(self, state: MomentumState, ctx: StepContext) -> Tensor:
         """The momentum buffer (original coordinates)."""
