@@ -12,7 +12,7 @@ caller can keep its last good value with ``torch.where``.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -84,12 +84,56 @@ def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha:
     averages it with its mirror. Elsewhere (and for smaller sides) one fused product,
     then :func:`sym`.
     """
+    if not _tiled(X, A):
+        return _dense_sym_product(X, A, B, beta, alpha)
+    return _tiled_sym_product(X, A, B, beta, alpha)
+
+
+def sym_product_stats(
+    X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float, other: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    r""":func:`sym_product` :math:`P` with two reductions of it per block, ``(b 1 1)`` each:
+    :math:`\langle P, Y\rangle_F` for a symmetric ``other`` :math:`Y` ``(b m m)``, and :math:`\|P\|_F`.
+
+    In the tiled form both are taken tile by tile while the tile is in cache (a tile below
+    the diagonal counts twice, for its mirror), instead of two more passes over the whole
+    matrix and an ``m × m`` temporary for :math:`P \odot Y`. Both are sums over the same
+    entries, in another order: equal up to rounding.
+    """
+    if not _tiled(X, A):
+        P = _dense_sym_product(X, A, B, beta, alpha)
+        return P, (P * other).sum(dim=(-2, -1), keepdim=True), block_norm(P)
+    dot = torch.zeros((X.shape[0], 1, 1), dtype=torch.result_type(X, A), device=X.device)
+    sq = torch.zeros_like(dot)
+
+    def reduce(tile: Tensor, I: slice, J: slice) -> None:
+        twice = 1.0 if I == J else 2.0
+        dot.add_((tile * other[:, I, J]).sum(dim=(-2, -1), keepdim=True), alpha=twice)
+        sq.add_(torch.linalg.vector_norm(tile, dim=(-2, -1), keepdim=True).square(), alpha=twice)
+
+    P = _tiled_sym_product(X, A, B, beta, alpha, reduce)
+    return P, dot, sq.sqrt()
+
+
+def _tiled(X: Tensor, A: Tensor) -> bool:
+    """Whether :func:`sym_product` takes the tiled form (CPU, side ≥ ``_GRAM_TILED_MIN``, square ``X``)."""
+    m = A.shape[-2]
+    return A.device.type == "cpu" and m >= _GRAM_TILED_MIN and X.shape[-1] == m
+
+
+def _dense_sym_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float) -> Tensor:
+    if isinstance(beta, Tensor):
+        return sym((X * beta).baddbmm_(A, B.mT, alpha=alpha))
+    return sym(torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha))
+
+
+def _tiled_sym_product(
+    X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float,
+    each: Callable[[Tensor, slice, slice], None] | None = None,
+) -> Tensor:
+    """The tiled form of :func:`sym_product`; ``each(tile, I, J)`` sees every tile on and below the diagonal."""
     m = A.shape[-2]
     per_block = isinstance(beta, Tensor)
-    if A.device.type != "cpu" or m < _GRAM_TILED_MIN or X.shape[-1] != m:
-        if per_block:
-            return sym((X * beta).baddbmm_(A, B.mT, alpha=alpha))
-        return sym(torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha))  # type: ignore[arg-type]
     out = torch.empty(X.shape, dtype=torch.result_type(X, A), device=X.device)
     edges = [*range(0, m, _GRAM_TILE), m]
     tiles = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
@@ -100,10 +144,13 @@ def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha:
             else:
                 tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
             if I == J:
-                out[:, I, I] = sym(tile)
+                tile = sym(tile)
+                out[:, I, I] = tile
             else:
                 out[:, I, J] = tile
                 out[:, J, I] = tile.mT
+            if each is not None:
+                each(tile, I, J)
     return out
 
 
@@ -767,9 +814,9 @@ def projector_split_ksl(
     # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
     # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and U G (m × n) as a factor, and the
     # returned L' = √S U as one scaling of K.
-    K = sym_product(L, G @ R_bar, G, beta=weight, alpha=1.0 - beta)
-    inv_K = 1.0 / block_norm(K).clamp(min=tiny)
-    inner = (K * L).sum(dim=(-2, -1), keepdim=True) * inv_K  # ⟨U, L⟩ as a pairwise sum (a dot product loses digits)
+    K, K_dot_L, norm_K = sym_product_stats(L, G @ R_bar, G, beta=weight, alpha=1.0 - beta, other=L)
+    inv_K = 1.0 / norm_K.clamp(min=tiny)
+    inner = K_dot_L * inv_K  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
     UG = (K @ G).mul_(inv_K)
     R_hat = sym_product(R_bar, G.mT, UG.mT, beta=weight * inner, alpha=1.0 - beta)
     root = block_norm(R_hat).sqrt()

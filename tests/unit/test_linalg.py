@@ -581,3 +581,24 @@ def test_sym_product_of_a_sandwich_with_per_block_beta(seed, m, k, b, tile, tile
         out = linalg.sym_product(X, G @ S, G, beta=beta, alpha=0.7)
     assert torch.equal(out, out.mT)
     close(out, expected)
+
+
+@given(seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5), tiled=st.booleans())
+def test_sym_product_stats_reduce_the_product_it_returns(seed, m, k, b, tile, tiled):
+    """``sym_product_stats``: the same product as :func:`sym_product`, with ``⟨P, Y⟩_F`` and ``‖P‖_F`` per block
+    equal to the float64 sums over the whole matrix (tiles below the diagonal count for their mirrors too)."""
+    gen = generator(seed)
+    G = randn(gen, b, m, k)
+    S = linalg.gram_left(randn(gen, b, k, k))
+    X = linalg.gram_left(randn(gen, b, m, m))
+    Y = linalg.sym(randn(gen, b, m, m))
+    beta = torch.rand(b, 1, 1, generator=gen, dtype=F64)
+    expected = beta * X + 0.7 * G @ S @ G.mT
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linalg, "_GRAM_TILED_MIN", 1 if tiled else 10**9)
+        patch.setattr(linalg, "_GRAM_TILE", tile)
+        P, dot, norm = linalg.sym_product_stats(X, G @ S, G, beta=beta, alpha=0.7, other=Y)
+        assert torch.equal(P, linalg.sym_product(X, G @ S, G, beta=beta, alpha=0.7))
+    close(P, expected)
+    close(dot.view(-1), (expected * Y).sum((-2, -1)))
+    close(norm.view(-1), expected.flatten(1).norm(dim=-1))
