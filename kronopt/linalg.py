@@ -90,10 +90,11 @@ def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha:
 
 
 def sym_product_stats(
-    X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float, other: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    r""":func:`sym_product` :math:`P` with two reductions of it per block, ``(b 1 1)`` each:
-    :math:`\langle P, Y\rangle_F` for a symmetric ``other`` :math:`Y` ``(b m m)``, and :math:`\|P\|_F`.
+    X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float, other: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    r""":func:`sym_product` :math:`P` with reductions of it per block, ``(b 1 1)`` each:
+    :math:`\langle P, Y\rangle_F` for a symmetric ``other`` :math:`Y` ``(b m m)`` (``None`` without one),
+    and :math:`\|P\|_F`.
 
     In the tiled form both are taken tile by tile while the tile is in cache (a tile below
     the diagonal counts twice, for its mirror), instead of two more passes over the whole
@@ -102,13 +103,14 @@ def sym_product_stats(
     """
     if not _tiled(X, A):
         P = _dense_sym_product(X, A, B, beta, alpha)
-        return P, (P * other).sum(dim=(-2, -1), keepdim=True), block_norm(P)
-    dot = torch.zeros((X.shape[0], 1, 1), dtype=torch.result_type(X, A), device=X.device)
-    sq = torch.zeros_like(dot)
+        return P, None if other is None else (P * other).sum(dim=(-2, -1), keepdim=True), block_norm(P)
+    sq = torch.zeros((X.shape[0], 1, 1), dtype=torch.result_type(X, A), device=X.device)
+    dot = None if other is None else torch.zeros_like(sq)
 
     def reduce(tile: Tensor, I: slice, J: slice) -> None:
         twice = 1.0 if I == J else 2.0
-        dot.add_((tile * other[:, I, J]).sum(dim=(-2, -1), keepdim=True), alpha=twice)
+        if dot is not None:
+            dot.add_((tile * other[:, I, J]).sum(dim=(-2, -1), keepdim=True), alpha=twice)  # type: ignore[index]
         sq.add_(torch.linalg.vector_norm(tile, dim=(-2, -1), keepdim=True).square(), alpha=twice)
 
     P = _tiled_sym_product(X, A, B, beta, alpha, reduce)
@@ -816,10 +818,10 @@ def projector_split_ksl(
     # returned L' = √S U as one scaling of K.
     K, K_dot_L, norm_K = sym_product_stats(L, G @ R_bar, G, beta=weight, alpha=1.0 - beta, other=L)
     inv_K = 1.0 / norm_K.clamp(min=tiny)
-    inner = K_dot_L * inv_K  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
+    inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
     UG = (K @ G).mul_(inv_K)
-    R_hat = sym_product(R_bar, G.mT, UG.mT, beta=weight * inner, alpha=1.0 - beta)
-    root = block_norm(R_hat).sqrt()
+    R_hat, _, norm_R_hat = sym_product_stats(R_bar, G.mT, UG.mT, beta=weight * inner, alpha=1.0 - beta)
+    root = norm_R_hat.sqrt()
     return K.mul_(inv_K * root), R_hat.div_(root.clamp(min=tiny))
 
 

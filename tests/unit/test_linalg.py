@@ -599,6 +599,8 @@ def test_sym_product_stats_reduce_the_product_it_returns(seed, m, k, b, tile, ti
         patch.setattr(linalg, "_GRAM_TILE", tile)
         P, dot, norm = linalg.sym_product_stats(X, G @ S, G, beta=beta, alpha=0.7, other=Y)
         assert torch.equal(P, linalg.sym_product(X, G @ S, G, beta=beta, alpha=0.7))
+        P_alone, no_dot, norm_alone = linalg.sym_product_stats(X, G @ S, G, beta=beta, alpha=0.7)
     close(P, expected)
     close(dot.view(-1), (expected * Y).sum((-2, -1)))
     close(norm.view(-1), expected.flatten(1).norm(dim=-1))
+    assert no_dot is None and torch.equal(P_alone, P) and torch.equal(norm_alone, norm)
