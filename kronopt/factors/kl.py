@@ -249,13 +249,18 @@ class KlKronFactors:
             Gl, H = ctx.rotated(G)  # Q_Lᵀ G, Q_Lᵀ G Q_R
         else:
             Gl, H = (G if left.Q is None else left.Q.mT @ G), None
-        GQ = G if right.Q is None else G @ right.Q  # G Q_R
         if H is None:
             H = Gl if right.Q is None else Gl @ right.Q  # Q_Lᵀ G Q_R
         H2 = H.square()
         sR = None if right.s is None else right.s.unsqueeze(-2)  # (b 1 n)
         new_left, new_right = left, right
         if left.F is not None:
+            if right.Q is None:
+                GQ = G
+            elif left.Q is not None and m < n:
+                GQ = left.Q @ H  # G Q_R = Q_L (Q_Lᵀ G Q_R): m²n instead of mn² on a wide block
+            else:
+                GQ = G @ right.Q
             F = linalg.accumulate_gram_left(left.F, GQ if sR is None else GQ * sR, rho, (1 - rho) / n)
             d_L = (H2 if sR is None else H2 * sR.square()).sum(-1) / n
             new_left = self._tracked(left, F, d_L, right, G)

@@ -89,3 +89,33 @@ def test_an_old_checkpoint_with_momentum_in_original_coordinates_is_refused_not_
     b, _ = _run("kl_shampoo", "eigen", steps=5)
     with pytest.warns(UserWarning, match="different config"), pytest.raises(ValueError, match="momentum"):
         b.load_state_dict(a.state_dict())
+
+
+class _ProductShapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("mm", "bmm", "addmm", "baddbmm"):
+            a, b = args[-2], args[-1]
+            self.shapes.append((tuple(a.shape[-2:]), tuple(b.shape[-2:])))
+        return func(*args, **(kwargs or {}))
+
+
+def test_kl_factor_update_of_a_wide_block_applies_the_right_basis_once():
+    """On a wide block (m < n) the left factor's ``G Q_R`` is taken as ``Q_L (Q_Lᵀ G Q_R)`` (``m²n``), so a plain
+    step multiplies an ``m × n`` matrix by an ``n × n`` one only twice: the rotation ``Q_Lᵀ G Q_R`` and the
+    direction's ``P Q_Rᵀ`` (not a third time for ``G Q_R``)."""
+    m, n = 6, 20
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(m, n, generator=gen))
+    opt = kronopt.build([("w", w)], "kl_shampoo", **{"refresh.every": 100})
+    for _ in range(3):
+        w.grad = torch.randn(m, n, generator=gen)
+        opt.step()
+    w.grad = torch.randn(m, n, generator=gen)
+    with _ProductShapes() as products:
+        opt.step()
+    by_n_square = [s for s in products.shapes if s[0] == (m, n) and s[1] == (n, n)]
+    assert len(by_n_square) == 2, products.shapes
