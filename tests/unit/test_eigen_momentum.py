@@ -119,3 +119,21 @@ def test_kl_factor_update_of_a_wide_block_applies_the_right_basis_once():
         opt.step()
     by_n_square = [s for s in products.shapes if s[0] == (m, n) and s[1] == (n, n)]
     assert len(by_n_square) == 2, products.shapes
+
+
+@pytest.mark.parametrize(("preset", "products"), [("kl_soap", 7), ("soap", 6)])
+def test_adam_in_the_basis_reuses_the_factor_estimators_rotation(preset, products):
+    """kl_soap: the KL factor update rotates G (Q_Lᵀ G, Q_Lᵀ G Q_R, plus G Q_R and the two Grams), and Adam's
+    direction reuses that Q_Lᵀ G Q_R (StepContext.rotated) instead of rotating G again, then rotates back:
+    7 products per plain step, not 9. soap's factors do not rotate G: its Grams, Adam's rotation and the way
+    back, 6."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 8, generator=gen))
+    opt = kronopt.build([("w", w)], preset, **{"refresh.every": 100})
+    for _ in range(3):
+        w.grad = torch.randn(12, 8, generator=gen)
+        opt.step()
+    w.grad = torch.randn(12, 8, generator=gen)
+    with _Products() as counted:
+        opt.step()
+    assert counted.count == products
