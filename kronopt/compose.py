@@ -124,7 +124,17 @@ def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int, shared:
         eigvals = (basis.lam_L, basis.lam_R)
     restricted = "restricted" in (layout.left, layout.right)  # only with an estimator that supports it (validated)
     flat = cfg.factors.flat_eigvals(state.factors) if restricted else (None, None)
-    return StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat, shared={} if shared is None else shared)
+    return StepContext(
+        step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat, shared={} if shared is None else shared,
+        exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis),
+    )
+
+
+def _held_in_compute_dtype(choice: str, basis: BasisState) -> bool:
+    """Whether a basis stored as ``choice`` (``[storage] basis``) keeps every digit of the compute dtype
+    its tensors arrive in (upcast by :func:`_with_storage`)."""
+    Q = basis.Q_L if basis.Q_L is not None else basis.Q_R
+    return choice == "compute" or Q is None or _STORAGE_NAMES[choice] == Q.dtype
 
 
 def _observe(

@@ -104,6 +104,9 @@ class StepContext:
         flat: the flat eigenvalue ``mu (b)`` of each restricted side (the value of
             :math:`\hat R = U S U^\top + \mu P_\perp` on the complement), from the
             factor estimator's ``flat_eigvals``; ``None`` on a side that is not restricted.
+        exact_basis: whether the basis is held in the compute dtype. When it is stored
+            narrower (``[storage] basis``), its columns are orthonormal only to the storage's
+            rounding, and a stage must not save work by using :math:`Q^\top Q = I`.
     """
 
     step: int
@@ -112,6 +115,7 @@ class StepContext:
     eigvals: tuple[Tensor | None, Tensor | None] = (None, None)
     flat: tuple[Tensor | None, Tensor | None] = (None, None)
     shared: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    exact_basis: bool = True
 
     def rotated(self, G: Tensor) -> tuple[Tensor, Tensor]:
         r"""``(Q_Lᵀ G, Q_Lᵀ G Q_R)`` in this context's basis (a ``None`` side is the identity), computed

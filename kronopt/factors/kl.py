@@ -257,7 +257,7 @@ class KlKronFactors:
         if left.F is not None:
             if right.Q is None:
                 GQ = G
-            elif left.Q is not None and m < n:
+            elif left.Q is not None and m < n and (ctx is None or ctx.exact_basis):
                 GQ = left.Q @ H  # G Q_R = Q_L (Q_Lᵀ G Q_R): m²n instead of mn² on a wide block
             else:
                 GQ = G @ right.Q
@@ -279,9 +279,11 @@ class KlKronFactors:
 
     def _update_restricted(self, G: Tensor, sL: Tensor | None, left: _Side, right: _Side) -> tuple[_Side, _Side]:
         r"""The update with a restricted right side. ``G`` is split against ``U`` first and each part
-        rotated on its own (``Q_Lᵀ Y``: :math:`m^2 r`, ``Q_Lᵀ G_⊥``: :math:`m^2 n`), which is
-        cheaper than rotating ``G`` and splitting the result (:math:`m^2 n + 2mnr`); the power
-        increment :math:`\hat G^\top \hat Y` is then assembled from the two parts."""
+        rotated on its own (``Q_Lᵀ Y``: :math:`m^2 r`, ``Q_Lᵀ G_⊥``: :math:`m^2 n`), instead of
+        rotating ``G`` and splitting the result (:math:`m^2 n + 2mnr`): cheaper whenever
+        :math:`m < 2n`, which holds for every block with the restricted side the larger one
+        (``split.side = "larger"``, the preset's). The power increment :math:`\hat G^\top \hat Y`
+        is then assembled from the two parts."""
         rho = self.beta
         m, n, r = G.shape[-2], G.shape[-1], right.rank
         U, tau, mu = right.Q, right.s, right.mu

@@ -103,22 +103,24 @@ class _ProductShapes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_kl_factor_update_of_a_wide_block_applies_the_right_basis_once():
+@pytest.mark.parametrize(("basis_storage", "by_n_square"), [("compute", 2), ("float32", 2), ("bfloat16", 3)])
+def test_kl_factor_update_of_a_wide_block_applies_the_right_basis_once(basis_storage, by_n_square):
     """On a wide block (m < n) the left factor's ``G Q_R`` is taken as ``Q_L (Q_Lᵀ G Q_R)`` (``m²n``), so a plain
     step multiplies an ``m × n`` matrix by an ``n × n`` one only twice: the rotation ``Q_Lᵀ G Q_R`` and the
-    direction's ``P Q_Rᵀ`` (not a third time for ``G Q_R``)."""
+    direction's ``P Q_Rᵀ`` (not a third time for ``G Q_R``). A basis stored in bfloat16 is orthonormal only to
+    its rounding (``StepContext.exact_basis`` False), so there ``G Q_R`` is multiplied out."""
     m, n = 6, 20
     gen = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(m, n, generator=gen))
-    opt = kronopt.build([("w", w)], "kl_shampoo", **{"refresh.every": 100})
+    opt = kronopt.build([("w", w)], "kl_shampoo", **{"refresh.every": 100, "storage.basis": basis_storage})
     for _ in range(3):
         w.grad = torch.randn(m, n, generator=gen)
         opt.step()
     w.grad = torch.randn(m, n, generator=gen)
     with _ProductShapes() as products:
         opt.step()
-    by_n_square = [s for s in products.shapes if s[0] == (m, n) and s[1] == (n, n)]
-    assert len(by_n_square) == 2, products.shapes
+    made = [s for s in products.shapes if s[0] == (m, n) and s[1] == (n, n)]
+    assert len(made) == by_n_square, products.shapes
 
 
 @pytest.mark.parametrize(("preset", "products"), [("kl_soap", 7), ("soap", 6)])
@@ -137,3 +139,31 @@ def test_adam_in_the_basis_reuses_the_factor_estimators_rotation(preset, product
     with _Products() as counted:
         opt.step()
     assert counted.count == products
+
+
+def test_rotated_is_reused_only_for_the_same_gradient_and_the_same_bases():
+    """StepContext.rotated: contexts of one call share the product, but a context whose basis differs (the
+    direction after a refresh with ``factor_update = "before"``) or another gradient tensor gets its own."""
+    from kronopt.types import BasisState, Layout, StepContext
+
+    gen = torch.Generator().manual_seed(0)
+    b, m, n = 2, 5, 4
+    G = torch.randn(b, m, n, generator=gen, dtype=torch.float64)
+    Q = lambda d: torch.linalg.qr(torch.randn(b, d, d, generator=gen, dtype=torch.float64))[0]  # noqa: E731
+    Q_L, Q_R, Q_L2 = Q(m), Q(n), Q(m)
+    layout = Layout(batch=b, m=m, n=n, left="full", right="full")
+
+    def ctx(Q_left, shared):
+        basis = BasisState(Q_L=Q_left, Q_R=Q_R, lam_L=None, lam_R=None, failures=torch.zeros(b, dtype=torch.int64))
+        return StepContext(step=1, layout=layout, basis=basis, shared=shared)
+
+    shared: dict = {}
+    first = ctx(Q_L, shared).rotated(G)
+    assert ctx(Q_L, shared).rotated(G)[1] is first[1]  # same G, same bases: the product is reused
+    moved = ctx(Q_L2, shared).rotated(G)
+    torch.testing.assert_close(moved[0], Q_L2.mT @ G, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moved[1], Q_L2.mT @ G @ Q_R, rtol=1e-12, atol=1e-12)
+    other = G.clone()
+    again = ctx(Q_L2, shared).rotated(other)
+    assert again[1] is not moved[1]
+    torch.testing.assert_close(again[1], moved[1], rtol=0, atol=0)

@@ -135,7 +135,7 @@ def test_rotate_and_unrotate_with_rectangular_bases_take_the_cheaper_order(seed,
 
 
 def test_rotate_of_a_restricted_right_side_applies_the_subspace_first():
-    """``(256 × 1024)`` against a ``1024 × 128`` subspace: ``X U`` first costs a quarter of rotating by ``Q_L`` first."""
+    """``(64 × 256)`` against a ``256 × 32`` subspace: ``X U`` first costs 0.42 of rotating by ``Q_L`` first."""
     gen = generator(0)
     X = torch.randn(1, 64, 256, generator=gen, dtype=F64)
     Q_L, U = orthonormal(gen, 1, 64), orthonormal(gen, 1, 256)[..., :32]

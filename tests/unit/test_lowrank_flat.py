@@ -225,12 +225,13 @@ def test_complement_is_added_in_the_direction_dtype(gen, scale, ns_dtype, dtype)
     ctx = StepContext(step=1, layout=layout, basis=basis, eigvals=(lam_L, None), flat=(None, torch.tensor([0.3], dtype=dtype)))
     D, _ = split.complement(None, M, D0, ctx, lambda: M)
     assert D.dtype == dtype
-    C = linalg.project_out_right(M, U)
+    C = M - (M @ U) @ U.mT
     O = linalg.newton_schulz(C, linalg.ns_schedule("kj", 5), eps=1e-7, dtype=linalg.DTYPES[ns_dtype]).to(dtype)
-    if scale == "whitened":
-        O = linalg.rescale_to_norm(O, linalg.whitened_complement_norm(C, Q_L, lam_L, torch.tensor([0.3], dtype=dtype), restricted="right"))
-    elif scale == "match_subspace_rms":
-        O = linalg.rescale_to_norm(O, linalg.subspace_rms_complement_norm(D0, n, r, m))
+    if scale == "whitened":  # μ^{-1/2} ‖diag(λ^{-1/2}) Q_Lᵀ C‖_F
+        target = (lam_L.rsqrt().unsqueeze(-1) * (Q_L.mT @ C)).norm() / math.sqrt(0.3)
+        O = O * (target / O.norm())
+    elif scale == "match_subspace_rms":  # ‖D‖_F √((n − r)/r)
+        O = O * (D0.norm() * math.sqrt((n - r) / r) / O.norm())
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(D, D0 + split.scale(layout) * O, rtol=tol, atol=tol)
 
