@@ -170,6 +170,8 @@ def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tupl
     D, post = cfg.post.graft(state.post, G, D, ctx)
     state = attrs.evolve(state, inner=inner, split=split, post=post)
     if cfg.factor_update == "after":
+        if not capabilities(cfg.factors).reads_rotated:
+            shared.clear()  # nothing reads the direction's rotation of G any more: free it before the update
         state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared)
     return D, attrs.evolve(state, calls=calls, step=t)
 

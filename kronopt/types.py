@@ -311,12 +311,16 @@ class FactorCapabilities:
         supports_restricted: it can keep a restricted side: ``factors()`` returns the power
             product ``(b d r)`` there and ``flat_eigvals(state)`` the flat eigenvalue
             (:class:`RestrictedFactors`).
+        reads_rotated: its ``update`` reads ``ctx.rotated(G)``, so a rotation an inner rule made
+            earlier in the call is kept for it; otherwise the call drops it before the factor
+            update (two gradient-sized tensors fewer held through the update and a refresh).
     """
 
     provides_factors: bool = capability()
     provides_eigvals: bool = capability(ProvidesEigvals)
     follows_basis: bool = capability(FollowsBasis, legacy="member")
     supports_restricted: bool = capability(RestrictedFactors)
+    reads_rotated: bool = capability()
 
 
 @attrs.frozen(kw_only=True)

@@ -146,7 +146,7 @@ class KlKronFactors:
     """
 
     capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(
-        provides_factors=True, provides_eigvals=True, follows_basis=True, supports_restricted=True
+        provides_factors=True, provides_eigvals=True, follows_basis=True, supports_restricted=True, reads_rotated=True
     )
 
     beta: float = attrs.field(default=0.98, converter=to_float, validator=[ge(0.0), lt(1.0)])

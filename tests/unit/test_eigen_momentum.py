@@ -167,3 +167,25 @@ def test_rotated_is_reused_only_for_the_same_gradient_and_the_same_bases():
     again = ctx(Q_L2, shared).rotated(other)
     assert again[1] is not moved[1]
     torch.testing.assert_close(again[1], moved[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("preset", "kept"), [("kl_soap", True), ("soap", False)])
+def test_the_directions_rotation_is_kept_for_the_factor_update_only_when_it_reads_it(preset, kept, monkeypatch):
+    """With ``factor_update = "after"`` the direction's ``Q_Lᵀ G Q_R`` stays in the call's cache for a factor
+    estimator that reads it (KL, ``reads_rotated``) and is dropped before an update that does not (soap's EMA
+    factors), so two gradient-sized tensors are not held through the update and a refresh."""
+    seen = []
+    observe = kronopt.compose._observe
+
+    def spy(cfg, layout, state, G, *, shared, **kw):
+        seen.append("rotated" in shared)
+        return observe(cfg, layout, state, G, shared=shared, **kw)
+
+    monkeypatch.setattr(kronopt.compose, "_observe", spy)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 8, generator=gen))
+    opt = kronopt.build([("w", w)], preset, **{"refresh.every": 100, "factor_update": "after"})
+    for _ in range(4):
+        w.grad = torch.randn(12, 8, generator=gen)
+        opt.step()
+    assert seen[-1] is kept
