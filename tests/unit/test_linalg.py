@@ -67,8 +67,7 @@ def test_tiled_gram_update_is_exactly_symmetric_and_equals_the_dense_one(seed, m
     A2 = A.mT if right else A
     expected = (beta * X if beta else 0.0) + 0.3 * A2 @ A2.mT
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(linalg, "_GRAM_TILED_MIN", 1)
-        patch.setattr(linalg, "_GRAM_TILE", tile)
+        _tiling(patch, tile, True)
         out64 = fn(X, A, beta, 0.3)
         out32 = fn(X.float(), A.float(), beta, 0.3)
     for out in (out64, out32):
@@ -566,18 +565,27 @@ def test_reproject_flat_is_the_m_projection_of_the_dense_factor():
     torch.testing.assert_close(lam_new, torch.diagonal(U_new.mT @ tracked @ U_new, dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12)
 
 
-@given(seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5), tiled=st.booleans())
-def test_sym_product_of_a_sandwich_with_per_block_beta(seed, m, k, b, tile, tiled):
-    """``β X + α (G S) Gᵀ`` with a per-block ``β`` tensor, tile by tile or dense: exactly symmetric, equal to float64."""
-    gen = generator(seed)
+def _sandwich(gen, b, m, k):
+    """A symmetric ``X``, ``G`` and ``S`` with a per-block ``β``, and ``β X + 0.7 (G S) Gᵀ`` in float64."""
     G = randn(gen, b, m, k)
     S = linalg.gram_left(randn(gen, b, k, k))
     X = linalg.gram_left(randn(gen, b, m, m))
     beta = torch.rand(b, 1, 1, generator=gen, dtype=F64)
-    expected = beta * X + 0.7 * G @ S @ G.mT
+    return G, S, X, beta, beta * X + 0.7 * G @ S @ G.mT
+
+
+def _tiling(patch, tile, tiled):
+    """Make :func:`kronopt.linalg.sym_product` take tiles of ``tile`` from side 1 (``tiled``) or never."""
+    patch.setattr(linalg, "_GRAM_TILED_MIN", 1 if tiled else 10**9)
+    patch.setattr(linalg, "_GRAM_TILE", tile)
+
+
+@given(seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5), tiled=st.booleans())
+def test_sym_product_of_a_sandwich_with_per_block_beta(seed, m, k, b, tile, tiled):
+    """``β X + α (G S) Gᵀ`` with a per-block ``β`` tensor, tile by tile or dense: exactly symmetric, equal to float64."""
+    G, S, X, beta, expected = _sandwich(generator(seed), b, m, k)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(linalg, "_GRAM_TILED_MIN", 1 if tiled else 10**9)
-        patch.setattr(linalg, "_GRAM_TILE", tile)
+        _tiling(patch, tile, tiled)
         out = linalg.sym_product(X, G @ S, G, beta=beta, alpha=0.7)
     assert torch.equal(out, out.mT)
     close(out, expected)
@@ -588,15 +596,10 @@ def test_sym_product_stats_reduce_the_product_it_returns(seed, m, k, b, tile, ti
     """``sym_product_stats``: the same product as :func:`sym_product`, with ``⟨P, Y⟩_F`` and ``‖P‖_F`` per block
     equal to the float64 sums over the whole matrix (tiles below the diagonal count for their mirrors too)."""
     gen = generator(seed)
-    G = randn(gen, b, m, k)
-    S = linalg.gram_left(randn(gen, b, k, k))
-    X = linalg.gram_left(randn(gen, b, m, m))
+    G, S, X, beta, expected = _sandwich(gen, b, m, k)
     Y = linalg.sym(randn(gen, b, m, m))
-    beta = torch.rand(b, 1, 1, generator=gen, dtype=F64)
-    expected = beta * X + 0.7 * G @ S @ G.mT
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(linalg, "_GRAM_TILED_MIN", 1 if tiled else 10**9)
-        patch.setattr(linalg, "_GRAM_TILE", tile)
+        _tiling(patch, tile, tiled)
         P, dot, norm = linalg.sym_product_stats(X, G @ S, G, beta=beta, alpha=0.7, other=Y)
         assert torch.equal(P, linalg.sym_product(X, G @ S, G, beta=beta, alpha=0.7))
         P_alone, no_dot, norm_alone = linalg.sym_product_stats(X, G @ S, G, beta=beta, alpha=0.7)
