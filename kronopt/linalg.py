@@ -594,8 +594,11 @@ def newton_schulz(
         X_0 = U/\max(\|U\|_F, \epsilon), \qquad
         A = X X^\top,\; X \leftarrow a_k X + (b_k A + c_k A^2) X .
 
-    The iteration runs on the shorter side (a tall block is transposed so the Gram
-    matrix is ``min(m, n)²``) in ``dtype``. If :math:`U = P\Sigma V^\top` the output
+    The iteration runs on the shorter side, in ``dtype``: a tall block takes
+    :math:`A = X^\top X` and :math:`X \leftarrow a_k X + X (b_k A + c_k A^2)^\top`, the
+    transposes of the wide form's products, so the Gram matrix is ``min(m, n)²`` and the
+    output comes back in the block's own layout, with no transposed copy (the same
+    values as iterating on ``Xᵀ``). If :math:`U = P\Sigma V^\top` the output
     is :math:`P\,p(\Sigma/\|U\|_F)\,V^\top` with :math:`p` the composed scalar
     quintic, so zero singular values stay zero and ``NS(0) = 0``. The fused
     ``baddbmm`` form matches :func:`torch.optim.Muon`'s ``addmm`` per matrix.
@@ -618,8 +621,6 @@ def newton_schulz(
     _check_batched("U", U)
     X = U.to(dtype)
     tall = U.shape[-2] > U.shape[-1]
-    if tall:
-        X = X.mT
     nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if norm == "clamp":
         X = X / nrm.clamp(min=eps)
@@ -628,10 +629,10 @@ def newton_schulz(
     else:
         raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
     for a, b, c in coefficients:
-        A = X @ X.mT
+        A = X.mT @ X if tall else X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
-    return X.mT if tall else X
+        X = torch.baddbmm(X, X, B.mT, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
+    return X
 
 
 def muon_scale(m: int, n: int, rule: str) -> float:

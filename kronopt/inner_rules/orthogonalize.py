@@ -93,7 +93,7 @@ class OrthogonalizeInner:
             eps=self.eps,
             dtype=linalg.DTYPES[self.ns_dtype],
             norm=self.norm,
-        ).to(G.dtype, memory_format=torch.contiguous_format)  # a tall block's comes back transposed
+        ).to(G.dtype)
         s = linalg.muon_scale(ctx.layout.m, ctx.layout.n, self.scale) * self.extra_scale
         return linalg.unrotate(O, basis.Q_L, basis.Q_R).mul_(s), MomentumState(B)  # a fresh tensor: scaled in place
 
