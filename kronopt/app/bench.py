@@ -14,7 +14,6 @@ as DDP leaves them, kronopt's work sharding dividing the optimizer's work.
 import argparse
 import os
 import pickle
-import socket
 import statistics
 import tempfile
 import time
@@ -256,12 +255,15 @@ def _rank_rows(job: dict[str, Any], barrier: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _world_rank(rank: int, world: int, port: int, out: str, job: dict[str, Any]) -> None:
-    """One rank of :func:`bench_world` (``torch.multiprocessing.spawn`` runs it in a fresh process)."""
+def _world_rank(rank: int, world: int, out: str, job: dict[str, Any]) -> None:
+    """One rank of :func:`bench_world` (``torch.multiprocessing.spawn`` runs it in a fresh process). The
+    ranks meet through a store file in ``out``: a TCP port found free beforehand could be taken by
+    another process before rank 0 binds it."""
     import torch.distributed as dist
 
     torch.set_num_threads(job["threads"])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    store = Path(out, "store").resolve().as_uri()
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(_rank_rows(job, dist.barrier)))
     finally:
@@ -282,12 +284,9 @@ def _world(world: int, job: dict[str, Any]) -> list[list[dict[str, Any]]]:
             return [_rank_rows(job, lambda: None)]
         finally:
             torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="kronopt-bench-") as where, socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
+    with tempfile.TemporaryDirectory(prefix="kronopt-bench-") as where:
         torch.multiprocessing.start_processes(
-            _world_rank, args=(world, port, where, job), nprocs=world, join=True, start_method=START_METHOD
+            _world_rank, args=(world, where, job), nprocs=world, join=True, start_method=START_METHOD
         )
         return [pickle.loads(Path(where, f"rank{r}.pkl").read_bytes()) for r in range(world)]
 

@@ -7,7 +7,6 @@ parent runs :func:`resume` itself for world size 1 (no process group).
 
 import importlib
 import multiprocessing
-import socket
 import warnings
 from pathlib import Path
 
@@ -121,9 +120,9 @@ def job_resume(rank, world, where):
 JOBS = {f.__name__.removeprefix("job_"): f for f in (job_save, job_resume)}
 
 
-def _main(rank, world, port, where, module, jobs):
+def _main(rank, world, init_method, where, module, jobs):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         table = importlib.import_module(module).JOBS
         results = {job: table[job](rank, world, where) for job in jobs}
@@ -139,10 +138,7 @@ def spawn(world, jobs, where, module=__name__):
     kronopt instead of importing them again, most of a fresh process's start-up; each
     runs one thread), else spawned.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    args = (world, port, str(where), module, list(jobs))
+    args = (world, w.rendezvous(where), str(where), module, list(jobs))
     torch.multiprocessing.start_processes(_main, args=args, nprocs=world, join=True, start_method=method)
     return [torch.load(Path(where) / f"rank{r}-of-{world}.pt", weights_only=False) for r in range(world)]

@@ -10,7 +10,6 @@ the default one). The ranks are forked rather than spawned: importing
 one thread before touching torch's thread pools.
 """
 
-import socket
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 import kronopt
+
+from ._workers import rendezvous
 
 warnings.filterwarnings("ignore", message="the route sends embeddings")
 
@@ -300,14 +301,14 @@ JOBS = {
 }
 
 
-def _main(rank, world, port, out_dir, plan):
+def _main(rank, world, init_method, out_dir, plan):
     """``plan``: ``{ranks: jobs}``; the jobs of each entry run on a device mesh of its first ``ranks`` ranks
     (the others wait), so one spawn serves several world sizes."""
     global MESH
     from torch.distributed.device_mesh import DeviceMesh
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         results = {}
         for size, jobs in plan.items():
@@ -325,15 +326,12 @@ def _main(rank, world, port, out_dir, plan):
 def spawn(plan, out_dir):
     """Run ``plan`` (``{ranks: jobs}``) in one set of ``max(ranks)`` processes; per world size, per rank, ``{job: result}``."""
     world = max(plan)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # fork, after importing FSDP2 here: each child would otherwise spend seconds importing torch.distributed.tensor
     import torch.distributed.checkpoint  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 
     torch.multiprocessing.start_processes(
-        _main, args=(world, port, str(out_dir), dict(plan)), nprocs=world, join=True, start_method="fork"
+        _main, args=(world, rendezvous(out_dir), str(out_dir), dict(plan)), nprocs=world, join=True, start_method="fork"
     )
     ranks = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
     return {size: [ranks[r][size] for r in range(size)] for size in plan}

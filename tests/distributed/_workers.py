@@ -4,7 +4,7 @@ Every job takes ``(rank, world)`` with the gloo process group up and returns pla
 data (tensors, ints, dicts) that the parent test compares.
 """
 
-import socket
+import uuid
 import warnings
 from pathlib import Path
 
@@ -145,9 +145,9 @@ JOBS = {
 }
 
 
-def _main(rank, world, port, out_dir, jobs):
+def _main(rank, world, init_method, out_dir, jobs):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         results = {job: JOBS[job](rank, world) for job in jobs}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -155,10 +155,17 @@ def _main(rank, world, port, out_dir, jobs):
         dist.destroy_process_group()
 
 
+def rendezvous(where):
+    """The ranks' meeting point: a store file of its own under ``where``, as an ``init_method``.
+
+    A file rather than a TCP port: a port found free here and bound by rank 0 a moment
+    later can be taken in between by any other process on the machine.
+    """
+    return (Path(where).resolve() / f"store-{uuid.uuid4().hex}").as_uri()
+
+
 def spawn(world, jobs, out_dir):
     """Run ``jobs`` on ``world`` ranks; per rank, ``{job: result}``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_main, args=(world, port, str(out_dir), list(jobs)), nprocs=world, join=True)
+    args = (world, rendezvous(out_dir), str(out_dir), list(jobs))
+    torch.multiprocessing.spawn(_main, args=args, nprocs=world, join=True)
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
