@@ -309,6 +309,30 @@ def test_power_qr_orthonormal_and_spans_AQ(A, seed):
     AQ = A @ Q
     # A Q lies in the span of Q_new (A is invertible, so the spans are equal)
     close(Q_new @ (Q_new.mT @ AQ), AQ, rtol=1e-9, atol=1e-9 * AQ.abs().max().item())
+    # and column by column: the first j columns of Q_new span those of A Q (R = Q_newᵀ A Q is upper
+    # triangular), which is what makes repeated steps converge to the ordered eigenvectors
+    assert_upper_triangular(Q_new.mT @ AQ)
+
+
+@given(A=spd(batch=2), seed=SEEDS, sort=st.booleans())
+def test_sorted_power_step_is_a_qr_of_the_permuted_power_product(A, seed, sort):
+    n = A.shape[-1]
+    Q = orthonormal(generator(seed), 2, n)
+    Q_new, e, perm = linalg.sorted_power_step(A, Q, sort=sort)
+    rayleigh = torch.diagonal(Q.mT @ A @ Q, dim1=-2, dim2=-1)
+    order = torch.arange(n).expand(2, n) if perm is None else perm
+    assert (perm is None) == (not sort)
+    if sort:
+        assert torch.all(e[:, :-1] >= e[:, 1:])
+    close(e, rayleigh.gather(-1, order))
+    assert_orthonormal(Q_new, atol=1e-12 * n)
+    P = (A @ Q).gather(-1, order.unsqueeze(-2).expand(2, n, n))  # A Q with its columns in that order
+    assert_upper_triangular(Q_new.mT @ P)
+
+
+def assert_upper_triangular(R):
+    below = torch.tril(R, diagonal=-1).abs().max().item()
+    assert below <= 1e-9 * R.abs().max().item(), below
 
 
 @given(seed=SEEDS, n=dims(), k=dims(), b=st.integers(1, 3))
