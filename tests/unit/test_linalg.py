@@ -186,10 +186,12 @@ def test_permute_along_bad_dim_raises():
         linalg.permute_along(X, torch.tensor([[1, 0]]), 0)
 
 
-@given(seed=SEEDS, n=dims(), k=dims(), b=st.integers(1, 3))
-def test_permute_columns(seed, n, k, b):
+@given(seed=SEEDS, n=dims(), k=dims(), b=st.integers(1, 3), column_major=st.booleans())
+def test_permute_columns(seed, n, k, b, column_major):
     gen = generator(seed)
     Q = randn(gen, b, n, k)
+    if column_major:  # LAPACK's layout: the columns are moved as whole rows of Qᵀ
+        Q = Q.mT.contiguous().mT
     perm = torch.stack([torch.randperm(k, generator=gen) for _ in range(b)])
     out = linalg.permute_columns(Q, perm)
     for i in range(b):
