@@ -5,6 +5,7 @@ Each is checked against the plain formula it replaces, bit for bit where the doc
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kronopt import compose, linalg
 
@@ -25,6 +26,42 @@ def test_masked_write_keeps_masked_blocks_bit_for_bit_and_writes_the_others(shap
     assert torch.equal(old[0], expected_new[0]) and torch.equal(old[2], expected_new[2])
     assert torch.equal(old[1], before[1]) and torch.equal(old[3], before[3])
     assert torch.equal(view, expected_new[2])
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 80, 64)])  # the torch.where path and the CPU's plain copy
+@pytest.mark.parametrize("layout", ["rows", "columns"])  # bases are stored column-major
+def test_masked_write_with_every_block_ok_is_the_new_state_bit_for_bit_in_the_old_storage(shape, layout):
+    gen = torch.Generator().manual_seed(1)
+    old = torch.randn(shape, generator=gen)
+    new = torch.randn(shape, generator=gen) * 1e30
+    if layout == "columns":
+        old, new = old.mT.contiguous().mT, new.mT.contiguous().mT
+    expected, storage, view = new.clone(), old.data_ptr(), old[3]
+    compose.masked_write_(old, new, torch.ones(4, dtype=torch.bool))
+    assert torch.equal(old, expected) and torch.equal(view, expected[3])
+    assert old.data_ptr() == storage and old.stride() == new.stride()
+
+
+class _Writes(TorchDispatchMode):
+    """The operators that write into a tensor (in place or ``out=``) with more than 1000 entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.is_mutable and isinstance(out, torch.Tensor) and out.numel() > 1000:
+            self.names.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("ok", [[True] * 4, [True, False, True, True]])
+def test_masked_write_on_cpu_is_one_copy_when_every_block_is_ok_and_a_blend_otherwise(ok):
+    old, new = torch.zeros(4, 80, 64), torch.ones(4, 80, 64)
+    with _Writes() as writes:
+        compose.masked_write_(old, new, torch.tensor(ok))
+    assert writes.names == (["copy_.default"] if all(ok) else ["nan_to_num_.default", "mul_.Tensor", "addcmul_.default"])
 
 
 def test_masked_write_of_integer_state_selects_blocks():

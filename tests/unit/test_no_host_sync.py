@@ -1,4 +1,9 @@
-"""Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist())."""
+"""Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist()).
+
+The CPU's fast paths for large blocks (the plain-AdamW block loop, the masked state write's plain
+copy) read verdicts on the host, which on a CPU waits for nothing; the small shapes here keep to
+the device-agnostic paths, the ones a GPU takes (checked on CUDA by the last test).
+"""
 
 import pytest
 import torch
