@@ -196,6 +196,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self._phased: dict[tuple[int, int], KronConfig] = {}  # (group, phase) → config at that refresh phase
         super().__init__(split_groups, {"lr": config.lr, "weight_decay": config.weight_decay})
         self._sharding = distributed.current(enabled=config.distributed.shard_work)
+        # torch's fused AdamW kernel rounds otherwise than the general path, which work sharding's
+        # owners run: with several ranks, both settings of shard_work keep to the general path's bits
+        self._fuse_adamw = _FUSED_ADAMW and distributed.current(enabled=True) is None
         self._owner: dict[int, int] = {}  # id(param) → owner rank (work sharding)
         self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
         self._fsdp_loads: list[int] | None = None  # FSDP2 on a mesh of another size than the plain blocks' world
@@ -674,7 +677,7 @@ class KronOptimizer(torch.optim.Optimizer):
         whole = True if step_ok is None else bool(step_ok)
         out = self._scratch(bucket, batched=False)
         factors = cfg.post.block_factors(out[2], lr=group["lr"], weight_decay=group["weight_decay"])
-        fuse = compose.fuses_adamw(cfg) and _FUSED_ADAMW
+        fuse = compose.fuses_adamw(cfg) and self._fuse_adamw
         fused: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         verdicts = []
         for i, (p, g) in enumerate(zip(bucket.params, grads)):

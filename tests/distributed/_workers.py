@@ -139,9 +139,25 @@ def job_presets_sharded(rank, world):
     return job_presets(rank, world, modes=(True,))
 
 
+#: AdamW blocks big enough for the CPU's block-by-block path (two share a bucket), one a vector
+LARGE_ADAM_SHAPES = [(160, 128), (160, 128), (20480,)]
+
+
+def job_adamw_large(rank, world):
+    """Plain AdamW on large blocks, sharded and not: final parameters."""
+    grads = gradients(LARGE_ADAM_SHAPES, steps=3)
+    out = {}
+    for shard in (True, False):
+        params = make_params(LARGE_ADAM_SHAPES)
+        opt = kronopt.build(params, "adamw", **{"state_dtype": "float64", "distributed.shard_work": shard})
+        run(opt, params, grads)
+        out[shard] = [p.detach().clone() for p in params]
+    return out
+
+
 JOBS = {
     f.__name__.removeprefix("job_"): f
-    for f in (job_presets, job_presets_sharded, job_nonfinite, job_state_dict, job_ddp, job_balance)
+    for f in (job_presets, job_presets_sharded, job_nonfinite, job_state_dict, job_ddp, job_balance, job_adamw_large)
 }
 
 
