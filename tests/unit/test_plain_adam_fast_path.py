@@ -109,11 +109,13 @@ def test_a_skipped_block_keeps_its_state_and_weights_exactly(monkeypatch, form):
     assert opt.nonfinite_counts() == {"p0": 1, "p1": 0}
 
 
-def test_fused_form_equals_torch_fused_adamw_bit_for_bit_and_leaves_gradients_alone(monkeypatch):
+@pytest.mark.parametrize("forced", [True, False])  # False: the defaults take this form for these small blocks
+def test_fused_form_equals_torch_fused_adamw_bit_for_bit_and_leaves_gradients_alone(monkeypatch, forced):
     """The fused form is ``torch.optim.AdamW(fused=True)`` on the same blocks: the same parameters and
     moments after every step (step count, lr, betas, eps and decay wired through), gradients untouched."""
-    monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 1)
-    monkeypatch.setattr(optimizer_module, "_FUSED_ADAMW", True)
+    if forced:
+        monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 1)
+        monkeypatch.setattr(optimizer_module, "_FUSED_ADAMW", True)
     gen = torch.Generator().manual_seed(3)
     start = [torch.randn(s, generator=gen) for s in SHAPES]
     ours = [torch.nn.Parameter(w.clone()) for w in start]
