@@ -481,11 +481,8 @@ def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:
     float32); the optimizer treats such a block like a non-finite gradient. Tensors in
     ``also`` (e.g. the direction) join the same test: one finiteness pass for all.
     """
-    changed = [
-        n
-        for n, o in zip(flatten(new).values(), flatten(old).values())
-        if isinstance(n, Tensor) and n is not o and n.ndim >= 1 and n.is_floating_point()
-    ]
+    changed: list[Tensor] = []
+    _changed_floats(new, old, changed)
     changed += [t for t in also if t is not None]
     if not changed:
         return None
@@ -499,17 +496,18 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
     Each new tensor is selected into its stack in place (:func:`masked_write_`), so
     views of the stacks (the optimizer's ``state[p]``) stay valid. A new tensor that
     aliases another stack is copied first (a write could otherwise change it before
-    it is read). A field whose shape, dtype or device changed, or that appears or
-    disappears, is replaced instead. ``new`` is consumed: its non-finite entries may
-    be zeroed in place.
+    it is read). A field whose dtype, device or layout changed (selected per block
+    into a new tensor), or that appears or disappears, is replaced instead. ``new`` is
+    consumed: its non-finite entries may be zeroed in place.
 
     Returns:
-        The record to keep (the stacks, with the new record's ints and bools) and
-        whether any stack was replaced (its views must then be rebuilt).
+        The record to keep (the stacks' records, rebuilt only where the new record's
+        ints and bools or a replaced field differ) and whether any stack was replaced
+        (its views must then be rebuilt).
     """
-    fields_new = flatten(new)
-    fields_old = flatten(stacks)
-    storages = {t.untyped_storage().data_ptr() for t in fields_old.values() if isinstance(t, Tensor)}
+    stack_tensors: list[Tensor] = []
+    _tensors(stacks, stack_tensors)
+    storages = {t.untyped_storage().data_ptr() for t in stack_tensors}
     replaced = False
     weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
@@ -527,9 +525,51 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
         masked_write_(o, n, ok, weights)
         return o
 
-    kept = zip_tensors(new, stacks, select)
-    replaced = replaced or any((fields_new[k] is None) != (fields_old.get(k) is None) for k in fields_new)
-    return kept, replaced
+    def merge(n: Any, o: Any) -> Any:
+        # the stacks' record itself where only its tensors' contents changed (no new record per
+        # step): a record is rebuilt only where a counter or a replaced field differs
+        nonlocal replaced
+        names = _field_names(type(n))
+        if names is None:
+            if isinstance(n, Tensor) or isinstance(o, Tensor):
+                return select(n, o)
+            if (n is None) != (o is None):
+                replaced = True
+            return n
+        if type(o) is not type(n):  # a record that appears (or changes type)
+            replaced = True
+            return n
+        changes = {}
+        for name in names:
+            value, stack = getattr(n, name), getattr(o, name)
+            kept = merge(value, stack)
+            if kept is not stack and not (type(kept) is type(stack) and not isinstance(kept, Tensor) and kept == stack):
+                changes[name] = kept
+        return attrs.evolve(o, **changes) if changes else o
+
+    return merge(new, stacks), replaced
+
+
+def _tensors(record: Any, out: list[Tensor]) -> None:
+    """Append every tensor of a record (recursively) to ``out``."""
+    for name in _field_names(type(record)) or ():
+        value = getattr(record, name)
+        if isinstance(value, Tensor):
+            out.append(value)
+        elif value is not None:
+            _tensors(value, out)
+
+
+def _changed_floats(new: Any, old: Any, out: list[Tensor]) -> None:
+    """Append to ``out`` the floating tensors of ``new`` (``b ...``) that are not the same object in ``old``,
+    a record of the same structure (walked in step, field by field)."""
+    for name in _field_names(type(new)) or ():
+        value, before = getattr(new, name), getattr(old, name, None)
+        if isinstance(value, Tensor):
+            if value is not before and value.ndim >= 1 and value.is_floating_point():
+                out.append(value)
+        elif value is not None:
+            _changed_floats(value, before, out)
 
 
 #: below this many entries per block a masked write is one ``torch.where`` (fewer launches)

@@ -115,3 +115,48 @@ def test_sym_equals_half_the_sum_with_the_transpose_bit_for_bit(d):
     S = linalg.sym(A)
     assert torch.equal(S, (A + A.mT) * 0.5)
     assert torch.equal(S, S.mT)
+
+
+# -- the state write of a whole record: compose.write_ ---------------------------------------------
+
+import attrs
+
+
+@attrs.frozen
+class _Inner:
+    x: torch.Tensor
+    refreshes: int = 0
+
+
+@attrs.frozen
+class _Outer:
+    inner: _Inner
+    y: torch.Tensor | None
+    calls: int
+
+
+def _records(y_new):
+    old = _Outer(_Inner(torch.zeros(2, 3)), torch.zeros(2, 4), calls=1)
+    new = _Outer(_Inner(torch.ones(2, 3)), y_new, calls=2)
+    return old, new
+
+
+def test_write_keeps_the_stacks_and_their_records_and_takes_the_new_counters():
+    old, new = _records(torch.full((2, 4), 2.0))
+    x, y, inner = old.inner.x, old.y, old.inner
+    kept, replaced = compose.write_(old, new, torch.tensor([True, False]))
+    assert not replaced and kept.calls == 2
+    assert kept.inner is inner and kept.inner.x is x and kept.y is y  # views of the stacks stay valid
+    assert x[0].eq(1).all() and x[1].eq(0).all() and y[0].eq(2).all() and y[1].eq(0).all()
+
+
+@pytest.mark.parametrize("y_new", [None, torch.full((2, 4), 2.0, dtype=torch.float64)])  # gone; another dtype
+def test_write_reports_a_replaced_field(y_new):
+    old, new = _records(y_new)
+    y = old.y
+    kept, replaced = compose.write_(old, new, torch.tensor([True, False]))
+    assert replaced and y.eq(0).all()  # the old stack is left alone
+    if y_new is None:
+        assert kept.y is None
+    else:  # selected per block into a tensor of the new dtype
+        assert kept.y.dtype == torch.float64 and kept.y[0].eq(2).all() and kept.y[1].eq(0).all()
