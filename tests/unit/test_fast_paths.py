@@ -91,6 +91,24 @@ def test_finite_blocks_of_vectors_and_empty_blocks_and_mixed_dtypes():
     assert linalg.finite_blocks(empty).tolist() == [True, True, True]
 
 
+@pytest.mark.parametrize("at_once", [True, False])  # small tensors side by side, or reduced one by one
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_finite_blocks_of_several_tensors_flags_the_block_of_any_bad_entry(monkeypatch, at_once, bad):
+    if not at_once:
+        monkeypatch.setattr(linalg, "_FINITE_AT_ONCE_MAX", 0)
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(s, generator=gen) for s in [(4, 5, 3), (4,), (4, 2, 7), (4, 6)]]
+    tensors.append(torch.randn(4, 3, 5, generator=gen).mT)  # column-major, as the bases are
+    assert linalg.finite_blocks(*tensors).tolist() == [True] * 4
+    for which, t in enumerate(tensors):
+        inner = t.shape[1:]
+        for block in range(4):
+            for entry in [tuple(0 for _ in inner), tuple(d - 1 for d in inner)]:  # first and last of the block
+                ts = [u.clone() for u in tensors]
+                ts[which][(block, *entry)] = bad
+                assert linalg.finite_blocks(*ts).tolist() == [i != block for i in range(4)], (which, block, entry)
+
+
 def test_finite_each_and_all_finite_one_flag_per_tensor():
     ts = [torch.ones(3, 4), torch.tensor(float("-inf")), torch.zeros(0), torch.full((5,), 2.0)]
     assert linalg.finite_each(ts).tolist() == [True, False, True, True]
