@@ -108,8 +108,9 @@ def test_adam_with_zero_betas_and_eps_is_sign(seed, m, n):
     state = rule.init(layout, dtype=F64, device=CPU)
     for t in (1, 2, 3):
         D, state = rule.direction(state, G * t, ctx(layout, identity_basis(2), t))
-        assert set(D.unique().tolist()) <= {-1.0, 1.0}
-        assert torch.equal(D, torch.sign(G))
+        # g / √(g²) is ±1 up to the last bit: torch's vectorised float64 √ need not be correctly
+        # rounded (on one CPU it returned |g| one ulp off for g = 3 × 0.2378)
+        torch.testing.assert_close(D, torch.sign(G), rtol=0, atol=4 * torch.finfo(D.dtype).eps)
 
 
 @given(
