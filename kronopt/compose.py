@@ -496,8 +496,10 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
     Each new tensor is selected into its stack in place (:func:`masked_write_`), so
     views of the stacks (the optimizer's ``state[p]``) stay valid. A new tensor that
     aliases another stack is copied first (a write could otherwise change it before
-    it is read). A field whose dtype, device or layout changed (selected per block
-    into a new tensor), or that appears or disappears, is replaced instead. ``new`` is
+    it is read). A field whose dtype, device, layout or shape changed (selected per
+    block into a new tensor; the shapes must broadcast), or that appears or disappears,
+    is replaced instead; so is a record that changes type (built from the new one, its
+    tensors selected against the old fields of the same names). ``new`` is
     consumed: its non-finite entries may be zeroed in place.
 
     Returns:
@@ -525,29 +527,49 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
         masked_write_(o, n, ok, weights)
         return o
 
-    def merge(n: Any, o: Any) -> Any:
+    def merge(n: Any, o: Any, field: str) -> Any:
         # the stacks' record itself where only its tensors' contents changed (no new record per
         # step): a record is rebuilt only where a counter or a replaced field differs
         nonlocal replaced
-        names = _field_names(type(n))
-        if names is None:
+        if _field_names(type(n)) is None:
             if isinstance(n, Tensor) or isinstance(o, Tensor):
+                if not all(x is None or isinstance(x, Tensor) for x in (n, o)):
+                    raise ValueError(f"state field {field!r} changed between a tensor and a {type(n if isinstance(o, Tensor) else o).__name__}")
                 return select(n, o)
             if (n is None) != (o is None):
                 replaced = True
             return n
-        if type(o) is not type(n):  # a record that appears (or changes type)
-            replaced = True
-            return n
+        # a record that appears or changes type is built from the new one, its tensors still
+        # selected per block against the old fields of the same name
+        if n is o:
+            return o
+        base = o if type(o) is type(n) else n
+        replaced = replaced or type(o) is not type(n)
         changes = {}
-        for name in names:
-            value, stack = getattr(n, name), getattr(o, name)
-            kept = merge(value, stack)
-            if kept is not stack and not (type(kept) is type(stack) and not isinstance(kept, Tensor) and kept == stack):
-                changes[name] = kept
-        return attrs.evolve(o, **changes) if changes else o
+        for name, init in _init_names(type(n)):
+            kept = merge(getattr(n, name), getattr(o, name, None), name)
+            if init is not None and not _same(kept, getattr(base, name)):
+                changes[init] = kept
+        return attrs.evolve(base, **changes) if changes else base
+    return merge(new, stacks, ""), replaced
 
-    return merge(new, stacks), replaced
+
+_INIT_NAMES: dict[type, tuple[tuple[str, str | None], ...]] = {}
+
+
+def _init_names(cls: type) -> tuple[tuple[str, str | None], ...]:
+    """``(field name, its name in __init__)`` of an attrs class (``None``: not an __init__ argument), cached."""
+    try:
+        return _INIT_NAMES[cls]
+    except KeyError:
+        names = tuple((f.name, (f.alias or f.name.lstrip("_")) if f.init else None) for f in attrs.fields(cls))
+        _INIT_NAMES[cls] = names
+        return names
+
+
+def _same(kept: Any, current: Any) -> bool:
+    """Whether a merged field needs no rebuild: the same object, or an equal plain number, bool or string."""
+    return kept is current or (type(kept) is type(current) and type(kept) in (int, float, bool, str) and kept == current)
 
 
 def _tensors(record: Any, out: list[Tensor]) -> None:
@@ -589,6 +611,8 @@ def masked_write_(old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtyp
     On a CPU, where reading the verdict on the host waits for nothing, a large write with
     every block ``ok`` (nearly every step) is one plain copy instead: the blend's three passes
     over ``old`` and ``new`` cost about twice as much, and the whole state is written every step.
+    The same values; only the sign of a zero can differ (the copy keeps a ``-0.0`` of ``new``,
+    which the blend turns into ``+0.0`` where ``old ≥ 0``).
     """
     shape = (-1, *([1] * (old.ndim - 1)))
     if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLEND_MIN:

@@ -139,7 +139,8 @@ def job_presets_sharded(rank, world):
     return job_presets(rank, world, modes=(True,))
 
 
-#: AdamW blocks big enough for the CPU's block-by-block path (two share a bucket), one a vector
+#: plain AdamW blocks of 16 K entries or more, where torch's fused kernel first stepped them on the CPU
+#: (two share a bucket), one a vector
 LARGE_ADAM_SHAPES = [(160, 128), (160, 128), (20480,)]
 
 

@@ -57,8 +57,9 @@ def _close(actual, expected):
 
 
 def test_sharding_on_equals_off_bit_for_bit_on_large_adamw_blocks(two):
-    """Blocks big enough for the CPU's block-by-block AdamW: with sharding off, every rank steps them
-    itself; with it on, an owner computes each block's direction and gathers it. The same bits."""
+    """Plain AdamW blocks: with sharding off, every rank steps them itself (on the CPU block by block,
+    where a single process takes torch's fused kernel); with it on, an owner computes each block's
+    direction and gathers it. The same bits."""
     for result in two:
         on, off = result["adamw_large"][True], result["adamw_large"][False]
         for a, b in zip(on, off, strict=True):

@@ -178,3 +178,45 @@ def test_write_reports_a_replaced_field(y_new):
         assert kept.y is None
     else:  # selected per block into a tensor of the new dtype
         assert kept.y.dtype == torch.float64 and kept.y[0].eq(2).all() and kept.y[1].eq(0).all()
+
+
+@attrs.frozen
+class _Other:  # a record of another type with the same field names as _Inner
+    x: torch.Tensor
+    refreshes: int = 0
+
+
+@attrs.frozen
+class _Private:
+    y: torch.Tensor
+    _count: int = 0  # initialised as ``count``
+
+
+def test_write_of_a_record_that_changes_type_still_keeps_the_masked_blocks():
+    old = _Outer(_Inner(torch.zeros(2, 3)), torch.zeros(2, 4), calls=1)
+    x = torch.ones(2, 3)
+    x[1, 0] = float("nan")  # in the masked block
+    new = _Outer(_Other(x, refreshes=1), torch.ones(2, 4), calls=2)
+    kept, replaced = compose.write_(old, new, torch.tensor([True, False]))
+    assert replaced and isinstance(kept.inner, _Other) and kept.inner.refreshes == 1
+    assert kept.inner.x[0].eq(1).all() and kept.inner.x[1].eq(0).all()  # block 1 kept, no NaN
+    assert kept.inner.x is old.inner.x  # the stack, written in place: its views stay valid
+
+
+def test_write_reports_a_record_that_disappears_and_handles_nested_replacements_and_private_fields():
+    old, new = _records(torch.ones(2, 4))
+    kept, replaced = compose.write_(old, attrs.evolve(new, inner=None), torch.tensor([True, True]))
+    assert replaced and kept.inner is None
+    old, new = _records(torch.ones(2, 4))
+    new = attrs.evolve(new, inner=_Inner(torch.ones(2, 3, dtype=torch.float64)))  # a nested field replaced
+    kept, replaced = compose.write_(old, new, torch.tensor([True, False]))
+    assert replaced and kept.inner.x.dtype == torch.float64 and kept.inner.x[1].eq(0).all()
+    y = torch.zeros(2, 4)
+    kept, replaced = compose.write_(_Private(y, count=1), _Private(torch.ones(2, 4), count=2), torch.tensor([True, True]))
+    assert not replaced and kept.y is y and y.eq(1).all() and kept._count == 2
+
+
+def test_write_refuses_a_field_that_changes_between_a_tensor_and_a_number():
+    old, new = _records(torch.ones(2, 4))
+    with pytest.raises(ValueError, match="'y' changed between a tensor and a int"):
+        compose.write_(old, attrs.evolve(new, y=3), torch.tensor([True, True]))

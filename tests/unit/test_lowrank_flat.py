@@ -670,7 +670,7 @@ def test_pro_dykaf_holds_order_n_r_numbers_and_steps_like_dykaf():
     dykaf_opt, _ = _run(kronopt.PRESETS["dykaf"], [(m, n)], 3, generator(5))
     assert opt.state_bytes() < dykaf_opt.state_bytes() / 3
     # update RMS within 1.5× of DyKAF's on the rank-4-plus-noise stream (the median step), and no step
-    # off by 2×: right after a refresh the two bases of the nearly isotropic noise part differ, by how
+    # off by 1.75×: right after a refresh the two bases of the nearly isotropic noise part differ, by how
     # much depends on the rounding of the machine's kernels (one step at 1.51 on an AMX CPU, median 1.35)
     size = 64
     gen = generator(7)
@@ -688,5 +688,5 @@ def test_pro_dykaf_holds_order_n_r_numbers_and_steps_like_dykaf():
             out.append((W.detach() - before).square().mean().sqrt())
         rms[name] = torch.stack(out[1:])
     ratios = rms["pro_dykaf"] / rms["dykaf"]
-    assert torch.isfinite(ratios).all() and ((ratios > 1 / 2) & (ratios < 2)).all(), ratios
+    assert torch.isfinite(ratios).all() and ((ratios > 1 / 1.75) & (ratios < 1.75)).all(), ratios
     assert 1 / 1.5 < ratios.median() < 1.5, ratios
