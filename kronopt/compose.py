@@ -481,8 +481,7 @@ def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:
     float32); the optimizer treats such a block like a non-finite gradient. Tensors in
     ``also`` (e.g. the direction) join the same test: one finiteness pass for all.
     """
-    changed: list[Tensor] = []
-    _changed_floats(new, old, changed)
+    changed = [n for n, o in _tensor_pairs(new, old) if n is not o and n.ndim >= 1 and n.is_floating_point()]
     changed += [t for t in also if t is not None]
     if not changed:
         return None
@@ -507,9 +506,7 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
         ints and bools or a replaced field differ) and whether any stack was replaced
         (its views must then be rebuilt).
     """
-    stack_tensors: list[Tensor] = []
-    _tensors(stacks, stack_tensors)
-    storages = {t.untyped_storage().data_ptr() for t in stack_tensors}
+    storages = {t.untyped_storage().data_ptr() for t, _ in _tensor_pairs(stacks, None)}
     replaced = False
     weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
@@ -551,6 +548,7 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
             if init is not None and not _same(kept, getattr(base, name)):
                 changes[init] = kept
         return attrs.evolve(base, **changes) if changes else base
+
     return merge(new, stacks, ""), replaced
 
 
@@ -572,26 +570,17 @@ def _same(kept: Any, current: Any) -> bool:
     return kept is current or (type(kept) is type(current) and type(kept) in (int, float, bool, str) and kept == current)
 
 
-def _tensors(record: Any, out: list[Tensor]) -> None:
-    """Append every tensor of a record (recursively) to ``out``."""
-    for name in _field_names(type(record)) or ():
-        value = getattr(record, name)
-        if isinstance(value, Tensor):
-            out.append(value)
-        elif value is not None:
-            _tensors(value, out)
-
-
-def _changed_floats(new: Any, old: Any, out: list[Tensor]) -> None:
-    """Append to ``out`` the floating tensors of ``new`` (``b ...``) that are not the same object in ``old``,
-    a record of the same structure (walked in step, field by field)."""
+def _tensor_pairs(new: Any, old: Any, out: list[tuple[Tensor, Any]] | None = None) -> list[tuple[Tensor, Any]]:
+    """``(tensor of new, the same field of old)`` for every tensor of the record ``new`` (recursively);
+    ``old`` is a record of the same structure, walked in step (``None`` where it has no such field)."""
+    out = [] if out is None else out
     for name in _field_names(type(new)) or ():
         value, before = getattr(new, name), getattr(old, name, None)
         if isinstance(value, Tensor):
-            if value is not before and value.ndim >= 1 and value.is_floating_point():
-                out.append(value)
+            out.append((value, before))
         elif value is not None:
-            _changed_floats(value, before, out)
+            _tensor_pairs(value, before, out)
+    return out
 
 
 #: below this many entries per block a masked write is one ``torch.where`` (fewer launches)
