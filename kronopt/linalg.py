@@ -666,21 +666,52 @@ def newton_schulz(
         Jordan et al., Muon (2024); Amsel et al., Polar Express, arXiv 2505.16932.
     """
     if (twin := compiled.variant("newton_schulz")) is not None: return twin(U, coefficients, eps=eps, dtype=dtype, norm=norm)  # noqa: E701
+    return _newton_schulz(U, coefficients, eps=eps, dtype=dtype, norm=norm)[0]
+
+
+def newton_schulz_gram(
+    U: Tensor,
+    coefficients: Sequence[tuple[float, float, float]],
+    *,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+    norm: str = "clamp",
+) -> tuple[Tensor, Tensor, Tensor]:
+    r""":func:`newton_schulz` that also returns its first Gram matrix and the normaliser.
+
+    Returns ``(X, A, c)``: the iteration's output, :math:`A = X_0 X_0^\top` ``(b m m)``
+    (:math:`X_0^\top X_0` ``(b n n)`` for a tall block) in ``dtype``, and ``c`` ``(b 1 1)``
+    with :math:`X_0 = U/c`, so :math:`UU^\top \approx c^2 A` (:math:`U^\top U` for a tall
+    block) at the iteration's precision, for free.
+    """
+    _check_batched("U", U)
+    if not coefficients:
+        raise ValueError("newton_schulz_gram needs at least one (a, b, c) tuple")
+    return _newton_schulz(U, coefficients, eps=eps, dtype=dtype, norm=norm)  # type: ignore[return-value]
+
+
+def _newton_schulz(
+    U: Tensor, coefficients: Sequence[tuple[float, float, float]], *, eps: float, dtype: torch.dtype, norm: str
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The iteration of :func:`newton_schulz`: ``(X, first Gram or None, normaliser)``."""
     _check_batched("U", U)
     X = U.to(dtype)
     tall = U.shape[-2] > U.shape[-1]
     nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if norm == "clamp":
-        X = X / nrm.clamp(min=eps)
+        c = nrm.clamp(min=eps)
     elif norm == "add":
-        X = X / (nrm + eps)
+        c = nrm + eps
     else:
         raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
-    for a, b, c in coefficients:
+    X = X / c
+    first = None
+    for a, b, c_ in coefficients:
         A = X.mT @ X if tall else X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        first = A if first is None else first
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c_)
         X = torch.baddbmm(X, X, B.mT, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
-    return X
+    return X, first, c
 
 
 def muon_scale(m: int, n: int, rule: str) -> float:
@@ -1232,7 +1263,7 @@ def top_right_singular(G: Tensor, r: int) -> Tensor:
 def project_out_right(M: Tensor, U: Tensor) -> Tensor:
     r"""The complement part :math:`M - (M U) U^\top` of ``M (b m n)`` for orthonormal ``U (b n r)``."""
     _check_batched("M", M)
-    return M - (M @ U) @ U.mT
+    return torch.baddbmm(M, M @ U, U.mT, alpha=-1.0)
 
 
 def whitened_complement_norm(
@@ -1265,6 +1296,32 @@ def whitened_complement_norm(
     if lam_other is not None:
         rows = rows * lam_other.rsqrt()
     return torch.linalg.vector_norm(rows, dim=-1).view(-1, 1, 1) * mu.rsqrt().view(-1, 1, 1)
+
+
+def whitened_complement_norm_from_gram(
+    A: Tensor, c: Tensor, Q_other: Tensor | None, lam_other: Tensor | None, mu: Tensor
+) -> Tensor:
+    r""":func:`whitened_complement_norm` from the complement's Gram matrix :math:`c^2 A`
+    (:math:`CC^\top` for a restricted right side, :math:`C^\top C` for a left one), ``(b 1 1)``.
+
+    .. math::
+        \nu^2 = \mu^{-1} c^2 \sum_j \lambda_j^{-1}\, (Q^\top A Q)_{jj}
+
+    with :math:`Q, \lambda` the other side's basis and eigenvalues. The Newton–Schulz
+    iteration of the complement forms this Gram matrix on its first step
+    (:func:`newton_schulz_gram`), so the norm costs one ``d × d × d`` product on the
+    shorter side ``d`` instead of the ``m × m × n`` rotation of the complement. ``A`` is
+    read in ``Q``'s dtype; a bfloat16 ``A`` carries the iteration's rounding (about
+    ``1e-3`` relative in :math:`\nu`). A sum that rounds below zero counts as zero.
+    """
+    _check_batched_square("A", A)
+    dtype = mu.dtype if Q_other is None else Q_other.dtype
+    A = A.to(dtype)
+    energy = torch.diagonal(A, dim1=-2, dim2=-1) if Q_other is None else (Q_other * (A @ Q_other)).sum(-2)
+    if lam_other is not None:
+        energy = energy / lam_other
+    sq = energy.sum(-1).clamp(min=0.0) * c.to(dtype).view(-1).square() / mu.view(-1)
+    return sq.sqrt().view(-1, 1, 1)
 
 
 def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -1365,7 +1422,7 @@ def reproject_flat(
 def project_out_left(M: Tensor, U: Tensor) -> Tensor:
     r"""The complement part :math:`M - U (U^\top M)` of ``M (b m n)`` for orthonormal ``U (b m r)``."""
     _check_batched("M", M)
-    return M - U @ (U.mT @ M)
+    return torch.baddbmm(M, U, U.mT @ M, alpha=-1.0)
 
 
 def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, exponent: float, eps: float) -> Tensor:
@@ -1375,18 +1432,36 @@ def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, expon
         s = \lambda_+^{p},\qquad P_{ij} = \frac{s_{L,i}\, s_{R,j}}{1 + \epsilon\, s_{L,i}\, s_{R,j}}
         = \frac{1}{(\lambda_{L,i}\lambda_{R,j})^{-p} + \epsilon}
 
-    (kl_shampoo.md §6 step 2, :math:`p = -1/2`). A ``None`` side has :math:`s \equiv 1`.
-    Computed as :math:`1/(1/q + \epsilon)` with :math:`q = s_L s_R`, so an infinite
-    eigenvalue (:math:`q = 0`) gives 0 and a zero eigenvalue gives :math:`1/\epsilon`;
-    the undefined product :math:`0 \cdot \infty` gives 0.
+    (kl_shampoo.md §6 step 2, :math:`p = -1/2`): the reciprocal of
+    :func:`product_inverse_root_denominator`, which a step divides by instead.
+    """
+    return product_inverse_root_denominator(lam_L, lam_R, exponent, eps).reciprocal()
+
+
+def product_inverse_root_denominator(
+    lam_L: Tensor | None, lam_R: Tensor | None, exponent: float, eps: float
+) -> Tensor:
+    r"""The denominator :math:`(\lambda_{L,i}\lambda_{R,j})^{-p} + \epsilon` of
+    :func:`product_inverse_root_scale`, ``b m 1 × b 1 n -> b m n`` (a ``None`` side has
+    :math:`\lambda \equiv 1`): one pass over the block, where the scale itself took seven.
+
+    Each side's root :math:`r = \lambda_+^{-p}` is fixed on its own vector, so no
+    ``m × n`` mask is formed: an infinite or NaN eigenvalue gives :math:`r = \infty` (a
+    zero step along it), and a zero one the smallest normal number, so that
+    :math:`0 \cdot \infty` gives :math:`\infty` (a zero step) and a zero eigenvalue
+    against a finite one gives :math:`\epsilon` (the step :math:`1/\epsilon`).
     """
     if lam_L is None and lam_R is None:
-        raise ValueError("product_inverse_root_scale needs at least one side's eigenvalues")
-    sL = None if lam_L is None else lam_L.clamp(min=0.0).pow(exponent).unsqueeze(-1)
-    sR = None if lam_R is None else lam_R.clamp(min=0.0).pow(exponent).unsqueeze(-2)
-    q = sR if sL is None else (sL if sR is None else sL * sR)
-    q = torch.where(torch.isnan(q), torch.zeros_like(q), q)  # type: ignore[arg-type]
-    return 1.0 / (1.0 / q + eps)
+        raise ValueError("product_inverse_root_denominator needs at least one side's eigenvalues")
+
+    def root(lam: Tensor) -> Tensor:
+        r = lam.clamp(min=0.0).pow(-exponent)
+        return r.nan_to_num(nan=math.inf, posinf=math.inf).clamp_(min=torch.finfo(r.dtype).tiny)
+
+    if lam_L is None or lam_R is None:
+        return root(lam_R if lam_L is None else lam_L).add_(eps).unsqueeze(-2 if lam_L is None else -1)  # type: ignore[arg-type]
+    rL, rR = root(lam_L).unsqueeze(-1), root(lam_R).unsqueeze(-2)
+    return torch.addcmul(torch.full((), eps, dtype=rL.dtype, device=rL.device), rL, rR)
 
 
 def subspace_rms_complement_norm(D: Tensor, d: int, r: int, other: int) -> Tensor:

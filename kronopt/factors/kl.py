@@ -262,11 +262,11 @@ class KlKronFactors:
             else:
                 GQ = G @ right.Q
             F = linalg.accumulate_gram_left(left.F, GQ if sR is None else GQ * sR, rho, (1 - rho) / n)
-            d_L = (H2 if sR is None else H2 * sR.square()).sum(-1) / n
+            d_L = (H2.sum(-1) if sR is None else (H2 @ sR.square().mT).squeeze(-1)) / n
             new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:
             F = linalg.accumulate_gram_right(right.F, Gl if sL is None else Gl * sL, rho, (1 - rho) / m)
-            d_R = (H2 if sL is None else H2 * sL.square()).sum(-2) / m
+            d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m
             new_right = self._tracked(right, F, d_R, left, G)
         return new_left, new_right
 

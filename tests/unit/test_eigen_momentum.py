@@ -56,7 +56,9 @@ class _Products(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("mm", "bmm", "addmm", "baddbmm"):
+        # matrix products only: a matrix-vector product (a trailing size of 1) is a weighted row sum
+        mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
+        if func.__name__.split(".")[0] in ("mm", "bmm", "addmm", "baddbmm") and all(min(a.shape[-2:]) > 1 for a in mats):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
