@@ -471,10 +471,11 @@ def q_factor(P: Tensor) -> Tensor:
 def finite_blocks(*tensors: Tensor | None) -> Tensor:
     """``(b)`` mask: True where every given tensor is finite on that block.
 
-    A block's largest and smallest entries are both finite exactly when it holds no
-    NaN and no infinity (``amax``/``amin`` propagate NaN; unlike a sum they never
-    overflow). Two plain reductions per tensor: on CPU they run at memory speed,
-    where the max-norm (``vector_norm(ord=inf)``) is about 20 times slower. Small
+    A stack of float32, float64 or bfloat16 blocks is read once, by a product with a
+    small weight (:func:`_weighted_row_sums`). Otherwise a block's largest and smallest
+    entries are both finite exactly when it holds no NaN and no infinity
+    (``amax``/``amin`` propagate NaN; unlike a sum they never overflow): two plain
+    reductions, where the max-norm (``vector_norm(ord=inf)``) is about 20 times slower. Small
     tensors of one dtype (at most ``_FINITE_AT_ONCE_MAX`` entries in all) are laid side
     by side first and reduced together: there the number of calls is the cost.
     """
@@ -486,12 +487,46 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
         # per row, and two reductions of that instead of two per tensor (the same extremes)
         rows = torch.cat([t.reshape(t.shape[0], -1) for t in given], dim=1)
         return torch.stack([rows.amax(dim=1), rows.amin(dim=1)]).isfinite().all(0)
-    extremes = [x for t in given for x in _block_extremes(t)]
-    if len(extremes) == 1:
-        return extremes[0].isfinite()
-    if len({(x.dtype, x.device) for x in extremes}) > 1:
-        return torch.stack([x.isfinite() for x in extremes]).all(0)
-    return torch.stack(extremes).isfinite().all(0)  # one finiteness test for every tensor's extremes
+    verdicts, extremes = [], []
+    for t in given:
+        row_sums = _weighted_row_sums(t)
+        if row_sums is not None:
+            verdicts.append(row_sums)
+        else:
+            extremes.extend(_block_extremes(t))
+    if extremes and len({(x.dtype, x.device) for x in extremes}) == 1:
+        verdicts.append(torch.stack(extremes).isfinite().all(0))  # one finiteness test for these extremes
+    else:
+        verdicts.extend(x.isfinite() for x in extremes)
+    return verdicts[0] if len(verdicts) == 1 else torch.stack(verdicts).all(0)
+
+
+#: the weight of :func:`_weighted_row_sums`: a sum of fewer than ``2⁶⁴`` entries times it stays below
+#: the largest finite number of float32, float64 and bfloat16, and it is a normal number in each
+_FINITE_WEIGHT = 2.0**-64
+_FINITE_WEIGHTS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _weighted_row_sums(t: Tensor) -> Tensor | None:
+    r"""``(b)``: whether each block of ``t (b ...)`` is finite, from one matrix-vector product over it.
+
+    Each row's sum of :math:`2^{-64} x` is finite exactly when the row is: a NaN or an infinity
+    reaches the sum (:math:`\infty - \infty` is NaN), and finite entries cannot overflow it. One
+    read of the tensor at the speed of a product, where ``amax`` and ``amin`` read it twice
+    (half the time on a 4 × 1024² stack). ``None`` where it does not apply (fewer than two
+    dimensions, another dtype, a layout that is neither row- nor column-major, empty blocks).
+    """
+    if t.ndim < 2 or t.dtype not in (torch.float32, torch.float64, torch.bfloat16) or t[0].numel() == 0:
+        return None
+    flat = t if t.is_contiguous() else t.mT if t.mT.is_contiguous() else None
+    if flat is None:
+        return None
+    n = flat.shape[-1]
+    key = (n, t.dtype, t.device)
+    w = _FINITE_WEIGHTS.get(key)
+    if w is None:
+        w = _FINITE_WEIGHTS[key] = torch.full((n, 1), _FINITE_WEIGHT, dtype=t.dtype, device=t.device)
+    return (flat.reshape(-1, n) @ w).view(t.shape[0], -1).isfinite().all(1)
 
 
 #: :func:`finite_blocks` tests its tensors at once when they hold at most this many entries in all: the
