@@ -509,6 +509,10 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
     storages = {t.untyped_storage().data_ptr() for t, _ in _tensor_pairs(stacks, None)}
     replaced = False
     weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+    # on a CPU the verdict is read for free: with every block ok (nearly every step) each write is a
+    # plain copy, and all of them go in one call at the end (no write can change a tensor still to be
+    # read: a new tensor that aliases a stack is cloned when it is met, before any copy)
+    copies: tuple[list[Tensor], list[Tensor]] | None = ([], []) if _host_says_all(ok) else None
 
     def select(n: Tensor | None, o: Tensor | None) -> Tensor | None:
         nonlocal replaced
@@ -521,7 +525,11 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
             return torch.where(ok.view(-1, *([1] * (n.ndim - 1))), n, o)
         if n.untyped_storage().data_ptr() in storages:
             n = n.clone()
-        masked_write_(o, n, ok, weights)
+        if copies is not None and o.device.type == "cpu":
+            copies[0].append(o)
+            copies[1].append(n)
+        else:
+            masked_write_(o, n, ok, weights)
         return o
 
     def merge(n: Any, o: Any, field: str) -> Any:
@@ -549,7 +557,10 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
                 changes[init] = kept
         return attrs.evolve(base, **changes) if changes else base
 
-    return merge(new, stacks, ""), replaced
+    kept = merge(new, stacks, "")
+    if copies is not None and copies[0]:
+        torch._foreach_copy_(*copies)
+    return kept, replaced
 
 
 _INIT_NAMES: dict[type, tuple[tuple[str, str | None], ...]] = {}
@@ -586,6 +597,15 @@ def _tensor_pairs(new: Any, old: Any, out: list[tuple[Tensor, Any]] | None = Non
 #: below this many entries per block a masked write is one ``torch.where`` (fewer launches)
 _BLEND_MIN = 4096
 
+#: whether a CPU verdict may be read on the host (it waits for nothing there); the test of the
+#: device-agnostic path, the one a GPU takes, turns it off
+_CPU_HOST_VERDICTS = True
+
+
+def _host_says_all(ok: Tensor) -> bool:
+    """``ok`` is on the CPU and every entry is True (read on the host; False on other devices)."""
+    return _CPU_HOST_VERDICTS and ok.device.type == "cpu" and bool(ok.all())
+
 
 def masked_write_(old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtype, tuple[Tensor, Tensor]] | None = None) -> None:
     """``old[i] ← new[i]`` where ``ok[i]``, in place; blocks where ``ok`` is False keep ``old`` exactly.
@@ -607,7 +627,7 @@ def masked_write_(old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtyp
     if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLEND_MIN:
         torch.where(ok.view(shape), new, old, out=old)
         return
-    if old.device.type == "cpu" and ok.device.type == "cpu" and bool(ok.all()):
+    if old.device.type == "cpu" and _host_says_all(ok):
         old.copy_(new)
         return
     if weights is None:

@@ -255,3 +255,35 @@ def test_write_refuses_a_field_that_changes_between_a_tensor_and_a_number():
     old, new = _records(torch.ones(2, 4))
     with pytest.raises(ValueError, match="'y' changed between a tensor and a int"):
         compose.write_(old, attrs.evolve(new, y=3), torch.tensor([True, True]))
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the operators called (overloads dropped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("ok", [[True, True], [True, False]])
+def test_write_with_every_block_ok_on_cpu_is_one_foreach_copy_and_reads_aliased_stacks_first(ok):
+    """Every block ok on a CPU: all the record's writes in one ``_foreach_copy_``, after everything was
+    read; a new field that is another field's stack arrives with that stack's values from before the
+    write. A masked block keeps its old values either way."""
+    y0 = torch.arange(8.0).view(2, 4)
+    old = _Outer(_Inner(torch.zeros(2, 4)), y0.clone(), calls=1)
+    new = _Outer(_Inner(old.y), torch.full((2, 4), 5.0), calls=2)  # inner.x ← the old y stack itself
+    with _Ops() as ops:
+        kept, replaced = compose.write_(old, new, torch.tensor(ok))
+    assert not replaced and kept.inner.x is old.inner.x and kept.y is old.y
+    assert torch.equal(kept.inner.x[0], y0[0]) and kept.y[0].eq(5).all()
+    if all(ok):
+        assert ops.names.count("_foreach_copy_") == 1 and "where" not in ops.names
+        assert torch.equal(kept.inner.x, y0) and kept.y.eq(5).all()
+    else:
+        assert "_foreach_copy_" not in ops.names
+        assert kept.inner.x[1].eq(0).all() and torch.equal(kept.y[1], y0[1])

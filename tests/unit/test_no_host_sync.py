@@ -1,15 +1,15 @@
 """Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist()).
 
-The CPU's fast paths (the plain-AdamW block loop, the masked state write's plain copy of a large
-stack) read verdicts on the host, which on a CPU waits for nothing; this test turns the first off
-and its small shapes stay below the second, so the step takes the device-agnostic paths, the ones
-a GPU takes (checked on CUDA by the last test).
+The CPU's fast paths (the plain-AdamW block loop, the state write's plain copies when every block
+is ok) read verdicts on the host, which on a CPU waits for nothing; this test turns them off, so the
+step takes the device-agnostic paths, the ones a GPU takes (checked on CUDA by the last test).
 """
 
 import pytest
 import torch
 
 import kronopt
+from kronopt import compose
 from kronopt import optimizer as optimizer_module
 
 
@@ -24,6 +24,7 @@ def _forbid_host_reads(monkeypatch):
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
 def test_step_reads_no_tensor_values_on_the_host(preset, monkeypatch):
     monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 10**12)  # AdamW on the stacks, as on a GPU
+    monkeypatch.setattr(compose, "_CPU_HOST_VERDICTS", False)  # the state write's masks, as on a GPU
     gen = torch.Generator().manual_seed(0)
     shapes = [(6, 4), (6, 4), (4, 6), (5,), (2, 3, 2)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
