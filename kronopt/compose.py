@@ -506,13 +506,10 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
         ints and bools or a replaced field differ) and whether any stack was replaced
         (its views must then be rebuilt).
     """
-    storages = {t.untyped_storage().data_ptr() for t, _ in _tensor_pairs(stacks, None)}
     replaced = False
-    weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
-    # on a CPU the verdict is read for free: with every block ok (nearly every step) each write is a
-    # plain copy, and all of them go in one call at the end (no write can change a tensor still to be
-    # read: a new tensor that aliases a stack is cloned when it is met, before any copy)
-    copies: tuple[list[Tensor], list[Tensor]] | None = ([], []) if _host_says_all(ok) else None
+    # the writes wait for the end of the walk: a new tensor that shares storage with a stack to be
+    # written is then copied first (a write could otherwise change it before it is read)
+    writes: list[tuple[Tensor, Tensor]] = []
 
     def select(n: Tensor | None, o: Tensor | None) -> Tensor | None:
         nonlocal replaced
@@ -523,13 +520,7 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
             if n is None or o is None:
                 return n
             return torch.where(ok.view(-1, *([1] * (n.ndim - 1))), n, o)
-        if n.untyped_storage().data_ptr() in storages:
-            n = n.clone()
-        if copies is not None and o.device.type == "cpu":
-            copies[0].append(o)
-            copies[1].append(n)
-        else:
-            masked_write_(o, n, ok, weights)
+        writes.append((o, n))
         return o
 
     def merge(n: Any, o: Any, field: str) -> Any:
@@ -558,8 +549,16 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
         return attrs.evolve(base, **changes) if changes else base
 
     kept = merge(new, stacks, "")
-    if copies is not None and copies[0]:
-        torch._foreach_copy_(*copies)
+    written = {o.untyped_storage().data_ptr() for o, _ in writes}
+    writes = [(o, n.clone() if n.untyped_storage().data_ptr() in written else n) for o, n in writes]
+    if writes and _host_says_all(ok) and all(o.device.type == "cpu" for o, _ in writes):
+        # on a CPU the verdict is read for free: with every block ok (nearly every step) each write
+        # is a plain copy, and all of them go in one call
+        torch._foreach_copy_([o for o, _ in writes], [n for _, n in writes])
+    else:
+        weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        for o, n in writes:
+            masked_write_(o, n, ok, weights)
     return kept, replaced
 
 
