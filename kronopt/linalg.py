@@ -1007,6 +1007,15 @@ def top_singular_triplet(G: Tensor) -> SingularTriplet:
     return SingularTriplet(sigma=S[:, 0], u=U[:, :, 0], v=Vh[:, 0, :])
 
 
+def vector_norm_scaled(x: Tensor) -> Tensor:
+    r"""Euclidean norm over the last dimension, ``b d -> b 1``, taken of ``x`` divided by its
+    largest magnitude first: the squares of entries below :math:`\sqrt{\text{tiny}}` (``1e-154``
+    in float64, ``1e-19`` in float32) underflow to zero in a plain norm, which then makes a
+    normalised vector thousands of orders of magnitude too long. A zero vector has norm 0."""
+    scale = x.abs().amax(dim=-1, keepdim=True)
+    return scale * torch.linalg.vector_norm(x / scale.clamp(min=_tiny(x)), dim=-1, keepdim=True)
+
+
 def top_singular_triplet_power(G: Tensor, iters: int) -> SingularTriplet:
     r"""Dominant singular triplet by ``iters`` alternating power iterations (matrix-free).
 
@@ -1028,9 +1037,9 @@ def top_singular_triplet_power(G: Tensor, iters: int) -> SingularTriplet:
     sigma = v.new_zeros(G.shape[0])
     for _ in range(iters):
         u = (G @ v.unsqueeze(-1)).squeeze(-1)
-        u = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp(min=tiny)
+        u = u / vector_norm_scaled(u).clamp(min=tiny)
         w = (G.mT @ u.unsqueeze(-1)).squeeze(-1)
-        sigma = torch.linalg.vector_norm(w, dim=-1)
+        sigma = vector_norm_scaled(w).squeeze(-1)
         v = w / sigma.unsqueeze(-1).clamp(min=tiny)
     return SingularTriplet(sigma=sigma, u=u, v=v)
 
@@ -1057,14 +1066,13 @@ def rank1_ema_parallel(l: Tensor, r: Tensor, D: Tensor, beta: float) -> tuple[Te
     if l.shape != D.shape[:2] or r.shape != (D.shape[0], D.shape[2]):
         raise ValueError(f"rank1_ema_parallel needs l (b m), r (b n) for D {tuple(D.shape)}, got {tuple(l.shape)}, {tuple(r.shape)}")
     tiny = _tiny(D)
-    a = torch.linalg.vector_norm(l, dim=-1, keepdim=True)
-    b_ = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+    a, b_ = vector_norm_scaled(l), vector_norm_scaled(r)
     S0 = a * b_
     l_bar, r_bar = l / a.clamp(min=tiny), r / b_.clamp(min=tiny)
     l1 = beta * S0 * l_bar + (1.0 - beta) * (D @ r_bar.unsqueeze(-1)).squeeze(-1)
     r1 = beta * S0 * r_bar + (1.0 - beta) * (D.mT @ l_bar.unsqueeze(-1)).squeeze(-1)
-    l1 = l1 / torch.linalg.vector_norm(l1, dim=-1, keepdim=True).clamp(min=tiny)
-    r1 = r1 / torch.linalg.vector_norm(r1, dim=-1, keepdim=True).clamp(min=tiny)
+    l1 = l1 / vector_norm_scaled(l1).clamp(min=tiny)
+    r1 = r1 / vector_norm_scaled(r1).clamp(min=tiny)
     c = beta * S0 * (l1 * l_bar).sum(-1, keepdim=True) * (r1 * r_bar).sum(-1, keepdim=True)
     c = c + (1.0 - beta) * (l1.unsqueeze(-2) @ D @ r1.unsqueeze(-1)).squeeze(-1)
     root = c.clamp(min=0.0).sqrt()

@@ -1,5 +1,6 @@
 """kronopt.inner_rules.adam_rank1: Adam with a rank-1 second moment l rᵀ (DyKAF spec §7)."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -86,3 +87,35 @@ def test_permutation_on_refresh(seed, m, n):
     D_old, _ = rule.direction(state, G, _ctx(layout, old, 4))
     D_new, _ = rule.direction(moved, G, _ctx(layout, new, 4))
     torch.testing.assert_close(D_new, D_old, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "l_scale", "r_scale"),
+    [(torch.float64, 1e-31, 1e-31), (torch.float64, 1e-170, 1e100), (torch.float32, 1e-21, 1.0), (torch.float32, 1e-3, 1e-17)],
+)
+@pytest.mark.parametrize("beta", [0.5, 0.99])
+def test_rank1_tracker_of_tiny_vectors_keeps_their_scale(dtype, l_scale, r_scale, beta):
+    """A zero increment leaves β·l rᵀ, even where the squares of l's or r's entries underflow (a plain
+    norm is then 0, and the normalised vectors came out up to 10⁷⁰ times too long: a fuzz case with
+    l ~ 1e-31 in float64 and β₂ ~ 1e-173 returned l ~ 1e33 from a zero gradient)."""
+    gen = torch.Generator().manual_seed(4)
+    l = (torch.rand(2, 3, generator=gen, dtype=torch.float64) + 0.5) * l_scale
+    r = (torch.rand(2, 4, generator=gen, dtype=torch.float64) + 0.5) * r_scale
+    l1, r1 = linalg.rank1_ema_parallel(l.to(dtype), r.to(dtype), torch.zeros(2, 3, 4, dtype=dtype), beta)
+    expected = beta * l.unsqueeze(-1) * r.unsqueeze(-2)
+    got = l1.double().unsqueeze(-1) * r1.double().unsqueeze(-2)
+    torch.testing.assert_close(got, expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def test_power_triplet_of_a_tiny_block_is_the_scaled_triplet():
+    """Power iteration on 1e-160·G (float64, whose squares underflow) gives 1e-160·σ and G's singular
+    vectors (up to sign: the start, built from squared column norms, differs), as the SVD has them."""
+    gen = torch.Generator().manual_seed(5)
+    G = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
+    G[:, 0, 0] += 6.0  # a clear gap σ₁ ≫ σ₂, so 60 iterations converge to float64 precision
+    U, S, Vh = torch.linalg.svd(G)
+    tiny = linalg.top_singular_triplet_power(G * 1e-160, 60)
+    torch.testing.assert_close(tiny.sigma, S[:, 0] * 1e-160, rtol=1e-12, atol=0)
+    sign = (tiny.u * U[:, :, 0]).sum(-1, keepdim=True).sign()
+    torch.testing.assert_close(tiny.u * sign, U[:, :, 0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(tiny.v * sign, Vh[:, 0, :], rtol=0, atol=1e-10)
