@@ -12,6 +12,8 @@ import attrs
 import torch
 from torch import Tensor
 
+from . import linalg
+
 SideKind = Literal["full", "restricted", "none"]
 SIDE_KINDS: tuple[str, ...] = ("full", "restricted", "none")
 
@@ -125,8 +127,8 @@ class StepContext:
         hit = self.shared.get("rotated")
         if hit is not None and hit[0] is G and hit[1] is Q_L and hit[2] is Q_R:
             return hit[3], hit[4]
-        Gl = G if Q_L is None else Q_L.mT @ G
-        H = Gl if Q_R is None else Gl @ Q_R
+        Gl = G if Q_L is None else linalg.mm(Q_L.mT, G)
+        H = Gl if Q_R is None else linalg.mm(Gl, Q_R)
         self.shared["rotated"] = (G, Q_L, Q_R, Gl, H)
         return Gl, H
 
