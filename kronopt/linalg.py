@@ -525,14 +525,15 @@ def _weighted_row_sums(t: Tensor) -> Tensor | None:
     """
     if t.ndim < 2 or t.dtype not in (torch.float32, torch.float64, torch.bfloat16) or t[0].numel() == 0:
         return None
-    flat = t if t.is_contiguous() else t.mT if t.mT.is_contiguous() else None
+    flat = t if t.is_contiguous() else t.mT if t.ndim >= 3 and t.mT.is_contiguous() else None
     if flat is None:
         return None
     n = flat.shape[-1]
     key = (n, t.dtype, t.device)
     w = _FINITE_WEIGHTS.get(key)
     if w is None:
-        w = _FINITE_WEIGHTS[key] = torch.full((n, 1), _FINITE_WEIGHT, dtype=t.dtype, device=t.device)
+        with torch.inference_mode(False):  # a cached inference tensor could not meet autograd later
+            w = _FINITE_WEIGHTS[key] = torch.full((n, 1), _FINITE_WEIGHT, dtype=t.dtype, device=t.device)
     return (flat.reshape(-1, n) @ w).view(t.shape[0], -1).isfinite().all(1)
 
 
@@ -708,52 +709,21 @@ def newton_schulz(
         Jordan et al., Muon (2024); Amsel et al., Polar Express, arXiv 2505.16932.
     """
     if (twin := compiled.variant("newton_schulz")) is not None: return twin(U, coefficients, eps=eps, dtype=dtype, norm=norm)  # noqa: E701
-    return _newton_schulz(U, coefficients, eps=eps, dtype=dtype, norm=norm)[0]
-
-
-def newton_schulz_gram(
-    U: Tensor,
-    coefficients: Sequence[tuple[float, float, float]],
-    *,
-    eps: float = 1e-7,
-    dtype: torch.dtype = torch.bfloat16,
-    norm: str = "clamp",
-) -> tuple[Tensor, Tensor, Tensor]:
-    r""":func:`newton_schulz` that also returns its first Gram matrix and the normaliser.
-
-    Returns ``(X, A, c)``: the iteration's output, :math:`A = X_0 X_0^\top` ``(b m m)``
-    (:math:`X_0^\top X_0` ``(b n n)`` for a tall block) in ``dtype``, and ``c`` ``(b 1 1)``
-    with :math:`X_0 = U/c`, so :math:`UU^\top \approx c^2 A` (:math:`U^\top U` for a tall
-    block) at the iteration's precision, for free.
-    """
-    _check_batched("U", U)
-    if not coefficients:
-        raise ValueError("newton_schulz_gram needs at least one (a, b, c) tuple")
-    return _newton_schulz(U, coefficients, eps=eps, dtype=dtype, norm=norm)  # type: ignore[return-value]
-
-
-def _newton_schulz(
-    U: Tensor, coefficients: Sequence[tuple[float, float, float]], *, eps: float, dtype: torch.dtype, norm: str
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The iteration of :func:`newton_schulz`: ``(X, first Gram or None, normaliser)``."""
     _check_batched("U", U)
     X = U.to(dtype)
     tall = U.shape[-2] > U.shape[-1]
     nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if norm == "clamp":
-        c = nrm.clamp(min=eps)
+        X = X / nrm.clamp(min=eps)
     elif norm == "add":
-        c = nrm + eps
+        X = X / (nrm + eps)
     else:
         raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
-    X = X / c
-    first = None
-    for a, b, c_ in coefficients:
+    for a, b, c in coefficients:
         A = X.mT @ X if tall else X @ X.mT
-        first = A if first is None else first
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c_)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, X, B.mT, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
-    return X, first, c
+    return X
 
 
 def muon_scale(m: int, n: int, rule: str) -> float:
@@ -1018,9 +988,11 @@ def vector_norm_scaled(x: Tensor) -> Tensor:
     r"""Euclidean norm over the last dimension, ``b d -> b 1``, taken of ``x`` divided by its
     largest magnitude first: the squares of entries below :math:`\sqrt{\text{tiny}}` (``1e-154``
     in float64, ``1e-19`` in float32) underflow to zero in a plain norm, which then makes a
-    normalised vector thousands of orders of magnitude too long. A zero vector has norm 0."""
-    scale = x.abs().amax(dim=-1, keepdim=True)
-    return scale * torch.linalg.vector_norm(x / scale.clamp(min=_tiny(x)), dim=-1, keepdim=True)
+    normalised vector thousands of orders of magnitude too long. A zero vector has norm 0; a
+    subnormal one its own (the divisor is at least the smallest normal number)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=_tiny(x))
+    norm = scale * torch.linalg.vector_norm(x / scale, dim=-1, keepdim=True)
+    return torch.where(scale.isinf(), scale, norm)  # an infinite entry: an infinite norm, not ∞/∞
 
 
 def top_singular_triplet_power(G: Tensor, iters: int) -> SingularTriplet:
@@ -1348,32 +1320,6 @@ def whitened_complement_norm(
     return torch.linalg.vector_norm(rows, dim=-1).view(-1, 1, 1) * mu.rsqrt().view(-1, 1, 1)
 
 
-def whitened_complement_norm_from_gram(
-    A: Tensor, c: Tensor, Q_other: Tensor | None, lam_other: Tensor | None, mu: Tensor
-) -> Tensor:
-    r""":func:`whitened_complement_norm` from the complement's Gram matrix :math:`c^2 A`
-    (:math:`CC^\top` for a restricted right side, :math:`C^\top C` for a left one), ``(b 1 1)``.
-
-    .. math::
-        \nu^2 = \mu^{-1} c^2 \sum_j \lambda_j^{-1}\, (Q^\top A Q)_{jj}
-
-    with :math:`Q, \lambda` the other side's basis and eigenvalues. The Newton–Schulz
-    iteration of the complement forms this Gram matrix on its first step
-    (:func:`newton_schulz_gram`), so the norm costs one ``d × d × d`` product on the
-    shorter side ``d`` instead of the ``m × m × n`` rotation of the complement. ``A`` is
-    read in ``Q``'s dtype; a bfloat16 ``A`` carries the iteration's rounding (about
-    ``1e-3`` relative in :math:`\nu`). A sum that rounds below zero counts as zero.
-    """
-    _check_batched_square("A", A)
-    dtype = mu.dtype if Q_other is None else Q_other.dtype
-    A = A.to(dtype)
-    energy = torch.diagonal(A, dim1=-2, dim2=-1) if Q_other is None else (Q_other * (A @ Q_other)).sum(-2)
-    if lam_other is not None:
-        energy = energy / lam_other
-    sq = energy.sum(-1).clamp(min=0.0) * c.to(dtype).view(-1).square() / mu.view(-1)
-    return sq.sqrt().view(-1, 1, 1)
-
-
 def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:
     r"""New subspace of a restricted side from the power product :math:`P = \hat F U` ``(b d r)``.
 
@@ -1493,25 +1439,24 @@ def product_inverse_root_denominator(
 ) -> Tensor:
     r"""The denominator :math:`(\lambda_{L,i}\lambda_{R,j})^{-p} + \epsilon` of
     :func:`product_inverse_root_scale`, ``b m 1 × b 1 n -> b m n`` (a ``None`` side has
-    :math:`\lambda \equiv 1`): one pass over the block, where the scale itself took seven.
+    :math:`\lambda \equiv 1`): two passes over the block, where the scale itself took seven.
 
-    Each side's root :math:`r = \lambda_+^{-p}` is fixed on its own vector, so no
-    ``m × n`` mask is formed: an infinite or NaN eigenvalue gives :math:`r = \infty` (a
-    zero step along it), and a zero one the smallest normal number, so that
-    :math:`0 \cdot \infty` gives :math:`\infty` (a zero step) and a zero eigenvalue
-    against a finite one gives :math:`\epsilon` (the step :math:`1/\epsilon`).
+    Each side's root :math:`r = \lambda_+^{-p}` is taken on its own vector: an infinite
+    or NaN eigenvalue gives :math:`r = \infty` (a zero step along it), a zero or negative
+    one :math:`r = 0` (the step :math:`1/\epsilon`). The one undefined product,
+    :math:`0 \cdot \infty`, becomes :math:`\infty`: a zero step, as the scale's rule has it.
     """
     if lam_L is None and lam_R is None:
         raise ValueError("product_inverse_root_denominator needs at least one side's eigenvalues")
 
     def root(lam: Tensor) -> Tensor:
-        r = lam.clamp(min=0.0).pow(-exponent)
-        return r.nan_to_num(nan=math.inf, posinf=math.inf).clamp_(min=torch.finfo(r.dtype).tiny)
+        return lam.clamp(min=0.0).pow(-exponent).nan_to_num(nan=math.inf, posinf=math.inf)
 
     if lam_L is None or lam_R is None:
         return root(lam_R if lam_L is None else lam_L).add_(eps).unsqueeze(-2 if lam_L is None else -1)  # type: ignore[arg-type]
     rL, rR = root(lam_L).unsqueeze(-1), root(lam_R).unsqueeze(-2)
-    return torch.addcmul(torch.full((), eps, dtype=rL.dtype, device=rL.device), rL, rR)
+    # a NaN here is 0 · ∞ (an infinite eigenvalue against a zero one): no step
+    return torch.addcmul(torch.full((), eps, dtype=rL.dtype, device=rL.device), rL, rR).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 def subspace_rms_complement_norm(D: Tensor, d: int, r: int, other: int) -> Tensor:

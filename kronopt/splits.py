@@ -14,7 +14,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import compiled, linalg
+from . import linalg
 from .validators import ge, gt, in_, le, to_float, to_int, to_str
 from .registry import SPLITS
 from .types import Layout, NoState, SideKind, SplitCapabilities, StepContext
@@ -179,27 +179,13 @@ class LowRankFlatSplit:
         else:
             return D, state
         schedule = linalg.ns_schedule(self.ns_coefficients, self.ns_steps)
-        dtype = linalg.DTYPES[self.ns_dtype]
-        # the iteration's Gram matrix is the complement's along the restricted side when that side is
-        # the longer one (the preset's "larger"): the whitened norm then reads it instead of a rotation
-        from_gram = (
-            self.complement_scale == "whitened"
-            and (side == "right") == (C.shape[-2] <= C.shape[-1])
-            and compiled.variant("newton_schulz") is None
-        )
-        if from_gram:
-            O, A, c = linalg.newton_schulz_gram(C, schedule, eps=self.ns_eps, dtype=dtype)
-        else:
-            # O stays in the iteration's dtype (and layout): the scaled sum below reads it once
-            O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=dtype)
+        # O stays in the iteration's dtype (and layout): the scaled sum below reads it once
+        O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype])
         if torch.promote_types(O.dtype, D.dtype) != D.dtype:  # a wider iteration: the step keeps D's dtype
             O = O.to(D.dtype)
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
-            if from_gram:
-                nu = linalg.whitened_complement_norm_from_gram(A, c, Q_other, lam_other, mu)
-            else:
-                nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)
+            nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)
             # μ = 0 or λ ≤ 0 (an EMA estimator that has seen no complement energy yet): no complement block
             w = linalg.rescale_factor(O, torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu)))
         elif self.complement_scale == "match_subspace_rms":

@@ -119,3 +119,12 @@ def test_power_triplet_of_a_tiny_block_is_the_scaled_triplet():
     sign = (tiny.u * U[:, :, 0]).sum(-1, keepdim=True).sign()
     torch.testing.assert_close(tiny.u * sign, U[:, :, 0], rtol=0, atol=1e-10)
     torch.testing.assert_close(tiny.v * sign, Vh[:, 0, :], rtol=0, atol=1e-10)
+
+
+def test_scaled_norm_of_subnormal_zero_and_infinite_vectors():
+    """Subnormal entries keep their norm (the divisor is floored at the smallest normal number, the factor
+    too); a zero vector has norm 0; an infinite entry gives ∞, not ∞/∞."""
+    x = torch.tensor([[1e-40, 1e-40], [0.0, 0.0], [1.0, float("inf")], [3e-39, 4e-39]])
+    got = linalg.vector_norm_scaled(x).flatten()
+    expected = torch.tensor([2**0.5 * 1e-40, 0.0, float("inf"), 5e-39])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)

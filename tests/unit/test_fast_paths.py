@@ -117,6 +117,13 @@ def test_finite_blocks_of_large_stacks_read_them_once(bad, dtype, layout):
     assert "mm.default" in calls.names and not {"amax.default", "amin.default"} & set(calls.names)
 
 
+def test_finite_blocks_of_a_column_major_matrix_of_vector_blocks():
+    """A 2-D tensor whose blocks are columns in memory (``(300, 100).mT``): the bad entry's block, not another."""
+    t = torch.randn(300, 100).mT
+    t[7, 5] = float("nan")
+    assert (~linalg.finite_blocks(t)).nonzero().flatten().tolist() == [7]
+
+
 def test_finite_blocks_of_vectors_and_empty_blocks_and_mixed_dtypes():
     v = torch.tensor([1.0, float("nan"), 3.0])
     empty = torch.zeros(3, 0, 4)
@@ -269,21 +276,30 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("aliased", ["written_later", "written_first"])
 @pytest.mark.parametrize("ok", [[True, True], [True, False]])
-def test_write_with_every_block_ok_on_cpu_is_one_foreach_copy_and_reads_aliased_stacks_first(ok):
+def test_write_with_every_block_ok_on_cpu_is_one_foreach_copy_and_reads_aliased_stacks_first(ok, aliased):
     """Every block ok on a CPU: all the record's writes in one ``_foreach_copy_``, after everything was
     read; a new field that is another field's stack arrives with that stack's values from before the
-    write. A masked block keeps its old values either way."""
-    y0 = torch.arange(8.0).view(2, 4)
-    old = _Outer(_Inner(torch.zeros(2, 4)), y0.clone(), calls=1)
-    new = _Outer(_Inner(old.y), torch.full((2, 4), 5.0), calls=2)  # inner.x ← the old y stack itself
+    write, whichever of the two is written first (the walk meets ``inner.x`` before ``y``). A masked
+    block keeps its old values either way."""
+    before = torch.arange(8.0).view(2, 4)
+    old = _Outer(_Inner(torch.zeros(2, 4)), torch.zeros(2, 4), calls=1)
+    if aliased == "written_later":  # inner.x ← the y stack itself, y ← fives
+        old.y.copy_(before)
+        new = _Outer(_Inner(old.y), torch.full((2, 4), 5.0), calls=2)
+        took, fives = (lambda k: k.inner.x), (lambda k: k.y)
+    else:  # inner.x ← fives, y ← the inner.x stack itself, which is written first
+        old.inner.x.copy_(before)
+        new = _Outer(_Inner(torch.full((2, 4), 5.0)), old.inner.x, calls=2)
+        took, fives = (lambda k: k.y), (lambda k: k.inner.x)
     with _Ops() as ops:
         kept, replaced = compose.write_(old, new, torch.tensor(ok))
     assert not replaced and kept.inner.x is old.inner.x and kept.y is old.y
-    assert torch.equal(kept.inner.x[0], y0[0]) and kept.y[0].eq(5).all()
+    assert torch.equal(took(kept)[0], before[0]) and fives(kept)[0].eq(5).all()
     if all(ok):
         assert ops.names.count("_foreach_copy_") == 1 and "where" not in ops.names
-        assert torch.equal(kept.inner.x, y0) and kept.y.eq(5).all()
+        assert torch.equal(took(kept), before) and fives(kept).eq(5).all()
     else:
         assert "_foreach_copy_" not in ops.names
-        assert kept.inner.x[1].eq(0).all() and torch.equal(kept.y[1], y0[1])
+        assert took(kept)[1].eq(0).all() and torch.equal(fives(kept)[1], before[1])  # both blocks as they were

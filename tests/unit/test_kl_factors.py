@@ -244,19 +244,21 @@ def test_qr_basis_with_sort_false_reports_no_permutation(gen, sort):
         assert torch.equal(out.s_L, kl_state.s_L) and torch.equal(out.s_R, kl_state.s_R)
 
 
+@pytest.mark.parametrize(("exponent", "eps"), [(-0.5, 1e-3), (-1.0, 1e-8), (-0.5, 0.0)])
 @pytest.mark.parametrize("sides", ["both", "left", "right"])
-def test_product_scale_edge_eigenvalues(sides):
-    """Zero, negative, infinite and NaN eigenvalues on either side, against the spec's rule written out
-    per entry: λ ≤ 0 gives s = ∞, λ = ∞ or NaN gives s = 0 (no step), q = s_L s_R with 0·∞ = 0, and the
-    scale q / (1 + ε q) (1/ε for q = ∞). The step divides by the denominator; both must agree."""
-    values = [0.0, -1.0, 1e-6, 0.25, 4.0, 1e8, math.inf, math.nan]
+def test_product_scale_edge_eigenvalues(sides, exponent, eps):
+    """Zero, negative, huge, infinite and NaN eigenvalues on either side, against the spec's rule written
+    out per entry: λ ≤ 0 gives s = ∞, λ = ∞ or NaN gives s = 0 (no step), q = s_L s_R with 0·∞ = 0, and
+    the scale q / (1 + ε q) (1/ε for q = ∞; ∞ when ε = 0). The step divides by the denominator; both must
+    agree. A zero eigenvalue against 1e30 at exponent −1, and ε = 0, are where a floor on the roots went
+    wrong."""
+    values = [0.0, -1.0, 1e-6, 0.25, 4.0, 1e8, 1e30, math.inf, math.nan]
     lam = torch.tensor(values, dtype=torch.float64)
-    eps = 1e-3
 
     def s(x: float) -> float:
         if math.isnan(x) or x == math.inf:
             return 0.0
-        return math.inf if x <= 0 else x**-0.5
+        return math.inf if x <= 0 else x**exponent
 
     lam_L = lam.view(1, -1) if sides != "right" else None
     lam_R = lam.flip(0).view(1, -1) if sides != "left" else None
@@ -266,9 +268,12 @@ def test_product_scale_edge_eigenvalues(sides):
     for i, a in enumerate(left):
         for j, b in enumerate(right):
             q = 0.0 if 0.0 in (a, b) else a * b
-            expected[0, i, j] = 1 / eps if q == math.inf else q / (1 + eps * q)
-    scale = linalg.product_inverse_root_scale(lam_L, lam_R, -0.5, eps)
+            if q == math.inf:  # ε = 0: an infinite step, which the guard then skips
+                expected[0, i, j] = 1 / eps if eps > 0 else math.inf
+            else:
+                expected[0, i, j] = q / (1 + eps * q)
+    scale = linalg.product_inverse_root_scale(lam_L, lam_R, exponent, eps)
     torch.testing.assert_close(scale.expand_as(expected), expected, rtol=1e-14, atol=0)
     P = torch.full_like(expected, 3.0)
-    step = P / linalg.product_inverse_root_denominator(lam_L, lam_R, -0.5, eps)
+    step = P / linalg.product_inverse_root_denominator(lam_L, lam_R, exponent, eps)
     torch.testing.assert_close(step, 3.0 * expected, rtol=1e-14, atol=0)

@@ -212,9 +212,8 @@ def test_rank_deficient_complement_matches_newton_schulz(gen):
 @pytest.mark.parametrize(("m", "n"), [(12, 7), (7, 12)])
 def test_complement_is_added_in_the_direction_dtype(gen, scale, ns_dtype, dtype, m, n):
     """The complement block is read straight from the iteration's output (narrower or wider than the step)
-    and added to D in D's dtype: D + c · NS(C) rescaled, the same as converting the block first. On the
-    wide block the whitened norm comes from the iteration's Gram matrix, at the iteration's precision
-    (bfloat16: ≤ 2e-3 relative; an iteration at least as wide as the step: the product's value)."""
+    and added to D in D's dtype: D + c · NS(C) rescaled, the same as converting the block first (tall and
+    wide blocks)."""
     r = 2
     U, _, _ = _spike_and_flat(gen, n, r, 1.0)
     U = U.to(dtype)
@@ -236,54 +235,7 @@ def test_complement_is_added_in_the_direction_dtype(gen, scale, ns_dtype, dtype,
     elif scale == "match_subspace_rms":  # ‖D‖_F √((n − r)/r)
         O = O * (D0.norm() * math.sqrt((n - r) / r) / O.norm())
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    narrower = {"bfloat16": 2e-3, "float32": 1e-6}.get(ns_dtype) if dtype == torch.float64 or ns_dtype == "bfloat16" else None
-    if scale == "whitened" and narrower and m <= n:  # the same block up to a factor 1 ± the iteration's rounding
-        block = split.scale(layout) * O
-        assert ((D - D0) - block).norm() <= narrower * block.norm()
-        return
     torch.testing.assert_close(D, D0 + split.scale(layout) * O, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize(("m", "n", "side"), [(6, 9, "right"), (9, 9, "right"), (9, 6, "left")])
-@pytest.mark.parametrize("other", ["rotated", "identity"])
-def test_whitened_norm_from_the_iterations_gram(gen, m, n, side, other):
-    """The Gram matrix Newton–Schulz forms first is c²A = CCᵀ on a wide block and CᵀC on a tall one, and the
-    whitened norm read from it equals the norm of the rotated complement (float64); the iteration's output is
-    that of newton_schulz, bit for bit. A Gram of the wrong side, a lost c² or a weight λ^{-1/2} in place of
-    λ^{-1} fails."""
-    C = randn(gen, 2, m, n)
-    d = m if side == "right" else n
-    Q = torch.linalg.qr(randn(gen, 2, d, d))[0] if other == "rotated" else None
-    lam = torch.rand(2, d, generator=gen, **F64) + 0.1 if other == "rotated" else None
-    mu = torch.tensor([0.5, 2.0], **F64)
-    schedule = linalg.ns_schedule("kj", 5)
-    X, A, c = linalg.newton_schulz_gram(C, schedule, dtype=torch.float64)
-    assert torch.equal(X, linalg.newton_schulz(C, schedule, dtype=torch.float64))
-    torch.testing.assert_close(c**2 * A, C @ C.mT if m <= n else C.mT @ C, rtol=1e-12, atol=1e-12)
-    expected = linalg.whitened_complement_norm(C, Q, lam, mu, restricted=side)
-    if other == "rotated":  # the dense weighted product, written out
-        W = torch.diag_embed(lam.rsqrt())
-        dense = W @ Q.mT @ C if side == "right" else C @ Q @ W
-        torch.testing.assert_close(expected.view(-1), dense.flatten(1).norm(dim=-1) / mu.sqrt(), rtol=1e-12, atol=0)
-    got = linalg.whitened_complement_norm_from_gram(A, c, Q, lam, mu)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
-    # bfloat16: the iteration's rounding only
-    X16, A16, c16 = linalg.newton_schulz_gram(C.float(), schedule, dtype=torch.bfloat16)
-    low = linalg.whitened_complement_norm_from_gram(
-        A16, c16, None if Q is None else Q.float(), None if lam is None else lam.float(), mu.float()
-    )
-    torch.testing.assert_close(low.double(), expected, rtol=2e-3, atol=0)
-
-
-def test_whitened_norm_from_the_gram_of_a_vanishing_complement_is_zero():
-    """A complement that is zero up to rounding (a Gram whose weighted trace rounds below zero) gives ν = 0,
-    never NaN; a zero eigenvalue on the other side gives a non-finite ν (the split then drops the block)."""
-    A = torch.tensor([[[1e-30, 0.0], [0.0, -1e-30]]], dtype=torch.float64)
-    c = torch.ones(1, 1, 1, dtype=torch.float64)
-    mu = torch.ones(1, dtype=torch.float64)
-    assert linalg.whitened_complement_norm_from_gram(A, c, None, torch.tensor([[1.0, 0.5]], dtype=torch.float64), mu).item() == 0.0
-    nu = linalg.whitened_complement_norm_from_gram(torch.eye(2, dtype=torch.float64)[None], c, None, torch.tensor([[1.0, 0.0]], dtype=torch.float64), mu)
-    assert not torch.isfinite(nu).all()
 
 
 def test_whitened_norm_is_the_weighted_frobenius_norm_of_the_rotated_complement(gen):
