@@ -167,10 +167,10 @@ def ema_gram_right(R: Tensor, G: Tensor, beta: float) -> Tensor:
 
 
 def mm(A: Tensor, B: Tensor) -> Tensor:
-    """``A @ B``; for two stacks ``(b m k) × (b k n)``, ``torch.bmm`` itself: the same kernel, without
+    """``A @ B``; for two stacks ``(b m k) × (b k n)`` of one batch size, ``torch.bmm`` itself: the same kernel, without
     the five view and expand operators ``matmul`` dispatches around it (11 → 6.5 µs a call on a small
     block, where a bucket's step is a few dozen calls)."""
-    return torch.bmm(A, B) if A.ndim == 3 and B.ndim == 3 else A @ B
+    return torch.bmm(A, B) if A.ndim == 3 and B.ndim == 3 and A.shape[0] == B.shape[0] else A @ B
 
 
 def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
