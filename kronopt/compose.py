@@ -551,7 +551,7 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
     kept = merge(new, stacks, "")
     written = {o.untyped_storage().data_ptr() for o, _ in writes}
     writes = [(o, n.clone() if n.untyped_storage().data_ptr() in written else n) for o, n in writes]
-    if writes and _host_says_all(ok) and all(o.device.type == "cpu" for o, _ in writes):
+    if writes and linalg.cpu_all(ok) and all(o.device.type == "cpu" for o, _ in writes):
         # on a CPU the verdict is read for free: with every block ok (nearly every step) each write
         # is a plain copy, and all of them go in one call
         torch._foreach_copy_([o for o, _ in writes], [n for _, n in writes])
@@ -596,14 +596,6 @@ def _tensor_pairs(new: Any, old: Any, out: list[tuple[Tensor, Any]] | None = Non
 #: below this many entries per block a masked write is one ``torch.where`` (fewer launches)
 _BLEND_MIN = 4096
 
-#: whether a CPU verdict may be read on the host (it waits for nothing there); the test of the
-#: device-agnostic path, the one a GPU takes, turns it off
-_CPU_HOST_VERDICTS = True
-
-
-def _host_says_all(ok: Tensor) -> bool:
-    """``ok`` is on the CPU and every entry is True (read on the host; False on other devices)."""
-    return _CPU_HOST_VERDICTS and ok.device.type == "cpu" and bool(ok.all())
 
 
 def masked_write_(old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtype, tuple[Tensor, Tensor]] | None = None) -> None:
@@ -626,7 +618,7 @@ def masked_write_(old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtyp
     if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLEND_MIN:
         torch.where(ok.view(shape), new, old, out=old)
         return
-    if old.device.type == "cpu" and _host_says_all(ok):
+    if old.device.type == "cpu" and linalg.cpu_all(ok):
         old.copy_(new)
         return
     if weights is None:

@@ -490,6 +490,11 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
     if not given:
         raise ValueError("finite_blocks needs at least one tensor")
     if len(given) > 1 and _small_alike(given):
+        if given[0].shape[0] == 1 and given[0].is_floating_point():
+            # one block: its verdict is every tensor's, and one call takes all their largest
+            # magnitudes (∞ or NaN exactly when a tensor holds one; a maximum never overflows)
+            held = [t for t in given if t.numel()]
+            return torch.stack(torch._foreach_norm(held, math.inf)).isfinite().all().view(1)
         # small blocks, where the number of calls is the cost: the tensors side by side, one block
         # per row, and two reductions of that instead of two per tensor (the same extremes)
         rows = torch.cat([t.reshape(t.shape[0], -1) for t in given], dim=1)
@@ -589,6 +594,18 @@ def extremes_each(tensors: Sequence[Tensor]) -> Tensor:
     device = tensors[0].device
     extremes = [x for t in tensors for x in (torch.aminmax(t) if t.numel() else (torch.zeros((), device=device),) * 2)]
     return torch.stack(extremes).view(-1, 2)
+
+
+#: whether a CPU verdict may be read on the host (it waits for nothing there); the test of the
+#: device-agnostic path, the one a GPU takes, turns it off
+_CPU_HOST_VERDICTS = True
+
+
+def cpu_all(ok: Tensor) -> bool:
+    """``ok`` is on the CPU and every entry is True, read on the host (``False`` on other devices,
+    whose verdicts stay there, and inside a compiled function): the CPU's fast paths for a step
+    with every block ok."""
+    return _CPU_HOST_VERDICTS and ok.device.type == "cpu" and not torch.compiler.is_compiling() and bool(ok.all())
 
 
 def select_blocks(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:

@@ -90,12 +90,20 @@ class Post:
         where ``ok`` is False, which then add ``0 · D = 0``).
         """
         if (twin := compiled.variant("post_apply")) is not None: return twin(self, params, D, lr=lr, weight_decay=weight_decay, ok=ok)  # noqa: E501,E701
+        if linalg.cpu_all(ok):
+            # every block written (and so D finite): the same factors for all, no mask, nothing to zero
+            steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
+            scale, decay = _block_factors(D.dtype, D.device, lr, weight_decay)
+            self._apply_all_(list(params), steps, [scale] * len(steps), None if decay is None else [decay] * len(steps))
+            return
         okf = ok.to(D.dtype)
         D = D.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
         scale = list((okf * -lr).unbind(0))  # -lr on written blocks, 0 elsewhere
         decay = list((1 - (lr * weight_decay) * okf).unbind(0)) if weight_decay else None
-        params = list(params)
+        self._apply_all_(list(params), steps, scale, decay)
+
+    def _apply_all_(self, params: list[Tensor], steps: list[Tensor], scale: list[Tensor], decay: list[Tensor] | None) -> None:
         if decay is not None and self.weight_decay_order == "before":
             torch._foreach_mul_(params, decay)
         torch._foreach_addcmul_(params, steps, scale)
@@ -105,8 +113,7 @@ class Post:
     def block_factors(self, D: Tensor, *, lr: float, weight_decay: float) -> tuple[Tensor, Tensor | None]:
         """The step and decay factors :meth:`apply_` gives a written block, as 0-d tensors of ``D``'s dtype
         computed as :meth:`apply_` computes them from its mask (so :meth:`apply_block_` writes the same bits)."""
-        one = torch.ones((), dtype=D.dtype, device=D.device)
-        return one * -lr, (1 - (lr * weight_decay) * one) if weight_decay else None
+        return _block_factors(D.dtype, D.device, lr, weight_decay)
 
     def apply_block_(self, param: Tensor, D: Tensor, factors: tuple[Tensor, Tensor | None]) -> None:
         """:meth:`apply_` for one block that is written (its ``ok`` True, ``D`` finite), with the
@@ -118,3 +125,21 @@ class Post:
         param.addcmul_(step, scale)
         if decay is not None and self.weight_decay_order == "after":
             param.mul_(decay)
+
+
+_FACTORS: dict[tuple[torch.dtype, torch.device, float, float], tuple[Tensor, Tensor | None]] = {}
+
+
+def _block_factors(dtype: torch.dtype, device: torch.device, lr: float, weight_decay: float) -> tuple[Tensor, Tensor | None]:
+    """``(−lr, 1 − lr·wd)`` as 0-d tensors, computed from a mask entry of 1 as :meth:`Post.apply_`
+    computes them (the same bits), and kept: the buckets of a step share them (a schedule's new
+    learning rate adds an entry; the cache is emptied past 64)."""
+    key = (dtype, device, float(lr), float(weight_decay))
+    hit = _FACTORS.get(key)
+    if hit is None:
+        if len(_FACTORS) >= 64:
+            _FACTORS.clear()
+        with torch.inference_mode(False):
+            one = torch.ones((), dtype=dtype, device=device)
+            hit = _FACTORS[key] = (one * -lr, (1 - (lr * weight_decay) * one) if weight_decay else None)
+    return hit

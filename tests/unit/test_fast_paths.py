@@ -124,6 +124,22 @@ def test_finite_blocks_of_a_column_major_matrix_of_vector_blocks():
     assert (~linalg.finite_blocks(t)).nonzero().flatten().tolist() == [7]
 
 
+@pytest.mark.parametrize("bad", NONFINITE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_finite_blocks_of_one_block_held_in_several_small_tensors(bad, dtype):
+    """A bucket of one block (one call for all its tensors): a bad entry in any tensor, first or last,
+    flags it; an empty tensor among them and entries at ±max do not."""
+    shapes = [(1, 3, 4), (1, 5), (1, 0, 3), (1, 6, 2)]
+    assert linalg.finite_blocks(*[torch.randn(s).to(dtype) for s in shapes]).tolist() == [True]
+    for which in (0, 1, 3):
+        for entry in (0, -1):
+            ts = [torch.randn(s).to(dtype) for s in shapes]
+            ts[which].view(-1)[entry] = bad
+            assert linalg.finite_blocks(*ts).tolist() == [False], (which, entry)
+    top = torch.finfo(dtype).max
+    assert linalg.finite_blocks(torch.full((1, 4, 4), top, dtype=dtype), torch.full((1, 3), -top, dtype=dtype)).tolist() == [True]
+
+
 def test_finite_blocks_of_vectors_and_empty_blocks_and_mixed_dtypes():
     v = torch.tensor([1.0, float("nan"), 3.0])
     empty = torch.zeros(3, 0, 4)
@@ -303,3 +319,33 @@ def test_write_with_every_block_ok_on_cpu_is_one_foreach_copy_and_reads_aliased_
     else:
         assert "_foreach_copy_" not in ops.names
         assert took(kept)[1].eq(0).all() and torch.equal(fives(kept)[1], before[1])  # both blocks as they were
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_parameter_write_with_every_block_ok_on_cpu_is_the_masked_write_bit_for_bit(monkeypatch, order, weight_decay):
+    """Every block ok on a CPU: the step goes in with shared factors and no mask or zeroing, the same bits
+    as the masked form (the factors computed as the mask form computes them); a masked block still takes the
+    masked form."""
+    from kronopt.post import Post
+
+    post = Post(weight_decay_order=order)
+    gen = torch.Generator().manual_seed(6)
+    start = [torch.randn(5, 7, generator=gen) for _ in range(3)]
+    D = torch.randn(3, 5, 7, generator=gen)
+    lr = 0.0123456789
+
+    def run(ok, host):
+        monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+        params = [p.clone() for p in start]
+        with _Ops() as ops:
+            post.apply_(params, D.clone(), lr=lr, weight_decay=weight_decay, ok=torch.tensor(ok))
+        return params, ops.names
+
+    fast, names = run([True] * 3, True)
+    masked, masked_names = run([True] * 3, False)
+    assert "nan_to_num_" not in names and "nan_to_num_" in masked_names
+    for a, b in zip(fast, masked):
+        assert torch.equal(a, b)
+    kept, _ = run([True, False, True], True)  # not every block ok: the mask form, block 1 untouched
+    assert torch.equal(kept[1], start[1]) and torch.equal(kept[0], fast[0])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kronopt
-from kronopt import compose
+from kronopt import linalg
 from kronopt import optimizer as optimizer_module
 
 
@@ -24,7 +24,7 @@ def _forbid_host_reads(monkeypatch):
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
 def test_step_reads_no_tensor_values_on_the_host(preset, monkeypatch):
     monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 10**12)  # AdamW on the stacks, as on a GPU
-    monkeypatch.setattr(compose, "_CPU_HOST_VERDICTS", False)  # the state write's masks, as on a GPU
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", False)  # masked writes, as on a GPU
     gen = torch.Generator().manual_seed(0)
     shapes = [(6, 4), (6, 4), (4, 6), (5,), (2, 3, 2)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
