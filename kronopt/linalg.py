@@ -490,11 +490,6 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
     if not given:
         raise ValueError("finite_blocks needs at least one tensor")
     if len(given) > 1 and _small_alike(given):
-        if given[0].shape[0] == 1 and given[0].is_floating_point():
-            # one block: its verdict is every tensor's, and one call takes all their largest
-            # magnitudes (∞ or NaN exactly when a tensor holds one; a maximum never overflows)
-            held = [t for t in given if t.numel()]
-            return torch.stack(torch._foreach_norm(held, math.inf)).isfinite().all().view(1)
         # small blocks, where the number of calls is the cost: the tensors side by side, one block
         # per row, and two reductions of that instead of two per tensor (the same extremes)
         rows = torch.cat([t.reshape(t.shape[0], -1) for t in given], dim=1)

@@ -90,8 +90,9 @@ class Post:
         where ``ok`` is False, which then add ``0 · D = 0``).
         """
         if (twin := compiled.variant("post_apply")) is not None: return twin(self, params, D, lr=lr, weight_decay=weight_decay, ok=ok)  # noqa: E501,E701
-        if linalg.cpu_all(ok):
+        if type(lr) in (int, float) and type(weight_decay) in (int, float) and linalg.cpu_all(ok):
             # every block written (and so D finite): the same factors for all, no mask, nothing to zero
+            # (plain Python numbers only: a tensor or NumPy learning rate sets the factors' dtype itself)
             steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
             scale, decay = _block_factors(D.dtype, D.device, lr, weight_decay)
             self._apply_all_(list(params), steps, [scale] * len(steps), None if decay is None else [decay] * len(steps))

@@ -125,9 +125,9 @@ def test_finite_blocks_of_a_column_major_matrix_of_vector_blocks():
 
 
 @pytest.mark.parametrize("bad", NONFINITE)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_finite_blocks_of_one_block_held_in_several_small_tensors(bad, dtype):
-    """A bucket of one block (one call for all its tensors): a bad entry in any tensor, first or last,
+    """A bucket of one block held in several small tensors: a bad entry in any tensor, first or last,
     flags it; an empty tensor among them and entries at ±max do not."""
     shapes = [(1, 3, 4), (1, 5), (1, 0, 3), (1, 6, 2)]
     assert linalg.finite_blocks(*[torch.randn(s).to(dtype) for s in shapes]).tolist() == [True]
@@ -323,20 +323,30 @@ def test_write_with_every_block_ok_on_cpu_is_one_foreach_copy_and_reads_aliased_
 
 @pytest.mark.parametrize("order", ["before", "after"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_parameter_write_with_every_block_ok_on_cpu_is_the_masked_write_bit_for_bit(monkeypatch, order, weight_decay):
+@pytest.mark.parametrize(
+    ("dtype", "d_dtype", "lr"),
+    [
+        (torch.float32, torch.float32, 0.0123456789),
+        (torch.float64, torch.float32, 0.0123456789),
+        (torch.float32, torch.bfloat16, 3),
+        (torch.float64, torch.float32, torch.tensor(0.0123456789, dtype=torch.float64)),  # not taken: the masked form
+    ],
+)
+def test_parameter_write_with_every_block_ok_on_cpu_is_the_masked_write_bit_for_bit(monkeypatch, order, weight_decay, dtype, d_dtype, lr):
     """Every block ok on a CPU: the step goes in with shared factors and no mask or zeroing, the same bits
     as the masked form (the factors computed as the mask form computes them); a masked block still takes the
-    masked form."""
+    masked form, and so does a tensor learning rate (whose dtype the factors would take)."""
+    from kronopt import post as post_module
     from kronopt.post import Post
 
     post = Post(weight_decay_order=order)
     gen = torch.Generator().manual_seed(6)
-    start = [torch.randn(5, 7, generator=gen) for _ in range(3)]
-    D = torch.randn(3, 5, 7, generator=gen)
-    lr = 0.0123456789
+    start = [torch.randn(5, 7, generator=gen, dtype=dtype) for _ in range(3)]
+    D = torch.randn(3, 5, 7, generator=gen).to(d_dtype)
 
     def run(ok, host):
         monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+        post_module._FACTORS.clear()
         params = [p.clone() for p in start]
         with _Ops() as ops:
             post.apply_(params, D.clone(), lr=lr, weight_decay=weight_decay, ok=torch.tensor(ok))
@@ -344,8 +354,17 @@ def test_parameter_write_with_every_block_ok_on_cpu_is_the_masked_write_bit_for_
 
     fast, names = run([True] * 3, True)
     masked, masked_names = run([True] * 3, False)
-    assert "nan_to_num_" not in names and "nan_to_num_" in masked_names
+    assert ("nan_to_num_" not in names) == (not isinstance(lr, torch.Tensor)) and "nan_to_num_" in masked_names
     for a, b in zip(fast, masked):
         assert torch.equal(a, b)
     kept, _ = run([True, False, True], True)  # not every block ok: the mask form, block 1 untouched
     assert torch.equal(kept[1], start[1]) and torch.equal(kept[0], fast[0])
+
+
+def test_mm_of_stacks_of_other_batch_sizes_broadcasts_as_matmul():
+    """``linalg.mm`` calls ``bmm`` only for stacks of one batch size; a batch of one broadcasts as with ``@``."""
+    gen = torch.Generator().manual_seed(7)
+    A, B = torch.randn(1, 4, 3, generator=gen), torch.randn(5, 3, 2, generator=gen)
+    assert torch.equal(linalg.mm(A, B), A @ B) and torch.equal(linalg.mm(B.mT, A.mT), B.mT @ A.mT)
+    C = torch.randn(5, 4, 3, generator=gen)
+    assert torch.equal(linalg.mm(C, B), torch.bmm(C, B))
