@@ -119,7 +119,7 @@ def _ratio_after(m: Tensor, v: Tensor, sqrt_c2: Tensor, eps: float) -> Tensor:
 
 
 def _apply(params: list[Tensor], D: Tensor, ok: Tensor, lr: Tensor, lr_wd: Tensor, order: str, decay: bool) -> None:
-    okf = ok.to(D.dtype)
+    okf = ok.to(lr_wd.dtype)
     D = torch.where(ok.view(-1, 1, 1), D, torch.zeros((), dtype=D.dtype, device=D.device))
     factor = 1 - lr_wd * okf
     for i, p in enumerate(params):
@@ -159,7 +159,10 @@ def _twins() -> dict[str, Callable[..., Any]]:
 
     def post_apply(post: Any, params: Sequence[Tensor], D: Tensor, *, lr: float, weight_decay: float, ok: Tensor) -> None:
         """:meth:`kronopt.post.Post.apply_` with ``lr`` and ``lr · weight_decay`` as tensors."""
-        apply(list(params), D, ok, _scalar(lr, D), _scalar(lr * weight_decay, D), post.weight_decay_order, bool(weight_decay))
+        # the factors never narrower than float32 (kronopt.post._factor_dtype): in bfloat16 a small decay rounds away
+        dt = torch.promote_types(D.dtype, torch.float32)
+        lr_t, lr_wd = (torch.full((), x, dtype=dt, device=D.device) for x in (lr, lr * weight_decay))
+        apply(list(params), D, ok, lr_t, lr_wd, post.weight_decay_order, bool(weight_decay))
 
     _TWINS.update(
         newton_schulz=Compiled(linalg.newton_schulz, "Newton–Schulz"),

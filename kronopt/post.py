@@ -94,10 +94,10 @@ class Post:
             # every block written (and so D finite): the same factors for all, no mask, nothing to zero
             # (plain Python numbers only: a tensor or NumPy learning rate sets the factors' dtype itself)
             steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
-            scale, decay = _block_factors(D.dtype, D.device, lr, weight_decay)
+            scale, decay = _block_factors(_factor_dtype(D.dtype), D.device, lr, weight_decay)
             self._apply_all_(list(params), steps, [scale] * len(steps), None if decay is None else [decay] * len(steps))
             return
-        okf = ok.to(D.dtype)
+        okf = ok.to(_factor_dtype(D.dtype))
         D = D.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
         scale = list((okf * -lr).unbind(0))  # -lr on written blocks, 0 elsewhere
@@ -114,7 +114,7 @@ class Post:
     def block_factors(self, D: Tensor, *, lr: float, weight_decay: float) -> tuple[Tensor, Tensor | None]:
         """The step and decay factors :meth:`apply_` gives a written block, as 0-d tensors of ``D``'s dtype
         computed as :meth:`apply_` computes them from its mask (so :meth:`apply_block_` writes the same bits)."""
-        return _block_factors(D.dtype, D.device, lr, weight_decay)
+        return _block_factors(_factor_dtype(D.dtype), D.device, lr, weight_decay)
 
     def apply_block_(self, param: Tensor, D: Tensor, factors: tuple[Tensor, Tensor | None]) -> None:
         """:meth:`apply_` for one block that is written (its ``ok`` True, ``D`` finite), with the
@@ -126,6 +126,13 @@ class Post:
         param.addcmul_(step, scale)
         if decay is not None and self.weight_decay_order == "after":
             param.mul_(decay)
+
+
+def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the step and decay factors: the direction's, but never narrower than float32.
+    In bfloat16, ``1 − lr·wd`` rounds to 1 for ``lr·wd`` below about ``2⁻⁹`` (weight decay would
+    vanish from float32 parameters) and ``lr`` itself loses all but 8 bits."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 _FACTORS: dict[tuple[torch.dtype, torch.device, float, float], tuple[Tensor, Tensor | None]] = {}

@@ -368,3 +368,24 @@ def test_mm_of_stacks_of_other_batch_sizes_broadcasts_as_matmul():
     assert torch.equal(linalg.mm(A, B), A @ B) and torch.equal(linalg.mm(B.mT, A.mT), B.mT @ A.mT)
     C = torch.randn(5, 4, 3, generator=gen)
     assert torch.equal(linalg.mm(C, B), torch.bmm(C, B))
+
+
+@pytest.mark.parametrize("host", [True, False])  # the CPU's every-block-ok form and the masked one
+def test_weight_decay_of_float32_parameters_survives_a_bfloat16_direction(monkeypatch, host):
+    """With the direction in bfloat16 the factors are still float32: 1 − lr·wd = 1 − 1e-4 does not round
+    to 1 (it did: weight decay vanished for lr·wd below about 2⁻⁹), and −lr keeps its float32 value."""
+    from kronopt import post as post_module
+    from kronopt.post import Post
+
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+    post_module._FACTORS.clear()
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.randn(4, 6, generator=gen) for _ in range(2)]
+    start = [p.clone() for p in params]
+    D = torch.randn(2, 4, 6, generator=gen).to(torch.bfloat16)
+    Post(weight_decay_order="after").apply_(params, D.clone(), lr=1e-3, weight_decay=0.1, ok=torch.tensor([True, True]))
+    decay = 1 - torch.tensor(1e-3 * 0.1, dtype=torch.float32)
+    for p, p0, d in zip(params, start, D):
+        expected = (p0 + d.float() * torch.tensor(-1e-3, dtype=torch.float32)) * decay
+        torch.testing.assert_close(p, expected, rtol=1e-6, atol=0)
+        assert not torch.equal(p, p0 + d.float() * torch.tensor(-1e-3, dtype=torch.float32))  # decayed
