@@ -139,6 +139,7 @@ def _twins() -> dict[str, Callable[..., Any]]:
     if _TWINS:
         return _TWINS
     from . import linalg
+    from .post import _factor_dtype as factor_dtype
 
     ratio_before = Compiled(_ratio_before, "the Adam ratio")
     ratio_after = Compiled(_ratio_after, "the Adam ratio")
@@ -159,8 +160,7 @@ def _twins() -> dict[str, Callable[..., Any]]:
 
     def post_apply(post: Any, params: Sequence[Tensor], D: Tensor, *, lr: float, weight_decay: float, ok: Tensor) -> None:
         """:meth:`kronopt.post.Post.apply_` with ``lr`` and ``lr · weight_decay`` as tensors."""
-        # the factors never narrower than float32 (kronopt.post._factor_dtype): in bfloat16 a small decay rounds away
-        dt = torch.promote_types(D.dtype, torch.float32)
+        dt = factor_dtype(D.dtype)  # as the eager form: in bfloat16 a small decay would round away
         lr_t, lr_wd = (torch.full((), x, dtype=dt, device=D.device) for x in (lr, lr * weight_decay))
         apply(list(params), D, ok, lr_t, lr_wd, post.weight_decay_order, bool(weight_decay))
 

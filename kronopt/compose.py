@@ -551,14 +551,16 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
     kept = merge(new, stacks, "")
     written = {o.untyped_storage().data_ptr() for o, _ in writes}
     writes = [(o, n.clone() if n.untyped_storage().data_ptr() in written else n) for o, n in writes]
-    if writes and linalg.cpu_all(ok) and all(o.device.type == "cpu" for o, _ in writes):
+    if not writes:
+        return kept, replaced
+    if linalg.cpu_all(ok) and all(o.device.type == "cpu" for o, _ in writes):
         # on a CPU the verdict is read for free: with every block ok (nearly every step) each write
         # is a plain copy, and all of them go in one call
         torch._foreach_copy_([o for o, _ in writes], [n for _, n in writes])
     else:
         weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         for o, n in writes:
-            masked_write_(o, n, ok, weights)
+            masked_write_(o, n, ok, weights, all_ok=False)  # the verdict is read once, above
     return kept, replaced
 
 
@@ -597,8 +599,10 @@ def _tensor_pairs(new: Any, old: Any, out: list[tuple[Tensor, Any]] | None = Non
 _BLEND_MIN = 4096
 
 
-
-def masked_write_(old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtype, tuple[Tensor, Tensor]] | None = None) -> None:
+def masked_write_(
+    old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtype, tuple[Tensor, Tensor]] | None = None,
+    *, all_ok: bool | None = None,
+) -> None:
     """``old[i] ← new[i]`` where ``ok[i]``, in place; blocks where ``ok`` is False keep ``old`` exactly.
 
     For large floating blocks this is the blend ``old·(1−w) + sanitize(new)·w`` with a per-block
@@ -612,13 +616,14 @@ def masked_write_(old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtyp
     every block ``ok`` (nearly every step) is one plain copy instead: the blend's three passes
     over ``old`` and ``new`` cost about twice as much, and the whole state is written every step.
     The same values; only the sign of a zero can differ (the copy keeps a ``-0.0`` of ``new``,
-    which the blend turns into ``+0.0`` where ``old ≥ 0``).
+    which the blend turns into ``+0.0`` where ``old ≥ 0``). ``all_ok``, when given, is that
+    verdict already read (:func:`kronopt.linalg.cpu_all`), so a caller writing many tensors reads it once.
     """
     shape = (-1, *([1] * (old.ndim - 1)))
     if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLEND_MIN:
         torch.where(ok.view(shape), new, old, out=old)
         return
-    if old.device.type == "cpu" and linalg.cpu_all(ok):
+    if old.device.type == "cpu" and (linalg.cpu_all(ok) if all_ok is None else all_ok):
         old.copy_(new)
         return
     if weights is None:
