@@ -732,7 +732,7 @@ def newton_schulz(
     else:
         raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
     for a, b, c in coefficients:
-        A = X.mT @ X if tall else X @ X.mT
+        A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)  # matmul's kernel without its views (mm)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, X, B.mT, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
     return X
@@ -1294,10 +1294,11 @@ def top_right_singular(G: Tensor, r: int) -> Tensor:
     return V
 
 
-def project_out_right(M: Tensor, U: Tensor) -> Tensor:
-    r"""The complement part :math:`M - (M U) U^\top` of ``M (b m n)`` for orthonormal ``U (b n r)``."""
+def project_out_right(M: Tensor, U: Tensor, MU: Tensor | None = None) -> Tensor:
+    r"""The complement part :math:`M - (M U) U^\top` of ``M (b m n)`` for orthonormal ``U (b n r)``
+    (``MU``: :math:`M U`, where the caller has it)."""
     _check_batched("M", M)
-    return torch.baddbmm(M, M @ U, U.mT, alpha=-1.0)
+    return torch.baddbmm(M, mm(M, U) if MU is None else MU, U.mT, alpha=-1.0)
 
 
 def whitened_complement_norm(
@@ -1315,21 +1316,22 @@ def whitened_complement_norm(
 
     (the left-restricted case mirrors it: :math:`\mu^{-1/2}\|C Q_R \mathrm{diag}(\lambda_R^{-1/2})\|_F`).
     ``Q_other``/``lam_other`` ``None`` means the other side is not rotated
-    (identity, unit eigenvalues). :math:`\lambda = +\infty` gives a zero weight.
-    Cost: one ``m × m × n`` product.
+    (identity, unit eigenvalues). :math:`\lambda = +\infty` gives a zero weight; a zero
+    or negative :math:`\lambda` a non-finite :math:`\nu`.
+    The weights scale the columns of :math:`Q_L` (``m × m``) before the product, so the
+    norm is one contiguous pass over the product, not a strided reduction per column and
+    a weighted copy (the left-restricted case reduces its columns). Cost: one ``m × m × n`` product.
     """
     _check_batched("C", C)
     if restricted not in ("left", "right"):
         raise ValueError(f"restricted must be 'left' or 'right', got {restricted!r}")
-    if restricted == "right":
-        X = C if Q_other is None else Q_other.mT @ C
-        rows = torch.linalg.vector_norm(X, dim=-1)  # (b m): the norm of each rotated row
+    weight = None if lam_other is None else lam_other.rsqrt().unsqueeze(-2)  # (b 1 k), on the columns of Q
+    if Q_other is None:
+        X = C if weight is None else C * (weight.mT if restricted == "right" else weight)
     else:
-        X = C if Q_other is None else C @ Q_other
-        rows = torch.linalg.vector_norm(X, dim=-2)  # (b n)
-    if lam_other is not None:
-        rows = rows * lam_other.rsqrt()
-    return torch.linalg.vector_norm(rows, dim=-1).view(-1, 1, 1) * mu.rsqrt().view(-1, 1, 1)
+        Q = Q_other if weight is None else Q_other * weight
+        X = mm(Q.mT, C) if restricted == "right" else mm(C, Q)
+    return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * mu.rsqrt().view(-1, 1, 1)
 
 
 def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -1378,9 +1380,11 @@ def subspace_split(X: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def weighted_row_energy(X: Tensor, w: Tensor | None) -> Tensor:
-    r"""``b m n, b n -> b m``: :math:`\sum_j X_{ij}^2 w_j` (``w`` ``None``: unit weights)."""
-    X2 = X.square()
-    return (X2 if w is None else X2 * w.unsqueeze(-2)).sum(-1)
+    r"""``b m n, b n -> b m``: :math:`\sum_j X_{ij}^2 w_j` (``w`` ``None``: unit weights, the squared
+    row norms, read in one pass without an ``m × n`` temporary)."""
+    if w is None:
+        return torch.linalg.vector_norm(X, dim=-1).square()
+    return (X.square() * w.unsqueeze(-2)).sum(-1)
 
 
 def restricted_power_product(U: Tensor, S: Tensor, increment: Tensor, rho: float) -> Tensor:
@@ -1427,10 +1431,11 @@ def reproject_flat(
     return S_new, mu_new, lam_new
 
 
-def project_out_left(M: Tensor, U: Tensor) -> Tensor:
-    r"""The complement part :math:`M - U (U^\top M)` of ``M (b m n)`` for orthonormal ``U (b m r)``."""
+def project_out_left(M: Tensor, U: Tensor, UM: Tensor | None = None) -> Tensor:
+    r"""The complement part :math:`M - U (U^\top M)` of ``M (b m n)`` for orthonormal ``U (b m r)``
+    (``UM``: :math:`U^\top M`, where the caller has it)."""
     _check_batched("M", M)
-    return torch.baddbmm(M, U, U.mT @ M, alpha=-1.0)
+    return torch.baddbmm(M, U, mm(U.mT, M) if UM is None else UM, alpha=-1.0)
 
 
 def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, exponent: float, eps: float) -> Tensor:

@@ -171,18 +171,19 @@ class LowRankFlatSplit:
     ) -> tuple[Tensor, NoState]:
         layout = ctx.layout
         if layout.left == "restricted":
-            side, C = "left", linalg.project_out_left(moment(), ctx.basis.Q_L)  # type: ignore[arg-type]
+            M = moment()
+            side, C = "left", linalg.project_out_left(M, ctx.basis.Q_L, ctx.subspace_coordinates(M))  # type: ignore[arg-type]
             Q_other, lam_other, mu = ctx.basis.Q_R, ctx.eigvals[1], ctx.flat[0]
         elif layout.right == "restricted":
-            side, C = "right", linalg.project_out_right(moment(), ctx.basis.Q_R)  # type: ignore[arg-type]
+            M = moment()
+            side, C = "right", linalg.project_out_right(M, ctx.basis.Q_R, ctx.subspace_coordinates(M))  # type: ignore[arg-type]
             Q_other, lam_other, mu = ctx.basis.Q_L, ctx.eigvals[0], ctx.flat[1]
         else:
             return D, state
         schedule = linalg.ns_schedule(self.ns_coefficients, self.ns_steps)
-        # O stays in the iteration's dtype (and layout): the scaled sum below reads it once
-        O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype])
-        if torch.promote_types(O.dtype, D.dtype) != D.dtype:  # a wider iteration: the step keeps D's dtype
-            O = O.to(D.dtype)
+        # O in D's dtype before its norm and the scaled sum: on a CPU, one conversion and two passes of
+        # one dtype take less time than a norm and a sum that each convert a bfloat16 O as they read it
+        O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype]).to(D.dtype)
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
             nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)

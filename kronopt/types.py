@@ -132,6 +132,23 @@ class StepContext:
         self.shared["rotated"] = (G, Q_L, Q_R, Gl, H)
         return Gl, H
 
+    def subspace_coordinates(self, X: Tensor) -> Tensor:
+        r"""``X``'s coordinates in the restricted side's subspace :math:`U`: :math:`X U` ``(b m r)`` for a
+        restricted right side, :math:`U^\top X` ``(b r n)`` for a restricted left one. Computed once per
+        bucket call for this very ``X`` and basis: the inner rule's rotation of the momentum and the
+        split's complement :math:`X - X U U^\top` both start from it."""
+        left = self.layout.left == "restricted"
+        if not left and self.layout.right != "restricted":
+            raise ValueError("subspace_coordinates needs a layout with a restricted side")
+        U = self.basis.Q_L if left else self.basis.Q_R
+        assert U is not None, "a restricted side has a basis"
+        hit = self.shared.get("subspace")
+        if hit is not None and hit[0] is X and hit[1] is U:
+            return hit[2]
+        Y = linalg.mm(U.mT, X) if left else linalg.mm(X, U)
+        self.shared["subspace"] = (X, U, Y)
+        return Y
+
 
 # -- the slot protocols: the members every stage of a slot has ------------------------------
 

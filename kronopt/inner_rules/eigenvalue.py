@@ -128,7 +128,7 @@ class EigenvalueInner:
         m_hat = m / (1 - beta**ctx.step) if self.bias_correction else m
         if not basis.ready:
             return m_hat, MomentumState(m)
-        return self._scaled_back(linalg.rotate(m_hat, basis.Q_L, basis.Q_R), ctx), MomentumState(m)
+        return self._scaled_back(_rotated(m_hat, ctx), ctx), MomentumState(m)
 
     def _scaled_back(self, P: Tensor, ctx: StepContext) -> Tensor:
         """The momentum ``P`` in the basis, scaled by the eigenvalue powers and rotated back."""
@@ -166,3 +166,17 @@ class EigenvalueInner:
             return state
         old, new = change.old, change.new
         return EigenMomentumState(linalg.change_basis(state.momentum_eigen, (old.Q_L, old.Q_R), (new.Q_L, new.Q_R)))
+
+
+def _rotated(X: Tensor, ctx: StepContext) -> Tensor:
+    """``X`` in the basis, :math:`Q_L^\top X Q_R`. With a restricted side its subspace goes first (the
+    cheaper order), through :meth:`StepContext.subspace_coordinates`, which the split's complement reuses."""
+    layout, basis = ctx.layout, ctx.basis
+    if layout.right == "restricted":
+        Y = ctx.subspace_coordinates(X)
+        return Y if basis.Q_L is None else linalg.mm(basis.Q_L.mT, Y)
+    if layout.left == "restricted":
+        Y = ctx.subspace_coordinates(X)
+        return Y if basis.Q_R is None else linalg.mm(Y, basis.Q_R)
+    return linalg.rotate(X, basis.Q_L, basis.Q_R)
+

@@ -258,6 +258,96 @@ def test_whitened_norm_is_the_weighted_frobenius_norm_of_the_rotated_complement(
     )
 
 
+def test_subspace_coordinates_are_the_restricted_products_and_are_shared(gen):
+    """StepContext.subspace_coordinates: X U (right restricted) or Uᵀ X (left), reused for this very X and U only."""
+    b, m, n, r = 2, 6, 9, 3
+    X = randn(gen, b, m, n)
+    U_R, U_L, Q = orthonormal(gen, b, n)[..., :r], orthonormal(gen, b, m)[..., :r], orthonormal(gen, b, m)
+    fails = torch.zeros(b, dtype=torch.int64)
+
+    def ctx(layout, Q_L, Q_R, shared):
+        return StepContext(step=1, layout=layout, basis=BasisState(Q_L=Q_L, Q_R=Q_R, lam_L=None, lam_R=None, failures=fails), shared=shared)
+
+    right = Layout(batch=b, m=m, n=n, left="full", right="restricted", rank_right=r)
+    shared: dict = {}
+    Y = ctx(right, Q, U_R, shared).subspace_coordinates(X)
+    torch.testing.assert_close(Y, X @ U_R, rtol=1e-13, atol=1e-13)
+    assert ctx(right, Q, U_R, shared).subspace_coordinates(X) is Y  # same X, same U: reused
+    assert ctx(right, Q, U_R.clone(), shared).subspace_coordinates(X) is not Y  # another basis: computed again
+    assert ctx(right, Q, U_R, shared).subspace_coordinates(X.clone()) is not Y
+    left = Layout(batch=b, m=m, n=n, left="restricted", right="full", rank_left=r)
+    torch.testing.assert_close(
+        ctx(left, U_L, None, {}).subspace_coordinates(X), U_L.mT @ X, rtol=1e-13, atol=1e-13
+    )
+    with pytest.raises(ValueError, match="restricted side"):
+        ctx(Layout(batch=b, m=m, n=n, left="full", right="full"), Q, None, {}).subspace_coordinates(X)
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (16, 6)])
+def test_the_momentums_subspace_coordinates_are_computed_once_per_step(shape, monkeypatch):
+    """The eigenvalue rule's rotation and the split's complement share M U (or Uᵀ M): on a plain step each
+    restricted bucket computes it once and reads it twice. A moment() that handed the split another tensor
+    than the rule rotated would compute it twice."""
+    calls, computed = [], set()
+    original = StepContext.subspace_coordinates
+
+    def spy(self, X):
+        out = original(self, X)
+        calls.append(id(out))
+        computed.add(id(out))
+        return out
+
+    monkeypatch.setattr(StepContext, "subspace_coordinates", spy)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(*shape, generator=gen))
+    opt = kronopt.build([("w", w)], "pro_kl_shampoo", **{"refresh.every": 100, "split.rank": 2})
+    for _ in range(3):  # a first call, the first refresh, a plain step
+        w.grad = torch.randn(*shape, generator=gen)
+        opt.step()
+    calls.clear(), computed.clear()
+    w.grad = torch.randn(*shape, generator=gen)
+    opt.step()
+    assert len(calls) == 2 and len(computed) == 1
+
+
+def test_whitened_norm_edge_eigenvalues(gen):
+    """λ = +∞ drops its direction (the norm of the other directions alone), λ = 0 or < 0 gives a non-finite ν
+    (the split then drops the complement), and an unrotated side with eigenvalues weighs the rows or columns
+    of C itself: written out per direction."""
+    m, n = 5, 7
+    C = randn(gen, 1, m, n)
+    Q_L, Q_R = torch.linalg.qr(randn(gen, 1, m, m))[0], torch.linalg.qr(randn(gen, 1, n, n))[0]
+    mu = torch.tensor([0.5], **F64)
+    lam_L = torch.tensor([[0.3, math.inf, 2.0, 1.0, 4.0]], **F64)
+    keep = [0, 2, 3, 4]
+    rotated = Q_L.mT @ C
+    expected = (rotated[:, keep] * lam_L[:, keep].rsqrt().unsqueeze(-1)).norm() / math.sqrt(0.5)
+    got = linalg.whitened_complement_norm(C, Q_L, lam_L, mu, restricted="right")
+    assert got.shape == (1, 1, 1)
+    torch.testing.assert_close(got.view(()), expected, rtol=1e-12, atol=0)
+    lam_R = torch.full((1, n), 2.0, **F64)
+    lam_R[0, 3] = math.inf
+    cols = [j for j in range(n) if j != 3]
+    expected = ((C @ Q_R)[..., cols] / math.sqrt(2.0)).norm() / math.sqrt(0.5)
+    torch.testing.assert_close(
+        linalg.whitened_complement_norm(C, Q_R, lam_R, mu, restricted="left").view(()), expected, rtol=1e-12, atol=0
+    )
+    for bad in (0.0, -1.0):
+        lam = lam_L.clone()
+        lam[0, 2] = bad
+        assert not torch.isfinite(linalg.whitened_complement_norm(C, Q_L, lam, mu, restricted="right")).any()
+    # no rotation on the other side: the eigenvalues weigh C's rows (right restricted) or columns (left)
+    lam_m, lam_n = torch.rand(1, m, generator=gen, **F64) + 0.1, torch.rand(1, n, generator=gen, **F64) + 0.1
+    torch.testing.assert_close(
+        linalg.whitened_complement_norm(C, None, lam_m, mu, restricted="right").view(()),
+        (C * lam_m.rsqrt().unsqueeze(-1)).norm() / math.sqrt(0.5), rtol=1e-12, atol=0,
+    )
+    torch.testing.assert_close(
+        linalg.whitened_complement_norm(C, None, lam_n, mu, restricted="left").view(()),
+        (C * lam_n.rsqrt().unsqueeze(-2)).norm() / math.sqrt(0.5), rtol=1e-12, atol=0,
+    )
+
+
 def test_spike_and_flat_restricted_preconditioner_equals_full_kl_shampoo(gen):
     """§10 test 4 through the stages: subspace block (inner rule) + whitened complement = L^{-1/2} M R^{-1/2}."""
     m, n, r, mu0 = 4, 9, 3, 0.7
