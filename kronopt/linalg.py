@@ -494,13 +494,15 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
         # per row, and two reductions of that instead of two per tensor (the same extremes)
         rows = torch.cat([t.reshape(t.shape[0], -1) for t in given], dim=1)
         return torch.stack([rows.amax(dim=1), rows.amin(dim=1)]).isfinite().all(0)
-    verdicts, extremes = [], []
+    verdicts, sums, extremes = [], [], []
     for t in given:
         row_sums = _weighted_row_sums(t)
         if row_sums is not None:
-            verdicts.append(row_sums)
+            sums.append(row_sums)
         else:
             extremes.extend(_block_extremes(t))
+    if sums:  # one finiteness test for all the row sums, side by side (a wider dtype holds a narrower's inf and NaN)
+        verdicts.append((torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]).isfinite().all(1))
     if extremes and len({(x.dtype, x.device) for x in extremes}) == 1:
         verdicts.append(torch.stack(extremes).isfinite().all(0))  # one finiteness test for these extremes
     else:
@@ -515,7 +517,8 @@ _FINITE_WEIGHTS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
 def _weighted_row_sums(t: Tensor) -> Tensor | None:
-    r"""``(b)``: whether each block of ``t (b ...)`` is finite, from one matrix-vector product over it.
+    r"""``(b k)``: sums that are all finite exactly where each block of ``t (b ...)`` is, from one
+    matrix-vector product over it.
 
     Each row's sum of :math:`2^{-64} x` is finite exactly when the row is: a NaN or an infinity
     reaches the sum (:math:`\infty - \infty` is NaN), and finite entries cannot overflow it. One
@@ -523,7 +526,7 @@ def _weighted_row_sums(t: Tensor) -> Tensor | None:
     (half the time on a 4 × 1024² stack). ``None`` where it does not apply (fewer than two
     dimensions, another dtype, a layout that is neither row- nor column-major, empty blocks).
     """
-    if t.ndim < 2 or t.dtype not in (torch.float32, torch.float64, torch.bfloat16) or t[0].numel() == 0:
+    if t.ndim < 2 or t.dtype not in (torch.float32, torch.float64, torch.bfloat16) or math.prod(t.shape[1:]) == 0:
         return None
     flat = t if t.is_contiguous() else t.mT if t.ndim >= 3 and t.mT.is_contiguous() else None
     if flat is None:
@@ -534,7 +537,7 @@ def _weighted_row_sums(t: Tensor) -> Tensor | None:
     if w is None:
         with torch.inference_mode(False):  # a cached inference tensor could not meet autograd later
             w = _FINITE_WEIGHTS[key] = torch.full((n, 1), _FINITE_WEIGHT, dtype=t.dtype, device=t.device)
-    return (flat.reshape(-1, n) @ w).view(t.shape[0], -1).isfinite().all(1)
+    return torch.mm(flat.reshape(-1, n), w).view(t.shape[0], -1)
 
 
 #: :func:`finite_blocks` tests its tensors at once when they hold at most this many entries in all: the
@@ -1180,6 +1183,24 @@ def accumulate_gram_left(X: Tensor, A: Tensor, beta: float, alpha: float) -> Ten
     _check_batched("A", A)
     _check_batched_square("X", X)
     return sym_product(X, A, A, beta=beta, alpha=alpha)
+
+
+def accumulate_two_grams_left(X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: float, alpha: float) -> Tensor:
+    r""":math:`\beta X + \alpha (A A^\top + w\, B B^\top)` (``b m k, b m l -> b m m``) with a weight ``w (b 1 1)``
+    per block, exactly symmetric.
+
+    One symmetrisation for both Gram products, and the weight applied to the ``m × m`` product of
+    ``B`` instead of a scaled copy of ``B`` (``m × l``, the larger operand where ``l > m``). On a CPU
+    from side ``_GRAM_TILED_MIN`` on, two tiled :func:`accumulate_gram_left` calls instead (half
+    the flops each), ``B`` scaled by :math:`\sqrt w`.
+    """
+    _check_batched("A", A)
+    _check_batched("B", B)
+    _check_batched_square("X", X)
+    if _tiled(X, B):
+        return accumulate_gram_left(accumulate_gram_left(X, A, beta, alpha), B * w.sqrt(), 1.0, alpha)
+    T = torch.baddbmm(X, A, A.mT, beta=beta, alpha=alpha)
+    return sym(T.addcmul_(torch.bmm(B, B.mT), w, value=alpha))
 
 
 def accumulate_gram_right(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:

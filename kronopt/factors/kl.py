@@ -295,8 +295,7 @@ class KlKronFactors:
         inv_mu = (1.0 / mu).view(-1, 1, 1)
         new_left = left
         if left.F is not None:
-            F = linalg.accumulate_gram_left(left.F, Y * tau.unsqueeze(-2), rho, (1 - rho) / n)
-            F = linalg.accumulate_gram_left(F, Gc * inv_mu.sqrt(), 1.0, (1 - rho) / n)
+            F = linalg.accumulate_two_grams_left(left.F, Y * tau.unsqueeze(-2), Gc, inv_mu, rho, (1 - rho) / n)
             d_L = (linalg.weighted_row_energy(Hy, tau.square()) + inv_mu.squeeze(-1) * e_c) / n
             new_left = self._tracked(left, F, d_L, right, G)
         Yh = Hy if sL is None else Hy * sL  # Ŷ = diag(s_L) Q_Lᵀ G U

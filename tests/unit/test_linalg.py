@@ -617,6 +617,30 @@ def test_sym_product_of_a_sandwich_with_per_block_beta(seed, m, k, b, tile, tile
     close(out, expected)
 
 
+@given(
+    seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 4), l=st.integers(1, 14), b=st.integers(1, 3),
+    tile=st.integers(1, 5), tiled=st.booleans(),
+)
+def test_two_gram_updates_with_a_per_block_weight(seed, m, k, l, b, tile, tiled):
+    """``β X + α (A Aᵀ + w B Bᵀ)`` with a weight per block (one of them 0), tile by tile or dense: exactly
+    symmetric, equal to the float64 sum in float64 and to rounding in float32. A weight on the wrong Gram,
+    or a missing square root in the tiled form, fails."""
+    gen = generator(seed)
+    A, B = randn(gen, b, m, k), randn(gen, b, m, l)
+    X = linalg.gram_left(randn(gen, b, m, m))
+    w = torch.rand(b, 1, 1, generator=gen, dtype=F64) * 4
+    w[0] = 0.0
+    expected = 0.9 * X + 0.3 * (A @ A.mT + w * B @ B.mT)
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, tile, tiled)
+        out64 = linalg.accumulate_two_grams_left(X, A, B, w, 0.9, 0.3)
+        out32 = linalg.accumulate_two_grams_left(X.float(), A.float(), B.float(), w.float(), 0.9, 0.3)
+    for out in (out64, out32):
+        assert torch.equal(out, out.mT)
+    close(out64, expected)
+    close(out32.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @given(seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5), tiled=st.booleans())
 def test_sym_product_stats_reduce_the_product_it_returns(seed, m, k, b, tile, tiled):
     """``sym_product_stats``: the same product as :func:`sym_product`, with ``⟨P, Y⟩_F`` and ``‖P‖_F`` per block
