@@ -113,7 +113,10 @@ def _with_storage(fn: Callable[..., tuple[Tensor | None, BucketState]]) -> Calla
     return step
 
 
-def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int, shared: dict[str, Any] | None = None) -> StepContext:
+def context(
+    cfg: KronConfig, layout: Layout, state: BucketState, t: int, shared: dict[str, Any] | None = None,
+    *, refresh_follows: bool = True,
+) -> StepContext:
     """The :class:`StepContext` the stages see at update ``t``: basis, eigenvalue estimates (the factor
     estimator's own when it tracks them, else the basis's) and the flat eigenvalues of restricted sides.
     The contexts of one call share ``shared`` (products several stages use, :meth:`StepContext.rotated`)."""
@@ -126,7 +129,7 @@ def context(cfg: KronConfig, layout: Layout, state: BucketState, t: int, shared:
     flat = cfg.factors.flat_eigvals(state.factors) if restricted else (None, None)
     return StepContext(
         step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat, shared={} if shared is None else shared,
-        exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis),
+        exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis), refresh_follows=refresh_follows,
     )
 
 
@@ -140,9 +143,10 @@ def _held_in_compute_dtype(choice: str, basis: BasisState) -> bool:
 def _observe(
     cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool, shared: dict[str, Any]
 ) -> BucketState:
-    ctx = context(cfg, layout, state, t, shared)
+    due = cfg.refresh.due(t, first_call=first_call)
+    ctx = context(cfg, layout, state, t, shared, refresh_follows=due)
     factors = cfg.factors.update(state.factors, G, ctx)
-    if not cfg.refresh.due(t, first_call=first_call):
+    if not due:
         return attrs.evolve(state, factors=factors)
     basis, change = cfg.basis.refresh(state.basis, cfg.factors.factors(factors), ctx)
     inner = cfg.inner.on_basis_change(state.inner, change)

@@ -109,6 +109,11 @@ class StepContext:
         exact_basis: whether the basis is held in the compute dtype. When it is stored
             narrower (``[storage] basis``), its columns are orthonormal only to the storage's
             rounding, and a stage must not save work by using :math:`Q^\top Q = I`.
+        refresh_follows: whether a basis refresh follows this factor update in the same call.
+            A factor estimator may skip work only the refresh reads: a restricted side's power
+            product :math:`\hat F U` (``factors()`` there) is then computed on the updates a
+            refresh follows and left as it was on the others. ``True`` (compute everything)
+            wherever the caller does not know.
     """
 
     step: int
@@ -118,6 +123,7 @@ class StepContext:
     flat: tuple[Tensor | None, Tensor | None] = (None, None)
     shared: dict[str, Any] = attrs.field(factory=dict, repr=False)
     exact_basis: bool = True
+    refresh_follows: bool = True
 
     def rotated(self, G: Tensor) -> tuple[Tensor, Tensor]:
         r"""``(Q_Lᵀ G, Q_Lᵀ G Q_R)`` in this context's basis (a ``None`` side is the identity), computed

@@ -160,13 +160,13 @@ class ProjectorSplittingFactors:
         if state.sub_R is not None:
             L, sub, mu, power, ini = self._restricted(
                 state.L, state.sub_R, state.mu_R, state.power_R, ctx.basis.Q_R, state.initialised, G,  # type: ignore[arg-type]
-                first=state.calls == 0,
+                first=state.calls == 0, power_follows=ctx.refresh_follows,
             )
             return attrs.evolve(state, L=L, sub_R=sub, mu_R=mu, power_R=power, initialised=ini, calls=state.calls + 1)
         if state.sub_L is not None:
             R, sub, mu, power, ini = self._restricted(
                 state.R, state.sub_L, state.mu_L, state.power_L, ctx.basis.Q_L, state.initialised, G.mT,  # type: ignore[arg-type]
-                first=state.calls == 0,
+                first=state.calls == 0, power_follows=ctx.refresh_follows,
             )
             return attrs.evolve(state, R=R, sub_L=sub, mu_L=mu, power_L=power, initialised=ini, calls=state.calls + 1)
         L, R = state.L, state.R
@@ -213,9 +213,11 @@ class ProjectorSplittingFactors:
         return ProjectorSplittingState(initialised=torch.zeros(b, dtype=torch.bool, device=device), calls=0, **out)  # type: ignore[arg-type]
 
     def _restricted(
-        self, L: Tensor, sub: Tensor, mu: Tensor, power: Tensor, U: Tensor, initialised: Tensor, G: Tensor, *, first: bool
+        self, L: Tensor, sub: Tensor, mu: Tensor, power: Tensor, U: Tensor, initialised: Tensor, G: Tensor, *,
+        first: bool, power_follows: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """One call with the full side ``L (b m m)`` and the restricted right side ``(S, μ, P)`` of ``G (b m n)``."""
+        """One call with the full side ``L (b m m)`` and the restricted right side ``(S, μ, P)`` of ``G (b m n)``;
+        ``P`` only where ``power_follows`` (a refresh reads it next), else the old one is kept."""
         beta = float(self.beta)
         b, m, n = G.shape
         r = sub.shape[-1]
@@ -255,10 +257,10 @@ class ProjectorSplittingFactors:
         trace_full = (UL * GGt).sum((-2, -1))
         trace_sub = torch.diagonal(YZ, dim1=-2, dim2=-1).sum(-1)
         mu_hat = (c.view(b) * mu + (trace_full - trace_sub) / k).clamp(min=0.0)
-        power_hat = c * (U @ sub) + Gs.mT @ Z
         root = (sub_hat.square().sum((-2, -1)) + (n - r) * mu_hat.square()).sqrt().sqrt().view(b, 1, 1)
         inv = 1.0 / root.clamp(min=tiny)
-        return UL * root, sub_hat * inv, mu_hat * inv.view(b), power_hat * inv, initialised | nonzero
+        power_hat = (c * (U @ sub) + Gs.mT @ Z) * inv if power_follows else power
+        return UL * root, sub_hat * inv, mu_hat * inv.view(b), power_hat, initialised | nonzero
 
     # -- pieces --------------------------------------------------------------------------------
     def _one_sided_start(self, b: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -310,6 +310,47 @@ def test_the_momentums_subspace_coordinates_are_computed_once_per_step(shape, mo
     assert len(calls) == 2 and len(computed) == 1
 
 
+@pytest.mark.parametrize("preset", ["pro_kl_shampoo", "pro_soap", "pro_dykaf"])
+@pytest.mark.parametrize("shape", [(6, 16), (16, 6)])
+def test_the_power_product_is_computed_only_when_a_refresh_follows(preset, shape, monkeypatch):
+    """A restricted side's power product R̂U is read by the refresh alone, so each factor estimator computes it
+    only on the updates a refresh follows (``StepContext.refresh_follows``) and keeps the old one otherwise.
+    Against the same run with the product computed on every update: the same parameters and the same
+    power product at every refresh, bit for bit. An estimator that skipped the product before a refresh,
+    or whose skipping changed anything else, fails."""
+
+    def run(always: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+        with monkeypatch.context() as patch:
+            if always:
+                context = compose.context
+                patch.setattr(compose, "context", lambda *a, **kw: context(*a, **{**kw, "refresh_follows": True}))
+            gen = torch.Generator().manual_seed(0)
+            w = torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=torch.float64))
+            opt = kronopt.build([("w", w)], preset, **{"refresh.every": 3, "split.rank": 2})
+            params, powers, kept = [], [], []
+            for _ in range(11):
+                w.grad = torch.randn(*shape, generator=gen, dtype=torch.float64)
+                before = [v.clone() for k, v in compose.flatten(opt._buckets[0].state).items() if "power" in k and v is not None]
+                opt.step()
+                after = [v for k, v in compose.flatten(opt._buckets[0].state).items() if "power" in k and v is not None]
+                assert len(after) == 1
+                params.append(w.detach().clone())
+                powers.append(after[0].clone())
+                kept.append(torch.equal(before[0], after[0]))
+            return params, powers, kept
+
+    lazy, eager = run(False), run(True)
+    for a, b in zip(lazy[0], eager[0]):
+        assert torch.equal(a, b)
+    # the first call builds the factors (skip_first_call), then refreshes at the updates 3, 6, 9 (calls 4, 7, 10)
+    refreshed = [3, 6, 9]
+    for k in refreshed:
+        assert torch.equal(lazy[1][k], eager[1][k])
+    assert not any(lazy[2][k] for k in refreshed)
+    assert all(lazy[2][k] for k in (1, 2, 4, 5, 7, 8, 10))  # no refresh follows: the old product is kept
+    assert not any(eager[2][k] for k in (1, 2, 4, 5))
+
+
 def test_whitened_norm_edge_eigenvalues(gen):
     """λ = +∞ drops its direction (the norm of the other directions alone), λ = 0 or < 0 gives a non-finite ν
     (the split then drops the complement), and an unrotated side with eigenvalues weighs the rows or columns
