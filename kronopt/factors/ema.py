@@ -19,7 +19,8 @@ class KronFactorsState:
 
     A restricted side of rank ``r`` (left shown) keeps instead ``sub_L (b r r)`` the factor in the
     subspace coordinates :math:`U^\top \hat L U`, ``mu_L (b)`` the flat eigenvalue of the
-    complement and ``power_L (b m r)`` the power product :math:`\hat L_{new} U` for the basis stage.
+    complement and ``power_L (b m r)`` the power product :math:`\hat L_{new} U` for the basis stage
+    (computed on the updates a refresh follows, ``StepContext.refresh_follows``; kept as it was on the others).
     """
 
     L: Tensor | None

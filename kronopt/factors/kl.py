@@ -28,7 +28,8 @@ class KlFactorsState:
     coordinates :math:`U^\\top \\hat L U`, ``s_L (b r)`` the tracked inverse roots of
     its eigenvalue estimates, ``mu_L (b)`` the flat eigenvalue of the complement and
     ``power_L (b m r)`` the action :math:`\\hat L_{new} U` that the basis stage turns
-    into the next subspace.
+    into the next subspace (the ``"power"`` tracker computes it on the updates a refresh
+    follows, ``StepContext.refresh_follows``, and keeps it as it was on the others).
     """
 
     L: Tensor | None

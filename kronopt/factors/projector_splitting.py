@@ -38,7 +38,8 @@ def _init_choice(_inst: object, _attr: object, value: str) -> None:
 class ProjectorSplittingState:
     """``L (b m m)``, ``R (b n n)`` (``None`` on a side that is not rotated or is restricted), the per-block
     flag ``initialised (b)`` and the number of calls seen (a Python int). A restricted side (left shown)
-    keeps ``sub_L (b r r)``, ``mu_L (b)`` and the power product ``power_L (b m r)`` instead."""
+    keeps ``sub_L (b r r)``, ``mu_L (b)`` and the power product ``power_L (b m r)`` instead (computed on the
+    updates a refresh follows, ``StepContext.refresh_follows``; kept as it was on the others)."""
 
     L: Tensor | None
     R: Tensor | None
