@@ -562,6 +562,12 @@ def test_subspace_split_and_row_energy_match_dense_projections():
     P_perp = torch.eye(7, dtype=torch.float64) - U @ U.mT
     torch.testing.assert_close(XU, torch.einsum("bmn,bnr->bmr", X, U), rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(Xc, X @ P_perp, rtol=1e-12, atol=1e-13)
+    # a transposed view (a left-restricted side's frame): the same split, the complement in the view's layout
+    T = randn(gen, 2, 7, 5).mT
+    TU, Tc = linalg.subspace_split(T, U)
+    torch.testing.assert_close(TU, T @ U, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(Tc, T @ P_perp, rtol=1e-12, atol=1e-13)
+    assert Tc.mT.is_contiguous()
     w = torch.rand(2, 7, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(linalg.weighted_row_energy(X, w), torch.einsum("bmn,bn->bm", X * X, w), rtol=1e-13, atol=0)
     torch.testing.assert_close(linalg.weighted_row_energy(X, None), (X * X).sum(-1), rtol=1e-13, atol=0)
