@@ -302,13 +302,18 @@ class ProjectorSplittingFactors:
     def _two_sided(
         self, L: Tensor, R: Tensor, initialised: Tensor, G: Tensor, *, first: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        nonzero = linalg.block_norm(G).view(-1) > 0
         if not first:
             # Blocks still empty (every earlier gradient zero, or a first call the optimizer's
             # non-finite guard discarded) start here at no extra cost: the integrator from L = 0
-            # with the identity direction. Zero gradients keep them empty.
+            # with the identity direction. Zero gradients keep them empty. On a CPU with every
+            # block started (read on the host for free) there is nothing to start or to test.
+            if linalg.cpu_all(initialised):
+                L, R = self._integrate(L, R, G)
+                return L, R, initialised
+            nonzero = linalg.block_norm(G).view(-1) > 0
             L, R = self._integrate(L, R, G, fresh=~initialised)
             return L, R, initialised | nonzero
+        nonzero = linalg.block_norm(G).view(-1) > 0
         starting = ~initialised if self.initialization == "eps" else ~initialised & nonzero
         L0, R0 = self._start(G)
         L = linalg.select_blocks(starting, L0, L)

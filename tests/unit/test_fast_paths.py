@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kronopt
 from kronopt import compose, linalg
 
 NONFINITE = [float("nan"), float("inf"), -float("inf")]
@@ -389,3 +390,48 @@ def test_weight_decay_of_float32_parameters_survives_a_bfloat16_direction(monkey
         expected = (p0 + d.float() * torch.tensor(-1e-3, dtype=torch.float32)) * decay
         torch.testing.assert_close(p, expected, rtol=1e-6, atol=0)
         assert not torch.equal(p, p0 + d.float() * torch.tensor(-1e-3, dtype=torch.float32))  # decayed
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_select_blocks_reads_a_cpu_verdict_on_the_host(monkeypatch, host):
+    """On a CPU every block ok gives ``new`` itself and none ``old`` itself (no pass over either); a mixed verdict,
+    tensors that only broadcast, and the device-agnostic path (``host`` False) take ``torch.where``: the same values."""
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+    gen = torch.Generator().manual_seed(9)
+    new, old = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 4, 5, generator=gen)
+    for flags, expected in (([True] * 3, new), ([False] * 3, old)):
+        out = linalg.select_blocks(torch.tensor(flags), new, old)
+        assert (out is expected) == host
+        assert torch.equal(out, expected)
+    mixed = linalg.select_blocks(torch.tensor([True, False, True]), new, old)
+    assert mixed is not new and torch.equal(mixed[0], new[0]) and torch.equal(mixed[1], old[1])
+    eye = torch.eye(5)  # shapes that only broadcast: torch.where even when every block is ok
+    full = torch.randn(3, 5, 5, generator=gen)
+    out = linalg.select_blocks(torch.tensor([True] * 3), full, eye)
+    assert out is not full and torch.equal(out, full)
+    out = linalg.select_blocks(torch.tensor([False] * 3), full, eye)
+    assert out.shape == (3, 5, 5) and torch.equal(out, eye.expand(3, 5, 5))
+
+
+@pytest.mark.parametrize("preset", ["dykaf", "soap", "pro_dykaf"])
+def test_host_verdicts_change_no_bit_of_a_trajectory(monkeypatch, preset):
+    """The CPU's host-read verdicts (every block ok, every block started) against the device-agnostic masked
+    path, over refreshes, with one block whose first gradients are zero (started late, dykaf's `fresh`)
+    and one non-finite gradient (a skipped block): the same parameters, bit for bit."""
+
+    def run(host):
+        monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+        gen = torch.Generator().manual_seed(10)
+        ws = [torch.nn.Parameter(torch.randn(6, 8, generator=gen, dtype=torch.float64)) for _ in range(3)]
+        opt = kronopt.build([(f"w{i}", w) for i, w in enumerate(ws)], preset, **{"refresh.every": 3})
+        for k in range(9):
+            for i, w in enumerate(ws):
+                g = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+                w.grad = torch.zeros_like(g) if (i == 1 and k < 3) else g
+            if k == 5:
+                ws[2].grad[0, 0] = float("nan")
+            opt.step()
+        return [w.detach().clone() for w in ws]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
