@@ -119,16 +119,23 @@ def context(
 ) -> StepContext:
     """The :class:`StepContext` the stages see at update ``t``: basis, eigenvalue estimates (the factor
     estimator's own when it tracks them, else the basis's) and the flat eigenvalues of restricted sides.
-    The contexts of one call share ``shared`` (products several stages use, :meth:`StepContext.rotated`)."""
+    The contexts of one call share ``shared`` (products several stages use, :meth:`StepContext.rotated`,
+    and the estimator's eigenvalues, taken once for the same factor record)."""
     basis = state.basis
+    shared = {} if shared is None else shared
     if capabilities(cfg.factors).provides_eigvals:
-        eigvals = cfg.factors.eigvals(state.factors)
+        hit = shared.get("eigvals")
+        if hit is not None and hit[0] is state.factors:
+            eigvals = hit[1]
+        else:
+            eigvals = cfg.factors.eigvals(state.factors)
+            shared["eigvals"] = (state.factors, eigvals)
     else:
         eigvals = (basis.lam_L, basis.lam_R)
     restricted = "restricted" in (layout.left, layout.right)  # only with an estimator that supports it (validated)
     flat = cfg.factors.flat_eigvals(state.factors) if restricted else (None, None)
     return StepContext(
-        step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat, shared={} if shared is None else shared,
+        step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat, shared=shared,
         exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis), refresh_follows=refresh_follows,
     )
 

@@ -191,3 +191,30 @@ def test_the_directions_rotation_is_kept_for_the_factor_update_only_when_it_read
         w.grad = torch.randn(12, 8, generator=gen)
         opt.step()
     assert seen[-1] is kept
+
+
+@pytest.mark.parametrize(("order", "calls"), [("after", 1), ("before", 2)])
+def test_the_estimators_eigenvalues_are_taken_once_per_factor_record(order, calls, monkeypatch):
+    """The contexts of one call share the estimator's eigenvalues while they see the same factor record: once per
+    plain step with the update after the direction; twice with it before (the direction must see the updated
+    record's, not the cached ones of the record before)."""
+    from kronopt.factors import KlKronFactors
+
+    seen = []
+    eigvals = KlKronFactors.eigvals
+
+    def spy(self, state):
+        seen.append(state)
+        return eigvals(self, state)
+
+    monkeypatch.setattr(KlKronFactors, "eigvals", spy)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 8, generator=gen))
+    opt = kronopt.build([("w", w)], "kl_shampoo", **{"refresh.every": 100, "factor_update": order})
+    for _ in range(3):
+        w.grad = torch.randn(12, 8, generator=gen)
+        opt.step()
+    seen.clear()
+    w.grad = torch.randn(12, 8, generator=gen)
+    opt.step()
+    assert len(seen) == calls and len({id(s) for s in seen}) == calls
