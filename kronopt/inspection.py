@@ -45,7 +45,8 @@ class SideView:
             ``r`` values; the factor estimator's own when it tracks them, else the basis's).
         flat: the flat eigenvalue :math:`\mu` of a restricted side (a 0-d tensor), else ``None``.
         factor: the factor estimator's factor ``(d d)``; on a restricted side its power
-            product ``(d r)``; ``None`` when the estimator keeps none.
+            product ``(d r)`` as of the last update a refresh followed (only the refresh reads
+            it, so it is computed then); ``None`` when the estimator keeps none.
         rank: ``r`` on a restricted side, else 0.
     """
 
