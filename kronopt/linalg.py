@@ -619,7 +619,7 @@ def select_blocks(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
     the result is ``new`` itself, where none is ``old`` itself (for two tensors of one shape,
     dtype and device), without a pass over both. Callers treat the result as read-only.
     """
-    if new.shape == old.shape and new.dtype == old.dtype and new.device == old.device and _host_verdicts(ok):
+    if ok.ndim == 1 and new.shape == old.shape and new.dtype == old.dtype and new.device == old.device and _host_verdicts(ok):
         flags = ok.tolist()
         if all(flags):
             return new
@@ -1209,7 +1209,10 @@ def accumulate_two_grams_left(X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: 
     One symmetrisation for both Gram products, and the weight applied to the ``m × m`` product of
     ``B`` instead of a scaled copy of ``B`` (``m × l``, the larger operand where ``l > m``). On a CPU
     from side ``_GRAM_TILED_MIN`` on, two tiled :func:`accumulate_gram_left` calls instead (half
-    the flops each), ``B`` scaled by :math:`\sqrt w`.
+    the flops each), ``B`` scaled by :math:`\sqrt w`. The range differs from scaling ``B`` first:
+    :math:`B B^\top` itself must stay above the dtype's smallest normal number (``B`` of about
+    ``1e-20`` in float32 loses digits to subnormals before ``w`` lifts it), where
+    :math:`(B\sqrt w)(B\sqrt w)^\top` needed :math:`w B B^\top` to.
     """
     _check_batched("A", A)
     _check_batched("B", B)

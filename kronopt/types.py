@@ -140,7 +140,8 @@ class StepContext:
 
     def subspace_coordinates(self, X: Tensor) -> Tensor:
         r"""``X``'s coordinates in the restricted side's subspace :math:`U`: :math:`X U` ``(b m r)`` for a
-        restricted right side, :math:`U^\top X` ``(b r n)`` for a restricted left one. Computed once per
+        restricted right side, :math:`U^\top X` ``(b r n)`` for a restricted left one (the left one where both
+        are, as the ``lowrank_flat`` split's complement takes it). Computed once per
         bucket call for this very ``X`` and basis: the inner rule's rotation of the momentum and the
         split's complement :math:`X - X U U^\top` both start from it."""
         left = self.layout.left == "restricted"

@@ -169,9 +169,12 @@ class EigenvalueInner:
 
 
 def _rotated(X: Tensor, ctx: StepContext) -> Tensor:
-    """``X`` in the basis, :math:`Q_L^\top X Q_R`. With a restricted side its subspace goes first (the
-    cheaper order), through :meth:`StepContext.subspace_coordinates`, which the split's complement reuses."""
+    """``X`` in the basis, :math:`Q_L^\top X Q_R`. With one restricted side its subspace goes first (the
+    cheaper order), through :meth:`StepContext.subspace_coordinates`, which the split's complement reuses;
+    with two (a plugin layout), :func:`kronopt.linalg.rotate`."""
     layout, basis = ctx.layout, ctx.basis
+    if layout.left == "restricted" and layout.right == "restricted":
+        return linalg.rotate(X, basis.Q_L, basis.Q_R)
     if layout.right == "restricted":
         Y = ctx.subspace_coordinates(X)
         return Y if basis.Q_L is None else linalg.mm(basis.Q_L.mT, Y)

@@ -411,6 +411,9 @@ def test_select_blocks_reads_a_cpu_verdict_on_the_host(monkeypatch, host):
     assert out is not full and torch.equal(out, full)
     out = linalg.select_blocks(torch.tensor([False] * 3), full, eye)
     assert out.shape == (3, 5, 5) and torch.equal(out, eye.expand(3, 5, 5))
+    # a mask that is not one flag per block is never read as a whole (nested lists are all truthy)
+    column = linalg.select_blocks(torch.tensor([[True], [False]]), torch.ones(2, 1), torch.zeros(2, 1))
+    assert column.view(-1).tolist() == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("preset", ["dykaf", "soap", "pro_dykaf"])

@@ -283,6 +283,21 @@ def test_subspace_coordinates_are_the_restricted_products_and_are_shared(gen):
         ctx(Layout(batch=b, m=m, n=n, left="full", right="full"), Q, None, {}).subspace_coordinates(X)
 
 
+def test_the_eigenvalue_rules_rotation_with_two_restricted_sides_is_the_plain_rotation(gen):
+    """A layout with both sides restricted (no built-in split makes one; a plugin may) rotates as
+    ``linalg.rotate``: the shared subspace coordinates serve one restricted side only."""
+    from kronopt.inner_rules.eigenvalue import _rotated
+
+    b, m, n = 1, 6, 8
+    X = randn(gen, b, m, n)
+    U_L, U_R = orthonormal(gen, b, m)[..., :2], orthonormal(gen, b, n)[..., :3]
+    layout = Layout(batch=b, m=m, n=n, left="restricted", right="restricted", rank_left=2, rank_right=3)
+    basis = BasisState(Q_L=U_L, Q_R=U_R, lam_L=None, lam_R=None, failures=torch.zeros(b, dtype=torch.int64))
+    out = _rotated(X, StepContext(step=1, layout=layout, basis=basis))
+    assert out.shape == (b, 2, 3)
+    torch.testing.assert_close(out, U_L.mT @ X @ U_R, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("shape", [(6, 16), (16, 6)])
 def test_the_momentums_subspace_coordinates_are_computed_once_per_step(shape, monkeypatch):
     """The eigenvalue rule's rotation and the split's complement share M U (or Uᵀ M): on a plain step each
