@@ -65,6 +65,7 @@ def bench(
     device: str,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
     """Step time and state bytes per optimizer, measured interleaved in one run.
 
@@ -74,14 +75,55 @@ def bench(
     steps that refresh a preconditioner (every 10th for SOAP); ``median_ms`` is
     the typical step, which skips them when they are rarer than one in two.
 
+    With ``repeat > 1`` the whole run (fresh optimizers, warm-up included) is made
+    ``repeat`` times and each figure is the median over the runs
+    (:func:`aggregate_runs`): on a shared machine a ratio moves by several percent
+    from one run to the next, and the spread says by how much.
+
     Returns:
         One dict per name, in order: ``optimizer``, ``mean_ms``, ``median_ms``,
-        ``state_bytes`` and ``vs_first``: its mean over the first optimizer's mean.
+        ``state_bytes``, ``vs_first`` (its mean over the first optimizer's mean),
+        ``vs_first_range`` (the lowest and highest of that ratio over the runs) and ``runs``.
 
     Raises:
-        ValueError: ``steps < 1``, ``warmup < 0``, no names, no shapes, or a dimension < 1.
+        ValueError: ``steps < 1``, ``warmup < 0``, ``repeat < 1``, no names, no shapes, or a dimension < 1.
     """
     _check_run(names, shapes, steps, warmup)
+    if repeat < 1:
+        raise ValueError(f"bench needs repeat ≥ 1, got {repeat}")
+    runs = [_bench_once(names, shapes, steps=steps, warmup=warmup, device=device, dtype=dtype, seed=seed) for _ in range(repeat)]
+    return aggregate_runs(runs)
+
+
+def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of several runs of one table (the same optimizers in the same order) as one table: per
+    optimizer the median over the runs of ``mean_ms``, ``median_ms`` and ``vs_first`` (each run's own
+    ratio, so a run on a busier machine slows every optimizer in it alike), the lowest and highest
+    ratio (``vs_first_range``) and the number of runs. ``state_bytes`` is the first run's."""
+    if not runs:
+        raise ValueError("aggregate_runs needs at least one run")
+    out = []
+    for i, row in enumerate(runs[0]):
+        ratios = [run[i]["vs_first"] for run in runs]
+        out.append(
+            {
+                "optimizer": row["optimizer"],
+                "mean_ms": statistics.median(run[i]["mean_ms"] for run in runs),
+                "median_ms": statistics.median(run[i]["median_ms"] for run in runs),
+                "state_bytes": row["state_bytes"],
+                "vs_first": statistics.median(ratios),
+                "vs_first_range": (min(ratios), max(ratios)),
+                "runs": len(runs),
+            }
+        )
+    return out
+
+
+def _bench_once(
+    names: Sequence[str], shapes: Sequence[tuple[int, ...]], *, steps: int, warmup: int, device: str,
+    dtype: torch.dtype, seed: int,
+) -> list[dict[str, Any]]:
+    """One interleaved run of :func:`bench` (fresh optimizers)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
@@ -401,6 +443,7 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         "warmup": p.integer("--warmup", args.warmup, minimum=0),
         "threads": p.integer("--threads", args.threads, minimum=0),
         "seed": p.integer("--seed", args.seed, minimum=0, maximum=2**63 - 1),
+        "repeat": p.integer("--repeat", getattr(args, "repeat", "1"), minimum=1),
     }
     widths = [] if args.scaling is None else p.value("--scaling", args.scaling, lambda s: _args.integers(s, minimum=1), [])
     world_text = getattr(args, "world", None)
@@ -413,6 +456,8 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
             p.add("--world", "cannot be combined with --scaling")
         if device != "cpu":
             p.add("--world", f"runs CPU processes on gloo; got --device {device} (use --device cpu)")
+        if counts["repeat"] not in (None, 1):
+            p.add("--repeat", "applies to the one-process table; cannot be combined with --world")
     names, missing = [], []
     for name in list(args.optimizers) or list(BENCH_DEFAULT):
         if name in peers.PEERS:
@@ -445,14 +490,20 @@ def _mib(n: int) -> float:
 def _print_table(rows: list[dict[str, Any]]) -> None:
     width = max(14, *(len(r["optimizer"]) for r in rows))
     first = f"× {rows[0]['optimizer']}"
+    spread = rows[0].get("runs", 1) > 1  # several runs: the ratio's range over them, last
     header = f"{'optimizer':<{width}} {'mean ms':>9} {'median ms':>10} {first:>{max(12, len(first))}} {'state MiB':>10}"
+    header += f" {'× range':>11}" if spread else ""
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(
+        line = (
             f"{r['optimizer']:<{width}} {r['mean_ms']:>9.3f} {r['median_ms']:>10.3f} "
             f"{r['vs_first']:>{max(12, len(first))}.2f} {_mib(r['state_bytes']):>10.2f}"
         )
+        if spread:
+            lo, hi = r["vs_first_range"]
+            line += f" {f'{lo:.2f}–{hi:.2f}':>11}"
+        print(line)
 
 
 def _print_alone(table: list[dict[str, Any]]) -> None:
@@ -531,7 +582,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(counts["threads"])
     timing = dict(steps=counts["steps"], warmup=counts["warmup"], device=plan.device, seed=counts["seed"])
     try:
-        rows = bench(plan.names, plan.shapes, **timing)
+        rows = bench(plan.names, plan.shapes, **timing, repeat=counts["repeat"])
         table = scaling(plan.names, plan.widths, **timing) if plan.widths else []
     finally:
         torch.set_num_threads(threads)
@@ -540,6 +591,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {plan.device}, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), "
         f"{counts['threads'] or threads} threads, torch {torch.__version__}"
+        + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "")
     )
     _print_table(rows)
     if table:
@@ -570,4 +622,9 @@ def add_subcommand(sub: Any) -> None:
         "--threads", default="0", help="torch CPU threads (0: torch's default; --world: per rank, the cores / the world size)"
     )
     p.add_argument("--seed", default="0")
+    p.add_argument(
+        "--repeat", default="1",
+        help="make the whole run this many times (fresh optimizers each) and print the medians, with the ratio's "
+        "lowest and highest over the runs (≥ 1; not with --world)",
+    )
     p.set_defaults(func=cmd_bench)

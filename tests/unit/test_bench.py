@@ -319,3 +319,46 @@ def test_world_bench_arguments_are_checked(capsys):
     assert "--world: must be ≥ 1, got 0" in err and "--world: cannot be combined with --scaling" in err
     with pytest.raises(ValueError, match="world sizes ≥ 1"):
         bench.bench_world(["soap"], [(4, 4)], worlds=[], steps=1, warmup=0)
+
+
+# -- --repeat: several runs, their medians and the ratio's spread -------------------------------------------
+
+
+def test_aggregate_runs_takes_medians_and_the_ratios_range():
+    """Hand-made runs: each figure is the median over the runs, the ratio is each run's own (a busier run slows
+    every optimizer in it alike), and its range is the lowest and highest of those."""
+
+    def run(a_ms, b_ms):
+        return [
+            {"optimizer": "a", "mean_ms": a_ms, "median_ms": a_ms / 2, "state_bytes": 10, "vs_first": 1.0},
+            {"optimizer": "b", "mean_ms": b_ms, "median_ms": b_ms / 2, "state_bytes": 20, "vs_first": b_ms / a_ms},
+        ]
+
+    rows = bench.aggregate_runs([run(10.0, 8.0), run(20.0, 18.0), run(10.0, 10.0)])
+    a, b = rows
+    assert a["mean_ms"] == 10.0 and a["vs_first"] == 1.0 and a["vs_first_range"] == (1.0, 1.0) and a["runs"] == 3
+    assert b["mean_ms"] == 10.0 and b["median_ms"] == 5.0 and b["state_bytes"] == 20
+    assert b["vs_first"] == pytest.approx(0.9) and b["vs_first_range"] == (pytest.approx(0.8), pytest.approx(1.0))
+    with pytest.raises(ValueError):
+        bench.aggregate_runs([])
+
+
+def test_repeat_makes_the_whole_run_again_and_reports_the_spread(capsys):
+    rows = bench.bench(["torch.AdamW", "adamw"], [(8, 4), (4,)], steps=2, warmup=1, device="cpu", repeat=3)
+    assert [r["runs"] for r in rows] == [3, 3]
+    lo, hi = rows[1]["vs_first_range"]
+    assert lo <= rows[1]["vs_first"] <= hi and rows[0]["vs_first_range"] == (1.0, 1.0)
+    with pytest.raises(ValueError, match="repeat ≥ 1"):
+        bench.bench(["adamw"], [(4, 3)], steps=1, warmup=0, device="cpu", repeat=0)
+    assert cli.main(["bench", "torch.AdamW", "adamw", *TINY, "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "medians of 2 runs" in out and "× range" in out
+    assert re.fullmatch(r"\d+\.\d\d–\d+\.\d\d", _rows(out)["adamw"][-1])
+    assert cli.main(["bench", "adamw", *TINY]) == 0
+    assert "× range" not in capsys.readouterr().out  # one run: no spread column
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--repeat", "0"], "--repeat: must be ≥ 1"), (["--repeat", "2", "--world", "1"], "--repeat: applies to the one-process table")])
+def test_repeat_arguments_are_checked(extra, message, capsys):
+    assert cli.main(["bench", "adamw", *TINY, *extra]) == 2
+    assert message in capsys.readouterr().err
