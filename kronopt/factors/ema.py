@@ -103,20 +103,20 @@ class EmaKronFactors:
         R = None if state.R is None else linalg.ema_gram_right(state.R, G, beta)
         out = attrs.evolve(state, L=L, R=R)
         first = ctx.step == 0
-        power = first or ctx.refresh_follows
+        follows = first or ctx.refresh_follows
         if state.sub_R is not None:
-            sub, mu, P = self._restricted(G, ctx.basis.Q_R, state.sub_R, state.mu_R, first=first, power=power)  # type: ignore[arg-type]
+            sub, mu, P = self._restricted(G, ctx.basis.Q_R, state.sub_R, state.mu_R, first=first, power_follows=follows)  # type: ignore[arg-type]
             out = attrs.evolve(out, sub_R=sub, mu_R=mu, power_R=state.power_R if P is None else P)
         if state.sub_L is not None:
-            sub, mu, P = self._restricted(G.mT, ctx.basis.Q_L, state.sub_L, state.mu_L, first=first, power=power)  # type: ignore[arg-type]
+            sub, mu, P = self._restricted(G.mT, ctx.basis.Q_L, state.sub_L, state.mu_L, first=first, power_follows=follows)  # type: ignore[arg-type]
             out = attrs.evolve(out, sub_L=sub, mu_L=mu, power_L=state.power_L if P is None else P)
         return out
 
     def _restricted(
-        self, G: Tensor, U: Tensor, sub: Tensor, mu: Tensor, *, first: bool, power: bool = True
+        self, G: Tensor, U: Tensor, sub: Tensor, mu: Tensor, *, first: bool, power_follows: bool = True
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The restricted right side of ``G (b m n)``: new ``(S, μ, power product)``; the power product
-        only with ``power`` (a refresh follows: nothing else reads it), else ``None``."""
+        only with ``power_follows`` (a refresh follows: nothing else reads it), else ``None``."""
         beta = float(self.beta)
         n, r = G.shape[-1], sub.shape[-1]
         if first:
@@ -125,7 +125,7 @@ class EmaKronFactors:
         energy = (G.square().sum((-2, -1)) - Y.square().sum((-2, -1))).clamp(min=0.0)
         mu_new = torch.lerp(mu, energy / (n - r), 1 - beta)
         sub_new = linalg.accumulate_gram_right(sub, Y, beta, 1 - beta)
-        if not power:
+        if not power_follows:
             return sub_new, mu_new, None
         P = torch.baddbmm(G.mT @ Y, U, sub, beta=1 - beta, alpha=beta)  # β U S_old + (1-β) Gᵀ Y
         return sub_new, mu_new, P

@@ -202,11 +202,11 @@ class KlKronFactors:
 
     def update(self, state: KlFactorsState, G: Tensor, ctx: StepContext) -> KlFactorsState:
         left, right = _sides(state, ctx.layout, ctx)
-        power = ctx.refresh_follows
+        follows = ctx.refresh_follows
         if left.kind == "restricted":
-            new_right, new_left = self._update(G.mT, right, left, first=ctx.step == 0, power=power)
+            new_right, new_left = self._update(G.mT, right, left, first=ctx.step == 0, power_follows=follows)
         else:
-            new_left, new_right = self._update(G, left, right, first=ctx.step == 0, ctx=ctx, power=power)
+            new_left, new_right = self._update(G, left, right, first=ctx.step == 0, ctx=ctx, power_follows=follows)
         return _pack(new_left, new_right)
 
     def on_basis_change(self, state: KlFactorsState, change: BasisChange) -> KlFactorsState:
@@ -236,10 +236,10 @@ class KlKronFactors:
 
     # -- the update, with the restricted side (if any) on the right --------------------------
     def _update(
-        self, G: Tensor, left: _Side, right: _Side, *, first: bool, ctx: StepContext | None = None, power: bool = True
+        self, G: Tensor, left: _Side, right: _Side, *, first: bool, ctx: StepContext | None = None, power_follows: bool = True
     ) -> tuple[_Side, _Side]:
         """One call with the sides as they come (``ctx``: the sides are ``ctx``'s basis, unswapped, so the
-        rotation of ``G`` an inner rule already made is reused, :meth:`StepContext.rotated`; ``power``:
+        rotation of ``G`` an inner rule already made is reused, :meth:`StepContext.rotated`; ``power_follows``:
         a refresh follows, so a restricted side's power product is needed)."""
         rho = self.beta
         m, n = G.shape[-2], G.shape[-1]
@@ -247,7 +247,7 @@ class KlKronFactors:
             return self._first(G, left, right)
         sL = None if left.s is None else left.s.unsqueeze(-1)  # (b m 1)
         if right.kind == "restricted":
-            return self._update_restricted(G, sL, left, right, power=power)
+            return self._update_restricted(G, sL, left, right, power_follows=power_follows)
         if ctx is not None:
             Gl, H = ctx.rotated(G)  # Q_Lᵀ G, Q_Lᵀ G Q_R
         else:
@@ -281,7 +281,7 @@ class KlKronFactors:
         return attrs.evolve(side, F=F, s=s)
 
     def _update_restricted(
-        self, G: Tensor, sL: Tensor | None, left: _Side, right: _Side, *, power: bool = True
+        self, G: Tensor, sL: Tensor | None, left: _Side, right: _Side, *, power_follows: bool = True
     ) -> tuple[_Side, _Side]:
         r"""The update with a restricted right side. ``G`` is split against ``U`` first and each part
         rotated on its own (``Q_Lᵀ Y``: :math:`m^2 r`, ``Q_Lᵀ G_⊥``: :math:`m^2 n`), instead of
@@ -290,7 +290,7 @@ class KlKronFactors:
         (``split.side = "larger"``, the preset's). The power increment :math:`\hat G^\top \hat Y`
         is then assembled from the two parts. The ``"power"`` tracker's product
         :math:`\hat R_{new} U` depends on this update alone and only a refresh reads it: without
-        ``power`` (no refresh follows) it is not computed and the old one is kept (:math:`2mnr`
+        ``power_follows`` (no refresh follows) it is not computed and the old one is kept (:math:`2mnr`
         multiply-adds and more saved); ``"sketch"`` accumulates it on every update."""
         rho = self.beta
         m, n, r = G.shape[-2], G.shape[-1], right.rank
@@ -315,7 +315,7 @@ class KlKronFactors:
         if self.damping:
             d_mu = d_mu + extra.squeeze(-1)  # type: ignore[union-attr]
         mu_new = torch.lerp(mu, d_mu, 1 - rho).nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(n, mu))
-        if not power and self.tracker == "power":
+        if not power_follows and self.tracker == "power":
             return new_left, attrs.evolve(right, sub=sub, s=tau, mu=mu_new)
         # Ĝᵀ Ŷ = (Q_Lᵀ G)ᵀ W with W = diag(s_L²) Q_Lᵀ G U, and Q_Lᵀ G = Hy Uᵀ + Hc
         W = Yh if sL is None else Yh * sL
