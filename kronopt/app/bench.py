@@ -180,7 +180,8 @@ def scaling(
     return table
 
 
-#: the operations :func:`matmul_alone` replays: matrix products and the matrix decompositions
+#: the operations :func:`matmul_alone` replays: matrix products and the matrix decompositions (with their
+#: in-place forms, ``baddbmm_``: a per-block weight scales the accumulator first, then the product adds into it)
 HEAVY_OPS: frozenset[str] = frozenset(
     {"mm", "bmm", "addmm", "baddbmm", "addbmm", "_linalg_eigh", "linalg_qr", "geqrf", "linalg_householder_product",
      "_linalg_svd"}
@@ -198,7 +199,7 @@ class _HeavyOps(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in HEAVY_OPS:
+        if name.removesuffix("_") in HEAVY_OPS:
             sym = "eigh" in name
             spec = lambda x: ("tensor", tuple(x.shape), x.dtype, x.device, sym) if isinstance(x, torch.Tensor) else x  # noqa: E731
             self.calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}))

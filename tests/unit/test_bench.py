@@ -213,6 +213,27 @@ def test_matmul_alone_replays_the_recorded_products(monkeypatch):
     assert bench.matmul_alone("adamw", [(8, 8)], steps=3, warmup=1, device="cpu") == 0.0
 
 
+def test_matmul_alone_records_the_in_place_products_too(monkeypatch):
+    """dykaf's per-block weight scales the accumulator and adds the product into it (``baddbmm_``):
+    the recorder keeps those calls, and leaves out the elementwise ones around them."""
+    x, a = torch.randn(2, 4, 4), torch.randn(2, 4, 3)
+    with bench._HeavyOps() as rec:
+        (x * torch.rand(2, 1, 1)).baddbmm_(a, a.mT)
+        torch.baddbmm(x, a, a.mT, beta=0.5)
+        x.add_(1.0)
+    assert [op.overloadpacket.__name__ for op, _, _ in rec.calls] == ["baddbmm_", "baddbmm"]
+    seen = []
+    real = bench._replay_inputs
+
+    def spy(calls, gen):
+        seen.extend(op.overloadpacket.__name__ for op, _, _ in calls)
+        return real(calls, gen)
+
+    monkeypatch.setattr(bench, "_replay_inputs", spy)
+    assert bench.matmul_alone("dykaf", [(8, 8)], steps=3, warmup=2, device="cpu") > 0
+    assert "baddbmm_" in seen
+
+
 def test_a_module_class_peer_is_built_with_its_defaults(tmp_path, monkeypatch, capsys):
     (tmp_path / "my_peer_mod.py").write_text(
         "import torch\n"
