@@ -925,26 +925,37 @@ def projector_split_ksl(
     tiny = _tiny(L)
     b, n = R.shape[0], R.shape[-1]
     # The scalings are folded into per-block factors and the products' alpha, so no scaled
-    # copy of L, R or G is made: with r = √β‖R‖ the direction R̄ = R/‖R‖ loses the √β, the
-    # weight of L in K and of ⟨U, L⟩ in S̃ is r·√β = β‖R‖, and (√(1−β) G)(·)(√(1−β) G)ᵀ
-    # is (1−β) G(·)Gᵀ. A fresh block takes weight 0 and the direction I/√n.
+    # copy of L or G is made, and of R only the smaller of R̄ and G R̄: with r = √β‖R‖ the
+    # direction R̄ = R/‖R‖ loses the √β, the weight of L in K and of ⟨U, L⟩ in S̃ is
+    # r·√β = β‖R‖, and (√(1−β) G)(·)(√(1−β) G)ᵀ is (1−β) G(·)Gᵀ. A fresh block takes
+    # weight 0 and the direction I/√n.
     norm_R = block_norm(R)
     inv = 1.0 / norm_R.clamp(min=tiny)
     weight = beta * norm_R
     if fresh is not None:
         keep = (~fresh).to(L.dtype).view(b, 1, 1)
         inv, weight = inv * keep, weight * keep
-    R_bar = R * inv
-    if fresh is not None:
-        R_bar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
+    if G.shape[-2] < n:
+        # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
+        # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖
+        GR = (G @ R).mul_(inv)
+        if fresh is not None:
+            GR.addcmul_(G, (fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1))
+        X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
+    else:
+        X = R * inv  # R̄
+        if fresh is not None:
+            X.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
+        GR, x_scale = G @ X, None
     # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
     # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and U G (m × n) as a factor, and the
     # returned L' = √S U as one scaling of K.
-    K, K_dot_L, norm_K = sym_product_stats(L, G @ R_bar, G, beta=weight, alpha=1.0 - beta, other=L)
+    K, K_dot_L, norm_K = sym_product_stats(L, GR, G, beta=weight, alpha=1.0 - beta, other=L)
     inv_K = 1.0 / norm_K.clamp(min=tiny)
     inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
     UG = (K @ G).mul_(inv_K)
-    R_hat, _, norm_R_hat = sym_product_stats(R_bar, G.mT, UG.mT, beta=weight * inner, alpha=1.0 - beta)
+    weight_R = weight * inner if x_scale is None else weight * inner * x_scale
+    R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta)
     root = norm_R_hat.sqrt()
     return K.mul_(inv_K * root), R_hat.div_(root.clamp(min=tiny))
 
