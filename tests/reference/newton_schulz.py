@@ -91,21 +91,28 @@ def scalar_iteration(coeffs, x):
     return x
 
 
-def _one(U: torch.Tensor, coeffs, eps: float, norm: str) -> torch.Tensor:
-    X = U.to(DTYPE)
+def _one(U: torch.Tensor, coeffs, eps: float, norm: str, round_to: torch.dtype | None) -> torch.Tensor:
+    # r: the arithmetic of a narrower dtype, each operation's exact (float64) result rounded to it
+    r = (lambda t: t) if round_to is None else (lambda t: t.to(round_to).to(DTYPE))
+    X = r(U.to(DTYPE))
     tall = X.shape[0] > X.shape[1]
     if tall:
         X = X.T
-    nrm = torch.linalg.norm(X)
-    X = X / (max(nrm, eps) if norm == "clamp" else nrm + eps)
+    nrm = r(torch.linalg.norm(X))
+    X = r(X / r(nrm.clamp(min=eps) if norm == "clamp" else nrm + eps))
     for a, b, c in coeffs:
-        A = X @ X.T
-        X = a * X + (b * A + c * (A @ A)) @ X
+        A = r(X @ X.T)
+        B = r(b * A + c * (A @ A))
+        X = r(a * X + B @ X)
     return X.T if tall else X
 
 
-def newton_schulz(U: torch.Tensor, coeffs, *, eps: float = 1e-7, norm: str = "clamp") -> torch.Tensor:
-    """NS of a matrix ``(m n)`` or of each matrix of a batch ``(b m n)``, in float64."""
+def newton_schulz(
+    U: torch.Tensor, coeffs, *, eps: float = 1e-7, norm: str = "clamp", round_to: torch.dtype | None = None
+) -> torch.Tensor:
+    """NS of a matrix ``(m n)`` or of each matrix of a batch ``(b m n)``, in float64; with ``round_to``
+    (``torch.bfloat16``) every operation's result is rounded to that dtype (and held in float64): the
+    arithmetic of a bfloat16 iteration whose products accumulate exactly, then round once."""
     if U.ndim == 2:
-        return _one(U, coeffs, eps, norm)
-    return torch.stack([_one(u, coeffs, eps, norm) for u in U])
+        return _one(U, coeffs, eps, norm, round_to)
+    return torch.stack([_one(u, coeffs, eps, norm, round_to) for u in U])

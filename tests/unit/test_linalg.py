@@ -407,6 +407,36 @@ def test_newton_schulz_equals_the_naive_reference(seed, m, n, b, name, steps):
         close(linalg.newton_schulz(X, coeffs, dtype=F64, norm=norm), ns_ref.newton_schulz(X, coeffs, norm=norm), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(4, 32, 64), (2, 64, 64), (8, 24, 40), (3, 70, 20), (1, 48, 96)])
+def test_newton_schulz_in_bfloat16_on_small_cpu_blocks_is_bfloat16_arithmetic(gen, shape):
+    """Small CPU blocks run the bfloat16 iteration in float32 kernels, each result rounded to bfloat16.
+    Over two iterations (before rounding flips compound) nearly every entry equals the float64
+    reference that rounds each operation to bfloat16 (100 % in most draws); the float32 iteration
+    rounded only at the end matches about 40 %, and unrounded none."""
+    U = torch.randn(*shape, generator=gen)
+    assert linalg._bfloat16_in_float32(U, torch.bfloat16)
+    coeffs = schedule("kj", 2)
+    for norm in ("clamp", "add"):
+        out = linalg.newton_schulz(U, coeffs, norm=norm)
+        assert out.dtype == torch.bfloat16 and out.shape == U.shape
+        ref = ns_ref.newton_schulz(U, coeffs, norm=norm, round_to=torch.bfloat16)
+        assert (out.double() == ref).double().mean() >= 0.95
+    # five iterations: the flips compound, and it stays a bfloat16 polar factor
+    out = linalg.newton_schulz(U, schedule("kj", 5)).double()
+    ref = ns_ref.newton_schulz(U, schedule("kj", 5), round_to=torch.bfloat16)
+    assert (out - ref).norm() <= 1e-2 * ref.norm()
+
+
+def test_newton_schulz_takes_float32_kernels_only_for_small_bfloat16_work_on_a_cpu():
+    small = torch.zeros(4, 32, 64)
+    assert linalg._bfloat16_in_float32(small, torch.bfloat16)
+    assert linalg._bfloat16_in_float32(small.mT, torch.bfloat16)  # the Gram side is the shorter one either way
+    assert not linalg._bfloat16_in_float32(small, torch.float32)  # not bfloat16 arithmetic
+    assert not linalg._bfloat16_in_float32(small.double(), torch.bfloat16)
+    assert not linalg._bfloat16_in_float32(torch.zeros(1, 16, 16), torch.bfloat16)  # 16³: torch's own small kernel
+    assert not linalg._bfloat16_in_float32(torch.zeros(4, 128, 256), torch.bfloat16)  # 2²⁴: bfloat16 kernels win
+
+
 @given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3), name=st.sampled_from(SCHEDULES), steps=st.integers(1, 10))
 def test_newton_schulz_is_composed_polynomial_of_normalized_singular_values(seed, m, n, b, name, steps):
     X = randn(generator(seed), b, m, n)
