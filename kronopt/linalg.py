@@ -776,8 +776,14 @@ _BF16_EMULATED = (16**3, 2**20)
 
 
 def _bfloat16_in_float32(U: Tensor, dtype: torch.dtype) -> bool:
-    """Whether :func:`newton_schulz` runs its bfloat16 arithmetic in float32 kernels (see ``_BF16_EMULATED``)."""
+    """Whether :func:`newton_schulz` runs its bfloat16 arithmetic in float32 kernels (see ``_BF16_EMULATED``).
+
+    Not inside ``torch.compile``: Inductor fuses a ``float32 → bfloat16 → float32`` round trip away (its
+    ``emulate_precision_casts`` is off by default), so the compiled twin keeps the bfloat16 kernels.
+    """
     if dtype != torch.bfloat16 or U.device.type != "cpu" or U.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.compiler.is_compiling():
         return False
     short, long = sorted(U.shape[-2:])
     work = math.prod(U.shape[:-2]) * short * short * long  # the Gram product's multiply-adds

@@ -190,7 +190,8 @@ HEAVY_OPS: frozenset[str] = frozenset(
 
 class _HeavyOps(TorchDispatchMode):
     """Records each :data:`HEAVY_OPS` call as ``(op, args, kwargs)``, tensors replaced by their
-    ``(shape, dtype, device)`` and whether the op needs a symmetric input (``eigh``)."""
+    ``(shape, dtype, device)`` and their kind: ``"sym"`` for an input that must be symmetric
+    (``eigh``), ``"out"`` for the tensor an in-place op writes (``baddbmm_``'s first), else ``""``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -200,15 +201,22 @@ class _HeavyOps(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name.removesuffix("_") in HEAVY_OPS:
-            sym = "eigh" in name
-            spec = lambda x: ("tensor", tuple(x.shape), x.dtype, x.device, sym) if isinstance(x, torch.Tensor) else x  # noqa: E731
-            self.calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}))
+            kind = "sym" if "eigh" in name else ""
+
+            def spec(x: Any, kind: str = kind) -> Any:
+                return ("tensor", tuple(x.shape), x.dtype, x.device, kind) if isinstance(x, torch.Tensor) else x
+
+            written = name.endswith("_")  # in place: its first argument is written, never shared with an operand
+            recorded = tuple(spec(a, "out" if written and i == 0 else kind) for i, a in enumerate(args))
+            self.calls.append((func, recorded, {k: spec(v) for k, v in kwargs.items()}))
         return func(*args, **kwargs)
 
 
 def _replay_inputs(calls: list[tuple[Any, tuple, dict]], gen: torch.Generator) -> list[tuple[Any, tuple, dict]]:
     """The recorded calls with random inputs; one input tensor per distinct (shape, dtype, device, kind),
-    shared by every call that asks for it, so memory stays that of one step, not of every recorded call."""
+    shared by every call that asks for it, so memory stays that of one step, not of every recorded call.
+    An in-place op's written tensor has a kind of its own, so it never feeds an operand: the replays
+    add bounded products into it (``x += α a b`` with fixed ``a``, ``b``), never ``x += α x x``."""
     made: dict[tuple, torch.Tensor] = {}
 
     def make(x: Any) -> Any:
@@ -222,10 +230,10 @@ def _replay_inputs(calls: list[tuple[Any, tuple, dict]], gen: torch.Generator) -
 
 
 def _random_input(x: tuple, gen: torch.Generator) -> torch.Tensor:
-    """A random tensor for a recorded ``("tensor", shape, dtype, device, symmetric)`` argument."""
-    _, shape, dtype, dev, sym = x
+    """A random tensor for a recorded ``("tensor", shape, dtype, device, kind)`` argument."""
+    _, shape, dtype, dev, kind = x
     t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=dev)
-    if sym and len(shape) >= 2:  # a symmetric positive definite matrix, like a factor
+    if kind == "sym" and len(shape) >= 2:  # a symmetric positive definite matrix, like a factor
         t = t @ t.mT / shape[-1] + torch.eye(shape[-1], dtype=dtype, device=dev)
     return t
 

@@ -93,7 +93,7 @@ def scalar_iteration(coeffs, x):
 
 def _one(U: torch.Tensor, coeffs, eps: float, norm: str, round_to: torch.dtype | None) -> torch.Tensor:
     # r: the arithmetic of a narrower dtype, each operation's exact (float64) result rounded to it
-    r = (lambda t: t) if round_to is None else (lambda t: t.to(round_to).to(DTYPE))
+    r = (lambda t: t) if round_to is None else (lambda t: _round(t, round_to))
     X = r(U.to(DTYPE))
     tall = X.shape[0] > X.shape[1]
     if tall:
@@ -105,6 +105,14 @@ def _one(U: torch.Tensor, coeffs, eps: float, norm: str, round_to: torch.dtype |
         B = r(b * A + c * (A @ A))
         X = r(a * X + B @ X)
     return X.T if tall else X
+
+
+def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (float64) rounded once to the nearest number with ``dtype``'s significand, ties to even (its
+    normal range only). ``t.to(torch.bfloat16)`` would round twice, through float32."""
+    bits = 1 - round(math.log2(torch.finfo(dtype).eps))  # significant bits: 8 for bfloat16 (eps = 2⁻⁷)
+    mantissa, exponent = torch.frexp(t)  # t = mantissa · 2^exponent, |mantissa| in [0.5, 1)
+    return torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(bits))), exponent - bits)
 
 
 def newton_schulz(

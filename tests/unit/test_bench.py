@@ -222,16 +222,23 @@ def test_matmul_alone_records_the_in_place_products_too(monkeypatch):
         torch.baddbmm(x, a, a.mT, beta=0.5)
         x.add_(1.0)
     assert [op.overloadpacket.__name__ for op, _, _ in rec.calls] == ["baddbmm_", "baddbmm"]
-    seen = []
+    replayed = []
     real = bench._replay_inputs
 
     def spy(calls, gen):
-        seen.extend(op.overloadpacket.__name__ for op, _, _ in calls)
-        return real(calls, gen)
+        replayed.extend(real(calls, gen))
+        return replayed
 
     monkeypatch.setattr(bench, "_replay_inputs", spy)
+    # square blocks: the written accumulator has the operands' shape, yet is never one of them
+    # (a shared one would replay x += α x x, up to inf and NaN in a few hundred calls)
     assert bench.matmul_alone("dykaf", [(8, 8)], steps=3, warmup=2, device="cpu") > 0
-    assert "baddbmm_" in seen
+    in_place = [args for op, args, _ in replayed if op.overloadpacket.__name__ == "baddbmm_"]
+    assert in_place
+    for out, *operands in in_place:
+        assert all(out is not x for x in operands)
+    tensors = {id(a): a for _, args, kw in replayed for a in (*args, *kw.values()) if isinstance(a, torch.Tensor)}
+    assert all(bool(t.isfinite().all()) for t in tensors.values())  # after the three replays
 
 
 def test_a_module_class_peer_is_built_with_its_defaults(tmp_path, monkeypatch, capsys):

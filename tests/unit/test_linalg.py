@@ -437,6 +437,22 @@ def test_newton_schulz_takes_float32_kernels_only_for_small_bfloat16_work_on_a_c
     assert not linalg._bfloat16_in_float32(torch.zeros(4, 128, 256), torch.bfloat16)  # 2²⁴: bfloat16 kernels win
 
 
+def test_compiled_newton_schulz_stays_a_bfloat16_iteration(gen):
+    """Inductor fuses a float32 → bfloat16 → float32 round trip away, so inside torch.compile the
+    small-block path would run a float32 iteration; the compiled twin keeps the bfloat16 kernels
+    instead, and its distance from the float64 iteration is eager bfloat16's (about 1.5e-2 here),
+    not float32's (about 1e-6; 1.6e-3 with the round trips fused away)."""
+    U = torch.randn(4, 32, 64, generator=gen)
+    coeffs = schedule("kj", 5)
+    exact = ns_ref.newton_schulz(U, coeffs)
+    torch._dynamo.reset()
+    out = torch.compile(linalg.newton_schulz, dynamic=False)(U, coeffs)
+    assert out.dtype == torch.bfloat16
+    err = lambda X: ((X.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    eager = err(linalg.newton_schulz(U, coeffs))
+    assert 0.5 * eager <= err(out) <= 2.0 * eager
+
+
 @given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3), name=st.sampled_from(SCHEDULES), steps=st.integers(1, 10))
 def test_newton_schulz_is_composed_polynomial_of_normalized_singular_values(seed, m, n, b, name, steps):
     X = randn(generator(seed), b, m, n)
