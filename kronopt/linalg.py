@@ -1385,9 +1385,17 @@ def top_right_singular(G: Tensor, r: int) -> Tensor:
 
 def project_out_right(M: Tensor, U: Tensor, MU: Tensor | None = None) -> Tensor:
     r"""The complement part :math:`M - (M U) U^\top` of ``M (b m n)`` for orthonormal ``U (b n r)``
-    (``MU``: :math:`M U`, where the caller has it)."""
+    (``MU``: :math:`M U`, where the caller has it).
+
+    The complement comes in ``M``'s layout: for a transposed view (a left-restricted side's
+    update runs on :math:`G^\top`) it is :math:`(M^\top - U (MU)^\top)^\top`, since a row-major
+    result would start as a copy of ``M`` across its rows (about 1.7× the time of the whole
+    call on ``4 × 256 × 1024``)."""
     _check_batched("M", M)
-    return torch.baddbmm(M, mm(M, U) if MU is None else MU, U.mT, alpha=-1.0)
+    MU = mm(M, U) if MU is None else MU
+    if not M.is_contiguous() and M.mT.is_contiguous():
+        return torch.baddbmm(M.mT, U, MU.mT, alpha=-1.0).mT
+    return torch.baddbmm(M, MU, U.mT, alpha=-1.0)
 
 
 def whitened_complement_norm(
@@ -1463,16 +1471,10 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
 
 def subspace_split(X: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
     r"""``X (b m n)`` against an orthonormal ``U (b n r)``: :math:`(X U,\ X - (X U) U^\top)`, the
-    subspace coordinates ``(b m r)`` and the complement ``(b m n)``. Cost :math:`2mnr`.
-
-    The complement comes in ``X``'s layout: for a transposed view (a left-restricted side's
-    update runs on :math:`G^\top`) it is :math:`(X^\top - U (XU)^\top)^\top`, since a row-major
-    result would start as a copy of ``X`` across its rows (about 1.7× the time of the whole
-    call on ``4 × 256 × 1024``)."""
+    subspace coordinates ``(b m r)`` and the complement ``(b m n)`` in ``X``'s layout
+    (:func:`project_out_right`). Cost :math:`2mnr`."""
     XU = mm(X, U)
-    if X.ndim == 3 and not X.is_contiguous() and X.mT.is_contiguous():
-        return XU, torch.baddbmm(X.mT, U, XU.mT, alpha=-1.0).mT
-    return XU, torch.baddbmm(X, XU, U.mT, alpha=-1.0)
+    return XU, project_out_right(X, U, XU)
 
 
 def weighted_row_energy(X: Tensor, w: Tensor | None) -> Tensor:
@@ -1529,9 +1531,9 @@ def reproject_flat(
 
 def project_out_left(M: Tensor, U: Tensor, UM: Tensor | None = None) -> Tensor:
     r"""The complement part :math:`M - U (U^\top M)` of ``M (b m n)`` for orthonormal ``U (b m r)``
-    (``UM``: :math:`U^\top M`, where the caller has it)."""
+    (``UM``: :math:`U^\top M`, where the caller has it): :func:`project_out_right` of :math:`M^\top`."""
     _check_batched("M", M)
-    return torch.baddbmm(M, U, mm(U.mT, M) if UM is None else UM, alpha=-1.0)
+    return project_out_right(M.mT, U, None if UM is None else UM.mT).mT
 
 
 def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, exponent: float, eps: float) -> Tensor:
