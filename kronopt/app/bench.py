@@ -99,7 +99,8 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
     """The rows of several runs of one table (the same optimizers in the same order) as one table: per
     optimizer the median over the runs of ``mean_ms``, ``median_ms`` and ``vs_first`` (each run's own
     ratio, so a run on a busier machine slows every optimizer in it alike), the lowest and highest
-    ratio (``vs_first_range``) and the number of runs. ``state_bytes`` is the first run's."""
+    ratio (``vs_first_range``), the number of runs and each run's ``mean_ms`` (``run_means``, for
+    :func:`ratios`). ``state_bytes`` is the first run's."""
     if not runs:
         raise ValueError("aggregate_runs needs at least one run")
     out = []
@@ -114,8 +115,25 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
                 "vs_first": statistics.median(ratios),
                 "vs_first_range": (min(ratios), max(ratios)),
                 "runs": len(runs),
+                "run_means": [run[i]["mean_ms"] for run in runs],
             }
         )
+    return out
+
+
+def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The ratio ``a / b`` of the mean step times of each pair of optimizers in :func:`bench`'s rows,
+    taken run by run (each run's own, as ``vs_first``): ``pair``, ``ratio`` (the median over the
+    runs), ``range`` (the lowest and highest) and ``runs``.
+
+    Raises:
+        KeyError: a name of a pair is not in ``rows``.
+    """
+    by_name = {r["optimizer"]: r for r in rows}
+    out = []
+    for a, b in pairs:
+        per_run = [x / y if y > 0 else float("nan") for x, y in zip(by_name[a]["run_means"], by_name[b]["run_means"])]
+        out.append({"pair": (a, b), "ratio": statistics.median(per_run), "range": (min(per_run), max(per_run)), "runs": len(per_run)})
     return out
 
 
@@ -418,6 +436,7 @@ class BenchPlan:
         widths: the ``--scaling`` widths (empty: no scaling table).
         worlds: the ``--world`` sizes (empty: one process, the interleaved table).
         device: where the one-process run steps (``--device``; ``cpu`` with ``--world``).
+        ratios: the ``--ratio`` pairs ``(a, b)``, names as given (either may be a missing peer).
     """
 
     names: list[str]
@@ -427,6 +446,7 @@ class BenchPlan:
     widths: list[int]
     worlds: list[int] = attrs.field(factory=list)
     device: str = "cpu"
+    ratios: list[tuple[str, str]] = attrs.field(factory=list)
 
 
 def _known_peers(package: str) -> str:
@@ -488,8 +508,28 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
             p.config(name, {}, prefix=name)
             if name not in names:
                 names.append(name)
+    texts = getattr(args, "ratio", None) or []
+    pairs = _ratio_pairs(p, texts, list(args.optimizers) or list(BENCH_DEFAULT))
+    if texts and world_text is not None:
+        p.add("--ratio", "applies to the one-process table; cannot be combined with --world")
     p.check()
-    return BenchPlan(names=names, shapes=shapes, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device)
+    return BenchPlan(
+        names=names, shapes=shapes, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device, ratios=pairs
+    )
+
+
+def _ratio_pairs(p: Problems, texts: Sequence[str], given: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``--ratio A/B`` pairs: each text split at the ``/`` that leaves a named optimizer on both sides
+    (a TOML file's path may hold ``/`` too); a text that no split fits is a problem naming it."""
+    pairs = []
+    for text in texts:
+        fits = [(text[:i], text[i + 1 :]) for i, c in enumerate(text) if c == "/"]
+        fits = [(a, b) for a, b in fits if a in given and b in given]
+        if len(fits) != 1:
+            p.add("--ratio", f"{text!r} is not A/B with A and B among the optimizers named (e.g. dykaf/soap)")
+        elif fits[0] not in pairs:
+            pairs.append(fits[0])
+    return pairs
 
 
 def _mib(n: int) -> float:
@@ -513,6 +553,24 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             lo, hi = r["vs_first_range"]
             line += f" {f'{lo:.2f}–{hi:.2f}':>11}"
         print(line)
+
+
+def _print_ratios(rows: list[dict[str, Any]], plan: BenchPlan) -> None:
+    timed = [pair for pair in plan.ratios if all(n in plan.names for n in pair)]
+    runs = rows[0].get("runs", 1)
+    print()
+    print("ratios of the mean step time, each run's own" + (f": median of {runs} runs (lowest–highest)" if runs > 1 else ""))
+    labels = [f"{a} / {b}" for a, b in plan.ratios]
+    width = max(len(label) for label in labels)
+    found = {r["pair"]: r for r in ratios(rows, timed)}
+    for (a, b), label in zip(plan.ratios, labels):
+        r = found.get((a, b))
+        if r is None:
+            absent = ", ".join(n for n in (a, b) if n not in plan.names)
+            print(f"{label:<{width}}  not measured ({absent} not timed here)")
+            continue
+        lo, hi = r["range"]
+        print(f"{label:<{width}}  {r['ratio']:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if runs > 1 else ""))
 
 
 def _print_alone(table: list[dict[str, Any]]) -> None:
@@ -603,6 +661,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "")
     )
     _print_table(rows)
+    if plan.ratios:
+        _print_ratios(rows, plan)
     if table:
         print()
         _print_scaling(table)
@@ -635,5 +695,10 @@ def add_subcommand(sub: Any) -> None:
         "--repeat", default="1",
         help="make the whole run this many times (fresh optimizers each) and print the medians, with the ratio's "
         "lowest and highest over the runs (≥ 1; not with --world)",
+    )
+    p.add_argument(
+        "--ratio", action="append",
+        help="also print the ratio A/B of two optimizers' mean step times, each run's own (with --repeat: the median "
+        "and range over the runs), e.g. --ratio dykaf/soap; repeatable",
     )
     p.set_defaults(func=cmd_bench)

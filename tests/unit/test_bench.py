@@ -390,3 +390,66 @@ def test_repeat_makes_the_whole_run_again_and_reports_the_spread(capsys):
 def test_repeat_arguments_are_checked(extra, message, capsys):
     assert cli.main(["bench", "adamw", *TINY, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+# -- --ratio ---------------------------------------------------------------------------------------------------
+
+
+def test_ratios_are_each_runs_own_with_their_median_and_range():
+    """Hand-made runs: the ratio of two optimizers neither of which is first is taken run by run (3/4, 9/10, 8/8 here),
+    not from the medians of their means (which would give 8/8 = 1)."""
+
+    def run(a_ms, b_ms, c_ms):
+        return [
+            {"optimizer": n, "mean_ms": t, "median_ms": t, "state_bytes": 0, "vs_first": t / a_ms}
+            for n, t in (("a", a_ms), ("b", b_ms), ("c", c_ms))
+        ]
+
+    rows = bench.aggregate_runs([run(1.0, 3.0, 4.0), run(1.0, 9.0, 10.0), run(1.0, 8.0, 8.0)])
+    [bc, cb] = bench.ratios(rows, [("b", "c"), ("c", "b")])
+    assert bc["pair"] == ("b", "c") and bc["runs"] == 3
+    assert bc["ratio"] == pytest.approx(0.9) and bc["range"] == (pytest.approx(0.75), pytest.approx(1.0))
+    assert cb["ratio"] == pytest.approx(10 / 9) and cb["range"] == (pytest.approx(1.0), pytest.approx(4 / 3))
+    with pytest.raises(KeyError):
+        bench.ratios(rows, [("a", "nope")])
+
+
+def test_ratio_through_the_cli_matches_the_tables_ratio_to_the_first(capsys):
+    """One run: the printed ratio to the first optimizer is the table's own × column, computed apart."""
+    assert cli.main(["bench", "torch.AdamW", "adamw", *TINY, "--ratio", "adamw/torch.AdamW", "--ratio", "torch.AdamW/adamw"]) == 0
+    out = capsys.readouterr().out
+    table_ratio = float(_rows(out)["adamw"][3])
+    lines = dict(re.findall(r"^(\S+ / \S+)\s+(\S+)$", out, flags=re.M))
+    assert float(lines["adamw / torch.AdamW"]) == pytest.approx(table_ratio, abs=0.006)
+    assert float(lines["adamw / torch.AdamW"]) * float(lines["torch.AdamW / adamw"]) == pytest.approx(1.0, abs=0.002)
+    assert cli.main(["bench", "torch.AdamW", "adamw", *TINY, "--repeat", "2", "--ratio", "adamw/torch.AdamW"]) == 0
+    out = capsys.readouterr().out
+    assert "median of 2 runs (lowest–highest)" in out
+    assert re.search(r"^adamw / torch\.AdamW\s+\d+\.\d{3} \(\d+\.\d{3}–\d+\.\d{3}\)$", out, flags=re.M)
+
+
+def test_ratio_of_a_toml_path_splits_at_the_right_slash(tmp_path, capsys):
+    path = tmp_path / "my" / "adamw.toml"
+    path.parent.mkdir()
+    path.write_text((Path(__file__).parents[2] / "configs" / "adamw.toml").read_text())
+    assert cli.main(["bench", str(path), "adamw", *TINY, "--ratio", f"{path}/adamw"]) == 0
+    assert re.search(rf"^{re.escape(str(path))} / adamw\s+\d+\.\d{{3}}$", capsys.readouterr().out, flags=re.M)
+
+
+def test_ratio_with_a_peer_not_installed_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "heavyball", None)
+    assert cli.main(["bench", "adamw", "heavyball.SOAP", *TINY, "--ratio", "adamw/heavyball.SOAP"]) == 0
+    assert "adamw / heavyball.SOAP  not measured (heavyball.SOAP not timed here)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ratio", "adamw/soap"], "--ratio: 'adamw/soap' is not A/B with A and B among the optimizers named"),
+        (["--ratio", "adamw"], "--ratio: 'adamw' is not A/B"),
+        (["--ratio", "adamw/adamw", "--world", "1"], "--ratio: applies to the one-process table"),
+    ],
+)
+def test_ratio_arguments_are_checked(extra, message, capsys):
+    assert cli.main(["bench", "adamw", *TINY, *extra]) == 2
+    assert message in capsys.readouterr().err
