@@ -88,10 +88,12 @@ def _with_storage(fn: Callable[..., tuple[Tensor | None, BucketState]]) -> Calla
     optimizer sees it unchanged and does not rewrite it). Without one, the step runs as it is."""
 
     @functools.wraps(fn)
-    def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tuple[Tensor | None, BucketState]:
+    def step(
+        cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, defer: list[linalg.DeferredWrite] | None = None
+    ) -> tuple[Tensor | None, BucketState]:
         stored = storage_dtypes(cfg.storage, G.dtype)
         if stored is None:
-            return fn(cfg, layout, state, G)
+            return fn(cfg, layout, state, G, defer=defer)
         back: dict[int, Tensor] = {}
 
         def up(t: Tensor) -> Tensor:
@@ -115,7 +117,7 @@ def _with_storage(fn: Callable[..., tuple[Tensor | None, BucketState]]) -> Calla
 
 def context(
     cfg: KronConfig, layout: Layout, state: BucketState, t: int, shared: dict[str, Any] | None = None,
-    *, refresh_follows: bool = True,
+    *, refresh_follows: bool = True, defer: list[linalg.DeferredWrite] | None = None,
 ) -> StepContext:
     """The :class:`StepContext` the stages see at update ``t``: basis, eigenvalue estimates (the factor
     estimator's own when it tracks them, else the basis's) and the flat eigenvalues of restricted sides.
@@ -136,7 +138,7 @@ def context(
     flat = cfg.factors.flat_eigvals(state.factors) if restricted else (None, None)
     return StepContext(
         step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat, shared=shared,
-        exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis), refresh_follows=refresh_follows,
+        exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis), refresh_follows=refresh_follows, defer=defer,
     )
 
 
@@ -148,10 +150,13 @@ def _held_in_compute_dtype(choice: str, basis: BasisState) -> bool:
 
 
 def _observe(
-    cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool, shared: dict[str, Any]
+    cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool, shared: dict[str, Any],
+    defer: list[linalg.DeferredWrite] | None = None,
 ) -> BucketState:
+    """The factor update, then the refresh where one is due. ``defer``: the update may leave its factors to
+    the state write (``StepContext.defer``), unless a refresh follows and reads them."""
     due = cfg.refresh.due(t, first_call=first_call)
-    ctx = context(cfg, layout, state, t, shared, refresh_follows=due)
+    ctx = context(cfg, layout, state, t, shared, refresh_follows=due, defer=None if due else defer)
     factors = cfg.factors.update(state.factors, G, ctx)
     if not due:
         return attrs.evolve(state, factors=factors)
@@ -164,8 +169,15 @@ def _observe(
 
 
 @_with_storage
-def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tuple[Tensor | None, BucketState]:
-    """One call for a bucket: the direction ``D (b m n)`` (``None``: do not touch W) and the new state."""
+def step(
+    cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, defer: list[linalg.DeferredWrite] | None = None
+) -> tuple[Tensor | None, BucketState]:
+    """One call for a bucket: the direction ``D (b m n)`` (``None``: do not touch W) and the new state.
+
+    ``defer`` (a list, on a CPU bucket whose state is kept in the compute dtype): a factor update made
+    after the direction (``factor_update = "after"``) with no refresh following may be left to the state
+    write; it then comes back there as :class:`kronopt.linalg.DeferredWrite` records, and the new state
+    holds the factor's old stack (the caller runs them, :func:`kronopt.linalg.run_deferred_`)."""
     first_call = state.calls == 0
     calls = state.calls + 1
     shared: dict[str, Any] = {}  # products of G that several stages use, computed once (StepContext.rotated)
@@ -183,7 +195,7 @@ def step(cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor) -> tupl
     if cfg.factor_update == "after":
         if not capabilities(cfg.factors).reads_rotated:
             shared.clear()  # nothing reads the direction's rotation of G any more: free it before the update
-        state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared)
+        state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared, defer=defer)
     return D, attrs.evolve(state, calls=calls, step=t)
 
 

@@ -13,6 +13,7 @@ caller can keep its last good value with ``torch.where``.
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -131,12 +132,16 @@ def _dense_sym_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, al
 
 def _tiled_sym_product(
     X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float,
-    each: Callable[[Tensor, slice, slice], None] | None = None,
+    each: Callable[[Tensor, slice, slice], None] | None = None, out: Tensor | None = None,
 ) -> Tensor:
-    """The tiled form of :func:`sym_product`; ``each(tile, I, J)`` sees every tile on and below the diagonal."""
+    """The tiled form of :func:`sym_product`; ``each(tile, I, J)`` sees every tile on and below the diagonal.
+
+    ``out`` may be ``X`` itself: the tiles read only ``X``'s tiles on and below the diagonal, each
+    before it is written, and a tile's mirror lands above the diagonal, which no later tile reads."""
     m = A.shape[-2]
     per_block = isinstance(beta, Tensor)
-    out = torch.empty(X.shape, dtype=torch.result_type(X, A), device=X.device)
+    if out is None:
+        out = torch.empty(X.shape, dtype=torch.result_type(X, A), device=X.device)
     edges = [*range(0, m, _GRAM_TILE), m]
     tiles = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
     for i, I in enumerate(tiles):
@@ -1238,15 +1243,28 @@ def nearest_kron_power(
 # -- KL-Shampoo and low-rank + flat sides ------------------------------------------------
 
 
-def accumulate_gram_left(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+def accumulate_gram_left(
+    X: Tensor, A: Tensor, beta: float, alpha: float, *, defer: list["DeferredWrite"] | None = None
+) -> Tensor:
     r""":math:`\beta X + \alpha A A^\top` (``b m k -> b m m``), exactly symmetric (:func:`sym_product`).
 
     With :math:`A = G Q_R\,\mathrm{diag}(s_R)` this is KL-Shampoo's left factor update
     :math:`\rho L + (1-\rho)/n \cdot G \hat R^{-1} G^\top`; as a Gram product the
     increment is PSD by construction.
+
+    ``defer`` (a list, :attr:`StepContext.defer`): an update :func:`sym_product` computes by tiles
+    is not computed now but appended there as a :class:`DeferredWrite` into ``X`` itself (a
+    symmetric PSD stack of the state), and ``X`` is returned unchanged; other updates are computed
+    as without it.
     """
     _check_batched("A", A)
     _check_batched_square("X", X)
+    if defer is not None and _tiled(X, A) and X.dtype == A.dtype and isinstance(beta, float):
+        defer.append(DeferredWrite(
+            target=X, into=lambda out: _tiled_sym_product(X, A, A, beta, alpha, out=out),
+            finite=gram_update_finite(X, A, beta, alpha),
+        ))
+        return X
     return sym_product(X, A, A, beta=beta, alpha=alpha)
 
 
@@ -1271,11 +1289,81 @@ def accumulate_two_grams_left(X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: 
     return sym(T.addcmul_(torch.bmm(B, B.mT), w, value=alpha))
 
 
-def accumulate_gram_right(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
-    r""":math:`\beta X + \alpha A^\top A` (``b k n -> b n n``), exactly symmetric (:func:`sym_product`)."""
+def accumulate_gram_right(
+    X: Tensor, A: Tensor, beta: float, alpha: float, *, defer: list["DeferredWrite"] | None = None
+) -> Tensor:
+    r""":math:`\beta X + \alpha A^\top A` (``b k n -> b n n``), exactly symmetric (:func:`sym_product`;
+    ``defer``: :func:`accumulate_gram_left`)."""
     _check_batched("A", A)
-    _check_batched_square("X", X)
-    return sym_product(X, A.mT, A.mT, beta=beta, alpha=alpha)
+    return accumulate_gram_left(X, A.mT, beta, alpha, defer=defer)
+
+
+@attrs.frozen(eq=False)
+class DeferredWrite:
+    """A state stack's new value, computed at the state write instead of in the step.
+
+    When the optimizer writes the step's state it knows which blocks are written. With every
+    block written (on a CPU, nearly every step) ``into(target)`` computes the new value into the
+    stack itself: no new tensor, no pass of the guard over it, no copy. Otherwise ``into`` fills a
+    tensor of its own, which goes into the written blocks only (:func:`run_deferred_`).
+
+    Attributes:
+        target: the stack ``(b ...)`` the new value replaces.
+        into: writes the new value into a tensor shaped like ``target`` (which may be ``target``),
+            reading ``target`` as it is when called.
+        finite: ``(b)`` the new value is finite on that block (the guard reads it in place of the value).
+    """
+
+    target: Tensor
+    into: Callable[[Tensor], Any]
+    finite: Tensor
+
+
+#: a Gram update counts as finite while its new diagonal stays below this share of the dtype's largest
+#: number: every entry is then at most twice the largest diagonal entry, and a symmetrised tile's sum of
+#: two entries stays finite too
+_GRAM_DIAGONAL_SHARE = 1 / 8
+
+
+def gram_update_finite(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+    r"""``(b)``: whether :math:`\beta X + \alpha A A^\top` is finite, read from its diagonal alone.
+
+    For a symmetric PSD ``X`` every entry is at most its largest diagonal entry in magnitude
+    (:math:`|X_{ij}| \le \sqrt{X_{ii} X_{jj}}`), and so is every entry of :math:`A A^\top`. So with
+    ``X`` and ``A`` finite, the new value's entries are at most twice its largest diagonal entry
+    :math:`\beta X_{ii} + \alpha \|a_i\|^2`: finite when that stays below ``_GRAM_DIAGONAL_SHARE``
+    of the dtype's largest number (a block between that and overflow counts as overflowed). NaN
+    or inf anywhere in ``A``'s rows or on ``X``'s diagonal gives False. ``O(m k)`` work where
+    reading the new value costs ``m²``.
+    """
+    diagonal = torch.diagonal(X, dim1=-2, dim2=-1) * beta + torch.linalg.vector_norm(A, dim=-1).square() * alpha
+    bound = torch.finfo(diagonal.dtype).max * _GRAM_DIAGONAL_SHARE
+    return (diagonal.abs() <= bound).all(dim=-1)
+
+
+def deferred_finite(deferred: Sequence[DeferredWrite]) -> Tensor | None:
+    """``(b)``: every deferred value is finite on that block (``None`` for none)."""
+    flags = [d.finite for d in deferred]
+    if not flags:
+        return None
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all(dim=0)
+
+
+def run_deferred_(deferred: Sequence[DeferredWrite], write: Tensor) -> None:
+    """Each deferred value into its stack, in order, on the blocks where ``write`` holds; the others keep
+    their old value exactly. With every block written on a CPU (the verdict read there for free) each
+    value is computed into its stack in place; otherwise into a tensor of its own, then written per block
+    (``compose.masked_write_``'s rule)."""
+    if not deferred:
+        return
+    if all(d.target.device.type == "cpu" for d in deferred) and cpu_all(write):
+        for d in deferred:
+            d.into(d.target)
+        return
+    for d in deferred:
+        new = torch.empty_like(d.target)
+        d.into(new)
+        torch.where(write.view(-1, *([1] * (new.ndim - 1))), new, d.target, out=d.target)
 
 
 

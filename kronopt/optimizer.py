@@ -626,16 +626,20 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
         old = bucket.state
-        D, new = compose.step(cfg, bucket.layout, old, G)  # type: ignore[arg-type]
+        # on a CPU, factor updates nothing else reads this call are made at the state write, in place
+        defer: list[linalg.DeferredWrite] | None = [] if _DEFER_FACTOR_UPDATES and G.device.type == "cpu" else None
+        D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
         # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
-        ok_new = compose.finite_new_state(new, old, D)
-        if ok_new is not None:
-            ok = ok & ok_new
+        for ok_new in (compose.finite_new_state(new, old, D), linalg.deferred_finite(defer or ())):
+            if ok_new is not None:
+                ok = ok & ok_new
         write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
         if D is not None:
             # before the state write: D may still read the old stacks
             cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
         self._write_state(bucket, old, new, write, ok)
+        if defer:
+            linalg.run_deferred_(defer, write)
         if self.config.nonfinite == "warn":
             self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
 
@@ -1251,6 +1255,11 @@ class KronOptimizer(torch.optim.Optimizer):
         bucket.state = state
         bucket.nonfinite = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in counts])
 
+
+
+#: factor updates that nothing else in a CPU bucket's call reads are computed at its state write, into the
+#: stacks themselves (:class:`kronopt.linalg.DeferredWrite`); ``False`` computes them in the step (the same bits)
+_DEFER_FACTOR_UPDATES = True
 
 
 def _plain_adam_ok(v: Tensor, D: Tensor) -> Tensor:

@@ -114,6 +114,11 @@ class StepContext:
             product :math:`\hat F U` (``factors()`` there) is then computed on the updates a
             refresh follows and left as it was on the others. ``True`` (compute everything)
             wherever the caller does not know.
+        defer: where the optimizer takes a factor update at its state write instead of now
+            (:class:`kronopt.linalg.DeferredWrite`, through ``defer=`` of
+            :func:`kronopt.linalg.accumulate_gram_left`), else ``None``. Set only for a factor
+            update that nothing later in the call reads (``factor_update = "after"``, no refresh
+            follows), on a CPU bucket whose state is kept in the compute dtype.
     """
 
     step: int
@@ -124,6 +129,7 @@ class StepContext:
     shared: dict[str, Any] = attrs.field(factory=dict, repr=False)
     exact_basis: bool = True
     refresh_follows: bool = True
+    defer: "list[linalg.DeferredWrite] | None" = attrs.field(default=None, repr=False)
 
     def rotated(self, G: Tensor) -> tuple[Tensor, Tensor]:
         r"""``(Q_Lᵀ G, Q_Lᵀ G Q_R)`` in this context's basis (a ``None`` side is the identity), computed

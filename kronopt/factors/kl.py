@@ -256,6 +256,7 @@ class KlKronFactors:
             H = Gl if right.Q is None else Gl @ right.Q  # Q_Lᵀ G Q_R
         H2 = H.square()
         sR = None if right.s is None else right.s.unsqueeze(-2)  # (b 1 n)
+        defer = None if ctx is None else ctx.defer  # the factor Gram updates may go to the state write
         new_left, new_right = left, right
         if left.F is not None:
             if right.Q is None:
@@ -264,11 +265,11 @@ class KlKronFactors:
                 GQ = left.Q @ H  # G Q_R = Q_L (Q_Lᵀ G Q_R): m²n instead of mn² on a wide block
             else:
                 GQ = G @ right.Q
-            F = linalg.accumulate_gram_left(left.F, GQ if sR is None else GQ * sR, rho, (1 - rho) / n)
+            F = linalg.accumulate_gram_left(left.F, GQ if sR is None else GQ * sR, rho, (1 - rho) / n, defer=defer)
             d_L = (H2.sum(-1) if sR is None else (H2 @ sR.square().mT).squeeze(-1)) / n
             new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:
-            F = linalg.accumulate_gram_right(right.F, Gl if sL is None else Gl * sL, rho, (1 - rho) / m)
+            F = linalg.accumulate_gram_right(right.F, Gl if sL is None else Gl * sL, rho, (1 - rho) / m, defer=defer)
             d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m
             new_right = self._tracked(right, F, d_R, left, G)
         return new_left, new_right
