@@ -911,7 +911,8 @@ def _fresh_directions(fresh: Tensor, X: Tensor) -> Tensor:
 
 
 def projector_split_ksl(
-    L: Tensor, R: Tensor, G: Tensor, beta: float, *, fresh: Tensor | None = None
+    L: Tensor, R: Tensor, G: Tensor, beta: float, *, fresh: Tensor | None = None,
+    defer: list["DeferredWrite"] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""One KSL (Lie–Trotter projector-splitting) step of the rank-1 Kronecker tracker.
 
@@ -945,6 +946,11 @@ def projector_split_ksl(
             the step is two half power steps from the identity toward the top pair of
             :math:`G \otimes G` (:math:`U \propto GG^\top`, :math:`R \propto G^\top U G`),
             the best approximation of :math:`(1-\beta)G\otimes G` with that :math:`U`.
+        defer: a list (:attr:`StepContext.defer`; ``L`` and ``R`` the state's stacks): the two
+            results' last scalings go to the state write as :class:`DeferredWrite` records
+            into ``L`` and ``R`` themselves, which are returned unchanged. Both results are
+            bounded entrywise by :math:`\sqrt S` (``|K_ij| ≤ ‖K‖``, ``|R̂_ij| ≤ ‖R̂‖``), so
+            they are finite where ``‖K‖`` and ``‖R̂‖`` are: the guard reads that instead of them.
 
     Returns:
         ``(L', R')``, exactly symmetric and PSD. A block with ``L = 0`` or ``R = 0`` and
@@ -999,7 +1005,13 @@ def projector_split_ksl(
     weight_R = weight * inner if x_scale is None else weight * inner * x_scale
     R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta)
     root = norm_R_hat.sqrt()
-    return K.mul_(inv_K * root), R_hat.div_(root.clamp(min=tiny))
+    scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
+    if defer is None:
+        return K.mul_(scale_L), R_hat.div_(scale_R)
+    finite = (torch.isfinite(norm_K) & torch.isfinite(norm_R_hat)).view(-1)
+    defer.append(DeferredWrite(target=L, into=lambda out: torch.mul(K, scale_L, out=out), finite=finite))
+    defer.append(DeferredWrite(target=R, into=lambda out: torch.div(R_hat, scale_R, out=out), finite=finite))
+    return L, R
 
 
 def projector_split_parallel(

@@ -172,7 +172,7 @@ class ProjectorSplittingFactors:
             return attrs.evolve(state, R=R, sub_L=sub, mu_L=mu, power_L=power, initialised=ini, calls=state.calls + 1)
         L, R = state.L, state.R
         if L is not None and R is not None:
-            L, R, initialised = self._two_sided(L, R, state.initialised, G, first=state.calls == 0)
+            L, R, initialised = self._two_sided(L, R, state.initialised, G, first=state.calls == 0, defer=ctx.defer)
             return ProjectorSplittingState(L=L, R=R, initialised=initialised, calls=state.calls + 1)
         if L is not None:
             L = self._one_sided(L, G)
@@ -276,9 +276,12 @@ class ProjectorSplittingFactors:
             return linalg.ema_gram_left(X, G, self.beta)
         return linalg.sym(X + linalg.gram_left(G))
 
-    def _integrate(self, L: Tensor, R: Tensor, G: Tensor, fresh: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        step = linalg.projector_split_ksl if self.variant == "ksl" else linalg.projector_split_parallel
-        return step(L, R, G, self.beta, fresh=fresh)
+    def _integrate(
+        self, L: Tensor, R: Tensor, G: Tensor, fresh: Tensor | None = None, defer: list[linalg.DeferredWrite] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if self.variant == "ksl":
+            return linalg.projector_split_ksl(L, R, G, self.beta, fresh=fresh, defer=defer)
+        return linalg.projector_split_parallel(L, R, G, self.beta, fresh=fresh)
 
     def _start(self, G: Tensor) -> tuple[Tensor, Tensor]:
         """The initial factors of every block from its first gradient ``G``."""
@@ -300,15 +303,18 @@ class ProjectorSplittingFactors:
         return L0, R0
 
     def _two_sided(
-        self, L: Tensor, R: Tensor, initialised: Tensor, G: Tensor, *, first: bool
+        self, L: Tensor, R: Tensor, initialised: Tensor, G: Tensor, *, first: bool,
+        defer: list[linalg.DeferredWrite] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """``defer``: the step with every block started may leave its results to the state write
+        (:func:`kronopt.linalg.projector_split_ksl`)."""
         if not first:
             # Blocks still empty (every earlier gradient zero, or a first call the optimizer's
             # non-finite guard discarded) start here at no extra cost: the integrator from L = 0
             # with the identity direction. Zero gradients keep them empty. On a CPU with every
             # block started (read on the host for free) there is nothing to start or to test.
             if linalg.cpu_all(initialised):
-                L, R = self._integrate(L, R, G)
+                L, R = self._integrate(L, R, G, defer=defer)
                 return L, R, initialised
             nonzero = linalg.block_norm(G).view(-1) > 0
             L, R = self._integrate(L, R, G, fresh=~initialised)

@@ -54,7 +54,7 @@ def _state(opt, params):
     return [(k, v) for p in params for k, v in sorted(opt.state[p].items()) if isinstance(v, torch.Tensor)]
 
 
-@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "kl_soap"])
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "kl_soap", "dykaf"])
 def test_deferred_factor_updates_give_the_same_bits(preset, monkeypatch):
     bad = [(4, 0, math.nan), (6, 1, 1e20)]  # block 0 of the pair skipped at 4, block 1 overflows its factor at 6
     new_params, new_opt, seen = _run(preset, True, monkeypatch, bad=bad)
