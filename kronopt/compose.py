@@ -177,7 +177,7 @@ def step(
     ``defer`` (a list, on a CPU bucket whose state is kept in the compute dtype): a factor update made
     after the direction (``factor_update = "after"``) with no refresh following may be left to the state
     write; it then comes back there as :class:`kronopt.linalg.DeferredWrite` records, and the new state
-    holds the factor's old stack (the caller runs them, :func:`kronopt.linalg.run_deferred_`)."""
+    holds the factor's old stack (the caller runs them, :func:`run_deferred_`)."""
     first_call = state.calls == 0
     calls = state.calls + 1
     shared: dict[str, Any] = {}  # products of G that several stages use, computed once (StepContext.rotated)
@@ -585,6 +585,25 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
         for o, n in writes:
             masked_write_(o, n, ok, weights, all_ok=False)  # the verdict is read once, above
     return kept, replaced
+
+
+def run_deferred_(deferred: Sequence[linalg.DeferredWrite], ok: Tensor) -> None:
+    """Each deferred value (:class:`kronopt.linalg.DeferredWrite`) into its stack, in order, on the blocks
+    where ``ok`` holds; the others keep their old value exactly. With every block ok on a CPU (the
+    verdict read there for free) each value is computed into its stack in place; otherwise into a
+    tensor of its own, then written per block by :func:`masked_write_`, as :func:`write_` writes a new
+    state tensor (so the same bits, the sign of a zero included)."""
+    if not deferred:
+        return
+    if all(d.target.device.type == "cpu" for d in deferred) and linalg.cpu_all(ok):
+        for d in deferred:
+            d.into(d.target)
+        return
+    weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+    for d in deferred:
+        new = torch.empty_like(d.target)
+        d.into(new)
+        masked_write_(d.target, new, ok, weights, all_ok=False)
 
 
 _INIT_NAMES: dict[type, tuple[tuple[str, str | None], ...]] = {}

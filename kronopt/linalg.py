@@ -948,9 +948,9 @@ def projector_split_ksl(
             the best approximation of :math:`(1-\beta)G\otimes G` with that :math:`U`.
         defer: a list (:attr:`StepContext.defer`; ``L`` and ``R`` the state's stacks): the two
             results' last scalings go to the state write as :class:`DeferredWrite` records
-            into ``L`` and ``R`` themselves, which are returned unchanged. Both results are
-            bounded entrywise by :math:`\sqrt S` (``|K_ij| ≤ ‖K‖``, ``|R̂_ij| ≤ ‖R̂‖``), so
-            they are finite where ``‖K‖`` and ``‖R̂‖`` are: the guard reads that instead of them.
+            into ``L`` and ``R`` themselves, which are returned unchanged, when both results are
+            proven finite on every block: ``‖K‖``, ``‖R̂‖`` and ``L``'s scale :math:`\sqrt S/\|K\|`
+            finite bound every entry (``|K_ij| ≤ ‖K‖``, ``|R̂_ij| ≤ ‖R̂‖``).
 
     Returns:
         ``(L', R')``, exactly symmetric and PSD. A block with ``L = 0`` or ``R = 0`` and
@@ -1006,11 +1006,10 @@ def projector_split_ksl(
     R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta)
     root = norm_R_hat.sqrt()
     scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
-    if defer is None:
+    if defer is None or not cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all()):
         return K.mul_(scale_L), R_hat.div_(scale_R)
-    finite = (torch.isfinite(norm_K) & torch.isfinite(norm_R_hat)).view(-1)
-    defer.append(DeferredWrite(target=L, into=lambda out: torch.mul(K, scale_L, out=out), finite=finite))
-    defer.append(DeferredWrite(target=R, into=lambda out: torch.div(R_hat, scale_R, out=out), finite=finite))
+    defer.append(DeferredWrite(target=L, into=lambda out: torch.mul(K, scale_L, out=out)))
+    defer.append(DeferredWrite(target=R, into=lambda out: torch.div(R_hat, scale_R, out=out)))
     return L, R
 
 
@@ -1264,18 +1263,18 @@ def accumulate_gram_left(
     :math:`\rho L + (1-\rho)/n \cdot G \hat R^{-1} G^\top`; as a Gram product the
     increment is PSD by construction.
 
-    ``defer`` (a list, :attr:`StepContext.defer`): an update :func:`sym_product` computes by tiles
-    is not computed now but appended there as a :class:`DeferredWrite` into ``X`` itself (a
-    symmetric PSD stack of the state), and ``X`` is returned unchanged; other updates are computed
-    as without it.
+    ``defer`` (a list, :attr:`StepContext.defer`; ``X`` a symmetric PSD stack of the state): an
+    update :func:`sym_product` computes by tiles, and that :func:`gram_update_finite` proves finite
+    on every block, is not computed now but appended there as a :class:`DeferredWrite` into ``X``
+    itself, and ``X`` is returned unchanged. Any other update is computed as without it.
     """
     _check_batched("A", A)
     _check_batched_square("X", X)
-    if defer is not None and _tiled(X, A) and X.dtype == A.dtype and isinstance(beta, float):
-        defer.append(DeferredWrite(
-            target=X, into=lambda out: _tiled_sym_product(X, A, A, beta, alpha, out=out),
-            finite=gram_update_finite(X, A, beta, alpha),
-        ))
+    if (
+        defer is not None and _tiled(X, A) and X.dtype == A.dtype and isinstance(beta, float)
+        and cpu_all(gram_update_finite(X, A, beta, alpha))
+    ):
+        defer.append(DeferredWrite(target=X, into=lambda out: _tiled_sym_product(X, A, A, beta, alpha, out=out)))
         return X
     return sym_product(X, A, A, beta=beta, alpha=alpha)
 
@@ -1314,24 +1313,24 @@ def accumulate_gram_right(
 class DeferredWrite:
     """A state stack's new value, computed at the state write instead of in the step.
 
-    When the optimizer writes the step's state it knows which blocks are written. With every
-    block written (on a CPU, nearly every step) ``into(target)`` computes the new value into the
-    stack itself: no new tensor, no pass of the guard over it, no copy. Otherwise ``into`` fills a
-    tensor of its own, which goes into the written blocks only (:func:`run_deferred_`).
+    Made only for a value proven finite on every block beforehand (from quantities the step
+    computes anyway), so the guard has nothing to read in it. When the optimizer writes the
+    step's state it knows which blocks are written: with every block written (on a CPU, nearly
+    every step) ``into(target)`` computes the new value into the stack itself, with no new tensor,
+    no pass of the guard over it and no copy; otherwise ``into`` fills a tensor of its own, which
+    goes into the written blocks only (:func:`kronopt.compose.run_deferred_`).
 
     Attributes:
         target: the stack ``(b ...)`` the new value replaces.
         into: writes the new value into a tensor shaped like ``target`` (which may be ``target``),
             reading ``target`` as it is when called.
-        finite: ``(b)`` the new value is finite on that block (the guard reads it in place of the value).
     """
 
     target: Tensor
     into: Callable[[Tensor], Any]
-    finite: Tensor
 
 
-#: a Gram update counts as finite while its new diagonal stays below this share of the dtype's largest
+#: a Gram update is proven finite while its new diagonal stays below this share of the dtype's largest
 #: number: every entry is then at most twice the largest diagonal entry, and a symmetrised tile's sum of
 #: two entries stays finite too
 _GRAM_DIAGONAL_SHARE = 1 / 8
@@ -1344,38 +1343,15 @@ def gram_update_finite(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tenso
     (:math:`|X_{ij}| \le \sqrt{X_{ii} X_{jj}}`), and so is every entry of :math:`A A^\top`. So with
     ``X`` and ``A`` finite, the new value's entries are at most twice its largest diagonal entry
     :math:`\beta X_{ii} + \alpha \|a_i\|^2`: finite when that stays below ``_GRAM_DIAGONAL_SHARE``
-    of the dtype's largest number (a block between that and overflow counts as overflowed). NaN
-    or inf anywhere in ``A``'s rows or on ``X``'s diagonal gives False. ``O(m k)`` work where
-    reading the new value costs ``m²``.
+    of the dtype's largest number. True proves the value finite; False proves nothing (a block
+    between that share and overflow, or with NaN or inf in ``A``'s rows or on ``X``'s diagonal).
+    ``O(m k)`` work where reading the new value costs ``m²``.
     """
     diagonal = torch.diagonal(X, dim1=-2, dim2=-1) * beta + torch.linalg.vector_norm(A, dim=-1).square() * alpha
     bound = torch.finfo(diagonal.dtype).max * _GRAM_DIAGONAL_SHARE
     return (diagonal.abs() <= bound).all(dim=-1)
 
 
-def deferred_finite(deferred: Sequence[DeferredWrite]) -> Tensor | None:
-    """``(b)``: every deferred value is finite on that block (``None`` for none)."""
-    flags = [d.finite for d in deferred]
-    if not flags:
-        return None
-    return flags[0] if len(flags) == 1 else torch.stack(flags).all(dim=0)
-
-
-def run_deferred_(deferred: Sequence[DeferredWrite], write: Tensor) -> None:
-    """Each deferred value into its stack, in order, on the blocks where ``write`` holds; the others keep
-    their old value exactly. With every block written on a CPU (the verdict read there for free) each
-    value is computed into its stack in place; otherwise into a tensor of its own, then written per block
-    (``compose.masked_write_``'s rule)."""
-    if not deferred:
-        return
-    if all(d.target.device.type == "cpu" for d in deferred) and cpu_all(write):
-        for d in deferred:
-            d.into(d.target)
-        return
-    for d in deferred:
-        new = torch.empty_like(d.target)
-        d.into(new)
-        torch.where(write.view(-1, *([1] * (new.ndim - 1))), new, d.target, out=d.target)
 
 
 

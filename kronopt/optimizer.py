@@ -630,16 +630,16 @@ class KronOptimizer(torch.optim.Optimizer):
         defer: list[linalg.DeferredWrite] | None = [] if _DEFER_FACTOR_UPDATES and G.device.type == "cpu" else None
         D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
         # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
-        for ok_new in (compose.finite_new_state(new, old, D), linalg.deferred_finite(defer or ())):
-            if ok_new is not None:
-                ok = ok & ok_new
+        ok_new = compose.finite_new_state(new, old, D)  # (a deferred update is proven finite beforehand)
+        if ok_new is not None:
+            ok = ok & ok_new
         write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
         if D is not None:
             # before the state write: D may still read the old stacks
             cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
         self._write_state(bucket, old, new, write, ok)
         if defer:
-            linalg.run_deferred_(defer, write)
+            compose.run_deferred_(defer, write)
         if self.config.nonfinite == "warn":
             self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
 

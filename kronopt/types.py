@@ -116,9 +116,10 @@ class StepContext:
             wherever the caller does not know.
         defer: where the optimizer takes a factor update at its state write instead of now
             (:class:`kronopt.linalg.DeferredWrite`, through ``defer=`` of
-            :func:`kronopt.linalg.accumulate_gram_left`), else ``None``. Set only for a factor
-            update that nothing later in the call reads (``factor_update = "after"``, no refresh
-            follows), on a CPU bucket whose state is kept in the compute dtype.
+            :func:`kronopt.linalg.accumulate_gram_left` and :func:`kronopt.linalg.projector_split_ksl`;
+            only an update proven finite on every block beforehand), else ``None``. Set only for a
+            factor update that nothing later in the call reads (``factor_update = "after"``, no
+            refresh follows), on a CPU bucket whose state is kept in the compute dtype.
     """
 
     step: int
