@@ -161,14 +161,14 @@ def _tiled_sym_product(
     return out
 
 
-def ema_gram_left(L: Tensor, G: Tensor, beta: float) -> Tensor:
-    r""":math:`\beta L + (1-\beta) G G^\top`, exactly symmetric (:func:`accumulate_gram_left`)."""
-    return accumulate_gram_left(L, G, beta, 1 - beta)
+def ema_gram_left(L: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:
+    r""":math:`\beta L + (1-\beta) G G^\top`, exactly symmetric (:func:`accumulate_gram_left`, ``defer`` too)."""
+    return accumulate_gram_left(L, G, beta, 1 - beta, defer=defer)
 
 
-def ema_gram_right(R: Tensor, G: Tensor, beta: float) -> Tensor:
-    r""":math:`\beta R + (1-\beta) G^\top G`, exactly symmetric (:func:`accumulate_gram_right`)."""
-    return accumulate_gram_right(R, G, beta, 1 - beta)
+def ema_gram_right(R: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:
+    r""":math:`\beta R + (1-\beta) G^\top G`, exactly symmetric (:func:`accumulate_gram_right`, ``defer`` too)."""
+    return accumulate_gram_right(R, G, beta, 1 - beta, defer=defer)
 
 
 def mm(A: Tensor, B: Tensor) -> Tensor:

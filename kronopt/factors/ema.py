@@ -99,8 +99,8 @@ class EmaKronFactors:
     def update(self, state: KronFactorsState, G: Tensor, ctx: StepContext) -> KronFactorsState:
         beta = self.beta
         assert isinstance(beta, float), "factors.beta is bound to a number (KronConfig.bound)"
-        L = None if state.L is None else linalg.accumulate_gram_left(state.L, G, beta, 1 - beta, defer=ctx.defer)
-        R = None if state.R is None else linalg.accumulate_gram_right(state.R, G, beta, 1 - beta, defer=ctx.defer)
+        L = None if state.L is None else linalg.ema_gram_left(state.L, G, beta, defer=ctx.defer)
+        R = None if state.R is None else linalg.ema_gram_right(state.R, G, beta, defer=ctx.defer)
         out = attrs.evolve(state, L=L, R=R)
         first = ctx.step == 0
         follows = first or ctx.refresh_follows
