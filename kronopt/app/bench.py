@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kronopt
+from kronopt import malloc
 
 from . import _args, peers
 from ._args import Problems
@@ -331,6 +332,8 @@ def _world_rank(rank: int, world: int, out: str, job: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(job["threads"])
+    if job.get("retain_freed_memory"):
+        malloc.retain_freed_memory()
     store = Path(out, "store").resolve().as_uri()
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
@@ -369,6 +372,7 @@ def bench_world(
     warmup: int,
     threads: int = 0,
     seed: int = 0,
+    retain_freed_memory: bool = False,
 ) -> list[dict[str, Any]]:
     """Step time, state and communication per rank at each world size, as ``world`` CPU processes on gloo.
 
@@ -380,6 +384,8 @@ def bench_world(
 
     Args:
         threads: torch threads per rank; 0: the machine's cores divided by the world size (at least 1).
+        retain_freed_memory: each rank process calls :func:`kronopt.malloc.retain_freed_memory`
+            first (world size 1 runs in this process, which the caller sets up).
 
     Returns:
         One dict per world size and name, in that order: ``world``, ``optimizer``,
@@ -399,7 +405,7 @@ def bench_world(
     for world in worlds:
         job = {
             "names": list(names), "shapes": [tuple(s) for s in shapes], "steps": steps, "warmup": warmup, "seed": seed,
-            "threads": threads or max(1, (os.cpu_count() or 1) // world),
+            "threads": threads or max(1, (os.cpu_count() or 1) // world), "retain_freed_memory": retain_freed_memory,
         }
         ranks = _world(world, job)
         for i, name in enumerate(names):
@@ -447,6 +453,7 @@ class BenchPlan:
     worlds: list[int] = attrs.field(factory=list)
     device: str = "cpu"
     ratios: list[tuple[str, str]] = attrs.field(factory=list)
+    retain_freed_memory: bool = False
 
 
 def _known_peers(package: str) -> str:
@@ -514,7 +521,8 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         p.add("--ratio", "applies to the one-process table; cannot be combined with --world")
     p.check()
     return BenchPlan(
-        names=names, shapes=shapes, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device, ratios=pairs
+        names=names, shapes=shapes, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
+        ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)),
     )
 
 
@@ -622,17 +630,26 @@ def _cmd_world(plan: BenchPlan) -> int:
     counts = plan.counts
     rows = bench_world(
         plan.names, plan.shapes, worlds=plan.worlds, steps=counts["steps"], warmup=counts["warmup"],
-        threads=counts["threads"], seed=counts["seed"],
+        threads=counts["threads"], seed=counts["seed"], retain_freed_memory=plan.retain_freed_memory,
     )
     n_params = sum(int(torch.Size(s).numel()) for s in plan.shapes)
     threads = ", ".join(f"{r['threads']} at world {r['world']}" for r in rows[:: len(plan.names)])
     print(
         f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, CPU processes on gloo, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved; a step: the slowest rank), "
-        f"threads per rank: {threads}, torch {torch.__version__}"
+        f"threads per rank: {threads}, torch {torch.__version__}" + _memory_note(plan)
     )
     _print_world(rows)
     return 0
+
+
+def _memory_note(plan: BenchPlan) -> str:
+    """The header's account of ``--retain-freed-memory`` (empty without it)."""
+    if not plan.retain_freed_memory:
+        return ""
+    if malloc._glibc() is None:
+        return "; --retain-freed-memory: not glibc, nothing changed"
+    return "; freed memory retained (glibc, kronopt.malloc)"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -641,6 +658,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{name}: {reason}")
     if not plan.names:
         return 0
+    if plan.retain_freed_memory:
+        malloc.retain_freed_memory()  # this process: the one-process table and world size 1
     if plan.worlds:
         return _cmd_world(plan)
     counts = plan.counts
@@ -658,7 +677,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {plan.device}, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), "
         f"{counts['threads'] or threads} threads, torch {torch.__version__}"
-        + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "")
+        + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "") + _memory_note(plan)
     )
     _print_table(rows)
     if plan.ratios:
@@ -700,5 +719,10 @@ def add_subcommand(sub: Any) -> None:
         "--ratio", action="append",
         help="also print the ratio A/B of two optimizers' mean step times, each run's own (with --repeat: the median "
         "and range over the runs), e.g. --ratio dykaf/soap; repeatable",
+    )
+    p.add_argument(
+        "--retain-freed-memory", action="store_true",
+        help="first keep freed CPU memory in the process (glibc; kronopt.malloc.retain_freed_memory), so the "
+        "step's large temporaries are not page-faulted in again every step: this process and every --world rank",
     )
     p.set_defaults(func=cmd_bench)

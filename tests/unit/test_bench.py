@@ -453,3 +453,44 @@ def test_ratio_with_a_peer_not_installed_says_so(monkeypatch, capsys):
 def test_ratio_arguments_are_checked(extra, message, capsys):
     assert cli.main(["bench", "adamw", *TINY, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+# -- --retain-freed-memory -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("glibc", [True, False])
+def test_retain_freed_memory_is_set_first_and_named_in_the_header(glibc, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(bench.malloc, "retain_freed_memory", lambda: calls.append("set") or glibc)
+    monkeypatch.setattr(bench.malloc, "_glibc", lambda: object() if glibc else None)
+    real = bench.bench
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: calls.append("bench") or real(*a, **k))
+    assert cli.main(["bench", "adamw", *TINY, "--retain-freed-memory"]) == 0
+    assert calls == ["set", "bench"]
+    header = capsys.readouterr().out.splitlines()[0]
+    assert ("freed memory retained" in header) is glibc and ("not glibc, nothing changed" in header) is not glibc
+
+
+def test_without_the_flag_nothing_is_set(monkeypatch, capsys):
+    monkeypatch.setattr(bench.malloc, "retain_freed_memory", lambda: pytest.fail("set without --retain-freed-memory"))
+    assert cli.main(["bench", "adamw", *TINY]) == 0
+    assert "retain" not in capsys.readouterr().out
+
+
+def test_world_ranks_retain_freed_memory_when_asked(monkeypatch, tmp_path):
+    jobs = []
+    monkeypatch.setattr(bench, "_world", lambda world, job: jobs.append(job) or [[{"times": [1e-3], "state_bytes": 0, "gather_bytes": 0}]] * world)
+    bench.bench_world(["adamw"], [(4, 4)], worlds=[2], steps=1, warmup=0, retain_freed_memory=True)
+    bench.bench_world(["adamw"], [(4, 4)], worlds=[2], steps=1, warmup=0)
+    assert [job["retain_freed_memory"] for job in jobs] == [True, False]
+
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(bench.malloc, "retain_freed_memory", lambda: calls.append("set"))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append("group"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(bench, "_rank_rows", lambda job, barrier: [])
+    bench._world_rank(0, 2, str(tmp_path), {**jobs[0], "threads": torch.get_num_threads()})
+    bench._world_rank(0, 2, str(tmp_path), {**jobs[1], "threads": torch.get_num_threads()})
+    assert calls == ["set", "group", "group"]
