@@ -626,7 +626,7 @@ def _print_world(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def _cmd_world(plan: BenchPlan) -> int:
+def _cmd_world(plan: BenchPlan, retained: bool) -> int:
     counts = plan.counts
     rows = bench_world(
         plan.names, plan.shapes, worlds=plan.worlds, steps=counts["steps"], warmup=counts["warmup"],
@@ -637,19 +637,22 @@ def _cmd_world(plan: BenchPlan) -> int:
     print(
         f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, CPU processes on gloo, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved; a step: the slowest rank), "
-        f"threads per rank: {threads}, torch {torch.__version__}" + _memory_note(plan)
+        f"threads per rank: {threads}, torch {torch.__version__}" + _memory_note(plan, retained)
     )
     _print_world(rows)
     return 0
 
 
-def _memory_note(plan: BenchPlan) -> str:
-    """The header's account of ``--retain-freed-memory`` (empty without it)."""
+def _memory_note(plan: BenchPlan, retained: bool) -> str:
+    """The header's account of ``--retain-freed-memory`` (empty without it); ``retained``: what
+    :func:`kronopt.malloc.retain_freed_memory` returned in this process."""
     if not plan.retain_freed_memory:
         return ""
+    if retained:
+        return "; freed memory retained (glibc, kronopt.malloc)"
     if malloc._glibc() is None:
         return "; --retain-freed-memory: not glibc, nothing changed"
-    return "; freed memory retained (glibc, kronopt.malloc)"
+    return "; --retain-freed-memory: glibc refused the setting"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -658,10 +661,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{name}: {reason}")
     if not plan.names:
         return 0
-    if plan.retain_freed_memory:
-        malloc.retain_freed_memory()  # this process: the one-process table and world size 1
+    # this process: the one-process table and world size 1 (each other rank makes it itself)
+    retained = plan.retain_freed_memory and malloc.retain_freed_memory()
     if plan.worlds:
-        return _cmd_world(plan)
+        return _cmd_world(plan, retained)
     counts = plan.counts
     threads = torch.get_num_threads()
     if counts["threads"]:
@@ -677,7 +680,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {plan.device}, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), "
         f"{counts['threads'] or threads} threads, torch {torch.__version__}"
-        + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "") + _memory_note(plan)
+        + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "") + _memory_note(plan, retained)
     )
     _print_table(rows)
     if plan.ratios:

@@ -458,17 +458,30 @@ def test_ratio_arguments_are_checked(extra, message, capsys):
 # -- --retain-freed-memory -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("glibc", [True, False])
-def test_retain_freed_memory_is_set_first_and_named_in_the_header(glibc, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "glibc, took, note",
+    [(True, True, "; freed memory retained (glibc, kronopt.malloc)"), (False, False, "not glibc, nothing changed"),
+     (True, False, "glibc refused the setting")],
+)
+def test_retain_freed_memory_is_set_first_and_named_in_the_header(glibc, took, note, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(bench.malloc, "retain_freed_memory", lambda: calls.append("set") or glibc)
+    monkeypatch.setattr(bench.malloc, "retain_freed_memory", lambda: calls.append("set") or took)
     monkeypatch.setattr(bench.malloc, "_glibc", lambda: object() if glibc else None)
     real = bench.bench
     monkeypatch.setattr(bench, "bench", lambda *a, **k: calls.append("bench") or real(*a, **k))
     assert cli.main(["bench", "adamw", *TINY, "--retain-freed-memory"]) == 0
     assert calls == ["set", "bench"]
     header = capsys.readouterr().out.splitlines()[0]
-    assert ("freed memory retained" in header) is glibc and ("not glibc, nothing changed" in header) is not glibc
+    assert header.endswith(note), header
+
+
+def test_retain_freed_memory_reaches_the_world_ranks_through_the_cli(monkeypatch, capsys):
+    jobs = []
+    monkeypatch.setattr(bench.malloc, "retain_freed_memory", lambda: True)
+    monkeypatch.setattr(bench, "_world", lambda world, job: jobs.append(job) or [[{"times": [1e-3], "state_bytes": 0, "gather_bytes": 0}]] * world)
+    assert cli.main(["bench", "adamw", *TINY, "--world", "1,2", "--retain-freed-memory"]) == 0
+    assert [job["retain_freed_memory"] for job in jobs] == [True, True]
+    assert capsys.readouterr().out.splitlines()[0].endswith("freed memory retained (glibc, kronopt.malloc)")
 
 
 def test_without_the_flag_nothing_is_set(monkeypatch, capsys):

@@ -38,9 +38,10 @@ _ROUNDS = textwrap.dedent(
 def test_freed_blocks_are_reused_without_page_faults():
     out = subprocess.run([sys.executable, "-c", _ROUNDS], capture_output=True, text=True, check=True, timeout=120)
     unmapped, retained = map(int, out.stdout.split())
-    pages = 3 * 3 * 16 * 2**20 // 4096  # what three rounds touch
-    assert unmapped >= pages * 9 // 10, (unmapped, pages)  # the test sees the faults it is about
-    assert retained < pages // 50, (unmapped, retained)
+    pages = 3 * 3 * 16 * 2**20 // 4096  # what three rounds touch, in 4 KiB pages
+    if unmapped < pages // 4:  # a kernel that maps transparent huge pages always: a fault per 2 MiB
+        pytest.skip(f"{unmapped} faults for {pages} small pages: pages come in larger here")
+    assert retained < unmapped // 50, (unmapped, retained)
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):
@@ -54,20 +55,41 @@ def test_bounds_are_checked_before_anything_is_set(monkeypatch):
 
     monkeypatch.setattr(malloc, "_glibc", fail)
     with pytest.raises(ValueError) as err:
-        malloc.retain_freed_memory(mmap_threshold=malloc.MAX_MMAP_THRESHOLD + 1, trim_threshold=0)
+        malloc.retain_freed_memory(mmap_threshold=2**31, trim_threshold=0)
     assert "mmap_threshold" in str(err.value) and "trim_threshold" in str(err.value)
     with pytest.raises(ValueError, match="mmap_threshold"):
         malloc.retain_freed_memory(mmap_threshold=True)
 
 
+class FakeLibc:
+    """``mallopt`` that records its calls and refuses an mmap bound above ``mmap_max``."""
+
+    def __init__(self, mmap_max=2**31 - 1, trim_ok=True):
+        self.calls, self.mmap_max, self.trim_ok = [], mmap_max, trim_ok
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return int(value <= self.mmap_max if param == malloc._M_MMAP_THRESHOLD else self.trim_ok)
+
+
 def test_glibc_is_told_both_bounds(monkeypatch):
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-
-    monkeypatch.setattr(malloc, "_glibc", lambda: FakeLibc())
+    libc = FakeLibc()
+    monkeypatch.setattr(malloc, "_glibc", lambda: libc)
     assert malloc.retain_freed_memory(mmap_threshold=2**20, trim_threshold=2**30) is True
-    assert sorted(calls) == [(malloc._M_MMAP_THRESHOLD, 2**20), (malloc._M_TRIM_THRESHOLD, 2**30)]
+    assert sorted(libc.calls) == [(malloc._M_MMAP_THRESHOLD, 2**20), (malloc._M_TRIM_THRESHOLD, 2**30)]
+
+
+def test_an_old_glibc_gets_its_largest_mmap_bound(monkeypatch):
+    """glibc before 2.35 refuses an mmap bound above 32 MiB: the call falls back to 32 MiB."""
+    libc = FakeLibc(mmap_max=32 * 2**20)
+    monkeypatch.setattr(malloc, "_glibc", lambda: libc)
+    assert malloc.retain_freed_memory() is True
+    mmap = [v for p, v in libc.calls if p == malloc._M_MMAP_THRESHOLD]
+    assert mmap == [2**31 - 1, 32 * 2**20]
+
+
+def test_a_refused_setting_is_reported(monkeypatch):
+    monkeypatch.setattr(malloc, "_glibc", lambda: FakeLibc(trim_ok=False))
+    assert malloc.retain_freed_memory() is False
+    monkeypatch.setattr(malloc, "_glibc", lambda: FakeLibc(mmap_max=2**10))
+    assert malloc.retain_freed_memory(mmap_threshold=2**20) is False  # below 32 MiB: no fallback
