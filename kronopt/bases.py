@@ -197,8 +197,9 @@ class QrBasis:
         layout = ctx.layout
         if not state.ready and "restricted" not in (layout.left, layout.right):
             return _eigh_refresh(state, factors)
-        left = self._side(layout.left, factors[0], state.Q_L, state.lam_L, ready=state.ready)
-        right = self._side(layout.right, factors[1], state.Q_R, state.lam_R, ready=state.ready)
+        quotients = ctx.eigvals_from_basis
+        left = self._side(layout.left, factors[0], state.Q_L, state.lam_L, ready=state.ready, quotients=quotients)
+        right = self._side(layout.right, factors[1], state.Q_R, state.lam_R, ready=state.ready, quotients=quotients)
         new = BasisState(
             Q_L=left.Q,
             Q_R=right.Q,
@@ -210,8 +211,12 @@ class QrBasis:
         )
         return new, BasisChange(old=state, new=new, perm_L=left.perm, perm_R=right.perm)
 
-    def _side(self, kind: str, X: Tensor | None, Q: Tensor | None, lam: Tensor | None, *, ready: bool) -> _SideRefresh:
-        """One side's refresh: restricted (Rayleigh–Ritz + power), first (eigh) or SOAP's sorted power step."""
+    def _side(
+        self, kind: str, X: Tensor | None, Q: Tensor | None, lam: Tensor | None, *, ready: bool, quotients: bool
+    ) -> _SideRefresh:
+        """One side's refresh: restricted (Rayleigh–Ritz + power), first (eigh) or SOAP's sorted power step
+        (``quotients``: whether anything reads the eigenvalue estimates; without them and without
+        ``sort`` the side keeps its old ones, and the power step skips the quotients)."""
         if Q is None or X is None or lam is None:
             return _SideRefresh(Q=Q, lam=lam)
         if kind == "restricted":
@@ -220,7 +225,7 @@ class QrBasis:
         if not ready:
             Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam)
             return _SideRefresh(Q=Q_new, lam=lam_new, failed=(~ok).long(), solved=ran)
-        Q_new, e, perm = linalg.sorted_power_step(X, Q, sort=self.sort)
+        Q_new, e, perm = linalg.sorted_power_step(X, Q, sort=self.sort, quotients=quotients)
         for _ in range(self.power_steps - 1):
             Q_new = linalg.power_qr(X, Q_new)
         ok = linalg.finite_blocks(Q_new, e)
@@ -228,7 +233,7 @@ class QrBasis:
             identity = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
             perm = linalg.select_blocks(ok, perm, identity)
         return _SideRefresh(
-            Q=linalg.select_blocks(ok, Q_new, Q), lam=linalg.select_blocks(ok, e, lam), perm=perm,
+            Q=linalg.select_blocks(ok, Q_new, Q), lam=lam if e is None else linalg.select_blocks(ok, e, lam), perm=perm,
             failed=(~ok).long(), solved=True,
         )
 

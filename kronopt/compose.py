@@ -125,7 +125,8 @@ def context(
     and the estimator's eigenvalues, taken once for the same factor record)."""
     basis = state.basis
     shared = {} if shared is None else shared
-    if capabilities(cfg.factors).provides_eigvals:
+    from_basis = not capabilities(cfg.factors).provides_eigvals
+    if not from_basis:
         hit = shared.get("eigvals")
         if hit is not None and hit[0] is state.factors:
             eigvals = hit[1]
@@ -137,7 +138,7 @@ def context(
     restricted = "restricted" in (layout.left, layout.right)  # only with an estimator that supports it (validated)
     flat = cfg.factors.flat_eigvals(state.factors) if restricted else (None, None)
     return StepContext(
-        step=t, layout=layout, basis=basis, eigvals=eigvals, flat=flat, shared=shared,
+        step=t, layout=layout, basis=basis, eigvals=eigvals, eigvals_from_basis=from_basis, flat=flat, shared=shared,
         exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis), refresh_follows=refresh_follows, defer=defer,
     )
 

@@ -103,6 +103,10 @@ class StepContext:
             (``FactorCapabilities.provides_eigvals``), else the basis's. This is the one
             place an inner rule reads eigenvalues from. ``None`` on a side without.
             On a restricted side of rank ``r`` they are the ``r`` subspace values.
+        eigvals_from_basis: whether ``eigvals`` are the basis's own (the factor estimator
+            provides none). When they are not, nothing reads the basis's estimates, and a
+            basis may skip them at a refresh and keep the ones it had (``qr`` without
+            ``sort`` then skips its Rayleigh quotients).
         flat: the flat eigenvalue ``mu (b)`` of each restricted side (the value of
             :math:`\hat R = U S U^\top + \mu P_\perp` on the complement), from the
             factor estimator's ``flat_eigvals``; ``None`` on a side that is not restricted.
@@ -126,6 +130,7 @@ class StepContext:
     layout: Layout
     basis: BasisState
     eigvals: tuple[Tensor | None, Tensor | None] = (None, None)
+    eigvals_from_basis: bool = True
     flat: tuple[Tensor | None, Tensor | None] = (None, None)
     shared: dict[str, Any] = attrs.field(factory=dict, repr=False)
     exact_basis: bool = True

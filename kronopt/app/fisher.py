@@ -108,7 +108,9 @@ def track(name: str, grads: Sequence[Tensor], **options: Any) -> list[tuple[Tens
     out = []
     for t, G in enumerate(grads, start=1):
         eigvals = est.eigvals(state) if capabilities(est).provides_eigvals else (basis.lam_L, basis.lam_R)
-        ctx = StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals)
+        ctx = StepContext(
+            step=t, layout=layout, basis=basis, eigvals=eigvals, eigvals_from_basis=not capabilities(est).provides_eigvals
+        )
         state = est.update(state, G.unsqueeze(0), ctx)
         L, R = est.factors(state)
         basis, _ = basis_stage.refresh(basis, (L, R), ctx)

@@ -179,6 +179,42 @@ def test_qr_refresh_without_sort_reports_no_permutation():
     torch.testing.assert_close(new.lam_R, torch.diagonal(state.Q_R.mT @ R @ state.Q_R, dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("sort", [False, True])
+def test_qr_refresh_skips_the_quotients_only_where_nothing_reads_them(sort):
+    """``eigvals_from_basis = False`` (the factor estimator tracks its own eigenvalues): without ``sort`` the
+    power step skips its Rayleigh quotients and the side keeps its old estimates; the basis is the same
+    bit for bit. With ``sort`` the quotients order the columns and are kept as the estimates."""
+    gen = generator(9)
+    layout = _layout(2, 5, 4)
+    basis = QrBasis(sort=sort)
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, _factors(gen, 2, 5, 4), _ctx(layout, state))
+    L, R = _factors(gen, 2, 5, 4)
+    read, _ = basis.refresh(state, (L, R), _ctx(layout, state))
+    unread, change = basis.refresh(state, (L, R), StepContext(step=2, layout=layout, basis=state, eigvals_from_basis=False))
+    assert torch.equal(unread.Q_L, read.Q_L) and torch.equal(unread.Q_R, read.Q_R)
+    if sort:
+        assert torch.equal(unread.lam_L, read.lam_L) and torch.equal(unread.lam_R, read.lam_R)
+        assert change.perm_L is not None
+    else:
+        assert unread.lam_L is state.lam_L and unread.lam_R is state.lam_R
+        assert not torch.equal(read.lam_L, state.lam_L)  # the quotients would have changed them
+    assert torch.equal(unread.failures, torch.zeros(2, dtype=torch.int64))
+
+
+def test_qr_refresh_without_quotients_still_keeps_a_non_finite_blocks_basis():
+    gen = generator(10)
+    layout = _layout(2, 4, 3)
+    basis = QrBasis(sort=False)
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, _factors(gen, 2, 4, 3), _ctx(layout, state))
+    L, R = _factors(gen, 2, 4, 3)
+    L[1, 0, 0] = float("nan")
+    new, _ = basis.refresh(state, (L, R), StepContext(step=2, layout=layout, basis=state, eigvals_from_basis=False))
+    assert torch.equal(new.Q_L[1], state.Q_L[1]) and not torch.equal(new.Q_L[0], state.Q_L[0])
+    assert new.failures.tolist() == [0, 1]
+
+
 @given(seed=SEEDS, n=dims(2, 8))
 def test_qr_refreshes_converge_to_an_eigenbasis(seed, n):
     gen = generator(seed)

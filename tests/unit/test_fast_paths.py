@@ -186,6 +186,18 @@ def test_q_factor_is_the_q_of_torch_qr(shape):
         linalg.q_factor(torch.zeros(1, 2, 3))  # more columns than rows
 
 
+@pytest.mark.parametrize("shape", [(3, 6, 6), (2, 9, 4)])
+@pytest.mark.parametrize("column_major", [True, False])
+def test_q_factor_overwrite_is_the_same_q_in_the_inputs_memory(shape, column_major):
+    P = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    expected = torch.linalg.qr(P)[0]
+    if column_major:
+        P = P.mT.contiguous().mT
+    Q = linalg.q_factor(P, overwrite=True)
+    assert torch.equal(Q, expected)
+    assert Q.data_ptr() == P.data_ptr() and torch.equal(P, expected)  # P itself now holds Q
+
+
 @pytest.mark.parametrize("d", [8, 400])  # below and above the blocked CPU path
 def test_sym_equals_half_the_sum_with_the_transpose_bit_for_bit(d):
     A = torch.randn(2, d, d, generator=torch.Generator().manual_seed(2))
