@@ -167,7 +167,10 @@ class QrBasis:
     with ``power_steps`` = p warm-started power steps (each followed by QR). The
     permutation :math:`\pi` is reported, so per-coordinate statistics (Adam's
     second moment) are permuted with the columns. The eigenvalue estimates are the
-    sorted Rayleigh quotients :math:`e_\pi` of the old basis.
+    sorted Rayleigh quotients :math:`e_\pi` of the old basis. Without ``sort``, where
+    the factor estimator tracks its own eigenvalues (KL-Shampoo's; nothing reads the
+    basis's, :attr:`StepContext.eigvals_from_basis`), the quotients are not computed and
+    the estimates stay as they were.
 
     A **restricted** side (``Layout`` kind ``"restricted"``, rank ``r``) keeps an
     orthonormal ``(b d r)`` subspace :math:`U` instead of a basis; its "factor" is the
