@@ -163,12 +163,18 @@ def test_qr_refresh_permutation_and_rayleigh_sorting(seed, m, n, b, steps):
     assert torch.equal(new.failures, torch.zeros(b, dtype=torch.int64))
 
 
+def _after_first_refresh(basis, gen, b, m, n):
+    """``(layout, state)`` of ``basis`` after its first refresh (eigh) on random factors."""
+    layout = _layout(b, m, n)
+    state = basis.init(layout, dtype=F64, device=CPU)
+    state, _ = basis.refresh(state, _factors(gen, b, m, n), _ctx(layout, state))
+    return layout, state
+
+
 def test_qr_refresh_without_sort_reports_no_permutation():
     gen = generator(5)
-    layout = _layout(2, 4, 3)
     basis = QrBasis(sort=False)
-    state = basis.init(layout, dtype=F64, device=CPU)
-    state, _ = basis.refresh(state, _factors(gen, 2, 4, 3), _ctx(layout, state))
+    layout, state = _after_first_refresh(basis, gen, 2, 4, 3)
     L, R = _factors(gen, 2, 4, 3)
     new, change = basis.refresh(state, (L, R), _ctx(layout, state))
     assert change.perm_L is None and change.perm_R is None
@@ -185,10 +191,8 @@ def test_qr_refresh_skips_the_quotients_only_where_nothing_reads_them(sort):
     power step skips its Rayleigh quotients and the side keeps its old estimates; the basis is the same
     bit for bit. With ``sort`` the quotients order the columns and are kept as the estimates."""
     gen = generator(9)
-    layout = _layout(2, 5, 4)
     basis = QrBasis(sort=sort)
-    state = basis.init(layout, dtype=F64, device=CPU)
-    state, _ = basis.refresh(state, _factors(gen, 2, 5, 4), _ctx(layout, state))
+    layout, state = _after_first_refresh(basis, gen, 2, 5, 4)
     L, R = _factors(gen, 2, 5, 4)
     read, _ = basis.refresh(state, (L, R), _ctx(layout, state))
     unread, change = basis.refresh(state, (L, R), StepContext(step=2, layout=layout, basis=state, eigvals_from_basis=False))
@@ -204,10 +208,8 @@ def test_qr_refresh_skips_the_quotients_only_where_nothing_reads_them(sort):
 
 def test_qr_refresh_without_quotients_still_keeps_a_non_finite_blocks_basis():
     gen = generator(10)
-    layout = _layout(2, 4, 3)
     basis = QrBasis(sort=False)
-    state = basis.init(layout, dtype=F64, device=CPU)
-    state, _ = basis.refresh(state, _factors(gen, 2, 4, 3), _ctx(layout, state))
+    layout, state = _after_first_refresh(basis, gen, 2, 4, 3)
     L, R = _factors(gen, 2, 4, 3)
     L[1, 0, 0] = float("nan")
     new, _ = basis.refresh(state, (L, R), StepContext(step=2, layout=layout, basis=state, eigvals_from_basis=False))
