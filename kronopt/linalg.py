@@ -481,13 +481,15 @@ def q_factor(P: Tensor, *, overwrite: bool = False) -> Tensor:
 
     With ``overwrite`` both routines work in ``P``'s own memory and the result is ``P``
     (its entries replaced): a caller that owns ``P`` saves two copies and two allocations
-    of its size (on ``4 × 1024²``, about 7 % of the QR). A column-major ``P``, as
-    :func:`_column_major_product` makes, is used as it is; another layout goes through a
-    temporary, as without ``overwrite``.
+    of its size (on ``4 × 1024²``, about 7 % of the QR). That needs a column-major ``P``,
+    as :func:`_column_major_product` makes; another layout (for which torch would copy
+    into a temporary and back, four copies instead of two), or a ``P`` that autograd
+    tracks (``out=`` refuses it), takes the path without ``overwrite``.
     """
     if P.shape[-1] > P.shape[-2]:
         raise ValueError(f"q_factor needs k ≤ n columns, got shape {tuple(P.shape)}")
-    if not overwrite:
+    in_place = overwrite and P.mT.is_contiguous() and not (P.requires_grad and torch.is_grad_enabled())
+    if not in_place:
         reflectors, tau = torch.geqrf(P)
         return torch.linalg.householder_product(reflectors, tau)
     tau = P.new_empty(P.shape[:-2] + (P.shape[-1],))

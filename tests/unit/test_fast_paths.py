@@ -186,16 +186,44 @@ def test_q_factor_is_the_q_of_torch_qr(shape):
         linalg.q_factor(torch.zeros(1, 2, 3))  # more columns than rows
 
 
-@pytest.mark.parametrize("shape", [(3, 6, 6), (2, 9, 4)])
-@pytest.mark.parametrize("column_major", [True, False])
-def test_q_factor_overwrite_is_the_same_q_in_the_inputs_memory(shape, column_major):
-    P = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("shape", [(3, 6, 6), (2, 9, 4), (0, 4, 4), (3, 4, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_q_factor_overwrite_is_the_same_q_in_the_inputs_memory(shape, dtype):
+    """A column-major ``P`` (what the power step makes) holds its own Q afterwards."""
+    P = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
     expected = torch.linalg.qr(P)[0]
-    if column_major:
-        P = P.mT.contiguous().mT
+    P = P.mT.contiguous().mT
     Q = linalg.q_factor(P, overwrite=True)
     assert torch.equal(Q, expected)
-    assert Q.data_ptr() == P.data_ptr() and torch.equal(P, expected)  # P itself now holds Q
+    assert Q.data_ptr() == P.data_ptr() and torch.equal(P, expected)
+
+
+def test_q_factor_overwrite_leaves_other_layouts_and_tracked_inputs_alone():
+    """A row-major ``P`` and one autograd tracks take the copying path: the same Q, ``P`` unchanged."""
+    P = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(4))
+    expected = torch.linalg.qr(P)[0]
+    for given in (P.clone(), P.mT.contiguous().mT.requires_grad_()):
+        before = given.detach().clone()
+        Q = linalg.q_factor(given, overwrite=True)
+        assert torch.equal(Q.detach(), expected) and torch.equal(given.detach(), before)
+
+
+def test_the_power_steps_let_q_factor_overwrite_their_own_products(monkeypatch):
+    """The refresh's two QR callers hand over the products they made (the point of ``overwrite``)."""
+    seen = []
+    original = linalg.q_factor
+
+    def spy(P, *, overwrite=False):
+        seen.append(overwrite)
+        return original(P, overwrite=overwrite)
+
+    monkeypatch.setattr(linalg, "q_factor", spy)
+    A = torch.eye(5).expand(2, 5, 5) * torch.arange(1.0, 6.0)
+    Q = torch.linalg.qr(torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(5)))[0]
+    linalg.power_qr(A, Q)
+    for sort in (False, True):
+        linalg.sorted_power_step(A, Q, sort=sort, quotients=False)
+    assert seen == [True, True, True]
 
 
 @pytest.mark.parametrize("d", [8, 400])  # below and above the blocked CPU path
