@@ -626,7 +626,7 @@ def _print_world(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def _cmd_world(plan: BenchPlan, retained: bool) -> int:
+def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
     counts = plan.counts
     rows = bench_world(
         plan.names, plan.shapes, worlds=plan.worlds, steps=counts["steps"], warmup=counts["warmup"],
@@ -637,10 +637,27 @@ def _cmd_world(plan: BenchPlan, retained: bool) -> int:
     print(
         f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, CPU processes on gloo, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved; a step: the slowest rank), "
-        f"threads per rank: {threads}, torch {torch.__version__}" + _memory_note(plan, retained)
+        f"threads per rank: {threads}, torch {torch.__version__}"
+        + _load_note(load, _load_average()) + _memory_note(plan, retained)
     )
     _print_world(rows)
     return 0
+
+
+def _load_average() -> float | None:
+    """The machine's load average over the last minute (``None`` where the OS gives none, e.g. Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _load_note(before: float | None, after: float | None) -> str:
+    """The header's load averages at the start and the end of the timing: other work on the machine slows
+    the steps (memory-bound ones first), so figures from runs under different load do not compare."""
+    if before is None or after is None:
+        return ""
+    return f"; load average {before:.1f} at the start, {after:.1f} at the end"
 
 
 def _memory_note(plan: BenchPlan, retained: bool) -> str:
@@ -663,8 +680,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     # this process: the one-process table and world size 1 (each other rank makes it itself)
     retained = plan.retain_freed_memory and malloc.retain_freed_memory()
+    load = _load_average()
     if plan.worlds:
-        return _cmd_world(plan, retained)
+        return _cmd_world(plan, retained, load)
     counts = plan.counts
     threads = torch.get_num_threads()
     if counts["threads"]:
@@ -680,7 +698,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {plan.device}, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), "
         f"{counts['threads'] or threads} threads, torch {torch.__version__}"
-        + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "") + _memory_note(plan, retained)
+        + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "")
+        + _load_note(load, _load_average()) + _memory_note(plan, retained)
     )
     _print_table(rows)
     if plan.ratios:

@@ -507,3 +507,24 @@ def test_world_ranks_retain_freed_memory_when_asked(monkeypatch, tmp_path):
     bench._world_rank(0, 2, str(tmp_path), {**jobs[0], "threads": torch.get_num_threads()})
     bench._world_rank(0, 2, str(tmp_path), {**jobs[1], "threads": torch.get_num_threads()})
     assert calls == ["set", "group", "group"]
+
+
+# -- the load average in the header ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [False, True])
+def test_the_header_gives_the_load_average_at_the_start_and_the_end(world, monkeypatch, capsys):
+    loads = iter([(0.52, 0.4, 0.3), (1.96, 0.9, 0.5)])
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: next(loads))
+    assert cli.main(["bench", "adamw", *TINY, *(["--world", "1"] if world else [])]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "; load average 0.5 at the start, 2.0 at the end" in header, header
+
+
+def test_the_header_says_nothing_of_the_load_where_the_os_gives_none(monkeypatch, capsys):
+    def unavailable():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(bench.os, "getloadavg", unavailable)
+    assert cli.main(["bench", "adamw", *TINY]) == 0
+    assert "load average" not in capsys.readouterr().out
