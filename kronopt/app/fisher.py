@@ -106,11 +106,10 @@ def track(name: str, grads: Sequence[Tensor], **options: Any) -> list[tuple[Tens
     basis = basis_stage.init(layout, dtype=dtype, device=device)
     state = est.init(layout, dtype=dtype, device=device)
     out = []
+    own = capabilities(est).provides_eigvals  # the estimator's eigenvalues, else the basis's
     for t, G in enumerate(grads, start=1):
-        eigvals = est.eigvals(state) if capabilities(est).provides_eigvals else (basis.lam_L, basis.lam_R)
-        ctx = StepContext(
-            step=t, layout=layout, basis=basis, eigvals=eigvals, eigvals_from_basis=not capabilities(est).provides_eigvals
-        )
+        eigvals = est.eigvals(state) if own else (basis.lam_L, basis.lam_R)
+        ctx = StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals, eigvals_from_basis=not own)
         state = est.update(state, G.unsqueeze(0), ctx)
         L, R = est.factors(state)
         basis, _ = basis_stage.refresh(basis, (L, R), ctx)
