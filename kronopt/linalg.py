@@ -161,6 +161,53 @@ def _tiled_sym_product(
     return out
 
 
+#: on CPU, a sandwich :math:`A S A^\top` whose symmetric middle ``S`` has at least this side, and a
+#: larger one than the outer factor, is taken from ``S``'s lower tiles (:func:`split_sandwich`)
+_SPLIT_SANDWICH_MIN = 768
+
+
+def split_pays(A: Tensor, S: Tensor) -> bool:
+    """Whether :func:`split_sandwich` beats the two plain products for ``A S Aᵀ`` (``A (b k d)``, ``S (b d d)``).
+
+    It multiplies about ``(t+1)/2t · k d² + k² d`` (``t`` tiles of ``S``) where the plain order
+    ``(A S) Aᵀ`` multiplies ``k d² + k² d`` (half of the second where :func:`sym_product` tiles it,
+    from ``k`` = ``_GRAM_TILED_MIN``): a gain only where ``d`` is the larger side. Timed on two CPU
+    threads (docs/results.md): 0.80 of the time at ``d = 1024, k = 256``, 0.92 at ``768 × 256``,
+    1.04 at ``512 × 256``; on a GPU the tile loop is not worth it."""
+    d, k = S.shape[-1], A.shape[-2]
+    return A.device.type == "cpu" and d >= _SPLIT_SANDWICH_MIN and d > k
+
+
+def split_sandwich(A: Tensor, S: Tensor, *, alpha: float | Tensor = 1.0) -> Tensor:
+    r""":math:`\alpha A S A^\top` for a symmetric ``S``: ``b k d, b d d -> b k k``, exactly symmetric.
+
+    ``S = T + T^\top`` with ``T`` its tiles (``_GRAM_TILE``) below the diagonal and half of each
+    diagonal tile, so :math:`A S A^\top = H + H^\top` with :math:`H = (A T) A^\top`. The
+    product :math:`A T` needs only the tiles on and below the diagonal (``t(t+1)/2`` of ``t²``
+    tile products) and :math:`H` is accumulated tile column by tile column, so where ``S`` is the
+    larger side (:func:`split_pays`) this is cheaper than :math:`(A S) A^\top`. Only ``S``'s tiles
+    on and below the diagonal are read. ``alpha`` is a number or a per-block ``(b 1 1)`` tensor.
+    """
+    _check_batched("A", A)
+    _check_batched_square("S", S)
+    d = S.shape[-1]
+    if A.shape[-1] != d:
+        raise ValueError(f"split_sandwich needs S of shape (b {A.shape[-1]} {A.shape[-1]}), got {tuple(S.shape)}")
+    H: Tensor | None = None
+    b, k = A.shape[0], A.shape[-2]
+    buffer = torch.empty(b * k * min(_GRAM_TILE, d), dtype=torch.result_type(A, S), device=A.device)
+    for lo in range(0, d, _GRAM_TILE):
+        hi = min(lo + _GRAM_TILE, d)
+        # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ, in one buffer for all J
+        P = torch.bmm(A[..., lo:hi], S[:, lo:hi, lo:hi], out=buffer[: b * k * (hi - lo)].view(b, k, hi - lo)).mul_(0.5)
+        if hi < d:
+            P.baddbmm_(A[..., hi:], S[:, hi:, lo:hi])
+        H = torch.bmm(P, A[..., lo:hi].mT) if H is None else H.baddbmm_(P, A[..., lo:hi].mT)
+    if H is None:  # d = 0
+        return torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=torch.result_type(A, S), device=A.device)
+    return sym(H).mul_(2.0 * alpha)  # (H + Hᵀ)/2 · 2α: the factor 2 is exact
+
+
 def ema_gram_left(L: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:
     r""":math:`\beta L + (1-\beta) G G^\top`, exactly symmetric (:func:`accumulate_gram_left`, ``defer`` too)."""
     return accumulate_gram_left(L, G, beta, 1 - beta, defer=defer)
@@ -951,7 +998,9 @@ def projector_split_ksl(
     is computed in the cancellation-free form.
 
     Cost: :math:`2mn(m+n) + O(m^2+n^2)` multiply-adds per block, less where
-    :func:`sym_product` multiplies only the lower half of the two symmetric sandwiches.
+    :func:`sym_product` multiplies only the lower half of the two symmetric sandwiches, and
+    where the larger side's sandwich is taken from its middle's lower tiles
+    (:func:`split_sandwich`: :math:`G\bar R G^\top` on a wide block, :math:`G^\top K G` on a tall one).
 
     Args:
         L: ``b m m`` symmetric PSD.
@@ -1000,27 +1049,44 @@ def projector_split_ksl(
     if fresh is not None:
         keep = (~fresh).to(L.dtype).view(b, 1, 1)
         inv, weight = inv * keep, weight * keep
-    if G.shape[-2] < n:
-        # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
-        # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖
-        GR = (G @ R).mul_(inv)
-        if fresh is not None:
-            GR.addcmul_(G, (fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1))
+    if split_pays(G, R):
+        # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
+        # R̄ is formed only where a fresh block needs its direction I/√n
+        if fresh is None:
+            S, s = R, inv
+        else:
+            S, s = R * inv, 1.0
+            S.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
+        K = split_sandwich(G, S, alpha=(1.0 - beta) * s).addcmul_(L, weight)
+        K_dot_L, norm_K = (K * L).sum(dim=(-2, -1), keepdim=True), block_norm(K)
         X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
     else:
-        X = R * inv  # R̄
-        if fresh is not None:
-            X.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
-        GR, x_scale = G @ X, None
-    # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
-    # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and U G (m × n) as a factor, and the
+        if G.shape[-2] < n:
+            # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
+            # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖
+            GR = (G @ R).mul_(inv)
+            if fresh is not None:
+                GR.addcmul_(G, (fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1))
+            X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
+        else:
+            X = R * inv  # R̄
+            if fresh is not None:
+                X.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
+            GR, x_scale = G @ X, None
+        # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
+        K, K_dot_L, norm_K = sym_product_stats(L, GR, G, beta=weight, alpha=1.0 - beta, other=L)
+    # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and Gᵀ U G as a factor, and the
     # returned L' = √S U as one scaling of K.
-    K, K_dot_L, norm_K = sym_product_stats(L, GR, G, beta=weight, alpha=1.0 - beta, other=L)
     inv_K = 1.0 / norm_K.clamp(min=tiny)
     inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
-    UG = (K @ G).mul_(inv_K)
     weight_R = weight * inner if x_scale is None else weight * inner * x_scale
-    R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta)
+    if split_pays(G.mT, K):
+        # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
+        R_hat = split_sandwich(G.mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R)
+        norm_R_hat = block_norm(R_hat)
+    else:
+        UG = (K @ G).mul_(inv_K)
+        R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta)
     root = norm_R_hat.sqrt()
     scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
     if defer is None or not cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all()):

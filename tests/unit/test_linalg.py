@@ -709,3 +709,41 @@ def test_sym_product_stats_reduce_the_product_it_returns(seed, m, k, b, tile, ti
     close(dot.view(-1), (expected * Y).sum((-2, -1)))
     close(norm.view(-1), expected.flatten(1).norm(dim=-1))
     assert no_dot is None and torch.equal(P_alone, P) and torch.equal(norm_alone, norm)
+
+
+@given(
+    seed=SEEDS, k=st.integers(0, 6), d=st.integers(1, 13), b=st.integers(1, 3), tile=st.integers(1, 5),
+    per_block=st.booleans(),
+)
+def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(seed, k, d, b, tile, per_block):
+    """``α A S Aᵀ`` from ``S``'s lower tiles (uneven last tile, a per-block ``α``): exactly symmetric, equal to
+    the float64 product, in float32 to rounding; NaN in ``S``'s tiles above the diagonal changes nothing, so a
+    tile read from the wrong triangle, a diagonal tile not halved or a missing ``Hᵀ`` fails."""
+    gen = generator(seed)
+    A = randn(gen, b, k, d)
+    S = linalg.sym(randn(gen, b, d, d))
+    alpha = torch.rand(b, 1, 1, generator=gen, dtype=F64) + 0.5 if per_block else 0.7
+    expected = alpha * (A @ S @ A.mT)
+    index = torch.arange(d) // tile
+    S_lower = S.masked_fill(index.view(-1, 1) < index.view(1, -1), float("nan"))  # the tiles above the diagonal
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, tile, True)
+        out64 = linalg.split_sandwich(A, S_lower, alpha=alpha)
+        out32 = linalg.split_sandwich(A.float(), S_lower.float(), alpha=alpha if not per_block else alpha.float())
+    assert out64.shape == (b, k, k)
+    for out in (out64, out32):
+        assert torch.equal(out, out.mT)
+    close(out64, expected)
+    scale = max([1.0, *expected.abs().flatten().tolist()])
+    close(out32.double(), expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_split_sandwich_pays_only_for_a_large_middle_on_cpu():
+    """The split form is taken on CPU where the symmetric middle is the larger side and at least
+    ``_SPLIT_SANDWICH_MIN`` (docs/results.md times the crossover), never for a square or smaller middle."""
+    def pays(k, d, device="cpu"):
+        return linalg.split_pays(torch.empty(1, k, d, device=device), torch.empty(1, d, d, device=device))
+
+    assert pays(256, 1024) and pays(256, 768) and pays(767, 768)
+    assert not pays(768, 768) and not pays(1024, 768) and not pays(256, 512)
+    assert not pays(256, 1024, device="meta")

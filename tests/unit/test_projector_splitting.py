@@ -69,7 +69,9 @@ def test_rearrangement_identities(seed, m, n):
     torch.testing.assert_close(linalg.block_norm(K - outer), linalg.block_norm(linalg.rearrange_kron(K - outer, m, n)))
     # row-major vec: (L ⊗ R) vec X = vec(L X Rᵀ)
     X = randn(gen, 2, m, n)
-    torch.testing.assert_close((K @ X.reshape(2, -1, 1)).reshape(2, m, n), L @ X @ R.mT, rtol=1e-12, atol=1e-12)
+    # rounding scales with the product of the norms (L's eigenvalues reach 10³), not with the entry
+    scale = (linalg.block_norm(L) * linalg.block_norm(X) * linalg.block_norm(R)).max().item()
+    torch.testing.assert_close((K @ X.reshape(2, -1, 1)).reshape(2, m, n), L @ X @ R.mT, rtol=1e-12, atol=1e-14 * scale)
 
 
 @given(seed=SEEDS, m=dims(1, 6), n=dims(1, 6))
@@ -104,6 +106,75 @@ def test_cheap_integrator_equals_dense_form(variant, seed, m, n, beta):
     step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
     L1, R1 = step(L, R, G, beta)
     assert _rel(linalg.kron_rows(L1, R1)[0:1], _dense(variant, L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
+
+
+def _split(patch, on, tile=2):
+    """Make :func:`kronopt.linalg.projector_split_ksl` take the larger side's sandwich from its middle's tiles of
+    ``tile`` (:func:`kronopt.linalg.split_sandwich`) from side 1 (``on``) or never."""
+    patch.setattr(linalg, "_SPLIT_SANDWICH_MIN", 1 if on else 10**9)
+    patch.setattr(linalg, "_GRAM_TILE", tile)
+
+
+@given(seed=SEEDS, m=dims(1, 7), n=dims(1, 7), beta=BETAS, tile=st.integers(1, 3))
+def test_ksl_with_the_larger_sandwich_split_equals_the_dense_form(seed, m, n, beta, tile):
+    """The KSL step on a wide block (``G R̄ Gᵀ`` from R's lower tiles) or a tall one (``Gᵀ K G`` from K's) equals
+    the spec's step on the explicit m² × n² matrices, and its factors are exactly symmetric."""
+    gen = generator(seed)
+    L, R, G = spd_matrix(gen, 1, m, log10_range=(-1, 1)), spd_matrix(gen, 1, n, log10_range=(-1, 1)), randn(gen, 1, m, n)
+    with pytest.MonkeyPatch.context() as patch:
+        _split(patch, True, tile)
+        L1, R1 = linalg.projector_split_ksl(L, R, G, beta)
+    assert torch.equal(L1, L1.mT) and torch.equal(R1, R1.mT)
+    assert _rel(linalg.kron_rows(L1, R1), _dense("ksl", L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9)], ids=["tall", "wide"])
+def test_ksl_split_keeps_fresh_blocks_and_deferred_writes(gen, shape):
+    """With blocks still fresh (``fresh``: state taken as ``L = 0``, direction ``I/√n``) and with the results
+    left to the state write (``defer``), the split form gives the plain form's factors to rounding; the
+    deferred records write them into the state's own stacks."""
+    m, n = shape
+    L, R, G = spd_matrix(gen, 3, m), spd_matrix(gen, 3, n), randn(gen, 3, m, n)
+    fresh = torch.tensor([True, False, True])
+    out = {}
+    for on in (False, True):
+        with pytest.MonkeyPatch.context() as patch:
+            _split(patch, on)
+            started = linalg.projector_split_ksl(L, R, G, 0.9, fresh=fresh)
+            records: list[linalg.DeferredWrite] = []
+            L2, R2 = L.clone(), R.clone()
+            assert linalg.projector_split_ksl(L2, R2, G, 0.9, defer=records) == (L2, R2)
+            assert [r.target for r in records] == [L2, R2]
+            for record in records:
+                record.into(record.target)
+            out[on] = (*started, L2, R2)
+    for plain, split in zip(out[False], out[True]):
+        torch.testing.assert_close(split, plain, rtol=1e-12, atol=1e-14)
+        assert torch.equal(split, split.mT)
+
+
+def test_ksl_splits_the_larger_side_at_the_default_threshold(monkeypatch):
+    """At the defaults a 768 × 8 (tall) and an 8 × 768 (wide) block take one split sandwich each, a square or a
+    512-sided one none; in float32 the split step agrees with the plain float64 step."""
+    calls = []
+    real = linalg.split_sandwich
+
+    def spy(A, S, **kw):
+        calls.append(tuple(S.shape[-2:]))
+        return real(A, S, **kw)
+
+    monkeypatch.setattr(linalg, "split_sandwich", spy)
+    gen = generator(3)
+    for m, n, expected in ((768, 8, [(768, 768)]), (8, 768, [(768, 768)]), (512, 8, []), (32, 32, [])):
+        calls.clear()
+        L, R, G = spd_matrix(gen, 1, m, log10_range=(-1, 1)), spd_matrix(gen, 1, n, log10_range=(-1, 1)), randn(gen, 1, m, n)
+        L1, R1 = linalg.projector_split_ksl(L.float(), R.float(), G.float(), 0.95)
+        assert calls == expected, (m, n)
+        with monkeypatch.context() as patch:
+            _split(patch, False, 256)
+            L64, R64 = linalg.projector_split_ksl(L, R, G, 0.95)
+        torch.testing.assert_close(L1.double(), L64, rtol=1e-4, atol=1e-4 * L64.abs().max().item())
+        torch.testing.assert_close(R1.double(), R64, rtol=1e-4, atol=1e-4 * R64.abs().max().item())
 
 
 # -- properties -------------------------------------------------------------------------------------------
