@@ -899,7 +899,8 @@ def sandwich(G: Tensor, X: Tensor) -> Tensor:
     By the identity :math:`(G \otimes G)\,\mathrm{vec}\,X = \mathrm{vec}(G X G^\top)`
     this is the rearranged rank-one second moment :math:`\mathcal R(\mathrm{vec}\,G\,
     \mathrm{vec}\,G^\top) = G \otimes G` applied to ``vec X`` without forming the
-    ``m² × n²`` matrix. Cost :math:`mn(m+n)` multiply-adds per block.
+    ``m² × n²`` matrix. Cost :math:`mn(m+n)` multiply-adds per block, less where
+    :func:`split_sandwich` pays (:func:`split_pays`: ``X`` the larger side, on CPU).
 
     Args:
         G: ``b m n`` batch.
@@ -915,19 +916,20 @@ def sandwich(G: Tensor, X: Tensor) -> Tensor:
     _check_batched_square("X", X)
     if X.shape[-1] != G.shape[-1]:
         raise ValueError(f"sandwich needs X of shape (b {G.shape[-1]} {G.shape[-1]}), got {tuple(X.shape)}")
-    return sym(G @ X @ G.mT)
+    return split_sandwich(G, X) if split_pays(G, X) else sym(G @ X @ G.mT)
 
 
 def sandwich_t(G: Tensor, Y: Tensor) -> Tensor:
     r""":math:`G^\top Y G`: ``b m n, b m m2, b m2 n2 -> b n n2``, symmetrised.
 
-    The adjoint of :func:`sandwich`: :math:`(G \otimes G)^\top \mathrm{vec}\,Y = \mathrm{vec}(G^\top Y G)`.
+    The adjoint of :func:`sandwich`: :math:`(G \otimes G)^\top \mathrm{vec}\,Y = \mathrm{vec}(G^\top Y G)`,
+    taken from ``Y``'s lower tiles where that pays (:func:`split_sandwich`).
     """
     _check_batched("G", G)
     _check_batched_square("Y", Y)
     if Y.shape[-1] != G.shape[-2]:
         raise ValueError(f"sandwich_t needs Y of shape (b {G.shape[-2]} {G.shape[-2]}), got {tuple(Y.shape)}")
-    return sym(G.mT @ Y @ G)
+    return split_sandwich(G.mT, Y) if split_pays(G.mT, Y) else sym(G.mT @ Y @ G)
 
 
 def rearrange_kron(A: Tensor, m: int, n: int) -> Tensor:
@@ -1132,11 +1134,11 @@ def projector_split_parallel(
     if fresh is not None:
         S0 = select_blocks(fresh, torch.zeros_like(S0), S0)
         L_bar, R_bar = _fresh_directions(fresh, L_bar), _fresh_directions(fresh, R_bar)
-    U = sym(S0 * L_bar + Gs @ R_bar @ Gs.mT)
+    U = sym(S0 * L_bar + sandwich(Gs, R_bar))
     U = U / block_norm(U).clamp(min=tiny)
-    V = sym(S0 * R_bar + Gs.mT @ L_bar @ Gs)
+    V = sym(S0 * R_bar + sandwich_t(Gs, L_bar))
     V = V / block_norm(V).clamp(min=tiny)
-    galerkin = (U * (Gs @ V @ Gs.mT)).sum(dim=(-2, -1), keepdim=True)
+    galerkin = (U * sandwich(Gs, V)).sum(dim=(-2, -1), keepdim=True)
     S1 = S0 * (L_bar * U).sum(dim=(-2, -1), keepdim=True) * (R_bar * V).sum(dim=(-2, -1), keepdim=True) + galerkin
     root = S1.clamp(min=0.0).sqrt()
     return U * root, V * root

@@ -47,6 +47,13 @@ def _rel(A, B):
     return (torch.linalg.vector_norm(A - B, dim=(-2, -1)) / torch.linalg.vector_norm(B, dim=(-2, -1))).max().item()
 
 
+def _split(patch, on, tile=2):
+    """Make :func:`kronopt.linalg.projector_split_ksl` take the larger side's sandwich from its middle's tiles of
+    ``tile`` (:func:`kronopt.linalg.split_sandwich`) from side 1 (``on``) or never."""
+    patch.setattr(linalg, "_SPLIT_SANDWICH_MIN", 1 if on else 10**9)
+    patch.setattr(linalg, "_GRAM_TILE", tile)
+
+
 # -- the identities F1-F4 -----------------------------------------------------------------------------
 
 
@@ -74,17 +81,26 @@ def test_rearrangement_identities(seed, m, n):
     torch.testing.assert_close((K @ X.reshape(2, -1, 1)).reshape(2, m, n), L @ X @ R.mT, rtol=1e-12, atol=1e-14 * scale)
 
 
-@given(seed=SEEDS, m=dims(1, 6), n=dims(1, 6))
-def test_sandwich_products(seed, m, n):
+@given(seed=SEEDS, m=dims(1, 6), n=dims(1, 6), split=st.booleans(), tile=st.integers(1, 3))
+def test_sandwich_products(seed, m, n, split, tile):
+    """F4 through ``sandwich``/``sandwich_t``, with the larger side's product taken from its middle's lower tiles
+    (``split``, :func:`kronopt.linalg.split_sandwich`) or not: exactly symmetric either way."""
     gen = generator(seed)
     G = randn(gen, 2, m, n)
     X, Y = spd_matrix(gen, 2, n), spd_matrix(gen, 2, m)
     GG = torch.stack([torch.kron(G[i], G[i]) for i in range(2)])  # m² × n²
+    with pytest.MonkeyPatch.context() as patch:
+        _split(patch, split, tile)
+        GXG, GYG = linalg.sandwich(G, X), linalg.sandwich_t(G, Y)
+    assert torch.equal(GXG, GXG.mT) and torch.equal(GYG, GYG.mT)
     # F4: (G⊗G) vec X = vec(G X Gᵀ); (G⊗G)ᵀ vec Y = vec(Gᵀ Y G); vec Yᵀ (G⊗G) vec X = ⟨Y, G X Gᵀ⟩
-    torch.testing.assert_close(linalg.sandwich(G, X).reshape(2, -1), (GG @ X.reshape(2, -1, 1)).squeeze(-1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(linalg.sandwich_t(G, Y).reshape(2, -1), (GG.mT @ Y.reshape(2, -1, 1)).squeeze(-1), rtol=1e-12, atol=1e-12)
+    # (rounding scales with the norms: the factors' eigenvalues reach 10³)
+    tol = {"rtol": 1e-12, "atol": 1e-14 * (linalg.block_norm(G) ** 2 * (linalg.block_norm(X) + linalg.block_norm(Y))).max().item()}
+    torch.testing.assert_close(GXG.reshape(2, -1), (GG @ X.reshape(2, -1, 1)).squeeze(-1), **tol)
+    torch.testing.assert_close(GYG.reshape(2, -1), (GG.mT @ Y.reshape(2, -1, 1)).squeeze(-1), **tol)
     bilinear = (Y.reshape(2, 1, -1) @ GG @ X.reshape(2, -1, 1)).view(2)
-    torch.testing.assert_close(bilinear, (Y * linalg.sandwich(G, X)).sum((-2, -1)), rtol=1e-12, atol=1e-12)
+    tol_bilinear = 1e-14 * (linalg.block_norm(Y) * linalg.block_norm(G) ** 2 * linalg.block_norm(X)).max().item()
+    torch.testing.assert_close(bilinear, (Y * GXG).sum((-2, -1)), rtol=1e-12, atol=tol_bilinear)
     with pytest.raises(ValueError, match="sandwich needs X"):
         linalg.sandwich(G, Y if m != n else randn(gen, 2, n + 1, n + 1))
 
@@ -108,24 +124,20 @@ def test_cheap_integrator_equals_dense_form(variant, seed, m, n, beta):
     assert _rel(linalg.kron_rows(L1, R1)[0:1], _dense(variant, L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
 
 
-def _split(patch, on, tile=2):
-    """Make :func:`kronopt.linalg.projector_split_ksl` take the larger side's sandwich from its middle's tiles of
-    ``tile`` (:func:`kronopt.linalg.split_sandwich`) from side 1 (``on``) or never."""
-    patch.setattr(linalg, "_SPLIT_SANDWICH_MIN", 1 if on else 10**9)
-    patch.setattr(linalg, "_GRAM_TILE", tile)
-
-
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
 @given(seed=SEEDS, m=dims(1, 7), n=dims(1, 7), beta=BETAS, tile=st.integers(1, 3))
-def test_ksl_with_the_larger_sandwich_split_equals_the_dense_form(seed, m, n, beta, tile):
-    """The KSL step on a wide block (``G R̄ Gᵀ`` from R's lower tiles) or a tall one (``Gᵀ K G`` from K's) equals
-    the spec's step on the explicit m² × n² matrices, and its factors are exactly symmetric."""
+def test_integrator_with_the_larger_sandwich_split_equals_the_dense_form(variant, seed, m, n, beta, tile):
+    """The step with the larger side's sandwiches from their middles' lower tiles (KSL: ``G R̄ Gᵀ`` on a wide
+    block, ``Gᵀ K G`` on a tall one; parallel: through ``sandwich``/``sandwich_t``) equals the spec's step on
+    the explicit m² × n² matrices, and its factors are exactly symmetric."""
     gen = generator(seed)
     L, R, G = spd_matrix(gen, 1, m, log10_range=(-1, 1)), spd_matrix(gen, 1, n, log10_range=(-1, 1)), randn(gen, 1, m, n)
+    step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
     with pytest.MonkeyPatch.context() as patch:
         _split(patch, True, tile)
-        L1, R1 = linalg.projector_split_ksl(L, R, G, beta)
+        L1, R1 = step(L, R, G, beta)
     assert torch.equal(L1, L1.mT) and torch.equal(R1, R1.mT)
-    assert _rel(linalg.kron_rows(L1, R1), _dense("ksl", L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
+    assert _rel(linalg.kron_rows(L1, R1), _dense(variant, L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
 
 
 @pytest.mark.parametrize("shape", [(9, 4), (4, 9)], ids=["tall", "wide"])
