@@ -173,9 +173,11 @@ def split_pays(A: Tensor, S: Tensor) -> bool:
     ``(A S) Aᵀ`` multiplies ``k d² + k² d`` (half of the second where :func:`sym_product` tiles it,
     from ``k`` = ``_GRAM_TILED_MIN``): a gain only where ``d`` is the larger side. Timed on two CPU
     threads (docs/results.md): 0.80 of the time at ``d = 1024, k = 256``, 0.92 at ``768 × 256``,
-    1.04 at ``512 × 256``; on a GPU the tile loop is not worth it."""
+    1.04 at ``512 × 256``; on a GPU the tile loop is not worth it. Not where autograd tracks ``A``
+    or ``S``: the split's products write into a buffer with ``out=``, which autograd refuses."""
     d, k = S.shape[-1], A.shape[-2]
-    return A.device.type == "cpu" and d >= _SPLIT_SANDWICH_MIN and d > k
+    tracked = torch.is_grad_enabled() and (A.requires_grad or S.requires_grad)  # its products write with out=
+    return A.device.type == "cpu" and d >= _SPLIT_SANDWICH_MIN and d > k and not tracked
 
 
 def split_sandwich(A: Tensor, S: Tensor, *, alpha: float | Tensor = 1.0) -> Tensor:
@@ -1053,13 +1055,14 @@ def projector_split_ksl(
         inv, weight = inv * keep, weight * keep
     if split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
-        # R̄ is formed only where a fresh block needs its direction I/√n
+        # R̄ is formed only with a fresh mask, for the fresh blocks' direction I/√n. The sum is
+        # symmetrised as sym_product's is, so K stays exactly symmetric whatever L's rounding.
         if fresh is None:
             S, s = R, inv
         else:
             S, s = R * inv, 1.0
             S.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
-        K = split_sandwich(G, S, alpha=(1.0 - beta) * s).addcmul_(L, weight)
+        K = sym(split_sandwich(G, S, alpha=(1.0 - beta) * s).addcmul_(L, weight))
         K_dot_L, norm_K = (K * L).sum(dim=(-2, -1), keepdim=True), block_norm(K)
         X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
     else:
@@ -1084,7 +1087,7 @@ def projector_split_ksl(
     weight_R = weight * inner if x_scale is None else weight * inner * x_scale
     if split_pays(G.mT, K):
         # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
-        R_hat = split_sandwich(G.mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R)
+        R_hat = sym(split_sandwich(G.mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
         UG = (K @ G).mul_(inv_K)

@@ -712,7 +712,7 @@ def test_sym_product_stats_reduce_the_product_it_returns(seed, m, k, b, tile, ti
 
 
 @given(
-    seed=SEEDS, k=st.integers(0, 6), d=st.integers(1, 13), b=st.integers(1, 3), tile=st.integers(1, 5),
+    seed=SEEDS, k=st.integers(0, 6), d=st.integers(0, 13), b=st.integers(1, 3), tile=st.integers(1, 5),
     per_block=st.booleans(),
 )
 def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(seed, k, d, b, tile, per_block):
@@ -747,3 +747,23 @@ def test_split_sandwich_pays_only_for_a_large_middle_on_cpu():
     assert pays(256, 1024) and pays(256, 768) and pays(767, 768)
     assert not pays(768, 768) and not pays(1024, 768) and not pays(256, 512)
     assert not pays(256, 1024, device="meta")
+
+
+def test_sandwiches_split_at_the_threshold_and_keep_autograd():
+    """``sandwich``/``sandwich_t`` take the split form for a large middle (a spy counts it) and give the plain
+    product to rounding; where autograd tracks an input they take the plain form, and gradients flow."""
+    gen = generator(5)
+    G = randn(gen, 1, 8, 768).float()
+    X = linalg.gram_left(randn(gen, 1, 768, 800)).float() / 800
+    calls = []
+    real = linalg.split_sandwich
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linalg, "split_sandwich", lambda A, S, **kw: calls.append(S.shape[-1]) or real(A, S, **kw))
+        out, out_t = linalg.sandwich(G, X), linalg.sandwich_t(G.mT.contiguous(), X)
+        assert calls == [768, 768]
+        expected = (G.double() @ X.double() @ G.double().mT)
+        for o in (out, out_t):
+            torch.testing.assert_close(o.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        tracked = G.clone().requires_grad_(True)
+        linalg.sandwich(tracked, X).sum().backward()
+        assert calls == [768, 768] and tracked.grad is not None and torch.isfinite(tracked.grad).all()

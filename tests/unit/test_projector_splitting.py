@@ -165,6 +165,23 @@ def test_ksl_split_keeps_fresh_blocks_and_deferred_writes(gen, shape):
         assert torch.equal(split, split.mT)
 
 
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9)], ids=["tall", "wide"])
+def test_split_step_is_exactly_symmetric_from_rounded_inputs(variant, shape):
+    """Factors whose two triangles differ in the last bit (as after a rounding outside kronopt) still give
+    exactly symmetric factors with the split forced on, as the plain form's symmetrised sums do."""
+    gen = generator(11)
+    m, n = shape
+    L, R, G = spd_matrix(gen, 2, m).float(), spd_matrix(gen, 2, n).float(), randn(gen, 2, m, n).float()
+    L[:, 1, 0] = torch.nextafter(L[:, 1, 0], torch.full_like(L[:, 1, 0], float("inf")))
+    R[:, 1, 0] = torch.nextafter(R[:, 1, 0], torch.full_like(R[:, 1, 0], float("inf")))
+    step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
+    with pytest.MonkeyPatch.context() as patch:
+        _split(patch, True)
+        L1, R1 = step(L, R, G, 0.9)
+    assert torch.equal(L1, L1.mT) and torch.equal(R1, R1.mT)
+
+
 def test_ksl_splits_the_larger_side_at_the_default_threshold(monkeypatch):
     """At the defaults a 768 × 8 (tall) and an 8 × 768 (wide) block take one split sandwich each, a square or a
     512-sided one none; in float32 the split step agrees with the plain float64 step."""
@@ -187,6 +204,11 @@ def test_ksl_splits_the_larger_side_at_the_default_threshold(monkeypatch):
             L64, R64 = linalg.projector_split_ksl(L, R, G, 0.95)
         torch.testing.assert_close(L1.double(), L64, rtol=1e-4, atol=1e-4 * L64.abs().max().item())
         torch.testing.assert_close(R1.double(), R64, rtol=1e-4, atol=1e-4 * R64.abs().max().item())
+    # the parallel step's sandwiches: Gᵀ L̄ G on the tall block; G R̄ Gᵀ and the Galerkin G V Gᵀ on the wide one
+    for m, n, expected in ((768, 8, [(768, 768)]), (8, 768, [(768, 768), (768, 768)])):
+        calls.clear()
+        linalg.projector_split_parallel(torch.eye(m).expand(1, m, m), torch.eye(n).expand(1, n, n), torch.randn(1, m, n), 0.95)
+        assert calls == expected, (m, n)
 
 
 # -- properties -------------------------------------------------------------------------------------------
