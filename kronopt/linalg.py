@@ -91,8 +91,9 @@ def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha:
 
 
 def sym_product_stats(
-    X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float, other: Tensor | None = None
-) -> tuple[Tensor, Tensor | None, Tensor]:
+    X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float, other: Tensor | None = None,
+    tiles: bool = False,
+) -> tuple["Tensor | LowerTiles", Tensor | None, Tensor]:
     r""":func:`sym_product` :math:`P` with reductions of it per block, ``(b 1 1)`` each:
     :math:`\langle P, Y\rangle_F` for a symmetric ``other`` :math:`Y` ``(b m m)`` (``None`` without one),
     and :math:`\|P\|_F`.
@@ -100,7 +101,9 @@ def sym_product_stats(
     In the tiled form both are taken tile by tile while the tile is in cache (a tile below
     the diagonal counts twice, for its mirror), instead of two more passes over the whole
     matrix and an ``m × m`` temporary for :math:`P \odot Y`. Both are sums over the same
-    entries, in another order: equal up to rounding.
+    entries, in another order: equal up to rounding. With ``tiles``, the tiled form returns
+    :math:`P` as its :class:`LowerTiles` (for a caller that scales it once more before it
+    stores it); the dense form returns a tensor either way.
     """
     if not _tiled(X, A):
         P = _dense_sym_product(X, A, B, beta, alpha)
@@ -114,7 +117,7 @@ def sym_product_stats(
             dot.add_((tile * other[:, I, J]).sum(dim=(-2, -1), keepdim=True), alpha=twice)  # type: ignore[index]
         sq.add_(torch.linalg.vector_norm(tile, dim=(-2, -1), keepdim=True).square(), alpha=twice)
 
-    P = _tiled_sym_product(X, A, B, beta, alpha, reduce)
+    P = _tiled_sym_product(X, A, B, beta, alpha, reduce, out=LowerTiles(X.shape, sq.dtype, X.device) if tiles else None)
     return P, dot, sq.sqrt()
 
 
@@ -132,26 +135,29 @@ def _dense_sym_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, al
 
 def _tiled_sym_product(
     X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float,
-    each: Callable[[Tensor, slice, slice], None] | None = None, out: Tensor | None = None,
-) -> Tensor:
+    each: Callable[[Tensor, slice, slice], None] | None = None, out: "Tensor | LowerTiles | None" = None,
+) -> "Tensor | LowerTiles":
     """The tiled form of :func:`sym_product`; ``each(tile, I, J)`` sees every tile on and below the diagonal.
 
     ``out`` may be ``X`` itself: the tiles read only ``X``'s tiles on and below the diagonal, each
-    before it is written, and a tile's mirror lands above the diagonal, which no later tile reads."""
+    before it is written, and a tile's mirror lands above the diagonal, which no later tile reads.
+    A :class:`LowerTiles` ``out`` keeps the tiles as they are, unmirrored."""
     m = A.shape[-2]
     per_block = isinstance(beta, Tensor)
     if out is None:
         out = torch.empty(X.shape, dtype=torch.result_type(X, A), device=X.device)
-    edges = [*range(0, m, _GRAM_TILE), m]
-    tiles = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    tiles = out.slices if isinstance(out, LowerTiles) else _tile_slices(m)
     for i, I in enumerate(tiles):
-        for J in tiles[: i + 1]:
+        for j, J in enumerate(tiles[: i + 1]):
             if per_block:
                 tile = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
             else:
                 tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
             if I == J:
                 tile = sym(tile)
+            if isinstance(out, LowerTiles):
+                out.tiles[i, j] = tile
+            elif I == J:
                 out[:, I, I] = tile
             else:
                 out[:, I, J] = tile
@@ -159,6 +165,42 @@ def _tiled_sym_product(
             if each is not None:
                 each(tile, I, J)
     return out
+
+
+def _tile_slices(m: int) -> list[slice]:
+    """The tiles of ``_GRAM_TILE`` along a side of ``m`` (the last one shorter)."""
+    edges = [*range(0, m, _GRAM_TILE), m]
+    return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+class LowerTiles:
+    """A symmetric ``(b d d)`` stack held as its tiles on and below the diagonal, each a tensor of its own.
+
+    ``tiles[i, j]`` (``j ≤ i``) is the tile of rows ``_tile_slices(d)[i]`` and columns
+    ``_tile_slices(d)[j]``: what the tiled :func:`sym_product` makes before it copies each tile and
+    its mirror into a dense matrix. DyKAF's ``K`` and ``R̂`` are scaled once more before they are
+    stored (:func:`projector_split_ksl`); held so, each is written scaled, mirrors included, in one
+    pass (:meth:`write`) instead of being written dense, read and written again.
+    """
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.slices = _tile_slices(shape[-1])  # fixed at creation, whatever _GRAM_TILE says later
+        self.tiles: dict[tuple[int, int], Tensor] = {}
+
+    def write(self, out: Tensor | None = None, *, scale: Tensor, divide: bool = False) -> Tensor:
+        """The matrix times ``scale`` (or divided by it), ``(b 1 1)``, into ``out`` (a new tensor if ``None``):
+        each tile scaled into its place and copied, transposed, to its mirror, the same bits as scaling the
+        dense matrix."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device) if out is None else out
+        op = torch.div if divide else torch.mul
+        for (i, j), tile in self.tiles.items():
+            I, J = self.slices[i], self.slices[j]
+            place = out[:, I, J]
+            op(tile, scale, out=place)
+            if i != j:
+                out[:, J, I] = place.mT
+        return out
 
 
 #: on CPU, a sandwich :math:`A S A^\top` whose symmetric middle ``S`` has at least this side, and a
@@ -180,7 +222,7 @@ def split_pays(A: Tensor, S: Tensor) -> bool:
     return A.device.type == "cpu" and d >= _SPLIT_SANDWICH_MIN and d > k and not tracked
 
 
-def split_sandwich(A: Tensor, S: Tensor, *, alpha: float | Tensor = 1.0) -> Tensor:
+def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor = 1.0) -> Tensor:
     r""":math:`\alpha A S A^\top` for a symmetric ``S``: ``b k d, b d d -> b k k``, exactly symmetric.
 
     ``S = T + T^\top`` with ``T`` its tiles (``_GRAM_TILE``) below the diagonal and half of each
@@ -188,25 +230,35 @@ def split_sandwich(A: Tensor, S: Tensor, *, alpha: float | Tensor = 1.0) -> Tens
     product :math:`A T` needs only the tiles on and below the diagonal (``t(t+1)/2`` of ``t²``
     tile products) and :math:`H` is accumulated tile column by tile column, so where ``S`` is the
     larger side (:func:`split_pays`) this is cheaper than :math:`(A S) A^\top`. Only ``S``'s tiles
-    on and below the diagonal are read. ``alpha`` is a number or a per-block ``(b 1 1)`` tensor.
+    on and below the diagonal are read; ``S`` may come as those tiles (:class:`LowerTiles`). ``alpha`` is a number or a per-block ``(b 1 1)`` tensor.
     """
     _check_batched("A", A)
-    _check_batched_square("S", S)
+    held = isinstance(S, LowerTiles)
+    if not held:
+        _check_batched_square("S", S)
     d = S.shape[-1]
     if A.shape[-1] != d:
         raise ValueError(f"split_sandwich needs S of shape (b {A.shape[-1]} {A.shape[-1]}), got {tuple(S.shape)}")
     H: Tensor | None = None
     b, k = A.shape[0], A.shape[-2]
-    buffer = torch.empty(b * k * min(_GRAM_TILE, d), dtype=torch.result_type(A, S), device=A.device)
-    for lo in range(0, d, _GRAM_TILE):
-        hi = min(lo + _GRAM_TILE, d)
+    dtype = torch.promote_types(A.dtype, S.dtype) if held else torch.result_type(A, S)
+    buffer = torch.empty(b * k * min(_GRAM_TILE, d), dtype=dtype, device=A.device)
+    slices = S.slices if held else _tile_slices(d)
+    for j, J in enumerate(slices):
+        lo, hi = J.start, J.stop
         # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ, in one buffer for all J
-        P = torch.bmm(A[..., lo:hi], S[:, lo:hi, lo:hi], out=buffer[: b * k * (hi - lo)].view(b, k, hi - lo)).mul_(0.5)
-        if hi < d:
-            P.baddbmm_(A[..., hi:], S[:, hi:, lo:hi])
-        H = torch.bmm(P, A[..., lo:hi].mT) if H is None else H.baddbmm_(P, A[..., lo:hi].mT)
+        P = buffer[: b * k * (hi - lo)].view(b, k, hi - lo)
+        if held:
+            torch.bmm(A[..., J], S.tiles[j, j], out=P).mul_(0.5)
+            for i in range(j + 1, len(slices)):
+                P.baddbmm_(A[..., slices[i]], S.tiles[i, j])
+        else:
+            torch.bmm(A[..., J], S[:, J, J], out=P).mul_(0.5)
+            if hi < d:
+                P.baddbmm_(A[..., hi:], S[:, hi:, J])
+        H = torch.bmm(P, A[..., J].mT) if H is None else H.baddbmm_(P, A[..., J].mT)
     if H is None:  # d = 0
-        return torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=torch.result_type(A, S), device=A.device)
+        return torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=dtype, device=A.device)
     return sym(H).mul_(2.0 * alpha)  # (H + Hᵀ)/2 · 2α: the factor 2 is exact
 
 
@@ -1079,26 +1131,38 @@ def projector_split_ksl(
                 X.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
             GR, x_scale = G @ X, None
         # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
-        K, K_dot_L, norm_K = sym_product_stats(L, GR, G, beta=weight, alpha=1.0 - beta, other=L)
+        # On a tall block K is then read only by the split below and its last scaling, so its tiles
+        # are kept apart, unmirrored (LowerTiles).
+        K, K_dot_L, norm_K = sym_product_stats(
+            L, GR, G, beta=weight, alpha=1.0 - beta, other=L, tiles=split_pays(G.mT, L)
+        )
     # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and Gᵀ U G as a factor, and the
     # returned L' = √S U as one scaling of K.
     inv_K = 1.0 / norm_K.clamp(min=tiny)
     inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
     weight_R = weight * inner if x_scale is None else weight * inner * x_scale
-    if split_pays(G.mT, K):
+    if split_pays(G.mT, L):
         # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
         R_hat = sym(split_sandwich(G.mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
-        UG = (K @ G).mul_(inv_K)
-        R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta)
+        UG = (K @ G).mul_(inv_K)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
+        R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=True)
     root = norm_R_hat.sqrt()
     scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
     if defer is None or not cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all()):
-        return K.mul_(scale_L), R_hat.div_(scale_R)
-    defer.append(DeferredWrite(target=L, into=lambda out: torch.mul(K, scale_L, out=out)))
-    defer.append(DeferredWrite(target=R, into=lambda out: torch.div(R_hat, scale_R, out=out)))
+        return _scaled(K, scale_L), _scaled(R_hat, scale_R, divide=True)
+    defer.append(DeferredWrite(target=L, into=lambda out: _scaled(K, scale_L, out=out)))
+    defer.append(DeferredWrite(target=R, into=lambda out: _scaled(R_hat, scale_R, divide=True, out=out)))
     return L, R
+
+
+def _scaled(P: "Tensor | LowerTiles", scale: Tensor, *, divide: bool = False, out: Tensor | None = None) -> Tensor:
+    """``P`` times ``scale`` (or divided by it) into ``out``, or in place of a dense ``P`` without one."""
+    if isinstance(P, LowerTiles):
+        return P.write(out, scale=scale, divide=divide)
+    op = torch.div if divide else torch.mul
+    return op(P, scale, out=P if out is None else out)
 
 
 def projector_split_parallel(

@@ -738,6 +738,27 @@ def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(see
     close(out32.double(), expected, rtol=1e-5, atol=1e-5 * scale)
 
 
+@given(seed=SEEDS, m=st.integers(1, 11), k=st.integers(1, 5), b=st.integers(1, 3), tile=st.integers(1, 4), divide=st.booleans())
+def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, tile, divide):
+    """``sym_product_stats(..., tiles=True)`` keeps the tiled product's tiles on and below the diagonal: written
+    with a per-block scale (mirrors included) they are the dense product scaled, bit for bit, with the same
+    reductions; ``split_sandwich`` from them equals the one from the dense matrix to rounding."""
+    G, S, X, beta, _ = _sandwich(generator(seed), b, m, k)
+    scale = torch.rand(b, 1, 1, generator=generator(seed + 1), dtype=F64) + 0.5
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, tile, True)
+        dense, dot, norm = linalg.sym_product_stats(X, G @ S, G, beta=beta, alpha=0.7, other=X)
+        held, dot_t, norm_t = linalg.sym_product_stats(X, G @ S, G, beta=beta, alpha=0.7, other=X, tiles=True)
+        assert isinstance(held, linalg.LowerTiles)
+        A = randn(generator(seed + 2), b, 3, m)
+        close(linalg.split_sandwich(A, held), linalg.split_sandwich(A, dense))
+        written = held.write(scale=scale, divide=divide)
+    expected = dense / scale if divide else dense * scale
+    assert torch.equal(written, expected) and torch.equal(dot_t, dot) and torch.equal(norm_t, norm)
+    into = torch.full_like(dense, float("nan"))
+    assert held.write(into, scale=scale, divide=divide) is into and torch.equal(into, expected)
+
+
 def test_split_sandwich_pays_only_for_a_large_middle_on_cpu():
     """The split form is taken on CPU where the symmetric middle is the larger side and at least
     ``_SPLIT_SANDWICH_MIN`` (docs/results.md times the crossover), never for a square or smaller middle."""

@@ -47,11 +47,13 @@ def _rel(A, B):
     return (torch.linalg.vector_norm(A - B, dim=(-2, -1)) / torch.linalg.vector_norm(B, dim=(-2, -1))).max().item()
 
 
-def _split(patch, on, tile=2):
+def _split(patch, on, tile=2, tiled=False):
     """Make :func:`kronopt.linalg.projector_split_ksl` take the larger side's sandwich from its middle's tiles of
-    ``tile`` (:func:`kronopt.linalg.split_sandwich`) from side 1 (``on``) or never."""
+    ``tile`` (:func:`kronopt.linalg.split_sandwich`) from side 1 (``on``) or never; ``tiled``: the symmetric
+    products by tiles from side 1 too (``K`` and ``R̂`` then come as :class:`kronopt.linalg.LowerTiles`)."""
     patch.setattr(linalg, "_SPLIT_SANDWICH_MIN", 1 if on else 10**9)
     patch.setattr(linalg, "_GRAM_TILE", tile)
+    patch.setattr(linalg, "_GRAM_TILED_MIN", 1 if tiled else 10**9)
 
 
 # -- the identities F1-F4 -----------------------------------------------------------------------------
@@ -125,8 +127,8 @@ def test_cheap_integrator_equals_dense_form(variant, seed, m, n, beta):
 
 
 @pytest.mark.parametrize("variant", ["ksl", "parallel"])
-@given(seed=SEEDS, m=dims(1, 7), n=dims(1, 7), beta=BETAS, tile=st.integers(1, 3))
-def test_integrator_with_the_larger_sandwich_split_equals_the_dense_form(variant, seed, m, n, beta, tile):
+@given(seed=SEEDS, m=dims(1, 7), n=dims(1, 7), beta=BETAS, tile=st.integers(1, 3), tiled=st.booleans())
+def test_integrator_with_the_larger_sandwich_split_equals_the_dense_form(variant, seed, m, n, beta, tile, tiled):
     """The step with the larger side's sandwiches from their middles' lower tiles (KSL: ``G R̄ Gᵀ`` on a wide
     block, ``Gᵀ K G`` on a tall one; parallel: through ``sandwich``/``sandwich_t``) equals the spec's step on
     the explicit m² × n² matrices, and its factors are exactly symmetric."""
@@ -134,24 +136,26 @@ def test_integrator_with_the_larger_sandwich_split_equals_the_dense_form(variant
     L, R, G = spd_matrix(gen, 1, m, log10_range=(-1, 1)), spd_matrix(gen, 1, n, log10_range=(-1, 1)), randn(gen, 1, m, n)
     step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
     with pytest.MonkeyPatch.context() as patch:
-        _split(patch, True, tile)
+        _split(patch, True, tile, tiled)
         L1, R1 = step(L, R, G, beta)
     assert torch.equal(L1, L1.mT) and torch.equal(R1, R1.mT)
     assert _rel(linalg.kron_rows(L1, R1), _dense(variant, L[0], R[0], G[0], beta).unsqueeze(0)) <= 1e-12
 
 
-@pytest.mark.parametrize("shape", [(9, 4), (4, 9)], ids=["tall", "wide"])
-def test_ksl_split_keeps_fresh_blocks_and_deferred_writes(gen, shape):
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
+def test_ksl_split_keeps_fresh_blocks_and_deferred_writes(gen, shape, tiled):
     """With blocks still fresh (``fresh``: state taken as ``L = 0``, direction ``I/√n``) and with the results
-    left to the state write (``defer``), the split form gives the plain form's factors to rounding; the
-    deferred records write them into the state's own stacks."""
+    left to the state write (``defer``), the split form gives the plain form's factors to rounding, also with
+    its products by tiles (``K`` and ``R̂`` held as :class:`kronopt.linalg.LowerTiles` and written scaled with
+    their mirrors); the deferred records write them into the state's own stacks."""
     m, n = shape
     L, R, G = spd_matrix(gen, 3, m), spd_matrix(gen, 3, n), randn(gen, 3, m, n)
     fresh = torch.tensor([True, False, True])
     out = {}
     for on in (False, True):
         with pytest.MonkeyPatch.context() as patch:
-            _split(patch, on)
+            _split(patch, on, tiled=on and tiled)
             started = linalg.projector_split_ksl(L, R, G, 0.9, fresh=fresh)
             records: list[linalg.DeferredWrite] = []
             L2, R2 = L.clone(), R.clone()
