@@ -225,7 +225,7 @@ def split_pays(A: Tensor, S: Tensor) -> bool:
 def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor = 1.0) -> Tensor:
     r""":math:`\alpha A S A^\top` for a symmetric ``S``: ``b k d, b d d -> b k k``, exactly symmetric.
 
-    ``S = T + T^\top`` with ``T`` its tiles (``_GRAM_TILE``) below the diagonal and half of each
+    ``S = T + T^\top`` with ``T`` its tiles (``_GRAM_TILE``, or a :class:`LowerTiles`' own) below the diagonal and half of each
     diagonal tile, so :math:`A S A^\top = H + H^\top` with :math:`H = (A T) A^\top`. The
     product :math:`A T` needs only the tiles on and below the diagonal (``t(t+1)/2`` of ``t²``
     tile products) and :math:`H` is accumulated tile column by tile column, so where ``S`` is the
@@ -242,8 +242,8 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
     H: Tensor | None = None
     b, k = A.shape[0], A.shape[-2]
     dtype = torch.promote_types(A.dtype, S.dtype) if held else torch.result_type(A, S)
-    buffer = torch.empty(b * k * min(_GRAM_TILE, d), dtype=dtype, device=A.device)
     slices = S.slices if held else _tile_slices(d)
+    buffer = torch.empty(b * k * max((J.stop - J.start for J in slices), default=0), dtype=dtype, device=A.device)
     for j, J in enumerate(slices):
         lo, hi = J.start, J.stop
         # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ, in one buffer for all J
@@ -1105,7 +1105,10 @@ def projector_split_ksl(
     if fresh is not None:
         keep = (~fresh).to(L.dtype).view(b, 1, 1)
         inv, weight = inv * keep, weight * keep
-    if split_pays(G, R):
+    # the split and the kept tiles write with out=, which autograd refuses: a tracked step takes neither
+    tracked = torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad)
+    tall_split = not tracked and split_pays(G.mT, L)
+    if not tracked and split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
         # R̄ is formed only with a fresh mask, for the fresh blocks' direction I/√n. The sum is
         # symmetrised as sym_product's is, so K stays exactly symmetric whatever L's rounding.
@@ -1133,21 +1136,19 @@ def projector_split_ksl(
         # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
         # On a tall block K is then read only by the split below and its last scaling, so its tiles
         # are kept apart, unmirrored (LowerTiles).
-        K, K_dot_L, norm_K = sym_product_stats(
-            L, GR, G, beta=weight, alpha=1.0 - beta, other=L, tiles=split_pays(G.mT, L)
-        )
+        K, K_dot_L, norm_K = sym_product_stats(L, GR, G, beta=weight, alpha=1.0 - beta, other=L, tiles=tall_split)
     # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and Gᵀ U G as a factor, and the
     # returned L' = √S U as one scaling of K.
     inv_K = 1.0 / norm_K.clamp(min=tiny)
     inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
     weight_R = weight * inner if x_scale is None else weight * inner * x_scale
-    if split_pays(G.mT, L):
+    if tall_split:
         # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
         R_hat = sym(split_sandwich(G.mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
         UG = (K @ G).mul_(inv_K)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
-        R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=True)
+        R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
     root = norm_R_hat.sqrt()
     scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
     if defer is None or not cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all()):
@@ -1161,8 +1162,9 @@ def _scaled(P: "Tensor | LowerTiles", scale: Tensor, *, divide: bool = False, ou
     """``P`` times ``scale`` (or divided by it) into ``out``, or in place of a dense ``P`` without one."""
     if isinstance(P, LowerTiles):
         return P.write(out, scale=scale, divide=divide)
-    op = torch.div if divide else torch.mul
-    return op(P, scale, out=P if out is None else out)
+    if out is None:  # in place, as autograd allows where out= is refused
+        return P.div_(scale) if divide else P.mul_(scale)
+    return (torch.div if divide else torch.mul)(P, scale, out=out)
 
 
 def projector_split_parallel(

@@ -157,16 +157,34 @@ def test_ksl_split_keeps_fresh_blocks_and_deferred_writes(gen, shape, tiled):
         with pytest.MonkeyPatch.context() as patch:
             _split(patch, on, tiled=on and tiled)
             started = linalg.projector_split_ksl(L, R, G, 0.9, fresh=fresh)
+            in_step = linalg.projector_split_ksl(L, R, G, 0.9)
             records: list[linalg.DeferredWrite] = []
             L2, R2 = L.clone(), R.clone()
             assert linalg.projector_split_ksl(L2, R2, G, 0.9, defer=records) == (L2, R2)
             assert [r.target for r in records] == [L2, R2]
             for record in records:
                 record.into(record.target)
+            # the state write computes what the step would have, bit for bit
+            assert torch.equal(L2, in_step[0]) and torch.equal(R2, in_step[1])
             out[on] = (*started, L2, R2)
     for plain, split in zip(out[False], out[True]):
         torch.testing.assert_close(split, plain, rtol=1e-12, atol=1e-14)
         assert torch.equal(split, split.mT)
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (5, 5)], ids=["tall", "wide", "square"])
+def test_ksl_runs_under_autograd_with_the_fast_forms_forced(shape):
+    """With the split and the kept tiles forced on, a step whose inputs autograd tracks takes the plain forms
+    (theirs write with ``out=``, which autograd refuses) and gives the values of the untracked step."""
+    gen = generator(13)
+    m, n = shape
+    L, R, G = spd_matrix(gen, 2, m), spd_matrix(gen, 2, n), randn(gen, 2, m, n)
+    with pytest.MonkeyPatch.context() as patch:
+        _split(patch, True, 2, tiled=True)
+        expected = linalg.projector_split_ksl(L, R, G, 0.9)
+        tracked = linalg.projector_split_ksl(L, R, G.clone().requires_grad_(True), 0.9)
+    for t, e in zip(tracked, expected):
+        torch.testing.assert_close(t.detach(), e, rtol=1e-12, atol=1e-12 * e.abs().max().item())
 
 
 @pytest.mark.parametrize("variant", ["ksl", "parallel"])
@@ -197,12 +215,18 @@ def test_ksl_splits_the_larger_side_at_the_default_threshold(monkeypatch):
         return real(A, S, **kw)
 
     monkeypatch.setattr(linalg, "split_sandwich", spy)
+    writes = []
+    real_write = linalg.LowerTiles.write
+    monkeypatch.setattr(linalg.LowerTiles, "write", lambda self, *a, **kw: writes.append(self.shape[-1]) or real_write(self, *a, **kw))
     gen = generator(3)
-    for m, n, expected in ((768, 8, [(768, 768)]), (8, 768, [(768, 768)]), (512, 8, []), (32, 32, [])):
-        calls.clear()
+    # the tiles kept: K on the tall block, R̂ (tiled from side 512) on the wide one and on the 512 × 512 block
+    for m, n, expected, kept in (
+        (768, 8, [(768, 768)], [768]), (8, 768, [(768, 768)], [768]), (512, 8, [], []), (32, 32, [], []), (512, 512, [], [512]),
+    ):
+        calls.clear(), writes.clear()
         L, R, G = spd_matrix(gen, 1, m, log10_range=(-1, 1)), spd_matrix(gen, 1, n, log10_range=(-1, 1)), randn(gen, 1, m, n)
         L1, R1 = linalg.projector_split_ksl(L.float(), R.float(), G.float(), 0.95)
-        assert calls == expected, (m, n)
+        assert calls == expected and writes == kept, (m, n)
         with monkeypatch.context() as patch:
             _split(patch, False, 256)
             L64, R64 = linalg.projector_split_ksl(L, R, G, 0.95)
