@@ -225,12 +225,13 @@ def split_pays(A: Tensor, S: Tensor) -> bool:
 def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor = 1.0) -> Tensor:
     r""":math:`\alpha A S A^\top` for a symmetric ``S``: ``b k d, b d d -> b k k``, exactly symmetric.
 
-    ``S = T + T^\top`` with ``T`` its tiles (``_GRAM_TILE``, or a :class:`LowerTiles`' own) below the diagonal and half of each
-    diagonal tile, so :math:`A S A^\top = H + H^\top` with :math:`H = (A T) A^\top`. The
-    product :math:`A T` needs only the tiles on and below the diagonal (``t(t+1)/2`` of ``t²``
-    tile products) and :math:`H` is accumulated tile column by tile column, so where ``S`` is the
-    larger side (:func:`split_pays`) this is cheaper than :math:`(A S) A^\top`. Only ``S``'s tiles
-    on and below the diagonal are read; ``S`` may come as those tiles (:class:`LowerTiles`). ``alpha`` is a number or a per-block ``(b 1 1)`` tensor.
+    ``S = T + T^\top`` with ``T`` its tiles (of ``_GRAM_TILE``, or a :class:`LowerTiles`' own)
+    below the diagonal and half of each diagonal tile, so :math:`A S A^\top = H + H^\top` with
+    :math:`H = (A T) A^\top`. The product :math:`A T` needs only the tiles on and below the
+    diagonal (``t(t+1)/2`` of ``t²`` tile products) and :math:`H` is accumulated tile column by
+    tile column, so where ``S`` is the larger side (:func:`split_pays`) this is cheaper than
+    :math:`(A S) A^\top`. Only ``S``'s tiles on and below the diagonal are read; ``S`` may come
+    as those tiles (:class:`LowerTiles`). ``alpha`` is a number or a per-block ``(b 1 1)`` tensor.
     """
     _check_batched("A", A)
     held = isinstance(S, LowerTiles)
