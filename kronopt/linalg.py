@@ -107,7 +107,7 @@ def sym_product_stats(
     """
     if not _tiled(X, A):
         P = _dense_sym_product(X, A, B, beta, alpha)
-        return P, None if other is None else (P * other).sum(dim=(-2, -1), keepdim=True), block_norm(P)
+        return P, *_dense_stats(P, other)
     sq = torch.zeros((X.shape[0], 1, 1), dtype=torch.result_type(X, A), device=X.device)
     dot = None if other is None else torch.zeros_like(sq)
 
@@ -119,6 +119,11 @@ def sym_product_stats(
 
     P = _tiled_sym_product(X, A, B, beta, alpha, reduce, out=LowerTiles(X.shape, sq.dtype, X.device) if tiles else None)
     return P, dot, sq.sqrt()
+
+
+def _dense_stats(P: Tensor, other: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """:func:`sym_product_stats`' reductions of a dense ``P``: ``⟨P, other⟩_F`` (``None`` without ``other``) and ``‖P‖_F``."""
+    return None if other is None else (P * other).sum(dim=(-2, -1), keepdim=True), block_norm(P)
 
 
 def _tiled(X: Tensor, A: Tensor) -> bool:
@@ -1119,7 +1124,7 @@ def projector_split_ksl(
             S, s = R * inv, 1.0
             S.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
         K = sym(split_sandwich(G, S, alpha=(1.0 - beta) * s).addcmul_(L, weight))
-        K_dot_L, norm_K = (K * L).sum(dim=(-2, -1), keepdim=True), block_norm(K)
+        K_dot_L, norm_K = _dense_stats(K, L)
         X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
     else:
         if G.shape[-2] < n:
