@@ -147,7 +147,7 @@ KL_SOAP = attrs.evolve(
 #: min(128, d/4) + one flat eigenvalue and an orthogonalized complement.
 PRO_KL_SHAMPOO = attrs.evolve(
     KL_SHAMPOO,
-    inner=attrs.evolve(KL_SHAMPOO.inner, momentum_basis="original"),  # a restricted side keeps no full basis
+    inner=attrs.evolve(KL_SHAMPOO.inner, momentum_basis="subspace"),  # the momentum split against the subspace
     split=LowRankFlatSplit(rank=0.25, max_rank=128, side="larger", complement_scale="whitened", complement_mult=1.0),
 )
 

@@ -171,12 +171,10 @@ class LowRankFlatSplit:
     ) -> tuple[Tensor, NoState]:
         layout = ctx.layout
         if layout.left == "restricted":
-            M = moment()
-            side, C = "left", linalg.project_out_left(M, ctx.basis.Q_L, ctx.subspace_coordinates(M))  # type: ignore[arg-type]
+            side, C = "left", ctx.moment_complement(moment)
             Q_other, lam_other, mu = ctx.basis.Q_R, ctx.eigvals[1], ctx.flat[0]
         elif layout.right == "restricted":
-            M = moment()
-            side, C = "right", linalg.project_out_right(M, ctx.basis.Q_R, ctx.subspace_coordinates(M))  # type: ignore[arg-type]
+            side, C = "right", ctx.moment_complement(moment)
             Q_other, lam_other, mu = ctx.basis.Q_L, ctx.eigvals[0], ctx.flat[1]
         else:
             return D, state

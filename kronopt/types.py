@@ -168,6 +168,41 @@ class StepContext:
         self.shared["subspace"] = (X, U, Y)
         return Y
 
+    def subspace_split(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``X`` split against the restricted side's subspace: its coordinates (:meth:`subspace_coordinates`)
+        and its complement :math:`X - X U U^\top` (:math:`X - U U^\top X` on a restricted left side), in
+        ``X``'s layout. Computed once per bucket call for this very ``X`` and basis: the gradient's split
+        serves the factor estimator (KL's restricted update) and an inner rule that keeps its momentum split
+        (``momentum_basis = "subspace"``)."""
+        left = self.layout.left == "restricted"
+        U = self.basis.Q_L if left else self.basis.Q_R
+        hit = self.shared.get("split")
+        if hit is not None and hit[0] is X and hit[1] is U:
+            return hit[2], hit[3]
+        Y = self.subspace_coordinates(X)
+        C = linalg.project_out_left(X, U, Y) if left else linalg.project_out_right(X, U, Y)  # type: ignore[arg-type]
+        self.shared["split"] = (X, U, Y, C)
+        return Y, C
+
+    def offer_moment_complement(self, C: Tensor) -> None:
+        """An inner rule that keeps its moment split against the restricted subspace hands the complement
+        part to the split stage here (:meth:`moment_complement`), for this call and this basis."""
+        left = self.layout.left == "restricted"
+        self.shared["moment_complement"] = (self.basis.Q_L if left else self.basis.Q_R, C)
+
+    def moment_complement(self, moment: Callable[[], Tensor]) -> Tensor:
+        r"""The inner rule's moment outside the restricted subspace, :math:`M - M U U^\top` (a restricted left
+        side: :math:`M - U U^\top M`): the part the rule offered this call (:meth:`offer_moment_complement`),
+        else computed from ``moment()`` and its :meth:`subspace_coordinates`."""
+        left = self.layout.left == "restricted"
+        U = self.basis.Q_L if left else self.basis.Q_R
+        hit = self.shared.get("moment_complement")
+        if hit is not None and hit[0] is U:
+            return hit[1]
+        M = moment()
+        Y = self.subspace_coordinates(M)
+        return linalg.project_out_left(M, U, Y) if left else linalg.project_out_right(M, U, Y)  # type: ignore[arg-type]
+
 
 # -- the slot protocols: the members every stage of a slot has ------------------------------
 

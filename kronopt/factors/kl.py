@@ -203,10 +203,15 @@ class KlKronFactors:
     def update(self, state: KlFactorsState, G: Tensor, ctx: StepContext) -> KlFactorsState:
         left, right = _sides(state, ctx.layout, ctx)
         follows = ctx.refresh_follows
+        first = ctx.step == 0
+        parts = None  # the gradient's split against the subspace, shared through ctx (StepContext.subspace_split)
+        if not first and "restricted" in (left.kind, right.kind):
+            parts = ctx.subspace_split(G)
         if left.kind == "restricted":
-            new_right, new_left = self._update(G.mT, right, left, first=ctx.step == 0, power_follows=follows)
+            parts = None if parts is None else (parts[0].mT, parts[1].mT)  # the update runs on Gᵀ
+            new_right, new_left = self._update(G.mT, right, left, first=first, power_follows=follows, parts=parts)
         else:
-            new_left, new_right = self._update(G, left, right, first=ctx.step == 0, ctx=ctx, power_follows=follows)
+            new_left, new_right = self._update(G, left, right, first=first, ctx=ctx, power_follows=follows, parts=parts)
         return _pack(new_left, new_right)
 
     def on_basis_change(self, state: KlFactorsState, change: BasisChange) -> KlFactorsState:
@@ -236,18 +241,20 @@ class KlKronFactors:
 
     # -- the update, with the restricted side (if any) on the right --------------------------
     def _update(
-        self, G: Tensor, left: _Side, right: _Side, *, first: bool, ctx: StepContext | None = None, power_follows: bool = True
+        self, G: Tensor, left: _Side, right: _Side, *, first: bool, ctx: StepContext | None = None, power_follows: bool = True,
+        parts: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[_Side, _Side]:
         """One call with the sides as they come (``ctx``: the sides are ``ctx``'s basis, unswapped, so the
         rotation of ``G`` an inner rule already made is reused, :meth:`StepContext.rotated`; ``power_follows``:
-        a refresh follows, so a restricted side's power product is needed)."""
+        a refresh follows, so a restricted side's power product is needed; ``parts``: ``(G U, G P⊥)`` for a
+        restricted right side, where the caller has them)."""
         rho = self.beta
         m, n = G.shape[-2], G.shape[-1]
         if first:
             return self._first(G, left, right)
         sL = None if left.s is None else left.s.unsqueeze(-1)  # (b m 1)
         if right.kind == "restricted":
-            return self._update_restricted(G, sL, left, right, power_follows=power_follows)
+            return self._update_restricted(G, sL, left, right, power_follows=power_follows, parts=parts)
         if ctx is not None:
             Gl, H = ctx.rotated(G)  # Q_Lᵀ G, Q_Lᵀ G Q_R
         else:
@@ -282,7 +289,8 @@ class KlKronFactors:
         return attrs.evolve(side, F=F, s=s)
 
     def _update_restricted(
-        self, G: Tensor, sL: Tensor | None, left: _Side, right: _Side, *, power_follows: bool = True
+        self, G: Tensor, sL: Tensor | None, left: _Side, right: _Side, *, power_follows: bool = True,
+        parts: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[_Side, _Side]:
         r"""The update with a restricted right side. ``G`` is split against ``U`` first and each part
         rotated on its own (``Q_Lᵀ Y``: :math:`m^2 r`, ``Q_Lᵀ G_⊥``: :math:`m^2 n`), instead of
@@ -297,7 +305,7 @@ class KlKronFactors:
         m, n, r = G.shape[-2], G.shape[-1], right.rank
         U, tau, mu = right.Q, right.s, right.mu
         assert U is not None and tau is not None and mu is not None and right.sub is not None
-        Y, Gc = linalg.subspace_split(G, U)  # G U, G P⊥
+        Y, Gc = linalg.subspace_split(G, U) if parts is None else parts  # G U, G P⊥
         Hy = Y if left.Q is None else left.Q.mT @ Y  # Q_Lᵀ G U
         Hc = Gc if left.Q is None else left.Q.mT @ Gc  # Q_Lᵀ G P⊥
         e_c = linalg.weighted_row_energy(Hc, None)  # (b m): ‖(Q_Lᵀ G P⊥)_i‖²

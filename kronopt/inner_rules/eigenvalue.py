@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, in_, lt, to_bool, to_float, to_str
 from ..registry import INNER_RULES
-from ..types import BasisChange, InnerCapabilities, Layout, StepContext
+from ..types import BasisChange, BasisState, InnerCapabilities, Layout, StepContext
 from ._common import MomentumState, _zeros
 
 @attrs.frozen(eq=False)
@@ -19,6 +19,16 @@ class EigenMomentumState:
     until the first refresh, whose bases are the identity)."""
 
     momentum_eigen: Tensor
+
+
+@attrs.frozen(eq=False)
+class SubspaceMomentumState:
+    """The momentum ``M`` split against the restricted side's subspace ``U`` (``momentum_basis = "subspace"``):
+    its coordinates ``M U`` ``(b m r)`` (``Uᵀ M`` ``(b r n)`` on a restricted left side) and its complement
+    ``M − M U Uᵀ`` ``(b m n)``, in the original coordinates; ``M = (M U) Uᵀ + complement``."""
+
+    momentum_coords: Tensor
+    momentum_complement: Tensor
 
 
 @INNER_RULES.register("eigenvalue", description="Shampoo scaling by eigenvalue powers of each factor")
@@ -51,7 +61,15 @@ class EigenvalueInner:
     same direction in exact arithmetic (the bases are square and orthonormal), two
     products fewer per step where the factor estimator rotates the gradient anyway
     (KL-Shampoo's does, and :meth:`StepContext.rotated` shares it), one refresh-time
-    change of basis more. Full sides only. Before the first refresh the scaling is 1 (the
+    change of basis more. Full sides only. With ``"subspace"`` (a layout with one restricted
+    side; Pro-KLShampoo's preset) the momentum is kept as its two parts against the subspace
+    :math:`U`, :math:`M U` and :math:`M - M U U^\top`, each an EMA of the same part of ``G``
+    (:meth:`StepContext.subspace_split`, which KL's restricted update makes anyway). For a
+    fixed :math:`U` both parts are linear in :math:`M`, so this is the same momentum, without
+    the two :math:`mnr` products that split it every step; the split stage takes the
+    complement as it is (:meth:`StepContext.moment_complement`). A refresh rebuilds :math:`M`
+    from the parts and splits it against the new :math:`U`. On a layout without exactly one
+    restricted side ``"subspace"`` keeps the momentum as ``"original"`` does. Before the first refresh the scaling is 1 (the
     direction is the momentum; Shampoo's grafting replaces it, see :mod:`kronopt.post`).
 
     Attributes:
@@ -60,8 +78,9 @@ class EigenvalueInner:
         eps: :math:`\epsilon \ge 0`.
         eps_placement: ``"inside"`` or ``"outside"`` the root per side, or ``"product"``.
         bias_correction: divide the momentum by :math:`1-\beta^t`.
-        momentum_basis: ``"original"`` (the momentum in the parameter's coordinates) or
-            ``"eigen"`` (in the preconditioner's basis, carried across refreshes).
+        momentum_basis: ``"original"`` (the momentum in the parameter's coordinates),
+            ``"eigen"`` (in the preconditioner's basis, carried across refreshes) or
+            ``"subspace"`` (split against a restricted side's subspace, re-split at refreshes).
         normalize: deprecated; divide this rule's direction by its RMS per block
             (``post.normalize`` normalises the whole step, complement included).
     """
@@ -77,8 +96,8 @@ class EigenvalueInner:
     )
     bias_correction: bool = attrs.field(default=True, converter=to_bool)
     normalize: bool = attrs.field(default=False, converter=to_bool)
-    momentum_basis: Literal["original", "eigen"] = attrs.field(
-        default="original", converter=to_str, validator=in_(("original", "eigen"))
+    momentum_basis: Literal["original", "eigen", "subspace"] = attrs.field(
+        default="original", converter=to_str, validator=in_(("original", "eigen", "subspace"))
     )
 
     def __attrs_post_init__(self) -> None:
@@ -99,8 +118,16 @@ class EigenvalueInner:
             )
         return None
 
-    def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> MomentumState | EigenMomentumState:
-        if self.momentum_basis == "original":
+    def init(
+        self, layout: Layout, *, dtype: torch.dtype, device: torch.device
+    ) -> MomentumState | EigenMomentumState | SubspaceMomentumState:
+        if self.momentum_basis == "subspace" and (layout.left == "restricted") != (layout.right == "restricted"):
+            if layout.left == "restricted":
+                coords = torch.zeros(layout.batch, layout.rank_left, layout.n, dtype=dtype, device=device)
+            else:
+                coords = torch.zeros(layout.batch, layout.m, layout.rank_right, dtype=dtype, device=device)
+            return SubspaceMomentumState(coords, _zeros(layout, dtype, device))
+        if self.momentum_basis != "eigen":
             return MomentumState(_zeros(layout, dtype, device))
         if "restricted" in (layout.left, layout.right):
             raise ValueError(f"inner 'eigenvalue': {self.restricted_conflict()[1]}")  # type: ignore[index]
@@ -113,10 +140,23 @@ class EigenvalueInner:
         return 1.0 / (lam ** (-self.exponent) + self.eps)
 
     def direction(
-        self, state: MomentumState | EigenMomentumState, G: Tensor, ctx: StepContext
-    ) -> tuple[Tensor, MomentumState | EigenMomentumState]:
+        self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, G: Tensor, ctx: StepContext
+    ) -> tuple[Tensor, MomentumState | EigenMomentumState | SubspaceMomentumState]:
         beta = self.momentum
         basis = ctx.basis
+        if isinstance(state, SubspaceMomentumState):
+            Y, C = ctx.subspace_split(G)
+            new = SubspaceMomentumState(state.momentum_coords.lerp(Y, 1 - beta), state.momentum_complement.lerp(C, 1 - beta))
+            ctx.offer_moment_complement(new.momentum_complement)
+            if not basis.ready:
+                m = self.moment(new, ctx)
+                return (m / (1 - beta**ctx.step) if self.bias_correction else m), new
+            coords = new.momentum_coords / (1 - beta**ctx.step) if self.bias_correction else new.momentum_coords
+            if ctx.layout.left == "restricted":
+                P = coords if basis.Q_R is None else linalg.mm(coords, basis.Q_R)
+            else:
+                P = coords if basis.Q_L is None else linalg.mm(basis.Q_L.mT, coords)
+            return self._scaled_back(P, ctx), new
         if isinstance(state, EigenMomentumState):
             # before the first refresh the bases are the identity: the momentum is in the original coordinates
             P = state.momentum_eigen.lerp(ctx.rotated(G)[1] if basis.ready else G, 1 - beta)
@@ -149,8 +189,10 @@ class EigenvalueInner:
             D = linalg.normalize_rms(D)
         return D
 
-    def moment(self, state: MomentumState | EigenMomentumState, ctx: StepContext) -> Tensor:
+    def moment(self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, ctx: StepContext) -> Tensor:
         """The momentum in the original coordinates."""
+        if isinstance(state, SubspaceMomentumState):
+            return _joined(state, ctx.basis)
         if isinstance(state, EigenMomentumState):
             if not ctx.basis.ready:
                 return state.momentum_eigen
@@ -165,7 +207,35 @@ class EigenvalueInner:
         if isinstance(state, MomentumState):
             return state
         old, new = change.old, change.new
+        if isinstance(state, SubspaceMomentumState):
+            return _resplit(state, old, new)
         return EigenMomentumState(linalg.change_basis(state.momentum_eigen, (old.Q_L, old.Q_R), (new.Q_L, new.Q_R)))
+
+
+def _left(state: SubspaceMomentumState) -> bool:
+    """Whether the state's subspace is on the left (its coordinates ``(b r n)``; ``(b m r)`` on the right)."""
+    return state.momentum_coords.shape[-2] != state.momentum_complement.shape[-2]
+
+
+def _joined(state: SubspaceMomentumState, basis: BasisState) -> Tensor:
+    """The momentum ``(M U) Uᵀ + complement`` (``U (Uᵀ M) + complement`` on the left) in ``basis``'s subspace."""
+    if _left(state):
+        return torch.baddbmm(state.momentum_complement, basis.Q_L, state.momentum_coords)  # type: ignore[arg-type]
+    return torch.baddbmm(state.momentum_complement, state.momentum_coords, basis.Q_R.mT)  # type: ignore[union-attr]
+
+
+def _resplit(state: SubspaceMomentumState, old: BasisState, new: BasisState) -> SubspaceMomentumState:
+    """The momentum rebuilt from its parts against the old subspace and split against the new one."""
+    left = _left(state)
+    U_old, U_new = (old.Q_L, new.Q_L) if left else (old.Q_R, new.Q_R)
+    if U_new is U_old:
+        return state
+    M = _joined(state, old)
+    if left:
+        Y = linalg.mm(U_new.mT, M)  # type: ignore[union-attr]
+        return SubspaceMomentumState(Y, linalg.project_out_left(M, U_new, Y))  # type: ignore[arg-type]
+    Y = linalg.mm(M, U_new)  # type: ignore[arg-type]
+    return SubspaceMomentumState(Y, linalg.project_out_right(M, U_new, Y))  # type: ignore[arg-type]
 
 
 def _rotated(X: Tensor, ctx: StepContext) -> Tensor:

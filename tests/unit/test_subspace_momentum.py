@@ -1,0 +1,140 @@
+"""The eigenvalue rule's momentum kept split against a restricted side's subspace (``inner.momentum_basis =
+"subspace"``, pro_kl_shampoo's preset): the same optimizer as the momentum in the original coordinates, without
+splitting the momentum on every step."""
+
+import pytest
+import torch
+
+import kronopt
+from kronopt import linalg
+from kronopt.inner_rules.eigenvalue import SubspaceMomentumState
+from kronopt.types import StepContext
+
+# (12, 8) and (30, 7): the restricted (larger) side on the left; (8, 20) on the right; (6, 6): a square block
+SHAPES = [(12, 8), (8, 20), (6, 6), (30, 7)]
+
+
+def _run(basis, steps=23, shapes=SHAPES, preset="pro_kl_shampoo", **overrides):
+    if preset == "pro_kl_shampoo":
+        overrides = {"split.rank": 3, **overrides}
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    opt = kronopt.build(
+        [(f"w{i}", p) for i, p in enumerate(params)], preset,
+        **{"inner.momentum_basis": basis, "refresh.every": 3, "state_dtype": "float64", **overrides},
+    )
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+    return opt, params
+
+
+def _moments(opt):
+    out = []
+    for bucket in opt._buckets:
+        cfg = opt._bucket_config(bucket)
+        ctx = kronopt.compose.context(cfg, bucket.layout, bucket.state, bucket.state.step)
+        out.append(cfg.inner.moment(bucket.state.inner, ctx))
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {}, {"inner.bias_correction": True}, {"skip_first_call": False},
+        {"skip_first_call": False, "inner.bias_correction": True}, {"factor_update": "before"}, {"split.side": "right"},
+    ],
+    ids=["preset", "bias_correction", "no_skipped_first_call", "unready_corrected", "update_before", "right_side"],
+)
+def test_the_split_momentum_is_the_same_optimizer(overrides):
+    """Over 23 steps with a refresh every 3 (each re-splits the momentum against the new subspace), on blocks
+    restricted on the left and on the right: the weights and the momentum in the original coordinates agree
+    with the momentum kept whole to float64 rounding. A part fed the wrong part of G, a refresh that kept the
+    old split, or a bias correction of one part only would move them by far more."""
+    a, pa = _run("original", **overrides)
+    b, pb = _run("subspace", **overrides)
+    assert all(isinstance(bk.state.inner, SubspaceMomentumState) for bk in b._buckets)
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y, x, rtol=1e-11, atol=1e-11)
+    for x, y in zip(_moments(a), _moments(b)):
+        torch.testing.assert_close(y, x, rtol=1e-11, atol=1e-11)
+
+
+def test_the_parts_are_the_momentums_split_against_the_current_subspace():
+    """After steps and refreshes, each block's parts are M U and M − M U Uᵀ of its momentum M for the subspace U
+    it holds now (Uᵀ M and M − U Uᵀ M on the left), computed here from M directly."""
+    opt, _ = _run("subspace", steps=11)
+    seen = set()
+    for bucket in opt._buckets:
+        layout, state = bucket.layout, bucket.state
+        M = _moments(opt)[opt._buckets.index(bucket)]
+        if layout.left == "restricted":
+            U = state.basis.Q_L
+            coords, complement = U.mT @ M, M - U @ (U.mT @ M)
+        else:
+            U = state.basis.Q_R
+            coords, complement = M @ U, M - (M @ U) @ U.mT
+        seen.add(layout.left)
+        torch.testing.assert_close(state.inner.momentum_coords, coords, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state.inner.momentum_complement, complement, rtol=1e-12, atol=1e-12)
+        # the complement is orthogonal to the subspace
+        across = U.mT @ complement if layout.left == "restricted" else complement @ U
+        assert across.abs().max() < 1e-12 * max(1.0, complement.abs().max().item())
+    assert seen == {"restricted", "full"}
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (16, 6)])
+def test_a_plain_step_splits_the_gradient_once_and_the_momentum_not_at_all(shape, monkeypatch):
+    """On a plain step the gradient's split (StepContext.subspace_split) is made once and serves the factor
+    update and the momentum; nothing splits the momentum (one subspace product, one complement per step: with the
+    momentum kept whole they are two of each)."""
+    projections, splits = [], []
+    out_right, out_left, split = linalg.project_out_right, linalg.project_out_left, StepContext.subspace_split
+    monkeypatch.setattr(linalg, "project_out_right", lambda *a, **k: projections.append(1) or out_right(*a, **k))
+    monkeypatch.setattr(linalg, "project_out_left", lambda *a, **k: projections.append(1) or out_left(*a, **k))
+
+    def spy(self, X):
+        splits.append(X)
+        return split(self, X)
+
+    monkeypatch.setattr(StepContext, "subspace_split", spy)
+    counts = {}
+    for basis in ("original", "subspace"):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(*shape, generator=gen))
+        opt = kronopt.build([("w", w)], "pro_kl_shampoo", **{"refresh.every": 100, "split.rank": 2, "inner.momentum_basis": basis})
+        for _ in range(3):  # a first call, the first refresh, a plain step
+            w.grad = torch.randn(*shape, generator=gen)
+            opt.step()
+        projections.clear(), splits.clear()
+        w.grad = torch.randn(*shape, generator=gen)
+        opt.step()
+        counts[basis] = len(projections)
+        if basis == "subspace":
+            assert len(splits) == 2 and splits[0] is splits[1]  # the rule's and the factor update's: one gradient
+    # project_out_left goes through project_out_right: a left-restricted complement counts twice
+    per = 2 if shape[0] > shape[1] else 1
+    assert counts == {"original": 2 * per, "subspace": per}
+
+
+def test_a_layout_without_one_restricted_side_keeps_the_momentum_whole():
+    """kl_shampoo's full sides with ``"subspace"``: the momentum in the original coordinates, bit for bit."""
+    a, pa = _run("original", preset="kl_shampoo", steps=8)
+    b, pb = _run("subspace", preset="kl_shampoo", steps=8)
+    assert not any(isinstance(bk.state.inner, SubspaceMomentumState) for bk in b._buckets)
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_the_momentum_kept_whole_is_refused_not_misread():
+    """A pro_kl_shampoo state saved with ``momentum_basis = "original"`` (the preset before this option) does not
+    load into the split momentum: a clear error that names the parts (kronopt.from_state_dict rebuilds it)."""
+    a, _ = _run("original", steps=5)
+    b, _ = _run("subspace", steps=5)
+    with pytest.warns(UserWarning, match="different config"), pytest.raises(ValueError, match="momentum_coords"):
+        b.load_state_dict(a.state_dict())
+    params = [(f"w{i}", torch.nn.Parameter(torch.zeros(s, dtype=torch.float64))) for i, s in enumerate(SHAPES)]
+    rebuilt = kronopt.from_state_dict(params, a.state_dict())
+    assert rebuilt.config.inner.momentum_basis == "original"
