@@ -431,6 +431,18 @@ def scalar_entries(record: Any) -> dict[str, Any]:
     return {k: v for k, v in flatten(record).items() if v is not None and not isinstance(v, Tensor)}
 
 
+def adopt_saved(cfg: KronConfig, entry: dict[str, Any]) -> dict[str, Any]:
+    """A block's saved entry as this pipeline keeps it: each stage with an ``adopt_saved(entry)`` member (an
+    optional one, for a stage that can read its state saved in another form, e.g. the eigenvalue rule's
+    momentum kept whole or split) converts what it recognises; anything else is left for
+    :func:`stack_entries` to check."""
+    for stage in (cfg.factors, cfg.basis, cfg.inner, cfg.split, cfg.post):
+        adopt = getattr(stage, "adopt_saved", None)
+        if adopt is not None:
+            entry = adopt(entry)
+    return entry
+
+
 def stack_entries(template: Any, entries: list[dict[str, Any]], names: list[str]) -> Any:
     """The inverse of :func:`block_entries`: fill ``template`` (from :func:`init_state`, batch
     ``len(entries)``) with the blocks' values stacked along a new first axis.

@@ -1249,7 +1249,7 @@ class KronOptimizer(torch.optim.Optimizer):
             entries = [
                 {k: plan.from_saved(i, v) if plan.is_rows(i, v) else v for k, v in e.items()} for i, e in enumerate(entries)
             ]
-        stage = [{k: v for k, v in e.items() if k not in (_NONFINITE, _BUCKET)} for e in entries]
+        stage = [compose.adopt_saved(cfg, {k: v for k, v in e.items() if k not in (_NONFINITE, _BUCKET)}) for e in entries]
         state = compose.stack_entries(template, stage, names)
         counts = [e.get(_NONFINITE, 0) for e in entries]
         bucket.state = state

@@ -1,7 +1,7 @@
 """Inner rule ``eigenvalue``: Shampoo-style scaling by powers of the eigenvalue estimates."""
 
 import warnings
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 import torch
@@ -189,6 +189,39 @@ class EigenvalueInner:
             D = linalg.normalize_rms(D)
         return D
 
+    def adopt_saved(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A block's saved entry with its momentum in the form this rule keeps (:func:`kronopt.compose.adopt_saved`):
+        a momentum saved whole (``"original"``, pro_kl_shampoo's preset before ``"subspace"``) is split against
+        the block's saved subspace where this rule keeps it split, and a split one joined where it keeps it
+        whole. The same momentum, to rounding."""
+        whole, parts = "inner.momentum_buffer", ("inner.momentum_coords", "inner.momentum_complement")
+        side = _saved_subspace(entry)
+        if side is None:
+            return entry
+        left, U = side
+        if self.momentum_basis == "subspace" and whole in entry and parts[0] not in entry:
+            M = entry[whole]
+            if not isinstance(M, Tensor):
+                return entry
+            dtype = torch.promote_types(torch.promote_types(M.dtype, U.dtype), torch.float32)
+            X, V = M.to(dtype), U.to(dtype)
+            Y = V.mT @ X if left else X @ V
+            C = X - V @ Y if left else X - Y @ V.mT
+            out = {k: v for k, v in entry.items() if k != whole}
+            out[parts[0]], out[parts[1]] = Y.to(M.dtype), C.to(M.dtype)
+            return out
+        if self.momentum_basis == "original" and all(k in entry for k in parts) and whole not in entry:
+            Y, C = entry[parts[0]], entry[parts[1]]
+            if not (isinstance(Y, Tensor) and isinstance(C, Tensor)):
+                return entry
+            dtype = torch.promote_types(torch.promote_types(C.dtype, U.dtype), torch.float32)
+            V = U.to(dtype)
+            M = C.to(dtype) + (V @ Y.to(dtype) if left else Y.to(dtype) @ V.mT)
+            out = {k: v for k, v in entry.items() if k not in parts}
+            out[whole] = M.to(C.dtype)
+            return out
+        return entry
+
     def moment(self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, ctx: StepContext) -> Tensor:
         """The momentum in the original coordinates."""
         if isinstance(state, SubspaceMomentumState):
@@ -210,6 +243,17 @@ class EigenvalueInner:
         if isinstance(state, SubspaceMomentumState):
             return _resplit(state, old, new)
         return EigenMomentumState(linalg.change_basis(state.momentum_eigen, (old.Q_L, old.Q_R), (new.Q_L, new.Q_R)))
+
+
+def _saved_subspace(entry: dict[str, Any]) -> tuple[bool, Tensor] | None:
+    """``(left, U)`` of a block's saved entry with exactly one restricted side (its basis ``d × r``, ``r < d``;
+    a full side's is square), else ``None``."""
+    sides = []
+    for left, key in ((True, "basis.Q_L"), (False, "basis.Q_R")):
+        Q = entry.get(key)
+        if isinstance(Q, Tensor) and type(Q) is Tensor and Q.dim() == 2 and Q.shape[-1] < Q.shape[-2]:
+            sides.append((left, Q))
+    return sides[0] if len(sides) == 1 else None
 
 
 def _left(state: SubspaceMomentumState) -> bool:

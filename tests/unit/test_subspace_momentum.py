@@ -128,13 +128,35 @@ def test_a_layout_without_one_restricted_side_keeps_the_momentum_whole():
         torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
-def test_a_checkpoint_with_the_momentum_kept_whole_is_refused_not_misread():
-    """A pro_kl_shampoo state saved with ``momentum_basis = "original"`` (the preset before this option) does not
-    load into the split momentum: a clear error that names the parts (kronopt.from_state_dict rebuilds it)."""
-    a, _ = _run("original", steps=5)
-    b, _ = _run("subspace", steps=5)
-    with pytest.warns(UserWarning, match="different config"), pytest.raises(ValueError, match="momentum_coords"):
+@pytest.mark.parametrize(("saved", "loaded"), [("original", "subspace"), ("subspace", "original")])
+def test_a_checkpoint_loads_across_the_two_forms_of_the_momentum(saved, loaded):
+    """A pro_kl_shampoo state saved with the momentum whole (the preset before ``"subspace"``) loads into the split
+    form, split against each block's saved subspace, and the other way round: both then go on as the optimizer
+    that saved it, to float64 rounding, on blocks restricted on the left and on the right."""
+    a, pa = _run(saved, steps=7)
+    b, pb = _run(loaded, steps=2)
+    with pytest.warns(UserWarning, match="different config"):
         b.load_state_dict(a.state_dict())
-    params = [(f"w{i}", torch.nn.Parameter(torch.zeros(s, dtype=torch.float64))) for i, s in enumerate(SHAPES)]
-    rebuilt = kronopt.from_state_dict(params, a.state_dict())
-    assert rebuilt.config.inner.momentum_basis == "original"
+    for p, q in zip(pb, pa):
+        with torch.no_grad():
+            p.copy_(q)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(8):  # two refreshes
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in pa]
+        for opt, params in ((a, pa), (b, pb)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y, x, rtol=1e-11, atol=1e-11)
+    kept = SubspaceMomentumState if loaded == "subspace" else kronopt.inner_rules.MomentumState
+    assert all(isinstance(bk.state.inner, kept) for bk in b._buckets)
+
+
+def test_a_checkpoint_of_another_pipeline_is_still_refused():
+    """The conversion reads only the eigenvalue rule's momentum: kl_shampoo's momentum in the eigenbasis does not
+    load into pro_kl_shampoo (a clear error naming the parts), as before."""
+    a, _ = _run("eigen", preset="kl_shampoo", steps=3)
+    b, _ = _run("subspace", steps=3)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="does not fit this pipeline"):
+        b.load_state_dict(a.state_dict())
