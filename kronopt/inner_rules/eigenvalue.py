@@ -201,8 +201,8 @@ class EigenvalueInner:
         left, U = side
         if self.momentum_basis == "subspace" and whole in entry and parts[0] not in entry:
             M = entry[whole]
-            if not isinstance(M, Tensor):
-                return entry
+            if not isinstance(M, Tensor) or M.dim() != 2 or M.shape[0 if left else 1] != U.shape[0]:
+                return entry  # not this block's momentum: stack_entries names what does not fit
             dtype = torch.promote_types(torch.promote_types(M.dtype, U.dtype), torch.float32)
             X, V = M.to(dtype), U.to(dtype)
             Y = V.mT @ X if left else X @ V
@@ -212,8 +212,12 @@ class EigenvalueInner:
             return out
         if self.momentum_basis == "original" and all(k in entry for k in parts) and whole not in entry:
             Y, C = entry[parts[0]], entry[parts[1]]
-            if not (isinstance(Y, Tensor) and isinstance(C, Tensor)):
-                return entry
+            d, r = U.shape
+            fits = isinstance(Y, Tensor) and isinstance(C, Tensor) and C.dim() == 2 and Y.dim() == 2 and (
+                Y.shape == (r, C.shape[1]) and C.shape[0] == d if left else Y.shape == (C.shape[0], r) and C.shape[1] == d
+            )
+            if not fits:
+                return entry  # stack_entries names what does not fit
             dtype = torch.promote_types(torch.promote_types(C.dtype, U.dtype), torch.float32)
             V = U.to(dtype)
             M = C.to(dtype) + (V @ Y.to(dtype) if left else Y.to(dtype) @ V.mT)
@@ -233,10 +237,11 @@ class EigenvalueInner:
         return state.momentum_buffer
 
     def on_basis_change(
-        self, state: MomentumState | EigenMomentumState, change: BasisChange
-    ) -> MomentumState | EigenMomentumState:
+        self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, change: BasisChange
+    ) -> MomentumState | EigenMomentumState | SubspaceMomentumState:
         """``"eigen"``: the momentum carried from the old basis to the new one (from the original
-        coordinates at the first refresh, whose old bases are the identity); ``"original"``: unchanged."""
+        coordinates at the first refresh, whose old bases are the identity); ``"subspace"``: rebuilt from
+        its parts against the old subspace and split against the new one; ``"original"``: unchanged."""
         if isinstance(state, MomentumState):
             return state
         old, new = change.old, change.new
@@ -262,10 +267,12 @@ def _left(state: SubspaceMomentumState) -> bool:
 
 
 def _joined(state: SubspaceMomentumState, basis: BasisState) -> Tensor:
-    """The momentum ``(M U) Uᵀ + complement`` (``U (Uᵀ M) + complement`` on the left) in ``basis``'s subspace."""
+    """The momentum ``(M U) Uᵀ + complement`` (``U (Uᵀ M) + complement`` on the left) in ``basis``'s subspace
+    (a basis stored narrower than the momentum, as the optimizer's own state may be, is read in its dtype)."""
+    C = state.momentum_complement
     if _left(state):
-        return torch.baddbmm(state.momentum_complement, basis.Q_L, state.momentum_coords)  # type: ignore[arg-type]
-    return torch.baddbmm(state.momentum_complement, state.momentum_coords, basis.Q_R.mT)  # type: ignore[union-attr]
+        return torch.baddbmm(C, basis.Q_L.to(C.dtype), state.momentum_coords)  # type: ignore[union-attr]
+    return torch.baddbmm(C, state.momentum_coords, basis.Q_R.mT.to(C.dtype))  # type: ignore[union-attr]
 
 
 def _resplit(state: SubspaceMomentumState, old: BasisState, new: BasisState) -> SubspaceMomentumState:

@@ -45,8 +45,9 @@ def _moments(opt):
     [
         {}, {"inner.bias_correction": True}, {"skip_first_call": False},
         {"skip_first_call": False, "inner.bias_correction": True}, {"factor_update": "before"}, {"split.side": "right"},
+        {"refresh.stagger": True},
     ],
-    ids=["preset", "bias_correction", "no_skipped_first_call", "unready_corrected", "update_before", "right_side"],
+    ids=["preset", "bias_correction", "no_skipped_first_call", "unready_corrected", "update_before", "right_side", "stagger"],
 )
 def test_the_split_momentum_is_the_same_optimizer(overrides):
     """Over 23 steps with a refresh every 3 (each re-splits the momentum against the new subspace), on blocks
@@ -160,3 +161,38 @@ def test_a_checkpoint_of_another_pipeline_is_still_refused():
     b, _ = _run("subspace", steps=3)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="does not fit this pipeline"):
         b.load_state_dict(a.state_dict())
+
+
+def test_a_malformed_saved_momentum_is_refused_with_the_pipelines_error():
+    """A saved momentum whose shape does not fit the block's saved subspace is left to stack_entries, whose
+    ValueError names the block and the keys (not a product's shape error from the conversion), and the
+    optimizer is left as it was."""
+    a, _ = _run("original", steps=5)
+    b, _ = _run("subspace", steps=5)
+    sd = a.state_dict()
+    sd["state"][0]["inner.momentum_buffer"] = sd["state"][0]["inner.momentum_buffer"][:-1]
+    before = {k: v.clone() for k, v in kronopt.compose.flatten(b._buckets[0].state).items() if isinstance(v, torch.Tensor)}
+    with pytest.warns(UserWarning, match="different config"), pytest.raises(ValueError, match="does not fit this pipeline"):
+        b.load_state_dict(sd)
+    after = kronopt.compose.flatten(b._buckets[0].state)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_moment_reads_a_basis_stored_narrower_than_the_momentum():
+    """``moment()`` on the optimizer's stored state, whose basis is kept in bfloat16 and momentum in float32 (as
+    ``inspect`` or a plugin may call it): the momentum, read with that basis, not a dtype error."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 20, generator=gen))
+    opt = kronopt.build([("w", w)], "pro_kl_shampoo", **{"refresh.every": 3, "split.rank": 3, "storage.basis": "bfloat16"})
+    for _ in range(5):
+        w.grad = torch.randn(8, 20, generator=gen)
+        opt.step()
+    bucket = opt._buckets[0]
+    cfg = opt._bucket_config(bucket)
+    state = bucket.state
+    assert state.basis.Q_R.dtype == torch.bfloat16 and state.inner.momentum_complement.dtype == torch.float32
+    ctx = kronopt.compose.context(cfg, bucket.layout, state, state.step)
+    M = cfg.inner.moment(state.inner, ctx)
+    U = state.basis.Q_R.float()
+    expected = state.inner.momentum_coords @ U.mT + state.inner.momentum_complement
+    torch.testing.assert_close(M, expected, rtol=1e-6, atol=1e-6)
