@@ -7,23 +7,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kronopt
 from kronopt import config
+from tests.unit._momentum_runs import run_momentum_basis
 
 SHAPES = [(12, 8), (8, 20), (6, 6)]
 
 
 def _run(preset, basis, steps=23, **overrides):
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
-    opt = kronopt.build(
-        [(f"w{i}", p) for i, p in enumerate(params)], preset,
-        **{"inner.momentum_basis": basis, "refresh.every": 3, "state_dtype": "float64", **overrides},
-    )
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-        opt.step()
-    return opt, params
+    return run_momentum_basis(preset, basis, SHAPES, steps, **overrides)
 
 
 @pytest.mark.parametrize(

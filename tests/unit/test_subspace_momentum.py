@@ -9,6 +9,7 @@ import kronopt
 from kronopt import linalg
 from kronopt.inner_rules.eigenvalue import SubspaceMomentumState
 from kronopt.types import StepContext
+from tests.unit._momentum_runs import run_momentum_basis
 
 # (12, 8) and (30, 7): the restricted (larger) side on the left; (8, 20) on the right; (6, 6): a square block
 SHAPES = [(12, 8), (8, 20), (6, 6), (30, 7)]
@@ -17,18 +18,7 @@ SHAPES = [(12, 8), (8, 20), (6, 6), (30, 7)]
 def _run(basis, steps=23, shapes=SHAPES, preset="pro_kl_shampoo", **overrides):
     if preset == "pro_kl_shampoo":
         overrides = {"split.rank": 3, **overrides}
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
-    opt = kronopt.build(
-        [(f"w{i}", p) for i, p in enumerate(params)], preset,
-        **{"inner.momentum_basis": basis, "refresh.every": 3, "state_dtype": "float64", **overrides},
-    )
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-        opt.step()
-    return opt, params
+    return run_momentum_basis(preset, basis, shapes, steps, **overrides)
 
 
 def _moments(opt):
