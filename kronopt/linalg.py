@@ -1705,12 +1705,17 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
     return select_blocks(ok, U_new, U), select_blocks(ok, lam_new, lam), ok
 
 
-def subspace_split(X: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
+def subspace_split(X: Tensor, U: Tensor, *, left: bool = False, coords: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""``X (b m n)`` against an orthonormal ``U (b n r)``: :math:`(X U,\ X - (X U) U^\top)`, the
     subspace coordinates ``(b m r)`` and the complement ``(b m n)`` in ``X``'s layout
-    (:func:`project_out_right`). Cost :math:`2mnr`."""
-    XU = mm(X, U)
-    return XU, project_out_right(X, U, XU)
+    (:func:`project_out_right`). With ``left``, ``U (b m r)`` on the other side:
+    :math:`(U^\top X,\ X - U (U^\top X))` (:func:`project_out_left`). ``coords``: the coordinates,
+    where the caller has them. Cost :math:`2mnr` (:math:`mnr` with ``coords``)."""
+    if left:
+        Y = mm(U.mT, X) if coords is None else coords
+        return Y, project_out_left(X, U, Y)
+    Y = mm(X, U) if coords is None else coords
+    return Y, project_out_right(X, U, Y)
 
 
 def weighted_row_energy(X: Tensor, w: Tensor | None) -> Tensor:

@@ -179,8 +179,7 @@ class StepContext:
         hit = self.shared.get("split")
         if hit is not None and hit[0] is X and hit[1] is U:
             return hit[2], hit[3]
-        Y = self.subspace_coordinates(X)
-        C = linalg.project_out_left(X, U, Y) if left else linalg.project_out_right(X, U, Y)  # type: ignore[arg-type]
+        Y, C = linalg.subspace_split(X, U, left=left, coords=self.subspace_coordinates(X))  # type: ignore[arg-type]
         self.shared["split"] = (X, U, Y, C)
         return Y, C
 
@@ -200,8 +199,7 @@ class StepContext:
         if hit is not None and hit[0] is U:
             return hit[1]
         M = moment()
-        Y = self.subspace_coordinates(M)
-        return linalg.project_out_left(M, U, Y) if left else linalg.project_out_right(M, U, Y)  # type: ignore[arg-type]
+        return linalg.subspace_split(M, U, left=left, coords=self.subspace_coordinates(M))[1]  # type: ignore[arg-type]
 
 
 # -- the slot protocols: the members every stage of a slot has ------------------------------

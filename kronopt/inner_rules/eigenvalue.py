@@ -204,11 +204,9 @@ class EigenvalueInner:
             if not isinstance(M, Tensor) or M.dim() != 2 or M.shape[0 if left else 1] != U.shape[0]:
                 return entry  # not this block's momentum: stack_entries names what does not fit
             dtype = torch.promote_types(torch.promote_types(M.dtype, U.dtype), torch.float32)
-            X, V = M.to(dtype), U.to(dtype)
-            Y = V.mT @ X if left else X @ V
-            C = X - V @ Y if left else X - Y @ V.mT
+            Y, C = linalg.subspace_split(M.to(dtype)[None], U.to(dtype)[None], left=left)
             out = {k: v for k, v in entry.items() if k != whole}
-            out[parts[0]], out[parts[1]] = Y.to(M.dtype), C.to(M.dtype)
+            out[parts[0]], out[parts[1]] = Y[0].to(M.dtype), C[0].to(M.dtype)
             return out
         if self.momentum_basis == "original" and all(k in entry for k in parts) and whole not in entry:
             Y, C = entry[parts[0]], entry[parts[1]]
@@ -281,12 +279,7 @@ def _resplit(state: SubspaceMomentumState, old: BasisState, new: BasisState) -> 
     U_old, U_new = (old.Q_L, new.Q_L) if left else (old.Q_R, new.Q_R)
     if U_new is U_old:
         return state
-    M = _joined(state, old)
-    if left:
-        Y = linalg.mm(U_new.mT, M)  # type: ignore[union-attr]
-        return SubspaceMomentumState(Y, linalg.project_out_left(M, U_new, Y))  # type: ignore[arg-type]
-    Y = linalg.mm(M, U_new)  # type: ignore[arg-type]
-    return SubspaceMomentumState(Y, linalg.project_out_right(M, U_new, Y))  # type: ignore[arg-type]
+    return SubspaceMomentumState(*linalg.subspace_split(_joined(state, old), U_new, left=left))  # type: ignore[arg-type]
 
 
 def _rotated(X: Tensor, ctx: StepContext) -> Tensor:

@@ -614,6 +614,15 @@ def test_subspace_split_and_row_energy_match_dense_projections():
     torch.testing.assert_close(TU, T @ U, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(Tc, T @ P_perp, rtol=1e-12, atol=1e-13)
     assert Tc.mT.is_contiguous()
+    # the subspace on the left: (Uᵀ X, X − U Uᵀ X); given coordinates are used as they are
+    Z = randn(gen, 2, 7, 4)
+    ZU, Zc = linalg.subspace_split(Z, U, left=True)
+    torch.testing.assert_close(ZU, U.mT @ Z, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(Zc, P_perp @ Z, rtol=1e-12, atol=1e-13)
+    given = torch.zeros_like(XU)
+    kept, whole = linalg.subspace_split(X, U, coords=given)
+    assert kept is given
+    torch.testing.assert_close(whole, X, rtol=0, atol=0)
     w = torch.rand(2, 7, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(linalg.weighted_row_energy(X, w), torch.einsum("bmn,bn->bm", X * X, w), rtol=1e-13, atol=0)
     torch.testing.assert_close(linalg.weighted_row_energy(X, None), (X * X).sum(-1), rtol=1e-13, atol=0)
