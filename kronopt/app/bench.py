@@ -17,8 +17,9 @@ import pickle
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -67,6 +68,7 @@ def bench(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     repeat: int = 1,
+    makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Step time and state bytes per optimizer, measured interleaved in one run.
 
@@ -81,6 +83,9 @@ def bench(
     (:func:`aggregate_runs`): on a shared machine a ratio moves by several percent
     from one run to the next, and the spread says by how much.
 
+    ``makers`` builds the named stand-ins that are not optimizers (name → a function
+    returning the stand-in and its state bytes; :func:`scaling`'s replays of the matrix work).
+
     Returns:
         One dict per name, in order: ``optimizer``, ``mean_ms``, ``median_ms``,
         ``state_bytes``, ``vs_first`` (its mean over the first optimizer's mean),
@@ -92,7 +97,10 @@ def bench(
     _check_run(names, shapes, steps, warmup)
     if repeat < 1:
         raise ValueError(f"bench needs repeat ≥ 1, got {repeat}")
-    runs = [_bench_once(names, shapes, steps=steps, warmup=warmup, device=device, dtype=dtype, seed=seed) for _ in range(repeat)]
+    runs = [
+        _bench_once(names, shapes, steps=steps, warmup=warmup, device=device, dtype=dtype, seed=seed, makers=makers)
+        for _ in range(repeat)
+    ]
     return aggregate_runs(runs)
 
 
@@ -140,16 +148,17 @@ def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> 
 
 def _bench_once(
     names: Sequence[str], shapes: Sequence[tuple[int, ...]], *, steps: int, warmup: int, device: str,
-    dtype: torch.dtype, seed: int,
+    dtype: torch.dtype, seed: int, makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One interleaved run of :func:`bench` (fresh optimizers)."""
+    """One interleaved run of :func:`bench` (fresh optimizers); a name in ``makers`` is built by its
+    maker (a stand-in with a ``step()``, as :class:`_Replay`) instead of :func:`_make`."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
     runs = []
     for name in names:
         params = [torch.nn.Parameter(b.clone().to(device)) for b in base]
-        opt, state_bytes = _make(name, params)
+        opt, state_bytes = makers[name]() if makers and name in makers else _make(name, params)
         runs.append({"name": name, "params": params, "opt": opt, "state_bytes": state_bytes, "times": []})
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with peers.eager():
@@ -180,22 +189,30 @@ def scaling(
     names: Sequence[str], widths: Sequence[int], *, steps: int, warmup: int, device: str, seed: int = 0
 ) -> list[dict[str, Any]]:
     """:func:`bench` on a one-layer transformer-shaped set (:func:`transformer_shapes`) at each width ``d``,
-    with :func:`matmul_alone` for each kronopt optimizer.
+    with each kronopt optimizer's matrix work alone (:class:`_Replay`) stepped in the same rounds.
+
+    The replay of step k runs beside step k itself, interleaved with the optimizers, so the
+    machine's load hits both alike, and both figures are the mean over the same timed steps
+    (refreshes included): the step's mean over the replay's says how far the step is from
+    being bound by its matrix work. An optimizer whose steps record no matrix work has 0.
 
     Returns:
         One dict per width: ``d``, ``rows`` (:func:`bench`'s rows at that width) and ``alone``
-        (kronopt optimizer name → :func:`matmul_alone`'s ms per step).
+        (kronopt optimizer name → the mean ms per step of its matrix work replayed).
     """
     table = []
     for d in widths:
         shapes = transformer_shapes(d, 1)
-        rows = bench(names, shapes, steps=steps, warmup=warmup, device=device, seed=seed)
-        alone = {
-            n: matmul_alone(n, shapes, steps=steps, warmup=warmup, device=device, seed=seed)
+        recorded = {
+            n: record_matrix_work(n, shapes, steps=warmup + steps, device=device, seed=seed)
             for n in names
             if n not in peers.PEERS and not peers.is_import_name(n)
         }
-        table.append({"d": d, "rows": rows, "alone": alone})
+        makers = {f"{n} alone": partial(_Replay.maker, calls, seed) for n, calls in recorded.items() if any(calls)}
+        rows = bench([*names, *makers], shapes, steps=steps, warmup=warmup, device=device, seed=seed, makers=makers)
+        means = {r["optimizer"]: r["mean_ms"] for r in rows}
+        alone = {n: means.get(f"{n} alone", 0.0) for n in recorded}
+        table.append({"d": d, "rows": rows[: len(names)], "alone": alone})
     return table
 
 
@@ -231,12 +248,15 @@ class _HeavyOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _replay_inputs(calls: list[tuple[Any, tuple, dict]], gen: torch.Generator) -> list[tuple[Any, tuple, dict]]:
+def _replay_inputs(
+    calls: list[tuple[Any, tuple, dict]], gen: torch.Generator, made: dict[tuple, torch.Tensor] | None = None
+) -> list[tuple[Any, tuple, dict]]:
     """The recorded calls with random inputs; one input tensor per distinct (shape, dtype, device, kind),
-    shared by every call that asks for it, so memory stays that of one step, not of every recorded call.
+    shared by every call that asks for it (and, through ``made``, by the calls of every step), so
+    memory stays that of one step, not of every recorded call.
     An in-place op's written tensor has a kind of its own, so it never feeds an operand: the replays
     add bounded products into it (``x += α a b`` with fixed ``a``, ``b``), never ``x += α x x``."""
-    made: dict[tuple, torch.Tensor] = {}
+    made = {} if made is None else made
 
     def make(x: Any) -> Any:
         if not (isinstance(x, tuple) and len(x) == 5 and x[0] == "tensor"):
@@ -257,45 +277,74 @@ def _random_input(x: tuple, gen: torch.Generator) -> torch.Tensor:
     return t
 
 
-def matmul_alone(
-    name: str, shapes: Sequence[tuple[int, ...]], *, steps: int, warmup: int, device: str,
-    dtype: torch.dtype = torch.float32, seed: int = 0,
-) -> float:
-    """Milliseconds per step of the matrix work alone: the same batched products, ``eigh`` and QR.
-
-    The kronopt optimizer ``name`` takes ``warmup`` steps, then its next ``steps`` steps are
-    recorded (every call of :data:`HEAVY_OPS`, with its shapes and settings; refreshes
-    included), and the recorded calls are replayed on fresh random inputs of the same
-    shapes (symmetric positive definite ones for ``eigh``), with nothing around them: no
-    elementwise work, no allocation of state, no Python of kronopt's. The better of two
-    replays after a first one, over ``steps``. A step time close to this is bound by the matrix work itself.
-    """
+def record_matrix_work(
+    name: str, shapes: Sequence[tuple[int, ...]], *, steps: int, device: str, dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> list[list[tuple[Any, tuple, dict]]]:
+    """The matrix work of each of the first ``steps`` steps of a fresh kronopt optimizer ``name``: every
+    call of :data:`HEAVY_OPS` (refreshes included), with its shapes and settings, one list per step.
+    Step k's list is what step k of any fresh optimizer of that name on these shapes calls: which
+    steps refresh follows the step count, not the values."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype).to(device)) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
     opt, _ = _make(name, params)
-    recorder = _HeavyOps()
-    for k in range(warmup + steps):
+    per_step = []
+    for k in range(steps):
         for p, g in zip(params, grads[k % len(grads)]):
             p.grad = g
-        if k < warmup:
+        with _HeavyOps() as recorder:
             opt.step()
-        else:
-            with recorder:
-                opt.step()
-    if not recorder.calls:
+        per_step.append(recorder.calls)
+    return per_step
+
+
+class _Replay:
+    """A stand-in optimizer whose k-th ``step()`` replays the calls recorded from step k
+    (:func:`record_matrix_work`) on random inputs of the same shapes (symmetric positive definite
+    ones for ``eigh``), with nothing around them: no elementwise work, no allocation of state, no
+    Python of kronopt's. The inputs are made once, before the first step."""
+
+    def __init__(self, per_step: list[list[tuple[Any, tuple, dict]]], seed: int = 0) -> None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        made: dict[tuple, torch.Tensor] = {}
+        self._steps = [_replay_inputs(calls, gen, made) for calls in per_step]
+        self._k = 0
+
+    @classmethod
+    def maker(cls, per_step: list[list[tuple[Any, tuple, dict]]], seed: int = 0) -> tuple["_Replay", Any]:
+        """The replay and its state bytes (none), as :func:`bench`'s ``makers`` want them."""
+        return cls(per_step, seed), lambda: 0
+
+    def step(self) -> None:
+        for op, args, kw in self._steps[self._k % len(self._steps)]:
+            op(*args, **kw)
+        self._k += 1
+
+
+def matmul_alone(
+    name: str, shapes: Sequence[tuple[int, ...]], *, steps: int, warmup: int, device: str,
+    dtype: torch.dtype = torch.float32, seed: int = 0,
+) -> float:
+    """Milliseconds per step of the matrix work alone, replayed on its own: the mean over steps
+    ``warmup`` to ``warmup + steps`` of :class:`_Replay` (the earlier steps' replays warm up).
+    :func:`scaling` replays the same work interleaved with the steps instead, which compares
+    better on a busy machine. 0.0 where the steps record no matrix work.
+    """
+    per_step = record_matrix_work(name, shapes, steps=warmup + steps, device=device, dtype=dtype, seed=seed)
+    if not any(per_step):
         return 0.0
-    calls = _replay_inputs(recorder.calls, gen)
+    replay = _Replay(per_step, seed)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    best = float("inf")
-    for _ in range(3):  # the first replay warms up
+    times = []
+    for k in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
-        for op, args, kw in calls:
-            op(*args, **kw)
+        replay.step()
         sync()
-        best = min(best, time.perf_counter() - t0)
-    return best / steps * 1e3
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.fmean(times) * 1e3
 
 
 def _rank_rows(job: dict[str, Any], barrier: Any) -> list[dict[str, Any]]:
@@ -587,7 +636,7 @@ def _print_alone(table: list[dict[str, Any]]) -> None:
         return
     print()
     print("matmul alone: ms per step of the same batched products, eigh and QR replayed without kronopt's other work, "
-          "and the step's mean over it")
+          "interleaved with the steps, and the step's mean over it")
     cols = [max(len(n) + 8, 20) for n in names]
     header = f"{'d':>6} " + " ".join(f"{n + ' alone':>{w}}" for n, w in zip(names, cols))
     print(header)

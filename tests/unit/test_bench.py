@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kronopt.app import bench, cli, peers
+from kronopt.optimizer import KronOptimizer
 
 TINY = ["--shapes", "8x4,4", "--steps", "2", "--warmup", "1", "--threads", "1"]
 
@@ -199,16 +200,17 @@ def test_matmul_alone_replays_the_recorded_products(monkeypatch):
     seen = []
     real = bench._replay_inputs
 
-    def spy(calls, gen):
+    def spy(calls, gen, made=None):
         seen.extend(op.overloadpacket.__name__ for op, _, _ in calls)
-        return real(calls, gen)
+        return real(calls, gen, made)
 
     monkeypatch.setattr(bench, "_replay_inputs", spy)
     ms = bench.matmul_alone("soap", [(8, 8), (16, 8)], steps=10, warmup=2, device="cpu")
     assert ms > 0
     # the plain steps' rotations and Gram products, the refresh's power step and Q factor
     assert {"bmm", "baddbmm", "geqrf", "linalg_householder_product"} <= set(seen)
-    # one refresh in the 10 recorded updates (the 10th), two buckets (one per shape), two sides each
+    # one QR refresh in the 12 recorded steps (the 10th update; the first call's is eigh),
+    # two buckets (one per shape), two sides each
     assert seen.count("geqrf") == 1 * 2 * 2
     assert bench.matmul_alone("adamw", [(8, 8)], steps=3, warmup=1, device="cpu") == 0.0
 
@@ -225,9 +227,10 @@ def test_matmul_alone_records_the_in_place_products_too(monkeypatch):
     replayed = []
     real = bench._replay_inputs
 
-    def spy(calls, gen):
-        replayed.extend(real(calls, gen))
-        return replayed
+    def spy(calls, gen, made=None):
+        mine = real(calls, gen, made)
+        replayed.extend(mine)
+        return mine
 
     monkeypatch.setattr(bench, "_replay_inputs", spy)
     # square blocks: the written accumulator has the operands' shape, yet is never one of them
@@ -259,6 +262,45 @@ def test_a_module_class_peer_is_built_with_its_defaults(tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert "no_such_module_xyz:Opt: cannot be imported" in out
     assert any(line.startswith("my_peer_mod:Opt ") for line in out.splitlines())
+
+
+def test_recorded_matrix_work_is_per_step_and_refreshes_where_the_config_says():
+    """soap refreshes on its first call (eigh) and every 10 updates after (QR): step k's list holds
+    step k's calls, so a replay of step k pays for a refresh exactly where the optimizer does."""
+    per_step = bench.record_matrix_work("soap", [(8, 8), (16, 8)], steps=22, device="cpu")
+    assert len(per_step) == 22
+    ops = [{op.overloadpacket.__name__ for op, _, _ in calls} for calls in per_step]
+    assert [k for k, o in enumerate(ops) if "_linalg_eigh" in o] == [0]
+    assert [k for k, o in enumerate(ops) if "geqrf" in o] == [10, 20]
+    assert all("bmm" in o or "baddbmm" in o for o in ops[1:])  # every later step rotates and updates factors
+
+
+def test_scaling_replays_the_matrix_work_interleaved_with_the_steps(monkeypatch):
+    """Each round steps the optimizers and the replays in turn, and replay k runs step k's calls:
+    the matrix work alone is timed under the same load, over the same steps, as the step."""
+    log = []
+    real_replay, real_opt = bench._Replay.step, KronOptimizer.step
+
+    def replay_step(self):
+        log.append(("replay", self._k, sorted({op.overloadpacket.__name__ for op, _, _ in self._steps[self._k]})))
+        return real_replay(self)
+
+    def opt_step(self, *a, **kw):
+        log.append(("soap",))
+        return real_opt(self, *a, **kw)
+
+    monkeypatch.setattr(bench._Replay, "step", replay_step)
+    monkeypatch.setattr(KronOptimizer, "step", opt_step)
+    table = bench.scaling(["torch.AdamW", "soap"], [8], steps=10, warmup=2, device="cpu")
+    assert log[:12] == [("soap",)] * 12  # the recording optimizer's steps come first, then the rounds
+    rounds = [log[i : i + 2] for i in range(12, len(log), 2)]
+    assert len(rounds) == 12 and all(r[0] == ("soap",) and r[1][0] == "replay" for r in rounds)
+    assert [r[1][1] for r in rounds] == list(range(12))
+    assert [k for k, r in enumerate(rounds) if "geqrf" in r[1][2]] == [10]
+    assert [k for k, r in enumerate(rounds) if "_linalg_eigh" in r[1][2]] == [0]
+    (entry,) = table
+    assert [r["optimizer"] for r in entry["rows"]] == ["torch.AdamW", "soap"]  # the replays are not rows
+    assert set(entry["alone"]) == {"soap"} and entry["alone"]["soap"] > 0
 
 
 def test_scaling_uses_a_one_layer_transformer_set(monkeypatch):
