@@ -747,11 +747,22 @@ def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(see
     close(out32.double(), expected, rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_weighted_row_energy_reads_a_transposed_view_alike():
+    """Unit weights give the squared row norms whether the rows are contiguous or strided (the two take
+    different reductions): against a float64 sum of squares of a contiguous copy."""
+    X = randn(generator(5), 2, 37, 53).float()
+    for view in (X, X.mT, X[:, ::2]):
+        expected = view.contiguous().double().square().sum(-1)
+        torch.testing.assert_close(linalg.weighted_row_energy(view, None).double(), expected, rtol=1e-6, atol=0)
+
+
 @given(seed=SEEDS, m=st.integers(1, 11), k=st.integers(1, 5), b=st.integers(1, 3), tile=st.integers(1, 4), divide=st.booleans())
 def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, tile, divide):
     """``sym_product_stats(..., tiles=True)`` keeps the tiled product's tiles on and below the diagonal: written
-    with a per-block scale (mirrors included) they are the dense product scaled, bit for bit, with the same
-    reductions; ``split_sandwich`` from them equals the one from the dense matrix to rounding."""
+    with a per-block scale (mirrors included) they are the dense product scaled, with the same reductions, to
+    rounding (the dense form accumulates each tile in its place, which a batch of more than one may round
+    otherwise); the write is the tiles' own values scaled, bit for bit; ``split_sandwich`` from them equals
+    the one from the dense matrix to rounding."""
     G, S, X, beta, _ = _sandwich(generator(seed), b, m, k)
     scale = torch.rand(b, 1, 1, generator=generator(seed + 1), dtype=F64) + 0.5
     with pytest.MonkeyPatch.context() as patch:
@@ -764,8 +775,13 @@ def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, t
         written = held.write(scale=scale, divide=divide)
     # the tiles keep their own grid: read with another tile size in force, they give the same
     close(linalg.split_sandwich(A, held), linalg.split_sandwich(A, dense))
-    expected = dense / scale if divide else dense * scale
-    assert torch.equal(written, expected) and torch.equal(dot_t, dot) and torch.equal(norm_t, norm)
+    close(written, dense / scale if divide else dense * scale)
+    close(dot_t, dot)
+    close(norm_t, norm)
+    unscaled = held.write(scale=torch.ones_like(scale))  # the tiles and their mirrors, times one: exact
+    assert torch.equal(unscaled, unscaled.mT)
+    expected = unscaled / scale if divide else unscaled * scale
+    assert torch.equal(written, expected)
     into = torch.full_like(dense, float("nan"))
     assert held.write(into, scale=scale, divide=divide) is into and torch.equal(into, expected)
 
