@@ -275,6 +275,31 @@ def test_recorded_matrix_work_is_per_step_and_refreshes_where_the_config_says():
     assert all("bmm" in o or "baddbmm" in o for o in ops[1:])  # every later step rotates and updates factors
 
 
+def test_replay_step_k_runs_the_calls_recorded_from_step_k():
+    """Given per-step lists of calls, the k-th ``step()`` runs list k (and wraps round past the end)."""
+    ran = []
+    per_step = [[(ran.append, (f"step {k} call {c}",), {}) for c in range(2)] for k in range(3)]
+    replay = bench._Replay(per_step)
+    for _ in range(4):
+        replay.step()
+    assert ran == [f"step {k} call {c}" for k in (0, 1, 2, 0) for c in range(2)]
+
+
+def test_matmul_alone_is_the_mean_of_the_timed_replays(monkeypatch):
+    """A fake clock that each replayed step advances by (its index + 1) ms: the warm-up steps' replays
+    are left out and the rest averaged, (3 + 4 + 5) / 3 = 4 ms after 2 warm-up steps."""
+    now = [0.0]
+    real_step = bench._Replay.step
+
+    def step(self):
+        now[0] += (self._k + 1) * 1e-3
+        real_step(self)
+
+    monkeypatch.setattr(bench._Replay, "step", step)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    assert bench.matmul_alone("soap", [(8, 8)], steps=3, warmup=2, device="cpu") == pytest.approx(4.0)
+
+
 def test_scaling_replays_the_matrix_work_interleaved_with_the_steps(monkeypatch):
     """Each round steps the optimizers and the replays in turn, and replay k runs step k's calls:
     the matrix work alone is timed under the same load, over the same steps, as the step."""

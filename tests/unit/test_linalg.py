@@ -747,6 +747,28 @@ def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(see
     close(out32.double(), expected, rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_tiled_update_with_only_beta_tracked_and_into_another_dtype():
+    """The tiles go in place only where they may: a per-block β that autograd tracks alone gets its
+    gradient (∂/∂β_b of Σ P ⊙ W is Σ X_b ⊙ W_b), and a result of a wider dtype than the operands
+    holds the float32 product cast, as a tile made apart and copied in does."""
+    gen = generator(11)
+    X = linalg.sym(randn(gen, 2, 7, 7))
+    A = randn(gen, 2, 7, 3)
+    W = randn(gen, 2, 7, 7)
+    beta = torch.tensor([0.5, 2.0], dtype=F64).view(2, 1, 1).requires_grad_()
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, 2, True)
+        P = linalg.sym_product(X, A, A, beta=beta, alpha=0.3)
+        (P * W).sum().backward()
+        close(P.detach(), beta.detach() * X + 0.3 * A @ A.mT)
+        close(beta.grad, (X * W).sum(dim=(-2, -1), keepdim=True))
+        X32, A32 = X.float(), A.float()
+        out = torch.full((2, 7, 7), float("nan"), dtype=F64)
+        assert linalg._tiled_sym_product(X32, A32, A32, 0.9, 0.1, out=out) is out
+        same = linalg._tiled_sym_product(X32, A32, A32, 0.9, 0.1)
+    assert torch.equal(out, same.double())
+
+
 def test_weighted_row_energy_reads_a_transposed_view_alike():
     """Unit weights give the squared row norms whether the rows are contiguous or strided (the two take
     different reductions): against a float64 sum of squares of a contiguous copy."""
@@ -760,9 +782,9 @@ def test_weighted_row_energy_reads_a_transposed_view_alike():
 def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, tile, divide):
     """``sym_product_stats(..., tiles=True)`` keeps the tiled product's tiles on and below the diagonal: written
     with a per-block scale (mirrors included) they are the dense product scaled, with the same reductions, to
-    rounding (the dense form accumulates each tile in its place, which a batch of more than one may round
-    otherwise); the write is the tiles' own values scaled, bit for bit; ``split_sandwich`` from them equals
-    the one from the dense matrix to rounding."""
+    rounding (the dense form accumulates each tile in its place and reduces its norm row by row, which may
+    round otherwise); the write is the tiles' own values scaled, bit for bit; ``split_sandwich`` from them
+    equals the one from the dense matrix to rounding."""
     G, S, X, beta, _ = _sandwich(generator(seed), b, m, k)
     scale = torch.rand(b, 1, 1, generator=generator(seed + 1), dtype=F64) + 0.5
     with pytest.MonkeyPatch.context() as patch:
