@@ -1741,6 +1741,16 @@ def subspace_split(X: Tensor, U: Tensor, *, left: bool = False, coords: Tensor |
     return Y, project_out_right(X, U, Y)
 
 
+def subspace_join(coords: Tensor, complement: Tensor, U: Tensor, *, left: bool = False) -> Tensor:
+    r"""The inverse of :func:`subspace_split`: :math:`Y U^\top + C` for coordinates ``Y (b m r)`` against
+    an orthonormal ``U (b n r)``, or :math:`U Y + C` with ``left`` (``Y (b r n)``, ``U (b m r)``). ``U`` is
+    read in the complement's dtype (a basis may be stored narrower)."""
+    U = U.to(complement.dtype)
+    if left:
+        return torch.baddbmm(complement, U, coords)
+    return torch.baddbmm(complement, coords, U.mT)
+
+
 def weighted_row_energy(X: Tensor, w: Tensor | None) -> Tensor:
     r"""``b m n, b n -> b m``: :math:`\sum_j X_{ij}^2 w_j` (``w`` ``None``: unit weights, the squared
     row norms, read in one pass without an ``m × n`` temporary where the rows are contiguous; across

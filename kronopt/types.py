@@ -150,17 +150,23 @@ class StepContext:
         self.shared["rotated"] = (G, Q_L, Q_R, Gl, H)
         return Gl, H
 
+    def _restricted_subspace(self) -> tuple[bool, Tensor]:
+        """``(left, U)``: whether the restricted side is the left one (the left one where both are) and its
+        subspace."""
+        left = self.layout.left == "restricted"
+        if not left and self.layout.right != "restricted":
+            raise ValueError("the subspace split needs a layout with a restricted side")
+        U = self.basis.Q_L if left else self.basis.Q_R
+        assert U is not None, "a restricted side has a basis"
+        return left, U
+
     def subspace_coordinates(self, X: Tensor) -> Tensor:
         r"""``X``'s coordinates in the restricted side's subspace :math:`U`: :math:`X U` ``(b m r)`` for a
         restricted right side, :math:`U^\top X` ``(b r n)`` for a restricted left one (the left one where both
         are, as the ``lowrank_flat`` split's complement takes it). Computed once per
         bucket call for this very ``X`` and basis: the inner rule's rotation of the momentum and the
         split's complement :math:`X - X U U^\top` both start from it."""
-        left = self.layout.left == "restricted"
-        if not left and self.layout.right != "restricted":
-            raise ValueError("subspace_coordinates needs a layout with a restricted side")
-        U = self.basis.Q_L if left else self.basis.Q_R
-        assert U is not None, "a restricted side has a basis"
+        left, U = self._restricted_subspace()
         hit = self.shared.get("subspace")
         if hit is not None and hit[0] is X and hit[1] is U:
             return hit[2]
@@ -174,32 +180,29 @@ class StepContext:
         ``X``'s layout. Computed once per bucket call for this very ``X`` and basis: the gradient's split
         serves the factor estimator (KL's restricted update) and an inner rule that keeps its momentum split
         (``momentum_basis = "subspace"``)."""
-        left = self.layout.left == "restricted"
-        U = self.basis.Q_L if left else self.basis.Q_R
+        left, U = self._restricted_subspace()
         hit = self.shared.get("split")
         if hit is not None and hit[0] is X and hit[1] is U:
             return hit[2], hit[3]
-        Y, C = linalg.subspace_split(X, U, left=left, coords=self.subspace_coordinates(X))  # type: ignore[arg-type]
+        Y, C = linalg.subspace_split(X, U, left=left, coords=self.subspace_coordinates(X))
         self.shared["split"] = (X, U, Y, C)
         return Y, C
 
     def offer_moment_complement(self, C: Tensor) -> None:
         """An inner rule that keeps its moment split against the restricted subspace hands the complement
         part to the split stage here (:meth:`moment_complement`), for this call and this basis."""
-        left = self.layout.left == "restricted"
-        self.shared["moment_complement"] = (self.basis.Q_L if left else self.basis.Q_R, C)
+        self.shared["moment_complement"] = (self._restricted_subspace()[1], C)
 
     def moment_complement(self, moment: Callable[[], Tensor]) -> Tensor:
         r"""The inner rule's moment outside the restricted subspace, :math:`M - M U U^\top` (a restricted left
         side: :math:`M - U U^\top M`): the part the rule offered this call (:meth:`offer_moment_complement`),
         else computed from ``moment()`` and its :meth:`subspace_coordinates`."""
-        left = self.layout.left == "restricted"
-        U = self.basis.Q_L if left else self.basis.Q_R
+        left, U = self._restricted_subspace()
         hit = self.shared.get("moment_complement")
         if hit is not None and hit[0] is U:
             return hit[1]
         M = moment()
-        return linalg.subspace_split(M, U, left=left, coords=self.subspace_coordinates(M))[1]  # type: ignore[arg-type]
+        return linalg.subspace_split(M, U, left=left, coords=self.subspace_coordinates(M))[1]
 
 
 # -- the slot protocols: the members every stage of a slot has ------------------------------

@@ -217,8 +217,7 @@ class EigenvalueInner:
             if not fits:
                 return entry  # stack_entries names what does not fit
             dtype = torch.promote_types(torch.promote_types(C.dtype, U.dtype), torch.float32)
-            V = U.to(dtype)
-            M = C.to(dtype) + (V @ Y.to(dtype) if left else Y.to(dtype) @ V.mT)
+            M = linalg.subspace_join(Y.to(dtype)[None], C.to(dtype)[None], U[None], left=left)[0]
             out = {k: v for k, v in entry.items() if k not in parts}
             out[whole] = M.to(C.dtype)
             return out
@@ -267,10 +266,9 @@ def _left(state: SubspaceMomentumState) -> bool:
 def _joined(state: SubspaceMomentumState, basis: BasisState) -> Tensor:
     """The momentum ``(M U) Uᵀ + complement`` (``U (Uᵀ M) + complement`` on the left) in ``basis``'s subspace
     (a basis stored narrower than the momentum, as the optimizer's own state may be, is read in its dtype)."""
-    C = state.momentum_complement
-    if _left(state):
-        return torch.baddbmm(C, basis.Q_L.to(C.dtype), state.momentum_coords)  # type: ignore[union-attr]
-    return torch.baddbmm(C, state.momentum_coords, basis.Q_R.mT.to(C.dtype))  # type: ignore[union-attr]
+    left = _left(state)
+    U = basis.Q_L if left else basis.Q_R
+    return linalg.subspace_join(state.momentum_coords, state.momentum_complement, U, left=left)  # type: ignore[arg-type]
 
 
 def _resplit(state: SubspaceMomentumState, old: BasisState, new: BasisState) -> SubspaceMomentumState:

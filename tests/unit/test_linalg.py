@@ -769,6 +769,20 @@ def test_tiled_update_with_only_beta_tracked_and_into_another_dtype():
     assert torch.equal(out, same.double())
 
 
+@pytest.mark.parametrize("left", [False, True])
+def test_subspace_join_inverts_the_split(left):
+    """Joining the split's parts gives the matrix back (float64), on either side, with a float32 basis
+    read in the parts' dtype."""
+    gen = generator(21)
+    X = randn(gen, 2, 9, 7)
+    U = torch.linalg.qr(randn(gen, 2, 9 if left else 7, 3)).Q
+    Y, C = linalg.subspace_split(X, U, left=left)
+    close(linalg.subspace_join(Y, C, U, left=left), X)
+    joined32 = linalg.subspace_join(Y, C, U.float(), left=left)
+    assert joined32.dtype == F64
+    torch.testing.assert_close(joined32, X, rtol=0, atol=1e-6)
+
+
 def test_weighted_row_energy_reads_a_transposed_view_alike():
     """Unit weights give the squared row norms whether the rows are contiguous or strided (the two take
     different reductions): against a float64 sum of squares of a contiguous copy."""
