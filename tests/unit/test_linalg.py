@@ -38,6 +38,19 @@ def test_sym_is_exactly_symmetric_and_fixes_symmetric_input(seed, n, b, dtype):
     close(S, (A + A.mT) / 2, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n", [5, linalg._SYM_BLOCKED_MIN])
+def test_sym_into_a_place_in_a_larger_matrix(n):
+    """``sym(A, out=...)`` writes the same bits into a strided place (a diagonal tile of a larger matrix)
+    or into a contiguous result as ``sym(A)`` makes apart, on either CPU path, and leaves the rest alone."""
+    A = randn(generator(3), 2, n, n).float()
+    big = torch.zeros(2, n + 3, n + 3)
+    place = big[:, 3:, 3:]
+    assert linalg.sym(A, out=place).data_ptr() == place.data_ptr()
+    assert torch.equal(place, linalg.sym(A)) and torch.equal(big[:, :3], torch.zeros(2, 3, n + 3))
+    dense = torch.empty(2, n, n)
+    assert linalg.sym(A, out=dense) is dense and torch.equal(dense, linalg.sym(A))
+
+
 @given(seed=SEEDS, m=dims(), n=dims(), b=st.integers(1, 3))
 def test_gram_left_right_symmetric_psd_and_correct(seed, m, n, b):
     G = randn(generator(seed), b, m, n)
