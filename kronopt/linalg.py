@@ -158,9 +158,9 @@ def _tiled_sym_product(
     first unless ``out`` is ``X``), as BLAS writes a strided matrix, rather than made apart and
     copied in: on ``2048²`` from ``k = 512`` the tiles take 12.0 ms against 13.7, and ``out = X``
     gives the same bits as a fresh ``out``. A diagonal tile is made apart and symmetrised straight
-    into its place (:func:`sym` with ``out``), which spares its copy. Not where autograd tracks an operand (it refuses
-    ``out=``), nor into an ``out`` of another dtype than ``A`` and ``B``. A :class:`LowerTiles`
-    ``out`` keeps the tiles as they are, unmirrored."""
+    into its place (:func:`sym` with ``out``), which spares its copy. Neither where autograd tracks
+    an operand (it refuses ``out=``), nor into an ``out`` of another dtype than ``A`` and ``B``. A
+    :class:`LowerTiles` ``out`` keeps the tiles as they are, unmirrored."""
     m = A.shape[-2]
     per_block = isinstance(beta, Tensor)
     if out is None:
@@ -188,7 +188,7 @@ def _tiled_sym_product(
                     tile = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
                 else:
                     tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
-                if I == J:  # symmetrised, in place straight into its place in the result
+                if I == J:  # symmetrised; on the in-place path straight into its place in the result
                     tile = sym(tile, out=out[:, I, J] if in_place else None)  # type: ignore[index]
                 if held:
                     out.tiles[i, j] = tile  # type: ignore[union-attr]
