@@ -40,7 +40,8 @@ def _check_batched(name: str, X: Tensor) -> None:
 def sym(A: Tensor, *, out: Tensor | None = None) -> Tensor:
     r"""Symmetric part :math:`(A + A^\top)/2`; exactly symmetric in floating point.
 
-    ``out`` (not overlapping ``A``) takes the result, e.g. a tile's place in a larger matrix."""
+    ``out`` (of ``A``'s shape and dtype, not overlapping it) takes the result, e.g. a tile's place
+    in a larger matrix."""
     if (
         A.device.type == "cpu" and A.ndim == 3 and A.shape[-1] >= _SYM_BLOCKED_MIN and A.shape[-1] == A.shape[-2]
         and (out is None or out.is_contiguous())
@@ -158,8 +159,9 @@ def _tiled_sym_product(
     first unless ``out`` is ``X``), as BLAS writes a strided matrix, rather than made apart and
     copied in: on ``2048²`` from ``k = 512`` the tiles take 12.0 ms against 13.7, and ``out = X``
     gives the same bits as a fresh ``out``. A diagonal tile is made apart and symmetrised straight
-    into its place (:func:`sym` with ``out``), which spares its copy. Neither where autograd tracks
-    an operand (it refuses ``out=``), nor into an ``out`` of another dtype than ``A`` and ``B``. A
+    into its place (:func:`sym` with ``out``), which spares its copy; not where ``each`` reduces it,
+    which is faster, and rounds as before, on a contiguous tile. Neither where autograd tracks an
+    operand (it refuses ``out=``), nor into an ``out`` of another dtype than ``A`` and ``B``. A
     :class:`LowerTiles` ``out`` keeps the tiles as they are, unmirrored."""
     m = A.shape[-2]
     per_block = isinstance(beta, Tensor)
@@ -171,6 +173,7 @@ def _tiled_sym_product(
     # in place: not where autograd tracks an operand (it refuses out=), nor into a result of another
     # dtype than the operands' (a product writes only its own dtype; a tile made apart is cast on copy)
     in_place = not (held or tracked) and out.dtype == A.dtype == B.dtype  # type: ignore[union-attr]
+    placed = in_place and each is None  # a diagonal tile symmetrised straight into its place
     tiles = out.slices if held else _tile_slices(m)
     for i, I in enumerate(tiles):
         for j, J in enumerate(tiles[: i + 1]):
@@ -188,11 +191,11 @@ def _tiled_sym_product(
                     tile = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
                 else:
                     tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
-                if I == J:  # symmetrised; on the in-place path straight into its place in the result
-                    tile = sym(tile, out=out[:, I, J] if in_place else None)  # type: ignore[index]
+                if I == J:
+                    tile = sym(tile, out=out[:, I, J] if placed else None)  # type: ignore[index]
                 if held:
                     out.tiles[i, j] = tile  # type: ignore[union-attr]
-                elif not in_place:
+                elif not placed:
                     out[:, I, J] = tile  # type: ignore[index]
                     if I != J:
                         out[:, J, I] = tile.mT  # type: ignore[index]

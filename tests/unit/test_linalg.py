@@ -762,6 +762,31 @@ def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(see
     close(out32.double(), expected, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("into_x", [False, True])
+def test_tiled_update_shows_each_tile_as_it_is_stored(into_x):
+    """``each`` sees every tile on and below the diagonal with the values the result holds there: a
+    diagonal tile exactly symmetric and contiguous (the reductions of :func:`sym_product_stats` round
+    as on a tile made apart), whether the result is fresh or ``X`` itself; the result is exactly symmetric."""
+    gen = generator(4)
+    X = linalg.sym(randn(gen, 2, 7, 7)).float()
+    A = randn(gen, 2, 7, 3).float()
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, 3, True)
+        target = X.clone()
+        out = linalg._tiled_sym_product(
+            target, A, A, 0.9, 0.1, lambda tile, I, J: seen.append((I, J, tile.clone(), tile.is_contiguous())),
+            out=target if into_x else None,
+        )
+    assert (out is target) == into_x and torch.equal(out, out.mT)
+    assert [(I.start, J.start) for I, J, _, _ in seen] == [(0, 0), (3, 0), (3, 3), (6, 0), (6, 3), (6, 6)]
+    for I, J, tile, contiguous in seen:
+        assert torch.equal(tile, out[:, I, J])
+        if I == J:
+            assert contiguous and torch.equal(tile, tile.mT)
+    torch.testing.assert_close(out, 0.9 * X + 0.1 * A @ A.mT, rtol=1e-6, atol=1e-6)
+
+
 def test_tiled_update_with_only_beta_tracked_and_into_another_dtype():
     """The tiles go in place only where they may: a per-block β that autograd tracks alone gets its
     gradient (∂/∂β_b of Σ P ⊙ W is Σ X_b ⊙ W_b), and a result of a wider dtype than the operands
