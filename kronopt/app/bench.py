@@ -216,7 +216,7 @@ def scaling(
     return table
 
 
-#: the operations :func:`matmul_alone` replays: matrix products and the matrix decompositions (with their
+#: the operations :func:`record_matrix_work` records and :class:`_Replay` replays: matrix products and the matrix decompositions (with their
 #: in-place forms, ``baddbmm_``: a per-block weight scales the accumulator first, then the product adds into it)
 HEAVY_OPS: frozenset[str] = frozenset(
     {"mm", "bmm", "addmm", "baddbmm", "addbmm", "_linalg_eigh", "linalg_qr", "geqrf", "linalg_householder_product",
