@@ -1,4 +1,4 @@
-"""Would a Cholesky QR serve the refresh's power step on real factors?  (docs/results.md, eleventh session)
+"""Would a Cholesky QR serve the refresh's power step on real factors?  (docs/results.md; docs/performance_log.md, eleventh session)
 
 Trains the embedded task (TinyGPT, 4 layers of width 256, context 128, 16 sequences a step, the
 standard library as corpus) with a preset for a number of steps. Each time a refresh factorises

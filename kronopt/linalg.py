@@ -251,9 +251,10 @@ def split_pays(A: Tensor, S: Tensor) -> bool:
     It multiplies about ``(t+1)/2t · k d² + k² d`` (``t`` tiles of ``S``) where the plain order
     ``(A S) Aᵀ`` multiplies ``k d² + k² d`` (half of the second where :func:`sym_product` tiles it,
     from ``k`` = ``_GRAM_TILED_MIN``): a gain only where ``d`` is the larger side. Timed on two CPU
-    threads (docs/results.md): 0.80 of the time at ``d = 1024, k = 256``, 0.92 at ``768 × 256``,
-    1.04 at ``512 × 256``; on a GPU the tile loop is not worth it. Not where autograd tracks ``A``
-    or ``S``: the split's products write into a buffer with ``out=``, which autograd refuses."""
+    threads (docs/performance_log.md, eighth session): 0.80 of the time at ``d = 1024, k = 256``,
+    0.92 at ``768 × 256``, 1.04 at ``512 × 256``; on a GPU the tile loop is not worth it. Not where
+    autograd tracks ``A`` or ``S``: the split's products write into a buffer with ``out=``, which
+    autograd refuses."""
     d, k = S.shape[-1], A.shape[-2]
     tracked = torch.is_grad_enabled() and (A.requires_grad or S.requires_grad)  # its products write with out=
     return A.device.type == "cpu" and d >= _SPLIT_SANDWICH_MIN and d > k and not tracked

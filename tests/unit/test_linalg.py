@@ -864,7 +864,7 @@ def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, t
 
 def test_split_sandwich_pays_only_for_a_large_middle_on_cpu():
     """The split form is taken on CPU where the symmetric middle is the larger side and at least
-    ``_SPLIT_SANDWICH_MIN`` (docs/results.md times the crossover), never for a square or smaller middle."""
+    ``_SPLIT_SANDWICH_MIN`` (docs/performance_log.md times the crossover), never for a square or smaller middle."""
     def pays(k, d, device="cpu"):
         return linalg.split_pays(torch.empty(1, k, d, device=device), torch.empty(1, d, d, device=device))
 
