@@ -67,6 +67,9 @@ def _is_dtensor(p: Tensor) -> bool:
 _BLOCKWISE_MIN = 1
 #: whether proven-finite AdamW blocks on the CPU go through torch's fused AdamW kernel (else block by block)
 _FUSED_ADAMW = True
+#: plain AdamW blocks of at most this many entries have their extremes read together, across buckets
+#: (:meth:`KronOptimizer._adam_bounds_small`); a larger block's are read right before its work, in cache
+_ADAM_BOUNDS_TOGETHER_MAX = 1 << 14
 
 
 @attrs.define(eq=False)
@@ -418,12 +421,24 @@ class KronOptimizer(torch.optim.Optimizer):
             self._raise_on_nonfinite(fsdp_ok)
         if self.config.nonfinite_scope == "block":
             step_ok = None
+        stepped = []
         for bucket in list(self._buckets):
             present = [i for i, p in enumerate(bucket.blocks) if p.grad is not None]
             if not present:
                 continue
             if len(present) < len(bucket.blocks):
                 bucket = self._split(bucket, present)
+            stepped.append(bucket)
+        # the plain AdamW buckets of a CPU, whatever their shapes, all at once (_step_plain_adams); their
+        # reports are queued in the buckets' order, as if each had been stepped in its turn
+        plain = [(b, *work) for b in stepped if (work := self._plain_adam_cpu(b)) is not None]
+        reports = self._step_plain_adams(plain, step_ok) if plain else {}
+        taken = {id(b) for b, _, _ in plain}
+        for bucket in stepped:
+            if id(bucket) in taken:
+                if id(bucket) in reports:
+                    self._pending.append(reports[id(bucket)])
+                continue
             with compiled.scope(self._group_cfgs[bucket.group].compile):  # config key compile (kronopt/compiled.py)
                 if bucket.fsdp is not None:
                     self._step_fsdp(bucket, step_ok, fsdp_ok[id(bucket.fsdp.params[0])])  # type: ignore[index]
@@ -484,7 +499,7 @@ class KronOptimizer(torch.optim.Optimizer):
             return None
         # each gradient's own flag is kept for _step_bucket (its block mask), keyed by the tensor and
         # its version counter, so a gradient changed in place since is never taken for checked
-        # (with its smallest and largest entries, for _plain_adam_blocks)
+        # (with its smallest and largest entries, for _adam_bounds and _adam_bounds_small)
         self._grad_flags: dict[int, tuple[Any, int, Tensor, Tensor]] = {}
         flags = []
         for gs in grouped.values():
@@ -643,74 +658,129 @@ class KronOptimizer(torch.optim.Optimizer):
         if self.config.nonfinite == "warn":
             self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
 
+    def _plain_adam_cpu(self, bucket: _Bucket) -> tuple[KronConfig, list[Tensor]] | None:
+        """``(config, raw gradients)`` of a bucket that :meth:`_step_plain_adams` steps together with the
+        others: a plain AdamW bucket (:meth:`_raw_gradients`) of a CPU, neither work-sharded nor FSDP2, whose
+        blocks take the block-by-block form (``_BLOCKWISE_MIN``); ``None`` for any other bucket."""
+        if bucket.plan is not None or not bucket.params or bucket.blocks[0].device.type != "cpu":
+            return None
+        if bucket.layout.m * bucket.layout.n < _BLOCKWISE_MIN:
+            return None
+        if bucket.state is None:
+            self._init_bucket(bucket)
+        cfg = self._bucket_config(bucket)
+        grads = self._raw_gradients(cfg, bucket)
+        return None if grads is None else (cfg, grads)
+
     def _step_plain_adam(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig, grads: list[Tensor]) -> None:
         """:meth:`_step_bucket` for a plain AdamW bucket on its raw gradients (:meth:`_raw_gradients`):
         only the two moments and the counters change, so they are checked (:func:`_plain_adam_ok`) and
-        written directly, one block at a time on the CPU (:meth:`_plain_adam_blocks`), else on the whole
-        stacks with device-side masks, with the same bits as :meth:`_step_bucket` (torch's fused kernel,
-        where the CPU form uses it, only up to rounding)."""
+        written directly, on the whole stacks with device-side masks, with the same bits as
+        :meth:`_step_bucket`. A CPU bucket takes :meth:`_step_plain_adams` instead (block by block, torch's
+        fused kernel where it applies: the same bits only up to rounding)."""
+        if bucket.blocks[0].device.type == "cpu" and bucket.layout.m * bucket.layout.n >= _BLOCKWISE_MIN:
+            self._pending.extend(self._step_plain_adams([(bucket, cfg, grads)], step_ok).values())
+            return
         group = self.param_groups[bucket.group]
         old = bucket.state
-        if bucket.blocks[0].device.type == "cpu" and bucket.layout.m * bucket.layout.n >= _BLOCKWISE_MIN:
-            ok = self._plain_adam_blocks(bucket, step_ok, cfg, grads)
-        else:
-            D, new = compose.adam_step(cfg, old, grads, self._scratch(bucket, batched=True))  # type: ignore[arg-type]
-            ok = _plain_adam_ok(new.inner.exp_avg_sq, D)
-            write = ok if step_ok is None else ok & step_ok
-            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
-            weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
-            compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
-            compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
+        D, new = compose.adam_step(cfg, old, grads, self._scratch(bucket, batched=True))  # type: ignore[arg-type]
+        ok = _plain_adam_ok(new.inner.exp_avg_sq, D)
+        write = ok if step_ok is None else ok & step_ok
+        cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
+        weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
+        compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
+        report = self._count_plain_adam(bucket, ok, step_ok)
+        if report is not None:
+            self._pending.append(report)
+
+    def _count_plain_adam(self, bucket: _Bucket, ok: Tensor | list[bool], step_ok: Tensor | None) -> "_Pending | None":
+        """After a plain AdamW bucket's step: its counters and its skipped blocks (``ok``: the ``(b)`` mask, or
+        the blocks' verdicts as read on the host). Returns, with ``nonfinite = "warn"``, the mask for the
+        report, for the caller to queue."""
+        old = bucket.state
         calls, step = old.calls + 1, old.step + 1  # type: ignore[union-attr]
         bucket.state = attrs.evolve(old, calls=calls, step=step)  # type: ignore[misc]
-        bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
+        if isinstance(ok, list):
+            # verdicts read on the host: with every block finite (nearly every step) there is nothing to
+            # count and nothing to report
+            ok = None if all(ok) else torch.tensor(ok, device=bucket.blocks[0].device)
         for p in bucket.params:
             self.state[p].update(calls=calls, step=step)
-        if self.config.nonfinite == "warn":
-            self._pending.append(_Pending(bucket.params, ok, step, group=bucket.group, whole_step=step_ok is not None))
+        if ok is None:
+            return None
+        bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
+        if self.config.nonfinite != "warn":
+            return None
+        return _Pending(bucket.params, ok, step, group=bucket.group, whole_step=step_ok is not None)
 
-    def _plain_adam_blocks(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig, grads: list[Tensor]) -> Tensor:
-        """The CPU form of :meth:`_step_plain_adam`, block by block so that a block's work stays in cache,
-        as a per-tensor AdamW's does (passes over whole stacks run at memory speed). A block proven
-        finite from its extremes (:func:`compose.adam_block_is_safe`) is updated in place, through
-        torch's fused AdamW kernel with the other proven blocks where :func:`compose.fuses_adamw` allows;
-        any other block's new moments and direction go into one block-sized scratch set
-        (:func:`compose.adam_block`), are checked there and, when finite, copied into its stacks and
-        applied. On a CPU a verdict read on the host costs nothing (there is no device to wait for).
-        Returns the blocks' ``(b)`` verdicts."""
-        group = self.param_groups[bucket.group]
-        state = bucket.state
-        t = state.step + 1  # type: ignore[union-attr]
+    def _step_plain_adams(
+        self, work: list[tuple[_Bucket, KronConfig, list[Tensor]]], step_ok: Tensor | None
+    ) -> dict[int, "_Pending"]:
+        """The CPU form of :meth:`_step_plain_adam` for plain AdamW buckets (:meth:`_plain_adam_cpu`), all of
+        one step's together whatever their shapes, block by block so that a block's work stays in cache, as
+        a per-tensor AdamW's does (passes over whole stacks run at memory speed).
+
+        A block proven finite from its extremes (:func:`compose.adam_block_is_safe`) is updated in place,
+        through torch's fused AdamW kernel with every other proven block of the same settings, across the
+        buckets, where :func:`compose.fuses_adamw` allows; any other block's new moments and direction go
+        into one block-sized scratch set (:func:`compose.adam_block`), are checked there and, when finite,
+        copied into its stacks and applied. On a CPU a verdict read on the host costs nothing (there is no
+        device to wait for). The extremes of the small blocks are read together (:meth:`_adam_bounds_small`:
+        a few calls and one read for all of them, where a bucket of one small block used to cost about as
+        many calls as a large one); a large block's are read right before its work, which then finds
+        them in cache. Returns the reports to queue (:meth:`_count_plain_adam`), by ``id`` of the bucket."""
         whole = True if step_ok is None else bool(step_ok)
-        out = self._scratch(bucket, batched=False)
-        factors = cfg.post.block_factors(out[2], lr=group["lr"], weight_decay=group["weight_decay"])
-        fuse = compose.fuses_adamw(cfg) and self._fuse_adamw
-        fused: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        verdicts = []
-        for i, (p, g) in enumerate(zip(bucket.params, grads)):
-            m, v = state.inner.exp_avg[i], state.inner.exp_avg_sq[i]  # type: ignore[union-attr]
-            # the bounds are read block by block, right before the block's work: it then finds them in cache
-            if whole and compose.adam_block_is_safe(cfg, t, m.dtype, *self._adam_bounds(p.grad, m, v)):  # type: ignore[arg-type]
-                # finite whatever the entries: computed in place, nothing to check or copy
-                verdicts.append(True)
-                w = to_block(p, bucket.specs[i])  # type: ignore[index]
-                if fuse and w.dtype == g.dtype == m.dtype and w.is_contiguous() and g.is_contiguous():
-                    fused.append((w, g, m, v))  # all of them in one call below
+        small = [
+            (p.grad, bucket.state.inner.exp_avg[i], bucket.state.inner.exp_avg_sq[i])  # type: ignore[union-attr]
+            for bucket, _, _ in work for i, p in enumerate(bucket.params)
+            if whole and p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX
+        ]
+        bounds = iter(self._adam_bounds_small(small))  # type: ignore[arg-type]
+        fused: dict[tuple, tuple[KronConfig, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
+        verdicts: list[list[bool]] = []
+        for bucket, cfg, grads in work:
+            group = self.param_groups[bucket.group]
+            lr, weight_decay = group["lr"], group["weight_decay"]
+            state = bucket.state
+            t = state.step + 1  # type: ignore[union-attr]
+            out = self._scratch(bucket, batched=False)
+            factors = cfg.post.block_factors(out[2], lr=lr, weight_decay=weight_decay)
+            fuse = compose.fuses_adamw(cfg) and self._fuse_adamw
+            mine = []
+            for i, (p, g) in enumerate(zip(bucket.params, grads)):
+                m, v = state.inner.exp_avg[i], state.inner.exp_avg_sq[i]  # type: ignore[union-attr]
+                if whole:
+                    bound = next(bounds) if p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX else self._adam_bounds(p.grad, m, v)  # type: ignore[arg-type]
+                if whole and compose.adam_block_is_safe(cfg, t, m.dtype, *bound):
+                    # finite whatever the entries: computed in place, nothing to check or copy
+                    mine.append(True)
+                    w = to_block(p, bucket.specs[i])  # type: ignore[index]
+                    if fuse and w.dtype == g.dtype == m.dtype and w.is_contiguous() and g.is_contiguous():
+                        # one call below for every proven block of these settings, whichever its bucket
+                        key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, w.dtype)
+                        fused.setdefault(key, (cfg, []))[1].append((w, g, m, v))
+                        continue
+                    D = compose.adam_block(cfg, t, m, v, g, (m, v, out[2]))
+                    cfg.post.apply_block_(p, D, factors)
                     continue
-                D = compose.adam_block(cfg, t, m, v, g, (m, v, out[2]))
-                cfg.post.apply_block_(p, D, factors)
-                continue
-            D = compose.adam_block(cfg, t, m, v, g, out)
-            good = bool(_plain_adam_ok(out[1][None], D[None]))
-            verdicts.append(good)
-            if good and whole:
-                cfg.post.apply_block_(p, D, factors)
-                m.copy_(out[0])
-                v.copy_(out[1])
-        if fused:
-            w_, g_, m_, v_ = (list(x) for x in zip(*fused))
-            compose.fused_adamw_(cfg, t, w_, g_, m_, v_, lr=group["lr"], weight_decay=group["weight_decay"])
-        return torch.tensor(verdicts, device=bucket.blocks[0].device)
+                D = compose.adam_block(cfg, t, m, v, g, out)
+                good = bool(_plain_adam_ok(out[1][None], D[None]))
+                mine.append(good)
+                if good and whole:
+                    cfg.post.apply_block_(p, D, factors)
+                    m.copy_(out[0])
+                    v.copy_(out[1])
+            verdicts.append(mine)
+        for (_, _, lr, weight_decay, t, _), (cfg, blocks) in fused.items():
+            w_, g_, m_, v_ = (list(x) for x in zip(*blocks))
+            compose.fused_adamw_(cfg, t, w_, g_, m_, v_, lr=lr, weight_decay=weight_decay)
+        reports = {}
+        for (bucket, _, _), mine in zip(work, verdicts):
+            report = self._count_plain_adam(bucket, mine, step_ok)
+            if report is not None:
+                reports[id(bucket)] = report
+        return reports
 
     def _sanitized_gradients(self, bucket: _Bucket, grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The bucket's gradients stacked ``(b m n)`` with non-finite entries zeroed (which keeps bad
@@ -745,7 +815,26 @@ class KronOptimizer(torch.optim.Optimizer):
         g_lo, g_hi = hit[1].unbind(0) if hit is not None else torch.aminmax(grad)
         m_lo, m_hi = torch.aminmax(m)
         lo, hi, m0, m1, v1 = torch.stack([g_lo, g_hi, m_lo, m_hi, v.amax()]).tolist()
-        return (math.nan if math.isnan(lo + hi) else max(-lo, hi)), max(-m0, m1), v1
+        return _bounds(lo, hi, m0, m1, v1)
+
+    def _adam_bounds_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]]) -> list[tuple[float, float, float]]:
+        """:meth:`_adam_bounds` of many small blocks ``(grad, m, v)`` at once, the same values: each
+        extreme by a ``foreach`` reduction over all the blocks (a smallest entry as the largest of the
+        negated block) and one read on the host, instead of five calls and a read per block."""
+        if not blocks:
+            return []
+        grads, ms, vs = (list(x) for x in zip(*blocks))
+        hits = [self._checked(g) for g in grads]
+        if all(h is not None for h in hits):
+            g_rows = torch.stack([h[1] for h in hits])  # type: ignore[index]  # (lo, hi) per gradient
+        else:
+            g_lo = torch.stack(torch._foreach_max(torch._foreach_neg(grads))).neg_()
+            g_rows = torch.stack([g_lo, torch.stack(torch._foreach_max(grads))], dim=1)
+        m_lo = torch.stack(torch._foreach_max(torch._foreach_neg(ms))).neg_()
+        m_hi = torch.stack(torch._foreach_max(ms))
+        v_hi = torch.stack(torch._foreach_max(vs))
+        rows = torch.cat([g_rows, m_lo[:, None], m_hi[:, None], v_hi[:, None]], dim=1).tolist()
+        return [_bounds(*row) for row in rows]
 
     def _scratch(self, bucket: _Bucket, *, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Three tensors shaped like the bucket's moments (``batched``) or like one block of them, for
@@ -1260,6 +1349,11 @@ class KronOptimizer(torch.optim.Optimizer):
 #: factor updates that nothing else in a CPU bucket's call reads are computed at its state write, into the
 #: stacks themselves (:class:`kronopt.linalg.DeferredWrite`); ``False`` computes them in the step (the same bits)
 _DEFER_FACTOR_UPDATES = True
+
+
+def _bounds(g_lo: float, g_hi: float, m_lo: float, m_hi: float, v_hi: float) -> tuple[float, float, float]:
+    """``(max |g|, max |m|, max v)`` of a block from its extremes (NaN where ``g`` holds one)."""
+    return (math.nan if math.isnan(g_lo + g_hi) else max(-g_lo, g_hi)), max(-m_lo, m_hi), v_hi
 
 
 def _plain_adam_ok(v: Tensor, D: Tensor) -> Tensor:

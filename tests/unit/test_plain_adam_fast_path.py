@@ -6,6 +6,8 @@ and stepped; both optimizers see the same gradients, including a NaN block, an i
 a finite block whose square overflows float32.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -133,6 +135,119 @@ def test_fused_form_equals_torch_fused_adamw_bit_for_bit_and_leaves_gradients_al
             assert torch.equal(a.grad, g)
             assert torch.equal(opt.state[a]["inner.exp_avg"].view(a.shape), ref.state[b]["exp_avg"])
             assert torch.equal(opt.state[a]["inner.exp_avg_sq"].view(a.shape), ref.state[b]["exp_avg_sq"])
+
+
+# -- every plain AdamW bucket of a CPU step together (KronOptimizer._step_plain_adams) ---------------
+
+#: many shapes, one or a few blocks each, one block above _ADAM_BOUNDS_TOGETHER_MAX (its bounds read alone)
+MANY = [(3, 4), (5, 2), (5, 2), (7,), (1, 9), (8, 8), (2, 3, 4), (130, 130), (11, 6), (11, 6), (11, 6), (13,)]
+
+
+def _many_grads(step: int, gen: torch.Generator, *, nonfinite: bool) -> list[torch.Tensor]:
+    grads = [torch.randn(s, generator=gen) for s in MANY]
+    if step == 2 and nonfinite:
+        grads[10][3, 1] = float("nan")  # the second block of a two-block bucket (p8, p10)
+        grads[7][5, 5] = float("inf")  # the large block
+    if step == 3:
+        grads[4][0, 2] = 3e22  # finite, but its square overflows float32: no certificate, then checked
+    return grads
+
+
+def _stepped(params, gen, *, scope: str, one_optimizer: bool):
+    # two groups with their own lr and decay: proven blocks of both never share one fused call
+    groups = [
+        {"params": [(f"p{i}", p) for i, p in enumerate(params) if i % 2 == 0], "lr": 0.05, "weight_decay": 0.1},
+        {"params": [(f"p{i}", p) for i, p in enumerate(params) if i % 2 == 1], "lr": 0.02, "weight_decay": 0.0},
+    ]
+    if one_optimizer:
+        opts = [kronopt.build(groups, "adamw", nonfinite_scope=scope)]
+    else:  # each parameter alone in an optimizer of its own: no step ever sees two buckets
+        opts = [
+            kronopt.build([{"params": [pair], "lr": g["lr"], "weight_decay": g["weight_decay"]}], "adamw", nonfinite_scope=scope)
+            for g in groups for pair in g["params"]
+        ]
+    for step in range(6):
+        # with scope "step" a NaN would skip the whole step of one optimizer, but only its own parameter's
+        # step among the optimizers of one parameter each: there only the finite overflowing gradient comes
+        for p, g in zip(params, _many_grads(step, gen, nonfinite=scope == "block")):
+            p.grad = g
+        for opt in opts:
+            opt.step()
+    counts: dict[str, int] = {}
+    for opt in opts:
+        counts.update(opt.nonfinite_counts())
+    return counts, [{k: v for k, v in opt.state[p].items()} for p in params for opt in opts if p in opt.state]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("scope", ["block", "step"])
+def test_buckets_stepped_together_equal_each_parameter_stepped_alone(monkeypatch, scope, fused):
+    """One optimizer over many shapes (every bucket's proven blocks in fused calls across buckets, the small
+    blocks' extremes read together) against one optimizer per parameter: the same bits, the same skipped
+    blocks, the same counters."""
+    monkeypatch.setattr(optimizer_module, "_FUSED_ADAMW", fused)
+    calls = []
+    real = optimizer_module.KronOptimizer._step_plain_adams
+    monkeypatch.setattr(optimizer_module.KronOptimizer, "_step_plain_adams", lambda self, work, ok: (calls.append(len(work)), real(self, work, ok))[1])
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(4)) for s in MANY]
+    together = [torch.nn.Parameter(w.clone()) for w in start]
+    alone = [torch.nn.Parameter(w.clone()) for w in start]
+    counts_t, state_t = _stepped(together, torch.Generator().manual_seed(5), scope=scope, one_optimizer=True)
+    n_together = calls[:6]
+    counts_a, state_a = _stepped(alone, torch.Generator().manual_seed(5), scope=scope, one_optimizer=False)
+    assert n_together == [11] * 6  # every bucket of the step in one call (12 parameters, 2 groups: 11 buckets)
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b)
+    for sa, sb in zip(state_t, state_a):
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            va, vb = sa[key], sb[key]
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, key
+    assert counts_t == counts_a
+    assert counts_t["p4"] == 1 and sum(counts_t.values()) == (3 if scope == "block" else 1)
+    if scope == "block":
+        assert counts_t["p10"] == 1 and counts_t["p7"] == 1
+
+
+def _blocks(gen: torch.Generator, edge: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    out = []
+    for k, shape in enumerate([(1, 1), (3, 5), (7,), (16, 16), (2, 2, 3)]):
+        g = torch.randn(shape, generator=gen) * 10.0 ** (k - 2)
+        m = torch.randn(shape, generator=gen) * 10.0 ** (2 - k)
+        v = torch.rand(shape, generator=gen) * 10.0 ** k
+        if edge == "nan" and k == 1:
+            g.view(-1)[2] = float("nan")
+        if edge == "inf" and k == 3:
+            g[0, 1] = -float("inf")
+        if edge == "negative" and k == 2:  # every entry negative: the largest magnitude is the smallest entry
+            g, m = -g.abs() - 1.0, -m.abs() - 1.0
+        out.append((g, m, v))
+    return out
+
+
+@pytest.mark.parametrize("edge", ["plain", "nan", "inf", "negative"])
+@pytest.mark.parametrize("checked", [True, False])
+def test_small_blocks_bounds_are_each_blocks_own(edge, checked):
+    """The extremes of many small blocks read together are those read block by block: the same floats,
+    NaN where a gradient holds one, from the step's gradient check or from the blocks themselves."""
+    blocks = _blocks(torch.Generator().manual_seed(6), edge)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g, _, _ in blocks]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw")
+    for p, (g, _, _) in zip(params, blocks):
+        p.grad = g
+    if checked:
+        opt._all_finite()  # the step's check of the gradients, whose extremes the bounds then reuse
+        assert all(opt._checked(p.grad) is not None for p in params)
+    together = opt._adam_bounds_small([(p.grad, m, v) for p, (_, m, v) in zip(params, blocks)])
+    alone = [opt._adam_bounds(p.grad, m, v) for p, (_, m, v) in zip(params, blocks)]
+    assert len(together) == len(alone) == len(blocks)
+    for a, b in zip(together, alone):
+        for x, y in zip(a, b):
+            assert (math.isnan(x) and math.isnan(y)) or x == y
+    g, m, v = blocks[2]
+    assert together[2] == (g.abs().max().item() if edge != "nan" else together[2][0], m.abs().max().item(), v.max().item())
+    if edge == "nan":
+        assert math.isnan(together[1][0])
 
 
 # -- the in-place certificate: compose.adam_block_is_safe --------------------------------------
