@@ -666,21 +666,20 @@ class KronOptimizer(torch.optim.Optimizer):
             return None
         if bucket.layout.m * bucket.layout.n < _BLOCKWISE_MIN:
             return None
-        if bucket.state is None:
-            self._init_bucket(bucket)
         cfg = self._bucket_config(bucket)
         grads = self._raw_gradients(cfg, bucket)
-        return None if grads is None else (cfg, grads)
+        if grads is None:
+            return None
+        if bucket.state is None:  # as _step_bucket would at its turn
+            self._init_bucket(bucket)
+        return cfg, grads
 
     def _step_plain_adam(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig, grads: list[Tensor]) -> None:
         """:meth:`_step_bucket` for a plain AdamW bucket on its raw gradients (:meth:`_raw_gradients`):
         only the two moments and the counters change, so they are checked (:func:`_plain_adam_ok`) and
         written directly, on the whole stacks with device-side masks, with the same bits as
-        :meth:`_step_bucket`. A CPU bucket takes :meth:`_step_plain_adams` instead (block by block, torch's
-        fused kernel where it applies: the same bits only up to rounding)."""
-        if bucket.blocks[0].device.type == "cpu" and bucket.layout.m * bucket.layout.n >= _BLOCKWISE_MIN:
-            self._pending.extend(self._step_plain_adams([(bucket, cfg, grads)], step_ok).values())
-            return
+        :meth:`_step_bucket`. This is the form of other devices; :meth:`step` hands a CPU's plain AdamW
+        buckets to :meth:`_step_plain_adams` before any other bucket (:meth:`_plain_adam_cpu`)."""
         group = self.param_groups[bucket.group]
         old = bucket.state
         D, new = compose.adam_step(cfg, old, grads, self._scratch(bucket, batched=True))  # type: ignore[arg-type]
@@ -696,8 +695,9 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _count_plain_adam(self, bucket: _Bucket, ok: Tensor | list[bool], step_ok: Tensor | None) -> "_Pending | None":
         """After a plain AdamW bucket's step: its counters and its skipped blocks (``ok``: the ``(b)`` mask, or
-        the blocks' verdicts as read on the host). Returns, with ``nonfinite = "warn"``, the mask for the
-        report, for the caller to queue."""
+        the blocks' verdicts as read on the host). Returns the report of its mask for the caller to queue
+        (:class:`_Pending`), or ``None``: without ``nonfinite = "warn"``, and where every verdict read on
+        the host is good (nothing to count or report)."""
         old = bucket.state
         calls, step = old.calls + 1, old.step + 1  # type: ignore[union-attr]
         bucket.state = attrs.evolve(old, calls=calls, step=step)  # type: ignore[misc]
@@ -731,15 +731,16 @@ class KronOptimizer(torch.optim.Optimizer):
         many calls as a large one); a large block's are read right before its work, which then finds
         them in cache. Returns the reports to queue (:meth:`_count_plain_adam`), by ``id`` of the bucket."""
         whole = True if step_ok is None else bool(step_ok)
-        small = [
-            (p.grad, bucket.state.inner.exp_avg[i], bucket.state.inner.exp_avg_sq[i])  # type: ignore[union-attr]
-            for bucket, _, _ in work for i, p in enumerate(bucket.params)
+        # the small blocks' bounds, by (bucket, block); without a whole step nothing is proven (nor read)
+        small = {
+            (k, i): (p.grad, bucket.state.inner.exp_avg[i], bucket.state.inner.exp_avg_sq[i])  # type: ignore[union-attr]
+            for k, (bucket, _, _) in enumerate(work) for i, p in enumerate(bucket.params)
             if whole and p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX
-        ]
-        bounds = iter(self._adam_bounds_small(small))  # type: ignore[arg-type]
+        }
+        bounds = dict(zip(small, self._adam_bounds_small(list(small.values()))))  # type: ignore[arg-type]
         fused: dict[tuple, tuple[KronConfig, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         verdicts: list[list[bool]] = []
-        for bucket, cfg, grads in work:
+        for k, (bucket, cfg, grads) in enumerate(work):
             group = self.param_groups[bucket.group]
             lr, weight_decay = group["lr"], group["weight_decay"]
             state = bucket.state
@@ -750,9 +751,8 @@ class KronOptimizer(torch.optim.Optimizer):
             mine = []
             for i, (p, g) in enumerate(zip(bucket.params, grads)):
                 m, v = state.inner.exp_avg[i], state.inner.exp_avg_sq[i]  # type: ignore[union-attr]
-                if whole:
-                    bound = next(bounds) if p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX else self._adam_bounds(p.grad, m, v)  # type: ignore[arg-type]
-                if whole and compose.adam_block_is_safe(cfg, t, m.dtype, *bound):
+                # a large block's bounds are read right before its work, which then finds them in cache
+                if whole and compose.adam_block_is_safe(cfg, t, m.dtype, *(bounds.get((k, i)) or self._adam_bounds(p.grad, m, v))):  # type: ignore[arg-type]
                     # finite whatever the entries: computed in place, nothing to check or copy
                     mine.append(True)
                     w = to_block(p, bucket.specs[i])  # type: ignore[index]
@@ -824,17 +824,19 @@ class KronOptimizer(torch.optim.Optimizer):
         if not blocks:
             return []
         grads, ms, vs = (list(x) for x in zip(*blocks))
-        hits = [self._checked(g) for g in grads]
-        if all(h is not None for h in hits):
-            g_rows = torch.stack([h[1] for h in hits])  # type: ignore[index]  # (lo, hi) per gradient
-        else:
-            g_lo = torch.stack(torch._foreach_max(torch._foreach_neg(grads))).neg_()
-            g_rows = torch.stack([g_lo, torch.stack(torch._foreach_max(grads))], dim=1)
+        # a gradient's (lo, hi) from the step's check of the gradients where it made one, else read here
+        rows = [None if (hit := self._checked(g)) is None else hit[1] for g in grads]
+        unread = [g for g, row in zip(grads, rows) if row is None]
+        if unread:
+            lo = torch.stack(torch._foreach_max(torch._foreach_neg(unread))).neg_()
+            read = iter(torch.stack([lo, torch.stack(torch._foreach_max(unread))], dim=1).unbind(0))
+            rows = [next(read) if row is None else row for row in rows]
+        g_rows = torch.stack(rows)  # type: ignore[arg-type]
         m_lo = torch.stack(torch._foreach_max(torch._foreach_neg(ms))).neg_()
         m_hi = torch.stack(torch._foreach_max(ms))
         v_hi = torch.stack(torch._foreach_max(vs))
-        rows = torch.cat([g_rows, m_lo[:, None], m_hi[:, None], v_hi[:, None]], dim=1).tolist()
-        return [_bounds(*row) for row in rows]
+        table = torch.cat([g_rows, m_lo[:, None], m_hi[:, None], v_hi[:, None]], dim=1).tolist()
+        return [_bounds(*row) for row in table]
 
     def _scratch(self, bucket: _Bucket, *, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Three tensors shaped like the bucket's moments (``batched``) or like one block of them, for

@@ -139,31 +139,47 @@ def test_fused_form_equals_torch_fused_adamw_bit_for_bit_and_leaves_gradients_al
 
 # -- every plain AdamW bucket of a CPU step together (KronOptimizer._step_plain_adams) ---------------
 
-#: many shapes, one or a few blocks each, one block above _ADAM_BOUNDS_TOGETHER_MAX (its bounds read alone)
-MANY = [(3, 4), (5, 2), (5, 2), (7,), (1, 9), (8, 8), (2, 3, 4), (130, 130), (11, 6), (11, 6), (11, 6), (13,)]
+#: many shapes, one or a few blocks each; (128, 128) holds exactly _ADAM_BOUNDS_TOGETHER_MAX entries and
+#: (130, 130) more (its bounds read alone, right before its work)
+MANY = [(3, 4), (5, 2), (5, 2), (7,), (1, 9), (8, 8), (2, 3, 4), (130, 130), (11, 6), (11, 6), (11, 6), (13,),
+        (128, 128), (6, 6), (6, 6)]
 
 
-def _many_grads(step: int, gen: torch.Generator, *, nonfinite: bool) -> list[torch.Tensor]:
-    grads = [torch.randn(s, generator=gen) for s in MANY]
+def _many_grads(step: int, gen: torch.Generator, *, nonfinite: bool) -> list[torch.Tensor | None]:
+    grads: list[torch.Tensor | None] = [torch.randn(s, generator=gen) for s in MANY]
     if step == 2 and nonfinite:
         grads[10][3, 1] = float("nan")  # the second block of a two-block bucket (p8, p10)
         grads[7][5, 5] = float("inf")  # the large block
     if step == 3:
         grads[4][0, 2] = 3e22  # finite, but its square overflows float32: no certificate, then checked
+    if step % 2 == 1:
+        grads[13] = None  # p13 skips every other step: its bucket splits from p14's, and their counts part
     return grads
 
 
-def _stepped(params, gen, *, scope: str, one_optimizer: bool):
-    # two groups with their own lr and decay: proven blocks of both never share one fused call
-    groups = [
-        {"params": [(f"p{i}", p) for i, p in enumerate(params) if i % 2 == 0], "lr": 0.05, "weight_decay": 0.1},
-        {"params": [(f"p{i}", p) for i, p in enumerate(params) if i % 2 == 1], "lr": 0.02, "weight_decay": 0.0},
+def _groups(params):
+    """Four groups: lr and decay of their own in two; the last two share the first's lr and decay and
+    override only β (the third) or ε (the fourth), so only those keep their blocks out of its fused call."""
+    settings = [
+        {"lr": 0.05, "weight_decay": 0.1},
+        {"lr": 0.02, "weight_decay": 0.0},
+        {"lr": 0.05, "weight_decay": 0.1, "inner.betas": (0.8, 0.99)},
+        {"lr": 0.05, "weight_decay": 0.1, "inner.eps": 1e-6},
     ]
+    member = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0, 1, 0, 0, 0]  # the blocks of a shape share a group where a bucket is meant
+    groups = [dict(params=[], **kw) for kw in settings]
+    for i, p in enumerate(params):
+        groups[member[i]]["params"].append((f"p{i}", p))
+    return groups
+
+
+def _stepped(params, gen, *, scope: str, one_optimizer: bool):
+    groups = _groups(params)
     if one_optimizer:
         opts = [kronopt.build(groups, "adamw", nonfinite_scope=scope)]
     else:  # each parameter alone in an optimizer of its own: no step ever sees two buckets
         opts = [
-            kronopt.build([{"params": [pair], "lr": g["lr"], "weight_decay": g["weight_decay"]}], "adamw", nonfinite_scope=scope)
+            kronopt.build([{**g, "params": [pair]}], "adamw", nonfinite_scope=scope)
             for g in groups for pair in g["params"]
         ]
     for step in range(6):
@@ -184,7 +200,8 @@ def _stepped(params, gen, *, scope: str, one_optimizer: bool):
 def test_buckets_stepped_together_equal_each_parameter_stepped_alone(monkeypatch, scope, fused):
     """One optimizer over many shapes (every bucket's proven blocks in fused calls across buckets, the small
     blocks' extremes read together) against one optimizer per parameter: the same bits, the same skipped
-    blocks, the same counters."""
+    blocks, the same counters; with groups that differ in lr, decay, β or ε only, and buckets of one group
+    at different step counts."""
     monkeypatch.setattr(optimizer_module, "_FUSED_ADAMW", fused)
     calls = []
     real = optimizer_module.KronOptimizer._step_plain_adams
@@ -195,7 +212,9 @@ def test_buckets_stepped_together_equal_each_parameter_stepped_alone(monkeypatch
     counts_t, state_t = _stepped(together, torch.Generator().manual_seed(5), scope=scope, one_optimizer=True)
     n_together = calls[:6]
     counts_a, state_a = _stepped(alone, torch.Generator().manual_seed(5), scope=scope, one_optimizer=False)
-    assert n_together == [11] * 6  # every bucket of the step in one call (12 parameters, 2 groups: 11 buckets)
+    # every bucket of the step in one call: 15 parameters in 4 groups make 13 buckets; from the step p13
+    # first sits out, its bucket with p14 is two, and on p13's steps both are stepped
+    assert n_together == [13, 13, 14, 13, 14, 13]
     for a, b in zip(together, alone):
         assert torch.equal(a, b)
     for sa, sb in zip(state_t, state_a):
@@ -207,6 +226,33 @@ def test_buckets_stepped_together_equal_each_parameter_stepped_alone(monkeypatch
     assert counts_t["p4"] == 1 and sum(counts_t.values()) == (3 if scope == "block" else 1)
     if scope == "block":
         assert counts_t["p10"] == 1 and counts_t["p7"] == 1
+    steps = {f"p{i}": state["step"] for i, state in enumerate(state_t)}
+    assert steps["p13"] == 3 and steps["p14"] == 6  # the split buckets' counters parted
+
+
+def test_reports_come_in_the_buckets_order():
+    """The plain AdamW buckets are stepped before the others, but their reports are queued in the buckets'
+    order: a plain group, a group that takes the general path (it skips its first call), a plain group."""
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(4, 3), (5, 2), (3, 3), (2, 6), (7,), (4, 4)]]
+    groups = [
+        {"params": [("a0", params[0]), ("a1", params[1])]},
+        {"params": [("b0", params[2]), ("b1", params[3])], "skip_first_call": True},
+        {"params": [("c0", params[4]), ("c1", params[5])]},
+    ]
+    opt = kronopt.build(groups, "adamw", nonfinite="warn", nonfinite_scope="block")
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+            if step == 2:
+                p.grad.view(-1)[0] = float("nan")
+        opt.step()
+    plain = [b for b in opt._buckets if opt._plain_adam_cpu(b) is not None]  # the groups' paths are as meant
+    assert {id(p) for b in plain for p in b.params} == {id(p) for p in params[:2] + params[4:]}
+    with pytest.warns(RuntimeWarning) as caught:
+        opt.flush_warnings()
+    named = [next(n for n in ("a0", "a1", "b0", "b1", "c0", "c1") if f" {n};" in str(w.message) or f" {n}," in str(w.message)) for w in caught]
+    assert named == ["a0", "a1", "b0", "b1", "c0", "c1"]
 
 
 def _blocks(gen: torch.Generator, edge: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
