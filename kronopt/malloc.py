@@ -7,7 +7,7 @@ A preconditioned step on a CPU allocates temporaries the size of a gradient or o
 bound lies free there. A step that frees several such temporaries in a row crosses that line,
 so the next step gets fresh pages from the OS and pays a page fault for each 4 KiB of them
 (a few microseconds each on a virtual machine, most of it zeroing the page). At ``d = 1024``
-that was 231–254 MiB of faults per step of ``soap`` (``docs/results.md``, "Step time against
+that was 220–254 MiB of faults per step of ``soap`` (``docs/results.md``, "Step time against
 width").
 
 :func:`retain_freed_memory` sets glibc's two bounds so that blocks of any size come from the
