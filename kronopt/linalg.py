@@ -1530,19 +1530,23 @@ _GRAM_DIAGONAL_SHARE = 1 / 8
 
 
 def gram_update_finite(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
-    r"""``(b)``: whether :math:`\beta X + \alpha A A^\top` is finite, read from its diagonal alone.
+    r"""``(b)``: whether :math:`\beta X + \alpha A A^\top` is finite, read from a bound on its diagonal.
 
     For a symmetric PSD ``X`` every entry is at most its largest diagonal entry in magnitude
     (:math:`|X_{ij}| \le \sqrt{X_{ii} X_{jj}}`), and so is every entry of :math:`A A^\top`. So with
     ``X`` and ``A`` finite, the new value's entries are at most twice its largest diagonal entry
-    :math:`\beta X_{ii} + \alpha \|a_i\|^2`: finite when that stays below ``_GRAM_DIAGONAL_SHARE``
-    of the dtype's largest number. True proves the value finite; False proves nothing (a block
-    between that share and overflow, or with NaN or inf in ``A``'s rows or on ``X``'s diagonal).
-    ``O(m k)`` work where reading the new value costs ``m²``.
+    :math:`\beta X_{ii} + \alpha \|a_i\|^2`, which is at most
+    :math:`|\beta| \max_i |X_{ii}| + |\alpha| \|A\|_F^2`: finite when that stays below
+    ``_GRAM_DIAGONAL_SHARE`` of the dtype's largest number. True proves the value finite; False proves
+    nothing (a block between that share and overflow, or with NaN or inf in ``A`` or on ``X``'s
+    diagonal). One read of ``A``, in its memory order whatever its strides (the rows' own norms
+    read a transposed operand 3 times slower, through a temporary), where reading the new value
+    costs ``m²``.
     """
-    diagonal = torch.diagonal(X, dim1=-2, dim2=-1) * beta + weighted_row_energy(A, None) * alpha
+    diagonal = torch.diagonal(X, dim1=-2, dim2=-1).abs().amax(dim=-1) * abs(beta)
+    energy = torch.linalg.vector_norm(A, dim=(-2, -1)).square() * abs(alpha)
     bound = torch.finfo(diagonal.dtype).max * _GRAM_DIAGONAL_SHARE
-    return (diagonal.abs() <= bound).all(dim=-1)
+    return diagonal + energy <= bound
 
 
 
@@ -1856,8 +1860,25 @@ def product_inverse_root_denominator(
     if lam_L is None or lam_R is None:
         return root(lam_R if lam_L is None else lam_L).add_(eps).unsqueeze(-2 if lam_L is None else -1)  # type: ignore[arg-type]
     rL, rR = root(lam_L).unsqueeze(-1), root(lam_R).unsqueeze(-2)
-    # a NaN here is 0 · ∞ (an infinite eigenvalue against a zero one): no step
-    return torch.addcmul(torch.full((), eps, dtype=rL.dtype, device=rL.device), rL, rR).nan_to_num_(nan=math.inf, posinf=math.inf)
+    # the outer product, then ε in place: on a CPU an addcmul of the two broadcast vectors and a
+    # 0-d ε took 2 to 4 times as long (it also rounds once where this rounds twice: an ulp apart)
+    denominator = torch.mul(rL, rR).add_(eps)
+    # a NaN here is 0 · ∞ (an infinite eigenvalue against a zero one): no step. Roots are ≥ 0, so with
+    # no zero root on either side (on a CPU, read on the host for free) there is no NaN to mend.
+    if not (rL.numel() and rR.numel() and cpu_all(torch.stack([rL.amin(), rR.amin()]) > 0)):
+        denominator.nan_to_num_(nan=math.inf, posinf=math.inf)
+    return denominator
+
+
+def divide_by_product_inverse_root(P: Tensor, lam_L: Tensor | None, lam_R: Tensor | None, exponent: float, eps: float) -> Tensor:
+    r""":math:`P` divided by :func:`product_inverse_root_denominator`, ``b m n``: KL-Shampoo's scaled step
+    in the eigenbasis. Where the denominator is a whole ``b m n`` tensor of the quotient's dtype the
+    quotient is written over it, which spares a second tensor of the block's size."""
+    denominator = product_inverse_root_denominator(lam_L, lam_R, exponent, eps)
+    tracked = torch.is_grad_enabled() and (P.requires_grad or denominator.requires_grad)
+    if tracked or denominator.shape != P.shape or denominator.dtype != torch.result_type(P, denominator):
+        return P / denominator
+    return torch.div(P, denominator, out=denominator)
 
 
 def subspace_rms_complement_norm(D: Tensor, d: int, r: int, other: int) -> Tensor:

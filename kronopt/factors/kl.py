@@ -267,12 +267,15 @@ class KlKronFactors:
         new_left, new_right = left, right
         if left.F is not None:
             if right.Q is None:
-                GQ = G
+                A = G if sR is None else G * sR
             elif left.Q is not None and m < n and (ctx is None or ctx.exact_basis):
-                GQ = left.Q @ H  # G Q_R = Q_L (Q_Lᵀ G Q_R): m²n instead of mn² on a wide block
+                A = left.Q @ H  # G Q_R = Q_L (Q_Lᵀ G Q_R): m²n instead of mn² on a wide block
+                A = A if sR is None else A * sR
+            elif sR is not None and n < m:
+                A = G @ (right.Q * sR)  # a tall block: the scaling on the n × n basis, not on the m × n product
             else:
-                GQ = G @ right.Q
-            F = linalg.accumulate_gram_left(left.F, GQ if sR is None else GQ * sR, rho, (1 - rho) / n, defer=defer)
+                A = G @ right.Q if sR is None else (G @ right.Q) * sR
+            F = linalg.accumulate_gram_left(left.F, A, rho, (1 - rho) / n, defer=defer)
             d_L = (H2.sum(-1) if sR is None else (H2 @ sR.square().mT).squeeze(-1)) / n
             new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:

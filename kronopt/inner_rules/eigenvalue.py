@@ -178,7 +178,7 @@ class EigenvalueInner:
             if lam_L is None and lam_R is None:  # no rotated side: s ≡ 1 on both
                 P = P / (1.0 + self.eps)
             else:
-                P = P / linalg.product_inverse_root_denominator(lam_L, lam_R, self.exponent, self.eps)
+                P = linalg.divide_by_product_inverse_root(P, lam_L, lam_R, self.exponent, self.eps)
         else:
             if lam_L is not None:
                 P = P * self._scale(lam_L).unsqueeze(-1)

@@ -128,6 +128,18 @@ def test_gram_update_finite_from_the_diagonal(scale, x_scale, seed):
     assert not (predicted & (diagonal.abs().amax(-1) > torch.finfo(torch.float32).max / 8)).any()
 
 
+def test_gram_update_finite_reads_a_transposed_operand_as_its_copy():
+    """The proof reads ``A`` in its memory order: a transposed view gives the verdicts of its contiguous copy,
+    and a block whose energy sits past the share in a single row is not proven."""
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(3, 5, 7, generator=g)
+    B[2, :, 4] = 2.0**62  # one row of A = Bᵀ: ‖a_4‖² = 5 · 2^124, finite and past an eighth of float32's largest
+    A = B.mT
+    X = linalg.gram_left(torch.randn(3, 7, 7, generator=g))
+    assert not A.is_contiguous()
+    assert linalg.gram_update_finite(X, A, 0.9, 1.0).tolist() == linalg.gram_update_finite(X, A.contiguous(), 0.9, 1.0).tolist() == [True, True, False]
+
+
 def test_gram_update_finite_sees_nan_and_inf_in_the_operand():
     A = torch.randn(3, 6, 4)
     A[1, 2, 3] = math.nan

@@ -277,3 +277,25 @@ def test_product_scale_edge_eigenvalues(sides, exponent, eps):
     P = torch.full_like(expected, 3.0)
     step = P / linalg.product_inverse_root_denominator(lam_L, lam_R, exponent, eps)
     torch.testing.assert_close(step, 3.0 * expected, rtol=1e-14, atol=0)
+    # the step the rule takes: the quotient over the denominator's buffer where it is a whole block
+    torch.testing.assert_close(linalg.divide_by_product_inverse_root(P, lam_L, lam_R, exponent, eps), 3.0 * expected, rtol=1e-14, atol=0)
+    assert (P == 3.0).all()
+
+
+@pytest.mark.parametrize(("p_dtype", "lam_dtype"), [(torch.float32, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_divide_by_product_inverse_root_is_the_quotient_and_keeps_its_operands(p_dtype, lam_dtype, gen):
+    """Written over the denominator where that is a whole block of the quotient's dtype, else a plain quotient
+    (a wider P than the eigenvalues): the same bits either way, and neither P nor the eigenvalues change."""
+    P = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).to(p_dtype)
+    lam_L = torch.rand(2, 5, generator=gen, dtype=torch.float64).to(lam_dtype) + 0.1
+    lam_R = torch.rand(2, 3, generator=gen, dtype=torch.float64).to(lam_dtype) + 0.1
+    before = [t.clone() for t in (P, lam_L, lam_R)]
+    out = linalg.divide_by_product_inverse_root(P, lam_L, lam_R, -0.5, 1e-8)
+    expected = P / linalg.product_inverse_root_denominator(lam_L, lam_R, -0.5, 1e-8)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # independent of the helper: 1 / (√λ_L √λ_R + ε) in float64
+    ref = P.double() / ((lam_L.double().sqrt().unsqueeze(-1) * lam_R.double().sqrt().unsqueeze(-2)) + 1e-8)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+    for t, b in zip((P, lam_L, lam_R), before):
+        torch.testing.assert_close(t, b, rtol=0, atol=0)
