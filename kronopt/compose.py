@@ -517,14 +517,20 @@ def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:
     float32); the optimizer treats such a block like a non-finite gradient. Tensors in
     ``also`` (e.g. the direction) join the same test: one finiteness pass for all.
     """
-    changed = [n for n, o in _tensor_pairs(new, old) if n is not o and n.ndim >= 1 and n.is_floating_point()]
-    changed += [t for t in also if t is not None]
+    changed = changed_tensors(new, old, *also)
     if not changed:
         return None
     return linalg.finite_blocks(*changed)
 
 
-def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
+def changed_tensors(new: Any, old: Any, *also: Tensor | None) -> list[Tensor]:
+    """The floating tensors of ``new`` that the step made (not ``old``'s own), then those of ``also``:
+    what :func:`finite_new_state` tests."""
+    changed = [n for n, o in _tensor_pairs(new, old) if n is not o and n.ndim >= 1 and n.is_floating_point()]
+    return changed + [t for t in also if t is not None]
+
+
+def write_(stacks: Any, new: Any, ok: Tensor, *, copies: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Any, bool]:
     """Write a step's new state into the existing stacks, per block where ``ok`` holds.
 
     ``stacks`` is the record the step started from; ``new`` the record it returned.
@@ -536,6 +542,10 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
     is replaced instead; so is a record that changes type (built from the new one, its
     tensors selected against the old fields of the same names). ``new`` is
     consumed: its non-finite entries may be zeroed in place.
+
+    ``copies`` (a list): where every write is a plain copy (on a CPU with every block ok), the
+    ``(stack, new tensor)`` pairs are appended there for the caller to copy, with other buckets',
+    in one call, instead of copied here.
 
     Returns:
         The record to keep (the stacks' records, rebuilt only where the new record's
@@ -592,7 +602,10 @@ def write_(stacks: Any, new: Any, ok: Tensor) -> tuple[Any, bool]:
     if linalg.cpu_all(ok) and all(o.device.type == "cpu" for o, _ in writes):
         # on a CPU the verdict is read for free: with every block ok (nearly every step) each write
         # is a plain copy, and all of them go in one call
-        torch._foreach_copy_([o for o, _ in writes], [n for _, n in writes])
+        if copies is not None:
+            copies.extend(writes)
+        else:
+            torch._foreach_copy_([o for o, _ in writes], [n for _, n in writes])
     else:
         weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         for o, n in writes:

@@ -782,10 +782,10 @@ def cpu_all(ok: Tensor) -> bool:
     """``ok`` is on the CPU and every entry is True, read on the host (``False`` on other devices,
     whose verdicts stay there, and inside a compiled function): the CPU's fast paths for a step
     with every block ok."""
-    return _host_verdicts(ok) and bool(ok.all())
+    return host_verdicts(ok) and bool(ok.all())
 
 
-def _host_verdicts(ok: Tensor) -> bool:
+def host_verdicts(ok: Tensor) -> bool:
     """Whether ``ok`` may be read on the host: on the CPU (it waits for nothing there), outside a
     compiled function, and unless the device-agnostic path is under test (``_CPU_HOST_VERDICTS``)."""
     return _CPU_HOST_VERDICTS and ok.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -798,7 +798,7 @@ def select_blocks(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
     the result is ``new`` itself, where none is ``old`` itself (for two tensors of one shape,
     dtype and device), without a pass over both. Callers treat the result as read-only.
     """
-    if ok.ndim == 1 and new.shape == old.shape and new.dtype == old.dtype and new.device == old.device and _host_verdicts(ok):
+    if ok.ndim == 1 and new.shape == old.shape and new.dtype == old.dtype and new.device == old.device and host_verdicts(ok):
         flags = ok.tolist()
         if all(flags):
             return new

@@ -17,7 +17,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import compiled, compose, distributed, linalg
+from . import compiled, compose, distributed, linalg, post
 from ._shapes import BlockSpec, block_spec, to_block
 from .config import ConfigError, KronConfig, from_dict, to_dict, with_overrides
 from .inspection import BUCKET_KEY as _BUCKET
@@ -70,6 +70,10 @@ _FUSED_ADAMW = True
 #: plain AdamW blocks of at most this many entries have their extremes read together, across buckets
 #: (:meth:`KronOptimizer._adam_bounds_small`); a larger block's are read right before its work, in cache
 _ADAM_BOUNDS_TOGETHER_MAX = 1 << 14
+#: on a CPU, preconditioned buckets whose blocks hold at most this many entries, none of whose sides is longer
+#: than ``_SMALL_TOGETHER_MAX_SIDE``, step together (:meth:`KronOptimizer._step_small_buckets`); 0 turns it off
+_SMALL_TOGETHER_MAX = 1 << 14
+_SMALL_TOGETHER_MAX_SIDE = 512
 
 
 @attrs.define(eq=False)
@@ -434,6 +438,10 @@ class KronOptimizer(torch.optim.Optimizer):
         plain = [(b, *work) for b in stepped if (work := self._plain_adam_cpu(b)) is not None]
         reports = self._step_plain_adams(plain, step_ok) if plain else {}
         taken = {id(b) for b, _, _ in plain}
+        # then the other small buckets of a CPU, with one test of their new state and one write of each kind
+        small = [(b, cfg) for b in stepped if id(b) not in taken and (cfg := self._small_cpu(b)) is not None]
+        reports |= self._step_small_buckets(small, step_ok) if small else {}
+        taken |= {id(b) for b, _ in small}
         for bucket in stepped:
             if id(bucket) in taken:
                 if id(bucket) in reports:
@@ -658,6 +666,67 @@ class KronOptimizer(torch.optim.Optimizer):
         if self.config.nonfinite == "warn":
             self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
 
+    def _small_cpu(self, bucket: _Bucket) -> KronConfig | None:
+        """The config of a bucket that :meth:`_step_small_buckets` steps with the others: on a CPU whose
+        verdicts are read on the host (:func:`linalg.host_verdicts`), neither work-sharded nor FSDP2, its
+        group not compiled, not plain AdamW, blocks of at most ``_SMALL_TOGETHER_MAX`` entries and sides of at
+        most ``_SMALL_TOGETHER_MAX_SIDE``; ``None`` for any other bucket."""
+        layout = bucket.layout
+        if (
+            bucket.plan is not None or bucket.fsdp is not None or not bucket.params
+            or not linalg.host_verdicts(bucket.blocks[0]) or self._group_cfgs[bucket.group].compile
+            or layout.m * layout.n > _SMALL_TOGETHER_MAX or max(layout.m, layout.n) > _SMALL_TOGETHER_MAX_SIDE
+        ):
+            return None
+        cfg = self._bucket_config(bucket)
+        if self._raw_gradients(cfg, bucket) is not None:
+            return None  # a plain AdamW bucket keeps its own path (_step_plain_adam)
+        return cfg
+
+    def _step_small_buckets(self, work: list[tuple[_Bucket, KronConfig]], step_ok: Tensor | None) -> dict[int, "_Pending"]:
+        """:meth:`_step_bucket` for the small buckets of a CPU (:meth:`_small_cpu`), all of a step's together,
+        the same bits: on small blocks the calls around the pipeline, not its arithmetic, are the cost.
+
+        Each bucket's pipeline runs in turn; then every tensor their steps changed is tested at once (one
+        ``foreach`` reduction per dtype and one read on the host; only a bucket with a non-finite tensor
+        is tested block by block, :func:`compose.finite_new_state`), the parameters are written in one call
+        per learning rate and decay (:func:`post.apply_together_`) and the state in one copy
+        (:func:`compose.write_`'s ``copies``), then each bucket's deferred factor updates. Holding every
+        small bucket's new state at once is what bounds the blocks' size. Returns the reports to queue
+        (``nonfinite = "warn"``), by ``id`` of the bucket."""
+        runs = []
+        for bucket, cfg in work:
+            if bucket.state is None:
+                self._init_bucket(bucket)
+            G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
+            old = bucket.state
+            defer: list[linalg.DeferredWrite] | None = [] if _DEFER_FACTOR_UPDATES else None
+            D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
+            runs.append((bucket, cfg, ok, old, new, D, defer, compose.changed_tensors(new, old, D)))
+        finite = iter(_finite_each_on_host([t for run in runs for t in run[-1]]))
+        applies, writes = [], []
+        for bucket, cfg, ok, old, new, D, defer, changed in runs:
+            if not all([next(finite) for _ in changed]):  # (every flag taken, to keep the others in step)
+                ok = ok & compose.finite_new_state(new, old, D)  # type: ignore[operator]
+            write = ok if step_ok is None else ok & step_ok
+            group = self.param_groups[bucket.group]
+            if D is not None:
+                applies.append((cfg.post, bucket.params, D, group["lr"], group["weight_decay"], write))
+            writes.append((bucket, old, new, write, ok, defer))
+        post.apply_together_(applies)  # before the state writes: a direction may still read the old stacks
+        copies: list[tuple[Tensor, Tensor]] = []
+        for bucket, old, new, write, ok, _ in writes:
+            self._write_state(bucket, old, new, write, ok, copies=copies)
+        if copies:
+            torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
+        reports = {}
+        for bucket, _, new, write, ok, defer in writes:
+            if defer:
+                compose.run_deferred_(defer, write)
+            if self.config.nonfinite == "warn":
+                reports[id(bucket)] = _Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None)
+        return reports
+
     def _plain_adam_cpu(self, bucket: _Bucket) -> tuple[KronConfig, list[Tensor]] | None:
         """``(config, raw gradients)`` of a bucket that :meth:`_step_plain_adams` steps together with the
         others: a plain AdamW bucket (:meth:`_raw_gradients`) of a CPU, neither work-sharded nor FSDP2, whose
@@ -866,11 +935,13 @@ class KronOptimizer(torch.optim.Optimizer):
         return [to_block(p.grad, s) for p, s in zip(bucket.params, bucket.specs)]  # type: ignore[arg-type]
 
     def _write_state(
-        self, bucket: _Bucket, old: compose.BucketState, new: compose.BucketState, write: Tensor, ok: Tensor
+        self, bucket: _Bucket, old: compose.BucketState, new: compose.BucketState, write: Tensor, ok: Tensor,
+        *, copies: list[tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         """The new state into the stacks in place (blocks where ``write`` is False keep the old), so the
-        per-parameter views in ``self.state`` stay valid; ``ok`` counts the non-finite blocks."""
-        bucket.state, replaced = compose.write_(old, new, write)
+        per-parameter views in ``self.state`` stay valid; ``ok`` counts the non-finite blocks. ``copies``:
+        plain copies left to the caller (:func:`compose.write_`)."""
+        bucket.state, replaced = compose.write_(old, new, write, copies=copies)
         bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
         if replaced:
             self._bind(bucket)
@@ -1351,6 +1422,22 @@ class KronOptimizer(torch.optim.Optimizer):
 #: factor updates that nothing else in a CPU bucket's call reads are computed at its state write, into the
 #: stacks themselves (:class:`kronopt.linalg.DeferredWrite`); ``False`` computes them in the step (the same bits)
 _DEFER_FACTOR_UPDATES = True
+
+
+def _finite_each_on_host(tensors: list[Tensor]) -> list[bool]:
+    """Per tensor, whether it holds no NaN and no infinity, read on the host at once: the largest magnitude
+    of every tensor of a dtype by one ``foreach`` reduction (NaN propagates through it), one read for all."""
+    flags: list[bool] = [True] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel():
+            by_dtype.setdefault(t.dtype, []).append(i)
+    if not by_dtype:
+        return flags
+    verdicts = [torch.stack(torch._foreach_max(torch._foreach_abs([tensors[i] for i in idx]))).isfinite() for idx in by_dtype.values()]
+    for i, good in zip((i for idx in by_dtype.values() for i in idx), torch.cat(verdicts).tolist()):
+        flags[i] = good
+    return flags
 
 
 def _bounds(g_lo: float, g_hi: float, m_lo: float, m_hi: float, v_hi: float) -> tuple[float, float, float]:

@@ -128,6 +128,31 @@ class Post:
             param.mul_(decay)
 
 
+def apply_together_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, float, Tensor]]) -> None:
+    """:meth:`Post.apply_` of several buckets' steps, each ``(post, params, D, lr, weight_decay, ok)``, the same
+    bits. The buckets with every block written (read on the host, on a CPU) and plain Python numbers for
+    ``lr`` and ``weight_decay`` are written together, one ``foreach`` call per weight-decay order, factor
+    dtype, device, ``lr`` and ``weight_decay`` (the factors :meth:`Post.apply_` would use); the others in turn."""
+    together: dict[tuple, tuple[Post, list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]] = {}
+    for post, params, D, lr, weight_decay, ok in work:
+        if (
+            compiled.variant("post_apply") is not None or type(lr) not in (int, float)
+            or type(weight_decay) not in (int, float) or not linalg.cpu_all(ok)
+        ):
+            post.apply_(params, D, lr=lr, weight_decay=weight_decay, ok=ok)
+            continue
+        dtype = _factor_dtype(D.dtype)
+        key = (post.weight_decay_order, dtype, D.device, float(lr), float(weight_decay))
+        if key not in together:
+            scale, decay = _block_factors(dtype, D.device, lr, weight_decay)
+            together[key] = (post, [], [], [scale], None if decay is None else [decay])
+        _, ps, steps, _, _ = together[key]
+        ps.extend(params)
+        steps.extend(d.view(p.shape) for d, p in zip(D.unbind(0), params))
+    for post, ps, steps, scale, decay in together.values():
+        post._apply_all_(ps, steps, scale * len(steps), None if decay is None else decay * len(steps))
+
+
 def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the step and decay factors: the direction's, but never narrower than float32.
     In bfloat16, ``1 − lr·wd`` rounds to 1 for ``lr·wd`` below about ``2⁻⁹`` (weight decay would

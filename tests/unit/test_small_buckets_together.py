@@ -1,0 +1,213 @@
+"""The small preconditioned buckets of a CPU stepped together (``KronOptimizer._step_small_buckets``) against
+each bucket stepped in its turn (``_step_bucket``), bit for bit.
+
+The turn-by-turn form is forced by setting ``_SMALL_TOGETHER_MAX`` to 0; both optimizers see the same
+gradients: a NaN block, an infinite single block, a finite block whose statistics overflow float32, a
+parameter without a gradient every other step, and two parameter groups of their own learning rate and
+weight decay.
+"""
+
+import math
+import warnings
+
+import attrs
+import pytest
+import torch
+
+import kronopt
+from kronopt import compose
+from kronopt import optimizer as optimizer_module
+from kronopt import post as post_module
+
+# two three-block buckets (one per group), one-block buckets, a tall and a wide shape, a bias
+SHAPES = [(6, 5), (6, 5), (6, 5), (7, 3), (3, 9), (6, 5), (6, 5), (6, 5), (9,)]
+GROUP_OF = [0, 0, 0, 0, 0, 1, 1, 1, 0]
+
+
+def _grads(step, gen):
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    if step == 3:
+        grads[1][2, 3] = math.nan  # one block of a three-block bucket
+    if step == 4:
+        grads[3][0, 0] = math.inf  # a one-block bucket
+        grads[6][1, 1] = -math.inf
+    if step == 6:
+        grads[2][4, 4] = 1e22  # finite, but its square overflows float32 in the factors and moments
+    return grads
+
+
+def _run(monkeypatch, preset, *, together, scope="block", nonfinite="skip", calls=None):
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    with monkeypatch.context() as patch:
+        if not together:
+            patch.setattr(optimizer_module, "_SMALL_TOGETHER_MAX", 0)
+        if calls is not None:
+            real = optimizer_module.KronOptimizer._step_small_buckets
+
+            def counted(self, work, step_ok):
+                calls.append(len(work))
+                return real(self, work, step_ok)
+
+            patch.setattr(optimizer_module.KronOptimizer, "_step_small_buckets", counted)
+        groups = [
+            {"params": [p for p, g in zip(named, GROUP_OF) if g == 0]},
+            {"params": [p for p, g in zip(named, GROUP_OF) if g == 1], "lr": 0.02, "weight_decay": 0.3},
+        ]
+        opt = kronopt.build(groups, preset, nonfinite=nonfinite, nonfinite_scope=scope)
+        gen = torch.Generator().manual_seed(2)
+        seen = []
+        for step in range(14):  # past a refresh (every 10) and the first call
+            for i, (p, g) in enumerate(zip(params, _grads(step, gen))):
+                p.grad = None if (i == 4 and step % 2) else g  # p4 skips odd steps: a bucket split in turn
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+            seen.extend(str(w.message) for w in caught)
+        opt.step()  # reports of the last step
+    state = {
+        i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+        for i, p in enumerate(params)
+    }
+    return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), seen
+
+
+@pytest.mark.parametrize("preset", ["soap", "dykaf", "kl_shampoo", "shampoo", "muon", "pro_soap"])
+@pytest.mark.parametrize(("scope", "nonfinite"), [("block", "skip"), ("step", "skip"), ("block", "warn")])
+def test_together_matches_each_in_turn_bit_for_bit(monkeypatch, preset, scope, nonfinite):
+    calls = []
+    fast = _run(monkeypatch, preset, together=True, scope=scope, nonfinite=nonfinite, calls=calls)
+    slow = _run(monkeypatch, preset, together=False, scope=scope, nonfinite=nonfinite)
+    assert calls and max(calls) >= 4  # the buckets of a step went through the together path
+    for a, b in zip(fast[0], slow[0]):
+        assert torch.equal(a, b)
+    assert fast[1].keys() == slow[1].keys()
+    for i in fast[1]:
+        assert fast[1][i].keys() == slow[1][i].keys(), i
+        for key, value in fast[1][i].items():
+            other = slow[1][i][key]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), (i, key)
+                if value.is_floating_point():
+                    assert torch.isfinite(value).all(), (i, key)
+            else:
+                assert value == other, (i, key)
+    assert fast[2] == slow[2]
+    assert fast[3] == slow[3]  # the same warnings, in the same order
+    if scope == "block":
+        assert fast[2]["p1"] == 1 and fast[2]["p3"] == 1 and fast[2]["p6"] == 1 and fast[2]["p0"] == 0
+    if nonfinite == "warn":
+        assert fast[3]
+
+
+def test_a_bucket_whose_new_state_overflows_keeps_its_old_state_and_the_others_step(monkeypatch):
+    """The one-read test finds the bucket with a non-finite tensor; only that bucket is then judged block by
+    block: its other blocks still step, the block that overflowed keeps its weights and state exactly."""
+    params = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(5, 3))]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "soap")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}) for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    params[1].grad[0, 0] = 1e30  # finite; its square overflows float32
+    opt.step()
+    w, st = before[1]
+    assert torch.equal(params[1], w)
+    for k, v in st.items():
+        if k not in ("step", "calls", "nonfinite"):
+            assert torch.equal(opt.state[params[1]][k], v), k
+    for i in (0, 2, 3):
+        assert not torch.equal(params[i], before[i][0])
+    assert opt.nonfinite_counts() == {"p0": 0, "p1": 1, "p2": 0, "p3": 0}
+
+
+def test_large_and_compiled_buckets_keep_their_own_turn(monkeypatch):
+    """Blocks past the entry or side bound, and a group with ``compile = true``, are not taken."""
+    params = {
+        "small": torch.nn.Parameter(torch.randn(8, 8)),
+        "wide": torch.nn.Parameter(torch.randn(2, 600)),  # 1200 entries, a side past 512
+        "big": torch.nn.Parameter(torch.randn(130, 130)),  # 16900 entries, past 1 << 14
+    }
+    opt = kronopt.build(list(params.items()), "soap")
+    taken = []
+    real = optimizer_module.KronOptimizer._step_small_buckets
+
+    def spy(self, work, step_ok):
+        taken.extend(b.layout for b, _ in work)
+        return real(self, work, step_ok)
+
+    monkeypatch.setattr(optimizer_module.KronOptimizer, "_step_small_buckets", spy)
+    for p in params.values():
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert [(lay.m, lay.n) for lay in taken] == [(8, 8)]
+    small = next(b for b in opt._buckets if (b.layout.m, b.layout.n) == (8, 8))
+    assert opt._small_cpu(small) is not None
+    monkeypatch.setattr(opt, "_group_cfgs", [attrs.evolve(c, compile=True) for c in opt._group_cfgs])
+    assert opt._small_cpu(small) is None  # compiled twins run in the bucket's own turn, inside its scope
+
+
+def test_finite_each_on_host_against_isfinite():
+    tensors = [
+        torch.randn(3, 4),
+        torch.tensor([1.0, math.nan]),
+        torch.tensor([[-math.inf, 0.0]], dtype=torch.float64),
+        torch.empty(0, 3),
+        torch.randn(2, 2, dtype=torch.float64),
+        torch.tensor([math.inf], dtype=torch.bfloat16),
+        torch.tensor([3.0e38, -3.0e38]),  # finite at the edge of float32
+    ]
+    expected = [bool(torch.isfinite(t).all()) for t in tensors]
+    assert optimizer_module._finite_each_on_host(tensors) == expected == [True, False, False, True, True, False, True]
+    assert optimizer_module._finite_each_on_host([]) == []
+
+
+def test_write_leaves_plain_copies_to_the_caller():
+    """With ``copies`` and every block ok on a CPU, ``write_`` appends its ``(stack, new)`` pairs and writes
+    nothing; the caller's copy then gives what the write itself gives."""
+    params = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(2)]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "soap")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    bucket = opt._buckets[0]
+    stacks = bucket.state
+    G = torch.randn(2, 4, 6)
+    D, new = compose.step(opt._bucket_config(bucket), bucket.layout, stacks, G)
+    kept_values = [t.clone() for t, _ in compose._tensor_pairs(stacks, stacks)]
+    copies = []
+    ok = torch.ones(2, dtype=torch.bool)
+    compose.write_(stacks, new, ok, copies=copies)
+    assert copies and all(o is not n for o, n in copies)
+    for t, before in zip((t for t, _ in compose._tensor_pairs(stacks, stacks)), kept_values):
+        assert torch.equal(t, before)  # nothing written yet
+    torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
+    for o, n in copies:
+        assert torch.equal(o, n)
+
+
+def test_apply_together_equals_apply_in_turn():
+    """Two lr/decay settings, both decay orders, and a bucket with a skipped block (taken in turn)."""
+
+    def setup():
+        g = torch.Generator().manual_seed(5)
+        params = [[torch.randn(3, 4, generator=g) for _ in range(2)] for _ in range(4)]
+        D = [torch.randn(2, 3, 4, generator=g) for _ in range(4)]
+        return params, D
+
+    posts = [post_module.Post(), post_module.Post(weight_decay_order="after"), post_module.Post(), post_module.Post()]
+    settings = [(0.1, 0.01), (0.1, 0.01), (0.05, 0.0), (0.1, 0.01)]
+    oks = [torch.tensor([True, True])] * 3 + [torch.tensor([True, False])]
+    p1, D1 = setup()
+    post_module.apply_together_([(po, ps, d, lr, wd, ok) for po, ps, d, (lr, wd), ok in zip(posts, p1, D1, settings, oks)])
+    p2, D2 = setup()
+    for po, ps, d, (lr, wd), ok in zip(posts, p2, D2, settings, oks):
+        po.apply_(ps, d, lr=lr, weight_decay=wd, ok=ok)
+    for a, b in zip(p1, p2):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
