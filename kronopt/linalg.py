@@ -1551,9 +1551,9 @@ def gram_update_finite(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tenso
 
     For a symmetric PSD ``X`` every entry is at most its largest diagonal entry in magnitude
     (:math:`|X_{ij}| \le \sqrt{X_{ii} X_{jj}}`), and so is every entry of :math:`A A^\top`. So with
-    ``X`` and ``A`` finite, the new value's entries are at most twice its largest diagonal entry
-    :math:`\beta X_{ii} + \alpha \|a_i\|^2`, which is at most
-    :math:`|\beta| \max_i |X_{ii}| + |\alpha| \|A\|_F^2`: finite when that stays below
+    ``X`` and ``A`` finite, every entry of the new value is at most
+    :math:`|\beta| \max_i |X_{ii}| + |\alpha| \max_i \|a_i\|^2 \le |\beta| \max_i |X_{ii}| + |\alpha| \|A\|_F^2`,
+    and a symmetrised entry (the mean of two such) too: the value is finite when that bound stays below
     ``_GRAM_DIAGONAL_SHARE`` of the dtype's largest number. True proves the value finite; False proves
     nothing (a block between that share and overflow, or with NaN or inf in ``A`` or on ``X``'s
     diagonal). One read of ``A``, in its memory order whatever its strides (the rows' own norms
@@ -1861,7 +1861,8 @@ def product_inverse_root_denominator(
 ) -> Tensor:
     r"""The denominator :math:`(\lambda_{L,i}\lambda_{R,j})^{-p} + \epsilon` of
     :func:`product_inverse_root_scale`, ``b m 1 × b 1 n -> b m n`` (a ``None`` side has
-    :math:`\lambda \equiv 1`): two passes over the block, where the scale itself took seven.
+    :math:`\lambda \equiv 1`): two passes over the block (three where a root is zero and the
+    NaN mend below runs), where the scale itself took seven.
 
     Each side's root :math:`r = \lambda_+^{-p}` is taken on its own vector: an infinite
     or NaN eigenvalue gives :math:`r = \infty` (a zero step along it), a zero or negative

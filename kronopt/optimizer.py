@@ -74,6 +74,9 @@ _ADAM_BOUNDS_TOGETHER_MAX = 1 << 14
 #: than ``_SMALL_TOGETHER_MAX_SIDE``, step together (:meth:`KronOptimizer._step_small_buckets`); 0 turns it off
 _SMALL_TOGETHER_MAX = 1 << 14
 _SMALL_TOGETHER_MAX_SIDE = 512
+#: the buckets stepped together hold their new states at once: they go in runs of at most this many
+#: entries, counted over their blocks as a gradient and its two factors (``m n + m² + n²``)
+_SMALL_TOGETHER_BUDGET = 1 << 22
 
 
 @attrs.define(eq=False)
@@ -114,6 +117,21 @@ class _Bucket:
         return self.plan.params if self.plan is not None else self.params
 
 
+@attrs.define(eq=False)
+class _Run:
+    """One bucket's pipeline run, before its verdicts and writes (:meth:`KronOptimizer._run`): the blocks'
+    gradient flags ``ok``, the state it started from and the new one, the direction ``D`` (``None`` on a
+    call that writes no parameter) and the factor updates left to the state write."""
+
+    bucket: "_Bucket"
+    cfg: KronConfig
+    ok: Tensor
+    old: compose.BucketState
+    new: compose.BucketState
+    D: Tensor | None
+    defer: list[linalg.DeferredWrite] | None
+
+
 class _Pending:
     """A device value on its way to the host, read without a synchronisation.
 
@@ -125,9 +143,13 @@ class _Pending:
     """
 
     def __init__(
-        self, params: list[Tensor] | None, value: Tensor, step: int, *, group: int = 0, whole_step: bool = False
+        self, params: list[Tensor] | None, value: Tensor, step: int, *, group: int = 0, step_ok: Tensor | None = None
     ) -> None:
-        self.params, self.group, self.step, self.whole_step = params, group, step, whole_step
+        # under nonfinite_scope = "step" the step's own flag travels as one more entry: the report tells a
+        # step skipped whole (a non-finite gradient somewhere) from blocks skipped alone (an overflow)
+        self.params, self.group, self.step, self.whole_step = params, group, step, step_ok is not None
+        if step_ok is not None:
+            value = torch.cat([value.to(torch.bool), step_ok.reshape(1).to(device=value.device, dtype=torch.bool)])
         self.event = None
         if value.is_cuda:
             self.value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
@@ -440,7 +462,8 @@ class KronOptimizer(torch.optim.Optimizer):
         taken = {id(b) for b, _, _ in plain}
         # then the other small buckets of a CPU, with one test of their new state and one write of each kind
         small = [(b, cfg) for b in stepped if id(b) not in taken and (cfg := self._small_cpu(b)) is not None]
-        reports |= self._step_small_buckets(small, step_ok) if small else {}
+        for run in _within_budget(small):
+            reports |= self._step_small_buckets(run, step_ok)
         taken |= {id(b) for b, _ in small}
         for bucket in stepped:
             if id(bucket) in taken:
@@ -641,30 +664,51 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         if bucket.state is None:
             self._init_bucket(bucket)
-        group = self.param_groups[bucket.group]
         cfg = self._bucket_config(bucket)
         raw = self._raw_gradients(cfg, bucket)
         if raw is not None:
             self._step_plain_adam(bucket, step_ok, cfg, raw)
             return
+        run = self._run(bucket, cfg)
+        # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
+        ok_new = compose.finite_new_state(run.new, run.old, run.D)  # (a deferred update is proven finite beforehand)
+        (report,) = self._finish([(run, run.ok if ok_new is None else run.ok & ok_new)], step_ok)
+        if report is not None:
+            self._pending.append(report)
+
+    def _run(self, bucket: _Bucket, cfg: KronConfig) -> "_Run":
+        """The bucket's pipeline on its sanitized gradients: the direction and new state, nothing written yet."""
         G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
         old = bucket.state
         # on a CPU, factor updates nothing else reads this call are made at the state write, in place
         defer: list[linalg.DeferredWrite] | None = [] if _DEFER_FACTOR_UPDATES and G.device.type == "cpu" else None
         D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
-        # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
-        ok_new = compose.finite_new_state(new, old, D)  # (a deferred update is proven finite beforehand)
-        if ok_new is not None:
-            ok = ok & ok_new
-        write = ok if step_ok is None else ok & step_ok  # scope "step": one bad block masks every write
-        if D is not None:
-            # before the state write: D may still read the old stacks
-            cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
-        self._write_state(bucket, old, new, write, ok)
-        if defer:
-            compose.run_deferred_(defer, write)
-        if self.config.nonfinite == "warn":
-            self._pending.append(_Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None))
+        return _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
+
+    def _finish(self, judged: list[tuple["_Run", Tensor]], step_ok: Tensor | None) -> list["_Pending | None"]:
+        """The writes of runs judged ``(run, ok)``, ``ok`` the blocks whose gradient, direction and new state
+        are finite: every parameter first (a direction may still read the old stacks), in as few calls as
+        the settings allow (:func:`post.apply_together_`), then every state (plain copies in one call,
+        :func:`compose.write_`'s ``copies``), then each run's deferred factor updates. Returns each run's
+        report to queue (``None`` but with ``nonfinite = "warn"``)."""
+        writes = [ok if step_ok is None else ok & step_ok for _, ok in judged]  # scope "step": one bad block masks every write
+        post.apply_together_([
+            (run.cfg.post, run.bucket.params, run.D, self.param_groups[run.bucket.group]["lr"],
+             self.param_groups[run.bucket.group]["weight_decay"], write)
+            for (run, _), write in zip(judged, writes) if run.D is not None
+        ])
+        copies: list[tuple[Tensor, Tensor]] = []
+        for (run, ok), write in zip(judged, writes):
+            self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies)
+        if copies:
+            torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
+        reports: list[_Pending | None] = []
+        for (run, ok), write in zip(judged, writes):
+            if run.defer:
+                compose.run_deferred_(run.defer, write)
+            warn = self.config.nonfinite == "warn"
+            reports.append(_Pending(run.bucket.params, ok, run.new.step, group=run.bucket.group, step_ok=step_ok) if warn else None)
+        return reports
 
     def _small_cpu(self, bucket: _Bucket) -> KronConfig | None:
         """The config of a bucket that :meth:`_step_small_buckets` steps with the others: on a CPU whose
@@ -684,48 +728,33 @@ class KronOptimizer(torch.optim.Optimizer):
         return cfg
 
     def _step_small_buckets(self, work: list[tuple[_Bucket, KronConfig]], step_ok: Tensor | None) -> dict[int, "_Pending"]:
-        """:meth:`_step_bucket` for the small buckets of a CPU (:meth:`_small_cpu`), all of a step's together,
-        the same bits: on small blocks the calls around the pipeline, not its arithmetic, are the cost.
+        """:meth:`_step_bucket` for small buckets of a CPU (:meth:`_small_cpu`) together, the same bits: on small
+        blocks the calls around the pipeline, not its arithmetic, are the cost.
 
-        Each bucket's pipeline runs in turn; then every tensor their steps changed is tested at once (one
-        ``foreach`` reduction per dtype and one read on the host; only a bucket with a non-finite tensor
-        is tested block by block, :func:`compose.finite_new_state`), the parameters are written in one call
-        per learning rate and decay (:func:`post.apply_together_`) and the state in one copy
-        (:func:`compose.write_`'s ``copies``), then each bucket's deferred factor updates. Holding every
-        small bucket's new state at once is what bounds the blocks' size. Returns the reports to queue
-        (``nonfinite = "warn"``), by ``id`` of the bucket."""
-        runs = []
-        for bucket, cfg in work:
-            if bucket.state is None:
-                self._init_bucket(bucket)
-            G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
-            old = bucket.state
-            defer: list[linalg.DeferredWrite] | None = [] if _DEFER_FACTOR_UPDATES else None
-            D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
-            runs.append((bucket, cfg, ok, old, new, D, defer, compose.changed_tensors(new, old, D)))
-        finite = iter(_finite_each_on_host([t for run in runs for t in run[-1]]))
-        applies, writes = [], []
-        for bucket, cfg, ok, old, new, D, defer, changed in runs:
-            if not all([next(finite) for _ in changed]):  # (every flag taken, to keep the others in step)
-                ok = ok & compose.finite_new_state(new, old, D)  # type: ignore[operator]
-            write = ok if step_ok is None else ok & step_ok
-            group = self.param_groups[bucket.group]
-            if D is not None:
-                applies.append((cfg.post, bucket.params, D, group["lr"], group["weight_decay"], write))
-            writes.append((bucket, old, new, write, ok, defer))
-        post.apply_together_(applies)  # before the state writes: a direction may still read the old stacks
-        copies: list[tuple[Tensor, Tensor]] = []
-        for bucket, old, new, write, ok, _ in writes:
-            self._write_state(bucket, old, new, write, ok, copies=copies)
-        if copies:
-            torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
-        reports = {}
-        for bucket, _, new, write, ok, defer in writes:
-            if defer:
-                compose.run_deferred_(defer, write)
-            if self.config.nonfinite == "warn":
-                reports[id(bucket)] = _Pending(bucket.params, ok, new.step, group=bucket.group, whole_step=step_ok is not None)
-        return reports
+        Each bucket's pipeline runs in turn (:meth:`_run`); then every tensor their steps changed is tested
+        at once (:func:`_finite_each_on_host`: one ``foreach`` reduction per dtype and one read on the host),
+        and only a bucket with a non-finite one is tested block by block (:func:`compose.finite_new_state`);
+        then their writes go together (:meth:`_finish`). The buckets' new states are all held until then:
+        :meth:`step` hands them over in runs of at most ``_SMALL_TOGETHER_BUDGET`` entries. Neither a
+        compiled twin (the buckets of compiled groups are not taken) nor anything of a run is written when
+        one bucket's pipeline raises. Returns the reports to queue, by ``id`` of the bucket."""
+        with compiled.scope(False):  # each bucket's own turn runs in its group's scope: none is compiled here
+            runs = []
+            for bucket, cfg in work:
+                if bucket.state is None:
+                    self._init_bucket(bucket)
+                runs.append(self._run(bucket, cfg))
+            changed = [compose.changed_tensors(run.new, run.old, run.D) for run in runs]
+            flags = _finite_each_on_host([t for tensors in changed for t in tensors])
+            judged, start = [], 0
+            for run, tensors in zip(runs, changed):
+                ok = run.ok
+                if not all(flags[start : start + len(tensors)]):
+                    ok = ok & compose.finite_new_state(run.new, run.old, run.D)  # type: ignore[operator]
+                start += len(tensors)
+                judged.append((run, ok))
+            reports = self._finish(judged, step_ok)
+        return {id(run.bucket): report for (run, _), report in zip(judged, reports) if report is not None}
 
     def _plain_adam_cpu(self, bucket: _Bucket) -> tuple[KronConfig, list[Tensor]] | None:
         """``(config, raw gradients)`` of a bucket that :meth:`_step_plain_adams` steps together with the
@@ -781,7 +810,7 @@ class KronOptimizer(torch.optim.Optimizer):
         bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
         if self.config.nonfinite != "warn":
             return None
-        return _Pending(bucket.params, ok, step, group=bucket.group, whole_step=step_ok is not None)
+        return _Pending(bucket.params, ok, step, group=bucket.group, step_ok=step_ok)
 
     def _step_plain_adams(
         self, work: list[tuple[_Bucket, KronConfig, list[Tensor]]], step_ok: Tensor | None
@@ -998,7 +1027,7 @@ class KronOptimizer(torch.optim.Optimizer):
             cfg.post.apply_(plan.params, D_all, lr=group["lr"], weight_decay=group["weight_decay"], ok=write_all)
         if self.config.nonfinite == "warn":  # on every rank, the blocks the unsharded run would name
             step = plan.calls - int(cfg.skip_first_call)  # the update number compose.step counts, on every rank
-            self._pending.append(_Pending(plan.params, ok_all, step, group=bucket.group, whole_step=step_ok is not None))
+            self._pending.append(_Pending(plan.params, ok_all, step, group=bucket.group, step_ok=step_ok))
 
     def _step_fsdp(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
         """One bucket of DTensor (FSDP2) parameters; ``grad_ok (b)``: the block's gradient is finite on every rank.
@@ -1053,7 +1082,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
         if self.config.nonfinite == "warn":
             step = plan.calls - int(cfg.skip_first_call)
-            self._pending.append(_Pending(plan.params, grad_ok, step, group=bucket.group, whole_step=step_ok is not None))
+            self._pending.append(_Pending(plan.params, grad_ok, step, group=bucket.group, step_ok=step_ok))
 
     def _step_fsdp_elementwise(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
         """An elementwise FSDP2 bucket: each rank steps its own rows of every block, padded to one stack.
@@ -1088,7 +1117,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write.index_select(0, index))
         self._write_state(bucket, old, new, write, ok)
         if self.config.nonfinite == "warn":
-            self._pending.append(_Pending(plan.params, grad_ok, new.step, group=bucket.group, whole_step=step_ok is not None))
+            self._pending.append(_Pending(plan.params, grad_ok, new.step, group=bucket.group, step_ok=step_ok))
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
         """The name of the bucket's ``i``-th stacked block (:meth:`_name`)."""
@@ -1123,16 +1152,22 @@ class KronOptimizer(torch.optim.Optimizer):
                         f"(max_skipped_steps = {limit}); the parameters and optimizer state are those before them"
                     )
                 continue
-            bad = [i for i, good in enumerate(value.tolist()) if not good]
+            flags = value.tolist()
+            skipped_whole = item.whole_step and not flags.pop()  # the step's own flag, last (_Pending)
+            bad = [i for i, good in enumerate(flags) if not good]
             if bad:
                 names = ", ".join(self._name(item.group, item.params[i]) for i in bad)
-                what = (
-                    "the whole step was skipped: no parameter or optimizer state changed (nonfinite_scope = 'step')"
-                    if item.whole_step
-                    else "these parameters and their optimizer state were left untouched (nonfinite_scope = 'block')"
-                )
+                if skipped_whole:
+                    what = "the whole step was skipped: no parameter or optimizer state changed (nonfinite_scope = 'step')"
+                elif item.whole_step:  # every gradient finite: these blocks' update or new state overflowed
+                    what = (
+                        "their gradients were finite but their update or new state overflowed, so these parameters "
+                        "and their optimizer state alone were left untouched (nonfinite_scope = 'step')"
+                    )
+                else:
+                    what = "these parameters and their optimizer state were left untouched (nonfinite_scope = 'block')"
                 warnings.warn(
-                    f"non-finite gradient (NaN or Inf) at update {item.step} in: {names}; {what}",
+                    f"non-finite gradient or update (NaN or Inf) at update {item.step} in: {names}; {what}",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -1422,6 +1457,22 @@ class KronOptimizer(torch.optim.Optimizer):
 #: factor updates that nothing else in a CPU bucket's call reads are computed at its state write, into the
 #: stacks themselves (:class:`kronopt.linalg.DeferredWrite`); ``False`` computes them in the step (the same bits)
 _DEFER_FACTOR_UPDATES = True
+
+
+def _within_budget(work: list[tuple[_Bucket, KronConfig]]) -> list[list[tuple[_Bucket, KronConfig]]]:
+    """``work`` cut, in order, into runs of at most ``_SMALL_TOGETHER_BUDGET`` entries each (a bucket larger
+    than that alone in its run), counting ``m n + m² + n²`` per block."""
+    runs: list[list[tuple[_Bucket, KronConfig]]] = []
+    size = 0
+    for bucket, cfg in work:
+        lay = bucket.layout
+        entries = lay.batch * (lay.m * lay.n + lay.m**2 + lay.n**2)
+        if not runs or size + entries > _SMALL_TOGETHER_BUDGET:
+            runs.append([])
+            size = 0
+        runs[-1].append((bucket, cfg))
+        size += entries
+    return runs
 
 
 def _finite_each_on_host(tensors: list[Tensor]) -> list[bool]:

@@ -4,7 +4,7 @@ Not a registry slot: one configurable record that every pipeline ends with.
 """
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -90,7 +90,7 @@ class Post:
         where ``ok`` is False, which then add ``0 · D = 0``).
         """
         if (twin := compiled.variant("post_apply")) is not None: return twin(self, params, D, lr=lr, weight_decay=weight_decay, ok=ok)  # noqa: E501,E701
-        if type(lr) in (int, float) and type(weight_decay) in (int, float) and linalg.cpu_all(ok):
+        if _every_block_plainly(lr, weight_decay, ok):
             # every block written (and so D finite): the same factors for all, no mask, nothing to zero
             # (plain Python numbers only: a tensor or NumPy learning rate sets the factors' dtype itself)
             steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
@@ -128,17 +128,21 @@ class Post:
             param.mul_(decay)
 
 
+def _every_block_plainly(lr: Any, weight_decay: Any, ok: Tensor) -> bool:
+    """Whether :meth:`Post.apply_` writes every block with one shared factor: ``lr`` and ``weight_decay`` plain
+    Python numbers (a tensor or NumPy learning rate sets the factors' dtype itself) and every block written,
+    read on the host (on a CPU, :func:`linalg.cpu_all`)."""
+    return type(lr) in (int, float) and type(weight_decay) in (int, float) and linalg.cpu_all(ok)
+
+
 def apply_together_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, float, Tensor]]) -> None:
     """:meth:`Post.apply_` of several buckets' steps, each ``(post, params, D, lr, weight_decay, ok)``, the same
-    bits. The buckets with every block written (read on the host, on a CPU) and plain Python numbers for
-    ``lr`` and ``weight_decay`` are written together, one ``foreach`` call per weight-decay order, factor
-    dtype, device, ``lr`` and ``weight_decay`` (the factors :meth:`Post.apply_` would use); the others in turn."""
+    bits. The buckets that :meth:`Post.apply_` would write with one shared factor are written together: one
+    set of ``foreach`` calls (the decay and the step) per weight-decay order, factor dtype, device, ``lr`` and
+    ``weight_decay``; the others in turn."""
     together: dict[tuple, tuple[Post, list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]] = {}
     for post, params, D, lr, weight_decay, ok in work:
-        if (
-            compiled.variant("post_apply") is not None or type(lr) not in (int, float)
-            or type(weight_decay) not in (int, float) or not linalg.cpu_all(ok)
-        ):
+        if compiled.variant("post_apply") is not None or not _every_block_plainly(lr, weight_decay, ok):
             post.apply_(params, D, lr=lr, weight_decay=weight_decay, ok=ok)
             continue
         dtype = _factor_dtype(D.dtype)

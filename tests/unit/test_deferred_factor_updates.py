@@ -140,6 +140,14 @@ def test_gram_update_finite_reads_a_transposed_operand_as_its_copy():
     assert linalg.gram_update_finite(X, A, 0.9, 1.0).tolist() == linalg.gram_update_finite(X, A.contiguous(), 0.9, 1.0).tolist() == [True, True, False]
 
 
+def test_gram_update_finite_counts_the_old_factor():
+    """A factor whose own diagonal sits past the share is not proven finite, however small the increment."""
+    X = torch.eye(4).expand(2, 4, 4).clone()
+    X[1] *= 1e38  # past an eighth of float32's largest; β X itself still finite
+    A = torch.full((2, 4, 3), 1e-3)
+    assert linalg.gram_update_finite(X, A, 0.9, 0.1).tolist() == [True, False]
+
+
 def test_gram_update_finite_sees_nan_and_inf_in_the_operand():
     A = torch.randn(3, 6, 4)
     A[1, 2, 3] = math.nan

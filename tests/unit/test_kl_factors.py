@@ -282,6 +282,19 @@ def test_product_scale_edge_eigenvalues(sides, exponent, eps):
     assert (P == 3.0).all()
 
 
+def test_product_denominator_mends_zero_times_infinity_from_either_side():
+    """A zero root on one side only, against an infinite one on the other: the NaN mend runs whichever side
+    holds the zero (a zero step, never NaN)."""
+    for lam_L, lam_R in (([1.0, math.inf], [0.0, 2.0]), ([0.0, 2.0], [1.0, math.inf])):
+        L = torch.tensor([lam_L], dtype=torch.float64)
+        R = torch.tensor([lam_R], dtype=torch.float64)
+        denominator = linalg.product_inverse_root_denominator(L, R, -0.5, 1e-8)
+        assert not torch.isnan(denominator).any()
+        step = linalg.divide_by_product_inverse_root(torch.ones(1, 2, 2, dtype=torch.float64), L, R, -0.5, 1e-8)
+        assert torch.isfinite(step).all()
+        assert (step[0][denominator[0].isinf()] == 0).all() and denominator[0].isinf().any()
+
+
 @pytest.mark.parametrize(("p_dtype", "lam_dtype"), [(torch.float32, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.float64)])
 def test_divide_by_product_inverse_root_is_the_quotient_and_keeps_its_operands(p_dtype, lam_dtype, gen):
     """Written over the denominator where that is a whole block of the quotient's dtype, else a plain quotient

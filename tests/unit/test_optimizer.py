@@ -225,6 +225,29 @@ def test_a_nonfinite_gradient_skips_the_whole_step_by_default(gen, bad, preset):
     assert opt.skipped_steps() == 0
 
 
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
+def test_a_block_whose_update_overflows_under_step_scope_is_reported_as_skipped_alone(gen, preset):
+    """nonfinite_scope = "step" skips the whole step only for a non-finite gradient: a finite gradient whose new
+    state overflows skips its own block, the others step, and the warning says so (not "the whole step")."""
+    params = _params(gen)
+    opt = kronopt.build(params, preset)
+    for _ in range(2):
+        _feed(params, gen)
+        opt.step()
+    before = [p.detach().clone() for p in params]
+    _feed(params, gen)
+    params[0].grad[0, 0] = 1e200  # finite; its square overflows float64
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.flush_warnings()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "overflowed" in messages[0] and "whole step" not in messages[0], messages
+    assert torch.equal(params[0], before[0])
+    assert all(not torch.equal(p, b) for p, b in zip(params[1:], before[1:]))
+    assert opt.skipped_steps() == 0
+
+
 def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(gen):
     params = _params(gen, [(4, 3)])
     opt = kronopt.build(params, "adamw", nonfinite="skip", **{"inner.type": "sgd"})  # no squares in the state

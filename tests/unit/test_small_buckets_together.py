@@ -19,26 +19,33 @@ from kronopt import compose
 from kronopt import optimizer as optimizer_module
 from kronopt import post as post_module
 
-# two three-block buckets (one per group), one-block buckets, a tall and a wide shape, a bias
-SHAPES = [(6, 5), (6, 5), (6, 5), (7, 3), (3, 9), (6, 5), (6, 5), (6, 5), (9,)]
-GROUP_OF = [0, 0, 0, 0, 0, 1, 1, 1, 0]
+# two three-block buckets (one per group), one-block buckets, a tall and a wide shape, a bias, a float64 block
+# beside a float32 one of the same group and learning rate, and a group of the default learning rate with its
+# own weight decay
+SHAPES = [(6, 5), (6, 5), (6, 5), (7, 3), (3, 9), (6, 5), (6, 5), (6, 5), (9,), (5, 4), (5, 4), (4, 7)]
+GROUP_OF = [0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 2, 2]
+DTYPE_OF = [torch.float32] * 9 + [torch.float64, torch.float32, torch.float32]
 
 
 def _grads(step, gen):
-    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [torch.randn(s, generator=gen, dtype=d) for s, d in zip(SHAPES, DTYPE_OF)]
     if step == 3:
         grads[1][2, 3] = math.nan  # one block of a three-block bucket
     if step == 4:
         grads[3][0, 0] = math.inf  # a one-block bucket
         grads[6][1, 1] = -math.inf
-    if step == 6:
-        grads[2][4, 4] = 1e22  # finite, but its square overflows float32 in the factors and moments
+    if step == 6:  # finite, but their squares overflow float32 in the factors and moments: three buckets at once,
+        grads[3][0, 0] = 1e22  # none of them the first one stepped
+        grads[5][2, 2] = 1e30
+        grads[11][1, 1] = 1e22
+    if step == 8:
+        grads[2][4, 4] = 1e22  # the first bucket stepped
     return grads
 
 
-def _run(monkeypatch, preset, *, together, scope="block", nonfinite="skip", calls=None):
+def _run(monkeypatch, preset, *, together, scope="block", nonfinite="skip", calls=None, overrides=None, grads=_grads):
     gen = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=d)) for s, d in zip(SHAPES, DTYPE_OF)]
     named = [(f"p{i}", p) for i, p in enumerate(params)]
     with monkeypatch.context() as patch:
         if not together:
@@ -54,18 +61,22 @@ def _run(monkeypatch, preset, *, together, scope="block", nonfinite="skip", call
         groups = [
             {"params": [p for p, g in zip(named, GROUP_OF) if g == 0]},
             {"params": [p for p, g in zip(named, GROUP_OF) if g == 1], "lr": 0.02, "weight_decay": 0.3},
+            {"params": [p for p, g in zip(named, GROUP_OF) if g == 2], "weight_decay": 0.5},
         ]
-        opt = kronopt.build(groups, preset, nonfinite=nonfinite, nonfinite_scope=scope)
+        opt = kronopt.build(groups, preset, nonfinite=nonfinite, nonfinite_scope=scope, **(overrides or {}))
         gen = torch.Generator().manual_seed(2)
         seen = []
         for step in range(14):  # past a refresh (every 10) and the first call
-            for i, (p, g) in enumerate(zip(params, _grads(step, gen))):
+            for i, (p, g) in enumerate(zip(params, grads(step, gen))):
                 p.grad = None if (i == 4 and step % 2) else g  # p4 skips odd steps: a bucket split in turn
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 opt.step()
             seen.extend(str(w.message) for w in caught)
-        opt.step()  # reports of the last step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.flush_warnings()  # reports of the last step
+        seen.extend(str(w.message) for w in caught)
     state = {
         i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
         for i, p in enumerate(params)
@@ -73,15 +84,10 @@ def _run(monkeypatch, preset, *, together, scope="block", nonfinite="skip", call
     return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), seen
 
 
-@pytest.mark.parametrize("preset", ["soap", "dykaf", "kl_shampoo", "shampoo", "muon", "pro_soap"])
-@pytest.mark.parametrize(("scope", "nonfinite"), [("block", "skip"), ("step", "skip"), ("block", "warn")])
-def test_together_matches_each_in_turn_bit_for_bit(monkeypatch, preset, scope, nonfinite):
-    calls = []
-    fast = _run(monkeypatch, preset, together=True, scope=scope, nonfinite=nonfinite, calls=calls)
-    slow = _run(monkeypatch, preset, together=False, scope=scope, nonfinite=nonfinite)
-    assert calls and max(calls) >= 4  # the buckets of a step went through the together path
+def _same(fast, slow):
     for a, b in zip(fast[0], slow[0]):
         assert torch.equal(a, b)
+        assert torch.isfinite(a).all()
     assert fast[1].keys() == slow[1].keys()
     for i in fast[1]:
         assert fast[1][i].keys() == slow[1][i].keys(), i
@@ -95,10 +101,41 @@ def test_together_matches_each_in_turn_bit_for_bit(monkeypatch, preset, scope, n
                 assert value == other, (i, key)
     assert fast[2] == slow[2]
     assert fast[3] == slow[3]  # the same warnings, in the same order
-    if scope == "block":
-        assert fast[2]["p1"] == 1 and fast[2]["p3"] == 1 and fast[2]["p6"] == 1 and fast[2]["p0"] == 0
-    if nonfinite == "warn":
-        assert fast[3]
+
+
+@pytest.mark.parametrize("preset", ["soap", "dykaf", "kl_shampoo", "shampoo", "muon", "pro_soap"])
+@pytest.mark.parametrize(("scope", "nonfinite"), [("block", "skip"), ("step", "skip"), ("block", "warn"), ("step", "warn")])
+def test_together_matches_each_in_turn_bit_for_bit(monkeypatch, preset, scope, nonfinite):
+    calls = []
+    fast = _run(monkeypatch, preset, together=True, scope=scope, nonfinite=nonfinite, calls=calls)
+    slow = _run(monkeypatch, preset, together=False, scope=scope, nonfinite=nonfinite)
+    assert calls and max(calls) >= 4  # the buckets of a step went through the together path
+    _same(fast, slow)
+    counts = fast[2]
+    if scope == "block":  # p1: NaN; p3, p6: inf; overflows at steps 6 and 8 (in preset-dependent ways)
+        assert counts["p1"] == 1 and counts["p3"] >= 1 and counts["p6"] == 1 and counts["p0"] == 0
+    if nonfinite == "warn":  # each report names the blocks skipped for their own values, never p0
+        assert any(" in: p1; " in w for w in fast[3]) and not any("p0" in w for w in fast[3])
+
+
+def _zero_rows(step, gen):
+    """Gradients whose first rows are zero: zero eigenvalues, so with ε = 0 a direction of 0/0 in those rows."""
+    grads = _grads(step, gen)
+    for g in grads:
+        if g.ndim == 2:
+            g[: g.shape[0] // 2] = 0
+    return grads
+
+
+@pytest.mark.parametrize("preset", ["kl_shampoo", "shampoo"])
+def test_a_non_finite_direction_with_a_finite_state_is_caught_together_as_in_turn(monkeypatch, preset):
+    """The direction is among the tensors tested: with ``inner.eps = 0`` and zero rows it holds NaN while the
+    state stays finite, and no parameter may take it."""
+    overrides = {"inner.eps": 0.0}
+    fast = _run(monkeypatch, preset, together=True, overrides=overrides, grads=_zero_rows)
+    slow = _run(monkeypatch, preset, together=False, overrides=overrides, grads=_zero_rows)
+    _same(fast, slow)
+    assert sum(fast[2].values()) > 0  # some blocks were skipped for their direction
 
 
 def test_a_bucket_whose_new_state_overflows_keeps_its_old_state_and_the_others_step(monkeypatch):
@@ -211,3 +248,42 @@ def test_apply_together_equals_apply_in_turn():
     for a, b in zip(p1, p2):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+def test_small_buckets_go_in_runs_within_the_budget(monkeypatch):
+    """Runs in order, each within the budget of ``m n + m² + n²`` entries per block; a bucket past it alone."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 4), (4, 4), (5, 3), (6, 6), (2, 7)]]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "soap")
+    work = [(b, opt._bucket_config(b)) for b in opt._buckets]
+    size = {id(b): b.layout.batch * (b.layout.m * b.layout.n + b.layout.m**2 + b.layout.n**2) for b, _ in work}
+    monkeypatch.setattr(optimizer_module, "_SMALL_TOGETHER_BUDGET", 100)
+    runs = optimizer_module._within_budget(work)
+    assert [b for run in runs for b, _ in run] == [b for b, _ in work]
+    for run in runs:
+        total = sum(size[id(b)] for b, _ in run)
+        assert total <= 100 or len(run) == 1
+    assert len(runs) > 1
+    monkeypatch.setattr(optimizer_module, "_SMALL_TOGETHER_BUDGET", 1 << 22)
+    assert len(optimizer_module._within_budget(work)) == 1
+
+
+def test_the_together_path_runs_no_compiled_twin_inside_an_active_scope(monkeypatch):
+    """As each bucket's own turn runs in its group's scope (off without ``compile``), the small buckets run
+    with the twins off even when ``step()`` is called inside an active scope."""
+    from kronopt import compiled
+
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 6), (5, 3)]]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "muon")
+    seen = []
+    real = compose.step
+
+    def spy(*a, **k):
+        seen.append(compiled._ACTIVE.get())
+        return real(*a, **k)
+
+    monkeypatch.setattr(compose, "step", spy)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    with compiled.scope(True):
+        opt.step()
+    assert seen == [False, False]
