@@ -139,31 +139,36 @@ class _Pending:
     event is recorded; it is read once the event has completed (checked at the
     next step with ``Event.query()``, which does not block). ``params`` are the
     parameters of a finiteness mask, in its order, and ``group`` their param group
-    (``params`` is ``None`` for the skipped-steps counter).
+    (``params`` is ``None`` for the skipped-steps counter); ``step_ok``, under
+    ``nonfinite_scope = "step"``, the step's own flag, carried to the host the same way.
     """
 
     def __init__(
         self, params: list[Tensor] | None, value: Tensor, step: int, *, group: int = 0, step_ok: Tensor | None = None
     ) -> None:
-        # under nonfinite_scope = "step" the step's own flag travels as one more entry: the report tells a
-        # step skipped whole (a non-finite gradient somewhere) from blocks skipped alone (an overflow)
         self.params, self.group, self.step, self.whole_step = params, group, step, step_ok is not None
-        if step_ok is not None:
-            value = torch.cat([value.to(torch.bool), step_ok.reshape(1).to(device=value.device, dtype=torch.bool)])
-        self.event = None
-        if value.is_cuda:
-            self.value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            self.value.copy_(value, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(value.device))
-        else:
-            self.value = value
+        self.events: list[Any] = []
+        self.value = self._to_host(value)
+        # under nonfinite_scope = "step" the step's own flag travels too, on its own device: the report
+        # tells a step skipped whole (a non-finite gradient somewhere) from blocks skipped alone (an overflow)
+        self.step_ok = None if step_ok is None else self._to_host(step_ok.reshape(1))
+
+    def _to_host(self, value: Tensor) -> Tensor:
+        """``value`` itself off CUDA; else a pinned copy on its way, with an event recorded after it."""
+        if not value.is_cuda:
+            return value
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(value.device))
+        self.events.append(event)
+        return host
 
     def result(self, *, wait: bool) -> Tensor | None:
-        if self.event is not None:
+        for event in self.events:
             if wait:
-                self.event.synchronize()
-            elif not self.event.query():
+                event.synchronize()
+            elif not event.query():
                 return None
         return self.value
 
@@ -1152,9 +1157,8 @@ class KronOptimizer(torch.optim.Optimizer):
                         f"(max_skipped_steps = {limit}); the parameters and optimizer state are those before them"
                     )
                 continue
-            flags = value.tolist()
-            skipped_whole = item.whole_step and not flags.pop()  # the step's own flag, last (_Pending)
-            bad = [i for i, good in enumerate(flags) if not good]
+            skipped_whole = item.step_ok is not None and not bool(item.step_ok)  # (on the host by now)
+            bad = [i for i, good in enumerate(value.tolist()) if not good]
             if bad:
                 names = ", ".join(self._name(item.group, item.params[i]) for i in bad)
                 if skipped_whole:
