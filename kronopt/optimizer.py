@@ -695,23 +695,24 @@ class KronOptimizer(torch.optim.Optimizer):
         are finite: every parameter first (a direction may still read the old stacks), in as few calls as
         the settings allow (:func:`post.apply_together_`), then every state (plain copies in one call,
         :func:`compose.write_`'s ``copies``), then each run's deferred factor updates. Returns each run's
-        report to queue (``None`` but with ``nonfinite = "warn"``)."""
+        report to queue (``None`` unless ``nonfinite = "warn"``)."""
         writes = [ok if step_ok is None else ok & step_ok for _, ok in judged]  # scope "step": one bad block masks every write
-        post.apply_together_([
-            (run.cfg.post, run.bucket.params, run.D, self.param_groups[run.bucket.group]["lr"],
-             self.param_groups[run.bucket.group]["weight_decay"], write)
-            for (run, _), write in zip(judged, writes) if run.D is not None
-        ])
+        applies = []
+        for (run, _), write in zip(judged, writes):
+            if run.D is not None:
+                group = self.param_groups[run.bucket.group]
+                applies.append((run.cfg.post, run.bucket.params, run.D, group["lr"], group["weight_decay"], write))
+        post.apply_together_(applies)
         copies: list[tuple[Tensor, Tensor]] = []
         for (run, ok), write in zip(judged, writes):
             self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies)
         if copies:
             torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
+        warn = self.config.nonfinite == "warn"
         reports: list[_Pending | None] = []
         for (run, ok), write in zip(judged, writes):
             if run.defer:
                 compose.run_deferred_(run.defer, write)
-            warn = self.config.nonfinite == "warn"
             reports.append(_Pending(run.bucket.params, ok, run.new.step, group=run.bucket.group, step_ok=step_ok) if warn else None)
         return reports
 
@@ -740,9 +741,9 @@ class KronOptimizer(torch.optim.Optimizer):
         at once (:func:`_finite_each_on_host`: one ``foreach`` reduction per dtype and one read on the host),
         and only a bucket with a non-finite one is tested block by block (:func:`compose.finite_new_state`);
         then their writes go together (:meth:`_finish`). The buckets' new states are all held until then:
-        :meth:`step` hands them over in runs of at most ``_SMALL_TOGETHER_BUDGET`` entries. Neither a
-        compiled twin (the buckets of compiled groups are not taken) nor anything of a run is written when
-        one bucket's pipeline raises. Returns the reports to queue, by ``id`` of the bucket."""
+        :meth:`step` hands them over in runs of at most ``_SMALL_TOGETHER_BUDGET`` entries. No compiled twin
+        runs here (the buckets of compiled groups are not taken), and when one bucket's pipeline raises,
+        nothing of the run is written. Returns the reports to queue, by ``id`` of the bucket."""
         with compiled.scope(False):  # each bucket's own turn runs in its group's scope: none is compiled here
             runs = []
             for bucket, cfg in work:
