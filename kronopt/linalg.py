@@ -1882,8 +1882,9 @@ def product_inverse_root_denominator(
     # 0-d ε took 2 to 4 times as long (it also rounds once where this rounds twice: an ulp apart)
     denominator = torch.mul(rL, rR).add_(eps)
     # a NaN here is 0 · ∞ (an infinite eigenvalue against a zero one): no step. Roots are ≥ 0, so with
-    # no zero root on either side (on a CPU, read on the host for free) there is no NaN to mend.
-    if not (rL.numel() and rR.numel() and cpu_all(torch.stack([rL.amin(), rR.amin()]) > 0)):
+    # no zero root on either side (on a CPU, read on the host for free; elsewhere not computed) there
+    # is no NaN to mend.
+    if not (host_verdicts(rL) and rL.numel() and rR.numel() and cpu_all(torch.stack([rL.amin(), rR.amin()]) > 0)):
         denominator.nan_to_num_(nan=math.inf, posinf=math.inf)
     return denominator
 

@@ -738,7 +738,7 @@ class KronOptimizer(torch.optim.Optimizer):
         blocks the calls around the pipeline, not its arithmetic, are the cost.
 
         Each bucket's pipeline runs in turn (:meth:`_run`); then every tensor their steps changed is tested
-        at once (:func:`_finite_each_on_host`: one ``foreach`` reduction per dtype and one read on the host),
+        at once (:func:`linalg.finite_each`: their extremes, and one read on the host),
         and only a bucket with a non-finite one is tested block by block (:func:`compose.finite_new_state`);
         then their writes go together (:meth:`_finish`). The buckets' new states are all held until then:
         :meth:`step` hands them over in runs of at most ``_SMALL_TOGETHER_BUDGET`` entries. No compiled twin
@@ -751,7 +751,8 @@ class KronOptimizer(torch.optim.Optimizer):
                     self._init_bucket(bucket)
                 runs.append(self._run(bucket, cfg))
             changed = [compose.changed_tensors(run.new, run.old, run.D) for run in runs]
-            flags = _finite_each_on_host([t for tensors in changed for t in tensors])
+            every = [t for tensors in changed for t in tensors]
+            flags = linalg.finite_each(every).tolist() if every else []  # one read on the host for all
             judged, start = [], 0
             for run, tensors in zip(runs, changed):
                 ok = run.ok
@@ -1478,22 +1479,6 @@ def _within_budget(work: list[tuple[_Bucket, KronConfig]]) -> list[list[tuple[_B
         runs[-1].append((bucket, cfg))
         size += entries
     return runs
-
-
-def _finite_each_on_host(tensors: list[Tensor]) -> list[bool]:
-    """Per tensor, whether it holds no NaN and no infinity, read on the host at once: the largest magnitude
-    of every tensor of a dtype by one ``foreach`` reduction (NaN propagates through it), one read for all."""
-    flags: list[bool] = [True] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if t.numel():
-            by_dtype.setdefault(t.dtype, []).append(i)
-    if not by_dtype:
-        return flags
-    verdicts = [torch.stack(torch._foreach_max(torch._foreach_abs([tensors[i] for i in idx]))).isfinite() for idx in by_dtype.values()]
-    for i, good in zip((i for idx in by_dtype.values() for i in idx), torch.cat(verdicts).tolist()):
-        flags[i] = good
-    return flags
 
 
 def _bounds(g_lo: float, g_hi: float, m_lo: float, m_hi: float, v_hi: float) -> tuple[float, float, float]:

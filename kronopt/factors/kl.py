@@ -266,15 +266,16 @@ class KlKronFactors:
         defer = None if ctx is None else ctx.defer  # the factor Gram updates may go to the state write
         new_left, new_right = left, right
         if left.F is not None:
-            if right.Q is None:
-                A = G if sR is None else G * sR
-            elif left.Q is not None and m < n and (ctx is None or ctx.exact_basis):
-                A = left.Q @ H  # G Q_R = Q_L (Q_Lᵀ G Q_R): m²n instead of mn² on a wide block
-                A = A if sR is None else A * sR
-            elif sR is not None and n < m:
+            if right.Q is not None and sR is not None and n < m:
                 A = G @ (right.Q * sR)  # a tall block: the scaling on the n × n basis, not on the m × n product
             else:
-                A = G @ right.Q if sR is None else (G @ right.Q) * sR
+                if right.Q is None:
+                    A = G
+                elif left.Q is not None and m < n and (ctx is None or ctx.exact_basis):
+                    A = left.Q @ H  # G Q_R = Q_L (Q_Lᵀ G Q_R): m²n instead of mn² on a wide block
+                else:
+                    A = G @ right.Q
+                A = A if sR is None else A * sR
             F = linalg.accumulate_gram_left(left.F, A, rho, (1 - rho) / n, defer=defer)
             d_L = (H2.sum(-1) if sR is None else (H2 @ sR.square().mT).squeeze(-1)) / n
             new_left = self._tracked(left, F, d_L, right, G)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kronopt
-from kronopt import compose
+from kronopt import compose, linalg
 from kronopt import optimizer as optimizer_module
 from kronopt import post as post_module
 
@@ -188,7 +188,9 @@ def test_large_and_compiled_buckets_keep_their_own_turn(monkeypatch):
     assert opt._small_cpu(small) is None  # compiled twins run in the bucket's own turn, inside its scope
 
 
-def test_finite_each_on_host_against_isfinite():
+def test_finite_each_against_isfinite_on_the_mixed_tensors_of_a_step():
+    """The test of the changed tensors (``linalg.finite_each``, read once on the host) over mixed dtypes,
+    an empty tensor and values at float32's edge."""
     tensors = [
         torch.randn(3, 4),
         torch.tensor([1.0, math.nan]),
@@ -199,8 +201,7 @@ def test_finite_each_on_host_against_isfinite():
         torch.tensor([3.0e38, -3.0e38]),  # finite at the edge of float32
     ]
     expected = [bool(torch.isfinite(t).all()) for t in tensors]
-    assert optimizer_module._finite_each_on_host(tensors) == expected == [True, False, False, True, True, False, True]
-    assert optimizer_module._finite_each_on_host([]) == []
+    assert linalg.finite_each(tensors).tolist() == expected == [True, False, False, True, True, False, True]
 
 
 def test_write_leaves_plain_copies_to_the_caller():
