@@ -1519,6 +1519,21 @@ def accumulate_gram_right(
     return accumulate_gram_left(X, A.mT, beta, alpha, defer=defer)
 
 
+def accumulate_sandwich(X: Tensor, Q: Tensor, Y: Tensor, beta: float, alpha: float) -> Tensor:
+    r""":math:`\beta X + \alpha\, Q (Y Y^\top) Q^\top` (``b d d, b d d, b d k -> b d d``), exactly symmetric
+    (:func:`sym_product`).
+
+    For an orthonormal ``Q`` this is :func:`accumulate_gram_left` of :math:`Q Y`, made without that
+    :math:`d \times k` product: :math:`d^2 k` multiply-adds become :math:`2 d^3` for the sandwich, fewer
+    where :math:`k > 2d`. KL-Shampoo's factor update of a block's short side takes it, with ``Y`` the
+    scaled rotated gradient (:class:`kronopt.factors.kl.KlKronFactors`). The increment is PSD up to
+    rounding, as a congruence of the Gram matrix :math:`Y Y^\top`.
+    """
+    _check_batched("Y", Y)
+    _check_batched_square("X", X)
+    return sym_product(X, mm(Q, mm(Y, Y.mT)), Q, beta=beta, alpha=alpha)
+
+
 @attrs.frozen(eq=False)
 class DeferredWrite:
     """A state stack's new value, computed at the state write instead of in the step.

@@ -89,6 +89,17 @@ class BasisChange:
 
 
 @attrs.frozen(kw_only=True, eq=False)
+class Rotation:
+    r"""A block in its basis, :math:`H = Q_L^\top G Q_R`, with the half product it was made through
+    (:meth:`StepContext.rotated`): ``left`` :math:`Q_L^\top G` where the left side went first, ``right``
+    :math:`G Q_R` where the right side did (the other is ``None``)."""
+
+    H: Tensor
+    left: Tensor | None
+    right: Tensor | None
+
+
+@attrs.frozen(kw_only=True, eq=False)
 class StepContext:
     r"""Every cross-stage input of one bucket step, typed.
 
@@ -137,18 +148,28 @@ class StepContext:
     refresh_follows: bool = True
     defer: "list[linalg.DeferredWrite] | None" = attrs.field(default=None, repr=False)
 
-    def rotated(self, G: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``(Q_Lᵀ G, Q_Lᵀ G Q_R)`` in this context's basis (a ``None`` side is the identity), computed
-        once per bucket call for every stage that asks: the contexts of one call share ``shared``, and
-        the products are reused only for this very ``G`` and these very bases."""
+    def rotated(self, G: Tensor) -> "Rotation":
+        r"""``G`` in this context's basis, :math:`Q_L^\top G Q_R` (a ``None`` side is the identity), with the
+        half-rotated product it went through (:class:`Rotation`), computed once per bucket call for every
+        stage that asks: the contexts of one call share ``shared``, and the products are reused only for this
+        very ``G`` and these very bases.
+
+        With two full bases both orders cost :math:`m^2 n + m n^2`; the right side goes first on a tall block
+        (``m > n``) held in the compute dtype (:attr:`exact_basis`), the left side first otherwise. A factor
+        estimator that reads the half product picks its Gram operands from what it finds (``kl``: the half on
+        the longer side is the costlier one to make again)."""
         Q_L, Q_R = self.basis.Q_L, self.basis.Q_R
         hit = self.shared.get("rotated")
         if hit is not None and hit[0] is G and hit[1] is Q_L and hit[2] is Q_R:
-            return hit[3], hit[4]
-        Gl = G if Q_L is None else linalg.mm(Q_L.mT, G)
-        H = Gl if Q_R is None else linalg.mm(Gl, Q_R)
-        self.shared["rotated"] = (G, Q_L, Q_R, Gl, H)
-        return Gl, H
+            return hit[3]
+        if Q_L is not None and Q_R is not None and G.shape[-2] > G.shape[-1] and self.exact_basis:
+            right = linalg.mm(G, Q_R)
+            rotation = Rotation(H=linalg.mm(Q_L.mT, right), left=None, right=right)
+        else:
+            left = G if Q_L is None else linalg.mm(Q_L.mT, G)
+            rotation = Rotation(H=left if Q_R is None else linalg.mm(left, Q_R), left=left, right=None)
+        self.shared["rotated"] = (G, Q_L, Q_R, rotation)
+        return rotation
 
     def _restricted_subspace(self) -> tuple[bool, Tensor]:
         """``(left, U)``: whether the restricted side is the left one (the left one where both are) and its

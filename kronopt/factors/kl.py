@@ -255,35 +255,60 @@ class KlKronFactors:
         sL = None if left.s is None else left.s.unsqueeze(-1)  # (b m 1)
         if right.kind == "restricted":
             return self._update_restricted(G, sL, left, right, power_follows=power_follows, parts=parts)
+        exact = ctx is None or ctx.exact_basis  # Q Qᵀ = I may stand in for a product
         if ctx is not None:
-            Gl, H = ctx.rotated(G)  # Q_Lᵀ G, Q_Lᵀ G Q_R
+            rotation = ctx.rotated(G)
+            Gl, Gr, H = rotation.left, rotation.right, rotation.H  # Q_Lᵀ G or G Q_R (the other None), Q_Lᵀ G Q_R
         else:
-            Gl, H = (G if left.Q is None else left.Q.mT @ G), None
-        if H is None:
-            H = Gl if right.Q is None else Gl @ right.Q  # Q_Lᵀ G Q_R
+            Gl = G if left.Q is None else left.Q.mT @ G
+            Gr, H = None, (Gl if right.Q is None else Gl @ right.Q)
         H2 = H.square()
         sR = None if right.s is None else right.s.unsqueeze(-2)  # (b 1 n)
         defer = None if ctx is None else ctx.defer  # the factor Gram updates may go to the state write
         new_left, new_right = left, right
         if left.F is not None:
-            if right.Q is not None and sR is not None and n < m:
-                A = G @ (right.Q * sR)  # a tall block: the scaling on the n × n basis, not on the m × n product
-            else:
-                if right.Q is None:
-                    A = G
-                elif left.Q is not None and m < n and (ctx is None or ctx.exact_basis):
-                    A = left.Q @ H  # G Q_R = Q_L (Q_Lᵀ G Q_R): m²n instead of mn² on a wide block
-                else:
-                    A = G @ right.Q
-                A = A if sR is None else A * sR
-            F = linalg.accumulate_gram_left(left.F, A, rho, (1 - rho) / n, defer=defer)
+            F = self._gram_left(left.F, G, H, left.Q, right.Q, sR, Gr, exact, (1 - rho) / n, defer)
             d_L = (H2.sum(-1) if sR is None else (H2 @ sR.square().mT).squeeze(-1)) / n
             new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:
-            F = linalg.accumulate_gram_right(right.F, Gl if sL is None else Gl * sL, rho, (1 - rho) / m, defer=defer)
+            sL_row = None if sL is None else sL.mT  # (b 1 m)
+            F = self._gram_left(
+                right.F, G.mT, H.mT, right.Q, left.Q, sL_row, None if Gl is None else Gl.mT, exact, (1 - rho) / m, defer
+            )
             d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m
             new_right = self._tracked(right, F, d_R, left, G)
         return new_left, new_right
+
+    def _gram_left(
+        self, F: Tensor, G: Tensor, H: Tensor, Q: Tensor | None, Q_other: Tensor | None, s_other: Tensor | None,
+        half: Tensor | None, exact: bool, alpha: float, defer: "list[linalg.DeferredWrite] | None",
+    ) -> Tensor:
+        r"""The left factor's new value :math:`\rho F + \alpha\, G \hat R^{-1} G^\top`, with
+        :math:`\hat R^{-1} = Q_R \mathrm{diag}(s_R^2) Q_R^\top` (the right side: the same on :math:`G^\top`,
+        everything transposed). ``H`` is :math:`Q_L^\top G Q_R`, ``half`` :math:`G Q_R` where the rotation made
+        it. The Gram operand :math:`G Q_R \mathrm{diag}(s_R)` (``m × n``) comes from the cheapest source:
+
+        * ``half`` where it exists (free);
+        * :math:`Q_L (H\,\mathrm{diag}(s_R))` through the sandwich :math:`Q_L (\tilde H \tilde H^\top) Q_L^\top`
+          (:func:`kronopt.linalg.accumulate_sandwich`; :math:`2m^3` instead of an ``m × n`` product) where the
+          block is more than twice as long on the other side, :math:`Q_L (H\,\mathrm{diag}(s_R))` itself
+          (:math:`m^2 n`) where it is longer; both use :math:`Q_L Q_L^\top = I`, so only with ``exact``;
+        * otherwise :math:`G (Q_R \mathrm{diag}(s_R))` (:math:`m n^2`, the scaling on the ``n × n`` basis).
+
+        Every form is the same update in exact arithmetic; they differ in rounding."""
+        rho = self.beta
+        m, n = G.shape[-2], G.shape[-1]
+        if Q_other is None:
+            A = G if s_other is None else G * s_other
+        elif half is not None:
+            A = half if s_other is None else half * s_other
+        elif Q is not None and exact and n > 2 * m:
+            return linalg.accumulate_sandwich(F, Q, H if s_other is None else H * s_other, rho, alpha)
+        elif Q is not None and exact and m < n:
+            A = Q @ (H if s_other is None else H * s_other)
+        else:
+            A = G @ (Q_other if s_other is None else Q_other * s_other)
+        return linalg.accumulate_gram_left(F, A, rho, alpha, defer=defer)
 
     def _tracked(self, side: _Side, F: Tensor, d: Tensor, other: _Side, G: Tensor) -> _Side:
         """The side with its new factor ``F`` and its eigenvalue EMA fed the statistic ``d`` (+ damping)."""

@@ -94,7 +94,7 @@ class AdamInner(AdamConventions):
             v = state.exp_avg_sq.mul(self.betas[1]).addcmul_(G_rot, G_rot, value=1 - self.betas[1])
             D = self.adam_direction(linalg.rotate(M, Q_L, Q_R), v, ctx)
             return D, AdamSubspaceState(M, v)
-        G_rot = ctx.rotated(G)[1]  # Q_Lᵀ G Q_R, shared with a factor estimator that rotates G too (KL)
+        G_rot = ctx.rotated(G).H  # Q_Lᵀ G Q_R, shared with a factor estimator that rotates G too (KL)
         m, v = linalg.adam_moments(state.exp_avg, state.exp_avg_sq, G_rot, self.betas)
         D = self.adam_direction(m, v, ctx)
         return D, AdamState(m, v)

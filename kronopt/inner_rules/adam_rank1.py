@@ -67,7 +67,7 @@ class AdamRank1Inner(AdamConventions):
 
     def direction(self, state: AdamRank1State, G: Tensor, ctx: StepContext) -> tuple[Tensor, AdamRank1State]:
         beta1, beta2 = self.betas
-        G_rot = ctx.rotated(G)[1]  # Q_Lᵀ G Q_R, shared with a factor estimator that rotates G too
+        G_rot = ctx.rotated(G).H  # Q_Lᵀ G Q_R, shared with a factor estimator that rotates G too
         m = torch.lerp(state.exp_avg, G_rot, 1 - beta1)
         l, r = linalg.rank1_ema_parallel(state.l, state.r, G_rot * G_rot, beta2)
         v = l.unsqueeze(-1) * r.unsqueeze(-2)

@@ -159,7 +159,7 @@ class EigenvalueInner:
             return self._scaled_back(P, ctx), new
         if isinstance(state, EigenMomentumState):
             # before the first refresh the bases are the identity: the momentum is in the original coordinates
-            P = state.momentum_eigen.lerp(ctx.rotated(G)[1] if basis.ready else G, 1 - beta)
+            P = state.momentum_eigen.lerp(ctx.rotated(G).H if basis.ready else G, 1 - beta)
             P_hat = P / (1 - beta**ctx.step) if self.bias_correction else P
             if not basis.ready:
                 return P_hat, EigenMomentumState(P)

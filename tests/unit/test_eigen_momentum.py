@@ -151,14 +151,36 @@ def test_rotated_is_reused_only_for_the_same_gradient_and_the_same_bases():
 
     shared: dict = {}
     first = ctx(Q_L, shared).rotated(G)
-    assert ctx(Q_L, shared).rotated(G)[1] is first[1]  # same G, same bases: the product is reused
+    assert ctx(Q_L, shared).rotated(G).H is first.H  # same G, same bases: the product is reused
     moved = ctx(Q_L2, shared).rotated(G)
-    torch.testing.assert_close(moved[0], Q_L2.mT @ G, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(moved[1], Q_L2.mT @ G @ Q_R, rtol=1e-12, atol=1e-12)
+    assert moved.left is None  # a tall block held in the compute dtype goes right first
+    torch.testing.assert_close(moved.right, G @ Q_R, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moved.H, Q_L2.mT @ G @ Q_R, rtol=1e-12, atol=1e-12)
     other = G.clone()
     again = ctx(Q_L2, shared).rotated(other)
-    assert again[1] is not moved[1]
-    torch.testing.assert_close(again[1], moved[1], rtol=0, atol=0)
+    assert again.H is not moved.H
+    torch.testing.assert_close(again.H, moved.H, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("m", "n", "exact", "first"), [(5, 4, True, "right"), (5, 4, False, "left"), (4, 5, True, "left"), (4, 4, True, "left")])
+def test_rotated_goes_right_first_only_on_a_tall_block_held_exactly(m, n, exact, first):
+    """StepContext.rotated: the half product it keeps is ``G Q_R`` on a tall block whose bases are held in the
+    compute dtype (KL's left Gram operand then comes free), ``Q_Lᵀ G`` otherwise; ``H`` is the same either way."""
+    from kronopt.types import BasisState, Layout, StepContext
+
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(2, m, n, generator=gen, dtype=torch.float64)
+    Q_L, Q_R = (torch.linalg.qr(torch.randn(2, d, d, generator=gen, dtype=torch.float64))[0] for d in (m, n))
+    basis = BasisState(Q_L=Q_L, Q_R=Q_R, lam_L=None, lam_R=None, failures=torch.zeros(2, dtype=torch.int64))
+    layout = Layout(batch=2, m=m, n=n, left="full", right="full")
+    rotation = StepContext(step=1, layout=layout, basis=basis, exact_basis=exact).rotated(G)
+    torch.testing.assert_close(rotation.H, Q_L.mT @ G @ Q_R, rtol=1e-12, atol=1e-12)
+    if first == "right":
+        assert rotation.left is None
+        torch.testing.assert_close(rotation.right, G @ Q_R, rtol=1e-12, atol=1e-12)
+    else:
+        assert rotation.right is None
+        torch.testing.assert_close(rotation.left, Q_L.mT @ G, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("preset", "kept"), [("kl_soap", True), ("soap", False)])

@@ -44,13 +44,22 @@ def _random_state(est, gen, b, m, n):
     return layout, state, basis
 
 
-def test_factor_sandwich_and_statistics_use_the_old_state(gen):
+# every source of a Gram operand (KlKronFactors._gram_left): a tall block rotated right first with its
+# short side's factor through the sandwich (9 × 4) or through (H s) Qᵀ (5 × 4), a wide one with the left
+# side's through the sandwich (4 × 9) or through Q H (4 × 6), a square one, and both bases held narrower
+# than the compute dtype (no Q Qᵀ = I: rotated left first, the operands from G itself)
+@pytest.mark.parametrize(
+    ("m", "n", "exact"), [(5, 4, True), (9, 4, True), (4, 9, True), (4, 6, True), (5, 5, True), (9, 4, False), (4, 9, False)]
+)
+def test_factor_sandwich_and_statistics_use_the_old_state(gen, m, n, exact):
     """§12 test 2: S_L's increment is G Q_R diag(s_R²) Q_Rᵀ Gᵀ/n; d_L = diag(Q_Lᵀ G Ŝ_R⁻¹ Gᵀ Q_L)/n; both sides old."""
-    b, m, n, rho = 2, 5, 4, 0.9
+    b, rho = 2, 0.9
     est = KlKronFactors(beta=rho, clamping=False)
     layout, state, basis = _random_state(est, gen, b, m, n)
+    if not exact:  # bases as a bfloat16 storage holds them: orthonormal only to its rounding
+        basis = attrs.evolve(basis, Q_L=basis.Q_L.bfloat16().double(), Q_R=basis.Q_R.bfloat16().double())
     G = randn(gen, b, m, n)
-    new = est.update(state, G, StepContext(step=3, layout=layout, basis=basis))
+    new = est.update(state, G, StepContext(step=3, layout=layout, basis=basis, exact_basis=exact))
     inv_R = basis.Q_R @ torch.diag_embed(state.s_R**2) @ basis.Q_R.mT
     inv_L = basis.Q_L @ torch.diag_embed(state.s_L**2) @ basis.Q_L.mT
     torch.testing.assert_close(new.L, rho * state.L + (1 - rho) / n * G @ inv_R @ G.mT, rtol=1e-12, atol=1e-12)
@@ -64,7 +73,7 @@ def test_factor_sandwich_and_statistics_use_the_old_state(gen):
     t_state = attrs.evolve(state, L=state.R, R=state.L, s_L=state.s_R, s_R=state.s_L)
     t_basis = attrs.evolve(basis, Q_L=basis.Q_R, Q_R=basis.Q_L)
     t_layout = attrs.evolve(layout, m=n, n=m)
-    t_new = est.update(t_state, G.mT, StepContext(step=3, layout=t_layout, basis=t_basis))
+    t_new = est.update(t_state, G.mT, StepContext(step=3, layout=t_layout, basis=t_basis, exact_basis=exact))
     torch.testing.assert_close(t_new.L, new.R, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(t_new.s_R, new.s_L, rtol=1e-12, atol=0)
 
