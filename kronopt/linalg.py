@@ -1506,8 +1506,43 @@ def accumulate_two_grams_left(X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: 
     _check_batched_square("X", X)
     if _tiled(X, B):
         return accumulate_gram_left(accumulate_gram_left(X, A, beta, alpha), B * w.sqrt(), 1.0, alpha)
+    return _two_grams(X, A, torch.bmm(B, B.mT), w, beta, alpha)
+
+
+def _two_grams(X: Tensor, A: Tensor, C: Tensor, w: Tensor, beta: float, alpha: float) -> Tensor:
+    """The dense form of :func:`accumulate_two_grams_left` with the Gram ``C = B Bᵀ`` made."""
     T = torch.baddbmm(X, A, A.mT, beta=beta, alpha=alpha)
-    return sym(T.addcmul_(torch.bmm(B, B.mT), w, value=alpha))
+    return sym(T.addcmul_(C, w, value=alpha))
+
+
+def accumulate_two_grams_left_with_energy(
+    X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: float, alpha: float, Q: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r""":func:`accumulate_two_grams_left`, the squared row norms of :math:`Q^\top B` ``(b m)`` (``Q`` ``None``:
+    the identity) and :math:`Q^\top B` itself where it was made (else ``None``), from one Gram product of ``B``.
+
+    The rows' energies are the diagonal of :math:`Q^\top (B B^\top) Q`, which the dense form reads off the
+    Gram it makes anyway (:func:`rotated_diagonal`): :math:`m^3 + m^2` multiply-adds instead of the
+    :math:`m^2 l` of the product :math:`Q^\top B`, fewer where ``B`` is wider than tall (``l > m``).
+    Elsewhere (``l ≤ m``, or the tiled form on a CPU) the product. The diagonal is exact in exact arithmetic
+    for any ``Q``; it is accurate to rounding relative to the Gram's largest entries, where the product's rows
+    are accurate each to its own size, so a row far below the largest (under about ``1e-7`` of it in
+    float32) keeps no digits: as little as the factor ``X`` itself keeps of that direction. A negative
+    rounding is taken as 0.
+    """
+    if Q is None:
+        return accumulate_two_grams_left(X, A, B, w, beta, alpha), weighted_row_energy(B, None), B
+    if _tiled(X, B) or B.shape[-1] <= B.shape[-2]:
+        QtB = mm(Q.mT, B)
+        return accumulate_two_grams_left(X, A, B, w, beta, alpha), weighted_row_energy(QtB, None), QtB
+    C = torch.bmm(B, B.mT)
+    return _two_grams(X, A, C, w, beta, alpha), rotated_diagonal(C, Q), None
+
+
+def rotated_diagonal(C: Tensor, Q: Tensor) -> Tensor:
+    r""":math:`\mathrm{diag}(Q^\top C Q)` ``(b m)`` of a symmetric PSD ``C (b m m)``, floored at 0:
+    :math:`m^3 + m^2` multiply-adds, without the ``m × m`` product :math:`Q^\top C Q`."""
+    return (mm(Q.mT, C) * Q.mT).sum(-1).clamp_(min=0.0)
 
 
 def accumulate_gram_right(

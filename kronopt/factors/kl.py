@@ -329,21 +329,31 @@ class KlKronFactors:
         is then assembled from the two parts. The ``"power"`` tracker's product
         :math:`\hat R_{new} U` depends on this update alone and only a refresh reads it: without
         ``power_follows`` (no refresh follows) it is not computed and the old one is kept (:math:`2mnr`
-        multiply-adds and more saved); ``"sketch"`` accumulates it on every update."""
+        multiply-adds and more saved); ``"sketch"`` accumulates it on every update. The complement's
+        rotation :math:`Q_L^\top G_\perp` is itself read only by that product and, through its rows'
+        energies, by the eigenvalue statistics; a full left side takes those energies from the Gram
+        :math:`G_\perp G_\perp^\top` its factor update makes anyway
+        (:func:`kronopt.linalg.accumulate_two_grams_left_with_energy`, :math:`m^3` instead of
+        :math:`m^2 n` where :math:`n > m`), so on the other updates the product is not made."""
         rho = self.beta
         m, n, r = G.shape[-2], G.shape[-1], right.rank
         U, tau, mu = right.Q, right.s, right.mu
         assert U is not None and tau is not None and mu is not None and right.sub is not None
         Y, Gc = linalg.subspace_split(G, U) if parts is None else parts  # G U, G P⊥
         Hy = Y if left.Q is None else left.Q.mT @ Y  # Q_Lᵀ G U
-        Hc = Gc if left.Q is None else left.Q.mT @ Gc  # Q_Lᵀ G P⊥
-        e_c = linalg.weighted_row_energy(Hc, None)  # (b m): ‖(Q_Lᵀ G P⊥)_i‖²
         inv_mu = (1.0 / mu).view(-1, 1, 1)
-        new_left = left
+        new_left, Hc = left, None
         if left.F is not None:
-            F = linalg.accumulate_two_grams_left(left.F, Y * tau.unsqueeze(-2), Gc, inv_mu, rho, (1 - rho) / n)
+            # the rows' energies ‖(Q_Lᵀ G P⊥)_i‖² from the Gram of G P⊥ the factor update makes anyway, where
+            # that is cheaper than the product Q_Lᵀ G P⊥ (then made only for the power product below)
+            F, e_c, Hc = linalg.accumulate_two_grams_left_with_energy(
+                left.F, Y * tau.unsqueeze(-2), Gc, inv_mu, rho, (1 - rho) / n, left.Q
+            )
             d_L = (linalg.weighted_row_energy(Hy, tau.square()) + inv_mu.squeeze(-1) * e_c) / n
             new_left = self._tracked(left, F, d_L, right, G)
+        else:
+            Hc = Gc if left.Q is None else left.Q.mT @ Gc  # Q_Lᵀ G P⊥
+            e_c = linalg.weighted_row_energy(Hc, None)  # (b m): ‖(Q_Lᵀ G P⊥)_i‖²
         Yh = Hy if sL is None else Hy * sL  # Ŷ = diag(s_L) Q_Lᵀ G U
         sub = linalg.accumulate_gram_right(right.sub, Yh, rho, (1 - rho) / m)
         extra = self.damping * _mean_inverse(left, G) if self.damping else 0.0
@@ -357,6 +367,8 @@ class KlKronFactors:
             return new_left, attrs.evolve(right, sub=sub, s=tau, mu=mu_new)
         # Ĝᵀ Ŷ = (Q_Lᵀ G)ᵀ W with W = diag(s_L²) Q_Lᵀ G U, and Q_Lᵀ G = Hy Uᵀ + Hc
         W = Yh if sL is None else Yh * sL
+        if Hc is None:
+            Hc = left.Q.mT @ Gc  # type: ignore[union-attr]  # Q_Lᵀ G P⊥
         increment = torch.baddbmm(Hc.mT @ W, U, Hy.mT @ W).mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
         if self.tracker == "power":
             power = linalg.restricted_power_product(U, right.sub, increment, rho)

@@ -717,6 +717,49 @@ def test_two_gram_updates_with_a_per_block_weight(seed, m, k, l, b, tile, tiled)
     close(out32.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@given(
+    seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 4), l=st.integers(1, 14), b=st.integers(1, 3),
+    tile=st.integers(1, 5), tiled=st.booleans(), rotated=st.booleans(),
+)
+def test_two_gram_updates_with_the_rotated_rows_energies(seed, m, k, l, b, tile, tiled, rotated):
+    """``accumulate_two_grams_left_with_energy``: the same update as ``accumulate_two_grams_left`` and the squared
+    row norms of ``Qᵀ B`` (``B`` itself without ``Q``) against float64, whether they come off ``B``'s Gram
+    (wider than tall, dense) or off the product, which it returns where it made it (``None`` otherwise). A
+    diagonal read across the wrong axis of ``Qᵀ C``, or the energies of ``B`` instead of ``Qᵀ B``, fails."""
+    gen = generator(seed)
+    A, B = randn(gen, b, m, k), randn(gen, b, m, l)
+    X = linalg.gram_left(randn(gen, b, m, m))
+    w = torch.rand(b, 1, 1, generator=gen, dtype=F64) * 4
+    Q = orthonormal(gen, b, m) if rotated else None
+    expected = 0.9 * X + 0.3 * (A @ A.mT + w * B @ B.mT)
+    QtB = B if Q is None else Q.mT @ B
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, tile, tiled)
+        out, energy, made = linalg.accumulate_two_grams_left_with_energy(X, A, B, w, 0.9, 0.3, Q)
+        out32, energy32, _ = linalg.accumulate_two_grams_left_with_energy(
+            X.float(), A.float(), B.float(), w.float(), 0.9, 0.3, None if Q is None else Q.float()
+        )
+    assert torch.equal(out, out.mT)
+    close(out, expected)
+    close(energy, QtB.square().sum(-1))
+    close(energy32.double(), QtB.square().sum(-1), rtol=1e-5, atol=1e-4)
+    from_gram = Q is not None and not tiled and l > m
+    assert (made is None) == from_gram
+    if made is not None:
+        close(made, QtB)
+
+
+def test_rotated_diagonal_is_the_diagonal_of_the_congruence_floored_at_zero(gen):
+    """``diag(Qᵀ C Q)`` for a PSD ``C`` and a square ``Q`` (not orthonormal: the identity holds for any ``Q``);
+    a rounding below zero (a direction ``C`` does not reach) reads 0."""
+    C = linalg.gram_left(randn(gen, 2, 6, 3))  # rank 3
+    Q = randn(gen, 2, 6, 6)
+    close(linalg.rotated_diagonal(C, Q), torch.diagonal(Q.mT @ C @ Q, dim1=-2, dim2=-1))
+    null = torch.linalg.svd(C[:, :, :]).U[:, :, 3:]  # C's null space: diag(Qᵀ C Q) = 0 up to rounding there
+    out = linalg.rotated_diagonal(C.float(), null.float())
+    assert (out >= 0).all() and out.max() < 1e-4
+
+
 @given(seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5), tiled=st.booleans())
 def test_sym_product_stats_reduce_the_product_it_returns(seed, m, k, b, tile, tiled):
     """``sym_product_stats``: the same product as :func:`sym_product`, with ``⟨P, Y⟩_F`` and ``‖P‖_F`` per block
