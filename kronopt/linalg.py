@@ -1516,32 +1516,40 @@ def _two_grams(X: Tensor, A: Tensor, C: Tensor, w: Tensor, beta: float, alpha: f
 
 
 def accumulate_two_grams_left_with_energy(
-    X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: float, alpha: float, Q: Tensor | None
+    X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: float, alpha: float, Q: Tensor | None, *, product: bool = False
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     r""":func:`accumulate_two_grams_left`, the squared row norms of :math:`Q^\top B` ``(b m)`` (``Q`` ``None``:
     the identity) and :math:`Q^\top B` itself where it was made (else ``None``), from one Gram product of ``B``.
 
     The rows' energies are the diagonal of :math:`Q^\top (B B^\top) Q`, which the dense form reads off the
     Gram it makes anyway (:func:`rotated_diagonal`): :math:`m^3 + m^2` multiply-adds instead of the
-    :math:`m^2 l` of the product :math:`Q^\top B`, fewer where ``B`` is wider than tall (``l > m``).
-    Elsewhere (``l ≤ m``, or the tiled form on a CPU) the product. The diagonal is exact in exact arithmetic
-    for any ``Q``; it is accurate to rounding relative to the Gram's largest entries, where the product's rows
-    are accurate each to its own size, so a row far below the largest (under about ``1e-7`` of it in
-    float32) keeps no digits: as little as the factor ``X`` itself keeps of that direction. A negative
-    rounding is taken as 0.
+    :math:`m^2 l` of the product :math:`Q^\top B`, fewer where ``B`` is wider than tall (``l > m``), in float32
+    or wider. Elsewhere (``l ≤ m``, the tiled form on a CPU, a narrower dtype, or ``product``: the caller
+    reads the product itself) the product. The diagonal is exact in exact arithmetic for any ``Q``. In
+    floating point a row of energy :math:`\delta` times the largest carries a relative error of about
+    :math:`\epsilon/\delta` through the Gram against :math:`\epsilon/\sqrt\delta` through the product, so in
+    float32 a row under about ``1e-7`` of the largest keeps no digits (as little as the factor ``X`` itself
+    keeps of that direction). A negative rounding is taken as 0.
     """
+    _check_batched("B", B)
     if Q is None:
         return accumulate_two_grams_left(X, A, B, w, beta, alpha), weighted_row_energy(B, None), B
-    if _tiled(X, B) or B.shape[-1] <= B.shape[-2]:
+    _check_batched_square("Q", Q)
+    narrow = torch.finfo(B.dtype).eps > torch.finfo(torch.float32).eps
+    if product or narrow or _tiled(X, B) or B.shape[-1] <= B.shape[-2]:
         QtB = mm(Q.mT, B)
         return accumulate_two_grams_left(X, A, B, w, beta, alpha), weighted_row_energy(QtB, None), QtB
+    _check_batched("A", A)
+    _check_batched_square("X", X)
     C = torch.bmm(B, B.mT)
     return _two_grams(X, A, C, w, beta, alpha), rotated_diagonal(C, Q), None
 
 
 def rotated_diagonal(C: Tensor, Q: Tensor) -> Tensor:
-    r""":math:`\mathrm{diag}(Q^\top C Q)` ``(b m)`` of a symmetric PSD ``C (b m m)``, floored at 0:
-    :math:`m^3 + m^2` multiply-adds, without the ``m × m`` product :math:`Q^\top C Q`."""
+    r""":math:`\mathrm{diag}(Q^\top C Q)` ``(b k)`` of a symmetric PSD ``C (b m m)`` and ``Q (b m k)``, floored at 0:
+    :math:`m^2 k + m k` multiply-adds, without the ``k × k`` product :math:`Q^\top C Q`."""
+    _check_batched_square("C", C)
+    _check_batched("Q", Q)
     return (mm(Q.mT, C) * Q.mT).sum(-1).clamp_(min=0.0)
 
 
@@ -1566,7 +1574,11 @@ def accumulate_sandwich(X: Tensor, Q: Tensor, Y: Tensor, beta: float, alpha: flo
     """
     _check_batched("Y", Y)
     _check_batched_square("X", X)
-    return sym_product(X, mm(Q, mm(Y, Y.mT)), Q, beta=beta, alpha=alpha)
+    _check_batched_square("Q", Q)
+    # Y Yᵀ by tiles on a CPU from side _GRAM_TILED_MIN (half the flops; beta = 0 never reads the empty start),
+    # else one product: its asymmetry in rounding is removed with the result's
+    gram = sym_product(torch.empty_like(X), Y, Y, beta=0.0, alpha=1.0) if _tiled(X, Y) else mm(Y, Y.mT)
+    return sym_product(X, mm(Q, gram), Q, beta=beta, alpha=alpha)
 
 
 @attrs.frozen(eq=False)

@@ -156,8 +156,9 @@ class StepContext:
 
         With two full bases both orders cost :math:`m^2 n + m n^2`; the right side goes first on a tall block
         (``m > n``) held in the compute dtype (:attr:`exact_basis`), the left side first otherwise. A factor
-        estimator that reads the half product picks its Gram operands from what it finds (``kl``: the half on
-        the longer side is the costlier one to make again)."""
+        estimator that reads the half product picks its Gram operands from what it finds (``kl``: on a tall block
+        ``G Q_R`` is the long side's operand, free; the short side's then comes from ``H`` through a sandwich
+        where the block is more than twice as long as wide, which saves a product)."""
         Q_L, Q_R = self.basis.Q_L, self.basis.Q_R
         hit = self.shared.get("rotated")
         if hit is not None and hit[0] is G and hit[1] is Q_L and hit[2] is Q_R:

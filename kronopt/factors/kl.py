@@ -255,7 +255,7 @@ class KlKronFactors:
         sL = None if left.s is None else left.s.unsqueeze(-1)  # (b m 1)
         if right.kind == "restricted":
             return self._update_restricted(G, sL, left, right, power_follows=power_follows, parts=parts)
-        exact = ctx is None or ctx.exact_basis  # Q Qᵀ = I may stand in for a product
+        exact = ctx is not None and ctx.exact_basis  # Q Qᵀ = I may stand in for a product
         if ctx is not None:
             rotation = ctx.rotated(G)
             Gl, Gr, H = rotation.left, rotation.right, rotation.H  # Q_Lᵀ G or G Q_R (the other None), Q_Lᵀ G Q_R
@@ -267,20 +267,23 @@ class KlKronFactors:
         defer = None if ctx is None else ctx.defer  # the factor Gram updates may go to the state write
         new_left, new_right = left, right
         if left.F is not None:
-            F = self._gram_left(left.F, G, H, left.Q, right.Q, sR, Gr, exact, (1 - rho) / n, defer)
+            F = self._factor_update(
+                left.F, G, H, Q=left.Q, Q_other=right.Q, s_other=sR, half=Gr, exact=exact, alpha=(1 - rho) / n, defer=defer
+            )
             d_L = (H2.sum(-1) if sR is None else (H2 @ sR.square().mT).squeeze(-1)) / n
             new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:
             sL_row = None if sL is None else sL.mT  # (b 1 m)
-            F = self._gram_left(
-                right.F, G.mT, H.mT, right.Q, left.Q, sL_row, None if Gl is None else Gl.mT, exact, (1 - rho) / m, defer
+            F = self._factor_update(
+                right.F, G.mT, H.mT, Q=right.Q, Q_other=left.Q, s_other=sL_row, half=None if Gl is None else Gl.mT,
+                exact=exact, alpha=(1 - rho) / m, defer=defer,
             )
             d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m
             new_right = self._tracked(right, F, d_R, left, G)
         return new_left, new_right
 
-    def _gram_left(
-        self, F: Tensor, G: Tensor, H: Tensor, Q: Tensor | None, Q_other: Tensor | None, s_other: Tensor | None,
+    def _factor_update(
+        self, F: Tensor, G: Tensor, H: Tensor, *, Q: Tensor | None, Q_other: Tensor | None, s_other: Tensor | None,
         half: Tensor | None, exact: bool, alpha: float, defer: "list[linalg.DeferredWrite] | None",
     ) -> Tensor:
         r"""The left factor's new value :math:`\rho F + \alpha\, G \hat R^{-1} G^\top`, with
@@ -288,6 +291,7 @@ class KlKronFactors:
         everything transposed). ``H`` is :math:`Q_L^\top G Q_R`, ``half`` :math:`G Q_R` where the rotation made
         it. The Gram operand :math:`G Q_R \mathrm{diag}(s_R)` (``m × n``) comes from the cheapest source:
 
+        * :math:`G\,\mathrm{diag}(s_R)` where the right side is not rotated (``Q_other`` ``None``: the identity);
         * ``half`` where it exists (free);
         * :math:`Q_L (H\,\mathrm{diag}(s_R))` through the sandwich :math:`Q_L (\tilde H \tilde H^\top) Q_L^\top`
           (:func:`kronopt.linalg.accumulate_sandwich`; :math:`2m^3` instead of an ``m × n`` product) where the
@@ -305,9 +309,9 @@ class KlKronFactors:
         elif Q is not None and exact and n > 2 * m:
             return linalg.accumulate_sandwich(F, Q, H if s_other is None else H * s_other, rho, alpha)
         elif Q is not None and exact and m < n:
-            A = Q @ (H if s_other is None else H * s_other)
+            A = linalg.mm(Q, H if s_other is None else H * s_other)
         else:
-            A = G @ (Q_other if s_other is None else Q_other * s_other)
+            A = linalg.mm(G, Q_other if s_other is None else Q_other * s_other)
         return linalg.accumulate_gram_left(F, A, rho, alpha, defer=defer)
 
     def _tracked(self, side: _Side, F: Tensor, d: Tensor, other: _Side, G: Tensor) -> _Side:
@@ -342,18 +346,21 @@ class KlKronFactors:
         Y, Gc = linalg.subspace_split(G, U) if parts is None else parts  # G U, G P⊥
         Hy = Y if left.Q is None else left.Q.mT @ Y  # Q_Lᵀ G U
         inv_mu = (1.0 / mu).view(-1, 1, 1)
-        new_left, Hc = left, None
+        new_left = left
         if left.F is not None:
             # the rows' energies ‖(Q_Lᵀ G P⊥)_i‖² from the Gram of G P⊥ the factor update makes anyway, where
-            # that is cheaper than the product Q_Lᵀ G P⊥ (then made only for the power product below)
+            # that is cheaper than the product Q_Lᵀ G P⊥ (then made only for the power product below). "sketch"
+            # reads the product on every update, so it takes the product's route throughout; "power" takes the
+            # Gram's on every update, also those a refresh follows, so the statistics never depend on whether
+            # one does (m³ more on those updates)
             F, e_c, Hc = linalg.accumulate_two_grams_left_with_energy(
-                left.F, Y * tau.unsqueeze(-2), Gc, inv_mu, rho, (1 - rho) / n, left.Q
+                left.F, Y * tau.unsqueeze(-2), Gc, inv_mu, rho, (1 - rho) / n, left.Q, product=self.tracker == "sketch"
             )
             d_L = (linalg.weighted_row_energy(Hy, tau.square()) + inv_mu.squeeze(-1) * e_c) / n
             new_left = self._tracked(left, F, d_L, right, G)
-        else:
-            Hc = Gc if left.Q is None else left.Q.mT @ Gc  # Q_Lᵀ G P⊥
-            e_c = linalg.weighted_row_energy(Hc, None)  # (b m): ‖(Q_Lᵀ G P⊥)_i‖²
+        else:  # a side that is not rotated
+            Hc = Gc
+            e_c = linalg.weighted_row_energy(Hc, None)  # (b m): ‖(G P⊥)_i‖²
         Yh = Hy if sL is None else Hy * sL  # Ŷ = diag(s_L) Q_Lᵀ G U
         sub = linalg.accumulate_gram_right(right.sub, Yh, rho, (1 - rho) / m)
         extra = self.damping * _mean_inverse(left, G) if self.damping else 0.0
@@ -368,7 +375,7 @@ class KlKronFactors:
         # Ĝᵀ Ŷ = (Q_Lᵀ G)ᵀ W with W = diag(s_L²) Q_Lᵀ G U, and Q_Lᵀ G = Hy Uᵀ + Hc
         W = Yh if sL is None else Yh * sL
         if Hc is None:
-            Hc = left.Q.mT @ Gc  # type: ignore[union-attr]  # Q_Lᵀ G P⊥
+            Hc = linalg.mm(left.Q.mT, Gc)  # type: ignore[union-attr]  # Q_Lᵀ G P⊥
         increment = torch.baddbmm(Hc.mT @ W, U, Hy.mT @ W).mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
         if self.tracker == "power":
             power = linalg.restricted_power_product(U, right.sub, increment, rho)

@@ -44,14 +44,17 @@ def _random_state(est, gen, b, m, n):
     return layout, state, basis
 
 
-# every source of a Gram operand (KlKronFactors._gram_left): a tall block rotated right first with its
+# every source of a Gram operand (KlKronFactors._factor_update): a tall block rotated right first with its
 # short side's factor through the sandwich (9 × 4) or through (H s) Qᵀ (5 × 4), a wide one with the left
 # side's through the sandwich (4 × 9) or through Q H (4 × 6), a square one, and both bases held narrower
 # than the compute dtype (no Q Qᵀ = I: rotated left first, the operands from G itself)
+# (the bases None: basis "identity", whose full sides keep factors and roots but are never rotated)
 @pytest.mark.parametrize(
-    ("m", "n", "exact"), [(5, 4, True), (9, 4, True), (4, 9, True), (4, 6, True), (5, 5, True), (9, 4, False), (4, 9, False)]
+    ("m", "n", "exact", "rotated"),
+    [(5, 4, True, True), (9, 4, True, True), (4, 9, True, True), (4, 6, True, True), (5, 5, True, True),
+     (9, 4, False, True), (4, 9, False, True), (9, 4, True, False)],
 )
-def test_factor_sandwich_and_statistics_use_the_old_state(gen, m, n, exact):
+def test_factor_sandwich_and_statistics_use_the_old_state(gen, m, n, exact, rotated):
     """§12 test 2: S_L's increment is G Q_R diag(s_R²) Q_Rᵀ Gᵀ/n; d_L = diag(Q_Lᵀ G Ŝ_R⁻¹ Gᵀ Q_L)/n; both sides old."""
     b, rho = 2, 0.9
     est = KlKronFactors(beta=rho, clamping=False)
@@ -59,7 +62,12 @@ def test_factor_sandwich_and_statistics_use_the_old_state(gen, m, n, exact):
     if not exact:  # bases as a bfloat16 storage holds them: orthonormal only to its rounding
         basis = attrs.evolve(basis, Q_L=basis.Q_L.bfloat16().double(), Q_R=basis.Q_R.bfloat16().double())
     G = randn(gen, b, m, n)
-    new = est.update(state, G, StepContext(step=3, layout=layout, basis=basis, exact_basis=exact))
+    ctx_basis = basis if rotated else attrs.evolve(basis, Q_L=None, Q_R=None)
+    if not rotated:
+        basis = attrs.evolve(basis, Q_L=torch.eye(m, dtype=G.dtype).expand(b, m, m), Q_R=torch.eye(n, dtype=G.dtype).expand(b, n, n))
+    new = est.update(state, G, StepContext(step=3, layout=layout, basis=ctx_basis, exact_basis=exact))
+    assert_symmetric(new.L)
+    assert_symmetric(new.R)
     inv_R = basis.Q_R @ torch.diag_embed(state.s_R**2) @ basis.Q_R.mT
     inv_L = basis.Q_L @ torch.diag_embed(state.s_L**2) @ basis.Q_L.mT
     torch.testing.assert_close(new.L, rho * state.L + (1 - rho) / n * G @ inv_R @ G.mT, rtol=1e-12, atol=1e-12)
@@ -71,7 +79,7 @@ def test_factor_sandwich_and_statistics_use_the_old_state(gen, m, n, exact):
     torch.testing.assert_close(new.s_R, lam(state.s_R, d_R).rsqrt(), rtol=1e-12, atol=0)
     # the transposed problem gives the swapped result: neither side sees the other's new values
     t_state = attrs.evolve(state, L=state.R, R=state.L, s_L=state.s_R, s_R=state.s_L)
-    t_basis = attrs.evolve(basis, Q_L=basis.Q_R, Q_R=basis.Q_L)
+    t_basis = attrs.evolve(ctx_basis, Q_L=ctx_basis.Q_R, Q_R=ctx_basis.Q_L)
     t_layout = attrs.evolve(layout, m=n, n=m)
     t_new = est.update(t_state, G.mT, StepContext(step=3, layout=t_layout, basis=t_basis, exact_basis=exact))
     torch.testing.assert_close(t_new.L, new.R, rtol=1e-12, atol=1e-12)

@@ -717,15 +717,36 @@ def test_two_gram_updates_with_a_per_block_weight(seed, m, k, l, b, tile, tiled)
     close(out32.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@given(seed=SEEDS, d=st.integers(1, 10), k=st.integers(1, 24), b=st.integers(1, 3), tile=st.integers(1, 5), tiled=st.booleans())
+def test_sandwich_update_is_the_gram_update_of_the_rotated_operand(seed, d, k, b, tile, tiled):
+    """``accumulate_sandwich``: ``β X + α Q (Y Yᵀ) Qᵀ``, for an orthonormal ``Q`` the Gram update of ``Q Y``; exactly
+    symmetric and PSD, tile by tile or dense, equal to float64 and to rounding in float32 (a NaN in the empty start
+    of ``Y Yᵀ`` would show)."""
+    gen = generator(seed)
+    Y, Q = randn(gen, b, d, k), orthonormal(gen, b, d)
+    X = linalg.gram_left(randn(gen, b, d, d))
+    expected = 0.9 * X + 0.3 * (Q @ Y) @ (Q @ Y).mT
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, tile, tiled)
+        out = linalg.accumulate_sandwich(X, Q, Y, 0.9, 0.3)
+        out32 = linalg.accumulate_sandwich(X.float(), Q.float(), Y.float(), 0.9, 0.3)
+    for o in (out, out32):
+        assert torch.equal(o, o.mT)
+    assert_psd(out)
+    close(out, expected)
+    close(out32.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 @given(
     seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 4), l=st.integers(1, 14), b=st.integers(1, 3),
-    tile=st.integers(1, 5), tiled=st.booleans(), rotated=st.booleans(),
+    tile=st.integers(1, 5), tiled=st.booleans(), rotated=st.booleans(), product=st.booleans(),
 )
-def test_two_gram_updates_with_the_rotated_rows_energies(seed, m, k, l, b, tile, tiled, rotated):
+def test_two_gram_updates_with_the_rotated_rows_energies(seed, m, k, l, b, tile, tiled, rotated, product):
     """``accumulate_two_grams_left_with_energy``: the same update as ``accumulate_two_grams_left`` and the squared
     row norms of ``Qᵀ B`` (``B`` itself without ``Q``) against float64, whether they come off ``B``'s Gram
     (wider than tall, dense) or off the product, which it returns where it made it (``None`` otherwise). A
-    diagonal read across the wrong axis of ``Qᵀ C``, or the energies of ``B`` instead of ``Qᵀ B``, fails."""
+    diagonal read across the wrong axis of ``Qᵀ C``, or the energies of ``B`` instead of ``Qᵀ B``, fails. ``product``:
+    the caller reads ``Qᵀ B`` itself, so it is made and returned whatever the shapes."""
     gen = generator(seed)
     A, B = randn(gen, b, m, k), randn(gen, b, m, l)
     X = linalg.gram_left(randn(gen, b, m, m))
@@ -735,7 +756,7 @@ def test_two_gram_updates_with_the_rotated_rows_energies(seed, m, k, l, b, tile,
     QtB = B if Q is None else Q.mT @ B
     with pytest.MonkeyPatch.context() as patch:
         _tiling(patch, tile, tiled)
-        out, energy, made = linalg.accumulate_two_grams_left_with_energy(X, A, B, w, 0.9, 0.3, Q)
+        out, energy, made = linalg.accumulate_two_grams_left_with_energy(X, A, B, w, 0.9, 0.3, Q, product=product)
         out32, energy32, _ = linalg.accumulate_two_grams_left_with_energy(
             X.float(), A.float(), B.float(), w.float(), 0.9, 0.3, None if Q is None else Q.float()
         )
@@ -743,10 +764,20 @@ def test_two_gram_updates_with_the_rotated_rows_energies(seed, m, k, l, b, tile,
     close(out, expected)
     close(energy, QtB.square().sum(-1))
     close(energy32.double(), QtB.square().sum(-1), rtol=1e-5, atol=1e-4)
-    from_gram = Q is not None and not tiled and l > m
+    from_gram = Q is not None and not tiled and l > m and not product
     assert (made is None) == from_gram
     if made is not None:
         close(made, QtB)
+
+
+def test_rows_energies_of_a_narrow_dtype_come_from_the_product(gen):
+    """In bfloat16 a row's energy read off the Gram keeps no digits well above float32's limit, so a dtype
+    narrower than float32 takes the product's route whatever the shapes."""
+    X = linalg.gram_left(randn(gen, 1, 3, 3)).bfloat16()
+    A, B, Q = randn(gen, 1, 3, 2).bfloat16(), randn(gen, 1, 3, 9).bfloat16(), orthonormal(gen, 1, 3).bfloat16()
+    _, energy, made = linalg.accumulate_two_grams_left_with_energy(X, A, B, torch.ones(1, 1, 1, dtype=torch.bfloat16), 0.9, 0.3, Q)
+    assert made is not None
+    assert torch.equal(energy, linalg.weighted_row_energy(made, None))
 
 
 def test_rotated_diagonal_is_the_diagonal_of_the_congruence_floored_at_zero(gen):

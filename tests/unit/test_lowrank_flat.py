@@ -554,6 +554,29 @@ def test_restricted_updates_are_the_m_projection_and_the_sandwich(gen, m, n, r, 
     torch.testing.assert_close(new.s_R, (rho / st.s_R**2 + (1 - rho) * d_R).rsqrt(), rtol=1e-12, atol=0)
 
 
+def test_restricted_update_beside_a_side_that_is_not_rotated(gen):
+    """A restricted right side beside a left side of kind ``none`` (identity, no factor): S, μ and the tracked
+    values from G itself, the complement's energy ‖G P⊥‖² feeding μ (a statistic lost there fails)."""
+    m, n, r = 5, 8, 3
+    est = KlKronFactors(beta=0.8, clamping=False)
+    layout = Layout(batch=1, m=m, n=n, left="none", right="restricted", rank_right=r)
+    st = attrs.evolve(
+        est.init(layout, **F64), s_R=0.5 + torch.rand(1, r, generator=gen, dtype=torch.float64),
+        sub_R=spd_matrix(gen, 1, r), mu_R=torch.tensor([0.4], dtype=torch.float64),
+    )
+    U = orthonormal(gen, 1, n)[:, :, :r]
+    basis = BasisState(Q_L=None, Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    G = randn(gen, 1, m, n)
+    new = est.update(st, G, StepContext(step=4, layout=layout, basis=basis))
+    rho = est.beta
+    P_perp = torch.eye(n, dtype=torch.float64) - U @ U.mT
+    target = rho * (U @ st.sub_R @ U.mT + st.mu_R * P_perp) + (1 - rho) * G.mT @ G / m
+    torch.testing.assert_close(new.sub_R, U.mT @ target @ U, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new.mu_R, torch.diagonal(P_perp @ target, dim1=-2, dim2=-1).sum(-1) / (n - r), rtol=1e-12, atol=0)
+    torch.testing.assert_close(new.power_R, target @ U, rtol=1e-12, atol=1e-12)
+    assert new.L is None and new.s_L is None
+
+
 def test_reprojection_preserves_the_trace_and_keeps_s_spd(gen):
     """§10 test 8."""
     m, n, r = 4, 10, 3
