@@ -338,7 +338,8 @@ class KlKronFactors:
         energies, by the eigenvalue statistics; a full left side takes those energies from the Gram
         :math:`G_\perp G_\perp^\top` its factor update makes anyway
         (:func:`kronopt.linalg.accumulate_two_grams_left_with_energy`, :math:`m^3` instead of
-        :math:`m^2 n` where :math:`n > m`), so on the other updates the product is not made."""
+        :math:`m^2 n` where :math:`n > m`), so with the ``"power"`` tracker the product is made only on the
+        updates a refresh follows."""
         rho = self.beta
         m, n, r = G.shape[-2], G.shape[-1], right.rank
         U, tau, mu = right.Q, right.s, right.mu
