@@ -93,9 +93,7 @@ class Post:
         if _every_block_plainly(lr, weight_decay, ok):
             # every block written (and so D finite): the same factors for all, no mask, nothing to zero
             # (plain Python numbers only: a tensor or NumPy learning rate sets the factors' dtype itself)
-            steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
-            scale, decay = _block_factors(_factor_dtype(D.dtype), D.device, lr, weight_decay)
-            self._apply_all_(list(params), steps, [scale] * len(steps), None if decay is None else [decay] * len(steps))
+            _apply_plainly_([(self, params, D, lr, weight_decay)])
             return
         okf = ok.to(_factor_dtype(D.dtype))
         D = D.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -140,11 +138,21 @@ def apply_together_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, 
     bits. The buckets that :meth:`Post.apply_` would write with one shared factor are written together: one
     set of ``foreach`` calls (the decay and the step) per weight-decay order, factor dtype, device, ``lr`` and
     ``weight_decay``; the others in turn."""
-    together: dict[tuple, tuple[Post, list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]] = {}
+    plain = []
     for post, params, D, lr, weight_decay, ok in work:
         if compiled.variant("post_apply") is not None or not _every_block_plainly(lr, weight_decay, ok):
             post.apply_(params, D, lr=lr, weight_decay=weight_decay, ok=ok)
-            continue
+        else:
+            plain.append((post, params, D, lr, weight_decay))
+    _apply_plainly_(plain)
+
+
+def _apply_plainly_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, float]]) -> None:
+    """Steps whose every block is written with one shared factor (:func:`_every_block_plainly`), each
+    ``(post, params, D, lr, weight_decay)``: one set of ``foreach`` calls per weight-decay order, factor dtype,
+    device, ``lr`` and ``weight_decay``."""
+    together: dict[tuple, tuple[Post, list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]] = {}
+    for post, params, D, lr, weight_decay in work:
         dtype = _factor_dtype(D.dtype)
         key = (post.weight_decay_order, dtype, D.device, float(lr), float(weight_decay))
         if key not in together:
