@@ -227,7 +227,9 @@ HEAVY_OPS: frozenset[str] = frozenset(
 class _HeavyOps(TorchDispatchMode):
     """Records each :data:`HEAVY_OPS` call as ``(op, args, kwargs)``, tensors replaced by their
     ``(shape, dtype, device)`` and their kind: ``"sym"`` for an input that must be symmetric
-    (``eigh``), ``"out"`` for the tensor an in-place op writes (``baddbmm_``'s first), else ``""``."""
+    (``eigh``), ``"out0"``, ``"out1"``, ... for each tensor the op writes, as its schema says (an in-place
+    op's first argument, ``baddbmm_``'s accumulator; an ``out=`` result, ``bmm(..., out=P)``), else ``""``.
+    So a replay never writes into one of a call's operands, nor two results into one tensor."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -238,13 +240,20 @@ class _HeavyOps(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name.removesuffix("_") in HEAVY_OPS:
             kind = "sym" if "eigh" in name else ""
+            schema = func._schema.arguments
+            written = [a.name for a in schema if a.alias_info is not None and a.alias_info.is_write]
 
-            def spec(x: Any, kind: str = kind) -> Any:
-                return ("tensor", tuple(x.shape), x.dtype, x.device, kind) if isinstance(x, torch.Tensor) else x
+            def spec(x: Any, arg: str) -> Any:
+                if not isinstance(x, torch.Tensor):
+                    return x
+                mine = f"out{written.index(arg)}" if arg in written else kind
+                if name == "linalg_householder_product" and arg in ("input", "tau"):
+                    # the reflectors and their scalings, replayed as one QR's pair (_householder_pair)
+                    mine = ("reflectors", tuple(args[0].shape))
+                return ("tensor", tuple(x.shape), x.dtype, x.device, mine)
 
-            written = name.endswith("_")  # in place: its first argument is written, never shared with an operand
-            recorded = tuple(spec(a, "out" if written and i == 0 else kind) for i, a in enumerate(args))
-            self.calls.append((func, recorded, {k: spec(v) for k, v in kwargs.items()}))
+            recorded = tuple(spec(a, schema[i].name) for i, a in enumerate(args))
+            self.calls.append((func, recorded, {k: spec(v, k) for k, v in kwargs.items()}))
         return func(*args, **kwargs)
 
 
@@ -254,8 +263,9 @@ def _replay_inputs(
     """The recorded calls with random inputs; one input tensor per distinct (shape, dtype, device, kind),
     shared by every call that asks for it (and, through ``made``, by the calls of every step), so
     memory stays that of one step, not of every recorded call.
-    An in-place op's written tensor has a kind of its own, so it never feeds an operand: the replays
-    add bounded products into it (``x += α a b`` with fixed ``a``, ``b``), never ``x += α x x``."""
+    A written tensor (an in-place op's accumulator, an ``out=`` result) has a kind of its own, so it
+    never feeds an operand: the replays write bounded products into it (``x += α a b``, ``P = a b`` with
+    fixed ``a``, ``b``), never ``x += α x x`` nor ``P = P b``."""
     made = {} if made is None else made
 
     def make(x: Any) -> Any:
@@ -271,10 +281,24 @@ def _replay_inputs(
 def _random_input(x: tuple, gen: torch.Generator) -> torch.Tensor:
     """A random tensor for a recorded ``("tensor", shape, dtype, device, kind)`` argument."""
     _, shape, dtype, dev, kind = x
+    if isinstance(kind, tuple) and kind[0] == "reflectors":
+        reflectors, tau = _householder_pair(kind[1], dtype, dev)
+        return reflectors if tuple(shape) == kind[1] else tau
     t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=dev)
     if kind == "sym" and len(shape) >= 2:  # a symmetric positive definite matrix, like a factor
         t = t @ t.mT / shape[-1] + torch.eye(shape[-1], dtype=dtype, device=dev)
     return t
+
+
+def _householder_pair(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reflectors and scalings ``geqrf`` leaves for a random matrix of ``shape``: what
+    ``householder_product`` reads in a refresh, the same pair on every call (a seed of its own). Random
+    scalings instead would multiply reflections that are not orthogonal, and the product would overflow
+    on a large side."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    A = torch.randn(shape, generator=gen, dtype=torch.float64)
+    reflectors, tau = torch.geqrf(A)
+    return reflectors.to(dtype=dtype, device=device), tau.to(dtype=dtype, device=device)
 
 
 def record_matrix_work(

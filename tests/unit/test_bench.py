@@ -244,6 +244,47 @@ def test_matmul_alone_records_the_in_place_products_too(monkeypatch):
     assert all(bool(t.isfinite().all()) for t in tensors.values())  # after the three replays
 
 
+def _written_and_read(op, args, kwargs):
+    """The tensors a call writes and the tensors it only reads, as its schema says."""
+    written, read = [], []
+    for i, a in enumerate(op._schema.arguments):
+        x = args[i] if i < len(args) else kwargs.get(a.name)
+        if isinstance(x, torch.Tensor):
+            (written if a.alias_info is not None and a.alias_info.is_write else read).append(x)
+    return written, read
+
+
+def test_replay_writes_every_result_apart_from_the_operands(monkeypatch):
+    """dykaf's tiled sandwich writes its products with ``out=`` (``bmm(A, S, out=P)``): in the replay
+    each written tensor is one of its own, never an operand of its call (a shared one replays
+    ``P = P S``, up to inf within a few refreshes), and the refresh's ``householder_product`` reads
+    the reflectors and scalings of a real QR, so the Q it makes is orthogonal (random scalings
+    multiply reflections that are not, and overflow on a large side). Small tiles and thresholds
+    put the 16-sided factors on the tiled and split paths."""
+    from kronopt import linalg
+
+    monkeypatch.setattr(linalg, "_SPLIT_SANDWICH_MIN", 8)
+    monkeypatch.setattr(linalg, "_GRAM_TILED_MIN", 8)
+    monkeypatch.setattr(linalg, "_GRAM_TILE", 4)
+    per_step = bench.record_matrix_work("dykaf", [(16, 6), (6, 16)], steps=12, device="cpu")
+    recorded = [c for calls in per_step for c in calls]
+    assert any("out" in kw for _, _, kw in recorded)  # products written with out=
+    assert any(op.overloadpacket.__name__ == "linalg_householder_product" for op, _, _ in recorded)
+    replay = bench._Replay(per_step)
+    for _ in range(4 * len(per_step)):
+        replay.step()
+    replayed = [c for calls in replay._steps for c in calls]
+    for op, args, kwargs in replayed:
+        written, read = _written_and_read(op, args, kwargs)
+        assert not any(w is r for w in written for r in read), op
+        assert all(bool(t.isfinite().all()) for t in written + read), op
+    for op, args, kwargs in replayed:
+        if op.overloadpacket.__name__ == "linalg_householder_product":
+            Q = torch.linalg.householder_product(*args[:2]).double()
+            eye = torch.eye(Q.shape[-1], dtype=torch.float64).expand_as(Q)
+            assert torch.allclose(Q.mT @ Q, eye, atol=1e-5)
+
+
 def test_a_module_class_peer_is_built_with_its_defaults(tmp_path, monkeypatch, capsys):
     (tmp_path / "my_peer_mod.py").write_text(
         "import torch\n"
