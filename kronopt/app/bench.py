@@ -272,7 +272,13 @@ def _replay_inputs(
         if not (isinstance(x, tuple) and len(x) == 5 and x[0] == "tensor"):
             return x
         if x not in made:
-            made[x] = _random_input(x, gen)
+            _, _, dtype, dev, kind = x
+            if isinstance(kind, tuple) and kind[0] == "reflectors":  # householder_product's two inputs, from one QR
+                reflectors, tau = _householder_pair(kind[1], dtype, dev)
+                made[("tensor", kind[1], dtype, dev, kind)] = reflectors
+                made[("tensor", tuple(tau.shape), dtype, dev, kind)] = tau
+            else:
+                made[x] = _random_input(x, gen)
         return made[x]
 
     return [(op, tuple(make(a) for a in args), {k: make(v) for k, v in kw.items()}) for op, args, kw in calls]
@@ -281,9 +287,6 @@ def _replay_inputs(
 def _random_input(x: tuple, gen: torch.Generator) -> torch.Tensor:
     """A random tensor for a recorded ``("tensor", shape, dtype, device, kind)`` argument."""
     _, shape, dtype, dev, kind = x
-    if isinstance(kind, tuple) and kind[0] == "reflectors":
-        reflectors, tau = _householder_pair(kind[1], dtype, dev)
-        return reflectors if tuple(shape) == kind[1] else tau
     t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=dev)
     if kind == "sym" and len(shape) >= 2:  # a symmetric positive definite matrix, like a factor
         t = t @ t.mT / shape[-1] + torch.eye(shape[-1], dtype=dtype, device=dev)
@@ -292,9 +295,8 @@ def _random_input(x: tuple, gen: torch.Generator) -> torch.Tensor:
 
 def _householder_pair(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The reflectors and scalings ``geqrf`` leaves for a random matrix of ``shape``: what
-    ``householder_product`` reads in a refresh, the same pair on every call (a seed of its own). Random
-    scalings instead would multiply reflections that are not orthogonal, and the product would overflow
-    on a large side."""
+    ``householder_product`` reads in a refresh (a seed of its own). Random scalings instead would
+    multiply reflections that are not orthogonal, and the product would overflow on a large side."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     A = torch.randn(shape, generator=gen, dtype=torch.float64)
     reflectors, tau = torch.geqrf(A)
