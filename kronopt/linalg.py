@@ -1079,6 +1079,28 @@ def kron_rows(L: Tensor, R: Tensor) -> Tensor:
     return (L[:, :, None, :, None] * R[:, None, :, None, :]).reshape(b, m * n, m * n)
 
 
+def power_of_two_scale(*norms: Tensor) -> Tensor:
+    r"""Per block, the power of two :math:`2^{-e}` that brings the largest of ``norms`` (one shape
+    each, e.g. ``b 1 1``) into :math:`[1/2, 1)`; 1 where they are all 0, NaN where one is infinite
+    or NaN (a norm past the dtype's range: what is scaled by it is then not finite, which the
+    optimizer's guard refuses, as it refuses the plain computation's overflow).
+
+    Multiplying by a power of two is exact. A computation homogeneous in its inputs (the
+    rank-one trackers: every input times :math:`\lambda`, every output times :math:`\lambda`)
+    can therefore run on inputs brought near norm 1 and be scaled back, with the same bits
+    wherever the plain computation stays in range, and where it would not: there the squares
+    behind its Frobenius norms overflow (float32 past about ``1.8e19``: gradient entries near
+    ``1e8`` on a ``1024 × 256`` block) or underflow. ``e`` is clamped to a quarter of the dtype's
+    exponent range (±60 in float32), so the scale, its square and their inverses are normal
+    numbers."""
+    top = norms[0]
+    for norm in norms[1:]:
+        top = torch.maximum(top, norm)  # NaN where either is
+    limit = math.frexp(torch.finfo(top.dtype).max)[1] // 2 - 4
+    scale = torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent.neg_().clamp_(-limit, limit))
+    return torch.where(top.isfinite(), scale, torch.nan)
+
+
 def _fresh_directions(fresh: Tensor, X: Tensor) -> Tensor:
     """``X`` with the blocks flagged in ``fresh (b)`` replaced by the unit-norm identity ``I/√d``."""
     d = X.shape[-1]
@@ -1148,6 +1170,34 @@ def projector_split_ksl(
     _check_batched("G", G)
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
+    # The step is homogeneous (L, R, G times λ: L', R' times λ). Where the squares behind ‖K‖
+    # and ‖R̂‖ (sizes ‖G‖⁴, ‖R‖²‖L‖²) would leave float's range (float32: ‖G‖ past about 1e9
+    # or below 1e-9), it runs as on L, R and G times the power of two σ that brings the larger
+    # of ‖R‖ (= ‖L‖) and ‖G‖ near 1, and scales back: the same bits as the plain step wherever
+    # that stays in range. On a CPU the plain step runs first and its two norms are read on
+    # the host (free there; a pass over G for ‖G‖ is not): only a block out of range runs the
+    # step again, scaled. On other devices the step always runs scaled.
+    norm_R = block_norm(R)
+    if host_verdicts(norm_R):
+        plain = _ksl(L, R, G, beta, norm_R, None, fresh, defer)
+        if plain is not None:
+            return plain
+    return _ksl(L, R, G, beta, norm_R, power_of_two_scale(norm_R, block_norm(G)), fresh, defer)
+
+
+#: the range of ``‖K‖`` and ``‖R̂‖`` in which :func:`projector_split_ksl`'s plain step keeps its digits, as
+#: exponents of two: their squares (summed tile by tile) stay below ``2^128``, and the squares of entries
+#: that count in them, on sides up to ``2^13``, above float32's smallest normal number ``2^-126``
+_KSL_PLAIN_RANGE = (-50, 60)
+
+
+def _ksl(
+    L: Tensor, R: Tensor, G: Tensor, beta: float, norm_R: Tensor, sigma: Tensor | None,
+    fresh: Tensor | None, defer: list["DeferredWrite"] | None,
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`projector_split_ksl`'s step, run as on ``L``, ``R`` and ``G`` times ``sigma`` (a power of
+    two per block, ``b 1 1``), or plainly (``sigma = None``): then ``None`` where ``‖K‖`` or ``‖R̂‖``
+    leaves ``_KSL_PLAIN_RANGE`` on a block (read on the host)."""
     tiny = _tiny(L)
     b, n = R.shape[0], R.shape[-1]
     # The scalings are folded into per-block factors and the products' alpha, so no scaled
@@ -1155,9 +1205,15 @@ def projector_split_ksl(
     # direction R̄ = R/‖R‖ loses the √β, the weight of L in K and of ⟨U, L⟩ in S̃ is
     # r·√β = β‖R‖, and (√(1−β) G)(·)(√(1−β) G)ᵀ is (1−β) G(·)Gᵀ. A fresh block takes
     # weight 0 and the direction I/√n.
-    norm_R = block_norm(R)
+    # Scaled, K and R̂ come out times σ² (in K's weight of L, its G R̄ Gᵀ and R̂'s Gᵀ U G), L'
+    # and R' times σ (out of their last scalings). The scalings by σ²/‖R‖ (of G R̄, of R̂'s R̄)
+    # and by σ²/‖K‖ (of U G) are two, by σ/‖·‖ then σ: either scalar alone leaves float32's
+    # range where ‖R‖ or ‖G‖ is far from 1 (past about 4e12, below 1e-16). The split
+    # sandwiches take σ G instead (the CPU's; there only a step out of the plain range pays
+    # that pass over G): their products, of size ‖G‖²‖R‖, then stay in range too.
+    sigma2 = None if sigma is None else sigma.square()
     inv = 1.0 / norm_R.clamp(min=tiny)
-    weight = beta * norm_R
+    weight = beta * norm_R if sigma2 is None else beta * norm_R * sigma2
     if fresh is not None:
         keep = (~fresh).to(L.dtype).view(b, 1, 1)
         inv, weight = inv * keep, weight * keep
@@ -1173,22 +1229,22 @@ def projector_split_ksl(
         else:
             S, s = R * inv, 1.0
             S.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
-        K = sym(split_sandwich(G, S, alpha=(1.0 - beta) * s).addcmul_(L, weight))
+        K = sym(split_sandwich(_times(G, sigma), S, alpha=(1.0 - beta) * s).addcmul_(L, weight))
         K_dot_L, norm_K = _dense_stats(K, L)
         X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
     else:
         if G.shape[-2] < n:
             # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
             # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖
-            GR = (G @ R).mul_(inv)
+            GR = _times_((G @ R).mul_(_times(inv, sigma)), sigma)
             if fresh is not None:
-                GR.addcmul_(G, (fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1))
+                GR.addcmul_(G, _times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2))
             X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
         else:
-            X = R * inv  # R̄
+            X = _times_(R * _times(inv, sigma), sigma)  # σ² R̄
             if fresh is not None:
-                X.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
-            GR, x_scale = G @ X, None
+                X.diagonal(dim1=-2, dim2=-1).add_(_times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2).view(b, 1))
+            GR, x_scale = G @ X, None if sigma2 is None else 1.0 / sigma2
         # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
         # On a tall block K is then read only by the split below and its last scaling, so its tiles
         # are kept apart, unmirrored (LowerTiles).
@@ -1200,18 +1256,37 @@ def projector_split_ksl(
     weight_R = weight * inner if x_scale is None else weight * inner * x_scale
     if tall_split:
         # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
-        R_hat = sym(split_sandwich(G.mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R))
+        R_hat = sym(split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
-        UG = (K @ G).mul_(inv_K)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
+        UG = _times_((K @ G).mul_(_times(inv_K, sigma)), sigma)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
         R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
-    root = norm_R_hat.sqrt()
-    scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
-    if defer is None or not cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all()):
+    root = norm_R_hat.sqrt()  # σ √S
+    if sigma is None:
+        lo, hi = _KSL_PLAIN_RANGE
+        norms = torch.cat([norm_K, norm_R_hat])
+        if not bool(((norms >= 2.0**lo) & (norms <= 2.0**hi)).all()):  # also where one is NaN
+            return None
+        scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
+        finite = True  # ‖K‖, ‖R̂‖ in range: they and √S/‖K‖ are finite
+    else:
+        scale_L, scale_R = inv_K * root / sigma, root.clamp(min=tiny) * sigma
+        finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())
+    if defer is None or not finite:
         return _scaled(K, scale_L), _scaled(R_hat, scale_R, divide=True)
     defer.append(DeferredWrite(target=L, into=lambda out: _scaled(K, scale_L, out=out)))
     defer.append(DeferredWrite(target=R, into=lambda out: _scaled(R_hat, scale_R, divide=True, out=out)))
     return L, R
+
+
+def _times(x: Tensor, scale: Tensor | None) -> Tensor:
+    """``x`` times ``scale`` (``x`` itself without one)."""
+    return x if scale is None else x * scale
+
+
+def _times_(x: Tensor, scale: Tensor | None) -> Tensor:
+    """``x`` times ``scale`` in place (``x`` untouched without one)."""
+    return x if scale is None else x.mul_(scale)
 
 
 def _scaled(P: "Tensor | LowerTiles", scale: Tensor, *, divide: bool = False, out: Tensor | None = None) -> Tensor:
@@ -1250,10 +1325,13 @@ def projector_split_parallel(
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
     tiny = _tiny(L)
-    L = L * math.sqrt(beta)
-    R = R * math.sqrt(beta)
-    Gs = G * math.sqrt(1.0 - beta)
+    # homogeneous as the KSL step: run on L, R, G times the power of two σ that brings their
+    # largest norm near 1, and scale back (power_of_two_scale)
     ell, r = block_norm(L), block_norm(R)
+    sigma = power_of_two_scale(ell, r, block_norm(G))
+    scale = math.sqrt(beta) * sigma
+    L, R, ell, r = L * scale, R * scale, ell * scale, r * scale
+    Gs = G * (math.sqrt(1.0 - beta) * sigma)
     S0 = ell * r
     L_bar, R_bar = L / ell.clamp(min=tiny), R / r.clamp(min=tiny)
     if fresh is not None:
@@ -1265,7 +1343,7 @@ def projector_split_parallel(
     V = V / block_norm(V).clamp(min=tiny)
     galerkin = (U * sandwich(Gs, V)).sum(dim=(-2, -1), keepdim=True)
     S1 = S0 * (L_bar * U).sum(dim=(-2, -1), keepdim=True) * (R_bar * V).sum(dim=(-2, -1), keepdim=True) + galerkin
-    root = S1.clamp(min=0.0).sqrt()
+    root = S1.clamp(min=0.0).sqrt() / sigma
     return U * root, V * root
 
 

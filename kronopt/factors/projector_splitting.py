@@ -239,11 +239,16 @@ class ProjectorSplittingFactors:
             )
         tiny = linalg._tiny(L)
         fresh = ~initialised
-        L = linalg.select_blocks(fresh, torch.zeros_like(L), L * beta**0.5)
+        # homogeneous (L, S, μ, G times λ: every result times λ): run on them times the power of two
+        # σ that brings the larger of ‖R‖ and ‖G‖ near 1, and scale back (linalg.power_of_two_scale)
+        norm_R = (sub.square().sum((-2, -1)) + (n - r) * mu.square()).sqrt().view(b, 1, 1)
+        sigma = linalg.power_of_two_scale(norm_R, linalg.block_norm(G))
+        s = sigma.view(b)
+        L = linalg.select_blocks(fresh, torch.zeros_like(L), L * (beta**0.5 * sigma))
         eye = torch.eye(r, dtype=sub.dtype, device=sub.device).expand_as(sub)
-        sub = linalg.select_blocks(fresh, eye / n**0.5, sub * beta**0.5)
-        mu = torch.where(fresh, torch.full_like(mu, n**-0.5), mu * beta**0.5)
-        Gs = G * (1.0 - beta) ** 0.5
+        sub = linalg.select_blocks(fresh, eye / n**0.5, sub * (beta**0.5 * sigma))
+        mu = torch.where(fresh, torch.full_like(mu, n**-0.5), mu * (beta**0.5 * s))
+        Gs = G * ((1.0 - beta) ** 0.5 * sigma)
         norm_R = (sub.square().sum((-2, -1)) + (n - r) * mu.square()).sqrt().view(b, 1, 1)
         Y = Gs @ U  # (b m r)
         GGt = Gs @ Gs.mT
@@ -260,8 +265,9 @@ class ProjectorSplittingFactors:
         mu_hat = (c.view(b) * mu + (trace_full - trace_sub) / k).clamp(min=0.0)
         root = (sub_hat.square().sum((-2, -1)) + (n - r) * mu_hat.square()).sqrt().sqrt().view(b, 1, 1)
         inv = 1.0 / root.clamp(min=tiny)
-        power_hat = (c * (U @ sub) + Gs.mT @ Z) * inv if power_follows else power
-        return UL * root, sub_hat * inv, mu_hat * inv.view(b), power_hat, initialised | nonzero
+        power_hat = (c * (U @ sub) + Gs.mT @ Z) * (inv / sigma) if power_follows else power
+        inv = inv / sigma
+        return UL * (root / sigma), sub_hat * inv, mu_hat * inv.view(b), power_hat, initialised | nonzero
 
     # -- pieces --------------------------------------------------------------------------------
     def _one_sided_start(self, b: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:

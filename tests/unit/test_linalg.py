@@ -965,3 +965,26 @@ def test_sandwiches_split_at_the_threshold_and_keep_autograd():
         tracked = G.clone().requires_grad_(True)
         linalg.sandwich(tracked, X).sum().backward()
         assert calls == [768, 768] and tracked.grad is not None and torch.isfinite(tracked.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_power_of_two_scale_brings_the_largest_norm_into_a_half_to_one(dtype):
+    """Per block, the largest of the norms times the scale lies in [1/2, 1) and the scale is an exact power of two,
+    within the clamp (a quarter of the exponent range, so the scale's square and its inverse are normal numbers); a
+    zero block takes 1, one with an infinite or NaN norm NaN."""
+    a = torch.tensor([3.0, 0.0, 1e-30, 1e30, 0.75, 0.0, float("nan"), float("inf")], dtype=dtype)
+    b = torch.tensor([5.0, 0.0, 4e-30, 1.0, 0.0, 1e-3, 0.0, 0.0], dtype=dtype)
+    scale = linalg.power_of_two_scale(a.view(-1, 1, 1), b.view(-1, 1, 1)).view(-1)
+    assert scale.dtype == dtype
+    assert scale[6:].isnan().all()
+    scale = scale[:6]
+    mantissa, exponent = torch.frexp(scale.double())
+    assert torch.equal(mantissa, torch.full_like(mantissa, 0.5))  # a power of two
+    limit = math.frexp(torch.finfo(dtype).max)[1] // 2 - 4
+    expected = [2.0**-3, 1.0, 2.0**97, 2.0**-100, 2.0**0, 2.0**9]
+    if dtype != torch.float64:  # the clamp, ±60
+        expected[2:4] = [2.0**limit, 2.0**-limit]
+    assert scale.double().tolist() == expected
+    top = torch.maximum(a, b)[:6].double() * scale.double()
+    inside = [0, 2, 3, 4, 5] if dtype == torch.float64 else [0, 4, 5]  # the blocks the clamp leaves alone
+    assert ((top >= 0.5) & (top < 1.0))[inside].all()

@@ -204,6 +204,101 @@ def test_split_step_is_exactly_symmetric_from_rounded_inputs(variant, shape):
     assert torch.equal(L1, L1.mT) and torch.equal(R1, R1.mT)
 
 
+_FAR = (2.0**36, 2.0**-36)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu", "device"])
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+@pytest.mark.parametrize("form", ["plain", "split", "tiled"])
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
+def test_float32_step_is_exactly_homogeneous_far_out_of_range(variant, form, shape, host):
+    """L, R and G times a power of two λ give the float32 step's factors times λ, bit for bit, at λ = 2^±36, and
+    the step agrees with the float64 one. The step's ‖K‖ and ‖R̂‖ are norms of matrices of size λ²: their squares
+    (λ⁴, past 2^128 or below 2^-126) overflow or underflow float32 unless the step runs on its inputs brought near
+    norm 1 (``linalg.power_of_two_scale``): factors of zero, NaN, or off by digits. Both on the CPU's path (the
+    plain step, run again scaled where it left the range) and on the one other devices take (always scaled)."""
+    gen = generator(21)
+    m, n = shape
+    L, R, G = spd_matrix(gen, 2, m), spd_matrix(gen, 2, n), randn(gen, 2, m, n)
+    step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
+    with pytest.MonkeyPatch.context() as patch:
+        _split(patch, form != "plain", tiled=form == "tiled")
+        patch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+        L64, R64 = step(L, R, G, 0.9)
+        L1, R1 = step(L.float(), R.float(), G.float(), 0.9)
+        for lam in _FAR:
+            L2, R2 = step(L.float() * lam, R.float() * lam, G.float() * lam, 0.9)
+            assert torch.equal(L2, L1 * lam) and torch.equal(R2, R1 * lam), lam
+    assert _rel(linalg.kron_rows(L1.double(), R1.double()), linalg.kron_rows(L64, R64)) <= 1e-5
+
+
+@pytest.mark.parametrize("form", ["plain", "split", "tiled"])
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
+def test_ksl_runs_scaled_only_out_of_range_and_to_the_same_bits(monkeypatch, form, shape):
+    """On a CPU the KSL step runs plainly and only a step whose ‖K‖ or ‖R̂‖ left the plain range runs again, scaled;
+    in range the scaled step (every other device's) gives the plain step's bits, also with fresh blocks and with
+    the results left to the state write."""
+    gen = generator(5)
+    m, n = shape
+    L, R, G = (spd_matrix(gen, 3, m).float(), spd_matrix(gen, 3, n).float(), randn(gen, 3, m, n).float())
+    _split(monkeypatch, form != "plain", tiled=form == "tiled")
+    runs = []
+    real = linalg._ksl
+    monkeypatch.setattr(linalg, "_ksl", lambda *a, **kw: runs.append(a[5] is None) or real(*a, **kw))
+
+    def both(*args, **kw):
+        out = {}
+        for host in (True, False):
+            monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+            records: list[linalg.DeferredWrite] = []
+            state = (args[0].clone(), args[1].clone())
+            got = linalg.projector_split_ksl(*state, *args[2:], defer=records, **kw)
+            for record in records:
+                record.into(record.target)
+            out[host] = [t.clone() for t in got]
+        return out
+
+    fresh = torch.tensor([False, True, False])
+    for kw in ({}, {"fresh": fresh}):
+        runs.clear()
+        out = both(L, R, G, 0.9, **kw)
+        assert runs == [True, False]  # the CPU's plain step, then the device's scaled one
+        assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))
+    runs.clear()
+    both(L * 2.0**40, R * 2.0**40, G * 2.0**40, 0.9)
+    assert runs == [True, False, False]  # out of range: the CPU runs it again, scaled
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_restricted_float32_step_is_exactly_homogeneous_far_out_of_range(gen, side):
+    """The restricted KSL step (a rank-3 side kept as S, μ and its power product) is homogeneous as the full one:
+    L, S, μ and G times λ = 2^±36 give every result times λ, bit for bit, in float32."""
+    m, n, r = (6, 9, 3) if side == "right" else (9, 6, 3)
+    est = ProjectorSplittingFactors(beta=0.9)
+    kw = {"rank_right": r} if side == "right" else {"rank_left": r}
+    layout = Layout(batch=2, m=m, n=n, left="full" if side == "right" else "restricted", right="restricted" if side == "right" else "full", **kw)
+    d, other = (n, m) if side == "right" else (m, n)
+    U = torch.linalg.qr(randn(gen, 2, d, d))[0][:, :, :r].float()
+    Q = {"Q_R": U, "Q_L": None} if side == "right" else {"Q_L": U, "Q_R": None}
+    basis = BasisState(**Q, lam_L=None, lam_R=None, failures=torch.zeros(2, dtype=torch.int64))
+    ctx = StepContext(step=4, layout=layout, basis=basis, refresh_follows=True)
+    full, sub, mu = spd_matrix(gen, 2, other).float(), spd_matrix(gen, 2, r).float(), torch.tensor([0.3, 2.0])
+    G = randn(gen, 2, m, n).float()
+    names = ("R", "sub_L", "mu_L", "power_L") if side == "left" else ("L", "sub_R", "mu_R", "power_R")
+
+    def run(lam):
+        st = est.init(layout, dtype=torch.float32, device=CPU)
+        st = attrs.evolve(st, **dict(zip(names[:3], (full * lam, sub * lam, mu * lam))), initialised=torch.ones(2, dtype=torch.bool), calls=3)
+        new = est.update(st, G * lam, ctx)
+        return [getattr(new, name) for name in names]
+
+    base = run(1.0)
+    assert all(torch.isfinite(t).all() for t in base)
+    for lam in _FAR:
+        for got, want in zip(run(lam), base):
+            assert torch.equal(got, want * lam), lam
+
+
 def test_ksl_splits_the_larger_side_at_the_default_threshold(monkeypatch):
     """At the defaults a 768 × 8 (tall) and an 8 × 768 (wide) block take one split sandwich each, a square or a
     512-sided one none; in float32 the split step agrees with the plain float64 step."""
@@ -424,6 +519,16 @@ def test_one_sided_blocks(gen, one_sided):
 
 def test_float32_tolerance(gen):
     grads = [randn(gen, 2, 6, 4) for _ in range(10)]
+    s64 = _run(ProjectorSplittingFactors(), grads)
+    s32 = _run(ProjectorSplittingFactors(), [G.float() for G in grads], dtype=torch.float32)
+    assert _rel(linalg.kron_rows(s32.L.double(), s32.R.double()), linalg.kron_rows(s64.L, s64.R)) <= 1e-5
+
+
+def test_float32_factors_survive_a_gradient_spike(gen):
+    """One gradient 2^36 times the others (‖G‖ near 1e12) in a float32 run: the factors still follow the float64
+    run's, where the squares behind the step's norms would overflow and leave zero factors for good."""
+    grads = [randn(gen, 2, 6, 4) for _ in range(8)]
+    grads[3] = grads[3] * 2.0**36
     s64 = _run(ProjectorSplittingFactors(), grads)
     s32 = _run(ProjectorSplittingFactors(), [G.float() for G in grads], dtype=torch.float32)
     assert _rel(linalg.kron_rows(s32.L.double(), s32.R.double()), linalg.kron_rows(s64.L, s64.R)) <= 1e-5
