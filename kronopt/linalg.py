@@ -1881,7 +1881,11 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
         return U, lam, torch.ones(U.shape[0], dtype=torch.bool, device=U.device)
     finite = finite_blocks(P)
     P = select_blocks(finite, P, U)
-    delta = torch.finfo(P.dtype).eps * block_norm(P) + torch.finfo(P.dtype).tiny
+    # ‖P‖ taken of P times the power of two that brings its largest entry near 1 (the same bits where a
+    # plain norm is in range): P has the factor's size, a squared gradient's in SOAP, whose squares a
+    # plain float32 norm overflows from gradient entries near 1e9 (δ infinite: no refresh at all)
+    scale = power_of_two_scale(P.abs().amax(dim=(-2, -1), keepdim=True))
+    delta = torch.finfo(P.dtype).eps * (block_norm(P * scale) / scale) + torch.finfo(P.dtype).tiny
     ok = finite
     if first:
         W, lam_new = P + delta * U, None

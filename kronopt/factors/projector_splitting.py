@@ -223,7 +223,8 @@ class ProjectorSplittingFactors:
         b, m, n = G.shape
         r = sub.shape[-1]
         k = max(n - r, 1)
-        nonzero = linalg.block_norm(G).view(-1) > 0
+        norm_G = linalg.block_norm(G)
+        nonzero = norm_G.view(-1) > 0
         if first:
             top = linalg.top_singular_triplet(G) if self.init_solver == "svd" else linalg.top_singular_triplet_power(G, self.power_iters)
             scale = ((1.0 - beta) ** 0.5 * top.sigma).view(b, 1, 1)
@@ -242,7 +243,7 @@ class ProjectorSplittingFactors:
         # homogeneous (L, S, μ, G times λ: every result times λ): run on them times the power of two
         # σ that brings the larger of ‖R‖ and ‖G‖ near 1, and scale back (linalg.power_of_two_scale)
         norm_R = (sub.square().sum((-2, -1)) + (n - r) * mu.square()).sqrt().view(b, 1, 1)
-        sigma = linalg.power_of_two_scale(norm_R, linalg.block_norm(G))
+        sigma = linalg.power_of_two_scale(norm_R, norm_G)
         s = sigma.view(b)
         L = linalg.select_blocks(fresh, torch.zeros_like(L), L * (beta**0.5 * sigma))
         eye = torch.eye(r, dtype=sub.dtype, device=sub.device).expand_as(sub)

@@ -988,3 +988,23 @@ def test_power_of_two_scale_brings_the_largest_norm_into_a_half_to_one(dtype):
     top = torch.maximum(a, b)[:6].double() * scale.double()
     inside = [0, 2, 3, 4, 5] if dtype == torch.float64 else [0, 4, 5]  # the blocks the clamp leaves alone
     assert ((top >= 0.5) & (top < 1.0))[inside].all()
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_restricted_refresh_keeps_float32_range(first):
+    """A restricted side's refresh from a power product of entries near 2^70 (a SOAP factor of gradient entries
+    near 1e10) or 2^-70 finds the subspace and eigenvalues of the unscaled product, scaled: its regulariser's ‖P‖
+    is taken without the squares that overflow float32 (an infinite regulariser left every block unrefreshed)."""
+    gen = generator(3)
+    d, r = 24, 4
+    A = spd_matrix(gen, 2, d, log10_range=(-1, 1))
+    U = orthonormal(gen, 2, d)[:, :, :r]
+    P, U32 = (A @ U).float(), U.float()
+    lam = torch.ones(2, r)
+    U_ref, lam_ref, ok_ref = linalg.restricted_refresh(P, U32, lam, first=first)
+    assert ok_ref.all()
+    for scale in (2.0**70, 2.0**-70):
+        U_new, lam_new, ok = linalg.restricted_refresh(P * scale, U32, lam, first=first)
+        assert ok.all(), scale
+        torch.testing.assert_close(U_new, U_ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lam_new / scale, lam_ref, rtol=1e-5, atol=0)
