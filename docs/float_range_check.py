@@ -14,8 +14,13 @@ parameter. Where the float32 run stays in range this is the float32 rounding, am
 factors' eigenvalues are close (SOAP-type presets on gaussian gradients read 0.2–0.4 at every
 scale); a jump from one scale to the next is a range failure.
 
-    python docs/float_range_check.py            # both parts (about two minutes on two cores)
+Between the two, the KSL step over a grid of sizes of the state and the gradient apart: on four
+shapes, the worst error over ``‖G‖ = 2^-110 … 2^60`` for each ``‖R‖ = ‖L‖ = 2^eR`` ("inf": not
+finite).
+
+    python docs/float_range_check.py            # all three parts (a few minutes on two cores)
     python docs/float_range_check.py ksl        # the first part
+    python docs/float_range_check.py grid       # the second
     python docs/float_range_check.py presets soap,pro_soap
 """
 
@@ -58,6 +63,34 @@ def ksl_range() -> None:
         print(f"{g:<14.0e}  " + "  ".join(c.rjust(12) for c in cells))
 
 
+GRID_SHAPES = [(1024, 256), (256, 1024), (128, 64), (64, 128)]
+GRID = range(-110, 61, 10)
+
+
+def ksl_grid() -> None:
+    """The KSL step on a unit-norm rank-one state and a unit-norm gradient, times ``2^eR`` and ``2^eG`` apart."""
+    torch.manual_seed(1)
+    beta = 0.95
+    print("shape        worst error of L' ⊗ R' over ‖G‖ = 2^-110 … 2^60, by ‖R‖ = ‖L‖ = 2^eR")
+    print("             " + " ".join(f"{e:>7}" for e in GRID))
+    for m, n in GRID_SHAPES:
+        G0, G1 = torch.randn(1, m, n, dtype=torch.float64), torch.randn(1, m, n, dtype=torch.float64)
+        top = linalg.top_singular_triplet(G0)
+        L0, R0 = top.u.unsqueeze(-1) * top.u.unsqueeze(-2), top.v.unsqueeze(-1) * top.v.unsqueeze(-2)
+        G1 = G1 / G1.norm()
+        cells = []
+        for eR in GRID:
+            worst = 0.0
+            for eG in GRID:
+                L, R, G = L0 * 2.0**eR, R0 * 2.0**eR, G1 * 2.0**eG
+                L64, R64 = linalg.projector_split_ksl(L, R, G, beta)
+                L32, R32 = linalg.projector_split_ksl(L.float(), R.float(), G.float(), beta)
+                finite = bool(torch.isfinite(L32).all() and torch.isfinite(R32).all())
+                worst = max(worst, _kron_error(L32, R32, L64, R64) if finite else float("inf"))
+            cells.append(f"{worst:7.0e}")
+        print(f"{m:>5} × {n:<5} " + " ".join(cells), flush=True)
+
+
 PRESETS = "soap,dykaf,dykaf_rank1,shampoo,kl_shampoo,kl_soap,pro_soap,pro_dykaf,pro_kl_shampoo"
 PRESET_SHAPES = [(96, 40), (40, 96), (64, 64)]
 PRESET_SCALES = [1.0, 1e4, 1e8, 1e10, 1e12, 1e15]
@@ -92,5 +125,7 @@ if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "all"
     if part in ("all", "ksl"):
         ksl_range()
+    if part in ("all", "grid"):
+        ksl_grid()
     if part in ("all", "presets"):
         preset_range(sys.argv[2] if len(sys.argv) > 2 else PRESETS)

@@ -1089,10 +1089,10 @@ def power_of_two_scale(*norms: Tensor) -> Tensor:
     rank-one trackers: every input times :math:`\lambda`, every output times :math:`\lambda`)
     can therefore run on inputs brought near norm 1 and be scaled back, with the same bits
     wherever the plain computation stays in range, and where it would not: there the squares
-    behind its Frobenius norms overflow (float32 past about ``1.8e19``: gradient entries near
-    ``1e8`` on a ``1024 × 256`` block) or underflow. ``e`` is clamped to a quarter of the dtype's
-    exponent range (±60 in float32), so the scale, its square and their inverses are normal
-    numbers."""
+    behind its Frobenius norms overflow (float32: a norm past about ``1.8e19``, which DyKAF's
+    ``‖K‖`` reaches from gradient entries between ``1e8`` and ``4e8`` on a ``1024 × 256`` block)
+    or underflow. ``e`` is clamped to a quarter of the dtype's exponent range (±60 in float32),
+    so the scale, its square and their inverses are normal numbers."""
     top = norms[0]
     for norm in norms[1:]:
         top = torch.maximum(top, norm)  # NaN where either is
@@ -1171,24 +1171,35 @@ def projector_split_ksl(
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
     # The step is homogeneous (L, R, G times λ: L', R' times λ). Where the squares behind ‖K‖
-    # and ‖R̂‖ (sizes ‖G‖⁴, ‖R‖²‖L‖²) would leave float's range (float32: ‖G‖ past about 1e9
-    # or below 1e-9), it runs as on L, R and G times the power of two σ that brings the larger
-    # of ‖R‖ (= ‖L‖) and ‖G‖ near 1, and scales back: the same bits as the plain step wherever
-    # that stays in range. On a CPU the plain step runs first and its two norms are read on
-    # the host (free there; a pass over G for ‖G‖ is not): only a block out of range runs the
-    # step again, scaled. On other devices the step always runs scaled.
+    # and ‖R̂‖ (of size ‖G‖⁴ or ‖R‖²‖L‖²) would leave float's range (float32: ‖G‖ past about
+    # 1e11, gradient entries of 1e8 to 4e8 on 1024 × 256, or far below 1), it runs as on L, R and
+    # G times the power of two σ that brings the larger of ‖R‖ and ‖G‖ near 1 (‖L‖ = ‖R‖: the
+    # factors leave every step, and the starts, with equal norms), and scales back: the same
+    # bits as the plain step wherever that stays in range. On a CPU the plain step runs first
+    # and its norms are read on the host (free there; a pass over G for ‖G‖ is not): only a
+    # stack with a block out of range runs again, scaled. Other devices always run it scaled.
+    # A state whose ‖R‖ reads 0 (never started, or decayed below the float's range by a long
+    # run of zero gradients) holds nothing: it takes a fresh block's direction I/√n, so the next
+    # nonzero gradient starts it again (from R̄ = 0 the step would return zeros for good).
     norm_R = block_norm(R)
-    if host_verdicts(norm_R):
+    empty = norm_R.view(-1) == 0
+    host = host_verdicts(norm_R)
+    if not host or bool(empty.any()):
+        fresh = empty if fresh is None else fresh | empty
+    if host:
         plain = _ksl(L, R, G, beta, norm_R, None, fresh, defer)
         if plain is not None:
             return plain
     return _ksl(L, R, G, beta, norm_R, power_of_two_scale(norm_R, block_norm(G)), fresh, defer)
 
 
-#: the range of ``‖K‖`` and ``‖R̂‖`` in which :func:`projector_split_ksl`'s plain step keeps its digits, as
-#: exponents of two: their squares (summed tile by tile) stay below ``2^128``, and the squares of entries
-#: that count in them, on sides up to ``2^13``, above float32's smallest normal number ``2^-126``
-_KSL_PLAIN_RANGE = (-50, 60)
+def _plain_range(dtype: torch.dtype) -> tuple[float, float]:
+    """The range of ``‖K‖``, ``‖R̂‖`` and ``‖R‖`` in which :func:`projector_split_ksl`'s plain step keeps its
+    digits: their squares (summed tile by tile) stay below the dtype's largest number with room to spare, and
+    the squares of entries that count in them, on sides up to ``2^13``, above its smallest normal number
+    (float32: ``2^-50`` to ``2^60``)."""
+    info = torch.finfo(dtype)
+    return 2.0 ** (math.log2(info.tiny) / 2 + 13), 2.0 ** (math.frexp(info.max)[1] // 2 - 4)
 
 
 def _ksl(
@@ -1196,8 +1207,8 @@ def _ksl(
     fresh: Tensor | None, defer: list["DeferredWrite"] | None,
 ) -> tuple[Tensor, Tensor] | None:
     """:func:`projector_split_ksl`'s step, run as on ``L``, ``R`` and ``G`` times ``sigma`` (a power of
-    two per block, ``b 1 1``), or plainly (``sigma = None``): then ``None`` where ``‖K‖`` or ``‖R̂‖``
-    leaves ``_KSL_PLAIN_RANGE`` on a block (read on the host)."""
+    two per block, ``b 1 1``), or plainly (``sigma = None``): then ``None`` where ``‖K‖``, ``‖R̂‖`` or
+    (on a block not fresh) ``‖R‖`` leaves :func:`_plain_range` on a block (read on the host)."""
     tiny = _tiny(L)
     b, n = R.shape[0], R.shape[-1]
     # The scalings are folded into per-block factors and the products' alpha, so no scaled
@@ -1207,10 +1218,10 @@ def _ksl(
     # weight 0 and the direction I/√n.
     # Scaled, K and R̂ come out times σ² (in K's weight of L, its G R̄ Gᵀ and R̂'s Gᵀ U G), L'
     # and R' times σ (out of their last scalings). The scalings by σ²/‖R‖ (of G R̄, of R̂'s R̄)
-    # and by σ²/‖K‖ (of U G) are two, by σ/‖·‖ then σ: either scalar alone leaves float32's
-    # range where ‖R‖ or ‖G‖ is far from 1 (past about 4e12, below 1e-16). The split
-    # sandwiches take σ G instead (the CPU's; there only a step out of the plain range pays
-    # that pass over G): their products, of size ‖G‖²‖R‖, then stay in range too.
+    # and by σ²/‖K‖ (of U G) are two, by 1/‖·‖ then σ²: a product of the two scalars leaves
+    # float32's range where ‖R‖ or ‖G‖ is far from 1. The split sandwiches take σ G instead
+    # (the CPU's; there only a step out of the plain range pays that pass over G): their
+    # products, of size ‖G‖²‖R‖, then stay in range too.
     sigma2 = None if sigma is None else sigma.square()
     inv = 1.0 / norm_R.clamp(min=tiny)
     weight = beta * norm_R if sigma2 is None else beta * norm_R * sigma2
@@ -1236,12 +1247,12 @@ def _ksl(
         if G.shape[-2] < n:
             # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
             # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖
-            GR = _times_((G @ R).mul_(_times(inv, sigma)), sigma)
+            GR = _times_((G @ R).mul_(inv), sigma2)
             if fresh is not None:
                 GR.addcmul_(G, _times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2))
             X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
         else:
-            X = _times_(R * _times(inv, sigma), sigma)  # σ² R̄
+            X = _times_(R * inv, sigma2)  # σ² R̄
             if fresh is not None:
                 X.diagonal(dim1=-2, dim2=-1).add_(_times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2).view(b, 1))
             GR, x_scale = G @ X, None if sigma2 is None else 1.0 / sigma2
@@ -1259,18 +1270,18 @@ def _ksl(
         R_hat = sym(split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
-        UG = _times_((K @ G).mul_(_times(inv_K, sigma)), sigma)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
+        UG = _times_((K @ G).mul_(inv_K), sigma2)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
         R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
     root = norm_R_hat.sqrt()  # σ √S
     if sigma is None:
-        lo, hi = _KSL_PLAIN_RANGE
-        norms = torch.cat([norm_K, norm_R_hat])
-        if not bool(((norms >= 2.0**lo) & (norms <= 2.0**hi)).all()):  # also where one is NaN
+        lo, hi = _plain_range(L.dtype)
+        norms = torch.cat([norm_K, norm_R_hat, norm_R if fresh is None else norm_R.masked_fill(fresh.view(b, 1, 1), 1.0)])
+        if not bool(((norms >= lo) & (norms <= hi)).all()):  # also where one is NaN
             return None
         scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
         finite = True  # ‖K‖, ‖R̂‖ in range: they and √S/‖K‖ are finite
     else:
-        scale_L, scale_R = inv_K * root / sigma, root.clamp(min=tiny) * sigma
+        scale_L, scale_R = inv_K * root / sigma, (root * sigma).clamp(min=tiny)
         finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())
     if defer is None or not finite:
         return _scaled(K, scale_L), _scaled(R_hat, scale_R, divide=True)
@@ -1326,8 +1337,11 @@ def projector_split_parallel(
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
     tiny = _tiny(L)
     # homogeneous as the KSL step: run on L, R, G times the power of two σ that brings their
-    # largest norm near 1, and scale back (power_of_two_scale)
+    # largest norm near 1, and scale back (power_of_two_scale); a state whose norm reads 0 takes
+    # the fresh directions, as in projector_split_ksl
     ell, r = block_norm(L), block_norm(R)
+    empty = (ell.view(-1) == 0) | (r.view(-1) == 0)
+    fresh = empty if fresh is None else fresh | empty
     sigma = power_of_two_scale(ell, r, block_norm(G))
     scale = math.sqrt(beta) * sigma
     L, R, ell, r = L * scale, R * scale, ell * scale, r * scale
@@ -1883,7 +1897,7 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
     P = select_blocks(finite, P, U)
     # ‖P‖ taken of P times the power of two that brings its largest entry near 1 (the same bits where a
     # plain norm is in range): P has the factor's size, a squared gradient's in SOAP, whose squares a
-    # plain float32 norm overflows from gradient entries near 1e9 (δ infinite: no refresh at all)
+    # plain float32 norm overflows from gradient entries near 1e10 on small blocks (δ infinite: no refresh)
     scale = power_of_two_scale(P.abs().amax(dim=(-2, -1), keepdim=True))
     delta = torch.finfo(P.dtype).eps * (block_norm(P * scale) / scale) + torch.finfo(P.dtype).tiny
     ok = finite

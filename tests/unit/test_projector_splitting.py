@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import kronopt
 from kronopt import linalg
 from kronopt.config import ConfigError, from_dict, to_dict
 from kronopt.factors import EmaKronFactors, ProjectorSplittingFactors
@@ -265,8 +266,27 @@ def test_ksl_runs_scaled_only_out_of_range_and_to_the_same_bits(monkeypatch, for
         assert runs == [True, False]  # the CPU's plain step, then the device's scaled one
         assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))
     runs.clear()
-    both(L * 2.0**40, R * 2.0**40, G * 2.0**40, 0.9)
+    out = both(L * 2.0**40, R * 2.0**40, G * 2.0**40, 0.9)
     assert runs == [True, False, False]  # out of range: the CPU runs it again, scaled
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu", "device"])
+@pytest.mark.parametrize("size", [2.0**-40, 1.0, 2.0**40])
+def test_ksl_with_nothing_to_integrate_returns_zeros(host, size, monkeypatch):
+    """L = 0 and G = 0 (or R = 0 and G = 0) give zero factors, never NaN, at any size of the other factor, also
+    through the state write (``defer``)."""
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+    gen = generator(9)
+    full_L, full_R = spd_matrix(gen, 2, 5).float() * size, spd_matrix(gen, 2, 3).float() * size
+    for L, R in ((torch.zeros(2, 5, 5), full_R), (full_L, torch.zeros(2, 3, 3))):
+        records: list[linalg.DeferredWrite] = []
+        state = (L.clone(), R.clone())
+        got = linalg.projector_split_ksl(*state, torch.zeros(2, 5, 3), 0.9, defer=records)
+        for record in records:
+            record.into(record.target)
+        for t in got:
+            assert torch.equal(t, torch.zeros_like(t))
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -532,6 +552,51 @@ def test_float32_factors_survive_a_gradient_spike(gen):
     s64 = _run(ProjectorSplittingFactors(), grads)
     s32 = _run(ProjectorSplittingFactors(), [G.float() for G in grads], dtype=torch.float32)
     assert _rel(linalg.kron_rows(s32.L.double(), s32.R.double()), linalg.kron_rows(s64.L, s64.R)) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+def test_factors_decayed_to_nothing_start_again(gen, variant):
+    """A long run of zero gradients decays the float32 factors past the float's range (β = 0.5: √β a call), never
+    through NaN; once their norm reads 0 the state is empty and the next gradients start it again, as the
+    integrator from L = 0 with the direction I/√n (the same bits), where the zero direction R/‖R‖ would have kept
+    zero factors for good."""
+    est = ProjectorSplittingFactors(beta=0.5, variant=variant)
+    layout = Layout(batch=2, m=6, n=4, left="full", right="full")
+    later = [randn(gen, 2, 6, 4).float() for _ in range(4)]
+    state = est.init(layout, dtype=torch.float32, device=CPU)
+    for t, G in enumerate([randn(gen, 2, 6, 4).float()] + [torch.zeros(2, 6, 4)] * 300, start=1):
+        state = est.update(state, G, _ctx(layout, t))
+        assert torch.isfinite(state.L).all() and torch.isfinite(state.R).all(), t
+    assert not state.L.any() and not state.R.any()
+    step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
+    L, R = torch.zeros(2, 6, 6), torch.zeros(2, 4, 4)
+    for k, G in enumerate(later):
+        state = est.update(state, G, _ctx(layout, 302 + k))
+        L, R = step(L, R, G, 0.5, fresh=torch.ones(2, dtype=torch.bool) if k == 0 else None)
+    assert state.L.abs().amax() > 0
+    assert torch.equal(state.L, L) and torch.equal(state.R, R)
+
+
+@pytest.mark.parametrize("preset,options", [("dykaf", {}), ("dykaf", {"factors.variant": "parallel"}), ("pro_dykaf", {})])
+def test_a_long_run_of_zero_gradients_skips_nothing(preset, options):
+    """A parameter whose gradient is zero for long (an expert no token reached) is never skipped for a non-finite
+    state while its float32 factors decay (β = 0.5) and then restarts: the next gradients move it with factors
+    of their size."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(12, 20, generator=gen)), torch.nn.Parameter(torch.randn(20, 12, generator=gen))]
+    opt = kronopt.build([(f"l{i}.weight", p) for i, p in enumerate(params)], preset, **{"factors.beta": 0.5, **options})
+    for t in range(260):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) if t == 0 or t >= 250 else torch.zeros(p.shape)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(params, before))
+    for p in params:
+        state = opt.state[p]
+        assert int(state["nonfinite"]) == 0
+        factors = [v for k, v in state.items() if k.startswith("factors.") and torch.is_tensor(v) and v.is_floating_point() and v.ndim >= 1]
+        assert factors and all(torch.isfinite(f).all() for f in factors)
+        assert max(f.abs().amax().item() for f in factors) > 1e-3
 
 
 # -- validation -------------------------------------------------------------------------------------------
