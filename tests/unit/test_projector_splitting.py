@@ -580,14 +580,14 @@ def test_factors_decayed_to_nothing_start_again(gen, variant):
 @pytest.mark.parametrize("preset,options", [("dykaf", {}), ("dykaf", {"factors.variant": "parallel"}), ("pro_dykaf", {})])
 def test_a_long_run_of_zero_gradients_skips_nothing(preset, options):
     """A parameter whose gradient is zero for long (an expert no token reached) is never skipped for a non-finite
-    state while its float32 factors decay (β = 0.5) and then restarts: the next gradients move it with factors
-    of their size."""
+    state while its float32 factors decay (β = 0.1: past float32's range within about 90 calls) and then
+    restarts: the next gradients move it with factors of their size."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(12, 20, generator=gen)), torch.nn.Parameter(torch.randn(20, 12, generator=gen))]
-    opt = kronopt.build([(f"l{i}.weight", p) for i, p in enumerate(params)], preset, **{"factors.beta": 0.5, **options})
-    for t in range(260):
+    opt = kronopt.build([(f"l{i}.weight", p) for i, p in enumerate(params)], preset, **{"factors.beta": 0.1, **options})
+    for t in range(110):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen) if t == 0 or t >= 250 else torch.zeros(p.shape)
+            p.grad = torch.randn(p.shape, generator=gen) if t == 0 or t >= 100 else torch.zeros(p.shape)
         before = [p.detach().clone() for p in params]
         opt.step()
     assert all(not torch.equal(p, q) for p, q in zip(params, before))
