@@ -1186,6 +1186,8 @@ def projector_split_ksl(
     host = host_verdicts(norm_R)
     if not host or bool(empty.any()):
         fresh = empty if fresh is None else fresh | empty
+    if fresh is not None:  # a fresh block's state is taken as zero: its ‖R‖ enters neither σ nor the weights
+        norm_R = norm_R.masked_fill(fresh.view(-1, 1, 1), 0.0)
     if host:
         plain = _ksl(L, R, G, beta, norm_R, None, fresh, defer)
         if plain is not None:
@@ -1235,14 +1237,13 @@ def _ksl(
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
         # R̄ is formed only with a fresh mask, for the fresh blocks' direction I/√n. The sum is
         # symmetrised as sym_product's is, so K stays exactly symmetric whatever L's rounding.
-        if fresh is None:
-            S, s = R, inv
-        else:
-            S, s = R * inv, 1.0
-            S.diagonal(dim1=-2, dim2=-1).add_((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1))
+        # (a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖, as without a mask)
+        S, s = R, inv
+        if fresh is not None:
+            S = select_blocks(fresh, (torch.eye(n, dtype=R.dtype, device=R.device) / math.sqrt(n)).expand_as(R), R)
+            s = inv + fresh.to(L.dtype).view(b, 1, 1)  # inv is 0 on a fresh block
         K = sym(split_sandwich(_times(G, sigma), S, alpha=(1.0 - beta) * s).addcmul_(L, weight))
         K_dot_L, norm_K = _dense_stats(K, L)
-        X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
     else:
         if G.shape[-2] < n:
             # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
@@ -1250,12 +1251,13 @@ def _ksl(
             GR = _times_((G @ R).mul_(inv), sigma2)
             if fresh is not None:
                 GR.addcmul_(G, _times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2))
-            X, x_scale = R, inv  # a fresh block's weight is 0, so its R̂ takes nothing of X
         else:
-            X = _times_(R * inv, sigma2)  # σ² R̄
+            # R̄ (σ² R̄ scaled) is G R̄'s operand only: R̂ takes R with 1/‖R‖ as on a wide block, where
+            # its weight is of the size of ‖L‖ (S̃ R̄'s weight, of ‖R‖‖L‖, leaves float's range first)
+            Rbar = _times_(R * inv, sigma2)
             if fresh is not None:
-                X.diagonal(dim1=-2, dim2=-1).add_(_times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2).view(b, 1))
-            GR, x_scale = G @ X, None if sigma2 is None else 1.0 / sigma2
+                Rbar.diagonal(dim1=-2, dim2=-1).add_(_times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2).view(b, 1))
+            GR = G @ Rbar
         # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
         # On a tall block K is then read only by the split below and its last scaling, so its tiles
         # are kept apart, unmirrored (LowerTiles).
@@ -1264,18 +1266,23 @@ def _ksl(
     # returned L' = √S U as one scaling of K.
     inv_K = 1.0 / norm_K.clamp(min=tiny)
     inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
-    weight_R = weight * inner if x_scale is None else weight * inner * x_scale
+    # R̂ takes R with 1/‖R‖ (R̄ = R/‖R‖); a fresh block's weight is 0, so its R̂ takes nothing of R
+    weight_R = weight * inner * inv
     if tall_split:
         # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
-        R_hat = sym(split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(X, weight_R))
+        R_hat = sym(split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(R, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
         UG = _times_((K @ G).mul_(inv_K), sigma2)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
-        R_hat, _, norm_R_hat = sym_product_stats(X, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
+        R_hat, _, norm_R_hat = sym_product_stats(R, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
     root = norm_R_hat.sqrt()  # σ √S
     if sigma is None:
         lo, hi = _plain_range(L.dtype)
-        norms = torch.cat([norm_K, norm_R_hat, norm_R if fresh is None else norm_R.masked_fill(fresh.view(b, 1, 1), 1.0)])
+        checked = [norm_K, norm_R_hat, norm_R]
+        if fresh is not None:  # a fresh block with nothing to integrate (G = 0) is zero, in range
+            f = fresh.view(b, 1, 1)
+            checked = [norm_K.masked_fill(f & (norm_K == 0), 1.0), norm_R_hat.masked_fill(f & (norm_R_hat == 0), 1.0), norm_R.masked_fill(f, 1.0)]
+        norms = torch.cat(checked)
         if not bool(((norms >= lo) & (norms <= hi)).all()):  # also where one is NaN
             return None
         scale_L, scale_R = inv_K * root, root.clamp(min=tiny)

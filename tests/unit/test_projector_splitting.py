@@ -577,6 +577,56 @@ def test_factors_decayed_to_nothing_start_again(gen, variant):
     assert torch.equal(state.L, L) and torch.equal(state.R, R)
 
 
+@pytest.mark.parametrize("shape", [(16, 8), (8, 8), (8, 16)], ids=["tall", "square", "wide"])
+def test_factors_decay_to_zero_at_the_default_beta(shape):
+    """At DyKAF's β = 0.95 zero gradients take a float32 state to exact zeros (about 2 000 calls), never through
+    NaN: no weight of the step becomes a subnormal number whose rounding cancels the decay (R̂'s weight of R̄, of
+    size ‖R‖‖L‖, stalled tall and square blocks near ‖R‖ = 1e-22)."""
+    gen = generator(2)
+    m, n = shape
+    L, R = spd_matrix(gen, 1, m).float(), spd_matrix(gen, 1, n).float()
+    L, R = linalg.projector_split_ksl(L, R, randn(gen, 1, m, n).float(), 0.95)
+    G = torch.zeros(1, m, n)
+    for call in range(2400):
+        L, R = linalg.projector_split_ksl(L, R, G, 0.95)
+        if not L.any() and not R.any():
+            break
+        assert torch.isfinite(L).all() and torch.isfinite(R).all(), call
+    assert not L.any() and not R.any()
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu", "device"])
+@pytest.mark.parametrize("form", ["plain", "split"])
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
+def test_ksl_fresh_blocks_leave_the_others_bits(shape, form, host, monkeypatch):
+    """A stack's fresh blocks (flagged, or holding a state whose norm reads 0, or a large one flagged) step as from
+    L = 0 in the direction I/√n, finite, and leave the other blocks' bits as they are without a mask; a fresh
+    block with no gradient is zero and does not make the CPU run the stack again."""
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+    _split(monkeypatch, form == "split")
+    gen = generator(4)
+    m, n = shape
+    L = spd_matrix(gen, 4, m, log10_range=(-1, 0)).float()
+    R = spd_matrix(gen, 4, n, log10_range=(-1, 0)).float()
+    G = randn(gen, 4, m, n).float()
+    base = linalg.projector_split_ksl(L, R, G, 0.9)
+    L2, R2, G2 = L.clone(), R.clone(), G.clone()
+    L2[1], R2[1] = L[1] * 2.0**-80, R[1] * 2.0**-80  # nonzero, its norm reads 0
+    L2[2], R2[2] = L[2] * 2.0**40, R[2] * 2.0**40  # flagged fresh below
+    L2[3], R2[3], G2[3] = 0.0, 0.0, 0.0  # nothing to integrate
+    runs = []
+    real = linalg._ksl
+    monkeypatch.setattr(linalg, "_ksl", lambda *a, **kw: runs.append(a[5] is None) or real(*a, **kw))
+    got = linalg.projector_split_ksl(L2, R2, G2, 0.9, fresh=torch.tensor([False, False, True, False]))
+    assert runs == [host]  # the CPU's plain step (kept: every block in range or fresh with nothing), or the device's
+    zero = (torch.zeros(4, m, m), torch.zeros(4, n, n))
+    started = linalg.projector_split_ksl(*zero, G2, 0.9, fresh=torch.ones(4, dtype=torch.bool))
+    for t, b0, s0 in zip(got, base, started):
+        assert torch.equal(t[0], b0[0])  # the block not fresh: the bits of the stack without a mask
+        assert torch.equal(t[1:], s0[1:])  # the fresh ones: the start from zero
+        assert not t[3].any()
+
+
 @pytest.mark.parametrize("preset,options", [("dykaf", {}), ("dykaf", {"factors.variant": "parallel"}), ("pro_dykaf", {})])
 def test_a_long_run_of_zero_gradients_skips_nothing(preset, options):
     """A parameter whose gradient is zero for long (an expert no token reached) is never skipped for a non-finite
