@@ -1278,15 +1278,16 @@ def _ksl(
     root = norm_R_hat.sqrt()  # σ √S
     if sigma is None:
         lo, hi = _plain_range(L.dtype)
-        checked = [norm_K, norm_R_hat, norm_R]
-        if fresh is not None:  # a fresh block with nothing to integrate (G = 0) is zero, in range
-            f = fresh.view(b, 1, 1)
-            checked = [norm_K.masked_fill(f & (norm_K == 0), 1.0), norm_R_hat.masked_fill(f & (norm_R_hat == 0), 1.0), norm_R.masked_fill(f, 1.0)]
-        norms = torch.cat(checked)
-        if not bool(((norms >= lo) & (norms <= hi)).all()):  # also where one is NaN
-            return None
-        scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
+        norms = torch.cat([norm_K, norm_R_hat, norm_R if fresh is None else norm_R.masked_fill(fresh.view(b, 1, 1), 1.0)])
+        bad = ~((norms >= lo) & (norms <= hi)).view(3, b).all(0)  # also where one is NaN
         finite = True  # ‖K‖, ‖R̂‖ in range: they and √S/‖K‖ are finite
+        if bool(bad.any()):
+            # a block out of range whose σ is 1 (nothing to scale: a fresh block with no gradient) is what
+            # the scaled step would give; any other block runs the stack again, scaled
+            if not bool((power_of_two_scale(norm_R, block_norm(G)).view(b)[bad] == 1).all()):
+                return None
+            finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, inv_K * root])).all())
+        scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
     else:
         scale_L, scale_R = inv_K * root / sigma, (root * sigma).clamp(min=tiny)
         finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())

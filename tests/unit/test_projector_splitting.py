@@ -627,6 +627,28 @@ def test_ksl_fresh_blocks_leave_the_others_bits(shape, form, host, monkeypatch):
         assert not t[3].any()
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["cpu", "device"])
+@pytest.mark.parametrize("form", ["plain", "split"])
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("size", [2.0**-30, 2.0**-60, 2.0**30])
+def test_an_empty_state_starts_like_a_fresh_block_at_any_gradient_size(shape, form, host, size, monkeypatch):
+    """A state whose norm reads 0 (2^-100 of a real one) and a gradient of any size give the fresh start's bits:
+    where the plain step's ‖K‖ reads 0 from squares that underflow (a small gradient), its K is not zero and the
+    step runs again, scaled (taking such a K as zero made factors of 1e13 from a gradient of 1e-9)."""
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+    _split(monkeypatch, form == "split")
+    gen = generator(6)
+    m, n = shape
+    L, R = spd_matrix(gen, 2, m).float() * 2.0**-100, spd_matrix(gen, 2, n).float() * 2.0**-100
+    G = randn(gen, 2, m, n).float() * size
+    got = linalg.projector_split_ksl(L, R, G, 0.95)
+    zero = (torch.zeros(2, m, m), torch.zeros(2, n, n))
+    started = linalg.projector_split_ksl(*zero, G, 0.95, fresh=torch.ones(2, dtype=torch.bool))
+    for t, s0 in zip(got, started):
+        assert torch.equal(t, s0)
+        assert t.any()
+
+
 @pytest.mark.parametrize("preset,options", [("dykaf", {}), ("dykaf", {"factors.variant": "parallel"}), ("pro_dykaf", {})])
 def test_a_long_run_of_zero_gradients_skips_nothing(preset, options):
     """A parameter whose gradient is zero for long (an expert no token reached) is never skipped for a non-finite
