@@ -1186,7 +1186,7 @@ def projector_split_ksl(
     host = host_verdicts(norm_R)
     if not host or bool(empty.any()):
         fresh = empty if fresh is None else fresh | empty
-    if fresh is not None:  # a fresh block's state is taken as zero: its ‖R‖ enters neither σ nor the weights
+    if fresh is not None:  # a fresh block's (finite) state is taken as zero: its ‖R‖ enters neither σ nor the weights
         norm_R = norm_R.masked_fill(fresh.view(-1, 1, 1), 0.0)
     if host:
         plain = _ksl(L, R, G, beta, norm_R, None, fresh, defer)

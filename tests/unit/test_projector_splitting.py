@@ -649,6 +649,23 @@ def test_an_empty_state_starts_like_a_fresh_block_at_any_gradient_size(shape, fo
         assert t.any()
 
 
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
+def test_ksl_leaves_a_non_finite_block_to_the_guard_not_to_the_state_write(shape, monkeypatch):
+    """A block whose state holds a NaN, with ‖R‖ and ‖G‖ near 0.7 (σ = 1: kept from the plain step, which is the
+    scaled one), is not left to the state write: its factors come back not finite, for the optimizer's guard."""
+    _split(monkeypatch, True)
+    gen = generator(8)
+    m, n = shape
+    L, R, G = spd_matrix(gen, 2, m).float(), spd_matrix(gen, 2, n).float(), randn(gen, 2, m, n).float()
+    R, G = R * (0.7 / linalg.block_norm(R)), G * (0.7 / linalg.block_norm(G))
+    L[1, 0, 0] = float("nan")
+    records: list[linalg.DeferredWrite] = []
+    got = linalg.projector_split_ksl(L.clone(), R.clone(), G, 0.9, defer=records)
+    assert records == []
+    for t in got:
+        assert torch.isfinite(t[0]).all() and not torch.isfinite(t[1]).all()
+
+
 @pytest.mark.parametrize("preset,options", [("dykaf", {}), ("dykaf", {"factors.variant": "parallel"}), ("pro_dykaf", {})])
 def test_a_long_run_of_zero_gradients_skips_nothing(preset, options):
     """A parameter whose gradient is zero for long (an expert no token reached) is never skipped for a non-finite
