@@ -1227,21 +1227,22 @@ def _ksl(
     sigma2 = None if sigma is None else sigma.square()
     inv = 1.0 / norm_R.clamp(min=tiny)
     weight = beta * norm_R if sigma2 is None else beta * norm_R * sigma2
+    unit = None  # a fresh block's weight of the direction I/√n (σ² scaled), 0 on the others
     if fresh is not None:
         keep = (~fresh).to(L.dtype).view(b, 1, 1)
         inv, weight = inv * keep, weight * keep
+        unit = _times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2)
     # the split and the kept tiles write with out=, which autograd refuses: a tracked step takes neither
     tracked = torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad)
     tall_split = not tracked and split_pays(G.mT, L)
     if not tracked and split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
-        # R̄ is formed only with a fresh mask, for the fresh blocks' direction I/√n. The sum is
-        # symmetrised as sym_product's is, so K stays exactly symmetric whatever L's rounding.
-        # (a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖, as without a mask)
+        # R̄ is not formed: a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖,
+        # as without a mask. The sum is symmetrised as sym_product's is, so K stays exactly
+        # symmetric whatever L's rounding.
         S, s = R, inv
         if fresh is not None:
-            S = select_blocks(fresh, (torch.eye(n, dtype=R.dtype, device=R.device) / math.sqrt(n)).expand_as(R), R)
-            s = inv + fresh.to(L.dtype).view(b, 1, 1)  # inv is 0 on a fresh block
+            S, s = _fresh_directions(fresh, R), inv + fresh.to(L.dtype).view(b, 1, 1)  # inv is 0 on a fresh block
         K = sym(split_sandwich(_times(G, sigma), S, alpha=(1.0 - beta) * s).addcmul_(L, weight))
         K_dot_L, norm_K = _dense_stats(K, L)
     else:
@@ -1249,14 +1250,14 @@ def _ksl(
             # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
             # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖
             GR = _times_((G @ R).mul_(inv), sigma2)
-            if fresh is not None:
-                GR.addcmul_(G, _times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2))
+            if unit is not None:
+                GR.addcmul_(G, unit)
         else:
             # R̄ (σ² R̄ scaled) is G R̄'s operand only: R̂ takes R with 1/‖R‖ as on a wide block, where
             # its weight is of the size of ‖L‖ (S̃ R̄'s weight, of ‖R‖‖L‖, leaves float's range first)
             Rbar = _times_(R * inv, sigma2)
-            if fresh is not None:
-                Rbar.diagonal(dim1=-2, dim2=-1).add_(_times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2).view(b, 1))
+            if unit is not None:
+                Rbar.diagonal(dim1=-2, dim2=-1).add_(unit.view(b, 1))
             GR = G @ Rbar
         # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
         # On a tall block K is then read only by the split below and its last scaling, so its tiles
@@ -1280,14 +1281,14 @@ def _ksl(
         lo, hi = _plain_range(L.dtype)
         norms = torch.cat([norm_K, norm_R_hat, norm_R if fresh is None else norm_R.masked_fill(fresh.view(b, 1, 1), 1.0)])
         bad = ~((norms >= lo) & (norms <= hi)).view(3, b).all(0)  # also where one is NaN
+        scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
         finite = True  # ‖K‖, ‖R̂‖ in range: they and √S/‖K‖ are finite
         if bool(bad.any()):
             # a block out of range whose σ is 1 (nothing to scale: a fresh block with no gradient) is what
             # the scaled step would give; any other block runs the stack again, scaled
             if not bool((power_of_two_scale(norm_R, block_norm(G)).view(b)[bad] == 1).all()):
                 return None
-            finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, inv_K * root])).all())
-        scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
+            finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())
     else:
         scale_L, scale_R = inv_K * root / sigma, (root * sigma).clamp(min=tiny)
         finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())

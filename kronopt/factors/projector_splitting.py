@@ -266,9 +266,8 @@ class ProjectorSplittingFactors:
         trace_sub = torch.diagonal(YZ, dim1=-2, dim2=-1).sum(-1)
         mu_hat = (c.view(b) * mu + (trace_full - trace_sub) / k).clamp(min=0.0)
         root = (sub_hat.square().sum((-2, -1)) + (n - r) * mu_hat.square()).sqrt().sqrt().view(b, 1, 1)
-        inv = 1.0 / root.clamp(min=tiny)
-        power_hat = (c * (U @ sub) + Gs.mT @ Z) * (inv / sigma) if power_follows else power
-        inv = inv / sigma
+        inv = 1.0 / root.clamp(min=tiny) / sigma
+        power_hat = (c * (U @ sub) + Gs.mT @ Z) * inv if power_follows else power
         return UL * (root / sigma), sub_hat * inv, mu_hat * inv.view(b), power_hat, initialised | nonzero
 
     # -- pieces --------------------------------------------------------------------------------
