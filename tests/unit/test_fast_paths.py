@@ -208,6 +208,61 @@ def test_q_factor_overwrite_leaves_other_layouts_and_tracked_inputs_alone():
         assert torch.equal(Q.detach(), expected) and torch.equal(given.detach(), before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("b", [3, 0])
+def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypatch, dtype, overwrite, b):
+    """A square side that is a multiple of ``_QR_PAD_SIDE`` forms Q with zero rows below the reflectors
+    (LAPACK's faster path there): torch's Q but for rounding, with the same column signs, orthonormal,
+    column-major, and in ``P``'s memory with ``overwrite``. A side that is not such a multiple is not padded."""
+    monkeypatch.setattr(linalg, "_QR_PAD_SIDE", 8)
+    shapes = []
+    householder_product = torch.linalg.householder_product
+
+    def spy(A, tau, **kw):
+        shapes.append(tuple(A.shape))
+        return householder_product(A, tau, **kw)
+
+    monkeypatch.setattr(torch.linalg, "householder_product", spy)
+    gen = torch.Generator().manual_seed(6)
+    for n in (16, 12):
+        P = torch.randn(b, n, n, generator=gen, dtype=dtype).mT.contiguous().mT
+        expected = torch.linalg.qr(P)[0]
+        before = P.clone()
+        del shapes[:]
+        torch.full((b, n, n + linalg._QR_PAD_ROWS), float("nan"), dtype=dtype)  # freed: garbage for the next buffer
+        Q = linalg.q_factor(P, overwrite=overwrite)
+        assert shapes == [(b, n + linalg._QR_PAD_ROWS, n) if n % 8 == 0 else (b, n, n)]
+        tol = 1e-5 if dtype == torch.float32 else 1e-13
+        assert torch.allclose(Q, expected, atol=tol, rtol=0)
+        eye = torch.eye(n, dtype=dtype).expand(b, n, n)
+        assert torch.allclose(Q.mT @ Q, eye, atol=tol, rtol=0)
+        assert Q.mT.is_contiguous()
+        if overwrite:
+            assert Q.data_ptr() == P.data_ptr() and torch.equal(P, Q)
+        else:
+            assert torch.equal(P, before)
+
+
+def test_q_factor_pads_the_sides_of_the_shipped_threshold(monkeypatch):
+    """As shipped, a side of 512 takes the padded path and 256 and 768 do not; the Q is torch's up to rounding."""
+    shapes = []
+    householder_product = torch.linalg.householder_product
+
+    def spy(A, tau, **kw):
+        shapes.append(tuple(A.shape[-2:]))
+        return householder_product(A, tau, **kw)
+
+    monkeypatch.setattr(torch.linalg, "householder_product", spy)
+    gen = torch.Generator().manual_seed(7)
+    for n in (256, 512, 768):
+        P = torch.randn(1, n, n, generator=gen, dtype=torch.float64)
+        expected = torch.linalg.qr(P)[0]
+        Q = linalg.q_factor(P.mT.contiguous().mT, overwrite=True)
+        assert torch.allclose(Q, expected, atol=1e-12, rtol=0)
+    assert shapes == [(256, 256), (512 + linalg._QR_PAD_ROWS, 512), (768, 768)]
+
+
 def test_the_power_steps_let_q_factor_overwrite_their_own_products(monkeypatch):
     """The refresh's two QR callers hand over the products they made (the point of ``overwrite``)."""
     seen = []
