@@ -19,7 +19,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import compiled, lapack_threads
+from . import compiled
 
 # -- guards --------------------------------------------------------------------------
 
@@ -652,19 +652,7 @@ def q_factor(P: Tensor, *, overwrite: bool = False) -> Tensor:
     """
     if P.shape[-1] > P.shape[-2]:
         raise ValueError(f"q_factor needs k ≤ n columns, got shape {tuple(P.shape)}")
-    tracked = P.requires_grad and torch.is_grad_enabled()
-    in_place = overwrite and P.mT.is_contiguous() and not tracked
-    w = 0 if tracked else lapack_threads.workers(P)
-    if w:  # a CPU stack of several matrices: chunks of it side by side, each on a thread (kronopt/lapack_threads.py)
-        work = P if in_place else P.mT.clone(memory_format=torch.contiguous_format).mT
-        tau = work.new_empty(work.shape[:-2] + (work.shape[-1],))
-
-        def factor(chunk: slice) -> None:
-            torch.geqrf(work[chunk], out=(work[chunk], tau[chunk]))
-            _form_q(work[chunk], tau[chunk], out=work[chunk])
-
-        lapack_threads.spread(factor, work.shape[0], w)
-        return work
+    in_place = overwrite and P.mT.is_contiguous() and not (P.requires_grad and torch.is_grad_enabled())
     if not in_place:
         reflectors, tau = torch.geqrf(P)
         return _form_q(reflectors, tau, out=None)
