@@ -661,26 +661,34 @@ def q_factor(P: Tensor, *, overwrite: bool = False) -> Tensor:
     return _form_q(P, tau, out=P)
 
 
+def _householder_product(reflectors: Tensor, tau: Tensor, out: Tensor | None) -> Tensor:
+    """torch's ``householder_product``, into ``out`` where one is given."""
+    if out is None:
+        return torch.linalg.householder_product(reflectors, tau)
+    return torch.linalg.householder_product(reflectors, tau, out=out)
+
+
 def _form_q(reflectors: Tensor, tau: Tensor, *, out: Tensor | None) -> Tensor:
     r"""``householder_product(reflectors, tau)``, into ``out`` (``reflectors`` itself, column-major) or a new tensor.
 
-    On a CPU, a square stack whose side ``n`` is a multiple of ``_QR_PAD_SIDE`` (512, 1024, 1536,
-    2048, …) is formed as the ``(n + 16) × n`` product of the same reflectors with zero rows below,
-    and its top ``n`` rows copied out. The reflections leave the zero rows zero, so that is the same
-    ``Q`` in exact arithmetic, rounded otherwise (about one unit in the last place). LAPACK's
-    ``orgqr`` (MKL's, on two cores of an AMD EPYC with AVX-512) runs far below its speed elsewhere on
-    such sides: alone, the padded form takes 0.60 of the square one's time at 1024, 0.71 at 512, 0.79
-    at 2048; a whole refresh of one side (:func:`sorted_power_step`, the copies and their page
-    faults included) 0.82–0.86 at 1024, 0.88–0.91 at 512, 0.87–0.93 at 2048, 0.95 at 1536. At 256,
-    768 and 1280 the copies ate the gain (0.98–1.03), so those are not padded. Not where autograd
-    tracks ``reflectors`` (the copies write with ``out=``).
+    On a CPU whose LAPACK is MKL, a square stack whose side ``n`` is a multiple of ``_QR_PAD_SIDE``
+    (512, 1024, 1536, 2048, …) is formed as the ``(n + 16) × n`` product of the same reflectors with
+    zero rows below, and its top ``n`` rows copied out. The reflections leave the zero rows zero, so
+    that is the same ``Q`` in exact arithmetic, rounded otherwise (entries differ by about float32's
+    machine epsilon, 1e-7). MKL's ``orgqr`` runs far below its speed elsewhere on such sides,
+    measured on one machine (two cores of an AMD EPYC with AVX-512, MKL 2024.2; not on an Intel CPU
+    nor another LAPACK): alone, the padded form takes 0.60 of the square one's time at 1024, 0.71 at
+    512, 0.79 at 2048; a whole refresh of one side (:func:`sorted_power_step`, the copies and their
+    page faults included) 0.81–0.86 at 1024, 0.88–0.91 at 512, 0.87–0.98 at 2048, 0.95 at 1536. At
+    256, 768 and 1280 the copies ate the gain (0.98–1.03), so those are not padded. Not where
+    autograd tracks ``reflectors`` or ``tau`` (``householder_product`` is called with ``out=``,
+    which autograd refuses).
     """
     *batch, n, k = reflectors.shape
     tracked = torch.is_grad_enabled() and (reflectors.requires_grad or tau.requires_grad)
-    if reflectors.device.type != "cpu" or n != k or n == 0 or n % _QR_PAD_SIDE or tracked:
-        if out is None:
-            return torch.linalg.householder_product(reflectors, tau)
-        return torch.linalg.householder_product(reflectors, tau, out=out)
+    mkl = reflectors.device.type == "cpu" and torch.backends.mkl.is_available()
+    if not mkl or n != k or n == 0 or n % _QR_PAD_SIDE or tracked:
+        return _householder_product(reflectors, tau, out)
     padded = reflectors.new_empty((*batch, k, n + _QR_PAD_ROWS)).mT  # column-major, as LAPACK works
     padded[..., :n, :].copy_(reflectors)
     padded[..., n:, :].zero_()
