@@ -629,9 +629,10 @@ def _column_major_product(A: Tensor, Q: Tensor) -> Tensor:
     return (Q.mT @ A.mT).mT
 
 
-#: on a CPU, the Q of a square QR whose side is a multiple of ``_QR_PAD_SIDE`` is formed with
-#: ``_QR_PAD_ROWS`` zero rows below it (:func:`_form_q`)
+#: on a CPU with MKL, the Q of a square QR whose side is a multiple of ``_QR_PAD_SIDE`` up to
+#: ``_QR_PAD_MAX`` is formed with ``_QR_PAD_ROWS`` zero rows below it (:func:`_form_q`)
 _QR_PAD_SIDE = 512
+_QR_PAD_MAX = 3072
 _QR_PAD_ROWS = 16
 
 
@@ -679,15 +680,16 @@ def _form_q(reflectors: Tensor, tau: Tensor, *, out: Tensor | None) -> Tensor:
     measured on one machine (two cores of an AMD EPYC with AVX-512, MKL 2024.2; not on an Intel CPU
     nor another LAPACK): alone, the padded form takes 0.60 of the square one's time at 1024, 0.71 at
     512, 0.79 at 2048; a whole refresh of one side (:func:`sorted_power_step`, the copies and their
-    page faults included) 0.81–0.86 at 1024, 0.88–0.91 at 512, 0.87–0.98 at 2048, 0.95 at 1536. At
-    256, 768 and 1280 the copies ate the gain (0.98–1.03), so those are not padded. Not where
+    page faults included) 0.81–0.86 at 1024, 0.88–0.91 at 512, 0.87–0.98 at 2048, 0.95 at 1536,
+    0.88 at 3072. At 256, 768 and 1280 the copies ate the gain (0.98–1.03), and at 4096 the padded
+    buffer's copies and page faults (67 MB) made it slower (1.12), so those are not padded. Not where
     autograd tracks ``reflectors`` or ``tau`` (``householder_product`` is called with ``out=``,
     which autograd refuses).
     """
     *batch, n, k = reflectors.shape
     tracked = torch.is_grad_enabled() and (reflectors.requires_grad or tau.requires_grad)
     mkl = reflectors.device.type == "cpu" and torch.backends.mkl.is_available()
-    if not mkl or n != k or n == 0 or n % _QR_PAD_SIDE or tracked:
+    if not mkl or n != k or n == 0 or n % _QR_PAD_SIDE or n > _QR_PAD_MAX or tracked:
         return _householder_product(reflectors, tau, out)
     padded = reflectors.new_empty((*batch, k, n + _QR_PAD_ROWS)).mT  # column-major, as LAPACK works
     padded[..., :n, :].copy_(reflectors)

@@ -212,12 +212,13 @@ def test_q_factor_overwrite_leaves_other_layouts_and_tracked_inputs_alone():
 @pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("b", [3, 0])
 def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypatch, dtype, overwrite, b):
-    """A square side that is a multiple of ``_QR_PAD_SIDE`` forms Q with zero rows below the reflectors
+    """A square side that is a multiple of ``_QR_PAD_SIDE`` (up to ``_QR_PAD_MAX``) forms Q with zero rows below the reflectors
     (LAPACK's faster path there): torch's Q but for rounding, with the same column signs, orthonormal,
     column-major, and in ``P``'s memory with ``overwrite``. A side that is not such a multiple is not padded."""
     if not torch.backends.mkl.is_available():
         pytest.skip("the padded Q is formed only where torch's LAPACK is MKL")
     monkeypatch.setattr(linalg, "_QR_PAD_SIDE", 8)
+    monkeypatch.setattr(linalg, "_QR_PAD_MAX", 16)
     shapes = []
     householder_product = torch.linalg.householder_product
 
@@ -227,14 +228,14 @@ def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypat
 
     monkeypatch.setattr(torch.linalg, "householder_product", spy)
     gen = torch.Generator().manual_seed(6)
-    for n in (16, 12):
+    for n in (16, 12, 24):
         P = torch.randn(b, n, n, generator=gen, dtype=dtype).mT.contiguous().mT
         expected = torch.linalg.qr(P)[0]
         before = P.clone()
         del shapes[:]
         torch.full((b, n, n + linalg._QR_PAD_ROWS), float("nan"), dtype=dtype)  # freed: garbage for the next buffer
         Q = linalg.q_factor(P, overwrite=overwrite)
-        assert shapes == [(b, n + linalg._QR_PAD_ROWS, n) if n % 8 == 0 else (b, n, n)]
+        assert shapes == [(b, n + linalg._QR_PAD_ROWS, n) if n == 16 else (b, n, n)]  # 12: no multiple, 24: past the max
         tol = 1e-5 if dtype == torch.float32 else 1e-13
         assert torch.allclose(Q, expected, atol=tol, rtol=0)
         eye = torch.eye(n, dtype=dtype).expand(b, n, n)
