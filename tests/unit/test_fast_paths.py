@@ -208,17 +208,9 @@ def test_q_factor_overwrite_leaves_other_layouts_and_tracked_inputs_alone():
         assert torch.equal(Q.detach(), expected) and torch.equal(given.detach(), before)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("overwrite", [False, True])
-@pytest.mark.parametrize("b", [3, 0])
-def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypatch, dtype, overwrite, b):
-    """A square side that is a multiple of ``_QR_PAD_SIDE`` (up to ``_QR_PAD_MAX``) forms Q with zero rows below the reflectors
-    (LAPACK's faster path there): torch's Q but for rounding, with the same column signs, orthonormal,
-    column-major, and in ``P``'s memory with ``overwrite``. A side that is not such a multiple is not padded."""
-    if not torch.backends.mkl.is_available():
-        pytest.skip("the padded Q is formed only where torch's LAPACK is MKL")
-    monkeypatch.setattr(linalg, "_QR_PAD_SIDE", 8)
-    monkeypatch.setattr(linalg, "_QR_PAD_MAX", 16)
+@pytest.fixture
+def householder_shapes(monkeypatch):
+    """The shapes ``torch.linalg.householder_product`` is called with, in order (the padded Q shows as ``n + 16`` rows)."""
     shapes = []
     householder_product = torch.linalg.householder_product
 
@@ -227,6 +219,21 @@ def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypat
         return householder_product(A, tau, **kw)
 
     monkeypatch.setattr(torch.linalg, "householder_product", spy)
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("b", [3, 0])
+def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypatch, householder_shapes, dtype, overwrite, b):
+    """A square side that is a multiple of ``_QR_PAD_SIDE`` (up to ``_QR_PAD_MAX``) forms Q with zero rows below the reflectors
+    (LAPACK's faster path there): torch's Q but for rounding, with the same column signs, orthonormal,
+    column-major, and in ``P``'s memory with ``overwrite``. A side that is not such a multiple is not padded."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("the padded Q is formed only where torch's LAPACK is MKL")
+    monkeypatch.setattr(linalg, "_QR_PAD_SIDE", 8)
+    monkeypatch.setattr(linalg, "_QR_PAD_MAX", 16)
+    shapes = householder_shapes
     gen = torch.Generator().manual_seed(6)
     for n in (16, 12, 24):
         P = torch.randn(b, n, n, generator=gen, dtype=dtype).mT.contiguous().mT
@@ -253,25 +260,18 @@ def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypat
         assert torch.equal(Q.detach(), torch.linalg.qr(P.detach())[0])
 
 
-def test_q_factor_pads_the_sides_of_the_shipped_threshold(monkeypatch):
+def test_q_factor_pads_the_sides_of_the_shipped_threshold(householder_shapes):
     """As shipped, a side of 512 takes the padded path and 256 and 768 do not; the Q is torch's up to rounding."""
     if not torch.backends.mkl.is_available():
         pytest.skip("the padded Q is formed only where torch's LAPACK is MKL")
-    shapes = []
-    householder_product = torch.linalg.householder_product
-
-    def spy(A, tau, **kw):
-        shapes.append(tuple(A.shape[-2:]))
-        return householder_product(A, tau, **kw)
-
-    monkeypatch.setattr(torch.linalg, "householder_product", spy)
+    shapes = householder_shapes
     gen = torch.Generator().manual_seed(7)
     for n in (256, 512, 768):
         P = torch.randn(1, n, n, generator=gen, dtype=torch.float64)
         expected = torch.linalg.qr(P)[0]
         Q = linalg.q_factor(P.mT.contiguous().mT, overwrite=True)
         assert torch.allclose(Q, expected, atol=1e-12, rtol=0)
-    assert shapes == [(256, 256), (512 + linalg._QR_PAD_ROWS, 512), (768, 768)]
+    assert shapes == [(1, 256, 256), (1, 512 + linalg._QR_PAD_ROWS, 512), (1, 768, 768)]
 
 
 def test_the_power_steps_let_q_factor_overwrite_their_own_products(monkeypatch):
