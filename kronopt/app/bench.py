@@ -5,7 +5,9 @@ The optimizers (presets, TOML files, and other libraries' optimizers named
 ``heavyball.SOAP``, … see :mod:`kronopt.app.peers`; or any optimizer class importable
 from ``PYTHONPATH``, named ``module:Class`` and built with its defaults) are stepped interleaved in one
 process on the same gradients, round robin each step, so machine noise hits each
-alike. ``--scaling 128,256,512`` adds a table of step time against the model width.
+alike. ``--scaling 128,256,512`` adds a table of step time against the model width;
+``--alone`` replays each kronopt optimizer's matrix work alone in the same rounds and gives
+each step's mean over it.
 ``--world 1,2,4`` instead runs each world size as that many CPU processes on gloo
 (:func:`bench_world`): replicated parameters and the same gradients on every rank,
 as DDP leaves them, kronopt's work sharding dividing the optimizer's work.
@@ -203,17 +205,37 @@ def scaling(
     table = []
     for d in widths:
         shapes = transformer_shapes(d, 1)
-        recorded = {
-            n: record_matrix_work(n, shapes, steps=warmup + steps, device=device, seed=seed)
-            for n in names
-            if n not in peers.PEERS and not peers.is_import_name(n)
-        }
-        makers = {f"{n} alone": partial(_Replay.maker, calls, seed) for n, calls in recorded.items() if any(calls)}
+        recorded, makers = replay_makers(names, shapes, steps=warmup + steps, device=device, seed=seed)
         rows = bench([*names, *makers], shapes, steps=steps, warmup=warmup, device=device, seed=seed, makers=makers)
         means = {r["optimizer"]: r["mean_ms"] for r in rows}
-        alone = {n: means.get(f"{n} alone", 0.0) for n in recorded}
+        alone = {n: means.get(alone_name(n), 0.0) for n in recorded}
         table.append({"d": d, "rows": rows[: len(names)], "alone": alone})
     return table
+
+
+def alone_name(name: str) -> str:
+    """The row name of ``name``'s matrix work replayed alone (:func:`replay_makers`)."""
+    return f"{name} alone"
+
+
+def replay_makers(
+    names: Sequence[str], shapes: Sequence[tuple[int, ...]], *, steps: int, device: str, seed: int = 0
+) -> tuple[dict[str, list], dict[str, Callable[[], tuple[Any, Any]]]]:
+    """The matrix work of each kronopt optimizer among ``names`` (peers have none we can record), recorded
+    over ``steps`` steps on ``shapes`` (:func:`record_matrix_work`), and a maker of its :class:`_Replay` per
+    optimizer that records any (name :func:`alone_name`), for :func:`bench`'s ``makers``: so the replays take
+    their turn in the same interleaved rounds as the steps.
+
+    Returns:
+        ``(recorded, makers)``: every kronopt optimizer's calls per step, and the makers.
+    """
+    recorded = {
+        n: record_matrix_work(n, shapes, steps=steps, device=device, seed=seed)
+        for n in names
+        if n not in peers.PEERS and not peers.is_import_name(n)
+    }
+    makers = {alone_name(n): partial(_Replay.maker, calls, seed) for n, calls in recorded.items() if any(calls)}
+    return recorded, makers
 
 
 #: the operations :func:`record_matrix_work` records and :class:`_Replay` replays: matrix products and the matrix decompositions (with their
@@ -518,6 +540,7 @@ class BenchPlan:
         worlds: the ``--world`` sizes (empty: one process, the interleaved table).
         device: where the one-process run steps (``--device``; ``cpu`` with ``--world``).
         ratios: the ``--ratio`` pairs ``(a, b)``, names as given (either may be a missing peer).
+        alone: ``--alone``: each kronopt optimizer's matrix work replayed alone in the same runs.
     """
 
     names: list[str]
@@ -529,6 +552,7 @@ class BenchPlan:
     device: str = "cpu"
     ratios: list[tuple[str, str]] = attrs.field(factory=list)
     retain_freed_memory: bool = False
+    alone: bool = False
 
 
 def _known_peers(package: str) -> str:
@@ -594,10 +618,13 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     pairs = _ratio_pairs(p, texts, list(args.optimizers) or list(BENCH_DEFAULT))
     if texts and world_text is not None:
         p.add("--ratio", "applies to the one-process table; cannot be combined with --world")
+    alone = bool(getattr(args, "alone", False))
+    if alone and world_text is not None:
+        p.add("--alone", "applies to the one-process table; cannot be combined with --world")
     p.check()
     return BenchPlan(
         names=names, shapes=shapes, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
-        ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)),
+        ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)), alone=alone,
     )
 
 
@@ -654,6 +681,45 @@ def _print_ratios(rows: list[dict[str, Any]], plan: BenchPlan) -> None:
             continue
         lo, hi = r["range"]
         print(f"{label:<{width}}  {r['ratio']:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if runs > 1 else ""))
+
+
+def matrix_work_ratios(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+    """Per kronopt optimizer of ``names``: its step's mean over its matrix work's replayed alone in the same
+    runs (:func:`bench`'s rows holding both, :func:`replay_makers`), run by run as :func:`ratios` takes it,
+    with ``alone_ms`` (the replay's mean, the median over the runs); ``None`` for one whose steps recorded
+    no matrix work."""
+    by_name = {r["optimizer"]: r for r in rows}
+    out: dict[str, dict[str, Any] | None] = {}
+    for n in names:
+        if alone_name(n) not in by_name:
+            out[n] = None
+            continue
+        (ratio,) = ratios(rows, [(n, alone_name(n))])
+        out[n] = {**ratio, "alone_ms": by_name[alone_name(n)]["mean_ms"]}
+    return out
+
+
+def _print_matrix_work(rows: list[dict[str, Any]], recorded: Mapping[str, list]) -> None:
+    found = matrix_work_ratios(rows, list(recorded))
+    if not found:
+        return
+    runs = rows[0].get("runs", 1)
+    print()
+    print(
+        "matrix work alone: the same products, eigh and QR replayed without kronopt's other work, in the same "
+        "rounds as the steps; the step's mean over the replay's, each run's own"
+        + (f": median of {runs} runs (lowest–highest)" if runs > 1 else "")
+    )
+    width = max(14, *(len(n) for n in found))
+    header = f"{'optimizer':<{width}} {'alone mean ms':>14}  step / alone"
+    print(header)
+    print("-" * len(header))
+    for n, r in found.items():
+        if r is None:
+            print(f"{n:<{width}} {'-':>14}  no matrix work recorded")
+            continue
+        lo, hi = r["range"]
+        print(f"{n:<{width}} {r['alone_ms']:>14.3f}  {r['ratio']:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if runs > 1 else ""))
 
 
 def _print_alone(table: list[dict[str, Any]]) -> None:
@@ -764,7 +830,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(counts["threads"])
     timing = dict(steps=counts["steps"], warmup=counts["warmup"], device=plan.device, seed=counts["seed"])
     try:
-        rows = bench(plan.names, plan.shapes, **timing, repeat=counts["repeat"])
+        recorded, makers = {}, {}
+        if plan.alone:
+            recorded, makers = replay_makers(
+                plan.names, plan.shapes, steps=counts["warmup"] + counts["steps"], device=plan.device, seed=counts["seed"]
+            )
+        every = bench([*plan.names, *makers], plan.shapes, **timing, repeat=counts["repeat"], makers=makers)
+        rows = every[: len(plan.names)]
         table = scaling(plan.names, plan.widths, **timing) if plan.widths else []
     finally:
         torch.set_num_threads(threads)
@@ -779,6 +851,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _print_table(rows)
     if plan.ratios:
         _print_ratios(rows, plan)
+    if plan.alone:
+        _print_matrix_work(every, recorded)
     if table:
         print()
         _print_scaling(table)
@@ -816,6 +890,12 @@ def add_subcommand(sub: Any) -> None:
         "--ratio", action="append",
         help="also print the ratio A/B of two optimizers' mean step times, each run's own (with --repeat: the median "
         "and range over the runs), e.g. --ratio dykaf/soap; repeatable",
+    )
+    p.add_argument(
+        "--alone", action="store_true",
+        help="also replay each kronopt optimizer's matrix work (its products, eigh and QR, recorded from its own "
+        "steps on the same shapes) alone, in the same interleaved rounds, and print each step's mean over it: how "
+        "far the step is from being bound by its matrix work (not with --world)",
     )
     p.add_argument(
         "--retain-freed-memory", action="store_true",

@@ -376,6 +376,84 @@ def test_scaling_uses_a_one_layer_transformer_set(monkeypatch):
     assert calls == [bench.transformer_shapes(8, 1), bench.transformer_shapes(16, 1)]
 
 
+# -- --alone ---------------------------------------------------------------------------------------------------
+
+
+def _matrix_work_rows(out: str) -> dict[str, list[str]]:
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("matrix work alone:"))
+    assert lines[at + 1].split() == ["optimizer", "alone", "mean", "ms", "step", "/", "alone"]
+    rows = {}
+    for line in lines[at + 3:]:
+        if not line.strip():
+            break
+        rows[line.split()[0]] = line.split()
+    return rows
+
+
+def test_alone_replays_each_kronopt_optimizers_matrix_work_and_divides_its_step_by_it(capsys):
+    """One run: the printed ratio is the main table's mean step over the replay's printed mean (computed here
+    from the two printed figures); a peer gets no row, an optimizer without products says so, and the
+    replays are not rows of the main table."""
+    assert cli.main(["bench", "torch.AdamW", "soap", "adamw", "--shapes", "16x8,8", "--steps", "4", "--warmup", "1",
+                     "--threads", "1", "--alone"]) == 0
+    out = capsys.readouterr().out
+    table = _rows(out)
+    assert set(table) == {"torch.AdamW", "soap", "adamw"}
+    rows = _matrix_work_rows(out)
+    assert set(rows) == {"soap", "adamw"}
+    assert rows["adamw"][1:] == ["-", "no", "matrix", "work", "recorded"]
+    alone, ratio, step = float(rows["soap"][1]), float(rows["soap"][2]), float(table["soap"][1])
+    assert alone > 0
+    # both times are printed to 0.001 ms and the ratio to 0.001: the printed figures bound the error
+    assert ratio == pytest.approx(step / alone, abs=5e-4 + step / alone * (5e-4 / alone + 5e-4 / step))
+
+
+def test_alone_ratios_are_each_runs_own_with_their_median_and_range():
+    """Hand-made runs: soap's step over its replay is 10/4, 12/5 and 9/6 (2.5, 2.4, 1.5), so the median is 2.4 and
+    the range 1.5–2.5, where the medians of the two means would give 10/5 = 2; the replay's own figure is the
+    median of its means (5); an optimizer without a replay gets None."""
+
+    def run(step_ms, alone_ms):
+        return [
+            {"optimizer": n, "mean_ms": t, "median_ms": t, "state_bytes": 0, "vs_first": t / 1.0}
+            for n, t in (("torch.AdamW", 1.0), ("soap", step_ms), ("adamw", 1.0), ("soap alone", alone_ms))
+        ]
+
+    rows = bench.aggregate_runs([run(10.0, 4.0), run(12.0, 5.0), run(9.0, 6.0)])
+    found = bench.matrix_work_ratios(rows, ["soap", "adamw"])
+    assert found["adamw"] is None
+    assert found["soap"]["ratio"] == pytest.approx(2.4) and found["soap"]["alone_ms"] == pytest.approx(5.0)
+    assert found["soap"]["range"] == (pytest.approx(1.5), pytest.approx(2.5)) and found["soap"]["runs"] == 3
+
+
+def test_alone_records_the_kronopt_optimizers_over_every_step_and_times_them_in_the_same_runs(monkeypatch):
+    """The recording covers warm-up and timed steps (so replay k is step k's work) and only kronopt optimizers
+    with matrix work get a replay, which :func:`bench` steps in the same rounds (its ``makers``) and repeats."""
+    recorded_steps, seen = [], {}
+    real_record = bench.record_matrix_work
+
+    def record(name, shapes, *, steps, device, seed=0, **kw):
+        recorded_steps.append((name, steps))
+        return real_record(name, shapes, steps=steps, device=device, seed=seed, **kw)
+
+    def fake_bench(names, shapes, **kw):
+        seen.update(names=list(names), makers=sorted(kw["makers"]), repeat=kw["repeat"])
+        run = [{"optimizer": n, "mean_ms": 1.0, "median_ms": 1.0, "state_bytes": 0, "vs_first": 1.0} for n in names]
+        return bench.aggregate_runs([run])
+
+    monkeypatch.setattr(bench, "record_matrix_work", record)
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    assert cli.main(["bench", "torch.AdamW", "soap", "adamw", *TINY, "--repeat", "2", "--alone"]) == 0
+    assert recorded_steps == [("soap", 3), ("adamw", 3)]  # 2 timed + 1 warm-up, no peer
+    assert seen == {"names": ["torch.AdamW", "soap", "adamw", "soap alone"], "makers": ["soap alone"], "repeat": 2}
+
+
+def test_alone_cannot_be_combined_with_world(capsys):
+    assert cli.main(["bench", "soap", *TINY, "--alone", "--world", "1"]) == 2
+    assert "--alone: applies to the one-process table; cannot be combined with --world" in capsys.readouterr().err
+
+
 # -- state bytes -------------------------------------------------------------------------------------------------
 
 
