@@ -86,7 +86,8 @@ def bench(
     from one run to the next, and the spread says by how much.
 
     ``makers`` builds the named stand-ins that are not optimizers (name → a function
-    returning the stand-in and its state bytes; :func:`scaling`'s replays of the matrix work).
+    returning the stand-in and its state bytes: the replays of the matrix work of :func:`replay_makers`,
+    which ``--scaling`` and ``--alone`` time beside the steps).
 
     Returns:
         One dict per name, in order: ``optimizer``, ``mean_ms``, ``median_ms``,
@@ -701,10 +702,11 @@ def matrix_work_ratios(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> 
 
 def _print_matrix_work(rows: list[dict[str, Any]], recorded: Mapping[str, list]) -> None:
     found = matrix_work_ratios(rows, list(recorded))
+    print()
     if not found:
+        print("matrix work alone: no kronopt optimizer named, nothing replayed (other libraries' work is not recorded)")
         return
     runs = rows[0].get("runs", 1)
-    print()
     print(
         "matrix work alone: the same products, eigh and QR replayed without kronopt's other work, in the same "
         "rounds as the steps; the step's mean over the replay's, each run's own"

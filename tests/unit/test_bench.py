@@ -399,7 +399,9 @@ def test_alone_replays_each_kronopt_optimizers_matrix_work_and_divides_its_step_
                      "--threads", "1", "--alone"]) == 0
     out = capsys.readouterr().out
     table = _rows(out)
-    assert set(table) == {"torch.AdamW", "soap", "adamw"}
+    assert set(table) == {"torch.AdamW", "soap", "adamw"} and len(table) == 3
+    main = out[: out.index("matrix work alone:")]
+    assert " alone" not in main.split("------", 1)[1]  # no replay row in the main table
     rows = _matrix_work_rows(out)
     assert set(rows) == {"soap", "adamw"}
     assert rows["adamw"][1:] == ["-", "no", "matrix", "work", "recorded"]
@@ -414,9 +416,9 @@ def test_alone_ratios_are_each_runs_own_with_their_median_and_range():
     the range 1.5–2.5, where the medians of the two means would give 10/5 = 2; the replay's own figure is the
     median of its means (5); an optimizer without a replay gets None."""
 
-    def run(step_ms, alone_ms):
+    def run(step_ms, alone_ms):  # medians unlike the means, so a figure read from the wrong one shows
         return [
-            {"optimizer": n, "mean_ms": t, "median_ms": t, "state_bytes": 0, "vs_first": t / 1.0}
+            {"optimizer": n, "mean_ms": t, "median_ms": t / 2, "state_bytes": 0, "vs_first": t / 1.0}
             for n, t in (("torch.AdamW", 1.0), ("soap", step_ms), ("adamw", 1.0), ("soap alone", alone_ms))
         ]
 
@@ -428,8 +430,10 @@ def test_alone_ratios_are_each_runs_own_with_their_median_and_range():
 
 
 def test_alone_records_the_kronopt_optimizers_over_every_step_and_times_them_in_the_same_runs(monkeypatch):
-    """The recording covers warm-up and timed steps (so replay k is step k's work) and only kronopt optimizers
-    with matrix work get a replay, which :func:`bench` steps in the same rounds (its ``makers``) and repeats."""
+    """The recording covers warm-up and timed steps, as many as the rounds (which replay runs which step's calls
+    is :func:`replay_makers`' and :class:`_Replay`'s, pinned by the ``--scaling`` tests), and only kronopt
+    optimizers with matrix work get a replay, which :func:`bench` steps in the same rounds (its ``makers``)
+    and repeats."""
     recorded_steps, seen = [], {}
     real_record = bench.record_matrix_work
 
@@ -452,6 +456,15 @@ def test_alone_records_the_kronopt_optimizers_over_every_step_and_times_them_in_
 def test_alone_cannot_be_combined_with_world(capsys):
     assert cli.main(["bench", "soap", *TINY, "--alone", "--world", "1"]) == 2
     assert "--alone: applies to the one-process table; cannot be combined with --world" in capsys.readouterr().err
+
+
+def test_alone_with_repeat_prints_each_ratios_range_and_says_when_nothing_is_replayed(capsys):
+    assert cli.main(["bench", "soap", *TINY, "--alone", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "matrix work alone:" in out and "median of 2 runs (lowest–highest)" in out.split("matrix work alone:")[1]
+    assert re.fullmatch(r"\d+\.\d{3} \(\d+\.\d{3}–\d+\.\d{3}\)", " ".join(_matrix_work_rows(out)["soap"][2:]))
+    assert cli.main(["bench", "torch.AdamW", *TINY, "--alone"]) == 0
+    assert "matrix work alone: no kronopt optimizer named, nothing replayed" in capsys.readouterr().out
 
 
 # -- state bytes -------------------------------------------------------------------------------------------------
