@@ -95,10 +95,12 @@ def test_the_factor_view_is_updated_in_place(monkeypatch):
     torch.testing.assert_close(L.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_in_place_tiled_product_is_the_fresh_ones_bits():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_in_place_tiled_product_is_the_fresh_ones_bits(in_place, monkeypatch):
     """Deferred into the state itself or made fresh, the tiled update has the same bits: both accumulate each
-    tile in its place in the result (a batch with a long inner side, 520 × 1100, is where a tile made apart
-    and copied in would round otherwise)."""
+    tile below the diagonal the same way, in its place in the result or apart (``linalg._tiles_in_place``; a
+    batch with a long inner side, 520 × 1100, is where the two ways may round apart)."""
+    monkeypatch.setattr(linalg, "_tiles_in_place", lambda: in_place)
     g = torch.Generator().manual_seed(3)
     for m, k in ((520, 30), (777, 300), (520, 1100)):
         A = torch.randn(2, m, k, generator=g)

@@ -861,6 +861,51 @@ def test_tiled_update_shows_each_tile_as_it_is_stored(into_x):
     torch.testing.assert_close(out, 0.9 * X + 0.1 * A @ A.mT, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_tiled_update_takes_the_form_the_processor_runs_faster(in_place, monkeypatch):
+    """``_tiles_in_place`` decides where a tile below the diagonal is accumulated: in a strided view of
+    the result (an in-place product on a non-contiguous tensor) or in memory of its own; either way the
+    result is exactly symmetric and the float64 update's, for a scalar and a per-block β alike."""
+    monkeypatch.setattr(linalg, "_tiles_in_place", lambda: in_place)
+    gen = generator(5)
+    X = linalg.sym(randn(gen, 2, 7, 7)).float()
+    A = randn(gen, 2, 7, 3).float()
+    strided = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "baddbmm_" and not args[0].is_contiguous():
+                strided.append(args[0].shape)
+            return func(*args, **(kwargs or {}))
+
+    for beta in (0.9, torch.tensor([0.5, 2.0]).view(2, 1, 1)):
+        strided.clear()
+        with pytest.MonkeyPatch.context() as patch, Spy():
+            _tiling(patch, 3, True)
+            out = linalg._tiled_sym_product(X.clone(), A, A, beta, 0.1)
+        assert len(strided) == (3 if in_place else 0)  # the tiles (3, 0), (6, 0), (6, 3)
+        assert torch.equal(out, out.mT)
+        expected = (beta if isinstance(beta, float) else beta.double()) * X.double() + 0.1 * A.double() @ A.double().mT
+        close(out.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("text", "in_place"),
+    [("vendor_id\t: AuthenticAMD\ncpu family\t: 25\n", False), ("vendor_id\t: GenuineIntel\n", True), ("processor\t: 0\n", True), (None, True)],
+)
+def test_tiles_in_place_except_on_amd_processors(text, in_place, tmp_path, monkeypatch):
+    """The form is read from the processor's vendor: apart on AMD, in place elsewhere and where it cannot be read."""
+    info = tmp_path / "cpuinfo"
+    if text is not None:
+        info.write_text(text)
+    monkeypatch.setattr(linalg, "_CPUINFO", str(info))
+    linalg._tiles_in_place.cache_clear()
+    try:
+        assert linalg._tiles_in_place() is in_place
+    finally:
+        linalg._tiles_in_place.cache_clear()
+
+
 def test_tiled_update_with_only_beta_tracked_and_into_another_dtype():
     """The tiles go in place only where they may: a per-block β that autograd tracks alone gets its
     gradient (∂/∂β_b of Σ P ⊙ W is Σ X_b ⊙ W_b), and a result of a wider dtype than the operands
