@@ -84,12 +84,16 @@ _CPUINFO = "/proc/cpuinfo"
 def _tiles_in_place() -> bool:
     """Whether the tiled :func:`sym_product` accumulates each tile below the diagonal in its place in the
     result (``baddbmm_`` on a strided view of it) rather than in contiguous memory of its own, copied into
-    its place and its mirror after. Both give the same bits where we could compare them; which is faster
-    depends on the processor: on an Intel Xeon (2 cores) in place took 12.0 ms against 13.7 for the tiles
-    of a ``2048²`` update from ``k = 512``, on an AMD EPYC (Zen 4, 2 cores) 1.10 × the time on the same
-    update and 1.04–1.12 × on ``1024²`` from ``k = 256`` (MKL scales a strided accumulator by β in a pass
-    of its own there, and torch multiplies into a strided view block by block). So: in place except on AMD
-    processors (``/proc/cpuinfo``'s ``vendor_id``; in place where it cannot be read)."""
+    its place and its mirror after; only where it may go in place at all (see :func:`_tiled_sym_product`).
+    Both are equally accurate, and agree bit for bit on most shapes; on two threads they may differ in the
+    last bits of a short last row of tiles (a side of 777 = 3 · 256 + 9). Which is faster depends on the
+    processor: on an Intel Xeon (2 cores) in place took 12.0 ms against 13.7 for the tiles of a ``2048²``
+    update from ``k = 512``; on an AMD EPYC (Zen 4, 2 cores) it took 1.10 × the time of the tiles made
+    apart on the same update and 1.02–1.22 × on ``1024²`` from ``k = 256``. Likely causes there: torch
+    multiplies into a strided 3-D view block by block (one call per block, not one batched call), and
+    MKL scaled the accumulator by β in a pass of its own in ``perf``'s samples. So: in place except on AMD
+    processors (``/proc/cpuinfo``'s ``vendor_id``), and in place where that cannot be read (other
+    systems) or names another vendor: two machines measured, one of each."""
     try:
         with open(_CPUINFO, encoding="ascii", errors="replace") as info:
             vendor = next((line for line in info if line.startswith("vendor_id")), "")

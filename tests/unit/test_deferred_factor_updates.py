@@ -98,8 +98,8 @@ def test_the_factor_view_is_updated_in_place(monkeypatch):
 @pytest.mark.parametrize("in_place", [False, True])
 def test_in_place_tiled_product_is_the_fresh_ones_bits(in_place, monkeypatch):
     """Deferred into the state itself or made fresh, the tiled update has the same bits: both accumulate each
-    tile below the diagonal the same way, in its place in the result or apart (``linalg._tiles_in_place``; a
-    batch with a long inner side, 520 × 1100, is where the two ways may round apart)."""
+    tile below the diagonal the same way, in its place in the result or apart (``linalg._tiles_in_place``;
+    the two ways may round apart on a short last row of tiles, a side of 777 on two threads)."""
     monkeypatch.setattr(linalg, "_tiles_in_place", lambda: in_place)
     g = torch.Generator().manual_seed(3)
     for m, k in ((520, 30), (777, 300), (520, 1100)):

@@ -891,7 +891,12 @@ def test_tiled_update_takes_the_form_the_processor_runs_faster(in_place, monkeyp
 
 @pytest.mark.parametrize(
     ("text", "in_place"),
-    [("vendor_id\t: AuthenticAMD\ncpu family\t: 25\n", False), ("vendor_id\t: GenuineIntel\n", True), ("processor\t: 0\n", True), (None, True)],
+    [
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n", False),
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", True),
+        ("processor\t: 0\n", True),
+        (None, True),
+    ],
 )
 def test_tiles_in_place_except_on_amd_processors(text, in_place, tmp_path, monkeypatch):
     """The form is read from the processor's vendor: apart on AMD, in place elsewhere and where it cannot be read."""
