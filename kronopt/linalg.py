@@ -217,11 +217,11 @@ def _tiled_sym_product(
     # dtype than the operands' (a product writes only its own dtype; a tile made apart is cast on copy)
     in_place = not (held or tracked) and out.dtype == A.dtype == B.dtype  # type: ignore[union-attr]
     placed = in_place and each is None  # a diagonal tile symmetrised straight into its place
-    apart_below = not (in_place and _tiles_in_place())  # a tile below the diagonal made in memory of its own
+    below_in_place = in_place and _tiles_in_place()  # a tile below the diagonal accumulated in its place in out
     tiles = out.slices if held else _tile_slices(m)
     for i, I in enumerate(tiles):
         for j, J in enumerate(tiles[: i + 1]):
-            if not apart_below and I != J:
+            if below_in_place and I != J:
                 tile = out[:, I, J]  # type: ignore[index]
                 if per_block:
                     torch.mul(X[:, I, J], beta, out=tile).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
