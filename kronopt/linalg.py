@@ -80,7 +80,31 @@ _GRAM_TILE = 256
 _CPUINFO = "/proc/cpuinfo"
 
 
+@attrs.frozen
+class _Processor:
+    """What ``/proc/cpuinfo`` says of the first processor: its ``vendor_id`` and its x86 ``flags``
+    (both empty where the file cannot be read or has no such line, as on other systems and
+    architectures). Kernel choices that depend on the processor read it here, once per process."""
+
+    vendor: str = ""
+    flags: frozenset[str] = frozenset()
+
+
 @functools.cache
+def _processor() -> _Processor:
+    try:
+        with open(_CPUINFO, encoding="ascii", errors="replace") as info:
+            fields: dict[str, str] = {}
+            for line in info:
+                if not line.strip() and fields:
+                    break  # the end of the first processor's block
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return _Processor()
+    return _Processor(fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split()))
+
+
 def _tiles_in_place() -> bool:
     """Whether the tiled :func:`sym_product` accumulates each tile below the diagonal in its place in the
     result (``baddbmm_`` on a strided view of it) rather than in contiguous memory of its own, copied into
@@ -94,12 +118,7 @@ def _tiles_in_place() -> bool:
     MKL scaled the accumulator by β in a pass of its own in ``perf``'s samples. So: in place except on AMD
     processors (``/proc/cpuinfo``'s ``vendor_id``), and in place where that cannot be read (other
     systems) or names another vendor: two machines measured, one of each."""
-    try:
-        with open(_CPUINFO, encoding="ascii", errors="replace") as info:
-            vendor = next((line for line in info if line.startswith("vendor_id")), "")
-    except OSError:
-        return True
-    return "AuthenticAMD" not in vendor
+    return _processor().vendor != "AuthenticAMD"
 
 
 def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float) -> Tensor:
@@ -984,8 +1003,9 @@ def newton_schulz(
     On a CPU a small batch (``_BF16_EMULATED``) takes that arithmetic in float32 kernels,
     rounding each result: the same roundings, without the fixed cost of a bfloat16 kernel call
     that dominates such blocks (a Muon step on 30 matrices of 8 × 8 to 37 × 66: about 0.7 of the
-    time). The accumulation order differs, so now and then a result rounds the other way, as
-    between any two bfloat16 kernels.
+    time). So does every batch on a processor whose bfloat16 products are no faster than float32
+    ones (:func:`_bfloat16_products_fast`). The accumulation order differs, so now and then a result
+    rounds the other way, as between any two bfloat16 kernels.
 
     Args:
         U: ``b m n`` batch.
@@ -1024,8 +1044,28 @@ def newton_schulz(
 #: ``_BF16_EMULATED[1]`` multiply-adds (the batch's): above 16³ torch hands a bfloat16 product to
 #: oneDNN, whose fixed cost (about 25 µs a call) dwarfs a small product, and from about 2²⁰ on the
 #: float32 kernels' flops cost more. Measured on a 2-core AVX-512 machine, the whole iteration: 0.45–0.75
-#: of the bfloat16 kernels' time from 2¹³ to 2¹⁹ multiply-adds, about even at 2²⁰ to 2²¹.
+#: of the bfloat16 kernels' time from 2¹³ to 2¹⁹ multiply-adds, about even at 2²⁰ to 2²¹. That holds
+#: where the bfloat16 kernels outrun the float32 ones; where they do not
+#: (:func:`_bfloat16_products_fast`), every size above the lower bound takes the float32 kernels.
 _BF16_EMULATED = (16**3, 2**20)
+
+
+@functools.cache
+def _bfloat16_products_fast() -> bool:
+    """Whether this processor multiplies bfloat16 matrices faster than float32 ones, read from its x86
+    ``flags``: with AMX (``amx_bf16``), or on an AMD processor with AVX-512 bfloat16 dot products
+    (``avx512_bf16``, Zen 4 on). Measured on 2 cores, torch 2.13 (oneDNN for bfloat16, MKL for float32):
+    an Intel Xeon with AMX ran bfloat16 products several times faster than float32 ones; an AMD EPYC
+    (Zen 4) 356–389 GFLOP/s against 80–157; an Intel Xeon whose virtual machine exposes
+    ``avx512_bf16`` and not AMX about 150 against 245 (oneDNN's ``avx512_core_bf16`` kernels), so
+    there Newton–Schulz in float32 kernels took 0.61–0.96 of its time in bfloat16 ones on the
+    presets' shapes (``4 × 256 × 256`` to ``1024 × 1024``). Without such flags the bfloat16 kernels
+    convert to float32 themselves. Where the file names no x86 flags (it cannot be read, or another
+    architecture), the measured default (``_BF16_EMULATED`` as it stands) holds."""
+    flags = _processor().flags
+    if not flags:
+        return True
+    return "amx_bf16" in flags or (_processor().vendor == "AuthenticAMD" and "avx512_bf16" in flags)
 
 
 def _bfloat16_in_float32(U: Tensor, dtype: torch.dtype) -> bool:
@@ -1040,7 +1080,7 @@ def _bfloat16_in_float32(U: Tensor, dtype: torch.dtype) -> bool:
         return False
     short, long = sorted(U.shape[-2:])
     work = math.prod(U.shape[:-2]) * short * short * long  # the Gram product's multiply-adds
-    return _BF16_EMULATED[0] < work <= _BF16_EMULATED[1]
+    return _BF16_EMULATED[0] < work and (work <= _BF16_EMULATED[1] or not _bfloat16_products_fast())
 
 
 def _round_to_bfloat16(t: Tensor) -> Tensor:

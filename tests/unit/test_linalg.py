@@ -442,7 +442,9 @@ def test_newton_schulz_in_bfloat16_on_small_cpu_blocks_is_bfloat16_arithmetic(ge
     assert (out - ref).norm() <= 1e-2 * ref.norm()
 
 
-def test_newton_schulz_takes_float32_kernels_only_for_small_bfloat16_work_on_a_cpu():
+def test_newton_schulz_takes_float32_kernels_only_for_small_bfloat16_work_on_a_cpu(monkeypatch):
+    """Where the processor's bfloat16 products are the faster ones."""
+    monkeypatch.setattr(linalg, "_bfloat16_products_fast", lambda: True)
     small = torch.zeros(4, 32, 64)
     assert linalg._bfloat16_in_float32(small, torch.bfloat16)
     assert linalg._bfloat16_in_float32(small.mT, torch.bfloat16)  # the Gram side is the shorter one either way
@@ -450,6 +452,74 @@ def test_newton_schulz_takes_float32_kernels_only_for_small_bfloat16_work_on_a_c
     assert not linalg._bfloat16_in_float32(small.double(), torch.bfloat16)
     assert not linalg._bfloat16_in_float32(torch.zeros(1, 16, 16), torch.bfloat16)  # 16³: torch's own small kernel
     assert not linalg._bfloat16_in_float32(torch.zeros(4, 128, 256), torch.bfloat16)  # 2²⁴: bfloat16 kernels win
+
+
+def test_newton_schulz_takes_float32_kernels_at_every_size_where_bfloat16_products_are_slower(gen, monkeypatch):
+    """On a processor whose bfloat16 products are no faster than float32 ones, every CPU batch above
+    16³ runs its bfloat16 iteration in float32 kernels, and it is still bfloat16 arithmetic: over
+    two iterations nearly every entry equals the float64 reference that rounds each operation to
+    bfloat16."""
+    monkeypatch.setattr(linalg, "_bfloat16_products_fast", lambda: False)
+    U = torch.randn(2, 128, 320, generator=gen)  # 2²³ multiply-adds in its Gram product
+    assert linalg._bfloat16_in_float32(U, torch.bfloat16)
+    assert linalg._bfloat16_in_float32(U.mT, torch.bfloat16)
+    assert not linalg._bfloat16_in_float32(torch.zeros(1, 16, 16), torch.bfloat16)  # torch's own small kernel
+    assert not linalg._bfloat16_in_float32(U, torch.float32)
+    assert not linalg._bfloat16_in_float32(U.double(), torch.bfloat16)
+    products: list[torch.dtype] = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("bmm", "baddbmm"):
+                products.append(args[1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    coeffs = schedule("kj", 2)
+    for V in (U, U.mT):
+        products.clear()
+        with Spy():
+            out = linalg.newton_schulz(V, coeffs)
+        assert products and set(products) == {torch.float32}
+        assert out.dtype == torch.bfloat16 and out.shape == V.shape
+        ref = ns_ref.newton_schulz(V, coeffs, round_to=torch.bfloat16)
+        assert (out.double() == ref).double().mean() >= 0.95
+    monkeypatch.setattr(linalg, "_bfloat16_products_fast", lambda: True)  # the bfloat16 kernels otherwise
+    products.clear()
+    with Spy():
+        linalg.newton_schulz(U, coeffs)
+    assert products and set(products) == {torch.bfloat16}
+
+
+_INTEL = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nflags\t\t: fpu sse2 avx512f {}\n\n"
+_AMD = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu sse2 avx512f {}\n\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "fast"),
+    [
+        (_INTEL.format("avx512_bf16 amx_bf16 amx_tile"), True),  # AMX
+        (_INTEL.format("avx512_bf16 avx512_fp16"), False),  # bfloat16 dot products without AMX
+        (_INTEL.format("avx2"), False),
+        (_AMD.format("avx512_bf16"), True),  # Zen 4 on
+        (_AMD.format("avx2"), False),
+        # the first processor's flags only
+        (_INTEL.format("avx512_bf16") + "processor\t: 1\nflags\t\t: amx_bf16\n", False),
+        ("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\n", True),  # no x86 flags: the default
+        (None, True),  # no file: the default
+    ],
+)
+def test_bfloat16_products_fast_read_from_the_processor_flags(text, fast, tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    if text is not None:
+        info.write_text(text)
+    monkeypatch.setattr(linalg, "_CPUINFO", str(info))
+    linalg._processor.cache_clear()
+    linalg._bfloat16_products_fast.cache_clear()
+    try:
+        assert linalg._bfloat16_products_fast() is fast
+    finally:
+        linalg._processor.cache_clear()
+        linalg._bfloat16_products_fast.cache_clear()
 
 
 def test_compiled_newton_schulz_stays_a_bfloat16_iteration(gen):
@@ -904,11 +974,11 @@ def test_tiles_in_place_except_on_amd_processors(text, in_place, tmp_path, monke
     if text is not None:
         info.write_text(text)
     monkeypatch.setattr(linalg, "_CPUINFO", str(info))
-    linalg._tiles_in_place.cache_clear()
+    linalg._processor.cache_clear()
     try:
         assert linalg._tiles_in_place() is in_place
     finally:
-        linalg._tiles_in_place.cache_clear()
+        linalg._processor.cache_clear()
 
 
 def test_tiled_update_with_only_beta_tracked_and_into_another_dtype():
