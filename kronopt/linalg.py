@@ -96,10 +96,13 @@ def _processor() -> _Processor:
         with open(_CPUINFO, encoding="ascii", errors="replace") as info:
             fields: dict[str, str] = {}
             for line in info:
-                if not line.strip() and fields:
-                    break  # the end of the first processor's block
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    if fields:
+                        break  # the end of the first processor's block
+                    continue
+                key, colon, value = line.partition(":")
+                if colon:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
         return _Processor()
     return _Processor(fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split()))
@@ -1003,8 +1006,8 @@ def newton_schulz(
     On a CPU a small batch (``_BF16_EMULATED``) takes that arithmetic in float32 kernels,
     rounding each result: the same roundings, without the fixed cost of a bfloat16 kernel call
     that dominates such blocks (a Muon step on 30 matrices of 8 × 8 to 37 × 66: about 0.7 of the
-    time). So does every batch on a processor whose bfloat16 products are no faster than float32
-    ones (:func:`_bfloat16_products_fast`). The accumulation order differs, so now and then a result
+    time). So does every batch above 16³ multiply-adds on a processor whose bfloat16 products are
+    no faster than float32 ones (:func:`_bfloat16_products_fast`). The accumulation order differs, so now and then a result
     rounds the other way, as between any two bfloat16 kernels.
 
     Args:
@@ -1043,25 +1046,26 @@ def newton_schulz(
 #: bfloat16) when its Gram product makes more than ``_BF16_EMULATED[0]`` and at most
 #: ``_BF16_EMULATED[1]`` multiply-adds (the batch's): above 16³ torch hands a bfloat16 product to
 #: oneDNN, whose fixed cost (about 25 µs a call) dwarfs a small product, and from about 2²⁰ on the
-#: float32 kernels' flops cost more. Measured on a 2-core AVX-512 machine, the whole iteration: 0.45–0.75
+#: float32 kernels' flops cost more. Measured on a 2-core Intel Xeon with AMX, the whole iteration: 0.45–0.75
 #: of the bfloat16 kernels' time from 2¹³ to 2¹⁹ multiply-adds, about even at 2²⁰ to 2²¹. That holds
 #: where the bfloat16 kernels outrun the float32 ones; where they do not
-#: (:func:`_bfloat16_products_fast`), every size above the lower bound takes the float32 kernels.
+#: (:func:`_bfloat16_products_fast`), every size above the lower bound (16³) takes the float32 kernels.
 _BF16_EMULATED = (16**3, 2**20)
 
 
-@functools.cache
 def _bfloat16_products_fast() -> bool:
     """Whether this processor multiplies bfloat16 matrices faster than float32 ones, read from its x86
     ``flags``: with AMX (``amx_bf16``), or on an AMD processor with AVX-512 bfloat16 dot products
     (``avx512_bf16``, Zen 4 on). Measured on 2 cores, torch 2.13 (oneDNN for bfloat16, MKL for float32):
     an Intel Xeon with AMX ran bfloat16 products several times faster than float32 ones; an AMD EPYC
     (Zen 4) 356–389 GFLOP/s against 80–157; an Intel Xeon whose virtual machine exposes
-    ``avx512_bf16`` and not AMX about 150 against 245 (oneDNN's ``avx512_core_bf16`` kernels), so
-    there Newton–Schulz in float32 kernels took 0.61–0.96 of its time in bfloat16 ones on the
-    presets' shapes (``4 × 256 × 256`` to ``1024 × 1024``). Without such flags the bfloat16 kernels
-    convert to float32 themselves. Where the file names no x86 flags (it cannot be read, or another
-    architecture), the measured default (``_BF16_EMULATED`` as it stands) holds."""
+    ``avx512_bf16`` and not AMX about 150 against 236–263 on most shapes (oneDNN's
+    ``avx512_core_bf16`` kernels), so there Newton–Schulz in float32 kernels took 0.69–0.96 of its
+    time in bfloat16 ones on the presets' shapes (``4 × 256 × 256`` to ``1024 × 1024``). Two
+    assumptions, not measured: that a processor without bfloat16 dot products (no ``avx512_bf16``)
+    is slower still in bfloat16, its kernels converting to float32 themselves; and that where the
+    file names no x86 flags (it cannot be read, or another architecture) the bound measured on the
+    AMX Xeon (``_BF16_EMULATED``) holds."""
     flags = _processor().flags
     if not flags:
         return True

@@ -452,6 +452,8 @@ def test_newton_schulz_takes_float32_kernels_only_for_small_bfloat16_work_on_a_c
     assert not linalg._bfloat16_in_float32(small.double(), torch.bfloat16)
     assert not linalg._bfloat16_in_float32(torch.zeros(1, 16, 16), torch.bfloat16)  # 16³: torch's own small kernel
     assert not linalg._bfloat16_in_float32(torch.zeros(4, 128, 256), torch.bfloat16)  # 2²⁴: bfloat16 kernels win
+    assert linalg._bfloat16_in_float32(torch.zeros(1, 64, 256), torch.bfloat16)  # 2²⁰, the last size in float32
+    assert not linalg._bfloat16_in_float32(torch.zeros(1, 65, 256), torch.bfloat16)
 
 
 def test_newton_schulz_takes_float32_kernels_at_every_size_where_bfloat16_products_are_slower(gen, monkeypatch):
@@ -504,7 +506,9 @@ _AMD = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: 
         (_AMD.format("avx2"), False),
         # the first processor's flags only
         (_INTEL.format("avx512_bf16") + "processor\t: 1\nflags\t\t: amx_bf16\n", False),
+        ("\n\n  \n" + _INTEL.format("avx2"), False),  # blank lines before the first block
         ("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\n", True),  # no x86 flags: the default
+        ("vendor_id       : IBM/S390\nfeatures\t: esan3 zarch vx\n", True),
         (None, True),  # no file: the default
     ],
 )
@@ -514,12 +518,10 @@ def test_bfloat16_products_fast_read_from_the_processor_flags(text, fast, tmp_pa
         info.write_text(text)
     monkeypatch.setattr(linalg, "_CPUINFO", str(info))
     linalg._processor.cache_clear()
-    linalg._bfloat16_products_fast.cache_clear()
     try:
         assert linalg._bfloat16_products_fast() is fast
     finally:
         linalg._processor.cache_clear()
-        linalg._bfloat16_products_fast.cache_clear()
 
 
 def test_compiled_newton_schulz_stays_a_bfloat16_iteration(gen):
