@@ -442,6 +442,27 @@ def test_newton_schulz_in_bfloat16_on_small_cpu_blocks_is_bfloat16_arithmetic(ge
     assert (out - ref).norm() <= 1e-2 * ref.norm()
 
 
+@pytest.mark.parametrize("shape", [(3, 24, 40), (2, 70, 20), (1, 48, 48)])
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16])
+def test_newton_schulz_in_float32_kernels_rounds_in_its_buffers_as_into_new_tensors(gen, shape, source):
+    """The untracked path rounds each result in place in buffers of its own; a ``U`` that autograd
+    tracks takes the functional form, each result rounded into a new tensor. The two give the same
+    bits, for float32 and bfloat16 input, either norm, wide, tall and square blocks, any number of
+    iterations (none included), and ``U`` is left as it was."""
+    U = torch.randn(*shape, generator=gen).to(source)
+    before = U.clone()
+    assert linalg._bfloat16_in_float32(U, torch.bfloat16)
+    for norm in ("clamp", "add"):
+        for steps in (0, 1, 5):
+            coeffs = schedule("kj", steps) if steps else []
+            fast = linalg.newton_schulz(U, coeffs, norm=norm)
+            with torch.enable_grad():
+                tracked = linalg.newton_schulz(U.clone().requires_grad_(), coeffs, norm=norm)
+            assert fast.dtype == tracked.dtype == torch.bfloat16 and not fast.requires_grad
+            assert torch.equal(fast, tracked.detach()), (norm, steps)
+    assert torch.equal(U, before)
+
+
 def test_newton_schulz_takes_float32_kernels_only_for_small_bfloat16_work_on_a_cpu(monkeypatch):
     """Where the processor's bfloat16 products are the faster ones."""
     monkeypatch.setattr(linalg, "_bfloat16_products_fast", lambda: True)
