@@ -534,13 +534,19 @@ _AMD = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: 
     ],
 )
 def test_bfloat16_products_fast_read_from_the_processor_flags(text, fast, tmp_path, monkeypatch):
+    assert _on_processor(text, tmp_path, monkeypatch, linalg._bfloat16_products_fast) is fast
+
+
+def _on_processor(text, tmp_path, monkeypatch, read):
+    """``read()`` with ``/proc/cpuinfo`` replaced by ``text`` (no file where it is ``None``); the cached
+    reading of the processor cleared before and after."""
     info = tmp_path / "cpuinfo"
     if text is not None:
         info.write_text(text)
     monkeypatch.setattr(linalg, "_CPUINFO", str(info))
     linalg._processor.cache_clear()
     try:
-        assert linalg._bfloat16_products_fast() is fast
+        return read()
     finally:
         linalg._processor.cache_clear()
 
@@ -993,15 +999,7 @@ def test_tiled_update_takes_the_form_the_processor_runs_faster(in_place, monkeyp
 )
 def test_tiles_in_place_except_on_amd_processors(text, in_place, tmp_path, monkeypatch):
     """The form is read from the processor's vendor: apart on AMD, in place elsewhere and where it cannot be read."""
-    info = tmp_path / "cpuinfo"
-    if text is not None:
-        info.write_text(text)
-    monkeypatch.setattr(linalg, "_CPUINFO", str(info))
-    linalg._processor.cache_clear()
-    try:
-        assert linalg._tiles_in_place() is in_place
-    finally:
-        linalg._processor.cache_clear()
+    assert _on_processor(text, tmp_path, monkeypatch, linalg._tiles_in_place) is in_place
 
 
 def test_tiled_update_with_only_beta_tracked_and_into_another_dtype():
