@@ -1028,11 +1028,11 @@ def newton_schulz(
     if norm not in ("clamp", "add"):
         raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
     emulated = _bfloat16_in_float32(U, dtype)
-    if emulated and not (torch.is_grad_enabled() and U.requires_grad):
+    if emulated and _plain(U):
         return _newton_schulz_rounded(U, coefficients, eps=eps, norm=norm)
     # bfloat16 arithmetic: each operation rounds its result to bfloat16 (products accumulate in
     # float32 in between), whether the kernels run in bfloat16 or in float32 (``emulated``, here
-    # only where autograd tracks ``U``)
+    # only for a ``U`` that is not _plain)
     rnd = _round_to_bfloat16 if emulated else (lambda t: t)
     X = rnd(U.to(torch.float32)) if emulated else U.to(dtype)
     tall = U.shape[-2] > U.shape[-1]
@@ -1090,16 +1090,31 @@ def _bfloat16_in_float32(U: Tensor, dtype: torch.dtype) -> bool:
     return _BF16_EMULATED[0] < work and (work <= _BF16_EMULATED[1] or not _bfloat16_products_fast())
 
 
+def _plain(U: Tensor) -> bool:
+    """Whether ``U`` is a plain tensor that no autograd mode tracks: not a subclass (``DTensor``), not
+    wrapped by a ``torch.func`` transform (``vmap``, ``grad``), no forward-mode tangent, not requiring
+    a gradient where grad mode is on. Such a tensor's iteration may run with ``out=`` and in place."""
+    return (
+        type(U) is torch.Tensor
+        and not (torch.is_grad_enabled() and U.requires_grad)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(U)
+        and torch.autograd.forward_ad.unpack_dual(U).tangent is None
+    )
+
+
 def _newton_schulz_rounded(
     U: Tensor, coefficients: Sequence[tuple[float, float, float]], *, eps: float, norm: str
 ) -> Tensor:
     """:func:`newton_schulz`'s bfloat16 arithmetic in float32 kernels, in buffers of its own: every
     result is rounded to bfloat16 in place, through one bfloat16 scratch the size of ``U``, and the
-    iterates alternate between two float32 buffers, so no iteration allocates. The same values as
-    rounding each result into a new tensor (:func:`_round_to_bfloat16`), with fewer passes over
-    memory: on an Intel Xeon without AMX, where every batch of a Muon step takes this path, its
-    step took 0.92–0.93 of the time of the functional form (4 layers of d = 256, stepped in turn, the
-    same weights bit for bit). Not for a ``U`` that autograd tracks (``out=`` and in-place)."""
+    iterates alternate between two float32 buffers, so no iteration allocates. For a contiguous
+    ``U``, the same values as rounding each result into a new tensor (:func:`_round_to_bfloat16`),
+    with fewer passes over memory: on an Intel Xeon without AMX, where every batch of a Muon step
+    takes this path, its step took 0.92–0.93 of the time of the functional form (4 layers of
+    d = 256, stepped in turn, the same weights bit for bit). A ``U`` of other strides (a transposed
+    view) is read into contiguous memory first, where the functional form's first products read it
+    as it lies; MKL's sums may then run in another order and round a few entries the other way,
+    equally bfloat16 arithmetic. Only for a :func:`_plain` ``U`` (``out=`` and in place)."""
     b, m, n = U.shape
     tall, side = m > n, min(m, n)
     scratch = torch.empty(U.shape, dtype=torch.bfloat16, device=U.device)

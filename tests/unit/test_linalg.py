@@ -1,5 +1,6 @@
 """kronopt.linalg: products, bases, eigh, power/QR, Newton–Schulz, Muon scales."""
 
+import itertools
 import math
 
 import pytest
@@ -449,18 +450,39 @@ def test_newton_schulz_in_float32_kernels_rounds_in_its_buffers_as_into_new_tens
     tracks takes the functional form, each result rounded into a new tensor. The two give the same
     bits, for float32 and bfloat16 input, either norm, wide, tall and square blocks, any number of
     iterations (none included), and ``U`` is left as it was."""
-    U = torch.randn(*shape, generator=gen).to(source)
+    U = torch.randn(*shape, generator=gen).to(source) * 1e-3  # so that an ε of 1e-4 to 1 counts in the norm
     before = U.clone()
     assert linalg._bfloat16_in_float32(U, torch.bfloat16)
-    for norm in ("clamp", "add"):
+    for norm, eps in itertools.product(("clamp", "add"), (1e-7, 1e-4, 0.3)):
         for steps in (0, 1, 5):
             coeffs = schedule("kj", steps) if steps else []
-            fast = linalg.newton_schulz(U, coeffs, norm=norm)
+            fast = linalg.newton_schulz(U, coeffs, norm=norm, eps=eps)
             with torch.enable_grad():
-                tracked = linalg.newton_schulz(U.clone().requires_grad_(), coeffs, norm=norm)
+                tracked = linalg.newton_schulz(U.clone().requires_grad_(), coeffs, norm=norm, eps=eps)
             assert fast.dtype == tracked.dtype == torch.bfloat16 and not fast.requires_grad
-            assert torch.equal(fast, tracked.detach()), (norm, steps)
+            assert torch.equal(fast, tracked.detach()), (norm, eps, steps)
     assert torch.equal(U, before)
+    # a transposed view is read into contiguous memory first: as the functional form on a contiguous copy
+    V = U.mT.contiguous().mT  # U's values, the other strides
+    with torch.enable_grad():
+        tracked = linalg.newton_schulz(U.clone().requires_grad_(), schedule("kj", 5))
+    assert torch.equal(linalg.newton_schulz(V, schedule("kj", 5)), tracked.detach())
+
+
+def test_newton_schulz_in_float32_kernels_under_function_transforms(gen):
+    """Forward-mode AD and ``vmap`` wrap their tensors, so they take the functional form (no ``out=``, nothing
+    in place): the primal matches the plain iteration bit for bit, the mapped slices up to a few entries
+    (vmap runs its reductions and products over the whole stack, in another order)."""
+    U = torch.randn(2, 3, 24, 40, generator=gen)
+    coeffs = schedule("kj", 3)
+    plain = torch.stack([linalg.newton_schulz(u, coeffs) for u in U])
+    mapped = torch.func.vmap(lambda u: linalg.newton_schulz(u, coeffs))(U)
+    assert mapped.dtype == torch.bfloat16 and (mapped == plain).double().mean() >= 0.99
+    torch.testing.assert_close(mapped.float(), plain.float(), rtol=0, atol=1e-2)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(U[0], torch.ones_like(U[0]))
+        out = torch.autograd.forward_ad.unpack_dual(linalg.newton_schulz(dual, coeffs))
+    assert torch.equal(out.primal, plain[0]) and out.tangent is not None
 
 
 def test_newton_schulz_takes_float32_kernels_only_for_small_bfloat16_work_on_a_cpu(monkeypatch):
