@@ -1007,8 +1007,8 @@ def newton_schulz(
     rounding each result: the same roundings, without the fixed cost of a bfloat16 kernel call
     that dominates such blocks (a Muon step on 30 matrices of 8 × 8 to 37 × 66: about 0.7 of the
     time). So does every batch above 16³ multiply-adds on a processor whose bfloat16 products are
-    no faster than float32 ones (:func:`_bfloat16_products_fast`). The accumulation order differs, so now and then a result
-    rounds the other way, as between any two bfloat16 kernels.
+    no faster than float32 ones (:func:`_bfloat16_products_fast`). The accumulation order differs,
+    so now and then a result rounds the other way, as between any two bfloat16 kernels.
 
     Args:
         U: ``b m n`` batch.
@@ -1115,7 +1115,7 @@ def _newton_schulz_rounded(
     view) is read into contiguous memory first, where the functional form's first products read it
     as it lies; MKL's sums may then run in another order and round a few entries the other way,
     equally bfloat16 arithmetic. Only for a :func:`_plain` ``U`` (``out=`` and in place)."""
-    b, m, n = U.shape
+    batch, m, n = U.shape
     tall, side = m > n, min(m, n)
     scratch = torch.empty(U.shape, dtype=torch.bfloat16, device=U.device)
 
@@ -1127,11 +1127,11 @@ def _newton_schulz_rounded(
     X.copy_(U if U.dtype == torch.bfloat16 else scratch.copy_(U))
     nrm = rnd_(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True))
     rnd_(X.div_(rnd_(nrm.clamp_(min=eps) if norm == "clamp" else nrm.add_(eps))))
-    A = X.new_empty(b, side, side)
+    A = X.new_empty(batch, side, side)
     B, Y = torch.empty_like(A), torch.empty_like(X)
-    for i, (a, b_, c) in enumerate(coefficients):
+    for i, (a, b, c) in enumerate(coefficients):
         rnd_(torch.bmm(X.mT, X, out=A) if tall else torch.bmm(X, X.mT, out=A))
-        rnd_(torch.baddbmm(A, A, A, beta=b_, alpha=c, out=B))
+        rnd_(torch.baddbmm(A, A, A, beta=b, alpha=c, out=B))
         torch.baddbmm(X, X, B.mT, beta=a, out=Y) if tall else torch.baddbmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
         if i < len(coefficients) - 1:
