@@ -1069,10 +1069,10 @@ def _bfloat16_products_fast() -> bool:
     is slower still in bfloat16, its kernels converting to float32 themselves; and that where the
     file names no x86 flags (it cannot be read, or another architecture) the bound measured on the
     AMX Xeon (``_BF16_EMULATED``) holds."""
-    flags = _processor().flags
-    if not flags:
+    processor = _processor()
+    if not processor.flags:
         return True
-    return "amx_bf16" in flags or (_processor().vendor == "AuthenticAMD" and "avx512_bf16" in flags)
+    return "amx_bf16" in processor.flags or (processor.vendor == "AuthenticAMD" and "avx512_bf16" in processor.flags)
 
 
 def _bfloat16_in_float32(U: Tensor, dtype: torch.dtype) -> bool:
