@@ -43,6 +43,17 @@ def sym(A: Tensor, *, out: Tensor | None = None) -> Tensor:
 
     ``out`` (of ``A``'s shape and dtype, not overlapping it) takes the result, e.g. a tile's place
     in a larger matrix."""
+    return sym_sum(A, out=out).mul_(0.5)  # the same two roundings as (A + Aᵀ)·0.5, one temporary fewer
+
+
+def sym_sum(A: Tensor, *, out: Tensor | None = None) -> Tensor:
+    r""":math:`A + A^\top`, exactly symmetric (``out`` as for :func:`sym`).
+
+    A product that will be symmetrised can be made at half its weights (``alpha/2``, ``beta/2``) and
+    summed with its transpose here: the same bits as :func:`sym` of the full-weight product, one pass
+    fewer. Halving is exact in binary floating point, so every product, sum and weighting of the
+    half-weight product is exactly half the full one's (barring results below the smallest normal
+    number, where halving rounds)."""
     if (
         A.device.type == "cpu" and A.ndim == 3 and A.shape[-1] >= _SYM_BLOCKED_MIN and A.shape[-1] == A.shape[-2]
         and (out is None or out.is_contiguous())
@@ -52,8 +63,8 @@ def sym(A: Tensor, *, out: Tensor | None = None) -> Tensor:
         T = torch.empty(A.shape, dtype=A.dtype, device=A.device) if out is None else out
         for i in range(A.shape[0]):
             T[i].copy_(A[i].mT)
-        return T.add_(A).mul_(0.5)
-    return torch.add(A, A.mT, out=out).mul_(0.5)  # the same two roundings as (A + Aᵀ)·0.5, one temporary fewer
+        return T.add_(A)
+    return torch.add(A, A.mT, out=out)
 
 
 #: the side from which :func:`sym` transposes on CPU block by block
@@ -207,9 +218,10 @@ def _tiled(X: Tensor, A: Tensor) -> bool:
 
 
 def _dense_sym_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float) -> Tensor:
+    # made at half weight and summed with its transpose: sym of the full-weight product, one pass fewer (sym_sum)
     if isinstance(beta, Tensor):
-        return sym((X * beta).baddbmm_(A, B.mT, alpha=alpha))
-    return sym(torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha))
+        return sym_sum((X * (beta * 0.5)).baddbmm_(A, B.mT, alpha=alpha * 0.5))
+    return sym_sum(torch.baddbmm(X, A, B.mT, beta=beta * 0.5, alpha=alpha * 0.5))
 
 
 def _tiled_sym_product(
@@ -253,12 +265,14 @@ def _tiled_sym_product(
                     tile.baddbmm_(A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
                 out[:, J, I] = tile.mT  # type: ignore[index]
             else:
+                # a diagonal tile is made at half weight and summed with its transpose (sym_sum): its sym
+                b_w, a_w = (beta * 0.5, alpha * 0.5) if I == J else (beta, alpha)
                 if per_block:
-                    tile = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
+                    tile = (X[:, I, J] * b_w).baddbmm_(A[:, I], B[:, J].mT, alpha=a_w)
                 else:
-                    tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
+                    tile = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=b_w, alpha=a_w)  # type: ignore[arg-type]
                 if I == J:
-                    tile = sym(tile, out=out[:, I, J] if placed else None)  # type: ignore[index]
+                    tile = sym_sum(tile, out=out[:, I, J] if placed else None)  # type: ignore[index]
                 if held:
                     out.tiles[i, j] = tile  # type: ignore[union-attr]
                 elif not placed or I != J:
@@ -364,7 +378,7 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
         H = torch.bmm(P, A[..., J].mT) if H is None else H.baddbmm_(P, A[..., J].mT)
     if H is None:  # d = 0
         return torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=dtype, device=A.device)
-    return sym(H).mul_(2.0 * alpha)  # (H + Hᵀ)/2 · 2α: the factor 2 is exact
+    return sym_sum(H).mul_(alpha)  # (H + Hᵀ)/2 · 2α, the same bits: halving and doubling are exact
 
 
 def ema_gram_left(L: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:

@@ -815,6 +815,40 @@ def test_sym_product_of_a_sandwich_with_per_block_beta(seed, m, k, b, tile, tile
 
 
 @given(
+    seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5),
+    per_block=st.booleans(), dtype=st.sampled_from([torch.float32, F64]),
+)
+def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, m, k, b, tile, per_block, dtype):
+    """The products that are symmetrised are made at half weight and summed with their transposes
+    (``sym_sum``): dense, the whole result, and tiled, each diagonal tile, equal ``sym`` of the same product
+    made at full weight bit for bit (halving is exact); a tile below the diagonal is the full-weight product's
+    own and its mirror. ``sym_sum(A)`` is ``A + Aᵀ``, twice ``sym(A)`` exactly."""
+    gen = generator(seed)
+    A, B = randn(gen, b, m, k, dtype=dtype), randn(gen, b, m, k, dtype=dtype)
+    X = linalg.sym(randn(gen, b, m, m, dtype=dtype))
+    beta = (torch.rand(b, 1, 1, generator=gen, dtype=F64) + 0.25).to(dtype) if per_block else 0.9
+
+    def full(I, J):  # the product at full weight of the rows I and the columns J, as the dense form made it before
+        if per_block:
+            return torch.baddbmm(X[:, I, J] * beta, A[:, I], B[:, J].mT, alpha=0.3)
+        return torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=0.3)
+
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, tile, False)
+        dense = linalg.sym_product(X, A, B, beta=beta, alpha=0.3)
+        _tiling(patch, tile, True)
+        tiled = linalg.sym_product(X, A, B, beta=beta, alpha=0.3)
+        slices = linalg._tile_slices(m)
+    assert torch.equal(dense, linalg.sym(full(slice(0, m), slice(0, m))))
+    for i, I in enumerate(slices):
+        assert torch.equal(tiled[:, I, I], linalg.sym(full(I, I)))
+        for J in slices[:i]:
+            assert torch.equal(tiled[:, I, J], full(I, J)) and torch.equal(tiled[:, J, I], full(I, J).mT)
+    S = randn(gen, b, m, m, dtype=dtype)
+    assert torch.equal(linalg.sym_sum(S), S + S.mT) and torch.equal(linalg.sym_sum(S), 2 * linalg.sym(S))
+
+
+@given(
     seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 4), l=st.integers(1, 14), b=st.integers(1, 3),
     tile=st.integers(1, 5), tiled=st.booleans(),
 )
