@@ -1796,8 +1796,8 @@ def accumulate_two_grams_left(X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: 
 
 def _two_grams(X: Tensor, A: Tensor, C: Tensor, w: Tensor, beta: float, alpha: float) -> Tensor:
     """The dense form of :func:`accumulate_two_grams_left` with the Gram ``C = B Bᵀ`` made."""
-    T = torch.baddbmm(X, A, A.mT, beta=beta, alpha=alpha)
-    return sym(T.addcmul_(C, w, value=alpha))
+    T = torch.baddbmm(X, A, A.mT, beta=beta * 0.5, alpha=alpha * 0.5)  # at half weight: sym_sum is then its sym
+    return sym_sum(T.addcmul_(C, w, value=alpha * 0.5))
 
 
 def accumulate_two_grams_left_with_energy(

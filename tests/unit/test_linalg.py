@@ -870,6 +870,9 @@ def test_two_gram_updates_with_a_per_block_weight(seed, m, k, l, b, tile, tiled)
         assert torch.equal(out, out.mT)
     close(out64, expected)
     close(out32.double(), expected, rtol=1e-5, atol=1e-5)
+    if not tiled:  # made at half weight, summed with its transpose: the bits of sym of the full-weight sum
+        X, A, B, w = X.float(), A.float(), B.float(), w.float()
+        assert torch.equal(out32, linalg.sym(torch.baddbmm(X, A, A.mT, beta=0.9, alpha=0.3).addcmul_(B @ B.mT, w, value=0.3)))
 
 
 @given(seed=SEEDS, d=st.integers(1, 10), k=st.integers(1, 24), b=st.integers(1, 3), tile=st.integers(1, 5), tiled=st.booleans())
