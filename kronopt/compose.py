@@ -530,7 +530,9 @@ def changed_tensors(new: Any, old: Any, *also: Tensor | None) -> list[Tensor]:
     return changed + [t for t in also if t is not None]
 
 
-def write_(stacks: Any, new: Any, ok: Tensor, *, copies: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Any, bool]:
+def write_(
+    stacks: Any, new: Any, ok: Tensor, *, copies: list[tuple[Tensor, Tensor]] | None = None, all_ok: bool | None = None
+) -> tuple[Any, bool]:
     """Write a step's new state into the existing stacks, per block where ``ok`` holds.
 
     ``stacks`` is the record the step started from; ``new`` the record it returned.
@@ -545,7 +547,8 @@ def write_(stacks: Any, new: Any, ok: Tensor, *, copies: list[tuple[Tensor, Tens
 
     ``copies`` (a list): where every write is a plain copy (on a CPU with every block ok), the
     ``(stack, new tensor)`` pairs are appended there for the caller to copy, with other buckets',
-    in one call, instead of copied here.
+    in one call, instead of copied here. ``all_ok``, when given, is that verdict already read
+    (:func:`kronopt.linalg.cpu_all` of ``ok``), as :func:`masked_write_` takes it.
 
     Returns:
         The record to keep (the stacks' records, rebuilt only where the new record's
@@ -599,7 +602,7 @@ def write_(stacks: Any, new: Any, ok: Tensor, *, copies: list[tuple[Tensor, Tens
     writes = [(o, n.clone() if n.untyped_storage().data_ptr() in written else n) for o, n in writes]
     if not writes:
         return kept, replaced
-    if linalg.cpu_all(ok) and all(o.device.type == "cpu" for o, _ in writes):
+    if (linalg.cpu_all(ok) if all_ok is None else all_ok) and all(o.device.type == "cpu" for o, _ in writes):
         # on a CPU the verdict is read for free: with every block ok (nearly every step) each write
         # is a plain copy, and all of them go in one call
         if copies is not None:
@@ -613,15 +616,16 @@ def write_(stacks: Any, new: Any, ok: Tensor, *, copies: list[tuple[Tensor, Tens
     return kept, replaced
 
 
-def run_deferred_(deferred: Sequence[linalg.DeferredWrite], ok: Tensor) -> None:
+def run_deferred_(deferred: Sequence[linalg.DeferredWrite], ok: Tensor, *, all_ok: bool | None = None) -> None:
     """Each deferred value (:class:`kronopt.linalg.DeferredWrite`) into its stack, in order, on the blocks
     where ``ok`` holds; the others keep their old value exactly. With every block ok on a CPU (the
     verdict read there for free) each value is computed into its stack in place; otherwise into a
     tensor of its own, then written per block by :func:`masked_write_`, as :func:`write_` writes a new
-    state tensor (so the same bits, the sign of a zero included)."""
+    state tensor (so the same bits, the sign of a zero included). ``all_ok``: that verdict already read
+    (:func:`kronopt.linalg.cpu_all` of ``ok``)."""
     if not deferred:
         return
-    if linalg.cpu_all(ok):  # (deferral runs on a CPU only: the stacks are there too)
+    if linalg.cpu_all(ok) if all_ok is None else all_ok:  # (deferral runs on a CPU only: the stacks are there too)
         for d in deferred:
             d.into(d.target)
         return

@@ -690,30 +690,36 @@ class KronOptimizer(torch.optim.Optimizer):
         D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
         return _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
 
-    def _finish(self, judged: list[tuple["_Run", Tensor]], step_ok: Tensor | None) -> list["_Pending | None"]:
+    def _finish(
+        self, judged: list[tuple["_Run", Tensor]], step_ok: Tensor | None, *, clean: bool = False
+    ) -> list["_Pending | None"]:
         """The writes of runs judged ``(run, ok)``, ``ok`` the blocks whose gradient, direction and new state
         are finite: every parameter first (a direction may still read the old stacks), in as few calls as
         the settings allow (:func:`post.apply_together_`), then every state (plain copies in one call,
         :func:`compose.write_`'s ``copies``), then each run's deferred factor updates. Returns each run's
-        report to queue (``None`` unless ``nonfinite = "warn"``)."""
-        writes = [ok if step_ok is None else ok & step_ok for _, ok in judged]  # scope "step": one bad block masks every write
+        report to queue (``None`` unless ``nonfinite = "warn"``). ``clean``: every ``ok`` and ``step_ok``
+        is known, on the host, to be all True (a CPU's verdicts, :meth:`_step_small_buckets`): then no mask
+        is combined, read again or counted, and nothing is reported, which is what they would come to."""
+        # scope "step": one bad block masks every write
+        writes = [ok if step_ok is None or clean else ok & step_ok for _, ok in judged]
         applies = []
         for (run, _), write in zip(judged, writes):
             if run.D is not None:
                 group = self.param_groups[run.bucket.group]
                 applies.append((run.cfg.post, run.bucket.params, run.D, group["lr"], group["weight_decay"], write))
-        post.apply_together_(applies)
+        post.apply_together_(applies, all_ok=clean)
         copies: list[tuple[Tensor, Tensor]] = []
         for (run, ok), write in zip(judged, writes):
-            self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies)
+            self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies, clean=clean)
         if copies:
             torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
         warn = self.config.nonfinite == "warn"
         reports: list[_Pending | None] = []
         for (run, ok), write in zip(judged, writes):
             if run.defer:
-                compose.run_deferred_(run.defer, write)
-            reports.append(_Pending(run.bucket.params, ok, run.new.step, group=run.bucket.group, step_ok=step_ok) if warn else None)
+                compose.run_deferred_(run.defer, write, all_ok=clean or None)
+            report = warn and not clean  # a clean run has nothing to report
+            reports.append(_Pending(run.bucket.params, ok, run.new.step, group=run.bucket.group, step_ok=step_ok) if report else None)
         return reports
 
     def _small_cpu(self, bucket: _Bucket) -> KronConfig | None:
@@ -760,7 +766,10 @@ class KronOptimizer(torch.optim.Optimizer):
                     ok = ok & linalg.finite_blocks(*tensors)  # block by block: compose.finite_new_state's test
                 start += len(tensors)
                 judged.append((run, ok))
-            reports = self._finish(judged, step_ok)
+            # every new state finite, and every gradient (the step's flag, or the runs' own): read here, where
+            # it costs nothing, instead of each bucket's masks combined, read and counted at its writes
+            clean = all(flags) and bool(step_ok if step_ok is not None else torch.cat([run.ok for run in runs]).all())
+            reports = self._finish(judged, step_ok, clean=clean)
         return {id(run.bucket): report for (run, _), report in zip(judged, reports) if report is not None}
 
     def _plain_adam_cpu(self, bucket: _Bucket) -> tuple[KronConfig, list[Tensor]] | None:
@@ -972,13 +981,15 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _write_state(
         self, bucket: _Bucket, old: compose.BucketState, new: compose.BucketState, write: Tensor, ok: Tensor,
-        *, copies: list[tuple[Tensor, Tensor]] | None = None,
+        *, copies: list[tuple[Tensor, Tensor]] | None = None, clean: bool = False,
     ) -> None:
         """The new state into the stacks in place (blocks where ``write`` is False keep the old), so the
         per-parameter views in ``self.state`` stay valid; ``ok`` counts the non-finite blocks. ``copies``:
-        plain copies left to the caller (:func:`compose.write_`)."""
-        bucket.state, replaced = compose.write_(old, new, write, copies=copies)
-        bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
+        plain copies left to the caller (:func:`compose.write_`). ``clean``: ``write`` and ``ok`` are known to
+        be all True (:meth:`_finish`), so nothing is counted."""
+        bucket.state, replaced = compose.write_(old, new, write, copies=copies, all_ok=clean or None)
+        if not clean:
+            bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
         if replaced:
             self._bind(bucket)
         else:

@@ -126,21 +126,22 @@ class Post:
             param.mul_(decay)
 
 
-def _every_block_plainly(lr: Any, weight_decay: Any, ok: Tensor) -> bool:
+def _every_block_plainly(lr: Any, weight_decay: Any, ok: Tensor, all_ok: bool = False) -> bool:
     """Whether :meth:`Post.apply_` writes every block with one shared factor: ``lr`` and ``weight_decay`` plain
     Python numbers (a tensor or NumPy learning rate sets the factors' dtype itself) and every block written,
-    read on the host (on a CPU, :func:`linalg.cpu_all`)."""
-    return type(lr) in (int, float) and type(weight_decay) in (int, float) and linalg.cpu_all(ok)
+    read on the host (on a CPU, :func:`linalg.cpu_all`) unless ``all_ok`` says so already."""
+    return type(lr) in (int, float) and type(weight_decay) in (int, float) and (all_ok or linalg.cpu_all(ok))
 
 
-def apply_together_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, float, Tensor]]) -> None:
+def apply_together_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, float, Tensor]], *, all_ok: bool = False) -> None:
     """:meth:`Post.apply_` of several buckets' steps, each ``(post, params, D, lr, weight_decay, ok)``, the same
     bits. The buckets that :meth:`Post.apply_` would write with one shared factor are written together: one
     set of ``foreach`` calls (the decay and the step) per weight-decay order, factor dtype, device, ``lr`` and
-    ``weight_decay``; the others in turn."""
+    ``weight_decay``; the others in turn. ``all_ok``: every ``ok`` is known to be all True on a CPU (read on
+    the host already)."""
     plain = []
     for post, params, D, lr, weight_decay, ok in work:
-        if compiled.variant("post_apply") is not None or not _every_block_plainly(lr, weight_decay, ok):
+        if compiled.variant("post_apply") is not None or not _every_block_plainly(lr, weight_decay, ok, all_ok):
             post.apply_(params, D, lr=lr, weight_decay=weight_decay, ok=ok)
         else:
             plain.append((post, params, D, lr, weight_decay))

@@ -30,9 +30,9 @@ def _run(preset, defer, monkeypatch, *, bad=(), steps=9):
     seen = []
     real = compose.run_deferred_
 
-    def spy(deferred, write):
+    def spy(deferred, write, **kw):
         seen.append((len(deferred), bool(write.all())))
-        return real(deferred, write)
+        return real(deferred, write, **kw)
 
     monkeypatch.setattr(compose, "run_deferred_", spy)
     g = torch.Generator().manual_seed(0)

@@ -162,6 +162,42 @@ def test_a_bucket_whose_new_state_overflows_keeps_its_old_state_and_the_others_s
     assert opt.nonfinite_counts() == {"p0": 0, "p1": 1, "p2": 0, "p3": 0}
 
 
+@pytest.mark.parametrize("scope", ["step", "block"])
+def test_a_non_finite_gradient_outside_the_small_buckets(monkeypatch, scope):
+    """The small buckets' shortcut for a step with every verdict True reads the step's own flag: under
+    ``nonfinite_scope = "step"`` a NaN in a large bucket's gradient (stepped in its own turn) keeps every small
+    bucket's weights and state too, with nothing counted against them; under ``"block"`` they step, with
+    nothing counted either. A shortcut that read only the small buckets' own flags fails the first."""
+    params = {"big": torch.nn.Parameter(torch.randn(130, 130))}  # past 1 << 14 entries: its own turn
+    params |= {f"s{i}": torch.nn.Parameter(torch.randn(4 + i, 6)) for i in range(3)}
+    opt = kronopt.build(list(params.items()), "soap", nonfinite="warn", nonfinite_scope=scope)
+    taken = []
+    real = optimizer_module.KronOptimizer._step_small_buckets
+    monkeypatch.setattr(optimizer_module.KronOptimizer, "_step_small_buckets", lambda self, work, step_ok: (
+        taken.extend(b.layout.m for b, _ in work), real(self, work, step_ok))[1])
+    for _ in range(3):
+        for p in params.values():
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    assert sorted(set(taken)) == [4, 5, 6]
+    small = [p for name, p in params.items() if name != "big"]
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}) for p in small]
+    for p in params.values():
+        p.grad = torch.randn(p.shape)
+    params["big"].grad[3, 4] = math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        opt.flush_warnings()
+    for p, (w, state) in zip(small, before):
+        assert torch.equal(p, w) == (scope == "step")
+        assert torch.equal(opt.state[p]["inner.exp_avg"], state["inner.exp_avg"]) == (scope == "step")
+        if scope == "step":
+            assert all(torch.equal(opt.state[p][k], v) for k, v in state.items() if k not in ("step", "calls", "nonfinite"))
+    assert opt.nonfinite_counts() == {"big": 1, "s0": 0, "s1": 0, "s2": 0}
+    assert [str(w.message).split(" in: ")[1].split(";")[0] for w in caught] == ["big"]
+
+
 def test_large_and_compiled_buckets_keep_their_own_turn(monkeypatch):
     """Blocks past the entry or side bound, and a group with ``compile = true``, are not taken."""
     params = {
