@@ -426,9 +426,20 @@ def block_entries(record: Any, batch: int) -> list[dict[str, Any]]:
     return [{**{k: flat[k][i] for k in batched}, **shared} for i in range(batch)]
 
 
-def scalar_entries(record: Any) -> dict[str, Any]:
-    """The Python ints and bools of a record by dotted path (the counters that change every step)."""
-    return {k: v for k, v in flatten(record).items() if v is not None and not isinstance(v, Tensor)}
+def scalar_entries(record: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Python ints and bools of a record by dotted path (the counters that change every step): the
+    entries of :func:`flatten` that are neither tensors nor ``None``, in its order (read every step, so
+    without a path for the others)."""
+    out = {} if out is None else out
+    for name in _field_names(type(record)) or ():
+        value = getattr(record, name)
+        if value is None or isinstance(value, Tensor):
+            continue
+        if _field_names(type(value)) is not None:
+            scalar_entries(value, f"{prefix}{name}.", out)
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
 
 
 def adopt_saved(cfg: KronConfig, entry: dict[str, Any]) -> dict[str, Any]:
@@ -574,27 +585,36 @@ def write_(
 
     def merge(n: Any, o: Any, field: str) -> Any:
         # the stacks' record itself where only its tensors' contents changed (no new record per
-        # step): a record is rebuilt only where a counter or a replaced field differs
+        # step): a record is rebuilt only where a counter or a replaced field differs. Walked every
+        # step for every bucket, so the common cases come first: a field the step left as it was, then
+        # a new tensor for a stack.
         nonlocal replaced
-        if _field_names(type(n)) is None:
-            if isinstance(n, Tensor) or isinstance(o, Tensor):
-                if not all(x is None or isinstance(x, Tensor) for x in (n, o)):
-                    raise ValueError(f"state field {field!r} changed between a tensor and a {type(n if isinstance(o, Tensor) else o).__name__}")
+        if n is o:
+            return o
+        names = _init_names(type(n))
+        if names is None:  # not a record
+            n_tensor, o_tensor = isinstance(n, Tensor), isinstance(o, Tensor)
+            if n_tensor or o_tensor:
+                if not ((n_tensor or n is None) and (o_tensor or o is None)):
+                    raise ValueError(f"state field {field!r} changed between a tensor and a {type(n if o_tensor else o).__name__}")
                 return select(n, o)
             if (n is None) != (o is None):
                 replaced = True
             return n
         # a record that appears or changes type is built from the new one, its tensors still
         # selected per block against the old fields of the same name
-        if n is o:
-            return o
-        base = o if type(o) is type(n) else n
-        replaced = replaced or type(o) is not type(n)
+        if type(o) is type(n):
+            base = o
+        else:
+            base, replaced = n, True
         changes = {}
-        for name, init in _init_names(type(n)):
-            kept = merge(getattr(n, name), getattr(o, name, None), name)
-            if init is not None and not _same(kept, getattr(base, name)):
-                changes[init] = kept
+        for name, init in names:
+            value, before = getattr(n, name), getattr(o, name, None)
+            kept = before if value is before else merge(value, before, name)
+            if init is not None:
+                current = getattr(base, name)
+                if kept is not current and not _same(kept, current):
+                    changes[init] = kept
         return attrs.evolve(base, **changes) if changes else base
 
     kept = merge(new, stacks, "")
@@ -639,12 +659,16 @@ def run_deferred_(deferred: Sequence[linalg.DeferredWrite], ok: Tensor, *, all_o
 _INIT_NAMES: dict[type, tuple[tuple[str, str | None], ...]] = {}
 
 
-def _init_names(cls: type) -> tuple[tuple[str, str | None], ...]:
-    """``(field name, its name in __init__)`` of an attrs class (``None``: not an __init__ argument), cached."""
+def _init_names(cls: type) -> tuple[tuple[str, str | None], ...] | None:
+    """``(field name, its name in __init__)`` of an attrs class (``None``: not an __init__ argument), cached;
+    ``None`` for a class that is not an attrs class."""
     try:
         return _INIT_NAMES[cls]
     except KeyError:
-        names = tuple((f.name, (f.alias or f.name.lstrip("_")) if f.init else None) for f in attrs.fields(cls))
+        names = (
+            tuple((f.name, (f.alias or f.name.lstrip("_")) if f.init else None) for f in attrs.fields(cls))
+            if attrs.has(cls) else None
+        )
         _INIT_NAMES[cls] = names
         return names
 
