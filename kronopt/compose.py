@@ -656,7 +656,7 @@ def run_deferred_(deferred: Sequence[linalg.DeferredWrite], ok: Tensor, *, all_o
         masked_write_(d.target, new, ok, weights, all_ok=False)
 
 
-_INIT_NAMES: dict[type, tuple[tuple[str, str | None], ...]] = {}
+_INIT_NAMES: dict[type, tuple[tuple[str, str | None], ...] | None] = {}
 
 
 def _init_names(cls: type) -> tuple[tuple[str, str | None], ...] | None:

@@ -52,8 +52,11 @@ def sym_sum(A: Tensor, *, out: Tensor | None = None) -> Tensor:
     A product that will be symmetrised can be made at half its weights (``alpha/2``, ``beta/2``) and
     summed with its transpose here: the same bits as :func:`sym` of the full-weight product, one pass
     fewer. Halving is exact in binary floating point, so every product, sum and weighting of the
-    half-weight product is exactly half the full one's (barring results below the smallest normal
-    number, where halving rounds)."""
+    half-weight product is exactly half the full one's, with two exceptions at the ends of the range:
+    results below the smallest normal number, where halving rounds (in float16, from 6.1e-5 down), and
+    entries between half the largest finite number and it, which the full-weight form overflowed to
+    ±inf (the full product, or its sum with its transpose) and this one keeps finite: a factor update
+    there is kept where it was skipped as non-finite."""
     if (
         A.device.type == "cpu" and A.ndim == 3 and A.shape[-1] >= _SYM_BLOCKED_MIN and A.shape[-1] == A.shape[-2]
         and (out is None or out.is_contiguous())

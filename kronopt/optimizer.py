@@ -767,8 +767,12 @@ class KronOptimizer(torch.optim.Optimizer):
                 start += len(tensors)
                 judged.append((run, ok))
             # every new state finite, and every gradient (the step's flag, or the runs' own): read here, where
-            # it costs nothing, instead of each bucket's masks combined, read and counted at its writes
-            clean = all(flags) and bool(step_ok if step_ok is not None else torch.cat([run.ok for run in runs]).all())
+            # it costs nothing, instead of each bucket's masks combined, read and counted at its writes (a step
+            # flag on another device, whose first gradients lie there, is not waited for: no clean run then)
+            if step_ok is None:
+                clean = all(flags) and bool(torch.cat([run.ok for run in runs]).all())
+            else:
+                clean = all(flags) and linalg.host_verdicts(step_ok) and bool(step_ok)
             reports = self._finish(judged, step_ok, clean=clean)
         return {id(run.bucket): report for (run, _), report in zip(judged, reports) if report is not None}
 

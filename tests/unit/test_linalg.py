@@ -848,6 +848,20 @@ def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, 
     assert torch.equal(linalg.sym_sum(S), S + S.mT) and torch.equal(linalg.sym_sum(S), 2 * linalg.sym(S))
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_sym_product_keeps_entries_between_half_the_largest_float_and_it(tiled):
+    """The one place the half-weight form differs from averaging the full-weight product: entries above half
+    the largest finite number, where ``P + Pᵀ`` (or the full product itself) overflowed, stay finite and exact."""
+    big = 0.6 * torch.finfo(torch.float32).max
+    X = torch.eye(5).mul(big).unsqueeze(0)
+    A = torch.zeros(1, 5, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        _tiling(patch, 2, tiled)
+        out = linalg.sym_product(X, A, A, beta=1.0, alpha=0.3)
+    assert torch.equal(out, X)
+    assert not torch.isfinite(linalg.sym(X)).all()  # what averaging the full-weight product gave
+
+
 @given(
     seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 4), l=st.integers(1, 14), b=st.integers(1, 3),
     tile=st.integers(1, 5), tiled=st.booleans(),

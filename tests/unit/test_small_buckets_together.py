@@ -198,6 +198,25 @@ def test_a_non_finite_gradient_outside_the_small_buckets(monkeypatch, scope):
     assert [str(w.message).split(" in: ")[1].split(";")[0] for w in caught] == ["big"]
 
 
+@pytest.mark.parametrize("scope", ["step", "block"])
+def test_a_run_is_clean_exactly_when_every_verdict_is_true(monkeypatch, scope):
+    """``_finish(clean=True)`` skips what all-True masks come to, so it must see only such masks: on the
+    steps with a NaN, an infinity or an overflow (``_grads``) no run is clean, on the others every one is
+    (every bucket of this set goes through the small buckets' path)."""
+    seen = []
+    real = optimizer_module.KronOptimizer._finish
+
+    def spy(self, judged, step_ok, *, clean=False):
+        flags = [bool(ok.all()) for _, ok in judged] + ([] if step_ok is None else [bool(step_ok)])
+        seen.append((clean, all(flags)))
+        return real(self, judged, step_ok, clean=clean)
+
+    monkeypatch.setattr(optimizer_module.KronOptimizer, "_finish", spy)
+    _run(monkeypatch, "soap", together=True, scope=scope)
+    assert any(clean for clean, _ in seen) and not all(clean for clean, _ in seen)
+    assert all(clean == every for clean, every in seen)
+
+
 def test_large_and_compiled_buckets_keep_their_own_turn(monkeypatch):
     """Blocks past the entry or side bound, and a group with ``compile = true``, are not taken."""
     params = {
