@@ -426,20 +426,24 @@ def block_entries(record: Any, batch: int) -> list[dict[str, Any]]:
     return [{**{k: flat[k][i] for k in batched}, **shared} for i in range(batch)]
 
 
-def scalar_entries(record: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+def scalar_entries(record: Any) -> dict[str, Any]:
     """The Python ints and bools of a record by dotted path (the counters that change every step): the
     entries of :func:`flatten` that are neither tensors nor ``None``, in its order (read every step, so
     without a path for the others)."""
-    out = {} if out is None else out
+    out: dict[str, Any] = {}
+    _scalars_into(out, record, "")
+    return out
+
+
+def _scalars_into(out: dict[str, Any], record: Any, prefix: str) -> None:
     for name in _field_names(type(record)) or ():
         value = getattr(record, name)
         if value is None or isinstance(value, Tensor):
             continue
         if _field_names(type(value)) is not None:
-            scalar_entries(value, f"{prefix}{name}.", out)
+            _scalars_into(out, value, f"{prefix}{name}.")
         else:
             out[f"{prefix}{name}"] = value
-    return out
 
 
 def adopt_saved(cfg: KronConfig, entry: dict[str, Any]) -> dict[str, Any]:
