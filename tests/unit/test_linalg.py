@@ -821,8 +821,8 @@ def test_sym_product_of_a_sandwich_with_per_block_beta(seed, m, k, b, tile, tile
 def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, m, k, b, tile, per_block, dtype):
     """The products that are symmetrised are made at half weight and summed with their transposes
     (``sym_sum``): dense, the whole result, and tiled, each diagonal tile, equal ``sym`` of the same product
-    made at full weight bit for bit (halving is exact); a tile below the diagonal is the full-weight product's
-    own and its mirror. ``sym_sum(A)`` is ``A + Aᵀ``, twice ``sym(A)`` exactly."""
+    made at full weight bit for bit (halving is exact); a row's panel below the diagonal is the full-weight
+    product's own and its mirror. ``sym_sum(A)`` is ``A + Aᵀ``, twice ``sym(A)`` exactly."""
     gen = generator(seed)
     A, B = randn(gen, b, m, k, dtype=dtype), randn(gen, b, m, k, dtype=dtype)
     X = linalg.sym(randn(gen, b, m, m, dtype=dtype))
@@ -842,7 +842,8 @@ def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, 
     assert torch.equal(dense, linalg.sym(full(slice(0, m), slice(0, m))))
     for i, I in enumerate(slices):
         assert torch.equal(tiled[:, I, I], linalg.sym(full(I, I)))
-        for J in slices[:i]:
+        if i:  # the row's tiles below the diagonal, made as one panel
+            J = slice(0, I.start)
             assert torch.equal(tiled[:, I, J], full(I, J)) and torch.equal(tiled[:, J, I], full(I, J).mT)
     S = randn(gen, b, m, m, dtype=dtype)
     assert torch.equal(linalg.sym_sum(S), S + S.mT) and torch.equal(linalg.sym_sum(S), 2 * linalg.sym(S))
@@ -1010,9 +1011,10 @@ def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(see
 
 @pytest.mark.parametrize("into_x", [False, True])
 def test_tiled_update_shows_each_tile_as_it_is_stored(into_x):
-    """``each`` sees every tile on and below the diagonal with the values the result holds there: a
-    diagonal tile exactly symmetric and contiguous (the reductions of :func:`sym_product_stats` round
-    as on a tile made apart), whether the result is fresh or ``X`` itself; the result is exactly symmetric."""
+    """``each`` sees the lower triangle row of tiles by row of tiles, each row's panel left of the diagonal
+    (every tile below the diagonal exactly once) then its diagonal tile, with the values the result holds
+    there: a diagonal tile exactly symmetric and contiguous (the reductions of :func:`sym_product_stats`
+    round as on a tile made apart), whether the result is fresh or ``X`` itself; the result is exactly symmetric."""
     gen = generator(4)
     X = linalg.sym(randn(gen, 2, 7, 7)).float()
     A = randn(gen, 2, 7, 3).float()
@@ -1025,7 +1027,9 @@ def test_tiled_update_shows_each_tile_as_it_is_stored(into_x):
             out=target if into_x else None,
         )
     assert (out is target) == into_x and torch.equal(out, out.mT)
-    assert [(I.start, J.start) for I, J, _, _ in seen] == [(0, 0), (3, 0), (3, 3), (6, 0), (6, 3), (6, 6)]
+    assert [(I.start, I.stop, J.start, J.stop) for I, J, _, _ in seen] == [
+        (0, 3, 0, 3), (3, 6, 0, 3), (3, 6, 3, 6), (6, 7, 0, 6), (6, 7, 6, 7)
+    ]
     for I, J, tile, contiguous in seen:
         assert torch.equal(tile, out[:, I, J])
         if I == J:
@@ -1035,7 +1039,7 @@ def test_tiled_update_shows_each_tile_as_it_is_stored(into_x):
 
 @pytest.mark.parametrize("in_place", [False, True])
 def test_tiled_update_takes_the_form_the_processor_runs_faster(in_place, monkeypatch):
-    """``_tiles_in_place`` decides where a tile below the diagonal is accumulated: in a strided view of
+    """``_tiles_in_place`` decides where a row's panel below the diagonal is accumulated: in a strided view of
     the result (an in-place product on a non-contiguous tensor) or in memory of its own; either way the
     result is exactly symmetric and the float64 update's, for a scalar and a per-block β alike."""
     monkeypatch.setattr(linalg, "_tiles_in_place", lambda: in_place)
@@ -1055,7 +1059,7 @@ def test_tiled_update_takes_the_form_the_processor_runs_faster(in_place, monkeyp
         with pytest.MonkeyPatch.context() as patch, Spy():
             _tiling(patch, 3, True)
             out = linalg._tiled_sym_product(X.clone(), A, A, beta, 0.1)
-        assert len(strided) == (3 if in_place else 0)  # the tiles (3, 0), (6, 0), (6, 3)
+        assert strided == ([(2, 3, 3), (2, 1, 6)] if in_place else [])  # the panels of rows 3:6 and 6:7
         assert torch.equal(out, out.mT)
         expected = (beta if isinstance(beta, float) else beta.double()) * X.double() + 0.1 * A.double() @ A.double().mT
         close(out.double(), expected, rtol=1e-6, atol=1e-6)
@@ -1122,7 +1126,7 @@ def test_weighted_row_energy_reads_a_transposed_view_alike():
 
 @given(seed=SEEDS, m=st.integers(1, 11), k=st.integers(1, 5), b=st.integers(1, 3), tile=st.integers(1, 4), divide=st.booleans())
 def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, tile, divide):
-    """``sym_product_stats(..., tiles=True)`` keeps the tiled product's tiles on and below the diagonal: written
+    """``sym_product_stats(..., tiles=True)`` keeps the tiled product's lower triangle (diagonal tiles and panels): written
     with a per-block scale (mirrors included) they are the dense product scaled, with the same reductions, to
     rounding (the dense form accumulates each tile in its place and reduces its norm row by row, which may
     round otherwise); the write is the tiles' own values scaled, bit for bit; ``split_sandwich`` from them
@@ -1144,6 +1148,9 @@ def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, t
     close(norm_t, norm)
     unscaled = held.write(scale=torch.ones_like(scale))  # the tiles and their mirrors, times one: exact
     assert torch.equal(unscaled, unscaled.mT)
+    for i, I in enumerate(held.slices):  # each tile as split_sandwich reads it: a diagonal tile, or its row's panel's columns
+        for j, J in enumerate(held.slices[: i + 1]):
+            assert torch.equal(held.tile(i, j), unscaled[:, I, J])
     expected = unscaled / scale if divide else unscaled * scale
     assert torch.equal(written, expected)
     into = torch.full_like(dense, float("nan"))
