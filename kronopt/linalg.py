@@ -123,15 +123,16 @@ def _processor() -> _Processor:
 
 
 def _tiles_in_place() -> bool:
-    """Whether the tiled :func:`sym_product` accumulates each row's panel below the diagonal in its place in the
-    result (``baddbmm_`` on a strided view of it) rather than in contiguous memory of its own, copied into
-    its place and its mirror after; only where it may go in place at all (see :func:`_tiled_sym_product`).
+    """Whether the tiled :func:`sym_product` accumulates the tiles below the diagonal in their place in the
+    result (``baddbmm_`` on a strided view of it, a row's tiles as one panel) rather than in contiguous memory
+    of their own, tile by tile, copied into their place and their mirrors after; only where it may go in place at all (see :func:`_tiled_sym_product`).
     Both are equally accurate, and agree bit for bit on most shapes; on two threads they may differ in the
     last bits of a short last row of tiles (a side of 777 = 3 · 256 + 9). Which is faster depends on the
     processor: on an Intel Xeon (2 cores) in place took 12.0 ms against 13.7 for the tiles of a ``2048²``
     update from ``k = 512``; on an AMD EPYC (Zen 4, 2 cores) it took 1.10 × the time of the tiles made
-    apart on the same update and 1.02–1.22 × on ``1024²`` from ``k = 256`` (both measured tile by tile,
-    before the tiles of a row were made as one panel). Likely causes there: torch
+    apart on the same update and 1.02–1.22 × on ``1024²`` from ``k = 256`` (both measured tile by tile;
+    there row panels took 1.04 × in place and 1.03–1.08 × apart, on the Intel Xeon without AMX
+    0.91–0.96 × the tiles' time in place). Likely causes there: torch
     multiplies into a strided 3-D view block by block (one call per block, not one batched call), and
     MKL scaled the accumulator by β in a pass of its own in ``perf``'s samples. So: in place except on AMD
     processors (``/proc/cpuinfo``'s ``vendor_id``), and in place where that cannot be read (other
@@ -146,10 +147,11 @@ def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha:
 
     The product is symmetric, so half of it is redundant. On CPU, from side
     ``_GRAM_TILED_MIN`` on, only the tiles on and below the diagonal are multiplied
-    (``t(t+1)/2`` of ``t²`` tiles: each diagonal tile, and each row's tiles left of it as
-    one panel), the diagonal tiles are symmetrised and each panel is mirrored above the
-    diagonal. That saves up to half the flops and replaces the transposed copy of a whole
-    matrix (a strided pass many times slower than a plain one) by transposes of parts of it. The entries differ from the dense form only
+    (``t(t+1)/2`` of ``t²`` tile products, a row's tiles below the diagonal as one panel where
+    they go in place), the diagonal tiles are symmetrised and each tile below is mirrored above
+    it. That saves up to half the flops and replaces the transposed copy of a whole matrix (a
+    strided pass many times slower than a plain one) by transposes of its parts. The entries
+    differ from the dense form only
     in rounding: a tile below the diagonal is the product's own value where :func:`sym`
     averages it with its mirror. Elsewhere (and for smaller sides) one fused product,
     then :func:`sym`.
@@ -167,8 +169,8 @@ def sym_product_stats(
     :math:`\langle P, Y\rangle_F` for a symmetric ``other`` :math:`Y` ``(b m m)`` (``None`` without one),
     and :math:`\|P\|_F`.
 
-    In the tiled form both are taken part by part as each diagonal tile and panel is made (a
-    panel below the diagonal counts twice, for its mirror), instead of two more passes over the whole
+    In the tiled form both are taken part by part (a tile, or a row's panel) as each is made (a
+    part below the diagonal counts twice, for its mirror), instead of two more passes over the whole
     matrix and an ``m × m`` temporary for :math:`P \odot Y`. Both are sums over the same
     entries, in another order: equal up to rounding. With ``tiles``, the tiled form returns
     :math:`P` as its :class:`LowerTiles` (for a caller that scales it once more before it
@@ -177,11 +179,11 @@ def sym_product_stats(
     if not _tiled(X, A):
         P = _dense_sym_product(X, A, B, beta, alpha)
         return P, *_dense_stats(P, other)
-    # each part's reductions, kept apart by weight (a panel below the diagonal counts twice) and summed once
-    # at the end: three kernels a part instead of six to eight (on a side of 2048, fifteen parts a product)
+    # each part's reductions, kept apart by weight (a part below the diagonal counts twice) and summed once
+    # at the end: three kernels a part instead of six to eight (on a side of 2048, 15 to 36 parts a product)
     dots: tuple[list[Tensor], list[Tensor]] = ([], [])  # ⟨part, other's part⟩ (b)
     norms: tuple[list[Tensor], list[Tensor]] = ([], [])  # ‖part‖ (b) of a part made apart
-    rows: tuple[list[Tensor], list[Tensor]] = ([], [])  # its rows' norms (b r) of a panel in its place
+    rows: tuple[list[Tensor], list[Tensor]] = ([], [])  # its rows' norms (b r) of a part in its place
 
     def reduce(tile: Tensor, I: slice, J: slice) -> None:
         below = int(I != J)
@@ -189,7 +191,7 @@ def sym_product_stats(
             dots[below].append((tile * other[:, I, J]).sum(dim=(-2, -1)))
         if tile.is_contiguous():
             norms[below].append(torch.linalg.vector_norm(tile, dim=(-2, -1)))
-        else:  # a panel in its place in the result: row by row (one strided norm is 8 times slower)
+        else:  # a part in its place in the result: row by row (one strided norm is 8 times slower)
             rows[below].append(torch.linalg.vector_norm(tile, dim=-1))
 
     P = _tiled_sym_product(X, A, B, beta, alpha, reduce, out=LowerTiles(X.shape, torch.result_type(X, A), X.device) if tiles else None)
@@ -234,21 +236,22 @@ def _tiled_sym_product(
 ) -> "Tensor | LowerTiles":
     """The tiled form of :func:`sym_product`; ``each(part, I, J)`` sees every part of the lower triangle.
 
-    Row of tiles by row of tiles: the diagonal tile ``(I, I)`` and, left of it, the row's **panel**
-    ``(I, 0:I.start)``, every tile below the diagonal in that row made by one product (a longer,
-    faster product than one per tile, and fewer calls; each entry the same sum over the inner
-    dimension, the same bits on MKL as the tiles made one by one).
+    Row of tiles by row of tiles: left of the diagonal, then the diagonal tile ``(I, I)``. Below the
+    diagonal, a row's tiles are accumulated in their place in ``out`` (``X``'s copied there first
+    unless ``out`` is ``X``), as BLAS writes a strided matrix, and then make one **panel**
+    ``(I, 0:I.start)``, one longer product and one mirror for the row (each entry the same sum
+    over the inner dimension: the same bits as tile by tile, on MKL); or each tile is made apart in
+    contiguous memory and copied into its place, whichever the processor runs faster
+    (:func:`_tiles_in_place`; row panels made apart measured slower on an AMD EPYC). Either way
+    ``out = X`` gives the same bits as a fresh ``out``: each row reads only ``X``'s parts of that row
+    on and below the diagonal, each before it is written, and a mirror lands above the diagonal in
+    the rows above, which no later row reads.
 
-    ``out`` may be ``X`` itself: each row reads only ``X``'s diagonal tile and panel of that row, each
-    before it is written, and a panel's mirror lands above the diagonal in the rows above it, which no
-    later row reads. A panel is accumulated in its place in ``out`` (``X``'s panel copied there first
-    unless ``out`` is ``X``), as BLAS writes a strided matrix, or made apart in contiguous memory and
-    copied into its place, whichever the processor runs faster (:func:`_tiles_in_place`); either way
-    ``out = X`` gives the same bits as a fresh ``out``. A diagonal tile is made apart and symmetrised
-    straight into its place (:func:`sym` with ``out``), which spares its copy; not where ``each``
-    reduces it, which is faster, and rounds as before, on a contiguous tile. Neither where autograd
-    tracks an operand (it refuses ``out=``), nor into an ``out`` of another dtype than ``A`` and ``B``.
-    A :class:`LowerTiles` ``out`` keeps the diagonal tiles and panels as they are, unmirrored."""
+    A diagonal tile is made apart and symmetrised straight into its place (:func:`sym` with
+    ``out``), which spares its copy; not where ``each`` reduces it, which is faster, and rounds as
+    before, on a contiguous tile. Nothing goes in place where autograd tracks an operand (it
+    refuses ``out=``), nor into an ``out`` of another dtype than ``A`` and ``B``. A
+    :class:`LowerTiles` ``out`` keeps the tiles (made apart) as they are, unmirrored."""
     m = A.shape[-2]
     per_block = isinstance(beta, Tensor)
     if out is None:
@@ -257,35 +260,37 @@ def _tiled_sym_product(
     operands = (X, A, B, beta) if per_block else (X, A, B)
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in operands)  # type: ignore[union-attr]
     # in place: not where autograd tracks an operand (it refuses out=), nor into a result of another
-    # dtype than the operands' (a product writes only its own dtype; a panel made apart is cast on copy)
+    # dtype than the operands' (a product writes only its own dtype; a tile made apart is cast on copy)
     in_place = not (held or tracked) and out.dtype == A.dtype == B.dtype  # type: ignore[union-attr]
     placed = in_place and each is None  # a diagonal tile symmetrised straight into its place
-    below_in_place = in_place and _tiles_in_place()  # a panel accumulated in its place in out
+    below_in_place = in_place and _tiles_in_place()  # a row's tiles below the diagonal in their place in out, as one panel
     tiles = out.slices if held else _tile_slices(m)
     for i, I in enumerate(tiles):
-        if i:
-            J = slice(0, I.start)  # the row's tiles below the diagonal, as one panel
+        # below the diagonal: in place, the row's tiles as one panel (one longer product, one mirror);
+        # apart, tile by tile (where that is the processor's faster form, row panels measured slower)
+        below = [(None, slice(0, I.start))] if below_in_place and i else list(enumerate(tiles[:i]))
+        for j, J in below:
             if below_in_place:
-                panel = out[:, I, J]  # type: ignore[index]
+                part = out[:, I, J]  # type: ignore[index]
                 if per_block:
-                    torch.mul(X[:, I, J], beta, out=panel).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
+                    torch.mul(X[:, I, J], beta, out=part).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
                 else:
                     if out is not X:
-                        panel.copy_(X[:, I, J])
-                    panel.baddbmm_(A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
-                out[:, J, I] = panel.mT  # type: ignore[index]
+                        part.copy_(X[:, I, J])
+                    part.baddbmm_(A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
+                out[:, J, I] = part.mT  # type: ignore[index]
             else:
                 if per_block:
-                    panel = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
+                    part = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
                 else:
-                    panel = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
+                    part = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
                 if held:
-                    out.panels.append(panel)  # type: ignore[union-attr]
+                    out.tiles[i, j] = part  # type: ignore[union-attr]
                 else:
-                    out[:, I, J] = panel  # type: ignore[index]
-                    out[:, J, I] = panel.mT  # type: ignore[index]
+                    out[:, I, J] = part  # type: ignore[index]
+                    out[:, J, I] = part.mT  # type: ignore[index]
             if each is not None:
-                each(panel, I, J)
+                each(part, I, J)
         # a diagonal tile is made at half weight and summed with its transpose (sym_sum): its sym
         if per_block:
             tile = (X[:, I, I] * (beta * 0.5)).baddbmm_(A[:, I], B[:, I].mT, alpha=alpha * 0.5)
@@ -293,7 +298,7 @@ def _tiled_sym_product(
             tile = torch.baddbmm(X[:, I, I], A[:, I], B[:, I].mT, beta=beta * 0.5, alpha=alpha * 0.5)  # type: ignore[arg-type]
         tile = sym_sum(tile, out=out[:, I, I] if placed else None)  # type: ignore[index]
         if held:
-            out.diagonal.append(tile)  # type: ignore[union-attr]
+            out.tiles[i, i] = tile  # type: ignore[union-attr]
         elif not placed:
             out[:, I, I] = tile  # type: ignore[index]
         if each is not None:
@@ -308,40 +313,31 @@ def _tile_slices(m: int) -> list[slice]:
 
 
 class LowerTiles:
-    """A symmetric ``(b d d)`` stack held as its lower triangle by rows of tiles, each part a tensor of its own.
+    """A symmetric ``(b d d)`` stack held as its tiles on and below the diagonal, each a tensor of its own.
 
-    With ``slices = _tile_slices(d)``, ``diagonal[i]`` is the tile ``(slices[i], slices[i])`` and
-    ``panels[i - 1]`` (``i ≥ 1``) the panel left of it, rows ``slices[i]`` and columns ``0:slices[i].start``:
-    what the tiled :func:`sym_product` makes before it copies each part and its mirror into a dense
-    matrix. DyKAF's ``K`` and ``R̂`` are scaled once more before they are stored
-    (:func:`projector_split_ksl`); held so, each is written scaled, mirrors included, in one pass
-    (:meth:`write`) instead of being written dense, read and written again.
+    ``tiles[i, j]`` (``j ≤ i``) is the tile of rows ``_tile_slices(d)[i]`` and columns
+    ``_tile_slices(d)[j]``: what the tiled :func:`sym_product` makes before it copies each tile and
+    its mirror into a dense matrix. DyKAF's ``K`` and ``R̂`` are scaled once more before they are
+    stored (:func:`projector_split_ksl`); held so, each is written scaled, mirrors included, in one
+    pass (:meth:`write`) instead of being written dense, read and written again.
     """
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
         self.shape, self.dtype, self.device = shape, dtype, device
         self.slices = _tile_slices(shape[-1])  # fixed at creation, whatever _GRAM_TILE says later
-        self.diagonal: list[Tensor] = []
-        self.panels: list[Tensor] = []
-
-    def tile(self, i: int, j: int) -> Tensor:
-        """The tile ``(slices[i], slices[j])``, ``j ≤ i``: a diagonal tile, or a view of row ``i``'s panel."""
-        if i == j:
-            return self.diagonal[i]
-        return self.panels[i - 1][..., self.slices[j]]
+        self.tiles: dict[tuple[int, int], Tensor] = {}
 
     def write(self, out: Tensor | None = None, *, scale: Tensor, divide: bool = False) -> Tensor:
         """The matrix times ``scale`` (or divided by it), ``(b 1 1)``, into ``out`` (a new tensor if ``None``):
-        each part scaled into its place and a panel copied, transposed, to its mirror, the same bits as
-        scaling the dense matrix."""
+        each tile scaled into its place and copied, transposed, to its mirror, the same bits as scaling the
+        dense matrix."""
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device) if out is None else out
         op = torch.div if divide else torch.mul
-        for i, I in enumerate(self.slices):
-            op(self.diagonal[i], scale, out=out[:, I, I])
-            if i:
-                J = slice(0, I.start)
-                place = out[:, I, J]
-                op(self.panels[i - 1], scale, out=place)
+        for (i, j), tile in self.tiles.items():
+            I, J = self.slices[i], self.slices[j]
+            place = out[:, I, J]
+            op(tile, scale, out=place)
+            if i != j:
                 out[:, J, I] = place.mT
         return out
 
@@ -394,9 +390,9 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
         # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ, in one buffer for all J
         P = buffer[: b * k * (hi - lo)].view(b, k, hi - lo)
         if held:
-            torch.bmm(A[..., J], S.tile(j, j), out=P).mul_(0.5)
+            torch.bmm(A[..., J], S.tiles[j, j], out=P).mul_(0.5)
             for i in range(j + 1, len(slices)):
-                P.baddbmm_(A[..., slices[i]], S.tile(i, j))
+                P.baddbmm_(A[..., slices[i]], S.tiles[i, j])
         else:
             torch.bmm(A[..., J], S[:, J, J], out=P).mul_(0.5)
             if hi < d:

@@ -816,13 +816,13 @@ def test_sym_product_of_a_sandwich_with_per_block_beta(seed, m, k, b, tile, tile
 
 @given(
     seed=SEEDS, m=st.integers(1, 12), k=st.integers(1, 6), b=st.integers(1, 3), tile=st.integers(1, 5),
-    per_block=st.booleans(), dtype=st.sampled_from([torch.float32, F64]),
+    per_block=st.booleans(), dtype=st.sampled_from([torch.float32, F64]), in_place=st.booleans(),
 )
-def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, m, k, b, tile, per_block, dtype):
+def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, m, k, b, tile, per_block, dtype, in_place):
     """The products that are symmetrised are made at half weight and summed with their transposes
     (``sym_sum``): dense, the whole result, and tiled, each diagonal tile, equal ``sym`` of the same product
-    made at full weight bit for bit (halving is exact); a row's panel below the diagonal is the full-weight
-    product's own and its mirror. ``sym_sum(A)`` is ``A + Aᵀ``, twice ``sym(A)`` exactly."""
+    made at full weight bit for bit (halving is exact); below the diagonal, each part (a row's panel in place,
+    a tile apart: ``_tiles_in_place``) is the full-weight product's own, and so is its mirror. ``sym_sum(A)`` is ``A + Aᵀ``, twice ``sym(A)`` exactly."""
     gen = generator(seed)
     A, B = randn(gen, b, m, k, dtype=dtype), randn(gen, b, m, k, dtype=dtype)
     X = linalg.sym(randn(gen, b, m, m, dtype=dtype))
@@ -834,6 +834,7 @@ def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, 
         return torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=0.3)
 
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linalg, "_tiles_in_place", lambda: in_place)
         _tiling(patch, tile, False)
         dense = linalg.sym_product(X, A, B, beta=beta, alpha=0.3)
         _tiling(patch, tile, True)
@@ -842,8 +843,7 @@ def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, 
     assert torch.equal(dense, linalg.sym(full(slice(0, m), slice(0, m))))
     for i, I in enumerate(slices):
         assert torch.equal(tiled[:, I, I], linalg.sym(full(I, I)))
-        if i:  # the row's tiles below the diagonal, made as one panel
-            J = slice(0, I.start)
+        for J in [slice(0, I.start)] if in_place and i else slices[:i]:
             assert torch.equal(tiled[:, I, J], full(I, J)) and torch.equal(tiled[:, J, I], full(I, J).mT)
     S = randn(gen, b, m, m, dtype=dtype)
     assert torch.equal(linalg.sym_sum(S), S + S.mT) and torch.equal(linalg.sym_sum(S), 2 * linalg.sym(S))
@@ -1009,12 +1009,15 @@ def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(see
     close(out32.double(), expected, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("into_x", [False, True])
-def test_tiled_update_shows_each_tile_as_it_is_stored(into_x):
-    """``each`` sees the lower triangle row of tiles by row of tiles, each row's panel left of the diagonal
-    (every tile below the diagonal exactly once) then its diagonal tile, with the values the result holds
-    there: a diagonal tile exactly symmetric and contiguous (the reductions of :func:`sym_product_stats`
-    round as on a tile made apart), whether the result is fresh or ``X`` itself; the result is exactly symmetric."""
+def test_tiled_update_shows_each_tile_as_it_is_stored(into_x, in_place, monkeypatch):
+    """``each`` sees the lower triangle row of tiles by row of tiles, the row's part left of the diagonal (one
+    panel in place, tile by tile apart: every entry below the diagonal exactly once) then its diagonal tile,
+    with the values the result holds there: a diagonal tile exactly symmetric and contiguous (the reductions of
+    :func:`sym_product_stats` round as on a tile made apart), whether the result is fresh or ``X`` itself; the
+    result is exactly symmetric."""
+    monkeypatch.setattr(linalg, "_tiles_in_place", lambda: in_place)
     gen = generator(4)
     X = linalg.sym(randn(gen, 2, 7, 7)).float()
     A = randn(gen, 2, 7, 3).float()
@@ -1027,9 +1030,9 @@ def test_tiled_update_shows_each_tile_as_it_is_stored(into_x):
             out=target if into_x else None,
         )
     assert (out is target) == into_x and torch.equal(out, out.mT)
-    assert [(I.start, I.stop, J.start, J.stop) for I, J, _, _ in seen] == [
-        (0, 3, 0, 3), (3, 6, 0, 3), (3, 6, 3, 6), (6, 7, 0, 6), (6, 7, 6, 7)
-    ]
+    panels = [(0, 3, 0, 3), (3, 6, 0, 3), (3, 6, 3, 6), (6, 7, 0, 6), (6, 7, 6, 7)]
+    tiles = [(0, 3, 0, 3), (3, 6, 0, 3), (3, 6, 3, 6), (6, 7, 0, 3), (6, 7, 3, 6), (6, 7, 6, 7)]
+    assert [(I.start, I.stop, J.start, J.stop) for I, J, _, _ in seen] == (panels if in_place else tiles)
     for I, J, tile, contiguous in seen:
         assert torch.equal(tile, out[:, I, J])
         if I == J:
@@ -1126,7 +1129,7 @@ def test_weighted_row_energy_reads_a_transposed_view_alike():
 
 @given(seed=SEEDS, m=st.integers(1, 11), k=st.integers(1, 5), b=st.integers(1, 3), tile=st.integers(1, 4), divide=st.booleans())
 def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, tile, divide):
-    """``sym_product_stats(..., tiles=True)`` keeps the tiled product's lower triangle (diagonal tiles and panels): written
+    """``sym_product_stats(..., tiles=True)`` keeps the tiled product's tiles on and below the diagonal: written
     with a per-block scale (mirrors included) they are the dense product scaled, with the same reductions, to
     rounding (the dense form accumulates each tile in its place and reduces its norm row by row, which may
     round otherwise); the write is the tiles' own values scaled, bit for bit; ``split_sandwich`` from them
@@ -1148,9 +1151,6 @@ def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, t
     close(norm_t, norm)
     unscaled = held.write(scale=torch.ones_like(scale))  # the tiles and their mirrors, times one: exact
     assert torch.equal(unscaled, unscaled.mT)
-    for i, I in enumerate(held.slices):  # each tile as split_sandwich reads it: a diagonal tile, or its row's panel's columns
-        for j, J in enumerate(held.slices[: i + 1]):
-            assert torch.equal(held.tile(i, j), unscaled[:, I, J])
     expected = unscaled / scale if divide else unscaled * scale
     assert torch.equal(written, expected)
     into = torch.full_like(dense, float("nan"))
