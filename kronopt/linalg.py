@@ -271,11 +271,13 @@ def _tiled_sym_product(
         below = [(None, slice(0, I.start))] if below_in_place and i else list(enumerate(tiles[:i]))
         for j, J in below:
             if below_in_place:
-                # X's part scaled into its place, then accumulated with β = 1: MKL scales an accumulator by
-                # β ≠ 1 in a pass of its own, so this is one pass fewer than a copy and β in the product,
-                # the same bits (0.94 of the time on 4 × 1024² from k = 256, even on 2048² from k = 512)
-                part = torch.mul(X[:, I, J], beta, out=out[:, I, J])  # type: ignore[index]
-                part.baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
+                part = out[:, I, J]  # type: ignore[index]
+                if per_block:
+                    torch.mul(X[:, I, J], beta, out=part).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
+                else:
+                    if out is not X:
+                        part.copy_(X[:, I, J])
+                    part.baddbmm_(A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
                 out[:, J, I] = part.mT  # type: ignore[index]
             else:
                 if per_block:
