@@ -124,19 +124,20 @@ def _processor() -> _Processor:
 
 def _tiles_in_place() -> bool:
     """Whether the tiled :func:`sym_product` accumulates the tiles below the diagonal in their place in the
-    result (``baddbmm_`` on a strided view of it, a row's tiles as one panel) rather than in contiguous memory
-    of their own, tile by tile, copied into their place and their mirrors after; only where it may go in place at all (see :func:`_tiled_sym_product`).
-    Both are equally accurate, and agree bit for bit on most shapes; on two threads they may differ in the
-    last bits of a short last row of tiles (a side of 777 = 3 · 256 + 9). Which is faster depends on the
-    processor: on an Intel Xeon (2 cores) in place took 12.0 ms against 13.7 for the tiles of a ``2048²``
-    update from ``k = 512``; on an AMD EPYC (Zen 4, 2 cores) it took 1.10 × the time of the tiles made
-    apart on the same update and 1.02–1.22 × on ``1024²`` from ``k = 256`` (both measured tile by tile;
-    there row panels took 1.04 × in place and 1.03–1.08 × apart, on the Intel Xeon without AMX
-    0.91–0.96 × the tiles' time in place). Likely causes there: torch
-    multiplies into a strided 3-D view block by block (one call per block, not one batched call), and
-    MKL scaled the accumulator by β in a pass of its own in ``perf``'s samples. So: in place except on AMD
+    result (``baddbmm_`` on a strided view of it, a row's tiles as one panel) rather than in contiguous
+    memory of their own, tile by tile, each copied into its place and its mirror after; only where it may
+    go in place at all (see :func:`_tiled_sym_product`). Both are equally accurate, and agree bit for bit
+    on most shapes; on a short last row of tiles (a side of 520 or 777 = 3 · 256 + 9) a few of its
+    entries may round the other way. Which is faster depends on the processor: on an Intel Xeon with AMX
+    (2 cores) in place took 12.0 ms against 13.7 for the tiles of a ``2048²`` update from ``k = 512``; on
+    an AMD EPYC (Zen 4, 2 cores) it took 1.10 × the time of the tiles made apart on the same update and
+    1.02–1.22 × on ``1024²`` from ``k = 256``, and a row's tiles made as one panel took 1.04 × the time of
+    those tiles one by one in place, 1.03–1.08 × apart; on an Intel Xeon without AMX the panels in place
+    took 0.90–0.96 × the tiles' time in place. Likely causes on the AMD machine: torch multiplies into a
+    strided 3-D view block by block (one call per block, not one batched call), and MKL scaled the
+    accumulator by β in a pass of its own in ``perf``'s samples. So: in place, by panels, except on AMD
     processors (``/proc/cpuinfo``'s ``vendor_id``), and in place where that cannot be read (other
-    systems) or names another vendor: two machines measured, one of each."""
+    systems) or names another vendor: three machines measured, two of them Intel."""
     return _processor().vendor != "AuthenticAMD"
 
 
@@ -239,10 +240,12 @@ def _tiled_sym_product(
     Row of tiles by row of tiles: left of the diagonal, then the diagonal tile ``(I, I)``. Below the
     diagonal, a row's tiles are accumulated in their place in ``out`` (``X``'s copied there first
     unless ``out`` is ``X``), as BLAS writes a strided matrix, and then make one **panel**
-    ``(I, 0:I.start)``, one longer product and one mirror for the row (each entry the same sum
-    over the inner dimension: the same bits as tile by tile, on MKL); or each tile is made apart in
-    contiguous memory and copied into its place, whichever the processor runs faster
-    (:func:`_tiles_in_place`; row panels made apart measured slower on an AMD EPYC). Either way
+    ``(I, 0:I.start)``, one longer product and one mirror for the row (each entry the same sum over
+    the inner dimension, so the same bits as tile by tile on MKL but on a short last row of tiles,
+    where a few entries may round the other way: a panel may cross torch's small-product limit where
+    its tiles did not); or each tile is made apart in contiguous memory and copied into its place,
+    whichever the processor runs faster (:func:`_tiles_in_place`; row panels measured slower on an
+    AMD EPYC). With a number ``beta`` of 0, ``X`` is never read (it may be uninitialised). Either way
     ``out = X`` gives the same bits as a fresh ``out``: each row reads only ``X``'s parts of that row
     on and below the diagonal, each before it is written, and a mirror lands above the diagonal in
     the rows above, which no later row reads.

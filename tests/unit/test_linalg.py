@@ -849,6 +849,23 @@ def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, 
     assert torch.equal(linalg.sym_sum(S), S + S.mT) and torch.equal(linalg.sym_sum(S), 2 * linalg.sym(S))
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_sym_product_with_beta_zero_never_reads_x(tiled, in_place):
+    """With a number β of 0 the start ``X`` is never read, dense or tiled, by panels in place or tile by
+    tile apart: ``accumulate_sandwich`` starts from ``torch.empty_like``, whose memory may hold NaN or inf."""
+    gen = generator(21)
+    A = randn(gen, 2, 10, 3).float()  # a Gram product, as accumulate_sandwich's
+    X = torch.full((2, 10, 10), float("nan"))
+    X[:, ::3, 1::2] = float("inf")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linalg, "_tiles_in_place", lambda: in_place)
+        _tiling(patch, 4, tiled)
+        out = linalg.sym_product(X, A, A, beta=0.0, alpha=0.3)
+    assert torch.isfinite(out).all() and torch.equal(out, out.mT)
+    close(out.double(), 0.3 * A.double() @ A.double().mT, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_sym_product_keeps_entries_between_half_the_largest_float_and_it(tiled):
     """The one place the half-weight form differs from averaging the full-weight product: entries above half
