@@ -152,10 +152,9 @@ def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha:
     they go in place), the diagonal tiles are symmetrised and each tile below is mirrored above
     it. That saves up to half the flops and replaces the transposed copy of a whole matrix (a
     strided pass many times slower than a plain one) by transposes of its parts. The entries
-    differ from the dense form only
-    in rounding: a tile below the diagonal is the product's own value where :func:`sym`
-    averages it with its mirror. Elsewhere (and for smaller sides) one fused product,
-    then :func:`sym`.
+    differ from the dense form only in rounding: a tile below the diagonal is the product's own
+    value where :func:`sym` averages it with its mirror. Elsewhere (and for smaller sides) one
+    fused product, then :func:`sym`.
     """
     if not _tiled(X, A):
         return _dense_sym_product(X, A, B, beta, alpha)

@@ -822,7 +822,8 @@ def test_sym_product_at_half_weight_gives_the_bits_of_sym_of_the_full_one(seed, 
     """The products that are symmetrised are made at half weight and summed with their transposes
     (``sym_sum``): dense, the whole result, and tiled, each diagonal tile, equal ``sym`` of the same product
     made at full weight bit for bit (halving is exact); below the diagonal, each part (a row's panel in place,
-    a tile apart: ``_tiles_in_place``) is the full-weight product's own, and so is its mirror. ``sym_sum(A)`` is ``A + Aᵀ``, twice ``sym(A)`` exactly."""
+    a tile apart: ``_tiles_in_place``) is the full-weight product's own, and so is its mirror. ``sym_sum(A)``
+    is ``A + Aᵀ``, twice ``sym(A)`` exactly."""
     gen = generator(seed)
     A, B = randn(gen, b, m, k, dtype=dtype), randn(gen, b, m, k, dtype=dtype)
     X = linalg.sym(randn(gen, b, m, m, dtype=dtype))
@@ -1059,9 +1060,10 @@ def test_tiled_update_shows_each_tile_as_it_is_stored(into_x, in_place, monkeypa
 
 @pytest.mark.parametrize("in_place", [False, True])
 def test_tiled_update_takes_the_form_the_processor_runs_faster(in_place, monkeypatch):
-    """``_tiles_in_place`` decides where a row's panel below the diagonal is accumulated: in a strided view of
-    the result (an in-place product on a non-contiguous tensor) or in memory of its own; either way the
-    result is exactly symmetric and the float64 update's, for a scalar and a per-block β alike."""
+    """``_tiles_in_place`` decides where the tiles below the diagonal are accumulated: a row of them as one
+    panel in a strided view of the result (an in-place product on a non-contiguous tensor), or each tile in
+    memory of its own; either way the result is exactly symmetric and the float64 update's, for a scalar and
+    a per-block β alike."""
     monkeypatch.setattr(linalg, "_tiles_in_place", lambda: in_place)
     gen = generator(5)
     X = linalg.sym(randn(gen, 2, 7, 7)).float()
