@@ -225,9 +225,15 @@ def _tiled(X: Tensor, A: Tensor) -> bool:
 
 def _dense_sym_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float) -> Tensor:
     # made at half weight and summed with its transpose: sym of the full-weight product, one pass fewer (sym_sum)
+    return sym_sum(_weighted_product(X, A, B, beta * 0.5, alpha * 0.5))
+
+
+def _weighted_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float) -> Tensor:
+    """``β X + α A Bᵀ`` in a new tensor, ``β`` a number (then, as BLAS does, 0 never reads ``X``) or a
+    per-block ``(b 1 1)`` tensor (``X`` scaled first: a product takes only a number)."""
     if isinstance(beta, Tensor):
-        return sym_sum((X * (beta * 0.5)).baddbmm_(A, B.mT, alpha=alpha * 0.5))
-    return sym_sum(torch.baddbmm(X, A, B.mT, beta=beta * 0.5, alpha=alpha * 0.5))
+        return (X * beta).baddbmm_(A, B.mT, alpha=alpha)
+    return torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha)
 
 
 def _tiled_sym_product(
@@ -282,10 +288,7 @@ def _tiled_sym_product(
                     part.baddbmm_(A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
                 out[:, J, I] = part.mT  # type: ignore[index]
             else:
-                if per_block:
-                    part = (X[:, I, J] * beta).baddbmm_(A[:, I], B[:, J].mT, alpha=alpha)
-                else:
-                    part = torch.baddbmm(X[:, I, J], A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
+                part = _weighted_product(X[:, I, J], A[:, I], B[:, J], beta, alpha)
                 if held:
                     out.tiles[i, j] = part  # type: ignore[union-attr]
                 else:
@@ -294,10 +297,7 @@ def _tiled_sym_product(
             if each is not None:
                 each(part, I, J)
         # a diagonal tile is made at half weight and summed with its transpose (sym_sum): its sym
-        if per_block:
-            tile = (X[:, I, I] * (beta * 0.5)).baddbmm_(A[:, I], B[:, I].mT, alpha=alpha * 0.5)
-        else:
-            tile = torch.baddbmm(X[:, I, I], A[:, I], B[:, I].mT, beta=beta * 0.5, alpha=alpha * 0.5)  # type: ignore[arg-type]
+        tile = _weighted_product(X[:, I, I], A[:, I], B[:, I], beta * 0.5, alpha * 0.5)
         tile = sym_sum(tile, out=out[:, I, I] if placed else None)  # type: ignore[index]
         if held:
             out.tiles[i, i] = tile  # type: ignore[union-attr]
