@@ -128,10 +128,10 @@ def _eigh_refresh(
     solved = Q_L is None and Q_R is None  # a basis with no rotated side is ready at once
     if Q_L is not None:
         Q_L, lam_L, ok, ran = _eigh_side(factors[0], Q_L, lam_L)  # type: ignore[arg-type]
-        failures, solved = failures + (~ok).long(), solved or ran
+        failures, solved = _counted(failures, _fell_back(ok)), solved or ran
     if Q_R is not None:
         Q_R, lam_R, ok, ran = _eigh_side(factors[1], Q_R, lam_R)  # type: ignore[arg-type]
-        failures, solved = failures + (~ok).long(), solved or ran
+        failures, solved = _counted(failures, _fell_back(ok)), solved or ran
     # `ready` stays False only when every solver call raised (known on the host); a block
     # whose output was not finite keeps its identity basis and unit eigenvalues.
     new = BasisState(
@@ -151,6 +151,21 @@ class _SideRefresh:
     perm: Tensor | None = None
     failed: Tensor | int = 0
     solved: bool = False
+
+def _fell_back(ok: Tensor) -> Tensor | int:
+    """Per block, 1 where a side's refresh kept its old basis (``ok`` False), else 0: ``(b)`` counts, or
+    ``0`` where every block is ok on a CPU (read there for free, :func:`kronopt.linalg.cpu_all`)."""
+    return 0 if linalg.cpu_all(ok) else (~ok).long()
+
+
+def _counted(failures: Tensor, *failed: Tensor | int) -> Tensor:
+    """``failures`` plus each side's ``failed`` (``(b)`` counts, or ``0`` where no block fell back: then
+    nothing is added and ``failures`` comes back itself)."""
+    for f in failed:
+        if not isinstance(f, int) or f:
+            failures = failures + f
+    return failures
+
 
 @BASES.register("qr", description="SOAP refresh: eigh first, then Rayleigh-sorted warm-started power step + QR")
 @attrs.frozen(kw_only=True)
@@ -208,7 +223,7 @@ class QrBasis:
             Q_R=right.Q,
             lam_L=left.lam,
             lam_R=right.lam,
-            failures=state.failures + left.failed + right.failed,
+            failures=_counted(state.failures, left.failed, right.failed),
             refreshes=state.refreshes + 1,
             ready=state.ready or left.solved or right.solved,
         )
@@ -224,14 +239,16 @@ class QrBasis:
             return _SideRefresh(Q=Q, lam=lam)
         if kind == "restricted":
             Q_new, lam_new, ok = linalg.restricted_refresh(X, Q, lam, first=not ready)
-            return _SideRefresh(Q=Q_new, lam=lam_new, failed=(~ok).long(), solved=True)
+            return _SideRefresh(Q=Q_new, lam=lam_new, failed=_fell_back(ok), solved=True)
         if not ready:
             Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam)
-            return _SideRefresh(Q=Q_new, lam=lam_new, failed=(~ok).long(), solved=ran)
+            return _SideRefresh(Q=Q_new, lam=lam_new, failed=_fell_back(ok), solved=ran)
         Q_new, e, perm = linalg.sorted_power_step(X, Q, sort=self.sort, quotients=quotients)
         for _ in range(self.power_steps - 1):
             Q_new = linalg.power_qr(X, Q_new)
         ok = linalg.finite_blocks(Q_new, e)
+        if linalg.cpu_all(ok):  # nearly every refresh, read on a CPU for free: no block falls back
+            return _SideRefresh(Q=Q_new, lam=lam if e is None else e, perm=perm, solved=True)
         if perm is not None:
             identity = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
             perm = linalg.select_blocks(ok, perm, identity)

@@ -505,7 +505,7 @@ def _relative(Q_old: Tensor | None, Q_new: Tensor | None) -> Tensor:
         return Q_new.mT  # type: ignore[union-attr]
     if Q_new is None:
         return Q_old
-    return Q_new.mT @ Q_old
+    return mm(Q_new.mT, Q_old)
 
 
 def permute_columns(Q: Tensor, perm: Tensor) -> Tensor:
@@ -713,7 +713,7 @@ def _column_major_product(A: Tensor, Q: Tensor) -> Tensor:
     ``geqrf`` 73 → 67 ms). The same product, bit for bit here: a transposed operand is a
     flag to the matrix multiply, not a copy.
     """
-    return (Q.mT @ A.mT).mT
+    return mm(Q.mT, A.mT).mT
 
 
 #: on a CPU with MKL, the Q of a square QR whose side is a multiple of ``_QR_PAD_SIDE`` up to
@@ -797,15 +797,18 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
     (``amax``/``amin`` propagate NaN; unlike a sum they never overflow): two plain
     reductions, where the max-norm (``vector_norm(ord=inf)``) is about 20 times slower. Small
     tensors of one dtype (at most ``_FINITE_AT_ONCE_MAX`` entries in all) are laid side
-    by side first and reduced together: there the number of calls is the cost.
+    by side first and reduced together, to their largest magnitudes (finite exactly where the
+    block is; a floating dtype's): there the number of calls is the cost.
     """
     given = [t for t in tensors if t is not None]
     if not given:
         raise ValueError("finite_blocks needs at least one tensor")
     if len(given) > 1 and _small_alike(given):
         # small blocks, where the number of calls is the cost: the tensors side by side, one block
-        # per row, and two reductions of that instead of two per tensor (the same extremes)
-        rows = torch.cat([t.reshape(t.shape[0], -1) for t in given], dim=1)
+        # per row, and one reduction of that instead of two per tensor
+        rows = torch.cat([_block_rows(t) for t in given], dim=1)
+        if rows.is_floating_point():  # the largest magnitude: NaN where a NaN is (|NaN| is NaN; amax keeps it)
+            return rows.abs().amax(dim=1) < math.inf
         return torch.stack([rows.amax(dim=1), rows.amin(dim=1)]).isfinite().all(0)
     verdicts, sums, extremes = [], [], []
     for t in given:
@@ -871,6 +874,14 @@ def _small_alike(tensors: list[Tensor]) -> bool:
             return False
         total += t.numel()
     return 0 < total <= _FINITE_AT_ONCE_MAX
+
+
+def _block_rows(t: Tensor) -> Tensor:
+    """``t (b ...)`` as ``(b, entries)``, a view where one exists: a column-major stack of matrices (what
+    LAPACK returns) through its transpose, which holds each block's entries in another order."""
+    if t.ndim == 3 and not t.is_contiguous() and t.mT.is_contiguous():
+        t = t.mT
+    return t.reshape(t.shape[0], -1)
 
 
 def _block_extremes(t: Tensor) -> list[Tensor]:

@@ -330,6 +330,38 @@ def test_qr_nonfinite_factor_block_keeps_old_basis_for_that_block_only(bad):
     assert new.failures.tolist() == [0, 1, 0]
 
 
+@pytest.mark.parametrize("basis", [QrBasis(), EighBasis()], ids=["qr", "eigh"])
+def test_refreshes_read_on_the_host_count_and_fall_back_as_on_a_device(basis, monkeypatch):
+    """A CPU reads each side's verdict on the host and, with every block ok, keeps the new basis, estimates
+    and permutation as they are and adds no failure (the count stays the stored tensor itself: nothing to
+    write). Against the device-agnostic path (``_CPU_HOST_VERDICTS`` off, as on a GPU), over a clean
+    refresh, one with a non-finite block and a clean one again: the same bases, estimates, permutations and
+    counts bit for bit."""
+    runs = {}
+    for host in (True, False):
+        monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+        gen = generator(12)
+        layout, state = _after_first_refresh(basis, gen, 3, 5, 4)
+        seen = []
+        for step, bad in ((2, False), (3, True), (4, False)):
+            L, R = _factors(gen, 3, 5, 4)
+            if bad:
+                L[1, 0, 1] = L[1, 1, 0] = float("nan")
+            new, change = basis.refresh(state, (L, R), _ctx(layout, state, step=step))
+            if host and not bad:
+                assert new.failures is state.failures
+            seen.append((new, change))
+            state = new
+        runs[host] = seen
+        assert [new.failures.tolist() for new, _ in seen] == [[0, 0, 0], [0, 1, 0], [0, 1, 0]]
+    for (a, ca), (b, cb) in zip(runs[True], runs[False]):
+        for name in ("Q_L", "Q_R", "lam_L", "lam_R", "failures"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        for name in ("perm_L", "perm_R"):
+            x, y = getattr(ca, name), getattr(cb, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
+
+
 @pytest.mark.parametrize("preset, from_basis", [("soap", True), ("kl_shampoo", False), ("pro_kl_shampoo", False)])
 def test_the_context_says_whose_eigenvalues_the_stages_read(preset, from_basis):
     """``compose.context`` marks the basis's estimates as unread where the factor estimator tracks its own;

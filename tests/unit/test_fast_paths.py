@@ -141,6 +141,19 @@ def test_finite_blocks_of_one_block_held_in_several_small_tensors(bad, dtype):
     assert linalg.finite_blocks(torch.full((1, 4, 4), top, dtype=dtype), torch.full((1, 3), -top, dtype=dtype)).tolist() == [True]
 
 
+def test_finite_blocks_of_small_tensors_reduce_once_and_read_a_column_major_block_in_place():
+    """Small tensors side by side (a refresh's column-major basis, as LAPACK returns it, and its estimates):
+    one reduction for all, and the basis read through its transpose, not copied into rows first."""
+    Q, e = torch.randn(2, 9, 9).mT.contiguous().mT, torch.randn(2, 9)
+    with _Calls() as calls:
+        ok = linalg.finite_blocks(Q, e)
+    assert ok.tolist() == [True, True]
+    assert calls.names.count("amax.default") == 1 and "amin.default" not in calls.names
+    assert not {"clone.default", "copy_.default", "_to_copy.default"} & set(calls.names)
+    Q[1, 8, 0] = float("nan")
+    assert linalg.finite_blocks(Q, e).tolist() == [True, False]
+
+
 def test_finite_blocks_of_vectors_and_empty_blocks_and_mixed_dtypes():
     v = torch.tensor([1.0, float("nan"), 3.0])
     empty = torch.zeros(3, 0, 4)
