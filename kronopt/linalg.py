@@ -1167,9 +1167,12 @@ def _newton_schulz_rounded(
     batch, m, n = U.shape
     tall, side = m > n, min(m, n)
     scratch = torch.empty(U.shape, dtype=torch.bfloat16, device=U.device)
+    halves: dict[torch.Size, Tensor] = {}  # the scratch's view of each shape rounded, made once per call
 
     def rnd_(t: Tensor) -> Tensor:  # t rounded to the nearest bfloat16, in place
-        half = scratch.view(-1)[: t.numel()].view(t.shape)
+        half = halves.get(t.shape)
+        if half is None:
+            half = halves[t.shape] = scratch.view(-1)[: t.numel()].view(t.shape)
         return t.copy_(half.copy_(t))
 
     X = torch.empty(U.shape, dtype=torch.float32, device=U.device)
