@@ -418,7 +418,9 @@ def ema_gram_right(R: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWr
 def mm(A: Tensor, B: Tensor) -> Tensor:
     """``A @ B``; for two stacks ``(b m k) × (b k n)`` of one batch size, ``torch.bmm`` itself: the same kernel, without
     the five view and expand operators ``matmul`` dispatches around it (11 → 6.5 µs a call on a small
-    block, where a bucket's step is a few dozen calls)."""
+    block, where a bucket's step is a few dozen calls). The same bits as ``@`` on the stacks the steps
+    pass (matrices, transposed views, column vectors on the right); ``@`` takes another route for a
+    stack of row vectors on the left (``b 1 k``) and rounds otherwise, so such a call keeps ``@``."""
     return torch.bmm(A, B) if A.ndim == 3 and B.ndim == 3 and A.shape[0] == B.shape[0] else A @ B
 
 
@@ -1471,7 +1473,7 @@ def _ksl(
         if G.shape[-2] < n:
             # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
             # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖
-            GR = _times_((G @ R).mul_(inv), sigma2)
+            GR = _times_(mm(G, R).mul_(inv), sigma2)
             if unit is not None:
                 GR.addcmul_(G, unit)
         else:
@@ -1480,7 +1482,7 @@ def _ksl(
             Rbar = _times_(R * inv, sigma2)
             if unit is not None:
                 Rbar.diagonal(dim1=-2, dim2=-1).add_(unit.view(b, 1))
-            GR = G @ Rbar
+            GR = mm(G, Rbar)
         # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
         # On a tall block K is then read only by the split below and its last scaling, so its tiles
         # are kept apart, unmirrored (LowerTiles).
@@ -1496,7 +1498,7 @@ def _ksl(
         R_hat = sym(split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(R, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
-        UG = _times_((K @ G).mul_(inv_K), sigma2)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
+        UG = _times_(mm(K, G).mul_(inv_K), sigma2)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
         R_hat, _, norm_R_hat = sym_product_stats(R, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
     root = norm_R_hat.sqrt()  # σ √S
     if sigma is None:

@@ -270,7 +270,7 @@ class KlKronFactors:
             F = self._factor_update(
                 left.F, G, H, Q=left.Q, Q_other=right.Q, s_other=sR, half=Gr, exact=exact, alpha=(1 - rho) / n, defer=defer
             )
-            d_L = (H2.sum(-1) if sR is None else (H2 @ sR.square().mT).squeeze(-1)) / n
+            d_L = (H2.sum(-1) if sR is None else linalg.mm(H2, sR.square().mT).squeeze(-1)) / n
             new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:
             sL_row = None if sL is None else sL.mT  # (b 1 m)
@@ -278,7 +278,7 @@ class KlKronFactors:
                 right.F, G.mT, H.mT, Q=right.Q, Q_other=left.Q, s_other=sL_row, half=None if Gl is None else Gl.mT,
                 exact=exact, alpha=(1 - rho) / m, defer=defer,
             )
-            d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m
+            d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m  # @, not linalg.mm: a row-vector stack (its bits)
             new_right = self._tracked(right, F, d_R, left, G)
         return new_left, new_right
 
@@ -345,7 +345,7 @@ class KlKronFactors:
         U, tau, mu = right.Q, right.s, right.mu
         assert U is not None and tau is not None and mu is not None and right.sub is not None
         Y, Gc = linalg.subspace_split(G, U) if parts is None else parts  # G U, G P⊥
-        Hy = Y if left.Q is None else left.Q.mT @ Y  # Q_Lᵀ G U
+        Hy = Y if left.Q is None else linalg.mm(left.Q.mT, Y)  # Q_Lᵀ G U
         inv_mu = (1.0 / mu).view(-1, 1, 1)
         new_left = left
         if left.F is not None:
@@ -377,7 +377,7 @@ class KlKronFactors:
         W = Yh if sL is None else Yh * sL
         if Hc is None:
             Hc = linalg.mm(left.Q.mT, Gc)  # type: ignore[union-attr]  # Q_Lᵀ G P⊥
-        increment = torch.baddbmm(Hc.mT @ W, U, Hy.mT @ W).mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
+        increment = torch.baddbmm(linalg.mm(Hc.mT, W), U, linalg.mm(Hy.mT, W)).mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
         if self.tracker == "power":
             power = linalg.restricted_power_product(U, right.sub, increment, rho)
         else:

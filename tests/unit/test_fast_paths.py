@@ -490,6 +490,21 @@ def test_mm_of_stacks_of_other_batch_sizes_broadcasts_as_matmul():
     assert torch.equal(linalg.mm(C, B), torch.bmm(C, B))
 
 
+@pytest.mark.parametrize(("a", "b"), [((3, 40, 70), (3, 70, 50)), ((2, 300, 200), (2, 200, 150)), ((2, 64, 256), (2, 256, 1))])
+@pytest.mark.parametrize("transposed", ["none", "left", "right", "both"])
+def test_mm_of_stacks_of_one_batch_size_gives_the_bits_of_matmul(a, b, transposed):
+    """Stacks of one batch size, contiguous or transposed views (as the steps pass them), a stack of column
+    vectors on the right included: ``linalg.mm`` (``bmm`` itself) gives ``@``'s bits, so a call site may
+    switch without changing a trajectory."""
+    gen = torch.Generator().manual_seed(8)
+    A, B = torch.randn(*a, generator=gen), torch.randn(*b, generator=gen)
+    if transposed in ("left", "both"):
+        A = A.mT.contiguous().mT
+    if transposed in ("right", "both"):
+        B = B.mT.contiguous().mT
+    assert torch.equal(linalg.mm(A, B), A @ B)
+
+
 @pytest.mark.parametrize("host", [True, False])  # the CPU's every-block-ok form and the masked one
 def test_weight_decay_of_float32_parameters_survives_a_bfloat16_direction(monkeypatch, host):
     """With the direction in bfloat16 the factors are still float32: 1 − lr·wd = 1 − 1e-4 does not round
