@@ -1449,7 +1449,7 @@ def _ksl(
     # (the CPU's; there only a step out of the plain range pays that pass over G): their
     # products, of size ‖G‖²‖R‖, then stay in range too.
     sigma2 = None if sigma is None else sigma.square()
-    inv = 1.0 / norm_R.clamp(min=tiny)
+    inv = norm_R.clamp(min=tiny).reciprocal_()
     weight = beta * norm_R if sigma2 is None else beta * norm_R * sigma2
     unit = None  # a fresh block's weight of the direction I/√n (σ² scaled), 0 on the others
     if fresh is not None:
@@ -1489,7 +1489,7 @@ def _ksl(
         K, K_dot_L, norm_K = sym_product_stats(L, GR, G, beta=weight, alpha=1.0 - beta, other=L, tiles=tall_split)
     # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and Gᵀ U G as a factor, and the
     # returned L' = √S U as one scaling of K.
-    inv_K = 1.0 / norm_K.clamp(min=tiny)
+    inv_K = norm_K.clamp(min=tiny).reciprocal_()
     inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
     # R̂ takes R with 1/‖R‖ (R̄ = R/‖R‖); a fresh block's weight is 0, so its R̂ takes nothing of R
     weight_R = weight * inner * inv
@@ -1990,7 +1990,7 @@ def tracked_inverse_root_ema(s: Tensor, d: Tensor, rho: float, clamp: float | No
     """
     if s.shape != d.shape:
         raise ValueError(f"s and d must have the same shape, got {tuple(s.shape)} and {tuple(d.shape)}")
-    lam_prev = finite_or_zero(1.0 / s.square())
+    lam_prev = finite_or_zero(s.square().reciprocal_())
     lam = torch.lerp(lam_prev, d, 1.0 - rho)
     s_new = finite_or_zero(lam.rsqrt())
     if clamp is not None:
@@ -2000,7 +2000,7 @@ def tracked_inverse_root_ema(s: Tensor, d: Tensor, rho: float, clamp: float | No
 
 def inverse_square(s: Tensor) -> Tensor:
     r"""Eigenvalues from stored inverse roots: :math:`\lambda = 1/s^2` (:math:`s = 0` gives :math:`+\infty`)."""
-    return 1.0 / s.square()
+    return s.square().reciprocal_()
 
 
 def orthonormalize(X: Tensor) -> Tensor:

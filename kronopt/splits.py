@@ -186,7 +186,7 @@ class LowRankFlatSplit:
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
             nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)
             # μ = 0 or λ ≤ 0 (an EMA estimator that has seen no complement energy yet): no complement block
-            w = linalg.rescale_factor(O, torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu)))
+            w = linalg.rescale_factor(O, linalg.finite_or_zero(nu))
         elif self.complement_scale == "match_subspace_rms":
             d, r = (layout.m, layout.rank_left) if side == "left" else (layout.n, layout.rank_right)
             other = layout.n if side == "left" else layout.m

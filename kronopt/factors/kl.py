@@ -346,7 +346,7 @@ class KlKronFactors:
         assert U is not None and tau is not None and mu is not None and right.sub is not None
         Y, Gc = linalg.subspace_split(G, U) if parts is None else parts  # G U, G P⊥
         Hy = Y if left.Q is None else linalg.mm(left.Q.mT, Y)  # Q_Lᵀ G U
-        inv_mu = (1.0 / mu).view(-1, 1, 1)
+        inv_mu = torch.reciprocal(mu).view(-1, 1, 1)
         new_left = left
         if left.F is not None:
             # the rows' energies ‖(Q_Lᵀ G P⊥)_i‖² from the Gram of G P⊥ the factor update makes anyway, where
@@ -414,7 +414,7 @@ class KlKronFactors:
         if not ready:
             return s, sub, mu, (U_new @ sub if self.tracker == "sketch" else power)
         d = U_new.shape[-2]
-        sub_new, mu_new, lam_new = linalg.reproject_flat(U_new, U_old, sub, mu, linalg.finite_or_zero(1.0 / s.square()))
+        sub_new, mu_new, lam_new = linalg.reproject_flat(U_new, U_old, sub, mu, linalg.finite_or_zero(s.square().reciprocal_()))
         mu_new = mu_new.nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(d, mu))
         s_new = linalg.finite_or_zero(lam_new.clamp(min=0.0).rsqrt())
         c = self._clamp(d)
