@@ -535,14 +535,16 @@ class KronOptimizer(torch.optim.Optimizer):
             return None
         # each gradient's own flag is kept for _step_bucket (its block mask), keyed by the tensor and
         # its version counter, so a gradient changed in place since is never taken for checked
-        # (with its smallest and largest entries, for _adam_bounds and _adam_bounds_small)
-        self._grad_flags: dict[int, tuple[Any, int, Tensor, Tensor]] = {}
+        # (with its smallest and largest entries, for _adam_bounds and _adam_bounds_small, and on a CPU
+        # the flag read on the host, where that waits for nothing, for _sanitized_gradients)
+        self._grad_flags: dict[int, tuple[Any, int, Tensor, Tensor, bool | None]] = {}
         flags = []
         for gs in grouped.values():
             extremes = linalg.extremes_each(gs)
             each = extremes.isfinite().all(1)
-            for g, flag, row in zip(gs, each.unbind(0), extremes.unbind(0)):
-                self._grad_flags[id(g)] = (weakref.ref(g), g._version, flag, row)
+            read = each.tolist() if linalg.host_verdicts(each) else [None] * len(gs)
+            for g, flag, row, finite in zip(gs, each.unbind(0), extremes.unbind(0), read):
+                self._grad_flags[id(g)] = (weakref.ref(g), g._version, flag, row, finite)
             flags.append(each.all())
         device = flags[0].device
         return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
@@ -906,8 +908,10 @@ class KronOptimizer(torch.optim.Optimizer):
         hits = [self._checked(g) for g in grads]
         if all(h is not None and g.dtype == dtype for h, g in zip(hits, grads)):
             ok = torch.stack([h[0] for h in hits])  # type: ignore[index]
-            # stacked and sanitized in one pass per block
             blocks = [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
+            if all(h[2] for h in hits):  # type: ignore[index]  # each read finite on the host: nothing to zero
+                return torch.stack(blocks), ok
+            # stacked and sanitized in one pass per block
             G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)
             for i, block in enumerate(blocks):
                 torch.nan_to_num(block.to(dtype), nan=0.0, posinf=0.0, neginf=0.0, out=G[i])
@@ -916,14 +920,14 @@ class KronOptimizer(torch.optim.Optimizer):
         ok = linalg.finite_blocks(G)
         return G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), ok
 
-    def _checked(self, g: Tensor) -> tuple[Tensor, Tensor] | None:
-        """What :meth:`_all_finite` found on the gradient ``g`` this step: its finiteness flag and its
-        smallest and largest entries; ``None`` when it did not check this very tensor (or it has been
-        changed in place since)."""
+    def _checked(self, g: Tensor) -> tuple[Tensor, Tensor, bool | None] | None:
+        """What :meth:`_all_finite` found on the gradient ``g`` this step: its finiteness flag, its
+        smallest and largest entries, and the flag read on the host (``None`` where it was not: off
+        the CPU); ``None`` when it did not check this very tensor (or it has been changed in place since)."""
         hit = getattr(self, "_grad_flags", {}).get(id(g))
         if hit is None or hit[0]() is not g or hit[1] != g._version:
             return None
-        return hit[2], hit[3]
+        return hit[2], hit[3], hit[4]
 
     def _adam_bounds(self, grad: Tensor, m: Tensor, v: Tensor) -> tuple[float, float, float]:
         """``max |g|``, ``max |m|`` and ``max v`` of one block (``grad`` its parameter's gradient, ``m``, ``v``

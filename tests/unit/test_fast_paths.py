@@ -550,10 +550,10 @@ def test_select_blocks_reads_a_cpu_verdict_on_the_host(monkeypatch, host):
     assert column.view(-1).tolist() == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("preset", ["dykaf", "soap", "pro_dykaf"])
+@pytest.mark.parametrize("preset", ["dykaf", "soap", "pro_dykaf", "kl_shampoo", "muon"])
 def test_host_verdicts_change_no_bit_of_a_trajectory(monkeypatch, preset):
-    """The CPU's host-read verdicts (every block ok, every block started) against the device-agnostic masked
-    path, over refreshes, with one block whose first gradients are zero (started late, dykaf's `fresh`)
+    """The CPU's host-read verdicts (every block ok, every block started, every gradient finite) against the
+    device-agnostic masked path, over refreshes, with one block whose first gradients are zero (started late, dykaf's `fresh`)
     and one non-finite gradient (a skipped block): the same parameters, bit for bit."""
 
     def run(host):
