@@ -3,6 +3,7 @@ r"""The ``post`` stage: RMS normalisation and grafting of the whole direction, t
 Not a registry slot: one configurable record that every pipeline ends with.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -161,15 +162,17 @@ def _apply_plainly_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, 
             together[key] = (post, [], [], [scale], None if decay is None else [decay])
         _, ps, steps, _, _ = together[key]
         ps.extend(params)
-        steps.extend(d.view(p.shape) for d, p in zip(D.unbind(0), params))
+        steps.extend([D.view(params[0].shape)] if len(params) == 1 else [d.view(p.shape) for d, p in zip(D.unbind(0), params)])
     for post, ps, steps, scale, decay in together.values():
         post._apply_all_(ps, steps, scale * len(steps), None if decay is None else decay * len(steps))
 
 
+@functools.cache
 def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the step and decay factors: the direction's, but never narrower than float32.
     In bfloat16, ``1 − lr·wd`` rounds to 1 for ``lr·wd`` below about ``2⁻⁹`` (weight decay would
-    vanish from float32 parameters) and ``lr`` itself loses all but 8 bits."""
+    vanish from float32 parameters) and ``lr`` itself loses all but 8 bits. (Kept per dtype: asked
+    once a bucket and step, and ``torch.promote_types`` is an operator call.)"""
     return torch.promote_types(dtype, torch.float32)
 
 
