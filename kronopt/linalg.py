@@ -420,7 +420,8 @@ def mm(A: Tensor, B: Tensor) -> Tensor:
     the five view and expand operators ``matmul`` dispatches around it (11 → 6.5 µs a call on a small
     block, where a bucket's step is a few dozen calls). The same bits as ``@`` on the stacks the steps
     pass (matrices, transposed views, column vectors on the right); ``@`` takes another route for a
-    stack of row vectors on the left (``b 1 k``) and rounds otherwise, so such a call keeps ``@``."""
+    stack of row vectors on the left that is a transposed view (the ``.mT`` of a ``b k 1`` stack,
+    against more than one column) and rounds otherwise, so such a call keeps ``@``."""
     return torch.bmm(A, B) if A.ndim == 3 and B.ndim == 3 and A.shape[0] == B.shape[0] else A @ B
 
 

@@ -521,7 +521,8 @@ class KronOptimizer(torch.optim.Optimizer):
         return next(b.fsdp.sharding.group for b in self._buckets if b.fsdp is not None)  # type: ignore[union-attr]
 
     def _all_finite(self) -> Tensor | None:
-        """One device flag: every gradient of this step is finite (``None`` without gradients; no host sync).
+        """One device flag: every gradient of this step is finite (``None`` without gradients; no host sync
+        off the CPU: there, where it waits for nothing, each gradient's flag is also read on the host).
 
         A tensor's largest and smallest entries are both finite exactly when it holds no
         NaN and no infinity (:func:`linalg.all_finite`: two plain reductions per gradient,
@@ -909,7 +910,9 @@ class KronOptimizer(torch.optim.Optimizer):
         if all(h is not None and g.dtype == dtype for h, g in zip(hits, grads)):
             ok = torch.stack([h[0] for h in hits])  # type: ignore[index]
             blocks = [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
-            if all(h[2] for h in hits):  # type: ignore[index]  # each read finite on the host: nothing to zero
+            # each read finite on the host by this step's check (of this very tensor at this version,
+            # _checked): nothing to zero, one copy
+            if all(h[2] for h in hits):  # type: ignore[index]
                 return torch.stack(blocks), ok
             # stacked and sanitized in one pass per block
             G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)

@@ -362,6 +362,35 @@ def test_refreshes_read_on_the_host_count_and_fall_back_as_on_a_device(basis, mo
             assert (x is None and y is None) or torch.equal(x, y), name
 
 
+def test_restricted_and_first_refreshes_count_failures_read_on_the_host_as_on_a_device(monkeypatch):
+    """The restricted side's refresh (Rayleigh–Ritz and a power step on ``U``) and a first refresh (eigh)
+    with a non-finite block: on the host and on the device-agnostic path, the same bases, estimates and
+    failure counts, the bad block counted once per refresh in which it failed."""
+    runs = {}
+    for host in (True, False):
+        monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+        gen = generator(3)
+        b, m, n, r = 3, 5, 12, 4
+        layout = Layout(batch=b, m=m, n=n, left="full", right="restricted", rank_right=r)
+        basis = QrBasis()
+        state = basis.init(layout, dtype=F64, device=CPU)
+        counts, states = [], []
+        for step in range(4):
+            L, _ = _factors(gen, b, m, n)
+            P = torch.randn(b, n, r, generator=gen, dtype=F64)
+            if step in (0, 2):  # the first refresh (eigh on the full side) and a later one
+                P[1, 0, 0] = float("nan")
+                L[2, 0, 0] = L[2, 0, 0] * float("inf")
+            state, _ = basis.refresh(state, (L, P), StepContext(step=step + 1, layout=layout, basis=state))
+            counts.append(state.failures.tolist())
+            states.append(state)
+        runs[host] = states
+        assert counts == [[0, 1, 1], [0, 1, 1], [0, 2, 2], [0, 2, 2]]
+    for a, c in zip(runs[True], runs[False]):
+        for name in ("Q_L", "Q_R", "lam_L", "lam_R", "failures"):
+            assert torch.equal(getattr(a, name), getattr(c, name)), name
+
+
 @pytest.mark.parametrize("preset, from_basis", [("soap", True), ("kl_shampoo", False), ("pro_kl_shampoo", False)])
 def test_the_context_says_whose_eigenvalues_the_stages_read(preset, from_basis):
     """``compose.context`` marks the basis's estimates as unread where the factor estimator tracks its own;

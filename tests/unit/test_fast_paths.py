@@ -154,6 +154,14 @@ def test_finite_blocks_of_small_tensors_reduce_once_and_read_a_column_major_bloc
     assert linalg.finite_blocks(Q, e).tolist() == [True, False]
 
 
+def test_finite_blocks_of_small_integer_and_bool_tensors_are_all_finite():
+    """Tensors without infinities or NaN (integers at their extremes, bools) side by side: every block finite."""
+    ints = torch.tensor([[torch.iinfo(torch.int64).min, 0], [torch.iinfo(torch.int64).max, -1]])
+    flags = torch.tensor([[True, False, True], [False, False, False]])
+    assert linalg.finite_blocks(ints, ints.clone()).tolist() == [True, True]
+    assert linalg.finite_blocks(flags, flags.clone()).tolist() == [True, True]
+
+
 def test_finite_blocks_of_vectors_and_empty_blocks_and_mixed_dtypes():
     v = torch.tensor([1.0, float("nan"), 3.0])
     empty = torch.zeros(3, 0, 4)
@@ -548,6 +556,32 @@ def test_select_blocks_reads_a_cpu_verdict_on_the_host(monkeypatch, host):
     # a mask that is not one flag per block is never read as a whole (nested lists are all truthy)
     column = linalg.select_blocks(torch.tensor([[True], [False]]), torch.ones(2, 1), torch.zeros(2, 1))
     assert column.view(-1).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.filterwarnings("ignore:non-finite gradient")
+@pytest.mark.parametrize("scope", ["step", "block"])
+@pytest.mark.parametrize("preset", ["dykaf", "pro_kl_shampoo", "soap"])
+def test_a_non_finite_gradient_is_zeroed_before_the_pipeline_on_the_first_step_and_later(preset, scope):
+    """A gradient read non-finite on the host is sanitised, not stacked as it is: on the first step (whose
+    SVD start fails on a NaN: dykaf, pro_kl_shampoo) and on a later one, the stack the pipeline gets is
+    finite and equals ``nan_to_num`` of the gradients; finite gradients are stacked as they are."""
+    gen = torch.Generator().manual_seed(4)
+    ws = [torch.nn.Parameter(torch.randn(6, 8, generator=gen)) for _ in range(3)]
+    opt = kronopt.build([(f"w{i}", w) for i, w in enumerate(ws)], preset, nonfinite_scope=scope)
+    bucket = next(b for b in opt._buckets if b.layout.m * b.layout.n == 48)
+    for step in range(4):
+        grads = [torch.randn(6, 8, generator=gen) for _ in ws]
+        if step in (0, 2):
+            grads[1][2, 3] = float("nan")
+            grads[2][0, 0] = -float("inf")
+        for w, g in zip(ws, grads):
+            w.grad = g
+        opt._all_finite()  # the step's check, whose host-read flags the stacking reads
+        G, ok = opt._sanitized_gradients(bucket, [w.grad for w in ws], torch.float32)
+        assert torch.equal(G, torch.stack(grads).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
+        assert ok.tolist() == ([True, False, False] if step in (0, 2) else [True, True, True])
+        opt.step()  # raises nowhere (the SVD start never sees the NaN)
+    assert all(torch.isfinite(w).all() for w in ws)
 
 
 @pytest.mark.parametrize("preset", ["dykaf", "soap", "pro_dykaf", "kl_shampoo", "muon"])
