@@ -614,9 +614,14 @@ def write_(
         changes = {}
         for name, init in names:
             value, before = getattr(n, name), getattr(o, name, None)
-            kept = before if value is before else merge(value, before, name)
+            if value is before:
+                kept = before
+            elif type(value) is Tensor and type(before) is Tensor:  # a new tensor for a stack: no walk
+                kept = select(value, before)
+            else:
+                kept = merge(value, before, name)
             if init is not None:
-                current = getattr(base, name)
+                current = before if base is o else getattr(base, name)
                 if kept is not current and not _same(kept, current):
                     changes[init] = kept
         return attrs.evolve(base, **changes) if changes else base
