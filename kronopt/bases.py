@@ -152,6 +152,7 @@ class _SideRefresh:
     failed: Tensor | int = 0
     solved: bool = False
 
+
 def _fell_back(ok: Tensor) -> Tensor | int:
     """Per block, 1 where a side's refresh kept its old basis (``ok`` False), else 0: ``(b)`` counts, or
     ``0`` where every block is ok on a CPU (read there for free, :func:`kronopt.linalg.cpu_all`)."""

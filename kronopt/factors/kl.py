@@ -278,7 +278,8 @@ class KlKronFactors:
                 right.F, G.mT, H.mT, Q=right.Q, Q_other=left.Q, s_other=sL_row, half=None if Gl is None else Gl.mT,
                 exact=exact, alpha=(1 - rho) / m, defer=defer,
             )
-            d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m  # @, not linalg.mm: a transposed row-vector stack, which @ rounds otherwise
+            # @, not linalg.mm: sL²ᵀ is a transposed row-vector stack, which @ rounds otherwise
+            d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m
             new_right = self._tracked(right, F, d_R, left, G)
         return new_left, new_right
 
