@@ -255,6 +255,6 @@ class QrBasis:
             perm = linalg.select_blocks(ok, perm, identity)
         return _SideRefresh(
             Q=linalg.select_blocks(ok, Q_new, Q), lam=lam if e is None else linalg.select_blocks(ok, e, lam), perm=perm,
-            failed=(~ok).long(), solved=True,
+            failed=_fell_back(ok), solved=True,
         )
 

@@ -35,6 +35,12 @@ def _factors(gen, b, m, n, dtype=F64, log10_range=(-3.0, 3.0)):
     )
 
 
+def _assert_same_basis_state(a, b):
+    """Two basis states with the same bases, estimates and failure counts, bit for bit."""
+    for name in ("Q_L", "Q_R", "lam_L", "lam_R", "failures"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def _assert_same_columns_up_to_sign(Q, expected, atol=1e-10):
     """Equal column by column up to each column's sign (a QR routine may flip signs)."""
     signs = torch.sign((Q * expected).sum(dim=-2, keepdim=True))
@@ -355,8 +361,7 @@ def test_refreshes_read_on_the_host_count_and_fall_back_as_on_a_device(basis, mo
         runs[host] = seen
         assert [new.failures.tolist() for new, _ in seen] == [[0, 0, 0], [0, 1, 0], [0, 1, 0]]
     for (a, ca), (b, cb) in zip(runs[True], runs[False]):
-        for name in ("Q_L", "Q_R", "lam_L", "lam_R", "failures"):
-            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        _assert_same_basis_state(a, b)
         for name in ("perm_L", "perm_R"):
             x, y = getattr(ca, name), getattr(cb, name)
             assert (x is None and y is None) or torch.equal(x, y), name
@@ -387,8 +392,7 @@ def test_restricted_and_first_refreshes_count_failures_read_on_the_host_as_on_a_
         runs[host] = states
         assert counts == [[0, 1, 1], [0, 1, 1], [0, 2, 2], [0, 2, 2]]
     for a, c in zip(runs[True], runs[False]):
-        for name in ("Q_L", "Q_R", "lam_L", "lam_R", "failures"):
-            assert torch.equal(getattr(a, name), getattr(c, name)), name
+        _assert_same_basis_state(a, c)
 
 
 @pytest.mark.parametrize("preset, from_basis", [("soap", True), ("kl_shampoo", False), ("pro_kl_shampoo", False)])
