@@ -60,23 +60,18 @@ def state_bytes(*opts: torch.optim.Optimizer) -> int:
     """
     seen: set[int] = set()
     total = 0
-
-    def walk(x: Any) -> None:
-        nonlocal total
+    # walked with a list of what is left (a nested function calling itself would hold itself in a cycle)
+    left: list[Any] = [per_param for opt in opts for per_param in opt.state.values()]
+    while left:
+        x = left.pop()
         if isinstance(x, torch.Tensor):
             if id(x) not in seen:
                 seen.add(id(x))
                 total += x.numel() * x.element_size()
         elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
+            left.extend(x.values())
         elif isinstance(x, list | tuple):
-            for v in x:
-                walk(v)
-
-    for opt in opts:
-        for per_param in opt.state.values():
-            walk(per_param)
+            left.extend(x)
     return total
 
 
