@@ -37,6 +37,11 @@ from torch import Tensor
 RECOMPILE_LIMIT = 64
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("kronopt_compile", default=False)
+#: whether an enclosing :func:`scope` has dynamo's recompile limit patched already (an inner one adds nothing)
+_PATCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("kronopt_compile_patched", default=False)
+#: dynamo's config patch of :func:`scope`, by the limit it sets, made once and entered again at each outermost
+#: scope: each ``config.patch`` call defines a class of its own, a reference cycle left to the cycle collector
+_PATCHES: dict[int, Any] = {}
 
 
 @contextlib.contextmanager
@@ -47,11 +52,19 @@ def scope(enabled: bool) -> Iterator[None]:
         return
     token = _ACTIVE.set(enabled)
     try:
-        if enabled:
+        if enabled and not _PATCHED.get():
             import torch._dynamo
 
-            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
-                yield
+            limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+            patch = _PATCHES.get(limit)
+            if patch is None:
+                patch = _PATCHES[limit] = torch._dynamo.config.patch(recompile_limit=limit)
+            patched = _PATCHED.set(True)
+            try:
+                with patch:  # never entered twice at once: older torch releases refuse that
+                    yield
+            finally:
+                _PATCHED.reset(patched)
         else:
             yield
     finally:

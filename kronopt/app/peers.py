@@ -64,14 +64,13 @@ def state_bytes(*opts: torch.optim.Optimizer) -> int:
     left: list[Any] = [per_param for opt in opts for per_param in opt.state.values()]
     while left:
         x = left.pop()
+        if not isinstance(x, torch.Tensor | dict | list | tuple) or id(x) in seen:
+            continue  # a container seen before is not walked again (one that holds itself would never end)
+        seen.add(id(x))
         if isinstance(x, torch.Tensor):
-            if id(x) not in seen:
-                seen.add(id(x))
-                total += x.numel() * x.element_size()
-        elif isinstance(x, dict):
-            left.extend(x.values())
-        elif isinstance(x, list | tuple):
-            left.extend(x)
+            total += x.numel() * x.element_size()
+        else:
+            left.extend(x.values() if isinstance(x, dict) else x)
     return total
 
 

@@ -488,6 +488,15 @@ def test_state_bytes_walks_nested_state_once_per_tensor():
     assert peers.state_bytes(opt) == 2 * 2 * 4 + 3 * 8 + 1
 
 
+def test_state_bytes_walks_a_container_that_holds_itself_once():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))])
+    loop: dict = {"m": torch.zeros(4)}
+    loop["self"] = loop
+    loop["list"] = [loop, loop["m"]]
+    opt.state["a"] = loop
+    assert peers.state_bytes(opt) == 4 * 4
+
+
 def test_torch_muon_state_counts_its_adamw_for_vectors(capsys):
     assert cli.main(["bench", "torch.Muon", "--shapes", "8x4,4", "--steps", "1", "--warmup", "0"]) == 0
     rows = _rows(capsys.readouterr().out)

@@ -42,6 +42,11 @@ def _garbage_of_each_step(opt, params, gen, steps, *, bad_step):
             found.append(sorted({getattr(o, "__qualname__", type(o).__name__) for o in gc.garbage}))
             gc.garbage.clear()
             gc.set_debug(0)
+        # and once over every generation: a cycle among objects one step made and a later step dropped
+        # (a record rebuilt every step, the gradient flags) was promoted out of generation 0 meanwhile
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found.append(sorted({getattr(o, "__qualname__", type(o).__name__) for o in gc.garbage}))
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -61,7 +66,7 @@ def test_a_step_leaves_no_reference_cycles(preset, host_verdicts, monkeypatch):
     opt = kronopt.build(params, preset, nonfinite="skip", **{"refresh.every": 2})
     # first calls, plain steps, refreshes and a step with a non-finite gradient (a block not written)
     found = _garbage_of_each_step(opt, params, gen, 6, bad_step=4)
-    assert found == [[]] * 6, f"garbage left to the cycle collector, by step: {found}"
+    assert found == [[]] * 7, f"garbage left to the cycle collector, by step: {found}"
 
 
 @pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
@@ -72,4 +77,48 @@ def test_a_step_with_narrower_state_storage_leaves_no_reference_cycles(preset):
     storage = {"storage.factors": "bfloat16", "storage.basis": "bfloat16", "storage.moments": "bfloat16"}
     opt = kronopt.build(params, preset, nonfinite="skip", **{"refresh.every": 2, **storage})
     found = _garbage_of_each_step(opt, params, gen, 5, bad_step=3)
-    assert found == [[]] * 5, f"garbage left to the cycle collector, by step: {found}"
+    assert found == [[]] * 6, f"garbage left to the cycle collector, by step: {found}"
+
+
+def test_a_compile_scope_leaves_no_reference_cycles():
+    # compile = true enters the scope for every bucket at every step (no compilation needed to test it)
+    from kronopt import compiled
+
+    with compiled.scope(True):  # imports dynamo once, outside the window
+        pass
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            with compiled.scope(True), compiled.scope(False), compiled.scope(True):
+                pass
+        gc.collect()
+        found = sorted({getattr(o, "__qualname__", type(o).__name__) for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert found == [], f"garbage left to the cycle collector: {found}"
+
+
+def test_nested_compile_scopes_raise_the_recompile_limit_once_and_restore_it():
+    import torch._dynamo
+
+    from kronopt import compiled
+
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    with config.patch(recompile_limit=8):
+        seen = []
+        with compiled.scope(True):
+            seen.append(config.recompile_limit)
+            with compiled.scope(False), compiled.scope(True):
+                seen.append(config.recompile_limit)
+            seen.append(config.recompile_limit)
+        seen.append(config.recompile_limit)
+        with compiled.scope(True):  # the same patch entered again, after the first scope closed
+            seen.append(config.recompile_limit)
+        seen.append(config.recompile_limit)
+    assert seen == [compiled.RECOMPILE_LIMIT] * 3 + [8, compiled.RECOMPILE_LIMIT, 8]
+    assert config.recompile_limit == before
