@@ -11,6 +11,7 @@ right after it must find nothing.
 """
 
 import gc
+import types
 
 import pytest
 import torch
@@ -24,8 +25,23 @@ SHAPES = [(6, 4), (6, 4), (4, 6), (12, 20), (5,), (2, 3, 2)]
 TILED = [(520, 24)]
 
 
+def _ours(obj) -> bool:
+    """Whether a piece of garbage is kronopt's making: a function, class or instance of kronopt's code, or a
+    plain tensor. Torch's own machinery may leave garbage in the same window (a collection over every
+    generation also finds, say, what an earlier test's compilation left to die when a cache let go of it)."""
+    if type(obj) in (torch.Tensor, torch.nn.Parameter):
+        return True
+    module = obj.__module__ if isinstance(obj, types.FunctionType | type) else type(obj).__module__
+    return isinstance(module, str) and module.split(".")[0] == "kronopt"
+
+
+def _names(garbage) -> list[str]:
+    return sorted({getattr(o, "__qualname__", type(o).__name__) for o in garbage if _ours(o)})
+
+
 def _garbage_of_each_step(opt, params, gen, steps, *, bad_step):
-    """For each step, the type names of what only the cycle collector could free after it (empty: none)."""
+    """For each step, the names of what of kronopt's making only the cycle collector could free after it
+    (empty: none), then the same over every generation after the last step."""
     found = []
     gc.collect()
     enabled = gc.isenabled()
@@ -39,14 +55,14 @@ def _garbage_of_each_step(opt, params, gen, steps, *, bad_step):
             gc.set_debug(gc.DEBUG_SAVEALL)  # what the collection finds lands in gc.garbage
             opt.step()
             gc.collect(0)  # the step's objects are all young: the collector was off while it ran
-            found.append(sorted({getattr(o, "__qualname__", type(o).__name__) for o in gc.garbage}))
+            found.append(_names(gc.garbage))
             gc.garbage.clear()
             gc.set_debug(0)
         # and once over every generation: a cycle among objects one step made and a later step dropped
         # (a record rebuilt every step, the gradient flags) was promoted out of generation 0 meanwhile
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        found.append(sorted({getattr(o, "__qualname__", type(o).__name__) for o in gc.garbage}))
+        found.append(_names(gc.garbage))
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
