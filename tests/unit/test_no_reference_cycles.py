@@ -10,6 +10,7 @@ that only the cycle collector can free: the collector is held off during each st
 right after it must find nothing.
 """
 
+import contextlib
 import gc
 import types
 
@@ -35,39 +36,45 @@ def _ours(obj) -> bool:
     return isinstance(module, str) and module.split(".")[0] == "kronopt"
 
 
-def _names(garbage) -> list[str]:
-    return sorted({getattr(o, "__qualname__", type(o).__name__) for o in garbage if _ours(o)})
+def _names(garbage, *, only_ours: bool = True) -> list[str]:
+    return sorted({getattr(o, "__qualname__", type(o).__name__) for o in garbage if not only_ours or _ours(o)})
+
+
+@contextlib.contextmanager
+def _collector_saving():
+    """The cycle collector off inside, what a collection finds kept in ``gc.garbage`` (``DEBUG_SAVEALL``);
+    the garbage made before is freed first, and the collector's settings restored after."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()
 
 
 def _garbage_of_each_step(opt, params, gen, steps, *, bad_step):
     """For each step, the names of what of kronopt's making only the cycle collector could free after it
     (empty: none), then the same over every generation after the last step."""
     found = []
-    gc.collect()
-    enabled = gc.isenabled()
-    try:
+    with _collector_saving():
         for k in range(steps):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
             if k == bad_step:
                 params[0].grad[0, 0] = float("nan")
-            gc.disable()
-            gc.set_debug(gc.DEBUG_SAVEALL)  # what the collection finds lands in gc.garbage
             opt.step()
-            gc.collect(0)  # the step's objects are all young: the collector was off while it ran
+            gc.collect(0)  # the step's objects are all young: the collector was off since the last one
             found.append(_names(gc.garbage))
             gc.garbage.clear()
-            gc.set_debug(0)
         # and once over every generation: a cycle among objects one step made and a later step dropped
         # (a record rebuilt every step, the gradient flags) was promoted out of generation 0 meanwhile
-        gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         found.append(_names(gc.garbage))
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        if enabled:
-            gc.enable()
     return found
 
 
@@ -102,19 +109,12 @@ def test_a_compile_scope_leaves_no_reference_cycles():
 
     with compiled.scope(True):  # imports dynamo once, outside the window
         pass
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with _collector_saving():
         for _ in range(3):
             with compiled.scope(True), compiled.scope(False), compiled.scope(True):
                 pass
         gc.collect()
-        found = sorted({getattr(o, "__qualname__", type(o).__name__) for o in gc.garbage})
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+        found = _names(gc.garbage, only_ours=False)  # dynamo's config patch is torch's class, made by the scope
     assert found == [], f"garbage left to the cycle collector: {found}"
 
 
