@@ -525,7 +525,7 @@ class KronOptimizer(torch.optim.Optimizer):
         off the CPU: there, where it waits for nothing, each gradient's flag is also read on the host).
 
         A tensor's largest and smallest entries are both finite exactly when it holds no
-        NaN and no infinity (:func:`linalg.all_finite`: two plain reductions per gradient,
+        NaN and no infinity (:func:`linalg.extremes_each`: one ``aminmax`` pass per gradient,
         at memory speed; a max-norm never overflows either, but runs far slower on CPU),
         one flag per device.
         """
@@ -876,11 +876,12 @@ class KronOptimizer(torch.optim.Optimizer):
                 if whole and compose.adam_block_is_safe(cfg, t, m.dtype, *(bounds.get((k, i)) or self._adam_bounds(p.grad, m, v))):  # type: ignore[arg-type]
                     # finite whatever the entries: computed in place, nothing to check or copy
                     mine.append(True)
-                    w = to_block(p, bucket.specs[i])  # type: ignore[index]
-                    if fuse and w.dtype == g.dtype == m.dtype and w.is_contiguous() and g.is_contiguous():
+                    # the fused kernel writes the block in place: only where it is the parameter's own memory (a
+                    # non-contiguous parameter, e.g. a channels_last weight, reshapes into a copy)
+                    if fuse and p.dtype == g.dtype == m.dtype and p.is_contiguous() and g.is_contiguous():
                         # one call below for every proven block of these settings, whichever its bucket
-                        key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, w.dtype)
-                        fused.setdefault(key, (cfg, []))[1].append((w, g, m, v))
+                        key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, p.dtype)
+                        fused.setdefault(key, (cfg, []))[1].append((to_block(p, bucket.specs[i]), g, m, v))  # type: ignore[index]
                         continue
                     D = compose.adam_block(cfg, t, m, v, g, (m, v, out[2]))
                     cfg.post.apply_block_(p, D, factors)
@@ -985,7 +986,7 @@ class KronOptimizer(torch.optim.Optimizer):
         fast = self.__dict__.setdefault("_plain_adam", {}).get(key)
         if fast is None:
             fast = compose.is_plain_adam(cfg, bucket.layout, bucket.state_dtype)
-            self._plain_adam[key] = fast  # cfg objects live as long as the optimizer: the id stays theirs
+            self._plain_adam[key] = fast  # the configs live until load_state_dict replaces them, which clears this
         if not fast or not all(p.grad.dtype == bucket.state_dtype for p in bucket.params):  # type: ignore[union-attr]
             return None
         return [to_block(p.grad, s) for p, s in zip(bucket.params, bucket.specs)]  # type: ignore[arg-type]
@@ -1455,6 +1456,7 @@ class KronOptimizer(torch.optim.Optimizer):
         super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         self._group_cfgs = cfgs
         self._phased = {}
+        self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
         self._buckets = buckets
         self._pending = []
         for bucket in buckets:

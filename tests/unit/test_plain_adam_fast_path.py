@@ -137,6 +137,54 @@ def test_fused_form_equals_torch_fused_adamw_bit_for_bit_and_leaves_gradients_al
             assert torch.equal(opt.state[a]["inner.exp_avg_sq"].view(a.shape), ref.state[b]["exp_avg_sq"])
 
 
+#: parameters whose memory is not their ``(m, n)`` block's: a block reshaped from them is a copy
+STRIDED = {
+    "channels_last": lambda w: w.contiguous(memory_format=torch.channels_last),  # a conv weight (8, 4, 3, 3)
+    "permuted": lambda w: w.permute(0, 2, 1).contiguous().permute(0, 2, 1),  # a (4, 6, 5) tensor as (4, 5, 6)
+    "transposed": lambda w: w.mT.contiguous().mT,  # a (7, 5) matrix stored column-major
+}
+
+
+@pytest.mark.parametrize("layout", list(STRIDED))
+@pytest.mark.parametrize("form", ["fused", "block_by_block", "stacks"])
+def test_a_parameter_stored_in_another_layout_is_updated_as_torch_adamw_updates_it(monkeypatch, form, layout):
+    """Whatever its strides, a parameter moves as ``torch.optim.AdamW`` moves a contiguous copy of it: a
+    form that updated its reshaped block (a copy, for these layouts) would leave it where it was."""
+    monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 10**12 if form == "stacks" else 1)
+    monkeypatch.setattr(optimizer_module, "_FUSED_ADAMW", form == "fused")
+    shape = {"channels_last": (8, 4, 3, 3), "permuted": (4, 5, 6), "transposed": (7, 5)}[layout]
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randn(shape, generator=gen)
+    ours = torch.nn.Parameter(STRIDED[layout](start.clone()))
+    theirs = torch.nn.Parameter(start.clone())
+    assert not ours.is_contiguous() and torch.equal(ours, theirs)
+    opt = kronopt.build([("w", ours)], "adamw", lr=0.05, weight_decay=0.1)
+    ref = torch.optim.AdamW([theirs], lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        g = torch.randn(shape, generator=gen)
+        ours.grad, theirs.grad = STRIDED[layout](g.clone()), g.clone()
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)
+    assert (ours - start).abs().max() > 1e-2  # it moved (3 steps of lr 0.05)
+
+
+def test_loading_a_state_dict_forgets_the_verdicts_kept_by_the_old_configs_ids():
+    """The plain-AdamW verdict is kept per configuration object's ``id``; ``load_state_dict`` replaces those
+    objects, and a new one may take a freed one's ``id``: a kept verdict would then answer for another config
+    (say, a group whose ε placement now rules the fused arithmetic out)."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+    opt = kronopt.build(params, "adamw", lr=0.05)
+    for p in params:
+        p.grad = torch.randn(4, 3)
+    opt.step()
+    assert opt.__dict__.get("_plain_adam")  # the verdict was kept
+    opt.load_state_dict(opt.state_dict())
+    assert not opt.__dict__.get("_plain_adam")
+    opt.step()  # and found again for the new configs
+    assert {key[0] for key in opt._plain_adam} <= {id(cfg) for cfg in opt._group_cfgs}
+
+
 # -- every plain AdamW bucket of a CPU step together (KronOptimizer._step_plain_adams) ---------------
 
 #: many shapes, one or a few blocks each; (128, 128) holds exactly _ADAM_BOUNDS_TOGETHER_MAX entries and
