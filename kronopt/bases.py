@@ -8,7 +8,8 @@ basis can follow it.
 Failure policy (every basis): a decomposition that raises is retried in float64
 by :func:`kronopt.linalg.eigh_descending`; if that fails too, or a block's
 output is not finite, the block keeps its last good basis and its ``failures``
-counter is incremented. No host synchronisation is involved.
+counter is incremented. Nothing here reads a tensor on the host; on a CUDA device torch's
+``eigh`` itself synchronises (:func:`kronopt.linalg._eigh`), on the refreshes that call it.
 """
 
 from typing import ClassVar

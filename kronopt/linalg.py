@@ -628,8 +628,18 @@ class Eigh:
 
 
 def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
-    """The raw solver, isolated so tests can make it fail."""
+    """The raw solver, isolated so tests can make it fail. On a CUDA device torch's ``eigh`` synchronises
+    with the host (it reads the solver's error codes; torch has no form that leaves them on the device):
+    kronopt calls it only on a bucket's first call and on the refreshes of an ``eigh`` basis and of a
+    restricted side's subspace, never on a plain step (``tests/unit/test_no_host_sync.py``)."""
     return torch.linalg.eigh(A)
+
+
+def _svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``(U, S, Vh)``, the raw solver isolated as :func:`_eigh` is, and like it synchronising a
+    CUDA device with the host: called only on a bucket's first call (DyKAF's start, a restricted side's
+    first subspace) and by the Fisher analysis, never on a plain step."""
+    return torch.linalg.svd(A, full_matrices=False)
 
 
 def eigh_descending(A: Tensor) -> Eigh:
@@ -843,9 +853,9 @@ def _weighted_row_sums(t: Tensor) -> Tensor | None:
     reaches the sum (:math:`\infty - \infty` is NaN), and finite entries cannot overflow it. One
     read of the tensor at the speed of a product, where ``amax`` and ``amin`` read it twice
     (half the time on a 4 × 1024² stack). ``None`` where it does not apply (fewer than two
-    dimensions, another dtype, a layout that is neither row- nor column-major, empty blocks).
+    dimensions, another dtype, a layout that is neither row- nor column-major, no blocks or empty ones).
     """
-    if t.ndim < 2 or t.dtype not in (torch.float32, torch.float64, torch.bfloat16) or math.prod(t.shape[1:]) == 0:
+    if t.ndim < 2 or t.dtype not in (torch.float32, torch.float64, torch.bfloat16) or t.numel() == 0:
         return None
     flat = t if t.is_contiguous() else t.mT if t.ndim >= 3 and t.mT.is_contiguous() else None
     if flat is None:
@@ -892,7 +902,7 @@ def _block_extremes(t: Tensor) -> list[Tensor]:
     its largest and smallest entries (``t`` itself when 1-D; none for empty blocks)."""
     if t.ndim == 1:
         return [t]
-    if t[0].numel() == 0:  # blocks with no entries (e.g. a rank-0 subspace) are trivially finite
+    if t.numel() == 0:  # no blocks, or blocks with no entries (e.g. a rank-0 subspace): trivially finite
         return [torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)]
     dims = tuple(range(1, t.ndim))
     return [t.amax(dim=dims), t.amin(dim=dims)]
@@ -1057,8 +1067,8 @@ def newton_schulz(
     In bfloat16 every operation rounds its result to bfloat16, products accumulating in float32.
     On a CPU a small batch (``_BF16_EMULATED``) takes that arithmetic in float32 kernels,
     rounding each result: the same roundings, without the fixed cost of a bfloat16 kernel call
-    that dominates such blocks (a Muon step on 30 matrices of 8 × 8 to 37 × 66: about 0.7 of the
-    time). So does every batch above 16³ multiply-adds on a processor whose bfloat16 products are
+    that dominates such blocks (a Muon step on 30 matrices from 8 × 8 to 37 × 66, most of them
+    within those bounds: about 0.7 of the time). So does every batch above 16³ multiply-adds on a processor whose bfloat16 products are
     no faster than float32 ones (:func:`_bfloat16_products_fast`). The accumulation order differs,
     so now and then a result rounds the other way, as between any two bfloat16 kernels.
 
@@ -1612,7 +1622,7 @@ def top_singular_triplet(G: Tensor) -> SingularTriplet:
     :math:`v_1 v_1^\top` do not depend on them. Cost :math:`O(mn\min(m,n))`.
     """
     _check_batched("G", G)
-    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    U, S, Vh = _svd(G)
     return SingularTriplet(sigma=S[:, 0], u=U[:, :, 0], v=Vh[:, 0, :])
 
 
@@ -1729,7 +1739,7 @@ def nearest_kron_dense(F: Tensor, m: int, n: int) -> NearestKron:
     A = rearrange_kron(F, m, n)
     if A.ndim != 3:
         raise ValueError(f"nearest_kron_dense needs a batch (b mn mn), got {tuple(F.shape)}")
-    Uf, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    Uf, S, Vh = _svd(A)
     U = Uf[:, :, 0].reshape(-1, m, m)
     V = Vh[:, 0, :].reshape(-1, n, n)
     return _orient(S[:, 0], sym(U), sym(V))
@@ -2049,9 +2059,9 @@ def top_right_singular(G: Tensor, r: int) -> Tensor:
     if r == 0:
         return G.new_zeros(b, n, 0)
     try:
-        _, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        _, _, Vh = _svd(G)
     except RuntimeError:
-        _, _, Vh = torch.linalg.svd(G.to(torch.float64), full_matrices=False)
+        _, _, Vh = _svd(G.to(torch.float64))
         Vh = Vh.to(G.dtype)
     k = min(r, Vh.shape[-2])
     V = Vh[:, :k, :].mT

@@ -169,6 +169,9 @@ def test_finite_blocks_of_vectors_and_empty_blocks_and_mixed_dtypes():
     other[2, 1] = float("inf")
     assert linalg.finite_blocks(v, empty, other).tolist() == [True, False, False]
     assert linalg.finite_blocks(empty).tolist() == [True, True, True]
+    for dtype in (torch.float32, torch.int64):  # a stack of no blocks (read by a product, or by its extremes)
+        assert linalg.finite_blocks(torch.zeros(0, 3, 4, dtype=dtype)).shape == (0,)
+        assert linalg.finite_blocks(torch.zeros(0, 3, 4, dtype=dtype), torch.zeros(0, 5, dtype=dtype)).shape == (0,)
 
 
 @pytest.mark.parametrize("at_once", [True, False])  # small tensors side by side, or reduced one by one

@@ -1,4 +1,5 @@
-"""Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist()).
+"""Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist()), and torch's
+solvers that synchronise a CUDA device themselves (eigh, svd) run only on first calls and refreshes.
 
 The CPU's fast paths (the plain-AdamW block loop, the state write's plain copies when every block
 is ok) read verdicts on the host, which on a CPU waits for nothing; this test turns them off, so the
@@ -40,9 +41,50 @@ def test_step_reads_no_tensor_values_on_the_host(preset, monkeypatch):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+def test_the_synchronising_solvers_run_only_on_first_calls_and_refreshes(preset, monkeypatch):
+    """torch's ``eigh`` and ``svd`` synchronise a CUDA device with the host (``linalg._eigh``, ``linalg._svd``):
+    a plain step, one that refreshes no basis and is no first call, must call neither. A block whose first
+    gradient is zero starts on a later plain step without them (DyKAF's late start)."""
+    calls = []
+    for name in ("_eigh", "_svd"):
+        real = getattr(linalg, name)
+        monkeypatch.setattr(linalg, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(12, 8), (12, 8), (8, 12), (9,), (2, 3, 4)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = kronopt.build(params, preset, **{"refresh.every": 3})
+    per_step = []
+    for step in range(8):
+        for i, (p, s) in enumerate(zip(params, shapes)):
+            p.grad = torch.zeros(s) if step == 0 and i == 1 else torch.randn(s, generator=gen)
+        before = [b.state.basis.refreshes for b in opt._buckets]
+        del calls[:]
+        opt.step()
+        refreshed = [b.state.basis.refreshes for b in opt._buckets] != before
+        per_step.append((step, refreshed, len(calls)))
+    assert all(n == 0 for step, refreshed, n in per_step if step and not refreshed), per_step
+    if preset in ("shampoo", "soap", "dykaf"):  # the hooks see the solvers where they do run
+        assert any(n for _, _, n in per_step), per_step
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
-def test_cuda_step_does_not_synchronise(preset):
+def test_cuda_step_does_not_synchronise(preset, monkeypatch):
+    """No synchronisation in a step but inside torch's ``eigh`` and ``svd`` (which torch documents as
+    synchronising; kronopt calls them on first calls and refreshes only, as the test above checks)."""
+    for name in ("_eigh", "_svd"):
+        real = getattr(linalg, name)
+
+        def allowed(*args, _real=real, **kwargs):
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+
+        monkeypatch.setattr(linalg, name, allowed)
     gen = torch.Generator().manual_seed(0)
     shapes = [(48, 48), (48, 48), (32, 32), (32,)]  # square: full-rank first factors, a well-posed eigenbasis
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
