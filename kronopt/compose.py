@@ -545,6 +545,15 @@ def changed_tensors(new: Any, old: Any, *also: Tensor | None) -> list[Tensor]:
     return changed + [t for t in also if t is not None]
 
 
+def _stack_outside_inference(t: Tensor) -> Tensor:
+    """``t`` as a stack to keep: an inference tensor (made by a step under ``torch.inference_mode()``) copied into a
+    plain one, which the steps after it, outside that mode, may update in place (an inference tensor they could not)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 class _StateWalk:
     """:func:`write_`'s walk of a new state record against the stacks' record. Its own object, not
     functions nested in :func:`write_`: a nested function that calls itself holds itself through its
@@ -566,8 +575,8 @@ class _StateWalk:
         if n is None or o is None or n.shape != o.shape or n.stride() != o.stride() or n.dtype != o.dtype or n.device != o.device:
             self.replaced = True
             if n is None or o is None:
-                return n
-            return torch.where(self.ok.view(-1, *([1] * (n.ndim - 1))), n, o)
+                return n if n is None else _stack_outside_inference(n)
+            return _stack_outside_inference(torch.where(self.ok.view(-1, *([1] * (n.ndim - 1))), n, o))
         self.writes.append((o, n))
         return o
 

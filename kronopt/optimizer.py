@@ -29,6 +29,8 @@ from .types import Layout
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
 _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-parameter "state"
+#: a step's gradient verdicts (weak references), the plain-AdamW verdicts by config ``id``: not copied with the optimizer
+_ID_KEYED_CACHES = ("_grad_flags", "_plain_adam")
 
 
 def _phases(layouts: list[Layout], count: int) -> list[int]:
@@ -244,21 +246,47 @@ class KronOptimizer(torch.optim.Optimizer):
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
         self._materialize()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy (``copy.deepcopy``, ``pickle``) needs to step on exactly as this optimizer would: all of it,
+        where torch's ``Optimizer`` keeps only its groups and per-parameter state (here views of the buckets'
+        stacks, which the copy shares as the original does). Caches keyed by an object's ``id`` are left out
+        (the copy's objects have other ids) and made again; the owners of work sharding go by parameter."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _ID_KEYED_CACHES}
+        state["_owner"] = [(p, self._owner[id(p)]) for g in self.param_groups for p in g["params"] if id(p) in self._owner]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        owner = state.pop("_owner", [])
+        super().__setstate__(state)
+        self._owner = {id(p): r for p, r in owner}
+        for bucket in self._buckets:  # pickle copies each tensor apart: point state[p] at the stacks again
+            if bucket.state is not None:
+                self._bind(bucket)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after construction (e.g. progressive unfreezing); routed and validated like the others."""
         if getattr(self, "_buckets", None) is None:  # inside __init__: the groups are already routed
             super().add_param_group(param_group)
             self._group_cfgs.append(self._group_config(param_group))
             return
-        first = len(self.param_groups)
-        for g in self._split_user_group(_normalize_groups([param_group])[0]):
-            super().add_param_group(g)
-            self._group_cfgs.append(self._group_config(g))
-        new = self._make_buckets(self.param_groups[first:], self._group_cfgs[first:])
-        for b in new:
-            b.group += first
-        self._buckets.extend(self._shard(new, assign=True))
-        self._materialize()
+        first, buckets = len(self.param_groups), len(self._buckets)
+        try:
+            for g in self._split_user_group(_normalize_groups([param_group])[0]):
+                super().add_param_group(g)  # raises for a parameter some group holds already
+                self._group_cfgs.append(self._group_config(g))
+            new = self._make_buckets(self.param_groups[first:], self._group_cfgs[first:])
+            for b in new:
+                b.group += first
+            self._buckets.extend(self._shard(new, assign=True))
+            self._materialize()
+        except BaseException:  # a refused group adds nothing (its routed main group may be in already)
+            kept = {id(p) for g in self.param_groups[:first] for p in g["params"]}
+            for g in self.param_groups[first:]:
+                for p in g["params"]:
+                    if id(p) not in kept:
+                        self.state.pop(p, None)
+            del self.param_groups[first:], self._group_cfgs[first:], self._buckets[buckets:]
+            raise
 
     def _split_user_group(self, group: dict[str, Any]) -> list[dict[str, Any]]:
         """One user group → its routed ``main`` / ``fallback`` groups (raises ConfigError)."""
@@ -1398,6 +1426,14 @@ class KronOptimizer(torch.optim.Optimizer):
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
             raise ValueError("the saved param groups do not match this optimizer's (different model or routing)")
+        pipelines = [g.get("pipeline") for g in saved_groups]
+        if pipelines != [g["pipeline"] for g in self.param_groups]:
+            if None in pipelines:  # e.g. a torch.optim optimizer's groups: nothing of kronopt's config to restore
+                raise ValueError("not a kronopt optimizer's state dict: its param groups name no 'pipeline'")
+            raise ValueError(
+                f"the saved param groups run the pipelines {pipelines}, this optimizer's "
+                f"{[g['pipeline'] for g in self.param_groups]} (different routing)"
+            )
         if kron is not None and _numbers_config(kron.get("config", to_dict(self.config))) != _numbers_config(to_dict(self.config)):
             warnings.warn(
                 "loading optimizer state saved under a different config; use kronopt.from_state_dict to "
