@@ -478,12 +478,13 @@ class ShardPlan:
 
     def is_rows(self, i: int, value: Any) -> bool:
         """Whether a saved state value of block ``i`` is a block-sized tensor (a DTensor like the
-        parameter, or a whole ``(m n)`` block of a single-process save) that :meth:`from_saved` cuts."""
+        parameter, or a whole tensor of a single-process save, shaped like the parameter or, as saved
+        before, like its ``(m n)`` block) that :meth:`from_saved` cuts."""
         DTensor, _ = _dtensor_types()
         spec = self.specs[i]
         if isinstance(value, DTensor):
             return tuple(value.shape) == tuple(self.params[i].shape)
-        return isinstance(value, Tensor) and tuple(value.shape) == (spec.m, spec.n)
+        return isinstance(value, Tensor) and tuple(value.shape) in ((spec.m, spec.n), tuple(spec.shape))
 
     def from_saved(self, i: int, value: Tensor) -> Tensor:
         """A saved state tensor of block ``i`` (a DTensor like the parameter, or the whole parameter-shaped

@@ -21,6 +21,7 @@ A saved state dict gives the same views without the model: :func:`saved_views`
 """
 
 import itertools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -240,11 +241,20 @@ def saved_views(state_dict: Mapping[str, Any], *, config: KronConfig | None = No
     return out
 
 
+def _block_of(shape: torch.Size) -> tuple[int, int]:
+    """The block ``(m, n)`` of a parameter of ``shape`` without merged dims (``kronopt._shapes``)."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) else (1, 1)
+
+
 def _saved_view(cfg: KronConfig, entry: dict[str, Any], name: str, pipeline: str) -> ParamView:
     tensors = [v for v in entry.values() if isinstance(v, Tensor)]
     dims = sorted({1, *(d for t in tensors for d in t.shape)})
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-    for m, n, rotated in itertools.product(dims, dims, itertools.product((True, False), repeat=2)):
+    # an elementwise bucket's tensors are saved shaped like the parameter (a vector, an N-D weight): their block
+    # is (d₀, the rest), which the sides' lengths alone need not name
+    shaped = {_block_of(t.shape) for t in tensors if t.ndim != 2}
+    blocks = [*itertools.product(dims, dims), *sorted(shaped - set(itertools.product(dims, dims)))]
+    for (m, n), rotated in itertools.product(blocks, itertools.product((True, False), repeat=2)):
         (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(m, n, rotated)
         layout = Layout(batch=1, m=m, n=n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
         try:
@@ -252,12 +262,21 @@ def _saved_view(cfg: KronConfig, entry: dict[str, Any], name: str, pipeline: str
         except (ValueError, RuntimeError):
             continue
         expected = {k: v for k, v in compose.flatten(meta).items() if v is not None}
-        if expected.keys() != entry.keys() or any(
-            isinstance(v, Tensor) != isinstance(entry[k], Tensor)
-            or (isinstance(v, Tensor) and tuple(v.shape[1:]) != tuple(entry[k].shape))
+        if expected.keys() != entry.keys():
+            continue
+        fitted = {  # a tensor shaped like the parameter where the state holds a block-sized one
+            k: v.reshape(m, n)
+            if isinstance(v, Tensor) and v.ndim != 2 and _block_of(v.shape) == (m, n) and expected[k].shape[1:] == (m, n)
+            else v
+            for k, v in entry.items()
+        }
+        if any(
+            isinstance(v, Tensor) != isinstance(fitted[k], Tensor)
+            or (isinstance(v, Tensor) and tuple(v.shape[1:]) != tuple(fitted[k].shape))
             for k, v in expected.items()
         ):
             continue
+        entry = fitted
         device = tensors[0].device if tensors else torch.device("cpu")
         template = compose.init_state(cfg, layout, dtype=dtype, device=device)
         state = compose.stack_entries(template, [entry], [name])

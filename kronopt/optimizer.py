@@ -682,17 +682,32 @@ class KronOptimizer(torch.optim.Optimizer):
         """
         entries = compose.block_entries(bucket.state, bucket.layout.batch)
         plan = bucket.fsdp
+        rows = (bucket.layout.m, bucket.layout.n)
         if plan is not None and plan.elementwise:  # FSDP2: the rows of a block as a DTensor like its parameter
-            rows = (bucket.layout.m, bucket.layout.n)
             entries = [
                 {k: plan.to_dtensor(i, v) if isinstance(v, Tensor) and tuple(v.shape) == rows else v for k, v in e.items()}
                 for i, e in enumerate(entries)
+            ]
+        elif plan is None and self._param_shaped(bucket):
+            # an elementwise bucket's block-sized tensors shaped like the parameter (a view), as FSDP2 keeps them
+            # and torch.optim does: one state layout whatever the placement, so a checkpoint moves between them
+            entries = [
+                {k: v.view(p.shape) if isinstance(v, Tensor) and tuple(v.shape) == rows and v.is_contiguous() else v for k, v in e.items()}
+                for p, e in zip(bucket.params, entries)
             ]
         for i, (p, entry) in enumerate(zip(bucket.params, entries)):
             own = self.state[p]
             own.clear()
             own.update(entry)
             own[_NONFINITE] = bucket.nonfinite[i]  # type: ignore[index]
+
+    def _param_shaped(self, bucket: _Bucket) -> bool:
+        """Whether the bucket's block-sized state tensors are shown (and saved) shaped like their parameters: an
+        elementwise bucket (:func:`kronopt.distributed.is_elementwise`) of blocks that are not the parameter's
+        own shape (a vector ``(d,)`` as ``(d, 1)``, an N-D weight as ``(o, i·kh·kw)``)."""
+        return any(tuple(s.shape) != (s.m, s.n) for s in bucket.specs) and distributed.is_elementwise(
+            self._bucket_config(bucket), bucket.layout
+        )
 
     def _step_bucket(self, bucket: _Bucket, step_ok: Tensor | None) -> None:
         if bucket.plan is not None:
@@ -1511,6 +1526,12 @@ class KronOptimizer(torch.optim.Optimizer):
         if plan is not None and plan.elementwise:  # FSDP2: saved rows (DTensors) or whole tensors → this rank's rows
             entries = [
                 {k: plan.from_saved(i, v) if plan.is_rows(i, v) else v for k, v in e.items()} for i, e in enumerate(entries)
+            ]
+        elif plan is None and self._param_shaped(bucket):  # saved shaped like the parameter (_bind), or as the block
+            rows = {k for k, v in compose.flatten(template).items() if isinstance(v, Tensor) and v.shape[1:] == (bucket.layout.m, bucket.layout.n)}
+            entries = [
+                {k: v.reshape(s.m, s.n) if k in rows and isinstance(v, Tensor) and tuple(v.shape) == tuple(s.shape) else v for k, v in e.items()}
+                for s, e in zip(bucket.specs, entries)
             ]
         stage = [compose.adopt_saved(cfg, {k: v for k, v in e.items() if k not in (_NONFINITE, _BUCKET)}) for e in entries]
         state = compose.stack_entries(template, stage, names)

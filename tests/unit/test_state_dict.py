@@ -1,5 +1,6 @@
 """Per-parameter optimizer state (torch.optim's convention): views, state_dict v2, v1 files, DCP."""
 
+import copy
 import pickle
 import warnings
 
@@ -82,11 +83,54 @@ def test_per_parameter_state_dict_resumes_bit_for_bit(preset):
     for i, entry in sd["state"].items():
         bucket = next(b for b in opt._buckets if any(q is params[i] for q in b.params))
         assert entry["step"] == bucket.state.step and entry["calls"] == bucket.state.calls
+        block = (bucket.layout.m, bucket.layout.n)
         for key, stack in compose.flatten(bucket.state).items():
             if isinstance(stack, torch.Tensor):
-                assert entry[key].shape == stack.shape[1:], key  # the block's own tensor, no batch axis
+                # the block's own tensor, no batch axis; an elementwise bucket's block-sized one shaped like its parameter
+                shaped = opt._param_shaped(bucket) and stack.shape[1:] == block
+                assert entry[key].shape == (params[i].shape if shaped else stack.shape[1:]), key
     assert sd["state"][1]["calls"] != sd["state"][0]["calls"], "the split bucket's counters diverged"
     assert len(opt2._buckets) == len(opt._buckets), "the split buckets stay apart after a load"
+
+
+def test_elementwise_state_is_shaped_like_its_parameter_and_block_shaped_saves_still_load():
+    """An elementwise bucket's moments are shown and saved shaped like their parameters (a bias ``(5,)``, a conv
+    weight ``(4, 3, 2, 2)``), as torch.optim.AdamW and FSDP2 keep them, so one checkpoint serves every placement;
+    a save that holds them block-shaped (``(5, 1)``, ``(4, 12)``: kronopt before) still loads and resumes bit for
+    bit. Catches: the two placements' layouts parting again (a DCP checkpoint then loads in neither direction),
+    or old checkpoints refused."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 4), (5,), (4, 3, 2, 2)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
+    for preset, elementwise in (("adamw", [1, 2]), ("soap", [1])):
+        params = [torch.nn.Parameter(x.clone()) for x in start]
+        opt = kronopt.build(params, preset)
+        for step in grads[:2]:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        sd = opt.state_dict()
+        for i in elementwise:
+            for key in ("inner.exp_avg", "inner.exp_avg_sq"):
+                assert opt.state[params[i]][key].shape == params[i].shape == sd["state"][i][key].shape
+        old = copy.deepcopy(sd)  # as kronopt saved them before: block-shaped
+        for i in elementwise:
+            for key in ("inner.exp_avg", "inner.exp_avg_sq"):
+                old["state"][i][key] = old["state"][i][key].reshape(shapes[i][0], -1)
+        resumed = []
+        for saved in (sd, old):
+            copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            again = kronopt.build(copies, preset)
+            again.load_state_dict(saved)
+            resumed.append((copies, again))
+        for step in grads[2:]:
+            for ps, o in [(params, opt), *resumed]:
+                for p, g in zip(ps, step):
+                    p.grad = g.clone()
+                o.step()
+        for copies, _ in resumed:
+            assert all(torch.equal(a, b) for a, b in zip(params, copies)), preset
 
 
 def test_state_entries_hold_the_blocks_of_the_stacks():
