@@ -6,11 +6,13 @@ the parameters back, guards against non-finite gradients and saves / restores
 everything bit for bit.
 """
 
+import collections
+import contextlib
 import math
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -29,8 +31,9 @@ from .types import Layout
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
 _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-parameter "state"
-#: a step's gradient verdicts (weak references), the plain-AdamW verdicts by config ``id``: not copied with the optimizer
-_ID_KEYED_CACHES = ("_grad_flags", "_plain_adam")
+#: a step's gradient verdicts (weak references), the plain-AdamW verdicts by config ``id``, the state dict last seen:
+#: not copied with the optimizer (a copy makes them again)
+_ID_KEYED_CACHES = ("_grad_flags", "_plain_adam", "_state_seen")
 
 
 def _phases(layouts: list[Layout], count: int) -> list[int]:
@@ -200,6 +203,10 @@ def _normalize_groups(params: Any) -> list[dict[str, Any]]:
         if ps and isinstance(ps[0], tuple):
             g["param_names"] = [name for name, _ in ps]
             ps = [p for _, p in ps]
+        if len({id(p) for p in ps}) != len(ps):
+            # torch.optim warns that this will be an error; here each listing would be a block of its own, with
+            # its own state, stepping the tensor twice per step
+            raise ValueError("a parameter group lists a parameter more than once: list each tensor once")
         g["params"] = ps
     return groups
 
@@ -238,6 +245,10 @@ class KronOptimizer(torch.optim.Optimizer):
         # torch's fused AdamW kernel rounds otherwise than the general path, which work sharding's
         # owners run: with several ranks, both settings of shard_work keep to the general path's bits
         self._fuse_adamw = _FUSED_ADAMW and distributed.current(enabled=True) is None
+        self._start()
+
+    def _start(self) -> None:
+        """Every bucket with fresh state, as built: at construction, and where ``self.state`` was cleared (:meth:`_check_state`)."""
         self._owner: dict[int, int] = {}  # id(param) → owner rank (work sharding)
         self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
         self._fsdp_loads: list[int] | None = None  # FSDP2 on a mesh of another size than the plain blocks' world
@@ -245,6 +256,27 @@ class KronOptimizer(torch.optim.Optimizer):
         self._pending: list[_Pending] = []
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
         self._materialize()
+        self._seen_state()
+
+    def _seen_state(self) -> None:
+        """Note ``self.state`` as kronopt left it (the dict and its number of entries), for :meth:`_check_state`."""
+        self._state_seen = (self.state, len(self.state))
+
+    def _check_state(self) -> None:
+        """Start afresh where ``self.state`` was emptied or replaced by an empty dict since kronopt last left it
+        (``opt.state.clear()``, torch.optim's way to reset an optimizer, which restarts AdamW); refuse a state
+        that lost only some entries: each is a view of its bucket's stacks, which would go on without it."""
+        seen, size = self.__dict__.get("_state_seen", (self.state, 0))
+        if self.state is seen and len(self.state) >= size:
+            return
+        if len(self.state) == 0:
+            self.state = collections.defaultdict(dict)
+            self._start()
+            return
+        raise RuntimeError(
+            f"optimizer.state lost entries ({size} → {len(self.state)}) or was replaced: kronopt keeps each parameter's "
+            "state as views of its bucket's stacks; clear all of optimizer.state to start afresh, or load a state dict"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         """What a copy (``copy.deepcopy``, ``pickle``) needs to step on exactly as this optimizer would: all of it,
@@ -256,12 +288,15 @@ class KronOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        owner = state.pop("_owner", [])
+        owner = state.pop("_owner", None)
         super().__setstate__(state)
+        if owner is None:  # torch's load_state_dict sets its groups and state this way: nothing more to do
+            return
         self._owner = {id(p): r for p, r in owner}
         for bucket in self._buckets:  # pickle copies each tensor apart: point state[p] at the stacks again
             if bucket.state is not None:
                 self._bind(bucket)
+        self._seen_state()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after construction (e.g. progressive unfreezing); routed and validated like the others."""
@@ -279,6 +314,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 b.group += first
             self._buckets.extend(self._shard(new, assign=True))
             self._materialize()
+            self._seen_state()
         except BaseException:  # a refused group adds nothing (its routed main group may be in already)
             kept = {id(p) for g in self.param_groups[:first] for p in g["params"]}
             for g in self.param_groups[first:]:
@@ -469,6 +505,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_state()
         self._report_pending()
         raising = self.config.nonfinite == "raise"
         fsdp_ok = self._fsdp_finite()
@@ -510,6 +547,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     self._step_bucket(bucket, step_ok)
         if step_ok is not None:
             self._count_skipped(step_ok)
+        self._seen_state()  # with the entries this step may have made (a bucket's first state)
         return loss
 
     def _grads(self) -> list[Tensor]:
@@ -1358,7 +1396,9 @@ class KronOptimizer(torch.optim.Optimizer):
         the ranks' dicts with :func:`kronopt.distributed.merge_state_dicts` (a
         single-process dict, also loadable on every rank of a sharded optimizer).
         """
-        sd = super().state_dict()  # param_groups (and torch's hooks); its "state" holds our live dicts
+        self._check_state()
+        with _torch_hooks_held(self, "_optimizer_state_dict_post_hooks"):  # run below, on the whole dict
+            sd = super().state_dict()  # param_groups (and torch's pre hooks); its "state" holds our live dicts
         index = self._index_of()
         state: dict[int, dict[str, Any]] = {}
         for bi, b in enumerate(self._buckets):
@@ -1389,6 +1429,10 @@ class KronOptimizer(torch.optim.Optimizer):
             }
         if self._skipped_steps is not None:
             sd["kronopt"]["skipped_steps"] = self._skipped_steps.clone()
+        for hook in self._optimizer_state_dict_post_hooks.values():  # register_state_dict_post_hook, as torch runs them
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     @staticmethod
@@ -1423,6 +1467,11 @@ class KronOptimizer(torch.optim.Optimizer):
         entries of the blocks it owns. A sharded dict of one rank does not load
         anywhere else (``ValueError``): merge the ranks' dicts first.
         """
+        state_dict = state_dict.copy()  # register_load_state_dict_pre_hook's hooks first, as torch runs them
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         kron = state_dict.get("kronopt")
         saved = per_parameter_state(state_dict)  # raises on an unknown version; converts version 1
         if "param_groups" not in state_dict:
@@ -1504,7 +1553,8 @@ class KronOptimizer(torch.optim.Optimizer):
                         )
                     self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                 buckets.append(bucket)
-        super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
+        with _torch_hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         self._group_cfgs = cfgs
         self._phased = {}
         self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
@@ -1516,6 +1566,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self._materialize()
         skipped = None if kron is None else kron.get("skipped_steps")
         self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
+        self._seen_state()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():  # the state bound: as torch runs them
+            hook(self)
 
     def _restack(self, bucket: _Bucket, cfg: KronConfig, entries: list[dict[str, Any]]) -> None:
         """Fill ``bucket`` from its blocks' saved entries (validated; raises ValueError naming the parameter)."""
@@ -1539,6 +1592,21 @@ class KronOptimizer(torch.optim.Optimizer):
         bucket.state = state
         bucket.nonfinite = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in counts])
 
+
+
+@contextlib.contextmanager
+def _torch_hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]:
+    """torch's hooks of ``names`` (``Optimizer`` attributes) held back while torch's own ``state_dict`` or
+    ``load_state_dict`` runs: kronopt runs them itself, on the whole dict and after the state is bound, where
+    torch's method sees only the groups."""
+    held = {name: getattr(opt, name) for name in names}
+    for name in names:
+        setattr(opt, name, collections.OrderedDict())
+    try:
+        yield
+    finally:
+        for name, hooks in held.items():
+            setattr(opt, name, hooks)
 
 
 #: factor updates that nothing else in a CPU bucket's call reads are computed at its state write, into the
