@@ -2258,6 +2258,19 @@ def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, expon
     return product_inverse_root_denominator(lam_L, lam_R, exponent, eps).reciprocal()
 
 
+def power(x: Tensor, exponent: float) -> Tensor:
+    """``x ** exponent``, for ``exponent = ±1/4`` by square roots (and a reciprocal): on a CPU torch's ``pow``
+    rounds a few entries of a large tensor (its vectorised body) otherwise than of a small one (its scalar
+    tail), so a block's root would depend on how many blocks share its stack (work sharding stacks fewer:
+    shampoo's ``-1/4`` broke sharding on = off bit for bit). A square root and a division are rounded
+    exactly either way. ``±1/2`` need nothing: torch's ``pow`` takes ``sqrt`` and ``rsqrt`` there."""
+    if exponent == 0.25:
+        return x.sqrt().sqrt()
+    if exponent == -0.25:
+        return x.sqrt().sqrt().reciprocal()
+    return x**exponent
+
+
 def product_inverse_root_denominator(
     lam_L: Tensor | None, lam_R: Tensor | None, exponent: float, eps: float
 ) -> Tensor:
@@ -2275,7 +2288,7 @@ def product_inverse_root_denominator(
         raise ValueError("product_inverse_root_denominator needs at least one side's eigenvalues")
 
     def root(lam: Tensor) -> Tensor:
-        return lam.clamp(min=0.0).pow(-exponent).nan_to_num(nan=math.inf, posinf=math.inf)
+        return power(lam.clamp(min=0.0), -exponent).nan_to_num(nan=math.inf, posinf=math.inf)
 
     if lam_L is None or lam_R is None:
         return root(lam_R if lam_L is None else lam_L).add_(eps).unsqueeze(-2 if lam_L is None else -1)  # type: ignore[arg-type]

@@ -136,8 +136,8 @@ class EigenvalueInner:
     def _scale(self, lam: Tensor) -> Tensor:
         lam = lam.clamp(min=0.0)
         if self.eps_placement == "inside":
-            return (lam + self.eps) ** self.exponent
-        return 1.0 / (lam ** (-self.exponent) + self.eps)
+            return linalg.power(lam + self.eps, self.exponent)
+        return 1.0 / (linalg.power(lam, -self.exponent) + self.eps)
 
     def direction(
         self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, G: Tensor, ctx: StepContext

@@ -1248,3 +1248,18 @@ def test_restricted_refresh_keeps_float32_range(first):
         assert ok.all(), scale
         torch.testing.assert_close(U_new, U_ref, rtol=0, atol=1e-5)
         torch.testing.assert_close(lam_new / scale, lam_ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("exponent", [-0.25, 0.25, -0.5, 0.5, -1 / 3])
+def test_power_of_a_row_does_not_depend_on_how_many_rows_share_the_call(exponent, dtype):
+    """``linalg.power`` gives each entry the bits it gets alone, for the roots the presets take (±1/4, ±1/2),
+    within about an ulp of ``x ** e``. Catches torch's CPU ``pow`` at ``±1/4`` (vectorised body and scalar
+    tail round a few entries apart), which made shampoo's step depend on its stack's size."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 8, generator=gen, dtype=dtype) * 10 + 1e-8
+    full = linalg.power(x, exponent)
+    torch.testing.assert_close(full, x.double() ** exponent, rtol=4 * torch.finfo(dtype).eps, atol=0, check_dtype=False)
+    if exponent != -1 / 3:  # any other exponent is torch's pow, which makes no such promise
+        assert all(torch.equal(linalg.power(x[:k], exponent), full[:k]) for k in range(1, 40))
+        assert all(torch.equal(linalg.power(x[i : i + 1], exponent), full[i : i + 1]) for i in range(40))

@@ -712,3 +712,29 @@ def test_stagger_balances_phases_by_cost(gen):
     rows = opt.bucket_summary()
     for m in (16, 4):
         assert sorted((r["phase"], r["blocks"]) for r in rows if r["m"] == m) == [(p, 1 if m == 16 else 2) for p in range(4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+def test_a_blocks_trajectory_does_not_depend_on_how_many_blocks_share_its_bucket(preset, dtype):
+    """Three same-shape parameters in one optimizer (one bucket of three) against three optimizers of one
+    each: the same weights bit for bit, first calls and refreshes included. Work sharding relies on it (an
+    owner stacks fewer blocks than the whole bucket; docs/distributed.md promises sharding on = off bit for
+    bit). Catches a kernel whose rounding depends on the stack's size (torch's CPU ``pow`` at ``-1/4`` in
+    shampoo's roots did) or a reduction that mixes the blocks of a stack."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(20, 12, generator=gen, dtype=dtype) for _ in range(3)]
+    grads = [[torch.randn(20, 12, generator=gen, dtype=dtype) for _ in range(3)] for _ in range(8)]
+    over = {"refresh.every": 3} if preset not in ("adamw", "muon") else {}
+    runs = []
+    for together in (True, False):
+        ps = [torch.nn.Parameter(x.clone()) for x in start]
+        opts = [kronopt.build(ps, preset, **over)] if together else [kronopt.build([p], preset, **over) for p in ps]
+        for step in grads:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            for o in opts:
+                o.step()
+        runs.append(ps)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not any(torch.equal(a, s) for a, s in zip(runs[0], start))
