@@ -21,7 +21,6 @@ A saved state dict gives the same views without the model: :func:`saved_views`
 """
 
 import itertools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import compose
+from ._shapes import block_spec
 from .config import KronConfig, from_dict, with_overrides
 from .types import Layout, SideKind, capabilities
 
@@ -241,19 +241,22 @@ def saved_views(state_dict: Mapping[str, Any], *, config: KronConfig | None = No
     return out
 
 
-def _block_of(shape: torch.Size) -> tuple[int, int]:
-    """The block ``(m, n)`` of a parameter of ``shape`` without merged dims (``kronopt._shapes``)."""
-    return (shape[0], math.prod(shape[1:])) if len(shape) else (1, 1)
+def _block_of(shape: torch.Size, cfg: KronConfig) -> tuple[int, int]:
+    """The block ``(m, n)`` of a parameter of ``shape`` under the config's shape policy (``kronopt._shapes``)."""
+    sh = cfg.shapes
+    spec = block_spec(tuple(shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
+    return spec.m, spec.n
 
 
 def _saved_view(cfg: KronConfig, entry: dict[str, Any], name: str, pipeline: str) -> ParamView:
     tensors = [v for v in entry.values() if isinstance(v, Tensor)]
     dims = sorted({1, *(d for t in tensors for d in t.shape)})
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-    # an elementwise bucket's tensors are saved shaped like the parameter (a vector, an N-D weight): their block
-    # is (d₀, the rest), which the sides' lengths alone need not name
-    shaped = {_block_of(t.shape) for t in tensors if t.ndim != 2}
-    blocks = [*itertools.product(dims, dims), *sorted(shaped - set(itertools.product(dims, dims)))]
+    # an elementwise bucket's tensors are saved shaped like the parameter (a vector, an N-D weight, a matrix
+    # whose dims merge_dims joins): their block, by the config's shape policy, comes first
+    policy = {tuple(t.shape): _block_of(t.shape, cfg) for t in tensors}
+    shaped = [block for shape, block in policy.items() if block != shape]
+    blocks = list(dict.fromkeys([*shaped, *itertools.product(dims, dims)]))
     for (m, n), rotated in itertools.product(blocks, itertools.product((True, False), repeat=2)):
         (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(m, n, rotated)
         layout = Layout(batch=1, m=m, n=n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
@@ -266,7 +269,7 @@ def _saved_view(cfg: KronConfig, entry: dict[str, Any], name: str, pipeline: str
             continue
         fitted = {  # a tensor shaped like the parameter where the state holds a block-sized one
             k: v.reshape(m, n)
-            if isinstance(v, Tensor) and v.ndim != 2 and _block_of(v.shape) == (m, n) and expected[k].shape[1:] == (m, n)
+            if isinstance(v, Tensor) and policy[tuple(v.shape)] == (m, n) != tuple(v.shape) and expected[k].shape[1:] == (m, n)
             else v
             for k, v in entry.items()
         }

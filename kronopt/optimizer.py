@@ -31,9 +31,15 @@ from .types import Layout
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
 _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-parameter "state"
-#: a step's gradient verdicts (weak references), the plain-AdamW verdicts by config ``id``, the state dict last seen:
-#: not copied with the optimizer (a copy makes them again)
-_ID_KEYED_CACHES = ("_grad_flags", "_plain_adam", "_state_seen")
+#: not copied with the optimizer: a step's gradient verdicts (weak references) and the plain-AdamW verdicts by config
+#: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
+#: wrapper holds the original), which torch's own ``Optimizer.__getstate__`` leaves out too
+_NOT_COPIED = frozenset({
+    "_grad_flags", "_plain_adam", "step", "_opt_called",
+    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+})
 
 
 def _phases(layouts: list[Layout], count: int) -> list[int]:
@@ -283,7 +289,7 @@ class KronOptimizer(torch.optim.Optimizer):
         where torch's ``Optimizer`` keeps only its groups and per-parameter state (here views of the buckets'
         stacks, which the copy shares as the original does). Caches keyed by an object's ``id`` are left out
         (the copy's objects have other ids) and made again; the owners of work sharding go by parameter."""
-        state = {k: v for k, v in self.__dict__.items() if k not in _ID_KEYED_CACHES}
+        state = {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
         state["_owner"] = [(p, self._owner[id(p)]) for g in self.param_groups for p in g["params"] if id(p) in self._owner]
         return state
 
@@ -293,6 +299,9 @@ class KronOptimizer(torch.optim.Optimizer):
         if owner is None:  # torch's load_state_dict sets its groups and state this way: nothing more to do
             return
         self._owner = {id(p): r for p, r in owner}
+        seen, size = self.__dict__.get("_state_seen", (self.state, 0))
+        if self.state is not seen or len(self.state) < size:
+            return  # the original's state was cleared: the copy starts afresh as it would (_check_state)
         for bucket in self._buckets:  # pickle copies each tensor apart: point state[p] at the stacks again
             if bucket.state is not None:
                 self._bind(bucket)
@@ -304,6 +313,7 @@ class KronOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
             self._group_cfgs.append(self._group_config(param_group))
             return
+        self._check_state()
         first, buckets = len(self.param_groups), len(self._buckets)
         try:
             for g in self._split_user_group(_normalize_groups([param_group])[0]):
@@ -1295,6 +1305,7 @@ class KronOptimizer(torch.optim.Optimizer):
     def inspect(self) -> dict[str, ParamView]:
         """Per parameter name, a :class:`~kronopt.inspection.ParamView`: factors, bases, eigenvalue
         estimates and stage records as plain tensors (parameters not stepped yet are left out)."""
+        self._check_state()  # a cleared optimizer.state: the fresh state
         out: dict[str, ParamView] = {}
         for bucket in self._stepped():
             names = [self._param_name(bucket, i) for i in range(bucket.layout.batch)]
@@ -1306,6 +1317,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def nonfinite_counts(self) -> dict[str, int]:
         """Per parameter, how many gradients were skipped as non-finite (synchronises)."""
+        self._check_state()  # a cleared optimizer.state: the fresh state
         out: dict[str, int] = {}
         for bucket in self._stepped():
             for i, count in enumerate(bucket.nonfinite.tolist()):  # type: ignore[union-attr]
@@ -1314,6 +1326,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def eigh_failures(self) -> dict[str, int]:
         """Per parameter, how many refreshes kept the old basis because ``eigh`` failed (synchronises)."""
+        self._check_state()  # a cleared optimizer.state: the fresh state
         out: dict[str, int] = {}
         for bucket in self._stepped():
             for i, count in enumerate(bucket.state.basis.failures.tolist()):  # type: ignore[union-attr]
@@ -1322,6 +1335,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors held: the bucket stacks, counted once (``self.state`` holds views of them)."""
+        self._check_state()  # a cleared optimizer.state: the fresh state
         total = 0
         for bucket in self._buckets:
             if bucket.state is None:

@@ -373,3 +373,46 @@ def test_a_refresh_under_inference_mode_leaves_no_inference_tensor_in_the_state(
     overrides = {"refresh.every": 3}
     ref = _inference_run(0, "shampoo", (), overrides)
     assert _max_diff(ref, _inference_run(0, "shampoo", (2,), overrides)) == 0.0
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_with_a_scheduler_and_hooks_attached_steps_its_own_parameters(how):
+    """Catches: ``__getstate__`` copying what torch leaves out: an LR scheduler's ``step`` wrapper on the
+    instance (the copy's ``step()`` then stepped the original) and torch's hook dicts (a lambda hook made
+    ``pickle`` fail), where ``torch.optim.AdamW`` copies fine."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
+    opt = kronopt.build([w], "soap")
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.register_step_post_hook(lambda *_: None)
+    w.grad = torch.randn(6, 4, generator=gen)
+    opt.step()
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    (w2,) = clone.param_groups[0]["params"]
+    before = w.detach().clone()
+    w2.grad = torch.randn(6, 4, generator=gen)
+    clone.step()
+    assert torch.equal(w, before) and not torch.equal(w2, before)
+
+
+def test_a_cleared_state_starts_afresh_also_across_add_param_group_and_a_copy():
+    """Catches: ``add_param_group`` after ``opt.state.clear()`` taking the emptied dict for the current one
+    (the old parameters then stepped on from their old stacks with counters only in ``state[p]``), and a copy
+    made after the clear re-binding the old stacks where the original starts afresh."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
+    opt = kronopt.build([w], "adamw")
+    for _ in range(3):
+        w.grad = torch.randn(6, 4, generator=gen)
+        opt.step()
+    opt.state.clear()
+    clone = copy.deepcopy(opt)
+    (w2,) = clone.param_groups[0]["params"]
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5, 5, generator=gen))]})
+    g = torch.randn(6, 4, generator=gen)
+    w.grad, w2.grad = g.clone(), g.clone()
+    opt.step()
+    clone.step()
+    assert opt.state[w]["step"] == 1 and clone.state[w2]["step"] == 1
+    assert opt.state[w]["inner.exp_avg"].shape == w.shape
+    assert torch.equal(w, w2)

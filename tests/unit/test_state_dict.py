@@ -328,3 +328,24 @@ def test_writing_into_the_stacks_changes_no_bit(preset, monkeypatch):
     for i, entry in s_old.items():
         for key, value in entry.items():
             assert torch.equal(s_new[i][key], value) if isinstance(value, torch.Tensor) else s_new[i][key] == value, key
+
+
+def test_saved_views_of_param_shaped_state_match_the_live_views_with_merged_dims():
+    """``saved_views`` finds each entry's block by the config's shape policy: with ``merge_dims`` a matrix
+    ``(7, 2)`` and a conv weight ``(4, 3, 3, 3)`` of an elementwise bucket are blocks ``(14, 1)`` and
+    ``(108, 1)``, saved shaped like their parameters. Catches the block guessed from the saved shapes alone
+    (``(7, 2)``, ``(4, 27)``), which ``inspect()`` of the live optimizer does not show."""
+    from kronopt.inspection import saved_views
+
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(4, 3, 3, 3), (5,), (7, 2)]]
+    for over in ({}, {"shapes.merge_dims": True}):
+        opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw", **over)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        live, saved = opt.inspect(), saved_views(opt.state_dict())
+        assert live.keys() == saved.keys()
+        for name in live:
+            assert saved[name].shape == live[name].shape, (over, name)
+            assert torch.equal(saved[name].second_moment, live[name].second_moment)
