@@ -196,6 +196,10 @@ def _numbers_config(raw: Any) -> Any:
     return {k: v for k, v in raw.items() if k != "distributed"} if isinstance(raw, dict) else raw
 
 
+#: as torch.optim refuses a group's set: the order of a group's parameters names them in the state dict
+_UNORDERED = "a group's parameters must come in an order (a list or tuple), not a set: the state dict names them by position"
+
+
 def _normalize_groups(params: Any) -> list[dict[str, Any]]:
     if isinstance(params, Tensor):
         raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a single tensor")
@@ -205,6 +209,8 @@ def _normalize_groups(params: Any) -> list[dict[str, Any]]:
     groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
     for g in groups:
         ps = g["params"]
+        if isinstance(ps, (set, frozenset)):
+            raise TypeError(_UNORDERED)
         ps = [ps] if isinstance(ps, Tensor) else list(ps)
         if ps and isinstance(ps[0], tuple):
             g["param_names"] = [name for name, _ in ps]
@@ -265,13 +271,21 @@ class KronOptimizer(torch.optim.Optimizer):
         self._seen_state()
 
     def _seen_state(self) -> None:
-        """Note ``self.state`` as kronopt left it (the dict and its number of entries), for :meth:`_check_state`."""
+        """Note ``self.state`` as kronopt left it (the dict and its number of entries) and how many parameters the
+        groups list, for :meth:`_check_state`."""
         self._state_seen = (self.state, len(self.state))
+        self._listed = [len(g["params"]) for g in self.param_groups]
 
     def _check_state(self) -> None:
         """Start afresh where ``self.state`` was emptied or replaced by an empty dict since kronopt last left it
         (``opt.state.clear()``, torch.optim's way to reset an optimizer, which restarts AdamW); refuse a state
         that lost only some entries: each is a view of its bucket's stacks, which would go on without it."""
+        listed = self.__dict__.get("_listed")
+        if listed is not None and listed != [len(g["params"]) for g in self.param_groups]:
+            raise RuntimeError(
+                "a parameter was added to (or taken from) optimizer.param_groups[...]['params'] directly; kronopt stacks "
+                "a group's parameters when the group is added: use optimizer.add_param_group for new parameters"
+            )
         seen, size = self.__dict__.get("_state_seen", (self.state, 0))
         if self.state is seen and len(self.state) >= size:
             return

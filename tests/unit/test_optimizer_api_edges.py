@@ -416,3 +416,28 @@ def test_a_cleared_state_starts_afresh_also_across_add_param_group_and_a_copy():
     assert opt.state[w]["step"] == 1 and clone.state[w2]["step"] == 1
     assert opt.state[w]["inner.exp_avg"].shape == w.shape
     assert torch.equal(w, w2)
+
+
+def test_a_groups_set_of_parameters_is_refused_as_torch_refuses_it(gen):
+    """Catches: a set taken as a group's parameters (its order, which names them in the state dict, may differ
+    from one run to the next); torch.optim refuses it with a ``TypeError``, in a group and when added."""
+    w = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+    with pytest.raises(TypeError):
+        torch.optim.AdamW([{"params": {w}}])
+    with pytest.raises(TypeError, match="not a set"):
+        kronopt.build([{"params": {w}}], "soap")
+    opt = kronopt.build([torch.nn.Parameter(torch.randn(4, 3, generator=gen))], "soap")
+    with pytest.raises(TypeError, match="not a set"):
+        opt.add_param_group({"params": {w}})
+
+
+def test_a_parameter_appended_to_a_group_directly_is_reported_not_silently_skipped(gen):
+    """Catches: ``optimizer.param_groups[0]['params'].append(p)`` (which torch.optim steps, its state made
+    lazily) leaving ``p`` in no bucket, never stepped and never said; kronopt stacks a group when it is added,
+    so it names ``add_param_group`` instead."""
+    w = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+    opt = kronopt.build([w], "adamw")
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.randn(5, generator=gen)))
+    w.grad = torch.randn(4, 3, generator=gen)
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.step()
