@@ -551,13 +551,14 @@ class KronOptimizer(torch.optim.Optimizer):
             stepped.append(bucket)
         # the plain AdamW buckets of a CPU, whatever their shapes, all at once (_step_plain_adams); their
         # reports are queued in the buckets' order, as if each had been stepped in its turn
+        ok_on = _StepFlag(step_ok)
         plain = [(b, *work) for b in stepped if (work := self._plain_adam_cpu(b)) is not None]
-        reports = self._step_plain_adams(plain, step_ok) if plain else {}
+        reports = self._step_plain_adams(plain, ok_on(_CPU)) if plain else {}
         taken = {id(b) for b, _, _ in plain}
         # then the other small buckets of a CPU, with one test of their new state and one write of each kind
         small = [(b, cfg) for b in stepped if id(b) not in taken and (cfg := self._small_cpu(b)) is not None]
         for run in _within_budget(small):
-            reports |= self._step_small_buckets(run, step_ok)
+            reports |= self._step_small_buckets(run, ok_on(_CPU))
         taken |= {id(b) for b, _ in small}
         for bucket in stepped:
             if id(bucket) in taken:
@@ -566,9 +567,9 @@ class KronOptimizer(torch.optim.Optimizer):
                 continue
             with compiled.scope(self._group_cfgs[bucket.group].compile):  # config key compile (kronopt/compiled.py)
                 if bucket.fsdp is not None:
-                    self._step_fsdp(bucket, step_ok, fsdp_ok[id(bucket.fsdp.params[0])])  # type: ignore[index]
+                    self._step_fsdp(bucket, ok_on(bucket.blocks[0].device), fsdp_ok[id(bucket.fsdp.params[0])])  # type: ignore[index]
                 else:
-                    self._step_bucket(bucket, step_ok)
+                    self._step_bucket(bucket, ok_on(bucket.blocks[0].device))
         if step_ok is not None:
             self._count_skipped(step_ok)
         self._seen_state()  # with the entries this step may have made (a bucket's first state)
@@ -637,12 +638,15 @@ class KronOptimizer(torch.optim.Optimizer):
             for g, flag, row, finite in zip(gs, each.unbind(0), extremes.unbind(0), read):
                 self._grad_flags[id(g)] = (weakref.ref(g), g._version, flag, row, finite)
             flags.append(each.all())
-        device = flags[0].device
+        # parameters on several devices: the flag lives on an accelerator's, where the other flags go without
+        # waiting (a copy to the host with non_blocking could be read before it lands); _StepFlag hands it on
+        device = next((d for d in grouped if d.type != "cpu"), flags[0].device)
         return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
 
     def _count_skipped(self, step_ok: Tensor) -> None:
         """Consecutive skipped steps, on the device; with ``max_skipped_steps`` queued for a non-blocking check."""
         prev = self._skipped_steps if self._skipped_steps is not None else torch.zeros((), dtype=torch.int64, device=step_ok.device)
+        prev = prev.to(step_ok.device)  # a counter loaded on the first parameter's device (mixed devices)
         self._skipped_steps = torch.where(step_ok, torch.zeros_like(prev), prev + 1)
         if self.config.max_skipped_steps:
             self._pending.append(_Pending(None, self._skipped_steps, 0))
@@ -1640,6 +1644,29 @@ def _torch_hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]
 #: factor updates that nothing else in a CPU bucket's call reads are computed at its state write, into the
 #: stacks themselves (:class:`kronopt.linalg.DeferredWrite`); ``False`` computes them in the step (the same bits)
 _DEFER_FACTOR_UPDATES = True
+
+
+_CPU = torch.device("cpu")
+
+
+class _StepFlag:
+    """The step's flag (every gradient finite; ``None`` where there is none) on the device that asks for it.
+
+    One device holds the flag (:meth:`KronOptimizer._all_finite`); with parameters on several devices each
+    other device gets one copy a step, made at its first request. A host's copy of an accelerator's flag
+    waits for the accelerator: the one synchronisation of a step over a CPU and an accelerator together.
+    """
+
+    def __init__(self, flag: Tensor | None) -> None:
+        self.flag = flag
+        self.copies: dict[torch.device, Tensor] = {}
+
+    def __call__(self, device: torch.device) -> Tensor | None:
+        if self.flag is None or self.flag.device == device:
+            return self.flag
+        if device not in self.copies:
+            self.copies[device] = self.flag.to(device)
+        return self.copies[device]
 
 
 def _within_budget(work: list[tuple[_Bucket, KronConfig]]) -> list[list[tuple[_Bucket, KronConfig]]]:

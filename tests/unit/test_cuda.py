@@ -92,3 +92,30 @@ def test_cuda_state_dict_loads_on_the_cpu_and_continues_alike(preset):
     _run(resumed, cpu, grads[5:])
     for a, b in zip(gpu, cpu):
         torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("scope", ["step", "block"])
+@pytest.mark.parametrize("first", ["cuda", "cpu"])
+@pytest.mark.parametrize("preset", ["adamw", "soap", "muon"])
+def test_parameters_on_a_cpu_and_a_gpu_step_as_on_one_device(preset, first, scope):
+    """Parameters split over a CPU and a GPU (in either order) step as the same parameters on the CPU alone,
+    with a NaN gradient once on each device. Guards the step's flag, made on one device and used by the
+    other's buckets (a CUDA flag in a CPU bucket's mask raised; a flag copied to the host without waiting
+    could be read before it landed) and the skipped-steps counter kept on the flag's device."""
+    other = "cpu" if first == "cuda" else "cuda"
+    devices = [first, other, first, other, other]
+    grads = _grads(8)
+    grads[3][1][0, 0] = float("nan")  # on `other`
+    grads[5][0][2, 1] = float("inf")  # on `first`
+    overrides = {"nonfinite": "skip", "nonfinite_scope": scope}
+    if preset == "soap":
+        overrides["refresh.every"] = 3
+    mixed = [torch.nn.Parameter(p.detach().to(d)) for p, d in zip(_params("cpu"), devices)]
+    cpu = _params("cpu")
+    opt = kronopt.build(mixed, preset, **overrides)
+    _run(opt, mixed, grads)
+    _run(kronopt.build(cpu, preset, **overrides), cpu, grads)
+    for a, b in zip(mixed, cpu):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-9, atol=1e-11)
+    if scope == "step":
+        assert opt.skipped_steps() == 0
