@@ -182,13 +182,18 @@ def pattern(text: str) -> str:
 
 
 def device(text: str) -> str:
-    """A torch device this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+    """A device the step times are taken on: ``"cpu"`` or a CUDA device this machine has (``"cuda"``,
+    ``"cuda:1"``). Others are refused: a timer must wait for the device's work (``meta`` does none)."""
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
         raise ValueError(f"must be a torch device such as 'cpu' or 'cuda:0', got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"times steps on 'cpu' or a CUDA device ('cuda', 'cuda:0'), got {text!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{text!r} asked for, but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
+        raise ValueError(f"{text!r} asked for, but torch sees {count} CUDA device{'s' * (count != 1)} (cuda:0 to cuda:{count - 1})")
     return text
 
 

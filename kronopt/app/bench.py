@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kronopt
@@ -162,13 +163,12 @@ def _bench_once(
     for name in names:
         params = [torch.nn.Parameter(b.clone().to(device)) for b in base]
         opt, state_bytes = makers[name]() if makers and name in makers else _make(name, params)
-        runs.append({"name": name, "params": params, "opt": opt, "state_bytes": state_bytes, "times": []})
+        runs.append({"name": name, "params": params, "opt": opt, "state_bytes": state_bytes, "times": [], "grads": _own(grads[0])})
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with peers.eager():
         for k in range(warmup + steps):
             for run in runs:  # interleaved, so machine noise hits every optimizer alike
-                for p, g in zip(run["params"], grads[k % len(grads)]):
-                    p.grad = g
+                _give_grads(run, grads[k % len(grads)])
                 sync()
                 t0 = time.perf_counter()
                 run["opt"].step()
@@ -186,6 +186,19 @@ def _bench_once(
         }
         for run in runs
     ]
+
+
+def _own(like: Sequence[Tensor]) -> list[Tensor]:
+    """One optimizer's gradient buffers, shaped as ``like``: its gradients are its own (:func:`_give_grads`)."""
+    return [torch.empty_like(g) for g in like]
+
+
+def _give_grads(run: dict[str, Any], grads: Sequence[Tensor]) -> None:
+    """Step ``k``'s gradients copied into ``run``'s own buffers and set as its parameters' ``grad``, before the
+    timer starts: an optimizer that changes its gradients in place (pytorch_optimizer's Muon does) changes no
+    other optimizer's, nor the ones it is handed again four steps later."""
+    for p, buf, g in zip(run["params"], run["grads"], grads):
+        p.grad = buf.copy_(g)
 
 
 def scaling(
@@ -405,12 +418,11 @@ def _rank_rows(job: dict[str, Any], barrier: Any) -> list[dict[str, Any]]:
     for name in job["names"]:
         params = [torch.nn.Parameter(b.clone()) for b in base]
         opt, state_bytes = _make(name, params)
-        runs.append({"params": params, "opt": opt, "state_bytes": state_bytes, "times": []})
+        runs.append({"params": params, "opt": opt, "state_bytes": state_bytes, "times": [], "grads": _own(grads[0])})
     with peers.eager():
         for k in range(job["warmup"] + job["steps"]):
             for run in runs:  # interleaved, as in bench()
-                for p, g in zip(run["params"], grads[k % len(grads)]):
-                    p.grad = g
+                _give_grads(run, grads[k % len(grads)])
                 barrier()  # every rank starts the step together: the slowest rank's time is the step's
                 t0 = time.perf_counter()
                 run["opt"].step()
@@ -597,8 +609,8 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     names, missing = [], []
     for name in list(args.optimizers) or list(BENCH_DEFAULT):
         if name in peers.PEERS:
-            if name == "torch.Muon" and shapes and not any(len(s) == 2 for s in shapes):
-                p.add("torch.Muon", "needs at least one 2-D shape (it only takes matrices)")
+            if shapes and not (peer := peers.PEERS[name]).takes(shapes):
+                p.add(name, f"needs at least one {peer.matrices} shape (its main class takes no other)")
             elif (reason := peers.unavailable(name)) is not None:
                 missing.append((name, reason))
             elif name not in names:
@@ -611,6 +623,12 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         elif peers.is_peer_name(name):
             package = name.partition(".")[0]
             p.add(name, f"not a known {package} optimizer; known: {_known_peers(package)} (or a preset or TOML file)")
+        elif name not in kronopt.PRESETS and not name.endswith(".toml") and not Path(name).exists():
+            p.add(
+                name,
+                f"not a preset, a peer or a config file; presets: {', '.join(kronopt.PRESETS)}; peers: "
+                f"{', '.join(peers.PEERS)}; or module:Class (an optimizer class on PYTHONPATH) or a .toml path",
+            )
         else:
             p.config(name, {}, prefix=name)
             if name not in names:

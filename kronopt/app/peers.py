@@ -20,10 +20,11 @@ included.
 
 import contextlib
 import importlib
+import inspect
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -163,6 +164,8 @@ class Peer:
         settings: the settings, for the documentation table.
         matches: the kronopt preset the settings follow.
         construct: ``(package module, parameters) -> (optimizer with .step(), state bytes function)``.
+        matrices: the parameters its main class takes, ``"2-D"`` (exactly two dimensions) or ``"≥ 2-D"``,
+            the others going to an AdamW beside it (a run needs one it takes); ``None``: any.
     """
 
     name: str
@@ -172,6 +175,13 @@ class Peer:
     settings: str
     matches: str
     construct: Callable[[ModuleType, list], tuple[Any, Callable[[], int]]] = attrs.field(repr=False)
+    matrices: Literal["2-D", "≥ 2-D"] | None = None
+
+    def takes(self, shapes: Sequence[tuple[int, ...]]) -> bool:
+        """Whether its main class takes one of ``shapes`` (always, without :attr:`matrices`)."""
+        if self.matrices is None:
+            return True
+        return any(len(s) == 2 if self.matrices == "2-D" else len(s) >= 2 for s in shapes)
 
 
 PEERS: dict[str, Peer] = {
@@ -184,7 +194,7 @@ PEERS: dict[str, Peer] = {
              settings="torch defaults on 2-D parameters (lr 1e-3, weight_decay 0.1, momentum 0.95, Nesterov, 5 "
                       "Newton–Schulz steps); every other parameter to torch.optim.AdamW(lr 3e-4, betas (0.9, 0.95), "
                       "eps 1e-10, weight_decay 0)",
-             construct=_torch_muon),
+             construct=_torch_muon, matrices="2-D"),
         Peer(name="pytorch_optimizer.SOAP", package="pytorch_optimizer", distribution="pytorch-optimizer",
              attribute="SOAP", matches="soap",
              settings="lr 3e-3, betas (0.95, 0.95), shampoo_beta 0.95, eps 1e-8, weight_decay 0.01, "
@@ -195,7 +205,7 @@ PEERS: dict[str, Peer] = {
              settings="parameters with ≥ 2 dimensions: lr 1e-3, momentum 0.95, Nesterov, weight_decay 0.1, 5 "
                       "Newton–Schulz steps; the rest in its own AdamW group (lr 3e-4, betas (0.9, 0.95), eps 1e-10, "
                       "weight_decay 0)",
-             construct=_po_muon),
+             construct=_po_muon, matrices="≥ 2-D"),
         Peer(name="heavyball.SOAP", package="heavyball", distribution="heavyball", attribute="SOAP", matches="soap",
              settings="lr 3e-3, betas (0.95, 0.95), shampoo_beta 0.95, eps 1e-8, weight_decay 0.01, "
                       "precondition_frequency 10 (use_precond_schedule off), max_precond_dim 10000, merge_dims off, "
@@ -210,7 +220,7 @@ PEERS: dict[str, Peer] = {
         Peer(name="heavyball.Muon", package="heavyball", distribution="heavyball", attribute="Muon", matches="muon",
              settings="parameters with ≥ 2 dimensions: lr 1e-3, momentum 0.95 (betas[0]), Nesterov, weight_decay 0.1; "
                       "the rest to heavyball.AdamW(lr 3e-4, betas (0.9, 0.95), eps 1e-10, weight_decay 0); foreach, eager",
-             construct=_hb_muon),
+             construct=_hb_muon, matrices="≥ 2-D"),
     ]
 }
 
@@ -276,10 +286,11 @@ def build(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Callable[[]
 
 
 def is_import_name(name: str) -> bool:
-    """Whether ``name`` is spelled ``module:Class`` (dotted module and attribute names, e.g. ``soap:SOAP``)."""
+    """Whether ``name`` is spelled ``module:Class`` (dotted module and attribute names, e.g. ``soap:SOAP``)
+    and is not a TOML file's name (``cfg:v2.toml`` is a config)."""
     module, colon, attr = name.partition(":")
     parts = [*module.split("."), *attr.split(".")]
-    return bool(colon) and all(part.isidentifier() for part in parts)
+    return bool(colon) and all(part.isidentifier() for part in parts) and not name.endswith(".toml")
 
 
 def unavailable_imported(name: str) -> str | None:
@@ -296,6 +307,29 @@ def unavailable_imported(name: str) -> str | None:
         return f"module {module_name!r} has no {attr!r}"
     if not isinstance(obj, type):
         return f"{name} is not a class"
+    return _not_steppable(obj)
+
+
+def _not_steppable(cls: type) -> str | None:
+    """Why ``cls(params).step()`` is not how the class is used (one line), or ``None``: the bench builds it
+    on the parameters alone and calls ``step()`` with no argument."""
+    if not callable(getattr(cls, "step", None)):
+        return f"{cls.__module__}:{cls.__qualname__} is not an optimizer (it has no step method)"
+    # the first argument of each: the parameters (the class's signature), self (the plain function step)
+    for what, fn in (("its constructor", cls), ("its step()", cls.step)):
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):  # a builtin without a signature: left to the call
+            continue
+        needed = [
+            q.name for q in params[1:]
+            if q.default is inspect.Parameter.empty and q.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
+        if needed:
+            return (
+                f"{what} needs {', '.join(needed)}; kronopt bench builds Class(params) and calls step() "
+                "(write a wrapper module whose class sets them)"
+            )
     return None
 
 
