@@ -251,7 +251,9 @@ def _block_of(shape: torch.Size, cfg: KronConfig) -> tuple[int, int]:
 def _saved_view(cfg: KronConfig, entry: dict[str, Any], name: str, pipeline: str) -> ParamView:
     tensors = [v for v in entry.values() if isinstance(v, Tensor)]
     dims = sorted({1, *(d for t in tensors for d in t.shape)})
-    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    # the compute dtype: the widest stored (a [storage] dtype is never wider than it; a narrowed record
+    # first in the entry would otherwise round the others' views down to its dtype)
+    dtype = max((t.dtype for t in tensors if t.is_floating_point()), key=lambda d: torch.finfo(d).bits, default=torch.float32)
     # an elementwise bucket's tensors are saved shaped like the parameter (a vector, an N-D weight, a matrix
     # whose dims merge_dims joins): their block, by the config's shape policy, comes first
     policy = {tuple(t.shape): _block_of(t.shape, cfg) for t in tensors}
