@@ -79,7 +79,7 @@ def _check_factors(name: str, factors: tuple[Tensor | None, Tensor | None], stat
 class IdentityBasis:
     """The identity on both sides; a refresh changes nothing."""
 
-    capabilities: ClassVar[BasisCapabilities] = BasisCapabilities()
+    capabilities: ClassVar[BasisCapabilities] = BasisCapabilities(static=True)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
         return BasisState(

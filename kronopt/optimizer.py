@@ -26,7 +26,7 @@ from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
 from .refresh import Staggered
-from .types import Layout
+from .types import Layout, capabilities
 
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
@@ -48,7 +48,7 @@ def _phases(layouts: list[Layout], count: int) -> list[int]:
     Blocks are taken by cost (:func:`distributed.block_cost`), largest first (ties in
     order), each to the phase with the least cost so far (ties to the lower phase):
     round robin for blocks of one shape. Blocks with no rotated side never refresh
-    anything and stay in phase 0. Depends on the layouts only, so a load rebuilds the
+    anything and stay in phase 0 (so do all of a group whose basis is ``static``: the caller passes 1). Depends on the layouts only, so a load rebuilds the
     same phases.
     """
     phases = [0] * len(layouts)
@@ -428,7 +428,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
                 layout = Layout(batch=0, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
                 blocks.append((p, spec, layout, torch.promote_types(p.dtype, min_dtype)))
-            count = cfg.refresh.phases() if isinstance(cfg.refresh, Staggered) else 1
+            staggers = isinstance(cfg.refresh, Staggered) and not capabilities(cfg.basis).static
+            count = cfg.refresh.phases() if staggers else 1
             phases = _phases([b[2] for b in blocks], count)
             for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
                 layout = attrs.evolve(layout, phase=phase)

@@ -429,11 +429,14 @@ class BasisCapabilities:
         supports_restricted: ``init``/``refresh`` handle a restricted side: given the power
             product ``P (b d r)`` it returns an orthonormal ``U (b d r)`` in ``Q_L``/``Q_R`` and
             ``r`` eigenvalue estimates ``(b r)`` in ``lam_L``/``lam_R``.
+        static: ``refresh`` changes nothing (the identity basis): a staggered refresh leaves its
+            blocks in phase 0, as blocks with no rotated side (spreading them would only split buckets).
     """
 
     needs_factors: bool = capability()
     provides_eigvals: bool = capability()
     supports_restricted: bool = capability()
+    static: bool = capability()
 
 
 @attrs.frozen(kw_only=True)
