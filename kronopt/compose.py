@@ -446,6 +446,26 @@ def _scalars_into(out: dict[str, Any], record: Any, prefix: str) -> None:
             out[f"{prefix}{name}"] = value
 
 
+def with_scalars_of(record: Any, other: Any) -> Any:
+    """``record`` with the Python ints and bools of ``other`` (a record of the same structure, e.g. the
+    state a call started from): its tensors and ``None`` fields kept."""
+    names = _init_names(type(record))
+    if names is None or type(other) is not type(record):
+        return record
+    changes = {}
+    for name, init in names:
+        value, before = getattr(record, name), getattr(other, name)
+        if _init_names(type(value)) is not None:
+            kept = with_scalars_of(value, before)
+        elif value is None or isinstance(value, Tensor) or before is None or value == before:
+            continue
+        else:
+            kept = before
+        if kept is not value and init is not None:
+            changes[init] = kept
+    return attrs.evolve(record, **changes) if changes else record
+
+
 def adopt_saved(cfg: KronConfig, entry: dict[str, Any]) -> dict[str, Any]:
     """A block's saved entry as this pipeline keeps it: each stage with an ``adopt_saved(entry)`` member (an
     optional one, for a stage that can read its state saved in another form, e.g. the eigenvalue rule's

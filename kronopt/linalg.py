@@ -642,6 +642,13 @@ def _svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.linalg.svd(A, full_matrices=False)
 
 
+def _any_written(mask: Tensor) -> bool:
+    """Whether any entry of a ``(b)`` write mask holds, read on the host: only at a bucket's first call
+    (``KronOptimizer._uncounted``), where on a CUDA device it is, with :func:`_eigh` and :func:`_svd`, the
+    step's one synchronisation (``tests/unit/test_no_host_sync.py`` allows these three)."""
+    return bool(mask.any())
+
+
 def eigh_descending(A: Tensor) -> Eigh:
     r"""Eigendecomposition of a batch of symmetric matrices, eigenvalues descending.
 

@@ -823,7 +823,8 @@ class KronOptimizer(torch.optim.Optimizer):
         post.apply_together_(applies, all_ok=clean)
         copies: list[tuple[Tensor, Tensor]] = []
         for (run, ok), write in zip(judged, writes):
-            self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies, clean=clean)
+            uncounted = not clean and _uncounted(run.old.calls, run.ok if step_ok is None else run.ok & step_ok)
+            self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies, clean=clean, uncounted=uncounted)
         if copies:
             torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
         warn = self.config.nonfinite == "warn"
@@ -930,7 +931,12 @@ class KronOptimizer(torch.optim.Optimizer):
         (:class:`_Pending`), or ``None``: without ``nonfinite = "warn"``, and where every verdict read on
         the host is good (nothing to count or report)."""
         old = bucket.state
-        calls, step = old.calls + 1, old.step + 1  # type: ignore[union-attr]
+        if isinstance(ok, list):  # read on the host, the step's flag too (_step_plain_adams)
+            wrote = any(ok) and (step_ok is None or bool(step_ok))
+            uncounted = old.calls == 0 and not wrote  # type: ignore[union-attr]
+        else:
+            uncounted = _uncounted(old.calls, ok if step_ok is None else ok & step_ok)  # type: ignore[union-attr]
+        calls, step = (old.calls, old.step) if uncounted else (old.calls + 1, old.step + 1)  # type: ignore[union-attr]
         bucket.state = attrs.evolve(old, calls=calls, step=step)  # type: ignore[misc]
         if isinstance(ok, list):
             # verdicts read on the host: with every block finite (nearly every step) there is nothing to
@@ -1103,12 +1109,15 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _write_state(
         self, bucket: _Bucket, old: compose.BucketState, new: compose.BucketState, write: Tensor, ok: Tensor,
-        *, copies: list[tuple[Tensor, Tensor]] | None = None, clean: bool = False,
+        *, copies: list[tuple[Tensor, Tensor]] | None = None, clean: bool = False, uncounted: bool = False,
     ) -> None:
         """The new state into the stacks in place (blocks where ``write`` is False keep the old), so the
         per-parameter views in ``self.state`` stay valid; ``ok`` counts the non-finite blocks. ``copies``:
         plain copies left to the caller (:func:`compose.write_`). ``clean``: ``write`` and ``ok`` are known to
-        be all True (:meth:`_finish`), so nothing is counted."""
+        be all True (:meth:`_finish`), so nothing is counted. ``uncounted``: a first call that used no
+        gradient (:func:`_uncounted`) keeps the counters it started from as well."""
+        if uncounted:
+            new = compose.with_scalars_of(new, old)
         bucket.state, replaced = compose.write_(old, new, write, copies=copies, all_ok=clean or None)
         if not clean:
             bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
@@ -1159,8 +1168,11 @@ class KronOptimizer(torch.optim.Optimizer):
                     D = D.masked_fill(~ok_new.view(-1, 1, 1), float("nan"))
         if writes:  # gathered (copied) before the state write: D may still read the old stacks
             D_all = plan.gather(D, (bucket.layout.m, bucket.layout.n), dtype=dtype, device=ok_all.device)
+        uncounted = _uncounted(plan.calls - 1, ok_all if step_ok is None else ok_all & step_ok)  # alike on every rank
+        if uncounted:
+            plan.calls -= 1
         if bucket.params:
-            self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok)
+            self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok, uncounted=uncounted)
         if D_all is not None:
             ok_all = ok_all & linalg.finite_blocks(D_all)  # the same gathered D on every rank (NaN: an owner's overflow)
             write_all = ok_all if step_ok is None else ok_all & step_ok
@@ -1211,8 +1223,11 @@ class KronOptimizer(torch.optim.Optimizer):
                     D = D.masked_fill(~ok_new.view(-1, 1, 1), float("nan"))
         device = grad_ok.device
         D_rows = plan.scatter(D, dtype=dtype, device=device) if writes else None  # before the state write
+        uncounted = _uncounted(plan.calls - 1, grad_ok if step_ok is None else grad_ok & step_ok)  # alike on every rank
+        if uncounted:
+            plan.calls -= 1
         if G is not None:
-            self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok)
+            self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok, uncounted=uncounted)
         if D_rows is not None:
             for count, idx, rows in plan.groups():
                 D_g = D_rows.index_select(0, plan.row_index(count, rows, device)).view(len(idx), count, -1)
@@ -1255,7 +1270,10 @@ class KronOptimizer(torch.optim.Optimizer):
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 D_g = D.index_select(0, index)[:, :count]
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write.index_select(0, index))
-        self._write_state(bucket, old, new, write, ok)
+        uncounted = _uncounted(plan.calls - 1, grad_ok if step_ok is None else grad_ok & step_ok)
+        if uncounted:
+            plan.calls -= 1
+        self._write_state(bucket, old, new, write, ok, uncounted=uncounted)
         if self.config.nonfinite == "warn":
             self._pending.append(_Pending(plan.params, grad_ok, new.step, group=bucket.group, step_ok=step_ok))
 
@@ -1338,9 +1356,14 @@ class KronOptimizer(torch.optim.Optimizer):
         """Per parameter, how many gradients were skipped as non-finite (synchronises)."""
         self._check_state()  # a cleared optimizer.state: the fresh state
         out: dict[str, int] = {}
-        for bucket in self._stepped():
-            for i, count in enumerate(bucket.nonfinite.tolist()):  # type: ignore[union-attr]
-                out[self._param_name(bucket, i)] = count
+        for bucket in self._buckets:
+            if bucket.state is None or bucket.nonfinite is None:
+                continue
+            counts = bucket.nonfinite.tolist()
+            # a bucket whose only calls were skipped first calls (not counted: _uncounted) has counts too
+            if bucket.state.calls > 0 or any(counts):
+                for i, count in enumerate(counts):
+                    out[self._param_name(bucket, i)] = count
         return out
 
     def eigh_failures(self) -> dict[str, int]:
@@ -1648,6 +1671,16 @@ _DEFER_FACTOR_UPDATES = True
 
 
 _CPU = torch.device("cpu")
+
+
+def _uncounted(calls: int, used: Tensor) -> bool:
+    """Whether a bucket's call is its first (``calls``: the calls before it) and used no block's gradient
+    (``used``: the blocks whose gradient was finite, in a step not skipped whole). Such a call is not
+    counted: its counters stay as they were, so the next call is the first again, as if this step had
+    not been taken (a ``skip_first_call`` observation, a first refresh and Adam's first bias correction are
+    not spent on a step that changed nothing). Read on the host at a first call only
+    (:func:`linalg._any_written`)."""
+    return calls == 0 and not linalg._any_written(used)
 
 
 class _StepFlag:

@@ -1,5 +1,6 @@
-"""Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist()), and torch's
-solvers that synchronise a CUDA device themselves (eigh, svd) run only on first calls and refreshes.
+"""Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist()) but a bucket's
+first call, which reads whether it used any gradient (``linalg._any_written``), and torch's solvers that
+synchronise a CUDA device themselves (eigh, svd) run only on first calls and refreshes.
 
 The CPU's fast paths (the plain-AdamW block loop, the state write's plain copies when every block
 is ok) read verdicts on the host, which on a CPU waits for nothing; this test turns them off, so the
@@ -32,22 +33,28 @@ def test_step_reads_no_tensor_values_on_the_host(preset, monkeypatch):
     opt = kronopt.build(params, preset, nonfinite="skip", **({"refresh.every": 2} if preset in ("soap", "shampoo") else {}))
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
     grads[3][0][0, 0] = float("nan")
+    # the one read allowed: a bucket's first call asks whether it used any gradient (linalg._any_written)
+    read_bool, first_reads = torch.Tensor.__bool__, []
+    monkeypatch.setattr(linalg, "_any_written", lambda mask: (first_reads.append(len(first_reads)), read_bool(mask.any()))[1])
     _forbid_host_reads(monkeypatch)
-    for step_grads in grads:  # covers first calls, refreshes and a non-finite block
+    for k, step_grads in enumerate(grads):  # covers first calls, refreshes and a non-finite block
         for p, g in zip(params, step_grads):
             p.grad = g
+        before = len(first_reads)
         opt.step()
+        assert k == 0 or len(first_reads) == before, "a first call's read on a later step"
     monkeypatch.undo()
     assert all(torch.isfinite(p).all() for p in params)
 
 
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
 def test_the_synchronising_solvers_run_only_on_first_calls_and_refreshes(preset, monkeypatch):
-    """torch's ``eigh`` and ``svd`` synchronise a CUDA device with the host (``linalg._eigh``, ``linalg._svd``):
-    a plain step, one that refreshes no basis and is no first call, must call neither. A block whose first
+    """torch's ``eigh`` and ``svd`` synchronise a CUDA device with the host (``linalg._eigh``, ``linalg._svd``),
+    and so does the first call's read of its write mask (``linalg._any_written``): a plain step, one that
+    refreshes no basis and is no first call, must call none of them. A block whose first
     gradient is zero starts on a later plain step without them (DyKAF's late start)."""
     calls = []
-    for name in ("_eigh", "_svd"):
+    for name in ("_eigh", "_svd", "_any_written"):
         real = getattr(linalg, name)
         monkeypatch.setattr(linalg, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     gen = torch.Generator().manual_seed(1)
@@ -72,8 +79,9 @@ def test_the_synchronising_solvers_run_only_on_first_calls_and_refreshes(preset,
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
 def test_cuda_step_does_not_synchronise(preset, monkeypatch):
     """No synchronisation in a step but inside torch's ``eigh`` and ``svd`` (which torch documents as
-    synchronising; kronopt calls them on first calls and refreshes only, as the test above checks)."""
-    for name in ("_eigh", "_svd"):
+    synchronising; kronopt calls them on first calls and refreshes only, as the test above checks) and
+    the first call's read of whether it used any gradient (``linalg._any_written``)."""
+    for name in ("_eigh", "_svd", "_any_written"):
         real = getattr(linalg, name)
 
         def allowed(*args, _real=real, **kwargs):
