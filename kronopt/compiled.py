@@ -98,21 +98,25 @@ class Compiled:
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.failed:
-            try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(self.fn, dynamic=False)
-                return self._compiled(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: warn once, run eagerly
-                self.failed = True
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                warnings.warn(
-                    f"kronopt: torch.compile of {self.name} failed ({type(exc).__name__}: {reason[:300]}); "
-                    "it runs eagerly from now on (compile = true has no effect on it)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return self.fn(*args, **kwargs)
+        # fn is the public function whose first line asks variant(): wherever it runs eagerly (the fallback, or
+        # dynamo running the frame itself: TORCH_COMPILE_DISABLE, its recompile limit reached) it must find no
+        # twin, or it would call this twin again. The enclosing scope keeps dynamo's recompile limit patched.
+        with scope(False):
+            if not self.failed:
+                try:
+                    if self._compiled is None:
+                        self._compiled = torch.compile(self.fn, dynamic=False)
+                    return self._compiled(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - any compiler failure: warn once, run eagerly
+                    self.failed = True
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    warnings.warn(
+                        f"kronopt: torch.compile of {self.name} failed ({type(exc).__name__}: {reason[:300]}); "
+                        "it runs eagerly from now on (compile = true has no effect on it)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            return self.fn(*args, **kwargs)
 
 
 def _scalar(x: float, like: Tensor) -> Tensor:
