@@ -310,6 +310,7 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
     if allow_fallback and "fallback" in raw:
         kwargs["fallback"] = _build_config(raw["fallback"], _join(prefix, "fallback"), errors, allow_fallback=False)
     if len(errors) > found:
+        _check_compatible_anyway(lambda: KronConfig(**kwargs), kwargs, prefix, errors)
         return None
     cfg = KronConfig(**kwargs)
     _check_compatible(cfg, prefix, errors)
@@ -342,6 +343,22 @@ def _check_field(cls: type, key: str, value: Any) -> None:
         field.validator(None, field, converted)
 
 
+def _check_compatible_anyway(
+    make: Callable[[], KronConfig], parts: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]]
+) -> None:
+    """:func:`_check_compatible` on a config that has errors already, so that an incompatible combination of
+    stages is listed beside them: on the config ``make`` builds from the ``parts`` that passed (a value in
+    error at its default, or as it was), and only where every stage and record was built (a stage in
+    error could not be judged: the combination would name a stage the user is replacing)."""
+    if any(value is None for value in parts.values()):
+        return
+    try:
+        cfg = make()
+    except (TypeError, ValueError):  # cross-field checks of the constructor: the parts make no config
+        return
+    _check_compatible(cfg, prefix, errors)
+
+
 def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]]) -> None:
     """Cross-stage checks: a combination that cannot work fails here, naming the stages."""
     try:
@@ -355,6 +372,12 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
         keys = [e.key for e in SLOTS[slot].entries(load_plugins=False) if wanted(capabilities(e.cls))]
         return ", ".join(keys) or "(none)"
 
+    if cfg.max_skipped_steps and cfg.nonfinite_scope != "step":
+        errors.append((
+            _join(prefix, "max_skipped_steps"),
+            f"counts steps skipped whole, which nonfinite_scope = {cfg.nonfinite_scope!r} never skips; "
+            "use nonfinite_scope = 'step', or max_skipped_steps = 0",
+        ))
     if caps["basis"].needs_factors and not caps["factors"].provides_factors:
         errors.append((
             _join(prefix, "basis.type"),
@@ -586,6 +609,7 @@ def _evolve_config(
             table = {**_record_dict(record), **{k: v for k, v in sub.items() if k not in nested}}
             kwargs[name] = _build_record(_RECORDS[name], table, path, errors)
     if len(errors) > found:
+        _check_compatible_anyway(lambda: attrs.evolve(cfg, **kwargs), kwargs, prefix, errors)
         return None
     out = attrs.evolve(cfg, **kwargs)
     _check_compatible(out, prefix, errors)

@@ -6,13 +6,15 @@ input shapes. Stages never call :mod:`torch.linalg` directly.
 Precision policy: matrix functions (``eigh``, QR) run in the dtype of their
 input, which is the state dtype (float32 by default, float64 when parameters are
 float64); an ``eigh`` that fails is retried once in float64 and cast back, and a
-second failure raises :class:`ArithmeticError`. Outputs that are not finite are
+second failure raises :class:`ArithmeticError` (a first call's SVD is retried alike and
+then falls back: :func:`_svd_retried`). Outputs that are not finite are
 reported through a per-block mask rather than a host synchronisation, so the
 caller can keep its last good value with ``torch.where``.
 """
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -647,6 +649,25 @@ def _any_written(mask: Tensor) -> bool:
     (``KronOptimizer._uncounted``), where on a CUDA device it is, with :func:`_eigh` and :func:`_svd`, the
     step's one synchronisation (``tests/unit/test_no_host_sync.py`` allows these three)."""
     return bool(mask.any())
+
+
+def _svd_retried(G: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`_svd` in ``G``'s dtype, retried once in float64 (and cast back) as :func:`eigh_descending` is;
+    ``None``, with a warning naming ``what`` falls back, when both fail (the caller's fallback takes over)."""
+    try:
+        return _svd(G)
+    except RuntimeError as first:
+        try:
+            U, S, Vh = _svd(G.to(torch.float64))
+        except RuntimeError as second:
+            warnings.warn(
+                f"kronopt: the SVD of {what} failed in {G.dtype} ({first}) and in float64 ({second}); "
+                "its fallback is used instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        return U.to(G.dtype), S.to(G.dtype), Vh.to(G.dtype)
 
 
 def eigh_descending(A: Tensor) -> Eigh:
@@ -1626,11 +1647,20 @@ def top_singular_triplet(G: Tensor) -> SingularTriplet:
 
     Runs in ``G``'s dtype; a zero block gives :math:`\sigma_1 = 0` (its vectors are
     arbitrary unit vectors). Signs follow the solver; :math:`u_1 u_1^\top` and
-    :math:`v_1 v_1^\top` do not depend on them. Cost :math:`O(mn\min(m,n))`.
+    :math:`v_1 v_1^\top` do not depend on them. Cost :math:`O(mn\min(m,n))`. Where the
+    solver fails it is retried in float64; where that fails too, the triplet comes from
+    :data:`FALLBACK_POWER_ITERS` power iterations (:func:`top_singular_triplet_power`).
     """
     _check_batched("G", G)
-    U, S, Vh = _svd(G)
+    svd = _svd_retried(G, "the first gradient (the dominant singular triplet)")
+    if svd is None:
+        return top_singular_triplet_power(G, FALLBACK_POWER_ITERS)
+    U, S, Vh = svd
     return SingularTriplet(sigma=S[:, 0], u=U[:, :, 0], v=Vh[:, 0, :])
+
+
+#: power iterations of :func:`top_singular_triplet`'s fallback, where the SVD fails in both dtypes
+FALLBACK_POWER_ITERS = 20
 
 
 def vector_norm_scaled(x: Tensor) -> Tensor:
@@ -2057,7 +2087,9 @@ def top_right_singular(G: Tensor, r: int) -> Tensor:
     first :math:`k = \min(r, m, n)` columns are :math:`V_{:, :k}`; the remaining
     :math:`r - k` columns complete them with the part of the fixed
     :func:`spread_columns` orthogonal to them (Gram–Schmidt order). Runs in
-    float64 when the solver fails in the input dtype.
+    float64 when the solver fails in the input dtype; where that fails too, every
+    column comes from :func:`spread_columns` (an orthonormal start that the restricted
+    side's refreshes then turn towards the gradients' subspace).
     """
     _check_batched("G", G)
     b, m, n = G.shape
@@ -2065,11 +2097,8 @@ def top_right_singular(G: Tensor, r: int) -> Tensor:
         raise ValueError(f"rank {r} exceeds the side {n}")
     if r == 0:
         return G.new_zeros(b, n, 0)
-    try:
-        _, _, Vh = _svd(G)
-    except RuntimeError:
-        _, _, Vh = _svd(G.to(torch.float64))
-        Vh = Vh.to(G.dtype)
+    svd = _svd_retried(G, "the first gradient (a restricted side's first subspace)")
+    Vh = G.new_zeros(b, 0, n) if svd is None else svd[2]
     k = min(r, Vh.shape[-2])
     V = Vh[:, :k, :].mT
     if k < r:

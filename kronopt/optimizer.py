@@ -207,7 +207,7 @@ def _normalize_groups(params: Any) -> list[dict[str, Any]]:
     if not items:
         raise ValueError("the optimizer got an empty parameter list")
     groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
-    for g in groups:
+    for gi, g in enumerate(groups):
         ps = g["params"]
         if isinstance(ps, (set, frozenset)):
             raise TypeError(_UNORDERED)
@@ -219,6 +219,13 @@ def _normalize_groups(params: Any) -> list[dict[str, Any]]:
             # torch.optim warns that this will be an error; here each listing would be a block of its own, with
             # its own state, stepping the tensor twice per step
             raise ValueError("a parameter group lists a parameter more than once: list each tensor once")
+        for j, p in enumerate(ps):
+            if not p.is_floating_point():  # an integer's step cannot be written; a complex one has no real factors
+                name = g["param_names"][j] if "param_names" in g else f"param_groups[{gi}].params[{j}] {tuple(p.shape)}"
+                raise TypeError(
+                    f"{name} is a {p.dtype} tensor: kronopt steps real floating-point parameters "
+                    "(float16, bfloat16, float32, float64)"
+                )
         g["params"] = ps
     return groups
 
@@ -531,6 +538,7 @@ class KronOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_state()
+        self._check_grads()
         self._report_pending()
         raising = self.config.nonfinite == "raise"
         fsdp_ok = self._fsdp_finite()
@@ -575,6 +583,21 @@ class KronOptimizer(torch.optim.Optimizer):
             self._count_skipped(step_ok)
         self._seen_state()  # with the entries this step may have made (a bucket's first state)
         return loss
+
+    def _check_grads(self) -> None:
+        """A gradient the step cannot take, refused before anything changes, naming its parameter: a sparse one
+        (``nn.Embedding(sparse=True)``), or one whose shape is not its parameter's (which torch's own check
+        lets through ``p.grad.data = ...``; reshaped into the block, it would step the wrong entries)."""
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.blocks):
+                g = p.grad
+                if g is None or (g.layout is torch.strided and g.shape == p.shape):
+                    continue
+                what = f"a {g.layout} gradient" if g.layout is not torch.strided else f"a gradient of shape {tuple(g.shape)}"
+                raise RuntimeError(
+                    f"{self._name(bucket.group, p)} has {what}: kronopt steps dense gradients of the parameter's "
+                    f"shape {tuple(p.shape)} (for an embedding, build it with sparse=False); nothing was changed"
+                )
 
     def _grads(self) -> list[Tensor]:
         """The gradients of the plain (not FSDP2) parameters: :meth:`_fsdp_finite` checks the others."""

@@ -4,6 +4,7 @@ A failing validator raises ``ValueError("must be ≥ 1, got 0")``; the config
 builder prefixes the path (``refresh.every: must be ≥ 1, got 0``).
 """
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,8 +50,11 @@ def each(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, An
 
 
 def to_float(value: Any) -> float:
+    """A finite number as a float (an infinite or NaN setting would reach every parameter: ``lr = inf`` in TOML)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value!r}")
     return float(value)
 
 
