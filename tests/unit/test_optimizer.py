@@ -625,6 +625,16 @@ def test_stagger_of_a_single_block_equals_no_stagger_bit_for_bit(preset):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("preset", ["adamw", "muon"])
+def test_stagger_keeps_the_blocks_of_a_basis_that_refreshes_nothing_in_one_bucket(preset):
+    """The identity basis refreshes nothing (``BasisCapabilities.static``): staggering its blocks would only
+    split a bucket of one shape into ``every`` buckets. Guards the phases given to such blocks."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen)) for _ in range(5)]
+    opt = kronopt.build(params, preset, **_STAGGER)
+    assert [(b["blocks"], b["phase"]) for b in opt.bucket_summary()] == [(5, 0)]
+
+
 def test_stagger_with_every_one_equals_no_stagger_bit_for_bit(gen):
     runs = []
     for stagger in (False, True):
