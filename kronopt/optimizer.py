@@ -588,16 +588,19 @@ class KronOptimizer(torch.optim.Optimizer):
         """A gradient the step cannot take, refused before anything changes, naming its parameter: a sparse one
         (``nn.Embedding(sparse=True)``), or one whose shape is not its parameter's (which torch's own check
         lets through ``p.grad.data = ...``; reshaped into the block, it would step the wrong entries)."""
-        for bucket in self._buckets:
-            for i, p in enumerate(bucket.blocks):
-                g = p.grad
-                if g is None or (g.layout is torch.strided and g.shape == p.shape):
-                    continue
-                what = f"a {g.layout} gradient" if g.layout is not torch.strided else f"a gradient of shape {tuple(g.shape)}"
-                raise RuntimeError(
-                    f"{self._name(bucket.group, p)} has {what}: kronopt steps dense gradients of the parameter's "
-                    f"shape {tuple(p.shape)} (for an embedding, build it with sparse=False); nothing was changed"
-                )
+        dense = torch.strided
+        bad = [
+            (b, p) for b in self._buckets for p in b.blocks
+            if (g := p.grad) is not None and (g.layout is not dense or g.shape != p.shape)
+        ]
+        if bad:
+            bucket, p = bad[0]
+            g = p.grad
+            what = f"a {g.layout} gradient" if g.layout is not dense else f"a gradient of shape {tuple(g.shape)}"  # type: ignore[union-attr]
+            raise RuntimeError(
+                f"{self._name(bucket.group, p)} has {what}: kronopt steps dense gradients of the parameter's "
+                f"shape {tuple(p.shape)} (for an embedding, build it with sparse=False); nothing was changed"
+            )
 
     def _grads(self) -> list[Tensor]:
         """The gradients of the plain (not FSDP2) parameters: :meth:`_fsdp_finite` checks the others."""
