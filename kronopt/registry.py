@@ -265,10 +265,14 @@ class Registry(Generic[T]):
         self._plugins: dict[str, importlib.metadata.EntryPoint] | None = None
 
     # -- registration -------------------------------------------------------------
-    def register(self, key: str, *, description: str, source: str = "kronopt") -> Callable[[type[T]], type[T]]:
-        """Class decorator registering ``cls`` under ``key``; duplicates raise."""
+    def _check_key(self, key: str) -> None:
+        """A key is a snake_case identifier (a config names the stage by it, in TOML and in dotted overrides)."""
         if not key.isidentifier() or key != key.lower():
             raise ValueError(f"{self.slot} key must be a snake_case identifier, got {key!r}")
+
+    def register(self, key: str, *, description: str, source: str = "kronopt") -> Callable[[type[T]], type[T]]:
+        """Class decorator registering ``cls`` under ``key``; duplicates raise."""
+        self._check_key(key)
 
         def decorate(cls: type[T]) -> type[T]:
             self._add(Entry(key=key, cls=cls, description=description, source=source), stacklevel=4)
@@ -324,8 +328,9 @@ class Registry(Generic[T]):
     def override(self, key: str, cls: type[T], *, description: str = "test override") -> Callable[[], None]:
         """Replace (or add) ``key`` for a test; returns a function restoring the old entry.
 
-        The class is checked against the slot contract like a registered one.
+        The class and the key are checked like a registered one's.
         """
+        self._check_key(key)
         old = self._entries.get(key)
         entry = Entry(key=key, cls=cls, description=description, source="override")
         self._check(entry, stacklevel=3)

@@ -118,6 +118,9 @@ def test_override_replaces_or_adds_and_restore_undoes_it():
     assert reg.keys() == ["alpha", "beta", "gamma"]
     restore()
     assert reg.keys() == ["alpha", "beta"]
+    with pytest.raises(ValueError, match="snake_case"):  # a key no config could name, refused as register refuses it
+        reg.override("Gamma-2", ScaledGradientInner)
+    assert reg.keys() == ["alpha", "beta"]
 
 
 def test_override_on_the_global_registry_reaches_configs_and_is_restored():
