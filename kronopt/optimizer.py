@@ -200,7 +200,8 @@ def _numbers_config(raw: Any) -> Any:
 _UNORDERED = "a group's parameters must come in an order (a list or tuple), not a set: the state dict names them by position"
 
 
-def _normalize_groups(params: Any) -> list[dict[str, Any]]:
+def _normalize_groups(params: Any, *, first: int = 0) -> list[dict[str, Any]]:
+    """The user's parameters as groups (``first``: the index the first of them will have)."""
     if isinstance(params, Tensor):
         raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a single tensor")
     items = list(params)
@@ -220,11 +221,13 @@ def _normalize_groups(params: Any) -> list[dict[str, Any]]:
             # its own state, stepping the tensor twice per step
             raise ValueError("a parameter group lists a parameter more than once: list each tensor once")
         for j, p in enumerate(ps):
-            if not p.is_floating_point():  # an integer's step cannot be written; a complex one has no real factors
-                name = g["param_names"][j] if "param_names" in g else f"param_groups[{gi}].params[{j}] {tuple(p.shape)}"
+            # a complex parameter has no real factors; a frozen one of any dtype is kept and never stepped (as
+            # torch.optim keeps it: an integer tensor cannot require a gradient), _make_buckets leaves it out
+            if not p.is_floating_point() and p.requires_grad:
+                name = g["param_names"][j] if "param_names" in g else f"param_groups[{first + gi}].params[{j}] {tuple(p.shape)}"
                 raise TypeError(
-                    f"{name} is a {p.dtype} tensor: kronopt steps real floating-point parameters "
-                    "(float16, bfloat16, float32, float64)"
+                    f"{name} is a {p.dtype} tensor that requires a gradient: kronopt steps real floating-point "
+                    "parameters (float16, bfloat16, float32, float64)"
                 )
         g["params"] = ps
     return groups
@@ -272,6 +275,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
         self._fsdp_loads: list[int] | None = None  # FSDP2 on a mesh of another size than the plain blocks' world
         self._buckets = self._shard(self._make_buckets(self.param_groups, self._group_cfgs), assign=True)
+        self._note_non_float()
         self._pending: list[_Pending] = []
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
         self._materialize()
@@ -337,13 +341,14 @@ class KronOptimizer(torch.optim.Optimizer):
         self._check_state()
         first, buckets = len(self.param_groups), len(self._buckets)
         try:
-            for g in self._split_user_group(_normalize_groups([param_group])[0]):
+            for g in self._split_user_group(_normalize_groups([param_group], first=len(self.param_groups))[0]):
                 super().add_param_group(g)  # raises for a parameter some group holds already
                 self._group_cfgs.append(self._group_config(g))
             new = self._make_buckets(self.param_groups[first:], self._group_cfgs[first:])
             for b in new:
                 b.group += first
             self._buckets.extend(self._shard(new, assign=True))
+            self._note_non_float()
             self._materialize()
             self._seen_state()
         except BaseException:  # a refused group adds nothing (its routed main group may be in already)
@@ -428,7 +433,7 @@ class KronOptimizer(torch.optim.Optimizer):
             min_dtype = getattr(torch, cfg.state_dtype)
             blocks: list[tuple[Tensor, BlockSpec, Layout, torch.dtype]] = []
             for p in g["params"]:
-                if p.numel() == 0:
+                if p.numel() == 0 or not p.is_floating_point():  # nothing to step; a frozen non-float one (_normalize_groups)
                     continue
                 sh = cfg.shapes
                 spec = block_spec(tuple(p.shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
@@ -584,6 +589,11 @@ class KronOptimizer(torch.optim.Optimizer):
         self._seen_state()  # with the entries this step may have made (a bucket's first state)
         return loss
 
+    def _note_non_float(self) -> None:
+        """Whether a group holds a frozen non-float parameter (left out of the buckets): :meth:`_check_grads`
+        then also looks at those, where a gradient set by hand must not pass unseen."""
+        self._non_float = any(not p.is_floating_point() for g in self.param_groups for p in g["params"])
+
     def _check_grads(self) -> None:
         """A gradient the step cannot take, refused before anything changes, naming its parameter: a sparse one
         (``nn.Embedding(sparse=True)``), or one whose shape is not its parameter's (which torch's own check
@@ -593,6 +603,14 @@ class KronOptimizer(torch.optim.Optimizer):
             (b, p) for b in self._buckets for p in b.blocks
             if (g := p.grad) is not None and (g.layout is not dense or g.shape != p.shape)
         ]
+        if getattr(self, "_non_float", False):
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    if not p.is_floating_point() and p.grad is not None:
+                        raise RuntimeError(
+                            f"{self._name(gi, p)} is a {p.dtype} parameter with a gradient: kronopt steps real "
+                            "floating-point parameters and leaves others as they are; nothing was changed"
+                        )
         if bad:
             bucket, p = bad[0]
             g = p.grad
@@ -849,7 +867,7 @@ class KronOptimizer(torch.optim.Optimizer):
         post.apply_together_(applies, all_ok=clean)
         copies: list[tuple[Tensor, Tensor]] = []
         for (run, ok), write in zip(judged, writes):
-            uncounted = not clean and _uncounted(run.old.calls, run.ok if step_ok is None else run.ok & step_ok)
+            uncounted = not clean and _uncounted(run.old.calls, _used(run.ok, step_ok))
             self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies, clean=clean, uncounted=uncounted)
         if copies:
             torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
@@ -957,11 +975,9 @@ class KronOptimizer(torch.optim.Optimizer):
         (:class:`_Pending`), or ``None``: without ``nonfinite = "warn"``, and where every verdict read on
         the host is good (nothing to count or report)."""
         old = bucket.state
-        if isinstance(ok, list):  # read on the host, the step's flag too (_step_plain_adams)
-            wrote = any(ok) and (step_ok is None or bool(step_ok))
-            uncounted = old.calls == 0 and not wrote  # type: ignore[union-attr]
-        else:
-            uncounted = _uncounted(old.calls, ok if step_ok is None else ok & step_ok)  # type: ignore[union-attr]
+        # from the gradients' flags, as every other path decides (a finite gradient whose update overflowed
+        # counts its call); a pass over the gradients at a first call only
+        uncounted = old.calls == 0 and _uncounted(0, _used(linalg.finite_each([p.grad for p in bucket.params]), step_ok))  # type: ignore[union-attr, misc]
         calls, step = (old.calls, old.step) if uncounted else (old.calls + 1, old.step + 1)  # type: ignore[union-attr]
         bucket.state = attrs.evolve(old, calls=calls, step=step)  # type: ignore[misc]
         if isinstance(ok, list):
@@ -1172,6 +1188,7 @@ class KronOptimizer(torch.optim.Optimizer):
         ok_all = linalg.finite_each(grads)  # type: ignore[arg-type]
         writes = plan.calls > 0 or not cfg.skip_first_call
         plan.calls += 1
+        update = plan.calls - int(cfg.skip_first_call)  # the update number compose.step counts, on every rank
         D: Tensor | None = None
         D_all: Tensor | None = None
         if bucket.params:
@@ -1194,7 +1211,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     D = D.masked_fill(~ok_new.view(-1, 1, 1), float("nan"))
         if writes:  # gathered (copied) before the state write: D may still read the old stacks
             D_all = plan.gather(D, (bucket.layout.m, bucket.layout.n), dtype=dtype, device=ok_all.device)
-        uncounted = _uncounted(plan.calls - 1, ok_all if step_ok is None else ok_all & step_ok)  # alike on every rank
+        uncounted = _uncounted(plan.calls - 1, _used(ok_all, step_ok))  # alike on every rank
         if uncounted:
             plan.calls -= 1
         if bucket.params:
@@ -1204,8 +1221,7 @@ class KronOptimizer(torch.optim.Optimizer):
             write_all = ok_all if step_ok is None else ok_all & step_ok
             cfg.post.apply_(plan.params, D_all, lr=group["lr"], weight_decay=group["weight_decay"], ok=write_all)
         if self.config.nonfinite == "warn":  # on every rank, the blocks the unsharded run would name
-            step = plan.calls - int(cfg.skip_first_call)  # the update number compose.step counts, on every rank
-            self._pending.append(_Pending(plan.params, ok_all, step, group=bucket.group, step_ok=step_ok))
+            self._pending.append(_Pending(plan.params, ok_all, update, group=bucket.group, step_ok=step_ok))
 
     def _step_fsdp(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
         """One bucket of DTensor (FSDP2) parameters; ``grad_ok (b)``: the block's gradient is finite on every rank.
@@ -1226,6 +1242,7 @@ class KronOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in plan.params]
         writes = plan.calls > 0 or not cfg.skip_first_call
         plan.calls += 1
+        update = plan.calls - int(cfg.skip_first_call)  # the update number compose.step counts, on every rank
         if plan.elementwise:
             self._step_fsdp_elementwise(bucket, step_ok, grad_ok)
             return
@@ -1249,7 +1266,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     D = D.masked_fill(~ok_new.view(-1, 1, 1), float("nan"))
         device = grad_ok.device
         D_rows = plan.scatter(D, dtype=dtype, device=device) if writes else None  # before the state write
-        uncounted = _uncounted(plan.calls - 1, grad_ok if step_ok is None else grad_ok & step_ok)  # alike on every rank
+        uncounted = _uncounted(plan.calls - 1, _used(grad_ok, step_ok))  # alike on every rank
         if uncounted:
             plan.calls -= 1
         if G is not None:
@@ -1262,8 +1279,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
         if self.config.nonfinite == "warn":
-            step = plan.calls - int(cfg.skip_first_call)
-            self._pending.append(_Pending(plan.params, grad_ok, step, group=bucket.group, step_ok=step_ok))
+            self._pending.append(_Pending(plan.params, grad_ok, update, group=bucket.group, step_ok=step_ok))
 
     def _step_fsdp_elementwise(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
         """An elementwise FSDP2 bucket: each rank steps its own rows of every block, padded to one stack.
@@ -1296,7 +1312,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 D_g = D.index_select(0, index)[:, :count]
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write.index_select(0, index))
-        uncounted = _uncounted(plan.calls - 1, grad_ok if step_ok is None else grad_ok & step_ok)
+        uncounted = _uncounted(plan.calls - 1, _used(grad_ok, step_ok))
         if uncounted:
             plan.calls -= 1
         self._write_state(bucket, old, new, write, ok, uncounted=uncounted)
@@ -1697,6 +1713,11 @@ _DEFER_FACTOR_UPDATES = True
 
 
 _CPU = torch.device("cpu")
+
+
+def _used(flags: Tensor, step_ok: Tensor | None) -> Tensor:
+    """The blocks whose gradient a call used: finite (``flags``) in a step not skipped whole."""
+    return flags if step_ok is None else flags & step_ok.to(flags.device)
 
 
 def _uncounted(calls: int, used: Tensor) -> bool:

@@ -1,0 +1,110 @@
+"""Edges of an uncounted first call and of parameters kronopt does not step, each pinned by a test that
+failed on the code before its fix.
+
+* Whether a first call is counted is decided from the gradients' flags on every path: the plain AdamW fast
+  path once decided it from its written verdicts, which also hold an overflow, so a finite first gradient
+  whose square overflowed was counted by the general path and not by the fast one.
+* The work-sharded path's warning names the update one process names (it once said "at update -1" for a
+  first call it did not count).
+* A frozen non-float parameter (``requires_grad = False``) is accepted and never stepped, as torch.optim
+  accepts it (quantized weights in ``model.parameters()``).
+* ``add_param_group``'s refusal of a complex parameter names the group being added.
+"""
+
+import multiprocessing
+import os
+import warnings
+
+import pytest
+import torch
+
+import kronopt
+from kronopt import compose
+
+
+def _overflow_first_then_normal(fast: bool, monkeypatch):
+    """AdamW on one (6, 5) float32 block; its first gradient is finite but its square overflows float32."""
+    with monkeypatch.context() as patch:
+        if not fast:
+            patch.setattr(compose, "is_plain_adam", lambda *a: False)
+        gen = torch.Generator().manual_seed(0)
+        W = torch.nn.Parameter(torch.randn(6, 5, generator=gen))
+        opt = kronopt.build([("w", W)], "adamw", nonfinite="skip")
+        W.grad = torch.full_like(W, 1e30)
+        opt.step()
+        after_first = opt.state[W]["step"]
+        for _ in range(2):
+            W.grad = torch.randn(W.shape, generator=gen)
+            opt.step()
+        return after_first, opt.state[W]["step"], W.detach().clone()
+
+
+def test_plain_adam_fast_path_equals_general_path_when_the_first_gradient_overflows(monkeypatch):
+    fast = _overflow_first_then_normal(True, monkeypatch)
+    slow = _overflow_first_then_normal(False, monkeypatch)
+    assert fast[:2] == slow[:2], f"step counters: fast path {fast[:2]}, general path {slow[:2]}"
+    assert torch.equal(fast[2], slow[2])
+
+
+def test_a_frozen_integer_parameter_is_accepted_as_torch_optim_does():
+    lin = torch.nn.Linear(4, 3)
+    frozen = torch.nn.Parameter(torch.arange(3), requires_grad=False)  # e.g. an index or a quantized weight
+    torch.optim.AdamW([lin.weight, lin.bias, frozen])  # torch accepts it
+    opt = kronopt.build([("w", lin.weight), ("b", lin.bias), ("idx", frozen)], "adamw")
+    lin.weight.grad, lin.bias.grad = torch.ones(3, 4), torch.ones(3)
+    opt.step()
+    assert torch.equal(frozen, torch.arange(3))
+
+
+def test_add_param_group_names_the_added_group_of_a_complex_parameter():
+    opt = kronopt.build([torch.nn.Parameter(torch.randn(3, 3))], "adamw")
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))]})
+    first_new = len(opt.param_groups)
+    with pytest.raises(TypeError) as info:
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))]})
+    assert "param_groups[0]" not in str(info.value), f"group {first_new} is being added: {info.value}"
+
+
+# -- work sharding: the update number of an uncounted first call's warning ------------------------------------
+
+
+def _sharded_rank(rank: int, world: int, store_path: str, queue) -> None:
+    torch.set_num_threads(1)
+    store = torch.distributed.FileStore(store_path, world)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        queue.put((rank, _first_call_warnings()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _first_call_warnings() -> list[str]:
+    """SOAP (skip_first_call), nonfinite = "warn": a NaN in one block skips the first step whole."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 5, generator=gen)) for _ in range(3)]
+    opt = kronopt.build([(f"w{i}", p) for i, p in enumerate(params)], "soap", nonfinite="warn")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    params[0].grad[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        opt.flush_warnings()
+    return [str(w.message).split(" in: ")[0] for w in caught if "non-finite" in str(w.message)]
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo")
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="forked gloo ranks")
+def test_work_sharded_first_call_warning_names_the_update_one_process_names(tmp_path):
+    single = _first_call_warnings()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.SimpleQueue()
+    ranks = [ctx.Process(target=_sharded_rank, args=(r, 2, str(tmp_path / "store"), queue)) for r in range(2)]
+    for r in ranks:
+        r.start()
+    for r in ranks:
+        r.join(60)
+    assert all(r.exitcode == 0 for r in ranks)
+    got = dict(queue.get() for _ in ranks)
+    assert got[0] == single, f"sharded {got[0]} vs one process {single}"
