@@ -470,49 +470,40 @@ def test_user_stage_is_listed_by_kronopt_stages_and_round_trips_in_show(nested_i
 # -- contract refusals ----------------------------------------------------------------------------------------------
 
 
+class _StatelessInner:
+    """An inner rule keeping nothing; the test stages below declare capabilities on it, or drop a member."""
+
+    def init(self, layout, *, dtype, device):
+        return None
+
+    def on_basis_change(self, state, change):
+        return state
+
+
+class _PassThrough(_StatelessInner):
+    def direction(self, state, G, ctx):
+        return G, state
+
+
 @attrs.frozen(kw_only=True)
-class _ClaimsSecondMoment:
+class _ClaimsSecondMoment(_PassThrough):
     """Declares has_second_moment without second_moment() (test stage)."""
 
     capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(has_second_moment=True)
 
-    def init(self, layout, *, dtype, device):
-        return None
-
-    def direction(self, state, G, ctx):
-        return G, state
-
-    def on_basis_change(self, state, change):
-        return state
-
 
 @attrs.frozen(kw_only=True)
-class _NoDirection:
+class _NoDirection(_StatelessInner):
     """Lacks direction() (test stage)."""
 
     capabilities: ClassVar[InnerCapabilities] = InnerCapabilities()
 
-    def init(self, layout, *, dtype, device):
-        return None
-
-    def on_basis_change(self, state, change):
-        return state
-
 
 @attrs.frozen(kw_only=True)
-class _NeedsEigvals:
+class _NeedsEigvals(_PassThrough):
     """Needs eigenvalues (test stage)."""
 
     capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(needs_eigvals=True)
-
-    def init(self, layout, *, dtype, device):
-        return None
-
-    def direction(self, state, G, ctx):
-        return G, state
-
-    def on_basis_change(self, state, change):
-        return state
 
 
 def test_contract_refusals_and_duplicate_keys_name_what_is_wrong():

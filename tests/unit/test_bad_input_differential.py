@@ -295,15 +295,20 @@ def test_a_skipped_first_call_leaves_the_next_call_a_first_call(preset, scope):
     if preset not in ("adamw", "muon"):  # the identity basis is ready from the start
         assert opt_skipped.state[skipped[0]]["basis.ready"] is False, "ready without a basis ever being built"
     assert opt_skipped.state[skipped[0]]["calls"] == 0
+    _go_on_alike(opt_skipped, skipped, opt_clean, clean, grads)
+
+
+def _go_on_alike(opt_a, a, opt_b, b, grads):
+    """Both runs stepped on ``grads``; after each step their parameters and counters must be equal."""
     for step in grads:
-        for p, q, g in zip(skipped, clean, step):
+        for p, q, g in zip(a, b, step):
             p.grad, q.grad = g.clone(), g.clone()
-        opt_skipped.step()
-        opt_clean.step()
-        for p, q in zip(skipped, clean):
+        opt_a.step()
+        opt_b.step()
+        for p, q in zip(a, b):
             assert torch.equal(p, q)
-            assert {k: v for k, v in opt_skipped.state[p].items() if not isinstance(v, torch.Tensor)} == {
-                k: v for k, v in opt_clean.state[q].items() if not isinstance(v, torch.Tensor)
+            assert {k: v for k, v in opt_a.state[p].items() if not isinstance(v, torch.Tensor)} == {
+                k: v for k, v in opt_b.state[q].items() if not isinstance(v, torch.Tensor)
             }
 
 
@@ -319,13 +324,7 @@ def test_a_first_call_skipped_whole_for_another_bucket_is_not_counted_either():
     skipped[0].grad, skipped[1].grad = torch.full((8, 12), NAN), torch.ones(6, 6)
     opt_skipped.step()
     assert opt_skipped.skipped_steps() == 1 and opt_skipped.state[skipped[1]]["calls"] == 0
-    for step in grads:
-        for p, q, g in zip(skipped, clean, step):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt_skipped.step()
-        opt_clean.step()
-    for p, q in zip(skipped, clean):
-        assert torch.equal(p, q)
+    _go_on_alike(opt_skipped, skipped, opt_clean, clean, grads)
 
 
 # -- failing solvers ----------------------------------------------------------------------------------
