@@ -149,6 +149,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _number_or_none(row: dict[str, Any], key: str) -> bool:
+    """``row`` holds ``key``, a number or ``None`` (a non-finite value as saved)."""
+    return key in row and (row[key] is None or _is_number(row[key]))
+
+
 def _positive_list(raw: Any, path: str, what: str, errors: list[tuple[str, str]]) -> tuple[float, ...] | None:
     """A non-empty list of distinct finite numbers > 0, or ``None`` with the problems in ``errors``."""
     if not isinstance(raw, list) or not raw:
@@ -513,13 +518,20 @@ def read_unit(path: Path, unit: Unit) -> UnitResult | None:
         if not isinstance(measured["steps"], int) or not all(
                 measured[k] is None or _is_number(measured[k]) for k in numbers):
             return None
-        result = UnitResult(variant=unit.variant.name, lr=unit.lr, seed=unit.seed, key=unit.key, cached=True,
-                            **{**measured, "history": tuple(measured["history"]), "evals": tuple(measured["evals"])})
-        for r in result.history:
-            float(r["step_ms"]), int(r["step"])
-        for e in result.evals:
-            int(e["step"]), e["val_loss"] is None or float(e["val_loss"])
-        return result
+        if not (measured["reason"] is None or isinstance(measured["reason"], str)) or not isinstance(measured["device"], str):
+            return None
+        # every row as the summaries and plots read it: the types themselves, not what float() would take
+        rows_ok = all(
+            isinstance(r, dict) and isinstance(r.get("step"), int) and _is_number(r.get("step_ms")) and _number_or_none(r, "loss")
+            for r in measured["history"]
+        ) and all(
+            isinstance(e, dict) and isinstance(e.get("step"), int) and _number_or_none(e, "val_loss")
+            for e in measured["evals"]
+        )
+        if not rows_ok:
+            return None
+        return UnitResult(variant=unit.variant.name, lr=unit.lr, seed=unit.seed, key=unit.key, cached=True,
+                          **{**measured, "history": tuple(measured["history"]), "evals": tuple(measured["evals"])})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

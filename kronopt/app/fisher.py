@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from kronopt import linalg
+from kronopt._shapes import block_spec
 from kronopt.inspection import bucket_views
 from kronopt.bases import EighBasis
 from kronopt.registry import FACTORS, PluginError, PluginLoadError
@@ -118,6 +119,15 @@ def track(name: str, grads: Sequence[Tensor], **options: Any) -> list[tuple[Tens
 
 
 # -- metrics ------------------------------------------------------------------------------------------------
+
+
+def _layout(cfg: Any, m: int, n: int) -> Layout:
+    """One ``m × n`` block's layout as the optimizer gives it under ``cfg``: its shape policy and its split's
+    sides (a restricted side of pro_soap's, a side longer than ``shapes.max_dim`` not rotated)."""
+    sh = cfg.shapes
+    spec = block_spec((m, n), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
+    (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
+    return Layout(batch=1, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
 
 
 def ema_weights(t: int, beta: float, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -235,8 +245,11 @@ def gradient_stream(source: str, m: int, n: int, steps: int, *, seed: int = 0) -
         A1, B1 = randn(m, m) / math.sqrt(m), randn(n, n) / math.sqrt(n)
         A2 = torch.diag(torch.logspace(0, 1, m, dtype=torch.float64)).flip(0)
         B2 = torch.diag(torch.logspace(0, 1, n, dtype=torch.float64))
-        coin = torch.rand(steps, generator=gen)
-        return [(A1 if c < 0.5 else A2) @ randn(m, n) @ (B1 if c < 0.5 else B2) for c in coin.tolist()]
+        out = []
+        for _ in range(steps):  # step t's coin drawn with it: the first t gradients never depend on how many follow
+            c = float(torch.rand((), generator=gen))
+            out.append((A1 if c < 0.5 else A2) @ randn(m, n) @ (B1 if c < 0.5 else B2))
+        return out
     if source == "real":
         return _real_stream(steps, gen)
     raise ValueError(f"unknown source {source!r}; sources: {', '.join(SOURCES)}")
@@ -369,13 +382,13 @@ def hessian_experiment(
     train, val = order[:n_train], order[n_train : n_train + n_val]
     bound = math.sqrt(6.0 / (classes + FEATURES))
     W0 = (torch.rand(classes, FEATURES, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-    layout = Layout(batch=1, m=classes, n=FEATURES, left="full", right="full")
     batches = [train[i : i + batch] for e in range(epochs) for i in range(0, n_train, batch)]
     runs, final = [], []
     for spec in optimizers:
         name, options = parse_estimator(spec)
         for lr in lrs:
             cfg = kronopt.resolve(name, **hessian_settings(lr, options)).bound()
+            layout = _layout(cfg, classes, FEATURES)
             state = compose.init_state(cfg, layout, dtype=torch.float64, device=torch.device("cpu"))
             W = W0.clone()
             curve: dict[str, list[float]] = {"step": [], "factor_diff2": [], "factor_e_s": [], "eigen_diff2": [],
@@ -594,7 +607,7 @@ def check_fisher(args: argparse.Namespace) -> dict[str, Any]:
     for name, (low, high) in _INT_FLAGS.items():
         settings[name] = p.integer(f"--{name.replace('_', '-')}", getattr(args, name), minimum=low, maximum=high,
                                    fallback=low)
-    settings["beta"] = p.number("--beta", args.beta, minimum=0.0, below=1.0)
+    settings["beta"] = p.number("--beta", args.beta, above=0.0, below=1.0)  # DyKAF's estimators need β > 0
     settings["hessian_optimizers"], settings["hessian_lrs"] = [], []
     if args.hessian:
         lrs = p.value("--hessian-lrs", args.hessian_lrs, lambda t: _args.numbers(t, above=0.0), [])
@@ -607,7 +620,15 @@ def check_fisher(args: argparse.Namespace) -> dict[str, Any]:
             except ValueError as exc:
                 p.add("--hessian-optimizers", str(exc))
             else:
-                p.config(name, hessian_settings(lrs[0] if lrs else 0.01, options), prefix=f"--hessian-optimizers {spec}")
+                cfg = p.config(name, hessian_settings(lrs[0] if lrs else 0.01, options), prefix=f"--hessian-optimizers {spec}")
+                layout = None if cfg is None else _layout(cfg, settings["hessian_classes"], FEATURES)
+                if layout is not None and (layout.left, layout.right) != ("full", "full"):
+                    p.add(
+                        "--hessian-optimizers",
+                        f"{spec} keeps the sides {layout.left}/{layout.right} on a classifier's weight; the lab compares "
+                        "full Kronecker factors L ⊗ R with the Hessian, so it takes optimizers that rotate both sides "
+                        "in full (e.g. soap, dykaf)",
+                    )
         settings["hessian_optimizers"], settings["hessian_lrs"] = specs, lrs
     elif not lab:
         p.add("--source", "is empty and --no-hessian is given: nothing to run")
@@ -668,7 +689,7 @@ def add_subcommand(subparsers: Any) -> None:
                    help="factor estimator keys, with options as key:opt=value:opt=value")
     p.add_argument("--m", default="8", help="rows of the synthetic blocks (≥ 1)")
     p.add_argument("--n", default="12", help="columns of the synthetic blocks (≥ 1)")
-    p.add_argument("--beta", default="0.95", help="EMA factor of the target Fisher, in [0, 1)")
+    p.add_argument("--beta", default="0.95", help="EMA factor of the target Fisher, in (0, 1)")
     p.add_argument("--seed", default="0")
     p.add_argument("--hessian", action=argparse.BooleanOptionalAction, default=True, help="run the Hessian experiment")
     p.add_argument("--hessian-optimizers", default="soap,dykaf,dykaf:factors.variant=parallel",

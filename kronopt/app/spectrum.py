@@ -118,14 +118,16 @@ def spectra_from_state_dict(sd: Mapping[str, Any], *, layers: str | None = None)
 
 
 class SpectrumRecorder:
-    """An ``on_step(step, optimizer, model)`` callback that records the spectra every ``every`` steps."""
+    """An ``on_step(step, optimizer, model)`` callback that records the spectra every ``every`` steps, and at
+    step ``last`` where given (a run of fewer steps than ``every`` still ends with a record)."""
 
-    def __init__(self, *, every: int = 10, layers: str | None = None) -> None:
-        self.every, self.layers = max(1, every), layers
+    def __init__(self, *, every: int = 10, layers: str | None = None, last: int | None = None) -> None:
+        self.every, self.layers, self.last = max(1, every), layers, last
         self.records: list[FactorSpectrum] = []
 
     def __call__(self, step: int, optimizer: Any, model: Any = None) -> None:
-        if step % self.every == 0 and isinstance(optimizer, kronopt.KronOptimizer):
+        due = step % self.every == 0 or step == self.last
+        if due and isinstance(optimizer, kronopt.KronOptimizer):
             self.records.extend(spectra_from_optimizer(optimizer, step, layers=self.layers))
 
 
@@ -268,7 +270,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     if args.state is not None:
         label = f"saved state {args.state}"
     else:
-        recorder = SpectrumRecorder(every=every, layers=layers)
+        recorder = SpectrumRecorder(every=every, layers=layers, last=steps)
         training_run(args.config, steps=steps, on_step=recorder, builtin=args.builtin, **overrides)
         records = recorder.records
         label = f"{args.config}, {steps} steps"
@@ -293,7 +295,7 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--state", help="a saved optimizer state (torch.save(opt.state_dict())) instead of a run; "
                    "loaded with weights_only=True, so a file holding anything but tensors and plain data is refused")
     p.add_argument("--steps", default="200", help="training steps of the run (≥ 1)")
-    p.add_argument("--every", default="25", help="record every this many steps (≥ 1)")
+    p.add_argument("--every", default="25", help="record every this many steps (≥ 1) and at the last step")
     p.add_argument("--layers", help="regular expression on parameter names (default: every rotated block)")
     p.add_argument("--head", default="0.1", help="spike size excluded from the tail: a count ≥ 1 or a fraction > 0")
     p.add_argument("--builtin", action="store_true", help="use the built-in MLP run instead of the default task")

@@ -34,7 +34,7 @@ import attrs
 import torch
 
 import kronopt
-from kronopt.validators import ge, in_, to_int, to_str
+from kronopt.validators import ge, in_, le, to_int, to_str
 from kronopt.config import ConfigError, KronConfig
 
 from . import _args
@@ -61,6 +61,26 @@ def _device(value: Any) -> str:
 
 def _optional_path(value: Any) -> str | None:
     return None if value is None else to_str(value)
+
+
+
+#: the largest seed a task takes (torch's generators take 64-bit seeds; the evaluation batches use another)
+MAX_SEED = 2**63 - 1
+#: the evaluation batches' generator is seeded with the task's seed plus this (modulo MAX_SEED + 1)
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def _fresh_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ... where it exists already: a default run directory is named after
+    the second it started, and two runs started in one second (a parallel sweep) must not share one."""
+    out, n = base, 1
+    while True:
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
 
 
 @attrs.frozen(kw_only=True)
@@ -102,7 +122,7 @@ class TaskConfig:
     eval_every: int = attrs.field(default=50, converter=to_int, validator=ge(0))
     eval_batches: int = attrs.field(default=8, converter=to_int, validator=ge(1))
     device: str = attrs.field(default="auto", converter=_device)
-    seed: int = attrs.field(default=0, converter=to_int, validator=ge(0))
+    seed: int = attrs.field(default=0, converter=to_int, validator=[ge(0), le(MAX_SEED)])
     threads: int = attrs.field(default=0, converter=to_int, validator=ge(0))
     data: str | None = attrs.field(default=None, converter=_optional_path)
 
@@ -304,7 +324,7 @@ def train(
         opt = kronopt.build(model.named_parameters(), cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, task.lr_factor)
         batch_gen = torch.Generator().manual_seed(task.seed)
-        eval_gen = torch.Generator().manual_seed(task.seed + 1_000_003)
+        eval_gen = torch.Generator().manual_seed((task.seed + EVAL_SEED_OFFSET) % (MAX_SEED + 1))
         eval_set = [
             tuple(t.to(device) for t in corpus.batch("val", task.batch, task.context, eval_gen))
             for _ in range(task.eval_batches)
@@ -543,10 +563,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         problems.extend(exc)
     label = spec_label(spec)
-    out = Path(args.out) if args.out else Path("runs") / f"train-{label}-{datetime.now():%Y%m%d-%H%M%S}"
+    default_out = Path("runs") / f"train-{label}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(args.out) if args.out else default_out
     problems.value("--out", str(out), _args.output_dir, out)
     problems.config(spec, overrides)  # every config error before the data is read
     problems.check()
+    if not args.out:  # made now, once the arguments are good: another run of this second has its own
+        out = _fresh_dir(default_out)
     result = train(task, spec, overrides=overrides, out_dir=out, progress=not args.no_progress, plot=not args.no_plot)
     print(f"{label} on {result.device}: {result.steps_done} steps ({result.status})")
     if result.reason:
