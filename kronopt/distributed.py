@@ -43,6 +43,8 @@ from .types import Layout, capabilities
 
 #: the ``kronopt`` key under which a sharded ``state_dict()`` describes its shard
 SHARDING_KEY = "sharding"
+#: the ``kronopt`` section's key of the blocks' owners (work sharding, FSDP2): ``world_size`` and a rank per parameter
+OWNERS_KEY = "owners"
 
 
 @attrs.frozen(kw_only=True)
@@ -239,7 +241,7 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any
             raise ValueError(f"no rank's dict holds the state of parameter {key!r}, which the others list: a rank's dict is missing")
         if any(entry.get(k) != state[key].get(k) for entry in seen for k in entry):
             raise ValueError(f"the ranks' counters of parameter {key!r} disagree: the dicts were saved at different steps")
-    kron = {k: v for k, v in first["kronopt"].items() if k != SHARDING_KEY}
+    kron = {k: v for k, v in first["kronopt"].items() if k not in (SHARDING_KEY, OWNERS_KEY)}
     return {"state": dict(sorted(state.items(), key=lambda kv: str(kv[0]))), "param_groups": first["param_groups"], "kronopt": kron}
 
 

@@ -1525,6 +1525,10 @@ class KronOptimizer(torch.optim.Optimizer):
                 "buckets": [[index[id(p)] for p in b.blocks] for b in self._buckets],
                 "calls": [0 if b.plan is None else b.plan.calls for b in self._buckets],
             }
+        world = self._owner_world()
+        if world is not None:  # who owns each block: a load on as many ranks keeps it (_saved_owners)
+            params = [p for g in self.param_groups for p in g["params"]]
+            sd["kronopt"][distributed.OWNERS_KEY] = {"world_size": world, "ranks": [self._owner.get(id(p), -1) for p in params]}
         if self._skipped_steps is not None:
             sd["kronopt"]["skipped_steps"] = self._skipped_steps.clone()
         for hook in self._optimizer_state_dict_post_hooks.values():  # register_state_dict_post_hook, as torch runs them
@@ -1532,6 +1536,26 @@ class KronOptimizer(torch.optim.Optimizer):
             if result is not None:
                 sd = result
         return sd
+
+    def _owner_world(self) -> int | None:
+        """The number of ranks the blocks' owners are picked among (work sharding or FSDP2), ``None`` without
+        owners, or where the two run on meshes of different sizes (their owners are not one list's)."""
+        worlds = {self._sharding.world_size} if self._sharding is not None else set()
+        worlds |= {b.fsdp.sharding.world_size for b in self._buckets if b.fsdp is not None}
+        return worlds.pop() if len(worlds) == 1 and self._owner else None
+
+    def _saved_owners(self, kron: dict[str, Any] | None) -> dict[int, int]:
+        """The saved owner of every block, where the state dict was saved on as many ranks (else none).
+
+        Which rank owns a block depends on how the optimizer was built (a group added by ``add_param_group``
+        is balanced after the others; the same groups given at construction, together), so a rank's own
+        dict could hold as its own blocks this optimizer gives to another rank: then every rank refused it,
+        or only some, which then waited for the others at the next step's collectives."""
+        saved = None if kron is None else kron.get(distributed.OWNERS_KEY)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not saved or saved.get("world_size") != self._owner_world() or len(saved.get("ranks", ())) != len(params):
+            return {}
+        return {id(p): r for p, r in zip(params, saved["ranks"]) if r >= 0}
 
     @staticmethod
     def _fsdp_marker(bi: int, plan: distributed.ShardPlan) -> dict[str, Any]:
@@ -1611,46 +1635,51 @@ class KronOptimizer(torch.optim.Optimizer):
         saved_bucket: dict[Any, int] = {}  # sharded dict of this rank: every block's bucket, owned or not
         if shard is not None:
             saved_bucket = {keys[i]: bi for bi, idx in enumerate(shard["buckets"]) for i in idx}
-        buckets = []
-        for like in self._make_buckets(self.param_groups, cfgs):
-            parts: dict[Any, list[int]] = {}
-            for i, p in enumerate(like.params):
-                entry = saved.get(key_of[id(p)])
-                if shard is not None:
-                    part: Any = (_BUCKET, saved_bucket[key_of[id(p)]])
-                elif not entry:
-                    part = None
-                elif _BUCKET in entry:
-                    part = (_BUCKET, entry[_BUCKET])
-                else:  # no bucket recorded: blocks whose counters agree share one
-                    part = tuple(sorted((k, v) for k, v in entry.items() if not isinstance(v, Tensor)))
-                parts.setdefault(part, []).append(i)
-            for part, idx in parts.items():
-                whole = like.subset(idx)
-                (bucket,) = self._shard([whole])
-                listed = [saved[key_of[id(p)]] for p in whole.params if saved.get(key_of[id(p)])]
-                if bucket.plan is not None:  # every rank: the counter (from any block's entry, owned or not)
+        owners, self._owner = self._owner, {**self._owner, **self._saved_owners(kron)}
+        try:
+            buckets = []
+            for like in self._make_buckets(self.param_groups, cfgs):
+                parts: dict[Any, list[int]] = {}
+                for i, p in enumerate(like.params):
+                    entry = saved.get(key_of[id(p)])
                     if shard is not None:
-                        bucket.plan.calls = shard["calls"][part[1]]
-                    else:
-                        bucket.plan.calls = next((e["calls"] for e in listed if "calls" in e), 0)
-                    if isinstance(bucket.plan, distributed.GatherPlan):
-                        bucket.plan.stateful = bool(listed) or bucket.plan.calls > 0
-                entries = [saved.get(key_of[id(p)]) for p in bucket.params]
-                if part is not None and any(entries):
-                    lacking = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if not e]
-                    if lacking:
-                        raise ValueError(f"saved state lacks the entries of {', '.join(lacking[:5])}, which share a bucket with saved ones")
-                    elsewhere = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if counters_only(e)]
-                    if elsewhere:
-                        raise ValueError(
-                            f"the saved state of {', '.join(elsewhere[:5])} holds only counters: another rank owned "
-                            "these blocks (work sharding) and saved their tensors. Load every rank's entries: "
-                            "torch.distributed.checkpoint's dcp.load into this optimizer's own state dict "
-                            "(get_optimizer_state_dict), or kronopt.distributed.merge_state_dicts of every rank's state_dict()"
-                        )
-                    self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
-                buckets.append(bucket)
+                        part: Any = (_BUCKET, saved_bucket[key_of[id(p)]])
+                    elif not entry:
+                        part = None
+                    elif _BUCKET in entry:
+                        part = (_BUCKET, entry[_BUCKET])
+                    else:  # no bucket recorded: blocks whose counters agree share one
+                        part = tuple(sorted((k, v) for k, v in entry.items() if not isinstance(v, Tensor)))
+                    parts.setdefault(part, []).append(i)
+                for part, idx in parts.items():
+                    whole = like.subset(idx)
+                    (bucket,) = self._shard([whole])
+                    listed = [saved[key_of[id(p)]] for p in whole.params if saved.get(key_of[id(p)])]
+                    if bucket.plan is not None:  # every rank: the counter (from any block's entry, owned or not)
+                        if shard is not None:
+                            bucket.plan.calls = shard["calls"][part[1]]
+                        else:
+                            bucket.plan.calls = next((e["calls"] for e in listed if "calls" in e), 0)
+                        if isinstance(bucket.plan, distributed.GatherPlan):
+                            bucket.plan.stateful = bool(listed) or bucket.plan.calls > 0
+                    entries = [saved.get(key_of[id(p)]) for p in bucket.params]
+                    if part is not None and any(entries):
+                        lacking = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if not e]
+                        if lacking:
+                            raise ValueError(f"saved state lacks the entries of {', '.join(lacking[:5])}, which share a bucket with saved ones")
+                        elsewhere = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if counters_only(e)]
+                        if elsewhere:
+                            raise ValueError(
+                                f"the saved state of {', '.join(elsewhere[:5])} holds only counters: another rank owned "
+                                "these blocks (work sharding) and saved their tensors. Load every rank's entries: "
+                                "torch.distributed.checkpoint's dcp.load into this optimizer's own state dict "
+                                "(get_optimizer_state_dict), or kronopt.distributed.merge_state_dicts of every rank's state_dict()"
+                            )
+                        self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
+                    buckets.append(bucket)
+        except BaseException:
+            self._owner = owners  # a refused dict changes nothing
+            raise
         with _torch_hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         self._group_cfgs = cfgs
