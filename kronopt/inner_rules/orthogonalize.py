@@ -29,6 +29,11 @@ class OrthogonalizeInner:
     times ``extra_scale``. NS is rotation-equivariant, so with a non-identity basis
     the rotation changes the result only through round-off.
 
+    :math:`s` comes from the flattened block ``(m, n)``. The muon spec's ``scale_shape =
+    last_two_dims`` (:math:`s` from a conv kernel's ``(kh, kw)``, as KellerJordan/Muon computes
+    it) is not offered yet: a bucket holds blocks of one ``(m, n)`` whatever their kernels'
+    shapes. For one kernel shape, ``extra_scale`` :math:`= s(k_h, k_w)/s(m, n)` gives the same step.
+
     Attributes:
         momentum: :math:`\beta \in [0, 1)`.
         nesterov: use the Nesterov look-ahead.
