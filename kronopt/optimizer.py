@@ -12,7 +12,7 @@ import math
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -1552,10 +1552,33 @@ class KronOptimizer(torch.optim.Optimizer):
         dict could hold as its own blocks this optimizer gives to another rank: then every rank refused it,
         or only some, which then waited for the others at the next step's collectives."""
         saved = None if kron is None else kron.get(distributed.OWNERS_KEY)
-        params = [p for g in self.param_groups for p in g["params"]]
-        if not saved or saved.get("world_size") != self._owner_world() or len(saved.get("ranks", ())) != len(params):
+        if saved is None:
             return {}
-        return {id(p): r for p, r in zip(params, saved["ranks"]) if r >= 0}
+        world = saved.get("world_size") if isinstance(saved, Mapping) else None
+        ranks = saved.get("ranks") if isinstance(saved, Mapping) else None
+        if not isinstance(world, int) or not isinstance(ranks, list | tuple) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and -1 <= r < world for r in ranks
+        ):
+            raise ValueError(f"the saved owners are not a world size and a rank in [-1, world size) per parameter: {saved!r:.200}")
+        params = [p for g in self.param_groups for p in g["params"]]
+        if world != self._owner_world() or len(ranks) != len(params):
+            return {}
+        return {id(p): r for p, r in zip(params, ranks) if r >= 0}
+
+    def _recount_loads(self) -> None:
+        """The ranks' assigned cost (``_loads``, ``_fsdp_loads``) recounted from the buckets' owners, after a load
+        took the saved ones: a group added later is balanced against the work each rank now carries."""
+        loads: dict[bool, list[int]] = {}
+        for b in self._buckets:
+            plan = b.plan if b.plan is not None else b.fsdp
+            if plan is None or getattr(plan, "elementwise", False):
+                continue
+            fsdp = b.fsdp is not None and not (self._sharding is None or self._sharding.world_size == plan.sharding.world_size)
+            tally = loads.setdefault(fsdp, [0] * plan.sharding.world_size)
+            for r in plan.owners:
+                tally[r] += distributed.block_cost(b.layout)
+        self._loads = loads.get(False, self._loads)
+        self._fsdp_loads = loads.get(True, self._fsdp_loads)
 
     @staticmethod
     def _fsdp_marker(bi: int, plan: distributed.ShardPlan) -> dict[str, Any]:
@@ -1635,7 +1658,8 @@ class KronOptimizer(torch.optim.Optimizer):
         saved_bucket: dict[Any, int] = {}  # sharded dict of this rank: every block's bucket, owned or not
         if shard is not None:
             saved_bucket = {keys[i]: bi for bi, idx in enumerate(shard["buckets"]) for i in idx}
-        owners, self._owner = self._owner, {**self._owner, **self._saved_owners(kron)}
+        adopted = self._saved_owners(kron)
+        owners, self._owner = self._owner, {**self._owner, **adopted}
         try:
             buckets = []
             for like in self._make_buckets(self.param_groups, cfgs):
@@ -1677,15 +1701,17 @@ class KronOptimizer(torch.optim.Optimizer):
                             )
                         self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                     buckets.append(bucket)
+            with _torch_hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+                super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         except BaseException:
             self._owner = owners  # a refused dict changes nothing
             raise
-        with _torch_hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-            super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         self._group_cfgs = cfgs
         self._phased = {}
         self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
         self._buckets = buckets
+        if adopted:
+            self._recount_loads()
         self._pending = []
         for bucket in buckets:
             if bucket.state is not None:

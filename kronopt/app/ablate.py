@@ -45,6 +45,7 @@ from . import _args
 from ._extras import MissingExtraError, pyplot
 from .task import Corpus, load_corpus
 from .train import (
+    MAX_SEED,
     TaskConfig,
     add_task_arguments,
     plot_losses,
@@ -191,9 +192,11 @@ def parse_tune(raw: Any, errors: list[tuple[str, str]]) -> Tune:
         if not isinstance(value, list) or not value:
             errors.append(("tune.seeds", f"must be a non-empty list of integers ≥ 0, got {value!r}"))
         else:
-            bad = [(i, s) for i, s in enumerate(value) if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+            bad = [
+                (i, s) for i, s in enumerate(value) if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED
+            ]
             for i, s in bad:
-                errors.append((f"tune.seeds[{i}]", f"must be an integer ≥ 0, got {s!r}"))
+                errors.append((f"tune.seeds[{i}]", f"must be an integer in [0, {MAX_SEED}], got {s!r}"))
             dups = sorted({s for s in value if value.count(s) > 1}) if not bad else []
             if dups:
                 errors.append(("tune.seeds", f"lists {', '.join(map(str, dups))} more than once"))

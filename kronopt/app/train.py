@@ -73,10 +73,11 @@ EVAL_SEED_OFFSET = 1_000_003
 def _fresh_dir(base: Path) -> Path:
     """``base``, or ``base-2``, ``base-3``, ... where it exists already: a default run directory is named after
     the second it started, and two runs started in one second (a parallel sweep) must not share one."""
+    base.parent.mkdir(parents=True, exist_ok=True)  # once: a parent that cannot be made raises here, not below
     out, n = base, 1
     while True:
         try:
-            out.mkdir(parents=True)
+            out.mkdir()
             return out
         except FileExistsError:
             n += 1

@@ -398,7 +398,7 @@ def test_time_to_target_from_a_hand_built_history():
           ("sweep.keys", "'factors.type' more than once")]),
         ({"tune": {"lr": "1e-3", "lr_mult": [2, True], "seeds": [0, -1, 1.5]}, "sweep": {"key": "preset", "values": []}},
          [("tune", "not both"), ("tune.lr", "non-empty list of learning rates, got '1e-3'"),
-          ("tune.lr_mult[1]", "got True"), ("tune.seeds[1]", "integer ≥ 0, got -1"), ("tune.seeds[2]", "got 1.5"),
+          ("tune.lr_mult[1]", "got True"), ("tune.seeds[1]", "integer in [0, 9223372036854775807], got -1"), ("tune.seeds[2]", "got 1.5"),
           ("sweep.values", "non-empty list")]),
         ({"tune": {"lr_mult": [1, 1.0, math.inf]}, "sweep": {"keys": ["factors.type", "split.rank"],
                                                               "values": [["ema", "kl"]]}},
