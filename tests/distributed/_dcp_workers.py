@@ -142,3 +142,21 @@ def spawn(world, jobs, where, module=__name__):
     args = (world, w.rendezvous(where), str(where), module, list(jobs))
     torch.multiprocessing.start_processes(_main, args=args, nprocs=world, join=True, start_method=method)
     return [torch.load(Path(where) / f"rank{r}-of-{world}.pt", weights_only=False) for r in range(world)]
+
+
+def give_grad(p, g, where, mesh=None, rank=0, world=2):
+    """``g`` as ``p``'s gradient with a NaN at the first entry of rank ``where``'s rows of dim 0 (``None``: no
+    NaN): in one process the full gradient, under FSDP2 (``mesh``) this rank's ``Shard(0)`` rows, the NaN on
+    rank ``where`` alone (the same entry)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if mesh is None:
+        if where is not None:
+            size = -(-p.shape[0] // world)
+            g[min(where * size, p.shape[0])].view(-1)[0] = float("nan")
+        p.grad = g
+        return
+    d = distribute_tensor(g, mesh, [Shard(0)])
+    if where == rank:
+        d.to_local()[0].view(-1)[0] = float("nan")
+    p.grad = d

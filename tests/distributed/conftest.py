@@ -3,7 +3,6 @@
 import warnings
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
@@ -15,10 +14,6 @@ def _quiet():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """The in-process references run one thread, as the ranks do: their blocks are small, and several
     threads only wait on each other on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -28,7 +28,7 @@ from torch import nn
 
 import kronopt
 
-from ._dcp_workers import spawn
+from ._dcp_workers import give_grad, spawn
 
 pytestmark = [
     pytest.mark.distributed,
@@ -114,15 +114,8 @@ class FsdpNet(nn.Module):
         self.one = r(1)  # rank 1 holds none
 
 
-def _rows(n, world, rank):
-    size = -(-n // world)
-    return min(rank * size, n), min((rank + 1) * size, n)
-
-
 def fsdp_train(preset, mesh=None, rank=0):
     """``mesh``: FSDP2 on it; ``None``: one process, the NaN entries at the same places of the full gradients."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-
     model = FsdpNet()
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
@@ -138,16 +131,7 @@ def fsdp_train(preset, mesh=None, rank=0):
     for k in range(STEPS):
         for name, p in model.named_parameters():
             g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            where = FSDP_NAN.get((k, name))
-            if mesh is None:
-                if where is not None:
-                    g[_rows(p.shape[0], 2, where)[0]].view(-1)[0] = float("nan")
-                p.grad = g
-            else:
-                d = distribute_tensor(g, mesh, [Shard(0)])
-                if where == rank:
-                    d.to_local()[0].view(-1)[0] = float("nan")
-                p.grad = d
+            give_grad(p, g, FSDP_NAN.get((k, name)), mesh, rank)
         opt.step()
         trace.append({n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()})
     return trace

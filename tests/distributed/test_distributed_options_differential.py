@@ -28,7 +28,7 @@ from torch import nn
 import kronopt
 from kronopt import distributed as kdist
 
-from ._dcp_workers import spawn
+from ._dcp_workers import give_grad, spawn
 
 pytestmark = [
     pytest.mark.distributed,
@@ -90,11 +90,6 @@ class Net(nn.Module):
         self.extra.weight, self.extra.bias = r(7, 7), r(7)
 
 
-def _rows(n, world, rank):
-    size = -(-n // world)
-    return min(rank * size, n), min((rank + 1) * size, n)
-
-
 def _mesh(world):
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -124,8 +119,6 @@ def params_of(model):
 
 def run(case, model, opt, group, first, last, mesh=None, rank=0):
     """Steps ``first … last - 1`` (gradients seeded per step, so a resume sees the same ones); the parameters after each."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-
     nan = CASES[case][2]
     trace = []
     for k in range(first, last):
@@ -137,16 +130,7 @@ def run(case, model, opt, group, first, last, mesh=None, rank=0):
             if name.startswith("extra") and k < ADD_AT:
                 p.grad = None
                 continue
-            where = nan.get((k, name))
-            if mesh is None:
-                if where is not None:  # the entry FSDP2's rank `where` holds; DDP: every rank's same gradient
-                    g[_rows(p.shape[0], 2, where)[0]].view(-1)[0] = float("nan")
-                p.grad = g
-            else:
-                d = distribute_tensor(g, mesh, [Shard(0)])
-                if where == rank:
-                    d.to_local()[0].view(-1)[0] = float("nan")
-                p.grad = d
+            give_grad(p, g, nan.get((k, name)), mesh, rank)
         opt.step()
         trace.append(params_of(model))
     return trace

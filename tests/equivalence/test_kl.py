@@ -10,13 +10,7 @@ from tests.reference.kl_shampoo import kl_reference
 SHAPES = [(6, 4), (4, 6), (5, 5), (6, 4), (3, 7)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny LAPACK calls (QR of 5×5) are ~10⁴× slower with a contended OpenMP pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

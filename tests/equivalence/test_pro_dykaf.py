@@ -18,12 +18,7 @@ SHAPES = [(6, 8), (8, 6), (7, 7)]
 STEPS = 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _overrides = pro_adam_overrides

@@ -36,13 +36,7 @@ from tests.reference.soap import soap_reference
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny LAPACK calls are far slower with a contended OpenMP pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seed(*key):
@@ -326,15 +320,21 @@ def test_a_parameter_in_another_memory_layout_steps_as_its_contiguous_copy(prese
     names = [f"blocks.{i}.weight" for i in range(len(STRIDED))]
     opt_a = kronopt.build(list(zip(names, ours)), preset)
     opt_b = kronopt.build(list(zip(names, plain)), preset)
-    for _ in range(6):
+    _step_both(opt_a, ours, opt_b, plain, gen, 6)
+    for (name, _, _), a, b, x in zip(STRIDED, ours, plain, starts):
+        assert not torch.equal(b.detach(), x), name  # it moved
+        assert torch.equal(a.detach(), b.detach()), name
+
+
+def _step_both(opt_a, ours, opt_b, plain, gen, steps):
+    """``steps`` steps of both optimizers on the same gradients: laid out as ``STRIDED`` says for ``ours``,
+    contiguous for ``plain``."""
+    for _ in range(steps):
         for (_, s, f), a, b in zip(STRIDED, ours, plain):
             g = torch.randn(s, generator=gen)
             a.grad, b.grad = f(g.clone()), g.clone()
         opt_a.step()
         opt_b.step()
-    for (name, _, _), a, b, x in zip(STRIDED, ours, plain, starts):
-        assert not torch.equal(b.detach(), x), name  # it moved
-        assert torch.equal(a.detach(), b.detach()), name
 
 
 def test_adamw_parameter_in_another_memory_layout_steps_as_torch_adamw():
@@ -346,12 +346,7 @@ def test_adamw_parameter_in_another_memory_layout_steps_as_torch_adamw():
     theirs = [torch.nn.Parameter(x.clone()) for x in starts]
     opt = kronopt.build(ours, "adamw", lr=0.05, weight_decay=0.1)
     ref = torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.1, foreach=False)
-    for _ in range(4):
-        for (_, s, f), a, b in zip(STRIDED, ours, theirs):
-            g = torch.randn(s, generator=gen)
-            a.grad, b.grad = f(g.clone()), g.clone()
-        opt.step()
-        ref.step()
+    _step_both(opt, ours, ref, theirs, gen, 4)
     for (name, _, _), a, b, x in zip(STRIDED, ours, theirs, starts):
         assert (b.detach() - x).abs().max() > 1e-2, name
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6, msg=name)

@@ -42,12 +42,7 @@ TINY_FLAGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16
 PRESETS = [("soap", {"refresh.every": 3, "lr": 3e-3}), ("muon", {"fallback.lr": 2e-3})]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +69,23 @@ def _final_weights(box):
 
 
 # -- kronopt train: an independent loop, a resume, the evaluations, the saved numbers ----------------
+
+
+def _loop(model, opt, base, corpus, task, gen, steps):
+    """The hand-written training loop over ``steps``: the schedule's lr set on every group, a batch, a step.
+    Returns the losses and the first group's learning rates."""
+    losses, lrs = [], []
+    for s in steps:
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * _factor(s, task.steps, task.warmup)
+        lrs.append(opt.param_groups[0]["lr"])
+        x, y = corpus.batch("train", task.batch, task.context, gen)
+        loss = model.loss(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, lrs
 
 
 @pytest.mark.parametrize(("preset", "overrides"), PRESETS)
@@ -104,17 +116,7 @@ def test_train_equals_an_independent_loop_and_resumes_bit_for_bit(preset, overri
     opt = kronopt.build(model.named_parameters(), preset, **overrides)
     base = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(task.seed)
-    losses, lrs = [], []
-    for s in range(task.steps):
-        for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * _factor(s, task.steps, task.warmup)
-        lrs.append(opt.param_groups[0]["lr"])
-        x, y = corpus.batch("train", task.batch, task.context, gen)
-        loss = model.loss(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses, lrs = _loop(model, opt, base, corpus, task, gen, range(task.steps))
     assert losses == [r["loss"] for r in run.history]
     assert lrs == pytest.approx([r["lr"] for r in run.history], rel=1e-12)
     for name, w in model.state_dict().items():
@@ -129,16 +131,7 @@ def test_train_equals_an_independent_loop_and_resumes_bit_for_bit(preset, overri
     gen = torch.Generator().manual_seed(task.seed)
     for _ in range(k):
         corpus.batch("train", task.batch, task.context, gen)
-    resumed = []
-    for s in range(k, task.steps):
-        for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * _factor(s, task.steps, task.warmup)
-        x, y = corpus.batch("train", task.batch, task.context, gen)
-        loss = model.loss(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        resumed.append(loss.item())
+    resumed, _ = _loop(model, opt, base, corpus, task, gen, range(k, task.steps))
     assert resumed == [r["loss"] for r in run.history[k:]]
     for name, w in model.state_dict().items():
         assert torch.equal(w, box["weights"][name]), name

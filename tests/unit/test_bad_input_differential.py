@@ -26,6 +26,9 @@ import torch
 import kronopt
 from kronopt import linalg
 
+# 8 × 12 blocks gain nothing from threads; on a shared 2-core machine one thread keeps the run time steady
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAN, INF = float("nan"), float("inf")
 PRESETS = list(kronopt.PRESETS)
 #: three blocks of one (8, 12) bucket, a vector (the AdamW fallback in routed presets) and the
@@ -700,15 +703,6 @@ def test_a_frozen_parameter_and_one_without_gradient_stay_untouched_and_stateles
         after = _tensor_state(opt, p)
         assert all(torch.equal(v, after[k]) for k, v in before.items())
     torch.testing.assert_close(moving.detach(), alone.detach(), rtol=1e-6, atol=1e-7)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """8 × 12 blocks gain nothing from threads; on a shared 2-core machine one thread keeps the run time steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

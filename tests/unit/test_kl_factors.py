@@ -18,12 +18,7 @@ from tests.assertions import assert_psd, assert_symmetric
 from tests.strategies import SEEDS, generator, orthonormal, randn, spd_matrix
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_state(est, gen, b, m, n):

@@ -19,12 +19,7 @@ from tests.strategies import generator, orthonormal, randn, spd_from, spd_matrix
 F64 = {"dtype": torch.float64, "device": torch.device("cpu")}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _root(A, p):

@@ -7,12 +7,7 @@ import kronopt
 from kronopt.app import cli, spectrum
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tail_am_gm_is_one_for_a_flat_tail_and_grows_with_spread():
