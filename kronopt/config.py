@@ -210,6 +210,19 @@ class KronConfig:
     def stages(self) -> dict[str, Any]:
         return {slot: getattr(self, slot) for slot in STAGE_SLOTS}
 
+    def block(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        """A parameter of ``shape`` as this config steps it: its block (``kronopt._shapes.BlockSpec``, by the
+        ``[shapes]`` policy) and the block's :class:`~kronopt.types.Layout` (its sides and ranks, by the split;
+        ``batch`` 0)."""
+        from ._shapes import block_spec
+        from .types import Layout
+
+        sh = self.shapes
+        spec = block_spec(tuple(shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
+        (kind_L, rank_L), (kind_R, rank_R) = self.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
+        layout = Layout(batch=0, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
+        return spec, layout
+
     def bound(self) -> "KronConfig":
         """The config the pipeline runs: ``factors.beta = "beta2"`` replaced by the inner rule's β₂.
 

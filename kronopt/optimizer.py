@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import compiled, compose, distributed, linalg, post
-from ._shapes import BlockSpec, block_spec, to_block
+from ._shapes import BlockSpec, to_block
 from .config import ConfigError, KronConfig, from_dict, to_dict, with_overrides
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
@@ -48,8 +48,8 @@ def _phases(layouts: list[Layout], count: int) -> list[int]:
     Blocks are taken by cost (:func:`distributed.block_cost`), largest first (ties in
     order), each to the phase with the least cost so far (ties to the lower phase):
     round robin for blocks of one shape. Blocks with no rotated side never refresh
-    anything and stay in phase 0 (so do all of a group whose basis is ``static``: the caller passes 1). Depends on the layouts only, so a load rebuilds the
-    same phases.
+    anything and stay in phase 0 (so do all of a group whose basis is ``static``: the
+    caller passes 1). Depends on the layouts only, so a load rebuilds the same phases.
     """
     phases = [0] * len(layouts)
     if count <= 1:
@@ -435,10 +435,7 @@ class KronOptimizer(torch.optim.Optimizer):
             for p in g["params"]:
                 if p.numel() == 0 or not p.is_floating_point():  # nothing to step; a frozen non-float one (_normalize_groups)
                     continue
-                sh = cfg.shapes
-                spec = block_spec(tuple(p.shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
-                (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
-                layout = Layout(batch=0, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
+                spec, layout = cfg.block(tuple(p.shape))
                 blocks.append((p, spec, layout, torch.promote_types(p.dtype, min_dtype)))
             staggers = isinstance(cfg.refresh, Staggered) and not capabilities(cfg.basis).static
             count = cfg.refresh.phases() if staggers else 1
@@ -1211,9 +1208,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     D = D.masked_fill(~ok_new.view(-1, 1, 1), float("nan"))
         if writes:  # gathered (copied) before the state write: D may still read the old stacks
             D_all = plan.gather(D, (bucket.layout.m, bucket.layout.n), dtype=dtype, device=ok_all.device)
-        uncounted = _uncounted(plan.calls - 1, _used(ok_all, step_ok))  # alike on every rank
-        if uncounted:
-            plan.calls -= 1
+        uncounted = _uncount_plan(plan, _used(ok_all, step_ok))  # alike on every rank
         if bucket.params:
             self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok, uncounted=uncounted)
         if D_all is not None:
@@ -1266,9 +1261,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     D = D.masked_fill(~ok_new.view(-1, 1, 1), float("nan"))
         device = grad_ok.device
         D_rows = plan.scatter(D, dtype=dtype, device=device) if writes else None  # before the state write
-        uncounted = _uncounted(plan.calls - 1, _used(grad_ok, step_ok))  # alike on every rank
-        if uncounted:
-            plan.calls -= 1
+        uncounted = _uncount_plan(plan, _used(grad_ok, step_ok))  # alike on every rank
         if G is not None:
             self._write_state(bucket, old, new, ok if step_ok is None else ok & step_ok, ok, uncounted=uncounted)
         if D_rows is not None:
@@ -1312,9 +1305,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 D_g = D.index_select(0, index)[:, :count]
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write.index_select(0, index))
-        uncounted = _uncounted(plan.calls - 1, _used(grad_ok, step_ok))
-        if uncounted:
-            plan.calls -= 1
+        uncounted = _uncount_plan(plan, _used(grad_ok, step_ok))
         self._write_state(bucket, old, new, write, ok, uncounted=uncounted)
         if self.config.nonfinite == "warn":
             self._pending.append(_Pending(plan.params, grad_ok, new.step, group=bucket.group, step_ok=step_ok))
@@ -1773,6 +1764,15 @@ _CPU = torch.device("cpu")
 def _used(flags: Tensor, step_ok: Tensor | None) -> Tensor:
     """The blocks whose gradient a call used: finite (``flags``) in a step not skipped whole."""
     return flags if step_ok is None else flags & step_ok.to(flags.device)
+
+
+def _uncount_plan(plan: Any, used: Tensor) -> bool:
+    """:func:`_uncounted` for a call of a work-sharded or FSDP2 bucket, whose plan counted it already (every
+    rank keeps the plan's counter, owner or not): an uncounted call is taken back there."""
+    uncounted = _uncounted(plan.calls - 1, used)
+    if uncounted:
+        plan.calls -= 1
+    return uncounted
 
 
 def _uncounted(calls: int, used: Tensor) -> bool:

@@ -38,11 +38,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor
 
 from kronopt import linalg
-from kronopt._shapes import block_spec
 from kronopt.inspection import bucket_views
 from kronopt.bases import EighBasis
 from kronopt.registry import FACTORS, PluginError, PluginLoadError
@@ -122,12 +122,9 @@ def track(name: str, grads: Sequence[Tensor], **options: Any) -> list[tuple[Tens
 
 
 def _layout(cfg: Any, m: int, n: int) -> Layout:
-    """One ``m × n`` block's layout as the optimizer gives it under ``cfg``: its shape policy and its split's
-    sides (a restricted side of pro_soap's, a side longer than ``shapes.max_dim`` not rotated)."""
-    sh = cfg.shapes
-    spec = block_spec((m, n), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
-    (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
-    return Layout(batch=1, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
+    """One ``m × n`` block's layout as the optimizer gives it under ``cfg`` (:meth:`KronConfig.block`: a
+    restricted side of pro_soap's, a side longer than ``shapes.max_dim`` not rotated)."""
+    return attrs.evolve(cfg.block((m, n))[1], batch=1)
 
 
 def ema_weights(t: int, beta: float, *, dtype: torch.dtype = torch.float64) -> Tensor:
