@@ -213,7 +213,7 @@ class KronConfig:
     def block(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         """A parameter of ``shape`` as this config steps it: its block (``kronopt._shapes.BlockSpec``, by the
         ``[shapes]`` policy) and the block's :class:`~kronopt.types.Layout` (its sides and ranks, by the split;
-        ``batch`` 0)."""
+        what of ``shape`` the inner rule reads, where it declares ``reads_param_shape``; ``batch`` 0)."""
         from ._shapes import block_spec
         from .types import Layout
 
@@ -221,6 +221,8 @@ class KronConfig:
         spec = block_spec(tuple(shape), max_dim=sh.max_dim, merge=sh.merge_dims, precondition_1d=sh.precondition_1d)
         (kind_L, rank_L), (kind_R, rank_R) = self.split.sides(spec.m, spec.n, (spec.rotate_left, spec.rotate_right))
         layout = Layout(batch=0, m=spec.m, n=spec.n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
+        if capabilities(self.inner).reads_param_shape:
+            layout = attrs.evolve(layout, param_dims=tuple(self.inner.param_dims(tuple(shape), layout)))
         return spec, layout
 
     def bound(self) -> "KronConfig":

@@ -1429,7 +1429,9 @@ class KronOptimizer(torch.optim.Optimizer):
     def bucket_summary(self) -> list[dict[str, Any]]:
         """One row per bucket: group, pipeline, block shape, sides and size (for display and tests).
 
-        ``phase`` is the bucket's refresh phase (0 unless ``[refresh] stagger = true``).
+        ``phase`` is the bucket's refresh phase (0 unless ``[refresh] stagger = true``),
+        ``param_dims`` what of its parameters' shape the inner rule reads beyond the block
+        (``()`` unless it declares ``reads_param_shape``: :class:`kronopt.types.ReadsParamShape`).
         ``state_dtype`` is the dtype its maths run in, ``storage`` the dtype its factors,
         basis and moments are kept in (``[storage]``).
         ``blocks`` counts every block of the bucket, ``owned`` those this rank stacks and
@@ -1449,6 +1451,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 "n": b.layout.n,
                 "sides": b.layout.sides,
                 "phase": b.layout.phase,
+                "param_dims": b.layout.param_dims,
                 "state_dtype": str(b.state_dtype).removeprefix("torch."),
                 "storage": self._storage_names(b),
             }

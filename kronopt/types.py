@@ -41,6 +41,7 @@ class Layout:
     rank_left: int = 0
     rank_right: int = 0
     phase: int = 0
+    param_dims: tuple[int, ...] = ()
 
     @property
     def sides(self) -> tuple[SideKind, SideKind]:
@@ -366,6 +367,17 @@ class Elementwise(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsParamShape(Protocol):
+    """An inner rule that reads more of a parameter's shape than its block's ``m × n``."""
+
+    def param_dims(self, shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+        """What of a parameter's ``shape`` these options read, given its block's ``layout`` (``batch`` 0): the
+        rule finds it in ``ctx.layout.param_dims``. ``()`` where the block says all it needs, so that blocks of
+        parameters of different shapes still stack wherever the answer does not matter."""
+        ...
+
+
 def protocol_members(protocol: type) -> tuple[str, ...]:
     """The public members a Protocol class requires (methods and annotated attributes), sorted."""
     names: set[str] = set()
@@ -456,6 +468,9 @@ class InnerCapabilities:
         elementwise: on a block with no rotated side it works entry by entry when
             ``is_elementwise()`` says its options allow (:class:`Elementwise`); FSDP2 then
             steps each rank's rows without communication.
+        reads_param_shape: ``param_dims(shape, layout)`` names what of a parameter's shape
+            beyond its block the rule reads (:class:`ReadsParamShape`); the optimizer puts it
+            in each bucket's ``layout.param_dims`` and stacks only blocks that agree on it.
     """
 
     needs_eigvals: bool = capability()
@@ -463,6 +478,7 @@ class InnerCapabilities:
     exposes_moment: bool = capability(ExposesMoment, legacy="member")
     has_second_moment: bool = capability(HasSecondMoment, legacy="member")
     elementwise: bool = capability(Elementwise, legacy="member")
+    reads_param_shape: bool = capability(ReadsParamShape, legacy="member")
 
     def __attrs_post_init__(self) -> None:
         if self.supports_restricted and not self.exposes_moment:

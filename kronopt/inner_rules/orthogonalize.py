@@ -29,10 +29,12 @@ class OrthogonalizeInner:
     times ``extra_scale``. NS is rotation-equivariant, so with a non-identity basis
     the rotation changes the result only through round-off.
 
-    :math:`s` comes from the flattened block ``(m, n)``. The muon spec's ``scale_shape =
-    last_two_dims`` (:math:`s` from a conv kernel's ``(kh, kw)``, as KellerJordan/Muon computes
-    it) is not offered yet: a bucket holds blocks of one ``(m, n)`` whatever their kernels'
-    shapes. For one kernel shape, ``extra_scale`` :math:`= s(k_h, k_w)/s(m, n)` gives the same step.
+    ``scale_shape`` says whose ``(m, n)`` :math:`s` comes from: ``"block"`` (the default), the
+    block the rule orthogonalizes, so a conv kernel ``(o, i, kh, kw)`` flattened to ``(o, i·kh·kw)``
+    takes that matrix's; ``"last_two_dims"``, the parameter's last two dims, as KellerJordan/Muon
+    computes it: ``(kh, kw)`` for a conv kernel (a matrix's are its block's unless ``[shapes]
+    merge_dims`` merged them). Under ``"last_two_dims"`` only blocks
+    whose parameters agree on those dims are stacked together (:class:`~kronopt.types.ReadsParamShape`).
 
     Attributes:
         momentum: :math:`\beta \in [0, 1)`.
@@ -46,10 +48,11 @@ class OrthogonalizeInner:
         norm: ``clamp`` (torch.optim.Muon) or ``add`` (KellerJordan/Muon).
         ns_dtype: arithmetic dtype of the iteration.
         scale: shape rule, one of :data:`kronopt.linalg.MUON_SCALES`.
+        scale_shape: whose ``(m, n)`` gives :math:`s`: the block's, or the parameter's last two dims.
         extra_scale: constant factor :math:`> 0`.
     """
 
-    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(exposes_moment=True)
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities(exposes_moment=True, reads_param_shape=True)
     momentum: float = attrs.field(default=0.95, converter=to_float, validator=[ge(0.0), lt(1.0)])
     nesterov: bool = attrs.field(default=True, converter=to_bool)
     momentum_form: Literal["ema", "classic"] = attrs.field(
@@ -68,6 +71,9 @@ class OrthogonalizeInner:
     ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(linalg.DTYPES)))
     scale: str = attrs.field(default="original", converter=to_str, validator=in_(linalg.MUON_SCALES))
     extra_scale: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
+    scale_shape: Literal["block", "last_two_dims"] = attrs.field(
+        default="block", converter=to_str, validator=in_(("block", "last_two_dims"))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.coefficients == "custom" and not self.custom_coefficients:
@@ -77,6 +83,13 @@ class OrthogonalizeInner:
         if self.coefficients == "custom":
             return linalg.ns_coefficients(self.custom_coefficients, self.steps, self.custom_beyond)
         return linalg.ns_schedule(self.coefficients, self.steps)
+
+    def param_dims(self, shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+        """A parameter's last two dims under ``scale_shape = "last_two_dims"`` where they are not its block's."""
+        dims = tuple(shape[-2:])
+        if self.scale_shape == "block" or len(dims) < 2 or dims == (layout.m, layout.n):
+            return ()
+        return dims
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> MomentumState:
         return MomentumState(_zeros(layout, dtype, device))
@@ -99,7 +112,8 @@ class OrthogonalizeInner:
             dtype=linalg.DTYPES[self.ns_dtype],
             norm=self.norm,
         ).to(G.dtype)
-        s = linalg.muon_scale(ctx.layout.m, ctx.layout.n, self.scale) * self.extra_scale
+        m, n = ctx.layout.param_dims or (ctx.layout.m, ctx.layout.n)
+        s = linalg.muon_scale(m, n, self.scale) * self.extra_scale
         return linalg.unrotate(O, basis.Q_L, basis.Q_R).mul_(s), MomentumState(B)  # a fresh tensor: scaled in place
 
     def _look_ahead(self, buf: Tensor, G: Tensor, basis: BasisState) -> Tensor:

@@ -535,14 +535,6 @@ def test_muon_routes_scalars_and_vectors_to_adamw_and_keeps_them_with_vectors_pi
             torch.testing.assert_close(ours[k].detach(), theirs[k].detach().reshape(shapes[k]), **tol, msg=f"{vectors} {k}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=kronopt.ConfigError,
-    reason=(
-        "BUG (spec gap): muon.md §5/§9 test 2 promise `scale_shape = last_two_dims` (KellerJordan/Muon's shape "
-        "factor from a conv kernel's (kh, kw)); the orthogonalize rule has no such key (ConfigError)"
-    ),
-)
 def test_muon_scale_shape_last_two_dims_takes_the_factor_from_the_kernel_dims():
     """muon.md §5: "kronopt uses the flattened block by default and offers ``scale_shape = last_two_dims`` for
     parity with [KellerJordan/Muon]", whose factor for an (o, i, kh, kw) kernel is √max(1, kh/kw). On an

@@ -61,6 +61,7 @@ OPTIONAL: dict[str, Any] = {
     "moment": lambda self, state, ctx: None,
     "second_moment": lambda self, state: None,
     "is_elementwise": lambda self: True,
+    "param_dims": lambda self, shape, layout: (),
 }
 
 
@@ -127,7 +128,7 @@ def test_every_capability_with_members_is_listed():
     assert names == {
         ("factors", "provides_eigvals"), ("factors", "follows_basis"), ("factors", "supports_restricted"),
         ("inner", "supports_restricted"), ("inner", "exposes_moment"), ("inner", "has_second_moment"),
-        ("split", "follows_basis"), ("inner", "elementwise"),
+        ("split", "follows_basis"), ("inner", "elementwise"), ("inner", "reads_param_shape"),
     }
 
 
