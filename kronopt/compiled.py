@@ -21,7 +21,11 @@ No recompilation per step:
 
 Where compilation fails (no C++ compiler for inductor on CPU, an unsupported
 platform) the first call warns once per function, with the reason, and that
-function runs eagerly from then on.
+function runs eagerly from then on. Only the compiler's own errors are taken so
+(:func:`compiler_errors`): an error of the compiled function while it runs (an
+out-of-memory, say) is raised as it came, and compilation stays on, for the
+compiled code may have written part of its results before it failed, which a
+rerun would apply twice.
 """
 
 import contextlib
@@ -84,8 +88,21 @@ def variant(name: str) -> Callable[..., Any] | None:
     return _twins()[name]
 
 
+def compiler_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions by which ``torch.compile``'s compilers say that they could not compile a function: dynamo's
+    (its backend's failures among them, inductor's wrapped in ``InductorError``, a missing C++ compiler so), its
+    recompile limit where it is set to fail, and inductor's own that reach the caller unwrapped. A compiled
+    function's run raises none of them: its errors are its operators' (``torch.OutOfMemoryError``, ...)."""
+    import torch._dynamo.exc as dynamo
+    import torch._inductor.exc as inductor
+
+    names = ("OperatorIssue", "InvalidCxxCompiler", "CppCompileError", "CppWrapperCodegenError", "SubgraphLoweringException")
+    found = (getattr(inductor, n, None) for n in names)  # some are missing from older releases
+    return (dynamo.TorchDynamoException, dynamo.FailOnRecompileLimitHit, *(e for e in found if isinstance(e, type)))
+
+
 class Compiled:
-    """``fn`` compiled with ``dynamic=False``; on the first failure: one warning, then ``fn`` eagerly.
+    """``fn`` compiled with ``dynamic=False``; on the first failure to compile: one warning, then ``fn`` eagerly.
 
     Attributes:
         fn: the eager function (also what a failed compilation falls back to).
@@ -102,21 +119,27 @@ class Compiled:
         # dynamo running the frame itself: TORCH_COMPILE_DISABLE, its recompile limit reached) it must find no
         # twin, or it would call this twin again. The enclosing scope keeps dynamo's recompile limit patched.
         with scope(False):
+            if not self.failed and self._compiled is None:
+                try:
+                    self._compiled = torch.compile(self.fn, dynamic=False)
+                except Exception as exc:  # noqa: BLE001 - refused before anything ran (a platform torch.compile lacks)
+                    self._fail(exc)
             if not self.failed:
                 try:
-                    if self._compiled is None:
-                        self._compiled = torch.compile(self.fn, dynamic=False)
                     return self._compiled(*args, **kwargs)
-                except Exception as exc:  # noqa: BLE001 - any compiler failure: warn once, run eagerly
-                    self.failed = True
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    warnings.warn(
-                        f"kronopt: torch.compile of {self.name} failed ({type(exc).__name__}: {reason[:300]}); "
-                        "it runs eagerly from now on (compile = true has no effect on it)",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+                except compiler_errors() as exc:  # raised while compiling, before the graph ran: nothing written
+                    self._fail(exc)
             return self.fn(*args, **kwargs)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = True
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings.warn(
+            f"kronopt: torch.compile of {self.name} failed ({type(exc).__name__}: {reason[:300]}); "
+            "it runs eagerly from now on (compile = true has no effect on it)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _scalar(x: float, like: Tensor) -> Tensor:

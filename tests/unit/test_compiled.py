@@ -54,21 +54,96 @@ def test_compiled_steps_equal_eager_steps_to_rounding(runs, preset):
     assert fast_graphs[2:] == [fast_graphs[2]] * (STEPS - 2), fast_graphs
 
 
+def _no_compiler() -> Exception:
+    """What inductor raises where the C++ compiler it is configured with is missing."""
+    import torch._inductor.exc as inductor
+
+    return inductor.InductorError(inductor.InvalidCxxCompiler("/nonexistent/g++"), None)
+
+
 def test_a_failing_compiler_warns_once_and_runs_eagerly(monkeypatch):
     def broken(fn, **kwargs):
         def run(*args, **kw):
-            raise RuntimeError("no C++ compiler found\nmore detail")
+            raise _no_compiler()
 
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
     twin = compiled.Compiled(lambda x: x * 2, "the test function")
-    with pytest.warns(RuntimeWarning, match=r"torch.compile of the test function failed \(RuntimeError: no C\+\+ compiler found\)"):
+    with pytest.warns(RuntimeWarning, match=r"torch.compile of the test function failed \(InductorError: InvalidCxxCompiler: Compiler: /nonexistent/g\+\+ is not found\.\)"):
         assert twin(torch.ones(2)).tolist() == [2.0, 2.0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert twin(torch.ones(2)).tolist() == [2.0, 2.0]  # no second warning
     assert twin.failed
+
+
+def test_a_real_missing_compiler_falls_back():
+    """Inductor itself, pointed at a C++ compiler that does not exist: the error it raises is one the twin takes."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    twin = compiled.Compiled(lambda x: (x * 2).sin(), "the test function")
+    try:
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+            with pytest.warns(RuntimeWarning, match=r"torch.compile of the test function failed \(InductorError"):
+                torch.testing.assert_close(twin(torch.ones(3)), torch.full((3,), 2.0).sin())
+    finally:
+        torch._dynamo.reset()
+    assert twin.failed
+
+
+def test_a_platform_that_refuses_torch_compile_falls_back(monkeypatch):
+    def refused(fn, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this platform")
+
+    monkeypatch.setattr(torch, "compile", refused)
+    twin = compiled.Compiled(lambda x: x + 1, "the test function")
+    with pytest.warns(RuntimeWarning, match=r"failed \(RuntimeError: torch.compile is not supported on this platform\)"):
+        assert twin(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert twin.failed
+
+
+def test_an_error_of_the_compiled_run_is_raised_and_compilation_stays_on(monkeypatch):
+    """An out-of-memory while the compiled graph runs is the step's own error: raised as it came, not rerun
+    eagerly (the graph may have written part of its results) and not taken for a compiler's failure."""
+    calls = []
+
+    def compiled_but_out_of_memory(fn, **kwargs):
+        def run(*args, **kw):
+            calls.append(args)
+            raise torch.OutOfMemoryError("out of memory")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compiled_but_out_of_memory)
+    eager = []
+    twin = compiled.Compiled(lambda x: eager.append(x) or x, "the test function")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(torch.OutOfMemoryError):
+                twin(torch.ones(2))
+    assert not twin.failed and len(calls) == 2 and eager == []
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_the_parameter_write_compiles_as_one_graph(order):
+    """A compiler error taken for a fallback must come before the twin wrote anything: for the one twin that writes
+    in place (the parameters), so long as dynamo compiles it whole. A graph break would let a first graph write
+    and a later one fail to compile, and the eager rerun would then write twice."""
+    import torch._dynamo
+
+    params = [torch.zeros(2, 3), torch.zeros(6)]
+    D, ok = torch.ones(2, 2, 3), torch.tensor([True, False])
+    lr, lr_wd = torch.tensor(0.1), torch.tensor(0.01)
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(compiled._apply)(params, D, ok, lr, lr_wd, order, True)
+    assert report.graph_break_count == 0 and report.graph_count == 1, report.break_reasons
+    moved = -0.1 if order == "before" else -0.1 * (1 - 0.01)  # the decay of a zero weight, or of the moved one
+    torch.testing.assert_close(params[0], torch.full((2, 3), moved))  # it ran, on the ok block only
+    assert params[1].tolist() == [0.0] * 6
 
 
 def test_twins_are_used_only_inside_a_compile_scope():

@@ -420,7 +420,9 @@ def test_a_failing_compiler_warns_once_per_function_and_steps_eagerly(monkeypatc
 
     def broken(fn, **kwargs):
         def run(*args, **kw):
-            raise RuntimeError("no C++ compiler found")
+            import torch._inductor.exc as inductor
+
+            raise inductor.InductorError(inductor.InvalidCxxCompiler("/nonexistent/g++"), None)
 
         return run
 
