@@ -11,8 +11,10 @@ reason; the others still run.
 
 One *unit* is one training run: a variant at one learning rate and one seed.
 Every finished unit is cached in ``units/<key>.json`` in the output directory,
-keyed by its resolved optimizer config and task (seed included), so running the
-same command again skips it: an interrupted ablation resumes where it stopped.
+keyed by its resolved optimizer config, its task (seed included) and the SHA-256
+of the data it trains on (:func:`data_sha256`; the bytes, not the path), so
+running the same command again skips it: an interrupted ablation resumes where
+it stopped, and a data file edited in place runs again.
 
 Writes to the output directory: ``results.csv`` (one row per variant, at its
 best learning rate), ``grid.csv`` (one row per unit), ``results.json`` (both,
@@ -43,20 +45,24 @@ from kronopt.config import ConfigError, KronConfig, to_dict
 
 from . import _args
 from ._extras import MissingExtraError, pyplot
-from .task import Corpus, load_corpus
+from .task import Corpus, load_corpus, stdlib_files
 from .train import (
     MAX_SEED,
     TaskConfig,
     add_task_arguments,
     plot_losses,
+    remove_run_files,
     task_from_args,
     task_from_dict,
     task_to_dict,
     train,
 )
 
-#: version of the ``units/<key>.json`` layout; part of every unit's key
-UNIT_FORMAT = 1
+#: version of the ``units/<key>.json`` layout; part of every unit's key. 2: the data's bytes replace its path
+#: in the key (a unit file of format 1 is never read, so it runs again)
+UNIT_FORMAT = 2
+#: bytes read at a time while hashing a data file
+HASH_CHUNK_BYTES = 1 << 20
 
 
 @attrs.frozen(kw_only=True)
@@ -395,7 +401,8 @@ class Unit:
         overrides: the variant's overrides plus ``lr`` (and ``fallback.lr``).
         config: the resolved optimizer config.
         task: the task, with ``seed``.
-        key: :func:`unit_key` of ``config`` and ``task``.
+        key: :func:`unit_key` of ``config``, ``task`` and ``data_sha256``.
+        data_sha256: :func:`data_sha256` of ``task.data``.
     """
 
     variant: Variant
@@ -405,15 +412,61 @@ class Unit:
     config: KronConfig
     task: TaskConfig
     key: str
+    data_sha256: str = ""
 
 
-def unit_key(config: KronConfig, task: TaskConfig) -> str:
-    """The cache key of a run: a SHA-256 prefix of the resolved config, the task (seed included) and :data:`UNIT_FORMAT`.
+def _file_sha256(path: Path) -> bytes:
+    """The SHA-256 of the file's bytes, read :data:`HASH_CHUNK_BYTES` at a time (a large file is never held whole)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.digest()
 
-    The variant's name is not part of it: renaming a variant, or the same config
-    in two variants, reuses the run.
+
+def data_sha256(data: str | None) -> str:
+    """The SHA-256 (hex) of the bytes a task trains on: the file ``data``, or the standard library's corpus.
+
+    For a file it is the plain SHA-256 of its bytes. For the standard library's
+    corpus (``data=None``) it is the SHA-256 of a header, then per split (as
+    :func:`~kronopt.app.task.stdlib_files` gives them) the number of files and each
+    file's own SHA-256 in order: another Python's standard library, an edited file
+    or a file moved to the other split gives another digest.
+
+    Raises:
+        ConfigError: at ``task.data``, the file (or a standard library file) cannot be read.
     """
-    doc = {"format": UNIT_FORMAT, "config": to_dict(config), "task": task_to_dict(task)}
+    path = Path(data) if data is not None else None
+    try:
+        if path is not None:
+            return _file_sha256(path).hex()
+        h = hashlib.sha256(b"kronopt stdlib corpus\n")
+        for split, files in zip(("train", "val"), stdlib_files()):
+            h.update(f"{split} {len(files)}\n".encode())
+            for path in files:
+                h.update(_file_sha256(path))
+        return h.hexdigest()
+    except FileNotFoundError as exc:
+        raise ConfigError([("task.data", f"no such file: {str(path)!r}")]) from exc
+    except OSError as exc:
+        raise ConfigError([("task.data", f"cannot read {str(path)!r}: {exc.strerror or exc}")]) from exc
+
+
+def unit_key(config: KronConfig, task: TaskConfig, data_digest: str) -> str:
+    """The cache key of a run: a SHA-256 prefix of the resolved config, the task (seed included), the data's
+    digest (:func:`data_sha256`) and :data:`UNIT_FORMAT`.
+
+    The task's ``data`` path is left out and the data's bytes stand for it: the same
+    bytes at another path train the same model on the same batches (a file is split
+    by position, not by name), so moving or renaming the file reuses the run, while
+    new bytes at the same path run again. Whether the data is a file or the standard
+    library stays in the key (they are split differently). The variant's name is not
+    part of it either: renaming a variant, or the same config in two variants,
+    reuses the run.
+    """
+    task_doc = {k: v for k, v in task_to_dict(task).items() if k != "data"}
+    data = {"source": "stdlib" if task.data is None else "file", "sha256": data_digest}
+    doc = {"format": UNIT_FORMAT, "config": to_dict(config), "task": task_doc, "data": data}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -497,7 +550,7 @@ def _result_of_run(unit: Unit, run: Any) -> UnitResult:
 def write_unit(path: Path, unit: Unit, result: UnitResult) -> None:
     """Write ``result`` to ``path`` atomically (a temporary file, then :func:`os.replace`)."""
     doc = {"format": UNIT_FORMAT, "key": unit.key, "config": to_dict(unit.config), "task": task_to_dict(unit.task),
-           "result": result.measured()}
+           "data_sha256": unit.data_sha256, "result": result.measured()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
@@ -539,16 +592,19 @@ def read_unit(path: Path, unit: Unit) -> UnitResult | None:
         return None
 
 
-def plan_units(variant: Variant, tune: Tune, task: TaskConfig) -> tuple[Unit, ...]:
+def plan_units(variant: Variant, tune: Tune, task: TaskConfig, *, data_digest: str | None = None) -> tuple[Unit, ...]:
     """Every unit of ``variant``: its lr grid (around its own resolved lr) × the seeds, by lr then seed.
 
     A grid point sets ``lr`` and, when the config routes parameters to a fallback,
-    ``fallback.lr`` scaled by the same factor (:meth:`Tune.grid`).
+    ``fallback.lr`` scaled by the same factor (:meth:`Tune.grid`). ``data_digest``
+    is :func:`data_sha256` of ``task.data``, hashed here when not given.
 
     Raises:
-        ConfigError: the variant's config is invalid (and anything else resolving it raises).
+        ConfigError: the variant's config is invalid (and anything else resolving it
+            raises), or the data cannot be read.
     """
     default = kronopt.resolve(variant.spec, **variant.overrides)
+    digest = data_digest if data_digest is not None else data_sha256(task.data)
     units = []
     for lr, factor in tune.grid(default.lr):
         overrides = {**variant.overrides, "lr": lr}
@@ -558,7 +614,7 @@ def plan_units(variant: Variant, tune: Tune, task: TaskConfig) -> tuple[Unit, ..
         for seed in tune.seeds_for(task):
             seeded = attrs.evolve(task, seed=seed)
             units.append(Unit(variant=variant, lr=lr, seed=seed, overrides=overrides, config=config, task=seeded,
-                              key=unit_key(config, seeded)))
+                              key=unit_key(config, seeded, digest), data_sha256=digest))
     return tuple(units)
 
 
@@ -761,6 +817,9 @@ def run_ablation(
     ``diverged``) is written there at once, so an interrupted call loses at most
     the unit it was running. A unit that raised is not cached: it runs again.
 
+    The cache is keyed by the data's bytes (:func:`unit_key`), hashed once here,
+    so a data file changed since a unit was cached runs that unit again.
+
     Raises:
         ConfigError: an unusable task (bad data file or device) — shared by every
             variant — or an unknown name in ``only``; before any training.
@@ -772,11 +831,12 @@ def run_ablation(
         names = ", ".join(v.name for v in ablation.variants)
         raise ConfigError([("--only", f"no variant named {', '.join(map(repr, unknown))}; variants: {names}")])
     chosen = [v for v in ablation.variants if not only or v.name in only]
+    digest = data_sha256(task.data)  # once: every unit trains on the same bytes
 
     plans: list[tuple[Variant, tuple[Unit, ...] | str]] = []
     for variant in chosen:
         try:
-            plans.append((variant, plan_units(variant, ablation.tune, task)))
+            plans.append((variant, plan_units(variant, ablation.tune, task, data_digest=digest)))
         except MissingExtraError:
             raise
         except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the others
@@ -802,6 +862,8 @@ def run_ablation(
                 corpus = load_corpus(task.data, context=task.context)  # once, for every unit
             desc = f"[{done}/{total}] {variant.name} lr={unit.lr:.3g} seed={unit.seed}"
             run_dir = None if out is None else out / _safe(variant.name) / f"lr{unit.lr:.6g}-seed{unit.seed}"
+            if run_dir is not None:  # a stale run of this unit (other data, task or --fresh): replaced, not mixed in
+                remove_run_files(run_dir)
             try:
                 run = train(unit.task, variant.spec, overrides=unit.overrides, out_dir=run_dir, progress=progress,
                             plot=False, desc=desc, corpus=corpus)

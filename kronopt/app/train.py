@@ -17,6 +17,10 @@ returns a :class:`RunResult`; with ``out_dir`` it also writes a run directory:
     peak memory, status;
 ``loss.png``
     the loss curves (needs matplotlib, the ``cli`` extra).
+
+These five names are :data:`RUN_FILES`. A directory holds one run: :func:`train`
+refuses one that holds any of them (an earlier run's) unless told to overwrite,
+and then removes exactly those files first, never anything else there.
 """
 
 import argparse
@@ -68,6 +72,34 @@ def _optional_path(value: Any) -> str | None:
 MAX_SEED = 2**63 - 1
 #: the evaluation batches' generator is seeded with the task's seed plus this (modulo MAX_SEED + 1)
 EVAL_SEED_OFFSET = 1_000_003
+
+
+#: the files :func:`train` writes into a run directory, and the only ones ``overwrite`` removes
+RUN_FILES: tuple[str, ...] = ("config.toml", "task.toml", "metrics.jsonl", "summary.json", "loss.png")
+
+
+def earlier_run_files(out: Path) -> list[str]:
+    """The names of :data:`RUN_FILES` that ``out`` holds already (none when ``out`` is missing or not a directory).
+
+    A broken symbolic link counts: writing the run would follow it.
+    """
+    if not out.is_dir():
+        return []
+    return [name for name in RUN_FILES if (out / name).is_file() or (out / name).is_symlink()]
+
+
+def earlier_run_message(out: Path, found: list[str], *, overwrite: str) -> str:
+    """Why ``out`` is refused: it names the directory, the files found and the way to replace them."""
+    return (f"{str(out)!r} holds the files of an earlier run ({', '.join(found)}); give another directory, "
+            f"or {overwrite} to remove those files first (nothing else in it is touched)")
+
+
+def remove_run_files(out: Path) -> list[str]:
+    """Remove the :data:`RUN_FILES` in ``out`` and return their names; every other file there stays."""
+    found = earlier_run_files(out)
+    for name in found:
+        (out / name).unlink(missing_ok=True)
+    return found
 
 
 def _fresh_dir(base: Path) -> Path:
@@ -282,6 +314,7 @@ def train(
     plot: bool = True,
     desc: str = "",
     corpus: Corpus | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train the default task with the optimizer ``kronopt.build(params, spec, **overrides)``.
 
@@ -291,26 +324,33 @@ def train(
         overrides: dotted config overrides (``{"refresh.every": 20}``).
         on_step: ``on_step(step, optimizer, model)``, called after every optimizer
             step with the 1-based step number.
-        out_dir: write the run directory here (created if needed).
+        out_dir: write the run directory here (created if needed). It must not hold
+            any of :data:`RUN_FILES` already, unless ``overwrite``.
         progress: show a progress bar (tqdm, when installed).
         plot: with ``out_dir``, also write ``loss.png`` (needs matplotlib).
         desc: the progress bar's label (default: the spec's name).
         corpus: the data, already loaded (ablations share one); default: loaded from ``task.data``.
+        overwrite: let ``out_dir`` hold an earlier run: its :data:`RUN_FILES` are
+            removed once the model and optimizer are built, just before this run
+            writes its own; other files in ``out_dir`` are kept.
 
     Returns:
         A :class:`RunResult`. A non-finite loss stops the run with ``status = "diverged"``.
 
     Raises:
         ConfigError: an invalid config or override, an unusable data file or device,
-            before any training step.
+            or (without ``overwrite``) an ``out_dir`` holding an earlier run's files
+            (at ``out_dir``), before the data is read and before any training step.
         MissingExtraError: ``plot`` with ``out_dir`` and matplotlib missing, before any step.
     """
     cfg = kronopt.resolve(spec, **dict(overrides or {}))
     if task.width % task.heads:
         raise ConfigError([("task.width", f"must be a multiple of heads = {task.heads}, got {task.width}")])
     device = resolve_device(task.device)
-    corpus = corpus if corpus is not None else load_corpus(task.data, context=task.context)
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and not overwrite and (found := earlier_run_files(out)):
+        raise ConfigError([("out_dir", earlier_run_message(out, found, overwrite="overwrite=True"))])
+    corpus = corpus if corpus is not None else load_corpus(task.data, context=task.context)
     plt = pyplot("loss plots") if (out is not None and plot) else None
     label = spec_label(spec)
 
@@ -332,6 +372,8 @@ def train(
         ]
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
+            if overwrite:  # the earlier run's files go only now, once nothing above has failed
+                remove_run_files(out)
             (out / "config.toml").write_text(kronopt.dumps(cfg), encoding="utf-8")
             (out / "task.toml").write_text(kronopt.dumps({"task": task_to_dict(task)}), encoding="utf-8")
             metrics_file = (out / "metrics.jsonl").open("w", encoding="utf-8")
@@ -567,11 +609,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     default_out = Path("runs") / f"train-{label}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(args.out) if args.out else default_out
     problems.value("--out", str(out), _args.output_dir, out)
+    if args.out and not args.overwrite and (found := earlier_run_files(out)):
+        problems.add("--out", earlier_run_message(out, found, overwrite="--overwrite"))
     problems.config(spec, overrides)  # every config error before the data is read
     problems.check()
     if not args.out:  # made now, once the arguments are good: another run of this second has its own
         out = _fresh_dir(default_out)
-    result = train(task, spec, overrides=overrides, out_dir=out, progress=not args.no_progress, plot=not args.no_plot)
+    result = train(task, spec, overrides=overrides, out_dir=out, progress=not args.no_progress, plot=not args.no_plot,
+                   overwrite=args.overwrite)
     print(f"{label} on {result.device}: {result.steps_done} steps ({result.status})")
     if result.reason:
         print(f"  stopped: {result.reason}")
@@ -589,12 +634,15 @@ def add_subcommand(sub: Any) -> None:
         help="train the embedded default task (a byte-level GPT on Python's stdlib) with a preset or config",
         description="Train a small byte-level GPT on the source of Python's standard library (or --data FILE) "
         "with the optimizer of a preset or TOML config. Writes config.toml, task.toml, metrics.jsonl, "
-        "summary.json and loss.png to the run directory. Exit code 1 if the loss diverged, 2 on a bad config.",
+        "summary.json and loss.png to the run directory; an --out directory that holds an earlier run's files "
+        "is refused unless --overwrite is given. Exit code 1 if the loss diverged, 2 on a bad config.",
     )
     p.add_argument("config", nargs="?", help=f"a TOML config or preset name (default: --preset {DEFAULT_PRESET})")
     p.add_argument("--preset", help=f"a preset: {', '.join(kronopt.PRESETS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a (dotted) config key")
-    p.add_argument("--out", help="run directory (default: runs/train-<name>-<time>)")
+    p.add_argument("--out", help="run directory (default: runs/train-<name>-<time>); refused if it holds a run")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace the earlier run in --out: remove its {', '.join(RUN_FILES)} first (no other file)")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_task_arguments(p)
