@@ -7,7 +7,8 @@ from ``PYTHONPATH``, named ``module:Class`` and built with its defaults) are ste
 process on the same gradients, round robin each step, so machine noise hits each
 alike. ``--scaling 128,256,512`` adds a table of step time against the model width;
 ``--alone`` replays each kronopt optimizer's matrix work alone in the same rounds and gives
-each step's mean over it.
+each step's mean over it. A peer that raises is dropped from the rest of its run and reported
+as failed, with the exception and the step; kronopt's own optimizers raise through (a bug of ours).
 ``--world 1,2,4`` instead runs each world size as that many CPU processes on gloo
 (:func:`bench_world`): replicated parameters and the same gradients on every rank,
 as DDP leaves them, kronopt's work sharding dividing the optimizer's work.
@@ -40,6 +41,11 @@ def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
     """Per layer: qkv (3d, d), out (d, d), mlp up (4d, d), mlp down (d, 4d) and two gains (d,)."""
     per_layer = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
     return per_layer * layers
+
+
+def _is_peer(name: str) -> bool:
+    """Whether ``name`` is another library's optimizer (``package.Class`` or ``module:Class``), not kronopt's."""
+    return name in peers.PEERS or peers.is_import_name(name)
 
 
 def _make(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
@@ -90,10 +96,22 @@ def bench(
     returning the stand-in and its state bytes: the replays of the matrix work of :func:`replay_makers`,
     which ``--scaling`` and ``--alone`` time beside the steps).
 
+    A peer (``package.Class`` or ``module:Class``) that raises, when built or at a step, is
+    another library's bug: it is stepped no more in that run, its times so far are dropped,
+    and the others go on. Its row holds ``failed`` (the step, 0 when built, and the exception)
+    and no figures. A peer that fails in any of the ``repeat`` runs is reported failed, with
+    the first failure and the number of runs that failed; the runs it completed are not
+    reported (their medians would sit beside the others' medians of more runs). It is built
+    afresh in each run all the same: a failure may depend on the load or the threads. When the
+    first optimizer named failed, no row has a ``vs_first``. kronopt's own optimizers and the
+    ``makers`` are not caught: their exceptions end the bench.
+
     Returns:
         One dict per name, in order: ``optimizer``, ``mean_ms``, ``median_ms``,
         ``state_bytes``, ``vs_first`` (its mean over the first optimizer's mean),
-        ``vs_first_range`` (the lowest and highest of that ratio over the runs) and ``runs``.
+        ``vs_first_range`` (the lowest and highest of that ratio over the runs), ``runs``,
+        ``run_means`` and ``failed`` (``None``, or as :func:`aggregate_runs` gives it; the
+        figures are then ``None``).
 
     Raises:
         ValueError: ``steps < 1``, ``warmup < 0``, ``repeat < 1``, no names, no shapes, or a dimension < 1.
@@ -113,22 +131,39 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
     optimizer the median over the runs of ``mean_ms``, ``median_ms`` and ``vs_first`` (each run's own
     ratio, so a run on a busier machine slows every optimizer in it alike), the lowest and highest
     ratio (``vs_first_range``), the number of runs and each run's ``mean_ms`` (``run_means``, for
-    :func:`ratios`). ``state_bytes`` is the first run's."""
+    :func:`ratios`). ``state_bytes`` is the first run's.
+
+    An optimizer that failed in any run (its row's ``failed`` set, :func:`bench`) gets ``failed``: the
+    first failure's ``step`` and ``error`` and the number of ``runs`` that failed, and ``None`` for
+    every figure, the runs it completed left out; if it is the first optimizer, the others get no
+    ``vs_first`` (nor its range). The others' ``failed`` is ``None``."""
     if not runs:
         raise ValueError("aggregate_runs needs at least one run")
+    first_failed = any(run[0].get("failed") for run in runs)
     out = []
     for i, row in enumerate(runs[0]):
-        ratios = [run[i]["vs_first"] for run in runs]
+        failures = [run[i]["failed"] for run in runs if run[i].get("failed")]
+        if failures:
+            out.append(
+                {
+                    "optimizer": row["optimizer"], "mean_ms": None, "median_ms": None, "state_bytes": None,
+                    "vs_first": None, "vs_first_range": None, "runs": len(runs), "run_means": None,
+                    "failed": {**failures[0], "runs": len(failures)},
+                }
+            )
+            continue
+        ratios = None if first_failed else [run[i]["vs_first"] for run in runs]
         out.append(
             {
                 "optimizer": row["optimizer"],
                 "mean_ms": statistics.median(run[i]["mean_ms"] for run in runs),
                 "median_ms": statistics.median(run[i]["median_ms"] for run in runs),
                 "state_bytes": row["state_bytes"],
-                "vs_first": statistics.median(ratios),
-                "vs_first_range": (min(ratios), max(ratios)),
+                "vs_first": None if ratios is None else statistics.median(ratios),
+                "vs_first_range": None if ratios is None else (min(ratios), max(ratios)),
                 "runs": len(runs),
                 "run_means": [run[i]["mean_ms"] for run in runs],
+                "failed": None,
             }
         )
     return out
@@ -137,7 +172,8 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
 def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """The ratio ``a / b`` of the mean step times of each pair of optimizers in :func:`bench`'s rows,
     taken run by run (each run's own, as ``vs_first``): ``pair``, ``ratio`` (the median over the
-    runs), ``range`` (the lowest and highest) and ``runs``.
+    runs), ``range`` (the lowest and highest), ``runs`` and ``failed``: the names of the pair that
+    failed (:func:`bench`), whose pair has no ``ratio`` nor ``range`` (``None``), else ``()``.
 
     Raises:
         KeyError: a name of a pair is not in ``rows``.
@@ -145,8 +181,16 @@ def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> 
     by_name = {r["optimizer"]: r for r in rows}
     out = []
     for a, b in pairs:
-        per_run = [x / y if y > 0 else float("nan") for x, y in zip(by_name[a]["run_means"], by_name[b]["run_means"])]
-        out.append({"pair": (a, b), "ratio": statistics.median(per_run), "range": (min(per_run), max(per_run)), "runs": len(per_run)})
+        row_a, row_b = by_name[a], by_name[b]
+        failed = tuple(n for n, r in ((a, row_a), (b, row_b)) if r.get("failed"))
+        if failed:
+            out.append({"pair": (a, b), "ratio": None, "range": None, "runs": row_a.get("runs", 1), "failed": failed})
+            continue
+        per_run = [x / y if y > 0 else float("nan") for x, y in zip(row_a["run_means"], row_b["run_means"])]
+        out.append(
+            {"pair": (a, b), "ratio": statistics.median(per_run), "range": (min(per_run), max(per_run)),
+             "runs": len(per_run), "failed": ()}
+        )
     return out
 
 
@@ -155,37 +199,71 @@ def _bench_once(
     dtype: torch.dtype, seed: int, makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """One interleaved run of :func:`bench` (fresh optimizers); a name in ``makers`` is built by its
-    maker (a stand-in with a ``step()``, as :class:`_Replay`) instead of :func:`_make`."""
+    maker (a stand-in with a ``step()``, as :class:`_Replay`) instead of :func:`_make`. A peer that
+    raises is dropped (:func:`_drop`) and its row has ``failed`` and no figures."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
     runs = []
     for name in names:
         params = [torch.nn.Parameter(b.clone().to(device)) for b in base]
-        opt, state_bytes = makers[name]() if makers and name in makers else _make(name, params)
-        runs.append({"name": name, "params": params, "opt": opt, "state_bytes": state_bytes, "times": [], "grads": _own(grads[0])})
+        made = bool(makers) and name in makers
+        run = {"name": name, "params": params, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
+               "peer": not made and _is_peer(name), "failed": None}
+        try:
+            run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, params)
+        except Exception as exc:
+            if not run["peer"]:
+                raise
+            _drop(run, 0, exc)
+        runs.append(run)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with peers.eager():
         for k in range(warmup + steps):
             for run in runs:  # interleaved, so machine noise hits every optimizer alike
+                if run["failed"]:
+                    continue
                 _give_grads(run, grads[k % len(grads)])
                 sync()
                 t0 = time.perf_counter()
-                run["opt"].step()
-                sync()
+                try:  # costs nothing in the timed region unless something raises (CPython ≥ 3.11)
+                    run["opt"].step()
+                    sync()
+                except Exception as exc:
+                    if not run["peer"]:
+                        raise
+                    _drop(run, k + 1, exc)
+                    continue
                 if k >= warmup:
                     run["times"].append(time.perf_counter() - t0)
-    first = statistics.fmean(runs[0]["times"]) * 1e3
-    return [
-        {
-            "optimizer": run["name"],
-            "mean_ms": statistics.fmean(run["times"]) * 1e3,
-            "median_ms": statistics.median(run["times"]) * 1e3,
-            "state_bytes": run["state_bytes"](),
-            "vs_first": statistics.fmean(run["times"]) * 1e3 / first if first > 0 else float("nan"),
-        }
-        for run in runs
-    ]
+    first = None if runs[0]["failed"] else statistics.fmean(runs[0]["times"]) * 1e3
+    rows = []
+    for run in runs:
+        if run["failed"]:
+            rows.append({"optimizer": run["name"], "mean_ms": None, "median_ms": None, "state_bytes": None,
+                         "vs_first": None, "failed": run["failed"]})
+            continue
+        mean = statistics.fmean(run["times"]) * 1e3
+        rows.append(
+            {
+                "optimizer": run["name"],
+                "mean_ms": mean,
+                "median_ms": statistics.median(run["times"]) * 1e3,
+                "state_bytes": run["state_bytes"](),
+                "vs_first": None if first is None else mean / first if first > 0 else float("nan"),
+                "failed": None,
+            }
+        )
+    return rows
+
+
+def _drop(run: dict[str, Any], step: int, exc: Exception) -> None:
+    """Takes a peer that raised at ``step`` (1-based, warm-up included; 0: when built) out of the rest of its
+    run: records its failure (``step``, and ``error``: the exception's type and message) and lets go of its
+    times and its optimizer (its state is freed before the others' next step)."""
+    run["failed"] = {"step": step, "error": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__}
+    run["opt"] = run["state_bytes"] = None
+    run["times"] = []
 
 
 def _own(like: Sequence[Tensor]) -> list[Tensor]:
@@ -202,7 +280,8 @@ def _give_grads(run: dict[str, Any], grads: Sequence[Tensor]) -> None:
 
 
 def scaling(
-    names: Sequence[str], widths: Sequence[int], *, steps: int, warmup: int, device: str, seed: int = 0
+    names: Sequence[str], widths: Sequence[int], *, steps: int, warmup: int, device: str, seed: int = 0,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
     """:func:`bench` on a one-layer transformer-shaped set (:func:`transformer_shapes`) at each width ``d``,
     with each kronopt optimizer's matrix work alone (:class:`_Replay`) stepped in the same rounds.
@@ -211,19 +290,25 @@ def scaling(
     machine's load hits both alike, and both figures are the mean over the same timed steps
     (refreshes included): the step's mean over the replay's says how far the step is from
     being bound by its matrix work. An optimizer whose steps record no matrix work has 0.
+    With ``repeat > 1`` each width's run is made ``repeat`` times, as :func:`bench` makes
+    them: the figures are medians over the runs, and each ratio (to the first optimizer,
+    step over replay) is each run's own, with its lowest and highest (:func:`matrix_work_ratios`).
+    A peer that fails at a width is reported failed there, as :func:`bench` has it.
 
     Returns:
-        One dict per width: ``d``, ``rows`` (:func:`bench`'s rows at that width) and ``alone``
-        (kronopt optimizer name → the mean ms per step of its matrix work replayed).
+        One dict per width: ``d``, ``rows`` (:func:`bench`'s rows at that width), ``alone``
+        (kronopt optimizer name → the mean ms per step of its matrix work replayed, the median
+        over the runs) and ``matrix_work`` (the same names → :func:`matrix_work_ratios`' entry).
     """
     table = []
     for d in widths:
         shapes = transformer_shapes(d, 1)
         recorded, makers = replay_makers(names, shapes, steps=warmup + steps, device=device, seed=seed)
-        rows = bench([*names, *makers], shapes, steps=steps, warmup=warmup, device=device, seed=seed, makers=makers)
-        means = {r["optimizer"]: r["mean_ms"] for r in rows}
-        alone = {n: means.get(alone_name(n), 0.0) for n in recorded}
-        table.append({"d": d, "rows": rows[: len(names)], "alone": alone})
+        timing = dict(steps=steps, warmup=warmup, device=device, seed=seed)
+        rows = bench([*names, *makers], shapes, **timing, repeat=repeat, makers=makers)
+        found = matrix_work_ratios(rows, list(recorded))
+        alone = {n: 0.0 if found[n] is None else found[n]["alone_ms"] for n in recorded}
+        table.append({"d": d, "rows": rows[: len(names)], "alone": alone, "matrix_work": found})
     return table
 
 
@@ -244,9 +329,7 @@ def replay_makers(
         ``(recorded, makers)``: every kronopt optimizer's calls per step, and the makers.
     """
     recorded = {
-        n: record_matrix_work(n, shapes, steps=steps, device=device, seed=seed)
-        for n in names
-        if n not in peers.PEERS and not peers.is_import_name(n)
+        n: record_matrix_work(n, shapes, steps=steps, device=device, seed=seed) for n in names if not _is_peer(n)
     }
     makers = {alone_name(n): partial(_Replay.maker, calls, seed) for n, calls in recorded.items() if any(calls)}
     return recorded, makers
@@ -665,6 +748,17 @@ def _mib(n: int) -> float:
     return n / 2**20
 
 
+def _where(failed: Mapping[str, Any]) -> str:
+    """Where a peer failed, for the reports: ``at step 3`` (1-based, warm-up included) or ``when built``."""
+    return "when built" if failed["step"] == 0 else f"at step {failed['step']}"
+
+
+def _failure(failed: Mapping[str, Any], runs: int) -> str:
+    """A failed peer's line in a table: where, the exception (its first line), and in how many runs."""
+    text = f"failed {_where(failed)}: {(failed['error'].splitlines() or [''])[0]}"
+    return text + (f" (in {failed['runs']} of {runs} runs)" if runs > 1 else "")
+
+
 def _print_table(rows: list[dict[str, Any]]) -> None:
     width = max(14, *(len(r["optimizer"]) for r in rows))
     first = f"× {rows[0]['optimizer']}"
@@ -674,13 +768,17 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        if r.get("failed"):
+            print(f"{r['optimizer']:<{width}} {_failure(r['failed'], r.get('runs', 1))}")
+            continue
+        vs = "-" if r["vs_first"] is None else f"{r['vs_first']:.2f}"  # none when the first optimizer failed
         line = (
             f"{r['optimizer']:<{width}} {r['mean_ms']:>9.3f} {r['median_ms']:>10.3f} "
-            f"{r['vs_first']:>{max(12, len(first))}.2f} {_mib(r['state_bytes']):>10.2f}"
+            f"{vs:>{max(12, len(first))}} {_mib(r['state_bytes']):>10.2f}"
         )
         if spread:
-            lo, hi = r["vs_first_range"]
-            line += f" {f'{lo:.2f}–{hi:.2f}':>11}"
+            spread_text = "-" if r["vs_first_range"] is None else "{:.2f}–{:.2f}".format(*r["vs_first_range"])
+            line += f" {spread_text:>11}"
         print(line)
 
 
@@ -692,11 +790,16 @@ def _print_ratios(rows: list[dict[str, Any]], plan: BenchPlan) -> None:
     labels = [f"{a} / {b}" for a, b in plan.ratios]
     width = max(len(label) for label in labels)
     found = {r["pair"]: r for r in ratios(rows, timed)}
+    by_name = {r["optimizer"]: r for r in rows}
     for (a, b), label in zip(plan.ratios, labels):
         r = found.get((a, b))
         if r is None:
             absent = ", ".join(n for n in (a, b) if n not in plan.names)
             print(f"{label:<{width}}  not measured ({absent} not timed here)")
+            continue
+        if r["failed"]:
+            why = ", ".join(f"{n} failed {_where(by_name[n]['failed'])}" for n in r["failed"])
+            print(f"{label:<{width}}  no figure ({why})")
             continue
         lo, hi = r["range"]
         print(f"{label:<{width}}  {r['ratio']:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if runs > 1 else ""))
@@ -742,34 +845,58 @@ def _print_matrix_work(rows: list[dict[str, Any]], recorded: Mapping[str, list])
         print(f"{n:<{width}} {r['alone_ms']:>14.3f}  {r['ratio']:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if runs > 1 else ""))
 
 
-def _print_alone(table: list[dict[str, Any]]) -> None:
+def _print_alone(table: list[dict[str, Any]], runs: int) -> None:
     names = list(table[0].get("alone", {}))
     if not names:
         return
     print()
     print("matmul alone: ms per step of the same batched products, eigh and QR replayed without kronopt's other work, "
-          "interleaved with the steps, and the step's mean over it")
-    cols = [max(len(n) + 8, 20) for n in names]
+          "interleaved with the steps, and the step's mean over it"
+          + (f", each run's own: median of {runs} runs (lowest–highest)" if runs > 1 else ""))
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None or not r["alone_ms"] > 0:
+            return "-"
+        lo, hi = r["range"]
+        return f"{r['alone_ms']:.4g} (step {r['ratio']:.2f}×" + (f", {lo:.2f}–{hi:.2f})" if runs > 1 else ")")
+
+    cols = [max(len(n) + 8, 20 if runs == 1 else 34) for n in names]
     header = f"{'d':>6} " + " ".join(f"{n + ' alone':>{w}}" for n, w in zip(names, cols))
     print(header)
     print("-" * len(header))
     for entry in table:
-        means = {r["optimizer"]: r["mean_ms"] for r in entry["rows"]}
-        cells = [f"{entry['alone'][n]:.4g} (step {means[n] / entry['alone'][n]:.2f}×)" if entry["alone"][n] > 0 else "-" for n in names]
+        cells = [cell(entry["matrix_work"][n]) for n in names]
         print(f"{entry['d']:>6} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
 
 
 def _print_scaling(table: list[dict[str, Any]]) -> None:
     names = [r["optimizer"] for r in table[0]["rows"]]
-    print(f"scaling: one-layer transformer-shaped set, mean ms per step (refreshes included) and × {names[0]}")
-    cols = [max(len(n), 16) for n in names]
+    runs = table[0]["rows"][0].get("runs", 1)
+    print(f"scaling: one-layer transformer-shaped set, mean ms per step (refreshes included) and × {names[0]}"
+          + (f"; medians of {runs} runs, each ratio taken run by run (lowest–highest)" if runs > 1 else ""))
+
+    def cell(r: dict[str, Any]) -> str:
+        if r.get("failed"):
+            return f"failed {_where(r['failed'])}"
+        if r["vs_first"] is None:  # the first optimizer failed at this width
+            return f"{r['mean_ms']:.4g} (-)"
+        if runs == 1:
+            return f"{r['mean_ms']:.4g} ({r['vs_first']:.2f}×)"
+        lo, hi = r["vs_first_range"]
+        return f"{r['mean_ms']:.4g} ({r['vs_first']:.2f}×, {lo:.2f}–{hi:.2f})"
+
+    cols = [max(len(n), 16 if runs == 1 else 28) for n in names]
     header = f"{'d':>6} " + " ".join(f"{n:>{w}}" for n, w in zip(names, cols))
     print(header)
     print("-" * len(header))
     for entry in table:
-        cells = [f"{r['mean_ms']:.4g} ({r['vs_first']:.2f}×)" for r in entry["rows"]]
-        print(f"{entry['d']:>6} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
-    _print_alone(table)
+        print(f"{entry['d']:>6} " + " ".join(f"{cell(r):>{w}}" for r, w in zip(entry["rows"], cols)))
+    failures = [(entry["d"], r) for entry in table for r in entry["rows"] if r.get("failed")]
+    if failures:
+        print()
+        for d, r in failures:
+            print(f"{r['optimizer']} at d = {d}: {_failure(r['failed'], runs)}")
+    _print_alone(table, runs)
 
 
 def _print_world(rows: list[dict[str, Any]]) -> None:
@@ -857,7 +984,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         every = bench([*plan.names, *makers], plan.shapes, **timing, repeat=counts["repeat"], makers=makers)
         rows = every[: len(plan.names)]
-        table = scaling(plan.names, plan.widths, **timing) if plan.widths else []
+        table = scaling(plan.names, plan.widths, **timing, repeat=counts["repeat"]) if plan.widths else []
     finally:
         torch.set_num_threads(threads)
     n_params = sum(int(torch.Size(s).numel()) for s in plan.shapes)
@@ -903,8 +1030,8 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--seed", default="0")
     p.add_argument(
         "--repeat", default="1",
-        help="make the whole run this many times (fresh optimizers each) and print the medians, with the ratio's "
-        "lowest and highest over the runs (≥ 1; not with --world)",
+        help="make the whole run this many times (fresh optimizers each), the --scaling table's too, and print the "
+        "medians, with each ratio's lowest and highest over the runs (≥ 1; not with --world)",
     )
     p.add_argument(
         "--ratio", action="append",
