@@ -153,9 +153,11 @@ class KronConfig:
         state_dtype: the least precise dtype of the optimizer state; float64
             parameters always get float64 state.
         nonfinite: what a non-finite gradient block does: ``"warn"`` (skip it,
-            warn on the next step), ``"raise"`` (skip it and raise at once; one
-            host synchronisation per step) or ``"skip"`` (skip it silently; see
-            ``KronOptimizer.nonfinite_counts``). Read from the top-level config
+            warn on the next step), ``"raise"`` (raise ``FloatingPointError`` before
+            anything changes; one host synchronisation per step, and where a finite
+            gradient's update or new state overflowed, that block skipped and the error
+            raised at the end of the step, a second one) or ``"skip"`` (skip it
+            silently; see ``KronOptimizer.nonfinite_counts``). Read from the top-level config
             for every parameter; a ``[fallback]`` table's value is ignored.
         nonfinite_scope: what a non-finite gradient skips: ``"step"`` (every
             parameter's update and state change of that step, as optax's

@@ -584,7 +584,16 @@ class KronOptimizer(torch.optim.Optimizer):
         if step_ok is not None:
             self._count_skipped(step_ok)
         self._seen_state()  # with the entries this step may have made (a bucket's first state)
+        if raising and self._pending:  # a finite gradient whose update overflowed: raised now, not a step late
+            self._report_pending(wait=True)
         return loss
+
+    @property
+    def _reports(self) -> bool:
+        """Whether the step queues its skipped blocks for a report (:meth:`_report_pending`): a warning, or under
+        ``nonfinite = "raise"`` an error at the end of the step (the gradients were checked before it, so what is
+        left to report there is an update or new state that overflowed)."""
+        return self.config.nonfinite != "skip"
 
     def _note_non_float(self) -> None:
         """Whether a group holds a frozen non-float parameter (left out of the buckets): :meth:`_check_grads`
@@ -851,7 +860,7 @@ class KronOptimizer(torch.optim.Optimizer):
         are finite: every parameter first (a direction may still read the old stacks), in as few calls as
         the settings allow (:func:`post.apply_together_`), then every state (plain copies in one call,
         :func:`compose.write_`'s ``copies``), then each run's deferred factor updates. Returns each run's
-        report to queue (``None`` unless ``nonfinite = "warn"``). ``clean``: every ``ok`` and ``step_ok``
+        report to queue (``None`` under ``nonfinite = "skip"``). ``clean``: every ``ok`` and ``step_ok``
         is known, on the host, to be all True (a CPU's verdicts, :meth:`_step_small_buckets`): then no mask
         is combined, read again or counted, and nothing is reported, which is what they would come to."""
         # scope "step": one bad block masks every write
@@ -868,12 +877,11 @@ class KronOptimizer(torch.optim.Optimizer):
             self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies, clean=clean, uncounted=uncounted)
         if copies:
             torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
-        warn = self.config.nonfinite == "warn"
         reports: list[_Pending | None] = []
         for (run, ok), write in zip(judged, writes):
             if run.defer:
                 compose.run_deferred_(run.defer, write, all_ok=clean or None)
-            report = warn and not clean  # a clean run has nothing to report
+            report = self._reports and not clean  # a clean run has nothing to report
             reports.append(_Pending(run.bucket.params, ok, run.new.step, group=run.bucket.group, step_ok=step_ok) if report else None)
         return reports
 
@@ -969,7 +977,7 @@ class KronOptimizer(torch.optim.Optimizer):
     def _count_plain_adam(self, bucket: _Bucket, ok: Tensor | list[bool], step_ok: Tensor | None) -> "_Pending | None":
         """After a plain AdamW bucket's step: its counters and its skipped blocks (``ok``: the ``(b)`` mask, or
         the blocks' verdicts as read on the host). Returns the report of its mask for the caller to queue
-        (:class:`_Pending`), or ``None``: without ``nonfinite = "warn"``, and where every verdict read on
+        (:class:`_Pending`), or ``None``: under ``nonfinite = "skip"``, and where every verdict read on
         the host is good (nothing to count or report)."""
         old = bucket.state
         # from the gradients' flags, as every other path decides (a finite gradient whose update overflowed
@@ -986,7 +994,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if ok is None:
             return None
         bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
-        if self.config.nonfinite != "warn":
+        if not self._reports:
             return None
         return _Pending(bucket.params, ok, step, group=bucket.group, step_ok=step_ok)
 
@@ -1215,7 +1223,7 @@ class KronOptimizer(torch.optim.Optimizer):
             ok_all = ok_all & linalg.finite_blocks(D_all)  # the same gathered D on every rank (NaN: an owner's overflow)
             write_all = ok_all if step_ok is None else ok_all & step_ok
             cfg.post.apply_(plan.params, D_all, lr=group["lr"], weight_decay=group["weight_decay"], ok=write_all)
-        if self.config.nonfinite == "warn":  # on every rank, the blocks the unsharded run would name
+        if self._reports:  # on every rank, the blocks the unsharded run would name
             self._pending.append(_Pending(plan.params, ok_all, update, group=bucket.group, step_ok=step_ok))
 
     def _step_fsdp(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
@@ -1271,7 +1279,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 write = write if step_ok is None else write & step_ok
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
-        if self.config.nonfinite == "warn":
+        if self._reports:
             self._pending.append(_Pending(plan.params, grad_ok, update, group=bucket.group, step_ok=step_ok))
 
     def _step_fsdp_elementwise(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
@@ -1307,7 +1315,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write.index_select(0, index))
         uncounted = _uncount_plan(plan, _used(grad_ok, step_ok))
         self._write_state(bucket, old, new, write, ok, uncounted=uncounted)
-        if self.config.nonfinite == "warn":
+        if self._reports:
             self._pending.append(_Pending(plan.params, grad_ok, new.step, group=bucket.group, step_ok=step_ok))
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
@@ -1328,7 +1336,9 @@ class KronOptimizer(torch.optim.Optimizer):
         return f"parameter of shape {tuple(p.shape)}"  # pragma: no cover
 
     def _report_pending(self, *, wait: bool = False) -> None:
-        keep = []
+        """Warn of the blocks past steps skipped (as their masks reach the host); under ``nonfinite = "raise"``
+        raise ``FloatingPointError`` naming them instead, once every report is read."""
+        keep, overflowed = [], []
         for item in self._pending:
             value = item.result(wait=wait)
             if value is None:  # still running on the device: look again at the next step
@@ -1347,6 +1357,9 @@ class KronOptimizer(torch.optim.Optimizer):
             bad = [i for i, good in enumerate(value.tolist()) if not good]
             if bad:
                 names = ", ".join(self._name(item.group, item.params[i]) for i in bad)
+                if self.config.nonfinite == "raise":  # every gradient was finite (checked before the step)
+                    overflowed.append(names)
+                    continue
                 if skipped_whole:
                     what = "the whole step was skipped: no parameter or optimizer state changed (nonfinite_scope = 'step')"
                 elif item.whole_step:  # every gradient finite: these blocks' update or new state overflowed
@@ -1362,6 +1375,12 @@ class KronOptimizer(torch.optim.Optimizer):
                     stacklevel=3,
                 )
         self._pending = keep
+        if overflowed:
+            raise FloatingPointError(
+                "the update or new optimizer state overflowed (non-finite) in: " + ", ".join(overflowed)
+                + "; their gradients were finite. These parameters and their optimizer state were left as they were; "
+                "the other parameters took the step"
+            )
 
     def flush_warnings(self) -> None:
         """Report non-finite gradients of past steps now (waits for the device if needed)."""
