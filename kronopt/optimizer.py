@@ -541,6 +541,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_state()
         self._check_grads()
+        self._check_rates()
         self._report_pending()
         raising = self.config.nonfinite == "raise"
         fsdp_ok = self._fsdp_finite()
@@ -625,6 +626,21 @@ class KronOptimizer(torch.optim.Optimizer):
                 f"{self._name(bucket.group, p)} has {what}: kronopt steps dense gradients of the parameter's "
                 f"shape {tuple(p.shape)} (for an embedding, build it with sparse=False); nothing was changed"
             )
+
+    def _check_rates(self) -> None:
+        """A group's ``lr`` or ``weight_decay`` set to NaN or ±Inf since it was built (by hand, or a scheduler's
+        arithmetic), refused before anything changes: it would write NaN into every parameter of the group. A
+        value held in a tensor off the CPU is not read (that would be a host synchronisation)."""
+        for gi, group in enumerate(self.param_groups):
+            for key in ("lr", "weight_decay"):
+                value = group.get(key)
+                if isinstance(value, Tensor) and (value.device.type != "cpu" or value.numel() != 1):
+                    continue
+                if value is not None and not math.isfinite(float(value)):
+                    raise ValueError(
+                        f"param_groups[{gi}]['{key}'] is {float(value)}: a non-finite {key} would write NaN into the "
+                        "group's parameters; nothing was changed"
+                    )
 
     def _grads(self) -> list[Tensor]:
         """The gradients of the plain (not FSDP2) parameters: :meth:`_fsdp_finite` checks the others."""

@@ -108,3 +108,33 @@ def test_work_sharded_first_call_warning_names_the_update_one_process_names(tmp_
     assert all(r.exitcode == 0 for r in ranks)
     got = dict(queue.get() for _ in ranks)
     assert got[0] == single, f"sharded {got[0]} vs one process {single}"
+
+
+# -- a learning rate or weight decay set to NaN or Inf between steps -------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [("lr", float("nan")), ("lr", float("inf")), ("weight_decay", float("nan")), ("lr", torch.tensor(float("nan")))])
+@pytest.mark.parametrize("preset", ["adamw", "soap", "muon"])
+def test_a_non_finite_rate_set_between_steps_is_refused_before_anything_changes(preset, key, value):
+    """torch.optim takes ``group["lr"] = nan`` and writes NaN into every parameter; kronopt promises that no
+    NaN reaches a parameter, so the step refuses it, naming the group and key, and changes nothing."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen)), torch.nn.Parameter(torch.randn(4, generator=gen))]
+    opt = kronopt.build(params, preset, weight_decay=0.1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    saved = opt.state_dict()
+    opt.param_groups[-1][key] = value
+    with pytest.raises(ValueError, match=rf"param_groups\[{len(opt.param_groups) - 1}\]\['{key}'\] is (nan|inf): a non-finite"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    after = opt.state_dict()
+    for k, v in saved["state"].items():
+        for name, t in v.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(after["state"][k][name], t), (k, name)
+    opt.param_groups[-1][key] = 1e-3  # set right again, the step goes on
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
