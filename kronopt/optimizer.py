@@ -787,7 +787,9 @@ class KronOptimizer(torch.optim.Optimizer):
         trainable model: ``torch.distributed.checkpoint``'s ``_init_optim_state`` would
         otherwise take a zero-gradient ``step()`` (with ``lr = 0``) that advances the
         counters (Adam's bias correction, SOAP's first call). The values are those the
-        first step would have created. Buckets of frozen parameters stay lazy.
+        first step would have created. Buckets of frozen parameters stay lazy, but their layouts
+        are tried now all the same (:meth:`_try_layout`), so a stage that cannot keep one is refused
+        when the optimizer is built, not at the step that first gives such a parameter a gradient.
         """
         for bucket in self._buckets:
             plan = bucket.plan
@@ -795,6 +797,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 # work sharding: decided from every rank's blocks, so all ranks agree on which buckets hold state
                 plan.stateful = plan.stateful or plan.calls > 0 or any(p.requires_grad for p in plan.params)
                 if not plan.stateful:
+                    self._try_layout(bucket)
                     continue
                 if bucket.state is None:
                     self._init_bucket(bucket)  # nothing when another rank owns every block
@@ -804,9 +807,23 @@ class KronOptimizer(torch.optim.Optimizer):
                 continue
             if bucket.state is None and any(p.requires_grad for p in bucket.params):
                 self._init_bucket(bucket)
+            elif bucket.state is None:
+                self._try_layout(bucket)
             if bucket.fsdp is not None:  # FSDP2: an entry for every parameter on every rank (empty where another
                 for p in bucket.fsdp.params:  # rank owns it), so that torch.distributed.checkpoint never sees an
                     self.state[p]  # empty state and takes a zero-gradient step to create one on this rank alone
+
+    def _try_layout(self, bucket: _Bucket) -> None:
+        """Build a lazy bucket's state for one block on the ``meta`` device (no memory): the stages' own checks
+        of the layout (``ValueError``: a restricted side a factor estimator cannot keep, ...) run as they would
+        at its first step. Anything else the meta device cannot do is left for that step."""
+        cfg = self._group_cfgs[bucket.group]
+        try:
+            compose.init_state(cfg, attrs.evolve(bucket.layout, batch=1), dtype=bucket.state_dtype, device=torch.device("meta"))
+        except ValueError:
+            raise
+        except Exception:  # noqa: BLE001 - an operation the meta device lacks: the first step decides
+            pass
 
     def _bind(self, bucket: _Bucket) -> None:
         """Point ``self.state[p]`` of each block at its slices of the bucket's stacks (views, no copies).

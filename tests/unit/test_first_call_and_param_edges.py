@@ -138,3 +138,32 @@ def test_a_non_finite_rate_set_between_steps_is_refused_before_anything_changes(
     opt.param_groups[-1][key] = 1e-3  # set right again, the step goes on
     opt.step()
     assert all(torch.isfinite(p).all() for p in params)
+
+
+# -- a layout a stage cannot keep is refused at build, frozen parameters included ------------------------------
+
+
+def test_a_frozen_parameter_whose_layout_a_stage_refuses_is_refused_when_built():
+    """pro_dykaf cannot keep a restricted side beside an unrotated one (a 1-D parameter under precondition_1d):
+    a trainable one is refused when the optimizer is built; a frozen one was refused only at the step that first
+    gave it a gradient, mid-training. Now both at build, with the stage's own message."""
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    for requires_grad in (True, False):
+        b = torch.nn.Parameter(torch.randn(8), requires_grad=requires_grad)
+        with pytest.raises(ValueError, match=r"keeps a restricted side only with .* sides 'restricted'/'none'"):
+            kronopt.build([w, b], "pro_dykaf", **{"shapes.precondition_1d": True})
+
+
+@pytest.mark.parametrize("preset", sorted(kronopt.PRESETS))
+def test_frozen_parameters_of_every_preset_build_lazily_and_step_once_unfrozen(preset):
+    """The build-time trial of a frozen bucket's layout refuses nothing a preset can step, and allocates nothing."""
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen), requires_grad=False) for s in ((8, 6), (8,), (3, 4, 2, 2))]
+    opt = kronopt.build(params, preset)
+    assert len(opt.state) == 0 and opt.state_bytes() == 0
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
