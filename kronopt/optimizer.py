@@ -1663,6 +1663,40 @@ class KronOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        try:
+            kron, saved_groups, cfgs, buckets, adopted, owners = self._loaded(state_dict)
+        except Exception as exc:
+            self._agree_to_load(exc)
+            raise
+        try:
+            self._agree_to_load(None)
+            with _torch_hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+                super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
+        except BaseException:
+            self._owner = owners  # a refused dict changes nothing
+            raise
+        self._group_cfgs = cfgs
+        self._phased = {}
+        self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
+        self._buckets = buckets
+        if adopted:
+            self._recount_loads()
+        self._pending = []
+        for bucket in buckets:
+            if bucket.state is not None:
+                self._bind(bucket)
+        self._materialize()
+        skipped = None if kron is None else kron.get("skipped_steps")
+        self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
+        self._seen_state()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():  # the state bound: as torch runs them
+            hook(self)
+
+    def _loaded(self, state_dict: dict[str, Any]) -> tuple[Any, list[dict[str, Any]], list[KronConfig], list[_Bucket], dict[int, int], dict[int, int]]:
+        """:meth:`load_state_dict`'s checks and the buckets it would hold, built from ``state_dict`` with nothing of
+        this optimizer changed but its owners (``self._owner``: the saved ones adopted, as the buckets are cut by
+        them), which the caller puts back (the last item) where the load does not go on. Raises ``ValueError``
+        (or what a malformed dict makes fail) where the dict does not fit."""
         kron = state_dict.get("kronopt")
         saved = per_parameter_state(state_dict)  # raises on an unknown version; converts version 1
         if "param_groups" not in state_dict:
@@ -1747,27 +1781,34 @@ class KronOptimizer(torch.optim.Optimizer):
                             )
                         self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                     buckets.append(bucket)
-            with _torch_hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-                super().load_state_dict({"state": {}, "param_groups": saved_groups})  # also resets self.state
         except BaseException:
             self._owner = owners  # a refused dict changes nothing
             raise
-        self._group_cfgs = cfgs
-        self._phased = {}
-        self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
-        self._buckets = buckets
-        if adopted:
-            self._recount_loads()
-        self._pending = []
-        for bucket in buckets:
-            if bucket.state is not None:
-                self._bind(bucket)
-        self._materialize()
-        skipped = None if kron is None else kron.get("skipped_steps")
-        self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
-        self._seen_state()
-        for hook in self._optimizer_load_state_dict_post_hooks.values():  # the state bound: as torch runs them
-            hook(self)
+        return kron, saved_groups, cfgs, buckets, adopted, owners
+
+    def _agree_to_load(self, error: BaseException | None) -> None:
+        """Under work sharding (where it shares blocks out) or FSDP2 (the ranks of its mesh), let every rank know
+        whether each took the dict (``error``: why this one did not), and raise ``ValueError`` here where another refused it: a dict one rank cannot load
+        is loaded by none, so that no rank steps on with a state the others do not share (their collectives
+        would then pair different buckets). One ``all_gather_object`` over the ranks; nothing in one
+        process. Every rank of the group must call :meth:`load_state_dict`, as ``torch.distributed.checkpoint``
+        does."""
+        if self._sharding is not None and any(isinstance(b.plan, distributed.GatherPlan) for b in self._buckets):
+            group, world = self._sharding.group, self._sharding.world_size
+        elif any(b.fsdp is not None for b in self._buckets):  # the ranks of its mesh (a sub-mesh: those alone)
+            group = self._fsdp_group()
+            world = torch.distributed.get_world_size(group)
+        else:
+            return
+        reasons: list[str | None] = [None] * world
+        mine = None if error is None else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        torch.distributed.all_gather_object(reasons, mine, group=group)
+        refused = [f"rank {r}: {why}" for r, why in enumerate(reasons) if why is not None]
+        if refused and error is None:
+            raise ValueError(
+                "the state dict was refused on another rank, so no rank loads it (this one changed nothing): "
+                + "; ".join(refused)
+            )
 
     def _restack(self, bucket: _Bucket, cfg: KronConfig, entries: list[dict[str, Any]]) -> None:
         """Fill ``bucket`` from its blocks' saved entries (validated; raises ValueError naming the parameter)."""

@@ -270,7 +270,49 @@ def job_together(rank, world, where):
     return out
 
 
-JOBS = {f.__name__.removeprefix("job_"): f for f in (job_ddp, job_fsdp, job_resume_ddp, job_resume_fsdp, job_from_one, job_together)}
+def _spoiled(sd):
+    """A copy of a rank's own state dict with the first float tensor of two or more dims it holds given one
+    dim more: a dict this rank alone cannot load."""
+    sd = {**sd, "state": {k: dict(v) for k, v in sd["state"].items()}}
+    for entry in sd["state"].values():
+        for name, v in entry.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim >= 2:
+                local = v.to_local() if hasattr(v, "to_local") else v
+                entry[name] = torch.zeros(*local.shape, 2, dtype=local.dtype)
+                return sd
+    raise AssertionError("no tensor to spoil in this rank's state dict")
+
+
+def job_refused_on_one_rank(rank, world, where):
+    """Rank 1 loads a dict it cannot take, rank 0 its own good one: the load must be refused on both (rank 0
+    naming rank 1's reason), each optimizer left as it was, so that both step on exactly as the run that never
+    tried the load. The ranks exchange their verdicts first and step on only where they agree (a split verdict
+    would pair different collectives)."""
+    out = {}
+    for kind, case in (("ddp", "soap_block"), ("fsdp", "pro_soap_step")):
+        mesh = _mesh(world) if kind == "fsdp" else None
+        model, opt, group = make(case, mesh)
+        final = run(case, model, opt, group, 0, STEPS, mesh, rank)[-1]
+        model, opt, group = make(case, mesh)
+        save = SAVE_AT[-1]
+        run(case, model, opt, group, 0, save, mesh, rank)
+        sd = opt.state_dict()
+        error = None
+        try:
+            opt.load_state_dict(_spoiled(sd) if rank == 1 else sd)
+        except ValueError as exc:
+            error = str(exc)
+        refused = _agree(error is not None, world)
+        same = all(refused) or not any(refused)
+        resumed = run(case, model, opt, None, save, STEPS, mesh, rank)[-1] if same else None
+        out[kind] = {"final": final, "resumed": resumed, "refused": refused, "error": error}
+    return out
+
+
+JOBS = {
+    f.__name__.removeprefix("job_"): f
+    for f in (job_ddp, job_fsdp, job_resume_ddp, job_resume_fsdp, job_from_one, job_together, job_refused_on_one_rank)
+}
 
 
 def _save_one_process(where):
@@ -461,3 +503,16 @@ def test_a_refused_own_state_dict_is_refused_on_every_rank_alike(ranks):
     results, _ = ranks
     loaded = results[0]["together"]["ddp"]["loaded"]
     assert all(loaded) or not any(loaded), f"the ranks' loads disagree: {loaded}"
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_a_dict_one_rank_refuses_is_refused_on_every_rank_and_changes_nothing(ranks, kind):
+    """A state dict that fits on rank 0 but not on rank 1 (one tensor of the wrong shape): before, rank 0 loaded
+    it and rank 1 refused it, so their buckets and counters parted and their next collectives would not pair."""
+    results, _ = ranks
+    got = [results[r]["refused_on_one_rank"][kind] for r in range(2)]
+    assert got[0]["refused"] == [True, True], got[0]["refused"]
+    assert "refused on another rank" in got[0]["error"] and "rank 1: ValueError" in got[0]["error"], got[0]["error"]
+    assert "refused on another rank" not in got[1]["error"], got[1]["error"]  # its own reason
+    for r in range(2):
+        assert _equal(got[r]["resumed"], got[r]["final"]), f"rank {r}: the refused load changed the optimizer"
