@@ -22,7 +22,7 @@ No recompilation per step:
 Where compilation fails (no C++ compiler for inductor on CPU, an unsupported
 platform) the first call warns once per function, with the reason, and that
 function runs eagerly from then on. Only the compiler's own errors are taken so
-(:func:`compiler_errors`): an error of the compiled function while it runs (an
+(:func:`refused_to_compile`): an error of the compiled function while it runs (an
 out-of-memory, say) is raised as it came, and compilation stays on, for the
 compiled code may have written part of its results before it failed, which a
 rerun would apply twice.
@@ -101,6 +101,16 @@ def compiler_errors() -> tuple[type[BaseException], ...]:
     return (dynamo.TorchDynamoException, dynamo.FailOnRecompileLimitHit, *(e for e in found if isinstance(e, type)))
 
 
+def refused_to_compile(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a ``torch.compile``-d function, says that it was not compiled (then it did not
+    run): a compiler's error (:func:`compiler_errors`), or torch's refusal to compile a function it holds no graph
+    for under ``torch.compiler.set_stance("fail_on_recompile")``, a plain ``RuntimeError`` raised at the frame's
+    entry, told apart by its message (torch gives it no class of its own)."""
+    if isinstance(exc, compiler_errors()):
+        return True
+    return type(exc) is RuntimeError and "fail_on_recompile" in str(exc)
+
+
 class Compiled:
     """``fn`` compiled with ``dynamic=False``; on the first failure to compile: one warning, then ``fn`` eagerly.
 
@@ -127,8 +137,10 @@ class Compiled:
             if not self.failed:
                 try:
                     return self._compiled(*args, **kwargs)
-                except compiler_errors() as exc:  # raised while compiling, before the graph ran: nothing written
-                    self._fail(exc)
+                except Exception as exc:
+                    if not refused_to_compile(exc):
+                        raise
+                    self._fail(exc)  # raised while compiling, before the graph ran: nothing written
             return self.fn(*args, **kwargs)
 
     def _fail(self, exc: BaseException) -> None:

@@ -492,30 +492,67 @@ def matmul_alone(
     return statistics.fmean(times) * 1e3
 
 
-def _rank_rows(job: dict[str, Any], barrier: Any) -> list[dict[str, Any]]:
-    """One rank's part of :func:`bench_world`: per name its step times, state bytes and bytes gathered per step."""
+def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[str, Any]]:
+    """One rank's part of :func:`bench_world`: per name its step times, state bytes and bytes gathered per step.
+
+    ``agree(failed)`` starts every step on every rank together (the slowest rank's time is the step's) and tells
+    whether the optimizer failed on any rank: a peer that raised on one rank (when built or at a step) is
+    stepped by none from then on, so that the ranks' meetings still pair. Its row holds ``failed`` (this rank's
+    own failure, else ``None``) and ``dropped``; kronopt's own optimizers raise through, as in :func:`bench`.
+    """
     gen = torch.Generator().manual_seed(job["seed"])  # the same parameters and gradients on every rank
     base = [torch.randn(s, generator=gen) for s in job["shapes"]]
     grads = [[torch.randn(s, generator=gen) for s in job["shapes"]] for _ in range(4)]
     runs = []
     for name in job["names"]:
         params = [torch.nn.Parameter(b.clone()) for b in base]
-        opt, state_bytes = _make(name, params)
-        runs.append({"params": params, "opt": opt, "state_bytes": state_bytes, "times": [], "grads": _own(grads[0])})
+        run = {"params": params, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
+               "peer": _is_peer(name), "failed": None, "dropped": False}
+        try:
+            run["opt"], run["state_bytes"] = _make(name, params)
+        except Exception as exc:
+            if not run["peer"]:
+                raise
+            _drop(run, 0, exc)
+        runs.append(run)
     with peers.eager():
         for k in range(job["warmup"] + job["steps"]):
             for run in runs:  # interleaved, as in bench()
-                _give_grads(run, grads[k % len(grads)])
-                barrier()  # every rank starts the step together: the slowest rank's time is the step's
+                if run["dropped"]:
+                    continue
+                if run["failed"] is None:
+                    _give_grads(run, grads[k % len(grads)])
+                if agree(run["failed"] is not None):  # every rank starts the step together, or drops it together
+                    run["dropped"], run["times"] = True, []
+                    continue
                 t0 = time.perf_counter()
-                run["opt"].step()
+                try:
+                    run["opt"].step()
+                except Exception as exc:
+                    if not run["peer"]:
+                        raise
+                    _drop(run, k + 1, exc)
+                    continue
                 if k >= job["warmup"]:
                     run["times"].append(time.perf_counter() - t0)
     rows = []
     for run in runs:
+        if run["dropped"] or run["failed"] is not None:
+            rows.append({"times": [], "state_bytes": 0, "gather_bytes": 0, "failed": run["failed"], "dropped": True})
+            continue
         summary = run["opt"].bucket_summary() if isinstance(run["opt"], kronopt.KronOptimizer) else []
-        rows.append({"times": run["times"], "state_bytes": run["state_bytes"](), "gather_bytes": sum(b["gather_bytes"] for b in summary)})
+        rows.append({"times": run["times"], "state_bytes": run["state_bytes"](), "gather_bytes": sum(b["gather_bytes"] for b in summary),
+                     "failed": None, "dropped": False})
     return rows
+
+
+def _agree_on_gloo(failed: bool) -> bool:
+    """:func:`_rank_rows`' meeting on several ranks: one ``all_reduce`` (MAX) of this rank's failure flag."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(failed)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _world_rank(rank: int, world: int, out: str, job: dict[str, Any]) -> None:
@@ -530,7 +567,7 @@ def _world_rank(rank: int, world: int, out: str, job: dict[str, Any]) -> None:
     store = Path(out, "store").resolve().as_uri()
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
-        Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(_rank_rows(job, dist.barrier)))
+        Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(_rank_rows(job, _agree_on_gloo)))
     finally:
         dist.destroy_process_group()
 
@@ -546,7 +583,7 @@ def _world(world: int, job: dict[str, Any]) -> list[list[dict[str, Any]]]:
         threads = torch.get_num_threads()
         torch.set_num_threads(job["threads"])
         try:
-            return [_rank_rows(job, lambda: None)]
+            return [_rank_rows(job, bool)]
         finally:
             torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="kronopt-bench-") as where:
@@ -586,7 +623,9 @@ def bench_world(
         the ranks), ``threads`` (per rank), ``state_bytes_max`` and ``state_bytes_sum``
         (over the ranks), ``comm_bytes``: bytes a rank receives per step at the
         gathers (the sum of ``bucket_summary()``'s ``gather_bytes``, the largest over
-        the ranks; 0 in one process and for other libraries).
+        the ranks; 0 in one process and for other libraries), ``failed``: ``None``, or where a peer raised
+        (on any rank; every rank then stopped stepping it) its ``step`` and ``error`` and the ``ranks`` it
+        raised on, the figures then ``None``.
 
     Raises:
         ValueError: as :func:`bench`, or a world size < 1.
@@ -603,6 +642,12 @@ def bench_world(
         ranks = _world(world, job)
         for i, name in enumerate(names):
             rows = [rank[i] for rank in ranks]
+            if any(r.get("dropped") for r in rows):  # a peer that raised on some rank: every rank dropped it
+                failed = next(r["failed"] for r in rows if r.get("failed") is not None)
+                out.append({"world": world, "optimizer": name, "mean_ms": None, "median_ms": None, "threads": job["threads"],
+                            "state_bytes_max": None, "state_bytes_sum": None, "comm_bytes": None,
+                            "failed": {**failed, "ranks": [r for r, row in enumerate(rows) if row.get("failed") is not None]}})
+                continue
             times = [max(per_rank) * 1e3 for per_rank in zip(*(r["times"] for r in rows))]
             out.append(
                 {
@@ -614,6 +659,7 @@ def bench_world(
                     "state_bytes_max": max(r["state_bytes"] for r in rows),
                     "state_bytes_sum": sum(r["state_bytes"] for r in rows),
                     "comm_bytes": max(r["gather_bytes"] for r in rows),
+                    "failed": None,
                 }
             )
     return out
@@ -908,6 +954,10 @@ def _print_world(rows: list[dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        if r.get("failed"):
+            where = "" if r["world"] == 1 else f" (on rank {', '.join(map(str, r['failed']['ranks']))})"
+            print(f"{r['world']:>5} {r['optimizer']:<{width}} {_failure(r['failed'], 1)}{where}")
+            continue
         print(
             f"{r['world']:>5} {r['optimizer']:<{width}} {r['median_ms']:>10.3f} {r['mean_ms']:>9.3f} "
             f"{_mib(r['state_bytes_max']):>18.2f} {_mib(r['state_bytes_sum']):>9.2f} {r['comm_bytes'] / 2**10:>18.1f}"
