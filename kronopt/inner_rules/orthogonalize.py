@@ -35,6 +35,8 @@ class OrthogonalizeInner:
     computes it: ``(kh, kw)`` for a conv kernel (a matrix's are its block's unless ``[shapes]
     merge_dims`` merged them). Under ``"last_two_dims"`` only blocks
     whose parameters agree on those dims are stacked together (:class:`~kronopt.types.ReadsParamShape`).
+    The block itself follows ``[shapes]`` either way: a 3-D parameter, whose slices KellerJordan/Muon
+    orthogonalizes one by one, is one flattened block here, with only the factor taken from its last dims.
 
     Attributes:
         momentum: :math:`\beta \in [0, 1)`.
