@@ -268,16 +268,16 @@ def _build_record(cls: type, table: Any, path: str, errors: list[tuple[str, str]
             continue
         try:
             _check_field(cls, key, value)
-        except (TypeError, ValueError) as exc:
-            errors.append((f"{path}.{key}", str(exc)))
+        except (TypeError, ValueError, OverflowError) as exc:
+            errors.append((f"{path}.{key}", _bad_value(exc)))
             continue
         kwargs[key] = value
     if len(errors) > found:
         return None
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        errors.append((path, str(exc)))
+    except (TypeError, ValueError, OverflowError) as exc:
+        errors.append((path, _bad_value(exc)))
         return None
 
 
@@ -327,12 +327,12 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
     if allow_fallback and "fallback" in raw:
         kwargs["fallback"] = _build_config(raw["fallback"], _join(prefix, "fallback"), errors, allow_fallback=False)
     if len(errors) > found:
-        _check_compatible_anyway(lambda: KronConfig(**kwargs), kwargs, prefix, errors)
+        given = allow_fallback and "fallback" in raw
+        _check_compatible_anyway(lambda ok: KronConfig(**ok), kwargs, prefix, errors, allow_fallback=allow_fallback, fallback_given=given)
         return None
     cfg = KronConfig(**kwargs)
     _check_compatible(cfg, prefix, errors)
-    if allow_fallback and cfg.fallback is None and (cfg.route.vectors == "fallback" or cfg.route.fallback_names):
-        errors.append((_join(prefix, "route"), "sends parameters to the fallback, but there is no [fallback] table"))
+    _check_route(cfg, prefix, errors, allow_fallback=allow_fallback)
     return None if len(errors) > found else cfg
 
 
@@ -342,11 +342,19 @@ def _checked_scalars(scalars: Mapping[str, Any], prefix: str, errors: list[tuple
     for key, value in scalars.items():
         try:
             _check_field(KronConfig, key, value)
-        except (TypeError, ValueError) as exc:
-            errors.append((_join(prefix, key), str(exc)))
+        except (TypeError, ValueError, OverflowError) as exc:
+            errors.append((_join(prefix, key), _bad_value(exc)))
         else:
             out[key] = value
     return out
+
+
+def _bad_value(exc: BaseException) -> str:
+    """A field's error as the config lists it: an ``OverflowError`` (a number Python cannot hold as a float, a
+    regular expression's repeat count past its limit) says so; the others say what they say."""
+    if isinstance(exc, OverflowError):
+        return f"a number too large to use ({exc})"
+    return str(exc)
 
 
 def _check_field(cls: type, key: str, value: Any) -> None:
@@ -361,19 +369,33 @@ def _check_field(cls: type, key: str, value: Any) -> None:
 
 
 def _check_compatible_anyway(
-    make: Callable[[], KronConfig], parts: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]]
+    make: Callable[[dict[str, Any]], KronConfig], parts: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]],
+    *, allow_fallback: bool, fallback_given: bool,
 ) -> None:
-    """:func:`_check_compatible` on a config that has errors already, so that an incompatible combination of
-    stages is listed beside them: on the config ``make`` builds from the ``parts`` that passed (a value in
-    error at its default, or as it was), and only where every stage and record was built (a stage in
-    error could not be judged: the combination would name a stage the user is replacing)."""
-    if any(value is None for value in parts.values()):
+    """:func:`_check_compatible` and :func:`_check_route` on a config that has errors already, so that an
+    incompatible combination of stages, or a route to a missing fallback, is listed beside them: on the config
+    ``make`` builds from the ``parts`` that passed (a record or a value in error at its default, or as it was),
+    and only where every stage was built (a stage in error could not be judged: the combination would name a
+    stage the user is replacing). The route is judged where neither it nor a given ``[fallback]`` failed."""
+    if any(slot in parts and parts[slot] is None for slot in STAGE_SLOTS if slot != "refresh"):
         return
+    failed = {k for k, v in parts.items() if v is None}
+    kept = {k: v for k, v in parts.items() if v is not None}
+    if "refresh" in failed:  # no stage combination involves the schedule: any stands in for one in error
+        kept["refresh"] = SLOTS["refresh"].get("every")()
     try:
-        cfg = make()
+        cfg = make(kept)
     except (TypeError, ValueError):  # cross-field checks of the constructor: the parts make no config
         return
     _check_compatible(cfg, prefix, errors)
+    if not failed & {"route", "fallback"}:
+        _check_route(cfg, prefix, errors, allow_fallback=allow_fallback, fallback_given=fallback_given)
+
+
+def _check_route(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]], *, allow_fallback: bool, fallback_given: bool = False) -> None:
+    """A route that sends parameters to a fallback the config does not have."""
+    if allow_fallback and cfg.fallback is None and not fallback_given and (cfg.route.vectors == "fallback" or cfg.route.fallback_names):
+        errors.append((_join(prefix, "route"), "sends parameters to the fallback, but there is no [fallback] table"))
 
 
 def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]]) -> None:
@@ -467,7 +489,11 @@ def load(path: str | Path) -> KronConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([("", f"cannot read config file {str(path)!r}: {exc.strerror or exc}")]) from exc
-    return loads(text)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("", f"{str(path)!r} is not valid TOML: {exc}")]) from exc
+    return from_dict(raw)
 
 
 # -- writing back ----------------------------------------------------------------------
@@ -512,13 +538,14 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):  # JSON escapes are TOML escapes; TOML also forbids a raw DEL
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):  # a plain config dict may hold tuples where TOML has arrays
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def _dump_table(data: Mapping[str, Any], name: str, lines: list[str]) -> None:
-    scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+    # an option left at None is omitted (TOML has no null): read back, it takes its default, None
+    scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping) and v is not None}
     tables = {k: v for k, v in data.items() if isinstance(v, Mapping)}
     if name:
         lines.append(f"[{name}]")
@@ -626,12 +653,14 @@ def _evolve_config(
             table = {**_record_dict(record), **{k: v for k, v in sub.items() if k not in nested}}
             kwargs[name] = _build_record(_RECORDS[name], table, path, errors)
     if len(errors) > found:
-        _check_compatible_anyway(lambda: attrs.evolve(cfg, **kwargs), kwargs, prefix, errors)
+        _check_compatible_anyway(
+            lambda ok: attrs.evolve(cfg, **ok), kwargs, prefix, errors, allow_fallback=allow_fallback,
+            fallback_given=allow_fallback and cfg.fallback is not None,
+        )
         return None
     out = attrs.evolve(cfg, **kwargs)
     _check_compatible(out, prefix, errors)
-    if allow_fallback and out.fallback is None and (out.route.vectors == "fallback" or out.route.fallback_names):
-        errors.append((_join(prefix, "route"), "sends parameters to the fallback, but there is no [fallback] table"))
+    _check_route(out, prefix, errors, allow_fallback=allow_fallback)
     return None if len(errors) > found else out
 
 

@@ -233,6 +233,10 @@ def _normalize_groups(params: Any, *, first: int = 0) -> list[dict[str, Any]]:
     return groups
 
 
+#: config keys a param group may not set: the step reads them from the optimizer's own config alone
+_TOP_LEVEL_ONLY = ("distributed", "nonfinite", "nonfinite_scope", "max_skipped_steps")
+
+
 class KronOptimizer(torch.optim.Optimizer):
     """A composed matrix-aware optimizer; build one with :func:`kronopt.build`.
 
@@ -384,6 +388,12 @@ class KronOptimizer(torch.optim.Optimizer):
         """The optimizer's config with a group's overrides, resolved once per distinct set (raises ConfigError)."""
         if not overrides:
             return self.config
+        top_only = [k for k in overrides if k.partition(".")[0] in _TOP_LEVEL_ONLY]
+        if top_only:
+            raise ConfigError([
+                (k, "is read from the optimizer's own config for every parameter, not per group: set it there")
+                for k in top_only
+            ])
         key = repr(sorted(overrides.items()))
         if key not in self._resolved:
             self._resolved[key] = with_overrides(self.config, overrides)

@@ -152,6 +152,10 @@ def check_stage(contract: SlotContract, cls: type, key: str) -> _Checked:
     if not isinstance(cls, type):
         raise StageContractError(f"{where} is not a class")
     fields = {f.name for f in attrs.fields(cls)} if attrs.has(cls) else set()
+    if attrs.has(cls) and any(f.alias == "type" for f in attrs.fields(cls) if f.init):
+        raise StageContractError(
+            f"{where} has an option named 'type', the key by which a config table names its stage: rename the option"
+        )
     found = _class_attributes(cls)
 
     flags: dict[str, Any] = {}

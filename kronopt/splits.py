@@ -120,7 +120,8 @@ class LowRankFlatSplit:
     """
 
     capabilities: ClassVar[SplitCapabilities] = SplitCapabilities(restricts=True)
-    rank: int | float = attrs.field(default=0.25, converter=_rank)
+    # compared with its type: rank 1 (one direction) and 1.0 (the whole side) are different configs
+    rank: int | float = attrs.field(default=0.25, converter=_rank, eq=lambda v: (type(v), v))
     max_rank: int = attrs.field(default=128, converter=to_int, validator=ge(0))
     side: Literal["larger", "left", "right"] = attrs.field(
         default="larger", converter=to_str, validator=in_(("larger", "left", "right"))

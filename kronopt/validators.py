@@ -53,9 +53,13 @@ def to_float(value: Any) -> float:
     """A finite number as a float (an infinite or NaN setting would reach every parameter: ``lr = inf`` in TOML)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"must be a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        out = float(value)
+    except OverflowError:  # an integer past the float range (TOML reads `lr = 999...9` as an int)
+        raise ValueError(f"must be a finite number, got an integer of {value.bit_length()} bits, past the float range") from None
+    if not math.isfinite(out):
         raise ValueError(f"must be a finite number, got {value!r}")
-    return float(value)
+    return out
 
 
 #: the value of a factor estimator's ``beta`` that ties it to the inner rule's β₂
