@@ -257,11 +257,19 @@ def _saved_view(cfg: KronConfig, entry: dict[str, Any], name: str, pipeline: str
     # an elementwise bucket's tensors are saved shaped like the parameter (a vector, an N-D weight, a matrix
     # whose dims merge_dims joins): their block, by the config's shape policy, comes first
     policy = {tuple(t.shape): _block_of(t.shape, cfg) for t in tensors}
-    shaped = [block for shape, block in policy.items() if block != shape]
-    blocks = list(dict.fromkeys([*shaped, *itertools.product(dims, dims)]))
-    for (m, n), rotated in itertools.product(blocks, itertools.product((True, False), repeat=2)):
-        (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(m, n, rotated)
-        layout = Layout(batch=1, m=m, n=n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R)
+    shaped = [shape for shape, block in policy.items() if block != shape]
+    blocks = list(dict.fromkeys([*(policy[shape] for shape in shaped), *itertools.product(dims, dims)]))
+    # where several layouts keep the same state (a basis that keeps nothing, as adamw's identity, has the
+    # same keys whatever its sides), the one the shape policy gives is tried first: that of a tensor shaped
+    # like the parameter, then that of a matrix of the block's shape, then every other rotation
+    layouts = [attrs.evolve(cfg.block(shape)[1], batch=1) for shape in shaped]
+    for (m, n) in blocks:
+        layouts.append(attrs.evolve(cfg.block((m, n))[1], batch=1))
+        for rotated in itertools.product((True, False), repeat=2):
+            (kind_L, rank_L), (kind_R, rank_R) = cfg.split.sides(m, n, rotated)
+            layouts.append(Layout(batch=1, m=m, n=n, left=kind_L, right=kind_R, rank_left=rank_L, rank_right=rank_R))
+    for layout in dict.fromkeys(layouts):
+        m, n = layout.m, layout.n
         try:
             meta = compose.init_state(cfg, layout, dtype=dtype, device=torch.device("meta"))
         except (ValueError, RuntimeError):

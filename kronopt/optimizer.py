@@ -9,6 +9,7 @@ everything bit for bit.
 import collections
 import contextlib
 import math
+import operator
 import re
 import warnings
 import weakref
@@ -233,6 +234,23 @@ def _normalize_groups(params: Any, *, first: int = 0) -> list[dict[str, Any]]:
     return groups
 
 
+def _rates(group: dict[str, Any]) -> tuple[Any, Any]:
+    """A group's ``lr`` and ``weight_decay`` as the step uses them: a one-entry tensor on the CPU read as a
+    float (free; torch's fused AdamW kernel and the shared factor cache take floats), any other value as
+    it is (a tensor on an accelerator is not read, which would synchronise)."""
+
+    def plain(x: Any) -> Any:
+        return float(x) if isinstance(x, Tensor) and x.device.type == "cpu" and x.numel() == 1 else x
+
+    return plain(group["lr"]), plain(group["weight_decay"])
+
+
+def _rate_args(group: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_rates` as ``Post.apply_``'s keywords."""
+    lr, weight_decay = _rates(group)
+    return {"lr": lr, "weight_decay": weight_decay}
+
+
 #: config keys a param group may not set: the step reads them from the optimizer's own config alone
 _TOP_LEVEL_ONLY = ("distributed", "nonfinite", "nonfinite_scope", "max_skipped_steps")
 
@@ -286,19 +304,22 @@ class KronOptimizer(torch.optim.Optimizer):
         self._seen_state()
 
     def _seen_state(self) -> None:
-        """Note ``self.state`` as kronopt left it (the dict and its number of entries) and how many parameters the
+        """Note ``self.state`` as kronopt left it (the dict and its number of entries) and which parameters the
         groups list, for :meth:`_check_state`."""
         self._state_seen = (self.state, len(self.state))
-        self._listed = [len(g["params"]) for g in self.param_groups]
+        self._listed = [list(g["params"]) for g in self.param_groups]
 
     def _check_state(self) -> None:
         """Start afresh where ``self.state`` was emptied or replaced by an empty dict since kronopt last left it
         (``opt.state.clear()``, torch.optim's way to reset an optimizer, which restarts AdamW); refuse a state
         that lost only some entries: each is a view of its bucket's stacks, which would go on without it."""
         listed = self.__dict__.get("_listed")
-        if listed is not None and listed != [len(g["params"]) for g in self.param_groups]:
+        if listed is not None and (
+            len(listed) != len(self.param_groups)
+            or any(len(a) != len(g["params"]) or not all(map(operator.is_, a, g["params"])) for a, g in zip(listed, self.param_groups))
+        ):
             raise RuntimeError(
-                "a parameter was added to (or taken from) optimizer.param_groups[...]['params'] directly; kronopt stacks "
+                "a parameter was added to, taken from or replaced in optimizer.param_groups[...]['params'] directly; kronopt stacks "
                 "a group's parameters when the group is added: use optimizer.add_param_group for new parameters"
             )
         seen, size = self.__dict__.get("_state_seen", (self.state, 0))
@@ -912,7 +933,7 @@ class KronOptimizer(torch.optim.Optimizer):
         for (run, _), write in zip(judged, writes):
             if run.D is not None:
                 group = self.param_groups[run.bucket.group]
-                applies.append((run.cfg.post, run.bucket.params, run.D, group["lr"], group["weight_decay"], write))
+                applies.append((run.cfg.post, run.bucket.params, run.D, *_rates(group), write))
         post.apply_together_(applies, all_ok=clean)
         copies: list[tuple[Tensor, Tensor]] = []
         for (run, ok), write in zip(judged, writes):
@@ -1009,7 +1030,7 @@ class KronOptimizer(torch.optim.Optimizer):
         D, new = compose.adam_step(cfg, old, grads, self._scratch(bucket, batched=True))  # type: ignore[arg-type]
         ok = _plain_adam_ok(new.inner.exp_avg_sq, D)
         write = ok if step_ok is None else ok & step_ok
-        cfg.post.apply_(bucket.params, D, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
+        cfg.post.apply_(bucket.params, D, **_rate_args(group), ok=write)
         weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
         compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
@@ -1069,7 +1090,7 @@ class KronOptimizer(torch.optim.Optimizer):
         verdicts: list[list[bool]] = []
         for k, (bucket, cfg, grads) in enumerate(work):
             group = self.param_groups[bucket.group]
-            lr, weight_decay = group["lr"], group["weight_decay"]
+            lr, weight_decay = _rates(group)
             state = bucket.state
             t = state.step + 1  # type: ignore[union-attr]
             out = self._scratch(bucket, batched=False)
@@ -1265,7 +1286,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if D_all is not None:
             ok_all = ok_all & linalg.finite_blocks(D_all)  # the same gathered D on every rank (NaN: an owner's overflow)
             write_all = ok_all if step_ok is None else ok_all & step_ok
-            cfg.post.apply_(plan.params, D_all, lr=group["lr"], weight_decay=group["weight_decay"], ok=write_all)
+            cfg.post.apply_(plan.params, D_all, **_rate_args(group), ok=write_all)
         if self._reports:  # on every rank, the blocks the unsharded run would name
             self._pending.append(_Pending(plan.params, ok_all, update, group=bucket.group, step_ok=step_ok))
 
@@ -1321,7 +1342,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 write = grad_ok.index_select(0, plan.index(f"group{count}", idx, device)) & linalg.finite_blocks(D_g)
                 write = write if step_ok is None else write & step_ok
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
-                cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write)
+                cfg.post.apply_(local, D_g, **_rate_args(group), ok=write)
         if self._reports:
             self._pending.append(_Pending(plan.params, grad_ok, update, group=bucket.group, step_ok=step_ok))
 
@@ -1355,7 +1376,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 index = plan.index(f"group{count}", idx, D.device)
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 D_g = D.index_select(0, index)[:, :count]
-                cfg.post.apply_(local, D_g, lr=group["lr"], weight_decay=group["weight_decay"], ok=write.index_select(0, index))
+                cfg.post.apply_(local, D_g, **_rate_args(group), ok=write.index_select(0, index))
         uncounted = _uncount_plan(plan, _used(grad_ok, step_ok))
         self._write_state(bucket, old, new, write, ok, uncounted=uncounted)
         if self._reports:

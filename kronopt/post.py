@@ -183,7 +183,8 @@ def _block_factors(dtype: torch.dtype, device: torch.device, lr: float, weight_d
     """``(−lr, 1 − lr·wd)`` as 0-d tensors, computed from a mask entry of 1 as :meth:`Post.apply_`
     computes them (the same bits), and kept: the buckets of a step share them (a schedule's new
     learning rate adds an entry; the cache is emptied past 64)."""
-    key = (dtype, device, float(lr), float(weight_decay))
+    lr, weight_decay = float(lr), float(weight_decay)  # made from the key's numbers: a tensor's dtype must not enter
+    key = (dtype, device, lr, weight_decay)
     hit = _FACTORS.get(key)
     if hit is None:
         if len(_FACTORS) >= 64:
