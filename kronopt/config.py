@@ -154,10 +154,11 @@ class KronConfig:
             parameters always get float64 state.
         nonfinite: what a non-finite gradient block does: ``"warn"`` (skip it,
             warn on the next step), ``"raise"`` (raise ``FloatingPointError`` before
-            anything changes; one host synchronisation per step, and where a finite
-            gradient's update or new state overflowed, that block skipped and the error
-            raised at the end of the step, a second one) or ``"skip"`` (skip it
-            silently; see ``KronOptimizer.nonfinite_counts``). Read from the top-level config
+            anything changes, one host synchronisation per step; where a finite
+            gradient's update or new state overflowed, that block is skipped and the
+            error raised at the end of the step, whose blocks' verdicts are then read,
+            on an accelerator a second synchronisation every step) or ``"skip"`` (skip
+            it silently; see ``KronOptimizer.nonfinite_counts``). Read from the top-level config
             for every parameter; a ``[fallback]`` table's value is ignored.
         nonfinite_scope: what a non-finite gradient skips: ``"step"`` (every
             parameter's update and state change of that step, as optax's

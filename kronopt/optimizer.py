@@ -13,7 +13,7 @@ import operator
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -243,6 +243,28 @@ def _rates(group: dict[str, Any]) -> tuple[Any, Any]:
         return float(x) if isinstance(x, Tensor) and x.device.type == "cpu" and x.numel() == 1 else x
 
     return plain(group["lr"]), plain(group["weight_decay"])
+
+
+def _agreed(like: Tensor, owned_ok: Tensor | None, owned: Sequence[int], group: Any) -> Tensor:
+    """Each block's owner's verdict ``(b)`` on every rank: ``owned_ok`` for the blocks at positions ``owned`` (this
+    rank's), True elsewhere, and one ``all_reduce`` (MIN) over the ranks. ``nonfinite = "raise"`` only, where every
+    rank must raise alike for an overflow only its owner saw."""
+    flags = torch.ones(like.shape, dtype=torch.uint8, device=like.device)
+    if owned_ok is not None and len(owned):
+        flags[torch.tensor(list(owned), device=like.device)] = owned_ok.to(torch.uint8)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=group)
+    return flags.bool()
+
+
+def _without_top_level_only(group: Any) -> Any:
+    """A saved param group without the :data:`_TOP_LEVEL_ONLY` keys in its ``overrides``: kronopt before they were
+    refused took them there and saved them, though the step never read them (it reads the optimizer's own config),
+    so dropping them loads such a checkpoint as it ran."""
+    overrides = group.get("overrides") if isinstance(group, Mapping) else None
+    if not isinstance(overrides, Mapping) or not any(k.partition(".")[0] in _TOP_LEVEL_ONLY for k in overrides):
+        return group
+    kept = {k: v for k, v in overrides.items() if k.partition(".")[0] not in _TOP_LEVEL_ONLY}
+    return {**group, "overrides": kept}
 
 
 def _rate_args(group: dict[str, Any]) -> dict[str, Any]:
@@ -844,11 +866,12 @@ class KronOptimizer(torch.optim.Optimizer):
                 for p in bucket.fsdp.params:  # rank owns it), so that torch.distributed.checkpoint never sees an
                     self.state[p]  # empty state and takes a zero-gradient step to create one on this rank alone
 
-    def _try_layout(self, bucket: _Bucket) -> None:
-        """Build a lazy bucket's state for one block on the ``meta`` device (no memory): the stages' own checks
-        of the layout (``ValueError``: a restricted side a factor estimator cannot keep, ...) run as they would
-        at its first step. Anything else the meta device cannot do is left for that step."""
-        cfg = self._group_cfgs[bucket.group]
+    def _try_layout(self, bucket: _Bucket, cfg: KronConfig | None = None) -> None:
+        """Build a bucket's state for one block on the ``meta`` device (no memory) with its group's config (or
+        ``cfg``): the stages' own checks of the layout (``ValueError``: a restricted side a factor estimator
+        cannot keep, ...) run as they would at its first step. Anything else the meta device cannot do is left
+        for that step."""
+        cfg = self._group_cfgs[bucket.group] if cfg is None else cfg
         try:
             compose.init_state(cfg, attrs.evolve(bucket.layout, batch=1), dtype=bucket.state_dtype, device=torch.device("meta"))
         except ValueError:
@@ -1287,6 +1310,9 @@ class KronOptimizer(torch.optim.Optimizer):
             ok_all = ok_all & linalg.finite_blocks(D_all)  # the same gathered D on every rank (NaN: an owner's overflow)
             write_all = ok_all if step_ok is None else ok_all & step_ok
             cfg.post.apply_(plan.params, D_all, **_rate_args(group), ok=write_all)
+        elif self.config.nonfinite == "raise":  # nothing gathered: the owners' verdicts on their new state, shared
+            owned = None if not bucket.params else ok
+            ok_all = ok_all & _agreed(ok_all, owned, plan.owned(), plan.sharding.group)
         if self._reports:  # on every rank, the blocks the unsharded run would name
             self._pending.append(_Pending(plan.params, ok_all, update, group=bucket.group, step_ok=step_ok))
 
@@ -1343,8 +1369,12 @@ class KronOptimizer(torch.optim.Optimizer):
                 write = write if step_ok is None else write & step_ok
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 cfg.post.apply_(local, D_g, **_rate_args(group), ok=write)
+        seen = grad_ok
+        if self.config.nonfinite == "raise":  # the owners' verdicts (an overflow), alike on every rank: each raises
+            owned = None if G is None else ok
+            seen = grad_ok & _agreed(grad_ok, owned, plan.owned(), plan.sharding.group)
         if self._reports:
-            self._pending.append(_Pending(plan.params, grad_ok, update, group=bucket.group, step_ok=step_ok))
+            self._pending.append(_Pending(plan.params, seen, update, group=bucket.group, step_ok=step_ok))
 
     def _step_fsdp_elementwise(self, bucket: _Bucket, step_ok: Tensor | None, grad_ok: Tensor) -> None:
         """An elementwise FSDP2 bucket: each rank steps its own rows of every block, padded to one stack.
@@ -1741,7 +1771,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 f"and this optimizer runs as {where}: join every rank's dict with "
                 "kronopt.distributed.merge_state_dicts and load that"
             )
-        saved_groups = state_dict["param_groups"]
+        saved_groups = [_without_top_level_only(g) for g in state_dict["param_groups"]]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
@@ -1758,7 +1788,7 @@ class KronOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 "loading optimizer state saved under a different config; use kronopt.from_state_dict to "
                 "rebuild the saved optimizer exactly",
-                stacklevel=2,
+                stacklevel=3,  # the caller of load_state_dict
             )
         keys = [k for g in saved_groups for k in g["params"]]  # by position, as torch.optim (indices or DCP's names)
         key_of = {id(p): k for k, p in zip(keys, (p for g in self.param_groups for p in g["params"]))}
@@ -1812,6 +1842,9 @@ class KronOptimizer(torch.optim.Optimizer):
                             )
                         self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                     buckets.append(bucket)
+            for bucket in buckets:  # what the load's materialisation will build: the stages' refusals now
+                if bucket.state is None:
+                    self._try_layout(bucket, cfgs[bucket.group])
         except BaseException:
             self._owner = owners  # a refused dict changes nothing
             raise

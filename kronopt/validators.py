@@ -49,8 +49,17 @@ def each(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, An
     return validate
 
 
+def _one_number(value: Any) -> bool:
+    """A one-entry real tensor on the CPU (read without a synchronisation)."""
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu" and not value.is_complex()
+
+
 def to_float(value: Any) -> float:
     """A finite number as a float (an infinite or NaN setting would reach every parameter: ``lr = inf`` in TOML)."""
+    if _one_number(value):  # a param group's lr or weight_decay given as a tensor, as torch.optim allows
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"must be a number, got {value!r}")
     try:
