@@ -239,10 +239,15 @@ def _rates(group: dict[str, Any]) -> tuple[Any, Any]:
     float (free; torch's fused AdamW kernel and the shared factor cache take floats), any other value as
     it is (a tensor on an accelerator is not read, which would synchronise)."""
 
-    def plain(x: Any) -> Any:
-        return float(x) if isinstance(x, Tensor) and x.device.type == "cpu" and x.numel() == 1 else x
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    if isinstance(lr, Tensor) or isinstance(weight_decay, Tensor):  # rare: numbers take no more than this test
+        return _cpu_number(lr), _cpu_number(weight_decay)
+    return lr, weight_decay
 
-    return plain(group["lr"]), plain(group["weight_decay"])
+
+def _cpu_number(x: Any) -> Any:
+    """A one-entry CPU tensor as its float; anything else as it is."""
+    return float(x) if isinstance(x, Tensor) and x.device.type == "cpu" and x.numel() == 1 else x
 
 
 def _agreed(like: Tensor, owned_ok: Tensor | None, owned: Sequence[int], group: Any) -> Tensor:
