@@ -19,6 +19,8 @@ import torch
 from kronopt.app import bench, cli
 from kronopt.optimizer import KronOptimizer
 
+from tests.unit.test_bench_edges import _table as _rows
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAKES = textwrap.dedent(
@@ -112,15 +114,7 @@ def fakes(tmp_path, monkeypatch):
 
 def _table(out: str) -> dict[str, str]:
     """The main table's lines by optimizer name, the name cut off (after the first dashes, up to a blank line)."""
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line and set(line) == {"-"}) + 1
-    rows = {}
-    for line in lines[start:]:
-        if not line.strip():
-            break
-        name, rest = line.split(None, 1)
-        rows[name] = rest.strip()
-    return rows
+    return {name: " ".join(rest) for name, rest in _rows(out).items()}
 
 
 def _section(out: str, title: str) -> list[str]:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 import kronopt
+from kronopt.app.ablate import flatten
 from kronopt.types import InnerCapabilities, NoState
 from kronopt.validators import each, float_tuple, ge, gt, in_, le, lt, to_bool, to_float, to_int, to_str, triples
 
@@ -93,15 +94,9 @@ def _round_trip(cfg: kronopt.KronConfig) -> kronopt.KronConfig:
     return back
 
 
-def _leaves(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        path = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_leaves(v, path))
-        else:
-            out[path] = v
-    return out
+def _leaves(table: dict[str, Any]) -> dict[str, Any]:
+    """Every value of a nested table by its dotted path."""
+    return flatten(table)
 
 
 # -- round trips -----------------------------------------------------------------------------------

@@ -80,25 +80,15 @@ def _sharded_rank(rank, world, init, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (6, 5), (4, 3)]]
-        opt = kronopt.build(params, "soap", nonfinite="raise", lr=1e-2)
-        ggen = torch.Generator().manual_seed(1)
-        raised = []
-        for k in range(2):
-            for i, p in enumerate(params):
-                p.grad = torch.randn(p.shape, generator=ggen) * _huge_at(0, k, i)
-            try:
-                opt.step()
-            except FloatingPointError:
-                raised.append(k)
+        raised, opt = _soap_overflow_run()
         sharded = all(b.plan is not None for b in opt._buckets)
         Path(out, f"rank{rank}.json").write_text(json.dumps({"raised": raised, "sharded": sharded}))
     finally:
         dist.destroy_process_group()
 
 
-def _single_process_raised():
+def _soap_overflow_run():
+    """SOAP under ``nonfinite = "raise"``, block 0's first gradient 1e30: the steps that raised, and the optimizer."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (6, 5), (4, 3)]]
     opt = kronopt.build(params, "soap", nonfinite="raise", lr=1e-2)
@@ -111,7 +101,11 @@ def _single_process_raised():
             opt.step()
         except FloatingPointError:
             raised.append(k)
-    return raised
+    return raised, opt
+
+
+def _single_process_raised():
+    return _soap_overflow_run()[0]
 
 
 def test_work_sharding_raise_names_a_first_call_whose_new_state_overflowed():

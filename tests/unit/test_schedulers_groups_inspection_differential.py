@@ -64,6 +64,19 @@ _SCHEDULERS = {
 }
 
 
+def _step_both(g, a, b, ours, ref, s_ours, s_ref, steps):
+    """Both optimizers and their schedulers stepped on the same gradients: the same learning rates at every step,
+    the same weights (float64) at the end."""
+    for t in steps:
+        _feed_both(g, a, b)
+        ours.step()
+        ref.step()
+        _sched_step(s_ours, t)
+        _sched_step(s_ref, t)
+        assert [x["lr"] for x in ours.param_groups] == [x["lr"] for x in ref.param_groups], t
+    assert _max_diff(a, b) < 1e-14
+
+
 def _sched_step(s, t):
     if isinstance(s, L.ReduceLROnPlateau):
         s.step(float(t % 3 == 0) + (1.0 if t > 5 else 0.0))  # a loss that stops improving
@@ -81,14 +94,7 @@ def test_adamw_preset_with_each_scheduler_equals_torch_adamw_step_for_step(name)
     ours = kronopt.build([{"params": [a[0]], "lr": 3e-3}, {"params": a[1:], "weight_decay": 0.1}], "adamw")
     ref = torch.optim.AdamW([{"params": [b[0]], "lr": 3e-3}, {"params": b[1:], "weight_decay": 0.1}])
     s1, s2 = _SCHEDULERS[name](ours), _SCHEDULERS[name](ref)
-    for t in range(20):
-        _feed_both(g, a, b)
-        ours.step()
-        ref.step()
-        _sched_step(s1, t)
-        _sched_step(s2, t)
-        assert [x["lr"] for x in ours.param_groups] == [x["lr"] for x in ref.param_groups], t
-    assert _max_diff(a, b) < 1e-14
+    _step_both(g, a, b, ours, ref, s1, s2, range(20))
 
 
 @pytest.mark.parametrize("preset", ["adamw", "soap", "muon"])
@@ -158,14 +164,7 @@ def test_optimizer_and_scheduler_state_dicts_resume_equal_an_uninterrupted_torch
     s_res = make(resumed)
     resumed.load_state_dict(sd)
     s_res.load_state_dict(ssd)
-    for t in range(5, 12):
-        _feed_both(g, a, b)
-        resumed.step()
-        ref.step()
-        _sched_step(s_res, t)
-        _sched_step(s_ref, t)
-        assert [x["lr"] for x in resumed.param_groups] == [x["lr"] for x in ref.param_groups], t
-    assert _max_diff(a, b) < 1e-14
+    _step_both(g, a, b, resumed, ref, s_res, s_ref, range(5, 12))
 
 
 @pytest.mark.parametrize("preset", ["muon", "kl_shampoo"])

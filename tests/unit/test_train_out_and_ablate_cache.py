@@ -23,6 +23,8 @@ from kronopt.app import cli
 from kronopt.app.train import TaskConfig, task_to_dict, train
 from kronopt.config import ConfigError, to_dict
 
+from tests.unit.test_cli_errors import run as _run
+
 TINY = dict(layers=1, width=16, heads=2, context=16, batch=2, steps=4, warmup=1, eval_every=2, eval_batches=1,
             threads=1, device="cpu")
 TINY_FLAGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch", "2",
@@ -56,14 +58,6 @@ def _forbidden(*args, **kwargs):
     raise Reached
 
 
-def _run(argv, capsys):
-    """``(exit code, stderr + stdout)``; argparse's own exit counts as its code."""
-    try:
-        rc = cli.main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    captured = capsys.readouterr()
-    return rc, captured.err + captured.out
 
 
 def _snapshot(directory):
