@@ -154,6 +154,14 @@ class Compiled:
         )
 
 
+def _as_scalar(x: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``x`` (a number, or a one-entry tensor such as a scheduler's learning rate on the device) as a 0-d tensor of
+    ``dtype`` on ``device``: a fill, or the tensor's own entry moved (no read on the host)."""
+    if isinstance(x, Tensor):
+        return x.reshape(()).to(dtype=dtype, device=device)
+    return torch.full((), x, dtype=dtype, device=device)
+
+
 def _scalar(x: float, like: Tensor) -> Tensor:
     """``x`` as a 0-d tensor of ``like``'s dtype on its device (a fill kernel: no copy, no synchronisation)."""
     return torch.full((), x, dtype=like.dtype, device=like.device)
@@ -213,7 +221,7 @@ def _twins() -> dict[str, Callable[..., Any]]:
     def post_apply(post: Any, params: Sequence[Tensor], D: Tensor, *, lr: float, weight_decay: float, ok: Tensor) -> None:
         """:meth:`kronopt.post.Post.apply_` with ``lr`` and ``lr · weight_decay`` as tensors."""
         dt = factor_dtype(D.dtype)  # as the eager form: in bfloat16 a small decay would round away
-        lr_t, lr_wd = (torch.full((), x, dtype=dt, device=D.device) for x in (lr, lr * weight_decay))
+        lr_t, lr_wd = (_as_scalar(x, dt, D.device) for x in (lr, lr * weight_decay))
         apply(list(params), D, ok, lr_t, lr_wd, post.weight_decay_order, bool(weight_decay))
 
     _TWINS.update(

@@ -165,3 +165,17 @@ def test_compile_key_is_validated_and_per_group():
     p, q = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
     opt = kronopt.build([{"params": [p]}, {"params": [q], "compile": True}], "soap")
     assert [c.compile for c in opt._group_cfgs] == [False, True]
+
+
+@pytest.mark.parametrize("lr", [0.1, torch.tensor(0.1), torch.tensor([0.1])], ids=["number", "0-d", "one-entry"])
+def test_the_compiled_write_takes_a_learning_rate_held_in_a_tensor(lr):
+    """A scheduler may hold ``lr`` in a tensor on the device (a CPU one is read as its number before): the compiled
+    write took only numbers (``torch.full((), tensor([lr]))`` raises). The same write as with the number."""
+    post = kronopt.resolve("adamw").post
+    D = torch.ones(2, 2, 3)
+    ok = torch.tensor([True, False])
+    params = [torch.zeros(2, 3), torch.zeros(6)]
+    with compiled.scope(True):
+        compiled.variant("post_apply")(post, params, D, lr=lr, weight_decay=0.01, ok=ok)
+    torch.testing.assert_close(params[0], torch.full((2, 3), -0.1))  # decay of a zero weight, then the step
+    assert params[1].tolist() == [0.0] * 6
