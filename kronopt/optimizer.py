@@ -194,7 +194,19 @@ def _numbers_config(raw: Any) -> Any:
             raw = to_dict(from_dict(raw))
         except ConfigError:  # e.g. a plugin stage not installed here: compare as saved
             pass
-    return {k: v for k, v in raw.items() if k != "distributed"} if isinstance(raw, dict) else raw
+    return _typed({k: v for k, v in raw.items() if k != "distributed"}) if isinstance(raw, dict) else raw
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with each number paired with its type, so that comparing two configs tells ``1`` from ``1.0``
+    (``split.rank``: one direction, or the whole side)."""
+    if isinstance(value, Mapping):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_typed(v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (type(value).__name__, value)
+    return value
 
 
 #: as torch.optim refuses a group's set: the order of a group's parameters names them in the state dict

@@ -245,3 +245,16 @@ def test_a_group_built_with_a_tensor_learning_rate_steps_as_with_its_number():
         ours.step()
         ref.step()
     assert torch.equal(a.detach(), b.detach())
+
+
+def test_a_saved_integer_rank_against_a_running_fraction_is_a_different_config():
+    """``split.rank = 1`` (one direction) and ``1.0`` (the whole side) are different configs: loading the one's state
+    into the other warns of it (the saved and running configs were compared as plain dicts, where ``1 == 1.0``)
+    before the layouts' mismatch refuses it."""
+    p = [torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(3)))]
+    one = kronopt.build(p, "pro_soap", **{"split.rank": 1})
+    whole = kronopt.build(p, "pro_soap", **{"split.rank": 1.0})
+    p[0].grad = torch.ones(8, 6)
+    one.step()
+    with pytest.warns(UserWarning, match="saved under a different config"), pytest.raises(ValueError, match="does not fit"):
+        whole.load_state_dict(one.state_dict())
