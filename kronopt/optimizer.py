@@ -28,6 +28,7 @@ from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
 from .refresh import Staggered
 from .types import Layout, capabilities
+from .validators import one_cpu_number
 
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
@@ -259,7 +260,7 @@ def _rates(group: dict[str, Any]) -> tuple[Any, Any]:
 
 def _cpu_number(x: Any) -> Any:
     """A one-entry CPU tensor as its float; anything else as it is."""
-    return float(x) if isinstance(x, Tensor) and x.device.type == "cpu" and x.numel() == 1 else x
+    return float(x) if one_cpu_number(x) else x
 
 
 def _agreed(like: Tensor, owned_ok: Tensor | None, owned: Sequence[int], group: Any) -> Tensor:
@@ -704,7 +705,7 @@ class KronOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for key in ("lr", "weight_decay"):
                 value = group.get(key)
-                if isinstance(value, Tensor) and (value.device.type != "cpu" or value.numel() != 1):
+                if isinstance(value, Tensor) and not one_cpu_number(value):
                     continue
                 if value is not None and not math.isfinite(float(value)):
                     raise ValueError(
@@ -850,7 +851,7 @@ class KronOptimizer(torch.optim.Optimizer):
         bucket.nonfinite = torch.zeros(bucket.layout.batch, dtype=torch.int64, device=device)
         self._bind(bucket)
 
-    def _materialize(self) -> None:
+    def _materialize(self, *, try_lazy: bool = True) -> None:
         """Create the state of every bucket that has a parameter requiring a gradient, now.
 
         Eager rather than at the first step, so that ``self.state`` is never empty for a
@@ -859,7 +860,8 @@ class KronOptimizer(torch.optim.Optimizer):
         counters (Adam's bias correction, SOAP's first call). The values are those the
         first step would have created. Buckets of frozen parameters stay lazy, but their layouts
         are tried now all the same (:meth:`_try_layout`), so a stage that cannot keep one is refused
-        when the optimizer is built, not at the step that first gives such a parameter a gradient.
+        when the optimizer is built, not at the step that first gives such a parameter a gradient
+        (``try_lazy``; a load has tried them already).
         """
         for bucket in self._buckets:
             plan = bucket.plan
@@ -867,7 +869,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 # work sharding: decided from every rank's blocks, so all ranks agree on which buckets hold state
                 plan.stateful = plan.stateful or plan.calls > 0 or any(p.requires_grad for p in plan.params)
                 if not plan.stateful:
-                    self._try_layout(bucket)
+                    if try_lazy:
+                        self._try_layout(bucket)
                     continue
                 if bucket.state is None:
                     self._init_bucket(bucket)  # nothing when another rank owns every block
@@ -877,7 +880,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 continue
             if bucket.state is None and any(p.requires_grad for p in bucket.params):
                 self._init_bucket(bucket)
-            elif bucket.state is None:
+            elif bucket.state is None and try_lazy:
                 self._try_layout(bucket)
             if bucket.fsdp is not None:  # FSDP2: an entry for every parameter on every rank (empty where another
                 for p in bucket.fsdp.params:  # rank owns it), so that torch.distributed.checkpoint never sees an
@@ -1763,7 +1766,7 @@ class KronOptimizer(torch.optim.Optimizer):
         for bucket in buckets:
             if bucket.state is not None:
                 self._bind(bucket)
-        self._materialize()
+        self._materialize(try_lazy=False)  # _loaded tried the lazy buckets' layouts before anything changed
         skipped = None if kron is None else kron.get("skipped_steps")
         self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
         self._seen_state()
@@ -1869,11 +1872,11 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _agree_to_load(self, error: BaseException | None) -> None:
         """Under work sharding (where it shares blocks out) or FSDP2 (the ranks of its mesh), let every rank know
-        whether each took the dict (``error``: why this one did not), and raise ``ValueError`` here where another refused it: a dict one rank cannot load
-        is loaded by none, so that no rank steps on with a state the others do not share (their collectives
-        would then pair different buckets). One ``all_gather_object`` over the ranks; nothing in one
-        process. Every rank of the group must call :meth:`load_state_dict`, as ``torch.distributed.checkpoint``
-        does."""
+        whether each took the dict (``error``: why this one did not), and raise ``ValueError`` here where another
+        refused it: a dict one rank cannot load is loaded by none, so that no rank steps on with a state the others
+        do not share (their collectives would then pair different buckets). One ``all_gather_object`` over the
+        ranks; nothing in one process. Every rank of the group must call :meth:`load_state_dict`, as
+        ``torch.distributed.checkpoint`` does."""
         if self._sharding is not None and any(isinstance(b.plan, distributed.GatherPlan) for b in self._buckets):
             group, world = self._sharding.group, self._sharding.world_size
         elif any(b.fsdp is not None for b in self._buckets):  # the ranks of its mesh (a sub-mesh: those alone)

@@ -49,8 +49,8 @@ def each(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, An
     return validate
 
 
-def _one_number(value: Any) -> bool:
-    """A one-entry real tensor on the CPU (read without a synchronisation)."""
+def one_cpu_number(value: Any) -> bool:
+    """A one-entry real tensor on the CPU (read without a synchronisation): how a param group may hold a rate."""
     import torch
 
     return isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu" and not value.is_complex()
@@ -58,7 +58,7 @@ def _one_number(value: Any) -> bool:
 
 def to_float(value: Any) -> float:
     """A finite number as a float (an infinite or NaN setting would reach every parameter: ``lr = inf`` in TOML)."""
-    if _one_number(value):  # a param group's lr or weight_decay given as a tensor, as torch.optim allows
+    if one_cpu_number(value):  # a param group's lr or weight_decay given as a tensor, as torch.optim allows
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"must be a number, got {value!r}")
