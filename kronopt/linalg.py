@@ -1124,10 +1124,16 @@ def newton_schulz(
     # float32 in between), whether the kernels run in bfloat16 or in float32 (``emulated``, here
     # only for a ``U`` that is not _plain)
     rnd = _round_to_bfloat16 if emulated else (lambda t: t)
-    X = rnd(U.to(torch.float32)) if emulated else U.to(dtype)
+    # float16's range ends at 65504: a momentum cast first, or its norm, would overflow (a zero or NaN step) and
+    # tiny entries would lose their digits, so it is normalised in a wider dtype and cast after (the iteration is
+    # scale-invariant; only the input's rounding moves)
+    narrow = dtype == torch.float16 and not emulated
+    X = rnd(U.to(torch.float32)) if emulated else U.to(torch.promote_types(U.dtype, torch.float32) if narrow else dtype)
     tall = U.shape[-2] > U.shape[-1]
     nrm = rnd(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True))
     X = rnd(X / rnd(nrm.clamp(min=eps) if norm == "clamp" else nrm + eps))
+    if narrow:
+        X = X.to(dtype)
     for a, b, c in coefficients:
         A = rnd(torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT))  # matmul's kernel without its views (mm)
         B = rnd(torch.baddbmm(A, A, A, beta=b, alpha=c))

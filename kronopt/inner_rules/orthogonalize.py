@@ -121,7 +121,9 @@ class OrthogonalizeInner:
     def _look_ahead(self, buf: Tensor, G: Tensor, basis: BasisState) -> Tensor:
         w = 1 - self.momentum**2
         dtype = linalg.DTYPES[self.ns_dtype]
-        if basis.Q_L is None and basis.Q_R is None and torch.promote_types(dtype, G.dtype) == G.dtype:
+        # written straight in the iteration's dtype where that dtype holds the values: not float16, whose range
+        # ends at 65504 (newton_schulz normalises a float16 iteration's input in a wider dtype first)
+        if basis.Q_L is None and basis.Q_R is None and dtype != torch.float16 and torch.promote_types(dtype, G.dtype) == G.dtype:
             return torch.lerp(buf, G, w, out=torch.empty(G.shape, dtype=dtype, device=G.device))
         return buf.lerp(G, w)
 
