@@ -32,7 +32,8 @@ class AdamConventions:
         D = Q_L \frac{\hat m}{\sqrt{\hat v} + \epsilon} Q_R^\top\ (\text{after\_correction}),
 
     with :math:`c_t = \sqrt{1-\beta_2^t}/(1-\beta_1^t)` and, with ``normalize``, the
-    ratio divided by its RMS per block before the bias-correction scale.
+    direction (back in the original coordinates) divided by its RMS per block before the
+    bias-correction scale (SOAP's ``normalize_grads``).
     """
 
     betas: tuple[float, float] = attrs.field(
@@ -51,9 +52,10 @@ class AdamConventions:
             m, v, step=ctx.step, betas=self.betas, eps=self.eps, eps_placement=self.eps_placement,
             bias_correction=self.bias_correction,
         )
-        if self.normalize:
-            N = linalg.normalize_rms(N)
-        return linalg.unrotate(N, ctx.basis.Q_L, ctx.basis.Q_R).mul_(scale)
+        D = linalg.unrotate(N, ctx.basis.Q_L, ctx.basis.Q_R)
+        if self.normalize:  # the block's own RMS (soap.md §6), not the rotated ratio's: on a restricted side
+            D = linalg.normalize_rms(D)  # (m × r) that is √(n/r) times the block's
+        return D.mul_(scale)
 
     def moment(self, state: Any, ctx: StepContext) -> Tensor:
         """The first moment (``state.exp_avg``, kept in the basis) in the original coordinates."""
