@@ -45,7 +45,7 @@ class BucketState:
 def init_state(cfg: KronConfig, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BucketState:
     """Fresh state of every stage for ``layout``; ``cfg`` must be bound (:meth:`KronConfig.bound`)."""
     if cfg.bound() is not cfg:
-        raise ValueError("the config ties factors.beta to the inner rule's β₂ ('beta2'): pass cfg.bound()")
+        raise ValueError("the config ties factors.beta or post.graft_betas to the inner rule's: pass cfg.bound()")
     kw = {"dtype": dtype, "device": device}
     state = BucketState(
         factors=cfg.factors.init(layout, **kw),

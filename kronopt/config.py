@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import attrs
 
-from .validators import BETA_TIE, ge, in_, str_tuple, to_bool, to_float, to_int, to_str
+from .validators import BETA_TIE, MOMENTUM_TIE, ge, in_, str_tuple, to_bool, to_float, to_int, to_str
 from .post import Post
 from .registry import SLOTS, PluginError, PluginLoadError
 from .types import capabilities
@@ -229,15 +229,32 @@ class KronConfig:
         return spec, layout
 
     def bound(self) -> "KronConfig":
-        """The config the pipeline runs: ``factors.beta = "beta2"`` replaced by the inner rule's β₂.
+        """The config the pipeline runs: ``factors.beta = "beta2"`` replaced by the inner rule's β₂, and
+        ``post.graft_betas[0] = "momentum"`` by its first-moment retention (:func:`first_moment_beta`).
 
-        The tie stays in the config itself (so ``to_dict``, overrides of
-        ``inner.betas`` and saved state keep it); the optimizer binds each group's
+        The ties stay in the config itself (so ``to_dict``, overrides of
+        ``inner.betas`` and saved state keep them); the optimizer binds each group's
         config once, when it is built.
         """
-        if getattr(self.factors, "beta", None) != BETA_TIE:
-            return self
-        return attrs.evolve(self, factors=attrs.evolve(self.factors, beta=self.inner.betas[1]))
+        cfg = self
+        if getattr(cfg.factors, "beta", None) == BETA_TIE:
+            cfg = attrs.evolve(cfg, factors=attrs.evolve(cfg.factors, beta=cfg.inner.betas[1]))
+        if cfg.post.graft_betas[0] == MOMENTUM_TIE:
+            betas = (first_moment_beta(cfg.inner), cfg.post.graft_betas[1])
+            cfg = attrs.evolve(cfg, post=attrs.evolve(cfg.post, graft_betas=betas))
+        return cfg
+
+
+def first_moment_beta(inner: Any) -> float:
+    """An inner rule's first-moment retention: its ``momentum``, or else the first of its ``betas``
+    (``AttributeError`` where it has neither)."""
+    momentum = getattr(inner, "momentum", None)
+    if isinstance(momentum, int | float) and not isinstance(momentum, bool):
+        return float(momentum)
+    betas = getattr(inner, "betas", None)
+    if isinstance(betas, tuple) and len(betas) == 2:
+        return float(betas[0])
+    raise AttributeError(f"inner rule {type(inner).__name__} has no momentum and no betas")
 
 
 _SCALARS = tuple(
@@ -443,6 +460,15 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
                 cfg.bound()
             except (TypeError, ValueError) as exc:
                 errors.append((_join(prefix, "factors.beta"), f"{BETA_TIE!r} = inner.betas[1] = {betas[1]!r}: {exc}"))
+    if cfg.post.graft_betas[0] == MOMENTUM_TIE:
+        try:
+            first_moment_beta(cfg.inner)
+        except AttributeError:
+            errors.append((
+                _join(prefix, "post.graft_betas"),
+                f"{MOMENTUM_TIE!r} ties the graft's β₁ to the inner rule's momentum, but inner {keys['inner']!r} has "
+                "neither a momentum nor betas; give a number",
+            ))
     if caps["split"].restricts:
         stages = cfg.stages()
         for slot in ("factors", "basis", "inner"):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import compiled, linalg
-from .validators import each, float_tuple, ge, in_, lt, to_bool, to_float, to_str
+from .validators import each, ge, graft_betas, in_, lt, to_bool, to_float, to_str, unless_tie
 from .types import Layout, NoState, StepContext
 
 
@@ -44,7 +44,9 @@ class Post:
         normalize: divide the direction by its RMS per block, before grafting.
         weight_decay_order: ``"before"`` or ``"after"`` the step.
         grafting: ``"none"`` or ``"adam"``.
-        graft_betas: Adam betas of the grafting direction.
+        graft_betas: Adam betas of the grafting direction; the first may be ``"momentum"``, the inner rule's
+            first-moment retention (``inner.momentum`` or ``inner.betas[0]``), so that an ablation of it moves
+            the graft's too (the ``shampoo`` preset: soap.md §9's ``A`` uses the inner rule's first moment).
         graft_eps: Adam ε of the grafting direction.
     """
 
@@ -52,8 +54,8 @@ class Post:
         default="before", converter=to_str, validator=in_(("before", "after"))
     )
     grafting: Literal["none", "adam"] = attrs.field(default="none", converter=to_str, validator=in_(("none", "adam")))
-    graft_betas: tuple[float, float] = attrs.field(
-        default=(0.9, 0.999), converter=float_tuple(2), validator=each(ge(0.0), lt(1.0))
+    graft_betas: tuple[float | str, float] = attrs.field(
+        default=(0.9, 0.999), converter=graft_betas, validator=each(unless_tie(ge(0.0), lt(1.0)))
     )
     graft_eps: float = attrs.field(default=1e-8, converter=to_float, validator=ge(0.0))
     normalize: bool = attrs.field(default=False, converter=to_bool)

@@ -69,7 +69,7 @@ SHAMPOO = KronConfig(
     inner=EigenvalueInner(momentum=0.95, exponent=-0.25, eps=1e-12, eps_placement="inside"),
     split=FullSplit(),
     refresh=EveryRefresh(every=10),
-    post=Post(weight_decay_order="before", grafting="adam", graft_betas=(0.95, 0.95), graft_eps=1e-8),
+    post=Post(weight_decay_order="before", grafting="adam", graft_betas=("momentum", 0.95), graft_eps=1e-8),
     shapes=Shapes(max_dim=10000),
 )
 

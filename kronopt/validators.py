@@ -85,11 +85,26 @@ def to_beta(value: Any) -> float | str:
     return to_float(value)
 
 
+#: the value of the grafting direction's β₁ (``post.graft_betas[0]``) that ties it to the inner rule's first-moment
+#: retention (``inner.momentum``, or ``inner.betas[0]``): the graft's first moment is then the inner rule's own EMA
+#: (soap.md §9, Shampoo); :meth:`kronopt.config.KronConfig.bound` resolves it
+MOMENTUM_TIE = "momentum"
+
+
+def graft_betas(value: Any) -> tuple[float | str, float]:
+    """Two Adam betas, the first a number or :data:`MOMENTUM_TIE`."""
+    if isinstance(value, list | tuple) and len(value) == 2 and value[0] == MOMENTUM_TIE:
+        return (MOMENTUM_TIE, to_float(value[1]))
+    if isinstance(value, list | tuple) and any(isinstance(v, str) for v in value):
+        raise ValueError(f"must be two numbers, or {MOMENTUM_TIE!r} and a number (β₁ tied to the inner rule's), got {value!r}")
+    return float_tuple(2)(value)  # type: ignore[return-value]
+
+
 def unless_tie(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
-    """Apply ``validators`` unless the value is :data:`BETA_TIE`."""
+    """Apply ``validators`` unless the value is a tie (:data:`BETA_TIE`, :data:`MOMENTUM_TIE`)."""
 
     def validate(inst: Any, attr: Any, value: Any) -> None:
-        if value != BETA_TIE:
+        if value not in (BETA_TIE, MOMENTUM_TIE):
             for v in validators:
                 v(inst, attr, value)
 
@@ -139,8 +154,10 @@ def triples(value: Any) -> tuple[tuple[float, float, float], ...]:
 
 __all__ = [
     "BETA_TIE",
+    "MOMENTUM_TIE",
     "each",
     "float_tuple",
+    "graft_betas",
     "ge",
     "gt",
     "in_",

@@ -167,6 +167,53 @@ def test_an_unbound_tie_is_refused_by_the_pure_step():
     compose.init_state(cfg.bound(), layout, dtype=torch.float64, device=torch.device("cpu"))
 
 
+# -- post.graft_betas = ["momentum", β₂]: the graft's β₁ tied to the inner rule's first moment ------------
+
+
+@pytest.mark.parametrize(("preset", "overrides", "beta1"), [
+    ("shampoo", {"inner.momentum": 0.8}, 0.8),  # eigenvalue: its momentum
+    ("soap", {"post.grafting": "adam", "inner.betas": [0.7, 0.95]}, 0.7),  # adam: betas[0]
+    ("soap", {"post.grafting": "adam", "inner.type": "sgd", "inner.momentum": 0.6}, 0.6),
+])
+def test_momentum_tie_binds_the_graft_beta1_to_the_inner_rule(preset, overrides, beta1):
+    torch = pytest.importorskip("torch")
+    tied = kronopt.resolve(preset, **overrides, **{"post.graft_betas": ["momentum", 0.99]})
+    assert kronopt.to_dict(tied)["post"]["graft_betas"] == ["momentum", 0.99]  # kept, not resolved away
+    assert kronopt.loads(kronopt.dumps(tied)) == tied
+    assert tied.bound().post.graft_betas == (beta1, 0.99)
+    # the same trajectory as the number written out (a tie left unbound would not even build)
+    explicit = kronopt.resolve(preset, **overrides, **{"post.graft_betas": [beta1, 0.99]})
+    gen = torch.Generator().manual_seed(4)
+    W1 = torch.nn.Parameter(torch.randn(6, 5, generator=gen, dtype=torch.float64))
+    W2 = torch.nn.Parameter(W1.detach().clone())
+    o1, o2 = kronopt.KronOptimizer([W1], tied), kronopt.KronOptimizer([W2], explicit)
+    for _ in range(12):
+        G = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        W1.grad, W2.grad = G.clone(), G.clone()
+        o1.step()
+        o2.step()
+    assert torch.equal(W1, W2)
+
+
+def test_momentum_tie_errors_name_the_problem():
+    from tests.unit._plugin_fixture import ScaledGradientInner
+
+    restore = kronopt.INNER_RULES.override("scaled_gradient_test", ScaledGradientInner)
+    try:
+        with pytest.raises(kronopt.ConfigError) as info:
+            kronopt.resolve("shampoo", **{"inner.type": "scaled_gradient_test"})
+    finally:
+        restore()
+    assert any(
+        p == "post.graft_betas" and "inner 'scaled_gradient_test' has neither a momentum nor betas" in m
+        for p, m in info.value.errors
+    ), info.value.errors
+    for bad in (["beta1", 0.9], [0.9, "momentum"], ["momentum", 1.0]):
+        with pytest.raises(kronopt.ConfigError) as info:
+            kronopt.resolve("shampoo", **{"post.graft_betas": bad})
+        assert [p for p, _ in info.value.errors] == ["post.graft_betas"], (bad, info.value.errors)
+
+
 # -- with_overrides: per-group overrides on the resolved objects -------------------------------------
 
 
