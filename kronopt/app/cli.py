@@ -33,10 +33,16 @@ def cmd_stages(args: argparse.Namespace) -> int:
     for slot, registry in SLOTS.items():
         print(f"[{slot}]")
         try:
-            entries = registry.entries()
-        except (PluginLoadError, PluginError) as exc:
+            pending = list(registry.plugins())
+        except PluginError as exc:  # discovery itself failed (a collision): no plugin of the slot is usable
             print(f"  ! {exc}")
-            entries = registry.entries(load_plugins=False)
+            pending = []
+        for key in pending:  # load each plugin on its own, so one that fails hides none of the others
+            try:
+                registry.entry(key)
+            except (PluginLoadError, PluginError) as exc:
+                print(f"  ! {exc}")
+        entries = registry.entries(load_plugins=False)
         width = max((len(e.key) for e in entries), default=0)
         for e in entries:
             origin = "" if e.source == "kronopt" else f"  (plugin: {e.source})"

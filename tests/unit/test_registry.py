@@ -405,3 +405,23 @@ def test_a_plugin_module_that_registers_itself_loads_lazily(tmp_path, monkeypatc
 
 
 _CURRENT = None
+
+
+def test_kronopt_stages_lists_every_working_plugin_beside_a_broken_one(tmp_path, monkeypatch, capsys):
+    """A plugin that fails to load is reported under its slot, and the slot's other plugins are still listed,
+    whichever order discovery gives them in."""
+    from kronopt.app import cli
+
+    for order in (1, -1):
+        for sub in (f"b{order}", f"s{order}"):
+            (tmp_path / sub).mkdir()
+        eps = [
+            _ep("broken", f"{MISSING}:Thing", _dist(tmp_path / f"b{order}", "kronopt-broken-plugin")),
+            _ep("scaled", f"{FIXTURE}:ScaledGradientInner", _dist(tmp_path / f"s{order}", "kronopt-scaled")),
+        ][::order]
+        monkeypatch.setattr(cli, "SLOTS", {"inner": _registry(*eps)})
+        assert cli.main(["stages"]) == 0
+        out = capsys.readouterr().out
+        assert "! plugin 'broken'" in out and "kronopt-broken-plugin" in out, out
+        assert "scaled" in out and "(plugin: kronopt-scaled)" in out, out
+        assert "alpha" in out and "beta" in out, out
