@@ -96,7 +96,8 @@ def _torch_adamw(torch_: ModuleType, params: list) -> tuple[Any, Callable[[], in
 
 
 def _muon_rest(params: list) -> torch.optim.Optimizer:
-    # the muon preset's fallback for vectors: AdamW(lr 3e-4, betas (0.9, 0.95), eps 1e-10, no decay)
+    # the AdamW for vectors of KellerJordan/Muon, which the muon preset's fallback reproduces: betas (0.9, 0.95),
+    # eps 1e-10, no decay, and that reference's lr (the preset's own is tuned; a learning rate costs no time)
     return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
 
 
