@@ -15,7 +15,13 @@ from .refresh import EveryRefresh
 from .splits import FullSplit, LowRankFlatSplit
 
 #: parameter names the routed presets send to their fallback: embeddings and output heads
-AUX_NAMES: tuple[str, ...] = (r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|lm_head|head|output)(\.|$)",)
+AUX_NAMES: tuple[str, ...] = (
+    # an embedding by any name part, anywhere in the path (wte, word_embeddings, tok_emb, embed_tokens, pos_emb)
+    r"(^|\.)(\w+_)?(embed\w*|emb|wte|wpe)(_\w+)?(\.|$)",
+    r"(^|\.)(lm_head|head)(\.|$)",
+    # ``output`` only as the module holding the parameter (Llama's head), not BERT's ``attention.output.dense``
+    r"(^|\.)output(\.(weight|bias))?$",
+)
 
 
 def _adamw_fallback(*, lr: float, betas: tuple[float, float], eps: float) -> KronConfig:
