@@ -491,6 +491,18 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
                 f"split {keys['split']!r} orthogonalizes the complement of the inner rule's first moment, "
                 f"but inner {keys['inner']!r} exposes none (no moment())",
             ))
+        # a restricted side's subspace starts at the first gradient's top singular vectors, built by the factor
+        # estimator's first call (ctx.step == 0) and handed to the basis by the refresh of that call: the state
+        # is then expressed in the subspace the basis holds. Without either, the estimator updates (S, mu) in
+        # the basis's starting coordinates and the first refresh moves U away from them
+        at_first_call = getattr(cfg.refresh, "at_first_call", True)
+        if not cfg.skip_first_call or not at_first_call:
+            option = "skip_first_call" if not cfg.skip_first_call else "refresh.at_first_call"
+            errors.append((
+                _join(prefix, option),
+                f"split {keys['split']!r} keeps a restricted side, whose first subspace is built on a parameter's "
+                "first call: it needs skip_first_call = true and refresh.at_first_call = true",
+            ))
 
 
 def from_dict(raw: Mapping[str, Any]) -> KronConfig:
