@@ -147,10 +147,11 @@ class EigenvalueInner:
         if isinstance(state, SubspaceMomentumState):
             Y, C = ctx.subspace_split(G)
             new = SubspaceMomentumState(state.momentum_coords.lerp(Y, 1 - beta), state.momentum_complement.lerp(C, 1 - beta))
-            ctx.offer_moment_complement(new.momentum_complement)
+            # the complement of the momentum the step uses (bias-corrected where the subspace block is)
+            complement = new.momentum_complement
+            ctx.offer_moment_complement(complement / (1 - beta**ctx.step) if self.bias_correction else complement)
             if not basis.ready:
-                m = self.moment(new, ctx)
-                return (m / (1 - beta**ctx.step) if self.bias_correction else m), new
+                return self.moment(new, ctx), new  # moment() is bias-corrected already
             coords = new.momentum_coords / (1 - beta**ctx.step) if self.bias_correction else new.momentum_coords
             if ctx.layout.left == "restricted":
                 P = coords if basis.Q_R is None else linalg.mm(coords, basis.Q_R)
@@ -224,14 +225,15 @@ class EigenvalueInner:
         return entry
 
     def moment(self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, ctx: StepContext) -> Tensor:
-        """The momentum in the original coordinates."""
+        """The momentum the step uses, in the original coordinates: divided by :math:`1-\\beta^t` with
+        ``bias_correction`` (a split's complement then matches the subspace block)."""
         if isinstance(state, SubspaceMomentumState):
-            return _joined(state, ctx.basis)
-        if isinstance(state, EigenMomentumState):
-            if not ctx.basis.ready:
-                return state.momentum_eigen
-            return linalg.unrotate(state.momentum_eigen, ctx.basis.Q_L, ctx.basis.Q_R)
-        return state.momentum_buffer
+            M = _joined(state, ctx.basis)
+        elif isinstance(state, EigenMomentumState):
+            M = state.momentum_eigen if not ctx.basis.ready else linalg.unrotate(state.momentum_eigen, ctx.basis.Q_L, ctx.basis.Q_R)
+        else:
+            M = state.momentum_buffer
+        return M / (1 - self.momentum**ctx.step) if self.bias_correction else M
 
     def on_basis_change(
         self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, change: BasisChange
