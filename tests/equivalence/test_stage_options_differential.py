@@ -519,14 +519,16 @@ def test_adam_options_against_the_float64_reference(opts, where):
 
 
 def _normalized_adam_step_rms(split: dict[str, Any]) -> list[tuple[float, float]]:
-    """(RMS of the step / lr, the bias-correction scale c_t) over 3 calls of SOAP with ``inner.normalize`` on a
+    """(RMS of the step / lr, the bias-correction scale c_t) over 3 updates of SOAP with ``inner.normalize`` on a
     6 × 16 block, under ``split`` (its complement made negligible where it has one)."""
     gen = torch.Generator().manual_seed(_seed("normalize-rms"))
     p = torch.nn.Parameter(torch.zeros(6, 16, dtype=F64))
     b1, b2 = 0.9, 0.95
-    opt = kronopt.build([p], "soap", lr=1.0, weight_decay=0.0, skip_first_call=False, **{
+    opt = kronopt.build([p], "soap", lr=1.0, weight_decay=0.0, **{
         "inner.normalize": True, "inner.betas": [b1, b2], "refresh.every": 1, **split,
     })
+    p.grad = torch.randn(6, 16, generator=gen, dtype=F64)
+    opt.step()  # the first call builds the basis (and a restricted side's subspace) only
     out = []
     for t in range(1, 4):
         before = p.detach().clone()
