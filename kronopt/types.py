@@ -461,8 +461,9 @@ class InnerCapabilities:
             ``ctx.eigvals`` the ``r`` subspace values, ``ctx.flat`` the flat eigenvalue) and
             yields the subspace block of the direction; the split adds the complement from
             ``moment()``, so it must also declare ``exposes_moment``.
-        exposes_moment: ``moment(state, ctx)``, its first moment in the original coordinates
-            (:class:`ExposesMoment`).
+        exposes_moment: ``moment(state, ctx)``, its first moment in the original coordinates, as
+            its step uses it (the eigenvalue rule's bias-corrected where it corrects; a split's
+            complement takes the same scale as the subspace block) (:class:`ExposesMoment`).
         has_second_moment: ``second_moment(state)``, its per-coordinate second moment in the
             basis (:class:`HasSecondMoment`); :func:`kronopt.inspection` reads it.
         elementwise: on a block with no rotated side it works entry by entry when
