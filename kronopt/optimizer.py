@@ -342,6 +342,13 @@ class KronOptimizer(torch.optim.Optimizer):
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
         self._materialize()
         self._seen_state()
+        # where each parameter lived when its state was made; until the first step or load, a model moved or cast
+        # since (``model.cuda()``, ``model.double()`` after the optimizer was built, as torch.optim allows, whose
+        # state is made at the first step) has its state made again, where the parameters are now (_check_state)
+        self._unstepped_placement: tuple[tuple[torch.device, torch.dtype], ...] | None = self._placement()
+
+    def _placement(self) -> tuple[tuple[torch.device, torch.dtype], ...]:
+        return tuple((p.device, p.dtype) for g in self.param_groups for p in g["params"])
 
     def _seen_state(self) -> None:
         """Note ``self.state`` as kronopt left it (the dict and its number of entries) and which parameters the
@@ -363,6 +370,11 @@ class KronOptimizer(torch.optim.Optimizer):
                 "a group's parameters when the group is added: use optimizer.add_param_group for new parameters"
             )
         seen, size = self.__dict__.get("_state_seen", (self.state, 0))
+        placed = self.__dict__.get("_unstepped_placement")
+        if placed is not None and self.state is seen and len(self.state) == size and placed != self._placement():
+            self.state = collections.defaultdict(dict)  # moved or cast before the first step: the state made anew
+            self._start()
+            return
         if self.state is seen and len(self.state) >= size:
             return
         if len(self.state) == 0:
@@ -416,6 +428,8 @@ class KronOptimizer(torch.optim.Optimizer):
             self._note_non_float()
             self._materialize()
             self._seen_state()
+            if self._unstepped_placement is not None:
+                self._unstepped_placement = self._placement()
         except BaseException:  # a refused group adds nothing (its routed main group may be in already)
             kept = {id(p) for g in self.param_groups[:first] for p in g["params"]}
             for g in self.param_groups[first:]:
@@ -656,6 +670,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if step_ok is not None:
             self._count_skipped(step_ok)
         self._seen_state()  # with the entries this step may have made (a bucket's first state)
+        self._unstepped_placement = None
         if raising and self._pending:  # a finite gradient whose update overflowed: raised now, not a step late
             self._report_pending(wait=True)
         return loss
@@ -1770,6 +1785,7 @@ class KronOptimizer(torch.optim.Optimizer):
         skipped = None if kron is None else kron.get("skipped_steps")
         self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
         self._seen_state()
+        self._unstepped_placement = None  # a loaded state is the one to go on from, where the load put it
         for hook in self._optimizer_load_state_dict_post_hooks.values():  # the state bound: as torch runs them
             hook(self)
 

@@ -119,3 +119,20 @@ def test_parameters_on_a_cpu_and_a_gpu_step_as_on_one_device(preset, first, scop
         torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-9, atol=1e-11)
     if scope == "step":
         assert opt.skipped_steps() == 0
+
+
+@pytest.mark.parametrize("preset", ["adamw", "soap", "muon"])
+def test_a_model_moved_to_the_gpu_after_the_optimizer_was_built_steps_there(preset):
+    """``opt = build(model.parameters()); model.cuda()`` (as torch.optim allows, its state made at the first
+    step): the state is made again on the GPU at the first step, and the run equals one built after the move."""
+    grads = _grads(6)
+    moved = _params("cpu")
+    opt = kronopt.build(moved, preset)
+    for p in moved:
+        p.data = p.data.cuda()
+    _run(opt, moved, grads)
+    assert all(t.device.type == "cuda" for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    built_there = [torch.nn.Parameter(p.detach().cuda()) for p in _params("cpu")]
+    _run(kronopt.build(built_there, preset), built_there, grads)
+    for a, b in zip(moved, built_there):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)

@@ -678,3 +678,49 @@ def test_a_compiled_model_trains_as_the_eager_one(preset):
     (eager, r1), (compiled, r2) = run(False), run(True)
     assert r1 == r2
     assert _max_diff(eager, compiled) == 0.0
+
+
+# -- a model cast or moved after the optimizer was built ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["adamw", "soap", "muon", "kl_shampoo", "dykaf"])
+def test_a_model_cast_after_the_optimizer_was_built_steps_as_one_built_after_the_cast(preset):
+    """``opt = build(model.named_parameters()); model.double()`` before the first step, as torch.optim allows
+    (its state is made at the first step, so it follows the parameters): the state is made again in float64
+    at the first step, and the run equals, bit for bit, one whose optimizer was built after the cast (for
+    adamw, torch.optim.AdamW's run in both orders). A cast after a step changes nothing kronopt made."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def train(net, opt, steps=8):
+        for _ in range(steps):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    late = model()
+    opt = kronopt.build(late.named_parameters(), preset)
+    late.double()
+    ours = train(late, opt)
+    assert all(t.dtype == torch.float64 for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.is_floating_point())
+    early = model().double()
+    for a, b in zip(ours, train(early, kronopt.build(early.named_parameters(), preset))):
+        assert torch.equal(a, b)
+    if preset == "adamw":
+        ref = model()
+        topt = torch.optim.AdamW(ref.parameters(), lr=opt.config.lr, weight_decay=opt.config.weight_decay,
+                                 betas=opt.config.inner.betas, eps=opt.config.inner.eps)
+        ref.double()
+        for a, b in zip(ours, train(ref, topt)):
+            assert torch.equal(a, b)
+    # after a step the state is kronopt's to keep: a later cast does not make it again
+    held = {k: v for k, v in opt.state[late[0].weight].items()}
+    late.float()
+    for p in late.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(opt.state[late[0].weight][k] is v for k, v in held.items() if torch.is_tensor(v))
