@@ -8,6 +8,7 @@ everything bit for bit.
 
 import collections
 import contextlib
+import importlib
 import math
 import operator
 import re
@@ -619,7 +620,17 @@ class KronOptimizer(torch.optim.Optimizer):
     # -- stepping --------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One optimization step over every bucket (parameters without gradients are skipped)."""
+        """One optimization step over every bucket (parameters without gradients are skipped).
+
+        Under ``torch.compile(optimizer.step)`` (torch.optim's recipe for compiling an optimizer) the step
+        runs eagerly, outside the graph: dynamo cannot trace it (the config key ``compile`` compiles what
+        pays, Newton–Schulz and the elementwise tail, from inside the step)."""
+        if torch.compiler.is_compiling():
+            # dynamo is tracing this frame, so it is loaded; it runs a function it is told to leave alone eagerly
+            return importlib.import_module("torch._dynamo").disable(KronOptimizer._step)(self, closure)
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():

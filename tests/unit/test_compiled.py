@@ -179,3 +179,36 @@ def test_the_compiled_write_takes_a_learning_rate_held_in_a_tensor(lr):
         compiled.variant("post_apply")(post, params, D, lr=lr, weight_decay=0.01, ok=ok)
     torch.testing.assert_close(params[0], torch.full((2, 3), -0.1))  # decay of a zero weight, then the step
     assert params[1].tolist() == [0.0] * 6
+
+
+@pytest.mark.parametrize("preset", ["adamw", "soap", "muon", "kl_shampoo"])
+def test_torch_compile_of_the_step_runs_it_eagerly_with_the_same_result(preset):
+    """``torch.compile(optimizer.step)``, torch.optim's recipe for compiling an optimizer: dynamo cannot trace
+    kronopt's step (soap's and muon's raised inside dynamo), so the step leaves the graph and runs eagerly;
+    a closure is still called once, with gradients on, and its loss returned. The weights equal the eager run's."""
+    def run(compiled_step):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+        opt = kronopt.build(net.named_parameters(), preset, **{"refresh.every": 2} if preset != "adamw" else {})
+        step = torch.compile(opt.step, backend="eager") if compiled_step else opt.step
+        losses = []
+
+        def closure():
+            assert torch.is_grad_enabled()
+            opt.zero_grad()
+            loss = net(x).pow(2).mean()
+            loss.backward()
+            return loss
+
+        for _ in range(5):
+            losses.append(float(step(closure)))
+        return [p.detach().clone() for p in net.parameters()], losses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's notes on the frames it leaves
+        got, got_losses = run(True)
+    want, want_losses = run(False)
+    assert got_losses == want_losses
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
