@@ -16,7 +16,10 @@ from ._common import MomentumState, _zeros
 class SgdInner:
     r"""Heavy-ball momentum: :math:`B \leftarrow \mu B + G`, :math:`D = G + \mu B` (Nesterov) or :math:`B`.
 
-    The direction does not depend on the basis (a rotation and its inverse cancel).
+    The direction does not depend on the basis (a rotation and its inverse cancel). It is
+    torch.optim.SGD's without ``dampening``; weight decay is the pipeline's, decoupled
+    (``[post]``), where torch.optim.SGD adds ``λ W`` to the gradient before the momentum:
+    with both momentum and weight decay the two differ.
 
     Attributes:
         momentum: :math:`\mu \in [0, 1)`.
