@@ -495,9 +495,13 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
         # estimator's first call (ctx.step == 0) and handed to the basis by the refresh of that call: the state
         # is then expressed in the subspace the basis holds. Without either, the estimator updates (S, mu) in
         # the basis's starting coordinates and the first refresh moves U away from them
-        at_first_call = getattr(cfg.refresh, "at_first_call", True)
+        # asked of the schedule itself (Refresh.due), so a refresh stage of any type is judged
+        at_first_call = cfg.refresh.due(0, first_call=True)
         if not cfg.skip_first_call or not at_first_call:
-            option = "skip_first_call" if not cfg.skip_first_call else "refresh.at_first_call"
+            option = (
+                "skip_first_call" if not cfg.skip_first_call
+                else "refresh.at_first_call" if hasattr(cfg.refresh, "at_first_call") else "refresh.type"
+            )
             errors.append((
                 _join(prefix, option),
                 f"split {keys['split']!r} keeps a restricted side, whose first subspace is built on a parameter's "

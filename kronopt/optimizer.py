@@ -193,7 +193,11 @@ def _numbers_config(raw: Any) -> Any:
     lacks (written before they existed, e.g. ``[storage]``) take their defaults."""
     if isinstance(raw, dict):
         try:
-            raw = to_dict(from_dict(raw))
+            cfg = from_dict(raw)
+            # the ties bound (factors.beta = "beta2", post.graft_betas[0] = "momentum"): a tie and the number it
+            # stands for step alike (the shampoo preset's graft β₁ was written as 0.95 before it was tied)
+            bound = attrs.evolve(cfg.bound(), fallback=None if cfg.fallback is None else cfg.fallback.bound())
+            raw = to_dict(bound)
         except ConfigError:  # e.g. a plugin stage not installed here: compare as saved
             pass
     return _typed({k: v for k, v in raw.items() if k != "distributed"}) if isinstance(raw, dict) else raw
@@ -310,6 +314,9 @@ class KronOptimizer(torch.optim.Optimizer):
     its parameters away, a ``"fallback"`` group (its own ``lr``/``weight_decay``
     from ``[fallback]``), so LR schedulers scale both.
     """
+
+    #: see _start; the class default stands in for an optimizer pickled before the attribute existed
+    _unstepped_placement: tuple[tuple[torch.device, torch.dtype], ...] | None = None
 
     def __init__(self, params: Iterable[Any], config: KronConfig) -> None:
         self.config = config
@@ -428,9 +435,9 @@ class KronOptimizer(torch.optim.Optimizer):
             self._buckets.extend(self._shard(new, assign=True))
             self._note_non_float()
             self._materialize()
-            self._seen_state()
             if self._unstepped_placement is not None:
                 self._unstepped_placement = self._placement()
+            self._seen_state()
         except BaseException:  # a refused group adds nothing (its routed main group may be in already)
             kept = {id(p) for g in self.param_groups[:first] for p in g["params"]}
             for g in self.param_groups[first:]:
@@ -681,7 +688,8 @@ class KronOptimizer(torch.optim.Optimizer):
         if step_ok is not None:
             self._count_skipped(step_ok)
         self._seen_state()  # with the entries this step may have made (a bucket's first state)
-        self._unstepped_placement = None
+        if stepped:  # a step with no gradient at all makes no state in torch.optim either: the window stays open
+            self._unstepped_placement = None
         if raising and self._pending:  # a finite gradient whose update overflowed: raised now, not a step late
             self._report_pending(wait=True)
         return loss

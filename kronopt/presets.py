@@ -16,8 +16,12 @@ from .splits import FullSplit, LowRankFlatSplit
 
 #: parameter names the routed presets send to their fallback: embeddings and output heads
 AUX_NAMES: tuple[str, ...] = (
-    # an embedding by any name part, anywhere in the path (wte, word_embeddings, tok_emb, embed_tokens, pos_emb)
-    r"(^|\.)(\w+_)?(embed\w*|emb|wte|wpe)(_\w+)?(\.|$)",
+    # an embedding: a path part that starts with embed (embeddings, embed_tokens, embed_in/out), wte or wpe ...
+    r"(^|\.)(embed\w*|wte|wpe)(\.|$)",
+    # ... or a prefixed name (word_embeddings, tok_emb, pos_emb, value_embeds.0) as the module that holds the
+    # parameter, or the parameter itself: not a module that holds layers (diffusers' time_embedding.linear_1,
+    # time_emb_proj: hidden matrices)
+    r"(^|\.)\w+_(embed\w*|emb|wte|wpe)(\.\d+)?(\.\w+)?$",
     r"(^|\.)(lm_head|head)(\.|$)",
     # ``output`` only as the module holding the parameter (Llama's head), not BERT's ``attention.output.dense``
     r"(^|\.)output(\.(weight|bias))?$",

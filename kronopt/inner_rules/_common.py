@@ -32,8 +32,10 @@ class AdamConventions:
         D = Q_L \frac{\hat m}{\sqrt{\hat v} + \epsilon} Q_R^\top\ (\text{after\_correction}),
 
     with :math:`c_t = \sqrt{1-\beta_2^t}/(1-\beta_1^t)` and, with ``normalize``, the
-    direction (back in the original coordinates) divided by its RMS per block before the
-    bias-correction scale (SOAP's ``normalize_grads``).
+    ratio divided by its RMS per block before the bias-correction scale (SOAP's
+    ``normalize_grads``: on full sides the RMS of the direction itself; on a restricted side
+    that of its ``m × r`` subspace coordinates, so that with the split's
+    ``match_subspace_rms`` complement the whole step has RMS :math:`c_t`).
     """
 
     betas: tuple[float, float] = attrs.field(
@@ -52,10 +54,9 @@ class AdamConventions:
             m, v, step=ctx.step, betas=self.betas, eps=self.eps, eps_placement=self.eps_placement,
             bias_correction=self.bias_correction,
         )
-        D = linalg.unrotate(N, ctx.basis.Q_L, ctx.basis.Q_R)
-        if self.normalize:  # the block's own RMS (soap.md §6), not the rotated ratio's: on a restricted side
-            D = linalg.normalize_rms(D)  # (m × r) that is √(n/r) times the block's
-        return D.mul_(scale)
+        if self.normalize:  # per coordinate of the basis: on a restricted side the m × r subspace coordinates, so
+            N = linalg.normalize_rms(N)  # that with the split's complement (match_subspace_rms) the step has RMS c_t
+        return linalg.unrotate(N, ctx.basis.Q_L, ctx.basis.Q_R).mul_(scale)
 
     def moment(self, state: Any, ctx: StepContext) -> Tensor:
         """The first moment (``state.exp_avg``, kept in the basis) in the original coordinates."""

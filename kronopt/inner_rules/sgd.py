@@ -11,7 +11,7 @@ from ..registry import INNER_RULES
 from ..types import BasisChange, InnerCapabilities, Layout, NoState, StepContext
 from ._common import MomentumState, _zeros
 
-@INNER_RULES.register("sgd", description="SGD with optional (Nesterov) momentum, as torch.optim.SGD")
+@INNER_RULES.register("sgd", description="SGD with optional (Nesterov) momentum, torch.optim.SGD's (decay decoupled)")
 @attrs.frozen(kw_only=True)
 class SgdInner:
     r"""Heavy-ball momentum: :math:`B \leftarrow \mu B + G`, :math:`D = G + \mu B` (Nesterov) or :math:`B`.

@@ -546,15 +546,17 @@ def test_adam_normalize_gives_the_block_direction_the_rms_of_the_bias_correction
         assert rms == pytest.approx(c_t, rel=1e-12)
 
 
-def test_adam_normalize_on_a_restricted_side_gives_the_block_direction_rms_one():
-    """The same with the right side kept at rank 4 of 16 (``lowrank_flat``, its complement scaled by 1e-12): the
-    direction the rule returns, ``Q_L N Uᵀ``, must still have RMS ``c_t`` over the block's 6 × 16 entries, as
-    SOAP's ``normalize_grads`` (and the ``eigenvalue`` rule's ``normalize``, which normalises the block) have it.
-    Fails on: the rotated ``6 × 4`` ratio normalised instead (the step's RMS is then ``√(4/16) · c_t``, half)."""
+def test_adam_normalize_on_a_restricted_side_normalises_the_subspace_coordinates():
+    """The same with the right side kept at rank 4 of 16 (``lowrank_flat``, its complement scaled by 1e-12):
+    ``normalize`` divides the rotated ``6 × 4`` ratio by its RMS, per coordinate of the basis, so the subspace block
+    ``Q_L N Uᵀ`` alone has RMS ``√(4/16) · c_t`` over the block's 6 × 16 entries (the complement, matched to the
+    subspace block's RMS per coordinate, brings the whole step to ``c_t``: see
+    tests/unit/test_tie_route_and_placement_edges.py). Fails on: the block normalised after the rotation back
+    (RMS ``c_t`` here, and twice SOAP's with the complement)."""
     split = {"split.type": "lowrank_flat", "split.rank": 4, "split.side": "right", "split.complement_mult": 1e-12,
              "split.complement_scale": "match_subspace_rms"}
     for rms, c_t in _normalized_adam_step_rms(split):
-        assert rms == pytest.approx(c_t, rel=1e-9)
+        assert rms == pytest.approx(math.sqrt(4 / 16) * c_t, rel=1e-9)
 
 
 # -- adam_rank1 -----------------------------------------------------------------------------------------------
