@@ -222,7 +222,8 @@ def _twins() -> dict[str, Callable[..., Any]]:
         """:meth:`kronopt.post.Post.apply_` with ``lr`` and ``lr · weight_decay`` as tensors."""
         dt = factor_dtype(D.dtype)  # as the eager form: in bfloat16 a small decay would round away
         lr_t, lr_wd = (_as_scalar(x, dt, D.device) for x in (lr, lr * weight_decay))
-        apply(list(params), D, ok, lr_t, lr_wd, post.weight_decay_order, bool(weight_decay))
+        decay = isinstance(weight_decay, Tensor) or bool(weight_decay)  # a tensor is not read (a synchronisation)
+        apply(list(params), D, ok, lr_t, lr_wd, post.weight_decay_order, decay)
 
     _TWINS.update(
         newton_schulz=Compiled(linalg.newton_schulz, "Newton–Schulz"),

@@ -144,6 +144,17 @@ class GatherPlan:
     sharding: Sharding
     calls: int = 0
     stateful: bool = False
+    #: index tensors made once per name and device (:meth:`index`): a tensor built from a Python list each step
+    #: would be a blocking copy from host memory on a GPU
+    _cache: dict[Any, Tensor] = attrs.field(init=False, factory=dict, repr=False)
+
+    def index(self, name: str, values: list[int], device: torch.device) -> Tensor:
+        """``values`` as an index tensor on ``device``, made once per ``name`` and device (the plan's owners are
+        fixed: a split or a reassignment makes a new plan)."""
+        key = (name, device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return self._cache[key]
 
     @property
     def counts(self) -> list[int]:
@@ -186,7 +197,7 @@ class GatherPlan:
         for r in self.owners:
             index.append(r * width + slot[r])
             slot[r] += 1
-        return out.index_select(0, torch.tensor(index, device=device))
+        return out.index_select(0, self.index("gather", index, device))
 
     def subset(self, keep: Sequence[int]) -> "GatherPlan":
         """The plan of the blocks at ``keep`` (a split bucket), ``calls`` carried over."""

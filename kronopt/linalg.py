@@ -651,14 +651,27 @@ def _any_written(mask: Tensor) -> bool:
     return bool(mask.any())
 
 
+#: errors of the device, not of the numerics, that a solver's fallback must not take for a failure to converge:
+#: an out-of-memory (a GPU's solver workspace, the float64 retry's copy) and an accelerator's error surfacing at the
+#: solver's synchronisation (``torch.AcceleratorError``, where torch has it)
+_DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e for e in (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if isinstance(e, type)
+)
+
+
 def _svd_retried(G: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor] | None:
     """:func:`_svd` in ``G``'s dtype, retried once in float64 (and cast back) as :func:`eigh_descending` is;
-    ``None``, with a warning naming ``what`` falls back, when both fail (the caller's fallback takes over)."""
+    ``None``, with a warning naming ``what`` falls back, when both fail (the caller's fallback takes over).
+    An error of the device (``_DEVICE_ERRORS``) is raised as it came."""
     try:
         return _svd(G)
+    except _DEVICE_ERRORS:
+        raise
     except RuntimeError as first:
         try:
             U, S, Vh = _svd(G.to(torch.float64))
+        except _DEVICE_ERRORS:
+            raise
         except RuntimeError as second:
             warnings.warn(
                 f"kronopt: the SVD of {what} failed in {G.dtype} ({first}) and in float64 ({second}); "
@@ -687,9 +700,13 @@ def eigh_descending(A: Tensor) -> Eigh:
     _check_batched_square("A", A)
     try:
         lam, Q = _eigh(A)
+    except _DEVICE_ERRORS:  # not a numerics failure: an out-of-memory or an accelerator's error
+        raise
     except RuntimeError as first:
         try:
             lam, Q = _eigh(A.to(torch.float64))
+        except _DEVICE_ERRORS:
+            raise
         except RuntimeError as second:
             raise ArithmeticError(f"eigh failed in {A.dtype} ({first}) and in float64 ({second})") from second
         lam, Q = lam.to(A.dtype), Q.to(A.dtype)

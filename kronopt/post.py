@@ -102,7 +102,7 @@ class Post:
         D = D.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         steps = [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
         scale = list((okf * -lr).unbind(0))  # -lr on written blocks, 0 elsewhere
-        decay = list((1 - (lr * weight_decay) * okf).unbind(0)) if weight_decay else None
+        decay = list((1 - (lr * weight_decay) * okf).unbind(0)) if _decays(weight_decay) else None
         self._apply_all_(list(params), steps, scale, decay)
 
     def _apply_all_(self, params: list[Tensor], steps: list[Tensor], scale: list[Tensor], decay: list[Tensor] | None) -> None:
@@ -127,6 +127,12 @@ class Post:
         param.addcmul_(step, scale)
         if decay is not None and self.weight_decay_order == "after":
             param.mul_(decay)
+
+
+def _decays(weight_decay: Any) -> bool:
+    """Whether the write applies a decay factor: for a number, where it is not 0; for a tensor (a scheduler's, on
+    an accelerator) always, unread (a factor of ``1 − lr·0 = 1`` is exact), since reading it would synchronise."""
+    return isinstance(weight_decay, torch.Tensor) or bool(weight_decay)
 
 
 def _every_block_plainly(lr: Any, weight_decay: Any, ok: Tensor, all_ok: bool = False) -> bool:

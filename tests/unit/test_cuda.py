@@ -40,9 +40,17 @@ def _run(opt, params, grads):
         opt.step()
 
 
-@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
+#: DyKAF's default start makes the first factors rank one, so all but one eigenvector of the first basis is any
+#: completion the solver picks (cuSOLVER's and LAPACK's differ): the sum start makes them full rank. pro_dykaf
+#: needs the kron start; its GPU arithmetic path is compared on the CPU (test_device_paths_differential.py)
+WELL_POSED = {"dykaf": {"factors.init": "sum"}, "dykaf_rank1": {"factors.init": "sum"}}
+COMPARED = [p for p in kronopt.PRESETS if p != "pro_dykaf"]
+
+
+@pytest.mark.parametrize("preset", COMPARED)
 def test_float64_cuda_run_equals_the_cpu_run(preset):
     overrides = {"refresh.every": 4} if preset in ("soap", "shampoo", "dykaf", "dykaf_rank1") else {}
+    overrides |= WELL_POSED.get(preset, {})
     grads = _grads(12)
     gpu, cpu = _params("cuda"), _params("cpu")
     _run(kronopt.build(gpu, preset, **overrides), gpu, grads)
