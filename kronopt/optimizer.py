@@ -32,7 +32,10 @@ from .types import Layout, capabilities
 from .validators import one_cpu_number
 
 #: param-group keys that are not config overrides
-_RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr")
+_RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr", "name")
+#: param-group keys that label a group for the frameworks around the optimizer (Lightning's LearningRateMonitor
+#: names a group's curve by ``name``): kept on the routed groups, read by no stage
+_LABELS = ("name",)
 _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-parameter "state"
 #: not copied with the optimizer: a step's gradient verdicts (weak references) and the plain-AdamW verdicts by config
 #: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
@@ -107,6 +110,8 @@ class _Bucket:
     #: with work sharding: every rank's blocks (``params`` are this rank's, the ones stacked); with
     #: FSDP2 (DTensor parameters) a :class:`~kronopt.distributed.ShardPlan`
     plan: distributed.GatherPlan | distributed.ShardPlan | None = None
+    #: what :meth:`KronOptimizer._bind` put into each parameter's ``state[p]``: its tensors, by key
+    views: list[tuple[Tensor, dict[str, Tensor]]] | None = None
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
         """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
@@ -373,6 +378,14 @@ class KronOptimizer(torch.optim.Optimizer):
             len(listed) != len(self.param_groups)
             or any(len(a) != len(g["params"]) or not all(map(operator.is_, a, g["params"])) for a, g in zip(listed, self.param_groups))
         ):
+            if self._groups_in_buckets():  # add_param_group run with a wrapper as ``self`` (Lightning, Fabric)
+                self._note_non_float()
+                self._listed = [list(g["params"]) for g in self.param_groups]
+                listed = None
+        if listed is not None and (
+            len(listed) != len(self.param_groups)
+            or any(len(a) != len(g["params"]) or not all(map(operator.is_, a, g["params"])) for a, g in zip(listed, self.param_groups))
+        ):
             raise RuntimeError(
                 "a parameter was added to, taken from or replaced in optimizer.param_groups[...]['params'] directly; kronopt stacks "
                 "a group's parameters when the group is added: use optimizer.add_param_group for new parameters"
@@ -384,6 +397,7 @@ class KronOptimizer(torch.optim.Optimizer):
             self._start()
             return
         if self.state is seen and len(self.state) >= size:
+            self._adopt_replaced()
             return
         if len(self.state) == 0:
             self.state = collections.defaultdict(dict)
@@ -393,6 +407,27 @@ class KronOptimizer(torch.optim.Optimizer):
             f"optimizer.state lost entries ({size} → {len(self.state)}) or was replaced: kronopt keeps each parameter's "
             "state as views of its bucket's stacks; clear all of optimizer.state to start afresh, or load a state dict"
         )
+
+    def _groups_in_buckets(self) -> bool:
+        """Whether the groups list exactly the parameters the buckets stack, each in a bucket of its own group (those
+        with no elements or not floating point in none): the groups as :meth:`add_param_group` left them, also where a
+        wrapper ran it with itself as ``self`` (Lightning's ``LightningOptimizer`` and Fabric's optimizer forward
+        attributes to the optimizer or copy its ``__dict__``), which noted the new groups on the wrapper."""
+        where: dict[int, int] = {}
+        for b in self._buckets:
+            for p in b.blocks:
+                if id(p) in where:
+                    return False
+                where[id(p)] = b.group
+        listed = 0
+        for gi, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                if p.numel() == 0 or not p.is_floating_point():
+                    continue
+                if where.get(id(p)) != gi:
+                    return False
+                listed += 1
+        return listed == len(where)
 
     def __getstate__(self) -> dict[str, Any]:
         """What a copy (``copy.deepcopy``, ``pickle``) needs to step on exactly as this optimizer would: all of it,
@@ -506,6 +541,9 @@ class KronOptimizer(torch.optim.Optimizer):
             if not idx or c is None:
                 continue
             g = {k: v for k, v in group.items() if k in ("params", "param_names")}
+            for label in _LABELS:  # the fallback group of a named group is named apart (the frameworks want them unique)
+                if label in group:
+                    g[label] = group[label] if pipeline == "main" else f"{group[label]}/fallback"
             g["params"] = [group["params"][i] for i in idx]
             if names is not None:
                 g["param_names"] = [names[i] for i in idx]
@@ -953,18 +991,42 @@ class KronOptimizer(torch.optim.Optimizer):
                 {k: v.view(p.shape) if isinstance(v, Tensor) and tuple(v.shape) == rows and v.is_contiguous() else v for k, v in e.items()}
                 for p, e in zip(bucket.params, entries)
             ]
+        views = []
         for i, (p, entry) in enumerate(zip(bucket.params, entries)):
             own = self.state[p]
             own.clear()
             own.update(entry)
             own[_NONFINITE] = bucket.nonfinite[i]  # type: ignore[index]
+            views.append((p, {k: v for k, v in own.items() if isinstance(v, Tensor)}))
+        bucket.views = views
 
-    def _param_shaped(self, bucket: _Bucket) -> bool:
+    def _adopt_replaced(self) -> None:
+        """Tensors put into ``state[p]`` in place of the views of the stacks since kronopt bound them (an offload
+        of the state and its reload, Lightning's ``_optimizer_to_device`` to another device, ``state[p][k] =
+        v.to(device)`` after a load, a moment reset by hand): their values are copied into the stacks, which the
+        step reads, and the views put back in ``state[p]``, so that the next step and ``state_dict()`` use the
+        state as torch.optim would, the replacing tensors'. One identity test per tensor entry."""
+        for bucket in self._buckets:
+            for p, bound in bucket.views or ():
+                own = self.state.get(p)
+                if own is None:
+                    continue
+                for k, view in bound.items():
+                    now = own.get(k)
+                    if now is view:
+                        continue
+                    if isinstance(now, Tensor):
+                        with torch.no_grad():
+                            view.copy_(now)
+                    own[k] = view
+
+    def _param_shaped(self, bucket: _Bucket, cfg: KronConfig | None = None) -> bool:
         """Whether the bucket's block-sized state tensors are shown (and saved) shaped like their parameters: an
         elementwise bucket (:func:`kronopt.distributed.is_elementwise`) of blocks that are not the parameter's
-        own shape (a vector ``(d,)`` as ``(d, 1)``, an N-D weight as ``(o, i·kh·kw)``)."""
+        own shape (a vector ``(d,)`` as ``(d, 1)``, an N-D weight as ``(o, i·kh·kw)``). ``cfg``: the bucket's group
+        config where it is not yet this optimizer's (a load, which takes the saved groups' configs)."""
         return any(tuple(s.shape) != (s.m, s.n) for s in bucket.specs) and distributed.is_elementwise(
-            self._bucket_config(bucket), bucket.layout
+            self._bucket_config(bucket) if cfg is None else cfg, bucket.layout
         )
 
     def _step_bucket(self, bucket: _Bucket, step_ok: Tensor | None) -> None:
@@ -1340,7 +1402,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if bucket.params:
             if bucket.state is None:
                 self._init_bucket(bucket)
-            mine = torch.tensor(plan.owned(), device=ok_all.device)
+            mine = plan.index("owned", plan.owned(), ok_all.device)
             ok = ok_all.index_select(0, mine)
             G = torch.stack([to_block(p.grad, s).to(dtype) for p, s in zip(bucket.params, bucket.specs)])  # type: ignore[arg-type]
             G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -1804,7 +1866,13 @@ class KronOptimizer(torch.optim.Optimizer):
         skipped = None if kron is None else kron.get("skipped_steps")
         self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
         self._seen_state()
-        self._unstepped_placement = None  # a loaded state is the one to go on from, where the load put it
+        # a loaded state is the one to go on from, where the load put it; but a dict saved before any step holds
+        # the state as built (torch.optim's holds none): a model moved or cast after this load has it made again
+        # where the parameters are at the first step, as after construction (_check_state)
+        stepped = any(
+            (b.state is not None and b.state.calls > 0) or (b.plan is not None and b.plan.calls > 0) for b in buckets
+        )
+        self._unstepped_placement = None if stepped else self._placement()
         for hook in self._optimizer_load_state_dict_post_hooks.values():  # the state bound: as torch runs them
             hook(self)
 
@@ -1939,7 +2007,7 @@ class KronOptimizer(torch.optim.Optimizer):
             entries = [
                 {k: plan.from_saved(i, v) if plan.is_rows(i, v) else v for k, v in e.items()} for i, e in enumerate(entries)
             ]
-        elif plan is None and self._param_shaped(bucket):  # saved shaped like the parameter (_bind), or as the block
+        elif plan is None and self._param_shaped(bucket, cfg):  # saved shaped like the parameter (_bind), or as the block
             rows = {k for k, v in compose.flatten(template).items() if isinstance(v, Tensor) and v.shape[1:] == (bucket.layout.m, bucket.layout.n)}
             entries = [
                 {k: v.reshape(s.m, s.n) if k in rows and isinstance(v, Tensor) and tuple(v.shape) == tuple(s.shape) else v for k, v in e.items()}
