@@ -111,7 +111,7 @@ class _Bucket:
     #: FSDP2 (DTensor parameters) a :class:`~kronopt.distributed.ShardPlan`
     plan: distributed.GatherPlan | distributed.ShardPlan | None = None
     #: what :meth:`KronOptimizer._bind` put into each parameter's ``state[p]``: its tensors, by key
-    views: list[tuple[Tensor, dict[str, Tensor]]] | None = None
+    views: list[tuple[Tensor, tuple[str, ...], tuple[Tensor, ...], Callable[[dict], tuple]]] | None = None
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
         """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
@@ -997,7 +997,8 @@ class KronOptimizer(torch.optim.Optimizer):
             own.clear()
             own.update(entry)
             own[_NONFINITE] = bucket.nonfinite[i]  # type: ignore[index]
-            views.append((p, {k: v for k, v in own.items() if isinstance(v, Tensor)}))
+            keys = tuple(k for k, v in own.items() if isinstance(v, Tensor))
+            views.append((p, keys, tuple(own[k] for k in keys), operator.itemgetter(*keys, *keys[:1])))
         bucket.views = views
 
     def _adopt_replaced(self) -> None:
@@ -1005,13 +1006,21 @@ class KronOptimizer(torch.optim.Optimizer):
         of the state and its reload, Lightning's ``_optimizer_to_device`` to another device, ``state[p][k] =
         v.to(device)`` after a load, a moment reset by hand): their values are copied into the stacks, which the
         step reads, and the views put back in ``state[p]``, so that the next step and ``state_dict()`` use the
-        state as torch.optim would, the replacing tensors'. One identity test per tensor entry."""
+        state as torch.optim would, the replacing tensors'. One identity test per tensor entry, in C where
+        nothing was replaced (each parameter's entries read by one ``itemgetter``, a key repeated so that it
+        always gives a tuple)."""
+        state, same = self.state, operator.is_
         for bucket in self._buckets:
-            for p, bound in bucket.views or ():
-                own = self.state.get(p)
+            for p, keys, bound, entries in bucket.views or ():
+                own = state.get(p)
                 if own is None:
                     continue
-                for k, view in bound.items():
+                try:
+                    if all(map(same, entries(own), bound)):
+                        continue
+                except KeyError:  # an entry taken out: put back below
+                    pass
+                for k, view in zip(keys, bound):
                     now = own.get(k)
                     if now is view:
                         continue
