@@ -41,7 +41,7 @@ _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-p
 #: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
 #: wrapper holds the original), which torch's own ``Optimizer.__getstate__`` leaves out too
 _NOT_COPIED = frozenset({
-    "_grad_flags", "_plain_adam", "step", "_opt_called",
+    "_grad_flags", "_plain_adam", "_views_flat", "step", "_opt_called",
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
@@ -111,7 +111,7 @@ class _Bucket:
     #: FSDP2 (DTensor parameters) a :class:`~kronopt.distributed.ShardPlan`
     plan: distributed.GatherPlan | distributed.ShardPlan | None = None
     #: what :meth:`KronOptimizer._bind` put into each parameter's ``state[p]``: its tensors, by key
-    views: list[tuple[Tensor, tuple[str, ...], tuple[Tensor, ...], Callable[[dict], tuple]]] | None = None
+    views: list[tuple[Tensor, tuple[str, ...], tuple[Tensor, ...]]] | None = None
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
         """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
@@ -998,29 +998,33 @@ class KronOptimizer(torch.optim.Optimizer):
             own.update(entry)
             own[_NONFINITE] = bucket.nonfinite[i]  # type: ignore[index]
             keys = tuple(k for k, v in own.items() if isinstance(v, Tensor))
-            views.append((p, keys, tuple(own[k] for k in keys), operator.itemgetter(*keys, *keys[:1])))
+            views.append((p, keys, tuple(own[k] for k in keys)))
         bucket.views = views
+        self._views_flat = None  # made again from the buckets' views at the next check
 
     def _adopt_replaced(self) -> None:
         """Tensors put into ``state[p]`` in place of the views of the stacks since kronopt bound them (an offload
         of the state and its reload, Lightning's ``_optimizer_to_device`` to another device, ``state[p][k] =
         v.to(device)`` after a load, a moment reset by hand): their values are copied into the stacks, which the
         step reads, and the views put back in ``state[p]``, so that the next step and ``state_dict()`` use the
-        state as torch.optim would, the replacing tensors'. One identity test per tensor entry, in C where
-        nothing was replaced (each parameter's entries read by one ``itemgetter``, a key repeated so that it
-        always gives a tuple)."""
+        state as torch.optim would, the replacing tensors'. Where nothing was replaced (every step but such
+        one), two identity tests over flat lists of every parameter's dict and every entry, in C."""
+        flat = self.__dict__.get("_views_flat")
+        if flat is None:
+            flat = self._views_flat = self._flat_views()
+        params, dicts, owners, keys, views = flat
         state, same = self.state, operator.is_
+        try:
+            if all(map(same, map(state.get, params), dicts)) and all(map(same, map(operator.getitem, owners, keys), views)):
+                return
+        except KeyError:  # an entry taken out: put back below
+            pass
         for bucket in self._buckets:
-            for p, keys, bound, entries in bucket.views or ():
+            for p, bound_keys, bound in bucket.views or ():
                 own = state.get(p)
                 if own is None:
                     continue
-                try:
-                    if all(map(same, entries(own), bound)):
-                        continue
-                except KeyError:  # an entry taken out: put back below
-                    pass
-                for k, view in zip(keys, bound):
+                for k, view in zip(bound_keys, bound):
                     now = own.get(k)
                     if now is view:
                         continue
@@ -1028,6 +1032,27 @@ class KronOptimizer(torch.optim.Optimizer):
                         with torch.no_grad():
                             view.copy_(now)
                     own[k] = view
+        self._views_flat = None  # a dict of state may have been replaced: made again at the next check
+
+    def _flat_views(self) -> tuple[list[Tensor], list[dict], list[dict], list[str], list[Tensor]]:
+        """For :meth:`_adopt_replaced`: the parameters with bound views and their ``state[p]`` dicts as they are
+        now, then per view entry its dict, key and view."""
+        params: list[Tensor] = []
+        dicts: list[dict] = []
+        owners: list[dict] = []
+        keys: list[str] = []
+        views: list[Tensor] = []
+        for bucket in self._buckets:
+            for p, bound_keys, bound in bucket.views or ():
+                own = self.state.get(p)
+                if own is None:
+                    continue
+                params.append(p)
+                dicts.append(own)
+                owners.extend([own] * len(bound_keys))
+                keys.extend(bound_keys)
+                views.extend(bound)
+        return params, dicts, owners, keys, views
 
     def _param_shaped(self, bucket: _Bucket, cfg: KronConfig | None = None) -> bool:
         """Whether the bucket's block-sized state tensors are shown (and saved) shaped like their parameters: an
