@@ -46,6 +46,24 @@ def assert_histories_close(ours, ref, rtol=1e-10, atol=1e-12):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"call {k}, param {i}: {m}")
 
 
+#: pro_kl_shampoo reference keyword -> kronopt dotted override
+PRO_KL_KEYMAP = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "refresh_every": "refresh.every",
+    "shampoo_beta": "factors.beta",
+    "init_factor": "factors.init_factor",
+    "using_clamping": "factors.clamping",
+    "max_clamp_value": "factors.max_clamp",
+    "tracker": "factors.tracker",
+    "rank": "split.rank",
+    "max_rank": "split.max_rank",
+    "side": "split.side",
+    "complement_scale": "split.complement_scale",
+    "complement_mult": "split.complement_mult",
+    "ns_steps": "split.ns_steps",
+}
+
 #: pro_soap / pro_dykaf reference options → kronopt config keys
 PRO_ADAM_KEYMAP = {
     "lr": "lr",

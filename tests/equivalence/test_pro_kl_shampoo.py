@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kronopt
-from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
+from tests.equivalence._helpers import PRO_KL_KEYMAP, assert_histories_close, reference_grads, run_history
 from tests.reference.pro_kl_shampoo import pro_kl_reference
 
 SHAPES = [(6, 8), (8, 6), (7, 7)]
@@ -39,23 +39,7 @@ def _named(params):
     return [(f"blocks.{i}.weight", p) for i, p in enumerate(params)]
 
 
-#: reference keyword -> kronopt dotted override
-KEYMAP = {
-    "lr": "lr",
-    "weight_decay": "weight_decay",
-    "refresh_every": "refresh.every",
-    "shampoo_beta": "factors.beta",
-    "init_factor": "factors.init_factor",
-    "using_clamping": "factors.clamping",
-    "max_clamp_value": "factors.max_clamp",
-    "tracker": "factors.tracker",
-    "rank": "split.rank",
-    "max_rank": "split.max_rank",
-    "side": "split.side",
-    "complement_scale": "split.complement_scale",
-    "complement_mult": "split.complement_mult",
-    "ns_steps": "split.ns_steps",
-}
+KEYMAP = PRO_KL_KEYMAP  # reference keyword -> kronopt dotted override
 
 
 def _overrides(options):

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import kronopt
 import tests.reference.pro_kl_shampoo as pro_kl_ref
 import tests.reference.pro_soap as pro_soap_ref
-from tests.equivalence._helpers import assert_histories_close, pro_adam_overrides, reference_grads, run_history
+from tests.equivalence._helpers import PRO_KL_KEYMAP, assert_histories_close, pro_adam_overrides, reference_grads, run_history
 from tests.reference import newton_schulz as ns_ref
 from tests.reference.dykaf import dykaf_reference
 from tests.reference.kl_shampoo import kl_reference
@@ -39,23 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
 
 #: pro_kl_shampoo reference keyword -> kronopt dotted override
-KL_KEYMAP = {
-    "lr": "lr",
-    "weight_decay": "weight_decay",
-    "refresh_every": "refresh.every",
-    "shampoo_beta": "factors.beta",
-    "init_factor": "factors.init_factor",
-    "using_clamping": "factors.clamping",
-    "max_clamp_value": "factors.max_clamp",
-    "tracker": "factors.tracker",
-    "rank": "split.rank",
-    "max_rank": "split.max_rank",
-    "side": "split.side",
-    "complement_scale": "split.complement_scale",
-    "complement_mult": "split.complement_mult",
-    "ns_steps": "split.ns_steps",
-    "ns_eps": "split.ns_eps",
-}
+KL_KEYMAP = {**PRO_KL_KEYMAP, "ns_eps": "split.ns_eps"}
 
 #: pro_soap / pro_dykaf reference keyword -> kronopt dotted override (beyond _helpers.PRO_ADAM_KEYMAP)
 ADAM_EXTRA_KEYMAP = {"max_rank": "split.max_rank", "eps": "inner.eps", "ns_eps": "split.ns_eps"}
@@ -874,13 +858,9 @@ def test_a_restricted_side_without_its_first_call_subspace_is_refused_naming_the
     kronopt.resolve(preset, **{"split.type": "full", **trigger})  # and the option without a restricted side
 
 
-def test_whitened_complement_follows_the_bias_corrected_momentum(monkeypatch):
-    """``complement_scale = "whitened"`` gives the complement the norm full KL-Shampoo's step gives it,
-    ‖μ^{−1/2} L̂^{−1/2} C‖ (docs/kl.md). With ``inner.bias_correction = true`` KL-Shampoo steps M̂ = M/(1 − β₁ᵗ), so
-    both blocks come from M̂. Fails on: the complement's norm taken from the uncorrected M (at t = 1, 1 − β₁ = 0.1
-    of what it should be)."""
-    R = pro_kl_ref
-    plain = R._direction
+def _reference_steps_the_corrected_momentum(monkeypatch):
+    """The float64 reference's direction taken from M̂ = M/(1 − β₁ᵗ) (KL-Shampoo with bias correction)."""
+    plain = pro_kl_ref._direction
 
     def corrected(state, hp, rows, cols, r):
         M = state.m
@@ -890,24 +870,21 @@ def test_whitened_complement_follows_the_bias_corrected_momentum(monkeypatch):
         finally:
             state.m = M
 
-    monkeypatch.setattr(R, "_direction", corrected)
+    monkeypatch.setattr(pro_kl_ref, "_direction", corrected)
+
+
+def test_whitened_complement_follows_the_bias_corrected_momentum(monkeypatch):
+    """``complement_scale = "whitened"`` gives the complement the norm full KL-Shampoo's step gives it,
+    ‖μ^{−1/2} L̂^{−1/2} C‖ (docs/kl.md). With ``inner.bias_correction = true`` KL-Shampoo steps M̂ = M/(1 − β₁ᵗ), so
+    both blocks come from M̂. Fails on: the complement's norm taken from the uncorrected M (at t = 1, 1 − β₁ = 0.1
+    of what it should be)."""
+    _reference_steps_the_corrected_momentum(monkeypatch)
     _check_kl([(6, 8), (8, 6)], {"lr": 1e-2, "rank": 2, "refresh_every": 3}, extra={"inner.bias_correction": True}, steps=8)
 
 
 def test_bias_correction_leaves_the_scale_free_complements_alone(monkeypatch):
     """The counterpart that holds: with a fixed scale the complement c·NS(C) does not depend on M's size, so
     ``inner.bias_correction`` only rescales the subspace block (M̂ there)."""
-    R = pro_kl_ref
-    plain = R._direction
-
-    def corrected(state, hp, rows, cols, r):
-        M = state.m
-        state.m = M / (1 - hp.beta1**state.t)
-        try:
-            return plain(state, hp, rows, cols, r)
-        finally:
-            state.m = M
-
-    monkeypatch.setattr(R, "_direction", corrected)
+    _reference_steps_the_corrected_momentum(monkeypatch)
     _check_kl([(6, 8), (8, 6)], {"lr": 1e-2, "rank": 2, "refresh_every": 3, "complement_scale": "identity"},
               extra={"inner.bias_correction": True}, steps=8)
