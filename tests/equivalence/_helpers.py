@@ -64,6 +64,22 @@ PRO_KL_KEYMAP = {
     "ns_steps": "split.ns_steps",
 }
 
+
+def pro_kl_overrides(options, keymap=PRO_KL_KEYMAP):
+    """The pro_kl_shampoo reference's options as kronopt overrides (float64 state and Newton–Schulz; the
+    reference's betas, ε and damping on the estimator and the eigenvalue rule)."""
+    out = {"state_dtype": "float64", "split.ns_dtype": "float64"}
+    out.update({keymap[k]: v for k, v in options.items() if k in keymap})
+    betas = options.get("betas", (0.9, 0.98))
+    eps = options.get("eps", 1e-8)
+    if "shampoo_beta" not in options:
+        out["factors.beta"] = betas[1]
+    out["inner.momentum"] = betas[0]
+    out["inner.eps"] = eps
+    out["factors.damping"] = eps if options.get("using_damping") else 0.0
+    return out
+
+
 #: pro_soap / pro_dykaf reference options → kronopt config keys
 PRO_ADAM_KEYMAP = {
     "lr": "lr",

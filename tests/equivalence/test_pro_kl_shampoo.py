@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kronopt
-from tests.equivalence._helpers import PRO_KL_KEYMAP, assert_histories_close, reference_grads, run_history
+from tests.equivalence._helpers import assert_histories_close, pro_kl_overrides, reference_grads, run_history
 from tests.reference.pro_kl_shampoo import pro_kl_reference
 
 SHAPES = [(6, 8), (8, 6), (7, 7)]
@@ -39,21 +39,10 @@ def _named(params):
     return [(f"blocks.{i}.weight", p) for i, p in enumerate(params)]
 
 
-KEYMAP = PRO_KL_KEYMAP  # reference keyword -> kronopt dotted override
 
 
 def _overrides(options):
-    out = {"state_dtype": "float64", "split.ns_dtype": "float64"}
-    for k, v in options.items():
-        if k in KEYMAP:
-            out[KEYMAP[k]] = v
-    betas = options.get("betas", (0.9, 0.98))
-    eps = options.get("eps", 1e-8)
-    if "shampoo_beta" not in options:
-        out["factors.beta"] = betas[1]
-    out["inner.momentum"] = betas[0]
-    out["inner.eps"] = eps
-    out["factors.damping"] = eps if options.get("using_damping") else 0.0
+    out = pro_kl_overrides(options)
     if options.get("ns_coefficients") is MUON_MD_POLAR_EXPRESS:
         out["split.ns_coefficients"] = "polar_express"
     return out

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import kronopt
 import tests.reference.pro_kl_shampoo as pro_kl_ref
 import tests.reference.pro_soap as pro_soap_ref
-from tests.equivalence._helpers import PRO_KL_KEYMAP, assert_histories_close, pro_adam_overrides, reference_grads, run_history
+from tests.equivalence._helpers import PRO_KL_KEYMAP, assert_histories_close, pro_adam_overrides, pro_kl_overrides, reference_grads, run_history
 from tests.reference import newton_schulz as ns_ref
 from tests.reference.dykaf import dykaf_reference
 from tests.reference.kl_shampoo import kl_reference
@@ -46,16 +46,7 @@ ADAM_EXTRA_KEYMAP = {"max_rank": "split.max_rank", "eps": "inner.eps", "ns_eps":
 
 
 def _kl_overrides(options):
-    out = {"state_dtype": "float64", "split.ns_dtype": "float64"}
-    out.update({KL_KEYMAP[k]: v for k, v in options.items() if k in KL_KEYMAP})
-    betas = options.get("betas", (0.9, 0.98))
-    eps = options.get("eps", 1e-8)
-    if "shampoo_beta" not in options:
-        out["factors.beta"] = betas[1]
-    out["inner.momentum"] = betas[0]
-    out["inner.eps"] = eps
-    out["factors.damping"] = eps if options.get("using_damping") else 0.0
-    return out
+    return pro_kl_overrides(options, KL_KEYMAP)
 
 
 def _adam_overrides(options):
