@@ -426,10 +426,17 @@ class Registry(Generic[T]):
         return self.entry(key).cls
 
     def entries(self, *, load_plugins: bool = True) -> list[Entry[T]]:
-        """All entries, sorted by key (plugins loaded when ``load_plugins``)."""
+        """All entries, sorted by key (plugins loaded when ``load_plugins``: each on its own, so one that fails
+        to load keeps none of the others out; the first failure is raised once all have been tried)."""
         if load_plugins:
+            failed: PluginLoadError | None = None
             for key in self.plugins():
-                self._load_plugin(key)
+                try:
+                    self._load_plugin(key)
+                except PluginLoadError as exc:
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
         return [self._entries[k] for k in sorted(self._entries)]
 
     def key_of(self, cls: type) -> str:

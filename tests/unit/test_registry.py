@@ -425,3 +425,19 @@ def test_kronopt_stages_lists_every_working_plugin_beside_a_broken_one(tmp_path,
         assert "! plugin 'broken'" in out and "kronopt-broken-plugin" in out, out
         assert "scaled" in out and "(plugin: kronopt-scaled)" in out, out
         assert "alpha" in out and "beta" in out, out
+
+
+def test_entries_load_every_plugin_before_raising_the_first_failure(tmp_path):
+    """``Registry.entries()`` tries each plugin on its own: a broken one is raised after the working ones are
+    loaded, whichever order discovery gives, so they are registered and listed afterwards."""
+    for order in (1, -1):
+        for sub in (f"b{order}", f"s{order}"):
+            (tmp_path / sub).mkdir()
+        eps = [
+            _ep("broken", f"{MISSING}:Thing", _dist(tmp_path / f"b{order}", "kronopt-broken-plugin")),
+            _ep("scaled", f"{FIXTURE}:ScaledGradientInner", _dist(tmp_path / f"s{order}", "kronopt-scaled")),
+        ][::order]
+        reg = _registry(*eps)
+        with pytest.raises(PluginLoadError, match="kronopt-broken-plugin"):
+            reg.entries()
+        assert [e.key for e in reg.entries(load_plugins=False)] == ["alpha", "beta", "scaled"]
