@@ -407,18 +407,23 @@ def test_a_plugin_module_that_registers_itself_loads_lazily(tmp_path, monkeypatc
 _CURRENT = None
 
 
+def _broken_beside_working(tmp_path, order):
+    """Two plugins of one slot, one whose module is missing and one that loads, in ``order`` (1 or -1)."""
+    for sub in (f"b{order}", f"s{order}"):
+        (tmp_path / sub).mkdir()
+    return [
+        _ep("broken", f"{MISSING}:Thing", _dist(tmp_path / f"b{order}", "kronopt-broken-plugin")),
+        _ep("scaled", f"{FIXTURE}:ScaledGradientInner", _dist(tmp_path / f"s{order}", "kronopt-scaled")),
+    ][::order]
+
+
 def test_kronopt_stages_lists_every_working_plugin_beside_a_broken_one(tmp_path, monkeypatch, capsys):
     """A plugin that fails to load is reported under its slot, and the slot's other plugins are still listed,
     whichever order discovery gives them in."""
     from kronopt.app import cli
 
     for order in (1, -1):
-        for sub in (f"b{order}", f"s{order}"):
-            (tmp_path / sub).mkdir()
-        eps = [
-            _ep("broken", f"{MISSING}:Thing", _dist(tmp_path / f"b{order}", "kronopt-broken-plugin")),
-            _ep("scaled", f"{FIXTURE}:ScaledGradientInner", _dist(tmp_path / f"s{order}", "kronopt-scaled")),
-        ][::order]
+        eps = _broken_beside_working(tmp_path, order)
         monkeypatch.setattr(cli, "SLOTS", {"inner": _registry(*eps)})
         assert cli.main(["stages"]) == 0
         out = capsys.readouterr().out
@@ -431,12 +436,7 @@ def test_entries_load_every_plugin_before_raising_the_first_failure(tmp_path):
     """``Registry.entries()`` tries each plugin on its own: a broken one is raised after the working ones are
     loaded, whichever order discovery gives, so they are registered and listed afterwards."""
     for order in (1, -1):
-        for sub in (f"b{order}", f"s{order}"):
-            (tmp_path / sub).mkdir()
-        eps = [
-            _ep("broken", f"{MISSING}:Thing", _dist(tmp_path / f"b{order}", "kronopt-broken-plugin")),
-            _ep("scaled", f"{FIXTURE}:ScaledGradientInner", _dist(tmp_path / f"s{order}", "kronopt-scaled")),
-        ][::order]
+        eps = _broken_beside_working(tmp_path, order)
         reg = _registry(*eps)
         with pytest.raises(PluginLoadError, match="kronopt-broken-plugin"):
             reg.entries()
