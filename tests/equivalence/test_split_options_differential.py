@@ -255,36 +255,11 @@ def test_factor_update_before_the_direction(monkeypatch):
                   extra={"factor_update": "before"})
 
 
-def test_refresh_offset_moves_the_subspace_refresh(monkeypatch):
-    """``refresh.offset = o``: the refresh comes on the updates t ≡ o (mod k) (docs/stages.md), for the full side
-    and the subspace alike; the power tracker must then form its product on those updates."""
-    R = pro_kl_ref
-    plain = R.pro_kl_update
-    offset = {}
-
-    def shifted(W, G, state, hp):  # the reference refreshes at t ≡ 0: shift the count it tests by the offset
-        if not state.initialised:
-            return plain(W, G, state, hp)
-        state.t -= offset["o"]
-        try:
-            return plain(W, G, state, hp)
-        finally:
-            state.t += offset["o"]
-
-    monkeypatch.setattr(R, "pro_kl_update", shifted)
-    for tracker in ("power", "sketch"):
-        for o in (1, 2):
-            offset["o"] = o
-            _check_kl([(6, 8), (8, 6)], {"lr": 1e-2, "rank": 2, "refresh_every": 3, "tracker": tracker},
-                      extra={"refresh.offset": o})
-
-
-def test_staggered_blocks_refresh_their_subspaces_on_their_own_phases(monkeypatch):
-    """``refresh.stagger``: each block refreshes at t ≡ its phase (mod k); every block of a bucket of one shape
-    follows the reference run with that offset, and the phases cover the period."""
-    R = pro_kl_ref
-    plain = R.pro_kl_update
-    offset = {}
+def _reference_refreshes_shifted(monkeypatch):
+    """The float64 reference's refreshes moved by ``offset["o"]`` (it refreshes at t ≡ 0: the count it tests is
+    shifted for each update after the first call); returns the dict to set the offset in."""
+    plain = pro_kl_ref.pro_kl_update
+    offset = {"o": 0}
 
     def shifted(W, G, state, hp):
         if not state.initialised:
@@ -295,7 +270,25 @@ def test_staggered_blocks_refresh_their_subspaces_on_their_own_phases(monkeypatc
         finally:
             state.t += offset["o"]
 
-    monkeypatch.setattr(R, "pro_kl_update", shifted)
+    monkeypatch.setattr(pro_kl_ref, "pro_kl_update", shifted)
+    return offset
+
+
+def test_refresh_offset_moves_the_subspace_refresh(monkeypatch):
+    """``refresh.offset = o``: the refresh comes on the updates t ≡ o (mod k) (docs/stages.md), for the full side
+    and the subspace alike; the power tracker must then form its product on those updates."""
+    offset = _reference_refreshes_shifted(monkeypatch)
+    for tracker in ("power", "sketch"):
+        for o in (1, 2):
+            offset["o"] = o
+            _check_kl([(6, 8), (8, 6)], {"lr": 1e-2, "rank": 2, "refresh_every": 3, "tracker": tracker},
+                      extra={"refresh.offset": o})
+
+
+def test_staggered_blocks_refresh_their_subspaces_on_their_own_phases(monkeypatch):
+    """``refresh.stagger``: each block refreshes at t ≡ its phase (mod k); every block of a bucket of one shape
+    follows the reference run with that offset, and the phases cover the period."""
+    offset = _reference_refreshes_shifted(monkeypatch)
     shapes = [(6, 8), (6, 8), (6, 8)]
     options = {"lr": 1e-2, "rank": 2, "refresh_every": 3, "tracker": "power"}
     params, grads = _stream(shapes, 12, 4)
@@ -306,7 +299,7 @@ def test_staggered_blocks_refresh_their_subspaces_on_their_own_phases(monkeypatc
         errors = []
         for o in range(3):
             offset["o"] = o
-            ref = R.pro_kl_reference([params[i]], [[g[i]] for g in grads], **options)
+            ref = pro_kl_ref.pro_kl_reference([params[i]], [[g[i]] for g in grads], **options)
             errors.append(max((a[0] - b[i]).abs().max().item() for a, b in zip(ref, ours)))
         matching = [o for o, e in enumerate(errors) if e < 1e-12]
         assert len(matching) == 1, errors
