@@ -24,16 +24,23 @@ from .registry import BASES
 from .types import BasisCapabilities, BasisChange, BasisState, Layout, StepContext
 
 
-def _eye(b: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.eye(d, dtype=dtype, device=device).expand(b, d, d).clone()
+def _fresh_columns(b: int, d: int, r: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The first ``r`` coordinate vectors of ``R^d`` per block, ``b d r``, column-major: the layout every
+    refresh's solver (``eigh``, QR) gives a basis, so a stack keeps one layout for good. A checkpoint
+    loaded by filling a fresh optimizer's tensors (``torch.distributed.checkpoint``) then holds its bases
+    as the uninterrupted run does, and the products that read them round alike (on some processors
+    MKL rounds a product by its operands' layout)."""
+    Q = torch.zeros(b, r, d, dtype=dtype, device=device)
+    Q.diagonal(dim1=-2, dim2=-1).fill_(1)
+    return Q.mT
 
 
 def _fresh_side(kind: str, b: int, d: int, r: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
     """Identity basis (full side), the first ``r`` coordinate vectors (restricted side) or ``None``."""
     if kind == "full":
-        return _eye(b, d, dtype, device), torch.ones(b, d, dtype=dtype, device=device)
+        return _fresh_columns(b, d, d, dtype, device), torch.ones(b, d, dtype=dtype, device=device)
     if kind == "restricted":
-        return _eye(b, d, dtype, device)[:, :, :r].contiguous(), torch.ones(b, r, dtype=dtype, device=device)
+        return _fresh_columns(b, d, r, dtype, device), torch.ones(b, r, dtype=dtype, device=device)
     return None, None
 
 

