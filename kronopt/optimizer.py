@@ -950,7 +950,9 @@ class KronOptimizer(torch.optim.Optimizer):
                     if r != plan.sharding.rank:
                         self.state[p]  # an empty entry: self.state is never empty (DCP's _init_optim_state would step)
                 continue
-            if bucket.state is None and any(p.requires_grad for p in bucket.params):
+            # every block of the bucket, this rank's or not (FSDP2: an owner of frozen blocks alone keeps their
+            # state as one process does, else its dicts hold a marker where the others expect tensors)
+            if bucket.state is None and any(p.requires_grad for p in bucket.blocks):
                 self._init_bucket(bucket)
             elif bucket.state is None and try_lazy:
                 self._try_layout(bucket)
@@ -1771,8 +1773,12 @@ class KronOptimizer(torch.optim.Optimizer):
                 if r != plan.sharding.rank:
                     state[index[id(p)]] = {"calls": plan.calls, _BUCKET: bi}
         for bi, b in enumerate(self._buckets):  # FSDP2: a marker for the blocks another rank owns (_fsdp_marker)
-            for p in () if b.fsdp is None else b.fsdp.params:
-                state.setdefault(index[id(p)], self._fsdp_marker(bi, b.fsdp))  # type: ignore[arg-type]
+            plan = b.fsdp
+            # not for a bucket without state on any rank (frozen, never stepped): one process lists no entry there
+            if plan is None or not (plan.calls > 0 or any(p.requires_grad for p in plan.params)):
+                continue
+            for p in plan.params:
+                state.setdefault(index[id(p)], self._fsdp_marker(bi, plan))
         sd["state"] = state
         sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config)}
         if self._sharding is not None:
