@@ -909,6 +909,8 @@ def _weighted_row_sums(t: Tensor) -> Tensor | None:
     key = (n, t.dtype, t.device)
     w = _FINITE_WEIGHTS.get(key)
     if w is None:
+        if len(_FINITE_WEIGHTS) >= 64:  # one entry per width and device: a sweep over many widths must not grow it
+            _FINITE_WEIGHTS.clear()
         with torch.inference_mode(False):  # a cached inference tensor could not meet autograd later
             w = _FINITE_WEIGHTS[key] = torch.full((n, 1), _FINITE_WEIGHT, dtype=t.dtype, device=t.device)
     return torch.mm(flat.reshape(-1, n), w).view(t.shape[0], -1)

@@ -41,7 +41,7 @@ _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-p
 #: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
 #: wrapper holds the original), which torch's own ``Optimizer.__getstate__`` leaves out too
 _NOT_COPIED = frozenset({
-    "_grad_flags", "_plain_adam", "_views_flat", "step", "_opt_called",
+    "_grad_flags", "_plain_adam", "_views_flat", "_adam_scratch", "step", "_opt_called",
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
@@ -84,6 +84,9 @@ def _is_dtensor(p: Tensor) -> bool:
 _BLOCKWISE_MIN = 1
 #: whether proven-finite AdamW blocks on the CPU go through torch's fused AdamW kernel (else block by block)
 _FUSED_ADAMW = True
+#: whether plain AdamW keeps its scratch tensors between steps on a CPU (:meth:`KronOptimizer._scratch`), where a
+#: fresh tensor of a few MiB costs a pass over it; other devices' caching allocators hand blocks back for nothing
+_CPU_KEEPS_SCRATCH = True
 #: plain AdamW blocks of at most this many entries have their extremes read together, across buckets
 #: (:meth:`KronOptimizer._adam_bounds_small`); a larger block's are read right before its work, in cache
 _ADAM_BOUNDS_TOGETHER_MAX = 1 << 14
@@ -480,6 +483,8 @@ class KronOptimizer(torch.optim.Optimizer):
                     if id(p) not in kept:
                         self.state.pop(p, None)
             del self.param_groups[first:], self._group_cfgs[first:], self._buckets[buckets:]
+            # configs of the refused groups' refresh phases: a group added later at the same index must not find them
+            self._phased = {k: v for k, v in self._phased.items() if k[0] < first}
             raise
 
     def _split_user_group(self, group: dict[str, Any]) -> list[dict[str, Any]]:
@@ -905,13 +910,19 @@ class KronOptimizer(torch.optim.Optimizer):
                 own = [i for i, p in enumerate(bucket.params) if id(p) in keep]
             part = bucket.subset(own, plan)
             if bucket.state is not None and own:
-                index = torch.tensor(own, device=bucket.params[0].device)
-                part.state = compose.map_tensors(bucket.state, lambda t, index=index: t.index_select(0, index))
-                part.nonfinite = bucket.nonfinite.index_select(0, index)  # type: ignore[union-attr]
+                # the blocks' rows joined by one cat a tensor (the layout index_select gives), with no index tensor
+                # made from a Python list: on an accelerator that is a blocking copy from host memory, which waits
+                # for the device (docs/architecture.md: a GPU step's one synchronisation is a first call's read)
+                def pick(t: Tensor, own: list[int] = own) -> Tensor:
+                    return torch.cat([t[i : i + 1] for i in own])
+
+                part.state = compose.map_tensors(bucket.state, pick)
+                part.nonfinite = pick(bucket.nonfinite)  # type: ignore[arg-type]
                 self._bind(part)
             parts.append(part)
         pos = self._buckets.index(bucket)
         self._buckets[pos : pos + 1] = parts
+        self.__dict__.pop("_adam_scratch", None)  # sets shaped like the whole bucket's stacks: made again as needed
         return parts[0]
 
     def _init_bucket(self, bucket: _Bucket) -> None:
@@ -1268,8 +1279,10 @@ class KronOptimizer(torch.optim.Optimizer):
             lr, weight_decay = _rates(group)
             state = bucket.state
             t = state.step + 1  # type: ignore[union-attr]
-            out = self._scratch(bucket, batched=False)
-            factors = cfg.post.block_factors(out[2], lr=lr, weight_decay=weight_decay)
+            # the block-sized scratch set is taken only where a block is computed outside the fused kernel: a run
+            # whose blocks all go through it (torch's AdamW arithmetic, proven finite) keeps no scratch at all
+            out: tuple[Tensor, Tensor, Tensor] | None = None
+            factors = cfg.post.block_factors(state.inner.exp_avg, lr=lr, weight_decay=weight_decay)  # type: ignore[union-attr]
             fuse = compose.fuses_adamw(cfg) and self._fuse_adamw
             mine = []
             for i, (p, g) in enumerate(zip(bucket.params, grads)):
@@ -1285,9 +1298,11 @@ class KronOptimizer(torch.optim.Optimizer):
                         key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, p.dtype)
                         fused.setdefault(key, (cfg, []))[1].append((to_block(p, bucket.specs[i]), g, m, v))  # type: ignore[index]
                         continue
+                    out = out or self._scratch(bucket, batched=False)
                     D = compose.adam_block(cfg, t, m, v, g, (m, v, out[2]))
                     cfg.post.apply_block_(p, D, factors)
                     continue
+                out = out or self._scratch(bucket, batched=False)
                 D = compose.adam_block(cfg, t, m, v, g, out)
                 good = bool(_plain_adam_ok(out[1][None], D[None]))
                 mine.append(good)
@@ -1373,6 +1388,10 @@ class KronOptimizer(torch.optim.Optimizer):
         like = bucket.state.inner.exp_avg  # type: ignore[union-attr]
         if not batched:
             like = like[0]
+        if like.device.type != "cpu" or not _CPU_KEEPS_SCRATCH:
+            # a device's caching allocator hands a freed block back at no cost: a kept set would only hold 1.5 times
+            # the moments' memory between steps (and one more set for each bucket size a split ever made)
+            return tuple(torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(3))  # type: ignore[return-value]
         key = (tuple(like.shape), like.dtype, like.device)
         scratch = self.__dict__.setdefault("_adam_scratch", {})
         if key not in scratch:
@@ -1895,6 +1914,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._group_cfgs = cfgs
         self._phased = {}
         self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
+        self.__dict__.pop("_adam_scratch", None)  # shaped like the old buckets, which may be gone
         self._buckets = buckets
         if adopted:
             self._recount_loads()

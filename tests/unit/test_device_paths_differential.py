@@ -34,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GPU_SWITCHES = [
     (linalg, "_CPU_HOST_VERDICTS", False),  # host_verdicts / cpu_all: masked writes, scaled KSL, no shortcuts
     (kopt, "_BLOCKWISE_MIN", 10**12),  # _plain_adam_cpu: AdamW on the stacks (_step_plain_adam)
+    (kopt, "_CPU_KEEPS_SCRATCH", False),  # _scratch: fresh tensors each step
     (kopt, "_DEFER_FACTOR_UPDATES", False),  # _run: no factor update left to the write
     (kopt, "_SMALL_TOGETHER_MAX", 0),  # _small_cpu (also off through host_verdicts)
     (linalg, "_GRAM_TILED_MIN", 10**9),  # _tiled: one dense product
@@ -72,6 +73,7 @@ DEVICE_BRANCHES = {
         "KronOptimizer._all_finite",  # where the step's flag lives with parameters on several devices
         "KronOptimizer._run",  # _DEFER_FACTOR_UPDATES
         "KronOptimizer._plain_adam_cpu",  # _BLOCKWISE_MIN
+        "KronOptimizer._scratch",  # _CPU_KEEPS_SCRATCH
     },
     "validators.py": {"one_cpu_number"},  # an lr tensor read as its number (the tests of tensor rates below)
 }
