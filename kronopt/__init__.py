@@ -86,6 +86,13 @@ def build(
 
 def from_state_dict(params: Iterable[Any], state_dict: Mapping[str, Any]) -> KronOptimizer:
     """Rebuild the optimizer a :meth:`KronOptimizer.state_dict` came from (its config travels with it) and load it."""
-    opt = KronOptimizer(params, from_dict(state_dict["kronopt"]["config"]))
+    kron = state_dict.get("kronopt")
+    if not isinstance(kron, Mapping) or "config" not in kron:
+        raise ValueError(
+            "this state dict carries no kronopt config (no 'kronopt' section with a 'config': another optimizer's, "
+            "or torch.distributed.checkpoint's, which keeps only 'state' and 'param_groups'); build the optimizer "
+            "with kronopt.build(params, <its preset or config>) and call load_state_dict"
+        )
+    opt = KronOptimizer(params, from_dict(kron["config"]))
     opt.load_state_dict(dict(state_dict))
     return opt

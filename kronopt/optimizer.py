@@ -1967,6 +1967,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 f"the saved param groups run the pipelines {pipelines}, this optimizer's "
                 f"{[g['pipeline'] for g in self.param_groups]} (different routing)"
             )
+        self._check_routing(saved_groups)
         if kron is not None and _numbers_config(kron.get("config", to_dict(self.config))) != _numbers_config(to_dict(self.config)):
             warnings.warn(
                 "loading optimizer state saved under a different config; use kronopt.from_state_dict to "
@@ -2032,6 +2033,32 @@ class KronOptimizer(torch.optim.Optimizer):
             self._owner = owners  # a refused dict changes nothing
             raise
         return kron, saved_groups, cfgs, buckets, adopted, owners
+
+    def _check_routing(self, saved_groups: list[dict[str, Any]]) -> None:
+        """Refuse a state dict of the same parameters (by name) that the saved optimizer put in other groups.
+
+        The entries are matched by position, as torch.optim matches them; where the saved groups and these both
+        name their parameters and the names are the same ones, a name in another group (the routed presets' name
+        patterns changed in 3eed1dc, or ``route`` overridden) would hand one parameter's state to another of its
+        shape. Names that differ (a renamed model) are matched by position, as torch.optim does."""
+        saved_names = [g.get("param_names") for g in saved_groups]
+        names = [g.get("param_names") for g in self.param_groups]
+        if any(n is None for n in saved_names + names):
+            return
+        was = {n: gi for gi, ns in enumerate(saved_names) for n in ns}
+        now = {n: gi for gi, ns in enumerate(names) for n in ns}
+        if was.keys() != now.keys() or len(was) != sum(map(len, names)):
+            return
+        moved = [n for n in now if was[n] != now[n]]
+        if moved:
+            where = ", ".join(
+                f"{n} (saved in group {was[n]} '{saved_groups[was[n]].get('pipeline')}', here in group {now[n]} "
+                f"'{self.param_groups[now[n]]['pipeline']}')" for n in moved[:5]
+            )
+            raise ValueError(
+                f"different routing: the saved optimizer grouped these parameters otherwise: {where}; "
+                "kronopt.from_state_dict rebuilds the saved optimizer with its own routing"
+            )
 
     def _agree_to_load(self, error: BaseException | None) -> None:
         """Under work sharding (where it shares blocks out) or FSDP2 (the ranks of its mesh), let every rank know
