@@ -224,9 +224,11 @@ def saved_views(state_dict: Mapping[str, Any], *, config: KronConfig | None = No
             raise ValueError("the state dict has no kronopt config: pass config=")
         config = from_dict(kron["config"])
     entries = per_parameter_state(state_dict)
+    groups = state_dict.get("param_groups", [])
+    named = [set(g.get("param_names") or ()) for g in groups]
     out: dict[str, ParamView] = {}
     index = 0
-    for gi, group in enumerate(state_dict.get("param_groups", [])):
+    for gi, group in enumerate(groups):
         cfg = with_overrides(config, group.get("overrides") or {})
         pipeline = group.get("pipeline", "main")
         cfg = (cfg if pipeline == "main" else cfg.fallback).bound()  # type: ignore[union-attr]
@@ -236,7 +238,14 @@ def saved_views(state_dict: Mapping[str, Any], *, config: KronConfig | None = No
             index += 1
             if not entry or counters_only(entry):  # no state, or a block another rank held (work sharding)
                 continue
-            name = key if isinstance(key, str) else names[j] if names else f"param_groups[{gi}].params[{j}]"
+            if entry.get("calls") == 0:  # no counted call reached it: inspect() leaves it out too
+                continue
+            if isinstance(key, str):
+                name = key
+            elif names:  # qualified by its group where another group has the same name, as inspect() names it
+                name = names[j] if sum(names[j] in n for n in named) == 1 else f"param_groups[{gi}].{names[j]}"
+            else:
+                name = f"param_groups[{gi}].params[{j}]"
             out[name] = _saved_view(cfg, {k: v for k, v in entry.items() if k not in (NONFINITE_KEY, BUCKET_KEY)}, name, pipeline)
     return out
 

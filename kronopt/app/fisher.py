@@ -108,8 +108,8 @@ def track(name: str, grads: Sequence[Tensor], **options: Any) -> list[tuple[Tens
     state = est.init(layout, dtype=dtype, device=device)
     out = []
     own = capabilities(est).provides_eigvals  # the estimator's eigenvalues, else the basis's
-    for t, G in enumerate(grads, start=1):
-        eigvals = est.eigvals(state) if own else (basis.lam_L, basis.lam_R)
+    for t, G in enumerate(grads):  # the first gradient is the estimator's first call (ctx.step == 0), as in
+        eigvals = est.eigvals(state) if own else (basis.lam_L, basis.lam_R)  # the optimizer (skip_first_call)
         ctx = StepContext(step=t, layout=layout, basis=basis, eigvals=eigvals, eigvals_from_basis=not own)
         state = est.update(state, G.unsqueeze(0), ctx)
         L, R = est.factors(state)
