@@ -910,11 +910,13 @@ class KronOptimizer(torch.optim.Optimizer):
                 own = [i for i, p in enumerate(bucket.params) if id(p) in keep]
             part = bucket.subset(own, plan)
             if bucket.state is not None and own:
-                # the blocks' rows joined by one cat a tensor (the layout index_select gives), with no index tensor
-                # made from a Python list: on an accelerator that is a blocking copy from host memory, which waits
-                # for the device (docs/architecture.md: a GPU step's one synchronisation is a first call's read)
+                # the blocks' rows joined by one cat, with no index tensor made from a Python list: on an accelerator
+                # that is a blocking copy from host memory, which waits for the device (docs/architecture.md: a GPU
+                # step's one synchronisation is a first call's read). Into a tensor of the stack's own strides: a
+                # cat (or index_select) alone makes a column-major basis row-major, and the part's stacks would
+                # change layout again at their next refresh (docs/architecture.md: no stack changes its layout)
                 def pick(t: Tensor, own: list[int] = own) -> Tensor:
-                    return torch.cat([t[i : i + 1] for i in own])
+                    return torch.cat([t[i : i + 1] for i in own], out=torch.empty_like(t[: len(own)]))
 
                 part.state = compose.map_tensors(bucket.state, pick)
                 part.nonfinite = pick(bucket.nonfinite)  # type: ignore[arg-type]
@@ -2055,9 +2057,16 @@ class KronOptimizer(torch.optim.Optimizer):
                 f"{n} (saved in group {was[n]} '{saved_groups[was[n]].get('pipeline')}', here in group {now[n]} "
                 f"'{self.param_groups[now[n]]['pipeline']}')" for n in moved[:5]
             )
+            # a name that changed pipeline was routed otherwise (from_state_dict routes by the saved config); one
+            # that kept its pipeline sits in another user group (groups passed in another order or cut otherwise),
+            # which no config rebuilds
+            rerouted = any(saved_groups[was[n]].get("pipeline") != self.param_groups[now[n]]["pipeline"] for n in moved)
             raise ValueError(
                 f"different routing: the saved optimizer grouped these parameters otherwise: {where}; "
-                "kronopt.from_state_dict rebuilds the saved optimizer with its own routing"
+                + (
+                    "kronopt.from_state_dict rebuilds the saved optimizer with its own routing" if rerouted else
+                    "pass the param groups as the saved optimizer had them (its param_groups' param_names, in order)"
+                )
             )
 
     def _agree_to_load(self, error: BaseException | None) -> None:

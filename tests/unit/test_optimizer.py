@@ -731,9 +731,10 @@ def test_stagger_balances_phases_by_cost(gen):
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
 def test_a_blocks_trajectory_does_not_depend_on_how_many_blocks_share_its_bucket(preset, dtype):
     """Three same-shape parameters in one optimizer (one bucket of three) against three optimizers of one
-    each: the same weights bit for bit, first calls and refreshes included. Work sharding relies on it (an
-    owner stacks fewer blocks than the whole bucket; docs/distributed.md promises sharding on = off bit for
-    bit). Catches a kernel whose rounding depends on the stack's size (torch's CPU ``pow`` at ``-1/4`` in
+    each: the same weights bit for bit, first calls and refreshes included (the low-rank + flat presets to their
+    bfloat16 complement's rounding, below). Work sharding relies on it (an owner stacks fewer blocks than the
+    whole bucket; docs/distributed.md: sharding on = off bit for bit where the batched solvers round a block
+    alike wherever it sits). Catches a kernel whose rounding depends on the stack's size (torch's CPU ``pow`` at ``-1/4`` in
     shampoo's roots did) or a reduction that mixes the blocks of a stack."""
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(20, 12, generator=gen, dtype=dtype) for _ in range(3)]
