@@ -171,6 +171,11 @@ class KronConfig:
             with the step count and ``lr`` passed as tensors so they never recompile).
             Falls back to eager with a warning where compilation fails. Per group
             and per ``[fallback]``.
+        matmul_precision: the float32 products of the step (factors, bases, rotations):
+            ``"highest"`` runs them at full float32 precision whatever the process set for its
+            model (TF32 on a GPU, bfloat16 products on a CPU), restoring the process's setting
+            after the step; ``"inherit"`` leaves them to that setting (faster on a GPU with TF32,
+            less precise: the specs' arithmetic is float32's). Top-level only.
         max_skipped_steps: with ``"step"`` scope, ``step()`` raises
             ``FloatingPointError`` once this many consecutive steps were skipped
             (0: never). The count is read without a host synchronisation, so the
@@ -197,6 +202,9 @@ class KronConfig:
         default="step", converter=to_str, validator=in_(("step", "block"))
     )
     max_skipped_steps: int = attrs.field(default=0, converter=to_int, validator=ge(0))
+    matmul_precision: Literal["highest", "inherit"] = attrs.field(
+        default="highest", converter=to_str, validator=in_(("highest", "inherit"))
+    )
     compile: bool = attrs.field(default=False, converter=to_bool)
     factors: Any
     basis: Any

@@ -12,10 +12,11 @@ reported through a per-block mask rather than a host synchronisation, so the
 caller can keep its last good value with ``torch.where``.
 """
 
+import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -23,6 +24,44 @@ import torch
 from torch import Tensor
 
 from . import compiled
+
+# -- the process's float32 product precision ----------------------------------------------
+
+
+#: the backends whose float32 products torch may run at reduced precision: TF32 on a CUDA GPU, bfloat16
+#: (or TF32) through oneDNN on a CPU
+def _float32_product_backends() -> tuple[Any, ...]:
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    return tuple(b for b in backends if hasattr(b, "fp32_precision"))
+
+
+@contextlib.contextmanager
+def full_float32_products() -> Iterator[None]:
+    """Float32 products at full float32 precision inside the block, whatever the process set, restored after.
+
+    A training script commonly turns TF32 on for the model (``torch.set_float32_matmul_precision("high")``,
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``) or bfloat16 products on a CPU
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``): about 10 or 8 bits of the operands'
+    mantissas. The factors, their bases and the rotations of a float32 state would then lose digits the
+    specs assume (an eigenbasis refreshed from a TF32 product is orthonormal to about 1e-3). Each backend's
+    own setting (torch's per-backend API) is read and, where it is not ``"ieee"``, set to it for the block and
+    put back as it was: a process that used the legacy ``set_float32_matmul_precision`` keeps a consistent
+    state, so its later ``get_float32_matmul_precision()`` still answers. The settings are the process's:
+    another thread's products during the block run at full precision too. No host synchronisation.
+    """
+    backends = _float32_product_backends()
+    saved = [b.fp32_precision for b in backends]
+    if all(s == "ieee" for s in saved):
+        yield
+        return
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, s in zip(backends, saved):
+            b.fp32_precision = s
+
 
 # -- guards --------------------------------------------------------------------------
 

@@ -305,7 +305,7 @@ def _rate_args(group: dict[str, Any]) -> dict[str, Any]:
 
 
 #: config keys a param group may not set: the step reads them from the optimizer's own config alone
-_TOP_LEVEL_ONLY = ("distributed", "nonfinite", "nonfinite_scope", "max_skipped_steps")
+_TOP_LEVEL_ONLY = ("distributed", "nonfinite", "nonfinite_scope", "max_skipped_steps", "matmul_precision")
 
 
 class KronOptimizer(torch.optim.Optimizer):
@@ -685,6 +685,13 @@ class KronOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # the closure ran at the process's precision (the model's); the step's own products at float32's
+        with contextlib.nullcontext() if self.config.matmul_precision == "inherit" else linalg.full_float32_products():
+            self._step_taken()
+        return loss
+
+    def _step_taken(self) -> None:
+        """:meth:`_step` after the closure."""
         self._check_state()
         self._check_grads()
         self._check_rates()
@@ -735,7 +742,6 @@ class KronOptimizer(torch.optim.Optimizer):
             self._unstepped_placement = None
         if raising and self._pending:  # a finite gradient whose update overflowed: raised now, not a step late
             self._report_pending(wait=True)
-        return loss
 
     @property
     def _reports(self) -> bool:

@@ -1,0 +1,165 @@
+"""``matmul_precision``: the step's float32 products at full precision whatever the process set for its model.
+
+A training script that turns on TF32 (GPU) or bfloat16 products (CPU, oneDNN) for its model would
+otherwise run the factors, refreshes and rotations at 8–10 bits of mantissa. These tests use the CPU's
+bfloat16 setting, the one a CPU can show, and the CUDA backend's TF32 flag as it is read during a step.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kronopt
+from kronopt import linalg
+from kronopt.config import ConfigError
+
+BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+
+
+@pytest.fixture(autouse=True)
+def _restore_precision():
+    saved = [b.fp32_precision for b in BACKENDS]
+    yield
+    for b, s in zip(BACKENDS, saved):
+        b.fp32_precision = s
+
+
+def _bf16_products_change_float32() -> bool:
+    """Whether this CPU's oneDNN runs float32 products differently under the ``"bf16"`` setting (it does
+    where it has bfloat16 kernels; elsewhere the setting may be ignored, and the comparison proves nothing)."""
+    g = torch.Generator().manual_seed(0)
+    c, a = torch.randn(1, 24, 24, generator=g), torch.randn(1, 24, 40, generator=g)
+    full = torch.baddbmm(c, a, a.mT, beta=0.95, alpha=0.05)  # a factor update's product (oneDNN's at any size)
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        low = torch.baddbmm(c, a, a.mT, beta=0.95, alpha=0.05)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    return not torch.equal(full, low)
+
+
+needs_low_products = pytest.mark.skipif(
+    not _bf16_products_change_float32(), reason="this CPU's float32 products ignore the bfloat16 setting"
+)
+
+
+def _trajectory(preset: str, setting: str, **overrides) -> list[torch.Tensor]:
+    """Weights of a 24 × 40 and a 40 × 24 block (two buckets) after 12 steps, with the CPU's float32
+    product setting ``setting`` in force around every step (as a training script leaves it)."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(24, 40, generator=g) * 0.1), torch.nn.Parameter(torch.randn(40, 24, generator=g) * 0.1)]
+    opt = kronopt.build([(f"layer{i}.weight", p) for i, p in enumerate(params)], preset, **overrides)
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(12)]
+    torch.backends.mkldnn.matmul.fp32_precision = setting
+    try:
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr
+            opt.step()
+            assert torch.backends.mkldnn.matmul.fp32_precision == setting  # the process's setting is back
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    return [p.detach().clone() for p in params]
+
+
+@needs_low_products
+@pytest.mark.parametrize("preset", ["soap", "shampoo", "dykaf", "kl_shampoo", "pro_kl_shampoo"])
+def test_the_trajectory_ignores_the_processs_float32_product_setting(preset):
+    full = _trajectory(preset, "ieee")
+    under_bf16 = _trajectory(preset, "bf16")
+    for a, b in zip(full, under_bf16):
+        assert torch.equal(a, b)
+
+
+@needs_low_products
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
+def test_inherit_runs_the_products_at_the_processs_setting(preset):
+    full = _trajectory(preset, "ieee", matmul_precision="inherit")
+    under_bf16 = _trajectory(preset, "bf16", matmul_precision="inherit")
+    assert any(not torch.equal(a, b) for a, b in zip(full, under_bf16))
+
+
+class _RecordSettings(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm, torch.ops.aten.mm):
+            self.seen.add((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_product_of_a_step_runs_with_both_backends_at_ieee():
+    p = torch.nn.Parameter(torch.randn(16, 12))
+    opt = kronopt.build([("w", p)], "soap")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    record = _RecordSettings()
+    for _ in range(3):
+        p.grad = torch.randn(16, 12)
+        with record:
+            opt.step()
+    assert record.seen == {("ieee", "ieee")}
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
+
+
+def test_the_closure_runs_at_the_processs_setting():
+    p = torch.nn.Parameter(torch.randn(16, 12))
+    opt = kronopt.build([("w", p)], "soap")
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    seen = []
+
+    def closure():
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        p.grad = torch.randn(16, 12)
+        return torch.tensor(1.0)
+
+    assert opt.step(closure).item() == 1.0
+    assert seen == ["bf16"]
+
+
+def test_the_setting_is_restored_when_the_step_raises():
+    p = torch.nn.Parameter(torch.randn(16, 12))
+    opt = kronopt.build([("w", p)], "soap", nonfinite="raise")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    p.grad = torch.full((16, 12), float("nan"))
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def test_a_process_on_the_legacy_api_can_still_read_its_precision_after_a_step():
+    # torch refuses get_float32_matmul_precision() once the per-backend settings disagree; a step that
+    # restored them only in part would break a training script that reads it later (Lightning does)
+    saved = torch.get_float32_matmul_precision()
+    p = torch.nn.Parameter(torch.randn(16, 12))
+    opt = kronopt.build([("w", p)], "soap")
+    try:
+        for setting in ("high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            p.grad = torch.randn(16, 12)
+            opt.step()
+            assert torch.get_float32_matmul_precision() == setting
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_full_float32_products_leaves_an_ieee_process_untouched_and_restores_on_error():
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    with pytest.raises(RuntimeError, match="inside"):
+        with linalg.full_float32_products():
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+            raise RuntimeError("inside")
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
+def test_matmul_precision_is_validated_and_top_level_only():
+    with pytest.raises(ConfigError, match="matmul_precision"):
+        kronopt.build([("w", torch.nn.Parameter(torch.randn(4, 4)))], "soap", matmul_precision="tf32")
+    p, q = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises((ConfigError, ValueError), match="matmul_precision"):
+        kronopt.build([{"params": [("w", p)]}, {"params": [("v", q)], "matmul_precision": "inherit"}], "soap")
+    cfg = kronopt.config.from_dict({**kronopt.config.to_dict(kronopt.presets.SOAP), "matmul_precision": "inherit"})
+    assert kronopt.config.from_dict(kronopt.config.to_dict(cfg)).matmul_precision == "inherit"
+    assert kronopt.presets.SOAP.matmul_precision == "highest"
