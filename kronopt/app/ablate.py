@@ -52,6 +52,7 @@ from .train import (
     add_task_arguments,
     plot_losses,
     remove_run_files,
+    resolve_device,
     task_from_args,
     task_from_dict,
     task_to_dict,
@@ -108,6 +109,9 @@ class Tune:
         if self.lr is not None:
             factor = (lambda x: x / default_lr) if default_lr > 0 else (lambda x: None)
             return tuple(sorted(((x, factor(x)) for x in self.lr), key=lambda p: p[0]))
+        if self.lr_mult is not None and default_lr <= 0:  # every multiple would be lr 0: one lr, not a grid
+            raise ConfigError([("tune.lr_mult", f"multiplies the variant's lr, which is {default_lr!r}: every grid "
+                                "point would have that lr; give absolute learning rates (tune.lr) instead")])
         return tuple(sorted(((default_lr * m, m) for m in self.lr_mult or (1.0,)), key=lambda p: p[0]))
 
     def seeds_for(self, task: TaskConfig) -> tuple[int, ...]:
@@ -367,6 +371,13 @@ def parse_ablation(raw: Mapping[str, Any], *, name: str = "ablation", relative_t
     names = [v.name for v in variants]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(("variant", f"the name {dup!r} is used twice"))
+    dirs: dict[str, str] = {}
+    for n in names:  # two names, one run directory: the second's runs would replace the first's
+        d = _safe(n).casefold()  # casefold: a case-insensitive file system
+        if d in dirs and dirs[d] != n:
+            errors.append(("variant", f"the names {dirs[d]!r} and {n!r} share the run directory {_safe(n)!r}; "
+                           "rename one"))
+        dirs.setdefault(d, n)
     if not variants and not errors:
         errors.append(("", "no variants: give [[variant]] tables or a [sweep]"))
     if errors:
@@ -592,6 +603,27 @@ def read_unit(path: Path, unit: Unit) -> UnitResult | None:
         return None
 
 
+#: the file of a unit's run directory that names the unit (its cache key), written by :func:`run_ablation`
+UNIT_FILE = "unit.key"
+
+
+def _holds_another_run(run_dir: Path, unit: Unit) -> bool:
+    """Whether ``run_dir`` holds the files of a run other than ``unit``'s.
+
+    A run directory is named after the variant, lr and seed only, so another run of them (another task, another
+    config of the variant, into the same output directory) may have replaced it since ``unit`` was cached. A run
+    written by :func:`run_ablation` names its unit in :data:`UNIT_FILE` (one of ``train.RUN_FILES``, so any later
+    run there removes it); a directory without a run (the cache moved elsewhere, the files removed) contradicts
+    nothing.
+    """
+    if not (run_dir / "config.toml").is_file():
+        return False
+    try:
+        return (run_dir / UNIT_FILE).read_text(encoding="utf-8").strip() != unit.key
+    except OSError:
+        return True
+
+
 def plan_units(variant: Variant, tune: Tune, task: TaskConfig, *, data_digest: str | None = None) -> tuple[Unit, ...]:
     """Every unit of ``variant``: its lr grid (around its own resolved lr) × the seeds, by lr then seed.
 
@@ -798,7 +830,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name) or "variant"
+    """The directory name of a variant's runs: never ``.`` or ``..`` (the output directory or its parent)."""
+    out = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
+    if not out.strip("."):
+        out = out.replace(".", "_")
+    return out or "variant"
 
 
 def run_ablation(
@@ -825,6 +861,8 @@ def run_ablation(
             variant — or an unknown name in ``only``; before any training.
     """
     task = task if task is not None else task_from_dict(ablation.task)
+    if task.device == "auto":  # key (and run) every unit on the device "auto" resolves to here: a unit trained on
+        task = attrs.evolve(task, device=resolve_device("auto").type)  # the CPU is not reused where CUDA is seen
     out = Path(out_dir) if out_dir is not None else None
     unknown = sorted(set(only) - {v.name for v in ablation.variants})
     if unknown:
@@ -853,7 +891,10 @@ def run_ablation(
         for unit in plan:
             done += 1
             path = None if out is None else out / "units" / f"{unit.key}.json"
+            run_dir = None if out is None else out / _safe(variant.name) / f"lr{unit.lr:.6g}-seed{unit.seed}"
             cached = None if path is None or fresh else read_unit(path, unit)
+            if cached is not None and run_dir is not None and _holds_another_run(run_dir, unit):
+                cached = None  # its run directory holds another run now: trained again, so table and files agree
             if cached is not None:
                 results.append(cached)
                 reused += 1
@@ -861,7 +902,6 @@ def run_ablation(
             if corpus is None:
                 corpus = load_corpus(task.data, context=task.context)  # once, for every unit
             desc = f"[{done}/{total}] {variant.name} lr={unit.lr:.3g} seed={unit.seed}"
-            run_dir = None if out is None else out / _safe(variant.name) / f"lr{unit.lr:.6g}-seed{unit.seed}"
             if run_dir is not None:  # a stale run of this unit (other data, task or --fresh): replaced, not mixed in
                 remove_run_files(run_dir)
             try:
@@ -875,6 +915,8 @@ def run_ablation(
                 ran += 1
                 continue
             result = _result_of_run(unit, run)
+            if run_dir is not None and run_dir.is_dir():
+                (run_dir / UNIT_FILE).write_text(unit.key + "\n", encoding="utf-8")
             if path is not None:
                 write_unit(path, unit, result)
             results.append(result)
@@ -893,8 +935,10 @@ def run_ablation(
 
 def format_table(result: AblationResult) -> str:
     """The summary as a fixed-width text table: one row per variant, at its best lr."""
-    header = ["variant", "status", "best lr", "val loss (mean ± std, n)", "train loss", "steps→target", "s→target",
-              "ms/opt step", "opt state MiB", "note"]
+    # one lr per variant (no [tune] grid): the lr column names the variant's own lr, not the best of a search
+    tuned = any(len(v.lrs) > 1 for v in result.variants)
+    header = ["variant", "status", "best lr" if tuned else "lr (fixed)", "val loss (mean ± std, n)", "train loss",
+              "steps→target", "s→target", "ms/opt step", "opt state MiB", "note"]
 
     def cell(value: float | None, fmt: str) -> str:
         return "—" if value is None else format(value, fmt)
@@ -1083,7 +1127,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def add_subcommand(sub: Any) -> None:
     p = sub.add_parser(
         "ablate",
-        help="train several optimizers on the default task, tune their lr, compare loss, time to target and memory",
+        help="train several optimizers on the default task (each at its own lr, or the best of an lr grid), compare loss, time to target and memory",
         description="Run every variant of an ablation file (see docs/ablations.md) on the same task and data, "
         "on the lr grid and seeds of its [tune] table; report each variant at its best lr; write results.csv, "
         "grid.csv, results.json, loss.png, lr.png and cost.png. Finished runs are cached in the output "

@@ -16,9 +16,11 @@ returns a :class:`RunResult`; with ``out_dir`` it also writes a run directory:
     :meth:`RunResult.summary`: final losses, median times, optimizer state bytes,
     peak memory, status;
 ``loss.png``
-    the loss curves (needs matplotlib, the ``cli`` extra).
+    the loss curves (needs matplotlib, the ``cli`` extra);
+``unit.key``
+    written by ``kronopt ablate`` only: the cache key of the unit whose run this is.
 
-These five names are :data:`RUN_FILES`. A directory holds one run: :func:`train`
+These six names are :data:`RUN_FILES`. A directory holds one run: :func:`train`
 refuses one that holds any of them (an earlier run's) unless told to overwrite,
 and then removes exactly those files first, never anything else there.
 """
@@ -75,7 +77,7 @@ EVAL_SEED_OFFSET = 1_000_003
 
 
 #: the files :func:`train` writes into a run directory, and the only ones ``overwrite`` removes
-RUN_FILES: tuple[str, ...] = ("config.toml", "task.toml", "metrics.jsonl", "summary.json", "loss.png")
+RUN_FILES: tuple[str, ...] = ("config.toml", "task.toml", "metrics.jsonl", "summary.json", "loss.png", "unit.key")
 
 
 def earlier_run_files(out: Path) -> list[str]:

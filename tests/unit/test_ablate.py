@@ -127,7 +127,7 @@ def test_failing_variants_are_reported_and_the_others_still_run(tmp_path, capsys
     assert doc["ablation"] == "mixed" and doc["task"]["steps"] == 4 and len(doc["results"]) == 5
     lines = text.splitlines()
     assert lines[1].startswith("target validation loss")
-    assert lines[2].split()[:4] == ["variant", "status", "best", "lr"]
+    assert lines[2].split()[:4] == ["variant", "status", "lr", "(fixed)"]  # one lr each: no grid was searched
     assert any(line.startswith("no_preset") and "failed" in line and "unknown preset" in line for line in lines)
 
 
