@@ -758,11 +758,13 @@ class KronOptimizer(torch.optim.Optimizer):
     def _check_grads(self) -> None:
         """A gradient the step cannot take, refused before anything changes, naming its parameter: a sparse one
         (``nn.Embedding(sparse=True)``), or one whose shape is not its parameter's (which torch's own check
-        lets through ``p.grad.data = ...``; reshaped into the block, it would step the wrong entries)."""
+        lets through ``p.grad.data = ...``; reshaped into the block, it would step the wrong entries), or a complex
+        one on a real parameter (possible with ``p.grad_dtype = None``: its imaginary part would be dropped by the cast
+        to the state dtype, or the finiteness check fail with an error naming no parameter)."""
         dense = torch.strided
         bad = [
             (b, p) for b in self._buckets for p in b.blocks
-            if (g := p.grad) is not None and (g.layout is not dense or g.shape != p.shape)
+            if (g := p.grad) is not None and (g.layout is not dense or g.shape != p.shape or g.is_complex())
         ]
         if getattr(self, "_non_float", False):
             for gi, group in enumerate(self.param_groups):
@@ -775,9 +777,13 @@ class KronOptimizer(torch.optim.Optimizer):
         if bad:
             bucket, p = bad[0]
             g = p.grad
-            what = f"a {g.layout} gradient" if g.layout is not dense else f"a gradient of shape {tuple(g.shape)}"  # type: ignore[union-attr]
+            what = (
+                f"a {g.layout} gradient" if g.layout is not dense  # type: ignore[union-attr]
+                else f"a complex ({g.dtype}) gradient" if g.is_complex()  # type: ignore[union-attr]
+                else f"a gradient of shape {tuple(g.shape)}"  # type: ignore[union-attr]
+            )
             raise RuntimeError(
-                f"{self._name(bucket.group, p)} has {what}: kronopt steps dense gradients of the parameter's "
+                f"{self._name(bucket.group, p)} has {what}: kronopt steps dense real gradients of the parameter's "
                 f"shape {tuple(p.shape)} (for an embedding, build it with sparse=False); nothing was changed"
             )
 
