@@ -13,6 +13,10 @@ from .optimizer import KronOptimizer
 from .presets import PRESETS
 from .registry import BASES, FACTORS, INNER_RULES, REFRESH, SLOTS, SPLITS, PluginLoadError, Registry
 
+for _registry in SLOTS.values():  # the built-ins are in: a later registration checks the plugins first
+    _registry._discover_on_register = True
+del _registry
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -400,20 +400,18 @@ def _check_compatible_anyway(
 ) -> None:
     """:func:`_check_compatible` and :func:`_check_route` on a config that has errors already, so that an
     incompatible combination of stages, or a route to a missing fallback, is listed beside them: on the config
-    ``make`` builds from the ``parts`` that passed (a record or a value in error at its default, or as it was),
-    and only where every stage was built (a stage in error could not be judged: the combination would name a
-    stage the user is replacing). The route is judged where neither it nor a given ``[fallback]`` failed."""
-    if any(slot in parts and parts[slot] is None for slot in STAGE_SLOTS if slot != "refresh"):
-        return
+    ``make`` builds from the ``parts`` that passed (a record or a value in error at its default, or as it was).
+    A stage in error is not judged (the combination would name a stage the user is replacing, or judge options
+    the user did not give): every check that involves it is skipped, the others run. The route is judged where
+    neither it nor a given ``[fallback]`` failed."""
     failed = {k for k, v in parts.items() if v is None}
     kept = {k: v for k, v in parts.items() if v is not None}
-    if "refresh" in failed:  # no stage combination involves the schedule: any stands in for one in error
-        kept["refresh"] = SLOTS["refresh"].get("every")()
+    kept.update({slot: None for slot in STAGE_SLOTS if slot in failed})  # the checks that involve it are skipped
     try:
         cfg = make(kept)
     except (TypeError, ValueError):  # cross-field checks of the constructor: the parts make no config
         return
-    _check_compatible(cfg, prefix, errors)
+    _check_compatible(cfg, prefix, errors, failed=frozenset(failed & set(STAGE_SLOTS)))
     if not failed & {"route", "fallback"}:
         _check_route(cfg, prefix, errors, allow_fallback=allow_fallback, fallback_given=fallback_given)
 
@@ -424,13 +422,23 @@ def _check_route(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]], *,
         errors.append((_join(prefix, "route"), "sends parameters to the fallback, but there is no [fallback] table"))
 
 
-def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]]) -> None:
-    """Cross-stage checks: a combination that cannot work fails here, naming the stages."""
-    try:
-        keys = {slot: SLOTS[slot].key_of(type(stage)) for slot, stage in cfg.stages().items()}
-    except KeyError:  # a stage object built outside the registries
-        keys = {slot: type(stage).__name__ for slot, stage in cfg.stages().items()}
-    caps = {slot: capabilities(stage) for slot, stage in cfg.stages().items() if slot != "refresh"}
+def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]], *, failed: frozenset[str] = frozenset()) -> None:
+    """Cross-stage checks: a combination that cannot work fails here, naming the stages. ``failed``: the stage
+    slots in error (stand-ins in ``cfg``); a check that involves one of them is skipped."""
+
+    def judged(*slots: str) -> bool:
+        return failed.isdisjoint(slots)
+
+    stages = {slot: stage for slot, stage in cfg.stages().items() if slot not in failed}
+
+    def key(slot: str, stage: Any) -> str:
+        try:
+            return SLOTS[slot].key_of(type(stage))
+        except KeyError:  # a stage object built outside the registries
+            return type(stage).__name__
+
+    keys = {slot: key(slot, stage) for slot, stage in stages.items()}
+    caps = {slot: capabilities(stage) for slot, stage in stages.items() if slot != "refresh"}
 
     def able(slot: str, wanted: Callable[[Any], bool]) -> str:
         """The registered keys of ``slot`` whose capabilities satisfy ``wanted``."""
@@ -443,19 +451,21 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
             f"counts steps skipped whole, which nonfinite_scope = {cfg.nonfinite_scope!r} never skips; "
             "use nonfinite_scope = 'step', or max_skipped_steps = 0",
         ))
-    if caps["basis"].needs_factors and not caps["factors"].provides_factors:
+    if judged("basis", "factors") and caps["basis"].needs_factors and not caps["factors"].provides_factors:
         errors.append((
             _join(prefix, "basis.type"),
             f"basis {keys['basis']!r} needs Kronecker factors, but factors {keys['factors']!r} keeps none; "
             f"use factors of type: {able('factors', lambda c: c.provides_factors)}",
         ))
-    if caps["inner"].needs_eigvals and not (caps["basis"].provides_eigvals or caps["factors"].provides_eigvals):
+    if judged("inner", "basis", "factors") and caps["inner"].needs_eigvals and not (
+        caps["basis"].provides_eigvals or caps["factors"].provides_eigvals
+    ):
         errors.append((
             _join(prefix, "inner.type"),
             f"inner {keys['inner']!r} needs eigenvalue estimates, but neither basis {keys['basis']!r} nor "
             f"factors {keys['factors']!r} provides them; use a basis of type: {able('basis', lambda c: c.provides_eigvals)}",
         ))
-    if getattr(cfg.factors, "beta", None) == BETA_TIE:
+    if judged("factors", "inner") and getattr(cfg.factors, "beta", None) == BETA_TIE:
         betas = getattr(cfg.inner, "betas", None)
         if not (isinstance(betas, tuple) and len(betas) == 2):
             errors.append((
@@ -468,7 +478,7 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
                 cfg.bound()
             except (TypeError, ValueError) as exc:
                 errors.append((_join(prefix, "factors.beta"), f"{BETA_TIE!r} = inner.betas[1] = {betas[1]!r}: {exc}"))
-    if cfg.post.graft_betas[0] == MOMENTUM_TIE:
+    if judged("inner") and cfg.post.graft_betas[0] == MOMENTUM_TIE:
         try:
             first_moment_beta(cfg.inner)
         except AttributeError:
@@ -477,9 +487,10 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
                 f"{MOMENTUM_TIE!r} ties the graft's β₁ to the inner rule's momentum, but inner {keys['inner']!r} has "
                 "neither a momentum nor betas; give a number",
             ))
-    if caps["split"].restricts:
-        stages = cfg.stages()
+    if judged("split") and caps["split"].restricts:
         for slot in ("factors", "basis", "inner"):
+            if not judged(slot):
+                continue
             if not caps[slot].supports_restricted:
                 errors.append((
                     _join(prefix, f"{slot}.type"),
@@ -493,7 +504,7 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
             if found is not None:
                 option, why = found
                 errors.append((_join(prefix, f"{slot}.{option}"), f"split {keys['split']!r} keeps a restricted side: {why}"))
-        if not caps["inner"].exposes_moment:
+        if judged("inner") and not caps["inner"].exposes_moment:
             errors.append((
                 _join(prefix, "inner.type"),
                 f"split {keys['split']!r} orthogonalizes the complement of the inner rule's first moment, "
@@ -504,7 +515,7 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
         # is then expressed in the subspace the basis holds. Without either, the estimator updates (S, mu) in
         # the basis's starting coordinates and the first refresh moves U away from them
         # asked of the schedule itself (Refresh.due), so a refresh stage of any type is judged
-        at_first_call = cfg.refresh.due(0, first_call=True)
+        at_first_call = cfg.refresh.due(0, first_call=True) if judged("refresh") else True
         if not cfg.skip_first_call or not at_first_call:
             option = (
                 "skip_first_call" if not cfg.skip_first_call

@@ -151,8 +151,13 @@ def check_stage(contract: SlotContract, cls: type, key: str) -> _Checked:
     )
     if not isinstance(cls, type):
         raise StageContractError(f"{where} is not a class")
-    fields = {f.name for f in attrs.fields(cls)} if attrs.has(cls) else set()
-    if attrs.has(cls) and any(f.alias == "type" for f in attrs.fields(cls) if f.init):
+    if not attrs.has(cls):
+        raise StageContractError(
+            f"{where} is not an attrs class: a stage is a frozen record of its options, which configs build, "
+            "validate and write back; decorate it with @attrs.frozen(kw_only=True)"
+        )
+    fields = {f.name for f in attrs.fields(cls)}
+    if any(f.alias == "type" for f in attrs.fields(cls) if f.init):
         raise StageContractError(
             f"{where} has an option named 'type', the key by which a config table names its stage: rename the option"
         )
@@ -267,6 +272,9 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         self._entry_points = entry_points
         self._plugins: dict[str, importlib.metadata.EntryPoint] | None = None
+        #: set once kronopt's built-ins are registered (kronopt/__init__.py): a later registration (user code)
+        #: discovers the plugins first, so that a key an installed plugin declares is refused at once
+        self._discover_on_register = False
 
     # -- registration -------------------------------------------------------------
     def _check_key(self, key: str) -> None:
@@ -286,12 +294,18 @@ class Registry(Generic[T]):
 
     def _add(self, entry: Entry[T], *, stacklevel: int = 3) -> None:
         loading = entry.key == self._loading  # a plugin registering itself on import
-        if entry.source == "kronopt" and self._plugins and entry.key in self._plugins and not loading:
-            ep = self._plugins[entry.key]
+        if not loading and self._discover_on_register and self._plugins is None:
+            self.plugins()  # imports nothing
+        ep = (self._plugins or {}).get(entry.key)
+        if entry.source == "kronopt" and ep is not None and not loading and entry.cls.__module__ != ep.module:
+            what = "built-in" if entry.cls.__module__.startswith("kronopt.") else "registered"
             raise PluginError(
-                f"built-in {self.slot} stage {entry.key!r} collides with the plugin of that name from "
-                f"distribution {_distribution_name(ep)!r}"
+                f"{what} {self.slot} stage {entry.key!r} ({entry.cls.__module__}.{entry.cls.__qualname__}) collides "
+                f"with the plugin of that name from distribution {_distribution_name(ep)!r}; register it under "
+                "another key"
             )
+        if ep is not None and entry.source == "kronopt" and entry.cls.__module__ == ep.module:  # its module, imported
+            entry = attrs.evolve(entry, source=_distribution_name(ep))
         old = self._entries.get(entry.key)
         if old is not None:
             raise ValueError(
@@ -335,6 +349,8 @@ class Registry(Generic[T]):
         The class and the key are checked like a registered one's.
         """
         self._check_key(key)
+        if self._discover_on_register and self._plugins is None:
+            self.plugins()  # a later discovery must not take the override for a colliding stage
         old = self._entries.get(key)
         entry = Entry(key=key, cls=cls, description=description, source="override")
         self._check(entry, stacklevel=3)
@@ -364,6 +380,9 @@ class Registry(Generic[T]):
                         "identifier; rename its entry point"
                     )
                 old = self._entries.get(ep.name)
+                if old is not None and old.source == "override":  # shadows the plugin until restored
+                    found[ep.name] = ep
+                    continue
                 if old is not None:
                     if old.cls.__module__ == ep.module:  # the plugin's module was imported and registered itself
                         self._entries[ep.name] = attrs.evolve(old, source=dist)

@@ -7,6 +7,7 @@ gradient family of :mod:`tests.strategies`. A plugin is supported only if it
 passes (STYLE.md §2.7).
 """
 
+import contextlib
 import itertools
 import zlib
 
@@ -216,6 +217,46 @@ def _check_sides(cfg, layout, state, dtype, device):
                 assert T.shape == (b, d, d) and T.dtype == dtype and T.device == device, (name, side, T.shape, T.dtype)
 
 
+def _snapshot(state):
+    return {k: v.clone() for k, v in compose.flatten(state).items() if isinstance(v, torch.Tensor)}
+
+
+def _check_unchanged(before, state, where):
+    """A stage's methods are pure: the state a call started from is left as it was."""
+    for path, value in compose.flatten(state).items():
+        if path in before:
+            assert torch.equal(before[path], value), f"{where}: the step changed the old state {path} in place"
+
+
+def _check_symmetric_factors(cfg, layout, state, where):
+    if not capabilities(cfg.factors).provides_factors:
+        return
+    for side, X in zip(("left", "right"), cfg.factors.factors(state.factors)):
+        if getattr(layout, side) == "full" and X is not None:
+            assert torch.equal(X, X.mT), f"{where}: the {side} factor is not exactly symmetric"
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Nothing in a step reads tensor values on the host (tests/unit/test_no_host_sync.py, for every stage)."""
+    from kronopt import linalg
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a stage read a tensor value on the host (.item(), bool(), float(), .tolist()) inside the step")
+
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")}
+    verdicts = linalg._CPU_HOST_VERDICTS
+    linalg._CPU_HOST_VERDICTS = False
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, boom)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        linalg._CPU_HOST_VERDICTS = verdicts
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("left,right", LAYOUTS)
@@ -231,12 +272,46 @@ def test_init_and_update_keep_shape_dtype_device(slot, key, left, right, dtype, 
     gen = generator(zlib.crc32(f"{slot}/{key}/{left}/{right}".encode()))
     for call in range(4):
         G = randn(gen, b, m, n, dtype=dtype).to(device)
-        D, state = compose.step(cfg, layout, state, G)
+        G_seen, old = G.clone(), _snapshot(state)
+        with _no_host_reads():
+            D, new = compose.step(cfg, layout, state, G)
         assert D is not None
-        assert D.shape == (b, m, n) and D.dtype == dtype and D.device == device, (call, D.shape, D.dtype, D.device)
+        assert D.shape == (b, m, n) and D.dtype == dtype and D.device == device, (
+            f"call {call}: the direction has shape {tuple(D.shape)}, dtype {D.dtype}, device {D.device}; "
+            f"expected {(b, m, n)}, {dtype}, {device}"
+        )
+        assert torch.equal(G, G_seen), f"call {call}: the step changed its gradient G in place"
+        _check_unchanged(old, state, f"call {call}")
+        state = new
         _check_same_structure(first, _tensors(state), f"call {call}")
         _check_sides(cfg, layout, state, dtype, device)
+        _check_symmetric_factors(cfg, layout, state, f"call {call}")
     assert state.step == 4 and state.calls == 4
+
+
+@pytest.mark.parametrize("left,right", [("full", "full"), ("none", "none")])
+@pytest.mark.parametrize("slot,key", ENTRIES)
+def test_a_bucket_equals_its_blocks_run_alone(slot, key, left, right):
+    """Batching changes nothing (docs/extending.md §3): each block of a bucket of 3 gets the direction it gets
+    in a bucket of its own, in float64 (square full-rank blocks: no degenerate eigenspace makes the basis
+    arbitrary)."""
+    cfg = pipeline_for(slot, key)
+    b, d = 3, 4
+    layout = types.Layout(batch=b, m=d, n=d, left=left, right=right)
+    one = attrs.evolve(layout, batch=1)
+    kw = {"dtype": torch.float64, "device": torch.device("cpu")}
+    state = compose.init_state(cfg, layout, **kw)
+    singles = [compose.init_state(cfg, one, **kw) for _ in range(b)]
+    gen = generator(zlib.crc32(f"batch/{slot}/{key}/{left}".encode()))
+    for call in range(4):
+        G = randn(gen, b, d, d, dtype=torch.float64)
+        D, state = compose.step(cfg, layout, state, G)
+        for i in range(b):
+            D_i, singles[i] = compose.step(cfg, one, singles[i], G[i : i + 1].clone())
+            torch.testing.assert_close(
+                D_i[0], D[i], rtol=1e-8, atol=1e-10,
+                msg=lambda msg, i=i, call=call: f"call {call}: block {i} of a bucket differs from the block run alone: {msg}",
+            )
 
 
 def _finite_state(state):
