@@ -5,9 +5,10 @@ input shapes. Stages never call :mod:`torch.linalg` directly.
 
 Precision policy: matrix functions (``eigh``, QR) run in the dtype of their
 input, which is the state dtype (float32 by default, float64 when parameters are
-float64); an ``eigh`` that fails is retried once in float64 and cast back, and a
-second failure raises :class:`ArithmeticError` (a first call's SVD is retried alike and
-then falls back: :func:`_svd_retried`). Outputs that are not finite are
+float64); an ``eigh`` that fails is retried once in float64 and cast back, then
+block by block, so that a block that fails in both dtypes is flagged alone (:func:`eigh_descending`
+raises :class:`ArithmeticError` only where every block failed); a first call's SVD is retried alike and
+then falls back, for the failing blocks alone (:func:`_svd_retried`). Outputs that are not finite are
 reported through a per-block mask rather than a host synchronisation, so the
 caller can keep its last good value with ``torch.where``.
 """
@@ -698,12 +699,14 @@ _DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
 )
 
 
-def _svd_retried(G: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor] | None:
-    """:func:`_svd` in ``G``'s dtype, retried once in float64 (and cast back) as :func:`eigh_descending` is;
-    ``None``, with a warning naming ``what`` falls back, when both fail (the caller's fallback takes over).
-    An error of the device (``_DEVICE_ERRORS``) is raised as it came."""
+def _svd_retried(G: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
+    """:func:`_svd` in ``G``'s dtype, retried once in float64 (and cast back) as :func:`eigh_descending` is,
+    then block by block (each in ``G``'s dtype, then float64): ``(U, S, Vh, ok)`` with ``ok`` ``None`` where
+    every block was solved, else a ``(b)`` mask of the blocks solved (the others hold zeros: their caller's
+    fallback takes over for them alone); ``None``, with a warning naming ``what`` falls back, when every block
+    fails. An error of the device (``_DEVICE_ERRORS``) is raised as it came."""
     try:
-        return _svd(G)
+        return (*_svd(G), None)
     except _DEVICE_ERRORS:
         raise
     except RuntimeError as first:
@@ -712,14 +715,32 @@ def _svd_retried(G: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor] | None:
         except _DEVICE_ERRORS:
             raise
         except RuntimeError as second:
+            parts, ok = [], []
+            for X in G.split(1):
+                for dtype in (G.dtype, torch.float64):
+                    try:
+                        parts.append(tuple(t.to(G.dtype) for t in _svd(X.to(dtype))))
+                    except _DEVICE_ERRORS:
+                        raise
+                    except RuntimeError:
+                        continue
+                    ok.append(True)
+                    break
+                else:
+                    k = min(X.shape[-2:])
+                    parts.append((X.new_zeros(1, X.shape[-2], k), X.new_zeros(1, k), X.new_zeros(1, k, X.shape[-1])))
+                    ok.append(False)
             warnings.warn(
-                f"kronopt: the SVD of {what} failed in {G.dtype} ({first}) and in float64 ({second}); "
-                "its fallback is used instead",
+                f"kronopt: the SVD of {what} failed in {G.dtype} ({first}) and in float64 ({second}) for "
+                f"{ok.count(False)} of {len(ok)} blocks; their fallback is used instead",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return None
-        return U.to(G.dtype), S.to(G.dtype), Vh.to(G.dtype)
+            if not any(ok):
+                return None
+            U, S, Vh = (torch.cat(t) for t in zip(*parts))
+            return U, S, Vh, torch.tensor(ok, device=G.device)
+        return U.to(G.dtype), S.to(G.dtype), Vh.to(G.dtype), None
 
 
 def eigh_descending(A: Tensor) -> Eigh:
@@ -733,8 +754,13 @@ def eigh_descending(A: Tensor) -> Eigh:
     positive (a deterministic convention; every consumer in kronopt is invariant to
     column signs).
 
+    A batched solver fails for the whole batch when one block fails; where the float64 retry fails
+    too, the blocks are solved one at a time (each in ``A``'s dtype, then in float64), so a block
+    that fails in both dtypes comes back not ``ok`` (NaN) and the others as a batch of their own
+    would have them (one bad block does not cost its bucket the refresh).
+
     Raises:
-        ArithmeticError: the float64 retry failed too.
+        ArithmeticError: every block failed in both dtypes.
     """
     _check_batched_square("A", A)
     try:
@@ -747,7 +773,9 @@ def eigh_descending(A: Tensor) -> Eigh:
         except _DEVICE_ERRORS:
             raise
         except RuntimeError as second:
-            raise ArithmeticError(f"eigh failed in {A.dtype} ({first}) and in float64 ({second})") from second
+            lam, Q = _eigh_block_by_block(A)
+            if lam is None:
+                raise ArithmeticError(f"eigh failed in {A.dtype} ({first}) and in float64 ({second})") from second
         lam, Q = lam.to(A.dtype), Q.to(A.dtype)
     lam, Q = lam.flip(-1), Q.flip(-1)
     pivot = Q.abs().argmax(dim=-2, keepdim=True)
@@ -755,6 +783,32 @@ def eigh_descending(A: Tensor) -> Eigh:
     Q = Q * torch.where(signs == 0, torch.ones_like(signs), signs)
     ok = torch.isfinite(lam).all(dim=-1) & torch.isfinite(Q).all(dim=(-2, -1))
     return Eigh(lam=lam, Q=Q, ok=ok)
+
+
+def _eigh_block_by_block(A: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`_eigh` of each block of ``A`` alone, in its dtype and, where that fails, in float64: NaN for a
+    block that fails in both; ``(None, None)`` where every block does. Only after the batch failed in both
+    dtypes (the host is waited for there anyway)."""
+    lams, Qs, solved = [], [], False
+    for X in A.split(1):
+        for dtype in (A.dtype, torch.float64):
+            try:
+                lam, Q = _eigh(X.to(dtype))
+            except _DEVICE_ERRORS:
+                raise
+            except RuntimeError:
+                continue
+            lams.append(lam.to(A.dtype))
+            Qs.append(Q.to(A.dtype))
+            solved = True
+            break
+        else:
+            lams.append(torch.full(X.shape[:-1], math.nan, dtype=A.dtype, device=A.device))
+            Qs.append(torch.full(X.shape, math.nan, dtype=A.dtype, device=A.device))
+    if not solved:
+        return None, None
+    # column-major, as the solver returns a stack (products that read a basis may round by its layout)
+    return torch.cat(lams), torch.cat([Q.mT for Q in Qs]).mT
 
 
 def rayleigh_quotients(A: Tensor, Q: Tensor) -> Tensor:
@@ -1719,8 +1773,15 @@ def top_singular_triplet(G: Tensor) -> SingularTriplet:
     svd = _svd_retried(G, "the first gradient (the dominant singular triplet)")
     if svd is None:
         return top_singular_triplet_power(G, FALLBACK_POWER_ITERS)
-    U, S, Vh = svd
-    return SingularTriplet(sigma=S[:, 0], u=U[:, :, 0], v=Vh[:, 0, :])
+    U, S, Vh, ok = svd
+    top = SingularTriplet(sigma=S[:, 0], u=U[:, :, 0], v=Vh[:, 0, :])
+    if ok is None:
+        return top
+    power = top_singular_triplet_power(G, FALLBACK_POWER_ITERS)  # for the blocks the SVD failed on, alone
+    return SingularTriplet(
+        sigma=select_blocks(ok, top.sigma, power.sigma), u=select_blocks(ok, top.u, power.u),
+        v=select_blocks(ok, top.v, power.v),
+    )
 
 
 #: power iterations of :func:`top_singular_triplet`'s fallback, where the SVD fails in both dtypes
@@ -2163,10 +2224,20 @@ def top_right_singular(G: Tensor, r: int) -> Tensor:
         return G.new_zeros(b, n, 0)
     svd = _svd_retried(G, "the first gradient (a restricted side's first subspace)")
     Vh = G.new_zeros(b, 0, n) if svd is None else svd[2]
+    V = _completed(Vh, r)
+    if svd is not None and svd[3] is not None:  # the blocks the SVD failed on alone: every column spread
+        V = select_blocks(svd[3], V, _completed(Vh[:, :0, :], r))
+    return V
+
+
+def _completed(Vh: Tensor, r: int) -> Tensor:
+    """:func:`top_right_singular`'s ``b n r`` from the rows of ``Vh (b k n)``: its first ``min(r, k)`` rows as
+    columns, completed by the part of :func:`spread_columns` orthogonal to them."""
+    b, _, n = Vh.shape
     k = min(r, Vh.shape[-2])
     V = Vh[:, :k, :].mT
     if k < r:
-        extra = spread_columns(n, r - k, dtype=G.dtype, device=G.device).expand(b, n, r - k)
+        extra = spread_columns(n, r - k, dtype=Vh.dtype, device=Vh.device).expand(b, n, r - k)
         V = orthonormalize(torch.cat([V, extra], dim=-1))
     return V
 
