@@ -120,22 +120,33 @@ def bucket_views(
     basis = state.basis
     records = {slot: _batched_fields(getattr(state, slot), layout.batch) for slot in ("factors", "basis", "inner", "split", "post")}
 
-    def side(i: int, kind: SideKind, rank: int, Q: Tensor | None, lam: Tensor | None, mu: Tensor | None, F: Tensor | None) -> SideView:
-        pick = lambda t: None if t is None else t[i].detach().clone()  # noqa: E731
-        return SideView(kind=kind, basis=pick(Q), eigvals=pick(lam), flat=pick(mu), factor=pick(F), rank=rank)
-
     out = []
     for i, name in enumerate(names):
+        # one copy of block i of each stack: a tensor that is both a stage record's field and a side's basis,
+        # eigenvalues or factor (or the second moment) is copied once and shared by the two places
+        copies: dict[int, Tensor] = {}
+
+        def pick(t: Tensor | None, i: int = i, copies: dict[int, Tensor] = copies) -> Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in copies:
+                copies[id(t)] = t[i].detach().clone()
+            return copies[id(t)]
+
+        def side(kind: SideKind, rank: int, Q: Tensor | None, lam: Tensor | None, mu: Tensor | None, F: Tensor | None) -> SideView:
+            return SideView(kind=kind, basis=pick(Q), eigvals=pick(lam), flat=pick(mu), factor=pick(F), rank=rank)
+
+        block_records = {slot: {k: pick(v) for k, v in fields.items()} for slot, fields in records.items()}
         out.append(
             ParamView(
                 name=name,
                 pipeline=pipeline,
                 shape=(layout.m, layout.n),
                 step=state.step,
-                left=side(i, layout.left, layout.rank_left, basis.Q_L, ctx.eigvals[0], ctx.flat[0], factors[0]),
-                right=side(i, layout.right, layout.rank_right, basis.Q_R, ctx.eigvals[1], ctx.flat[1], factors[1]),
-                second_moment=None if second is None else second[i].detach().clone(),
-                records={slot: {k: v[i].detach().clone() for k, v in fields.items()} for slot, fields in records.items()},
+                left=side(layout.left, layout.rank_left, basis.Q_L, ctx.eigvals[0], ctx.flat[0], factors[0]),
+                right=side(layout.right, layout.rank_right, basis.Q_R, ctx.eigvals[1], ctx.flat[1], factors[1]),
+                second_moment=pick(second),
+                records=block_records,  # type: ignore[arg-type]
                 calls=state.calls,
             )
         )
