@@ -60,8 +60,9 @@ from .train import (
 )
 
 #: version of the ``units/<key>.json`` layout; part of every unit's key. 2: the data's bytes replace its path
-#: in the key (a unit file of format 1 is never read, so it runs again)
-UNIT_FORMAT = 2
+#: in the key (a unit file of format 1 is never read, so it runs again); 3: the last window of a split can be drawn
+#: and the validation sample no longer follows the seed (the batches changed, so format-2 units run again)
+UNIT_FORMAT = 3
 #: bytes read at a time while hashing a data file
 HASH_CHUNK_BYTES = 1 << 20
 

@@ -70,10 +70,11 @@ def _optional_path(value: Any) -> str | None:
 
 
 
-#: the largest seed a task takes (torch's generators take 64-bit seeds; the evaluation batches use another)
+#: the largest seed a task takes (torch's generators take 64-bit seeds)
 MAX_SEED = 2**63 - 1
-#: the evaluation batches' generator is seeded with the task's seed plus this (modulo MAX_SEED + 1)
-EVAL_SEED_OFFSET = 1_000_003
+#: the seed of the evaluation batches' generator: one validation sample for every seed, so that the spread of
+#: the final validation loss over seeds is the training's, not that of which validation windows were drawn
+EVAL_SEED = 1_000_003
 
 
 #: the files :func:`train` writes into a run directory, and the only ones ``overwrite`` removes
@@ -136,10 +137,12 @@ class TaskConfig:
         warmup: linear warm-up steps.
         eval_every: evaluate on the validation split every this many steps
             (0: only after the last step, which always evaluates).
-        eval_batches: validation batches per evaluation (the same batches every time).
+        eval_batches: validation batches per evaluation (the same batches every time, and for
+            every seed; they depend on ``batch``, ``context`` and ``eval_batches`` only).
         device: ``"auto"`` (CUDA when available, else CPU) or a torch device.
-        seed: seeds the model's initial weights and the order of the batches;
-            two runs with the same seed and data see the same batches.
+        seed: seeds the model's initial weights and the order of the training batches;
+            two runs with the same seed and data see the same batches. The
+            validation batches do not depend on it.
         threads: torch CPU threads during the run (0: leave torch's setting).
         data: a text file to train on instead of the standard library sources.
     """
@@ -367,7 +370,7 @@ def train(
         opt = kronopt.build(model.named_parameters(), cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, task.lr_factor)
         batch_gen = torch.Generator().manual_seed(task.seed)
-        eval_gen = torch.Generator().manual_seed((task.seed + EVAL_SEED_OFFSET) % (MAX_SEED + 1))
+        eval_gen = torch.Generator().manual_seed(EVAL_SEED)
         eval_set = [
             tuple(t.to(device) for t in corpus.batch("val", task.batch, task.context, eval_gen))
             for _ in range(task.eval_batches)
@@ -615,10 +618,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         problems.add("--out", earlier_run_message(out, found, overwrite="--overwrite"))
     problems.config(spec, overrides)  # every config error before the data is read
     problems.check()
+    corpus = load_corpus(task.data, context=task.context)  # a data file too small is refused before any directory
     if not args.out:  # made now, once the arguments are good: another run of this second has its own
         out = _fresh_dir(default_out)
     result = train(task, spec, overrides=overrides, out_dir=out, progress=not args.no_progress, plot=not args.no_plot,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, corpus=corpus)
     print(f"{label} on {result.device}: {result.steps_done} steps ({result.status})")
     if result.reason:
         print(f"  stopped: {result.reason}")

@@ -37,9 +37,13 @@ class Corpus:
     val_files: tuple[str, ...] = ()
 
     def batch(self, split: str, batch: int, context: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``batch`` random windows of ``context`` bytes (inputs) and the same shifted by one (targets), int64."""
+        """``batch`` random windows of ``context`` bytes (inputs) and the same shifted by one (targets), int64.
+
+        Each of the split's ``numel - context`` windows of ``context + 1`` bytes is equally likely (the last one
+        included, so every byte but the first is a target).
+        """
         data = self.train if split == "train" else self.val
-        starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=generator)
+        starts = torch.randint(0, data.numel() - context, (batch,), generator=generator)
         idx = starts[:, None] + torch.arange(context + 1)
         windows = data[idx].long()
         return windows[:, :-1], windows[:, 1:]
