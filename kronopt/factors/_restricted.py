@@ -3,6 +3,7 @@
 from typing import Any
 
 import attrs
+import torch
 from torch import Tensor
 
 from .. import linalg
@@ -44,4 +45,9 @@ def _reproject(
     if sub is None or mu is None or U_old is None or U_new is None:
         return sub, mu
     sub_new, mu_new, _ = linalg.reproject_flat(U_new, U_old, sub, mu)
-    return sub_new, mu_new.clamp(min=0.0)
+    # μ' is a difference of traces: at the size of their rounding it is 0 (μ = 0 kept across a refresh that only
+    # turns the subspace within itself), as the estimators' updates keep it (see EmaKronFactors._restricted)
+    d, r = U_new.shape[-2], U_new.shape[-1]
+    total = torch.diagonal(sub, dim1=-2, dim2=-1).sum(-1).abs() + (d - r) * mu.abs()
+    floor = d * torch.finfo(mu.dtype).eps * total / max(d - r, 1)
+    return sub_new, torch.where(mu_new > floor, mu_new, 0.0)

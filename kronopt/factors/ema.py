@@ -122,7 +122,12 @@ class EmaKronFactors:
         if first:
             U = linalg.top_right_singular(G, r)
         Y = G @ U  # (b m r)
-        energy = (G.square().sum((-2, -1)) - Y.square().sum((-2, -1))).clamp(min=0.0)
+        total = G.square().sum((-2, -1))
+        energy = total - Y.square().sum((-2, -1))
+        # ‖G‖² − ‖G U‖² cancels: at the size of its rounding it is no complement energy at all, so μ stays exactly 0
+        # until the complement has seen some (LowRankFlatSplit leaves the "whitened" complement out at μ = 0; the
+        # rounding left in μ would be whitened by μ^{-1/2}, 1e4 .. 1e8 times the step)
+        energy = torch.where(energy > n * torch.finfo(G.dtype).eps * total, energy, 0.0)
         mu_new = torch.lerp(mu, energy / (n - r), 1 - beta)
         sub_new = linalg.accumulate_gram_right(sub, Y, beta, 1 - beta)
         if not power_follows:

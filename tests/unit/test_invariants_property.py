@@ -483,14 +483,6 @@ def _flat_from_rounding(case: Case) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,  # open; whether it shows depends on the processor's rounding (its sign, MKL's alignment)
-    reason="BUG (open): ema's restricted side computes the flat eigenvalue μ from ‖G‖² − ‖GU‖² (factors/ema.py:125) and "
-    "re-projects it as a difference of traces (factors/_restricted.py:47), so where the complement has seen no energy "
-    "μ is rounding (1e-17 .. 3e-8) instead of 0; lowrank_flat's 'whitened' complement (splits.py:188-190) is left out "
-    "only at μ = 0 and is otherwise scaled by μ^{-1/2}: steps 1e2 .. 1e7 times their size. Fix: treat μ below the "
-    "rounding of the energies and traces as 0",
-)
 @pytest.mark.parametrize("dtype,shape,seed", [(torch.float32, (64, 4), 1), (torch.float64, (40, 3), 0)], ids=["f32", "f64"])
 def test_a_complement_energy_of_rounding_does_not_blow_up_the_whitened_complement(dtype, shape, seed):
     """pro_soap with lowrank_flat's default complement scale (``"whitened"``), so ``ema`` factors on a restricted
