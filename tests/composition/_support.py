@@ -144,3 +144,14 @@ def snapshot_diff(
             elif not tensors_only and x[k] != y[k]:
                 diff.append(f"param[{i}].{k} ({x[k]!r} → {y[k]!r})")
     return diff
+
+
+def leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves by dotted path."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

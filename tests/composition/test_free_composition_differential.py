@@ -22,6 +22,7 @@ import kronopt
 from kronopt.config import ConfigError, dumps, load, loads, to_dict
 from kronopt.registry import StageContractError
 from kronopt.types import BasisChange, InnerCapabilities, Layout, StepContext
+from tests.composition._support import leaves as _leaves
 
 ROOT = Path(__file__).resolve().parents[2]
 F64 = torch.float64
@@ -650,14 +651,6 @@ def test_every_config_file_loads_and_show_round_trips(path, capsys):
 ABLATIONS = sorted((ROOT / "configs" / "ablations").glob("*.toml"))
 
 
-def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @pytest.mark.parametrize("path", ABLATIONS, ids=[p.stem for p in ABLATIONS])

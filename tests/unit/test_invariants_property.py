@@ -49,6 +49,7 @@ from kronopt import compose, config, linalg
 from kronopt.registry import SLOTS
 from kronopt.types import BasisChange, Layout, capabilities
 from tests.composition._support import COMBO_SLOTS, combinations, config_dict, snapshot, snapshot_diff
+from tests.composition._support import leaves as _leaves
 from tests.strategies import SEEDS, generator
 
 F64 = torch.float64
@@ -726,14 +727,6 @@ def _omit_none(d):
     return {k: _omit_none(v) for k, v in d.items() if v is not None} if isinstance(d, dict) else d
 
 
-def _leaves(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 #: parameters of every kind the shape policy and the route see: two blocks of one bucket, a conv kernel, a name
