@@ -715,21 +715,13 @@ def _svd_retried(G: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor, Tensor |
         except _DEVICE_ERRORS:
             raise
         except RuntimeError as second:
-            parts, ok = [], []
-            for X in G.split(1):
-                for dtype in (G.dtype, torch.float64):
-                    try:
-                        parts.append(tuple(t.to(G.dtype) for t in _svd(X.to(dtype))))
-                    except _DEVICE_ERRORS:
-                        raise
-                    except RuntimeError:
-                        continue
-                    ok.append(True)
-                    break
-                else:
-                    k = min(X.shape[-2:])
-                    parts.append((X.new_zeros(1, X.shape[-2], k), X.new_zeros(1, k), X.new_zeros(1, k, X.shape[-1])))
-                    ok.append(False)
+            solved = _solve_each(_svd, G)
+            k = min(G.shape[-2:])
+            ok = [t is not None for t in solved]
+            parts = [
+                t if t is not None else (X.new_zeros(1, X.shape[-2], k), X.new_zeros(1, k), X.new_zeros(1, k, X.shape[-1]))
+                for t, X in zip(solved, G.split(1))
+            ]
             warnings.warn(
                 f"kronopt: the SVD of {what} failed in {G.dtype} ({first}) and in float64 ({second}) for "
                 f"{ok.count(False)} of {len(ok)} blocks; their fallback is used instead",
@@ -785,28 +777,34 @@ def eigh_descending(A: Tensor) -> Eigh:
     return Eigh(lam=lam, Q=Q, ok=ok)
 
 
-def _eigh_block_by_block(A: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """:func:`_eigh` of each block of ``A`` alone, in its dtype and, where that fails, in float64: NaN for a
-    block that fails in both; ``(None, None)`` where every block does. Only after the batch failed in both
-    dtypes (the host is waited for there anyway)."""
-    lams, Qs, solved = [], [], False
+def _solve_each(solver: Callable[[Tensor], tuple[Tensor, ...]], A: Tensor) -> list[tuple[Tensor, ...] | None]:
+    """``solver`` on each block of ``A`` alone, in ``A``'s dtype and, where that fails, in float64 (cast back):
+    one result per block, ``None`` for a block that fails in both. For after a batched call failed in both dtypes
+    (a batched solver fails for the whole batch when one block does). An error of the device is raised as it came."""
+    out: list[tuple[Tensor, ...] | None] = []
     for X in A.split(1):
         for dtype in (A.dtype, torch.float64):
             try:
-                lam, Q = _eigh(X.to(dtype))
+                out.append(tuple(t.to(A.dtype) for t in solver(X.to(dtype))))
             except _DEVICE_ERRORS:
                 raise
             except RuntimeError:
                 continue
-            lams.append(lam.to(A.dtype))
-            Qs.append(Q.to(A.dtype))
-            solved = True
             break
         else:
-            lams.append(torch.full(X.shape[:-1], math.nan, dtype=A.dtype, device=A.device))
-            Qs.append(torch.full(X.shape, math.nan, dtype=A.dtype, device=A.device))
-    if not solved:
+            out.append(None)
+    return out
+
+
+def _eigh_block_by_block(A: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`_eigh` of each block of ``A`` alone (:func:`_solve_each`): NaN for a block that fails in both
+    dtypes; ``(None, None)`` where every block does. Only after the batch failed in both dtypes (the host is
+    waited for there anyway)."""
+    solved = _solve_each(_eigh, A)
+    if all(t is None for t in solved):
         return None, None
+    nan = [(torch.full(X.shape[:-1], math.nan, dtype=A.dtype, device=A.device), torch.full_like(X, math.nan)) for X in A.split(1)]
+    lams, Qs = zip(*(t if t is not None else n for t, n in zip(solved, nan)))
     # column-major, as the solver returns a stack (products that read a basis may round by its layout)
     return torch.cat(lams), torch.cat([Q.mT for Q in Qs]).mT
 
