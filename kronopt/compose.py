@@ -545,6 +545,41 @@ def _stack_like(blocks: list[Tensor]) -> Tensor:
     return out
 
 
+def cat_states(records: list[Any]) -> Any:
+    """The records of several buckets of one pipeline joined into one: each tensor the blocks' rows of every
+    record in turn (one ``cat``, into a stack of the first record's memory layout), the ints, bools and
+    ``None`` fields the first record's (the caller joins records whose counters agree). ``None`` where a
+    tensor's layout differs between the records: a stack's layout decides how reductions over it round, so
+    joining such stacks would change the bits of the blocks' next steps."""
+    first = records[0]
+    if isinstance(first, Tensor):
+        return _cat_like(records)
+    names = _field_names(type(first))
+    if names is None:
+        return first
+    changes = {}
+    for name in names:
+        value = getattr(first, name)
+        if isinstance(value, Tensor) or _field_names(type(value)) is not None:
+            joined = cat_states([getattr(r, name) for r in records])
+            if joined is None:
+                return None
+            changes[name] = joined
+    return attrs.evolve(first, **changes) if changes else first
+
+
+def _cat_like(stacks: list[Tensor]) -> Tensor | None:
+    """``torch.cat(stacks)`` into a stack whose blocks keep the stacks' own layout (``None`` where it differs)."""
+    block = stacks[0][0]
+    if any(s[0].stride() != block.stride() for s in stacks):
+        return None
+    shape = (sum(s.shape[0] for s in stacks), *block.shape)
+    if torch.empty_like(block).stride() != block.stride():  # not dense: a plain cat
+        return torch.cat(stacks)
+    out = torch.empty_strided(shape, (block.numel(), *block.stride()), dtype=block.dtype, device=block.device)
+    return torch.cat(stacks, out=out)
+
+
 def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:
     """``(b)`` mask: True where every floating tensor the step changed is finite on that block (``None``: none changed).
 

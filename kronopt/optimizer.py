@@ -115,6 +115,9 @@ class _Bucket:
     plan: distributed.GatherPlan | distributed.ShardPlan | None = None
     #: what :meth:`KronOptimizer._bind` put into each parameter's ``state[p]``: its tensors, by key
     views: list[tuple[Tensor, tuple[str, ...], tuple[Tensor, ...]]] | None = None
+    #: what a bucket joined with this one must share (:meth:`KronOptimizer._join`), made at its first
+    #: join check; ``()`` where it never joins
+    join_base: tuple[Any, ...] | None = None
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
         """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
@@ -325,6 +328,8 @@ class KronOptimizer(torch.optim.Optimizer):
 
     #: see _start; the class default stands in for an optimizer pickled before the attribute existed
     _unstepped_placement: tuple[tuple[torch.device, torch.dtype], ...] | None = None
+    #: whether a bucket was ever split (or loaded, perhaps split): only then does a step look for parts to join
+    _fragmented: bool = False
 
     def __init__(self, params: Iterable[Any], config: KronConfig) -> None:
         self.config = config
@@ -706,14 +711,16 @@ class KronOptimizer(torch.optim.Optimizer):
             self._raise_on_nonfinite(fsdp_ok)
         if self.config.nonfinite_scope == "block":
             step_ok = None
-        stepped = []
+        stepped, split = [], False
         for bucket in list(self._buckets):
             present = [i for i, p in enumerate(bucket.blocks) if p.grad is not None]
             if not present:
                 continue
             if len(present) < len(bucket.blocks):
-                bucket = self._split(bucket, present)
+                bucket, split = self._split(bucket, present), True
             stepped.append(bucket)
+        if self._fragmented and not split and len(stepped) > 1:  # parts joined on a step that split none (_join)
+            stepped = self._join(stepped)
         # the plain AdamW buckets of a CPU, whatever their shapes, all at once (_step_plain_adams); their
         # reports are queued in the buckets' order, as if each had been stepped in its turn
         ok_on = _StepFlag(step_ok)
@@ -937,7 +944,73 @@ class KronOptimizer(torch.optim.Optimizer):
         pos = self._buckets.index(bucket)
         self._buckets[pos : pos + 1] = parts
         self.__dict__.pop("_adam_scratch", None)  # sets shaped like the whole bucket's stacks: made again as needed
+        self._fragmented = True
         return parts[0]
+
+    def _join(self, stepped: list[_Bucket]) -> list[_Bucket]:
+        """Join the buckets about to step whose blocks may share one stack again: :meth:`_split` parted them
+        when some blocks went without a gradient (a mixture's experts, a branch not taken), and their counters
+        diverged; parts whose counters agree again (every int and bool of their states: calls, step, refreshes,
+        so also their refresh schedules) step as one bucket of the same group, layout, dtypes and device would,
+        each block as it would alone (up to the rounding of the processor's batched kernels: DESIGN.md's
+        invariant 4), in one batched call instead of one per part. Experts that each missed one step, say,
+        come back together. :meth:`step` joins only on a step that split no bucket: where blocks go without
+        gradients at random on most steps, joined parts would split again at once, and each join and split
+        copies their state. Not across work sharding's or FSDP2's plans (each rank's part of a plan is its
+        own), nor plain AdamW buckets of a CPU (:meth:`_blockwise`), nor where a state tensor's memory layout
+        differs between the parts (it decides how the blocks' reductions round). Returns ``stepped`` with each
+        joined bucket in place of its parts."""
+        sets: dict[tuple[Any, ...], list[_Bucket]] = {}
+        for b in stepped:
+            if b.plan is not None or b.state is None or b.nonfinite is None or not b.params:
+                continue
+            if b.join_base is None:
+                p = b.params[0]
+                b.join_base = () if self._blockwise(b) else (b.group, attrs.evolve(b.layout, batch=0), b.state_dtype, p.dtype, p.device)
+            if b.join_base:
+                sets.setdefault((b.join_base, tuple(compose.scalar_entries(b.state).items())), []).append(b)
+        joined: dict[int, _Bucket | None] = {}
+        for parts in sets.values():
+            if len(parts) > 1 and (whole := self._joined(parts)) is not None:
+                joined |= {id(b): None for b in parts}
+                joined[id(parts[0])] = whole
+        if not joined:
+            return stepped
+        self._buckets = [joined.get(id(b), b) for b in self._buckets if joined.get(id(b), b) is not None]
+        self.__dict__.pop("_adam_scratch", None)
+        return [joined.get(id(b), b) for b in stepped if joined.get(id(b), b) is not None]
+
+    def _blockwise(self, bucket: _Bucket) -> bool:
+        """A plain AdamW bucket of a CPU: :meth:`_step_plain_adams` steps its blocks one by one with every other
+        such bucket's, so joining it would only copy its moments (adamw 1.5 × its step where experts went
+        without gradients at random, measured)."""
+        return (
+            bucket.blocks[0].device.type == "cpu" and bucket.layout.m * bucket.layout.n >= _BLOCKWISE_MIN
+            and compose.is_plain_adam(self._bucket_config(bucket), bucket.layout, bucket.state_dtype)
+        )
+
+    def _joined(self, parts: list[_Bucket]) -> _Bucket | None:
+        """One bucket holding ``parts``' blocks and states in turn (:func:`compose.cat_states`); ``None`` where a
+        state tensor is not batched (a stage's bucket-wide tensor, which the parts may hold differently) or its
+        memory layout differs between the parts."""
+        for b in parts:
+            if any(isinstance(v, Tensor) and not compose.is_batched(v, b.layout.batch) for v in compose.flatten(b.state).values()):
+                return None
+        state = compose.cat_states([b.state for b in parts])
+        if state is None:
+            return None
+        first = parts[0]
+        whole = _Bucket(
+            group=first.group,
+            params=[p for b in parts for p in b.params],
+            specs=[s for b in parts for s in b.specs],
+            layout=attrs.evolve(first.layout, batch=sum(b.layout.batch for b in parts)),
+            state_dtype=first.state_dtype,
+            state=state,
+            nonfinite=torch.cat([b.nonfinite for b in parts]),  # type: ignore[misc]
+        )
+        self._bind(whole)
+        return whole
 
     def _init_bucket(self, bucket: _Bucket) -> None:
         if not bucket.params:  # work sharding: another rank owns every block
@@ -1930,6 +2003,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
         self.__dict__.pop("_adam_scratch", None)  # shaped like the old buckets, which may be gone
         self._buckets = buckets
+        self._fragmented = True  # the saved buckets may be split ones (_join)
         if adopted:
             self._recount_loads()
         self._pending = []

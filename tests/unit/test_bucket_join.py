@@ -1,0 +1,207 @@
+"""Split buckets joined again (``KronOptimizer._join``): parts of a bucket that went apart when some blocks had no
+gradient step as one bucket again once their counters agree, on a step that split nothing.
+
+Every expected value comes from outside the join: each expert stepped in an optimizer of its own (float64, so the
+processor's batched kernels round within 1e-12 of the single ones), or the same optimizer with joining turned off.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import kronopt
+from kronopt import compose
+from kronopt import optimizer as optimizer_module
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+PRESETS = list(kronopt.PRESETS)
+E, SHAPE = 6, (6, 4)
+#: (step, experts without a gradient): 0 then 1 go apart; both lag one call behind the others, so they join on the
+#: next step that splits nothing; 2 and 3 then go apart together (one call behind, like 0 and 1, but the next step
+#: splits off 4, so they wait a step), then 4 and last 5 (sitting out alone: nothing splits) fall one call behind
+#: too, and every expert is in one bucket again
+ABSENT = {2: {0}, 3: {1}, 9: {2, 3}, 10: {4}, 12: {5}}
+STEPS = 16
+#: the experts' buckets after each step (a set of frozensets), where the schedule decides them
+EXPECTED = {
+    2: {frozenset({1, 2, 3, 4, 5}), frozenset({0})},
+    3: {frozenset({2, 3, 4, 5}), frozenset({0}), frozenset({1})},  # a step that splits joins nothing
+    4: {frozenset({2, 3, 4, 5}), frozenset({0, 1})},
+    9: {frozenset({0, 1}), frozenset({4, 5}), frozenset({2, 3})},
+    10: {frozenset({0, 1}), frozenset({2, 3}), frozenset({4}), frozenset({5})},  # {0, 1} and {2, 3} agree: a split step
+    11: {frozenset({0, 1, 2, 3, 4}), frozenset({5})},
+    12: {frozenset({0, 1, 2, 3, 4}), frozenset({5})},  # 5 sat out alone: nothing split
+    13: {frozenset(range(E))},
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _kw(preset):
+    return {} if preset in ("adamw", "muon") else {"refresh.every": 3}
+
+
+def _grads(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(SHAPE, generator=gen, dtype=F64) for _ in range(E)]
+    rows = [[None if i in ABSENT.get(t, ()) else torch.randn(SHAPE, generator=gen, dtype=F64) for i in range(E)] for t in range(STEPS)]
+    return init, rows
+
+
+def _build(preset, params, groups=None, **kw):
+    named = [(f"moe.experts.{i}.weight", p) for i, p in enumerate(params)]
+    if groups is None:
+        return kronopt.build(named, preset, **_kw(preset), **kw)
+    return kronopt.build([{"params": [named[i] for i in g], **opts} for g, opts in groups], preset, **_kw(preset), **kw)
+
+
+def _feed(params, row):
+    for p, g in zip(params, row):
+        p.grad = None if g is None else g.clone()
+
+
+def _structure(opt, params):
+    where = {id(p): i for i, p in enumerate(params)}
+    return {frozenset(where[id(p)] for p in b.params) for b in opt._buckets}
+
+
+def _counters(opt, p):
+    s = opt.state[p]
+    return s.get("calls"), s.get("step"), s.get("basis.refreshes")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_parts_whose_counters_agree_join_and_step_as_each_expert_alone(preset):
+    """Catches: parts joined with other counters (a bias correction or refresh schedule off by a call), the
+    joined stacks' rows in another order than the blocks (an expert stepped with another's state), ``state[p]``
+    left pointing into a part's old stacks (a stale view that no longer moves), a join on a step that split a
+    bucket, a load that loses the joined structure or the steps' bits."""
+    init, rows = _grads()
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    alone_params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = _build(preset, params)
+    alone = [_build(preset, [p]) for p in alone_params]
+    saved, parts = None, 1
+    for t, row in enumerate(rows):
+        _feed(params, row)
+        opt.step()
+        for i, (a, p) in enumerate(zip(alone, alone_params)):
+            _feed([p], [row[i]])
+            a.step()
+            torch.testing.assert_close(params[i], p, rtol=1e-12, atol=1e-14, msg=f"{preset} step {t} expert {i}")
+            assert _counters(opt, params[i]) == _counters(a, p), (preset, t, i)
+            for key, value in opt.state[params[i]].items():  # the views are the stacks' rows
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    torch.testing.assert_close(value, a.state[p][key], rtol=1e-10, atol=1e-12, msg=f"{preset} {t} {i} {key}")
+        if preset == "adamw":  # a CPU's plain AdamW buckets step block by block anyway: never joined
+            assert len(_structure(opt, params)) >= parts, (t, "joined")
+            parts = len(_structure(opt, params))
+        elif t in EXPECTED:
+            assert _structure(opt, params) == EXPECTED[t], (preset, t)
+        if t == 5:
+            saved = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params], _structure(opt, params)
+    end, structure = [p.detach().clone() for p in params], _structure(opt, params)
+    if preset != "adamw":
+        assert structure == {frozenset(range(E))}, "the parts joined again"
+
+    sd, weights, before = saved
+    fresh = [torch.nn.Parameter(w.clone()) for w in weights]
+    resumed = _build(preset, fresh)
+    resumed.load_state_dict(sd)
+    assert _structure(resumed, fresh) == before
+    for row in rows[6:]:
+        _feed(fresh, row)
+        resumed.step()
+    assert all(torch.equal(x.detach(), y) for x, y in zip(fresh, end)), preset
+    assert _structure(resumed, fresh) == structure
+
+
+def test_plain_adamw_buckets_join_where_they_step_as_stacks(monkeypatch):
+    """Off a CPU (the device path, which the CPU takes with its block-by-block AdamW turned off) the plain AdamW
+    buckets (the adamw preset, every preset's fallback) step as stacks and follow the same schedule; against
+    ``torch.optim.AdamW``, which keeps a step count per parameter. Catches: a joined plain AdamW bucket whose
+    bias correction takes one part's count for all, or a part's moments lost in the join."""
+    monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 10**12)  # AdamW on the stacks, as on a GPU
+    init, rows = _grads(1)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    ref = [torch.nn.Parameter(x.clone()) for x in init]
+    cfg = kronopt.PRESETS["adamw"]
+    opt = _build("adamw", params)
+    torch_opt = torch.optim.AdamW(
+        ref, lr=cfg.lr, betas=cfg.inner.betas, eps=cfg.inner.eps, weight_decay=cfg.weight_decay, foreach=False
+    )
+    for t, row in enumerate(rows):
+        _feed(params, row)
+        _feed(ref, row)
+        opt.step()
+        torch_opt.step()
+        for i in range(E):
+            torch.testing.assert_close(params[i], ref[i], rtol=1e-12, atol=1e-14, msg=f"step {t} expert {i}")
+        if t in EXPECTED:
+            assert _structure(opt, params) == EXPECTED[t], t
+
+
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "muon"])
+def test_parts_of_two_groups_never_join(preset):
+    """Two param groups with other learning rates, the same block shape and the same counters: their parts stay
+    apart. Catches: a join keyed without the group, which steps one group's experts with the other's lr."""
+    init, rows = _grads(2)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    alone_params = [torch.nn.Parameter(x.clone()) for x in init]
+    lrs = {0: 1e-3, 1: 4e-3}
+    groups = [([0, 2, 4], {"lr": lrs[0]}), ([1, 3, 5], {"lr": lrs[1]})]
+    opt = _build(preset, params, groups)
+    alone = [_build(preset, [p], [([0], {"lr": lrs[i % 2]})]) for i, p in enumerate(alone_params)]
+    for t, row in enumerate(rows):
+        _feed(params, row)
+        opt.step()
+        for i, (a, p) in enumerate(zip(alone, alone_params)):
+            _feed([p], [row[i]])
+            a.step()
+            torch.testing.assert_close(params[i], p, rtol=1e-12, atol=1e-14, msg=f"{preset} step {t} expert {i}")
+    assert all(len({i % 2 for i in part}) == 1 for part in _structure(opt, params))
+
+
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
+def test_parts_of_two_refresh_phases_never_join(preset):
+    """Under ``refresh.stagger`` the blocks of one shape refresh in phases (one bucket each); parts of two phases
+    with the same counters stay apart. Against the same optimizer with joining turned off, since an expert alone
+    would refresh at another phase. Catches: a join keyed without the phase, which moves a block's refreshes to
+    the first part's phase (a refresh two steps early or late moves the step far beyond rounding)."""
+    init, rows = _grads(3)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    apart_params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = _build(preset, params, **{"refresh.stagger": True})
+    apart = _build(preset, apart_params, **{"refresh.stagger": True})
+    apart._join = lambda stepped: stepped
+    for t, row in enumerate(rows):
+        _feed(params, row)
+        _feed(apart_params, row)
+        opt.step()
+        apart.step()
+        for i in range(E):
+            torch.testing.assert_close(params[i], apart_params[i], rtol=1e-12, atol=1e-14, msg=f"{preset} step {t} expert {i}")
+    phase = {id(p): b.layout.phase for b in opt._buckets for p in b.params}
+    assert len(set(phase.values())) == 3
+    assert len(opt._buckets) < len(apart._buckets), "parts of one phase joined"
+
+
+def test_cat_states_keeps_each_stack_layout_and_refuses_mixed_layouts():
+    """The joined stacks keep the parts' memory layout (a column-major basis stays column-major: reductions round
+    by it); parts whose layouts differ are not joined. Catches: a plain ``cat`` that makes a column-major stack
+    row-major, or a join of stacks of two layouts."""
+    gen = torch.Generator().manual_seed(4)
+    cols = [torch.randn(k, 5, 5, generator=gen).mT for k in (2, 3)]  # column-major blocks
+    joined = compose._cat_like(cols)
+    assert joined.shape == (5, 5, 5) and joined[0].stride() == cols[0][0].stride()
+    assert torch.equal(joined, torch.cat(cols))
+    assert compose._cat_like([cols[0], torch.randn(3, 5, 5, generator=gen)]) is None
