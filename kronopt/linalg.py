@@ -691,6 +691,14 @@ def _any_written(mask: Tensor) -> bool:
     return bool(mask.any())
 
 
+def _nonzero_each(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor holds a nonzero entry (NaN counts), read on the host in one transfer: only before a
+    bucket's first call, for a factor stage that starts a block on its first nonzero gradient
+    (``KronOptimizer._nonzero``), where on a CUDA device it waits as :func:`_any_written` does
+    (``tests/unit/test_no_host_sync.py`` allows it with those)."""
+    return torch.stack(torch._foreach_norm(tensors, math.inf)).ne(0).tolist()  # max |entry|: no underflow
+
+
 #: errors of the device, not of the numerics, that a solver's fallback must not take for a failure to converge:
 #: an out-of-memory (a GPU's solver workspace, the float64 retry's copy) and an accelerator's error surfacing at the
 #: solver's synchronisation (``torch.AcceleratorError``, where torch has it)

@@ -714,6 +714,8 @@ class KronOptimizer(torch.optim.Optimizer):
         stepped, split = [], False
         for bucket in list(self._buckets):
             present = [i for i, p in enumerate(bucket.blocks) if p.grad is not None]
+            if present and self._starts_on_nonzero(bucket):
+                present = self._nonzero(bucket, present)
             if not present:
                 continue
             if len(present) < len(bucket.blocks):
@@ -946,6 +948,28 @@ class KronOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_adam_scratch", None)  # sets shaped like the whole bucket's stacks: made again as needed
         self._fragmented = True
         return parts[0]
+
+    def _starts_on_nonzero(self, bucket: _Bucket) -> bool:
+        """Whether the bucket is before its first call and its factor stage starts a block only on a nonzero
+        gradient (an optional member ``starts_on_nonzero(layout)``: DyKAF's start from the gradient, dykaf.md §5).
+        Not for FSDP2 buckets: a rank holds some rows of each block, so a zero shard says nothing of the block
+        (their factor stage starts such a block inside the bucket instead)."""
+        if bucket.fsdp is not None:
+            return False
+        calls = bucket.plan.calls if bucket.plan is not None else 0 if bucket.state is None else bucket.state.calls
+        if calls:
+            return False
+        starts = getattr(self._group_cfgs[bucket.group].factors, "starts_on_nonzero", None)
+        return starts is not None and bool(starts(bucket.layout))
+
+    @staticmethod
+    def _nonzero(bucket: _Bucket, present: list[int]) -> list[int]:
+        """The blocks of ``present`` whose gradient holds a nonzero entry (NaN counts: the non-finite guard takes
+        it). Read on the host, once per step while the bucket has not had its first call (on an accelerator
+        such a step waits for the device, as a first call's read does anyway). With work sharding every rank
+        reads every block's gradient, the same on every rank after DDP's all-reduce, so the ranks split alike."""
+        flags = linalg._nonzero_each([bucket.blocks[i].grad for i in present])  # type: ignore[misc]
+        return [i for i, nonzero in zip(present, flags) if nonzero]
 
     def _join(self, stepped: list[_Bucket]) -> list[_Bucket]:
         """Join the buckets about to step whose blocks may share one stack again: :meth:`_split` parted them

@@ -236,7 +236,10 @@ class FactorEstimator(Protocol):
     """Estimates the Kronecker factors ``L (b m m)``, ``R (b n n)`` from each new ``G``.
 
     What it offers beyond these members is declared in
-    ``capabilities: ClassVar[FactorCapabilities]``.
+    ``capabilities: ClassVar[FactorCapabilities]``. An optional member
+    ``starts_on_nonzero(layout) -> bool`` says that a block of ``layout`` cannot start from an
+    exactly zero gradient: the optimizer then keeps such a block out of its bucket's first call
+    until its gradient is nonzero (``KronOptimizer._starts_on_nonzero``; DyKAF's start).
     """
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> Any: ...

@@ -86,8 +86,13 @@ class ProjectorSplittingFactors:
     * ``"sum"``: :math:`G_1G_1^\top`, :math:`G_1^\top G_1`, then :math:`G_1` fed.
 
     With ``kron``, ``kron_reference`` and ``sum`` a block whose first gradient is exactly
-    zero stays uninitialised (``initialised`` is a per-block device flag, no host read)
-    until a nonzero gradient arrives. Such a late start costs nothing extra: it is the
+    zero waits for its first nonzero one (:meth:`starts_on_nonzero`): the optimizer leaves
+    it out of its bucket's first call, as if it had no gradient, and gives it a first call
+    of its own (the start above, no parameter update, no step count) with that gradient.
+    Where a block of a bucket that has started still holds nothing (``initialised`` is a
+    per-block device flag: a first call whose gradient the non-finite guard discarded, or
+    an FSDP2 bucket, whose rows the optimizer does not read for zeros), a nonzero gradient
+    starts it inside the bucket. Such a late start costs nothing extra: it is the
     integrator run from :math:`L = 0` with the direction :math:`\bar R = I/\sqrt n`
     (``fresh`` in :func:`kronopt.linalg.projector_split_ksl`), i.e. :math:`U \propto GG^\top`,
     :math:`R \propto G^\top U G`, the best fit of :math:`(1-\beta)\,G\otimes G` with
@@ -192,6 +197,16 @@ class ProjectorSplittingFactors:
         """Full sides: nothing. Restricted sides: re-project ``(S, μ)`` onto the new subspace (trace kept);
         before the first refresh the state is already in the first call's subspace and kept."""
         return follow_subspace(state, change)
+
+    def starts_on_nonzero(self, layout: Layout) -> bool:
+        """Whether a block of ``layout`` waits for its first nonzero gradient (dykaf.md §5): with a start made
+        from the gradient (``kron``, ``kron_reference``, ``sum``) on a block whose two sides both hold a factor
+        (full, or full and restricted), a first call on an exactly zero gradient would start nothing. The
+        optimizer then leaves such a block out of its bucket's first call, as if it had no gradient (no
+        state, no update, no step count), and gives it its first call with its first nonzero gradient."""
+        if self.initialization == "eps":
+            return False
+        return "restricted" in (layout.left, layout.right) or layout.left == layout.right == "full"
 
     # -- restricted side (kept on the right; a left one runs on Gᵀ) ------------------------------
     def _init_restricted(self, layout: Layout, dtype: torch.dtype, device: torch.device) -> ProjectorSplittingState:

@@ -76,6 +76,21 @@ def job_presets(rank, world, modes=(True, False)):
     return out
 
 
+def job_dykaf_late(rank, world):
+    """dykaf with block 0 (one of three same-shape blocks) given zero gradients on its first two steps (dykaf.md §5:
+    it waits for a nonzero one), work sharding on and off: every rank's parameters and step counts."""
+    out = {}
+    grads = gradients()
+    for k in (0, 1):
+        grads[k][0] = grads[k][0] * 0
+    for shard in (True, False):
+        params = make_params()
+        opt = kronopt.build(params, "dykaf", **overrides("dykaf", **{"distributed.shard_work": shard}))
+        run(opt, params, grads)
+        out[shard] = {"params": [p.detach().clone() for p in params], "calls": opt.state_dict()["state"][0]["calls"]}
+    return out
+
+
 def job_nonfinite(rank, world):
     """A NaN gradient (on every rank) at step 7: parameters after every step, scope step and block."""
     out = {}
@@ -158,7 +173,10 @@ def job_adamw_large(rank, world):
 
 JOBS = {
     f.__name__.removeprefix("job_"): f
-    for f in (job_presets, job_presets_sharded, job_nonfinite, job_state_dict, job_ddp, job_balance, job_adamw_large)
+    for f in (
+        job_presets, job_presets_sharded, job_nonfinite, job_state_dict, job_ddp, job_balance, job_adamw_large,
+        job_dykaf_late,
+    )
 }
 
 

@@ -28,7 +28,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return w.spawn(2, ["presets", "nonfinite", "state_dict", "ddp", "adamw_large"], tmp_path_factory.mktemp("two"))
+    return w.spawn(2, ["presets", "nonfinite", "state_dict", "ddp", "adamw_large", "dykaf_late"], tmp_path_factory.mktemp("two"))
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,26 @@ def test_sharding_on_equals_off_bit_for_bit(two, preset):
         for a, b in zip(on["params"], off["params"], strict=True):
             assert torch.equal(a, b)
     for a, b in zip(two[0]["presets"][preset][True]["params"], two[1]["presets"][preset][True]["params"]):
+        assert torch.equal(a, b), "the ranks' parameters differ"
+
+
+def test_a_dykaf_block_with_a_zero_first_gradient_waits_alike_on_every_rank(two):
+    """dykaf.md §5 under work sharding: every rank reads the block's zero gradient and leaves it out of the
+    bucket's first call alike (a rank that did not would gather another bucket's plan and hang or step it wrong):
+    the ranks' parameters equal, sharded or not, and one process's to rounding, with the late block two calls
+    short."""
+    params = w.make_params()
+    grads = w.gradients()
+    for k in (0, 1):
+        grads[k][0] = grads[k][0] * 0
+    opt = kronopt.build(params, "dykaf", **w.overrides("dykaf"))
+    w.run(opt, params, grads)
+    for result in two:
+        for shard in (True, False):
+            got = result["dykaf_late"][shard]
+            _close(got["params"], [p.detach() for p in params])
+            assert got["calls"] == opt.state_dict()["state"][0]["calls"] == w.STEPS - 2
+    for a, b in zip(two[0]["dykaf_late"][True]["params"], two[1]["dykaf_late"][True]["params"]):
         assert torch.equal(a, b), "the ranks' parameters differ"
 
 

@@ -16,7 +16,8 @@ preset and the stage options that have branches of their own.
   reaches no ``.item()``/``bool``/``int``/``float``/``.tolist()``/``.cpu()``/``.numpy()``, and dispatches no
   ``_local_scalar_dense`` nor an operator whose output shape depends on the data (``nonzero``, boolean-mask
   indexing, ``masked_select``, ``unique``...), but for a bucket's first call's read of its write mask
-  (``linalg._any_written``, the one read the docs allow besides ``eigh``/``svd``). ``test_no_host_sync.py`` checks
+  (``linalg._any_written``) and, under DyKAF's start from the gradient, the same bucket's read of which gradients
+  are nonzero (``linalg._nonzero_each``), the reads the docs allow besides ``eigh``/``svd``. ``test_no_host_sync.py`` checks
   the presets with the Python-level reads; this adds the stage options, ``nonfinite = "warn"`` with its reports in
   flight (an accelerator's pinned copies not landed yet), learning rates and decays held in tensors on the device,
   reads made below Python (``_local_scalar_dense``, data-dependent shapes), and tensors made from Python data in a
@@ -214,8 +215,13 @@ def _where() -> str:
     return " <- ".join(f"{f.filename.rsplit('kronopt/', 1)[-1]}:{f.lineno} {f.name}" for f in frames)
 
 
+#: the reads allowed, each before a bucket's first call only: whether it used any gradient, and under DyKAF's start
+#: from the gradient which of its gradients are nonzero (docs/architecture.md)
+_ALLOWED_READS = ("_any_written", "_nonzero_each")
+
+
 class _HostReads(TorchDispatchMode):
-    """The dispatched host reads and data-dependent shapes, outside ``linalg._any_written``."""
+    """The dispatched host reads and data-dependent shapes, outside :data:`_ALLOWED_READS`."""
 
     def __init__(self, found: list) -> None:
         super().__init__()
@@ -226,7 +232,7 @@ class _HostReads(TorchDispatchMode):
         bad = name in _DATA_DEPENDENT or (
             name in _INDEXING and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
         )
-        if bad and not any(f.name == "_any_written" for f in traceback.extract_stack()):
+        if bad and not any(f.name in _ALLOWED_READS for f in traceback.extract_stack()):
             self.found.append((func.__name__, _where()))
         return func(*args, **(kwargs or {}))
 
@@ -257,7 +263,7 @@ def _host_reads(preset: str, overrides: dict, *, tensor_rates: bool = False, ste
             real = getattr(torch.Tensor, name)
 
             def spy(*args, _real=real, _name=name, **kwargs):
-                if not any(f.name == "_any_written" for f in traceback.extract_stack()):
+                if not any(f.name in _ALLOWED_READS for f in traceback.extract_stack()):
                     found.append((_name, _where()))
                 return _real(*args, **kwargs)
 

@@ -1,5 +1,6 @@
 """Nothing in step() reads tensor values on the host (no .item(), bool(tensor), .tolist()) but a bucket's
-first call, which reads whether it used any gradient (``linalg._any_written``), and torch's solvers that
+first call, which reads whether it used any gradient (``linalg._any_written``) and, for DyKAF's start from the
+gradient, which of its gradients are nonzero (``linalg._nonzero_each``), and torch's solvers that
 synchronise a CUDA device themselves (eigh, svd) run only on first calls and refreshes.
 
 The CPU's fast paths (the plain-AdamW block loop, the state write's plain copies when every block
@@ -36,6 +37,7 @@ def test_step_reads_no_tensor_values_on_the_host(preset, monkeypatch):
     # the one read allowed: a bucket's first call asks whether it used any gradient (linalg._any_written)
     read_bool, first_reads = torch.Tensor.__bool__, []
     monkeypatch.setattr(linalg, "_any_written", lambda mask: (first_reads.append(len(first_reads)), read_bool(mask.any()))[1])
+    monkeypatch.setattr(linalg, "_nonzero_each", lambda ts: (first_reads.append(len(first_reads)), [read_bool(t.ne(0).any()) for t in ts])[1])
     _forbid_host_reads(monkeypatch)
     for k, step_grads in enumerate(grads):  # covers first calls, refreshes and a non-finite block
         for p, g in zip(params, step_grads):
@@ -52,7 +54,8 @@ def test_the_synchronising_solvers_run_only_on_first_calls_and_refreshes(preset,
     """torch's ``eigh`` and ``svd`` synchronise a CUDA device with the host (``linalg._eigh``, ``linalg._svd``),
     and so does the first call's read of its write mask (``linalg._any_written``): a plain step, one that
     refreshes no basis and is no first call, must call none of them. A block whose first
-    gradient is zero starts on a later plain step without them (DyKAF's late start)."""
+    gradient is zero has a first call of its own later under DyKAF (its start and first basis, on a step
+    counted here as a refresh), and under the other presets starts on a later plain step without them."""
     calls = []
     for name in ("_eigh", "_svd", "_any_written"):
         real = getattr(linalg, name)
