@@ -467,6 +467,14 @@ def mm(A: Tensor, B: Tensor) -> Tensor:
     return torch.bmm(A, B) if A.ndim == 3 and B.ndim == 3 and A.shape[0] == B.shape[0] else A @ B
 
 
+def matvec(A: Tensor, x: Tensor) -> Tensor:
+    """``A x`` for stacks ``A (b m n)``, ``x (b n)``: ``(b m)``, made as the row ``xᵀ Aᵀ``. MKL rounds a stack of
+    matrix-vector products with the vector on the right by the stack's size (``bmm`` of ``b`` blocks against
+    one block alone: other bits on sides of 24 and up, measured), and the row form alike whatever the size, so
+    a block steps with the same bits in a bucket as alone (DESIGN.md's invariant 4)."""
+    return mm(x.unsqueeze(-2), A.mT).squeeze(-2)
+
+
 def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
     r"""Into the basis: :math:`Q_L^\top X Q_R` (``None`` is the identity), ``b m n``.
 
@@ -1858,12 +1866,12 @@ def rank1_ema_parallel(l: Tensor, r: Tensor, D: Tensor, beta: float) -> tuple[Te
     a, b_ = vector_norm_scaled(l), vector_norm_scaled(r)
     S0 = a * b_
     l_bar, r_bar = l / a.clamp(min=tiny), r / b_.clamp(min=tiny)
-    l1 = beta * S0 * l_bar + (1.0 - beta) * (D @ r_bar.unsqueeze(-1)).squeeze(-1)
-    r1 = beta * S0 * r_bar + (1.0 - beta) * (D.mT @ l_bar.unsqueeze(-1)).squeeze(-1)
+    l1 = beta * S0 * l_bar + (1.0 - beta) * matvec(D, r_bar)
+    r1 = beta * S0 * r_bar + (1.0 - beta) * matvec(D.mT, l_bar)
     l1 = l1 / vector_norm_scaled(l1).clamp(min=tiny)
     r1 = r1 / vector_norm_scaled(r1).clamp(min=tiny)
     c = beta * S0 * (l1 * l_bar).sum(-1, keepdim=True) * (r1 * r_bar).sum(-1, keepdim=True)
-    c = c + (1.0 - beta) * (l1.unsqueeze(-2) @ D @ r1.unsqueeze(-1)).squeeze(-1)
+    c = c + (1.0 - beta) * (l1 * matvec(D, r1)).sum(-1, keepdim=True)
     root = c.clamp(min=0.0).sqrt()
     return l1 * root, r1 * root
 

@@ -270,7 +270,7 @@ class KlKronFactors:
             F = self._factor_update(
                 left.F, G, H, Q=left.Q, Q_other=right.Q, s_other=sR, half=Gr, exact=exact, alpha=(1 - rho) / n, defer=defer
             )
-            d_L = (H2.sum(-1) if sR is None else linalg.mm(H2, sR.square().mT).squeeze(-1)) / n
+            d_L = (H2.sum(-1) if sR is None else linalg.matvec(H2, sR.square().squeeze(-2))) / n
             new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:
             sL_row = None if sL is None else sL.mT  # (b 1 m)

@@ -205,3 +205,43 @@ def test_cat_states_keeps_each_stack_layout_and_refuses_mixed_layouts():
     assert joined.shape == (5, 5, 5) and joined[0].stride() == cols[0][0].stride()
     assert torch.equal(joined, torch.cat(cols))
     assert compose._cat_like([cols[0], torch.randn(3, 5, 5, generator=gen)]) is None
+
+
+def _row_products_round_alike() -> bool:
+    """Whether this processor's ``bmm`` rounds a stack of row-vector products ``xᵀ Aᵀ`` (and the products the
+    presets below make) block by block as it rounds each block alone: the premise of the test below."""
+    gen = torch.Generator().manual_seed(5)
+    for m, n in ((24, 24), (40, 12), (16, 24)):
+        A, x = torch.randn(3, m, n, generator=gen), torch.randn(3, 1, n, generator=gen)
+        if not torch.equal(torch.bmm(x, A.mT), torch.cat([torch.bmm(x[i : i + 1], A[i : i + 1].mT) for i in range(3)])):
+            return False
+    return True
+
+
+@pytest.mark.skipif(not _row_products_round_alike(), reason="this processor's bmm rounds a row-vector stack by its size")
+@pytest.mark.parametrize("preset", ["soap", "dykaf", "dykaf_rank1", "kl_shampoo", "kl_soap", "muon"])
+@pytest.mark.parametrize("shape", [(24, 24), (40, 12)])
+def test_a_bucket_steps_its_blocks_with_the_bits_they_take_alone(preset, shape):
+    """float32, full-rank gradients (no degenerate eigenspace: docs/architecture.md), three blocks in one bucket
+    against each alone, 12 steps with refreshes: every state tensor and parameter the same bits, so a join (or a
+    split) changes no bit. Catches: a matrix-vector product made with the vector on the right (``bmm`` of
+    ``(b m n) × (b n 1)``), which MKL rounds by the stack's size (KL's row statistic and the rank-one second
+    moment did: 1e-7 of their size from the second call)."""
+    gen = torch.Generator().manual_seed(6)
+    A = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for _ in range(3)]
+    B = [torch.nn.Parameter(p.detach().clone()) for p in A]
+    kw = {"refresh.every": 3}
+    one = kronopt.build([(f"e.{i}.weight", p) for i, p in enumerate(A)], preset, **kw)
+    alone = [kronopt.build([(f"e.{i}.weight", p)], preset, **kw) for i, p in enumerate(B)]
+    for t in range(12):
+        grads = [torch.randn(shape, generator=gen) for _ in range(3)]
+        _feed(A, grads)
+        _feed(B, grads)
+        one.step()
+        for o in alone:
+            o.step()
+        for i in range(3):
+            assert torch.equal(A[i], B[i]), (preset, t, i)
+            for key, value in one.state[A[i]].items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, alone[i].state[B[i]][key]), (preset, t, i, key)
