@@ -333,22 +333,29 @@ def _field_names(cls: type) -> tuple[str, ...] | None:
 
 def map_tensors(record: Any, fn: Any) -> Any:
     """A copy of an attrs state record with ``fn`` applied to every tensor (recursively)."""
-    return zip_tensors(record, record, lambda t, _: fn(t))
+    return zip_records([record], lambda ts: fn(ts[0]))
 
 
 def zip_tensors(new: Any, old: Any, fn: Any) -> Any:
     """Combine two records of the same structure tensor by tensor with ``fn(new, old)``."""
-    if isinstance(new, Tensor):
-        return fn(new, old)
-    names = _field_names(type(new))
+    return zip_records([new, old], lambda ts: fn(*ts))
+
+
+def zip_records(records: list[Any], fn: Any) -> Any:
+    """Combine records of the same structure tensor by tensor with ``fn(tensors)``: a copy of the first
+    record with each tensor replaced; its ints, bools and ``None`` fields kept."""
+    first = records[0]
+    if isinstance(first, Tensor):
+        return fn(records)
+    names = _field_names(type(first))
     if names is None:
-        return new
+        return first
     changes = {}
     for name in names:
-        value = getattr(new, name)
+        value = getattr(first, name)
         if isinstance(value, Tensor) or _field_names(type(value)) is not None:
-            changes[name] = zip_tensors(value, getattr(old, name), fn)
-    return attrs.evolve(new, **changes) if changes else new
+            changes[name] = zip_records([getattr(r, name) for r in records], fn)
+    return attrs.evolve(first, **changes) if changes else first
 
 
 def flatten(record: Any, prefix: str = "") -> dict[str, Any]:
@@ -551,28 +558,22 @@ def cat_states(records: list[Any]) -> Any:
     ``None`` fields the first record's (the caller joins records whose counters agree). ``None`` where a
     tensor's layout differs between the records: a stack's layout decides how reductions over it round, so
     joining such stacks would change the bits of the blocks' next steps."""
-    first = records[0]
-    if isinstance(first, Tensor):
-        return _cat_like(records)
-    names = _field_names(type(first))
-    if names is None:
-        return first
-    changes = {}
-    for name in names:
-        value = getattr(first, name)
-        if isinstance(value, Tensor) or _field_names(type(value)) is not None:
-            joined = cat_states([getattr(r, name) for r in records])
-            if joined is None:
-                return None
-            changes[name] = joined
-    return attrs.evolve(first, **changes) if changes else first
+    try:
+        return zip_records(records, _cat_like)
+    except _LayoutsDiffer:
+        return None
 
 
-def _cat_like(stacks: list[Tensor]) -> Tensor | None:
-    """``torch.cat(stacks)`` into a stack whose blocks keep the stacks' own layout (``None`` where it differs)."""
+class _LayoutsDiffer(Exception):
+    """Raised by :func:`_cat_like` inside :func:`cat_states`' walk."""
+
+
+def _cat_like(stacks: list[Tensor]) -> Tensor:
+    """``torch.cat(stacks)`` into a stack whose blocks keep the stacks' own layout (:class:`_LayoutsDiffer` where
+    it differs between them)."""
     block = stacks[0][0]
     if any(s[0].stride() != block.stride() for s in stacks):
-        return None
+        raise _LayoutsDiffer
     shape = (sum(s.shape[0] for s in stacks), *block.shape)
     if torch.empty_like(block).stride() != block.stride():  # not dense: a plain cat
         return torch.cat(stacks)

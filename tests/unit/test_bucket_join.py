@@ -8,6 +8,7 @@ processor's batched kernels round within 1e-12 of the single ones), or the same 
 import copy
 import warnings
 
+import attrs
 import pytest
 import torch
 
@@ -69,6 +70,20 @@ def _feed(params, row):
         p.grad = None if g is None else g.clone()
 
 
+def _step_beside_alone(opt, params, alone, alone_params, row, msg):
+    """One step of ``opt`` and of each expert's own optimizer on ``row``; each expert's parameters equal (float64,
+    to 1e-12). Returns ``(i, alone optimizer, alone parameter)`` per expert for further checks."""
+    _feed(params, row)
+    opt.step()
+    out = []
+    for i, (a, p) in enumerate(zip(alone, alone_params)):
+        _feed([p], [row[i]])
+        a.step()
+        torch.testing.assert_close(params[i], p, rtol=1e-12, atol=1e-14, msg=f"{msg} expert {i}")
+        out.append((i, a, p))
+    return out
+
+
 def _structure(opt, params):
     where = {id(p): i for i, p in enumerate(params)}
     return {frozenset(where[id(p)] for p in b.params) for b in opt._buckets}
@@ -92,12 +107,7 @@ def test_parts_whose_counters_agree_join_and_step_as_each_expert_alone(preset):
     alone = [_build(preset, [p]) for p in alone_params]
     saved, parts = None, 1
     for t, row in enumerate(rows):
-        _feed(params, row)
-        opt.step()
-        for i, (a, p) in enumerate(zip(alone, alone_params)):
-            _feed([p], [row[i]])
-            a.step()
-            torch.testing.assert_close(params[i], p, rtol=1e-12, atol=1e-14, msg=f"{preset} step {t} expert {i}")
+        for i, a, p in _step_beside_alone(opt, params, alone, alone_params, row, f"{preset} step {t}"):
             assert _counters(opt, params[i]) == _counters(a, p), (preset, t, i)
             for key, value in opt.state[params[i]].items():  # the views are the stacks' rows
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -162,12 +172,7 @@ def test_parts_of_two_groups_never_join(preset):
     opt = _build(preset, params, groups)
     alone = [_build(preset, [p], [([0], {"lr": lrs[i % 2]})]) for i, p in enumerate(alone_params)]
     for t, row in enumerate(rows):
-        _feed(params, row)
-        opt.step()
-        for i, (a, p) in enumerate(zip(alone, alone_params)):
-            _feed([p], [row[i]])
-            a.step()
-            torch.testing.assert_close(params[i], p, rtol=1e-12, atol=1e-14, msg=f"{preset} step {t} expert {i}")
+        _step_beside_alone(opt, params, alone, alone_params, row, f"{preset} step {t}")
     assert all(len({i % 2 for i in part}) == 1 for part in _structure(opt, params))
 
 
@@ -204,7 +209,28 @@ def test_cat_states_keeps_each_stack_layout_and_refuses_mixed_layouts():
     joined = compose._cat_like(cols)
     assert joined.shape == (5, 5, 5) and joined[0].stride() == cols[0][0].stride()
     assert torch.equal(joined, torch.cat(cols))
-    assert compose._cat_like([cols[0], torch.randn(3, 5, 5, generator=gen)]) is None
+    with pytest.raises(compose._LayoutsDiffer):
+        compose._cat_like([cols[0], torch.randn(3, 5, 5, generator=gen)])
+
+    @attrs.frozen
+    class Inner:
+        Q: torch.Tensor
+        refreshes: int
+
+    @attrs.frozen
+    class Record:
+        inner: Inner
+        m: torch.Tensor
+        v: torch.Tensor | None
+        calls: int
+
+    parts = [Record(Inner(q, 3), torch.full((len(q), 2), float(k)), None, 7) for k, q in enumerate(cols)]
+    whole = compose.cat_states(parts)
+    assert whole.calls == 7 and whole.inner.refreshes == 3 and whole.v is None
+    assert torch.equal(whole.inner.Q, torch.cat(cols)) and whole.inner.Q[0].stride() == cols[0][0].stride()
+    assert torch.equal(whole.m, torch.cat([p.m for p in parts]))
+    mixed = [parts[0], Record(Inner(torch.randn(3, 5, 5, generator=gen), 3), parts[1].m, None, 7)]
+    assert compose.cat_states(mixed) is None
 
 
 def _row_products_round_alike() -> bool:
