@@ -115,8 +115,8 @@ class _Bucket:
     plan: distributed.GatherPlan | distributed.ShardPlan | None = None
     #: what :meth:`KronOptimizer._bind` put into each parameter's ``state[p]``: its tensors, by key
     views: list[tuple[Tensor, tuple[str, ...], tuple[Tensor, ...]]] | None = None
-    #: what a bucket joined with this one must share (:meth:`KronOptimizer._join`), made at its first
-    #: join check; ``()`` where it never joins
+    #: what a bucket joined with this one must share beside its dtypes, device and counters (group, layout but
+    #: the batch) and whether it is a block-by-block AdamW bucket on a CPU (:meth:`KronOptimizer._join`)
     join_base: tuple[Any, ...] | None = None
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
@@ -989,10 +989,13 @@ class KronOptimizer(torch.optim.Optimizer):
             if b.plan is not None or b.state is None or b.nonfinite is None or not b.params:
                 continue
             if b.join_base is None:
-                p = b.params[0]
-                b.join_base = () if self._blockwise(b) else (b.group, attrs.evolve(b.layout, batch=0), b.state_dtype, p.dtype, p.device)
-            if b.join_base:
-                sets.setdefault((b.join_base, tuple(compose.scalar_entries(b.state).items())), []).append(b)
+                b.join_base = (b.group, attrs.evolve(b.layout, batch=0), self._blockwise(b))
+            p = b.params[0]
+            if b.join_base[2] and p.device.type == "cpu":
+                continue
+            # dtypes and device read now: a model moved or cast after the build moves its buckets too
+            key = (b.join_base, b.state_dtype, p.dtype, p.device, tuple(compose.scalar_entries(b.state).items()))
+            sets.setdefault(key, []).append(b)
         joined: dict[int, _Bucket | None] = {}
         for parts in sets.values():
             if len(parts) > 1 and (whole := self._joined(parts)) is not None:
@@ -1005,12 +1008,11 @@ class KronOptimizer(torch.optim.Optimizer):
         return [joined.get(id(b), b) for b in stepped if joined.get(id(b), b) is not None]
 
     def _blockwise(self, bucket: _Bucket) -> bool:
-        """A plain AdamW bucket of a CPU: :meth:`_step_plain_adams` steps its blocks one by one with every other
-        such bucket's, so joining it would only copy its moments (adamw 1.5 × its step where experts went
+        """A plain AdamW bucket whose blocks a CPU steps one by one (:meth:`_step_plain_adams`, with every other
+        such bucket's): on a CPU joining it would only copy its moments (adamw 1.5 × its step where experts went
         without gradients at random, measured)."""
-        return (
-            bucket.blocks[0].device.type == "cpu" and bucket.layout.m * bucket.layout.n >= _BLOCKWISE_MIN
-            and compose.is_plain_adam(self._bucket_config(bucket), bucket.layout, bucket.state_dtype)
+        return bucket.layout.m * bucket.layout.n >= _BLOCKWISE_MIN and compose.is_plain_adam(
+            self._bucket_config(bucket), bucket.layout, bucket.state_dtype
         )
 
     def _joined(self, parts: list[_Bucket]) -> _Bucket | None:

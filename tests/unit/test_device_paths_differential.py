@@ -73,7 +73,7 @@ DEVICE_BRANCHES = {
         "KronOptimizer._all_finite",  # where the step's flag lives with parameters on several devices
         "KronOptimizer._run",  # _DEFER_FACTOR_UPDATES
         "KronOptimizer._plain_adam_cpu",  # _BLOCKWISE_MIN
-        "KronOptimizer._blockwise",  # _BLOCKWISE_MIN (which buckets never join)
+        "KronOptimizer._join",  # _BLOCKWISE_MIN (_blockwise: which buckets never join)
         "KronOptimizer._scratch",  # _CPU_KEEPS_SCRATCH
     },
     "validators.py": {"one_cpu_number"},  # an lr tensor read as its number (the tests of tensor rates below)
