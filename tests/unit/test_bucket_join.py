@@ -84,6 +84,16 @@ def _step_beside_alone(opt, params, alone, alone_params, row, msg):
     return out
 
 
+def _step_pair(opt, params, other, other_params, row, msg):
+    """One step of two optimizers on copies of the same experts; their parameters equal (float64, to 1e-12)."""
+    _feed(params, row)
+    _feed(other_params, row)
+    opt.step()
+    other.step()
+    for i in range(E):
+        torch.testing.assert_close(params[i], other_params[i], rtol=1e-12, atol=1e-14, msg=f"{msg} expert {i}")
+
+
 def _structure(opt, params):
     where = {id(p): i for i, p in enumerate(params)}
     return {frozenset(where[id(p)] for p in b.params) for b in opt._buckets}
@@ -150,12 +160,7 @@ def test_plain_adamw_buckets_join_where_they_step_as_stacks(monkeypatch):
         ref, lr=cfg.lr, betas=cfg.inner.betas, eps=cfg.inner.eps, weight_decay=cfg.weight_decay, foreach=False
     )
     for t, row in enumerate(rows):
-        _feed(params, row)
-        _feed(ref, row)
-        opt.step()
-        torch_opt.step()
-        for i in range(E):
-            torch.testing.assert_close(params[i], ref[i], rtol=1e-12, atol=1e-14, msg=f"step {t} expert {i}")
+        _step_pair(opt, params, torch_opt, ref, row, f"step {t}")
         if t in EXPECTED:
             assert _structure(opt, params) == EXPECTED[t], t
 
@@ -189,12 +194,7 @@ def test_parts_of_two_refresh_phases_never_join(preset):
     apart = _build(preset, apart_params, **{"refresh.stagger": True})
     apart._join = lambda stepped: stepped
     for t, row in enumerate(rows):
-        _feed(params, row)
-        _feed(apart_params, row)
-        opt.step()
-        apart.step()
-        for i in range(E):
-            torch.testing.assert_close(params[i], apart_params[i], rtol=1e-12, atol=1e-14, msg=f"{preset} step {t} expert {i}")
+        _step_pair(opt, params, apart, apart_params, row, f"{preset} step {t}")
     phase = {id(p): b.layout.phase for b in opt._buckets for p in b.params}
     assert len(set(phase.values())) == 3
     assert len(opt._buckets) < len(apart._buckets), "parts of one phase joined"
