@@ -1833,9 +1833,9 @@ def top_singular_triplet_power(G: Tensor, iters: int) -> SingularTriplet:
     u = v.new_zeros(G.shape[0], G.shape[1])
     sigma = v.new_zeros(G.shape[0])
     for _ in range(iters):
-        u = (G @ v.unsqueeze(-1)).squeeze(-1)
+        u = matvec(G, v)
         u = u / vector_norm_scaled(u).clamp(min=tiny)
-        w = (G.mT @ u.unsqueeze(-1)).squeeze(-1)
+        w = matvec(G.mT, u)
         sigma = vector_norm_scaled(w).squeeze(-1)
         v = w / sigma.unsqueeze(-1).clamp(min=tiny)
     return SingularTriplet(sigma=sigma, u=u, v=v)
@@ -2419,7 +2419,7 @@ def reproject_flat(
     mu_new = (trace(S) + (d - r) * mu - trace(S_new)) / max(d - r, 1)
     if lam is None:
         return S_new, mu_new, None
-    lam_new = (T2 @ lam.unsqueeze(-1)).squeeze(-1) + mu.unsqueeze(-1) * (1 - T2.sum(-1))
+    lam_new = matvec(T2, lam) + mu.unsqueeze(-1) * (1 - T2.sum(-1))
     return S_new, mu_new, lam_new
 
 

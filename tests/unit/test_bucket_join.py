@@ -245,18 +245,23 @@ def _row_products_round_alike() -> bool:
 
 
 @pytest.mark.skipif(not _row_products_round_alike(), reason="this processor's bmm rounds a row-vector stack by its size")
-@pytest.mark.parametrize("preset", ["soap", "dykaf", "dykaf_rank1", "kl_shampoo", "kl_soap", "muon"])
+@pytest.mark.parametrize(
+    "preset, options",
+    [(p, {}) for p in ("soap", "dykaf", "dykaf_rank1", "kl_shampoo", "kl_soap", "muon")]
+    + [("dykaf", {"factors.init_solver": "power"})],
+    ids=["soap", "dykaf", "dykaf_rank1", "kl_shampoo", "kl_soap", "muon", "dykaf-power_start"],
+)
 @pytest.mark.parametrize("shape", [(24, 24), (40, 12)])
-def test_a_bucket_steps_its_blocks_with_the_bits_they_take_alone(preset, shape):
+def test_a_bucket_steps_its_blocks_with_the_bits_they_take_alone(preset, options, shape):
     """float32, full-rank gradients (no degenerate eigenspace: docs/architecture.md), three blocks in one bucket
     against each alone, 12 steps with refreshes: every state tensor and parameter the same bits, so a join (or a
     split) changes no bit. Catches: a matrix-vector product made with the vector on the right (``bmm`` of
     ``(b m n) × (b n 1)``), which MKL rounds by the stack's size (KL's row statistic and the rank-one second
-    moment did: 1e-7 of their size from the second call)."""
+    moment did: 1e-7 of their size from the second call, and DyKAF's power-iteration start from the first)."""
     gen = torch.Generator().manual_seed(6)
     A = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for _ in range(3)]
     B = [torch.nn.Parameter(p.detach().clone()) for p in A]
-    kw = {"refresh.every": 3}
+    kw = {"refresh.every": 3, **options}
     one = kronopt.build([(f"e.{i}.weight", p) for i, p in enumerate(A)], preset, **kw)
     alone = [kronopt.build([(f"e.{i}.weight", p)], preset, **kw) for i, p in enumerate(B)]
     for t in range(12):
