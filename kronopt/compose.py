@@ -559,18 +559,19 @@ def cat_states(records: list[Any]) -> Any:
     tensor's layout differs between the records: a stack's layout decides how reductions over it round, so
     joining such stacks would change the bits of the blocks' next steps."""
     try:
-        return zip_records(records, _cat_like)
+        return zip_records(records, cat_stacks)
     except _LayoutsDiffer:
         return None
 
 
 class _LayoutsDiffer(Exception):
-    """Raised by :func:`_cat_like` inside :func:`cat_states`' walk."""
+    """Raised by :func:`cat_stacks` inside :func:`cat_states`' walk."""
 
 
-def _cat_like(stacks: list[Tensor]) -> Tensor:
-    """``torch.cat(stacks)`` into a stack whose blocks keep the stacks' own layout (:class:`_LayoutsDiffer` where
-    it differs between them)."""
+def cat_stacks(stacks: list[Tensor]) -> Tensor:
+    """``torch.cat(stacks)`` into a stack whose blocks keep the stacks' own memory layout (a plain ``cat`` makes a
+    column-major basis row-major, and reductions over it round by the layout); :class:`_LayoutsDiffer` where it
+    differs between them. Joins buckets (:func:`cat_states`) and picks a split bucket's rows (``t[i : i + 1]``)."""
     block = stacks[0][0]
     if any(s[0].stride() != block.stride() for s in stacks):
         raise _LayoutsDiffer

@@ -933,11 +933,11 @@ class KronOptimizer(torch.optim.Optimizer):
             if bucket.state is not None and own:
                 # the blocks' rows joined by one cat, with no index tensor made from a Python list: on an accelerator
                 # that is a blocking copy from host memory, which waits for the device (docs/architecture.md: a GPU
-                # step's one synchronisation is a first call's read). Into a tensor of the stack's own strides: a
-                # cat (or index_select) alone makes a column-major basis row-major, and the part's stacks would
-                # change layout again at their next refresh (docs/architecture.md: no stack changes its layout)
+                # step's one synchronisation is a first call's read). Into a tensor of the stack's own strides
+                # (compose.cat_stacks): an index_select makes a column-major basis row-major, and the part's stacks
+                # would change layout again at their next refresh (docs/architecture.md: no stack changes its layout)
                 def pick(t: Tensor, own: list[int] = own) -> Tensor:
-                    return torch.cat([t[i : i + 1] for i in own], out=torch.empty_like(t[: len(own)]))
+                    return compose.cat_stacks([t[i : i + 1] for i in own])
 
                 part.state = compose.map_tensors(bucket.state, pick)
                 part.nonfinite = pick(bucket.nonfinite)  # type: ignore[arg-type]

@@ -206,11 +206,11 @@ def test_cat_states_keeps_each_stack_layout_and_refuses_mixed_layouts():
     row-major, or a join of stacks of two layouts."""
     gen = torch.Generator().manual_seed(4)
     cols = [torch.randn(k, 5, 5, generator=gen).mT for k in (2, 3)]  # column-major blocks
-    joined = compose._cat_like(cols)
+    joined = compose.cat_stacks(cols)
     assert joined.shape == (5, 5, 5) and joined[0].stride() == cols[0][0].stride()
     assert torch.equal(joined, torch.cat(cols))
     with pytest.raises(compose._LayoutsDiffer):
-        compose._cat_like([cols[0], torch.randn(3, 5, 5, generator=gen)])
+        compose.cat_stacks([cols[0], torch.randn(3, 5, 5, generator=gen)])
 
     @attrs.frozen
     class Inner:
