@@ -629,8 +629,9 @@ def _trajectory_in_a_bucket_and_alone(preset: str, shape: tuple[int, int], steps
 @pytest.mark.xfail(
     strict=False,  # open; whether it shows depends on the processor's rounding (its sign, MKL's alignment)
     reason="BUG (open): a block's first refreshes see a rank-deficient factor (DyKAF's rank-1 start, the longer side of a "
-    "2 × 5 block), whose eigenbasis is defined only up to a rotation of the null space; MKL's eigh/QR round a matrix "
-    "by its memory alignment in the batch, so the block picks another basis in a bucket than alone and its steps "
+    "2 × 5 block), whose eigenbasis is defined only up to a rotation of the null space; MKL's solvers and products "
+    "round a block whose size in bytes is not a multiple of 64 by its memory alignment in the stack, so the block "
+    "picks another basis in a bucket than alone and its steps "
     "differ by 1e-2 .. 0.4 of their size (invariant 4, and DDP work sharding vs one process). Fix: a canonical basis "
     "of a numerically degenerate eigenspace, or the invariant and docs qualified (MKL_CBWR=COMPATIBLE makes it hold)",
 )
