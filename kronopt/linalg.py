@@ -593,6 +593,14 @@ def block_norm(X: Tensor) -> Tensor:
     return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
 
 
+def nonzero_blocks(X: Tensor) -> Tensor:
+    """``(b)`` mask: True where a block holds a nonzero entry (NaN counts). By the largest magnitude, not the
+    norm, whose squares underflow: a float32 block of entries below about 1e-23 has norm 0 (as
+    :func:`_nonzero_each` reads a gradient before a first call)."""
+    _check_batched("X", X)
+    return torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1)).ne(0)
+
+
 def match_norm(D: Tensor, A: Tensor) -> Tensor:
     r"""``D`` rescaled per block to the Frobenius norm of ``A``: :math:`D\,\|A\|_F/\|D\|_F` (0 stays 0)."""
     return rescale_to_norm(D, block_norm(A))
@@ -699,12 +707,14 @@ def _any_written(mask: Tensor) -> bool:
     return bool(mask.any())
 
 
-def _nonzero_each(tensors: list[Tensor]) -> list[bool]:
-    """Whether each tensor holds a nonzero entry (NaN counts), read on the host in one transfer: only before a
-    bucket's first call, for a factor stage that starts a block on its first nonzero gradient
-    (``KronOptimizer._nonzero``), where on a CUDA device it waits as :func:`_any_written` does
-    (``tests/unit/test_no_host_sync.py`` allows it with those)."""
-    return torch.stack(torch._foreach_norm(tensors, math.inf)).ne(0).tolist()  # max |entry|: no underflow
+def _nonzero_each(tensors: list[Tensor], dtype: torch.dtype) -> list[bool]:
+    """Whether each tensor holds an entry that is nonzero in ``dtype`` (NaN counts), read on the host in one
+    transfer: only before a bucket's first call, for a factor stage that starts a block on its first nonzero
+    gradient (``KronOptimizer._nonzero``), where on a CUDA device it waits as :func:`_any_written` does
+    (``tests/unit/test_no_host_sync.py`` allows it with those). ``dtype`` is the one the stage reads the
+    gradient in (a float64 gradient of 1e-50 is zero to a float32 stage): its largest magnitude rounds to 0
+    exactly where every entry does, so both read the same blocks as zero (:func:`nonzero_blocks`)."""
+    return torch.stack(torch._foreach_norm(tensors, math.inf)).to(dtype).ne(0).tolist()  # max |entry|: no underflow
 
 
 #: errors of the device, not of the numerics, that a solver's fallback must not take for a failure to converge:

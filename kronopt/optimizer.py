@@ -968,7 +968,7 @@ class KronOptimizer(torch.optim.Optimizer):
         it). Read on the host, once per step while the bucket has not had its first call (on an accelerator
         such a step waits for the device, as a first call's read does anyway). With work sharding every rank
         reads every block's gradient, the same on every rank after DDP's all-reduce, so the ranks split alike."""
-        flags = linalg._nonzero_each([bucket.blocks[i].grad for i in present])  # type: ignore[misc]
+        flags = linalg._nonzero_each([bucket.blocks[i].grad for i in present], bucket.state_dtype)  # type: ignore[misc]
         return [i for i, nonzero in zip(present, flags) if nonzero]
 
     def _join(self, stepped: list[_Bucket]) -> list[_Bucket]:

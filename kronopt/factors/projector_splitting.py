@@ -239,7 +239,7 @@ class ProjectorSplittingFactors:
         r = sub.shape[-1]
         k = max(n - r, 1)
         norm_G = linalg.block_norm(G)
-        nonzero = norm_G.view(-1) > 0
+        nonzero = linalg.nonzero_blocks(G)
         if first:
             top = linalg.top_singular_triplet(G) if self.init_solver == "svd" else linalg.top_singular_triplet_power(G, self.power_iters)
             scale = ((1.0 - beta) ** 0.5 * top.sigma).view(b, 1, 1)
@@ -338,10 +338,10 @@ class ProjectorSplittingFactors:
             if linalg.cpu_all(initialised):
                 L, R = self._integrate(L, R, G, defer=defer)
                 return L, R, initialised
-            nonzero = linalg.block_norm(G).view(-1) > 0
+            nonzero = linalg.nonzero_blocks(G)
             L, R = self._integrate(L, R, G, fresh=~initialised)
             return L, R, initialised | nonzero
-        nonzero = linalg.block_norm(G).view(-1) > 0
+        nonzero = linalg.nonzero_blocks(G)
         starting = ~initialised if self.initialization == "eps" else ~initialised & nonzero
         L0, R0 = self._start(G)
         L = linalg.select_blocks(starting, L0, L)

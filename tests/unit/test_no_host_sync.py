@@ -37,7 +37,7 @@ def test_step_reads_no_tensor_values_on_the_host(preset, monkeypatch):
     # the one read allowed: a bucket's first call asks whether it used any gradient (linalg._any_written)
     read_bool, first_reads = torch.Tensor.__bool__, []
     monkeypatch.setattr(linalg, "_any_written", lambda mask: (first_reads.append(len(first_reads)), read_bool(mask.any()))[1])
-    monkeypatch.setattr(linalg, "_nonzero_each", lambda ts: (first_reads.append(len(first_reads)), [read_bool(t.ne(0).any()) for t in ts])[1])
+    monkeypatch.setattr(linalg, "_nonzero_each", lambda ts, dtype: (first_reads.append(len(first_reads)), [read_bool(t.to(dtype).ne(0).any()) for t in ts])[1])
     _forbid_host_reads(monkeypatch)
     for k, step_grads in enumerate(grads):  # covers first calls, refreshes and a non-finite block
         for p, g in zip(params, step_grads):
