@@ -951,7 +951,8 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _starts_on_nonzero(self, bucket: _Bucket) -> bool:
         """Whether the bucket is before its first call and its factor stage starts a block only on a nonzero
-        gradient (an optional member ``starts_on_nonzero(layout)``: DyKAF's start from the gradient, dykaf.md §5).
+        gradient (the capability ``waits_for_nonzero`` and its member ``starts_on_nonzero(layout)``: DyKAF's start
+        from the gradient, dykaf.md §5).
         Not for FSDP2 buckets: a rank holds some rows of each block, so a zero shard says nothing of the block
         (their factor stage starts such a block inside the bucket instead)."""
         if bucket.fsdp is not None:
@@ -959,8 +960,8 @@ class KronOptimizer(torch.optim.Optimizer):
         calls = bucket.plan.calls if bucket.plan is not None else 0 if bucket.state is None else bucket.state.calls
         if calls:
             return False
-        starts = getattr(self._group_cfgs[bucket.group].factors, "starts_on_nonzero", None)
-        return starts is not None and bool(starts(bucket.layout))
+        factors = self._group_cfgs[bucket.group].factors
+        return capabilities(factors).waits_for_nonzero and bool(factors.starts_on_nonzero(bucket.layout))
 
     @staticmethod
     def _nonzero(bucket: _Bucket, present: list[int]) -> list[int]:

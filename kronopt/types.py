@@ -236,10 +236,7 @@ class FactorEstimator(Protocol):
     """Estimates the Kronecker factors ``L (b m m)``, ``R (b n n)`` from each new ``G``.
 
     What it offers beyond these members is declared in
-    ``capabilities: ClassVar[FactorCapabilities]``. An optional member
-    ``starts_on_nonzero(layout) -> bool`` says that a block of ``layout`` cannot start from an
-    exactly zero gradient: the optimizer then keeps such a block out of its bucket's first call
-    until its gradient is nonzero (``KronOptimizer._starts_on_nonzero``; DyKAF's start).
+    ``capabilities: ClassVar[FactorCapabilities]``.
     """
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> Any: ...
@@ -371,6 +368,18 @@ class Elementwise(Protocol):
 
 
 @runtime_checkable
+class StartsOnNonzero(Protocol):
+    """A factor estimator that cannot start a block from an exactly zero gradient (DyKAF's start from the first
+    gradient's singular triplet)."""
+
+    def starts_on_nonzero(self, layout: Layout) -> bool:
+        """Whether a block of ``layout`` waits for its first nonzero gradient: the optimizer then leaves such a
+        block out of its bucket's first call while its gradient is zero, as if it had none (no state, no update,
+        no step count; ``KronOptimizer._starts_on_nonzero``)."""
+        ...
+
+
+@runtime_checkable
 class ReadsParamShape(Protocol):
     """An inner rule that reads more of a parameter's shape than its block's ``m × n``."""
 
@@ -425,6 +434,8 @@ class FactorCapabilities:
         reads_rotated: its ``update`` reads ``ctx.rotated(G)``, so a rotation an inner rule made
             earlier in the call is kept for it; otherwise the call drops it before the factor
             update (two gradient-sized tensors fewer held through the update and a refresh).
+        waits_for_nonzero: some layouts' blocks cannot start from an exactly zero gradient:
+            ``starts_on_nonzero(layout)`` says which (:class:`StartsOnNonzero`).
     """
 
     provides_factors: bool = capability()
@@ -432,6 +443,7 @@ class FactorCapabilities:
     follows_basis: bool = capability(FollowsBasis, legacy="member")
     supports_restricted: bool = capability(RestrictedFactors)
     reads_rotated: bool = capability()
+    waits_for_nonzero: bool = capability(StartsOnNonzero, legacy="member")
 
 
 @attrs.frozen(kw_only=True)

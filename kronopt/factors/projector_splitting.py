@@ -137,7 +137,7 @@ class ProjectorSplittingFactors:
     """
 
     capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(
-        provides_factors=True, follows_basis=True, supports_restricted=True
+        provides_factors=True, follows_basis=True, supports_restricted=True, waits_for_nonzero=True
     )
     beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(gt(0.0), lt(1.0)))
     variant: Literal["ksl", "parallel"] = attrs.field(default="ksl", converter=to_str, validator=in_(VARIANTS))

@@ -62,6 +62,7 @@ OPTIONAL: dict[str, Any] = {
     "second_moment": lambda self, state: None,
     "is_elementwise": lambda self: True,
     "param_dims": lambda self, shape, layout: (),
+    "starts_on_nonzero": lambda self, layout: False,
 }
 
 
@@ -129,6 +130,7 @@ def test_every_capability_with_members_is_listed():
         ("factors", "provides_eigvals"), ("factors", "follows_basis"), ("factors", "supports_restricted"),
         ("inner", "supports_restricted"), ("inner", "exposes_moment"), ("inner", "has_second_moment"),
         ("split", "follows_basis"), ("inner", "elementwise"), ("inner", "reads_param_shape"),
+        ("factors", "waits_for_nonzero"),
     }
 
 
