@@ -939,8 +939,11 @@ class KronOptimizer(torch.optim.Optimizer):
                 def pick(t: Tensor, own: list[int] = own) -> Tensor:
                     return compose.cat_stacks([t[i : i + 1] for i in own])
 
-                part.state = compose.map_tensors(bucket.state, pick)
-                part.nonfinite = pick(bucket.nonfinite)  # type: ignore[arg-type]
+                # outside inference mode, as the step's own new state (compose._stack_outside_inference): a split
+                # made by a step under torch.inference_mode() would leave stacks a later plain step cannot update
+                with torch.inference_mode(False):
+                    part.state = compose.map_tensors(bucket.state, pick)
+                    part.nonfinite = pick(bucket.nonfinite)  # type: ignore[arg-type]
                 self._bind(part)
             parts.append(part)
         pos = self._buckets.index(bucket)
@@ -987,7 +990,9 @@ class KronOptimizer(torch.optim.Optimizer):
         joined bucket in place of its parts."""
         sets: dict[tuple[Any, ...], list[_Bucket]] = {}
         for b in stepped:
-            if b.plan is not None or b.state is None or b.nonfinite is None or not b.params:
+            # not before a counted first call: whether this call counts depends on its own gradients (a first call
+            # that used no finite gradient is not counted, _uncounted), which a part joined to another would share
+            if b.plan is not None or b.state is None or b.nonfinite is None or not b.params or not b.state.calls:
                 continue
             if b.join_base is None:
                 b.join_base = (b.group, attrs.evolve(b.layout, batch=0), self._blockwise(b))
@@ -1023,7 +1028,9 @@ class KronOptimizer(torch.optim.Optimizer):
         for b in parts:
             if any(isinstance(v, Tensor) and not compose.is_batched(v, b.layout.batch) for v in compose.flatten(b.state).values()):
                 return None
-        state = compose.cat_states([b.state for b in parts])
+        with torch.inference_mode(False):  # as in _split: stacks a later plain step can update
+            state = compose.cat_states([b.state for b in parts])
+            nonfinite = torch.cat([b.nonfinite for b in parts])  # type: ignore[misc]
         if state is None:
             return None
         first = parts[0]
@@ -1034,7 +1041,7 @@ class KronOptimizer(torch.optim.Optimizer):
             layout=attrs.evolve(first.layout, batch=sum(b.layout.batch for b in parts)),
             state_dtype=first.state_dtype,
             state=state,
-            nonfinite=torch.cat([b.nonfinite for b in parts]),  # type: ignore[misc]
+            nonfinite=nonfinite,
         )
         self._bind(whole)
         return whole
