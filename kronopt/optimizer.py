@@ -2119,6 +2119,8 @@ class KronOptimizer(torch.optim.Optimizer):
                         part = None
                     elif _BUCKET in entry:
                         part = (_BUCKET, entry[_BUCKET])
+                    elif not entry.get("calls"):  # no bucket recorded, before a counted first call: apart (_join)
+                        part = ("first", i)
                     else:  # no bucket recorded: blocks whose counters agree share one
                         part = tuple(sorted((k, v) for k, v in entry.items() if not isinstance(v, Tensor)))
                     parts.setdefault(part, []).append(i)

@@ -87,3 +87,41 @@ def test_parts_joined_at_their_first_call_keep_a_non_finite_parts_call_uncounted
     assert calls_joined == calls_apart
     for a, b in zip(joined, apart):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_load_without_bucket_keys_keeps_parts_before_their_first_call_apart():
+    """``torch.distributed.checkpoint`` loads a state dict without the blocks' bucket keys; the load then puts
+    blocks whose counters agree into one bucket. Two parts before their first counted call (an expert whose
+    first gradients were all NaN under ``nonfinite_scope = "block"``, and one that never stepped with state)
+    agree, but joined, the first call counts on the other's gradient (as the join's test above): such blocks
+    must load apart, so the resumed run is the uninterrupted one."""
+    gen = torch.Generator().manual_seed(1)
+    init = [torch.randn(6, 4, generator=gen, dtype=F64) for _ in range(4)]
+
+    def r():
+        return torch.randn(6, 4, generator=gen, dtype=F64)
+
+    nan = torch.full((6, 4), float("nan"), dtype=F64)
+    head = [[r(), r(), None, None], [None, None, nan, None], [None, nan, None, nan]]
+    tail = [[None, None, nan, r()]] + [[r() for _ in range(4)] for _ in range(3)]
+    kw = {"refresh.every": 3, "nonfinite_scope": "block"}
+    runs = []
+    for resume in (False, True):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = kronopt.build(params, "soap", **kw)
+        for row in head:
+            _step(opt, params, row)
+        if resume:
+            saved = opt.state_dict()
+            for entry in saved["state"].values():
+                entry.pop("bucket", None)  # as torch.distributed.checkpoint loads it
+            params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            opt = kronopt.build(params, "soap", **kw)
+            opt.load_state_dict(saved)
+        for row in tail:
+            _step(opt, params, row)
+        runs.append((params, [opt.state[p].get("calls") for p in params]))
+    (plain, calls_plain), (resumed, calls_resumed) = runs
+    assert calls_resumed == calls_plain
+    for a, b in zip(resumed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
