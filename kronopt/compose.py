@@ -571,15 +571,18 @@ class _LayoutsDiffer(Exception):
 def cat_stacks(stacks: list[Tensor]) -> Tensor:
     """``torch.cat(stacks)`` into a stack whose blocks keep the stacks' own memory layout (a plain ``cat`` makes a
     column-major basis row-major, and reductions over it round by the layout); :class:`_LayoutsDiffer` where it
-    differs between them. Joins buckets (:func:`cat_states`) and picks a split bucket's rows (``t[i : i + 1]``)."""
+    differs between them. Joins buckets (:func:`cat_states`) and picks a split bucket's rows (``t[i : i + 1]``).
+    Made outside ``torch.inference_mode()``, as a step's new state is (:func:`_stack_outside_inference`): a split or
+    join under it would otherwise leave stacks a later plain step cannot update."""
     block = stacks[0][0]
     if any(s[0].stride() != block.stride() for s in stacks):
         raise _LayoutsDiffer
     shape = (sum(s.shape[0] for s in stacks), *block.shape)
-    if torch.empty_like(block).stride() != block.stride():  # not dense: a plain cat
-        return torch.cat(stacks)
-    out = torch.empty_strided(shape, (block.numel(), *block.stride()), dtype=block.dtype, device=block.device)
-    return torch.cat(stacks, out=out)
+    with torch.inference_mode(False):
+        if torch.empty_like(block).stride() != block.stride():  # not dense: a plain cat
+            return torch.cat(stacks)
+        out = torch.empty_strided(shape, (block.numel(), *block.stride()), dtype=block.dtype, device=block.device)
+        return torch.cat(stacks, out=out)
 
 
 def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:

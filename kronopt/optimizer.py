@@ -939,11 +939,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 def pick(t: Tensor, own: list[int] = own) -> Tensor:
                     return compose.cat_stacks([t[i : i + 1] for i in own])
 
-                # outside inference mode, as the step's own new state (compose._stack_outside_inference): a split
-                # made by a step under torch.inference_mode() would leave stacks a later plain step cannot update
-                with torch.inference_mode(False):
-                    part.state = compose.map_tensors(bucket.state, pick)
-                    part.nonfinite = pick(bucket.nonfinite)  # type: ignore[arg-type]
+                part.state = compose.map_tensors(bucket.state, pick)
+                part.nonfinite = pick(bucket.nonfinite)  # type: ignore[arg-type]
                 self._bind(part)
             parts.append(part)
         pos = self._buckets.index(bucket)
@@ -1028,9 +1025,7 @@ class KronOptimizer(torch.optim.Optimizer):
         for b in parts:
             if any(isinstance(v, Tensor) and not compose.is_batched(v, b.layout.batch) for v in compose.flatten(b.state).values()):
                 return None
-        with torch.inference_mode(False):  # as in _split: stacks a later plain step can update
-            state = compose.cat_states([b.state for b in parts])
-            nonfinite = torch.cat([b.nonfinite for b in parts])  # type: ignore[misc]
+        state = compose.cat_states([b.state for b in parts])
         if state is None:
             return None
         first = parts[0]
@@ -1041,7 +1036,7 @@ class KronOptimizer(torch.optim.Optimizer):
             layout=attrs.evolve(first.layout, batch=sum(b.layout.batch for b in parts)),
             state_dtype=first.state_dtype,
             state=state,
-            nonfinite=nonfinite,
+            nonfinite=compose.cat_stacks([b.nonfinite for b in parts]),  # type: ignore[misc]
         )
         self._bind(whole)
         return whole
