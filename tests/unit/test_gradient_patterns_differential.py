@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import kronopt
+from tests.torch_compat import needs_grad_dtype
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -305,6 +306,7 @@ DTYPE_SHAPES = [(6, 4), (6, 4), (4, 3, 2, 2), (6,)]
     [(torch.float32, torch.float16), (torch.float32, torch.float64), (torch.float64, torch.float32)],
     ids=["fp16-grad-on-fp32", "fp64-grad-on-fp32", "fp32-grad-on-fp64"],
 )
+@needs_grad_dtype
 def test_gradients_of_another_dtype_step_as_the_gradient_cast_to_the_parameters(preset, param_dtype, grad_dtype):
     """A gradient kept in another dtype than its parameter (``p.grad_dtype = None``, as some mixed-precision setups
     keep float16 gradients or accumulate in float64), alone or beside ones of the parameter's dtype in one bucket:
@@ -338,6 +340,7 @@ def test_gradients_of_another_dtype_step_as_the_gradient_cast_to_the_parameters(
             assert torch.equal(p.detach(), q.detach()), (preset, tuple(p.shape))
 
 
+@needs_grad_dtype
 @pytest.mark.parametrize("scope", ["step", "block"])
 @pytest.mark.parametrize("preset", ["adamw", "soap", "muon"])
 def test_a_complex_gradient_on_a_real_parameter_is_refused_naming_it(preset, scope):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kronopt
+from tests.torch_compat import needs_grad_dtype
 
 
 @pytest.mark.parametrize(
@@ -46,6 +47,7 @@ def test_a_tiny_nonzero_first_gradient_starts_the_block(preset, options, factor)
         torch.testing.assert_close(tiny, ref, rtol=1e-4, atol=0.0)
 
 
+@needs_grad_dtype
 def test_a_gradient_that_rounds_to_zero_in_the_state_dtype_waits():
     """A float64 gradient (``grad_dtype = None``) of entries 1e-50 on a float32 parameter is nonzero as given but
     zero in the float32 the factor stage reads it in: the optimizer must read it as the stage does, so the block

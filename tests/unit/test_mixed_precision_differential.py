@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kronopt
+from tests.torch_compat import needs_grad_dtype
 
 PRESETS = ["adamw", "soap", "shampoo", "muon", "dykaf", "kl_shampoo", "pro_kl_shampoo", "pro_soap"]
 SHAPES = [(12, 8), (8,)]
@@ -159,6 +160,7 @@ def test_grad_scaler_skip_equals_leaving_the_step_out(preset):
         assert torch.equal(x, y)
 
 
+@needs_grad_dtype
 def test_bfloat16_gradients_on_float32_params_match_their_float32_upcast():
     """A bfloat16 gradient on a float32 parameter (``grad_dtype = None``) steps as its exact float32 upcast,
     up to the rounding of the general path (the fast AdamW path is bypassed for such a gradient)."""
