@@ -4,9 +4,9 @@ probed on the installed torch rather than read off its version number."""
 import pytest
 import torch
 
-#: ``Tensor.grad_dtype`` (torch 2.10 and later): ``p.grad_dtype = None`` lets a gradient of another dtype
-#: than its parameter be assigned. Older releases refuse the assignment, so no such gradient can reach an
-#: optimizer there and the tests of how kronopt steps one have nothing to test.
+#: ``Tensor.grad_dtype`` (torch 2.11 has it, 2.9 not): ``p.grad_dtype = None`` lets a gradient of another
+#: dtype than its parameter be assigned. Releases without it refuse the assignment, so no such gradient
+#: can reach an optimizer there and the tests of how kronopt steps one have nothing to test.
 needs_grad_dtype = pytest.mark.skipif(
     not hasattr(torch.Tensor, "grad_dtype"),
     reason="this torch refuses a gradient of another dtype than its parameter (no Tensor.grad_dtype)",
@@ -15,7 +15,7 @@ needs_grad_dtype = pytest.mark.skipif(
 
 def no_compiler() -> Exception:
     """What inductor raises where the C++ compiler it is configured with is missing (its exception takes the
-    compiler's name from torch 2.10 on, nothing before)."""
+    compiler's name in torch 2.13, nothing in 2.9)."""
     import torch._inductor.exc as inductor
 
     try:
