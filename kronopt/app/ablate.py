@@ -45,7 +45,7 @@ from kronopt.config import ConfigError, KronConfig, to_dict
 
 from . import _args
 from ._extras import MissingExtraError, pyplot
-from .task import Corpus, load_corpus, stdlib_files
+from .task import load_corpus, stdlib_digest, stdlib_files
 from .train import (
     MAX_SEED,
     TaskConfig,
@@ -452,12 +452,8 @@ def data_sha256(data: str | None) -> str:
     try:
         if path is not None:
             return _file_sha256(path).hex()
-        h = hashlib.sha256(b"kronopt stdlib corpus\n")
-        for split, files in zip(("train", "val"), stdlib_files()):
-            h.update(f"{split} {len(files)}\n".encode())
-            for path in files:
-                h.update(_file_sha256(path))
-        return h.hexdigest()
+        train, val = stdlib_files()
+        return stdlib_digest([_file_sha256(path) for path in train], [_file_sha256(path) for path in val])
     except FileNotFoundError as exc:
         raise ConfigError([("task.data", f"no such file: {str(path)!r}")]) from exc
     except OSError as exc:
@@ -854,8 +850,10 @@ def run_ablation(
     ``diverged``) is written there at once, so an interrupted call loses at most
     the unit it was running. A unit that raised is not cached: it runs again.
 
-    The cache is keyed by the data's bytes (:func:`unit_key`), hashed once here,
-    so a data file changed since a unit was cached runs that unit again.
+    The data is read once, before any unit, and the cache is keyed by the digest of
+    the bytes read (:attr:`Corpus.sha256`, :func:`unit_key`): a data file changed
+    since a unit was cached runs that unit again, and one changed while the
+    ablation runs changes nothing of it.
 
     Raises:
         ConfigError: an unusable task (bad data file or device) — shared by every
@@ -870,7 +868,10 @@ def run_ablation(
         names = ", ".join(v.name for v in ablation.variants)
         raise ConfigError([("--only", f"no variant named {', '.join(map(repr, unknown))}; variants: {names}")])
     chosen = [v for v in ablation.variants if not only or v.name in only]
-    digest = data_sha256(task.data)  # once: every unit trains on the same bytes
+    # read once, before any unit, and keyed by the digest of exactly these bytes: a file edited while the
+    # ablation runs can neither be trained on nor give a unit another data's key
+    corpus = load_corpus(task.data, context=task.context)
+    digest = corpus.sha256
 
     plans: list[tuple[Variant, tuple[Unit, ...] | str]] = []
     for variant in chosen:
@@ -881,7 +882,6 @@ def run_ablation(
         except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the others
             plans.append((variant, _one_line(exc)))
     total = sum(len(p) for _, p in plans if not isinstance(p, str))
-    corpus: Corpus | None = None
     done, ran, reused = 0, 0, 0
     variants: list[VariantResult] = []
     for variant, plan in plans:
@@ -900,8 +900,6 @@ def run_ablation(
                 results.append(cached)
                 reused += 1
                 continue
-            if corpus is None:
-                corpus = load_corpus(task.data, context=task.context)  # once, for every unit
             desc = f"[{done}/{total}] {variant.name} lr={unit.lr:.3g} seed={unit.seed}"
             if run_dir is not None:  # a stale run of this unit (other data, task or --fresh): replaced, not mixed in
                 remove_run_files(run_dir)

@@ -7,11 +7,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 import kronopt
 from kronopt.app import ablate, cli
 from kronopt.app.ablate import load_ablation, parse_ablation, plan_units, run_ablation, time_to_target
 from kronopt.config import ConfigError
+from kronopt.app.task import Corpus
 from kronopt.app.train import RunResult, TaskConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,11 +219,15 @@ class FakeTrain:
                          peak_memory_kind="unavailable", history=history, evals=evals)
 
 
+#: the corpus the fake trainings are handed (they read none of it); its digest keys their units
+NO_DATA = Corpus(train=torch.zeros(0, dtype=torch.uint8), val=torch.zeros(0, dtype=torch.uint8), source="none", sha256="0" * 64)
+
+
 @pytest.fixture
 def fake_train(monkeypatch):
     fake = FakeTrain()
     monkeypatch.setattr(ablate, "train", fake)
-    monkeypatch.setattr(ablate, "load_corpus", lambda *a, **k: None)  # the fake reads no data
+    monkeypatch.setattr(ablate, "load_corpus", lambda *a, **k: NO_DATA)  # the fake trains on no data
     return fake
 
 
@@ -302,7 +308,7 @@ def _rows(result):
 
 
 def test_an_interrupted_ablation_resumes_without_recomputing(monkeypatch, tmp_path):
-    monkeypatch.setattr(ablate, "load_corpus", lambda *a, **k: None)
+    monkeypatch.setattr(ablate, "load_corpus", lambda *a, **k: NO_DATA)
     ab, task = parse_ablation(TUNED), TaskConfig(steps=4)
     monkeypatch.setattr(ablate, "train", FakeTrain())
     uninterrupted = _rows(run_ablation(ab, task=task, out_dir=tmp_path / "ref", progress=False))

@@ -33,6 +33,7 @@ from kronopt.app import ablate, cli
 from kronopt.app.ablate import parse_ablation, run_ablation
 from kronopt.app.train import RunResult, TaskConfig
 from kronopt.config import ConfigError
+from tests.unit.test_ablate import NO_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,7 +207,7 @@ def test_device_auto_is_keyed_by_the_device_it_resolves_to(tmp_path, monkeypatch
     ``torch.cuda.is_available`` true. Fails (today): the second call reuses the CPU unit."""
     calls: list = []
     monkeypatch.setattr(ablate, "train", _fake_run(calls))
-    monkeypatch.setattr(ablate, "load_corpus", lambda *a, **k: None)
+    monkeypatch.setattr(ablate, "load_corpus", lambda *a, **k: NO_DATA)
     ab = parse_ablation({"ablation": {"base": "adamw"}, "variant": [{"name": "a"}]})
     task = TaskConfig(**{**TINY, "device": "auto"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -229,7 +230,7 @@ def test_an_lr_mult_grid_around_lr_zero_is_not_reported_as_extra_seeds(tmp_path,
     both grid points, the table's ``(n=2)``; the two runs also share one run directory."""
     calls: list = []
     monkeypatch.setattr(ablate, "train", _fake_run(calls))
-    monkeypatch.setattr(ablate, "load_corpus", lambda *a, **k: None)
+    monkeypatch.setattr(ablate, "load_corpus", lambda *a, **k: NO_DATA)
     ab = parse_ablation({"ablation": {"base": "muon"}, "variant": [{"name": "m", "set": {"lr": 0.0}}],
                          "tune": {"lr_mult": [0.5, 2], "seeds": [0]}})
     (v,) = run_ablation(ab, task=TaskConfig(**TINY), out_dir=tmp_path, progress=False).variants

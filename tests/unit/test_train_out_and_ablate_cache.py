@@ -290,3 +290,48 @@ def test_the_default_corpus_digest_follows_the_stdlib_files(tmp_path, monkeypatc
     split["value"] = ([a, b], [c])
     b.write_text(_text(99, 50))
     assert ablate_mod.data_sha256(None) != first
+
+
+def test_a_corpus_carries_the_digest_the_ablation_keys_by(tmp_path, data, monkeypatch):
+    """:attr:`Corpus.sha256` is the digest of the bytes it was read from, by the same scheme as
+    :func:`data_sha256` (the file's SHA-256; for the standard library its files' digests per split), so a unit
+    keyed by a corpus' digest finds the units keyed by the data's, and the other way round."""
+    from kronopt.app.task import load_corpus
+
+    assert load_corpus(data, context=8).sha256 == ablate_mod.data_sha256(str(data)) == hashlib.sha256(data.read_bytes()).hexdigest()
+    a, b, c = (tmp_path / f"{name}.py" for name in "abc")
+    for i, f in enumerate((a, b, c)):
+        f.write_text(_text(20 + i, 60))
+    monkeypatch.setattr(ablate_mod, "stdlib_files", lambda: ([a, b], [c]))
+    monkeypatch.setattr("kronopt.app.task.data.stdlib_files", lambda: ([a, b], [c]))
+    corpus = load_corpus(None, context=8)
+    expected = hashlib.sha256(b"kronopt stdlib corpus\n" + b"train 2\n" + hashlib.sha256(a.read_bytes()).digest()
+                              + hashlib.sha256(b.read_bytes()).digest() + b"val 1\n" + hashlib.sha256(c.read_bytes()).digest())
+    assert corpus.sha256 == ablate_mod.data_sha256(None) == expected.hexdigest()
+
+
+def test_a_data_file_edited_while_the_ablation_runs_is_neither_trained_on_nor_keyed_by(tmp_path, data, monkeypatch):
+    """The data is read once, before any unit, and the units are keyed by the digest of exactly those bytes:
+    a file edited after the ablation started (here while its units are planned) changes nothing of the run.
+
+    Fails on: the data hashed at the start and read at the first unit to train (the code before), where the
+    edited bytes were trained on under the old bytes' key, so a later run on either file reused a wrong unit."""
+    before = data.read_bytes()
+    plan = ablate_mod.plan_units
+    trained_on = []
+
+    def edit_then_plan(*args, **kwargs):
+        data.write_text(_text(5), encoding="utf-8")
+        return plan(*args, **kwargs)
+
+    def spy(*args, corpus, **kwargs):
+        trained_on.append(bytes(corpus.train.numpy()) + bytes(corpus.val.numpy()))
+        return train(*args, corpus=corpus, **kwargs)
+
+    monkeypatch.setattr(ablate_mod, "plan_units", edit_then_plan)
+    monkeypatch.setattr(ablate_mod, "train", spy)
+    ab = ablate_mod.parse_ablation(ABLATION)
+    result = ablate_mod.run_ablation(ab, task=TaskConfig(**{**TINY, "data": str(data)}), out_dir=tmp_path / "out", progress=False)
+    assert result.ran == 1 and trained_on == [before]
+    (unit,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "units").iterdir()]
+    assert unit["data_sha256"] == hashlib.sha256(before).hexdigest()

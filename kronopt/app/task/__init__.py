@@ -7,7 +7,7 @@ Nothing here is needed by the optimizer itself; it is the workload of
 * :mod:`kronopt.app.task.model` — the language model (pure torch, named parameters).
 """
 
-from .data import Corpus, load_corpus, stdlib_files
+from .data import Corpus, load_corpus, stdlib_digest, stdlib_files
 from .model import TinyGPT
 
-__all__ = ["Corpus", "TinyGPT", "load_corpus", "stdlib_files"]
+__all__ = ["Corpus", "TinyGPT", "load_corpus", "stdlib_digest", "stdlib_files"]

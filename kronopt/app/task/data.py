@@ -10,8 +10,13 @@ with the same Python version.
 
 A user file (``--data PATH``) is split by position instead: the last 10 % of its
 bytes are the validation split.
+
+Each corpus carries the SHA-256 of the bytes it was read from (:attr:`Corpus.sha256`),
+the digest ``kronopt ablate`` keys its cached runs by, so a key always names the
+bytes its run trained on.
 """
 
+import hashlib
 import sysconfig
 import zlib
 from pathlib import Path
@@ -28,13 +33,15 @@ VALIDATION_MODULUS = 10
 
 @attrs.frozen(eq=False)
 class Corpus:
-    """Train and validation bytes as ``uint8`` tensors, and where they came from."""
+    """Train and validation bytes as ``uint8`` tensors, where they came from, and ``sha256``: the digest of
+    the bytes read (:func:`stdlib_digest` for the standard library, the file's SHA-256 otherwise)."""
 
     train: Tensor
     val: Tensor
     source: str
     train_files: tuple[str, ...] = ()
     val_files: tuple[str, ...] = ()
+    sha256: str = ""
 
     def batch(self, split: str, batch: int, context: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``batch`` random windows of ``context`` bytes (inputs) and the same shifted by one (targets), int64.
@@ -61,9 +68,23 @@ def stdlib_files() -> tuple[list[Path], list[Path]]:
     return train, val
 
 
-def _read(files: list[Path]) -> Tensor:
-    blob = b"\n".join(f.read_bytes() for f in files)
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+def stdlib_digest(train: list[bytes], val: list[bytes]) -> str:
+    """The SHA-256 (hex) naming a standard-library corpus, from the SHA-256 digests of its files per split
+    (:func:`stdlib_files`' order): a header, then per split its name and number of files and each file's
+    digest, so an edited file or a file moved to the other split gives another digest."""
+    h = hashlib.sha256(b"kronopt stdlib corpus\n")
+    for split, digests in (("train", train), ("val", val)):
+        h.update(f"{split} {len(digests)}\n".encode())
+        for digest in digests:
+            h.update(digest)
+    return h.hexdigest()
+
+
+def _read(files: list[Path]) -> tuple[Tensor, list[bytes]]:
+    """The files' bytes joined by newlines, and each file's SHA-256 digest of the bytes read."""
+    contents = [f.read_bytes() for f in files]
+    blob = b"\n".join(contents)
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8), [hashlib.sha256(c).digest() for c in contents]
 
 
 def load_corpus(path: str | Path | None, *, context: int) -> Corpus:
@@ -77,12 +98,14 @@ def load_corpus(path: str | Path | None, *, context: int) -> Corpus:
             where = str(stdlib_dir())
             message = f"no Python sources in the standard library directory {where!r}; give a text file with --data PATH"
             raise ConfigError([("task.data", message)])
+        (train, train_digests), (val, val_digests) = _read(train_files), _read(val_files)
         corpus = Corpus(
-            train=_read(train_files),
-            val=_read(val_files),
+            train=train,
+            val=val,
             source=f"python stdlib ({stdlib_dir()})",
             train_files=tuple(f.name for f in train_files),
             val_files=tuple(f.name for f in val_files),
+            sha256=stdlib_digest(train_digests, val_digests),
         )
     else:
         p = Path(path)
@@ -94,7 +117,7 @@ def load_corpus(path: str | Path | None, *, context: int) -> Corpus:
             raise ConfigError([("task.data", f"cannot read {str(p)!r}: {exc.strerror or exc}")]) from exc
         cut = len(raw) - len(raw) // VALIDATION_MODULUS
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
-        corpus = Corpus(train=data[:cut], val=data[cut:], source=str(p))
+        corpus = Corpus(train=data[:cut], val=data[cut:], source=str(p), sha256=hashlib.sha256(raw).hexdigest())
     for split in ("train", "val"):
         size = getattr(corpus, split).numel()
         if size <= context + 1:
