@@ -46,6 +46,7 @@ from kronopt.config import ConfigError, KronConfig, to_dict
 from . import _args
 from ._extras import MissingExtraError, pyplot
 from .task import load_corpus, stdlib_digest, stdlib_files
+from .task.data import unreadable_data
 from .train import (
     MAX_SEED,
     TaskConfig,
@@ -454,10 +455,8 @@ def data_sha256(data: str | None) -> str:
             return _file_sha256(path).hex()
         train, val = stdlib_files()
         return stdlib_digest([_file_sha256(path) for path in train], [_file_sha256(path) for path in val])
-    except FileNotFoundError as exc:
-        raise ConfigError([("task.data", f"no such file: {str(path)!r}")]) from exc
     except OSError as exc:
-        raise ConfigError([("task.data", f"cannot read {str(path)!r}: {exc.strerror or exc}")]) from exc
+        raise unreadable_data(exc, path) from exc
 
 
 def unit_key(config: KronConfig, task: TaskConfig, data_digest: str) -> str:

@@ -80,9 +80,22 @@ def stdlib_digest(train: list[bytes], val: list[bytes]) -> str:
     return h.hexdigest()
 
 
+def unreadable_data(exc: OSError, path: Path | None) -> ConfigError:
+    """The :class:`ConfigError` at ``task.data`` for a data file (or a standard library file) that could not
+    be read: the file the error names, else ``path``."""
+    where = str(exc.filename if exc.filename is not None else path)
+    if isinstance(exc, FileNotFoundError):
+        return ConfigError([("task.data", f"no such file: {where!r}")])
+    return ConfigError([("task.data", f"cannot read {where!r}: {exc.strerror or exc}")])
+
+
 def _read(files: list[Path]) -> tuple[Tensor, list[bytes]]:
-    """The files' bytes joined by newlines, and each file's SHA-256 digest of the bytes read."""
-    contents = [f.read_bytes() for f in files]
+    """The files' bytes joined by newlines, and each file's SHA-256 digest of the bytes read; a file that
+    cannot be read is a :class:`ConfigError` naming it."""
+    try:
+        contents = [f.read_bytes() for f in files]
+    except OSError as exc:
+        raise unreadable_data(exc, None) from exc
     blob = b"\n".join(contents)
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8), [hashlib.sha256(c).digest() for c in contents]
 
@@ -114,7 +127,7 @@ def load_corpus(path: str | Path | None, *, context: int) -> Corpus:
         try:
             raw = p.read_bytes()
         except OSError as exc:
-            raise ConfigError([("task.data", f"cannot read {str(p)!r}: {exc.strerror or exc}")]) from exc
+            raise unreadable_data(exc, p) from exc
         cut = len(raw) - len(raw) // VALIDATION_MODULUS
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
         corpus = Corpus(train=data[:cut], val=data[cut:], source=str(p), sha256=hashlib.sha256(raw).hexdigest())
