@@ -176,6 +176,13 @@ class KronConfig:
             model (TF32 on a GPU, bfloat16 products on a CPU), restoring the process's setting
             after the step; ``"inherit"`` leaves them to that setting (faster on a GPU with TF32,
             less precise: the specs' arithmetic is float32's). Top-level only.
+        bucket_cap_mib: the most optimizer state (MiB) one bucket holds; 0 (the default): no cap.
+            A step makes a bucket's new state before it writes it into the old (stages are pure),
+            so its transient memory is about the state of the largest bucket; with a cap, blocks of
+            one shape are stacked into as few buckets of nearly equal size under the cap as
+            possible (one block at least), each stepped in its turn. The same algorithm block by
+            block (DESIGN.md's invariant 4); more buckets are more batched calls. Top-level only;
+            a ``[fallback]`` table's value is ignored (the cap holds for every bucket).
         max_skipped_steps: with ``"step"`` scope, ``step()`` raises
             ``FloatingPointError`` once this many consecutive steps were skipped
             (0: never). The count is read without a host synchronisation, so the
@@ -206,6 +213,7 @@ class KronConfig:
         default="highest", converter=to_str, validator=in_(("highest", "inherit"))
     )
     compile: bool = attrs.field(default=False, converter=to_bool)
+    bucket_cap_mib: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
     factors: Any
     basis: Any
     inner: Any

@@ -48,6 +48,19 @@ _NOT_COPIED = frozenset({
 })
 
 
+def _block_state_bytes(cfg: KronConfig, layout: Layout, state_dtype: torch.dtype) -> int:
+    """The bytes of one block's state under ``cfg`` (its ``[storage]`` dtypes included): a fresh state of
+    one block made on the meta device, where nothing is allocated."""
+    one = compose.init_state(cfg, attrs.evolve(layout, batch=1), dtype=state_dtype, device=torch.device("meta"))
+    return sum(t.numel() * t.element_size() for t in compose.flatten(one).values() if isinstance(t, Tensor))
+
+
+def _blocks_under(cap: int, cfg: KronConfig, layout: Layout, state_dtype: torch.dtype) -> int:
+    """How many blocks of ``layout`` one bucket holds under ``cap`` bytes of state (``bucket_cap_mib``):
+    one at least, whatever a block holds."""
+    return max(1, cap // max(1, _block_state_bytes(cfg, layout, state_dtype)))
+
+
 def _phases(layouts: list[Layout], count: int) -> list[int]:
     """A refresh phase in ``0 … count - 1`` per block, balancing the blocks' cost over the phases.
 
@@ -118,6 +131,8 @@ class _Bucket:
     #: what a bucket joined with this one must share beside its dtypes, device and counters (group, layout but
     #: the batch) and whether it is a block-by-block AdamW bucket on a CPU (:meth:`KronOptimizer._join`)
     join_base: tuple[Any, ...] | None = None
+    #: the bytes of one block's state (:func:`_block_state_bytes`), once something asked (the bucket cap)
+    block_bytes: int | None = None
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
         """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
@@ -308,7 +323,7 @@ def _rate_args(group: dict[str, Any]) -> dict[str, Any]:
 
 
 #: config keys a param group may not set: the step reads them from the optimizer's own config alone
-_TOP_LEVEL_ONLY = ("distributed", "nonfinite", "nonfinite_scope", "max_skipped_steps", "matmul_precision")
+_TOP_LEVEL_ONLY = ("distributed", "nonfinite", "nonfinite_scope", "max_skipped_steps", "matmul_precision", "bucket_cap_mib")
 
 
 class KronOptimizer(torch.optim.Optimizer):
@@ -357,7 +372,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._owner: dict[int, int] = {}  # id(param) → owner rank (work sharding)
         self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
         self._fsdp_loads: list[int] | None = None  # FSDP2 on a mesh of another size than the plain blocks' world
-        self._buckets = self._shard(self._make_buckets(self.param_groups, self._group_cfgs), assign=True)
+        self._buckets = self._shard(self._make_buckets(self.param_groups, self._group_cfgs, self._cap), assign=True)
         self._note_non_float()
         self._pending: list[_Pending] = []
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
@@ -472,7 +487,7 @@ class KronOptimizer(torch.optim.Optimizer):
             for g in self._split_user_group(_normalize_groups([param_group], first=len(self.param_groups))[0]):
                 super().add_param_group(g)  # raises for a parameter some group holds already
                 self._group_cfgs.append(self._group_config(g))
-            new = self._make_buckets(self.param_groups[first:], self._group_cfgs[first:])
+            new = self._make_buckets(self.param_groups[first:], self._group_cfgs[first:], self._cap)
             for b in new:
                 b.group += first
             self._buckets.extend(self._shard(new, assign=True))
@@ -561,13 +576,20 @@ class KronOptimizer(torch.optim.Optimizer):
             out.append(g)
         return out
 
+    @property
+    def _cap(self) -> int:
+        """The most state bytes a bucket holds (config key ``bucket_cap_mib``; 0: no cap)."""
+        return int(self.config.bucket_cap_mib * 2**20)
+
     @staticmethod
-    def _make_buckets(groups: list[dict[str, Any]], cfgs: list[KronConfig]) -> list[_Bucket]:
+    def _make_buckets(groups: list[dict[str, Any]], cfgs: list[KronConfig], cap: int = 0) -> list[_Bucket]:
         """Buckets of ``groups`` (indexed from 0); parameters with no elements are left out.
 
         A bucket's blocks share the group, the layout (block shape, sides, ranks and, under
         a staggered refresh, the refresh phase: :func:`_phases`), the state dtype, the
-        parameter dtype and the device.
+        parameter dtype and the device. With a ``cap`` (bytes of state, ``bucket_cap_mib``),
+        such blocks are cut, in order, into the fewest buckets of nearly equal size that each
+        hold at most ``cap`` bytes (:func:`_blocks_under`), one block at least.
         """
         buckets: dict[tuple[Any, ...], _Bucket] = {}
         for gi, (g, cfg) in enumerate(zip(groups, cfgs)):
@@ -588,7 +610,13 @@ class KronOptimizer(torch.optim.Optimizer):
                     buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype)
                 buckets[key].params.append(p)
                 buckets[key].specs.append(spec)
-        out = list(buckets.values())
+        out = []
+        for b in buckets.values():
+            per = _blocks_under(cap, cfgs[b.group], b.layout, b.state_dtype) if cap else None
+            count = 1 if per is None else -(-len(b.params) // per)  # the fewest buckets under the cap
+            edges = [len(b.params) * k // count for k in range(count + 1)]  # of nearly equal size
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                out.append(_Bucket(group=b.group, params=b.params[lo:hi], specs=b.specs[lo:hi], layout=b.layout, state_dtype=b.state_dtype))
         for b in out:
             b.layout = attrs.evolve(b.layout, batch=len(b.params))
         return out
@@ -731,7 +759,7 @@ class KronOptimizer(torch.optim.Optimizer):
         taken = {id(b) for b, _, _ in plain}
         # then the other small buckets of a CPU, with one test of their new state and one write of each kind
         small = [(b, cfg) for b in stepped if id(b) not in taken and (cfg := self._small_cpu(b)) is not None]
-        for run in _within_budget(small):
+        for run in _within_budget(small, self._cap):
             reports |= self._step_small_buckets(run, ok_on(_CPU))
         taken |= {id(b) for b, _ in small}
         for bucket in stepped:
@@ -983,8 +1011,8 @@ class KronOptimizer(torch.optim.Optimizer):
         gradients at random on most steps, joined parts would split again at once, and each join and split
         copies their state. Not across work sharding's or FSDP2's plans (each rank's part of a plan is its
         own), nor plain AdamW buckets of a CPU (:meth:`_blockwise`), nor where a state tensor's memory layout
-        differs between the parts (it decides how the blocks' reductions round). Returns ``stepped`` with each
-        joined bucket in place of its parts."""
+        differs between the parts (it decides how the blocks' reductions round), nor beyond the bucket cap
+        (``bucket_cap_mib``: :meth:`_packed`). Returns ``stepped`` with each joined bucket in place of its parts."""
         sets: dict[tuple[Any, ...], list[_Bucket]] = {}
         for b in stepped:
             # not before a counted first call: whether this call counts depends on its own gradients (a first call
@@ -1000,7 +1028,7 @@ class KronOptimizer(torch.optim.Optimizer):
             key = (b.join_base, b.state_dtype, p.dtype, p.device, tuple(compose.scalar_entries(b.state).items()))
             sets.setdefault(key, []).append(b)
         joined: dict[int, _Bucket | None] = {}
-        for parts in sets.values():
+        for parts in (pack for same in sets.values() for pack in self._packed(same)):
             if len(parts) > 1 and (whole := self._joined(parts)) is not None:
                 joined |= {id(b): None for b in parts}
                 joined[id(parts[0])] = whole
@@ -1009,6 +1037,24 @@ class KronOptimizer(torch.optim.Optimizer):
         self._buckets = [joined.get(id(b), b) for b in self._buckets if joined.get(id(b), b) is not None]
         self.__dict__.pop("_adam_scratch", None)
         return [joined.get(id(b), b) for b in stepped if joined.get(id(b), b) is not None]
+
+    def _packed(self, parts: list[_Bucket]) -> list[list[_Bucket]]:
+        """``parts`` (buckets :meth:`_join` may join) in runs, in order, that each stay under the bucket cap
+        (``bucket_cap_mib``; all of them in one run without a cap)."""
+        cap = self._cap
+        if not cap:
+            return [parts]
+        first = parts[0]
+        per = _blocks_under(cap, self._group_cfgs[first.group], first.layout, first.state_dtype)
+        runs: list[list[_Bucket]] = [[]]
+        held = 0
+        for b in parts:
+            if runs[-1] and held + b.layout.batch > per:
+                runs.append([])
+                held = 0
+            runs[-1].append(b)
+            held += b.layout.batch
+        return runs
 
     def _blockwise(self, bucket: _Bucket) -> bool:
         """A plain AdamW bucket whose blocks a CPU steps one by one (:meth:`_step_plain_adams`, with every other
@@ -2104,7 +2150,7 @@ class KronOptimizer(torch.optim.Optimizer):
         owners, self._owner = self._owner, {**self._owner, **adopted}
         try:
             buckets = []
-            for like in self._make_buckets(self.param_groups, cfgs):
+            for like in self._make_buckets(self.param_groups, cfgs, self._cap):
                 parts: dict[Any, list[int]] = {}
                 for i, p in enumerate(like.params):
                     entry = saved.get(key_of[id(p)])
@@ -2301,19 +2347,25 @@ class _StepFlag:
         return self.copies[device]
 
 
-def _within_budget(work: list[tuple[_Bucket, KronConfig]]) -> list[list[tuple[_Bucket, KronConfig]]]:
-    """``work`` cut, in order, into runs of at most ``_SMALL_TOGETHER_BUDGET`` entries each (a bucket larger
-    than that alone in its run), counting ``m n + m² + n²`` per block."""
+def _within_budget(work: list[tuple[_Bucket, KronConfig]], cap: int = 0) -> list[list[tuple[_Bucket, KronConfig]]]:
+    """``work`` cut, in order, into runs of at most ``_SMALL_TOGETHER_BUDGET`` entries each, counting
+    ``m n + m² + n²`` per block, and with a bucket cap (``cap`` bytes, ``bucket_cap_mib``) holding at most
+    that much state together (:func:`_block_state_bytes`): a run's new states are all held until its
+    writes. A bucket larger than either is alone in its run."""
     runs: list[list[tuple[_Bucket, KronConfig]]] = []
-    size = 0
+    size = held = 0
     for bucket, cfg in work:
         lay = bucket.layout
         entries = lay.batch * (lay.m * lay.n + lay.m**2 + lay.n**2)
-        if not runs or size + entries > _SMALL_TOGETHER_BUDGET:
+        if cap and bucket.block_bytes is None:
+            bucket.block_bytes = _block_state_bytes(cfg, lay, bucket.state_dtype)
+        state = lay.batch * bucket.block_bytes if cap else 0  # type: ignore[operator]
+        if not runs or size + entries > _SMALL_TOGETHER_BUDGET or held + state > cap:
             runs.append([])
-            size = 0
+            size = held = 0
         runs[-1].append((bucket, cfg))
         size += entries
+        held += state
     return runs
 
 

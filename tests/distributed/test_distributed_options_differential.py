@@ -1,6 +1,7 @@
 """Differential checks of the multi-process paths combined with options no other distributed test combines.
 
 The options: ``[storage]`` narrowed to bfloat16 (factors, basis, moments), ``[refresh] stagger = true``,
+a bucket cap (``bucket_cap_mib``: blocks of one shape in buckets of their own),
 ``nonfinite_scope = "block"`` and ``"step"``, a NaN on the very first step (a first call that used no
 gradient is not counted, on every rank alike), ``add_param_group`` mid-training (itself with a NaN at its
 first call), presets with a low-rank + flat split (pro_kl_shampoo, pro_soap) and DyKAF; then resumes from
@@ -50,9 +51,11 @@ CASES = {
     "dykaf_block": ("dykaf", {**BF16, **STAGGER, "nonfinite_scope": "block"}, FIRST),
     "pro_kl_shampoo_block": ("pro_kl_shampoo", {**BF16, **STAGGER, "nonfinite_scope": "block"}, {**FIRST, (0, "d.weight"): 1, (0, "a.bias"): 0}),
     "pro_soap_step": ("pro_soap", {**BF16, **STAGGER, "nonfinite_scope": "step"}, FIRST),
+    # no stagger: the bucket cap alone keeps the two (9, 9) blocks in buckets of their own
+    "kl_shampoo_capped": ("kl_shampoo", {**BF16, "bucket_cap_mib": 1e-6, "nonfinite_scope": "block"}, FIRST),
 }
 #: the cases resumed from state dicts and checkpoints
-RESUMED = ["soap_block", "pro_kl_shampoo_block"]
+RESUMED = ["soap_block", "pro_kl_shampoo_block", "kl_shampoo_capped"]
 
 
 def _close(actual, expected, what=""):
@@ -353,12 +356,16 @@ def ranks(tmp_path_factory):
 
 def test_the_cases_exercise_bfloat16_storage_stagger_and_an_uncounted_first_call():
     """Guards the other tests' premises: the state is stored in bfloat16, the refresh is staggered (phases
-    beyond 0), the NaN first step left counters one short on the buckets it skipped (and the step-scoped
+    beyond 0) or the cap parts the blocks of one shape, the NaN first step left counters one short on the buckets it skipped (and the step-scoped
     case one short everywhere), and the NaN blocks stayed put while the others moved."""
     for case, (preset, over, nan) in CASES.items():
         ref = reference(case)
         assert torch.bfloat16 in set(ref["dtypes"].values()), case
-        assert max(ref["phases"]) > 0, case
+        if "bucket_cap_mib" in over:
+            # a and b (9 × 9) in a bucket each, and c (5 × 9): two buckets of n = 9 without the cap
+            assert ref["phases"] == [0] and [n for n, _, _ in ref["calls"]].count(9) == 3, (case, ref["calls"])
+        else:
+            assert max(ref["phases"]) > 0, case
         calls = [c for _, _, c in ref["calls"]]
         assert STEPS - 1 in calls or STEPS - ADD_AT - 1 in calls, (case, ref["calls"])
         if over["nonfinite_scope"] == "step":

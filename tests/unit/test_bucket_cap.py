@@ -1,0 +1,190 @@
+"""``bucket_cap_mib``: no bucket holds more optimizer state than the cap, and nothing else changes.
+
+A step makes a bucket's new state before writing it into the old, so its transient memory follows the
+largest bucket's state; the cap cuts blocks of one shape into several buckets. What is checked here:
+the buckets' sizes against the state each parameter really holds (``opt.state[p]``), the same bits as
+without a cap on every preset (blocks whose sides are multiples of 4, where a bucket steps its blocks
+exactly as alone: DESIGN.md's invariant 4), the cap kept when parts split by missing gradients join
+again and across a save and load, and the transient memory a step allocates, counted by a dispatch
+mode, falling with the cap.
+"""
+
+import math
+import weakref
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kronopt
+from kronopt.config import ConfigError
+
+PRESETS = ["adamw", "soap", "shampoo", "muon", "dykaf", "kl_shampoo", "kl_soap", "pro_kl_shampoo", "pro_soap"]
+
+
+def _params(count: int = 10, shape: tuple[int, int] = (16, 32)) -> list[tuple[str, torch.nn.Parameter]]:
+    return [
+        (f"layers.{i}.mlp.fc.weight", torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(i))))
+        for i in range(count)
+    ]
+
+
+def _grad(t: int, i: int, shape: torch.Size) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1000 * t + i))
+
+
+def _run(preset: str, cap: float, *, steps: int = 12, absent: frozenset[int] = frozenset(), shape=(16, 32)):
+    """Weights after ``steps`` steps; at the steps in ``absent`` every third parameter has no gradient."""
+    named = _params(shape=shape)
+    opt = kronopt.build(named, preset, bucket_cap_mib=cap, **{"refresh.every": 5} if preset != "adamw" and preset != "muon" else {})
+    for t in range(steps):
+        for i, (_, p) in enumerate(named):
+            p.grad = None if t in absent and i % 3 == 0 else _grad(t, i, p.shape)
+        opt.step()
+    return [p.detach().clone() for _, p in named], opt
+
+
+def _block_bytes(opt, p) -> int:
+    """The bytes of the state one parameter holds, as ``state[p]`` shows it (views of its bucket's stacks)."""
+    return sum(v.numel() * v.element_size() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "adamw"])
+@pytest.mark.parametrize("blocks_allowed", [1, 3, 4, 10])
+def test_buckets_are_the_fewest_of_nearly_equal_size_under_the_cap(preset, blocks_allowed):
+    named = _params()
+    probe = kronopt.build(named, preset)
+    per = _block_bytes(probe, named[0][1])
+    assert per > 0
+    cap_mib = (blocks_allowed * per + per // 2) / 2**20  # room for blocks_allowed blocks and half of another
+    opt = kronopt.build(named, preset, bucket_cap_mib=cap_mib)
+    sizes = [row["blocks"] for row in opt.bucket_summary()]
+    assert sum(sizes) == 10
+    assert len(sizes) == math.ceil(10 / blocks_allowed)
+    assert max(sizes) - min(sizes) <= 1
+    assert all(n * per <= cap_mib * 2**20 for n in sizes)
+
+
+def test_a_block_larger_than_the_cap_is_a_bucket_of_its_own():
+    named = _params(count=3)
+    opt = kronopt.build(named, "soap", bucket_cap_mib=1e-6)
+    assert [row["blocks"] for row in opt.bucket_summary()] == [1, 1, 1]
+
+
+def test_no_cap_and_a_cap_above_the_state_keep_one_bucket():
+    named = _params()
+    assert [r["blocks"] for r in kronopt.build(named, "soap").bucket_summary()] == [10]
+    assert [r["blocks"] for r in kronopt.build(named, "soap", bucket_cap_mib=1e3).bucket_summary()] == [10]
+    with pytest.raises(ConfigError, match="bucket_cap_mib"):
+        kronopt.build(named, "soap", bucket_cap_mib=math.inf)  # no cap is 0
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_cap_changes_no_bit_of_the_trajectory(preset):
+    ref, _ = _run(preset, 0.0)
+    capped, opt = _run(preset, 1e-6)  # one block a bucket
+    assert len(opt.bucket_summary()) == 10
+    for a, b in zip(ref, capped):
+        assert torch.equal(a, b)
+
+
+def test_parts_joined_after_missing_gradients_stay_under_the_cap():
+    named = _params()
+    per = _block_bytes(kronopt.build(named, "soap"), named[0][1])
+    cap = (4 * per) / 2**20
+    ref, plain = _run("soap", 0.0, absent=frozenset({3, 4}))
+    capped, opt = _run("soap", cap, absent=frozenset({3, 4}))
+    sizes = [row["blocks"] for row in opt.bucket_summary()]
+    assert sum(sizes) == 10 and max(sizes) <= 4
+    assert [row["blocks"] for row in plain.bucket_summary()] != sizes  # the uncapped parts joined beyond it
+    for a, b in zip(ref, capped):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("saved_cap, loaded_cap", [(1e-6, 0.0), (0.0, 1e-6)])
+def test_a_load_across_caps_continues_the_same_trajectory_under_the_loading_cap(saved_cap, loaded_cap):
+    named = _params()
+    opt = kronopt.build(named, "soap", bucket_cap_mib=saved_cap, **{"refresh.every": 5})
+    for t in range(7):
+        for i, (_, p) in enumerate(named):
+            p.grad = _grad(t, i, p.shape)
+        opt.step()
+    saved = opt.state_dict()
+    again = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
+    other = kronopt.build(again, "soap", bucket_cap_mib=loaded_cap, **{"refresh.every": 5})
+    with pytest.warns(UserWarning, match="different config"):
+        other.load_state_dict(saved)
+    for t in range(7, 13):
+        for i, ((_, p), (_, q)) in enumerate(zip(named, again)):
+            p.grad = _grad(t, i, p.shape)
+            q.grad = p.grad.clone()
+        opt.step()
+        other.step()
+    for (_, p), (_, q) in zip(named, again):
+        assert torch.equal(p, q)
+    sizes = [row["blocks"] for row in other.bucket_summary()]
+    assert sizes == ([1] * 10 if loaded_cap else [10])
+
+
+class _Transient(TorchDispatchMode):
+    """The most bytes of tensor storage made under the mode and alive at once (a view or an in-place result
+    shares an input's storage and counts nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: weakref.WeakSet = weakref.WeakSet()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            s = t.untyped_storage()
+            if s.data_ptr() in inputs or s.nbytes() == 0 or s in self._counted:
+                continue
+            self._counted.add(s)
+            self.live += s.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(s, self._freed, s.nbytes())
+        return out
+
+
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
+def test_a_cap_bounds_the_memory_a_step_allocates(preset):
+    """Eight blocks, stepped as one bucket and then one block a bucket: the most memory a step holds at once
+    (a plain step and a refresh) falls to about an eighth."""
+    peaks = {}
+    for cap in (0.0, 1e-6):
+        named = _params(count=8, shape=(64, 128))
+        opt = kronopt.build(named, preset, bucket_cap_mib=cap, **{"refresh.every": 4})
+        seen = []
+        for t in range(9):
+            for i, (_, p) in enumerate(named):
+                p.grad = _grad(t, i, p.shape)
+            with _Transient() as mode:
+                opt.step()
+            seen.append(mode.peak)
+        peaks[cap] = max(seen[2:])  # past the first calls, a refresh among them
+    state = sum(_block_bytes(opt, p) for _, p in named)
+    assert peaks[0.0] > 0.5 * state  # without a cap a step holds about a bucket's state anew
+    assert peaks[1e-6] < 0.25 * peaks[0.0]
+
+
+def test_the_cap_is_validated_and_top_level_only():
+    w = ("w", torch.nn.Parameter(torch.randn(4, 4)))
+    with pytest.raises(ConfigError, match="bucket_cap_mib"):
+        kronopt.build([w], "soap", bucket_cap_mib=-1)
+    p, q = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises((ConfigError, ValueError), match="bucket_cap_mib"):
+        kronopt.build([{"params": [("w", p)]}, {"params": [("v", q)], "bucket_cap_mib": 1.0}], "soap")
+    cfg = kronopt.config.from_dict({**kronopt.config.to_dict(kronopt.presets.SOAP), "bucket_cap_mib": 64})
+    assert kronopt.config.from_dict(kronopt.config.to_dict(cfg)).bucket_cap_mib == 64.0
+    assert kronopt.presets.SOAP.bucket_cap_mib == 0.0
