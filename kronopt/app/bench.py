@@ -20,6 +20,7 @@ import pickle
 import statistics
 import tempfile
 import time
+import weakref
 from functools import partial
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
@@ -29,12 +30,49 @@ import attrs
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import kronopt
 from kronopt import malloc
 
 from . import _args, peers
 from ._args import Problems
+
+
+class TransientMemory(TorchDispatchMode):
+    """The most bytes of tensor memory made while the mode is on and alive at once (``peak``), on any device.
+
+    Every tensor an operator returns whose storage is new (not an input's: a view or an in-place result
+    counts nothing) is counted from its making until its storage is freed, however long that is: a
+    step's temporaries and the new state it writes in, and what the step keeps (a first call's state).
+    What the allocator adds (rounding, a cache's fragments) is not seen; on a GPU,
+    ``torch.cuda.max_memory_allocated`` gives that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: weakref.WeakSet[torch.UntypedStorage] = weakref.WeakSet()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            nbytes = storage.nbytes()
+            if not nbytes or storage.data_ptr() in inputs or storage in self._counted:
+                continue
+            self._counted.add(storage)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, nbytes)
+        return out
 
 
 def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
@@ -78,6 +116,7 @@ def bench(
     seed: int = 0,
     repeat: int = 1,
     makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
+    memory_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """Step time and state bytes per optimizer, measured interleaved in one run.
 
@@ -91,6 +130,11 @@ def bench(
     ``repeat`` times and each figure is the median over the runs
     (:func:`aggregate_runs`): on a shared machine a ratio moves by several percent
     from one run to the next, and the spread says by how much.
+
+    ``memory_steps`` more rounds follow the timed ones, untimed, each step under a
+    :class:`TransientMemory`: ``step_bytes`` is the most tensor memory one of those steps
+    held at once (its temporaries and the new state it writes in; 10 rounds hold a
+    refresh of the presets).
 
     ``makers`` builds the named stand-ins that are not optimizers (name → a function
     returning the stand-in and its state bytes: the replays of the matrix work of :func:`replay_makers`,
@@ -108,7 +152,7 @@ def bench(
 
     Returns:
         One dict per name, in order: ``optimizer``, ``mean_ms``, ``median_ms``,
-        ``state_bytes``, ``vs_first`` (its mean over the first optimizer's mean),
+        ``state_bytes``, ``step_bytes`` (``None`` without ``memory_steps``), ``vs_first`` (its mean over the first optimizer's mean),
         ``vs_first_range`` (the lowest and highest of that ratio over the runs), ``runs``,
         ``run_means`` and ``failed`` (``None``, or as :func:`aggregate_runs` gives it; the
         figures are then ``None``).
@@ -119,8 +163,13 @@ def bench(
     _check_run(names, shapes, steps, warmup)
     if repeat < 1:
         raise ValueError(f"bench needs repeat ≥ 1, got {repeat}")
+    if memory_steps < 0:
+        raise ValueError(f"bench needs memory_steps ≥ 0, got {memory_steps}")
     runs = [
-        _bench_once(names, shapes, steps=steps, warmup=warmup, device=device, dtype=dtype, seed=seed, makers=makers)
+        _bench_once(
+            names, shapes, steps=steps, warmup=warmup, device=device, dtype=dtype, seed=seed, makers=makers,
+            memory_steps=memory_steps,
+        )
         for _ in range(repeat)
     ]
     return aggregate_runs(runs)
@@ -131,7 +180,7 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
     optimizer the median over the runs of ``mean_ms``, ``median_ms`` and ``vs_first`` (each run's own
     ratio, so a run on a busier machine slows every optimizer in it alike), the lowest and highest
     ratio (``vs_first_range``), the number of runs and each run's ``mean_ms`` (``run_means``, for
-    :func:`ratios`). ``state_bytes`` is the first run's.
+    :func:`ratios`). ``state_bytes`` and ``step_bytes`` are the first run's.
 
     An optimizer that failed in any run (its row's ``failed`` set, :func:`bench`) gets ``failed``: the
     first failure's ``step`` and ``error`` and the number of ``runs`` that failed, and ``None`` for
@@ -147,7 +196,7 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
             out.append(
                 {
                     "optimizer": row["optimizer"], "mean_ms": None, "median_ms": None, "state_bytes": None,
-                    "vs_first": None, "vs_first_range": None, "runs": len(runs), "run_means": None,
+                    "step_bytes": None, "vs_first": None, "vs_first_range": None, "runs": len(runs), "run_means": None,
                     "failed": {**failures[0], "runs": len(failures)},
                 }
             )
@@ -159,6 +208,7 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
                 "mean_ms": statistics.median(run[i]["mean_ms"] for run in runs),
                 "median_ms": statistics.median(run[i]["median_ms"] for run in runs),
                 "state_bytes": row["state_bytes"],
+                "step_bytes": row.get("step_bytes"),
                 "vs_first": None if ratios is None else statistics.median(ratios),
                 "vs_first_range": None if ratios is None else (min(ratios), max(ratios)),
                 "runs": len(runs),
@@ -197,10 +247,12 @@ def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> 
 def _bench_once(
     names: Sequence[str], shapes: Sequence[tuple[int, ...]], *, steps: int, warmup: int, device: str,
     dtype: torch.dtype, seed: int, makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
+    memory_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """One interleaved run of :func:`bench` (fresh optimizers); a name in ``makers`` is built by its
     maker (a stand-in with a ``step()``, as :class:`_Replay`) instead of :func:`_make`. A peer that
-    raises is dropped (:func:`_drop`) and its row has ``failed`` and no figures."""
+    raises is dropped (:func:`_drop`) and its row has ``failed`` and no figures. ``memory_steps``
+    untimed rounds after the timed ones count each step's memory (:class:`TransientMemory`)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
@@ -209,7 +261,7 @@ def _bench_once(
         params = [torch.nn.Parameter(b.clone().to(device)) for b in base]
         made = bool(makers) and name in makers
         run = {"name": name, "params": params, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
-               "peer": not made and _is_peer(name), "failed": None}
+               "peer": not made and _is_peer(name), "failed": None, "step_bytes": None}
         try:
             run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, params)
         except Exception as exc:
@@ -236,12 +288,26 @@ def _bench_once(
                     continue
                 if k >= warmup:
                     run["times"].append(time.perf_counter() - t0)
+        for k in range(warmup + steps, warmup + steps + memory_steps):
+            for run in runs:
+                if run["failed"]:
+                    continue
+                _give_grads(run, grads[k % len(grads)])
+                try:
+                    with TransientMemory() as counter:
+                        run["opt"].step()
+                except Exception as exc:
+                    if not run["peer"]:
+                        raise
+                    _drop(run, k + 1, exc)
+                    continue
+                run["step_bytes"] = max(run["step_bytes"] or 0, counter.peak)
     first = None if runs[0]["failed"] else statistics.fmean(runs[0]["times"]) * 1e3
     rows = []
     for run in runs:
         if run["failed"]:
             rows.append({"optimizer": run["name"], "mean_ms": None, "median_ms": None, "state_bytes": None,
-                         "vs_first": None, "failed": run["failed"]})
+                         "step_bytes": None, "vs_first": None, "failed": run["failed"]})
             continue
         mean = statistics.fmean(run["times"]) * 1e3
         rows.append(
@@ -250,6 +316,7 @@ def _bench_once(
                 "mean_ms": mean,
                 "median_ms": statistics.median(run["times"]) * 1e3,
                 "state_bytes": run["state_bytes"](),
+                "step_bytes": run["step_bytes"],
                 "vs_first": None if first is None else mean / first if first > 0 else float("nan"),
                 "failed": None,
             }
@@ -683,6 +750,7 @@ class BenchPlan:
         device: where the one-process run steps (``--device``; ``cpu`` with ``--world``).
         ratios: the ``--ratio`` pairs ``(a, b)``, names as given (either may be a missing peer).
         alone: ``--alone``: each kronopt optimizer's matrix work replayed alone in the same runs.
+        memory_steps: ``--memory``: untimed rounds after the timed ones, each step's memory counted.
     """
 
     names: list[str]
@@ -695,6 +763,7 @@ class BenchPlan:
     ratios: list[tuple[str, str]] = attrs.field(factory=list)
     retain_freed_memory: bool = False
     alone: bool = False
+    memory_steps: int = 0
 
 
 def _known_peers(package: str) -> str:
@@ -769,10 +838,14 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     alone = bool(getattr(args, "alone", False))
     if alone and world_text is not None:
         p.add("--alone", "applies to the one-process table; cannot be combined with --world")
+    memory_steps = p.integer("--memory", getattr(args, "memory", "0"), minimum=0)
+    if memory_steps and world_text is not None:
+        p.add("--memory", "applies to the one-process table; cannot be combined with --world")
     p.check()
     return BenchPlan(
         names=names, shapes=shapes, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
         ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)), alone=alone,
+        memory_steps=memory_steps or 0,
     )
 
 
@@ -809,7 +882,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     width = max(14, *(len(r["optimizer"]) for r in rows))
     first = f"× {rows[0]['optimizer']}"
     spread = rows[0].get("runs", 1) > 1  # several runs: the ratio's range over them, last
+    memory = any(r.get("step_bytes") is not None for r in rows)  # --memory: the most one step held at once
     header = f"{'optimizer':<{width}} {'mean ms':>9} {'median ms':>10} {first:>{max(12, len(first))}} {'state MiB':>10}"
+    header += f" {'step MiB':>9}" if memory else ""
     header += f" {'× range':>11}" if spread else ""
     print(header)
     print("-" * len(header))
@@ -822,6 +897,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['optimizer']:<{width}} {r['mean_ms']:>9.3f} {r['median_ms']:>10.3f} "
             f"{vs:>{max(12, len(first))}} {_mib(r['state_bytes']):>10.2f}"
         )
+        if memory:
+            line += f" {_mib(r['step_bytes']):>9.2f}" if r.get("step_bytes") is not None else f" {'-':>9}"
         if spread:
             spread_text = "-" if r["vs_first_range"] is None else "{:.2f}–{:.2f}".format(*r["vs_first_range"])
             line += f" {spread_text:>11}"
@@ -1032,7 +1109,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             recorded, makers = replay_makers(
                 plan.names, plan.shapes, steps=counts["warmup"] + counts["steps"], device=plan.device, seed=counts["seed"]
             )
-        every = bench([*plan.names, *makers], plan.shapes, **timing, repeat=counts["repeat"], makers=makers)
+        every = bench(
+            [*plan.names, *makers], plan.shapes, **timing, repeat=counts["repeat"], makers=makers,
+            memory_steps=plan.memory_steps,
+        )
         rows = every[: len(plan.names)]
         table = scaling(plan.names, plan.widths, **timing, repeat=counts["repeat"]) if plan.widths else []
     finally:
@@ -1093,6 +1173,12 @@ def add_subcommand(sub: Any) -> None:
         help="also replay each kronopt optimizer's matrix work (its products, eigh and QR, recorded from its own "
         "steps on the same shapes) alone, in the same interleaved rounds, and print each step's mean over it: how "
         "far the step is from being bound by its matrix work (not with --world)",
+    )
+    p.add_argument(
+        "--memory", default="0",
+        help="also step this many more rounds, untimed, counting the tensor memory each step makes, and print the "
+        "most one step held at once (step MiB: its temporaries and the new state it writes in; 10 holds a refresh "
+        "of the presets; not with --world)",
     )
     p.add_argument(
         "--retain-freed-memory", action="store_true",

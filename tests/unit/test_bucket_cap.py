@@ -5,19 +5,17 @@ largest bucket's state; the cap cuts blocks of one shape into several buckets. W
 the buckets' sizes against the state each parameter really holds (``opt.state[p]``), the same bits as
 without a cap on every preset (blocks whose sides are multiples of 4, where a bucket steps its blocks
 exactly as alone: DESIGN.md's invariant 4), the cap kept when parts split by missing gradients join
-again and across a save and load, and the transient memory a step allocates, counted by a dispatch
-mode, falling with the cap.
+again and across a save and load, and the memory a step holds at once, counted by
+``kronopt.app.bench.TransientMemory``, falling with the cap.
 """
 
 import math
-import weakref
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kronopt
+from kronopt.app.bench import TransientMemory
 from kronopt.config import ConfigError
 
 PRESETS = ["adamw", "soap", "shampoo", "muon", "dykaf", "kl_shampoo", "kl_soap", "pro_kl_shampoo", "pro_soap"]
@@ -127,36 +125,6 @@ def test_a_load_across_caps_continues_the_same_trajectory_under_the_loading_cap(
     assert sizes == ([1] * 10 if loaded_cap else [10])
 
 
-class _Transient(TorchDispatchMode):
-    """The most bytes of tensor storage made under the mode and alive at once (a view or an in-place result
-    shares an input's storage and counts nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._counted: weakref.WeakSet = weakref.WeakSet()
-
-    def _freed(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            s = t.untyped_storage()
-            if s.data_ptr() in inputs or s.nbytes() == 0 or s in self._counted:
-                continue
-            self._counted.add(s)
-            self.live += s.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(s, self._freed, s.nbytes())
-        return out
-
-
 @pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
 def test_a_cap_bounds_the_memory_a_step_allocates(preset):
     """Eight blocks, stepped as one bucket and then one block a bucket: the most memory a step holds at once
@@ -169,7 +137,7 @@ def test_a_cap_bounds_the_memory_a_step_allocates(preset):
         for t in range(9):
             for i, (_, p) in enumerate(named):
                 p.grad = _grad(t, i, p.shape)
-            with _Transient() as mode:
+            with TransientMemory() as mode:
                 opt.step()
             seen.append(mode.peak)
         peaks[cap] = max(seen[2:])  # past the first calls, a refresh among them
