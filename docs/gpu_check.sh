@@ -6,7 +6,8 @@
 #   3. many small matrices: kronopt's stacked buckets against the peers' per-parameter loops;
 #   4. the width scaling of soap, dykaf and kl_shampoo against their matrix work alone;
 #   5. what `compile = true` and bfloat16 state storage buy (TOML copies of the presets);
-#   6. the peers table again on the CPU table's own workload (d = D2, default 256).
+#   6. the peers table again on the CPU table's own workload (d = D2, default 256);
+#   7. what a bucket cap (`bucket_cap_mib`, docs/configs.md) saves in a step's memory and costs in time.
 #
 #   bash docs/gpu_check.sh [OUTDIR]          (default: $OUT, else ./gpu-results)
 #
@@ -17,7 +18,7 @@
 # one is reported as not installed. Each part writes its own file under OUTDIR and has a time box
 # (seconds × TSCALE, default 1), so a lease that runs short still returns the parts before it: on an
 # H200 the whole run is meant to fit in about nine minutes. Smaller runs: D, D2, LAYERS, STEPS, WARMUP,
-# WIDTHS, SMALL (count of each small shape) and DEVICE (default cuda; cpu only checks the script, e.g.
+# WIDTHS, SMALL (count of each small shape), CAP (MiB) and DEVICE (default cuda; cpu only checks the script, e.g.
 # DEVICE=cpu D=32 D2=32 STEPS=2 WARMUP=1 WIDTHS=32,64 SMALL=2 bash docs/gpu_check.sh /tmp/gpu-dry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,4 +88,12 @@ part 5_compile_bf16 90 $bench --warmup 5 soap "$cfg/soap+compile.toml" "$cfg/soa
 
 # shellcheck disable=SC2086
 part 6_peers_d$d2 60 $bench --warmup "$warmup" $peers --d "$d2" --layers "$layers" --repeat 3 $ratios
+
+# a cap of CAP MiB (default 256: at d = 1024 a bucket each for soap's 4d × d blocks, 168 MiB of state apiece,
+# and two a bucket for its 3d × d ones, where without it four share one)
+cap=${CAP:-256}
+$py -m kronopt.app show soap --set bucket_cap_mib="$cap" >"$cfg/soap+cap.toml"
+$py -m kronopt.app show kl_shampoo --set bucket_cap_mib="$cap" >"$cfg/kl_shampoo+cap.toml"
+part 7_bucket_cap 60 $bench --warmup "$warmup" soap "$cfg/soap+cap.toml" kl_shampoo "$cfg/kl_shampoo+cap.toml" \
+    --d "$d" --layers "$layers" --memory 10 --ratio "$cfg/soap+cap.toml/soap" --ratio "$cfg/kl_shampoo+cap.toml/kl_shampoo"
 echo "== done ($(date -u +%T)); one file per part in $out"
