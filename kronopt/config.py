@@ -176,7 +176,8 @@ class KronConfig:
             model (TF32 on a GPU, bfloat16 products on a CPU), restoring the process's setting
             after the step; ``"inherit"`` leaves them to that setting (faster on a GPU with TF32,
             less precise: the specs' arithmetic is float32's). Top-level only.
-        bucket_cap_mib: the most optimizer state (MiB) one bucket holds; 0 (the default): no cap.
+        bucket_cap_mib: the most optimizer state (MiB, in the compute dtype) one bucket holds; 0 (the
+            default): no cap.
             A step makes a bucket's new state before it writes it into the old (stages are pure),
             so its transient memory is about the state of the largest bucket; with a cap, blocks of
             one shape are stacked into as few buckets of nearly equal size under the cap as

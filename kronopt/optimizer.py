@@ -49,16 +49,30 @@ _NOT_COPIED = frozenset({
 
 
 def _block_state_bytes(cfg: KronConfig, layout: Layout, state_dtype: torch.dtype) -> int:
-    """The bytes of one block's state under ``cfg`` (its ``[storage]`` dtypes included): a fresh state of
-    one block made on the meta device, where nothing is allocated."""
-    one = compose.init_state(cfg, attrs.evolve(layout, batch=1), dtype=state_dtype, device=torch.device("meta"))
-    return sum(t.numel() * t.element_size() for t in compose.flatten(one).values() if isinstance(t, Tensor))
+    """The bytes of one block's state in its compute dtype ``state_dtype``, as a step makes it anew (a
+    ``[storage]`` dtype narrower than that is upcast for the step): a fresh state of one block made on
+    the meta device, where nothing is allocated, or on the CPU where a stage cannot make it there (one
+    that reads a number of its state, say); 0 (unknown: no cap) where that fails too, as the step will."""
+    one = attrs.evolve(layout, batch=1)
+    try:
+        state = compose.init_state(cfg, one, dtype=state_dtype, device=torch.device("meta"))
+    except Exception:  # noqa: BLE001 - a plugin stage's init may do what the meta device refuses
+        try:
+            state = compose.init_state(cfg, one, dtype=state_dtype, device=torch.device("cpu"))
+        except Exception:  # noqa: BLE001 - the first step will raise it
+            return 0
+    return sum(
+        t.numel() * (state_dtype.itemsize if t.is_floating_point() else t.element_size())
+        for t in compose.flatten(state).values()
+        if isinstance(t, Tensor)
+    )
 
 
-def _blocks_under(cap: int, cfg: KronConfig, layout: Layout, state_dtype: torch.dtype) -> int:
-    """How many blocks of ``layout`` one bucket holds under ``cap`` bytes of state (``bucket_cap_mib``):
-    one at least, whatever a block holds."""
-    return max(1, cap // max(1, _block_state_bytes(cfg, layout, state_dtype)))
+def _blocks_under(cap: int, block_bytes: int) -> int | None:
+    """How many blocks of ``block_bytes`` of state (:func:`_block_state_bytes`) one bucket holds under
+    ``cap`` bytes (``bucket_cap_mib``): one at least, whatever a block holds; ``None`` (no bound) where
+    there is no cap or a block's bytes are unknown (0)."""
+    return max(1, cap // block_bytes) if cap and block_bytes else None
 
 
 def _phases(layouts: list[Layout], count: int) -> list[int]:
@@ -214,8 +228,8 @@ class _Pending:
 
 
 def _numbers_config(raw: Any) -> Any:
-    """A saved config without the tables that do not change the numbers (``[distributed]``: sharding
-    gives the same parameters), to compare a saved config with the running one. Keys a saved config
+    """A saved config without the keys that do not change the numbers (:data:`_SAME_NUMBERS`: ``[distributed]``,
+    ``bucket_cap_mib``), to compare a saved config with the running one. Keys a saved config
     lacks (written before they existed, e.g. ``[storage]``) take their defaults."""
     if isinstance(raw, dict):
         try:
@@ -226,7 +240,12 @@ def _numbers_config(raw: Any) -> Any:
             raw = to_dict(bound)
         except ConfigError:  # e.g. a plugin stage not installed here: compare as saved
             pass
-    return _typed({k: v for k, v in raw.items() if k != "distributed"}) if isinstance(raw, dict) else raw
+    return _typed({k: v for k, v in raw.items() if k not in _SAME_NUMBERS}) if isinstance(raw, dict) else raw
+
+
+#: top-level keys that change no number of the trajectory: sharding gives the same parameters, and a
+#: bucket cap steps each block as it would in one bucket
+_SAME_NUMBERS = ("distributed", "bucket_cap_mib")
 
 
 def _typed(value: Any) -> Any:
@@ -589,7 +608,7 @@ class KronOptimizer(torch.optim.Optimizer):
         a staggered refresh, the refresh phase: :func:`_phases`), the state dtype, the
         parameter dtype and the device. With a ``cap`` (bytes of state, ``bucket_cap_mib``),
         such blocks are cut, in order, into the fewest buckets of nearly equal size that each
-        hold at most ``cap`` bytes (:func:`_blocks_under`), one block at least.
+        hold at most ``cap`` bytes of state in the compute dtype (:func:`_blocks_under`), one block at least.
         """
         buckets: dict[tuple[Any, ...], _Bucket] = {}
         for gi, (g, cfg) in enumerate(zip(groups, cfgs)):
@@ -612,7 +631,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 buckets[key].specs.append(spec)
         out = []
         for b in buckets.values():
-            per = _blocks_under(cap, cfgs[b.group], b.layout, b.state_dtype) if cap else None
+            per = _blocks_under(cap, _block_state_bytes(cfgs[b.group], b.layout, b.state_dtype)) if cap else None
             count = 1 if per is None else -(-len(b.params) // per)  # the fewest buckets under the cap
             edges = [len(b.params) * k // count for k in range(count + 1)]  # of nearly equal size
             for lo, hi in zip(edges[:-1], edges[1:]):
@@ -1045,7 +1064,11 @@ class KronOptimizer(torch.optim.Optimizer):
         if not cap:
             return [parts]
         first = parts[0]
-        per = _blocks_under(cap, self._group_cfgs[first.group], first.layout, first.state_dtype)
+        if first.block_bytes is None:
+            first.block_bytes = _block_state_bytes(self._group_cfgs[first.group], first.layout, first.state_dtype)
+        per = _blocks_under(cap, first.block_bytes)
+        if per is None:
+            return [parts]
         runs: list[list[_Bucket]] = [[]]
         held = 0
         for b in parts:

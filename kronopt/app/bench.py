@@ -44,35 +44,62 @@ class TransientMemory(TorchDispatchMode):
 
     Every tensor an operator returns whose storage is new (not an input's: a view or an in-place result
     counts nothing) is counted from its making until its storage is freed, however long that is: a
-    step's temporaries and the new state it writes in, and what the step keeps (a first call's state).
-    What the allocator adds (rounding, a cache's fragments) is not seen; on a GPU,
+    step's temporaries and the new state it writes in, and what the step keeps (a first call's state);
+    a counted storage that an operator grows (``resize_``, an ``out=`` resized) counts its growth. A
+    wrapper subclass (FSDP2's ``DTensor``) counts the tensors it wraps; meta tensors and sparse ones
+    count nothing. What the allocator adds (rounding, a cache's fragments) is not seen; on a GPU,
     ``torch.cuda.max_memory_allocated`` gives that."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._counted: weakref.WeakSet[torch.UntypedStorage] = weakref.WeakSet()
+        #: each counted storage's bytes so far, in a cell its finalizer reads when it is freed
+        self._sizes: weakref.WeakKeyDictionary[torch.UntypedStorage, list[int]] = weakref.WeakKeyDictionary()
 
-    def _freed(self, nbytes: int) -> None:
-        self.live -= nbytes
+    def _freed(self, cell: list[int]) -> None:
+        self.live -= cell[0]
+
+    def _add(self, nbytes: int) -> None:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        given = [s for t in tree_flatten((args, kwargs))[0] for s in _storages(t)]
+        inputs = {s.data_ptr() for s in given}
         out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            storage = t.untyped_storage()
+        made = [s for t in tree_flatten(out)[0] for s in _storages(t)]
+        for storage in given + made:
+            cell = self._sizes.get(storage)
+            if cell is not None and storage.nbytes() > cell[0]:  # grown in place
+                self._add(storage.nbytes() - cell[0])
+                cell[0] = storage.nbytes()
+        for storage in made:
             nbytes = storage.nbytes()
-            if not nbytes or storage.data_ptr() in inputs or storage in self._counted:
+            if not nbytes or storage.data_ptr() in inputs or storage in self._sizes:
                 continue
-            self._counted.add(storage)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._freed, nbytes)
+            cell = [nbytes]
+            self._sizes[storage] = cell
+            self._add(nbytes)
+            weakref.finalize(storage, self._freed, cell)
         return out
+
+
+def _storages(t: Any) -> list[torch.UntypedStorage]:
+    """The storages a tensor holds its numbers in: its own, or those of the tensors a wrapper subclass
+    wraps (``__tensor_flatten__``); none for anything else, a meta or a sparse tensor."""
+    if not isinstance(t, Tensor):
+        return []
+    if type(t) is not Tensor and hasattr(t, "__tensor_flatten__"):
+        inner, _ = t.__tensor_flatten__()
+        return [s for name in inner for s in _storages(getattr(t, name))]
+    if t.is_meta or t.layout != torch.strided:
+        return []
+    try:
+        return [t.untyped_storage()]
+    except (RuntimeError, NotImplementedError):  # a subclass without a storage of its own
+        return []
 
 
 def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
@@ -134,7 +161,8 @@ def bench(
     ``memory_steps`` more rounds follow the timed ones, untimed, each step under a
     :class:`TransientMemory`: ``step_bytes`` is the most tensor memory one of those steps
     held at once (its temporaries and the new state it writes in; 10 rounds hold a
-    refresh of the presets).
+    refresh of the presets). A peer that raises in those rounds keeps its times, and its
+    ``step_bytes`` is ``None``.
 
     ``makers`` builds the named stand-ins that are not optimizers (name → a function
     returning the stand-in and its state bytes: the replays of the matrix work of :func:`replay_makers`,
@@ -290,16 +318,16 @@ def _bench_once(
                     run["times"].append(time.perf_counter() - t0)
         for k in range(warmup + steps, warmup + steps + memory_steps):
             for run in runs:
-                if run["failed"]:
+                if run["failed"] or run["step_bytes"] is False:
                     continue
                 _give_grads(run, grads[k % len(grads)])
                 try:
                     with TransientMemory() as counter:
                         run["opt"].step()
-                except Exception as exc:
+                except Exception:
                     if not run["peer"]:
                         raise
-                    _drop(run, k + 1, exc)
+                    run["step_bytes"] = False  # its times stand; its memory is not reported
                     continue
                 run["step_bytes"] = max(run["step_bytes"] or 0, counter.peak)
     first = None if runs[0]["failed"] else statistics.fmean(runs[0]["times"]) * 1e3
@@ -316,7 +344,7 @@ def _bench_once(
                 "mean_ms": mean,
                 "median_ms": statistics.median(run["times"]) * 1e3,
                 "state_bytes": run["state_bytes"](),
-                "step_bytes": run["step_bytes"],
+                "step_bytes": run["step_bytes"] if run["step_bytes"] is not False else None,
                 "vs_first": None if first is None else mean / first if first > 0 else float("nan"),
                 "failed": None,
             }

@@ -73,3 +73,27 @@ def test_the_memory_column_through_the_cli(capsys):
 def test_memory_arguments_are_checked(extra, message, capsys):
     assert cli.main(["bench", "soap", *TINY, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+class _FailsLate(torch.optim.SGD):
+    """An optimizer that raises at its fourth step: inside ``--memory``'s rounds after three timed steps."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == 4:
+            raise RuntimeError("late")
+        return super().step(closure)
+
+
+def test_a_peer_that_raises_in_the_memory_rounds_keeps_its_times(monkeypatch, tmp_path):
+    module = tmp_path / "late_peer.py"
+    module.write_text("from tests.unit.test_bench_memory import _FailsLate as Late\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = bench.bench(["late_peer:Late", "adamw"], [(8, 4)], steps=2, warmup=1, device="cpu", memory_steps=3)
+    late, adamw = rows
+    assert late["failed"] is None and late["mean_ms"] is not None and late["step_bytes"] is None
+    assert adamw["vs_first"] is not None and adamw["step_bytes"] is not None
