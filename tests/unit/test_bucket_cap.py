@@ -158,3 +158,32 @@ def test_the_cap_is_validated_and_top_level_only():
     cfg = kronopt.config.from_dict({**kronopt.config.to_dict(kronopt.presets.SOAP), "bucket_cap_mib": 64})
     assert kronopt.config.from_dict(kronopt.config.to_dict(cfg)).bucket_cap_mib == 64.0
     assert kronopt.presets.SOAP.bucket_cap_mib == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
+def test_a_cap_lowers_the_cuda_allocators_peak_as_the_counters(preset):
+    """On a GPU, the caching allocator's own peak over a step (``torch.cuda.max_memory_allocated`` above what
+    was allocated before it) falls with the cap as the counter's does: eight blocks in one bucket, then one
+    block a bucket."""
+    device = torch.device("cuda")
+    seen = {}
+    for cap in (0.0, 1e-6):
+        named = [(n, torch.nn.Parameter(p.detach().to(device))) for n, p in _params(count=8, shape=(256, 512))]
+        opt = kronopt.build(named, preset, bucket_cap_mib=cap, **{"refresh.every": 4})
+        peaks = []
+        for t in range(9):
+            for i, (_, p) in enumerate(named):
+                p.grad = _grad(t, i, p.shape).to(device)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with TransientMemory() as mode:
+                opt.step()
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - before, mode.peak))
+        seen[cap] = tuple(max(x) for x in zip(*peaks[2:]))
+        del opt, named
+    (alloc_plain, counted_plain), (alloc_capped, counted_capped) = seen[0.0], seen[1e-6]
+    assert alloc_capped < 0.4 * alloc_plain
+    assert counted_capped < 0.4 * counted_plain
