@@ -45,7 +45,8 @@ class TransientMemory(TorchDispatchMode):
     Every tensor an operator returns whose storage is new (not an input's: a view or an in-place result
     counts nothing) is counted from its making until its storage is freed, however long that is: a
     step's temporaries and the new state it writes in, and what the step keeps (a first call's state);
-    a counted storage that an operator grows (``resize_``, an ``out=`` resized) counts its growth. A
+    a counted storage that an operator grows (``resize_``, an ``out=`` resized) counts its growth, and a
+    tensor made from Python data (``torch.tensor``, which reaches the mode as ``lift_fresh``) counts. A
     wrapper subclass (FSDP2's ``DTensor``) counts the tensors it wraps; meta tensors and sparse ones
     count nothing. What the allocator adds (rounding, a cache's fragments) is not seen; on a GPU,
     ``torch.cuda.max_memory_allocated`` gives that."""
@@ -67,7 +68,8 @@ class TransientMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         given = [s for t in tree_flatten((args, kwargs))[0] for s in _storages(t)]
-        inputs = {s.data_ptr() for s in given}
+        # torch.tensor(data) makes its tensor before the dispatcher sees it, as lift_fresh's input: new all the same
+        inputs = set() if func is torch.ops.aten.lift_fresh.default else {s.data_ptr() for s in given}
         out = func(*args, **kwargs)
         made = [s for t in tree_flatten(out)[0] for s in _storages(t)]
         for storage in given + made:

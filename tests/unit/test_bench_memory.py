@@ -30,6 +30,13 @@ def test_the_counter_holds_the_most_bytes_alive_at_once():
     assert counter.live == 0
 
 
+def test_a_tensor_made_from_python_data_is_counted():
+    with bench.TransientMemory() as counter:
+        made = torch.tensor([1.0] * 1000, dtype=torch.float64)
+    assert counter.peak == 8 * 1000 and counter.live == 8 * 1000
+    del made
+
+
 def test_a_tensor_kept_past_the_mode_is_counted_until_it_is_freed():
     kept = []
     with bench.TransientMemory() as counter:
