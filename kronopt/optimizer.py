@@ -52,13 +52,15 @@ def _block_state_bytes(cfg: KronConfig, layout: Layout, state_dtype: torch.dtype
     """The bytes of one block's state in its compute dtype ``state_dtype``, as a step makes it anew (a
     ``[storage]`` dtype narrower than that is upcast for the step): a fresh state of one block made on
     the meta device, where nothing is allocated, or on the CPU where a stage cannot make it there (one
-    that reads a number of its state, say); 0 (unknown: no cap) where that fails too, as the step will."""
+    that reads a number of its state, say; the CPU's random numbers put back after it, so a cap changes
+    no number); 0 (unknown: no cap) where that fails too, as the step will."""
     one = attrs.evolve(layout, batch=1)
     try:
         state = compose.init_state(cfg, one, dtype=state_dtype, device=torch.device("meta"))
     except Exception:  # noqa: BLE001 - a plugin stage's init may do what the meta device refuses
         try:
-            state = compose.init_state(cfg, one, dtype=state_dtype, device=torch.device("cpu"))
+            with torch.random.fork_rng(devices=[]):  # an init that draws leaves the process's numbers as they were
+                state = compose.init_state(cfg, one, dtype=state_dtype, device=torch.device("cpu"))
         except Exception:  # noqa: BLE001 - the first step will raise it
             return 0
     return sum(
@@ -240,7 +242,12 @@ def _numbers_config(raw: Any) -> Any:
             raw = to_dict(bound)
         except ConfigError:  # e.g. a plugin stage not installed here: compare as saved
             pass
-    return _typed({k: v for k, v in raw.items() if k not in _SAME_NUMBERS}) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        return raw
+    kept = {k: v for k, v in raw.items() if k not in _SAME_NUMBERS}
+    if isinstance(kept.get("fallback"), dict):  # a [fallback] table's cap is ignored
+        kept["fallback"] = {k: v for k, v in kept["fallback"].items() if k not in _SAME_NUMBERS}
+    return _typed(kept)
 
 
 #: top-level keys that change no number of the trajectory: sharding gives the same parameters, and a
@@ -631,11 +638,15 @@ class KronOptimizer(torch.optim.Optimizer):
                 buckets[key].specs.append(spec)
         out = []
         for b in buckets.values():
-            per = _blocks_under(cap, _block_state_bytes(cfgs[b.group], b.layout, b.state_dtype)) if cap else None
+            block = _block_state_bytes(cfgs[b.group], b.layout, b.state_dtype) if cap else None
+            per = None if block is None else _blocks_under(cap, block)
             count = 1 if per is None else -(-len(b.params) // per)  # the fewest buckets under the cap
             edges = [len(b.params) * k // count for k in range(count + 1)]  # of nearly equal size
             for lo, hi in zip(edges[:-1], edges[1:]):
-                out.append(_Bucket(group=b.group, params=b.params[lo:hi], specs=b.specs[lo:hi], layout=b.layout, state_dtype=b.state_dtype))
+                out.append(
+                    _Bucket(group=b.group, params=b.params[lo:hi], specs=b.specs[lo:hi], layout=b.layout,
+                            state_dtype=b.state_dtype, block_bytes=block)
+                )
         for b in out:
             b.layout = attrs.evolve(b.layout, batch=len(b.params))
         return out

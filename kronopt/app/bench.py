@@ -68,8 +68,10 @@ class TransientMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         given = [s for t in tree_flatten((args, kwargs))[0] for s in _storages(t)]
-        # torch.tensor(data) makes its tensor before the dispatcher sees it, as lift_fresh's input: new all the same
-        inputs = set() if func is torch.ops.aten.lift_fresh.default else {s.data_ptr() for s in given}
+        # torch.tensor(data) makes its tensor before the dispatcher sees it, as lift_fresh's input: new all the same,
+        # where torch.from_numpy's (and as_tensor's of an array) is the array's own memory, which cannot be resized
+        lifted = func is torch.ops.aten.lift_fresh.default
+        inputs = {s.data_ptr() for s in given if not (lifted and s.resizable())}
         out = func(*args, **kwargs)
         made = [s for t in tree_flatten(out)[0] for s in _storages(t)]
         for storage in given + made:

@@ -187,3 +187,16 @@ def test_a_cap_lowers_the_cuda_allocators_peak_as_the_counters(preset):
     (alloc_plain, counted_plain), (alloc_capped, counted_capped) = seen[0.0], seen[1e-6]
     assert alloc_capped < 0.4 * alloc_plain
     assert counted_capped < 0.4 * counted_plain
+
+
+def test_a_load_differing_only_in_a_fallback_tables_ignored_cap_does_not_warn():
+    named = _params(count=2) + [("layers.0.norm.weight", torch.nn.Parameter(torch.ones(32)))]
+    opt = kronopt.build(named, "kl_shampoo", **{"fallback.bucket_cap_mib": 5})
+    for t in range(2):
+        for i, (_, p) in enumerate(named):
+            p.grad = _grad(t, i, p.shape)
+        opt.step()
+    other = kronopt.build([(n, torch.nn.Parameter(p.detach().clone())) for n, p in named], "kl_shampoo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict(opt.state_dict())

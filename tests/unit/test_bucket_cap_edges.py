@@ -11,7 +11,10 @@ a5b8065 and c5df4e7; each test failed on the code before its mend:
 * the cap counts a block's state at its ``[storage]`` dtypes, while the step holds the old state upcast and
   the new one in the compute dtype: under bfloat16 storage the same cap lets a step hold over twice the
   memory it holds in float32 (docs/configs.md: the cap bounds a step's transient memory, "about its state a
-  second time").
+  second time");
+* (a review of those mends) the CPU fallback of that estimate ran a stage's ``init`` on the global RNG, so a cap
+  changed a drawing stage's trajectory and the user's later draws; ``TransientMemory`` took every ``lift_fresh``
+  input as new memory, where ``torch.from_numpy`` and ``torch.as_tensor`` of an array share its memory.
 """
 
 import warnings
@@ -160,3 +163,78 @@ def test_a_cap_bounds_a_steps_memory_alike_under_bfloat16_storage(preset):
     f32 = _step_peak(preset, cap_mib, {})
     bf16 = _step_peak(preset, cap_mib, BF16)
     assert bf16 <= 1.75 * f32, (bf16 / MIB, f32 / MIB)
+
+
+# -- the cap's CPU fallback and the global RNG ------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class _SeededState:
+    buf: Tensor
+
+
+@attrs.frozen(kw_only=True)
+class _SeededInner:
+    """An inner rule whose ``init`` draws a seed on the state's device (``.item()``: impossible on meta) and starts
+    a small random buffer from it, which the direction adds (a sketch's random start)."""
+
+    capabilities: ClassVar[InnerCapabilities] = InnerCapabilities()
+
+    def init(self, layout, *, dtype, device):
+        seed = int(torch.randint(0, 2**31 - 1, (), device=device))
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return _SeededState(torch.randn(layout.batch, layout.m, layout.n, generator=gen, dtype=dtype).to(device) * 1e-2)
+
+    def direction(self, state, G, ctx):
+        B = 0.5 * state.buf + G
+        return B, _SeededState(B)
+
+    def on_basis_change(self, state, change):
+        return state
+
+
+def _run_seeded(cap: float) -> tuple[list[Tensor], Tensor]:
+    cfg = {"factors.type": "none", "basis.type": "identity", "inner.type": "seeded_cap_edges_test"}
+    params = [torch.nn.Parameter(torch.randn(8, 4, generator=torch.Generator().manual_seed(i))) for i in range(3)]
+    torch.manual_seed(0)
+    opt = kronopt.build(params, "soap", bucket_cap_mib=cap, **cfg)
+    for t in range(3):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * t + i))
+        opt.step()
+    return [p.detach().clone() for p in params], torch.rand(4)  # the user's next draw
+
+
+def test_a_cap_whose_size_estimate_falls_back_to_the_cpu_changes_no_number_nor_the_global_rng():
+    restore = kronopt.INNER_RULES.override("seeded_cap_edges_test", _SeededInner)
+    try:
+        plain, plain_next = _run_seeded(0.0)
+        capped, capped_next = _run_seeded(1e3)  # far above the state: one bucket, as without a cap
+    finally:
+        restore()
+    assert torch.equal(plain_next, capped_next), "the cap's size estimate drew from the global RNG"
+    for a, b in zip(plain, capped):
+        assert torch.equal(a, b)  # the cap changed no bucket, but the state started from another seed
+
+
+# -- TransientMemory and lift_fresh -------------------------------------------------------------------
+
+
+def test_a_tensor_sharing_a_numpy_arrays_memory_is_not_new_memory():
+    np = pytest.importorskip("numpy")
+    array = np.ones(1000)  # 8000 bytes, made before the counter
+    with TransientMemory() as counter:
+        shared = [torch.from_numpy(array), torch.as_tensor(array), torch.asarray(array)]
+    assert all(t.untyped_storage().data_ptr() == array.ctypes.data for t in shared)
+    assert counter.peak == 0, counter.peak  # 24000: the same 8000 bytes counted three times
+    del shared
+
+
+def test_a_tensor_copied_from_a_numpy_array_is_counted_once():
+    np = pytest.importorskip("numpy")
+    array = np.ones(1000)
+    with TransientMemory() as counter:
+        copied = torch.tensor(array)
+    assert copied.untyped_storage().data_ptr() != array.ctypes.data
+    assert counter.peak == 8000, counter.peak  # 16000: the lifted shared view, then the copy
+    del copied
