@@ -92,7 +92,10 @@ class TransientMemory(TorchDispatchMode):
 
 def _storages(t: Any) -> list[torch.UntypedStorage]:
     """The storages a tensor holds its numbers in: its own, or those of the tensors a wrapper subclass
-    wraps (``__tensor_flatten__``); none for anything else, a meta or a sparse tensor."""
+    wraps (``__tensor_flatten__``); a storage passed as an operand itself; none for anything else, a
+    meta or a sparse tensor."""
+    if isinstance(t, torch.UntypedStorage):  # an operand of its own (Tensor.set_)
+        return [t]
     if not isinstance(t, Tensor):
         return []
     if type(t) is not Tensor and hasattr(t, "__tensor_flatten__"):

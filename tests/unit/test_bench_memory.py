@@ -37,6 +37,14 @@ def test_a_tensor_made_from_python_data_is_counted():
     del made
 
 
+def test_a_tensor_set_to_an_existing_storage_counts_nothing():
+    existing = torch.ones(1000, dtype=torch.float64)
+    with bench.TransientMemory() as counter:
+        alias = torch.empty(0, dtype=torch.float64)
+        alias.set_(existing.untyped_storage())
+    assert counter.peak == 0 and alias.untyped_storage().data_ptr() == existing.untyped_storage().data_ptr()
+
+
 def test_a_tensor_kept_past_the_mode_is_counted_until_it_is_freed():
     kept = []
     with bench.TransientMemory() as counter:
