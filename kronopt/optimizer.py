@@ -147,7 +147,8 @@ class _Bucket:
     #: what a bucket joined with this one must share beside its dtypes, device and counters (group, layout but
     #: the batch) and whether it is a block-by-block AdamW bucket on a CPU (:meth:`KronOptimizer._join`)
     join_base: tuple[Any, ...] | None = None
-    #: the bytes of one block's state (:func:`_block_state_bytes`), once something asked (the bucket cap)
+    #: the bytes of one block's state (:func:`_block_state_bytes`), once something asked (the bucket cap);
+    #: carried to the parts a split or a join makes of the same blocks, so none is measured again
     block_bytes: int | None = None
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
@@ -160,6 +161,7 @@ class _Bucket:
             layout=attrs.evolve(self.layout, batch=len(keep), **layout),
             state_dtype=self.state_dtype,
             plan=plan,
+            block_bytes=None if layout else self.block_bytes,  # a block of another shape holds another state
         )
 
     @property
@@ -1117,6 +1119,7 @@ class KronOptimizer(torch.optim.Optimizer):
             state_dtype=first.state_dtype,
             state=state,
             nonfinite=compose.cat_stacks([b.nonfinite for b in parts]),  # type: ignore[misc]
+            block_bytes=first.block_bytes,
         )
         self._bind(whole)
         return whole
