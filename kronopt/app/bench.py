@@ -12,9 +12,17 @@ as failed, with the exception and the step; kronopt's own optimizers raise throu
 ``--world 1,2,4`` instead runs each world size as that many CPU processes on gloo
 (:func:`bench_world`): replicated parameters and the same gradients on every rank,
 as DDP leaves them, kronopt's work sharding dividing the optimizer's work.
+
+The parameters are a transformer-shaped set (``--d``, ``--layers``), the user's shapes
+(``--shapes``) or the user's own model (``--model module:factory``, :func:`model_params`:
+its parameters' names, which kronopt's routing reads, shapes and dtypes; ``--dtype`` sets
+every parameter's dtype), held as a :class:`ParamSet`; their values and gradients are drawn
+at random.
 """
 
 import argparse
+import ast
+import importlib
 import os
 import pickle
 import statistics
@@ -115,17 +123,133 @@ def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
     return per_layer * layers
 
 
+@attrs.frozen
+class ParamSet:
+    """The parameters a bench steps: their shapes, the names kronopt's optimizers see them by (routing
+    reads the names: an embedding or a head may go to the fallback) and their dtypes. Their values are
+    drawn at random, as their gradients are, so only these three matter to the step.
+
+    Attributes:
+        shapes: one shape per parameter.
+        names: one name per parameter, as ``model.named_parameters()`` gives them.
+        dtypes: one floating dtype per parameter.
+        source: where the set came from, for the report (``None``: shapes given as such).
+    """
+
+    shapes: tuple[tuple[int, ...], ...] = attrs.field(converter=lambda shapes: tuple(tuple(s) for s in shapes))
+    names: tuple[str, ...] = attrs.field(converter=tuple)
+    dtypes: tuple[torch.dtype, ...] = attrs.field(converter=tuple)
+    source: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not len(self.shapes) == len(self.names) == len(self.dtypes):
+            raise ValueError(
+                f"a parameter set needs one name and one dtype per shape, got {len(self.shapes)} shapes, "
+                f"{len(self.names)} names and {len(self.dtypes)} dtypes"
+            )
+
+    @classmethod
+    def of(cls, shapes: "Sequence[tuple[int, ...]] | ParamSet", dtype: torch.dtype = torch.float32) -> "ParamSet":
+        """``shapes`` as a set of ``dtype`` parameters named ``blocks.<i>.weight`` (a set is returned as it is)."""
+        if isinstance(shapes, ParamSet):
+            return shapes
+        shapes = [tuple(s) for s in shapes]
+        return cls(shapes, [f"blocks.{i}.weight" for i in range(len(shapes))], [dtype] * len(shapes))
+
+    @property
+    def numel(self) -> int:
+        return sum(int(torch.Size(s).numel()) for s in self.shapes)
+
+    def draw(self, gen: torch.Generator) -> list[Tensor]:
+        """One tensor per parameter from ``gen``, standard normal, in its shape and dtype (on the CPU)."""
+        return [torch.randn(s, generator=gen, dtype=d) for s, d in zip(self.shapes, self.dtypes)]
+
+
+def _factory_call(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
+    """``module:factory`` and the arguments of ``module:factory(arg, …, key=value, …)`` (Python literals)."""
+    name, paren, rest = spec.partition("(")
+    name = name.strip()
+    if not peers.is_import_name(name):
+        raise ValueError(
+            f"{spec!r} is not module:factory (a callable making a torch.nn.Module, e.g. mypkg.nets:build, or "
+            "mypkg.nets:Net(width=256) with Python literals as its arguments)"
+        )
+    if not paren:
+        return name, [], {}
+    try:
+        call = ast.parse(f"f({rest}", mode="eval").body
+        if not isinstance(call, ast.Call):
+            raise SyntaxError("not a call")
+        args = [ast.literal_eval(a) for a in call.args]
+        if any(k.arg is None for k in call.keywords):
+            raise ValueError("**")
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError, TypeError):
+        raise ValueError(
+            f"the arguments of {spec!r} are not Python literals given as (arg, …, key=value, …), e.g. "
+            "mypkg.nets:Net(width=256, heads=4)"
+        ) from None
+    return name, args, kwargs  # type: ignore[return-value]
+
+
+def model_params(spec: str) -> ParamSet:
+    """The trainable parameters of the model ``module:factory`` or ``module:factory(arg, …, key=value, …)`` (a
+    callable, e.g. a module class, returning a ``torch.nn.Module``, called with those arguments, Python literals;
+    its module importable from ``PYTHONPATH``): their names (``named_parameters()``, a tied weight once), shapes
+    and dtypes. The model is made on the meta device, which holds no memory (a model of billions of numbers
+    costs nothing to read), and made for real only where its factory cannot run there (it reads a value, say).
+
+    Raises:
+        ValueError: ``spec`` is not spelled so, does not import, is not callable, does not make a module, or
+            the module has no trainable floating-point parameter (the message says which).
+    """
+    name, args, kwargs = _factory_call(spec)
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = peers._resolve(importlib.import_module(module_name), attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no {attr!r}") from None
+    except Exception as exc:  # any import failure is the user's to see, in one line
+        raise ValueError(f"{module_name!r} cannot be imported ({type(exc).__name__}: {exc}; is it on PYTHONPATH?)") from None
+    if not callable(factory):
+        raise ValueError(f"{name} is not callable: it must make the model")
+    called = spec if args or kwargs else f"{name}()"
+    try:
+        with torch.device("meta"):
+            model = factory(*args, **kwargs)
+    except Exception:  # a factory that reads values (or loads weights) cannot run on the meta device
+        try:
+            model = factory(*args, **kwargs)
+        except Exception as exc:
+            raise ValueError(f"{called} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{called} made a {type(model).__name__}, not a torch.nn.Module")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(f"the model of {spec} has no trainable parameter")
+    odd = [f"{n} ({p.dtype})" for n, p in named if not p.dtype.is_floating_point]
+    if odd:
+        raise ValueError(f"the model of {spec} has parameters of a dtype no optimizer here steps: {', '.join(odd)}")
+    return ParamSet(
+        [tuple(p.shape) for _, p in named], [n for n, _ in named], [p.dtype for _, p in named], source=f"model {spec}"
+    )
+
+
 def _is_peer(name: str) -> bool:
     """Whether ``name`` is another library's optimizer (``package.Class`` or ``module:Class``), not kronopt's."""
     return name in peers.PEERS or peers.is_import_name(name)
 
 
-def _make(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
+def _make(name: str, params: list[torch.nn.Parameter], param_names: Sequence[str] | None = None) -> tuple[Any, Any]:
+    """The optimizer ``name`` on ``params``: a peer on the list (its own defaults), a kronopt preset or config on
+    the named parameters (``param_names``, which its routing reads; default ``blocks.<i>.weight``)."""
     if name in peers.PEERS:
         return peers.build(name, params)
     if peers.is_import_name(name):
         return peers.build_imported(name, params)
-    opt = kronopt.build([(f"blocks.{i}.weight", p) for i, p in enumerate(params)], name)
+    if param_names is None:
+        param_names = ParamSet.of([tuple(p.shape) for p in params]).names
+    opt = kronopt.build(list(zip(param_names, params)), name)
     return opt, opt.state_bytes
 
 
@@ -141,7 +265,7 @@ def _check_run(names: Sequence[str], shapes: Sequence[tuple[int, ...]], steps: i
 
 def bench(
     names: Sequence[str],
-    shapes: Sequence[tuple[int, ...]],
+    shapes: "Sequence[tuple[int, ...]] | ParamSet",
     *,
     steps: int,
     warmup: int,
@@ -171,6 +295,9 @@ def bench(
     refresh of the presets). A peer that raises in those rounds keeps its times, and its
     ``step_bytes`` is ``None``.
 
+    ``shapes`` is the parameter set: a list of shapes (``dtype`` parameters named ``blocks.<i>.weight``) or a
+    :class:`ParamSet` (a model's names, shapes and dtypes: :func:`model_params`).
+
     ``makers`` builds the named stand-ins that are not optimizers (name → a function
     returning the stand-in and its state bytes: the replays of the matrix work of :func:`replay_makers`,
     which ``--scaling`` and ``--alone`` time beside the steps).
@@ -195,14 +322,15 @@ def bench(
     Raises:
         ValueError: ``steps < 1``, ``warmup < 0``, ``repeat < 1``, no names, no shapes, or a dimension < 1.
     """
-    _check_run(names, shapes, steps, warmup)
+    params = ParamSet.of(shapes, dtype)
+    _check_run(names, params.shapes, steps, warmup)
     if repeat < 1:
         raise ValueError(f"bench needs repeat ≥ 1, got {repeat}")
     if memory_steps < 0:
         raise ValueError(f"bench needs memory_steps ≥ 0, got {memory_steps}")
     runs = [
         _bench_once(
-            names, shapes, steps=steps, warmup=warmup, device=device, dtype=dtype, seed=seed, makers=makers,
+            names, params, steps=steps, warmup=warmup, device=device, seed=seed, makers=makers,
             memory_steps=memory_steps,
         )
         for _ in range(repeat)
@@ -280,8 +408,8 @@ def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> 
 
 
 def _bench_once(
-    names: Sequence[str], shapes: Sequence[tuple[int, ...]], *, steps: int, warmup: int, device: str,
-    dtype: torch.dtype, seed: int, makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
+    names: Sequence[str], params: ParamSet, *, steps: int, warmup: int, device: str,
+    seed: int, makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
     memory_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """One interleaved run of :func:`bench` (fresh optimizers); a name in ``makers`` is built by its
@@ -289,16 +417,16 @@ def _bench_once(
     raises is dropped (:func:`_drop`) and its row has ``failed`` and no figures. ``memory_steps``
     untimed rounds after the timed ones count each step's memory (:class:`TransientMemory`)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
-    grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
+    base = params.draw(gen)
+    grads = [[g.to(device) for g in params.draw(gen)] for _ in range(4)]
     runs = []
     for name in names:
-        params = [torch.nn.Parameter(b.clone().to(device)) for b in base]
+        tensors = [torch.nn.Parameter(b.clone().to(device)) for b in base]
         made = bool(makers) and name in makers
-        run = {"name": name, "params": params, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
+        run = {"name": name, "params": tensors, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
                "peer": not made and _is_peer(name), "failed": None, "step_bytes": None}
         try:
-            run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, params)
+            run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, tensors, params.names)
         except Exception as exc:
             if not run["peer"]:
                 raise
@@ -420,7 +548,7 @@ def alone_name(name: str) -> str:
 
 
 def replay_makers(
-    names: Sequence[str], shapes: Sequence[tuple[int, ...]], *, steps: int, device: str, seed: int = 0
+    names: Sequence[str], shapes: "Sequence[tuple[int, ...]] | ParamSet", *, steps: int, device: str, seed: int = 0
 ) -> tuple[dict[str, list], dict[str, Callable[[], tuple[Any, Any]]]]:
     """The matrix work of each kronopt optimizer among ``names`` (peers have none we can record), recorded
     over ``steps`` steps on ``shapes`` (:func:`record_matrix_work`), and a maker of its :class:`_Replay` per
@@ -525,17 +653,18 @@ def _householder_pair(shape: tuple[int, ...], dtype: torch.dtype, device: torch.
 
 
 def record_matrix_work(
-    name: str, shapes: Sequence[tuple[int, ...]], *, steps: int, device: str, dtype: torch.dtype = torch.float32,
-    seed: int = 0,
+    name: str, shapes: "Sequence[tuple[int, ...]] | ParamSet", *, steps: int, device: str,
+    dtype: torch.dtype = torch.float32, seed: int = 0,
 ) -> list[list[tuple[Any, tuple, dict]]]:
     """The matrix work of each of the first ``steps`` steps of a fresh kronopt optimizer ``name``: every
     call of :data:`HEAVY_OPS` (refreshes included), with its shapes and settings, one list per step.
     Step k's list is what step k of any fresh optimizer of that name on these shapes calls: which
     steps refresh follows the step count, not the values."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype).to(device)) for s in shapes]
-    grads = [[torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes] for _ in range(4)]
-    opt, _ = _make(name, params)
+    param_set = ParamSet.of(shapes, dtype)
+    params = [torch.nn.Parameter(t.to(device)) for t in param_set.draw(gen)]
+    grads = [[g.to(device) for g in param_set.draw(gen)] for _ in range(4)]
+    opt, _ = _make(name, params, param_set.names)
     per_step = []
     for k in range(steps):
         for p, g in zip(params, grads[k % len(grads)]):
@@ -570,7 +699,7 @@ class _Replay:
 
 
 def matmul_alone(
-    name: str, shapes: Sequence[tuple[int, ...]], *, steps: int, warmup: int, device: str,
+    name: str, shapes: "Sequence[tuple[int, ...]] | ParamSet", *, steps: int, warmup: int, device: str,
     dtype: torch.dtype = torch.float32, seed: int = 0,
 ) -> float:
     """Milliseconds per step of the matrix work alone, replayed on its own: the mean over steps
@@ -603,15 +732,16 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
     own failure, else ``None``) and ``dropped``; kronopt's own optimizers raise through, as in :func:`bench`.
     """
     gen = torch.Generator().manual_seed(job["seed"])  # the same parameters and gradients on every rank
-    base = [torch.randn(s, generator=gen) for s in job["shapes"]]
-    grads = [[torch.randn(s, generator=gen) for s in job["shapes"]] for _ in range(4)]
+    param_set: ParamSet = job["params"]
+    base = param_set.draw(gen)
+    grads = [param_set.draw(gen) for _ in range(4)]
     runs = []
     for name in job["names"]:
         params = [torch.nn.Parameter(b.clone()) for b in base]
         run = {"params": params, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
                "peer": _is_peer(name), "failed": None, "dropped": False}
         try:
-            run["opt"], run["state_bytes"] = _make(name, params)
+            run["opt"], run["state_bytes"] = _make(name, params, param_set.names)
         except Exception as exc:
             if not run["peer"]:
                 raise
@@ -697,7 +827,7 @@ def _world(world: int, job: dict[str, Any]) -> list[list[dict[str, Any]]]:
 
 def bench_world(
     names: Sequence[str],
-    shapes: Sequence[tuple[int, ...]],
+    shapes: "Sequence[tuple[int, ...]] | ParamSet",
     *,
     worlds: Sequence[int],
     steps: int,
@@ -732,13 +862,14 @@ def bench_world(
     Raises:
         ValueError: as :func:`bench`, or a world size < 1.
     """
-    _check_run(names, shapes, steps, warmup)
+    params = ParamSet.of(shapes)
+    _check_run(names, params.shapes, steps, warmup)
     if not worlds or any(w < 1 for w in worlds):
         raise ValueError(f"need world sizes ≥ 1, got {list(worlds)}")
     out = []
     for world in worlds:
         job = {
-            "names": list(names), "shapes": [tuple(s) for s in shapes], "steps": steps, "warmup": warmup, "seed": seed,
+            "names": list(names), "params": params, "steps": steps, "warmup": warmup, "seed": seed,
             "threads": threads or max(1, (os.cpu_count() or 1) // world), "retain_freed_memory": retain_freed_memory,
         }
         ranks = _world(world, job)
@@ -767,6 +898,16 @@ def bench_world(
     return out
 
 
+#: the parameter dtypes ``--dtype`` names
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def _dtype(text: str) -> torch.dtype:
+    """One of :data:`DTYPES` by name."""
+    if text.strip() not in DTYPES:
+        raise ValueError(f"{text!r} is not one of: {', '.join(DTYPES)}")
+    return DTYPES[text.strip()]
+
+
 #: what ``kronopt bench`` measures when given no optimizer
 BENCH_DEFAULT: tuple[str, ...] = ("torch.AdamW", "torch.Muon", "adamw", "muon", "shampoo", "soap")
 
@@ -777,7 +918,7 @@ class BenchPlan:
 
     Attributes:
         names: the optimizers to time, in the order named.
-        shapes: the parameter set of the main table.
+        params: the parameter set of the main table (``--model``'s, ``--shapes``' or the transformer-shaped one).
         counts: ``steps``, ``warmup``, ``threads``, ``seed``.
         missing: ``(name, reason)`` for each named peer that cannot be built here (not installed, …).
         widths: the ``--scaling`` widths (empty: no scaling table).
@@ -789,7 +930,7 @@ class BenchPlan:
     """
 
     names: list[str]
-    shapes: list[tuple[int, ...]]
+    params: ParamSet
     counts: dict[str, int]
     missing: list[tuple[str, str]]
     widths: list[int]
@@ -799,6 +940,10 @@ class BenchPlan:
     retain_freed_memory: bool = False
     alone: bool = False
     memory_steps: int = 0
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.params.shapes
 
 
 def _known_peers(package: str) -> str:
@@ -813,12 +958,26 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     package that is not a known peer is an error naming it and the known ones.
     """
     p = Problems()
-    if args.shapes is not None:
-        shapes = p.value("--shapes", args.shapes, _args.shapes, [])
+    model = getattr(args, "model", None)
+    params = ParamSet.of([])
+    if model is not None:
+        params = p.value("--model", model, model_params, params)
+        if args.shapes is not None:
+            p.add("--model", "names the parameter set, as --shapes does: give one of them")
+    elif args.shapes is not None:
+        params = ParamSet.of(p.value("--shapes", args.shapes, _args.shapes, []))
     else:
-        d = p.integer("--d", args.d, minimum=1)
-        layers = p.integer("--layers", args.layers, minimum=1)
-        shapes = transformer_shapes(d, layers)
+        d = p.integer("--d", "256" if args.d is None else args.d, minimum=1)
+        layers = p.integer("--layers", "4" if args.layers is None else args.layers, minimum=1)
+        params = ParamSet.of(transformer_shapes(d, layers))
+    dtype_text = getattr(args, "dtype", None)
+    if dtype_text is not None:
+        dtype = p.value("--dtype", dtype_text, _dtype, torch.float32)
+        params = attrs.evolve(params, dtypes=[dtype] * len(params.shapes))
+    for flag, given in (("--d", args.d), ("--layers", args.layers)):
+        if given is not None and (model is not None or args.shapes is not None):
+            p.add(flag, f"sizes the transformer-shaped set; cannot be combined with {'--model' if model is not None else '--shapes'}")
+    shapes = params.shapes
     counts = {
         "steps": p.integer("--steps", args.steps, minimum=1),
         "warmup": p.integer("--warmup", args.warmup, minimum=0),
@@ -878,7 +1037,7 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         p.add("--memory", "applies to the one-process table; cannot be combined with --world")
     p.check()
     return BenchPlan(
-        names=names, shapes=shapes, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
+        names=names, params=params, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
         ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)), alone=alone,
         memory_steps=memory_steps or 0,
     )
@@ -1079,19 +1238,27 @@ def _print_world(rows: list[dict[str, Any]]) -> None:
 def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
     counts = plan.counts
     rows = bench_world(
-        plan.names, plan.shapes, worlds=plan.worlds, steps=counts["steps"], warmup=counts["warmup"],
+        plan.names, plan.params, worlds=plan.worlds, steps=counts["steps"], warmup=counts["warmup"],
         threads=counts["threads"], seed=counts["seed"], retain_freed_memory=plan.retain_freed_memory,
     )
-    n_params = sum(int(torch.Size(s).numel()) for s in plan.shapes)
     threads = ", ".join(f"{r['threads']} at world {r['world']}" for r in rows[:: len(plan.names)])
     print(
-        f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, CPU processes on gloo, "
+        f"{_describe(plan.params)}, CPU processes on gloo, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved; a step: the slowest rank), "
         f"threads per rank: {threads}, torch {torch.__version__}"
         + _load_note(load, _load_average()) + _memory_note(plan, retained)
     )
     _print_world(rows)
     return 0
+
+
+def _describe(params: ParamSet) -> str:
+    """The report's words for the parameter set: its size, where it came from, and its dtypes where not float32."""
+    text = f"{len(params.shapes)} parameters, {params.numel / 1e6:.2f} M numbers"
+    if params.source:
+        text += f" ({params.source})"
+    dtypes = sorted({str(d).removeprefix("torch.") for d in params.dtypes})
+    return text if dtypes == ["float32"] else f"{text}, {'/'.join(dtypes)}"
 
 
 def _load_average() -> float | None:
@@ -1142,19 +1309,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         recorded, makers = {}, {}
         if plan.alone:
             recorded, makers = replay_makers(
-                plan.names, plan.shapes, steps=counts["warmup"] + counts["steps"], device=plan.device, seed=counts["seed"]
+                plan.names, plan.params, steps=counts["warmup"] + counts["steps"], device=plan.device, seed=counts["seed"]
             )
         every = bench(
-            [*plan.names, *makers], plan.shapes, **timing, repeat=counts["repeat"], makers=makers,
+            [*plan.names, *makers], plan.params, **timing, repeat=counts["repeat"], makers=makers,
             memory_steps=plan.memory_steps,
         )
         rows = every[: len(plan.names)]
         table = scaling(plan.names, plan.widths, **timing, repeat=counts["repeat"]) if plan.widths else []
     finally:
         torch.set_num_threads(threads)
-    n_params = sum(int(torch.Size(s).numel()) for s in plan.shapes)
     print(
-        f"{len(plan.shapes)} parameters, {n_params / 1e6:.2f} M numbers, device {plan.device}, "
+        f"{_describe(plan.params)}, device {plan.device}, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), "
         f"{counts['threads'] or threads} threads, torch {torch.__version__}"
         + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "")
@@ -1178,9 +1344,19 @@ def add_subcommand(sub: Any) -> None:
         help="presets, TOML files or other libraries' optimizers: " + ", ".join(peers.PEERS) + ", or any optimizer "
         "class on PYTHONPATH as module:Class, built with its defaults (default: " + ", ".join(BENCH_DEFAULT) + ")",
     )
-    p.add_argument("--d", default="256", help="model width of the transformer-shaped set (≥ 1)")
-    p.add_argument("--layers", default="4", help="layers of the transformer-shaped set (≥ 1)")
+    p.add_argument("--d", default=None, help="model width of the transformer-shaped set (≥ 1; default 256)")
+    p.add_argument("--layers", default=None, help="layers of the transformer-shaped set (≥ 1; default 4)")
     p.add_argument("--shapes", help="your own shapes instead, e.g. '768x768,3072x768,768'")
+    p.add_argument(
+        "--model", metavar="MODULE:FACTORY",
+        help="or your own model's trainable parameters, by their names (as kronopt routes them), shapes and dtypes: "
+        "FACTORY() makes the torch.nn.Module (a class or a function; its module on PYTHONPATH), on the meta device "
+        "where it can; arguments as Python literals, e.g. 'mypkg.nets:Net(width=256)'",
+    )
+    p.add_argument(
+        "--dtype", default=None,
+        help=f"the parameters' dtype, one of {', '.join(DTYPES)} (default: the model's own, else float32)",
+    )
     p.add_argument("--steps", default="30", help="timed steps (≥ 1)")
     p.add_argument("--warmup", default="12", help="untimed steps first (≥ 0)")
     p.add_argument("--scaling", help="also time a one-layer transformer-shaped set at each width, e.g. '128,256,512'")

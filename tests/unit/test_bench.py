@@ -100,8 +100,8 @@ def test_round_robin_each_step_same_gradients(monkeypatch):
     order, seen = [], {}
     real_make = bench._make
 
-    def spy(name, params):
-        opt, size = real_make(name, params)
+    def spy(name, params, param_names=None):
+        opt, size = real_make(name, params, param_names)
 
         class Spy:
             def step(self):

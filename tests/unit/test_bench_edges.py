@@ -218,8 +218,8 @@ def test_pytorch_optimizer_muon_does_not_change_the_gradients_of_the_others(monk
     seen: dict[str, list] = {}
     real_make = bench._make
 
-    def spy(name, params):
-        opt, size = real_make(name, params)
+    def spy(name, params, param_names=None):
+        opt, size = real_make(name, params, param_names)
 
         class Spy:
             def step(self):
@@ -264,7 +264,7 @@ def test_each_scaling_row_is_labelled_with_the_width_it_ran(widths, monkeypatch,
     a width is dropped, or one width's shapes are reused for the others."""
 
     def fake_bench(names, shapes, **kw):
-        d = float(shapes[0][1])
+        d = float(bench.ParamSet.of(shapes).shapes[0][1])  # a list of shapes, or the main table's set
         run = [{"optimizer": n, "mean_ms": d, "median_ms": d, "state_bytes": 0, "vs_first": 1.0} for n in names]
         return bench.aggregate_runs([run])
 

@@ -1,0 +1,243 @@
+"""``kronopt bench --model module:factory``: the bench on a user's own model, its parameters by name, shape and dtype.
+
+The names matter: kronopt's routed presets send an embedding or a head to their fallback by name, so a
+bench on the same shapes under other names would time another optimizer. The model is made on the meta
+device where its factory can run there.
+"""
+
+import textwrap
+
+import pytest
+import torch
+
+from kronopt.app import bench, cli
+
+#: the test model, written as a module on a temporary PYTHONPATH entry (the bench imports it by name)
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    DEVICES = []  # the device each factory call made its parameters on
+
+    class Net(nn.Module):
+        def __init__(self, vocab=100, d=32):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d)
+            self.body = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+            self.norm = nn.LayerNorm(d)
+            self.head = nn.Linear(d, vocab, bias=False)
+            self.head.weight = self.embed.weight  # tied: one parameter
+            self.frozen = nn.Parameter(torch.ones(d, d), requires_grad=False)
+            DEVICES.append(self.body[0].weight.device.type)
+
+    def half():
+        return Net().to(torch.bfloat16)
+
+    def reads_values():
+        net = Net()
+        net.body[0].weight.sum().item()  # no value on the meta device
+        return net
+
+    def not_a_module():
+        return [nn.Linear(2, 2)]
+
+    def raises():
+        raise RuntimeError("no weights here")
+
+    def frozen():
+        net = Net()
+        net.requires_grad_(False)
+        return net
+
+    def complex_weights():
+        net = nn.Linear(3, 3)
+        net.weight = nn.Parameter(torch.zeros(3, 3, dtype=torch.complex64))
+        return net
+
+    LIMIT = 3
+    """
+)
+
+#: Net's trainable parameters, written out by hand: the tied head once, the frozen matrix left out
+NET = [
+    ("embed.weight", (100, 32)),
+    ("body.0.weight", (128, 32)),
+    ("body.0.bias", (128,)),
+    ("body.2.weight", (32, 128)),
+    ("body.2.bias", (32,)),
+    ("norm.weight", (32,)),
+    ("norm.bias", (32,)),
+]
+
+TINY = ["--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    """The module ``bench_models`` importable, fresh for each test."""
+    (tmp_path / "bench_models.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "bench_models", raising=False)
+    import bench_models
+
+    return bench_models
+
+
+def test_the_model_gives_its_trainable_parameters_by_name_shape_and_dtype_from_the_meta_device(models):
+    params = bench.model_params("bench_models:Net")
+    assert list(zip(params.names, params.shapes)) == NET
+    assert params.dtypes == (torch.float32,) * len(NET)
+    assert models.DEVICES == ["meta"]  # made once, holding no memory
+    assert params.source == "model bench_models:Net" and params.numel == sum(torch.Size(s).numel() for _, s in NET)
+    half = bench.model_params("bench_models:half")
+    assert half.shapes == params.shapes and half.dtypes == (torch.bfloat16,) * len(NET)
+
+
+def test_the_factory_takes_python_literals_as_its_arguments(models):
+    params = bench.model_params("bench_models:Net(50, d=16)")
+    assert params.shapes == ((50, 16), (64, 16), (64,), (16, 64), (16,), (16,), (16,))
+    assert params.source == "model bench_models:Net(50, d=16)"
+
+
+@pytest.mark.parametrize("spec", ["bench_models:Net(d=)", "bench_models:Net(**{'d': 4})", "bench_models:Net(d=foo)",
+                                  "bench_models:Net(d=16", "bench_models:Net(d=16))"])
+def test_arguments_that_are_not_python_literals_are_a_clear_error(models, spec):
+    with pytest.raises(ValueError, match="are not Python literals given as"):
+        bench.model_params(spec)
+
+
+def test_a_factory_that_reads_values_is_made_for_real(models):
+    params = bench.model_params("bench_models:reads_values")
+    assert list(zip(params.names, params.shapes)) == NET
+    assert models.DEVICES == ["meta", "cpu"]  # tried on the meta device first
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("bench_models.Net", "'bench_models.Net' is not module:factory"),
+        ("bench_models:Net(d=-1)", "bench_models:Net(d=-1) raised RuntimeError"),
+        ("no_such_module_here:Net", "'no_such_module_here' cannot be imported (ModuleNotFoundError"),
+        ("bench_models:Nope", "module 'bench_models' has no 'Nope'"),
+        ("bench_models:LIMIT", "bench_models:LIMIT is not callable"),
+        ("bench_models:not_a_module", "bench_models:not_a_module() made a list, not a torch.nn.Module"),
+        ("bench_models:raises", "bench_models:raises() raised RuntimeError: no weights here"),
+        ("bench_models:frozen", "the model of bench_models:frozen has no trainable parameter"),
+        ("bench_models:complex_weights", "a dtype no optimizer here steps: weight (torch.complex64)"),
+    ],
+)
+def test_a_model_that_cannot_be_read_is_a_clear_error(models, spec, message, capsys):
+    with pytest.raises(ValueError) as err:
+        bench.model_params(spec)
+    assert message in str(err.value)
+    assert cli.main(["bench", "adamw", "--model", spec, *TINY]) == 2
+    out = capsys.readouterr().err
+    assert any(line.strip().startswith("--model: ") and message in line for line in out.splitlines())
+    assert "Traceback" not in out
+
+
+def test_model_and_shapes_together_are_refused_with_every_problem_listed(models, capsys):
+    assert cli.main(["bench", "adamw", "--model", "bench_models:Nope", "--shapes", "4x4", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--model: module 'bench_models' has no 'Nope'" in err
+    assert "--model: names the parameter set, as --shapes does: give one of them" in err
+    assert "--steps: must be ≥ 1" in err
+    assert cli.main(["bench", "adamw", "--model", "bench_models:Net", "--d", "64", "--layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--d: sizes the transformer-shaped set; cannot be combined with --model" in err
+    assert "--layers: sizes the transformer-shaped set; cannot be combined with --model" in err
+    assert cli.main(["bench", "adamw", "--shapes", "4x4", "--d", "64"]) == 2
+    assert "--d: sizes the transformer-shaped set; cannot be combined with --shapes" in capsys.readouterr().err
+
+
+def _built(monkeypatch) -> list:
+    """Every kronopt optimizer the bench builds, in order."""
+    made = []
+    real = bench.kronopt.build
+
+    def build(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(bench.kronopt, "build", build)
+    return made
+
+
+def test_the_bench_steps_the_model_by_its_names_so_routing_sees_them(models, monkeypatch, capsys):
+    """kl_shampoo sends the embedding to its fallback by name: a 100 × 32 bucket of AdamW's, where the same
+    shapes under the bench's own names would be preconditioned."""
+    made = _built(monkeypatch)
+    assert cli.main(["bench", "kl_shampoo", "torch.AdamW", "--model", "bench_models:Net", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("7 parameters, 0.01 M numbers (model bench_models:Net), device cpu,")
+    assert {"kl_shampoo", "torch.AdamW"} <= set(out.split())
+    [opt] = made
+    embedding = [b for b in opt.bucket_summary() if (b["m"], b["n"]) == (100, 32)]
+    assert [b["pipeline"] for b in embedding] == ["fallback"]
+    by_shape = bench._make("kl_shampoo", [torch.nn.Parameter(torch.zeros(s)) for _, s in NET])[0]
+    assert [b["pipeline"] for b in by_shape.bucket_summary() if (b["m"], b["n"]) == (100, 32)] == ["main"]
+
+
+def test_the_bench_steps_the_models_dtypes(models, monkeypatch, capsys):
+    made = _built(monkeypatch)
+    assert cli.main(["bench", "adamw", "--model", "bench_models:half", *TINY]) == 0
+    assert "(model bench_models:half), bfloat16, device cpu" in capsys.readouterr().out
+    [opt] = made
+    assert {p.dtype for group in opt.param_groups for p in group["params"]} == {torch.bfloat16}
+    assert {p.grad.dtype for group in opt.param_groups for p in group["params"]} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("source", [["--model", "bench_models:Net"], ["--shapes", "8x4,4"], []])
+def test_dtype_sets_every_parameters_dtype(models, source, monkeypatch, capsys):
+    made = _built(monkeypatch)
+    assert cli.main(["bench", "adamw", *source, "--dtype", "float16", *TINY]) == 0
+    assert ", float16, device cpu" in capsys.readouterr().out.splitlines()[0]
+    [opt] = made
+    assert {p.dtype for group in opt.param_groups for p in group["params"]} == {torch.float16}
+    assert cli.main(["bench", "adamw", *source, "--dtype", "float64", *TINY]) == 2
+    assert "--dtype: 'float64' is not one of: float32, bfloat16, float16" in capsys.readouterr().err
+
+
+def test_the_matrix_work_alone_is_recorded_on_the_models_names(models):
+    """``--alone`` records what the optimizer on the model does: no product of kl_shampoo's touches the embedding's
+    side of 100 once the embedding goes to the fallback by name; on the bench's own names one does."""
+    params = bench.model_params("bench_models:Net")
+
+    def sides(per_step):
+        return {d for calls in per_step for _, args, _ in calls for a in args if isinstance(a, tuple) for d in _dims(a)}
+
+    named = bench.record_matrix_work("kl_shampoo", params, steps=3, device="cpu")
+    plain = bench.record_matrix_work("kl_shampoo", params.shapes, steps=3, device="cpu")
+    assert 100 not in sides(named) and 100 in sides(plain)
+
+
+def _dims(recorded) -> tuple:
+    """The sizes of a recorded tensor argument (``("tensor", shape, dtype, device, kind)``), else nothing."""
+    return tuple(recorded[1]) if len(recorded) == 5 and recorded[0] == "tensor" else ()
+
+
+def _gloo() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+def test_the_world_ranks_step_the_model_by_its_names(models, monkeypatch, capsys):
+    """The ranks (forked here, so they see the test's module) build kl_shampoo on the model's names: the
+    state summed over two ranks is one process's on the named parameters, not on the bench's own names."""
+    rows = []
+    real = bench.bench_world
+    monkeypatch.setattr(bench, "bench_world", lambda *a, **k: rows.extend(real(*a, **k)) or rows)
+    monkeypatch.setattr(bench, "START_METHOD", "fork")
+    args = ["bench", "kl_shampoo", "--model", "bench_models:Net", "--steps", "2", "--warmup", "1", "--world", "2", "--threads", "1"]
+    assert cli.main(args) == 0
+    assert "(model bench_models:Net), CPU processes on gloo" in capsys.readouterr().out
+    params = [torch.nn.Parameter(torch.zeros(s)) for _, s in NET]
+    named = bench._make("kl_shampoo", params, [n for n, _ in NET])[0].state_bytes()
+    plain = bench._make("kl_shampoo", params)[0].state_bytes()
+    assert named != plain
+    [row] = rows
+    assert row["state_bytes_sum"] == named
