@@ -9,6 +9,7 @@ anything is built and raises one :class:`ConfigError` listing every problem with
 its path; :func:`dumps` writes a config back so that ``loads(dumps(c)) == c``.
 """
 
+import functools
 import json
 import math
 import re
@@ -77,6 +78,16 @@ class Route:
         default="pipeline", converter=to_str, validator=in_(("pipeline", "fallback"))
     )
     fallback_names: tuple[str, ...] = attrs.field(default=(), converter=_regexes)
+
+    def named_to_fallback(self, name: str) -> bool:
+        """Whether a parameter of this name goes to the fallback by name: one of ``fallback_names`` is found
+        in it (searched, not matched from the start); what its dimension says is :attr:`vectors`' part."""
+        return any(r.search(name) for r in _compiled(self.fallback_names))
+
+
+@functools.cache
+def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(p) for p in patterns)
 
 
 @attrs.frozen(kw_only=True)

@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import math
 import operator
-import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -576,14 +575,13 @@ class KronOptimizer(torch.optim.Optimizer):
         names = group.get("param_names")
         main: list[int] = []
         fallback: list[int] = []
-        patterns = [re.compile(p) for p in cfg.route.fallback_names]
         for i, p in enumerate(group["params"]):
             to_fallback = cfg.fallback is not None and (
                 (p.ndim <= 1 and cfg.route.vectors == "fallback")
-                or (names is not None and any(r.search(names[i]) for r in patterns))
+                or (names is not None and cfg.route.named_to_fallback(names[i]))
             )
             (fallback if to_fallback else main).append(i)
-        if patterns and names is None and cfg.fallback is not None and any(group["params"][i].ndim >= 2 for i in main):
+        if cfg.route.fallback_names and names is None and cfg.fallback is not None and any(group["params"][i].ndim >= 2 for i in main):
             warnings.warn(
                 "the route sends embeddings/heads to the fallback by name, but the parameters have no names: "
                 "every matrix goes to the main pipeline. Pass model.named_parameters() to route by name.",

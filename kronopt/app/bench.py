@@ -244,7 +244,7 @@ def _make(name: str, params: list[torch.nn.Parameter], param_names: Sequence[str
     """The optimizer ``name`` on ``params``: a peer on the list (its own defaults), a kronopt preset or config on
     the named parameters (``param_names``, which its routing reads; default ``blocks.<i>.weight``)."""
     if name in peers.PEERS:
-        return peers.build(name, params)
+        return peers.build(name, params, param_names)
     if peers.is_import_name(name):
         return peers.build_imported(name, params)
     if param_names is None:

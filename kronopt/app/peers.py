@@ -29,6 +29,8 @@ from typing import Any, Literal
 import attrs
 import torch
 
+import kronopt
+
 __all__ = [
     "PEERS", "PEER_PACKAGES", "Peer", "StepAll", "build", "build_imported", "eager", "is_import_name", "is_peer_name",
     "state_bytes", "unavailable", "unavailable_imported",
@@ -184,6 +186,29 @@ class Peer:
             return True
         return any(len(s) == 2 if self.matrices == "2-D" else len(s) >= 2 for s in shapes)
 
+    def build_on(
+        self, package: ModuleType, params: list[torch.nn.Parameter], names: Sequence[str] | None = None
+    ) -> tuple[Any, Callable[[], int]]:
+        """:attr:`construct` on ``params``; with their ``names``, those that the matched preset sends to its
+        fallback by name (an embedding, a head: ``route.fallback_names``) go instead to a
+        ``torch.optim.AdamW`` with that fallback's settings, as the preset's own do, so that both do the
+        same work on a model (Muon orthogonalises no embedding)."""
+        preset = kronopt.PRESETS[self.matches]
+        aside = [preset.fallback is not None and names is not None and preset.route.named_to_fallback(n) for n in names or ()]
+        if not any(aside):
+            return self.construct(package, params)
+        rest = [p for p, a in zip(params, aside) if a]
+        fallback = preset.fallback
+        adamw = torch.optim.AdamW(
+            rest, lr=fallback.lr, betas=fallback.inner.betas, eps=fallback.inner.eps, weight_decay=fallback.weight_decay
+        )
+        main = [p for p, a in zip(params, aside) if not a]
+        if not main:
+            return adamw, lambda: state_bytes(adamw)
+        opt, _ = self.construct(package, main)
+        parts = (*(opt.opts if isinstance(opt, StepAll) else (opt,)), adamw)
+        return StepAll(*parts), lambda: state_bytes(*parts)
+
 
 PEERS: dict[str, Peer] = {
     p.name: p
@@ -272,15 +297,16 @@ def _version(distribution: str) -> str:
         return "(unknown version)"
 
 
-def build(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Callable[[], int]]:
-    """The peer ``name`` on ``params``: ``(optimizer with .step(), state bytes function)``.
+def build(name: str, params: list[torch.nn.Parameter], names: Sequence[str] | None = None) -> tuple[Any, Callable[[], int]]:
+    """The peer ``name`` on ``params`` (named ``names``: :meth:`Peer.build_on`): ``(optimizer with .step(), state
+    bytes function)``.
 
     Raises:
         KeyError: ``name`` is not in :data:`PEERS`.
         ImportError: its package is missing (check :func:`unavailable` first).
     """
     peer = PEERS[name]
-    return peer.construct(importlib.import_module(peer.package), params)
+    return peer.build_on(importlib.import_module(peer.package), params, names)
 
 
 # -- any optimizer class by import path: ``module:Class`` ------------------------------------------------

@@ -241,3 +241,29 @@ def test_the_world_ranks_step_the_model_by_its_names(models, monkeypatch, capsys
     assert named != plain
     [row] = rows
     assert row["state_bytes_sum"] == named
+
+
+def test_a_peer_matched_to_a_routed_preset_sends_what_it_routes_by_name_to_adamw(models):
+    """torch.Muon follows the muon preset, which sends an embedding or a head to its AdamW by name: on the model's
+    names the 100 × 32 embedding goes to the AdamW beside Muon (with the preset's fallback settings), as the
+    preset's does; on no names it stays a matrix for Muon. A peer matched to an unrouted preset is untouched."""
+    from kronopt.app import peers
+
+    params = [torch.nn.Parameter(torch.zeros(s)) for _, s in NET]
+    names = [n for n, _ in NET]
+    opt, size = peers.build("torch.Muon", params, names)
+    muon, *adamws = opt.opts
+    assert isinstance(muon, torch.optim.Muon) and all(isinstance(a, torch.optim.AdamW) for a in adamws)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {id(p) for p, (n, s) in zip(params, NET) if len(s) == 2 and n != "embed.weight"}
+    [aside] = [a for a in adamws if any(p is params[0] for g in a.param_groups for p in g["params"])]
+    assert [p for g in aside.param_groups for p in g["params"]] == [params[0]]
+    assert aside.defaults["betas"] == (0.9, 0.95) and aside.defaults["eps"] == 1e-10
+    unnamed, _ = peers.build("torch.Muon", params)
+    assert any(p is params[0] for g in unnamed.opts[0].param_groups for p in g["params"])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert size() > 0 and {id(p) for a in adamws for p in a.state} >= {id(params[0])}
+    plain, _ = peers.build("torch.AdamW", params, names)
+    assert isinstance(plain, torch.optim.AdamW) and len(plain.param_groups[0]["params"]) == len(params)
