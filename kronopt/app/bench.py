@@ -23,15 +23,18 @@ at random.
 import argparse
 import ast
 import importlib
+import importlib.util
 import os
 import pickle
 import statistics
+import sys
 import tempfile
 import time
 import weakref
 from functools import partial
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import attrs
@@ -149,12 +152,13 @@ class ParamSet:
             )
 
     @classmethod
-    def of(cls, shapes: "Sequence[tuple[int, ...]] | ParamSet", dtype: torch.dtype = torch.float32) -> "ParamSet":
-        """``shapes`` as a set of ``dtype`` parameters named ``blocks.<i>.weight`` (a set is returned as it is)."""
+    def of(cls, shapes: "Sequence[tuple[int, ...]] | ParamSet", dtype: torch.dtype | None = None) -> "ParamSet":
+        """``shapes`` as a set of ``dtype`` parameters (float32 by default) named ``blocks.<i>.weight``; a set as it
+        is, or with every parameter in ``dtype`` where one is given."""
         if isinstance(shapes, ParamSet):
-            return shapes
+            return shapes if dtype is None else attrs.evolve(shapes, dtypes=[dtype] * len(shapes.shapes))
         shapes = [tuple(s) for s in shapes]
-        return cls(shapes, [f"blocks.{i}.weight" for i in range(len(shapes))], [dtype] * len(shapes))
+        return cls(shapes, [f"blocks.{i}.weight" for i in range(len(shapes))], [dtype or torch.float32] * len(shapes))
 
     @property
     def numel(self) -> int:
@@ -169,20 +173,24 @@ def _factory_call(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
     """``module:factory`` and the arguments of ``module:factory(arg, …, key=value, …)`` (Python literals)."""
     name, paren, rest = spec.partition("(")
     name = name.strip()
-    if not peers.is_import_name(name):
+    path, _, attr = name.rpartition(":")
+    in_file = path.endswith(".py") and all(part.isidentifier() for part in attr.split("."))
+    if not (in_file or peers.is_import_name(name)):
         raise ValueError(
-            f"{spec!r} is not module:factory (a callable making a torch.nn.Module, e.g. mypkg.nets:build, or "
-            "mypkg.nets:Net(width=256) with Python literals as its arguments)"
+            f"{spec!r} is not module:factory (a callable making a torch.nn.Module, e.g. mypkg.nets:build, "
+            "path/to/nets.py:build, or mypkg.nets:Net(width=256) with Python literals as its arguments)"
         )
     if not paren:
         return name, [], {}
     try:
         call = ast.parse(f"f({rest}", mode="eval").body
-        if not isinstance(call, ast.Call):
-            raise SyntaxError("not a call")
+        # one call of the factory itself: not a call of what it returns (f(3)(4)), nor of its attribute
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "f"):
+            raise SyntaxError("not one call")
         args = [ast.literal_eval(a) for a in call.args]
-        if any(k.arg is None for k in call.keywords):
-            raise ValueError("**")
+        keys = [k.arg for k in call.keywords]
+        if None in keys or len(set(keys)) != len(keys):  # **mapping, or a keyword given twice
+            raise ValueError("keywords")
         kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except (SyntaxError, ValueError, TypeError):
         raise ValueError(
@@ -192,25 +200,52 @@ def _factory_call(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
     return name, args, kwargs  # type: ignore[return-value]
 
 
+def _module_file(path: Path) -> ModuleType:
+    """The Python file ``path`` run as a module of its own (named after it, entered in ``sys.modules`` so that
+    what it defines can be found by name, as an imported module's can)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {str(path)!r}")
+    name = f"kronopt_bench_model_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{str(path)!r} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+#: the parameter dtypes a bench draws values and gradients in
+_DRAWN: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def model_params(spec: str) -> ParamSet:
     """The trainable parameters of the model ``module:factory`` or ``module:factory(arg, …, key=value, …)`` (a
     callable, e.g. a module class, returning a ``torch.nn.Module``, called with those arguments, Python literals;
-    its module importable from ``PYTHONPATH``): their names (``named_parameters()``, a tied weight once), shapes
-    and dtypes. The model is made on the meta device, which holds no memory (a model of billions of numbers
+    its module importable from ``PYTHONPATH``, or a Python file named ``path/to/nets.py``): their names (``named_parameters()``, a tied weight once, an empty
+    one left out), shapes and dtypes. The model is made on the meta device, which holds no memory (a model of billions of numbers
     costs nothing to read), and made for real only where its factory cannot run there (it reads a value, say).
 
     Raises:
         ValueError: ``spec`` is not spelled so, does not import, is not callable, does not make a module, or
-            the module has no trainable floating-point parameter (the message says which).
+            the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
+            than float32, bfloat16, float16 and float64 (the message says which).
     """
     name, args, kwargs = _factory_call(spec)
-    module_name, _, attr = name.partition(":")
+    module_name, _, attr = name.rpartition(":")
     try:
-        factory = peers._resolve(importlib.import_module(module_name), attr)
+        module = _module_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+    except Exception as exc:  # any import failure is the user's to see, in one line
+        where = "" if module_name.endswith(".py") else "; is it on PYTHONPATH?"
+        raise ValueError(f"{module_name!r} cannot be imported ({type(exc).__name__}: {exc}{where})") from None
+    try:
+        factory = peers._resolve(module, attr)
     except AttributeError:
         raise ValueError(f"module {module_name!r} has no {attr!r}") from None
-    except Exception as exc:  # any import failure is the user's to see, in one line
-        raise ValueError(f"{module_name!r} cannot be imported ({type(exc).__name__}: {exc}; is it on PYTHONPATH?)") from None
     if not callable(factory):
         raise ValueError(f"{name} is not callable: it must make the model")
     called = spec if args or kwargs else f"{name}()"
@@ -225,11 +260,21 @@ def model_params(spec: str) -> ParamSet:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{called} made a {type(model).__name__}, not a torch.nn.Module")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lazy = [n for n, p in named if isinstance(p, torch.nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"the model of {spec} has parameters with no shape yet (lazy modules: their first forward makes them): "
+            f"{', '.join(lazy)}"
+        )
+    named = [(n, p) for n, p in named if p.numel()]  # nothing to step, as kronopt leaves them out
     if not named:
         raise ValueError(f"the model of {spec} has no trainable parameter")
-    odd = [f"{n} ({p.dtype})" for n, p in named if not p.dtype.is_floating_point]
+    odd = [f"{n} ({p.dtype})" for n, p in named if p.dtype not in _DRAWN]
     if odd:
-        raise ValueError(f"the model of {spec} has parameters of a dtype no optimizer here steps: {', '.join(odd)}")
+        raise ValueError(
+            f"the model of {spec} has parameters of a dtype the bench does not step (it takes "
+            f"{', '.join(str(d).removeprefix('torch.') for d in _DRAWN)}): {', '.join(odd)}"
+        )
     return ParamSet(
         [tuple(p.shape) for _, p in named], [n for n, _ in named], [p.dtype for _, p in named], source=f"model {spec}"
     )
@@ -270,7 +315,7 @@ def bench(
     steps: int,
     warmup: int,
     device: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     seed: int = 0,
     repeat: int = 1,
     makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
@@ -295,8 +340,9 @@ def bench(
     refresh of the presets). A peer that raises in those rounds keeps its times, and its
     ``step_bytes`` is ``None``.
 
-    ``shapes`` is the parameter set: a list of shapes (``dtype`` parameters named ``blocks.<i>.weight``) or a
-    :class:`ParamSet` (a model's names, shapes and dtypes: :func:`model_params`).
+    ``shapes`` is the parameter set: a list of shapes (parameters named ``blocks.<i>.weight``) or a
+    :class:`ParamSet` (a model's names, shapes and dtypes: :func:`model_params`); ``dtype``, where given, is
+    every parameter's (by default float32, or the set's own).
 
     ``makers`` builds the named stand-ins that are not optimizers (name → a function
     returning the stand-in and its state bytes: the replays of the matrix work of :func:`replay_makers`,
@@ -511,10 +557,11 @@ def _give_grads(run: dict[str, Any], grads: Sequence[Tensor]) -> None:
 
 def scaling(
     names: Sequence[str], widths: Sequence[int], *, steps: int, warmup: int, device: str, seed: int = 0,
-    repeat: int = 1,
+    repeat: int = 1, dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`bench` on a one-layer transformer-shaped set (:func:`transformer_shapes`) at each width ``d``,
-    with each kronopt optimizer's matrix work alone (:class:`_Replay`) stepped in the same rounds.
+    """:func:`bench` on a one-layer transformer-shaped set (:func:`transformer_shapes`) of ``dtype`` parameters
+    (float32 by default) at each width ``d``, with each kronopt optimizer's matrix work alone (:class:`_Replay`)
+    stepped in the same rounds.
 
     The replay of step k runs beside step k itself, interleaved with the optimizers, so the
     machine's load hits both alike, and both figures are the mean over the same timed steps
@@ -532,7 +579,7 @@ def scaling(
     """
     table = []
     for d in widths:
-        shapes = transformer_shapes(d, 1)
+        shapes = ParamSet.of(transformer_shapes(d, 1), dtype)
         recorded, makers = replay_makers(names, shapes, steps=warmup + steps, device=device, seed=seed)
         timing = dict(steps=steps, warmup=warmup, device=device, seed=seed)
         rows = bench([*names, *makers], shapes, **timing, repeat=repeat, makers=makers)
@@ -654,7 +701,7 @@ def _householder_pair(shape: tuple[int, ...], dtype: torch.dtype, device: torch.
 
 def record_matrix_work(
     name: str, shapes: "Sequence[tuple[int, ...]] | ParamSet", *, steps: int, device: str,
-    dtype: torch.dtype = torch.float32, seed: int = 0,
+    dtype: torch.dtype | None = None, seed: int = 0,
 ) -> list[list[tuple[Any, tuple, dict]]]:
     """The matrix work of each of the first ``steps`` steps of a fresh kronopt optimizer ``name``: every
     call of :data:`HEAVY_OPS` (refreshes included), with its shapes and settings, one list per step.
@@ -700,7 +747,7 @@ class _Replay:
 
 def matmul_alone(
     name: str, shapes: "Sequence[tuple[int, ...]] | ParamSet", *, steps: int, warmup: int, device: str,
-    dtype: torch.dtype = torch.float32, seed: int = 0,
+    dtype: torch.dtype | None = None, seed: int = 0,
 ) -> float:
     """Milliseconds per step of the matrix work alone, replayed on its own: the mean over steps
     ``warmup`` to ``warmup + steps`` of :class:`_Replay` (the earlier steps' replays warm up).
@@ -927,6 +974,8 @@ class BenchPlan:
         ratios: the ``--ratio`` pairs ``(a, b)``, names as given (either may be a missing peer).
         alone: ``--alone``: each kronopt optimizer's matrix work replayed alone in the same runs.
         memory_steps: ``--memory``: untimed rounds after the timed ones, each step's memory counted.
+        dtype: ``--dtype``: every parameter's dtype (already applied to :attr:`params`; the ``--scaling`` table's
+            too), ``None`` where not given.
     """
 
     names: list[str]
@@ -940,6 +989,7 @@ class BenchPlan:
     retain_freed_memory: bool = False
     alone: bool = False
     memory_steps: int = 0
+    dtype: torch.dtype | None = None
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -971,9 +1021,8 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         layers = p.integer("--layers", "4" if args.layers is None else args.layers, minimum=1)
         params = ParamSet.of(transformer_shapes(d, layers))
     dtype_text = getattr(args, "dtype", None)
-    if dtype_text is not None:
-        dtype = p.value("--dtype", dtype_text, _dtype, torch.float32)
-        params = attrs.evolve(params, dtypes=[dtype] * len(params.shapes))
+    dtype = None if dtype_text is None else p.value("--dtype", dtype_text, _dtype, torch.float32)
+    params = ParamSet.of(params, dtype)
     for flag, given in (("--d", args.d), ("--layers", args.layers)):
         if given is not None and (model is not None or args.shapes is not None):
             p.add(flag, f"sizes the transformer-shaped set; cannot be combined with {'--model' if model is not None else '--shapes'}")
@@ -1039,7 +1088,7 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     return BenchPlan(
         names=names, params=params, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
         ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)), alone=alone,
-        memory_steps=memory_steps or 0,
+        memory_steps=memory_steps or 0, dtype=dtype,
     )
 
 
@@ -1316,7 +1365,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             memory_steps=plan.memory_steps,
         )
         rows = every[: len(plan.names)]
-        table = scaling(plan.names, plan.widths, **timing, repeat=counts["repeat"]) if plan.widths else []
+        table = scaling(plan.names, plan.widths, **timing, repeat=counts["repeat"], dtype=plan.dtype) if plan.widths else []
     finally:
         torch.set_num_threads(threads)
     print(
@@ -1350,8 +1399,9 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument(
         "--model", metavar="MODULE:FACTORY",
         help="or your own model's trainable parameters, by their names (as kronopt routes them), shapes and dtypes: "
-        "FACTORY() makes the torch.nn.Module (a class or a function; its module on PYTHONPATH), on the meta device "
-        "where it can; arguments as Python literals, e.g. 'mypkg.nets:Net(width=256)'",
+        "FACTORY() makes the torch.nn.Module (a class or a function; its module on PYTHONPATH, or a file "
+        "path/to/nets.py), on the meta device where it can; arguments as Python literals, e.g. "
+        "'mypkg.nets:Net(width=256)'",
     )
     p.add_argument(
         "--dtype", default=None,

@@ -371,7 +371,7 @@ def test_scaling_replays_the_matrix_work_interleaved_with_the_steps(monkeypatch)
 
 def test_scaling_uses_a_one_layer_transformer_set(monkeypatch):
     calls = []
-    monkeypatch.setattr(bench, "bench", lambda names, shapes, **kw: calls.append(list(shapes)) or [])
+    monkeypatch.setattr(bench, "bench", lambda names, shapes, **kw: calls.append(list(bench.ParamSet.of(shapes).shapes)) or [])
     bench.scaling(["adamw"], [8, 16], steps=1, warmup=0, device="cpu")
     assert calls == [bench.transformer_shapes(8, 1), bench.transformer_shapes(16, 1)]
 

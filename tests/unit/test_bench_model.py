@@ -124,7 +124,7 @@ def test_a_factory_that_reads_values_is_made_for_real(models):
         ("bench_models:not_a_module", "bench_models:not_a_module() made a list, not a torch.nn.Module"),
         ("bench_models:raises", "bench_models:raises() raised RuntimeError: no weights here"),
         ("bench_models:frozen", "the model of bench_models:frozen has no trainable parameter"),
-        ("bench_models:complex_weights", "a dtype no optimizer here steps: weight (torch.complex64)"),
+        ("bench_models:complex_weights", "a dtype the bench does not step (it takes float32, bfloat16, float16, float64): weight (torch.complex64)"),
     ],
 )
 def test_a_model_that_cannot_be_read_is_a_clear_error(models, spec, message, capsys):
@@ -267,3 +267,18 @@ def test_a_peer_matched_to_a_routed_preset_sends_what_it_routes_by_name_to_adamw
     assert size() > 0 and {id(p) for a in adamws for p in a.state} >= {id(params[0])}
     plain, _ = peers.build("torch.AdamW", params, names)
     assert isinstance(plain, torch.optim.AdamW) and len(plain.param_groups[0]["params"]) == len(params)
+
+
+def test_the_factory_may_live_in_a_python_file_off_the_path(tmp_path):
+    (tmp_path / "my nets").mkdir()
+    path = tmp_path / "my nets" / "scratch.py"
+    path.write_text(MODELS)
+    params = bench.model_params(f"{path}:Net(vocab=20, d=8)")
+    assert params.shapes == ((20, 8), (32, 8), (32,), (8, 32), (8,), (8,), (8,))
+    with pytest.raises(ValueError, match="cannot be imported \\(FileNotFoundError: no file"):
+        bench.model_params(f"{tmp_path / 'absent.py'}:Net")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('broken on import')\n")
+    with pytest.raises(ValueError, match="broken on import"):
+        bench.model_params(f"{tmp_path / 'broken.py'}:Net")
+    with pytest.raises(ValueError, match="has no 'Nope'"):
+        bench.model_params(f"{path}:Nope")
