@@ -22,10 +22,12 @@ at random.
 
 import argparse
 import ast
+import hashlib
 import importlib
 import importlib.util
 import os
 import pickle
+import re
 import statistics
 import sys
 import tempfile
@@ -169,12 +171,20 @@ class ParamSet:
         return [torch.randn(s, generator=gen, dtype=d) for s, d in zip(self.shapes, self.dtypes)]
 
 
+#: ``path/to/nets.py:factory`` and its arguments, if any
+_IN_FILE = re.compile(r"^(?P<path>.+\.py):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*(?P<args>\(.*)?$", re.DOTALL)
+
+
 def _factory_call(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
     """``module:factory`` and the arguments of ``module:factory(arg, …, key=value, …)`` (Python literals)."""
-    name, paren, rest = spec.partition("(")
-    name = name.strip()
-    path, _, attr = name.rpartition(":")
-    in_file = path.endswith(".py") and all(part.isidentifier() for part in attr.split("."))
+    in_file = _IN_FILE.match(spec)
+    if in_file and "(" in in_file["path"] and not Path(in_file["path"]).is_file():
+        in_file = None  # "x.py:" inside an argument's string, not a path
+    if in_file:  # a path may hold "(" and ":" itself: the factory is what follows its last ".py:"
+        name, paren, rest = f"{in_file['path']}:{in_file['attr']}", in_file["args"] or "", (in_file["args"] or "")[1:]
+    else:
+        name, paren, rest = spec.partition("(")
+        name = name.strip()
     if not (in_file or peers.is_import_name(name)):
         raise ValueError(
             f"{spec!r} is not module:factory (a callable making a torch.nn.Module, e.g. mypkg.nets:build, "
@@ -201,20 +211,29 @@ def _factory_call(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
 
 
 def _module_file(path: Path) -> ModuleType:
-    """The Python file ``path`` run as a module of its own (named after it, entered in ``sys.modules`` so that
-    what it defines can be found by name, as an imported module's can)."""
+    """The Python file ``path`` run as a module of its own, as ``python path`` would run it: its folder first on
+    ``sys.path`` (so its own imports find the files beside it), the module entered in ``sys.modules`` under a
+    name of its own path (so what it defines can be found by name, as an imported module's can)."""
     if not path.is_file():
         raise FileNotFoundError(f"no file {str(path)!r}")
-    name = f"kronopt_bench_model_{path.stem}"
+    path = path.resolve()
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    name = f"kronopt_bench_model_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"{str(path)!r} is not a Python module")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     module = importlib.util.module_from_spec(spec)
+    before = sys.modules.get(name)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[name]
+        if before is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = before
         raise
     return module
 
@@ -239,7 +258,7 @@ def model_params(spec: str) -> ParamSet:
     module_name, _, attr = name.rpartition(":")
     try:
         module = _module_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
-    except Exception as exc:  # any import failure is the user's to see, in one line
+    except (Exception, SystemExit) as exc:  # any import failure (a script's exit too) is the user's to see, in one line
         where = "" if module_name.endswith(".py") else "; is it on PYTHONPATH?"
         raise ValueError(f"{module_name!r} cannot be imported ({type(exc).__name__}: {exc}{where})") from None
     try:
@@ -252,10 +271,10 @@ def model_params(spec: str) -> ParamSet:
     try:
         with torch.device("meta"):
             model = factory(*args, **kwargs)
-    except Exception:  # a factory that reads values (or loads weights) cannot run on the meta device
+    except (Exception, SystemExit):  # a factory that reads values (or loads weights) cannot run on the meta device
         try:
             model = factory(*args, **kwargs)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise ValueError(f"{called} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{called} made a {type(model).__name__}, not a torch.nn.Module")
@@ -1235,10 +1254,11 @@ def _print_alone(table: list[dict[str, Any]], runs: int) -> None:
         print(f"{entry['d']:>6} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
 
 
-def _print_scaling(table: list[dict[str, Any]]) -> None:
+def _print_scaling(table: list[dict[str, Any]], dtype: torch.dtype | None = None) -> None:
     names = [r["optimizer"] for r in table[0]["rows"]]
     runs = table[0]["rows"][0].get("runs", 1)
-    print(f"scaling: one-layer transformer-shaped set, mean ms per step (refreshes included) and × {names[0]}"
+    kind = str(dtype or torch.float32).removeprefix("torch.")
+    print(f"scaling: one-layer transformer-shaped set ({kind}), mean ms per step (refreshes included) and × {names[0]}"
           + (f"; medians of {runs} runs, each ratio taken run by run (lowest–highest)" if runs > 1 else ""))
 
     def cell(r: dict[str, Any]) -> str:
@@ -1382,7 +1402,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_matrix_work(every, recorded)
     if table:
         print()
-        _print_scaling(table)
+        _print_scaling(table, plan.dtype)
     return 0
 
 

@@ -192,17 +192,25 @@ class Peer:
         """:attr:`construct` on ``params``; with their ``names``, those that the matched preset sends to its
         fallback by name (an embedding, a head: ``route.fallback_names``) go instead to a
         ``torch.optim.AdamW`` with that fallback's settings, as the preset's own do, so that both do the
-        same work on a model (Muon orthogonalises no embedding)."""
+        same work on a model (Muon orthogonalises no embedding); where that leaves nothing the main class takes
+        (a model whose only matrices are an embedding and a head), every parameter goes to the AdamW, as the
+        preset's would."""
+        if names is None:
+            return self.construct(package, params)
+        if len(names) != len(params):
+            raise ValueError(f"{self.name}: {len(names)} names for {len(params)} parameters")
         preset = kronopt.PRESETS[self.matches]
-        aside = [preset.fallback is not None and names is not None and preset.route.named_to_fallback(n) for n in names or ()]
+        fallback = preset.fallback
+        aside = [fallback is not None and preset.route.named_to_fallback(n) for n in names]
         if not any(aside):
             return self.construct(package, params)
+        main = [p for p, a in zip(params, aside) if not a]
+        if not self.takes([tuple(p.shape) for p in main]):  # nothing left for the main class: all to the AdamW
+            main, aside = [], [True] * len(params)
         rest = [p for p, a in zip(params, aside) if a]
-        fallback = preset.fallback
         adamw = torch.optim.AdamW(
             rest, lr=fallback.lr, betas=fallback.inner.betas, eps=fallback.inner.eps, weight_decay=fallback.weight_decay
         )
-        main = [p for p, a in zip(params, aside) if not a]
         if not main:
             return adamw, lambda: state_bytes(adamw)
         opt, _ = self.construct(package, main)

@@ -282,3 +282,33 @@ def test_the_factory_may_live_in_a_python_file_off_the_path(tmp_path):
         bench.model_params(f"{tmp_path / 'broken.py'}:Net")
     with pytest.raises(ValueError, match="has no 'Nope'"):
         bench.model_params(f"{path}:Nope")
+
+
+def test_files_of_one_name_in_two_folders_stay_apart_and_find_their_neighbours(tmp_path):
+    """Two ``nets.py`` in two folders are two modules (each keeps its classes findable by name, as pickling
+    needs), and each file's own imports find the files beside it, as ``python nets.py`` would."""
+    for folder, d in (("a", 4), ("b", 6)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"layers_{folder}.py").write_text(f"import torch\nD = {d}\n")
+        (tmp_path / folder / "nets.py").write_text(
+            f"import torch\nfrom layers_{folder} import D\n"
+            "class Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+            "        self.w = torch.nn.Parameter(torch.zeros(D, D))\n"
+        )
+    a = bench.model_params(f"{tmp_path / 'a' / 'nets.py'}:Net")
+    b = bench.model_params(f"{tmp_path / 'b' / 'nets.py'}:Net")
+    assert a.shapes == ((4, 4),) and b.shapes == ((6, 6),)
+    modules = {m.__file__: name for name, m in list(__import__("sys").modules.items()) if name.startswith("kronopt_bench_model_")}
+    assert len({modules[str(tmp_path / f / "nets.py")] for f in "ab"}) == 2
+
+
+def test_a_model_file_that_exits_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "script.py").write_text("import sys\nsys.exit('usage: script.py DATA')\n")
+    assert cli.main(["bench", "adamw", "--model", f"{tmp_path / 'script.py'}:build", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be imported (SystemExit: usage: script.py DATA)" in err
+
+
+def test_the_scaling_table_names_its_dtype(capsys):
+    assert cli.main(["bench", "adamw", "--d", "8", "--layers", "1", "--dtype", "bfloat16", "--scaling", "8", *TINY]) == 0
+    assert "scaling: one-layer transformer-shaped set (bfloat16)" in capsys.readouterr().out
