@@ -187,8 +187,8 @@ class KronConfig:
             model (TF32 on a GPU, bfloat16 products on a CPU), restoring the process's setting
             after the step; ``"inherit"`` leaves them to that setting (faster on a GPU with TF32,
             less precise: the specs' arithmetic is float32's). Top-level only.
-        bucket_cap_mib: the most optimizer state (MiB, in the compute dtype) one bucket holds (default
-            1024: only buckets of more than a GiB of state are cut, as on a large model); 0: no cap.
+        bucket_cap_mib: the most optimizer state (MiB, in the compute dtype) one bucket holds; 0 (the
+            default): no cap.
             A step makes a bucket's new state before it writes it into the old (stages are pure),
             so its transient memory is about the state of the largest bucket; with a cap, blocks of
             one shape are stacked into as few buckets of nearly equal size under the cap as
@@ -225,7 +225,7 @@ class KronConfig:
         default="highest", converter=to_str, validator=in_(("highest", "inherit"))
     )
     compile: bool = attrs.field(default=False, converter=to_bool)
-    bucket_cap_mib: float = attrs.field(default=1024.0, converter=to_float, validator=ge(0.0))
+    bucket_cap_mib: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
     factors: Any
     basis: Any
     inner: Any

@@ -157,7 +157,7 @@ def test_the_cap_is_validated_and_top_level_only():
         kronopt.build([{"params": [("w", p)]}, {"params": [("v", q)], "bucket_cap_mib": 1.0}], "soap")
     cfg = kronopt.config.from_dict({**kronopt.config.to_dict(kronopt.presets.SOAP), "bucket_cap_mib": 64})
     assert kronopt.config.from_dict(kronopt.config.to_dict(cfg)).bucket_cap_mib == 64.0
-    assert kronopt.presets.SOAP.bucket_cap_mib == 1024.0  # the default: only buckets of more than a GiB cut
+    assert kronopt.presets.SOAP.bucket_cap_mib == 0.0
 
 
 @pytest.mark.gpu
