@@ -256,6 +256,14 @@ class KronConfig:
             layout = attrs.evolve(layout, param_dims=tuple(self.inner.param_dims(tuple(shape), layout)))
         return spec, layout
 
+    def to_fallback(self, ndim: int, name: str | None = None) -> bool:
+        """Whether the route sends a parameter of ``ndim`` dimensions, named ``name`` (``None``: unnamed), to the
+        ``[fallback]`` config: a vector where ``route.vectors = "fallback"``, a name one of
+        ``route.fallback_names`` is found in; never without a fallback."""
+        return self.fallback is not None and (
+            (ndim <= 1 and self.route.vectors == "fallback") or (name is not None and self.route.named_to_fallback(name))
+        )
+
     def bound(self) -> "KronConfig":
         """The config the pipeline runs: ``factors.beta = "beta2"`` replaced by the inner rule's β₂, and
         ``post.graft_betas[0] = "momentum"`` by its first-moment retention (:func:`first_moment_beta`).

@@ -576,11 +576,7 @@ class KronOptimizer(torch.optim.Optimizer):
         main: list[int] = []
         fallback: list[int] = []
         for i, p in enumerate(group["params"]):
-            to_fallback = cfg.fallback is not None and (
-                (p.ndim <= 1 and cfg.route.vectors == "fallback")
-                or (names is not None and cfg.route.named_to_fallback(names[i]))
-            )
-            (fallback if to_fallback else main).append(i)
+            (fallback if cfg.to_fallback(p.ndim, None if names is None else names[i]) else main).append(i)
         if cfg.route.fallback_names and names is None and cfg.fallback is not None and any(group["params"][i].ndim >= 2 for i in main):
             warnings.warn(
                 "the route sends embeddings/heads to the fallback by name, but the parameters have no names: "

@@ -1321,6 +1321,31 @@ def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
     return 0
 
 
+def routing(name: str, params: ParamSet) -> dict[str, tuple[int, int]]:
+    """Where the kronopt optimizer ``name`` (a preset or config file) sends the parameters of ``params``, as its
+    route decides by their names and dimensions (:meth:`kronopt.config.KronConfig.to_fallback`): ``"pipeline"``
+    and, where any go there, ``"fallback"``, each ``(parameters, numbers)``."""
+    cfg = kronopt.resolve(name)
+    out: dict[str, tuple[int, int]] = {}
+    for shape, pname in zip(params.shapes, params.names):
+        where = "fallback" if cfg.to_fallback(len(shape), pname) else "pipeline"
+        count, numel = out.get(where, (0, 0))
+        out[where] = (count + 1, numel + int(torch.Size(shape).numel()))
+    return {where: out[where] for where in ("pipeline", "fallback") if where in out}
+
+
+def _print_routing(plan: BenchPlan) -> None:
+    """Where each kronopt optimizer sends the model's parameters (``--model``: their names decide)."""
+    ours = [n for n in plan.names if not _is_peer(n)]
+    if not ours:
+        return
+    print("\nrouting: the parameters each kronopt optimizer preconditions (pipeline) and hands to its [fallback]")
+    width = max(len(n) for n in ours)
+    for name in ours:
+        parts = [f"{where} {count} ({numel / 1e6:.2f} M numbers)" for where, (count, numel) in routing(name, plan.params).items()]
+        print(f"{name:<{width}}  {', '.join(parts)}")
+
+
 def _describe(params: ParamSet) -> str:
     """The report's words for the parameter set: its size, where it came from, and its dtypes where not float32."""
     text = f"{len(params.shapes)} parameters, {params.numel / 1e6:.2f} M numbers"
@@ -1396,6 +1421,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         + _load_note(load, _load_average()) + _memory_note(plan, retained)
     )
     _print_table(rows)
+    if plan.params.source:
+        _print_routing(plan)
     if plan.ratios:
         _print_ratios(rows, plan)
     if plan.alone:

@@ -312,3 +312,19 @@ def test_a_model_file_that_exits_is_a_clear_error(tmp_path, capsys):
 def test_the_scaling_table_names_its_dtype(capsys):
     assert cli.main(["bench", "adamw", "--d", "8", "--layers", "1", "--dtype", "bfloat16", "--scaling", "8", *TINY]) == 0
     assert "scaling: one-layer transformer-shaped set (bfloat16)" in capsys.readouterr().out
+
+
+def test_the_routing_of_each_kronopt_optimizer_is_reported_for_a_model(models, capsys):
+    """kl_shampoo sends the embedding (by name) and the four vectors (by dimension) to its AdamW and keeps the two
+    hidden matrices; soap keeps everything; a peer gets no line (counted by hand from Net)."""
+    assert bench.routing("kl_shampoo", bench.model_params("bench_models:Net")) == {
+        "pipeline": (2, 128 * 32 + 32 * 128), "fallback": (5, 100 * 32 + 128 + 32 + 32 + 32),
+    }
+    assert bench.routing("soap", bench.model_params("bench_models:Net")) == {"pipeline": (7, 11616)}
+    assert cli.main(["bench", "kl_shampoo", "soap", "torch.AdamW", "--model", "bench_models:Net", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "kl_shampoo  pipeline 2 (0.01 M numbers), fallback 5 (0.00 M numbers)" in out
+    assert "soap        pipeline 7 (0.01 M numbers)" in out
+    assert not any(line.startswith("torch.AdamW  pipeline") for line in out.splitlines())
+    assert cli.main(["bench", "soap", "--shapes", "4x4,4", *TINY]) == 0
+    assert "routing:" not in capsys.readouterr().out  # the bench's own names route by dimension only
