@@ -1318,6 +1318,8 @@ def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
         + _load_note(load, _load_average()) + _memory_note(plan, retained)
     )
     _print_world(rows)
+    if plan.params.source:
+        _print_routing(plan)
     return 0
 
 
