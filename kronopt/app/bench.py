@@ -245,9 +245,10 @@ _DRAWN: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16,
 def model_params(spec: str) -> ParamSet:
     """The trainable parameters of the model ``module:factory`` or ``module:factory(arg, …, key=value, …)`` (a
     callable, e.g. a module class, returning a ``torch.nn.Module``, called with those arguments, Python literals;
-    its module importable from ``PYTHONPATH``, or a Python file named ``path/to/nets.py``): their names (``named_parameters()``, a tied weight once, an empty
-    one left out), shapes and dtypes. The model is made on the meta device, which holds no memory (a model of billions of numbers
-    costs nothing to read), and made for real only where its factory cannot run there (it reads a value, say).
+    its module importable from ``PYTHONPATH``, or a Python file named ``path/to/nets.py``): their names
+    (``named_parameters()``, a tied weight once, an empty one left out), shapes and dtypes. The model is made on
+    the meta device, which holds no memory (a model of billions of numbers costs nothing to read), and made for
+    real only where its factory cannot run there (it reads a value, say).
 
     Raises:
         ValueError: ``spec`` is not spelled so, does not import, is not callable, does not make a module, or
@@ -966,6 +967,7 @@ def bench_world(
 
 #: the parameter dtypes ``--dtype`` names
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def _dtype(text: str) -> torch.dtype:
     """One of :data:`DTYPES` by name."""
