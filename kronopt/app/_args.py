@@ -234,8 +234,9 @@ def output_dir(text: str) -> Path:
 # -- reading files safely -------------------------------------------------------------------------
 
 
-def load_torch_file(path: str | Path) -> Any:
-    """``torch.load`` a file named by the user, which may never run code.
+def load_torch_file(path: str | Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` a file named by the user, which may never run code (``mmap``: its tensors mapped from the
+    file, not read, where only their shapes are wanted; a file of the zip format ``torch.save`` writes).
 
     Loads with ``weights_only=True``: only tensors, dicts, lists, tuples, strings,
     numbers, booleans and ``None`` are rebuilt — exactly what a
@@ -249,7 +250,7 @@ def load_torch_file(path: str | Path) -> Any:
     """
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError as exc:
         raise ValueError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure here comes from the file's bytes, not from kronopt

@@ -25,6 +25,7 @@ import ast
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import pickle
 import re
@@ -241,6 +242,64 @@ def _module_file(path: Path) -> ModuleType:
 #: the parameter dtypes a bench draws values and gradients in
 _DRAWN: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+#: the checkpoint files ``--model`` reads the parameters of
+_CHECKPOINTS: tuple[str, ...] = (".safetensors", ".safetensors.index.json", ".pt", ".pth", ".bin")
+
+#: safetensors' names of the floating dtypes a bench draws
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+}
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (its first 8 bytes, little-endian, give its length); no tensor is read."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100 * 2**20:
+            raise ValueError(f"{str(path)!r} is not a safetensors file (a header of {size} bytes)")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r} is not a safetensors file (its header is not a table)")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def checkpoint_params(path: Path) -> ParamSet:
+    """The parameters a checkpoint holds, by name, shape and dtype, without reading their values: a
+    ``.safetensors`` file (its header only), a sharded checkpoint's ``.safetensors.index.json`` (each shard's
+    header), or a ``torch.save``d mapping of names to tensors (``.pt``, ``.pth``, ``.bin``: memory-mapped, not
+    read). Tensors of a dtype the bench does not draw (integer buffers, float8) are left out, and so are empty
+    ones; a checkpoint keeps no note of which tensors were trainable, so a floating buffer (a norm's running
+    mean) counts as a parameter.
+
+    Raises:
+        ValueError: the file is missing or is not such a checkpoint, or holds no floating tensor.
+    """
+    if not path.is_file():
+        raise ValueError(f"no checkpoint file {str(path)!r}")
+    entries: list[tuple[str, tuple[int, ...], torch.dtype | None]] = []
+    try:
+        if path.name.endswith(".safetensors.index.json"):
+            shards = json.loads(path.read_text())["weight_map"]
+            for shard in dict.fromkeys(shards.values()):
+                header = _safetensors_header(path.parent / shard)
+                entries += [(n, tuple(v["shape"]), _SAFETENSORS_DTYPES.get(v["dtype"])) for n, v in header.items()]
+        elif path.name.endswith(".safetensors"):
+            header = _safetensors_header(path)
+            entries = [(n, tuple(v["shape"]), _SAFETENSORS_DTYPES.get(v["dtype"])) for n, v in header.items()]
+        else:
+            state = _args.load_torch_file(path, mmap=True)
+            if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+                raise ValueError("not a mapping of names to tensors (a state_dict())")
+            entries = [(n, tuple(t.shape), t.dtype if t.dtype in _DRAWN else None) for n, t in state.items()]
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
+    kept = [(n, s, d) for n, s, d in entries if d is not None and all(s)]  # all(()): a 0-d scale is kept
+    if not kept:
+        raise ValueError(f"the checkpoint {str(path)!r} holds no floating tensor to step")
+    left_out = len(entries) - len(kept)
+    source = f"checkpoint {path.name}" + (f", {left_out} other tensors left out" if left_out else "")
+    return ParamSet([s for _, s, _ in kept], [n for n, _, _ in kept], [d for _, _, d in kept], source=source)
+
 
 def model_params(spec: str) -> ParamSet:
     """The trainable parameters of the model ``module:factory`` or ``module:factory(arg, …, key=value, …)`` (a
@@ -250,11 +309,16 @@ def model_params(spec: str) -> ParamSet:
     the meta device, which holds no memory (a model of billions of numbers costs nothing to read), and made for
     real only where its factory cannot run there (it reads a value, say).
 
+    ``spec`` may instead be a checkpoint file (:func:`checkpoint_params`): a ``.safetensors`` file, a sharded
+    one's ``.safetensors.index.json``, or a ``torch.save``d state dict (``.pt``, ``.pth``, ``.bin``).
+
     Raises:
         ValueError: ``spec`` is not spelled so, does not import, is not callable, does not make a module, or
             the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
             than float32, bfloat16, float16 and float64 (the message says which).
     """
+    if spec.endswith(_CHECKPOINTS):
+        return checkpoint_params(Path(spec))
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")
     try:
@@ -1452,7 +1516,8 @@ def add_subcommand(sub: Any) -> None:
         help="or your own model's trainable parameters, by their names (as kronopt routes them), shapes and dtypes: "
         "FACTORY() makes the torch.nn.Module (a class or a function; its module on PYTHONPATH, or a file "
         "path/to/nets.py), on the meta device where it can; arguments as Python literals, e.g. "
-        "'mypkg.nets:Net(width=256)'",
+        "'mypkg.nets:Net(width=256)'; or a checkpoint's tensors, values unread: model.safetensors, a sharded "
+        "one's model.safetensors.index.json, or a torch.save'd state dict (.pt, .pth, .bin)",
     )
     p.add_argument(
         "--dtype", default=None,

@@ -328,3 +328,62 @@ def test_the_routing_of_each_kronopt_optimizer_is_reported_for_a_model(models, c
     assert not any(line.startswith("torch.AdamW  pipeline") for line in out.splitlines())
     assert cli.main(["bench", "soap", "--shapes", "4x4,4", *TINY]) == 0
     assert "routing:" not in capsys.readouterr().out  # the bench's own names route by dimension only
+
+
+def _safetensors(path, tensors: dict) -> None:
+    """A safetensors file written by hand (its format: an 8-byte little-endian header length, the JSON header,
+    then the data), so the test needs no safetensors package."""
+    import json
+
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, data, at = {"__metadata__": {"format": "pt"}}, b"", 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + len(raw)]}
+        data, at = data + raw, at + len(raw)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_a_checkpoint_gives_its_tensors_by_name_shape_and_dtype_without_the_model(tmp_path, capsys):
+    """safetensors (one file, or shards with their index) and torch.save'd state dicts: the floating tensors by
+    name, shape and dtype; an integer buffer left out and counted; routing sees the checkpoint's names."""
+    one = {"model.embed_tokens.weight": torch.zeros(50, 8), "model.layers.0.mlp.up_proj.weight": torch.zeros(32, 8, dtype=torch.bfloat16),
+           "model.layers.0.norm.weight": torch.zeros(8), "model.position_ids": torch.zeros(1, 16, dtype=torch.int64)}
+    _safetensors(tmp_path / "one.safetensors", one)
+    params = bench.model_params(str(tmp_path / "one.safetensors"))
+    assert list(zip(params.names, params.shapes, params.dtypes)) == [
+        ("model.embed_tokens.weight", (50, 8), torch.float32),
+        ("model.layers.0.mlp.up_proj.weight", (32, 8), torch.bfloat16),
+        ("model.layers.0.norm.weight", (8,), torch.float32),
+    ]
+    assert params.source == "checkpoint one.safetensors, 1 other tensors left out"
+    _safetensors(tmp_path / "part-1.safetensors", {"a.weight": torch.zeros(4, 4)})
+    _safetensors(tmp_path / "part-2.safetensors", {"b.weight": torch.zeros(6, 4), "lm_head.weight": torch.zeros(9, 4)})
+    index = {"metadata": {}, "weight_map": {"a.weight": "part-1.safetensors", "b.weight": "part-2.safetensors",
+                                            "lm_head.weight": "part-2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+    sharded = bench.model_params(str(tmp_path / "model.safetensors.index.json"))
+    assert sharded.names == ("a.weight", "b.weight", "lm_head.weight") and sharded.shapes == ((4, 4), (6, 4), (9, 4))
+    torch.save({"w": torch.zeros(5, 3), "scale": torch.tensor(2.0), "steps": torch.tensor(3)}, tmp_path / "sd.pt")
+    saved = bench.model_params(str(tmp_path / "sd.pt"))
+    assert saved.names == ("w", "scale") and saved.shapes == ((5, 3), ())
+    assert bench.routing("kl_shampoo", params) == {"pipeline": (1, 256), "fallback": (2, 408)}
+    assert cli.main(["bench", "kl_shampoo", "--model", str(tmp_path / "one.safetensors"), *TINY]) == 0
+    assert "(checkpoint one.safetensors, 1 other tensors left out), bfloat16/float32, device cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"", b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]", b"\xff" * 8])
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        bench.model_params(str(path))
+    (tmp_path / "x.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
+        bench.model_params(str(tmp_path / "x.pt"))
+    torch.save({"model": {"w": torch.zeros(2, 2)}}, tmp_path / "nested.pt")
+    with pytest.raises(ValueError, match="not a mapping of names to tensors"):
+        bench.model_params(str(tmp_path / "nested.pt"))
+    with pytest.raises(ValueError, match="no checkpoint file"):
+        bench.model_params(str(tmp_path / "absent.safetensors"))
