@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import weakref
+import zipfile
 from functools import partial
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
@@ -263,6 +264,14 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
+def _safetensors_entry(name: str, entry: Any) -> tuple[str, tuple[int, ...], torch.dtype | None]:
+    """``(name, shape, dtype)`` of a safetensors header's entry (dtype ``None``: one the bench does not draw)."""
+    shape = entry["shape"]
+    if type(shape) is not list or not all(type(x) is int and 0 <= x < 2**63 for x in shape):
+        raise ValueError(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+    return name, tuple(shape), _SAFETENSORS_DTYPES.get(entry["dtype"])
+
+
 def checkpoint_params(path: Path) -> ParamSet:
     """The parameters a checkpoint holds, by name, shape and dtype, without reading their values: a
     ``.safetensors`` file (its header only), a sharded checkpoint's ``.safetensors.index.json`` (each shard's
@@ -279,20 +288,23 @@ def checkpoint_params(path: Path) -> ParamSet:
     entries: list[tuple[str, tuple[int, ...], torch.dtype | None]] = []
     try:
         if path.name.endswith(".safetensors.index.json"):
-            shards = json.loads(path.read_text())["weight_map"]
-            for shard in dict.fromkeys(shards.values()):
+            shards = json.loads(path.read_bytes()).get("weight_map")
+            if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+                raise ValueError("its weight_map is not a table of tensor names to shard files")
+            for shard in dict.fromkeys(shards.values()):  # each tensor from the shard the index names for it
                 header = _safetensors_header(path.parent / shard)
-                entries += [(n, tuple(v["shape"]), _SAFETENSORS_DTYPES.get(v["dtype"])) for n, v in header.items()]
+                entries += [_safetensors_entry(n, v) for n, v in header.items() if shards.get(n) == shard]
         elif path.name.endswith(".safetensors"):
-            header = _safetensors_header(path)
-            entries = [(n, tuple(v["shape"]), _SAFETENSORS_DTYPES.get(v["dtype"])) for n, v in header.items()]
+            entries = [_safetensors_entry(n, v) for n, v in _safetensors_header(path).items()]
         else:
-            state = _args.load_torch_file(path, mmap=True)
-            if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            # mapped, not read; a file of torch.save's old format cannot be mapped, and is read
+            state = _args.load_torch_file(path, mmap=zipfile.is_zipfile(path))
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
                 raise ValueError("not a mapping of names to tensors (a state_dict())")
             entries = [(n, tuple(t.shape), t.dtype if t.dtype in _DRAWN else None) for n, t in state.items()]
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError) as exc:
+        detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({detail})") from None
     kept = [(n, s, d) for n, s, d in entries if d is not None and all(s)]  # all(()): a 0-d scale is kept
     if not kept:
         raise ValueError(f"the checkpoint {str(path)!r} holds no floating tensor to step")
