@@ -276,7 +276,7 @@ def checkpoint_params(path: Path) -> ParamSet:
     """The parameters a checkpoint holds, by name, shape and dtype, without reading their values: a
     ``.safetensors`` file (its header only), a sharded checkpoint's ``.safetensors.index.json`` (each shard's
     header), or a ``torch.save``d mapping of names to tensors (``.pt``, ``.pth``, ``.bin``: memory-mapped, not
-    read). Tensors of a dtype the bench does not draw (integer buffers, float8) are left out, and so are empty
+    read; a file of ``torch.save``'s old format cannot be mapped, and is read). Tensors of a dtype the bench does not draw (integer buffers, float8) are left out, and so are empty
     ones; a checkpoint keeps no note of which tensors were trainable, so a floating buffer (a norm's running
     mean) counts as a parameter.
 
