@@ -243,13 +243,30 @@ def _module_file(path: Path) -> ModuleType:
 #: the parameter dtypes a bench draws values and gradients in
 _DRAWN: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-#: the checkpoint files ``--model`` reads the parameters of
-_CHECKPOINTS: tuple[str, ...] = (".safetensors", ".safetensors.index.json", ".pt", ".pth", ".bin")
+#: the checkpoint files ``--model`` reads the parameters of, by their names' endings (in any case): safetensors,
+#: an index of shards (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``), torch.save'd files
+_CHECKPOINTS: tuple[str, ...] = (".safetensors", ".index.json", ".pt", ".pth", ".bin", ".ckpt")
+
+#: in a folder, the files a checkpoint of the Hugging Face layout is read from, first found first
+_FOLDER_NAMES: tuple[str, ...] = (
+    "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin",
+)
+
+#: the keys a torch.save'd training checkpoint keeps its model's state dict under, first found first (Lightning's
+#: ``.ckpt``: ``state_dict``; many training scripts: ``model``)
+_STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict", "module")
 
 #: safetensors' names of the floating dtypes a bench draws
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
 }
+
+#: ``(name, shape, dtype)`` of a checkpoint's tensor; dtype ``None``: one the bench does not draw
+_Entry = tuple[str, tuple[int, ...], torch.dtype | None]
+
+
+def _is_checkpoint(name: str) -> bool:
+    return name.lower().endswith(_CHECKPOINTS)
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -264,44 +281,99 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
-def _safetensors_entry(name: str, entry: Any) -> tuple[str, tuple[int, ...], torch.dtype | None]:
-    """``(name, shape, dtype)`` of a safetensors header's entry (dtype ``None``: one the bench does not draw)."""
+def _safetensors_entry(name: str, entry: Any) -> _Entry:
+    """The entry of a safetensors header's tensor ``name``."""
     shape = entry["shape"]
     if type(shape) is not list or not all(type(x) is int and 0 <= x < 2**63 for x in shape):
         raise ValueError(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
     return name, tuple(shape), _SAFETENSORS_DTYPES.get(entry["dtype"])
 
 
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
+    """The tensors of a ``torch.save``d state dict, or of the one a training checkpoint holds under one of
+    :data:`_STATE_DICT_KEYS`, and where in the file they were found (``""``: the file itself)."""
+    # mapped, not read; a file of torch.save's old format cannot be mapped, and is read
+    saved = _args.load_torch_file(path, mmap=zipfile.is_zipfile(path))
+    where = ""
+    if not _is_state_dict(saved) and isinstance(saved, dict):
+        key = next((k for k in _STATE_DICT_KEYS if _is_state_dict(saved.get(k))), None)
+        if key is None:  # a dict holding one state dict under a key of its own
+            nested = [k for k, v in saved.items() if _is_state_dict(v) and v]
+            key = nested[0] if len(nested) == 1 else None
+            if len(nested) > 1:
+                raise ValueError(f"it holds several state dicts, under {', '.join(map(repr, nested))}; save the one to bench alone")
+        if key is not None:
+            saved, where = saved[key], f"its {key!r} entry"
+    if not _is_state_dict(saved):
+        raise ValueError("not a mapping of names to tensors (a state_dict()), nor a checkpoint holding one")
+    return [(n, tuple(t.shape), t.dtype if t.dtype in _DRAWN else None) for n, t in saved.items()], where
+
+
+def _file_entries(path: Path) -> tuple[list[_Entry], str]:
+    """The tensors of a checkpoint file, and where in it they were found (``""``: the file itself)."""
+    name = path.name.lower()
+    if name.endswith(".index.json"):
+        shards = json.loads(path.read_bytes()).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+            raise ValueError("its weight_map is not a table of tensor names to shard files")
+        entries: list[_Entry] = []
+        for shard in dict.fromkeys(shards.values()):  # each tensor from the shard the index names for it
+            if shard.lower().endswith(".index.json") or not _is_checkpoint(shard):
+                raise ValueError(f"its shard {shard!r} is not a safetensors or torch.save'd file")
+            entries += [e for e in _file_entries(path.parent / shard)[0] if shards.get(e[0]) == shard]
+        return entries, ""
+    if name.endswith(".safetensors"):
+        return [_safetensors_entry(n, v) for n, v in _safetensors_header(path).items()], ""
+    return _torch_entries(path)
+
+
+def _folder_checkpoint(folder: Path) -> Path:
+    """The checkpoint file a folder holds: the first of :data:`_FOLDER_NAMES` present (a Hugging Face model's or
+    trainer's folder), else its only index of shards, else its only safetensors file, else its only torch.save'd
+    file.
+
+    Raises:
+        ValueError: the folder holds no checkpoint file, or several of one kind and none of those names.
+    """
+    files = sorted(f.name for f in folder.iterdir() if f.is_file() and _is_checkpoint(f.name))
+    for name in _FOLDER_NAMES:
+        if name in files:
+            return folder / name
+    kinds = ([f for f in files if f.lower().endswith(".index.json")], [f for f in files if f.lower().endswith(".safetensors")])
+    for kind in (*kinds, [f for f in files if not any(f in k for k in kinds)]):
+        if len(kind) == 1:
+            return folder / kind[0]
+        if kind:
+            raise ValueError(f"the folder {str(folder)!r} holds several checkpoint files ({', '.join(kind)}): name the one to read")
+    raise ValueError(
+        f"the folder {str(folder)!r} holds no checkpoint file (one named *{', *'.join(_CHECKPOINTS)})"
+    )
+
+
 def checkpoint_params(path: Path) -> ParamSet:
     """The parameters a checkpoint holds, by name, shape and dtype, without reading their values: a
-    ``.safetensors`` file (its header only), a sharded checkpoint's ``.safetensors.index.json`` (each shard's
-    header), or a ``torch.save``d mapping of names to tensors (``.pt``, ``.pth``, ``.bin``: memory-mapped, not
-    read; a file of ``torch.save``'s old format cannot be mapped, and is read). Tensors of a dtype the bench does not draw (integer buffers, float8) are left out, and so are empty
+    ``.safetensors`` file (its header only), an index of shards (``model.safetensors.index.json``,
+    ``pytorch_model.bin.index.json``: each tensor from the shard it names), a ``torch.save``d state dict (``.pt``,
+    ``.pth``, ``.bin``: memory-mapped, not read; a file of ``torch.save``'s old format cannot be mapped, and is
+    read) or a training checkpoint holding one (Lightning's ``.ckpt`` under ``state_dict``, a script's under
+    ``model``, …), or a folder holding one of these (:func:`_folder_checkpoint`). A name's ending is matched in
+    any case. Tensors of a dtype the bench does not draw (integer buffers, float8) are left out, and so are empty
     ones; a checkpoint keeps no note of which tensors were trainable, so a floating buffer (a norm's running
     mean) counts as a parameter.
 
     Raises:
         ValueError: the file is missing or is not such a checkpoint, or holds no floating tensor.
     """
+    if path.is_dir():
+        path = _folder_checkpoint(path)
     if not path.is_file():
         raise ValueError(f"no checkpoint file {str(path)!r}")
-    entries: list[tuple[str, tuple[int, ...], torch.dtype | None]] = []
     try:
-        if path.name.endswith(".safetensors.index.json"):
-            shards = json.loads(path.read_bytes()).get("weight_map")
-            if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
-                raise ValueError("its weight_map is not a table of tensor names to shard files")
-            for shard in dict.fromkeys(shards.values()):  # each tensor from the shard the index names for it
-                header = _safetensors_header(path.parent / shard)
-                entries += [_safetensors_entry(n, v) for n, v in header.items() if shards.get(n) == shard]
-        elif path.name.endswith(".safetensors"):
-            entries = [_safetensors_entry(n, v) for n, v in _safetensors_header(path).items()]
-        else:
-            # mapped, not read; a file of torch.save's old format cannot be mapped, and is read
-            state = _args.load_torch_file(path, mmap=zipfile.is_zipfile(path))
-            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-                raise ValueError("not a mapping of names to tensors (a state_dict())")
-            entries = [(n, tuple(t.shape), t.dtype if t.dtype in _DRAWN else None) for n, t in state.items()]
+        entries, where = _file_entries(path)
     except (OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError) as exc:
         detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({detail})") from None
@@ -309,7 +381,7 @@ def checkpoint_params(path: Path) -> ParamSet:
     if not kept:
         raise ValueError(f"the checkpoint {str(path)!r} holds no floating tensor to step")
     left_out = len(entries) - len(kept)
-    source = f"checkpoint {path.name}" + (f", {left_out} other tensors left out" if left_out else "")
+    source = f"checkpoint {path.name}" + (f", {where}" if where else "") + (f", {left_out} other tensors left out" if left_out else "")
     return ParamSet([s for _, s, _ in kept], [n for n, _, _ in kept], [d for _, _, d in kept], source=source)
 
 
@@ -321,15 +393,16 @@ def model_params(spec: str) -> ParamSet:
     the meta device, which holds no memory (a model of billions of numbers costs nothing to read), and made for
     real only where its factory cannot run there (it reads a value, say).
 
-    ``spec`` may instead be a checkpoint file (:func:`checkpoint_params`): a ``.safetensors`` file, a sharded
-    one's ``.safetensors.index.json``, or a ``torch.save``d state dict (``.pt``, ``.pth``, ``.bin``).
+    ``spec`` may instead be a checkpoint (:func:`checkpoint_params`): a ``.safetensors`` file, an index of shards
+    (``*.safetensors.index.json``, ``*.bin.index.json``), a ``torch.save``d state dict or training checkpoint
+    (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), or a folder holding one.
 
     Raises:
         ValueError: ``spec`` is not spelled so, does not import, is not callable, does not make a module, or
             the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
             than float32, bfloat16, float16 and float64 (the message says which).
     """
-    if spec.endswith(_CHECKPOINTS):
+    if _is_checkpoint(spec) or Path(spec).is_dir():
         return checkpoint_params(Path(spec))
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")
@@ -1528,8 +1601,9 @@ def add_subcommand(sub: Any) -> None:
         help="or your own model's trainable parameters, by their names (as kronopt routes them), shapes and dtypes: "
         "FACTORY() makes the torch.nn.Module (a class or a function; its module on PYTHONPATH, or a file "
         "path/to/nets.py), on the meta device where it can; arguments as Python literals, e.g. "
-        "'mypkg.nets:Net(width=256)'; or a checkpoint's tensors, values unread: model.safetensors, a sharded "
-        "one's model.safetensors.index.json, or a torch.save'd state dict (.pt, .pth, .bin)",
+        "'mypkg.nets:Net(width=256)'; or a checkpoint's tensors, values unread: model.safetensors, an index of "
+        "shards (model.safetensors.index.json, pytorch_model.bin.index.json), a torch.save'd state dict or training "
+        "checkpoint (.pt, .pth, .bin, .ckpt), or a folder holding one (a Hugging Face model's)",
     )
     p.add_argument(
         "--dtype", default=None,

@@ -382,8 +382,10 @@ def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, content):
     (tmp_path / "x.pt").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
         bench.model_params(str(tmp_path / "x.pt"))
-    torch.save({"model": {"w": torch.zeros(2, 2)}}, tmp_path / "nested.pt")
+    torch.save({"model": {"w": torch.zeros(2, 2)}, "optimizer": {"state": {}}, "model_args": 3}, tmp_path / "nested.pt")
+    assert bench.model_params(str(tmp_path / "nested.pt")).names == ("w",)  # a training script's checkpoint
+    torch.save({"step": 3, "config": {"lr": 0.1}}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="not a mapping of names to tensors"):
-        bench.model_params(str(tmp_path / "nested.pt"))
+        bench.model_params(str(tmp_path / "plain.pt"))
     with pytest.raises(ValueError, match="no checkpoint file"):
         bench.model_params(str(tmp_path / "absent.safetensors"))

@@ -1,0 +1,122 @@
+"""``kronopt bench --model`` on the checkpoints people have on disk: a Hugging Face model's or trainer's folder,
+shards of ``torch.save``d files with their ``pytorch_model.bin.index.json``, a training checkpoint that keeps the
+model's state dict under a key (Lightning's ``.ckpt``, a script's ``{"model": …, "optimizer": …}``), names
+whose endings are in capitals. Each file is written here by hand, so the expected names and shapes are the
+test's own."""
+
+import json
+
+import pytest
+import torch
+
+from kronopt.app import bench, cli
+from .test_bench_model import TINY, _safetensors
+
+
+def _names_and_shapes(params):
+    return list(zip(params.names, params.shapes))
+
+
+def test_a_trainer_folder_is_read_from_its_model_file(tmp_path):
+    """A trainer's checkpoint folder holds the model beside the optimizer, the scheduler, the arguments (a
+    pickle of a class, which must not be opened) and JSON: the model file is the one read."""
+    _safetensors(tmp_path / "model.safetensors", {"embed.weight": torch.zeros(30, 8), "layers.0.weight": torch.zeros(16, 8)})
+    torch.save({"state": {}, "param_groups": []}, tmp_path / "optimizer.pt")
+    torch.save({"last_epoch": 3}, tmp_path / "scheduler.pt")
+    (tmp_path / "training_args.bin").write_bytes(b"\x80\x04 a pickle of a class")
+    (tmp_path / "trainer_state.json").write_text("{}")
+    params = bench.model_params(str(tmp_path))
+    assert _names_and_shapes(params) == [("embed.weight", (30, 8)), ("layers.0.weight", (16, 8))]
+    assert params.source == "checkpoint model.safetensors"
+
+
+def test_torch_shards_are_read_through_their_index_each_tensor_from_its_shard(tmp_path):
+    """``pytorch_model.bin.index.json`` names a torch.save'd shard per tensor; a tensor found in two shards is
+    taken from the one the index names (here the other shard's copy has another shape), and a folder holding
+    the index and its shards is read through the index."""
+    torch.save({"a.weight": torch.zeros(4, 4), "b.weight": torch.zeros(1, 1)}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b.weight": torch.zeros(6, 4), "lm_head.weight": torch.zeros(9, 4, dtype=torch.bfloat16)},
+               tmp_path / "pytorch_model-00002-of-00002.bin")
+    weight_map = {"a.weight": "pytorch_model-00001-of-00002.bin", "b.weight": "pytorch_model-00002-of-00002.bin",
+                  "lm_head.weight": "pytorch_model-00002-of-00002.bin"}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for spec in (tmp_path / "pytorch_model.bin.index.json", tmp_path):
+        params = bench.model_params(str(spec))
+        assert _names_and_shapes(params) == [("a.weight", (4, 4)), ("b.weight", (6, 4)), ("lm_head.weight", (9, 4))]
+        assert params.dtypes == (torch.float32, torch.float32, torch.bfloat16)
+        assert params.source == "checkpoint pytorch_model.bin.index.json"
+
+
+def test_a_folder_prefers_safetensors_to_the_same_weights_saved_by_torch(tmp_path):
+    """A model repository often ships both; the safetensors index is read (its shards' headers only)."""
+    _safetensors(tmp_path / "model-1.safetensors", {"w": torch.zeros(3, 5)})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle")  # never opened
+    assert _names_and_shapes(bench.model_params(str(tmp_path))) == [("w", (3, 5))]
+
+
+def test_a_folder_with_one_checkpoint_of_another_name_and_endings_in_capitals(tmp_path):
+    torch.save({"net.weight": torch.zeros(7, 2)}, tmp_path / "WEIGHTS.PT")
+    assert _names_and_shapes(bench.model_params(str(tmp_path))) == [("net.weight", (7, 2))]
+    assert _names_and_shapes(bench.model_params(str(tmp_path / "WEIGHTS.PT"))) == [("net.weight", (7, 2))]
+    _safetensors(tmp_path / "Model.SafeTensors", {"x": torch.zeros(2, 3)})
+    assert _names_and_shapes(bench.model_params(str(tmp_path / "Model.SafeTensors"))) == [("x", (2, 3))]
+    # the folder now holds one safetensors file and one torch file: the safetensors kind comes first
+    assert _names_and_shapes(bench.model_params(str(tmp_path))) == [("x", (2, 3))]
+
+
+def test_a_folder_that_names_no_single_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="holds no checkpoint file"):
+        bench.model_params(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="holds no checkpoint file"):
+        bench.model_params(str(tmp_path))
+    _safetensors(tmp_path / "part-a.safetensors", {"w": torch.zeros(2, 2)})
+    _safetensors(tmp_path / "part-b.safetensors", {"v": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"several checkpoint files \(part-a.safetensors, part-b.safetensors\)"):
+        bench.model_params(str(tmp_path))
+
+
+def test_a_lightning_checkpoint_is_read_from_its_state_dict(tmp_path):
+    """Lightning's ``.ckpt``: the model's tensors under ``state_dict`` beside counters, optimizer states (whose
+    tensors are not parameters) and callbacks; the report says where they were found."""
+    ckpt = {
+        "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.5.0",
+        "state_dict": {"model.embed.weight": torch.zeros(11, 4), "model.block.weight": torch.zeros(8, 4),
+                       "model.norm.num_batches_tracked": torch.tensor(5)},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(11, 4)}}, "param_groups": [{"lr": 0.1}]}],
+        "lr_schedulers": [], "callbacks": {},
+    }
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    params = bench.model_params(str(tmp_path / "last.ckpt"))
+    assert _names_and_shapes(params) == [("model.embed.weight", (11, 4)), ("model.block.weight", (8, 4))]
+    assert params.source == "checkpoint last.ckpt, its 'state_dict' entry, 1 other tensors left out"
+
+
+def test_a_state_dict_under_a_key_of_its_own_and_several_of_them(tmp_path):
+    torch.save({"weights": {"w": torch.zeros(3, 3)}, "step": 10}, tmp_path / "own.pt")
+    assert bench.model_params(str(tmp_path / "own.pt")).names == ("w",)
+    torch.save({"model": {"w": torch.zeros(3, 3)}, "ema": {"w": torch.zeros(3, 3), "v": torch.zeros(2)}}, tmp_path / "ema.pt")
+    assert bench.model_params(str(tmp_path / "ema.pt")).names == ("w",)  # the model's, before an EMA of it
+    torch.save({"student": {"w": torch.zeros(3, 3)}, "teacher": {"v": torch.zeros(4, 4)}}, tmp_path / "two.pt")
+    with pytest.raises(ValueError, match=r"several state dicts, under 'student', 'teacher'"):
+        bench.model_params(str(tmp_path / "two.pt"))
+
+
+def test_an_index_whose_shard_is_not_a_tensor_file_is_an_error(tmp_path):
+    (tmp_path / "inner.index.json").write_text(json.dumps({"weight_map": {}}))
+    (tmp_path / "outer.index.json").write_text(json.dumps({"weight_map": {"w": "inner.index.json"}}))
+    with pytest.raises(ValueError, match="its shard 'inner.index.json' is not a safetensors or torch.save'd file"):
+        bench.model_params(str(tmp_path / "outer.index.json"))
+    (tmp_path / "bad.index.json").write_text(json.dumps({"weight_map": {"w": "w.npy"}}))
+    with pytest.raises(ValueError, match="its shard 'w.npy'"):
+        bench.model_params(str(tmp_path / "bad.index.json"))
+
+
+def test_the_command_line_benches_a_folder(tmp_path, capsys):
+    _safetensors(tmp_path / "model.safetensors", {"model.embed_tokens.weight": torch.zeros(40, 8),
+                                                  "model.layers.0.mlp.up_proj.weight": torch.zeros(32, 8)})
+    assert cli.main(["bench", "kl_shampoo", "--model", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "(checkpoint model.safetensors), device cpu" in out
+    assert "kl_shampoo  pipeline 1 (0.00 M numbers), fallback 1 (0.00 M numbers)" in out
