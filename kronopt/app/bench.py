@@ -295,7 +295,8 @@ def _is_state_dict(obj: Any) -> bool:
 
 def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
     """The tensors of a ``torch.save``d state dict, or of the one a training checkpoint holds under one of
-    :data:`_STATE_DICT_KEYS`, and where in the file they were found (``""``: the file itself)."""
+    :data:`_STATE_DICT_KEYS`, a tied weight once (by its first name), and where in the file they were found
+    (``""``: the file itself; and how many tied names were dropped)."""
     # mapped, not read; a file of torch.save's old format cannot be mapped, and is read
     saved = _args.load_torch_file(path, mmap=zipfile.is_zipfile(path))
     where = ""
@@ -310,7 +311,17 @@ def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
             saved, where = saved[key], f"its {key!r} entry"
     if not _is_state_dict(saved):
         raise ValueError("not a mapping of names to tensors (a state_dict()), nor a checkpoint holding one")
-    return [(n, tuple(t.shape), t.dtype if t.dtype in _DRAWN else None) for n, t in saved.items()], where
+    seen: set[tuple[Any, ...]] = set()
+    entries: list[_Entry] = []
+    for n, t in saved.items():  # a tied weight (a head sharing the embedding's) is saved under both names
+        if t.layout == torch.strided and t.numel():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+        entries.append((n, tuple(t.shape), t.dtype if t.dtype in _DRAWN else None))
+    tied = len(saved) - len(entries)
+    return entries, ", ".join(filter(None, [where, f"{tied} tied tensors counted once" if tied else ""]))
 
 
 def _file_entries(path: Path) -> tuple[list[_Entry], str]:

@@ -120,3 +120,20 @@ def test_the_command_line_benches_a_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(checkpoint model.safetensors), device cpu" in out
     assert "kl_shampoo  pipeline 1 (0.00 M numbers), fallback 1 (0.00 M numbers)" in out
+
+
+def test_a_tied_weight_saved_under_two_names_counts_once(tmp_path):
+    """torch.save keeps a tied head and embedding as one storage under two names (safetensors files drop the
+    second name); the bench counts it once, by its first name, as it does a model's tied parameter. Two
+    tensors that are views of one storage at other offsets are two parameters."""
+    emb = torch.nn.Embedding(12, 4)
+    head = torch.nn.Linear(4, 12, bias=False)
+    head.weight = emb.weight
+    packed = torch.zeros(2, 3, 3)
+    state = {"emb.weight": emb.weight.detach(), "mid.weight": torch.zeros(4, 4), "head.weight": head.weight.detach(),
+             "a.weight": packed[0], "b.weight": packed[1], "s.weight": torch.eye(3).to_sparse()}
+    torch.save(state, tmp_path / "tied.pt")
+    params = bench.model_params(str(tmp_path / "tied.pt"))
+    assert _names_and_shapes(params) == [("emb.weight", (12, 4)), ("mid.weight", (4, 4)), ("a.weight", (3, 3)),
+                                         ("b.weight", (3, 3)), ("s.weight", (3, 3))]
+    assert params.source == "checkpoint tied.pt, 1 tied tensors counted once"
