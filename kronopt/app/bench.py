@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 import weakref
-import zipfile
 from functools import partial
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
@@ -247,9 +246,10 @@ _DRAWN: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16,
 #: an index of shards (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``), torch.save'd files
 _CHECKPOINTS: tuple[str, ...] = (".safetensors", ".index.json", ".pt", ".pth", ".bin", ".ckpt")
 
-#: in a folder, the files a checkpoint of the Hugging Face layout is read from, first found first
+#: in a folder, the files a checkpoint of the Hugging Face layout is read from, first found first (the order
+#: ``transformers`` loads them in)
 _FOLDER_NAMES: tuple[str, ...] = (
-    "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin",
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
 )
 
 #: the keys a torch.save'd training checkpoint keeps its model's state dict under, first found first (Lightning's
@@ -289,6 +289,13 @@ def _safetensors_entry(name: str, entry: Any) -> _Entry:
     return name, tuple(shape), _SAFETENSORS_DTYPES.get(entry["dtype"])
 
 
+def _is_folder(spec: str) -> bool:
+    try:
+        return Path(spec).is_dir()
+    except (OSError, ValueError):  # a factory's spec may not be a path at all (a part too long, a NUL)
+        return False
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
@@ -297,11 +304,15 @@ def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
     """The tensors of a ``torch.save``d state dict, or of the one a training checkpoint holds under one of
     :data:`_STATE_DICT_KEYS`, a tied weight once (by its first name), and where in the file they were found
     (``""``: the file itself; and how many tied names were dropped)."""
-    # mapped, not read; a file of torch.save's old format cannot be mapped, and is read
-    saved = _args.load_torch_file(path, mmap=zipfile.is_zipfile(path))
+    # mapped, not read; a file of torch.save's old format cannot be mapped, and is read. The zip format is told by
+    # its first bytes, a zip entry's header (zipfile.is_zipfile looks for an end record near the end, which an old
+    # format file's tensor bytes may hold)
+    with path.open("rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    saved = _args.load_torch_file(path, mmap=zipped)
     where = ""
     if not _is_state_dict(saved) and isinstance(saved, dict):
-        key = next((k for k in _STATE_DICT_KEYS if _is_state_dict(saved.get(k))), None)
+        key = next((k for k in _STATE_DICT_KEYS if _is_state_dict(saved.get(k)) and saved[k]), None)
         if key is None:  # a dict holding one state dict under a key of its own
             nested = [k for k, v in saved.items() if _is_state_dict(v) and v]
             key = nested[0] if len(nested) == 1 else None
@@ -314,8 +325,11 @@ def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
     seen: set[tuple[Any, ...]] = set()
     entries: list[_Entry] = []
     for n, t in saved.items():  # a tied weight (a head sharing the embedding's) is saved under both names
-        if t.layout == torch.strided and t.numel():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        # one storage's memory, read by its address: a meta tensor's (saved from a model made on the meta
+        # device, or without its data) is 0 for every tensor, and says nothing
+        address = t.untyped_storage().data_ptr() if t.layout == torch.strided and not t.is_meta and t.numel() else 0
+        if address:
+            key = (address, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if key in seen:
                 continue
             seen.add(key)
@@ -379,8 +393,11 @@ def checkpoint_params(path: Path) -> ParamSet:
     Raises:
         ValueError: the file is missing or is not such a checkpoint, or holds no floating tensor.
     """
-    if path.is_dir():
-        path = _folder_checkpoint(path)
+    try:
+        if path.is_dir():
+            path = _folder_checkpoint(path)
+    except OSError as exc:
+        raise ValueError(f"the folder {str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from None
     if not path.is_file():
         raise ValueError(f"no checkpoint file {str(path)!r}")
     try:
@@ -413,7 +430,7 @@ def model_params(spec: str) -> ParamSet:
             the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
             than float32, bfloat16, float16 and float64 (the message says which).
     """
-    if _is_checkpoint(spec) or Path(spec).is_dir():
+    if _is_checkpoint(spec) or _is_folder(spec):
         return checkpoint_params(Path(spec))
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")

@@ -137,3 +137,17 @@ def test_a_tied_weight_saved_under_two_names_counts_once(tmp_path):
     assert _names_and_shapes(params) == [("emb.weight", (12, 4)), ("mid.weight", (4, 4)), ("a.weight", (3, 3)),
                                          ("b.weight", (3, 3)), ("s.weight", (3, 3))]
     assert params.source == "checkpoint tied.pt, 1 tied tensors counted once"
+
+
+def test_a_folder_reads_its_single_file_before_an_index_as_transformers_does(tmp_path):
+    """An index left beside the single file (its shards never downloaded) is not read: ``model.safetensors``
+    comes first, as ``transformers`` loads it."""
+    _safetensors(tmp_path / "model.safetensors", {"w": torch.zeros(2, 7)})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001.safetensors"}}))
+    assert _names_and_shapes(bench.model_params(str(tmp_path))) == [("w", (2, 7))]
+
+
+def test_an_empty_state_dict_under_a_known_key_gives_way_to_the_one_that_holds_tensors(tmp_path):
+    torch.save({"model": {}, "ema": {"w": torch.zeros(3, 2)}}, tmp_path / "ema_only.pt")
+    params = bench.model_params(str(tmp_path / "ema_only.pt"))
+    assert params.names == ("w",) and params.source == "checkpoint ema_only.pt, its 'ema' entry"
