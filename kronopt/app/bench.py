@@ -359,10 +359,11 @@ def _file_entries(path: Path) -> tuple[list[_Entry], str]:
 def _folder_checkpoint(folder: Path) -> Path:
     """The checkpoint file a folder holds: the first of :data:`_FOLDER_NAMES` present (a Hugging Face model's or
     trainer's folder), else its only index of shards, else its only safetensors file, else its only torch.save'd
-    file.
+    file; with none of these, its ``config.json`` (:func:`config_params`).
 
     Raises:
-        ValueError: the folder holds no checkpoint file, or several of one kind and none of those names.
+        ValueError: the folder holds no checkpoint file nor config, or several files of one kind and none of
+            those names.
     """
     files = sorted(f.name for f in folder.iterdir() if f.is_file() and _is_checkpoint(f.name))
     for name in _FOLDER_NAMES:
@@ -374,8 +375,11 @@ def _folder_checkpoint(folder: Path) -> Path:
             return folder / kind[0]
         if kind:
             raise ValueError(f"the folder {str(folder)!r} holds several checkpoint files ({', '.join(kind)}): name the one to read")
+    if (folder / "config.json").is_file():  # a model's folder without its weights: its config makes it
+        return folder / "config.json"
     raise ValueError(
-        f"the folder {str(folder)!r} holds no checkpoint file (one named *{', *'.join(_CHECKPOINTS)})"
+        f"the folder {str(folder)!r} holds no checkpoint file (one named *{', *'.join(_CHECKPOINTS)}) "
+        "and no Hugging Face config.json"
     )
 
 
@@ -400,6 +404,8 @@ def checkpoint_params(path: Path) -> ParamSet:
         raise ValueError(f"the folder {str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from None
     if not path.is_file():
         raise ValueError(f"no checkpoint file {str(path)!r}")
+    if path.name == "config.json":
+        return config_params(path)
     try:
         entries, where = _file_entries(path)
     except (OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError) as exc:
@@ -423,14 +429,15 @@ def model_params(spec: str) -> ParamSet:
 
     ``spec`` may instead be a checkpoint (:func:`checkpoint_params`): a ``.safetensors`` file, an index of shards
     (``*.safetensors.index.json``, ``*.bin.index.json``), a ``torch.save``d state dict or training checkpoint
-    (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), or a folder holding one.
+    (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a folder holding one, or a Hugging Face ``config.json`` (or a folder
+    holding one and no weights), whose model ``transformers`` makes (:func:`config_params`).
 
     Raises:
         ValueError: ``spec`` is not spelled so, does not import, is not callable, does not make a module, or
             the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
             than float32, bfloat16, float16 and float64 (the message says which).
     """
-    if _is_checkpoint(spec) or _is_folder(spec):
+    if _is_checkpoint(spec) or _is_folder(spec) or Path(spec).name == "config.json":
         return checkpoint_params(Path(spec))
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")
@@ -456,6 +463,15 @@ def model_params(spec: str) -> ParamSet:
             raise ValueError(f"{called} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{called} made a {type(model).__name__}, not a torch.nn.Module")
+    return _module_params(model, spec, f"model {spec}")
+
+
+def _module_params(model: torch.nn.Module, spec: str, source: str) -> ParamSet:
+    """The trainable parameters of ``model`` (made from ``spec``), by name, shape and dtype.
+
+    Raises:
+        ValueError: it has none, one of a lazy module (no shape yet) or one of a dtype the bench does not draw.
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     lazy = [n for n, p in named if isinstance(p, torch.nn.parameter.UninitializedParameter)]
     if lazy:
@@ -472,9 +488,56 @@ def model_params(spec: str) -> ParamSet:
             f"the model of {spec} has parameters of a dtype the bench does not step (it takes "
             f"{', '.join(str(d).removeprefix('torch.') for d in _DRAWN)}): {', '.join(odd)}"
         )
-    return ParamSet(
-        [tuple(p.shape) for _, p in named], [n for n, _ in named], [p.dtype for _, p in named], source=f"model {spec}"
-    )
+    return ParamSet([tuple(p.shape) for _, p in named], [n for n, _ in named], [p.dtype for _, p in named], source=source)
+
+
+def config_params(path: Path) -> ParamSet:
+    """The trainable parameters of the model a Hugging Face ``config.json`` describes, made by the
+    ``transformers`` package on the meta device (no weights needed, nor memory): the class its
+    ``architectures`` names, else ``AutoModelForCausalLM``'s, else ``AutoModel``'s. Their dtype is the one the
+    config names for the weights (``dtype``, or ``torch_dtype`` in older configs), as a checkpoint of the model
+    would hold them, else float32.
+
+    Raises:
+        ValueError: ``transformers`` is not installed, the file is not such a config, or no model can be made
+            from it (a model whose code lives in its repository, say: such code is never run).
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            f"{str(path)!r} is a Hugging Face config: making its model needs the transformers package "
+            "(pip install transformers)"
+        ) from None
+    try:
+        raw = json.loads(path.read_bytes())
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+            raise ValueError("not a Hugging Face model's config (no model_type)")
+        config = transformers.AutoConfig.for_model(**raw)
+        makers: list[Callable[[], Any]] = [
+            partial(getattr(transformers, arch), config)
+            for arch in raw.get("architectures") or [] if isinstance(arch, str) and hasattr(transformers, arch)
+        ][:1]
+        makers += [partial(getattr(transformers, auto).from_config, config) for auto in ("AutoModelForCausalLM", "AutoModel")]
+        failures = []
+        for make in makers:
+            try:
+                with torch.device("meta"):
+                    model = make()
+                break
+            except ValueError as exc:  # this auto class does not know the config's model
+                failures.append(str(exc).splitlines()[0] if str(exc) else "ValueError")
+        else:
+            raise ValueError(f"transformers makes no model of it: {failures[-1]}")
+    except (Exception, SystemExit) as exc:  # anything transformers raises on a config is the user's to see
+        detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{str(path)!r} cannot be made into a model ({detail[:300]})") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{str(path)!r} made a {type(model).__name__}, not a torch.nn.Module")
+    params = _module_params(model, str(path), f"{type(model).__name__} of {path.name}")
+    named = raw.get("dtype") or raw.get("torch_dtype")
+    dtype = next((d for d in _DRAWN if str(d) == f"torch.{named}"), torch.float32)
+    return attrs.evolve(params, dtypes=[dtype] * len(params.dtypes))
 
 
 def _is_peer(name: str) -> bool:
@@ -1631,7 +1694,8 @@ def add_subcommand(sub: Any) -> None:
         "path/to/nets.py), on the meta device where it can; arguments as Python literals, e.g. "
         "'mypkg.nets:Net(width=256)'; or a checkpoint's tensors, values unread: model.safetensors, an index of "
         "shards (model.safetensors.index.json, pytorch_model.bin.index.json), a torch.save'd state dict or training "
-        "checkpoint (.pt, .pth, .bin, .ckpt), or a folder holding one (a Hugging Face model's)",
+        "checkpoint (.pt, .pth, .bin, .ckpt), or a folder holding one (a Hugging Face model's); or a Hugging Face "
+        "config.json, its model made by transformers on the meta device (no weights needed)",
     )
     p.add_argument(
         "--dtype", default=None,
