@@ -22,6 +22,7 @@ at random.
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -36,7 +37,7 @@ import time
 import weakref
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -252,6 +253,10 @@ _FOLDER_NAMES: tuple[str, ...] = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
 )
 
+#: the files a trainer leaves beside a model's weights (its pickled arguments, the optimizer's and scheduler's
+#: states, the random generators'), which are never the model's tensors
+_TRAINER_FILES = re.compile(r"(training_args|optimizer|scheduler|scaler|rng_state.*|random_states.*)\.(bin|pt|pth)", re.IGNORECASE)
+
 #: the keys a torch.save'd training checkpoint keeps its model's state dict under, first found first (Lightning's
 #: ``.ckpt``: ``state_dict``; many training scripts: ``model``)
 _STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict", "module")
@@ -365,7 +370,9 @@ def _folder_checkpoint(folder: Path) -> Path:
         ValueError: the folder holds no checkpoint file nor config, or several files of one kind and none of
             those names.
     """
-    files = sorted(f.name for f in folder.iterdir() if f.is_file() and _is_checkpoint(f.name))
+    files = sorted(
+        f.name for f in folder.iterdir() if f.is_file() and _is_checkpoint(f.name) and not _TRAINER_FILES.fullmatch(f.name)
+    )
     for name in _FOLDER_NAMES:
         if name in files:
             return folder / name
@@ -491,16 +498,41 @@ def _module_params(model: torch.nn.Module, spec: str, source: str) -> ParamSet:
     return ParamSet([tuple(p.shape) for _, p in named], [n for n, _ in named], [p.dtype for _, p in named], source=source)
 
 
+#: a config's keys that could make ``transformers`` fetch or run a repository's code while it makes the model,
+#: and change no parameter: the classes of ``auto_map`` (code in the model's repository), an attention
+#: implementation (a kernel from the Hub)
+_CONFIG_CODE_KEYS: tuple[str, ...] = ("auto_map", "attn_implementation", "_attn_implementation")
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """The Hugging Face Hub's offline mode for a while (what ``HF_HUB_OFFLINE=1`` sets at import): a config that
+    names something on the Hub (a backbone by its repository) fails rather than reach the network."""
+    try:
+        import huggingface_hub.constants as hub
+    except ImportError:  # no Hub client, no Hub
+        yield
+        return
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+
+
 def config_params(path: Path) -> ParamSet:
     """The trainable parameters of the model a Hugging Face ``config.json`` describes, made by the
     ``transformers`` package on the meta device (no weights needed, nor memory): the class its
-    ``architectures`` names, else ``AutoModelForCausalLM``'s, else ``AutoModel``'s. Their dtype is the one the
-    config names for the weights (``dtype``, or ``torch_dtype`` in older configs), as a checkpoint of the model
-    would hold them, else float32.
+    ``architectures`` names, else the auto classes' (``AutoModelForSeq2SeqLM``'s for an encoder-decoder,
+    ``AutoModelForCausalLM``'s, ``AutoModel``'s, the first that knows it). Each parameter's dtype is the one
+    ``transformers`` makes it in from the config (the weights' ``dtype``, a router kept in float32 so).
+    Nothing reaches the network or runs a repository's code: the config's ``auto_map`` and attention
+    implementation are left out (they change no parameter), remote code is refused and the Hub is offline.
 
     Raises:
         ValueError: ``transformers`` is not installed, the file is not such a config, or no model can be made
-            from it (a model whose code lives in its repository, say: such code is never run).
+            from it (a model whose code lives in its repository, one that names a part on the Hub, say).
     """
     try:
         import transformers
@@ -513,31 +545,34 @@ def config_params(path: Path) -> ParamSet:
         raw = json.loads(path.read_bytes())
         if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
             raise ValueError("not a Hugging Face model's config (no model_type)")
-        config = transformers.AutoConfig.for_model(**raw)
-        makers: list[Callable[[], Any]] = [
-            partial(getattr(transformers, arch), config)
-            for arch in raw.get("architectures") or [] if isinstance(arch, str) and hasattr(transformers, arch)
-        ][:1]
-        makers += [partial(getattr(transformers, auto).from_config, config) for auto in ("AutoModelForCausalLM", "AutoModel")]
-        failures = []
-        for make in makers:
-            try:
-                with torch.device("meta"):
-                    model = make()
-                break
-            except ValueError as exc:  # this auto class does not know the config's model
-                failures.append(str(exc).splitlines()[0] if str(exc) else "ValueError")
-        else:
-            raise ValueError(f"transformers makes no model of it: {failures[-1]}")
+        raw = {k: v for k, v in raw.items() if k not in _CONFIG_CODE_KEYS}
+        with _hub_offline():
+            config = transformers.AutoConfig.for_model(**raw)
+            makers: list[Callable[[], Any]] = []
+            for arch in raw.get("architectures") or []:
+                if isinstance(arch, str) and isinstance(cls := getattr(transformers, arch, None), type):
+                    makers.append(partial(getattr(cls, "_from_config", cls), config))  # under the config's dtype
+                    break
+            autos = ("AutoModelForCausalLM", "AutoModel")
+            if getattr(config, "is_encoder_decoder", False) is True:  # a causal LM of it would be its decoder alone
+                autos = ("AutoModelForSeq2SeqLM", *autos)
+            makers += [partial(getattr(transformers, auto).from_config, config, trust_remote_code=False) for auto in autos]
+            failures = []
+            for make in makers:
+                try:
+                    with torch.device("meta"):
+                        model = make()
+                    break
+                except ValueError as exc:  # this auto class does not know the config's model
+                    failures.append(str(exc).splitlines()[0] if str(exc) else "ValueError")
+            else:
+                raise ValueError(f"transformers makes no model of it: {failures[-1]}")
     except (Exception, SystemExit) as exc:  # anything transformers raises on a config is the user's to see
         detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"{str(path)!r} cannot be made into a model ({detail[:300]})") from None
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{str(path)!r} made a {type(model).__name__}, not a torch.nn.Module")
-    params = _module_params(model, str(path), f"{type(model).__name__} of {path.name}")
-    named = raw.get("dtype") or raw.get("torch_dtype")
-    dtype = next((d for d in _DRAWN if str(d) == f"torch.{named}"), torch.float32)
-    return attrs.evolve(params, dtypes=[dtype] * len(params.dtypes))
+    return _module_params(model, str(path), f"{type(model).__name__} of {path.name}")
 
 
 def _is_peer(name: str) -> bool:

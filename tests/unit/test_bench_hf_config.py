@@ -74,7 +74,8 @@ class _Auto:
     def __init__(self, head: bool, knows: tuple):
         self.head, self.knows = head, knows
 
-    def from_config(self, config):
+    def from_config(self, config, **kwargs):
+        assert kwargs == {"trust_remote_code": False}
         if config.model_type not in self.knows:
             raise ValueError(f"Unrecognized configuration class for this kind of AutoModel: {config.model_type}")
         return _Tiny(config, head=self.head)
@@ -111,11 +112,13 @@ def test_the_class_the_config_names_is_made_on_the_meta_device(tmp_path, fake_tr
 def test_without_a_known_class_the_auto_classes_are_tried_in_turn(tmp_path, fake_transformers):
     """An architecture ``transformers`` does not have falls to the causal-LM auto class; a model type that one
     does not know, to the bare model (no head)."""
-    params = bench.model_params(_config(tmp_path, architectures=["NoSuchModel"], dtype="float16"))
-    assert params.names[-1] == "lm_head.weight" and set(params.dtypes) == {torch.float16}
-    params = bench.model_params(_config(tmp_path, model_type="encoder", torch_dtype="bfloat16"))
-    assert params.names == ("embed.weight", "proj.weight") and set(params.dtypes) == {torch.bfloat16}
-    assert [where for _, where in _Tiny.made_on] == ["meta", "meta"]
+    params = bench.model_params(_config(tmp_path, architectures=["NoSuchModel"]))
+    assert params.names[-1] == "lm_head.weight" and _Tiny.made_on[-1][0] == "_Tiny"  # the auto class's
+    bench.model_params(_config(tmp_path, architectures=["NoSuchModel", "TinyForCausalLM"]))
+    assert _Tiny.made_on[-1][0] == "TinyForCausalLM"  # the first name transformers has
+    params = bench.model_params(_config(tmp_path, model_type="encoder"))
+    assert params.names == ("embed.weight", "proj.weight")
+    assert [where for _, where in _Tiny.made_on] == ["meta", "meta", "meta"]
     with pytest.raises(ValueError, match="transformers makes no model of it: Unrecognized configuration class"):
         bench.model_params(_config(tmp_path, model_type="decoder"))
 
@@ -127,10 +130,11 @@ def test_a_config_that_makes_no_model_is_a_clear_error(tmp_path, fake_transforme
     with pytest.raises(ValueError, match="cannot be made into a model"):
         bench.model_params(str(tmp_path / "config.json"))
 
-    def broken(config):
-        raise TypeError("__init__() missing 1 required positional argument")
+    class Broken(TinyForCausalLM):
+        def __init__(self, config):
+            raise TypeError("__init__() missing 1 required positional argument")
 
-    monkeypatch.setattr(fake_transformers, "TinyForCausalLM", broken)
+    monkeypatch.setattr(fake_transformers, "TinyForCausalLM", Broken)
     with pytest.raises(ValueError, match="TypeError: __init__"):
         bench.model_params(_config(tmp_path, architectures=["TinyForCausalLM"]))
 
