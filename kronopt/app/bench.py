@@ -255,7 +255,9 @@ _FOLDER_NAMES: tuple[str, ...] = (
 
 #: the files a trainer leaves beside a model's weights (its pickled arguments, the optimizer's and scheduler's
 #: states, the random generators'), which are never the model's tensors
-_TRAINER_FILES = re.compile(r"(training_args|optimizer|scheduler|scaler|rng_state.*|random_states.*)\.(bin|pt|pth)", re.IGNORECASE)
+_TRAINER_FILES = re.compile(
+    r"(training_args|optimizer|scheduler|scaler|rng_state.*|random_states.*)\.(bin|pt|pth)", re.IGNORECASE
+)
 
 #: the keys a torch.save'd training checkpoint keeps its model's state dict under, first found first (Lightning's
 #: ``.ckpt``: ``state_dict``; many training scripts: ``model``)
@@ -322,7 +324,9 @@ def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
             nested = [k for k, v in saved.items() if _is_state_dict(v) and v]
             key = nested[0] if len(nested) == 1 else None
             if len(nested) > 1:
-                raise ValueError(f"it holds several state dicts, under {', '.join(map(repr, nested))}; save the one to bench alone")
+                raise ValueError(
+                    f"it holds several state dicts, under {', '.join(map(repr, nested))}; save the one to bench alone"
+                )
         if key is not None:
             saved, where = saved[key], f"its {key!r} entry"
     if not _is_state_dict(saved):
@@ -371,17 +375,22 @@ def _folder_checkpoint(folder: Path) -> Path:
             those names.
     """
     files = sorted(
-        f.name for f in folder.iterdir() if f.is_file() and _is_checkpoint(f.name) and not _TRAINER_FILES.fullmatch(f.name)
+        f.name for f in folder.iterdir()
+        if f.is_file() and _is_checkpoint(f.name) and not _TRAINER_FILES.fullmatch(f.name)
     )
     for name in _FOLDER_NAMES:
         if name in files:
             return folder / name
-    kinds = ([f for f in files if f.lower().endswith(".index.json")], [f for f in files if f.lower().endswith(".safetensors")])
+    kinds = (
+        [f for f in files if f.lower().endswith(".index.json")], [f for f in files if f.lower().endswith(".safetensors")]
+    )
     for kind in (*kinds, [f for f in files if not any(f in k for k in kinds)]):
         if len(kind) == 1:
             return folder / kind[0]
         if kind:
-            raise ValueError(f"the folder {str(folder)!r} holds several checkpoint files ({', '.join(kind)}): name the one to read")
+            raise ValueError(
+                f"the folder {str(folder)!r} holds several checkpoint files ({', '.join(kind)}): name the one to read"
+            )
     if (folder / "config.json").is_file():  # a model's folder without its weights: its config makes it
         return folder / "config.json"
     raise ValueError(
@@ -422,7 +431,8 @@ def checkpoint_params(path: Path) -> ParamSet:
     if not kept:
         raise ValueError(f"the checkpoint {str(path)!r} holds no floating tensor to step")
     left_out = len(entries) - len(kept)
-    source = f"checkpoint {path.name}" + (f", {where}" if where else "") + (f", {left_out} other tensors left out" if left_out else "")
+    notes = [where, f"{left_out} other tensors left out" if left_out else ""]
+    source = ", ".join(filter(None, [f"checkpoint {path.name}", *notes]))
     return ParamSet([s for _, s, _ in kept], [n for n, _, _ in kept], [d for _, _, d in kept], source=source)
 
 
@@ -495,7 +505,9 @@ def _module_params(model: torch.nn.Module, spec: str, source: str) -> ParamSet:
             f"the model of {spec} has parameters of a dtype the bench does not step (it takes "
             f"{', '.join(str(d).removeprefix('torch.') for d in _DRAWN)}): {', '.join(odd)}"
         )
-    return ParamSet([tuple(p.shape) for _, p in named], [n for n, _ in named], [p.dtype for _, p in named], source=source)
+    return ParamSet(
+        [tuple(p.shape) for _, p in named], [n for n, _ in named], [p.dtype for _, p in named], source=source
+    )
 
 
 #: a config's keys that could make ``transformers`` fetch or run a repository's code while it makes the model,
@@ -556,7 +568,9 @@ def config_params(path: Path) -> ParamSet:
             autos = ("AutoModelForCausalLM", "AutoModel")
             if getattr(config, "is_encoder_decoder", False) is True:  # a causal LM of it would be its decoder alone
                 autos = ("AutoModelForSeq2SeqLM", *autos)
-            makers += [partial(getattr(transformers, auto).from_config, config, trust_remote_code=False) for auto in autos]
+            makers += [
+                partial(getattr(transformers, auto).from_config, config, trust_remote_code=False) for auto in autos
+            ]
             failures = []
             for make in makers:
                 try:
