@@ -347,9 +347,74 @@ def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
     return entries, ", ".join(filter(None, [where, f"{tied} tied tensors counted once" if tied else ""]))
 
 
+#: what a ``torch.distributed.checkpoint`` metadata file may hold: its own record classes, a path, torch's sizes,
+#: dtypes and layouts; anything else is refused before it is made (the file is a pickle, and may come from anyone)
+_DCP_GLOBALS: dict[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    }),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size"}),
+    "pathlib": frozenset({"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}),
+    "collections": frozenset({"OrderedDict"}),
+}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Reads a ``.metadata`` file of ``torch.distributed.checkpoint`` making only :data:`_DCP_GLOBALS` and torch's
+    dtypes (``torch.distributed.checkpoint``'s own reader unpickles whatever the file names)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not dtype and name not in _DCP_GLOBALS.get(module, ()):
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata does not hold")
+        return super().find_class(module, name)
+
+
+def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
+    """The tensors a ``torch.distributed.checkpoint`` folder holds, by its ``.metadata`` file alone (no shard is
+    opened; a tensor saved in parts by several ranks has its whole size there), and where they were found: the
+    model's state dict under the first of :data:`_STATE_DICT_KEYS` met on a tensor's path (``{"model": …,
+    "optim": …}``, an app state's ``{"app": {"model": …}}``), else the tensors at the top of the saved dict (a
+    ``model.state_dict()`` saved as such, or beside the optimizer's nested state), else those of its only entry."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    with path.open("rb") as f:
+        metadata = _DcpMetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise ValueError("not the metadata of a torch.distributed.checkpoint")
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    found = []  # (path in the saved dict, size, dtype); a key without a path is a path of one
+    for key, meta in metadata.state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata):
+            at = paths.get(key)
+            at = tuple(map(str, at)) if isinstance(at, tuple) and at else (str(key),)
+            found.append((at, tuple(meta.size), meta.properties.dtype))
+    where = ""
+    for wanted in _STATE_DICT_KEYS:
+        inside = [(at[at.index(wanted) + 1:], size, dtype) for at, size, dtype in found if wanted in at[:-1]]
+        if inside:
+            found, where = inside, f"its {wanted!r} entry"
+            break
+    else:
+        top = [t for t in found if len(t[0]) == 1]
+        groups = sorted({at[0] for at, _, _ in found if len(at) > 1})
+        if not top and len(groups) > 1:
+            raise ValueError(
+                f"it holds no tensor at its top and several entries ({', '.join(map(repr, groups))}): save the "
+                "model's state dict under 'model', or alone"
+            )
+        found, where = (top, "") if top else ([(at[1:], s, d) for at, s, d in found], f"its {groups[0]!r} entry")
+    return [(".".join(at), size, dtype if dtype in _DRAWN else None) for at, size, dtype in found], where
+
+
 def _file_entries(path: Path) -> tuple[list[_Entry], str]:
     """The tensors of a checkpoint file, and where in it they were found (``""``: the file itself)."""
     name = path.name.lower()
+    if name == ".metadata":
+        return _dcp_entries(path)
     if name.endswith(".index.json"):
         shards = json.loads(path.read_bytes()).get("weight_map")
         if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
@@ -368,7 +433,8 @@ def _file_entries(path: Path) -> tuple[list[_Entry], str]:
 def _folder_checkpoint(folder: Path) -> Path:
     """The checkpoint file a folder holds: the first of :data:`_FOLDER_NAMES` present (a Hugging Face model's or
     trainer's folder), else its only index of shards, else its only safetensors file, else its only torch.save'd
-    file; with none of these, its ``config.json`` (:func:`config_params`).
+    file; with none of these, a ``torch.distributed.checkpoint``'s ``.metadata`` (:func:`_dcp_entries`), else its
+    ``config.json`` (:func:`config_params`).
 
     Raises:
         ValueError: the folder holds no checkpoint file nor config, or several files of one kind and none of
@@ -391,6 +457,8 @@ def _folder_checkpoint(folder: Path) -> Path:
             raise ValueError(
                 f"the folder {str(folder)!r} holds several checkpoint files ({', '.join(kind)}): name the one to read"
             )
+    if (folder / ".metadata").is_file():  # a torch.distributed.checkpoint: its tensors in its metadata
+        return folder / ".metadata"
     if (folder / "config.json").is_file():  # a model's folder without its weights: its config makes it
         return folder / "config.json"
     raise ValueError(
@@ -405,7 +473,8 @@ def checkpoint_params(path: Path) -> ParamSet:
     ``pytorch_model.bin.index.json``: each tensor from the shard it names), a ``torch.save``d state dict (``.pt``,
     ``.pth``, ``.bin``: memory-mapped, not read; a file of ``torch.save``'s old format cannot be mapped, and is
     read) or a training checkpoint holding one (Lightning's ``.ckpt`` under ``state_dict``, a script's under
-    ``model``, …), or a folder holding one of these (:func:`_folder_checkpoint`). A name's ending is matched in
+    ``model``, …), a ``torch.distributed.checkpoint`` folder (its ``.metadata``, :func:`_dcp_entries`), or a folder
+    holding one of these (:func:`_folder_checkpoint`). A name's ending is matched in
     any case. Tensors of a dtype the bench does not draw (integer buffers, float8) are left out, and so are empty
     ones; a checkpoint keeps no note of which tensors were trainable, so a floating buffer (a norm's running
     mean) counts as a parameter.
@@ -432,7 +501,8 @@ def checkpoint_params(path: Path) -> ParamSet:
         raise ValueError(f"the checkpoint {str(path)!r} holds no floating tensor to step")
     left_out = len(entries) - len(kept)
     notes = [where, f"{left_out} other tensors left out" if left_out else ""]
-    source = ", ".join(filter(None, [f"checkpoint {path.name}", *notes]))
+    label = f"{path.parent.name}/{path.name}" if path.name == ".metadata" else path.name  # a folder's metadata
+    source = ", ".join(filter(None, [f"checkpoint {label}", *notes]))
     return ParamSet([s for _, s, _ in kept], [n for n, _, _ in kept], [d for _, _, d in kept], source=source)
 
 
@@ -454,7 +524,7 @@ def model_params(spec: str) -> ParamSet:
             the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
             than float32, bfloat16, float16 and float64 (the message says which).
     """
-    if _is_checkpoint(spec) or _is_folder(spec) or Path(spec).name == "config.json":
+    if _is_checkpoint(spec) or _is_folder(spec) or Path(spec).name in ("config.json", ".metadata"):
         return checkpoint_params(Path(spec))
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")
@@ -1743,7 +1813,8 @@ def add_subcommand(sub: Any) -> None:
         "path/to/nets.py), on the meta device where it can; arguments as Python literals, e.g. "
         "'mypkg.nets:Net(width=256)'; or a checkpoint's tensors, values unread: model.safetensors, an index of "
         "shards (model.safetensors.index.json, pytorch_model.bin.index.json), a torch.save'd state dict or training "
-        "checkpoint (.pt, .pth, .bin, .ckpt), or a folder holding one (a Hugging Face model's); or a Hugging Face "
+        "checkpoint (.pt, .pth, .bin, .ckpt), a folder holding one (a Hugging Face model's), a torch.distributed."
+        "checkpoint folder; or a Hugging Face "
         "config.json, its model made by transformers on the meta device (no weights needed)",
     )
     p.add_argument(
