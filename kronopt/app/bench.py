@@ -1807,7 +1807,7 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--layers", default=None, help="layers of the transformer-shaped set (≥ 1; default 4)")
     p.add_argument("--shapes", help="your own shapes instead, e.g. '768x768,3072x768,768'")
     p.add_argument(
-        "--model", metavar="MODULE:FACTORY",
+        "--model", metavar="MODEL",
         help="or your own model's trainable parameters, by their names (as kronopt routes them), shapes and dtypes: "
         "FACTORY() makes the torch.nn.Module (a class or a function; its module on PYTHONPATH, or a file "
         "path/to/nets.py), on the meta device where it can; arguments as Python literals, e.g. "
