@@ -347,66 +347,133 @@ def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
     return entries, ", ".join(filter(None, [where, f"{tied} tied tensors counted once" if tied else ""]))
 
 
-#: what a ``torch.distributed.checkpoint`` metadata file may hold: its own record classes, a path, torch's sizes,
-#: dtypes and layouts; anything else is refused before it is made (the file is a pickle, and may come from anyone)
-_DCP_GLOBALS: dict[str, frozenset[str]] = {
+#: the record classes a ``torch.distributed.checkpoint`` metadata file names, by module (older torch kept the
+#: tensor properties among the sharded tensor's), read as plain records
+_DCP_RECORDS: dict[str, frozenset[str]] = {
     "torch.distributed.checkpoint.metadata": frozenset({
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
         "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
     }),
+    "torch.distributed._shard.sharded_tensor.metadata": frozenset({"TensorProperties", "MEM_FORMAT_ENCODING"}),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
-    "torch.serialization": frozenset({"_get_layout"}),
-    "torch": frozenset({"Size"}),
-    "pathlib": frozenset({"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}),
-    "collections": frozenset({"OrderedDict"}),
+}
+
+#: the path classes a metadata file may name (a save's folder), by module (``pathlib._local`` from Python 3.13 on)
+_DCP_PATHS: dict[str, frozenset[str]] = {
+    module: frozenset({"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"})
+    for module in ("pathlib", "pathlib._local")
+}
+
+#: torch's dtypes by the names a pickle gives them
+_DTYPES_BY_NAME: dict[str, torch.dtype] = {
+    name: dtype for name in dir(torch) if isinstance(dtype := torch.__dict__.get(name), torch.dtype)
 }
 
 
+class _Record:
+    """A stand-in for one of DCP's record classes: it takes whatever the pickle gives it and holds it, nothing
+    more (a class of its own per file, so that a pickle setting attributes on a class sets them on this one)."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and all(isinstance(x, dict | None) for x in state):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots) of a class with __slots__
+        if isinstance(state, dict):
+            self.__dict__.update({k: v for k, v in state.items() if isinstance(k, str)})
+        else:
+            self.state = state
+
+
 class _DcpMetadataUnpickler(pickle.Unpickler):
-    """Reads a ``.metadata`` file of ``torch.distributed.checkpoint`` making only :data:`_DCP_GLOBALS` and torch's
-    dtypes (``torch.distributed.checkpoint``'s own reader unpickles whatever the file names)."""
+    """Reads a ``.metadata`` file of ``torch.distributed.checkpoint`` (a pickle) without making anything of torch's
+    or DCP's: its records become :class:`_Record` stand-ins, sizes tuples, dtypes their names, paths strings, and
+    any other name is refused. DCP's own reader unpickles whatever the file names, and hands the pickle the very
+    classes it could then change."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self._classes: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if not dtype and name not in _DCP_GLOBALS.get(module, ()):
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata does not hold")
-        return super().find_class(module, name)
+        if name in _DCP_RECORDS.get(module, ()):
+            return self._classes.setdefault(name, type(name, (_Record,), {}))
+        if name in _DCP_PATHS.get(module, ()):
+            return lambda *parts: "/".join(map(str, parts))
+        if module == "torch" and name == "Size":
+            return lambda sizes=(): tuple(sizes)
+        if module == "torch" and name in _DTYPES_BY_NAME:
+            return _DtypeName(name)
+        if module == "torch.serialization" and name == "_get_layout":
+            return lambda layout: str(layout)
+        if module == "collections" and name == "OrderedDict":
+            return lambda *items: dict(*items)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata does not hold")
+
+
+class _DtypeName(str):
+    """A dtype's name where the pickle names a dtype (a ``str``: a pickle cannot change it)."""
+
+    __slots__ = ()
+
+
+def _dcp_size(key: str, size: Any) -> tuple[int, ...]:
+    if not isinstance(size, tuple) or not all(type(x) is int and 0 <= x < 2**63 for x in size):
+        raise ValueError(f"tensor {key!r} has size {size!r}, not a list of sizes")
+    return size
 
 
 def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
     """The tensors a ``torch.distributed.checkpoint`` folder holds, by its ``.metadata`` file alone (no shard is
     opened; a tensor saved in parts by several ranks has its whole size there), and where they were found: the
-    model's state dict under the first of :data:`_STATE_DICT_KEYS` met on a tensor's path (``{"model": …,
-    "optim": …}``, an app state's ``{"app": {"model": …}}``), else the tensors at the top of the saved dict (a
-    ``model.state_dict()`` saved as such, or beside the optimizer's nested state), else those of its only entry."""
-    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-
+    model's state dict under the first of :data:`_STATE_DICT_KEYS` at the top of the saved dict (``{"model": …,
+    "optim": …}``), else at the shallowest depth one is met (an app state's ``{"app": {"model": …}}``), else the
+    tensors at the top that are not all 0-d (a ``model.state_dict()`` saved as such, or beside an optimizer's
+    nested state), else those of its only entry."""
     with path.open("rb") as f:
         metadata = _DcpMetadataUnpickler(f).load()
-    if not isinstance(metadata, Metadata):
+    if type(metadata).__name__ != "Metadata" or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
         raise ValueError("not the metadata of a torch.distributed.checkpoint")
-    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    planner = getattr(metadata, "planner_data", None)
+    paths = planner if isinstance(planner, dict) else {}
     found = []  # (path in the saved dict, size, dtype); a key without a path is a path of one
     for key, meta in metadata.state_dict_metadata.items():
-        if isinstance(meta, TensorStorageMetadata):
+        if type(meta).__name__ == "TensorStorageMetadata":
             at = paths.get(key)
             at = tuple(map(str, at)) if isinstance(at, tuple) and at else (str(key),)
-            found.append((at, tuple(meta.size), meta.properties.dtype))
+            properties = getattr(meta, "properties", None)  # its state a tuple, the dtype first (or a table)
+            dtype = getattr(properties, "dtype", None) or (getattr(properties, "state", None) or (None,))[0]
+            dtype = _DTYPES_BY_NAME.get(dtype) if isinstance(dtype, _DtypeName) else None
+            found.append((at, _dcp_size(str(key), getattr(meta, "size", None)), dtype))
     where = ""
-    for wanted in _STATE_DICT_KEYS:
-        inside = [(at[at.index(wanted) + 1:], size, dtype) for at, size, dtype in found if wanted in at[:-1]]
-        if inside:
-            found, where = inside, f"its {wanted!r} entry"
-            break
+    for depth in range(max((len(at) for at, _, _ in found), default=1) - 1):
+        met = {at[depth] for at, _, _ in found if len(at) > depth + 1}
+        chosen = next((w for w in _STATE_DICT_KEYS if w in met), None)
+        if chosen is None:
+            continue
+        under = [
+            (at[: depth + 1], at[depth + 1:], s, d) for at, s, d in found if len(at) > depth + 1 and at[depth] == chosen
+        ]
+        prefixes = sorted({".".join(prefix) for prefix, _, _, _ in under})
+        if len(prefixes) > 1:
+            raise ValueError(
+                f"it holds several state dicts, under {', '.join(map(repr, prefixes))}; save the one to bench alone"
+            )
+        found, where = [(rest, s, d) for _, rest, s, d in under], f"its {prefixes[0]!r} entry"
+        break
     else:
         top = [t for t in found if len(t[0]) == 1]
         groups = sorted({at[0] for at, _, _ in found if len(at) > 1})
-        if not top and len(groups) > 1:
-            raise ValueError(
-                f"it holds no tensor at its top and several entries ({', '.join(map(repr, groups))}): save the "
-                "model's state dict under 'model', or alone"
-            )
-        found, where = (top, "") if top else ([(at[1:], s, d) for at, s, d in found], f"its {groups[0]!r} entry")
+        if groups and not any(size for _, size, _ in top):  # only scalars (a step, a loss) at the top
+            if len(groups) > 1:
+                raise ValueError(
+                    f"it holds several entries ({', '.join(map(repr, groups))}) and no model's state dict at its top: "
+                    "save the model's state dict under 'model', or alone"
+                )
+            found, where = [(at[1:], s, d) for at, s, d in found if len(at) > 1], f"its {groups[0]!r} entry"
+        else:
+            found = top
     return [(".".join(at), size, dtype if dtype in _DRAWN else None) for at, size, dtype in found], where
 
 
@@ -447,6 +514,8 @@ def _folder_checkpoint(folder: Path) -> Path:
     for name in _FOLDER_NAMES:
         if name in files:
             return folder / name
+    if (folder / ".metadata").is_file():  # a torch.distributed.checkpoint (Lightning's keeps a meta.pt beside it)
+        return folder / ".metadata"
     kinds = (
         [f for f in files if f.lower().endswith(".index.json")], [f for f in files if f.lower().endswith(".safetensors")]
     )
@@ -457,8 +526,6 @@ def _folder_checkpoint(folder: Path) -> Path:
             raise ValueError(
                 f"the folder {str(folder)!r} holds several checkpoint files ({', '.join(kind)}): name the one to read"
             )
-    if (folder / ".metadata").is_file():  # a torch.distributed.checkpoint: its tensors in its metadata
-        return folder / ".metadata"
     if (folder / "config.json").is_file():  # a model's folder without its weights: its config makes it
         return folder / "config.json"
     raise ValueError(
@@ -493,7 +560,8 @@ def checkpoint_params(path: Path) -> ParamSet:
         return config_params(path)
     try:
         entries, where = _file_entries(path)
-    except (OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError) as exc:
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError, EOFError,
+            OverflowError, MemoryError) as exc:  # a cut or overlong pickle: EOFError, OverflowError, MemoryError
         detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({detail})") from None
     kept = [(n, s, d) for n, s, d in entries if d is not None and all(s)]  # all(()): a 0-d scale is kept

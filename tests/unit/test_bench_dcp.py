@@ -76,7 +76,7 @@ def test_a_state_dict_saved_alone_an_app_state_and_kronopts_own_state(tmp_path):
 def test_a_checkpoint_of_two_unnamed_entries_is_a_clear_error(tmp_path):
     model = _model()
     folder = _save({"net": model.state_dict(), "opt": _stepped_adamw(model).state_dict()}, tmp_path / "two")
-    with pytest.raises(ValueError, match=r"several entries \('net', 'opt'\): save the model's state dict under 'model'"):
+    with pytest.raises(ValueError, match=r"several entries \('net', 'opt'\) and no model's state dict at its top: save the model's state dict under 'model'"):
         bench.model_params(folder)
 
 
