@@ -288,12 +288,20 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
+def _checked_shape(name: str, shape: Any, kind: type) -> tuple[int, ...]:
+    """``shape``, a ``kind`` (a safetensors header's list, a DCP record's tuple) of sizes, as a tuple.
+
+    Raises:
+        ValueError: it is not one, or a size is negative or past int64 (naming the tensor).
+    """
+    if type(shape) is not kind or not all(type(x) is int and 0 <= x < 2**63 for x in shape):
+        raise ValueError(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+    return tuple(shape)
+
+
 def _safetensors_entry(name: str, entry: Any) -> _Entry:
     """The entry of a safetensors header's tensor ``name``."""
-    shape = entry["shape"]
-    if type(shape) is not list or not all(type(x) is int and 0 <= x < 2**63 for x in shape):
-        raise ValueError(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
-    return name, tuple(shape), _SAFETENSORS_DTYPES.get(entry["dtype"])
+    return name, _checked_shape(name, entry["shape"], list), _SAFETENSORS_DTYPES.get(entry["dtype"])
 
 
 def _is_folder(spec: str) -> bool:
@@ -418,12 +426,6 @@ class _DtypeName(str):
     __slots__ = ()
 
 
-def _dcp_size(key: str, size: Any) -> tuple[int, ...]:
-    if not isinstance(size, tuple) or not all(type(x) is int and 0 <= x < 2**63 for x in size):
-        raise ValueError(f"tensor {key!r} has size {size!r}, not a list of sizes")
-    return size
-
-
 def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
     """The tensors a ``torch.distributed.checkpoint`` folder holds, by its ``.metadata`` file alone (no shard is
     opened; a tensor saved in parts by several ranks has its whole size there), and where they were found: the
@@ -445,7 +447,7 @@ def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
             properties = getattr(meta, "properties", None)  # its state a tuple, the dtype first (or a table)
             dtype = getattr(properties, "dtype", None) or (getattr(properties, "state", None) or (None,))[0]
             dtype = _DTYPES_BY_NAME.get(dtype) if isinstance(dtype, _DtypeName) else None
-            found.append((at, _dcp_size(str(key), getattr(meta, "size", None)), dtype))
+            found.append((at, _checked_shape(str(key), getattr(meta, "size", None), tuple), dtype))
     where = ""
     for depth in range(max((len(at) for at, _, _ in found), default=1) - 1):
         met = {at[depth] for at, _, _ in found if len(at) > depth + 1}
