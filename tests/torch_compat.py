@@ -23,3 +23,20 @@ def no_compiler() -> Exception:
     except TypeError:
         missing = inductor.InvalidCxxCompiler()
     return inductor.InductorError(missing, None)
+
+
+def _dcp_saves_without_collectives() -> bool:
+    try:
+        import inspect
+
+        import torch.distributed.checkpoint as dcp
+    except ImportError:
+        return False
+    return "use_collectives" in inspect.signature(dcp.save).parameters
+
+
+#: ``torch.distributed.checkpoint.save(..., use_collectives=False)`` (a metadata file a rank, ``__<rank>.metadata``):
+#: probed on the installed torch's ``save``
+needs_dcp_without_collectives = pytest.mark.skipif(
+    not _dcp_saves_without_collectives(), reason="this torch's dcp.save has no use_collectives (no rank-local metadata)"
+)

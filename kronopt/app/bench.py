@@ -426,20 +426,36 @@ class _DtypeName(str):
     __slots__ = ()
 
 
-def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
-    """The tensors a ``torch.distributed.checkpoint`` folder holds, by its ``.metadata`` file alone (no shard is
-    opened; a tensor saved in parts by several ranks has its whole size there), and where they were found: the
-    model's state dict under the first of :data:`_STATE_DICT_KEYS` at the top of the saved dict (``{"model": …,
-    "optim": …}``), else at the shallowest depth one is met (an app state's ``{"app": {"model": …}}``), else the
-    tensors at the top that are not all 0-d (a ``model.state_dict()`` saved as such, or beside an optimizer's
-    nested state), else those of its only entry."""
+#: the metadata file each rank of a ``torch.distributed.checkpoint`` save writes of its own under
+#: ``use_collectives=False`` (``__0.metadata``, ``__1.metadata``, …), where a coordinated save writes one
+#: ``.metadata``
+_RANK_METADATA = re.compile(r"__(\d+)\.metadata")
+
+
+def _is_dcp_metadata(name: str) -> bool:
+    return name == ".metadata" or _RANK_METADATA.fullmatch(name) is not None
+
+
+def _is_metadata_or_config(name: str) -> bool:
+    return name == "config.json" or _is_dcp_metadata(name)
+
+
+def _rank_metadata_files(folder: Path) -> list[Path]:
+    """The rank-local metadata files of a DCP folder (:data:`_RANK_METADATA`), by rank."""
+    ranks = {int(m[1]): f for f in folder.iterdir() if (m := _RANK_METADATA.fullmatch(f.name)) and f.is_file()}
+    return [ranks[r] for r in sorted(ranks)]
+
+
+def _dcp_tensors(path: Path) -> dict[Any, tuple[tuple[str, ...], tuple[int, ...], torch.dtype | None]]:
+    """The tensors one DCP metadata file records: by key, their path in the saved dict (a key without a path is a
+    path of one), size and dtype (``None``: one torch does not name)."""
     with path.open("rb") as f:
         metadata = _DcpMetadataUnpickler(f).load()
     if type(metadata).__name__ != "Metadata" or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
         raise ValueError("not the metadata of a torch.distributed.checkpoint")
     planner = getattr(metadata, "planner_data", None)
     paths = planner if isinstance(planner, dict) else {}
-    found = []  # (path in the saved dict, size, dtype); a key without a path is a path of one
+    found = {}
     for key, meta in metadata.state_dict_metadata.items():
         if type(meta).__name__ == "TensorStorageMetadata":
             at = paths.get(key)
@@ -447,7 +463,33 @@ def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
             properties = getattr(meta, "properties", None)  # its state a tuple, the dtype first (or a table)
             dtype = getattr(properties, "dtype", None) or (getattr(properties, "state", None) or (None,))[0]
             dtype = _DTYPES_BY_NAME.get(dtype) if isinstance(dtype, _DtypeName) else None
-            found.append((at, _checked_shape(str(key), getattr(meta, "size", None), tuple), dtype))
+            found[key] = (at, _checked_shape(str(key), getattr(meta, "size", None), tuple), dtype)
+    return found
+
+
+def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
+    """The tensors a ``torch.distributed.checkpoint`` folder holds, by its metadata alone (no shard is opened; a
+    tensor saved in parts by several ranks has its whole size there), and where they were found: the model's
+    state dict under the first of :data:`_STATE_DICT_KEYS` at the top of the saved dict (``{"model": …, "optim":
+    …}``), else at the shallowest depth one is met (an app state's ``{"app": {"model": …}}``), else the tensors at
+    the top that are not all 0-d (a ``model.state_dict()`` saved as such, or beside an optimizer's nested state),
+    else those of its only entry. The metadata is the folder's ``.metadata``, or, for a save without rank
+    coordination (``use_collectives=False``: no ``.metadata``, one ``__<rank>.metadata`` a rank), every rank's,
+    their tensors merged (a rank's file records the tensors that rank saved).
+
+    Raises:
+        ValueError: a metadata file is not one, or two ranks' files give one tensor different sizes or dtypes.
+    """
+    files = [path] if path.name == ".metadata" else _rank_metadata_files(path.parent)
+    tensors: dict[Any, tuple[tuple[str, ...], tuple[int, ...], torch.dtype | None]] = {}
+    for file in files:
+        for key, record in _dcp_tensors(file).items():
+            if tensors.setdefault(key, record) != record:
+                raise ValueError(
+                    f"its ranks' metadata files disagree on the tensor {str(key)!r} ({record[1]}, {record[2]} in "
+                    f"{file.name}, {tensors[key][1]}, {tensors[key][2]} in an earlier one)"
+                )
+    found = list(tensors.values())
     where = ""
     for depth in range(max((len(at) for at, _, _ in found), default=1) - 1):
         met = {at[depth] for at, _, _ in found if len(at) > depth + 1}
@@ -482,7 +524,7 @@ def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
 def _file_entries(path: Path) -> tuple[list[_Entry], str]:
     """The tensors of a checkpoint file, and where in it they were found (``""``: the file itself)."""
     name = path.name.lower()
-    if name == ".metadata":
+    if _is_dcp_metadata(name):
         return _dcp_entries(path)
     if name.endswith(".index.json"):
         shards = json.loads(path.read_bytes()).get("weight_map")
@@ -502,7 +544,8 @@ def _file_entries(path: Path) -> tuple[list[_Entry], str]:
 def _folder_checkpoint(folder: Path) -> Path:
     """The checkpoint file a folder holds: the first of :data:`_FOLDER_NAMES` present (a Hugging Face model's or
     trainer's folder), else its only index of shards, else its only safetensors file, else its only torch.save'd
-    file; with none of these, a ``torch.distributed.checkpoint``'s ``.metadata`` (:func:`_dcp_entries`), else its
+    file; with none of these, a ``torch.distributed.checkpoint``'s ``.metadata``, else its lowest rank's
+    ``__<rank>.metadata`` (a save without rank coordination; :func:`_dcp_entries` reads every rank's), else its
     ``config.json`` (:func:`config_params`).
 
     Raises:
@@ -518,6 +561,8 @@ def _folder_checkpoint(folder: Path) -> Path:
             return folder / name
     if (folder / ".metadata").is_file():  # a torch.distributed.checkpoint (Lightning's keeps a meta.pt beside it)
         return folder / ".metadata"
+    if ranks := _rank_metadata_files(folder):  # one saved without rank coordination: a metadata file a rank
+        return ranks[0]
     kinds = (
         [f for f in files if f.lower().endswith(".index.json")], [f for f in files if f.lower().endswith(".safetensors")]
     )
@@ -542,7 +587,8 @@ def checkpoint_params(path: Path) -> ParamSet:
     ``pytorch_model.bin.index.json``: each tensor from the shard it names), a ``torch.save``d state dict (``.pt``,
     ``.pth``, ``.bin``: memory-mapped, not read; a file of ``torch.save``'s old format cannot be mapped, and is
     read) or a training checkpoint holding one (Lightning's ``.ckpt`` under ``state_dict``, a script's under
-    ``model``, …), a ``torch.distributed.checkpoint`` folder (its ``.metadata``, :func:`_dcp_entries`), or a folder
+    ``model``, …), a ``torch.distributed.checkpoint`` folder (its ``.metadata``, or every rank's
+    ``__<rank>.metadata`` of a save without rank coordination, :func:`_dcp_entries`), or a folder
     holding one of these (:func:`_folder_checkpoint`). A name's ending is matched in
     any case. Tensors of a dtype the bench does not draw (integer buffers, float8) are left out, and so are empty
     ones; a checkpoint keeps no note of which tensors were trainable, so a floating buffer (a norm's running
@@ -571,7 +617,9 @@ def checkpoint_params(path: Path) -> ParamSet:
         raise ValueError(f"the checkpoint {str(path)!r} holds no floating tensor to step")
     left_out = len(entries) - len(kept)
     notes = [where, f"{left_out} other tensors left out" if left_out else ""]
-    label = f"{path.parent.name}/{path.name}" if path.name == ".metadata" else path.name  # a folder's metadata
+    label = path.name  # a DCP folder's metadata by its folder; a save's rank-local files are read together
+    if _is_dcp_metadata(path.name):
+        label = f"{path.parent.name}/{path.name if path.name == '.metadata' else '__*.metadata'}"
     source = ", ".join(filter(None, [f"checkpoint {label}", *notes]))
     return ParamSet([s for _, s, _ in kept], [n for n, _, _ in kept], [d for _, _, d in kept], source=source)
 
@@ -594,7 +642,7 @@ def model_params(spec: str) -> ParamSet:
             the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
             than float32, bfloat16, float16 and float64 (the message says which).
     """
-    if _is_checkpoint(spec) or _is_folder(spec) or Path(spec).name in ("config.json", ".metadata"):
+    if _is_checkpoint(spec) or _is_folder(spec) or _is_metadata_or_config(Path(spec).name):
         return checkpoint_params(Path(spec))
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")

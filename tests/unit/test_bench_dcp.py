@@ -14,6 +14,7 @@ from torch import nn
 import kronopt
 from kronopt.app import bench, cli
 from .test_bench_model import TINY
+from ..torch_compat import needs_dcp_without_collectives
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -109,3 +110,18 @@ def test_the_command_line_benches_a_dcp_folder(tmp_path, capsys):
     assert cli.main(["bench", "kl_shampoo", "--model", folder, *TINY]) == 0
     out = capsys.readouterr().out
     assert "5 parameters" in out and "(checkpoint ck/.metadata, its 'model' entry)" in out
+
+
+@needs_dcp_without_collectives
+def test_a_save_without_rank_coordination_is_read_from_its_rank_metadata(tmp_path):
+    """``use_collectives=False``: no ``.metadata``, a ``__0.metadata`` (the two-rank case, merged, is in
+    tests/distributed/test_bench_dcp_ranks.py)."""
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict(), "step": 3}, checkpoint_id=str(tmp_path / "ck"), use_collectives=False)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["__0.metadata", "__0_0.distcp"]
+    for spec in (tmp_path / "ck", tmp_path / "ck" / "__0.metadata"):
+        params = bench.model_params(str(spec))
+        assert _names_and_shapes(params) == NAMES_AND_SHAPES
+        assert params.source == "checkpoint ck/__*.metadata, its 'model' entry"
