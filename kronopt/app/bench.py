@@ -268,6 +268,10 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
 }
 
+#: the floating buffers a checkpoint's tensor names give away: torch's batch and instance norms keep their running
+#: statistics under these names
+_NORM_STATISTICS = re.compile(r"(^|\.)running_(mean|var)$")
+
 #: ``(name, shape, dtype)`` of a checkpoint's tensor; dtype ``None``: one the bench does not draw
 _Entry = tuple[str, tuple[int, ...], torch.dtype | None]
 
@@ -591,8 +595,8 @@ def checkpoint_params(path: Path) -> ParamSet:
     ``__<rank>.metadata`` of a save without rank coordination, :func:`_dcp_entries`), or a folder
     holding one of these (:func:`_folder_checkpoint`). A name's ending is matched in
     any case. Tensors of a dtype the bench does not draw (integer buffers, float8) are left out, and so are empty
-    ones; a checkpoint keeps no note of which tensors were trainable, so a floating buffer (a norm's running
-    mean) counts as a parameter.
+    ones, and a batch or instance norm's running statistics (:data:`_NORM_STATISTICS`); a checkpoint keeps no
+    note of which tensors were trainable, so any other floating buffer counts as a parameter.
 
     Raises:
         ValueError: the file is missing or is not such a checkpoint, or holds no floating tensor.
@@ -612,11 +616,15 @@ def checkpoint_params(path: Path) -> ParamSet:
             OverflowError, MemoryError) as exc:  # a cut or overlong pickle: EOFError, OverflowError, MemoryError
         detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({detail})") from None
-    kept = [(n, s, d) for n, s, d in entries if d is not None and all(s)]  # all(()): a 0-d scale is kept
-    if not kept:
+    norms = [n for n, _, d in entries if d is not None and _NORM_STATISTICS.search(n)]
+    kept = [(n, s, d) for n, s, d in entries if d is not None and all(s) and not _NORM_STATISTICS.search(n)]
+    if not kept:  # all(()): a 0-d scale is kept
         raise ValueError(f"the checkpoint {str(path)!r} holds no floating tensor to step")
-    left_out = len(entries) - len(kept)
-    notes = [where, f"{left_out} other tensors left out" if left_out else ""]
+    left_out = len(entries) - len(kept) - len(norms)
+    notes = [
+        where, f"{len(norms)} norm statistics left out" if norms else "",
+        f"{left_out} other tensors left out" if left_out else "",
+    ]
     label = path.name  # a DCP folder's metadata by its folder; a save's rank-local files are read together
     if _is_dcp_metadata(path.name):
         label = f"{path.parent.name}/{path.name if path.name == '.metadata' else '__*.metadata'}"

@@ -72,7 +72,8 @@ def test_every_ranks_metadata_is_read_and_merged(saved):
     assert sorted(p.name for p in folder.iterdir() if "metadata" in p.name) == ["__0.metadata", "__1.metadata"]
     for spec in (folder, folder / "__1.metadata"):  # the folder, or any rank's file: every rank's is read
         params = bench.model_params(str(spec))
-        assert list(zip(params.names, params.shapes)) == [*NAMES_AND_SHAPES, ("rank0.scale", (2,)), ("rank1.scale", (3,))]
+        expected = [*NAMES_AND_SHAPES, ("rank0.scale", (2,)), ("rank1.scale", (3,))]
+        assert list(zip(params.names, params.shapes)) == expected
         assert params.source == "checkpoint fsdp2/__*.metadata, its 'model' entry"
 
 

@@ -151,3 +151,21 @@ def test_an_empty_state_dict_under_a_known_key_gives_way_to_the_one_that_holds_t
     torch.save({"model": {}, "ema": {"w": torch.zeros(3, 2)}}, tmp_path / "ema_only.pt")
     params = bench.model_params(str(tmp_path / "ema_only.pt"))
     assert params.names == ("w",) and params.source == "checkpoint ema_only.pt, its 'ema' entry"
+
+
+def test_a_batch_norms_running_statistics_are_left_out_and_counted(tmp_path):
+    """A convolutional net's checkpoint: a batch norm's ``running_mean`` and ``running_var`` are floating buffers,
+    not parameters, and its ``num_batches_tracked`` an integer one; a parameter whose name merely contains
+    ``running_mean`` is kept. Names and shapes written out by hand."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.InstanceNorm1d(5, track_running_stats=True)
+    )
+    net.add_module("head", torch.nn.Linear(8, 2))
+    net.head.register_parameter("running_mean_gain", torch.nn.Parameter(torch.zeros(2)))
+    torch.save(net.state_dict(), tmp_path / "cnn.pt")
+    params = bench.model_params(str(tmp_path / "cnn.pt"))
+    assert _names_and_shapes(params) == [
+        ("0.weight", (8, 3, 3, 3)), ("0.bias", (8,)), ("1.weight", (8,)), ("1.bias", (8,)), ("head.weight", (2, 8)),
+        ("head.bias", (2,)), ("head.running_mean_gain", (2,)),
+    ]
+    assert params.source == "checkpoint cnn.pt, 4 norm statistics left out, 2 other tensors left out"
