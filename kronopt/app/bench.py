@@ -303,9 +303,12 @@ def _checked_shape(name: str, shape: Any, kind: type) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _safetensors_entry(name: str, entry: Any) -> _Entry:
-    """The entry of a safetensors header's tensor ``name``."""
-    return name, _checked_shape(name, entry["shape"], list), _SAFETENSORS_DTYPES.get(entry["dtype"])
+def _safetensors_entries(path: Path) -> list[_Entry]:
+    """The tensors a safetensors file's header names (a safetensors file holds no two names of one tensor)."""
+    return [
+        (name, _checked_shape(name, entry["shape"], list), _SAFETENSORS_DTYPES.get(entry["dtype"]))
+        for name, entry in _safetensors_header(path).items()
+    ]
 
 
 def _is_folder(spec: str) -> bool:
@@ -319,10 +322,10 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
-def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
+def _torch_entries(path: Path) -> tuple[list[_Entry], str, list[str]]:
     """The tensors of a ``torch.save``d state dict, or of the one a training checkpoint holds under one of
-    :data:`_STATE_DICT_KEYS`, a tied weight once (by its first name), and where in the file they were found
-    (``""``: the file itself; and how many tied names were dropped)."""
+    :data:`_STATE_DICT_KEYS`, a tied weight once (by its first name), where in the file they were found
+    (``""``: the file itself), and the tied names dropped."""
     # mapped, not read; a file of torch.save's old format cannot be mapped, and is read. The zip format is told by
     # its first bytes, a zip entry's header (zipfile.is_zipfile looks for an end record near the end, which an old
     # format file's tensor bytes may hold)
@@ -345,6 +348,7 @@ def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
         raise ValueError("not a mapping of names to tensors (a state_dict()), nor a checkpoint holding one")
     seen: set[tuple[Any, ...]] = set()
     entries: list[_Entry] = []
+    tied: list[str] = []
     for n, t in saved.items():  # a tied weight (a head sharing the embedding's) is saved under both names
         # one storage's memory, read by its address: a meta tensor's (saved from a model made on the meta
         # device, or without its data) is 0 for every tensor, and says nothing
@@ -352,11 +356,11 @@ def _torch_entries(path: Path) -> tuple[list[_Entry], str]:
         if address:
             key = (address, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if key in seen:
+                tied.append(n)
                 continue
             seen.add(key)
         entries.append((n, tuple(t.shape), t.dtype if t.dtype in _DRAWN else None))
-    tied = len(saved) - len(entries)
-    return entries, ", ".join(filter(None, [where, f"{tied} tied tensors counted once" if tied else ""]))
+    return entries, where, tied
 
 
 #: the record classes a ``torch.distributed.checkpoint`` metadata file names, by module (older torch kept the
@@ -525,24 +529,32 @@ def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
     return [(".".join(at), size, dtype if dtype in _DRAWN else None) for at, size, dtype in found], where
 
 
-def _file_entries(path: Path) -> tuple[list[_Entry], str]:
-    """The tensors of a checkpoint file, and where in it they were found (``""``: the file itself)."""
+def _file_entries(path: Path) -> tuple[list[_Entry], str, int]:
+    """The tensors of a checkpoint file, where in it they were found (``""``: the file itself), and how many
+    tied names (a weight ``torch.save`` kept under two) were dropped."""
     name = path.name.lower()
     if _is_dcp_metadata(name):
-        return _dcp_entries(path)
+        return *_dcp_entries(path), 0
     if name.endswith(".index.json"):
         shards = json.loads(path.read_bytes()).get("weight_map")
         if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
             raise ValueError("its weight_map is not a table of tensor names to shard files")
         entries: list[_Entry] = []
+        tied = 0
         for shard in dict.fromkeys(shards.values()):  # each tensor from the shard the index names for it
             if shard.lower().endswith(".index.json") or not _is_checkpoint(shard):
                 raise ValueError(f"its shard {shard!r} is not a safetensors or torch.save'd file")
-            entries += [e for e in _file_entries(path.parent / shard)[0] if shards.get(e[0]) == shard]
-        return entries, ""
+            if shard.lower().endswith(".safetensors"):
+                found, dropped = _safetensors_entries(path.parent / shard), []
+            else:
+                found, _, dropped = _torch_entries(path.parent / shard)
+            entries += [e for e in found if shards.get(e[0]) == shard]
+            tied += sum(shards.get(n) == shard for n in dropped)
+        return entries, "", tied
     if name.endswith(".safetensors"):
-        return [_safetensors_entry(n, v) for n, v in _safetensors_header(path).items()], ""
-    return _torch_entries(path)
+        return _safetensors_entries(path), "", 0
+    entries, where, dropped = _torch_entries(path)
+    return entries, where, len(dropped)
 
 
 def _folder_checkpoint(folder: Path) -> Path:
@@ -611,7 +623,7 @@ def checkpoint_params(path: Path) -> ParamSet:
     if path.name == "config.json":
         return config_params(path)
     try:
-        entries, where = _file_entries(path)
+        entries, where, tied = _file_entries(path)
     except (OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError, EOFError,
             OverflowError, MemoryError) as exc:  # a cut or overlong pickle: EOFError, OverflowError, MemoryError
         detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
@@ -622,7 +634,9 @@ def checkpoint_params(path: Path) -> ParamSet:
         raise ValueError(f"the checkpoint {str(path)!r} holds no floating tensor to step")
     left_out = len(entries) - len(kept) - len(norms)
     notes = [
-        where, f"{len(norms)} norm statistics left out" if norms else "",
+        where,
+        f"{tied} tied tensors counted once" if tied else "",
+        f"{len(norms)} norm statistics left out" if norms else "",
         f"{left_out} other tensors left out" if left_out else "",
     ]
     label = path.name  # a DCP folder's metadata by its folder; a save's rank-local files are read together

@@ -169,3 +169,18 @@ def test_a_batch_norms_running_statistics_are_left_out_and_counted(tmp_path):
         ("head.bias", (2,)), ("head.running_mean_gain", (2,)),
     ]
     assert params.source == "checkpoint cnn.pt, 4 norm statistics left out, 2 other tensors left out"
+
+
+def test_tied_names_in_torch_shards_are_counted_through_their_index(tmp_path):
+    """A shard that keeps a tied head beside its embedding (one storage, two names, both mapped to that shard
+    by the index) gives the weight once and says so, as the file alone does; a tied name the index maps to
+    another shard is not counted there."""
+    emb = torch.zeros(12, 4)
+    torch.save({"emb.weight": emb, "head.weight": emb, "stale.weight": emb}, tmp_path / "part-1.bin")
+    torch.save({"mid.weight": torch.zeros(4, 4), "stale.weight": torch.zeros(2, 2)}, tmp_path / "part-2.bin")
+    weight_map = {"emb.weight": "part-1.bin", "head.weight": "part-1.bin", "mid.weight": "part-2.bin",
+                  "stale.weight": "part-2.bin"}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    params = bench.model_params(str(tmp_path))
+    assert _names_and_shapes(params) == [("emb.weight", (12, 4)), ("mid.weight", (4, 4)), ("stale.weight", (2, 2))]
+    assert params.source == "checkpoint pytorch_model.bin.index.json, 1 tied tensors counted once"

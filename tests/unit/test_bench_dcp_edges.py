@@ -262,7 +262,7 @@ def test_a_tensor_size_that_is_not_a_size_is_refused_naming_the_file(tmp_path, s
     """WRONG: ``_dcp_entries`` takes ``tuple(meta.size)`` as it comes: a metadata whose size is negative, strings,
     floats or past int64 gives a ParamSet of such shapes, and the bench then fails far from the file (a TypeError
     traceback in ``torch.randn`` or a sort, or "need at least one shape, every dimension ≥ 1" without the file's
-    name). The safetensors reader refuses such a shape (``_safetensors_entry``: ints, 0 <= x < 2**63).
+    name). The safetensors reader refuses such a shape (``_safetensors_entries``: ints, 0 <= x < 2**63).
     RIGHT: a ValueError naming the ``.metadata`` file and the tensor."""
     md = _real_metadata(tmp_path)
     md.state_dict_metadata["model.block.weight"].size = size
