@@ -437,11 +437,25 @@ class _DtypeName(str):
 #: the metadata file each rank of a ``torch.distributed.checkpoint`` save writes of its own under
 #: ``use_collectives=False`` (``__0.metadata``, ``__1.metadata``, …), where a coordinated save writes one
 #: ``.metadata``
-_RANK_METADATA = re.compile(r"__(\d+)\.metadata")
+_RANK_METADATA = re.compile(r"__(0|[1-9][0-9]*)\.metadata")
+
+
+#: what reading a checkpoint file that is not one may raise (a cut or overlong pickle: EOFError, OverflowError,
+#: MemoryError)
+_UNREADABLE = (
+    OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError, EOFError,
+    OverflowError, MemoryError,
+)
+
+
+def _unreadable(exc: BaseException) -> str:
+    """Why a file could not be read, from what reading it raised (:data:`_UNREADABLE`)."""
+    return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
 
 
 def _is_dcp_metadata(name: str) -> bool:
-    return name == ".metadata" or _RANK_METADATA.fullmatch(name) is not None
+    """Whether a file's ``name`` (in any case) is a DCP metadata file's, global or a rank's."""
+    return name.lower() == ".metadata" or _RANK_METADATA.fullmatch(name.lower()) is not None
 
 
 def _is_metadata_or_config(name: str) -> bool:
@@ -449,7 +463,7 @@ def _is_metadata_or_config(name: str) -> bool:
 
 
 def _rank_metadata_files(folder: Path) -> list[Path]:
-    """The rank-local metadata files of a DCP folder (:data:`_RANK_METADATA`), by rank."""
+    """The rank-local metadata files of a DCP folder (:data:`_RANK_METADATA`, as torch names them), by rank."""
     ranks = {int(m[1]): f for f in folder.iterdir() if (m := _RANK_METADATA.fullmatch(f.name)) and f.is_file()}
     return [ranks[r] for r in sorted(ranks)]
 
@@ -483,22 +497,36 @@ def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
     the top that are not all 0-d (a ``model.state_dict()`` saved as such, or beside an optimizer's nested state),
     else those of its only entry. The metadata is the folder's ``.metadata``, or, for a save without rank
     coordination (``use_collectives=False``: no ``.metadata``, one ``__<rank>.metadata`` a rank), every rank's,
-    their tensors merged (a rank's file records the tensors that rank saved).
+    their tensors merged (a rank's file records the tensors that rank saved). Nothing ties one save's rank files
+    together, so a folder that a save of fewer ranks reused still holds, and gives, the older ranks' files (the
+    source line says how many ranks' files were read).
 
     Raises:
-        ValueError: a metadata file is not one, or two ranks' files give one tensor different sizes or dtypes.
+        ValueError: a metadata file is not one (naming a rank's), or two ranks' files give a tensor the bench
+            reads different sizes or dtypes.
     """
-    files = [path] if path.name == ".metadata" else _rank_metadata_files(path.parent)
+    files = [path]
+    if path.name.lower() != ".metadata":
+        ranks = _rank_metadata_files(path.parent)
+        files = ranks if path.name in {f.name for f in ranks} else [path]  # a rank file named in other case: alone
     tensors: dict[Any, tuple[tuple[str, ...], tuple[int, ...], torch.dtype | None]] = {}
+    disagree: dict[tuple[str, ...], str] = {}  # by path: two ranks' records of a tensor, said
     for file in files:
-        for key, record in _dcp_tensors(file).items():
-            if tensors.setdefault(key, record) != record:
-                raise ValueError(
-                    f"its ranks' metadata files disagree on the tensor {str(key)!r} ({record[1]}, {record[2]} in "
-                    f"{file.name}, {tensors[key][1]}, {tensors[key][2]} in an earlier one)"
+        try:
+            records = _dcp_tensors(file)
+        except _UNREADABLE as exc:
+            if file == path:
+                raise
+            raise ValueError(f"its rank file {file.name} cannot be read ({_unreadable(exc)})") from None
+        for key, (at, size, dtype) in records.items():
+            first = tensors.setdefault(key, (at, size, dtype))
+            if first[1:] != (size, dtype) and first[0] not in disagree:
+                disagree[first[0]] = (
+                    f"its ranks' metadata files disagree on the tensor {str(key)!r} ({size}, {dtype} in {file.name}; "
+                    f"{first[1]}, {first[2]} in an earlier one)"
                 )
     found = list(tensors.values())
-    where = ""
+    where, prefix = "", ()  # the entry read, and its path in the saved dict
     for depth in range(max((len(at) for at, _, _ in found), default=1) - 1):
         met = {at[depth] for at, _, _ in found if len(at) > depth + 1}
         chosen = next((w for w in _STATE_DICT_KEYS if w in met), None)
@@ -512,7 +540,7 @@ def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
             raise ValueError(
                 f"it holds several state dicts, under {', '.join(map(repr, prefixes))}; save the one to bench alone"
             )
-        found, where = [(rest, s, d) for _, rest, s, d in under], f"its {prefixes[0]!r} entry"
+        found, where, prefix = [(rest, s, d) for _, rest, s, d in under], f"its {prefixes[0]!r} entry", under[0][0]
         break
     else:
         top = [t for t in found if len(t[0]) == 1]
@@ -524,8 +552,14 @@ def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
                     "save the model's state dict under 'model', or alone"
                 )
             found, where = [(at[1:], s, d) for at, s, d in found if len(at) > 1], f"its {groups[0]!r} entry"
+            prefix = (groups[0],)
         else:
             found = top
+    # ranks that disagree on a tensor read here (one of the entry's floating tensors) make the save unreadable;
+    # elsewhere (a loader's order, a rank's own metrics) each rank reads its own file, as DCP's load does
+    said = next((disagree[prefix + at] for at, _, d in found if d in _DRAWN and prefix + at in disagree), None)
+    if said is not None:
+        raise ValueError(said)
     return [(".".join(at), size, dtype if dtype in _DRAWN else None) for at, size, dtype in found], where
 
 
@@ -559,10 +593,10 @@ def _file_entries(path: Path) -> tuple[list[_Entry], str, int]:
 
 def _folder_checkpoint(folder: Path) -> Path:
     """The checkpoint file a folder holds: the first of :data:`_FOLDER_NAMES` present (a Hugging Face model's or
-    trainer's folder), else its only index of shards, else its only safetensors file, else its only torch.save'd
-    file; with none of these, a ``torch.distributed.checkpoint``'s ``.metadata``, else its lowest rank's
-    ``__<rank>.metadata`` (a save without rank coordination; :func:`_dcp_entries` reads every rank's), else its
-    ``config.json`` (:func:`config_params`).
+    trainer's folder), else a ``torch.distributed.checkpoint``'s ``.metadata`` (Lightning's keeps a ``meta.pt``
+    beside it), else its lowest rank's ``__<rank>.metadata`` (a save without rank coordination;
+    :func:`_dcp_entries` reads every rank's), else its only index of shards, else its only safetensors file,
+    else its only torch.save'd file; with none of these, its ``config.json`` (:func:`config_params`).
 
     Raises:
         ValueError: the folder holds no checkpoint file nor config, or several files of one kind and none of
@@ -624,10 +658,8 @@ def checkpoint_params(path: Path) -> ParamSet:
         return config_params(path)
     try:
         entries, where, tied = _file_entries(path)
-    except (OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError, EOFError,
-            OverflowError, MemoryError) as exc:  # a cut or overlong pickle: EOFError, OverflowError, MemoryError
-        detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-        raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({detail})") from None
+    except _UNREADABLE as exc:
+        raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({_unreadable(exc)})") from None
     norms = [n for n, _, d in entries if d is not None and _NORM_STATISTICS.search(n)]
     kept = [(n, s, d) for n, s, d in entries if d is not None and all(s) and not _NORM_STATISTICS.search(n)]
     if not kept:  # all(()): a 0-d scale is kept
@@ -641,7 +673,11 @@ def checkpoint_params(path: Path) -> ParamSet:
     ]
     label = path.name  # a DCP folder's metadata by its folder; a save's rank-local files are read together
     if _is_dcp_metadata(path.name):
-        label = f"{path.parent.name}/{path.name if path.name == '.metadata' else '__*.metadata'}"
+        folder = path.absolute().parent.name  # "": a name of one part, in the folder it was run in
+        ranks = [] if path.name.lower() == ".metadata" else _rank_metadata_files(path.parent)
+        label = f"{folder}/{path.name}"
+        if path.name in {f.name for f in ranks}:
+            label = f"{folder}/__*.metadata of {len(ranks)} rank{'s' if len(ranks) > 1 else ''}"
     source = ", ".join(filter(None, [f"checkpoint {label}", *notes]))
     return ParamSet([s for _, s, _ in kept], [n for n, _, _ in kept], [d for _, _, d in kept], source=source)
 
@@ -656,7 +692,8 @@ def model_params(spec: str) -> ParamSet:
 
     ``spec`` may instead be a checkpoint (:func:`checkpoint_params`): a ``.safetensors`` file, an index of shards
     (``*.safetensors.index.json``, ``*.bin.index.json``), a ``torch.save``d state dict or training checkpoint
-    (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a folder holding one, or a Hugging Face ``config.json`` (or a folder
+    (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``torch.distributed.checkpoint``'s ``.metadata`` or a rank's
+    ``__<rank>.metadata`` (the folder's save read), a folder holding one, or a Hugging Face ``config.json`` (or a folder
     holding one and no weights), whose model ``transformers`` makes (:func:`config_params`).
 
     Raises:
@@ -1954,7 +1991,7 @@ def add_subcommand(sub: Any) -> None:
         "'mypkg.nets:Net(width=256)'; or a checkpoint's tensors, values unread: model.safetensors, an index of "
         "shards (model.safetensors.index.json, pytorch_model.bin.index.json), a torch.save'd state dict or training "
         "checkpoint (.pt, .pth, .bin, .ckpt), a folder holding one (a Hugging Face model's), a torch.distributed."
-        "checkpoint folder; or a Hugging Face "
+        "checkpoint folder (or its .metadata, or a rank's __N.metadata: every rank's read); or a Hugging Face "
         "config.json, its model made by transformers on the meta device (no weights needed)",
     )
     p.add_argument(

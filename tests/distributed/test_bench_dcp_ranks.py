@@ -74,7 +74,7 @@ def test_every_ranks_metadata_is_read_and_merged(saved):
         params = bench.model_params(str(spec))
         expected = [*NAMES_AND_SHAPES, ("rank0.scale", (2,)), ("rank1.scale", (3,))]
         assert list(zip(params.names, params.shapes)) == expected
-        assert params.source == "checkpoint fsdp2/__*.metadata, its 'model' entry"
+        assert params.source == "checkpoint fsdp2/__*.metadata of 2 ranks, its 'model' entry"
 
 
 def test_two_ranks_that_record_one_tensor_at_different_sizes_are_refused(saved):

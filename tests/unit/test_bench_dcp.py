@@ -124,4 +124,4 @@ def test_a_save_without_rank_coordination_is_read_from_its_rank_metadata(tmp_pat
     for spec in (tmp_path / "ck", tmp_path / "ck" / "__0.metadata"):
         params = bench.model_params(str(spec))
         assert _names_and_shapes(params) == NAMES_AND_SHAPES
-        assert params.source == "checkpoint ck/__*.metadata, its 'model' entry"
+        assert params.source == "checkpoint ck/__*.metadata of 1 rank, its 'model' entry"
