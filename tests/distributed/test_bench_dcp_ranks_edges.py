@@ -239,6 +239,7 @@ JOBS = {"save": job_save}
 
 
 @pytest.mark.distributed
+@pytest.mark.distributed
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 def test_fsdp2_with_an_empty_shard_and_a_rank_that_saved_nothing(tmp_path):
     """OK: rank 1 holds empty shards of the 1-row tensors; every rank's file records a DTensor at its whole size,
