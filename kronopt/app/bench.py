@@ -177,6 +177,52 @@ class ParamSet:
 _IN_FILE = re.compile(r"^(?P<path>.+\.py):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*(?P<args>\(.*)?$", re.DOTALL)
 
 
+#: a Hugging Face Hub model's id, ``name`` or ``org/name``, and a revision after ``@`` (a branch, a tag, a commit)
+_HUB_ID = re.compile(
+    r"(?P<repo>(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?[A-Za-z0-9_][A-Za-z0-9_.-]*)"
+    r"(?:@(?P<revision>[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*))?"
+)
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face Hub's cache folder, found as ``huggingface_hub`` finds it: ``HF_HUB_CACHE`` (or its old
+    name ``HUGGINGFACE_HUB_CACHE``), else ``HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub``."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return Path(cache).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _hub_snapshot(spec: str) -> Path | None:
+    """The folder the Hugging Face cache holds of the Hub model ``spec`` (``org/name`` or ``name``, and
+    ``@revision``: default ``main``), read offline: nothing is downloaded; ``None`` where ``spec`` is no such id.
+    Its files are the checkpoint's and config's that were downloaded (a config alone will do).
+
+    Raises:
+        ValueError: ``spec`` is such an id, but the cache holds no snapshot of that revision.
+    """
+    hub_id = _HUB_ID.fullmatch(spec)
+    if hub_id is None or ".." in spec or "--" in hub_id["repo"]:
+        return None
+    repo, revision = hub_id["repo"], hub_id["revision"] or "main"
+    folder = _hub_cache() / f"models--{repo.replace('/', '--')}"
+    ref = folder / "refs" / revision  # a branch's or tag's commit; a commit names its snapshot itself
+    try:
+        snapshot = folder / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+        if snapshot.is_dir():
+            return snapshot
+    except (OSError, ValueError):  # an unreadable ref, a name the file system refuses
+        pass
+    raise ValueError(
+        f"{spec!r} is no file or folder here, no module:factory (a callable making a torch.nn.Module, e.g. "
+        f"mypkg.nets:build), and no Hugging Face model in the cache (no snapshot of revision {revision!r} under "
+        f"{str(folder)!r}): the bench downloads nothing; download its config.json (or its weights) first, e.g. "
+        f"huggingface-cli download {repo} config.json"
+    )
+
+
 def _factory_call(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
     """``module:factory`` and the arguments of ``module:factory(arg, …, key=value, …)`` (Python literals)."""
     in_file = _IN_FILE.match(spec)
@@ -694,7 +740,9 @@ def model_params(spec: str) -> ParamSet:
     (``*.safetensors.index.json``, ``*.bin.index.json``), a ``torch.save``d state dict or training checkpoint
     (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``torch.distributed.checkpoint``'s ``.metadata`` or a rank's
     ``__<rank>.metadata`` (the folder's save read), a folder holding one, or a Hugging Face ``config.json`` (or a folder
-    holding one and no weights), whose model ``transformers`` makes (:func:`config_params`).
+    holding one and no weights), whose model ``transformers`` makes (:func:`config_params`); or a Hugging Face
+    Hub model's id, ``org/name`` or ``name`` with an optional ``@revision``, whose snapshot in the local cache is
+    such a folder (:func:`_hub_snapshot`; nothing is downloaded). A spec that is none of these is a factory's.
 
     Raises:
         ValueError: ``spec`` is not spelled so, does not import, is not callable, does not make a module, or
@@ -703,6 +751,10 @@ def model_params(spec: str) -> ParamSet:
     """
     if _is_checkpoint(spec) or _is_folder(spec) or _is_metadata_or_config(Path(spec).name):
         return checkpoint_params(Path(spec))
+    snapshot = _hub_snapshot(spec)
+    if snapshot is not None:  # a Hub model's id, found in the local cache
+        params = checkpoint_params(snapshot)
+        return attrs.evolve(params, source=f"{spec} from the Hugging Face cache: {params.source}")
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")
     try:
@@ -1992,7 +2044,8 @@ def add_subcommand(sub: Any) -> None:
         "shards (model.safetensors.index.json, pytorch_model.bin.index.json), a torch.save'd state dict or training "
         "checkpoint (.pt, .pth, .bin, .ckpt), a folder holding one (a Hugging Face model's), a torch.distributed."
         "checkpoint folder (or its .metadata, or a rank's __N.metadata: every rank's read); or a Hugging Face "
-        "config.json, its model made by transformers on the meta device (no weights needed)",
+        "config.json, its model made by transformers on the meta device (no weights needed); or a Hugging Face "
+        "Hub model's id, org/name[@revision], read from the local Hugging Face cache (nothing is downloaded)",
     )
     p.add_argument(
         "--dtype", default=None,

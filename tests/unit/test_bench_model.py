@@ -116,7 +116,7 @@ def test_a_factory_that_reads_values_is_made_for_real(models):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("bench_models.Net", "'bench_models.Net' is not module:factory"),
+        ("bench_models.Net", "'bench_models.Net' is no file or folder here, no module:factory"),
         ("bench_models:Net(d=-1)", "bench_models:Net(d=-1) raised RuntimeError"),
         ("no_such_module_here:Net", "'no_such_module_here' cannot be imported (ModuleNotFoundError"),
         ("bench_models:Nope", "module 'bench_models' has no 'Nope'"),
