@@ -184,15 +184,22 @@ _HUB_ID = re.compile(
 )
 
 
+#: a commit's hash, the name of a snapshot in the Hugging Face cache (and all a ref file may hold)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def _hub_cache() -> Path:
     """The Hugging Face Hub's cache folder, found as ``huggingface_hub`` finds it: ``HF_HUB_CACHE`` (or its old
     name ``HUGGINGFACE_HUB_CACHE``), else ``HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
     ``~/.cache/huggingface/hub``."""
+    def expanded(path: str) -> str:  # "~user" and "$VAR" as huggingface_hub expands them (an unknown user: as it is)
+        return os.path.expandvars(os.path.expanduser(path))
+
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
     if cache:
-        return Path(cache).expanduser()
+        return Path(expanded(cache))
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(home).expanduser() / "hub"
+    return Path(expanded(home)) / "hub"
 
 
 def _hub_snapshot(spec: str) -> Path | None:
@@ -210,16 +217,17 @@ def _hub_snapshot(spec: str) -> Path | None:
     folder = _hub_cache() / f"models--{repo.replace('/', '--')}"
     ref = folder / "refs" / revision  # a branch's or tag's commit; a commit names its snapshot itself
     try:
-        snapshot = folder / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
-        if snapshot.is_dir():
-            return snapshot
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        if _COMMIT.fullmatch(commit) and (folder / "snapshots" / commit).is_dir():
+            return folder / "snapshots" / commit
     except (OSError, ValueError):  # an unreadable ref, a name the file system refuses
         pass
+    at = f" --revision {revision}" if hub_id["revision"] else ""
     raise ValueError(
         f"{spec!r} is no file or folder here, no module:factory (a callable making a torch.nn.Module, e.g. "
         f"mypkg.nets:build), and no Hugging Face model in the cache (no snapshot of revision {revision!r} under "
         f"{str(folder)!r}): the bench downloads nothing; download its config.json (or its weights) first, e.g. "
-        f"huggingface-cli download {repo} config.json"
+        f"hf download {repo} config.json{at}"
     )
 
 
@@ -355,6 +363,13 @@ def _safetensors_entries(path: Path) -> list[_Entry]:
         (name, _checked_shape(name, entry["shape"], list), _SAFETENSORS_DTYPES.get(entry["dtype"]))
         for name, entry in _safetensors_header(path).items()
     ]
+
+
+def _exists(spec: str) -> bool:
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):  # a name too long, a NUL
+        return False
 
 
 def _is_folder(spec: str) -> bool:
@@ -637,40 +652,80 @@ def _file_entries(path: Path) -> tuple[list[_Entry], str, int]:
     return entries, where, len(dropped)
 
 
+#: one part of a sharded checkpoint (``model-00001-of-00004.safetensors``), which holds some of the model's tensors
+#: and is read through its index
+_SHARD = re.compile(r".*-[0-9]{5}-of-[0-9]{5}\.[^.]+", re.IGNORECASE)
+
+
+def _missing_shards(index: Path) -> list[str]:
+    """The shard files an index of shards names that are not beside it (none where the index cannot be read as
+    one: reading it then says why)."""
+    try:
+        shards = json.loads(index.read_bytes()).get("weight_map")
+        if not isinstance(shards, dict):
+            return []
+        return sorted({s for s in shards.values() if isinstance(s, str) and not (index.parent / s).is_file()})
+    except (OSError, ValueError, AttributeError):  # not JSON, not a table, a name the file system refuses
+        return []
+
+
 def _folder_checkpoint(folder: Path) -> Path:
     """The checkpoint file a folder holds: the first of :data:`_FOLDER_NAMES` present (a Hugging Face model's or
     trainer's folder), else a ``torch.distributed.checkpoint``'s ``.metadata`` (Lightning's keeps a ``meta.pt``
     beside it), else its lowest rank's ``__<rank>.metadata`` (a save without rank coordination;
     :func:`_dcp_entries` reads every rank's), else its only index of shards, else its only safetensors file,
-    else its only torch.save'd file; with none of these, its ``config.json`` (:func:`config_params`).
+    else its only torch.save'd file, parts of a sharded checkpoint (:data:`_SHARD`) aside; with none of these,
+    its ``config.json`` (:func:`config_params`). An index whose shards are not all there (a download of the
+    JSON files, or one cut short) gives way to the config too.
 
     Raises:
-        ValueError: the folder holds no checkpoint file nor config, or several files of one kind and none of
-            those names.
+        ValueError: the folder holds no checkpoint file nor config, several files of one kind and none of those
+            names, or only an index without its shards or shards without their index, and no config.
     """
+    config = folder / "config.json"
     files = sorted(
         f.name for f in folder.iterdir()
         if f.is_file() and _is_checkpoint(f.name) and not _TRAINER_FILES.fullmatch(f.name)
     )
+
+    def whole(name: str) -> Path:  # the file, or the config where it is an index without its shards
+        missing = _missing_shards(folder / name) if name.lower().endswith(".index.json") else []
+        if not missing:
+            return folder / name
+        if config.is_file():
+            return config
+        raise ValueError(
+            f"the folder {str(folder)!r} holds the index {name} without its shards "
+            f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}) and no config.json: download them, or "
+            "the config"
+        )
+
     for name in _FOLDER_NAMES:
         if name in files:
-            return folder / name
+            return whole(name)
     if (folder / ".metadata").is_file():  # a torch.distributed.checkpoint (Lightning's keeps a meta.pt beside it)
         return folder / ".metadata"
     if ranks := _rank_metadata_files(folder):  # one saved without rank coordination: a metadata file a rank
         return ranks[0]
+    parts = [f for f in files if _SHARD.fullmatch(f)]
+    files = [f for f in files if f not in parts]
     kinds = (
         [f for f in files if f.lower().endswith(".index.json")], [f for f in files if f.lower().endswith(".safetensors")]
     )
     for kind in (*kinds, [f for f in files if not any(f in k for k in kinds)]):
         if len(kind) == 1:
-            return folder / kind[0]
+            return whole(kind[0])
         if kind:
             raise ValueError(
                 f"the folder {str(folder)!r} holds several checkpoint files ({', '.join(kind)}): name the one to read"
             )
-    if (folder / "config.json").is_file():  # a model's folder without its weights: its config makes it
-        return folder / "config.json"
+    if config.is_file():  # a model's folder without its weights, or with some shards and no index
+        return config
+    if parts:
+        raise ValueError(
+            f"the folder {str(folder)!r} holds parts of a sharded checkpoint ({', '.join(parts[:3])}"
+            f"{', …' if len(parts) > 3 else ''}) without their index and no config.json: download the index"
+        )
     raise ValueError(
         f"the folder {str(folder)!r} holds no checkpoint file (one named *{', *'.join(_CHECKPOINTS)}) "
         "and no Hugging Face config.json"
@@ -749,12 +804,22 @@ def model_params(spec: str) -> ParamSet:
             the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
             than float32, bfloat16, float16 and float64 (the message says which).
     """
-    if _is_checkpoint(spec) or _is_folder(spec) or _is_metadata_or_config(Path(spec).name):
+    named_file = _is_checkpoint(spec) or _is_metadata_or_config(Path(spec).name)
+    if _is_folder(spec) or (named_file and _exists(spec)):
         return checkpoint_params(Path(spec))
-    snapshot = _hub_snapshot(spec)
+    try:
+        snapshot = _hub_snapshot(spec)
+    except ValueError:
+        if not named_file:
+            raise
+        snapshot = None  # a file's name that is no cached model's id either: the file is missing
     if snapshot is not None:  # a Hub model's id, found in the local cache
         params = checkpoint_params(snapshot)
         return attrs.evolve(params, source=f"{spec} from the Hugging Face cache: {params.source}")
+    if named_file:
+        return checkpoint_params(Path(spec))  # it says the file is missing
+    if ":" not in spec and (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1):
+        raise ValueError(f"no file or folder {spec!r}")  # written as a path, and no module:factory
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")
     try:
