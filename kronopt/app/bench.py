@@ -634,11 +634,16 @@ def _file_entries(path: Path) -> tuple[list[_Entry], str, int]:
         shards = json.loads(path.read_bytes()).get("weight_map")
         if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
             raise ValueError("its weight_map is not a table of tensor names to shard files")
+        for shard in dict.fromkeys(shards.values()):
+            if shard.lower().endswith(".index.json") or not _is_checkpoint(shard):
+                raise ValueError(f"its shard {shard!r} is not a safetensors or torch.save'd file")
+        if missing := _missing_shards(path):
+            raise ValueError(
+                f"its shards {_listed(missing)} are not beside it: download them, or give the model's config.json"
+            )
         entries: list[_Entry] = []
         tied = 0
         for shard in dict.fromkeys(shards.values()):  # each tensor from the shard the index names for it
-            if shard.lower().endswith(".index.json") or not _is_checkpoint(shard):
-                raise ValueError(f"its shard {shard!r} is not a safetensors or torch.save'd file")
             if shard.lower().endswith(".safetensors"):
                 found, dropped = _safetensors_entries(path.parent / shard), []
             else:
@@ -652,9 +657,13 @@ def _file_entries(path: Path) -> tuple[list[_Entry], str, int]:
     return entries, where, len(dropped)
 
 
-#: one part of a sharded checkpoint (``model-00001-of-00004.safetensors``), which holds some of the model's tensors
-#: and is read through its index
-_SHARD = re.compile(r".*-[0-9]{5}-of-[0-9]{5}\.[^.]+", re.IGNORECASE)
+#: one part of a sharded checkpoint of several (``model-00001-of-00004.safetensors``), which holds some of the
+#: model's tensors and is read through its index (the one part of a checkpoint of one is the whole)
+_SHARD = re.compile(r".*-[0-9]{5}-of-(?P<parts>[0-9]{5})\.[^.]+", re.IGNORECASE)
+
+
+def _is_part(name: str) -> bool:
+    return (part := _SHARD.fullmatch(name)) is not None and int(part["parts"]) > 1
 
 
 def _missing_shards(index: Path) -> list[str]:
@@ -669,6 +678,10 @@ def _missing_shards(index: Path) -> list[str]:
         return []
 
 
+def _listed(names: Sequence[str]) -> str:
+    return f"{', '.join(names[:3])}{', …' if len(names) > 3 else ''}"
+
+
 def _folder_checkpoint(folder: Path) -> Path:
     """The checkpoint file a folder holds: the first of :data:`_FOLDER_NAMES` present (a Hugging Face model's or
     trainer's folder), else a ``torch.distributed.checkpoint``'s ``.metadata`` (Lightning's keeps a ``meta.pt``
@@ -676,60 +689,54 @@ def _folder_checkpoint(folder: Path) -> Path:
     :func:`_dcp_entries` reads every rank's), else its only index of shards, else its only safetensors file,
     else its only torch.save'd file, parts of a sharded checkpoint (:data:`_SHARD`) aside; with none of these,
     its ``config.json`` (:func:`config_params`). An index whose shards are not all there (a download of the
-    JSON files, or one cut short) gives way to the config too.
+    JSON files, or one cut short) is passed over, as if absent.
 
     Raises:
-        ValueError: the folder holds no checkpoint file nor config, several files of one kind and none of those
-            names, or only an index without its shards or shards without their index, and no config.
+        ValueError: the folder holds no checkpoint file nor config (naming an index without its shards, shards
+            without their index, or subfolders holding a DCP checkpoint, where it holds those), or several
+            files of one kind and none of those names.
     """
     config = folder / "config.json"
     files = sorted(
         f.name for f in folder.iterdir()
         if f.is_file() and _is_checkpoint(f.name) and not _TRAINER_FILES.fullmatch(f.name)
     )
-
-    def whole(name: str) -> Path:  # the file, or the config where it is an index without its shards
-        missing = _missing_shards(folder / name) if name.lower().endswith(".index.json") else []
-        if not missing:
-            return folder / name
-        if config.is_file():
-            return config
-        raise ValueError(
-            f"the folder {str(folder)!r} holds the index {name} without its shards "
-            f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}) and no config.json: download them, or "
-            "the config"
-        )
-
+    incomplete = {name: missing for name in files if name.lower().endswith(".index.json") and (
+        missing := _missing_shards(folder / name)
+    )}
+    files = [name for name in files if name not in incomplete]
     for name in _FOLDER_NAMES:
         if name in files:
-            return whole(name)
+            return folder / name
     if (folder / ".metadata").is_file():  # a torch.distributed.checkpoint (Lightning's keeps a meta.pt beside it)
         return folder / ".metadata"
     if ranks := _rank_metadata_files(folder):  # one saved without rank coordination: a metadata file a rank
         return ranks[0]
-    parts = [f for f in files if _SHARD.fullmatch(f)]
+    parts = [f for f in files if _is_part(f)]
     files = [f for f in files if f not in parts]
     kinds = (
         [f for f in files if f.lower().endswith(".index.json")], [f for f in files if f.lower().endswith(".safetensors")]
     )
     for kind in (*kinds, [f for f in files if not any(f in k for k in kinds)]):
         if len(kind) == 1:
-            return whole(kind[0])
+            return folder / kind[0]
         if kind:
             raise ValueError(
                 f"the folder {str(folder)!r} holds several checkpoint files ({', '.join(kind)}): name the one to read"
             )
-    if config.is_file():  # a model's folder without its weights, or with some shards and no index
+    if config.is_file():  # a model's folder without its weights, or with some of them
         return config
-    if parts:
-        raise ValueError(
-            f"the folder {str(folder)!r} holds parts of a sharded checkpoint ({', '.join(parts[:3])}"
-            f"{', …' if len(parts) > 3 else ''}) without their index and no config.json: download the index"
-        )
-    raise ValueError(
-        f"the folder {str(folder)!r} holds no checkpoint file (one named *{', *'.join(_CHECKPOINTS)}) "
-        "and no Hugging Face config.json"
-    )
+    held = "no checkpoint file (one named *" + ", *".join(_CHECKPOINTS) + ")"
+    if incomplete:
+        name, missing = next(iter(incomplete.items()))
+        held = f"the index {name} without its shards ({_listed(missing)})"
+    elif parts:
+        held = f"parts of a sharded checkpoint ({_listed(parts)}) without their index"
+    dcp = sorted(f.name for f in folder.iterdir() if f.is_dir() and (
+        (f / ".metadata").is_file() or _rank_metadata_files(f)
+    ))
+    within = f"; its subfolders {_listed(dcp)} hold a torch.distributed.checkpoint: give one of them" if dcp else ""
+    raise ValueError(f"the folder {str(folder)!r} holds {held} and no Hugging Face config.json{within}")
 
 
 def checkpoint_params(path: Path) -> ParamSet:
@@ -797,16 +804,25 @@ def model_params(spec: str) -> ParamSet:
     ``__<rank>.metadata`` (the folder's save read), a folder holding one, or a Hugging Face ``config.json`` (or a folder
     holding one and no weights), whose model ``transformers`` makes (:func:`config_params`); or a Hugging Face
     Hub model's id, ``org/name`` or ``name`` with an optional ``@revision``, whose snapshot in the local cache is
-    such a folder (:func:`_hub_snapshot`; nothing is downloaded). A spec that is none of these is a factory's.
+    such a folder (:func:`_hub_snapshot`; nothing is downloaded). A path may start with ``~`` (the home folder). A
+    spec that is none of these, nor written as a path, is a factory's.
 
     Raises:
-        ValueError: ``spec`` is not spelled so, does not import, is not callable, does not make a module, or
-            the module has no trainable parameter, one of a lazy module (no shape yet) or one of another dtype
-            than float32, bfloat16, float16 and float64 (the message says which).
+        ValueError: ``spec`` is not spelled so, names a file or folder that is missing or a file of another
+            kind, does not import, is not callable, does not make a module, or the module has no trainable
+            parameter, one of a lazy module (no shape yet) or one of another dtype than float32, bfloat16,
+            float16 and float64 (the message says which).
     """
-    named_file = _is_checkpoint(spec) or _is_metadata_or_config(Path(spec).name)
-    if _is_folder(spec) or (named_file and _exists(spec)):
-        return checkpoint_params(Path(spec))
+    local = os.path.expanduser(spec)  # "~/models/x": a shell leaves the tilde of --model=~/… or of a quoted path
+    named_file = _is_checkpoint(local) or _is_metadata_or_config(Path(local).name)
+    if _is_folder(local) or (named_file and _exists(local)):
+        return checkpoint_params(Path(local))
+    if _exists(local):
+        factory = f"; a Python file's factory is named after it, e.g. {spec}:build" if local.endswith(".py") else ""
+        raise ValueError(
+            f"{spec!r} is a file the bench does not read: give a checkpoint (*{', *'.join(_CHECKPOINTS)}), a folder "
+            f"holding one, a config.json, a Hugging Face Hub model's id or a module:factory{factory}"
+        )
     try:
         snapshot = _hub_snapshot(spec)
     except ValueError:
@@ -817,13 +833,17 @@ def model_params(spec: str) -> ParamSet:
         params = checkpoint_params(snapshot)
         return attrs.evolve(params, source=f"{spec} from the Hugging Face cache: {params.source}")
     if named_file:
-        return checkpoint_params(Path(spec))  # it says the file is missing
-    if ":" not in spec and (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1):
-        raise ValueError(f"no file or folder {spec!r}")  # written as a path, and no module:factory
+        return checkpoint_params(Path(local))  # it says the file is missing
+    written_as_path = ":" not in spec and (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1)
+    if written_as_path or (_IN_FILE.match(spec) is None and re.match(r"[A-Za-z]:[\\/]", spec)):  # C:\…, C:/…
+        raise ValueError(f"no file or folder {spec!r}")
     name, args, kwargs = _factory_call(spec)
     module_name, _, attr = name.rpartition(":")
     try:
-        module = _module_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+        module = (
+            _module_file(Path(os.path.expanduser(module_name))) if module_name.endswith(".py")
+            else importlib.import_module(module_name)
+        )
     except (Exception, SystemExit) as exc:  # any import failure (a script's exit too) is the user's to see, in one line
         where = "" if module_name.endswith(".py") else "; is it on PYTHONPATH?"
         raise ValueError(f"{module_name!r} cannot be imported ({type(exc).__name__}: {exc}{where})") from None
