@@ -1,7 +1,7 @@
 """Edge cases of the mends to ``kronopt bench --model`` (fbe871c: Hub ids, the dispatch order of ``model_params``,
-``_folder_checkpoint``'s shards; 2e1f0bf: DCP rank files), found in review. ``WRONG:`` tests pinned a bug (they failed
-on the code reviewed, mended since), ``OK:`` tests pin behaviour checked and found right. Every file is laid out by hand; nothing
-here needs ``huggingface_hub``, ``transformers`` or the network."""
+``_folder_checkpoint``'s shards; 2e1f0bf: DCP rank files), found in review. ``WRONG:`` tests pinned a bug (they
+failed on the code reviewed, mended since), ``OK:`` tests pin behaviour checked and found right. Every file is
+laid out by hand; nothing here needs ``huggingface_hub``, ``transformers`` or the network."""
 
 import json
 import os
