@@ -24,10 +24,15 @@ def _cached(cache, repo, commit, tensors, refs=("main",)):
     snapshot = folder / "snapshots" / commit
     snapshot.mkdir(parents=True)
     os.symlink(os.path.relpath(blob, snapshot), snapshot / "model.safetensors")
+    _point(folder, refs, commit)
+    return snapshot
+
+
+def _point(folder, refs, commit):
+    """Each of ``refs`` (``main``, a tag, ``refs/pr/3``) in the repository's cache ``folder`` naming ``commit``."""
     for ref in refs:
         (folder / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (folder / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture

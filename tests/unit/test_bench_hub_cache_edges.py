@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kronopt.app import bench
+from .test_bench_hub_cache import _point
 from .test_bench_model import _safetensors
 
 MAIN, OTHER = "a" * 40, "b" * 40
@@ -31,9 +32,7 @@ def _snapshot(cache, repo, files, commit=MAIN, refs=("main",)):
             _safetensors(snapshot / name, content)
         else:
             (snapshot / name).write_text(content)
-    for ref in refs:
-        (folder / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (folder / "refs" / ref).write_text(commit)
+    _point(folder, refs, commit)
     return snapshot
 
 

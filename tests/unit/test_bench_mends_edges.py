@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kronopt.app import bench
+from .test_bench_hub_cache_edges import from_config  # noqa: F401 (a fixture: config_params replaced by a stand-in)
 from .test_bench_model import _safetensors
 
 
@@ -21,19 +22,6 @@ def here(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-@pytest.fixture
-def from_config(monkeypatch):
-    """``config_params`` replaced by a stand-in (``transformers`` is not needed): the config paths it was asked for."""
-    asked = []
-
-    def made(path):
-        asked.append(path)
-        return bench.ParamSet([(7, 7)], ["from_config.weight"], [torch.float32], source=f"model of {path.name}")
-
-    monkeypatch.setattr(bench, "config_params", made)
-    return asked
 
 
 def _names_and_shapes(params):
