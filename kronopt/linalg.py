@@ -1294,8 +1294,8 @@ def _bfloat16_products_fast() -> bool:
     (``avx512_bf16``, Zen 4 on). Measured on 2 cores, torch 2.13 (oneDNN for bfloat16, MKL for float32):
     an Intel Xeon with AMX ran bfloat16 products several times faster than float32 ones; an AMD EPYC
     (Zen 4) 356–389 GFLOP/s against 80–157, and one of Zen 5 ran Newton–Schulz on the presets' stacks
-    (``4 × 256 × 256`` to ``4 × 1024 × 256``) 3.5–4.2 times faster in them; an Intel Xeon whose virtual machine exposes
-    ``avx512_bf16`` and not AMX about 150 against 236–263 on most shapes (oneDNN's
+    (``4 × 256 × 256`` to ``4 × 1024 × 256``) 3.5–4.2 times faster in them; an Intel Xeon whose virtual
+    machine exposes ``avx512_bf16`` and not AMX about 150 against 236–263 on most shapes (oneDNN's
     ``avx512_core_bf16`` kernels), so there Newton–Schulz in float32 kernels took 0.69–0.96 of its
     time in bfloat16 ones on the presets' shapes (``4 × 256 × 256`` to ``1024 × 1024``). Two
     assumptions, not measured: that a processor without bfloat16 dot products (no ``avx512_bf16``)

@@ -365,18 +365,17 @@ def _safetensors_entries(path: Path) -> list[_Entry]:
     ]
 
 
-def _exists(spec: str) -> bool:
+def _exists(spec: str, test: Callable[[Path], bool] = Path.exists) -> bool:
+    """``test`` of ``spec`` as a path; ``False`` where it is no path at all (a factory's spec: a part too long, a
+    NUL)."""
     try:
-        return Path(spec).exists()
-    except (OSError, ValueError):  # a name too long, a NUL
+        return test(Path(spec))
+    except (OSError, ValueError):
         return False
 
 
 def _is_folder(spec: str) -> bool:
-    try:
-        return Path(spec).is_dir()
-    except (OSError, ValueError):  # a factory's spec may not be a path at all (a part too long, a NUL)
-        return False
+    return _exists(spec, Path.is_dir)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -529,6 +528,15 @@ def _rank_metadata_files(folder: Path) -> list[Path]:
     return [ranks[r] for r in sorted(ranks)]
 
 
+def _dcp_files(path: Path) -> list[Path]:
+    """The metadata files read for the DCP metadata file ``path``: a ``.metadata`` alone, a rank's with every
+    rank's of its folder (a rank file named in another case than torch's: alone)."""
+    if path.name.lower() == ".metadata":
+        return [path]
+    ranks = _rank_metadata_files(path.parent)
+    return ranks if path.name in {f.name for f in ranks} else [path]
+
+
 def _dcp_tensors(path: Path) -> dict[Any, tuple[tuple[str, ...], tuple[int, ...], torch.dtype | None]]:
     """The tensors one DCP metadata file records: by key, their path in the saved dict (a key without a path is a
     path of one), size and dtype (``None``: one torch does not name)."""
@@ -566,10 +574,7 @@ def _dcp_entries(path: Path) -> tuple[list[_Entry], str]:
         ValueError: a metadata file is not one (naming a rank's), or two ranks' files give a tensor the bench
             reads different sizes or dtypes.
     """
-    files = [path]
-    if path.name.lower() != ".metadata":
-        ranks = _rank_metadata_files(path.parent)
-        files = ranks if path.name in {f.name for f in ranks} else [path]  # a rank file named in other case: alone
+    files = _dcp_files(path)
     tensors: dict[Any, tuple[tuple[str, ...], tuple[int, ...], torch.dtype | None]] = {}
     disagree: dict[tuple[str, ...], str] = {}  # by path: two ranks' records of a tensor, said
     for file in files:
@@ -782,10 +787,9 @@ def checkpoint_params(path: Path) -> ParamSet:
     label = path.name  # a DCP folder's metadata by its folder; a save's rank-local files are read together
     if _is_dcp_metadata(path.name):
         folder = path.absolute().parent.name  # "": a name of one part, in the folder it was run in
-        ranks = [] if path.name.lower() == ".metadata" else _rank_metadata_files(path.parent)
         label = f"{folder}/{path.name}"
-        if path.name in {f.name for f in ranks}:
-            label = f"{folder}/__*.metadata of {len(ranks)} rank{'s' if len(ranks) > 1 else ''}"
+        if _RANK_METADATA.fullmatch(path.name) and (n := len(_dcp_files(path))):
+            label = f"{folder}/__*.metadata of {n} rank{'s' if n > 1 else ''}"
     source = ", ".join(filter(None, [f"checkpoint {label}", *notes]))
     return ParamSet([s for _, s, _ in kept], [n for n, _, _ in kept], [d for _, _, d in kept], source=source)
 
