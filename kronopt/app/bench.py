@@ -1,4 +1,5 @@
-"""``kronopt bench``: optimizer step time (mean and median) and state bytes, kronopt against its peers.
+"""``kronopt bench``: optimizer step time (mean and median), state bytes and the memory a step faults
+in, kronopt against its peers.
 
 The optimizers (presets, TOML files, and other libraries' optimizers named
 ``package.Class``: ``torch.AdamW``, ``torch.Muon``, ``pytorch_optimizer.SOAP``,
@@ -29,6 +30,11 @@ import importlib.util
 import json
 import os
 import pickle
+
+try:
+    import resource  # Unix: the process's page faults
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 import re
 import statistics
 import sys
@@ -1037,6 +1043,15 @@ def bench(
     refresh of the presets). A peer that raises in those rounds keeps its times, and its
     ``step_bytes`` is ``None``.
 
+    ``fault_bytes`` is the memory an optimizer's timed step took fresh from the operating system, on
+    the mean: the process's minor page faults during its steps (:func:`_minor_faults`, every thread's)
+    times the page size. On a CPU the C allocator may hand a step's freed temporaries back to the
+    system and the next step faults each page in again (zeroed): with glibc, muon's steps on 4 layers
+    of d = 256 took 30–35 ms where they faulted nothing and 42–47 where they faulted about 35 MiB
+    a step, depending only on where earlier allocations had left the heap's top. A large figure here
+    says that part of the time is the allocator's, which ``--retain-freed-memory`` (:mod:`kronopt.malloc`)
+    takes away for every optimizer of the run. ``None`` where the platform counts no faults.
+
     ``shapes`` is the parameter set: a list of shapes (parameters named ``blocks.<i>.weight``) or a
     :class:`ParamSet` (a model's names, shapes and dtypes: :func:`model_params`); ``dtype``, where given, is
     every parameter's (by default float32, or the set's own).
@@ -1057,7 +1072,7 @@ def bench(
 
     Returns:
         One dict per name, in order: ``optimizer``, ``mean_ms``, ``median_ms``,
-        ``state_bytes``, ``step_bytes`` (``None`` without ``memory_steps``), ``vs_first`` (its mean over the first optimizer's mean),
+        ``state_bytes``, ``step_bytes`` (``None`` without ``memory_steps``), ``fault_bytes``, ``vs_first`` (its mean over the first optimizer's mean),
         ``vs_first_range`` (the lowest and highest of that ratio over the runs), ``runs``,
         ``run_means`` and ``failed`` (``None``, or as :func:`aggregate_runs` gives it; the
         figures are then ``None``).
@@ -1086,7 +1101,7 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
     optimizer the median over the runs of ``mean_ms``, ``median_ms`` and ``vs_first`` (each run's own
     ratio, so a run on a busier machine slows every optimizer in it alike), the lowest and highest
     ratio (``vs_first_range``), the number of runs and each run's ``mean_ms`` (``run_means``, for
-    :func:`ratios`). ``state_bytes`` and ``step_bytes`` are the first run's.
+    :func:`ratios`). ``state_bytes`` and ``step_bytes`` are the first run's, ``fault_bytes`` the median.
 
     An optimizer that failed in any run (its row's ``failed`` set, :func:`bench`) gets ``failed``: the
     first failure's ``step`` and ``error`` and the number of ``runs`` that failed, and ``None`` for
@@ -1102,7 +1117,8 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
             out.append(
                 {
                     "optimizer": row["optimizer"], "mean_ms": None, "median_ms": None, "state_bytes": None,
-                    "step_bytes": None, "vs_first": None, "vs_first_range": None, "runs": len(runs), "run_means": None,
+                    "step_bytes": None, "fault_bytes": None, "vs_first": None, "vs_first_range": None, "runs": len(runs),
+                    "run_means": None,
                     "failed": {**failures[0], "runs": len(failures)},
                 }
             )
@@ -1115,6 +1131,7 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
                 "median_ms": statistics.median(run[i]["median_ms"] for run in runs),
                 "state_bytes": row["state_bytes"],
                 "step_bytes": row.get("step_bytes"),
+                "fault_bytes": _median_or_none([run[i].get("fault_bytes") for run in runs]),
                 "vs_first": None if ratios is None else statistics.median(ratios),
                 "vs_first_range": None if ratios is None else (min(ratios), max(ratios)),
                 "runs": len(runs),
@@ -1167,7 +1184,7 @@ def _bench_once(
         tensors = [torch.nn.Parameter(b.clone().to(device)) for b in base]
         made = bool(makers) and name in makers
         run = {"name": name, "params": tensors, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
-               "peer": not made and _is_peer(name), "failed": None, "step_bytes": None}
+               "peer": not made and _is_peer(name), "failed": None, "step_bytes": None, "faults": 0}
         try:
             run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, tensors, params.names)
         except Exception as exc:
@@ -1183,6 +1200,7 @@ def _bench_once(
                     continue
                 _give_grads(run, grads[k % len(grads)])
                 sync()
+                faults = _minor_faults()
                 t0 = time.perf_counter()
                 try:  # costs nothing in the timed region unless something raises (CPython ≥ 3.11)
                     run["opt"].step()
@@ -1194,6 +1212,8 @@ def _bench_once(
                     continue
                 if k >= warmup:
                     run["times"].append(time.perf_counter() - t0)
+                    if faults is not None:
+                        run["faults"] += _minor_faults() - faults  # type: ignore[operator]
         for k in range(warmup + steps, warmup + steps + memory_steps):
             for run in runs:
                 if run["failed"] or run["step_bytes"] is False:
@@ -1213,7 +1233,7 @@ def _bench_once(
     for run in runs:
         if run["failed"]:
             rows.append({"optimizer": run["name"], "mean_ms": None, "median_ms": None, "state_bytes": None,
-                         "step_bytes": None, "vs_first": None, "failed": run["failed"]})
+                         "step_bytes": None, "fault_bytes": None, "vs_first": None, "failed": run["failed"]})
             continue
         mean = statistics.fmean(run["times"]) * 1e3
         rows.append(
@@ -1223,11 +1243,24 @@ def _bench_once(
                 "median_ms": statistics.median(run["times"]) * 1e3,
                 "state_bytes": run["state_bytes"](),
                 "step_bytes": run["step_bytes"] if run["step_bytes"] is not False else None,
+                "fault_bytes": None if _minor_faults() is None else run["faults"] / len(run["times"]) * resource.getpagesize(),
                 "vs_first": None if first is None else mean / first if first > 0 else float("nan"),
                 "failed": None,
             }
         )
     return rows
+
+
+def _minor_faults() -> int | None:
+    """The minor page faults of this process so far, every thread's (``getrusage``): each a page the
+    process touched for the first time since the system handed it over, zeroed. ``None`` without
+    ``resource`` (Windows)."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    """The median of ``values``, ``None`` where any is (a platform that counts nothing)."""
+    return None if any(v is None for v in values) else statistics.median(values)  # type: ignore[type-var]
 
 
 def _drop(run: dict[str, Any], step: int, exc: Exception) -> None:
@@ -1824,8 +1857,10 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     first = f"× {rows[0]['optimizer']}"
     spread = rows[0].get("runs", 1) > 1  # several runs: the ratio's range over them, last
     memory = any(r.get("step_bytes") is not None for r in rows)  # --memory: the most one step held at once
+    faults = any(r.get("fault_bytes") is not None for r in rows)  # pages a step took fresh from the system
     header = f"{'optimizer':<{width}} {'mean ms':>9} {'median ms':>10} {first:>{max(12, len(first))}} {'state MiB':>10}"
     header += f" {'step MiB':>9}" if memory else ""
+    header += f" {'faults MiB':>10}" if faults else ""
     header += f" {'× range':>11}" if spread else ""
     print(header)
     print("-" * len(header))
@@ -1840,6 +1875,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         )
         if memory:
             line += f" {_mib(r['step_bytes']):>9.2f}" if r.get("step_bytes") is not None else f" {'-':>9}"
+        if faults:
+            line += f" {_mib(r['fault_bytes']):>10.2f}" if r.get("fault_bytes") is not None else f" {'-':>10}"
         if spread:
             spread_text = "-" if r["vs_first_range"] is None else "{:.2f}–{:.2f}".format(*r["vs_first_range"])
             line += f" {spread_text:>11}"
