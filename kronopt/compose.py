@@ -224,6 +224,41 @@ def is_plain_adam(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
     )
 
 
+def is_plain_muon(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+    """Whether a CPU may step a bucket as :meth:`~kronopt.optimizer.KronOptimizer._step_plain_muon` does, block
+    by block around one batched iteration: Muon proper (the ``orthogonalize`` rule with its ``ema`` momentum and
+    a named schedule, whose iteration keeps a finite input finite), no factors, the identity basis, the full
+    split, a plain ``post``, its state stored in the compute dtype ``dtype``, no skipped first call, no
+    ``compile``. Only the momentum and the counters then change."""
+    from .bases import IdentityBasis
+    from .factors.ema import NoFactors
+    from .inner_rules.orthogonalize import OrthogonalizeInner
+    from .splits import FullSplit
+
+    return (
+        type(cfg.inner) is OrthogonalizeInner
+        and cfg.inner.momentum_form == "ema"
+        and cfg.inner.coefficients != "custom"
+        and type(cfg.factors) is NoFactors
+        and type(cfg.basis) is IdentityBasis
+        and type(cfg.split) is FullSplit
+        and not cfg.post.normalize
+        and cfg.post.grafting == "none"
+        and not cfg.skip_first_call
+        and not cfg.compile
+        and storage_dtypes(cfg.storage, dtype) is None
+        and "restricted" not in (layout.left, layout.right)
+    )
+
+
+def momentum_block_is_safe(dtype: torch.dtype, g_abs: float, buf_abs: float) -> bool:
+    r"""Whether an EMA momentum :math:`\mathrm{lerp}(B, G, w)` with :math:`w \in [0, 1]` in ``dtype`` is sure to be
+    finite on a block bounded by ``|G| ≤ g_abs`` and ``|B| ≤ buf_abs``; ``False`` when it cannot say (a
+    non-finite bound). The result is a convex combination of the two, and the difference that ``lerp`` forms on
+    the way is at most their sum, so both bounds are kept under a quarter of the dtype's largest value."""
+    return math.isfinite(g_abs) and math.isfinite(buf_abs) and max(g_abs, buf_abs) < torch.finfo(dtype).max / 4
+
+
 def adam_step(
     cfg: KronConfig, state: BucketState, grads: Sequence[Tensor], out: tuple[Tensor, Tensor, Tensor]
 ) -> tuple[Tensor, BucketState]:

@@ -115,6 +115,9 @@ _FUSED_ADAMW = True
 #: whether plain AdamW keeps its scratch tensors between steps on a CPU (:meth:`KronOptimizer._scratch`), where a
 #: fresh tensor of a few MiB costs a pass over it; other devices' caching allocators hand blocks back for nothing
 _CPU_KEEPS_SCRATCH = True
+#: whether a CPU steps plain Muon buckets block by block around one batched iteration
+#: (:meth:`KronOptimizer._step_plain_muon`); the test of the general path turns it off
+_PLAIN_MUON_CPU = True
 #: plain AdamW blocks of at most this many entries have their extremes read together, across buckets
 #: (:meth:`KronOptimizer._adam_bounds_small`); a larger block's are read right before its work, in cache
 _ADAM_BOUNDS_TOGETHER_MAX = 1 << 14
@@ -1280,6 +1283,8 @@ class KronOptimizer(torch.optim.Optimizer):
         if raw is not None:
             self._step_plain_adam(bucket, step_ok, cfg, raw)
             return
+        if self._step_plain_muon(bucket, step_ok, cfg):
+            return
         run = self._run(bucket, cfg)
         # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
         ok_new = compose.finite_new_state(run.new, run.old, run.D)  # (a deferred update is proven finite beforehand)
@@ -1413,12 +1418,96 @@ class KronOptimizer(torch.optim.Optimizer):
         weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
         compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
-        report = self._count_plain_adam(bucket, ok, step_ok)
+        report = self._count_plain(bucket, ok, step_ok)
         if report is not None:
             self._pending.append(report)
 
-    def _count_plain_adam(self, bucket: _Bucket, ok: Tensor | list[bool], step_ok: Tensor | None) -> "_Pending | None":
-        """After a plain AdamW bucket's step: its counters and its skipped blocks (``ok``: the ``(b)`` mask, or
+    def _plain_muon_cpu(self, bucket: _Bucket, cfg: KronConfig) -> bool:
+        """Whether :meth:`_step_plain_muon` may step this bucket: a plain Muon bucket (:func:`compose.is_plain_muon`,
+        the verdict kept per config, layout and dtype) of a CPU whose verdicts are read on the host
+        (:func:`linalg.host_verdicts`), neither work-sharded nor FSDP2, its gradients in its state's dtype and
+        its momentum stack one that may be updated in place here (not an inference tensor outside
+        ``inference_mode``: the general path replaces such a stack)."""
+        if not _PLAIN_MUON_CPU or bucket.plan is not None or bucket.fsdp is not None or not linalg.host_verdicts(bucket.blocks[0]):
+            return False
+        key = (id(cfg), bucket.layout, bucket.state_dtype)
+        plain = self.__dict__.setdefault("_plain_muon", {}).get(key)
+        if plain is None:
+            plain = self._plain_muon[key] = compose.is_plain_muon(cfg, bucket.layout, bucket.state_dtype)
+        buf = bucket.state.inner.momentum_buffer if plain else None  # type: ignore[union-attr]
+        return (
+            plain
+            and buf.numel() > 0  # type: ignore[union-attr]
+            and all(p.grad.dtype == bucket.state_dtype for p in bucket.params)  # type: ignore[union-attr]
+            and (torch.is_inference_mode_enabled() or not buf.is_inference())  # type: ignore[union-attr]
+        )
+
+    def _step_plain_muon(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig) -> bool:
+        """:meth:`_step_bucket` for a plain Muon bucket of a CPU (:meth:`_plain_muon_cpu`), the same bits, its
+        elementwise work block by block so that it stays in cache: each block's look-ahead is written into one
+        stack kept across steps, the iteration runs on that stack in one batched call, then each block's
+        direction is made in a block-sized scratch, tested, and applied, and its momentum advanced in place.
+        The general path stacks the gradients, makes the new momentum and the direction as whole stacks and
+        tests and copies them at memory speed: on 4 layers of d = 256 (stepped in turn, the same weights) this
+        form took 0.90–0.91 of its step where neither faulted pages in, 0.72–0.82 where the general path's
+        freed temporaries came back from the system each step (this form keeps its few).
+
+        Nothing is tested twice and nothing is left untested: the gradients' extremes (from :meth:`_all_finite`
+        where it read them, else one pass) and the momentum's prove the new momentum and the look-ahead finite
+        (:func:`compose.momentum_block_is_safe`), and the iteration keeps a finite input finite (a named
+        schedule: its norm scales the input to at most one, and each of its polynomials keeps such a
+        spectrum bounded), so each block's direction alone is tested, where it lies in cache. A bucket with a
+        block that cannot be proven goes to the general path whole, before anything is written (``False``);
+        a block whose direction is not finite is skipped, its weights and momentum left as they were, and
+        counted, as the general path would. Returns whether it stepped the bucket."""
+        if not self._plain_muon_cpu(bucket, cfg):
+            return False
+        inner = cfg.inner
+        state = bucket.state
+        buf = state.inner.momentum_buffer  # type: ignore[union-attr]
+        grads = [to_block(p.grad, spec) for p, spec in zip(bucket.params, bucket.specs)]  # type: ignore[arg-type]
+        U, D = self._muon_scratch(buf, inner.look_ahead_dtype(buf.dtype) if inner.nesterov else buf.dtype)  # type: ignore[union-attr]
+        w = 1 - inner.momentum**2 if inner.nesterov else 1 - inner.momentum  # type: ignore[union-attr]
+        extremes = []
+        for k, (p, g) in enumerate(zip(bucket.params, grads)):
+            hit = self._checked(p.grad)  # type: ignore[arg-type]
+            extremes.extend([*(hit[1].unbind(0) if hit is not None else torch.aminmax(g)), *torch.aminmax(buf[k])])
+            torch.lerp(buf[k], g, w, out=U[k])  # the look-ahead (without Nesterov: the new momentum) while in cache
+        bounds = torch.stack(extremes).view(-1, 4).abs_().tolist()
+        if not all(compose.momentum_block_is_safe(buf.dtype, max(g0, g1), max(b0, b1)) for g0, g1, b0, b1 in bounds):
+            return False  # a non-finite or huge gradient, or a huge momentum: the general path's guards decide
+        O = inner.orthogonalize(U)  # type: ignore[union-attr]
+        s = inner.shape_factor(bucket.layout)  # type: ignore[union-attr]
+        whole = True if step_ok is None else bool(step_ok)
+        lr, weight_decay = _rates(self.param_groups[bucket.group])
+        factors = cfg.post.block_factors(buf, lr=lr, weight_decay=weight_decay)
+        verdicts = []
+        for k, (p, g) in enumerate(zip(bucket.params, grads)):
+            direction = D.copy_(O[k]).mul_(s)
+            good = all(map(math.isfinite, torch.stack(torch.aminmax(direction)).tolist()))
+            verdicts.append(good)
+            if good and whole:
+                cfg.post.apply_block_(p, direction, factors)
+                buf[k].lerp_(g, 1 - inner.momentum)  # type: ignore[union-attr]
+        report = self._count_plain(bucket, verdicts, step_ok)
+        if report is not None:
+            self._pending.append(report)
+        return True
+
+    def _muon_scratch(self, buf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The look-ahead stack (``buf``'s shape, ``dtype``) and a block-sized direction (``buf``'s dtype) of
+        :meth:`_step_plain_muon`, kept across steps (:data:`_CPU_KEEPS_SCRATCH`) as :meth:`_scratch` keeps its."""
+        if not _CPU_KEEPS_SCRATCH:
+            return torch.empty(buf.shape, dtype=dtype), torch.empty(buf.shape[1:], dtype=buf.dtype)
+        key = ("muon", tuple(buf.shape), dtype, buf.dtype)
+        scratch = self.__dict__.setdefault("_adam_scratch", {})
+        if key not in scratch:
+            with torch.inference_mode(False):  # kept: a step outside inference_mode writes into them too
+                scratch[key] = (torch.empty(buf.shape, dtype=dtype), torch.empty(buf.shape[1:], dtype=buf.dtype))
+        return scratch[key]
+
+    def _count_plain(self, bucket: _Bucket, ok: Tensor | list[bool], step_ok: Tensor | None) -> "_Pending | None":
+        """After a plain AdamW or Muon bucket's step: its counters and its skipped blocks (``ok``: the ``(b)`` mask, or
         the blocks' verdicts as read on the host). Returns the report of its mask for the caller to queue
         (:class:`_Pending`), or ``None``: under ``nonfinite = "skip"``, and where every verdict read on
         the host is good (nothing to count or report)."""
@@ -1456,7 +1545,7 @@ class KronOptimizer(torch.optim.Optimizer):
         device to wait for). The extremes of the small blocks are read together (:meth:`_adam_bounds_small`:
         a few calls and one read for all of them, where a bucket of one small block used to cost about as
         many calls as a large one); a large block's are read right before its work, which then finds
-        them in cache. Returns the reports to queue (:meth:`_count_plain_adam`), by ``id`` of the bucket."""
+        them in cache. Returns the reports to queue (:meth:`_count_plain`), by ``id`` of the bucket."""
         whole = True if step_ok is None else bool(step_ok)
         # the small blocks' bounds, by (bucket, block); without a whole step nothing is proven (nor read)
         small = {
@@ -1509,7 +1598,7 @@ class KronOptimizer(torch.optim.Optimizer):
             compose.fused_adamw_(cfg, t, w_, g_, m_, v_, lr=lr, weight_decay=weight_decay)
         reports = {}
         for (bucket, _, _), mine in zip(work, verdicts):
-            report = self._count_plain_adam(bucket, mine, step_ok)
+            report = self._count_plain(bucket, mine, step_ok)
             if report is not None:
                 reports[id(bucket)] = report
         return reports

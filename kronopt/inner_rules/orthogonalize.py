@@ -107,23 +107,29 @@ class OrthogonalizeInner:
         else:
             B = state.momentum_buffer * beta + G
             U = G + beta * B if self.nesterov else B
-        O = linalg.newton_schulz(
-            linalg.rotate(U, basis.Q_L, basis.Q_R),
-            self.schedule(),
-            eps=self.eps,
-            dtype=linalg.DTYPES[self.ns_dtype],
-            norm=self.norm,
-        ).to(G.dtype)
-        m, n = ctx.layout.param_dims or (ctx.layout.m, ctx.layout.n)
-        s = linalg.muon_scale(m, n, self.scale) * self.extra_scale
-        return linalg.unrotate(O, basis.Q_L, basis.Q_R).mul_(s), MomentumState(B)  # a fresh tensor: scaled in place
+        O = self.orthogonalize(linalg.rotate(U, basis.Q_L, basis.Q_R)).to(G.dtype)
+        return linalg.unrotate(O, basis.Q_L, basis.Q_R).mul_(self.shape_factor(ctx.layout)), MomentumState(B)  # a fresh tensor: scaled in place
+
+    def orthogonalize(self, U: Tensor) -> Tensor:
+        """The Newton–Schulz iteration of ``U (b m n)`` with this rule's schedule, ε, norm and dtype."""
+        return linalg.newton_schulz(U, self.schedule(), eps=self.eps, dtype=linalg.DTYPES[self.ns_dtype], norm=self.norm)
+
+    def shape_factor(self, layout: Layout) -> float:
+        """The factor :math:`s` of a bucket's orthogonalized update: ``scale``'s rule on ``scale_shape``'s
+        ``(m, n)``, times ``extra_scale``."""
+        m, n = layout.param_dims or (layout.m, layout.n)
+        return linalg.muon_scale(m, n, self.scale) * self.extra_scale
+
+    def look_ahead_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the unrotated look-ahead of a state in ``dtype`` is written in: the iteration's where that
+        holds the values, not float16, whose range ends at 65504 (:func:`~kronopt.linalg.newton_schulz`
+        normalises a float16 iteration's input in a wider dtype first); else ``dtype``."""
+        ns = linalg.DTYPES[self.ns_dtype]
+        return ns if ns != torch.float16 and torch.promote_types(ns, dtype) == dtype else dtype
 
     def _look_ahead(self, buf: Tensor, G: Tensor, basis: BasisState) -> Tensor:
         w = 1 - self.momentum**2
-        dtype = linalg.DTYPES[self.ns_dtype]
-        # written straight in the iteration's dtype where that dtype holds the values: not float16, whose range
-        # ends at 65504 (newton_schulz normalises a float16 iteration's input in a wider dtype first)
-        if basis.Q_L is None and basis.Q_R is None and dtype != torch.float16 and torch.promote_types(dtype, G.dtype) == G.dtype:
+        if basis.Q_L is None and basis.Q_R is None and (dtype := self.look_ahead_dtype(G.dtype)) != G.dtype:
             return torch.lerp(buf, G, w, out=torch.empty(G.shape, dtype=dtype, device=G.device))
         return buf.lerp(G, w)
 

@@ -35,6 +35,7 @@ GPU_SWITCHES = [
     (linalg, "_CPU_HOST_VERDICTS", False),  # host_verdicts / cpu_all: masked writes, scaled KSL, no shortcuts
     (kopt, "_BLOCKWISE_MIN", 10**12),  # _plain_adam_cpu: AdamW on the stacks (_step_plain_adam)
     (kopt, "_CPU_KEEPS_SCRATCH", False),  # _scratch: fresh tensors each step
+    (kopt, "_PLAIN_MUON_CPU", False),  # _plain_muon_cpu (also off through host_verdicts): Muon on the stacks
     (kopt, "_DEFER_FACTOR_UPDATES", False),  # _run: no factor update left to the write
     (kopt, "_SMALL_TOGETHER_MAX", 0),  # _small_cpu (also off through host_verdicts)
     (linalg, "_GRAM_TILED_MIN", 10**9),  # _tiled: one dense product
@@ -48,6 +49,7 @@ GPU_SWITCHES = [
 CPU_ONLY = [
     (kopt.KronOptimizer, "_step_plain_adams"),
     (kopt.KronOptimizer, "_step_small_buckets"),
+    (kopt.KronOptimizer, "_muon_scratch"),
     (linalg, "_tiled_sym_product"),
     (linalg, "split_sandwich"),
     (linalg, "_newton_schulz_rounded"),

@@ -3,8 +3,8 @@ first call, which reads whether it used any gradient (``linalg._any_written``) a
 gradient, which of its gradients are nonzero (``linalg._nonzero_each``), and torch's solvers that
 synchronise a CUDA device themselves (eigh, svd) run only on first calls and refreshes.
 
-The CPU's fast paths (the plain-AdamW block loop, the state write's plain copies when every block
-is ok) read verdicts on the host, which on a CPU waits for nothing; this test turns them off, so the
+The CPU's fast paths (the plain-AdamW block loop, the plain-Muon one, the state write's plain copies
+when every block is ok) read verdicts on the host, which on a CPU waits for nothing; this test turns them off, so the
 step takes the device-agnostic paths, the ones a GPU takes (checked on CUDA by the last test).
 """
 
