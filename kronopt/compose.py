@@ -204,15 +204,21 @@ def is_plain_adam(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
     """Whether :func:`adam_step` may stand in for :func:`step` on a bucket: AdamW proper (the ``adam``
     inner rule without ``normalize``, no factors, the identity basis, the full split, a plain ``post``),
     its state stored in the compute dtype ``dtype``, no skipped first call, no ``compile``."""
+    from .inner_rules.adam import AdamInner
+
+    return type(cfg.inner) is AdamInner and not cfg.inner.normalize and _inner_rule_alone(cfg, layout, dtype)
+
+
+def _inner_rule_alone(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+    """Whether a config's step is its inner rule's alone, in the original coordinates: no factors, the identity
+    basis, the full split, a plain ``post`` (no normalisation, no grafting), its state stored in the compute dtype
+    ``dtype``, no skipped first call, no ``compile``, no restricted side (:func:`is_plain_adam`, :func:`is_plain_muon`)."""
     from .bases import IdentityBasis
     from .factors.ema import NoFactors
-    from .inner_rules.adam import AdamInner
     from .splits import FullSplit
 
     return (
-        type(cfg.inner) is AdamInner
-        and not cfg.inner.normalize
-        and type(cfg.factors) is NoFactors
+        type(cfg.factors) is NoFactors
         and type(cfg.basis) is IdentityBasis
         and type(cfg.split) is FullSplit
         and not cfg.post.normalize
@@ -230,24 +236,13 @@ def is_plain_muon(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
     a named schedule, whose iteration keeps a finite input finite), no factors, the identity basis, the full
     split, a plain ``post``, its state stored in the compute dtype ``dtype``, no skipped first call, no
     ``compile``. Only the momentum and the counters then change."""
-    from .bases import IdentityBasis
-    from .factors.ema import NoFactors
     from .inner_rules.orthogonalize import OrthogonalizeInner
-    from .splits import FullSplit
 
     return (
         type(cfg.inner) is OrthogonalizeInner
         and cfg.inner.momentum_form == "ema"
         and cfg.inner.coefficients != "custom"
-        and type(cfg.factors) is NoFactors
-        and type(cfg.basis) is IdentityBasis
-        and type(cfg.split) is FullSplit
-        and not cfg.post.normalize
-        and cfg.post.grafting == "none"
-        and not cfg.skip_first_call
-        and not cfg.compile
-        and storage_dtypes(cfg.storage, dtype) is None
-        and "restricted" not in (layout.left, layout.right)
+        and _inner_rule_alone(cfg, layout, dtype)
     )
 
 

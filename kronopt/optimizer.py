@@ -1497,14 +1497,8 @@ class KronOptimizer(torch.optim.Optimizer):
     def _muon_scratch(self, buf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The look-ahead stack (``buf``'s shape, ``dtype``) and a block-sized direction (``buf``'s dtype) of
         :meth:`_step_plain_muon`, kept across steps (:data:`_CPU_KEEPS_SCRATCH`) as :meth:`_scratch` keeps its."""
-        if not _CPU_KEEPS_SCRATCH:
-            return torch.empty(buf.shape, dtype=dtype), torch.empty(buf.shape[1:], dtype=buf.dtype)
-        key = ("muon", tuple(buf.shape), dtype, buf.dtype)
-        scratch = self.__dict__.setdefault("_adam_scratch", {})
-        if key not in scratch:
-            with torch.inference_mode(False):  # kept: a step outside inference_mode writes into them too
-                scratch[key] = (torch.empty(buf.shape, dtype=dtype), torch.empty(buf.shape[1:], dtype=buf.dtype))
-        return scratch[key]
+        make = lambda: (torch.empty(buf.shape, dtype=dtype), torch.empty(buf.shape[1:], dtype=buf.dtype))  # noqa: E731
+        return self._kept(("muon", tuple(buf.shape), dtype, buf.dtype), make) if _CPU_KEEPS_SCRATCH else make()  # type: ignore[return-value]
 
     def _count_plain(self, bucket: _Bucket, ok: Tensor | list[bool], step_ok: Tensor | None) -> "_Pending | None":
         """After a plain AdamW or Muon bucket's step: its counters and its skipped blocks (``ok``: the ``(b)`` mask, or
@@ -1670,14 +1664,21 @@ class KronOptimizer(torch.optim.Optimizer):
         like = bucket.state.inner.exp_avg  # type: ignore[union-attr]
         if not batched:
             like = like[0]
+        make = lambda: tuple(torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(3))  # noqa: E731
         if like.device.type != "cpu" or not _CPU_KEEPS_SCRATCH:
             # a device's caching allocator hands a freed block back at no cost: a kept set would only hold 1.5 times
             # the moments' memory between steps (and one more set for each bucket size a split ever made)
-            return tuple(torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(3))  # type: ignore[return-value]
-        key = (tuple(like.shape), like.dtype, like.device)
+            return make()  # type: ignore[return-value]
+        return self._kept((tuple(like.shape), like.dtype, like.device), make)
+
+    def _kept(self, key: tuple, make: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """The scratch tensors kept across steps under ``key`` (made by ``make`` the first time): one set per
+        shape, dtype and device, the buckets stepping one after the other, each done with them before the next.
+        Made outside ``inference_mode`` even within it, so that a later step outside it may write into them."""
         scratch = self.__dict__.setdefault("_adam_scratch", {})
         if key not in scratch:
-            scratch[key] = tuple(torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(3))
+            with torch.inference_mode(False):
+                scratch[key] = make()
         return scratch[key]
 
     def _raw_gradients(self, cfg: KronConfig, bucket: _Bucket) -> list[Tensor] | None:

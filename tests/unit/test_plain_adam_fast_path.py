@@ -394,3 +394,23 @@ def test_no_certificate_near_overflow_or_for_a_non_finite_gradient(g_abs, m_abs,
 def test_no_certificate_without_eps():
     cfg = kronopt.config.with_overrides(kronopt.PRESETS["adamw"], {"inner.eps": 0.0}).bound()
     assert not compose.adam_block_is_safe(cfg, 1, torch.float32, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_scratch_made_under_inference_mode_serves_the_steps_outside_it(monkeypatch, fused):
+    """The kept scratch of the block-by-block form (a block not proven finite, or no fused kernel) is made outside
+    ``inference_mode`` even by a step inside it: a later step outside it writes into it (an inference tensor
+    refuses an in-place write there). Gradients of 1e30 overflow the second moment, so no block is proven."""
+    monkeypatch.setattr(optimizer_module, "_FUSED_ADAMW", fused)
+    params = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(2)]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw", nonfinite="skip")
+    for step in range(3):
+        for p in params:
+            p.grad = torch.full((64, 64), 1e30) if step < 2 else torch.randn(64, 64)
+        if step == 0:
+            with torch.inference_mode():
+                opt.step()
+        else:
+            opt.step()
+    assert opt.nonfinite_counts() == {"p0": 2, "p1": 2}
+    assert all(torch.isfinite(p).all() for p in params)
