@@ -40,7 +40,7 @@ _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-p
 #: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
 #: wrapper holds the original), which torch's own ``Optimizer.__getstate__`` leaves out too
 _NOT_COPIED = frozenset({
-    "_grad_flags", "_plain_adam", "_views_flat", "_adam_scratch", "step", "_opt_called",
+    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_adam_scratch", "step", "_opt_called",
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
@@ -929,7 +929,7 @@ class KronOptimizer(torch.optim.Optimizer):
             each = extremes.isfinite().all(1)
             read = each.tolist() if linalg.host_verdicts(each) else [None] * len(gs)
             for g, flag, row, finite in zip(gs, each.unbind(0), extremes.unbind(0), read):
-                self._grad_flags[id(g)] = (weakref.ref(g), g._version, flag, row, finite)
+                self._grad_flags[id(g)] = (weakref.ref(g), _version(g), flag, row, finite)
             flags.append(each.all())
         # parameters on several devices: the flag lives on an accelerator's, where the other flags go without
         # waiting (a copy to the host with non_blocking could be read before it lands); _StepFlag hands it on
@@ -1426,20 +1426,27 @@ class KronOptimizer(torch.optim.Optimizer):
         """Whether :meth:`_step_plain_muon` may step this bucket: a plain Muon bucket (:func:`compose.is_plain_muon`,
         the verdict kept per config, layout and dtype) of a CPU whose verdicts are read on the host
         (:func:`linalg.host_verdicts`), neither work-sharded nor FSDP2, its gradients in its state's dtype and
-        its momentum stack one that may be updated in place here (not an inference tensor outside
-        ``inference_mode``: the general path replaces such a stack)."""
+        in memory of their own, and its momentum a contiguous stack that may be updated in place here (not an
+        inference tensor outside ``inference_mode``: the general path replaces such a stack)."""
         if not _PLAIN_MUON_CPU or bucket.plan is not None or bucket.fsdp is not None or not linalg.host_verdicts(bucket.blocks[0]):
             return False
         key = (id(cfg), bucket.layout, bucket.state_dtype)
         plain = self.__dict__.setdefault("_plain_muon", {}).get(key)
         if plain is None:
             plain = self._plain_muon[key] = compose.is_plain_muon(cfg, bucket.layout, bucket.state_dtype)
-        buf = bucket.state.inner.momentum_buffer if plain else None  # type: ignore[union-attr]
+        if not plain:
+            return False
+        buf = bucket.state.inner.momentum_buffer  # type: ignore[union-attr]
+        params = {p.untyped_storage().data_ptr() for p in bucket.params}
         return (
-            plain
-            and buf.numel() > 0  # type: ignore[union-attr]
-            and all(p.grad.dtype == bucket.state_dtype for p in bucket.params)  # type: ignore[union-attr]
-            and (torch.is_inference_mode_enabled() or not buf.is_inference())  # type: ignore[union-attr]
+            buf.numel() > 0
+            # a stack of the momentum's own layout (one loaded as saved, compose._stack_like) makes the general
+            # path's iteration read it in that layout, which may round otherwise
+            and buf.is_contiguous()
+            and (torch.is_inference_mode_enabled() or not buf.is_inference())
+            # a gradient in a parameter's memory (p.grad = p.detach()) would be read again after that parameter's
+            # write; the general path reads every gradient into its stack before writing anything
+            and all(p.grad.dtype == bucket.state_dtype and p.grad.untyped_storage().data_ptr() not in params for p in bucket.params)  # type: ignore[union-attr]
         )
 
     def _step_plain_muon(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig) -> bool:
@@ -1466,7 +1473,7 @@ class KronOptimizer(torch.optim.Optimizer):
         state = bucket.state
         buf = state.inner.momentum_buffer  # type: ignore[union-attr]
         grads = [to_block(p.grad, spec) for p, spec in zip(bucket.params, bucket.specs)]  # type: ignore[arg-type]
-        U, D = self._muon_scratch(buf, inner.look_ahead_dtype(buf.dtype) if inner.nesterov else buf.dtype)  # type: ignore[union-attr]
+        U, D = self._muon_scratch(buf, (inner.nesterov and inner.look_ahead_dtype(buf.dtype)) or buf.dtype)  # type: ignore[union-attr]
         w = 1 - inner.momentum**2 if inner.nesterov else 1 - inner.momentum  # type: ignore[union-attr]
         extremes = []
         for k, (p, g) in enumerate(zip(bucket.params, grads)):
@@ -1497,8 +1504,8 @@ class KronOptimizer(torch.optim.Optimizer):
     def _muon_scratch(self, buf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The look-ahead stack (``buf``'s shape, ``dtype``) and a block-sized direction (``buf``'s dtype) of
         :meth:`_step_plain_muon`, kept across steps (:data:`_CPU_KEEPS_SCRATCH`) as :meth:`_scratch` keeps its."""
-        make = lambda: (torch.empty(buf.shape, dtype=dtype), torch.empty(buf.shape[1:], dtype=buf.dtype))  # noqa: E731
-        return self._kept(("muon", tuple(buf.shape), dtype, buf.dtype), make) if _CPU_KEEPS_SCRATCH else make()  # type: ignore[return-value]
+        make = lambda: (torch.empty(buf.shape, dtype=dtype, device=buf.device), torch.empty(buf.shape[1:], dtype=buf.dtype, device=buf.device))  # noqa: E731
+        return self._kept(("muon", tuple(buf.shape), dtype, buf.dtype, buf.device), make) if _CPU_KEEPS_SCRATCH else make()  # type: ignore[return-value]
 
     def _count_plain(self, bucket: _Bucket, ok: Tensor | list[bool], step_ok: Tensor | None) -> "_Pending | None":
         """After a plain AdamW or Muon bucket's step: its counters and its skipped blocks (``ok``: the ``(b)`` mask, or
@@ -1622,7 +1629,7 @@ class KronOptimizer(torch.optim.Optimizer):
         smallest and largest entries, and the flag read on the host (``None`` where it was not: off
         the CPU); ``None`` when it did not check this very tensor (or it has been changed in place since)."""
         hit = getattr(self, "_grad_flags", {}).get(id(g))
-        if hit is None or hit[0]() is not g or hit[1] != g._version:
+        if hit is None or hit[0]() is not g or hit[1] != _version(g):
             return None
         return hit[2], hit[3], hit[4]
 
@@ -2197,6 +2204,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._group_cfgs = cfgs
         self._phased = {}
         self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
+        self.__dict__.pop("_plain_muon", None)
         self.__dict__.pop("_adam_scratch", None)  # shaped like the old buckets, which may be gone
         self._buckets = buckets
         self._fragmented = True  # the saved buckets may be split ones (_join)
@@ -2422,6 +2430,13 @@ _DEFER_FACTOR_UPDATES = True
 
 
 _CPU = torch.device("cpu")
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter (how many in-place changes it has seen); ``None`` for an inference tensor, which
+    keeps none (a gradient made under ``torch.inference_mode()``): such a tensor may only change in place inside
+    that mode, not between a step's check of its gradients and their use."""
+    return None if t.is_inference() else t._version
 
 
 def _used(flags: Tensor, step_ok: Tensor | None) -> Tensor:

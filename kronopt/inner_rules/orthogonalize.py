@@ -120,16 +120,17 @@ class OrthogonalizeInner:
         m, n = layout.param_dims or (layout.m, layout.n)
         return linalg.muon_scale(m, n, self.scale) * self.extra_scale
 
-    def look_ahead_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype the unrotated look-ahead of a state in ``dtype`` is written in: the iteration's where that
-        holds the values, not float16, whose range ends at 65504 (:func:`~kronopt.linalg.newton_schulz`
-        normalises a float16 iteration's input in a wider dtype first); else ``dtype``."""
+    def look_ahead_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype the unrotated look-ahead of a state in ``dtype`` is written in, into a new contiguous
+        tensor: the iteration's where that holds the values, not float16, whose range ends at 65504
+        (:func:`~kronopt.linalg.newton_schulz` normalises a float16 iteration's input in a wider dtype
+        first); ``None`` where it is made as the momentum's ``lerp`` (in ``dtype``, the momentum's layout)."""
         ns = linalg.DTYPES[self.ns_dtype]
-        return ns if ns != torch.float16 and torch.promote_types(ns, dtype) == dtype else dtype
+        return ns if ns != torch.float16 and torch.promote_types(ns, dtype) == dtype else None
 
     def _look_ahead(self, buf: Tensor, G: Tensor, basis: BasisState) -> Tensor:
         w = 1 - self.momentum**2
-        if basis.Q_L is None and basis.Q_R is None and (dtype := self.look_ahead_dtype(G.dtype)) != G.dtype:
+        if basis.Q_L is None and basis.Q_R is None and (dtype := self.look_ahead_dtype(G.dtype)) is not None:
             return torch.lerp(buf, G, w, out=torch.empty(G.shape, dtype=dtype, device=G.device))
         return buf.lerp(G, w)
 

@@ -188,6 +188,28 @@ def test_steps_under_inference_mode_after_the_first_equal_plain_steps(preset):
     assert _max_diff(ref, _inference_run(0, preset, (1, 3, 4, 6), overrides)) == 0.0
 
 
+@pytest.mark.parametrize("preset", ["adamw", "muon", "soap", "kl_shampoo"])
+@pytest.mark.parametrize("scope", ["step", "block"])
+def test_gradients_made_under_inference_mode_step_as_plain_ones(preset, scope):
+    """Catches: the step's check of the gradients keying each one by its version counter, which an inference
+    tensor (a gradient computed under ``torch.inference_mode()`` and set by hand) does not keep: a
+    ``RuntimeError`` at every step under ``nonfinite_scope = "step"``. The same numbers as plain gradients."""
+
+    def run(inference: bool) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(300, 80), (300, 80), (12, 7), (7,)]]
+        opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], preset, nonfinite_scope=scope)
+        for _ in range(3):
+            with torch.inference_mode(inference):
+                grads = [torch.randn(p.shape, generator=gen) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+
+
 # -- bugs found by the review, each fixed (these fail on the code before the fix) -------------------
 
 
