@@ -40,7 +40,7 @@ _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-p
 #: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
 #: wrapper holds the original), which torch's own ``Optimizer.__getstate__`` leaves out too
 _NOT_COPIED = frozenset({
-    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_adam_scratch", "step", "_opt_called",
+    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_kept_scratch", "step", "_opt_called",
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
@@ -1002,7 +1002,7 @@ class KronOptimizer(torch.optim.Optimizer):
             parts.append(part)
         pos = self._buckets.index(bucket)
         self._buckets[pos : pos + 1] = parts
-        self.__dict__.pop("_adam_scratch", None)  # sets shaped like the whole bucket's stacks: made again as needed
+        self.__dict__.pop("_kept_scratch", None)  # sets shaped like the whole bucket's stacks: made again as needed
         self._fragmented = True
         return parts[0]
 
@@ -1064,7 +1064,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if not joined:
             return stepped
         self._buckets = [joined.get(id(b), b) for b in self._buckets if joined.get(id(b), b) is not None]
-        self.__dict__.pop("_adam_scratch", None)
+        self.__dict__.pop("_kept_scratch", None)
         return [joined.get(id(b), b) for b in stepped if joined.get(id(b), b) is not None]
 
     def _packed(self, parts: list[_Bucket]) -> list[list[_Bucket]]:
@@ -1682,7 +1682,7 @@ class KronOptimizer(torch.optim.Optimizer):
         """The scratch tensors kept across steps under ``key`` (made by ``make`` the first time): one set per
         shape, dtype and device, the buckets stepping one after the other, each done with them before the next.
         Made outside ``inference_mode`` even within it, so that a later step outside it may write into them."""
-        scratch = self.__dict__.setdefault("_adam_scratch", {})
+        scratch = self.__dict__.setdefault("_kept_scratch", {})
         if key not in scratch:
             with torch.inference_mode(False):
                 scratch[key] = make()
@@ -2205,7 +2205,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._phased = {}
         self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
         self.__dict__.pop("_plain_muon", None)
-        self.__dict__.pop("_adam_scratch", None)  # shaped like the old buckets, which may be gone
+        self.__dict__.pop("_kept_scratch", None)  # shaped like the old buckets, which may be gone
         self._buckets = buckets
         self._fragmented = True  # the saved buckets may be split ones (_join)
         if adopted:

@@ -90,5 +90,5 @@ def test_off_a_cpu_plain_adamw_keeps_no_scratch_between_steps(monkeypatch):
             for i, p in enumerate(ps):
                 p.grad = None if (t == 2 and i == 0) else torch.randn(6, 4, generator=gen)
             opt.step()
-        kept = opt.__dict__.get("_adam_scratch") or {}
+        kept = opt.__dict__.get("_kept_scratch") or {}
         assert bool(kept) == keeps, keeps
