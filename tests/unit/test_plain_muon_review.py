@@ -14,6 +14,7 @@ the general path, and the general path's look-ahead written contiguous again); t
 default device.
 """
 
+import contextlib
 import copy
 import gc
 import io
@@ -140,6 +141,37 @@ SHAPES = [(24, 16), (24, 16), (20, 30), (6, 4, 3, 3), (5, 4, 6)]
 # -- configs, dtypes and layouts the path accepts: pinned, they pass -----------------------------------------
 
 
+def _blocks(*, count=3, steps=3, param=None, grad=None, around=None, **overrides):
+    """A scenario: ``count`` parameters of 24 × 16 (``param(p, i)`` may replace each: another dtype, frozen)
+    under the muon preset with ``overrides``, ``steps`` steps of seeded gradients (``grad(p, g)`` may replace
+    one), step ``t`` taken under ``around(t)`` (a context manager) where given."""
+
+    def scenario():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(24, 16, generator=gen)) for _ in range(count)]
+        params = params if param is None else [param(p, i) for i, p in enumerate(params)]
+        opt = kronopt.build(params, "muon", **overrides)
+        for t in range(steps):
+            for p in params:
+                g = torch.randn(24, 16, generator=gen)
+                p.grad = g if grad is None else grad(p, g)
+            with around(t) if around is not None else contextlib.nullcontext():
+                opt.step()
+        return opt, params, []
+
+    return scenario
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 @pytest.mark.parametrize(
     "dtype, overrides",
     [
@@ -217,19 +249,12 @@ def test_gradients_of_another_dtype_than_their_parameters(monkeypatch):
     them and writes a float32 direction into a bfloat16 parameter. Would catch factors of the parameter's dtype
     or a decay rounded otherwise than the general path's ``foreach`` write."""
 
-    def scenario():
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(24, 16, generator=gen).bfloat16()) for _ in range(3)]
-        for p in params:
-            p.grad_dtype = torch.float32
-        opt = kronopt.build(params, "muon", weight_decay=0.2)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(24, 16, generator=gen)
-            opt.step()
-        return opt, params, []
+    def bfloat16(p, i):
+        p = torch.nn.Parameter(p.detach().bfloat16())
+        p.grad_dtype = torch.float32
+        return p
 
-    _assert_same_as_general(monkeypatch, scenario)
+    _assert_same_as_general(monkeypatch, _blocks(param=bfloat16, weight_decay=0.2))
 
 
 def test_bucket_cap_makes_several_buckets_of_one_shape(monkeypatch):
@@ -483,24 +508,12 @@ def test_inference_mode_and_no_grad(monkeypatch, when):
     ``torch.no_grad()``: the same bits. Would catch an in-place update refused for an inference tensor, or a
     scratch made under inference mode that a later step cannot write."""
 
-    def scenario():
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(24, 16, generator=gen)) for _ in range(3)]
-        opt = kronopt.build(params, "muon")
-        for t in range(5):
-            for p in params:
-                p.grad = torch.randn(24, 16, generator=gen)
-            if when == "every step" or (when == "after a plain one" and t in (1, 2)):
-                with torch.inference_mode():
-                    opt.step()
-            elif when == "no_grad":
-                with torch.no_grad():
-                    opt.step()
-            else:
-                opt.step()
-        return opt, params, []
+    def around(t):
+        if when == "every step" or (when == "after a plain one" and t in (1, 2)):
+            return torch.inference_mode()
+        return torch.no_grad() if when == "no_grad" else contextlib.nullcontext()
 
-    _assert_same_as_general(monkeypatch, scenario)
+    _assert_same_as_general(monkeypatch, _blocks(steps=5, around=around))
 
 
 # -- a bug of ee59922 (mended), 1: the plain-Muon verdicts, kept by config id, travel with a copy of the optimizer
@@ -592,17 +605,7 @@ def test_a_gradient_that_shares_its_parameters_memory(monkeypatch):
     gradient (``buf[k].lerp_(g, ...)``), which by then read the updated weights: another momentum, and from the
     next step other weights. Such a bucket is now left to the general path (``_plain_muon_cpu``)."""
 
-    def scenario():
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(24, 16, generator=gen)) for _ in range(2)]
-        opt = kronopt.build(params, "muon")
-        for _ in range(3):
-            for p in params:
-                p.grad = p.detach()
-            opt.step()
-        return opt, params, []
-
-    _, took = _assert_same_as_general(monkeypatch, scenario, must_take=False)
+    _, took = _assert_same_as_general(monkeypatch, _blocks(count=2, grad=lambda p, g: p.detach()), must_take=False)
     assert not any(took)
 
 
@@ -656,18 +659,7 @@ def test_a_step_under_another_default_device(monkeypatch, device):
     device meta". Every tensor the general path makes names its device (``_look_ahead``'s ``device=G.device``,
     the factors', Newton–Schulz's), and it steps the CPU parameters as usual."""
 
-    def scenario():
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(24, 16, generator=gen)) for _ in range(3)]
-        opt = kronopt.build(params, "muon")
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(24, 16, generator=gen)
-            with torch.device(device):
-                opt.step()
-        return opt, params, []
-
-    _assert_same_as_general(monkeypatch, scenario)
+    _assert_same_as_general(monkeypatch, _blocks(around=lambda t: torch.device(device)))
 
 
 def test_frozen_parameters_with_gradients_set_by_hand(monkeypatch):
@@ -675,36 +667,11 @@ def test_frozen_parameters_with_gradients_set_by_hand(monkeypatch):
     gradient set by hand, next to trainable ones of the same shape. Would catch a plain path that reads a state
     not made yet."""
 
-    def scenario():
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(24, 16, generator=gen), requires_grad=i % 2 == 0) for i in range(4)]
-        opt = kronopt.build(params, "muon")
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(24, 16, generator=gen)
-            opt.step()
-        return opt, params, []
-
-    _assert_same_as_general(monkeypatch, scenario)
+    _assert_same_as_general(monkeypatch, _blocks(count=4, param=lambda p, i: p.requires_grad_(i % 2 == 0)))
 
 
 def test_a_step_under_another_default_dtype(monkeypatch):
     """``torch.set_default_dtype(torch.float64)`` around the steps of float32 parameters: the same bits. Would
     catch a scratch, factor or mask made in the default dtype."""
 
-    def scenario():
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(24, 16, generator=gen)) for _ in range(3)]
-        opt = kronopt.build(params, "muon", weight_decay=0.1)
-        before = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
-            for _ in range(3):
-                for p in params:
-                    p.grad = torch.randn(24, 16, generator=gen, dtype=torch.float32)
-                opt.step()
-        finally:
-            torch.set_default_dtype(before)
-        return opt, params, []
-
-    _assert_same_as_general(monkeypatch, scenario)
+    _assert_same_as_general(monkeypatch, _blocks(around=lambda t: _default_dtype(torch.float64), weight_decay=0.1))
