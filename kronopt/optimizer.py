@@ -6,9 +6,11 @@ the parameters back, guards against non-finite gradients and saves / restores
 everything bit for bit.
 """
 
+import bisect
 import collections
 import contextlib
 import importlib
+import itertools
 import math
 import operator
 import warnings
@@ -1437,16 +1439,16 @@ class KronOptimizer(torch.optim.Optimizer):
         if not plain:
             return False
         buf = bucket.state.inner.momentum_buffer  # type: ignore[union-attr]
-        params = {p.untyped_storage().data_ptr() for p in bucket.params}
         return (
             buf.numel() > 0
             # a stack of the momentum's own layout (one loaded as saved, compose._stack_like) makes the general
             # path's iteration read it in that layout, which may round otherwise
             and buf.is_contiguous()
             and (torch.is_inference_mode_enabled() or not buf.is_inference())
-            # a gradient in a parameter's memory (p.grad = p.detach()) would be read again after that parameter's
-            # write; the general path reads every gradient into its stack before writing anything
-            and all(p.grad.dtype == bucket.state_dtype and p.grad.untyped_storage().data_ptr() not in params for p in bucket.params)  # type: ignore[union-attr]
+            and all(p.grad.dtype == bucket.state_dtype for p in bucket.params)  # type: ignore[union-attr]
+            # a gradient in a parameter's memory (p.grad = p.detach(), or a view into a buffer it shares) would be
+            # read again after that parameter's write; the general path reads every gradient into its stack first
+            and not _overlapping([p.grad for p in bucket.params], bucket.params)  # type: ignore[misc]
         )
 
     def _step_plain_muon(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig) -> bool:
@@ -2430,6 +2432,28 @@ _DEFER_FACTOR_UPDATES = True
 
 
 _CPU = torch.device("cpu")
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The addresses ``[first, past the last)`` that ``t``'s entries may occupy (with gaps, for a strided view)."""
+    first = t.data_ptr()
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return first, first + extent * t.element_size()
+
+
+def _overlapping(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> bool:
+    """Whether the memory of one of ``tensors`` may overlap that of one of ``others`` (their spans of addresses
+    meet; a strided view's gaps count as its own, so the answer errs on the side of overlap). One sort of the
+    ``others``' spans and a bisection per tensor."""
+    spans = sorted(_span(t) for t in others)
+    firsts = [first for first, _ in spans]
+    reach = list(itertools.accumulate((end for _, end in spans), max))  # the furthest end of the spans so far
+    for t in tensors:
+        first, end = _span(t)
+        before = bisect.bisect_left(firsts, end)  # the spans that start before this one ends
+        if first < end and before and reach[before - 1] > first:
+            return True
+    return False
 
 
 def _version(t: Tensor) -> int | None:

@@ -20,7 +20,6 @@ import gc
 import io
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -270,7 +269,7 @@ def test_bucket_cap_makes_several_buckets_of_one_shape(monkeypatch):
 
 @pytest.mark.parametrize(
     "lr",
-    [lambda t: 0.01 * (t + 1), lambda t: np.float64(0.01 * (t + 1)), lambda t: torch.tensor(0.01 * (t + 1)),
+    [lambda t: 0.01 * (t + 1), lambda t: pytest.importorskip("numpy").float64(0.01 * (t + 1)), lambda t: torch.tensor(0.01 * (t + 1)),
      lambda t: torch.tensor([0.02 / (t + 1)], dtype=torch.float64)],
     ids=["float", "numpy", "tensor", "float64 tensor (1,)"],
 )
