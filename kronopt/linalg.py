@@ -1211,6 +1211,7 @@ def newton_schulz(
     eps: float = 1e-7,
     dtype: torch.dtype = torch.bfloat16,
     norm: str = "clamp",
+    buffers: dict[str, Tensor] | None = None,
 ) -> Tensor:
     r"""Approximate polar factor of each ``U[i]`` by a quintic Newton–Schulz iteration.
 
@@ -1242,6 +1243,11 @@ def newton_schulz(
         eps: floor of the norm (``norm="clamp"``) or added to it (``"add"``).
         dtype: arithmetic dtype of the iteration.
         norm: ``"clamp"`` (torch.optim.Muon) or ``"add"`` (KellerJordan/Muon).
+        buffers: where the caller keeps the iteration's buffers from one call to the next (filled on the first
+            call, taken again where shape, dtype and device match): its iterates, Gram matrix and polynomial, so
+            that a call allocates nothing. The result is one of them, valid until the next call with the same
+            dict. Only for a ``U`` the iteration may run in place for (not tracked by autograd or ``torch.func``,
+            not a subclass), outside ``torch.compile``, and not for a float16 iteration; ignored otherwise.
 
     Returns:
         ``b m n`` in ``dtype``.
@@ -1254,16 +1260,16 @@ def newton_schulz(
     if norm not in ("clamp", "add"):
         raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
     emulated = _bfloat16_in_float32(U, dtype)
-    if emulated and _plain(U):
-        return _newton_schulz_rounded(U, coefficients, eps=eps, norm=norm)
-    # bfloat16 arithmetic: each operation rounds its result to bfloat16 (products accumulate in
-    # float32 in between), whether the kernels run in bfloat16 or in float32 (``emulated``, here
-    # only for a ``U`` that is not _plain)
-    rnd = _round_to_bfloat16 if emulated else (lambda t: t)
     # float16's range ends at 65504: a momentum cast first, or its norm, would overflow (a zero or NaN step) and
     # tiny entries would lose their digits, so it is normalised in a wider dtype and cast after (the iteration is
     # scale-invariant; only the input's rounding moves)
     narrow = dtype == torch.float16 and not emulated
+    if (emulated or buffers is not None) and not narrow and _plain(U) and not torch.compiler.is_compiling():
+        return _newton_schulz_in_buffers(U, coefficients, eps=eps, norm=norm, dtype=dtype, rounded=emulated, kept=buffers)
+    # the functional form, each result a new tensor. bfloat16 arithmetic: each operation rounds its result to
+    # bfloat16 (products accumulate in float32 in between), whether the kernels run in bfloat16 or in float32
+    # (``emulated``, here only for a ``U`` that is not _plain)
+    rnd = _round_to_bfloat16 if emulated else (lambda t: t)
     X = rnd(U.to(torch.float32)) if emulated else U.to(torch.promote_types(U.dtype, torch.float32) if narrow else dtype)
     tall = U.shape[-2] > U.shape[-1]
     nrm = rnd(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True))
@@ -1335,44 +1341,64 @@ def _plain(U: Tensor) -> bool:
     )
 
 
-def _newton_schulz_rounded(
-    U: Tensor, coefficients: Sequence[tuple[float, float, float]], *, eps: float, norm: str
+def _newton_schulz_in_buffers(
+    U: Tensor, coefficients: Sequence[tuple[float, float, float]], *, eps: float, norm: str, dtype: torch.dtype,
+    rounded: bool, kept: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """:func:`newton_schulz`'s bfloat16 arithmetic in float32 kernels, in buffers of its own: every
-    result is rounded to bfloat16 in place, through one bfloat16 scratch the size of ``U``, and the
-    iterates alternate between two float32 buffers, so no iteration allocates. For a contiguous
-    ``U``, the same values as rounding each result into a new tensor (:func:`_round_to_bfloat16`),
-    with fewer passes over memory: on an Intel Xeon without AMX, where every batch of a Muon step
-    takes this path, its step took 0.92–0.93 of the time of the functional form (4 layers of
-    d = 256, stepped in turn, the same weights bit for bit). A ``U`` of other strides (a transposed
-    view) is read into contiguous memory first, where the functional form's first products read it
-    as it lies; MKL's sums may then run in another order and round a few entries the other way,
-    equally bfloat16 arithmetic. Only for a :func:`_plain` ``U`` (``out=`` and in place)."""
+    """:func:`newton_schulz` in buffers of its own, for a :func:`_plain` ``U`` (``out=`` and in place): the
+    iterates alternate between two buffers and the Gram matrix and its polynomial take one each, so an iteration
+    allocates nothing; with ``kept`` (the caller's dict) no call does. The same kernels on the same operands as
+    the functional form, so the same values.
+
+    ``rounded`` (:func:`_bfloat16_in_float32`): bfloat16 arithmetic in float32 kernels, every result rounded to
+    bfloat16 in place through one bfloat16 scratch the size of ``U``: for a contiguous ``U`` the same values as
+    rounding each result into a new tensor (:func:`_round_to_bfloat16`), with fewer passes over memory (on an
+    Intel Xeon without AMX, where every batch of a Muon step takes this path, its step took 0.92–0.93 of the
+    time of the functional form: 4 layers of d = 256, stepped in turn, the same weights bit for bit). A ``U``
+    of other strides (a transposed view) is read into contiguous memory first, where the functional form's
+    first products read it as it lies; the products' sums may then run in another order and round a few
+    entries the other way, equally bfloat16 arithmetic."""
     batch, m, n = U.shape
     tall, side = m > n, min(m, n)
-    scratch = torch.empty(U.shape, dtype=torch.bfloat16, device=U.device)
-    halves: dict[torch.Size, Tensor] = {}  # the scratch's view of each shape rounded, made once per call
+    work = torch.float32 if rounded else dtype
 
-    def rnd_(t: Tensor) -> Tensor:  # t rounded to the nearest bfloat16, in place
-        half = halves.get(t.shape)
-        if half is None:
-            half = halves[t.shape] = scratch.view(-1)[: t.numel()].view(t.shape)
-        return t.copy_(half.copy_(t))
+    def buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        t = None if kept is None else kept.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype or t.device != U.device:
+            with torch.inference_mode(False):  # a kept buffer serves later calls outside that mode too
+                t = torch.empty(shape, dtype=dtype, device=U.device)
+            if kept is not None:
+                kept[name] = t
+        return t
 
-    X = torch.empty(U.shape, dtype=torch.float32, device=U.device)
-    X.copy_(U if U.dtype == torch.bfloat16 else scratch.copy_(U))
-    nrm = rnd_(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True))
-    rnd_(X.div_(rnd_(nrm.clamp_(min=eps) if norm == "clamp" else nrm.add_(eps))))
-    A = X.new_empty(batch, side, side)
-    B, Y = torch.empty_like(A), torch.empty_like(X)
+    X, Y = buffer("X", U.shape, work), buffer("Y", U.shape, work)
+    A, B = buffer("A", (batch, side, side), work), buffer("B", (batch, side, side), work)
+    if rounded:
+        scratch = buffer("half", U.shape, torch.bfloat16)
+        halves: dict[torch.Size, Tensor] = {}  # the scratch's view of each shape rounded, made once per call
+
+        def rnd_(t: Tensor) -> Tensor:  # t rounded to the nearest bfloat16, in place
+            half = halves.get(t.shape)
+            if half is None:
+                half = halves[t.shape] = scratch.view(-1)[: t.numel()].view(t.shape)
+            return t.copy_(half.copy_(t))
+
+        source = X.copy_(U if U.dtype == torch.bfloat16 else scratch.copy_(U))
+    else:
+        def rnd_(t: Tensor) -> Tensor:
+            return t
+
+        source = U if U.dtype == work else X.copy_(U)  # normalised straight into X where no cast comes first
+    nrm = rnd_(torch.linalg.vector_norm(source, dim=(-2, -1), keepdim=True))
+    rnd_(torch.div(source, rnd_(nrm.clamp_(min=eps) if norm == "clamp" else nrm.add_(eps)), out=X))
     for i, (a, b, c) in enumerate(coefficients):
         rnd_(torch.bmm(X.mT, X, out=A) if tall else torch.bmm(X, X.mT, out=A))
         rnd_(torch.baddbmm(A, A, A, beta=b, alpha=c, out=B))
         torch.baddbmm(X, X, B.mT, beta=a, out=Y) if tall else torch.baddbmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
-        if i < len(coefficients) - 1:
+        if rounded and i < len(coefficients) - 1:
             rnd_(X)  # the last one rounds in the conversion below
-    return X.to(torch.bfloat16)
+    return scratch.copy_(X) if rounded else X
 
 
 def _round_to_bfloat16(t: Tensor) -> Tensor:

@@ -1485,7 +1485,7 @@ class KronOptimizer(torch.optim.Optimizer):
         bounds = torch.stack(extremes).view(-1, 4).abs_().tolist()
         if not all(compose.momentum_block_is_safe(buf.dtype, max(g0, g1), max(b0, b1)) for g0, g1, b0, b1 in bounds):
             return False  # a non-finite or huge gradient, or a huge momentum: the general path's guards decide
-        O = inner.orthogonalize(U)  # type: ignore[union-attr]
+        O = inner.orthogonalize(U, buffers=self._kept(("muon iteration", tuple(U.shape), U.dtype), lambda: ({},))[0])  # type: ignore[union-attr, arg-type]
         s = inner.shape_factor(bucket.layout)  # type: ignore[union-attr]
         whole = True if step_ok is None else bool(step_ok)
         lr, weight_decay = _rates(self.param_groups[bucket.group])
@@ -1680,7 +1680,7 @@ class KronOptimizer(torch.optim.Optimizer):
             return make()  # type: ignore[return-value]
         return self._kept((tuple(like.shape), like.dtype, like.device), make)
 
-    def _kept(self, key: tuple, make: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    def _kept(self, key: tuple, make: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
         """The scratch tensors kept across steps under ``key`` (made by ``make`` the first time): one set per
         shape, dtype and device, the buckets stepping one after the other, each done with them before the next.
         Made outside ``inference_mode`` even within it, so that a later step outside it may write into them."""

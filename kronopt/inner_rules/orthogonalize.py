@@ -110,9 +110,11 @@ class OrthogonalizeInner:
         O = self.orthogonalize(linalg.rotate(U, basis.Q_L, basis.Q_R)).to(G.dtype)
         return linalg.unrotate(O, basis.Q_L, basis.Q_R).mul_(self.shape_factor(ctx.layout)), MomentumState(B)  # a fresh tensor: scaled in place
 
-    def orthogonalize(self, U: Tensor) -> Tensor:
-        """The Newton–Schulz iteration of ``U (b m n)`` with this rule's schedule, ε, norm and dtype."""
-        return linalg.newton_schulz(U, self.schedule(), eps=self.eps, dtype=linalg.DTYPES[self.ns_dtype], norm=self.norm)
+    def orthogonalize(self, U: Tensor, *, buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """The Newton–Schulz iteration of ``U (b m n)`` with this rule's schedule, ε, norm and dtype (``buffers``:
+        the caller's, kept from one call to the next; :func:`~kronopt.linalg.newton_schulz`)."""
+        ns = linalg.DTYPES[self.ns_dtype]
+        return linalg.newton_schulz(U, self.schedule(), eps=self.eps, dtype=ns, norm=self.norm, buffers=buffers)
 
     def shape_factor(self, layout: Layout) -> float:
         """The factor :math:`s` of a bucket's orthogonalized update: ``scale``'s rule on ``scale_shape``'s

@@ -52,7 +52,7 @@ CPU_ONLY = [
     (kopt.KronOptimizer, "_muon_scratch"),
     (linalg, "_tiled_sym_product"),
     (linalg, "split_sandwich"),
-    (linalg, "_newton_schulz_rounded"),
+    (linalg, "_newton_schulz_in_buffers"),
     (linalg, "DeferredWrite"),
     (torch, "_foreach_copy_"),  # the plain copies of a write with every block ok
 ]

@@ -469,6 +469,58 @@ def test_newton_schulz_in_float32_kernels_rounds_in_its_buffers_as_into_new_tens
     assert torch.equal(linalg.newton_schulz(V, schedule("kj", 5)), tracked.detach())
 
 
+class _Products(torch.utils._python_dispatch.TorchDispatchMode):
+    """The overloads of the products a call dispatches (``bmm.out``, ``baddbmm.default``, …)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+            self.seen.append(func._overloadname)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 40), (2, 70, 20), (1, 48, 48)])
+@pytest.mark.parametrize(
+    "dtype, rounded",
+    [(torch.bfloat16, False), (torch.float32, False), (torch.float64, False), (torch.bfloat16, True)],
+    ids=["bfloat16", "float32", "float64", "bfloat16 in float32 kernels"],
+)
+def test_newton_schulz_in_kept_buffers_gives_the_functional_forms_bits(gen, shape, dtype, rounded, monkeypatch):
+    """With ``buffers`` (a dict the caller keeps) an untracked ``U`` runs in them, every product written with
+    ``out=`` and no buffer made again at a second call of the same shape; a ``U`` that autograd tracks takes the
+    functional form. The same bits for any input dtype, either norm, any number of iterations (none included),
+    in ``dtype``'s own kernels or (bfloat16) in float32 kernels, a first and a second call alike, and ``U`` is left
+    as it was. Fails on a buffer read after it is overwritten, a norm taken after a cast it should precede, a ``U``
+    normalised in place, a product that allocates, or buffers of another call's shape taken again."""
+    monkeypatch.setattr(linalg, "_bfloat16_in_float32", lambda U, dtype: rounded)
+    for source in (torch.float32, torch.bfloat16, torch.float64):
+        U = torch.randn(*shape, generator=gen).to(source) * 1e-3  # so that an ε of 1e-4 to 1 counts in the norm
+        before = U.clone()
+        for norm, eps in itertools.product(("clamp", "add"), (1e-7, 1e-4, 0.3)):
+            for steps in (0, 1, 5):
+                coeffs = schedule("kj", steps) if steps else []
+                kept: dict[str, torch.Tensor] = {}
+                first = linalg.newton_schulz(U, coeffs, norm=norm, eps=eps, dtype=dtype, buffers=kept).clone()
+                made = dict(kept)
+                with _Products() as products:
+                    second = linalg.newton_schulz(U, coeffs, norm=norm, eps=eps, dtype=dtype, buffers=kept)
+                assert kept.keys() == made.keys() and all(kept[k] is made[k] for k in made)
+                with torch.enable_grad():
+                    tracked = linalg.newton_schulz(U.clone().requires_grad_(), coeffs, norm=norm, eps=eps, dtype=dtype)
+                assert first.dtype == second.dtype == tracked.dtype == dtype and not second.requires_grad
+                assert torch.equal(first, tracked.detach()) and torch.equal(second, tracked.detach()), (source, norm, eps, steps)
+                assert products.seen == ["out"] * 3 * steps, products.seen
+        assert torch.equal(U, before)
+    other: dict[str, torch.Tensor] = {}
+    linalg.newton_schulz(torch.randn(2, 8, 6, generator=gen), schedule("kj", 2), dtype=dtype, buffers=other)
+    small = dict(other)
+    linalg.newton_schulz(torch.randn(2, 10, 6, generator=gen), schedule("kj", 2), dtype=dtype, buffers=other)
+    assert other["X"] is not small["X"] and other["X"].shape == (2, 10, 6)  # another shape: made anew
+
+
 def test_newton_schulz_in_float32_kernels_under_function_transforms(gen):
     """Forward-mode AD and ``vmap`` wrap their tensors, so they take the functional form (no ``out=``, nothing
     in place): the primal matches the plain iteration bit for bit, the mapped slices up to a few entries

@@ -45,8 +45,8 @@ def _nan_direction_at(step: int, block: int):
     real = OrthogonalizeInner.orthogonalize
     calls = {}
 
-    def patched(self, U):
-        O = real(self, U)
+    def patched(self, U, **kw):
+        O = real(self, U, **kw)
         if U.shape[0] == 3:
             calls[id(self)] = calls.get(id(self), 0) + 1
             if calls[id(self)] == step:

@@ -330,8 +330,8 @@ def _nan_direction(at_calls, block):
     real = OrthogonalizeInner.orthogonalize
     seen = {"calls": 0}
 
-    def patched(self, U):
-        O = real(self, U)
+    def patched(self, U, **kw):
+        O = real(self, U, **kw)
         if U.shape[0] == 3:
             seen["calls"] += 1
             if seen["calls"] in at_calls:
