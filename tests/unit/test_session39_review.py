@@ -491,53 +491,6 @@ def test_scaling_and_alone_rows_carry_fault_bytes(monkeypatch):
     assert all(r["fault_bytes"] is None for r in table[0]["rows"])
 
 
-# -- 940ea3d: is_plain_adam / is_plain_muon through _inner_rule_alone, against 97b18f3's predicates --------------
-
-
-def _old_common(cfg, layout, dtype):
-    from kronopt.bases import IdentityBasis
-    from kronopt.compose import storage_dtypes
-    from kronopt.factors.ema import NoFactors
-    from kronopt.splits import FullSplit
-
-    return (
-        type(cfg.factors) is NoFactors and type(cfg.basis) is IdentityBasis and type(cfg.split) is FullSplit
-        and not cfg.post.normalize and cfg.post.grafting == "none" and not cfg.skip_first_call and not cfg.compile
-        and storage_dtypes(cfg.storage, dtype) is None and "restricted" not in (layout.left, layout.right)
-    )
-
-
-OVERRIDES = [
-    {}, {"post.normalize": True}, {"post.grafting": "adam"}, {"skip_first_call": True}, {"storage.inner": "bfloat16"},
-    {"inner.normalize": True}, {"inner.momentum_form": "classic"}, {"inner.coefficients": "quintic"},
-    {"shapes.max_dim": 8}, {"state_dtype": "float64"},
-]
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("overrides", OVERRIDES, ids=lambda o: ",".join(o) or "default")
-def test_plain_predicates_as_before(preset, overrides):
-    from kronopt import compose
-    from kronopt.inner_rules.adam import AdamInner
-
-    try:
-        cfg = kronopt.resolve(preset, **overrides)
-        params = [torch.nn.Parameter(torch.randn(s)) for s in [(24, 16), (12, 7), (40, 9)]]
-        opt = kronopt.KronOptimizer(params, cfg)
-    except Exception:  # noqa: BLE001 - an override the preset refuses
-        pytest.skip("not a valid config for this preset")
-    for b in opt._buckets:
-        c = opt._group_cfgs[b.group]
-        for dtype in (torch.float32, torch.float64):
-            old_adam = type(c.inner) is AdamInner and not c.inner.normalize and _old_common(c, b.layout, dtype)
-            old_muon = (
-                type(c.inner) is OrthogonalizeInner and c.inner.momentum_form == "ema" and c.inner.coefficients != "custom"
-                and _old_common(c, b.layout, dtype)
-            )
-            assert compose.is_plain_adam(c, b.layout, dtype) == old_adam
-            assert compose.is_plain_muon(c, b.layout, dtype) == old_muon
-
-
 # -- 0a2152b: a gradient in another bucket's parameter's memory ------------------------------------------------------
 
 
