@@ -1475,17 +1475,16 @@ class KronOptimizer(torch.optim.Optimizer):
         state = bucket.state
         buf = state.inner.momentum_buffer  # type: ignore[union-attr]
         grads = [to_block(p.grad, spec) for p, spec in zip(bucket.params, bucket.specs)]  # type: ignore[arg-type]
-        U, D = self._muon_scratch(buf, (inner.nesterov and inner.look_ahead_dtype(buf.dtype)) or buf.dtype)  # type: ignore[union-attr]
+        U, D, iteration = self._muon_scratch(buf, (inner.nesterov and inner.look_ahead_dtype(buf.dtype)) or buf.dtype)  # type: ignore[union-attr]
         w = 1 - inner.momentum**2 if inner.nesterov else 1 - inner.momentum  # type: ignore[union-attr]
         extremes = []
         for k, (p, g) in enumerate(zip(bucket.params, grads)):
-            hit = self._checked(p.grad)  # type: ignore[arg-type]
-            extremes.extend([*(hit[1].unbind(0) if hit is not None else torch.aminmax(g)), *torch.aminmax(buf[k])])
+            extremes.extend([*self._grad_extremes(p.grad), *torch.aminmax(buf[k])])  # type: ignore[arg-type]
             torch.lerp(buf[k], g, w, out=U[k])  # the look-ahead (without Nesterov: the new momentum) while in cache
         bounds = torch.stack(extremes).view(-1, 4).abs_().tolist()
         if not all(compose.momentum_block_is_safe(buf.dtype, max(g0, g1), max(b0, b1)) for g0, g1, b0, b1 in bounds):
             return False  # a non-finite or huge gradient, or a huge momentum: the general path's guards decide
-        O = inner.orthogonalize(U, buffers=self._kept(("muon iteration", tuple(U.shape), U.dtype), lambda: ({},))[0])  # type: ignore[union-attr, arg-type]
+        O = inner.orthogonalize(U, buffers=iteration)  # type: ignore[union-attr]
         s = inner.shape_factor(bucket.layout)  # type: ignore[union-attr]
         whole = True if step_ok is None else bool(step_ok)
         lr, weight_decay = _rates(self.param_groups[bucket.group])
@@ -1503,10 +1502,11 @@ class KronOptimizer(torch.optim.Optimizer):
             self._pending.append(report)
         return True
 
-    def _muon_scratch(self, buf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The look-ahead stack (``buf``'s shape, ``dtype``) and a block-sized direction (``buf``'s dtype) of
-        :meth:`_step_plain_muon`, kept across steps (:data:`_CPU_KEEPS_SCRATCH`) as :meth:`_scratch` keeps its."""
-        make = lambda: (torch.empty(buf.shape, dtype=dtype, device=buf.device), torch.empty(buf.shape[1:], dtype=buf.dtype, device=buf.device))  # noqa: E731
+    def _muon_scratch(self, buf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The look-ahead stack (``buf``'s shape, ``dtype``), a block-sized direction (``buf``'s dtype) and the
+        iteration's buffers (:func:`linalg.newton_schulz`'s ``buffers``) of :meth:`_step_plain_muon`, kept across
+        steps (:data:`_CPU_KEEPS_SCRATCH`) as :meth:`_scratch` keeps its."""
+        make = lambda: (torch.empty(buf.shape, dtype=dtype, device=buf.device), torch.empty(buf.shape[1:], dtype=buf.dtype, device=buf.device), {})  # noqa: E731
         return self._kept(("muon", tuple(buf.shape), dtype, buf.dtype, buf.device), make) if _CPU_KEEPS_SCRATCH else make()  # type: ignore[return-value]
 
     def _count_plain(self, bucket: _Bucket, ok: Tensor | list[bool], step_ok: Tensor | None) -> "_Pending | None":
@@ -1639,11 +1639,16 @@ class KronOptimizer(torch.optim.Optimizer):
         """``max |g|``, ``max |m|`` and ``max v`` of one block (``grad`` its parameter's gradient, ``m``, ``v``
         its moments), read on the host (NaN where ``g`` holds one). The gradient's extremes come from
         :meth:`_all_finite` when it checked it this step, else from one pass over it."""
-        hit = self._checked(grad)
-        g_lo, g_hi = hit[1].unbind(0) if hit is not None else torch.aminmax(grad)
+        g_lo, g_hi = self._grad_extremes(grad)
         m_lo, m_hi = torch.aminmax(m)
         lo, hi, m0, m1, v1 = torch.stack([g_lo, g_hi, m_lo, m_hi, v.amax()]).tolist()
         return _bounds(lo, hi, m0, m1, v1)
+
+    def _grad_extremes(self, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """The smallest and largest entries of a parameter's gradient: from :meth:`_all_finite` where it read them
+        this step (:meth:`_checked`), else from one pass."""
+        hit = self._checked(grad)
+        return tuple(hit[1].unbind(0)) if hit is not None else tuple(torch.aminmax(grad))  # type: ignore[return-value]
 
     def _adam_bounds_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]]) -> list[tuple[float, float, float]]:
         """:meth:`_adam_bounds` of many small blocks ``(grad, m, v)`` at once, the same values: each
