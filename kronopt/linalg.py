@@ -138,12 +138,13 @@ _CPUINFO = "/proc/cpuinfo"
 
 @attrs.frozen
 class _Processor:
-    """What ``/proc/cpuinfo`` says of the first processor: its ``vendor_id`` and its x86 ``flags``
-    (both empty where the file cannot be read or has no such line, as on other systems and
-    architectures). Kernel choices that depend on the processor read it here, once per process."""
+    """What ``/proc/cpuinfo`` says of the first processor: its ``vendor_id``, its x86 ``flags`` and its
+    ``cpu family`` (empty, or 0, where the file cannot be read or has no such line, as on other systems
+    and architectures). Kernel choices that depend on the processor read it here, once per process."""
 
     vendor: str = ""
     flags: frozenset[str] = frozenset()
+    family: int = 0
 
 
 @functools.cache
@@ -161,7 +162,8 @@ def _processor() -> _Processor:
                     fields.setdefault(key.strip(), value.strip())
     except OSError:
         return _Processor()
-    return _Processor(fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split()))
+    family = fields.get("cpu family", "")
+    return _Processor(fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split()), int(family) if family.isdigit() else 0)
 
 
 def _tiles_in_place() -> bool:
@@ -272,7 +274,15 @@ def _dense_sym_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, al
 
 def _weighted_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float) -> Tensor:
     """``β X + α A Bᵀ`` in a new tensor, ``β`` a number (then, as BLAS does, 0 never reads ``X``) or a
-    per-block ``(b 1 1)`` tensor (``X`` scaled first: a product takes only a number)."""
+    per-block ``(b 1 1)`` tensor (``X`` scaled first: a product takes only a number). Where oneDNN takes the
+    product (:func:`_by_onednn`) it is made apart, then scaled and ``β X`` added to it."""
+    if _by_onednn(A, B.mT):
+        P = _onednn_mm(A, B.mT)
+        if alpha != 1.0:
+            P.mul_(alpha)
+        if isinstance(beta, Tensor):
+            return P.addcmul_(X, beta)
+        return P if beta == 0 else P.add_(X, alpha=beta)
     if isinstance(beta, Tensor):
         return (X * beta).baddbmm_(A, B.mT, alpha=alpha)
     return torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha)
@@ -434,14 +444,14 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
         # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ, in one buffer for all J
         P = buffer[: b * k * (hi - lo)].view(b, k, hi - lo)
         if held:
-            torch.bmm(A[..., J], S.tiles[j, j], out=P).mul_(0.5)
+            mm_into(A[..., J], S.tiles[j, j], P).mul_(0.5)
             for i in range(j + 1, len(slices)):
-                P.baddbmm_(A[..., slices[i]], S.tiles[i, j])
+                addmm_(P, A[..., slices[i]], S.tiles[i, j])
         else:
-            torch.bmm(A[..., J], S[:, J, J], out=P).mul_(0.5)
+            mm_into(A[..., J], S[:, J, J], P).mul_(0.5)
             if hi < d:
-                P.baddbmm_(A[..., hi:], S[:, hi:, J])
-        H = torch.bmm(P, A[..., J].mT) if H is None else H.baddbmm_(P, A[..., J].mT)
+                addmm_(P, A[..., hi:], S[:, hi:, J])
+        H = mm(P, A[..., J].mT) if H is None else addmm_(H, P, A[..., J].mT)
     if H is None:  # d = 0
         return torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=dtype, device=A.device)
     return sym_sum(H).mul_(alpha)  # (H + Hᵀ)/2 · 2α, the same bits: halving and doubling are exact
@@ -463,8 +473,118 @@ def mm(A: Tensor, B: Tensor) -> Tensor:
     block, where a bucket's step is a few dozen calls). The same bits as ``@`` on the stacks the steps
     pass (matrices, transposed views, column vectors on the right); ``@`` takes another route for a
     stack of row vectors on the left that is a transposed view (the ``.mT`` of a ``b k 1`` stack,
-    against more than one column) and rounds otherwise, so such a call keeps ``@``."""
+    against more than one column) and rounds otherwise, so such a call keeps ``@``. A large float32
+    product on a processor where oneDNN's kernels are the faster ones goes to them (:func:`_by_onednn`)."""
+    if _by_onednn(A, B):
+        return _onednn_mm(A, B)
     return torch.bmm(A, B) if A.ndim == 3 and B.ndim == 3 and A.shape[0] == B.shape[0] else A @ B
+
+
+def mm_into(A: Tensor, B: Tensor, out: Tensor) -> Tensor:
+    """``torch.bmm(A, B, out=out)`` for two stacks of one batch size, through :func:`_onednn_mm` where it takes them."""
+    if _by_onednn(A, B):
+        return _onednn_mm(A, B, out=out)
+    return torch.bmm(A, B, out=out)
+
+
+def addmm_(X: Tensor, A: Tensor, B: Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    r"""``X.baddbmm_(A, B, beta=beta, alpha=alpha)``: :math:`X \leftarrow \beta X + \alpha A B` in place, for
+    stacks of one batch size; through :func:`_onednn_mm` where it takes the product (then the product is made
+    apart and added, two passes over ``X``'s size more; ``beta = 0`` never reads ``X``, as BLAS)."""
+    if not _by_onednn(A, B):
+        return X.baddbmm_(A, B, beta=beta, alpha=alpha)
+    P = _onednn_mm(A, B)
+    if alpha != 1.0:
+        P.mul_(alpha)
+    if beta == 0.0:
+        return X.copy_(P)
+    if beta != 1.0:
+        X.mul_(beta)
+    return X.add_(P)
+
+
+#: float32 products through oneDNN instead of MKL on a CPU (:func:`_by_onednn`): ``None`` decides by the
+#: processor (:func:`_onednn_products_fast`); ``True`` or ``False`` forces it (tests, and the GPU-path runs)
+_ONEDNN_FLOAT32: bool | None = None
+#: the shortest side (``m``, ``k`` or ``n``) of a product that goes to oneDNN: each call costs about 13 µs
+#: (one per block) and its result a copy, so on a Zen 5 (2 threads) a stack of ``4 × 160³`` took 0.94–1.29 ×
+#: MKL's time by the operands' layouts, ``4 × 192³`` 0.73–0.99 ×, ``4 × 256³`` 0.59–0.73 ×
+_ONEDNN_MIN_SIDE = 192
+
+
+def _onednn_products_fast() -> bool:
+    """Whether this processor multiplies float32 matrices faster in oneDNN's kernels than in MKL's, read from
+    ``/proc/cpuinfo``: an AMD processor of family 26 or later (Zen 5 on) with AVX-512, where torch's
+    float32 products run in MKL, which takes its AVX2 kernels on a processor not Intel's, and oneDNN's
+    take AVX-512 at full width. Measured on 2 cores of a Zen 5 (family 26, model 2), torch 2.13, MKL
+    2024.2: MKL 101–112 G multiply-adds a second on the presets' products (``4 × 1024 × 1024 × 256`` to
+    ``4 × 256³``), oneDNN's block by block 197–238, 0.44–0.55 of the time (docs/performance_log.md,
+    fortieth session). On a Zen 4 (family 25, AVX-512 in two halves) an earlier session measured
+    oneDNN's float32 products at 0.86–1.29 of MKL's, so it stays with MKL; an Intel processor's MKL
+    takes AVX-512 itself. Where oneDNN is not built in, never."""
+    processor = _processor()
+    return (
+        processor.vendor == "AuthenticAMD"
+        and processor.family >= 26
+        and "avx512f" in processor.flags
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def _by_onednn(A: Tensor, B: Tensor) -> bool:
+    """Whether :func:`mm`, :func:`mm_into` and :func:`addmm_` take ``A B`` through :func:`_onednn_mm`: float32
+    matrices or stacks of one batch size on a CPU, every side at least ``_ONEDNN_MIN_SIDE``, plain tensors
+    (:func:`_plain`: oneDNN's call has no autograd formula and writes no ``out=``), outside ``torch.compile``,
+    on a processor whose oneDNN kernels are the faster ones (``_ONEDNN_FLOAT32``)."""
+    if A.dtype != torch.float32 or B.dtype != torch.float32 or A.device.type != "cpu" or B.device.type != "cpu":
+        return False
+    if A.ndim != B.ndim or A.ndim not in (2, 3) or (A.ndim == 3 and A.shape[0] != B.shape[0]):
+        return False
+    if min(A.shape[-2], A.shape[-1], B.shape[-1]) < _ONEDNN_MIN_SIDE or A.shape[-1] != B.shape[-2]:
+        return False
+    on = _onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32
+    return on and not torch.compiler.is_compiling() and _plain(A) and _plain(B)
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether a matrix lies row- or column-major without gaps (oneDNN reads such a weight as it lies; one with
+    a gap between rows, a slice of a wider matrix, takes its reference kernel, a thousand times slower)."""
+    return t.is_contiguous() or t.mT.is_contiguous()
+
+
+def _onednn_block(A: Tensor, B: Tensor) -> Tensor:
+    r"""``A B`` of two matrices by oneDNN's linear layer (:math:`x w^\top`), row-major, or the ``.mT`` of a
+    row-major :math:`B^\top A^\top`. Its input ``x`` must be row-major and its weight ``w`` dense
+    (:func:`_dense`); each form copies what does not lie so, and the second copies its result into rows
+    after. The form with the fewer entries to copy is taken: the bases of a step lie column-major, as
+    LAPACK makes them, so :math:`Q^\top X` and :math:`X Q` copy nothing, and :math:`Q X` copies ``X`` and
+    the result (two ``m n`` copies) rather than ``Q`` (one ``m²``)."""
+    m, k = A.shape
+    n = B.shape[1]
+    straight = (0 if A.is_contiguous() else m * k) + (0 if _dense(B) else k * n)
+    turned = (0 if B.mT.is_contiguous() else k * n) + (0 if _dense(A) else m * k) + m * n
+    if straight <= turned:
+        return _onednn_linear(A.contiguous(), (B if _dense(B) else B.contiguous()).mT)
+    return _onednn_linear(B.mT.contiguous(), A if _dense(A) else A.contiguous()).mT
+
+
+def _onednn_linear(x: Tensor, w: Tensor) -> Tensor:
+    """oneDNN's ``x wᵀ`` (torch's ``mkldnn::_linear_pointwise``, no bias, no post-op)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def _onednn_mm(A: Tensor, B: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """``A @ B`` for matrices or stacks of one batch size (:func:`_by_onednn`), block by block in oneDNN's float32
+    kernels (:func:`_onednn_block`), the blocks stacked row-major into ``out`` (a new tensor if ``None``), as
+    ``torch.bmm`` lays its result. Each block's result is its own whatever the stack around it."""
+    if A.ndim == 2:
+        C = _onednn_block(A, B)
+        return C.contiguous() if out is None else out.copy_(C)
+    if out is None:
+        out = torch.empty((A.shape[0], A.shape[-2], B.shape[-1]), dtype=A.dtype, device=A.device)
+    for a, b, o in zip(A.unbind(0), B.unbind(0), out.unbind(0)):
+        o.copy_(_onednn_block(a, b))  # not torch.stack: it copies a transposed block at a third of copy_'s speed
+    return out
 
 
 def matvec(A: Tensor, x: Tensor) -> Tensor:
@@ -1458,7 +1578,7 @@ def sandwich(G: Tensor, X: Tensor) -> Tensor:
     _check_batched_square("X", X)
     if X.shape[-1] != G.shape[-1]:
         raise ValueError(f"sandwich needs X of shape (b {G.shape[-1]} {G.shape[-1]}), got {tuple(X.shape)}")
-    return split_sandwich(G, X) if split_pays(G, X) else sym(G @ X @ G.mT)
+    return split_sandwich(G, X) if split_pays(G, X) else sym(mm(mm(G, X), G.mT))
 
 
 def sandwich_t(G: Tensor, Y: Tensor) -> Tensor:
@@ -1471,7 +1591,7 @@ def sandwich_t(G: Tensor, Y: Tensor) -> Tensor:
     _check_batched_square("Y", Y)
     if Y.shape[-1] != G.shape[-2]:
         raise ValueError(f"sandwich_t needs Y of shape (b {G.shape[-2]} {G.shape[-2]}), got {tuple(Y.shape)}")
-    return split_sandwich(G.mT, Y) if split_pays(G.mT, Y) else sym(G.mT @ Y @ G)
+    return split_sandwich(G.mT, Y) if split_pays(G.mT, Y) else sym(mm(mm(G.mT, Y), G))
 
 
 def rearrange_kron(A: Tensor, m: int, n: int) -> Tensor:

@@ -43,6 +43,7 @@ GPU_SWITCHES = [
     (linalg, "_SYM_BLOCKED_MIN", 10**9),  # sym_sum: torch.add(A, A.mT)
     (linalg, "_QR_PAD_MAX", 0),  # _form_q: householder_product as it is
     (linalg, "_bfloat16_in_float32", lambda U, dtype: False),  # Newton–Schulz in bfloat16 kernels
+    (linalg, "_ONEDNN_FLOAT32", False),  # _by_onednn: float32 products in MKL, as torch.bmm
 ]
 
 #: functions only a CPU run may reach; a GPU-path run that reaches one fails
@@ -53,6 +54,7 @@ CPU_ONLY = [
     (linalg, "_tiled_sym_product"),
     (linalg, "split_sandwich"),
     (linalg, "_newton_schulz_in_buffers"),
+    (linalg, "_onednn_mm"),
     (linalg, "DeferredWrite"),
     (torch, "_foreach_copy_"),  # the plain copies of a write with every block ok
 ]
@@ -69,6 +71,8 @@ DEVICE_BRANCHES = {
         "host_verdicts",  # _CPU_HOST_VERDICTS
         "_bfloat16_in_float32",  # patched
         "_bfloat16_products_fast",  # reached from _bfloat16_in_float32 only
+        "_by_onednn",  # _ONEDNN_FLOAT32
+        "_onednn_products_fast",  # reached from _by_onednn only
     },
     "optimizer.py": {
         "_Pending._to_host",  # a CUDA report's pinned copy (the CUDA tests below, tests/unit/test_cuda.py)
