@@ -506,10 +506,13 @@ def addmm_(X: Tensor, A: Tensor, B: Tensor, *, beta: float = 1.0, alpha: float =
 #: float32 products through oneDNN instead of MKL on a CPU (:func:`_by_onednn`): ``None`` decides by the
 #: processor (:func:`_onednn_products_fast`); ``True`` or ``False`` forces it (tests, and the GPU-path runs)
 _ONEDNN_FLOAT32: bool | None = None
-#: the shortest side (``m``, ``k`` or ``n``) of a product that goes to oneDNN: each call costs about 13 µs
-#: (one per block) and its result a copy, so on a Zen 5 (2 threads) a stack of ``4 × 160³`` took 0.94–1.29 ×
-#: MKL's time by the operands' layouts, ``4 × 192³`` 0.73–0.99 ×, ``4 × 256³`` 0.59–0.73 ×
-_ONEDNN_MIN_SIDE = 192
+#: the least multiply-adds a block (``m k n``) and the shortest side a product needs to go to oneDNN: each call
+#: costs about 13 µs (one per block) and its result a copy. On a Zen 5 (2 threads), by the operands' layouts,
+#: stacks of 4 blocks: ``128³`` (2.1 M a block) 1.35–1.78 × MKL's time, ``128 × 128 × 256`` and ``64 × 256 × 256``
+#: (4.2 M) 0.88–1.20 ×, ``96 × 256 × 256`` (6.3 M) 0.76–1.01 ×, ``192³`` (7.1 M) 0.73–0.99 ×, ``256 × 256 × 128``
+#: (8.4 M) 0.72–1.02 ×, ``1024 × 64 × 256`` 0.63–0.77 ×, ``256³`` 0.59–0.73 ×, ``1024 × 128 × 256`` 0.54–0.67 ×
+_ONEDNN_MIN_WORK = 192**3
+_ONEDNN_MIN_SIDE = 64
 
 
 def _onednn_products_fast() -> bool:
@@ -533,14 +536,16 @@ def _onednn_products_fast() -> bool:
 
 def _by_onednn(A: Tensor, B: Tensor) -> bool:
     """Whether :func:`mm`, :func:`mm_into` and :func:`addmm_` take ``A B`` through :func:`_onednn_mm`: float32
-    matrices or stacks of one batch size on a CPU, every side at least ``_ONEDNN_MIN_SIDE``, plain tensors
+    matrices or stacks of one batch size on a CPU, of ``_ONEDNN_MIN_WORK`` multiply-adds a block or more and
+    every side at least ``_ONEDNN_MIN_SIDE``, plain tensors
     (:func:`_plain`: oneDNN's call has no autograd formula and writes no ``out=``), outside ``torch.compile``,
     on a processor whose oneDNN kernels are the faster ones (``_ONEDNN_FLOAT32``)."""
     if A.dtype != torch.float32 or B.dtype != torch.float32 or A.device.type != "cpu" or B.device.type != "cpu":
         return False
     if A.ndim != B.ndim or A.ndim not in (2, 3) or (A.ndim == 3 and A.shape[0] != B.shape[0]):
         return False
-    if min(A.shape[-2], A.shape[-1], B.shape[-1]) < _ONEDNN_MIN_SIDE or A.shape[-1] != B.shape[-2]:
+    m, k, n = A.shape[-2], A.shape[-1], B.shape[-1]
+    if min(m, k, n) < _ONEDNN_MIN_SIDE or m * k * n < _ONEDNN_MIN_WORK or k != B.shape[-2]:
         return False
     on = _onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32
     return on and not torch.compiler.is_compiling() and _plain(A) and _plain(B)
@@ -2175,12 +2180,12 @@ def accumulate_two_grams_left(X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: 
     _check_batched_square("X", X)
     if _tiled(X, B):
         return accumulate_gram_left(accumulate_gram_left(X, A, beta, alpha), B * w.sqrt(), 1.0, alpha)
-    return _two_grams(X, A, torch.bmm(B, B.mT), w, beta, alpha)
+    return _two_grams(X, A, mm(B, B.mT), w, beta, alpha)
 
 
 def _two_grams(X: Tensor, A: Tensor, C: Tensor, w: Tensor, beta: float, alpha: float) -> Tensor:
     """The dense form of :func:`accumulate_two_grams_left` with the Gram ``C = B Bᵀ`` made."""
-    T = torch.baddbmm(X, A, A.mT, beta=beta * 0.5, alpha=alpha * 0.5)  # at half weight: sym_sum is then its sym
+    T = _weighted_product(X, A, A, beta * 0.5, alpha * 0.5)  # at half weight: sym_sum is then its sym
     return sym_sum(T.addcmul_(C, w, value=alpha * 0.5))
 
 
@@ -2210,7 +2215,7 @@ def accumulate_two_grams_left_with_energy(
         return accumulate_two_grams_left(X, A, B, w, beta, alpha), weighted_row_energy(QtB, None), QtB
     _check_batched("A", A)
     _check_batched_square("X", X)
-    C = torch.bmm(B, B.mT)
+    C = mm(B, B.mT)
     return _two_grams(X, A, C, w, beta, alpha), rotated_diagonal(C, Q), None
 
 
@@ -2424,8 +2429,8 @@ def project_out_right(M: Tensor, U: Tensor, MU: Tensor | None = None) -> Tensor:
     _check_batched("M", M)
     MU = mm(M, U) if MU is None else MU
     if not M.is_contiguous() and M.mT.is_contiguous():
-        return torch.baddbmm(M.mT, U, MU.mT, alpha=-1.0).mT
-    return torch.baddbmm(M, MU, U.mT, alpha=-1.0)
+        return _weighted_product(M.mT, U, MU, 1.0, -1.0).mT
+    return _weighted_product(M, MU, U, 1.0, -1.0)
 
 
 def whitened_complement_norm(

@@ -1343,10 +1343,11 @@ def replay_makers(
 
 
 #: the operations :func:`record_matrix_work` records and :class:`_Replay` replays: matrix products and the matrix decompositions (with their
-#: in-place forms, ``baddbmm_``: a per-block weight scales the accumulator first, then the product adds into it)
+#: in-place forms, ``baddbmm_``: a per-block weight scales the accumulator first, then the product adds into it), and
+#: oneDNN's linear layer, through which a Zen 5 multiplies the steps' large float32 blocks (``linalg._by_onednn``)
 HEAVY_OPS: frozenset[str] = frozenset(
     {"mm", "bmm", "addmm", "baddbmm", "addbmm", "_linalg_eigh", "linalg_qr", "geqrf", "linalg_householder_product",
-     "_linalg_svd"}
+     "_linalg_svd", "_linear_pointwise"}
 )
 
 

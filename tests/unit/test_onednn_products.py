@@ -73,10 +73,15 @@ def test_which_products_go_to_onednn(monkeypatch):
     A, B = f32(4, 256, 192), f32(4, 192, 320)
     assert linalg._by_onednn(A, B)
     assert linalg._by_onednn(A[0], B[0])  # matrices
-    assert linalg._by_onednn(f32(1, 192, 192), f32(1, 192, 192))  # every side at the bound
-    assert not linalg._by_onednn(f32(4, 191, 192), f32(4, 192, 192))  # a side below it: MKL, its calls cheaper
+    assert linalg._by_onednn(f32(1, 192, 192), f32(1, 192, 192))  # the work at the bound
+    assert not linalg._by_onednn(f32(4, 191, 192), f32(4, 192, 192))  # less work a block: MKL, its calls cheaper
     assert not linalg._by_onednn(f32(4, 192, 191), f32(4, 191, 192))
     assert not linalg._by_onednn(f32(4, 192, 192), f32(4, 192, 191))
+    assert not linalg._by_onednn(f32(4, 128, 128), f32(4, 128, 128))
+    assert linalg._by_onednn(f32(4, 1024, 64), f32(4, 64, 256))  # a short inner side, work enough
+    assert not linalg._by_onednn(f32(4, 1024, 63), f32(4, 63, 256))  # a side below the bound
+    assert not linalg._by_onednn(f32(4, 63, 1024), f32(4, 1024, 256))
+    assert not linalg._by_onednn(f32(4, 1024, 256), f32(4, 256, 63))
     assert not linalg._by_onednn(A.double(), B.double())  # float32 only
     assert not linalg._by_onednn(A.bfloat16(), B.bfloat16())
     assert not linalg._by_onednn(A, B[:2])  # batch sizes that differ (matmul broadcasts)
