@@ -276,7 +276,7 @@ def _weighted_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alp
     """``β X + α A Bᵀ`` in a new tensor, ``β`` a number (then, as BLAS does, 0 never reads ``X``) or a
     per-block ``(b 1 1)`` tensor (``X`` scaled first: a product takes only a number). Where oneDNN takes the
     product (:func:`_by_onednn`) it is made apart, then scaled and ``β X`` added to it."""
-    if _by_onednn(A, B.mT):
+    if _by_onednn(A, B.mT) and _plain(X) and (not isinstance(beta, Tensor) or _plain(beta)):
         P = _onednn_mm(A, B.mT)
         if alpha != 1.0:
             P.mul_(alpha)
@@ -481,8 +481,9 @@ def mm(A: Tensor, B: Tensor) -> Tensor:
 
 
 def mm_into(A: Tensor, B: Tensor, out: Tensor) -> Tensor:
-    """``torch.bmm(A, B, out=out)`` for two stacks of one batch size, through :func:`_onednn_mm` where it takes them."""
-    if _by_onednn(A, B):
+    """``torch.bmm(A, B, out=out)`` for two stacks of one batch size, through :func:`_onednn_mm` where it takes them
+    and ``out`` has the product's shape and dtype (else ``torch.bmm``, which resizes ``out`` or refuses it)."""
+    if _by_onednn(A, B) and out.shape == (A.shape[0], A.shape[-2], B.shape[-1]) and out.dtype == A.dtype:
         return _onednn_mm(A, B, out=out)
     return torch.bmm(A, B, out=out)
 
@@ -491,7 +492,7 @@ def addmm_(X: Tensor, A: Tensor, B: Tensor, *, beta: float = 1.0, alpha: float =
     r"""``X.baddbmm_(A, B, beta=beta, alpha=alpha)``: :math:`X \leftarrow \beta X + \alpha A B` in place, for
     stacks of one batch size; through :func:`_onednn_mm` where it takes the product (then the product is made
     apart and added, two passes over ``X``'s size more; ``beta = 0`` never reads ``X``, as BLAS)."""
-    if not _by_onednn(A, B):
+    if not (_by_onednn(A, B) and _plain(X)):
         return X.baddbmm_(A, B, beta=beta, alpha=alpha)
     P = _onednn_mm(A, B)
     if alpha != 1.0:
