@@ -325,6 +325,10 @@ def _tiled_sym_product(
     placed = in_place and each is None  # a diagonal tile symmetrised straight into its place
     below_in_place = in_place and _tiles_in_place()  # a row's tiles below the diagonal in their place in out, as one panel
     tiles = out.slices if held else _tile_slices(m)
+    if tiles and _by_onednn(A[:, tiles[0]], B[:, tiles[0]].mT):
+        # oneDNN reads a tile's rows of A and B row-major: a transposed operand (a right Gram's Gᵀ) is laid so
+        # once here, where each tile would copy its rows again (a row of t tiles reads A's rows t times)
+        A, B = _rows_laid(A, B)
     for i, I in enumerate(tiles):
         # below the diagonal: in place, the row's tiles as one panel (one longer product, one mirror);
         # apart, tile by tile (where that is the processor's faster form, row panels measured slower)
@@ -439,6 +443,10 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
     dtype = torch.promote_types(A.dtype, S.dtype) if held else torch.result_type(A, S)
     slices = S.slices if held else _tile_slices(d)
     buffer = torch.empty(b * k * max((J.stop - J.start for J in slices), default=0), dtype=dtype, device=A.device)
+    if slices and _by_onednn(A[..., slices[0]], S.tiles[0, 0] if held else S[:, slices[0], slices[0]]):
+        # oneDNN reads its operands row-major: A's tile columns, each read by several products below, are
+        # made contiguous once each here, instead of once a product
+        A = _ColumnBlocks(A, slices)  # type: ignore[assignment]
     for j, J in enumerate(slices):
         lo, hi = J.start, J.stop
         # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ, in one buffer for all J
@@ -572,6 +580,32 @@ def _onednn_block(A: Tensor, B: Tensor) -> Tensor:
     if straight <= turned:
         return _onednn_linear(A.contiguous(), (B if _dense(B) else B.contiguous()).mT)
     return _onednn_linear(B.mT.contiguous(), A if _dense(A) else A.contiguous()).mT
+
+
+def _rows_laid(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``A`` and ``B`` (``b m k``) with their rows contiguous, each copied once where it is not (one copy for
+    both where they are the same view, as a Gram's operands)."""
+    def laid(T: Tensor) -> Tensor:
+        return T if T.stride(-1) == 1 else T.contiguous()
+
+    if B.data_ptr() == A.data_ptr() and B.shape == A.shape and B.stride() == A.stride():  # one view twice (a Gram)
+        A = laid(A)
+        return A, A
+    return laid(A), laid(B)
+
+
+class _ColumnBlocks:
+    """A stack ``(b k d)`` read by column blocks: ``self[..., J]`` for a slice ``J`` of ``slices`` (or a run of
+    them to the end) is a contiguous copy of those columns, each made once (:func:`split_sandwich` under oneDNN)."""
+
+    def __init__(self, A: Tensor, slices: list[slice]) -> None:
+        self.A, self.slices, self._made = A, slices, {}
+
+    def __getitem__(self, key: tuple) -> Tensor:
+        J = key[-1]
+        if (J.start, J.stop) not in self._made:
+            self._made[(J.start, J.stop)] = self.A[..., J].contiguous()
+        return self._made[(J.start, J.stop)]
 
 
 def _onednn_linear(x: Tensor, w: Tensor) -> Tensor:
