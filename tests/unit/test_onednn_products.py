@@ -12,37 +12,37 @@ import torch
 
 import kronopt
 from kronopt import linalg
+from tests.unit.test_linalg import _on_processor
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 _ZEN5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: 2\nflags\t\t: fpu sse2 {flags}\n\n"
 
 
-@pytest.fixture
-def onednn(monkeypatch):
-    """oneDNN's path forced on, whatever the processor; the calls it makes to oneDNN recorded as ``(x, w)``."""
+def spy_onednn(monkeypatch, on=True):
+    """oneDNN's path forced on (or off), whatever the processor; the calls it makes to oneDNN, recorded as
+    ``(x, w)``, each checked for a row-major input and a weight without gaps (else oneDNN's reference kernel,
+    a thousand times slower)."""
     calls = []
     real = linalg._onednn_linear
 
     def spy(x, w):
+        assert x.is_contiguous() and linalg._dense(w), (x.stride(), w.stride())
         calls.append((x, w))
         return real(x, w)
 
-    monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", True)
+    monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", on)
     monkeypatch.setattr(linalg, "_onednn_linear", spy)
     return calls
 
 
-def _on_processor(text, tmp_path, monkeypatch):
-    info = tmp_path / "cpuinfo"
-    if text is not None:
-        info.write_text(text)
-    monkeypatch.setattr(linalg, "_CPUINFO", str(info))
-    linalg._processor.cache_clear()
-    try:
-        return linalg._onednn_products_fast(), linalg._processor().family
-    finally:
-        linalg._processor.cache_clear()
+@pytest.fixture
+def onednn(monkeypatch):
+    return spy_onednn(monkeypatch)
+
+
+def _choice():
+    return linalg._onednn_products_fast(), linalg._processor().family
 
 
 @pytest.mark.parametrize(
@@ -59,12 +59,12 @@ def _on_processor(text, tmp_path, monkeypatch):
     ],
 )
 def test_onednn_takes_the_float32_products_on_a_zen5_only(text, fast, family, tmp_path, monkeypatch):
-    assert _on_processor(text, tmp_path, monkeypatch) == (fast, family)
+    assert _on_processor(text, tmp_path, monkeypatch, _choice) == (fast, family)
 
 
 def test_onednn_is_never_chosen_where_torch_has_no_onednn(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert _on_processor(_ZEN5.format(family=26, flags="avx512f"), tmp_path, monkeypatch) == (False, 26)
+    assert _on_processor(_ZEN5.format(family=26, flags="avx512f"), tmp_path, monkeypatch, _choice) == (False, 26)
 
 
 def test_which_products_go_to_onednn(monkeypatch):
@@ -200,10 +200,7 @@ def test_preset_steps_through_onednn_stay_as_close_to_float64_as_mkls(preset, mo
     overrides = {"refresh.every": 4, **({"factors.init": "sum"} if preset == "dykaf" else {})}
 
     def run(dtype, on):
-        calls = []
-        real = linalg._onednn_linear
-        monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", on)
-        monkeypatch.setattr(linalg, "_onednn_linear", lambda x, w: calls.append(1) or real(x, w))
+        calls = spy_onednn(monkeypatch, on)
         params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in params0]
         opt = kronopt.build(params, preset, **overrides)
         for g in grads:
