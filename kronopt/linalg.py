@@ -446,7 +446,7 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
     if slices and _by_onednn(A[..., slices[0]], S.tiles[0, 0] if held else S[:, slices[0], slices[0]]):
         # oneDNN reads its operands row-major: A's tile columns, each read by several products below, are
         # made contiguous once each here, instead of once a product
-        A = _ColumnBlocks(A, slices)  # type: ignore[assignment]
+        A = _ColumnBlocks(A)  # type: ignore[assignment]
     for j, J in enumerate(slices):
         lo, hi = J.start, J.stop
         # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ, in one buffer for all J
@@ -575,11 +575,12 @@ def _onednn_block(A: Tensor, B: Tensor) -> Tensor:
     the result (two ``m n`` copies) rather than ``Q`` (one ``m²``)."""
     m, k = A.shape
     n = B.shape[1]
-    straight = (0 if A.is_contiguous() else m * k) + (0 if _dense(B) else k * n)
-    turned = (0 if B.mT.is_contiguous() else k * n) + (0 if _dense(A) else m * k) + m * n
+    dense_A, dense_B = _dense(A), _dense(B)
+    straight = (0 if A.is_contiguous() else m * k) + (0 if dense_B else k * n)
+    turned = (0 if B.mT.is_contiguous() else k * n) + (0 if dense_A else m * k) + m * n
     if straight <= turned:
-        return _onednn_linear(A.contiguous(), (B if _dense(B) else B.contiguous()).mT)
-    return _onednn_linear(B.mT.contiguous(), A if _dense(A) else A.contiguous()).mT
+        return _onednn_linear(A.contiguous(), (B if dense_B else B.contiguous()).mT)
+    return _onednn_linear(B.mT.contiguous(), A if dense_A else A.contiguous()).mT
 
 
 def _rows_laid(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -595,11 +596,11 @@ def _rows_laid(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _ColumnBlocks:
-    """A stack ``(b k d)`` read by column blocks: ``self[..., J]`` for a slice ``J`` of ``slices`` (or a run of
-    them to the end) is a contiguous copy of those columns, each made once (:func:`split_sandwich` under oneDNN)."""
+    """A stack ``(b k d)`` read by column blocks: ``self[..., J]`` for a slice ``J`` is a contiguous copy of those
+    columns, each made once (:func:`split_sandwich` under oneDNN)."""
 
-    def __init__(self, A: Tensor, slices: list[slice]) -> None:
-        self.A, self.slices, self._made = A, slices, {}
+    def __init__(self, A: Tensor) -> None:
+        self.A, self._made = A, {}
 
     def __getitem__(self, key: tuple) -> Tensor:
         J = key[-1]
