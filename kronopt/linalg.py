@@ -618,8 +618,12 @@ def _onednn_mm(A: Tensor, B: Tensor, *, out: Tensor | None = None) -> Tensor:
     """``A @ B`` for matrices or stacks of one batch size (:func:`_by_onednn`), block by block in oneDNN's float32
     kernels (:func:`_onednn_block`), the blocks stacked row-major into ``out`` (a new tensor if ``None``), as
     ``torch.bmm`` lays its result. Each block's result is its own whatever the stack around it."""
-    if A.ndim == 2:
-        C = _onednn_block(A, B)
+    if A.ndim == 2 or (A.shape[0] == 1 and out is None):
+        # one block: its product is the result where it lies row-major (the straight form), with no stack to
+        # copy it into (at d = 1024 a fresh 16 MiB each, which glibc's defaults fault in anew every step)
+        C = _onednn_block(A if A.ndim == 2 else A[0], B if B.ndim == 2 else B[0])
+        if A.ndim == 3:
+            C = C.unsqueeze(0)
         return C.contiguous() if out is None else out.copy_(C)
     if out is None:
         out = torch.empty((A.shape[0], A.shape[-2], B.shape[-1]), dtype=A.dtype, device=A.device)

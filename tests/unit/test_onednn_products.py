@@ -146,6 +146,33 @@ def test_a_block_of_a_stack_gets_its_bits_alone(onednn, gen):
         assert torch.equal(C[i], linalg.mm(A[i], B[i]))
 
 
+def test_a_stack_of_one_block_is_its_product_uncopied(monkeypatch, gen):
+    """A one-block stack's product, row-major as oneDNN writes it (the straight form), is the result itself, not a
+    copy into a stack of its own (a fresh allocation each step, which at d = 1024 glibc faults in anew); a
+    transposed one (the turned form) is still laid row-major, and both equal the block's product alone."""
+    made = []
+    real = linalg._onednn_linear
+
+    def keep(x, w):
+        made.append(real(x, w))
+        return made[-1]
+
+    monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", True)
+    monkeypatch.setattr(linalg, "_onednn_linear", keep)
+    A, B = torch.randn(1, 256, 192, generator=gen), torch.randn(1, 192, 224, generator=gen)
+    C = linalg.mm(A, B)
+    assert C.untyped_storage().data_ptr() == made[-1].untyped_storage().data_ptr()
+    assert C.shape == (1, 256, 224) and C.is_contiguous() and torch.equal(C[0], linalg.mm(A[0], B[0]))
+    # both operands column-major (a basis as LAPACK lays it, a transposed view), the result narrower than the inner
+    # side: the turned form, whose product lies transposed
+    Q, E = torch.randn(1, 256, 256, generator=gen).mT, torch.randn(1, 128, 256, generator=gen).mT
+    D = linalg.mm(Q, E)
+    assert made[-1].shape == (128, 256)  # oneDNN made Eᵀ Qᵀ
+    assert D.untyped_storage().data_ptr() != made[-1].untyped_storage().data_ptr() and D.is_contiguous()
+    assert torch.equal(D[0], linalg.mm(Q[0], E[0]))
+    assert torch.equal(linalg.mm(Q.expand(2, -1, -1), E.expand(2, -1, -1))[1], D[0])
+
+
 def test_mm_into_writes_its_out_and_mkl_agrees(onednn, gen):
     A, B = torch.randn(3, 256, 192, generator=gen), torch.randn(3, 192, 224, generator=gen)
     out = torch.full((3, 256, 224), float("nan"))
