@@ -276,16 +276,17 @@ def _weighted_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alp
     """``β X + α A Bᵀ`` in a new tensor, ``β`` a number (then, as BLAS does, 0 never reads ``X``) or a
     per-block ``(b 1 1)`` tensor (``X`` scaled first: a product takes only a number). Where oneDNN takes the
     product (:func:`_by_onednn`) it is made apart, then scaled and ``β X`` added to it."""
-    if _by_onednn(A, B.mT) and _plain(X) and (not isinstance(beta, Tensor) or _plain(beta)):
-        P = _onednn_mm(A, B.mT)
+    Bt = B.mT
+    if _by_onednn(A, Bt) and _plain(X) and (not isinstance(beta, Tensor) or _plain(beta)):
+        P = _onednn_mm(A, Bt)
         if alpha != 1.0:
             P.mul_(alpha)
         if isinstance(beta, Tensor):
             return P.addcmul_(X, beta)
         return P if beta == 0 else P.add_(X, alpha=beta)
     if isinstance(beta, Tensor):
-        return (X * beta).baddbmm_(A, B.mT, alpha=alpha)
-    return torch.baddbmm(X, A, B.mT, beta=beta, alpha=alpha)
+        return (X * beta).baddbmm_(A, Bt, alpha=alpha)
+    return torch.baddbmm(X, A, Bt, beta=beta, alpha=alpha)
 
 
 def _tiled_sym_product(
@@ -563,7 +564,15 @@ def _by_onednn(A: Tensor, B: Tensor) -> bool:
 def _dense(t: Tensor) -> bool:
     """Whether a matrix lies row- or column-major without gaps (oneDNN reads such a weight as it lies; one with
     a gap between rows, a slice of a wider matrix, takes its reference kernel, a thousand times slower)."""
-    return t.is_contiguous() or t.mT.is_contiguous()
+    return t.is_contiguous() or _transposed_contiguous(t)
+
+
+def _transposed_contiguous(t: Tensor) -> bool:
+    """``t.mT.is_contiguous()`` for a matrix ``t``, read from its strides without making the view (which costs four
+    times the test; a step's tiled products test their operands some thousands of times)."""
+    rows, cols = t.shape
+    row_stride, col_stride = t.stride()
+    return rows * cols == 0 or ((rows == 1 or row_stride == 1) and (cols == 1 or col_stride == rows))
 
 
 def _onednn_block(A: Tensor, B: Tensor) -> Tensor:
@@ -577,7 +586,7 @@ def _onednn_block(A: Tensor, B: Tensor) -> Tensor:
     n = B.shape[1]
     dense_A, dense_B = _dense(A), _dense(B)
     straight = (0 if A.is_contiguous() else m * k) + (0 if dense_B else k * n)
-    turned = (0 if B.mT.is_contiguous() else k * n) + (0 if dense_A else m * k) + m * n
+    turned = (0 if _transposed_contiguous(B) else k * n) + (0 if dense_A else m * k) + m * n
     if straight <= turned:
         return _onednn_linear(A.contiguous(), (B if dense_B else B.contiguous()).mT)
     return _onednn_linear(B.mT.contiguous(), A if dense_A else A.contiguous()).mT

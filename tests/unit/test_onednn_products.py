@@ -244,3 +244,15 @@ def test_preset_steps_through_onednn_stay_as_close_to_float64_as_mkls(preset, mo
         moved = (want - p0).norm()
         assert (c - want).norm() / moved < bound  # the bound is MKL's own
         assert (a - want).norm() / moved < bound, preset
+
+
+def test_the_stride_test_of_a_transposed_layout_is_torchs():
+    """``_transposed_contiguous`` reads ``t.mT.is_contiguous()`` from the strides (no view): the same verdict as torch's on
+    every small shape, each with row-major, column-major, gapped, stride-0 and odd strides, and empty ones."""
+    storage = torch.zeros(400)
+    for rows in range(0, 5):
+        for cols in range(0, 5):
+            for strides in {(cols, 1), (1, rows), (1, rows + 2), (cols + 3, 1), (0, 1), (1, 0), (0, 0), (2, 7), (rows, 1), (1, cols)}:
+                t = storage.as_strided((rows, cols), strides)
+                assert linalg._transposed_contiguous(t) == t.mT.is_contiguous(), (rows, cols, strides)
+                assert linalg._dense(t) == (t.is_contiguous() or t.mT.is_contiguous()), (rows, cols, strides)
