@@ -326,7 +326,7 @@ def _tiled_sym_product(
     placed = in_place and each is None  # a diagonal tile symmetrised straight into its place
     below_in_place = in_place and _tiles_in_place()  # a row's tiles below the diagonal in their place in out, as one panel
     tiles = out.slices if held else _tile_slices(m)
-    if tiles and _by_onednn(A[:, tiles[0]], B[:, tiles[0]].mT):
+    if tiles and _by_onednn(A[:, tiles[0]], B[:, tiles[0]].mT):  # as _tiles_by_onednn
         # oneDNN reads a tile's rows of A and B row-major: a transposed operand (a right Gram's Gᵀ) is laid so
         # once here, where each tile would copy its rows again (a row of t tiles reads A's rows t times)
         A, B = _rows_laid(A, B)
@@ -590,6 +590,15 @@ def _onednn_block(A: Tensor, B: Tensor) -> Tensor:
     if straight <= turned:
         return _onednn_linear(A.contiguous(), (B if dense_B else B.contiguous()).mT)
     return _onednn_linear(B.mT.contiguous(), A if dense_A else A.contiguous()).mT
+
+
+def _tiles_by_onednn(X: Tensor, A: Tensor, B: Tensor) -> bool:
+    """Whether :func:`sym_product` of ``X`` and ``A Bᵀ`` takes its tiled form with the tiles' products through oneDNN,
+    which reads the rows of ``A`` and ``B`` laid contiguous (:func:`_rows_laid`)."""
+    if not _tiled(X, A) or A.shape[-2] == 0:
+        return False
+    first = _tile_slices(A.shape[-2])[0]
+    return _by_onednn(A[:, first], B[:, first].mT)
 
 
 def _rows_laid(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -1880,8 +1889,15 @@ def _ksl(
         R_hat = sym(split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(R, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
-        UG = _times_(mm(K, G).mul_(inv_K), sigma2)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
-        R_hat, _, norm_R_hat = sym_product_stats(R, G.mT, UG.mT, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
+        # R̂'s product is Gᵀ (U G): where oneDNN takes its tiles, which read both operands' rows laid, Gᵀ is laid
+        # once here and (U G)ᵀ made as Gᵀ U in rows (U symmetric), instead of U G laid again transposed
+        Gt = G.mT
+        if _tiles_by_onednn(R, Gt, Gt):
+            Gt = Gt.contiguous()
+            UGt = _times_(mm(Gt, K).mul_(inv_K), sigma2)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
+        else:
+            UGt = _times_(mm(K, G).mul_(inv_K), sigma2).mT  # type: ignore[operator]
+        R_hat, _, norm_R_hat = sym_product_stats(R, Gt, UGt, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
     root = norm_R_hat.sqrt()  # σ √S
     if sigma is None:
         lo, hi = _plain_range(L.dtype)

@@ -256,3 +256,28 @@ def test_the_stride_test_of_a_transposed_layout_is_torchs():
                 t = storage.as_strided((rows, cols), strides)
                 assert linalg._transposed_contiguous(t) == t.mT.is_contiguous(), (rows, cols, strides)
                 assert linalg._dense(t) == (t.is_contiguous() or t.mT.is_contiguous()), (rows, cols, strides)
+
+
+def test_a_wide_ksl_step_through_onednn_lays_g_once(onednn, monkeypatch, gen):
+    """DyKAF's KSL step on a wide block whose ``R̂`` is tiled through oneDNN: ``(U G)ᵀ`` is made as ``Gᵀ U`` on ``Gᵀ``
+    laid once, so the tiled product lays no operand again (one transposed copy a step, not two), and the step
+    equals float64's within float32's rounding (a dropped scaling or a result read transposed would move ``R'``
+    by its own size)."""
+    laid = []
+    real = linalg._rows_laid
+
+    def count(A, B):
+        A2, B2 = real(A, B)
+        laid.append(sum(x is not y for x, y in ((A, A2), (B, B2))))
+        return A2, B2
+
+    monkeypatch.setattr(linalg, "_rows_laid", count)
+    G = torch.randn(2, 256, 640, generator=gen, dtype=torch.float64)
+    L0 = torch.randn(2, 256, 256, generator=gen, dtype=torch.float64)
+    R0 = torch.randn(2, 640, 640, generator=gen, dtype=torch.float64)
+    L0, R0 = L0 @ L0.mT / 256, R0 @ R0.mT / 640
+    L, R = linalg.projector_split_ksl(L0.float(), R0.float(), G.float(), 0.95)
+    assert onednn and laid == [0]  # R̂'s tiles found both operands' rows laid
+    L64, R64 = linalg.projector_split_ksl(L0, R0, G, 0.95)  # float64: MKL's products
+    for x, ref in ((L, L64), (R, R64)):
+        assert ((x.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
