@@ -1935,7 +1935,9 @@ def _scaled(P: "Tensor | LowerTiles", scale: Tensor, *, divide: bool = False, ou
     """``P`` times ``scale`` (or divided by it) into ``out``, or in place of a dense ``P`` without one."""
     if isinstance(P, LowerTiles):
         return P.write(out, scale=scale, divide=divide)
-    if out is None:  # in place, as autograd allows where out= is refused
+    if out is None:
+        if torch.is_grad_enabled() and P.requires_grad:  # tracked: P is saved for backward (⟨K, L⟩, ‖K‖), so a new tensor
+            return P / scale if divide else P * scale
         return P.div_(scale) if divide else P.mul_(scale)
     return (torch.div if divide else torch.mul)(P, scale, out=out)
 

@@ -408,8 +408,8 @@ def test_ksl_scaled_step(monkeypatch, gen, on):
 
 def test_ksl_step_tracked_through_l(onednn, gen):
     """Autograd tracking ``L`` (not ``G``): the new form's oneDNN verdict reads ``G`` alone, so ``Gᵀ`` is laid and ``Gᵀ U``
-    made by torch (``K`` tracked, no oneDNN); the step is float64's and its results are tracked. (Its backward is
-    refused by an in-place scaling whatever the products' route, in float64 too: not checked here.)"""
+    made by torch (``K`` tracked, no oneDNN); the step is float64's, its results are tracked and its backward runs
+    (``test_projector_splitting.py`` checks the gradients themselves against finite differences)."""
     verdicts = []
     real = linalg._tiles_by_onednn
     linalg_spy = lambda X, A, B: verdicts.append(real(X, A, B)) or verdicts[-1]  # noqa: E731
@@ -420,6 +420,8 @@ def test_ksl_step_tracked_through_l(onednn, gen):
         Lp, Rp = linalg.projector_split_ksl(L, R64.float(), G64.float(), 0.9)
     assert verdicts == [True] and Lp.requires_grad and Rp.requires_grad
     _check_ksl((Lp.detach(), Rp.detach()), linalg.projector_split_ksl(L64, R64, G64, 0.9))
+    (Lp.sum() + Rp.sum()).backward()
+    assert L.grad is not None and bool(torch.isfinite(L.grad).all())
 
 
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
