@@ -1932,7 +1932,8 @@ def _times_(x: Tensor, scale: Tensor | None) -> Tensor:
 
 
 def _scaled(P: "Tensor | LowerTiles", scale: Tensor, *, divide: bool = False, out: Tensor | None = None) -> Tensor:
-    """``P`` times ``scale`` (or divided by it) into ``out``, or in place of a dense ``P`` without one."""
+    """``P`` times ``scale`` (or divided by it) into ``out``, or in place of a dense ``P`` without one (into a new tensor
+    where autograd tracks ``P``: it is saved for the gradients of the reductions made of it)."""
     if isinstance(P, LowerTiles):
         return P.write(out, scale=scale, divide=divide)
     if out is None:
