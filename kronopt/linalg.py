@@ -326,7 +326,7 @@ def _tiled_sym_product(
     placed = in_place and each is None  # a diagonal tile symmetrised straight into its place
     below_in_place = in_place and _tiles_in_place()  # a row's tiles below the diagonal in their place in out, as one panel
     tiles = out.slices if held else _tile_slices(m)
-    if tiles and _by_onednn(A[:, tiles[0]], B[:, tiles[0]].mT):  # as _tiles_by_onednn
+    if tiles and _onednn_tile(A, B, tiles[0]):
         # oneDNN reads a tile's rows of A and B row-major: a transposed operand (a right Gram's Gᵀ) is laid so
         # once here, where each tile would copy its rows again (a row of t tiles reads A's rows t times)
         A, B = _rows_laid(A, B)
@@ -595,9 +595,11 @@ def _onednn_block(A: Tensor, B: Tensor) -> Tensor:
 def _tiles_by_onednn(X: Tensor, A: Tensor, B: Tensor) -> bool:
     """Whether :func:`sym_product` of ``X`` and ``A Bᵀ`` takes its tiled form with the tiles' products through oneDNN,
     which reads the rows of ``A`` and ``B`` laid contiguous (:func:`_rows_laid`)."""
-    if not _tiled(X, A) or A.shape[-2] == 0:
-        return False
-    first = _tile_slices(A.shape[-2])[0]
+    return _tiled(X, A) and A.shape[-2] > 0 and _onednn_tile(A, B, _tile_slices(A.shape[-2])[0])
+
+
+def _onednn_tile(A: Tensor, B: Tensor, first: slice) -> bool:
+    """Whether oneDNN takes the tiled product's first tile ``A[:, first] B[:, first]ᵀ`` (and so every tile of its size)."""
     return _by_onednn(A[:, first], B[:, first].mT)
 
 
