@@ -1397,6 +1397,8 @@ def newton_schulz(
     dtype: torch.dtype = torch.bfloat16,
     norm: str = "clamp",
     buffers: dict[str, Tensor] | None = None,
+    form: str = "standard",
+    restarts: Sequence[int] = (2,),
 ) -> Tensor:
     r"""Approximate polar factor of each ``U[i]`` by a quintic Newton–Schulz iteration.
 
@@ -1433,6 +1435,11 @@ def newton_schulz(
             that a call allocates nothing. The result is one of them, valid until the next call with the same
             dict. Only for a ``U`` the iteration may run in place for (not tracked by autograd or ``torch.func``,
             not a subclass), outside ``torch.compile``, and not for a float16 iteration; ignored otherwise.
+        form: ``"standard"`` iterates on the blocks themselves; ``"gram"`` on their Gram matrices
+            (:func:`_gram_iteration`) wherever that takes fewer multiply-adds (:func:`gram_pays`; elsewhere the
+            standard form runs), with ``buffers`` unused. The same polynomial, other roundings.
+        restarts: the Gram form's restarts: before each of these iterations (``1 ≤ i < len(coefficients)``)
+            the iterate is formed and its Gram matrix taken anew.
 
     Returns:
         ``b m n`` in ``dtype``.
@@ -1440,16 +1447,21 @@ def newton_schulz(
     References:
         Jordan et al., Muon (2024); Amsel et al., Polar Express, arXiv 2505.16932.
     """
-    if (twin := compiled.variant("newton_schulz")) is not None: return twin(U, coefficients, eps=eps, dtype=dtype, norm=norm)  # noqa: E701
+    if (twin := compiled.variant("newton_schulz")) is not None: return twin(U, coefficients, eps=eps, dtype=dtype, norm=norm, form=form, restarts=tuple(restarts))  # noqa: E701
     _check_batched("U", U)
     if norm not in ("clamp", "add"):
         raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
+    if form not in NS_FORMS:
+        raise ValueError(f"form must be one of {', '.join(map(repr, NS_FORMS))}, got {form!r}")
+    if form == "gram":
+        restarts = check_ns_restarts(restarts, len(coefficients))
+    gram = form == "gram" and gram_pays(*U.shape[-2:], len(coefficients), restarts)
     emulated = _bfloat16_in_float32(U, dtype)
     # float16's range ends at 65504: a momentum cast first, or its norm, would overflow (a zero or NaN step) and
     # tiny entries would lose their digits, so it is normalised in a wider dtype and cast after (the iteration is
     # scale-invariant; only the input's rounding moves)
     narrow = dtype == torch.float16 and not emulated
-    if (emulated or buffers is not None) and not narrow and _plain(U) and not torch.compiler.is_compiling():
+    if (emulated or buffers is not None) and not gram and not narrow and _plain(U) and not torch.compiler.is_compiling():
         return _newton_schulz_in_buffers(U, coefficients, eps=eps, norm=norm, dtype=dtype, rounded=emulated, kept=buffers)
     # the functional form, each result a new tensor. bfloat16 arithmetic: each operation rounds its result to
     # bfloat16 (products accumulate in float32 in between), whether the kernels run in bfloat16 or in float32
@@ -1461,11 +1473,76 @@ def newton_schulz(
     X = rnd(X / rnd(nrm.clamp(min=eps) if norm == "clamp" else nrm + eps))
     if narrow:
         X = X.to(dtype)
-    for a, b, c in coefficients:
+    if gram:
+        X = _gram_iteration(X, coefficients, restarts, rnd)
+    for a, b, c in () if gram else coefficients:
         A = rnd(torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT))  # matmul's kernel without its views (mm)
         B = rnd(torch.baddbmm(A, A, A, beta=b, alpha=c))
         X = rnd(torch.baddbmm(X, X, B.mT, beta=a) if tall else torch.baddbmm(X, B, X, beta=a))
     return X.to(dtype) if emulated else X
+
+
+#: the forms of :func:`newton_schulz` (a config's ``ns_form``)
+NS_FORMS = ("standard", "gram")
+
+
+def check_ns_restarts(restarts: Sequence[int], steps: int) -> tuple[int, ...]:
+    """``restarts`` as a sorted tuple of distinct iterations, each in ``[1, steps)`` (a ``ValueError`` otherwise)."""
+    out = tuple(sorted({int(i) for i in restarts}))
+    if any(not 1 <= i < steps for i in out):
+        raise ValueError(f"Newton–Schulz restarts must lie in [1, {steps}) for {steps} iterations, got {list(restarts)}")
+    return out
+
+
+def gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:
+    r"""Whether the Gram form of :func:`newton_schulz` takes fewer multiply-adds than the standard form on an
+    ``m × n`` block (short side :math:`s`, long side :math:`l`, :math:`k` iterations, :math:`g` segments between
+    restarts): the standard form takes :math:`k (2 s^2 l + s^3)`, the Gram form :math:`2 g s^2 l + (4k - 3g) s^3`
+    (per segment a Gram product and a product with the block, per iteration the square of the Gram matrix, the
+    accumulated polynomial's product (none in a segment's first iteration) and the two that carry the Gram
+    matrix on (none in its last)). With 5 iterations and one restart: where :math:`l > 1.5 s`."""
+    s, l = sorted((m, n))
+    segments = len(restarts) + 1
+    return 2 * segments * s * s * l + (4 * steps - 3 * segments) * s**3 < steps * (2 * s * s * l + s**3)
+
+
+def _gram_iteration(
+    X: Tensor, coefficients: Sequence[tuple[float, float, float]], restarts: Sequence[int], rnd: Callable[[Tensor], Tensor]
+) -> Tensor:
+    r"""Newton–Schulz on the Gram matrix: for a wide ``X`` (short side :math:`s`) each iteration multiplies the
+    iterate by :math:`P = aI + bR + cR^2`, a polynomial of its Gram matrix :math:`R = X X^\top`, so the
+    iterates are :math:`Q X_0` with :math:`Q` the product of the :math:`P`, and the Gram matrix follows as
+    :math:`R \leftarrow P R P` (the :math:`P` commute with :math:`R`). Only ``s × s`` matrices are
+    multiplied until the end, :math:`X = Q X_0`. A restart forms the iterate and takes its Gram matrix anew:
+    in low precision :math:`R` drifts from a Gram matrix (a rounded zero eigenvalue turns negative and then
+    grows under the polynomial), which a restart resets. A tall ``X`` takes :math:`X^\top X` and :math:`X Q^\top`,
+    the transposes of the wide form's products. ``X`` is normalised already; ``rnd`` rounds each result
+    (the emulated bfloat16 arithmetic of :func:`newton_schulz`, or nothing)."""
+    tall = X.shape[-2] > X.shape[-1]
+
+    def gram_of(X: Tensor) -> Tensor:
+        return rnd(torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT))
+
+    def times(Q: Tensor, X: Tensor) -> Tensor:
+        return rnd(torch.bmm(X, Q.mT) if tall else torch.bmm(Q, X))
+
+    R, Q = gram_of(X), None
+    last = len(coefficients) - 1
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restarts:
+            X = times(Q, X)  # type: ignore[arg-type]  # a restart comes after an iteration: Q is made
+            R, Q = gram_of(X), None
+        Z = rnd(torch.baddbmm(R, R, R, beta=b, alpha=c))  # P - aI; a stays out of the products' roundings
+        if Q is None:
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)
+            Q = rnd(Q)
+        else:
+            Q = rnd(torch.baddbmm(Q, Q, Z, beta=a))  # Q P
+        if i < last and i + 1 not in restarts:
+            RP = rnd(torch.baddbmm(R, R, Z, beta=a))  # R P
+            R = rnd(torch.baddbmm(RP, Z, RP, beta=a))  # P R P
+    return times(Q, X)  # type: ignore[arg-type]
 
 
 #: on a CPU, Newton–Schulz in bfloat16 runs its products in float32 kernels (each result rounded to

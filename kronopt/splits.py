@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from .validators import ge, gt, in_, le, to_float, to_int, to_str
+from .validators import ge, gt, in_, int_tuple, le, to_float, to_int, to_str
 from .registry import SPLITS
 from .types import Layout, NoState, SideKind, SplitCapabilities, StepContext
 
@@ -117,6 +117,9 @@ class LowRankFlatSplit:
         ns_steps: iterations (1–99).
         ns_dtype: arithmetic dtype of the iteration.
         ns_eps: norm floor.
+        ns_form: ``"standard"`` or ``"gram"`` (the iteration on the Gram matrix where that takes fewer
+            multiply-adds; :func:`kronopt.linalg.newton_schulz`).
+        ns_restarts: the iterations before which the Gram form restarts (each in ``[1, ns_steps)``).
     """
 
     capabilities: ClassVar[SplitCapabilities] = SplitCapabilities(restricts=True)
@@ -132,6 +135,15 @@ class LowRankFlatSplit:
     ns_steps: int = attrs.field(default=5, converter=to_int, validator=[ge(1), le(99)])
     ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(linalg.DTYPES)))
     ns_eps: float = attrs.field(default=1e-7, converter=to_float, validator=gt(0.0))
+    ns_form: Literal["standard", "gram"] = attrs.field(default="standard", converter=to_str, validator=in_(linalg.NS_FORMS))
+    ns_restarts: tuple[int, ...] = attrs.field(default=(2,), converter=int_tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if self.ns_form == "gram":
+            try:
+                linalg.check_ns_restarts(self.ns_restarts, self.ns_steps)
+            except ValueError as exc:
+                raise ValueError(f"ns_restarts (ns_form = 'gram'): {exc}") from None
 
     def resolve_rank(self, d: int) -> int:
         """The rank on a side of size ``d`` (may be ``≥ d``: then the side stays full)."""
@@ -182,7 +194,9 @@ class LowRankFlatSplit:
         schedule = linalg.ns_schedule(self.ns_coefficients, self.ns_steps)
         # O in D's dtype before its norm and the scaled sum: on a CPU, one conversion and two passes of
         # one dtype take less time than a norm and a sum that each convert a bfloat16 O as they read it
-        O = linalg.newton_schulz(C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype]).to(D.dtype)
+        O = linalg.newton_schulz(
+            C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype], form=self.ns_form, restarts=self.ns_restarts
+        ).to(D.dtype)
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
             nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)

@@ -140,6 +140,12 @@ def float_tuple(length: int | None = None) -> Callable[[Any], tuple[float, ...]]
     return convert
 
 
+def int_tuple(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"must be a list of integers, got {value!r}")
+    return tuple(to_int(v) for v in value)
+
+
 def str_tuple(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list | tuple):
         raise TypeError(f"must be a list of strings, got {value!r}")
@@ -158,6 +164,7 @@ __all__ = [
     "each",
     "float_tuple",
     "graft_betas",
+    "int_tuple",
     "ge",
     "gt",
     "in_",

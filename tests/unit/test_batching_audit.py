@@ -149,6 +149,7 @@ OPTION_CASES = [
     ("pro_kl_shampoo", {"split.complement_scale": "muon"}),
     ("pro_kl_shampoo", {"factors.tracker": "sketch"}),
     ("pro_kl_shampoo", {"inner.momentum_basis": "original"}),
+    ("pro_kl_shampoo", {"split.ns_form": "gram"}),
     ("pro_soap", {"split.side": "left"}),
     ("soap", {"post.grafting": "adam"}),
     ("soap", {"post.normalize": True, "inner.normalize": True}),
@@ -170,6 +171,7 @@ OPTION_CASES = [
     ("muon", {"inner.nesterov": False, "inner.momentum_form": "classic", "inner.norm": "add"}),
     ("muon", {"inner.ns_dtype": "float32", "inner.scale_shape": "last_two_dims",
               "inner.coefficients": "polar_express"}),
+    ("muon", {"inner.ns_form": "gram", "inner.ns_restarts": [1, 3]}),
 ]
 _IDS = [f"{p}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for p, o in OPTION_CASES]
 
