@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from .validators import ge, gt, in_, int_tuple, le, to_float, to_int, to_str
+from .validators import auto_or_int_tuple, ge, gt, in_, le, to_float, to_int, to_str
 from .registry import SPLITS
 from .types import Layout, NoState, SideKind, SplitCapabilities, StepContext
 
@@ -119,7 +119,9 @@ class LowRankFlatSplit:
         ns_eps: norm floor.
         ns_form: ``"standard"`` or ``"gram"`` (the iteration on the Gram matrix where that takes fewer
             multiply-adds; :func:`kronopt.linalg.newton_schulz`).
-        ns_restarts: the iterations before which the Gram form restarts (each in ``[1, ns_steps)``).
+        ns_restarts: ``"auto"`` (no more than 3 iterations without a restart, the fewest restarts; 5
+            iterations: before the third) or the iterations before which the Gram form restarts (each in
+            ``[1, ns_steps)``, none leaving more than 3 without one).
     """
 
     capabilities: ClassVar[SplitCapabilities] = SplitCapabilities(restricts=True)
@@ -136,12 +138,12 @@ class LowRankFlatSplit:
     ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(linalg.DTYPES)))
     ns_eps: float = attrs.field(default=1e-7, converter=to_float, validator=gt(0.0))
     ns_form: Literal["standard", "gram"] = attrs.field(default="standard", converter=to_str, validator=in_(linalg.NS_FORMS))
-    ns_restarts: tuple[int, ...] = attrs.field(default=(2,), converter=int_tuple)
+    ns_restarts: str | tuple[int, ...] = attrs.field(default="auto", converter=auto_or_int_tuple)
 
     def __attrs_post_init__(self) -> None:
         if self.ns_form == "gram":
             try:
-                linalg.check_ns_restarts(self.ns_restarts, self.ns_steps)
+                linalg.ns_restarts(self.ns_restarts, self.ns_steps)
             except ValueError as exc:
                 raise ValueError(f"ns_restarts (ns_form = 'gram'): {exc}") from None
 

@@ -140,9 +140,12 @@ def float_tuple(length: int | None = None) -> Callable[[Any], tuple[float, ...]]
     return convert
 
 
-def int_tuple(value: Any) -> tuple[int, ...]:
+def auto_or_int_tuple(value: Any) -> str | tuple[int, ...]:
+    """``"auto"`` or a list of integers (as a tuple)."""
+    if value == "auto":
+        return "auto"
     if not isinstance(value, list | tuple):
-        raise TypeError(f"must be a list of integers, got {value!r}")
+        raise TypeError(f"must be 'auto' or a list of integers, got {value!r}")
     return tuple(to_int(v) for v in value)
 
 
@@ -164,7 +167,7 @@ __all__ = [
     "each",
     "float_tuple",
     "graft_betas",
-    "int_tuple",
+    "auto_or_int_tuple",
     "ge",
     "gt",
     "in_",

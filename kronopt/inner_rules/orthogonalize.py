@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from ..validators import ge, gt, in_, int_tuple, le, lt, to_bool, to_float, to_int, to_str, triples
+from ..validators import auto_or_int_tuple, ge, gt, in_, le, lt, to_bool, to_float, to_int, to_str, triples
 from ..registry import INNER_RULES
 from ..types import BasisChange, BasisState, InnerCapabilities, Layout, StepContext
 from ._common import MomentumState, _zeros
@@ -50,9 +50,11 @@ class OrthogonalizeInner:
         norm: ``clamp`` (torch.optim.Muon) or ``add`` (KellerJordan/Muon).
         ns_dtype: arithmetic dtype of the iteration.
         ns_form: ``standard``, or ``gram``: the iteration on the Gram matrix where that takes fewer
-            multiply-adds (blocks whose long side exceeds 1.5 times the short one, at 5 iterations and one
+            multiply-adds (blocks whose long side exceeds 1.5 times the short one, at 5 iterations and their one
             restart); the same polynomial, other roundings (:func:`kronopt.linalg.newton_schulz`).
-        ns_restarts: the iterations before which the Gram form restarts (each in ``[1, steps)``).
+        ns_restarts: ``"auto"`` (no more than 3 iterations without a restart, the fewest restarts; 5
+            iterations: before the third) or the iterations before which the Gram form restarts (each in
+            ``[1, steps)``, none leaving more than 3 without one).
         scale: shape rule, one of :data:`kronopt.linalg.MUON_SCALES`.
         scale_shape: whose ``(m, n)`` gives :math:`s`: the block's, or the parameter's last two dims.
         extra_scale: constant factor :math:`> 0`.
@@ -76,7 +78,7 @@ class OrthogonalizeInner:
     norm: Literal["clamp", "add"] = attrs.field(default="clamp", converter=to_str, validator=in_(("clamp", "add")))
     ns_dtype: str = attrs.field(default="bfloat16", converter=to_str, validator=in_(tuple(linalg.DTYPES)))
     ns_form: Literal["standard", "gram"] = attrs.field(default="standard", converter=to_str, validator=in_(linalg.NS_FORMS))
-    ns_restarts: tuple[int, ...] = attrs.field(default=(2,), converter=int_tuple)
+    ns_restarts: str | tuple[int, ...] = attrs.field(default="auto", converter=auto_or_int_tuple)
     scale: str = attrs.field(default="original", converter=to_str, validator=in_(linalg.MUON_SCALES))
     extra_scale: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
     scale_shape: Literal["block", "last_two_dims"] = attrs.field(
@@ -88,7 +90,7 @@ class OrthogonalizeInner:
             raise ValueError("coefficients = 'custom' needs a non-empty custom_coefficients list")
         if self.ns_form == "gram":
             try:
-                linalg.check_ns_restarts(self.ns_restarts, self.steps)
+                linalg.ns_restarts(self.ns_restarts, self.steps)
             except ValueError as exc:
                 raise ValueError(f"ns_restarts (ns_form = 'gram'): {exc}") from None
 

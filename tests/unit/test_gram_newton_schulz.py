@@ -116,21 +116,40 @@ def test_low_precision_gram_form_stays_within_a_few_times_the_standard_forms_rou
     assert errors["gram"] < 3.5 * errors["standard"]
 
 
-@pytest.mark.parametrize("restarts, message", [((0,), "[1, 5)"), ((5,), "[1, 5)"), ((2, 7), "[1, 5)")])
-def test_restarts_outside_the_iterations_are_refused(restarts, message):
+@pytest.mark.parametrize(
+    "restarts, message",
+    [((0,), "lie in [1, 5)"), ((5,), "lie in [1, 5)"), ((2, 7), "lie in [1, 5)"), ((2.0,), "integers"),
+     ((True,), "integers"), ("sometimes", "'auto' or a list"), ((), "leave 5 iterations without a restart"),
+     ((1,), "leave 4 iterations")],
+)
+def test_restart_plans_that_do_not_fit_are_refused(restarts, message):
     U = torch.randn(1, 4, 16)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
         linalg.newton_schulz(U, KJ, form="gram", restarts=restarts)
     with pytest.raises(ValueError, match="form must be one of"):
         linalg.newton_schulz(U, KJ, form="gramm")
-    assert linalg.check_ns_restarts((3, 1, 3), 5) == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "steps, plan",
+    [(1, ()), (3, ()), (4, (2,)), (5, (2,)), (6, (3,)), (7, (2, 4)), (8, (2, 5)), (9, (3, 6)), (10, (2, 4, 7)), (99, None)],
+)
+def test_the_automatic_plan_restarts_least_often_with_no_stretch_over_three(steps, plan):
+    got = linalg.ns_restarts("auto", steps)
+    if plan is not None:
+        assert got == plan
+    edges = (0, *got, steps)
+    stretches = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    assert max(stretches) <= linalg.GRAM_SEGMENT_MAX == 3
+    assert len(stretches) == -(-steps // 3) and stretches == sorted(stretches)
+    assert linalg.ns_restarts([3, 1, 3], 5) == (1, 3)
 
 
 @pytest.mark.parametrize(
     "preset, overrides, key",
     [
         ("muon", {"inner.ns_form": "gram", "inner.ns_restarts": [5]}, "inner: ns_restarts (ns_form = 'gram')"),
-        ("muon", {"inner.ns_form": "gram", "inner.steps": 2}, "inner: ns_restarts (ns_form = 'gram')"),
+        ("muon", {"inner.ns_form": "gram", "inner.steps": 7, "inner.ns_restarts": [2]}, "inner: ns_restarts (ns_form = 'gram')"),
         ("muon", {"inner.ns_form": "fast"}, "inner.ns_form"),
         ("muon", {"inner.ns_restarts": ["2"]}, "inner.ns_restarts"),
         ("pro_kl_shampoo", {"split.ns_form": "gram", "split.ns_restarts": [0]}, "split: ns_restarts (ns_form = 'gram')"),
@@ -144,8 +163,9 @@ def test_invalid_gram_options_fail_when_the_config_is_resolved(preset, overrides
 
 
 def test_restarts_are_checked_only_for_the_gram_form():
-    cfg = kronopt.resolve("muon", **{"inner.steps": 2})  # the default restart (2) would not fit the Gram form
+    cfg = kronopt.resolve("muon", **{"inner.steps": 7, "inner.ns_restarts": [2]})  # would leave 5 iterations in a row
     assert cfg.inner.ns_form == "standard" and cfg.inner.ns_restarts == (2,)
+    assert kronopt.resolve("muon", **{"inner.ns_form": "gram", "inner.steps": 7}).inner.ns_restarts == "auto"
 
 
 def _step_weights(preset: str, overrides: dict, shapes, steps: int = 3) -> list[torch.Tensor]:
