@@ -5,7 +5,8 @@
 #      issue's target ratios;
 #   3. many small matrices: kronopt's stacked buckets against the peers' per-parameter loops;
 #   4. the width scaling of soap, dykaf and kl_shampoo against their matrix work alone;
-#   5. what `compile = true` and bfloat16 state storage buy (TOML copies of the presets);
+#   5. what `compile = true`, bfloat16 state storage and Newton–Schulz on the Gram matrix (`ns_form = "gram"`,
+#      in bfloat16 and in float16) buy (TOML copies of the presets);
 #   6. the peers table again on the CPU table's own workload (d = D2, default 256);
 #   7. what a bucket cap (`bucket_cap_mib`, docs/configs.md) saves in a step's memory and costs in time.
 #
@@ -81,10 +82,14 @@ done
 bf16="--set storage.factors=bfloat16 --set storage.basis=bfloat16 --set storage.moments=bfloat16"
 $py -m kronopt.app show soap $bf16 >"$cfg/soap+bf16.toml"
 $py -m kronopt.app show kl_shampoo $bf16 --set fallback.storage.moments=bfloat16 >"$cfg/kl_shampoo+bf16.toml"
+$py -m kronopt.app show muon --set inner.ns_form=gram >"$cfg/muon+gram.toml"
+$py -m kronopt.app show muon --set inner.ns_form=gram --set inner.ns_dtype=float16 >"$cfg/muon+gram16.toml"
+$py -m kronopt.app show pro_kl_shampoo --set split.ns_form=gram >"$cfg/pro_kl_shampoo+gram.toml"
 # 5 warm-up steps take the compilation
-part 5_compile_bf16 90 $bench --warmup 5 soap "$cfg/soap+compile.toml" "$cfg/soap+bf16.toml" \
-    muon "$cfg/muon+compile.toml" adamw "$cfg/adamw+compile.toml" \
-    kl_shampoo "$cfg/kl_shampoo+compile.toml" "$cfg/kl_shampoo+bf16.toml" --d "$d" --layers "$layers"
+part 5_compile_bf16 100 $bench --warmup 5 soap "$cfg/soap+compile.toml" "$cfg/soap+bf16.toml" \
+    muon "$cfg/muon+compile.toml" "$cfg/muon+gram.toml" "$cfg/muon+gram16.toml" adamw "$cfg/adamw+compile.toml" \
+    kl_shampoo "$cfg/kl_shampoo+compile.toml" "$cfg/kl_shampoo+bf16.toml" pro_kl_shampoo "$cfg/pro_kl_shampoo+gram.toml" \
+    --d "$d" --layers "$layers"
 
 # shellcheck disable=SC2086
 part 6_peers_d$d2 60 $bench --warmup "$warmup" $peers --d "$d2" --layers "$layers" --repeat 3 $ratios
