@@ -1464,8 +1464,10 @@ def newton_schulz(
     # tiny entries would lose their digits, so it is normalised in a wider dtype and cast after (the iteration is
     # scale-invariant; only the input's rounding moves)
     narrow = dtype == torch.float16 and not emulated
-    if (emulated or buffers is not None) and not gram and not narrow and _plain(U) and not torch.compiler.is_compiling():
-        return _newton_schulz_in_buffers(U, coefficients, eps=eps, norm=norm, dtype=dtype, rounded=emulated, kept=buffers)
+    if (emulated or buffers is not None) and not narrow and _plain(U) and not torch.compiler.is_compiling():
+        return _newton_schulz_in_buffers(
+            U, coefficients, eps=eps, norm=norm, dtype=dtype, rounded=emulated, kept=buffers, restarts=restarts if gram else None  # type: ignore[arg-type]
+        )
     # the functional form, each result a new tensor. bfloat16 arithmetic: each operation rounds its result to
     # bfloat16 (products accumulate in float32 in between), whether the kernels run in bfloat16 or in float32
     # (``emulated``, here only for a ``U`` that is not _plain)
@@ -1536,7 +1538,8 @@ def gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:
 
 
 def _gram_iteration(
-    X: Tensor, coefficients: Sequence[tuple[float, float, float]], restarts: Sequence[int], rnd: Callable[[Tensor], Tensor]
+    X: Tensor, coefficients: Sequence[tuple[float, float, float]], restarts: Sequence[int], rnd: Callable[[Tensor], Tensor],
+    buffer: Callable[[str, tuple[int, ...]], Tensor] | None = None,
 ) -> Tensor:
     r"""Newton–Schulz on the Gram matrix: for a wide ``X`` (short side :math:`s`) each iteration multiplies the
     iterate by :math:`P = aI + bR + cR^2`, a polynomial of its Gram matrix :math:`R = X X^\top`, so the
@@ -1546,14 +1549,27 @@ def _gram_iteration(
     in low precision :math:`R` drifts from a Gram matrix (a rounded zero eigenvalue turns negative and then
     grows under the polynomial), which a restart resets. A tall ``X`` takes :math:`X^\top X` and :math:`X Q^\top`,
     the transposes of the wide form's products. ``X`` is normalised already; ``rnd`` rounds each result
-    (the emulated bfloat16 arithmetic of :func:`newton_schulz`, or nothing)."""
+    (the emulated bfloat16 arithmetic of :func:`newton_schulz`, or nothing; it may round in place). ``buffer(name,
+    shape)`` (:func:`_newton_schulz_in_buffers`'s): where each result goes, so that nothing is allocated, ``X`` then
+    being its buffer ``"X"``; without it each result is a new tensor. The same operations either way."""
     tall = X.shape[-2] > X.shape[-1]
+    side = min(X.shape[-2:])
+    square = (X.shape[0], side, side)
+    names = {"iterate": "X", "Q": "Q1"}  # the buffers last written: the next result goes to the other of each pair
+
+    def out(name: str, shape: tuple[int, ...] = square) -> Tensor | None:
+        return None if buffer is None else buffer(name, shape)
+
+    def other(kind: str, pair: tuple[str, str]) -> Tensor | None:
+        names[kind] = pair[names[kind] == pair[0]]
+        return out(names[kind], square if kind == "Q" else tuple(X.shape))
 
     def gram_of(X: Tensor) -> Tensor:
-        return rnd(torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT))
+        return rnd(torch.bmm(X.mT, X, out=out("A")) if tall else torch.bmm(X, X.mT, out=out("A")))
 
     def times(Q: Tensor, X: Tensor) -> Tensor:
-        return rnd(torch.bmm(X, Q.mT) if tall else torch.bmm(Q, X))
+        Y = other("iterate", ("X", "Y"))
+        return rnd(torch.bmm(X, Q.mT, out=Y) if tall else torch.bmm(Q, X, out=Y))
 
     R, Q = gram_of(X), None
     last = len(coefficients) - 1
@@ -1561,16 +1577,17 @@ def _gram_iteration(
         if i in restarts:
             X = times(Q, X)  # type: ignore[arg-type]  # a restart comes after an iteration: Q is made
             R, Q = gram_of(X), None
-        Z = rnd(torch.baddbmm(R, R, R, beta=b, alpha=c))  # P - aI; a stays out of the products' roundings
+        Z = rnd(torch.baddbmm(R, R, R, beta=b, alpha=c, out=out("B")))  # P - aI; a stays out of the products' roundings
         if Q is None:
-            Q = Z.clone()
+            first = other("Q", ("Q0", "Q1"))
+            Q = Z.clone() if first is None else first.copy_(Z)
             Q.diagonal(dim1=-2, dim2=-1).add_(a)
             Q = rnd(Q)
         else:
-            Q = rnd(torch.baddbmm(Q, Q, Z, beta=a))  # Q P
+            Q = rnd(torch.baddbmm(Q, Q, Z, beta=a, out=other("Q", ("Q0", "Q1"))))  # Q P
         if i < last and i + 1 not in restarts:
-            RP = rnd(torch.baddbmm(R, R, Z, beta=a))  # R P
-            R = rnd(torch.baddbmm(RP, Z, RP, beta=a))  # P R P
+            RP = rnd(torch.baddbmm(R, R, Z, beta=a, out=out("RP")))  # R P
+            R = rnd(torch.baddbmm(RP, Z, RP, beta=a, out=out("A")))  # P R P, over R (read no more)
     return times(Q, X)  # type: ignore[arg-type]
 
 
@@ -1634,7 +1651,7 @@ def _plain(U: Tensor) -> bool:
 
 def _newton_schulz_in_buffers(
     U: Tensor, coefficients: Sequence[tuple[float, float, float]], *, eps: float, norm: str, dtype: torch.dtype,
-    rounded: bool, kept: dict[str, Tensor] | None = None,
+    rounded: bool, kept: dict[str, Tensor] | None = None, restarts: Sequence[int] | None = None,
 ) -> Tensor:
     """:func:`newton_schulz` in buffers of its own, for a :func:`_plain` ``U`` (``out=`` and in place): the
     iterates alternate between two buffers and the Gram matrix and its polynomial take one each, so an iteration
@@ -1682,6 +1699,9 @@ def _newton_schulz_in_buffers(
         source = U if U.dtype == work else X.copy_(U)  # normalised straight into X where no cast comes first
     nrm = rnd_(torch.linalg.vector_norm(source, dim=(-2, -1), keepdim=True))
     rnd_(torch.div(source, rnd_(nrm.clamp_(min=eps) if norm == "clamp" else nrm.add_(eps)), out=X))
+    if restarts is not None:  # the Gram form, its results in buffers of the same dict
+        X = _gram_iteration(X, coefficients, restarts, rnd_, lambda name, shape: buffer(name, shape, work))
+        return scratch.copy_(X) if rounded else X
     for i, (a, b, c) in enumerate(coefficients):
         rnd_(torch.bmm(X.mT, X, out=A) if tall else torch.bmm(X, X.mT, out=A))
         rnd_(torch.baddbmm(A, A, A, beta=b, alpha=c, out=B))

@@ -168,6 +168,26 @@ def test_restarts_are_checked_only_for_the_gram_form():
     assert kronopt.resolve("muon", **{"inner.ns_form": "gram", "inner.steps": 7}).inner.ns_restarts == "auto"
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 256), (4, 256, 64), (2, 8, 40), (3, 40, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_gram_form_in_kept_buffers_is_the_functional_form_and_allocates_once(shape, dtype):
+    """With ``buffers`` (Muon's CPU path keeps them) the Gram form writes every result into the dict's tensors:
+    the same bits as the functional form (its results new tensors, taken where autograd tracks the input), and
+    a second call reuses the first call's memory. The small stacks take the emulated bfloat16 arithmetic, each
+    result rounded in place there and into a new tensor in the functional form."""
+    U = torch.randn(*shape, generator=generator(5))
+    functional = linalg.newton_schulz(U.clone().requires_grad_(), KJ, dtype=dtype, form="gram").detach()
+    kept: dict[str, torch.Tensor] = {}
+    first = linalg.newton_schulz(U, KJ, dtype=dtype, form="gram", buffers=kept)
+    assert torch.equal(first, functional) and first.dtype == dtype
+    assert {"Q0", "Q1", "RP"} <= set(kept)  # the Gram form's own, beside the iterates and the Gram matrix
+    memory = {name: t.data_ptr() for name, t in kept.items()}
+    again = linalg.newton_schulz(U, KJ, dtype=dtype, form="gram", buffers=kept)
+    assert torch.equal(again, functional)
+    assert {name: t.data_ptr() for name, t in kept.items()} == memory
+    assert any(again.data_ptr() == t.data_ptr() for t in kept.values())  # the result is one of them
+
+
 def _step_weights(preset: str, overrides: dict, shapes, steps: int = 3) -> list[torch.Tensor]:
     g = generator(11)
     params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]

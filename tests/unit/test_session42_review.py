@@ -240,8 +240,8 @@ def test_huge_float32_entries_do_not_overflow_a_float16_gram_iteration():
 
 def test_emulated_and_native_bfloat16_both_run_the_gram_form_and_agree(monkeypatch):
     """A small CPU batch runs bfloat16 arithmetic in float32 kernels (emulated); with that switched off it runs
-    bfloat16 kernels. Both must take the Gram iteration (not the standard form's buffers), return bfloat16,
-    stay within bfloat16 rounding of the polynomial and of each other."""
+    bfloat16 kernels. Both must take the Gram iteration (the emulated one in the buffers' path, rounding in place),
+    return bfloat16, stay within bfloat16 rounding of the polynomial and of each other."""
     U = torch.randn(4, 16, 64, generator=_gen(41))
     assert linalg._bfloat16_in_float32(U, torch.bfloat16)
     gram = _Spy(monkeypatch, "_gram_iteration")
@@ -249,7 +249,7 @@ def test_emulated_and_native_bfloat16_both_run_the_gram_form_and_agree(monkeypat
     emulated = linalg.newton_schulz(U, KJ5, form="gram")
     monkeypatch.setattr(linalg, "_bfloat16_in_float32", lambda U, dtype: False)
     native = linalg.newton_schulz(U, KJ5, form="gram")
-    assert len(gram.calls) == 2 and not buffered.calls
+    assert len(gram.calls) == 2 and len(buffered.calls) == 1
     want = _svd_polynomial(U, KJ5)
     for got in (emulated, native):
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
@@ -257,16 +257,19 @@ def test_emulated_and_native_bfloat16_both_run_the_gram_form_and_agree(monkeypat
     assert _rel_err(emulated, native.double()) < 0.1
 
 
-def test_buffers_are_left_alone_by_the_gram_form(monkeypatch):
-    """The caller's buffers dict is not filled by the Gram form and the result is not one of its tensors."""
+def test_the_gram_form_shares_a_buffers_dict_with_the_standard_form():
+    """The Gram form keeps its results in the caller's dict (its own names beside the iterates and the Gram
+    matrix) and returns one of them; a square block in the same dict, where the standard form runs, gets the
+    same values as without the dict, and so does the Gram form called again after it."""
     buffers: dict = {}
     U = torch.randn(4, 16, 64, generator=_gen(42))
+    want = linalg.newton_schulz(U, KJ5, form="gram")
     got = linalg.newton_schulz(U, KJ5, form="gram", buffers=buffers)
-    assert buffers == {}
-    assert _rel_err(got, _svd_polynomial(U, KJ5)) < 0.1
-    # where the Gram form does not pay (square), the standard form uses the buffers as before
-    linalg.newton_schulz(torch.randn(4, 16, 16, generator=_gen(43)), KJ5, form="gram", buffers=buffers)
-    assert buffers
+    assert {"Q0", "Q1", "RP"} <= set(buffers) and any(got.data_ptr() == t.data_ptr() for t in buffers.values())
+    assert torch.equal(got, want) and _rel_err(got, _svd_polynomial(U, KJ5)) < 0.1
+    S = torch.randn(4, 16, 16, generator=_gen(43))
+    assert torch.equal(linalg.newton_schulz(S, KJ5, form="gram", buffers=buffers), linalg.newton_schulz(S, KJ5))
+    assert torch.equal(linalg.newton_schulz(U, KJ5, form="gram", buffers=buffers), want)
 
 
 @pytest.mark.parametrize("norm", ["clamp", "add"])
