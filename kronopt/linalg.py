@@ -1534,7 +1534,7 @@ def gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:
     matrix on (none in its last)). With 5 iterations and one restart: where :math:`l > 1.5 s`."""
     s, l = sorted((m, n))
     segments = len(restarts) + 1
-    return 2 * segments * s * s * l + (4 * steps - 3 * segments) * s**3 < steps * (2 * s * s * l + s**3)
+    return steps > 0 and 2 * segments * s * s * l + (4 * steps - 3 * segments) * s**3 < steps * (2 * s * s * l + s**3)
 
 
 def _gram_iteration(
@@ -1665,7 +1665,7 @@ def _newton_schulz_in_buffers(
     time of the functional form: 4 layers of d = 256, stepped in turn, the same weights bit for bit). A ``U``
     of other strides (a transposed view) is read into contiguous memory first, where the functional form's
     first products read it as it lies; the products' sums may then run in another order and round a few
-    entries the other way, equally bfloat16 arithmetic."""
+    entries the other way, in any dtype (float32: about 1e-6 relative), equally the dtype's arithmetic."""
     batch, m, n = U.shape
     tall, side = m > n, min(m, n)
     work = torch.float32 if rounded else dtype

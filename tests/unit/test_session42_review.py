@@ -6,10 +6,13 @@ hand-counted multiply-adds. The last part holds the defects this review found, m
 """
 
 import io
+import itertools
 import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import kronopt
 from kronopt import linalg
@@ -617,3 +620,324 @@ def test_plans_that_leave_more_than_three_iterations_in_a_row_are_refused(steps,
         linalg.newton_schulz(torch.randn(1, 8, 40), linalg.ns_schedule("kj", steps), form="gram", restarts=restarts)
     with pytest.raises(kronopt.ConfigError, match="ns_restarts"):
         kronopt.resolve("muon", **{"inner.ns_form": "gram", "inner.steps": steps, "inner.ns_restarts": restarts})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# review of 296bf0e: the Gram form in the caller's kept buffers (``newton_schulz(..., buffers=dict)`` and the
+# emulated bfloat16 arithmetic, ``linalg._newton_schulz_in_buffers``), bit for bit against the functional form
+
+
+def _functional(U: torch.Tensor, coefficients, dtype, *, form: str = "gram", restarts="auto") -> torch.Tensor:
+    """The functional form (each result a new tensor): autograd tracks the input, so neither the caller's
+    buffers nor the in-place emulated rounding run; the same strides as ``U``."""
+    return linalg.newton_schulz(U.detach().requires_grad_(), coefficients, dtype=dtype, form=form, restarts=restarts).detach()
+
+
+def _plans(steps: int) -> list:
+    """Every restart plan for ``steps`` iterations that leaves no more than GRAM_SEGMENT_MAX in a row, and "auto"."""
+    inner = range(1, steps)
+    plans = [p for r in range(steps) for p in itertools.combinations(inner, r) if _fits(p, steps)]
+    return plans + ["auto"]
+
+
+_KEPT_SHAPES = [(1, 8, 40), (2, 8, 40), (3, 40, 8), (1, 40, 8), (2, 5, 64), (1, 1, 50), (2, 50, 1), (2, 64, 256)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_kept_gram_form_is_the_functional_form_for_every_plan_and_step_count(dtype, monkeypatch):
+    """Steps 1..9, every allowed restart plan (``out=`` buffers ping-ponged around restarts: an aliasing mistake
+    would show at some plan), wide and tall blocks, batches of one, short sides of 1: a fresh dict and the same
+    dict again give the functional form's bits; the Gram iteration ran in the buffers wherever it pays. In
+    bfloat16 the stacks of more than 16³ multiply-adds take the emulated arithmetic (``_BF16_EMULATED``; on a
+    processor with fast bfloat16 products not (2, 64, 256)), the others bfloat16 kernels."""
+    took = []
+    real = linalg._gram_iteration
+    monkeypatch.setattr(linalg, "_gram_iteration", lambda X, *a: took.append(len(a) == 4 and a[3] is not None) or real(X, *a))
+    source = torch.float64 if dtype == torch.float64 else torch.float32
+    for steps in range(1, 10):
+        coefficients = linalg.ns_schedule("kj" if steps % 2 else "polar_express", steps)
+        for restarts in _plans(steps):
+            for j, shape in enumerate(_KEPT_SHAPES):
+                if restarts != "auto" and j % 2 != len(restarts) % 2 and steps > 3:
+                    continue  # half the shapes for each explicit plan past 3 steps: the test stays fast
+                U = torch.randn(*shape, generator=_gen(1000 * steps + j), dtype=source)
+                want = _functional(U, coefficients, dtype, restarts=restarts)
+                kept: dict = {}
+                before = len(took)
+                first = linalg.newton_schulz(U, coefficients, dtype=dtype, form="gram", restarts=restarts, buffers=kept).clone()
+                pays = linalg.gram_pays(*shape[-2:], steps, linalg.ns_restarts(restarts, steps))
+                assert took[before:] == ([True] if pays else []), (steps, restarts, shape)
+                again = linalg.newton_schulz(U, coefficients, dtype=dtype, form="gram", restarts=restarts, buffers=kept)
+                assert first.dtype == again.dtype == dtype
+                assert torch.equal(first, want) and torch.equal(again, want), (steps, restarts, shape)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 40), (3, 40, 8), (1, 5, 64)])
+def test_native_bfloat16_kernels_in_kept_buffers_match_the_functional_form(shape, monkeypatch):
+    """With the emulation switched off small stacks run bfloat16 kernels with ``out=`` bfloat16 buffers: the same
+    bits as the functional bfloat16 kernels, at 5, 7 and 9 iterations (one, two and two restarts)."""
+    monkeypatch.setattr(linalg, "_bfloat16_in_float32", lambda U, dtype: False)
+    for steps in (5, 7, 9):
+        coefficients = linalg.ns_schedule("kj", steps)
+        U = torch.randn(*shape, generator=_gen(steps))
+        kept: dict = {}
+        got = linalg.newton_schulz(U, coefficients, form="gram", buffers=kept)
+        assert {"Q0", "Q1", "RP"} <= set(kept) and all(t.dtype == torch.bfloat16 for t in kept.values())
+        assert torch.equal(got, _functional(U, coefficients, torch.bfloat16))
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_kept_gram_form_from_other_input_dtypes(in_dtype):
+    """A bfloat16 look-ahead (what Muon's CPU path hands the iteration), a float16 and a float64 input: cast into
+    the buffers, the same bits as the functional form's cast, in bfloat16 and float32 iterations."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in [(2, 8, 40), (3, 40, 8), (2, 64, 256)]:
+            U = torch.randn(*shape, generator=_gen(7)).to(in_dtype)
+            got = linalg.newton_schulz(U, KJ5, dtype=dtype, form="gram", buffers={})
+            assert torch.equal(got, _functional(U, KJ5, dtype)), (dtype, shape)
+
+
+def test_one_dict_across_shapes_dtypes_forms_and_schedules():
+    """One dict reused by a long mixed sequence of calls (wide, tall, square, batch of one, each dtype, both
+    forms, 1..9 iterations): every result is the functional form's, read before the next call."""
+    g = _gen(2024)
+    kept: dict = {}
+    shapes = [(2, 8, 40), (3, 40, 8), (1, 8, 40), (2, 16, 16), (2, 64, 256), (1, 5, 64), (2, 8, 40), (3, 40, 8)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float64]
+    for call in range(120):
+        pick = lambda n: int(torch.randint(0, n, (1,), generator=g))  # noqa: E731
+        steps, dtype, shape, form = 1 + pick(9), dtypes[pick(3)], shapes[pick(len(shapes))], ("gram", "standard")[pick(2)]
+        coefficients = linalg.ns_schedule(("kj", "polar_express")[call % 2], steps)
+        U = torch.randn(shape, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        want = _functional(U, coefficients, dtype, form=form)
+        got = linalg.newton_schulz(U, coefficients, dtype=dtype, form=form, buffers=kept)
+        assert got.dtype == dtype and torch.equal(got, want), (call, steps, dtype, shape, form)
+    assert {"Q0", "Q1", "RP", "A", "B", "X", "Y"} <= set(kept)
+
+
+def test_gram_and_standard_forms_alternate_on_one_shape_in_one_dict():
+    """Same shape and dtype, the forms alternating (Muon's kept dict where two groups of one shape differ in
+    ns_form): the standard form overwrites X, Y, A and B between Gram calls and neither notices."""
+    kept: dict = {}
+    for call in range(6):
+        U = torch.randn(2, 8, 40, generator=_gen(300 + call))
+        for dtype in (torch.bfloat16, torch.float32):
+            for form in ("gram", "standard"):
+                got = linalg.newton_schulz(U, KJ5, dtype=dtype, form=form, buffers=kept)
+                assert torch.equal(got, _functional(U, KJ5, dtype, form=form)), (call, dtype, form)
+
+
+def _result_name(kept: dict, got: torch.Tensor) -> list[str]:
+    return [name for name, t in kept.items() if t.data_ptr() == got.data_ptr()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 8, 40), (3, 40, 8), (2, 64, 256)])
+def test_an_input_that_is_one_of_the_dicts_own_tensors(dtype, shape):
+    """U is one of the dict's tensors: the previous result (X or Y, or the bfloat16 scratch ``half`` where the
+    arithmetic is emulated), or any other kept tensor of U's shape, refilled with new values. The iteration
+    reads U only while normalising it into X, so the result must still be the functional form's of U's values
+    (U itself may be overwritten: the dict's tensors are the iteration's). Plans with 0, 1 and 2 restarts make
+    the result land in X and in Y."""
+    g = _gen(77)
+    source = torch.float64 if dtype == torch.float64 else torch.float32
+    seen = set()
+    for steps, restarts in [(3, ()), (5, "auto"), (7, "auto"), (6, (2, 4)), (4, (1, 2, 3))]:
+        coefficients = linalg.ns_schedule("kj", steps)
+        kept: dict = {}
+        start = torch.randn(shape, generator=g, dtype=source)
+        previous = linalg.newton_schulz(start, coefficients, dtype=dtype, form="gram", restarts=restarts, buffers=kept)
+        seen.update(_result_name(kept, previous))
+        names = [name for name, t in kept.items() if t.shape == shape]
+        for name in ["previous", *names]:
+            U = previous if name == "previous" else kept[name]
+            U.copy_(torch.randn(shape, generator=g, dtype=source))
+            want = _functional(U.clone(), coefficients, dtype, restarts=restarts)
+            previous = linalg.newton_schulz(U, coefficients, dtype=dtype, form="gram", restarts=restarts, buffers=kept)
+            assert torch.equal(previous, want), (steps, restarts, name)
+    if dtype != torch.bfloat16 or shape == (2, 64, 256):
+        assert seen == {"X", "Y"}  # both iterate buffers served as the result (and then as the next input)
+
+
+def test_an_input_that_is_a_kept_buffer_of_another_dtype_or_shape():
+    """U is a kept tensor that the next call must replace (another dtype, or the tall shape of the same memory):
+    the dict gets a new tensor under that name while U still holds the input's values."""
+    kept: dict = {}
+    first = linalg.newton_schulz(torch.randn(2, 8, 40, generator=_gen(5)), KJ5, dtype=torch.float32, form="gram", buffers=kept)
+    for U, dtype in [(kept["Y"], torch.float64), (kept["X"].view(2, 40, 8), torch.float32), (first, torch.bfloat16)]:
+        U.copy_(torch.randn(U.shape, generator=_gen(6)))
+        want = _functional(U.clone(), KJ5, dtype)
+        got = linalg.newton_schulz(U, KJ5, dtype=dtype, form="gram", buffers=kept)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-13), (torch.bfloat16, 0.0)])
+def test_kept_gram_form_of_a_strided_input(dtype, tol):
+    """A transposed view, a permuted batch and a column-strided slice. The emulated bfloat16 arithmetic reads U
+    into contiguous memory first (documented): exactly the functional form of the contiguous copy. In float32 and
+    float64 the kept buffers (either form, as before this change) take U's norm as it lies but its products from
+    a contiguous X, the functional form's from a view: not always the same bits (the docstring's "the same
+    values" holds for contiguous inputs), but within a rounding of them."""
+    base = torch.randn(3, 40, 8, generator=_gen(8), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for V in (base.mT, base.permute(1, 0, 2), torch.randn(3, 8, 81, generator=_gen(9)).to(base.dtype)[:, :, ::2]):
+        got = linalg.newton_schulz(V, KJ5, dtype=dtype, form="gram", buffers={})
+        assert got.shape == V.shape and got.is_contiguous()
+        if linalg._bfloat16_in_float32(V, dtype):
+            assert torch.equal(got, _functional(V.contiguous(), KJ5, dtype))
+        else:
+            assert _rel_err(got, _functional(V, KJ5, dtype)) <= tol
+
+
+def test_kept_buffers_made_in_inference_mode_serve_calls_outside_it():
+    kept: dict = {}
+    U = torch.randn(2, 8, 40, generator=_gen(10))
+    with torch.inference_mode():
+        first = linalg.newton_schulz(U, KJ5, form="gram", buffers=kept).clone()
+    assert not any(t.is_inference() for t in kept.values())
+    assert torch.equal(linalg.newton_schulz(U, KJ5, form="gram", buffers=kept), first)
+    assert torch.equal(first, _functional(U, KJ5, torch.bfloat16))
+
+
+class _NewStorage(TorchDispatchMode):
+    """Records each op's outputs whose memory is none of ``known``'s (a new allocation)."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known, self.new = known, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.new.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 8, 40), (3, 40, 8), (2, 64, 256)])
+def test_a_second_call_with_the_same_dict_allocates_only_the_norms(dtype, shape):
+    """Every op of a second call (7 iterations, two restarts) writes into the dict's memory or U's, apart from
+    the ``b × 1 × 1`` norms; the dict keeps the same tensors."""
+    U = torch.randn(shape, generator=_gen(11), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    coefficients = linalg.ns_schedule("kj", 7)
+    kept: dict = {}
+    linalg.newton_schulz(U, coefficients, dtype=dtype, form="gram", buffers=kept)
+    memory = {name: t.data_ptr() for name, t in kept.items()}
+    spy = _NewStorage({t.untyped_storage().data_ptr() for t in kept.values()} | {U.untyped_storage().data_ptr()})
+    with spy:
+        got = linalg.newton_schulz(U, coefficients, dtype=dtype, form="gram", buffers=kept)
+    assert spy.new and all(s == (shape[0], 1, 1) for _, s in spy.new), spy.new
+    assert {name: t.data_ptr() for name, t in kept.items()} == memory
+    assert torch.equal(got, _functional(U, coefficients, dtype))
+
+
+# the Muon optimizer: its CPU fast path keeps the dict across steps
+
+
+def _muon_weights(monkeypatch, *, fast: bool, shapes, overrides: dict, steps: int = 5, groups=None):
+    """Weights and momenta after ``steps`` steps, and for each Gram iteration whether it ran in kept buffers."""
+    gen = _gen(4242)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    kept_calls, took = [], []
+    with monkeypatch.context() as patch:
+        patch.setattr(optimizer_module, "_PLAIN_MUON_CPU", fast)
+        patch.setattr(optimizer_module, "_SMALL_TOGETHER_MAX", 0)
+        real_step = optimizer_module.KronOptimizer._step_plain_muon
+        patch.setattr(optimizer_module.KronOptimizer, "_step_plain_muon", lambda self, *a: took.append(real_step(self, *a)) or took[-1])
+        real = linalg._gram_iteration
+        patch.setattr(linalg, "_gram_iteration", lambda X, *a: kept_calls.append((tuple(X.shape), len(a) == 4)) or real(X, *a))
+        named = [(f"blocks.{i}.weight", p) for i, p in enumerate(params)]
+        if groups is None:
+            opt = kronopt.build(named, "muon", **overrides)
+        else:
+            opt = kronopt.build([{"params": [p for i, p in enumerate(params) if i in idx], **g} for idx, g in groups], "muon", **overrides)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        momenta = [opt.state[p]["inner.momentum_buffer"].clone() for p in params]
+    return [p.detach().clone() for p in params], momenta, took, kept_calls
+
+
+#: wide, tall and conv blocks where the Gram form pays at 5 iterations, a 2 × 64 × 256 stack past the emulated
+#: bound (bfloat16 kernels), a long side of exactly 1.5 times the short (20 × 30) and a square one (neither pays)
+_GRAM_PAYS = [(16, 48), (16, 48), (48, 16), (6, 4, 3, 3), (64, 256), (64, 256)]
+_GRAM_DOES_NOT_PAY = [(20, 30), (24, 24), (24, 24)]
+
+
+@pytest.mark.parametrize("ns_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("steps", [5, 7])
+@pytest.mark.parametrize("shapes", [_GRAM_PAYS, _GRAM_DOES_NOT_PAY], ids=["pays", "does_not_pay"])
+def test_muon_gram_fast_path_keeps_its_buffers_and_steps_as_the_general_path(monkeypatch, ns_dtype, steps, shapes):
+    overrides = {"inner.ns_form": "gram", "inner.ns_dtype": ns_dtype, "inner.steps": steps, "lr": 0.02}
+    fast = _muon_weights(monkeypatch, fast=True, shapes=shapes, overrides=overrides)
+    slow = _muon_weights(monkeypatch, fast=False, shapes=shapes, overrides=overrides)
+    assert fast[2] and all(fast[2]) and not any(slow[2])
+    if shapes is _GRAM_PAYS:
+        assert fast[3] and all(in_kept for _, in_kept in fast[3]), "the fast path's Gram iteration did not use its dict"
+        assert sorted(s for s, _ in fast[3]) == sorted(s for s, _ in slow[3])
+    else:
+        assert not fast[3] and not slow[3]
+    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
+        assert torch.equal(a, b)
+
+
+def test_muon_groups_of_one_shape_in_both_forms_share_the_kept_dict(monkeypatch):
+    """Two groups of the same block shape, one in each form: the fast path keeps one dict per shape and dtype,
+    so the two buckets alternate on it within each step; weights and momenta as the general path's."""
+    shapes = [(16, 48)] * 4 + [(48, 16)] * 2
+    groups = [({0, 1, 4}, {"inner.ns_form": "gram"}), ({2, 3, 5}, {"inner.ns_form": "standard"})]
+    fast = _muon_weights(monkeypatch, fast=True, shapes=shapes, overrides={"lr": 0.02}, groups=groups)
+    slow = _muon_weights(monkeypatch, fast=False, shapes=shapes, overrides={"lr": 0.02}, groups=groups)
+    assert fast[2] and all(fast[2]) and fast[3] and all(in_kept for _, in_kept in fast[3])
+    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
+        assert torch.equal(a, b)
+
+
+class _ProductAliases(TorchDispatchMode):
+    """Records each ``bmm``/``baddbmm`` whose ``out=`` shares memory with one of its operands (a product written
+    over what it reads: a wrong value or torch's error, depending on the kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.products, self.aliased = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm) and "out" in kwargs:
+            self.products += 1
+            out = kwargs["out"].untyped_storage().data_ptr()
+            if any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == out for a in args):
+                self.aliased.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 40), (3, 40, 8)])
+def test_no_product_of_the_kept_gram_form_writes_over_its_operands(shape):
+    """Directly, not through values: for 2..9 iterations and every allowed restart plan (emulated bfloat16 and
+    float32), no product's ``out=`` buffer is one of its operands, on a first and on a second call."""
+    for steps in range(2, 10):
+        coefficients = linalg.ns_schedule("kj", steps)
+        for restarts in _plans(steps):
+            if not linalg.gram_pays(*shape[-2:], steps, linalg.ns_restarts(restarts, steps)):
+                continue
+            for dtype in (torch.bfloat16, torch.float32):
+                kept: dict = {}
+                for _ in range(2):
+                    spy = _ProductAliases()
+                    with spy:
+                        U = torch.randn(shape, generator=_gen(steps))
+                        linalg.newton_schulz(U, coefficients, dtype=dtype, form="gram", restarts=restarts, buffers=kept)
+                    assert spy.products and not spy.aliased, (steps, restarts, dtype, spy.aliased)
+
+
+# found by this review, outside the change under review (present since a51a82b, the Gram form's first commit),
+# mended: gram_pays(m, n, 0, ()) was True where the long side is under 1.5 times the short (2 s²l - 3 s³ < 0), so an
+# empty schedule entered _gram_iteration with no iteration and called torch.bmm(None, X)
+
+
+@pytest.mark.parametrize("kept", [None, {}], ids=["functional", "kept"])
+def test_an_empty_schedule_in_the_gram_form_is_the_normalised_block(kept):
+    U = torch.randn(2, 8, 8, generator=_gen(12))
+    got = linalg.newton_schulz(U, [], dtype=torch.float32, form="gram", buffers=kept)
+    assert torch.equal(got, linalg.newton_schulz(U, [], dtype=torch.float32))
