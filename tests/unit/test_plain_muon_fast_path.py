@@ -57,6 +57,19 @@ def _nan_direction_at(step: int, block: int):
     return patched
 
 
+def count_plain_steps(patch, took: list) -> None:
+    """Under ``patch`` (a ``monkeypatch.context()``), append to ``took`` what each call of the plain Muon path returns
+    (whether it stepped its bucket)."""
+    real = optimizer_module.KronOptimizer._step_plain_muon
+
+    def counted(self, bucket, step_ok, cfg):
+        out = real(self, bucket, step_ok, cfg)
+        took.append(out)
+        return out
+
+    patch.setattr(optimizer_module.KronOptimizer, "_step_plain_muon", counted)
+
+
 def _run(monkeypatch, *, fast: bool, steps: int = 7, **overrides):
     gen = torch.Generator().manual_seed(1)
     start = [torch.randn(s, generator=gen) for s in SHAPES]
@@ -67,14 +80,7 @@ def _run(monkeypatch, *, fast: bool, steps: int = 7, **overrides):
         patch.setattr(optimizer_module, "_PLAIN_MUON_CPU", fast)
         patch.setattr(optimizer_module, "_SMALL_TOGETHER_MAX", 0)
         patch.setattr(OrthogonalizeInner, "orthogonalize", _nan_direction_at(step=6, block=2))
-        real = optimizer_module.KronOptimizer._step_plain_muon
-
-        def counted(self, bucket, step_ok, cfg):
-            took = real(self, bucket, step_ok, cfg)
-            stepped.append(took)
-            return took
-
-        patch.setattr(optimizer_module.KronOptimizer, "_step_plain_muon", counted)
+        count_plain_steps(patch, stepped)
         opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "muon", **overrides)
         gen = torch.Generator().manual_seed(2)
         for step in range(steps):

@@ -18,6 +18,8 @@ import kronopt
 from kronopt import linalg
 from kronopt import optimizer as optimizer_module
 from kronopt.app import cli
+from tests.unit.test_bad_input_differential import _go_on_alike
+from tests.unit.test_plain_muon_fast_path import count_plain_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -343,14 +345,7 @@ def _run_muon(monkeypatch, *, fast: bool, overrides: dict, steps: int = 3):
     with monkeypatch.context() as patch:
         patch.setattr(optimizer_module, "_PLAIN_MUON_CPU", fast)
         patch.setattr(optimizer_module, "_SMALL_TOGETHER_MAX", 0)
-        real = optimizer_module.KronOptimizer._step_plain_muon
-
-        def counted(self, bucket, step_ok, cfg):
-            out = real(self, bucket, step_ok, cfg)
-            took.append(out)
-            return out
-
-        patch.setattr(optimizer_module.KronOptimizer, "_step_plain_muon", counted)
+        count_plain_steps(patch, took)
         gram = []
         real_gram = linalg._gram_iteration
         patch.setattr(linalg, "_gram_iteration", lambda X, *a: gram.append(tuple(X.shape)) or real_gram(X, *a))
@@ -483,13 +478,7 @@ def test_state_dict_round_trip_of_a_gram_config_continues_the_same_steps():
     opt2 = kronopt.from_state_dict([(f"blocks.{i}.weight", p) for i, p in enumerate(twins)], loaded)
     assert opt2.config.inner.ns_form == "gram" and opt2.config.inner.ns_restarts == (1, 3)
     assert opt2.config == kronopt.resolve("muon", **overrides)
-    for gs in grads[2:]:
-        for p, q, g in zip(params, twins, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        opt2.step()
-    for p, q in zip(params, twins):
-        assert torch.equal(p, q)
+    _go_on_alike(opt, params, opt2, twins, grads[2:])
 
 
 @pytest.mark.parametrize(
@@ -842,8 +831,7 @@ def _muon_weights(monkeypatch, *, fast: bool, shapes, overrides: dict, steps: in
     with monkeypatch.context() as patch:
         patch.setattr(optimizer_module, "_PLAIN_MUON_CPU", fast)
         patch.setattr(optimizer_module, "_SMALL_TOGETHER_MAX", 0)
-        real_step = optimizer_module.KronOptimizer._step_plain_muon
-        patch.setattr(optimizer_module.KronOptimizer, "_step_plain_muon", lambda self, *a: took.append(real_step(self, *a)) or took[-1])
+        count_plain_steps(patch, took)
         real = linalg._gram_iteration
         patch.setattr(linalg, "_gram_iteration", lambda X, *a: kept_calls.append((tuple(X.shape), len(a) == 4)) or real(X, *a))
         named = [(f"blocks.{i}.weight", p) for i, p in enumerate(params)]
