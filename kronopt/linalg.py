@@ -1438,7 +1438,7 @@ def newton_schulz(
             not a subclass), outside ``torch.compile``, and not for a float16 iteration; ignored otherwise.
         form: ``"standard"`` iterates on the blocks themselves; ``"gram"`` on their Gram matrices
             (:func:`_gram_iteration`) wherever that takes fewer multiply-adds (:func:`gram_pays`; elsewhere the
-            standard form runs), with ``buffers`` unused. The same polynomial, other roundings.
+            standard form runs), in ``buffers`` where they are given. The same polynomial, other roundings.
         restarts: the Gram form's restarts: before each of these iterations (``1 ≤ i < len(coefficients)``)
             the iterate is formed and its Gram matrix taken anew; no stretch between them may run more than
             ``GRAM_SEGMENT_MAX`` iterations. ``"auto"``: the fewest that allow, the shorter stretches first
@@ -1523,6 +1523,16 @@ def ns_restarts(restarts: Sequence[int] | str, steps: int) -> tuple[int, ...]:
             f"{GRAM_SEGMENT_MAX} (the Gram matrix drifts in low precision; 'auto' chooses them)"
         )
     return out
+
+
+def check_ns_options(form: str, restarts: Sequence[int] | str, steps: int) -> None:
+    """A stage's Newton–Schulz options checked as :func:`newton_schulz` will read them: under the Gram form, its
+    restart plan for ``steps`` iterations (:func:`ns_restarts`); a ``ValueError`` that names the option otherwise."""
+    if form == "gram":
+        try:
+            ns_restarts(restarts, steps)
+        except ValueError as exc:
+            raise ValueError(f"ns_restarts (ns_form = 'gram'): {exc}") from None
 
 
 def gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:

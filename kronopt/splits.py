@@ -141,11 +141,7 @@ class LowRankFlatSplit:
     ns_restarts: str | tuple[int, ...] = attrs.field(default="auto", converter=auto_or_int_tuple)
 
     def __attrs_post_init__(self) -> None:
-        if self.ns_form == "gram":
-            try:
-                linalg.ns_restarts(self.ns_restarts, self.ns_steps)
-            except ValueError as exc:
-                raise ValueError(f"ns_restarts (ns_form = 'gram'): {exc}") from None
+        linalg.check_ns_options(self.ns_form, self.ns_restarts, self.ns_steps)
 
     def resolve_rank(self, d: int) -> int:
         """The rank on a side of size ``d`` (may be ``≥ d``: then the side stays full)."""

@@ -164,10 +164,10 @@ def triples(value: Any) -> tuple[tuple[float, float, float], ...]:
 __all__ = [
     "BETA_TIE",
     "MOMENTUM_TIE",
+    "auto_or_int_tuple",
     "each",
     "float_tuple",
     "graft_betas",
-    "auto_or_int_tuple",
     "ge",
     "gt",
     "in_",

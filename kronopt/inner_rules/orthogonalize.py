@@ -88,11 +88,7 @@ class OrthogonalizeInner:
     def __attrs_post_init__(self) -> None:
         if self.coefficients == "custom" and not self.custom_coefficients:
             raise ValueError("coefficients = 'custom' needs a non-empty custom_coefficients list")
-        if self.ns_form == "gram":
-            try:
-                linalg.ns_restarts(self.ns_restarts, self.steps)
-            except ValueError as exc:
-                raise ValueError(f"ns_restarts (ns_form = 'gram'): {exc}") from None
+        linalg.check_ns_options(self.ns_form, self.ns_restarts, self.steps)
 
     def schedule(self) -> list[tuple[float, float, float]]:
         if self.coefficients == "custom":
