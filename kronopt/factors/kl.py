@@ -378,7 +378,7 @@ class KlKronFactors:
         W = Yh if sL is None else Yh * sL
         if Hc is None:
             Hc = linalg.mm(left.Q.mT, Gc)  # type: ignore[union-attr]  # Q_Lᵀ G P⊥
-        increment = torch.baddbmm(linalg.mm(Hc.mT, W), U, linalg.mm(Hy.mT, W)).mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
+        increment = linalg.addmm_(linalg.mm(Hc.mT, W), U, linalg.mm(Hy.mT, W)).mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
         if self.tracker == "power":
             power = linalg.restricted_power_product(U, right.sub, increment, rho)
         else:

@@ -232,6 +232,58 @@ def test_q_factor_overwrite_leaves_other_layouts_and_tracked_inputs_alone():
         assert torch.equal(Q.detach(), expected) and torch.equal(given.detach(), before)
 
 
+def _qr_with_nonnegative_diagonal_f64(X):
+    """The thin QR of ``X`` computed in float64 by modified Gram–Schmidt twice, columns in order (an independent route
+    to the unique Q with ``diag(R) > 0`` of a full-rank ``X``)."""
+    X = X.double()
+    Q = torch.zeros_like(X)
+    for j in range(X.shape[-1]):
+        v = X[..., j].clone()
+        for _ in range(2):
+            for i in range(j):
+                v -= (Q[..., i] * v).sum(-1, keepdim=True) * Q[..., i]
+        Q[..., j] = v / v.norm(dim=-1, keepdim=True)
+    return Q
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 4), (2, 6, 6), (0, 5, 3), (2, 40, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthonormalize_overwrite_is_the_same_basis_in_the_inputs_memory(shape, dtype):
+    """A column-major ``X`` the caller gives up holds the basis afterwards: the bits of the plain path (torch's QR on
+    the same values), whose columns match an independent float64 Gram–Schmidt's (``diag(R) ≥ 0``, order kept)."""
+    X = torch.randn(shape, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    expected = linalg.orthonormalize(X)
+    if shape[0]:
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert torch.allclose(expected.double(), _qr_with_nonnegative_diagonal_f64(X), atol=tol, rtol=0)
+    X = X.mT.contiguous().mT
+    Q = linalg.orthonormalize(X, overwrite=True)
+    assert torch.equal(Q, expected)
+    assert Q.data_ptr() == X.data_ptr() and torch.equal(X, expected)
+
+
+def test_orthonormalize_overwrite_keeps_the_sign_convention_where_torch_flips_columns():
+    """A column whose Householder reflection gives a negative ``R`` entry (LAPACK's sign is the column's own) comes out
+    flipped to ``diag(R) ≥ 0`` in place too: an orthonormal ``X`` with negated columns comes back as itself."""
+    Q0 = torch.linalg.qr(torch.randn(2, 12, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64))[0]
+    Q0 = Q0 * torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    positive = _qr_with_nonnegative_diagonal_f64(Q0)
+    for overwrite in (False, True):
+        X = Q0.mT.contiguous().mT
+        assert torch.allclose(linalg.orthonormalize(X, overwrite=overwrite), positive, atol=1e-13, rtol=0)
+        assert torch.allclose(positive, Q0, atol=1e-13, rtol=0)  # Gram–Schmidt keeps an orthonormal basis as it is
+
+
+def test_orthonormalize_overwrite_leaves_other_layouts_and_tracked_inputs_alone():
+    """A row-major ``X`` and one autograd tracks take the plain path: the same basis, ``X`` unchanged."""
+    X = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(10))
+    expected = linalg.orthonormalize(X)
+    for given in (X.clone(), X.mT.contiguous().mT.requires_grad_()):
+        before = given.detach().clone()
+        Q = linalg.orthonormalize(given, overwrite=True)
+        assert torch.equal(Q.detach(), expected) and torch.equal(given.detach(), before)
+
+
 @pytest.fixture
 def householder_shapes(monkeypatch):
     """The shapes ``torch.linalg.householder_product`` is called with, in order (the padded Q shows as ``n + 16`` rows)."""
