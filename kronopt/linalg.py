@@ -1096,12 +1096,13 @@ def q_factor(P: Tensor, *, overwrite: bool = False) -> Tensor:
     (its entries replaced): a caller that owns ``P`` saves two copies and two allocations
     of its size (on ``4 × 1024²``, about 7 % of the QR). That needs a column-major ``P``,
     as :func:`_column_major_product` makes; another layout (for which torch would copy
-    into a temporary and back, four copies instead of two), or a ``P`` that autograd
-    tracks (``out=`` refuses it), takes the path without ``overwrite``.
+    into a temporary and back, four copies instead of two), or a ``P`` that is not plain
+    (:func:`_plain`: autograd tracks it, a forward-mode tangent or a ``torch.func`` transform wraps it;
+    ``out=`` refuses each), takes the path without ``overwrite``.
     """
     if P.shape[-1] > P.shape[-2]:
         raise ValueError(f"q_factor needs k ≤ n columns, got shape {tuple(P.shape)}")
-    in_place = overwrite and P.mT.is_contiguous() and not (P.requires_grad and torch.is_grad_enabled())
+    in_place = overwrite and P.mT.is_contiguous() and _plain(P)
     if not in_place:
         reflectors, tau = torch.geqrf(P)
         return _form_q(reflectors, tau, out=None)
@@ -2568,25 +2569,31 @@ def orthonormalize(X: Tensor, *, overwrite: bool = False) -> Tensor:
 
     With ``overwrite``, a column-major ``X`` the caller owns is factored in its own memory (``geqrf``, the
     signs read off its diagonal, then ``householder_product``, the routines of ``torch.linalg.qr``: the same
-    bits) and the result is ``X``: no copy of ``X`` into LAPACK's layout and no ``R`` copied out. On a stack
-    of ``4 × 1024 × 128`` on two Zen 5 cores that took 0.63 of the time of ``torch.linalg.qr`` on the same
-    values laid row-major (docs/performance_log.md, forty-third session). Another layout, or an ``X`` that
-    autograd tracks, takes the plain path.
+    bits) and the result is ``X``: no copy of ``X`` into LAPACK's layout and no ``R`` copied out. On stacks
+    of ``4 × 1024 × 128``, ``4 × 768 × 128`` and ``4 × 256 × 64`` on two Zen 5 cores that took 0.84, 0.91 and
+    0.96 of the plain path's time on the same values laid row-major, timed side by side (docs/performance_log.md,
+    forty-third session). Another layout, or an ``X`` that is not plain (:func:`_plain`: autograd tracks it, a
+    forward-mode tangent or a ``torch.func`` transform wraps it, all of which refuse ``out=``), takes the plain
+    path, whose ``Q`` autograd may keep (the signs are applied out of place there).
     """
     _check_batched("X", X)
     if X.shape[-1] > X.shape[-2]:
         raise ValueError(f"orthonormalize needs k ≤ n columns, got shape {tuple(X.shape)}")
     if X.shape[-1] == 0:
         return X
-    if overwrite and X.mT.is_contiguous() and not (X.requires_grad and torch.is_grad_enabled()):
+    if overwrite and X.mT.is_contiguous() and _plain(X):
         tau = X.new_empty(X.shape[:-2] + (X.shape[-1],))
         torch.geqrf(X, out=(X, tau))
         signs = torch.sign(torch.diagonal(X, dim1=-2, dim2=-1))  # R's diagonal, before Q overwrites it
-        Q = _form_q(X, tau, out=X)
-    else:
-        Q, R = torch.linalg.qr(X)
-        signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-    return Q.mul_(torch.where(signs == 0, torch.ones_like(signs), signs).unsqueeze(-2))
+        # torch's own householder_product, not _form_q's padded one: the bits of torch.linalg.qr on every shape
+        return _householder_product(X, tau, X).mul_(_unit_signs(signs).unsqueeze(-2))
+    Q, R = torch.linalg.qr(X)
+    return Q * _unit_signs(torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))).unsqueeze(-2)
+
+
+def _unit_signs(signs: Tensor) -> Tensor:
+    """``signs`` (each -1, 0 or 1, or NaN) with its zeros taken as 1: a zero column of ``R`` keeps its ``Q`` column."""
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def spread_columns(n: int, k: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -2719,10 +2726,15 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
         except ArithmeticError:
             return U, lam, torch.zeros_like(finite)
         V, lam_new, ok = eig.Q, eig.lam, ok & eig.ok
-        # W = P V + δ U V, laid column-major as the .mT of Vᵀ Pᵀ + δ Vᵀ Uᵀ: the layout LAPACK's QR works in,
-        # so it is factored where it lies (orthonormalize's overwrite), not copied across first
-        W = mm(V.mT, P.mT).add_(mm(V.mT, U.mT).mul_(delta)).mT
-    U_new = orthonormalize(W, overwrite=not first)
+        if _by_onednn(V.mT, P.mT):
+            # W = P V + δ U V laid column-major, as the .mT of Vᵀ Pᵀ + δ Vᵀ Uᵀ: the layout LAPACK's QR works in, so
+            # it is factored where it lies (orthonormalize's overwrite), not copied across first. oneDNN makes each
+            # block apart, whatever the stack; MKL rounds the r × r by r × d product by the stack's size (ranks 5,
+            # 6, 10 measured), so there the d × r by r × r order stays (DESIGN.md's invariant 4)
+            W = mm(V.mT, P.mT).add_(mm(V.mT, U.mT).mul_(delta)).mT
+        else:
+            W = P @ V + delta * (U @ V)
+    U_new = orthonormalize(W, overwrite=True)
     if lam_new is None:
         lam_new = (U_new * P).sum(-2)
     ok = ok & finite_blocks(U_new, lam_new)
