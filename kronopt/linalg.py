@@ -1102,13 +1102,20 @@ def q_factor(P: Tensor, *, overwrite: bool = False) -> Tensor:
     """
     if P.shape[-1] > P.shape[-2]:
         raise ValueError(f"q_factor needs k ≤ n columns, got shape {tuple(P.shape)}")
-    in_place = overwrite and P.mT.is_contiguous() and _plain(P)
-    if not in_place:
+    if not _lapack_in_place(P, overwrite):
         reflectors, tau = torch.geqrf(P)
         return _form_q(reflectors, tau, out=None)
     tau = P.new_empty(P.shape[:-2] + (P.shape[-1],))
     torch.geqrf(P, out=(P, tau))
     return _form_q(P, tau, out=P)
+
+
+def _lapack_in_place(X: Tensor, overwrite: bool) -> bool:
+    """Whether :func:`q_factor` and :func:`orthonormalize` factor ``X`` in its own memory: the caller gives it up
+    (``overwrite``), it lies column-major (LAPACK's layout; another would be copied to a temporary and back), and it
+    is plain (:func:`_plain`: ``out=`` refuses a tensor autograd tracks, a forward-mode tangent or a ``torch.func``
+    wrapper)."""
+    return overwrite and X.mT.is_contiguous() and _plain(X)
 
 
 def _householder_product(reflectors: Tensor, tau: Tensor, out: Tensor | None) -> Tensor:
@@ -2581,7 +2588,7 @@ def orthonormalize(X: Tensor, *, overwrite: bool = False) -> Tensor:
         raise ValueError(f"orthonormalize needs k ≤ n columns, got shape {tuple(X.shape)}")
     if X.shape[-1] == 0:
         return X
-    if overwrite and X.mT.is_contiguous() and _plain(X):
+    if _lapack_in_place(X, overwrite):
         tau = X.new_empty(X.shape[:-2] + (X.shape[-1],))
         torch.geqrf(X, out=(X, tau))
         signs = torch.sign(torch.diagonal(X, dim1=-2, dim2=-1))  # R's diagonal, before Q overwrites it
