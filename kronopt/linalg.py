@@ -604,11 +604,37 @@ def _onednn_tile(A: Tensor, B: Tensor, first: slice) -> bool:
     return _by_onednn(A[:, first], B[:, first].mT)
 
 
+#: :func:`contiguous` copies a stack of transposed blocks block by block from this many entries a block
+_BLOCKWISE_TRANSPOSE_MIN = 1 << 16
+
+
+def contiguous(T: Tensor) -> Tensor:
+    """``T.contiguous()``, the same values; on a CPU a stack ``(b m n)`` of transposed row-major blocks (``T.mT``
+    contiguous, as ``G.mT`` of a gradient stack) is copied block by block from ``_BLOCKWISE_TRANSPOSE_MIN``
+    entries a block.
+
+    torch's CPU copy runs its cache-blocked transpose only for a 2-D matrix; a stack of them it reads
+    element by element across rows. Measured on a Zen 5 (2 threads; docs/performance_log.md, forty-fourth
+    session): the transposed copy of ``4 × 256 × 1024`` 0.40 against 1.00 ms, of ``4 × 1024²`` 3.0 against
+    8.3, of ``1 × 2048²`` 3.0 against 13.0, of ``4 × 2048 × 512`` 3.1 against 5.9; equal at ``4 × 256²``,
+    slower on smaller blocks (a call a block). Not where autograd tracks ``T`` (the copies go with
+    ``out``-style writes into a new tensor), nor inside ``torch.compile``."""
+    if (
+        T.ndim != 3 or T.device.type != "cpu" or T.shape[-2] * T.shape[-1] < _BLOCKWISE_TRANSPOSE_MIN
+        or T.is_contiguous() or not T.mT.is_contiguous() or torch.compiler.is_compiling() or not _plain(T)
+    ):
+        return T.contiguous()
+    out = torch.empty(T.shape, dtype=T.dtype, device=T.device)
+    for o, t in zip(out.unbind(0), T.unbind(0)):
+        o.copy_(t)  # a 2-D transposed copy into a contiguous matrix: torch's blocked kernel
+    return out
+
+
 def _rows_laid(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """``A`` and ``B`` (``b m k``) with their rows contiguous, each copied once where it is not (one copy for
     both where they are the same view, as a Gram's operands)."""
     def laid(T: Tensor) -> Tensor:
-        return T if T.stride(-1) == 1 else T.contiguous()
+        return T if T.stride(-1) == 1 else contiguous(T)
 
     if B.data_ptr() == A.data_ptr() and B.shape == A.shape and B.stride() == A.stride():  # one view twice (a Gram)
         A = laid(A)
@@ -643,9 +669,10 @@ def _onednn_mm(A: Tensor, B: Tensor, *, out: Tensor | None = None) -> Tensor:
         # one block: its product is the result where it lies row-major (the straight form), with no stack to
         # copy it into (at d = 1024 a fresh 16 MiB each, which glibc's defaults fault in anew every step)
         C = _onednn_block(A if A.ndim == 2 else A[0], B if B.ndim == 2 else B[0])
-        if A.ndim == 3:
-            C = C.unsqueeze(0)
-        return C.contiguous() if out is None else out.copy_(C)
+        if out is not None:
+            return out.copy_(C)
+        C = C.contiguous()  # a turned product's transpose: as a matrix, torch's blocked transposed copy (not as a stack)
+        return C.unsqueeze(0) if A.ndim == 3 else C
     if out is None:
         out = torch.empty((A.shape[0], A.shape[-2], B.shape[-1]), dtype=A.dtype, device=A.device)
     for a, b, o in zip(A.unbind(0), B.unbind(0), out.unbind(0)):
@@ -2039,7 +2066,7 @@ def _ksl(
         # once here and (U G)ᵀ made as Gᵀ U in rows (U symmetric), instead of U G laid again transposed
         Gt = G.mT
         if _tiles_by_onednn(R, Gt, Gt):
-            Gt = Gt.contiguous()
+            Gt = contiguous(Gt)
             UGt = _times_(mm(Gt, K).mul_(inv_K), sigma2)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
         else:
             UGt = _times_(mm(K, G).mul_(inv_K), sigma2).mT  # type: ignore[operator]

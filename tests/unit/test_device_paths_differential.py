@@ -44,6 +44,7 @@ GPU_SWITCHES = [
     (linalg, "_QR_PAD_MAX", 0),  # _form_q: householder_product as it is
     (linalg, "_bfloat16_in_float32", lambda U, dtype: False),  # Newton–Schulz in bfloat16 kernels
     (linalg, "_ONEDNN_FLOAT32", False),  # _by_onednn: float32 products in MKL, as torch.bmm
+    (linalg, "_BLOCKWISE_TRANSPOSE_MIN", 2**62),  # contiguous: Tensor.contiguous of the whole stack
 ]
 
 #: functions only a CPU run may reach; a GPU-path run that reaches one fails
@@ -73,6 +74,7 @@ DEVICE_BRANCHES = {
         "_bfloat16_products_fast",  # reached from _bfloat16_in_float32 only
         "_by_onednn",  # _ONEDNN_FLOAT32
         "_onednn_products_fast",  # reached from _by_onednn only
+        "contiguous",  # _BLOCKWISE_TRANSPOSE_MIN
     },
     "optimizer.py": {
         "_Pending._to_host",  # a CUDA report's pinned copy (the CUDA tests below, tests/unit/test_cuda.py)
