@@ -389,16 +389,20 @@ class LowerTiles:
 
     def write(self, out: Tensor | None = None, *, scale: Tensor, divide: bool = False) -> Tensor:
         """The matrix times ``scale`` (or divided by it), ``(b 1 1)``, into ``out`` (a new tensor if ``None``):
-        each tile scaled into its place and copied, transposed, to its mirror, the same bits as scaling the
-        dense matrix."""
+        each tile scaled into its place, and its transpose scaled into its mirror, the same bits as scaling the
+        dense matrix.
+
+        The mirror is made from the tile itself, not copied from its place: read across a row stride of a
+        power of two bytes (a side of 1024 or 2048), the place's columns fall on a few cache sets. Measured on
+        a Zen 5 (2 threads): the tiles below the diagonal of a ``4 × 1024²`` stack written in 0.82 against 1.58
+        ms, of ``1 × 2048²`` 1.19 against 2.34, of ``4 × 768²`` the same time."""
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device) if out is None else out
         op = torch.div if divide else torch.mul
         for (i, j), tile in self.tiles.items():
             I, J = self.slices[i], self.slices[j]
-            place = out[:, I, J]
-            op(tile, scale, out=place)
+            op(tile, scale, out=out[:, I, J])
             if i != j:
-                out[:, J, I] = place.mT
+                op(tile.mT, scale, out=out[:, J, I])
         return out
 
 
