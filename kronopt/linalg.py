@@ -400,9 +400,13 @@ class LowerTiles:
         op = torch.div if divide else torch.mul
         for (i, j), tile in self.tiles.items():
             I, J = self.slices[i], self.slices[j]
-            op(tile, scale, out=out[:, I, J])
-            if i != j:
-                op(tile.mT, scale, out=out[:, J, I])
+            place = out[:, I, J]
+            op(tile, scale, out=place)
+            if i != j and tile.is_complex():
+                # a complex product rounds otherwise in torch's strided loop than in its vectorised one: copied
+                out[:, J, I] = place.mT
+            elif i != j:
+                op(tile.mT, scale, out=out[:, J, I])  # one real multiply (division) an entry: the same bits either way
         return out
 
 
