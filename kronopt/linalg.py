@@ -107,9 +107,7 @@ def sym_sum(A: Tensor, *, out: Tensor | None = None) -> Tensor:
         # on CPU a 2-D transposed copy runs a cache-blocked kernel (into a contiguous matrix); a batched
         # ``A + Aᵀ`` reads Aᵀ column by column, several times slower on large matrices. Same sums (a + b = b + a).
         T = torch.empty(A.shape, dtype=A.dtype, device=A.device) if out is None else out
-        for i in range(A.shape[0]):
-            T[i].copy_(A[i].mT)
-        return T.add_(A)
+        return _copy_by_block(T, A.mT).add_(A)
     return torch.add(A, A.mT, out=out)
 
 
@@ -632,9 +630,14 @@ def contiguous(T: Tensor) -> Tensor:
         or T.is_contiguous() or not T.mT.is_contiguous() or torch.compiler.is_compiling() or not _plain(T)
     ):
         return T.contiguous()
-    out = torch.empty(T.shape, dtype=T.dtype, device=T.device)
-    for o, t in zip(out.unbind(0), T.unbind(0)):
-        o.copy_(t)  # a 2-D transposed copy into a contiguous matrix: torch's blocked kernel
+    return _copy_by_block(torch.empty(T.shape, dtype=T.dtype, device=T.device), T)
+
+
+def _copy_by_block(out: Tensor, src: Tensor) -> Tensor:
+    """``out.copy_(src)`` for stacks, matrix by matrix: where each block of ``src`` is a transposed row-major matrix
+    and ``out`` contiguous, each copy takes torch's cache-blocked 2-D transpose (:func:`contiguous`, :func:`sym_sum`)."""
+    for o, t in zip(out.unbind(0), src.unbind(0)):
+        o.copy_(t)
     return out
 
 
