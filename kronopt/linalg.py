@@ -434,8 +434,9 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
     ``S = T + T^\top`` with ``T`` its tiles (of ``_GRAM_TILE``, or a :class:`LowerTiles`' own)
     below the diagonal and half of each diagonal tile, so :math:`A S A^\top = H + H^\top` with
     :math:`H = (A T) A^\top`. The product :math:`A T` needs only the tiles on and below the
-    diagonal (``t(t+1)/2`` of ``t²`` tile products) and :math:`H` is accumulated tile column by
-    tile column, so where ``S`` is the larger side (:func:`split_pays`) this is cheaper than
+    diagonal (``t(t+1)/2`` of ``t²`` tile products), made tile column by tile column, and :math:`H`
+    is then one product (``b k d`` by ``b d k``: one call a block, not one a tile column, and no
+    accumulation), so where ``S`` is the larger side (:func:`split_pays`) this is cheaper than
     :math:`(A S) A^\top`. Only ``S``'s tiles on and below the diagonal are read; ``S`` may come
     as those tiles (:class:`LowerTiles`). ``alpha`` is a number or a per-block ``(b 1 1)`` tensor.
     """
@@ -446,19 +447,22 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
     d = S.shape[-1]
     if A.shape[-1] != d:
         raise ValueError(f"split_sandwich needs S of shape (b {A.shape[-1]} {A.shape[-1]}), got {tuple(S.shape)}")
-    H: Tensor | None = None
     b, k = A.shape[0], A.shape[-2]
     dtype = torch.promote_types(A.dtype, S.dtype) if held else torch.result_type(A, S)
     slices = S.slices if held else _tile_slices(d)
-    buffer = torch.empty(b * k * max((J.stop - J.start for J in slices), default=0), dtype=dtype, device=A.device)
-    if slices and _by_onednn(A[..., slices[0]], S.tiles[0, 0] if held else S[:, slices[0], slices[0]]):
+    if not slices:  # d = 0
+        return torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=dtype, device=A.device)
+    # A T whole (b k d), its tile columns made one by one; then H = (A T) Aᵀ in one product
+    AT = torch.empty((b, k, d), dtype=dtype, device=A.device)
+    whole = A
+    if _by_onednn(A[..., slices[0]], S.tiles[0, 0] if held else S[:, slices[0], slices[0]]):
         # oneDNN reads its operands row-major: A's tile columns, each read by several products below, are
         # made contiguous once each here, instead of once a product
         A = _ColumnBlocks(A)  # type: ignore[assignment]
     for j, J in enumerate(slices):
-        lo, hi = J.start, J.stop
-        # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ, in one buffer for all J
-        P = buffer[: b * k * (hi - lo)].view(b, k, hi - lo)
+        hi = J.stop
+        # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ
+        P = AT[..., J]
         if held:
             mm_into(A[..., J], S.tiles[j, j], P).mul_(0.5)
             for i in range(j + 1, len(slices)):
@@ -467,10 +471,7 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
             mm_into(A[..., J], S[:, J, J], P).mul_(0.5)
             if hi < d:
                 addmm_(P, A[..., hi:], S[:, hi:, J])
-        H = mm(P, A[..., J].mT) if H is None else addmm_(H, P, A[..., J].mT)
-    if H is None:  # d = 0
-        return torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=dtype, device=A.device)
-    return sym_sum(H).mul_(alpha)  # (H + Hᵀ)/2 · 2α, the same bits: halving and doubling are exact
+    return sym_sum(mm(AT, whole.mT)).mul_(alpha)  # (H + Hᵀ)/2 · 2α, the same bits: halving and doubling are exact
 
 
 def ema_gram_left(L: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:
