@@ -385,8 +385,8 @@ class LowerTiles:
         self.slices = _tile_slices(shape[-1])  # fixed at creation, whatever _GRAM_TILE says later
         self.tiles: dict[tuple[int, int], Tensor] = {}
 
-    def write(self, out: Tensor | None = None, *, scale: Tensor, divide: bool = False) -> Tensor:
-        """The matrix times ``scale`` (or divided by it), ``(b 1 1)``, into ``out`` (a new tensor if ``None``):
+    def write(self, out: Tensor | None = None, *, scale: Tensor) -> Tensor:
+        """The matrix times ``scale``, ``(b 1 1)``, into ``out`` (a new tensor if ``None``):
         each tile scaled into its place, and its transpose scaled into its mirror, the same bits as scaling the
         dense matrix.
 
@@ -395,16 +395,15 @@ class LowerTiles:
         a Zen 5 (2 threads): the tiles below the diagonal of a ``4 × 1024²`` stack written in 0.82 against 1.58
         ms, of ``1 × 2048²`` 1.19 against 2.34, of ``4 × 768²`` the same time."""
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device) if out is None else out
-        op = torch.div if divide else torch.mul
         for (i, j), tile in self.tiles.items():
             I, J = self.slices[i], self.slices[j]
             place = out[:, I, J]
-            op(tile, scale, out=place)
+            torch.mul(tile, scale, out=place)
             if i != j and tile.is_complex():
                 # a complex product rounds otherwise in torch's strided loop than in its vectorised one: copied
                 out[:, J, I] = place.mT
             elif i != j:
-                op(tile.mT, scale, out=out[:, J, I])  # one real multiply (division) an entry: the same bits either way
+                torch.mul(tile.mT, scale, out=out[:, J, I])  # one real multiply an entry: the same bits either way
         return out
 
 
@@ -2088,7 +2087,7 @@ def _ksl(
         lo, hi = _plain_range(L.dtype)
         norms = torch.cat([norm_K, norm_R_hat, norm_R if fresh is None else norm_R.masked_fill(fresh.view(b, 1, 1), 1.0)])
         bad = ~((norms >= lo) & (norms <= hi)).view(3, b).all(0)  # also where one is NaN
-        scale_L, scale_R = inv_K * root, root.clamp(min=tiny)
+        scale_L, scale_R = inv_K * root, root.clamp(min=tiny).reciprocal()
         finite = True  # ‖K‖, ‖R̂‖ in range: they and √S/‖K‖ are finite
         if bool(bad.any()):
             # a block out of range whose σ is 1 (nothing to scale: a fresh block with no gradient) is what
@@ -2097,12 +2096,12 @@ def _ksl(
                 return None
             finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())
     else:
-        scale_L, scale_R = inv_K * root / sigma, (root * sigma).clamp(min=tiny)
+        scale_L, scale_R = inv_K * root / sigma, (root * sigma).clamp(min=tiny).reciprocal()
         finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())
     if defer is None or not finite:
-        return _scaled(K, scale_L), _scaled(R_hat, scale_R, divide=True)
+        return _scaled(K, scale_L), _scaled(R_hat, scale_R)
     defer.append(DeferredWrite(target=L, into=lambda out: _scaled(K, scale_L, out=out)))
-    defer.append(DeferredWrite(target=R, into=lambda out: _scaled(R_hat, scale_R, divide=True, out=out)))
+    defer.append(DeferredWrite(target=R, into=lambda out: _scaled(R_hat, scale_R, out=out)))
     return L, R
 
 
@@ -2116,16 +2115,16 @@ def _times_(x: Tensor, scale: Tensor | None) -> Tensor:
     return x if scale is None else x.mul_(scale)
 
 
-def _scaled(P: "Tensor | LowerTiles", scale: Tensor, *, divide: bool = False, out: Tensor | None = None) -> Tensor:
-    """``P`` times ``scale`` (or divided by it) into ``out``, or in place of a dense ``P`` without one (into a new tensor
+def _scaled(P: "Tensor | LowerTiles", scale: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """``P`` times ``scale`` into ``out``, or in place of a dense ``P`` without one (into a new tensor
     where autograd tracks ``P``: it is saved for the gradients of the reductions made of it)."""
     if isinstance(P, LowerTiles):
-        return P.write(out, scale=scale, divide=divide)
+        return P.write(out, scale=scale)
     if out is None:
         if torch.is_grad_enabled() and P.requires_grad:  # tracked: P is saved for backward (⟨K, L⟩, ‖K‖), so a new tensor
-            return P / scale if divide else P * scale
-        return P.div_(scale) if divide else P.mul_(scale)
-    return (torch.div if divide else torch.mul)(P, scale, out=out)
+            return P * scale
+        return P.mul_(scale)
+    return torch.mul(P, scale, out=out)
 
 
 def projector_split_parallel(

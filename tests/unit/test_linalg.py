@@ -1198,8 +1198,8 @@ def test_weighted_row_energy_reads_a_transposed_view_alike():
         torch.testing.assert_close(linalg.weighted_row_energy(view, None).double(), expected, rtol=1e-6, atol=0)
 
 
-@given(seed=SEEDS, m=st.integers(1, 11), k=st.integers(1, 5), b=st.integers(1, 3), tile=st.integers(1, 4), divide=st.booleans())
-def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, tile, divide):
+@given(seed=SEEDS, m=st.integers(1, 11), k=st.integers(1, 5), b=st.integers(1, 3), tile=st.integers(1, 4))
+def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, tile):
     """``sym_product_stats(..., tiles=True)`` keeps the tiled product's tiles on and below the diagonal: written
     with a per-block scale (mirrors included) they are the dense product scaled, with the same reductions, to
     rounding (the dense form accumulates each tile in its place and reduces its norm row by row, which may
@@ -1214,18 +1214,18 @@ def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, t
         assert isinstance(held, linalg.LowerTiles)
         A = randn(generator(seed + 2), b, 3, m)
         close(linalg.split_sandwich(A, held), linalg.split_sandwich(A, dense))
-        written = held.write(scale=scale, divide=divide)
+        written = held.write(scale=scale)
     # the tiles keep their own grid: read with another tile size in force, they give the same
     close(linalg.split_sandwich(A, held), linalg.split_sandwich(A, dense))
-    close(written, dense / scale if divide else dense * scale)
+    close(written, dense * scale)
     close(dot_t, dot)
     close(norm_t, norm)
     unscaled = held.write(scale=torch.ones_like(scale))  # the tiles and their mirrors, times one: exact
     assert torch.equal(unscaled, unscaled.mT)
-    expected = unscaled / scale if divide else unscaled * scale
+    expected = unscaled * scale
     assert torch.equal(written, expected)
     into = torch.full_like(dense, float("nan"))
-    assert held.write(into, scale=scale, divide=divide) is into and torch.equal(into, expected)
+    assert held.write(into, scale=scale) is into and torch.equal(into, expected)
 
 
 def test_split_sandwich_pays_only_for_a_large_middle_on_cpu():

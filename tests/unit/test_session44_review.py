@@ -297,58 +297,53 @@ def _dense(P: LowerTiles) -> torch.Tensor:
     return D
 
 
-def _scaled_dense(D: torch.Tensor, scale: torch.Tensor, divide: bool) -> torch.Tensor:
-    """The dense matrix times (or over) ``scale``, in the common dtype, then rounded to ``D``'s."""
-    op = torch.div if divide else torch.mul
-    return op(D, scale).to(D.dtype)
+def _scaled_dense(D: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The dense matrix times ``scale``, in the common dtype, then rounded to ``D``'s."""
+    return torch.mul(D, scale).to(D.dtype)
 
 
 @pytest.mark.parametrize("d", [520, 777, 1024])
 @pytest.mark.parametrize("b", [1, 2, 3])
-@pytest.mark.parametrize("divide", [False, True])
 @pytest.mark.parametrize("given", ["new", "nan-out"])
-def test_write_is_the_dense_matrix_scaled_bit_for_bit(d, b, divide, given):
+def test_write_is_the_dense_matrix_scaled_bit_for_bit(d, b, given):
     P = _tiles(d, b, torch.float32, seed=d + b)
     scale = _randn(b, 1, 1, seed=30).abs().add(0.25)
     tiles_before = {k: t.clone() for k, t in P.tiles.items()}
     out = None if given == "new" else torch.full((b, d, d), float("nan"))
-    W = P.write(out, scale=scale, divide=divide)
+    W = P.write(out, scale=scale)
     if out is not None:
         assert W is out
     assert W.shape == (b, d, d) and W.dtype == torch.float32
     assert torch.equal(W, W.mT)  # exactly symmetric
-    assert torch.equal(W, _scaled_dense(_dense(P), scale, divide))
+    assert torch.equal(W, _scaled_dense(_dense(P), scale))
     assert all(torch.equal(P.tiles[k], t) for k, t in tiles_before.items())  # the tiles are only read
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("divide", [False, True])
 @pytest.mark.parametrize("b", [1, 2])
-def test_write_of_other_dtypes_is_the_dense_matrix_scaled(dtype, divide, b):
+def test_write_of_other_dtypes_is_the_dense_matrix_scaled(dtype, b):
     P = _tiles(777, b, dtype, seed=31)
     scale = _randn(b, 1, 1, seed=32, dtype=dtype).abs().add(0.25)
-    W = P.write(scale=scale, divide=divide)
-    assert torch.equal(W, W.mT) and torch.equal(W, _scaled_dense(_dense(P), scale, divide))
+    W = P.write(scale=scale)
+    assert torch.equal(W, W.mT) and torch.equal(W, _scaled_dense(_dense(P), scale))
 
 
-@pytest.mark.parametrize("divide", [False, True])
 @pytest.mark.parametrize("b", [1, 3])
-def test_write_with_a_float64_scale_rounds_each_entry_once_to_float32(divide, b):
+def test_write_with_a_float64_scale_rounds_each_entry_once_to_float32(b):
     P = _tiles(520, b, torch.float32, seed=33)
     scale = _randn(b, 1, 1, seed=34, dtype=torch.float64).mul(1 / 3).add(0.1)  # float64, no float32 value
     assert scale.dtype == torch.float64 and not torch.equal(scale.float().double(), scale)
     out = torch.full((b, 520, 520), float("nan"))
-    W = P.write(out, scale=scale, divide=divide)
-    op = torch.div if divide else torch.mul
-    expected = op(_dense(P).double(), scale).float()  # each entry in float64, then rounded to float32
+    W = P.write(out, scale=scale)
+    expected = torch.mul(_dense(P).double(), scale).float()  # each entry in float64, then rounded to float32
     assert W is out and torch.equal(W, expected) and torch.equal(W, W.mT)
 
 
 def test_write_with_a_number_scale_and_into_a_column_major_out():
     P = _tiles(777, 2, torch.float32, seed=35)
     out = torch.full((2, 777, 777), float("nan")).mT  # a transposed view: another place for each tile
-    W = P.write(out, scale=torch.tensor(0.3), divide=True)
-    assert W is out and torch.equal(W, _dense(P) / torch.tensor(0.3)) and torch.equal(W, W.mT)
+    W = P.write(out, scale=torch.tensor(0.3))
+    assert W is out and torch.equal(W, _dense(P) * torch.tensor(0.3)) and torch.equal(W, W.mT)
 
 
 @pytest.mark.parametrize("d", [520, 1024])
@@ -366,7 +361,7 @@ def test_write_of_the_tiled_products_own_tiles_is_its_dense_form_scaled(monkeypa
     dense, dot_d, norm_d = linalg.sym_product_stats(X, A, Bm, beta=beta, alpha=0.3, other=X, tiles=False)
     assert isinstance(held, LowerTiles) and isinstance(dense, torch.Tensor)
     scale = norm_h.reciprocal()
-    W = held.write(torch.full((b, d, d), float("nan")), scale=scale, divide=False)
+    W = held.write(torch.full((b, d, d), float("nan")), scale=scale)
     assert torch.equal(W, dense * scale) and torch.equal(W, W.mT)
     assert torch.equal(norm_h, norm_d) and torch.equal(dot_h, dot_d)
 
