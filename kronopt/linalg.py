@@ -412,19 +412,37 @@ class LowerTiles:
 _SPLIT_SANDWICH_MIN = 768
 
 
-def split_pays(A: Tensor, S: Tensor) -> bool:
-    """Whether :func:`split_sandwich` beats the two plain products for ``A S Aᵀ`` (``A (b k d)``, ``S (b d d)``).
+#: a dense symmetric middle (not :class:`LowerTiles`) whose products go to oneDNN is split only from an outer side
+#: of this many rows (:func:`split_pays`)
+_SPLIT_DENSE_MIN_OUTER = 384
+
+
+def split_pays(A: Tensor, S: Tensor, *, held: bool = False) -> bool:
+    """Whether :func:`split_sandwich` beats the two plain products for ``A S Aᵀ`` (``A (b k d)``, ``S (b d d)``;
+    ``held``: ``S`` will come as its tiles, :class:`LowerTiles`, each contiguous).
 
     It multiplies about ``(t+1)/2t · k d² + k² d`` (``t`` tiles of ``S``) where the plain order
     ``(A S) Aᵀ`` multiplies ``k d² + k² d`` (half of the second where :func:`sym_product` tiles it,
     from ``k`` = ``_GRAM_TILED_MIN``): a gain only where ``d`` is the larger side. Timed on two CPU
     threads (docs/performance_log.md, eighth session): 0.80 of the time at ``d = 1024, k = 256``,
-    0.92 at ``768 × 256``, 1.04 at ``512 × 256``; on a GPU the tile loop is not worth it. Not where
+    0.92 at ``768 × 256``, 1.04 at ``512 × 256``; on a GPU the tile loop is not worth it. Where oneDNN
+    takes the products, which read their operands without gaps between rows, each panel of a dense ``S``
+    (a slice of its columns) is copied for its product, a pass over the lower triangle that the multiply-adds
+    saved pay for only from ``k = _SPLIT_DENSE_MIN_OUTER``; held tiles are read as they lie. Measured on a
+    Zen 5 (2 threads, DyKAF's step; docs/performance_log.md, forty-fifth session), the plain products'
+    time over the split's with a dense ``S``: ``4 × 128 × 1024`` 0.94, ``4 × 256 × 1024`` 0.96–0.98,
+    ``4 × 256 × 768`` 1.00, ``2 × 256 × 2048`` 1.02, ``4 × 384 × 1536`` 1.07, ``1 × 512 × 2048`` 1.08;
+    with held tiles (``Gᵀ K G`` of a tall block) ``4 × 256 × 1024`` 1.03, ``4 × 256 × 768`` 1.02. Not where
     autograd tracks ``A`` or ``S``: the split's products write into a buffer with ``out=``, which
     autograd refuses."""
     d, k = S.shape[-1], A.shape[-2]
     tracked = torch.is_grad_enabled() and (A.requires_grad or S.requires_grad)  # its products write with out=
-    return A.device.type == "cpu" and d >= _SPLIT_SANDWICH_MIN and d > k and not tracked
+    if not (A.device.type == "cpu" and d >= _SPLIT_SANDWICH_MIN and d > k and not tracked):
+        return False
+    if held or k >= _SPLIT_DENSE_MIN_OUTER:
+        return True
+    t = min(_GRAM_TILE, d)
+    return not _by_onednn(A[..., :t], S[:, :t, :t])
 
 
 def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor = 1.0) -> Tensor:
@@ -2033,7 +2051,7 @@ def _ksl(
         unit = _times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2)
     # the split and the kept tiles write with out=, which autograd refuses: a tracked step takes neither
     tracked = torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad)
-    tall_split = not tracked and split_pays(G.mT, L)
+    tall_split = not tracked and split_pays(G.mT, L, held=True)
     if not tracked and split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
         # R̄ is not formed: a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖,

@@ -1228,15 +1228,26 @@ def test_lower_tiles_hold_the_tiled_product_and_write_it_scaled(seed, m, k, b, t
     assert held.write(into, scale=scale) is into and torch.equal(into, expected)
 
 
-def test_split_sandwich_pays_only_for_a_large_middle_on_cpu():
+@pytest.mark.parametrize("onednn", [False, True])
+def test_split_sandwich_pays_only_for_a_large_middle_on_cpu(monkeypatch, onednn):
     """The split form is taken on CPU where the symmetric middle is the larger side and at least
-    ``_SPLIT_SANDWICH_MIN`` (docs/performance_log.md times the crossover), never for a square or smaller middle."""
-    def pays(k, d, device="cpu"):
-        return linalg.split_pays(torch.empty(1, k, d, device=device), torch.empty(1, d, d, device=device))
+    ``_SPLIT_SANDWICH_MIN`` (docs/performance_log.md times the crossover), never for a square or smaller middle.
+    Where oneDNN takes the products, a dense middle (its panels copied for each product) is split only from an
+    outer side of ``_SPLIT_DENSE_MIN_OUTER``; held tiles (``held=True``) as before."""
+    monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", onednn)
 
-    assert pays(256, 1024) and pays(256, 768) and pays(767, 768)
-    assert not pays(768, 768) and not pays(1024, 768) and not pays(256, 512)
-    assert not pays(256, 1024, device="meta")
+    def pays(k, d, device="cpu", held=False):
+        return linalg.split_pays(torch.empty(1, k, d, device=device), torch.empty(1, d, d, device=device), held=held)
+
+    for held in (False, True):
+        assert pays(767, 768, held=held) and pays(384, 1024, held=held) and pays(512, 2048, held=held)
+        assert not pays(768, 768, held=held) and not pays(1024, 768, held=held) and not pays(256, 512, held=held)
+        assert not pays(256, 1024, device="meta", held=held)
+        assert pays(256, 1024, held=True) and pays(256, 768, held=True)
+    # a dense middle against a short outer side: split on MKL's path, not on oneDNN's
+    assert pays(256, 1024) is not onednn and pays(256, 768) is not onednn and pays(383, 1024) is not onednn
+    # an outer side too thin for oneDNN takes MKL's products, and the split
+    assert pays(8, 768)
 
 
 def test_sandwiches_split_at_the_threshold_and_keep_autograd():
