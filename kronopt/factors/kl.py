@@ -330,17 +330,17 @@ class KlKronFactors:
         rotated on its own (``Q_Lᵀ Y``: :math:`m^2 r`, ``Q_Lᵀ G_⊥``: :math:`m^2 n`), instead of
         rotating ``G`` and splitting the result (:math:`m^2 n + 2mnr`): cheaper whenever
         :math:`m < 2n`, which holds for every block with the restricted side the larger one
-        (``split.side = "larger"``, the preset's). The power increment :math:`\hat G^\top \hat Y`
-        is then assembled from the two parts. The ``"power"`` tracker's product
+        (``split.side = "larger"``, the preset's). The ``"power"`` tracker's product
         :math:`\hat R_{new} U` depends on this update alone and only a refresh reads it: without
         ``power_follows`` (no refresh follows) it is not computed and the old one is kept (:math:`2mnr`
         multiply-adds and more saved); ``"sketch"`` accumulates it on every update. The complement's
-        rotation :math:`Q_L^\top G_\perp` is itself read only by that product and, through its rows'
-        energies, by the eigenvalue statistics; a full left side takes those energies from the Gram
-        :math:`G_\perp G_\perp^\top` its factor update makes anyway
-        (:func:`kronopt.linalg.accumulate_two_grams_left_with_energy`, :math:`m^3` instead of
-        :math:`m^2 n` where :math:`n > m`), so with the ``"power"`` tracker the product is made only on the
-        updates a refresh follows."""
+        rotation :math:`Q_L^\top G_\perp` is read only by the eigenvalue statistics, through its rows'
+        energies, and by ``"sketch"``'s power increment :math:`\hat G^\top \hat Y`, assembled from the two
+        parts; a full left side takes those energies from the Gram :math:`G_\perp G_\perp^\top` its factor
+        update makes anyway (:func:`kronopt.linalg.accumulate_two_grams_left_with_energy`, :math:`m^3`
+        instead of :math:`m^2 n` where :math:`n > m`), so ``"power"`` never makes the product: its increment
+        is :math:`G^\top (Q_L W)` with :math:`W = \mathrm{diag}(s_L^2)\, Q_L^\top G U` (:math:`m^2 r + mnr`
+        instead of :math:`m^2 n + mnr`)."""
         rho = self.beta
         m, n, r = G.shape[-2], G.shape[-1], right.rank
         U, tau, mu = right.Q, right.s, right.mu
@@ -374,11 +374,15 @@ class KlKronFactors:
         mu_new = torch.lerp(mu, d_mu, 1 - rho).nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(n, mu))
         if not power_follows and self.tracker == "power":
             return new_left, attrs.evolve(right, sub=sub, s=tau, mu=mu_new)
-        # Ĝᵀ Ŷ = (Q_Lᵀ G)ᵀ W with W = diag(s_L²) Q_Lᵀ G U, and Q_Lᵀ G = Hy Uᵀ + Hc
+        # Ĝᵀ Ŷ = (Q_Lᵀ G)ᵀ W with W = diag(s_L²) Q_Lᵀ G U: where the complement's rotation Hc = Q_Lᵀ G P⊥ was made
+        # (a side not rotated, the "sketch" tracker), from Q_Lᵀ G = Hy Uᵀ + Hc; else as Gᵀ (Q_L W), m² r + m n r
+        # multiply-adds instead of the m² n of Hc and its products
         W = Yh if sL is None else Yh * sL
         if Hc is None:
-            Hc = linalg.mm(left.Q.mT, Gc)  # type: ignore[union-attr]  # Q_Lᵀ G P⊥
-        increment = linalg.addmm_(linalg.mm(Hc.mT, W), U, linalg.mm(Hy.mT, W)).mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
+            increment = linalg.mm(G.mT, linalg.mm(left.Q, W))  # type: ignore[arg-type]
+        else:
+            increment = linalg.addmm_(linalg.mm(Hc.mT, W), U, linalg.mm(Hy.mT, W))
+        increment = increment.mul_((1 - rho) / m)  # (1-ρ) Gᵀ L̂⁻¹ G U / m
         if self.tracker == "power":
             power = linalg.restricted_power_product(U, right.sub, increment, rho)
         else:
