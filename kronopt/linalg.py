@@ -508,10 +508,30 @@ def mm(A: Tensor, B: Tensor) -> Tensor:
     pass (matrices, transposed views, column vectors on the right); ``@`` takes another route for a
     stack of row vectors on the left that is a transposed view (the ``.mT`` of a ``b k 1`` stack,
     against more than one column) and rounds otherwise, so such a call keeps ``@``. A large float32
-    product on a processor where oneDNN's kernels are the faster ones goes to them (:func:`_by_onednn`)."""
+    product on a processor where oneDNN's kernels are the faster ones goes to them (:func:`_by_onednn`).
+
+    Stacks of vectors (a rank-one subspace's ``G U`` and ``Uᵀ G``) go as :func:`matvec` makes them: a stack of
+    column vectors on the right as the stack of rows ``Bᵀ Aᵀ``, rows on the left with a row's strides against a
+    column-major matrix (:func:`_rows_times`). MKL rounds the other layouts of such a stack by the stack's size
+    (a column stack on the right; rows with a column's strides, the ``.mT`` of a column stack; rows against a
+    row-major matrix, now and then), this one alike whatever the size, so a block gets the same bits in a stack
+    as alone (DESIGN.md's invariant 4); these bits are not ``@``'s. A stack of dot products (a row times a column)
+    still rounds by the stack's size now and then: one call for the stack is kept."""
     if _by_onednn(A, B):
         return _onednn_mm(A, B)
-    return torch.bmm(A, B) if A.ndim == 3 and B.ndim == 3 and A.shape[0] == B.shape[0] else A @ B
+    if not (A.ndim == 3 and B.ndim == 3 and A.shape[0] == B.shape[0]):
+        return A @ B
+    if B.shape[-1] == 1 and A.shape[-2] > 1:
+        return _rows_times(B.mT, A.mT).mT
+    return _rows_times(A, B) if A.shape[-2] == 1 else torch.bmm(A, B)
+
+
+def _rows_times(R: Tensor, M: Tensor) -> Tensor:
+    """``R M`` for a stack of rows ``R (b 1 k)`` and matrices ``M (b k n)``: ``R`` viewed with a row's strides (the
+    one-row dimension's ``k`` times the entries'), ``M`` column-major (copied so where it is not), the layout in
+    which MKL's ``bmm`` gives each block the bits it gives it alone (:func:`mm`)."""
+    M = M if M.stride(-2) == 1 else M.mT.contiguous().mT
+    return torch.bmm(R.squeeze(-2).unsqueeze(-2), M)
 
 
 def mm_into(A: Tensor, B: Tensor, out: Tensor) -> Tensor:
