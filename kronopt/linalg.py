@@ -504,11 +504,9 @@ def ema_gram_right(R: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWr
 def mm(A: Tensor, B: Tensor) -> Tensor:
     """``A @ B``; for two stacks ``(b m k) × (b k n)`` of one batch size, ``torch.bmm`` itself: the same kernel, without
     the five view and expand operators ``matmul`` dispatches around it (11 → 6.5 µs a call on a small
-    block, where a bucket's step is a few dozen calls). The same bits as ``@`` on the stacks the steps
-    pass (matrices, transposed views, column vectors on the right); ``@`` takes another route for a
-    stack of row vectors on the left that is a transposed view (the ``.mT`` of a ``b k 1`` stack,
-    against more than one column) and rounds otherwise, so such a call keeps ``@``. A large float32
-    product on a processor where oneDNN's kernels are the faster ones goes to them (:func:`_by_onednn`).
+    block, where a bucket's step is a few dozen calls). The same bits as ``@`` on stacks of matrices,
+    contiguous or transposed views. A large float32 product on a processor where oneDNN's kernels are the
+    faster ones goes to them (:func:`_by_onednn`).
 
     Stacks of vectors (a rank-one subspace's ``G U`` and ``Uᵀ G``) go as :func:`matvec` makes them: a stack of
     column vectors on the right as the stack of rows ``Bᵀ Aᵀ``, rows on the left with a row's strides against a
