@@ -5,6 +5,7 @@ import math
 import attrs
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kronopt
 from kronopt import compose, linalg
@@ -360,6 +361,49 @@ def test_the_power_product_is_computed_only_when_a_refresh_follows(preset, shape
     assert not any(lazy[2][k] for k in refreshed)
     assert all(lazy[2][k] for k in (1, 2, 4, 5, 7, 8, 10))  # no refresh follows: the old product is kept
     assert not any(eager[2][k] for k in (1, 2, 4, 5))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("restricted", ["right", "left"])
+def test_whitened_norm_through_onednn_takes_each_blocks_norm_where_its_product_lies(monkeypatch, gen, restricted):
+    """Where oneDNN makes the float32 products, ν is each block's norm of its own product, never stacked: the
+    float64 formula's value, each block's bits the same in a stack as alone (DESIGN.md's invariant 4), the
+    MKL route's value to float32 rounding, and no ``m × n`` product copied anywhere (only its norm is read)."""
+    monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", True)
+    b, m, n = 3, 256, 320
+    C = randn(gen, b, m, n).float()
+    k = m if restricted == "right" else n
+    Q = torch.linalg.qr(randn(gen, b, k, k))[0].float().mT.contiguous().mT  # column-major, as LAPACK lays a basis
+    lam = (torch.rand(b, k, generator=gen, **F64) + 0.1).float()
+    mu = torch.tensor([0.5, 2.0, 1.5]).float()
+    assert linalg._by_onednn(Q.mT, C) if restricted == "right" else linalg._by_onednn(C, Q)
+
+    class Copies(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.copy_.default, torch.ops.aten.clone.default, torch.ops.aten.stack.default):
+                self.shapes += [tuple(t.shape) for t in args if isinstance(t, torch.Tensor)]
+            return func(*args, **(kwargs or {}))
+
+    with Copies() as copies:
+        got = linalg.whitened_complement_norm(C, Q, lam, mu, restricted=restricted)
+    assert got.shape == (b, 1, 1)
+    assert not any(s[-2:] == (m, n) for s in copies.shapes), copies.shapes
+    C64, Q64, lam64 = C.double(), Q.double(), lam.double()
+    if restricted == "right":
+        exact = (lam64.rsqrt().unsqueeze(-1) * (Q64.mT @ C64)).flatten(1).norm(dim=-1)
+    else:
+        exact = ((C64 @ Q64) * lam64.rsqrt().unsqueeze(-2)).flatten(1).norm(dim=-1)
+    torch.testing.assert_close(got.view(-1).double(), exact / mu.double().sqrt(), rtol=1e-5, atol=0)
+    for i in range(b):
+        alone = linalg.whitened_complement_norm(C[i:i + 1], Q[i:i + 1], lam[i:i + 1], mu[i:i + 1], restricted=restricted)
+        assert torch.equal(alone.view(()), got[i].view(())), i
+    monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", False)
+    mkl = linalg.whitened_complement_norm(C, Q, lam, mu, restricted=restricted)
+    torch.testing.assert_close(mkl, got, rtol=1e-5, atol=0)
 
 
 def test_whitened_norm_edge_eigenvalues(gen):
