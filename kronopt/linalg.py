@@ -2775,7 +2775,7 @@ def whitened_complement_norm(
     else:
         Q = Q_other if weight is None else Q_other * weight
         A, B = (Q.mT, C) if restricted == "right" else (C, Q)
-        if _by_onednn(A, B) and A.ndim == 3:
+        if _by_onednn(A, B) and A.ndim == 3 and A.shape[0] > 0:  # (an empty stack: mm's empty product below)
             # only each block's norm is read: taken where oneDNN writes the product, not copied into a stack first
             norms = [torch.linalg.vector_norm(_onednn_block(a, b)) for a, b in zip(A.unbind(0), B.unbind(0))]
             return torch.stack(norms).view(-1, 1, 1) * mu.rsqrt().view(-1, 1, 1)

@@ -401,6 +401,8 @@ def test_whitened_norm_through_onednn_takes_each_blocks_norm_where_its_product_l
     for i in range(b):
         alone = linalg.whitened_complement_norm(C[i:i + 1], Q[i:i + 1], lam[i:i + 1], mu[i:i + 1], restricted=restricted)
         assert torch.equal(alone.view(()), got[i].view(())), i
+    empty = linalg.whitened_complement_norm(C[:0], Q[:0], lam[:0], mu[:0], restricted=restricted)
+    assert empty.shape == (0, 1, 1)
     monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", False)
     mkl = linalg.whitened_complement_norm(C, Q, lam, mu, restricted=restricted)
     torch.testing.assert_close(mkl, got, rtol=1e-5, atol=0)
