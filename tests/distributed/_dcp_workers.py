@@ -139,8 +139,7 @@ def spawn(world, jobs, where, module=__name__):
     runs one thread), else spawned.
     """
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    args = (world, w.rendezvous(where), str(where), module, list(jobs))
-    torch.multiprocessing.start_processes(_main, args=args, nprocs=world, join=True, start_method=method)
+    w.start_ranks(_main, lambda: (world, w.rendezvous(where), str(where), module, list(jobs)), world, start_method=method)
     return [torch.load(Path(where) / f"rank{r}-of-{world}.pt", weights_only=False) for r in range(world)]
 
 

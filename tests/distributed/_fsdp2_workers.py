@@ -19,7 +19,7 @@ from torch import nn
 
 import kronopt
 
-from ._workers import rendezvous
+from ._workers import rendezvous, start_ranks
 
 warnings.filterwarnings("ignore", message="the route sends embeddings")
 
@@ -330,9 +330,7 @@ def spawn(plan, out_dir):
     import torch.distributed.checkpoint  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 
-    torch.multiprocessing.start_processes(
-        _main, args=(world, rendezvous(out_dir), str(out_dir), dict(plan)), nprocs=world, join=True, start_method="fork"
-    )
+    start_ranks(_main, lambda: (world, rendezvous(out_dir), str(out_dir), dict(plan)), world, start_method="fork")
     ranks = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
     return {size: [ranks[r][size] for r in range(size)] for size in plan}
 
