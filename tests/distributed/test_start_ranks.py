@@ -56,4 +56,7 @@ def test_an_error_raised_in_a_rank_fails_at_once(tmp_path):
     marker = str(tmp_path / "raised")
     with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="a job's own error"):
         w.start_ranks(_raises, lambda: (marker,), 2, start_method="fork")
-    assert len(list(tmp_path.glob("raised-1-*"))) == 1  # started once: no second try
+    # started once, no second try: no rank started twice (the first to raise had written its mark; the other may
+    # have been stopped before it wrote its own)
+    started = [len(list(tmp_path.glob(f"raised-{r}-*"))) for r in (0, 1)]
+    assert max(started) == 1 and sum(started) >= 1, started
