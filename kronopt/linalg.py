@@ -722,9 +722,16 @@ def _onednn_mm(A: Tensor, B: Tensor, *, out: Tensor | None = None) -> Tensor:
         return C.unsqueeze(0) if A.ndim == 3 else C
     if out is None:
         out = torch.empty((A.shape[0], A.shape[-2], B.shape[-1]), dtype=A.dtype, device=A.device)
-    for a, b, o in zip(A.unbind(0), B.unbind(0), out.unbind(0)):
-        o.copy_(_onednn_block(a, b))  # not torch.stack: it copies a transposed block at a third of copy_'s speed
+    for o, P in zip(out.unbind(0), _onednn_blocks(A, B)):
+        o.copy_(P)  # not torch.stack: it copies a transposed block at a third of copy_'s speed
     return out
+
+
+def _onednn_blocks(A: Tensor, B: Tensor) -> Iterator[Tensor]:
+    """Each block's product ``A[i] B[i]`` of two stacks (:func:`_by_onednn`) as oneDNN writes it (:func:`_onednn_block`),
+    one at a time: for a caller that stacks them (:func:`_onednn_mm`) or reads only a reduction of each
+    (:func:`whitened_complement_norm`)."""
+    return (_onednn_block(a, b) for a, b in zip(A.unbind(0), B.unbind(0)))
 
 
 def matvec(A: Tensor, x: Tensor) -> Tensor:
@@ -2777,8 +2784,8 @@ def whitened_complement_norm(
         A, B = (Q.mT, C) if restricted == "right" else (C, Q)
         if _by_onednn(A, B) and A.ndim == 3 and A.shape[0] > 0:  # (an empty stack: mm's empty product below)
             # only each block's norm is read: taken where oneDNN writes the product, not copied into a stack first
-            norms = [torch.linalg.vector_norm(_onednn_block(a, b)) for a, b in zip(A.unbind(0), B.unbind(0))]
-            return torch.stack(norms).view(-1, 1, 1) * mu.rsqrt().view(-1, 1, 1)
+            norm = torch.stack([torch.linalg.vector_norm(P) for P in _onednn_blocks(A, B)]).view(-1, 1, 1)
+            return norm * mu.rsqrt().view(-1, 1, 1)
         X = mm(A, B)
     return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * mu.rsqrt().view(-1, 1, 1)
 
