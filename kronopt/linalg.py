@@ -1241,7 +1241,10 @@ def _form_q(reflectors: Tensor, tau: Tensor, *, out: Tensor | None) -> Tensor:
 def finite_blocks(*tensors: Tensor | None) -> Tensor:
     """``(b)`` mask: True where every given tensor is finite on that block.
 
-    A stack of float32, float64 or bfloat16 blocks is read once, by a product with a
+    On a CPU (where the verdict is read on the host for free, :func:`host_verdicts`) each floating
+    block is summed (:func:`_finite_by_sums`): a finite sum proves the block finite, and a sum that
+    overflowed (finite entries near the dtype's largest) proves nothing, so the reading below decides
+    then. Elsewhere a stack of float32, float64 or bfloat16 blocks is read once, by a product with a
     small weight (:func:`_weighted_row_sums`). Otherwise a block's largest and smallest
     entries are both finite exactly when it holds no NaN and no infinity
     (``amax``/``amin`` propagate NaN; unlike a sum they never overflow): two plain
@@ -1260,6 +1263,9 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
         if rows.is_floating_point():  # the largest magnitude: NaN where a NaN is (|NaN| is NaN; amax keeps it)
             return rows.abs().amax(dim=1) < math.inf
         return torch.stack([rows.amax(dim=1), rows.amin(dim=1)]).isfinite().all(0)
+    proven = _finite_by_sums(given)
+    if proven is not None:
+        return proven
     verdicts, sums, extremes = [], [], []
     for t in given:
         row_sums = _weighted_row_sums(t)
@@ -1274,6 +1280,32 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
     else:
         verdicts.extend(x.isfinite() for x in extremes)
     return verdicts[0] if len(verdicts) == 1 else torch.stack(verdicts).all(0)
+
+
+def _finite_by_sums(tensors: list[Tensor]) -> Tensor | None:
+    r""":func:`finite_blocks`' verdict on a CPU from each block's sum, ``None`` where that proves nothing.
+
+    A sum holds a NaN or an infinity of its block (:math:`\infty - \infty` is NaN), so a finite sum
+    proves its block finite; a sum can also overflow on finite entries, which proves nothing. So
+    every sum finite (read on the host, free on a CPU) gives the verdict, all True; otherwise
+    (nearly never: a block that is not finite, or entries near the dtype's largest) ``None``, and
+    the exact reading decides. Floating tensors on the CPU only, outside a compiled function. One
+    pass over each tensor at the speed of memory, whatever its layout: measured on a Zen 5 (2
+    threads, ``4 × 1024 × 256`` stacks out of cache), 0.09–0.11 ms a float32 stack against 0.34 for
+    the weighted product, which runs at a matrix-vector product's speed.
+    """
+    if not all(t.is_floating_point() and host_verdicts(t) for t in tensors):
+        return None
+    # float16's sums in float32: a block of ordinary entries sums past its 65504
+    sums = [
+        t if t.ndim == 1 else t.sum(dim=tuple(range(1, t.ndim)), dtype=torch.float32 if t.dtype == torch.float16 else None)
+        for t in tensors
+    ]
+    if len({s.dtype for s in sums}) == 1:
+        ok = (torch.stack(sums) if len(sums) > 1 else sums[0].unsqueeze(0)).isfinite().all(0)
+    else:
+        ok = torch.stack([s.isfinite() for s in sums]).all(0)
+    return ok if bool(ok.all()) else None
 
 
 #: the weight of :func:`_weighted_row_sums`: a sum of fewer than ``2⁶⁴`` entries times it stays below

@@ -98,9 +98,13 @@ def test_finite_blocks_flags_each_kind_of_non_finite_value_anywhere(bad, dtype):
 @pytest.mark.parametrize("bad", NONFINITE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["row", "column"])
-def test_finite_blocks_of_large_stacks_read_them_once(bad, dtype, layout):
-    """Large blocks (the product's vectorised kernels, not its tails), in both stack layouts: a bad
-    entry anywhere flags its block; finite entries at ±max do not; the stack is read by one product."""
+@pytest.mark.parametrize("host", [True, False])  # a CPU's verdict read on the host, or the device-agnostic path
+def test_finite_blocks_of_large_stacks_read_them_once(monkeypatch, bad, dtype, layout, host):
+    """Large blocks (the reductions' vectorised kernels, not their tails), in both stack layouts: a bad
+    entry anywhere flags its block; finite entries at ±max do not (their sums overflow: the exact
+    reading decides); a finite stack is read once, by one sum a block on a CPU's host path, by one
+    product elsewhere."""
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(3, 96, 333, generator=gen).to(dtype)
     if layout == "column":
@@ -115,7 +119,22 @@ def test_finite_blocks_of_large_stacks_read_them_once(bad, dtype, layout):
     assert linalg.finite_blocks(t).tolist() == [True, True, True]
     with _Calls() as calls:
         linalg.finite_blocks(base)
-    assert "mm.default" in calls.names and not {"amax.default", "amin.default"} & set(calls.names)
+    read = [name for name in calls.names if name in {"sum.dim_IntList", "mm.default", "amax.default", "amin.default"}]
+    assert read == (["sum.dim_IntList"] if host else ["mm.default"])
+    assert not {"clone.default", "copy_.default", "_to_copy.default"} & set(calls.names)  # read in place
+
+
+def test_finite_blocks_of_a_float16_stack_whose_sums_pass_its_range_read_it_once():
+    """float16 blocks of ordinary entries sum past float16's 65504: on a CPU's host path they are
+    summed in float32, so a finite stack is still read by one sum, and a bad entry still flags its block."""
+    t = torch.full((3, 64, 64), 100.0, dtype=torch.float16)  # each block sums to 409600
+    with _Calls() as calls:
+        assert linalg.finite_blocks(t).tolist() == [True, True, True]
+    assert [n for n in calls.names if n in {"sum.dim_IntList", "mm.default", "amax.default", "amin.default"}] == ["sum.dim_IntList"]
+    for bad in NONFINITE:
+        u = t.clone()
+        u[1, 63, 0] = bad
+        assert linalg.finite_blocks(u).tolist() == [True, False, True]
 
 
 def test_finite_blocks_of_a_column_major_matrix_of_vector_blocks():
