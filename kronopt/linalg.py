@@ -1289,13 +1289,13 @@ def _finite_by_sums(tensors: list[Tensor]) -> Tensor | None:
     proves its block finite; a sum can also overflow on finite entries, which proves nothing. So
     every sum finite (read on the host, free on a CPU) gives the verdict, all True; otherwise
     (nearly never: a block that is not finite, or entries near the dtype's largest) ``None``, and
-    the exact reading decides. Floating tensors on the CPU only, outside a compiled function. One
-    pass over each tensor at the speed of memory, whatever its layout: measured on a Zen 5 (2
-    threads, ``4 × 1024 × 256`` stacks out of cache), 0.09–0.11 ms a float32 stack against 0.34 for
-    the weighted product, which runs at a matrix-vector product's speed.
+    the exact reading decides. Plain floating tensors on the CPU only (:func:`_plain`), outside a
+    compiled function. One pass over each tensor at the speed of memory, whatever its layout:
+    measured on a Zen 5 (2 threads, ``4 × 1024 × 256`` stacks out of cache), 0.09–0.11 ms a float32
+    stack against 0.34 for the weighted product, which runs at a matrix-vector product's speed.
     """
-    if not all(t.is_floating_point() and host_verdicts(t) for t in tensors):
-        return None
+    if not all(t.is_floating_point() and host_verdicts(t) and _plain(t) for t in tensors):
+        return None  # (a torch.func transform's tensor, or one autograd tracks: the reading below, no host read)
     # float16's sums in float32: a block of ordinary entries sums past its 65504
     sums = [
         t if t.ndim == 1 else t.sum(dim=tuple(range(1, t.ndim)), dtype=torch.float32 if t.dtype == torch.float16 else None)

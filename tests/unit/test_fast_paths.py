@@ -137,6 +137,18 @@ def test_finite_blocks_of_a_float16_stack_whose_sums_pass_its_range_read_it_once
         assert linalg.finite_blocks(u).tolist() == [True, False, True]
 
 
+def test_finite_blocks_of_a_tensor_autograd_tracks_read_it_without_a_host_read():
+    """A tensor autograd tracks (or a torch.func transform wraps: not :func:`linalg._plain`) takes the
+    device-agnostic product, whose verdict stays a tensor, not the host's sums; the verdicts are the same."""
+    t = torch.randn(3, 40, 50, requires_grad=True)
+    with _Calls() as calls:
+        assert linalg.finite_blocks(t).tolist() == [True, True, True]
+    assert "mm.default" in calls.names and "sum.dim_IntList" not in calls.names
+    u = t.detach().clone()
+    u[2, 39, 49] = float("inf")
+    assert linalg.finite_blocks(u.requires_grad_()).tolist() == [True, True, False]
+
+
 def test_finite_blocks_of_a_column_major_matrix_of_vector_blocks():
     """A 2-D tensor whose blocks are columns in memory (``(300, 100).mT``): the bad entry's block, not another."""
     t = torch.randn(300, 100).mT
