@@ -1275,11 +1275,17 @@ def finite_blocks(*tensors: Tensor | None) -> Tensor:
             extremes.extend(_block_extremes(t))
     if sums:  # one finiteness test for all the row sums, side by side (a wider dtype holds a narrower's inf and NaN)
         verdicts.append((torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]).isfinite().all(1))
-    if extremes and len({(x.dtype, x.device) for x in extremes}) == 1:
-        verdicts.append(torch.stack(extremes).isfinite().all(0))  # one finiteness test for these extremes
-    else:
-        verdicts.extend(x.isfinite() for x in extremes)
+    if extremes:
+        verdicts.append(_finite_across(extremes))
     return verdicts[0] if len(verdicts) == 1 else torch.stack(verdicts).all(0)
+
+
+def _finite_across(vectors: list[Tensor]) -> Tensor:
+    """``(b)``: True where every one of the ``(b)`` tensors ``vectors`` (at least one) is finite; one finiteness
+    test for all where they share dtype and device."""
+    if len({(v.dtype, v.device) for v in vectors}) == 1:
+        return torch.stack(vectors).isfinite().all(0)
+    return torch.stack([v.isfinite() for v in vectors]).all(0)
 
 
 def _finite_by_sums(tensors: list[Tensor]) -> Tensor | None:
@@ -1301,10 +1307,7 @@ def _finite_by_sums(tensors: list[Tensor]) -> Tensor | None:
         t if t.ndim == 1 else t.sum(dim=tuple(range(1, t.ndim)), dtype=torch.float32 if t.dtype == torch.float16 else None)
         for t in tensors
     ]
-    if len({s.dtype for s in sums}) == 1:
-        ok = (torch.stack(sums) if len(sums) > 1 else sums[0].unsqueeze(0)).isfinite().all(0)
-    else:
-        ok = torch.stack([s.isfinite() for s in sums]).all(0)
+    ok = _finite_across(sums)
     return ok if bool(ok.all()) else None
 
 
