@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 from . import compiled, compose, distributed, linalg, post
 from ._shapes import BlockSpec, to_block
@@ -2000,6 +2001,16 @@ class KronOptimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor):
                     total += value.numel() * value.element_size()
         return total
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes of the scratch tensors kept across steps (on a CPU: plain Muon's look-ahead stack and its
+        iteration's buffers, the Adam rule's scratch sets; made by the first step that needs each, one set per
+        shape). Not state (never saved, made again as needed), but memory held between steps all the same:
+        ``kronopt bench --memory`` counts it in the step's."""
+        kept = self.__dict__.get("_kept_scratch", {})
+        leaves = tree_leaves(list(kept.values()))  # tuples of tensors and an iteration's dict of them
+        return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
 
     def _storage_names(self, bucket: _Bucket) -> dict[str, str]:
         """The dtype each kind of state of ``bucket`` is stored in (``[storage]`` with ``"compute"`` resolved)."""

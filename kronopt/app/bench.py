@@ -1040,7 +1040,10 @@ def bench(
     ``memory_steps`` more rounds follow the timed ones, untimed, each step under a
     :class:`TransientMemory`: ``step_bytes`` is the most tensor memory one of those steps
     held at once (its temporaries and the new state it writes in; 10 rounds hold a
-    refresh of the presets). A peer that raises in those rounds keeps its times, and its
+    refresh of the presets). The scratch tensors a kronopt optimizer keeps across steps
+    (``KronOptimizer.scratch_bytes``: on a CPU, plain Muon's look-ahead stack and iteration
+    buffers) were made by an earlier step and are held through this one: they count as its
+    temporaries. A peer that raises in those rounds keeps its times, and its
     ``step_bytes`` is ``None``.
 
     ``fault_bytes`` is the memory an optimizer's timed step took fresh from the operating system, on
@@ -1219,6 +1222,8 @@ def _bench_once(
                 if run["failed"] or run["step_bytes"] is False:
                     continue
                 _give_grads(run, grads[k % len(grads)])
+                # scratch a kronopt optimizer kept from earlier steps is the step's working memory, held throughout
+                kept = getattr(run["opt"], "scratch_bytes", 0)
                 try:
                     with TransientMemory() as counter:
                         run["opt"].step()
@@ -1227,7 +1232,7 @@ def _bench_once(
                         raise
                     run["step_bytes"] = False  # its times stand; its memory is not reported
                     continue
-                run["step_bytes"] = max(run["step_bytes"] or 0, counter.peak)
+                run["step_bytes"] = max(run["step_bytes"] or 0, counter.peak + kept)
     first = None if runs[0]["failed"] else statistics.fmean(runs[0]["times"]) * 1e3
     rows = []
     for run in runs:
@@ -2209,8 +2214,8 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument(
         "--memory", default="0",
         help="also step this many more rounds, untimed, counting the tensor memory each step makes, and print the "
-        "most one step held at once (step MiB: its temporaries and the new state it writes in; 10 holds a refresh "
-        "of the presets; not with --world)",
+        "most one step held at once (step MiB: its temporaries, the scratch kronopt keeps across steps included, and "
+        "the new state it writes in; 10 holds a refresh of the presets; not with --world)",
     )
     p.add_argument(
         "--retain-freed-memory", action="store_true",

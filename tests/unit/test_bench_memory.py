@@ -112,3 +112,24 @@ def test_a_peer_that_raises_in_the_memory_rounds_keeps_its_times(monkeypatch, tm
     late, adamw = rows
     assert late["failed"] is None and late["mean_ms"] is not None and late["step_bytes"] is None
     assert adamw["vs_first"] is not None and adamw["step_bytes"] is not None
+
+
+def test_a_step_counts_the_scratch_kronopt_keeps_across_steps():
+    """kronopt's muon on a CPU keeps its look-ahead stack ``(b m n)`` and a block's direction ``(m n)``, both
+    float32, from one step to the next (with its iteration's buffers): they are made by the first step, not by
+    the steps ``--memory`` counts, yet each of those steps holds them. Without them the plain path's steps
+    make almost nothing new (the momentum moves in place), so the column read near zero."""
+    b, m, n = 4, 256, 128  # blocks past the size a CPU steps together with other small buckets
+    floor = (b * m * n + m * n) * 4  # the look-ahead stack and the direction alone, in float32
+    params = [torch.nn.Parameter(torch.randn(m, n, generator=torch.Generator().manual_seed(k))) for k in range(b)]
+    opt = bench._make("muon", params)[0]
+    assert opt.scratch_bytes == 0  # nothing kept before a step
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(m, n)
+        opt.step()
+    assert opt.scratch_bytes >= floor
+    rows = bench.bench(["muon", "torch.Muon"], [(m, n)] * b, steps=1, warmup=1, device="cpu", memory_steps=2)
+    step = {r["optimizer"]: r["step_bytes"] for r in rows}
+    assert step["muon"] >= floor
+    assert step["torch.Muon"] < floor  # a peer keeps nothing of the kind: its temporaries alone
