@@ -5,6 +5,7 @@ optional (``kronopt[peers]``), so their runs are skipped without them and their
 absence is simulated by making their import fail.
 """
 
+import gc
 import re
 import sys
 from pathlib import Path
@@ -736,3 +737,32 @@ def test_the_header_says_nothing_of_the_load_where_the_os_gives_none(monkeypatch
     monkeypatch.setattr(bench.os, "getloadavg", unavailable)
     assert cli.main(["bench", "adamw", *TINY]) == 0
     assert "load average" not in capsys.readouterr().out
+
+
+class _FreezeProbe:
+    """A stand-in whose steps record how many objects the collector holds frozen."""
+
+    def __init__(self):
+        self.frozen = []
+
+    def step(self):
+        self.frozen.append(gc.get_freeze_count())
+
+
+def test_the_timed_steps_run_with_the_process_objects_frozen_and_the_bench_thaws_them():
+    """A full collection scans every object of the process (torch's, the peers', every optimizer's state) and lands
+    in whichever timed step triggers it: the timed rounds run with the objects made before them frozen, and the
+    heap is thawed after (a heap frozen before the bench stays frozen)."""
+    probe = _FreezeProbe()
+    assert gc.get_freeze_count() == 0
+    bench.bench(["probe"], [(8, 4)], steps=3, warmup=2, device="cpu", makers={"probe": lambda: (probe, lambda: 0)})
+    warm, timed = probe.frozen[:2], probe.frozen[2:]
+    assert warm == [0, 0] and len(timed) == 3 and min(timed) > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        bench.bench(["probe"], [(8, 4)], steps=1, warmup=1, device="cpu", makers={"probe": lambda: (_FreezeProbe(), lambda: 0)})
+        assert gc.get_freeze_count() >= before
+    finally:
+        gc.unfreeze()
