@@ -2002,12 +2002,11 @@ class KronOptimizer(torch.optim.Optimizer):
                     total += value.numel() * value.element_size()
         return total
 
-    @property
     def scratch_bytes(self) -> int:
         """Bytes of the scratch tensors kept across steps (on a CPU: plain Muon's look-ahead stack and its
-        iteration's buffers, the Adam rule's scratch sets; made by the first step that needs each, one set per
-        shape). Not state (never saved, made again as needed), but memory held between steps all the same:
-        ``kronopt bench --memory`` counts it in the step's."""
+        iteration's buffers, plain AdamW's and the Adam rule's scratch sets; made by the first step that needs
+        each, one set per shape; a split, a join or a load drops them). Not state (never saved, made again as
+        needed), but memory held between steps all the same: ``kronopt bench --memory`` counts it in the step's."""
         kept = self.__dict__.get("_kept_scratch", {})
         leaves = tree_leaves(list(kept.values()))  # tuples of tensors and an iteration's dict of them
         return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))

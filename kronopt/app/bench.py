@@ -1045,8 +1045,8 @@ def bench(
     held at once (its temporaries and the new state it writes in; 10 rounds hold a
     refresh of the presets). The scratch tensors a kronopt optimizer keeps across steps
     (``KronOptimizer.scratch_bytes``: on a CPU, plain Muon's look-ahead stack and iteration
-    buffers) were made by an earlier step and are held through this one: they count as its
-    temporaries. A peer that raises in those rounds keeps its times, and its
+    buffers, the Adam scratch sets) were made by an earlier step and are held through this
+    one: they count as its temporaries. A peer that raises in those rounds keeps its times, and its
     ``step_bytes`` is ``None``.
 
     ``fault_bytes`` is the memory an optimizer's timed step took fresh from the operating system, on
@@ -1099,9 +1099,9 @@ def bench(
     runs = [
         _bench_once(
             names, params, steps=steps, warmup=warmup, device=device, seed=seed, makers=makers,
-            memory_steps=memory_steps,
+            memory_steps=memory_steps, repeat_index=i,
         )
-        for _ in range(repeat)
+        for i in range(repeat)
     ]
     return aggregate_runs(runs)
 
@@ -1177,35 +1177,38 @@ def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> 
     return out
 
 
-def _round_order(runs: list[Any], k: int, seed: int) -> list[Any]:
-    """The order round ``k`` steps ``runs`` in: a shuffle drawn from ``seed`` and ``k`` (the same on every rank of a
-    ``--world`` run), so that no optimizer always steps right after the same one. A step's time depends on what
-    the step before it left in the caches and the allocator: on 4 layers of d = 256 (a 2-core Zen 5), dykaf /
-    soap read 1.187 (1.184–1.209) stepped in a fixed order with soap first and 1.225 (1.213–1.230) in the reverse
-    order, three runs each."""
+def _round_order(runs: list[Any], k: int, seed: int, repeat_index: int = 0) -> list[Any]:
+    """The order round ``k`` of run ``repeat_index`` (of ``--repeat``'s) steps ``runs`` in: a shuffle drawn from
+    ``seed``, ``repeat_index`` and ``k`` alone (the same on every rank of a ``--world`` run), so that no optimizer always steps right
+    after the same one, and each run of a repeat draws other orders. A step's time depends on what the step
+    before it left in the caches and the allocator: on 4 layers of d = 256 (a 2-core Zen 5), dykaf / soap read
+    1.187 (1.184–1.209) stepped in a fixed order with soap first and 1.225 (1.213–1.230) in the reverse order,
+    three runs each."""
     order = list(runs)
-    random.Random(seed * 1_000_003 + k).shuffle(order)
+    random.Random(f"round order {seed} {repeat_index} {k}").shuffle(order)
     return order
 
 
 @contextlib.contextmanager
 def _long_lived_frozen() -> Iterator[Callable[[], None]]:
     """A function that, called once the warm-up is done, collects the garbage and then moves every object the
-    process holds into the collector's permanent generation (``gc.freeze``) until the block ends.
+    process holds into the collector's permanent generation (``gc.freeze``) until the block ends, even by an
+    exception.
 
     CPython's cyclic collector runs a full collection once enough objects have outlived the younger ones, and a
     full collection scans every object of the process: torch's, the peers' modules, every optimizer's state
     (about 300 000 objects here, 110–160 ms a collection on a 2-core Zen 5). Whichever optimizer's step happens to
     trigger it pays for all of them: on 30 small matrices of 30 shapes one such collection landed in dykaf's timed
     steps run after run and read it 1.8–1.9 × soap's mean step, against 1.4 with the heap frozen. Frozen, a
-    collection scans only what the timed rounds made, so an optimizer's own garbage still costs its steps. A
-    heap frozen before (``gc.get_freeze_count() > 0``) stays frozen after."""
-    thawed = gc.get_freeze_count() == 0
+    collection scans only what the timed rounds made, so an optimizer's own garbage still costs its steps. Where
+    the caller froze the heap before (``gc.get_freeze_count() > 0``), nothing is frozen or thawed here: a thaw
+    would undo the caller's freeze, and objects frozen for good would never be collected."""
+    ours = gc.get_freeze_count() == 0
     frozen = False
 
     def freeze() -> None:
         nonlocal frozen
-        if not frozen:
+        if ours and not frozen:
             gc.collect()  # garbage frozen with the rest would never be collected
             gc.freeze()
             frozen = True
@@ -1213,16 +1216,17 @@ def _long_lived_frozen() -> Iterator[Callable[[], None]]:
     try:
         yield freeze
     finally:
-        if frozen and thawed:
+        if frozen:
             gc.unfreeze()
 
 
 def _bench_once(
     names: Sequence[str], params: ParamSet, *, steps: int, warmup: int, device: str,
     seed: int, makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
-    memory_steps: int = 0,
+    memory_steps: int = 0, repeat_index: int = 0,
 ) -> list[dict[str, Any]]:
-    """One interleaved run of :func:`bench` (fresh optimizers); a name in ``makers`` is built by its
+    """One interleaved run of :func:`bench` (fresh optimizers; ``repeat_index``: its index among ``--repeat``'s, which
+    with ``seed`` draws its rounds' orders, :func:`_round_order`); a name in ``makers`` is built by its
     maker (a stand-in with a ``step()``, as :class:`_Replay`) instead of :func:`_make`. A peer that
     raises is dropped (:func:`_drop`) and its row has ``failed`` and no figures. ``memory_steps``
     untimed rounds after the timed ones count each step's memory (:class:`TransientMemory`)."""
@@ -1247,7 +1251,7 @@ def _bench_once(
         for k in range(warmup + steps):
             if k == warmup:
                 freeze()  # a full collection of the process's objects lands in no timed step
-            for run in _round_order(runs, k, seed):  # interleaved, so machine noise hits every optimizer alike
+            for run in _round_order(runs, k, seed, repeat_index):  # interleaved, so machine noise hits every optimizer alike
                 if run["failed"]:
                     continue
                 _give_grads(run, grads[k % len(grads)])
@@ -1272,7 +1276,8 @@ def _bench_once(
                     continue
                 _give_grads(run, grads[k % len(grads)])
                 # scratch a kronopt optimizer kept from earlier steps is the step's working memory, held throughout
-                kept = getattr(run["opt"], "scratch_bytes", 0)
+                # (counted once: read before the step, while a set the step makes is the counter's)
+                kept = run["opt"].scratch_bytes() if isinstance(run["opt"], kronopt.KronOptimizer) else 0
                 try:
                     with TransientMemory() as counter:
                         run["opt"].step()
@@ -2245,7 +2250,10 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument(
         "--threads", default="0", help="torch CPU threads (0: torch's default; --world: per rank, the cores / the world size)"
     )
-    p.add_argument("--seed", default="0")
+    p.add_argument(
+        "--seed", default="0",
+        help="draws the parameters, the gradients and each round's order of the optimizers (default 0)",
+    )
     p.add_argument(
         "--repeat", default="1",
         help="make the whole run this many times (fresh optimizers each), the --scaling table's too, and print the "

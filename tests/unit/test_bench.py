@@ -137,6 +137,8 @@ def test_each_optimizer_steps_after_each_other_one_over_the_rounds():
         assert sorted(order) == names and order == bench._round_order(names, k, seed=0)
         follows.update(zip(order, order[1:]))
     assert follows == {(x, y) for x in names for y in names if x != y}
+    # each run of a --repeat draws orders of its own, so that its runs do not share one draw's imbalance
+    assert any(bench._round_order(names, k, 0, 0) != bench._round_order(names, k, 0, 1) for k in range(4))
 
 
 def test_mean_includes_slow_steps_and_median_does_not(monkeypatch):
@@ -757,29 +759,37 @@ def test_the_header_says_nothing_of_the_load_where_the_os_gives_none(monkeypatch
 
 
 class _FreezeProbe:
-    """A stand-in whose steps record how many objects the collector holds frozen."""
+    """A stand-in whose steps record how many objects the collector holds frozen (and raise at step ``raise_at``)."""
 
-    def __init__(self):
+    def __init__(self, raise_at=None):
         self.frozen = []
+        self.raise_at = raise_at
 
     def step(self):
         self.frozen.append(gc.get_freeze_count())
+        if len(self.frozen) == self.raise_at:
+            raise RuntimeError("probe")
 
 
 def test_the_timed_steps_run_with_the_process_objects_frozen_and_the_bench_thaws_them():
     """A full collection scans every object of the process (torch's, the peers', every optimizer's state) and lands
     in whichever timed step triggers it: the timed rounds run with the objects made before them frozen, and the
-    heap is thawed after (a heap frozen before the bench stays frozen)."""
+    heap is thawed after, also when a step raises; a heap the caller froze is left as it was."""
     probe = _FreezeProbe()
     assert gc.get_freeze_count() == 0
     bench.bench(["probe"], [(8, 4)], steps=3, warmup=2, device="cpu", makers={"probe": lambda: (probe, lambda: 0)})
     warm, timed = probe.frozen[:2], probe.frozen[2:]
     assert warm == [0, 0] and len(timed) == 3 and min(timed) > 0
     assert gc.get_freeze_count() == 0
+    raising = _FreezeProbe(raise_at=3)
+    with pytest.raises(RuntimeError, match="probe"):
+        bench.bench(["probe"], [(8, 4)], steps=3, warmup=1, device="cpu", makers={"probe": lambda: (raising, lambda: 0)})
+    assert raising.frozen[-1] > 0 and gc.get_freeze_count() == 0
     gc.freeze()
     try:
         before = gc.get_freeze_count()
-        bench.bench(["probe"], [(8, 4)], steps=1, warmup=1, device="cpu", makers={"probe": lambda: (_FreezeProbe(), lambda: 0)})
-        assert gc.get_freeze_count() >= before
+        mine = _FreezeProbe()
+        bench.bench(["probe"], [(8, 4)], steps=2, warmup=1, device="cpu", makers={"probe": lambda: (mine, lambda: 0)})
+        assert mine.frozen == [before] * 3 and gc.get_freeze_count() == before
     finally:
         gc.unfreeze()

@@ -191,9 +191,16 @@ def test_every_optimizer_starts_from_the_same_parameters_and_gets_the_same_gradi
     assert not torch.equal(fakes.LOG[0]["params"][0], a[0]["params"][0])  # --seed reaches the parameters
 
 
-def test_an_optimizer_that_changes_its_gradients_in_place_does_not_change_the_others(fakes):
+def _in_named_order(monkeypatch):
+    """Every round steps the optimizers in the order named (the bench shuffles each round's), so that the one named
+    second steps between the other two in every round."""
+    monkeypatch.setattr(bench, "_round_order", lambda runs, k, seed, repeat_index=0: list(runs))
+
+
+def test_an_optimizer_that_changes_its_gradients_in_place_does_not_change_the_others(fakes, monkeypatch):
     """Mutating adds 1 to the gradients it is handed after its step (pytorch_optimizer.Muon changes its gradients
     in place): Fast2, stepped after it in each round, must still see the gradients Fast saw before it."""
+    _in_named_order(monkeypatch)
     bench.bench([F, M, F2], [(5, 3), (3,)], steps=5, warmup=0, device="cpu")
     seen = {n: [e["grads"] for e in fakes.LOG if e["opt"] == n] for n in ("Fast", "Mutating", "Fast2")}
     for name in ("Mutating", "Fast2"):
@@ -202,8 +209,9 @@ def test_an_optimizer_that_changes_its_gradients_in_place_does_not_change_the_ot
                 torch.testing.assert_close(h, g, rtol=0, atol=0)
 
 
-def test_world_ranks_do_not_share_a_changed_gradient_either(fakes):
+def test_world_ranks_do_not_share_a_changed_gradient_either(fakes, monkeypatch):
     """World size 1 runs :func:`bench._rank_rows` in this process: Fast2, after Mutating, sees what Fast saw."""
+    _in_named_order(monkeypatch)
     bench.bench_world([F, M, F2], [(5, 3), (3,)], worlds=[1], steps=3, warmup=0, threads=1)
     seen = {n: [e["grads"] for e in fakes.LOG if e["opt"] == n] for n in ("Fast", "Fast2")}
     assert len(seen["Fast"]) == len(seen["Fast2"]) == 3

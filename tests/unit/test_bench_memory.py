@@ -123,13 +123,14 @@ def test_a_step_counts_the_scratch_kronopt_keeps_across_steps():
     floor = (b * m * n + m * n) * 4  # the look-ahead stack and the direction alone, in float32
     params = [torch.nn.Parameter(torch.randn(m, n, generator=torch.Generator().manual_seed(k))) for k in range(b)]
     opt = bench._make("muon", params)[0]
-    assert opt.scratch_bytes == 0  # nothing kept before a step
+    assert opt.scratch_bytes() == 0  # nothing kept before a step
     for _ in range(2):
         for p in params:
             p.grad = torch.randn(m, n)
         opt.step()
-    assert opt.scratch_bytes >= floor
+    assert opt.scratch_bytes() >= floor
     rows = bench.bench(["muon", "torch.Muon"], [(m, n)] * b, steps=1, warmup=1, device="cpu", memory_steps=2)
     step = {r["optimizer"]: r["step_bytes"] for r in rows}
-    assert step["muon"] >= floor
+    # the kept scratch once (its own is this optimizer's, built alike), beside the plain path's few new bytes
+    assert floor <= step["muon"] < opt.scratch_bytes() + floor
     assert step["torch.Muon"] < floor  # a peer keeps nothing of the kind: its temporaries alone
