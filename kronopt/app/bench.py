@@ -1031,9 +1031,10 @@ def bench(
     Each of the ``warmup + steps`` rounds gives every optimizer the same
     gradients and times one ``step()`` of each in turn, in an order of its own
     (:func:`_round_order`: a shuffle seeded by ``seed``, so that no optimizer always
-    follows the same one); only the last ``steps`` rounds count. ``mean_ms`` is the mean over those steps, so it includes the
-    steps that refresh a preconditioner (every 10th for SOAP); ``median_ms`` is
-    the typical step, which skips them when they are rarer than one in two.
+    follows the same one); only the last ``steps`` rounds count. ``mean_ms`` is the
+    mean over those steps, so it includes the steps that refresh a preconditioner
+    (every 10th for SOAP); ``median_ms`` is the typical step, which skips them when
+    they are rarer than one in two.
 
     With ``repeat > 1`` the whole run (fresh optimizers, warm-up included) is made
     ``repeat`` times and each figure is the median over the runs
@@ -1179,8 +1180,8 @@ def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> 
 
 def _round_order(runs: list[Any], k: int, seed: int, repeat_index: int = 0) -> list[Any]:
     """The order round ``k`` of run ``repeat_index`` (of ``--repeat``'s) steps ``runs`` in: a shuffle drawn from
-    ``seed``, ``repeat_index`` and ``k`` alone (the same on every rank of a ``--world`` run), so that no optimizer always steps right
-    after the same one, and each run of a repeat draws other orders. A step's time depends on what the step
+    ``seed``, ``repeat_index`` and ``k`` alone (the same on every rank of a ``--world`` run), so that no optimizer
+    always steps right after the same one, and each run of a repeat draws other orders. A step's time depends on what the step
     before it left in the caches and the allocator: on 4 layers of d = 256 (a 2-core Zen 5), dykaf / soap read
     1.187 (1.184–1.209) stepped in a fixed order with soap first and 1.225 (1.213–1.230) in the reverse order,
     three runs each."""
@@ -1251,7 +1252,8 @@ def _bench_once(
         for k in range(warmup + steps):
             if k == warmup:
                 freeze()  # a full collection of the process's objects lands in no timed step
-            for run in _round_order(runs, k, seed, repeat_index):  # interleaved, so machine noise hits every optimizer alike
+            # interleaved, so machine noise hits every optimizer alike; each round in an order of its own
+            for run in _round_order(runs, k, seed, repeat_index):
                 if run["failed"]:
                     continue
                 _give_grads(run, grads[k % len(grads)])
