@@ -1590,7 +1590,7 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
         for k in range(job["warmup"] + job["steps"]):
             if k == job["warmup"]:
                 freeze()  # as in bench(): every rank at the same step
-            for run in _round_order(runs, k, job["seed"]):  # interleaved, in the same orders as in bench()
+            for run in _round_order(runs, k, job["seed"], job.get("repeat_index", 0)):  # interleaved, in bench()'s orders
                 if run["dropped"]:
                     continue
                 if run["failed"] is None:
@@ -1676,6 +1676,7 @@ def bench_world(
     threads: int = 0,
     seed: int = 0,
     retain_freed_memory: bool = False,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
     """Step time, state and communication per rank at each world size, as ``world`` CPU processes on gloo.
 
@@ -1685,6 +1686,11 @@ def bench_world(
     stepped interleaved, as in :func:`bench`, each step after a barrier; a step's
     time is the slowest rank's. World size 1 runs in this process.
 
+    With ``repeat > 1`` each world size's run (fresh ranks and optimizers, warm-up included, each run
+    in round orders of its own) is made ``repeat`` times and each time is the median over the runs,
+    as :func:`bench` makes them (:func:`aggregate_runs`); the state and gather bytes, which do not
+    change from run to run, are the first run's.
+
     Args:
         threads: torch threads per rank; 0: the machine's cores divided by the world size (at least 1).
         retain_freed_memory: each rank process calls :func:`kronopt.malloc.retain_freed_memory`
@@ -1693,50 +1699,68 @@ def bench_world(
     Returns:
         One dict per world size and name, in that order: ``world``, ``optimizer``,
         ``mean_ms`` and ``median_ms`` (over the timed steps of the per-step maximum over
-        the ranks), ``threads`` (per rank), ``state_bytes_max`` and ``state_bytes_sum``
-        (over the ranks), ``comm_bytes``: bytes a rank receives per step at the
+        the ranks; with ``repeat``, the median over the runs), ``threads`` (per rank), ``state_bytes_max``
+        and ``state_bytes_sum`` (over the ranks), ``comm_bytes``: bytes a rank receives per step at the
         gathers (the sum of ``bucket_summary()``'s ``gather_bytes``, the largest over
-        the ranks; 0 in one process and for other libraries), ``failed``: ``None``, or where a peer raised
-        (on any rank; every rank then stopped stepping it) its ``step`` and ``error`` and the ``ranks`` it
-        raised on, the figures then ``None``.
+        the ranks; 0 in one process and for other libraries), ``runs`` and ``run_means`` (each run's
+        ``mean_ms``, for :func:`ratios`), ``failed``: ``None``, or where a peer raised (on any rank, in any
+        run; every rank then stopped stepping it) its ``step``, ``error``, the ``ranks`` it raised on (in the
+        first run it failed) and the number of ``runs`` it failed in, the figures then ``None``.
 
     Raises:
-        ValueError: as :func:`bench`, or a world size < 1.
+        ValueError: as :func:`bench`, a world size < 1 or ``repeat < 1``.
     """
     params = ParamSet.of(shapes)
     _check_run(names, params.shapes, steps, warmup)
     if not worlds or any(w < 1 for w in worlds):
         raise ValueError(f"need world sizes ≥ 1, got {list(worlds)}")
+    if repeat < 1:
+        raise ValueError(f"bench_world needs repeat ≥ 1, got {repeat}")
     out = []
     for world in worlds:
         job = {
             "names": list(names), "params": params, "steps": steps, "warmup": warmup, "seed": seed,
             "threads": threads or max(1, (os.cpu_count() or 1) // world), "retain_freed_memory": retain_freed_memory,
         }
-        ranks = _world(world, job)
-        for i, name in enumerate(names):
-            rows = [rank[i] for rank in ranks]
-            if any(r.get("dropped") for r in rows):  # a peer that raised on some rank: every rank dropped it
-                failed = next(r["failed"] for r in rows if r.get("failed") is not None)
-                out.append({"world": world, "optimizer": name, "mean_ms": None, "median_ms": None, "threads": job["threads"],
-                            "state_bytes_max": None, "state_bytes_sum": None, "comm_bytes": None,
-                            "failed": {**failed, "ranks": [r for r, row in enumerate(rows) if row.get("failed") is not None]}})
-                continue
-            times = [max(per_rank) * 1e3 for per_rank in zip(*(r["times"] for r in rows))]
+        runs = [_world_run(list(names), _world(world, {**job, "repeat_index": i})) for i in range(repeat)]
+        for row, first in zip(aggregate_runs(runs), runs[0]):
+            extra = ("state_bytes_sum", "comm_bytes")
+            figures = {k: None for k in extra} if row["failed"] else {k: first[k] for k in extra}
             out.append(
                 {
-                    "world": world,
-                    "optimizer": name,
-                    "mean_ms": statistics.fmean(times),
-                    "median_ms": statistics.median(times),
-                    "threads": job["threads"],
-                    "state_bytes_max": max(r["state_bytes"] for r in rows),
-                    "state_bytes_sum": sum(r["state_bytes"] for r in rows),
-                    "comm_bytes": max(r["gather_bytes"] for r in rows),
-                    "failed": None,
+                    "world": world, "optimizer": row["optimizer"], "mean_ms": row["mean_ms"], "median_ms": row["median_ms"],
+                    "threads": job["threads"], "state_bytes_max": row["state_bytes"], **figures, "runs": row["runs"],
+                    "run_means": row["run_means"], "failed": row["failed"],
                 }
             )
     return out
+
+
+def _world_run(names: list[str], ranks: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One run of :func:`bench_world` at one world size from every rank's :func:`_rank_rows`, as :func:`aggregate_runs`
+    takes a run's rows (a step's time the slowest rank's; ``state_bytes`` the largest rank's), with the sum of the
+    ranks' state bytes and the largest rank's gather bytes beside."""
+    rows = []
+    for i, name in enumerate(names):
+        per_rank = [rank[i] for rank in ranks]
+        if any(r.get("dropped") for r in per_rank):  # a peer that raised on some rank: every rank dropped it
+            failed = next(r["failed"] for r in per_rank if r.get("failed") is not None)
+            ranks_failed = [r for r, row in enumerate(per_rank) if row.get("failed") is not None]
+            rows.append({"optimizer": name, "failed": {**failed, "ranks": ranks_failed}})
+            continue
+        times = [max(step) * 1e3 for step in zip(*(r["times"] for r in per_rank))]
+        rows.append(
+            {
+                "optimizer": name, "mean_ms": statistics.fmean(times), "median_ms": statistics.median(times),
+                "state_bytes": max(r["state_bytes"] for r in per_rank), "state_bytes_sum": sum(r["state_bytes"] for r in per_rank),
+                "comm_bytes": max(r["gather_bytes"] for r in per_rank), "failed": None,
+            }
+        )
+    first = rows[0].get("mean_ms")  # None where the first failed, as in _bench_once
+    for row in rows:
+        if not row["failed"]:
+            row["vs_first"] = None if first is None else row["mean_ms"] / first if first > 0 else float("nan")
+    return rows
 
 
 #: the parameter dtypes ``--dtype`` names
@@ -1840,8 +1864,6 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
             p.add("--world", "cannot be combined with --scaling")
         if device != "cpu":
             p.add("--world", f"runs CPU processes on gloo; got --device {device} (use --device cpu)")
-        if counts["repeat"] not in (None, 1):
-            p.add("--repeat", "applies to the one-process table; cannot be combined with --world")
     names, missing = [], []
     for name in list(args.optimizers) or list(BENCH_DEFAULT):
         if name in peers.PEERS:
@@ -1871,8 +1893,6 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
                 names.append(name)
     texts = getattr(args, "ratio", None) or []
     pairs = _ratio_pairs(p, texts, list(args.optimizers) or list(BENCH_DEFAULT))
-    if texts and world_text is not None:
-        p.add("--ratio", "applies to the one-process table; cannot be combined with --world")
     alone = bool(getattr(args, "alone", False))
     if alone and world_text is not None:
         p.add("--alone", "applies to the one-process table; cannot be combined with --world")
@@ -1947,11 +1967,11 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print(line)
 
 
-def _print_ratios(rows: list[dict[str, Any]], plan: BenchPlan) -> None:
+def _print_ratios(rows: list[dict[str, Any]], plan: BenchPlan, where: str = "") -> None:
     timed = [pair for pair in plan.ratios if all(n in plan.names for n in pair)]
     runs = rows[0].get("runs", 1)
     print()
-    print("ratios of the mean step time, each run's own" + (f": median of {runs} runs (lowest–highest)" if runs > 1 else ""))
+    print(f"ratios of the mean step time{where}, each run's own" + (f": median of {runs} runs (lowest–highest)" if runs > 1 else ""))
     labels = [f"{a} / {b}" for a, b in plan.ratios]
     width = max(len(label) for label in labels)
     found = {r["pair"]: r for r in ratios(rows, timed)}
@@ -2076,7 +2096,7 @@ def _print_world(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r.get("failed"):
             where = "" if r["world"] == 1 else f" (on rank {', '.join(map(str, r['failed']['ranks']))})"
-            print(f"{r['world']:>5} {r['optimizer']:<{width}} {_failure(r['failed'], 1)}{where}")
+            print(f"{r['world']:>5} {r['optimizer']:<{width}} {_failure(r['failed'], r.get('runs', 1))}{where}")
             continue
         print(
             f"{r['world']:>5} {r['optimizer']:<{width}} {r['median_ms']:>10.3f} {r['mean_ms']:>9.3f} "
@@ -2089,15 +2109,20 @@ def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
     rows = bench_world(
         plan.names, plan.params, worlds=plan.worlds, steps=counts["steps"], warmup=counts["warmup"],
         threads=counts["threads"], seed=counts["seed"], retain_freed_memory=plan.retain_freed_memory,
+        repeat=counts["repeat"],
     )
     threads = ", ".join(f"{r['threads']} at world {r['world']}" for r in rows[:: len(plan.names)])
     print(
         f"{_describe(plan.params)}, CPU processes on gloo, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved; a step: the slowest rank), "
         f"threads per rank: {threads}, torch {torch.__version__}"
+        + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "")
         + _load_note(load, _load_average()) + _memory_note(plan, retained)
     )
     _print_world(rows)
+    if plan.ratios:
+        for world in plan.worlds:
+            _print_ratios([r for r in rows if r["world"] == world], plan, where=f" at world {world}")
     if plan.params.source:
         _print_routing(plan)
     return 0
@@ -2258,13 +2283,13 @@ def add_subcommand(sub: Any) -> None:
     )
     p.add_argument(
         "--repeat", default="1",
-        help="make the whole run this many times (fresh optimizers each), the --scaling table's too, and print the "
-        "medians, with each ratio's lowest and highest over the runs (≥ 1; not with --world)",
+        help="make the whole run this many times (fresh optimizers each), the --scaling and --world tables' too, and "
+        "print the medians, with each ratio's lowest and highest over the runs (≥ 1)",
     )
     p.add_argument(
         "--ratio", action="append",
         help="also print the ratio A/B of two optimizers' mean step times, each run's own (with --repeat: the median "
-        "and range over the runs), e.g. --ratio dykaf/soap; repeatable",
+        "and range over the runs; with --world: at each world size), e.g. --ratio dykaf/soap; repeatable",
     )
     p.add_argument(
         "--alone", action="store_true",

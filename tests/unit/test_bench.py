@@ -569,6 +569,74 @@ def test_world_bench_through_the_cli_divides_state_and_reports_the_gathers(monke
     assert all(r["median_ms"] > 0 and r["mean_ms"] > 0 for r in rows)
 
 
+def _fake_ranks(per_run):
+    """A stand-in for ``bench._world``: run ``i`` (its job's ``repeat_index``) gives every rank the rows ``per_run[i](rank)``."""
+    jobs = []
+
+    def world(size, job):
+        jobs.append(job)
+        return [per_run[job["repeat_index"]](rank) for rank in range(size)]
+
+    return world, jobs
+
+
+def _rank_row(times_ms, state=0, gathered=0):
+    return {"times": [t / 1e3 for t in times_ms], "state_bytes": state, "gather_bytes": gathered, "failed": None, "dropped": False}
+
+
+def test_world_bench_repeats_each_world_size_and_takes_the_medians_of_the_runs(monkeypatch):
+    """Three runs at world size 2, hand-made: a step's time is the slower rank's, a run's mean over its steps, and
+    the figure the median over the runs (not the mean of all steps, nor the first run's); each run draws its own
+    round orders (its index reaches the ranks), and the state and gathers come from the first run."""
+    runs = [
+        lambda r: [_rank_row([1, 3], state=10 + r, gathered=7), _rank_row([2, 2], state=5)],  # means 2.0 and 2.0
+        lambda r: [_rank_row([4 + r, 4], state=99), _rank_row([1, 1], state=5)],  # slower rank: 5, 4: 4.5; and 1.0
+        lambda r: [_rank_row([3, 3], state=99), _rank_row([9, 9 - 6 * r], state=5)],  # 3.0; and 9.0
+    ]
+    fake, jobs = _fake_ranks(runs)
+    monkeypatch.setattr(bench, "_world", fake)
+    rows = bench.bench_world(["soap", "adamw"], [(4, 4)], worlds=[2], steps=2, warmup=0, repeat=3)
+    assert [job["repeat_index"] for job in jobs] == [0, 1, 2]
+    soap, adamw = rows
+    assert soap["run_means"] == [2.0, 4.5, 3.0] and soap["mean_ms"] == 3.0 and soap["median_ms"] == 3.0
+    assert adamw["run_means"] == [2.0, 1.0, 9.0] and adamw["mean_ms"] == 2.0
+    assert soap["runs"] == adamw["runs"] == 3 and soap["failed"] is None
+    assert (soap["state_bytes_max"], soap["state_bytes_sum"], soap["comm_bytes"]) == (11, 21, 7)
+    ratio = bench.ratios(rows, [("adamw", "soap")])[0]
+    assert ratio["ratio"] == 1.0 and ratio["range"] == (2.0 / 9.0, 3.0)  # run by run: 2/2, 1/4.5, 9/3
+
+
+def test_a_peer_that_fails_in_one_run_of_a_world_size_is_reported_failed_with_its_runs(monkeypatch):
+    failed = {"step": 2, "error": "RuntimeError: boom"}
+    runs = [
+        lambda r: [_rank_row([1]), _rank_row([2])],
+        lambda r: [_rank_row([1]), {"times": [], "state_bytes": 0, "gather_bytes": 0, "dropped": True, "failed": failed if r == 1 else None}],
+    ]
+    fake, _ = _fake_ranks(runs)
+    monkeypatch.setattr(bench, "_world", fake)
+    adamw, peer = bench.bench_world(["adamw", "some.Peer"], [(4, 4)], worlds=[2], steps=1, warmup=0, repeat=2)
+    assert peer["failed"] == {**failed, "ranks": [1], "runs": 1} and peer["mean_ms"] is None and peer["comm_bytes"] is None
+    assert adamw["failed"] is None and adamw["run_means"] == [1.0, 1.0]
+
+
+def test_world_bench_repeat_and_ratios_through_the_cli(monkeypatch, capsys):
+    """``--repeat`` and ``--ratio`` beside ``--world``: the header says how many runs, and each world size gets its
+    ratios, each the median of the runs' own with their range."""
+    runs = [lambda r, k=k: [_rank_row([2.0 * (1 + k)]), _rank_row([1.0 + k])] for k in range(3)]
+    fake, jobs = _fake_ranks(runs)
+    monkeypatch.setattr(bench, "_world", fake)
+    args = ["bench", "adamw", "torch.AdamW", *TINY, "--world", "1,2", "--repeat", "3", "--ratio", "adamw/torch.AdamW"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "medians of 3 runs" in out.splitlines()[0]
+    assert [job["repeat_index"] for job in jobs] == [0, 1, 2, 0, 1, 2]
+    for world in (1, 2):
+        heading = f"ratios of the mean step time at world {world}, each run's own: median of 3 runs (lowest–highest)"
+        assert heading in out
+    # the runs' ratios: 2/1, 4/2, 6/3
+    assert out.count("adamw / torch.AdamW  2.000 (2.000–2.000)") == 2, out
+
+
 def test_world_bench_arguments_are_checked(capsys):
     assert cli.main(["bench", "soap", *TINY, "--world", "0,2", "--scaling", "8"]) == 2
     err = capsys.readouterr().err
@@ -614,10 +682,11 @@ def test_repeat_makes_the_whole_run_again_and_reports_the_spread(capsys):
     assert "× range" not in capsys.readouterr().out  # one run: no spread column
 
 
-@pytest.mark.parametrize(("extra", "message"), [(["--repeat", "0"], "--repeat: must be ≥ 1"), (["--repeat", "2", "--world", "1"], "--repeat: applies to the one-process table")])
-def test_repeat_arguments_are_checked(extra, message, capsys):
-    assert cli.main(["bench", "adamw", *TINY, *extra]) == 2
-    assert message in capsys.readouterr().err
+def test_repeat_arguments_are_checked(capsys):
+    assert cli.main(["bench", "adamw", *TINY, "--repeat", "0"]) == 2
+    assert "--repeat: must be ≥ 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="repeat ≥ 1"):
+        bench.bench_world(["adamw"], [(4, 4)], worlds=[1], steps=1, warmup=0, repeat=0)
 
 
 # -- --ratio ---------------------------------------------------------------------------------------------------
@@ -675,7 +744,6 @@ def test_ratio_with_a_peer_not_installed_says_so(monkeypatch, capsys):
     [
         (["--ratio", "adamw/soap"], "--ratio: 'adamw/soap' is not A/B with A and B among the optimizers named"),
         (["--ratio", "adamw"], "--ratio: 'adamw' is not A/B"),
-        (["--ratio", "adamw/adamw", "--world", "1"], "--ratio: applies to the one-process table"),
     ],
 )
 def test_ratio_arguments_are_checked(extra, message, capsys):
