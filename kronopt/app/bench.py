@@ -1578,7 +1578,7 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
     for name in job["names"]:
         params = [torch.nn.Parameter(b.clone()) for b in base]
         run = {"params": params, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
-               "peer": _is_peer(name), "failed": None, "dropped": False}
+               "peer": _is_peer(name), "failed": None, "dropped": False, "faults": 0}
         try:
             run["opt"], run["state_bytes"] = _make(name, params, param_set.names)
         except Exception as exc:
@@ -1598,6 +1598,7 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
                 if agree(run["failed"] is not None):  # every rank starts the step together, or drops it together
                     run["dropped"], run["times"] = True, []
                     continue
+                faults = _minor_faults()
                 t0 = time.perf_counter()
                 try:
                     run["opt"].step()
@@ -1608,14 +1609,17 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
                     continue
                 if k >= job["warmup"]:
                     run["times"].append(time.perf_counter() - t0)
+                    if faults is not None:
+                        run["faults"] += _minor_faults() - faults  # type: ignore[operator]
     rows = []
     for run in runs:
         if run["dropped"] or run["failed"] is not None:
             rows.append({"times": [], "state_bytes": 0, "gather_bytes": 0, "failed": run["failed"], "dropped": True})
             continue
         summary = run["opt"].bucket_summary() if isinstance(run["opt"], kronopt.KronOptimizer) else []
+        faulted = None if _minor_faults() is None else run["faults"] / len(run["times"]) * resource.getpagesize()
         rows.append({"times": run["times"], "state_bytes": run["state_bytes"](), "gather_bytes": sum(b["gather_bytes"] for b in summary),
-                     "failed": None, "dropped": False})
+                     "fault_bytes": faulted, "failed": None, "dropped": False})
     return rows
 
 
@@ -1702,7 +1706,9 @@ def bench_world(
         the ranks; with ``repeat``, the median over the runs), ``threads`` (per rank), ``state_bytes_max``
         and ``state_bytes_sum`` (over the ranks), ``comm_bytes``: bytes a rank receives per step at the
         gathers (the sum of ``bucket_summary()``'s ``gather_bytes``, the largest over
-        the ranks; 0 in one process and for other libraries), ``runs`` and ``run_means`` (each run's
+        the ranks; 0 in one process and for other libraries), ``fault_bytes`` (the memory a step took fresh from
+        the system, as :func:`bench` counts it, on the rank that took most; ``None`` where the platform counts
+        none), ``runs`` and ``run_means`` (each run's
         ``mean_ms``, for :func:`ratios`), ``failed``: ``None``, or where a peer raised (on any rank, in any
         run; every rank then stopped stepping it) its ``step``, ``error``, the ``ranks`` it raised on (in the
         first run it failed) and the number of ``runs`` it failed in, the figures then ``None``.
@@ -1729,8 +1735,8 @@ def bench_world(
             out.append(
                 {
                     "world": world, "optimizer": row["optimizer"], "mean_ms": row["mean_ms"], "median_ms": row["median_ms"],
-                    "threads": job["threads"], "state_bytes_max": row["state_bytes"], **figures, "runs": row["runs"],
-                    "run_means": row["run_means"], "failed": row["failed"],
+                    "threads": job["threads"], "state_bytes_max": row["state_bytes"], **figures, "fault_bytes": row["fault_bytes"],
+                    "runs": row["runs"], "run_means": row["run_means"], "failed": row["failed"],
                 }
             )
     return out
@@ -1754,6 +1760,8 @@ def _world_run(names: list[str], ranks: list[list[dict[str, Any]]]) -> list[dict
                 "optimizer": name, "mean_ms": statistics.fmean(times), "median_ms": statistics.median(times),
                 "state_bytes": max(r["state_bytes"] for r in per_rank), "state_bytes_sum": sum(r["state_bytes"] for r in per_rank),
                 "comm_bytes": max(r["gather_bytes"] for r in per_rank), "failed": None,
+                # the rank that faulted most, on the mean over its steps (None where the platform counts none)
+                "fault_bytes": None if any(r.get("fault_bytes") is None for r in per_rank) else max(r["fault_bytes"] for r in per_rank),
             }
         )
     first = rows[0].get("mean_ms")  # None where the first failed, as in _bench_once
@@ -2087,9 +2095,10 @@ def _print_scaling(table: list[dict[str, Any]], dtype: torch.dtype | None = None
 
 def _print_world(rows: list[dict[str, Any]]) -> None:
     width = max(14, *(len(r["optimizer"]) for r in rows))
+    faults = any(r.get("fault_bytes") is not None for r in rows)  # pages a step took fresh from the system
     header = (
         f"{'world':>5} {'optimizer':<{width}} {'median ms':>10} {'mean ms':>9} "
-        f"{'state MiB/rank max':>18} {'sum':>9} {'comm KiB/step/rank':>18}"
+        f"{'state MiB/rank max':>18} {'sum':>9} {'comm KiB/step/rank':>18}" + (f" {'faults MiB':>10}" if faults else "")
     )
     print(header)
     print("-" * len(header))
@@ -2098,10 +2107,13 @@ def _print_world(rows: list[dict[str, Any]]) -> None:
             where = "" if r["world"] == 1 else f" (on rank {', '.join(map(str, r['failed']['ranks']))})"
             print(f"{r['world']:>5} {r['optimizer']:<{width}} {_failure(r['failed'], r.get('runs', 1))}{where}")
             continue
-        print(
+        line = (
             f"{r['world']:>5} {r['optimizer']:<{width}} {r['median_ms']:>10.3f} {r['mean_ms']:>9.3f} "
             f"{_mib(r['state_bytes_max']):>18.2f} {_mib(r['state_bytes_sum']):>9.2f} {r['comm_bytes'] / 2**10:>18.1f}"
         )
+        if faults:
+            line += f" {_mib(r['fault_bytes']):>10.2f}" if r.get("fault_bytes") is not None else f" {'-':>10}"
+        print(line)
 
 
 def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:

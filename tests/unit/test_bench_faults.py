@@ -73,3 +73,48 @@ def test_a_platform_without_getrusage_reports_no_faults(monkeypatch, capsys):
     assert rows[0]["fault_bytes"] is None and rows[0]["mean_ms"] is not None
     assert cli.main(["bench", "adamw", *TINY]) == 0
     assert "faults" not in capsys.readouterr().out
+
+
+def _gloo() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@counts_faults
+@pytest.mark.distributed
+@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+def test_world_ranks_charge_each_step_the_fresh_pages_it_touches(monkeypatch):
+    """``--world``'s rows count faults as the one-process table does, on each rank (world size 1 in this process,
+    2 in forked ranks, which inherit the stand-ins): fails on faults not counted in the ranks, counted around
+    the wrong step, summed instead of averaged, or summed over the ranks instead of the rank that took most."""
+    sizes = {"idle": 0, "eight": 8, "two": 2}
+    monkeypatch.setattr(bench, "_make", lambda name, params, names=None: (_Touches(sizes[name]), lambda: 0))
+    monkeypatch.setattr(bench, "START_METHOD", "fork")  # one thread per rank: forking is safe, and starts faster
+    rows = bench.bench_world(list(sizes), [(4, 4)], worlds=[1, 2], steps=3, warmup=1, threads=1, repeat=2)
+    for world in (1, 2):
+        faults = {r["optimizer"]: r["fault_bytes"] for r in rows if r["world"] == world}
+        assert 8 * MIB <= faults["eight"] <= 8.5 * MIB, (world, faults)
+        assert 2 * MIB <= faults["two"] <= 2.5 * MIB, (world, faults)
+        assert faults["idle"] < 0.25 * MIB, (world, faults)
+
+
+def test_world_rows_take_the_rank_that_faulted_most_and_the_median_over_runs(monkeypatch, capsys):
+    """Hand-made ranks: the row's figure is the largest rank's (not their sum or the first rank's), the median over
+    the runs, and the table prints it; where a rank's platform counts none, the row has none."""
+    per_run = [(1.0, 3.0), (5.0, 2.0), (4.0, 4.5)]  # MiB faulted per step on ranks 0 and 1, run by run: max 3, 5, 4.5
+
+    def world(size, job):
+        pair = per_run[job["repeat_index"]]
+        return [[{"times": [1e-3], "state_bytes": 0, "gather_bytes": 0, "fault_bytes": None if pair[r] is None else pair[r] * MIB, "failed": None,
+                  "dropped": False}] for r in range(size)]
+
+    monkeypatch.setattr(bench, "_world", world)
+    (row,) = bench.bench_world(["adamw"], [(4, 4)], worlds=[2], steps=1, warmup=0, repeat=3)
+    assert row["fault_bytes"] == 4.5 * MIB
+    assert cli.main(["bench", "adamw", *TINY, "--world", "2", "--repeat", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-2:] == ["faults", "MiB"] and lines[3].split()[-1] == "4.50"
+    per_run = [(1.0, None)] * 3
+    (row,) = bench.bench_world(["adamw"], [(4, 4)], worlds=[2], steps=1, warmup=0, repeat=3)
+    assert row["fault_bytes"] is None
