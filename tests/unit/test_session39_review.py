@@ -475,10 +475,15 @@ def test_the_table_lines_up_with_faults_memory_and_repeat(capsys, extra):
 
 
 @counts_faults
-def test_world_one_runs_and_has_no_faults_key(capsys):
-    """``--world 1`` (in this process): the world table, unbroken by the faults column."""
+def test_world_one_runs_and_its_faults_column_lines_up(capsys):
+    """``--world 1`` (in this process): the world table, its ``faults MiB`` column (the forty-ninth session's) last,
+    every line as long as the header and each figure under it."""
     assert cli.main(["bench", "adamw", "--world", "1", "--shapes", "8x4", "--steps", "1", "--warmup", "0"]) == 0
-    assert "faults" not in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("world"))
+    header, rule, row = lines[start : start + 3]
+    assert header.endswith("faults MiB") and set(rule) == {"-"} and len(rule) == len(header) == len(row)
+    assert re.fullmatch(r"\s*\d+\.\d\d", row[-10:]), row
 
 
 def test_scaling_and_alone_rows_carry_fault_bytes(monkeypatch):
