@@ -137,13 +137,15 @@ _CPUINFO = "/proc/cpuinfo"
 
 @attrs.frozen
 class _Processor:
-    """What ``/proc/cpuinfo`` says of the first processor: its ``vendor_id``, its x86 ``flags`` and its
-    ``cpu family`` (empty, or 0, where the file cannot be read or has no such line, as on other systems
-    and architectures). Kernel choices that depend on the processor read it here, once per process."""
+    """What ``/proc/cpuinfo`` says of the first processor: its ``vendor_id``, its x86 ``flags``, its
+    ``cpu family`` and its ``model name`` (empty, or 0, where the file cannot be read or has no such line, as
+    on other systems and architectures). Kernel choices that depend on the processor read it here, once per
+    process; ``kronopt bench --json`` records the name."""
 
     vendor: str = ""
     flags: frozenset[str] = frozenset()
     family: int = 0
+    name: str = ""
 
 
 @functools.cache
@@ -162,7 +164,10 @@ def _processor() -> _Processor:
     except OSError:
         return _Processor()
     family = fields.get("cpu family", "")
-    return _Processor(fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split()), int(family) if family.isdigit() else 0)
+    return _Processor(
+        fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split()), int(family) if family.isdigit() else 0,
+        fields.get("model name", ""),
+    )
 
 
 def _tiles_in_place() -> bool:

@@ -29,6 +29,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import pickle
 import random
@@ -56,7 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import kronopt
-from kronopt import malloc
+from kronopt import linalg, malloc
 
 from . import _args, peers
 from ._args import Problems
@@ -1803,6 +1804,7 @@ class BenchPlan:
         memory_steps: ``--memory``: untimed rounds after the timed ones, each step's memory counted.
         dtype: ``--dtype``: every parameter's dtype (already applied to :attr:`params`; the ``--scaling`` table's
             too), ``None`` where not given.
+        json: ``--json``: the file the run's record goes to (:func:`record`), ``None`` for none.
     """
 
     names: list[str]
@@ -1817,6 +1819,7 @@ class BenchPlan:
     alone: bool = False
     memory_steps: int = 0
     dtype: torch.dtype | None = None
+    json: Path | None = None
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -1907,11 +1910,17 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     memory_steps = p.integer("--memory", getattr(args, "memory", "0"), minimum=0)
     if memory_steps and world_text is not None:
         p.add("--memory", "applies to the one-process table; cannot be combined with --world")
+    json_path = None if getattr(args, "json", None) is None else Path(args.json)
+    if json_path is not None:
+        if json_path.is_dir():
+            p.add("--json", f"{str(json_path)!r} is a folder; give the file to write")
+        elif not json_path.parent.is_dir():
+            p.add("--json", f"{str(json_path.parent)!r} is not a folder: the file could not be written after the run")
     p.check()
     return BenchPlan(
         names=names, params=params, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
         ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)), alone=alone,
-        memory_steps=memory_steps or 0, dtype=dtype,
+        memory_steps=memory_steps or 0, dtype=dtype, json=json_path,
     )
 
 
@@ -2137,6 +2146,10 @@ def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
             _print_ratios([r for r in rows if r["world"] == world], plan, where=f" at world {world}")
     if plan.params.source:
         _print_routing(plan)
+    if plan.json is not None:
+        timed = [pair for pair in plan.ratios if all(n in plan.names for n in pair)]
+        found = {str(w): ratios([r for r in rows if r["world"] == w], timed) for w in plan.worlds}
+        _write_record(plan, record(plan, {"world": rows, "ratios": found}, threads=counts["threads"], load=(load, _load_average()), retained=retained))
     return 0
 
 
@@ -2249,7 +2262,69 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if table:
         print()
         _print_scaling(table, plan.dtype)
+    if plan.json is not None:
+        timed = [pair for pair in plan.ratios if all(n in plan.names for n in pair)]
+        results = {
+            "rows": rows, "ratios": ratios(rows, timed),
+            "matrix_work": matrix_work_ratios(every, list(recorded)) if plan.alone else None, "scaling": table,
+        }
+        _write_record(plan, record(plan, results, threads=counts["threads"] or threads, load=(load, _load_average()), retained=retained))
     return 0
+
+
+def record(
+    plan: BenchPlan, results: Mapping[str, Any], *, threads: int, load: tuple[float | None, float | None], retained: bool
+) -> dict[str, Any]:
+    """The record ``--json`` writes: what was run (``settings``: the optimizers, the parameter set, the counts, the
+    threads (under ``--world`` the ``--threads`` given, 0 for the default: each world size's are in its rows), the
+    device, the peers missing), on what (``versions``,
+    ``machine``), when (``time``, UTC), the load average at the start and the end, and the ``results`` as the tables
+    print them (:func:`bench`'s or :func:`bench_world`'s rows, :func:`ratios`, :func:`matrix_work_ratios`,
+    :func:`scaling`), in plain JSON: tuples as lists, a figure that is not finite as ``null``."""
+    params = plan.params
+    settings = {
+        "optimizers": list(plan.names), "missing": {name: reason for name, reason in plan.missing},
+        "params": {
+            "count": len(params.shapes), "numbers": params.numel, "source": params.source or None,
+            "shapes": [list(s) for s in params.shapes], "dtypes": [str(d).removeprefix("torch.") for d in params.dtypes],
+        },
+        **{k: plan.counts[k] for k in ("steps", "warmup", "seed", "repeat")},
+        "threads": threads, "device": plan.device, "worlds": list(plan.worlds), "widths": list(plan.widths),
+        "alone": plan.alone, "memory_steps": plan.memory_steps,
+        "retain_freed_memory": {"asked": plan.retain_freed_memory, "retained": bool(retained)},
+    }
+    processor = linalg._processor()
+    return _plain_json({
+        "format": "kronopt-bench/1",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": {"kronopt": kronopt.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+        "machine": {"processor": processor.name or None, "vendor": processor.vendor or None, "cpus": os.cpu_count()},
+        "settings": settings,
+        "load_average": {"start": load[0], "end": load[1]},
+        "results": dict(results),
+    })
+
+
+def _plain_json(value: Any) -> Any:
+    """``value`` with its tuples as lists, its mappings' keys as strings and its floats that are not finite
+    (a ratio over a zero time) as ``None``: what ``json`` writes without its non-standard ``NaN``."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_record(plan: BenchPlan, data: dict[str, Any]) -> None:
+    """``--json``: the record (:func:`record`) into its file, written whole or not at all."""
+    assert plan.json is not None
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    partial_path = plan.json.with_name(plan.json.name + ".partial")
+    partial_path.write_text(text, encoding="utf-8")
+    partial_path.replace(plan.json)
+    print(f"\nrecord written to {plan.json}")
 
 
 def add_subcommand(sub: Any) -> None:
@@ -2314,6 +2389,11 @@ def add_subcommand(sub: Any) -> None:
         help="also step this many more rounds, untimed, counting the tensor memory each step makes, and print the "
         "most one step held at once (step MiB: its temporaries, the scratch kronopt keeps across steps included, and "
         "the new state it writes in; 10 holds a refresh of the presets; not with --world)",
+    )
+    p.add_argument(
+        "--json", metavar="FILE",
+        help="also write the run's record to FILE as JSON: the settings, versions, processor, load average and every "
+        "figure the tables print (each run's means too), for your own comparisons and plots",
     )
     p.add_argument(
         "--retain-freed-memory", action="store_true",
