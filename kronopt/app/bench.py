@@ -1155,7 +1155,8 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
 
 
 def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """The ratio ``a / b`` of the mean step times of each pair of optimizers in :func:`bench`'s rows,
+    """The ratio ``a / b`` of the mean step times of each pair of optimizers in :func:`bench`'s rows (or one world
+    size's of :func:`bench_world`),
     taken run by run (each run's own, as ``vs_first``): ``pair``, ``ratio`` (the median over the
     runs), ``range`` (the lowest and highest), ``runs`` and ``failed``: the names of the pair that
     failed (:func:`bench`), whose pair has no ``ratio`` nor ``range`` (``None``), else ``()``.
@@ -1305,12 +1306,28 @@ def _bench_once(
                 "median_ms": statistics.median(run["times"]) * 1e3,
                 "state_bytes": run["state_bytes"](),
                 "step_bytes": run["step_bytes"] if run["step_bytes"] is not False else None,
-                "fault_bytes": None if _minor_faults() is None else run["faults"] / len(run["times"]) * resource.getpagesize(),
-                "vs_first": None if first is None else mean / first if first > 0 else float("nan"),
+                "fault_bytes": _fault_bytes(run["faults"], len(run["times"])),
+                "vs_first": _vs_first(mean, first),
                 "failed": None,
             }
         )
     return rows
+
+
+def _vs_first(mean: float, first: float | None) -> float | None:
+    """A run's ``vs_first``: its mean over the first optimizer's (``None`` where that one failed, NaN over a zero)."""
+    return None if first is None else mean / first if first > 0 else float("nan")
+
+
+def _fault_bytes(faults: int, steps: int) -> float | None:
+    """The memory a step took fresh from the system on the mean, from ``faults`` minor page faults over ``steps``
+    timed steps (:func:`_minor_faults`); ``None`` where the platform counts none."""
+    return None if _minor_faults() is None else faults / steps * resource.getpagesize()
+
+
+def _faults_cell(row: Mapping[str, Any]) -> str:
+    """A row's ``faults MiB`` cell, ``-`` where it has no figure."""
+    return f" {_mib(row['fault_bytes']):>10.2f}" if row.get("fault_bytes") is not None else f" {'-':>10}"
 
 
 def _minor_faults() -> int | None:
@@ -1618,7 +1635,7 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
             rows.append({"times": [], "state_bytes": 0, "gather_bytes": 0, "failed": run["failed"], "dropped": True})
             continue
         summary = run["opt"].bucket_summary() if isinstance(run["opt"], kronopt.KronOptimizer) else []
-        faulted = None if _minor_faults() is None else run["faults"] / len(run["times"]) * resource.getpagesize()
+        faulted = _fault_bytes(run["faults"], len(run["times"]))
         rows.append({"times": run["times"], "state_bytes": run["state_bytes"](), "gather_bytes": sum(b["gather_bytes"] for b in summary),
                      "fault_bytes": faulted, "failed": None, "dropped": False})
     return rows
@@ -1768,7 +1785,7 @@ def _world_run(names: list[str], ranks: list[list[dict[str, Any]]]) -> list[dict
     first = rows[0].get("mean_ms")  # None where the first failed, as in _bench_once
     for row in rows:
         if not row["failed"]:
-            row["vs_first"] = None if first is None else row["mean_ms"] / first if first > 0 else float("nan")
+            row["vs_first"] = _vs_first(row["mean_ms"], first)
     return rows
 
 
@@ -1910,12 +1927,9 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     memory_steps = p.integer("--memory", getattr(args, "memory", "0"), minimum=0)
     if memory_steps and world_text is not None:
         p.add("--memory", "applies to the one-process table; cannot be combined with --world")
-    json_path = None if getattr(args, "json", None) is None else Path(args.json)
-    if json_path is not None:
-        if json_path.is_dir():
-            p.add("--json", f"{str(json_path)!r} is a folder; give the file to write")
-        elif not json_path.parent.is_dir():
-            p.add("--json", f"{str(json_path.parent)!r} is not a folder: the file could not be written after the run")
+    json_path = None if getattr(args, "json", None) is None else Path(args.json).expanduser()
+    if json_path is not None and (problem := _json_path_problem(json_path)) is not None:
+        p.add("--json", problem)
     p.check()
     return BenchPlan(
         names=names, params=params, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
@@ -1977,15 +1991,20 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         if memory:
             line += f" {_mib(r['step_bytes']):>9.2f}" if r.get("step_bytes") is not None else f" {'-':>9}"
         if faults:
-            line += f" {_mib(r['fault_bytes']):>10.2f}" if r.get("fault_bytes") is not None else f" {'-':>10}"
+            line += _faults_cell(r)
         if spread:
             spread_text = "-" if r["vs_first_range"] is None else "{:.2f}–{:.2f}".format(*r["vs_first_range"])
             line += f" {spread_text:>11}"
         print(line)
 
 
+def _timed_pairs(plan: BenchPlan) -> list[tuple[str, str]]:
+    """The ``--ratio`` pairs whose two optimizers were timed (a peer not installed was not)."""
+    return [pair for pair in plan.ratios if all(n in plan.names for n in pair)]
+
+
 def _print_ratios(rows: list[dict[str, Any]], plan: BenchPlan, where: str = "") -> None:
-    timed = [pair for pair in plan.ratios if all(n in plan.names for n in pair)]
+    timed = _timed_pairs(plan)
     runs = rows[0].get("runs", 1)
     print()
     print(f"ratios of the mean step time{where}, each run's own" + (f": median of {runs} runs (lowest–highest)" if runs > 1 else ""))
@@ -2121,7 +2140,7 @@ def _print_world(rows: list[dict[str, Any]]) -> None:
             f"{_mib(r['state_bytes_max']):>18.2f} {_mib(r['state_bytes_sum']):>9.2f} {r['comm_bytes'] / 2**10:>18.1f}"
         )
         if faults:
-            line += f" {_mib(r['fault_bytes']):>10.2f}" if r.get("fault_bytes") is not None else f" {'-':>10}"
+            line += _faults_cell(r)
         print(line)
 
 
@@ -2133,12 +2152,13 @@ def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
         repeat=counts["repeat"],
     )
     threads = ", ".join(f"{r['threads']} at world {r['world']}" for r in rows[:: len(plan.names)])
+    loads = (load, _load_average())
     print(
         f"{_describe(plan.params)}, CPU processes on gloo, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved; a step: the slowest rank), "
         f"threads per rank: {threads}, torch {torch.__version__}"
         + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "")
-        + _load_note(load, _load_average()) + _memory_note(plan, retained)
+        + _load_note(*loads) + _memory_note(plan, retained)
     )
     _print_world(rows)
     if plan.ratios:
@@ -2147,9 +2167,8 @@ def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
     if plan.params.source:
         _print_routing(plan)
     if plan.json is not None:
-        timed = [pair for pair in plan.ratios if all(n in plan.names for n in pair)]
-        found = {str(w): ratios([r for r in rows if r["world"] == w], timed) for w in plan.worlds}
-        _write_record(plan, record(plan, {"world": rows, "ratios": found}, threads=counts["threads"], load=(load, _load_average()), retained=retained))
+        found = {str(w): ratios([r for r in rows if r["world"] == w], _timed_pairs(plan)) for w in plan.worlds}
+        _write_record(plan, record(plan, {"world": rows, "ratios": found}, threads=counts["threads"], load=loads, retained=retained))
     return 0
 
 
@@ -2245,12 +2264,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         table = scaling(plan.names, plan.widths, **timing, repeat=counts["repeat"], dtype=plan.dtype) if plan.widths else []
     finally:
         torch.set_num_threads(threads)
+    loads = (load, _load_average())
     print(
         f"{_describe(plan.params)}, device {plan.device}, "
         f"{counts['steps']} timed steps after {counts['warmup']} warm-up (interleaved), "
         f"{counts['threads'] or threads} threads, torch {torch.__version__}"
         + (f"; medians of {counts['repeat']} runs" if counts["repeat"] > 1 else "")
-        + _load_note(load, _load_average()) + _memory_note(plan, retained)
+        + _load_note(*loads) + _memory_note(plan, retained)
     )
     _print_table(rows)
     if plan.params.source:
@@ -2263,22 +2283,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         _print_scaling(table, plan.dtype)
     if plan.json is not None:
-        timed = [pair for pair in plan.ratios if all(n in plan.names for n in pair)]
         results = {
-            "rows": rows, "ratios": ratios(rows, timed),
+            "rows": rows, "ratios": ratios(rows, _timed_pairs(plan)),
             "matrix_work": matrix_work_ratios(every, list(recorded)) if plan.alone else None, "scaling": table,
         }
-        _write_record(plan, record(plan, results, threads=counts["threads"] or threads, load=(load, _load_average()), retained=retained))
+        _write_record(plan, record(plan, results, threads=counts["threads"] or threads, load=loads, retained=retained))
     return 0
 
 
 def record(
     plan: BenchPlan, results: Mapping[str, Any], *, threads: int, load: tuple[float | None, float | None], retained: bool
 ) -> dict[str, Any]:
-    """The record ``--json`` writes: what was run (``settings``: the optimizers, the parameter set, the counts, the
-    threads (under ``--world`` the ``--threads`` given, 0 for the default: each world size's are in its rows), the
-    device, the peers missing), on what (``versions``,
-    ``machine``), when (``time``, UTC), the load average at the start and the end, and the ``results`` as the tables
+    """The record ``--json`` writes: what was run (``settings``: the optimizers, the parameter set, ``--dtype``, the
+    counts, the threads (under ``--world`` the ``--threads`` given, 0 for the default: each world size's are in its
+    rows), the device, the ``--ratio`` pairs asked for, the peers missing, and for a model's parameters where each
+    kronopt optimizer routes them, :func:`routing`), on what (``versions``,
+    ``machine``), when it was written (``time``, UTC: the end of the run), the load average at the start and the end
+    (as the header gives them), and the ``results`` as the tables
     print them (:func:`bench`'s or :func:`bench_world`'s rows, :func:`ratios`, :func:`matrix_work_ratios`,
     :func:`scaling`), in plain JSON: tuples as lists, a figure that is not finite as ``null``."""
     params = plan.params
@@ -2288,10 +2309,12 @@ def record(
             "count": len(params.shapes), "numbers": params.numel, "source": params.source or None,
             "shapes": [list(s) for s in params.shapes], "dtypes": [str(d).removeprefix("torch.") for d in params.dtypes],
         },
+        "dtype": None if plan.dtype is None else str(plan.dtype).removeprefix("torch."),
         **{k: plan.counts[k] for k in ("steps", "warmup", "seed", "repeat")},
         "threads": threads, "device": plan.device, "worlds": list(plan.worlds), "widths": list(plan.widths),
-        "alone": plan.alone, "memory_steps": plan.memory_steps,
+        "ratios": [list(pair) for pair in plan.ratios], "alone": plan.alone, "memory_steps": plan.memory_steps,
         "retain_freed_memory": {"asked": plan.retain_freed_memory, "retained": bool(retained)},
+        "routing": {n: routing(n, params) for n in plan.names if not _is_peer(n)} if params.source else None,
     }
     processor = linalg._processor()
     return _plain_json({
@@ -2318,13 +2341,40 @@ def _plain_json(value: Any) -> Any:
 
 
 def _write_record(plan: BenchPlan, data: dict[str, Any]) -> None:
-    """``--json``: the record (:func:`record`) into its file, written whole or not at all."""
+    """``--json``: the record (:func:`record`) into its file (through a link, into the link's target), written
+    whole or not at all: into a temporary file of its own beside it, moved into place once complete, and
+    removed if anything fails on the way."""
     assert plan.json is not None
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
-    partial_path = plan.json.with_name(plan.json.name + ".partial")
-    partial_path.write_text(text, encoding="utf-8")
-    partial_path.replace(plan.json)
+    target = plan.json.resolve()
+    fd, scratch = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(scratch, target)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
     print(f"\nrecord written to {plan.json}")
+
+
+def _json_path_problem(path: Path) -> str | None:
+    """Why ``--json`` could not write ``path`` after the run (checked before it: a folder, or a special file such
+    as ``/dev/null``, which the record's move into place would replace, or a folder that is missing or takes no
+    new file), or ``None``."""
+    target = path.resolve()
+    if target.is_dir():
+        return f"{str(path)!r} is a folder; give the file to write"
+    if target.exists() and not target.is_file():
+        return f"{str(path)!r} is not a regular file"
+    if not target.parent.is_dir():
+        return f"{str(target.parent)!r} is not a folder: the file could not be written after the run"
+    try:
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"):
+            pass
+    except OSError as exc:
+        return f"cannot write in {str(target.parent)!r} ({exc.strerror or exc}): the file could not be written after the run"
+    return None
 
 
 def add_subcommand(sub: Any) -> None:
@@ -2371,7 +2421,8 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument(
         "--repeat", default="1",
         help="make the whole run this many times (fresh optimizers each), the --scaling and --world tables' too, and "
-        "print the medians, with each ratio's lowest and highest over the runs (≥ 1)",
+        "print the medians, with each ratio's lowest and highest over the runs (the one-process table's ratio to the "
+        "first optimizer, --ratio's) (≥ 1)",
     )
     p.add_argument(
         "--ratio", action="append",
