@@ -16,7 +16,8 @@
 # einops and pytest (pytest-xdist and pytest-timeout where present). The peers are optional:
 # put pytorch_optimizer and heavyball (the `peers` extra) and the folder holding
 # nikhilvyas/SOAP's soap.py on PYTHONPATH (or name the folders in PEERS, ':'-separated); a missing
-# one is reported as not installed. Each part writes its own file under OUTDIR and has a time box
+# one is reported as not installed. Each part writes its own file under OUTDIR (a bench part its record as JSON
+# too, `--json`) and has a time box
 # (seconds × TSCALE, default 1), so a lease that runs short still returns the parts before it: on an
 # H200 the whole run is meant to fit in about nine minutes. Smaller runs: D, D2, LAYERS, STEPS, WARMUP,
 # WIDTHS, SMALL (count of each small shape), CAP (MiB) and DEVICE (default cuda; cpu only checks the script, e.g.
@@ -62,17 +63,18 @@ ratios="--ratio adamw/torch.AdamW --ratio muon/torch.Muon --ratio soap/soap:SOAP
 peers="torch.AdamW adamw torch.Muon muon soap:SOAP pytorch_optimizer.SOAP soap dykaf heavyball.KLShampoo
     kl_shampoo pro_kl_shampoo"
 # shellcheck disable=SC2086  # the lists split on purpose
-part 2_peers_d$d 110 $bench --warmup "$warmup" $peers --d "$d" --layers "$layers" --repeat 2 $ratios
+part 2_peers_d$d 110 $bench --warmup "$warmup" $peers --d "$d" --layers "$layers" --repeat 2 $ratios \
+    --json "$out/2_peers_d$d.json"
 
 # 2·SMALL matrices of two small shapes: one stacked call per shape for kronopt, one per parameter for the peers
 shapes=$($py -c "print(','.join(['128x128'] * $small + ['512x128'] * $small))")
 part 3_small 60 $bench --warmup "$warmup" soap:SOAP pytorch_optimizer.SOAP heavyball.SOAP soap \
     heavyball.KLShampoo kl_shampoo torch.Muon muon torch.AdamW adamw --shapes "$shapes" --repeat 2 \
     --ratio soap/soap:SOAP --ratio soap/pytorch_optimizer.SOAP --ratio soap/heavyball.SOAP \
-    --ratio kl_shampoo/heavyball.KLShampoo --ratio muon/torch.Muon --ratio adamw/torch.AdamW
+    --ratio kl_shampoo/heavyball.KLShampoo --ratio muon/torch.Muon --ratio adamw/torch.AdamW --json "$out/3_small.json"
 
 part 4_scaling 80 $py -m kronopt.app bench soap dykaf kl_shampoo --device "$device" --scaling "$widths" \
-    --d 64 --layers 1 --steps 20 --warmup 2
+    --d 64 --layers 1 --steps 20 --warmup 2 --json "$out/4_scaling.json"
 
 # TOML copies of the presets with compile = true, or with their state kept in bfloat16
 cfg=$out/cfg
@@ -89,10 +91,11 @@ $py -m kronopt.app show pro_kl_shampoo --set split.ns_form=gram >"$cfg/pro_kl_sh
 part 5_compile_bf16 100 $bench --warmup 5 soap "$cfg/soap+compile.toml" "$cfg/soap+bf16.toml" \
     muon "$cfg/muon+compile.toml" "$cfg/muon+gram.toml" "$cfg/muon+gram16.toml" adamw "$cfg/adamw+compile.toml" \
     kl_shampoo "$cfg/kl_shampoo+compile.toml" "$cfg/kl_shampoo+bf16.toml" pro_kl_shampoo "$cfg/pro_kl_shampoo+gram.toml" \
-    --d "$d" --layers "$layers"
+    --d "$d" --layers "$layers" --json "$out/5_compile_bf16.json"
 
 # shellcheck disable=SC2086
-part 6_peers_d$d2 60 $bench --warmup "$warmup" $peers --d "$d2" --layers "$layers" --repeat 3 $ratios
+part 6_peers_d$d2 60 $bench --warmup "$warmup" $peers --d "$d2" --layers "$layers" --repeat 3 $ratios \
+    --json "$out/6_peers_d$d2.json"
 
 # a cap of CAP MiB (default 256: at d = 1024 a bucket each for soap's 4d × d blocks, 168 MiB of state apiece,
 # and two a bucket for its 3d × d ones, where without it four share one)
@@ -100,5 +103,6 @@ cap=${CAP:-256}
 $py -m kronopt.app show soap --set bucket_cap_mib="$cap" >"$cfg/soap+cap.toml"
 $py -m kronopt.app show kl_shampoo --set bucket_cap_mib="$cap" >"$cfg/kl_shampoo+cap.toml"
 part 7_bucket_cap 60 $bench --warmup "$warmup" soap "$cfg/soap+cap.toml" kl_shampoo "$cfg/kl_shampoo+cap.toml" \
-    --d "$d" --layers "$layers" --memory 10 --ratio "$cfg/soap+cap.toml/soap" --ratio "$cfg/kl_shampoo+cap.toml/kl_shampoo"
+    --d "$d" --layers "$layers" --memory 10 --ratio "$cfg/soap+cap.toml/soap" --ratio "$cfg/kl_shampoo+cap.toml/kl_shampoo" \
+    --json "$out/7_bucket_cap.json"
 echo "== done ($(date -u +%T)); one file per part in $out"
