@@ -2314,7 +2314,10 @@ def record(
         "threads": threads, "device": plan.device, "worlds": list(plan.worlds), "widths": list(plan.widths),
         "ratios": [list(pair) for pair in plan.ratios], "alone": plan.alone, "memory_steps": plan.memory_steps,
         "retain_freed_memory": {"asked": plan.retain_freed_memory, "retained": bool(retained)},
-        "routing": {n: routing(n, params) for n in plan.names if not _is_peer(n)} if params.source else None,
+        "routing": {
+            n: {where: {"parameters": count, "numbers": numel} for where, (count, numel) in routing(n, params).items()}
+            for n in plan.names if not _is_peer(n)
+        } if params.source else None,
     }
     processor = linalg._processor()
     return _plain_json({

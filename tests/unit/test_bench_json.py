@@ -103,7 +103,8 @@ def test_the_record_names_the_processor_the_dtype_and_a_models_routing(tmp_path,
         linalg._processor.cache_clear()
     assert data["machine"]["processor"] == "Test CPU @ 1 GHz" and data["machine"]["vendor"] == "GenuineTest"
     assert data["settings"]["dtype"] == "bfloat16" and set(data["settings"]["params"]["dtypes"]) == {"bfloat16"}
-    assert data["settings"]["routing"] == {"adamw": {k: list(v) for k, v in bench.routing("adamw", plan.params).items()}}
+    expected = {where: {"parameters": c, "numbers": n} for where, (c, n) in bench.routing("adamw", plan.params).items()}
+    assert data["settings"]["routing"] == {"adamw": expected} and expected["pipeline"]["parameters"] >= 1
     assert data["load_average"] == {"start": 0.5, "end": None}
     plan = bench.check_bench(cli.build_parser().parse_args(["bench", "adamw", "--shapes", "4x4"]))
     settings = bench.record(plan, {}, threads=1, load=(None, None), retained=False)["settings"]
