@@ -1608,7 +1608,8 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
         for k in range(job["warmup"] + job["steps"]):
             if k == job["warmup"]:
                 freeze()  # as in bench(): every rank at the same step
-            for run in _round_order(runs, k, job["seed"], job.get("repeat_index", 0)):  # interleaved, in bench()'s orders
+            # interleaved, in the same orders as in bench()
+            for run in _round_order(runs, k, job["seed"], job.get("repeat_index", 0)):
                 if run["dropped"]:
                     continue
                 if run["failed"] is None:
@@ -1752,9 +1753,10 @@ def bench_world(
             figures = {k: None for k in extra} if row["failed"] else {k: first[k] for k in extra}
             out.append(
                 {
-                    "world": world, "optimizer": row["optimizer"], "mean_ms": row["mean_ms"], "median_ms": row["median_ms"],
-                    "threads": job["threads"], "state_bytes_max": row["state_bytes"], **figures, "fault_bytes": row["fault_bytes"],
-                    "runs": row["runs"], "run_means": row["run_means"], "failed": row["failed"],
+                    "world": world, "optimizer": row["optimizer"], "mean_ms": row["mean_ms"],
+                    "median_ms": row["median_ms"], "threads": job["threads"], "state_bytes_max": row["state_bytes"],
+                    **figures, "fault_bytes": row["fault_bytes"], "runs": row["runs"], "run_means": row["run_means"],
+                    "failed": row["failed"],
                 }
             )
     return out
@@ -1776,10 +1778,12 @@ def _world_run(names: list[str], ranks: list[list[dict[str, Any]]]) -> list[dict
         rows.append(
             {
                 "optimizer": name, "mean_ms": statistics.fmean(times), "median_ms": statistics.median(times),
-                "state_bytes": max(r["state_bytes"] for r in per_rank), "state_bytes_sum": sum(r["state_bytes"] for r in per_rank),
+                "state_bytes": max(r["state_bytes"] for r in per_rank),
+                "state_bytes_sum": sum(r["state_bytes"] for r in per_rank),
                 "comm_bytes": max(r["gather_bytes"] for r in per_rank), "failed": None,
                 # the rank that faulted most, on the mean over its steps (None where the platform counts none)
-                "fault_bytes": None if any(r.get("fault_bytes") is None for r in per_rank) else max(r["fault_bytes"] for r in per_rank),
+                "fault_bytes": None if any(r.get("fault_bytes") is None for r in per_rank)
+                else max(r["fault_bytes"] for r in per_rank),
             }
         )
     first = rows[0].get("mean_ms")  # None where the first failed, as in _bench_once
@@ -2007,7 +2011,8 @@ def _print_ratios(rows: list[dict[str, Any]], plan: BenchPlan, where: str = "") 
     timed = _timed_pairs(plan)
     runs = rows[0].get("runs", 1)
     print()
-    print(f"ratios of the mean step time{where}, each run's own" + (f": median of {runs} runs (lowest–highest)" if runs > 1 else ""))
+    spread = f": median of {runs} runs (lowest–highest)" if runs > 1 else ""
+    print(f"ratios of the mean step time{where}, each run's own{spread}")
     labels = [f"{a} / {b}" for a, b in plan.ratios]
     width = max(len(label) for label in labels)
     found = {r["pair"]: r for r in ratios(rows, timed)}
@@ -2168,7 +2173,8 @@ def _cmd_world(plan: BenchPlan, retained: bool, load: float | None) -> int:
         _print_routing(plan)
     if plan.json is not None:
         found = {str(w): ratios([r for r in rows if r["world"] == w], _timed_pairs(plan)) for w in plan.worlds}
-        _write_record(plan, record(plan, {"world": rows, "ratios": found}, threads=counts["threads"], load=loads, retained=retained))
+        results = {"world": rows, "ratios": found}
+        _write_record(plan, record(plan, results, threads=counts["threads"], load=loads, retained=retained))
     return 0
 
 
@@ -2292,7 +2298,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def record(
-    plan: BenchPlan, results: Mapping[str, Any], *, threads: int, load: tuple[float | None, float | None], retained: bool
+    plan: BenchPlan, results: Mapping[str, Any], *, threads: int, load: tuple[float | None, float | None],
+    retained: bool,
 ) -> dict[str, Any]:
     """The record ``--json`` writes: what was run (``settings``: the optimizers, the parameter set, ``--dtype``, the
     counts, the threads (under ``--world`` the ``--threads`` given, 0 for the default: each world size's are in its
@@ -2307,7 +2314,8 @@ def record(
         "optimizers": list(plan.names), "missing": {name: reason for name, reason in plan.missing},
         "params": {
             "count": len(params.shapes), "numbers": params.numel, "source": params.source or None,
-            "shapes": [list(s) for s in params.shapes], "dtypes": [str(d).removeprefix("torch.") for d in params.dtypes],
+            "shapes": [list(s) for s in params.shapes],
+            "dtypes": [str(d).removeprefix("torch.") for d in params.dtypes],
         },
         "dtype": None if plan.dtype is None else str(plan.dtype).removeprefix("torch."),
         **{k: plan.counts[k] for k in ("steps", "warmup", "seed", "repeat")},
@@ -2354,11 +2362,20 @@ def _write_record(plan: BenchPlan, data: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        # the mode of the file it replaces, else the one a new file takes under the user's umask (mkstemp's is 0600)
+        os.chmod(scratch, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
         os.replace(scratch, target)
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
     print(f"\nrecord written to {plan.json}")
+
+
+def _umask() -> int:
+    """The process's file mode creation mask (read by setting it, then set back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_path_problem(path: Path) -> str | None:
@@ -2376,7 +2393,8 @@ def _json_path_problem(path: Path) -> str | None:
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"):
             pass
     except OSError as exc:
-        return f"cannot write in {str(target.parent)!r} ({exc.strerror or exc}): the file could not be written after the run"
+        why = exc.strerror or exc
+        return f"cannot write in {str(target.parent)!r} ({why}): the file could not be written after the run"
     return None
 
 

@@ -155,3 +155,19 @@ def test_a_record_is_written_whole_or_not_at_all_and_through_a_link(tmp_path, mo
     bench._write_record(plan, {"a": [1, None]})
     assert (tmp_path / "link.json").is_symlink() and json.loads(target.read_text()) == {"a": [1, None]}
     assert sorted(f.name for f in tmp_path.iterdir()) == ["link.json", "run.json", "target.json"]
+
+
+def test_a_record_takes_the_mode_a_new_file_would_or_the_one_it_replaces(tmp_path):
+    """Not the temporary file's 0600: a new record is readable as any file the user makes (the umask's mode), and one
+    that replaces an earlier record keeps that one's mode."""
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "run.json"
+        plan = bench.check_bench(cli.build_parser().parse_args(["bench", "adamw", "--shapes", "4x4", "--json", str(path)]))
+        bench._write_record(plan, {"a": 1})
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        bench._write_record(plan, {"a": 2})
+        assert path.stat().st_mode & 0o777 == 0o640 and json.loads(path.read_text()) == {"a": 2}
+    finally:
+        os.umask(old)
