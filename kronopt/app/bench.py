@@ -2241,6 +2241,8 @@ def _memory_note(plan: BenchPlan, retained: bool) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "compare", None) is not None:
+        return _cmd_compare(args)
     plan = check_bench(args)
     for name, reason in plan.missing:
         print(f"{name}: {reason}")
@@ -2398,6 +2400,144 @@ def _json_path_problem(path: Path) -> str | None:
     return None
 
 
+#: the flags that set a run, with their defaults: ``--compare`` reads two records and runs nothing, so none may be given
+_RUN_FLAGS: dict[str, Any] = {
+    "d": None, "layers": None, "shapes": None, "model": None, "dtype": None, "steps": "30", "warmup": "12",
+    "scaling": None, "world": None, "device": None, "threads": "0", "seed": "0", "repeat": "1", "ratio": None,
+    "alone": False, "memory": "0", "json": None, "retain_freed_memory": False,
+}
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A record ``--json`` wrote (:func:`record`), read back; ``ValueError`` naming what is wrong with it."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != "kronopt-bench/1":
+        raise ValueError(f"{str(path)!r} is not a kronopt bench record (written by kronopt bench --json)")
+    return data
+
+
+def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Two records (:func:`record`) side by side: ``rows``, per optimizer (and world size, for ``--world``
+    records) in either, its mean and median ms in each (``None`` where it has none: not timed, or failed) and
+    ``b_over_a``, the ratio of the means; ``ratios``, per ``--ratio`` pair in either, each record's figure;
+    ``differences``, the settings, versions and machine entries that differ (``(a, b)`` by name).
+
+    Figures from two runs compare only as well as the runs' conditions do: the load averages are among the
+    differences, and a ratio taken within each run (``--ratio``) is the steadier figure to compare."""
+
+    def rows_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str], Mapping[str, Any]]:
+        results = data.get("results") or {}
+        return {(r.get("world"), r["optimizer"]): r for r in (results.get("rows") or results.get("world") or [])}
+
+    def ratios_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str, str], float | None]:
+        found = (data.get("results") or {}).get("ratios") or []
+        by_world = found.items() if isinstance(found, Mapping) else [(None, found)]
+        return {(None if w is None else int(w), *r["pair"]): r.get("ratio") for w, rs in by_world for r in rs}
+
+    rows_a, rows_b = rows_of(a), rows_of(b)
+    rows = []
+    for key in [*rows_a, *(k for k in rows_b if k not in rows_a)]:
+        ra, rb = rows_a.get(key, {}), rows_b.get(key, {})
+        mean_a, mean_b = ra.get("mean_ms"), rb.get("mean_ms")
+        rows.append({
+            "world": key[0], "optimizer": key[1], "a_mean_ms": mean_a, "b_mean_ms": mean_b,
+            "a_median_ms": ra.get("median_ms"), "b_median_ms": rb.get("median_ms"),
+            "b_over_a": mean_b / mean_a if mean_a and mean_b is not None else None,
+        })
+    ratios_a, ratios_b = ratios_of(a), ratios_of(b)
+    pairs = [{"world": k[0], "pair": (k[1], k[2]), "a": ratios_a.get(k), "b": ratios_b.get(k)}
+             for k in [*ratios_a, *(k for k in ratios_b if k not in ratios_a)]]
+    differences = {}
+    for part in ("settings", "versions", "machine", "load_average"):
+        left, right = a.get(part) or {}, b.get(part) or {}
+        for name in [*left, *(n for n in right if n not in left)]:
+            if left.get(name) != right.get(name):
+                differences[f"{part}.{name}"] = (left.get(name), right.get(name))
+    return {"rows": rows, "ratios": pairs, "differences": differences}
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """``kronopt bench --compare A.json B.json``: two records side by side (:func:`compare_records`); nothing runs.
+    Optimizers named keep only their rows; a flag that sets a run is refused, with every other problem."""
+    p = Problems()
+    for flag, default in _RUN_FLAGS.items():
+        if getattr(args, flag, default) != default:
+            p.add(f"--{flag.replace('_', '-')}", "sets a run; --compare reads two records and runs nothing")
+    records = []
+    for path in args.compare:
+        try:
+            records.append(read_record(path))
+        except ValueError as exc:
+            p.add("--compare", str(exc))
+    p.check()
+    found = compare_records(*records)
+    keep = set(args.optimizers)
+    a, b = args.compare
+    for tag, path, data in (("A", a, records[0]), ("B", b, records[1])):
+        load = data.get("load_average") or {}
+        print(
+            f"{tag}: {path} ({data.get('time')}; {(data.get('machine') or {}).get('processor') or 'processor unknown'}, "
+            f"torch {(data.get('versions') or {}).get('torch')}; load average {_shown(load.get('start'))} at the start, "
+            f"{_shown(load.get('end'))} at the end)"
+        )
+    # the optimizers differ where the rows below do; every other difference, one a line
+    differences = {k: v for k, v in found["differences"].items() if k != "settings.optimizers"}
+    if differences:
+        print("differ (A → B):")
+        for name, (x, y) in differences.items():
+            print(f"  {name}: {_shown(x, name)} → {_shown(y, name)}")
+    rows = [r for r in found["rows"] if not keep or r["optimizer"] in keep]
+    if rows:
+        width = max(14, *(len(r["optimizer"]) for r in rows))
+        world = any(r["world"] is not None for r in rows)
+        header = (f"{'world':>5} " if world else "") + (
+            f"{'optimizer':<{width}} {'A mean ms':>10} {'B mean ms':>10} {'B / A':>7} {'A median':>9} {'B median':>9}"
+        )
+        print()
+        print(header)
+        print("-" * len(header))
+        for r in rows:
+            cells = [_ms(r["a_mean_ms"], 10), _ms(r["b_mean_ms"], 10),
+                     f"{r['b_over_a']:>7.3f}" if r["b_over_a"] is not None else f"{'-':>7}",
+                     _ms(r["a_median_ms"], 9), _ms(r["b_median_ms"], 9)]
+            print((f"{r['world']:>5} " if world else "") + f"{r['optimizer']:<{width}} " + " ".join(cells))
+    pairs = [r for r in found["ratios"] if not keep or set(r["pair"]) <= keep]
+    if pairs:
+        labels = [("" if r["world"] is None else f"world {r['world']}: ") + " / ".join(r["pair"]) for r in pairs]
+        width = max(len(label) for label in labels)
+        print()
+        print("ratios, each record's own (the median over its runs)")
+        for label, r in zip(labels, pairs):
+            print(f"{label:<{width}}  A {_ratio(r['a'])}  B {_ratio(r['b'])}")
+    return 0
+
+
+def _ms(value: float | None, width: int) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _shown(value: Any, name: str = "") -> str:
+    """A record's entry as the comparison names it: a parameter set by its size and source, a number with two
+    decimals, anything else as compact JSON; ``-`` where a record has none."""
+    if value is None:
+        return "-"
+    if name == "settings.params" and isinstance(value, Mapping):
+        text = f"{value.get('count')} parameters, {(value.get('numbers') or 0) / 1e6:.2f} M numbers"
+        return text + (f" ({value['source']})" if value.get("source") else "")
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
 def add_subcommand(sub: Any) -> None:
     p = sub.add_parser("bench", help="optimizer step time and state size on a parameter set, against other libraries")
     p.add_argument(
@@ -2466,6 +2606,12 @@ def add_subcommand(sub: Any) -> None:
         "--json", metavar="FILE",
         help="also write the run's record to FILE as JSON: the settings, versions, processor, load average and every "
         "figure the tables print (each run's means too), for your own comparisons and plots",
+    )
+    p.add_argument(
+        "--compare", nargs=2, metavar=("A.json", "B.json"),
+        help="instead of a run, two records --json wrote side by side: each optimizer's mean and median ms in each, "
+        "B over A, each record's --ratio figures and the settings, versions and machine that differ (optimizers "
+        "named keep only their rows)",
     )
     p.add_argument(
         "--retain-freed-memory", action="store_true",

@@ -171,3 +171,71 @@ def test_a_record_takes_the_mode_a_new_file_would_or_the_one_it_replaces(tmp_pat
         assert path.stat().st_mode & 0o777 == 0o640 and json.loads(path.read_text()) == {"a": 2}
     finally:
         os.umask(old)
+
+
+# -- --compare A.json B.json ---------------------------------------------------------------------------------
+
+
+def _record(means, ratios=(), *, world=False, threads=2, load=(0.5, 1.0)):
+    """A stand-in record as ``--json`` writes one: ``means`` by optimizer (or by ``(world, optimizer)``)."""
+    key = "world" if world else "rows"
+    rows = [{**({"world": k[0], "optimizer": k[1]} if world else {"optimizer": k}), "mean_ms": m, "median_ms": m / 2}
+            for k, m in means.items()]
+    found = {"1": [{"pair": list(p), "ratio": r} for p, r in ratios]} if world else [{"pair": list(p), "ratio": r} for p, r in ratios]
+    return {"format": "kronopt-bench/1", "time": "2026-12-05T00:00:00Z", "versions": {"torch": "2.13.0"},
+            "machine": {"processor": "Test CPU"}, "settings": {"threads": threads, "optimizers": [str(k) for k in means]},
+            "load_average": {"start": load[0], "end": load[1]}, "results": {key: rows, "ratios": found}}
+
+
+def test_two_records_side_by_side():
+    """Every optimizer of either record, B's mean over A's (none where one lacks it), each record's ratios, and what
+    differs: fails on rows matched by position instead of name, the ratio taken the other way, or a difference missed."""
+    a = _record({"soap": 100.0, "adamw": 4.0}, [(("soap", "adamw"), 25.0)])
+    b = _record({"adamw": 5.0, "soap": 80.0, "muon": 30.0}, [(("soap", "adamw"), 16.0), (("muon", "adamw"), 6.0)],
+                threads=1, load=(0.5, 3.0))
+    found = bench.compare_records(a, b)
+    rows = {r["optimizer"]: r for r in found["rows"]}
+    assert list(rows) == ["soap", "adamw", "muon"]
+    assert rows["soap"]["b_over_a"] == 0.8 and rows["adamw"]["b_over_a"] == 1.25 and rows["muon"]["b_over_a"] is None
+    assert (rows["soap"]["a_median_ms"], rows["soap"]["b_median_ms"]) == (50.0, 40.0)
+    assert [(r["pair"], r["a"], r["b"]) for r in found["ratios"]] == [(("soap", "adamw"), 25.0, 16.0), (("muon", "adamw"), None, 6.0)]
+    assert found["differences"]["settings.threads"] == (2, 1) and found["differences"]["load_average.end"] == (1.0, 3.0)
+    assert "load_average.start" not in found["differences"] and "versions.torch" not in found["differences"]
+
+
+def test_compare_through_the_cli_reads_world_records_and_keeps_the_optimizers_named(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_record({(1, "soap"): 10.0, (2, "soap"): 6.0, (2, "adamw"): 3.0}, [(("soap", "adamw"), 2.0)], world=True)))
+    b.write_text(json.dumps(_record({(1, "soap"): 12.0, (2, "soap"): 9.0, (2, "adamw"): 3.0}, [(("soap", "adamw"), 3.0)], world=True)))
+    assert cli.main(["bench", "soap", "--compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    assert ["1", "soap", "10.000", "12.000", "1.200", "5.000", "6.000"] in lines
+    assert ["2", "soap", "6.000", "9.000", "1.500", "3.000", "4.500"] in lines
+    assert not any(line[1:2] == ["adamw"] for line in lines) and "world 1: soap / adamw" not in out  # adamw not named
+    assert "settings.threads" not in out and "differ" not in out
+    assert cli.main(["bench", "--compare", str(a), str(b)]) == 0
+    assert "world 1: soap / adamw  A 2.000  B 3.000" in capsys.readouterr().out
+
+
+def test_a_record_compared_with_itself_reads_one(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    assert cli.main(["bench", "adamw", "soap", *TINY, "--ratio", "soap/adamw", "--json", str(path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["bench", "--compare", str(path), str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["adamw"], ["soap"]) and " / " not in line}
+    assert rows["adamw"][3] == rows["soap"][3] == "1.000" and "differ" not in out
+    assert re.search(r"^soap / adamw +A (\d\.\d{3})  B \1$", out, flags=re.M), out
+
+
+def test_compare_refuses_run_flags_and_bad_records_before_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("ran"))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": "something else"}))
+    args = ["bench", "--compare", str(tmp_path / "missing.json"), str(other), "--steps", "3", "--world", "2", "--json", str(tmp_path / "x.json")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    for flag in ("--steps", "--world", "--json"):
+        assert f"{flag}: sets a run; --compare reads two records and runs nothing" in err
+    assert "cannot read" in err and "is not a kronopt bench record" in err
