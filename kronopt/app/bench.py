@@ -2423,9 +2423,13 @@ def read_record(path: Path) -> dict[str, Any]:
 
 def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     """Two records (:func:`record`) side by side: ``rows``, per optimizer (and world size, for ``--world``
-    records) in either, its mean and median ms in each (``None`` where it has none: not timed, or failed) and
-    ``b_over_a``, the ratio of the means; ``ratios``, per ``--ratio`` pair in either, each record's figure;
-    ``differences``, the settings, versions and machine entries that differ (``(a, b)`` by name).
+    records) in either, its mean and median ms in each (``None`` where it has none), ``b_over_a``, the ratio of
+    the means, and ``a_state``/``b_state``: ``"failed"`` where the optimizer failed in that record, ``"absent"``
+    where the record did not time it, else ``None``; ``ratios``, per ``--ratio`` pair in either, each record's
+    figure and state alike (``"failed"``: a record's pair has no figure because one of its two failed);
+    ``differences``, the settings (a mapping's entries one by one, as ``settings.params.shapes``), versions,
+    machine and load averages that differ, ``(a, b)`` by name. The main tables are compared; the ``--scaling``
+    and ``--alone`` tables are not.
 
     Figures from two runs compare only as well as the runs' conditions do: the load averages are among the
     differences, and a ratio taken within each run (``--ratio``) is the steadier figure to compare."""
@@ -2434,30 +2438,42 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         results = data.get("results") or {}
         return {(r.get("world"), r["optimizer"]): r for r in (results.get("rows") or results.get("world") or [])}
 
-    def ratios_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str, str], float | None]:
+    def ratios_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str, str], Mapping[str, Any]]:
         found = (data.get("results") or {}).get("ratios") or []
         by_world = found.items() if isinstance(found, Mapping) else [(None, found)]
-        return {(None if w is None else int(w), *r["pair"]): r.get("ratio") for w, rs in by_world for r in rs}
+        return {(None if w is None else int(w), *r["pair"]): r for w, rs in by_world for r in rs}
+
+    def state(entry: Mapping[str, Any] | None) -> str | None:
+        return "absent" if entry is None else "failed" if entry.get("failed") else None
 
     rows_a, rows_b = rows_of(a), rows_of(b)
     rows = []
     for key in [*rows_a, *(k for k in rows_b if k not in rows_a)]:
-        ra, rb = rows_a.get(key, {}), rows_b.get(key, {})
-        mean_a, mean_b = ra.get("mean_ms"), rb.get("mean_ms")
+        ra, rb = rows_a.get(key), rows_b.get(key)
+        mean_a, mean_b = (ra or {}).get("mean_ms"), (rb or {}).get("mean_ms")
         rows.append({
             "world": key[0], "optimizer": key[1], "a_mean_ms": mean_a, "b_mean_ms": mean_b,
-            "a_median_ms": ra.get("median_ms"), "b_median_ms": rb.get("median_ms"),
+            "a_median_ms": (ra or {}).get("median_ms"), "b_median_ms": (rb or {}).get("median_ms"),
             "b_over_a": mean_b / mean_a if mean_a and mean_b is not None else None,
+            "a_state": state(ra), "b_state": state(rb),
         })
     ratios_a, ratios_b = ratios_of(a), ratios_of(b)
-    pairs = [{"world": k[0], "pair": (k[1], k[2]), "a": ratios_a.get(k), "b": ratios_b.get(k)}
-             for k in [*ratios_a, *(k for k in ratios_b if k not in ratios_a)]]
-    differences = {}
+    pairs = []
+    for k in [*ratios_a, *(k for k in ratios_b if k not in ratios_a)]:
+        ra, rb = ratios_a.get(k), ratios_b.get(k)
+        pairs.append({"world": k[0], "pair": (k[1], k[2]), "a": (ra or {}).get("ratio"), "b": (rb or {}).get("ratio"),
+                      "a_state": state(ra), "b_state": state(rb)})
+    differences: dict[str, tuple[Any, Any]] = {}
+
+    def differ(name: str, left: Any, right: Any, depth: int) -> None:
+        if isinstance(left, Mapping) and isinstance(right, Mapping) and depth:
+            for key in [*left, *(k for k in right if k not in left)]:
+                differ(f"{name}.{key}", left.get(key), right.get(key), depth - 1)
+        elif left != right:
+            differences[name] = (left, right)
+
     for part in ("settings", "versions", "machine", "load_average"):
-        left, right = a.get(part) or {}, b.get(part) or {}
-        for name in [*left, *(n for n in right if n not in left)]:
-            if left.get(name) != right.get(name):
-                differences[f"{part}.{name}"] = (left.get(name), right.get(name))
+        differ(part, a.get(part) or {}, b.get(part) or {}, 2)
     return {"rows": rows, "ratios": pairs, "differences": differences}
 
 
@@ -2474,6 +2490,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             records.append(read_record(path))
         except ValueError as exc:
             p.add("--compare", str(exc))
+    if len(records) == 2:
+        kinds = [
+            "a --world record" if (r.get("results") or {}).get("world") is not None else "a one-process record"
+            for r in records
+        ]
+        if kinds[0] != kinds[1]:
+            p.add("--compare", f"A is {kinds[0]}, B {kinds[1]}: their rows do not pair up")
+        known = {o for r in records for o in (r.get("settings") or {}).get("optimizers") or []}
+        for name in args.optimizers:
+            if name not in known:
+                p.add(name, "is in neither record")
     p.check()
     found = compare_records(*records)
     keep = set(args.optimizers)
@@ -2490,7 +2517,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if differences:
         print("differ (A → B):")
         for name, (x, y) in differences.items():
-            print(f"  {name}: {_shown(x, name)} → {_shown(y, name)}")
+            print(f"  {name}: {_shown(x)} → {_shown(y)}")
     rows = [r for r in found["rows"] if not keep or r["optimizer"] in keep]
     if rows:
         width = max(14, *(len(r["optimizer"]) for r in rows))
@@ -2502,10 +2529,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(header)
         print("-" * len(header))
         for r in rows:
-            cells = [_ms(r["a_mean_ms"], 10), _ms(r["b_mean_ms"], 10),
+            cells = [_ms(r["a_mean_ms"], 10, r["a_state"]), _ms(r["b_mean_ms"], 10, r["b_state"]),
                      f"{r['b_over_a']:>7.3f}" if r["b_over_a"] is not None else f"{'-':>7}",
-                     _ms(r["a_median_ms"], 9), _ms(r["b_median_ms"], 9)]
+                     _ms(r["a_median_ms"], 9, r["a_state"]), _ms(r["b_median_ms"], 9, r["b_state"])]
             print((f"{r['world']:>5} " if world else "") + f"{r['optimizer']:<{width}} " + " ".join(cells))
+        if any(r["a_state"] or r["b_state"] for r in rows):
+            print("(failed: the optimizer failed in that record; not run: the record did not time it)")
     pairs = [r for r in found["ratios"] if not keep or set(r["pair"]) <= keep]
     if pairs:
         labels = [("" if r["world"] is None else f"world {r['world']}: ") + " / ".join(r["pair"]) for r in pairs]
@@ -2513,29 +2542,33 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print()
         print("ratios, each record's own (the median over its runs)")
         for label, r in zip(labels, pairs):
-            print(f"{label:<{width}}  A {_ratio(r['a'])}  B {_ratio(r['b'])}")
+            print(f"{label:<{width}}  A {_ratio(r['a'], r['a_state'])}  B {_ratio(r['b'], r['b_state'])}")
     return 0
 
 
-def _ms(value: float | None, width: int) -> str:
-    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+#: what :func:`compare_records`' states print as
+_STATES = {"failed": "failed", "absent": "not run"}
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _ms(value: float | None, width: int, state: str | None = None) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{_STATES.get(state or '', '-'):>{width}}"
 
 
-def _shown(value: Any, name: str = "") -> str:
-    """A record's entry as the comparison names it: a parameter set by its size and source, a number with two
-    decimals, anything else as compact JSON; ``-`` where a record has none."""
+def _ratio(value: float | None, state: str | None = None) -> str:
+    if value is not None:
+        return f"{value:.3f}"
+    return {"failed": "no figure (failed)", "absent": "not asked"}.get(state or "", "-")
+
+
+def _shown(value: Any) -> str:
+    """A record's entry as the comparison names it: a number with two decimals, anything else as compact JSON
+    (cut at 100 characters); ``-`` where a record has none."""
     if value is None:
         return "-"
-    if name == "settings.params" and isinstance(value, Mapping):
-        text = f"{value.get('count')} parameters, {(value.get('numbers') or 0) / 1e6:.2f} M numbers"
-        return text + (f" ({value['source']})" if value.get("source") else "")
     if isinstance(value, float):
         return f"{value:.2f}"
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= 100 else text[:99] + "…"
 
 
 def add_subcommand(sub: Any) -> None:
@@ -2611,7 +2644,7 @@ def add_subcommand(sub: Any) -> None:
         "--compare", nargs=2, metavar=("A.json", "B.json"),
         help="instead of a run, two records --json wrote side by side: each optimizer's mean and median ms in each, "
         "B over A, each record's --ratio figures and the settings, versions and machine that differ (optimizers "
-        "named keep only their rows)",
+        "named keep only their rows; the --scaling and --alone tables are not compared)",
     )
     p.add_argument(
         "--retain-freed-memory", action="store_true",

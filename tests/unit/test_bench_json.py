@@ -183,7 +183,7 @@ def _record(means, ratios=(), *, world=False, threads=2, load=(0.5, 1.0)):
             for k, m in means.items()]
     found = {"1": [{"pair": list(p), "ratio": r} for p, r in ratios]} if world else [{"pair": list(p), "ratio": r} for p, r in ratios]
     return {"format": "kronopt-bench/1", "time": "2026-12-05T00:00:00Z", "versions": {"torch": "2.13.0"},
-            "machine": {"processor": "Test CPU"}, "settings": {"threads": threads, "optimizers": [str(k) for k in means]},
+            "machine": {"processor": "Test CPU"}, "settings": {"threads": threads, "optimizers": list(dict.fromkeys(k[1] if world else k for k in means))},
             "load_average": {"start": load[0], "end": load[1]}, "results": {key: rows, "ratios": found}}
 
 
@@ -239,3 +239,45 @@ def test_compare_refuses_run_flags_and_bad_records_before_anything(tmp_path, mon
     for flag in ("--steps", "--world", "--json"):
         assert f"{flag}: sets a run; --compare reads two records and runs nothing" in err
     assert "cannot read" in err and "is not a kronopt bench record" in err
+
+
+def test_compare_says_which_optimizer_failed_and_which_was_not_run(tmp_path, capsys):
+    """A failed optimizer (its row and its pair have no figure) reads otherwise than one the record never timed."""
+    a = _record({"soap": 10.0, "adamw": 2.0, "peer": 4.0}, [(("soap", "adamw"), 5.0), (("peer", "adamw"), 2.0)])
+    b = _record({"soap": 12.0, "adamw": 2.0}, [(("peer", "adamw"), None)])
+    b["results"]["rows"].append({"optimizer": "peer", "mean_ms": None, "median_ms": None, "failed": {"step": 3, "error": "boom"}})
+    b["results"]["ratios"][0]["failed"] = ["peer"]
+    del a["results"]["rows"][1]  # adamw not run in A
+    b["settings"]["optimizers"].append("peer")
+    found = bench.compare_records(a, b)
+    rows = {r["optimizer"]: r for r in found["rows"]}
+    assert (rows["peer"]["a_state"], rows["peer"]["b_state"]) == (None, "failed") and rows["adamw"]["a_state"] == "absent"
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, data in zip(paths, (a, b)):
+        path.write_text(json.dumps(data))
+    assert cli.main(["bench", "--compare", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip() and " / " not in line}
+    assert lines["peer"][1:] == ["4.000", "failed", "-", "2.000", "failed"] and lines["adamw"][1:3] == ["not", "run"]
+    assert re.search(r"^peer / adamw +A 2\.000  B no figure \(failed\)$", out, flags=re.M), out
+    assert re.search(r"^soap / adamw +A 5\.000  B not asked$", out, flags=re.M), out
+
+
+def test_compare_refuses_a_world_record_beside_a_one_process_one_and_a_name_in_neither(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_record({"soap": 1.0})))
+    b.write_text(json.dumps(_record({(1, "soap"): 1.0}, world=True)))
+    assert cli.main(["bench", "sop", "--compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "A is a one-process record, B a --world record: their rows do not pair up" in err
+    assert "sop: is in neither record" in err
+
+
+def test_compare_refuses_every_flag_that_sets_a_run():
+    """``_RUN_FLAGS`` names every option of the bench parser but ``--compare`` itself, with the parser's defaults: a
+    flag added to the parser later is refused under ``--compare`` (or this fails), not silently ignored."""
+    parser = cli.build_parser()
+    bench_parser = next(a for a in parser._subparsers._group_actions if a.choices).choices["bench"]
+    options = {a.dest: a.default for a in bench_parser._actions if a.option_strings and a.dest != "help"}
+    assert set(options) - {"compare"} == set(bench._RUN_FLAGS)
+    assert all(options[k] == v for k, v in bench._RUN_FLAGS.items())
