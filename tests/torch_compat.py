@@ -13,6 +13,16 @@ needs_grad_dtype = pytest.mark.skipif(
 )
 
 
+def _gloo() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+#: torch.distributed with the gloo backend (a build without it runs no CPU process group)
+needs_gloo = pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+
+
 def no_compiler() -> Exception:
     """What inductor raises where the C++ compiler it is configured with is missing (its exception takes the
     compiler's name in torch 2.13, nothing in 2.9)."""

@@ -2464,17 +2464,19 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         pairs.append({"world": k[0], "pair": (k[1], k[2]), "a": (ra or {}).get("ratio"), "b": (rb or {}).get("ratio"),
                       "a_state": state(ra), "b_state": state(rb)})
     differences: dict[str, tuple[Any, Any]] = {}
-
-    def differ(name: str, left: Any, right: Any, depth: int) -> None:
-        if isinstance(left, Mapping) and isinstance(right, Mapping) and depth:
-            for key in [*left, *(k for k in right if k not in left)]:
-                differ(f"{name}.{key}", left.get(key), right.get(key), depth - 1)
-        elif left != right:
-            differences[name] = (left, right)
-
     for part in ("settings", "versions", "machine", "load_average"):
-        differ(part, a.get(part) or {}, b.get(part) or {}, 2)
+        _differences(differences, part, a.get(part) or {}, b.get(part) or {}, depth=2)
     return {"rows": rows, "ratios": pairs, "differences": differences}
+
+
+def _differences(out: dict[str, tuple[Any, Any]], name: str, left: Any, right: Any, *, depth: int) -> None:
+    """Into ``out``, by dotted name, the entries where ``left`` and ``right`` differ, mappings walked ``depth``
+    levels down (a function of its own: a nested one that called itself would hold itself in a reference cycle)."""
+    if isinstance(left, Mapping) and isinstance(right, Mapping) and depth:
+        for key in [*left, *(k for k in right if k not in left)]:
+            _differences(out, f"{name}.{key}", left.get(key), right.get(key), depth=depth - 1)
+    elif left != right:
+        out[name] = (left, right)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

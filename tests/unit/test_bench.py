@@ -15,6 +15,7 @@ import torch
 
 from kronopt.app import bench, cli, peers
 from kronopt.optimizer import KronOptimizer
+from tests.torch_compat import needs_gloo
 
 TINY = ["--shapes", "8x4,4", "--steps", "2", "--warmup", "1", "--threads", "1"]
 
@@ -534,14 +535,9 @@ def test_readme_documents_every_peer_with_its_settings():
 # -- --world ---------------------------------------------------------------------------------------------------
 
 
-def _gloo():
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
-
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+@needs_gloo
 def test_world_bench_through_the_cli_divides_state_and_reports_the_gathers(monkeypatch, capsys):
     """One and two CPU ranks: SOAP's state per rank sums to one process's, torch.AdamW's is repeated; the
     gathers move world · max(blocks per rank) · m · n · 4 bytes per bucket, nothing in one process."""

@@ -12,6 +12,7 @@ import re
 import pytest
 
 from kronopt.app import bench, cli
+from tests.torch_compat import needs_gloo
 
 MIB = 2**20
 TINY = ["--shapes", "8x4,4", "--steps", "2", "--warmup", "1", "--threads", "1"]
@@ -75,15 +76,10 @@ def test_a_platform_without_getrusage_reports_no_faults(monkeypatch, capsys):
     assert "faults" not in capsys.readouterr().out
 
 
-def _gloo() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
-
 
 @counts_faults
 @pytest.mark.distributed
-@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+@needs_gloo
 def test_world_ranks_charge_each_step_the_fresh_pages_it_touches(monkeypatch):
     """``--world``'s rows count faults as the one-process table does, on each rank (world size 1 in this process,
     2 in forked ranks, which inherit the stand-ins): fails on faults not counted in the ranks, counted around

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kronopt.app import bench, cli
+from tests.torch_compat import needs_gloo
 
 #: the test model, written as a module on a temporary PYTHONPATH entry (the bench imports it by name)
 MODELS = textwrap.dedent(
@@ -217,14 +218,9 @@ def _dims(recorded) -> tuple:
     return tuple(recorded[1]) if len(recorded) == 5 and recorded[0] == "tensor" else ()
 
 
-def _gloo() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
-
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+@needs_gloo
 def test_the_world_ranks_step_the_model_by_its_names(models, monkeypatch, capsys):
     """The ranks (forked here, so they see the test's module) build kl_shampoo on the model's names: the
     state summed over two ranks is one process's on the named parameters, not on the bench's own names."""
