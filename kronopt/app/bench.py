@@ -1879,11 +1879,11 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
             p.add(flag, f"sizes the transformer-shaped set; cannot be combined with {'--model' if model is not None else '--shapes'}")
     shapes = params.shapes
     counts = {
-        "steps": p.integer("--steps", args.steps, minimum=1),
-        "warmup": p.integer("--warmup", args.warmup, minimum=0),
-        "threads": p.integer("--threads", args.threads, minimum=0),
-        "seed": p.integer("--seed", args.seed, minimum=0, maximum=2**63 - 1),
-        "repeat": p.integer("--repeat", getattr(args, "repeat", "1"), minimum=1),
+        "steps": p.integer("--steps", _given(args, "steps"), minimum=1),
+        "warmup": p.integer("--warmup", _given(args, "warmup"), minimum=0),
+        "threads": p.integer("--threads", _given(args, "threads"), minimum=0),
+        "seed": p.integer("--seed", _given(args, "seed"), minimum=0, maximum=2**63 - 1),
+        "repeat": p.integer("--repeat", _given(args, "repeat"), minimum=1),
     }
     widths = [] if args.scaling is None else p.value("--scaling", args.scaling, lambda s: _args.integers(s, minimum=1), [])
     world_text = getattr(args, "world", None)
@@ -1928,7 +1928,7 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     alone = bool(getattr(args, "alone", False))
     if alone and world_text is not None:
         p.add("--alone", "applies to the one-process table; cannot be combined with --world")
-    memory_steps = p.integer("--memory", getattr(args, "memory", "0"), minimum=0)
+    memory_steps = p.integer("--memory", _given(args, "memory"), minimum=0)
     if memory_steps and world_text is not None:
         p.add("--memory", "applies to the one-process table; cannot be combined with --world")
     json_path = None if getattr(args, "json", None) is None else Path(args.json).expanduser()
@@ -1940,6 +1940,17 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)), alone=alone,
         memory_steps=memory_steps or 0, dtype=dtype, json=json_path,
     )
+
+
+#: the defaults of the counts whose flags default to ``None`` (so that ``--compare`` can tell a flag given at its
+#: default from one not given)
+_COUNT_DEFAULTS = {"steps": "30", "warmup": "12", "threads": "0", "seed": "0", "repeat": "1", "memory": "0"}
+
+
+def _given(args: argparse.Namespace, flag: str) -> str:
+    """The text of the count ``flag`` as given, else its default (``_COUNT_DEFAULTS``)."""
+    value = getattr(args, flag, None)
+    return _COUNT_DEFAULTS[flag] if value is None else value
 
 
 def _ratio_pairs(p: Problems, texts: Sequence[str], given: Sequence[str]) -> list[tuple[str, str]]:
@@ -2400,12 +2411,12 @@ def _json_path_problem(path: Path) -> str | None:
     return None
 
 
-#: the flags that set a run, with their defaults: ``--compare`` reads two records and runs nothing, so none may be given
-_RUN_FLAGS: dict[str, Any] = {
-    "d": None, "layers": None, "shapes": None, "model": None, "dtype": None, "steps": "30", "warmup": "12",
-    "scaling": None, "world": None, "device": None, "threads": "0", "seed": "0", "repeat": "1", "ratio": None,
-    "alone": False, "memory": "0", "json": None, "retain_freed_memory": False,
-}
+#: the flags that set a run: ``--compare`` reads two records and runs nothing, so none may be given, even at its
+#: default value (each defaults to ``None``, or ``False`` for a switch, so that a given one is told apart)
+_RUN_FLAGS = (
+    "d", "layers", "shapes", "model", "dtype", "steps", "warmup", "scaling", "world", "device", "threads", "seed",
+    "repeat", "ratio", "alone", "memory", "json", "retain_freed_memory",
+)
 
 
 def read_record(path: Path) -> dict[str, Any]:
@@ -2483,8 +2494,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     """``kronopt bench --compare A.json B.json``: two records side by side (:func:`compare_records`); nothing runs.
     Optimizers named keep only their rows; a flag that sets a run is refused, with every other problem."""
     p = Problems()
-    for flag, default in _RUN_FLAGS.items():
-        if getattr(args, flag, default) != default:
+    for flag in _RUN_FLAGS:
+        if getattr(args, flag, None) not in (None, False):
             p.add(f"--{flag.replace('_', '-')}", "sets a run; --compare reads two records and runs nothing")
     records = []
     for path in args.compare:
@@ -2599,8 +2610,8 @@ def add_subcommand(sub: Any) -> None:
         "--dtype", default=None,
         help=f"the parameters' dtype, one of {', '.join(DTYPES)} (default: the model's own, else float32)",
     )
-    p.add_argument("--steps", default="30", help="timed steps (≥ 1)")
-    p.add_argument("--warmup", default="12", help="untimed steps first (≥ 0)")
+    p.add_argument("--steps", default=None, help="timed steps (≥ 1; default 30)")
+    p.add_argument("--warmup", default=None, help="untimed steps first (≥ 0; default 12)")
     p.add_argument("--scaling", help="also time a one-layer transformer-shaped set at each width, e.g. '128,256,512'")
     p.add_argument(
         "--world",
@@ -2608,17 +2619,18 @@ def add_subcommand(sub: Any) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; --world: cpu)")
     p.add_argument(
-        "--threads", default="0", help="torch CPU threads (0: torch's default; --world: per rank, the cores / the world size)"
+        "--threads", default=None,
+        help="torch CPU threads (0, the default: torch's default; --world: per rank, the cores / the world size)",
     )
     p.add_argument(
-        "--seed", default="0",
+        "--seed", default=None,
         help="draws the parameters, the gradients and each round's order of the optimizers (default 0)",
     )
     p.add_argument(
-        "--repeat", default="1",
+        "--repeat", default=None,
         help="make the whole run this many times (fresh optimizers each), the --scaling and --world tables' too, and "
         "print the medians, with each ratio's lowest and highest over the runs (the one-process table's ratio to the "
-        "first optimizer, --ratio's) (≥ 1)",
+        "first optimizer, --ratio's) (≥ 1; default 1)",
     )
     p.add_argument(
         "--ratio", action="append",
@@ -2632,10 +2644,10 @@ def add_subcommand(sub: Any) -> None:
         "far the step is from being bound by its matrix work (not with --world)",
     )
     p.add_argument(
-        "--memory", default="0",
+        "--memory", default=None,
         help="also step this many more rounds, untimed, counting the tensor memory each step makes, and print the "
         "most one step held at once (step MiB: its temporaries, the scratch kronopt keeps across steps included, and "
-        "the new state it writes in; 10 holds a refresh of the presets; not with --world)",
+        "the new state it writes in; 10 holds a refresh of the presets; default 0: none; not with --world)",
     )
     p.add_argument(
         "--json", metavar="FILE",

@@ -274,10 +274,31 @@ def test_compare_refuses_a_world_record_beside_a_one_process_one_and_a_name_in_n
 
 
 def test_compare_refuses_every_flag_that_sets_a_run():
-    """``_RUN_FLAGS`` names every option of the bench parser but ``--compare`` itself, with the parser's defaults: a
-    flag added to the parser later is refused under ``--compare`` (or this fails), not silently ignored."""
+    """``_RUN_FLAGS`` names every option of the bench parser but ``--compare`` itself, each defaulting to ``None`` (a
+    switch to ``False``): a flag added to the parser later is refused under ``--compare`` (or this fails), not silently
+    ignored, and a flag given at its default value is told from one not given."""
     parser = cli.build_parser()
     bench_parser = next(a for a in parser._subparsers._group_actions if a.choices).choices["bench"]
     options = {a.dest: a.default for a in bench_parser._actions if a.option_strings and a.dest != "help"}
     assert set(options) - {"compare"} == set(bench._RUN_FLAGS)
-    assert all(options[k] == v for k, v in bench._RUN_FLAGS.items())
+    assert all(options[k] in (None, False) for k in bench._RUN_FLAGS)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--steps", "30"], ["--warmup", "12"], ["--threads", "0"], ["--seed", "0"], ["--repeat", "1"],
+              ["--memory", "0"]],
+)
+def test_compare_refuses_a_run_flag_given_at_its_default_value(tmp_path, capsys, flags):
+    """``--steps 30`` sets a run as much as ``--steps 31`` does: refused under ``--compare``, though 30 is the default."""
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(_record({"soap": 1.0})))
+    assert cli.main(["bench", "--compare", str(a), str(a), *flags]) == 2
+    assert f"{flags[0]}: sets a run; --compare reads two records and runs nothing" in capsys.readouterr().err
+
+
+def test_the_counts_take_their_defaults_where_not_given():
+    """The counts whose flags default to ``None`` take the defaults the help names (a run that gives none steps 30
+    timed steps after 12, seed 0, one run, no memory rounds, torch's threads)."""
+    plan = bench.check_bench(cli.build_parser().parse_args(["bench", "adamw", "--device", "cpu"]))
+    assert plan.counts == {"steps": 30, "warmup": 12, "threads": 0, "seed": 0, "repeat": 1}
+    assert plan.memory_steps == 0
