@@ -2438,46 +2438,85 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     the means, and ``a_state``/``b_state``: ``"failed"`` where the optimizer failed in that record, ``"absent"``
     where the record did not time it, else ``None``; ``ratios``, per ``--ratio`` pair in either, each record's
     figure and state alike (``"failed"``: a record's pair has no figure because one of its two failed);
-    ``differences``, the settings (a mapping's entries one by one, as ``settings.params.shapes``), versions,
-    machine and load averages that differ, ``(a, b)`` by name. The main tables are compared; the ``--scaling``
-    and ``--alone`` tables are not.
+    ``scaling``, per width and optimizer of either record's ``--scaling`` table, the same figures as ``rows`` and
+    ``a_work``/``b_work``, the step's mean over its matrix work alone (``None`` where the record has none);
+    ``matrix_work``, per optimizer of either record's ``--alone`` table, ``a``/``b``, its step over its matrix work,
+    and ``a_alone_ms``/``b_alone_ms``, the replay's mean; ``differences``, the settings (a mapping's entries one by
+    one, as ``settings.params.shapes``), versions, machine and load averages that differ, ``(a, b)`` by name.
 
     Figures from two runs compare only as well as the runs' conditions do: the load averages are among the
-    differences, and a ratio taken within each run (``--ratio``) is the steadier figure to compare."""
-
-    def rows_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str], Mapping[str, Any]]:
-        results = data.get("results") or {}
-        return {(r.get("world"), r["optimizer"]): r for r in (results.get("rows") or results.get("world") or [])}
-
-    def ratios_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str, str], Mapping[str, Any]]:
-        found = (data.get("results") or {}).get("ratios") or []
-        by_world = found.items() if isinstance(found, Mapping) else [(None, found)]
-        return {(None if w is None else int(w), *r["pair"]): r for w, rs in by_world for r in rs}
-
-    def state(entry: Mapping[str, Any] | None) -> str | None:
-        return "absent" if entry is None else "failed" if entry.get("failed") else None
-
-    rows_a, rows_b = rows_of(a), rows_of(b)
-    rows = []
-    for key in [*rows_a, *(k for k in rows_b if k not in rows_a)]:
-        ra, rb = rows_a.get(key), rows_b.get(key)
-        mean_a, mean_b = (ra or {}).get("mean_ms"), (rb or {}).get("mean_ms")
-        rows.append({
-            "world": key[0], "optimizer": key[1], "a_mean_ms": mean_a, "b_mean_ms": mean_b,
-            "a_median_ms": (ra or {}).get("median_ms"), "b_median_ms": (rb or {}).get("median_ms"),
-            "b_over_a": mean_b / mean_a if mean_a and mean_b is not None else None,
-            "a_state": state(ra), "b_state": state(rb),
-        })
-    ratios_a, ratios_b = ratios_of(a), ratios_of(b)
+    differences, and a ratio taken within each run (``--ratio``, a step over its matrix work) is the steadier
+    figure to compare."""
+    rows = [{"world": k[0], "optimizer": k[1], **_paired_means(ra, rb)} for k, ra, rb in _paired(_rows_of(a), _rows_of(b))]
     pairs = []
-    for k in [*ratios_a, *(k for k in ratios_b if k not in ratios_a)]:
-        ra, rb = ratios_a.get(k), ratios_b.get(k)
+    for k, ra, rb in _paired(_ratios_of(a), _ratios_of(b)):
         pairs.append({"world": k[0], "pair": (k[1], k[2]), "a": (ra or {}).get("ratio"), "b": (rb or {}).get("ratio"),
-                      "a_state": state(ra), "b_state": state(rb)})
+                      "a_state": _state(ra), "b_state": _state(rb)})
+    scaling = []
+    for k, ra, rb in _paired(_scaling_of(a), _scaling_of(b)):
+        (ra, wa), (rb, wb) = ra or (None, None), rb or (None, None)
+        scaling.append({"d": k[0], "optimizer": k[1], **_paired_means(ra, rb),
+                        "a_work": (wa or {}).get("ratio"), "b_work": (wb or {}).get("ratio")})
+    work = []
+    for name, wa, wb in _paired(_work_of(a), _work_of(b)):
+        work.append({"optimizer": name, "a": (wa or {}).get("ratio"), "b": (wb or {}).get("ratio"),
+                     "a_alone_ms": (wa or {}).get("alone_ms"), "b_alone_ms": (wb or {}).get("alone_ms")})
     differences: dict[str, tuple[Any, Any]] = {}
     for part in ("settings", "versions", "machine", "load_average"):
         _differences(differences, part, a.get(part) or {}, b.get(part) or {}, depth=2)
-    return {"rows": rows, "ratios": pairs, "differences": differences}
+    return {"rows": rows, "ratios": pairs, "scaling": scaling, "matrix_work": work, "differences": differences}
+
+
+def _results(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    return data.get("results") or {}
+
+
+def _rows_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str], Mapping[str, Any]]:
+    """A record's main rows (the one-process table's, or the ``--world`` table's) by world size and optimizer."""
+    results = _results(data)
+    return {(r.get("world"), r["optimizer"]): r for r in (results.get("rows") or results.get("world") or [])}
+
+
+def _ratios_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str, str], Mapping[str, Any]]:
+    """A record's ``--ratio`` figures by world size (``None``: one process) and pair."""
+    found = _results(data).get("ratios") or []
+    by_world = found.items() if isinstance(found, Mapping) else [(None, found)]
+    return {(None if w is None else int(w), *r["pair"]): r for w, rs in by_world for r in rs}
+
+
+def _scaling_of(data: Mapping[str, Any]) -> dict[tuple[int, str], tuple[Mapping[str, Any], Mapping[str, Any] | None]]:
+    """A record's ``--scaling`` rows by width and optimizer, each with its step over matrix work (or ``None``)."""
+    out = {}
+    for entry in _results(data).get("scaling") or []:
+        work = entry.get("matrix_work") or {}
+        for r in entry.get("rows") or []:
+            out[(entry["d"], r["optimizer"])] = (r, work.get(r["optimizer"]))
+    return out
+
+
+def _work_of(data: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """A record's ``--alone`` figures by optimizer (those with matrix work recorded)."""
+    return {name: w for name, w in (_results(data).get("matrix_work") or {}).items() if w is not None}
+
+
+def _paired(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> list[tuple[Any, Any, Any]]:
+    """Each key of ``a``, then each of ``b`` not in ``a``, with its entry in each (``None`` where it has none)."""
+    return [(k, a.get(k), b.get(k)) for k in [*a, *(k for k in b if k not in a)]]
+
+
+def _state(entry: Mapping[str, Any] | None) -> str | None:
+    return "absent" if entry is None else "failed" if entry.get("failed") else None
+
+
+def _paired_means(ra: Mapping[str, Any] | None, rb: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An optimizer's mean and median ms in each record, B's mean over A's and each record's state (:func:`_state`)."""
+    mean_a, mean_b = (ra or {}).get("mean_ms"), (rb or {}).get("mean_ms")
+    return {
+        "a_mean_ms": mean_a, "b_mean_ms": mean_b,
+        "a_median_ms": (ra or {}).get("median_ms"), "b_median_ms": (rb or {}).get("median_ms"),
+        "b_over_a": mean_b / mean_a if mean_a and mean_b is not None else None,
+        "a_state": _state(ra), "b_state": _state(rb),
+    }
 
 
 def _differences(out: dict[str, tuple[Any, Any]], name: str, left: Any, right: Any, *, depth: int) -> None:
@@ -2533,21 +2572,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             print(f"  {name}: {_shown(x)} → {_shown(y)}")
     rows = [r for r in found["rows"] if not keep or r["optimizer"] in keep]
     if rows:
-        width = max(14, *(len(r["optimizer"]) for r in rows))
-        world = any(r["world"] is not None for r in rows)
-        header = (f"{'world':>5} " if world else "") + (
-            f"{'optimizer':<{width}} {'A mean ms':>10} {'B mean ms':>10} {'B / A':>7} {'A median':>9} {'B median':>9}"
-        )
         print()
-        print(header)
-        print("-" * len(header))
-        for r in rows:
-            cells = [_ms(r["a_mean_ms"], 10, r["a_state"]), _ms(r["b_mean_ms"], 10, r["b_state"]),
-                     f"{r['b_over_a']:>7.3f}" if r["b_over_a"] is not None else f"{'-':>7}",
-                     _ms(r["a_median_ms"], 9, r["a_state"]), _ms(r["b_median_ms"], 9, r["b_state"])]
-            print((f"{r['world']:>5} " if world else "") + f"{r['optimizer']:<{width}} " + " ".join(cells))
-        if any(r["a_state"] or r["b_state"] for r in rows):
-            print("(failed: the optimizer failed in that record; not run: the record did not time it)")
+        _print_paired(rows, "world" if any(r["world"] is not None for r in rows) else None)
     pairs = [r for r in found["ratios"] if not keep or set(r["pair"]) <= keep]
     if pairs:
         labels = [("" if r["world"] is None else f"world {r['world']}: ") + " / ".join(r["pair"]) for r in pairs]
@@ -2556,7 +2582,45 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print("ratios, each record's own (the median over its runs)")
         for label, r in zip(labels, pairs):
             print(f"{label:<{width}}  A {_ratio(r['a'], r['a_state'])}  B {_ratio(r['b'], r['b_state'])}")
+    scaling = [r for r in found["scaling"] if not keep or r["optimizer"] in keep]
+    if scaling:
+        print()
+        print("scaling: mean ms per step at each width, and the step's mean over its matrix work alone in each record")
+        _print_paired(scaling, "d", work=True)
+    work = [r for r in found["matrix_work"] if not keep or r["optimizer"] in keep]
+    if work:
+        width = max(len(r["optimizer"]) for r in work)
+        print()
+        print("matrix work alone (--alone): the step's mean over its matrix work's, each record's own")
+        for r in work:
+            print(f"{r['optimizer']:<{width}}  A {_work_cell(r['a'], r['a_alone_ms'])}  B {_work_cell(r['b'], r['b_alone_ms'])}")
     return 0
+
+
+def _work_cell(ratio: float | None, alone_ms: float | None) -> str:
+    """A step over its matrix work, with the work's mean ms, as :func:`_cmd_compare` prints it."""
+    return "not asked" if ratio is None else f"{ratio:.3f} (the work {_shown(alone_ms)} ms)"
+
+
+def _print_paired(rows: list[dict[str, Any]], lead: str | None, *, work: bool = False) -> None:
+    """:func:`compare_records`' rows (or scaling rows) as a table: the ``lead`` column (``"world"``, ``"d"``) where
+    given, the optimizer, each record's mean, B / A, each record's median; with ``work`` each record's step over
+    its matrix work too."""
+    width = max(14, *(len(r["optimizer"]) for r in rows))
+    header = (f"{lead:>5} " if lead else "") + (
+        f"{'optimizer':<{width}} {'A mean ms':>10} {'B mean ms':>10} {'B / A':>7} {'A median':>9} {'B median':>9}"
+    ) + (f" {'A × work':>9} {'B × work':>9}" if work else "")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        cells = [_ms(r["a_mean_ms"], 10, r["a_state"]), _ms(r["b_mean_ms"], 10, r["b_state"]),
+                 f"{r['b_over_a']:>7.3f}" if r["b_over_a"] is not None else f"{'-':>7}",
+                 _ms(r["a_median_ms"], 9, r["a_state"]), _ms(r["b_median_ms"], 9, r["b_state"])]
+        if work:
+            cells += [_ms(r["a_work"], 9), _ms(r["b_work"], 9)]
+        print((f"{r[lead]:>5} " if lead else "") + f"{r['optimizer']:<{width}} " + " ".join(cells))
+    if any(r["a_state"] or r["b_state"] for r in rows):
+        print("(failed: the optimizer failed in that record; not run: the record did not time it)")
 
 
 #: what :func:`compare_records`' states print as
@@ -2658,7 +2722,7 @@ def add_subcommand(sub: Any) -> None:
         "--compare", nargs=2, metavar=("A.json", "B.json"),
         help="instead of a run, two records --json wrote side by side: each optimizer's mean and median ms in each, "
         "B over A, each record's --ratio figures and the settings, versions and machine that differ (optimizers "
-        "named keep only their rows; the --scaling and --alone tables are not compared)",
+        "named keep only their rows; the --scaling and --alone tables compared too, each step over its matrix work)",
     )
     p.add_argument(
         "--retain-freed-memory", action="store_true",

@@ -229,6 +229,55 @@ def test_a_record_compared_with_itself_reads_one(tmp_path, capsys):
     assert re.search(r"^soap / adamw +A (\d\.\d{3})  B \1$", out, flags=re.M), out
 
 
+def _scaling_entry(d, means, work):
+    """A stand-in ``--scaling`` entry as ``--json`` writes one: ``means`` and ``work`` (step over matrix work) by optimizer."""
+    return {"d": d, "rows": [{"optimizer": n, "mean_ms": m, "median_ms": m / 2} for n, m in means.items()],
+            "matrix_work": {n: {"pair": [n, f"{n} alone"], "ratio": w} for n, w in work.items()}}
+
+
+def test_compare_sets_the_scaling_and_matrix_work_tables_side_by_side(tmp_path, capsys):
+    """Each width's rows matched by width and name (not by position), B over A, each record's step over its matrix
+    work at that width (not the other record's, nor another width's); the ``--alone`` figures by name, with the
+    work's mean; one a record lacks is not asked. Fails on a width or optimizer paired by position, the work ratio
+    taken from the other record or width, or a table left out of the printout."""
+    a = _record({"soap": 10.0})
+    a["settings"]["optimizers"] = ["soap", "dykaf"]
+    a["results"]["scaling"] = [_scaling_entry(512, {"soap": 200.0, "dykaf": 250.0}, {"soap": 1.11, "dykaf": 1.18}),
+                               _scaling_entry(1024, {"soap": 1800.0}, {"soap": 1.08})]
+    a["results"]["matrix_work"] = {"soap": {"pair": ["soap", "soap alone"], "ratio": 1.3, "alone_ms": 7.5}, "adamw": None}
+    b = _record({"soap": 12.0})
+    b["results"]["scaling"] = [_scaling_entry(1024, {"soap": 1500.0}, {"soap": 1.02}),
+                               _scaling_entry(512, {"dykaf": 300.0, "soap": 160.0}, {"dykaf": 1.25, "soap": 1.05})]
+    found = bench.compare_records(a, b)
+    rows = {(r["d"], r["optimizer"]): r for r in found["scaling"]}
+    assert list(rows) == [(512, "soap"), (512, "dykaf"), (1024, "soap")]
+    assert rows[(512, "soap")]["b_over_a"] == 0.8 and rows[(512, "dykaf")]["b_over_a"] == 1.2
+    assert rows[(1024, "soap")]["b_over_a"] == pytest.approx(1500 / 1800)
+    assert [(rows[k]["a_work"], rows[k]["b_work"]) for k in rows] == [(1.11, 1.05), (1.18, 1.25), (1.08, 1.02)]
+    assert found["matrix_work"] == [{"optimizer": "soap", "a": 1.3, "b": None, "a_alone_ms": 7.5, "b_alone_ms": None}]
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    assert cli.main(["bench", "dykaf", "--compare", str(pa), str(pb)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +512 dykaf +250\.000 +300\.000 +1\.200 +125\.000 +150\.000 +1\.180 +1\.250$", out, flags=re.M), out
+    assert not re.search(r"^ +(512|1024) soap", out, flags=re.M)  # the optimizers named keep only their rows
+    assert cli.main(["bench", "--compare", str(pa), str(pb)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +1024 soap +1800\.000 +1500\.000 +0\.833 +900\.000 +750\.000 +1\.080 +1\.020$", out, flags=re.M), out
+    assert re.search(r"^soap  A 1\.300 \(the work 7\.50 ms\)  B not asked$", out, flags=re.M), out
+
+
+def test_a_scaling_record_compared_with_itself_reads_one(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    assert cli.main(["bench", "soap", *TINY, "--scaling", "8,16", "--json", str(path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["bench", "--compare", str(path), str(path)]) == 0
+    out = capsys.readouterr().out
+    widths = [line.split() for line in out.splitlines() if line.split()[:2] in (["8", "soap"], ["16", "soap"])]
+    assert len(widths) == 2 and all(w[4] == "1.000" and w[7] == w[8] for w in widths), out
+
+
 def test_compare_refuses_run_flags_and_bad_records_before_anything(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("ran"))
     other = tmp_path / "other.json"
