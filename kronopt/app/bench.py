@@ -2440,8 +2440,10 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     figure and state alike (``"failed"``: a record's pair has no figure because one of its two failed);
     ``scaling``, per width and optimizer of either record's ``--scaling`` table, the same figures as ``rows`` and
     ``a_work``/``b_work``, the step's mean over its matrix work alone (``None`` where the record has none);
-    ``matrix_work``, per optimizer of either record's ``--alone`` table, ``a``/``b``, its step over its matrix work,
-    and ``a_alone_ms``/``b_alone_ms``, the replay's mean; ``differences``, the settings (a mapping's entries one by
+    ``scaling`` ordered by width; ``matrix_work``, per optimizer of either record's ``--alone`` table, ``a``/``b``, its
+    step over its matrix work, ``a_alone_ms``/``b_alone_ms``, the replay's mean, and ``a_state``/``b_state``:
+    ``"absent"`` where the record did not ask for ``--alone``, ``"none"`` where it did and has no figure (no matrix
+    work recorded, or a replay too short to time), else ``None``; ``differences``, the settings (a mapping's entries one by
     one, as ``settings.params.shapes``), versions, machine and load averages that differ, ``(a, b)`` by name.
 
     Figures from two runs compare only as well as the runs' conditions do: the load averages are among the
@@ -2457,10 +2459,12 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         (ra, wa), (rb, wb) = ra or (None, None), rb or (None, None)
         scaling.append({"d": k[0], "optimizer": k[1], **_paired_means(ra, rb),
                         "a_work": (wa or {}).get("ratio"), "b_work": (wb or {}).get("ratio")})
+    scaling.sort(key=lambda r: r["d"])  # a width only B has among A's (stable: the optimizers keep their order)
     work = []
     for name, wa, wb in _paired(_work_of(a), _work_of(b)):
         work.append({"optimizer": name, "a": (wa or {}).get("ratio"), "b": (wb or {}).get("ratio"),
-                     "a_alone_ms": (wa or {}).get("alone_ms"), "b_alone_ms": (wb or {}).get("alone_ms")})
+                     "a_alone_ms": (wa or {}).get("alone_ms"), "b_alone_ms": (wb or {}).get("alone_ms"),
+                     "a_state": _work_state(a, wa), "b_state": _work_state(b, wb)})
     differences: dict[str, tuple[Any, Any]] = {}
     for part in ("settings", "versions", "machine", "load_average"):
         _differences(differences, part, a.get(part) or {}, b.get(part) or {}, depth=2)
@@ -2494,9 +2498,16 @@ def _scaling_of(data: Mapping[str, Any]) -> dict[tuple[int, str], tuple[Mapping[
     return out
 
 
-def _work_of(data: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """A record's ``--alone`` figures by optimizer (those with matrix work recorded)."""
-    return {name: w for name, w in (_results(data).get("matrix_work") or {}).items() if w is not None}
+def _work_of(data: Mapping[str, Any]) -> dict[str, Mapping[str, Any] | None]:
+    """A record's ``--alone`` figures by optimizer (``None`` for one whose steps recorded no matrix work)."""
+    return dict(_results(data).get("matrix_work") or {})
+
+
+def _work_state(data: Mapping[str, Any], entry: Mapping[str, Any] | None) -> str | None:
+    """``"absent"``: the record did not ask for ``--alone``; ``"none"``: it did, and has no figure here; else ``None``."""
+    if not (data.get("settings") or {}).get("alone"):
+        return "absent"
+    return "none" if entry is None or entry.get("ratio") is None else None
 
 
 def _paired(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> list[tuple[Any, Any, Any]]:
@@ -2593,13 +2604,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print()
         print("matrix work alone (--alone): the step's mean over its matrix work's, each record's own")
         for r in work:
-            print(f"{r['optimizer']:<{width}}  A {_work_cell(r['a'], r['a_alone_ms'])}  B {_work_cell(r['b'], r['b_alone_ms'])}")
+            print(
+                f"{r['optimizer']:<{width}}  A {_work_cell(r['a'], r['a_alone_ms'], r['a_state'])}  "
+                f"B {_work_cell(r['b'], r['b_alone_ms'], r['b_state'])}"
+            )
     return 0
 
 
-def _work_cell(ratio: float | None, alone_ms: float | None) -> str:
+def _work_cell(ratio: float | None, alone_ms: float | None, state: str | None) -> str:
     """A step over its matrix work, with the work's mean ms, as :func:`_cmd_compare` prints it."""
-    return "not asked" if ratio is None else f"{ratio:.3f} (the work {_shown(alone_ms)} ms)"
+    if state == "absent":
+        return "not asked"
+    if ratio is None:
+        return "no figure"
+    return f"{ratio:.3f} (the work {'-' if alone_ms is None else f'{alone_ms:.3f}'} ms)"
 
 
 def _print_paired(rows: list[dict[str, Any]], lead: str | None, *, work: bool = False) -> None:
@@ -2674,8 +2692,8 @@ def add_subcommand(sub: Any) -> None:
         "--dtype", default=None,
         help=f"the parameters' dtype, one of {', '.join(DTYPES)} (default: the model's own, else float32)",
     )
-    p.add_argument("--steps", default=None, help="timed steps (≥ 1; default 30)")
-    p.add_argument("--warmup", default=None, help="untimed steps first (≥ 0; default 12)")
+    p.add_argument("--steps", default=None, help=f"timed steps (≥ 1; default {_COUNT_DEFAULTS['steps']})")
+    p.add_argument("--warmup", default=None, help=f"untimed steps first (≥ 0; default {_COUNT_DEFAULTS['warmup']})")
     p.add_argument("--scaling", help="also time a one-layer transformer-shaped set at each width, e.g. '128,256,512'")
     p.add_argument(
         "--world",
@@ -2684,17 +2702,18 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; --world: cpu)")
     p.add_argument(
         "--threads", default=None,
-        help="torch CPU threads (0, the default: torch's default; --world: per rank, the cores / the world size)",
+        help=f"torch CPU threads ({_COUNT_DEFAULTS['threads']}, the default: torch's default; --world: per rank, the cores / "
+        "the world size)",
     )
     p.add_argument(
         "--seed", default=None,
-        help="draws the parameters, the gradients and each round's order of the optimizers (default 0)",
+        help=f"draws the parameters, the gradients and each round's order of the optimizers (default {_COUNT_DEFAULTS['seed']})",
     )
     p.add_argument(
         "--repeat", default=None,
         help="make the whole run this many times (fresh optimizers each), the --scaling and --world tables' too, and "
         "print the medians, with each ratio's lowest and highest over the runs (the one-process table's ratio to the "
-        "first optimizer, --ratio's) (≥ 1; default 1)",
+        f"first optimizer, --ratio's) (≥ 1; default {_COUNT_DEFAULTS['repeat']})",
     )
     p.add_argument(
         "--ratio", action="append",
@@ -2711,7 +2730,8 @@ def add_subcommand(sub: Any) -> None:
         "--memory", default=None,
         help="also step this many more rounds, untimed, counting the tensor memory each step makes, and print the "
         "most one step held at once (step MiB: its temporaries, the scratch kronopt keeps across steps included, and "
-        "the new state it writes in; 10 holds a refresh of the presets; default 0: none; not with --world)",
+        f"the new state it writes in; 10 holds a refresh of the presets; default {_COUNT_DEFAULTS['memory']}: none; not with "
+        "--world)",
     )
     p.add_argument(
         "--json", metavar="FILE",

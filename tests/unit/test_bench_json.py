@@ -241,20 +241,25 @@ def test_compare_sets_the_scaling_and_matrix_work_tables_side_by_side(tmp_path, 
     work's mean; one a record lacks is not asked. Fails on a width or optimizer paired by position, the work ratio
     taken from the other record or width, or a table left out of the printout."""
     a = _record({"soap": 10.0})
-    a["settings"]["optimizers"] = ["soap", "dykaf"]
+    a["settings"].update(optimizers=["soap", "dykaf"], alone=True)
     a["results"]["scaling"] = [_scaling_entry(512, {"soap": 200.0, "dykaf": 250.0}, {"soap": 1.11, "dykaf": 1.18}),
                                _scaling_entry(1024, {"soap": 1800.0}, {"soap": 1.08})]
     a["results"]["matrix_work"] = {"soap": {"pair": ["soap", "soap alone"], "ratio": 1.3, "alone_ms": 7.5}, "adamw": None}
     b = _record({"soap": 12.0})
     b["results"]["scaling"] = [_scaling_entry(1024, {"soap": 1500.0}, {"soap": 1.02}),
+                               _scaling_entry(768, {"soap": 900.0}, {"soap": 1.1}),
                                _scaling_entry(512, {"dykaf": 300.0, "soap": 160.0}, {"dykaf": 1.25, "soap": 1.05})]
     found = bench.compare_records(a, b)
     rows = {(r["d"], r["optimizer"]): r for r in found["scaling"]}
-    assert list(rows) == [(512, "soap"), (512, "dykaf"), (1024, "soap")]
+    assert list(rows) == [(512, "soap"), (512, "dykaf"), (768, "soap"), (1024, "soap")]  # by width, a width B alone has too
     assert rows[(512, "soap")]["b_over_a"] == 0.8 and rows[(512, "dykaf")]["b_over_a"] == 1.2
-    assert rows[(1024, "soap")]["b_over_a"] == pytest.approx(1500 / 1800)
-    assert [(rows[k]["a_work"], rows[k]["b_work"]) for k in rows] == [(1.11, 1.05), (1.18, 1.25), (1.08, 1.02)]
-    assert found["matrix_work"] == [{"optimizer": "soap", "a": 1.3, "b": None, "a_alone_ms": 7.5, "b_alone_ms": None}]
+    assert rows[(1024, "soap")]["b_over_a"] == pytest.approx(1500 / 1800) and rows[(768, "soap")]["a_state"] == "absent"
+    assert [(rows[k]["a_work"], rows[k]["b_work"]) for k in rows] == [(1.11, 1.05), (1.18, 1.25), (None, 1.1), (1.08, 1.02)]
+    assert found["matrix_work"] == [
+        {"optimizer": "soap", "a": 1.3, "b": None, "a_alone_ms": 7.5, "b_alone_ms": None, "a_state": None, "b_state": "absent"},
+        {"optimizer": "adamw", "a": None, "b": None, "a_alone_ms": None, "b_alone_ms": None, "a_state": "none",
+         "b_state": "absent"},
+    ]
     pa, pb = tmp_path / "a.json", tmp_path / "b.json"
     pa.write_text(json.dumps(a))
     pb.write_text(json.dumps(b))
@@ -262,10 +267,12 @@ def test_compare_sets_the_scaling_and_matrix_work_tables_side_by_side(tmp_path, 
     out = capsys.readouterr().out
     assert re.search(r"^ +512 dykaf +250\.000 +300\.000 +1\.200 +125\.000 +150\.000 +1\.180 +1\.250$", out, flags=re.M), out
     assert not re.search(r"^ +(512|1024) soap", out, flags=re.M)  # the optimizers named keep only their rows
+    assert not re.search(r"^soap +A ", out, flags=re.M)  # in the --alone table too
     assert cli.main(["bench", "--compare", str(pa), str(pb)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^ +1024 soap +1800\.000 +1500\.000 +0\.833 +900\.000 +750\.000 +1\.080 +1\.020$", out, flags=re.M), out
-    assert re.search(r"^soap  A 1\.300 \(the work 7\.50 ms\)  B not asked$", out, flags=re.M), out
+    assert re.search(r"^soap   A 1\.300 \(the work 7\.500 ms\)  B not asked$", out, flags=re.M), out
+    assert re.search(r"^adamw  A no figure  B not asked$", out, flags=re.M), out
 
 
 def test_a_scaling_record_compared_with_itself_reads_one(tmp_path, capsys):
