@@ -598,15 +598,18 @@ def _by_onednn(A: Tensor, B: Tensor) -> bool:
     every side at least ``_ONEDNN_MIN_SIDE``, plain tensors
     (:func:`_plain`: oneDNN's call has no autograd formula and writes no ``out=``), outside ``torch.compile``,
     on a processor whose oneDNN kernels are the faster ones (``_ONEDNN_FLOAT32``)."""
-    if A.dtype != torch.float32 or B.dtype != torch.float32 or A.device.type != "cpu" or B.device.type != "cpu":
+    # the cheapest tests first: every product of a step asks, and on a small block this question cost as much as
+    # the product (2.3 µs against 2.1 for a 20 × 32 block's bmm, before the processor and the sides came first)
+    if not (_onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32):
         return False
     if A.ndim != B.ndim or A.ndim not in (2, 3) or (A.ndim == 3 and A.shape[0] != B.shape[0]):
         return False
     m, k, n = A.shape[-2], A.shape[-1], B.shape[-1]
     if min(m, k, n) < _ONEDNN_MIN_SIDE or m * k * n < _ONEDNN_MIN_WORK or k != B.shape[-2]:
         return False
-    on = _onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32
-    return on and not torch.compiler.is_compiling() and _plain(A) and _plain(B)
+    if A.dtype != torch.float32 or B.dtype != torch.float32 or A.device.type != "cpu" or B.device.type != "cpu":
+        return False
+    return not torch.compiler.is_compiling() and _plain(A) and _plain(B)
 
 
 def _dense(t: Tensor) -> bool:
