@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kronopt import linalg
+from tests.torch_compat import assert_block_as_alone
 from tests.unit.test_onednn_products import _layouts, onednn, spy_onednn  # noqa: F401 (onednn: a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -295,8 +296,8 @@ def test_ksl_step_against_float64(monkeypatch, gen, m, n, on):
     for i in range(3):
         alone = linalg.projector_split_ksl(L[i : i + 1], R[i : i + 1], G[i : i + 1], 0.9, fresh=fresh[i : i + 1])
         for x, y, name in zip(got, alone, "LR"):
-            if on:  # oneDNN's products are block by block: the same bits
-                assert torch.equal(x[i], y[0]), (i, name, _rel(y[0], x[i]))
+            if on:  # oneDNN's products are block by block: the same bits (where MKL's smaller ones give them too)
+                assert_block_as_alone(x[i], y[0], (i, name, _rel(y[0], x[i])))
             else:  # MKL's batched tiles may round by the stack's size (seen at 640 × 512, before these changes too)
                 assert _rel(y[0], x[i]) < 1e-6, (i, name, _rel(y[0], x[i]))
 
@@ -396,7 +397,7 @@ def test_ksl_scaled_step(monkeypatch, gen, on):
     alone = linalg.projector_split_ksl(L[1:2], R[1:2], G[1:2], 0.9)
     assert sigmas == [False]
     for x, y, name in zip(got, alone, "LR"):
-        assert torch.equal(x[1], y[0]), (name, _rel(y[0], x[1]))
+        assert_block_as_alone(x[1], y[0], (name, _rel(y[0], x[1])))
     sigmas.clear()
     defer = []
     linalg.projector_split_ksl(L.clone(), R.clone(), G, 0.9, defer=defer)
