@@ -2443,13 +2443,15 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     ``scaling`` ordered by width; ``matrix_work``, per optimizer of either record's ``--alone`` table, ``a``/``b``, its
     step over its matrix work, ``a_alone_ms``/``b_alone_ms``, the replay's mean, and ``a_state``/``b_state``:
     ``"absent"`` where the record did not ask for ``--alone``, ``"none"`` where it did and has no figure (no matrix
-    work recorded, or a replay too short to time), else ``None``; ``differences``, the settings (a mapping's entries one by
-    one, as ``settings.params.shapes``), versions, machine and load averages that differ, ``(a, b)`` by name.
+    work recorded, or a replay too short to time), else ``None``; ``differences``, the settings (a mapping's entries
+    one by one, as ``settings.params.shapes``), versions, machine and load averages that differ, ``(a, b)`` by name.
 
     Figures from two runs compare only as well as the runs' conditions do: the load averages are among the
     differences, and a ratio taken within each run (``--ratio``, a step over its matrix work) is the steadier
     figure to compare."""
-    rows = [{"world": k[0], "optimizer": k[1], **_paired_means(ra, rb)} for k, ra, rb in _paired(_rows_of(a), _rows_of(b))]
+    rows = [
+        {"world": k[0], "optimizer": k[1], **_paired_means(ra, rb)} for k, ra, rb in _paired(_rows_of(a), _rows_of(b))
+    ]
     pairs = []
     for k, ra, rb in _paired(_ratios_of(a), _ratios_of(b)):
         pairs.append({"world": k[0], "pair": (k[1], k[2]), "a": (ra or {}).get("ratio"), "b": (rb or {}).get("ratio"),
@@ -2472,6 +2474,7 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
 
 
 def _results(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A record's figures (``{}`` where it has none)."""
     return data.get("results") or {}
 
 
@@ -2504,7 +2507,7 @@ def _work_of(data: Mapping[str, Any]) -> dict[str, Mapping[str, Any] | None]:
 
 
 def _work_state(data: Mapping[str, Any], entry: Mapping[str, Any] | None) -> str | None:
-    """``"absent"``: the record did not ask for ``--alone``; ``"none"``: it did, and has no figure here; else ``None``."""
+    """``"absent"``: the record did not ask for ``--alone``; ``"none"``: it did and has no figure here; else ``None``."""
     if not (data.get("settings") or {}).get("alone"):
         return "absent"
     return "none" if entry is None or entry.get("ratio") is None else None
@@ -2702,12 +2705,13 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; --world: cpu)")
     p.add_argument(
         "--threads", default=None,
-        help=f"torch CPU threads ({_COUNT_DEFAULTS['threads']}, the default: torch's default; --world: per rank, the cores / "
-        "the world size)",
+        help=f"torch CPU threads ({_COUNT_DEFAULTS['threads']}, the default: torch's default; --world: per rank, the "
+        "cores / the world size)",
     )
     p.add_argument(
         "--seed", default=None,
-        help=f"draws the parameters, the gradients and each round's order of the optimizers (default {_COUNT_DEFAULTS['seed']})",
+        help="draws the parameters, the gradients and each round's order of the optimizers "
+        f"(default {_COUNT_DEFAULTS['seed']})",
     )
     p.add_argument(
         "--repeat", default=None,
@@ -2730,8 +2734,8 @@ def add_subcommand(sub: Any) -> None:
         "--memory", default=None,
         help="also step this many more rounds, untimed, counting the tensor memory each step makes, and print the "
         "most one step held at once (step MiB: its temporaries, the scratch kronopt keeps across steps included, and "
-        f"the new state it writes in; 10 holds a refresh of the presets; default {_COUNT_DEFAULTS['memory']}: none; not with "
-        "--world)",
+        "the new state it writes in; 10 holds a refresh of the presets; "
+        f"default {_COUNT_DEFAULTS['memory']}: none; not with --world)",
     )
     p.add_argument(
         "--json", metavar="FILE",
