@@ -1,0 +1,169 @@
+"""A held symmetric product's rows below the diagonal made as one panel each (``linalg._held_panels``).
+
+DyKAF's ``K`` and ``R̂`` come from the tiled ``sym_product_stats(..., tiles=True)`` as a ``LowerTiles``: its tiles
+on and below the diagonal, read by ``split_sandwich`` and written scaled with their mirrors by ``LowerTiles.write``.
+Where the processor runs panels faster (not on AMD processors), a row's tiles below the diagonal are made as one
+panel and held as views of it. Both forms run here on every processor (``_held_panels`` set either way), and each
+is checked against float64 products made densely, and the two against each other: a panel's tiles taken from the
+wrong columns, a row left out of the write or of the split, a panel's mirror or a reduction of the wrong weight
+each fail one of these.
+"""
+
+import pytest
+import torch
+
+from kronopt import linalg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed), dtype=F64).to(dtype)
+
+
+def _sym(b: int, d: int, seed: int) -> torch.Tensor:
+    A = _randn(b, d, d + 3, seed=seed)
+    return A @ A.mT / d
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).abs().max() / ref.abs().max())
+
+
+def _held(monkeypatch, panels: bool, X, A, B, *, beta, alpha, other=None, tile=3):
+    """``sym_product_stats(..., tiles=True)`` with tiles of ``tile`` from side 1, its rows as panels or tile by tile."""
+    monkeypatch.setattr(linalg, "_GRAM_TILED_MIN", 1)
+    monkeypatch.setattr(linalg, "_GRAM_TILE", tile)
+    monkeypatch.setattr(linalg, "_held_panels", lambda: panels)
+    return linalg.sym_product_stats(X, A, B, beta=beta, alpha=alpha, other=other, tiles=True)
+
+
+def _assembled(P: linalg.LowerTiles) -> torch.Tensor:
+    """The symmetric matrix of the held tiles, tile by tile (each and its transpose)."""
+    D = torch.full(tuple(P.shape), float("nan"), dtype=P.dtype)
+    for (i, j), t in P.tiles.items():
+        I, J = P.slices[i], P.slices[j]
+        D[:, I, J] = t
+        D[:, J, I] = t.mT
+    assert not D.isnan().any()
+    return D
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("d", [4, 7, 9, 12])
+@pytest.mark.parametrize("per_block", [False, True], ids=["beta", "block-beta"])
+def test_a_held_product_by_panels_is_the_float64_product(monkeypatch, dtype, d, per_block):
+    """Rows as panels: every row below the first holds one contiguous panel whose tiles are its views; the matrix
+    they hold, ``⟨P, Y⟩`` and ``‖P‖`` are the float64 product's to rounding, and the tile-by-tile form's."""
+    b, k = 3, 5
+    X, Y = _sym(b, d, seed=d).to(dtype), _sym(b, d, seed=d + 1).to(dtype)
+    # a sandwich (F S) Fᵀ: symmetric in exact arithmetic, as sym_product asks
+    F, S = _randn(b, d, k, seed=d + 2), _sym(b, k, seed=d + 3)
+    A, B = (F @ S).to(dtype), F.to(dtype)
+    beta = (torch.rand(b, 1, 1, generator=_gen(d), dtype=F64) + 0.5).to(dtype) if per_block else 0.6
+    expected = (beta.double() if per_block else beta) * X.double() + 0.3 * (A.double() @ B.double().mT)
+    tol = 1e-12 if dtype == F64 else 2e-6
+    results = {}
+    for panels in (True, False):
+        P, dot, norm = _held(monkeypatch, panels, X, A, B, beta=beta, alpha=0.3, other=Y)
+        rows = len(P.slices)
+        if panels:
+            assert sorted(P.panels) == list(range(1, rows))
+            for i, panel in P.panels.items():
+                assert panel.is_contiguous() and panel.shape == (b, P.slices[i].stop - P.slices[i].start, P.slices[i].start)
+                for j in range(i):
+                    assert P.tiles[i, j].data_ptr() == panel[..., P.slices[j]].data_ptr()
+        else:
+            assert not P.panels
+        D = _assembled(P)
+        assert _rel(D, expected) < tol
+        assert _rel(dot.view(b), (expected * Y.double()).sum((-2, -1))) < tol
+        assert _rel(norm.view(b), expected.norm(dim=(-2, -1))) < tol
+        results[panels] = D
+    assert _rel(results[True], results[False].double()) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.complex64], ids=["f32", "f64", "c64"])
+@pytest.mark.parametrize("d", [5, 9, 13])
+def test_write_of_panels_is_the_dense_matrix_scaled_bit_for_bit(monkeypatch, dtype, d):
+    """``LowerTiles.write`` with a panel a row: each panel and its mirror scaled into place, the same bits as
+    the dense matrix scaled, into a new tensor or over NaN; the panels only read."""
+    b = 2
+    monkeypatch.setattr(linalg, "_GRAM_TILE", 4)
+    P = linalg.LowerTiles(torch.Size((b, d, d)), dtype, torch.device("cpu"))
+    g = _gen(d)
+    for i, I in enumerate(P.slices):
+        t = torch.randn(b, I.stop - I.start, I.stop - I.start, generator=g, dtype=F64)
+        P.tiles[i, i] = (t + t.mT).to(dtype)
+        if i:
+            P.hold_panel(i, torch.randn(b, I.stop - I.start, I.start, generator=g, dtype=F64).to(dtype))
+    dense = torch.full((b, d, d), float("nan"), dtype=dtype)
+    for (i, j), t in P.tiles.items():
+        I, J = P.slices[i], P.slices[j]
+        dense[:, I, J], dense[:, J, I] = t, t.mT
+    assert not dense.isnan().any()
+    before = {i: p.clone() for i, p in P.panels.items()}
+    scale = torch.rand(b, 1, 1, generator=g, dtype=F64).add(0.5).to(dtype)
+    for out in (None, torch.full((b, d, d), float("nan"), dtype=dtype)):
+        W = P.write(out, scale=scale)
+        assert out is None or W is out
+        assert torch.equal(W, W.mT) and torch.equal(W, dense * scale)
+    assert all(torch.equal(P.panels[i], p) for i, p in before.items())
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("d", [5, 9, 12])
+def test_split_sandwich_of_held_panels_is_the_float64_product(monkeypatch, dtype, d):
+    """``α A S Aᵀ`` from a middle held by panels: the float64 product of the matrix it holds, exactly symmetric,
+    the tile-by-tile middle's to rounding, the panels only read."""
+    b = 2
+    X, F = _sym(b, d, seed=3 * d).to(dtype), _randn(b, d, 4, seed=3 * d + 1, dtype=dtype)
+    alpha = torch.tensor([0.5, 2.0], dtype=dtype).view(b, 1, 1)
+    outs = {}
+    for panels in (True, False):
+        S, _, _ = _held(monkeypatch, panels, X, F, F, beta=0.6, alpha=0.3)
+        assert bool(S.panels) is panels
+        before = {key: t.clone() for key, t in S.tiles.items()}
+        D = _assembled(S).double()
+        for k in (1, 3):
+            A = _randn(b, k, d, seed=k + d, dtype=dtype)
+            out = linalg.split_sandwich(A, S, alpha=alpha)
+            expected = alpha.double() * (A.double() @ D @ A.double().mT)
+            assert out.dtype == dtype and torch.equal(out, out.mT)
+            assert _rel(out, expected) < (1e-12 if dtype == F64 else 2e-6)
+            outs[panels, k] = out
+        assert all(torch.equal(S.tiles[key], t) for key, t in before.items())
+    for k in (1, 3):
+        assert _rel(outs[True, k], outs[False, k].double()) < (1e-12 if dtype == F64 else 2e-6)
+
+
+@pytest.mark.parametrize("shape", [(11, 4), (4, 11), (10, 10)], ids=["tall", "wide", "square"])
+def test_dykaf_step_by_panels_is_the_step_by_tiles(monkeypatch, shape):
+    """DyKAF's KSL step with its products by tiles of 3 and its larger side's sandwich split (``K`` or ``R̂`` held):
+    by panels the factors the tiles give, to float64 rounding, exactly symmetric; and so through the deferred
+    write into the state's own stacks."""
+    m, n = shape
+    L, R, G = _sym(2, m, seed=m), _sym(2, n, seed=n + 50), _randn(2, m, n, seed=m * n)
+    monkeypatch.setattr(linalg, "_SPLIT_SANDWICH_MIN", 1)
+    monkeypatch.setattr(linalg, "_GRAM_TILED_MIN", 1)
+    monkeypatch.setattr(linalg, "_GRAM_TILE", 3)
+    made = {}
+    for panels in (True, False):
+        monkeypatch.setattr(linalg, "_held_panels", lambda panels=panels: panels)
+        L1, R1 = linalg.projector_split_ksl(L, R, G, 0.9)
+        records: list[linalg.DeferredWrite] = []
+        L2, R2 = L.clone(), R.clone()
+        linalg.projector_split_ksl(L2, R2, G, 0.9, defer=records)
+        for record in records:
+            record.into(record.target)
+        assert torch.equal(L1, L1.mT) and torch.equal(R1, R1.mT)
+        assert torch.equal(L2, L1) and torch.equal(R2, R1)
+        made[panels] = (L1, R1)
+    for by_panels, by_tiles in zip(made[True], made[False]):
+        torch.testing.assert_close(by_panels, by_tiles, rtol=1e-12, atol=1e-14)
