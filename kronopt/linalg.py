@@ -197,9 +197,9 @@ def _held_panels() -> bool:
     reductions and some entries round otherwise than the tiles'. Measured on an Intel Xeon with AMX (2
     threads, MKL): the products below the diagonal of a ``2048²`` update from ``k = 512`` in 7.3 against 9.6
     ms, of ``1536²`` 4.0 against 4.2, of ``4 × 1024²`` from ``k = 256`` 3.1 against 3.3; DyKAF's mean step
-    0.99 of the tiles' on 4 layers of d = 256 and 0.97 on one layer of d = 512 (docs/performance_log.md,
-    fifty-first session). On a Zen 5 such panels through oneDNN measured as noise (fortieth session): AMD
-    processors keep the tiles."""
+    0.97–0.99 of the tiles' on one layer of d = 512 and of d = 1024, within the noise on 4 layers of d = 256
+    (docs/performance_log.md, fifty-first session). On a Zen 5 such panels through oneDNN measured as noise
+    (forty-first session): AMD processors keep the tiles."""
     return _tiles_in_place()
 
 
@@ -351,8 +351,9 @@ def _tiled_sym_product(
         # once here, where each tile would copy its rows again (a row of t tiles reads A's rows t times)
         A, B = _rows_laid(A, B)
     for i, I in enumerate(tiles):
-        # below the diagonal: in place, the row's tiles as one panel (one longer product, one mirror);
-        # apart, tile by tile (where that is the processor's faster form, row panels measured slower)
+        # below the diagonal: in place, the row's tiles as one panel (one longer product, one mirror); held,
+        # as one panel made apart (_held_panels); else apart, tile by tile (where that is the processor's
+        # faster form, row panels measured slower)
         below = [(None, slice(0, I.start))] if (below_in_place or held_panels) and i else list(enumerate(tiles[:i]))
         for j, J in below:
             if below_in_place:
@@ -394,7 +395,8 @@ def _tile_slices(m: int) -> list[slice]:
 
 
 class LowerTiles:
-    """A symmetric ``(b d d)`` stack held as its tiles on and below the diagonal, each a tensor of its own.
+    """A symmetric ``(b d d)`` stack held as its tiles on and below the diagonal, each a tensor of its own or a
+    view of its row's panel.
 
     ``tiles[i, j]`` (``j ≤ i``) is the tile of rows ``_tile_slices(d)[i]`` and columns
     ``_tile_slices(d)[j]``: what the tiled :func:`sym_product` makes before it copies each tile and
@@ -460,7 +462,7 @@ _SPLIT_DENSE_MIN_OUTER = 384
 
 def split_pays(A: Tensor, S: Tensor, *, held: bool = False) -> bool:
     """Whether :func:`split_sandwich` beats the two plain products for ``A S Aᵀ`` (``A (b k d)``, ``S (b d d)``;
-    ``held``: ``S`` will come as its tiles, :class:`LowerTiles`, each contiguous).
+    ``held``: ``S`` will come as its tiles, :class:`LowerTiles`, each contiguous or a row of a contiguous panel).
 
     It multiplies about ``(t+1)/2t · k d² + k² d`` (``t`` tiles of ``S``) where the plain order
     ``(A S) Aᵀ`` multiplies ``k d² + k² d`` (half of the second where :func:`sym_product` tiles it,

@@ -58,10 +58,11 @@ def _assembled(P: linalg.LowerTiles) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("d", [4, 7, 9, 12])
 @pytest.mark.parametrize("per_block", [False, True], ids=["beta", "block-beta"])
-def test_a_held_product_by_panels_is_the_float64_product(monkeypatch, dtype, d, per_block):
+@pytest.mark.parametrize("b", [1, 3])
+def test_a_held_product_by_panels_is_the_float64_product(monkeypatch, dtype, d, per_block, b):
     """Rows as panels: every row below the first holds one contiguous panel whose tiles are its views; the matrix
     they hold, ``⟨P, Y⟩`` and ``‖P‖`` are the float64 product's to rounding, and the tile-by-tile form's."""
-    b, k = 3, 5
+    k = 5
     X, Y = _sym(b, d, seed=d).to(dtype), _sym(b, d, seed=d + 1).to(dtype)
     # a sandwich (F S) Fᵀ: symmetric in exact arithmetic, as sym_product asks
     F, S = _randn(b, d, k, seed=d + 2), _sym(b, k, seed=d + 3)
@@ -110,11 +111,49 @@ def test_write_of_panels_is_the_dense_matrix_scaled_bit_for_bit(monkeypatch, dty
     assert not dense.isnan().any()
     before = {i: p.clone() for i, p in P.panels.items()}
     scale = torch.rand(b, 1, 1, generator=g, dtype=F64).add(0.5).to(dtype)
+    calls = []
+    real_mul = torch.mul
+    monkeypatch.setattr(torch, "mul", lambda *a, **kw: calls.append(1) or real_mul(*a, **kw))
     for out in (None, torch.full((b, d, d), float("nan"), dtype=dtype)):
+        calls.clear()
         W = P.write(out, scale=scale)
         assert out is None or W is out
         assert torch.equal(W, W.mT) and torch.equal(W, dense * scale)
+        rows = len(P.slices)
+        # a panel in one placement and (real dtypes) one mirror, a diagonal tile in one: not one a tile
+        assert len(calls) == rows + (rows - 1) * (1 if dtype.is_complex else 2)
     assert all(torch.equal(P.panels[i], p) for i, p in before.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("paneled", [(1,), (2,), (1, 3)], ids=str)
+def test_a_middle_held_partly_by_panels_is_read_whole(monkeypatch, dtype, paneled):
+    """Rows held by panels beside rows held tile by tile (no product makes such a middle, but ``hold_panel`` may):
+    ``write`` gives the dense matrix scaled bit for bit and ``split_sandwich`` the float64 product."""
+    b, d = 2, 15
+    monkeypatch.setattr(linalg, "_GRAM_TILE", 4)
+    P = linalg.LowerTiles(torch.Size((b, d, d)), dtype, torch.device("cpu"))
+    g = _gen(sum(paneled))
+    for i, I in enumerate(P.slices):
+        t = torch.randn(b, I.stop - I.start, I.stop - I.start, generator=g, dtype=F64)
+        P.tiles[i, i] = (t + t.mT).to(dtype)
+        if i in paneled:
+            P.hold_panel(i, torch.randn(b, I.stop - I.start, I.start, generator=g, dtype=F64).to(dtype))
+        else:
+            for j, J in enumerate(P.slices[:i]):
+                P.tiles[i, j] = torch.randn(b, I.stop - I.start, J.stop - J.start, generator=g, dtype=F64).to(dtype)
+    assert sorted(P.panels) == sorted(paneled)
+    dense = torch.full((b, d, d), float("nan"), dtype=dtype)
+    for (i, j), t in P.tiles.items():
+        I, J = P.slices[i], P.slices[j]
+        dense[:, I, J], dense[:, J, I] = t, t.mT
+    assert not dense.isnan().any()
+    scale = torch.tensor([0.75, 1.5], dtype=dtype).view(b, 1, 1)
+    assert torch.equal(P.write(scale=scale), dense * scale)
+    A = _randn(b, 3, d, seed=7, dtype=dtype)
+    out = linalg.split_sandwich(A, P, alpha=0.5)
+    expected = 0.5 * (A.double() @ dense.double() @ A.double().mT)
+    assert torch.equal(out, out.mT) and _rel(out, expected) < (1e-12 if dtype == F64 else 2e-6)
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
@@ -131,9 +170,16 @@ def test_split_sandwich_of_held_panels_is_the_float64_product(monkeypatch, dtype
         assert bool(S.panels) is panels
         before = {key: t.clone() for key, t in S.tiles.items()}
         D = _assembled(S).double()
+        rows = len(S.slices)
         for k in (1, 3):
             A = _randn(b, k, d, seed=k + d, dtype=dtype)
+            adds = []
+            real_addmm = linalg.addmm_
+            monkeypatch.setattr(linalg, "addmm_", lambda *a, **kw: adds.append(1) or real_addmm(*a, **kw))
             out = linalg.split_sandwich(A, S, alpha=alpha)
+            monkeypatch.setattr(linalg, "addmm_", real_addmm)
+            # one product a row below the first by panels, one a tile below the diagonal by tiles
+            assert len(adds) == (rows - 1 if panels else rows * (rows - 1) // 2)
             expected = alpha.double() * (A.double() @ D @ A.double().mT)
             assert out.dtype == dtype and torch.equal(out, out.mT)
             assert _rel(out, expected) < (1e-12 if dtype == F64 else 2e-6)

@@ -267,13 +267,16 @@ def test_sandwiches_through_onednn(onednn, gen, side):
         assert len(onednn) > 0
 
 
-def test_split_sandwich_of_held_tiles(onednn, gen):
-    """``S`` as the :class:`LowerTiles` ``sym_product_stats`` keeps (tiles made apart, contiguous each)."""
+@pytest.mark.parametrize("panels", [False, True], ids=["tiles", "panels"])
+def test_split_sandwich_of_held_tiles(onednn, gen, monkeypatch, panels):
+    """``S`` as the :class:`LowerTiles` ``sym_product_stats`` keeps (its tiles made apart, or a row's as one panel:
+    ``linalg._held_panels`` set either way, whatever the processor's choice)."""
+    monkeypatch.setattr(linalg, "_held_panels", lambda: panels)
     A = _rand(gen, 2, 600, 200)
     S = A @ A.mT
     G = _rand(gen, 2, 300, 600)
     held, _, _ = linalg.sym_product_stats(torch.full((2, 600, 600), float("nan")), A.float(), A.float(), beta=0.0, alpha=1.0, tiles=True)
-    assert isinstance(held, linalg.LowerTiles)
+    assert isinstance(held, linalg.LowerTiles) and bool(held.panels) is panels
     assert _rel(linalg.split_sandwich(G.float(), held), G @ S @ G.mT) < 1e-5
     assert len(onednn) > 0
 

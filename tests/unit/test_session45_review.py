@@ -179,7 +179,7 @@ def test_split_sandwich_with_a_float64_alpha_keeps_a_float32_result():
 
 
 @pytest.mark.parametrize("onednn", _ONEDNN_MODES)
-@pytest.mark.parametrize("middle", ["dense", "held"])
+@pytest.mark.parametrize("middle", ["dense", "held", "held-panels"])
 @pytest.mark.parametrize("b", [1, 2])
 def test_split_sandwich_at_onednn_sizes_is_the_float64_product(monkeypatch, onednn, middle, b):
     """k = 256, d = 768, float32: the tile products go to oneDNN where forced (its column blocks of A made once,
@@ -195,9 +195,10 @@ def test_split_sandwich_at_onednn_sizes_is_the_float64_product(monkeypatch, oned
         S = (S + S.mT) / 2
         S_in = _upper_tiles_nan(S, linalg._GRAM_TILE)
         assert linalg._by_onednn(A[..., :256], S[:, :256, :256]) is onednn
-    else:
+    else:  # held: its tiles made apart, or a row's as one panel (linalg._held_panels set either way)
+        monkeypatch.setattr(linalg, "_held_panels", lambda: middle == "held-panels")
         S_in, _, _ = linalg.sym_product_stats(X, F, F, beta=1.0, alpha=1.0, tiles=True)
-        assert isinstance(S_in, linalg.LowerTiles)
+        assert isinstance(S_in, linalg.LowerTiles) and bool(S_in.panels) is (middle == "held-panels")
         S = _dense_of(S_in)
     alpha = torch.tensor([0.75, 1.5][:b], dtype=torch.float32).view(b, 1, 1)
     A0 = A.clone()
@@ -209,7 +210,7 @@ def test_split_sandwich_at_onednn_sizes_is_the_float64_product(monkeypatch, oned
     assert torch.equal(A, A0)
     if b > 1:
         one = S_in[1:2] if middle == "dense" else None
-        if middle == "held":
+        if middle != "dense":
             one = linalg.LowerTiles(torch.Size((1, d, d)), S_in.dtype, S_in.device)
             one.tiles = {key: t[1:2].contiguous() for key, t in S_in.tiles.items()}
             for i, panel in S_in.panels.items():  # rows held as panels (linalg._held_panels) stay so
