@@ -13,23 +13,19 @@ import pytest
 import torch
 
 from kronopt import linalg
+from tests.strategies import generator, randn, spd_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _randn(*shape: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=_gen(seed), dtype=F64).to(dtype)
+    return randn(generator(seed), *shape, dtype=dtype)
 
 
 def _sym(b: int, d: int, seed: int) -> torch.Tensor:
-    A = _randn(b, d, d + 3, seed=seed)
-    return A @ A.mT / d
+    return spd_matrix(generator(seed), b, d, log10_range=(-1.0, 1.0))
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -67,7 +63,7 @@ def test_a_held_product_by_panels_is_the_float64_product(monkeypatch, dtype, d, 
     # a sandwich (F S) Fᵀ: symmetric in exact arithmetic, as sym_product asks
     F, S = _randn(b, d, k, seed=d + 2), _sym(b, k, seed=d + 3)
     A, B = (F @ S).to(dtype), F.to(dtype)
-    beta = (torch.rand(b, 1, 1, generator=_gen(d), dtype=F64) + 0.5).to(dtype) if per_block else 0.6
+    beta = (torch.rand(b, 1, 1, generator=generator(d), dtype=F64) + 0.5).to(dtype) if per_block else 0.6
     expected = (beta.double() if per_block else beta) * X.double() + 0.3 * (A.double() @ B.double().mT)
     tol = 1e-12 if dtype == F64 else 2e-6
     results = {}
@@ -98,7 +94,7 @@ def test_write_of_panels_is_the_dense_matrix_scaled_bit_for_bit(monkeypatch, dty
     b = 2
     monkeypatch.setattr(linalg, "_GRAM_TILE", 4)
     P = linalg.LowerTiles(torch.Size((b, d, d)), dtype, torch.device("cpu"))
-    g = _gen(d)
+    g = generator(d)
     for i, I in enumerate(P.slices):
         t = torch.randn(b, I.stop - I.start, I.stop - I.start, generator=g, dtype=F64)
         P.tiles[i, i] = (t + t.mT).to(dtype)
@@ -133,7 +129,7 @@ def test_a_middle_held_partly_by_panels_is_read_whole(monkeypatch, dtype, panele
     b, d = 2, 15
     monkeypatch.setattr(linalg, "_GRAM_TILE", 4)
     P = linalg.LowerTiles(torch.Size((b, d, d)), dtype, torch.device("cpu"))
-    g = _gen(sum(paneled))
+    g = generator(sum(paneled))
     for i, I in enumerate(P.slices):
         t = torch.randn(b, I.stop - I.start, I.stop - I.start, generator=g, dtype=F64)
         P.tiles[i, i] = (t + t.mT).to(dtype)
