@@ -5,6 +5,8 @@ Hypothesis draws seeds, shapes and scalars only; every tensor is built from a
 seed and replays exactly (STYLE.md §2.7). Nothing here touches the global torch RNG.
 """
 
+from typing import Any
+
 import torch
 from hypothesis import strategies as st
 from torch import Tensor
@@ -80,6 +82,18 @@ def spd_matrix(
     lo, hi = log10_range
     u = lo + (hi - lo) * torch.rand(batch, n, generator=gen, dtype=torch.float64)
     return spd_from(orthonormal(gen, batch, n), 10.0**u).to(dtype)
+
+
+def held_matrix(P: Any) -> Tensor:
+    """The symmetric matrix a :class:`kronopt.linalg.LowerTiles` holds, assembled tile by tile (each tile and its
+    transpose, panels' tiles included as their views), every entry set (NaN nowhere)."""
+    D = torch.full(tuple(P.shape), float("nan"), dtype=P.dtype)
+    for (i, j), t in P.tiles.items():
+        I, J = P.slices[i], P.slices[j]
+        D[:, I, J] = t
+        D[:, J, I] = t.mT
+    assert not D.isnan().any()
+    return D
 
 
 def psd_rank_deficient_matrix(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kronopt import linalg
-from tests.strategies import generator, randn, spd_matrix
+from tests.strategies import generator, held_matrix, randn, spd_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,17 +38,6 @@ def _held(monkeypatch, panels: bool, X, A, B, *, beta, alpha, other=None, tile=3
     monkeypatch.setattr(linalg, "_GRAM_TILE", tile)
     monkeypatch.setattr(linalg, "_held_panels", lambda: panels)
     return linalg.sym_product_stats(X, A, B, beta=beta, alpha=alpha, other=other, tiles=True)
-
-
-def _assembled(P: linalg.LowerTiles) -> torch.Tensor:
-    """The symmetric matrix of the held tiles, tile by tile (each and its transpose)."""
-    D = torch.full(tuple(P.shape), float("nan"), dtype=P.dtype)
-    for (i, j), t in P.tiles.items():
-        I, J = P.slices[i], P.slices[j]
-        D[:, I, J] = t
-        D[:, J, I] = t.mT
-    assert not D.isnan().any()
-    return D
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
@@ -78,7 +67,7 @@ def test_a_held_product_by_panels_is_the_float64_product(monkeypatch, dtype, d, 
                     assert P.tiles[i, j].data_ptr() == panel[..., P.slices[j]].data_ptr()
         else:
             assert not P.panels
-        D = _assembled(P)
+        D = held_matrix(P)
         assert _rel(D, expected) < tol
         assert _rel(dot.view(b), (expected * Y.double()).sum((-2, -1))) < tol
         assert _rel(norm.view(b), expected.norm(dim=(-2, -1))) < tol
@@ -100,11 +89,7 @@ def test_write_of_panels_is_the_dense_matrix_scaled_bit_for_bit(monkeypatch, dty
         P.tiles[i, i] = (t + t.mT).to(dtype)
         if i:
             P.hold_panel(i, torch.randn(b, I.stop - I.start, I.start, generator=g, dtype=F64).to(dtype))
-    dense = torch.full((b, d, d), float("nan"), dtype=dtype)
-    for (i, j), t in P.tiles.items():
-        I, J = P.slices[i], P.slices[j]
-        dense[:, I, J], dense[:, J, I] = t, t.mT
-    assert not dense.isnan().any()
+    dense = held_matrix(P)
     before = {i: p.clone() for i, p in P.panels.items()}
     scale = torch.rand(b, 1, 1, generator=g, dtype=F64).add(0.5).to(dtype)
     calls = []
@@ -139,11 +124,7 @@ def test_a_middle_held_partly_by_panels_is_read_whole(monkeypatch, dtype, panele
             for j, J in enumerate(P.slices[:i]):
                 P.tiles[i, j] = torch.randn(b, I.stop - I.start, J.stop - J.start, generator=g, dtype=F64).to(dtype)
     assert sorted(P.panels) == sorted(paneled)
-    dense = torch.full((b, d, d), float("nan"), dtype=dtype)
-    for (i, j), t in P.tiles.items():
-        I, J = P.slices[i], P.slices[j]
-        dense[:, I, J], dense[:, J, I] = t, t.mT
-    assert not dense.isnan().any()
+    dense = held_matrix(P)
     scale = torch.tensor([0.75, 1.5], dtype=dtype).view(b, 1, 1)
     assert torch.equal(P.write(scale=scale), dense * scale)
     A = _randn(b, 3, d, seed=7, dtype=dtype)
@@ -165,7 +146,7 @@ def test_split_sandwich_of_held_panels_is_the_float64_product(monkeypatch, dtype
         S, _, _ = _held(monkeypatch, panels, X, F, F, beta=0.6, alpha=0.3)
         assert bool(S.panels) is panels
         before = {key: t.clone() for key, t in S.tiles.items()}
-        D = _assembled(S).double()
+        D = held_matrix(S).double()
         rows = len(S.slices)
         for k in (1, 3):
             A = _randn(b, k, d, seed=k + d, dtype=dtype)

@@ -12,6 +12,7 @@ import torch.autograd.forward_ad as fwAD
 
 from kronopt import linalg
 from kronopt.linalg import LowerTiles
+from tests.strategies import held_matrix
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 
@@ -287,16 +288,6 @@ def _tiles(d: int, b: int, dtype: torch.dtype, seed: int) -> LowerTiles:
     return P
 
 
-def _dense(P: LowerTiles) -> torch.Tensor:
-    """The dense matrix of the tiles, assembled entry by entry as its own tensor."""
-    D = torch.full(P.shape, float("nan"), dtype=P.dtype)
-    for (i, j), t in P.tiles.items():
-        I, J = P.slices[i], P.slices[j]
-        D[:, I, J] = t
-        D[:, J, I] = t.mT
-    return D
-
-
 def _scaled_dense(D: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The dense matrix times ``scale``, in the common dtype, then rounded to ``D``'s."""
     return torch.mul(D, scale).to(D.dtype)
@@ -315,7 +306,7 @@ def test_write_is_the_dense_matrix_scaled_bit_for_bit(d, b, given):
         assert W is out
     assert W.shape == (b, d, d) and W.dtype == torch.float32
     assert torch.equal(W, W.mT)  # exactly symmetric
-    assert torch.equal(W, _scaled_dense(_dense(P), scale))
+    assert torch.equal(W, _scaled_dense(held_matrix(P), scale))
     assert all(torch.equal(P.tiles[k], t) for k, t in tiles_before.items())  # the tiles are only read
 
 
@@ -325,7 +316,7 @@ def test_write_of_other_dtypes_is_the_dense_matrix_scaled(dtype, b):
     P = _tiles(777, b, dtype, seed=31)
     scale = _randn(b, 1, 1, seed=32, dtype=dtype).abs().add(0.25)
     W = P.write(scale=scale)
-    assert torch.equal(W, W.mT) and torch.equal(W, _scaled_dense(_dense(P), scale))
+    assert torch.equal(W, W.mT) and torch.equal(W, _scaled_dense(held_matrix(P), scale))
 
 
 @pytest.mark.parametrize("b", [1, 3])
@@ -335,7 +326,7 @@ def test_write_with_a_float64_scale_rounds_each_entry_once_to_float32(b):
     assert scale.dtype == torch.float64 and not torch.equal(scale.float().double(), scale)
     out = torch.full((b, 520, 520), float("nan"))
     W = P.write(out, scale=scale)
-    expected = torch.mul(_dense(P).double(), scale).float()  # each entry in float64, then rounded to float32
+    expected = torch.mul(held_matrix(P).double(), scale).float()  # each entry in float64, then rounded to float32
     assert W is out and torch.equal(W, expected) and torch.equal(W, W.mT)
 
 
@@ -343,7 +334,7 @@ def test_write_with_a_number_scale_and_into_a_column_major_out():
     P = _tiles(777, 2, torch.float32, seed=35)
     out = torch.full((2, 777, 777), float("nan")).mT  # a transposed view: another place for each tile
     W = P.write(out, scale=torch.tensor(0.3))
-    assert W is out and torch.equal(W, _dense(P) * torch.tensor(0.3)) and torch.equal(W, W.mT)
+    assert W is out and torch.equal(W, held_matrix(P) * torch.tensor(0.3)) and torch.equal(W, W.mT)
 
 
 @pytest.mark.parametrize("d", [520, 1024])
@@ -374,7 +365,7 @@ def test_write_of_complex_tiles_is_the_dense_matrix_scaled(dtype):
     P = _tiles(520, 2, dtype, seed=40)
     scale = torch.complex(_randn(2, 1, 1, seed=41), _randn(2, 1, 1, seed=42)).to(dtype)
     W = P.write(scale=scale)
-    assert torch.equal(W, W.mT) and torch.equal(W, _dense(P) * scale)
+    assert torch.equal(W, W.mT) and torch.equal(W, held_matrix(P) * scale)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import kronopt
 from kronopt import linalg
 from kronopt.factors import KlKronFactors
 from kronopt.types import BasisState, Layout, StepContext
+from tests.strategies import held_matrix
 from tests.torch_compat import assert_block_as_alone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,17 +65,6 @@ def _upper_tiles_nan(S: torch.Tensor, tile: int) -> torch.Tensor:
     """``S`` with NaN in its tiles above the diagonal (which ``split_sandwich`` must not read)."""
     index = torch.arange(S.shape[-1]) // tile
     return S.masked_fill(index.view(-1, 1) < index.view(1, -1), float("nan"))
-
-
-def _dense_of(P: linalg.LowerTiles) -> torch.Tensor:
-    """The symmetric matrix a ``LowerTiles`` holds, assembled tile by tile (each tile and its transpose)."""
-    D = torch.full(tuple(P.shape), float("nan"), dtype=P.dtype)
-    for (i, j), t in P.tiles.items():
-        I, J = P.slices[i], P.slices[j]
-        D[:, I, J] = t
-        D[:, J, I] = t.mT
-    assert not D.isnan().any()
-    return D
 
 
 def _same_nan(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -134,7 +124,7 @@ def test_split_sandwich_of_held_tiles_is_the_float64_product(monkeypatch, tile, 
             F = _randn(b, d, 4, seed=seed + 1).to(dtype)
             held, _, _ = linalg.sym_product_stats(X, F, F, beta=0.6, alpha=0.3, tiles=True)
             assert isinstance(held, linalg.LowerTiles) and held.slices[0] == slice(0, min(tile, d))
-            D = _dense_of(held)
+            D = held_matrix(held)
             # the tiles are the tiled product: βX + α F Fᵀ to rounding (checked apart from split_sandwich)
             torch.testing.assert_close(D.double(), 0.6 * X.double() + 0.3 * F.double() @ F.double().mT,
                                        rtol=1e-5, atol=1e-5)
@@ -199,7 +189,7 @@ def test_split_sandwich_at_onednn_sizes_is_the_float64_product(monkeypatch, oned
         monkeypatch.setattr(linalg, "_held_panels", lambda: middle == "held-panels")
         S_in, _, _ = linalg.sym_product_stats(X, F, F, beta=1.0, alpha=1.0, tiles=True)
         assert isinstance(S_in, linalg.LowerTiles) and bool(S_in.panels) is (middle == "held-panels")
-        S = _dense_of(S_in)
+        S = held_matrix(S_in)
     alpha = torch.tensor([0.75, 1.5][:b], dtype=torch.float32).view(b, 1, 1)
     A0 = A.clone()
     out = linalg.split_sandwich(A, S_in, alpha=alpha)
