@@ -488,7 +488,9 @@ def split_pays(A: Tensor, S: Tensor, *, held: bool = False) -> bool:
     return not _by_onednn(A[..., :t], S[:, :t, :t])
 
 
-def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor = 1.0) -> Tensor:
+def split_sandwich(
+    A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor = 1.0, plus: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     r""":math:`\alpha A S A^\top` for a symmetric ``S``: ``b k d, b d d -> b k k``, exactly symmetric.
 
     ``S = T + T^\top`` with ``T`` its tiles (of ``_GRAM_TILE``, or a :class:`LowerTiles`' own)
@@ -500,6 +502,13 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
     accumulation), so where ``S`` is the larger side (:func:`split_pays`) this is cheaper than
     :math:`(A S) A^\top`. Only ``S``'s tiles on and below the diagonal are read; ``S`` may come
     as those tiles (:class:`LowerTiles`). ``alpha`` is a number or a per-block ``(b 1 1)`` tensor.
+
+    ``plus = (X, w)`` (``X (b k k)``, ``w`` a per-block ``(b 1 1)`` tensor) adds :math:`w X` before the
+    symmetrisation: the result is the symmetric part of :math:`\alpha(H + H^\top) + w X`, i.e. of
+    :math:`\alpha H + \tfrac w2 X` summed with its transpose, exactly symmetric whatever ``X``'s rounding, and
+    :math:`\alpha A S A^\top + w X` for a symmetric ``X``. One transposed pass over the result instead of two
+    (DyKAF's :math:`K = G\bar R G^\top + wL` and :math:`\hat R`, which symmetrised the sum once more); the entries
+    round otherwise than ``α (H + Hᵀ) + w X``'s.
     """
     _check_batched("A", A)
     held = isinstance(S, LowerTiles)
@@ -512,7 +521,8 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
     dtype = torch.promote_types(A.dtype, S.dtype) if held else torch.result_type(A, S)
     slices = S.slices if held else _tile_slices(d)
     if not slices:  # d = 0
-        return torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=dtype, device=A.device)
+        zero = torch.zeros(A.shape[:-1] + A.shape[-2:-1], dtype=dtype, device=A.device)
+        return zero if plus is None else _symmetrised(zero, alpha, plus)
     # A T whole (b k d), its tile columns made one by one; then H = (A T) Aᵀ in one product
     AT = torch.empty((b, k, d), dtype=dtype, device=A.device)
     whole = A
@@ -524,23 +534,34 @@ def split_sandwich(A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor
         # held by row panels (every row below the first): each tile column's diagonal part first, then each row's
         # panel added to the columns left of its diagonal in one product; each column's terms in the tiles' order
         for j, J in enumerate(slices):
-            mm_into(A[..., J], S.tiles[j, j], AT[..., J]).mul_(0.5)
+            addmm_(AT[..., J], A[..., J], S.tiles[j, j], beta=0.0, alpha=0.5)
         for i, I in enumerate(slices[1:], 1):
             addmm_(AT[..., : I.start], A[..., I], S.panels[i])
-        return sym_sum(mm(AT, whole.mT)).mul_(alpha)
+        return _symmetrised(mm(AT, whole.mT), alpha, plus)
     for j, J in enumerate(slices):
         hi = J.stop
         # the tile column J of A T: A_J (S_JJ / 2) + Σ_{I below J} A_I S_IJ
         P = AT[..., J]
+        # the diagonal tile's half weight as the product's alpha (BLAS scales the sums: exact, the same bits as
+        # halving the product after it); beta = 0 never reads P (AT is uninitialised)
         if held:
-            mm_into(A[..., J], S.tiles[j, j], P).mul_(0.5)
+            addmm_(P, A[..., J], S.tiles[j, j], beta=0.0, alpha=0.5)
             for i in range(j + 1, len(slices)):
                 addmm_(P, A[..., slices[i]], S.tiles[i, j])
         else:
-            mm_into(A[..., J], S[:, J, J], P).mul_(0.5)
+            addmm_(P, A[..., J], S[:, J, J], beta=0.0, alpha=0.5)
             if hi < d:
                 addmm_(P, A[..., hi:], S[:, hi:, J])
-    return sym_sum(mm(AT, whole.mT)).mul_(alpha)  # (H + Hᵀ)/2 · 2α, the same bits: halving and doubling are exact
+    return _symmetrised(mm(AT, whole.mT), alpha, plus)
+
+
+def _symmetrised(H: Tensor, alpha: float | Tensor, plus: tuple[Tensor, Tensor] | None) -> Tensor:
+    """:func:`split_sandwich`'s result from ``H = (A T) Aᵀ``: ``α (H + Hᵀ)`` (the same bits as ``(H + Hᵀ)/2 · 2α``:
+    halving and doubling are exact), or with ``plus = (X, w)`` the sum of ``α H + (w/2) X`` and its transpose."""
+    if plus is None:
+        return sym_sum(H).mul_(alpha)
+    X, w = plus
+    return sym_sum(H.mul_(alpha).addcmul_(X, w * 0.5))
 
 
 def ema_gram_left(L: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:
@@ -595,14 +616,16 @@ def mm_into(A: Tensor, B: Tensor, out: Tensor) -> Tensor:
 def addmm_(X: Tensor, A: Tensor, B: Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
     r"""``X.baddbmm_(A, B, beta=beta, alpha=alpha)``: :math:`X \leftarrow \beta X + \alpha A B` in place, for
     stacks of one batch size; through :func:`_onednn_mm` where it takes the product (then the product is made
-    apart and added, two passes over ``X``'s size more; ``beta = 0`` never reads ``X``, as BLAS)."""
+    apart and added, two passes over ``X``'s size more, or with ``beta = 0`` made into ``X`` and scaled there).
+    ``beta = 0`` never reads ``X``, as BLAS."""
     if not (_by_onednn(A, B) and _plain(X)):
         return X.baddbmm_(A, B, beta=beta, alpha=alpha)
+    if beta == 0.0:
+        mm_into(A, B, X)
+        return X if alpha == 1.0 else X.mul_(alpha)
     P = _onednn_mm(A, B)
     if alpha != 1.0:
         P.mul_(alpha)
-    if beta == 0.0:
-        return X.copy_(P)
     if beta != 1.0:
         X.mul_(beta)
     return X.add_(P)
@@ -2170,12 +2193,12 @@ def _ksl(
     if not tracked and split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
         # R̄ is not formed: a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖,
-        # as without a mask. The sum is symmetrised as sym_product's is, so K stays exactly
-        # symmetric whatever L's rounding.
+        # as without a mask. The sum with L is symmetrised once, inside the split (plus), so K stays
+        # exactly symmetric whatever L's rounding.
         S, s = R, inv
         if fresh is not None:
             S, s = _fresh_directions(fresh, R), inv + fresh.to(L.dtype).view(b, 1, 1)  # inv is 0 on a fresh block
-        K = sym(split_sandwich(_times(G, sigma), S, alpha=(1.0 - beta) * s).addcmul_(L, weight))
+        K = split_sandwich(_times(G, sigma), S, alpha=(1.0 - beta) * s, plus=(L, weight))
         K_dot_L, norm_K = _dense_stats(K, L)
     else:
         if G.shape[-2] < n:
@@ -2203,7 +2226,7 @@ def _ksl(
     weight_R = weight * inner * inv
     if tall_split:
         # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
-        R_hat = sym(split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K).addcmul_(R, weight_R))
+        R_hat = split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K, plus=(R, weight_R))
         norm_R_hat = block_norm(R_hat)
     else:
         # R̂'s product is Gᵀ (U G): where oneDNN takes its tiles, which read both operands' rows laid, Gᵀ is laid
