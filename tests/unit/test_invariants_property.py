@@ -473,28 +473,32 @@ def test_refreshing_to_the_same_basis_with_permuted_columns_leaves_the_next_upda
 
 
 def _flat_from_rounding(case: Case) -> bool:
-    """An ``ema`` restricted side under the ``"whitened"`` complement: its flat eigenvalue starts at 0 and is a
-    difference of energies (and a re-projection a difference of traces), whose rounding the complement is whitened
-    by (the xfail test below)."""
+    """An ``ema`` or ``projector_splitting`` restricted side under the ``"whitened"`` complement: its flat
+    eigenvalue starts at 0 and is a difference of energies (and a re-projection a difference of traces), whose
+    rounding the complement is whitened by (the test below). Projector splitting's first call puts its rank-one
+    start inside the subspace it takes, so its μ is 1 − ‖w‖² of a unit ``w`` (e.g. 1.2e-15 against S = 1.1 on a
+    1 × 2 block of rank 1, where the permuted refresh then moved the direction by a quarter of its size)."""
     split = case.cfg.split
     return (
-        type(case.cfg.factors).__name__ == "EmaKronFactors"
+        type(case.cfg.factors).__name__ in ("EmaKronFactors", "ProjectorSplittingFactors")
         and getattr(split, "complement_scale", None) == "whitened"
         and "restricted" in case.layout.sides
     )
 
 
+@pytest.mark.parametrize("preset", ["pro_soap", "pro_dykaf"])
 @pytest.mark.parametrize("dtype,shape,seed", [(torch.float32, (64, 4), 1), (torch.float64, (40, 3), 0)], ids=["f32", "f64"])
-def test_a_complement_energy_of_rounding_does_not_blow_up_the_whitened_complement(dtype, shape, seed):
-    """pro_soap with lowrank_flat's default complement scale (``"whitened"``), so ``ema`` factors on a restricted
-    side of rank r = 16 (10) ≥ the block's other side: the first gradient lies in the subspace the first call
-    takes (its top r singular vectors), so the complement has seen no energy. Every update, complement included,
-    keeps the size of an Adam step, RMS ≤ 2 × lr (it is 0.5 here with μ = 0: splits.py leaves the block out)."""
+def test_a_complement_energy_of_rounding_does_not_blow_up_the_whitened_complement(dtype, shape, seed, preset):
+    """pro_soap (pro_dykaf) with lowrank_flat's default complement scale (``"whitened"``), so ``ema``
+    (``projector_splitting``) factors on a restricted side of rank r = 16 (10) ≥ the block's other side: the
+    first gradient lies in the subspace the first call takes (its top r singular vectors), so the complement has
+    seen no energy (μ is 0 but for rounding). Every update, complement included, keeps the size of an Adam step,
+    RMS ≤ 2 × lr (it is 0.5 here with μ = 0: splits.py leaves the block out)."""
     gen = generator(seed)
     p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=F64).to(dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = kronopt.build([p], "pro_soap", lr=1.0, weight_decay=0.0, **{"split.complement_scale": "whitened"})
+        opt = kronopt.build([p], preset, lr=1.0, weight_decay=0.0, **{"split.complement_scale": "whitened"})
         for step in range(4):
             p.grad = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
             before = p.detach().clone()
