@@ -476,10 +476,11 @@ def split_pays(A: Tensor, S: Tensor, *, held: bool = False) -> bool:
     time over the split's with a dense ``S``: ``4 × 128 × 1024`` 0.94, ``4 × 256 × 1024`` 0.96–0.98,
     ``4 × 256 × 768`` 1.00, ``2 × 256 × 2048`` 1.02, ``4 × 384 × 1536`` 1.07, ``1 × 512 × 2048`` 1.08;
     with held tiles (``Gᵀ K G`` of a tall block) ``4 × 256 × 1024`` 1.03, ``4 × 256 × 768`` 1.02. Not where
-    autograd tracks ``A`` or ``S``: the split's products write into a buffer with ``out=``, which
-    autograd refuses."""
+    autograd tracks ``A`` or ``S``: the split reads only ``S``'s lower tiles, so the gradient of ``S`` would fall on
+    them alone (the plain products give it whole and symmetric), through products accumulated in place in one
+    buffer."""
     d, k = S.shape[-1], A.shape[-2]
-    tracked = torch.is_grad_enabled() and (A.requires_grad or S.requires_grad)  # its products write with out=
+    tracked = torch.is_grad_enabled() and (A.requires_grad or S.requires_grad)  # S's gradient on its lower tiles only
     if not (A.device.type == "cpu" and d >= _SPLIT_SANDWICH_MIN and d > k and not tracked):
         return False
     if held or k >= _SPLIT_DENSE_MIN_OUTER:
@@ -489,7 +490,7 @@ def split_pays(A: Tensor, S: Tensor, *, held: bool = False) -> bool:
 
 
 def split_sandwich(
-    A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor = 1.0, plus: tuple[Tensor, Tensor] | None = None,
+    A: Tensor, S: "Tensor | LowerTiles", *, alpha: float | Tensor = 1.0, plus: "tuple[Tensor, float | Tensor] | None" = None,
 ) -> Tensor:
     r""":math:`\alpha A S A^\top` for a symmetric ``S``: ``b k d, b d d -> b k k``, exactly symmetric.
 
@@ -503,7 +504,7 @@ def split_sandwich(
     :math:`(A S) A^\top`. Only ``S``'s tiles on and below the diagonal are read; ``S`` may come
     as those tiles (:class:`LowerTiles`). ``alpha`` is a number or a per-block ``(b 1 1)`` tensor.
 
-    ``plus = (X, w)`` (``X (b k k)``, ``w`` a per-block ``(b 1 1)`` tensor) adds :math:`w X` before the
+    ``plus = (X, w)`` (``X (b k k)``, ``w`` a number or a per-block ``(b 1 1)`` tensor) adds :math:`w X` before the
     symmetrisation: the result is the symmetric part of :math:`\alpha(H + H^\top) + w X`, i.e. of
     :math:`\alpha H + \tfrac w2 X` summed with its transpose, exactly symmetric whatever ``X``'s rounding, and
     :math:`\alpha A S A^\top + w X` for a symmetric ``X``. One transposed pass over the result instead of two
@@ -555,13 +556,14 @@ def split_sandwich(
     return _symmetrised(mm(AT, whole.mT), alpha, plus)
 
 
-def _symmetrised(H: Tensor, alpha: float | Tensor, plus: tuple[Tensor, Tensor] | None) -> Tensor:
+def _symmetrised(H: Tensor, alpha: float | Tensor, plus: "tuple[Tensor, float | Tensor] | None") -> Tensor:
     """:func:`split_sandwich`'s result from ``H = (A T) Aᵀ``: ``α (H + Hᵀ)`` (the same bits as ``(H + Hᵀ)/2 · 2α``:
     halving and doubling are exact), or with ``plus = (X, w)`` the sum of ``α H + (w/2) X`` and its transpose."""
     if plus is None:
         return sym_sum(H).mul_(alpha)
     X, w = plus
-    return sym_sum(H.mul_(alpha).addcmul_(X, w * 0.5))
+    H.mul_(alpha)
+    return sym_sum(H.addcmul_(X, w * 0.5) if isinstance(w, Tensor) else H.add_(X, alpha=w * 0.5))
 
 
 def ema_gram_left(L: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:
@@ -2187,7 +2189,8 @@ def _ksl(
         keep = (~fresh).to(L.dtype).view(b, 1, 1)
         inv, weight = inv * keep, weight * keep
         unit = _times((fresh.to(L.dtype) / math.sqrt(n)).view(b, 1, 1), sigma2)
-    # the split and the kept tiles write with out=, which autograd refuses: a tracked step takes neither
+    # a tracked step takes neither the split (its middle's gradient would fall on the lower tiles alone) nor the
+    # kept tiles (written into place with out=, which autograd refuses)
     tracked = torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad)
     tall_split = not tracked and split_pays(G.mT, L, held=True)
     if not tracked and split_pays(G, R):

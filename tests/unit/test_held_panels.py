@@ -150,16 +150,17 @@ def test_split_sandwich_of_held_panels_is_the_float64_product(monkeypatch, dtype
         rows = len(S.slices)
         for k in (1, 3):
             A = _randn(b, k, d, seed=k + d, dtype=dtype)
-            adds = []
+            adds, diagonal = [], []
             real_addmm = linalg.addmm_
-            # the accumulating products (a diagonal tile's goes through addmm_ too, with beta = 0)
+            # the accumulating products apart from the diagonal tiles' (made with beta = 0)
             monkeypatch.setattr(
-                linalg, "addmm_", lambda *a, **kw: (kw.get("beta", 1.0) != 0 and adds.append(1)) or real_addmm(*a, **kw)
+                linalg, "addmm_",
+                lambda *a, **kw: (diagonal if kw.get("beta", 1.0) == 0 else adds).append(1) or real_addmm(*a, **kw),
             )
             out = linalg.split_sandwich(A, S, alpha=alpha)
             monkeypatch.setattr(linalg, "addmm_", real_addmm)
             # one product a row below the first by panels, one a tile below the diagonal by tiles
-            assert len(adds) == (rows - 1 if panels else rows * (rows - 1) // 2)
+            assert len(adds) == (rows - 1 if panels else rows * (rows - 1) // 2) and len(diagonal) == rows
             expected = alpha.double() * (A.double() @ D @ A.double().mT)
             assert out.dtype == dtype and torch.equal(out, out.mT)
             assert _rel(out, expected) < (1e-12 if dtype == F64 else 2e-6)

@@ -1079,33 +1079,48 @@ def test_split_sandwich_equals_the_product_and_reads_only_the_lower_triangle(see
     close(out32.double(), expected, rtol=1e-5, atol=1e-5 * scale)
 
 
-@given(seed=SEEDS, k=st.integers(0, 6), d=st.integers(0, 13), b=st.integers(1, 3), tile=st.integers(1, 5), held=st.booleans())
-def test_split_sandwich_plus_adds_the_symmetric_part_of_its_summand_once(seed, k, d, b, tile, held):
-    """``plus = (X, w)``: ``α A S Aᵀ + w (X + Xᵀ)/2`` with per-block ``α`` and ``w``, exactly symmetric however far
-    ``X`` is from symmetric, equal to the float64 sum (a summand added to one triangle only, at twice its weight,
-    scaled by ``α`` too, or left unsymmetrised fails), from a dense middle and from its held tiles; ``X`` is only
-    read."""
+@given(
+    seed=SEEDS, k=st.integers(0, 6), d=st.integers(0, 13), b=st.integers(1, 3), tile=st.integers(1, 5),
+    middle=st.sampled_from(["dense", "tiles", "panels"]), f32=st.booleans(), number=st.booleans(),
+)
+def test_split_sandwich_plus_adds_the_symmetric_part_of_its_summand_once(seed, k, d, b, tile, middle, f32, number):
+    """``plus = (X, w)``: ``α A S Aᵀ + w (X + Xᵀ)/2`` with a per-block ``α`` and a per-block or plain ``w``, exactly
+    symmetric however far ``X`` is from symmetric, equal to the float64 sum (a summand added to one triangle only,
+    at twice its weight, scaled by ``α`` too, or left unsymmetrised fails), from a dense middle and from its held
+    tiles, tile by tile or by row panels; the buffer the products fill is never read uninitialised (it is NaN
+    here); ``X`` is only read."""
     gen = generator(seed)
     A, X = randn(gen, b, k, d), randn(gen, b, k, k)
     S = linalg.sym(randn(gen, b, d, d))
     alpha = torch.rand(b, 1, 1, generator=gen, dtype=F64) + 0.5
-    w = torch.rand(b, 1, 1, generator=gen, dtype=F64) * 3 - 1
+    w = 0.75 if number else torch.rand(b, 1, 1, generator=gen, dtype=F64) * 3 - 1
     expected = alpha * (A @ S @ A.mT) + w * (X + X.mT) / 2
+    dtype = torch.float32 if f32 else F64
+    A, X, S, alpha = A.to(dtype), X.to(dtype), S.to(dtype), alpha.to(dtype)
+    w = w if number else w.to(dtype)
     before = X.clone()
+    real_empty = torch.empty
     with pytest.MonkeyPatch.context() as patch:
         _tiling(patch, tile, True)
-        middle = S
-        if held:
-            middle, _, _ = linalg.sym_product_stats(
-                torch.zeros(b, d, d, dtype=F64), S, torch.eye(d, dtype=F64).expand(b, d, d), beta=0.0, alpha=1.0, tiles=True
+        patch.setattr(linalg, "_held_panels", lambda: middle == "panels")
+        held = S
+        if middle != "dense":
+            held, _, _ = linalg.sym_product_stats(
+                torch.zeros(b, d, d, dtype=dtype), S, torch.eye(d, dtype=dtype).expand(b, d, d), beta=0.0, alpha=1.0, tiles=True
             )
-            assert d == 0 or isinstance(middle, linalg.LowerTiles)
-        out = linalg.split_sandwich(A, middle, alpha=alpha, plus=(X, w))
-        plain = linalg.split_sandwich(A, middle, alpha=alpha)
-    assert torch.equal(X, before) and out.shape == (b, k, k)
+            assert d == 0 or isinstance(held, linalg.LowerTiles)
+            assert bool(getattr(held, "panels", None)) is (middle == "panels" and d > tile)
+        patch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+        out = linalg.split_sandwich(A, held, alpha=alpha, plus=(X, w))
+        plain = linalg.split_sandwich(A, held, alpha=alpha)
+    assert torch.equal(X, before) and out.shape == (b, k, k) and out.dtype == dtype
     assert torch.equal(out, out.mT)
-    close(out, expected)
-    close(out - plain, w * (X + X.mT) / 2)
+    if f32:
+        scale = max([1.0, *expected.abs().flatten().tolist()])
+        close(out.double(), expected, rtol=1e-5, atol=1e-5 * scale)
+    else:
+        close(out, expected)
+        close(out - plain, w * (X + X.mT) / 2)
 
 
 @pytest.mark.parametrize("in_place", [False, True])
