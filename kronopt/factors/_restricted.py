@@ -55,7 +55,8 @@ def _reproject(
 
 def rounding_floor(d: int, dtype: torch.dtype) -> float:
     """``max(d, 16)`` ulps of ``dtype``: the relative size below which a difference of traces or energies over a side of
-    ``d`` (a restricted side's flat eigenvalue) is taken as its rounding, 0. On small sides the rounding of such a
+    ``d`` (a restricted side's flat eigenvalue: the ``ema`` and ``projector_splitting`` estimators' complement energy,
+    a re-projection's μ') is taken as its rounding, 0. On small sides the rounding of such a
     difference reached 9.4 ulps of its total (``d = 2, r = 1``: a re-projection within the same subspace left μ' at
     8.9e-16 of a total of order 1 in float64, above ``d`` ulps), hence the 16."""
     return max(d, 16) * torch.finfo(dtype).eps
