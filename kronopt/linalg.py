@@ -2721,6 +2721,16 @@ def kl_clamp_value(d: int, max_clamp: float) -> float:
     return float(max(10.0, min(float(d), float(max_clamp))))
 
 
+def rounding_floor(d: int, dtype: torch.dtype) -> float:
+    """``max(d, 16)`` ulps of ``dtype``: the relative size below which a quantity over a side of ``d`` is taken as its
+    rounding, 0. A difference of traces or energies (a restricted side's flat eigenvalue: the ``ema`` and
+    ``projector_splitting`` estimators' complement energy, a re-projection's μ'), relative to its total; an eigenvalue a
+    solver found (:func:`whitened_complement_norm`), relative to the largest. On small sides the rounding of such a
+    difference reached 9.4 ulps of its total (``d = 2, r = 1``: a re-projection within the same subspace left μ' at
+    8.9e-16 of a total of order 1 in float64, above ``d`` ulps), hence the 16."""
+    return max(d, 16) * torch.finfo(dtype).eps
+
+
 def finite_or_zero(x: Tensor) -> Tensor:
     """``x`` with NaN and ±inf replaced by 0."""
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
@@ -2864,7 +2874,7 @@ def project_out_right(M: Tensor, U: Tensor, MU: Tensor | None = None) -> Tensor:
 
 
 def whitened_complement_norm(
-    C: Tensor, Q_other: Tensor | None, lam_other: Tensor | None, mu: Tensor, *, restricted: str
+    C: Tensor, Q_other: Tensor | None, lam_other: Tensor | None, mu: Tensor, *, restricted: str, solved: bool = False
 ) -> Tensor:
     r"""Frobenius norm of the complement block as full KL-Shampoo would step it, ``(b 1 1)``.
 
@@ -2880,6 +2890,14 @@ def whitened_complement_norm(
     ``Q_other``/``lam_other`` ``None`` means the other side is not rotated
     (identity, unit eigenvalues). :math:`\lambda = +\infty` gives a zero weight; a zero
     or negative :math:`\lambda` a non-finite :math:`\nu`.
+
+    ``solved``: ``lam_other`` are a solver's eigenvalues of the other side's factor (the basis's, from eigh or
+    Rayleigh quotients at its last refresh), not estimates an estimator keeps positive (KL's tracked ones, clamped).
+    Those within the solver's rounding of zero (at most :func:`rounding_floor` of the largest finite one) are not known
+    to be positive: the norm takes the pseudo-inverse root there, a zero weight, as the identity of
+    pro_kl_shampoo.md §4 does on a rank-deficient block. (The factor of a side that was rank-deficient at the last
+    refresh, DyKAF's rank-one start or a first gradient with fewer columns than rows, has such estimates; their
+    inverse roots, 1e7–1e8 in float64, made the complement block 1e8 times an Adam step.)
     The weights scale the columns of :math:`Q_L` (``m × m``) before the product, so the
     norm is one contiguous pass over the product, not a strided reduction per column and
     a weighted copy (the left-restricted case reduces its columns). Cost: one ``m × m × n`` product.
@@ -2892,7 +2910,13 @@ def whitened_complement_norm(
     _check_batched("C", C)
     if restricted not in ("left", "right"):
         raise ValueError(f"restricted must be 'left' or 'right', got {restricted!r}")
-    weight = None if lam_other is None else lam_other.rsqrt().unsqueeze(-2)  # (b 1 k), on the columns of Q
+    weight = None
+    if lam_other is not None:
+        weight = lam_other.rsqrt()
+        if solved:  # the pseudo-inverse root on the solver's rounding; a NaN or infinite estimate weighs 0 too
+            top = torch.where(lam_other < math.inf, lam_other, 0.0).amax(-1, keepdim=True)
+            weight = torch.where(lam_other > top * rounding_floor(lam_other.shape[-1], lam_other.dtype), weight, 0.0)
+        weight = weight.unsqueeze(-2)  # (b 1 k), on the columns of Q
     if Q_other is None:
         X = C if weight is None else C * (weight.mT if restricted == "right" else weight)
     else:

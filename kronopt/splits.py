@@ -197,8 +197,10 @@ class LowRankFlatSplit:
         ).to(D.dtype)
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
-            nu = linalg.whitened_complement_norm(C, Q_other, lam_other, mu, restricted=side)
-            # μ = 0 or λ ≤ 0 (an EMA estimator that has seen no complement energy yet): no complement block
+            nu = linalg.whitened_complement_norm(
+                C, Q_other, lam_other, mu, restricted=side, solved=ctx.eigvals_from_basis
+            )
+            # μ = 0 (an estimator whose complement has seen no energy yet) or a tracked λ ≤ 0: no complement block
             w = linalg.rescale_factor(O, linalg.finite_or_zero(nu))
         elif self.complement_scale == "match_subspace_rms":
             d, r = (layout.m, layout.rank_left) if side == "left" else (layout.n, layout.rank_right)

@@ -49,14 +49,5 @@ def _reproject(
     # turns the subspace within itself), as the estimators' updates keep it (see EmaKronFactors._restricted)
     d, r = U_new.shape[-2], U_new.shape[-1]
     total = torch.diagonal(sub, dim1=-2, dim2=-1).sum(-1).abs() + (d - r) * mu.abs()
-    floor = rounding_floor(d, mu.dtype) * total / max(d - r, 1)
+    floor = linalg.rounding_floor(d, mu.dtype) * total / max(d - r, 1)
     return sub_new, torch.where(mu_new > floor, mu_new, 0.0)
-
-
-def rounding_floor(d: int, dtype: torch.dtype) -> float:
-    """``max(d, 16)`` ulps of ``dtype``: the relative size below which a difference of traces or energies over a side of
-    ``d`` (a restricted side's flat eigenvalue: the ``ema`` and ``projector_splitting`` estimators' complement energy,
-    a re-projection's μ') is taken as its rounding, 0. On small sides the rounding of such a
-    difference reached 9.4 ulps of its total (``d = 2, r = 1``: a re-projection within the same subspace left μ' at
-    8.9e-16 of a total of order 1 in float64, above ``d`` ulps), hence the 16."""
-    return max(d, 16) * torch.finfo(dtype).eps

@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, lt, to_beta, unless_tie
 from ..registry import FACTORS
-from ._restricted import factors_or_power, flat_eigvals, follow_subspace, rounding_floor
+from ._restricted import factors_or_power, flat_eigvals, follow_subspace
 from ..types import BasisChange, FactorCapabilities, Layout, NoState, StepContext
 
 
@@ -127,7 +127,7 @@ class EmaKronFactors:
         # ‖G‖² − ‖G U‖² cancels: at the size of its rounding it is no complement energy at all, so μ stays exactly 0
         # until the complement has seen some (LowRankFlatSplit leaves the "whitened" complement out at μ = 0; the
         # rounding left in μ would be whitened by μ^{-1/2}, 1e4 .. 1e8 times the step)
-        energy = torch.where(energy > rounding_floor(n, G.dtype) * total, energy, 0.0)
+        energy = torch.where(energy > linalg.rounding_floor(n, G.dtype) * total, energy, 0.0)
         mu_new = torch.lerp(mu, energy / (n - r), 1 - beta)
         sub_new = linalg.accumulate_gram_right(sub, Y, beta, 1 - beta)
         if not power_follows:

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
-from ._restricted import factors_or_power, flat_eigvals, follow_subspace, rounding_floor
+from ._restricted import factors_or_power, flat_eigvals, follow_subspace
 from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
 VARIANTS: tuple[str, ...] = ("ksl", "parallel")
@@ -251,7 +251,7 @@ class ProjectorSplittingFactors:
             # rounding where v lies in U₀, as the SVD start's top vector does. Counted as 0 below its rounding, as
             # EmaKronFactors counts its complement energy: μ of rounding would be whitened by μ^{-1/2} (1e7 × a step)
             outside = 1.0 - w.square().sum((-2, -1))
-            outside = torch.where(outside > rounding_floor(n, G.dtype), outside, 0.0)
+            outside = torch.where(outside > linalg.rounding_floor(n, G.dtype), outside, 0.0)
             mu0 = scale.view(b) * outside / k
             starting = ~initialised & nonzero
             return (
@@ -286,7 +286,7 @@ class ProjectorSplittingFactors:
         trace_sub = torch.diagonal(YZ, dim1=-2, dim2=-1).sum(-1)
         # the complement's share of ⟨U_L, G Gᵀ⟩, a difference: 0 below its rounding (as the start's, above)
         energy = trace_full - trace_sub
-        energy = torch.where(energy > rounding_floor(n, G.dtype) * trace_full.abs(), energy, 0.0)
+        energy = torch.where(energy > linalg.rounding_floor(n, G.dtype) * trace_full.abs(), energy, 0.0)
         mu_hat = (c.view(b) * mu + energy / k).clamp(min=0.0)
         root = (sub_hat.square().sum((-2, -1)) + (n - r) * mu_hat.square()).sqrt().sqrt().view(b, 1, 1)
         inv = 1.0 / root.clamp(min=tiny) / sigma

@@ -734,8 +734,10 @@ def test_pro_adam_presets_with_the_fixed_complement_scales(monkeypatch, preset, 
 def test_pro_soap_with_the_whitened_complement_scale(monkeypatch, side):
     """``complement_scale = "whitened"`` beside EMA factors (offered by the preset's comment): NS(C) rescaled to
     μ^{−1/2}‖diag(λ_L^{−1/2}) Q_Lᵀ C‖_F with the basis's eigenvalue estimates (docs/stages.md `qr`: eigh's at the
-    first refresh, then the sorted Rayleigh quotients of the old basis) and the EMA's flat μ; a non-finite norm
-    gives no complement block."""
+    first refresh, then the sorted Rayleigh quotients of the old basis) and the EMA's flat μ; an estimate within
+    the solver's rounding of zero (``max(k, 16)`` ulps of the largest: the 8 × 6 block's left factor after its first
+    gradient has two) weighs its direction 0, the pseudo-inverse root; a non-finite norm (μ = 0) gives no complement
+    block."""
     current = {}
     plain_initial, plain_refresh, plain_update = pro_soap_ref.initial_basis, pro_soap_ref.refresh_side, pro_soap_ref.pro_soap_update
 
@@ -753,7 +755,11 @@ def test_pro_soap_with_the_whitened_complement_scale(monkeypatch, side):
     def complement_block(C, D, r, hp):
         s = current["state"]
         O = pro_soap_ref.newton_schulz(C, pro_soap_ref.ns_schedule(hp.ns_coefficients, hp.ns_steps), eps=hp.ns_eps)
-        nu = float(torch.linalg.norm(torch.diag(s.lam.clamp(min=0.0).rsqrt()) @ s.Q_L.T @ C)) / math.sqrt(s.mu)
+        # the pseudo-inverse root below the eigensolver's rounding: max(k, 16) ulps of the largest estimate
+        k = s.lam.numel()
+        known = s.lam > max(k, 16) * torch.finfo(s.lam.dtype).eps * s.lam.max()
+        weights = torch.where(known, s.lam.clamp(min=1e-300).rsqrt(), torch.zeros_like(s.lam))
+        nu = float(torch.linalg.norm(torch.diag(weights) @ s.Q_L.T @ C)) / math.sqrt(s.mu)
         norm_O = float(torch.linalg.norm(O))
         return hp.complement_mult * nu * O / norm_O if norm_O > 0 and math.isfinite(nu) else torch.zeros_like(C)
 

@@ -446,6 +446,40 @@ def test_whitened_norm_edge_eigenvalues(gen):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_whitened_norm_of_solver_eigenvalues_takes_the_pseudo_inverse_root_below_their_rounding(gen, dtype):
+    """``solved``: the other side's eigenvalues are an eigensolver's. A factor of rank 2 (6 × 6, the other side of
+    a block whose first gradient has 2 rows) has four eigenvalues of the size of rounding, of either sign; the norm
+    is that of ``(L⁺)^{1/2} C`` (``torch.linalg.pinv`` of the float64 factor, its own rank cut), finite, where the
+    plain inverse root weighs those directions by 1e7 or more, or gives a NaN. Estimates at 17 ulps of the largest
+    and at 1e-3 keep their weights; NaN and infinite ones weigh 0."""
+    m, n = 6, 9
+    A = randn(gen, 1, m, 2)
+    L = (A @ A.mT).to(dtype)  # rank 2
+    lam, Q = torch.linalg.eigh(L)
+    C = randn(gen, 1, m, n).to(dtype)
+    mu = torch.tensor([0.25], dtype=dtype)
+    got = linalg.whitened_complement_norm(C, Q, lam, mu, restricted="right", solved=True)
+    L64 = (A @ A.mT)[0]
+    w, V = torch.linalg.eigh(torch.linalg.pinv(L64, hermitian=True))
+    root = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.mT  # (L⁺)^{1/2}
+    expected = (root @ C[0].double()).norm() / 0.5
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(got.view(()).double(), expected, rtol=tol, atol=0)
+    plain = linalg.whitened_complement_norm(C, Q, lam, mu, restricted="right")
+    assert not (plain.abs() < 1e3 * expected).all(), "the plain inverse root of rounding should blow the norm up"
+    # the left-restricted case reads C's columns: the same through C's transpose
+    got_left = linalg.whitened_complement_norm(C.mT, Q, lam, mu, restricted="left", solved=True)
+    torch.testing.assert_close(got_left, got, rtol=tol, atol=0)
+    # just above the floor (max(k, 16) ulps of the largest) an estimate keeps its weight; NaN, ±inf weigh 0
+    eps = torch.finfo(torch.float64).eps
+    lam2 = torch.tensor([[17 * eps * 2.0, 1e-3, 2.0, math.nan, math.inf, -math.inf]], dtype=torch.float64)
+    C2, Q2 = randn(gen, 1, m, n), torch.eye(m, dtype=torch.float64).unsqueeze(0)
+    got2 = linalg.whitened_complement_norm(C2, Q2, lam2, torch.ones(1, dtype=torch.float64), restricted="right", solved=True)
+    weights = torch.tensor([(17 * eps * 2.0) ** -0.5, 1e-3**-0.5, 2.0**-0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(got2.view(()), (C2[0] * weights.unsqueeze(-1)).norm(), rtol=1e-12, atol=0)
+
+
 def test_spike_and_flat_restricted_preconditioner_equals_full_kl_shampoo(gen):
     """§10 test 4 through the stages: subspace block (inner rule) + whitened complement = L^{-1/2} M R^{-1/2}."""
     m, n, r, mu0 = 4, 9, 3, 0.7
