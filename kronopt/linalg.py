@@ -2722,13 +2722,21 @@ def kl_clamp_value(d: int, max_clamp: float) -> float:
 
 
 def rounding_floor(d: int, dtype: torch.dtype) -> float:
-    """``max(d, 16)`` ulps of ``dtype``: the relative size below which a quantity over a side of ``d`` is taken as its
-    rounding, 0. A difference of traces or energies (a restricted side's flat eigenvalue: the ``ema`` and
-    ``projector_splitting`` estimators' complement energy, a re-projection's μ'), relative to its total; an eigenvalue a
-    solver found (:func:`whitened_complement_norm`), relative to the largest. On small sides the rounding of such a
+    """``max(d, 16)`` ulps of ``dtype``: the relative size below which a difference of traces or energies over a side of
+    ``d`` (a restricted side's flat eigenvalue: the ``ema`` and ``projector_splitting`` estimators' complement energy,
+    a re-projection's μ') is taken as its rounding, 0. On small sides the rounding of such a
     difference reached 9.4 ulps of its total (``d = 2, r = 1``: a re-projection within the same subspace left μ' at
     8.9e-16 of a total of order 1 in float64, above ``d`` ulps), hence the 16."""
     return max(d, 16) * torch.finfo(dtype).eps
+
+
+def eigenvalue_floor(k: int, dtype: torch.dtype) -> float:
+    """``4 √max(k, 16)`` ulps of ``dtype`` (16 up to ``k = 16``, 128 at ``k = 1024``): the relative size, to the largest,
+    below which an eigensolver's eigenvalue of a ``k × k`` symmetric PSD factor is taken as its rounding. A
+    rank-deficient factor's null eigenvalues (an EMA of ``G Gᵀ`` over gradients of a lower rank, float32 and float64)
+    came out within 1.5 ulps of the largest at ``k ≤ 64``, 4.9 at 256 and 8.2 at 1024; a real eigenvalue at the floor
+    keeps most of its digits (float32 ``eigh`` erred by 3.5e-7 of the largest at ``k = 1024``)."""
+    return 4.0 * math.sqrt(max(k, 16)) * torch.finfo(dtype).eps
 
 
 def finite_or_zero(x: Tensor) -> Tensor:
@@ -2888,13 +2896,13 @@ def whitened_complement_norm(
 
     (the left-restricted case mirrors it: :math:`\mu^{-1/2}\|C Q_R \mathrm{diag}(\lambda_R^{-1/2})\|_F`).
     ``Q_other``/``lam_other`` ``None`` means the other side is not rotated
-    (identity, unit eigenvalues). :math:`\lambda = +\infty` gives a zero weight; a zero
-    or negative :math:`\lambda` a non-finite :math:`\nu`.
+    (identity, unit eigenvalues). :math:`\lambda = +\infty` gives a zero weight; without ``solved`` a zero
+    or negative :math:`\lambda` gives a non-finite :math:`\nu`.
 
     ``solved``: ``lam_other`` are a solver's eigenvalues of the other side's factor (the basis's, from eigh or
-    Rayleigh quotients at its last refresh), not estimates an estimator keeps positive (KL's tracked ones, clamped).
-    Those within the solver's rounding of zero (at most :func:`rounding_floor` of the largest finite one) are not known
-    to be positive: the norm takes the pseudo-inverse root there, a zero weight, as the identity of
+    Rayleigh quotients at its last refresh), not estimates an estimator keeps positive (KL's tracked ones, read as
+    ``1/s²``). Those within the solver's rounding of zero (at most :func:`eigenvalue_floor` of the block's largest
+    finite one) are not known to be positive: the norm takes the pseudo-inverse root there, a zero weight, as the identity of
     pro_kl_shampoo.md §4 does on a rank-deficient block. (The factor of a side that was rank-deficient at the last
     refresh, DyKAF's rank-one start or a first gradient with fewer columns than rows, has such estimates; their
     inverse roots, 1e7–1e8 in float64, made the complement block 1e8 times an Adam step.)
@@ -2913,9 +2921,10 @@ def whitened_complement_norm(
     weight = None
     if lam_other is not None:
         weight = lam_other.rsqrt()
-        if solved:  # the pseudo-inverse root on the solver's rounding; a NaN or infinite estimate weighs 0 too
+        k = lam_other.shape[-1]
+        if solved and k > 0:  # the pseudo-inverse root on the solver's rounding; a NaN or infinite estimate weighs 0 too
             top = torch.where(lam_other < math.inf, lam_other, 0.0).amax(-1, keepdim=True)
-            weight = torch.where(lam_other > top * rounding_floor(lam_other.shape[-1], lam_other.dtype), weight, 0.0)
+            weight = torch.where(lam_other > top * eigenvalue_floor(k, lam_other.dtype), weight, 0.0)
         weight = weight.unsqueeze(-2)  # (b 1 k), on the columns of Q
     if Q_other is None:
         X = C if weight is None else C * (weight.mT if restricted == "right" else weight)

@@ -118,7 +118,9 @@ class StepContext:
         eigvals_from_basis: whether ``eigvals`` are the basis's own (the factor estimator
             provides none). When they are not, nothing reads the basis's estimates, and a
             basis may skip them at a refresh and keep the ones it had (``qr`` without
-            ``sort`` then skips its Rayleigh quotients).
+            ``sort`` then skips its Rayleigh quotients). When they are, they are a solver's,
+            known only down to its rounding: the ``lowrank_flat`` split's whitened norm
+            gives the ones within it the pseudo-inverse root's zero weight.
         flat: the flat eigenvalue ``mu (b)`` of each restricted side (the value of
             :math:`\hat R = U S U^\top + \mu P_\perp` on the complement), from the
             factor estimator's ``flat_eigvals``; ``None`` on a side that is not restricted.

@@ -735,7 +735,7 @@ def test_pro_soap_with_the_whitened_complement_scale(monkeypatch, side):
     """``complement_scale = "whitened"`` beside EMA factors (offered by the preset's comment): NS(C) rescaled to
     μ^{−1/2}‖diag(λ_L^{−1/2}) Q_Lᵀ C‖_F with the basis's eigenvalue estimates (docs/stages.md `qr`: eigh's at the
     first refresh, then the sorted Rayleigh quotients of the old basis) and the EMA's flat μ; an estimate within
-    the solver's rounding of zero (``max(k, 16)`` ulps of the largest: the 8 × 6 block's left factor after its first
+    the solver's rounding of zero (``4 √max(k, 16)`` ulps of the largest: the 8 × 6 block's left factor after its first
     gradient has two) weighs its direction 0, the pseudo-inverse root; a non-finite norm (μ = 0) gives no complement
     block."""
     current = {}
@@ -755,9 +755,9 @@ def test_pro_soap_with_the_whitened_complement_scale(monkeypatch, side):
     def complement_block(C, D, r, hp):
         s = current["state"]
         O = pro_soap_ref.newton_schulz(C, pro_soap_ref.ns_schedule(hp.ns_coefficients, hp.ns_steps), eps=hp.ns_eps)
-        # the pseudo-inverse root below the eigensolver's rounding: max(k, 16) ulps of the largest estimate
+        # the pseudo-inverse root below the eigensolver's rounding: 4 √max(k, 16) ulps of the largest estimate
         k = s.lam.numel()
-        known = s.lam > max(k, 16) * torch.finfo(s.lam.dtype).eps * s.lam.max()
+        known = s.lam > 4 * math.sqrt(max(k, 16)) * torch.finfo(s.lam.dtype).eps * s.lam.max()
         weights = torch.where(known, s.lam.clamp(min=1e-300).rsqrt(), torch.zeros_like(s.lam))
         nu = float(torch.linalg.norm(torch.diag(weights) @ s.Q_L.T @ C)) / math.sqrt(s.mu)
         norm_O = float(torch.linalg.norm(O))

@@ -471,13 +471,55 @@ def test_whitened_norm_of_solver_eigenvalues_takes_the_pseudo_inverse_root_below
     # the left-restricted case reads C's columns: the same through C's transpose
     got_left = linalg.whitened_complement_norm(C.mT, Q, lam, mu, restricted="left", solved=True)
     torch.testing.assert_close(got_left, got, rtol=tol, atol=0)
-    # just above the floor (max(k, 16) ulps of the largest) an estimate keeps its weight; NaN, ±inf weigh 0
+    # the floor, 4 √max(k, 16) ulps of each block's largest (16 ulps at k = 6, 128 at k = 1024): an estimate just
+    # above keeps its weight, one just below weighs 0, as NaN and ±inf do; per block, at any scale of the factor
     eps = torch.finfo(torch.float64).eps
-    lam2 = torch.tensor([[17 * eps * 2.0, 1e-3, 2.0, math.nan, math.inf, -math.inf]], dtype=torch.float64)
-    C2, Q2 = randn(gen, 1, m, n), torch.eye(m, dtype=torch.float64).unsqueeze(0)
-    got2 = linalg.whitened_complement_norm(C2, Q2, lam2, torch.ones(1, dtype=torch.float64), restricted="right", solved=True)
-    weights = torch.tensor([(17 * eps * 2.0) ** -0.5, 1e-3**-0.5, 2.0**-0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(got2.view(()), (C2[0] * weights.unsqueeze(-1)).norm(), rtol=1e-12, atol=0)
+    for scale in (2.0, 2e-10, 2e10):
+        lam2 = scale * torch.tensor([[17 * eps, 15 * eps, 1e-3, 1.0, math.nan, math.inf, -math.inf]], dtype=torch.float64)
+        weights = torch.tensor([(17 * eps) ** -0.5, 0.0, 1e-3**-0.5, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64) / math.sqrt(scale)
+        C2, Q2 = randn(gen, 1, 7, n), torch.eye(7, dtype=torch.float64).unsqueeze(0)
+        got2 = linalg.whitened_complement_norm(C2, Q2, lam2, torch.ones(1, dtype=torch.float64), restricted="right", solved=True)
+        torch.testing.assert_close(got2.view(()), (C2[0] * weights.unsqueeze(-1)).norm(), rtol=1e-12, atol=0)
+    k = 1024
+    lam3 = torch.ones(2, k, dtype=torch.float64)
+    lam3[0, 1], lam3[0, 2] = 130 * eps, 126 * eps
+    lam3[1, 1], lam3[1, 2:] = 200 * eps, 1e-20  # the second block 1e-10 the first's size: its own floor, not the first's
+    lam3[1] *= 1e-10
+    C3, Q3 = randn(gen, 2, k, 2), torch.eye(k, dtype=torch.float64).expand(2, k, k)
+    got3 = linalg.whitened_complement_norm(C3, Q3, lam3, torch.ones(2, dtype=torch.float64), restricted="right", solved=True)
+    w3 = lam3.rsqrt()
+    w3[0, 2], w3[1, 2:] = 0.0, 0.0
+    torch.testing.assert_close(got3.view(-1), (C3 * w3.unsqueeze(-1)).norm(dim=(-2, -1)), rtol=1e-12, atol=0)
+    # no eigenvalues (k = 0): no weights, a zero norm
+    empty = linalg.whitened_complement_norm(C3[:, :0], None, lam3[:, :0], torch.ones(2, dtype=torch.float64), restricted="right", solved=True)
+    assert empty.shape == (2, 1, 1) and not empty.any()
+
+
+def test_the_split_floors_a_basis_s_eigenvalues_and_not_a_kl_estimator_s(gen):
+    """``lowrank_flat``'s whitened complement passes ``ctx.eigvals_from_basis`` as ``solved``: the same eigenvalues
+    (a spread of 1e17, beyond any floor) weigh the complement by their inverse roots where a KL estimator tracks them
+    (pro_kl_shampoo) and by the pseudo-inverse root's 0 below the floor where they are the basis's."""
+    m, n, r = 5, 8, 3
+    layout = Layout(batch=1, m=m, n=n, left="full", right="restricted", rank_right=r)
+    Q_L, U = torch.linalg.qr(randn(gen, 1, m, m))[0], torch.linalg.qr(randn(gen, 1, n, r))[0]
+    lam_L = torch.tensor([[1.0, 0.5, 0.1, 1e-17, 1e-17]], **F64)
+    basis = BasisState(Q_L=Q_L, Q_R=U, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
+    M = randn(gen, 1, m, n)
+    split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=12, ns_dtype="float64", complement_scale="whitened")
+    mu = torch.tensor([0.5], **F64)
+    C = linalg.project_out_right(M, U)
+    blocks = {}
+    for own in (True, False):
+        ctx = StepContext(step=1, layout=layout, basis=basis, eigvals=(lam_L, torch.ones(1, r, **F64)),
+                          eigvals_from_basis=own, flat=(None, mu))
+        D, _ = split.complement(None, M, torch.zeros_like(M), ctx, lambda: M)
+        blocks[own] = D.norm().item()
+    rotated = Q_L.mT @ C
+    kept = [0, 1, 2]
+    expected_basis = (rotated[:, kept] * lam_L[:, kept].rsqrt().unsqueeze(-1)).norm().item() / math.sqrt(0.5)
+    expected_kl = (rotated * lam_L.rsqrt().unsqueeze(-1)).norm().item() / math.sqrt(0.5)
+    assert math.isclose(blocks[True], expected_basis, rel_tol=1e-9), (blocks[True], expected_basis)
+    assert math.isclose(blocks[False], expected_kl, rel_tol=1e-9), (blocks[False], expected_kl)
 
 
 def test_spike_and_flat_restricted_preconditioner_equals_full_kl_shampoo(gen):
@@ -511,7 +553,9 @@ def test_spike_and_flat_restricted_preconditioner_equals_full_kl_shampoo(gen):
     est = KlKronFactors(clamping=False)
     kl = attrs.evolve(est.init(layout, **F64), s_L=lam_P.rsqrt(), s_R=e.eigenvalues.rsqrt(), mu_R=torch.tensor([mu0], **F64))
     basis = BasisState(Q_L=Q_P, Q_R=U_eig, lam_L=None, lam_R=None, failures=torch.zeros(1, dtype=torch.int64))
-    ctx = StepContext(step=1, layout=layout, basis=basis, eigvals=est.eigvals(kl), flat=est.flat_eigvals(kl))
+    ctx = StepContext(
+        step=1, layout=layout, basis=basis, eigvals=est.eigvals(kl), eigvals_from_basis=False, flat=est.flat_eigvals(kl)
+    )
     for scale in ("identity", "whitened"):
         split = LowRankFlatSplit(ns_coefficients="polar_express", ns_steps=12, ns_dtype="float64", complement_scale=scale)
         inner = rule.init(layout, **F64)
