@@ -2948,7 +2948,11 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
     step :math:`U' = \mathrm{orth}(P V)`, so the columns come out ordered by their Ritz
     values :math:`E` (the new eigenvalue estimates). A vanishing direction of
     :math:`P` keeps the matching current direction (a ``10⁻¹⁶``-relative multiple of
-    :math:`U V` is added before the QR). Blocks whose output is not finite keep
+    :math:`U V` is added before the QR); a direction whose Ritz value is within the
+    solver's rounding of zero (:func:`eigenvalue_floor` of the largest) takes the
+    current one, :math:`(U V)_j`, whole: its column of :math:`P V` is rounding, as large
+    as that multiple, and would pick a direction (and a subspace) by the rounding,
+    another in a stack than alone. Blocks whose output is not finite keep
     :math:`U`. Cost :math:`O(d r^2 + r^3)`.
 
     Returns:
@@ -2973,14 +2977,28 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
         except ArithmeticError:
             return U, lam, torch.zeros_like(finite)
         V, lam_new, ok = eig.Q, eig.lam, ok & eig.ok
+        # Ritz values within the solver's rounding of zero (the last c): their vectors V_c are any basis of their span,
+        # which rounding picks (another in a stack than alone). Take the one whose last c rows are lower triangular
+        # with a positive diagonal, V_c Q with Q R the QR of those rows' transpose Mᵀ: the same whatever basis the
+        # solver returned (V_c S, S orthogonal, has rows M S, whose transpose's Q is Sᵀ Q). Where none vanish, V I = V
+        vanish = lam_new <= lam_new.amax(-1, keepdim=True) * eigenvalue_floor(r, lam_new.dtype)
+        both = vanish.unsqueeze(-1) & vanish.unsqueeze(-2)
+        V = mm(V, orthonormalize(torch.where(both, V.mT, torch.eye(r, dtype=V.dtype, device=V.device))))
         if _by_onednn(V.mT, P.mT):
             # W = P V + δ U V laid column-major, as the .mT of Vᵀ Pᵀ + δ Vᵀ Uᵀ: the layout LAPACK's QR works in, so
             # it is factored where it lies (orthonormalize's overwrite), not copied across first. oneDNN makes each
             # block apart, whatever the stack; MKL rounds the r × r by r × d product by the stack's size (ranks 5,
             # 6, 10 measured), so there the d × r by r × r order stays (DESIGN.md's invariant 4)
-            W = mm(V.mT, P.mT).add_(mm(V.mT, U.mT).mul_(delta)).mT
+            UVt = mm(V.mT, U.mT)
+            W, UV = mm(V.mT, P.mT).add_(UVt * delta).mT, UVt.mT
         else:
-            W = P @ V + delta * (U @ V)
+            UV = U @ V
+            W = P @ V + delta * UV
+        # a Ritz value of rounding: that direction of U V, not P V's rounding (W written where it lies, where it may)
+        if _plain(W):
+            torch.where(vanish.unsqueeze(-2), UV, W, out=W)
+        else:
+            W = torch.where(vanish.unsqueeze(-2), UV, W)
     U_new = orthonormalize(W, overwrite=True)
     if lam_new is None:
         lam_new = (U_new * P).sum(-2)

@@ -1357,6 +1357,50 @@ def test_restricted_refresh_keeps_float32_range(first):
         torch.testing.assert_close(lam_new / scale, lam_ref, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_restricted_refresh_of_a_rank_deficient_factor_picks_its_vanishing_directions_whatever_the_solver(
+    monkeypatch, dtype
+):
+    """A later refresh of a restricted side whose factor has rank 3 on a subspace of rank r = 6 (pro_dykaf's 40-wide
+    side after two gradients): three Ritz values are rounding, and their Ritz vectors any basis of their span, which
+    the solver's rounding picks (another in a stack than alone: a bucket's steps parted from its blocks' alone by
+    4–29 %). The new subspace is span(P V_real) ⊕ span(U V_c), the vanishing directions kept as they are (checked
+    against an independent projection), and the basis the same, to rounding, when the solver returns the vanishing
+    vectors rotated by any orthogonal S or with flipped signs."""
+    gen = generator(5)
+    d, r, rank = 40, 6, 3
+    B = orthonormal(gen, 1, d)[:, :, :rank]
+    A = B @ torch.diag_embed(torch.tensor([[3.0, 1.0, 0.25]], dtype=F64)) @ B.mT  # rank 3
+    U = orthonormal(gen, 1, d)[:, :, :r]
+    P = A @ U
+    Pd, Ud, lam = P.to(dtype), U.to(dtype), torch.ones(1, r, dtype=dtype)
+    U_new, lam_new, ok = linalg.restricted_refresh(Pd, Ud, lam, first=False)
+    assert ok.all()
+    tol = 1e-10 if dtype == F64 else 2e-4
+    # the span: the three real power directions and the three vanishing directions of U, in float64
+    rayleigh = U.mT @ P
+    w, V = torch.linalg.eigh((rayleigh + rayleigh.mT) / 2)
+    real, null = V[..., -rank:], V[..., :-rank]
+    expected = torch.cat([P @ real, U @ null], dim=-1)
+    projector = U_new.double() @ U_new.double().mT
+    assert ((expected - projector @ expected).norm() / expected.norm()).item() <= tol
+    assert (lam_new[0, rank:].abs() <= 1e-5 * lam_new[0, 0]).all()
+    eigh = linalg.eigh_descending
+    for seed in range(3):
+        S = orthonormal(generator(100 + seed), 1, r - rank).to(dtype) * (-1) ** seed
+
+        def rotated(X, S=S):
+            e = eigh(X)
+            Q = e.Q.clone()
+            Q[..., rank:] = Q[..., rank:] @ S  # another basis of the vanishing Ritz vectors' span
+            return linalg.Eigh(Q=Q, lam=e.lam, ok=e.ok)
+
+        monkeypatch.setattr(linalg, "eigh_descending", rotated)
+        again = linalg.restricted_refresh(Pd, Ud, lam, first=False)[0]
+        monkeypatch.setattr(linalg, "eigh_descending", eigh)
+        torch.testing.assert_close(again, U_new, rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("exponent", [-0.25, 0.25, -0.5, 0.5, -1 / 3])
 def test_power_of_a_row_does_not_depend_on_how_many_rows_share_the_call(exponent, dtype):
