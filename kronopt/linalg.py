@@ -1729,9 +1729,29 @@ def ns_restarts(restarts: Sequence[int] | str, steps: int) -> tuple[int, ...]:
     return out
 
 
-def check_ns_options(form: str, restarts: Sequence[int] | str, steps: int) -> None:
+#: schedules whose composed polynomial has no margin above a singular value of 1 (spec muon.md §4's ``cans``: from
+#: 1 + 1e-4 it gives 3e4 and from 1.004 8e57, where ``polar_express`` folds in a safety factor of 1.01), refused with
+#: an iteration dtype whose rounding of the normalised input (2⁻⁸ in bfloat16; a rank-one block's singular value is
+#: its Frobenius norm, 1 exactly before the rounding) reaches that: a muon step of 1e11 × lr on a 7 × 1 block
+NS_NO_MARGIN = ("cans",)
+NS_NARROW = ("bfloat16", "float16")
+
+
+def check_ns_options(
+    form: str, restarts: Sequence[int] | str, steps: int, coefficients: str | None = None, dtype: str | None = None,
+    *, names: tuple[str, str] = ("coefficients", "ns_dtype"),
+) -> None:
     """A stage's Newton–Schulz options checked as :func:`newton_schulz` will read them: under the Gram form, its
-    restart plan for ``steps`` iterations (:func:`ns_restarts`); a ``ValueError`` that names the option otherwise."""
+    restart plan for ``steps`` iterations (:func:`ns_restarts`); a schedule of :data:`NS_NO_MARGIN` with a narrow
+    iteration dtype (``names``: the two options as the stage calls them); a ``ValueError`` that names the option
+    otherwise."""
+    if coefficients in NS_NO_MARGIN and dtype in NS_NARROW:
+        raise ValueError(
+            f"{names[0]} = {coefficients!r} needs {names[1]} = 'float32' or 'float64', got {dtype!r}: the schedule has no "
+            f"margin above a singular value of 1, where {dtype}'s rounding of the normalised input puts a rank-one "
+            f"block's, and its polynomial diverges there (use 'polar_express', which folds in a margin of 1.01, for a "
+            f"{dtype} iteration)"
+        )
     if form == "gram":
         try:
             ns_restarts(restarts, steps)

@@ -141,7 +141,10 @@ class LowRankFlatSplit:
     ns_restarts: str | tuple[int, ...] = attrs.field(default="auto", converter=auto_or_int_tuple)
 
     def __attrs_post_init__(self) -> None:
-        linalg.check_ns_options(self.ns_form, self.ns_restarts, self.ns_steps)
+        linalg.check_ns_options(
+            self.ns_form, self.ns_restarts, self.ns_steps, self.ns_coefficients, self.ns_dtype,
+            names=("ns_coefficients", "ns_dtype"),
+        )
 
     def resolve_rank(self, d: int) -> int:
         """The rank on a side of size ``d`` (may be ``≥ d``: then the side stays full)."""

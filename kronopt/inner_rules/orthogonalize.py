@@ -88,7 +88,7 @@ class OrthogonalizeInner:
     def __attrs_post_init__(self) -> None:
         if self.coefficients == "custom" and not self.custom_coefficients:
             raise ValueError("coefficients = 'custom' needs a non-empty custom_coefficients list")
-        linalg.check_ns_options(self.ns_form, self.ns_restarts, self.steps)
+        linalg.check_ns_options(self.ns_form, self.ns_restarts, self.steps, self.coefficients, self.ns_dtype)
 
     def schedule(self) -> list[tuple[float, float, float]]:
         if self.coefficients == "custom":

@@ -9,6 +9,7 @@ import torch.utils._python_dispatch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import kronopt
 from kronopt import linalg
 from tests.assertions import (
     assert_close_to_identity,
@@ -664,6 +665,36 @@ NS_TABLE = [
     ("cans", 5, (1e-3, 1.0), (0.884, 1.120), 3),
     ("deepseekv4", 10, (0.01, 1.0), (1.0000, 1.0005), 4),
 ]
+
+
+def test_a_schedule_without_margin_diverges_just_above_one_and_is_refused_with_a_narrow_iteration_dtype():
+    """``cans`` (muon.md §4, no safety factor): its composed polynomial, in float64, leaves its band from 1 + 1e-4
+    (``polar_express``, with its margin, does not); bfloat16's rounding of a rank-one block's normalised input (its
+    one singular value, 1 exactly before the rounding) is 2⁻⁸, and the iteration's output is orders of magnitude
+    off (1e11 × lr in a muon step on a 7 × 1 block). So ``cans`` is refused with bfloat16 and float16 iterations,
+    by the orthogonalize rule and the lowrank_flat split alike, and steps a rank-one block as a partial isometry
+    in float32."""
+    above = torch.tensor([1 + 1e-4, 1.004], dtype=F64)
+    assert (composed(schedule("cans", 5), above) > 100).all()
+    assert (composed(schedule("polar_express", 5), above) < 1.2).all()
+    gen = generator(0)
+    u, v = randn(gen, 1, 7, 1), randn(gen, 1, 1, 5)
+    rank_one = u @ v
+    cans = linalg.ns_schedule("cans", 5)
+    narrow = linalg.newton_schulz(rank_one.float(), cans, dtype=torch.bfloat16)
+    assert narrow.double().abs().max() > 10  # a partial isometry's entries are ≤ 1; here 1e38 or inf
+    wide = linalg.newton_schulz(rank_one.float(), cans, dtype=torch.float32)
+    assert abs(torch.linalg.matrix_norm(wide.double(), ord=2).item() - 1.0) <= 0.2
+    with pytest.raises(ValueError, match="ns_dtype = 'float32' or 'float64'"):
+        linalg.check_ns_options("standard", "auto", 5, "cans", "bfloat16")
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(kronopt.config.ConfigError, match=r"coefficients = 'cans' needs ns_dtype"):
+            kronopt.resolve("muon", **{"inner.coefficients": "cans", "inner.ns_dtype": dtype})
+        with pytest.raises(kronopt.config.ConfigError, match=r"ns_coefficients = 'cans' needs ns_dtype"):
+            kronopt.resolve("pro_kl_shampoo", **{"split.ns_coefficients": "cans", "split.ns_dtype": dtype})
+    kronopt.resolve("muon", **{"inner.coefficients": "cans", "inner.ns_dtype": "float32"})
+    kronopt.resolve("pro_kl_shampoo", **{"split.ns_coefficients": "cans", "split.ns_dtype": "float64"})
+    kronopt.resolve("muon", **{"inner.coefficients": "polar_express"})  # bfloat16, its margin folded in
 
 
 @pytest.mark.parametrize("name,steps,inputs,outputs,decimals", NS_TABLE)
