@@ -1730,11 +1730,11 @@ def ns_restarts(restarts: Sequence[int] | str, steps: int) -> tuple[int, ...]:
 
 
 #: schedules whose composed polynomial has no margin above a singular value of 1 (spec muon.md §4's ``cans``: from
-#: 1 + 1e-4 it gives 3e4 and from 1.004 8e57, where ``polar_express`` folds in a safety factor of 1.01), refused with
-#: an iteration dtype whose rounding of the normalised input (2⁻⁸ in bfloat16; a rank-one block's singular value is
-#: its Frobenius norm, 1 exactly before the rounding) reaches that: a muon step of 1e11 × lr on a 7 × 1 block
+#: 1 + 1e-5 it gives 2.6 at 5 steps and 7.7e6 at 7, where ``polar_express`` folds in a safety factor of 1.01), refused
+#: with an iteration dtype other than float64: the rounding of a rank-one block's normalised input (its one singular
+#: value, 1 exactly before the rounding) and of the first products reaches that in bfloat16 (a muon step of 1e11 × lr
+#: on a 7 × 1 block) and in float32 on wide blocks (25–91 × lr on 1024², 1e8 × lr on 2048²)
 NS_NO_MARGIN = ("cans",)
-NS_NARROW = ("bfloat16", "float16")
 
 
 def check_ns_options(
@@ -1742,21 +1742,23 @@ def check_ns_options(
     *, names: tuple[str, str] = ("coefficients", "ns_dtype"),
 ) -> None:
     """A stage's Newton–Schulz options checked as :func:`newton_schulz` will read them: under the Gram form, its
-    restart plan for ``steps`` iterations (:func:`ns_restarts`); a schedule of :data:`NS_NO_MARGIN` with a narrow
-    iteration dtype (``names``: the two options as the stage calls them); a ``ValueError`` that names the option
-    otherwise."""
-    if coefficients in NS_NO_MARGIN and dtype in NS_NARROW:
-        raise ValueError(
-            f"{names[0]} = {coefficients!r} needs {names[1]} = 'float32' or 'float64', got {dtype!r}: the schedule has no "
-            f"margin above a singular value of 1, where {dtype}'s rounding of the normalised input puts a rank-one "
-            f"block's, and its polynomial diverges there (use 'polar_express', which folds in a margin of 1.01, for a "
-            f"{dtype} iteration)"
+    restart plan for ``steps`` iterations (:func:`ns_restarts`); a schedule of :data:`NS_NO_MARGIN` with an iteration
+    dtype other than float64 (``names``: the two options as the stage calls them). One ``ValueError`` that names
+    each problem."""
+    problems = []
+    if coefficients in NS_NO_MARGIN and dtype is not None and dtype != "float64":
+        problems.append(
+            f"{names[0]} = {coefficients!r} needs {names[1]} = 'float64', got {dtype!r}: the schedule has no margin above "
+            f"a singular value of 1, where the rounding of a rank-one block's normalised input puts it, and its "
+            f"polynomial diverges there (use 'polar_express', which folds in a margin of 1.01, in {dtype})"
         )
     if form == "gram":
         try:
             ns_restarts(restarts, steps)
         except ValueError as exc:
-            raise ValueError(f"ns_restarts (ns_form = 'gram'): {exc}") from None
+            problems.append(f"ns_restarts (ns_form = 'gram'): {exc}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:
@@ -2969,10 +2971,12 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
     values :math:`E` (the new eigenvalue estimates). A vanishing direction of
     :math:`P` keeps the matching current direction (a ``10⁻¹⁶``-relative multiple of
     :math:`U V` is added before the QR); a direction whose Ritz value is within the
-    solver's rounding of zero (:func:`eigenvalue_floor` of the largest) takes the
-    current one, :math:`(U V)_j`, whole: its column of :math:`P V` is rounding, as large
-    as that multiple, and would pick a direction (and a subspace) by the rounding,
-    another in a stack than alone. Blocks whose output is not finite keep
+    solver's rounding of zero (:func:`eigenvalue_floor` of the largest) and whose column of
+    :math:`P V` is rounding (at most ``4 √max(d, 16)`` times that multiple) takes the
+    current one, :math:`(U V)_j`, whole: that column, as large as the multiple, would pick
+    a direction (and a subspace) by the rounding, another in a stack than alone; the Ritz
+    vectors of such values are taken in a basis of their span that does not depend on
+    the solver's choice. Blocks whose output is not finite keep
     :math:`U`. Cost :math:`O(d r^2 + r^3)`.
 
     Returns:
@@ -3014,7 +3018,11 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
         else:
             UV = U @ V
             W = P @ V + delta * UV
-        # a Ritz value of rounding: that direction of U V, not P V's rounding (W written where it lies, where it may)
+        # a Ritz value of rounding whose power product is rounding too (a small Ritz value can be a real direction
+        # that U barely reaches: ‖P v‖ ~ √(λ_true · λ_Ritz)): that direction of U V, not P V's rounding (W written
+        # where it lies, where it may)
+        noise = delta.squeeze(-1) * (4.0 * math.sqrt(max(P.shape[-2], 16)))
+        vanish = vanish & (torch.linalg.vector_norm(W, dim=-2) <= noise)
         if _plain(W):
             torch.where(vanish.unsqueeze(-2), UV, W, out=W)
         else:

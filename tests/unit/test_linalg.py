@@ -667,32 +667,34 @@ NS_TABLE = [
 ]
 
 
-def test_a_schedule_without_margin_diverges_just_above_one_and_is_refused_with_a_narrow_iteration_dtype():
+def test_a_schedule_without_margin_diverges_just_above_one_and_is_refused_below_float64():
     """``cans`` (muon.md §4, no safety factor): its composed polynomial, in float64, leaves its band from 1 + 1e-4
-    (``polar_express``, with its margin, does not); bfloat16's rounding of a rank-one block's normalised input (its
-    one singular value, 1 exactly before the rounding) is 2⁻⁸, and the iteration's output is orders of magnitude
-    off (1e11 × lr in a muon step on a 7 × 1 block). So ``cans`` is refused with bfloat16 and float16 iterations,
-    by the orthogonalize rule and the lowrank_flat split alike, and steps a rank-one block as a partial isometry
-    in float32."""
+    (``polar_express``, with its margin, does not). A rank-one block's normalised input has its one singular value at
+    1 exactly before the rounding: bfloat16's rounding (2⁻⁸) sends the iteration to 1e38 or inf on a 7 × 5 block,
+    float32's to 60 and more on a 1024 × 1024 block (1e8 on 2048²), while float64 keeps it a partial isometry. So
+    ``cans`` is refused with any iteration dtype but float64, by the orthogonalize rule and the lowrank_flat split
+    alike, each problem of the Newton–Schulz options named in one error."""
     above = torch.tensor([1 + 1e-4, 1.004], dtype=F64)
     assert (composed(schedule("cans", 5), above) > 100).all()
     assert (composed(schedule("polar_express", 5), above) < 1.2).all()
     gen = generator(0)
-    u, v = randn(gen, 1, 7, 1), randn(gen, 1, 1, 5)
-    rank_one = u @ v
     cans = linalg.ns_schedule("cans", 5)
-    narrow = linalg.newton_schulz(rank_one.float(), cans, dtype=torch.bfloat16)
-    assert narrow.double().abs().max() > 10  # a partial isometry's entries are ≤ 1; here 1e38 or inf
-    wide = linalg.newton_schulz(rank_one.float(), cans, dtype=torch.float32)
-    assert abs(torch.linalg.matrix_norm(wide.double(), ord=2).item() - 1.0) <= 0.2
-    with pytest.raises(ValueError, match="ns_dtype = 'float32' or 'float64'"):
-        linalg.check_ns_options("standard", "auto", 5, "cans", "bfloat16")
-    for dtype in ("bfloat16", "float16"):
+    small = randn(gen, 1, 7, 1) @ randn(gen, 1, 1, 5)
+    narrow = linalg.newton_schulz(small.float(), cans, dtype=torch.bfloat16)
+    assert narrow.double().abs().max() > 10  # a partial isometry's entries are ≤ 1
+    wide = randn(gen, 1, 1024, 1) @ randn(gen, 1, 1, 1024)
+    top = torch.linalg.matrix_norm(linalg.newton_schulz(wide.float(), cans, dtype=torch.float32).double(), ord=2)
+    assert not (top < 2).all(), top
+    top64 = torch.linalg.matrix_norm(linalg.newton_schulz(wide, cans, dtype=F64), ord=2)
+    assert abs(top64.item() - 1.0) <= 0.15, top64
+    with pytest.raises(ValueError, match=r"needs ns_dtype = 'float64'.*; ns_restarts \(ns_form = 'gram'\)"):
+        linalg.check_ns_options("gram", (9,), 5, "cans", "float32")
+    for dtype in ("bfloat16", "float16", "float32"):
         with pytest.raises(kronopt.config.ConfigError, match=r"coefficients = 'cans' needs ns_dtype"):
             kronopt.resolve("muon", **{"inner.coefficients": "cans", "inner.ns_dtype": dtype})
         with pytest.raises(kronopt.config.ConfigError, match=r"ns_coefficients = 'cans' needs ns_dtype"):
             kronopt.resolve("pro_kl_shampoo", **{"split.ns_coefficients": "cans", "split.ns_dtype": dtype})
-    kronopt.resolve("muon", **{"inner.coefficients": "cans", "inner.ns_dtype": "float32"})
+    kronopt.resolve("muon", **{"inner.coefficients": "cans", "inner.ns_dtype": "float64"})
     kronopt.resolve("pro_kl_shampoo", **{"split.ns_coefficients": "cans", "split.ns_dtype": "float64"})
     kronopt.resolve("muon", **{"inner.coefficients": "polar_express"})  # bfloat16, its margin folded in
 
@@ -1430,6 +1432,26 @@ def test_restricted_refresh_of_a_rank_deficient_factor_picks_its_vanishing_direc
         again = linalg.restricted_refresh(Pd, Ud, lam, first=False)[0]
         monkeypatch.setattr(linalg, "eigh_descending", eigh)
         torch.testing.assert_close(again, U_new, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,overlap", [(torch.float64, 3e-8), (torch.float32, 1e-3)])
+def test_restricted_refresh_finds_a_real_direction_behind_a_ritz_value_of_the_size_of_rounding(dtype, overlap):
+    """A factor with eigenvalues 10, 5, 8 along e0, e1, e20 and a subspace U = [e0, e1, e2, e3 + ε e20] (normalised)
+    that barely reaches e20: the fourth Ritz value, 8ε², is below the solver's floor, but the power product's column,
+    8ε e20, is not rounding, and one refresh turns the subspace to e20 (‖U'ᵀ e20‖ ≈ 1), as the plain power step does.
+    Catches a rule that keeps the current direction for every Ritz value below the floor (e20 never found)."""
+    d = 24
+    F = torch.zeros(1, d, d, dtype=F64)
+    F[0, 0, 0], F[0, 1, 1], F[0, 20, 20] = 10.0, 5.0, 8.0
+    U = torch.zeros(1, d, 4, dtype=F64)
+    U[0, 0, 0] = U[0, 1, 1] = U[0, 2, 2] = 1.0
+    U[0, 3, 3], U[0, 20, 3] = 1.0, overlap
+    U = U / U.norm(dim=-2, keepdim=True)
+    P = F @ U
+    U_new, lam_new, ok = linalg.restricted_refresh(P.to(dtype), U.to(dtype), torch.ones(1, 4, dtype=dtype), first=False)
+    assert ok.all()
+    reach = U_new[0, 20].double().norm().item()
+    assert reach >= 0.99, f"the subspace reaches e20 by {reach:.3e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

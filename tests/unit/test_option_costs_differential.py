@@ -50,7 +50,7 @@ MORE_OPTIONS = [
     ("pro_kl_shampoo", {"split.rank": 2, "split.complement_scale": "identity", "split.ns_dtype": "float32"}, (6, 4)),
     ("dykaf", {"factors.init": "kron_reference"}, (6, 4)),
     ("dykaf", {"factors.init": "sum", "storage.factors": "bfloat16"}, (6, 4)),
-    ("muon", {"inner.coefficients": "cans", "inner.ns_dtype": "float32", "inner.scale": "spectral", "storage.moments": "bfloat16"}, (6, 4)),
+    ("muon", {"inner.coefficients": "cans", "inner.ns_dtype": "float64", "inner.scale": "spectral", "storage.moments": "bfloat16"}, (6, 4)),
     ("muon", {"route.vectors": "pipeline"}, (12,)),
     ("adamw", {"inner.type": "sgd", "inner.momentum": 0.9, "inner.nesterov": True}, (6, 4)),
     ("soap", {"shapes.precondition_1d": True, **_BF16}, (12,)),
