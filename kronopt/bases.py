@@ -200,7 +200,10 @@ class QrBasis:
     orthonormal ``(b d r)`` subspace :math:`U` instead of a basis; its "factor" is the
     factor estimator's power product :math:`P = \hat F U` and the refresh is
     Rayleigh–Ritz on :math:`U` followed by one power step (:func:`kronopt.linalg.restricted_refresh`);
-    no ``d × d`` matrix is formed. Its event carries no permutation.
+    no ``d × d`` matrix is formed. Its event carries no permutation. A Ritz value within
+    the solver's rounding of zero whose power product is rounding too (a factor of lower
+    rank than :math:`r` on the subspace) keeps its direction of :math:`U`, in a basis of
+    those directions that does not depend on the solver's choice (docs/kl.md).
 
     Attributes:
         power_steps: power steps per refresh, ≥ 1.

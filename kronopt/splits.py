@@ -93,7 +93,12 @@ class LowRankFlatSplit:
     :math:`c = \sqrt{n - r}` (``complement_scale = "identity"``). The default
     ``"whitened"`` rescales the block to the norm full KL-Shampoo gives the
     complement, :math:`\mu^{-1/2}\|\hat L^{-1/2} C\|_F` (KL factors: eigenvalues and
-    :math:`\mu` on the gradient's scale squared). ``"match_subspace_rms"`` (Adam-type
+    :math:`\mu` on the gradient's scale squared). Where the other side's eigenvalues are
+    the basis's (an eigensolver's, not tracked by the factor estimator), those
+    within the solver's rounding of zero (``4 √max(k, 16)`` ulps of the largest) take
+    the pseudo-inverse root, weight 0: a factor that was rank-deficient at its last
+    refresh is not whitened by the inverse roots of its rounding. ``μ = 0`` leaves
+    the block out. ``"match_subspace_rms"`` (Adam-type
     inner rules, pro_soap and pro_dykaf) gives the complement block the per-entry RMS
     of the inner rule's subspace block :math:`D`: norm :math:`\|D\|_F\sqrt{(n-r)/r}`
     (RMS 1, Adam's first step, at :math:`r = 0`); it is scale-free, needs no
@@ -113,7 +118,8 @@ class LowRankFlatSplit:
         complement_scale: ``"whitened"``, ``"match_subspace_rms"``, ``"identity"``, ``"muon"``,
             ``"match_rms_adamw"`` or a number > 0.
         complement_mult: extra factor > 0.
-        ns_coefficients: Newton–Schulz schedule (:data:`kronopt.linalg.NS_SCHEDULES`).
+        ns_coefficients: Newton–Schulz schedule (:data:`kronopt.linalg.NS_SCHEDULES`); ``cans`` needs
+            ``ns_dtype`` ``float64`` (as the ``orthogonalize`` rule's).
         ns_steps: iterations (1–99).
         ns_dtype: arithmetic dtype of the iteration.
         ns_eps: norm floor.

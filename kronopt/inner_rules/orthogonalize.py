@@ -42,7 +42,10 @@ class OrthogonalizeInner:
         momentum: :math:`\beta \in [0, 1)`.
         nesterov: use the Nesterov look-ahead.
         momentum_form: ``"ema"`` or ``"classic"``.
-        coefficients: ``kj``, ``polar_express``, ``quintic``, ``cans``, ``deepseekv4`` or ``custom``.
+        coefficients: ``kj``, ``polar_express``, ``quintic``, ``cans``, ``deepseekv4`` or ``custom``. ``cans``
+            needs ``ns_dtype`` ``float64``: its polynomial has no margin above a singular value of 1 and
+            diverges there, where the rounding of a rank-one block's normalised input puts it (in bfloat16
+            1e11 × lr on a 7 × 1 block; in float32 25–91 × lr on 1024², 1e8 × lr on 2048²); refused otherwise.
         custom_coefficients: ``(a, b, c)`` triples for ``custom``.
         custom_beyond: ``cycle`` or ``repeat_last`` past the custom list.
         steps: Newton–Schulz iterations (1–99).
