@@ -699,6 +699,26 @@ def test_pro_soap_matches_the_reference_on_drawn_options(m, n, side, rank_fracti
     assert_histories_close(ours, pro_soap_ref.pro_soap_reference(params, grads, **options), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("preset", ["pro_soap", "pro_dykaf"])
+@pytest.mark.parametrize("shape", [(3, 40), (40, 3)])
+def test_pro_adam_presets_match_the_reference_when_a_refresh_meets_ritz_values_of_rounding(preset, shape):
+    """A 40-wide restricted side of rank 10 refreshed every 2 calls: at the second refresh its factor has rank about 6
+    on the subspace, so four Ritz values are rounding (docs/kl.md's rule: those directions keep U V's, in the basis of
+    their span that does not depend on the solver; the reference writes it with its own Gram–Schmidt). Without the
+    rule each run's solver picks the directions and the two part by a whole step."""
+    options = {"lr": 1e-2, "rank": 10, "side": "larger", "precondition_frequency": 2}
+    params, grads = _stream([shape], 10, 3, first="diagonal" if preset == "pro_dykaf" else "surplus")
+    reference = pro_soap_ref.pro_soap_reference if preset == "pro_soap" else pro_dykaf_reference
+    _, ours = _run(preset, params, grads, _adam_overrides(options))
+    _assert_moved(ours, params)
+    assert_histories_close(ours, reference(params, grads, **options), rtol=1e-10, atol=1e-12)
+
+
+def test_pro_kl_shampoo_matches_the_reference_when_a_refresh_meets_ritz_values_of_rounding():
+    """pro_kl_shampoo's Ritz-then-power refresh under the same rule (the test above)."""
+    _check_kl([(3, 40), (40, 3)], {"lr": 1e-2, "rank": 10, "side": "larger", "refresh_every": 2}, steps=10)
+
+
 def _fixed_complement_scale(rule, original_shape):
     """The complement block c·NS(C) of the fixed rules (docs/pro.md, pro_kl_shampoo.md §5): c = √(d − r),
     √max(1, m/n), 0.2·√max(m, n) of the block as the user sees it, or a number; × complement_mult."""

@@ -227,6 +227,30 @@ def _eigh_descending(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.flip(0), Q.flip(1)
 
 
+def ritz_then_power(B: torch.Tensor, U: torch.Tensor, delta: float) -> torch.Tensor:
+    """docs/kl.md's later subspace refresh from the power product ``B`` (d × r): Rayleigh–Ritz on span(U), then
+    orth(B V + δ U V). Ritz values at most 4 √max(r, 16) ulps of the largest count as rounding: their vectors, the
+    last c columns of V, are replaced by the basis of their span whose last c rows form a lower triangle with a
+    positive diagonal (written here as: orthonormalise the transpose of those rows, Gram–Schmidt, and turn the
+    vectors by it), and where such a direction's column of B V is rounding too (norm at most 4 √max(d, 16) δ) it is
+    U V's column alone."""
+    d, r = U.shape
+    lam, V = _eigh_descending((U.T @ B + B.T @ U) / 2)
+    eps = torch.finfo(DTYPE).eps
+    small = [j for j in range(r) if float(lam[j]) <= 4.0 * math.sqrt(max(r, 16)) * eps * float(lam.max())]
+    c = len(small)
+    assert small == list(range(r - c, r)), "descending order puts the rounding Ritz values last"
+    if c:
+        turn = _orthonormal(V[r - c:, r - c:].T.clone())
+        V = torch.cat([V[:, : r - c], V[:, r - c:] @ turn], dim=1)
+    UV = U @ V
+    W = B @ V + delta * UV
+    for j in small:
+        if float(torch.linalg.norm(W[:, j])) <= 4.0 * math.sqrt(max(d, 16)) * delta:
+            W[:, j] = UV[:, j]
+    return _orthonormal(W)
+
+
 def complement_scale_factor(hp: ProKlHyper, rows: int, cols: int, d: int, r: int) -> float:
     """The fixed factor c × complement_mult (``whitened``: complement_mult alone, the norm comes per block)."""
     rule = hp.complement_scale
@@ -355,8 +379,7 @@ def _refresh(state: ProKlState, hp: ProKlHyper) -> None:
         delta = torch.finfo(DTYPE).eps * float(torch.linalg.norm(B)) + torch.finfo(DTYPE).tiny
         if hp.subspace_refresh == "ritz_then_power":
             # Rayleigh–Ritz on span(U): Uᵀ B = V E Vᵀ (descending), then one power step U′ = orth(B V)
-            _, V = _eigh_descending((U.T @ B + B.T @ U) / 2)
-            _reproject(state, _orthonormal(B @ V + delta * (U @ V)), hp)
+            _reproject(state, ritz_then_power(B, U, delta), hp)
         elif hp.subspace_refresh == "power_then_diagonalise":
             # spec §7: U_new = orth(B), re-project, then diagonalise S′ = V E Vᵀ and rotate U into S′'s eigenbasis
             _reproject(state, _orthonormal(B + delta * U), hp)

@@ -33,13 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from tests.reference.pro_kl_shampoo import (
-    _eigh_descending,
     _orthonormal,
     _top_right_singular,
     newton_schulz,
     ns_schedule,
     resolve_rank,
     restricted_side,
+    ritz_then_power,
 )
 from tests.reference.soap import initial_basis, refresh_side
 
@@ -101,8 +101,7 @@ def _restricted_refresh(state: ProSoapState, *, first: bool) -> None:
     if first:
         state.U = _orthonormal(P + delta * U)
         return  # (S, μ) already live in the first call's subspace
-    _, V = _eigh_descending((U.T @ P + P.T @ U) / 2)
-    U_new = _orthonormal(P @ V + delta * (U @ V))
+    U_new = ritz_then_power(P, U, delta)
     R_hat = U @ state.S @ U.T + state.mu * (torch.eye(n, dtype=DTYPE) - U @ U.T)
     S_new = U_new.T @ R_hat @ U_new
     state.mu = max((float(torch.trace(R_hat)) - float(torch.trace(S_new))) / (n - r), 0.0)
