@@ -2758,7 +2758,13 @@ def eigenvalue_floor(k: int, dtype: torch.dtype) -> float:
     rank-deficient factor's null eigenvalues (an EMA of ``G Gᵀ`` over gradients of a lower rank, float32 and float64)
     came out within 1.5 ulps of the largest at ``k ≤ 64``, 4.9 at 256 and 8.2 at 1024; a real eigenvalue at the floor
     keeps most of its digits (float32 ``eigh`` erred by 3.5e-7 of the largest at ``k = 1024``)."""
-    return 4.0 * math.sqrt(max(k, 16)) * torch.finfo(dtype).eps
+    return _solver_ulps(k) * torch.finfo(dtype).eps
+
+
+def _solver_ulps(k: int) -> float:
+    """``4 √max(k, 16)``: how many ulps of a ``k``-sided computation's scale its rounding is taken to reach
+    (:func:`eigenvalue_floor`; :func:`restricted_refresh`'s power product columns, in units of its regulariser)."""
+    return 4.0 * math.sqrt(max(k, 16))
 
 
 def finite_or_zero(x: Tensor) -> Tensor:
@@ -3021,7 +3027,7 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
         # a Ritz value of rounding whose power product is rounding too (a small Ritz value can be a real direction
         # that U barely reaches: ‖P v‖ ~ √(λ_true · λ_Ritz)): that direction of U V, not P V's rounding (W written
         # where it lies, where it may)
-        noise = delta.squeeze(-1) * (4.0 * math.sqrt(max(P.shape[-2], 16)))
+        noise = delta.squeeze(-1) * _solver_ulps(P.shape[-2])
         vanish = vanish & (torch.linalg.vector_norm(W, dim=-2) <= noise)
         if _plain(W):
             torch.where(vanish.unsqueeze(-2), UV, W, out=W)
