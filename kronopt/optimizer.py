@@ -79,25 +79,37 @@ def _blocks_under(cap: int, block_bytes: int) -> int | None:
     return max(1, cap // block_bytes) if cap and block_bytes else None
 
 
-def _phases(layouts: list[Layout], count: int) -> list[int]:
+def _phases(layouts: list[Layout], count: int, load: list[int] | None = None) -> list[int]:
     """A refresh phase in ``0 … count - 1`` per block, balancing the blocks' cost over the phases.
 
     Blocks are taken by cost (:func:`distributed.block_cost`), largest first (ties in
     order), each to the phase with the least cost so far (ties to the lower phase):
     round robin for blocks of one shape. Blocks with no rotated side never refresh
     anything and stay in phase 0 (so do all of a group whose basis is ``static``: the
-    caller passes 1). Depends on the layouts only, so a load rebuilds the same phases.
+    caller passes 1). ``load`` (``count`` costs, updated in place): the cost already in
+    each phase, from the groups before with the same schedule. Depends on the layouts
+    and ``load`` only, so a load rebuilds the same phases.
     """
     phases = [0] * len(layouts)
     if count <= 1:
         return phases
     costs = [0 if l.sides == ("none", "none") else distributed.block_cost(l) for l in layouts]
-    load = [0] * count
+    load = [0] * count if load is None else load
     for i in sorted((i for i in range(len(layouts)) if costs[i]), key=lambda i: (-costs[i], i)):
         phase = min(range(count), key=lambda r: (load[r], r))
         phases[i] = phase
         load[phase] += costs[i]
     return phases
+
+
+def _schedule_key(refresh: Any) -> Any:
+    """What groups whose blocks are staggered together share: an equal refresh schedule (its own object where the
+    stage cannot be hashed, a plugin's that is not frozen)."""
+    try:
+        hash(refresh)
+    except TypeError:
+        return ("unhashable", id(refresh))
+    return refresh
 
 
 def _is_dtensor(p: Tensor) -> bool:
@@ -520,9 +532,7 @@ class KronOptimizer(torch.optim.Optimizer):
             for g in self._split_user_group(_normalize_groups([param_group], first=len(self.param_groups))[0]):
                 super().add_param_group(g)  # raises for a parameter some group holds already
                 self._group_cfgs.append(self._group_config(g))
-            new = self._make_buckets(self.param_groups[first:], self._group_cfgs[first:], self._cap)
-            for b in new:
-                b.group += first
+            new = self._make_buckets(self.param_groups, self._group_cfgs, self._cap, first=first)
             self._buckets.extend(self._shard(new, assign=True))
             self._note_non_float()
             self._materialize()
@@ -610,16 +620,19 @@ class KronOptimizer(torch.optim.Optimizer):
         return int(self.config.bucket_cap_mib * 2**20)
 
     @staticmethod
-    def _make_buckets(groups: list[dict[str, Any]], cfgs: list[KronConfig], cap: int = 0) -> list[_Bucket]:
-        """Buckets of ``groups`` (indexed from 0); parameters with no elements are left out.
+    def _make_buckets(groups: list[dict[str, Any]], cfgs: list[KronConfig], cap: int = 0, *, first: int = 0) -> list[_Bucket]:
+        """Buckets of ``groups[first:]`` (indexed from 0 in ``groups``); parameters with no elements are left out.
 
         A bucket's blocks share the group, the layout (block shape, sides, ranks and, under
-        a staggered refresh, the refresh phase: :func:`_phases`), the state dtype, the
+        a staggered refresh, the refresh phase: :func:`_phases`, balanced over the groups in
+        order, those of one refresh schedule together, so ``groups[:first]`` count but get no
+        buckets: a group added later continues their balance), the state dtype, the
         parameter dtype and the device. With a ``cap`` (bytes of state, ``bucket_cap_mib``),
         such blocks are cut, in order, into the fewest buckets of nearly equal size that each
         hold at most ``cap`` bytes of state in the compute dtype (:func:`_blocks_under`), one block at least.
         """
         buckets: dict[tuple[Any, ...], _Bucket] = {}
+        loads: dict[Any, list[int]] = {}  # per refresh schedule, the cost in each of its phases so far
         for gi, (g, cfg) in enumerate(zip(groups, cfgs)):
             min_dtype = getattr(torch, cfg.state_dtype)
             blocks: list[tuple[Tensor, BlockSpec, Layout, torch.dtype]] = []
@@ -630,7 +643,9 @@ class KronOptimizer(torch.optim.Optimizer):
                 blocks.append((p, spec, layout, torch.promote_types(p.dtype, min_dtype)))
             staggers = isinstance(cfg.refresh, Staggered) and not capabilities(cfg.basis).static
             count = cfg.refresh.phases() if staggers else 1
-            phases = _phases([b[2] for b in blocks], count)
+            phases = _phases([b[2] for b in blocks], count, loads.setdefault(_schedule_key(cfg.refresh), [0] * count) if count > 1 else None)
+            if gi < first:
+                continue
             for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
                 layout = attrs.evolve(layout, phase=phase)
                 key = (gi, layout, state_dtype, p.dtype, p.device, _is_dtensor(p))

@@ -38,10 +38,11 @@ class EveryRefresh:
         \text{due}(t) = \big[\text{first call} \wedge \text{at\_first\_call}\big]
         \;\vee\; \big[t \ge 1 \wedge t \equiv \text{offset} \pmod{k}\big]
 
-    With ``stagger = true`` the optimizer spreads the blocks of a param group over
-    the ``k`` phases (balanced by cost: blocks taken largest first, each to the
-    phase with the least cost so far; the phases depend on the parameters' shapes
-    and order only, so a loaded state dict rebuilds the same buckets) and runs a
+    With ``stagger = true`` the optimizer spreads the blocks over the ``k`` phases
+    (balanced by cost: blocks taken largest first, each to the phase with the least
+    cost so far; param groups in order, those of an equal schedule together; the
+    phases depend on the groups' shapes, order and schedules only, so a loaded
+    state dict rebuilds the same buckets) and runs a
     block of phase ``p`` with ``offset`` shifted by ``p``: it refreshes at the
     updates ``t ≡ offset + p (mod k)``, ``t ≥ 1``, plus the first call as before.
     Every block still refreshes every ``k`` updates, but on any one step only

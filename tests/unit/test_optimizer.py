@@ -727,6 +727,61 @@ def test_stagger_balances_phases_by_cost(gen):
         assert sorted((r["phase"], r["blocks"]) for r in rows if r["m"] == m) == [(p, 1 if m == 16 else 2) for p in range(4)]
 
 
+def _refreshes_per_step(opt, params, gen, steps):
+    """How many blocks refresh on each of ``steps`` steps after the first call (soap: the first call builds every basis)."""
+    _train(opt, params, gen, 1)
+    counts, before = [], [opt.state[p]["basis.refreshes"] for p in params]
+    for _ in range(steps):
+        _train(opt, params, gen, 1)
+        after = [opt.state[p]["basis.refreshes"] for p in params]
+        counts.append(sum(a - b for a, b in zip(after, before)))
+        before = after
+    return counts
+
+
+@pytest.mark.parametrize("groups", [2, 4, 8])
+def test_stagger_balances_the_phases_over_param_groups(gen, groups):
+    """Eight equal blocks over 4 phases, as one group or cut into ``groups`` groups (per-layer learning rates):
+    two refreshes on every step either way. Each group balanced apart put every group's first blocks in phase 0
+    (eight groups of one: all eight blocks refreshing on one step in four, the unstaggered peak)."""
+    params = _params(gen, shapes=[(8, 8)] * 8)
+    per = len(params) // groups
+    pg = [{"params": params[i * per:(i + 1) * per], "lr": 1e-3 * (i + 1)} for i in range(groups)]
+    opt = kronopt.build(pg, "soap", **_STAGGER)
+    assert sorted(b["phase"] for b in opt.bucket_summary()) == sorted([0, 1, 2, 3] * (8 // max(per, 4)))
+    assert _refreshes_per_step(opt, params, gen, 12) == [2] * 12
+
+
+def test_stagger_balances_a_group_of_another_schedule_apart(gen):
+    """A group with another ``every`` has phases of its own: its blocks spread over its own period."""
+    a, b = _params(gen, shapes=[(8, 8)] * 4), _params(gen, shapes=[(8, 8)] * 2)
+    opt = kronopt.build([{"params": a}, {"params": b, "refresh.every": 2}], "soap", **_STAGGER)
+    phases = {(r["group"], r["phase"]) for r in opt.bucket_summary()}
+    assert phases == {(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)}
+
+
+def test_stagger_an_added_group_continues_the_balance_and_a_load_rebuilds_it(gen):
+    """A group added with ``add_param_group`` takes the phases the groups before left least loaded (not phase 0
+    again), and a state dict of the grown optimizer rebuilds the same phases and trajectory bit for bit."""
+    first, later = _params(gen, shapes=[(8, 8)] * 2), _params(gen, shapes=[(8, 8)] * 2)
+    opt = kronopt.build(first, "soap", **_STAGGER)
+    _train(opt, first, gen, 3)
+    opt.add_param_group({"params": later})
+    assert sorted((r["group"], r["phase"]) for r in opt.bucket_summary()) == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    params = first + later
+    _train(opt, params, gen, 3)
+    sd = pickle.loads(pickle.dumps(opt.state_dict()))
+    restored = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = kronopt.build([{"params": restored[:2]}, {"params": restored[2:]}], "soap", **_STAGGER)
+    opt2.load_state_dict(sd)
+    assert opt2.bucket_summary() == opt.bucket_summary()
+    tail = gen.get_state()
+    _train(opt, params, gen, 8)
+    gen.set_state(tail)
+    _train(opt2, restored, gen, 8)
+    assert all(torch.equal(a, b) for a, b in zip(params, restored))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
 def test_a_blocks_trajectory_does_not_depend_on_how_many_blocks_share_its_bucket(preset, dtype):
