@@ -178,6 +178,13 @@ def _ratio_after(m: Tensor, v: Tensor, sqrt_c2: Tensor, eps: float) -> Tensor:
     return m / v.sqrt().div_(sqrt_c2).add_(eps)
 
 
+def _moments(m: Tensor, v: Tensor, G: Tensor, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    # (1 - β₂) G before the second G, as the eager kernel of ``addcmul`` multiplies: inductor's ``addcmul`` forms
+    # G² first, which overflows float32 for |G| ≳ 1.8e19 (β₂ = 0.95) where the eager step's state stays finite
+    beta1, beta2 = betas
+    return torch.lerp(m, G, 1 - beta1), v * beta2 + G * (1 - beta2) * G
+
+
 def _apply(params: list[Tensor], D: Tensor, ok: Tensor, lr: Tensor, lr_wd: Tensor, order: str, decay: bool) -> None:
     okf = ok.to(lr_wd.dtype)
     D = torch.where(ok.view(-1, 1, 1), D, torch.zeros((), dtype=D.dtype, device=D.device))
@@ -227,7 +234,7 @@ def _twins() -> dict[str, Callable[..., Any]]:
 
     _TWINS.update(
         newton_schulz=Compiled(linalg.newton_schulz, "Newton–Schulz"),
-        adam_moments=Compiled(linalg.adam_moments, "the Adam moments"),
+        adam_moments=Compiled(_moments, "the Adam moments"),
         adam_ratio=adam_ratio,
         post_apply=post_apply,
     )

@@ -207,3 +207,19 @@ def test_torch_compile_of_the_step_runs_it_eagerly_with_the_same_result(preset):
     assert got_losses == want_losses
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_the_compiled_second_moment_stays_finite_where_the_eager_one_does():
+    """A float32 gradient of 3e19: (1 − β₂) G² = 4.5e37 is finite, G² = 9e38 is not. Inductor's ``addcmul`` formed
+    G² first, so the compiled step took the block for non-finite and skipped it where the eager step took it."""
+    from kronopt import linalg
+
+    m, v = torch.zeros(1, 2, 2), torch.ones(1, 2, 2)
+    G = torch.tensor([3e19, -3e19, 2.0, 0.0]).view(1, 2, 2)
+    exact = 0.95 * v.double() + 0.05 * G.double() ** 2  # in float64, where G² is finite
+    eager = linalg.adam_moments(m, v, G, (0.9, 0.95))
+    with compiled.scope(True):
+        fast = compiled.variant("adam_moments")(m, v, G, (0.9, 0.95))
+    for moments in (eager, fast):
+        torch.testing.assert_close(moments[1].double(), exact, rtol=1e-6, atol=0)
+        torch.testing.assert_close(moments[0], 0.1 * G)
