@@ -77,8 +77,28 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def to_storage(state: BucketState, stored: dict[str, torch.dtype]) -> BucketState:
-    """``state`` with each record's floating tensors rounded to its storage dtype (``stored``: :func:`storage_dtypes`)."""
-    return attrs.evolve(state, **{name: map_tensors(getattr(state, name), lambda t, d=d: _cast(t, d)) for name, d in stored.items()})
+    """``state`` with each record's floating tensors rounded to its storage dtype (``stored``: :func:`storage_dtypes`),
+    or to a state record's ``STORAGE_FLOOR`` for the fields it names where that is wider (:func:`map_stored`)."""
+    return attrs.evolve(state, **{name: map_stored(getattr(state, name), d, _cast) for name, d in stored.items()})
+
+
+def map_stored(record: Any, dtype: torch.dtype, fn: Callable[[Tensor, torch.dtype], Tensor]) -> Any:
+    """A copy of a state record with ``fn(tensor, its storage dtype)`` applied to every tensor (recursively): ``dtype``,
+    or the wider dtype a record class names for a field in its ``STORAGE_FLOOR`` (a ``{field: dtype}`` class
+    attribute): a tensor whose rounding the stage's rule would amplify, kept at least that precise whatever
+    ``[storage]`` says (never wider than ``dtype``'s compute dtype, as every floor is at most float32)."""
+    if isinstance(record, Tensor):
+        return fn(record, dtype)
+    names = _field_names(type(record))
+    if names is None:
+        return record
+    floor: dict[str, torch.dtype] = getattr(type(record), "STORAGE_FLOOR", {})
+    changes = {}
+    for name in names:
+        value = getattr(record, name)
+        if isinstance(value, Tensor) or _field_names(type(value)) is not None:
+            changes[name] = map_stored(value, torch.promote_types(dtype, floor[name]) if name in floor else dtype, fn)
+    return attrs.evolve(record, **changes) if changes else record
 
 
 def _with_storage(fn: Callable[..., tuple[Tensor | None, BucketState]]) -> Callable[..., tuple[Tensor | None, BucketState]]:
@@ -108,7 +128,7 @@ def _with_storage(fn: Callable[..., tuple[Tensor | None, BucketState]]) -> Calla
             kept = back.get(id(t))
             return kept if kept is not None else _cast(t, d)
 
-        rounded = {name: map_tensors(getattr(new, name), lambda t, d=d: down(t, d)) for name, d in stored.items()}
+        rounded = {name: map_stored(getattr(new, name), d, down) for name, d in stored.items()}
         del upcast  # kept alive until here: the ids in ``back`` stay unique
         return D, attrs.evolve(new, **rounded)
 

@@ -23,7 +23,14 @@ class AdamState:
 class AdamSubspaceState:
     """Adam on a block with a restricted side (rank ``r``, right shown): the first moment ``exp_avg (b m n)``
     in the **original** coordinates, the second moment ``exp_avg_sq (b m r)`` in the rotated subspace
-    (``b r n`` when the left side is restricted)."""
+    (``b r n`` when the left side is restricted).
+
+    ``exp_avg`` is stored in float32 at least, whatever ``[storage] moments`` says: the rule rotates it into the
+    subspace and divides it by ``√v + ε`` there, so the 2⁻⁹ of its size that bfloat16 rounding leaves in directions
+    the gradient never had (``v`` ≈ 0) became steps of up to 2⁻⁹ ‖M‖ / ε (pro_soap: 300 × lr on a 40 × 3 block of
+    persistent low-rank gradients). ``exp_avg_sq`` follows ``moments``."""
+
+    STORAGE_FLOOR: ClassVar[dict[str, torch.dtype]] = {"exp_avg": torch.float32}
 
     exp_avg: Tensor
     exp_avg_sq: Tensor

@@ -228,3 +228,34 @@ def test_a_state_dict_saved_before_storage_existed_loads_without_a_config_warnin
     sd["kronopt"]["config"]["storage"] = {"factors": "bfloat16"}
     with pytest.warns(UserWarning, match="different config"):
         kronopt.build(params, "soap").load_state_dict(sd)
+
+
+def _quadratic_updates(preset, moments, seed, steps=12):
+    """The largest entry of each update on ½‖W − T‖² for one 40 × 3 block (its gradients span at most 3 of the
+    restricted side's 10 directions), and the state's floating dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.nn.Parameter(torch.randn(40, 3, generator=gen, dtype=torch.float64))
+    T = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    opt = kronopt.build([("w", W)], preset, lr=1e-2, **{"storage.moments": moments})
+    biggest = []
+    for _ in range(steps):
+        before = W.detach().clone()
+        W.grad = W.detach() - T
+        opt.step()
+        biggest.append((W.detach() - before).abs().max().item())
+    return biggest, _float_dtypes(opt, [W])
+
+
+@pytest.mark.parametrize("preset", ["pro_soap", "pro_dykaf"])
+@pytest.mark.parametrize("seed", [0, 6])
+def test_bf16_moments_keep_a_restricted_sides_original_coordinate_moment_in_float32(preset, seed):
+    """A restricted side's Adam keeps its first moment M in the original coordinates and divides its rotation by
+    √v + ε in the subspace: bfloat16 rounding of M (2⁻⁹ of its size) put into directions the gradient never had
+    (v ≈ 0) made steps of 9.7–17.9 (300–600 × lr) for pro_soap here, 10 × its size for pro_dykaf. M is stored
+    in float32 at least (``AdamSubspaceState.STORAGE_FLOOR``); the second moment follows ``moments``."""
+    exact, dtypes = _quadratic_updates(preset, "compute", seed)
+    narrow, narrowed = _quadratic_updates(preset, "bfloat16", seed)
+    assert max(exact) <= 0.15  # an Adam step is about lr per entry
+    assert max(narrow) <= 1.5 * max(exact), (narrow, exact)
+    assert dtypes["inner.exp_avg"] == torch.float64
+    assert narrowed["inner.exp_avg"] == torch.float32 and narrowed["inner.exp_avg_sq"] == torch.bfloat16
