@@ -2307,6 +2307,14 @@ class KronOptimizer(torch.optim.Optimizer):
         saved_bucket: dict[Any, int] = {}  # sharded dict of this rank: every block's bucket, owned or not
         if shard is not None:
             saved_bucket = {keys[i]: bi for bi, idx in enumerate(shard["buckets"]) for i in idx}
+        # in one process, where each saved block sat: (its bucket's index, its place in the dict, which lists a
+        # bucket's blocks in their stack's order): the buckets are rebuilt in the saved order, each stacking its
+        # blocks as the saved one did, so later joins of split parts pack and stack as the uninterrupted run's
+        # (parameter order joined other parts under a cap). Not across ranks: each rank's dict may list its entries
+        # in an order of its own, and the ranks' buckets must agree (their parts never join: _join)
+        place: dict[Any, tuple[int, int]] = {}
+        if shard is None and self._sharding is None and not any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            place = {k: (e[_BUCKET], n) for n, (k, e) in enumerate(saved.items()) if isinstance(e, dict) and _BUCKET in e}
         adopted = self._saved_owners(kron)
         owners, self._owner = self._owner, {**self._owner, **adopted}
         try:
@@ -2327,6 +2335,8 @@ class KronOptimizer(torch.optim.Optimizer):
                         part = tuple(sorted((k, v) for k, v in entry.items() if not isinstance(v, Tensor)))
                     parts.setdefault(part, []).append(i)
                 for part, idx in parts.items():
+                    if part is not None and part[0] == _BUCKET:
+                        idx.sort(key=lambda i: place.get(key_of[id(like.params[i])], (0, i))[1])
                     whole = like.subset(idx)
                     (bucket,) = self._shard([whole])
                     listed = [saved[key_of[id(p)]] for p in whole.params if saved.get(key_of[id(p)])]
@@ -2352,6 +2362,8 @@ class KronOptimizer(torch.optim.Optimizer):
                             )
                         self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                     buckets.append(bucket)
+            unplaced = (len(saved), 0)  # buckets with no saved place (no state yet) after the saved ones, in order
+            buckets.sort(key=lambda b: place.get(key_of[id(b.params[0])], unplaced)[0] if b.params else unplaced[0])
             for bucket in buckets:  # what the load's materialisation will build: the stages' refusals now
                 if bucket.state is None:
                     self._try_layout(bucket, cfgs[bucket.group])

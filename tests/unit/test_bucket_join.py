@@ -276,3 +276,43 @@ def test_a_bucket_steps_its_blocks_with_the_bits_they_take_alone(preset, options
             for key, value in one.state[A[i]].items():
                 if isinstance(value, torch.Tensor):
                     assert torch.equal(value, alone[i].state[B[i]][key]), (preset, t, i, key)
+
+
+def _stacks(opt, params):
+    """Each bucket's blocks, as positions in ``params``, in the stack's order; the buckets in the optimizer's order."""
+    where = {id(p): i for i, p in enumerate(params)}
+    return [tuple(where[id(p)] for p in b.params) for b in opt._buckets]
+
+
+@pytest.mark.parametrize(
+    "blocks, absent, cap",
+    [(4, [{0}, {3}, set()], 0.0), (5, [{0, 1}, {1, 2}, {0, 2, 3}, set()], 0.03)],
+    ids=["no cap", "cap"],
+)
+def test_a_resumed_run_joins_its_parts_as_the_uninterrupted_run(blocks, absent, cap):
+    """Parts split by missing gradients, saved before they join: the load rebuilds the buckets in their saved order,
+    each stacking its blocks as saved, so the join packs (under a cap) and stacks them as the uninterrupted run
+    does (docs/architecture.md). Rebuilt in parameter order, the load joined (3, 0) as (0, 3), and under the cap
+    packed (0, 1) where the uninterrupted run packed (0, 2)."""
+    kw = {"refresh.every": 3, **({"bucket_cap_mib": cap} if cap else {})}
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(16, 16, generator=gen, dtype=F64) for _ in range(blocks)]
+    rows = [[None if i in gone else torch.randn(16, 16, generator=gen, dtype=F64) for i in range(blocks)] for gone in absent]
+
+    def run(resume_before):
+        params = [torch.nn.Parameter(x.clone()) for x in start]
+        opt = kronopt.build(params, "soap", **kw)
+        for t, row in enumerate(rows):
+            if t == resume_before:
+                saved, before = copy.deepcopy(opt.state_dict()), _stacks(opt, params)
+                params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+                opt = kronopt.build(params, "soap", **kw)
+                opt.load_state_dict(saved)
+                assert _stacks(opt, params) == before
+            _feed(params, row)
+            opt.step()
+        return _stacks(opt, params), params
+
+    (joined, a), (resumed, b) = run(None), run(len(rows) - 1)
+    assert resumed == joined
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
