@@ -801,11 +801,14 @@ class KronOptimizer(torch.optim.Optimizer):
         # the plain AdamW buckets of a CPU, whatever their shapes, all at once (_step_plain_adams); their
         # reports are queued in the buckets' order, as if each had been stepped in its turn
         ok_on = _StepFlag(step_ok)
-        plain = [(b, *work) for b in stepped if (work := self._plain_adam_cpu(b)) is not None]
+        # not where a gradient lies in a stepped parameter's storage: those ways read every gradient of their
+        # buckets before any write, where each bucket in its turn writes its parameters before the next reads
+        together = not _gradients_in_parameters(stepped)
+        plain = [(b, *work) for b in stepped if together and (work := self._plain_adam_cpu(b)) is not None]
         reports = self._step_plain_adams(plain, ok_on(_CPU)) if plain else {}
         taken = {id(b) for b, _, _ in plain}
         # then the other small buckets of a CPU, with one test of their new state and one write of each kind
-        small = [(b, cfg) for b in stepped if id(b) not in taken and (cfg := self._small_cpu(b)) is not None]
+        small = [(b, cfg) for b in stepped if together and id(b) not in taken and (cfg := self._small_cpu(b)) is not None]
         for run in _within_budget(small, self._cap):
             reports |= self._step_small_buckets(run, ok_on(_CPU))
         taken |= {id(b) for b, _ in small}
@@ -2474,6 +2477,18 @@ _DEFER_FACTOR_UPDATES = True
 
 
 _CPU = torch.device("cpu")
+
+
+def _gradients_in_parameters(buckets: Sequence[_Bucket]) -> bool:
+    """Whether a gradient of a CPU bucket among ``buckets`` (neither work-sharded nor FSDP2: the ways that step
+    several at once, :meth:`KronOptimizer._step_plain_adams` and :meth:`KronOptimizer._step_small_buckets`) lies in the
+    storage of one of their parameters (``p.grad = q.detach()``, views of one buffer): a test of the storages'
+    addresses, two reads a parameter (a gradient in memory that another storage object also maps is not seen)."""
+    cpu = [b for b in buckets if b.plan is None and b.fsdp is None and b.params and b.blocks[0].device.type == "cpu"]
+    if len(cpu) < 2 and not any(len(b.params) > 1 for b in cpu):  # one block: its own gradient is read first anyway
+        return False
+    stores = {p.untyped_storage().data_ptr() for b in cpu for p in b.blocks}
+    return any(g.untyped_storage().data_ptr() in stores for b in cpu for p in b.blocks if (g := p.grad) is not None)
 
 
 def _span(t: Tensor) -> tuple[int, int]:

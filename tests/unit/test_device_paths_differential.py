@@ -83,6 +83,7 @@ DEVICE_BRANCHES = {
         "KronOptimizer._plain_adam_cpu",  # _BLOCKWISE_MIN
         "KronOptimizer._join",  # _BLOCKWISE_MIN (_blockwise: which buckets never join)
         "KronOptimizer._scratch",  # _CPU_KEEPS_SCRATCH
+        "_gradients_in_parameters",  # only a CPU's buckets step together (_SMALL_TOGETHER_MAX, _BLOCKWISE_MIN)
     },
     "validators.py": {"one_cpu_number"},  # an lr tensor read as its number (the tests of tensor rates below)
 }
