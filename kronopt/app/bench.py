@@ -175,7 +175,7 @@ class ParamSet:
 
     @property
     def numel(self) -> int:
-        return sum(int(torch.Size(s).numel()) for s in self.shapes)
+        return sum(math.prod(s) for s in self.shapes)  # in Python's integers: a shape past int64 is refused, not wrapped
 
     def draw(self, gen: torch.Generator) -> list[Tensor]:
         """One tensor per parameter from ``gen``, standard normal, in its shape and dtype (on the CPU)."""
@@ -1304,7 +1304,7 @@ def _bench_once(
                 "optimizer": run["name"],
                 "mean_ms": mean,
                 "median_ms": statistics.median(run["times"]) * 1e3,
-                "state_bytes": run["state_bytes"](),
+                "state_bytes": _state_of(run),
                 "step_bytes": run["step_bytes"] if run["step_bytes"] is not False else None,
                 "fault_bytes": _fault_bytes(run["faults"], len(run["times"])),
                 "vs_first": _vs_first(mean, first),
@@ -1312,6 +1312,17 @@ def _bench_once(
             }
         )
     return rows
+
+
+def _state_of(run: dict[str, Any]) -> int | None:
+    """A run's state bytes; ``None`` for a peer whose state cannot be read (a ``module:Class`` optimizer without a
+    ``state`` mapping, or one whose ``state`` raises): its times stand, its state is not reported."""
+    try:
+        return run["state_bytes"]()
+    except Exception:
+        if not run["peer"]:
+            raise
+        return None
 
 
 def _vs_first(mean: float, first: float | None) -> float | None:
@@ -1323,6 +1334,11 @@ def _fault_bytes(faults: int, steps: int) -> float | None:
     """The memory a step took fresh from the system on the mean, from ``faults`` minor page faults over ``steps``
     timed steps (:func:`_minor_faults`); ``None`` where the platform counts none."""
     return None if _minor_faults() is None else faults / steps * resource.getpagesize()
+
+
+def _mib_cell(value: float | None, width: int) -> str:
+    """Bytes as a MiB cell of ``width``, ``-`` where there is no figure (a peer whose state cannot be read)."""
+    return f"{_mib(value):>{width}.2f}" if value is not None else f"{'-':>{width}}"
 
 
 def _faults_cell(row: Mapping[str, Any]) -> str:
@@ -1637,7 +1653,7 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
             continue
         summary = run["opt"].bucket_summary() if isinstance(run["opt"], kronopt.KronOptimizer) else []
         faulted = _fault_bytes(run["faults"], len(run["times"]))
-        rows.append({"times": run["times"], "state_bytes": run["state_bytes"](), "gather_bytes": sum(b["gather_bytes"] for b in summary),
+        rows.append({"times": run["times"], "state_bytes": _state_of(run), "gather_bytes": sum(b["gather_bytes"] for b in summary),
                      "fault_bytes": faulted, "failed": None, "dropped": False})
     return rows
 
@@ -1778,8 +1794,8 @@ def _world_run(names: list[str], ranks: list[list[dict[str, Any]]]) -> list[dict
         rows.append(
             {
                 "optimizer": name, "mean_ms": statistics.fmean(times), "median_ms": statistics.median(times),
-                "state_bytes": max(r["state_bytes"] for r in per_rank),
-                "state_bytes_sum": sum(r["state_bytes"] for r in per_rank),
+                "state_bytes": None if any(r["state_bytes"] is None for r in per_rank) else max(r["state_bytes"] for r in per_rank),
+                "state_bytes_sum": None if any(r["state_bytes"] is None for r in per_rank) else sum(r["state_bytes"] for r in per_rank),
                 "comm_bytes": max(r["gather_bytes"] for r in per_rank), "failed": None,
                 # the rank that faulted most, on the mean over its steps (None where the platform counts none)
                 "fault_bytes": None if any(r.get("fault_bytes") is None for r in per_rank)
@@ -1878,14 +1894,16 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         if given is not None and (model is not None or args.shapes is not None):
             p.add(flag, f"sizes the transformer-shaped set; cannot be combined with {'--model' if model is not None else '--shapes'}")
     shapes = params.shapes
+    if (problem := _memory_problem(params, args.device or "cpu")) is not None:
+        p.add("--model" if model is not None else "--shapes" if args.shapes is not None else "--d", problem)
     counts = {
         "steps": p.integer("--steps", _given(args, "steps"), minimum=1),
         "warmup": p.integer("--warmup", _given(args, "warmup"), minimum=0),
-        "threads": p.integer("--threads", _given(args, "threads"), minimum=0),
+        "threads": p.integer("--threads", _given(args, "threads"), minimum=0, maximum=_MAX_THREADS),
         "seed": p.integer("--seed", _given(args, "seed"), minimum=0, maximum=2**63 - 1),
         "repeat": p.integer("--repeat", _given(args, "repeat"), minimum=1),
     }
-    widths = [] if args.scaling is None else p.value("--scaling", args.scaling, lambda s: _args.integers(s, minimum=1), [])
+    widths = [] if args.scaling is None else list(dict.fromkeys(p.value("--scaling", args.scaling, lambda s: _args.integers(s, minimum=1), [])))
     world_text = getattr(args, "world", None)
     default_device = "cpu" if world_text is not None or not torch.cuda.is_available() else "cuda"
     device = p.value("--device", default_device if args.device is None else args.device, _args.device, "cpu")
@@ -1902,12 +1920,14 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
             if shapes and not (peer := peers.PEERS[name]).takes(shapes):
                 p.add(name, f"needs at least one {peer.matrices} shape (its main class takes no other)")
             elif (reason := peers.unavailable(name)) is not None:
-                missing.append((name, reason))
+                if (name, reason) not in missing:
+                    missing.append((name, reason))
             elif name not in names:
                 names.append(name)
         elif peers.is_import_name(name):
             if (reason := peers.unavailable_imported(name)) is not None:
-                missing.append((name, reason))
+                if (name, reason) not in missing:
+                    missing.append((name, reason))
             elif name not in names:
                 names.append(name)
         elif peers.is_peer_name(name):
@@ -1939,6 +1959,32 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         names=names, params=params, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
         ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)), alone=alone,
         memory_steps=memory_steps or 0, dtype=dtype, json=json_path,
+    )
+
+
+#: the most threads ``--threads`` sets (torch takes a C int; far more threads than cores only measures the scheduler)
+_MAX_THREADS = 4 * (os.cpu_count() or 1)
+#: about how many copies of the parameter set the bench holds in the CPU's memory besides the optimizers' state: the
+#: starting values, the four gradients' draws, and each optimizer's parameters and gradient buffers
+_COPIES_HELD = 7
+
+
+def _memory_problem(params: "ParamSet", device: str) -> str | None:
+    """Why the parameter set cannot be benched on this machine (its copies, :data:`_COPIES_HELD`, beyond the memory
+    the system reports), else ``None``: a set of a trillion numbers is refused here, not by the allocator's error
+    midway. Where the system reports no memory size (Windows), nothing is checked."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    itemsize = max((d.itemsize for d in params.dtypes), default=4)
+    need = params.numel * itemsize * (_COPIES_HELD if device == "cpu" else 2)
+    if need <= memory:
+        return None
+    return (
+        f"the parameter set holds {params.numel:,} numbers ({params.numel * itemsize / 2**30:,.1f} GiB); the bench keeps "
+        f"about {_COPIES_HELD if device == 'cpu' else 2} copies of it ({need / 2**30:,.1f} GiB) besides the optimizers' "
+        f"state, more than this machine's {memory / 2**30:,.1f} GiB of memory"
     )
 
 
@@ -2001,7 +2047,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         vs = "-" if r["vs_first"] is None else f"{r['vs_first']:.2f}"  # none when the first optimizer failed
         line = (
             f"{r['optimizer']:<{width}} {r['mean_ms']:>9.3f} {r['median_ms']:>10.3f} "
-            f"{vs:>{max(12, len(first))}} {_mib(r['state_bytes']):>10.2f}"
+            f"{vs:>{max(12, len(first))}} {_mib_cell(r['state_bytes'], 10)}"
         )
         if memory:
             line += f" {_mib(r['step_bytes']):>9.2f}" if r.get("step_bytes") is not None else f" {'-':>9}"
@@ -2153,7 +2199,7 @@ def _print_world(rows: list[dict[str, Any]]) -> None:
             continue
         line = (
             f"{r['world']:>5} {r['optimizer']:<{width}} {r['median_ms']:>10.3f} {r['mean_ms']:>9.3f} "
-            f"{_mib(r['state_bytes_max']):>18.2f} {_mib(r['state_bytes_sum']):>9.2f} {r['comm_bytes'] / 2**10:>18.1f}"
+            f"{_mib_cell(r['state_bytes_max'], 18)} {_mib_cell(r['state_bytes_sum'], 9)} {r['comm_bytes'] / 2**10:>18.1f}"
         )
         if faults:
             line += _faults_cell(r)
@@ -2257,7 +2303,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plan = check_bench(args)
     for name, reason in plan.missing:
         print(f"{name}: {reason}")
-    if not plan.names:
+    if not plan.names:  # nothing to time: the record says so (its rows empty, the peers missing named)
+        if plan.json is not None:
+            empty = {"rows": [], "ratios": [], "matrix_work": None, "scaling": []}
+            _write_record(plan, record(plan, empty, threads=plan.counts["threads"] or torch.get_num_threads(), load=(_load_average(),) * 2, retained=False))
         return 0
     # this process: the one-process table and world size 1 (each other rank makes it itself)
     retained = plan.retain_freed_memory and malloc.retain_freed_memory()
@@ -2339,17 +2388,37 @@ def record(
             n: {where: {"parameters": count, "numbers": numel} for where, (count, numel) in routing(n, params).items()}
             for n in plan.names if not _is_peer(n)
         } if params.source else None,
+        # each kronopt optimizer's resolved config, by a digest: two runs of one file name that held other configs differ
+        "configs": {n: _config_digest(n) for n in plan.names if not _is_peer(n)},
     }
     processor = linalg._processor()
     return _plain_json({
         "format": "kronopt-bench/1",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": {"kronopt": kronopt.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+        "versions": {
+            "kronopt": kronopt.__version__, "kronopt_source": _source_digest(), "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
         "machine": {"processor": processor.name or None, "vendor": processor.vendor or None, "cpus": os.cpu_count()},
         "settings": settings,
         "load_average": {"start": load[0], "end": load[1]},
         "results": dict(results),
     })
+
+
+def _config_digest(name: str) -> str:
+    """The first 12 hex digits of the SHA-256 of a preset's or config file's resolved config as TOML."""
+    return hashlib.sha256(kronopt.dumps(kronopt.resolve(name)).encode()).hexdigest()[:12]
+
+
+def _source_digest() -> str:
+    """The first 12 hex digits of the SHA-256 of kronopt's own Python files (their paths and bytes): records of two
+    commits of one version tell apart."""
+    root = Path(kronopt.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _plain_json(value: Any) -> Any:
@@ -2427,9 +2496,38 @@ def read_record(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{str(path)!r} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not a text file ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict) or data.get("format") != "kronopt-bench/1":
         raise ValueError(f"{str(path)!r} is not a kronopt bench record (written by kronopt bench --json)")
+    if (problem := _record_problem(data)) is not None:
+        raise ValueError(f"{str(path)!r} is not a well-formed kronopt bench record: {problem}")
     return data
+
+
+def _record_problem(data: Mapping[str, Any]) -> str | None:
+    """What in a record's figures :func:`compare_records` could not read (an edited or truncated file), else ``None``:
+    each row an optimizer's name with numbers (or ``null``) for its figures, each ratio a pair of two names."""
+    number = (int, float, type(None))
+    for part in ("settings", "versions", "machine", "load_average", "results"):
+        if not isinstance(data.get(part) or {}, Mapping):
+            return f"its {part!r} is not a mapping"
+    try:
+        rows = [*_rows_of(data).values(), *(r for r, _ in _scaling_of(data).values())]
+        pairs = list(_ratios_of(data).values())
+        _work_of(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        return f"its results do not have the shape kronopt bench --json writes ({type(exc).__name__}: {exc})"
+    for r in rows:
+        if not isinstance(r, Mapping) or not isinstance(r.get("optimizer"), str):
+            return f"a row without an optimizer's name: {_shown(r)}"
+        bad = [k for k in ("mean_ms", "median_ms", "state_bytes") if isinstance(r.get(k), bool) or not isinstance(r.get(k), number)]
+        if bad:
+            return f"the row of {r['optimizer']!r} holds no number for {', '.join(bad)}"
+    for r in pairs:
+        if isinstance(r.get("ratio"), bool) or not isinstance(r.get("ratio"), number) or len(r["pair"]) != 2:
+            return f"a --ratio entry that is not a pair of two names with a number: {_shown(r)}"
+    return None
 
 
 def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -2455,7 +2553,7 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     pairs = []
     for k, ra, rb in _paired(_ratios_of(a), _ratios_of(b)):
         pairs.append({"world": k[0], "pair": (k[1], k[2]), "a": (ra or {}).get("ratio"), "b": (rb or {}).get("ratio"),
-                      "a_state": _state(ra), "b_state": _state(rb)})
+                      "a_state": _ratio_state(a, ra, k[1:]), "b_state": _ratio_state(b, rb, k[1:])})
     scaling = []
     for k, ra, rb in _paired(_scaling_of(a), _scaling_of(b)):
         (ra, wa), (rb, wb) = ra or (None, None), rb or (None, None)
@@ -2516,6 +2614,14 @@ def _work_state(data: Mapping[str, Any], entry: Mapping[str, Any] | None) -> str
 def _paired(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> list[tuple[Any, Any, Any]]:
     """Each key of ``a``, then each of ``b`` not in ``a``, with its entry in each (``None`` where it has none)."""
     return [(k, a.get(k), b.get(k)) for k in [*a, *(k for k in b if k not in a)]]
+
+
+def _ratio_state(data: Mapping[str, Any], entry: Mapping[str, Any] | None, pair: tuple[str, str]) -> str | None:
+    """:func:`_state` of a ``--ratio`` figure, ``"unmeasured"`` where the record asked for the pair and timed one of
+    its two not (a peer not installed), which its results leave out."""
+    if entry is None and list(pair) in [list(q) for q in (data.get("settings") or {}).get("ratios") or []]:
+        return "unmeasured"
+    return _state(entry)
 
 
 def _state(entry: Mapping[str, Any] | None) -> str | None:
@@ -2655,7 +2761,7 @@ def _ms(value: float | None, width: int, state: str | None = None) -> str:
 def _ratio(value: float | None, state: str | None = None) -> str:
     if value is not None:
         return f"{value:.3f}"
-    return {"failed": "no figure (failed)", "absent": "not asked"}.get(state or "", "-")
+    return {"failed": "no figure (failed)", "absent": "not asked", "unmeasured": "not measured (not timed there)"}.get(state or "", "-")
 
 
 def _shown(value: Any) -> str:
