@@ -2484,11 +2484,11 @@ def _gradients_in_parameters(buckets: Sequence[_Bucket]) -> bool:
     several at once, :meth:`KronOptimizer._step_plain_adams` and :meth:`KronOptimizer._step_small_buckets`) lies in the
     storage of one of their parameters (``p.grad = q.detach()``, views of one buffer): a test of the storages'
     addresses, two reads a parameter (a gradient in memory that another storage object also maps is not seen)."""
-    cpu = [b for b in buckets if b.plan is None and b.fsdp is None and b.params and b.blocks[0].device.type == "cpu"]
-    if len(cpu) < 2 and not any(len(b.params) > 1 for b in cpu):  # one block: its own gradient is read first anyway
+    params = [p for b in buckets if b.plan is None and b.params and b.params[0].is_cpu for p in b.params]
+    if len(params) < 2:  # one block: its own gradient is read first anyway
         return False
-    stores = {p.untyped_storage().data_ptr() for b in cpu for p in b.blocks}
-    return any(g.untyped_storage().data_ptr() in stores for b in cpu for p in b.blocks if (g := p.grad) is not None)
+    stores = {p.untyped_storage().data_ptr() for p in params}
+    return any(g is not None and g.untyped_storage().data_ptr() in stores for g in (p.grad for p in params))
 
 
 def _span(t: Tensor) -> tuple[int, int]:
