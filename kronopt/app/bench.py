@@ -1894,8 +1894,6 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
         if given is not None and (model is not None or args.shapes is not None):
             p.add(flag, f"sizes the transformer-shaped set; cannot be combined with {'--model' if model is not None else '--shapes'}")
     shapes = params.shapes
-    if (problem := _memory_problem(params, args.device or "cpu")) is not None:
-        p.add("--model" if model is not None else "--shapes" if args.shapes is not None else "--d", problem)
     counts = {
         "steps": p.integer("--steps", _given(args, "steps"), minimum=1),
         "warmup": p.integer("--warmup", _given(args, "warmup"), minimum=0),
@@ -1914,6 +1912,8 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
             p.add("--world", "cannot be combined with --scaling")
         if device != "cpu":
             p.add("--world", f"runs CPU processes on gloo; got --device {device} (use --device cpu)")
+    if (problem := _memory_problem(params, device, max(worlds, default=1))) is not None:
+        p.add("--model" if model is not None else "--shapes" if args.shapes is not None else "--d", problem)
     names, missing = [], []
     for name in list(args.optimizers) or list(BENCH_DEFAULT):
         if name in peers.PEERS:
@@ -1969,22 +1969,24 @@ _MAX_THREADS = 4 * (os.cpu_count() or 1)
 _COPIES_HELD = 7
 
 
-def _memory_problem(params: "ParamSet", device: str) -> str | None:
-    """Why the parameter set cannot be benched on this machine (its copies, :data:`_COPIES_HELD`, beyond the memory
-    the system reports), else ``None``: a set of a trillion numbers is refused here, not by the allocator's error
-    midway. Where the system reports no memory size (Windows), nothing is checked."""
+def _memory_problem(params: "ParamSet", device: str, ranks: int = 1) -> str | None:
+    """Why the parameter set cannot be benched on this machine (its copies in the CPU's memory, :data:`_COPIES_HELD`
+    on a CPU device, 2 where the work runs on another (the starting values and a draw), in each of ``ranks`` processes,
+    beyond the memory the system reports), else ``None``: a set of a trillion numbers is refused here, not by the
+    allocator's error midway. Where the system reports no memory size (Windows), nothing is checked."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
     itemsize = max((d.itemsize for d in params.dtypes), default=4)
-    need = params.numel * itemsize * (_COPIES_HELD if device == "cpu" else 2)
+    copies = (_COPIES_HELD if device == "cpu" else 2) * ranks
+    need = params.numel * itemsize * copies
     if need <= memory:
         return None
     return (
         f"the parameter set holds {params.numel:,} numbers ({params.numel * itemsize / 2**30:,.1f} GiB); the bench keeps "
-        f"about {_COPIES_HELD if device == 'cpu' else 2} copies of it ({need / 2**30:,.1f} GiB) besides the optimizers' "
-        f"state, more than this machine's {memory / 2**30:,.1f} GiB of memory"
+        f"about {copies} copies of it ({need / 2**30:,.1f} GiB) besides the optimizers' state"
+        + (f" ({ranks} processes)" if ranks > 1 else "") + f", more than this machine's {memory / 2**30:,.1f} GiB of memory"
     )
 
 

@@ -75,6 +75,8 @@ def test_the_memory_bound_counts_the_copies_against_the_machines_memory(monkeypa
     assert bench._memory_problem(params, "cpu") is None  # seven copies fit
     monkeypatch.setattr(bench.os, "sysconf", lambda key: {"SC_PHYS_PAGES": 7 * 4 * 10**6 // 4096 - 1, "SC_PAGE_SIZE": 4096}[key])
     assert "7 copies" in bench._memory_problem(params, "cpu")
+    assert bench._memory_problem(params, "cuda") is None  # two copies on the CPU where the work runs elsewhere
+    assert "14 copies" in bench._memory_problem(params, "cuda", ranks=7)  # each rank its own
 
 
 def test_a_record_is_written_when_every_optimizer_named_is_missing(tmp_path, capsys, monkeypatch):
