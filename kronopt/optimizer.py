@@ -801,14 +801,16 @@ class KronOptimizer(torch.optim.Optimizer):
         # the plain AdamW buckets of a CPU, whatever their shapes, all at once (_step_plain_adams); their
         # reports are queued in the buckets' order, as if each had been stepped in its turn
         ok_on = _StepFlag(step_ok)
-        # not where a gradient lies in a stepped parameter's storage: those ways read every gradient of their
-        # buckets before any write, where each bucket in its turn writes its parameters before the next reads
-        together = not _gradients_in_parameters(stepped)
-        plain = [(b, *work) for b in stepped if together and (work := self._plain_adam_cpu(b)) is not None]
-        reports = self._step_plain_adams(plain, ok_on(_CPU)) if plain else {}
+        plain = [(b, *work) for b in stepped if (work := self._plain_adam_cpu(b)) is not None]
         taken = {id(b) for b, _, _ in plain}
         # then the other small buckets of a CPU, with one test of their new state and one write of each kind
-        small = [(b, cfg) for b in stepped if together and id(b) not in taken and (cfg := self._small_cpu(b)) is not None]
+        small = [(b, cfg) for b in stepped if id(b) not in taken and (cfg := self._small_cpu(b)) is not None]
+        # neither where a gradient lies in a stepped parameter's storage: those ways read every gradient of their
+        # buckets before any write, where each bucket in its turn writes its parameters before the next reads
+        if (plain or small) and _gradients_in_parameters(stepped):
+            plain, small = [], []
+        reports = self._step_plain_adams(plain, ok_on(_CPU)) if plain else {}
+        taken = {id(b) for b, _, _ in plain}
         for run in _within_budget(small, self._cap):
             reports |= self._step_small_buckets(run, ok_on(_CPU))
         taken |= {id(b) for b, _ in small}
