@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import attrs
 
-from .validators import BETA_TIE, MOMENTUM_TIE, ge, in_, str_tuple, to_bool, to_float, to_int, to_str
+from .validators import BETA_TIE, MOMENTUM_TIE, ge, in_, le, str_tuple, to_bool, to_float, to_int, to_str
 from .post import Post
 from .registry import SLOTS, PluginError, PluginLoadError
 from .types import capabilities
@@ -188,7 +188,7 @@ class KronConfig:
             after the step; ``"inherit"`` leaves them to that setting (faster on a GPU with TF32,
             less precise: the specs' arithmetic is float32's). Top-level only.
         bucket_cap_mib: the most optimizer state (MiB, in the compute dtype) one bucket holds; 0 (the
-            default): no cap.
+            default): no cap; at most 2⁴³ (8 EiB).
             A step makes a bucket's new state before it writes it into the old (stages are pure),
             so its transient memory is about the state of the largest bucket; with a cap, blocks of
             one shape are stacked into as few buckets of nearly equal size under the cap as
@@ -225,7 +225,7 @@ class KronConfig:
         default="highest", converter=to_str, validator=in_(("highest", "inherit"))
     )
     compile: bool = attrs.field(default=False, converter=to_bool)
-    bucket_cap_mib: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
+    bucket_cap_mib: float = attrs.field(default=0.0, converter=to_float, validator=[ge(0.0), le(2.0**43)])  # 8 EiB
     factors: Any
     basis: Any
     inner: Any

@@ -86,20 +86,33 @@ def _phases(layouts: list[Layout], count: int, load: list[int] | None = None) ->
     order), each to the phase with the least cost so far (ties to the lower phase):
     round robin for blocks of one shape. Blocks with no rotated side never refresh
     anything and stay in phase 0 (so do all of a group whose basis is ``static``: the
-    caller passes 1). ``load`` (``count`` costs, updated in place): the cost already in
-    each phase, from the groups before with the same schedule. Depends on the layouts
-    and ``load`` only, so a load rebuilds the same phases.
+    caller passes 1). ``load`` (updated in place): the cost already in each phase used, from
+    the groups before with the same schedule (phases past its length hold none: a period of
+    any length costs only the blocks' count). Depends on the layouts and ``load`` only, so a
+    load rebuilds the same phases.
     """
     phases = [0] * len(layouts)
     if count <= 1:
         return phases
     costs = [0 if l.sides == ("none", "none") else distributed.block_cost(l) for l in layouts]
-    load = [0] * count if load is None else load
+    load = [] if load is None else load  # the phases used so far, 0 … len - 1; the others hold no cost yet
     for i in sorted((i for i in range(len(layouts)) if costs[i]), key=lambda i: (-costs[i], i)):
-        phase = min(range(count), key=lambda r: (load[r], r))
+        if len(load) < count:  # an unused phase holds the least cost (none), the lowest of them first
+            phase = len(load)
+            load.append(0)
+        else:
+            phase = min(range(count), key=lambda r: (load[r], r))
         phases[i] = phase
         load[phase] += costs[i]
     return phases
+
+
+def _exact(value: Any) -> Any:
+    """A group override's value as a cache key that tells every two values apart: a tensor by its dtype and entries
+    (read on the host: groups are resolved when made or loaded, never in a step), anything else by its repr."""
+    if isinstance(value, Tensor):
+        return ("tensor", str(value.dtype), tuple(value.detach().cpu().reshape(-1).tolist()))
+    return repr(value)
 
 
 def _schedule_key(refresh: Any) -> Any:
@@ -576,11 +589,18 @@ class KronOptimizer(torch.optim.Optimizer):
             return self.config
         top_only = [k for k in overrides if k.partition(".")[0] in _TOP_LEVEL_ONLY]
         if top_only:
-            raise ConfigError([
+            errors = [
                 (k, "is read from the optimizer's own config for every parameter, not per group: set it there")
                 for k in top_only
-            ])
-        key = repr(sorted(overrides.items()))
+            ]
+            try:  # the group's other problems too, listed together
+                with_overrides(self.config, {k: v for k, v in overrides.items() if k not in top_only})
+            except ConfigError as exc:
+                errors += exc.errors
+            raise ConfigError(errors)
+        # by each value exactly: a tensor's repr rounds (tensor(0.1000) for lr 0.10004 too), which gave a group the
+        # config resolved for another group's rate
+        key = tuple((k, _exact(v)) for k, v in sorted(overrides.items()))
         if key not in self._resolved:
             self._resolved[key] = with_overrides(self.config, overrides)
         return self._resolved[key]
@@ -643,7 +663,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 blocks.append((p, spec, layout, torch.promote_types(p.dtype, min_dtype)))
             staggers = isinstance(cfg.refresh, Staggered) and not capabilities(cfg.basis).static
             count = cfg.refresh.phases() if staggers else 1
-            phases = _phases([b[2] for b in blocks], count, loads.setdefault(_schedule_key(cfg.refresh), [0] * count) if count > 1 else None)
+            phases = _phases([b[2] for b in blocks], count, loads.setdefault(_schedule_key(cfg.refresh), []) if count > 1 else None)
             if gi < first:
                 continue
             for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
