@@ -666,6 +666,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     """
     out = _deepcopy(raw)
     items = sorted(overrides.items(), key=lambda kv: not kv[0].endswith(".type"))
+    errors = []
     for dotted, value in items:
         parts = dotted.split(".")
         table = out
@@ -676,9 +677,16 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
                 table[part] = nxt
             table = nxt
         last = parts[-1]
+        if isinstance(value, Mapping) and (len(parts) == 1 or isinstance(table.get(last), Mapping)):
+            # a whole table given as one value would replace it (its other keys reset to their defaults, a dotted
+            # override of the same table dropped): refused, as with_overrides refuses it on a resolved config
+            errors.append((dotted, f"is a table: set one of its keys (e.g. '{dotted}.{next(iter(value), 'type')}')"))
+            continue
         if last == "type" and table.get("type") != value:
             table.clear()
         table[last] = _deepcopy(value)
+    if errors:
+        raise ConfigError(errors)
     return out
 
 

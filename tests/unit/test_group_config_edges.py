@@ -49,3 +49,17 @@ def test_a_staggered_period_longer_than_the_blocks_costs_only_the_blocks():
     opt = kronopt.build(params, "soap", **{"refresh.every": 2**62, "refresh.stagger": True})
     assert time.perf_counter() - start < 5.0
     assert sorted(r["phase"] for r in opt.bucket_summary()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("spec", ["soap", "dict", "toml"])
+def test_a_whole_table_as_one_override_is_refused_however_the_config_is_given(spec, tmp_path):
+    """A preset name refused ``storage={...}``; a dict or a TOML file took it and replaced the whole table, so
+    ``refresh={"type": "every", "every": 4}`` reset soap's ``at_first_call`` and a dotted ``storage.moments`` beside
+    a ``storage`` table was dropped."""
+    given = {"soap": "soap", "dict": kronopt.to_dict(kronopt.PRESETS["soap"]), "toml": tmp_path / "soap.toml"}[spec]
+    if spec == "toml":
+        given.write_text(kronopt.dumps(kronopt.PRESETS["soap"]))
+    for overrides in ({"refresh": {"type": "every", "every": 4}}, {"storage.moments": "bfloat16", "storage": {"factors": "bfloat16"}}):
+        with pytest.raises(ConfigError, match="is a table"):
+            kronopt.resolve(given, **overrides)
+    assert kronopt.resolve(given, **{"refresh.every": 4}).refresh.at_first_call is True  # one key: the rest kept
