@@ -253,7 +253,12 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any
         if any(entry.get(k) != state[key].get(k) for entry in seen for k in entry):
             raise ValueError(f"the ranks' counters of parameter {key!r} disagree: the dicts were saved at different steps")
     kron = {k: v for k, v in first["kronopt"].items() if k not in (SHARDING_KEY, OWNERS_KEY)}
-    return {"state": dict(sorted(state.items(), key=lambda kv: str(kv[0]))), "param_groups": first["param_groups"], "kronopt": kron}
+    # the entries in the buckets' order, each bucket's blocks in its stack's (the rank dicts' bucket lists, alike on
+    # every rank), as one process's state_dict lists them: a load in one process stacks them so (the others after)
+    keys = [k for g in first["param_groups"] for k in g["params"]]
+    place = {keys[i]: (bi, n) for bi, idx in enumerate(infos[0].get("buckets") or []) for n, i in enumerate(idx) if i < len(keys)}
+    ordered = sorted(state.items(), key=lambda kv: (place.get(kv[0], (len(place), 0)), str(kv[0])))
+    return {"state": dict(ordered), "param_groups": first["param_groups"], "kronopt": kron}
 
 
 # -- FSDP2: DTensor parameters sharded by rows ----------------------------------------------

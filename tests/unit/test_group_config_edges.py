@@ -63,3 +63,4 @@ def test_a_whole_table_as_one_override_is_refused_however_the_config_is_given(sp
         with pytest.raises(ConfigError, match="is a table"):
             kronopt.resolve(given, **overrides)
     assert kronopt.resolve(given, **{"refresh.every": 4}).refresh.at_first_call is True  # one key: the rest kept
+

@@ -379,3 +379,26 @@ def test_every_stack_keeps_the_layout_it_was_made_in(preset):
             p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
     assert strides() == made
+
+
+def test_merged_rank_dicts_list_the_blocks_in_their_buckets_order():
+    """``merge_state_dicts`` sorted the entries by their keys as text (0, 1, 10, 11, 2, ...); a load in one process
+    stacks a bucket's blocks in the order its dict lists them, so the merged dict lists them as the ranks' bucket
+    lists do (bucket by bucket, each in its stack's order)."""
+    from kronopt import distributed
+
+    buckets = [[11, 2], [0, 10, 1]]
+    keys = list(range(12))
+    owner = {11: 0, 2: 1, 0: 1, 10: 0, 1: 0}
+
+    def rank_dict(rank):
+        state = {}
+        for bi, idx in enumerate(buckets):
+            for i in idx:
+                entry = {"calls": 3, "bucket": bi}
+                state[i] = {**entry, "x": torch.zeros(1)} if owner[i] == rank else entry
+        info = {"rank": rank, "world_size": 2, "buckets": buckets, "calls": [3, 3]}
+        return {"state": state, "param_groups": [{"params": keys}], "kronopt": {distributed.SHARDING_KEY: info}}
+
+    merged = distributed.merge_state_dicts([rank_dict(1), rank_dict(0)])
+    assert list(merged["state"]) == [11, 2, 0, 10, 1]
