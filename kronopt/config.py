@@ -327,12 +327,31 @@ def _build_record(cls: type, table: Any, path: str, errors: list[tuple[str, str]
             continue
         kwargs[key] = value
     if len(errors) > found:
+        _cross_checks(cls, kwargs, path, errors, refused=[p.rpartition(".")[2] for p, _ in errors[found:]], names=names)
         return None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, OverflowError) as exc:
         errors.append((path, _bad_value(exc)))
         return None
+
+
+def _cross_checks(
+    cls: type, kwargs: dict[str, Any], path: str, errors: list[tuple[str, str]], *, refused: list[str], names: set[str]
+) -> None:
+    """A record some of whose keys were refused: its checks across keys (``offset < every``) run on the accepted ones,
+    the refused keys at their defaults, so a problem among the accepted keys is listed with the others; not one that
+    names a refused key (found with its default, not the value given), nor where a refused key has no default."""
+    refused = [k for k in refused if k in names]
+    required = {f.alias for f in attrs.fields(cls) if f.init and f.default is attrs.NOTHING}
+    if required - kwargs.keys():
+        return
+    try:
+        cls(**kwargs)
+    except (TypeError, ValueError, OverflowError) as exc:
+        message = _bad_value(exc)
+        if not any(re.search(rf"\b{re.escape(k)}\b", message) for k in refused):
+            errors.append((path, message))
 
 
 def _build_stage(slot: str, table: Any, path: str, errors: list[tuple[str, str]]) -> Any:

@@ -64,3 +64,18 @@ def test_a_whole_table_as_one_override_is_refused_however_the_config_is_given(sp
             kronopt.resolve(given, **overrides)
     assert kronopt.resolve(given, **{"refresh.every": 4}).refresh.at_first_call is True  # one key: the rest kept
 
+
+
+@pytest.mark.parametrize("spec", ["soap", "dict"])
+def test_a_records_check_across_its_keys_is_listed_beside_a_refused_key(spec):
+    """``offset < every`` is checked when the record is made, which a refused key (``stagger = 1``, an unknown key)
+    prevented: only the refused key was listed. Now the accepted keys are checked too, the refused ones at their
+    defaults; a check that names a refused key is left out (it would judge the default, not the value given)."""
+    given = "soap" if spec == "soap" else kronopt.to_dict(kronopt.PRESETS["soap"])
+    with pytest.raises(ConfigError) as caught:
+        kronopt.resolve(given, **{"refresh.stagger": 1, "refresh.offset": 10})
+    assert [p for p, _ in caught.value.errors] == ["refresh.stagger", "refresh"]
+    assert "offset must be < every, got offset = 10, every = 10" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        kronopt.resolve(given, **{"refresh.every": "x", "refresh.offset": 12})
+    assert [p for p, _ in caught.value.errors] == ["refresh.every"]  # not "offset < every" against the default 10
