@@ -107,6 +107,17 @@ def _phases(layouts: list[Layout], count: int, load: list[int] | None = None) ->
     return phases
 
 
+#: the state dict's record of how the staggered phases were balanced (``kronopt["phases"]``)
+_PHASES_KEY = "phases"
+
+
+def _phases_across(kron: Mapping[str, Any] | None) -> bool:
+    """Whether a saved optimizer balanced its staggered phases over the groups of a schedule (its dict says so), else
+    per group: a kronopt dict saved before that balance has no record of it, and its run had each group's phases
+    apart. A dict without a kronopt part (``torch.distributed.checkpoint``'s own) takes the balance over groups."""
+    return kron is None or kron.get(_PHASES_KEY, "per_group") == "across_groups"
+
+
 def _exact(value: Any) -> Any:
     """A group override's value as a cache key that tells every two values apart: a tensor by its dtype and entries
     (read on the host: groups are resolved when made or loaded, never in a step), anything else by its repr."""
@@ -430,6 +441,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._owner: dict[int, int] = {}  # id(param) → owner rank (work sharding)
         self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
         self._fsdp_loads: list[int] | None = None  # FSDP2 on a mesh of another size than the plain blocks' world
+        self._phases_across = True  # staggered phases balanced over the groups of a schedule (a dict saved before: per group)
         self._buckets = self._shard(self._make_buckets(self.param_groups, self._group_cfgs, self._cap), assign=True)
         self._note_non_float()
         self._pending: list[_Pending] = []
@@ -545,7 +557,8 @@ class KronOptimizer(torch.optim.Optimizer):
             for g in self._split_user_group(_normalize_groups([param_group], first=len(self.param_groups))[0]):
                 super().add_param_group(g)  # raises for a parameter some group holds already
                 self._group_cfgs.append(self._group_config(g))
-            new = self._make_buckets(self.param_groups, self._group_cfgs, self._cap, first=first)
+            across = self.__dict__.get("_phases_across", False)  # an optimizer pickled before the balance over groups: per group
+            new = self._make_buckets(self.param_groups, self._group_cfgs, self._cap, first=first, across=across)
             self._buckets.extend(self._shard(new, assign=True))
             self._note_non_float()
             self._materialize()
@@ -640,7 +653,9 @@ class KronOptimizer(torch.optim.Optimizer):
         return int(self.config.bucket_cap_mib * 2**20)
 
     @staticmethod
-    def _make_buckets(groups: list[dict[str, Any]], cfgs: list[KronConfig], cap: int = 0, *, first: int = 0) -> list[_Bucket]:
+    def _make_buckets(
+        groups: list[dict[str, Any]], cfgs: list[KronConfig], cap: int = 0, *, first: int = 0, across: bool = True
+    ) -> list[_Bucket]:
         """Buckets of ``groups[first:]`` (indexed from 0 in ``groups``); parameters with no elements are left out.
 
         A bucket's blocks share the group, the layout (block shape, sides, ranks and, under
@@ -650,6 +665,8 @@ class KronOptimizer(torch.optim.Optimizer):
         parameter dtype and the device. With a ``cap`` (bytes of state, ``bucket_cap_mib``),
         such blocks are cut, in order, into the fewest buckets of nearly equal size that each
         hold at most ``cap`` bytes of state in the compute dtype (:func:`_blocks_under`), one block at least.
+        ``across = False``: each group's phases balanced apart, as before the balance over groups (a state dict
+        saved then rebuilds the phases its run had).
         """
         buckets: dict[tuple[Any, ...], _Bucket] = {}
         loads: dict[Any, list[int]] = {}  # per refresh schedule, the cost in each of its phases so far
@@ -663,7 +680,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 blocks.append((p, spec, layout, torch.promote_types(p.dtype, min_dtype)))
             staggers = isinstance(cfg.refresh, Staggered) and not capabilities(cfg.basis).static
             count = cfg.refresh.phases() if staggers else 1
-            phases = _phases([b[2] for b in blocks], count, loads.setdefault(_schedule_key(cfg.refresh), []) if count > 1 else None)
+            schedule = _schedule_key(cfg.refresh) if across else (gi, _schedule_key(cfg.refresh))
+            phases = _phases([b[2] for b in blocks], count, loads.setdefault(schedule, []) if count > 1 else None)
             if gi < first:
                 continue
             for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
@@ -2147,6 +2165,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 state.setdefault(index[id(p)], self._fsdp_marker(bi, plan))
         sd["state"] = state
         sd["kronopt"] = {"version": _STATE_VERSION, "config": to_dict(self.config)}
+        sd["kronopt"][_PHASES_KEY] = "across_groups" if self.__dict__.get("_phases_across", False) else "per_group"
         if self._sharding is not None:
             sd["kronopt"][distributed.SHARDING_KEY] = {
                 "rank": self._sharding.rank,
@@ -2259,6 +2278,7 @@ class KronOptimizer(torch.optim.Optimizer):
             self._owner = owners  # a refused dict changes nothing
             raise
         self._group_cfgs = cfgs
+        self._phases_across = _phases_across(kron)
         self._phased = {}
         self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take
         self.__dict__.pop("_plain_muon", None)
@@ -2344,7 +2364,7 @@ class KronOptimizer(torch.optim.Optimizer):
         owners, self._owner = self._owner, {**self._owner, **adopted}
         try:
             buckets = []
-            for like in self._make_buckets(self.param_groups, cfgs, self._cap):
+            for like in self._make_buckets(self.param_groups, cfgs, self._cap, across=_phases_across(kron)):
                 parts: dict[Any, list[int]] = {}
                 for i, p in enumerate(like.params):
                     entry = saved.get(key_of[id(p)])
@@ -2387,7 +2407,7 @@ class KronOptimizer(torch.optim.Optimizer):
                             )
                         self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                     buckets.append(bucket)
-            unplaced = (len(saved), 0)  # buckets with no saved place (no state yet) after the saved ones, in order
+            unplaced = (max((bi for bi, _ in place.values()), default=-1) + 1, 0)  # buckets with no saved place (no state yet) after the saved ones
             buckets.sort(key=lambda b: place.get(key_of[id(b.params[0])], unplaced)[0] if b.params else unplaced[0])
             for bucket in buckets:  # what the load's materialisation will build: the stages' refusals now
                 if bucket.state is None:

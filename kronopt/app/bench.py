@@ -1914,6 +1914,8 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
             p.add("--world", f"runs CPU processes on gloo; got --device {device} (use --device cpu)")
     if (problem := _memory_problem(params, device, max(worlds, default=1))) is not None:
         p.add("--model" if model is not None else "--shapes" if args.shapes is not None else "--d", problem)
+    if widths and (problem := _memory_problem(ParamSet.of(transformer_shapes(max(widths), 1), dtype), device)) is not None:
+        p.add("--scaling", f"at d = {max(widths)}: {problem}")
     names, missing = [], []
     for name in list(args.optimizers) or list(BENCH_DEFAULT):
         if name in peers.PEERS:

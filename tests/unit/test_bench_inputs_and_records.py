@@ -148,3 +148,9 @@ def test_compare_tells_a_ratio_asked_but_not_measured_from_one_not_asked():
     assert [r["a_state"] for r in bench.compare_records(a, b)["ratios"]] == ["unmeasured"]
     assert [r["a_state"] for r in bench.compare_records(c, b)["ratios"]] == ["absent"]
     assert bench._ratio(None, "unmeasured").startswith("not measured")
+
+
+def test_a_scaling_width_beyond_the_machines_memory_is_refused_before_anything(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("ran"))
+    assert cli.main(["bench", "adamw", *TINY, "--scaling", "16,3000000"]) == 2
+    assert "--scaling: at d = 3000000: the parameter set holds" in capsys.readouterr().err

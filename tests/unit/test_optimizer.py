@@ -782,6 +782,29 @@ def test_stagger_an_added_group_continues_the_balance_and_a_load_rebuilds_it(gen
     assert all(torch.equal(a, b) for a, b in zip(params, restored))
 
 
+def test_stagger_a_state_dict_saved_before_the_balance_over_groups_keeps_each_groups_phases(gen):
+    """A kronopt state dict without the ``phases`` record was saved while each group's phases were balanced apart
+    (each group from phase 0): its load rebuilds those phases, its own dict says so, and a group added later goes on
+    the same way, so the run continues as it would have; a dict with the record takes the balance over groups."""
+    params = _params(gen, shapes=[(8, 8)] * 4)
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:]}]  # noqa: E731
+    opt = kronopt.build(groups(params), "soap", **_STAGGER)
+    _train(opt, params, gen, 3)
+    sd = pickle.loads(pickle.dumps(opt.state_dict()))
+    assert sd["kronopt"]["phases"] == "across_groups"
+    del sd["kronopt"]["phases"]
+    again = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    old = kronopt.build(groups(again), "soap", **_STAGGER)
+    old.load_state_dict(sd)
+    assert sorted((r["group"], r["phase"]) for r in old.bucket_summary()) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert old.state_dict()["kronopt"]["phases"] == "per_group"
+    old.add_param_group({"params": _params(gen, shapes=[(8, 8)] * 2)})
+    assert sorted((r["group"], r["phase"]) for r in old.bucket_summary() if r["group"] == 2) == [(2, 0), (2, 1)]
+    new = kronopt.build(groups([torch.nn.Parameter(p.detach().clone()) for p in params]), "soap", **_STAGGER)
+    new.load_state_dict(pickle.loads(pickle.dumps(opt.state_dict())))
+    assert sorted((r["group"], r["phase"]) for r in new.bucket_summary()) == [(0, 0), (0, 1), (1, 2), (1, 3)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
 def test_a_blocks_trajectory_does_not_depend_on_how_many_blocks_share_its_bucket(preset, dtype):
