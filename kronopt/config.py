@@ -677,6 +677,11 @@ def dumps(cfg: KronConfig | Mapping[str, Any]) -> str:
 # -- overrides -------------------------------------------------------------------------
 
 
+def _whole_table(example: str) -> str:
+    """The problem of an override that gives a whole table as one value (both override paths refuse it)."""
+    return f"is a table: set one of its keys (e.g. '{example}')"
+
+
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``raw`` with dotted keys set (``"refresh.every"``, ``"fallback.lr"``).
 
@@ -699,7 +704,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
         if isinstance(value, Mapping) and (len(parts) == 1 or isinstance(table.get(last), Mapping)):
             # a whole table given as one value would replace it (its other keys reset to their defaults, a dotted
             # override of the same table dropped): refused, as with_overrides refuses it on a resolved config
-            errors.append((dotted, f"is a table: set one of its keys (e.g. '{dotted}.{next(iter(value), 'type')}')"))
+            errors.append((dotted, _whole_table(f"{dotted}.{next(iter(value), 'type')}")))
             continue
         if last == "type" and table.get("type") != value:
             table.clear()
@@ -744,7 +749,7 @@ def _evolve_config(
             else:
                 scalars[head] = value
         elif not rest:
-            errors.append((_join(prefix, dotted), "is a table: set one of its keys (e.g. 'inner.type')"))
+            errors.append((_join(prefix, dotted), _whole_table("inner.type")))
         else:
             tables.setdefault(head, {})[rest] = value
     kwargs: dict[str, Any] = _checked_scalars(scalars, prefix, errors)

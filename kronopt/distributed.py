@@ -256,8 +256,9 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any
     # the entries in the buckets' order, each bucket's blocks in its stack's (the rank dicts' bucket lists, alike on
     # every rank), as one process's state_dict lists them: a load in one process stacks them so (the others after)
     keys = [k for g in first["param_groups"] for k in g["params"]]
-    place = {keys[i]: (bi, n) for bi, idx in enumerate(infos[0].get("buckets") or []) for n, i in enumerate(idx) if i < len(keys)}
-    ordered = sorted(state.items(), key=lambda kv: (place.get(kv[0], (len(place), 0)), str(kv[0])))
+    buckets = infos[0].get("buckets") or []
+    place = {keys[i]: (bi, n) for bi, idx in enumerate(buckets) for n, i in enumerate(idx) if i < len(keys)}
+    ordered = sorted(state.items(), key=lambda kv: (place.get(kv[0], (len(buckets), 0)), str(kv[0])))
     return {"state": dict(ordered), "param_groups": first["param_groups"], "kronopt": kron}
 
 

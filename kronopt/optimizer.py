@@ -846,9 +846,8 @@ class KronOptimizer(torch.optim.Optimizer):
         # neither where a gradient lies in a stepped parameter's storage: those ways read every gradient of their
         # buckets before any write, where each bucket in its turn writes its parameters before the next reads
         if (plain or small) and _gradients_in_parameters(stepped):
-            plain, small = [], []
+            plain, small, taken = [], [], set()
         reports = self._step_plain_adams(plain, ok_on(_CPU)) if plain else {}
-        taken = {id(b) for b, _, _ in plain}
         for run in _within_budget(small, self._cap):
             reports |= self._step_small_buckets(run, ok_on(_CPU))
         taken |= {id(b) for b, _ in small}

@@ -1337,13 +1337,14 @@ def _fault_bytes(faults: int, steps: int) -> float | None:
 
 
 def _mib_cell(value: float | None, width: int) -> str:
-    """Bytes as a MiB cell of ``width``, ``-`` where there is no figure (a peer whose state cannot be read)."""
+    """Bytes as a MiB cell of ``width``, ``-`` where there is no figure (a peer whose state cannot be read, a platform
+    that counts no faults, a step not measured)."""
     return f"{_mib(value):>{width}.2f}" if value is not None else f"{'-':>{width}}"
 
 
 def _faults_cell(row: Mapping[str, Any]) -> str:
     """A row's ``faults MiB`` cell, ``-`` where it has no figure."""
-    return f" {_mib(row['fault_bytes']):>10.2f}" if row.get("fault_bytes") is not None else f" {'-':>10}"
+    return " " + _mib_cell(row.get("fault_bytes"), 10)
 
 
 def _minor_faults() -> int | None:
@@ -2054,7 +2055,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             f"{vs:>{max(12, len(first))}} {_mib_cell(r['state_bytes'], 10)}"
         )
         if memory:
-            line += f" {_mib(r['step_bytes']):>9.2f}" if r.get("step_bytes") is not None else f" {'-':>9}"
+            line += " " + _mib_cell(r.get("step_bytes"), 9)
         if faults:
             line += _faults_cell(r)
         if spread:
