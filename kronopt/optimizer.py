@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import itertools
 import math
+import numbers
 import operator
 import warnings
 import weakref
@@ -916,12 +917,20 @@ class KronOptimizer(torch.optim.Optimizer):
     def _check_rates(self) -> None:
         """A group's ``lr`` or ``weight_decay`` set to NaN or ±Inf since it was built (by hand, or a scheduler's
         arithmetic), refused before anything changes: it would write NaN into every parameter of the group. A
-        value held in a tensor off the CPU is not read (that would be a host synchronisation)."""
+        value held in a tensor off the CPU is not read (that would be a host synchronisation). A value that is
+        neither a real number nor a tensor (a NumPy array, a string) is refused too, before it fails deep in a
+        stage or a compiled kernel."""
         for gi, group in enumerate(self.param_groups):
             for key in ("lr", "weight_decay"):
                 value = group.get(key)
-                if isinstance(value, Tensor) and not one_cpu_number(value):
-                    continue
+                if isinstance(value, Tensor):
+                    if not one_cpu_number(value):
+                        continue
+                elif value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                    raise TypeError(
+                        f"param_groups[{gi}]['{key}'] is {value!r} ({type(value).__name__}): it must be a real number "
+                        "or a one-entry tensor; nothing was changed"
+                    )
                 if value is not None and not math.isfinite(float(value)):
                     raise ValueError(
                         f"param_groups[{gi}]['{key}'] is {float(value)}: a non-finite {key} would write NaN into the "

@@ -140,6 +140,30 @@ def test_a_non_finite_rate_set_between_steps_is_refused_before_anything_changes(
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("value", ["numpy-0d", "1e-3", True, [1e-3]], ids=["numpy-0d", "str", "bool", "list"])
+@pytest.mark.parametrize("preset, compiled", [("adamw", False), ("soap", False), ("soap", True)])
+def test_a_rate_that_is_not_a_number_set_between_steps_is_refused_before_anything_changes(preset, compiled, value):
+    """A NumPy 0-d array as ``lr`` failed deep in the step (eager adamw: "unhashable type"; compiled soap: torch's
+    ``full``), and a string or a list likewise: the step now refuses it by name, changes nothing, and a NumPy
+    scalar (a real number) still steps as its float does."""
+    np = pytest.importorskip("numpy")
+    value = np.array(1e-3) if value == "numpy-0d" else value
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen)), torch.nn.Parameter(torch.randn(4, generator=gen))]
+    opt = kronopt.build(params, preset, compile=compiled)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0]["lr"] = value
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\] is .*: it must be a real number or a one-entry tensor; nothing was changed"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    opt.param_groups[0]["lr"] = np.float32(1e-3)  # a NumPy scalar is a real number
+    opt.step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
 # -- a layout a stage cannot keep is refused at build, frozen parameters included ------------------------------
 
 
