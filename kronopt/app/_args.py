@@ -102,7 +102,14 @@ def number(
 
 
 def _items(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    """The entries of a comma-separated list; an empty one (``"3,,4"``, a trailing comma) is refused, where it was
+    dropped and a typo ran with one entry fewer than meant. A text of no entries (``""``, ``","``) is an empty list."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        return []
+    if not all(parts):
+        raise ValueError(f"has an empty entry between its commas: {text!r}")
+    return parts
 
 
 def _each(text: str, parse: Callable[[str], T], *, allow_empty: bool, what: str) -> list[T]:

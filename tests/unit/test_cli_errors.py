@@ -123,6 +123,10 @@ CASES = [
     (["bench", "heavyball.Nope", "torch.adamw"], ["heavyball.Nope: not a known heavyball optimizer", "torch.adamw"]),
     (["bench", "--scaling", "0,x"], ["--scaling: must be ≥ 1, got 0", "'x'"]),
     (["bench", "--scaling", ","], ["--scaling", "at least one"]),
+    # an empty entry between commas is refused, not dropped (a typo ran with one entry fewer than meant)
+    (["bench", "soap", "--shapes", "8x4,,4"], ["--shapes: has an empty entry between its commas: '8x4,,4'"]),
+    (["bench", "--scaling", "8,16,"], ["--scaling: has an empty entry between its commas: '8,16,'"]),
+    (["fisher", "--source", "lab,", "--steps", "1,,2"], ["--source: has an empty entry", "--steps: has an empty entry"]),
     # fisher
     (["fisher", "--steps", "abc"], ["--steps", "'abc'"]),
     (["fisher", "--steps", "0", "--out", "{out}"], ["--steps", "got 0"]),
