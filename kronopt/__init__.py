@@ -97,6 +97,6 @@ def from_state_dict(params: Iterable[Any], state_dict: Mapping[str, Any]) -> Kro
             "or torch.distributed.checkpoint's, which keeps only 'state' and 'param_groups'); build the optimizer "
             "with kronopt.build(params, <its preset or config>) and call load_state_dict"
         )
-    opt = KronOptimizer(params, from_dict(kron["config"]))
+    opt = KronOptimizer(params, from_dict(config.without_fallback_settings(kron["config"])))
     opt.load_state_dict(dict(state_dict))
     return opt

@@ -170,7 +170,7 @@ class KronConfig:
             error raised at the end of the step, whose blocks' verdicts are then read,
             on an accelerator a second synchronisation every step) or ``"skip"`` (skip
             it silently; see ``KronOptimizer.nonfinite_counts``). Read from the top-level config
-            for every parameter; a ``[fallback]`` table's value is ignored.
+            for every parameter; a ``[fallback]`` table may give only the default.
         nonfinite_scope: what a non-finite gradient skips: ``"step"`` (every
             parameter's update and state change of that step, as optax's
             ``apply_if_finite`` and ``torch.amp.GradScaler`` do; one device-side
@@ -193,8 +193,9 @@ class KronConfig:
             so its transient memory is about the state of the largest bucket; with a cap, blocks of
             one shape are stacked into as few buckets of nearly equal size under the cap as
             possible (one block at least), each stepped in its turn. The same algorithm block by
-            block (DESIGN.md's invariant 4); more buckets are more batched calls. Top-level only;
-            a ``[fallback]`` table's value is ignored (the cap holds for every bucket).
+            block (a block stepped in a bucket steps as it would alone: bit for bit where the
+            kernels allow, otherwise to float rounding); more buckets are more batched calls. Top-level only;
+            a ``[fallback]`` table may give only the default (the cap holds for every bucket).
         max_skipped_steps: with ``"step"`` scope, ``step()`` raises
             ``FloatingPointError`` once this many consecutive steps were skipped
             (0: never). The count is read without a host synchronisation, so the
@@ -204,7 +205,8 @@ class KronConfig:
             moments are kept in between steps.
         distributed: the ``[distributed]`` table (:class:`Distributed`); top-level
             only, a ``[fallback]`` table may not set it.
-        fallback: the config of the parameters the route sends away.
+        fallback: the config of the parameters the route sends away; the top-level-only values
+            (:data:`FALLBACK_AT_DEFAULT`) it may give only at their defaults, ``[distributed]`` not at all.
     """
 
     lr: float = attrs.field(default=1e-3, converter=to_float, validator=ge(0.0))
@@ -305,6 +307,33 @@ def _records(top: bool) -> dict[str, type]:
     return _RECORDS if top else {k: v for k, v in _RECORDS.items() if k not in _TOP_ONLY}
 
 
+#: top-level values the step reads from the top-level config for every parameter, the fallback's included: a
+#: ``[fallback]`` table may give them only at their defaults (as :func:`dumps` writes them), where another value
+#: was accepted and ignored
+FALLBACK_AT_DEFAULT: tuple[str, ...] = ("nonfinite", "nonfinite_scope", "max_skipped_steps", "matmul_precision", "bucket_cap_mib")
+
+
+def _fallback_at_default(kwargs: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]]) -> None:
+    """A ``[fallback]`` table's :data:`FALLBACK_AT_DEFAULT` values (checked already) other than their defaults."""
+    for f in attrs.fields(KronConfig):
+        if f.name in FALLBACK_AT_DEFAULT and f.name in kwargs and kwargs[f.name] != f.default:
+            errors.append((
+                _join(prefix, f.name),
+                f"is read from the top-level config for every parameter, the fallback's included: set it there "
+                f"(a [fallback] table may give only its default, {f.default!r})",
+            ))
+
+
+def without_fallback_settings(raw: Any) -> Any:
+    """A saved config (a :func:`to_dict`) without its ``[fallback]`` table's :data:`FALLBACK_AT_DEFAULT` keys:
+    kronopt before they were refused there accepted any value and ignored it (the step read the top-level one),
+    so dropping them loads such a config as its run stepped."""
+    fallback = raw.get("fallback") if isinstance(raw, Mapping) else None
+    if not isinstance(fallback, Mapping) or not any(k in fallback for k in FALLBACK_AT_DEFAULT):
+        return raw
+    return {**raw, "fallback": {k: v for k, v in fallback.items() if k not in FALLBACK_AT_DEFAULT}}
+
+
 # -- building --------------------------------------------------------------------------
 
 
@@ -389,6 +418,8 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
         if key not in known:
             errors.append((_join(prefix, key), f"unknown key; a config accepts: {', '.join(sorted(known))}"))
     kwargs.update(_checked_scalars({k: raw[k] for k in _SCALARS if k in raw}, prefix, errors))
+    if not allow_fallback:
+        _fallback_at_default(kwargs, prefix, errors)
     for slot in STAGE_SLOTS:
         if slot not in raw:
             errors.append((_join(prefix, slot), f"missing table; give [{slot}] with a 'type' (one of: {', '.join(SLOTS[slot].keys())})"))
@@ -753,6 +784,8 @@ def _evolve_config(
         else:
             tables.setdefault(head, {})[rest] = value
     kwargs: dict[str, Any] = _checked_scalars(scalars, prefix, errors)
+    if not allow_fallback:
+        _fallback_at_default(kwargs, prefix, errors)
     for name, sub in tables.items():
         path = _join(prefix, name)
         if name == "fallback":

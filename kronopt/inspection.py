@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import compose
 from ._shapes import block_spec
-from .config import KronConfig, from_dict, with_overrides
+from .config import KronConfig, from_dict, with_overrides, without_fallback_settings
 from .types import Layout, SideKind, capabilities
 
 
@@ -233,7 +233,7 @@ def saved_views(state_dict: Mapping[str, Any], *, config: KronConfig | None = No
     if config is None:
         if kron is None or "config" not in kron:
             raise ValueError("the state dict has no kronopt config: pass config=")
-        config = from_dict(kron["config"])
+        config = from_dict(without_fallback_settings(kron["config"]))
     entries = per_parameter_state(state_dict)
     groups = state_dict.get("param_groups", [])
     named = [set(g.get("param_names") or ()) for g in groups]

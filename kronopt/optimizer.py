@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import compiled, compose, distributed, linalg, post
 from ._shapes import BlockSpec, to_block
-from .config import ConfigError, KronConfig, from_dict, to_dict, with_overrides
+from .config import ConfigError, KronConfig, from_dict, to_dict, with_overrides, without_fallback_settings
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
@@ -279,7 +279,7 @@ def _numbers_config(raw: Any) -> Any:
     lacks (written before they existed, e.g. ``[storage]``) take their defaults."""
     if isinstance(raw, dict):
         try:
-            cfg = from_dict(raw)
+            cfg = from_dict(without_fallback_settings(raw))
             # the ties bound (factors.beta = "beta2", post.graft_betas[0] = "momentum"): a tie and the number it
             # stands for step alike (the shampoo preset's graft β₁ was written as 0.95 before it was tied)
             bound = attrs.evolve(cfg.bound(), fallback=None if cfg.fallback is None else cfg.fallback.bound())

@@ -189,14 +189,43 @@ def test_a_cap_lowers_the_cuda_allocators_peak_as_the_counters(preset):
     assert counted_capped < 0.4 * counted_plain
 
 
-def test_a_load_differing_only_in_a_fallback_tables_ignored_cap_does_not_warn():
+@pytest.mark.parametrize("key, value", [("bucket_cap_mib", 5.0), ("nonfinite", "raise"), ("nonfinite_scope", "block"),
+                                        ("max_skipped_steps", 3), ("matmul_precision", "inherit")])
+def test_a_fallback_table_gives_a_top_level_only_value_at_its_default_only(key, value):
+    """These values are read from the top-level config for every parameter, the fallback's too: a ``[fallback]`` table
+    setting another value was accepted and ignored (``fallback.nonfinite = "raise"`` raised for nothing). Now refused
+    in a TOML file and an override, listed with the config's other problems; the default (as dumps write it) passes."""
+    text = kronopt.dumps(kronopt.resolve("kl_shampoo"))
+    head, sep, tail = text.partition("[fallback]\n")
+    line = next(x for x in tail.splitlines() if x.startswith(f"{key} = "))
+    bad = head + sep + tail.replace(line, f"{key} = {value!r}".replace("'", '"'), 1)
+    with pytest.raises(ConfigError) as info:
+        kronopt.loads(bad.replace("[fallback]\nlr = ", "[fallback]\nlr = -", 1))
+    paths = [path for path, _ in info.value.errors]
+    assert paths == ["fallback.lr", f"fallback.{key}"], info.value
+    assert "read from the top-level config for every parameter" in str(info.value)
+    with pytest.raises(ConfigError, match=rf"fallback\.{key}: is read from the top-level config"):
+        kronopt.resolve("kl_shampoo", **{f"fallback.{key}": value})
+    assert kronopt.loads(text) == kronopt.resolve("kl_shampoo")  # the defaults, as written: a round trip
+    assert getattr(kronopt.resolve("kl_shampoo", **{key: value}), key) == value  # at the top level: taken
+
+
+def test_a_state_dict_whose_fallback_table_set_an_ignored_value_loads_as_its_run_stepped():
+    """A checkpoint of kronopt before the refusal may carry ``fallback.bucket_cap_mib = 5`` (or another ignored
+    value) in its config: it loads without a warning into the optimizer of its preset, rebuilds with
+    ``from_state_dict`` and reads with ``saved_views``, its fallback stepping as before (the top-level values)."""
     named = _params(count=2) + [("layers.0.norm.weight", torch.nn.Parameter(torch.ones(32)))]
-    opt = kronopt.build(named, "kl_shampoo", **{"fallback.bucket_cap_mib": 5})
+    opt = kronopt.build(named, "kl_shampoo")
     for t in range(2):
         for i, (_, p) in enumerate(named):
             p.grad = _grad(t, i, p.shape)
         opt.step()
+    saved = opt.state_dict()
+    saved["kronopt"]["config"]["fallback"].update(bucket_cap_mib=5.0, nonfinite="raise", matmul_precision="inherit")
     other = kronopt.build([(n, torch.nn.Parameter(p.detach().clone())) for n, p in named], "kl_shampoo")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        other.load_state_dict(opt.state_dict())
+        other.load_state_dict(saved)
+        rebuilt = kronopt.from_state_dict([(n, torch.nn.Parameter(p.detach().clone())) for n, p in named], saved)
+    assert rebuilt.config == opt.config
+    assert set(kronopt.inspection.saved_views(saved)) == {n for n, _ in named}
