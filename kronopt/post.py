@@ -30,7 +30,7 @@ class Post:
 
     With ``normalize`` the whole direction (the inner rule's, plus a split's
     complement) is divided per block by :math:`10^{-30} + \mathrm{RMS}(D)`
-    (KL-Shampoo's ``normalize_grads``; pro_kl_shampoo.md §5). With ``grafting = "adam"`` the direction :math:`D` of the inner rule is rescaled
+    (KL-Shampoo's ``normalize_grads``, which Pro-KLShampoo keeps). With ``grafting = "adam"`` the direction :math:`D` of the inner rule is rescaled
     per block to the norm of an Adam direction :math:`A` on the raw gradient,
     :math:`D \leftarrow D\,\|A\|_F / \|D\|_F`, and replaced by :math:`A` until the
     basis has had its first refresh (layer-wise grafting as in Distributed Shampoo).
@@ -46,7 +46,7 @@ class Post:
         grafting: ``"none"`` or ``"adam"``.
         graft_betas: Adam betas of the grafting direction; the first may be ``"momentum"``, the inner rule's
             first-moment retention (``inner.momentum`` or ``inner.betas[0]``), so that an ablation of it moves
-            the graft's too (the ``shampoo`` preset: soap.md §9's ``A`` uses the inner rule's first moment).
+            the graft's too (the ``shampoo`` preset, whose grafting direction ``A`` uses the inner rule's first moment).
         graft_eps: Adam ε of the grafting direction.
     """
 
