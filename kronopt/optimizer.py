@@ -386,6 +386,23 @@ def _without_top_level_only(group: Any) -> Any:
     return {**group, "overrides": kept}
 
 
+def _saved_skipped(kron: Mapping[str, Any] | None) -> Tensor | None:
+    """A state dict's count of consecutive skipped steps (``kronopt["skipped_steps"]``) as a 0-d int64 tensor, or
+    ``None`` where it has none: a tensor of one integer entry, or a non-negative ``int`` (a dict that went through
+    JSON or a hand's edit); anything else raises ``ValueError`` naming it."""
+    value = None if kron is None else kron.get("skipped_steps")
+    if value is None:
+        return None
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
+        return value.reshape(()).to(torch.int64)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return torch.tensor(value, dtype=torch.int64)
+    raise ValueError(
+        f"the state dict's kronopt['skipped_steps'] is {value!r}: it must be the count of consecutive skipped steps, "
+        "a one-entry integer tensor or a non-negative int"
+    )
+
+
 def _rate_args(group: dict[str, Any]) -> dict[str, Any]:
     """:func:`_rates` as ``Post.apply_``'s keywords."""
     lr, weight_decay = _rates(group)
@@ -2300,7 +2317,7 @@ class KronOptimizer(torch.optim.Optimizer):
             if bucket.state is not None:
                 self._bind(bucket)
         self._materialize(try_lazy=False)  # _loaded tried the lazy buckets' layouts before anything changed
-        skipped = None if kron is None else kron.get("skipped_steps")
+        skipped = _saved_skipped(kron)
         self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
         self._seen_state()
         # a loaded state is the one to go on from, where the load put it; but a dict saved before any step holds
@@ -2331,6 +2348,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 f"and this optimizer runs as {where}: join every rank's dict with "
                 "kronopt.distributed.merge_state_dicts and load that"
             )
+        _saved_skipped(kron)  # refused here, before anything changes
         saved_groups = [_without_top_level_only(g) for g in state_dict["param_groups"]]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
@@ -2431,7 +2449,8 @@ class KronOptimizer(torch.optim.Optimizer):
         The entries are matched by position, as torch.optim matches them; where the saved groups and these both
         name their parameters and the names are the same ones, a name in another group (the routed presets' name
         patterns changed in 3eed1dc, or ``route`` overridden) would hand one parameter's state to another of its
-        shape. Names that differ (a renamed model) are matched by position, as torch.optim does."""
+        shape; so would the same names listed in another order within a group. Names that differ (a renamed model)
+        are matched by position, as torch.optim does."""
         saved_names = [g.get("param_names") for g in saved_groups]
         names = [g.get("param_names") for g in self.param_groups]
         if any(n is None for n in saved_names + names):
@@ -2441,6 +2460,19 @@ class KronOptimizer(torch.optim.Optimizer):
         if was.keys() != now.keys() or len(was) != sum(map(len, names)):
             return
         moved = [n for n in now if was[n] != now[n]]
+        if not moved:
+            # the same names in each group, listed in another order: by position one parameter's state would go
+            # to another of its shape
+            for gi, (saved_ns, ns) in enumerate(zip(saved_names, names)):
+                swapped = [(i, n, m) for i, (n, m) in enumerate(zip(saved_ns, ns)) if n != m]
+                if swapped:
+                    where = ", ".join(f"place {i}: saved {n}, here {m}" for i, n, m in swapped[:5])
+                    raise ValueError(
+                        f"the saved param group {gi} lists its parameters in another order ({where}): the entries are "
+                        "matched by position, so each would take another parameter's state; pass the parameters in "
+                        "the saved order (the saved param_groups' param_names)"
+                    )
+            return
         if moved:
             where = ", ".join(
                 f"{n} (saved in group {was[n]} '{saved_groups[was[n]].get('pipeline')}', here in group {now[n]} "

@@ -247,6 +247,72 @@ def test_a_state_dict_of_another_shape_fails_cleanly():
     assert other.state[other_params[0]]["factors.R"].shape == (5, 5) and other.state_dict()["state"].keys() == before["state"].keys()
 
 
+def _same_state(a, b):
+    assert a["state"].keys() == b["state"].keys()
+    for k, entry in a["state"].items():
+        for name, v in entry.items():
+            assert (torch.equal(b["state"][k][name], v) if isinstance(v, torch.Tensor) else b["state"][k][name] == v), (k, name)
+
+
+@pytest.mark.parametrize("value", ["0", 1.0, torch.tensor(1.5), torch.tensor([1, 2]), [0], True, -1])
+def test_a_malformed_skipped_steps_count_is_refused_before_anything_changes(value):
+    """``kronopt["skipped_steps"]`` not a count raised ``AttributeError`` after the buckets were replaced, and
+    every later step raised: the load now refuses it first, naming it, and the optimizer steps on as before."""
+    params = _params(0)
+    opt = kronopt.build(params, "soap", **OVERRIDES["soap"])
+    _run(opt, params, torch.Generator().manual_seed(1), 3)
+    sd = opt.state_dict()
+    sd["kronopt"]["skipped_steps"] = value
+    other_params = _params(2)
+    other = kronopt.build(other_params, "soap", **OVERRIDES["soap"])
+    _run(other, other_params, torch.Generator().manual_seed(3), 2)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"kronopt\['skipped_steps'\] is .*: it must be the count of consecutive skipped steps"):
+        other.load_state_dict(sd)
+    _same_state(before, other.state_dict())
+    _run(other, other_params, torch.Generator().manual_seed(4), 1)  # and it steps on
+
+
+def test_a_skipped_steps_count_saved_as_an_int_loads_as_the_tensor_does():
+    """A dict that went through JSON or a hand's edit holds the count as an ``int``: it loads as the tensor."""
+    params = _params(0)
+    opt = kronopt.build(params, "soap", max_skipped_steps=5)
+    _run(opt, params, torch.Generator().manual_seed(1), 2)
+    params[0].grad = torch.full_like(params[0], float("nan"))
+    for p in params[1:]:
+        p.grad = torch.ones_like(p)
+    with pytest.warns(RuntimeWarning, match="the whole step was skipped"):
+        opt.step()  # skipped: the count is 1
+        opt.flush_warnings()
+    sd = opt.state_dict()
+    assert int(sd["kronopt"]["skipped_steps"]) == 1
+    sd["kronopt"]["skipped_steps"] = 1
+    other = kronopt.build(_params(0), "soap", max_skipped_steps=5)
+    other.load_state_dict(sd)
+    assert other.skipped_steps() == 1 and other._skipped_steps.dtype == torch.int64
+
+
+def test_parameters_named_as_saved_but_listed_in_another_order_are_refused():
+    """The entries are matched by position (as torch.optim's): the same names in another order within a group
+    handed one parameter's state to another of its shape (a's second moment, 1e4, to b). Refused, naming the
+    places, with the optimizer unchanged; the saved order loads."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(8, 12, generator=gen)) for _ in range(2))
+    opt = kronopt.build([("a", a), ("b", b)], "soap")
+    for _ in range(3):
+        a.grad, b.grad = torch.full_like(a, 100.0), 1e-3 * torch.randn(b.shape, generator=gen)
+        opt.step()
+    a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    other = kronopt.build([("b", b2), ("a", a2)], "soap")
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"group 0 lists its parameters in another order \(place 0: saved a, here b, place 1: saved b, here a\)"):
+        other.load_state_dict(opt.state_dict())
+    _same_state(before, other.state_dict())
+    again = kronopt.build([("a", a2), ("b", b2)], "soap")
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(again.state[a2]["inner.exp_avg_sq"], opt.state[a]["inner.exp_avg_sq"])
+
+
 # -- torch.distributed.checkpoint -------------------------------------------------------------
 
 
