@@ -293,8 +293,18 @@ def _dense_sym_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, al
 def _weighted_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float) -> Tensor:
     """``β X + α A Bᵀ`` in a new tensor, ``β`` a number (then, as BLAS does, 0 never reads ``X``) or a
     per-block ``(b 1 1)`` tensor (``X`` scaled first: a product takes only a number). Where oneDNN takes the
-    product (:func:`_by_onednn`) it is made apart, then scaled and ``β X`` added to it."""
+    product (:func:`_by_onednn`) it is made apart, then scaled and ``β X`` added to it. An inner side of 1 (the
+    Gram product of a ``1 × n`` block's long side) is an outer product, made entry by entry (one rounding each):
+    MKL's ``baddbmm`` rounds it by the stack's size (a block in a stack against alone, from ``n = 24``, measured),
+    and a rank-one factor's null space then takes another basis in a bucket than alone."""
     Bt = B.mT
+    if A.shape[-1] == 1:  # each step rounded apart, as the spec writes it: β X + (α (A Bᵀ))
+        P = A * Bt
+        if alpha != 1.0:
+            P.mul_(alpha)
+        if not isinstance(beta, Tensor) and beta == 0:
+            return P
+        return P.add_(X * beta)
     if _by_onednn(A, Bt) and _plain(X) and (not isinstance(beta, Tensor) or _plain(beta)):
         P = _onednn_mm(A, Bt)
         if alpha != 1.0:
@@ -588,7 +598,7 @@ def mm(A: Tensor, B: Tensor) -> Tensor:
     column-major matrix (:func:`_rows_times`). MKL rounds the other layouts of such a stack by the stack's size
     (a column stack on the right; rows with a column's strides, the ``.mT`` of a column stack; rows against a
     row-major matrix, now and then), this one alike whatever the size, so a block gets the same bits in a stack
-    as alone (DESIGN.md's invariant 4); these bits are not ``@``'s. A stack of dot products (a row times a column)
+    as alone; these bits are not ``@``'s. A stack of dot products (a row times a column)
     still rounds by the stack's size now and then: one call for the stack is kept."""
     if _by_onednn(A, B):
         return _onednn_mm(A, B)
@@ -818,7 +828,7 @@ def matvec(A: Tensor, x: Tensor) -> Tensor:
     """``A x`` for stacks ``A (b m n)``, ``x (b n)``: ``(b m)``, made as the row ``xᵀ Aᵀ``. MKL rounds a stack of
     matrix-vector products with the vector on the right by the stack's size (``bmm`` of ``b`` blocks against
     one block alone: other bits on sides of 24 and up, measured), and the row form alike whatever the size, so
-    a block steps with the same bits in a bucket as alone (DESIGN.md's invariant 4)."""
+    a block steps with the same bits in a bucket as alone."""
     return mm(x.unsqueeze(-2), A.mT).squeeze(-2)
 
 
@@ -3018,7 +3028,7 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
             # W = P V + δ U V laid column-major, as the .mT of Vᵀ Pᵀ + δ Vᵀ Uᵀ: the layout LAPACK's QR works in, so
             # it is factored where it lies (orthonormalize's overwrite), not copied across first. oneDNN makes each
             # block apart, whatever the stack; MKL rounds the r × r by r × d product by the stack's size (ranks 5,
-            # 6, 10 measured), so there the d × r by r × r order stays (DESIGN.md's invariant 4)
+            # 6, 10 measured), so there the d × r by r × r order stays (a block's bits in a stack as alone)
             UVt = mm(V.mT, U.mT)
             W, UV = mm(V.mT, P.mT).add_(UVt * delta).mT, UVt.mT
         else:

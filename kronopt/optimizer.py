@@ -1120,8 +1120,7 @@ class KronOptimizer(torch.optim.Optimizer):
         when some blocks went without a gradient (a mixture's experts, a branch not taken), and their counters
         diverged; parts whose counters agree again (every int and bool of their states: calls, step, refreshes,
         so also their refresh schedules) step as one bucket of the same group, layout, dtypes and device would,
-        each block as it would alone (up to the rounding of the processor's batched kernels: DESIGN.md's
-        invariant 4), in one batched call instead of one per part. Experts that each missed one step, say,
+        each block as it would alone (up to the rounding of the processor's batched kernels), in one batched call instead of one per part. Experts that each missed one step, say,
         come back together. :meth:`step` joins only on a step that split no bucket: where blocks go without
         gradients at random on most steps, joined parts would split again at once, and each join and split
         copies their state. Not across work sharding's or FSDP2's plans (each rank's part of a plan is its

@@ -245,7 +245,7 @@ class ProjectorSplittingFactors:
             scale = ((1.0 - beta) ** 0.5 * top.sigma).view(b, 1, 1)
             L0 = linalg.sym(scale * (top.u.unsqueeze(-1) * top.u.unsqueeze(-2)))
             U0 = linalg.top_right_singular(G, r)
-            w = (U0.mT @ top.v.unsqueeze(-1))  # (b r 1)
+            w = linalg.matvec(U0.mT, top.v).unsqueeze(-1)  # (b r 1), the same bits in a stack as alone
             S0 = linalg.sym(scale * (w @ w.mT))
             # 1 − ‖w‖² (w the unit v's coordinates in U₀) is the start's energy outside the subspace: 0 but for
             # rounding where v lies in U₀, as the SVD start's top vector does. Counted as 0 below its rounding, as
