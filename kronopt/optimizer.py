@@ -724,6 +724,11 @@ class KronOptimizer(torch.optim.Optimizer):
             b.layout = attrs.evolve(b.layout, batch=len(b.params))
         return out
 
+    def _fits(self, like: _Bucket, blocks: int) -> bool:
+        """Whether ``blocks`` blocks of ``like``'s kind fit in one bucket under this optimizer's cap."""
+        per = None if like.block_bytes is None else _blocks_under(self._cap, like.block_bytes)
+        return per is None or blocks <= per
+
     def _bucket_config(self, bucket: _Bucket) -> KronConfig:
         """The config a bucket steps with: its group's, with the refresh schedule at the bucket's phase."""
         cfg = self._group_cfgs[bucket.group]
@@ -2389,7 +2394,10 @@ class KronOptimizer(torch.optim.Optimizer):
         owners, self._owner = self._owner, {**self._owner, **adopted}
         try:
             buckets = []
-            for like in self._make_buckets(self.param_groups, cfgs, self._cap, across=_phases_across(kron)):
+            # (part, the bucket it is cut from, its positions there), in order; in one process the parts of one saved
+            # bucket are gathered across the cap's cuts (a join under a cap packs parts of several cuts together)
+            pieces: dict[Any, tuple[Any, _Bucket, list[int]]] = {}
+            for n, like in enumerate(self._make_buckets(self.param_groups, cfgs, self._cap, across=_phases_across(kron))):
                 parts: dict[Any, list[int]] = {}
                 for i, p in enumerate(like.params):
                     entry = saved.get(key_of[id(p)])
@@ -2405,33 +2413,49 @@ class KronOptimizer(torch.optim.Optimizer):
                         part = tuple(sorted((k, v) for k, v in entry.items() if not isinstance(v, Tensor)))
                     parts.setdefault(part, []).append(i)
                 for part, idx in parts.items():
-                    if part is not None and part[0] == _BUCKET:
-                        idx.sort(key=lambda i: place.get(key_of[id(like.params[i])], (0, i))[1])
-                    whole = like.subset(idx)
-                    (bucket,) = self._shard([whole])
-                    listed = [saved[key_of[id(p)]] for p in whole.params if saved.get(key_of[id(p)])]
-                    if bucket.plan is not None:  # every rank: the counter (from any block's entry, owned or not)
-                        if shard is not None:
-                            bucket.plan.calls = shard["calls"][part[1]]
-                        else:
-                            bucket.plan.calls = next((e["calls"] for e in listed if "calls" in e), 0)
-                        if isinstance(bucket.plan, distributed.GatherPlan):
-                            bucket.plan.stateful = bool(listed) or bucket.plan.calls > 0
-                    entries = [saved.get(key_of[id(p)]) for p in bucket.params]
-                    if part is not None and any(entries):
-                        lacking = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if not e]
-                        if lacking:
-                            raise ValueError(f"saved state lacks the entries of {', '.join(lacking[:5])}, which share a bucket with saved ones")
-                        elsewhere = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if counters_only(e)]
-                        if elsewhere:
-                            raise ValueError(
-                                f"the saved state of {', '.join(elsewhere[:5])} holds only counters: another rank owned "
-                                "these blocks (work sharding) and saved their tensors. Load every rank's entries: "
-                                "torch.distributed.checkpoint's dcp.load into this optimizer's own state dict "
-                                "(get_optimizer_state_dict), or kronopt.distributed.merge_state_dicts of every rank's state_dict()"
-                            )
-                        self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
-                    buckets.append(bucket)
+                    saved_one = bool(place) and part is not None and part[0] == _BUCKET
+                    first_p = like.params[idx[0]]
+                    key = (part, like.group, attrs.evolve(like.layout, batch=0), like.state_dtype, first_p.dtype, first_p.device) if saved_one else (n, part)
+                    if key in pieces and not self._fits(pieces[key][1], len(pieces[key][2]) + len(idx)):
+                        key = (n, part)  # not under this optimizer's cap (a smaller one than the saved run's)
+                    if key in pieces:
+                        _, was, was_idx = pieces[key]
+                        joined = [was.params[i] for i in was_idx] + [like.params[i] for i in idx]
+                        like_both = _Bucket(
+                            group=was.group, params=joined, specs=[was.specs[i] for i in was_idx] + [like.specs[i] for i in idx],
+                            layout=attrs.evolve(was.layout, batch=len(joined)), state_dtype=was.state_dtype, block_bytes=was.block_bytes,
+                        )
+                        pieces[key] = (part, like_both, list(range(len(joined))))
+                    else:
+                        pieces[key] = (part, like, idx)
+            for part, like, idx in pieces.values():
+                if part is not None and part[0] == _BUCKET:
+                    idx.sort(key=lambda i: place.get(key_of[id(like.params[i])], (0, i))[1])
+                whole = like.subset(idx)
+                (bucket,) = self._shard([whole])
+                listed = [saved[key_of[id(p)]] for p in whole.params if saved.get(key_of[id(p)])]
+                if bucket.plan is not None:  # every rank: the counter (from any block's entry, owned or not)
+                    if shard is not None:
+                        bucket.plan.calls = shard["calls"][part[1]]
+                    else:
+                        bucket.plan.calls = next((e["calls"] for e in listed if "calls" in e), 0)
+                    if isinstance(bucket.plan, distributed.GatherPlan):
+                        bucket.plan.stateful = bool(listed) or bucket.plan.calls > 0
+                entries = [saved.get(key_of[id(p)]) for p in bucket.params]
+                if part is not None and any(entries):
+                    lacking = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if not e]
+                    if lacking:
+                        raise ValueError(f"saved state lacks the entries of {', '.join(lacking[:5])}, which share a bucket with saved ones")
+                    elsewhere = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if counters_only(e)]
+                    if elsewhere:
+                        raise ValueError(
+                            f"the saved state of {', '.join(elsewhere[:5])} holds only counters: another rank owned "
+                            "these blocks (work sharding) and saved their tensors. Load every rank's entries: "
+                            "torch.distributed.checkpoint's dcp.load into this optimizer's own state dict "
+                            "(get_optimizer_state_dict), or kronopt.distributed.merge_state_dicts of every rank's state_dict()"
+                        )
+                    self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
+                buckets.append(bucket)
             unplaced = (max((bi for bi, _ in place.values()), default=-1) + 1, 0)  # buckets with no saved place (no state yet) after the saved ones
             buckets.sort(key=lambda b: place.get(key_of[id(b.params[0])], unplaced)[0] if b.params else unplaced[0])
             for bucket in buckets:  # what the load's materialisation will build: the stages' refusals now

@@ -316,3 +316,41 @@ def test_a_resumed_run_joins_its_parts_as_the_uninterrupted_run(blocks, absent, 
     (joined, a), (resumed, b) = run(None), run(len(rows) - 1)
     assert resumed == joined
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_bucket_joined_across_the_caps_cuts_is_rebuilt_as_saved():
+    """Under a cap of two blocks, ``[a], [b, c]`` split by ``b``'s missing gradient join as ``[a, c], [b]``: a
+    bucket across two of the cap's first cuts. The load cut the saved buckets out of the first cuts, so it came back
+    as ``[a], [c], [b]`` (``state_dict()`` after the load then listed other buckets than the dict loaded, and a step
+    that split some bucket stepped ``a`` and ``c`` in stacks of one where the uninterrupted run stacked them)."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(8, 12, generator=gen, dtype=F64) for _ in range(3)] + [torch.randn(4, 8, generator=gen, dtype=F64) for _ in range(2)]
+    absent = [set(), {1}, set(), {3}, set()]
+    rows = [[None if i in gone else torch.randn(x.shape, generator=gen, dtype=F64) for i, x in enumerate(start)] for gone in absent]
+    probe = kronopt.build([torch.nn.Parameter(start[0].clone())], "soap")
+    bucket = probe._buckets[0]
+    block = optimizer_module._block_state_bytes(probe._group_cfgs[0], bucket.layout, bucket.state_dtype)
+    kw = {"refresh.every": 3, "bucket_cap_mib": 2.5 * block / 2**20}
+
+    def run(resume_before):
+        params = [torch.nn.Parameter(x.clone()) for x in start]
+        opt = kronopt.build(params, "soap", **kw)
+        for t, row in enumerate(rows):
+            if t == resume_before:
+                assert _stacks(opt, params)[:2] == [(0, 2), (1,)]  # the join across the cuts (0,), (1, 2)
+                saved, before = copy.deepcopy(opt.state_dict()), _stacks(opt, params)
+                params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+                opt = kronopt.build(params, "soap", **kw)
+                opt.load_state_dict(saved)
+                assert _stacks(opt, params) == before
+                again = opt.state_dict()
+                assert {k: e["bucket"] for k, e in again["state"].items()} == {k: e["bucket"] for k, e in saved["state"].items()}
+            _feed(params, row)
+            opt.step()
+            if t == resume_before:  # a step that split another bucket (3's): (0, 2) stays one stack
+                assert _stacks(opt, params)[:2] == [(0, 2), (1,)]
+        return _stacks(opt, params), params
+
+    (joined, a), (resumed, b) = run(None), run(3)
+    assert resumed == joined
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
