@@ -843,7 +843,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if fsdp_ok is not None and (raising or self.config.nonfinite_scope == "step"):
             whole = torch.stack([ok.all() for ok in fsdp_ok.values()]).all()
             step_ok = whole if step_ok is None else step_ok & whole.to(step_ok.device)
-        if raising and step_ok is not None and not bool(step_ok):  # the one host synchronisation of "raise"
+        if raising and step_ok is not None and not bool(step_ok):  # "raise": this read, and its reports at the end
             self._raise_on_nonfinite(fsdp_ok)
         if self.config.nonfinite_scope == "block":
             step_ok = None

@@ -12,7 +12,10 @@ On small blocks the tiled and split forms are not taken either way, so the two r
 (parameters, every state tensor, counters), as docs/architecture.md says of each shortcut ("the same bits");
 torch's fused AdamW kernel rounds its own way and is compared elsewhere (``test_plain_adam_fast_path.py``), so the
 CPU run here keeps it off. The CPU's tiled, split and padded forms are compared with the GPU's dense form to
-rounding, on blocks whose bases are well posed.
+rounding, on blocks whose bases are well posed. Newton–Schulz's bfloat16 arithmetic parts too where a CPU runs it
+in float32 kernels, on batches of 16³ to 2²⁰ multiply-adds (``linalg._bfloat16_in_float32``): the same roundings
+in another summation order, so from about the fourth iteration an entry now and then rounds the other way (muon
+and the pro presets on 64 × 64 blocks: 2–3e-3 of the step); the batches compared here bit for bit are below it.
 """
 
 import ast
