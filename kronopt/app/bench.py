@@ -839,7 +839,7 @@ def model_params(spec: str) -> ParamSet:
     try:
         snapshot = _hub_snapshot(spec)
     except ValueError:
-        if not named_file:
+        if not (named_file or spec.lower().endswith((".py", ".json", ".toml"))):
             raise
         snapshot = None  # a file's name that is no cached model's id either: the file is missing
     if snapshot is not None:  # a Hub model's id, found in the local cache
@@ -847,7 +847,12 @@ def model_params(spec: str) -> ParamSet:
         return attrs.evolve(params, source=f"{spec} from the Hugging Face cache: {params.source}")
     if named_file:
         return checkpoint_params(Path(local))  # it says the file is missing
-    written_as_path = ":" not in spec and (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1)
+    # a path's text: no factory's ":", and a path's separator (a Hub id's one "/" was looked for above) or a file's
+    # extension (nets.py, weights.pt: no module on PYTHONPATH is named so)
+    written_as_path = ":" not in spec and (
+        spec.startswith((".", "/", "~")) or "\\" in spec or "/" in spec or os.sep in spec
+        or spec.lower().endswith((".py", ".json", ".toml", *_CHECKPOINTS))
+    )
     if written_as_path or (_IN_FILE.match(spec) is None and re.match(r"[A-Za-z]:[\\/]", spec)):  # C:\…, C:/…
         raise ValueError(f"no file or folder {spec!r}")
     name, args, kwargs = _factory_call(spec)
