@@ -1249,7 +1249,7 @@ def _bench_once(
                "peer": not made and _is_peer(name), "failed": None, "step_bytes": None, "faults": 0}
         try:
             run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, tensors, params.names)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             if not run["peer"]:
                 raise
             _drop(run, 0, exc)
@@ -1270,7 +1270,7 @@ def _bench_once(
                 try:  # costs nothing in the timed region unless something raises (CPython ≥ 3.11)
                     run["opt"].step()
                     sync()
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     if not run["peer"]:
                         raise
                     _drop(run, k + 1, exc)
@@ -1290,7 +1290,7 @@ def _bench_once(
                 try:
                     with TransientMemory() as counter:
                         run["opt"].step()
-                except Exception:
+                except (Exception, SystemExit):
                     if not run["peer"]:
                         raise
                     run["step_bytes"] = False  # its times stand; its memory is not reported
@@ -1324,7 +1324,7 @@ def _state_of(run: dict[str, Any]) -> int | None:
     ``state`` mapping, or one whose ``state`` raises): its times stand, its state is not reported."""
     try:
         return run["state_bytes"]()
-    except Exception:
+    except (Exception, SystemExit):
         if not run["peer"]:
             raise
         return None
@@ -1364,9 +1364,10 @@ def _median_or_none(values: Sequence[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.median(values)  # type: ignore[type-var]
 
 
-def _drop(run: dict[str, Any], step: int, exc: Exception) -> None:
+def _drop(run: dict[str, Any], step: int, exc: BaseException) -> None:
     """Takes a peer that raised at ``step`` (1-based, warm-up included; 0: when built) out of the rest of its
-    run: records its failure (``step``, and ``error``: the exception's type and message) and lets go of its
+    run (an exception, or a ``sys.exit()``: a peer's ``SystemExit`` is its failure, not the bench's end; a
+    ``KeyboardInterrupt`` still ends the bench): records its failure (``step``, and ``error``: the exception's type and message) and lets go of its
     times and its optimizer (its state is freed before the others' next step)."""
     run["failed"] = {"step": step, "error": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__}
     run["opt"] = run["state_bytes"] = None
@@ -1621,7 +1622,7 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
                "peer": _is_peer(name), "failed": None, "dropped": False, "faults": 0}
         try:
             run["opt"], run["state_bytes"] = _make(name, params, param_set.names)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             if not run["peer"]:
                 raise
             _drop(run, 0, exc)
@@ -1643,7 +1644,7 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
                 t0 = time.perf_counter()
                 try:
                     run["opt"].step()
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     if not run["peer"]:
                         raise
                     _drop(run, k + 1, exc)

@@ -334,6 +334,8 @@ def unavailable_imported(name: str) -> str | None:
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # a module that ends its process at import: a reported line too
+        return f"cannot be imported (importing it called sys.exit({exc.code!r}))"
     except Exception as exc:  # any import failure is a reported line, not a crash
         return f"cannot be imported ({type(exc).__name__}: {exc}; is it on PYTHONPATH?)"
     try:
