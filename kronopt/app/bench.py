@@ -1915,12 +1915,22 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     worlds: list[int] = []
     if world_text is not None:
         worlds = list(dict.fromkeys(p.value("--world", world_text, lambda s: _args.integers(s, minimum=1), [])))
+        if too_many := [w for w in worlds if w > _MAX_WORLD]:
+            p.add(
+                "--world",
+                f"at most {_MAX_WORLD} ranks here (4 × this machine's {os.cpu_count() or 1} CPUs: each rank is a "
+                f"process of its own with torch loaded), got {_listed([str(w) for w in too_many])}",
+            )
+            worlds = [w for w in worlds if w <= _MAX_WORLD]
         if widths:
             p.add("--world", "cannot be combined with --scaling")
         if device != "cpu":
             p.add("--world", f"runs CPU processes on gloo; got --device {device} (use --device cpu)")
-    if (problem := _memory_problem(params, device, max(worlds, default=1))) is not None:
-        p.add("--model" if model is not None else "--shapes" if args.shapes is not None else "--d", problem)
+    set_flag = "--model" if model is not None else "--shapes" if args.shapes is not None else "--d"
+    if (problem := _memory_problem(params, device)) is not None:
+        p.add(set_flag, problem)
+    elif (problem := _memory_problem(params, device, max(worlds, default=1))) is not None:
+        p.add("--world", problem)  # the set fits one process; its ranks together do not
     if widths and (problem := _memory_problem(ParamSet.of(transformer_shapes(max(widths), 1), dtype), device)) is not None:
         p.add("--scaling", f"at d = {max(widths)}: {problem}")
     names, missing = [], []
@@ -1973,6 +1983,12 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
 
 #: the most threads ``--threads`` sets (torch takes a C int; far more threads than cores only measures the scheduler)
 _MAX_THREADS = 4 * (os.cpu_count() or 1)
+#: the most ranks ``--world`` runs: each is a process of its own with torch loaded (:data:`_RANK_BYTES` of memory before
+#: any parameter) and threads of its own, so ranks past a few per CPU time the scheduler, not the optimizers
+_MAX_WORLD = 4 * (os.cpu_count() or 1)
+#: about the memory a ``--world`` rank holds before the parameter set: a Python process with torch imported and gloo
+#: started (300–400 MiB here, on Linux)
+_RANK_BYTES = 300 * 2**20
 #: about how many copies of the parameter set the bench holds in the CPU's memory besides the optimizers' state: the
 #: starting values, the four gradients' draws, and each optimizer's parameters and gradient buffers
 _COPIES_HELD = 7
@@ -1989,13 +2005,16 @@ def _memory_problem(params: "ParamSet", device: str, ranks: int = 1) -> str | No
         return None
     itemsize = max((d.itemsize for d in params.dtypes), default=4)
     copies = (_COPIES_HELD if device == "cpu" else 2) * ranks
-    need = params.numel * itemsize * copies
+    processes = _RANK_BYTES * ranks if ranks > 1 else 0  # the rank processes themselves (world 1 runs in this one)
+    need = params.numel * itemsize * copies + processes
     if need <= memory:
         return None
     return (
         f"the parameter set holds {params.numel:,} numbers ({params.numel * itemsize / 2**30:,.1f} GiB); the bench keeps "
-        f"about {copies} copies of it ({need / 2**30:,.1f} GiB) besides the optimizers' state"
-        + (f" ({ranks} processes)" if ranks > 1 else "") + f", more than this machine's {memory / 2**30:,.1f} GiB of memory"
+        f"about {copies} copies of it ({params.numel * itemsize * copies / 2**30:,.1f} GiB) besides the optimizers' state"
+        + (f" in {ranks} rank processes of about {_RANK_BYTES / 2**20:.0f} MiB each before any parameter "
+           f"({need / 2**30:,.1f} GiB in all)" if ranks > 1 else "")
+        + f", more than this machine's {memory / 2**30:,.1f} GiB of memory"
     )
 
 

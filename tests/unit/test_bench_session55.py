@@ -19,6 +19,33 @@ def _said(capsys) -> str:
     return out.out + out.err
 
 
+# --- 1. --world has an upper bound -----------------------------------------------------------------------------------
+
+
+def test_world_past_the_bound_is_refused_with_every_size_named(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "bench_world", lambda *a, **k: pytest.fail("the run started"))
+    assert cli.main(["bench", "adamw", *TINY, "--world", f"1,{bench._MAX_WORLD + 1},100000"]) == 2
+    said = _said(capsys)
+    assert "--world" in said and f"at most {bench._MAX_WORLD} ranks" in said and "100000" in said
+
+
+def test_world_at_the_bound_is_accepted_by_the_checks():
+    args = cli.build_parser().parse_args(["bench", "adamw", *TINY, "--world", str(bench._MAX_WORLD)])
+    assert bench.check_bench(args).worlds == [bench._MAX_WORLD]
+
+
+def test_the_memory_check_names_world_where_the_ranks_make_it_too_big(capsys, monkeypatch):
+    """A set that one process holds easily, but 2 rank processes (each a torch process of its own) exceed a
+    machine of 512 MiB: the problem is --world's, not --d's."""
+    sizes = {"SC_PHYS_PAGES": 512 * 2**20 // 4096, "SC_PAGE_SIZE": 4096}
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: sizes[name] if name in sizes else real(name))
+    monkeypatch.setattr(bench, "bench_world", lambda *a, **k: pytest.fail("the run started"))
+    assert cli.main(["bench", "adamw", *TINY, "--world", "1,2"]) == 2
+    said = _said(capsys)
+    assert "--world: the parameter set" in said and "--d:" not in said and "rank processes" in said
+
+
 # --- 4. a peer's sys.exit() is its failure ---------------------------------------------------------------------------
 
 
