@@ -1973,6 +1973,8 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     json_path = None if getattr(args, "json", None) is None else Path(args.json).expanduser()
     if json_path is not None and (problem := _json_path_problem(json_path)) is not None:
         p.add("--json", problem)
+    elif json_path is not None and (problem := _json_input_problem(json_path, args.optimizers, model)) is not None:
+        p.add("--json", problem)
     p.check()
     return BenchPlan(
         names=names, params=params, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
@@ -2507,6 +2509,71 @@ def _json_path_problem(path: Path) -> str | None:
     except OSError as exc:
         why = exc.strerror or exc
         return f"cannot write in {str(target.parent)!r} ({why}): the file could not be written after the run"
+    return None
+
+
+def _model_inputs(spec: str) -> tuple[list[Path], list[Path]]:
+    """The files and folders ``--model spec`` reads (:func:`model_params`), as far as its text tells: a checkpoint
+    file, with the shards an index names and a ``torch.distributed.checkpoint``'s folder; a folder, a cached Hub
+    model's snapshot; a ``path/to/nets.py:factory``'s file. Returns ``(files, folders)``, neither resolved."""
+    local = Path(os.path.expanduser(spec))
+    files: list[Path] = []
+    folders: list[Path] = []
+    if _is_folder(str(local)):
+        folders.append(local)
+    elif _exists(str(local)):
+        files.append(local)
+        name = local.name.lower()
+        if _is_dcp_metadata(name):
+            folders.append(local.parent)
+        elif name.endswith(".index.json"):
+            try:
+                shards = json.loads(local.read_bytes()).get("weight_map") or {}
+                files += [local.parent / shard for shard in dict.fromkeys(shards.values()) if isinstance(shard, str)]
+            except (OSError, ValueError, AttributeError):  # model_params says what is wrong with it
+                pass
+    elif (in_file := _IN_FILE.match(spec)) is not None:
+        files.append(Path(os.path.expanduser(in_file["path"])))
+    else:
+        try:
+            snapshot = _hub_snapshot(spec)
+        except ValueError:
+            snapshot = None
+        if snapshot is not None:
+            folders.append(snapshot)
+    return files, folders
+
+
+def _json_input_problem(path: Path, optimizers: Sequence[str], model: str | None) -> str | None:
+    """Why ``--json path`` would overwrite one of the run's own inputs (a config file named as an optimizer, a
+    file ``--model`` reads or one inside the folder it reads), else ``None``: the record is written after the run,
+    in place of the file, and the run could not be made again. Paths are compared as the file system resolves
+    them (a link, ``..``, a second name of one file)."""
+    if not path.exists():  # a new file overwrites nothing
+        return None
+    target = path.resolve()
+
+    def same(other: Path) -> bool:
+        try:
+            return other.is_file() and os.path.samefile(target, other)
+        except (OSError, ValueError):
+            return False
+
+    for name in optimizers:
+        if not (name in kronopt.PRESETS or _is_peer(name)) and same(Path(name).expanduser()):
+            return f"{str(path)!r} is the config file {name!r} this run benches: the record would overwrite it"
+    if model is not None:
+        files, folders = _model_inputs(model)
+        for file in files:
+            if same(file):
+                return f"{str(path)!r} is a file --model {model} reads: the record would overwrite it"
+        for folder in folders:
+            try:
+                inside = target.is_relative_to(folder.resolve())
+            except (OSError, ValueError):
+                inside = False
+            if inside:
+                return f"{str(path)!r} is inside the folder --model {model} reads: the record would overwrite its file"
     return None
 
 

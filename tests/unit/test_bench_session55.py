@@ -46,6 +46,38 @@ def test_the_memory_check_names_world_where_the_ranks_make_it_too_big(capsys, mo
     assert "--world: the parameter set" in said and "--d:" not in said and "rank processes" in said
 
 
+# --- 2. --json never overwrites the run's inputs ---------------------------------------------------------------------
+
+
+def test_json_refuses_the_config_file_the_run_benches(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.toml").write_text('preset = "adamw"\n')
+    before = (tmp_path / "mine.toml").read_text()
+    (tmp_path / "link.json").symlink_to(tmp_path / "mine.toml")
+    for target in ("mine.toml", "./link.json", str(tmp_path / "sub" / ".." / "mine.toml")):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert cli.main(["bench", "mine.toml", *TINY, "--json", target]) == 2
+        assert "--json" in _said(capsys)
+    assert (tmp_path / "mine.toml").read_text() == before
+
+
+def test_json_refuses_the_model_file_and_a_file_of_the_model_folder(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(4, 4)}, tmp_path / "sd.pt")
+    (tmp_path / "m").mkdir()
+    torch.save({"w": torch.zeros(4, 4)}, tmp_path / "m" / "pytorch_model.bin")
+    small = ["--steps", "1", "--warmup", "0", "--threads", "1"]
+    assert cli.main(["bench", "adamw", "--model", "sd.pt", *small, "--json", "sd.pt"]) == 2
+    assert "--json" in _said(capsys)
+    assert cli.main(["bench", "adamw", "--model", "m", *small, "--json", "m/pytorch_model.bin"]) == 2
+    assert "--json" in _said(capsys)
+    assert set(torch.load(tmp_path / "sd.pt")) == {"w"}  # untouched
+    # a record beside the model, not one of its files, is fine
+    assert cli.main(["bench", "adamw", "--model", "m", *small, "--json", "sd.pt"]) == 0
+
+
 # --- 4. a peer's sys.exit() is its failure ---------------------------------------------------------------------------
 
 
