@@ -2098,7 +2098,7 @@ def _timed_pairs(plan: BenchPlan) -> list[tuple[str, str]]:
 
 def _print_ratios(rows: list[dict[str, Any]], plan: BenchPlan, where: str = "") -> None:
     timed = _timed_pairs(plan)
-    runs = rows[0].get("runs", 1)
+    runs = rows[0].get("runs", 1) if rows else 1  # no rows: nothing was timed, every pair is not measured
     print()
     spread = f": median of {runs} runs (lowest–highest)" if runs > 1 else ""
     print(f"ratios of the mean step time{where}, each run's own{spread}")
@@ -2336,9 +2336,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name, reason in plan.missing:
         print(f"{name}: {reason}")
     if not plan.names:  # nothing to time: the record says so (its rows empty, the peers missing named)
+        if plan.ratios:
+            for world in plan.worlds or [None]:
+                _print_ratios([], plan, where="" if world is None else f" at world {world}")
         if plan.json is not None:
-            empty = {"rows": [], "ratios": [], "matrix_work": None, "scaling": []}
-            _write_record(plan, record(plan, empty, threads=plan.counts["threads"] or torch.get_num_threads(), load=(_load_average(),) * 2, retained=False))
+            if plan.worlds:  # a --world record all the same, which pairs with other --world records
+                empty = {"world": [], "ratios": {str(w): [] for w in plan.worlds}}
+            else:
+                empty = {"rows": [], "ratios": [], "matrix_work": None, "scaling": []}
+            threads = plan.counts["threads"] if plan.worlds else plan.counts["threads"] or torch.get_num_threads()
+            _write_record(plan, record(plan, empty, threads=threads, load=(_load_average(),) * 2, retained=False))
         return 0
     # this process: the one-process table and world size 1 (each other rank makes it itself)
     retained = plan.retain_freed_memory and malloc.retain_freed_memory()

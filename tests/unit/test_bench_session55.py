@@ -78,6 +78,33 @@ def test_json_refuses_the_model_file_and_a_file_of_the_model_folder(tmp_path, ca
     assert cli.main(["bench", "adamw", "--model", "m", *small, "--json", "sd.pt"]) == 0
 
 
+# --- records written by hand -----------------------------------------------------------------------------------------
+
+
+def _row(name, mean=1.0, **extra):
+    return {"optimizer": name, "mean_ms": mean, "median_ms": mean, "state_bytes": 8, "runs": 1, "run_means": [mean],
+            "failed": None, **extra}
+
+
+def _record(optimizers, *, asked=(), ratios=None, worlds=(), alone=False, missing=None):
+    """A record as ``kronopt bench --json`` writes it, of the figures the comparison reads."""
+    settings = {"optimizers": list(optimizers), "missing": missing or {}, "ratios": [list(q) for q in asked],
+                "worlds": list(worlds), "alone": alone}
+    if worlds:
+        results = {"world": [_row(n, world=w) for w in worlds for n in optimizers],
+                   "ratios": ratios if ratios is not None else {str(w): [] for w in worlds}}
+    else:
+        results = {"rows": [_row(n) for n in optimizers], "ratios": ratios or [], "matrix_work": None, "scaling": []}
+        if alone:
+            results["matrix_work"] = {n: {"pair": [n, f"{n} alone"], "ratio": 2.0, "alone_ms": 0.5} for n in optimizers}
+    return {"format": "kronopt-bench/1", "settings": settings, "results": results}
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
 # --- 4. a peer's sys.exit() is its failure ---------------------------------------------------------------------------
 
 
@@ -127,6 +154,30 @@ def test_keyboard_interrupt_of_a_peer_still_ends_the_bench(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(KeyboardInterrupt):
         cli.main(["bench", "stops55:Stops", *TINY])
+
+
+# --- 5. a --world run of missing peers only is a --world record ------------------------------------------------------
+
+
+def test_a_world_run_of_missing_peers_writes_a_world_record_and_prints_the_ratios(tmp_path, capsys):
+    path = tmp_path / "w.json"
+    args = ["bench", "nosuch55_a:X", "nosuch55_b:Y", *TINY, "--world", "1,2", "--ratio", "nosuch55_a:X/nosuch55_b:Y"]
+    assert cli.main([*args, "--json", str(path)]) == 0
+    said = _said(capsys)
+    assert said.count("not measured") == 2 and "at world 2" in said
+    data = bench.read_record(path)
+    assert data["results"]["world"] == [] and data["results"]["ratios"] == {"1": [], "2": []}
+    # it pairs with a --world record, not with a one-process one
+    other = _write(tmp_path / "o.json", _record(["adamw"], worlds=[1, 2]))
+    assert cli.main(["bench", "--compare", str(path), other]) == 0
+    _said(capsys)
+    single = _write(tmp_path / "s.json", _record(["adamw"]))
+    assert cli.main(["bench", "--compare", str(path), single]) == 2
+
+
+def test_a_one_process_run_of_missing_peers_prints_its_ratios(capsys):
+    assert cli.main(["bench", "nosuch55_a:X", "nosuch55_b:Y", *TINY, "--ratio", "nosuch55_a:X/nosuch55_b:Y"]) == 0
+    assert "nosuch55_a:X / nosuch55_b:Y  not measured" in _said(capsys)
 
 
 # --- 8. --model of a missing path says so ----------------------------------------------------------------------------
