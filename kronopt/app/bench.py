@@ -2622,6 +2622,10 @@ def _record_problem(data: Mapping[str, Any]) -> str | None:
         _work_of(data)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         return f"its results do not have the shape kronopt bench --json writes ({type(exc).__name__}: {exc})"
+    if (problem := _settings_problem(data.get("settings") or {})) is not None:
+        return problem
+    if (problem := _results_problem(_results(data))) is not None:
+        return problem
     for r in rows:
         if not isinstance(r, Mapping) or not isinstance(r.get("optimizer"), str):
             return f"a row without an optimizer's name: {_shown(r)}"
@@ -2629,8 +2633,81 @@ def _record_problem(data: Mapping[str, Any]) -> str | None:
         if bad:
             return f"the row of {r['optimizer']!r} holds no number for {', '.join(bad)}"
     for r in pairs:
-        if isinstance(r.get("ratio"), bool) or not isinstance(r.get("ratio"), number) or len(r["pair"]) != 2:
+        if isinstance(r.get("ratio"), bool) or not isinstance(r.get("ratio"), number) or not _is_pair(r["pair"]):
             return f"a --ratio entry that is not a pair of two names with a number: {_shown(r)}"
+    return None
+
+
+def _is_pair(value: Any) -> bool:
+    """Whether ``value`` is a pair of two optimizers' names, as a record writes one (a list of two strings)."""
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(n, str) for n in value)
+
+
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is a whole number ≥ 1 (a width, a world size; a ``bool`` is none)."""
+    return type(value) is int and value >= 1
+
+
+def _settings_problem(settings: Mapping[str, Any]) -> str | None:
+    """What in a record's ``settings`` the comparison reads and could not (the optimizers, the ``--ratio`` pairs
+    asked, the world sizes, each a list of its own kind), else ``None``."""
+    optimizers = settings.get("optimizers") or []
+    if not isinstance(optimizers, list) or not all(isinstance(n, str) for n in optimizers):
+        return f"its settings.optimizers is not a list of names: {_shown(optimizers)}"
+    asked = settings.get("ratios") or []
+    if not isinstance(asked, list) or not all(_is_pair(q) for q in asked):
+        return f"its settings.ratios is not a list of pairs of two names: {_shown(asked)}"
+    worlds = settings.get("worlds") or []
+    if not isinstance(worlds, list) or not all(_is_count(w) for w in worlds):
+        return f"its settings.worlds is not a list of world sizes: {_shown(worlds)}"
+    return None
+
+
+def _results_problem(results: Mapping[str, Any]) -> str | None:
+    """What in a record's ``results`` the comparison could not read beside its rows' figures
+    (:func:`_record_problem`), else ``None``: a one-process table's rows with no ``world``, a ``--world`` table's
+    each with its world size, each ``--scaling`` width a whole number, each ``--alone`` entry (the top level's
+    and each width's) ``null`` or a mapping whose ratio and replay's mean are numbers."""
+    main = results.get("rows")
+    if isinstance(main, list) and main and results.get("world"):
+        return "its results hold both a one-process table (rows) and a --world table (world)"
+    if isinstance(main, list):
+        placed = [r for r in main if isinstance(r, Mapping) and "world" in r]
+        if placed:
+            return f"a row of the one-process table with a world size: {_shown(placed[0])}"
+    world = results.get("world")
+    found = results.get("ratios")
+    if world is not None and found and not isinstance(found, Mapping):
+        return f"its --world table's ratios are not by world size: {_shown(found)}"
+    if world is None and found and isinstance(found, Mapping):
+        return f"its one-process table's ratios are by world size: {_shown(found)}"
+    if isinstance(world, list):
+        unplaced = [r for r in world if isinstance(r, Mapping) and not _is_count(r.get("world"))]
+        if unplaced:
+            return f"a row of the --world table without a world size (a whole number ≥ 1): {_shown(unplaced[0])}"
+    works = [("matrix_work", results.get("matrix_work"))]
+    for entry in results.get("scaling") or [] if isinstance(results.get("scaling"), list) else []:
+        if not isinstance(entry, Mapping):
+            return f"a --scaling entry that is not a mapping: {_shown(entry)}"
+        if not _is_count(entry.get("d")):
+            return f"a --scaling entry whose width d is not a whole number ≥ 1: {_shown(entry.get('d'))}"
+        works.append((f"matrix_work at d = {entry['d']}", entry.get("matrix_work")))
+    for where, work in works:
+        if work is None:
+            continue
+        if not isinstance(work, Mapping):
+            return f"its {where} is not a mapping of optimizers to figures: {_shown(work)}"
+        for name, entry in work.items():
+            if entry is None:
+                continue
+            if not isinstance(entry, Mapping):
+                return f"its {where} entry of {name!r} is not a mapping: {_shown(entry)}"
+            bad = [
+                k for k in ("ratio", "alone_ms") if isinstance(entry.get(k), bool)
+                or not isinstance(entry.get(k), (int, float, type(None)))
+            ]
+            if bad:
+                return f"its {where} entry of {name!r} holds no number for {', '.join(bad)}"
     return None
 
 

@@ -180,6 +180,63 @@ def test_a_one_process_run_of_missing_peers_prints_its_ratios(capsys):
     assert "nosuch55_a:X / nosuch55_b:Y  not measured" in _said(capsys)
 
 
+# --- 6. a hand-edited record is refused, naming what is wrong --------------------------------------------------------
+
+
+def _full():
+    data = _record(["adamw", "soap"], asked=[("soap", "adamw")], alone=True)
+    data["results"]["ratios"] = [{"pair": ["soap", "adamw"], "ratio": 2.0, "range": [2.0, 2.0], "runs": 1, "failed": []}]
+    data["results"]["scaling"] = [{
+        "d": 8, "rows": [_row("adamw"), _row("soap", 3.0)], "alone": {"soap": 0.5},
+        "matrix_work": {"adamw": None, "soap": {"pair": ["soap", "soap alone"], "ratio": 6.0, "alone_ms": 0.5}},
+    }]
+    return data
+
+
+def _scaled(key, value):
+    return lambda d: d["results"]["scaling"][0].__setitem__(key, value)
+
+
+MUTATIONS = {
+    "optimizers an int": (lambda d: d["settings"].__setitem__("optimizers", 5), "settings.optimizers"),
+    "optimizers holding a dict": (lambda d: d["settings"].__setitem__("optimizers", [1, {}]), "settings.optimizers"),
+    "a pair of ints": (lambda d: d["results"].__setitem__("ratios", [{"pair": [1, 2], "ratio": 1.0}]), "--ratio"),
+    "a matrix_work string": (lambda d: d["results"].__setitem__("matrix_work", {"soap": "x"}), "matrix_work"),
+    "a matrix_work ratio string": (
+        lambda d: d["results"].__setitem__("matrix_work", {"soap": {"ratio": "x", "alone_ms": 1}}), "ratio"),
+    "a scaling matrix_work string": (_scaled("matrix_work", {"soap": "x"}), "matrix_work at d = 8"),
+    "a scaling matrix_work ratio string": (_scaled("matrix_work", {"soap": {"ratio": "x"}}), "matrix_work at d = 8"),
+    "a scaling d string": (_scaled("d", "big"), "width d"),
+    "a scaling d null": (_scaled("d", None), "width d"),
+    "a row with a world": (lambda d: d["results"]["rows"][0].__setitem__("world", "x"), "world size"),
+    "asked ratios an int": (lambda d: d["settings"].__setitem__("ratios", 7), "settings.ratios"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_an_edited_record_is_refused_naming_what_is_wrong(tmp_path, capsys, name):
+    mutate, named = MUTATIONS[name]
+    good = _write(tmp_path / "good.json", _full())
+    bench.read_record(tmp_path / "good.json")
+    data = _full()
+    mutate(data)
+    bad = _write(tmp_path / "bad.json", data)
+    with pytest.raises(ValueError, match="not a well-formed kronopt bench record") as info:
+        bench.read_record(tmp_path / "bad.json")
+    assert named in str(info.value)
+    for order in ((good, bad), (bad, good)):
+        assert cli.main(["bench", "--compare", *order]) == 2
+        assert "not a well-formed" in _said(capsys)
+
+
+@pytest.mark.parametrize("world", [None, "two", 2.5, True])
+def test_a_world_row_without_a_whole_world_size_is_refused(tmp_path, world):
+    data = _record(["muon"], worlds=[2])
+    data["results"]["world"][0]["world"] = world
+    with pytest.raises(ValueError, match="without a world size"):
+        bench.read_record(_write(tmp_path / "w.json", data))
+
+
 # --- 8. --model of a missing path says so ----------------------------------------------------------------------------
 
 
