@@ -2716,13 +2716,15 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     records) in either, its mean and median ms in each (``None`` where it has none), ``b_over_a``, the ratio of
     the means, and ``a_state``/``b_state``: ``"failed"`` where the optimizer failed in that record, ``"absent"``
     where the record did not time it, else ``None``; ``ratios``, per ``--ratio`` pair in either, each record's
-    figure and state alike (``"failed"``: a record's pair has no figure because one of its two failed);
+    figure and state alike (``"failed"``: a record's pair has no figure because one of its two failed;
+    ``"unmeasured"``: the record asked for the pair and did not time one of its two, at each of its world sizes);
     ``scaling``, per width and optimizer of either record's ``--scaling`` table, the same figures as ``rows`` and
     ``a_work``/``b_work``, the step's mean over its matrix work alone (``None`` where the record has none);
     ``scaling`` ordered by width; ``matrix_work``, per optimizer of either record's ``--alone`` table, ``a``/``b``, its
     step over its matrix work, ``a_alone_ms``/``b_alone_ms``, the replay's mean, and ``a_state``/``b_state``:
-    ``"absent"`` where the record did not ask for ``--alone``, ``"none"`` where it did and has no figure (no matrix
-    work recorded, or a replay too short to time), else ``None``; ``differences``, the settings (a mapping's entries
+    ``"absent"`` where the record did not ask for ``--alone``, ``"unrun"`` where it did and did not time the
+    optimizer, ``"none"`` where it did and has no figure (no matrix work recorded, or a replay too short to time),
+    else ``None``; ``differences``, the settings (a mapping's entries
     one by one, as ``settings.params.shapes``), versions, machine and load averages that differ, ``(a, b)`` by name.
 
     Figures from two runs compare only as well as the runs' conditions do: the load averages are among the
@@ -2732,7 +2734,7 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         {"world": k[0], "optimizer": k[1], **_paired_means(ra, rb)} for k, ra, rb in _paired(_rows_of(a), _rows_of(b))
     ]
     pairs = []
-    for k, ra, rb in _paired(_ratios_of(a), _ratios_of(b)):
+    for k, ra, rb in _paired(_ratios_of(a, asked=True), _ratios_of(b, asked=True)):
         pairs.append({"world": k[0], "pair": (k[1], k[2]), "a": (ra or {}).get("ratio"), "b": (rb or {}).get("ratio"),
                       "a_state": _ratio_state(a, ra, k[1:]), "b_state": _ratio_state(b, rb, k[1:])})
     scaling = []
@@ -2745,7 +2747,7 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     for name, wa, wb in _paired(_work_of(a), _work_of(b)):
         work.append({"optimizer": name, "a": (wa or {}).get("ratio"), "b": (wb or {}).get("ratio"),
                      "a_alone_ms": (wa or {}).get("alone_ms"), "b_alone_ms": (wb or {}).get("alone_ms"),
-                     "a_state": _work_state(a, wa), "b_state": _work_state(b, wb)})
+                     "a_state": _work_state(a, wa, name), "b_state": _work_state(b, wb, name)})
     differences: dict[str, tuple[Any, Any]] = {}
     for part in ("settings", "versions", "machine", "load_average"):
         _differences(differences, part, a.get(part) or {}, b.get(part) or {}, depth=2)
@@ -2763,11 +2765,24 @@ def _rows_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str], Mapping[st
     return {(r.get("world"), r["optimizer"]): r for r in (results.get("rows") or results.get("world") or [])}
 
 
-def _ratios_of(data: Mapping[str, Any]) -> dict[tuple[int | None, str, str], Mapping[str, Any]]:
-    """A record's ``--ratio`` figures by world size (``None``: one process) and pair."""
+def _ratios_of(
+    data: Mapping[str, Any], *, asked: bool = False
+) -> dict[tuple[int | None, str, str], Mapping[str, Any] | None]:
+    """A record's ``--ratio`` figures by world size (``None``: one process) and pair; with ``asked``, each pair the
+    record asked for (``settings.ratios``) and has no figure of (one of its two not timed: a peer missing) too, at
+    each of its world sizes, as ``None``."""
     found = _results(data).get("ratios") or []
     by_world = found.items() if isinstance(found, Mapping) else [(None, found)]
-    return {(None if w is None else int(w), *r["pair"]): r for w, rs in by_world for r in rs}
+    out: dict[tuple[int | None, str, str], Mapping[str, Any] | None] = {
+        (None if w is None else int(w), *r["pair"]): r for w, rs in by_world for r in rs
+    }
+    if asked:
+        settings = data.get("settings") or {}
+        worlds = (settings.get("worlds") or [None]) if _results(data).get("world") is not None else [None]
+        for w in worlds:
+            for a, b in settings.get("ratios") or []:
+                out.setdefault((w, a, b), None)
+    return out
 
 
 def _scaling_of(data: Mapping[str, Any]) -> dict[tuple[int, str], tuple[Mapping[str, Any], Mapping[str, Any] | None]]:
@@ -2785,10 +2800,15 @@ def _work_of(data: Mapping[str, Any]) -> dict[str, Mapping[str, Any] | None]:
     return dict(_results(data).get("matrix_work") or {})
 
 
-def _work_state(data: Mapping[str, Any], entry: Mapping[str, Any] | None) -> str | None:
-    """``"absent"``: the record did not ask for ``--alone``; ``"none"``: it did and has no figure here; else ``None``."""
-    if not (data.get("settings") or {}).get("alone"):
+def _work_state(data: Mapping[str, Any], entry: Mapping[str, Any] | None, name: str) -> str | None:
+    """``"absent"``: the record did not ask for ``--alone``; ``"unrun"``: it did, and did not time the optimizer
+    ``name`` (neither among its optimizers nor in its ``--alone`` table); ``"none"``: it did and has no figure
+    here; else ``None``."""
+    settings = data.get("settings") or {}
+    if not settings.get("alone"):
         return "absent"
+    if name not in (settings.get("optimizers") or []) and name not in _work_of(data):
+        return "unrun"
     return "none" if entry is None or entry.get("ratio") is None else None
 
 
@@ -2905,6 +2925,8 @@ def _work_cell(ratio: float | None, alone_ms: float | None, state: str | None) -
     """A step over its matrix work, with the work's mean ms, as :func:`_cmd_compare` prints it."""
     if state == "absent":
         return "not asked"
+    if state == "unrun":
+        return "not run"
     if ratio is None:
         return "no figure"
     return f"{ratio:.3f} (the work {'-' if alone_ms is None else f'{alone_ms:.3f}'} ms)"

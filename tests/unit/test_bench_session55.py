@@ -105,6 +105,29 @@ def _write(path, data):
     return str(path)
 
 
+# --- 3. --compare lists the ratios asked and not measured ------------------------------------------------------------
+
+
+def test_compare_lists_a_ratio_asked_and_not_measured_in_both(tmp_path, capsys):
+    a = _record(["adamw"], asked=[("adamw", "heavyball.SOAP")], missing={"heavyball.SOAP": "not installed"})
+    b = _record(["adamw"], asked=[("adamw", "heavyball.SOAP"), ("heavyball.SOAP", "adamw")])
+    found = bench.compare_records(a, b)
+    states = {r["pair"]: (r["a_state"], r["b_state"]) for r in found["ratios"]}
+    assert states == {("adamw", "heavyball.SOAP"): ("unmeasured", "unmeasured"),
+                      ("heavyball.SOAP", "adamw"): ("absent", "unmeasured")}
+    assert cli.main(["bench", "--compare", _write(tmp_path / "a.json", a), _write(tmp_path / "b.json", b)]) == 0
+    said = _said(capsys)
+    assert "adamw / heavyball.SOAP  A not measured" in said and "heavyball.SOAP / adamw  A not asked  B not measured" in said
+
+
+def test_compare_lists_a_world_records_unmeasured_ratio_at_each_world_size():
+    a = _record(["muon"], asked=[("muon", "heavyball.SOAP")], worlds=[1, 2])
+    found = bench.compare_records(a, a)
+    assert [(r["world"], r["pair"], r["a_state"]) for r in found["ratios"]] == [
+        (1, ("muon", "heavyball.SOAP"), "unmeasured"), (2, ("muon", "heavyball.SOAP"), "unmeasured"),
+    ]
+
+
 # --- 4. a peer's sys.exit() is its failure ---------------------------------------------------------------------------
 
 
@@ -170,7 +193,7 @@ def test_a_world_run_of_missing_peers_writes_a_world_record_and_prints_the_ratio
     # it pairs with a --world record, not with a one-process one
     other = _write(tmp_path / "o.json", _record(["adamw"], worlds=[1, 2]))
     assert cli.main(["bench", "--compare", str(path), other]) == 0
-    _said(capsys)
+    assert "world 2: nosuch55_a:X / nosuch55_b:Y  A not measured" in _said(capsys)
     single = _write(tmp_path / "s.json", _record(["adamw"]))
     assert cli.main(["bench", "--compare", str(path), single]) == 2
 
@@ -235,6 +258,18 @@ def test_a_world_row_without_a_whole_world_size_is_refused(tmp_path, world):
     data["results"]["world"][0]["world"] = world
     with pytest.raises(ValueError, match="without a world size"):
         bench.read_record(_write(tmp_path / "w.json", data))
+
+
+# --- 7. --alone: "not run" for an optimizer the record did not time --------------------------------------------------
+
+
+def test_compare_alone_says_not_run_for_an_optimizer_the_record_did_not_time(tmp_path, capsys):
+    a = _record(["soap", "shampoo"], alone=True)
+    b = _record(["soap", "adamw"], alone=True)
+    b["results"]["matrix_work"]["adamw"] = None
+    assert cli.main(["bench", "--compare", _write(tmp_path / "a.json", a), _write(tmp_path / "b.json", b)]) == 0
+    lines = {line.split()[0]: line for line in _said(capsys).split("matrix work alone")[-1].splitlines()[1:] if line}
+    assert "B not run" in lines["shampoo"] and "A not run" in lines["adamw"] and "B no figure" in lines["adamw"]
 
 
 # --- 8. --model of a missing path says so ----------------------------------------------------------------------------
