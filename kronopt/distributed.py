@@ -223,10 +223,19 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any
     Raises:
         ValueError: the dicts are not all the ranks of one sharded save (wrong count,
             a rank missing or repeated, different param groups, a block with tensors in
-            two dicts or in none, counters that disagree: dicts of different steps).
+            two dicts or in none, counters that disagree: dicts of different steps), or they
+            are an FSDP2 optimizer's (DTensor entries: ``torch.distributed.checkpoint`` reshards those).
     """
     if not state_dicts:
         raise ValueError("no state dicts to merge")
+    dtensor = _dtensor_types()[0]
+    if any(isinstance(v, dtensor) for sd in state_dicts for entry in sd.get("state", {}).values() if isinstance(entry, Mapping) for v in entry.values()):
+        raise ValueError(
+            "these are an FSDP2 optimizer's dicts: their elementwise entries are DTensor row shards on every rank, "
+            "which merge_state_dicts does not join. Save and load through torch.distributed.checkpoint "
+            "(get_optimizer_state_dict / dcp.save, which reshards), or make one whole dict on every rank with "
+            "get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))"
+        )
     infos = [sd.get("kronopt", {}).get(SHARDING_KEY) for sd in state_dicts]
     if any(info is None for info in infos):
         raise ValueError("merge_state_dicts takes the state_dict() of every rank of a sharded optimizer; one has no sharding record")

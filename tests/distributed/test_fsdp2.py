@@ -171,6 +171,16 @@ def test_fallback_routing_group_lrs_a_scheduler_and_a_parameter_without_gradient
     assert len(set(lrs)) == 3
 
 
+def test_merge_state_dicts_refuses_an_fsdp2_optimizers_dicts_naming_the_way_that_works(two):
+    """An FSDP2 optimizer's elementwise entries are DTensor row shards on every rank: merge_state_dicts refused them
+    with "parameter 1 has state in two ranks' dicts" (as if the dicts came from different saves); it now says what
+    they are and that torch.distributed.checkpoint (or a full state dict) moves them."""
+    for result in two:
+        message = result["misc"]["merge_error"]
+        assert message is not None and message.startswith("these are an FSDP2 optimizer's dicts"), message
+        assert "torch.distributed.checkpoint" in message and "full_state_dict=True" in message
+
+
 def test_distributed_checkpoint_round_trip_continues_the_run(two):
     """dcp.save of get_optimizer_state_dict after 6 steps; a fresh model and optimizer load it and train the same 6
     steps as the original: the same parameters (to the last bits: DCP loads into the fresh tensors' memory layout)."""
