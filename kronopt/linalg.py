@@ -37,6 +37,27 @@ def _float32_product_backends() -> tuple[Any, ...]:
     return tuple(b for b in backends if hasattr(b, "fp32_precision"))
 
 
+#: the device types whose autocast :func:`no_autocast` turns off (torch's ``is_autocast_enabled`` answers for each)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
+    """Autocast off inside the block for every device type where the caller turned it on, as it was after.
+
+    A training script may call ``optimizer.step()`` (or ``scaler.step``) inside its ``torch.autocast`` region;
+    autocast would then run the step's products in bfloat16 or float16 and hand the stages operands of mixed
+    dtypes (a crash in the factor updates, or other maths: Shampoo's factors 1e-3 off). The step's arithmetic is
+    its state's dtype, as torch.optim's is."""
+    on = [t for t in _AUTOCAST_DEVICES if torch.is_autocast_enabled(t)]
+    if not on:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for t in on:
+            stack.enter_context(torch.autocast(t, enabled=False))
+        yield
+
 @contextlib.contextmanager
 def full_float32_products() -> Iterator[None]:
     """Float32 products at full float32 precision inside the block, whatever the process set, restored after.

@@ -826,8 +826,9 @@ class KronOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # the closure ran at the process's precision (the model's); the step's own products at float32's
-        with contextlib.nullcontext() if self.config.matmul_precision == "inherit" else linalg.full_float32_products():
+        # the closure ran at the process's precision (the model's); the step's own products at float32's, and never
+        # under the caller's autocast
+        with linalg.no_autocast(), contextlib.nullcontext() if self.config.matmul_precision == "inherit" else linalg.full_float32_products():
             self._step_taken()
         return loss
 

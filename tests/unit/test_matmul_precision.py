@@ -163,3 +163,45 @@ def test_matmul_precision_is_validated_and_top_level_only():
     cfg = kronopt.config.from_dict({**kronopt.config.to_dict(kronopt.presets.SOAP), "matmul_precision": "inherit"})
     assert kronopt.config.from_dict(kronopt.config.to_dict(cfg)).matmul_precision == "inherit"
     assert kronopt.presets.SOAP.matmul_precision == "highest"
+
+
+# -- a step inside the caller's torch.autocast region ------------------------------------------------------------
+
+
+def _autocast_trajectory(preset: str, dtype: torch.dtype | None, **overrides) -> list[torch.Tensor]:
+    """Weights and state after 8 steps of a 24 × 40 and a 40 × 24 block, each ``step()`` called inside
+    ``torch.autocast("cpu", dtype)`` (``None``: outside any), as a script that wraps its whole iteration in it does."""
+    g = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(24, 40, generator=g) * 0.1), torch.nn.Parameter(torch.randn(40, 24, generator=g) * 0.1)]
+    opt = kronopt.build([(f"layer{i}.weight", p) for i, p in enumerate(params)], preset, **{"refresh.every": 3, **overrides})
+    for _ in range(8):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        with torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False):
+            opt.step()
+            assert torch.is_autocast_enabled("cpu") == (dtype is not None)  # the caller's region is back
+    state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+    return [p.detach().clone() for p in params] + state
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("preset", ["soap", "shampoo", "dykaf", "kl_shampoo", "pro_soap", "muon", "adamw"])
+def test_a_step_inside_the_callers_autocast_region_steps_as_outside(preset, dtype):
+    """Autocast reached the step's products: soap, kl_shampoo and pro_kl_shampoo raised on mixed dtypes in the Adam
+    moments, dykaf in its symmetric products, and shampoo's factors came out 1e-3 off, pro_soap's weights by 0.01.
+    The step now runs with autocast off (``linalg.no_autocast``): the same bits as outside, every state tensor too."""
+    outside = _autocast_trajectory(preset, None)
+    inside = _autocast_trajectory(preset, dtype)
+    assert len(inside) == len(outside)
+    for a, b in zip(outside, inside):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_no_autocast_restores_the_callers_region_on_error():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="inside"):
+            with linalg.no_autocast():
+                assert not torch.is_autocast_enabled("cpu")
+                raise RuntimeError("inside")
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
