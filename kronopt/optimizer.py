@@ -12,7 +12,6 @@ import contextlib
 import importlib
 import itertools
 import math
-import numbers
 import operator
 import warnings
 import weakref
@@ -32,7 +31,7 @@ from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
 from .refresh import Staggered
 from .types import Layout, capabilities
-from .validators import one_cpu_number
+from .validators import one_cpu_number, real_number
 
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr", "name")
@@ -354,14 +353,21 @@ def _rates(group: dict[str, Any]) -> tuple[Any, Any]:
     it is (a tensor on an accelerator is not read, which would synchronise)."""
 
     lr, weight_decay = group["lr"], group["weight_decay"]
-    if isinstance(lr, Tensor) or isinstance(weight_decay, Tensor):  # rare: numbers take no more than this test
-        return _cpu_number(lr), _cpu_number(weight_decay)
-    return lr, weight_decay
+    if type(lr) in _PLAIN_NUMBERS and type(weight_decay) in _PLAIN_NUMBERS:  # nearly always: no more than this test
+        return lr, weight_decay
+    return _as_rate(lr), _as_rate(weight_decay)
 
 
-def _cpu_number(x: Any) -> Any:
-    """A one-entry CPU tensor as its float; anything else as it is."""
-    return float(x) if one_cpu_number(x) else x
+#: the types of rates the step takes as they are
+_PLAIN_NUMBERS = (float, int)
+
+
+def _as_rate(x: Any) -> Any:
+    """A one-entry CPU tensor or a real number of another type (NumPy's, ``Fraction``) as its float; a tensor
+    elsewhere as it is (reading it would synchronise). :meth:`KronOptimizer._check_rates` refused anything else."""
+    if isinstance(x, Tensor):
+        return float(x) if one_cpu_number(x) else x
+    return float(x)
 
 
 def _agreed(like: Tensor, owned_ok: Tensor | None, owned: Sequence[int], group: Any) -> Tensor:
@@ -394,7 +400,8 @@ def _saved_skipped(kron: Mapping[str, Any] | None) -> Tensor | None:
     if value is None:
         return None
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
-        return value.reshape(()).to(torch.int64)
+        if int(value) >= 0:  # read once, at a load
+            return value.reshape(()).to(torch.int64)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         return torch.tensor(value, dtype=torch.int64)
     raise ValueError(
@@ -949,7 +956,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor):
                     if not one_cpu_number(value):
                         continue
-                elif value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                elif value is not None and not real_number(value):
                     raise TypeError(
                         f"param_groups[{gi}]['{key}'] is {value!r} ({type(value).__name__}): it must be a real number "
                         "or a one-entry tensor; nothing was changed"
@@ -2486,8 +2493,11 @@ class KronOptimizer(torch.optim.Optimizer):
         moved = [n for n in now if was[n] != now[n]]
         if not moved:
             # the same names in each group, listed in another order: by position one parameter's state would go
-            # to another of its shape
+            # to another of its shape. Not where the saved entries are keyed by name (torch.distributed.checkpoint's
+            # set_optimizer_state_dict lists each group's names as saved and its params in this optimizer's order)
             for gi, (saved_ns, ns) in enumerate(zip(saved_names, names)):
+                if not all(isinstance(k, int) for k in saved_groups[gi]["params"]):
+                    continue
                 swapped = [(i, n, m) for i, (n, m) in enumerate(zip(saved_ns, ns)) if n != m]
                 if swapped:
                     where = ", ".join(f"place {i}: saved {n}, here {m}" for i, n, m in swapped[:5])

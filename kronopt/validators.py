@@ -5,6 +5,7 @@ builder prefixes the path (``refresh.every: must be ≥ 1, got 0``).
 """
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,11 +57,17 @@ def one_cpu_number(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu" and not value.is_complex()
 
 
+def real_number(value: Any) -> bool:
+    """A real number of any type (``int``, ``float``, NumPy's scalars, ``Fraction``), not a ``bool``: what a number
+    setting takes (:func:`to_float`), and a param group's ``lr`` or ``weight_decay`` besides a one-entry tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def to_float(value: Any) -> float:
     """A finite number as a float (an infinite or NaN setting would reach every parameter: ``lr = inf`` in TOML)."""
     if one_cpu_number(value):  # a param group's lr or weight_decay given as a tensor, as torch.optim allows
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not real_number(value):
         raise TypeError(f"must be a number, got {value!r}")
     try:
         out = float(value)

@@ -164,6 +164,30 @@ def test_a_rate_that_is_not_a_number_set_between_steps_is_refused_before_anythin
     assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
+@pytest.mark.parametrize("kind", ["np.float32", "Fraction"])
+@pytest.mark.parametrize("preset", ["adamw", "soap", "muon"])
+def test_a_real_number_of_any_type_steps_as_its_float(preset, kind):
+    """The build and the step take one rule, a real number of any type: ``Fraction`` failed deep in the step
+    ("unsupported operand Tensor * Fraction", adamw's fused kernel) and ``np.float32`` was refused at the build."""
+    import fractions
+
+    np = pytest.importorskip("numpy")
+    make = {"np.float32": np.float32, "Fraction": lambda x: fractions.Fraction(x).limit_denominator(10**6)}[kind]
+    runs = []
+    for typed in (False, True):
+        gen = torch.Generator().manual_seed(7)
+        params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen)), torch.nn.Parameter(torch.randn(4, generator=gen))]
+        lr = make(0.002) if typed else float(make(0.002))
+        opt = kronopt.build(params, preset, lr=lr, weight_decay=make(0.1) if typed else float(make(0.1)))
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.param_groups[0]["lr"] = lr
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 # -- a layout a stage cannot keep is refused at build, frozen parameters included ------------------------------
 
 

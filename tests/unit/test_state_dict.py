@@ -313,6 +313,36 @@ def test_parameters_named_as_saved_but_listed_in_another_order_are_refused():
     assert torch.equal(again.state[a2]["inner.exp_avg_sq"], opt.state[a]["inner.exp_avg_sq"])
 
 
+def test_a_dcp_load_into_a_model_that_registers_its_parameters_in_another_order_follows_the_names():
+    """torch.distributed.checkpoint keys the entries by name: ``set_optimizer_state_dict`` lists each saved group's
+    ``param_names`` as saved and its ``params`` (names) in this optimizer's order, so the order check above must not
+    refuse it (it did, on the first form of that check); each parameter gets its own state."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    class Net(torch.nn.Module):
+        def __init__(self, order):
+            super().__init__()
+            for name in order:
+                setattr(self, name, torch.nn.Linear(6, 6, bias=False))
+
+    torch.manual_seed(0)
+    first = Net(["a", "b"])
+    opt = kronopt.build(first.named_parameters(), "soap")
+    for p in first.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = get_optimizer_state_dict(first, opt)
+    second = Net(["b", "a"])
+    second.load_state_dict(first.state_dict())
+    other = kronopt.build(second.named_parameters(), "soap")
+    set_optimizer_state_dict(second, other, saved)
+    for name in ("a", "b"):
+        mine, theirs = other.state[getattr(second, name).weight], opt.state[getattr(first, name).weight]
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], v) for k, v in theirs.items() if isinstance(v, torch.Tensor))
+    assert not torch.equal(opt.state[first.a.weight]["factors.L"], opt.state[first.b.weight]["factors.L"])
+
+
 # -- torch.distributed.checkpoint -------------------------------------------------------------
 
 
