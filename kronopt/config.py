@@ -150,6 +150,20 @@ class Storage:
         return {"factors": self.factors, "basis": self.basis, "inner": self.moments, "split": self.moments, "post": self.moments}
 
 
+def _fallback_settings(_inst: Any, _attr: Any, fallback: "KronConfig | None") -> None:
+    """A fallback config built in Python holds the :data:`FALLBACK_AT_DEFAULT` values at their defaults, as a
+    ``[fallback]`` table must (a config its dump would not load again)."""
+    if fallback is None:
+        return
+    given = [f"{f.name} = {getattr(fallback, f.name)!r}" for f in attrs.fields(KronConfig)
+             if f.name in FALLBACK_AT_DEFAULT and getattr(fallback, f.name) != f.default]
+    if given:
+        raise ValueError(
+            f"the fallback sets {', '.join(given)}: these are read from the top-level config for every parameter, "
+            "the fallback's included; set them there"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class KronConfig:
     """One pipeline: a stage per slot, the post stage, shapes, routing and hyperparameters.
@@ -238,7 +252,7 @@ class KronConfig:
     route: Route = attrs.field(factory=Route)
     storage: Storage = attrs.field(factory=Storage)
     distributed: Distributed = attrs.field(factory=Distributed)
-    fallback: "KronConfig | None" = None
+    fallback: "KronConfig | None" = attrs.field(default=None, validator=_fallback_settings)
 
     def stages(self) -> dict[str, Any]:
         return {slot: getattr(self, slot) for slot in STAGE_SLOTS}

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import compiled, compose, distributed, linalg, post
 from ._shapes import BlockSpec, to_block
-from .config import ConfigError, KronConfig, from_dict, to_dict, with_overrides, without_fallback_settings
+from .config import FALLBACK_AT_DEFAULT, ConfigError, KronConfig, from_dict, to_dict, with_overrides, without_fallback_settings
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
@@ -417,7 +417,7 @@ def _rate_args(group: dict[str, Any]) -> dict[str, Any]:
 
 
 #: config keys a param group may not set: the step reads them from the optimizer's own config alone
-_TOP_LEVEL_ONLY = ("distributed", "nonfinite", "nonfinite_scope", "max_skipped_steps", "matmul_precision", "bucket_cap_mib")
+_TOP_LEVEL_ONLY = ("distributed", *FALLBACK_AT_DEFAULT)
 
 
 class KronOptimizer(torch.optim.Optimizer):

@@ -12,6 +12,7 @@ again and across a save and load, and the memory a step holds at once, counted b
 import math
 import warnings
 
+import attrs
 import pytest
 import torch
 
@@ -207,6 +208,9 @@ def test_a_fallback_table_gives_a_top_level_only_value_at_its_default_only(key, 
     with pytest.raises(ConfigError, match=rf"fallback\.{key}: is read from the top-level config"):
         kronopt.resolve("kl_shampoo", **{f"fallback.{key}": value})
     assert kronopt.loads(text) == kronopt.resolve("kl_shampoo")  # the defaults, as written: a round trip
+    cfg = kronopt.resolve("kl_shampoo")
+    with pytest.raises(ValueError, match=rf"the fallback sets {key} = "):  # built in Python: not a config whose dump fails
+        attrs.evolve(cfg, fallback=attrs.evolve(cfg.fallback, **{key: value}))
     assert getattr(kronopt.resolve("kl_shampoo", **{key: value}), key) == value  # at the top level: taken
 
 
