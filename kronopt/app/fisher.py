@@ -538,10 +538,6 @@ def write_outputs(out: Path, lab: dict[str, Any] | None, hessian: dict[str, Any]
 # -- command line -------------------------------------------------------------------------------------------
 
 
-def _csv(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
 
 def check_estimator(spec: str) -> str:
     """A ``key:opt=value`` estimator spec that :func:`track` can drive; ``ValueError`` saying why not."""
@@ -563,7 +559,7 @@ def check_estimator(spec: str) -> str:
 
 def _specs(text: str, check: Callable[[str], object], *, allow_empty: bool) -> list[str]:
     """Comma-separated specs, each passed through ``check``; every bad one in one ``ValueError``."""
-    parts = _csv(text)
+    parts = _args._items(text)
     if not parts and not allow_empty:
         raise ValueError("must name at least one")
     bad = []
@@ -595,7 +591,7 @@ def check_fisher(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {"out": p.value("--out", args.out, _args.output_dir, Path(args.out or "."))}
     sources = p.value("--source", args.source, lambda t: _args.choices(t, SOURCES, allow_empty=True), [])
     settings["sources"] = sources
-    lab = bool(_csv(args.source))  # the lab runs: its settings must be usable
+    lab = any(part.strip() for part in args.source.split(","))  # the lab runs: its settings must be usable
     steps = p.value("--steps", args.steps, lambda t: _args.integers(t, minimum=1, allow_empty=not lab), [])
     settings["checkpoints"] = sorted(set(steps))
     settings["estimators"] = p.value(
@@ -608,9 +604,14 @@ def check_fisher(args: argparse.Namespace) -> dict[str, Any]:
     settings["hessian_optimizers"], settings["hessian_lrs"] = [], []
     if args.hessian:
         lrs = p.value("--hessian-lrs", args.hessian_lrs, lambda t: _args.numbers(t, above=0.0), [])
-        specs = _csv(args.hessian_optimizers)
-        if not specs:
-            p.add("--hessian-optimizers", "must name at least one preset or TOML file (or give --no-hessian)")
+        try:
+            specs = _args._items(args.hessian_optimizers)
+        except ValueError as exc:
+            p.add("--hessian-optimizers", str(exc))
+            specs = []
+        else:
+            if not specs:
+                p.add("--hessian-optimizers", "must name at least one preset or TOML file (or give --no-hessian)")
         for spec in specs:
             try:
                 name, options = parse_estimator(spec)

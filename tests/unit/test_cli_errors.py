@@ -127,6 +127,8 @@ CASES = [
     (["bench", "soap", "--shapes", "8x4,,4"], ["--shapes: has an empty entry between its commas: '8x4,,4'"]),
     (["bench", "--scaling", "8,16,"], ["--scaling: has an empty entry between its commas: '8,16,'"]),
     (["fisher", "--source", "lab,", "--steps", "1,,2"], ["--source: has an empty entry", "--steps: has an empty entry"]),
+    (["fisher", "--estimators", "ema,,projector_splitting", "--hessian-optimizers", "soap,"],
+     ["--estimators: has an empty entry", "--hessian-optimizers: has an empty entry"]),
     # fisher
     (["fisher", "--steps", "abc"], ["--steps", "'abc'"]),
     (["fisher", "--steps", "0", "--out", "{out}"], ["--steps", "got 0"]),
