@@ -2574,9 +2574,12 @@ def _json_input_problem(path: Path, optimizers: Sequence[str], model: str | None
         for file in files:
             if same(file):
                 return f"{str(path)!r} is a file --model {model} reads: the record would overwrite it"
+        # the path as named (its folder resolved, not the link it may be: a Hugging Face cache's snapshot file is a
+        # link into the cache's blobs) and as the file system resolves it
+        named = path.expanduser().absolute().parent.resolve() / path.name
         for folder in folders:
             try:
-                inside = target.is_relative_to(folder.resolve())
+                inside = any(t.is_relative_to(folder.resolve()) for t in (target, named))
             except (OSError, ValueError):
                 inside = False
             if inside:
@@ -2734,9 +2737,10 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         {"world": k[0], "optimizer": k[1], **_paired_means(ra, rb)} for k, ra, rb in _paired(_rows_of(a), _rows_of(b))
     ]
     pairs = []
-    for k, ra, rb in _paired(_ratios_of(a, asked=True), _ratios_of(b, asked=True)):
+    asked_a, asked_b = _ratios_of(a, asked=True), _ratios_of(b, asked=True)
+    for k, ra, rb in _paired(asked_a, asked_b):
         pairs.append({"world": k[0], "pair": (k[1], k[2]), "a": (ra or {}).get("ratio"), "b": (rb or {}).get("ratio"),
-                      "a_state": _ratio_state(a, ra, k[1:]), "b_state": _ratio_state(b, rb, k[1:])})
+                      "a_state": _ratio_state(k in asked_a, ra), "b_state": _ratio_state(k in asked_b, rb)})
     scaling = []
     for k, ra, rb in _paired(_scaling_of(a), _scaling_of(b)):
         (ra, wa), (rb, wb) = ra or (None, None), rb or (None, None)
@@ -2817,10 +2821,11 @@ def _paired(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> list[tuple[Any, Any, 
     return [(k, a.get(k), b.get(k)) for k in [*a, *(k for k in b if k not in a)]]
 
 
-def _ratio_state(data: Mapping[str, Any], entry: Mapping[str, Any] | None, pair: tuple[str, str]) -> str | None:
-    """:func:`_state` of a ``--ratio`` figure, ``"unmeasured"`` where the record asked for the pair and timed one of
-    its two not (a peer not installed), which its results leave out."""
-    if entry is None and list(pair) in [list(q) for q in (data.get("settings") or {}).get("ratios") or []]:
+def _ratio_state(asked: bool, entry: Mapping[str, Any] | None) -> str | None:
+    """:func:`_state` of a ``--ratio`` figure, ``"unmeasured"`` where the record asked for the pair at that world size
+    (``asked``: among :func:`_ratios_of`'s with ``asked``) and timed one of its two not (a peer not installed), which
+    its results leave out."""
+    if entry is None and asked:
         return "unmeasured"
     return _state(entry)
 

@@ -78,6 +78,20 @@ def test_json_refuses_the_model_file_and_a_file_of_the_model_folder(tmp_path, ca
     assert cli.main(["bench", "adamw", "--model", "m", *small, "--json", "sd.pt"]) == 0
 
 
+def test_json_refuses_a_link_in_the_model_folder_that_points_out_of_it(tmp_path, monkeypatch):
+    """A Hugging Face cache's snapshot files are links into its ``blobs`` folder: ``--json <snapshot>/config.json``
+    resolved to the blob, outside the snapshot folder, and would have overwritten the cached file."""
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "abc").write_text("{}")
+    snapshot = tmp_path / "snapshots" / "1"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(tmp_path / "blobs" / "abc")
+    monkeypatch.setattr(bench, "_model_inputs", lambda spec: ([], [snapshot]))
+    found = bench._json_input_problem(snapshot / "config.json", ["adamw"], "org/m")
+    assert found is not None and "inside the folder --model org/m reads" in found
+    assert bench._json_input_problem(tmp_path / "blobs" / "abc", ["adamw"], "org/m") is None  # not named as its file
+
+
 # --- records written by hand -----------------------------------------------------------------------------------------
 
 
@@ -125,6 +139,17 @@ def test_compare_lists_a_world_records_unmeasured_ratio_at_each_world_size():
     found = bench.compare_records(a, a)
     assert [(r["world"], r["pair"], r["a_state"]) for r in found["ratios"]] == [
         (1, ("muon", "heavyball.SOAP"), "unmeasured"), (2, ("muon", "heavyball.SOAP"), "unmeasured"),
+    ]
+
+
+def test_compare_reads_a_world_size_a_record_did_not_run_as_absent_not_unmeasured():
+    """A record of world sizes 1 and 2 beside one of 1, 2 and 4, both asking the same pair: at 4 the first never ran
+    (absent), where the state read only the pair and said "not measured"."""
+    a = _record(["muon"], asked=[("muon", "heavyball.SOAP")], worlds=[1, 2])
+    b = _record(["muon"], asked=[("muon", "heavyball.SOAP")], worlds=[1, 2, 4])
+    found = bench.compare_records(a, b)
+    assert [(r["world"], r["a_state"], r["b_state"]) for r in found["ratios"]] == [
+        (1, "unmeasured", "unmeasured"), (2, "unmeasured", "unmeasured"), (4, "absent", "unmeasured"),
     ]
 
 
