@@ -2019,14 +2019,20 @@ class KronOptimizer(torch.optim.Optimizer):
                     overflowed.append(names)
                     continue
                 if skipped_whole:
-                    what = "the whole step was skipped: no parameter or optimizer state changed (nonfinite_scope = 'step')"
+                    what = (
+                        "the whole step was skipped: no parameter, moment or factor changed, though the step counters "
+                        "advanced (Adam's bias correction counts the step; nonfinite_scope = 'step')"
+                    )
                 elif item.whole_step:  # every gradient finite: these blocks' update or new state overflowed
                     what = (
                         "their gradients were finite but their update or new state overflowed, so these parameters "
-                        "and their optimizer state alone were left untouched (nonfinite_scope = 'step')"
+                        "and their optimizer state alone were left untouched, but for the step counters (nonfinite_scope = 'step')"
                     )
                 else:
-                    what = "these parameters and their optimizer state were left untouched (nonfinite_scope = 'block')"
+                    what = (
+                        "these parameters and their optimizer state were left untouched but for their step counters "
+                        "(nonfinite_scope = 'block')"
+                    )
                 warnings.warn(
                     f"non-finite gradient or update (NaN or Inf) at update {item.step} in: {names}; {what}",
                     RuntimeWarning,
