@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import linalg
 from .config import KronConfig, Storage
-from .types import BasisState, Layout, StepContext, capabilities
+from .types import BasisState, Layout, StageOutputError, StepContext, capabilities
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -43,19 +43,236 @@ class BucketState:
 
 
 def init_state(cfg: KronConfig, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BucketState:
-    """Fresh state of every stage for ``layout``; ``cfg`` must be bound (:meth:`KronConfig.bound`)."""
+    """Fresh state of every stage for ``layout``; ``cfg`` must be bound (:meth:`KronConfig.bound`).
+
+    Raises:
+        StageOutputError: a stage's ``init`` made a state tensor without the block axis first (:func:`_check_init`).
+        Exception: what a stage's ``init`` raised, naming the stage (:func:`_init_stage`).
+    """
     if cfg.bound() is not cfg:
         raise ValueError("the config ties factors.beta or post.graft_betas to the inner rule's: pass cfg.bound()")
     kw = {"dtype": dtype, "device": device}
-    state = BucketState(
-        factors=cfg.factors.init(layout, **kw),
-        basis=cfg.basis.init(layout, **kw),
-        inner=cfg.inner.init(layout, **kw),
-        split=cfg.split.init(layout, **kw),
-        post=cfg.post.init(layout, **kw),
-    )
+    state = BucketState(**{slot: _init_stage(slot, getattr(cfg, slot), layout, kw) for slot in _SLOTS})
     stored = storage_dtypes(cfg.storage, dtype)
     return state if stored is None else to_storage(state, stored)
+
+
+#: the stage records of a :class:`BucketState`, in its order
+_SLOTS = ("factors", "basis", "inner", "split", "post")
+
+
+def _init_stage(slot: str, stage: Any, layout: Layout, kw: dict[str, Any]) -> Any:
+    """``stage.init(layout, **kw)``, its record checked (:func:`_check_init`); an exception it raises names the
+    stage: raised again as the same type with the stage named first, from the original, where that type is a plain
+    built-in one, else the original with a note naming the stage (a caller may tell its exceptions by type: a
+    ``ValueError`` refuses a layout at build, ``optimizer._try_layout``)."""
+    try:
+        record = stage.init(layout, **kw)
+    except Exception as exc:
+        if type(exc) in _PLAIN_ERRORS and len(exc.args) == 1 and isinstance(exc.args[0], str):
+            raise type(exc)(f"{_stage_label(slot, stage)}: init raised: {exc.args[0]}") from exc
+        exc.add_note(f"raised by the init of the {_stage_label(slot, stage)}")
+        raise
+    _check_init(slot, stage, record, layout.batch)
+    return record
+
+
+#: exception types :func:`_init_stage` raises again with the stage named in the message (one string argument)
+_PLAIN_ERRORS = (ValueError, TypeError, RuntimeError, NotImplementedError, AttributeError, IndexError, ZeroDivisionError, AssertionError)
+
+
+# -- run-time checks of what a stage returns (StageOutputError) ---------------------------
+#
+# Host-side comparisons of shapes, dtypes and version counters only: no value is read, nothing synchronises,
+# no kernel runs. Each output is checked where step (or _observe) first receives it, before anything is written;
+# init_state checks each fresh record once.
+
+
+def _stage_label(slot: str, stage: Any) -> str:
+    """``inner stage 'adam' (AdamInner)``: the slot, the stage's registry key where it has one, its class."""
+    from .registry import SLOTS
+
+    cls = type(stage)
+    try:
+        key = SLOTS[slot].key_of(cls) if slot in SLOTS else None
+    except KeyError:
+        key = None
+    return f"{slot} stage {key!r} ({cls.__qualname__})" if key else f"{slot} stage {cls.__qualname__}"
+
+
+def _described(t: Tensor, like: Tensor | None = None) -> str:
+    """``shape (2, 6, 4), torch.float32`` (and the device where ``like``'s differs, or where no ``like``)."""
+    text = f"shape {tuple(t.shape)}, {t.dtype}"
+    return text if like is not None and t.device == like.device else f"{text} on {t.device}"
+
+
+def _check_init(slot: str, stage: Any, record: Any, batch: int, path: str = "") -> None:
+    """Every tensor of a fresh state record carries the block axis first (the stage contract): a 0-d tensor or
+    one of another leading size has no per-block meaning (a bucket splits and joins by rows, the non-finite
+    guard writes per block), so it is refused here, naming the stage and the field."""
+    if isinstance(record, Tensor):
+        if record.ndim == 0 or record.shape[0] != batch:
+            where = f"state field {path!r}" if path else "state"
+            raise StageOutputError(
+                f"{_stage_label(slot, stage)}: init returned its {where} with {_described(record)}; every state "
+                f"tensor must carry the block axis first, of size {batch} (layout.batch): (b ...)"
+            )
+        return
+    for name in _field_names(type(record)) or ():
+        value = getattr(record, name)
+        if value is not None:
+            _check_init(slot, stage, value, batch, f"{path}.{name}" if path else name)
+
+
+#: check the outputs of kronopt's own stages too (the test suite sets it; a step skips them otherwise, so a
+#: built-in pipeline pays nothing for the checks of :func:`step`)
+CHECK_OWN_STAGES = False
+
+_CHECKED: dict[tuple[int, bool], tuple[KronConfig, frozenset[str]]] = {}
+
+
+def _checked_slots(cfg: KronConfig) -> frozenset[str]:
+    """The slots of ``cfg`` whose stage's outputs :func:`step` checks: a stage from outside kronopt (a plugin's, a
+    user's), or every stage under :data:`CHECK_OWN_STAGES`. Cached by config (one dictionary read a step)."""
+    key = (id(cfg), CHECK_OWN_STAGES)
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0] is cfg:
+        return hit[1]
+    slots = frozenset(s for s in _SLOTS if CHECK_OWN_STAGES or not _own_stage(getattr(cfg, s)))
+    if len(_CHECKED) >= 64:
+        _CHECKED.clear()
+    _CHECKED[key] = (cfg, slots)
+    return slots
+
+
+def _own_stage(stage: Any) -> bool:
+    module = type(stage).__module__
+    return module == "kronopt" or module.startswith("kronopt.")
+
+
+def _check_output(
+    slot: str, checked: frozenset[str], cfg: KronConfig, new: Any, old: Any, layout: Layout, G: Tensor,
+    g_version: int | None, D: Tensor | None = None,
+) -> None:
+    """The checks of one stage call's outputs, where ``slot`` is among ``checked``: its direction ``D`` (``None``:
+    none, or the one it was given), its new state record against the one it was given, and ``G`` untouched."""
+    if slot not in checked:
+        return
+    stage = getattr(cfg, slot)
+    if D is not None:
+        _check_direction(D, G, slot, stage)
+    _check_state(new, old, layout.batch, slot, stage)
+    _check_gradient(G, g_version, slot, stage)
+
+
+def _check_direction(D: Any, G: Tensor, slot: str, stage: Any) -> None:
+    """``D`` is a tensor of ``G``'s shape and dtype ``(b m n)``; else a :class:`StageOutputError`."""
+    if isinstance(D, Tensor) and D.shape == G.shape and D.dtype is G.dtype:
+        return
+    got = _described(D, G) if isinstance(D, Tensor) else f"a {type(D).__name__}, not a tensor"
+    raise StageOutputError(
+        f"{_stage_label(slot, stage)} returned a direction of {got}, expected {_described(G, G)} "
+        "(the gradient's: (b m n))"
+    )
+
+
+def _check_state(new: Any, old: Any, batch: int, slot: str, stage: Any, path: str = "") -> None:
+    """Each tensor of a stage's new state record has the shape and dtype of the same field of the record it was given
+    (a field that was ``None`` or absent: the block axis first, ``batch`` rows); else a :class:`StageOutputError`
+    naming the stage and the field. Fields handed back as they were are skipped: only the step's new tensors cost."""
+    if new is old:
+        return
+    if isinstance(new, Tensor):
+        if not _fits(new, old, batch):
+            _state_mismatch(new, old, batch, slot, stage, path.rstrip("."))
+        return
+    for name in _field_names(type(new)) or ():
+        n = getattr(new, name)
+        if n is None:
+            continue
+        o = getattr(old, name, None)
+        if n is o:
+            continue
+        if type(n) is Tensor and type(o) is Tensor:  # the common case: a new tensor for a stack
+            if n.shape == o.shape and n.dtype is o.dtype:
+                continue
+            _state_mismatch(n, o, batch, slot, stage, path + name)
+        elif isinstance(n, Tensor):
+            if not _fits(n, o, batch):
+                _state_mismatch(n, o, batch, slot, stage, path + name)
+        elif _field_names(type(n)) is not None:
+            _check_state(n, o, batch, slot, stage, f"{path}{name}.")
+
+
+def _fits(new: Tensor, old: Any, batch: int) -> bool:
+    """Whether ``new`` may stand where ``old`` stood: its shape and dtype, or, where ``old`` was no tensor, the block
+    axis first (a field that appears, :func:`write_` selects it per block)."""
+    if isinstance(old, Tensor):
+        return new.shape == old.shape and new.dtype is old.dtype
+    return new.ndim >= 1 and new.shape[0] == batch
+
+
+def _state_mismatch(new: Tensor, old: Any, batch: int, slot: str, stage: Any, path: str) -> None:
+    expected = _described(old, new) if isinstance(old, Tensor) else f"the block axis first, of size {batch}"
+    where = f"state field {path!r}" if path else "state"
+    raise StageOutputError(
+        f"{_stage_label(slot, stage)} returned its {where} with {_described(new, old if isinstance(old, Tensor) else new)}, "
+        f"expected {expected} (as its init made it)"
+    )
+
+
+def _state_tensors(record: Any, out: list[Tensor]) -> list[Tensor]:
+    """Every tensor of a state record (recursively), in field order."""
+    names = _FIELDS.get(type(record)) or _field_names(type(record))
+    if names is None:
+        if isinstance(record, Tensor):
+            out.append(record)
+        return out
+    for name in names:
+        value = getattr(record, name)
+        if type(value) is Tensor:
+            out.append(value)
+        elif value is not None and type(value) not in (int, bool, float, str):
+            _state_tensors(value, out)
+    return out
+
+
+def _versions(state: "BucketState") -> tuple[list[Tensor], list[int]]:
+    """The tensors of a step's starting state and their version counters, read on the host (no sync); an inference
+    tensor (made under ``torch.inference_mode()``, which keeps no counter) is left out."""
+    tensors = _state_tensors(state, [])
+    try:
+        return tensors, [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor among them
+        tensors = [t for t in tensors if not t.is_inference()]
+        return tensors, [t._version for t in tensors]
+
+
+def _check_untouched(versions: tuple[list[Tensor], list[int]], state: "BucketState", cfg: KronConfig) -> None:
+    """No tensor of ``versions`` (:func:`_versions` of the state a step started from) was changed in place during
+    the step (stages are pure: the optimizer writes a step's new state per block, and a block it skips must keep
+    its state); else a :class:`StageOutputError` naming the field and the stage that owns it."""
+    tensors, before = versions
+    if [t._version for t in tensors] == before:
+        return
+    changed = {id(t) for t, v in zip(tensors, before) if t._version != v}
+    for slot in _SLOTS:
+        for path, value in flatten(getattr(state, slot)).items():
+            if id(value) in changed:
+                raise StageOutputError(
+                    f"{_stage_label(slot, getattr(cfg, slot))}: its state field {path!r} was changed in place during "
+                    "the step; a stage returns new tensors and leaves the state it is given untouched"
+                )
+    raise StageOutputError("a state tensor was changed in place during the step; stages return new tensors")
+
+
+def _check_gradient(G: Tensor, version: int | None, slot: str, stage: Any) -> None:
+    """``G``'s version counter is still ``version`` (``None``: an inference tensor, not tracked)."""
+    if version is not None and G._version != version:
+        raise StageOutputError(
+            f"{_stage_label(slot, stage)} changed the gradient G in place; a stage only reads G (the stages "
+            "after it and the factor update read it too)"
+        )
 
 
 # -- storage dtypes ([storage]) -----------------------------------------------------------
@@ -172,20 +389,32 @@ def _held_in_compute_dtype(choice: str, basis: BasisState) -> bool:
 
 def _observe(
     cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, *, t: int, first_call: bool, shared: dict[str, Any],
-    defer: list[linalg.DeferredWrite] | None = None,
+    defer: list[linalg.DeferredWrite] | None = None, checked: frozenset[str] = frozenset(), g_version: int | None = None,
 ) -> BucketState:
     """The factor update, then the refresh where one is due. ``defer``: the update may leave its factors to
-    the state write (``StepContext.defer``), unless a refresh follows and reads them."""
+    the state write (``StepContext.defer``), unless a refresh follows and reads them. ``checked``: the slots whose
+    outputs are checked (:func:`_checked_slots`), ``g_version`` the version counter ``G`` had (:func:`_check_output`)."""
     due = cfg.refresh.due(t, first_call=first_call)
     ctx = context(cfg, layout, state, t, shared, refresh_follows=due, defer=None if due else defer)
     factors = cfg.factors.update(state.factors, G, ctx)
+    if checked:
+        _check_output("factors", checked, cfg, factors, state.factors, layout, G, g_version)
     if not due:
         return attrs.evolve(state, factors=factors)
     basis, change = cfg.basis.refresh(state.basis, cfg.factors.factors(factors), ctx)
+    if checked:
+        _check_output("basis", checked, cfg, basis, state.basis, layout, G, g_version)
     inner = cfg.inner.on_basis_change(state.inner, change)
+    if checked:
+        _check_output("inner", checked, cfg, inner, state.inner, layout, G, g_version)
     split = cfg.split.on_basis_change(state.split, change) if capabilities(cfg.split).follows_basis else state.split
+    if checked:
+        _check_output("split", checked, cfg, split, state.split, layout, G, g_version)
     if capabilities(cfg.factors).follows_basis:
-        factors = cfg.factors.on_basis_change(factors, change)
+        followed = cfg.factors.on_basis_change(factors, change)
+        if checked:
+            _check_output("factors", checked, cfg, followed, factors, layout, G, g_version)
+        factors = followed
     return attrs.evolve(state, factors=factors, basis=basis, inner=inner, split=split)
 
 
@@ -198,25 +427,49 @@ def step(
     ``defer`` (a list, on a CPU bucket whose state is kept in the compute dtype): a factor update made
     after the direction (``factor_update = "after"``) with no refresh following may be left to the state
     write; it then comes back there as :class:`kronopt.linalg.DeferredWrite` records, and the new state
-    holds the factor's old stack (the caller runs them, :func:`run_deferred_`)."""
+    holds the factor's old stack (the caller runs them, :func:`run_deferred_`).
+
+    What a stage from outside kronopt returns is checked where it is received (:class:`StageOutputError`: a
+    direction or state tensor unlike the gradient or the state it was given, a tensor it was given changed in
+    place): host-side reads of shapes, dtypes and version counters, no value read; kronopt's own stages,
+    which the test suite checks so (:data:`CHECK_OWN_STAGES`), are not, so a built-in pipeline pays nothing."""
     first_call = state.calls == 0
     calls = state.calls + 1
     shared: dict[str, Any] = {}  # products of G that several stages use, computed once (StepContext.rotated)
+    checked = _checked_slots(cfg)
+    if checked:
+        start, versions = state, _versions(state)
+        g_version = None if G.is_inference() else G._version
+    else:
+        g_version = None
     if first_call and cfg.skip_first_call:
-        state = _observe(cfg, layout, state, G, t=state.step, first_call=True, shared=shared)
+        state = _observe(cfg, layout, state, G, t=state.step, first_call=True, shared=shared, checked=checked, g_version=g_version)
+        if checked:
+            _check_untouched(versions, start, cfg)
         return None, attrs.evolve(state, calls=calls)
     t = state.step + 1
     if cfg.factor_update == "before":
-        state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared)
+        state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared, checked=checked, g_version=g_version)
     ctx = context(cfg, layout, state, t, shared)
     D, inner = cfg.inner.direction(state.inner, G, ctx)
+    if checked:
+        _check_output("inner", checked, cfg, inner, state.inner, layout, G, g_version, D)
+    D_inner = D
     D, split = cfg.split.complement(state.split, G, D, ctx, lambda: cfg.inner.moment(inner, ctx))
+    if checked:
+        _check_output("split", checked, cfg, split, state.split, layout, G, g_version, None if D is D_inner else D)
     D, post = cfg.post.graft(state.post, G, D, ctx)
+    if checked:
+        _check_output("post", checked, cfg, post, state.post, layout, G, g_version, D)
     state = attrs.evolve(state, inner=inner, split=split, post=post)
     if cfg.factor_update == "after":
         if not capabilities(cfg.factors).reads_rotated:
             shared.clear()  # nothing reads the direction's rotation of G any more: free it before the update
-        state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared, defer=defer)
+        state = _observe(
+            cfg, layout, state, G, t=t, first_call=first_call, shared=shared, defer=defer, checked=checked, g_version=g_version
+        )
+    if checked:
+        _check_untouched(versions, start, cfg)
     return D, attrs.evolve(state, calls=calls, step=t)
 
 
@@ -466,9 +719,10 @@ def unflatten(template: Any, flat: dict[str, Any], prefix: str = "") -> Any:
 def is_batched(value: Any, batch: int) -> bool:
     """Whether a state value carries the block axis first (a tensor ``(b ...)``).
 
-    The stage contract gives every state tensor the leading axis ``b``; a tensor
-    without one (0-d, or a leading size other than ``b``) is shared by the whole
-    bucket. No built-in stage keeps such a tensor.
+    The stage contract gives every state tensor the leading axis ``b``, and :func:`init_state` refuses a
+    stage whose ``init`` makes one without it (0-d, or a leading size other than ``b``: a bucket splits
+    and joins by rows, and the non-finite guard writes per block). A record built by hand with one
+    is treated as shared by the whole bucket here and in :func:`block_entries` / :func:`stack_entries`.
     """
     return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch
 

@@ -48,6 +48,14 @@ class Layout:
         return (self.left, self.right)
 
 
+class StageOutputError(ValueError):
+    """A stage broke its run-time contract: it returned a direction or a state tensor whose shape, dtype or
+    device is not what its ``init`` set up (and the step's gradient has), a state tensor without the block
+    axis first, or it changed a tensor it was given in place (stages are pure). Raised by
+    :func:`kronopt.compose.init_state` and :func:`kronopt.compose.step`; the message names the slot, the
+    stage's registry key and the field."""
+
+
 @attrs.frozen(kw_only=True, eq=False)
 class BasisState:
     """Orthonormal bases and eigenvalue estimates of one bucket.
