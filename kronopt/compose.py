@@ -918,6 +918,14 @@ def _stack_outside_inference(t: Tensor) -> Tensor:
         return t.clone()
 
 
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape lie alike in memory: the same strides but along dims of size 1, whose
+    stride no entry's place reads (a ``(b, d, 1)`` stack written ``(d, 1, d)`` or ``(d, 1, 1)`` is one layout).
+    A new tensor of another layout replaces its stack (and every view of it); of this one, it is written in."""
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for x, y, size in zip(sa, sb, a.shape) if size != 1)
+
+
 class _StateWalk:
     """:func:`write_`'s walk of a new state record against the stacks' record. Its own object, not
     functions nested in :func:`write_`: a nested function that calls itself holds itself through its
@@ -936,7 +944,7 @@ class _StateWalk:
     def select(self, n: Tensor | None, o: Tensor | None) -> Tensor | None:
         if n is o:
             return o
-        if n is None or o is None or n.shape != o.shape or n.stride() != o.stride() or n.dtype != o.dtype or n.device != o.device:
+        if n is None or o is None or n.shape != o.shape or not _same_layout(n, o) or n.dtype != o.dtype or n.device != o.device:
             self.replaced = True
             if n is None or o is None:
                 return n if n is None else _stack_outside_inference(n)

@@ -477,6 +477,24 @@ def test_every_stack_keeps_the_layout_it_was_made_in(preset):
     assert strides() == made
 
 
+@pytest.mark.parametrize("preset, shape, key", [("soap", (9, 1), "inner.exp_avg"), ("kl_soap", (9, 1), "inner.exp_avg"),
+                                              ("soap", (12,), "inner.exp_avg"), ("pro_soap", (6, 5), "basis.Q_L")])
+def test_a_held_state_view_stays_live_across_refreshes_where_a_stack_has_a_side_of_one(preset, shape, key):
+    """A ``(b, d, 1)`` stack written ``(d, 1, d)`` by its init and ``(d, 1, 1)`` by a refresh lies alike in memory
+    (no entry's place reads a stride along a dim of size 1), but the state walk compared raw strides: every refresh
+    replaced the stack and every ``state[p]`` view of it, so a tensor a caller held stopped changing."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    opt = kronopt.build([p], preset, **{"refresh.every": 2, "shapes.precondition_1d": True})
+    p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    held = opt.state[p][key]
+    for _ in range(6):
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        assert held.data_ptr() == opt.state[p][key].data_ptr() and torch.equal(held, opt.state[p][key])
+
+
 def test_merged_rank_dicts_list_the_blocks_in_their_buckets_order():
     """``merge_state_dicts`` sorted the entries by their keys as text (0, 1, 10, 11, 2, ...); a load in one process
     stacks a bucket's blocks in the order its dict lists them, so the merged dict lists them as the ranks' bucket
