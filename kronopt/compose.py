@@ -124,8 +124,8 @@ def _check_init(slot: str, stage: Any, record: Any, batch: int, path: str = "") 
             _check_init(slot, stage, value, batch, f"{path}.{name}" if path else name)
 
 
-#: check the outputs of kronopt's own stages too (the test suite sets it; a step skips them otherwise, so a
-#: built-in pipeline pays nothing for the checks of :func:`step`)
+#: check the outputs of kronopt's own stages too (tests/unit/test_stage_output_checks.py sets it for every preset;
+#: a step skips them otherwise, so a built-in pipeline pays nothing for the checks of :func:`step`)
 CHECK_OWN_STAGES = False
 
 _CHECKED: dict[tuple[int, bool], tuple[KronConfig, frozenset[str]]] = {}
@@ -432,7 +432,8 @@ def step(
     What a stage from outside kronopt returns is checked where it is received (:class:`StageOutputError`: a
     direction or state tensor unlike the gradient or the state it was given, a tensor it was given changed in
     place): host-side reads of shapes, dtypes and version counters, no value read; kronopt's own stages,
-    which the test suite checks so (:data:`CHECK_OWN_STAGES`), are not, so a built-in pipeline pays nothing."""
+    whose outputs a test checks so for every preset (:data:`CHECK_OWN_STAGES`), are not, so a built-in pipeline pays
+    nothing."""
     first_call = state.calls == 0
     calls = state.calls + 1
     shared: dict[str, Any] = {}  # products of G that several stages use, computed once (StepContext.rotated)

@@ -155,8 +155,7 @@ def _fallback_settings(_inst: Any, _attr: Any, fallback: "KronConfig | None") ->
     ``[fallback]`` table must (a config its dump would not load again)."""
     if fallback is None:
         return
-    given = [f"{f.name} = {getattr(fallback, f.name)!r}" for f in attrs.fields(KronConfig)
-             if f.name in FALLBACK_AT_DEFAULT and getattr(fallback, f.name) != f.default]
+    given = [f"{f.name} = {getattr(fallback, f.name)!r}" for f in _off_default({n: getattr(fallback, n) for n in FALLBACK_AT_DEFAULT})]
     if given:
         raise ValueError(
             f"the fallback sets {', '.join(given)}: these are read from the top-level config for every parameter, "
@@ -327,15 +326,20 @@ def _records(top: bool) -> dict[str, type]:
 FALLBACK_AT_DEFAULT: tuple[str, ...] = ("nonfinite", "nonfinite_scope", "max_skipped_steps", "matmul_precision", "bucket_cap_mib")
 
 
+def _off_default(values: Mapping[str, Any]) -> list[Any]:
+    """The :data:`FALLBACK_AT_DEFAULT` fields of :class:`KronConfig` that ``values`` gives other than their defaults
+    (a fallback's: :func:`_fallback_settings` for a config built in Python, :func:`_fallback_at_default` for a table)."""
+    return [f for f in attrs.fields(KronConfig) if f.name in FALLBACK_AT_DEFAULT and f.name in values and values[f.name] != f.default]
+
+
 def _fallback_at_default(kwargs: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]]) -> None:
     """A ``[fallback]`` table's :data:`FALLBACK_AT_DEFAULT` values (checked already) other than their defaults."""
-    for f in attrs.fields(KronConfig):
-        if f.name in FALLBACK_AT_DEFAULT and f.name in kwargs and kwargs[f.name] != f.default:
-            errors.append((
-                _join(prefix, f.name),
-                f"is read from the top-level config for every parameter, the fallback's included: set it there "
-                f"(a [fallback] table may give only its default, {f.default!r})",
-            ))
+    for f in _off_default(kwargs):
+        errors.append((
+            _join(prefix, f.name),
+            f"is read from the top-level config for every parameter, the fallback's included: set it there "
+            f"(a [fallback] table may give only its default, {f.default!r})",
+        ))
 
 
 def without_fallback_settings(raw: Any) -> Any:

@@ -2309,7 +2309,7 @@ class KronOptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         try:
-            kron, saved_groups, cfgs, buckets, adopted, owners = self._loaded(state_dict)
+            kron, saved_groups, cfgs, buckets, adopted, owners, skipped = self._loaded(state_dict)
         except Exception as exc:
             self._agree_to_load(exc)
             raise
@@ -2335,7 +2335,6 @@ class KronOptimizer(torch.optim.Optimizer):
             if bucket.state is not None:
                 self._bind(bucket)
         self._materialize(try_lazy=False)  # _loaded tried the lazy buckets' layouts before anything changed
-        skipped = _saved_skipped(kron)
         self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
         self._seen_state()
         # a loaded state is the one to go on from, where the load put it; but a dict saved before any step holds
@@ -2348,11 +2347,14 @@ class KronOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():  # the state bound: as torch runs them
             hook(self)
 
-    def _loaded(self, state_dict: dict[str, Any]) -> tuple[Any, list[dict[str, Any]], list[KronConfig], list[_Bucket], dict[int, int], dict[int, int]]:
+    def _loaded(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[Any, list[dict[str, Any]], list[KronConfig], list[_Bucket], dict[int, int], dict[int, int], Tensor | None]:
         """:meth:`load_state_dict`'s checks and the buckets it would hold, built from ``state_dict`` with nothing of
         this optimizer changed but its owners (``self._owner``: the saved ones adopted, as the buckets are cut by
-        them), which the caller puts back (the last item) where the load does not go on. Raises ``ValueError``
-        (or what a malformed dict makes fail) where the dict does not fit."""
+        them), which the caller puts back (the sixth item) where the load does not go on; the last item is the saved
+        count of skipped steps (:func:`_saved_skipped`). Raises ``ValueError`` (or what a malformed dict makes fail)
+        where the dict does not fit."""
         kron = state_dict.get("kronopt")
         saved = per_parameter_state(state_dict)  # raises on an unknown version; converts version 1
         if "param_groups" not in state_dict:
@@ -2366,7 +2368,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 f"and this optimizer runs as {where}: join every rank's dict with "
                 "kronopt.distributed.merge_state_dicts and load that"
             )
-        _saved_skipped(kron)  # refused here, before anything changes
+        skipped = _saved_skipped(kron)  # refused here, before anything changes
         saved_groups = [_without_top_level_only(g) for g in state_dict["param_groups"]]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
@@ -2478,7 +2480,7 @@ class KronOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._owner = owners  # a refused dict changes nothing
             raise
-        return kron, saved_groups, cfgs, buckets, adopted, owners
+        return kron, saved_groups, cfgs, buckets, adopted, owners, skipped
 
     def _check_routing(self, saved_groups: list[dict[str, Any]]) -> None:
         """Refuse a state dict of the same parameters (by name) that the saved optimizer put in other groups.
