@@ -348,25 +348,33 @@ def _factor_update(G: torch.Tensor, state: ProKlState, hp: ProKlHyper, r: int) -
     state.s_L, state.S, state.tau, state.mu = new_s_L, new_S, new_tau, new_mu
 
 
+def _tracked(state: ProKlState) -> torch.Tensor:
+    """The tracked form U diag(σ) Uᵀ + μP⊥ whose re-projection gives σ′ (s = 0 means λ = ∞, counted as 0)."""
+    U, tau, mu = state.U, state.tau, state.mu
+    sigma = torch.where(tau > 0, 1.0 / tau**2, torch.zeros_like(tau))
+    return U @ torch.diag(sigma) @ U.T + mu * (_eye(U.shape[0]) - U @ U.T)
+
+
+def _roots(sigma: torch.Tensor, n: int, hp: ProKlHyper) -> torch.Tensor:
+    """Tracked inverse roots s = σ^{-1/2} (0 for σ = 0), clamped at c(n)."""
+    tau = torch.where(sigma > 0, sigma.rsqrt(), torch.zeros_like(sigma))
+    c = clamp_value(n, hp)
+    return tau if c is None else tau.clamp(max=c)
+
+
 def _reproject(state: ProKlState, U_new: torch.Tensor, hp: ProKlHyper) -> None:
     """Spec §7 / docs/kl.md: S′ = U′ᵀ R̂ U′, μ′ keeps tr R̂ (floored), σ′ = diag U′ᵀ (U diag(σ) Uᵀ + μP⊥) U′."""
-    U, S, tau, mu = state.U, state.S, state.tau, state.mu
+    U, S, mu = state.U, state.S, state.mu
     n, r = U.shape
-    P_perp = _eye(n) - U @ U.T
-    R_hat = U @ S @ U.T + mu * P_perp
-    sigma = torch.where(tau > 0, 1.0 / tau**2, torch.zeros_like(tau))  # s = 0 means lambda = inf -> counts as 0
-    R_tracked = U @ torch.diag(sigma) @ U.T + mu * P_perp
+    R_hat = U @ S @ U.T + mu * (_eye(n) - U @ U.T)
+    R_tracked = _tracked(state)
     S_new = U_new.T @ R_hat @ U_new
     mu_new = (float(torch.trace(R_hat)) - float(torch.trace(S_new))) / (n - r)
     if not math.isfinite(mu_new):
         mu_new = hp.init_factor
     mu_new = max(mu_new, mu_floor(n, hp))
     sigma_new = torch.diagonal(U_new.T @ R_tracked @ U_new).clamp(min=0.0)
-    tau_new = torch.where(sigma_new > 0, sigma_new.rsqrt(), torch.zeros_like(sigma_new))
-    c = clamp_value(n, hp)
-    if c is not None:
-        tau_new = tau_new.clamp(max=c)
-    state.U, state.S, state.tau, state.mu = U_new, S_new, tau_new, mu_new
+    state.U, state.S, state.tau, state.mu = U_new, S_new, _roots(sigma_new, n, hp), mu_new
 
 
 def _refresh(state: ProKlState, hp: ProKlHyper) -> None:
@@ -381,16 +389,14 @@ def _refresh(state: ProKlState, hp: ProKlHyper) -> None:
             # Rayleigh–Ritz on span(U): Uᵀ B = V E Vᵀ (descending), then one power step U′ = orth(B V)
             _reproject(state, ritz_then_power(B, U, delta), hp)
         elif hp.subspace_refresh == "power_then_diagonalise":
-            # spec §7: U_new = orth(B), re-project, then diagonalise S′ = V E Vᵀ and rotate U into S′'s eigenbasis
+            # spec §7: U_new = orth(B), re-project, then diagonalise S′ = V E Vᵀ and rotate U into S′'s eigenbasis;
+            # σ′ is the diagonal of the tracked form re-projected onto the final U_new V (not the rotated diagonal)
+            R_tracked = _tracked(state)
             _reproject(state, _orthonormal(B + delta * U), hp)
             E, V = _eigh_descending(state.S)
-            sigma = torch.where(state.tau > 0, 1.0 / state.tau**2, torch.zeros_like(state.tau))
-            sigma_rot = torch.diagonal(V.T @ torch.diag(sigma) @ V)
             state.U, state.S = state.U @ V, torch.diag(E)
-            state.tau = torch.where(sigma_rot > 0, sigma_rot.rsqrt(), torch.zeros_like(sigma_rot))
-            c = clamp_value(U.shape[0], hp)
-            if c is not None:
-                state.tau = state.tau.clamp(max=c)
+            sigma = torch.diagonal(state.U.T @ R_tracked @ state.U).clamp(min=0.0)
+            state.tau = _roots(sigma, U.shape[0], hp)
         else:
             raise ValueError(f"unknown subspace_refresh {hp.subspace_refresh!r}")
     state.B = state.U @ state.S  # the sketch restarts from U S; the power tracker overwrites B every step

@@ -249,8 +249,8 @@ def test_factor_update_is_the_m_projection_and_preserves_the_trace(tracker):
 
 def test_refresh_keeps_u_orthonormal_the_trace_and_the_subspace():
     """§7 / §10 test 8: the refresh keeps U orthonormal, tr R̂, S SPD, μ > 0; both orders (docs/kl.md's Ritz-then-power
-    and the spec's power-then-diagonalise) give U spanning span(B) and the same re-projected R̂; the spec's leaves S
-    diagonal."""
+    and the spec's power-then-diagonalise) give U spanning span(B), the same re-projected R̂ and σ′ the tracked
+    form's diagonal in the final basis; the spec's leaves S diagonal."""
     m, n, r = 4, 10, 3
     outs = {}
     for order in ("ritz_then_power", "power_then_diagonalise"):
@@ -258,8 +258,12 @@ def test_refresh_keeps_u_orthonormal_the_trace_and_the_subspace():
         st, _, R_hat = _state(g, m, n, r, mu=0.5)
         st.B = R_hat @ st.U + 0.3 * randn(g, n, r)
         B = st.B.clone()
+        P_old = torch.eye(n, dtype=F64) - st.U @ st.U.T
+        tracked = st.U @ torch.diag(st.tau**-2) @ st.U.T + st.mu * P_old  # U diag(σ) Uᵀ + μP⊥ before the refresh
         _refresh(st, ProKlHyper(rank=r, subspace_refresh=order, using_clamping=False))
         assert_orthonormal(st.U)
+        # σ′ is the diagonal of the tracked form seen in the final basis (spec §7), whatever the order
+        torch.testing.assert_close(st.tau**-2, torch.diagonal(st.U.T @ tracked @ st.U), rtol=1e-12, atol=0)
         Pi_B = B @ torch.linalg.solve(B.T @ B, B.T)
         torch.testing.assert_close(st.U @ st.U.T, Pi_B, rtol=0, atol=1e-10)
         R_new = st.U @ st.S @ st.U.T + st.mu * (torch.eye(n, dtype=F64) - st.U @ st.U.T)
