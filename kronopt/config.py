@@ -285,7 +285,8 @@ class KronConfig:
 
         The ties stay in the config itself (so ``to_dict``, overrides of
         ``inner.betas`` and saved state keep them); the optimizer binds each group's
-        config once, when it is built.
+        config when it resolves it (when the group is made, and where a step finds its
+        ``overrides`` edited).
         """
         cfg = self
         if getattr(cfg.factors, "beta", None) == BETA_TIE:
@@ -294,6 +295,37 @@ class KronConfig:
             betas = (first_moment_beta(cfg.inner), cfg.post.graft_betas[1])
             cfg = attrs.evolve(cfg, post=attrs.evolve(cfg.post, graft_betas=betas))
         return cfg
+
+
+def changed_keys(a: KronConfig, b: KronConfig) -> list[str]:
+    """The dotted keys whose values differ between two configs: a stage's or a record's fields by name (a stage of
+    another type, or one not made by ``attrs``, by its slot's name), the top-level values by theirs. ``fallback``
+    is left out: the fallback's groups compare their own config."""
+    out: list[str] = []
+    for f in attrs.fields(KronConfig):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "fallback" or _equal(x, y):
+            continue
+        if type(x) is type(y) and attrs.has(type(x)):
+            out += [f"{f.name}.{g.name}" for g in attrs.fields(type(x)) if not _equal(getattr(x, g.name), getattr(y, g.name))]
+        else:
+            out.append(f.name)
+    return out
+
+
+def _equal(x: Any, y: Any) -> bool:
+    """Whether two config values are the same value (a tensor rate by its dtype and entries)."""
+    if x is y:
+        return True
+    if hasattr(x, "detach") or hasattr(y, "detach"):  # a tensor lr: read on the host, never in a plain step
+        return (
+            hasattr(x, "detach") and hasattr(y, "detach") and x.dtype == y.dtype and x.shape == y.shape
+            and bool((x.detach().cpu() == y.detach().cpu()).all())
+        )
+    try:
+        return type(x) is type(y) and bool(x == y)
+    except Exception:  # a plugin's value without a plain comparison
+        return False
 
 
 def first_moment_beta(inner: Any) -> float:

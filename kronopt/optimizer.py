@@ -25,7 +25,9 @@ from torch.utils._pytree import tree_leaves
 
 from . import compiled, compose, distributed, linalg, post
 from ._shapes import BlockSpec, to_block
-from .config import FALLBACK_AT_DEFAULT, ConfigError, KronConfig, from_dict, to_dict, with_overrides, without_fallback_settings
+from .config import (
+    FALLBACK_AT_DEFAULT, ConfigError, KronConfig, changed_keys, from_dict, to_dict, with_overrides, without_fallback_settings,
+)
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
 from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
@@ -35,6 +37,12 @@ from .validators import one_cpu_number, real_number
 
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr", "name")
+
+#: the keys of a group's ``overrides`` that a step takes up when they are edited after the group was made: the
+#: refresh period f, its offset and the factors' retention ρ, which may be scheduled (shared/specs/soap.md §3). The
+#: others shape the buckets or the state when the group is made (an edit of one is refused, naming it); the rate
+#: and the decay are the group's own ``lr`` and ``weight_decay``
+SCHEDULABLE: tuple[str, ...] = ("refresh.every", "refresh.offset", "factors.beta")
 #: param-group keys that label a group for the frameworks around the optimizer (Lightning's LearningRateMonitor
 #: names a group's curve by ``name``): kept on the routed groups, read by no stage
 _LABELS = ("name",)
@@ -124,6 +132,43 @@ def _exact(value: Any) -> Any:
     if isinstance(value, Tensor):
         return ("tensor", str(value.dtype), tuple(value.detach().cpu().reshape(-1).tolist()))
     return repr(value)
+
+
+def _overrides_record(group: Mapping[str, Any]) -> dict[str, Any]:
+    """What a group's ``overrides`` held when its config was resolved: its values, a list's or a dict's copied (an
+    edit in place must show), anything else the object itself."""
+    return {k: _copied(v) for k, v in (group.get("overrides") or {}).items()}
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return type(value)(map(_copied, value))
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
+
+
+def _same_as_recorded(value: Any, recorded: Any) -> bool:
+    """Whether an override's value is the one recorded (by identity, or equal contents of a list or dict: a step's
+    test, no tensor read)."""
+    if value is recorded:
+        return True
+    if isinstance(value, list | tuple | dict) and type(value) is type(recorded) and len(value) == len(recorded):
+        if isinstance(value, dict):
+            return value.keys() == recorded.keys() and all(_same_as_recorded(value[k], recorded[k]) for k in value)
+        return all(map(_same_as_recorded, value, recorded))
+    return not isinstance(value, Tensor) and type(value) is type(recorded) and isinstance(value, int | float | str | bool) and value == recorded
+
+
+def _overrides_key(overrides: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A group's overrides as the key of the config resolved from them (:func:`_exact` of each value)."""
+    return tuple((k, _exact(v)) for k, v in sorted(overrides.items()))
+
+
+def _staggers(cfg: KronConfig) -> bool:
+    """Whether a group of ``cfg`` spreads its blocks' refreshes over phases (a staggered schedule, a basis that
+    refreshes)."""
+    return isinstance(cfg.refresh, Staggered) and cfg.refresh.phases() > 1 and not capabilities(cfg.basis).static
 
 
 def _schedule_key(refresh: Any) -> Any:
@@ -436,7 +481,7 @@ class KronOptimizer(torch.optim.Optimizer):
     """
 
     #: see _start; the class default stands in for an optimizer pickled before the attribute existed
-    _unstepped_placement: tuple[tuple[torch.device, torch.dtype], ...] | None = None
+    _unstepped_placement: tuple[tuple[torch.device, torch.dtype, torch.Size], ...] | None = None
     #: whether a bucket was ever split (or loaded, perhaps split): only then does a step look for parts to join
     _fragmented: bool = False
 
@@ -460,6 +505,7 @@ class KronOptimizer(torch.optim.Optimizer):
         # owners run: with several ranks, both settings of shard_work keep to the general path's bits
         self._fuse_adamw = _FUSED_ADAMW and distributed.current(enabled=True) is None
         self._start()
+        self._note_overrides()
 
     def _start(self) -> None:
         """Every bucket with fresh state, as built: at construction, and where ``self.state`` was cleared (:meth:`_check_state`)."""
@@ -476,10 +522,12 @@ class KronOptimizer(torch.optim.Optimizer):
         # where each parameter lived when its state was made; until the first step or load, a model moved or cast
         # since (``model.cuda()``, ``model.double()`` after the optimizer was built, as torch.optim allows, whose
         # state is made at the first step) has its state made again, where the parameters are now (_check_state)
-        self._unstepped_placement: tuple[tuple[torch.device, torch.dtype], ...] | None = self._placement()
+        self._unstepped_placement: tuple[tuple[torch.device, torch.dtype, torch.Size], ...] | None = self._placement()
 
-    def _placement(self) -> tuple[tuple[torch.device, torch.dtype], ...]:
-        return tuple((p.device, p.dtype) for g in self.param_groups for p in g["params"])
+    def _placement(self) -> tuple[tuple[torch.device, torch.dtype, torch.Size], ...]:
+        """Where each parameter lies, its dtype and its shape: one changed before the first step (a model moved,
+        cast, or given another ``param.data``) makes the state anew (:meth:`_check_state`)."""
+        return tuple((p.device, p.dtype, p.shape) for g in self.param_groups for p in g["params"])
 
     def _seen_state(self) -> None:
         """Note ``self.state`` as kronopt left it (the dict and its number of entries) and which parameters the
@@ -525,6 +573,63 @@ class KronOptimizer(torch.optim.Optimizer):
             f"optimizer.state lost entries ({size} → {len(self.state)}) or was replaced: kronopt keeps each parameter's "
             "state as views of its bucket's stacks; clear all of optimizer.state to start afresh, or load a state dict"
         )
+
+    def _note_overrides(self) -> None:
+        """Record each group's ``overrides`` as its config was resolved from them (:meth:`_check_overrides`)."""
+        self._overrides_seen = [_overrides_record(g) for g in self.param_groups]
+
+    def _check_overrides(self) -> None:
+        """Take up the edits of the groups' ``overrides`` made since their configs were resolved (a dotted key set
+        on the group itself is moved into them, as when the group was made): a :data:`SCHEDULABLE` key (f, its
+        offset, ρ) steps with its new value from this step on; an edit of any other key, or one the config refuses,
+        raises ``ConfigError`` naming each and changes nothing (the next step refuses again until it is undone). A
+        step's cost is a look at each override's value (no tensor read)."""
+        for g in self.param_groups:
+            if any("." in k for k in g):  # a dotted key set on a live group, as when it was made: one of its overrides
+                moved = {k: g.pop(k) for k in [k for k in g if "." in k]}
+                g["overrides"] = {**(g.get("overrides") or {}), **moved}
+        seen = self.__dict__.get("_overrides_seen")
+        if seen is None or len(seen) != len(self.param_groups):  # pickled before this record; groups added by a wrapper
+            self._note_overrides()
+            return
+        edited = [
+            i for i, (g, was) in enumerate(zip(self.param_groups, seen))
+            if not _same_as_recorded(g.get("overrides") or {}, was)
+        ]
+        if not edited:
+            return
+        errors: list[tuple[str, str]] = []
+        new: dict[int, KronConfig] = {}
+        for i in edited:
+            where = f"param_groups[{i}]['overrides']"
+            try:
+                cfg = self._group_config(self.param_groups[i])
+            except ConfigError as exc:
+                errors += [(f"{where}.{p}" if p else where, m) for p, m in exc.errors]
+                continue
+            old = self._group_cfgs[i]
+            for key in changed_keys(old, cfg):
+                if key in ("lr", "weight_decay"):
+                    errors.append((f"{where}.{key}", f"a step reads the group's own {key!r} (param_groups[{i}][{key!r}]): set that"))
+                elif key not in SCHEDULABLE:
+                    errors.append((
+                        f"{where}.{key}",
+                        f"is fixed when the group is made (it shapes the buckets or the state); only {', '.join(SCHEDULABLE)} "
+                        "may change in training: save the state dict and load it into an optimizer built with the new value",
+                    ))
+                elif key == "refresh.every" and _staggers(old):
+                    errors.append((f"{where}.{key}", "the blocks' staggered refresh phases are laid out over the period when the group is made"))
+            new[i] = cfg
+        if errors:
+            raise ConfigError(errors)
+        for i, cfg in new.items():
+            self._group_cfgs[i] = cfg
+        self._phased = {k: v for k, v in self._phased.items() if k[0] not in new}
+        self.__dict__.pop("_plain_adam", None)  # keyed by the configs' ids
+        self.__dict__.pop("_plain_muon", None)
+        keys = {_overrides_key(g.get("overrides") or {}) for g in self.param_groups}  # a schedule's old values let go
+        self._resolved = {k: c for k, c in self._resolved.items() if k in keys}
+        self._note_overrides()
 
     def _groups_in_buckets(self) -> bool:
         """Whether the groups list exactly the parameters the buckets stack, each in a bucket of its own group (those
@@ -590,6 +695,9 @@ class KronOptimizer(torch.optim.Optimizer):
             if self._unstepped_placement is not None:
                 self._unstepped_placement = self._placement()
             self._seen_state()
+            seen = self.__dict__.get("_overrides_seen")
+            if seen is not None and len(seen) == first:  # the older groups' records kept: an edit of theirs stays seen
+                seen += [_overrides_record(g) for g in self.param_groups[first:]]
         except BaseException:  # a refused group adds nothing (its routed main group may be in already)
             kept = {id(p) for g in self.param_groups[:first] for p in g["params"]}
             for g in self.param_groups[first:]:
@@ -638,7 +746,7 @@ class KronOptimizer(torch.optim.Optimizer):
             raise ConfigError(errors)
         # by each value exactly: a tensor's repr rounds (tensor(0.1000) for lr 0.10004 too), which gave a group the
         # config resolved for another group's rate
-        key = tuple((k, _exact(v)) for k, v in sorted(overrides.items()))
+        key = _overrides_key(overrides)
         if key not in self._resolved:
             self._resolved[key] = with_overrides(self.config, overrides)
         return self._resolved[key]
@@ -703,8 +811,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     continue
                 spec, layout = cfg.block(tuple(p.shape))
                 blocks.append((p, spec, layout, torch.promote_types(p.dtype, min_dtype)))
-            staggers = isinstance(cfg.refresh, Staggered) and not capabilities(cfg.basis).static
-            count = cfg.refresh.phases() if staggers else 1
+            count = cfg.refresh.phases() if _staggers(cfg) else 1
             schedule = _schedule_key(cfg.refresh) if across else (gi, _schedule_key(cfg.refresh))
             phases = _phases([b[2] for b in blocks], count, loads.setdefault(schedule, []) if count > 1 else None)
             if gi < first:
@@ -842,6 +949,7 @@ class KronOptimizer(torch.optim.Optimizer):
     def _step_taken(self) -> None:
         """:meth:`_step` after the closure."""
         self._check_state()
+        self._check_overrides()
         self._check_grads()
         self._check_rates()
         self._report_pending()
@@ -913,7 +1021,8 @@ class KronOptimizer(torch.optim.Optimizer):
         self._non_float = any(not p.is_floating_point() for g in self.param_groups for p in g["params"])
 
     def _check_grads(self) -> None:
-        """A gradient the step cannot take, refused before anything changes, naming its parameter: a sparse one
+        """A gradient the step cannot take, refused before anything changes, naming its parameter (and a parameter
+        whose shape is no longer the one its state was made for): a sparse one
         (``nn.Embedding(sparse=True)``), or one whose shape is not its parameter's (which torch's own check
         lets through ``p.grad.data = ...``; reshaped into the block, it would step the wrong entries), or a complex
         one on a real parameter (possible with ``p.grad_dtype = None``: its imaginary part would be dropped by the cast
@@ -923,6 +1032,14 @@ class KronOptimizer(torch.optim.Optimizer):
             (b, p) for b in self._buckets for p in b.blocks
             if (g := p.grad) is not None and (g.layout is not dense or g.shape != p.shape or g.is_complex())
         ]
+        for b in self._buckets:  # a parameter given another shape since its state was made (param.data = ...)
+            for p, spec in zip(b.params, b.specs):
+                if p.shape != spec.shape:
+                    raise RuntimeError(
+                        f"{self._name(b.group, p)} was given another shape after its state was made for "
+                        f"{spec.shape} (param.data replaced after the first step?): kronopt keeps a parameter's state "
+                        "in the block its shape gave; build a new optimizer for the new shape; nothing was changed"
+                    )
         if getattr(self, "_non_float", False):
             for gi, group in enumerate(self.param_groups):
                 for p in group["params"]:
@@ -1314,8 +1431,12 @@ class KronOptimizer(torch.optim.Optimizer):
         of the state and its reload, Lightning's ``_optimizer_to_device`` to another device, ``state[p][k] =
         v.to(device)`` after a load, a moment reset by hand): their values are copied into the stacks, which the
         step reads, and the views put back in ``state[p]``, so that the next step and ``state_dict()`` use the
-        state as torch.optim would, the replacing tensors'. Where nothing was replaced (every step but such
-        one), two identity tests over flat lists of every parameter's dict and every entry, in C."""
+        state as torch.optim would, the replacing tensors'. A ``state[p]`` emptied (``state[p] = {}``,
+        ``state[p].clear()``) starts that parameter afresh, as torch.optim would (:meth:`_start_afresh`); one that
+        lost only some of its tensors is refused, changing nothing. The counters (``step``, ``calls``…) are the
+        bucket's, shared by its blocks: an edit of one in ``state[p]`` is not read. Where nothing was replaced
+        (every step but such one), two identity tests over flat lists of every parameter's dict and every entry,
+        in C."""
         flat = self.__dict__.get("_views_flat")
         if flat is None:
             flat = self._views_flat = self._flat_views()
@@ -1326,10 +1447,35 @@ class KronOptimizer(torch.optim.Optimizer):
                 return
         except KeyError:  # an entry taken out: put back below
             pass
+        resets: list[tuple[_Bucket, list[int]]] = []  # blocks whose state[p] was emptied: started afresh
+        for bucket in self._buckets:
+            emptied = []
+            for j, (p, bound_keys, _) in enumerate(bucket.views or ()):
+                own = state.get(p)
+                missing = [] if own is None else [k for k in bound_keys if k not in own]
+                if not missing:
+                    continue
+                if any(isinstance(v, Tensor) for v in own.values()):  # type: ignore[union-attr]
+                    raise RuntimeError(
+                        f"optimizer.state of {self._name(bucket.group, p)} lost {', '.join(map(repr, missing[:4]))}"
+                        f"{' …' if len(missing) > 4 else ''}: kronopt keeps each entry as a view of its bucket's stacks; "
+                        "replace state[p] with {} (or clear it) to start that parameter afresh, or clear all of "
+                        "optimizer.state; nothing was changed"
+                    )
+                if bucket.plan is not None:
+                    raise RuntimeError(
+                        f"optimizer.state of {self._name(bucket.group, p)} was emptied: under work sharding or FSDP2 a "
+                        "parameter's state cannot start afresh alone (every rank's plan holds it); clear all of "
+                        "optimizer.state to start afresh; nothing was changed"
+                    )
+                emptied.append(j)
+            if emptied:
+                resets.append((bucket, emptied))
+        reset = {id(bucket.params[j]) for bucket, emptied in resets for j in emptied}
         for bucket in self._buckets:
             for p, bound_keys, bound in bucket.views or ():
                 own = state.get(p)
-                if own is None:
+                if own is None or id(p) in reset:
                     continue
                 for k, view in zip(bound_keys, bound):
                     now = own.get(k)
@@ -1339,7 +1485,24 @@ class KronOptimizer(torch.optim.Optimizer):
                         with torch.no_grad():
                             view.copy_(now)
                     own[k] = view
+        for bucket, emptied in resets:
+            self._start_afresh(bucket, emptied)
         self._views_flat = None  # a dict of state may have been replaced: made again at the next check
+
+    def _start_afresh(self, bucket: _Bucket, emptied: list[int]) -> None:
+        """The blocks at ``emptied`` (positions in the bucket) with the state a new optimizer gives them, as
+        torch.optim restarts a parameter whose ``state[p]`` was emptied: moved into a bucket of their own
+        (:meth:`_split`; their counters start again) whose state is made anew. Before a bucket's first call its
+        state is the new one already: only the views are put back."""
+        if bucket.state is None or not bucket.state.calls:
+            self._bind(bucket)
+            return
+        keep = [i for i in range(len(bucket.params)) if i not in emptied]
+        if keep:
+            pos = self._buckets.index(self._split(bucket, keep)) + 1
+            bucket = self._buckets[pos]  # the part of the emptied blocks
+        bucket.state = None
+        self._init_bucket(bucket)
 
     def _flat_views(self) -> tuple[list[Tensor], list[dict], list[dict], list[str], list[Tensor]]:
         """For :meth:`_adopt_replaced`: the parameters with bound views and their ``state[p]`` dicts as they are
@@ -2321,6 +2484,7 @@ class KronOptimizer(torch.optim.Optimizer):
             self._owner = owners  # a refused dict changes nothing
             raise
         self._group_cfgs = cfgs
+        self._note_overrides()
         self._phases_across = _phases_across(kron)
         self._phased = {}
         self.__dict__.pop("_plain_adam", None)  # keyed by the old configs' ids, which new objects may take

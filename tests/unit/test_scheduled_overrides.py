@@ -1,0 +1,200 @@
+"""A live group's refresh period f and factor retention ρ can be scheduled (shared/specs/soap.md §3: "kronopt reads
+them from the param group at every step"): an edit of ``group["overrides"]`` is taken up by the next step; an edit of
+anything the buckets or the state are shaped by is refused, naming it, with nothing changed."""
+
+import pytest
+import torch
+
+import kronopt
+from kronopt.config import ConfigError
+from tests.equivalence._helpers import reference_grads
+from tests.reference.soap import SoapState, make_soap_hyper, soap_update
+
+SHAPES = [(6, 4), (4, 6), (5, 5)]
+
+pytestmark = pytest.mark.filterwarnings("ignore:the route sends embeddings")
+
+
+def _grads(gen, steps, shapes=SHAPES):
+    return reference_grads(gen, shapes, steps)
+
+
+def _step(opt, params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+
+
+def test_soap_steps_the_spec_with_f_and_rho_changed_between_calls(gen):
+    """The float64 reference run with the period and retention of each call (its hyperparameters are per call) is
+    what kronopt steps when the group's overrides change after call 4 and again after call 9."""
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = _grads(gen, 16)
+    schedule = {0: (5, 0.95), 4: (2, 0.5), 9: (3, 0.2)}  # call index → (f, ρ) from that call on
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = kronopt.build(ours, "soap", lr=3e-3, **{"refresh.every": 5, "factors.beta": 0.95})
+    weights, states = [p.clone() for p in params], [SoapState() for _ in params]
+    for k, call in enumerate(grads):
+        L = opt.state[ours[0]].get("factors.L", torch.zeros(())).clone()
+        if k in schedule:
+            f, rho = schedule[k]
+            opt.param_groups[0]["overrides"].update({"refresh.every": f, "factors.beta": rho})
+            hp = make_soap_hyper(lr=3e-3, shampoo_beta=rho, precondition_frequency=f)
+        weights = [soap_update(w, g, s, hp) for w, g, s in zip(weights, call, states)]
+        _step(opt, ours, call)
+        for p, w in zip(ours, weights):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+    # the last factor update took ρ = 0.2 (not 0.95, as the group was built with)
+    g = grads[-1][0]
+    torch.testing.assert_close(opt.state[ours[0]]["factors.L"], 0.2 * L + 0.8 * g @ g.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["soap", "shampoo", "dykaf", "kl_shampoo", "kl_soap", "pro_kl_shampoo", "pro_dykaf"])
+def test_a_schedule_steps_as_an_optimizer_built_with_the_new_values_and_resumed(gen, preset):
+    """Every preset with factors and a refresh reads f and ρ afresh: a change after call 5 steps bit for bit as an
+    optimizer built with the new values that loads the state saved at the change."""
+    shapes = [(8, 6), (6, 8), (7,)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = _grads(gen, 14, shapes)
+    before = {"refresh.every": 4, "factors.beta": 0.9}
+    after = {"refresh.every": 3, "refresh.offset": 1, "factors.beta": 0.6}
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = kronopt.build([{"params": ours, **before}], preset)
+    for call in grads[:5]:
+        _step(opt, ours, call)
+    saved = opt.state_dict()
+    other = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    fresh = kronopt.build([{"params": other, **before}], preset)
+    # the saved groups with the new values (a load takes the groups' overrides from the dict, as torch.optim does)
+    saved["param_groups"] = [{**g, "overrides": {**g["overrides"], **after}} for g in saved["param_groups"]]
+    fresh.load_state_dict(saved)
+    for g in opt.param_groups:
+        g["overrides"].update(after)
+    refreshes = opt.state[ours[0]]["basis.refreshes"]
+    for call in grads[5:]:
+        _step(opt, ours, call)
+        _step(fresh, other, call)
+        for p, q in zip(ours, other):
+            assert torch.equal(p, q)
+    # f = 3, offset 1 over the updates 5 … 13: refreshes at 7, 10, 13 (f = 4 would give 8 and 12)
+    assert opt.state[ours[0]]["basis.refreshes"] - refreshes == 3
+
+
+def _built(gen, preset="soap", **overrides):
+    """An optimizer of one group holding ``overrides``, stepped 3 times."""
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    opt = kronopt.build([{"params": params, **overrides}], preset)
+    grads = _grads(gen, 3)
+    for call in grads:
+        _step(opt, params, call)
+    return opt, params, grads
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], {k: v.clone() for k, v in opt.state[params[0]].items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("split.rank", 2, "fixed when the group is made"),
+        ("inner.betas", [0.9, 0.5], "fixed when the group is made"),
+        ("shapes.max_dim", 4, "fixed when the group is made"),
+        ("lr", 0.5, "param_groups[0]['lr']"),
+        ("refresh.every", 0, "refresh.every"),
+        ("refresh.offset", 12, "offset must be < every"),  # a cross-field check names its table
+        ("factors.beta", 1.5, "factors.beta"),
+    ],
+)
+def test_an_edit_the_step_cannot_take_is_refused_naming_it_and_changes_nothing(gen, key, value, says):
+    opt, params, grads = _built(gen, "pro_kl_shampoo" if key == "split.rank" else "soap")
+    weights, state = _snapshot(opt, params)
+    was = opt.param_groups[0]["overrides"].get(key, "absent")
+    opt.param_groups[0]["overrides"][key] = value
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    with pytest.raises(ConfigError) as info:
+        opt.step()
+    where = key if key != "refresh.offset" else "refresh"
+    assert f"param_groups[0]['overrides'].{where}" in str(info.value) and says in str(info.value)
+    after_weights, after_state = _snapshot(opt, params)
+    assert all(torch.equal(a, b) for a, b in zip(weights, after_weights))
+    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    with pytest.raises(ConfigError):  # refused again while the edit stands
+        opt.step()
+    if was == "absent":
+        del opt.param_groups[0]["overrides"][key]
+    else:
+        opt.param_groups[0]["overrides"][key] = was
+    opt.step()  # undone: steps again
+    assert not all(torch.equal(a, p) for a, p in zip(weights, params))
+
+
+def test_every_refused_edit_of_every_group_is_listed_together(gen):
+    a = [torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))]
+    b = [torch.nn.Parameter(torch.randn(5, 5, generator=gen, dtype=torch.float64))]
+    opt = kronopt.build([{"params": a}, {"params": b}], "soap")
+    opt.param_groups[0]["overrides"]["inner.eps"] = 1e-3
+    opt.param_groups[1]["overrides"]["refresh.every"] = -1
+    for p in a + b:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ConfigError) as info:
+        opt.step()
+    text = str(info.value)
+    assert "param_groups[0]['overrides'].inner.eps" in text and "param_groups[1]['overrides'].refresh.every" in text
+
+
+def test_the_period_of_a_staggered_schedule_is_fixed_but_its_offset_moves(gen):
+    opt, params, grads = _built(gen, "soap", **{"refresh.every": 4, "refresh.stagger": True})
+    opt.param_groups[0]["overrides"]["refresh.every"] = 2
+    with pytest.raises(ConfigError, match="staggered"):
+        _step(opt, params, grads[0])
+    opt.param_groups[0]["overrides"]["refresh.every"] = 4
+    opt.param_groups[0]["overrides"]["refresh.offset"] = 3
+    counts = [opt.state[p]["basis.refreshes"] for p in params]
+    for call in grads + grads:  # updates 4 … 9: each block once more at least, at its phase shifted by 3
+        _step(opt, params, call)
+    assert all(opt.state[p]["basis.refreshes"] > c for p, c in zip(params, counts))
+
+
+def test_a_dotted_key_set_on_the_live_group_is_one_of_its_overrides(gen):
+    opt, params, grads = _built(gen, "soap", **{"refresh.every": 100})
+    refreshes = opt.state[params[0]]["basis.refreshes"]
+    opt.param_groups[0]["refresh.every"] = 1
+    for call in grads:
+        _step(opt, params, call)
+    assert "refresh.every" not in opt.param_groups[0] and opt.param_groups[0]["overrides"]["refresh.every"] == 1
+    assert opt.state[params[0]]["basis.refreshes"] == refreshes + 3
+
+
+def test_a_per_step_schedule_keeps_one_resolved_config_per_group(gen):
+    """A retention changed at every step resolves a config each time; the old ones are let go."""
+    opt, params, grads = _built(gen, "dykaf")
+    for k in range(30):
+        opt.param_groups[0]["overrides"]["factors.beta"] = 0.9 + k / 1000
+        _step(opt, params, grads[k % 3])
+    assert len(opt._resolved) <= len(opt.param_groups)
+    assert opt._group_cfgs[0].factors.beta == pytest.approx(0.929)
+
+
+def test_an_edit_of_a_list_in_place_is_seen(gen):
+    """``inner.betas`` edited in place (not replaced) is an edit: refused as one."""
+    opt, params, grads = _built(gen, "soap", **{"inner.betas": [0.9, 0.95]})
+    opt.param_groups[0]["overrides"]["inner.betas"][1] = 0.5
+    with pytest.raises(ConfigError, match="inner.betas"):
+        _step(opt, params, grads[0])
+
+
+def test_a_schedule_survives_save_and_load(gen):
+    """The saved groups hold the edited overrides: an optimizer built with the old values steps on with the new."""
+    opt, params, grads = _built(gen, "kl_shampoo", **{"refresh.every": 10})
+    opt.param_groups[0]["overrides"]["refresh.every"] = 2
+    _step(opt, params, grads[0])
+    other = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = kronopt.build([{"params": other, "refresh.every": 10}], "kl_shampoo")
+    fresh.load_state_dict(opt.state_dict())
+    for call in grads:
+        _step(opt, params, call)
+        _step(fresh, other, call)
+    assert all(torch.equal(p, q) for p, q in zip(params, other))
+    assert fresh.state[other[0]]["basis.refreshes"] == opt.state[params[0]]["basis.refreshes"]
