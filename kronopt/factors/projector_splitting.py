@@ -111,7 +111,9 @@ class ProjectorSplittingFactors:
         variant: ``"ksl"`` (K-, S-, L-steps) or ``"parallel"`` (basis update & Galerkin).
         initialization: ``"kron"``, ``"kron_reference"``, ``"eps"`` or ``"sum"`` (``"zeros"`` is rejected).
         init_solver: ``"svd"`` (batched SVD) or ``"power"`` for the first call's triplet.
-        power_iters: iterations of the ``"power"`` solver, ≥ 1.
+        power_iters: iterations of the ``"power"`` solver, ≥ 1 (100, the authors' count: its error falls as
+            :math:`(\sigma_2/\sigma_1)^{2k}`, and a Gaussian gradient's ratio is 0.94–0.98, where 20 left the
+            ``kron`` start 0.2–1.3 off in relative error).
         one_sided: the factor of a block with one side not rotated: ``"ema"`` (SOAP) or ``"sum"`` (authors').
 
     **Restricted side** (rank ``r``, right shown; ``docs/pro.md``; ``variant = "ksl"``,
@@ -145,7 +147,7 @@ class ProjectorSplittingFactors:
         default="kron", converter=to_str, validator=_init_choice, alias="init"
     )
     init_solver: Literal["svd", "power"] = attrs.field(default="svd", converter=to_str, validator=in_(INIT_SOLVERS))
-    power_iters: int = attrs.field(default=20, converter=to_int, validator=ge(1))
+    power_iters: int = attrs.field(default=100, converter=to_int, validator=ge(1))
     one_sided: Literal["ema", "sum"] = attrs.field(default="ema", converter=to_str, validator=in_(ONE_SIDED))
 
     # -- slot API ----------------------------------------------------------------------------
