@@ -85,7 +85,7 @@ class Route:
         return any(r.search(name) for r in _compiled(self.fallback_names))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # bounded: a sweep over many routes keeps no more (as the other module caches)
 def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
     return tuple(re.compile(p) for p in patterns)
 

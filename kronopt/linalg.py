@@ -17,6 +17,7 @@ import contextlib
 import functools
 import itertools
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -58,6 +59,14 @@ def no_autocast() -> Iterator[None]:
             stack.enter_context(torch.autocast(t, enabled=False))
         yield
 
+#: :func:`full_float32_products`' blocks open in any thread, and the settings the first of them found (put back
+#: when the last closes): the settings are the process's, so a block that closes while another thread's is open
+#: must not put them back under it
+_FULL_PRODUCTS_LOCK = threading.Lock()
+_full_products_open = 0
+_full_products_saved: list[tuple[Any, str]] = []
+
+
 @contextlib.contextmanager
 def full_float32_products() -> Iterator[None]:
     """Float32 products at full float32 precision inside the block, whatever the process set, restored after.
@@ -70,20 +79,28 @@ def full_float32_products() -> Iterator[None]:
     own setting (torch's per-backend API) is read and, where it is not ``"ieee"``, set to it for the block and
     put back as it was: a process that used the legacy ``set_float32_matmul_precision`` keeps a consistent
     state, so its later ``get_float32_matmul_precision()`` still answers. The settings are the process's:
-    another thread's products during the block run at full precision too. No host synchronisation.
+    another thread's products during the block run at full precision too, and where blocks of several
+    threads overlap (two optimizers stepped in two threads) the settings are put back when the last of them
+    closes, not by the first under the others. No host synchronisation (a lock held for the read and the set).
     """
-    backends = _float32_product_backends()
-    saved = [b.fp32_precision for b in backends]
-    if all(s == "ieee" for s in saved):
-        yield
-        return
-    for b in backends:
-        b.fp32_precision = "ieee"
+    global _full_products_open, _full_products_saved
+    with _FULL_PRODUCTS_LOCK:
+        if _full_products_open == 0:
+            _full_products_saved = [(b, b.fp32_precision) for b in _float32_product_backends()]
+            for b, setting in _full_products_saved:
+                if setting != "ieee":
+                    b.fp32_precision = "ieee"
+        _full_products_open += 1
     try:
         yield
     finally:
-        for b, s in zip(backends, saved):
-            b.fp32_precision = s
+        with _FULL_PRODUCTS_LOCK:
+            _full_products_open -= 1
+            if _full_products_open == 0:
+                for b, setting in _full_products_saved:
+                    if setting != "ieee":
+                        b.fp32_precision = setting
+                _full_products_saved = []
 
 
 # -- guards --------------------------------------------------------------------------

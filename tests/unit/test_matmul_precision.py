@@ -154,6 +154,78 @@ def test_full_float32_products_leaves_an_ieee_process_untouched_and_restores_on_
     assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
 
 
+def test_overlapping_blocks_of_two_threads_keep_full_precision_until_the_last_closes():
+    """Two optimizers stepped in two threads: the block that opened first and closes first must not put the
+    process's bfloat16 setting back under the other's step (it did: 1e-4 .. 3e-3 of soap's and kl_shampoo's
+    weights on a CPU with bfloat16 kernels, beside an adamw thread)."""
+    import threading
+
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    a_open, b_closed, seen = threading.Event(), threading.Event(), []
+
+    def first():  # opens first, waits for the other to open, closes first
+        with linalg.full_float32_products():
+            a_open.set()
+            assert b_open.wait(10)
+        b_closed.set()
+
+    def second():
+        assert a_open.wait(10)
+        with linalg.full_float32_products():
+            b_open.set()
+            assert b_closed.wait(10)
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)  # the first has closed: still ieee
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+
+    b_open = threading.Event()
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == ["ieee", "bf16"]
+
+
+def test_two_optimizers_stepped_in_two_threads_step_as_alone_under_bfloat16_products():
+    if not _bf16_products_change_float32():
+        pytest.skip("this CPU's oneDNN runs float32 products alike under the bf16 setting: nothing to show")
+    import threading
+
+    def run(name, g0):
+        params = [torch.nn.Parameter(torch.randn(64, 64, generator=g0) * 0.1) for _ in range(2)]
+        opt = kronopt.build(params, name)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            for p in params:
+                p.grad = torch.randn(64, 64, generator=g)
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in params])
+
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    alone = run("soap", torch.Generator().manual_seed(0))
+    stop, out = threading.Event(), {}
+
+    def other():
+        g1 = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(8, 8, generator=g1))]
+        opt = kronopt.build(params, "adamw")
+        while not stop.is_set():
+            params[0].grad = torch.randn(8, 8, generator=g1)
+            opt.step()
+
+    for _ in range(3):
+        t = threading.Thread(target=other)
+        t.start()
+        try:
+            out["soap"] = run("soap", torch.Generator().manual_seed(0))
+        finally:
+            stop.set()
+            t.join()
+        stop.clear()
+        assert torch.equal(out["soap"], alone)
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
 def test_matmul_precision_is_validated_and_top_level_only():
     with pytest.raises(ConfigError, match="matmul_precision"):
         kronopt.build([("w", torch.nn.Parameter(torch.randn(4, 4)))], "soap", matmul_precision="tf32")

@@ -267,3 +267,15 @@ def test_a_sweep_over_many_widths_keeps_module_caches_bounded():
     # entry for every width ever seen (100 more optimizers of new widths: a cache bounded at 64 entries adds at
     # most 64 live tensors whatever it held before; one entry per width adds 100)
     assert after_second - after_first < 80, (start, after_first, after_second)
+
+
+def test_routes_of_many_names_keep_the_compiled_patterns_bounded():
+    """Each distinct ``route.fallback_names`` compiles its patterns once; a sweep over many of them keeps at most
+    64 (the cache grew by one entry per route before)."""
+    from kronopt import config
+
+    for k in range(100):
+        p = torch.nn.Parameter(torch.ones(4, 4))
+        opt = kronopt.build([("blocks.0.weight", p)], "muon", **{"route.fallback_names": [f"embed_{k}", "head"]})
+        del opt, p
+    assert config._compiled.cache_info().currsize <= 64
