@@ -2499,7 +2499,8 @@ def rank1_ema_parallel(l: Tensor, r: Tensor, D: Tensor, beta: float) -> tuple[Te
         c = \beta S_0 (l_1\cdot\bar l)(r_1\cdot\bar r) + (1-\beta)\, l_1^\top D r_1,
 
     returning :math:`(\sqrt c\, l_1, \sqrt c\, r_1)`. For :math:`l, r, D \ge 0` the
-    output is nonnegative. Cost :math:`3mn`.
+    output is nonnegative. A block whose ``‖l‖`` or ``‖r‖`` reads 0 starts from
+    :math:`\bar l = \mathbb 1/\sqrt m`, :math:`\bar r = \mathbb 1/\sqrt n`, :math:`S_0 = 0`. Cost :math:`3mn`.
 
     Args:
         l: ``b m``; r: ``b n``; D: ``b m n`` (nonnegative, e.g. :math:`G'^{\odot 2}`).
@@ -2510,8 +2511,13 @@ def rank1_ema_parallel(l: Tensor, r: Tensor, D: Tensor, beta: float) -> tuple[Te
         raise ValueError(f"rank1_ema_parallel needs l (b m), r (b n) for D {tuple(D.shape)}, got {tuple(l.shape)}, {tuple(r.shape)}")
     tiny = _tiny(D)
     a, b_ = vector_norm_scaled(l), vector_norm_scaled(r)
-    S0 = a * b_
-    l_bar, r_bar = l / a.clamp(min=tiny), r / b_.clamp(min=tiny)
+    # a state whose norm reads 0 (a long run of zero gradients decays l and r by √β a call until they
+    # underflow) holds nothing: it takes a fresh block's directions 𝟙/√m, 𝟙/√n and weight 0, so the next
+    # nonzero D starts it again, as the factors of projector_split_ksl do; else V stayed 0 and m / ε stepped
+    empty = (a == 0) | (b_ == 0)
+    S0 = torch.where(empty, 0.0, a * b_)
+    l_bar = torch.where(empty, D.shape[1] ** -0.5, l / a.clamp(min=tiny))
+    r_bar = torch.where(empty, D.shape[2] ** -0.5, r / b_.clamp(min=tiny))
     l1 = beta * S0 * l_bar + (1.0 - beta) * matvec(D, r_bar)
     r1 = beta * S0 * r_bar + (1.0 - beta) * matvec(D.mT, l_bar)
     l1 = l1 / vector_norm_scaled(l1).clamp(min=tiny)

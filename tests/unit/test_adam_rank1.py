@@ -128,3 +128,50 @@ def test_scaled_norm_of_subnormal_zero_and_infinite_vectors():
     got = linalg.vector_norm_scaled(x).flatten()
     expected = torch.tensor([2**0.5 * 1e-40, 0.0, float("inf"), 5e-39])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("empty", ["both", "l", "r"])
+def test_a_state_whose_norm_reads_zero_starts_again_from_the_fresh_directions(gen, empty):
+    """After thousands of zero gradients l and r underflow to 0 in float32; the next nonzero D must start the
+    tracker from 𝟙/√m, 𝟙/√n with weight 0 (written out here in float64), not leave V = 0 for good."""
+    m, n, beta = 5, 3, 0.95
+    D = randn(gen, 2, m, n).square()
+    l, r = randn(gen, 2, m).abs(), randn(gen, 2, n).abs()
+    if empty in ("both", "l"):
+        l = torch.zeros_like(l)
+    if empty in ("both", "r"):
+        r = torch.zeros_like(r)
+    l1, r1 = linalg.rank1_ema_parallel(l, r, D, beta)
+    one_m, one_n = torch.full((m,), m**-0.5, dtype=F64), torch.full((n,), n**-0.5, dtype=F64)
+    for k in range(2):
+        u = D[k] @ one_n
+        u = u / u.norm()
+        v = D[k].T @ one_m
+        v = v / v.norm()
+        c = (1 - beta) * (u @ D[k] @ v)
+        torch.testing.assert_close(l1[k], c.sqrt() * u, rtol=1e-12, atol=0)
+        torch.testing.assert_close(r1[k], c.sqrt() * v, rtol=1e-12, atol=0)
+    zero_l, zero_r = linalg.rank1_ema_parallel(l, r, torch.zeros_like(D), beta)
+    assert not zero_l.any() and not zero_r.any()  # with no gradient it stays empty, exactly
+
+
+def test_dykaf_rank1_steps_as_adam_after_its_second_moment_underflowed(gen):
+    """The preset after a long zero-gradient gap (its l and r read 0): the first steps back are Adam-sized, not
+    m / ε (which stepped 1e7 × lr per entry)."""
+    import kronopt
+
+    p = torch.nn.Parameter(torch.randn(16, 8, generator=gen))
+    opt = kronopt.build([p], "dykaf_rank1", weight_decay=0.0)
+    lr = opt.param_groups[0]["lr"]
+    for _ in range(20):
+        p.grad = torch.randn(16, 8, generator=gen)
+        opt.step()
+    with torch.no_grad():
+        opt.state[p]["inner.l"].zero_()
+        opt.state[p]["inner.r"].zero_()
+    for _ in range(3):
+        before = p.detach().clone()
+        p.grad = torch.randn(16, 8, generator=gen)
+        opt.step()
+        assert (p.detach() - before).abs().max() < 5 * lr
+    assert opt.state[p]["inner.l"].norm() > 0
