@@ -59,6 +59,9 @@ def _raw(spec: str | Path | Mapping[str, Any] | KronConfig) -> dict[str, Any]:
             return tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError([("", f"cannot read config file {str(path)!r}: {exc.strerror or exc}")]) from exc
+        except UnicodeDecodeError as exc:  # TOML is UTF-8 only
+            raise ConfigError([("", f"{str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                                f"offset {exc.start}); a TOML file must be UTF-8")]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([("", f"{str(path)!r} is not valid TOML: {exc}")]) from exc
     raise ConfigError([("", f"unknown preset {str(spec)!r}; presets: {', '.join(PRESETS)}; or give a .toml path or a dict")])
