@@ -27,10 +27,13 @@ from kronopt.config import ConfigError
 T = TypeVar("T")
 
 __all__ = [
+    "DEVICE_TYPES",
+    "MAX_THREADS",
     "Problems",
     "UsageError",
     "choices",
     "device",
+    "device_type",
     "input_file",
     "integer",
     "integers",
@@ -188,15 +191,30 @@ def pattern(text: str) -> str:
     return text
 
 
-def device(text: str) -> str:
-    """A device the step times are taken on: ``"cpu"`` or a CUDA device this machine has (``"cuda"``,
-    ``"cuda:1"``). Others are refused: a timer must wait for the device's work (``meta`` does none)."""
+#: the device types kronopt's commands run on: a timer must wait for the device's work (``meta`` does none),
+#: and the training task has been run nowhere else (``mps``, ``xpu``)
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda")
+#: the most torch threads ``--threads`` sets, in every command (torch takes a C int, and far more threads than
+#: cores only times the scheduler; a million of them crash the process)
+MAX_THREADS: int = 4 * (os.cpu_count() or 1)
+
+
+def device_type(text: str) -> torch.device:
+    """The device ``text`` names, refused unless of a type in :data:`DEVICE_TYPES` (whether this machine has it
+    is :func:`device`'s concern)."""
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
         raise ValueError(f"must be a torch device such as 'cpu' or 'cuda:0', got {text!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"times steps on 'cpu' or a CUDA device ('cuda', 'cuda:0'), got {text!r}")
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"runs on 'cpu' or a CUDA device ('cuda', 'cuda:0'), got {text!r}")
+    return dev
+
+
+def device(text: str) -> str:
+    """A device a command runs on: ``"cpu"`` or a CUDA device this machine has (``"cuda"``, ``"cuda:1"``).
+    Other types are refused (:data:`DEVICE_TYPES`), and so is a CUDA device torch does not see."""
+    dev = device_type(text)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{text!r} asked for, but torch sees no CUDA device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):

@@ -1983,8 +1983,8 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     )
 
 
-#: the most threads ``--threads`` sets (torch takes a C int; far more threads than cores only measures the scheduler)
-_MAX_THREADS = 4 * (os.cpu_count() or 1)
+#: the most threads ``--threads`` sets: the rule every command shares (:data:`kronopt.app._args.MAX_THREADS`)
+_MAX_THREADS = _args.MAX_THREADS
 #: the most ranks ``--world`` runs: each is a process of its own with torch loaded (:data:`_RANK_BYTES` of memory before
 #: any parameter) and threads of its own, so ranks past a few per CPU time the scheduler, not the optimizers
 _MAX_WORLD = 4 * (os.cpu_count() or 1)
