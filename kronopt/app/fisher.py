@@ -42,6 +42,7 @@ import attrs
 import torch
 from torch import Tensor
 
+import kronopt
 from kronopt import linalg
 from kronopt.inspection import bucket_views
 from kronopt.bases import EighBasis
@@ -347,6 +348,35 @@ def hessian_settings(lr: float, options: dict[str, Any]) -> dict[str, Any]:
             **options}
 
 
+def hessian_lacks(cfg: Any) -> list[str]:
+    """Why ``cfg``'s stages cannot take the keys of :func:`hessian_settings`, one phrase per key they lack
+    (``"factors.beta, which its factors 'none' lack"`` for AdamW, ``"inner.betas, which its inner 'eigenvalue'
+    lacks"`` for Shampoo)."""
+    lacking = []
+    for key in hessian_settings(0.01, {}):
+        slot, dot, field = key.partition(".")
+        if not dot:
+            continue
+        stage = getattr(cfg, slot)
+        if field not in attrs.fields_dict(type(stage)):
+            kind = kronopt.to_dict(cfg)[slot].get("type", type(stage).__name__)
+            lacking.append(f"{key}, which its {slot} {kind!r} {'lack' if slot.endswith('s') else 'lacks'}")
+    return lacking
+
+
+def hessian_presets() -> list[str]:
+    """The presets :func:`hessian_experiment` takes: those whose stages have every key of :func:`hessian_settings`
+    and that keep both sides of the classifier's weight in full."""
+    names = []
+    for name, cfg in kronopt.PRESETS.items():
+        if hessian_lacks(cfg):
+            continue
+        layout = _layout(kronopt.resolve(cfg, **hessian_settings(0.01, {})), CLASSES, FEATURES)
+        if (layout.left, layout.right) == ("full", "full"):
+            names.append(name)
+    return names
+
+
 def hessian_experiment(
     optimizers: Sequence[str] = ("soap", "dykaf", "dykaf:factors.variant=parallel"),
     *,
@@ -581,7 +611,7 @@ _INT_FLAGS: dict[str, tuple[int, int | None]] = {
     "hessian_rows": (10, None),  # 70 % train, 20 % validation: both non-empty
     "hessian_classes": (2, CLASSES),  # the byte classes, merged modulo this
     "hessian_epochs": (1, None),
-    "threads": (0, None),
+    "threads": (0, _args.MAX_THREADS),  # the rule of every command
 }
 
 
@@ -618,14 +648,23 @@ def check_fisher(args: argparse.Namespace) -> dict[str, Any]:
             except ValueError as exc:
                 p.add("--hessian-optimizers", str(exc))
             else:
-                cfg = p.config(name, hessian_settings(lrs[0] if lrs else 0.01, options), prefix=f"--hessian-optimizers {spec}")
+                where = f"--hessian-optimizers {spec}"
+                cfg = p.config(name, options, prefix=where)  # the user's own keys first
+                lacking = None if cfg is None else hessian_lacks(cfg)
+                if lacking:  # the lab's own keys would be reported as the user's
+                    p.add(where, f"{name} does not fit the Hessian experiment: the lab sets {', and '.join(lacking)}; "
+                          "it takes optimizers with full Kronecker factors L, R kept as an EMA and an Adam inner "
+                          f"rule ({', '.join(hessian_presets())})")
+                    cfg = None
+                elif cfg is not None:
+                    cfg = p.config(name, hessian_settings(lrs[0] if lrs else 0.01, options), prefix=where)
                 layout = None if cfg is None else _layout(cfg, settings["hessian_classes"], FEATURES)
                 if layout is not None and (layout.left, layout.right) != ("full", "full"):
                     p.add(
                         "--hessian-optimizers",
                         f"{spec} keeps the sides {layout.left}/{layout.right} on a classifier's weight; the lab compares "
                         "full Kronecker factors L ⊗ R with the Hessian, so it takes optimizers that rotate both sides "
-                        "in full (e.g. soap, dykaf)",
+                        f"in full ({', '.join(hessian_presets())})",
                     )
         settings["hessian_optimizers"], settings["hessian_lrs"] = specs, lrs
     elif not lab:
