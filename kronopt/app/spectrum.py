@@ -246,10 +246,21 @@ def _state_records(path: Path, layers: str | None) -> list[FactorSpectrum]:
         raise ValueError(f"{str(path)!r} is not a kronopt optimizer state dict ({type(exc).__name__}: {exc})") from None
 
 
+#: ``kronopt spectrum``'s run flags and their defaults (``None`` in the parser: given or not is known)
+_RUN_DEFAULTS = {"config": "kl_shampoo", "steps": "200", "every": "25"}
+
+
 def cmd_spectrum(args: argparse.Namespace) -> int:
     p = _args.Problems()
-    steps = p.integer("--steps", args.steps, minimum=1)
-    every = p.integer("--every", args.every, minimum=1)
+    if args.state is not None:  # a saved state is read, not run: the run's flags would be ignored
+        given = [f for f, on in (("CONFIG", args.config is not None), ("--set", bool(args.set)),
+                                 ("--steps", args.steps is not None), ("--every", args.every is not None),
+                                 ("--builtin", args.builtin)) if on]
+        if given:
+            p.add("--state", f"reads a saved state instead of a run: drop {', '.join(given)}, which set up the run")
+    config = args.config if args.config is not None else _RUN_DEFAULTS["config"]
+    steps = p.integer("--steps", args.steps if args.steps is not None else _RUN_DEFAULTS["steps"], minimum=1)
+    every = p.integer("--every", args.every if args.every is not None else _RUN_DEFAULTS["every"], minimum=1)
     head = p.number("--head", args.head, above=0.0, fallback=0.1)
     layers = None if args.layers is None else p.value("--layers", args.layers, _args.pattern, None)
     overrides = p.sets(args.set)
@@ -259,7 +270,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         if path is not None:
             records = p.value("--state", path, lambda q: _state_records(q, layers), [])
     else:
-        p.config(args.config, overrides)  # every config error before the run
+        p.config(config, overrides)  # every config error before the run
     if not args.no_plot:
         p.value("--out", args.out, _args.output_dir, None)
         try:
@@ -271,9 +282,9 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         label = f"saved state {args.state}"
     else:
         recorder = SpectrumRecorder(every=every, layers=layers, last=steps)
-        training_run(args.config, steps=steps, on_step=recorder, builtin=args.builtin, **overrides)
+        training_run(config, steps=steps, on_step=recorder, builtin=args.builtin, **overrides)
         records = recorder.records
-        label = f"{args.config}, {steps} steps"
+        label = f"{config}, {steps} steps"
     rows = report(records, head=head)
     if not rows:
         print("kronopt spectrum: no factor spectra found (no rotated side, or --layers matched nothing)")
@@ -291,11 +302,13 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 
 def add_subcommand(sub: Any) -> None:
     p = sub.add_parser("spectrum", help="eigenvalue spectra of the Kronecker factors (log-scale plots, tail AM/GM)")
-    p.add_argument("config", nargs="?", default="kl_shampoo", help="preset or TOML file to train with (default kl_shampoo)")
+    p.add_argument("config", nargs="?", help=f"preset or TOML file to train with (default {_RUN_DEFAULTS['config']})")
     p.add_argument("--state", help="a saved optimizer state (torch.save(opt.state_dict())) instead of a run; "
-                   "loaded with weights_only=True, so a file holding anything but tensors and plain data is refused")
-    p.add_argument("--steps", default="200", help="training steps of the run (≥ 1)")
-    p.add_argument("--every", default="25", help="record every this many steps (≥ 1) and at the last step")
+                   "loaded with weights_only=True, so a file holding anything but tensors and plain data is refused; "
+                   "CONFIG, --set, --steps, --every and --builtin are refused with it")
+    p.add_argument("--steps", help=f"training steps of the run (≥ 1; default {_RUN_DEFAULTS['steps']})")
+    p.add_argument("--every", help=f"record every this many steps (≥ 1; default {_RUN_DEFAULTS['every']}) "
+                   "and at the last step")
     p.add_argument("--layers", help="regular expression on parameter names (default: every rotated block)")
     p.add_argument("--head", default="0.1", help="spike size excluded from the tail: a count ≥ 1 or a fraction > 0")
     p.add_argument("--builtin", action="store_true", help="use the built-in MLP run instead of the default task")
