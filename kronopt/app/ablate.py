@@ -66,6 +66,10 @@ from .train import (
 UNIT_FORMAT = 3
 #: bytes read at a time while hashing a data file
 HASH_CHUNK_BYTES = 1 << 20
+#: what an ablation writes into its output directory beside the variants' run directories: no variant's run
+#: directory may take one of these names
+OUTPUT_NAMES: tuple[str, ...] = ("results.csv", "grid.csv", "results.json", "loss.png", "lr.png", "cost.png",
+                                 "ablation.toml", "units")
 
 
 @attrs.frozen(kw_only=True)
@@ -285,6 +289,9 @@ def parse_ablation(raw: Mapping[str, Any], *, name: str = "ablation", relative_t
         ConfigError: every problem of the file's own format (tables, keys, types,
             ranges, duplicate names, sweep shapes, the ``[tune]`` table), each with
             its path.
+
+    With ``relative_to`` (the file's folder), a relative path in ``base``, a variant's ``config`` or
+    ``[task] data`` is taken relative to it.
     """
     errors: list[tuple[str, str]] = []
     for key in raw:
@@ -314,6 +321,9 @@ def parse_ablation(raw: Mapping[str, Any], *, name: str = "ablation", relative_t
             task_from_dict(task)
         except ConfigError as exc:
             errors.extend(exc.errors)
+        data = task.get("data")
+        if isinstance(data, str) and data and relative_to is not None and not Path(data).is_absolute():
+            task = {**task, "data": str(relative_to / data)}  # relative to the file, as base and config are
     tune = parse_tune(raw["tune"], errors) if "tune" in raw else Tune()
 
     variants: list[Variant] = []
@@ -374,6 +384,11 @@ def parse_ablation(raw: Mapping[str, Any], *, name: str = "ablation", relative_t
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(("variant", f"the name {dup!r} is used twice"))
     dirs: dict[str, str] = {}
+    taken = {name.casefold() for name in OUTPUT_NAMES}
+    for n in dict.fromkeys(names):  # a name of an output file: the results would be written onto its runs
+        if _safe(n).casefold() in taken:
+            errors.append(("variant", f"the name {n!r} gives the run directory {_safe(n)!r}, a name the ablation "
+                           f"writes its outputs to ({', '.join(OUTPUT_NAMES)}); rename it"))
     for n in names:  # two names, one run directory: the second's runs would replace the first's
         d = _safe(n).casefold()  # casefold: a case-insensitive file system
         if d in dirs and dirs[d] != n:
@@ -388,16 +403,31 @@ def parse_ablation(raw: Mapping[str, Any], *, name: str = "ablation", relative_t
                     task=dict(task), variants=tuple(variants), tune=tune)
 
 
-def load_ablation(path: str | Path) -> Ablation:
-    """Read and parse an ablation file (paths in it are relative to the file)."""
+def read_ablation(path: str | Path) -> tuple[Ablation, str]:
+    """Read and parse an ablation file (paths in it are relative to the file); also return its text as read, which
+    ``kronopt ablate`` copies to ``ablation.toml`` (the file may change on disk while the ablation runs).
+
+    Raises:
+        ConfigError: the file cannot be read, is not UTF-8 or not TOML, or its format is wrong
+            (:func:`parse_ablation`).
+    """
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError([("", f"cannot read ablation file {str(path)!r}: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 only
+        raise ConfigError([("", f"{str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                            f"{exc.start}); a TOML file must be UTF-8")]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("", f"{str(path)!r} is not valid TOML: {exc}")]) from exc
-    return parse_ablation(raw, name=path.stem, relative_to=path.parent)
+    return parse_ablation(raw, name=path.stem, relative_to=path.parent), text
+
+
+def load_ablation(path: str | Path) -> Ablation:
+    """Read and parse an ablation file (paths in it are relative to the file)."""
+    return read_ablation(path)[0]
 
 
 # -- units: one training run each, cached ----------------------------------------------------
@@ -486,9 +516,12 @@ class UnitResult:
         lr: the main pipeline's learning rate.
         seed: the task's seed.
         key: the unit's cache key.
-        status: ``"ok"``, ``"diverged"`` or ``"failed"`` (raised while training; not cached).
+        status: ``"ok"``, ``"diverged"`` (a non-finite loss, or a step the optimizer skipped) or
+            ``"failed"`` (raised while training; not cached).
         reason: why it is not ``"ok"``.
         steps: optimizer steps taken.
+        skipped_steps: steps whose update the optimizer skipped as non-finite
+            (:attr:`~kronopt.app.train.RunResult.skipped_steps`); any makes the unit ``"diverged"``.
         train_loss: mean training loss over the last steps (``None`` when not finite).
         val_loss: final validation loss (``None`` when not finite or not reached).
         median_step_ms: median wall time of a whole training step.
@@ -508,6 +541,7 @@ class UnitResult:
     status: Literal["ok", "diverged", "failed"]
     reason: str | None = None
     steps: int = 0
+    skipped_steps: int = 0
     train_loss: float | None = None
     val_loss: float | None = None
     median_step_ms: float | None = None
@@ -533,7 +567,8 @@ class UnitResult:
     def row(self) -> dict[str, Any]:
         """One row of ``grid.csv``."""
         return {"variant": self.variant, "lr": self.lr, "seed": self.seed, "status": self.status,
-                "reason": self.reason or "", "steps": self.steps, "train_loss": self.train_loss,
+                "reason": self.reason or "", "steps": self.steps, "skipped_steps": self.skipped_steps,
+                "train_loss": self.train_loss,
                 "val_loss": self.val_loss, "median_step_ms": self.median_step_ms,
                 "median_opt_ms": self.median_opt_ms, "optimizer_state_bytes": self.state_bytes,
                 "peak_memory_bytes": self.peak_memory_bytes, "unit": self.key}
@@ -544,9 +579,14 @@ def _finite(x: float | None) -> float | None:
 
 
 def _result_of_run(unit: Unit, run: Any) -> UnitResult:
+    status, reason = run.status, run.reason
+    if status == "ok" and run.skipped_steps:  # its loss is finite, but some steps never moved the weights
+        status, reason = "diverged", (f"{run.skipped_steps} of {run.steps_done} steps skipped for a non-finite "
+                                      f"gradient or update (first at step {run.first_skipped_step})")
     return UnitResult(
-        variant=unit.variant.name, lr=unit.lr, seed=unit.seed, key=unit.key, status=run.status, reason=run.reason,
-        steps=run.steps_done, train_loss=_finite(run.train_loss), val_loss=_finite(run.val_loss),
+        variant=unit.variant.name, lr=unit.lr, seed=unit.seed, key=unit.key, status=status, reason=reason,
+        steps=run.steps_done, skipped_steps=run.skipped_steps, train_loss=_finite(run.train_loss),
+        val_loss=_finite(run.val_loss),
         median_step_ms=_finite(run.median_step_ms), median_opt_ms=_finite(run.median_opt_ms),
         state_bytes=run.state_bytes, peak_memory_bytes=run.peak_memory_bytes, device=run.device,
         history=tuple({k: r[k] for k in ("step", "loss", "step_ms", "opt_ms")} for r in run.history),
@@ -575,10 +615,11 @@ def read_unit(path: Path, unit: Unit) -> UnitResult | None:
             return None
         fields = {f.name for f in attrs.fields(UnitResult)} - {"variant", "lr", "seed", "key", "cached"}
         measured = doc["result"]
+        # a unit cached before skipped steps were counted lacks skipped_steps: it runs again (it may have skipped)
         if set(measured) != fields or measured["status"] not in ("ok", "diverged"):
             return None
         numbers = ("train_loss", "val_loss", "median_step_ms", "median_opt_ms", "state_bytes", "peak_memory_bytes")
-        if not isinstance(measured["steps"], int) or not all(
+        if not all(isinstance(measured[k], int) for k in ("steps", "skipped_steps")) or not all(
                 measured[k] is None or _is_number(measured[k]) for k in numbers):
             return None
         if not (measured["reason"] is None or isinstance(measured["reason"], str)) or not isinstance(measured["device"], str):
@@ -616,7 +657,7 @@ def _holds_another_run(run_dir: Path, unit: Unit) -> bool:
         return False
     try:
         return (run_dir / UNIT_FILE).read_text(encoding="utf-8").strip() != unit.key
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return True
 
 
@@ -825,6 +866,20 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")
 
 
+def lr_labels(lrs: Sequence[float]) -> dict[float, str]:
+    """The text of each lr in its run directory's name: 6 significant digits, more where two lrs of the grid
+    would read alike (``0.001`` and ``0.0010000001``), so no two units of a variant share a directory.
+
+    An ordinary grid keeps the 6-digit names of earlier kronopt versions, whose run directories stay in use.
+    """
+    lrs = sorted(set(lrs))
+    for digits in range(6, 18):  # 17 significant digits tell any two doubles apart
+        labels = {lr: format(lr, f".{digits}g") for lr in lrs}
+        if len(set(labels.values())) == len(lrs):
+            return labels
+    return {lr: repr(lr) for lr in lrs}
+
+
 def _safe(name: str) -> str:
     """The directory name of a variant's runs: never ``.`` or ``..`` (the output directory or its parent)."""
     out = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
@@ -888,10 +943,11 @@ def run_ablation(
             variants.append(VariantResult(variant=variant, status="failed", reason=plan, units=(), best_lr=None))
             continue
         results: list[UnitResult] = []
+        labels = lr_labels([unit.lr for unit in plan])
         for unit in plan:
             done += 1
             path = None if out is None else out / "units" / f"{unit.key}.json"
-            run_dir = None if out is None else out / _safe(variant.name) / f"lr{unit.lr:.6g}-seed{unit.seed}"
+            run_dir = None if out is None else out / _safe(variant.name) / f"lr{labels[unit.lr]}-seed{unit.seed}"
             cached = None if path is None or fresh else read_unit(path, unit)
             if cached is not None and run_dir is not None and _holds_another_run(run_dir, unit):
                 cached = None  # its run directory holds another run now: trained again, so table and files agree
@@ -1097,15 +1153,16 @@ def check_ablate(args: argparse.Namespace) -> None:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     check_ablate(args)
-    ablation = load_ablation(args.ablation)
+    ablation, text = read_ablation(args.ablation)  # the text as it ran, copied at the end
     task = task_from_args(args, ablation.task)
     if not args.no_plot:
         pyplot("ablation plots")  # fail before training, not after
     out = Path(args.out) if args.out else default_out_dir(ablation)
+    args.partial_outputs = f"the finished units are cached in {out / 'units'}: the same command resumes"
     result = run_ablation(ablation, task=task, out_dir=out, progress=not args.no_progress, only=args.only,
                           fresh=args.fresh)
     write_results(result, out, ablation=ablation, task=task, plot=not args.no_plot)
-    (out / "ablation.toml").write_text(Path(args.ablation).read_text(encoding="utf-8"), encoding="utf-8")
+    (out / "ablation.toml").write_text(text, encoding="utf-8")
     units = result.units()
     seeds = ablation.tune.seeds_for(task)
     print(f"{ablation.name}: {task.layers} layers × {task.width}, context {task.context}, batch {task.batch}, "

@@ -5,6 +5,8 @@ each such module has ``add_subcommand(subparsers)``, which adds its parser and
 sets ``func`` to the function that runs it. Every subcommand checks all of its
 arguments before it starts working (see :mod:`kronopt.app._args`): a bad one stops
 it with exit code 2 and one message naming each problem, never with a traceback.
+Ctrl-C stops it with exit code 130 and one line; a subcommand that writes outputs
+sets ``args.partial_outputs`` to say where they are before it starts working.
 """
 
 import argparse
@@ -84,10 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argparse itself exits with code 2 and a usage line on an unknown flag or a
     missing value; every other problem with the arguments is collected by the
     subcommand's checks and printed as ``kronopt CMD: invalid arguments (N errors): …``.
+    Ctrl-C prints ``kronopt CMD: interrupted`` and where the partial outputs are, and exits with 130.
     """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        where = getattr(args, "partial_outputs", None)
+        print(f"kronopt {args.command}: interrupted" + (f"; {where}" if where else ""), file=sys.stderr)
+        return 130
     except ConfigError as exc:
         print(f"kronopt {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -57,11 +57,15 @@ DEFAULT_PRESET = "soap"
 
 def _device(value: Any) -> str:
     value = to_str(value)
-    if value != "auto":
-        try:
-            torch.device(value)
-        except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {value!r}") from exc
+    if value == "auto":
+        return value
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {value!r}") from exc
+    if device.type not in _args.DEVICE_TYPES:  # the rule of every command (meta, mps: refused before any work)
+        raise ValueError(f"must be 'auto', 'cpu' or a CUDA device ('cuda', 'cuda:0'), got {value!r}: "
+                         "the task runs on those only")
     return value
 
 
@@ -139,11 +143,12 @@ class TaskConfig:
             (0: only after the last step, which always evaluates).
         eval_batches: validation batches per evaluation (the same batches every time, and for
             every seed; they depend on ``batch``, ``context`` and ``eval_batches`` only).
-        device: ``"auto"`` (CUDA when available, else CPU) or a torch device.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or a CUDA device.
         seed: seeds the model's initial weights and the order of the training batches;
             two runs with the same seed and data see the same batches. The
             validation batches do not depend on it.
-        threads: torch CPU threads during the run (0: leave torch's setting).
+        threads: torch CPU threads during the run (0: leave torch's setting), at most
+            :data:`kronopt.app._args.MAX_THREADS` (4 × the machine's CPUs, as for ``kronopt bench``).
         data: a text file to train on instead of the standard library sources.
     """
 
@@ -161,7 +166,7 @@ class TaskConfig:
     eval_batches: int = attrs.field(default=8, converter=to_int, validator=ge(1))
     device: str = attrs.field(default="auto", converter=_device)
     seed: int = attrs.field(default=0, converter=to_int, validator=[ge(0), le(MAX_SEED)])
-    threads: int = attrs.field(default=0, converter=to_int, validator=ge(0))
+    threads: int = attrs.field(default=0, converter=to_int, validator=[ge(0), le(_args.MAX_THREADS)])
     data: str | None = attrs.field(default=None, converter=_optional_path)
 
     def lr_factor(self, step: int) -> float:
@@ -216,6 +221,11 @@ class RunResult:
         status: ``"ok"`` or ``"diverged"`` (a non-finite training or validation loss
             stopped the run; ``reason`` says where).
         steps_done: optimizer steps taken.
+        skipped_steps: steps in which the optimizer skipped an update for a non-finite gradient or update
+            (config ``nonfinite = "warn"`` or ``"skip"``: the whole step under ``nonfinite_scope = "step"``,
+            some blocks under ``"block"``). The loss of such a run can stay finite while it does not train,
+            so ``status`` does not tell it; ``kronopt ablate`` counts it as diverged.
+        first_skipped_step: the first of them (``None`` when none).
         train_loss: mean training loss (nats per byte) over the last
             ``min(10, steps_done)`` steps.
         val_loss: validation loss after the last step.
@@ -247,6 +257,8 @@ class RunResult:
     history: tuple[dict[str, Any], ...]
     evals: tuple[dict[str, Any], ...]
     out_dir: Path | None = None
+    skipped_steps: int = 0
+    first_skipped_step: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """The numbers of ``summary.json`` (plain JSON data; NaN as ``null``)."""
@@ -260,6 +272,8 @@ class RunResult:
             "reason": self.reason,
             "device": self.device,
             "steps": self.steps_done,
+            "skipped_steps": self.skipped_steps,
+            "first_skipped_step": self.first_skipped_step,
             "train_loss": num(self.train_loss),
             "val_loss": num(self.val_loss),
             "median_opt_ms": num(self.median_opt_ms),
@@ -281,12 +295,14 @@ def spec_label(spec: Spec) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``task.device`` on this machine; :class:`ConfigError` at ``task.device`` when it lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError([("task.device", f"{name!r} asked for, but torch sees no CUDA device")])
-    return device
+    try:
+        _args.device(name)
+    except ValueError as exc:
+        raise ConfigError([("task.device", str(exc))]) from None
+    return torch.device(name)
 
 
 def _peak_memory(device: torch.device) -> tuple[int | None, str]:
@@ -298,6 +314,11 @@ def _peak_memory(device: torch.device) -> tuple[int | None, str]:
         return None, "unavailable"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
+
+
+def _skipped_blocks(opt: kronopt.KronOptimizer) -> int:
+    """Gradient blocks the optimizer has skipped so far as non-finite, over every parameter (synchronises)."""
+    return sum(opt.nonfinite_counts().values())
 
 
 @torch.no_grad()
@@ -340,7 +361,8 @@ def train(
             writes its own; other files in ``out_dir`` are kept.
 
     Returns:
-        A :class:`RunResult`. A non-finite loss stops the run with ``status = "diverged"``.
+        A :class:`RunResult`. A non-finite loss stops the run with ``status = "diverged"``; steps
+        the optimizer skipped for a non-finite gradient or update are counted in ``skipped_steps``.
 
     Raises:
         ConfigError: an invalid config or override, an unusable data file or device,
@@ -405,6 +427,8 @@ def train(
 
         bar = _progress(total=task.steps, desc=desc or label, disable=not progress)
         smooth = float("nan")
+        skipped: list[int] = []  # the steps in which an update was skipped
+        blocks_skipped = 0
         try:
             for step in range(1, task.steps + 1):
                 lr = opt.param_groups[0]["lr"]
@@ -421,6 +445,11 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 sched.step()
                 t3 = time.perf_counter()
+                # read after the timed part: a skipped update leaves the loss finite, so it is counted here
+                now = _skipped_blocks(opt)
+                if now > blocks_skipped or opt.skipped_steps():
+                    skipped.append(step)
+                blocks_skipped = now
                 if on_step is not None:
                     on_step(step, opt, model)
                 value = loss.item()
@@ -468,6 +497,8 @@ def train(
             history=tuple(history),
             evals=tuple(evals),
             out_dir=out,
+            skipped_steps=len(skipped),
+            first_skipped_step=skipped[0] if skipped else None,
         )
     finally:
         if metrics_file is not None:
@@ -612,20 +643,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         problems.extend(exc)
     label = spec_label(spec)
     default_out = Path("runs") / f"train-{label}-{datetime.now():%Y%m%d-%H%M%S}"
-    out = Path(args.out) if args.out else default_out
-    problems.value("--out", str(out), _args.output_dir, out)
+    out = Path(args.out) if args.out is not None else default_out
+    given = args.out if args.out is not None else str(default_out)
+    problems.value("--out", given, _args.output_dir, out)  # --out '' is refused, as ablate and fisher do
     if args.out and not args.overwrite and (found := earlier_run_files(out)):
         problems.add("--out", earlier_run_message(out, found, overwrite="--overwrite"))
     problems.config(spec, overrides)  # every config error before the data is read
     problems.check()
     corpus = load_corpus(task.data, context=task.context)  # a data file too small is refused before any directory
-    if not args.out:  # made now, once the arguments are good: another run of this second has its own
+    if args.out is None:  # made now, once the arguments are good: another run of this second has its own
         out = _fresh_dir(default_out)
+    args.partial_outputs = f"the partial run is in {out} (metrics.jsonl to the last step done, no summary.json)"
     result = train(task, spec, overrides=overrides, out_dir=out, progress=not args.no_progress, plot=not args.no_plot,
                    overwrite=args.overwrite, corpus=corpus)
-    print(f"{label} on {result.device}: {result.steps_done} steps ({result.status})")
+    skipped = f", {result.skipped_steps} skipped" if result.skipped_steps else ""
+    print(f"{label} on {result.device}: {result.steps_done} steps ({result.status}{skipped})")
     if result.reason:
         print(f"  stopped: {result.reason}")
+    if result.skipped_steps:
+        print(f"  skipped: {result.skipped_steps} of {result.steps_done} steps had a non-finite gradient or update "
+              f"(first at step {result.first_skipped_step}) and were not applied; lower the lr, or set "
+              "nonfinite = \"raise\" to stop at the first")
     print(f"  train loss {result.train_loss:.4f}   val loss {result.val_loss:.4f}   (nats per byte)")
     print(f"  median ms: {result.median_step_ms:.1f} per step, {result.median_opt_ms:.1f} per optimizer step")
     print(f"  optimizer state {format_bytes(result.state_bytes)}   peak memory {format_bytes(result.peak_memory_bytes)}"
