@@ -86,10 +86,12 @@ def full_float32_products() -> Iterator[None]:
     global _full_products_open, _full_products_saved
     with _FULL_PRODUCTS_LOCK:
         if _full_products_open == 0:
-            _full_products_saved = [(b, b.fp32_precision) for b in _float32_product_backends()]
-            for b, setting in _full_products_saved:
-                if setting != "ieee":
-                    b.fp32_precision = "ieee"
+            _full_products_saved = [(b, "ieee") for b in _float32_product_backends()]
+        for k, (b, _) in enumerate(_full_products_saved):
+            setting = b.fp32_precision
+            if setting != "ieee":  # the process's (set before, or while another thread's block was open): put back last
+                _full_products_saved[k] = (b, setting)
+                b.fp32_precision = "ieee"
         _full_products_open += 1
     try:
         yield
@@ -2445,7 +2447,7 @@ def top_singular_triplet(G: Tensor) -> SingularTriplet:
 
 
 #: power iterations of :func:`top_singular_triplet`'s fallback, where the SVD fails in both dtypes
-FALLBACK_POWER_ITERS = 20
+FALLBACK_POWER_ITERS = 100
 
 
 def vector_norm_scaled(x: Tensor) -> Tensor:

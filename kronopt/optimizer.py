@@ -134,6 +134,17 @@ def _exact(value: Any) -> Any:
     return repr(value)
 
 
+def _config_key(key: Any) -> bool:
+    """Whether a key set on a live group is a config key (dotted, or one of the config's top-level names but the
+    group's own ``lr`` and ``weight_decay``): one of its overrides, as when the group was made. Other keys
+    (a scheduler's ``initial_lr``, ``max_lr``, SWALR's ``swa_lr``) are the group's own."""
+    return isinstance(key, str) and key not in _RESERVED and ("." in key or key in _TOP_LEVEL_KEYS)
+
+
+#: :class:`KronConfig`'s top-level names that a group key may set (not the rate and decay, which the group holds)
+_TOP_LEVEL_KEYS = frozenset(f.name for f in attrs.fields(KronConfig)) - {"lr", "weight_decay"}
+
+
 def _overrides_record(group: Mapping[str, Any]) -> dict[str, Any]:
     """What a group's ``overrides`` held when its config was resolved: its values, a list's or a dict's copied (an
     edit in place must show), anything else the object itself."""
@@ -259,6 +270,11 @@ class _Bucket:
     def blocks(self) -> list[Tensor]:
         """Every parameter of the bucket, this rank's and (with work sharding) the other ranks'."""
         return self.plan.params if self.plan is not None else self.params
+
+    @property
+    def block_specs(self) -> list[BlockSpec]:
+        """The :class:`BlockSpec` of each of :attr:`blocks`."""
+        return self.plan.specs if self.plan is not None else self.specs
 
 
 @attrs.define(eq=False)
@@ -559,9 +575,12 @@ class KronOptimizer(torch.optim.Optimizer):
         seen, size = self.__dict__.get("_state_seen", (self.state, 0))
         placed = self.__dict__.get("_unstepped_placement")
         if placed is not None and self.state is seen and len(self.state) == size and placed != self._placement():
-            self.state = collections.defaultdict(dict)  # moved or cast before the first step: the state made anew
+            self._check_routes()  # a shape changed: its route must not
+            self.state = collections.defaultdict(dict)  # moved, cast or reshaped before the first step: the state made anew
             self._start()
             return
+        if self.state is seen and len(self.state) < size:
+            self._restore_deleted()  # del state[p] (or pop): as torch.optim, that parameter starts afresh
         if self.state is seen and len(self.state) >= size:
             self._adopt_replaced()
             return
@@ -571,7 +590,8 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         raise RuntimeError(
             f"optimizer.state lost entries ({size} → {len(self.state)}) or was replaced: kronopt keeps each parameter's "
-            "state as views of its bucket's stacks; clear all of optimizer.state to start afresh, or load a state dict"
+            "state as views of its bucket's stacks; set state[p] = {} to start one parameter afresh, clear all of "
+            "optimizer.state to start every one afresh, or load a state dict"
         )
 
     def _note_overrides(self) -> None:
@@ -579,14 +599,17 @@ class KronOptimizer(torch.optim.Optimizer):
         self._overrides_seen = [_overrides_record(g) for g in self.param_groups]
 
     def _check_overrides(self) -> None:
-        """Take up the edits of the groups' ``overrides`` made since their configs were resolved (a dotted key set
-        on the group itself is moved into them, as when the group was made): a :data:`SCHEDULABLE` key (f, its
-        offset, ρ) steps with its new value from this step on; an edit of any other key, or one the config refuses,
-        raises ``ConfigError`` naming each and changes nothing (the next step refuses again until it is undone). A
-        step's cost is a look at each override's value (no tensor read)."""
+        """Take up the edits of the groups' ``overrides`` made since their configs were resolved (a config key set
+        on the group itself, dotted or one of the config's top-level names, is moved into them, as when the group
+        was made): a :data:`SCHEDULABLE` key (f, its offset, ρ) steps with its new value from this step on, but
+        where the refresh is staggered (its phases are laid out when the group is made); an edit of any other
+        key, or one the config refuses, raises ``ConfigError`` naming each and changes nothing (the next step
+        refuses again until it is undone). A fallback group's keys are named as the user writes them
+        (``fallback.…``); a main group's ``fallback.…`` keys belong to its fallback group, which steps those
+        parameters. A step's cost is a look at each override's value (no tensor read)."""
         for g in self.param_groups:
-            if any("." in k for k in g):  # a dotted key set on a live group, as when it was made: one of its overrides
-                moved = {k: g.pop(k) for k in [k for k in g if "." in k]}
+            if any(map(_config_key, g)):
+                moved = {k: g.pop(k) for k in [k for k in g if _config_key(k)]}
                 g["overrides"] = {**(g.get("overrides") or {}), **moved}
         seen = self.__dict__.get("_overrides_seen")
         if seen is None or len(seen) != len(self.param_groups):  # pickled before this record; groups added by a wrapper
@@ -601,24 +624,38 @@ class KronOptimizer(torch.optim.Optimizer):
         errors: list[tuple[str, str]] = []
         new: dict[int, KronConfig] = {}
         for i in edited:
+            g, was = self.param_groups[i], seen[i]
+            now = g.get("overrides") or {}
             where = f"param_groups[{i}]['overrides']"
+            fallback = g.get("pipeline", "main") != "main"
+            for key in ("lr", "weight_decay"):  # by the values given: a tensor rate a scheduler fills in place is the same
+                if not _same_as_recorded(now.get(key), was.get(key)):
+                    errors.append((f"{where}.{key}", f"a step reads the group's own {key!r} (param_groups[{i}][{key!r}]): set that"))
             try:
-                cfg = self._group_config(self.param_groups[i])
+                cfg = self._group_config(g)
             except ConfigError as exc:
                 errors += [(f"{where}.{p}" if p else where, m) for p, m in exc.errors]
                 continue
             old = self._group_cfgs[i]
+            staggered = _staggers(old) or _staggers(cfg)
             for key in changed_keys(old, cfg):
+                named = f"{where}.fallback.{key}" if fallback else f"{where}.{key}"
                 if key in ("lr", "weight_decay"):
-                    errors.append((f"{where}.{key}", f"a step reads the group's own {key!r} (param_groups[{i}][{key!r}]): set that"))
-                elif key not in SCHEDULABLE:
+                    continue  # judged above, by the values given
+                if key not in SCHEDULABLE:
                     errors.append((
-                        f"{where}.{key}",
-                        f"is fixed when the group is made (it shapes the buckets or the state); only {', '.join(SCHEDULABLE)} "
-                        "may change in training: save the state dict and load it into an optimizer built with the new value",
+                        named,
+                        f"is fixed when the group is made (a group's stages are resolved once); only {', '.join(SCHEDULABLE)} "
+                        "are read afresh: save the state dict and load it into an optimizer built with the new value",
                     ))
-                elif key == "refresh.every" and _staggers(old):
-                    errors.append((f"{where}.{key}", "the blocks' staggered refresh phases are laid out over the period when the group is made"))
+                elif staggered and key.startswith("refresh."):
+                    errors.append((named, "a staggered refresh lays its blocks' phases out over the period when the group is made"))
+            if not fallback and (old.fallback is not None or cfg.fallback is not None):
+                for key in changed_keys(old.fallback, cfg.fallback) if old.fallback and cfg.fallback else ["fallback"]:
+                    errors.append((
+                        f"{where}.fallback.{key}",
+                        "the fallback's parameters step in their own group (its 'pipeline' is 'fallback'): edit that group's overrides",
+                    ))
             new[i] = cfg
         if errors:
             raise ConfigError(errors)
@@ -1021,25 +1058,18 @@ class KronOptimizer(torch.optim.Optimizer):
         self._non_float = any(not p.is_floating_point() for g in self.param_groups for p in g["params"])
 
     def _check_grads(self) -> None:
-        """A gradient the step cannot take, refused before anything changes, naming its parameter (and a parameter
-        whose shape is no longer the one its state was made for): a sparse one
+        """A gradient the step cannot take, refused before anything changes, naming its parameter (or a parameter
+        with a gradient whose shape is no longer the one the optimizer stacked): a sparse one
         (``nn.Embedding(sparse=True)``), or one whose shape is not its parameter's (which torch's own check
         lets through ``p.grad.data = ...``; reshaped into the block, it would step the wrong entries), or a complex
         one on a real parameter (possible with ``p.grad_dtype = None``: its imaginary part would be dropped by the cast
         to the state dtype, or the finiteness check fail with an error naming no parameter)."""
         dense = torch.strided
+        # every rank's blocks (work sharding, FSDP2), so that every rank refuses alike, before any collective
         bad = [
-            (b, p) for b in self._buckets for p in b.blocks
-            if (g := p.grad) is not None and (g.layout is not dense or g.shape != p.shape or g.is_complex())
+            (b, p, spec) for b in self._buckets for p, spec in zip(b.blocks, b.block_specs)
+            if (g := p.grad) is not None and (g.layout is not dense or g.shape != p.shape or g.is_complex() or p.shape != spec.shape)
         ]
-        for b in self._buckets:  # a parameter given another shape since its state was made (param.data = ...)
-            for p, spec in zip(b.params, b.specs):
-                if p.shape != spec.shape:
-                    raise RuntimeError(
-                        f"{self._name(b.group, p)} was given another shape after its state was made for "
-                        f"{spec.shape} (param.data replaced after the first step?): kronopt keeps a parameter's state "
-                        "in the block its shape gave; build a new optimizer for the new shape; nothing was changed"
-                    )
         if getattr(self, "_non_float", False):
             for gi, group in enumerate(self.param_groups):
                 for p in group["params"]:
@@ -1049,7 +1079,13 @@ class KronOptimizer(torch.optim.Optimizer):
                             "floating-point parameters and leaves others as they are; nothing was changed"
                         )
         if bad:
-            bucket, p = bad[0]
+            bucket, p, spec = bad[0]
+            if p.shape != spec.shape:  # given another shape since the optimizer stacked it (param.data = ...)
+                raise RuntimeError(
+                    f"{self._name(bucket.group, p)} was given another shape after the optimizer stacked it as "
+                    f"{spec.shape} (param.data replaced after the first step?): kronopt keeps a parameter's state "
+                    "in the block its shape gave; build a new optimizer for the new shape; nothing was changed"
+                )
             g = p.grad
             what = (
                 f"a {g.layout} gradient" if g.layout is not dense  # type: ignore[union-attr]
@@ -1463,11 +1499,16 @@ class KronOptimizer(torch.optim.Optimizer):
                         "optimizer.state; nothing was changed"
                     )
                 if bucket.plan is not None:
-                    raise RuntimeError(
+                    # only this rank sees its own blocks' dicts: an error here would leave the other ranks waiting
+                    # in the step's collectives, so the state is kept, as the others keep theirs
+                    warnings.warn(
                         f"optimizer.state of {self._name(bucket.group, p)} was emptied: under work sharding or FSDP2 a "
-                        "parameter's state cannot start afresh alone (every rank's plan holds it); clear all of "
-                        "optimizer.state to start afresh; nothing was changed"
+                        "parameter's state cannot start afresh alone (every rank's plan holds it), so it was kept; "
+                        "clear all of optimizer.state on every rank to start afresh",
+                        RuntimeWarning,
+                        stacklevel=4,
                     )
+                    continue
                 emptied.append(j)
             if emptied:
                 resets.append((bucket, emptied))
@@ -1488,6 +1529,36 @@ class KronOptimizer(torch.optim.Optimizer):
         for bucket, emptied in resets:
             self._start_afresh(bucket, emptied)
         self._views_flat = None  # a dict of state may have been replaced: made again at the next check
+
+    def _check_routes(self) -> None:
+        """Before the state is made anew for parameters reshaped before the first step: refuse one whose new number
+        of dims (or name) the route would send to the other pipeline than its group's, which was fixed when the
+        group was made (a matrix made a vector under a config that sends vectors to the fallback)."""
+        for gi, g in enumerate(self.param_groups):
+            cfg = self._with_overrides(g.get("overrides") or {})
+            names = g.get("param_names")
+            away = g.get("pipeline", "main") != "main"
+            for i, p in enumerate(g["params"]):
+                if cfg.to_fallback(p.ndim, None if names is None else names[i]) != away:
+                    raise RuntimeError(
+                        f"{self._name(gi, p)} was given {p.ndim} dims before the first step, which the route sends to "
+                        f"the {'main pipeline' if away else 'fallback'}, not to its group's: the groups were routed "
+                        "when the optimizer was built; build it after reshaping the model; nothing was changed"
+                    )
+
+    def _restore_deleted(self) -> None:
+        """Entries taken out of ``self.state`` (``del state[p]``, ``state.pop(p)``), put back empty: an emptied
+        ``state[p]``, which :meth:`_adopt_replaced` starts afresh; a parameter another rank owns gets back its
+        empty entry (:meth:`_materialize`)."""
+        state = self.state
+        for bucket in self._buckets:
+            for p, _, _ in bucket.views or ():
+                if p not in state:
+                    state[p] = {}
+            if isinstance(bucket.plan, distributed.GatherPlan) and bucket.plan.stateful:
+                for p in bucket.plan.params:
+                    if p not in state:
+                        state[p] = {}
 
     def _start_afresh(self, bucket: _Bucket, emptied: list[int]) -> None:
         """The blocks at ``emptied`` (positions in the bucket) with the state a new optimizer gives them, as
@@ -2346,6 +2417,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self._check_state()
         with _torch_hooks_held(self, "_optimizer_state_dict_post_hooks"):  # run below, on the whole dict
             sd = super().state_dict()  # param_groups (and torch's pre hooks); its "state" holds our live dicts
+        for g in sd["param_groups"]:  # the live groups' overrides are edited in place by a schedule: a dict of its own
+            if isinstance(g.get("overrides"), dict):
+                g["overrides"] = _copied(g["overrides"])
         index = self._index_of()
         state: dict[int, dict[str, Any]] = {}
         for bi, b in enumerate(self._buckets):

@@ -171,11 +171,35 @@ def job_adamw_large(rank, world):
     return out
 
 
+def job_reset_reshape(rank, world):
+    """Every rank empties ``state[p0]`` (which one rank owns), then gives p0 another shape: every rank must take
+    both alike (the state kept with a warning where the rank sees it, then a refusal on every rank), or the ranks
+    would wait on each other in the step's collectives."""
+    grads = gradients(steps=6)
+    params = make_params()
+    opt = kronopt.build(params, "soap", **overrides("soap"))
+    run(opt, params, grads[:3])
+    opt.state[params[0]] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(opt, params, grads[3:])
+    kept = [str(w.message) for w in caught if "cannot start afresh alone" in str(w.message)]
+    params[0].data = torch.zeros(4, 16, dtype=torch.float64)
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone() if p is not params[0] else torch.zeros(4, 16, dtype=torch.float64)
+    try:
+        opt.step()
+        refused = ""
+    except RuntimeError as exc:
+        refused = str(exc)
+    return {"kept": kept, "refused": refused, "after": [p.detach().clone() for p in params[1:]], "owned": owned_entries(opt, params)}
+
+
 JOBS = {
     f.__name__.removeprefix("job_"): f
     for f in (
         job_presets, job_presets_sharded, job_nonfinite, job_state_dict, job_ddp, job_balance, job_adamw_large,
-        job_dykaf_late,
+        job_dykaf_late, job_reset_reshape,
     )
 }
 

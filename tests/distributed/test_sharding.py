@@ -28,7 +28,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return w.spawn(2, ["presets", "nonfinite", "state_dict", "ddp", "adamw_large", "dykaf_late"], tmp_path_factory.mktemp("two"))
+    return w.spawn(
+        2, ["presets", "nonfinite", "state_dict", "ddp", "adamw_large", "dykaf_late", "reset_reshape"], tmp_path_factory.mktemp("two")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +252,15 @@ def test_the_distributed_table_is_validated_and_top_level_only():
     assert paths == ["distributed.shard_work", "fallback.distributed"]
     off = kronopt.resolve("soap", **{"distributed.shard_work": False})
     assert not off.distributed.shard_work and kronopt.loads(kronopt.dumps(off)) == off
+
+
+def test_a_state_emptied_or_a_parameter_reshaped_on_every_rank_is_taken_alike_by_every_rank(two):
+    """An emptied ``state[p]`` cannot start afresh alone under work sharding: its owner warns and keeps it (a
+    refusal there alone left the other ranks waiting in the gather); a reshaped parameter is refused by every rank,
+    not by its owner only."""
+    results = [r["reset_reshape"] for r in two]
+    owners = [r for r, res in enumerate(results) if 0 in res["owned"]]
+    assert len(owners) == 1
+    assert [bool(res["kept"]) for res in results] == [r in owners for r in range(2)]
+    assert all("another shape" in res["refused"] for res in results)
+    _close(results[0]["after"], results[1]["after"])

@@ -186,6 +186,33 @@ def test_overlapping_blocks_of_two_threads_keep_full_precision_until_the_last_cl
     assert seen == ["ieee", "bf16"]
 
 
+def test_a_block_opened_while_another_is_open_runs_at_full_precision_whatever_was_set_between():
+    """A thread's block is open; the process then turns bfloat16 products on and another thread opens a block:
+    that block's products run at full precision too, and the setting comes back when the last block closes."""
+    import threading
+
+    a_open, c_done, seen = threading.Event(), threading.Event(), []
+
+    def a():
+        with linalg.full_float32_products():
+            a_open.set()
+            assert c_done.wait(10)
+
+    def c():
+        assert a_open.wait(10)
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # set by the process while a's block is open
+        with linalg.full_float32_products():
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        c_done.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == ["ieee"] and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
 def test_two_optimizers_stepped_in_two_threads_step_as_alone_under_bfloat16_products():
     if not _bf16_products_change_float32():
         pytest.skip("this CPU's oneDNN runs float32 products alike under the bf16 setting: nothing to show")

@@ -292,19 +292,20 @@ def test_clearing_state_restarts_like_torch_adamw_and_still_checkpoints(how):
     assert torch.equal(again.state_dict()["state"][0]["inner.exp_avg"], ok.state[wk]["inner.exp_avg"])
 
 
-def test_a_state_that_lost_some_entries_is_refused_at_the_next_step(gen):
-    """Catches: one parameter's entry deleted (``del opt.state[p]``) while its bucket's stacks go on: the next
-    step and ``state_dict()`` must say so rather than save a checkpoint without that parameter's tensors."""
+def test_a_deleted_entry_restarts_its_parameter_and_is_saved_whole(gen):
+    """Catches: one parameter's entry deleted (``del opt.state[p]``) while its bucket's stacks go on, and a
+    checkpoint then saved without that parameter's tensors. As torch.optim, the parameter starts afresh
+    (its first call again), and ``state_dict()`` holds its new state."""
     ps = [torch.nn.Parameter(torch.randn(6, 4, generator=gen)) for _ in range(2)]
     opt = kronopt.build(ps, "soap")
     for p in ps:
         p.grad = torch.randn(6, 4, generator=gen)
     opt.step()
     del opt.state[ps[0]]
-    with pytest.raises(RuntimeError, match="lost entries"):
-        opt.step()
-    with pytest.raises(RuntimeError, match="lost entries"):
-        opt.state_dict()
+    saved = opt.state_dict()["state"]
+    assert set(saved) == {0, 1} and saved[0]["calls"] == 0 and torch.is_tensor(saved[0]["factors.L"])
+    opt.step()
+    assert opt.state[ps[0]]["calls"] == 1 and opt.state[ps[1]]["calls"] == 2
 
 
 def test_state_dict_hooks_behave_as_in_torch(gen):

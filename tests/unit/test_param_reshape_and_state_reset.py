@@ -52,7 +52,7 @@ def test_a_parameter_reshaped_after_steps_is_refused_naming_it_with_nothing_chan
     before = [p.detach().clone() for p in (a, w)]
     state = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
     counters = {k: v for k, v in opt.state[a].items() if not torch.is_tensor(v)}
-    with pytest.raises(RuntimeError, match=r"^w was given another shape.*\(12, 8\).*nothing was changed"):
+    with pytest.raises(RuntimeError, match=r"^w was given another shape after the optimizer stacked it as \(12, 8\).*nothing was changed"):
         opt.step()
     assert all(torch.equal(x, p) for x, p in zip(before, (a, w)))
     assert all(torch.equal(v, opt.state[a][k]) for k, v in state.items())
@@ -128,3 +128,51 @@ def test_a_state_that_lost_some_tensors_is_refused_with_nothing_changed(gen):
     with pytest.raises(RuntimeError, match="lost 'factors.L'.*nothing was changed"):
         _step(opt, [a, b], gen)
     assert all(torch.equal(x, p) for x, p in zip(weights, (a, b)))
+
+
+def test_a_parameter_without_a_gradient_reshaped_after_steps_does_not_stop_the_step(gen):
+    """torch.optim skips a parameter with no gradient: a frozen one given another shape is no reason to refuse the
+    others' step (it is refused once it has a gradient)."""
+    w, e = _params(gen, [(6, 4), (5, 3)])
+    e.requires_grad_(False)
+    opt = kronopt.build([w, e], "soap")
+    _step(opt, [w], gen)
+    e.data = torch.randn(3, 5, generator=gen, dtype=e.dtype)
+    _step(opt, [w], gen)
+    e.requires_grad_(True)
+    e.grad = torch.randn(3, 5, generator=gen, dtype=e.dtype)
+    with pytest.raises(RuntimeError, match="another shape"):
+        opt.step()
+
+
+def test_a_reshape_before_the_first_step_that_changes_the_route_is_refused(gen):
+    """muon sends vectors to its AdamW group: a matrix made a vector before the first step would stay in the
+    Muon group, orthogonalised as a column, where a new optimizer routes it away."""
+    w, b = _params(gen, [(8, 6), (6,)], torch.float32)
+    opt = kronopt.build([w, b], "muon")
+    w.data = torch.randn(48, generator=gen)
+    with pytest.raises(RuntimeError, match="route sends to the fallback.*nothing was changed"):
+        _step(opt, [w, b], gen)
+
+
+@pytest.mark.parametrize("how", ["del", "pop"])
+def test_a_deleted_state_entry_restarts_the_parameter_as_torch_does(gen, how):
+    shapes = [(6, 5), (7,)]
+    ours = _params(gen, shapes, torch.float32)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = kronopt.build(ours, "adamw", lr=1e-2)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=opt.param_groups[0]["weight_decay"], betas=(0.9, 0.999), eps=1e-8)
+    for k in range(6):
+        if k == 3:
+            for o, p in ((opt, ours[0]), (ref, theirs[0])):
+                if how == "del":
+                    del o.state[p]
+                else:
+                    o.state.pop(p)
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -144,17 +144,24 @@ def test_every_refused_edit_of_every_group_is_listed_together(gen):
     assert "param_groups[0]['overrides'].inner.eps" in text and "param_groups[1]['overrides'].refresh.every" in text
 
 
-def test_the_period_of_a_staggered_schedule_is_fixed_but_its_offset_moves(gen):
-    opt, params, grads = _built(gen, "soap", **{"refresh.every": 4, "refresh.stagger": True})
-    opt.param_groups[0]["overrides"]["refresh.every"] = 2
+@pytest.mark.parametrize(
+    ("built", "edit"),
+    [
+        ({"refresh.every": 4, "refresh.stagger": True}, {"refresh.every": 2}),
+        # an offset moves the group's schedule, by which groups staggered together balance their phases: a resume
+        # would balance them otherwise than the live run
+        ({"refresh.every": 4, "refresh.stagger": True}, {"refresh.offset": 3}),
+        # one phase (every = 1) does not stagger yet; a period of 4 would, from the next step on
+        ({"refresh.every": 1, "refresh.stagger": True}, {"refresh.every": 4}),
+    ],
+)
+def test_a_staggered_schedule_is_fixed(gen, built, edit):
+    opt, params, grads = _built(gen, "soap", **built)
+    weights = [p.detach().clone() for p in params]
+    opt.param_groups[0]["overrides"].update(edit)
     with pytest.raises(ConfigError, match="staggered"):
         _step(opt, params, grads[0])
-    opt.param_groups[0]["overrides"]["refresh.every"] = 4
-    opt.param_groups[0]["overrides"]["refresh.offset"] = 3
-    counts = [opt.state[p]["basis.refreshes"] for p in params]
-    for call in grads + grads:  # updates 4 … 9: each block once more at least, at its phase shifted by 3
-        _step(opt, params, call)
-    assert all(opt.state[p]["basis.refreshes"] > c for p, c in zip(params, counts))
+    assert all(torch.equal(a, b) for a, b in zip(weights, params))
 
 
 def test_a_dotted_key_set_on_the_live_group_is_one_of_its_overrides(gen):
@@ -198,3 +205,54 @@ def test_a_schedule_survives_save_and_load(gen):
         _step(fresh, other, call)
     assert all(torch.equal(p, q) for p, q in zip(params, other))
     assert fresh.state[other[0]]["basis.refreshes"] == opt.state[params[0]]["basis.refreshes"]
+
+
+def test_a_fallback_key_belongs_to_the_fallback_group(gen):
+    """muon routes the vector to an AdamW group: a ``fallback.…`` edit in the main group's overrides would change a
+    config nothing steps with (it was taken and ignored), so it is refused pointing to the fallback group, whose own
+    edit is named as the user writes it."""
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(6, generator=gen, dtype=torch.float64))
+    opt = kronopt.build([w, b], "muon")
+    main, fallback = (opt.param_groups[k] for k in (0, 1))
+    assert (main["pipeline"], fallback["pipeline"]) == ("main", "fallback")
+    main["overrides"]["fallback.inner.betas"] = [0.5, 0.5]
+    with pytest.raises(ConfigError, match=r"param_groups\[0\]\['overrides'\]\.fallback\.inner\.betas.*fallback"):
+        _step(opt, [w, b], [torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)])
+    del main["overrides"]["fallback.inner.betas"]
+    fallback["overrides"]["fallback.inner.betas"] = [0.5, 0.5]
+    with pytest.raises(ConfigError, match=r"param_groups\[1\]\['overrides'\]\.fallback\.inner\.betas: is fixed"):
+        _step(opt, [w, b], [torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)])
+
+
+def test_a_saved_state_dict_keeps_the_overrides_it_was_saved_with(gen):
+    """The documented schedule edits the live dict in place: a state dict taken before keeps its own values."""
+    opt, params, grads = _built(gen, "soap", **{"refresh.every": 10})
+    saved = opt.state_dict()
+    opt.param_groups[0]["overrides"]["refresh.every"] = 2
+    assert saved["param_groups"][0]["overrides"]["refresh.every"] == 10
+
+
+def test_a_tensor_rate_filled_in_place_is_no_edit_of_the_overrides(gen):
+    """A group built with a tensor ``lr`` that a scheduler fills in place: a later schedule edit is taken, not
+    refused as an edit of ``lr``."""
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    opt = kronopt.build([{"params": params, "lr": lr, "refresh.every": 10}], "soap")
+    grads = _grads(gen, 4)
+    _step(opt, params, grads[0])
+    lr.fill_(1e-3)
+    opt.param_groups[0]["overrides"]["refresh.every"] = 1
+    refreshes = opt.state[params[0]]["basis.refreshes"]
+    for call in grads[1:]:
+        _step(opt, params, call)
+    assert opt.state[params[0]]["basis.refreshes"] == refreshes + 3
+
+
+def test_a_config_name_set_on_the_live_group_is_an_edit_of_its_overrides(gen):
+    """``group["compile"] = True`` is a config key as when the group was made: refused, not ignored."""
+    opt, params, grads = _built(gen, "soap")
+    opt.param_groups[0]["compile"] = True
+    with pytest.raises(ConfigError, match=r"overrides'\]\.compile: is fixed"):
+        _step(opt, params, grads[0])
+    assert opt.param_groups[0]["overrides"]["compile"] is True and "compile" not in opt.param_groups[0]
