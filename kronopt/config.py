@@ -150,12 +150,21 @@ class Storage:
         return {"factors": self.factors, "basis": self.basis, "inner": self.moments, "split": self.moments, "post": self.moments}
 
 
+#: why a fallback's route may be given only at its defaults (as dumps writes it)
+_FALLBACK_ROUTE = (
+    "a fallback routes nothing: its parameters were sent to it by the top-level config's route, and it has no "
+    "fallback of its own; set route at the top level"
+)
+
+
 def _fallback_settings(_inst: Any, _attr: Any, fallback: "KronConfig | None") -> None:
-    """A fallback config built in Python holds the :data:`FALLBACK_AT_DEFAULT` values at their defaults, as a
-    ``[fallback]`` table must (a config its dump would not load again)."""
+    """A fallback config built in Python holds the :data:`FALLBACK_AT_DEFAULT` values and its route at their
+    defaults, as a ``[fallback]`` table must (a config its dump would not load again)."""
     if fallback is None:
         return
     given = [f"{f.name} = {getattr(fallback, f.name)!r}" for f in _off_default({n: getattr(fallback, n) for n in FALLBACK_AT_DEFAULT})]
+    if fallback.route != Route():
+        raise ValueError(f"the fallback sets route = {fallback.route!r}: {_FALLBACK_ROUTE}")
     if given:
         raise ValueError(
             f"the fallback sets {', '.join(given)}: these are read from the top-level config for every parameter, "
@@ -478,6 +487,8 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
     for name, cls in _records(allow_fallback).items():
         if name in raw:
             kwargs[name] = _build_record(cls, raw[name], _join(prefix, name), errors)
+    if not allow_fallback and isinstance(kwargs.get("route"), Route) and kwargs["route"] != Route():
+        errors.append((_join(prefix, "route"), _FALLBACK_ROUTE))
     if allow_fallback and "fallback" in raw:
         kwargs["fallback"] = _build_config(raw["fallback"], _join(prefix, "fallback"), errors, allow_fallback=False)
     if len(errors) > found:
@@ -860,6 +871,8 @@ def _evolve_config(
         else:
             table = {**_record_dict(record), **{k: v for k, v in sub.items() if k not in nested}}
             kwargs[name] = _build_record(_RECORDS[name], table, path, errors)
+            if name == "route" and not allow_fallback and isinstance(kwargs[name], Route) and kwargs[name] != Route():
+                errors.append((path, _FALLBACK_ROUTE))
     if len(errors) > found:
         _check_compatible_anyway(
             lambda ok: attrs.evolve(cfg, **ok), kwargs, prefix, errors, allow_fallback=allow_fallback,
