@@ -384,13 +384,14 @@ def _fallback_at_default(kwargs: Mapping[str, Any], prefix: str, errors: list[tu
 
 
 def without_fallback_settings(raw: Any) -> Any:
-    """A saved config (a :func:`to_dict`) without its ``[fallback]`` table's :data:`FALLBACK_AT_DEFAULT` keys:
-    kronopt before they were refused there accepted any value and ignored it (the step read the top-level one),
-    so dropping them loads such a config as its run stepped."""
+    """A saved config (a :func:`to_dict`) without its ``[fallback]`` table's :data:`FALLBACK_AT_DEFAULT` keys and
+    ``route``: kronopt before they were refused there accepted any value and ignored it (the step read the
+    top-level one; a fallback routes nothing), so dropping them loads such a config as its run stepped."""
     fallback = raw.get("fallback") if isinstance(raw, Mapping) else None
-    if not isinstance(fallback, Mapping) or not any(k in fallback for k in FALLBACK_AT_DEFAULT):
+    ignored = (*FALLBACK_AT_DEFAULT, "route")
+    if not isinstance(fallback, Mapping) or not any(k in fallback for k in ignored):
         return raw
-    return {**raw, "fallback": {k: v for k, v in fallback.items() if k not in FALLBACK_AT_DEFAULT}}
+    return {**raw, "fallback": {k: v for k, v in fallback.items() if k not in ignored}}
 
 
 # -- building --------------------------------------------------------------------------

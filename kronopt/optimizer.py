@@ -335,7 +335,8 @@ class _Pending:
 
 def _numbers_config(raw: Any) -> Any:
     """A saved config without the keys that do not change the numbers (:data:`_SAME_NUMBERS`: ``[distributed]``,
-    ``bucket_cap_mib``), to compare a saved config with the running one. Keys a saved config
+    ``bucket_cap_mib``; options left unread, :func:`_without_unread`), to compare a saved config with the running
+    one. Keys a saved config
     lacks (written before they existed, e.g. ``[storage]``) take their defaults."""
     if isinstance(raw, dict):
         try:
@@ -348,10 +349,20 @@ def _numbers_config(raw: Any) -> Any:
             pass
     if not isinstance(raw, dict):
         return raw
-    kept = {k: v for k, v in raw.items() if k not in _SAME_NUMBERS}
+    kept = _without_unread({k: v for k, v in raw.items() if k not in _SAME_NUMBERS})
     if isinstance(kept.get("fallback"), dict):  # a [fallback] table's cap is ignored
-        kept["fallback"] = {k: v for k, v in kept["fallback"].items() if k not in _SAME_NUMBERS}
+        kept["fallback"] = _without_unread({k: v for k, v in kept["fallback"].items() if k not in _SAME_NUMBERS})
     return _typed(kept)
+
+
+def _without_unread(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the stage options its other options leave unread: projector splitting's
+    ``power_iters`` where its ``init_solver`` is not ``"power"`` (its default changed from 20 to 100; the SVD
+    reads none of it)."""
+    factors = raw.get("factors")
+    if isinstance(factors, dict) and factors.get("type") == "projector_splitting" and factors.get("init_solver", "svd") != "power":
+        return {**raw, "factors": {k: v for k, v in factors.items() if k != "power_iters"}}
+    return raw
 
 
 #: top-level keys that change no number of the trajectory: sharding gives the same parameters, and a

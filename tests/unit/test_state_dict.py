@@ -516,3 +516,48 @@ def test_merged_rank_dicts_list_the_blocks_in_their_buckets_order():
 
     merged = distributed.merge_state_dicts([rank_dict(1), rank_dict(0)])
     assert list(merged["state"]) == [11, 2, 0, 10, 1]
+
+
+def test_a_checkpoint_whose_fallback_routed_resumes_as_its_run_stepped():
+    """kronopt before the refusal took a ``[fallback.route]`` and ignored it (a fallback routes nothing): such a
+    checkpoint rebuilds with ``from_state_dict`` and loads into the preset without a warning, bit for bit."""
+    import warnings
+
+    def make():
+        g = torch.Generator().manual_seed(3)
+        return [("w", torch.nn.Parameter(torch.randn(6, 4, generator=g))), ("b", torch.nn.Parameter(torch.randn(4, generator=g)))]
+
+    named = make()
+    opt = kronopt.build(named, "muon")
+    for _ in range(3):
+        for _, p in named:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    sd = opt.state_dict()
+    sd["kronopt"]["config"]["fallback"]["route"] = {"vectors": "fallback", "fallback_names": ["embed"]}
+    rebuilt = kronopt.from_state_dict([(n, torch.nn.Parameter(p.detach().clone())) for n, p in named], sd)
+    assert rebuilt.config.fallback.route == kronopt.config.Route()
+    other = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
+    fresh = kronopt.build(other, "muon")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(sd)
+
+
+def test_a_dykaf_checkpoint_of_another_power_iters_default_loads_without_a_warning_where_the_svd_starts():
+    """``power_iters`` (20 before, 100 now) is read by the power solver only: a checkpoint saved with the old default
+    and the SVD solver steps alike, so loading it says nothing; with ``init_solver = "power"`` it warns."""
+    import warnings
+
+    for solver, warns in (("svd", False), ("power", True)):
+        params = [torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(4)))]
+        opt = kronopt.build(params, "dykaf", **{"factors.init_solver": solver})
+        params[0].grad = torch.randn(6, 4)
+        opt.step()
+        sd = opt.state_dict()
+        sd["kronopt"]["config"]["factors"]["power_iters"] = 20
+        fresh = kronopt.build([torch.nn.Parameter(params[0].detach().clone())], "dykaf", **{"factors.init_solver": solver})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fresh.load_state_dict(sd)
+        assert any("different config" in str(w.message) for w in caught) == warns, solver
