@@ -81,7 +81,9 @@ def full_float32_products() -> Iterator[None]:
     state, so its later ``get_float32_matmul_precision()`` still answers. The settings are the process's:
     another thread's products during the block run at full precision too, and where blocks of several
     threads overlap (two optimizers stepped in two threads) the settings are put back when the last of them
-    closes, not by the first under the others. No host synchronisation (a lock held for the read and the set).
+    closes, not by the first under the others: to the last value other than ``"ieee"`` a block found on entry
+    (a setting changed to ``"ieee"`` while a block is open is not seen). No host synchronisation (a lock held for
+    the read and the set).
     """
     global _full_products_open, _full_products_saved
     with _FULL_PRODUCTS_LOCK:

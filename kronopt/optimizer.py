@@ -648,6 +648,14 @@ class KronOptimizer(torch.optim.Optimizer):
                 errors += [(f"{where}.{p}" if p else where, m) for p, m in exc.errors]
                 continue
             old = self._group_cfgs[i]
+            if fallback:  # the main pipeline's keys, which this group's copy of the overrides also holds
+                for key in changed_keys(self._with_overrides(was), self._with_overrides(now)):
+                    if key not in (*SCHEDULABLE, "lr", "weight_decay"):  # a schedule edited in every group is the main's
+                        errors.append((
+                            f"{where}.{key}",
+                            "sets the main pipeline, which this group (its 'pipeline' is 'fallback') does not step: edit "
+                            f"the main group's overrides, or the fallback's own key fallback.{key}",
+                        ))
             staggered = _staggers(old) or _staggers(cfg)
             for key in changed_keys(old, cfg):
                 named = f"{where}.fallback.{key}" if fallback else f"{where}.{key}"
@@ -1559,15 +1567,16 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _restore_deleted(self) -> None:
         """Entries taken out of ``self.state`` (``del state[p]``, ``state.pop(p)``), put back empty: an emptied
-        ``state[p]``, which :meth:`_adopt_replaced` starts afresh; a parameter another rank owns gets back its
-        empty entry (:meth:`_materialize`)."""
+        ``state[p]``, which :meth:`_adopt_replaced` starts afresh (or keeps, under work sharding and FSDP2); a
+        parameter another rank owns gets back its empty entry (:meth:`_materialize`)."""
         state = self.state
         for bucket in self._buckets:
             for p, _, _ in bucket.views or ():
                 if p not in state:
                     state[p] = {}
-            if isinstance(bucket.plan, distributed.GatherPlan) and bucket.plan.stateful:
-                for p in bucket.plan.params:
+            plan = bucket.plan
+            if bucket.fsdp is not None or (isinstance(plan, distributed.GatherPlan) and plan.stateful):
+                for p in plan.params:  # type: ignore[union-attr]
                     if p not in state:
                         state[p] = {}
 

@@ -219,7 +219,8 @@ class RunResult:
 
     Attributes:
         status: ``"ok"`` or ``"diverged"`` (a non-finite training or validation loss
-            stopped the run; ``reason`` says where).
+            stopped the run, or the optimizer's ``FloatingPointError``: config ``nonfinite = "raise"``
+            or ``max_skipped_steps``; ``reason`` says where).
         steps_done: optimizer steps taken.
         skipped_steps: steps in which the optimizer skipped an update for a non-finite gradient or update
             (config ``nonfinite = "warn"`` or ``"skip"``: the whole step under ``nonfinite_scope = "step"``,
@@ -439,7 +440,11 @@ def train(
                 loss.backward()
                 sync()
                 t1 = time.perf_counter()
-                opt.step()
+                try:
+                    opt.step()
+                except FloatingPointError as exc:  # nonfinite = "raise", or max_skipped_steps reached: the run diverged
+                    status, reason = "diverged", f"the optimizer stopped at step {step}: {exc}"
+                    break
                 sync()
                 t2 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)

@@ -210,20 +210,6 @@ class ProjectorSplittingFactors:
             return False
         return "restricted" in (layout.left, layout.right) or layout.left == layout.right == "full"
 
-    def restricted_conflict(self) -> tuple[str, str] | None:
-        """Why these options cannot keep a restricted side (the option and the reason), or ``None``: the config
-        check names it with the config's other problems, before anything is built."""
-        wrong = [f"{key} = {value!r}" for key, value, wanted in (
-            ("variant", self.variant, "ksl"), ("init", self.initialization, "kron")
-        ) if value != wanted]
-        if not wrong:
-            return None
-        option = "variant" if self.variant != "ksl" else "init"
-        return option, (
-            f"factors 'projector_splitting' keeps a restricted side only with variant = 'ksl' and init = 'kron' "
-            f"(got {' and '.join(wrong)})"
-        )
-
     # -- restricted side (kept on the right; a left one runs on Gᵀ) ------------------------------
     def _init_restricted(self, layout: Layout, dtype: torch.dtype, device: torch.device) -> ProjectorSplittingState:
         full, restricted = (layout.left, layout.right) if layout.right == "restricted" else (layout.right, layout.left)

@@ -230,12 +230,23 @@ def job_misc(rank, world, out_dir):
         merge_error = None
     except ValueError as exc:
         merge_error = str(exc)
-    return {
+    out = {
         "params": full(model),
         "pipelines": [(g["pipeline"], g.get("param_names"), g["lr"]) for g in opt.param_groups],
         "summary": opt.bucket_summary(),
         "merge_error": merge_error,
     }
+    # every parameter's entry deleted on rank 1 only: its state is kept (it cannot start afresh alone under FSDP2),
+    # and every rank steps on together (an error on rank 1 alone left rank 0 waiting in the step's collectives)
+    if rank == 1:
+        for p in list(opt.state):
+            del opt.state[p]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, opt, data(2), rank, world)
+    out["after_delete"] = full(model)
+    out["entries_after_delete"] = len(opt.state)
+    return out
 
 
 def job_dcp(rank, world, out_dir):

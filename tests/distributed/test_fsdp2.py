@@ -231,3 +231,12 @@ def test_a_failing_eigh_keeps_the_basis_under_fsdp2_as_in_one_process(two):
     joined = {name: count for r in two for name, count in r["eigh"]["failures"].items()}
     assert joined == expected["failures"]
     assert all(joined[name] > 0 for name in ("a.weight", "b.weight", "c"))
+
+
+def test_entries_deleted_on_one_rank_keep_their_state_and_every_rank_steps_on(two):
+    """``del opt.state[p]`` on rank 1 only, for every parameter: under FSDP2 the state is kept (with a warning where
+    the rank owns the block), the entries are back, and both ranks take the next steps together."""
+    a, b = (r["misc"] for r in two)
+    assert a["entries_after_delete"] == b["entries_after_delete"] > 0
+    for name in a["after_delete"]:
+        torch.testing.assert_close(a["after_delete"][name], b["after_delete"][name], rtol=0, atol=0)

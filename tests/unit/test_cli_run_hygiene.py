@@ -91,6 +91,23 @@ def test_train_records_and_prints_the_steps_the_optimizer_skipped(tmp_path, caps
     assert rc == 0
 
 
+def test_an_optimizer_that_stops_the_run_makes_it_diverged_not_a_traceback(tmp_path, capsys, quiet):
+    """``nonfinite = "raise"`` (the advice the skipped-steps line gives) raises FloatingPointError at the first
+    non-finite update: the run ends "diverged" with its reason and summary, as a non-finite loss does, and an
+    ablation counts the unit diverged (cached), not failed."""
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "adamw", "--set", "inner.type=sgd", "--set", f"lr={HUGE_LR}", "--set", "nonfinite=raise",
+            "--steps", "4", "--warmup", "0", *TINY, "--out", str(out)]
+    rc, stdout, _ = run(argv, capsys)
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 1 and summary["status"] == "diverged" and "optimizer stopped at step 2" in summary["reason"]
+    ablation = parse_ablation({"ablation": {"base": "adamw", "set": {"inner.type": "sgd", "nonfinite": "raise"}},
+                               "tune": {"lr": [1e-3, HUGE_LR]}, "variant": [{"name": "raise"}]})
+    result = run_ablation(ablation, task=TINY_TASK, out_dir=tmp_path / "ab", progress=False)
+    (variant,) = result.variants
+    assert variant.best_lr == 1e-3 and [u.status for u in variant.units] == ["ok", "diverged"]
+
+
 def test_ablate_counts_a_run_that_skipped_steps_as_diverged(tmp_path, quiet):
     """At lr 1e30 every update after the first is skipped and the loss sits near ln 256, which on a tiny task can
     beat a real lr: such a run must count as +inf, so the grid picks the lr that trained."""

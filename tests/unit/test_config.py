@@ -265,22 +265,6 @@ def test_with_overrides_reports_malformed_keys_together():
     ]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "key", "says"),
-    [
-        ({"factors.variant": "parallel"}, "factors.variant", "variant = 'parallel'"),
-        ({"factors.init": "eps"}, "factors.init", "init = 'eps'"),
-        ({"factors.variant": "parallel", "factors.init": "sum"}, "factors.variant", "variant = 'parallel' and init = 'sum'"),
-    ],
-)
-def test_pro_dykaf_options_a_restricted_side_cannot_take_are_refused_by_the_config(overrides, key, says):
-    """The projector-splitting restricted side runs the KSL step from the kron start only: the config check says
-    so with the config's other problems (it was a ValueError when the optimizer made its state)."""
-    with pytest.raises(kronopt.ConfigError) as info:
-        kronopt.resolve("pro_dykaf", **overrides)
-    assert key in str(info.value) and says in str(info.value)
-
-
 def test_a_fallback_route_is_refused_but_at_its_defaults():
     """A fallback has no fallback of its own and its parameters were routed by the top-level config: a route in
     it was accepted and did nothing. Refused in TOML, in overrides and in Python; muon's dump (which writes the

@@ -256,3 +256,23 @@ def test_a_config_name_set_on_the_live_group_is_an_edit_of_its_overrides(gen):
     with pytest.raises(ConfigError, match=r"overrides'\]\.compile: is fixed"):
         _step(opt, params, grads[0])
     assert opt.param_groups[0]["overrides"]["compile"] is True and "compile" not in opt.param_groups[0]
+
+
+def test_a_fallback_group_refuses_the_main_pipelines_keys_but_a_schedule_set_in_every_group(gen):
+    """A fallback group holds a copy of its user group's overrides: an edit of a main-pipeline key there changed
+    nothing (taken silently); it is refused now, while a schedule set in every group, as docs/configs.md's loop
+    does, is the main group's and passes."""
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(6, generator=gen, dtype=torch.float64))
+    opt = kronopt.build([w, b], "kl_shampoo")
+    grads = [[torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)] for _ in range(3)]
+    _step(opt, [w, b], grads[0])
+    for g in opt.param_groups:
+        g["overrides"]["refresh.every"] = 1
+    _step(opt, [w, b], grads[1])
+    assert opt._group_cfgs[0].refresh.every == 1
+    fallback = opt.param_groups[1]
+    assert fallback["pipeline"] == "fallback"
+    fallback["overrides"]["state_dtype"] = "float64"
+    with pytest.raises(ConfigError, match=r"param_groups\[1\]\['overrides'\]\.state_dtype: sets the main pipeline"):
+        _step(opt, [w, b], grads[2])
