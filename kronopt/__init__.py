@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bases, factors, inner_rules, refresh, splits  # noqa: F401  (registers the built-ins)
-from .config import ConfigError, KronConfig, apply_overrides, dumps, from_dict, load, loads, to_dict, with_overrides
+from .config import ConfigError, KronConfig, apply_overrides, dumps, from_dict, load, loads, read_toml, to_dict, with_overrides
 from .optimizer import KronOptimizer
 from .presets import PRESETS
 from .registry import BASES, FACTORS, INNER_RULES, REFRESH, SLOTS, SPLITS, PluginLoadError, Registry
@@ -45,8 +45,6 @@ __all__ = [
 
 
 def _raw(spec: str | Path | Mapping[str, Any] | KronConfig) -> dict[str, Any]:
-    import tomllib
-
     if isinstance(spec, KronConfig):
         return to_dict(spec)
     if isinstance(spec, Mapping):
@@ -55,15 +53,7 @@ def _raw(spec: str | Path | Mapping[str, Any] | KronConfig) -> dict[str, Any]:
         return to_dict(PRESETS[spec])
     path = Path(spec)
     if path.suffix == ".toml" or path.exists():
-        try:
-            return tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError([("", f"cannot read config file {str(path)!r}: {exc.strerror or exc}")]) from exc
-        except UnicodeDecodeError as exc:  # TOML is UTF-8 only
-            raise ConfigError([("", f"{str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
-                                f"offset {exc.start}); a TOML file must be UTF-8")]) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([("", f"{str(path)!r} is not valid TOML: {exc}")]) from exc
+        return read_toml(path)[0]
     raise ConfigError([("", f"unknown preset {str(spec)!r}; presets: {', '.join(PRESETS)}; or give a .toml path or a dict")])
 
 

@@ -685,19 +685,26 @@ def loads(text: str) -> KronConfig:
     return from_dict(raw)
 
 
-def load(path: str | Path) -> KronConfig:
+def read_toml(path: str | Path, what: str = "config file") -> tuple[dict[str, Any], str]:
+    """A TOML file's table and its text, or a :class:`ConfigError` naming the file: it cannot be read, is not
+    UTF-8 (TOML is UTF-8 only) or is not TOML. ``what`` names the kind of file in the first message."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([("", f"cannot read config file {str(path)!r}: {exc.strerror or exc}")]) from exc
-    except UnicodeDecodeError as exc:  # TOML is UTF-8 only
+        raise ConfigError([("", f"cannot read {what} {str(path)!r}: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
         raise ConfigError([("", f"{str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                             f"{exc.start}); a TOML file must be UTF-8")]) from exc
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("", f"{str(path)!r} is not valid TOML: {exc}")]) from exc
+
+
+def load(path: str | Path) -> KronConfig:
+    path = Path(path)
+    raw, _ = read_toml(path)
     return from_dict(raw)
 
 

@@ -59,9 +59,9 @@ def no_autocast() -> Iterator[None]:
             stack.enter_context(torch.autocast(t, enabled=False))
         yield
 
-#: :func:`full_float32_products`' blocks open in any thread, and the settings the first of them found (put back
-#: when the last closes): the settings are the process's, so a block that closes while another thread's is open
-#: must not put them back under it
+#: :func:`full_float32_products`' blocks open in any thread, and the settings to put back when the last closes
+#: (the last value other than "ieee" a block found on entry): the settings are the process's, so a block that
+#: closes while another thread's is open must not put them back under it
 _FULL_PRODUCTS_LOCK = threading.Lock()
 _full_products_open = 0
 _full_products_saved: list[tuple[Any, str]] = []

@@ -40,8 +40,8 @@ _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr", "na
 
 #: the keys of a group's ``overrides`` that a step takes up when they are edited after the group was made: the
 #: refresh period f, its offset and the factors' retention ρ, which may be scheduled (shared/specs/soap.md §3). The
-#: others shape the buckets or the state when the group is made (an edit of one is refused, naming it); the rate
-#: and the decay are the group's own ``lr`` and ``weight_decay``
+#: others are fixed when the group is made (its stages are resolved once; many shape the buckets or the state), and
+#: an edit of one is refused, naming it; the rate and the decay are the group's own ``lr`` and ``weight_decay``
 SCHEDULABLE: tuple[str, ...] = ("refresh.every", "refresh.offset", "factors.beta")
 #: param-group keys that label a group for the frameworks around the optimizer (Lightning's LearningRateMonitor
 #: names a group's curve by ``name``): kept on the routed groups, read by no stage

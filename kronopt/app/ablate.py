@@ -33,7 +33,6 @@ import json
 import math
 import os
 import statistics
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +40,7 @@ from typing import Any, Literal
 import attrs
 
 import kronopt
-from kronopt.config import ConfigError, KronConfig, to_dict
+from kronopt.config import ConfigError, KronConfig, read_toml, to_dict
 
 from . import _args
 from ._extras import MissingExtraError, pyplot
@@ -412,16 +411,7 @@ def read_ablation(path: str | Path) -> tuple[Ablation, str]:
             (:func:`parse_ablation`).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        raw = tomllib.loads(text)
-    except OSError as exc:
-        raise ConfigError([("", f"cannot read ablation file {str(path)!r}: {exc.strerror or exc}")]) from exc
-    except UnicodeDecodeError as exc:  # TOML is UTF-8 only
-        raise ConfigError([("", f"{str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                            f"{exc.start}); a TOML file must be UTF-8")]) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([("", f"{str(path)!r} is not valid TOML: {exc}")]) from exc
+    raw, text = read_toml(path, "ablation file")
     return parse_ablation(raw, name=path.stem, relative_to=path.parent), text
 
 

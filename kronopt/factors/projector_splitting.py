@@ -112,8 +112,8 @@ class ProjectorSplittingFactors:
         initialization: ``"kron"``, ``"kron_reference"``, ``"eps"`` or ``"sum"`` (``"zeros"`` is rejected).
         init_solver: ``"svd"`` (batched SVD) or ``"power"`` for the first call's triplet.
         power_iters: iterations of the ``"power"`` solver, ≥ 1 (100, the authors' count: its error falls as
-            :math:`(\sigma_2/\sigma_1)^{2k}`, and a Gaussian gradient's ratio is 0.94–0.98, where 20 left the
-            ``kron`` start 0.2–1.3 off in relative error).
+            :math:`(\sigma_2/\sigma_1)^{2k}`, and a 64 × 64 Gaussian gradient's ratio is 0.94–0.98, where 20
+            left the ``kron`` start 0.2–1.3 off in relative error; nearer 1 on larger blocks, see docs/dykaf.md).
         one_sided: the factor of a block with one side not rotated: ``"ema"`` (SOAP) or ``"sum"`` (authors').
 
     **Restricted side** (rank ``r``, right shown; ``docs/pro.md``; ``variant = "ksl"``,
