@@ -1904,7 +1904,7 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     counts = {
         "steps": p.integer("--steps", _given(args, "steps"), minimum=1),
         "warmup": p.integer("--warmup", _given(args, "warmup"), minimum=0),
-        "threads": p.integer("--threads", _given(args, "threads"), minimum=0, maximum=_MAX_THREADS),
+        "threads": p.integer("--threads", _given(args, "threads"), minimum=0, maximum=_args.MAX_THREADS),  # the rule every command shares
         "seed": p.integer("--seed", _given(args, "seed"), minimum=0, maximum=2**63 - 1),
         "repeat": p.integer("--repeat", _given(args, "repeat"), minimum=1),
     }
@@ -1983,8 +1983,6 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     )
 
 
-#: the most threads ``--threads`` sets: the rule every command shares (:data:`kronopt.app._args.MAX_THREADS`)
-_MAX_THREADS = _args.MAX_THREADS
 #: the most ranks ``--world`` runs: each is a process of its own with torch loaded (:data:`_RANK_BYTES` of memory before
 #: any parameter) and threads of its own, so ranks past a few per CPU time the scheduler, not the optimizers
 _MAX_WORLD = 4 * (os.cpu_count() or 1)

@@ -46,7 +46,7 @@ import kronopt
 from kronopt import linalg
 from kronopt.inspection import bucket_views
 from kronopt.bases import EighBasis
-from kronopt.registry import FACTORS, PluginError, PluginLoadError
+from kronopt.registry import FACTORS, SLOTS, PluginError, PluginLoadError
 from kronopt.types import Layout, StepContext, capabilities
 
 from . import _args
@@ -359,7 +359,7 @@ def hessian_lacks(cfg: Any) -> list[str]:
             continue
         stage = getattr(cfg, slot)
         if field not in attrs.fields_dict(type(stage)):
-            kind = kronopt.to_dict(cfg)[slot].get("type", type(stage).__name__)
+            kind = SLOTS[slot].key_of(type(stage))
             lacking.append(f"{key}, which its {slot} {kind!r} {'lack' if slot.endswith('s') else 'lacks'}")
     return lacking
 

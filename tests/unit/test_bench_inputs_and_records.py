@@ -9,7 +9,7 @@ import types
 import pytest
 
 import kronopt
-from kronopt.app import bench, cli
+from kronopt.app import _args, bench, cli
 
 TINY = ["--shapes", "8x4,4", "--steps", "2", "--warmup", "1", "--threads", "1"]
 
@@ -57,7 +57,7 @@ def test_a_peer_whose_state_cannot_be_read_keeps_its_times_and_the_others_rows(o
 def test_threads_beyond_the_bound_are_an_argument_error(capsys, monkeypatch):
     monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("ran"))
     assert cli.main(["bench", "adamw", *TINY[:-2], "--threads", "2147483648"]) == 2
-    assert f"--threads: must be ≤ {bench._MAX_THREADS}, got 2147483648" in capsys.readouterr().err
+    assert f"--threads: must be ≤ {_args.MAX_THREADS}, got 2147483648" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags", [["--shapes", "99999999999x99999999999"], ["--d", "1000000", "--layers", "1"]])
