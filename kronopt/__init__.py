@@ -4,6 +4,7 @@ Importing the package registers every built-in stage.
 """
 
 from collections.abc import Iterable, Mapping
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,11 @@ def _raw(spec: str | Path | Mapping[str, Any] | KronConfig) -> dict[str, Any]:
         return dict(spec)
     if isinstance(spec, str) and spec in PRESETS:
         return to_dict(PRESETS[spec])
+    if not isinstance(spec, (str, PathLike)):
+        raise TypeError(
+            f"a config spec is a preset name, a TOML path, a dict or a KronConfig, not a {type(spec).__name__}"
+            " (kronopt.build takes the parameters first: build(model.named_parameters(), 'soap'))"
+        )
     path = Path(spec)
     if path.suffix == ".toml" or path.exists():
         return read_toml(path)[0]

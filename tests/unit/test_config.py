@@ -4,6 +4,7 @@ import pathlib
 
 import attrs
 import pytest
+import torch
 
 import kronopt
 from kronopt.config import ConfigError, apply_overrides
@@ -105,6 +106,16 @@ def test_unknown_preset_and_missing_file_and_bad_toml(tmp_path):
     bad.write_text("lr = = 1")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         kronopt.resolve(str(bad))
+
+
+def test_a_spec_of_another_type_is_refused_with_the_argument_order_named():
+    model = torch.nn.Linear(3, 2)
+    # the arguments swapped: the spec is the parameters' generator (a TypeError from pathlib before)
+    with pytest.raises(TypeError, match=r"not a generator \(kronopt.build takes the parameters first"):
+        kronopt.build("soap", model.named_parameters())
+    with pytest.raises(TypeError, match="not a list"):
+        kronopt.resolve([("w", model.weight)])
+    assert kronopt.resolve(pathlib.Path(__file__).parents[2] / "configs" / "soap.toml") == kronopt.resolve("soap")
 
 
 def test_toml_writer_handles_special_floats_and_strings():
