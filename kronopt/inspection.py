@@ -70,8 +70,9 @@ class ParamView:
         step: parameter updates taken (the bucket's counter).
         calls: ``step()`` calls that reached the parameter (``step`` plus a first call that only observes).
         left, right: the two sides.
-        second_moment: the inner rule's second moment in the basis ``(m n)`` when the
-            rule declares one (``second_moment``), else ``None``.
+        second_moment: the inner rule's second moment in the basis when the rule declares
+            one (``second_moment``), else ``None``: ``(m n)``, or ``(m r)`` / ``(r n)`` where the
+            right / left side is restricted to ``r`` directions (pro_soap, pro_dykaf).
         records: per slot (``factors``, ``basis``, ``inner``, ``split``, ``post``), the
             stage's state for this block: ``{field: tensor}`` (tensors with the block
             dimension only; counters and flags shared by the bucket are left out).

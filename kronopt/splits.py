@@ -7,6 +7,7 @@ rank-r subspace plus a flat eigenvalue and orthogonalizes the complement.
 """
 
 import math
+from fractions import Fraction
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -64,9 +65,10 @@ def _scale_rule(value: Any) -> str | float:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"must be one of {', '.join(map(repr, _SCALE_RULES))} or a number > 0, got {value!r}")
-    if not value > 0:
+    out = to_float(value)  # a finite float (inf would make every complement step non-finite: each skipped)
+    if not out > 0:
         raise ValueError(f"a numeric complement scale must be > 0, got {value!r}")
-    return float(value)
+    return out
 
 
 @SPLITS.register(
@@ -106,7 +108,7 @@ class LowRankFlatSplit:
     Alternatives: ``"muon"`` :math:`\sqrt{\max(1, m/n)}`, ``"match_rms_adamw"``
     :math:`0.2\sqrt{\max(m, n)}`, or a number; times ``complement_mult``.
 
-    The rank is ``rank`` (an integer) or ``floor(rank · d)`` (a float fraction),
+    The rank is ``rank`` (an integer) or ``floor(rank · d)`` (a float fraction, taken as written: 0.29 of 100 is 29),
     capped at ``max_rank`` when that is > 0. A rank ``≥ d`` keeps the side ``"full"``:
     the block is then exactly KL-Shampoo's (no complement). A side the shape policy
     does not rotate is never restricted.
@@ -147,6 +149,10 @@ class LowRankFlatSplit:
     ns_restarts: str | tuple[int, ...] = attrs.field(default="auto", converter=auto_or_int_tuple)
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.complement_scale, str) and not math.isfinite(self.complement_scale * self.complement_mult):
+            raise ValueError(
+                f"complement_scale × complement_mult must be finite, got {self.complement_scale!r} × {self.complement_mult!r}"
+            )
         linalg.check_ns_options(
             self.ns_form, self.ns_restarts, self.ns_steps, self.ns_coefficients, self.ns_dtype,
             names=("ns_coefficients", "ns_dtype"),
@@ -154,7 +160,8 @@ class LowRankFlatSplit:
 
     def resolve_rank(self, d: int) -> int:
         """The rank on a side of size ``d`` (may be ``≥ d``: then the side stays full)."""
-        r = self.rank if isinstance(self.rank, int) else math.floor(self.rank * d)
+        # the fraction as written (0.29 is 29/100, whose float product with 100 reads 28.999…96)
+        r = self.rank if isinstance(self.rank, int) else math.floor(Fraction(repr(self.rank)) * d)
         return min(r, self.max_rank) if self.max_rank > 0 else r
 
     def sides(self, m: int, n: int, rotated: tuple[bool, bool]) -> tuple[tuple[SideKind, int], tuple[SideKind, int]]:

@@ -53,6 +53,15 @@ def test_sides_resolve_rank_and_side():
     assert LowRankFlatSplit(rank=1.0).sides(8, 20, (True, True)) == (("full", 0), ("full", 0))
 
 
+@pytest.mark.parametrize("rank,d,r", [(0.29, 100, 29), (0.57, 100, 57), (0.58, 50, 29), (0.1, 30, 3), (0.25, 7, 1), (0.3, 3, 0)])
+def test_a_fractional_rank_is_the_floor_of_the_fraction_as_written(rank, d, r):
+    # 0.29 · 100 in floats reads 28.999…96, whose floor took one direction fewer than the fraction gives
+    assert LowRankFlatSplit(rank=rank, max_rank=0).resolve_rank(d) == r
+    assert LowRankFlatSplit(rank=rank, max_rank=0, side="right").sides(4, d, (True, True))[1] == (
+        ("restricted", r) if r < d else ("full", 0)
+    )
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -62,6 +71,9 @@ def test_sides_resolve_rank_and_side():
         ({"split.complement_scale": "bogus"}, "split.complement_scale: must be one of"),
         ({"split.complement_scale": -2.0}, "split.complement_scale: a numeric complement scale must be > 0"),
         ({"split.side": "top"}, "split.side: must be one of"),
+        # an infinite scale made every complement step non-finite (each block's step skipped, with a warning)
+        ({"split.complement_scale": float("inf")}, "split.complement_scale: must be a finite number"),
+        ({"split.complement_scale": 1e308, "split.complement_mult": 10.0}, "complement_scale × complement_mult must be finite"),
     ],
 )
 def test_invalid_split_options_are_rejected_with_their_path(overrides, message):
