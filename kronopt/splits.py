@@ -57,6 +57,11 @@ def _rank(value: Any) -> int | float:
 _SCALE_RULES = ("whitened", "match_subspace_rms", "identity", "muon", "match_rms_adamw")
 
 
+def floor_fraction(fraction: float, d: int) -> int:
+    """``⌊fraction · d⌋`` with the fraction as written: 0.29 is 29/100 (its float product with 100 reads 28.999…96)."""
+    return math.floor(Fraction(repr(float(fraction))) * d)
+
+
 def _scale_rule(value: Any) -> str | float:
     """A named complement scale rule or a positive number."""
     if isinstance(value, str):
@@ -160,8 +165,7 @@ class LowRankFlatSplit:
 
     def resolve_rank(self, d: int) -> int:
         """The rank on a side of size ``d`` (may be ``≥ d``: then the side stays full)."""
-        # the fraction as written (0.29 is 29/100, whose float product with 100 reads 28.999…96)
-        r = self.rank if isinstance(self.rank, int) else math.floor(Fraction(repr(self.rank)) * d)
+        r = self.rank if isinstance(self.rank, int) else floor_fraction(self.rank, d)
         return min(r, self.max_rank) if self.max_rank > 0 else r
 
     def sides(self, m: int, n: int, rotated: tuple[bool, bool]) -> tuple[tuple[SideKind, int], tuple[SideKind, int]]:

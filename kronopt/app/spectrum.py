@@ -33,6 +33,7 @@ from torch import Tensor
 
 import kronopt
 from kronopt.inspection import ParamView, saved_views
+from kronopt.splits import floor_fraction
 
 from . import _args
 from . import train as train_mod
@@ -70,7 +71,7 @@ def tail_am_gm(eigvals: Tensor, head: int) -> float:
 
 def _head(d: int, head: float) -> int:
     """``head`` as a count: an integer ≥ 1, or a fraction of ``d``."""
-    return int(head) if head >= 1 else max(1, math.floor(head * d))
+    return int(head) if head >= 1 else max(1, floor_fraction(head, d))
 
 
 def _matcher(layers: str | None) -> Callable[[str], bool]:

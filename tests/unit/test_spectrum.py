@@ -18,6 +18,12 @@ def test_tail_am_gm_is_one_for_a_flat_tail_and_grows_with_spread():
     assert spectrum.tail_am_gm(spread, 1) == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_fractional_head_counts_the_fraction_as_written():
+    # 0.29 of 100 in floats reads 28.999…96: the head left one eigenvalue out of the tail's count before
+    assert spectrum._head(100, 0.29) == 29 and spectrum._head(50, 0.58) == 29
+    assert spectrum._head(10, 0.01) == 1 and spectrum._head(10, 3.0) == 3
+
+
 def test_recorder_saved_state_and_plot_agree(tmp_path):
     pytest.importorskip("matplotlib")
     rec = spectrum.SpectrumRecorder(every=10, layers=r"^0\.")
