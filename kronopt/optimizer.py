@@ -38,6 +38,15 @@ from .validators import one_cpu_number, real_number
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr", "name")
 
+#: torch.optim's hyperparameter keys, which a group refuses when it is made ("unknown key") and a step refuses when
+#: one is set on a live group (kronopt's own are config keys, ``inner.betas``, ``inner.eps``, …): taking a torch habit
+#: (``group["betas"] = …`` mid-run) silently would step as if it were not there. Other keys a user or a scheduler sets
+#: (``max_lr``, ``swa_lr``, a label) are the group's own.
+_TORCH_OPTIM_KEYS = frozenset({
+    "betas", "eps", "momentum", "dampening", "nesterov", "maximize", "amsgrad", "foreach", "fused", "capturable",
+    "differentiable", "decoupled_weight_decay",
+})
+
 #: the keys of a group's ``overrides`` that a step takes up when they are edited after the group was made: the
 #: refresh period f, its offset and the factors' retention ρ, which may be scheduled (shared/specs/soap.md §3). The
 #: others are fixed when the group is made (its stages are resolved once; many shape the buckets or the state), and
@@ -618,6 +627,14 @@ class KronOptimizer(torch.optim.Optimizer):
         refuses again until it is undone). A fallback group's keys are named as the user writes them
         (``fallback.…``); a main group's ``fallback.…`` keys belong to its fallback group, which steps those
         parameters. A step's cost is a look at each override's value (no tensor read)."""
+        torch_keys = [(f"param_groups[{i}].{k}", k) for i, g in enumerate(self.param_groups) for k in g if k in _TORCH_OPTIM_KEYS]
+        if torch_keys:
+            raise ConfigError([
+                (where, f"torch.optim's {key!r} is no kronopt group key (set on the group after it was made, it would "
+                 "step as if it were not there): remove it; the stages' own (inner.betas, inner.eps, …) are fixed "
+                 "when the group is made")
+                for where, key in torch_keys
+            ])
         for g in self.param_groups:
             if any(map(_config_key, g)):
                 moved = {k: g.pop(k) for k in [k for k in g if _config_key(k)]}
@@ -999,7 +1016,12 @@ class KronOptimizer(torch.optim.Optimizer):
         # the closure ran at the process's precision (the model's); the step's own products at float32's, and never
         # under the caller's autocast
         with linalg.no_autocast(), contextlib.nullcontext() if self.config.matmul_precision == "inherit" else linalg.full_float32_products():
-            self._step_taken()
+            try:
+                self._step_taken()
+            finally:
+                # the gradients' verdicts hold weak references to them: kept past the step, they stop torch from
+                # swapping a gradient (model.to(...) under torch.__future__'s swap on conversion, a DTensor's move)
+                self._grad_flags = {}
         return loss
 
     def _step_taken(self) -> None:

@@ -281,6 +281,53 @@ def _accelerate_run(make, steps=8, dtype=torch.float64, cast_to=None, cast_when=
     return model, wrapped, lrs
 
 
+@pytest.mark.parametrize("preset", ["adamw", *PRESETS])
+def test_a_model_cast_by_swapping_its_tensors_after_a_step_trains_as_one_cast_by_assignment(preset):
+    """Under torch's swap on conversion (``torch.__future__``; DTensor parameters always take it) a cast swaps each
+    parameter's and gradient's contents in place, which torch refuses for a tensor something holds a weak
+    reference to. The step's gradient verdicts held one to each gradient until the next step: ``model.to`` failed
+    half-way ("Couldn't swap Linear.weight.grad"), where torch's AdamW casts the same model. Cast either way, the
+    training goes on alike."""
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    runs = []
+    try:
+        for swap in (False, True):
+            torch.__future__.set_swap_module_params_on_conversion(swap)
+            model = _model(torch.float64)
+            opt = _kron(preset)(model.parameters())
+            xs = _batches(6, torch.float32)
+            for x in xs[:3]:
+                opt.zero_grad()
+                _loss(model, x.double()).backward()
+                opt.step()
+            model.to(torch.float32)  # the gradients of the last step still there, as a training loop leaves them
+            assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+            for x in xs[3:]:
+                opt.zero_grad()
+                _loss(model, x).backward()
+                opt.step()
+            runs.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_torch_adamw_casts_a_model_by_swapping_after_a_step():
+    """The peer the test above holds kronopt to: torch's AdamW keeps no reference to the gradients."""
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model = _model(torch.float64)
+        opt = _torch_adamw(model.parameters())
+        _loss(model, _batches(1)[0]).backward()
+        opt.step()
+        model.to(torch.float32)
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+
+
 def test_accelerate_round_trip_at_construction_then_training_equals_torch_adamw():
     """Catches: a state dict taken before any step and loaded back (what AcceleratedOptimizer does when
     wrapping) that changes a counter, a first-step flag or the groups a scheduler wrote (``initial_lr``), or that

@@ -305,6 +305,36 @@ def test_torch_optim_style_keywords_are_refused_by_name(kw):
         kronopt.build([{"params": [w], **kw}], "adamw")
 
 
+@pytest.mark.parametrize("kw", [{"betas": (0.0, 0.0)}, {"eps": 10.0}, {"maximize": True}, {"amsgrad": True}, {"momentum": 0.5}])
+@pytest.mark.parametrize("preset", ["adamw", "soap"])
+def test_torch_optim_style_keys_set_on_a_live_group_are_refused_until_removed(kw, preset):
+    """The torch habit of editing ``group["betas"]`` (or ``eps``, ``maximize``) mid-run: refused at build, it was
+    taken silently on a live group and stepped as if it were not there. A step refuses it, naming it, and changes
+    nothing; with it removed the run goes on as its twin that never had it, bit for bit."""
+    (key,) = kw
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 4))
+    twin = torch.nn.Parameter(w.detach().clone())
+    ours, ref = kronopt.build([w], preset, lr=1e-2), kronopt.build([twin], preset, lr=1e-2)
+    grads = [torch.randn(5, 4) for _ in range(4)]
+    for p, opt in ((w, ours), (twin, ref)):
+        p.grad = grads[0].clone()
+        opt.step()
+    ours.param_groups[0].update(kw)
+    before = (w.detach().clone(), copy.deepcopy(ours.state_dict()))
+    w.grad = grads[1].clone()
+    with pytest.raises(kronopt.ConfigError, match=rf"param_groups\[0\]\.{key}: torch.optim's '{key}' is no kronopt group key"):
+        ours.step()
+    assert torch.equal(w, before[0])
+    torch.testing.assert_close(ours.state_dict()["state"], before[1]["state"], rtol=0, atol=0)
+    del ours.param_groups[0][key]
+    for g in grads[1:]:
+        for p, opt in ((w, ours), (twin, ref)):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.equal(w, twin)
+
+
 def test_bug_a_one_entry_weight_decay_tensor_steps_as_torch_adamw_does():
     """BUG (``kronopt/compose.py::fused_adamw_``, reached from ``KronOptimizer._step_plain_adams``).
 
