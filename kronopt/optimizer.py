@@ -424,6 +424,13 @@ def _normalize_groups(params: Any, *, first: int = 0) -> list[dict[str, Any]]:
                     f"{name} is a {p.dtype} tensor that requires a gradient: kronopt steps real floating-point "
                     "parameters (float16, bfloat16, float32, float64)"
                 )
+            if any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape)) and p.requires_grad:
+                # an expanded view: one entry stands for several, and every in-place write of a step fails on it
+                name = g["param_names"][j] if "param_names" in g else f"param_groups[{first + gi}].params[{j}] {tuple(p.shape)}"
+                raise ValueError(
+                    f"{name} is an expanded view (stride {tuple(p.stride())}): several of its entries are one memory "
+                    "location, which no step can write apart; make it a Parameter of its own memory (.clone())"
+                )
         g["params"] = ps
     return groups
 
@@ -1950,7 +1957,8 @@ class KronOptimizer(torch.optim.Optimizer):
                     mine.append(True)
                     # the fused kernel writes the block in place: only where it is the parameter's own memory (a
                     # non-contiguous parameter, e.g. a channels_last weight, reshapes into a copy)
-                    if fuse and p.dtype == g.dtype == m.dtype and p.is_contiguous() and g.is_contiguous():
+                    # (and not on a gradient with torch's lazy negation bit, which the kernel's inputs refuse)
+                    if fuse and p.dtype == g.dtype == m.dtype and p.is_contiguous() and g.is_contiguous() and not g.is_neg():
                         # one call below for every proven block of these settings, whichever its bucket
                         key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, p.dtype)
                         fused.setdefault(key, (cfg, []))[1].append((to_block(p, bucket.specs[i]), g, m, v))  # type: ignore[index]

@@ -9,6 +9,10 @@ failed on the code before its fix.
 * A frozen non-float parameter (``requires_grad = False``) is accepted and never stepped, as torch.optim
   accepts it (quantized weights in ``model.parameters()``).
 * ``add_param_group``'s refusal of a complex parameter names the group being added.
+* An expanded parameter (a stride-0 view) is refused by name when it is given, where its step wrote the other
+  blocks of its bucket and then failed on it with torch's bare overlap message.
+* A gradient carrying torch's lazy negation bit steps as its value, where the fused AdamW kernel refused it
+  mid-step (adamw, and the vector fallback of muon and the KL presets).
 """
 
 import multiprocessing
@@ -63,6 +67,37 @@ def test_add_param_group_names_the_added_group_of_a_complex_parameter():
     with pytest.raises(TypeError) as info:
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))]})
     assert "param_groups[0]" not in str(info.value), f"group {first_new} is being added: {info.value}"
+
+
+@pytest.mark.parametrize("preset", ["adamw", "muon", "soap"])
+def test_an_expanded_parameter_is_refused_by_name_before_anything_is_built(preset):
+    other = torch.nn.Parameter(torch.randn(6, 4))
+    expanded = torch.nn.Parameter(torch.zeros(1, 4).expand(6, 4))
+    with pytest.raises(ValueError, match=r"'?wide'? is an expanded view \(stride \(0, 1\)\)"):
+        kronopt.build([("other", other), ("wide", expanded)], preset)
+    opt = kronopt.build([("other", other)], preset)
+    with pytest.raises(ValueError, match=r"is an expanded view"):
+        opt.add_param_group({"params": [expanded]})
+    frozen = torch.nn.Parameter(torch.zeros(1, 4).expand(6, 4), requires_grad=False)
+    kronopt.build([("other", other), ("frozen", frozen)], preset)  # never stepped: accepted, as torch.optim accepts it
+
+
+@pytest.mark.parametrize("preset", ["adamw", "muon", "kl_shampoo"])
+def test_a_gradient_with_the_negation_bit_steps_as_its_value(preset):
+    steps = []
+    for lazy in (True, False):
+        w = torch.nn.Parameter(torch.ones(()))  # 0-d: the fused AdamW group of every preset
+        m = torch.nn.Parameter(torch.ones(5, 4))
+        opt = kronopt.build([("w", w), ("m", m)], preset, lr=1e-2)
+        for k in range(3):
+            g = torch._neg_view(torch.full((), 0.25 * (k + 1)))  # torch's lazy negation: is_neg(), values -0.25 (k + 1)
+            assert g.is_neg()
+            w.grad = g if lazy else g.resolve_neg()
+            m.grad = torch.full((5, 4), 0.1 * (k + 1))
+            opt.step()
+        steps.append((w.detach().clone(), m.detach().clone()))
+    assert torch.equal(steps[0][0], steps[1][0]) and torch.equal(steps[0][1], steps[1][1])
+    assert steps[0][0] > 1  # a negative gradient: the weight went up
 
 
 # -- work sharding: the update number of an uncounted first call's warning ------------------------------------
