@@ -2467,9 +2467,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self._check_state()
         with _torch_hooks_held(self, "_optimizer_state_dict_post_hooks"):  # run below, on the whole dict
             sd = super().state_dict()  # param_groups (and torch's pre hooks); its "state" holds our live dicts
-        for g in sd["param_groups"]:  # the live groups' overrides are edited in place by a schedule: a dict of its own
+        for g, live in zip(sd["param_groups"], self.param_groups):  # a schedule edits the live overrides in place: a copy
             if isinstance(g.get("overrides"), dict):
-                g["overrides"] = _copied(g["overrides"])
+                g["overrides"] = {**self._schedule_of(live), **_copied(g["overrides"])}
         index = self._index_of()
         state: dict[int, dict[str, Any]] = {}
         for bi, b in enumerate(self._buckets):
@@ -2514,6 +2514,22 @@ class KronOptimizer(torch.optim.Optimizer):
             if result is not None:
                 sd = result
         return sd
+
+    def _schedule_of(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The group's :data:`SCHEDULABLE` keys at their values now, as its overrides name them (``fallback.…`` in a
+        fallback group), for its saved overrides: a state dict records f, its offset and ρ as torch.optim's records a
+        group's ``lr``, and a load takes them. A template's keys are what ``torch.distributed.checkpoint`` loads, so
+        an edited schedule left out of a fresh optimizer's dict was dropped by ``dcp.load``."""
+        fallback = group.get("pipeline", "main") != "main"
+        cfg = self._with_overrides(group.get("overrides") or {})
+        cfg = cfg.fallback if fallback else cfg
+        out: dict[str, Any] = {}
+        for key in SCHEDULABLE:
+            slot, _, field = key.partition(".")
+            stage = getattr(cfg, slot, None)
+            if stage is not None and attrs.has(type(stage)) and field in attrs.fields_dict(type(stage)):
+                out[f"fallback.{key}" if fallback else key] = getattr(stage, field)
+        return out
 
     def _owner_world(self) -> int | None:
         """The number of ranks the blocks' owners are picked among (work sharding or FSDP2), ``None`` without

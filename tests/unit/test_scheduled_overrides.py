@@ -207,6 +207,53 @@ def test_a_schedule_survives_save_and_load(gen):
     assert fresh.state[other[0]]["basis.refreshes"] == opt.state[params[0]]["basis.refreshes"]
 
 
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "dykaf"])
+def test_an_edited_schedule_survives_a_dcp_checkpoint(gen, preset, tmp_path):
+    """``dcp.load`` fills the keys of the fresh optimizer's own state dict: its groups' overrides, empty where nothing
+    was edited, took none of the saved schedule, and the resumed run stepped with the construction's f and ρ (4e-3 to
+    2e-2 off). Every group's saved overrides record the three schedulable keys, so the template asks for them."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    class Net(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in values])
+
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = _grads(gen, 10)
+    runs = []
+    for resume in (False, True):
+        model = Net(start)
+        opt = kronopt.build(model.named_parameters(), preset, **{"refresh.every": 10})
+        for k, call in enumerate(grads):
+            if k == 2:
+                opt.param_groups[0]["overrides"].update({"refresh.every": 3, "factors.beta": 0.8})
+            if resume and k == 5:
+                dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+                model = Net([p.detach() for p in model.parameters()])
+                opt = kronopt.build(model.named_parameters(), preset, **{"refresh.every": 10})
+                state = {"optim": get_optimizer_state_dict(model, opt)}
+                dcp.load(state, checkpoint_id=str(tmp_path))
+                set_optimizer_state_dict(model, opt, state["optim"])
+                assert opt.param_groups[0]["overrides"] == {"refresh.every": 3, "refresh.offset": 0, "factors.beta": 0.8}
+            _step(opt, list(model.parameters()), call)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_saved_group_records_its_schedule_by_its_own_names(gen):
+    """The record names each group's keys as its overrides do: a fallback group's ``fallback.…``; a factor estimator
+    without a retention records no ``factors.beta``; a tie (``factors.beta = "beta2"``) is kept as written."""
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
+    b = torch.nn.Parameter(torch.randn(6, generator=gen))
+    groups = kronopt.build([w, b], "muon").state_dict()["param_groups"]
+    assert groups[0]["overrides"] == {"refresh.every": 1, "refresh.offset": 0}  # muon: no factors, no retention
+    assert groups[1]["overrides"] == {"fallback.refresh.every": 1, "fallback.refresh.offset": 0}
+    tied = kronopt.build([w], "soap", **{"factors.beta": "beta2", "refresh.every": 7}).state_dict()["param_groups"]
+    assert tied[0]["overrides"] == {"refresh.every": 7, "refresh.offset": 0, "factors.beta": "beta2"}
+
+
 def test_a_fallback_key_belongs_to_the_fallback_group(gen):
     """muon routes the vector to an AdamW group: a ``fallback.…`` edit in the main group's overrides would change a
     config nothing steps with (it was taken and ignored), so it is refused pointing to the fallback group, whose own
