@@ -233,8 +233,8 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any
         raise ValueError(
             "these are an FSDP2 optimizer's dicts: their elementwise entries are DTensor row shards on every rank, "
             "which merge_state_dicts does not join. Save and load through torch.distributed.checkpoint "
-            "(get_optimizer_state_dict / dcp.save, which reshards), or make one whole dict on every rank with "
-            "get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))"
+            "(get_optimizer_state_dict / dcp.save, which reshards); full_state_dict=True makes no whole dict on one "
+            "rank (the matrix blocks' tensors stay with their owners)"
         )
     infos = [sd.get("kronopt", {}).get(SHARDING_KEY) for sd in state_dicts]
     if any(info is None for info in infos):

@@ -177,6 +177,18 @@ def counters_only(entry: Mapping[str, Any]) -> bool:
     return bool(entry) and not any(isinstance(v, Tensor) for v in entry.values())
 
 
+def counters_disagree(entry: Mapping[str, Any]) -> bool:
+    """Whether a saved entry's ``calls`` and ``step`` cannot be one block's: every bucket counts ``calls = step`` or
+    ``step + 1`` (a first call that only observes). Where a marker of a block another rank owned (its ``calls``)
+    was filled with a fresh optimizer's tensors and ``step`` (torch's ``set_optimizer_state_dict`` with
+    ``full_state_dict=True`` fills the keys a dict lacks from the optimizer's own) they disagree from the second
+    update on."""
+    calls, step = entry.get("calls"), entry.get("step")
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in (calls, step)):
+        return False
+    return not 0 <= calls - step <= 1  # type: ignore[operator]
+
+
 def per_parameter_state(state_dict: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
     """The per-parameter entries of a saved ``KronOptimizer.state_dict()``, keyed as saved.
 

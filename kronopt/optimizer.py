@@ -30,7 +30,7 @@ from .config import (
 )
 from .inspection import BUCKET_KEY as _BUCKET
 from .inspection import NONFINITE_KEY as _NONFINITE
-from .inspection import ParamView, bucket_views, counters_only, per_parameter_state
+from .inspection import ParamView, bucket_views, counters_disagree, counters_only, per_parameter_state
 from .refresh import Staggered
 from .types import Layout, capabilities
 from .validators import one_cpu_number, real_number
@@ -38,13 +38,14 @@ from .validators import one_cpu_number, real_number
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr", "name")
 
-#: torch.optim's hyperparameter keys, which a group refuses when it is made ("unknown key") and a step refuses when
-#: one is set on a live group (kronopt's own are config keys, ``inner.betas``, ``inner.eps``, …): taking a torch habit
-#: (``group["betas"] = …`` mid-run) silently would step as if it were not there. Other keys a user or a scheduler sets
-#: (``max_lr``, ``swa_lr``, a label) are the group's own.
+#: torch.optim's keys that change its arithmetic, which a group refuses when it is made ("unknown key") and a step
+#: refuses when one is set on a live group but at False or None, as kronopt steps (its own are config keys,
+#: ``inner.betas``, ``inner.eps``, …): taking a torch habit (``group["betas"] = …`` mid-run) silently would step as if
+#: it were not there. torch itself sets ``differentiable = False`` on a group added after the optimizer was copied
+#: or unpickled (``Optimizer.__setstate__``'s default); its kernel choices (``foreach``, ``fused``, ``capturable``)
+#: change no result. Other keys a user or a scheduler sets (``max_lr``, ``swa_lr``, a label) are the group's own.
 _TORCH_OPTIM_KEYS = frozenset({
-    "betas", "eps", "momentum", "dampening", "nesterov", "maximize", "amsgrad", "foreach", "fused", "capturable",
-    "differentiable", "decoupled_weight_decay",
+    "betas", "eps", "momentum", "dampening", "nesterov", "maximize", "amsgrad", "differentiable", "decoupled_weight_decay",
 })
 
 #: the keys of a group's ``overrides`` that a step takes up when they are edited after the group was made: the
@@ -634,7 +635,10 @@ class KronOptimizer(torch.optim.Optimizer):
         refuses again until it is undone). A fallback group's keys are named as the user writes them
         (``fallback.…``); a main group's ``fallback.…`` keys belong to its fallback group, which steps those
         parameters. A step's cost is a look at each override's value (no tensor read)."""
-        torch_keys = [(f"param_groups[{i}].{k}", k) for i, g in enumerate(self.param_groups) for k in g if k in _TORCH_OPTIM_KEYS]
+        torch_keys = [
+            (f"param_groups[{i}].{k}", k) for i, g in enumerate(self.param_groups)
+            for k, v in g.items() if k in _TORCH_OPTIM_KEYS and v is not False and v is not None
+        ]
         if torch_keys:
             raise ConfigError([
                 (where, f"torch.optim's {key!r} is no kronopt group key (set on the group after it was made, it would "
@@ -2773,6 +2777,16 @@ class KronOptimizer(torch.optim.Optimizer):
                             "these blocks (work sharding) and saved their tensors. Load every rank's entries: "
                             "torch.distributed.checkpoint's dcp.load into this optimizer's own state dict "
                             "(get_optimizer_state_dict), or kronopt.distributed.merge_state_dicts of every rank's state_dict()"
+                        )
+                    filled = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if counters_disagree(e)]
+                    if filled:
+                        raise ValueError(
+                            f"the saved state of {', '.join(filled[:5])} counts calls and updates that no block "
+                            "counts together (calls is step or step + 1): a block another rank owned, whose counters "
+                            "were filled with this optimizer's own fresh state. torch's get_optimizer_state_dict gathers "
+                            "no block kronopt's work sharding or FSDP2 owners keep (plain tensors on their owner), even "
+                            "with full_state_dict=True: checkpoint with torch.distributed.checkpoint (dcp.save / dcp.load), "
+                            "or, under work sharding, kronopt.distributed.merge_state_dicts of every rank's state_dict()"
                         )
                     self._restack(bucket, cfgs[like.group], entries)  # type: ignore[arg-type]
                 buckets.append(bucket)

@@ -335,6 +335,22 @@ def test_torch_optim_style_keys_set_on_a_live_group_are_refused_until_removed(kw
     assert torch.equal(w, twin)
 
 
+def test_a_group_added_to_an_unpickled_optimizer_steps_with_torchs_differentiable_default():
+    """torch's ``Optimizer.__setstate__`` puts ``differentiable = False`` into the defaults, which ``add_param_group``
+    copies into a group added after a copy: that is how kronopt steps (not differentiable), no user's edit."""
+    w, b = torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(3, 4))
+    opt = copy.deepcopy(kronopt.build([w], "soap"))
+    (w,) = opt.param_groups[0]["params"]
+    opt.add_param_group({"params": [b]})
+    assert opt.param_groups[1]["differentiable"] is False
+    for p in (w, b):
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    opt.param_groups[1]["differentiable"] = True
+    with pytest.raises(kronopt.ConfigError, match=r"param_groups\[1\]\.differentiable: torch.optim's"):
+        opt.step()
+
+
 def test_bug_a_one_entry_weight_decay_tensor_steps_as_torch_adamw_does():
     """BUG (``kronopt/compose.py::fused_adamw_``, reached from ``KronOptimizer._step_plain_adams``).
 

@@ -386,6 +386,36 @@ def test_dcp_get_and_set_optimizer_state_dict_round_trip(preset, full):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("updates,refused", [(1, False), (2, True), (5, True)])
+def test_a_full_dict_whose_block_another_rank_owned_is_refused_where_its_counters_disagree(updates, refused):
+    """torch's ``get_optimizer_state_dict(full_state_dict=True)`` gathers DTensors only: on one rank of a work-sharded
+    or FSDP2 run it holds the other ranks' blocks as markers (their ``calls`` and ``bucket``), and
+    ``set_optimizer_state_dict`` fills each marker's missing keys from the fresh optimizer's own state: the block
+    resumed silently from fresh tensors (5.9e-2 off after 6 steps). The marker made here by hand is what rank 0's
+    dict holds (tests/distributed covers the two-rank save); a load now refuses it by its counters, naming the block,
+    and changes nothing. After one update the counters agree (documented)."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    options = dcp.StateDictOptions(full_state_dict=True)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    model = _model()
+    opt = kronopt.build(model.named_parameters(), "soap")
+    _train_model(model, opt, x, updates + 1)  # soap's first call only observes
+    osd = dcp.get_optimizer_state_dict(model, opt, options=options)
+    name = next(n for n, p in model.named_parameters() if p.ndim == 2)
+    entry = osd["state"][name]
+    osd["state"][name] = {"calls": entry["calls"], "bucket": entry["bucket"]}  # another rank's block
+    resumed = _model()
+    opt2 = kronopt.build(resumed.named_parameters(), "soap")
+    _train_model(resumed, opt2, x, 2)
+    before = copy.deepcopy(opt2.state_dict())
+    if not refused:
+        dcp.set_optimizer_state_dict(resumed, opt2, optim_state_dict=osd, options=options)
+        return
+    with pytest.raises(ValueError, match=rf"the saved state of {name} counts calls and updates that no block counts together"):
+        dcp.set_optimizer_state_dict(resumed, opt2, optim_state_dict=osd, options=options)
+    torch.testing.assert_close(opt2.state_dict()["state"], before["state"], rtol=0, atol=0)
+
+
 def test_dcp_on_a_fresh_optimizer_takes_no_step():
     """DCP's _init_optim_state steps with zero gradients when optimizer.state is empty; it never is here."""
     dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
