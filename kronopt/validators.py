@@ -40,12 +40,20 @@ def in_(choices: Iterable[Any]) -> Callable[[Any, Any, Any], None]:
 
 
 def each(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
-    """Apply ``validators`` to every item of a sequence."""
+    """Apply ``validators`` to every item of a sequence; every bad item is named by its index, in one error
+    (``[0] must be < 1.0, got 1.5; [1] must be ≥ 0.0, got -0.1``)."""
 
     def validate(inst: Any, attr: Any, value: Any) -> None:
-        for item in value:
+        problems = []
+        for i, item in enumerate(value):
             for v in validators:
-                v(inst, attr, item)
+                try:
+                    v(inst, attr, item)
+                except (TypeError, ValueError) as exc:
+                    problems.append(f"[{i}] {exc}")
+                    break  # an item's first problem: the next validators assume it passed
+        if problems:
+            raise ValueError("; ".join(problems))
 
     return validate
 

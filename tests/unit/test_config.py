@@ -40,7 +40,9 @@ def test_generated_configs_round_trip(overrides):
 
 INVALID = [
     ({"refresh.every": 0}, ["refresh.every: must be ≥ 1, got 0"]),
-    ({"inner.betas": [0.9, 1.0]}, ["inner.betas: must be < 1.0, got 1.0"]),
+    ({"inner.betas": [0.9, 1.0]}, ["inner.betas: [1] must be < 1.0, got 1.0"]),
+    # every bad entry of a list, by its index (the first one alone was named before, without its place)
+    ({"inner.betas": [1.5, -0.1]}, ["inner.betas: [0] must be < 1.0, got 1.5; [1] must be ≥ 0.0, got -0.1"]),
     ({"inner.betas": [0.9]}, ["inner.betas: must have 2 entries, got 1"]),
     ({"lr": -1.0}, ["lr: must be ≥ 0.0, got -1.0"]),
     ({"lr": "fast"}, ["lr: must be a number, got 'fast'"]),
