@@ -44,8 +44,9 @@ def _fresh_side(kind: str, b: int, d: int, r: int, dtype: torch.dtype, device: t
     return None, None
 
 
-def _fresh_state(layout: Layout, dtype: torch.dtype, device: torch.device) -> BasisState:
-    """Identity bases on the rotated sides (coordinate subspaces on restricted ones), not yet refreshed."""
+def fresh_state(layout: Layout, dtype: torch.dtype, device: torch.device) -> BasisState:
+    """Identity bases on the rotated sides (coordinate subspaces on restricted ones), not yet refreshed: the state a
+    basis stage's ``init`` returns (public: a plugin basis starts from it, docs/extending.md §3.2)."""
     b = layout.batch
     Q_L, lam_L = _fresh_side(layout.left, b, layout.m, layout.rank_left, dtype, device)
     Q_R, lam_R = _fresh_side(layout.right, b, layout.n, layout.rank_right, dtype, device)
@@ -119,7 +120,7 @@ class EighBasis:
     capabilities: ClassVar[BasisCapabilities] = BasisCapabilities(needs_factors=True, provides_eigvals=True)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
-        return _fresh_state(layout, dtype, device)
+        return fresh_state(layout, dtype, device)
 
     def refresh(
         self, state: BasisState, factors: tuple[Tensor | None, Tensor | None], ctx: StepContext
@@ -218,7 +219,7 @@ class QrBasis:
     sort: bool = attrs.field(default=True, converter=to_bool)
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
-        return _fresh_state(layout, dtype, device)
+        return fresh_state(layout, dtype, device)
 
     def refresh(
         self, state: BasisState, factors: tuple[Tensor | None, Tensor | None], ctx: StepContext
