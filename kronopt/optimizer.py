@@ -53,6 +53,11 @@ _TORCH_OPTIM_KEYS = frozenset({
 #: others are fixed when the group is made (its stages are resolved once; many shape the buckets or the state), and
 #: an edit of one is refused, naming it; the rate and the decay are the group's own ``lr`` and ``weight_decay``
 SCHEDULABLE: tuple[str, ...] = ("refresh.every", "refresh.offset", "factors.beta")
+#: what an edit of a key outside :data:`SCHEDULABLE` is told
+_FIXED_KEY = (
+    f"is fixed when the group is made (a group's stages are resolved once); only {', '.join(SCHEDULABLE)} are read "
+    "afresh: save the state dict and load it into an optimizer built with the new value"
+)
 #: param-group keys that label a group for the frameworks around the optimizer (Lightning's LearningRateMonitor
 #: names a group's curve by ``name``): kept on the routed groups, read by no stage
 _LABELS = ("name",)
@@ -635,23 +640,22 @@ class KronOptimizer(torch.optim.Optimizer):
         refuses again until it is undone). A fallback group's keys are named as the user writes them
         (``fallback.…``); a main group's ``fallback.…`` keys belong to its fallback group, which steps those
         parameters. A step's cost is a look at each override's value (no tensor read)."""
-        torch_keys = [
-            (f"param_groups[{i}].{k}", k) for i, g in enumerate(self.param_groups)
+        # every problem of every group in one error: torch.optim's keys, then each edited group's
+        errors: list[tuple[str, str]] = [
+            (f"param_groups[{i}].{k}", f"torch.optim's {k!r} is no kronopt group key (set on the group after it was "
+             "made, it would step as if it were not there): remove it; the stages' own (inner.betas, inner.eps, …) "
+             "are fixed when the group is made")
+            for i, g in enumerate(self.param_groups)
             for k, v in g.items() if k in _TORCH_OPTIM_KEYS and v is not False and v is not None
         ]
-        if torch_keys:
-            raise ConfigError([
-                (where, f"torch.optim's {key!r} is no kronopt group key (set on the group after it was made, it would "
-                 "step as if it were not there): remove it; the stages' own (inner.betas, inner.eps, …) are fixed "
-                 "when the group is made")
-                for where, key in torch_keys
-            ])
         for g in self.param_groups:
             if any(map(_config_key, g)):
                 moved = {k: g.pop(k) for k in [k for k in g if _config_key(k)]}
                 g["overrides"] = {**(g.get("overrides") or {}), **moved}
         seen = self.__dict__.get("_overrides_seen")
         if seen is None or len(seen) != len(self.param_groups):  # pickled before this record; groups added by a wrapper
+            if errors:
+                raise ConfigError(errors)
             self._note_overrides()
             return
         edited = [
@@ -659,8 +663,9 @@ class KronOptimizer(torch.optim.Optimizer):
             if not _same_as_recorded(g.get("overrides") or {}, was)
         ]
         if not edited:
+            if errors:
+                raise ConfigError(errors)
             return
-        errors: list[tuple[str, str]] = []
         new: dict[int, KronConfig] = {}
         for i in edited:
             g, was = self.param_groups[i], seen[i]
@@ -672,8 +677,14 @@ class KronOptimizer(torch.optim.Optimizer):
                     errors.append((f"{where}.{key}", f"a step reads the group's own {key!r} (param_groups[{i}][{key!r}]): set that"))
             try:
                 cfg = self._group_config(g)
-            except ConfigError as exc:
+            except ConfigError as exc:  # no config to compare: the other edits judged by their keys
                 errors += [(f"{where}.{p}" if p else where, m) for p, m in exc.errors]
+                named = {p for p, _ in exc.errors}
+                for key in sorted({*now, *was}, key=str):
+                    bare = key.removeprefix("fallback.") if fallback else key
+                    if key in named or bare in (*SCHEDULABLE, "lr", "weight_decay") or _same_as_recorded(now.get(key), was.get(key)):
+                        continue
+                    errors.append((f"{where}.{key}", _FIXED_KEY))
                 continue
             old = self._group_cfgs[i]
             if fallback:  # the main pipeline's keys, which this group's copy of the overrides also holds
@@ -690,11 +701,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 if key in ("lr", "weight_decay"):
                     continue  # judged above, by the values given
                 if key not in SCHEDULABLE:
-                    errors.append((
-                        named,
-                        f"is fixed when the group is made (a group's stages are resolved once); only {', '.join(SCHEDULABLE)} "
-                        "are read afresh: save the state dict and load it into an optimizer built with the new value",
-                    ))
+                    errors.append((named, _FIXED_KEY))
                 elif staggered and key.startswith("refresh."):
                     errors.append((named, "a staggered refresh lays its blocks' phases out over the period when the group is made"))
             if not fallback and (old.fallback is not None or cfg.fallback is not None):

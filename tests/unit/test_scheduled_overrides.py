@@ -144,6 +144,30 @@ def test_every_refused_edit_of_every_group_is_listed_together(gen):
     assert "param_groups[0]['overrides'].inner.eps" in text and "param_groups[1]['overrides'].refresh.every" in text
 
 
+def test_a_refused_value_or_a_torch_key_hides_no_other_problem(gen):
+    """A torch.optim key on one group raised alone, hiding the other groups' problems; in one group a value the
+    config refuses hid an edit of a fixed key (the user mended one to meet the other at the next step)."""
+    ps = [torch.nn.Parameter(torch.randn(5, 5, generator=gen, dtype=torch.float64)) for _ in range(3)]
+    opt = kronopt.build([{"params": [p]} for p in ps], "soap")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    opt.param_groups[0]["overrides"].update({"factors.beta": 2.0, "inner.eps": 1e-3})
+    opt.param_groups[1]["overrides"]["refresh.every"] = 0
+    opt.param_groups[2]["betas"] = (0.9, 0.9)
+    with pytest.raises(ConfigError) as info:
+        opt.step()
+    assert [path for path, _ in info.value.errors] == [
+        "param_groups[2].betas",
+        "param_groups[0]['overrides'].factors.beta",
+        "param_groups[0]['overrides'].inner.eps",
+        "param_groups[1]['overrides'].refresh.every",
+    ]
+    assert "is fixed when the group is made" in dict(info.value.errors)["param_groups[0]['overrides'].inner.eps"]
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+
+
 @pytest.mark.parametrize(
     ("built", "edit"),
     [
