@@ -244,6 +244,14 @@ def check_stage(contract: SlotContract, cls: type, key: str) -> _Checked:
     return _Checked(record=record, legacy_flags=tuple(sorted(flags)), legacy=legacy)
 
 
+
+def _origin(entry: "Entry[Any]") -> str:
+    """Who registered an entry, for a message: kronopt for a built-in, the plugin's distribution, or "your code" (a
+    ``register`` call outside kronopt, whose source is kronopt's by default)."""
+    if entry.source != "kronopt" or entry.cls.__module__.split(".")[0] == "kronopt":
+        return entry.source
+    return "your code"
+
 class Registry(Generic[T]):
     """A registry of stage classes for one slot.
 
@@ -310,8 +318,8 @@ class Registry(Generic[T]):
         if old is not None:
             raise ValueError(
                 f"duplicate {self.slot} stage {entry.key!r}: already registered by "
-                f"{old.source} ({old.cls.__module__}.{old.cls.__qualname__}), "
-                f"now by {entry.source} ({entry.cls.__module__}.{entry.cls.__qualname__})"
+                f"{_origin(old)} ({old.cls.__module__}.{old.cls.__qualname__}), "
+                f"now by {_origin(entry)} ({entry.cls.__module__}.{entry.cls.__qualname__})"
             )
         self._check(entry, stacklevel=stacklevel + 1)
         self._entries[entry.key] = entry

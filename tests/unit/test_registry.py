@@ -94,9 +94,11 @@ def test_duplicate_key_raises_naming_both_sources():
         reg.register("alpha", description="again", source="some-package")(ScaledGradientInner)
     msg = str(info.value)
     assert "duplicate inner stage 'alpha'" in msg
-    assert f"kronopt ({__name__}.AlphaInner)" in msg
+    assert f"your code ({__name__}.AlphaInner)" in msg  # registered outside kronopt (its default source was named)
     assert f"some-package ({FIXTURE}.ScaledGradientInner)" in msg
     assert reg.get("alpha") is AlphaInner  # the first registration stands
+    with pytest.raises(ValueError, match=r"already registered by kronopt \(kronopt\.inner_rules\.adam\.AdamInner\), now by your code"):
+        kronopt.INNER_RULES.register("adam", description="mine")(ScaledGradientInner)
 
 
 def test_unknown_key_lists_every_available_key_plugins_included(tmp_path):
