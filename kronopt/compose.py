@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import linalg
 from .config import KronConfig, Storage
-from .types import BasisState, Layout, StageOutputError, StepContext, capabilities
+from .types import BasisChange, BasisState, Layout, StageOutputError, StepContext, capabilities
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -83,9 +83,11 @@ _PLAIN_ERRORS = (ValueError, TypeError, RuntimeError, NotImplementedError, Attri
 
 # -- run-time checks of what a stage returns (StageOutputError) ---------------------------
 #
-# Host-side comparisons of shapes, dtypes and version counters only: no value is read, nothing synchronises,
-# no kernel runs. Each output is checked where step (or _observe) first receives it, before anything is written;
-# init_state checks each fresh record once.
+# Host-side comparisons of types, shapes, dtypes and version counters: nothing synchronises. Each output is checked
+# where step (or _observe) first receives it, before anything is written, and each call's inputs after it returns
+# (_Given: the tensors it was given, changed in place, blame the stage that was given them); init_state checks each
+# fresh record once. One value is read, on a CPU only, where that waits for nothing: a refresh's permutations
+# (_check_change, one scatter a side on refresh steps); elsewhere no value is read and no kernel runs.
 
 
 def _stage_label(slot: str, stage: Any) -> str:
@@ -152,16 +154,19 @@ def _own_stage(stage: Any) -> bool:
 
 def _check_output(
     slot: str, checked: frozenset[str], cfg: KronConfig, new: Any, old: Any, layout: Layout, G: Tensor,
-    g_version: int | None, D: Tensor | None = None,
+    g_version: int | None, D: Tensor | None = None, given: "_Given | None" = None,
 ) -> None:
     """The checks of one stage call's outputs, where ``slot`` is among ``checked``: its direction ``D`` (``None``:
-    none, or the one it was given), its new state record against the one it was given, and ``G`` untouched."""
+    none, or the one it was given), its new state record against the one it was given, what it was given
+    (``given``, :class:`_Given`, made before the call) and ``G`` untouched."""
     if slot not in checked:
         return
     stage = getattr(cfg, slot)
     if D is not None:
         _check_direction(D, G, slot, stage)
     _check_state(new, old, layout.batch, slot, stage)
+    if given is not None:
+        given.check(slot, stage)
     _check_gradient(G, g_version, slot, stage)
 
 
@@ -177,15 +182,20 @@ def _check_direction(D: Any, G: Tensor, slot: str, stage: Any) -> None:
 
 
 def _check_state(new: Any, old: Any, batch: int, slot: str, stage: Any, path: str = "") -> None:
-    """Each tensor of a stage's new state record has the shape and dtype of the same field of the record it was given
-    (a field that was ``None`` or absent: the block axis first, ``batch`` rows); else a :class:`StageOutputError`
-    naming the stage and the field. Fields handed back as they were are skipped: only the step's new tensors cost."""
+    """A stage's new state record is of the type of the record it was given (a record field too, and a tensor field
+    a tensor), and each of its tensors has the shape and dtype of the same field of the record it was given (a field
+    that was ``None`` or absent: the block axis first, ``batch`` rows); else a :class:`StageOutputError` naming the
+    stage and the field. Fields handed back as they were are skipped: only the step's new tensors cost."""
     if new is old:
         return
     if isinstance(new, Tensor):
+        if old is not None and not isinstance(old, Tensor):
+            _type_mismatch(new, old, slot, stage, path.rstrip("."))
         if not _fits(new, old, batch):
             _state_mismatch(new, old, batch, slot, stage, path.rstrip("."))
         return
+    if type(new) is not type(old) and old is not None:  # (a record where a field was None may appear)
+        _type_mismatch(new, old, slot, stage, path.rstrip("."))
     for name in _field_names(type(new)) or ():
         n = getattr(new, name)
         if n is None:
@@ -198,10 +208,26 @@ def _check_state(new: Any, old: Any, batch: int, slot: str, stage: Any, path: st
                 continue
             _state_mismatch(n, o, batch, slot, stage, path + name)
         elif isinstance(n, Tensor):
+            if o is not None and not isinstance(o, Tensor):
+                _type_mismatch(n, o, slot, stage, path + name)
             if not _fits(n, o, batch):
                 _state_mismatch(n, o, batch, slot, stage, path + name)
-        elif _field_names(type(n)) is not None:
+        elif _field_names(type(n)) is not None or _field_names(type(o)) is not None:
             _check_state(n, o, batch, slot, stage, f"{path}{name}.")
+        elif isinstance(o, Tensor):
+            _type_mismatch(n, o, slot, stage, path + name)
+
+
+def _type_mismatch(new: Any, old: Any, slot: str, stage: Any, path: str) -> None:
+    """A new state (or state field, ``path``) of another type than the one the stage was given: a dict for its
+    attrs record, a number for a tensor (the state write walks records by their attrs fields, the next call would
+    read the record's fields)."""
+    got = "a tensor" if isinstance(new, Tensor) else f"a {type(new).__qualname__}"
+    what = f"state field {path!r} as {got}" if path else f"new state as {got}"
+    expected = "a tensor" if isinstance(old, Tensor) else f"a {type(old).__qualname__}"
+    raise StageOutputError(
+        f"{_stage_label(slot, stage)} returned its {what}, expected {expected} (the type of the state it was given)"
+    )
 
 
 def _fits(new: Tensor, old: Any, batch: int) -> bool:
@@ -237,33 +263,76 @@ def _state_tensors(record: Any, out: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _versions(state: "BucketState") -> tuple[list[Tensor], list[int]]:
-    """The tensors of a step's starting state and their version counters, read on the host (no sync); an inference
-    tensor (made under ``torch.inference_mode()``, which keeps no counter) is left out."""
-    tensors = _state_tensors(state, [])
-    try:
-        return tensors, [t._version for t in tensors]
-    except RuntimeError:  # an inference tensor among them
-        tensors = [t for t in tensors if not t.is_inference()]
-        return tensors, [t._version for t in tensors]
+class _Given:
+    """What one stage call is given, by name (``"state"``: its own record; ``ctx.basis``, ``ctx.eigvals``,
+    ``ctx.flat``; the factors a refresh reads; a basis change), with the version counters of its tensors read on
+    the host before the call (no sync; an inference tensor, which keeps no counter, is left out). :meth:`check`,
+    after the call, refuses a tensor among them changed in place, naming the stage that was given it: a tensor
+    several stages read (the basis, the factors a refresh reads) is checked after each call that is given it,
+    not only where it was the state the step started from. ``rest``: inputs several calls share (a context's,
+    a basis change's), walked once, their counters read again for each call."""
+
+    __slots__ = ("given", "tensors", "versions")
+
+    def __init__(self, *given: tuple[str, Any], rest: "_Given | None" = None, read: bool = True) -> None:
+        tensors: list[Tensor] = []
+        for _, value in given:
+            _given_tensors(value, tensors)
+        if rest is not None:
+            given, tensors = given + rest.given, tensors + rest.tensors
+        self.given, self.tensors, self.versions = given, tensors, None
+        if read:  # (not for a ``rest``: each call's own reads its counters)
+            try:
+                self.versions = [t._version for t in tensors]
+            except RuntimeError:  # an inference tensor among them
+                self.tensors = [t for t in tensors if not t.is_inference()]
+                self.versions = [t._version for t in self.tensors]
+
+    def check(self, slot: str, stage: Any) -> None:
+        """A :class:`StageOutputError` where a tensor given to the call of ``stage`` changed in place during it."""
+        if [t._version for t in self.tensors] == self.versions:
+            return
+        changed = {id(t) for t, v in zip(self.tensors, self.versions) if t._version != v}
+        what = "a tensor it was given"
+        for name, value in self.given:
+            path = next((path for path, t in _named_tensors(value, name) if id(t) in changed), None)
+            if path is not None:
+                if name == "state":
+                    what = "its state" if path == name else f"its state field {path[6:]!r}"
+                else:
+                    what = f"{path}, which it was given,"
+                break
+        raise StageOutputError(
+            f"{_stage_label(slot, stage)}: {what} was changed in place during the step; a stage returns new tensors "
+            "and leaves what it is given untouched"
+        )
 
 
-def _check_untouched(versions: tuple[list[Tensor], list[int]], state: "BucketState", cfg: KronConfig) -> None:
-    """No tensor of ``versions`` (:func:`_versions` of the state a step started from) was changed in place during
-    the step (stages are pure: the optimizer writes a step's new state per block, and a block it skips must keep
-    its state); else a :class:`StageOutputError` naming the field and the stage that owns it."""
-    tensors, before = versions
-    if [t._version for t in tensors] == before:
-        return
-    changed = {id(t) for t, v in zip(tensors, before) if t._version != v}
-    for slot in _SLOTS:
-        for path, value in flatten(getattr(state, slot)).items():
-            if id(value) in changed:
-                raise StageOutputError(
-                    f"{_stage_label(slot, getattr(cfg, slot))}: its state field {path!r} was changed in place during "
-                    "the step; a stage returns new tensors and leaves the state it is given untouched"
-                )
-    raise StageOutputError("a state tensor was changed in place during the step; stages return new tensors")
+def _given_tensors(value: Any, out: list[Tensor]) -> None:
+    """The tensors of ``value`` (a tensor, ``None``, a tuple of them, a record) appended to ``out``."""
+    if type(value) is Tensor:
+        out.append(value)
+    elif type(value) is tuple:
+        for part in value:
+            _given_tensors(part, out)
+    elif value is not None:
+        _state_tensors(value, out)
+
+
+def _named_tensors(value: Any, path: str) -> list[tuple[str, Tensor]]:
+    """``(path, tensor)`` for every tensor of ``value`` (a tensor, a tuple, a record; recursively): the error's walk."""
+    if isinstance(value, Tensor):
+        return [(path, value)]
+    if type(value) is tuple:
+        return [pair for i, part in enumerate(value) for pair in _named_tensors(part, f"{path}[{i}]")]
+    names = _field_names(type(value)) or ()
+    return [pair for name in names for pair in _named_tensors(getattr(value, name), f"{path}.{name}")]
+
+
+def _ctx_given(ctx: StepContext) -> _Given:
+    """The tensors of ``ctx`` a stage reads, by name, as the ``rest`` of a :class:`_Given` (its shared products
+    are made from them)."""
+    return _Given(("ctx.basis", ctx.basis), ("ctx.eigvals", ctx.eigvals), ("ctx.flat", ctx.flat), read=False)
 
 
 def _check_gradient(G: Tensor, version: int | None, slot: str, stage: Any) -> None:
@@ -273,6 +342,61 @@ def _check_gradient(G: Tensor, version: int | None, slot: str, stage: Any) -> No
             f"{_stage_label(slot, stage)} changed the gradient G in place; a stage only reads G (the stages "
             "after it and the factor update read it too)"
         )
+
+
+#: the dtypes a basis change's permutation may have (torch's index dtypes: ``gather``, indexing)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_change(change: Any, new: BasisState, layout: Layout, stage: Any) -> None:
+    """A basis stage's event is a :class:`BasisChange` whose permutations ``perm_L (b m)`` / ``perm_R (b n)`` (where
+    not ``None``) are tensors of an index dtype, one entry per column of that side of the new basis (``m``, ``n``,
+    or a restricted side's rank), on the bucket's device; else a :class:`StageOutputError` naming the basis stage
+    and the field. On a CPU, where reading a value waits for nothing (:func:`kronopt.linalg.host_verdicts`), each
+    block's permutation is also read to be one of ``0 .. k-1`` (:func:`_permutes`, on refreshes only);
+    elsewhere the values stay on the device (no host synchronisation): an index out of range is then torch's own
+    error where a stage uses it, a repeated one is not caught."""
+    if not isinstance(change, BasisChange):
+        raise StageOutputError(
+            f"{_stage_label('basis', stage)} returned a {type(change).__name__} as its basis change, expected a "
+            "kronopt.types.BasisChange"
+        )
+    failures = getattr(new, "failures", None)
+    device = failures.device if isinstance(failures, Tensor) else None
+    sides = (("perm_L", getattr(new, "Q_L", None), layout.m), ("perm_R", getattr(new, "Q_R", None), layout.n))
+    for name, Q, side in sides:
+        perm = getattr(change, name)
+        if perm is None:
+            continue
+        k = Q.shape[-1] if isinstance(Q, Tensor) else side
+        shape = (layout.batch, k)
+        if not isinstance(perm, Tensor):
+            problem = f"{name} is a {type(perm).__name__}, expected a tensor"
+        elif perm.dtype not in _INDEX_DTYPES:
+            problem = f"{name} is of dtype {perm.dtype}, expected an index dtype (torch.int64 or torch.int32)"
+        elif perm.shape != shape:
+            problem = f"{name} with shape {tuple(perm.shape)}, expected shape {shape} (b, k: the new basis's columns)"
+        elif device is not None and perm.device != device:
+            problem = f"{name} is on {perm.device}, expected {device} (the basis's)"
+        elif linalg.host_verdicts(perm) and not _permutes(perm):
+            problem = f"{name} is not a permutation of 0..{k - 1} on every block (an index out of range or repeated)"
+        else:
+            continue
+        raise StageOutputError(
+            f"{_stage_label('basis', stage)} returned a basis change whose {problem}; new column j continues old "
+            f"column {name}[:, j], and the stages' on_basis_change permute their per-column statistics by it"
+        )
+
+
+def _permutes(perm: Tensor) -> bool:
+    """Whether each row of ``perm (b k)`` holds every index ``0 .. k-1`` once, read on the host (a CPU's): one
+    scatter into ``(b k)`` flags, which refuses an index out of range itself (a sort costs several times as much)."""
+    seen = torch.zeros(perm.shape, dtype=torch.bool, device=perm.device)
+    try:
+        seen.scatter_(1, perm, True)
+    except RuntimeError:  # an index out of range
+        return False
+    return bool(seen.all())
 
 
 # -- storage dtypes ([storage]) -----------------------------------------------------------
@@ -396,24 +520,37 @@ def _observe(
     outputs are checked (:func:`_checked_slots`), ``g_version`` the version counter ``G`` had (:func:`_check_output`)."""
     due = cfg.refresh.due(t, first_call=first_call)
     ctx = context(cfg, layout, state, t, shared, refresh_follows=due, defer=None if due else defer)
+    in_ctx = _ctx_given(ctx) if "factors" in checked or "basis" in checked else None
+    given = _Given(("state", state.factors), rest=in_ctx) if "factors" in checked else None
     factors = cfg.factors.update(state.factors, G, ctx)
     if checked:
-        _check_output("factors", checked, cfg, factors, state.factors, layout, G, g_version)
+        _check_output("factors", checked, cfg, factors, state.factors, layout, G, g_version, given=given)
     if not due:
         return attrs.evolve(state, factors=factors)
-    basis, change = cfg.basis.refresh(state.basis, cfg.factors.factors(factors), ctx)
+    read = cfg.factors.factors(factors)
+    given = _Given(("state", state.basis), ("factors", tuple(read)), rest=in_ctx) if "basis" in checked else None
+    basis, change = cfg.basis.refresh(state.basis, read, ctx)
     if checked:
-        _check_output("basis", checked, cfg, basis, state.basis, layout, G, g_version)
+        _check_output("basis", checked, cfg, basis, state.basis, layout, G, g_version, given=given)
+        if "basis" in checked:
+            _check_change(change, basis, layout, cfg.basis)
+    in_change = _Given(("change", change), read=False) if checked - {"basis", "post"} else None
+    given = _Given(("state", state.inner), rest=in_change) if "inner" in checked else None
     inner = cfg.inner.on_basis_change(state.inner, change)
     if checked:
-        _check_output("inner", checked, cfg, inner, state.inner, layout, G, g_version)
-    split = cfg.split.on_basis_change(state.split, change) if capabilities(cfg.split).follows_basis else state.split
-    if checked:
-        _check_output("split", checked, cfg, split, state.split, layout, G, g_version)
+        _check_output("inner", checked, cfg, inner, state.inner, layout, G, g_version, given=given)
+    if capabilities(cfg.split).follows_basis:
+        given = _Given(("state", state.split), rest=in_change) if "split" in checked else None
+        split = cfg.split.on_basis_change(state.split, change)
+        if checked:
+            _check_output("split", checked, cfg, split, state.split, layout, G, g_version, given=given)
+    else:
+        split = state.split
     if capabilities(cfg.factors).follows_basis:
+        given = _Given(("state", factors), rest=in_change) if "factors" in checked else None
         followed = cfg.factors.on_basis_change(factors, change)
         if checked:
-            _check_output("factors", checked, cfg, followed, factors, layout, G, g_version)
+            _check_output("factors", checked, cfg, followed, factors, layout, G, g_version, given=given)
         factors = followed
     return attrs.evolve(state, factors=factors, basis=basis, inner=inner, split=split)
 
@@ -430,38 +567,39 @@ def step(
     holds the factor's old stack (the caller runs them, :func:`run_deferred_`).
 
     What a stage from outside kronopt returns is checked where it is received (:class:`StageOutputError`: a
-    direction or state tensor unlike the gradient or the state it was given, a tensor it was given changed in
-    place): host-side reads of shapes, dtypes and version counters, no value read; kronopt's own stages,
-    whose outputs a test checks so for every preset (:data:`CHECK_OWN_STAGES`), are not, so a built-in pipeline pays
-    nothing."""
+    direction or state tensor unlike the gradient or the state it was given, a new state record of another type,
+    a basis change whose permutation is malformed, a tensor it was given changed in place, checked after each call
+    it was given to: its state, ``ctx.basis``/``eigvals``/``flat``, the factors a refresh reads, a basis change):
+    host-side reads of types, shapes, dtypes and version counters, no value read but a refresh's permutations on a
+    CPU (:func:`_check_change`); kronopt's own stages, whose outputs a test checks so for every preset
+    (:data:`CHECK_OWN_STAGES`), are not, so a built-in pipeline pays nothing."""
     first_call = state.calls == 0
     calls = state.calls + 1
     shared: dict[str, Any] = {}  # products of G that several stages use, computed once (StepContext.rotated)
     checked = _checked_slots(cfg)
-    if checked:
-        start, versions = state, _versions(state)
-        g_version = None if G.is_inference() else G._version
-    else:
-        g_version = None
+    g_version = None if not checked or G.is_inference() else G._version
     if first_call and cfg.skip_first_call:
         state = _observe(cfg, layout, state, G, t=state.step, first_call=True, shared=shared, checked=checked, g_version=g_version)
-        if checked:
-            _check_untouched(versions, start, cfg)
         return None, attrs.evolve(state, calls=calls)
     t = state.step + 1
     if cfg.factor_update == "before":
         state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared, checked=checked, g_version=g_version)
     ctx = context(cfg, layout, state, t, shared)
+    in_ctx = _ctx_given(ctx) if checked - {"factors", "basis"} else None
+    given = _Given(("state", state.inner), rest=in_ctx) if "inner" in checked else None
     D, inner = cfg.inner.direction(state.inner, G, ctx)
     if checked:
-        _check_output("inner", checked, cfg, inner, state.inner, layout, G, g_version, D)
+        _check_output("inner", checked, cfg, inner, state.inner, layout, G, g_version, D, given)
     D_inner = D
+    given = _Given(("state", state.split), rest=in_ctx) if "split" in checked else None
     D, split = cfg.split.complement(state.split, G, D, ctx, lambda: cfg.inner.moment(inner, ctx))
     if checked:
-        _check_output("split", checked, cfg, split, state.split, layout, G, g_version, None if D is D_inner else D)
+        D_split = None if D is D_inner else D
+        _check_output("split", checked, cfg, split, state.split, layout, G, g_version, D_split, given)
+    given = _Given(("state", state.post), rest=in_ctx) if "post" in checked else None
     D, post = cfg.post.graft(state.post, G, D, ctx)
     if checked:
-        _check_output("post", checked, cfg, post, state.post, layout, G, g_version, D)
+        _check_output("post", checked, cfg, post, state.post, layout, G, g_version, D, given)
     state = attrs.evolve(state, inner=inner, split=split, post=post)
     if cfg.factor_update == "after":
         if not capabilities(cfg.factors).reads_rotated:
@@ -469,8 +607,6 @@ def step(
         state = _observe(
             cfg, layout, state, G, t=t, first_call=first_call, shared=shared, defer=defer, checked=checked, g_version=g_version
         )
-    if checked:
-        _check_untouched(versions, start, cfg)
     return D, attrs.evolve(state, calls=calls, step=t)
 
 
