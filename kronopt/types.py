@@ -51,7 +51,9 @@ class Layout:
 class StageOutputError(ValueError):
     """A stage broke its run-time contract: it returned a direction or a state tensor whose shape, dtype or
     device is not what its ``init`` set up (and the step's gradient has), a state tensor without the block
-    axis first, or it changed a tensor it was given in place (stages are pure). Raised by
+    axis first, a new state of another type than the one given, a basis change whose permutations are not
+    index tensors of its shape (on a CPU: not permutations), or it changed a tensor it was given in place
+    (stages are pure). Raised by
     :func:`kronopt.compose.init_state` and :func:`kronopt.compose.step`; the message names the slot, the
     stage's registry key and the field."""
 
