@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import attrs
 
-from .validators import BETA_TIE, MOMENTUM_TIE, ge, in_, le, str_tuple, to_bool, to_float, to_int, to_str
+from .validators import BETA_TIE, MOMENTUM_TIE, _entries, ge, in_, le, problems_of, to_bool, to_float, to_int, to_str
 from .post import Post
 from .registry import SLOTS, PluginError, PluginLoadError
 from .types import capabilities
@@ -53,14 +53,22 @@ class Shapes:
     precondition_1d: bool = attrs.field(default=False, converter=to_bool)
 
 
+def _regex(pattern: Any) -> str:
+    """One ``fallback_names`` entry: a string that compiles (``re`` refuses a repeat count past its limit with an
+    ``OverflowError``, a problem of the pattern like any other)."""
+    pattern = to_str(pattern)
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError) as exc:
+        raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from exc
+    return pattern
+
+
 def _regexes(value: Any) -> tuple[str, ...]:
-    patterns = str_tuple(value)
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise ValueError(f"{p!r} is not a valid regular expression: {exc}") from exc
-    return patterns
+    """A list of regular expressions; every entry that is no string or does not compile named by its index."""
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"must be a list of strings, got {value!r}")
+    return _entries(value, _regex)
 
 
 @attrs.frozen(kw_only=True)
@@ -430,7 +438,8 @@ def _cross_checks(
 ) -> None:
     """A record some of whose keys were refused: its checks across keys (``offset < every``) run on the accepted ones,
     the refused keys at their defaults, so a problem among the accepted keys is listed with the others; not one that
-    names a refused key (found with its default, not the value given), nor where a refused key has no default."""
+    names a refused key (found with its default, not the value given), nor where a refused key has no default. Where
+    the record reports several problems at once (:class:`~kronopt.validators.Problems`), each is judged apart."""
     refused = [k for k in refused if k in names]
     required = {f.alias for f in attrs.fields(cls) if f.init and f.default is attrs.NOTHING}
     if required - kwargs.keys():
@@ -438,9 +447,31 @@ def _cross_checks(
     try:
         cls(**kwargs)
     except (TypeError, ValueError, OverflowError) as exc:
-        message = _bad_value(exc)
-        if not any(re.search(rf"\b{re.escape(k)}\b", message) for k in refused):
-            errors.append((path, message))
+        problems = problems_of(exc)  # a stage's several problems (validators.Problems) judged one by one
+        kept = [p for p in problems if not any(re.search(rf"\b{re.escape(k)}\b", p) for k in refused)]
+        if kept:
+            errors.append((path, _bad_value(exc) if len(kept) == len(problems) else "; ".join(kept)))
+
+
+def _stand_in(cls: type, table: Any) -> Any:
+    """A record in error as the combination and route checks judge it: its accepted keys, the refused ones at their
+    defaults (``None`` where that makes no record)."""
+    if not isinstance(table, Mapping):
+        return None
+    names = {f.alias for f in attrs.fields(cls) if f.init}
+    accepted = {}
+    for key, value in table.items():
+        if key not in names:
+            continue
+        try:
+            _check_field(cls, key, value)
+        except (TypeError, ValueError, OverflowError):
+            continue
+        accepted[key] = value
+    try:
+        return cls(**accepted)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _build_stage(slot: str, table: Any, path: str, errors: list[tuple[str, str]]) -> Any:
@@ -485,16 +516,23 @@ def _build_config(raw: Any, prefix: str, errors: list[tuple[str, str]], *, allow
             errors.append((_join(prefix, slot), f"missing table; give [{slot}] with a 'type' (one of: {', '.join(SLOTS[slot].keys())})"))
             continue
         kwargs[slot] = _build_stage(slot, raw[slot], _join(prefix, slot), errors)
+    stand_ins: dict[str, Any] = {}  # the records in error, their refused keys at their defaults
     for name, cls in _records(allow_fallback).items():
         if name in raw:
             kwargs[name] = _build_record(cls, raw[name], _join(prefix, name), errors)
-    if not allow_fallback and isinstance(kwargs.get("route"), Route) and kwargs["route"] != Route():
+            if kwargs[name] is None:
+                stand_ins[name] = _stand_in(cls, raw[name])
+    route = kwargs.get("route") or stand_ins.get("route")
+    if not allow_fallback and isinstance(route, Route) and route != Route():
         errors.append((_join(prefix, "route"), _FALLBACK_ROUTE))
     if allow_fallback and "fallback" in raw:
         kwargs["fallback"] = _build_config(raw["fallback"], _join(prefix, "fallback"), errors, allow_fallback=False)
     if len(errors) > found:
         given = allow_fallback and "fallback" in raw
-        _check_compatible_anyway(lambda ok: KronConfig(**ok), kwargs, prefix, errors, allow_fallback=allow_fallback, fallback_given=given)
+        _check_compatible_anyway(
+            lambda ok: KronConfig(**ok), kwargs, prefix, errors, allow_fallback=allow_fallback, fallback_given=given,
+            stand_ins=stand_ins, refused=_refused(errors[found:], prefix),
+        )
         return None
     cfg = KronConfig(**kwargs)
     _check_compatible(cfg, prefix, errors)
@@ -536,24 +574,39 @@ def _check_field(cls: type, key: str, value: Any) -> None:
 
 def _check_compatible_anyway(
     make: Callable[[dict[str, Any]], KronConfig], parts: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]],
-    *, allow_fallback: bool, fallback_given: bool,
+    *, allow_fallback: bool, fallback_given: bool, stand_ins: Mapping[str, Any], refused: frozenset[str],
 ) -> None:
     """:func:`_check_compatible` and :func:`_check_route` on a config that has errors already, so that an
     incompatible combination of stages, or a route to a missing fallback, is listed beside them: on the config
-    ``make`` builds from the ``parts`` that passed (a record or a value in error at its default, or as it was).
+    ``make`` builds from the ``parts`` that passed, a record in error as its ``stand_ins`` one (its accepted keys,
+    the refused ones at their defaults), a top-level value in error at its default (or as it was).
     A stage in error is not judged (the combination would name a stage the user is replacing, or judge options
-    the user did not give): every check that involves it is skipped, the others run. The route is judged where
-    neither it nor a given ``[fallback]`` failed."""
+    the user did not give): every check that involves it is skipped, the others run. A problem found that names a
+    ``refused`` key (a dotted path below ``prefix``) is dropped: it was found with a value the user did not give.
+    The route is judged where a given ``[fallback]`` did not fail, with its refused keys at their defaults."""
     failed = {k for k, v in parts.items() if v is None}
     kept = {k: v for k, v in parts.items() if v is not None}
+    kept.update({k: v for k, v in stand_ins.items() if v is not None})
     kept.update({slot: None for slot in STAGE_SLOTS if slot in failed})  # the checks that involve it are skipped
     try:
         cfg = make(kept)
     except (TypeError, ValueError):  # cross-field checks of the constructor: the parts make no config
         return
-    _check_compatible(cfg, prefix, errors, failed=frozenset(failed & set(STAGE_SLOTS)))
-    if not failed & {"route", "fallback"}:
-        _check_route(cfg, prefix, errors, allow_fallback=allow_fallback, fallback_given=fallback_given)
+    found: list[tuple[str, str]] = []
+    _check_compatible(cfg, prefix, found, failed=frozenset(failed & set(STAGE_SLOTS)))
+    if "fallback" not in failed and ("route" not in failed or stand_ins.get("route") is not None):
+        _check_route(cfg, prefix, found, allow_fallback=allow_fallback, fallback_given=fallback_given)
+    for path, message in found:
+        key = path[len(prefix) + 1:] if prefix else path
+        if key not in refused and not any(re.search(rf"(?<![\w.]){re.escape(k)}\b", message) for k in refused):
+            errors.append((path, message))
+
+
+def _refused(errors: list[tuple[str, str]], prefix: str) -> frozenset[str]:
+    """The keys in error (dotted, below ``prefix``: ``lr``, ``route.fallback_names``) of one config table; not a
+    table's own path (a stage in error is not judged at all, a record in error judged by its stand-in)."""
+    keys = (path[len(prefix) + 1:] if prefix else path for path, _ in errors if not prefix or path.startswith(prefix + "."))
+    return frozenset(k for k in keys if k not in (*STAGE_SLOTS, *_RECORDS, "fallback"))
 
 
 def _check_route(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]], *, allow_fallback: bool, fallback_given: bool = False) -> None:
@@ -790,12 +843,20 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 
     Setting a stage's ``type`` to a different stage starts that table afresh (the
     old stage's options would not apply), keeping the other overrides given for it.
+    An override with no place in the config (a whole table as one value, a key below a value, ``fallback.*``
+    where there is no ``[fallback]``) raises a :class:`ConfigError` that lists it with every problem of the
+    config the other overrides make, as :func:`with_overrides` does.
     """
     out = _deepcopy(raw)
     items = sorted(overrides.items(), key=lambda kv: not kv[0].endswith(".type"))
-    errors = []
+    errors: list[tuple[str, str]] = []
     for dotted, value in items:
         parts = dotted.split(".")
+        misplaced = _misplaced(parts, raw, "", top=True)
+        if misplaced is not None:
+            if misplaced not in errors:  # every fallback.* key of a config without one: one error
+                errors.append(misplaced)
+            continue
         table = out
         for part in parts[:-1]:
             nxt = table.get(part)
@@ -812,9 +873,30 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
         if last == "type" and table.get("type") != value:
             table.clear()
         table[last] = _deepcopy(value)
-    if errors:
+    if errors:  # the config without the refused overrides: its own problems are listed with theirs
+        _build_config(out, "", errors, allow_fallback=True)
         raise ConfigError(errors)
     return out
+
+
+def _misplaced(parts: list[str], raw: Any, prefix: str, *, top: bool) -> tuple[str, str] | None:
+    """The problem of a dotted override with no place in a config, as :func:`with_overrides` words it: a key below
+    a value (``lr.x``, ``inner.betas.x``: it would replace the value), or below a ``[fallback]`` the config does not
+    have (one would be made, missing every table); ``None`` where it has a place (or is left to the config's
+    checks: an unknown table)."""
+    head, rest = parts[0], parts[1:]
+    if not rest:
+        return None
+    path = _join(prefix, ".".join(parts))
+    if head in _SCALARS:
+        return path, f"{head!r} is a value, not a table"
+    if (head in STAGE_SLOTS or head in _records(top)) and len(rest) > 1:
+        return path, f"unknown key; {head} options are not tables"
+    if head == "fallback" and top:
+        if not isinstance(raw, Mapping) or "fallback" not in raw:
+            return _join(prefix, "fallback"), "this config has no [fallback] to override"
+        return _misplaced(rest, raw["fallback"], _join(prefix, "fallback"), top=False)
+    return None
 
 
 def with_overrides(cfg: KronConfig, overrides: Mapping[str, Any]) -> KronConfig:
@@ -858,6 +940,7 @@ def _evolve_config(
     kwargs: dict[str, Any] = _checked_scalars(scalars, prefix, errors)
     if not allow_fallback:
         _fallback_at_default(kwargs, prefix, errors)
+    stand_ins: dict[str, Any] = {}  # the records in error, their refused keys at their defaults
     for name, sub in tables.items():
         path = _join(prefix, name)
         if name == "fallback":
@@ -879,12 +962,17 @@ def _evolve_config(
         else:
             table = {**_record_dict(record), **{k: v for k, v in sub.items() if k not in nested}}
             kwargs[name] = _build_record(_RECORDS[name], table, path, errors)
-            if name == "route" and not allow_fallback and isinstance(kwargs[name], Route) and kwargs[name] != Route():
-                errors.append((path, _FALLBACK_ROUTE))
+            if kwargs[name] is None:
+                stand_ins[name] = _stand_in(_RECORDS[name], table)
+            if name == "route" and not allow_fallback:
+                route = kwargs[name] or stand_ins[name]
+                if isinstance(route, Route) and route != Route():
+                    errors.append((path, _FALLBACK_ROUTE))
     if len(errors) > found:
         _check_compatible_anyway(
             lambda ok: attrs.evolve(cfg, **ok), kwargs, prefix, errors, allow_fallback=allow_fallback,
-            fallback_given=allow_fallback and cfg.fallback is not None,
+            fallback_given=allow_fallback and cfg.fallback is not None, stand_ins=stand_ins,
+            refused=_refused(errors[found:], prefix),
         )
         return None
     out = attrs.evolve(cfg, **kwargs)

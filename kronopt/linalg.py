@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import compiled
+from .validators import Problems
 
 # -- the process's float32 product precision ----------------------------------------------
 
@@ -1799,7 +1800,7 @@ def check_ns_options(
     """A stage's Newton–Schulz options checked as :func:`newton_schulz` will read them: under the Gram form, its
     restart plan for ``steps`` iterations (:func:`ns_restarts`); a schedule of :data:`NS_NO_MARGIN` with an iteration
     dtype other than float64 (``names``: the two options as the stage calls them). One ``ValueError`` that names
-    each problem."""
+    each problem (a :class:`~kronopt.validators.Problems`, which holds each apart)."""
     problems = []
     if coefficients in NS_NO_MARGIN and dtype is not None and dtype != "float64":
         problems.append(
@@ -1813,7 +1814,7 @@ def check_ns_options(
         except ValueError as exc:
             problems.append(f"ns_restarts (ns_form = 'gram'): {exc}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise Problems(problems)  # a ValueError whose problems a config lists apart
 
 
 def gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:

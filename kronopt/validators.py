@@ -39,6 +39,53 @@ def in_(choices: Iterable[Any]) -> Callable[[Any, Any, Any], None]:
     return _check(lambda v: v in options, "one of " + ", ".join(repr(c) for c in options))
 
 
+class Problems(ValueError):
+    """Several problems of one value (a list's bad entries) or of one stage's options, each a message of its own.
+
+    ``str()`` joins them with ``"; "``, so a plain ``ValueError`` handler reads them as one; the config reads
+    :attr:`problems` to judge each apart (a stage's check across its options that names an option refused for
+    its own value is dropped, its other problems listed). A stage's ``__attrs_post_init__`` that finds several
+    problems raises them as one ``Problems``.
+    """
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class _TypeProblems(TypeError):
+    """:class:`Problems` where each is a wrong type (a list's entries that are not of the type asked)."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def problems_of(exc: BaseException) -> tuple[str, ...]:
+    """The separate problems an error reports: a :class:`Problems`' list, or its message alone."""
+    return getattr(exc, "problems", None) or (str(exc),)
+
+
+def _indexed(i: int, problem: str) -> str:
+    """An entry's problem named by its index: ``[1] must be …``, or ``[1][0] must be …`` inside a nested list."""
+    return f"[{i}]{problem}" if problem.startswith("[") else f"[{i}] {problem}"
+
+
+def _entries(value: Any, convert: Callable[[Any], Any], *, first: int = 0) -> tuple[Any, ...]:
+    """``convert`` applied to every entry of a list (whose first entry is the ``first`` of the list the user
+    wrote); every bad entry named by its index, in one error (a ``TypeError`` where every problem is one)."""
+    out, problems, all_types = [], [], True
+    for i, item in enumerate(value, first):
+        try:
+            out.append(convert(item))
+        except (TypeError, ValueError) as exc:
+            all_types = all_types and isinstance(exc, TypeError)
+            problems += [_indexed(i, p) for p in problems_of(exc)]
+    if problems:
+        raise _TypeProblems(problems) if all_types else Problems(problems)
+    return tuple(out)
+
+
 def each(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
     """Apply ``validators`` to every item of a sequence; every bad item is named by its index, in one error
     (``[0] must be < 1.0, got 1.5; [1] must be ≥ 0.0, got -0.1``)."""
@@ -50,10 +97,10 @@ def each(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, An
                 try:
                     v(inst, attr, item)
                 except (TypeError, ValueError) as exc:
-                    problems.append(f"[{i}] {exc}")
+                    problems += [_indexed(i, p) for p in problems_of(exc)]
                     break  # an item's first problem: the next validators assume it passed
         if problems:
-            raise ValueError("; ".join(problems))
+            raise Problems(problems)
 
     return validate
 
@@ -109,7 +156,7 @@ MOMENTUM_TIE = "momentum"
 def graft_betas(value: Any) -> tuple[float | str, float]:
     """Two Adam betas, the first a number or :data:`MOMENTUM_TIE`."""
     if isinstance(value, list | tuple) and len(value) == 2 and value[0] == MOMENTUM_TIE:
-        return (MOMENTUM_TIE, to_float(value[1]))
+        return (MOMENTUM_TIE, *_entries(value[1:], to_float, first=1))
     if isinstance(value, list | tuple) and any(isinstance(v, str) for v in value):
         raise ValueError(f"must be two numbers, or {MOMENTUM_TIE!r} and a number (β₁ tied to the inner rule's), got {value!r}")
     return float_tuple(2)(value)  # type: ignore[return-value]
@@ -145,40 +192,47 @@ def to_str(value: Any) -> str:
 
 
 def float_tuple(length: int | None = None) -> Callable[[Any], tuple[float, ...]]:
+    """A list of ``length`` numbers (any length: ``None``) as a tuple of floats; every entry that is no finite
+    number named by its index, in one error (``[0] must be a number, got 'a'; [1] must be a number, got 'b'``)."""
+
     def convert(value: Any) -> tuple[float, ...]:
         if not isinstance(value, list | tuple):
             raise TypeError(f"must be a list of numbers, got {value!r}")
         if length is not None and len(value) != length:
             raise ValueError(f"must have {length} entries, got {len(value)}")
-        return tuple(to_float(v) for v in value)
+        return _entries(value, to_float)
 
     return convert
 
 
 def auto_or_int_tuple(value: Any) -> str | tuple[int, ...]:
-    """``"auto"`` or a list of integers (as a tuple)."""
+    """``"auto"`` or a list of integers (as a tuple); every entry that is no integer named by its index."""
     if value == "auto":
         return "auto"
     if not isinstance(value, list | tuple):
         raise TypeError(f"must be 'auto' or a list of integers, got {value!r}")
-    return tuple(to_int(v) for v in value)
+    return _entries(value, to_int)
 
 
 def str_tuple(value: Any) -> tuple[str, ...]:
+    """A list of strings as a tuple; every entry that is no string named by its index."""
     if not isinstance(value, list | tuple):
         raise TypeError(f"must be a list of strings, got {value!r}")
-    return tuple(to_str(v) for v in value)
+    return _entries(value, to_str)
 
 
 def triples(value: Any) -> tuple[tuple[float, float, float], ...]:
+    """A list of ``[a, b, c]`` number triples as tuples; every bad triple, or bad number in one, named by its
+    index (``[0] must have 3 entries, got 2; [1][0] must be a number, got 'a'``)."""
     if not isinstance(value, list | tuple):
         raise TypeError(f"must be a list of [a, b, c] triples, got {value!r}")
-    return tuple(float_tuple(3)(v) for v in value)  # type: ignore[misc]
+    return _entries(value, float_tuple(3))  # type: ignore[return-value]
 
 
 __all__ = [
     "BETA_TIE",
     "MOMENTUM_TIE",
+    "Problems",
     "auto_or_int_tuple",
     "each",
     "float_tuple",
@@ -188,6 +242,7 @@ __all__ = [
     "in_",
     "le",
     "lt",
+    "problems_of",
     "str_tuple",
     "to_beta",
     "to_bool",
