@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kronopt
+import tests.reference.kl_shampoo as kl_ref
 from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.kl_shampoo import kl_reference
 
@@ -41,8 +42,6 @@ OPTIONS = [
     {"normalize_grads": True, "precondition_frequency": 4, "lr": 1e-3},
     {"betas": (0.8, 0.9), "shampoo_beta": 0.7, "precondition_frequency": 5, "init_factor": 1.0, "eps": 1e-3},
     {"using_damping": True, "eps": 1e-2, "precondition_frequency": 2},
-    {"using_clamping": False, "precondition_frequency": 6},
-    {"max_clamp_value": 2.0, "init_factor": 0.01, "precondition_frequency": 3},
     {"max_precond_dim": 5, "precondition_frequency": 2},
 ]
 
@@ -74,6 +73,53 @@ def test_kl_presets_match_reference(gen, options, klsoap):
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     grads = reference_grads(gen, SHAPES, steps)
     ref = kl_reference(params, grads, using_klsoap=klsoap, **options)
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = kronopt.build(_named(ours_params), "kl_soap" if klsoap else "kl_shampoo", **_overrides(options, klsoap))
+    ours = run_history(opt, ours_params, grads)
+    assert not torch.equal(ours[-1][0], params[0])
+    assert_histories_close(ours, ref)
+
+
+#: the clamp cases (test_kl_clamp_options_bind_and_match_reference): a side of 12 above the clamp's floor of 10, so
+#: max_clamp_value = 11 gives c = max(10, min(12, 11)) = 11 there (12 by default) and 10 on the sides of 4–6;
+#: gradients of size 5e-3 drive λ below 1/c² on many directions, so the clamp binds
+CLAMP_SHAPES = [(12, 4), (4, 12), (6, 5)]
+CLAMP_OPTIONS = [
+    pytest.param({"max_clamp_value": 11.0, "init_factor": 0.01, "precondition_frequency": 3}, id="max-clamp-11"),
+    pytest.param({"max_clamp_value": 2.0, "init_factor": 0.01, "precondition_frequency": 3}, id="max-clamp-2-floors-at-10"),
+    pytest.param({"using_clamping": False, "init_factor": 0.01, "precondition_frequency": 6}, id="unclamped"),
+]
+
+
+@pytest.mark.parametrize("klsoap", [False, True], ids=["kl_shampoo", "kl_soap"])
+@pytest.mark.parametrize("options", CLAMP_OPTIONS)
+def test_kl_clamp_options_bind_and_match_reference(monkeypatch, gen, options, klsoap):
+    """The clamping options where the clamp binds: the reference's root λ^{-1/2} exceeds its clamp c on some
+    updates (c by hand: 11 on a side of 12 with max_clamp_value = 11, 10 everywhere else, including under
+    max_clamp_value = 2, whose c is floored at 10), or, unclamped, exceeds even the largest clamp a side here could
+    have (12); and the presets follow the reference step for step. A clamp left out, its ceiling taken from
+    max_clamp alone or from the side alone, or clamping that cannot be turned off, each fails."""
+    roots = []  # (root before the clamp, the clamp) of every tracked-root update of the reference
+    new_root = kl_ref._new_root
+
+    def recording(s_old, d, rho, clamp):
+        roots.append((new_root(s_old, d, rho, None), clamp))
+        return new_root(s_old, d, rho, clamp)
+
+    monkeypatch.setattr(kl_ref, "_new_root", recording)
+    options = {"lr": 1e-4, **options}
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in CLAMP_SHAPES]
+    grads = [[5e-3 * g for g in call] for call in reference_grads(gen, CLAMP_SHAPES, 60)]
+    ref = kl_reference(params, grads, using_klsoap=klsoap, **options)
+    if options.get("using_clamping", True):
+        ceilings = {10.0, 11.0} if options["max_clamp_value"] == 11.0 else {10.0}
+        assert {c for _, c in roots} == ceilings
+        for c in ceilings:  # the clamp binds on the sides of each ceiling, not on every update
+            bound = [raw > c for raw, cc in roots if cc == c]
+            assert any(bound) and not all(bound), (c, sum(bound), len(bound))
+    else:
+        assert {c for _, c in roots} == {None}
+        assert any(raw > 12.0 for raw, _ in roots)
     ours_params = [torch.nn.Parameter(p.clone()) for p in params]
     opt = kronopt.build(_named(ours_params), "kl_soap" if klsoap else "kl_shampoo", **_overrides(options, klsoap))
     ours = run_history(opt, ours_params, grads)
