@@ -170,25 +170,54 @@ def test_split_sandwich_of_held_panels_is_the_float64_product(monkeypatch, dtype
         assert _rel(outs[True, k], outs[False, k].double()) < (1e-12 if dtype == F64 else 2e-6)
 
 
-@pytest.mark.parametrize("shape", [(11, 4), (4, 11), (10, 10)], ids=["tall", "wide", "square"])
-def test_dykaf_step_by_panels_is_the_step_by_tiles(monkeypatch, shape):
+@pytest.mark.parametrize(
+    ("shape", "split"),
+    [((11, 4), "held"), ((4, 11), "dense"), ((10, 10), None)],
+    ids=["tall", "wide", "square"],
+)
+def test_dykaf_step_by_panels_is_the_step_by_tiles(monkeypatch, shape, split):
     """DyKAF's KSL step with its products by tiles of 3 and its larger side's sandwich split (``K`` or ``R̂`` held):
     by panels the factors the tiles give, to float64 rounding, exactly symmetric; and so through the deferred
-    write into the state's own stacks."""
+    write into the state's own stacks.
+
+    Each case's route is asserted, so that none passes by not reaching what it is about: a tall block splits
+    ``Gᵀ K G`` with ``K`` held (its rows by panels, or tile by tile), a wide one ``G R Gᵀ`` with ``R`` dense, and
+    ``R̂`` (wide, square) or ``K`` (tall) is held and written from its panels. A square block has no larger side,
+    so no split (``split_pays`` asks the middle's side to exceed the outer one's): its case covers the held
+    ``R̂``'s write from panels alone."""
     m, n = shape
     L, R, G = _sym(2, m, seed=m), _sym(2, n, seed=n + 50), _randn(2, m, n, seed=m * n)
     monkeypatch.setattr(linalg, "_SPLIT_SANDWICH_MIN", 1)
     monkeypatch.setattr(linalg, "_GRAM_TILED_MIN", 1)
     monkeypatch.setattr(linalg, "_GRAM_TILE", 3)
+    splits, writes = [], []  # per call: its middle's form; per write of held tiles: whether by panels
+    real_split, real_write = linalg.split_sandwich, linalg.LowerTiles.write
+
+    def split_sandwich(A, S, **kw):
+        splits.append(("held", bool(S.panels)) if isinstance(S, linalg.LowerTiles) else ("dense", False))
+        return real_split(A, S, **kw)
+
+    def write(self, *a, **kw):
+        writes.append(bool(self.panels))
+        return real_write(self, *a, **kw)
+
+    monkeypatch.setattr(linalg, "split_sandwich", split_sandwich)
+    monkeypatch.setattr(linalg.LowerTiles, "write", write)
     made = {}
     for panels in (True, False):
         monkeypatch.setattr(linalg, "_held_panels", lambda panels=panels: panels)
+        splits.clear()
+        writes.clear()
         L1, R1 = linalg.projector_split_ksl(L, R, G, 0.9)
         records: list[linalg.DeferredWrite] = []
         L2, R2 = L.clone(), R.clone()
         linalg.projector_split_ksl(L2, R2, G, 0.9, defer=records)
         for record in records:
             record.into(record.target)
+        # two steps (returned, deferred): each one split of its larger side's sandwich, one held product written
+        expected_splits = {"held": [("held", panels)] * 2, "dense": [("dense", False)] * 2, None: []}[split]
+        assert splits == expected_splits
+        assert writes == [panels] * 2
         assert torch.equal(L1, L1.mT) and torch.equal(R1, R1.mT)
         assert torch.equal(L2, L1) and torch.equal(R2, R1)
         made[panels] = (L1, R1)
