@@ -58,6 +58,24 @@ _FIXED_KEY = (
     f"is fixed when the group is made (a group's stages are resolved once); only {', '.join(SCHEDULABLE)} are read "
     "afresh: save the state dict and load it into an optimizer built with the new value"
 )
+def _edit_problem(key: str, fallback: bool) -> str | None:
+    """What an edit of the override ``key`` (as a group's overrides name it) in a main or a ``fallback`` group is
+    told, ``None`` where a step takes it up: the schedule's keys of the pipeline the group steps (and the main's in
+    a fallback group, set in every group by a loop over them); the rate and the decay are judged by their values."""
+    own = key.startswith("fallback.") == fallback
+    bare = key.removeprefix("fallback.") if fallback else key
+    if own:
+        return None if bare in (*SCHEDULABLE, "lr", "weight_decay") else _FIXED_KEY
+    if fallback:  # a main-pipeline key, which this group does not step
+        if key in (*SCHEDULABLE, "lr", "weight_decay"):
+            return None
+        return (
+            "sets the main pipeline, which this group (its 'pipeline' is 'fallback') does not step: edit the main "
+            f"group's overrides, or the fallback's own key fallback.{key}"
+        )
+    return "the fallback's parameters step in their own group (its 'pipeline' is 'fallback'): edit that group's overrides"
+
+
 #: param-group keys that label a group for the frameworks around the optimizer (Lightning's LearningRateMonitor
 #: names a group's curve by ``name``): kept on the routed groups, read by no stage
 _LABELS = ("name",)
@@ -164,6 +182,41 @@ def _overrides_record(group: Mapping[str, Any]) -> dict[str, Any]:
     """What a group's ``overrides`` held when its config was resolved: its values, a list's or a dict's copied (an
     edit in place must show), anything else the object itself."""
     return {k: _copied(v) for k, v in (group.get("overrides") or {}).items()}
+
+
+def _schedule(cfg: KronConfig, fallback: bool) -> dict[str, Any]:
+    """A group's :data:`SCHEDULABLE` keys in ``cfg`` (its fallback's in a fallback group), as its overrides name
+    them (``fallback.…`` there); a key whose stage has no such field (``factors.beta`` of a pipeline without
+    factors) is left out."""
+    stages = cfg.fallback if fallback else cfg
+    out: dict[str, Any] = {}
+    for key in SCHEDULABLE:
+        slot, _, field = key.partition(".")
+        stage = getattr(stages, slot, None)
+        if stage is not None and attrs.has(type(stage)) and field in attrs.fields_dict(type(stage)):
+            out[f"fallback.{key}" if fallback else key] = getattr(stage, field)
+    return out
+
+
+def _unedited_schedule_dropped(groups: list[dict[str, Any]], kron: Any) -> list[dict[str, Any]]:
+    """The saved groups without the schedule keys that hold the saved config's own values (what every state dict
+    records, edited or not: :meth:`KronOptimizer._schedule_of`), so that a load keeps this optimizer's schedule
+    where the saved run did not edit its own, as it keeps every other key of its config. Only where the dict
+    carries its config (``kronopt``): a dict of ``torch.distributed.checkpoint`` does not, and its schedule is
+    taken as saved."""
+    try:
+        saved = from_dict(kron["config"])
+    except Exception:  # no config section, or one this process cannot build (a plugin missing): keep them
+        return groups
+    out = []
+    for g in groups:
+        overrides = g.get("overrides")
+        if isinstance(overrides, dict) and overrides:
+            own = _schedule(saved, g.get("pipeline", "main") != "main")
+            kept = {k: v for k, v in overrides.items() if not (k in own and _same_as_recorded(v, own[k]))}
+            g = {**g, "overrides": kept}
+        out.append(g)
+    return out
 
 
 def _copied(value: Any) -> Any:
@@ -430,7 +483,7 @@ def _normalize_groups(params: Any, *, first: int = 0) -> list[dict[str, Any]]:
                     f"{name} is a {p.dtype} tensor that requires a gradient: kronopt steps real floating-point "
                     "parameters (float16, bfloat16, float32, float64)"
                 )
-            if any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape)) and p.requires_grad:
+            if p.layout is torch.strided and p.requires_grad and any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape)):
                 # an expanded view: one entry stands for several, and every in-place write of a step fails on it
                 name = g["param_names"][j] if "param_names" in g else f"param_groups[{first + gi}].params[{j}] {tuple(p.shape)}"
                 raise ValueError(
@@ -681,35 +734,24 @@ class KronOptimizer(torch.optim.Optimizer):
                 errors += [(f"{where}.{p}" if p else where, m) for p, m in exc.errors]
                 named = {p for p, _ in exc.errors}
                 for key in sorted({*now, *was}, key=str):
-                    bare = key.removeprefix("fallback.") if fallback else key
-                    if key in named or bare in (*SCHEDULABLE, "lr", "weight_decay") or _same_as_recorded(now.get(key), was.get(key)):
-                        continue
-                    errors.append((f"{where}.{key}", _FIXED_KEY))
+                    if key not in named and not _same_as_recorded(now.get(key), was.get(key)):
+                        if (problem := _edit_problem(key, fallback)) is not None:
+                            errors.append((f"{where}.{key}", problem))
                 continue
             old = self._group_cfgs[i]
-            if fallback:  # the main pipeline's keys, which this group's copy of the overrides also holds
-                for key in changed_keys(self._with_overrides(was), self._with_overrides(now)):
-                    if key not in (*SCHEDULABLE, "lr", "weight_decay"):  # a schedule edited in every group is the main's
-                        errors.append((
-                            f"{where}.{key}",
-                            "sets the main pipeline, which this group (its 'pipeline' is 'fallback') does not step: edit "
-                            f"the main group's overrides, or the fallback's own key fallback.{key}",
-                        ))
+            # each changed key as the group's overrides name it: a fallback group's own are fallback.…, its other keys
+            # the main pipeline's (which its copy of the overrides also holds); a main group's fallback.… its fallback's
+            edits = [f"fallback.{k}" if fallback else k for k in changed_keys(old, cfg)]
+            if fallback:
+                edits += changed_keys(self._with_overrides(was), self._with_overrides(now))
+            elif old.fallback is not None or cfg.fallback is not None:
+                edits += [f"fallback.{k}" for k in (changed_keys(old.fallback, cfg.fallback) if old.fallback and cfg.fallback else [""])]
             staggered = _staggers(old) or _staggers(cfg)
-            for key in changed_keys(old, cfg):
-                named = f"{where}.fallback.{key}" if fallback else f"{where}.{key}"
-                if key in ("lr", "weight_decay"):
-                    continue  # judged above, by the values given
-                if key not in SCHEDULABLE:
-                    errors.append((named, _FIXED_KEY))
-                elif staggered and key.startswith("refresh."):
-                    errors.append((named, "a staggered refresh lays its blocks' phases out over the period when the group is made"))
-            if not fallback and (old.fallback is not None or cfg.fallback is not None):
-                for key in changed_keys(old.fallback, cfg.fallback) if old.fallback and cfg.fallback else ["fallback"]:
-                    errors.append((
-                        f"{where}.fallback.{key}",
-                        "the fallback's parameters step in their own group (its 'pipeline' is 'fallback'): edit that group's overrides",
-                    ))
+            for key in dict.fromkeys(edits):
+                if (problem := _edit_problem(key, fallback)) is not None:
+                    errors.append((f"{where}.{key.rstrip('.')}", problem))
+                elif staggered and key.removeprefix("fallback.").startswith("refresh.") and key.startswith("fallback.") == fallback:
+                    errors.append((f"{where}.{key}", "a staggered refresh lays its blocks' phases out over the period when the group is made"))
             new[i] = cfg
         if errors:
             raise ConfigError(errors)
@@ -2527,20 +2569,15 @@ class KronOptimizer(torch.optim.Optimizer):
         return sd
 
     def _schedule_of(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        """The group's :data:`SCHEDULABLE` keys at their values now, as its overrides name them (``fallback.…`` in a
-        fallback group), for its saved overrides: a state dict records f, its offset and ρ as torch.optim's records a
-        group's ``lr``, and a load takes them. A template's keys are what ``torch.distributed.checkpoint`` loads, so
-        an edited schedule left out of a fresh optimizer's dict was dropped by ``dcp.load``."""
-        fallback = group.get("pipeline", "main") != "main"
-        cfg = self._with_overrides(group.get("overrides") or {})
-        cfg = cfg.fallback if fallback else cfg
-        out: dict[str, Any] = {}
-        for key in SCHEDULABLE:
-            slot, _, field = key.partition(".")
-            stage = getattr(cfg, slot, None)
-            if stage is not None and attrs.has(type(stage)) and field in attrs.fields_dict(type(stage)):
-                out[f"fallback.{key}" if fallback else key] = getattr(stage, field)
-        return out
+        """The group's schedule now (:func:`_schedule`), for its saved overrides: a state dict records f, its offset
+        and ρ as torch.optim's records a group's ``lr``. A template's keys are what ``torch.distributed.checkpoint``
+        loads, so an edited schedule left out of a fresh optimizer's dict was dropped by ``dcp.load``. None for a
+        group whose overrides the config refuses (the next step refuses them; a checkpoint is still taken)."""
+        try:
+            cfg = self._with_overrides(group.get("overrides") or {})
+        except ConfigError:
+            return {}
+        return _schedule(cfg, group.get("pipeline", "main") != "main")
 
     def _owner_world(self) -> int | None:
         """The number of ranks the blocks' owners are picked among (work sharding or FSDP2), ``None`` without
@@ -2684,7 +2721,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 "kronopt.distributed.merge_state_dicts and load that"
             )
         skipped = _saved_skipped(kron)  # refused here, before anything changes
-        saved_groups = [_without_top_level_only(g) for g in state_dict["param_groups"]]
+        saved_groups = _unedited_schedule_dropped([_without_top_level_only(g) for g in state_dict["param_groups"]], kron)
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
@@ -2785,7 +2822,10 @@ class KronOptimizer(torch.optim.Optimizer):
                             "torch.distributed.checkpoint's dcp.load into this optimizer's own state dict "
                             "(get_optimizer_state_dict), or kronopt.distributed.merge_state_dicts of every rank's state_dict()"
                         )
-                    filled = [self._name(like.group, p) for p, e in zip(bucket.params, entries) if counters_disagree(e)]
+                    # only a dict torch's API handed over (no kronopt section) has entries filled from this optimizer
+                    filled = [] if kron is not None else [
+                        self._name(like.group, p) for p, e in zip(bucket.params, entries) if counters_disagree(e)
+                    ]
                     if filled:
                         raise ValueError(
                             f"the saved state of {', '.join(filled[:5])} counts calls and updates that no block "

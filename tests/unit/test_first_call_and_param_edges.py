@@ -80,6 +80,8 @@ def test_an_expanded_parameter_is_refused_by_name_before_anything_is_built(prese
         opt.add_param_group({"params": [expanded]})
     frozen = torch.nn.Parameter(torch.zeros(1, 4).expand(6, 4), requires_grad=False)
     kronopt.build([("other", other), ("frozen", frozen)], preset)  # never stepped: accepted, as torch.optim accepts it
+    # a sparse tensor reports strides (0, 0): not an expanded view (its own refusal names the layout at the step)
+    kronopt.build([("sparse", torch.nn.Parameter(torch.eye(3).to_sparse()))], preset)
 
 
 @pytest.mark.parametrize("preset", ["adamw", "muon", "kl_shampoo"])

@@ -278,6 +278,51 @@ def test_a_saved_group_records_its_schedule_by_its_own_names(gen):
     assert tied[0]["overrides"] == {"refresh.every": 7, "refresh.offset": 0, "factors.beta": "beta2"}
 
 
+def test_a_load_keeps_this_optimizers_schedule_where_the_saved_run_did_not_edit_its_own(gen):
+    """Every state dict records the schedule (for DCP's templates); a load of a dict with its config drops the values
+    that are the saved config's own, so an optimizer built with another period keeps it (as before the record), and
+    takes an edited one."""
+    opt, params, grads = _built(gen, "soap", **{"refresh.every": 10})
+    other = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = kronopt.build([{"params": other}], "soap", **{"refresh.every": 50})
+    with pytest.warns(UserWarning, match="different config"):
+        fresh.load_state_dict(opt.state_dict())
+    assert fresh._group_cfgs[0].refresh.every == 50 and "refresh.every" not in fresh.param_groups[0]["overrides"]
+    opt.param_groups[0]["overrides"]["refresh.every"] = 3
+    _step(opt, params, grads[0])
+    with pytest.warns(UserWarning, match="different config"):
+        fresh.load_state_dict(opt.state_dict())
+    assert fresh._group_cfgs[0].refresh.every == 3
+
+
+def test_a_state_dict_is_taken_while_an_override_is_refused(gen):
+    """A checkpoint after a refused edit (a save-on-exception callback): the record of the schedule is left out for
+    that group, its overrides saved as they are, and the next step still refuses them."""
+    opt, params, grads = _built(gen, "soap")
+    opt.param_groups[0]["overrides"]["refresh.every"] = 0
+    assert opt.state_dict()["param_groups"][0]["overrides"] == {"refresh.every": 0}
+    with pytest.raises(ConfigError, match="refresh.every: must be ≥ 1"):
+        _step(opt, params, grads[0])
+
+
+def test_an_edit_is_told_the_same_whatever_else_the_group_holds(gen):
+    """A main-pipeline key edited in a fallback group was told "fixed when the group is made" beside a refused value,
+    and "sets the main pipeline" alone: one judgement serves both."""
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(6, generator=gen, dtype=torch.float64))
+    messages = []
+    for refused in (False, True):
+        opt = kronopt.build([w, b], "kl_shampoo")
+        opt.param_groups[1]["overrides"]["inner.eps"] = 1e-3
+        if refused:
+            opt.param_groups[1]["overrides"]["fallback.refresh.every"] = 0
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        with pytest.raises(ConfigError) as info:
+            opt.step()
+        messages.append(dict(info.value.errors)["param_groups[1]['overrides'].inner.eps"])
+    assert messages[0] == messages[1] and messages[0].startswith("sets the main pipeline")
+
+
 def test_a_fallback_key_belongs_to_the_fallback_group(gen):
     """muon routes the vector to an AdamW group: a ``fallback.…`` edit in the main group's overrides would change a
     config nothing steps with (it was taken and ignored), so it is refused pointing to the fallback group, whose own

@@ -416,6 +416,19 @@ def test_a_full_dict_whose_block_another_rank_owned_is_refused_where_its_counter
     torch.testing.assert_close(opt2.state_dict()["state"], before["state"], rtol=0, atol=0)
 
 
+def test_a_state_dict_whose_step_counter_the_user_reset_still_loads():
+    """``state[p]["step"] = 0`` (a torch habit) is written into the state dict as it stands; the counters' refusal
+    is for a dict torch's API filled (no kronopt section), not for kronopt's own, which loaded before."""
+    w = torch.nn.Parameter(torch.randn(5, 4))
+    opt = kronopt.build([w], "adamw")
+    for _ in range(3):
+        w.grad = torch.randn(5, 4)
+        opt.step()
+    opt.state[w]["step"] = 0
+    again = kronopt.build([torch.nn.Parameter(w.detach().clone())], "adamw")
+    again.load_state_dict(opt.state_dict())
+
+
 def test_dcp_on_a_fresh_optimizer_takes_no_step():
     """DCP's _init_optim_state steps with zero gradients when optimizer.state is empty; it never is here."""
     dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
