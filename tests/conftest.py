@@ -33,3 +33,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def register():
+    """``register(key, cls, registry=kronopt.INNER_RULES)``: ``cls`` under ``key`` for this test (a stage of the
+    test's own), each registry as it was afterwards."""
+    import warnings
+
+    import kronopt
+
+    restores = []
+
+    def add(key, cls, registry=None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            restores.append((registry if registry is not None else kronopt.INNER_RULES).override(key, cls))
+        return key
+
+    yield add
+    for restore in reversed(restores):
+        restore()

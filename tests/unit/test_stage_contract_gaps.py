@@ -5,7 +5,7 @@ blamed on the stage owning the field rather than the one that made it, a new sta
 malformed column permutation in a basis change. Each test's stage lives here, registered for the test only."""
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -21,22 +21,6 @@ from kronopt.types import BasisCapabilities, InnerCapabilities, StageOutputError
 @attrs.frozen(eq=False)
 class _Buf:
     buf: torch.Tensor
-
-
-@pytest.fixture
-def register() -> Iterator[Callable[..., str]]:
-    """``register(key, cls, registry)``: ``cls`` under ``key`` for this test; the registry as it was afterwards."""
-    restores: list[Callable[[], None]] = []
-
-    def add(key: str, cls: type, registry: Any = kronopt.INNER_RULES) -> str:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            restores.append(registry.override(key, cls))
-        return key
-
-    yield add
-    for restore in reversed(restores):
-        restore()
 
 
 def _inner(direction: Callable[[Any, torch.Tensor, Any], tuple[torch.Tensor, Any]]) -> type:

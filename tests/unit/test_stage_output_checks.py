@@ -5,7 +5,7 @@ field (:class:`kronopt.types.StageOutputError`), where each was taken silently (
 stacks) or failed deep in the optimizer naming no stage."""
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -44,21 +44,6 @@ def _inner(direction: Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]], i
             return state
 
     return Rule
-
-
-@pytest.fixture
-def register() -> Iterator[Callable[..., str]]:
-    restores: list[Callable[[], None]] = []
-
-    def add(key: str, cls: type, registry: Any = kronopt.INNER_RULES) -> str:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            restores.append(registry.override(key, cls))
-        return key
-
-    yield add
-    for restore in reversed(restores):
-        restore()
 
 
 def _params(k: int = 2, shape: tuple[int, int] = (6, 4)) -> list[torch.nn.Parameter]:
