@@ -185,16 +185,17 @@ def _overrides_record(group: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _schedule(cfg: KronConfig, fallback: bool) -> dict[str, Any]:
-    """A group's :data:`SCHEDULABLE` keys in ``cfg`` (its fallback's in a fallback group), as its overrides name
-    them (``fallback.…`` there); a key whose stage has no such field (``factors.beta`` of a pipeline without
-    factors) is left out."""
-    stages = cfg.fallback if fallback else cfg
+    """A group's :data:`SCHEDULABLE` keys in ``cfg``, as its overrides name them: the main pipeline's, and in a
+    fallback group its fallback's too (``fallback.…``; a loop that edits the schedule of every group sets the
+    main's keys there as well, which a template must hold for torch's full-state load). A key whose stage has
+    no such field (``factors.beta`` of a pipeline without factors) is left out."""
     out: dict[str, Any] = {}
-    for key in SCHEDULABLE:
-        slot, _, field = key.partition(".")
-        stage = getattr(stages, slot, None)
-        if stage is not None and attrs.has(type(stage)) and field in attrs.fields_dict(type(stage)):
-            out[f"fallback.{key}" if fallback else key] = getattr(stage, field)
+    for prefix, stages in (("", cfg), ("fallback.", cfg.fallback))[: 2 if fallback else 1]:
+        for key in SCHEDULABLE:
+            slot, _, field = key.partition(".")
+            stage = getattr(stages, slot, None)
+            if stage is not None and attrs.has(type(stage)) and field in attrs.fields_dict(type(stage)):
+                out[prefix + key] = getattr(stage, field)
     return out
 
 

@@ -266,6 +266,81 @@ def test_an_edited_schedule_survives_a_dcp_checkpoint(gen, preset, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("preset", ["kl_shampoo", "muon"])
+def test_a_schedule_edited_in_every_group_survives_torchs_full_state_dict_round_trip(gen, preset):
+    """A loop over every group (configs.md's recipe) puts the main schedule into the fallback group's overrides too;
+    the fresh optimizer's template lacked that key there, and torch's full-state load failed in its unflattening
+    (``KeyError: 'param_groups.1.overrides.refresh.every'``)."""
+    dsd = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    options = dsd.StateDictOptions(full_state_dict=True)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))
+            self.b = torch.nn.Parameter(torch.randn(6, generator=gen, dtype=torch.float64))
+
+    model, twin = Net(), Net()
+    twin.load_state_dict(model.state_dict())
+    opt = kronopt.build(model.named_parameters(), preset, **{"refresh.every": 5})
+    for g in opt.param_groups:
+        g["overrides"]["refresh.every"] = 3
+    grads = [(torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)) for _ in range(6)]
+    for gw, gb in grads[:3]:
+        model.w.grad, model.b.grad = gw.clone(), gb.clone()
+        opt.step()
+    saved = dsd.get_optimizer_state_dict(model, opt, options=options)
+    twin.load_state_dict(model.state_dict())
+    resumed = kronopt.build(twin.named_parameters(), preset, **{"refresh.every": 5})
+    dsd.set_optimizer_state_dict(twin, resumed, saved, options=options)
+    assert [g["overrides"]["refresh.every"] for g in resumed.param_groups] == [3, 3]
+    for gw, gb in grads[3:]:
+        for m, o in ((model, opt), (twin, resumed)):
+            m.w.grad, m.b.grad = gw.clone(), gb.clone()
+            o.step()
+    assert torch.equal(model.w, twin.w) and torch.equal(model.b, twin.b)
+
+
+def test_a_dcp_checkpoint_from_before_the_schedule_record_loads_with_a_partial_load(gen, tmp_path):
+    """docs/distributed.md: a checkpoint whose groups' overrides lack the schedule keys (kronopt before the record:
+    made here by removing them before ``dcp.save``) stops ``dcp.load`` on the missing key; with
+    ``allow_partial_load=True`` the keys keep the fresh optimizer's values and the run resumes exactly."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    class Net(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in values])
+
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = _grads(gen, 8)
+    model = Net(start)
+    opt = kronopt.build(model.named_parameters(), "soap", **{"refresh.every": 3})
+    for call in grads[:4]:
+        _step(opt, list(model.parameters()), call)
+    old = get_optimizer_state_dict(model, opt)
+    for g in old["param_groups"]:
+        g["overrides"] = {}
+    dcp.save({"optim": old}, checkpoint_id=str(tmp_path))
+    resumed_model = Net([p.detach() for p in model.parameters()])
+    resumed = kronopt.build(resumed_model.named_parameters(), "soap", **{"refresh.every": 3})
+    state = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException holding each rank's failure
+
+    with pytest.raises((RuntimeError, CheckpointException)) as info:
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    failures = getattr(info.value, "failures", {0: info.value})
+    assert "Missing key in checkpoint state_dict: optim.param_groups.0.overrides.refresh.every" in repr(failures) + str(info.value)
+    dcp.load(state, checkpoint_id=str(tmp_path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(resumed_model, resumed, state["optim"])
+    for call in grads[4:]:
+        _step(opt, list(model.parameters()), call)
+        _step(resumed, list(resumed_model.parameters()), call)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
 def test_a_saved_group_records_its_schedule_by_its_own_names(gen):
     """The record names each group's keys as its overrides do: a fallback group's ``fallback.…``; a factor estimator
     without a retention records no ``factors.beta``; a tie (``factors.beta = "beta2"``) is kept as written."""
@@ -273,7 +348,8 @@ def test_a_saved_group_records_its_schedule_by_its_own_names(gen):
     b = torch.nn.Parameter(torch.randn(6, generator=gen))
     groups = kronopt.build([w, b], "muon").state_dict()["param_groups"]
     assert groups[0]["overrides"] == {"refresh.every": 1, "refresh.offset": 0}  # muon: no factors, no retention
-    assert groups[1]["overrides"] == {"fallback.refresh.every": 1, "fallback.refresh.offset": 0}
+    # a fallback group records the main's schedule too: a loop over every group edits it there
+    assert groups[1]["overrides"] == {"refresh.every": 1, "refresh.offset": 0, "fallback.refresh.every": 1, "fallback.refresh.offset": 0}
     tied = kronopt.build([w], "soap", **{"factors.beta": "beta2", "refresh.every": 7}).state_dict()["param_groups"]
     assert tied[0]["overrides"] == {"refresh.every": 7, "refresh.offset": 0, "factors.beta": "beta2"}
 
