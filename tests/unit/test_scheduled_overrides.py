@@ -80,6 +80,14 @@ def test_a_schedule_steps_as_an_optimizer_built_with_the_new_values_and_resumed(
     assert opt.state[ours[0]]["basis.refreshes"] - refreshes == 3
 
 
+class _Blocks(torch.nn.Module):
+    """A model of the given blocks, named ``blocks.i`` (for torch.distributed.checkpoint's name-keyed dicts)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.blocks = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in values])
+
+
 def _built(gen, preset="soap", **overrides):
     """An optimizer of one group holding ``overrides``, stepped 3 times."""
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
@@ -239,23 +247,18 @@ def test_an_edited_schedule_survives_a_dcp_checkpoint(gen, preset, tmp_path):
     dcp = pytest.importorskip("torch.distributed.checkpoint")
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    class Net(torch.nn.Module):
-        def __init__(self, values):
-            super().__init__()
-            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in values])
-
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     grads = _grads(gen, 10)
     runs = []
     for resume in (False, True):
-        model = Net(start)
+        model = _Blocks(start)
         opt = kronopt.build(model.named_parameters(), preset, **{"refresh.every": 10})
         for k, call in enumerate(grads):
             if k == 2:
                 opt.param_groups[0]["overrides"].update({"refresh.every": 3, "factors.beta": 0.8})
             if resume and k == 5:
                 dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
-                model = Net([p.detach() for p in model.parameters()])
+                model = _Blocks([p.detach() for p in model.parameters()])
                 opt = kronopt.build(model.named_parameters(), preset, **{"refresh.every": 10})
                 state = {"optim": get_optimizer_state_dict(model, opt)}
                 dcp.load(state, checkpoint_id=str(tmp_path))
@@ -309,14 +312,9 @@ def test_a_dcp_checkpoint_from_before_the_schedule_record_loads_with_a_partial_l
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    class Net(torch.nn.Module):
-        def __init__(self, values):
-            super().__init__()
-            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in values])
-
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     grads = _grads(gen, 8)
-    model = Net(start)
+    model = _Blocks(start)
     opt = kronopt.build(model.named_parameters(), "soap", **{"refresh.every": 3})
     for call in grads[:4]:
         _step(opt, list(model.parameters()), call)
@@ -324,7 +322,7 @@ def test_a_dcp_checkpoint_from_before_the_schedule_record_loads_with_a_partial_l
     for g in old["param_groups"]:
         g["overrides"] = {}
     dcp.save({"optim": old}, checkpoint_id=str(tmp_path))
-    resumed_model = Net([p.detach() for p in model.parameters()])
+    resumed_model = _Blocks([p.detach() for p in model.parameters()])
     resumed = kronopt.build(resumed_model.named_parameters(), "soap", **{"refresh.every": 3})
     state = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException holding each rank's failure
