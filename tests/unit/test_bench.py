@@ -854,6 +854,9 @@ def test_the_timed_steps_run_with_the_process_objects_frozen_and_the_bench_thaws
         before = gc.get_freeze_count()
         mine = _FreezeProbe()
         bench.bench(["probe"], [(8, 4)], steps=2, warmup=1, device="cpu", makers={"probe": lambda: (mine, lambda: 0)})
-        assert mine.frozen == [before] * 3 and gc.get_freeze_count() == before
+        # neither thawed (the count would fall to about 0) nor frozen again (it would grow): an object frozen by the
+        # caller may still die by its references during the steps (a full suite's leftovers), a count of its own
+        after = gc.get_freeze_count()
+        assert len(mine.frozen) == 3 and all(before // 2 < count <= before for count in [*mine.frozen, after])
     finally:
         gc.unfreeze()
