@@ -58,6 +58,8 @@ _FIXED_KEY = (
     f"is fixed when the group is made (a group's stages are resolved once); only {', '.join(SCHEDULABLE)} are read "
     "afresh: save the state dict and load it into an optimizer built with the new value"
 )
+
+
 def _edit_problem(key: str, fallback: bool) -> str | None:
     """What an edit of the override ``key`` (as a group's overrides name it) in a main or a ``fallback`` group is
     told, ``None`` where a step takes it up: the schedule's keys of the pipeline the group steps (and the main's in
@@ -478,15 +480,14 @@ def _normalize_groups(params: Any, *, first: int = 0) -> list[dict[str, Any]]:
         for j, p in enumerate(ps):
             # a complex parameter has no real factors; a frozen one of any dtype is kept and never stepped (as
             # torch.optim keeps it: an integer tensor cannot require a gradient), _make_buckets leaves it out
+            name = g["param_names"][j] if "param_names" in g else f"param_groups[{first + gi}].params[{j}] {tuple(p.shape)}"
             if not p.is_floating_point() and p.requires_grad:
-                name = g["param_names"][j] if "param_names" in g else f"param_groups[{first + gi}].params[{j}] {tuple(p.shape)}"
                 raise TypeError(
                     f"{name} is a {p.dtype} tensor that requires a gradient: kronopt steps real floating-point "
                     "parameters (float16, bfloat16, float32, float64)"
                 )
             if p.layout is torch.strided and p.requires_grad and any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape)):
                 # an expanded view: one entry stands for several, and every in-place write of a step fails on it
-                name = g["param_names"][j] if "param_names" in g else f"param_groups[{first + gi}].params[{j}] {tuple(p.shape)}"
                 raise ValueError(
                     f"{name} is an expanded view (stride {tuple(p.stride())}): several of its entries are one memory "
                     "location, which no step can write apart; make it a Parameter of its own memory (.clone())"
@@ -2572,7 +2573,7 @@ class KronOptimizer(torch.optim.Optimizer):
     def _schedule_of(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """The group's schedule now (:func:`_schedule`), for its saved overrides: a state dict records f, its offset
         and ρ as torch.optim's records a group's ``lr``. A template's keys are what ``torch.distributed.checkpoint``
-        loads, so an edited schedule left out of a fresh optimizer's dict was dropped by ``dcp.load``. None for a
+        loads, so an edited schedule left out of a fresh optimizer's dict was dropped by ``dcp.load``. Nothing for a
         group whose overrides the config refuses (the next step refuses them; a checkpoint is still taken)."""
         try:
             cfg = self._with_overrides(group.get("overrides") or {})

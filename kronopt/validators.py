@@ -39,7 +39,15 @@ def in_(choices: Iterable[Any]) -> Callable[[Any, Any, Any], None]:
     return _check(lambda v: v in options, "one of " + ", ".join(repr(c) for c in options))
 
 
-class Problems(ValueError):
+class _Listed(Exception):
+    """An error of several problems, each a message of its own, which ``str()`` joins with ``"; "``."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class Problems(_Listed, ValueError):
     """Several problems of one value (a list's bad entries) or of one stage's options, each a message of its own.
 
     ``str()`` joins them with ``"; "``, so a plain ``ValueError`` handler reads them as one; the config reads
@@ -48,17 +56,9 @@ class Problems(ValueError):
     problems raises them as one ``Problems``.
     """
 
-    def __init__(self, problems: Iterable[str]):
-        self.problems: tuple[str, ...] = tuple(problems)
-        super().__init__("; ".join(self.problems))
 
-
-class _TypeProblems(TypeError):
+class _TypeProblems(_Listed, TypeError):
     """:class:`Problems` where each is a wrong type (a list's entries that are not of the type asked)."""
-
-    def __init__(self, problems: Iterable[str]):
-        self.problems: tuple[str, ...] = tuple(problems)
-        super().__init__("; ".join(self.problems))
 
 
 def problems_of(exc: BaseException) -> tuple[str, ...]:
@@ -91,16 +91,8 @@ def each(*validators: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, An
     (``[0] must be < 1.0, got 1.5; [1] must be ≥ 0.0, got -0.1``)."""
 
     def validate(inst: Any, attr: Any, value: Any) -> None:
-        problems = []
-        for i, item in enumerate(value):
-            for v in validators:
-                try:
-                    v(inst, attr, item)
-                except (TypeError, ValueError) as exc:
-                    problems += [_indexed(i, p) for p in problems_of(exc)]
-                    break  # an item's first problem: the next validators assume it passed
-        if problems:
-            raise Problems(problems)
+        # an item's first problem: the next validators assume it passed
+        _entries(value, lambda item: [v(inst, attr, item) for v in validators])
 
     return validate
 
