@@ -1795,13 +1795,14 @@ NS_NO_MARGIN = ("cans",)
 
 def check_ns_options(
     form: str, restarts: Sequence[int] | str, steps: int, coefficients: str | None = None, dtype: str | None = None,
-    *, names: tuple[str, str] = ("coefficients", "ns_dtype"),
+    *, names: tuple[str, str] = ("coefficients", "ns_dtype"), also: Sequence[str] = (),
 ) -> None:
     """A stage's Newton–Schulz options checked as :func:`newton_schulz` will read them: under the Gram form, its
     restart plan for ``steps`` iterations (:func:`ns_restarts`); a schedule of :data:`NS_NO_MARGIN` with an iteration
     dtype other than float64 (``names``: the two options as the stage calls them). One ``ValueError`` that names
-    each problem (a :class:`~kronopt.validators.Problems`, which holds each apart)."""
-    problems = []
+    each problem, after the stage's own other problems ``also`` (a :class:`~kronopt.validators.Problems`, which
+    holds each apart)."""
+    problems = list(also)
     if coefficients in NS_NO_MARGIN and dtype is not None and dtype != "float64":
         problems.append(
             f"{names[0]} = {coefficients!r} needs {names[1]} = 'float64', got {dtype!r}: the schedule has no margin above "

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from .validators import Problems, auto_or_int_tuple, ge, gt, in_, le, problems_of, to_float, to_int, to_str
+from .validators import auto_or_int_tuple, ge, gt, in_, le, to_float, to_int, to_str
 from .registry import SPLITS
 from .types import Layout, NoState, SideKind, SplitCapabilities, StepContext
 
@@ -154,20 +154,15 @@ class LowRankFlatSplit:
     ns_restarts: str | tuple[int, ...] = attrs.field(default="auto", converter=auto_or_int_tuple)
 
     def __attrs_post_init__(self) -> None:
-        problems = []  # every problem across the options, each its own (a config lists them apart)
-        if not isinstance(self.complement_scale, str) and not math.isfinite(self.complement_scale * self.complement_mult):
-            problems.append(
+        # every problem across the options, each its own (a config lists them apart)
+        overflow = not isinstance(self.complement_scale, str) and not math.isfinite(self.complement_scale * self.complement_mult)
+        linalg.check_ns_options(
+            self.ns_form, self.ns_restarts, self.ns_steps, self.ns_coefficients, self.ns_dtype,
+            names=("ns_coefficients", "ns_dtype"),
+            also=[
                 f"complement_scale × complement_mult must be finite, got {self.complement_scale!r} × {self.complement_mult!r}"
-            )
-        try:
-            linalg.check_ns_options(
-                self.ns_form, self.ns_restarts, self.ns_steps, self.ns_coefficients, self.ns_dtype,
-                names=("ns_coefficients", "ns_dtype"),
-            )
-        except ValueError as exc:
-            problems += problems_of(exc)
-        if problems:
-            raise Problems(problems)
+            ] if overflow else [],
+        )
 
     def resolve_rank(self, d: int) -> int:
         """The rank on a side of size ``d`` (may be ``≥ d``: then the side stays full)."""

@@ -7,9 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from ..validators import (
-    Problems, auto_or_int_tuple, ge, gt, in_, le, lt, problems_of, to_bool, to_float, to_int, to_str, triples,
-)
+from ..validators import auto_or_int_tuple, ge, gt, in_, le, lt, to_bool, to_float, to_int, to_str, triples
 from ..registry import INNER_RULES
 from ..types import BasisChange, BasisState, InnerCapabilities, Layout, StepContext
 from ._common import MomentumState, _zeros
@@ -91,15 +89,12 @@ class OrthogonalizeInner:
     )
 
     def __attrs_post_init__(self) -> None:
-        problems = []  # every problem across the options, each its own (a config lists them apart)
-        if self.coefficients == "custom" and not self.custom_coefficients:
-            problems.append("coefficients = 'custom' needs a non-empty custom_coefficients list")
-        try:
-            linalg.check_ns_options(self.ns_form, self.ns_restarts, self.steps, self.coefficients, self.ns_dtype)
-        except ValueError as exc:
-            problems += problems_of(exc)
-        if problems:
-            raise Problems(problems)
+        # every problem across the options, each its own (a config lists them apart)
+        custom = self.coefficients == "custom" and not self.custom_coefficients
+        linalg.check_ns_options(
+            self.ns_form, self.ns_restarts, self.steps, self.coefficients, self.ns_dtype,
+            also=["coefficients = 'custom' needs a non-empty custom_coefficients list"] if custom else [],
+        )
 
     def schedule(self) -> list[tuple[float, float, float]]:
         if self.coefficients == "custom":
