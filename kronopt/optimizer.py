@@ -2422,7 +2422,12 @@ class KronOptimizer(torch.optim.Optimizer):
         return out
 
     def eigh_failures(self) -> dict[str, int]:
-        """Per parameter, how many refreshes kept the old basis because ``eigh`` failed (synchronises)."""
+        """Per parameter, how many sides kept their old basis at a refresh because ``eigh`` failed (synchronises).
+
+        The count is per side, not per refresh (``BasisState.failures``): each refresh adds one for every rotated
+        side of the block whose decomposition failed, so a block with both sides rotated (shampoo's) reads 4 after
+        two failed refreshes, and a block with one side rotated reads 2.
+        """
         self._check_state()  # a cleared optimizer.state: the fresh state
         out: dict[str, int] = {}
         for bucket in self._stepped():

@@ -91,3 +91,34 @@ def test_views_are_copies_and_one_per_block_of_a_bucket():
     assert opt.inspect()["p1"].left.factor.abs().sum() > 0
     for i, p in enumerate(params):  # each view is its own block
         torch.testing.assert_close(views[f"p{i}"].right.factor, 0.05 * p.grad.mT @ p.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_eigh_failures_counts_sides_not_refreshes(monkeypatch):
+    """``eigh_failures()`` adds one per rotated side whose ``eigh`` failed at a refresh, as its docstring says.
+
+    Catches a docstring that promises refreshes (a two-sided block would read double what it says) and a count
+    that drifts from per-side: two failed refreshes give 4 on a block with both sides rotated and 2 on a block
+    whose long right side is not rotated (``shapes.max_dim``)."""
+    from kronopt import linalg
+
+    gen = generator(5)
+    two = torch.nn.Parameter(randn(gen, 6, 4))
+    one = torch.nn.Parameter(randn(gen, 6, 40))
+    opt = kronopt.build([("two", two), ("one", one)], "shampoo", **{"refresh.every": 1, "shapes.max_dim": 32})
+    views = None
+    real_eigh = linalg._eigh
+
+    def fails(A):
+        raise RuntimeError("forced eigh failure")
+
+    for call in range(4):
+        _feed([two, one], gen)
+        monkeypatch.setattr(linalg, "_eigh", fails if call in (1, 2) else real_eigh)
+        opt.step()
+        if call == 0:
+            views = opt.inspect()
+    monkeypatch.setattr(linalg, "_eigh", real_eigh)
+    assert (views["two"].right.kind, views["one"].right.kind) == ("full", "none")
+    assert opt.eigh_failures() == {"two": 4, "one": 2}
+    doc = " ".join(kronopt.KronOptimizer.eigh_failures.__doc__.split())
+    assert "per side, not per refresh" in doc and "reads 4 after two failed refreshes" in doc
