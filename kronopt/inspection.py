@@ -12,7 +12,7 @@ Example::
 
     view = opt.inspect()["blocks.0.mlp.up.weight"]
     view.right.eigvals          # eigenvalue estimates per basis column
-    view.spectrum("right")      # the side's whole spectrum (a restricted side: r values + (d - r) × mu)
+    view.spectrum("right")      # the side's spectrum above rounding of zero (a restricted side: r values + (d - r) × mu)
     view.records["inner"]       # the inner rule's state for this block, {field: tensor}
 
 A saved state dict gives the same views without the model: :func:`saved_views`
@@ -31,6 +31,7 @@ from torch import Tensor
 from . import compose
 from ._shapes import block_spec
 from .config import KronConfig, from_dict, with_overrides, without_fallback_settings
+from .linalg import eigenvalue_floor
 from .types import Layout, SideKind, capabilities
 
 
@@ -94,20 +95,34 @@ class ParamView:
             raise ValueError(f"side must be 'left' or 'right', got {which!r}")
         return self.left if which == "left" else self.right
 
-    def spectrum(self, which: str) -> Tensor | None:
-        """The side's eigenvalue estimates, descending, float64; a restricted side adds ``d - r`` copies of μ.
+    def size(self, which: str) -> int:
+        """``d``, the length of side ``"left"`` (``m``) or ``"right"`` (``n``): what :meth:`spectrum` is a part of."""
+        self.side(which)  # the same refusal of another name
+        return self.shape[0] if which == "left" else self.shape[1]
 
-        Non-finite and non-positive values (a vanishing direction) are left out;
-        ``None`` when the side has no estimates.
+    def spectrum(self, which: str) -> Tensor | None:
+        """The side's eigenvalue estimates above rounding of zero, descending, float64; a restricted side adds
+        ``d - r`` copies of μ.
+
+        Vanishing directions are left out, so the length is the side's numerical rank, at most
+        ``d`` (:meth:`size`): a non-finite estimate (KL's ``1/s²`` where ``s = 0``) and every value at or below
+        :func:`kronopt.linalg.eigenvalue_floor` ``(d, dtype)`` times the largest finite one. An eigensolver
+        returns a rank-deficient factor's null space (a block's ``G Gᵀ`` with fewer gradients than rows) as
+        rounding of either sign, about ``1e-16`` of the largest in float64; kept, those values would stand
+        for eigenvalues where there are none. ``dtype`` is the estimates' own, float32 at the least (the
+        precision the solvers run in, whatever the storage). ``None`` when the side has no estimates.
         """
         side = self.side(which)
         if side.eigvals is None:
             return None
         values = side.eigvals.to(torch.float64)
         if side.flat is not None:
-            d = self.shape[0] if which == "left" else self.shape[1]
-            values = torch.cat([values, side.flat.to(torch.float64).expand(d - side.rank)])
-        values = values[torch.isfinite(values) & (values > 0)]
+            values = torch.cat([values, side.flat.to(torch.float64).expand(self.size(which) - side.rank)])
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            solved_in = torch.promote_types(side.eigvals.dtype, torch.float32)
+            floor = float(values.max()) * eigenvalue_floor(self.size(which), solved_in)
+            values = values[(values > floor) & (values > 0)]
         return torch.sort(values, descending=True).values
 
 

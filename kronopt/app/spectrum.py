@@ -13,6 +13,17 @@ factor's tail arithmetic-to-geometric mean ratio
 which is 1 exactly when the tail is flat (the spike-and-flat shape of
 pro_kl_shampoo.md §2) and governs Pro-KLShampoo's approximation gap.
 
+A rank-deficient factor (a block's :math:`G G^\top` with fewer gradients than rows)
+has eigenvalues that are zero but come out of the eigensolver as rounding of either
+sign. Those at or below :func:`kronopt.linalg.eigenvalue_floor` of the largest are
+taken as zero (:meth:`kronopt.inspection.ParamView.spectrum`): the report gives the
+factor's size ``d`` and its ``rank`` ``r``, the count above that floor, and ``max``,
+``min`` and the tail AM/GM are over those ``r`` values only, the tail being
+:math:`\lambda_{k+1..r}`. With the ``d − r`` zeros the geometric mean would be 0 and
+the ratio infinite, whatever the shape of the rest; a rank below ``d`` is the thing
+to read then. Where the head covers every eigenvalue above the floor there is no tail
+to measure, and the report says so.
+
 Input: a training run (the default task of :mod:`kronopt.app.train`, made small;
 ``--builtin``: a small MLP on synthetic data instead), or a saved optimizer
 state (``torch.save(optimizer.state_dict(), path)``; ``--state path``), loaded with
@@ -44,6 +55,7 @@ __all__ = [
     "SpectrumRecorder",
     "add_subcommand",
     "builtin_run",
+    "format_report",
     "spectra_from_optimizer",
     "spectra_from_state_dict",
     "tail_am_gm",
@@ -52,16 +64,25 @@ __all__ = [
 
 @attrs.frozen(kw_only=True, eq=False)
 class FactorSpectrum:
-    """The eigenvalue estimates of one factor of one parameter at one step (descending, finite, > 0)."""
+    """The eigenvalue estimates of one factor of one parameter at one step.
+
+    ``eigvals`` holds those above rounding of zero (:meth:`kronopt.inspection.ParamView.spectrum`:
+    descending, finite, > 0), ``r ≤ d`` of them; ``d`` is the side's size, so ``d − r`` eigenvalues are zero
+    to rounding.
+    """
 
     name: str
     side: str  # "left" or "right"
     step: int
-    eigvals: Tensor  # (d) float64
+    eigvals: Tensor  # (r) float64
+    d: int
 
 
 def tail_am_gm(eigvals: Tensor, head: int) -> float:
-    """Arithmetic / geometric mean of the eigenvalues after the ``head`` largest (1.0: a flat tail)."""
+    """Arithmetic / geometric mean of the eigenvalues after the ``head`` largest (1.0: a flat tail).
+
+    Non-finite and non-positive values are left out; NaN where nothing is left (no tail to measure).
+    """
     lam = torch.sort(eigvals.to(torch.float64), descending=True).values[head:]
     lam = lam[torch.isfinite(lam) & (lam > 0)]
     if lam.numel() == 0:
@@ -101,7 +122,7 @@ def _spectra(views: Iterable[tuple[str, ParamView]], step: int | None, layers: s
             values = view.spectrum(side)
             if values is not None and values.numel():
                 at = view.calls if step is None else step
-                out.append(FactorSpectrum(name=name, side=side, step=at, eigvals=values))
+                out.append(FactorSpectrum(name=name, side=side, step=at, eigvals=values, d=view.size(side)))
     return out
 
 
@@ -182,7 +203,12 @@ def training_run(
 
 
 def report(records: Iterable[FactorSpectrum], *, head: float = 0.1) -> list[dict[str, Any]]:
-    """One row per factor at its last recorded step: sizes, extremes and the tail AM/GM ratio."""
+    """One row per factor at its last recorded step: sizes, extremes and the tail AM/GM ratio.
+
+    ``d`` is the side's size and ``rank`` the count of eigenvalues above rounding of zero; ``head`` (a count,
+    or a fraction of ``d``) is taken off the top, and ``max``, ``min`` and ``tail_am_gm`` are over the
+    eigenvalues above the floor (``tail`` of them after the head; ``tail_am_gm`` NaN where that is none).
+    """
     last: dict[tuple[str, str], FactorSpectrum] = {}
     for rec in records:
         key = (rec.name, rec.side)
@@ -191,12 +217,30 @@ def report(records: Iterable[FactorSpectrum], *, head: float = 0.1) -> list[dict
     rows = []
     for (name, side), rec in last.items():
         lam = rec.eigvals
-        k = _head(lam.numel(), head)
+        k = _head(rec.d, head)
         rows.append({
-            "name": name, "side": side, "step": rec.step, "d": lam.numel(), "head": k,
-            "max": float(lam.max()), "min": float(lam.min()), "tail_am_gm": tail_am_gm(lam, k),
+            "name": name, "side": side, "step": rec.step, "d": rec.d, "rank": lam.numel(), "head": k,
+            "tail": max(0, lam.numel() - k), "max": float(lam.max()), "min": float(lam.min()),
+            "tail_am_gm": tail_am_gm(lam, k),
         })
     return rows
+
+
+def format_report(rows: Sequence[dict[str, Any]]) -> str:
+    """:func:`report`'s rows as ``kronopt spectrum`` prints them: a table, then a line for each factor without a
+    tail to measure (its cell reads ``none``), saying why, where a bare NaN would say nothing."""
+    width = max(len(r["name"]) for r in rows) + 8
+    lines = [f"{'factor':<{width}} {'step':>6} {'d':>6} {'rank':>6} {'max':>10} {'min':>10} {'tail AM/GM':>11}"]
+    notes = []
+    for r in rows:
+        label = f"{r['name']} ({r['side']})"
+        ratio = f"{r['tail_am_gm']:>11.4f}" if r["tail"] else f"{'none':>11}"
+        lines.append(f"{label:<{width}} {r['step']:>6} {r['d']:>6} {r['rank']:>6} {r['max']:>10.3e} {r['min']:>10.3e} "
+                     f"{ratio}")
+        if not r["tail"]:
+            notes.append(f"{label}: the head of {r['head']} takes all {r['rank']} eigenvalues above rounding of zero "
+                         f"(the other {r['d'] - r['rank']} of d = {r['d']} are zero to rounding): no tail to measure")
+    return "\n".join(lines + notes)
 
 
 def plot(records: Sequence[FactorSpectrum], path: str | Path, *, head: float = 0.1, title: str = "") -> Path:
@@ -214,13 +258,13 @@ def plot(records: Sequence[FactorSpectrum], path: str | Path, *, head: float = 0
         for j, rec in enumerate(shown):
             ax.semilogy(range(1, rec.eigvals.numel() + 1), rec.eigvals.numpy(), color=cmap(j / max(1, len(shown) - 1)),
                         label=f"step {rec.step}")
-        ax.set_title(f"{name} ({side}): tail AM/GM {tail_am_gm(recs[-1].eigvals, _head(recs[-1].eigvals.numel(), head)):.3g}",
+        ax.set_title(f"{name} ({side}): tail AM/GM {tail_am_gm(recs[-1].eigvals, _head(recs[-1].d, head)):.3g}",
                      fontsize=9)
         ax.set_xlabel("index (descending)")
         ax.set_ylabel("eigenvalue")
         ax.legend(fontsize=7)
         steps = [r.step for r in recs]
-        k = _head(recs[-1].eigvals.numel(), head)
+        k = _head(recs[-1].d, head)
         ax_t.semilogy(steps, [float(r.eigvals[0]) for r in recs], label="top")
         ax_t.semilogy(steps, [float(r.eigvals[k:].mean()) if r.eigvals.numel() > k else float("nan") for r in recs],
                       label=f"tail mean (after top {k})")
@@ -290,11 +334,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     if not rows:
         print("kronopt spectrum: no factor spectra found (no rotated side, or --layers matched nothing)")
         return 1
-    width = max(len(r["name"]) for r in rows)
-    print(f"{'factor':<{width + 8}} {'step':>6} {'d':>6} {'max':>10} {'min':>10} {'tail AM/GM':>11}")
-    for r in rows:
-        print(f"{r['name'] + ' (' + r['side'] + ')':<{width + 8}} {r['step']:>6} {r['d']:>6} {r['max']:>10.3e} "
-              f"{r['min']:>10.3e} {r['tail_am_gm']:>11.4f}")
+    print(format_report(rows))
     if not args.no_plot:
         out = plot(records, Path(args.out) / "spectrum.png", head=head, title=label)
         print(f"plot: {out}")
@@ -302,7 +342,15 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 
 
 def add_subcommand(sub: Any) -> None:
-    p = sub.add_parser("spectrum", help="eigenvalue spectra of the Kronecker factors (log-scale plots, tail AM/GM)")
+    p = sub.add_parser(
+        "spectrum", help="eigenvalue spectra of the Kronecker factors (log-scale plots, tail AM/GM)",
+        description="Eigenvalue spectra of the Kronecker factors. Per factor: its size d; its rank, the count of "
+        "eigenvalues above rounding of zero (kronopt.linalg.eigenvalue_floor of the largest: a rank-deficient "
+        "factor's null eigenvalues come out of the solver as rounding of either sign, and count as zero); the largest "
+        "and smallest above that floor; and the tail AM/GM, the arithmetic over the geometric mean of the eigenvalues "
+        "above the floor after the --head largest (1: a flat tail; with the d - rank zeros it would be infinite). "
+        "Where the head takes every eigenvalue above the floor, the report says there is no tail.",
+    )
     p.add_argument("config", nargs="?", help=f"preset or TOML file to train with (default {_RUN_DEFAULTS['config']})")
     p.add_argument("--state", help="a saved optimizer state (torch.save(opt.state_dict())) instead of a run; "
                    "loaded with weights_only=True, so a file holding anything but tensors and plain data is refused; "

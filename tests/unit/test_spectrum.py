@@ -97,3 +97,70 @@ def test_saved_state_of_both_versions_gives_the_live_spectra():
         assert saved.keys() == live.keys() and live
         for key, values in live.items():
             assert torch.equal(saved[key].eigvals, values) and saved[key].step == 4
+
+
+def _rank_deficient_state(tmp_path):
+    """A shampoo block ``4 × 24`` after 3 float64 steps (refreshed each call) and the gradients it saw: the right
+    factor, an EMA of three ``Gᵀ G``, has rank 12 of 24."""
+    gen = torch.Generator().manual_seed(58)
+    W = torch.nn.Parameter(torch.randn(4, 24, generator=gen, dtype=torch.float64))
+    opt = kronopt.build([("w", W)], "shampoo", **{"refresh.every": 1})
+    grads = []
+    for _ in range(3):
+        W.grad = torch.randn(4, 24, generator=gen, dtype=torch.float64)
+        grads.append(W.grad.clone())
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "state.pt")
+    return opt, grads
+
+
+def _ema(mats, beta=0.95):
+    acc = torch.zeros_like(mats[0])
+    for M in mats:
+        acc = beta * acc + (1 - beta) * M
+    return acc
+
+
+def test_a_rank_deficient_factor_reports_its_size_rank_and_the_tail_above_rounding(tmp_path, capsys):
+    """A right factor of rank 12 of 24: ``d`` is 24, ``rank`` 12, and the tail AM/GM is over λ₃..λ₁₂.
+
+    Catches the old report: rounding-level positive eigenvalues (±1e-16 of the largest) kept as the spectrum,
+    ``d`` printed as their count (19), and a tail AM/GM of about 1e6 made by them. The expected eigenvalues come
+    from ``eigvalsh`` of the EMA rebuilt from the gradients, the rank from the construction (3 gradients of
+    rank 4)."""
+    import math
+
+    opt, grads = _rank_deficient_state(tmp_path)
+    view = opt.inspect()["w"]
+    R = _ema([G.mT @ G for G in grads])
+    exact = torch.linalg.eigvalsh(R).flip(0)[:12]
+    values = view.spectrum("right")
+    assert view.size("right") == 24 and values.shape == (12,)
+    torch.testing.assert_close(values, exact, rtol=1e-9, atol=0)
+    tail = exact[2:]  # the default head: 10 % of d = 24 is 2
+    want = float(tail.mean()) / math.exp(float(tail.log().mean()))
+    rows = {r["side"]: r for r in spectrum.report(spectrum.spectra_from_state_dict(torch.load(tmp_path / "state.pt")))}
+    right = rows["right"]
+    assert (right["d"], right["rank"], right["head"], right["tail"]) == (24, 12, 2, 10)
+    assert right["tail_am_gm"] == pytest.approx(want, rel=1e-9)
+    assert right["min"] == pytest.approx(float(exact[-1]), rel=1e-9)
+    assert (rows["left"]["d"], rows["left"]["rank"]) == (4, 4)
+    code = cli.main(["spectrum", "--state", str(tmp_path / "state.pt"), "--no-plot"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("w (right)"))
+    assert line.split()[3:5] == ["24", "12"] and float(line.split()[-1]) == pytest.approx(want, rel=1e-4)
+
+
+def test_a_head_that_takes_every_eigenvalue_above_rounding_says_there_is_no_tail(tmp_path, capsys):
+    """``--head 12`` on the rank-12 factor of 24 leaves no eigenvalue above rounding in the tail: the table says
+    ``none`` and a line says why. Catches a NaN printed bare, or a ratio made of the rounding-level values."""
+    _rank_deficient_state(tmp_path)
+    code = cli.main(["spectrum", "--state", str(tmp_path / "state.pt"), "--no-plot", "--head", "12"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "nan" not in out.lower()
+    line = next(x for x in out.splitlines() if x.startswith("w (right)"))
+    assert line.split()[-1] == "none"
+    assert "w (right): the head of 12 takes all 12 eigenvalues above rounding of zero" in out
+    assert "the other 12 of d = 24 are zero to rounding" in out
