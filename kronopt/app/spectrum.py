@@ -91,8 +91,23 @@ def tail_am_gm(eigvals: Tensor, head: int) -> float:
 
 
 def _head(d: int, head: float) -> int:
-    """``head`` as a count: an integer ≥ 1, or a fraction of ``d``."""
-    return int(head) if head >= 1 else max(1, floor_fraction(head, d))
+    """``head`` as a count: a whole number ≥ 1, or a fraction of ``d`` (in ``(0, 1)``, at least 1); ``ValueError``
+    for anything else, where ``1.5`` was read as 1 and ``0`` as 1."""
+    if head >= 1:
+        if head != int(head):
+            raise ValueError(f"a count of eigenvalues must be a whole number, got {head!r} (a fraction of d is < 1)")
+        return int(head)
+    if not head > 0:
+        raise ValueError(f"must be a count ≥ 1 or a fraction > 0 of d, got {head!r}")
+    return max(1, floor_fraction(head, d))
+
+
+def head_size(text: str) -> float:
+    """``--head``'s text: a whole count ≥ 1 (``"3"``, ``"3.0"``) or a fraction of ``d`` in ``(0, 1)`` (``"0.1"``)."""
+    value = _args.number(text, above=0.0)
+    if value >= 1 and value != int(value):
+        raise ValueError(f"must be a whole count ≥ 1 or a fraction of d below 1, got {text.strip()!r}")
+    return value
 
 
 def _matcher(layers: str | None) -> Callable[[str], bool]:
@@ -237,7 +252,11 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
         ratio = f"{r['tail_am_gm']:>11.4f}" if r["tail"] else f"{'none':>11}"
         lines.append(f"{label:<{width}} {r['step']:>6} {r['d']:>6} {r['rank']:>6} {r['max']:>10.3e} {r['min']:>10.3e} "
                      f"{ratio}")
-        if not r["tail"]:
+        if r["tail"]:
+            continue
+        if r["head"] >= r["d"]:
+            notes.append(f"{label}: the head of {r['head']} covers the whole side (d = {r['d']}): no tail to measure")
+        else:
             notes.append(f"{label}: the head of {r['head']} takes all {r['rank']} eigenvalues above rounding of zero "
                          f"(the other {r['d'] - r['rank']} of d = {r['d']} are zero to rounding): no tail to measure")
     return "\n".join(lines + notes)
@@ -306,7 +325,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     config = args.config if args.config is not None else _RUN_DEFAULTS["config"]
     steps = p.integer("--steps", args.steps if args.steps is not None else _RUN_DEFAULTS["steps"], minimum=1)
     every = p.integer("--every", args.every if args.every is not None else _RUN_DEFAULTS["every"], minimum=1)
-    head = p.number("--head", args.head, above=0.0, fallback=0.1)
+    head = p.value("--head", args.head, head_size, 0.1)
     layers = None if args.layers is None else p.value("--layers", args.layers, _args.pattern, None)
     overrides = p.sets(args.set)
     records: list[FactorSpectrum] = []
@@ -359,7 +378,8 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--every", help=f"record every this many steps (≥ 1; default {_RUN_DEFAULTS['every']}) "
                    "and at the last step")
     p.add_argument("--layers", help="regular expression on parameter names (default: every rotated block)")
-    p.add_argument("--head", default="0.1", help="spike size excluded from the tail: a count ≥ 1 or a fraction > 0")
+    p.add_argument("--head", default="0.1", help="spike size excluded from the tail: a whole count ≥ 1, or a fraction "
+                   "of d in (0, 1) (default 0.1, at least 1); a head of d or more leaves no tail, and the report says so")
     p.add_argument("--builtin", action="store_true", help="use the built-in MLP run instead of the default task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default="runs/spectrum", help="output folder for spectrum.png")

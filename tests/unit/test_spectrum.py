@@ -164,3 +164,41 @@ def test_a_head_that_takes_every_eigenvalue_above_rounding_says_there_is_no_tail
     assert line.split()[-1] == "none"
     assert "w (right): the head of 12 takes all 12 eigenvalues above rounding of zero" in out
     assert "the other 12 of d = 24 are zero to rounding" in out
+
+
+@pytest.mark.parametrize("text", ["1.5", "1.99", "12.25"])
+def test_a_head_count_that_is_not_whole_is_refused(tmp_path, capsys, text):
+    """``--head`` is a whole count ≥ 1 or a fraction below 1: ``1.5`` was read as 1 without a word. Catches the
+    truncation coming back, in the command and in :func:`spectrum.report` called from Python."""
+    _rank_deficient_state(tmp_path)
+    code = cli.main(["spectrum", "--state", str(tmp_path / "state.pt"), "--no-plot", "--head", text])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--head: must be a whole count ≥ 1 or a fraction of d below 1, got '{text}'" in err
+    records = spectrum.spectra_from_state_dict(torch.load(tmp_path / "state.pt"))
+    with pytest.raises(ValueError, match="whole number"):
+        spectrum.report(records, head=float(text))
+
+
+def test_a_whole_head_written_as_a_float_is_that_count(tmp_path, capsys):
+    """``--head 3.0`` is the count 3, the same report as ``--head 3`` (not refused as a fraction, not taken as 0.3)."""
+    _rank_deficient_state(tmp_path)
+    outs = []
+    for text in ("3", "3.0"):
+        assert cli.main(["spectrum", "--state", str(tmp_path / "state.pt"), "--no-plot", "--head", text]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+    rows = spectrum.report(spectrum.spectra_from_state_dict(torch.load(tmp_path / "state.pt")), head=3.0)
+    assert {r["head"] for r in rows} == {3}
+
+
+def test_a_head_of_the_whole_side_says_so_instead_of_nan(tmp_path, capsys):
+    """``--head 100`` on sides of 4 and 24 printed ``nan``: now ``none`` and a line saying the head covers the whole
+    side, with ``d``. Catches a bare NaN, and the rank's wording used where the side itself is covered."""
+    _rank_deficient_state(tmp_path)
+    code = cli.main(["spectrum", "--state", str(tmp_path / "state.pt"), "--no-plot", "--head", "100"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "nan" not in out.lower()
+    assert "w (left): the head of 100 covers the whole side (d = 4): no tail to measure" in out
+    assert "w (right): the head of 100 covers the whole side (d = 24): no tail to measure" in out
+    assert [x.split()[-1] for x in out.splitlines() if x.startswith("w (")][:2] == ["none", "none"]
