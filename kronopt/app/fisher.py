@@ -17,6 +17,9 @@ blocks, matrix-free power iteration beyond; :mod:`kronopt.linalg`). Metrics
 * ``gap``: :math:`\|L\otimes R - K^*\|_F/\|K^*\|_F`; ``gap_s``: the same after the best scalar
   rescaling of :math:`L\otimes R` (EMA factors are off in scale by about ``mn``).
 
+Each is computed so that an exact fit reads at rounding (about 1e-16), not at the 1e-8 that
+differences of squares under a square root bottom out at (:func:`fisher_metrics` says how).
+
 Gradient sources (:func:`gradient_stream`): ``iid``, ``anisotropic`` (0.3·A Z B + Z′),
 ``mixture`` (two Kronecker structures), and ``real``: per-example gradients of a linear
 softmax classifier learning the class of the next byte from the bits of the previous
@@ -144,27 +147,118 @@ def exact_nkp(grads: Tensor, weights: Tensor, *, dense_max: int = DENSE_MAX) -> 
     return linalg.nearest_kron_power(grads, weights, iters=2000, tol=1e-12)
 
 
-def fisher_metrics(grads: Tensor, weights: Tensor, L: Tensor, R: Tensor, nkp: linalg.NearestKron) -> dict[str, float]:
+def fisher_metrics(
+    grads: Tensor, weights: Tensor, L: Tensor, R: Tensor, nkp: linalg.NearestKron, *, dense_max: int = DENSE_MAX
+) -> dict[str, float]:
     r"""``e``, ``e_s``, ``e_nkp``, ``gap``, ``gap_s`` of ``L ⊗ R`` against :math:`F = \sum w_i\,\mathrm{vec}G_i\mathrm{vec}G_i^\top`.
 
-    Computed without forming :math:`F`: :math:`\|F\|^2 = \sum_{ij} w_iw_j\langle G_i,G_j\rangle^2`,
-    :math:`\langle F, L\otimes R\rangle = \sum_i w_i\langle L, G_iRG_i^\top\rangle`,
-    :math:`\|L\otimes R\| = \|L\|\|R\|`.
+    Each is the norm of a difference, and each is formed so that a value near 0 reads near 0 (an exact fit
+    about 1e-16, not the 1e-8 that :math:`\sqrt{\|F\|^2 - 2\langle F, K\rangle + \|K\|^2}` bottoms out at, the
+    rounding of the squares it subtracts):
+
+    * ``gap`` and ``gap_s`` compare two Kronecker products, which need no :math:`F`. With unit
+      :math:`\hat L, \hat U` signed so that :math:`\langle\hat L, \hat U\rangle \ge 0`,
+      :math:`L\otimes R - \sigma U\otimes V = \delta\otimes B + \hat U\otimes(B - D)`
+      (:math:`\delta = \hat L - \hat U`, :math:`B, D` the right factors carrying the scales), so
+      :math:`\|\cdot\|^2 = \|\delta\|^2\|B\|^2 - \|\delta\|^2\langle B, B - D\rangle + \|B - D\|^2`, whose middle
+      term is at most :math:`\|\delta\|/2` of the other two (no cancellation near 0); ``gap_s`` is the
+      sine of the angle between the products,
+      :math:`\sqrt{\sin^2\theta_L + \cos^2\theta_L\sin^2\theta_R}`, each sine
+      :math:`\|\hat x - \hat y\|\,\|\hat x + \hat y\|/2`.
+    * ``e``, ``e_s`` and ``e_nkp`` need :math:`F - K` itself. Where both sides are at most ``dense_max``
+      long (the sizes whose exact NKP forms :math:`F` anyway, :func:`exact_nkp`) the differences are formed,
+      :math:`F` a block of rows at a time (blocks of at most :data:`ROW_BLOCK` entries, never the whole): cost
+      :math:`O(T m^2 n^2)`. Beyond, :math:`F` is never formed and the expanded norms
+      :math:`\|F\|^2 = \sum_{ij} w_iw_j\langle G_i,G_j\rangle^2`,
+      :math:`\langle F, L\otimes R\rangle = \sum_i w_i\langle L, G_iRG_i^\top\rangle` are used (cost
+      :math:`O(T^2mn + Tmn(m+n))`), unless one of the three reads below :data:`EXPANDED_FLOOR`, where they
+      have lost half their digits: then the differences are formed as above after all.
+
+    The scale :math:`c = \langle F, K\rangle/\|K\|^2` of ``e_s`` and the norms divided by are sums without
+    cancellation in either form.
     """
-    g = grads.reshape(grads.shape[0], -1)
+    T, m, n = grads.shape
+    g = grads.reshape(T, -1)
     gram = g @ g.mT
     F2 = float(weights @ gram.square() @ weights)
-    GRG = linalg.sandwich(grads, R.expand(grads.shape[0], *R.shape))
+    GRG = linalg.sandwich(grads, R.expand(T, *R.shape))
     FK = float((weights * (GRG * L).sum((-2, -1))).sum())
     K2 = float(L.square().sum() * R.square().sum())
     sigma = float(nkp.sigma[0])
-    KKs = sigma * float((L * nkp.U[0]).sum() * (R * nkp.V[0]).sum())
-    e = math.sqrt(max(F2 - 2 * FK + K2, 0.0) / F2)
-    e_s = math.sqrt(max(1 - FK**2 / (F2 * K2), 0.0)) if K2 > 0 else 1.0
-    e_nkp = math.sqrt(max(F2 - sigma**2, 0.0) / F2)
-    gap = math.sqrt(max(K2 - 2 * KKs + sigma**2, 0.0)) / sigma
-    gap_s = math.sqrt(max(1 - KKs**2 / (K2 * sigma**2), 0.0)) if K2 > 0 else 1.0
-    return {"e": e, "e_s": e_s, "e_nkp": e_nkp, "gap": gap, "gap_s": gap_s}
+    U, V = nkp.U[0], nkp.V[0]
+    scale = FK / K2 if K2 > 0 else 0.0
+    expanded = {
+        "e": math.sqrt(max(F2 - 2 * FK + K2, 0.0) / F2),
+        "e_s": math.sqrt(max(1 - FK**2 / (F2 * K2), 0.0)) if K2 > 0 else 1.0,
+        "e_nkp": math.sqrt(max(F2 - sigma**2, 0.0) / F2),
+    }
+    if max(m, n) <= dense_max or min(expanded.values()) < EXPANDED_FLOOR:
+        norm_F = math.sqrt(F2)
+        terms = [(1.0, L, R), (scale, L, R), (sigma, U, V)]
+        e, e_s, e_nkp = (d / norm_F for d in _distances_to_fisher(grads, weights, terms))
+        fit = {"e": e, "e_s": e_s if K2 > 0 else 1.0, "e_nkp": e_nkp}
+    else:
+        fit = expanded
+    norm_Ks = sigma * float(U.norm() * V.norm())
+    gap = _kron_distance(L, R, sigma * U, V) / norm_Ks
+    gap_s = _kron_sine(L, R, U, V) if K2 > 0 else 1.0
+    return {**fit, "gap": gap, "gap_s": gap_s}
+
+
+#: the most entries in one block of rows of :math:`F` (or of a Kronecker product) that :func:`fisher_metrics` forms:
+#: 16 MiB in float64, a few such blocks alive at once
+ROW_BLOCK: int = 1 << 21
+#: an expanded-norm metric below this has lost about half its digits (float64): it is formed directly instead
+EXPANDED_FLOOR: float = 1e-4
+
+
+def _distances_to_fisher(grads: Tensor, weights: Tensor, terms: Sequence[tuple[float, Tensor, Tensor]]) -> list[float]:
+    r""":math:`\|F - c\,A\otimes B\|_F` for each ``(c, A (m m), B (n n))``, :math:`F` formed a block of rows at a time.
+
+    Row :math:`(a, b)` of :math:`F` (row-major vec) is :math:`\sum_t w_t G_t[a, b]\,\mathrm{vec}\,G_t`, and of
+    :math:`A\otimes B` it is :math:`A[a, :]\otimes B[b, :]`; each block is a sum of squares, so nothing cancels.
+    """
+    T, m, n = grads.shape
+    rows = max(1, ROW_BLOCK // (n * m * n))
+    weighted = weights.view(-1, 1, 1) * grads
+    flat = grads.reshape(T, m * n)
+    sums = [0.0] * len(terms)
+    for a0 in range(0, m, rows):
+        a1 = min(m, a0 + rows)
+        block = (weighted[:, a0:a1].reshape(T, -1).mT @ flat).reshape(a1 - a0, n, m, n)  # (a b) (c d)
+        for j, (c, A, B) in enumerate(terms):
+            kron = A[a0:a1, None, :, None] * B[None, :, None, :]  # A[a, c] B[b, d]
+            sums[j] += float(torch.linalg.vector_norm(block - c * kron) ** 2)
+    return [math.sqrt(x) for x in sums]
+
+
+def _kron_distance(A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> float:
+    r""":math:`\|A\otimes B - C\otimes D\|_F` without subtracting squares (:func:`fisher_metrics` derives it)."""
+    a, c = float(A.norm()), float(C.norm())
+    if a == 0 or c == 0:
+        return a * float(B.norm()) + c * float(D.norm())
+    A_unit, C_unit = A / a, C / c
+    sign = -1.0 if float((A_unit * C_unit).sum()) < 0 else 1.0
+    delta = float((sign * A_unit - C_unit).square().sum())
+    B_s, D_s = (sign * a) * B, c * D
+    diff = B_s - D_s
+    total = delta * float(B_s.square().sum()) - delta * float((B_s * diff).sum()) + float(diff.square().sum())
+    return math.sqrt(max(total, 0.0))
+
+
+def _sine(X: Tensor, Y: Tensor) -> tuple[float, float]:
+    r"""``(sin, |cos|)`` of the angle between nonzero ``X`` and ``Y``, the sine as
+    :math:`\|\hat x - \hat y\|\,\|\hat x + \hat y\|/2`: accurate near 0, where :math:`\sqrt{1 - \cos^2}` is not."""
+    x, y = X / X.norm(), Y / Y.norm()
+    return float((x - y).norm() * (x + y).norm()) / 2, abs(float((x * y).sum()))
+
+
+def _kron_sine(L: Tensor, R: Tensor, U: Tensor, V: Tensor) -> float:
+    r"""Sine of the angle between :math:`L\otimes R` and :math:`U\otimes V`:
+    :math:`\sqrt{\sin^2\theta_L + \cos^2\theta_L\,\sin^2\theta_R}` (its cosine is :math:`\cos\theta_L\cos\theta_R`)."""
+    sin_L, cos_L = _sine(L, U)
+    sin_R, _ = _sine(R, V)
+    return min(1.0, math.sqrt(sin_L**2 + (cos_L * sin_R) ** 2))
 
 
 # -- gradient sources ---------------------------------------------------------------------------------------
@@ -299,7 +393,7 @@ def run_lab(
             curve: dict[str, list[float]] = {"step": [], "gap_s": [], "e_s": [], "e_nkp": []}
             for t in curve_steps:
                 L, R = history[t - 1]
-                met = fisher_metrics(grads[:t], ema_weights(t, beta), L, R, nkps[t])
+                met = fisher_metrics(grads[:t], ema_weights(t, beta), L, R, nkps[t], dense_max=dense_max)
                 curve["step"].append(t)
                 for k in ("gap_s", "e_s", "e_nkp"):
                     curve[k].append(met[k])

@@ -4,6 +4,7 @@ import csv
 import json
 import sys
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -157,3 +158,80 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "matplotlib" in capsys.readouterr().err
     rc = main(["fisher", "--out", str(tmp_path), "--source", "iid", "--steps", "3", "--m", "3", "--n", "2", "--no-hessian", "--no-plot"])
     assert rc == 0 and (tmp_path / "fisher.csv").exists()
+
+
+def _dense_metrics(grads, w, L, R, nkp):
+    """The five metrics by their definitions, on F and the Kronecker products formed whole in float64."""
+    g = grads.reshape(grads.shape[0], -1)
+    F = g.mT @ (w.unsqueeze(-1) * g)
+    K = torch.kron(L, R)
+    Ks = nkp.sigma[0] * torch.kron(nkp.U[0], nkp.V[0])
+    c, cs = (F * K).sum() / (K * K).sum(), (Ks * K).sum() / (K * K).sum()
+    return {"e": (F - K).norm() / F.norm(), "e_s": (F - c * K).norm() / F.norm(), "e_nkp": (F - Ks).norm() / F.norm(),
+            "gap": (K - Ks).norm() / Ks.norm(), "gap_s": (cs * K - Ks).norm() / Ks.norm()}
+
+
+@pytest.mark.parametrize("dense_max", [fisher.DENSE_MAX, 0])  # differences formed; expanded norms, then formed
+@pytest.mark.parametrize(("m", "n", "T"), [(1, 4, 2), (1, 4, 6), (5, 1, 3), (1, 7, 9)])
+def test_an_exact_kronecker_fisher_reads_zero_not_the_square_root_of_rounding(one_thread, dense_max, m, n, T):
+    """With one row (or one column) every F is a Kronecker product (1×1 ⊗ R) and the EMA factors are it up to
+    scale: e_s, e_nkp and gap_s are 0, and must read at rounding (≤ 1e-14), where the differences of squares
+    under a square root read about 1e-8. Catches the cancelling forms coming back, on either path: the sizes that
+    form F, and the large-block path (``dense_max=0``) that must fall back to the formed differences."""
+    grads = torch.stack(fisher.gradient_stream("iid", m, n, T))
+    w = fisher.ema_weights(T, 0.9)
+    L, R = fisher.track("ema", list(grads), beta=0.9)[-1]
+    met = fisher.fisher_metrics(grads, w, L, R, fisher.exact_nkp(grads, w), dense_max=dense_max)
+    assert max(met["e_s"], met["e_nkp"], met["gap_s"]) <= 1e-14, met
+    dense = _dense_metrics(grads, w, L, R, fisher.exact_nkp(grads, w))
+    assert met["e"] == pytest.approx(float(dense["e"]), rel=1e-12)  # the scale is off: e is not small
+    assert met["gap"] == pytest.approx(float(dense["gap"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-10])
+def test_gap_of_nearly_equal_kronecker_products_keeps_its_digits(eps):
+    """L ⊗ R against K* = σ U ⊗ V with L = 2U + ε P and R = 3V (a direction P orthogonal to U): ``gap_s`` is the
+    sine of the angle, ε‖P‖/‖2U + εP‖, and ``gap`` is ‖L ⊗ R − K*‖/σ; both must keep most digits at ε = 1e-10,
+    where √(1 − cos²) keeps none (it reads ~1e-8). The expected values are hand-derived closed forms."""
+    gen = generator(7)
+    U = randn(gen, 3, 3)
+    U = (U + U.mT) / (U + U.mT).norm()
+    V = randn(gen, 4, 4)
+    V = (V + V.mT) / (V + V.mT).norm()
+    P = randn(gen, 3, 3)
+    P = P - (P * U).sum() * U  # orthogonal to U, unit
+    P = P / P.norm()
+    sigma = 5.0
+    nkp = linalg.NearestKron(sigma=torch.tensor([sigma], dtype=F64), U=U[None], V=V[None], iterations=0, residual=0.0)
+    L, R = 2 * U + eps * P, 3 * V
+    grads = randn(gen, 2, 3, 4)
+    met = fisher.fisher_metrics(grads, fisher.ema_weights(2, 0.9), L, R, nkp)
+    assert met["gap_s"] == pytest.approx(eps / (4 + eps**2) ** 0.5, rel=1e-6)
+    # L ⊗ R − σ U ⊗ V = (6 − σ) U ⊗ V + 3ε P ⊗ V, the two terms orthogonal
+    assert met["gap"] == pytest.approx(((6 - sigma) ** 2 + 9 * eps**2) ** 0.5 / sigma, rel=1e-12)
+    nkp6 = attrs.evolve(nkp, sigma=torch.tensor([6.0], dtype=F64))  # the scale matches: gap is 3ε/6
+    met = fisher.fisher_metrics(grads, fisher.ema_weights(2, 0.9), L, R, nkp6)
+    assert met["gap"] == pytest.approx(3 * eps / 6, rel=1e-6)
+
+
+@pytest.mark.parametrize("source", ["iid", "anisotropic", "mixture", "real"])
+def test_metrics_on_ordinary_streams_equal_the_dense_definitions_closely(one_thread, source, monkeypatch):
+    """On ordinary streams (metrics 1e-3 to 1) each metric equals its dense float64 definition to 1e-11, F formed
+    in blocks of one row of G at a time as well as whole. Catches a row block misplaced (a wrong slice of G or of
+    A ⊗ B), a Kronecker product in column-major vec, and a scale c taken from the wrong pair."""
+    m, n = 4, 3
+    grads = torch.stack(fisher.gradient_stream(source, m, n, 12, seed=2))
+    for est in ("ema", "projector_splitting"):
+        for T in (2, 12):
+            w = fisher.ema_weights(T, 0.9)
+            L, R = fisher.track(est, list(grads), beta=0.9)[T - 1]
+            nkp = fisher.exact_nkp(grads[:T], w)
+            want = {k: float(v) for k, v in _dense_metrics(grads[:T], w, L, R, nkp).items()}
+            got = fisher.fisher_metrics(grads[:T], w, L, R, nkp)
+            monkeypatch.setattr(fisher, "ROW_BLOCK", 1)
+            by_rows = fisher.fisher_metrics(grads[:T], w, L, R, nkp)
+            monkeypatch.undo()
+            for key, value in want.items():
+                tol = dict(rel=1e-11) if value > 1e-6 else dict(abs=1e-14)
+                assert got[key] == pytest.approx(value, **tol), (source, est, T, key)
+                assert by_rows[key] == pytest.approx(got[key], rel=1e-13, abs=1e-15), (source, est, T, key)
