@@ -350,16 +350,16 @@ def test_cli_spectrum_of_a_saved_state_equals_float64_eigh_of_the_factors(tmp_pa
     assert cli.main(["spectrum", "--state", str(tmp_path / "state.pt"), "--head", "2", "--no-plot"]) == 0
     printed = {}
     for line in capsys.readouterr().out.splitlines()[1:]:
-        *label, step, d, hi, lo, ratio = line.split()
-        printed[" ".join(label)] = (int(step), int(d), float(hi), float(lo), float(ratio))
+        *label, step, d, rank, hi, lo, ratio = line.split()
+        printed[" ".join(label)] = (int(step), int(d), int(rank), float(hi), float(lo), float(ratio))
     assert len(printed) == 4
     for name, (L, R) in ema.items():
         for side, Fac in (("left", L), ("right", R)):
             lam = torch.linalg.eigvalsh(Fac).flip(0)
             tail = lam[2:]
             ratio = float(tail.mean() / tail.log().mean().exp())
-            step, d, hi, lo, got = printed[f"{name} ({side})"]
-            assert (step, d) == (9, Fac.shape[0])
+            step, d, rank, hi, lo, got = printed[f"{name} ({side})"]
+            assert (step, d, rank) == (9, Fac.shape[0], Fac.shape[0])  # nine gradients: every factor full rank
             assert hi == pytest.approx(float(lam[0]), rel=2e-3) and lo == pytest.approx(float(lam[-1]), rel=2e-3)
             assert got == pytest.approx(ratio, abs=2e-4)
 
