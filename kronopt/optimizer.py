@@ -541,6 +541,9 @@ def _without_top_level_only(group: Any) -> Any:
     return {**group, "overrides": kept}
 
 
+_CHECK_DUE = "skipped_steps_due"  # the state dict's flag: the counter's check was queued for the next step
+
+
 def _saved_skipped(kron: Mapping[str, Any] | None) -> Tensor | None:
     """A state dict's count of consecutive skipped steps (``kronopt["skipped_steps"]``) as a 0-d int64 tensor, or
     ``None`` where it has none: a tensor of one integer entry, or a non-negative ``int`` (a dict that went through
@@ -2511,7 +2514,9 @@ class KronOptimizer(torch.optim.Optimizer):
         bools, ``"nonfinite"`` (skipped non-finite gradients, a 0-d tensor) and
         ``"bucket"`` (which bucket it was stacked in, so a load keeps split buckets
         apart). Parameters with no state yet have no entry. ``kronopt`` holds the
-        ``version``, the ``config`` and the ``skipped_steps`` counter.
+        ``version``, the ``config``, the ``skipped_steps`` counter and ``skipped_steps_due`` (its
+        ``max_skipped_steps`` check is still queued for the next step, which a load re-arms: the loaded
+        optimizer raises where the saved one would have; a dict without the flag is taken as due).
 
         With work sharding (docs/distributed.md) each rank's dict holds the entries of
         the blocks **it owns**, and for every other block with state an entry of its
@@ -2569,6 +2574,8 @@ class KronOptimizer(torch.optim.Optimizer):
             sd["kronopt"][distributed.OWNERS_KEY] = {"world_size": world, "ranks": [self._owner.get(id(p), -1) for p in params]}
         if self._skipped_steps is not None:
             sd["kronopt"]["skipped_steps"] = self._skipped_steps.clone()
+            # whether the counter's max_skipped_steps check is still queued (read at the next step): a load re-arms it
+            sd["kronopt"][_CHECK_DUE] = any(item.params is None for item in self._pending)
         for hook in self._optimizer_state_dict_post_hooks.values():  # register_state_dict_post_hook, as torch runs them
             result = hook(self, sd)
             if result is not None:
@@ -2695,6 +2702,10 @@ class KronOptimizer(torch.optim.Optimizer):
                 self._bind(bucket)
         self._materialize(try_lazy=False)  # _loaded tried the lazy buckets' layouts before anything changed
         self._skipped_steps = None if skipped is None else skipped.to(self._grads_device(skipped))
+        if skipped is not None and self.config.max_skipped_steps and (kron or {}).get(_CHECK_DUE) is not False:
+            # the saved optimizer's check of its counter was still queued (a dict without the flag: as if it were), so
+            # the next step raises where it would have; the saved value itself, on the host (read once, at a load)
+            self._pending.append(_Pending(None, skipped.detach().to("cpu", copy=True), 0))
         self._seen_state()
         # a loaded state is the one to go on from, where the load put it; but a dict saved before any step holds
         # the state as built (torch.optim's holds none): a model moved or cast after this load has it made again

@@ -1,0 +1,97 @@
+"""Fixes from fuzz round 58: a due ``max_skipped_steps`` error kept across a resume, and a config check for
+projector_splitting's restricted side."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import kronopt
+
+torch.set_num_threads(1)
+
+
+def _grad(t: int, nan_at: tuple[int, ...]) -> torch.Tensor:
+    G = torch.randn(4, 3, generator=torch.Generator().manual_seed(t))
+    if t in nan_at:
+        G[0, 0] = float("nan")
+    return G
+
+
+def _step(opt: torch.optim.Optimizer, p: torch.nn.Parameter, t: int, nan_at: tuple[int, ...]) -> str:
+    p.grad = _grad(t, nan_at)
+    try:
+        opt.step()
+    except FloatingPointError as exc:
+        return str(exc)
+    return "stepped"
+
+
+def _resumed_pair(limit: int, nan_at: tuple[int, ...], saved_after: int):
+    """An optimizer run to ``saved_after`` (inclusive) and a fresh one loaded from its state dict then."""
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    opt = kronopt.build([p], "adamw", max_skipped_steps=limit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(saved_after + 1):
+            _step(opt, p, t, nan_at)
+    saved = copy.deepcopy(opt.state_dict())
+    q = torch.nn.Parameter(p.detach().clone())
+    other = kronopt.build([q], "adamw", max_skipped_steps=limit)
+    other.load_state_dict(copy.deepcopy(saved))
+    return (opt, p), (other, q), saved
+
+
+def _run_on(pair, steps: range, nan_at: tuple[int, ...]) -> list[str]:
+    opt, p = pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [_step(opt, p, t, nan_at) for t in steps]
+
+
+def test_a_due_max_skipped_steps_error_survives_a_resume():
+    """The limit check was queued on the optimizer (read at the next step) but not saved: a fresh optimizer loaded
+    between the skipped step and the next one stepped where the uninterrupted one raised FloatingPointError."""
+    first, second, saved = _resumed_pair(1, (1,), saved_after=1)
+    before = second[1].detach().clone()
+    a, b = _run_on(first, range(2, 3), (1,)), _run_on(second, range(2, 3), (1,))
+    assert a == b and a[0].startswith("1 consecutive steps were skipped")
+    assert int(saved["kronopt"]["skipped_steps"]) == 1 and saved["kronopt"]["skipped_steps_due"] is True
+    assert torch.equal(second[1], before) and torch.equal(first[1], second[1])
+    # and both go on alike after the error (the counter is read once; a finite step resets it)
+    assert _run_on(first, range(3, 5), (1,)) == _run_on(second, range(3, 5), (1,)) == ["stepped", "stepped"]
+    assert torch.equal(first[1], second[1])
+
+
+def test_a_counter_below_the_limit_resumes_as_before():
+    """Re-arming the check must not raise for a counter under the limit (a load that raised on any saved count)."""
+    first, second, saved = _resumed_pair(2, (1,), saved_after=1)
+    assert int(saved["kronopt"]["skipped_steps"]) == 1
+    assert _run_on(first, range(2, 5), (1,)) == _run_on(second, range(2, 5), (1,)) == ["stepped"] * 3
+    assert torch.equal(first[1], second[1])
+
+
+def test_a_check_already_raised_is_not_raised_again_after_a_resume():
+    """A dict saved after the error was raised (the check consumed) must not make the loaded optimizer raise a
+    second time where the uninterrupted one steps (re-arming on the counter alone would)."""
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    opt = kronopt.build([p], "adamw", max_skipped_steps=1)
+    assert _run_on((opt, p), range(3), (1,))[2].startswith("1 consecutive")
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["kronopt"]["skipped_steps_due"] is False
+    q = torch.nn.Parameter(p.detach().clone())
+    other = kronopt.build([q], "adamw", max_skipped_steps=1)
+    other.load_state_dict(saved)
+    assert _run_on((opt, p), range(3, 5), (1,)) == _run_on((other, q), range(3, 5), (1,)) == ["stepped"] * 2
+    assert torch.equal(p, q)
+
+
+def test_a_dict_without_the_due_flag_is_taken_as_due():
+    """A dict saved before the flag existed (or edited by hand) keeps the counter's check: at the limit it raises."""
+    first, second, saved = _resumed_pair(1, (1,), saved_after=1)
+    del saved["kronopt"]["skipped_steps_due"]
+    q = torch.nn.Parameter(first[1].detach().clone())
+    other = kronopt.build([q], "adamw", max_skipped_steps=1)
+    other.load_state_dict(saved)
+    assert _run_on((other, q), range(2, 3), (1,))[0].startswith("1 consecutive")
