@@ -697,6 +697,8 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
             if found is not None:
                 option, why = found
                 errors.append((_join(prefix, f"{slot}.{option}"), f"split {keys['split']!r} keeps a restricted side: {why}"))
+        if judged("factors") and _restricts_somewhere(cfg):
+            errors.extend(_projector_splitting_restricted(cfg.factors, keys["split"], prefix))
         if judged("inner") and not caps["inner"].exposes_moment:
             errors.append((
                 _join(prefix, "inner.type"),
@@ -719,6 +721,49 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
                 f"split {keys['split']!r} keeps a restricted side, whose first subspace is built on a parameter's "
                 "first call: it needs skip_first_call = true and refresh.at_first_call = true",
             ))
+
+
+def _restricts_somewhere(cfg: KronConfig) -> bool:
+    """Whether the split keeps a restricted side on some matrix the ``[shapes]`` policy rotates on both sides (every
+    side up to ``shapes.max_dim``): ``lowrank_flat`` with ``rank = 1.0`` and ``max_rank = 0`` (or a rank of at least
+    ``max_dim``) never does. Its rank grows no faster than the side, so the largest rotated side decides; smaller
+    powers of two are asked too, for a split of another kind. A split whose ``sides`` fails is taken to restrict."""
+    top = cfg.shapes.max_dim
+    sizes = sorted({top, *(1 << k for k in range(max(top.bit_length() - 1, 0)))} - {0})
+    try:
+        return any(
+            "restricted" in (left, right)
+            for m in sizes for n in sizes
+            for (left, _), (right, _) in [cfg.split.sides(m, n, (True, True))]
+        )
+    except Exception:  # noqa: BLE001 - a stage outside the registries: as its capability says
+        return True
+
+
+def _projector_splitting_restricted(factors: Any, split: str, prefix: str) -> list[tuple[str, str]]:
+    """``projector_splitting`` keeps a restricted side only with ``variant = 'ksl'`` and ``init = 'kron'`` (its
+    ``_init_restricted`` refuses any other at construction, on every parameter whose side is restricted): one
+    problem per option in error."""
+    from .factors.projector_splitting import ProjectorSplittingFactors
+
+    if not isinstance(factors, ProjectorSplittingFactors):
+        return []
+    found = []
+    if factors.variant != "ksl":
+        found.append((
+            _join(prefix, "factors.variant"),
+            f"split {split!r} keeps a restricted side, which factors 'projector_splitting' keeps only with "
+            f"variant = 'ksl' (got {factors.variant!r}); use variant = 'ksl', or a split that restricts no side "
+            "(split.rank = 1.0 with split.max_rank = 0, or split.type = 'full')",
+        ))
+    if factors.initialization != "kron":
+        found.append((
+            _join(prefix, "factors.init"),
+            f"split {split!r} keeps a restricted side, which factors 'projector_splitting' starts only with "
+            f"init = 'kron' (got {factors.initialization!r}); use init = 'kron', or a split that restricts no side "
+            "(split.rank = 1.0 with split.max_rank = 0, or split.type = 'full')",
+        ))
+    return found
 
 
 def from_dict(raw: Mapping[str, Any]) -> KronConfig:

@@ -95,3 +95,70 @@ def test_a_dict_without_the_due_flag_is_taken_as_due():
     other = kronopt.build([q], "adamw", max_skipped_steps=1)
     other.load_state_dict(saved)
     assert _run_on((other, q), range(2, 3), (1,))[0].startswith("1 consecutive")
+
+
+def _pro_dykaf(factors: dict, split: dict | None = None, **top) -> dict:
+    raw = kronopt.to_dict(kronopt.PRESETS["pro_dykaf"])
+    raw["factors"].update(factors)
+    raw["split"].update(split or {})
+    raw.update(top)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("factors", "paths"),
+    [
+        ({"variant": "parallel"}, ["factors.variant"]),
+        ({"init": "eps"}, ["factors.init"]),
+        ({"init": "sum"}, ["factors.init"]),
+        ({"init": "kron_reference"}, ["factors.init"]),
+        ({"variant": "parallel", "init": "eps"}, ["factors.variant", "factors.init"]),
+    ],
+)
+def test_projector_splitting_options_a_restricted_side_refuses_fail_in_the_config(factors, paths):
+    """from_dict accepted pro_dykaf with variant 'parallel' or an init other than 'kron', which projector_splitting
+    refuses at construction on every matrix parameter (its restricted side): now a ConfigError naming each path and
+    what works, with every problem listed (both options at once, beside an unrelated error)."""
+    with pytest.raises(kronopt.ConfigError) as info:
+        kronopt.from_dict(_pro_dykaf(factors))
+    found = [path for path, _ in info.value.errors]
+    assert found == paths
+    assert all("keeps a restricted side" in m and "split.rank = 1.0" in m for _, m in info.value.errors)
+    with pytest.raises(kronopt.ConfigError) as info:
+        kronopt.from_dict(_pro_dykaf(factors, lr=-1.0))
+    assert sorted(path for path, _ in info.value.errors) == sorted(["lr", *paths])
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {"rank": 1.0, "max_rank": 0},  # the whole side, uncapped: never restricted
+        {"rank": 64, "max_rank": 0},  # no side rotated beyond max_dim = 64 is longer than the rank
+        {"type": "full"},
+    ],
+)
+def test_a_split_that_never_restricts_keeps_projector_splitting_options_accepted(split):
+    """The check must not refuse where no side is ever restricted (a check on the split's capability alone would):
+    such configs build and step on a matrix."""
+    raw = _pro_dykaf({"variant": "parallel", "init": "eps"}, split, shapes={"max_dim": 64, "merge_dims": False, "precondition_1d": False})
+    if split.get("type") == "full":
+        raw["split"] = {"type": "full"}
+    cfg = kronopt.from_dict(raw)
+    p = torch.nn.Parameter(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
+    opt = kronopt.KronOptimizer([p], cfg)
+    before = p.detach().clone()
+    for t in range(3):
+        p.grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(t + 1))
+        opt.step()
+    assert torch.isfinite(p).all() and not torch.equal(p, before)
+
+
+def test_the_default_pro_dykaf_is_still_accepted_and_steps():
+    """variant 'ksl' and init 'kron' keep a restricted side: the preset must stay accepted."""
+    cfg = kronopt.from_dict(_pro_dykaf({}))
+    p = torch.nn.Parameter(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
+    opt = kronopt.KronOptimizer([p], cfg)
+    for t in range(2):
+        p.grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(t + 1))
+        opt.step()
+    assert torch.isfinite(p).all()
