@@ -2746,6 +2746,17 @@ class KronOptimizer(torch.optim.Optimizer):
             raise ValueError("the saved param groups do not match this optimizer's (different model or routing)")
         pipelines = [g.get("pipeline") for g in saved_groups]
         if pipelines != [g["pipeline"] for g in self.param_groups]:
+            if all(g == {"params": g.get("params")} or g == {} for g in saved_groups if g.get("pipeline") is None) and any(
+                g.get("pipeline") is not None for g in saved_groups
+            ):
+                # torch's set_optimizer_state_dict makes a fresh group whose parameters the saved groups hold apart
+                # (another routing) an empty one: say what it is, not "not kronopt's"
+                raise ValueError(
+                    "the saved param groups do not hold this optimizer's groups' parameters together (different "
+                    "routing: a group torch's set_optimizer_state_dict left empty); a checkpoint saved before the "
+                    "routed presets' name patterns changed (docs/architecture.md) loads into an optimizer built with "
+                    "route.fallback_names set to the patterns it was saved with"
+                )
             if None in pipelines:  # e.g. a torch.optim optimizer's groups: nothing of kronopt's config to restore
                 raise ValueError("not a kronopt optimizer's state dict: its param groups name no 'pipeline'")
             raise ValueError(

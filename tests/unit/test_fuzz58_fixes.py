@@ -1,5 +1,5 @@
-"""Fixes from fuzz round 58: a due ``max_skipped_steps`` error kept across a resume, and a config check for
-projector_splitting's restricted side."""
+"""Fixes from fuzz round 58: a due ``max_skipped_steps`` error kept across a resume, a config check for
+projector_splitting's restricted side, and a group torch's DCP load left empty named as another routing."""
 
 import copy
 import warnings
@@ -162,3 +162,28 @@ def test_the_default_pro_dykaf_is_still_accepted_and_steps():
         p.grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(t + 1))
         opt.step()
     assert torch.isfinite(p).all()
+
+
+def _routed_muon():
+    model = torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(5, 4), "proj": torch.nn.Linear(4, 4)})
+    opt = kronopt.build(model.named_parameters(), "muon")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return model, opt
+
+
+def test_a_group_torch_left_empty_is_refused_as_another_routing_not_as_a_foreign_optimizer():
+    """torch's ``set_optimizer_state_dict`` hands a fresh group whose parameters the saved groups hold apart (a DCP
+    checkpoint saved under other name patterns) as ``{"params": [...]}`` alone. The load named that "not a kronopt
+    optimizer's state dict", sending the user after the wrong cause; it now says different routing and the remedy
+    (``route.fallback_names``). A dict whose groups all lack a pipeline (torch.optim's) keeps its own message."""
+    _, opt = _routed_muon()
+    sd = opt.state_dict()
+    sd["param_groups"][0] = {"params": sd["param_groups"][0]["params"]}
+    with pytest.raises(ValueError, match=r"different routing.*route\.fallback_names"):
+        opt.load_state_dict(sd)
+    foreign = opt.state_dict()
+    foreign["param_groups"] = [{k: v for k, v in g.items() if k != "pipeline"} for g in foreign["param_groups"]]
+    with pytest.raises(ValueError, match="not a kronopt optimizer's state dict"):
+        opt.load_state_dict(foreign)
