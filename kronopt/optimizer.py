@@ -9,7 +9,6 @@ everything bit for bit.
 import bisect
 import collections
 import contextlib
-import importlib
 import itertools
 import math
 import operator
@@ -591,6 +590,8 @@ class KronOptimizer(torch.optim.Optimizer):
     _unstepped_placement: tuple[tuple[torch.device, torch.dtype, torch.Size], ...] | None = None
     #: whether a bucket was ever split (or loaded, perhaps split): only then does a step look for parts to join
     _fragmented: bool = False
+    #: ``_step`` marked for dynamo to run eagerly, with the reason it gives (:func:`_mark_eager_step`)
+    _eager_step: Callable[..., Any] | None = None
 
     def __init__(self, params: Iterable[Any], config: KronConfig) -> None:
         self.config = config
@@ -611,6 +612,7 @@ class KronOptimizer(torch.optim.Optimizer):
         # torch's fused AdamW kernel rounds otherwise than the general path, which work sharding's
         # owners run: with several ranks, both settings of shard_work keep to the general path's bits
         self._fuse_adamw = _FUSED_ADAMW and distributed.current(enabled=True) is None
+        _mark_eager_step()
         self._start()
         self._note_overrides()
 
@@ -800,6 +802,7 @@ class KronOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        _mark_eager_step()
         owner = state.pop("_owner", None)
         super().__setstate__(state)
         if owner is None:  # torch's load_state_dict sets its groups and state this way: nothing more to do
@@ -1067,10 +1070,11 @@ class KronOptimizer(torch.optim.Optimizer):
 
         Under ``torch.compile(optimizer.step)`` (torch.optim's recipe for compiling an optimizer) the step
         runs eagerly, outside the graph: dynamo cannot trace it (the config key ``compile`` compiles what
-        pays, Newton–Schulz and the elementwise tail, from inside the step)."""
+        pays, Newton–Schulz and the elementwise tail, from inside the step). Under ``fullgraph=True``, which allows
+        no such break, dynamo raises, giving that reason."""
         if torch.compiler.is_compiling():
-            # dynamo is tracing this frame, so it is loaded; it runs a function it is told to leave alone eagerly
-            return importlib.import_module("torch._dynamo").disable(KronOptimizer._step)(self, closure)
+            # dynamo is tracing this frame: it runs the step it was told to leave alone eagerly, giving the reason
+            return KronOptimizer._eager_step(self, closure)  # type: ignore[misc]
         return self._step(closure)
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
@@ -2972,6 +2976,21 @@ class KronOptimizer(torch.optim.Optimizer):
         bucket.state = state
         bucket.nonfinite = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in counts])
 
+
+#: what dynamo says where it meets kronopt's step (under ``torch.compile(..., fullgraph=True)``, in its error)
+_UNTRACEABLE = (
+    "kronopt's optimizer step is not traceable by dynamo and runs eagerly, outside the graph; the config key "
+    "compile = true compiles what pays (Newton-Schulz, the elementwise tail) from inside the step"
+)
+
+
+def _mark_eager_step() -> None:
+    """Make :attr:`KronOptimizer._eager_step` once, when an optimizer is built or unpickled (torch.optim's
+    construction has loaded ``torch._dynamo`` by then; ``import kronopt`` does not load it). Not made inside the
+    traced frame: dynamo cannot trace the call that marks a function either, and under ``fullgraph=True`` it then
+    named ``importlib`` instead of this reason."""
+    if KronOptimizer._eager_step is None:
+        KronOptimizer._eager_step = torch.compiler.disable(KronOptimizer._step, reason=_UNTRACEABLE)
 
 
 @contextlib.contextmanager

@@ -223,3 +223,19 @@ def test_the_compiled_second_moment_stays_finite_where_the_eager_one_does():
     for moments in (eager, fast):
         torch.testing.assert_close(moments[1].double(), exact, rtol=1e-6, atol=0)
         torch.testing.assert_close(moments[0], 0.1 * G)
+
+
+def test_a_fullgraph_compile_of_the_step_says_why_it_cannot_trace_it():
+    """``torch.compile(opt.step, fullgraph=True)`` allows no graph break, so it cannot take the step eagerly as the
+    default does: the error must name kronopt's reason and the ``compile = true`` route. It named
+    ``importlib.import_module`` and told the user to file an issue with PyTorch (the step marked its eager
+    function from inside the traced frame). The default compile still runs the step, as
+    ``test_torch_compile_of_the_step_runs_it_eagerly_with_the_same_result`` pins."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = kronopt.build([p], "soap")
+    p.grad = torch.randn(4, 3)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="compile = true") as caught:
+        torch.compile(opt.step, fullgraph=True, backend="eager")()
+    assert "import_module" not in str(caught.value)
+    torch._dynamo.reset()
