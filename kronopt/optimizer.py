@@ -12,6 +12,8 @@ import contextlib
 import itertools
 import math
 import operator
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -2379,11 +2381,7 @@ class KronOptimizer(torch.optim.Optimizer):
                         "these parameters and their optimizer state were left untouched but for their step counters "
                         "(nonfinite_scope = 'block')"
                     )
-                warnings.warn(
-                    f"non-finite gradient or update (NaN or Inf) at update {item.step} in: {names}; {what}",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                _warn_at_caller(f"non-finite gradient or update (NaN or Inf) at update {item.step} in: {names}; {what}")
         self._pending = keep
         if overflowed:
             raise FloatingPointError(
@@ -2975,6 +2973,30 @@ class KronOptimizer(torch.optim.Optimizer):
         counts = [e.get(_NONFINITE, 0) for e in entries]
         bucket.state = state
         bucket.nonfinite = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in counts])
+
+
+#: the folders whose frames :func:`_warn_at_caller` passes over: kronopt's own, and torch's (its optimizer's step
+#: wrapper and the ``no_grad`` decorator stand between the caller and the step)
+_INNER_FRAMES = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _warn_at_caller(message: str) -> None:
+    """A ``RuntimeWarning`` of ``message``, named at the caller's line: the first frame outside kronopt and torch (the
+    user's ``opt.step()``, ``state_dict()`` or ``flush_warnings()``, whatever depth kronopt reached the report from;
+    a fixed ``stacklevel`` named a line of kronopt's, which no ``-W ...:module`` filter of the user's could pick).
+    Kept in no module's registry (``warnings.warn_explicit``, ``registry=None``): each report names its update, so
+    a registry kept every one, a kilobyte a skipped step for the life of the process, where Python's default action
+    shows them all anyway. The filters apply as to ``warnings.warn``."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_INNER_FRAMES):
+        frame = frame.f_back
+    if frame is None:  # called from nowhere outside (a thread's own function): kronopt's line, as warn would
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return
+    warnings.warn_explicit(
+        message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
+        module=frame.f_globals.get("__name__", "<unknown>"), registry=None, module_globals=frame.f_globals,
+    )
 
 
 #: what dynamo says where it meets kronopt's step (under ``torch.compile(..., fullgraph=True)``, in its error)
