@@ -2748,9 +2748,7 @@ class KronOptimizer(torch.optim.Optimizer):
             raise ValueError("the saved param groups do not match this optimizer's (different model or routing)")
         pipelines = [g.get("pipeline") for g in saved_groups]
         if pipelines != [g["pipeline"] for g in self.param_groups]:
-            if all(g == {"params": g.get("params")} or g == {} for g in saved_groups if g.get("pipeline") is None) and any(
-                g.get("pipeline") is not None for g in saved_groups
-            ):
+            if any(p is not None for p in pipelines) and all(set(g) == {"params"} for g in saved_groups if "pipeline" not in g):
                 # torch's set_optimizer_state_dict makes a fresh group whose parameters the saved groups hold apart
                 # (another routing) an empty one: say what it is, not "not kronopt's"
                 raise ValueError(
@@ -2990,7 +2988,7 @@ def _warn_at_caller(message: str) -> None:
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_INNER_FRAMES):
         frame = frame.f_back
-    if frame is None:  # called from nowhere outside (a thread's own function): kronopt's line, as warn would
+    if frame is None:  # every frame kronopt's or torch's (a step torch's own code called): kronopt's line, as warn would
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return
     warnings.warn_explicit(
