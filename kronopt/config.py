@@ -748,22 +748,18 @@ def _projector_splitting_restricted(factors: Any, split: str, prefix: str) -> li
 
     if not isinstance(factors, ProjectorSplittingFactors):
         return []
-    found = []
-    if factors.variant != "ksl":
-        found.append((
-            _join(prefix, "factors.variant"),
-            f"split {split!r} keeps a restricted side, which factors 'projector_splitting' keeps only with "
-            f"variant = 'ksl' (got {factors.variant!r}); use variant = 'ksl', or a split that restricts no side "
+    return [
+        (
+            _join(prefix, f"factors.{key}"),
+            f"split {split!r} keeps a restricted side, which factors 'projector_splitting' {verb} only with "
+            f"{key} = {need!r} (got {got!r}); use {key} = {need!r}, or a split that restricts no side "
             "(split.rank = 1.0 with split.max_rank = 0, or split.type = 'full')",
-        ))
-    if factors.initialization != "kron":
-        found.append((
-            _join(prefix, "factors.init"),
-            f"split {split!r} keeps a restricted side, which factors 'projector_splitting' starts only with "
-            f"init = 'kron' (got {factors.initialization!r}); use init = 'kron', or a split that restricts no side "
-            "(split.rank = 1.0 with split.max_rank = 0, or split.type = 'full')",
-        ))
-    return found
+        )
+        for key, verb, need, got in (
+            ("variant", "keeps", "ksl", factors.variant), ("init", "starts", "kron", factors.initialization)
+        )
+        if got != need
+    ]
 
 
 def from_dict(raw: Mapping[str, Any]) -> KronConfig:

@@ -90,23 +90,25 @@ def tail_am_gm(eigvals: Tensor, head: int) -> float:
     return float(lam.mean() / torch.exp(torch.log(lam).mean()))
 
 
+def _check_head(head: float, shown: object) -> None:
+    """``ValueError`` (naming ``shown``) unless ``head`` is a whole count ≥ 1 or a fraction of ``d`` in ``(0, 1)``:
+    ``1.5`` was read as 1, and ``0`` as 1."""
+    if not head > 0 or (head >= 1 and head != int(head)):
+        raise ValueError(
+            f"must be a whole count ≥ 1 or a fraction of d below 1, got {shown!r} (a count is a whole number)"
+        )
+
+
 def _head(d: int, head: float) -> int:
-    """``head`` as a count: a whole number ≥ 1, or a fraction of ``d`` (in ``(0, 1)``, at least 1); ``ValueError``
-    for anything else, where ``1.5`` was read as 1 and ``0`` as 1."""
-    if head >= 1:
-        if head != int(head):
-            raise ValueError(f"a count of eigenvalues must be a whole number, got {head!r} (a fraction of d is < 1)")
-        return int(head)
-    if not head > 0:
-        raise ValueError(f"must be a count ≥ 1 or a fraction > 0 of d, got {head!r}")
-    return max(1, floor_fraction(head, d))
+    """``head`` as a count: a whole number ≥ 1, or a fraction of ``d`` (in ``(0, 1)``, at least 1)."""
+    _check_head(head, head)
+    return int(head) if head >= 1 else max(1, floor_fraction(head, d))
 
 
 def head_size(text: str) -> float:
     """``--head``'s text: a whole count ≥ 1 (``"3"``, ``"3.0"``) or a fraction of ``d`` in ``(0, 1)`` (``"0.1"``)."""
     value = _args.number(text, above=0.0)
-    if value >= 1 and value != int(value):
-        raise ValueError(f"must be a whole count ≥ 1 or a fraction of d below 1, got {text.strip()!r}")
+    _check_head(value, text.strip())
     return value
 
 
