@@ -12,14 +12,14 @@ counter is incremented. Nothing here reads a tensor on the host; on a CUDA devic
 ``eigh`` itself synchronises (:func:`kronopt.linalg._eigh`), on the refreshes that call it.
 """
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import attrs
 import torch
 from torch import Tensor
 
 from . import linalg
-from .validators import ge, to_bool, to_int
+from .validators import ge, in_, to_bool, to_int, to_str
 from .registry import BASES
 from .types import BasisCapabilities, BasisChange, BasisState, Layout, StepContext
 
@@ -60,8 +60,11 @@ def fresh_state(layout: Layout, dtype: torch.dtype, device: torch.device) -> Bas
     )
 
 
-def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """Fresh eigenbasis of one side, keeping the old one on failed blocks.
+def _eigh_side(
+    X: Tensor, Q_old: Tensor, lam_old: Tensor, *, canonical_null: bool = False
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Fresh eigenbasis of one side, keeping the old one on failed blocks (``canonical_null``: a null space's
+    eigenvectors in the basis :func:`kronopt.linalg.canonical_null_basis` makes).
 
     Non-finite factor blocks are replaced by the identity before the solver runs, so
     one bad block cannot make the batched solver fail for the others.
@@ -69,7 +72,7 @@ def _eigh_side(X: Tensor, Q_old: Tensor, lam_old: Tensor) -> tuple[Tensor, Tenso
     finite = linalg.finite_blocks(X)
     X = linalg.select_blocks(finite, X, torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand_as(X))
     try:
-        eig = linalg.eigh_descending(X)
+        eig = linalg.eigh_descending(X, canonical_null=canonical_null)
     except ArithmeticError:
         return Q_old, lam_old, torch.zeros_like(finite), False
     ok = eig.ok & finite
@@ -130,16 +133,16 @@ class EighBasis:
 
 
 def _eigh_refresh(
-    state: BasisState, factors: tuple[Tensor | None, Tensor | None]
+    state: BasisState, factors: tuple[Tensor | None, Tensor | None], *, canonical_null: bool = False
 ) -> tuple[BasisState, BasisChange]:
     Q_L, lam_L, Q_R, lam_R = state.Q_L, state.lam_L, state.Q_R, state.lam_R
     failures = state.failures
     solved = Q_L is None and Q_R is None  # a basis with no rotated side is ready at once
     if Q_L is not None:
-        Q_L, lam_L, ok, ran = _eigh_side(factors[0], Q_L, lam_L)  # type: ignore[arg-type]
+        Q_L, lam_L, ok, ran = _eigh_side(factors[0], Q_L, lam_L, canonical_null=canonical_null)  # type: ignore[arg-type]
         failures, solved = _counted(failures, _fell_back(ok)), solved or ran
     if Q_R is not None:
-        Q_R, lam_R, ok, ran = _eigh_side(factors[1], Q_R, lam_R)  # type: ignore[arg-type]
+        Q_R, lam_R, ok, ran = _eigh_side(factors[1], Q_R, lam_R, canonical_null=canonical_null)  # type: ignore[arg-type]
         failures, solved = _counted(failures, _fell_back(ok)), solved or ran
     # `ready` stays False only when every solver call raised (known on the host); a block
     # whose output was not finite keeps its identity basis and unit eigenvalues.
@@ -206,10 +209,26 @@ class QrBasis:
     rank than :math:`r` on the subspace) keeps its direction of :math:`U`, in a basis of
     those directions that does not depend on the solver's choice (docs/kl.md).
 
+    A rank-deficient factor (a non-square block's longer side over its first steps, DyKAF's
+    rank-one start, a token embedding's unused rows) or a float32 factor whose tail lies below
+    its rounding has directions no eigenvalue defines, whose basis the solver's rounding picks:
+    another in a stack than alone, on another processor. Adam's per-coordinate moments in the
+    rotated coordinates are not invariant to that choice. ``null_space = "solver"`` (the
+    default, as the specs and the peers) keeps it; ``"canonical"`` makes the first ``eigh`` take
+    the basis of such a span that :func:`kronopt.linalg.canonical_null_basis` makes, and each
+    power step keep the old column of a direction its product leaves to rounding
+    (:func:`kronopt.linalg.sorted_power_step`), so a block steps alike in a stack and alone, on
+    every processor, to rounding. Its price is a second QR of each side whose product leaves a
+    column to rounding (on a device, of every side at every refresh): 1.22 × soap's mean step
+    in a training of the embedded task's model, where most refreshes meet such a column
+    (docs/architecture.md, "Degenerate eigenspaces").
+
     Attributes:
         power_steps: power steps per refresh, ≥ 1.
         sort: sort columns by Rayleigh quotient before the power step (SOAP); when
             false no permutation is applied.
+        null_space: ``"solver"`` or ``"canonical"``: the basis of the directions a factor leaves to
+            rounding (above).
     """
 
     capabilities: ClassVar[BasisCapabilities] = BasisCapabilities(
@@ -217,6 +236,9 @@ class QrBasis:
     )
     power_steps: int = attrs.field(default=1, converter=to_int, validator=ge(1))
     sort: bool = attrs.field(default=True, converter=to_bool)
+    null_space: Literal["solver", "canonical"] = attrs.field(
+        default="solver", converter=to_str, validator=in_(("solver", "canonical"))
+    )
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
         return fresh_state(layout, dtype, device)
@@ -227,7 +249,7 @@ class QrBasis:
         _check_factors("qr", factors, state)
         layout = ctx.layout
         if not state.ready and "restricted" not in (layout.left, layout.right):
-            return _eigh_refresh(state, factors)
+            return _eigh_refresh(state, factors, canonical_null=self.null_space == "canonical")
         quotients = ctx.eigvals_from_basis
         left = self._side(layout.left, factors[0], state.Q_L, state.lam_L, ready=state.ready, quotients=quotients)
         right = self._side(layout.right, factors[1], state.Q_R, state.lam_R, ready=state.ready, quotients=quotients)
@@ -253,12 +275,13 @@ class QrBasis:
         if kind == "restricted":
             Q_new, lam_new, ok = linalg.restricted_refresh(X, Q, lam, first=not ready)
             return _SideRefresh(Q=Q_new, lam=lam_new, failed=_fell_back(ok), solved=True)
+        canonical = self.null_space == "canonical"
         if not ready:
-            Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam)
+            Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam, canonical_null=canonical)
             return _SideRefresh(Q=Q_new, lam=lam_new, failed=_fell_back(ok), solved=ran)
-        Q_new, e, perm = linalg.sorted_power_step(X, Q, sort=self.sort, quotients=quotients)
+        Q_new, e, perm = linalg.sorted_power_step(X, Q, sort=self.sort, quotients=quotients, canonical_null=canonical)
         for _ in range(self.power_steps - 1):
-            Q_new = linalg.power_qr(X, Q_new)
+            Q_new = linalg.power_qr(X, Q_new, canonical_null=canonical)
         ok = linalg.finite_blocks(Q_new, e)
         if linalg.cpu_all(ok):  # nearly every refresh, read on a CPU for free: no block falls back
             return _SideRefresh(Q=Q_new, lam=lam if e is None else e, perm=perm, solved=True)

@@ -1164,7 +1164,7 @@ def _svd_retried(G: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor, Tensor |
         return U.to(G.dtype), S.to(G.dtype), Vh.to(G.dtype), None
 
 
-def eigh_descending(A: Tensor) -> Eigh:
+def eigh_descending(A: Tensor, *, canonical_null: bool = False) -> Eigh:
     r"""Eigendecomposition of a batch of symmetric matrices, eigenvalues descending.
 
     .. math::
@@ -1174,6 +1174,13 @@ def eigh_descending(A: Tensor) -> Eigh:
     back. Each eigenvector's sign is fixed so that its largest-magnitude entry is
     positive (a deterministic convention; every consumer in kronopt is invariant to
     column signs).
+
+    ``canonical_null``: the eigenvectors of eigenvalues within the solver's rounding of zero
+    (:func:`null_columns`: a rank-deficient factor's null space) come back in the basis of their span
+    that :func:`canonical_null_basis` makes, not the one the solver's rounding picked (another in a
+    stack than alone, on another processor). For a rule that treats the basis's coordinates one by one
+    (Adam in SOAP's eigenbasis); a rule that reads the eigenvalues with their vectors (Shampoo's root)
+    is invariant inside an exactly degenerate space and keeps the solver's vectors.
 
     A batched solver fails for the whole batch when one block fails; where the float64 retry fails
     too, the blocks are solved one at a time (each in ``A``'s dtype, then in float64), so a block
@@ -1202,8 +1209,56 @@ def eigh_descending(A: Tensor) -> Eigh:
     pivot = Q.abs().argmax(dim=-2, keepdim=True)
     signs = torch.sign(torch.gather(Q, -2, pivot))
     Q = Q * torch.where(signs == 0, torch.ones_like(signs), signs)
+    if canonical_null:
+        null = null_columns(lam)
+        if not cpu_all(~null):  # on a CPU, read there for free: only where a block has a null space
+            Q = canonical_null_basis(Q, null)
     ok = torch.isfinite(lam).all(dim=-1) & torch.isfinite(Q).all(dim=(-2, -1))
     return Eigh(lam=lam, Q=Q, ok=ok)
+
+
+def null_columns(lam: Tensor) -> Tensor:
+    """Per eigenvalue of ``lam (b k)`` (a symmetric PSD factor's, descending), whether it is the solver's rounding of
+    zero: at most :func:`eigenvalue_floor` of the largest in size (every one of a zero matrix; a NaN one is not). On
+    a PSD factor a suffix of each row: the columns of its null space, which no eigenvalue defines."""
+    size = lam.abs()
+    return size <= size.amax(-1, keepdim=True) * eigenvalue_floor(lam.shape[-1], lam.dtype)
+
+
+def null_space_seeds(k: int, first: int = 0, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Columns ``first … k − 1`` of the fixed ``k × k`` matrix :func:`canonical_null_basis` projects: column ``j`` holds
+    ``k`` standard normal draws (float64, then cast) of torch's CPU generator seeded with ``k · 2²⁰ + j``, so a
+    column is made alone (a null space of ``c`` columns needs the last ``c``: ``k · c`` draws, not ``k²``). Dense and
+    in general position to every subspace (a coordinate one included), so its projection onto a ``c``-dimensional
+    span is a ``c × c`` Gaussian there, well conditioned."""
+    columns = [
+        torch.randn(k, generator=torch.Generator().manual_seed(k * 2**20 + j), dtype=torch.float64) for j in range(first, k)
+    ]
+    seeds = torch.stack(columns, dim=-1) if columns else torch.zeros(k, 0, dtype=torch.float64)
+    return seeds.to(dtype=dtype, device=device)
+
+
+def canonical_null_basis(Q: Tensor, null: Tensor) -> Tensor:
+    r"""``Q (b k k)`` orthonormal, whose columns flagged in ``null (b k)`` span a null space (any basis of it is as
+    good), with those columns replaced by one basis of their span that does not depend on the one they came in:
+    the projections :math:`Q_c Q_c^\top \Omega_{:,j}` of :func:`null_space_seeds`'s columns in the flagged places,
+    orthonormalised in column order after the others (Householder QR, a positive diagonal of ``R``). The projector
+    :math:`Q_c Q_c^\top` is the same for every basis of the span, so the result is too, to rounding. The other
+    columns come back bit for bit; a block whose every column is flagged (a zero factor) takes the identity, the
+    basis a fresh block starts from. Only the columns from the first flagged one of the stack on are made, read
+    on the host (after an ``eigh``, which waits for a CUDA device anyway): two products of ``k × k × c`` and a QR."""
+    k = Q.shape[-1]
+    flagged_anywhere = null.any(0).nonzero()
+    if k == 0 or not flagged_anywhere.numel():
+        return Q
+    first = int(flagged_anywhere[0])
+    cols = null[..., first:].unsqueeze(-2)
+    tail = Q[..., first:]
+    flagged = tail * cols
+    spread = mm(flagged, mm(flagged.mT, null_space_seeds(k, first, dtype=Q.dtype, device=Q.device)))
+    X = torch.cat([Q[..., :first], torch.where(cols, spread, tail)], dim=-1)
+    X = torch.where(null.all(-1).view(-1, 1, 1), torch.eye(k, dtype=Q.dtype, device=Q.device), X)
+    return torch.where(null.unsqueeze(-2), orthonormalize(X), Q)
 
 
 def _solve_each(solver: Callable[[Tensor], tuple[Tensor, ...]], A: Tensor) -> list[tuple[Tensor, ...] | None]:
@@ -1245,7 +1300,7 @@ def rayleigh_quotients(A: Tensor, Q: Tensor) -> Tensor:
 
 
 def sorted_power_step(
-    A: Tensor, Q: Tensor, *, sort: bool, quotients: bool = True
+    A: Tensor, Q: Tensor, *, sort: bool, quotients: bool = True, canonical_null: bool = False
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     r"""SOAP's refresh of one side: Rayleigh quotients, optional sort, one warm-started power step + QR.
 
@@ -1256,7 +1311,8 @@ def sorted_power_step(
     using :math:`A\,Q_{:,\pi} = (A Q)_{:,\pi}`, so the product serves both the quotients
     and the power step (one ``n × n × n`` product instead of two). Without ``sort`` and
     without ``quotients`` (nothing reads them) :math:`e` is not computed: an entrywise
-    product and a reduction of ``P``'s size fewer.
+    product and a reduction of ``P``'s size fewer. ``canonical_null``: the columns the
+    product leaves to rounding keep their old direction (:func:`_power_basis`).
 
     Returns:
         ``(Q' (b n n), e_π (b n) or None, π (b n) or None)`` (``π`` is ``None`` without ``sort``,
@@ -1269,16 +1325,46 @@ def sorted_power_step(
     if sort:
         perm = torch.argsort(e, dim=-1, descending=True)
         P, e = permute_columns(P, perm), torch.gather(e, -1, perm)
+    if canonical_null:
+        return _power_basis(Q, perm, P), e, perm
     return q_factor(P, overwrite=True), e, perm
 
 
-def power_qr(A: Tensor, Q: Tensor) -> Tensor:
+def power_qr(A: Tensor, Q: Tensor, *, canonical_null: bool = False) -> Tensor:
     r"""One warm-started subspace (power) iteration: the Q factor of :math:`\mathrm{QR}(A Q)`.
 
-    Column signs follow the QR routine; consumers are sign invariant.
+    Column signs follow the QR routine; consumers are sign invariant. ``canonical_null``: the
+    columns the product leaves to rounding keep their old direction (:func:`_power_basis`).
     """
     _check_batched_square("A", A)
-    return q_factor(_column_major_product(A, Q), overwrite=True)
+    P = _column_major_product(A, Q)
+    return _power_basis(Q, None, P) if canonical_null else q_factor(P, overwrite=True)
+
+
+def _power_basis(Q: Tensor, perm: Tensor | None, P: Tensor) -> Tensor:
+    r"""The Q of the QR of the power product ``P`` :math:`= A Q_{:,\pi}` (owned, column-major), where a column whose
+    part orthogonal to the earlier ones is rounding keeps its old direction.
+
+    A column :math:`j` whose :math:`|R_{jj}|` is at most :func:`eigenvalue_floor` of the largest :math:`|R_{ii}|`
+    (:math:`A` leaves it to rounding: a rank-deficient factor's null space, or a product dependent on the earlier
+    columns') got its direction from the rounding, another in a stack than alone or on another processor. Such
+    columns are replaced by their old columns :math:`Q_{:,\pi_j}` and the QR is taken again: each then comes back
+    as its old direction made orthogonal to the columns before it, which the product does define, so a null
+    space keeps its basis from refresh to refresh (from the first one, :func:`canonical_null_basis`). Where a
+    real direction's eigenvalue is that small, the product gave it rounding too, and its old column is as good.
+    On a CPU where no column is flagged (read there for free) the first QR is the result; elsewhere the second
+    QR runs, on a device at every refresh, from a copy of ``P`` kept for it, so both take the same bits."""
+    k = P.shape[-1]
+    if k == 0:
+        return q_factor(P, overwrite=True)
+    kept = P.clone(memory_format=torch.preserve_format)
+    diagonal = P.new_empty(P.shape[:-2] + (k,))
+    Q_new = q_factor(P, overwrite=True, r_diagonal=diagonal)
+    null = diagonal <= diagonal.amax(-1, keepdim=True) * eigenvalue_floor(k, diagonal.dtype)
+    if cpu_all(~null):
+        return Q_new
+    old = Q if perm is None else permute_columns(Q, perm)
+    return q_factor(torch.where(null.unsqueeze(-2), old, kept, out=kept), overwrite=True)
 
 
 def _column_major_product(A: Tensor, Q: Tensor) -> Tensor:
@@ -1301,7 +1387,7 @@ _QR_PAD_MAX = 3072
 _QR_PAD_ROWS = 16
 
 
-def q_factor(P: Tensor, *, overwrite: bool = False) -> Tensor:
+def q_factor(P: Tensor, *, overwrite: bool = False, r_diagonal: Tensor | None = None) -> Tensor:
     r"""The Q factor of the reduced QR of each ``P (b n k)``, without forming ``R``.
 
     The same Householder routines as :func:`torch.linalg.qr` (``geqrf``, then
@@ -1316,15 +1402,20 @@ def q_factor(P: Tensor, *, overwrite: bool = False) -> Tensor:
     into a temporary and back, four copies instead of two), or a ``P`` that is not plain
     (:func:`_plain`: autograd tracks it, a forward-mode tangent or a ``torch.func`` transform wraps it;
     ``out=`` refuses each), takes the path without ``overwrite``.
+
+    ``r_diagonal``: a ``(b k)`` tensor that receives :math:`|R_{jj}|` (read off the reflectors, where
+    ``geqrf`` leaves ``R``, before the Q is formed over them).
     """
     if P.shape[-1] > P.shape[-2]:
         raise ValueError(f"q_factor needs k ≤ n columns, got shape {tuple(P.shape)}")
-    if not _lapack_in_place(P, overwrite):
-        reflectors, tau = torch.geqrf(P)
-        return _form_q(reflectors, tau, out=None)
-    tau = P.new_empty(P.shape[:-2] + (P.shape[-1],))
-    torch.geqrf(P, out=(P, tau))
-    return _form_q(P, tau, out=P)
+    if _lapack_in_place(P, overwrite):
+        reflectors, tau, out = P, P.new_empty(P.shape[:-2] + (P.shape[-1],)), P
+        torch.geqrf(P, out=(P, tau))
+    else:
+        (reflectors, tau), out = torch.geqrf(P), None
+    if r_diagonal is not None:
+        torch.abs(torch.diagonal(reflectors, dim1=-2, dim2=-1), out=r_diagonal)
+    return _form_q(reflectors, tau, out=out)
 
 
 def _lapack_in_place(X: Tensor, overwrite: bool) -> bool:

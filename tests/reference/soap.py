@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tests.reference import null_space
+
 DTYPE = torch.float64
 
 __all__ = ["soap_reference", "make_soap_hyper", "SoapHyper", "SoapState", "soap_update"]
@@ -35,6 +37,7 @@ class SoapHyper:
     max_precond_dim: int
     normalize_grads: bool
     correct_bias: bool
+    null_space: str = "solver"  # "canonical": tests/reference/null_space.py
 
 
 @dataclass
@@ -101,6 +104,14 @@ def refresh_side(X: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.
     return Q_new, pi
 
 
+def _initial_basis(X: torch.Tensor, hp: SoapHyper) -> torch.Tensor:
+    return null_space.initial_basis(X) if hp.null_space == "canonical" else initial_basis(X)
+
+
+def _refresh_side(X: torch.Tensor, Q: torch.Tensor, hp: SoapHyper) -> tuple[torch.Tensor, torch.Tensor]:
+    return null_space.refresh_side(X, Q) if hp.null_space == "canonical" else refresh_side(X, Q)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # one call for one parameter
 
@@ -121,10 +132,10 @@ def soap_update(W: torch.Tensor, G: torch.Tensor, state: SoapState, hp: SoapHype
         state.t = 0
         if left_factored:
             state.L = (1.0 - hp.rho) * (G @ G.T)
-            state.Q_L = initial_basis(state.L)
+            state.Q_L = _initial_basis(state.L, hp)
         if right_factored:
             state.R = (1.0 - hp.rho) * (G.T @ G)
-            state.Q_R = initial_basis(state.R)
+            state.Q_R = _initial_basis(state.R, hp)
         state.m = torch.zeros(rows, cols, dtype=DTYPE)
         state.v = torch.zeros(rows, cols, dtype=DTYPE)
         return W.reshape(shape)
@@ -167,10 +178,10 @@ def soap_update(W: torch.Tensor, G: torch.Tensor, state: SoapState, hp: SoapHype
     if t % hp.precondition_frequency == 0:
         m_original = unrotate(state.m, state.Q_L, state.Q_R)  # with the old basis
         if left_factored:
-            state.Q_L, pi = refresh_side(state.L, state.Q_L)
+            state.Q_L, pi = _refresh_side(state.L, state.Q_L, hp)
             state.v = state.v[pi, :]  # left side acts on the rows
         if right_factored:
-            state.Q_R, pi = refresh_side(state.R, state.Q_R)
+            state.Q_R, pi = _refresh_side(state.R, state.Q_R, hp)
             state.v = state.v[:, pi]  # right side acts on the columns
         state.m = rotate(m_original, state.Q_L, state.Q_R)  # with the new basis
 
@@ -192,6 +203,7 @@ def make_soap_hyper(
     max_precond_dim: int = 10000,
     normalize_grads: bool = False,
     correct_bias: bool = True,
+    null_space: str = "solver",
 ) -> SoapHyper:
     beta1, beta2 = betas
     rho = beta2 if shampoo_beta < 0 else shampoo_beta
@@ -206,6 +218,7 @@ def make_soap_hyper(
         max_precond_dim=max_precond_dim,
         normalize_grads=normalize_grads,
         correct_bias=correct_bias,
+        null_space=null_space,
     )
 
 
@@ -222,6 +235,7 @@ def soap_reference(
     max_precond_dim=10000,
     normalize_grads=False,
     correct_bias=True,
+    null_space="solver",
 ) -> list[list[torch.Tensor]]:
     """params: initial parameters (1-D or 2-D tensors). grads[k][i]: gradient of param i at call k (k = 0..K-1).
     Returns history with history[k][i] = param i after call k (clones). Everything computed in float64."""
@@ -235,6 +249,7 @@ def soap_reference(
         max_precond_dim=max_precond_dim,
         normalize_grads=normalize_grads,
         correct_bias=correct_bias,
+        null_space=null_space,
     )
     weights = [p.detach().to(DTYPE).clone() for p in params]
     states = [SoapState() for _ in params]

@@ -47,7 +47,7 @@ INVALID = [
     ({"lr": -1.0}, ["lr: must be ≥ 0.0, got -1.0"]),
     ({"lr": "fast"}, ["lr: must be a number, got 'fast'"]),
     ({"basis.type": "lanczos"}, ["basis.type: unknown basis stage 'lanczos'; available: eigh, identity, qr"]),
-    ({"factors.beta": 2, "basis.bogus": 1}, ["factors.beta: must be < 1.0, got 2.0", "basis.bogus: unknown key; QrBasis accepts: power_steps, sort"]),
+    ({"factors.beta": 2, "basis.bogus": 1}, ["factors.beta: must be < 1.0, got 2.0", "basis.bogus: unknown key; QrBasis accepts: null_space, power_steps, sort"]),
     ({"nonfinite": "ignore"}, ["nonfinite: must be one of 'warn', 'raise', 'skip', got 'ignore'"]),
     ({"inner.type": "orthogonalize", "inner.coefficients": "custom"}, ["inner: coefficients = 'custom' needs a non-empty custom_coefficients list"]),
     ({"route.fallback_names": ["(unclosed"]}, ["route.fallback_names: [0] '(unclosed' is not a valid regular expression"]),
