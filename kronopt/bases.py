@@ -219,9 +219,9 @@ class QrBasis:
     power step keep the old column of a direction its product leaves to rounding
     (:func:`kronopt.linalg.sorted_power_step`), so a block steps alike in a stack and alone, on
     every processor, to rounding. Its price is a second QR of each side whose product leaves a
-    column to rounding (on a device, of every side at every refresh): 1.22 × soap's mean step
-    in a training of the embedded task's model, where most refreshes meet such a column
-    (docs/architecture.md, "Degenerate eigenspaces").
+    column to rounding (on a device, of every side at every refresh): 1.13–1.19 × the mean step
+    of soap, dykaf and kl_shampoo in a training of the embedded task's model, where most
+    refreshes meet such a column (docs/architecture.md, "Degenerate eigenspaces").
 
     Attributes:
         power_steps: power steps per refresh, ≥ 1.
