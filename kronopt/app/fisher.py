@@ -429,11 +429,25 @@ def exact_hessian_rearranged(W: Tensor, X: Tensor) -> Tensor:
 
 
 def _kron_metrics(RH: Tensor, vecL: Tensor, vecR: Tensor, floor: float) -> dict[str, float]:
-    """Raw squared difference and scale-free error of a rank-one ``vec L vec Rᵀ`` against ``R(H)``."""
-    H2 = float(RH.square().sum())
-    HK = float(vecL @ RH @ vecR)
-    K2 = float(vecL.square().sum() * vecR.square().sum())
-    return {"diff2": max(H2 - 2 * HK + K2, 0.0), "e_s": math.sqrt(max(1 - HK**2 / (H2 * K2), 0.0)) if K2 > 0 else 1.0, "floor": floor}
+    """Raw squared difference and scale-free error of a rank-one ``vec L vec Rᵀ`` against ``R(H)``: the difference
+    formed (``R(H)`` is ``c² × d²``, small), the error as :func:`_sine`, so neither subtracts squares (an exact fit
+    reads rounding, not its square root)."""
+    K = torch.outer(vecL, vecR)
+    return {"diff2": float((RH - K).square().sum()), "e_s": _scale_free_error(RH, K), "floor": floor}
+
+
+def _scale_free_error(H: Tensor, K: Tensor) -> float:
+    r""":math:`\sqrt{1 - \langle H, K\rangle^2 / (\|H\|^2 \|K\|^2)}`, the sine of the angle between ``H`` and ``K``
+    (:func:`_sine`, accurate near 0); 1 where either is zero."""
+    return _sine(H, K)[0] if float(H.norm()) > 0 and float(K.norm()) > 0 else 1.0
+
+
+def nkp_floor(RH: Tensor) -> float:
+    r"""The best rank-one fit's relative error to ``R(H)``, :math:`\sqrt{\sum_{i \ge 2} \sigma_i^2} / \|R(H)\|_F`, from
+    its singular values (not :math:`\|R(H)\|^2 - \sigma_1^2`, which loses half the digits of a near-Kronecker ``H``)."""
+    sigma = torch.linalg.svdvals(RH)
+    total = float(sigma.norm())
+    return float(sigma[1:].norm()) / total if total > 0 else 0.0
 
 
 def hessian_settings(lr: float, options: dict[str, Any]) -> dict[str, Any]:
@@ -523,7 +537,7 @@ def hessian_experiment(
                 if D is not None:
                     W = W - lr * D[0]
                 RH = exact_hessian_rearranged(W, X[train])
-                floor = float(torch.sqrt((RH.square().sum() - torch.linalg.matrix_norm(RH, ord=2) ** 2).clamp(min=0)) / RH.norm())
+                floor = nkp_floor(RH)
                 L, R = cfg.factors.factors(state.factors)
                 fac = _kron_metrics(RH, L[0].reshape(-1), R[0].reshape(-1), floor)
                 eig = _eigen_metrics(cfg, layout, state, RH, floor)
@@ -555,11 +569,7 @@ def _eigen_metrics(cfg: Any, layout: Layout, state: Any, RH: Tensor, floor: floa
     H_hat = (Q * V.reshape(-1)) @ Q.mT
     c, d = Q_L.shape[0], Q_R.shape[0]
     H = _unrearrange(RH, c, d)
-    H2 = float(H.square().sum())
-    HK = float((H * H_hat).sum())
-    K2 = float(H_hat.square().sum())
-    return {"diff2": float((H - H_hat).square().sum()),
-            "e_s": math.sqrt(max(1 - HK**2 / (H2 * K2), 0.0)) if K2 > 0 else 1.0, "floor": floor}
+    return {"diff2": float((H - H_hat).square().sum()), "e_s": _scale_free_error(H, H_hat), "floor": floor}
 
 
 def _unrearrange(RA: Tensor, m: int, n: int) -> Tensor:
