@@ -680,7 +680,9 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
                 f"{MOMENTUM_TIE!r} ties the graft's β₁ to the inner rule's momentum, but inner {keys['inner']!r} has "
                 "neither a momentum nor betas; give a number",
             ))
-    if judged("split") and caps["split"].restricts:
+    # a split able to restrict a side, set so that it restricts none on any shape the policy rotates on both sides
+    # (lowrank_flat with rank = 1.0 and max_rank = 0), asks nothing of the other stages
+    if judged("split") and caps["split"].restricts and _restricts_somewhere(cfg):
         for slot in ("factors", "basis", "inner"):
             if not judged(slot):
                 continue
@@ -697,7 +699,7 @@ def _check_compatible(cfg: KronConfig, prefix: str, errors: list[tuple[str, str]
             if found is not None:
                 option, why = found
                 errors.append((_join(prefix, f"{slot}.{option}"), f"split {keys['split']!r} keeps a restricted side: {why}"))
-        if judged("factors") and _restricts_somewhere(cfg):
+        if judged("factors"):
             errors.extend(_projector_splitting_restricted(cfg.factors, keys["split"], prefix))
         if judged("inner") and not caps["inner"].exposes_moment:
             errors.append((

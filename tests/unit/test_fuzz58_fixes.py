@@ -212,3 +212,29 @@ def test_the_non_finite_warning_names_the_callers_line_and_keeps_no_registry_ent
     assert len(caught) == 6
     assert {r.filename for r in caught} == {__file__}
     assert (len(registry), len(ours)) == before
+
+
+# -- the fifty-ninth session: every restricted-side check asks whether the split restricts a side ---------------
+
+
+@pytest.mark.parametrize("preset", ["dykaf_rank1", "muon"])
+def test_a_split_that_never_restricts_asks_nothing_of_the_other_stages(preset):
+    """``lowrank_flat`` with ``rank = 1.0`` and ``max_rank = 0`` keeps every side full, on every shape: a stage that
+    keeps no restricted side (adam_rank1's second moment, muon's orthogonalize) is accepted with it, and steps as
+    with the ``full`` split, bit for bit. A rank that does restrict is still refused, naming the stage. Would catch:
+    the checks judging the split's static capability (they refused the first config before)."""
+    never = {"split.type": "lowrank_flat", "split.rank": 1.0, "split.max_rank": 0}
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 8, generator=gen)
+    grads = [torch.randn(6, 8, generator=gen) for _ in range(5)]
+    moved = []
+    for overrides in ({}, never):
+        p = torch.nn.Parameter(W.clone())
+        opt = kronopt.build([p], preset, **overrides)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        moved.append(p.detach().clone())
+    assert torch.equal(moved[0], moved[1]) and not torch.equal(moved[0], W)
+    with pytest.raises(kronopt.ConfigError, match="keeps a restricted side"):
+        kronopt.resolve(preset, **{**never, "split.rank": 0.5})
