@@ -447,7 +447,11 @@ class Registry(Generic[T]):
             return self._entries[key]
         if key in plugins:
             return self._load_plugin(key)
-        raise KeyError(f"unknown {self.slot} stage {key!r}; available: {', '.join(self.keys()) or '(none)'}")
+        raise KeyError(
+            f"unknown {self.slot} stage {key!r}; available: {', '.join(self.keys()) or '(none)'} (a plugin's stage "
+            f"is there once its package, with an entry point in group {self.group!r}, is installed, or the module "
+            "that registers it is imported)"
+        )
 
     def get(self, key: str) -> type[T]:
         return self.entry(key).cls

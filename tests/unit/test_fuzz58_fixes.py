@@ -238,3 +238,20 @@ def test_a_split_that_never_restricts_asks_nothing_of_the_other_stages(preset):
     assert torch.equal(moved[0], moved[1]) and not torch.equal(moved[0], W)
     with pytest.raises(kronopt.ConfigError, match="keeps a restricted side"):
         kronopt.resolve(preset, **{**never, "split.rank": 0.5})
+
+
+def test_a_checkpoint_naming_a_stage_no_installed_plugin_registers_says_how_to_get_it():
+    """A checkpoint saved with a plugin's stage, loaded where the plugin is missing: the error names the stage,
+    the available ones and the entry-point group the plugin's package registers it under (before: only that the
+    stage was unknown). Would catch: the hint lost, or naming another slot's group."""
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    opt = kronopt.build([p], "soap")
+    for _ in range(2):
+        p.grad = torch.randn(4, 6)
+        opt.step()
+    saved = opt.state_dict()
+    saved["kronopt"]["config"]["inner"] = {"type": "someones_rule", "alpha": 2}
+    with pytest.raises(kronopt.ConfigError) as info:
+        kronopt.from_state_dict([torch.nn.Parameter(torch.randn(4, 6))], saved)
+    message = dict(info.value.errors)["inner.type"]
+    assert "unknown inner stage 'someones_rule'" in message and "group 'kronopt.inner_rules'" in message
