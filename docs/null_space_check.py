@@ -37,7 +37,7 @@ def main() -> None:
         Q = real(P, **kw)
         diagonal = kw.get("r_diagonal")
         if diagonal is not None:
-            null = diagonal <= diagonal.amax(-1, keepdim=True) * linalg.eigenvalue_floor(diagonal.shape[-1], diagonal.dtype)
+            null = diagonal <= diagonal.amax(-1, keepdim=True) * linalg.power_rounding_floor(diagonal.shape[-1], diagonal.dtype)
             flags["sides"] += diagonal.shape[0]
             flags["flagged"] += int(null.any(-1).sum())
             flags["columns"] += int(null.sum())

@@ -218,10 +218,15 @@ class QrBasis:
     the basis of such a span that :func:`kronopt.linalg.canonical_null_basis` makes, and each
     power step keep the old column of a direction its product leaves to rounding
     (:func:`kronopt.linalg.sorted_power_step`), so a block steps alike in a stack and alone, on
-    every processor, to rounding. Its price is a second QR of each side whose product leaves a
-    column to rounding (on a device, of every side at every refresh): 1.13–1.19 × the mean step
-    of soap, dykaf and kl_shampoo in a training of the embedded task's model, where most
-    refreshes meet such a column (docs/architecture.md, "Degenerate eigenspaces").
+    every processor, to rounding, where the factor's real eigenvalues stand clear of its
+    rounding (a rank-deficient factor); where a float32 spectrum falls smoothly through the
+    floor, the directions near it are steered by rounding under either choice, and the canonical
+    one cuts that (20–400 × measured), not to rounding. Its price is a copy of each power
+    product and a second QR of each side whose product leaves a column to rounding (on a
+    device, of every side at every refresh): 1.14–1.18 × the mean step of soap, dykaf and
+    kl_shampoo in a float32 training of the embedded task's model, where most refreshes meet
+    such a column; and it trained no better there (docs/architecture.md, "Degenerate
+    eigenspaces").
 
     Attributes:
         power_steps: power steps per refresh, ≥ 1.

@@ -1221,21 +1221,21 @@ def null_columns(lam: Tensor) -> Tensor:
     """Per eigenvalue of ``lam (b k)`` (a symmetric PSD factor's, descending), whether it is the solver's rounding of
     zero: at most :func:`eigenvalue_floor` of the largest in size (every one of a zero matrix; a NaN one is not). On
     a PSD factor a suffix of each row: the columns of its null space, which no eigenvalue defines."""
+    if lam.shape[-1] == 0:
+        return torch.zeros(lam.shape, dtype=torch.bool, device=lam.device)
     size = lam.abs()
     return size <= size.amax(-1, keepdim=True) * eigenvalue_floor(lam.shape[-1], lam.dtype)
 
 
-def null_space_seeds(k: int, first: int = 0, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Columns ``first … k − 1`` of the fixed ``k × k`` matrix :func:`canonical_null_basis` projects: column ``j`` holds
-    ``k`` standard normal draws (float64, then cast) of torch's CPU generator seeded with ``k · 2²⁰ + j``, so a
-    column is made alone (a null space of ``c`` columns needs the last ``c``: ``k · c`` draws, not ``k²``). Dense and
-    in general position to every subspace (a coordinate one included), so its projection onto a ``c``-dimensional
-    span is a ``c × c`` Gaussian there, well conditioned."""
-    columns = [
-        torch.randn(k, generator=torch.Generator().manual_seed(k * 2**20 + j), dtype=torch.float64) for j in range(first, k)
-    ]
-    seeds = torch.stack(columns, dim=-1) if columns else torch.zeros(k, 0, dtype=torch.float64)
-    return seeds.to(dtype=dtype, device=device)
+def null_space_seeds(k: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The fixed ``k × k`` matrix :func:`canonical_null_basis` projects: column ``j`` holds ``k`` standard normal
+    draws (float64, then cast) of torch's CPU generator seeded with ``k · 2²⁰ + j``. Dense and in general position
+    to every subspace (a coordinate one included), so its projection onto a ``c``-dimensional span is a ``c × c``
+    Gaussian there, well conditioned. Made column by column into its ``dtype`` (4096 columns: about 0.7 s)."""
+    seeds = torch.empty(k, k, dtype=dtype)
+    for j in range(k):
+        seeds[:, j] = torch.randn(k, generator=torch.Generator().manual_seed(k * 2**20 + j), dtype=torch.float64)
+    return seeds.to(device)
 
 
 def canonical_null_basis(Q: Tensor, null: Tensor) -> Tensor:
@@ -1245,20 +1245,17 @@ def canonical_null_basis(Q: Tensor, null: Tensor) -> Tensor:
     orthonormalised in column order after the others (Householder QR, a positive diagonal of ``R``). The projector
     :math:`Q_c Q_c^\top` is the same for every basis of the span, so the result is too, to rounding. The other
     columns come back bit for bit; a block whose every column is flagged (a zero factor) takes the identity, the
-    basis a fresh block starts from. Only the columns from the first flagged one of the stack on are made, read
-    on the host (after an ``eigh``, which waits for a CUDA device anyway): two products of ``k × k × c`` and a QR."""
+    basis a fresh block starts from. Each block's work has the same shapes whatever the others in its stack hold
+    (two ``k × k`` products and a QR), so a block rounds alike in a stack and alone; nothing is read on the host."""
     k = Q.shape[-1]
-    flagged_anywhere = null.any(0).nonzero()
-    if k == 0 or not flagged_anywhere.numel():
+    if k == 0:
         return Q
-    first = int(flagged_anywhere[0])
-    cols = null[..., first:].unsqueeze(-2)
-    tail = Q[..., first:]
-    flagged = tail * cols
-    spread = mm(flagged, mm(flagged.mT, null_space_seeds(k, first, dtype=Q.dtype, device=Q.device)))
-    X = torch.cat([Q[..., :first], torch.where(cols, spread, tail)], dim=-1)
+    cols = null.unsqueeze(-2)
+    flagged = Q * cols
+    spread = mm(flagged, mm(flagged.mT, null_space_seeds(k, dtype=Q.dtype, device=Q.device)))
+    X = torch.where(cols, spread, Q)
     X = torch.where(null.all(-1).view(-1, 1, 1), torch.eye(k, dtype=Q.dtype, device=Q.device), X)
-    return torch.where(null.unsqueeze(-2), orthonormalize(X), Q)
+    return torch.where(cols, orthonormalize(X), Q)
 
 
 def _solve_each(solver: Callable[[Tensor], tuple[Tensor, ...]], A: Tensor) -> list[tuple[Tensor, ...] | None]:
@@ -1345,22 +1342,27 @@ def _power_basis(Q: Tensor, perm: Tensor | None, P: Tensor) -> Tensor:
     r"""The Q of the QR of the power product ``P`` :math:`= A Q_{:,\pi}` (owned, column-major), where a column whose
     part orthogonal to the earlier ones is rounding keeps its old direction.
 
-    A column :math:`j` whose :math:`|R_{jj}|` is at most :func:`eigenvalue_floor` of the largest :math:`|R_{ii}|`
+    A column :math:`j` whose :math:`|R_{jj}|` is at most :func:`power_rounding_floor` of the largest :math:`|R_{ii}|`
     (:math:`A` leaves it to rounding: a rank-deficient factor's null space, or a product dependent on the earlier
     columns') got its direction from the rounding, another in a stack than alone or on another processor. Such
     columns are replaced by their old columns :math:`Q_{:,\pi_j}` and the QR is taken again: each then comes back
     as its old direction made orthogonal to the columns before it, which the product does define, so a null
     space keeps its basis from refresh to refresh (from the first one, :func:`canonical_null_basis`). Where a
     real direction's eigenvalue is that small, the product gave it rounding too, and its old column is as good.
-    On a CPU where no column is flagged (read there for free) the first QR is the result; elsewhere the second
-    QR runs, on a device at every refresh, from a copy of ``P`` kept for it, so both take the same bits."""
+    ``P`` is copied before the first QR at every call. On a CPU where no column is flagged (read there for free)
+    the first QR is the result; elsewhere the second QR runs from that copy, on a device at every refresh, so both
+    take the same bits.
+
+    Where a factor's spectrum falls smoothly through the floor (a float32 factor's tail) a column just above it
+    still has little more signal than rounding, so its direction is steered by rounding under either choice: the
+    canonical one cuts that steering (20–400 × on such float32 streams), it does not bring it to rounding."""
     k = P.shape[-1]
     if k == 0:
         return q_factor(P, overwrite=True)
     kept = P.clone(memory_format=torch.preserve_format)
     diagonal = P.new_empty(P.shape[:-2] + (k,))
     Q_new = q_factor(P, overwrite=True, r_diagonal=diagonal)
-    null = diagonal <= diagonal.amax(-1, keepdim=True) * eigenvalue_floor(k, diagonal.dtype)
+    null = diagonal <= diagonal.amax(-1, keepdim=True) * power_rounding_floor(k, diagonal.dtype)
     if cpu_all(~null):
         return Q_new
     old = Q if perm is None else permute_columns(Q, perm)
@@ -2913,6 +2915,15 @@ def eigenvalue_floor(k: int, dtype: torch.dtype) -> float:
     came out within 1.5 ulps of the largest at ``k ≤ 64``, 4.9 at 256 and 8.2 at 1024; a real eigenvalue at the floor
     keeps most of its digits (float32 ``eigh`` erred by 3.5e-7 of the largest at ``k = 1024``)."""
     return _solver_ulps(k) * torch.finfo(dtype).eps
+
+
+def power_rounding_floor(k: int, dtype: torch.dtype) -> float:
+    """``4 max(k, 16)`` ulps of ``dtype``: the relative size, to the largest ``|R_ii|``, below which a column of a power
+    product's QR is taken as rounding (:func:`_power_basis`). A column of ``A Q`` carries the rounding of a
+    ``k``-term product (up to ``k`` ulps of ``‖A‖``) before the QR's own, and without pivoting the QR reveals a rank
+    only roughly: a dependent column of a rank-deficient float64 factor's product read 27 ulps of the largest at
+    ``k = 24``, above :func:`eigenvalue_floor`'s 20, against 1e-3 and more for a real one."""
+    return 4.0 * max(k, 16) * torch.finfo(dtype).eps
 
 
 def _solver_ulps(k: int) -> float:

@@ -1,12 +1,12 @@
 """The basis ``basis.null_space = "canonical"`` gives the directions a factor leaves to rounding, written from its
-documentation (kronopt/bases.py, QrBasis; docs/architecture.md, "A null space's basis") without kronopt: plain
+documentation (kronopt/bases.py, QrBasis; docs/architecture.md, "Degenerate eigenspaces") without kronopt: plain
 products and Gram–Schmidt here, where kronopt takes LAPACK's Householder QR.
 
 * First basis: the eigenvectors of the ``c`` eigenvalues within ``4 √max(k, 16)`` ulps of the largest (in size)
   are replaced by the projections onto their span of the last ``c`` columns of a fixed ``k × k`` matrix of
   standard normal draws (float64; column ``j`` from torch's CPU generator seeded with ``k · 2²⁰ + j``),
   orthonormalised after the other columns; a zero factor takes the identity.
-* Refresh: the QR of the sorted power product ``X Q_π``; a column whose ``|R_jj|`` is within ``4 √max(k, 16)`` ulps
+* Refresh: the QR of the sorted power product ``X Q_π``; a column whose ``|R_jj|`` is within ``4 max(k, 16)`` ulps
   of the largest ``|R_ii|`` is replaced by its old column ``Q_π[:, j]``, and the QR taken again.
 """
 
@@ -65,7 +65,7 @@ def refresh_side(X: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.
     P = X @ Q_sorted
     Q_new, R = torch.linalg.qr(P)
     size = torch.diagonal(R).abs()
-    flagged = size <= floor(P.shape[1]) * float(size.max())
+    flagged = size <= 4 * max(P.shape[1], 16) * torch.finfo(DTYPE).eps * float(size.max())
     if not bool(flagged.any()):
         return Q_new, pi
     return gram_schmidt(torch.where(flagged.unsqueeze(0), Q_sorted, P)), pi

@@ -724,8 +724,9 @@ def test_a_bucket_equals_its_blocks_alone_when_a_refresh_sees_a_rank_deficient_f
 @pytest.mark.parametrize("preset", ["dykaf", "kl_shampoo", "soap"])
 def test_a_bucket_equals_its_blocks_alone_past_a_rank_deficient_refresh_under_the_canonical_null_space(preset):
     """The test above with ``basis.null_space = "canonical"``, which gives a null space one basis whatever the
-    solver's rounding: it holds on every processor (tests/unit/test_null_space_bases.py simulates the AMD
-    processors' rounding on any)."""
+    solver's rounding: it holds on every processor. A guard where the processor's rounding shows the bug (the AMD
+    ones); on the Intel ones the default passes too, and tests/unit/test_null_space_bases.py simulates that
+    rounding on any processor."""
     moved, alone = _trajectory_in_a_bucket_and_alone(preset, (2, 5), **{"basis.null_space": "canonical"})
     err = ((moved - alone).norm() / alone.norm()).item()
     assert err <= 1e-10, f"{preset}: the bucket of two moved the parameter {err:.2e} (relative) away from its run alone"

@@ -14,6 +14,7 @@ import torch
 import kronopt
 from kronopt import linalg
 from kronopt import optimizer as optimizer_module
+from kronopt.bases import QrBasis
 
 
 def _forbid_host_reads(monkeypatch):
@@ -24,14 +25,23 @@ def _forbid_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, boom)
 
 
-@pytest.mark.parametrize("preset", list(kronopt.PRESETS))
-def test_step_reads_no_tensor_values_on_the_host(preset, monkeypatch):
+#: the presets whose basis is ``qr``, which also run with ``basis.null_space = "canonical"`` below
+QR_PRESETS = [name for name, cfg in kronopt.PRESETS.items() if isinstance(cfg.basis, QrBasis)]
+
+
+@pytest.mark.parametrize(
+    "preset, null_space", [(p, "solver") for p in kronopt.PRESETS] + [(p, "canonical") for p in QR_PRESETS]
+)
+def test_step_reads_no_tensor_values_on_the_host(preset, null_space, monkeypatch):
     monkeypatch.setattr(optimizer_module, "_BLOCKWISE_MIN", 10**12)  # AdamW on the stacks, as on a GPU
     monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", False)  # masked writes, as on a GPU
     gen = torch.Generator().manual_seed(0)
     shapes = [(6, 4), (6, 4), (4, 6), (5,), (2, 3, 2)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-    opt = kronopt.build(params, preset, nonfinite="skip", **({"refresh.every": 2} if preset in ("soap", "shampoo") else {}))
+    overrides = {"refresh.every": 2} if preset in ("soap", "shampoo") else {}
+    if null_space == "canonical":  # a first basis of rank-deficient factors and power steps meeting null spaces
+        overrides["basis.null_space"] = "canonical"
+    opt = kronopt.build(params, preset, nonfinite="skip", **overrides)
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
     grads[3][0][0, 0] = float("nan")
     # the one read allowed: a bucket's first call asks whether it used any gradient (linalg._any_written)

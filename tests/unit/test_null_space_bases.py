@@ -208,14 +208,24 @@ def test_a_bucket_equals_its_blocks_alone_whatever_null_bases_the_solver_picks(m
 
 
 @pytest.mark.parametrize("preset", ["soap", "dykaf", "kl_shampoo"])
-def test_the_device_path_takes_the_canonical_basis_bit_for_bit(preset):
+def test_the_device_path_takes_the_canonical_basis_bit_for_bit(preset, monkeypatch):
     """A device cannot read the flags for free, so it takes the second QR at every refresh, from the kept copy of
-    the product: the same bits as the CPU's path, which takes it only where a column is flagged (8 × 12 blocks,
-    refresh every 2, float32: the first refreshes meet rank-deficient factors, the later ones not). Would catch:
-    the device path recomputing the product, or skipping the second QR."""
+    the product: the same bits as the CPU's path, which takes it only where a column is flagged (24 × 2 and 2 × 24
+    blocks, refresh every 2, float32: the long side's factor stays rank-deficient over the first refreshes, so
+    their power steps meet null spaces, counted here). Would catch: the device path recomputing the product, or
+    skipping the second QR."""
+    second = []
+    real = linalg.q_factor
+
+    def counting(P, **kw):
+        second.append("r_diagonal" not in kw)
+        return real(P, **kw)
+
+    monkeypatch.setattr(linalg, "q_factor", counting)
+
     def run():
         gen = torch.Generator().manual_seed(3)
-        params = [torch.nn.Parameter(torch.randn(8, 12, generator=gen)) for _ in range(2)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(24, 2), (24, 2), (2, 24)]]
         opt = kronopt.build(params, preset, **{"refresh.every": 2}, **CANONICAL)
         for _ in range(7):
             for p in params:
@@ -225,34 +235,69 @@ def test_the_device_path_takes_the_canonical_basis_bit_for_bit(preset):
 
     with cpu_paths():
         cpu = run()
+    assert any(second), "no power step met a column of rounding on the CPU's path"
     with gpu_paths():
         gpu = run()
     assert all(torch.equal(a, b) for a, b in zip(cpu, gpu))
+
+
+def test_aligned_blocks_keep_their_bits_in_a_bucket_under_the_canonical_choice():
+    """Two 8 × 12 blocks (float64 and float32: sizes MKL rounds alike wherever they sit in a stack) whose first
+    gradients have ranks 1 and 7, stepped in a bucket and the second alone: the same bits, as under the default
+    (``test_a_bucket_steps_its_blocks_with_the_bits_they_take_alone``). Would catch: the canonical basis's work
+    shaped by the other blocks of its stack (the review's find: products as wide as the stack's first flagged
+    column, which MKL rounds by)."""
+    for dtype in (F64, torch.float32):
+        for preset in ("soap", "kl_shampoo", "dykaf"):
+            gen = torch.Generator().manual_seed(0)
+            W = [torch.randn(8, 12, generator=gen, dtype=dtype) for _ in range(2)]
+            first = [torch.randn(8, r, generator=gen, dtype=dtype) @ torch.randn(r, 12, generator=gen, dtype=dtype) for r in (1, 7)]
+            grads = [first] + [[torch.randn(8, 12, generator=gen, dtype=dtype) for _ in range(2)] for _ in range(5)]
+            both = [torch.nn.Parameter(w.clone()) for w in W]
+            alone = [torch.nn.Parameter(W[1].clone())]
+            pair = kronopt.build(both, preset, **{"refresh.every": 2}, **CANONICAL)
+            single = kronopt.build(alone, preset, **{"refresh.every": 2}, **CANONICAL)
+            for g in grads:
+                both[0].grad, both[1].grad, alone[0].grad = g[0].clone(), g[1].clone(), g[1].clone()
+                pair.step()
+                single.step()
+            assert torch.equal(both[1], alone[0]), (preset, dtype)
 
 
 @pytest.mark.parametrize("k, tail", [(256, 1e-8), (96, 1e-9)])
 def test_keeping_old_columns_loses_nothing_on_an_ill_conditioned_float32_factor(k, tail):
     """A full-rank float32 factor whose spectrum falls to ``tail`` of its largest (a third or more of its columns
     under the rounding floor), five refreshes from a basis near its eigenvectors: the canonical path's basis
-    diagonalises the factor as well as the solver's (off-diagonal energy within 1e-3 of it) and stays orthonormal.
-    Would catch: flagged real directions turned into unrelated ones (the fifty-eighth session's thresholds against
-    ‖P‖_F did, at every refresh)."""
+    diagonalises the factor as well as the solver's (off-diagonal energy within 1e-3 of it), stays orthonormal,
+    and its flagged columns stay their old directions from refresh to refresh (the solver's turn through the
+    tail). Would catch: flagged real directions turned into unrelated ones (the fifty-eighth session's thresholds
+    against ‖P‖_F did, at every refresh), or flagged columns given random directions."""
     gen = torch.Generator().manual_seed(0)
     V, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=F64))
     A = (V * torch.logspace(0, math.log10(tail), k, dtype=F64)) @ V.T
+    A32 = A.float().unsqueeze(0)
     start, _ = torch.linalg.qr(V + 1e-3 * torch.randn(k, k, generator=gen, dtype=F64))
-    off = {}
+    off, kept = {}, {}
     for canonical in (False, True):
         Q = start.float().unsqueeze(0)
+        kept[canonical] = []
         for _ in range(5):
-            Q, _, _ = linalg.sorted_power_step(A.float().unsqueeze(0), Q.clone(), sort=True, canonical_null=canonical)
+            diagonal = torch.empty(1, k)
+            P = linalg._column_major_product(A32, Q)
+            e = (Q * P).sum(-2)
+            perm = torch.argsort(e, dim=-1, descending=True)
+            linalg.q_factor(linalg.permute_columns(P, perm), r_diagonal=diagonal)
+            flagged = (diagonal <= diagonal.amax() * linalg.power_rounding_floor(k, torch.float32))[0]
+            old = linalg.permute_columns(Q, perm)[0]
+            Q, _, _ = linalg.sorted_power_step(A32, Q.clone(), sort=True, canonical_null=canonical)
+            if flagged.any():  # |cos| of each flagged column with its old one
+                kept[canonical].append(float((Q[0] * old).sum(0).abs()[flagged].min()))
         Qd = Q[0].double()
         M = Qd.T @ A @ Qd
         off[canonical] = ((M - torch.diag(torch.diag(M))).norm() / A.norm()).item()
         torch.testing.assert_close(Qd.T @ Qd, torch.eye(k, dtype=F64), rtol=0, atol=1e-5)
-    diagonal = torch.empty(1, k)
-    linalg.q_factor(linalg._column_major_product(A.float().unsqueeze(0), start.float().unsqueeze(0)), r_diagonal=diagonal)
-    assert (diagonal <= diagonal.amax() * linalg.eigenvalue_floor(k, torch.float32)).sum() >= k // 3  # flags to keep
+    assert len(kept[True]) == 5 and min(kept[True]) >= 0.999
+    assert min(kept[False]) < 0.9  # the solver's QR turns them
     assert abs(off[True] - off[False]) <= 1e-3 * off[False]
 
 
