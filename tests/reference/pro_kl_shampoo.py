@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tests.reference.null_space import gram_schmidt  # Gram–Schmidt twice, R's diagonal positive
+
 DTYPE = torch.float64
 
 __all__ = [
@@ -190,17 +192,6 @@ def _new_root(s_old: float, d: float, rho: float, clamp: float | None) -> float:
     return s
 
 
-def _orthonormal(X: torch.Tensor) -> torch.Tensor:
-    """Gram–Schmidt (twice, for stability) of X's columns in order: the thin-QR Q with a positive diagonal of R."""
-    Q = torch.zeros_like(X)
-    for j in range(X.shape[1]):
-        v = X[:, j].clone()
-        for _ in range(2):
-            v = v - Q[:, :j] @ (Q[:, :j].T @ v)
-        Q[:, j] = v / torch.linalg.norm(v)
-    return Q
-
-
 def _cosine_columns(n: int, k: int) -> torch.Tensor:
     """The fixed completion of docs/kl.md: Ω_ij = cos(π (i + 1/2)(j + 1/3) / n)."""
     i = torch.arange(n, dtype=DTYPE)[:, None] + 0.5
@@ -218,7 +209,7 @@ def _top_right_singular(G: torch.Tensor, r: int) -> torch.Tensor:
     k = min(r, Vh.shape[0])
     V = Vh[:k].T
     if k < r:
-        V = _orthonormal(torch.cat([V, _cosine_columns(n, r - k)], dim=1))
+        V = gram_schmidt(torch.cat([V, _cosine_columns(n, r - k)], dim=1))
     return V
 
 
@@ -241,14 +232,14 @@ def ritz_then_power(B: torch.Tensor, U: torch.Tensor, delta: float) -> torch.Ten
     c = len(small)
     assert small == list(range(r - c, r)), "descending order puts the rounding Ritz values last"
     if c:
-        turn = _orthonormal(V[r - c:, r - c:].T.clone())
+        turn = gram_schmidt(V[r - c:, r - c:].T.clone())
         V = torch.cat([V[:, : r - c], V[:, r - c:] @ turn], dim=1)
     UV = U @ V
     W = B @ V + delta * UV
     for j in small:
         if float(torch.linalg.norm(W[:, j])) <= 4.0 * math.sqrt(max(d, 16)) * delta:
             W[:, j] = UV[:, j]
-    return _orthonormal(W)
+    return gram_schmidt(W)
 
 
 def complement_scale_factor(hp: ProKlHyper, rows: int, cols: int, d: int, r: int) -> float:
@@ -392,7 +383,7 @@ def _refresh(state: ProKlState, hp: ProKlHyper) -> None:
             # spec §7: U_new = orth(B), re-project, then diagonalise S′ = V E Vᵀ and rotate U into S′'s eigenbasis;
             # σ′ is the diagonal of the tracked form re-projected onto the final U_new V (not the rotated diagonal)
             R_tracked = _tracked(state)
-            _reproject(state, _orthonormal(B + delta * U), hp)
+            _reproject(state, gram_schmidt(B + delta * U), hp)
             E, V = _eigh_descending(state.S)
             state.U, state.S = state.U @ V, torch.diag(E)
             sigma = torch.diagonal(state.U.T @ R_tracked @ state.U).clamp(min=0.0)

@@ -196,6 +196,13 @@ def test_a_bucket_equals_its_blocks_alone_whatever_null_bases_the_solver_picks(m
     shape = (2, 5)
     W = [torch.randn(shape, generator=gen, dtype=F64) for _ in range(2)]
     grads = [[torch.randn(shape, generator=gen, dtype=F64) for _ in range(2)] for _ in range(6)]
+    moved, alone = _in_a_bucket_and_alone(preset, W, grads)
+    assert _relative(moved - W[1], alone - W[1]) <= 1e-10
+
+
+def _in_a_bucket_and_alone(preset, W, grads):
+    """The second of two parameters stepped in one bucket, and the same parameter stepped alone, under the option
+    (a refresh every 2 calls)."""
     both = [torch.nn.Parameter(w.clone()) for w in W]
     alone = [torch.nn.Parameter(W[1].clone())]
     pair = kronopt.build(both, preset, **{"refresh.every": 2}, **CANONICAL)
@@ -204,7 +211,7 @@ def test_a_bucket_equals_its_blocks_alone_whatever_null_bases_the_solver_picks(m
         both[0].grad, both[1].grad, alone[0].grad = g[0].clone(), g[1].clone(), g[1].clone()
         pair.step()
         single.step()
-    assert _relative(both[1].detach() - W[1], alone[0].detach() - W[1]) <= 1e-10
+    return both[1].detach(), alone[0].detach()
 
 
 @pytest.mark.parametrize("preset", ["soap", "dykaf", "kl_shampoo"])
@@ -253,15 +260,8 @@ def test_aligned_blocks_keep_their_bits_in_a_bucket_under_the_canonical_choice()
             W = [torch.randn(8, 12, generator=gen, dtype=dtype) for _ in range(2)]
             first = [torch.randn(8, r, generator=gen, dtype=dtype) @ torch.randn(r, 12, generator=gen, dtype=dtype) for r in (1, 7)]
             grads = [first] + [[torch.randn(8, 12, generator=gen, dtype=dtype) for _ in range(2)] for _ in range(5)]
-            both = [torch.nn.Parameter(w.clone()) for w in W]
-            alone = [torch.nn.Parameter(W[1].clone())]
-            pair = kronopt.build(both, preset, **{"refresh.every": 2}, **CANONICAL)
-            single = kronopt.build(alone, preset, **{"refresh.every": 2}, **CANONICAL)
-            for g in grads:
-                both[0].grad, both[1].grad, alone[0].grad = g[0].clone(), g[1].clone(), g[1].clone()
-                pair.step()
-                single.step()
-            assert torch.equal(both[1], alone[0]), (preset, dtype)
+            moved, alone = _in_a_bucket_and_alone(preset, W, grads)
+            assert torch.equal(moved, alone), (preset, dtype)
 
 
 @pytest.mark.parametrize("k, tail", [(256, 1e-8), (96, 1e-9)])
