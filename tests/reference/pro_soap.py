@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tests.reference.null_space import gram_schmidt
 from tests.reference.pro_kl_shampoo import (
-    _orthonormal,
     _top_right_singular,
     newton_schulz,
     ns_schedule,
@@ -99,7 +99,7 @@ def _restricted_refresh(state: ProSoapState, *, first: bool) -> None:
         return
     delta = torch.finfo(DTYPE).eps * float(torch.linalg.norm(P)) + torch.finfo(DTYPE).tiny
     if first:
-        state.U = _orthonormal(P + delta * U)
+        state.U = gram_schmidt(P + delta * U)
         return  # (S, μ) already live in the first call's subspace
     U_new = ritz_then_power(P, U, delta)
     R_hat = U @ state.S @ U.T + state.mu * (torch.eye(n, dtype=DTYPE) - U @ U.T)

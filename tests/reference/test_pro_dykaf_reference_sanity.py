@@ -13,7 +13,8 @@ from tests.reference.pro_dykaf import (
     project_flat,
     pro_dykaf_reference,
 )
-from tests.reference.pro_kl_shampoo import _orthonormal, newton_schulz, ns_schedule
+from tests.reference.null_space import gram_schmidt
+from tests.reference.pro_kl_shampoo import newton_schulz, ns_schedule
 
 F64 = torch.float64
 
@@ -51,7 +52,7 @@ def test_restricted_step_is_the_dense_ksl_step_then_projected():
     m, n, r, beta = 4, 6, 2, 0.9
     A = torch.randn(m, m, generator=gen, dtype=F64)
     L = A @ A.T
-    U = _orthonormal(torch.randn(n, r, generator=gen, dtype=F64))
+    U = gram_schmidt(torch.randn(n, r, generator=gen, dtype=F64))
     B = torch.randn(r, r, generator=gen, dtype=F64)
     S, mu = B @ B.T, 0.7
     G = torch.randn(m, n, generator=gen, dtype=F64)
