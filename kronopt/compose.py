@@ -386,6 +386,26 @@ def _check_change(change: Any, new: BasisState, layout: Layout, stage: Any) -> N
             f"{_stage_label('basis', stage)} returned a basis change whose {problem}; new column j continues old "
             f"column {name}[:, j], and the stages' on_basis_change permute their per-column statistics by it"
         )
+    if capabilities(stage).provides_eigvals:
+        _check_eigvals(new, layout, stage)
+
+
+def _check_eigvals(new: BasisState, layout: Layout, stage: Any) -> None:
+    """A basis that declares ``provides_eigvals`` returns, beside each rotated side's basis ``Q (b d k)``, its
+    eigenvalue estimates ``(b k)`` (their dtype is :func:`_check_state`'s to judge): the rules that read them (the
+    eigenvalue rule, the split's flat part) would otherwise fail deep in the next step, naming no stage."""
+    for side, Q, lam in (("left", new.Q_L, new.lam_L), ("right", new.Q_R, new.lam_R)):
+        if not isinstance(Q, Tensor):
+            continue
+        shape = (layout.batch, Q.shape[-1])
+        if isinstance(lam, Tensor) and lam.shape == shape:
+            continue
+        got = _described(lam, Q) if isinstance(lam, Tensor) else ("None" if lam is None else f"a {type(lam).__name__}")
+        name = "lam_L" if side == "left" else "lam_R"
+        raise StageOutputError(
+            f"{_stage_label('basis', stage)} declares provides_eigvals but returned {got} as {name} for its rotated "
+            f"{side} side, expected a tensor of shape {shape} (one estimate per column of Q)"
+        )
 
 
 def _permutes(perm: Tensor) -> bool:

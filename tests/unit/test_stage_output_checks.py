@@ -118,6 +118,34 @@ def test_basis_eigenvalues_of_the_wrong_shape_are_refused_naming_the_basis(regis
             _step(opt, ps)
 
 
+def test_a_basis_declaring_eigenvalues_that_returns_none_is_refused_naming_it(register: Any) -> None:
+    """A basis that declares ``provides_eigvals`` but returns ``lam_L = lam_R = None``: before, the next step failed
+    deep in the eigenvalue rule (``AttributeError: 'NoneType' object has no attribute 'shape'``, naming no stage);
+    now refused at the refresh, naming the basis and the field (found in the fifty-fifth session)."""
+
+    @attrs.frozen(kw_only=True)
+    class NoEig:
+        """eigh, no eigenvalue estimates"""
+
+        capabilities: ClassVar[BasisCapabilities] = BasisCapabilities(needs_factors=True, provides_eigvals=True)
+
+        def init(self, layout: Any, *, dtype: torch.dtype, device: torch.device) -> Any:
+            return EighBasis().init(layout, dtype=dtype, device=device)
+
+        def refresh(self, state: Any, factors: Any, ctx: Any) -> Any:
+            new, change = EighBasis().refresh(state, factors, ctx)
+            new = attrs.evolve(new, lam_L=None, lam_R=None)
+            return new, attrs.evolve(change, new=new)
+
+    key = register("no_eig", NoEig, kronopt.BASES)
+    torch.manual_seed(0)
+    ps = _params(shape=(8, 6))
+    opt = _build(ps, "shampoo", **{"basis.type": key, "refresh.every": 1})
+    with pytest.raises(StageOutputError, match=r"basis stage 'no_eig' .*declares provides_eigvals but returned None as lam_L .*shape \(2, 8\)"):
+        for _ in range(3):
+            _step(opt, ps)
+
+
 def test_a_stage_changing_its_state_in_place_is_refused_naming_it(register: Any) -> None:
     # WRONG before: no error, and a block skipped for its non-finite gradient (promised: state untouched) changed
     def direction(s: Any, G: torch.Tensor) -> Any:
