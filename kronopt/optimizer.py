@@ -2441,7 +2441,9 @@ class KronOptimizer(torch.optim.Optimizer):
         return out
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state tensors held: the bucket stacks, counted once (``self.state`` holds views of them)."""
+        """Bytes of optimizer state tensors held: the stages' bucket stacks, counted once (``self.state`` holds views of
+        them). The optimizer's own per-block non-finite counters (8 bytes a block, saved as each parameter's
+        ``"nonfinite"``) are not stage state and not counted."""
         self._check_state()  # a cleared optimizer.state: the fresh state
         total = 0
         for bucket in self._buckets:
