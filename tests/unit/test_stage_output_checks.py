@@ -93,11 +93,13 @@ def test_a_state_tensor_unlike_its_init_is_refused_naming_the_field(register: An
     assert opt.state[ps[0]]["inner.buf"].shape == (6, 4) and opt.state[ps[0]]["inner.buf"].dtype == torch.float32
 
 
-def test_basis_eigenvalues_of_the_wrong_shape_are_refused_naming_the_basis(register: Any) -> None:
-    # WRONG before: lam (b 1) broadcast by the eigenvalue rule and into the stored (b m) stack
+def _eigh_basis_with(lams: Callable[[Any], tuple[Any, Any]]) -> type:
+    """The ``eigh`` basis, its eigenvalue estimates replaced by ``lams(new_state)`` (``(lam_L, lam_R)``) after each
+    refresh, declaring ``provides_eigvals``."""
+
     @attrs.frozen(kw_only=True)
-    class WrongEig:
-        """eigh, lam of shape (b, 1)"""
+    class EditedEig:
+        """eigh, edited eigenvalue estimates"""
 
         capabilities: ClassVar[BasisCapabilities] = BasisCapabilities(needs_factors=True, provides_eigvals=True)
 
@@ -106,10 +108,16 @@ def test_basis_eigenvalues_of_the_wrong_shape_are_refused_naming_the_basis(regis
 
         def refresh(self, state: Any, factors: Any, ctx: Any) -> Any:
             new, change = EighBasis().refresh(state, factors, ctx)
-            new = attrs.evolve(new, lam_L=new.lam_L[:, :1], lam_R=new.lam_R[:, :1])
+            lam_L, lam_R = lams(new)
+            new = attrs.evolve(new, lam_L=lam_L, lam_R=lam_R)
             return new, attrs.evolve(change, new=new)
 
-    key = register("wrong_eig", WrongEig, kronopt.BASES)
+    return EditedEig
+
+
+def test_basis_eigenvalues_of_the_wrong_shape_are_refused_naming_the_basis(register: Any) -> None:
+    # WRONG before: lam (b 1) broadcast by the eigenvalue rule and into the stored (b m) stack
+    key = register("wrong_eig", _eigh_basis_with(lambda new: (new.lam_L[:, :1], new.lam_R[:, :1])), kronopt.BASES)
     torch.manual_seed(0)
     ps = _params(shape=(8, 6))
     opt = _build(ps, "soap", **{"basis.type": key, "inner.type": "eigenvalue"})
@@ -122,22 +130,7 @@ def test_a_basis_declaring_eigenvalues_that_returns_none_is_refused_naming_it(re
     """A basis that declares ``provides_eigvals`` but returns ``lam_L = lam_R = None``: before, the next step failed
     deep in the eigenvalue rule (``AttributeError: 'NoneType' object has no attribute 'shape'``, naming no stage);
     now refused at the refresh, naming the basis and the field (found in the fifty-fifth session)."""
-
-    @attrs.frozen(kw_only=True)
-    class NoEig:
-        """eigh, no eigenvalue estimates"""
-
-        capabilities: ClassVar[BasisCapabilities] = BasisCapabilities(needs_factors=True, provides_eigvals=True)
-
-        def init(self, layout: Any, *, dtype: torch.dtype, device: torch.device) -> Any:
-            return EighBasis().init(layout, dtype=dtype, device=device)
-
-        def refresh(self, state: Any, factors: Any, ctx: Any) -> Any:
-            new, change = EighBasis().refresh(state, factors, ctx)
-            new = attrs.evolve(new, lam_L=None, lam_R=None)
-            return new, attrs.evolve(change, new=new)
-
-    key = register("no_eig", NoEig, kronopt.BASES)
+    key = register("no_eig", _eigh_basis_with(lambda new: (None, None)), kronopt.BASES)
     torch.manual_seed(0)
     ps = _params(shape=(8, 6))
     opt = _build(ps, "shampoo", **{"basis.type": key, "refresh.every": 1})
