@@ -245,6 +245,11 @@ class QrBasis:
         default="solver", converter=to_str, validator=in_(("solver", "canonical"))
     )
 
+    @property
+    def _canonical(self) -> bool:
+        """Whether a null space takes the canonical basis (``null_space = "canonical"``)."""
+        return self.null_space == "canonical"
+
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> BasisState:
         return fresh_state(layout, dtype, device)
 
@@ -254,7 +259,7 @@ class QrBasis:
         _check_factors("qr", factors, state)
         layout = ctx.layout
         if not state.ready and "restricted" not in (layout.left, layout.right):
-            return _eigh_refresh(state, factors, canonical_null=self.null_space == "canonical")
+            return _eigh_refresh(state, factors, canonical_null=self._canonical)
         quotients = ctx.eigvals_from_basis
         left = self._side(layout.left, factors[0], state.Q_L, state.lam_L, ready=state.ready, quotients=quotients)
         right = self._side(layout.right, factors[1], state.Q_R, state.lam_R, ready=state.ready, quotients=quotients)
@@ -280,7 +285,7 @@ class QrBasis:
         if kind == "restricted":
             Q_new, lam_new, ok = linalg.restricted_refresh(X, Q, lam, first=not ready)
             return _SideRefresh(Q=Q_new, lam=lam_new, failed=_fell_back(ok), solved=True)
-        canonical = self.null_space == "canonical"
+        canonical = self._canonical
         if not ready:
             Q_new, lam_new, ok, ran = _eigh_side(X, Q, lam, canonical_null=canonical)
             return _SideRefresh(Q=Q_new, lam=lam_new, failed=_fell_back(ok), solved=ran)

@@ -1218,9 +1218,10 @@ def eigh_descending(A: Tensor, *, canonical_null: bool = False) -> Eigh:
 
 
 def null_columns(lam: Tensor) -> Tensor:
-    """Per eigenvalue of ``lam (b k)`` (a symmetric PSD factor's, descending), whether it is the solver's rounding of
-    zero: at most :func:`eigenvalue_floor` of the largest in size (every one of a zero matrix; a NaN one is not). On
-    a PSD factor a suffix of each row: the columns of its null space, which no eigenvalue defines."""
+    """Per eigenvalue of ``lam (b k)`` (a symmetric PSD factor's, or Ritz values of one, descending), whether it is the
+    solver's rounding of zero: at most :func:`eigenvalue_floor` of the largest in size (every one of a zero matrix; a
+    NaN one is not). On a PSD factor a suffix of each row: the columns of its null space, which no eigenvalue
+    defines (:func:`canonical_null_basis`; :func:`restricted_refresh`'s Ritz values of rounding)."""
     if lam.shape[-1] == 0:
         return torch.zeros(lam.shape, dtype=torch.bool, device=lam.device)
     size = lam.abs()
@@ -3176,7 +3177,7 @@ def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tup
         # which rounding picks (another in a stack than alone). Take the one whose last c rows are lower triangular
         # with a positive diagonal, V_c Q with Q R the QR of those rows' transpose Mᵀ: the same whatever basis the
         # solver returned (V_c S, S orthogonal, has rows M S, whose transpose's Q is Sᵀ Q). Where none vanish, V I = V
-        vanish = lam_new <= lam_new.amax(-1, keepdim=True) * eigenvalue_floor(r, lam_new.dtype)
+        vanish = null_columns(lam_new)
         both = vanish.unsqueeze(-1) & vanish.unsqueeze(-2)
         V = mm(V, orthonormalize(torch.where(both, V.mT, torch.eye(r, dtype=V.dtype, device=V.device))))
         if _by_onednn(V.mT, P.mT):
