@@ -546,7 +546,7 @@ def _observe(
     if checked:
         _check_output("factors", checked, cfg, factors, state.factors, layout, G, g_version, given=given)
     if not due:
-        return attrs.evolve(state, factors=factors)
+        return evolve(state, factors=factors)
     read = cfg.factors.factors(factors)
     given = _Given(("state", state.basis), ("factors", tuple(read)), rest=in_ctx) if "basis" in checked else None
     basis, change = cfg.basis.refresh(state.basis, read, ctx)
@@ -572,7 +572,7 @@ def _observe(
         if checked:
             _check_output("factors", checked, cfg, followed, factors, layout, G, g_version, given=given)
         factors = followed
-    return attrs.evolve(state, factors=factors, basis=basis, inner=inner, split=split)
+    return evolve(state, factors=factors, basis=basis, inner=inner, split=split)
 
 
 @_with_storage
@@ -600,7 +600,7 @@ def step(
     g_version = None if not checked or G.is_inference() else G._version
     if first_call and cfg.skip_first_call:
         state = _observe(cfg, layout, state, G, t=state.step, first_call=True, shared=shared, checked=checked, g_version=g_version)
-        return None, attrs.evolve(state, calls=calls)
+        return None, evolve(state, calls=calls)
     t = state.step + 1
     if cfg.factor_update == "before":
         state = _observe(cfg, layout, state, G, t=t, first_call=first_call, shared=shared, checked=checked, g_version=g_version)
@@ -620,14 +620,14 @@ def step(
     D, post = cfg.post.graft(state.post, G, D, ctx)
     if checked:
         _check_output("post", checked, cfg, post, state.post, layout, G, g_version, D, given)
-    state = attrs.evolve(state, inner=inner, split=split, post=post)
+    state = evolve(state, inner=inner, split=split, post=post)
     if cfg.factor_update == "after":
         if not capabilities(cfg.factors).reads_rotated:
             shared.clear()  # nothing reads the direction's rotation of G any more: free it before the update
         state = _observe(
             cfg, layout, state, G, t=t, first_call=first_call, shared=shared, defer=defer, checked=checked, g_version=g_version
         )
-    return D, attrs.evolve(state, calls=calls, step=t)
+    return D, evolve(state, calls=calls, step=t)
 
 
 def is_plain_adam(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
@@ -1089,14 +1089,15 @@ class _StateWalk:
     closure, a reference cycle that would keep every new state tensor of the step alive until
     Python's cycle collector runs (tests: ``test_a_step_leaves_no_reference_cycles``)."""
 
-    __slots__ = ("ok", "replaced", "writes")
+    __slots__ = ("counters", "ok", "replaced", "writes")
 
-    def __init__(self, ok: Tensor) -> None:
-        self.ok = ok
+    def __init__(self, ok: Tensor | None) -> None:
+        self.ok = ok  # None: a staged walk (stage_write), which stops at the first replaced field
         self.replaced = False
         # the writes wait for the end of the walk: a new tensor that shares storage with a stack to be
         # written is then copied first (a write could otherwise change it before it is read)
         self.writes: list[tuple[Tensor, Tensor]] = []
+        self.counters: dict[str, Any] = {}  # the ints and bools that changed, by dotted path (scalar_entries' keys)
 
     def select(self, n: Tensor | None, o: Tensor | None) -> Tensor | None:
         if n is o:
@@ -1105,11 +1106,13 @@ class _StateWalk:
             self.replaced = True
             if n is None or o is None:
                 return n if n is None else _stack_outside_inference(n)
+            if self.ok is None:
+                raise _NeedsVerdict
             return _stack_outside_inference(torch.where(self.ok.view(-1, *([1] * (n.ndim - 1))), n, o))
         self.writes.append((o, n))
         return o
 
-    def merge(self, n: Any, o: Any, field: str) -> Any:
+    def merge(self, n: Any, o: Any, field: str, prefix: str = "") -> Any:
         # the stacks' record itself where only its tensors' contents changed (no new record per
         # step): a record is rebuilt only where a counter or a replaced field differs. Walked every
         # step for every bucket, so the common cases come first: a field the step left as it was, then
@@ -1140,16 +1143,54 @@ class _StateWalk:
             elif type(value) is Tensor and type(before) is Tensor:  # a new tensor for a stack: no walk
                 kept = self.select(value, before)
             else:
-                kept = self.merge(value, before, name)
+                kept = self.merge(value, before, name, f"{prefix}{name}.")
             if init is not None:
                 current = before if base is o else getattr(base, name)
                 if kept is not current and not _same(kept, current):
                     changes[init] = kept
-        return attrs.evolve(base, **changes) if changes else base
+                    if kept is not None and not isinstance(kept, Tensor) and _field_names(type(kept)) is None:
+                        self.counters[f"{prefix}{name}"] = kept
+        return evolve(base, **changes) if changes else base
+
+
+class _NeedsVerdict(Exception):
+    """A staged walk (:func:`stage_write`) met a field to replace, which is made per block from the verdicts."""
+
+
+@attrs.define(eq=False)
+class StagedWrite:
+    """A step's new state walked against the stacks before the verdicts (:func:`stage_write`): the record to keep,
+    the ``(stack, new tensor)`` writes still to make (:func:`write_staged_`) and the ints and bools that changed,
+    by :func:`scalar_entries`' dotted paths."""
+
+    kept: Any
+    writes: list[tuple[Tensor, Tensor]]
+    counters: dict[str, Any]
+
+    def changed(self, *also: Tensor | None) -> list[Tensor]:
+        """:func:`changed_tensors` of the walked state, from the writes (no second walk)."""
+        changed = [n for _, n in self.writes if n.ndim >= 1 and n.is_floating_point()]
+        return changed + [t for t in also if t is not None]
+
+
+def stage_write(stacks: Any, new: Any) -> StagedWrite | None:
+    """:func:`write_`'s walk of ``new`` against ``stacks`` before any verdict is known, for a step whose every new
+    tensor goes into its stack in place (nearly every step): the finiteness test then takes the changed tensors
+    from it (:meth:`StagedWrite.changed`) and the writes follow (:func:`write_staged_`), one walk of the state for
+    both. ``None`` where a field is replaced or appears (a first call, a change of layout): :func:`write_` then."""
+    walk = _StateWalk(None)
+    try:
+        kept = walk.merge(new, stacks, "")
+    except _NeedsVerdict:
+        return None
+    if walk.replaced:
+        return None
+    return StagedWrite(kept, walk.writes, walk.counters)
 
 
 def write_(
-    stacks: Any, new: Any, ok: Tensor, *, copies: list[tuple[Tensor, Tensor]] | None = None, all_ok: bool | None = None
+    stacks: Any, new: Any, ok: Tensor, *, copies: list[tuple[Tensor, Tensor]] | None = None, all_ok: bool | None = None,
+    counters: dict[str, Any] | None = None,
 ) -> tuple[Any, bool]:
     """Write a step's new state into the existing stacks, per block where ``ok`` holds.
 
@@ -1166,7 +1207,9 @@ def write_(
     ``copies`` (a list): where every write is a plain copy (on a CPU with every block ok), the
     ``(stack, new tensor)`` pairs are appended there for the caller to copy, with other buckets',
     in one call, instead of copied here. ``all_ok``, when given, is that verdict already read
-    (:func:`kronopt.linalg.cpu_all` of ``ok``), as :func:`masked_write_` takes it.
+    (:func:`kronopt.linalg.cpu_all` of ``ok``), as :func:`masked_write_` takes it. ``counters`` (a dict):
+    filled with the ints and bools that changed, by :func:`scalar_entries`' dotted paths (where nothing was
+    replaced, all that a record's copies of them need).
 
     Returns:
         The record to keep (the stacks' records, rebuilt only where the new record's
@@ -1175,11 +1218,29 @@ def write_(
     """
     walk = _StateWalk(ok)
     kept = walk.merge(new, stacks, "")
-    replaced, writes = walk.replaced, walk.writes
+    if counters is not None:
+        counters.update(walk.counters)
+    _write_all_(walk.writes, ok, copies, all_ok)
+    return kept, walk.replaced
+
+
+def write_staged_(
+    staged: StagedWrite, ok: Tensor, *, copies: list[tuple[Tensor, Tensor]] | None = None, all_ok: bool | None = None
+) -> Any:
+    """The writes of a :func:`stage_write` walk, per block where ``ok`` holds, as :func:`write_` makes them (the
+    same bits); returns the record to keep (nothing is replaced: the staged walk stops short of that)."""
+    _write_all_(staged.writes, ok, copies, all_ok)
+    return staged.kept
+
+
+def _write_all_(
+    writes: list[tuple[Tensor, Tensor]], ok: Tensor, copies: list[tuple[Tensor, Tensor]] | None, all_ok: bool | None
+) -> None:
+    """Each ``(stack, new tensor)`` written in place where ``ok`` holds (:func:`write_`)."""
     written = {o.untyped_storage().data_ptr() for o, _ in writes}
     writes = [(o, n.clone() if n.untyped_storage().data_ptr() in written else n) for o, n in writes]
     if not writes:
-        return kept, replaced
+        return
     if (linalg.cpu_all(ok) if all_ok is None else all_ok) and all(o.device.type == "cpu" for o, _ in writes):
         # on a CPU the verdict is read for free: with every block ok (nearly every step) each write
         # is a plain copy, and all of them go in one call
@@ -1191,7 +1252,6 @@ def write_(
         weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         for o, n in writes:
             masked_write_(o, n, ok, weights, all_ok=False)  # the verdict is read once, above
-    return kept, replaced
 
 
 def run_deferred_(deferred: Sequence[linalg.DeferredWrite], ok: Tensor, *, all_ok: bool | None = None) -> None:
@@ -1229,6 +1289,16 @@ def _init_names(cls: type) -> tuple[tuple[str, str | None], ...] | None:
         )
         _INIT_NAMES[cls] = names
         return names
+
+
+def evolve(record: Any, **changes: Any) -> Any:
+    """``attrs.evolve`` of an attrs record, the same record, from the cached ``__init__`` names (:func:`_init_names`):
+    a step rebuilds a few records of every bucket, and ``attrs.evolve`` looks its fields up again each time."""
+    cls = type(record)
+    for name, init in _init_names(cls):  # type: ignore[union-attr]
+        if init is not None and init not in changes:
+            changes[init] = getattr(record, name)
+    return cls(**changes)
 
 
 def _same(kept: Any, current: Any) -> bool:

@@ -362,6 +362,17 @@ class _Run:
     new: compose.BucketState
     D: Tensor | None
     defer: list[linalg.DeferredWrite] | None
+    #: the new state walked against the old before the verdicts (:func:`compose.stage_write`; ``None``: not
+    #: walked, or a field is replaced), which the finiteness test and the write share
+    staged: compose.StagedWrite | None = None
+
+    def changed(self) -> list[Tensor]:
+        """The floating tensors the run made (its new state's and its direction): what its verdict tests. Walks
+        the state once for this and the write (:attr:`staged`) where the step replaces no field."""
+        self.staged = compose.stage_write(self.old, self.new)
+        if self.staged is None:
+            return compose.changed_tensors(self.new, self.old, self.D)
+        return self.staged.changed(self.D)
 
 
 class _Pending:
@@ -1732,7 +1743,8 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         run = self._run(bucket, cfg)
         # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
-        ok_new = compose.finite_new_state(run.new, run.old, run.D)  # (a deferred update is proven finite beforehand)
+        changed = run.changed()  # (a deferred update is proven finite beforehand)
+        ok_new = linalg.finite_blocks(*changed) if changed else None  # compose.finite_new_state's test
         (report,) = self._finish([(run, run.ok if ok_new is None else run.ok & ok_new)], step_ok)
         if report is not None:
             self._pending.append(report)
@@ -1767,7 +1779,9 @@ class KronOptimizer(torch.optim.Optimizer):
         copies: list[tuple[Tensor, Tensor]] = []
         for (run, ok), write in zip(judged, writes):
             uncounted = not clean and _uncounted(run.old.calls, _used(run.ok, step_ok))
-            self._write_state(run.bucket, run.old, run.new, write, ok, copies=copies, clean=clean, uncounted=uncounted)
+            self._write_state(
+                run.bucket, run.old, run.new, write, ok, copies=copies, clean=clean, uncounted=uncounted, staged=run.staged
+            )
         if copies:
             torch._foreach_copy_([o for o, _ in copies], [n for _, n in copies])
         reports: list[_Pending | None] = []
@@ -1812,7 +1826,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 if bucket.state is None:
                     self._init_bucket(bucket)
                 runs.append(self._run(bucket, cfg))
-            changed = [compose.changed_tensors(run.new, run.old, run.D) for run in runs]
+            changed = [run.changed() for run in runs]
             every = [t for tensors in changed for t in tensors]
             flags = linalg.finite_each(every).tolist() if every else []  # one read on the host for all
             judged, start = [], 0
@@ -2156,21 +2170,28 @@ class KronOptimizer(torch.optim.Optimizer):
     def _write_state(
         self, bucket: _Bucket, old: compose.BucketState, new: compose.BucketState, write: Tensor, ok: Tensor,
         *, copies: list[tuple[Tensor, Tensor]] | None = None, clean: bool = False, uncounted: bool = False,
+        staged: compose.StagedWrite | None = None,
     ) -> None:
         """The new state into the stacks in place (blocks where ``write`` is False keep the old), so the
         per-parameter views in ``self.state`` stay valid; ``ok`` counts the non-finite blocks. ``copies``:
         plain copies left to the caller (:func:`compose.write_`). ``clean``: ``write`` and ``ok`` are known to
         be all True (:meth:`_finish`), so nothing is counted. ``uncounted``: a first call that used no
-        gradient (:func:`_uncounted`) keeps the counters it started from as well."""
+        gradient (:func:`_uncounted`) keeps the counters it started from as well. ``staged``: ``new`` already
+        walked against ``old`` (:func:`compose.stage_write`), whose writes are made here. Each ``state[p]``
+        takes the counters that changed (its tensors are views of the stacks)."""
+        counters: dict[str, Any] = {}
         if uncounted:
-            new = compose.with_scalars_of(new, old)
-        bucket.state, replaced = compose.write_(old, new, write, copies=copies, all_ok=clean or None)
+            new, staged = compose.with_scalars_of(new, old), None
+        if staged is not None:
+            bucket.state, replaced = compose.write_staged_(staged, write, copies=copies, all_ok=clean or None), False
+            counters = staged.counters
+        else:
+            bucket.state, replaced = compose.write_(old, new, write, copies=copies, all_ok=clean or None, counters=counters)
         if not clean:
             bucket.nonfinite.add_((~ok).long())  # type: ignore[union-attr]
         if replaced:
             self._bind(bucket)
-        else:
-            counters = compose.scalar_entries(bucket.state)
+        elif counters:
             for p in bucket.params:
                 self.state[p].update(counters)
 

@@ -721,3 +721,48 @@ def test_host_verdicts_change_no_bit_of_a_trajectory(monkeypatch, preset):
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+
+
+def _nested(calls, refreshes, x, y):
+    return _Outer(_Inner(x, refreshes=refreshes), y, calls=calls)
+
+
+@pytest.mark.parametrize("ok", [[True, True], [True, False]])
+def test_a_staged_write_takes_what_a_write_takes_and_names_the_counters_that_changed(ok):
+    """The finiteness test and the write share one walk (``stage_write``): its writes leave the stacks, the kept
+    record and the changed tensors as ``write_`` and ``changed_tensors`` make them, and its counters are the
+    ``scalar_entries`` that differ from the old record's, by their dotted paths (``inner.refreshes`` nested),
+    which is all a parameter's ``state[p]`` must take (its tensors are views)."""
+    def run(staged):
+        old = _nested(1, 4, torch.zeros(2, 3), torch.zeros(2, 4))
+        new = _nested(2, 5 if staged != "same_refreshes" else 4, torch.ones(2, 3), torch.full((2, 4), 2.0))
+        counters = {}
+        if staged:
+            s = compose.stage_write(old, new)
+            assert s is not None
+            changed = s.changed()
+            kept = compose.write_staged_(s, torch.tensor(ok))
+            counters = s.counters
+        else:
+            changed = compose.changed_tensors(new, old)
+            kept, replaced = compose.write_(old, new, torch.tensor(ok), counters=counters)
+            assert not replaced
+        return old, kept, changed, counters
+
+    old, kept, changed, counters = run(False)
+    s_old, s_kept, s_changed, s_counters = run(True)
+    assert s_kept.inner.x is s_old.inner.x and s_kept.y is s_old.y  # the stacks, written in place
+    assert torch.equal(s_kept.inner.x, kept.inner.x) and torch.equal(s_kept.y, kept.y)
+    assert (s_kept.calls, s_kept.inner.refreshes) == (kept.calls, kept.inner.refreshes) == (2, 5)
+    assert [t.shape for t in s_changed] == [t.shape for t in changed] == [(2, 3), (2, 4)]
+    assert s_counters == counters == {"calls": 2, "inner.refreshes": 5}
+    assert run("same_refreshes")[3] == {"calls": 2}  # an unchanged counter is not named
+
+
+def test_a_staged_write_leaves_a_replaced_field_to_write():
+    """A field the write must replace (another dtype: selected per block from the verdicts, which the staged walk
+    does not have yet; one that disappears) is no staged write: ``None``, and nothing was written."""
+    for y_new in (torch.ones(2, 4, dtype=torch.float64), None):
+        old = _nested(1, 0, torch.zeros(2, 3), torch.zeros(2, 4))
+        assert compose.stage_write(old, _nested(2, 0, torch.ones(2, 3), y_new)) is None
+        assert old.inner.x.eq(0).all() and old.y.eq(0).all()

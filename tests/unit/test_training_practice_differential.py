@@ -432,12 +432,14 @@ def test_sgd_composition_with_missing_or_zero_gradients_equals_torch_sgd(momentu
 @pytest.mark.parametrize("preset", list(kronopt.PRESETS))
 def test_step_leaves_the_gradients_it_was_given_untouched(preset):
     """torch.optim never writes into ``p.grad``; accumulation and ``zero_grad(set_to_none=False)`` rely on it.
-    Catches: a gradient zeroed, upcast or sanitised in place, or replaced by another tensor."""
+    Catches: a gradient zeroed, upcast or sanitised in place, or replaced by another tensor, over first calls,
+    plain steps and refreshes (every 2 calls where the preset refreshes every 10)."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(6, 4), (6, 4), (5, 5), (3,), (), (2, 3, 2, 2)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-    opt = kronopt.build([(f"layers.{i}.w", p) for i, p in enumerate(params)], preset, lr=1e-2)
-    for _ in range(3):
+    every = {"refresh.every": 2} if kronopt.resolve(preset).refresh.every > 1 else {}
+    opt = kronopt.build([(f"layers.{i}.w", p) for i, p in enumerate(params)], preset, lr=1e-2, **every)
+    for _ in range(5):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
         before = [(p.grad, p.grad.clone()) for p in params]
