@@ -12,6 +12,7 @@ between the two versions' parameters at the end (0 where the change keeps the bi
     python docs/inprocess_ab.py soap 60 small --base /tmp/kronopt-base          # 30 shapes, 8x8 .. 37x66
     python docs/inprocess_ab.py dykaf 40 256 --base /tmp/kronopt-base           # 4 layers of d = 256
     python docs/inprocess_ab.py adamw 60 many256x32 --base /tmp/kronopt-base    # 256 blocks of 32 x 32
+    python docs/inprocess_ab.py adamw 30 vectors2000x64 --base /tmp/kronopt-base  # 2000 vectors of 64
 
 Run the same tree as both (``--base`` the repository itself) to see the harness's own bias (about 1.00).
 """
@@ -53,6 +54,9 @@ def _shapes(kind: str) -> tuple[list[tuple[int, ...]], int]:
     if kind.startswith("many"):
         count, side = map(int, kind[4:].split("x"))
         return [(side, side)] * count, 10
+    if kind.startswith("vectors"):
+        count, side = map(int, kind[7:].split("x"))
+        return [(side,)] * count, 10
     d = int(kind)
     return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * 4 + [(d,)] * 8, 1
 
@@ -61,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("preset")
     parser.add_argument("rounds", type=int)
-    parser.add_argument("kind", help="small | many<count>x<side> | <d> (4 transformer layers of width d)")
+    parser.add_argument("kind", help="small | many<count>x<side> | vectors<count>x<size> | <d> (4 transformer layers of width d)")
     parser.add_argument("--base", type=Path, required=True, help="the tree of the code before (a git worktree)")
     parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent, help="default: this tree")
     parser.add_argument("--threads", type=int, default=2)

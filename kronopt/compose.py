@@ -750,14 +750,48 @@ def adam_block_is_safe(cfg: KronConfig, t: int, dtype: torch.dtype, g_abs: float
     :math:`s \le 1/(1-\beta_1^t)`. Each bound is kept under a quarter of the dtype's largest value, which
     leaves room for the rounding of every operation on the way.
     """
-    inner = cfg.inner
-    beta1 = inner.betas[0]
-    c1 = 1 - beta1**t if inner.bias_correction else 1.0
-    if not (inner.eps > 0 and c1 > 0 and math.isfinite(g_abs) and math.isfinite(m_abs) and math.isfinite(v_max)):
+    return adam_block_is_safe_of_terms(adam_safety_terms(cfg, t, dtype), g_abs, m_abs, v_max)
+
+
+def adam_block_is_safe_of_terms(terms: tuple[float, float, float], g_abs: float, m_abs: float, v_max: float) -> bool:
+    """:func:`adam_block_is_safe` with its config's :func:`adam_safety_terms` given."""
+    eps, c1, big = terms
+    if not (eps > 0 and c1 > 0 and math.isfinite(g_abs) and math.isfinite(m_abs) and math.isfinite(v_max)):
         return False
-    big = torch.finfo(dtype).max / 4
     a = max(g_abs, m_abs)
-    return a < big and g_abs < math.sqrt(big) and v_max + g_abs * g_abs < big and a / inner.eps / c1 < big
+    return a < big and g_abs < math.sqrt(big) and v_max + g_abs * g_abs < big and a / eps / c1 < big
+
+
+def adam_safety_terms(cfg: KronConfig, t: int, dtype: torch.dtype) -> tuple[float, float, float]:
+    """:func:`adam_block_is_safe`'s terms of a config at update ``t`` in ``dtype``: ``(eps, c1, big)``, the
+    bias correction's :math:`1-\beta_1^t` (1 without it) and a quarter of the dtype's largest value."""
+    inner = cfg.inner
+    c1 = 1 - inner.betas[0] ** t if inner.bias_correction else 1.0
+    return inner.eps, c1, torch.finfo(dtype).max / 4
+
+
+def adam_blocks_are_safe(extremes: Tensor, terms: Tensor) -> Tensor:
+    """:func:`adam_block_is_safe` of many blocks at once, the same verdicts: ``extremes`` ``(k, 5)`` float64, each
+    block's smallest and largest gradient entry, smallest and largest first moment and largest second moment
+    (NaN where the gradient holds one); ``terms`` ``(k, 3)`` float64, its :func:`adam_safety_terms`. Returns ``(k)``
+    bools in a dozen calls whatever ``k`` (a thousand small blocks' verdicts in Python cost more than their
+    arithmetic). The bounds are the scalar form's, Python's ``max`` included (the first argument unless the second
+    is larger, so a NaN second is passed over): ``max |g|`` the larger of the negated smallest and the largest
+    entry, NaN where their sum is; each comparison its own in float64, whose operations round alike."""
+    g_lo, g_hi, m_lo, m_hi, v_max = extremes.unbind(1)
+    eps, c1, big = terms.unbind(1)
+    g_abs = torch.where((g_lo + g_hi).isnan(), g_lo + g_hi, _py_max(-g_lo, g_hi))
+    m_abs = _py_max(-m_lo, m_hi)
+    a = _py_max(g_abs, m_abs)
+    return (
+        (eps > 0) & (c1 > 0) & g_abs.isfinite() & m_abs.isfinite() & v_max.isfinite() & (a < big)
+        & (g_abs < big.sqrt()) & (v_max + g_abs * g_abs < big) & (a / eps / c1 < big)
+    )
+
+
+def _py_max(a: Tensor, b: Tensor) -> Tensor:
+    """Python's ``max(a, b)`` entry by entry: ``b`` where it is larger, else ``a`` (NaN compares as not larger)."""
+    return torch.where(b > a, b, a)
 
 
 def _adam_moments(cfg: KronConfig, m: Tensor, v: Tensor, g: Tensor, m_out: Tensor, v_out: Tensor) -> None:

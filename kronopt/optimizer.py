@@ -288,6 +288,9 @@ _PLAIN_MUON_CPU = True
 #: plain AdamW blocks of at most this many entries have their extremes read together, across buckets
 #: (:meth:`KronOptimizer._adam_bounds_small`); a larger block's are read right before its work, in cache
 _ADAM_BOUNDS_TOGETHER_MAX = 1 << 14
+#: from this many such blocks in a step their verdicts are made together on tensors (compose.adam_blocks_are_safe),
+#: which costs a dozen calls whatever their number; fewer are judged one by one in Python
+_ADAM_VERDICTS_TOGETHER_MIN = 64
 #: on a CPU, preconditioned buckets whose blocks hold at most this many entries, none of whose sides is longer
 #: than ``_SMALL_TOGETHER_MAX_SIDE``, step together (:meth:`KronOptimizer._step_small_buckets`); 0 turns it off
 _SMALL_TOGETHER_MAX = 1 << 14
@@ -2007,39 +2010,54 @@ class KronOptimizer(torch.optim.Optimizer):
         many calls as a large one); a large block's are read right before its work, which then finds
         them in cache. Returns the reports to queue (:meth:`_count_plain`), by ``id`` of the bucket."""
         whole = True if step_ok is None else bool(step_ok)
-        # the small blocks' bounds, by (bucket, block); without a whole step nothing is proven (nor read)
-        small = {
-            (k, i): (p.grad, bucket.state.inner.exp_avg[i], bucket.state.inner.exp_avg_sq[i])  # type: ignore[union-attr]
-            for k, (bucket, _, _) in enumerate(work) for i, p in enumerate(bucket.params)
-            if whole and p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX
-        }
-        bounds = dict(zip(small, self._adam_bounds_small(list(small.values()))))  # type: ignore[arg-type]
+        # each bucket's moments as block views, made in one call each
+        moments = [(b.state.inner.exp_avg.unbind(0), b.state.inner.exp_avg_sq.unbind(0)) for b, _, _ in work]  # type: ignore[union-attr]
+        # the small blocks' verdicts, per bucket by block (None: a large block's, made at its turn); without a whole
+        # step nothing is proven (nor read)
+        small: list[tuple[Tensor, Tensor, Tensor]] = []
+        terms: list[tuple[float, float, float]] = []
+        places: list[list[int]] = []
+        for (bucket, cfg, _), (ms, vs) in zip(work, moments):
+            these = [i for i, p in enumerate(bucket.params) if p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX] if whole else []
+            small += [(bucket.params[i].grad, ms[i], vs[i]) for i in these]  # type: ignore[misc]
+            terms += [compose.adam_safety_terms(cfg, bucket.state.step + 1, ms[0].dtype)] * len(these)  # type: ignore[union-attr]
+            places.append(these)
+        judged = iter(self._adam_small_verdicts(small, terms))
         fused: dict[tuple, tuple[KronConfig, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         verdicts: list[list[bool]] = []
-        for k, (bucket, cfg, grads) in enumerate(work):
+        for (bucket, cfg, grads), (ms, vs), these in zip(work, moments, places):
             group = self.param_groups[bucket.group]
             lr, weight_decay = _rates(group)
             state = bucket.state
             t = state.step + 1  # type: ignore[union-attr]
+            safe: list[bool | None] = [None] * len(bucket.params)
+            for i in these:
+                safe[i] = next(judged)
             # the block-sized scratch set is taken only where a block is computed outside the fused kernel: a run
             # whose blocks all go through it (torch's AdamW arithmetic, proven finite) keeps no scratch at all
             out: tuple[Tensor, Tensor, Tensor] | None = None
             factors = cfg.post.block_factors(state.inner.exp_avg, lr=lr, weight_decay=weight_decay)  # type: ignore[union-attr]
-            fuse = compose.fuses_adamw(cfg) and self._fuse_adamw
+            # every proven block of these settings, whichever its bucket, in one call below (the parameter's dtype is
+            # the bucket's, its gradients' the state's: _raw_gradients)
+            fuse = compose.fuses_adamw(cfg) and self._fuse_adamw and bucket.params[0].dtype == ms[0].dtype
+            into = None
             mine = []
             for i, (p, g) in enumerate(zip(bucket.params, grads)):
-                m, v = state.inner.exp_avg[i], state.inner.exp_avg_sq[i]  # type: ignore[union-attr]
-                # a large block's bounds are read right before its work, which then finds them in cache
-                if whole and compose.adam_block_is_safe(cfg, t, m.dtype, *(bounds.get((k, i)) or self._adam_bounds(p.grad, m, v))):  # type: ignore[arg-type]
+                m, v = ms[i], vs[i]
+                verdict = safe[i]
+                if verdict is None and whole:  # a large block's bounds are read right before its work, in cache
+                    verdict = compose.adam_block_is_safe(cfg, t, m.dtype, *self._adam_bounds(p.grad, m, v))  # type: ignore[arg-type]
+                if verdict:
                     # finite whatever the entries: computed in place, nothing to check or copy
                     mine.append(True)
                     # the fused kernel writes the block in place: only where it is the parameter's own memory (a
                     # non-contiguous parameter, e.g. a channels_last weight, reshapes into a copy)
                     # (and not on a gradient with torch's lazy negation bit, which the kernel's inputs refuse)
-                    if fuse and p.dtype == g.dtype == m.dtype and p.is_contiguous() and g.is_contiguous() and not g.is_neg():
-                        # one call below for every proven block of these settings, whichever its bucket
-                        key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, p.dtype)
-                        fused.setdefault(key, (cfg, []))[1].append((to_block(p, bucket.specs[i]), g, m, v))  # type: ignore[index]
+                    if fuse and p.is_contiguous() and g.is_contiguous() and not g.is_neg():
+                        if into is None:
+                            key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, p.dtype)
+                            into = fused.setdefault(key, (cfg, []))[1]
+                        into.append((to_block(p, bucket.specs[i]), g, m, v))
                         continue
                     out = out or self._scratch(bucket, batched=False)
                     D = compose.adam_block(cfg, t, m, v, g, (m, v, out[2]))
@@ -2108,12 +2126,27 @@ class KronOptimizer(torch.optim.Optimizer):
         hit = self._checked(grad)
         return tuple(hit[1].unbind(0)) if hit is not None else tuple(torch.aminmax(grad))  # type: ignore[return-value]
 
+    def _adam_small_verdicts(self, blocks: list[tuple[Tensor, Tensor, Tensor]], terms: list[tuple[float, float, float]]) -> list[bool]:
+        """:func:`compose.adam_block_is_safe` of small blocks ``(grad, m, v)``, each with its
+        :func:`compose.adam_safety_terms`: from :meth:`_adam_bounds_small` one by one, or, from
+        ``_ADAM_VERDICTS_TOGETHER_MIN`` blocks, their extremes judged together on the host's device in float64
+        (:func:`compose.adam_blocks_are_safe`, the same verdicts in a dozen calls)."""
+        if len(blocks) < _ADAM_VERDICTS_TOGETHER_MIN:
+            bounds = self._adam_bounds_small(blocks)
+            return [compose.adam_block_is_safe_of_terms(term, *bound) for term, bound in zip(terms, bounds)]
+        extremes = self._adam_extremes_small(blocks).double()
+        return compose.adam_blocks_are_safe(extremes, torch.tensor(terms, dtype=torch.float64)).tolist()
+
     def _adam_bounds_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]]) -> list[tuple[float, float, float]]:
         """:meth:`_adam_bounds` of many small blocks ``(grad, m, v)`` at once, the same values: each
         extreme by a ``foreach`` reduction over all the blocks (a smallest entry as the largest of the
         negated block) and one read on the host, instead of five calls and a read per block."""
         if not blocks:
             return []
+        return [_bounds(*row) for row in self._adam_extremes_small(blocks).tolist()]
+
+    def _adam_extremes_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+        """``(k, 5)``: each small block's ``(min g, max g, min m, max m, max v)`` (:meth:`_adam_bounds_small`)."""
         grads, ms, vs = (list(x) for x in zip(*blocks))
         # a gradient's (lo, hi) from the step's check of the gradients where it made one, else read here
         rows = [None if (hit := self._checked(g)) is None else hit[1] for g in grads]
@@ -2126,8 +2159,7 @@ class KronOptimizer(torch.optim.Optimizer):
         m_lo = torch.stack(torch._foreach_max(torch._foreach_neg(ms))).neg_()
         m_hi = torch.stack(torch._foreach_max(ms))
         v_hi = torch.stack(torch._foreach_max(vs))
-        table = torch.cat([g_rows, m_lo[:, None], m_hi[:, None], v_hi[:, None]], dim=1).tolist()
-        return [_bounds(*row) for row in table]
+        return torch.cat([g_rows, m_lo[:, None], m_hi[:, None], v_hi[:, None]], dim=1)
 
     def _scratch(self, bucket: _Bucket, *, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Three tensors shaped like the bucket's moments (``batched``) or like one block of them, for

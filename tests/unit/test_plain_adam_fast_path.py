@@ -278,6 +278,27 @@ def test_buckets_stepped_together_equal_each_parameter_stepped_alone(monkeypatch
     assert steps["p13"] == 3 and steps["p14"] == 6  # the split buckets' counters parted
 
 
+@pytest.mark.parametrize("scope", ["block", "step"])
+def test_small_blocks_judged_together_step_as_blocks_judged_one_by_one(monkeypatch, scope):
+    """From ``_ADAM_VERDICTS_TOGETHER_MIN`` small blocks a step judges them on tensors (``adam_blocks_are_safe``),
+    below it one by one: on the many shapes, groups, NaN, infinity and an overflowing square of
+    ``test_buckets_stepped_together_equal_each_parameter_stepped_alone``, the two give the same bits, the same
+    skipped blocks and the same counters. Would catch a verdict that differs (a proven block with another
+    arithmetic, a skipped one kept) or one handed to another block (the verdicts' order over the buckets)."""
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(4)) for s in MANY]
+    runs = []
+    for least in (0, 10**9):  # every step's small blocks on tensors; none
+        monkeypatch.setattr(optimizer_module, "_ADAM_VERDICTS_TOGETHER_MIN", least)
+        together = [torch.nn.Parameter(w.clone()) for w in start]
+        runs.append((together, *_stepped(together, torch.Generator().manual_seed(5), scope=scope, one_optimizer=True)))
+    (p_vec, counts_vec, state_vec), (p_one, counts_one, state_one) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p_vec, p_one))
+    assert counts_vec == counts_one and sum(counts_vec.values()) == (3 if scope == "block" else 1)
+    for sa, sb in zip(state_vec, state_one):
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+
+
 def test_reports_come_in_the_buckets_order():
     """The plain AdamW buckets are stepped before the others, but their reports are queued in the buckets'
     order: a plain group, a group that takes the general path (it skips its first call), a plain group."""
@@ -379,6 +400,36 @@ def test_a_certified_block_stays_finite_at_its_worst(g_abs, m_abs, v_max, eps, b
     D = compose.adam_block(cfg, t, m[None], v[None], g[None], out)
     for x in (*out[:2], D):
         assert torch.isfinite(x).all()
+
+
+extreme = st.one_of(magnitude, magnitude.map(lambda x: -x), st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(extreme, extreme, extreme, extreme, magnitude), min_size=1, max_size=12),
+    eps=st.sampled_from([0.0, 1e-30, 1e-8, 1e-3]),
+    beta1=st.sampled_from([0.0, 0.9, 0.999]),
+    t=st.integers(1, 4),
+    bias_correction=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+)
+def test_blocks_judged_together_get_each_blocks_own_verdict(rows, eps, beta1, t, bias_correction, dtype):
+    """``adam_blocks_are_safe`` against ``adam_block_is_safe`` block by block, on extremes of every size and sign,
+    NaN and infinities (an infinite gradient's both ends among them), ``eps = 0`` and no bias correction: the same
+    verdict for each. The bounds are the scalar form's ``max |g|`` (NaN where ``g`` holds one), ``max |m|``."""
+    cfg = kronopt.config.with_overrides(
+        kronopt.PRESETS["adamw"], {"inner.eps": eps, "inner.betas": [beta1, 0.99], "inner.bias_correction": bias_correction}
+    ).bound()
+    terms = compose.adam_safety_terms(cfg, t, dtype)
+    together = compose.adam_blocks_are_safe(
+        torch.tensor(rows, dtype=torch.float64), torch.tensor([terms] * len(rows), dtype=torch.float64)
+    ).tolist()
+    one_by_one = []
+    for g_lo, g_hi, m_lo, m_hi, v_hi in rows:
+        g_abs = math.nan if math.isnan(g_lo + g_hi) else max(-g_lo, g_hi)  # KronOptimizer's _bounds
+        one_by_one.append(compose.adam_block_is_safe(cfg, t, dtype, g_abs, max(-m_lo, m_hi), v_hi))
+    assert together == one_by_one
 
 
 @pytest.mark.parametrize(
