@@ -291,6 +291,9 @@ _ADAM_BOUNDS_TOGETHER_MAX = 1 << 14
 #: from this many such blocks in a step their verdicts are made together on tensors (compose.adam_blocks_are_safe),
 #: which costs a dozen calls whatever their number; fewer are judged one by one in Python
 _ADAM_VERDICTS_TOGETHER_MIN = 64
+#: there, a bucket of at least this many blocks, all small, has its moments' extremes read off its stacks
+#: (three reductions) instead of block by block
+_ADAM_STACK_EXTREMES_MIN = 8
 #: on a CPU, preconditioned buckets whose blocks hold at most this many entries, none of whose sides is longer
 #: than ``_SMALL_TOGETHER_MAX_SIDE``, step together (:meth:`KronOptimizer._step_small_buckets`); 0 turns it off
 _SMALL_TOGETHER_MAX = 1 << 14
@@ -2017,12 +2020,16 @@ class KronOptimizer(torch.optim.Optimizer):
         small: list[tuple[Tensor, Tensor, Tensor]] = []
         terms: list[tuple[float, float, float]] = []
         places: list[list[int]] = []
+        runs: list[tuple[int, Tensor | None, Tensor | None]] = []  # per bucket: its small blocks, its moments' stacks
         for (bucket, cfg, _), (ms, vs) in zip(work, moments):
             these = [i for i, p in enumerate(bucket.params) if p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX] if whole else []
             small += [(bucket.params[i].grad, ms[i], vs[i]) for i in these]  # type: ignore[misc]
             terms += [compose.adam_safety_terms(cfg, bucket.state.step + 1, ms[0].dtype)] * len(these)  # type: ignore[union-attr]
             places.append(these)
-        judged = iter(self._adam_small_verdicts(small, terms))
+            whole_stack = len(these) == len(ms) >= _ADAM_STACK_EXTREMES_MIN
+            inner = bucket.state.inner  # type: ignore[union-attr]
+            runs.append((len(these), inner.exp_avg if whole_stack else None, inner.exp_avg_sq if whole_stack else None))
+        judged = iter(self._adam_small_verdicts(small, terms, runs))
         fused: dict[tuple, tuple[KronConfig, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         verdicts: list[list[bool]] = []
         for (bucket, cfg, grads), (ms, vs), these in zip(work, moments, places):
@@ -2126,15 +2133,20 @@ class KronOptimizer(torch.optim.Optimizer):
         hit = self._checked(grad)
         return tuple(hit[1].unbind(0)) if hit is not None else tuple(torch.aminmax(grad))  # type: ignore[return-value]
 
-    def _adam_small_verdicts(self, blocks: list[tuple[Tensor, Tensor, Tensor]], terms: list[tuple[float, float, float]]) -> list[bool]:
+    def _adam_small_verdicts(
+        self, blocks: list[tuple[Tensor, Tensor, Tensor]], terms: list[tuple[float, float, float]],
+        runs: list[tuple[int, Tensor | None, Tensor | None]] | None = None,
+    ) -> list[bool]:
         """:func:`compose.adam_block_is_safe` of small blocks ``(grad, m, v)``, each with its
         :func:`compose.adam_safety_terms`: from :meth:`_adam_bounds_small` one by one, or, from
         ``_ADAM_VERDICTS_TOGETHER_MIN`` blocks, their extremes judged together on the host's device in float64
-        (:func:`compose.adam_blocks_are_safe`, the same verdicts in a dozen calls)."""
+        (:func:`compose.adam_blocks_are_safe`, the same verdicts in a dozen calls). ``runs``: the blocks in order by
+        bucket, each ``(count, m stack, v stack)``, the stacks given where the run is its bucket's every block
+        (:meth:`_adam_extremes_small`)."""
         if len(blocks) < _ADAM_VERDICTS_TOGETHER_MIN:
             bounds = self._adam_bounds_small(blocks)
             return [compose.adam_block_is_safe_of_terms(term, *bound) for term, bound in zip(terms, bounds)]
-        extremes = self._adam_extremes_small(blocks).double()
+        extremes = self._adam_extremes_small(blocks, runs).double()
         return compose.adam_blocks_are_safe(extremes, torch.tensor(terms, dtype=torch.float64)).tolist()
 
     def _adam_bounds_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]]) -> list[tuple[float, float, float]]:
@@ -2145,9 +2157,49 @@ class KronOptimizer(torch.optim.Optimizer):
             return []
         return [_bounds(*row) for row in self._adam_extremes_small(blocks).tolist()]
 
-    def _adam_extremes_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
-        """``(k, 5)``: each small block's ``(min g, max g, min m, max m, max v)`` (:meth:`_adam_bounds_small`)."""
+    def _adam_extremes_small(
+        self, blocks: list[tuple[Tensor, Tensor, Tensor]], runs: list[tuple[int, Tensor | None, Tensor | None]] | None = None
+    ) -> Tensor:
+        """``(k, 5)``: each small block's ``(min g, max g, min m, max m, max v)`` (:meth:`_adam_bounds_small`). With
+        ``runs`` (:meth:`_adam_small_verdicts`), a run given its bucket's stacks takes its moments' extremes from
+        them, three reductions over the stacks (the same values: a smallest or largest entry is exact), where the
+        ``foreach`` reductions cost a call's work per block."""
         grads, ms, vs = (list(x) for x in zip(*blocks))
+        if runs is not None and any(m is not None for _, m, _ in runs):
+            return torch.cat([self._grad_extremes_small(grads), *self._moment_extremes_by_run(ms, vs, runs)], dim=1)
+        return torch.cat([self._grad_extremes_small(grads), *self._moment_extremes(ms, vs)], dim=1)
+
+    @staticmethod
+    def _moment_extremes(ms: list[Tensor], vs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k, 1)`` each: the blocks' smallest and largest first moment and largest second moment, by ``foreach``."""
+        m_lo = torch.stack(torch._foreach_max(torch._foreach_neg(ms))).neg_()
+        return m_lo[:, None], torch.stack(torch._foreach_max(ms))[:, None], torch.stack(torch._foreach_max(vs))[:, None]
+
+    def _moment_extremes_by_run(
+        self, ms: list[Tensor], vs: list[Tensor], runs: list[tuple[int, Tensor | None, Tensor | None]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_moment_extremes`, a run with its stacks from them and the others' blocks in one ``foreach`` set."""
+        rest, start = [], 0
+        for count, m_stack, _ in runs:
+            if m_stack is None:
+                rest += range(start, start + count)
+            start += count
+        apart = torch.cat(self._moment_extremes([ms[i] for i in rest], [vs[i] for i in rest]), dim=1) if rest else None
+        pieces, taken = [], 0
+        for count, m_stack, v_stack in runs:
+            if not count:  # a bucket without small blocks
+                continue
+            if m_stack is None:
+                pieces.append(apart[taken : taken + count])  # type: ignore[index]
+                taken += count
+            else:
+                lo, hi = m_stack.flatten(1).aminmax(dim=1)
+                pieces.append(torch.stack([lo, hi, v_stack.flatten(1).amax(dim=1)], dim=1))  # type: ignore[union-attr]
+        table = torch.cat(pieces)
+        return table[:, 0:1], table[:, 1:2], table[:, 2:3]
+
+    def _grad_extremes_small(self, grads: list[Tensor]) -> Tensor:
+        """``(k, 2)``: each gradient's smallest and largest entry, from the step's check where it made one."""
         # a gradient's (lo, hi) from the step's check of the gradients where it made one, else read here
         rows = [None if (hit := self._checked(g)) is None else hit[1] for g in grads]
         unread = [g for g, row in zip(grads, rows) if row is None]
@@ -2155,11 +2207,7 @@ class KronOptimizer(torch.optim.Optimizer):
             lo = torch.stack(torch._foreach_max(torch._foreach_neg(unread))).neg_()
             read = iter(torch.stack([lo, torch.stack(torch._foreach_max(unread))], dim=1).unbind(0))
             rows = [next(read) if row is None else row for row in rows]
-        g_rows = torch.stack(rows)  # type: ignore[arg-type]
-        m_lo = torch.stack(torch._foreach_max(torch._foreach_neg(ms))).neg_()
-        m_hi = torch.stack(torch._foreach_max(ms))
-        v_hi = torch.stack(torch._foreach_max(vs))
-        return torch.cat([g_rows, m_lo[:, None], m_hi[:, None], v_hi[:, None]], dim=1)
+        return torch.stack(rows)  # type: ignore[arg-type]
 
     def _scratch(self, bucket: _Bucket, *, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Three tensors shaped like the bucket's moments (``batched``) or like one block of them, for

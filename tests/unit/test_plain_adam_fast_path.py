@@ -278,8 +278,36 @@ def test_buckets_stepped_together_equal_each_parameter_stepped_alone(monkeypatch
     assert steps["p13"] == 3 and steps["p14"] == 6  # the split buckets' counters parted
 
 
+def test_moment_extremes_read_off_a_buckets_stacks_are_each_blocks_own():
+    """A bucket's moments' extremes from its stacks (three reductions) against ``foreach`` block by block: the same
+    table, runs with and without stacks interleaved in order; blocks whose largest magnitude is negative, NaN in
+    one block only, a block of zeros. Would catch a smallest entry read as a largest, a run's rows out of place."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.zeros(3, 4)) for _ in range(9)]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw")
+    stacks = [torch.randn(k, 3, 4, generator=gen) for k in (4, 2, 3, 2)]  # four buckets' first moments
+    squares = [torch.rand(k, 3, 4, generator=gen) for k in (4, 2, 3, 2)]
+    stacks[0][1] = -stacks[0][1].abs() - 5.0  # every entry negative: the extreme is the smallest entry
+    stacks[2][2, 1, 1] = float("nan")
+    stacks[1][0].zero_()
+    blocks, runs = [], []
+    for k, (m, v) in enumerate(zip(stacks, squares)):
+        for i in range(m.shape[0]):
+            g = torch.randn(3, 4, generator=gen)
+            blocks.append((g, m[i], v[i]))
+        apart = k in (1, 3)  # the second and the last bucket block by block
+        runs.append((m.shape[0], None if apart else m, None if apart else v))
+    together = opt._adam_extremes_small(blocks, runs)
+    alone = opt._adam_extremes_small(blocks)
+    assert together.shape == alone.shape == (11, 5)
+    assert torch.equal(together.nan_to_num(7.0), alone.nan_to_num(7.0))
+    assert together[8, 2:4].isnan().all() and not together[:8].isnan().any() and not together[9:].isnan().any()
+    assert together[1, 2] == stacks[0][1].min() and together[1, 3] == stacks[0][1].max()
+
+
+@pytest.mark.parametrize("stacks", [1, 10**9])  # every all-small bucket's moments read off its stacks; none
 @pytest.mark.parametrize("scope", ["block", "step"])
-def test_small_blocks_judged_together_step_as_blocks_judged_one_by_one(monkeypatch, scope):
+def test_small_blocks_judged_together_step_as_blocks_judged_one_by_one(monkeypatch, scope, stacks):
     """From ``_ADAM_VERDICTS_TOGETHER_MIN`` small blocks a step judges them on tensors (``adam_blocks_are_safe``),
     below it one by one: on the many shapes, groups, NaN, infinity and an overflowing square of
     ``test_buckets_stepped_together_equal_each_parameter_stepped_alone``, the two give the same bits, the same
@@ -287,6 +315,7 @@ def test_small_blocks_judged_together_step_as_blocks_judged_one_by_one(monkeypat
     arithmetic, a skipped one kept) or one handed to another block (the verdicts' order over the buckets)."""
     start = [torch.randn(s, generator=torch.Generator().manual_seed(4)) for s in MANY]
     runs = []
+    monkeypatch.setattr(optimizer_module, "_ADAM_STACK_EXTREMES_MIN", stacks)
     for least in (0, 10**9):  # every step's small blocks on tensors; none
         monkeypatch.setattr(optimizer_module, "_ADAM_VERDICTS_TOGETHER_MIN", least)
         together = [torch.nn.Parameter(w.clone()) for w in start]
