@@ -1087,17 +1087,25 @@ def finite_new_state(new: Any, old: Any, *also: Tensor | None) -> Tensor | None:
     float32); the optimizer treats such a block like a non-finite gradient. Tensors in
     ``also`` (e.g. the direction) join the same test: one finiteness pass for all.
     """
-    changed = changed_tensors(new, old, *also)
-    if not changed:
-        return None
-    return linalg.finite_blocks(*changed)
+    return finite_blocks_of(changed_tensors(new, old, *also))
+
+
+def finite_blocks_of(changed: list[Tensor]) -> Tensor | None:
+    """:func:`finite_new_state`'s mask of tensors already found (:func:`changed_tensors`,
+    :meth:`StagedWrite.changed`); ``None`` where there are none."""
+    return linalg.finite_blocks(*changed) if changed else None
 
 
 def changed_tensors(new: Any, old: Any, *also: Tensor | None) -> list[Tensor]:
     """The floating tensors of ``new`` that the step made (not ``old``'s own), then those of ``also``:
     what :func:`finite_new_state` tests."""
-    changed = [n for n, o in _tensor_pairs(new, old) if n is not o and n.ndim >= 1 and n.is_floating_point()]
-    return changed + [t for t in also if t is not None]
+    return _tested([n for n, o in _tensor_pairs(new, old) if n is not o], also)
+
+
+def _tested(made: list[Tensor], also: tuple[Tensor | None, ...]) -> list[Tensor]:
+    """Of a step's new tensors, the floating ones with a block axis, then ``also``'s (the direction): what the
+    finiteness test reads."""
+    return [n for n in made if n.ndim >= 1 and n.is_floating_point()] + [t for t in also if t is not None]
 
 
 def _stack_outside_inference(t: Tensor) -> Tensor:
@@ -1203,8 +1211,7 @@ class StagedWrite:
 
     def changed(self, *also: Tensor | None) -> list[Tensor]:
         """:func:`changed_tensors` of the walked state, from the writes (no second walk)."""
-        changed = [n for _, n in self.writes if n.ndim >= 1 and n.is_floating_point()]
-        return changed + [t for t in also if t is not None]
+        return _tested([n for _, n in self.writes], also)
 
 
 def stage_write(stacks: Any, new: Any) -> StagedWrite | None:

@@ -1749,8 +1749,7 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         run = self._run(bucket, cfg)
         # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
-        changed = run.changed()  # (a deferred update is proven finite beforehand)
-        ok_new = linalg.finite_blocks(*changed) if changed else None  # compose.finite_new_state's test
+        ok_new = compose.finite_blocks_of(run.changed())  # (a deferred update is proven finite beforehand)
         (report,) = self._finish([(run, run.ok if ok_new is None else run.ok & ok_new)], step_ok)
         if report is not None:
             self._pending.append(report)
@@ -2172,8 +2171,8 @@ class KronOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _moment_extremes(ms: list[Tensor], vs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``(k, 1)`` each: the blocks' smallest and largest first moment and largest second moment, by ``foreach``."""
-        m_lo = torch.stack(torch._foreach_max(torch._foreach_neg(ms))).neg_()
-        return m_lo[:, None], torch.stack(torch._foreach_max(ms))[:, None], torch.stack(torch._foreach_max(vs))[:, None]
+        m = _foreach_extremes(ms)
+        return m[:, 0:1], m[:, 1:2], torch.stack(torch._foreach_max(vs))[:, None]
 
     def _moment_extremes_by_run(
         self, ms: list[Tensor], vs: list[Tensor], runs: list[tuple[int, Tensor | None, Tensor | None]]
@@ -2204,8 +2203,7 @@ class KronOptimizer(torch.optim.Optimizer):
         rows = [None if (hit := self._checked(g)) is None else hit[1] for g in grads]
         unread = [g for g, row in zip(grads, rows) if row is None]
         if unread:
-            lo = torch.stack(torch._foreach_max(torch._foreach_neg(unread))).neg_()
-            read = iter(torch.stack([lo, torch.stack(torch._foreach_max(unread))], dim=1).unbind(0))
+            read = iter(_foreach_extremes(unread).unbind(0))
             rows = [next(read) if row is None else row for row in rows]
         return torch.stack(rows)  # type: ignore[arg-type]
 
@@ -3244,6 +3242,13 @@ def _within_budget(work: list[tuple[_Bucket, KronConfig]], cap: int = 0) -> list
         size += entries
         held += state
     return runs
+
+
+def _foreach_extremes(tensors: list[Tensor]) -> Tensor:
+    """``(k, 2)``: each tensor's smallest and largest entry (NaN where it holds one), by ``foreach`` reductions (a
+    smallest entry as the negated largest of the negated tensor): a few calls for many small tensors."""
+    lo = torch.stack(torch._foreach_max(torch._foreach_neg(tensors))).neg_()
+    return torch.stack([lo, torch.stack(torch._foreach_max(tensors))], dim=1)
 
 
 def _bounds(g_lo: float, g_hi: float, m_lo: float, m_hi: float, v_hi: float) -> tuple[float, float, float]:
