@@ -13,6 +13,7 @@ between the two versions' parameters at the end (0 where the change keeps the bi
     python docs/inprocess_ab.py dykaf 40 256 --base /tmp/kronopt-base           # 4 layers of d = 256
     python docs/inprocess_ab.py adamw 60 many256x32 --base /tmp/kronopt-base    # 256 blocks of 32 x 32
     python docs/inprocess_ab.py adamw 30 vectors2000x64 --base /tmp/kronopt-base  # 2000 vectors of 64
+    python docs/inprocess_ab.py soap 40 64 --groups 4 --base /tmp/kronopt-base  # a param group per layer
 
 Run the same tree as both (``--base`` the repository itself) to see the harness's own bias (about 1.00).
 """
@@ -61,6 +62,19 @@ def _shapes(kind: str) -> tuple[list[tuple[int, ...]], int]:
     return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * 4 + [(d,)] * 8, 1
 
 
+def _groups(kind: str, params: list, count: int) -> list:
+    """``params`` in ``count`` param groups whose learning rates fall by 0.8 from one to the next (a learning rate
+    decayed by layer): with ``<d>`` each transformer layer's matrices and vectors one group (``count`` 4), else
+    parameter ``j`` in group ``j % count``; ``count`` 0: the parameters as they are (one group)."""
+    if not count:
+        return params
+    if kind.isdigit():
+        of = [j // 4 for j in range(16)] + [j // 2 for j in range(8)]
+    else:
+        of = [j % count for j in range(len(params))]
+    return [{"params": [p for p, g in zip(params, of) if g == k], "lr": 1e-3 * 0.8**k} for k in range(max(of) + 1)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("preset")
@@ -69,6 +83,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, required=True, help="the tree of the code before (a git worktree)")
     parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent, help="default: this tree")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=0, help="param groups of their own learning rates (<d>: one per layer)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -79,7 +94,7 @@ def main() -> None:
         sys.modules.update(table)
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in shapes]
-        runs[name] = (table, params, table["kronopt"].build(params, args.preset))
+        runs[name] = (table, params, table["kronopt"].build(_groups(args.kind, params, args.groups), args.preset))
     grads = [[torch.randn(*s) for s in shapes] for _ in range(8)]
 
     def step(name: str, i: int) -> None:

@@ -305,7 +305,10 @@ _SMALL_TOGETHER_BUDGET = 1 << 22
 
 @attrs.define(eq=False)
 class _Bucket:
-    """Blocks stacked for one batched pipeline run: same group, pipeline, block shape, sides, dtype, device."""
+    """Blocks stacked for one batched pipeline run: same pipeline config, block shape, sides, dtype, device.
+
+    ``group`` is the param group whose config the bucket steps with; its blocks may come from several groups
+    whose configs agree but for ``lr`` and ``weight_decay`` (``groups``), each written with its own group's."""
 
     group: int
     params: list[Tensor]
@@ -325,19 +328,45 @@ class _Bucket:
     #: the bytes of one block's state (:func:`_block_state_bytes`), once something asked (the bucket cap);
     #: carried to the parts a split or a join makes of the same blocks, so none is measured again
     block_bytes: int | None = None
+    #: each block's param group (by position in :attr:`blocks`) where they are not all :attr:`group`'s
+    #: (:meth:`KronOptimizer._make_buckets`; never for FSDP2's DTensor parameters), else ``None``
+    groups: list[int] | None = None
+    #: :attr:`runs`, made once
+    _runs: list[tuple[int, int, int]] | None = attrs.field(default=None, init=False)
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
         """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
         ``layout`` overrides layout fields beyond the batch (FSDP2's padded row count ``m``)."""
+        groups = self.groups
+        if groups is not None:  # by position in the new bucket's blocks: its plan's, or the kept params
+            if plan is None:
+                groups = [groups[i] for i in keep]
+            else:
+                at = {id(p): i for i, p in enumerate(self.blocks)}
+                groups = [groups[at[id(p)]] for p in plan.params]
         return _Bucket(
-            group=self.group,
+            group=self.group if groups is None or not groups else groups[0],
             params=[self.params[i] for i in keep],
             specs=[self.specs[i] for i in keep],
             layout=attrs.evolve(self.layout, batch=len(keep), **layout),
             state_dtype=self.state_dtype,
             plan=plan,
             block_bytes=None if layout else self.block_bytes,  # a block of another shape holds another state
+            groups=_mixed(groups),
         )
+
+    def group_of(self, i: int) -> int:
+        """The param group of the ``i``-th block of :attr:`blocks`."""
+        return self.group if self.groups is None else self.groups[i]
+
+    @property
+    def runs(self) -> list[tuple[int, int, int]]:
+        """``(group, lo, hi)``: :attr:`blocks` ``[lo:hi]`` are that group's, in order; one run unless :attr:`groups`."""
+        if self._runs is None:
+            groups = self.groups or [self.group] * len(self.blocks)
+            edges = [0, *(i for i in range(1, len(groups)) if groups[i] != groups[i - 1]), len(groups)]
+            self._runs = [(groups[lo], lo, hi) for lo, hi in zip(edges[:-1], edges[1:])] if groups else []
+        return self._runs
 
     @property
     def fsdp(self) -> distributed.ShardPlan | None:
@@ -353,6 +382,16 @@ class _Bucket:
     def block_specs(self) -> list[BlockSpec]:
         """The :class:`BlockSpec` of each of :attr:`blocks`."""
         return self.plan.specs if self.plan is not None else self.specs
+
+
+def _groups_of(parts: "Sequence[_Bucket]") -> list[int] | None:
+    """The :attr:`_Bucket.groups` of one bucket holding ``parts``' blocks in turn."""
+    return _mixed([parts[k].group_of(i) for k in range(len(parts)) for i in range(len(parts[k].params))])
+
+
+def _mixed(groups: list[int] | None) -> list[int] | None:
+    """Blocks' param groups as :attr:`_Bucket.groups` keeps them: ``None`` where they are all one group's."""
+    return groups if groups and any(g != groups[0] for g in groups) else None
 
 
 @attrs.define(eq=False)
@@ -580,6 +619,19 @@ def _saved_skipped(kron: Mapping[str, Any] | None) -> Tensor | None:
     )
 
 
+#: groups whose configs differ in their rates alone share buckets (:meth:`KronOptimizer._sharing`); off: a bucket per group
+_BUCKETS_ACROSS_GROUPS = True
+
+#: the config keys a bucket's blocks may hold apart: the step reads them from each block's param group
+_RATE_KEYS = frozenset({"lr", "weight_decay"})
+
+
+def _differ_in_rates_alone(a: KronConfig, b: KronConfig) -> bool:
+    """Whether the pipelines of two group configs step alike, ``lr`` and ``weight_decay`` apart (a main group's
+    ``fallback`` table is not its pipeline's: :func:`changed_keys` leaves it out)."""
+    return a is b or set(changed_keys(a, b)) <= _RATE_KEYS
+
+
 def _rate_args(group: dict[str, Any]) -> dict[str, Any]:
     """:func:`_rates` as ``Post.apply_``'s keywords."""
     lr, weight_decay = _rates(group)
@@ -641,7 +693,10 @@ class KronOptimizer(torch.optim.Optimizer):
         self._loads: list[int] | None = None  # the ranks' assigned cost (work sharding)
         self._fsdp_loads: list[int] | None = None  # FSDP2 on a mesh of another size than the plain blocks' world
         self._phases_across = True  # staggered phases balanced over the groups of a schedule (a dict saved before: per group)
-        self._buckets = self._shard(self._make_buckets(self.param_groups, self._group_cfgs, self._cap), assign=True)
+        self.__dict__.pop("_group_classes", None)
+        self._buckets = self._shard(
+            self._make_buckets(self.param_groups, self._group_cfgs, self._cap, classes=self._classes), assign=True
+        )
         self._note_non_float()
         self._pending: list[_Pending] = []
         self._skipped_steps: Tensor | None = None  # consecutive skipped steps (scope "step"), on the device
@@ -783,6 +838,7 @@ class KronOptimizer(torch.optim.Optimizer):
             raise ConfigError(errors)
         for i, cfg in new.items():
             self._group_cfgs[i] = cfg
+        self._regroup()
         self._phased = {k: v for k, v in self._phased.items() if k[0] not in new}
         self.__dict__.pop("_plain_adam", None)  # keyed by the configs' ids
         self.__dict__.pop("_plain_muon", None)
@@ -797,10 +853,10 @@ class KronOptimizer(torch.optim.Optimizer):
         attributes to the optimizer or copy its ``__dict__``), which noted the new groups on the wrapper."""
         where: dict[int, int] = {}
         for b in self._buckets:
-            for p in b.blocks:
+            for i, p in enumerate(b.blocks):
                 if id(p) in where:
                     return False
-                where[id(p)] = b.group
+                where[id(p)] = b.group_of(i)
         listed = 0
         for gi, g in enumerate(self.param_groups):
             for p in g["params"]:
@@ -827,6 +883,9 @@ class KronOptimizer(torch.optim.Optimizer):
         if owner is None:  # torch's load_state_dict sets its groups and state this way: nothing more to do
             return
         self._owner = {id(p): r for p, r in owner}
+        for bucket in self._buckets:  # pickled before buckets held several groups' blocks: each one group's
+            if not hasattr(bucket, "groups"):
+                bucket.groups, bucket._runs = None, None
         seen, size = self.__dict__.get("_state_seen", (self.state, 0))
         if self.state is not seen or len(self.state) < size:
             return  # the original's state was cleared: the copy starts afresh as it would (_check_state)
@@ -848,7 +907,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 super().add_param_group(g)  # raises for a parameter some group holds already
                 self._group_cfgs.append(self._group_config(g))
             across = self.__dict__.get("_phases_across", False)  # an optimizer pickled before the balance over groups: per group
-            new = self._make_buckets(self.param_groups, self._group_cfgs, self._cap, first=first, across=across)
+            self.__dict__.pop("_group_classes", None)
+            new = self._make_buckets(self.param_groups, self._group_cfgs, self._cap, first=first, across=across, classes=self._classes)
             self._buckets.extend(self._shard(new, assign=True))
             self._note_non_float()
             self._materialize()
@@ -865,6 +925,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     if id(p) not in kept:
                         self.state.pop(p, None)
             del self.param_groups[first:], self._group_cfgs[first:], self._buckets[buckets:]
+            self.__dict__.pop("_group_classes", None)
             # configs of the refused groups' refresh phases: a group added later at the same index must not find them
             self._phased = {k: v for k, v in self._phased.items() if k[0] < first}
             raise
@@ -947,11 +1008,13 @@ class KronOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _make_buckets(
-        groups: list[dict[str, Any]], cfgs: list[KronConfig], cap: int = 0, *, first: int = 0, across: bool = True
+        groups: list[dict[str, Any]], cfgs: list[KronConfig], cap: int = 0, *, first: int = 0, across: bool = True,
+        classes: Sequence[int] | None = None,
     ) -> list[_Bucket]:
         """Buckets of ``groups[first:]`` (indexed from 0 in ``groups``); parameters with no elements are left out.
 
-        A bucket's blocks share the group, the layout (block shape, sides, ranks and, under
+        A bucket's blocks share the group (with ``classes``, each group's :meth:`_sharing` class: groups whose
+        configs differ in ``lr`` and ``weight_decay`` alone share buckets, but for DTensor parameters), the layout (block shape, sides, ranks and, under
         a staggered refresh, the refresh phase: :func:`_phases`, balanced over the groups in
         order, those of one refresh schedule together, so ``groups[:first]`` count but get no
         buckets: a group added later continues their balance), the state dtype, the
@@ -978,11 +1041,13 @@ class KronOptimizer(torch.optim.Optimizer):
                 continue
             for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
                 layout = attrs.evolve(layout, phase=phase)
-                key = (gi, layout, state_dtype, p.dtype, p.device, _is_dtensor(p))
+                dtensor = _is_dtensor(p)
+                key = (gi if classes is None or dtensor else ("class", classes[gi]), layout, state_dtype, p.dtype, p.device, dtensor)
                 if key not in buckets:
-                    buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype)
+                    buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype, groups=[])
                 buckets[key].params.append(p)
                 buckets[key].specs.append(spec)
+                buckets[key].groups.append(gi)  # type: ignore[union-attr]
         out = []
         for b in buckets.values():
             block = _block_state_bytes(cfgs[b.group], b.layout, b.state_dtype) if cap else None
@@ -991,12 +1056,55 @@ class KronOptimizer(torch.optim.Optimizer):
             edges = [len(b.params) * k // count for k in range(count + 1)]  # of nearly equal size
             for lo, hi in zip(edges[:-1], edges[1:]):
                 out.append(
-                    _Bucket(group=b.group, params=b.params[lo:hi], specs=b.specs[lo:hi], layout=b.layout,
-                            state_dtype=b.state_dtype, block_bytes=block)
+                    _Bucket(group=b.groups[lo], params=b.params[lo:hi], specs=b.specs[lo:hi], layout=b.layout,  # type: ignore[index]
+                            state_dtype=b.state_dtype, block_bytes=block, groups=_mixed(b.groups[lo:hi]))  # type: ignore[index]
                 )
         for b in out:
             b.layout = attrs.evolve(b.layout, batch=len(b.params))
         return out
+
+    def _sharing(self, groups: list[dict[str, Any]], cfgs: list[KronConfig]) -> list[int] | None:
+        """Each group's class for :meth:`_make_buckets`: groups of one pipeline whose configs differ in ``lr`` and
+        ``weight_decay`` alone (:func:`changed_keys`; a schedule, a learning-rate decay per layer) get one class, so
+        their blocks of one layout stack in one bucket, each written with its own group's rates (but FSDP2's DTensor
+        parameters: :meth:`_make_buckets`). ``None``: a bucket per group."""
+        if not _BUCKETS_ACROSS_GROUPS:
+            return None
+        firsts: list[int] = []  # each class's first group
+        out = []
+        for g, cfg in zip(groups, cfgs):
+            pipeline = g.get("pipeline", "main")
+            for c, r in enumerate(firsts):
+                if groups[r].get("pipeline", "main") == pipeline and _differ_in_rates_alone(cfgs[r], cfg):
+                    out.append(c)
+                    break
+            else:
+                out.append(len(firsts))
+                firsts.append(len(out) - 1)
+        return out
+
+    @property
+    def _classes(self) -> list[int] | None:
+        """:meth:`_sharing` of this optimizer's groups, made once their configs are (dropped where one changes)."""
+        if "_group_classes" not in self.__dict__:
+            self._group_classes = self._sharing(self.param_groups, self._group_cfgs)
+        return self._group_classes
+
+    def _regroup(self) -> None:
+        """Cut each bucket whose groups' configs no longer agree (an edit of one group's schedule, :meth:`_check_overrides`)
+        into parts of one :meth:`_sharing` class each, with their state; joins are judged anew (:meth:`_join`)."""
+        self.__dict__.pop("_group_classes", None)
+        classes = self._classes
+        for bucket in list(self._buckets):
+            bucket.join_base = None
+            if bucket.groups is None:
+                continue
+            of = [i if classes is None else classes[i] for i in bucket.groups]
+            cuts: dict[int, list[int]] = {}
+            for i, c in enumerate(of):
+                cuts.setdefault(c, []).append(i)
+            if len(cuts) > 1:
+                self._cut(bucket, list(cuts.values()))
 
     def _fits(self, like: _Bucket, blocks: int) -> bool:
         """Whether ``blocks`` blocks of ``like``'s kind fit in one bucket under this optimizer's cap."""
@@ -1359,8 +1467,13 @@ class KronOptimizer(torch.optim.Optimizer):
         split the same way on every rank (DDP gives every rank the same gradients).
         """
         absent = [i for i in range(len(bucket.blocks)) if i not in present]
+        return self._cut(bucket, [present, absent])[0]
+
+    def _cut(self, bucket: _Bucket, cuts: list[list[int]]) -> list[_Bucket]:
+        """Put the bucket's blocks at each of ``cuts`` (positions in :attr:`_Bucket.blocks`, together every block)
+        into a bucket of their own, with their rows of its state, in its place in order; returns the parts."""
         parts = []
-        for idx in (present, absent):
+        for idx in cuts:
             plan = None if bucket.plan is None else bucket.plan.subset(idx)
             if plan is None:
                 own = idx
@@ -1385,7 +1498,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._buckets[pos : pos + 1] = parts
         self.__dict__.pop("_kept_scratch", None)  # sets shaped like the whole bucket's stacks: made again as needed
         self._fragmented = True
-        return parts[0]
+        return parts
 
     def _starts_on_nonzero(self, bucket: _Bucket) -> bool:
         """Whether the bucket is before its first call and its factor stage starts a block only on a nonzero
@@ -1429,7 +1542,8 @@ class KronOptimizer(torch.optim.Optimizer):
             if b.plan is not None or b.state is None or b.nonfinite is None or not b.params or not b.state.calls:
                 continue
             if b.join_base is None:
-                b.join_base = (b.group, attrs.evolve(b.layout, batch=0), self._blockwise(b))
+                classes = self._classes  # groups whose configs differ in their rates alone join (their buckets are shared)
+                b.join_base = (b.group if classes is None else classes[b.group], attrs.evolve(b.layout, batch=0), self._blockwise(b))
             p = b.params[0]
             if b.join_base[2] and p.device.type == "cpu":
                 continue
@@ -1497,6 +1611,7 @@ class KronOptimizer(torch.optim.Optimizer):
             state=state,
             nonfinite=compose.cat_stacks([b.nonfinite for b in parts]),  # type: ignore[misc]
             block_bytes=first.block_bytes,
+            groups=_groups_of(parts),
         )
         self._bind(whole)
         return whole
@@ -1778,8 +1893,7 @@ class KronOptimizer(torch.optim.Optimizer):
         applies = []
         for (run, _), write in zip(judged, writes):
             if run.D is not None:
-                group = self.param_groups[run.bucket.group]
-                applies.append((run.cfg.post, run.bucket.params, run.D, *_rates(group), write))
+                applies += self._by_rates(run.cfg.post, run.bucket, run.bucket.params, run.D, write)
         post.apply_together_(applies, all_ok=clean)
         copies: list[tuple[Tensor, Tensor]] = []
         for (run, ok), write in zip(judged, writes):
@@ -1796,6 +1910,17 @@ class KronOptimizer(torch.optim.Optimizer):
             report = self._reports and not clean  # a clean run has nothing to report
             reports.append(_Pending(run.bucket.params, ok, run.new.step, group=run.bucket.group, step_ok=step_ok) if report else None)
         return reports
+
+    def _by_rates(
+        self, post_: post.Post, bucket: _Bucket, params: list[Tensor], D: Tensor, ok: Tensor
+    ) -> list[tuple[post.Post, list[Tensor], Tensor, Any, Any, Tensor]]:
+        """:func:`post.apply_together_`'s work for the bucket's direction ``D`` of ``params`` (its blocks, in order):
+        one entry, or one per run of blocks of one param group (:attr:`_Bucket.runs`), each with its group's rates.
+        ``params``: the bucket's :attr:`_Bucket.blocks` (those it stacks, or under work sharding every rank's)."""
+        runs = bucket.runs
+        if len(runs) <= 1:
+            return [(post_, params, D, *_rates(self.param_groups[bucket.group]), ok)]
+        return [(post_, params[lo:hi], D[lo:hi], *_rates(self.param_groups[gi]), ok[lo:hi]) for gi, lo, hi in runs]
 
     def _small_cpu(self, bucket: _Bucket) -> KronConfig | None:
         """The config of a bucket that :meth:`_step_small_buckets` steps with the others: on a CPU whose
@@ -1873,12 +1998,12 @@ class KronOptimizer(torch.optim.Optimizer):
         written directly, on the whole stacks with device-side masks, with the same bits as
         :meth:`_step_bucket`. This is the form of other devices; :meth:`step` hands a CPU's plain AdamW
         buckets to :meth:`_step_plain_adams` before any other bucket (:meth:`_plain_adam_cpu`)."""
-        group = self.param_groups[bucket.group]
         old = bucket.state
         D, new = compose.adam_step(cfg, old, grads, self._scratch(bucket, batched=True))  # type: ignore[arg-type]
         ok = _plain_adam_ok(new.inner.exp_avg_sq, D)
         write = ok if step_ok is None else ok & step_ok
-        cfg.post.apply_(bucket.params, D, **_rate_args(group), ok=write)
+        for post_, params, D_, lr, weight_decay, write_ in self._by_rates(cfg.post, bucket, bucket.params, D, write):
+            post_.apply_(params, D_, lr=lr, weight_decay=weight_decay, ok=write_)
         weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
         compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
@@ -1949,16 +2074,17 @@ class KronOptimizer(torch.optim.Optimizer):
         O = inner.orthogonalize(U, buffers=iteration)  # type: ignore[union-attr]
         s = inner.shape_factor(bucket.layout)  # type: ignore[union-attr]
         whole = True if step_ok is None else bool(step_ok)
-        lr, weight_decay = _rates(self.param_groups[bucket.group])
-        factors = cfg.post.block_factors(buf, lr=lr, weight_decay=weight_decay)
         verdicts = []
-        for k, (p, g) in enumerate(zip(bucket.params, grads)):
-            direction = D.copy_(O[k]).mul_(s)
-            good = all(map(math.isfinite, torch.stack(torch.aminmax(direction)).tolist()))
-            verdicts.append(good)
-            if good and whole:
-                cfg.post.apply_block_(p, direction, factors)
-                buf[k].lerp_(g, 1 - inner.momentum)  # type: ignore[union-attr]
+        for gi, lo, hi in bucket.runs:  # each run of one param group's blocks with its rates
+            factors = cfg.post.block_factors(buf, **_rate_args(self.param_groups[gi]))
+            for k in range(lo, hi):
+                p, g = bucket.params[k], grads[k]
+                direction = D.copy_(O[k]).mul_(s)
+                good = all(map(math.isfinite, torch.stack(torch.aminmax(direction)).tolist()))
+                verdicts.append(good)
+                if good and whole:
+                    cfg.post.apply_block_(p, direction, factors)
+                    buf[k].lerp_(g, 1 - inner.momentum)  # type: ignore[union-attr]
         report = self._count_plain(bucket, verdicts, step_ok)
         if report is not None:
             self._pending.append(report)
@@ -2032,8 +2158,6 @@ class KronOptimizer(torch.optim.Optimizer):
         fused: dict[tuple, tuple[KronConfig, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         verdicts: list[list[bool]] = []
         for (bucket, cfg, grads), (ms, vs), these in zip(work, moments, places):
-            group = self.param_groups[bucket.group]
-            lr, weight_decay = _rates(group)
             state = bucket.state
             t = state.step + 1  # type: ignore[union-attr]
             safe: list[bool | None] = [None] * len(bucket.params)
@@ -2042,13 +2166,11 @@ class KronOptimizer(torch.optim.Optimizer):
             # the block-sized scratch set is taken only where a block is computed outside the fused kernel: a run
             # whose blocks all go through it (torch's AdamW arithmetic, proven finite) keeps no scratch at all
             out: tuple[Tensor, Tensor, Tensor] | None = None
-            factors = cfg.post.block_factors(state.inner.exp_avg, lr=lr, weight_decay=weight_decay)  # type: ignore[union-attr]
             # every proven block of these settings, whichever its bucket, in one call below (the parameter's dtype is
             # the bucket's, its gradients' the state's: _raw_gradients)
             fuse = compose.fuses_adamw(cfg) and self._fuse_adamw and bucket.params[0].dtype == ms[0].dtype
-            into = None
             mine = []
-            for i, (p, g) in enumerate(zip(bucket.params, grads)):
+            for i, p, g, factors, into in self._rated_blocks(bucket, grads, cfg, t, fused if fuse else None):
                 m, v = ms[i], vs[i]
                 verdict = safe[i]
                 if verdict is None and whole:  # a large block's bounds are read right before its work, in cache
@@ -2059,10 +2181,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     # the fused kernel writes the block in place: only where it is the parameter's own memory (a
                     # non-contiguous parameter, e.g. a channels_last weight, reshapes into a copy)
                     # (and not on a gradient with torch's lazy negation bit, which the kernel's inputs refuse)
-                    if fuse and p.is_contiguous() and g.is_contiguous() and not g.is_neg():
-                        if into is None:
-                            key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, p.dtype)
-                            into = fused.setdefault(key, (cfg, []))[1]
+                    if into is not None and p.is_contiguous() and g.is_contiguous() and not g.is_neg():
                         into.append((to_block(p, bucket.specs[i]), g, m, v))
                         continue
                     out = out or self._scratch(bucket, batched=False)
@@ -2079,6 +2198,8 @@ class KronOptimizer(torch.optim.Optimizer):
                     v.copy_(out[1])
             verdicts.append(mine)
         for (_, _, lr, weight_decay, t, _), (cfg, blocks) in fused.items():
+            if not blocks:
+                continue
             w_, g_, m_, v_ = (list(x) for x in zip(*blocks))
             compose.fused_adamw_(cfg, t, w_, g_, m_, v_, lr=lr, weight_decay=weight_decay)
         reports = {}
@@ -2087,6 +2208,23 @@ class KronOptimizer(torch.optim.Optimizer):
             if report is not None:
                 reports[id(bucket)] = report
         return reports
+
+    def _rated_blocks(
+        self, bucket: _Bucket, grads: list[Tensor], cfg: KronConfig, t: int, fused: dict[tuple, Any] | None
+    ) -> Iterator[tuple[int, Tensor, Tensor, tuple[Tensor, Tensor | None], list | None]]:
+        """For :meth:`_step_plain_adams`: each block's position, parameter and gradient with the write factors of its
+        param group's rates (:meth:`Post.block_factors`) and, where ``fused`` is given, the list of blocks torch's
+        fused AdamW kernel steps with those settings (its entry in ``fused``), both made once per run of one group's
+        blocks (:attr:`_Bucket.runs`)."""
+        for gi, lo, hi in bucket.runs:
+            lr, weight_decay = _rates(self.param_groups[gi])
+            factors = cfg.post.block_factors(bucket.state.inner.exp_avg, lr=lr, weight_decay=weight_decay)  # type: ignore[union-attr]
+            into = None
+            if fused is not None:
+                key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, bucket.params[0].dtype)
+                into = fused.setdefault(key, (cfg, []))[1]
+            for i in range(lo, hi):
+                yield i, bucket.params[i], grads[i], factors, into
 
     def _sanitized_gradients(self, bucket: _Bucket, grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The bucket's gradients stacked ``(b m n)`` with non-finite entries zeroed (which keeps bad
@@ -2284,7 +2422,6 @@ class KronOptimizer(torch.optim.Optimizer):
         """
         plan = bucket.plan
         assert plan is not None
-        group = self.param_groups[bucket.group]
         cfg = self._bucket_config(bucket)
         dtype = bucket.state_dtype
         grads = [p.grad for p in plan.params]
@@ -2320,7 +2457,8 @@ class KronOptimizer(torch.optim.Optimizer):
         if D_all is not None:
             ok_all = ok_all & linalg.finite_blocks(D_all)  # the same gathered D on every rank (NaN: an owner's overflow)
             write_all = ok_all if step_ok is None else ok_all & step_ok
-            cfg.post.apply_(plan.params, D_all, **_rate_args(group), ok=write_all)
+            for post_, params, D_, lr, weight_decay, write in self._by_rates(cfg.post, bucket, plan.params, D_all, write_all):
+                post_.apply_(params, D_, lr=lr, weight_decay=weight_decay, ok=write)
         elif self.config.nonfinite == "raise":  # nothing gathered: the owners' verdicts on their new state, shared
             owned = None if not bucket.params else ok
             ok_all = ok_all & _agreed(ok_all, owned, plan.owned(), plan.sharding.group)
@@ -2425,19 +2563,21 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
         """The name of the bucket's ``i``-th stacked block (:meth:`_name`)."""
-        return self._name(bucket.group, bucket.params[i])
+        return self._name(bucket.group_of(i) if bucket.plan is None else bucket.group, bucket.params[i])
 
     def _name(self, gi: int, p: Tensor) -> str:
         """A readable, unique name: the parameter's name (qualified by its group if another
-        group has the same name), else its position and shape."""
-        group = self.param_groups[gi]
-        names = group.get("param_names")
-        for j, q in enumerate(group["params"]):
-            if q is p:
-                if not names:
-                    return f"param_groups[{gi}].params[{j}] {tuple(p.shape)}"
-                clashes = sum(names[j] in (g.get("param_names") or ()) for g in self.param_groups)
-                return names[j] if clashes == 1 else f"param_groups[{gi}].{names[j]}"
+        group has the same name), else its position and shape. ``gi``: the group to look in
+        first (a bucket's or a report's; a bucket of several groups holds others' blocks too)."""
+        for gj in (gi, *range(len(self.param_groups))):
+            group = self.param_groups[gj]
+            names = group.get("param_names")
+            for j, q in enumerate(group["params"]):
+                if q is p:
+                    if not names:
+                        return f"param_groups[{gj}].params[{j}] {tuple(p.shape)}"
+                    clashes = sum(names[j] in (g.get("param_names") or ()) for g in self.param_groups)
+                    return names[j] if clashes == 1 else f"param_groups[{gj}].{names[j]}"
         return f"parameter of shape {tuple(p.shape)}"  # pragma: no cover
 
     def _report_pending(self, *, wait: bool = False) -> None:
@@ -2571,6 +2711,9 @@ class KronOptimizer(torch.optim.Optimizer):
     def bucket_summary(self) -> list[dict[str, Any]]:
         """One row per bucket: group, pipeline, block shape, sides and size (for display and tests).
 
+        ``group`` is the param group whose config the bucket steps with, ``groups`` every group with blocks
+        in it, in order (groups whose configs differ in ``lr`` and ``weight_decay`` alone share buckets).
+
         ``phase`` is the bucket's refresh phase (0 unless ``[refresh] stagger = true``),
         ``param_dims`` what of its parameters' shape the inner rule reads beyond the block
         (``()`` unless it declares ``reads_param_shape``: :class:`kronopt.types.ReadsParamShape`).
@@ -2585,6 +2728,7 @@ class KronOptimizer(torch.optim.Optimizer):
         return [
             {
                 "group": b.group,
+                "groups": tuple(dict.fromkeys(b.groups)) if b.groups is not None else (b.group,),
                 "pipeline": self.param_groups[b.group]["pipeline"],
                 "blocks": len(b.blocks),
                 "owned": b.layout.batch,
@@ -2789,6 +2933,7 @@ class KronOptimizer(torch.optim.Optimizer):
             self._owner = owners  # a refused dict changes nothing
             raise
         self._group_cfgs = cfgs
+        self.__dict__.pop("_group_classes", None)
         self._note_overrides()
         self._phases_across = _phases_across(kron)
         self._phased = {}
@@ -2895,7 +3040,8 @@ class KronOptimizer(torch.optim.Optimizer):
             # (part, the bucket it is cut from, its positions there), in order; in one process the parts of one saved
             # bucket are gathered across the cap's cuts (a join under a cap packs parts of several cuts together)
             pieces: dict[Any, tuple[Any, _Bucket, list[int]]] = {}
-            for n, like in enumerate(self._make_buckets(self.param_groups, cfgs, self._cap, across=_phases_across(kron))):
+            classes = self._sharing(saved_groups, cfgs)
+            for n, like in enumerate(self._make_buckets(self.param_groups, cfgs, self._cap, across=_phases_across(kron), classes=classes)):
                 parts: dict[Any, list[int]] = {}
                 for i, p in enumerate(like.params):
                     entry = saved.get(key_of[id(p)])
@@ -2913,7 +3059,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 for part, idx in parts.items():
                     saved_one = bool(place) and part is not None and part[0] == _BUCKET
                     first_p = like.params[idx[0]]
-                    key = (part, like.group, attrs.evolve(like.layout, batch=0), like.state_dtype, first_p.dtype, first_p.device) if saved_one else (n, part)
+                    key = (part, like.group if classes is None else classes[like.group], attrs.evolve(like.layout, batch=0), like.state_dtype, first_p.dtype, first_p.device) if saved_one else (n, part)
                     if key in pieces and not self._fits(pieces[key][1], len(pieces[key][2]) + len(idx)):
                         key = (n, part)  # not under this optimizer's cap (a smaller one than the saved run's)
                     if key in pieces:
@@ -2922,6 +3068,7 @@ class KronOptimizer(torch.optim.Optimizer):
                         like_both = _Bucket(
                             group=was.group, params=joined, specs=[was.specs[i] for i in was_idx] + [like.specs[i] for i in idx],
                             layout=attrs.evolve(was.layout, batch=len(joined)), state_dtype=was.state_dtype, block_bytes=was.block_bytes,
+                            groups=_groups_of([was.subset(was_idx), like.subset(idx)]),
                         )
                         pieces[key] = (part, like_both, list(range(len(joined))))
                     else:

@@ -150,6 +150,29 @@ def job_balance(rank, world):
     return {"owned": owned_entries(opt, params), "state_bytes": opt.state_bytes()}
 
 
+#: two param groups of other rates over SHAPES (a learning rate per layer): the (8, 8) blocks 0 and 2 in the first,
+#: 1 in the second, so their shared bucket's blocks run first, second, first group
+PER_LAYER = [([0, 2, 4, 5], {"lr": 2e-2, "weight_decay": 0.1}), ([1, 3], {"lr": 5e-3, "weight_decay": 0.0})]
+PER_LAYER_PRESETS = ["soap", "muon"]
+
+
+def per_layer_groups(params):
+    return [{"params": [params[i] for i in idx], **rates} for idx, rates in PER_LAYER]
+
+
+def job_per_layer(rank, world):
+    """Per-layer groups that differ in their rates alone, sharded: final parameters and the buckets' groups."""
+    out = {}
+    grads = gradients(steps=12)
+    for preset in PER_LAYER_PRESETS:
+        params = make_params()
+        opt = kronopt.build(per_layer_groups(params), preset, **overrides(preset))
+        assert opt._sharding is not None
+        run(opt, params, grads)
+        out[preset] = {"params": [p.detach().clone() for p in params], "groups": [r["groups"] for r in opt.bucket_summary()]}
+    return out
+
+
 def job_presets_sharded(rank, world):
     return job_presets(rank, world, modes=(True,))
 
@@ -199,7 +222,7 @@ JOBS = {
     f.__name__.removeprefix("job_"): f
     for f in (
         job_presets, job_presets_sharded, job_nonfinite, job_state_dict, job_ddp, job_balance, job_adamw_large,
-        job_dykaf_late, job_reset_reshape,
+        job_dykaf_late, job_reset_reshape, job_per_layer,
     )
 }
 

@@ -29,7 +29,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     return w.spawn(
-        2, ["presets", "nonfinite", "state_dict", "ddp", "adamw_large", "dykaf_late", "reset_reshape"], tmp_path_factory.mktemp("two")
+        2, ["presets", "nonfinite", "state_dict", "ddp", "adamw_large", "dykaf_late", "reset_reshape", "per_layer"],
+        tmp_path_factory.mktemp("two"),
     )
 
 
@@ -264,3 +265,24 @@ def test_a_state_emptied_or_a_parameter_reshaped_on_every_rank_is_taken_alike_by
     assert [bool(res["kept"]) for res in results] == [r in owners for r in range(2)]
     assert all("another shape" in res["refused"] for res in results)
     _close(results[0]["after"], results[1]["after"])
+
+
+@pytest.mark.parametrize("preset", w.PER_LAYER_PRESETS)
+def test_groups_of_other_rates_share_sharded_buckets_and_step_as_each_group_alone(two, preset):
+    """Two param groups that differ in lr and weight decay alone, work-sharded on two ranks: the (8, 8) blocks of
+    both groups share one bucket (one plan, one all-gather), and every parameter ends as its group stepped alone in
+    an optimizer of its own in this process. Catches: the gathered directions written with the bucket's first
+    group's rates (the groups' lrs differ fourfold), or the groups' runs taken over the rank's own blocks instead of
+    every rank's."""
+    grads = w.gradients(steps=12)
+    expected = [None] * len(w.SHAPES)
+    for idx, rates in w.PER_LAYER:
+        params = [p for i, p in enumerate(w.make_params()) if i in idx]
+        opt = kronopt.build([{"params": params, **rates}], preset, **w.overrides(preset))
+        w.run(opt, params, [[step[i] for i in idx] for step in grads])
+        for i, p in zip(idx, params):
+            expected[i] = p.detach()
+    for rank in two:
+        result = rank["per_layer"][preset]
+        _close(result["params"], expected)
+        assert any(len(g) == 2 for g in result["groups"])  # the (8, 8) blocks of both groups in one bucket

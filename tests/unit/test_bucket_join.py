@@ -166,19 +166,40 @@ def test_plain_adamw_buckets_join_where_they_step_as_stacks(monkeypatch):
 
 
 @pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "muon"])
-def test_parts_of_two_groups_never_join(preset):
-    """Two param groups with other learning rates, the same block shape and the same counters: their parts stay
-    apart. Catches: a join keyed without the group, which steps one group's experts with the other's lr."""
+def test_parts_of_two_groups_of_other_rates_join_each_with_its_rates(preset):
+    """Two param groups with other learning rates and weight decays, the same block shape and the same counters:
+    their blocks share buckets, and parts of both join again, each expert stepped with its own group's rates.
+    Catches: a join keyed by the group (parts of the two groups never joined: each step more buckets), and rates
+    taken from the bucket's first group (one group's experts stepped with the other's lr: far beyond 1e-12)."""
     init, rows = _grads(2)
     params = [torch.nn.Parameter(x.clone()) for x in init]
     alone_params = [torch.nn.Parameter(x.clone()) for x in init]
-    lrs = {0: 1e-3, 1: 4e-3}
-    groups = [([0, 2, 4], {"lr": lrs[0]}), ([1, 3, 5], {"lr": lrs[1]})]
+    rates = {0: {"lr": 1e-3, "weight_decay": 0.1}, 1: {"lr": 4e-3, "weight_decay": 0.0}}
+    groups = [([0, 2, 4], rates[0]), ([1, 3, 5], rates[1])]
     opt = _build(preset, params, groups)
-    alone = [_build(preset, [p], [([0], {"lr": lrs[i % 2]})]) for i, p in enumerate(alone_params)]
+    alone = [_build(preset, [p], [([0], rates[i % 2])]) for i, p in enumerate(alone_params)]
+    assert _structure(opt, params) == {frozenset(range(E))}  # one bucket of both groups
     for t, row in enumerate(rows):
         _step_beside_alone(opt, params, alone, alone_params, row, f"{preset} step {t}")
-    assert all(len({i % 2 for i in part}) == 1 for part in _structure(opt, params))
+        if t in EXPECTED:  # parted and joined as one group's experts are
+            assert _structure(opt, params) == EXPECTED[t], f"step {t}"
+
+
+@pytest.mark.parametrize("preset", ["soap", "adamw"])
+def test_parts_of_two_groups_of_other_configs_never_join(preset):
+    """Two param groups whose configs differ beyond their rates (another ``inner.eps``), the same block shape and
+    counters: their blocks never share a bucket. Catches: groups sharing buckets whatever their configs (one
+    group's experts stepped with the other's ε)."""
+    init, rows = _grads(2)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    alone_params = [torch.nn.Parameter(x.clone()) for x in init]
+    opts = {0: {"lr": 1e-3}, 1: {"lr": 1e-3, "inner.eps": 1e-3}}
+    groups = [([0, 2, 4], opts[0]), ([1, 3, 5], opts[1])]
+    opt = _build(preset, params, groups)
+    alone = [_build(preset, [p], [([0], opts[i % 2])]) for i, p in enumerate(alone_params)]
+    for t, row in enumerate(rows):
+        _step_beside_alone(opt, params, alone, alone_params, row, f"{preset} step {t}")
+        assert all(len({i % 2 for i in part}) == 1 for part in _structure(opt, params))
 
 
 @pytest.mark.parametrize("preset", ["soap", "kl_shampoo"])
