@@ -329,7 +329,7 @@ class _Bucket:
     #: carried to the parts a split or a join makes of the same blocks, so none is measured again
     block_bytes: int | None = None
     #: each block's param group (by position in :attr:`blocks`) where they are not all :attr:`group`'s
-    #: (:meth:`KronOptimizer._make_buckets`; never for FSDP2's DTensor parameters), else ``None``
+    #: (:meth:`KronOptimizer._make_buckets`), else ``None``
     groups: list[int] | None = None
     #: :attr:`runs`, made once
     _runs: list[tuple[int, int, int]] | None = attrs.field(default=None, init=False)
@@ -1014,7 +1014,7 @@ class KronOptimizer(torch.optim.Optimizer):
         """Buckets of ``groups[first:]`` (indexed from 0 in ``groups``); parameters with no elements are left out.
 
         A bucket's blocks share the group (with ``classes``, each group's :meth:`_sharing` class: groups whose
-        configs differ in ``lr`` and ``weight_decay`` alone share buckets, but for DTensor parameters), the layout (block shape, sides, ranks and, under
+        configs differ in ``lr`` and ``weight_decay`` alone share buckets), the layout (block shape, sides, ranks and, under
         a staggered refresh, the refresh phase: :func:`_phases`, balanced over the groups in
         order, those of one refresh schedule together, so ``groups[:first]`` count but get no
         buckets: a group added later continues their balance), the state dtype, the
@@ -1042,7 +1042,7 @@ class KronOptimizer(torch.optim.Optimizer):
             for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
                 layout = attrs.evolve(layout, phase=phase)
                 dtensor = _is_dtensor(p)
-                key = (gi if classes is None or dtensor else ("class", classes[gi]), layout, state_dtype, p.dtype, p.device, dtensor)
+                key = (gi if classes is None else ("class", classes[gi]), layout, state_dtype, p.dtype, p.device, dtensor)
                 if key not in buckets:
                     buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype, groups=[])
                 buckets[key].params.append(p)
@@ -1066,8 +1066,8 @@ class KronOptimizer(torch.optim.Optimizer):
     def _sharing(self, groups: list[dict[str, Any]], cfgs: list[KronConfig]) -> list[int] | None:
         """Each group's class for :meth:`_make_buckets`: groups of one pipeline whose configs differ in ``lr`` and
         ``weight_decay`` alone (:func:`changed_keys`; a schedule, a learning-rate decay per layer) get one class, so
-        their blocks of one layout stack in one bucket, each written with its own group's rates (but FSDP2's DTensor
-        parameters: :meth:`_make_buckets`). ``None``: a bucket per group."""
+        their blocks of one layout stack in one bucket, each written with its own group's rates. ``None``: a bucket
+        per group."""
         if not _BUCKETS_ACROSS_GROUPS:
             return None
         firsts: list[int] = []  # each class's first group
@@ -2478,7 +2478,6 @@ class KronOptimizer(torch.optim.Optimizer):
         """
         plan = bucket.fsdp
         assert plan is not None
-        group = self.param_groups[bucket.group]
         cfg = self._bucket_config(bucket)
         dtype = bucket.state_dtype
         grads = [p.grad for p in plan.params]
@@ -2517,7 +2516,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 write = grad_ok.index_select(0, plan.index(f"group{count}", idx, device)) & linalg.finite_blocks(D_g)
                 write = write if step_ok is None else write & step_ok
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
-                cfg.post.apply_(local, D_g, **_rate_args(group), ok=write)
+                self._fsdp_apply(cfg.post, bucket, f"group{count}", idx, local, D_g, write)
         seen = grad_ok
         if self.config.nonfinite == "raise":  # the owners' verdicts (an overflow), alike on every rank: each raises
             owned = None if G is None else ok
@@ -2535,7 +2534,6 @@ class KronOptimizer(torch.optim.Optimizer):
         """
         plan = bucket.fsdp
         assert plan is not None
-        group = self.param_groups[bucket.group]
         cfg = self._bucket_config(bucket)
         if bucket.state is None:
             self._init_bucket(bucket)
@@ -2555,11 +2553,27 @@ class KronOptimizer(torch.optim.Optimizer):
                 index = plan.index(f"group{count}", idx, D.device)
                 local = [plan.params[i].to_local() for i in idx]  # type: ignore[attr-defined]
                 D_g = D.index_select(0, index)[:, :count]
-                cfg.post.apply_(local, D_g, **_rate_args(group), ok=write.index_select(0, index))
+                self._fsdp_apply(cfg.post, bucket, f"group{count}", idx, local, D_g, write.index_select(0, index))
         uncounted = _uncount_plan(plan, _used(grad_ok, step_ok))
         self._write_state(bucket, old, new, write, ok, uncounted=uncounted)
         if self._reports:
             self._pending.append(_Pending(plan.params, grad_ok, new.step, group=bucket.group, step_ok=step_ok))
+
+    def _fsdp_apply(
+        self, post_: post.Post, bucket: _Bucket, name: str, idx: list[int], local: list[Tensor], D: Tensor, ok: Tensor
+    ) -> None:
+        """FSDP2's write of this rank's rows ``local`` of the blocks at ``idx`` (positions in the plan, one row count,
+        named ``name`` in its index cache), their directions ``D`` and verdicts ``ok``: at once where one param group
+        holds them all, else each group's blocks with its rates (their positions as an index tensor kept by the plan)."""
+        by: dict[int, list[int]] = {}
+        for j, i in enumerate(idx):
+            by.setdefault(bucket.group_of(i), []).append(j)
+        if len(by) == 1:
+            post_.apply_(local, D, **_rate_args(self.param_groups[next(iter(by))]), ok=ok)
+            return
+        for gi, js in by.items():
+            sel = bucket.fsdp.index(f"{name}/group{gi}", js, D.device)  # type: ignore[union-attr]
+            post_.apply_([local[j] for j in js], D.index_select(0, sel), **_rate_args(self.param_groups[gi]), ok=ok.index_select(0, sel))
 
     def _param_name(self, bucket: _Bucket, i: int) -> str:
         """The name of the bucket's ``i``-th stacked block (:meth:`_name`)."""

@@ -308,13 +308,54 @@ def eigh_run(model, steps, rank=0, world=1, fail_from=5):
     return {"params": full(model), "failures": opt.eigh_failures()}
 
 
+def per_layer_groups(model):
+    """Groups that differ in their rates alone: ``a``'s weight and bias, ``b``'s with ``unused`` (another lr and no
+    decay); so ``a.weight``, ``b.weight`` and ``unused`` share one (9, 9) bucket, the biases another."""
+    return [
+        {"params": list(model.a.named_parameters(prefix="a")), "lr": 2e-2, "weight_decay": 0.1},
+        {"params": [*model.b.named_parameters(prefix="b"), ("unused", model.unused)], "lr": 5e-3, "weight_decay": 0.0},
+    ]
+
+
+PER_LAYER_PRESETS = ["soap", "muon"]
+
+
+def job_per_layer(rank, world, out_dir):
+    """Per-layer groups (:func:`per_layer_groups`) over FSDP2: full parameters and the buckets' groups."""
+    out = {}
+    for preset in PER_LAYER_PRESETS:
+        model = shard(Net())
+        opt = kronopt.build(per_layer_groups(model), preset, **overrides(preset))
+        train(model, opt, data(12), rank, world)
+        out[preset] = {"params": full(model), "groups": [r["groups"] for r in opt.bucket_summary()]}
+    # a checkpoint of the shared buckets through torch.distributed.checkpoint: a fresh optimizer resumes from it
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    batches, group, path = data(8), MESH.get_group(), Path(out_dir) / "per_layer_ckpt"
+    model = shard(Net())
+    opt = kronopt.build(per_layer_groups(model), "soap", **overrides("soap"))
+    train(model, opt, batches[:4], rank, world)
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path, process_group=group)
+    train(model, opt, batches[4:], rank, world)
+    fresh = shard(Net(seed=5))
+    opt2 = kronopt.build(per_layer_groups(fresh), "soap", **overrides("soap"))
+    state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(fresh, opt2)}
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    fresh.load_state_dict(state["model"])
+    set_optimizer_state_dict(fresh, opt2, state["optim"])
+    train(fresh, opt2, batches[4:], rank, world)
+    out["dcp"] = {"final": full(model), "resumed": full(fresh), "groups": [r["groups"] for r in opt2.bucket_summary()]}
+    return out
+
+
 def job_eigh(rank, world, out_dir):
     return eigh_run(shard(Net()), 9, rank, world)
 
 
 JOBS = {
     f.__name__.removeprefix("job_"): f
-    for f in (job_presets, job_peak, job_nonfinite, job_misc, job_dcp, job_dcp_reshard, job_eigh)
+    for f in (job_presets, job_peak, job_nonfinite, job_misc, job_dcp, job_dcp_reshard, job_eigh, job_per_layer)
 }
 
 

@@ -30,7 +30,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     """One spawn of three processes: the 2-rank jobs on a mesh of ranks 0 and 1, then the 3-rank ones."""
-    plan = {2: ["presets", "peak", "nonfinite", "misc", "dcp", "eigh"], 3: ["presets", "nonfinite", "dcp_reshard"]}
+    plan = {2: ["presets", "peak", "nonfinite", "misc", "dcp", "eigh", "per_layer"], 3: ["presets", "nonfinite", "dcp_reshard"]}
     return w.spawn(plan, tmp_path_factory.mktemp("fsdp"))
 
 
@@ -240,3 +240,34 @@ def test_entries_deleted_on_one_rank_keep_their_state_and_every_rank_steps_on(tw
     assert a["entries_after_delete"] == b["entries_after_delete"] > 0
     for name in a["after_delete"]:
         torch.testing.assert_close(a["after_delete"][name], b["after_delete"][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", w.PER_LAYER_PRESETS)
+def test_groups_of_other_rates_share_fsdp2_buckets_and_step_as_each_group_alone(two, preset):
+    """Two param groups that differ in lr and weight decay alone over FSDP2 on two ranks: ``a.weight``, ``b.weight``
+    and ``unused`` (of both groups) share one bucket, the biases another, and every parameter ends as in one
+    process where each group steps in an optimizer of its own. Catches: a rank's rows written with the bucket's
+    first group's rates (the groups' lrs differ fourfold), a group's rows picked at another's positions."""
+    model = w.Net()
+    opts = [kronopt.build([g], preset, **w.overrides(preset)) for g in w.per_layer_groups(model)]
+    for x, y in w.data(12):
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        w.loss_fn(model, x, y).backward()
+        for opt in opts:
+            opt.step()
+    expected = w.full(model)
+    for rank in two:
+        result = rank["per_layer"][preset]
+        _close(result["params"], expected)
+        assert sum(len(g) == 2 for g in result["groups"]) >= 2  # the (9, 9) weights' bucket and the biases'
+
+
+def test_a_dcp_checkpoint_of_shared_fsdp2_buckets_resumes_as_the_uninterrupted_run(two):
+    """soap over per-layer groups under FSDP2, saved with torch.distributed.checkpoint after 4 steps: a fresh model
+    and optimizer load it and take the last 4 steps as the uninterrupted run did, with the same shared buckets.
+    Catches: a load that rebuilds the shared buckets per group or stacks their blocks' state in another order."""
+    for rank in two:
+        run = rank["per_layer"]["dcp"]
+        _close(run["resumed"], run["final"], rtol=0, atol=0)
+        assert sum(len(g) == 2 for g in run["groups"]) >= 2
