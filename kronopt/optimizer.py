@@ -728,6 +728,7 @@ class KronOptimizer(torch.optim.Optimizer):
             or any(len(a) != len(g["params"]) or not all(map(operator.is_, a, g["params"])) for a, g in zip(listed, self.param_groups))
         ):
             if self._groups_in_buckets():  # add_param_group run with a wrapper as ``self`` (Lightning, Fabric)
+                self.__dict__.pop("_group_classes", None)  # the wrapper's groups are the optimizer's now
                 self._note_non_float()
                 self._listed = [list(g["params"]) for g in self.param_groups]
                 listed = None
@@ -884,8 +885,8 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         self._owner = {id(p): r for p, r in owner}
         for bucket in self._buckets:  # pickled before buckets held several groups' blocks: each one group's
-            if not hasattr(bucket, "groups"):
-                bucket.groups, bucket._runs = None, None
+            if not hasattr(bucket, "groups"):  # (and its join key held a group where it now holds a class)
+                bucket.groups, bucket._runs, bucket.join_base = None, None, None
         seen, size = self.__dict__.get("_state_seen", (self.state, 0))
         if self.state is not seen or len(self.state) < size:
             return  # the original's state was cleared: the copy starts afresh as it would (_check_state)
@@ -1086,9 +1087,10 @@ class KronOptimizer(torch.optim.Optimizer):
     @property
     def _classes(self) -> list[int] | None:
         """:meth:`_sharing` of this optimizer's groups, made once their configs are (dropped where one changes)."""
-        if "_group_classes" not in self.__dict__:
-            self._group_classes = self._sharing(self.param_groups, self._group_cfgs)
-        return self._group_classes
+        classes = self.__dict__.get("_group_classes", ())
+        if classes is not None and len(classes) != len(self.param_groups):  # not made, or groups added since
+            classes = self._group_classes = self._sharing(self.param_groups, self._group_cfgs)
+        return classes
 
     def _regroup(self) -> None:
         """Cut each bucket whose groups' configs no longer agree (an edit of one group's schedule, :meth:`_check_overrides`)
@@ -3079,10 +3081,11 @@ class KronOptimizer(torch.optim.Optimizer):
                     if key in pieces:
                         _, was, was_idx = pieces[key]
                         joined = [was.params[i] for i in was_idx] + [like.params[i] for i in idx]
+                        both = [was.group_of(i) for i in was_idx] + [like.group_of(i) for i in idx]
                         like_both = _Bucket(
-                            group=was.group, params=joined, specs=[was.specs[i] for i in was_idx] + [like.specs[i] for i in idx],
+                            group=both[0], params=joined, specs=[was.specs[i] for i in was_idx] + [like.specs[i] for i in idx],
                             layout=attrs.evolve(was.layout, batch=len(joined)), state_dtype=was.state_dtype, block_bytes=was.block_bytes,
-                            groups=_groups_of([was.subset(was_idx), like.subset(idx)]),
+                            groups=_mixed(both),
                         )
                         pieces[key] = (part, like_both, list(range(len(joined))))
                     else:

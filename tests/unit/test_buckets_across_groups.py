@@ -7,13 +7,16 @@ the processor's batched kernels round within 1e-12 of the single ones; block sid
 Muon with the same groups, or the same run with a bucket per group (``_BUCKETS_ACROSS_GROUPS`` off).
 """
 
+import pickle
 import warnings
 
+import attrs
 import pytest
 import torch
 
 import kronopt
 from kronopt import optimizer as optimizer_module
+from kronopt.optimizer import _Bucket
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -277,10 +280,6 @@ def test_an_optimizer_pickled_before_buckets_held_several_groups_steps_on(monkey
     """An optimizer pickled by a kronopt whose buckets had no ``groups`` (each one group's): unpickled, its buckets
     read as one group's each and it steps on as the original. Catches: an unpickled bucket without the attribute
     (``AttributeError`` at the first step)."""
-    import pickle
-
-    from kronopt.optimizer import _Bucket
-
     layers = _layers(8)
     monkeypatch.setattr(optimizer_module, "_BUCKETS_ACROSS_GROUPS", False)
     opt = _per_layer("soap", layers)
@@ -294,3 +293,141 @@ def test_an_optimizer_pickled_before_buckets_held_several_groups_steps_on(monkey
         _step_all([opt], layers, 900 + t)
         _step_all([copy], model, 900 + t)
         _assert_same(layers, model, f"step {t}", rtol=0, atol=0)
+
+
+def _matrices(count, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(8, 8, generator=gen, dtype=F64)) for _ in range(count)]
+
+
+def _feed_matrices(params, seed, present=None):
+    gen = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen, dtype=F64)
+        p.grad = g if present is None or i in present else None
+
+
+def _two_groups(params, cap):
+    """One block in a first group, four in a second of other rates: one class, cut by the cap."""
+    return kronopt.build(
+        [{"params": params[:1], "lr": 1e-2, "weight_decay": 0.0}, {"params": params[1:], "lr": 3e-1, "weight_decay": 0.1}],
+        "soap", **{"refresh.every": 3, "bucket_cap_mib": cap},
+    )
+
+
+def test_a_checkpoint_of_split_and_joined_parts_loads_under_a_cap_with_each_blocks_own_rates():
+    """A cap of three blocks cuts the shared class [g0, g1, g1, g1, g1] into [g0, g1] and [g1, g1, g1]; two steps
+    with gradients for blocks 1 and 2 alone split both and join their present parts ([g1, g1], one bucket of the
+    second group). Saved and loaded into the same optimizer, that saved bucket spans both cap cuts, and the load
+    joins its pieces. Expected: the uninterrupted run. Catches: the joined piece stepping with the first cut's group
+    (0) while its blocks are all group 1's (group 1's blocks written with group 0's rates, 1.07 away)."""
+    probe = _two_groups(_matrices(5), 0)
+    bucket = probe._buckets[0]
+    block = optimizer_module._block_state_bytes(probe._group_cfgs[0], attrs.evolve(bucket.layout, batch=1), bucket.state_dtype)
+    cap = 3.5 * block / 2**20
+    params = _matrices(5)
+    opt = _two_groups(params, cap)
+    _feed_matrices(params, 0)
+    opt.step()
+    _feed_matrices(params, 1, {1, 2})
+    opt.step()
+    _feed_matrices(params, 2, {1, 2})
+    opt.step()
+    resumed = _matrices(5)
+    with torch.no_grad():
+        for p, q in zip(params, resumed):
+            q.copy_(p)
+    fresh = _two_groups(resumed, cap)
+    fresh.load_state_dict(opt.state_dict())
+    for b in fresh._buckets:  # the group a bucket of one group's blocks steps with is that group
+        assert b.groups is not None or all(any(p is q for q in fresh.param_groups[b.group]["params"]) for p in b.params)
+    for t in range(3, 6):
+        _feed_matrices(params, t)
+        opt.step()
+        _feed_matrices(resumed, t)
+        fresh.step()
+    for p, q in zip(params, resumed):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
+class _ForwardingOptimizer:
+    """As tests/unit/test_framework_integration_differential.py models Lightning's and Fabric's wrappers: every
+    method but ``step`` runs with the wrapper as ``self``, attributes it lacks forwarded to the optimizer."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+        self.__class__ = type("Fabric" + optimizer.__class__.__name__, (self.__class__, optimizer.__class__), {})
+
+    def step(self, closure=None):
+        return self._optimizer.step()
+
+    def __getattr__(self, item):
+        return getattr(self._optimizer, item)
+
+
+def test_a_group_added_through_a_forwarding_wrapper_steps_on_after_a_split():
+    """``add_param_group`` through a wrapper (the case :meth:`_groups_in_buckets` supports), after a split: the
+    optimizer steps on as the same run without the wrapper. Catches: the groups' classes cached on the optimizer
+    before the add (the wrapper's ``__dict__`` takes the new ones), which the next join pass indexes with the new
+    group (``IndexError``)."""
+    runs = []
+    for wrap in (False, True):
+        a, b = _matrices(2, 0), _matrices(2, 1)
+        opt = kronopt.build([{"params": a, "lr": 1e-2}], "soap", **{"refresh.every": 3})
+        _feed_matrices(a, 0, {0})  # a split: the optimizer looks for parts to join from now on
+        opt.step()
+        (_ForwardingOptimizer(opt) if wrap else opt).add_param_group({"params": b, "lr": 3e-2})
+        for t in range(1, 4):
+            _feed_matrices(a + b, t)
+            opt.step()
+        runs.append([p.detach().clone() for p in a + b])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_an_optimizer_pickled_before_shared_buckets_joins_no_blocks_of_other_configs(monkeypatch):
+    """An optimizer pickled by a kronopt with a bucket per group (no ``groups``, no ``_group_classes``) whose buckets
+    hold a ``join_base`` keyed by group index: unpickled, it steps on as the same unpickled run that keeps a bucket
+    per group. Catches: the old join keys kept (group 1's key, 1, equals the class of group 3, of another
+    ``inner.eps``: group 3's split part joined group 1's bucket and stepped with its config)."""
+    def build(ps):
+        return kronopt.build(
+            [{"params": ps[0], "lr": 1e-2}, {"params": ps[1], "lr": 2e-2}, {"params": ps[2], "lr": 1e-2},
+             {"params": ps[3], "lr": 1e-2, "inner.eps": 1e-1}],
+            "soap", **{"refresh.every": 3},
+        )
+
+    def feed(ps, t, skip=()):
+        gen = torch.Generator().manual_seed(100 + t)
+        for k, group in enumerate(ps):
+            for i, p in enumerate(group):
+                g = torch.randn(p.shape, generator=gen, dtype=F64)
+                p.grad = None if (k, i) in skip else g
+
+    gen = torch.Generator().manual_seed(0)
+    params = [[torch.nn.Parameter(torch.randn(8, 8, generator=gen, dtype=F64)) for _ in range(2)] for _ in range(4)]
+    monkeypatch.setattr(optimizer_module, "_BUCKETS_ACROSS_GROUPS", False)  # as kronopt kept a bucket per group
+    opt = build(params)
+    feed(params, 1)
+    opt.step()
+    feed(params, 2, {(0, 1)})  # a split
+    opt.step()
+    feed(params, 3)  # a join pass: every bucket's join_base set, by group index
+    opt.step()
+    opt.__dict__.pop("_group_classes", None)
+    real = _Bucket.__getstate__
+    monkeypatch.setattr(_Bucket, "__getstate__", lambda self: {k: v for k, v in real(self).items() if k not in ("groups", "_runs")})
+    blob = pickle.dumps((params, opt))
+    monkeypatch.setattr(_Bucket, "__getstate__", real)
+    runs = []
+    for shared in (False, True):
+        monkeypatch.setattr(optimizer_module, "_BUCKETS_ACROSS_GROUPS", shared)
+        ps, copy = pickle.loads(blob)
+        feed(ps, 4, {(3, 1)})  # group 3 split: its parts' join_base made anew
+        copy.step()
+        for t in (5, 6):
+            feed(ps, t)
+            copy.step()
+        runs.append([p.detach().clone() for group in ps for p in group])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
