@@ -14,6 +14,7 @@ between the two versions' parameters at the end (0 where the change keeps the bi
     python docs/inprocess_ab.py adamw 60 many256x32 --base /tmp/kronopt-base    # 256 blocks of 32 x 32
     python docs/inprocess_ab.py adamw 30 vectors2000x64 --base /tmp/kronopt-base  # 2000 vectors of 64
     python docs/inprocess_ab.py soap 40 64 --groups 4 --base /tmp/kronopt-base  # a param group per layer
+    python docs/inprocess_ab.py soap 40 64 --groups 4 --base-groups 0 --base .  # per layer against one group
 
 Run the same tree as both (``--base`` the repository itself) to see the harness's own bias (about 1.00).
 """
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent, help="default: this tree")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--groups", type=int, default=0, help="param groups of their own learning rates (<d>: one per layer)")
+    parser.add_argument("--base-groups", type=int, default=None, help="the base's param groups (default: --groups)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -94,7 +96,8 @@ def main() -> None:
         sys.modules.update(table)
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in shapes]
-        runs[name] = (table, params, table["kronopt"].build(_groups(args.kind, params, args.groups), args.preset))
+        count = args.groups if name == "new" or args.base_groups is None else args.base_groups
+        runs[name] = (table, params, table["kronopt"].build(_groups(args.kind, params, count), args.preset))
     grads = [[torch.randn(*s) for s in shapes] for _ in range(8)]
 
     def step(name: str, i: int) -> None:
