@@ -384,6 +384,28 @@ class _Bucket:
         return self.plan.specs if self.plan is not None else self.specs
 
 
+@attrs.define(eq=False)
+class _GradChecks:
+    """One device's check of a step's gradients (:meth:`KronOptimizer._all_finite`), a row per gradient: its
+    smallest and largest entries ``extremes (k, 2)``, its finiteness flag ``each (k)`` and, where a verdict is read on
+    the host for free (a CPU), the flags as read (``read``; else ``None``)."""
+
+    extremes: Tensor
+    each: Tensor
+    read: list[bool] | None
+
+    @staticmethod
+    def rows(hits: "Sequence[tuple[_GradChecks, int]]", field: str) -> Tensor:
+        """The rows ``hits`` (tables and rows, :meth:`KronOptimizer._checked`) of ``field`` stacked in order: a slice
+        of one table where they are its rows in turn (nearly always: a bucket's gradients were checked in its
+        order), else a stack of the rows (an index made from a list would wait for an accelerator); the same
+        values either way."""
+        table, first = hits[0]
+        if all(t is table and k == first + j for j, (t, k) in enumerate(hits)):
+            return getattr(table, field)[first : first + len(hits)]
+        return torch.stack([getattr(t, field)[k] for t, k in hits])
+
+
 def _groups_of(parts: "Sequence[_Bucket]") -> list[int] | None:
     """The :attr:`_Bucket.groups` of one bucket holding ``parts``' blocks in turn."""
     return _mixed([parts[k].group_of(i) for k in range(len(parts)) for i in range(len(parts[k].params))])
@@ -1413,14 +1435,15 @@ class KronOptimizer(torch.optim.Optimizer):
         # its version counter, so a gradient changed in place since is never taken for checked
         # (with its smallest and largest entries, for _adam_bounds and _adam_bounds_small, and on a CPU
         # the flag read on the host, where that waits for nothing, for _sanitized_gradients)
-        self._grad_flags: dict[int, tuple[Any, int, Tensor, Tensor, bool | None]] = {}
+        # (a device's table, :class:`_GradChecks`, and the gradient's row in it: no view of a row is made until asked)
+        self._grad_flags: dict[int, tuple[Any, int, _GradChecks, int]] = {}
         flags = []
         for gs in grouped.values():
             extremes = linalg.extremes_each(gs)
             each = extremes.isfinite().all(1)
-            read = each.tolist() if linalg.host_verdicts(each) else [None] * len(gs)
-            for g, flag, row, finite in zip(gs, each.unbind(0), extremes.unbind(0), read):
-                self._grad_flags[id(g)] = (weakref.ref(g), _version(g), flag, row, finite)
+            table = _GradChecks(extremes, each, each.tolist() if linalg.host_verdicts(each) else None)
+            for k, g in enumerate(gs):
+                self._grad_flags[id(g)] = (weakref.ref(g), _version(g), table, k)
             flags.append(each.all())
         # parameters on several devices: the flag lives on an accelerator's, where the other flags go without
         # waiting (a copy to the host with non_blocking could be read before it lands); _StepFlag hands it on
@@ -2233,11 +2256,11 @@ class KronOptimizer(torch.optim.Optimizer):
         blocks out of batched solvers), and the ``(b)`` flags of the blocks that were finite."""
         hits = [self._checked(g) for g in grads]
         if all(h is not None and g.dtype == dtype for h, g in zip(hits, grads)):
-            ok = torch.stack([h[0] for h in hits])  # type: ignore[index]
+            ok = _GradChecks.rows(hits, "each")  # type: ignore[arg-type]
             blocks = [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
             # each read finite on the host by this step's check (of this very tensor at this version,
             # _checked): nothing to zero, one copy
-            if all(h[2] for h in hits):  # type: ignore[index]
+            if all(t.read is not None and t.read[k] for t, k in hits):  # type: ignore[misc]
                 return torch.stack(blocks), ok
             # stacked and sanitized in one pass per block
             G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)
@@ -2248,14 +2271,14 @@ class KronOptimizer(torch.optim.Optimizer):
         ok = linalg.finite_blocks(G)
         return G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), ok
 
-    def _checked(self, g: Tensor) -> tuple[Tensor, Tensor, bool | None] | None:
-        """What :meth:`_all_finite` found on the gradient ``g`` this step: its finiteness flag, its
-        smallest and largest entries, and the flag read on the host (``None`` where it was not: off
-        the CPU); ``None`` when it did not check this very tensor (or it has been changed in place since)."""
+    def _checked(self, g: Tensor) -> tuple["_GradChecks", int] | None:
+        """Where :meth:`_all_finite` recorded what it found on the gradient ``g`` this step: its device's table
+        and ``g``'s row there (its finiteness flag, its smallest and largest entries, and on a CPU the flag read on
+        the host); ``None`` when it did not check this very tensor (or it has been changed in place since)."""
         hit = getattr(self, "_grad_flags", {}).get(id(g))
         if hit is None or hit[0]() is not g or hit[1] != _version(g):
             return None
-        return hit[2], hit[3], hit[4]
+        return hit[2], hit[3]
 
     def _adam_bounds(self, grad: Tensor, m: Tensor, v: Tensor) -> tuple[float, float, float]:
         """``max |g|``, ``max |m|`` and ``max v`` of one block (``grad`` its parameter's gradient, ``m``, ``v``
@@ -2270,7 +2293,7 @@ class KronOptimizer(torch.optim.Optimizer):
         """The smallest and largest entries of a parameter's gradient: from :meth:`_all_finite` where it read them
         this step (:meth:`_checked`), else from one pass."""
         hit = self._checked(grad)
-        return tuple(hit[1].unbind(0)) if hit is not None else tuple(torch.aminmax(grad))  # type: ignore[return-value]
+        return tuple(hit[0].extremes[hit[1]].unbind(0)) if hit is not None else tuple(torch.aminmax(grad))  # type: ignore[return-value]
 
     def _adam_small_verdicts(
         self, blocks: list[tuple[Tensor, Tensor, Tensor]], terms: list[tuple[float, float, float]],
@@ -2340,12 +2363,13 @@ class KronOptimizer(torch.optim.Optimizer):
     def _grad_extremes_small(self, grads: list[Tensor]) -> Tensor:
         """``(k, 2)``: each gradient's smallest and largest entry, from the step's check where it made one."""
         # a gradient's (lo, hi) from the step's check of the gradients where it made one, else read here
-        rows = [None if (hit := self._checked(g)) is None else hit[1] for g in grads]
+        hits = [self._checked(g) for g in grads]
+        if all(h is not None for h in hits):
+            return _GradChecks.rows(hits, "extremes")  # type: ignore[arg-type]
+        rows = [None if h is None else h[0].extremes[h[1]] for h in hits]
         unread = [g for g, row in zip(grads, rows) if row is None]
-        if unread:
-            read = iter(_foreach_extremes(unread).unbind(0))
-            rows = [next(read) if row is None else row for row in rows]
-        return torch.stack(rows)  # type: ignore[arg-type]
+        read = iter(_foreach_extremes(unread).unbind(0))
+        return torch.stack([next(read) if row is None else row for row in rows])  # type: ignore[misc]
 
     def _scratch(self, bucket: _Bucket, *, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Three tensors shaped like the bucket's moments (``batched``) or like one block of them, for

@@ -495,3 +495,39 @@ def test_scratch_made_under_inference_mode_serves_the_steps_outside_it(monkeypat
             opt.step()
     assert opt.nonfinite_counts() == {"p0": 2, "p1": 2}
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_grad_check_rows_are_each_gradients_own_in_order():
+    """``_GradChecks.rows``: the rows asked for, in order, whether they are one table's rows in turn (a slice), one
+    table's in another order or with gaps, or two tables' (a stack). Would catch a slice taken where the rows are
+    not in turn (a gap, another order, another table)."""
+    from kronopt.optimizer import _GradChecks
+
+    a = _GradChecks(torch.arange(12.0).view(6, 2), torch.tensor([True, False, True, True, False, True]), None)
+    b = _GradChecks(torch.arange(100.0, 106.0).view(3, 2), torch.tensor([False, True, True]), None)
+    for hits in ([(a, 1), (a, 2), (a, 3)], [(a, 4), (a, 0), (a, 5)], [(a, 0), (a, 2)], [(a, 5), (b, 0), (a, 1)], [(b, 2)]):
+        expected_extremes = torch.stack([t.extremes[k] for t, k in hits])
+        expected_each = torch.stack([t.each[k] for t, k in hits])
+        assert torch.equal(_GradChecks.rows(hits, "extremes"), expected_extremes), hits
+        assert torch.equal(_GradChecks.rows(hits, "each"), expected_each), hits
+
+
+def test_plain_adamw_with_large_blocks_between_small_ones_equals_torch_adamw():
+    """Small blocks checked with large ones between them (their rows of the gradient check with gaps: a stack, not
+    a slice) and a bucket of several groups' blocks: torch's AdamW to float64 rounding. Would catch rows of another
+    gradient's check taken for a block (a wrong bound lets a block skip the guard or take the slow path wrongly)."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(4, 4), (200, 200), (4, 4), (7,), (200, 200), (7,), (4, 4)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    groups = lambda ps: [{"params": ps[0::2], "lr": 3e-3, "weight_decay": 0.1}, {"params": ps[1::2], "lr": 1e-3, "weight_decay": 0.0}]  # noqa: E731
+    opt = kronopt.build(groups(ours), "adamw")
+    ref = torch.optim.AdamW(groups(theirs))
+    for _ in range(6):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
