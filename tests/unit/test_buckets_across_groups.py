@@ -8,7 +8,6 @@ Muon with the same groups, or the same run with a bucket per group (``_BUCKETS_A
 """
 
 import pickle
-import warnings
 
 import attrs
 import pytest
@@ -17,6 +16,7 @@ import torch
 import kronopt
 from kronopt import optimizer as optimizer_module
 from kronopt.optimizer import _Bucket
+from tests.unit.test_bucket_join import _kw, _quiet  # noqa: F401 (the warnings kept quiet, the refresh period)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,16 +26,6 @@ LAYERS = 4
 SHAPES = {"q": (8, 12), "k": (8, 12), "o": (12, 8), "w": (8, 8), "norm": (8,)}
 STEPS = 7
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _kw(preset):
-    return {} if preset in ("adamw", "muon") else {"refresh.every": 3}
 
 
 def _rates(k, lr=2e-2):
