@@ -345,7 +345,7 @@ class _Bucket:
                 at = {id(p): i for i, p in enumerate(self.blocks)}
                 groups = [groups[at[id(p)]] for p in plan.params]
         return _Bucket(
-            group=self.group if groups is None or not groups else groups[0],
+            group=groups[0] if groups else self.group,
             params=[self.params[i] for i in keep],
             specs=[self.specs[i] for i in keep],
             layout=attrs.evolve(self.layout, batch=len(keep), **layout),
@@ -406,9 +406,10 @@ class _GradChecks:
         return torch.stack([getattr(t, field)[k] for t, k in hits])
 
 
-def _groups_of(parts: "Sequence[_Bucket]") -> list[int] | None:
-    """The :attr:`_Bucket.groups` of one bucket holding ``parts``' blocks in turn."""
-    return _mixed([parts[k].group_of(i) for k in range(len(parts)) for i in range(len(parts[k].params))])
+def _groups_of(parts: "Sequence[tuple[_Bucket, Sequence[int]]]") -> list[int]:
+    """The param group of each block of one bucket holding each ``(bucket, positions)``'s blocks at those positions, in
+    turn (the first is the group it steps with, :attr:`_Bucket.group`; :func:`_mixed` gives its :attr:`_Bucket.groups`)."""
+    return [b.group_of(i) for b, at in parts for i in at]
 
 
 def _mixed(groups: list[int] | None) -> list[int] | None:
@@ -1032,11 +1033,11 @@ class KronOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _make_buckets(
         groups: list[dict[str, Any]], cfgs: list[KronConfig], cap: int = 0, *, first: int = 0, across: bool = True,
-        classes: Sequence[int] | None = None,
+        classes: Sequence[int],
     ) -> list[_Bucket]:
         """Buckets of ``groups[first:]`` (indexed from 0 in ``groups``); parameters with no elements are left out.
 
-        A bucket's blocks share the group (with ``classes``, each group's :meth:`_sharing` class: groups whose
+        A bucket's blocks share the group's :meth:`_sharing` class (``classes``, one per group: groups whose
         configs differ in ``lr`` and ``weight_decay`` alone share buckets), the layout (block shape, sides, ranks and, under
         a staggered refresh, the refresh phase: :func:`_phases`, balanced over the groups in
         order, those of one refresh schedule together, so ``groups[:first]`` count but get no
@@ -1065,7 +1066,7 @@ class KronOptimizer(torch.optim.Optimizer):
             for (p, spec, layout, state_dtype), phase in zip(blocks, phases):
                 layout = attrs.evolve(layout, phase=phase)
                 dtensor = _is_dtensor(p)
-                key = (gi if classes is None else ("class", classes[gi]), layout, state_dtype, p.dtype, p.device, dtensor)
+                key = (classes[gi], layout, state_dtype, p.dtype, p.device, dtensor)
                 if key not in buckets:
                     buckets[key] = _Bucket(group=gi, params=[], specs=[], layout=layout, state_dtype=state_dtype, groups=[])
                 buckets[key].params.append(p)
@@ -1086,13 +1087,14 @@ class KronOptimizer(torch.optim.Optimizer):
             b.layout = attrs.evolve(b.layout, batch=len(b.params))
         return out
 
-    def _sharing(self, groups: list[dict[str, Any]], cfgs: list[KronConfig]) -> list[int] | None:
+    @staticmethod
+    def _sharing(groups: list[dict[str, Any]], cfgs: list[KronConfig]) -> list[int]:
         """Each group's class for :meth:`_make_buckets`: groups of one pipeline whose configs differ in ``lr`` and
         ``weight_decay`` alone (:func:`changed_keys`; a schedule, a learning-rate decay per layer) get one class, so
-        their blocks of one layout stack in one bucket, each written with its own group's rates. ``None``: a bucket
-        per group."""
+        their blocks of one layout stack in one bucket, each written with its own group's rates (with
+        ``_BUCKETS_ACROSS_GROUPS`` off, each group a class of its own)."""
         if not _BUCKETS_ACROSS_GROUPS:
-            return None
+            return list(range(len(groups)))
         firsts: list[int] = []  # each class's first group
         out = []
         for g, cfg in zip(groups, cfgs):
@@ -1107,10 +1109,10 @@ class KronOptimizer(torch.optim.Optimizer):
         return out
 
     @property
-    def _classes(self) -> list[int] | None:
+    def _classes(self) -> list[int]:
         """:meth:`_sharing` of this optimizer's groups, made once their configs are (dropped where one changes)."""
         classes = self.__dict__.get("_group_classes", ())
-        if classes is not None and len(classes) != len(self.param_groups):  # not made, or groups added since
+        if len(classes) != len(self.param_groups):  # not made, or groups added since
             classes = self._group_classes = self._sharing(self.param_groups, self._group_cfgs)
         return classes
 
@@ -1123,10 +1125,9 @@ class KronOptimizer(torch.optim.Optimizer):
             bucket.join_base = None
             if bucket.groups is None:
                 continue
-            of = [i if classes is None else classes[i] for i in bucket.groups]
             cuts: dict[int, list[int]] = {}
-            for i, c in enumerate(of):
-                cuts.setdefault(c, []).append(i)
+            for i, gi in enumerate(bucket.groups):
+                cuts.setdefault(classes[gi], []).append(i)
             if len(cuts) > 1:
                 self._cut(bucket, list(cuts.values()))
 
@@ -1567,8 +1568,8 @@ class KronOptimizer(torch.optim.Optimizer):
             if b.plan is not None or b.state is None or b.nonfinite is None or not b.params or not b.state.calls:
                 continue
             if b.join_base is None:
-                classes = self._classes  # groups whose configs differ in their rates alone join (their buckets are shared)
-                b.join_base = (b.group if classes is None else classes[b.group], attrs.evolve(b.layout, batch=0), self._blockwise(b))
+                # by class: groups whose configs differ in their rates alone join (their buckets are shared)
+                b.join_base = (self._classes[b.group], attrs.evolve(b.layout, batch=0), self._blockwise(b))
             p = b.params[0]
             if b.join_base[2] and p.device.type == "cpu":
                 continue
@@ -1636,7 +1637,7 @@ class KronOptimizer(torch.optim.Optimizer):
             state=state,
             nonfinite=compose.cat_stacks([b.nonfinite for b in parts]),  # type: ignore[misc]
             block_bytes=first.block_bytes,
-            groups=_groups_of(parts),
+            groups=_mixed(_groups_of([(b, range(len(b.params))) for b in parts])),
         )
         self._bind(whole)
         return whole
@@ -2100,8 +2101,7 @@ class KronOptimizer(torch.optim.Optimizer):
         s = inner.shape_factor(bucket.layout)  # type: ignore[union-attr]
         whole = True if step_ok is None else bool(step_ok)
         verdicts = []
-        for gi, lo, hi in bucket.runs:  # each run of one param group's blocks with its rates
-            factors = cfg.post.block_factors(buf, **_rate_args(self.param_groups[gi]))
+        for lo, hi, _, _, factors in self._run_factors(bucket, cfg.post, buf):  # each run of one group's blocks
             for k in range(lo, hi):
                 p, g = bucket.params[k], grads[k]
                 direction = D.copy_(O[k]).mul_(s)
@@ -2234,6 +2234,14 @@ class KronOptimizer(torch.optim.Optimizer):
                 reports[id(bucket)] = report
         return reports
 
+    def _run_factors(self, bucket: _Bucket, post_: post.Post, like: Tensor) -> Iterator[tuple[int, int, Any, Any, tuple[Tensor, Tensor | None]]]:
+        """``(lo, hi, lr, weight_decay, factors)`` per run of one param group's blocks (:attr:`_Bucket.runs`): the
+        group's rates and their write factors for a block written on its own (:meth:`Post.block_factors`, of
+        ``like``'s dtype and device), for the CPU's block-by-block forms."""
+        for gi, lo, hi in bucket.runs:
+            lr, weight_decay = _rates(self.param_groups[gi])
+            yield lo, hi, lr, weight_decay, post_.block_factors(like, lr=lr, weight_decay=weight_decay)
+
     def _rated_blocks(
         self, bucket: _Bucket, grads: list[Tensor], cfg: KronConfig, t: int, fused: dict[tuple, Any] | None
     ) -> Iterator[tuple[int, Tensor, Tensor, tuple[Tensor, Tensor | None], list | None]]:
@@ -2241,9 +2249,7 @@ class KronOptimizer(torch.optim.Optimizer):
         param group's rates (:meth:`Post.block_factors`) and, where ``fused`` is given, the list of blocks torch's
         fused AdamW kernel steps with those settings (its entry in ``fused``), both made once per run of one group's
         blocks (:attr:`_Bucket.runs`)."""
-        for gi, lo, hi in bucket.runs:
-            lr, weight_decay = _rates(self.param_groups[gi])
-            factors = cfg.post.block_factors(bucket.state.inner.exp_avg, lr=lr, weight_decay=weight_decay)  # type: ignore[union-attr]
+        for lo, hi, lr, weight_decay, factors in self._run_factors(bucket, cfg.post, bucket.state.inner.exp_avg):  # type: ignore[union-attr]
             into = None
             if fused is not None:
                 key = (cfg.inner.betas, cfg.inner.eps, lr, weight_decay, t, bucket.params[0].dtype)
@@ -3099,13 +3105,13 @@ class KronOptimizer(torch.optim.Optimizer):
                 for part, idx in parts.items():
                     saved_one = bool(place) and part is not None and part[0] == _BUCKET
                     first_p = like.params[idx[0]]
-                    key = (part, like.group if classes is None else classes[like.group], attrs.evolve(like.layout, batch=0), like.state_dtype, first_p.dtype, first_p.device) if saved_one else (n, part)
+                    key = (part, classes[like.group], attrs.evolve(like.layout, batch=0), like.state_dtype, first_p.dtype, first_p.device) if saved_one else (n, part)
                     if key in pieces and not self._fits(pieces[key][1], len(pieces[key][2]) + len(idx)):
                         key = (n, part)  # not under this optimizer's cap (a smaller one than the saved run's)
                     if key in pieces:
                         _, was, was_idx = pieces[key]
                         joined = [was.params[i] for i in was_idx] + [like.params[i] for i in idx]
-                        both = [was.group_of(i) for i in was_idx] + [like.group_of(i) for i in idx]
+                        both = _groups_of([(was, was_idx), (like, idx)])
                         like_both = _Bucket(
                             group=both[0], params=joined, specs=[was.specs[i] for i in was_idx] + [like.specs[i] for i in idx],
                             layout=attrs.evolve(was.layout, batch=len(joined)), state_dtype=was.state_dtype, block_bytes=was.block_bytes,
