@@ -59,7 +59,7 @@ from torch.utils._pytree import tree_flatten
 import kronopt
 from kronopt import linalg, malloc
 
-from . import _args, peers
+from . import _args, peers, stage_times
 from ._args import Problems
 
 
@@ -1031,6 +1031,7 @@ def bench(
     repeat: int = 1,
     makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
     memory_steps: int = 0,
+    stage_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """Step time and state bytes per optimizer, measured interleaved in one run.
 
@@ -1055,6 +1056,13 @@ def bench(
     buffers, the Adam scratch sets) were made by an earlier step and are held through this
     one: they count as its temporaries. A peer that raises in those rounds keeps its times, and its
     ``step_bytes`` is ``None``.
+
+    ``stage_steps`` more rounds follow those, untimed for the table, in which each kronopt optimizer's step is
+    split by stage slot (:mod:`kronopt.app.stage_times`): ``stages`` is the mean ms per step of its factor
+    estimator, basis, inner rule, split and post stage, of kronopt's own work around them (``kronopt``: the
+    gradients' stacking and checks, the state writes, bookkeeping and Python) and of the clocked steps themselves
+    (``step_ms``); ``None`` for a peer, a stand-in of ``makers``, an optimizer with ``compile = true`` (a clock
+    reading would break its graphs) and without ``stage_steps``.
 
     ``fault_bytes`` is the memory an optimizer's timed step took fresh from the operating system, on
     the mean: the process's minor page faults during its steps (:func:`_minor_faults`, every thread's)
@@ -1089,7 +1097,8 @@ def bench(
 
     Returns:
         One dict per name, in order: ``optimizer``, ``mean_ms``, ``median_ms``,
-        ``state_bytes``, ``step_bytes`` (``None`` without ``memory_steps``), ``fault_bytes``, ``vs_first`` (its mean over the first optimizer's mean),
+        ``state_bytes``, ``step_bytes`` (``None`` without ``memory_steps``), ``stages`` (``None`` without
+        ``stage_steps``), ``fault_bytes``, ``vs_first`` (its mean over the first optimizer's mean),
         ``vs_first_range`` (the lowest and highest of that ratio over the runs), ``runs``,
         ``run_means`` and ``failed`` (``None``, or as :func:`aggregate_runs` gives it; the
         figures are then ``None``).
@@ -1103,10 +1112,12 @@ def bench(
         raise ValueError(f"bench needs repeat ≥ 1, got {repeat}")
     if memory_steps < 0:
         raise ValueError(f"bench needs memory_steps ≥ 0, got {memory_steps}")
+    if stage_steps < 0:
+        raise ValueError(f"bench needs stage_steps ≥ 0, got {stage_steps}")
     runs = [
         _bench_once(
             names, params, steps=steps, warmup=warmup, device=device, seed=seed, makers=makers,
-            memory_steps=memory_steps, repeat_index=i,
+            memory_steps=memory_steps, stage_steps=stage_steps, repeat_index=i,
         )
         for i in range(repeat)
     ]
@@ -1118,7 +1129,8 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
     optimizer the median over the runs of ``mean_ms``, ``median_ms`` and ``vs_first`` (each run's own
     ratio, so a run on a busier machine slows every optimizer in it alike), the lowest and highest
     ratio (``vs_first_range``), the number of runs and each run's ``mean_ms`` (``run_means``, for
-    :func:`ratios`). ``state_bytes`` and ``step_bytes`` are the first run's, ``fault_bytes`` the median.
+    :func:`ratios`). ``state_bytes`` and ``step_bytes`` are the first run's, ``fault_bytes`` the median, and
+    each figure of ``stages`` the median over the runs.
 
     An optimizer that failed in any run (its row's ``failed`` set, :func:`bench`) gets ``failed``: the
     first failure's ``step`` and ``error`` and the number of ``runs`` that failed, and ``None`` for
@@ -1135,7 +1147,7 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
                 {
                     "optimizer": row["optimizer"], "mean_ms": None, "median_ms": None, "state_bytes": None,
                     "step_bytes": None, "fault_bytes": None, "vs_first": None, "vs_first_range": None, "runs": len(runs),
-                    "run_means": None,
+                    "run_means": None, "stages": None,
                     "failed": {**failures[0], "runs": len(failures)},
                 }
             )
@@ -1153,10 +1165,20 @@ def aggregate_runs(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
                 "vs_first_range": None if ratios is None else (min(ratios), max(ratios)),
                 "runs": len(runs),
                 "run_means": [run[i]["mean_ms"] for run in runs],
+                "stages": _median_stages([run[i].get("stages") for run in runs]),
                 "failed": None,
             }
         )
     return out
+
+
+def _median_stages(splits: Sequence[Mapping[str, float] | None]) -> dict[str, float] | None:
+    """Each figure of the runs' stage splits (:func:`bench`'s ``stages``), the median over the runs; ``None``
+    where the runs have none."""
+    found = [s for s in splits if s is not None]
+    if not found:
+        return None
+    return {key: statistics.median(s[key] for s in found) for key in found[0]}
 
 
 def ratios(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -1231,13 +1253,14 @@ def _long_lived_frozen() -> Iterator[Callable[[], None]]:
 def _bench_once(
     names: Sequence[str], params: ParamSet, *, steps: int, warmup: int, device: str,
     seed: int, makers: Mapping[str, Callable[[], tuple[Any, Any]]] | None = None,
-    memory_steps: int = 0, repeat_index: int = 0,
+    memory_steps: int = 0, stage_steps: int = 0, repeat_index: int = 0,
 ) -> list[dict[str, Any]]:
     """One interleaved run of :func:`bench` (fresh optimizers; ``repeat_index``: its index among ``--repeat``'s, which
     with ``seed`` draws its rounds' orders, :func:`_round_order`); a name in ``makers`` is built by its
     maker (a stand-in with a ``step()``, as :class:`_Replay`) instead of :func:`_make`. A peer that
     raises is dropped (:func:`_drop`) and its row has ``failed`` and no figures. ``memory_steps``
-    untimed rounds after the timed ones count each step's memory (:class:`TransientMemory`)."""
+    untimed rounds after the timed ones count each step's memory (:class:`TransientMemory`), and ``stage_steps``
+    more split each kronopt optimizer's step by stage slot (:func:`_split_by_stage`)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     base = params.draw(gen)
     grads = [[g.to(device) for g in params.draw(gen)] for _ in range(4)]
@@ -1246,7 +1269,7 @@ def _bench_once(
         tensors = [torch.nn.Parameter(b.clone().to(device)) for b in base]
         made = bool(makers) and name in makers
         run = {"name": name, "params": tensors, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
-               "peer": not made and _is_peer(name), "failed": None, "step_bytes": None, "faults": 0}
+               "peer": not made and _is_peer(name), "failed": None, "step_bytes": None, "faults": 0, "stages": None}
         try:
             run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, tensors, params.names)
         except (Exception, SystemExit) as exc:
@@ -1254,7 +1277,7 @@ def _bench_once(
                 raise
             _drop(run, 0, exc)
         runs.append(run)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else _no_sync
     with peers.eager(), _long_lived_frozen() as freeze:
         for k in range(warmup + steps):
             if k == warmup:
@@ -1296,6 +1319,8 @@ def _bench_once(
                     run["step_bytes"] = False  # its times stand; its memory is not reported
                     continue
                 run["step_bytes"] = max(run["step_bytes"] or 0, counter.peak + kept)
+        if stage_steps:
+            _split_by_stage(runs, grads, range(warmup + steps + memory_steps, warmup + steps + memory_steps + stage_steps), sync)
     first = None if runs[0]["failed"] else statistics.fmean(runs[0]["times"]) * 1e3
     rows = []
     for run in runs:
@@ -1311,12 +1336,45 @@ def _bench_once(
                 "median_ms": statistics.median(run["times"]) * 1e3,
                 "state_bytes": _state_of(run),
                 "step_bytes": run["step_bytes"] if run["step_bytes"] is not False else None,
+                "stages": run["stages"],
                 "fault_bytes": _fault_bytes(run["faults"], len(run["times"])),
                 "vs_first": _vs_first(mean, first),
                 "failed": None,
             }
         )
     return rows
+
+
+def _split_by_stage(runs: list[dict[str, Any]], grads: list[list[Tensor]], rounds: range, sync: Callable[[], None]) -> None:
+    """Step each kronopt optimizer of ``runs`` once per round of ``rounds`` (in turn, the same gradients as the timed
+    rounds') with its stages' methods on a :class:`~kronopt.app.stage_times.StageClock`, and put in its run's
+    ``stages`` the split of its mean step (:func:`~kronopt.app.stage_times.split_ms`). Peers, stand-ins and
+    optimizers with ``compile = true`` are not split. ``sync`` waits for the device (also at each stage's edges)."""
+    split = [
+        run for run in runs
+        if not run["failed"] and isinstance(run["opt"], kronopt.KronOptimizer) and not stage_times.compiled(run["opt"])
+    ]
+    if not split:
+        return
+    clocks = {id(run): stage_times.StageClock(None if sync is _no_sync else sync) for run in split}
+    spent = dict.fromkeys(clocks, 0.0)
+    stages = [pair for run in split for pair in stage_times.stages_of(run["opt"])]
+    with stage_times.StageClock.installed(stages):
+        for k in rounds:
+            for run in split:
+                _give_grads(run, grads[k % len(grads)])
+                sync()
+                with clocks[id(run)].running():
+                    t0 = time.perf_counter()
+                    run["opt"].step()
+                    sync()
+                    spent[id(run)] += time.perf_counter() - t0
+    for run in split:
+        run["stages"] = stage_times.split_ms(clocks[id(run)], spent[id(run)], len(rounds))
+
+
+def _no_sync() -> None:
+    """A CPU's wait for the device: nothing."""
 
 
 def _state_of(run: dict[str, Any]) -> int | None:
@@ -1846,6 +1904,7 @@ class BenchPlan:
         ratios: the ``--ratio`` pairs ``(a, b)``, names as given (either may be a missing peer).
         alone: ``--alone``: each kronopt optimizer's matrix work replayed alone in the same runs.
         memory_steps: ``--memory``: untimed rounds after the timed ones, each step's memory counted.
+        stage_steps: ``--stages``: rounds after those that split each kronopt optimizer's step by stage slot.
         dtype: ``--dtype``: every parameter's dtype (already applied to :attr:`params`; the ``--scaling`` table's
             too), ``None`` where not given.
         json: ``--json``: the file the run's record goes to (:func:`record`), ``None`` for none.
@@ -1862,6 +1921,7 @@ class BenchPlan:
     retain_freed_memory: bool = False
     alone: bool = False
     memory_steps: int = 0
+    stage_steps: int = 0
     dtype: torch.dtype | None = None
     json: Path | None = None
 
@@ -1970,6 +2030,9 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     memory_steps = p.integer("--memory", _given(args, "memory"), minimum=0)
     if memory_steps and world_text is not None:
         p.add("--memory", "applies to the one-process table; cannot be combined with --world")
+    stage_steps = p.integer("--stages", _given(args, "stages"), minimum=0)
+    if stage_steps and world_text is not None:
+        p.add("--stages", "applies to the one-process table; cannot be combined with --world")
     json_path = None if getattr(args, "json", None) is None else Path(args.json).expanduser()
     if json_path is not None and (problem := _json_path_problem(json_path)) is not None:
         p.add("--json", problem)
@@ -1979,7 +2042,7 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     return BenchPlan(
         names=names, params=params, counts=counts, missing=missing, widths=widths, worlds=worlds, device=device,
         ratios=pairs, retain_freed_memory=bool(getattr(args, "retain_freed_memory", False)), alone=alone,
-        memory_steps=memory_steps or 0, dtype=dtype, json=json_path,
+        memory_steps=memory_steps or 0, stage_steps=stage_steps or 0, dtype=dtype, json=json_path,
     )
 
 
@@ -2020,7 +2083,7 @@ def _memory_problem(params: "ParamSet", device: str, ranks: int = 1) -> str | No
 
 #: the defaults of the counts whose flags default to ``None`` (so that ``--compare`` can tell a flag given at its
 #: default from one not given)
-_COUNT_DEFAULTS = {"steps": "30", "warmup": "12", "threads": "0", "seed": "0", "repeat": "1", "memory": "0"}
+_COUNT_DEFAULTS = {"steps": "30", "warmup": "12", "threads": "0", "seed": "0", "repeat": "1", "memory": "0", "stages": "0"}
 
 
 def _given(args: argparse.Namespace, flag: str) -> str:
@@ -2087,6 +2150,34 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             spread_text = "-" if r["vs_first_range"] is None else "{:.2f}–{:.2f}".format(*r["vs_first_range"])
             line += f" {spread_text:>11}"
         print(line)
+
+
+def _print_stages(rows: list[dict[str, Any]], rounds: int, device: str) -> None:
+    """The ``--stages`` table: each kronopt optimizer's clocked step split by stage slot, ms and share."""
+    split = [r for r in rows if r.get("stages") is not None]
+    print()
+    waits = "" if device == "cpu" else "; the device waited for at each stage's edges"
+    print(
+        f"where the step goes (--stages: {rounds} more rounds, each step split by stage slot{waits}): mean ms per step "
+        f"and share of the clocked step; {stage_times.OWN}: the gradients' stacking and checks, the state writes, "
+        "bookkeeping and Python around the stages"
+    )
+    if not split:
+        print("no kronopt optimizer to split (peers are not split, nor optimizers with compile = true)")
+        return
+    columns = (*stage_times.SLOTS, stage_times.OWN)
+    width = max(14, *(len(r["optimizer"]) for r in split))
+    header = f"{'optimizer':<{width}} {'step ms':>9} " + " ".join(f"{c:>15}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    for r in split:
+        s = r["stages"]
+        total = s["step_ms"]
+        cells = [f"{s[c]:>8.3f} ({100 * s[c] / total if total > 0 else 0:3.0f} %)" for c in columns]
+        print(f"{r['optimizer']:<{width}} {total:>9.3f} " + " ".join(f"{c:>15}" for c in cells))
+    unsplit = [r["optimizer"] for r in rows if r.get("stages") is None and not r.get("failed") and not _is_peer(r["optimizer"])]
+    if unsplit:
+        print(f"not split: {', '.join(unsplit)} (compile = true: a clock reading would break its compiled graphs)")
 
 
 def _timed_pairs(plan: BenchPlan) -> list[tuple[str, str]]:
@@ -2363,7 +2454,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         every = bench(
             [*plan.names, *makers], plan.params, **timing, repeat=counts["repeat"], makers=makers,
-            memory_steps=plan.memory_steps,
+            memory_steps=plan.memory_steps, stage_steps=plan.stage_steps,
         )
         rows = every[: len(plan.names)]
         table = scaling(plan.names, plan.widths, **timing, repeat=counts["repeat"], dtype=plan.dtype) if plan.widths else []
@@ -2384,6 +2475,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_ratios(rows, plan)
     if plan.alone:
         _print_matrix_work(every, recorded)
+    if plan.stage_steps:
+        _print_stages(rows, plan.stage_steps, plan.device)
     if table:
         print()
         _print_scaling(table, plan.dtype)
@@ -2420,6 +2513,7 @@ def record(
         **{k: plan.counts[k] for k in ("steps", "warmup", "seed", "repeat")},
         "threads": threads, "device": plan.device, "worlds": list(plan.worlds), "widths": list(plan.widths),
         "ratios": [list(pair) for pair in plan.ratios], "alone": plan.alone, "memory_steps": plan.memory_steps,
+        "stage_steps": plan.stage_steps,
         "retain_freed_memory": {"asked": plan.retain_freed_memory, "retained": bool(retained)},
         "routing": {
             n: {where: {"parameters": count, "numbers": numel} for where, (count, numel) in routing(n, params).items()}
@@ -2589,7 +2683,7 @@ def _json_input_problem(path: Path, optimizers: Sequence[str], model: str | None
 #: default value (each defaults to ``None``, or ``False`` for a switch, so that a given one is told apart)
 _RUN_FLAGS = (
     "d", "layers", "shapes", "model", "dtype", "steps", "warmup", "scaling", "world", "device", "threads", "seed",
-    "repeat", "ratio", "alone", "memory", "json", "retain_freed_memory",
+    "repeat", "ratio", "alone", "memory", "stages", "json", "retain_freed_memory",
 )
 
 
@@ -2633,6 +2727,12 @@ def _record_problem(data: Mapping[str, Any]) -> str | None:
         bad = [k for k in ("mean_ms", "median_ms", "state_bytes") if isinstance(r.get(k), bool) or not isinstance(r.get(k), number)]
         if bad:
             return f"the row of {r['optimizer']!r} holds no number for {', '.join(bad)}"
+        split = r.get("stages")
+        if split is not None and (
+            not isinstance(split, Mapping)
+            or any(isinstance(split.get(k), bool) or not isinstance(split.get(k), (int, float)) for k in _STAGE_COLUMNS)
+        ):
+            return f"the --stages split of {r['optimizer']!r} is not a number for each of {', '.join(_STAGE_COLUMNS)}: {_shown(split)}"
     for r in pairs:
         if isinstance(r.get("ratio"), bool) or not isinstance(r.get("ratio"), number) or not _is_pair(r["pair"]):
             return f"a --ratio entry that is not a pair of two names with a number: {_shown(r)}"
@@ -2725,7 +2825,9 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     step over its matrix work, ``a_alone_ms``/``b_alone_ms``, the replay's mean, and ``a_state``/``b_state``:
     ``"absent"`` where the record did not ask for ``--alone``, ``"unrun"`` where it did and did not time the
     optimizer, ``"none"`` where it did and has no figure (no matrix work recorded, or a replay too short to time),
-    else ``None``; ``differences``, the settings (a mapping's entries
+    else ``None``; ``stages``, per optimizer of either record's one-process table (none where neither asked for
+    ``--stages``), ``a``/``b``, its split by stage slot (:func:`bench`'s ``stages``), and ``a_state``/``b_state`` as
+    ``matrix_work``'s (``"none"``: a peer, or ``compile = true``); ``differences``, the settings (a mapping's entries
     one by one, as ``settings.params.shapes``), versions, machine and load averages that differ, ``(a, b)`` by name.
 
     Figures from two runs compare only as well as the runs' conditions do: the load averages are among the
@@ -2750,10 +2852,31 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         work.append({"optimizer": name, "a": (wa or {}).get("ratio"), "b": (wb or {}).get("ratio"),
                      "a_alone_ms": (wa or {}).get("alone_ms"), "b_alone_ms": (wb or {}).get("alone_ms"),
                      "a_state": _work_state(a, wa, name), "b_state": _work_state(b, wb, name)})
+    stages = []
+    for k, ra, rb in _paired(_rows_of(a), _rows_of(b)):
+        if k[0] is None:  # --stages applies to the one-process table
+            stages.append({"optimizer": k[1], "a": (ra or {}).get("stages"), "b": (rb or {}).get("stages"),
+                           "a_state": _stages_state(a, ra), "b_state": _stages_state(b, rb)})
+    if all(r["a_state"] == r["b_state"] == "absent" for r in stages):
+        stages = []
     differences: dict[str, tuple[Any, Any]] = {}
     for part in ("settings", "versions", "machine", "load_average"):
         _differences(differences, part, a.get(part) or {}, b.get(part) or {}, depth=2)
-    return {"rows": rows, "ratios": pairs, "scaling": scaling, "matrix_work": work, "differences": differences}
+    return {"rows": rows, "ratios": pairs, "scaling": scaling, "matrix_work": work, "stages": stages, "differences": differences}
+
+
+#: the figures of a ``--stages`` split, as a row of a record holds them
+_STAGE_COLUMNS: tuple[str, ...] = ("step_ms", *stage_times.SLOTS, stage_times.OWN)
+
+
+def _stages_state(data: Mapping[str, Any], row: Mapping[str, Any] | None) -> str | None:
+    """``"absent"``: the record did not ask for ``--stages``; ``"unrun"``: it did, and did not time the optimizer;
+    ``"none"``: it did and has no split for it (a peer, ``compile = true``, a failure); else ``None``."""
+    if not (data.get("settings") or {}).get("stage_steps"):
+        return "absent"
+    if row is None:
+        return "unrun"
+    return "none" if row.get("stages") is None else None
 
 
 def _results(data: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -2911,6 +3034,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print()
         print("scaling: mean ms per step at each width, and the step's mean over its matrix work alone in each record")
         _print_paired(scaling, "d", work=True)
+    split = [r for r in found["stages"] if not keep or r["optimizer"] in keep]
+    if split:
+        _print_paired_stages(split)
     work = [r for r in found["matrix_work"] if not keep or r["optimizer"] in keep]
     if work:
         width = max(len(r["optimizer"]) for r in work)
@@ -2922,6 +3048,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 f"B {_work_cell(r['b'], r['b_alone_ms'], r['b_state'])}"
             )
     return 0
+
+
+def _print_paired_stages(rows: list[dict[str, Any]]) -> None:
+    """:func:`compare_records`' ``stages``: each optimizer's split by stage slot in A, then in B."""
+    width = max(14, *(len(r["optimizer"]) for r in rows))
+    columns = _STAGE_COLUMNS
+    print()
+    print("where the step goes (--stages): mean ms per step of the clocked step and of each stage slot, each record's")
+    header = f"{'optimizer':<{width}}    " + " ".join(f"{c.removesuffix('_ms') if c == 'step_ms' else c:>9}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    shown = {"absent": "not asked", "unrun": "not run", "none": "not split (a peer, or compile = true)"}
+    for r in rows:
+        for tag, split, state in (("A", r["a"], r["a_state"]), ("B", r["b"], r["b_state"])):
+            name = r["optimizer"] if tag == "A" else ""
+            cells = shown[state] if state else " ".join(f"{split[c]:>9.3f}" for c in columns)
+            print(f"{name:<{width}} {tag}  {cells}")
 
 
 def _work_cell(ratio: float | None, alone_ms: float | None, state: str | None) -> str:
@@ -3048,6 +3191,13 @@ def add_subcommand(sub: Any) -> None:
         "most one step held at once (step MiB: its temporaries, the scratch kronopt keeps across steps included, and "
         "the new state it writes in; 10 holds a refresh of the presets; "
         f"default {_COUNT_DEFAULTS['memory']}: none; not with --world)",
+    )
+    p.add_argument(
+        "--stages", default=None,
+        help="also step this many more rounds, untimed above, each kronopt optimizer's step split by where it goes: "
+        "its factor estimator, basis, inner rule, split and post stage, and kronopt's own work around them (the "
+        "gradients' stacking and checks, the state writes, bookkeeping); 10 holds a refresh of the presets "
+        f"(default {_COUNT_DEFAULTS['stages']}: none; not with --world)",
     )
     p.add_argument(
         "--json", metavar="FILE",
