@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/results.md in one run, from the repository root:
 #   1. the tests marked `gpu` (CUDA-only paths, no host synchronisation in the step);
-#   2. the peers table of "Step time against other libraries" at d = D (default 1024), with the
-#      issue's target ratios;
-#   3. many small matrices: kronopt's stacked buckets against the peers' per-parameter loops;
+#   2. the peers table of "Step time against other libraries" at d = D (default 1024), with the issue's
+#      target ratios, and each kronopt step split by stage slot (`--stages`);
+#   3. many small matrices: kronopt's stacked buckets against the peers' per-parameter loops (and the split);
 #   4. the width scaling of soap, dykaf and kl_shampoo against their matrix work alone;
 #   5. what `compile = true`, bfloat16 state storage and Newton–Schulz on the Gram matrix (`ns_form = "gram"`,
 #      in bfloat16 and in float16) buy (TOML copies of the presets);
@@ -64,14 +64,15 @@ peers="torch.AdamW adamw torch.Muon muon soap:SOAP pytorch_optimizer.SOAP soap d
     kl_shampoo pro_kl_shampoo"
 # shellcheck disable=SC2086  # the lists split on purpose
 part 2_peers_d$d 110 $bench --warmup "$warmup" $peers --d "$d" --layers "$layers" --repeat 2 $ratios \
-    --json "$out/2_peers_d$d.json"
+    --stages 10 --json "$out/2_peers_d$d.json"
 
 # 2·SMALL matrices of two small shapes: one stacked call per shape for kronopt, one per parameter for the peers
 shapes=$($py -c "print(','.join(['128x128'] * $small + ['512x128'] * $small))")
 part 3_small 60 $bench --warmup "$warmup" soap:SOAP pytorch_optimizer.SOAP heavyball.SOAP soap \
     heavyball.KLShampoo kl_shampoo torch.Muon muon torch.AdamW adamw --shapes "$shapes" --repeat 2 \
     --ratio soap/soap:SOAP --ratio soap/pytorch_optimizer.SOAP --ratio soap/heavyball.SOAP \
-    --ratio kl_shampoo/heavyball.KLShampoo --ratio muon/torch.Muon --ratio adamw/torch.AdamW --json "$out/3_small.json"
+    --ratio kl_shampoo/heavyball.KLShampoo --ratio muon/torch.Muon --ratio adamw/torch.AdamW --stages 10 \
+    --json "$out/3_small.json"
 
 part 4_scaling 80 $py -m kronopt.app bench soap dykaf kl_shampoo --device "$device" --scaling "$widths" \
     --d 64 --layers 1 --steps 20 --warmup 2 --json "$out/4_scaling.json"
