@@ -684,6 +684,25 @@ def momentum_block_is_safe(dtype: torch.dtype, g_abs: float, buf_abs: float) -> 
     return math.isfinite(g_abs) and math.isfinite(buf_abs) and max(g_abs, buf_abs) < torch.finfo(dtype).max / 4
 
 
+def muon_look_ahead(buf: Tensor, g: Tensor, weight: float, *, out: Tensor) -> Tensor:
+    """Plain Muon's look-ahead of one block into ``out`` (the CPU's block-by-block form,
+    :meth:`kronopt.KronOptimizer._step_plain_muon`): the momentum ``buf`` moved ``weight`` of the way to the
+    gradient ``g`` (``1 − μ²`` with Nesterov; ``1 − μ`` without it, the new momentum itself)."""
+    return torch.lerp(buf, g, weight, out=out)
+
+
+def muon_block_direction(O: Tensor, scale: float, *, out: Tensor) -> Tensor:
+    """Plain Muon's direction of one block into ``out``: its orthogonalised look-ahead ``O`` times the shape
+    factor ``scale``."""
+    return out.copy_(O).mul_(scale)
+
+
+def muon_momentum_(buf: Tensor, g: Tensor, momentum: float) -> None:
+    """Plain Muon's momentum of one block advanced in place once its direction is written:
+    ``buf ← μ buf + (1 − μ) g``."""
+    buf.lerp_(g, 1 - momentum)
+
+
 def adam_step(
     cfg: KronConfig, state: BucketState, grads: Sequence[Tensor], out: tuple[Tensor, Tensor, Tensor]
 ) -> tuple[Tensor, BucketState]:

@@ -2093,7 +2093,7 @@ class KronOptimizer(torch.optim.Optimizer):
         extremes = []
         for k, (p, g) in enumerate(zip(bucket.params, grads)):
             extremes.extend([*self._grad_extremes(p.grad), *torch.aminmax(buf[k])])  # type: ignore[arg-type]
-            torch.lerp(buf[k], g, w, out=U[k])  # the look-ahead (without Nesterov: the new momentum) while in cache
+            compose.muon_look_ahead(buf[k], g, w, out=U[k])  # the look-ahead (without Nesterov: the new momentum), in cache
         bounds = torch.stack(extremes).view(-1, 4).abs_().tolist()
         if not all(compose.momentum_block_is_safe(buf.dtype, max(g0, g1), max(b0, b1)) for g0, g1, b0, b1 in bounds):
             return False  # a non-finite or huge gradient, or a huge momentum: the general path's guards decide
@@ -2104,12 +2104,12 @@ class KronOptimizer(torch.optim.Optimizer):
         for lo, hi, _, _, factors in self._run_factors(bucket, cfg.post, buf):  # each run of one group's blocks
             for k in range(lo, hi):
                 p, g = bucket.params[k], grads[k]
-                direction = D.copy_(O[k]).mul_(s)
+                direction = compose.muon_block_direction(O[k], s, out=D)
                 good = all(map(math.isfinite, torch.stack(torch.aminmax(direction)).tolist()))
                 verdicts.append(good)
                 if good and whole:
                     cfg.post.apply_block_(p, direction, factors)
-                    buf[k].lerp_(g, 1 - inner.momentum)  # type: ignore[union-attr]
+                    compose.muon_momentum_(buf[k], g, inner.momentum)  # type: ignore[union-attr]
         report = self._count_plain(bucket, verdicts, step_ok)
         if report is not None:
             self._pending.append(report)

@@ -1061,8 +1061,7 @@ def bench(
     split by stage slot (:mod:`kronopt.app.stage_times`): ``stages`` is the mean ms per step of its factor
     estimator, basis, inner rule, split and post stage, of kronopt's own work around them (``kronopt``: the
     gradients' stacking and checks, the state writes, bookkeeping and Python) and of the clocked steps themselves
-    (``step_ms``); ``None`` for a peer, a stand-in of ``makers``, an optimizer with ``compile = true`` (a clock
-    reading would break its graphs) and without ``stage_steps``.
+    (``step_ms``); ``None`` for a peer, a stand-in of ``makers`` and without ``stage_steps``.
 
     ``fault_bytes`` is the memory an optimizer's timed step took fresh from the operating system, on
     the mean: the process's minor page faults during its steps (:func:`_minor_faults`, every thread's)
@@ -1348,12 +1347,10 @@ def _bench_once(
 def _split_by_stage(runs: list[dict[str, Any]], grads: list[list[Tensor]], rounds: range, sync: Callable[[], None]) -> None:
     """Step each kronopt optimizer of ``runs`` once per round of ``rounds`` (in turn, the same gradients as the timed
     rounds') with its stages' methods on a :class:`~kronopt.app.stage_times.StageClock`, and put in its run's
-    ``stages`` the split of its mean step (:func:`~kronopt.app.stage_times.split_ms`). Peers, stand-ins and
-    optimizers with ``compile = true`` are not split. ``sync`` waits for the device (also at each stage's edges)."""
-    split = [
-        run for run in runs
-        if not run["failed"] and isinstance(run["opt"], kronopt.KronOptimizer) and not stage_times.compiled(run["opt"])
-    ]
+    ``stages`` the split of its mean step (:func:`~kronopt.app.stage_times.split_ms`). Peers and stand-ins are
+    not split. ``sync`` waits for the device (also at each stage's edges). The rounds step the optimizers in the
+    order named (the timed rounds' orders are drawn, :func:`_round_order`): the clocked step is its own mean."""
+    split = [run for run in runs if not run["failed"] and isinstance(run["opt"], kronopt.KronOptimizer)]
     if not split:
         return
     clocks = {id(run): stage_times.StageClock(None if sync is _no_sync else sync) for run in split}
@@ -2158,26 +2155,24 @@ def _print_stages(rows: list[dict[str, Any]], rounds: int, device: str) -> None:
     print()
     waits = "" if device == "cpu" else "; the device waited for at each stage's edges"
     print(
-        f"where the step goes (--stages: {rounds} more rounds, each step split by stage slot{waits}): mean ms per step "
+        f"where the step goes (--stages: {rounds} more round{'s' if rounds != 1 else ''}, each step split by stage "
+        f"slot{waits}): mean ms per step "
         f"and share of the clocked step; {stage_times.OWN}: the gradients' stacking and checks, the state writes, "
         "bookkeeping and Python around the stages"
     )
     if not split:
-        print("no kronopt optimizer to split (peers are not split, nor optimizers with compile = true)")
+        print("no kronopt optimizer to split (peers are not split)")
         return
     columns = (*stage_times.SLOTS, stage_times.OWN)
     width = max(14, *(len(r["optimizer"]) for r in split))
-    header = f"{'optimizer':<{width}} {'step ms':>9} " + " ".join(f"{c:>15}" for c in columns)
+    header = f"{'optimizer':<{width}} {'step ms':>9} " + " ".join(f"{c:>16}" for c in columns)
     print(header)
     print("-" * len(header))
     for r in split:
         s = r["stages"]
         total = s["step_ms"]
         cells = [f"{s[c]:>8.3f} ({100 * s[c] / total if total > 0 else 0:3.0f} %)" for c in columns]
-        print(f"{r['optimizer']:<{width}} {total:>9.3f} " + " ".join(f"{c:>15}" for c in cells))
-    unsplit = [r["optimizer"] for r in rows if r.get("stages") is None and not r.get("failed") and not _is_peer(r["optimizer"])]
-    if unsplit:
-        print(f"not split: {', '.join(unsplit)} (compile = true: a clock reading would break its compiled graphs)")
+        print(f"{r['optimizer']:<{width}} {total:>9.3f} " + " ".join(f"{c:>16}" for c in cells))
 
 
 def _timed_pairs(plan: BenchPlan) -> list[tuple[str, str]]:
@@ -2827,7 +2822,7 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     optimizer, ``"none"`` where it did and has no figure (no matrix work recorded, or a replay too short to time),
     else ``None``; ``stages``, per optimizer of either record's one-process table (none where neither asked for
     ``--stages``), ``a``/``b``, its split by stage slot (:func:`bench`'s ``stages``), and ``a_state``/``b_state`` as
-    ``matrix_work``'s (``"none"``: a peer, or ``compile = true``); ``differences``, the settings (a mapping's entries
+    ``matrix_work``'s (``"none"``: a peer); ``differences``, the settings (a mapping's entries
     one by one, as ``settings.params.shapes``), versions, machine and load averages that differ, ``(a, b)`` by name.
 
     Figures from two runs compare only as well as the runs' conditions do: the load averages are among the
@@ -2861,9 +2856,15 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         stages = []
     differences: dict[str, tuple[Any, Any]] = {}
     for part in ("settings", "versions", "machine", "load_average"):
-        _differences(differences, part, a.get(part) or {}, b.get(part) or {}, depth=2)
+        left, right = a.get(part) or {}, b.get(part) or {}
+        if part == "settings":  # a record written before a setting existed ran without it
+            left, right = {**_SETTINGS_BEFORE, **left}, {**_SETTINGS_BEFORE, **right}
+        _differences(differences, part, left, right, depth=2)
     return {"rows": rows, "ratios": pairs, "scaling": scaling, "matrix_work": work, "stages": stages, "differences": differences}
 
+
+#: the settings a record written before they existed ran with: ``--stages`` unasked
+_SETTINGS_BEFORE: dict[str, Any] = {"stage_steps": 0}
 
 #: the figures of a ``--stages`` split, as a row of a record holds them
 _STAGE_COLUMNS: tuple[str, ...] = ("step_ms", *stage_times.SLOTS, stage_times.OWN)
@@ -2871,7 +2872,7 @@ _STAGE_COLUMNS: tuple[str, ...] = ("step_ms", *stage_times.SLOTS, stage_times.OW
 
 def _stages_state(data: Mapping[str, Any], row: Mapping[str, Any] | None) -> str | None:
     """``"absent"``: the record did not ask for ``--stages``; ``"unrun"``: it did, and did not time the optimizer;
-    ``"none"``: it did and has no split for it (a peer, ``compile = true``, a failure); else ``None``."""
+    ``"none"``: it did and has no split for it (a peer, a failure); else ``None``."""
     if not (data.get("settings") or {}).get("stage_steps"):
         return "absent"
     if row is None:
@@ -3059,7 +3060,7 @@ def _print_paired_stages(rows: list[dict[str, Any]]) -> None:
     header = f"{'optimizer':<{width}}    " + " ".join(f"{c.removesuffix('_ms') if c == 'step_ms' else c:>9}" for c in columns)
     print(header)
     print("-" * len(header))
-    shown = {"absent": "not asked", "unrun": "not run", "none": "not split (a peer, or compile = true)"}
+    shown = {"absent": "not asked", "unrun": "not run", "none": "not split (a peer)"}
     for r in rows:
         for tag, split, state in (("A", r["a"], r["a_state"]), ("B", r["b"], r["b_state"])):
             name = r["optimizer"] if tag == "A" else ""

@@ -1,24 +1,28 @@
 """Where a kronopt optimizer's step spends its time, by stage slot (``kronopt bench --stages``).
 
 While a :class:`StageClock` is installed (:meth:`StageClock.installed`), the methods of every stage a
-kronopt optimizer holds (the slots' methods, :data:`SLOT_METHODS`) and the few functions of kronopt that do
-a slot's work outside them (:data:`SLOT_FUNCTIONS`: a factor update left to the state write, the CPU's
-plain AdamW, the batched parameter write) are wrapped; while the clock runs (:meth:`StageClock.running`),
+kronopt optimizer holds (the slots' methods, :data:`SLOT_METHODS`; plain functions, static and class methods,
+nothing else a class may hold under such a name) and the few functions of kronopt that do a slot's work
+outside them (:data:`SLOT_FUNCTIONS`: a factor update left to the state write, the CPU's plain AdamW and
+plain Muon, the batched parameter write) are wrapped; while the clock runs (:meth:`StageClock.running`),
 each wrapped call adds its time to its slot, less the time of the wrapped calls it makes itself (an inner
 rule's moment read by a split counts as the inner rule's, not twice). What the step spends outside them
 is kronopt's own (:data:`OWN`): stacking the gradients and checking them, the state writes, the
 bookkeeping and the Python around it all.
 
-Wrapped or not, a stage computes what it would: the wrappers only read the clock. On an accelerator the
-clock waits for the device at each boundary (``sync``), so the split is that of a step whose stages run one
-after another, host and device in step; the bench reports that step's own mean beside the split. Only the
-bench's process is ever patched, and only for as long as the ``with`` block lasts.
+Wrapped or not, a stage computes what it would: the wrappers only read the clock (a microsecond or two a
+call, counted in kronopt's own share). A ``compile = true`` config's compiled kernels run inside the stages'
+methods, so they are timed as eager ones are. On an accelerator the clock waits for the device at each
+boundary (``sync``), so the split is that of a step whose stages run one after another, host and device in
+step; the bench reports that step's own mean beside the split. Only the bench's process is ever patched, and
+only for as long as the ``with`` block lasts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -40,13 +44,17 @@ SLOT_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 #: kronopt's functions that do a slot's work outside the stages' methods: a factor update left to the state write
-#: (:func:`kronopt.compose.run_deferred_`), the CPU's plain AdamW, whose rule and write are one (fused) kernel
-#: or one pass per block (counted as the inner rule's), and the parameter writes of many buckets at once
+#: (:func:`kronopt.compose.run_deferred_`), the CPU's plain AdamW, whose rule and parameter write are one (fused)
+#: kernel or one pass per block (counted as the inner rule's), the CPU's plain Muon's momentum, look-ahead and
+#: direction around its stage's ``orthogonalize``, and the parameter writes of many buckets at once
 SLOT_FUNCTIONS: tuple[tuple[Any, str, str], ...] = (
     (compose, "run_deferred_", "factors"),
     (compose, "adam_step", "inner"),
     (compose, "adam_block", "inner"),
     (compose, "fused_adamw_", "inner"),
+    (compose, "muon_look_ahead", "inner"),
+    (compose, "muon_block_direction", "inner"),
+    (compose, "muon_momentum_", "inner"),
     (post, "apply_together_", "post"),
 )
 
@@ -98,8 +106,9 @@ class StageClock:
     @contextlib.contextmanager
     def installed(stages: Iterable[tuple[str, Any]]) -> Iterator[None]:
         """Wrap, for the block, the slot methods of ``stages`` (``(slot, stage)`` pairs: each method where the
-        stage's class finds it, once however many stages share it) and :data:`SLOT_FUNCTIONS`; everything is
-        put back as it was when the block ends, even by an exception."""
+        stage's class finds it, once however many stages share it; a name that holds anything but a function, a
+        static or a class method there, such as an option's slot, is left alone) and :data:`SLOT_FUNCTIONS`;
+        everything is put back as it was when the block ends, even by an exception."""
         undo: list[Callable[[], None]] = []
         done: set[tuple[int, str]] = set()
         try:
@@ -109,13 +118,22 @@ class StageClock:
                     if owner is None or owner is object or (id(owner), name) in done:
                         continue
                     done.add((id(owner), name))
-                    undo.append(_wrap(owner, name, slot))
+                    if _function_of(vars(owner)[name]) is not None:
+                        undo.append(_wrap(owner, name, slot))
             for module, name, slot in SLOT_FUNCTIONS:
                 undo.append(_wrap(module, name, slot))
             yield
         finally:
             for put_back in reversed(undo):
                 put_back()
+
+
+def _function_of(member: Any) -> Callable[..., Any] | None:
+    """The plain function behind a class member (itself, or a static or class method's), else ``None``: an
+    attrs slot, a property, ``functools.singledispatchmethod`` or ``partialmethod`` is not wrapped (calling
+    a wrapper in its place would read an option as a method, or fail)."""
+    fn = member.__func__ if isinstance(member, (staticmethod, classmethod)) else member
+    return fn if inspect.isfunction(fn) else None
 
 
 def _wrap(owner: Any, name: str, slot: str) -> Callable[[], None]:
@@ -149,12 +167,6 @@ def stages_of(optimizer: Any) -> list[tuple[str, Any]]:
     bucket's, overrides included)."""
     configs = list(optimizer._group_cfgs) + [optimizer._bucket_config(b) for b in optimizer._buckets]
     return [(slot, getattr(cfg, slot)) for cfg in configs for slot in SLOTS]
-
-
-def compiled(optimizer: Any) -> bool:
-    """Whether a group of the optimizer runs parts of its step under ``torch.compile`` (``compile = true``): a
-    wrapper's clock reading would break the compiled graph, so such an optimizer's step is not split."""
-    return any(cfg.compile for cfg in optimizer._group_cfgs)
 
 
 def split_ms(clock: StageClock, step_seconds: float, steps: int) -> dict[str, float]:
