@@ -333,6 +333,8 @@ class _Bucket:
     groups: list[int] | None = None
     #: :attr:`runs`, made once
     _runs: list[tuple[int, int, int]] | None = attrs.field(default=None, init=False)
+    #: a CPU's plain AdamW: bounds on each block's moments carried from step to step (:class:`_MomentBounds`)
+    moment_bounds: "_MomentBounds | None" = attrs.field(default=None, init=False)
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
         """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
@@ -2182,12 +2184,19 @@ class KronOptimizer(torch.optim.Optimizer):
         judged = iter(self._adam_small_verdicts(small, terms, runs))
         fused: dict[tuple, tuple[KronConfig, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         verdicts: list[list[bool]] = []
+        carried: list[tuple[_Bucket, KronConfig, list[tuple[float, float, float]], list[bool]]] = []
         for (bucket, cfg, grads), (ms, vs), these in zip(work, moments, places):
             state = bucket.state
             t = state.step + 1  # type: ignore[union-attr]
             safe: list[bool | None] = [None] * len(bucket.params)
             for i in these:
                 safe[i] = next(judged)
+            # a bucket of large blocks judged this step: its moments' bounds from the last step's where they hold
+            # (_MomentBounds.valid), else read; each block's (max |g|, max |m|, max v) and whether it was written
+            known = _MomentBounds.valid(bucket) if whole and not these else None
+            bucket.moment_bounds = None  # made again below, once this step's writes are done
+            used: list[tuple[float, float, float]] = []
+            written: list[bool] = []
             # the block-sized scratch set is taken only where a block is computed outside the fused kernel: a run
             # whose blocks all go through it (torch's AdamW arithmetic, proven finite) keeps no scratch at all
             out: tuple[Tensor, Tensor, Tensor] | None = None
@@ -2199,7 +2208,16 @@ class KronOptimizer(torch.optim.Optimizer):
                 m, v = ms[i], vs[i]
                 verdict = safe[i]
                 if verdict is None and whole:  # a large block's bounds are read right before its work, in cache
-                    verdict = compose.adam_block_is_safe(cfg, t, m.dtype, *self._adam_bounds(p.grad, m, v))  # type: ignore[arg-type]
+                    bounds = None
+                    if known is not None:  # its moments' from the last step's, its gradient's from the step's check
+                        bounds = (_abs_bound(*torch.stack(self._grad_extremes(p.grad)).tolist()), known.m[i], known.v[i])  # type: ignore[arg-type]
+                        if not compose.adam_block_is_safe(cfg, t, m.dtype, *bounds):
+                            bounds = None  # the test is monotone in its bounds: a looser one says no first, so read them
+                    if bounds is None:
+                        bounds = self._adam_bounds(p.grad, m, v)  # type: ignore[arg-type]
+                    used.append(bounds)
+                    verdict = compose.adam_block_is_safe(cfg, t, m.dtype, *bounds)
+                written.append(bool(verdict))  # a block the scratch path takes: decided below
                 if verdict:
                     # finite whatever the entries: computed in place, nothing to check or copy
                     mine.append(True)
@@ -2217,11 +2235,14 @@ class KronOptimizer(torch.optim.Optimizer):
                 D = compose.adam_block(cfg, t, m, v, g, out)
                 good = bool(_plain_adam_ok(out[1][None], D[None]))
                 mine.append(good)
+                written[-1] = good and whole
                 if good and whole:
                     cfg.post.apply_block_(p, D, factors)
                     m.copy_(out[0])
                     v.copy_(out[1])
             verdicts.append(mine)
+            if len(used) == len(bucket.params):
+                carried.append((bucket, cfg, used, written))
         for (_, _, lr, weight_decay, t, _), (cfg, blocks) in fused.items():
             if not blocks:
                 continue
@@ -2232,6 +2253,8 @@ class KronOptimizer(torch.optim.Optimizer):
             report = self._count_plain(bucket, mine, step_ok)
             if report is not None:
                 reports[id(bucket)] = report
+        for bucket, cfg, used, written in carried:  # every write and count of the step made: what its moments now keep
+            bucket.moment_bounds = _MomentBounds.after(bucket, cfg.inner.betas, used, written)
         return reports
 
     def _run_factors(self, bucket: _Bucket, post_: post.Post, like: Tensor) -> Iterator[tuple[int, int, Any, Any, tuple[Tensor, Tensor | None]]]:
@@ -3447,7 +3470,68 @@ def _foreach_extremes(tensors: list[Tensor]) -> Tensor:
 
 def _bounds(g_lo: float, g_hi: float, m_lo: float, m_hi: float, v_hi: float) -> tuple[float, float, float]:
     """``(max |g|, max |m|, max v)`` of a block from its extremes (NaN where ``g`` holds one)."""
-    return (math.nan if math.isnan(g_lo + g_hi) else max(-g_lo, g_hi)), max(-m_lo, m_hi), v_hi
+    return _abs_bound(g_lo, g_hi), max(-m_lo, m_hi), v_hi
+
+
+def _abs_bound(lo: float, hi: float) -> float:
+    """``max |x|`` of a tensor from its smallest and largest entries (NaN where one is)."""
+    return math.nan if math.isnan(lo + hi) else max(-lo, hi)
+
+
+@attrs.frozen
+class _MomentBounds:
+    r"""Upper bounds on a plain AdamW bucket's moments, block by block (``m`` of :math:`|m|`, ``v`` of :math:`v`),
+    carried from one step to the next on a CPU, so that :meth:`KronOptimizer._step_plain_adams` proves a large
+    block's in-place update finite (:func:`compose.adam_block_is_safe`) without reading its moments again. A step
+    moves a block's moments to :math:`\beta_1 m + (1-\beta_1) g` and :math:`\beta_2 v + (1-\beta_2) g^2`, so from
+    the gradient's bound :math:`G` (read by the step's check anyway) the new bounds are
+    :math:`\beta_1 M + (1-\beta_1) G` and :math:`\beta_2 V + (1-\beta_2) G^2`, each plus four units of rounding of
+    its larger term. They hold only for the stacks they were made on, at the versions and the step count those
+    were left with: any other write (a load, an edit of ``state[p]``, another path's step, a join or a cut) moves
+    one of them, and the next step reads the moments again. A write through ``.data`` moves no version (nor does
+    torch's fused AdamW kernel, this path's own writes: the versions are taken after them)."""
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    versions: tuple[int, int]
+    step: int
+    m: list[float]
+    v: list[float]
+
+    @staticmethod
+    def valid(bucket: "_Bucket") -> "_MomentBounds | None":
+        """The bucket's bounds where they still hold for its moments as they are now, else ``None``."""
+        known = getattr(bucket, "moment_bounds", None)  # (an optimizer pickled before the bounds has none)
+        inner = bucket.state.inner  # type: ignore[union-attr]
+        if known is None or known.exp_avg is not inner.exp_avg or known.exp_avg_sq is not inner.exp_avg_sq:
+            return None
+        if known.step != bucket.state.step or known.versions != (inner.exp_avg._version, inner.exp_avg_sq._version):  # type: ignore[union-attr]
+            return None
+        return known
+
+    @staticmethod
+    def after(
+        bucket: "_Bucket", betas: tuple[float, float], used: list[tuple[float, float, float]], written: list[bool]
+    ) -> "_MomentBounds | None":
+        """The bounds the bucket's moments keep after a step judged with ``used`` (each block's ``(max |g|, max |m|,
+        max v)``) that wrote the blocks flagged in ``written``; ``None`` where one is not finite, or the stacks
+        keep no version counter (inference tensors): the next step reads the moments."""
+        inner = bucket.state.inner  # type: ignore[union-attr]
+        exp_avg, exp_avg_sq = inner.exp_avg, inner.exp_avg_sq  # type: ignore[union-attr]
+        if exp_avg.is_inference() or exp_avg_sq.is_inference():
+            return None
+        beta1, beta2 = betas
+        u = 4 * torch.finfo(exp_avg.dtype).eps
+        ms, vs = [], []
+        for (g, m, v), wrote in zip(used, written):
+            if wrote:
+                g2 = g * g
+                m, v = beta1 * m + (1 - beta1) * g + u * max(m, g), beta2 * v + (1 - beta2) * g2 + u * max(v, g2)
+            if not (math.isfinite(m) and math.isfinite(v)):
+                return None
+            ms.append(m)
+            vs.append(v)
+        return _MomentBounds(exp_avg, exp_avg_sq, (exp_avg._version, exp_avg_sq._version), bucket.state.step, ms, vs)  # type: ignore[union-attr]
 
 
 def _plain_adam_ok(v: Tensor, D: Tensor) -> Tensor:
