@@ -782,11 +782,19 @@ def adam_block_is_safe_of_terms(terms: tuple[float, float, float], g_abs: float,
 
 
 def adam_safety_terms(cfg: KronConfig, t: int, dtype: torch.dtype) -> tuple[float, float, float]:
-    """:func:`adam_block_is_safe`'s terms of a config at update ``t`` in ``dtype``: ``(eps, c1, big)``, the
-    bias correction's :math:`1-\beta_1^t` (1 without it) and a quarter of the dtype's largest value."""
+    """:func:`adam_block_is_safe`'s terms of a config at update ``t`` in ``dtype``: ``(eps, c1, big)``, ``eps`` as
+    the dtype holds it (the kernels add it in that dtype: an ``eps`` below its smallest subnormal number is 0
+    there, and proves nothing), the bias correction's :math:`1-\beta_1^t` (1 without it) and a quarter of the
+    dtype's largest value."""
     inner = cfg.inner
     c1 = 1 - inner.betas[0] ** t if inner.bias_correction else 1.0
-    return inner.eps, c1, torch.finfo(dtype).max / 4
+    return _held_as(inner.eps, dtype), c1, torch.finfo(dtype).max / 4
+
+
+@functools.lru_cache(maxsize=64)
+def _held_as(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to ``dtype`` (and back to a Python float)."""
+    return float(torch.tensor(x, dtype=torch.float64).to(dtype))
 
 
 def adam_blocks_are_safe(extremes: Tensor, terms: Tensor) -> Tensor:

@@ -87,7 +87,7 @@ _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-p
 #: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
 #: wrapper holds the original), which torch's own ``Optimizer.__getstate__`` leaves out too
 _NOT_COPIED = frozenset({
-    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_kept_scratch", "step", "_opt_called",
+    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_kept_scratch", "_moment_bounds", "step", "_opt_called",
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
@@ -333,8 +333,6 @@ class _Bucket:
     groups: list[int] | None = None
     #: :attr:`runs`, made once
     _runs: list[tuple[int, int, int]] | None = attrs.field(default=None, init=False)
-    #: a CPU's plain AdamW: bounds on each block's moments carried from step to step (:class:`_MomentBounds`)
-    moment_bounds: "_MomentBounds | None" = attrs.field(default=None, init=False)
 
     def subset(self, keep: list[int], plan: "distributed.GatherPlan | distributed.ShardPlan | None" = None, **layout: int) -> "_Bucket":
         """The stateless bucket of the blocks at ``keep`` (positions in :attr:`params`), with ``plan``;
@@ -2193,8 +2191,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 safe[i] = next(judged)
             # a bucket of large blocks judged this step: its moments' bounds from the last step's where they hold
             # (_MomentBounds.valid), else read; each block's (max |g|, max |m|, max v) and whether it was written
-            known = _MomentBounds.valid(bucket) if whole and not these else None
-            bucket.moment_bounds = None  # made again below, once this step's writes are done
+            held = self._carried_bounds().pop(bucket, None)  # made again below, once this step's writes are done
+            known = _MomentBounds.valid(held, bucket) if whole and not these else None
             used: list[tuple[float, float, float]] = []
             written: list[bool] = []
             # the block-sized scratch set is taken only where a block is computed outside the fused kernel: a run
@@ -2254,7 +2252,9 @@ class KronOptimizer(torch.optim.Optimizer):
             if report is not None:
                 reports[id(bucket)] = report
         for bucket, cfg, used, written in carried:  # every write and count of the step made: what its moments now keep
-            bucket.moment_bounds = _MomentBounds.after(bucket, cfg.inner.betas, used, written)
+            after = _MomentBounds.after(bucket, cfg.inner.betas, used, written)
+            if after is not None:
+                self._carried_bounds()[bucket] = after
         return reports
 
     def _run_factors(self, bucket: _Bucket, post_: post.Post, like: Tensor) -> Iterator[tuple[int, int, Any, Any, tuple[Tensor, Tensor | None]]]:
@@ -2399,6 +2399,15 @@ class KronOptimizer(torch.optim.Optimizer):
         unread = [g for g, row in zip(grads, rows) if row is None]
         read = iter(_foreach_extremes(unread).unbind(0))
         return torch.stack([next(read) if row is None else row for row in rows])  # type: ignore[misc]
+
+    def _carried_bounds(self) -> "weakref.WeakKeyDictionary[_Bucket, _MomentBounds]":
+        """Plain AdamW's moment bounds by bucket (:class:`_MomentBounds`), a bucket's gone with it; not copied
+        with the optimizer (a copy's stacks are other tensors, whose version counters start again), so a copy
+        or an unpickled optimizer reads its moments at its first step."""
+        found = self.__dict__.get("_moment_bounds")
+        if found is None:
+            found = self.__dict__["_moment_bounds"] = weakref.WeakKeyDictionary()
+        return found
 
     def _scratch(self, bucket: _Bucket, *, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Three tensors shaped like the bucket's moments (``batched``) or like one block of them, for
@@ -3486,24 +3495,26 @@ class _MomentBounds:
     moves a block's moments to :math:`\beta_1 m + (1-\beta_1) g` and :math:`\beta_2 v + (1-\beta_2) g^2`, so from
     the gradient's bound :math:`G` (read by the step's check anyway) the new bounds are
     :math:`\beta_1 M + (1-\beta_1) G` and :math:`\beta_2 V + (1-\beta_2) G^2`, each plus four units of rounding of
-    its larger term. They hold only for the stacks they were made on, at the versions and the step count those
-    were left with: any other write (a load, an edit of ``state[p]``, another path's step, a join or a cut) moves
-    one of them, and the next step reads the moments again. A write through ``.data`` moves no version (nor does
-    torch's fused AdamW kernel, this path's own writes: the versions are taken after them)."""
+    its larger term and the dtype's smallest normal number (rounding among subnormal numbers is absolute, and a
+    moment there can stop decaying). They hold only for the stacks they were made on (held weakly), at the version
+    counters and the step count those were left with: every write torch counts (an edit of ``state[p]``, a load, a
+    join or a cut, another path's step) moves one of them, and the next step reads the moments again. Writes torch
+    does not count, through ``.data``, NumPy, DLPack or the storage, are not seen (nor are torch's fused AdamW
+    kernel's, this path's own writes: the versions are taken after them); the optimizer's copies start without
+    bounds (:meth:`KronOptimizer._carried_bounds`)."""
 
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
+    exp_avg: "weakref.ref[Tensor]"
+    exp_avg_sq: "weakref.ref[Tensor]"
     versions: tuple[int, int]
     step: int
     m: list[float]
     v: list[float]
 
     @staticmethod
-    def valid(bucket: "_Bucket") -> "_MomentBounds | None":
-        """The bucket's bounds where they still hold for its moments as they are now, else ``None``."""
-        known = getattr(bucket, "moment_bounds", None)  # (an optimizer pickled before the bounds has none)
+    def valid(known: "_MomentBounds | None", bucket: "_Bucket") -> "_MomentBounds | None":
+        """``known`` where it still holds for the bucket's moments as they are now, else ``None``."""
         inner = bucket.state.inner  # type: ignore[union-attr]
-        if known is None or known.exp_avg is not inner.exp_avg or known.exp_avg_sq is not inner.exp_avg_sq:
+        if known is None or known.exp_avg() is not inner.exp_avg or known.exp_avg_sq() is not inner.exp_avg_sq:
             return None
         if known.step != bucket.state.step or known.versions != (inner.exp_avg._version, inner.exp_avg_sq._version):  # type: ignore[union-attr]
             return None
@@ -3521,17 +3532,20 @@ class _MomentBounds:
         if exp_avg.is_inference() or exp_avg_sq.is_inference():
             return None
         beta1, beta2 = betas
-        u = 4 * torch.finfo(exp_avg.dtype).eps
+        info = torch.finfo(exp_avg.dtype)
+        u, tiny = 4 * info.eps, info.tiny
         ms, vs = [], []
         for (g, m, v), wrote in zip(used, written):
             if wrote:
                 g2 = g * g
-                m, v = beta1 * m + (1 - beta1) * g + u * max(m, g), beta2 * v + (1 - beta2) * g2 + u * max(v, g2)
+                m = beta1 * m + (1 - beta1) * g + u * max(m, g) + tiny
+                v = beta2 * v + (1 - beta2) * g2 + u * max(v, g2) + tiny
             if not (math.isfinite(m) and math.isfinite(v)):
                 return None
             ms.append(m)
             vs.append(v)
-        return _MomentBounds(exp_avg, exp_avg_sq, (exp_avg._version, exp_avg_sq._version), bucket.state.step, ms, vs)  # type: ignore[union-attr]
+        versions = (exp_avg._version, exp_avg_sq._version)
+        return _MomentBounds(weakref.ref(exp_avg), weakref.ref(exp_avg_sq), versions, bucket.state.step, ms, vs)  # type: ignore[union-attr]
 
 
 def _plain_adam_ok(v: Tensor, D: Tensor) -> Tensor:

@@ -2,10 +2,12 @@
 
 A large block's in-place update is proven finite from bounds on its moments; after a step the bounds come from
 the last step's and the gradient's, not from reading the moments again. Checked: the bounds hold the moments
-(every step, gradients of changing scale), the moments are read once and then no more, every result is the same
-bits as with the moments read each step, and anything that writes the moments otherwise (an edit of
-``state[p]``, a load, a skipped step) makes the next step read them again, so a huge moment put there by hand
-is still refused before it reaches a parameter.
+(every step, gradients of changing scale, subnormal moments that stop decaying), the moments are read once and
+then no more, every result is the same bits as with the moments read each step (also with gradients at the safety
+test's thresholds, where blocks go through the checked scratch path and back), and anything that writes the
+moments otherwise (an edit of ``state[p]``, a load, a copy of the optimizer, a skipped step) makes the next step
+read them again, so a huge moment put there by hand is still refused before it reaches a parameter; an ``eps``
+that the state's dtype rounds to 0 proves nothing.
 """
 
 import copy
@@ -44,7 +46,7 @@ def _step(opt, params, grads):
 def never_carried(monkeypatch):
     """The moments read at every step, as before the bounds were carried."""
     def off():
-        monkeypatch.setattr(kopt._MomentBounds, "valid", staticmethod(lambda bucket: None))
+        monkeypatch.setattr(kopt._MomentBounds, "valid", staticmethod(lambda known, bucket: None))
     return off
 
 
@@ -76,7 +78,7 @@ def test_the_bounds_hold_the_moments_at_every_step():
         largest = max(largest, *(g.abs().max().item() for g in grads))
         _step(opt, params, grads)
         for bucket in opt._buckets:
-            known = bucket.moment_bounds
+            known = opt._carried_bounds().get(bucket)
             assert known is not None
             m, v = bucket.state.inner.exp_avg, bucket.state.inner.exp_avg_sq
             for i in range(m.shape[0]):
@@ -171,7 +173,7 @@ def test_a_skipped_step_leaves_nothing_to_carry(never_carried):
             if k == 2:
                 grads[1][0, 0] = float("nan")
             _step(opt, params, grads)
-            assert all(b.moment_bounds is None for b in opt._buckets) == (k == 2)
+            assert (not opt._carried_bounds()) == (k == 2)
         return params
 
     pa = _params()
@@ -181,3 +183,95 @@ def test_a_skipped_step_leaves_nothing_to_carry(never_carried):
     run(pb, _build(pb, nonfinite_scope="step", nonfinite="skip"))
     for x, y in zip(pa, pb):
         assert torch.equal(x, y)
+
+
+def test_a_copy_made_after_an_edit_reads_its_moments(never_carried):
+    """A copy's tensors start their version counters again: the bounds are not copied, so a copy made after an
+    in-place edit of the moments (which the original would read) reads them too and refuses the poisoned block."""
+    import pickle
+
+    params = _params()
+    opt = _build(params, nonfinite="skip")
+    for k in range(3):
+        _step(opt, params, _grads(k))
+    opt.state[params[0]]["inner.exp_avg"].fill_(3e38)
+    copies = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    for twin in copies:
+        assert not twin._carried_bounds()
+        twin_params = twin.param_groups[0]["params"]
+        before = twin_params[0].detach().clone()
+        _step(twin, twin_params, _grads(3))
+        assert torch.equal(twin_params[0], before) and twin.nonfinite_counts()["w0"] == 1
+        assert all(torch.isfinite(p).all() for p in twin_params)
+
+
+def test_the_bounds_hold_subnormal_moments_that_stop_decaying():
+    """Rounding among subnormal numbers is absolute: under zero gradients a float32 moment of a few units of the
+    smallest subnormal stops decaying (0.9 m rounds back to m) while a purely relative bound would keep falling."""
+    params = _params()
+    opt = _build(params)
+    _step(opt, params, _grads(0))
+    for state in opt.state.values():  # counted writes: read at the next step, then carried
+        state["inner.exp_avg"].fill_(2e-44)
+        state["inner.exp_avg_sq"].fill_(2e-44)
+    zeros = [torch.zeros(s) for s in SHAPES]
+    for _ in range(40):
+        _step(opt, params, zeros)
+    for bucket in opt._buckets:
+        known = opt._carried_bounds()[bucket]
+        m, v = bucket.state.inner.exp_avg, bucket.state.inner.exp_avg_sq
+        assert m.abs().max().item() > 0  # stuck above zero
+        for i in range(m.shape[0]):
+            assert m[i].abs().max().item() <= known.m[i] and v[i].max().item() <= known.v[i]
+
+
+_THRESHOLD_CONFIGS = [
+    {}, {"inner.betas": (0.5, 0.6)}, {"inner.betas": (0.99, 0.9999)}, {"inner.eps_placement": "before_correction"},
+    {"inner.bias_correction": False}, {"inner.eps": 1e-20},
+]
+
+
+@pytest.mark.parametrize("case", range(len(_THRESHOLD_CONFIGS)), ids=["default", "low-betas", "high-betas", "eps-before", "no-correction", "tiny-eps"])
+def test_the_same_bits_with_gradients_at_the_thresholds(case, never_carried):
+    """Gradients of scales around the safety test's thresholds (``a / eps / c1`` near a quarter of float32's
+    largest number, ``g`` near its root): blocks go through the checked scratch path, are written or skipped, and
+    come back; carried bounds that prove nothing are replaced by the read ones, so every verdict and bit is the
+    same as reading the moments every step. (It fails where a block the scratch path wrote keeps its old bounds,
+    or where a carried bound that proves nothing is taken for a verdict.)"""
+    import random
+
+    overrides = _THRESHOLD_CONFIGS[case]
+
+    def run(seed):
+        rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(130, 130, generator=gen)) for _ in range(3)]
+        opt = kronopt.build([(f"w{i}", p) for i, p in enumerate(params)], "adamw", nonfinite="skip", **overrides)
+        for _ in range(30):
+            for p in params:
+                scale = rng.choice([1.0, 1e29, 3e29, 8e29, 2e30, 9e18, 9.3e18, 5e18, 1e-3, 0.0])
+                g = torch.randn(p.shape, generator=gen) * scale
+                p.grad = g.abs() if rng.random() < 0.3 else g
+            opt.step()
+        return [p.detach().clone() for p in params] + [
+            t.clone() for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+        ]
+
+    seeds = [seed * 31 + case for seed in range(4)]
+    carried = [run(seed) for seed in seeds]
+    never_carried()
+    for seed, got in zip(seeds, carried):
+        for x, y in zip(got, run(seed)):
+            assert torch.equal(x.nan_to_num(), y.nan_to_num()) and torch.equal(x.isnan(), y.isnan()), seed
+
+
+def test_an_eps_the_state_rounds_to_zero_proves_nothing():
+    """``eps = 1e-60`` is 0 in float32, where the kernels add it: with a second moment that underflows the
+    direction is not finite, so no block may be proven safe by it and written in place."""
+    params = _params()
+    opt = _build(params, nonfinite="skip", **{"inner.eps": 1e-60})
+    before = [p.detach().clone() for p in params]
+    _step(opt, params, [g * 1e-30 for g in _grads(0)])
+    for p, b in zip(params, before):
+        assert torch.isfinite(p).all()
+        assert torch.equal(p, b)
+    assert sum(opt.nonfinite_counts().values()) == len(params)
