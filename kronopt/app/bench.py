@@ -1353,7 +1353,7 @@ def _split_by_stage(runs: list[dict[str, Any]], grads: list[list[Tensor]], round
     split = [run for run in runs if not run["failed"] and isinstance(run["opt"], kronopt.KronOptimizer)]
     if not split:
         return
-    clocks = {id(run): stage_times.StageClock(None if sync is _no_sync else sync) for run in split}
+    clocks = {id(run): stage_times.StageClock(sync) for run in split}
     spent = dict.fromkeys(clocks, 0.0)
     stages = [pair for run in split for pair in stage_times.stages_of(run["opt"])]
     with stage_times.StageClock.installed(stages):
@@ -2163,7 +2163,7 @@ def _print_stages(rows: list[dict[str, Any]], rounds: int, device: str) -> None:
     if not split:
         print("no kronopt optimizer to split (peers are not split)")
         return
-    columns = (*stage_times.SLOTS, stage_times.OWN)
+    columns = stage_times.SHARES
     width = max(14, *(len(r["optimizer"]) for r in split))
     header = f"{'optimizer':<{width}} {'step ms':>9} " + " ".join(f"{c:>16}" for c in columns)
     print(header)
@@ -2867,7 +2867,7 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
 _SETTINGS_BEFORE: dict[str, Any] = {"stage_steps": 0}
 
 #: the figures of a ``--stages`` split, as a row of a record holds them
-_STAGE_COLUMNS: tuple[str, ...] = ("step_ms", *stage_times.SLOTS, stage_times.OWN)
+_STAGE_COLUMNS: tuple[str, ...] = ("step_ms", *stage_times.SHARES)
 
 
 def _stages_state(data: Mapping[str, Any], row: Mapping[str, Any] | None) -> str | None:

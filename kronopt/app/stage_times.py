@@ -32,6 +32,8 @@ from .. import compose, post
 #: the slots, in the order the tables show them, then kronopt's own share
 SLOTS: tuple[str, ...] = ("factors", "basis", "inner", "split", "post")
 OWN = "kronopt"
+#: a split's shares, as the tables show them and a record holds them beside ``step_ms``
+SHARES: tuple[str, ...] = (*SLOTS, OWN)
 
 #: the methods timed on each slot's stage (those a stage has; the pipeline's calls, :func:`kronopt.compose.step`,
 #: and the CPU's fast paths: plain Muon's ``orthogonalize`` and the parameter writes ``apply_`` and ``apply_block_``)
@@ -140,12 +142,8 @@ def _wrap(owner: Any, name: str, slot: str) -> Callable[[], None]:
     """Replace ``owner.name`` (a class's method or a module's function) by a wrapper that times it into ``slot``
     while a clock runs; returns what puts it back."""
     original = vars(owner)[name]
-    if isinstance(original, staticmethod):
-        fn, rewrap = original.__func__, staticmethod
-    elif isinstance(original, classmethod):
-        fn, rewrap = original.__func__, classmethod
-    else:
-        fn, rewrap = original, (lambda f: f)
+    fn = _function_of(original) or original  # a module's function is itself
+    rewrap = type(original) if isinstance(original, (staticmethod, classmethod)) else (lambda f: f)
 
     @functools.wraps(fn)
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -163,16 +161,16 @@ def _wrap(owner: Any, name: str, slot: str) -> Callable[[], None]:
 
 
 def stages_of(optimizer: Any) -> list[tuple[str, Any]]:
-    """Every ``(slot, stage)`` of a :class:`kronopt.KronOptimizer`'s configs (each param group's and each
-    bucket's, overrides included)."""
-    configs = list(optimizer._group_cfgs) + [optimizer._bucket_config(b) for b in optimizer._buckets]
-    return [(slot, getattr(cfg, slot)) for cfg in configs for slot in SLOTS]
+    """Every ``(slot, stage)`` of a :class:`kronopt.KronOptimizer`'s configs: each param group's, fallback routes
+    and overrides included (a bucket's own config differs from its group's in the refresh phase alone, its stages
+    the same objects)."""
+    return [(slot, getattr(cfg, slot)) for cfg in optimizer._group_cfgs for slot in SLOTS]
 
 
 def split_ms(clock: StageClock, step_seconds: float, steps: int) -> dict[str, float]:
     """The mean ms per step of each slot and of kronopt's own share (:data:`OWN`: the step less its slots), and
     ``step_ms``, the clocked steps' own mean, from ``clock`` over ``steps`` steps that took ``step_seconds``."""
-    out = {slot: clock.totals[slot] / steps * 1e3 for slot in SLOTS}
+    out = {slot: clock.totals[slot] / steps * 1e3 for slot in SLOTS}  # then OWN: the step less its slots
     step_ms = step_seconds / steps * 1e3
     out[OWN] = max(step_ms - sum(out.values()), 0.0)
     out["step_ms"] = step_ms
