@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import linalg
 from .config import KronConfig, Storage
-from .types import BasisChange, BasisState, Layout, StageOutputError, StepContext, capabilities
+from .types import BasisChange, BasisState, Layout, StageOutputError, StepContext, capabilities, rotate_in
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -674,6 +674,79 @@ def is_plain_muon(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
         and cfg.inner.coefficients != "custom"
         and _inner_rule_alone(cfg, layout, dtype)
     )
+
+
+def rotated_adam_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype: torch.dtype) -> bool:
+    """Whether :func:`rotated_adams` may stand in for :func:`step` on this call of a bucket: the ``adam`` inner rule
+    without ``normalize`` in a basis (SOAP, DyKAF), a factor estimator updated after the direction that reads no
+    rotation of its own (``reads_rotated``), the full split, a plain ``post``, no restricted side, the state stored
+    in the compute dtype ``dtype``, no ``compile``, kronopt's own stages alone (none checked); past the first call
+    and with no refresh due at this update, so that the basis is only read."""
+    from .inner_rules.adam import AdamInner
+    from .splits import FullSplit
+
+    return (
+        type(cfg.inner) is AdamInner
+        and not cfg.inner.normalize
+        and cfg.factor_update == "after"
+        and state.calls > 0
+        and not cfg.refresh.due(state.step + 1, first_call=False)
+        and not capabilities(cfg.factors).reads_rotated
+        and type(cfg.split) is FullSplit
+        and not cfg.post.normalize
+        and cfg.post.grafting == "none"
+        and not cfg.compile
+        and "restricted" not in (layout.left, layout.right)
+        and storage_dtypes(cfg.storage, dtype) is None
+        and not _checked_slots(cfg)
+    )
+
+
+def rotated_adams(
+    calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
+) -> list[tuple[Tensor, BucketState]]:
+    """:func:`step` of several buckets, each ``(cfg, layout, state, G, defer)`` a call where :func:`rotated_adam_due`
+    holds, the same bits: the directions of them all (:func:`rotated_adam_directions`), then each bucket's factor
+    update in its turn. On small blocks a step costs its calls, not its arithmetic: a SOAP bucket's step is about 33
+    operator calls and the Python around each stage, a dozen of them elementwise."""
+    out = []
+    for (cfg, layout, state, G, defer), (D, inner) in zip(calls, rotated_adam_directions(calls)):
+        t = state.step + 1
+        ctx = context(cfg, layout, state, t, {}, refresh_follows=False, defer=defer)
+        factors = cfg.factors.update(state.factors, G, ctx)
+        out.append((D, evolve(state, factors=factors, inner=inner, calls=state.calls + 1, step=t)))
+    return out
+
+
+def rotated_adam_directions(
+    calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
+) -> list[tuple[Tensor, Any]]:
+    """The ``adam`` inner rule's ``direction`` of each call of :func:`rotated_adams`, ``(D, new moments)``, the same
+    bits: each bucket's rotations in its turn, the elementwise work of them all in one ``foreach`` call per
+    operation and setting (on a CPU each runs the very kernel on every tensor, without the Python around it)."""
+    from .inner_rules.adam import AdamState
+
+    # a state stored in the compute dtype (rotated_adam_due) holds its basis exactly
+    H = [rotate_in(G, state.basis.Q_L, state.basis.Q_R, exact_basis=True).H for _, _, state, G, _ in calls]
+    settings: dict[tuple[Any, ...], list[int]] = {}
+    for i, (cfg, _, state, _, _) in enumerate(calls):
+        inner = cfg.inner
+        key = (inner.betas, inner.eps, inner.eps_placement, inner.bias_correction, state.step + 1)
+        settings.setdefault(key, []).append(i)
+    out: list[Any] = [None] * len(calls)
+    for (betas, eps, placement, bias_correction, t), at in settings.items():
+        states = [calls[i][2] for i in at]
+        m, v = linalg.adam_moments_each(
+            [s.inner.exp_avg for s in states], [s.inner.exp_avg_sq for s in states], [H[i] for i in at], betas
+        )
+        N, scale = linalg.adam_ratio_each(
+            m, v, step=t, betas=betas, eps=eps, eps_placement=placement, bias_correction=bias_correction
+        )
+        D = [linalg.unrotate(N_i, s.basis.Q_L, s.basis.Q_R) for N_i, s in zip(N, states)]
+        torch._foreach_mul_(D, scale)
+        for k, i in enumerate(at):
+            out[i] = (D[k], AdamState(m[k], v[k]))
+    return out
 
 
 def momentum_block_is_safe(dtype: torch.dtype, g_abs: float, buf_abs: float) -> bool:

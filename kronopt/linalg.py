@@ -1016,6 +1016,17 @@ def adam_moments(m: Tensor, v: Tensor, G: Tensor, betas: tuple[float, float]) ->
     return torch.lerp(m, G, 1 - beta1), v.mul(beta2).addcmul_(G, G, value=1 - beta2)
 
 
+def adam_moments_each(
+    m: Sequence[Tensor], v: Sequence[Tensor], G: Sequence[Tensor], betas: tuple[float, float]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`adam_moments` of each triple ``(m[i], v[i], G[i])``, the same bits, one ``foreach`` call per operation
+    for them all."""
+    beta1, beta2 = betas
+    v_new = torch._foreach_mul(v, beta2)
+    torch._foreach_addcmul_(v_new, G, G, value=1 - beta2)
+    return list(torch._foreach_lerp(m, G, 1 - beta1)), list(v_new)
+
+
 def adam_ratio(
     m: Tensor,
     v: Tensor,
@@ -1036,14 +1047,37 @@ def adam_ratio(
     ``out`` (shaped like ``m``) receives ``N`` instead of a fresh tensor.
     """
     if out is None and (twin := compiled.variant("adam_ratio")) is not None: return twin(m, v, step=step, betas=betas, eps=eps, eps_placement=eps_placement, bias_correction=bias_correction)  # noqa: E501,E701
+    root = v.sqrt() if out is None else torch.sqrt(v, out=out)
+    divisor, scale = _adam_corrections(step, betas, eps_placement, bias_correction)
+    if divisor is not None:
+        root.div_(divisor)
+    return _quotient(m, root.add_(eps)), scale
+
+
+def adam_ratio_each(
+    m: Sequence[Tensor], v: Sequence[Tensor], *, step: int, betas: tuple[float, float], eps: float, eps_placement: str,
+    bias_correction: bool,
+) -> tuple[list[Tensor], float]:
+    """:func:`adam_ratio` of each pair ``(m[i], v[i])`` of one setting, the same bits, one ``foreach`` call per
+    operation for them all (on a CPU each runs the same kernel on every tensor, without the calls around it)."""
+    root = torch._foreach_sqrt(v)
+    divisor, scale = _adam_corrections(step, betas, eps_placement, bias_correction)
+    if divisor is not None:
+        torch._foreach_div_(root, divisor)
+    torch._foreach_add_(root, eps)
+    return list(torch._foreach_div(m, root)), scale
+
+
+def _adam_corrections(step: int, betas: tuple[float, float], eps_placement: str, bias_correction: bool) -> tuple[float | None, float]:
+    """``(divisor, scale)`` of :func:`adam_ratio`: what ``√v`` is divided by before ``ε`` is added (``None``: nothing,
+    ``"before_correction"``) and the scale of the step."""
     beta1, beta2 = betas
     c1 = 1 - beta1**step if bias_correction else 1.0
     c2 = 1 - beta2**step if bias_correction else 1.0
-    root = v.sqrt() if out is None else torch.sqrt(v, out=out)
     if eps_placement == "before_correction":
-        return _quotient(m, root.add_(eps)), c2**0.5 / c1
+        return None, c2**0.5 / c1
     if eps_placement == "after_correction":
-        return _quotient(m, root.div_(c2**0.5).add_(eps)), 1 / c1
+        return c2**0.5, 1 / c1
     raise ValueError(f"eps_placement must be 'before_correction' or 'after_correction', got {eps_placement!r}")
 
 

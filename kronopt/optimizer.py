@@ -1899,10 +1899,29 @@ class KronOptimizer(torch.optim.Optimizer):
         """The bucket's pipeline on its sanitized gradients: the direction and new state, nothing written yet."""
         G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
         old = bucket.state
-        # on a CPU, factor updates nothing else reads this call are made at the state write, in place
-        defer: list[linalg.DeferredWrite] | None = [] if _DEFER_FACTOR_UPDATES and G.device.type == "cpu" else None
+        defer = self._defer(G)
         D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
         return _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
+
+    def _rotated_adams(self, work: list[tuple[int, _Bucket, KronConfig]]) -> list["_Run"]:
+        """:meth:`_run` of buckets whose call :func:`compose.rotated_adams` makes together (``(_, bucket, config)``,
+        :func:`compose.rotated_adam_due`), the same runs."""
+        calls, flags = [], []
+        for _, bucket, cfg in work:
+            G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
+            calls.append((cfg, bucket.layout, bucket.state, G, self._defer(G)))
+            flags.append(ok)
+        steps = compose.rotated_adams(calls)  # type: ignore[arg-type]
+        return [
+            _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
+            for (_, bucket, cfg), ok, (_, _, old, _, defer), (D, new) in zip(work, flags, calls, steps)
+        ]
+
+    @staticmethod
+    def _defer(G: Tensor) -> list[linalg.DeferredWrite] | None:
+        """The list a step's factor updates may be left in for the state write (:func:`compose.step`'s ``defer``): on a
+        CPU, factor updates nothing else reads this call are made there, in place."""
+        return [] if _DEFER_FACTOR_UPDATES and G.device.type == "cpu" else None
 
     def _finish(
         self, judged: list[tuple["_Run", Tensor]], step_ok: Tensor | None, *, clean: bool = False
@@ -1977,12 +1996,20 @@ class KronOptimizer(torch.optim.Optimizer):
         runs here (the buckets of compiled groups are not taken), and when one bucket's pipeline raises,
         nothing of the run is written. Returns the reports to queue, by ``id`` of the bucket."""
         with compiled.scope(False):  # each bucket's own turn runs in its group's scope: none is compiled here
-            runs = []
+            runs: list[_Run | None] = []
+            together: list[tuple[int, _Bucket, KronConfig]] = []  # rotated Adam's plain calls (compose.rotated_adams)
             for bucket, cfg in work:
                 if bucket.state is None:
                     self._init_bucket(bucket)
-                runs.append(self._run(bucket, cfg))
-            changed = [run.changed() for run in runs]
+                if _ROTATED_ADAMS_TOGETHER and compose.rotated_adam_due(cfg, bucket.layout, bucket.state, bucket.state_dtype):  # type: ignore[arg-type]
+                    together.append((len(runs), bucket, cfg))
+                    runs.append(None)
+                else:
+                    runs.append(self._run(bucket, cfg))
+            if together:
+                for (at, bucket, cfg), run in zip(together, self._rotated_adams(together)):
+                    runs[at] = run
+            changed = [run.changed() for run in runs]  # type: ignore[union-attr]
             every = [t for tensors in changed for t in tensors]
             flags = linalg.finite_each(every).tolist() if every else []  # one read on the host for all
             judged, start = [], 0
@@ -3358,6 +3385,10 @@ def _torch_hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]
 #: factor updates that nothing else in a CPU bucket's call reads are computed at its state write, into the
 #: stacks themselves (:class:`kronopt.linalg.DeferredWrite`); ``False`` computes them in the step (the same bits)
 _DEFER_FACTOR_UPDATES = True
+
+#: whether the small buckets' plain rotated-Adam calls (SOAP's, DyKAF's) step together (:func:`compose.rotated_adams`;
+#: the tests compare the bits with it off)
+_ROTATED_ADAMS_TOGETHER = True
 
 
 _CPU = torch.device("cpu")

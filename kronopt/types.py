@@ -110,6 +110,17 @@ class Rotation:
     right: Tensor | None
 
 
+def rotate_in(G: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, exact_basis: bool) -> Rotation:
+    r""":math:`Q_L^\top G Q_R` (a ``None`` side is the identity) as :meth:`StepContext.rotated` makes it: the right
+    side first on a tall block (``m > n``) whose bases keep every digit of the compute dtype (``exact_basis``), the
+    left side first otherwise."""
+    if Q_L is not None and Q_R is not None and G.shape[-2] > G.shape[-1] and exact_basis:
+        right = linalg.mm(G, Q_R)
+        return Rotation(H=linalg.mm(Q_L.mT, right), left=None, right=right)
+    left = G if Q_L is None else linalg.mm(Q_L.mT, G)
+    return Rotation(H=left if Q_R is None else linalg.mm(left, Q_R), left=left, right=None)
+
+
 @attrs.frozen(kw_only=True, eq=False)
 class StepContext:
     r"""Every cross-stage input of one bucket step, typed.
@@ -176,12 +187,7 @@ class StepContext:
         hit = self.shared.get("rotated")
         if hit is not None and hit[0] is G and hit[1] is Q_L and hit[2] is Q_R:
             return hit[3]
-        if Q_L is not None and Q_R is not None and G.shape[-2] > G.shape[-1] and self.exact_basis:
-            right = linalg.mm(G, Q_R)
-            rotation = Rotation(H=linalg.mm(Q_L.mT, right), left=None, right=right)
-        else:
-            left = G if Q_L is None else linalg.mm(Q_L.mT, G)
-            rotation = Rotation(H=left if Q_R is None else linalg.mm(left, Q_R), left=left, right=None)
+        rotation = rotate_in(G, Q_L, Q_R, exact_basis=self.exact_basis)
         self.shared["rotated"] = (G, Q_L, Q_R, rotation)
         return rotation
 

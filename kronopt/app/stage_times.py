@@ -4,7 +4,7 @@ While a :class:`StageClock` is installed (:meth:`StageClock.installed`), the met
 kronopt optimizer holds (the slots' methods, :data:`SLOT_METHODS`; plain functions, static and class methods,
 nothing else a class may hold under such a name) and the few functions of kronopt that do a slot's work
 outside them (:data:`SLOT_FUNCTIONS`: a factor update left to the state write, the CPU's plain AdamW and
-plain Muon, the batched parameter write) are wrapped; while the clock runs (:meth:`StageClock.running`),
+plain Muon, the small buckets' rotated Adam, the batched parameter write) are wrapped; while the clock runs (:meth:`StageClock.running`),
 each wrapped call adds its time to its slot, less the time of the wrapped calls it makes itself (an inner
 rule's moment read by a split counts as the inner rule's, not twice). What the step spends outside them
 is kronopt's own (:data:`OWN`): stacking the gradients and checking them, the state writes, the
@@ -48,10 +48,12 @@ SLOT_METHODS: dict[str, tuple[str, ...]] = {
 #: kronopt's functions that do a slot's work outside the stages' methods: a factor update left to the state write
 #: (:func:`kronopt.compose.run_deferred_`), the CPU's plain AdamW, whose rule and parameter write are one (fused)
 #: kernel or one pass per block (counted as the inner rule's), the CPU's plain Muon's momentum, look-ahead and
-#: direction around its stage's ``orthogonalize``, and the parameter writes of many buckets at once
+#: direction around its stage's ``orthogonalize``, the directions of small rotated-Adam buckets made together
+#: (:func:`kronopt.compose.rotated_adam_directions`), and the parameter writes of many buckets at once
 SLOT_FUNCTIONS: tuple[tuple[Any, str, str], ...] = (
     (compose, "run_deferred_", "factors"),
     (compose, "adam_step", "inner"),
+    (compose, "rotated_adam_directions", "inner"),
     (compose, "adam_block", "inner"),
     (compose, "fused_adamw_", "inner"),
     (compose, "muon_look_ahead", "inner"),
