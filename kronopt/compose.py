@@ -706,16 +706,28 @@ def rotated_adams(
     calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
 ) -> list[tuple[Tensor, BucketState]]:
     """:func:`step` of several buckets, each ``(cfg, layout, state, G, defer)`` a call where :func:`rotated_adam_due`
-    holds, the same bits: the directions of them all (:func:`rotated_adam_directions`), then each bucket's factor
-    update in its turn. On small blocks a step costs its calls, not its arithmetic: a SOAP bucket's step is about 33
+    holds, the same bits: the directions of them all (:func:`rotated_adam_directions`), then the factor updates, of
+    several buckets at once where their stage can (an ``update_each`` method: the ``ema`` estimator's), else each
+    in its turn. On small blocks a step costs its calls, not its arithmetic: a SOAP bucket's step is about 33
     operator calls and the Python around each stage, a dozen of them elementwise."""
-    out = []
-    for (cfg, layout, state, G, defer), (D, inner) in zip(calls, rotated_adam_directions(calls)):
-        t = state.step + 1
-        ctx = context(cfg, layout, state, t, {}, refresh_follows=False, defer=defer)
-        factors = cfg.factors.update(state.factors, G, ctx)
-        out.append((D, evolve(state, factors=factors, inner=inner, calls=state.calls + 1, step=t)))
-    return out
+    directions = rotated_adam_directions(calls)
+    ctxs = [context(cfg, layout, state, state.step + 1, {}, refresh_follows=False, defer=defer) for cfg, layout, state, _, defer in calls]
+    by_stage: dict[int, list[int]] = {}  # the calls of each factor stage that updates several buckets at once
+    factors: list[Any] = [None] * len(calls)
+    for i, (cfg, _, state, G, _) in enumerate(calls):
+        if hasattr(cfg.factors, "update_each"):
+            by_stage.setdefault(id(cfg.factors), []).append(i)
+        else:
+            factors[i] = cfg.factors.update(state.factors, G, ctxs[i])
+    for at in by_stage.values():
+        stage = calls[at[0]][0].factors
+        made = stage.update_each([calls[i][2].factors for i in at], [calls[i][3] for i in at], [ctxs[i] for i in at])
+        for i, record in zip(at, made):
+            factors[i] = record
+    return [
+        (D, evolve(state, factors=record, inner=inner, calls=state.calls + 1, step=state.step + 1))
+        for (_, _, state, _, _), (D, inner), record in zip(calls, directions, factors)
+    ]
 
 
 def rotated_adam_directions(

@@ -143,10 +143,7 @@ def sym_sum(A: Tensor, *, out: Tensor | None = None) -> Tensor:
     entries between half the largest finite number and it, which the full-weight form overflowed to
     ±inf (the full product, or its sum with its transpose) and this one keeps finite: a factor update
     there is kept where it was skipped as non-finite."""
-    if (
-        A.device.type == "cpu" and A.ndim == 3 and A.shape[-1] >= _SYM_BLOCKED_MIN and A.shape[-1] == A.shape[-2]
-        and (out is None or out.is_contiguous())
-    ):
+    if _sym_blocked(A) and (out is None or out.is_contiguous()):
         # on CPU a 2-D transposed copy runs a cache-blocked kernel (into a contiguous matrix); a batched
         # ``A + Aᵀ`` reads Aᵀ column by column, several times slower on large matrices. Same sums (a + b = b + a).
         T = torch.empty(A.shape, dtype=A.dtype, device=A.device) if out is None else out
@@ -156,6 +153,12 @@ def sym_sum(A: Tensor, *, out: Tensor | None = None) -> Tensor:
 
 #: the side from which :func:`sym` transposes on CPU block by block
 _SYM_BLOCKED_MIN = 384
+
+
+def _sym_blocked(A: Tensor) -> bool:
+    """Whether :func:`sym_sum` adds the transpose of the square stack ``A`` block by block (on a CPU, from side
+    ``_SYM_BLOCKED_MIN``), not by one ``add``."""
+    return A.device.type == "cpu" and A.ndim == 3 and A.shape[-1] >= _SYM_BLOCKED_MIN and A.shape[-1] == A.shape[-2]
 
 
 def gram_left(G: Tensor) -> Tensor:
@@ -2785,6 +2788,29 @@ def accumulate_gram_left(
         defer.append(DeferredWrite(target=X, into=lambda out: _tiled_sym_product(X, A, A, beta, alpha, out=out)))
         return X
     return sym_product(X, A, A, beta=beta, alpha=alpha)
+
+
+def accumulate_grams_each(
+    X: Sequence[Tensor], A: Sequence[Tensor], beta: float, alpha: float,
+    defer: Sequence[list["DeferredWrite"] | None] | None = None,
+) -> list[Tensor]:
+    r""":func:`accumulate_gram_left` of each pair ``(X[i], A[i])`` (``defer[i]`` its ``defer``), the same bits: the
+    dense sums with their transposes (:func:`sym_sum`'s plain form, sides under ``_SYM_BLOCKED_MIN``) in one
+    ``foreach`` call for them all, each other pair as :func:`accumulate_gram_left` makes it."""
+    out: list[Tensor | None] = [None] * len(X)
+    dense = []
+    for i, (X_i, A_i) in enumerate(zip(X, A)):
+        _check_batched("A", A_i)
+        _check_batched_square("X", X_i)
+        if _tiled(X_i, A_i) or not isinstance(beta, float) or _sym_blocked(X_i):
+            out[i] = accumulate_gram_left(X_i, A_i, beta, alpha, defer=None if defer is None else defer[i])
+        else:
+            dense.append(i)
+    if dense:
+        halves = [_weighted_product(X[i], A[i], A[i], beta * 0.5, alpha * 0.5) for i in dense]
+        for i, S in zip(dense, torch._foreach_add(halves, [T.mT for T in halves])):
+            out[i] = S
+    return out  # type: ignore[return-value]
 
 
 def accumulate_two_grams_left(X: Tensor, A: Tensor, B: Tensor, w: Tensor, beta: float, alpha: float) -> Tensor:

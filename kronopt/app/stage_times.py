@@ -38,7 +38,7 @@ SHARES: tuple[str, ...] = (*SLOTS, OWN)
 #: the methods timed on each slot's stage (those a stage has; the pipeline's calls, :func:`kronopt.compose.step`,
 #: and the CPU's fast paths: plain Muon's ``orthogonalize`` and the parameter writes ``apply_`` and ``apply_block_``)
 SLOT_METHODS: dict[str, tuple[str, ...]] = {
-    "factors": ("update", "factors", "on_basis_change", "eigvals", "flat_eigvals"),
+    "factors": ("update", "update_each", "factors", "on_basis_change", "eigvals", "flat_eigvals"),
     "basis": ("refresh",),
     "inner": ("direction", "on_basis_change", "moment", "orthogonalize"),
     "split": ("complement", "on_basis_change"),

@@ -1,6 +1,7 @@
 """The ``ema`` and ``none`` factor estimators."""
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -110,6 +111,34 @@ class EmaKronFactors:
         if state.sub_L is not None:
             sub, mu, P = self._restricted(G.mT, ctx.basis.Q_L, state.sub_L, state.mu_L, first=first, power_follows=follows)  # type: ignore[arg-type]
             out = attrs.evolve(out, sub_L=sub, mu_L=mu, power_L=state.power_L if P is None else P)
+        return out
+
+    def update_each(
+        self, states: Sequence[KronFactorsState], G: Sequence[Tensor], ctxs: Sequence[StepContext]
+    ) -> list[KronFactorsState]:
+        """:meth:`update` of several buckets' factors, the same bits: their Gram products' small sums made
+        together (:func:`kronopt.linalg.accumulate_grams_each`; a call of many small buckets pays for its calls,
+        not its arithmetic). A bucket with a restricted side is updated by :meth:`update`."""
+        beta = self.beta
+        assert isinstance(beta, float), "factors.beta is bound to a number (KronConfig.bound)"
+        out: list[Any] = [None] * len(states)
+        sides: dict[str, list[tuple[int, Tensor, Tensor, Any]]] = {"L": [], "R": []}
+        for i, (state, g, ctx) in enumerate(zip(states, G, ctxs)):
+            if state.sub_L is not None or state.sub_R is not None:
+                out[i] = self.update(state, g, ctx)
+                continue
+            if state.L is not None:
+                sides["L"].append((i, state.L, g, ctx.defer))
+            if state.R is not None:
+                sides["R"].append((i, state.R, g.mT, ctx.defer))
+        new: dict[tuple[int, str], Tensor] = {}
+        for side, work in sides.items():
+            if work:
+                made = linalg.accumulate_grams_each([w[1] for w in work], [w[2] for w in work], beta, 1 - beta, [w[3] for w in work])
+                new.update(((w[0], side), X) for w, X in zip(work, made))
+        for i, state in enumerate(states):
+            if out[i] is None:
+                out[i] = attrs.evolve(state, L=new.get((i, "L"), state.L), R=new.get((i, "R"), state.R))
         return out
 
     def _restricted(

@@ -67,7 +67,7 @@ CPU_ONLY = [
 DEVICE_BRANCHES = {
     "compose.py": {"_write_all_", "masked_write_"},  # _CPU_HOST_VERDICTS (cpu_all)
     "linalg.py": {
-        "sym_sum",  # _SYM_BLOCKED_MIN
+        "_sym_blocked",  # _SYM_BLOCKED_MIN
         "_tiled",  # _GRAM_TILED_MIN
         "_tiles_in_place",  # reached from the tiled product only
         "split_pays",  # _SPLIT_SANDWICH_MIN
@@ -82,7 +82,7 @@ DEVICE_BRANCHES = {
     "optimizer.py": {
         "_Pending._to_host",  # a CUDA report's pinned copy (the CUDA tests below, tests/unit/test_cuda.py)
         "KronOptimizer._all_finite",  # where the step's flag lives with parameters on several devices
-        "KronOptimizer._run",  # _DEFER_FACTOR_UPDATES
+        "KronOptimizer._defer",  # _DEFER_FACTOR_UPDATES
         "KronOptimizer._plain_adam_cpu",  # _BLOCKWISE_MIN
         "KronOptimizer._join",  # _BLOCKWISE_MIN (_blockwise: which buckets never join)
         "KronOptimizer._scratch",  # _CPU_KEEPS_SCRATCH

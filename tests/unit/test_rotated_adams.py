@@ -247,3 +247,28 @@ def test_the_calls_made_together_follow_the_float64_reference_of_the_spec(monkey
     # four buckets (the two 6 × 4 blocks stacked, 4 × 6, 5 × 5, and the bias, whose sides are not rotated)
     assert len(taken) == 22 and set(taken) == {4}
     assert_histories_close(history, ref)
+
+
+def test_the_factor_updates_of_several_buckets_equal_each_alone():
+    """``linalg.accumulate_grams_each`` against ``accumulate_gram_left`` on each pair: small dense sums made together,
+    an inner side of 1 (entry by entry), a side the transpose is added to block by block, and one whose update is
+    tiled and left to the state write (``defer``), float32 and float64, stacked and alone."""
+    from kronopt import linalg
+
+    gen = torch.Generator().manual_seed(7)
+    sizes = [(1, 3, 5), (2, 17, 4), (1, 9, 1), (1, 400, 6), (1, linalg._GRAM_TILED_MIN, 3), (3, 6, 30)]
+    X, A = [], []
+    for k, (b, m, r) in enumerate(sizes):
+        dtype = torch.float64 if k % 2 else torch.float32
+        B = torch.randn(b, m, m + 2, generator=gen, dtype=dtype)
+        X.append(B @ B.mT / m)
+        A.append(torch.randn(b, m, r, generator=gen, dtype=dtype))
+    defer, defer_ref = [[] for _ in X], [[] for _ in X]
+    made = linalg.accumulate_grams_each(X, A, 0.9, 0.1, defer)
+    for X_i, A_i, got, d, d_ref in zip(X, A, made, defer, defer_ref):
+        want = linalg.accumulate_gram_left(X_i, A_i, 0.9, 0.1, defer=d_ref)
+        assert torch.equal(got, want) and torch.equal(got, got.mT)
+        assert (got is X_i) == (want is X_i)
+        _same_deferred(d, d_ref)
+    assert sum(map(len, defer)) == 1  # the tiled one, into its own stack
+    assert torch.allclose(made[0], 0.9 * X[0] + 0.1 * A[0] @ A[0].mT, atol=1e-5)  # the EMA of the Gram, not only a copy
