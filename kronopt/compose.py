@@ -677,11 +677,30 @@ def is_plain_muon(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
 
 
 def rotated_adam_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype: torch.dtype) -> bool:
-    """Whether :func:`rotated_adams` may stand in for :func:`step` on this call of a bucket: the ``adam`` inner rule
-    without ``normalize`` in a basis (SOAP, DyKAF), a factor estimator updated after the direction that reads no
-    rotation of its own (``reads_rotated``), the full split, a plain ``post``, no restricted side, the state stored
-    in the compute dtype ``dtype``, no ``compile``, kronopt's own stages alone (none checked); past the first call
-    and with no refresh due at this update, so that the basis is only read."""
+    """Whether :func:`rotated_adams` may stand in for :func:`step` on this call of a bucket: a config, layout and
+    compute dtype it takes (:func:`_rotated_adam_config`), past the first call and with no refresh due at this
+    update, so that the basis is only read."""
+    if state.calls == 0 or cfg.refresh.due(state.step + 1, first_call=False):
+        return False
+    key = (id(cfg), layout, dtype, CHECK_OWN_STAGES)
+    hit = _ROTATED_ADAM.get(key)
+    if hit is None or hit[0] is not cfg:
+        if len(_ROTATED_ADAM) >= 64:
+            _ROTATED_ADAM.clear()
+        hit = _ROTATED_ADAM[key] = (cfg, _rotated_adam_config(cfg, layout, dtype))
+    return hit[1]
+
+
+#: :func:`_rotated_adam_config`'s verdicts, by config (its ``id``, the config kept to tell a reused one), layout, dtype
+#: and :data:`CHECK_OWN_STAGES`: one dictionary read a bucket and step
+_ROTATED_ADAM: dict[tuple[Any, ...], tuple[KronConfig, bool]] = {}
+
+
+def _rotated_adam_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+    """Whether :func:`rotated_adams` takes a config's plain calls on ``layout`` in compute dtype ``dtype``: the ``adam``
+    inner rule without ``normalize`` in a basis (SOAP, DyKAF), a factor estimator updated after the direction that
+    reads no rotation of its own (``reads_rotated``), the full split, a plain ``post``, no restricted side, the state
+    stored in the compute dtype, no ``compile``, kronopt's own stages alone (none checked)."""
     from .inner_rules.adam import AdamInner
     from .splits import FullSplit
 
@@ -689,8 +708,6 @@ def rotated_adam_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype:
         type(cfg.inner) is AdamInner
         and not cfg.inner.normalize
         and cfg.factor_update == "after"
-        and state.calls > 0
-        and not cfg.refresh.due(state.step + 1, first_call=False)
         and not capabilities(cfg.factors).reads_rotated
         and type(cfg.split) is FullSplit
         and not cfg.post.normalize
