@@ -723,7 +723,8 @@ def rotated_adams(
     calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
 ) -> list[tuple[Tensor, BucketState]]:
     """:func:`step` of several buckets, each ``(cfg, layout, state, G, defer)`` a call where :func:`rotated_adam_due`
-    holds, the same bits: the directions of them all (:func:`rotated_adam_directions`), then the factor updates, of
+    holds, the same bits on a CPU (the only device the optimizer takes it on: an accelerator's fused ``foreach`` kernels
+    may round otherwise): the directions of them all (:func:`rotated_adam_directions`), then the factor updates, of
     several buckets at once where their stage can (an ``update_each`` method: the ``ema`` estimator's), else each
     in its turn. On small blocks a step costs its calls, not its arithmetic: a SOAP bucket's step is about 33
     operator calls and the Python around each stage, a dozen of them elementwise."""
