@@ -8,15 +8,18 @@ down every call it cannot make as the pipeline would (a refresh, a first call, a
 narrower storage, a restricted side, a stage from outside kronopt).
 """
 
+import copy
 import math
+import warnings
 
 import attrs
 import pytest
 import torch
 
 import kronopt
-from kronopt import compose
+from kronopt import compose, linalg
 from kronopt import optimizer as optimizer_module
+from kronopt.app import stage_times
 from kronopt.types import Layout
 from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.soap import soap_reference
@@ -272,3 +275,233 @@ def test_the_factor_updates_of_several_buckets_equal_each_alone():
         _same_deferred(d, d_ref)
     assert sum(map(len, defer)) == 1  # the tiled one, into its own stack
     assert torch.allclose(made[0], 0.9 * X[0] + 0.1 * A[0] @ A[0].mT, atol=1e-5)  # the EMA of the Gram, not only a copy
+
+
+# -- more settings and scenarios (a review's) -----------------------------------------------------------
+
+# one setting apart from SOAP's each: a key that leaves any one out makes two of them with one setting
+ONE_APART = {
+    "beta1": {"inner.betas": [0.5, 0.95]},
+    "beta2": {"inner.betas": [0.95, 0.5]},
+    "eps": {"inner.eps": 0.3},
+    "placement": {"inner.eps_placement": "after_correction"},
+    "bias correction": {"inner.bias_correction": False},
+}
+
+
+def test_buckets_one_adam_setting_apart_are_each_made_with_their_own():
+    """SOAP and five configs each one Adam setting apart from it, at the same update on one layout, in one call:
+    each as its pipeline makes it (tests/unit/test_rotated_adams.py's configs differ in several at once)."""
+    layout = Layout(batch=2, m=5, n=4, left="full", right="full")
+    configs = [kronopt.resolve("soap").bound()] + [kronopt.resolve("soap", **o).bound() for o in ONE_APART.values()]
+    calls, expected = [], []
+    for cfg in configs:  # the same gradients for each (one seed): only the setting differs
+        state, G = _states(cfg, layout, 12, torch.Generator().manual_seed(1))
+        assert compose.rotated_adam_due(cfg, layout, state, torch.float32)
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.rotated_adams(calls), expected):
+        _equal(D, D_ref)
+        _equal(new, new_ref)
+    # every setting changes the direction: a bucket made with another's setting would show
+    for k, (D, _) in enumerate(expected[1:]):
+        assert not torch.equal(D, expected[0][0]), list(ONE_APART)[k]
+
+
+def test_ema_factors_of_different_retentions_are_each_updated_with_their_own():
+    """Three SOAP configs whose factors differ in their retention alone (three stages of one class), in one call:
+    each factor updated with its own beta (``update_each`` is asked per stage, not per class)."""
+    layout = Layout(batch=1, m=6, n=5, left="full", right="full")
+    configs = [kronopt.resolve("soap", **{"factors.beta": beta}).bound() for beta in (0.95, 0.5, 0.0)]
+    gen = torch.Generator().manual_seed(2)
+    calls, expected = [], []
+    for cfg in configs:
+        state, G = _states(cfg, layout, 12, gen)
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.rotated_adams(calls), expected):
+        _equal(D, D_ref)
+        _equal(new, new_ref)
+
+
+def test_accumulate_grams_each_with_zero_retention_never_reads_the_old_factor():
+    """``beta = 0``: the product's ``β X`` is never read (as BLAS, and ``_weighted_product``'s outer products), so a
+    non-finite old factor leaves no trace, made together as alone; float32 and float64 stacks in one call."""
+    gen = torch.Generator().manual_seed(3)
+    X = [torch.full((1, 4, 4), math.inf), torch.full((2, 3, 3), math.nan, dtype=torch.float64), torch.full((1, 5, 5), math.inf)]
+    A = [
+        torch.randn(1, 4, 6, generator=gen), torch.randn(2, 3, 7, generator=gen, dtype=torch.float64),
+        torch.randn(1, 5, 1, generator=gen),
+    ]
+    made = linalg.accumulate_grams_each(X, A, 0.0, 1.0)
+    for X_i, A_i, got in zip(X, A, made):
+        want = linalg.accumulate_gram_left(X_i, A_i, 0.0, 1.0)
+        assert torch.equal(got, want) and bool(got.isfinite().all())
+
+
+# -- through the optimizer ------------------------------------------------------------------------
+
+GROUPED_SHAPES = [(6, 5), (6, 5), (7, 3), (3, 9), (9,), (5, 4), (4, 7), (5, 4), (2, 2)]
+
+
+def _train_groups(monkeypatch, preset, *, together, groups, grads, overrides=None, state_hook=None, steps=24):
+    """A run of ``steps`` steps on the gradients ``grads(step, gen)`` (``None``: none), with the calls made together or
+    not; returns the parameters, their state, the skip counts, the warnings and the sizes of the calls made together."""
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in GROUPED_SHAPES]
+    taken = []
+    with monkeypatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch.setattr(optimizer_module, "_ROTATED_ADAMS_TOGETHER", together)
+        real = compose.rotated_adams
+        patch.setattr(compose, "rotated_adams", lambda calls: taken.append(len(calls)) or real(calls))
+        named = [(f"p{i}", p) for i, p in enumerate(params)]
+        opt = kronopt.build(groups(named), preset, **(overrides or {}))
+        for step in range(steps):
+            for p, g in zip(params, grads(step, gen)):
+                p.grad = g
+            if state_hook is not None and step == 14:
+                opt = state_hook(opt, named, preset, overrides)
+            opt.step()
+    copy_of = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    state = {i: {k: copy_of(v) for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), [str(w.message) for w in caught], taken
+
+
+def _same_runs(fast, slow):
+    assert fast[4] and not slow[4]  # the calls were made together in one run and not in the other
+    for i, (a, b) in enumerate(zip(fast[0], slow[0])):
+        assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()), i
+    for i in fast[1]:
+        assert fast[1][i].keys() == slow[1][i].keys()
+        for key, value in fast[1][i].items():
+            other = slow[1][i][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, key)
+    assert fast[2] == slow[2]
+    assert fast[3] == slow[3]
+
+
+def _random(step, gen):
+    return [torch.randn(s, generator=gen) for s in GROUPED_SHAPES]
+
+
+def _three_groups(named):
+    """SOAP's Adam settings, other betas with the factors' retention tied to β₂, and a third group ε after the
+    correction, no bias correction, its own retention, rate and decay."""
+    return [
+        {"params": named[:3]},
+        {"params": named[3:6], "overrides": {"inner.betas": [0.9, 0.99], "factors.beta": "beta2"}},
+        {
+            "params": named[6:], "lr": 0.003, "weight_decay": 0.1,
+            "overrides": {
+                "inner.eps_placement": "after_correction", "inner.bias_correction": False, "factors.beta": 0.5,
+                "inner.eps": 1e-3,
+            },
+        },
+    ]
+
+
+@pytest.mark.parametrize("preset", ["soap", "dykaf"])
+def test_groups_of_other_adam_settings_and_retentions_step_alike(monkeypatch, preset):
+    """Three param groups of different Adam settings and factor retentions (the same shapes in several, so one call
+    holds buckets of each), some parameters skipping steps (their buckets split), a NaN and an overflow, warnings on."""
+
+    def grads(step, gen):
+        g = _random(step, gen)
+        if step % 3 == 1:
+            g[1] = None
+        if step % 5 == 2:
+            g[7] = None
+            g[4] = None
+        if step == 13:
+            g[2][1, 1] = math.nan
+            g[5][0, 0] = 1e30  # finite; its square overflows the second moment
+        return g
+
+    kw = {"groups": _three_groups, "grads": grads, "overrides": {"nonfinite": "warn", "nonfinite_scope": "block"}}
+    fast = _train_groups(monkeypatch, preset, together=True, **kw)
+    slow = _train_groups(monkeypatch, preset, together=False, **kw)
+    assert max(fast[4]) >= 6
+    _same_runs(fast, slow)
+    assert fast[2]["p2"] == 1 and fast[2]["p5"] >= 1 and fast[3]
+
+
+def test_eps_zero_on_exactly_zero_moments_skips_the_same_blocks(monkeypatch):
+    """``inner.eps = 0`` where a second moment is exactly zero (a 2-D parameter whose gradient is always zero, a
+    vector with one entry always zero: in the basis ``0 / 0``): its blocks skipped, their counts and warnings as the
+    pipeline's (a division guarded against zero, in one path and not the other, would step them)."""
+
+    def grads(step, gen):
+        g = _random(step, gen)
+        g[3].zero_()
+        g[4][0] = 0.0
+        return g
+
+    kw = {"groups": lambda named: named, "grads": grads, "overrides": {"inner.eps": 0.0, "nonfinite": "warn"}}
+    fast = _train_groups(monkeypatch, "soap", together=True, **kw)
+    slow = _train_groups(monkeypatch, "soap", together=False, **kw)
+    _same_runs(fast, slow)
+    assert fast[2]["p3"] == fast[2]["p4"] == 23 and fast[2]["p0"] == 0  # every update but the skipped first call
+
+
+def _reloaded_in_other_layouts(opt, named, preset, overrides):
+    """The optimizer's state saved and loaded into a new one, its moments column-major or strided on the way."""
+    saved = copy.deepcopy(opt.state_dict())
+    for k, entry in enumerate(saved["state"].values()):
+        for key in ("inner.exp_avg", "inner.exp_avg_sq", "factors.L", "factors.R"):
+            v = entry.get(key)
+            if isinstance(v, torch.Tensor) and v.ndim == 2:
+                if (k + len(key)) % 2:
+                    entry[key] = v.mT.contiguous().mT
+                else:
+                    wide = torch.zeros(v.shape[0], 2 * v.shape[1], dtype=v.dtype)
+                    wide[:, ::2] = v
+                    entry[key] = wide[:, ::2]
+    new = kronopt.build(named, preset, **(overrides or {}))
+    new.load_state_dict(saved)
+    return new
+
+
+@pytest.mark.parametrize("preset", ["soap", "dykaf"])
+def test_a_state_loaded_in_other_memory_layouts_steps_alike(monkeypatch, preset):
+    kw = {"groups": lambda named: named, "grads": _random, "state_hook": _reloaded_in_other_layouts}
+    fast = _train_groups(monkeypatch, preset, together=True, **kw)
+    slow = _train_groups(monkeypatch, preset, together=False, **kw)
+    _same_runs(fast, slow)
+
+
+def test_the_stage_clock_times_each_operator_of_the_calls_together_in_its_slot(monkeypatch):
+    """On the updates made together, the rotations and the elementwise Adam work are the inner rule's and the EMA's
+    Gram products the factors' (``kronopt bench --stages``): the slot open at each such operator."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = [(6, 5), (6, 5), (7, 3), (3, 9), (9,)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    opt = kronopt.build(params, "soap")
+    clock = stage_times.StageClock()
+    seen: dict[str, set] = {}
+    taken = []
+    real = compose.rotated_adams
+    monkeypatch.setattr(compose, "rotated_adams", lambda calls: taken.append(len(calls)) or real(calls))
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            seen.setdefault(name, set()).add(clock._open[-1] if clock._open else None)
+            return func(*args, **(kwargs or {}))
+
+    with stage_times.StageClock.installed(stage_times.stages_of(opt)):
+        for k in range(4):  # the first call (skipped, a refresh), then three updates made together
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + k))
+            if k == 0:
+                opt.step()
+                continue
+            with clock.running(), Watch():
+                opt.step()
+    assert taken == [4, 4, 4]  # the stacked 6 × 5 pair, 7 × 3, 3 × 9 and the bias
+    # the elementwise Adam work is one foreach call per operation (the dispatcher sees those, not the kernels in them)
+    for name in ("bmm", "_foreach_lerp", "_foreach_mul", "_foreach_sqrt", "_foreach_div"):
+        assert seen.get(name) == {"inner"}, (name, seen.get(name))
+    for name in ("baddbmm", "_foreach_add"):  # the Gram products and their sums with their transposes
+        assert seen.get(name) == {"factors"}, (name, seen.get(name))
