@@ -680,7 +680,7 @@ def rotated_adam_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype:
     """Whether :func:`rotated_adams` may stand in for :func:`step` on this call of a bucket: a config, layout and
     compute dtype it takes (:func:`_rotated_adam_config`), past the first call and with no refresh due at this
     update, so that the basis is only read."""
-    if state.calls == 0 or cfg.refresh.due(state.step + 1, first_call=False):
+    if state.calls == 0:
         return False
     key = (id(cfg), layout, dtype, CHECK_OWN_STAGES)
     hit = _ROTATED_ADAM.get(key)
@@ -688,7 +688,7 @@ def rotated_adam_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype:
         if len(_ROTATED_ADAM) >= 64:
             _ROTATED_ADAM.clear()
         hit = _ROTATED_ADAM[key] = (cfg, _rotated_adam_config(cfg, layout, dtype))
-    return hit[1]
+    return hit[1] and not cfg.refresh.due(state.step + 1, first_call=False)
 
 
 #: :func:`_rotated_adam_config`'s verdicts, by config (its ``id``, the config kept to tell a reused one), layout, dtype

@@ -1988,7 +1988,8 @@ class KronOptimizer(torch.optim.Optimizer):
         """:meth:`_step_bucket` for small buckets of a CPU (:meth:`_small_cpu`) together, the same bits: on small
         blocks the calls around the pipeline, not its arithmetic, are the cost.
 
-        Each bucket's pipeline runs in turn (:meth:`_run`); then every tensor their steps changed is tested
+        Each bucket's pipeline runs in turn (:meth:`_run`), but for the plain rotated-Adam calls, made together
+        (:meth:`_rotated_adams`, :func:`compose.rotated_adam_due`); then every tensor their steps changed is tested
         at once (:func:`linalg.finite_each`: their extremes, and one read on the host),
         and only a bucket with a non-finite one is tested block by block (:func:`compose.finite_new_state`);
         then their writes go together (:meth:`_finish`). The buckets' new states are all held until then:
@@ -2007,7 +2008,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 else:
                     runs.append(self._run(bucket, cfg))
             if together:
-                for (at, bucket, cfg), run in zip(together, self._rotated_adams(together)):
+                for (at, _, _), run in zip(together, self._rotated_adams(together)):
                     runs[at] = run
             changed = [run.changed() for run in runs]  # type: ignore[union-attr]
             every = [t for tensors in changed for t in tensors]
