@@ -698,7 +698,7 @@ _ROTATED_ADAM: dict[tuple[Any, ...], tuple[KronConfig, bool]] = {}
 
 def _rotated_adam_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
     """Whether :func:`rotated_adams` takes a config's plain calls on ``layout`` in compute dtype ``dtype``: the ``adam``
-    inner rule without ``normalize`` in a basis (SOAP, DyKAF), a factor estimator updated after the direction that
+    inner rule without ``normalize`` in whatever basis (SOAP, DyKAF), a factor estimator updated after the direction that
     reads no rotation of its own (``reads_rotated``), the full split, a plain ``post``, no restricted side, the state
     stored in the compute dtype, no ``compile``, kronopt's own stages alone (none checked)."""
     from .inner_rules.adam import AdamInner
@@ -727,7 +727,7 @@ def rotated_adams(
     may round otherwise): the directions of them all (:func:`rotated_adam_directions`), then the factor updates, of
     several buckets at once where their stage can (an ``update_each`` method: the ``ema`` estimator's), else each
     in its turn. On small blocks a step costs its calls, not its arithmetic: a SOAP bucket's step is about 33
-    operator calls and the Python around each stage, a dozen of them elementwise."""
+    operator calls and the Python around each stage, nine of them elementwise."""
     directions = rotated_adam_directions(calls)
     ctxs = [context(cfg, layout, state, state.step + 1, {}, refresh_follows=False, defer=defer) for cfg, layout, state, _, defer in calls]
     by_stage: dict[int, list[int]] = {}  # the calls of each factor stage that updates several buckets at once
@@ -753,7 +753,7 @@ def rotated_adam_directions(
 ) -> list[tuple[Tensor, Any]]:
     """The ``adam`` inner rule's ``direction`` of each call of :func:`rotated_adams`, ``(D, new moments)``, the same
     bits: each bucket's rotations in its turn, the elementwise work of them all in one ``foreach`` call per
-    operation and setting (on a CPU each runs the very kernel on every tensor, without the Python around it)."""
+    operation, Adam setting and update (on a CPU each runs the very kernel on every tensor, without the Python around it)."""
     from .inner_rules.adam import AdamState
 
     # a state stored in the compute dtype (rotated_adam_due) holds its basis exactly

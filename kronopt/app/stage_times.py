@@ -4,7 +4,7 @@ While a :class:`StageClock` is installed (:meth:`StageClock.installed`), the met
 kronopt optimizer holds (the slots' methods, :data:`SLOT_METHODS`; plain functions, static and class methods,
 nothing else a class may hold under such a name) and the few functions of kronopt that do a slot's work
 outside them (:data:`SLOT_FUNCTIONS`: a factor update left to the state write, the CPU's plain AdamW and
-plain Muon, the small buckets' rotated Adam, the batched parameter write) are wrapped; while the clock runs (:meth:`StageClock.running`),
+plain Muon, the small buckets' rotated-Adam directions, the batched parameter write) are wrapped; while the clock runs (:meth:`StageClock.running`),
 each wrapped call adds its time to its slot, less the time of the wrapped calls it makes itself (an inner
 rule's moment read by a split counts as the inner rule's, not twice). What the step spends outside them
 is kronopt's own (:data:`OWN`): stacking the gradients and checking them, the state writes, the
@@ -36,7 +36,8 @@ OWN = "kronopt"
 SHARES: tuple[str, ...] = (*SLOTS, OWN)
 
 #: the methods timed on each slot's stage (those a stage has; the pipeline's calls, :func:`kronopt.compose.step`,
-#: and the CPU's fast paths: plain Muon's ``orthogonalize`` and the parameter writes ``apply_`` and ``apply_block_``)
+#: and the CPU's fast paths: the ``ema`` estimator's ``update_each``, plain Muon's ``orthogonalize`` and the parameter
+#: writes ``apply_`` and ``apply_block_``)
 SLOT_METHODS: dict[str, tuple[str, ...]] = {
     "factors": ("update", "update_each", "factors", "on_basis_change", "eigvals", "flat_eigvals"),
     "basis": ("refresh",),
