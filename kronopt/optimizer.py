@@ -1897,9 +1897,8 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _run(self, bucket: _Bucket, cfg: KronConfig) -> "_Run":
         """The bucket's pipeline on its sanitized gradients: the direction and new state, nothing written yet."""
-        G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
+        G, ok, defer = self._inputs(bucket)
         old = bucket.state
-        defer = self._defer(G)
         D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
         return _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
 
@@ -1908,8 +1907,8 @@ class KronOptimizer(torch.optim.Optimizer):
         :func:`compose.rotated_adam_due`), the same runs."""
         calls, flags = [], []
         for _, bucket, cfg in work:
-            G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
-            calls.append((cfg, bucket.layout, bucket.state, G, self._defer(G)))
+            G, ok, defer = self._inputs(bucket)
+            calls.append((cfg, bucket.layout, bucket.state, G, defer))
             flags.append(ok)
         steps = compose.rotated_adams(calls)  # type: ignore[arg-type]
         return [
@@ -1917,11 +1916,12 @@ class KronOptimizer(torch.optim.Optimizer):
             for (_, bucket, cfg), ok, (_, _, old, _, defer), (D, new) in zip(work, flags, calls, steps)
         ]
 
-    @staticmethod
-    def _defer(G: Tensor) -> list[linalg.DeferredWrite] | None:
-        """The list a step's factor updates may be left in for the state write (:func:`compose.step`'s ``defer``): on a
-        CPU, factor updates nothing else reads this call are made there, in place."""
-        return [] if _DEFER_FACTOR_UPDATES and G.device.type == "cpu" else None
+    def _inputs(self, bucket: _Bucket) -> tuple[Tensor, Tensor, list[linalg.DeferredWrite] | None]:
+        """A bucket call's inputs (:meth:`_run`, :meth:`_rotated_adams`): its sanitized gradients ``G``, their blocks'
+        flags, and the list its factor updates may be left in for the state write (:func:`compose.step`'s ``defer``;
+        on a CPU, factor updates nothing else reads this call are made there, in place)."""
+        G, ok = self._sanitized_gradients(bucket, [p.grad for p in bucket.params], bucket.state_dtype)  # type: ignore[misc]
+        return G, ok, [] if _DEFER_FACTOR_UPDATES and G.device.type == "cpu" else None
 
     def _finish(
         self, judged: list[tuple["_Run", Tensor]], step_ok: Tensor | None, *, clean: bool = False

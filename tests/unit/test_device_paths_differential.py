@@ -82,7 +82,7 @@ DEVICE_BRANCHES = {
     "optimizer.py": {
         "_Pending._to_host",  # a CUDA report's pinned copy (the CUDA tests below, tests/unit/test_cuda.py)
         "KronOptimizer._all_finite",  # where the step's flag lives with parameters on several devices
-        "KronOptimizer._defer",  # _DEFER_FACTOR_UPDATES
+        "KronOptimizer._inputs",  # _DEFER_FACTOR_UPDATES
         "KronOptimizer._plain_adam_cpu",  # _BLOCKWISE_MIN
         "KronOptimizer._join",  # _BLOCKWISE_MIN (_blockwise: which buckets never join)
         "KronOptimizer._scratch",  # _CPU_KEEPS_SCRATCH
