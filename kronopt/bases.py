@@ -260,9 +260,9 @@ class QrBasis:
         layout = ctx.layout
         if not state.ready and "restricted" not in (layout.left, layout.right):
             return _eigh_refresh(state, factors, canonical_null=self._canonical)
-        quotients = ctx.eigvals_from_basis
-        left = self._side(layout.left, factors[0], state.Q_L, state.lam_L, ready=state.ready, quotients=quotients)
-        right = self._side(layout.right, factors[1], state.Q_R, state.lam_R, ready=state.ready, quotients=quotients)
+        quotients, tested = ctx.eigvals_from_basis, ctx.finite_fallback
+        left = self._side(layout.left, factors[0], state.Q_L, state.lam_L, ready=state.ready, quotients=quotients, tested=tested)
+        right = self._side(layout.right, factors[1], state.Q_R, state.lam_R, ready=state.ready, quotients=quotients, tested=tested)
         new = BasisState(
             Q_L=left.Q,
             Q_R=right.Q,
@@ -275,11 +275,14 @@ class QrBasis:
         return new, BasisChange(old=state, new=new, perm_L=left.perm, perm_R=right.perm)
 
     def _side(
-        self, kind: str, X: Tensor | None, Q: Tensor | None, lam: Tensor | None, *, ready: bool, quotients: bool
+        self, kind: str, X: Tensor | None, Q: Tensor | None, lam: Tensor | None, *, ready: bool, quotients: bool,
+        tested: bool = True,
     ) -> _SideRefresh:
         """One side's refresh: restricted (Rayleigh–Ritz + power), first (eigh) or SOAP's sorted power step
         (``quotients``: whether anything reads the eigenvalue estimates; without them and without
-        ``sort`` the side keeps its old ones, and the power step skips the quotients)."""
+        ``sort`` the side keeps its old ones, and the power step skips the quotients). ``tested``
+        (:attr:`StepContext.finite_fallback`): whether the power step's blocks are tested for a non-finite
+        result, which keeps their old basis; without it the caller tests them."""
         if Q is None or X is None or lam is None:
             return _SideRefresh(Q=Q, lam=lam)
         if kind == "restricted":
@@ -292,6 +295,8 @@ class QrBasis:
         Q_new, e, perm = linalg.sorted_power_step(X, Q, sort=self.sort, quotients=quotients, canonical_null=canonical)
         for _ in range(self.power_steps - 1):
             Q_new = linalg.power_qr(X, Q_new, canonical_null=canonical)
+        if not tested:  # the caller tests the new state and makes a call with a non-finite block again, tested
+            return _SideRefresh(Q=Q_new, lam=lam if e is None else e, perm=perm, solved=True)
         ok = linalg.finite_blocks(Q_new, e)
         if linalg.cpu_all(ok):  # nearly every refresh, read on a CPU for free: no block falls back
             return _SideRefresh(Q=Q_new, lam=lam if e is None else e, perm=perm, solved=True)

@@ -498,7 +498,7 @@ def _with_storage(fn: Callable[..., tuple[Tensor | None, BucketState]]) -> Calla
 
 def context(
     cfg: KronConfig, layout: Layout, state: BucketState, t: int, shared: dict[str, Any] | None = None,
-    *, refresh_follows: bool = True, defer: list[linalg.DeferredWrite] | None = None,
+    *, refresh_follows: bool = True, defer: list[linalg.DeferredWrite] | None = None, finite_fallback: bool = True,
 ) -> StepContext:
     """The :class:`StepContext` the stages see at update ``t``: basis, eigenvalue estimates (the factor
     estimator's own when it tracks them, else the basis's) and the flat eigenvalues of restricted sides.
@@ -521,6 +521,7 @@ def context(
     return StepContext(
         step=t, layout=layout, basis=basis, eigvals=eigvals, eigvals_from_basis=from_basis, flat=flat, shared=shared,
         exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis), refresh_follows=refresh_follows, defer=defer,
+        finite_fallback=finite_fallback,
     )
 
 
@@ -547,6 +548,15 @@ def _observe(
         _check_output("factors", checked, cfg, factors, state.factors, layout, G, g_version, given=given)
     if not due:
         return evolve(state, factors=factors)
+    return _refreshed(cfg, layout, state, factors, ctx, G, checked=checked, g_version=g_version, in_ctx=in_ctx)
+
+
+def _refreshed(
+    cfg: KronConfig, layout: Layout, state: BucketState, factors: Any, ctx: StepContext, G: Tensor, *,
+    checked: frozenset[str] = frozenset(), g_version: int | None = None, in_ctx: Any = None,
+) -> BucketState:
+    """:func:`_observe`'s refresh, after the factor update made ``factors`` (``ctx`` the update's): the basis from
+    them, then the stages that follow it, each checked as :func:`_observe` says."""
     read = cfg.factors.factors(factors)
     given = _Given(("state", state.basis), ("factors", tuple(read)), rest=in_ctx) if "basis" in checked else None
     basis, change = cfg.basis.refresh(state.basis, read, ctx)
@@ -678,8 +688,8 @@ def is_plain_muon(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
 
 def rotated_adam_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype: torch.dtype) -> bool:
     """Whether :func:`rotated_adams` may stand in for :func:`step` on this call of a bucket: a config, layout and
-    compute dtype it takes (:func:`_rotated_adam_config`), past the first call and with no refresh due at this
-    update, so that the basis is only read."""
+    compute dtype it takes (:func:`_rotated_adam_config`), past the first call (a refresh due at this update
+    included)."""
     if state.calls == 0:
         return False
     key = (id(cfg), layout, dtype, CHECK_OWN_STAGES)
@@ -688,7 +698,7 @@ def rotated_adam_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype:
         if len(_ROTATED_ADAM) >= 64:
             _ROTATED_ADAM.clear()
         hit = _ROTATED_ADAM[key] = (cfg, _rotated_adam_config(cfg, layout, dtype))
-    return hit[1] and not cfg.refresh.due(state.step + 1, first_call=False)
+    return hit[1]
 
 
 #: :func:`_rotated_adam_config`'s verdicts, by config (its ``id``, the config kept to tell a reused one), layout, dtype
@@ -726,10 +736,20 @@ def rotated_adams(
     holds, the same bits on a CPU (the only device the optimizer takes it on: an accelerator's fused ``foreach`` kernels
     may round otherwise): the directions of them all (:func:`rotated_adam_directions`), then the factor updates, of
     several buckets at once where their stage can (an ``update_each`` method: the ``ema`` estimator's), else each
-    in its turn. On small blocks a step costs its calls, not its arithmetic: a SOAP bucket's step is about 33
-    operator calls and the Python around each stage, nine of them elementwise."""
+    in its turn, then each due refresh in its turn (:func:`_refreshed`). On small blocks a step costs its calls, not
+    its arithmetic: a SOAP bucket's step is about 33 operator calls and the Python around each stage, nine of them
+    elementwise.
+
+    A refresh made here does not test its new basis itself (:attr:`StepContext.finite_fallback` off): where its
+    result is finite, that test keeps it as it is, so the result is the same. The caller tests every tensor of the
+    new states (the optimizer does, :meth:`~kronopt.KronOptimizer._step_small_buckets`) and makes a call whose
+    new basis is not finite again with :func:`step`, where the refresh keeps the old basis of such a block."""
     directions = rotated_adam_directions(calls)
-    ctxs = [context(cfg, layout, state, state.step + 1, {}, refresh_follows=False, defer=defer) for cfg, layout, state, _, defer in calls]
+    due = [cfg.refresh.due(state.step + 1, first_call=False) for cfg, _, state, _, _ in calls]
+    ctxs = [
+        context(cfg, layout, state, state.step + 1, {}, refresh_follows=d, defer=None if d else defer, finite_fallback=False)
+        for (cfg, layout, state, _, defer), d in zip(calls, due)
+    ]
     by_stage: dict[int, list[int]] = {}  # the calls of each factor stage that updates several buckets at once
     factors: list[Any] = [None] * len(calls)
     for i, (cfg, _, state, G, _) in enumerate(calls):
@@ -742,10 +762,14 @@ def rotated_adams(
         made = stage.update_each([calls[i][2].factors for i in at], [calls[i][3] for i in at], [ctxs[i] for i in at])
         for i, record in zip(at, made):
             factors[i] = record
-    return [
-        (D, evolve(state, factors=record, inner=inner, calls=state.calls + 1, step=state.step + 1))
-        for (_, _, state, _, _), (D, inner), record in zip(calls, directions, factors)
-    ]
+    made = []
+    for (cfg, layout, state, G, _), (D, inner), record, ctx, d in zip(calls, directions, factors, ctxs, due):
+        counters = {"calls": state.calls + 1, "step": state.step + 1}
+        if d:
+            made.append((D, evolve(_refreshed(cfg, layout, evolve(state, inner=inner), record, ctx, G), **counters)))
+        else:
+            made.append((D, evolve(state, factors=record, inner=inner, **counters)))
+    return made
 
 
 def rotated_adam_directions(

@@ -2013,12 +2013,18 @@ class KronOptimizer(torch.optim.Optimizer):
             changed = [run.changed() for run in runs]  # type: ignore[union-attr]
             every = [t for tensors in changed for t in tensors]
             flags = linalg.finite_each(every).tolist() if every else []  # one read on the host for all
-            judged, start = [], 0
-            for run, tensors in zip(runs, changed):
-                ok = run.ok
-                if not all(flags[start : start + len(tensors)]):
-                    ok = ok & linalg.finite_blocks(*tensors)  # block by block: compose.finite_new_state's test
+            judged, start, made_together = [], 0, {at for at, _, _ in together}
+            for i, (run, tensors) in enumerate(zip(runs, changed)):
+                finite = all(flags[start : start + len(tensors)])
                 start += len(tensors)
+                if not finite and i in made_together and run.new.basis is not run.old.basis:  # type: ignore[union-attr]
+                    # a refresh made together left its new basis untested (compose.rotated_adams): the pipeline
+                    # makes the call again, keeping the old basis of a block whose new one is not finite
+                    run = self._run(run.bucket, run.cfg)
+                    tensors = run.changed()
+                ok = run.ok
+                if not finite and tensors:
+                    ok = ok & linalg.finite_blocks(*tensors)  # block by block: compose.finite_new_state's test
                 judged.append((run, ok))
             # every new state finite, and every gradient (the step's flag, or the runs' own): read here, where
             # it costs nothing, instead of each bucket's masks combined, read and counted at its writes (a step

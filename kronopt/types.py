@@ -159,6 +159,11 @@ class StepContext:
             only an update proven finite on every block beforehand), else ``None``. Set only for a
             factor update that nothing later in the call reads (``factor_update = "after"``, no
             refresh follows), on a CPU bucket whose state is kept in the compute dtype.
+        finite_fallback: whether a refresh itself tests its new basis for blocks it left non-finite and keeps
+            their old one (``True``, what a stage must do wherever the caller does not say otherwise). ``False``:
+            the caller tests every tensor of the call's new state anyway and makes a call with a non-finite one
+            again through :func:`kronopt.compose.step`, with this ``True``, so a refresh may skip its own test
+            (the CPU's small buckets made together, :func:`kronopt.compose.rotated_adams`).
     """
 
     step: int
@@ -171,6 +176,7 @@ class StepContext:
     exact_basis: bool = True
     refresh_follows: bool = True
     defer: "list[linalg.DeferredWrite] | None" = attrs.field(default=None, repr=False)
+    finite_fallback: bool = True
 
     def rotated(self, G: Tensor) -> "Rotation":
         r"""``G`` in this context's basis, :math:`Q_L^\top G Q_R` (a ``None`` side is the identity), with the

@@ -3,9 +3,10 @@
 
 ``rotated_adams`` makes the directions of several buckets with one ``foreach`` call per elementwise operation
 and setting; ``compose.step`` makes each bucket's with the stages' own methods. The two must agree on every
-bit of the direction and the new state, for every setting the fast path accepts, and the fast path must turn
-down every call it cannot make as the pipeline would (a refresh, a first call, a normalised or grafted step,
-narrower storage, a restricted side, a stage from outside kronopt).
+bit of the direction and the new state, for every setting the fast path accepts, a refresh included, and the fast
+path must turn down every call it cannot make as the pipeline would (a first call, a normalised or grafted step,
+narrower storage, a restricted side, a stage from outside kronopt). A refresh made together leaves the test of its
+new basis to the optimizer, which makes a call whose new basis is not finite again through the pipeline.
 """
 
 import copy
@@ -87,6 +88,46 @@ def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bi
     assert any(call[4] for call in calls)  # DyKAF's small updates are deferred too
 
 
+REFRESHING = {
+    **CONFIGS,
+    "soap, two power steps a refresh": ("soap", {"basis.power_steps": 2}),
+    "soap, canonical null space": ("soap", {"basis.null_space": "canonical"}),
+    "soap, eigh refresh": ("soap", {"basis.type": "eigh"}),
+}
+
+
+def test_refresh_calls_made_together_equal_the_pipeline_bit_for_bit():
+    """Calls at the tenth and twentieth updates (a refresh due) among plain ones, of seven configs (the power step
+    sorted and not, two power steps, the canonical null space, an ``eigh`` refresh, DyKAF) on the layouts above,
+    float32 and float64, in one call, against each bucket's ``compose.step``: the new basis, its eigenvalue
+    estimates, the moments carried into it, the factors (not deferred: the refresh reads them), the counters."""
+    gen = torch.Generator().manual_seed(10)
+    layouts = [
+        Layout(batch=1, m=9, n=4, left="full", right="full"), Layout(batch=3, m=5, n=12, left="full", right="full"),
+        Layout(batch=2, m=1, n=9, left="none", right="full"), Layout(batch=2, m=13, n=3, left="full", right="none"),
+    ]
+    calls, expected = [], []
+    for k, (name, overrides) in enumerate(REFRESHING.values()):
+        cfg = kronopt.resolve(name, **overrides).bound()
+        for j, layout in enumerate(layouts):
+            dtype = torch.float64 if (j + k) % 3 == 0 else torch.float32
+            state, G = _states(cfg, layout, (10, 20, 15)[(j + k) % 3], gen, dtype)  # updates 10 and 20 refresh, 15 not
+            assert compose.rotated_adam_due(cfg, layout, state, dtype)
+            defer_ref = []
+            expected.append((*compose.step(cfg, layout, state, G.clone(), defer=defer_ref), defer_ref))
+            calls.append((cfg, layout, state, G, []))
+    got = compose.rotated_adams(calls)
+    refreshed = 0
+    for (D, new), (D_ref, new_ref, defer_ref), call in zip(got, expected, calls):
+        _equal(D, D_ref)
+        _equal(new, new_ref)
+        _same_deferred(call[4], defer_ref)
+        if new.basis.refreshes != call[2].basis.refreshes:
+            refreshed += 1
+            assert not call[4]  # a refresh reads the new factors: nothing left to the state write
+    assert refreshed >= len(calls) // 2
+
+
 def _same_deferred(defer, defer_ref):
     """The same deferred factor updates: into the same stacks, with the same values once run (each run on the
     stack as it was, which is then put back)."""
@@ -130,13 +171,14 @@ def test_plain_calls_are_taken():
     assert _due()
     assert _due("dykaf")
     assert _due(layout=Layout(batch=2, m=1, n=9, left="none", right="full"))
+    assert _due(steps=10)  # a refresh is due at this update (the tenth)
+    assert _due("dykaf", steps=10)
 
 
 @pytest.mark.parametrize(
     ("why", "kwargs"),
     [
         ("the first call", {"steps": 0}),
-        ("a refresh is due at this update (the tenth)", {"steps": 10}),
         ("a normalised direction", {"inner.normalize": True}),
         ("grafting", {"post.grafting": "adam"}),
         ("a normalised post", {"post.normalize": True}),
@@ -228,6 +270,50 @@ def test_the_optimizer_takes_the_same_steps_with_the_calls_together(monkeypatch,
     assert counts["p2"] == 1 and counts["p5"] >= 1 and counts["p0"] == 0
 
 
+def _train_failing_refresh(monkeypatch, *, together):
+    """``_train``'s soap run (no poisoned gradient) in which the QR of every 7 × 7 side returns a NaN column on one
+    block at the twentieth update's refresh (the 7 × 3 block's left side, the 4 × 7 block's right one)."""
+    real = linalg.q_factor
+    at = {"step": 0, "made": 0}
+
+    def failing(P, **kwargs):
+        Q = real(P, **kwargs)
+        if at["step"] == 21 and P.shape[-2:] == (7, 7):  # the 21st call: the first only builds the basis
+            Q[0, :, 3] = math.nan
+            at["made"] += 1
+        return Q
+
+    monkeypatch.setattr(linalg, "q_factor", failing)
+    real_step = kronopt.KronOptimizer.step
+
+    def counted_step(self, closure=None):
+        at["step"] += 1
+        return real_step(self, closure)
+
+    monkeypatch.setattr(kronopt.KronOptimizer, "step", counted_step)
+    out = _train(monkeypatch, "soap", together=together, poison=False)
+    monkeypatch.undo()
+    return out, at["made"]
+
+
+def test_a_failed_refresh_made_together_keeps_the_old_basis_as_the_pipeline_does(monkeypatch):
+    """A refresh made together does not test its new basis (``StepContext.finite_fallback``); the optimizer's test of
+    the new state finds the NaN and makes the call again through the pipeline, whose refresh keeps that block's
+    old basis and counts the failure: parameters, state and counts as with the path off, nothing skipped."""
+    (fast, made_fast), (slow, made_slow) = (_train_failing_refresh(monkeypatch, together=t) for t in (True, False))
+    assert made_slow == 2 and made_fast == 4  # each failing side once with the path off, twice with it on
+    assert fast[3] and not slow[3]
+    for a, b in zip(fast[0], slow[0]):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+    for i in fast[1]:
+        for key, value in fast[1][i].items():
+            other = slow[1][i][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, key)
+    assert fast[2] == slow[2] and not any(fast[2].values())
+    failed = [v for i in fast[1] for k, v in fast[1][i].items() if "fail" in k and isinstance(v, torch.Tensor) and v.any()]
+    assert failed  # the kept basis was counted as a failure
+
+
 @pytest.mark.parametrize("options", [{}, {"correct_bias": False, "betas": (0.9, 0.99), "shampoo_beta": 0.8}])
 def test_the_calls_made_together_follow_the_float64_reference_of_the_spec(monkeypatch, options):
     """The path against a clean-room float64 SOAP written from the spec (tests/reference/soap.py), not only against
@@ -246,9 +332,9 @@ def test_the_calls_made_together_follow_the_float64_reference_of_the_spec(monkey
     real = compose.rotated_adams
     monkeypatch.setattr(compose, "rotated_adams", lambda calls: taken.append(len(calls)) or real(calls))
     history = run_history(opt, ours, grads)
-    # 25 calls: the first builds the basis, updates 10 and 20 refresh, the other 22 are made together, each of the
-    # four buckets (the two 6 × 4 blocks stacked, 4 × 6, 5 × 5, and the bias, whose sides are not rotated)
-    assert len(taken) == 22 and set(taken) == {4}
+    # 25 calls: the first builds the basis, the other 24 are made together (updates 10 and 20 with a refresh), each
+    # of the four buckets (the two 6 × 4 blocks stacked, 4 × 6, 5 × 5, and the bias, whose sides are not rotated)
+    assert len(taken) == 24 and set(taken) == {4}
     assert_histories_close(history, ref)
 
 
