@@ -197,6 +197,20 @@ def test_permute_along_rows_and_columns(seed, m, n, b):
         assert torch.equal(cols[i], X[i][:, pc[i]])
 
 
+@given(seed=SEEDS, n=dims(), k=dims(), b=st.integers(1, 3), column_major=st.booleans())
+def test_permute_columns_moves_each_blocks_columns_and_keeps_the_layout(seed, n, k, b, column_major):
+    """A refresh's power product and a basis are column-major (moved as rows of their transposes), others row-major."""
+    gen = generator(seed)
+    Q = randn(gen, b, n, k)
+    if column_major:
+        Q = Q.mT.contiguous().mT
+    perm = torch.stack([torch.randperm(k, generator=gen) for _ in range(b)])
+    got = linalg.permute_columns(Q, perm)
+    for i in range(b):
+        assert torch.equal(got[i], Q[i][:, perm[i]])
+    assert got.mT.is_contiguous() if column_major and k > 1 else got.is_contiguous()
+
+
 def test_permute_along_bad_dim_raises():
     X = torch.zeros(1, 2, 2)
     with pytest.raises(ValueError, match="dim must be 1 or 2"):
