@@ -61,21 +61,18 @@ CONFIGS = {
 }
 
 
-def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bit():
-    """Buckets of five configs (three Adam settings, two factor estimators), tall, wide, square, one-sided and
-    stacked, float32 and float64, at different updates (so different bias corrections) in one call, against
-    each bucket's ``compose.step``; the deferred factor updates too."""
-    gen = torch.Generator().manual_seed(0)
-    layouts = [
-        Layout(batch=1, m=9, n=4, left="full", right="full"), Layout(batch=3, m=5, n=12, left="full", right="full"), Layout(batch=2, m=7, n=7, left="full", right="full"),
-        Layout(batch=1, m=6, n=11, left="none", right="full"), Layout(batch=2, m=13, n=3, left="full", right="none"),
-    ]
+def _made_together_as_the_pipeline(configs, layouts, steps, float64_every, seed):
+    """A bucket of each config on each layout after ``steps(j, k)`` calls of the pipeline (``j`` the layout's
+    index, ``k`` the config's), some in float64; the next call of them all made in one ``rotated_adams`` call
+    against each bucket's ``compose.step``, bit for bit, deferred factor updates included. Returns
+    ``[(call, new state)]``."""
+    gen = torch.Generator().manual_seed(seed)
     calls, expected = [], []
-    for k, (name, overrides) in enumerate(CONFIGS.values()):
+    for k, (name, overrides) in enumerate(configs.values()):
         cfg = kronopt.resolve(name, **overrides).bound()
         for j, layout in enumerate(layouts):
-            dtype = torch.float64 if (j + k) % 4 == 0 else torch.float32
-            state, G = _states(cfg, layout, 12 + (j + k) % 5, gen, dtype)  # past the refresh at update 10
+            dtype = torch.float64 if (j + k) % float64_every == 0 else torch.float32
+            state, G = _states(cfg, layout, steps(j, k), gen, dtype)
             assert compose.rotated_adam_due(cfg, layout, state, dtype)
             defer_ref = []
             expected.append((*compose.step(cfg, layout, state, G.clone(), defer=defer_ref), defer_ref))
@@ -85,7 +82,19 @@ def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bi
         _equal(D, D_ref)
         _equal(new, new_ref)
         _same_deferred(call[4], defer_ref)
-    assert any(call[4] for call in calls)  # DyKAF's small updates are deferred too
+    return [(call, new) for call, (_, new) in zip(calls, got)]
+
+
+def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bit():
+    """Buckets of five configs (three Adam settings, two factor estimators), tall, wide, square, one-sided and
+    stacked, float32 and float64, at different updates (so different bias corrections) in one call, against
+    each bucket's ``compose.step``; the deferred factor updates too."""
+    layouts = [
+        Layout(batch=1, m=9, n=4, left="full", right="full"), Layout(batch=3, m=5, n=12, left="full", right="full"), Layout(batch=2, m=7, n=7, left="full", right="full"),
+        Layout(batch=1, m=6, n=11, left="none", right="full"), Layout(batch=2, m=13, n=3, left="full", right="none"),
+    ]
+    made = _made_together_as_the_pipeline(CONFIGS, layouts, lambda j, k: 12 + (j + k) % 5, 4, seed=0)  # past update 10's refresh
+    assert any(call[4] for call, _ in made)  # DyKAF's small updates are deferred too
 
 
 REFRESHING = {
@@ -101,31 +110,15 @@ def test_refresh_calls_made_together_equal_the_pipeline_bit_for_bit():
     sorted and not, two power steps, the canonical null space, an ``eigh`` refresh, DyKAF) on the layouts above,
     float32 and float64, in one call, against each bucket's ``compose.step``: the new basis, its eigenvalue
     estimates, the moments carried into it, the factors (not deferred: the refresh reads them), the counters."""
-    gen = torch.Generator().manual_seed(10)
     layouts = [
         Layout(batch=1, m=9, n=4, left="full", right="full"), Layout(batch=3, m=5, n=12, left="full", right="full"),
         Layout(batch=2, m=1, n=9, left="none", right="full"), Layout(batch=2, m=13, n=3, left="full", right="none"),
     ]
-    calls, expected = [], []
-    for k, (name, overrides) in enumerate(REFRESHING.values()):
-        cfg = kronopt.resolve(name, **overrides).bound()
-        for j, layout in enumerate(layouts):
-            dtype = torch.float64 if (j + k) % 3 == 0 else torch.float32
-            state, G = _states(cfg, layout, (10, 20, 15)[(j + k) % 3], gen, dtype)  # updates 10 and 20 refresh, 15 not
-            assert compose.rotated_adam_due(cfg, layout, state, dtype)
-            defer_ref = []
-            expected.append((*compose.step(cfg, layout, state, G.clone(), defer=defer_ref), defer_ref))
-            calls.append((cfg, layout, state, G, []))
-    got = compose.rotated_adams(calls)
-    refreshed = 0
-    for (D, new), (D_ref, new_ref, defer_ref), call in zip(got, expected, calls):
-        _equal(D, D_ref)
-        _equal(new, new_ref)
-        _same_deferred(call[4], defer_ref)
-        if new.basis.refreshes != call[2].basis.refreshes:
-            refreshed += 1
-            assert not call[4]  # a refresh reads the new factors: nothing left to the state write
-    assert refreshed >= len(calls) // 2
+    # updates 10 and 20 refresh, 15 does not
+    made = _made_together_as_the_pipeline(REFRESHING, layouts, lambda j, k: (10, 20, 15)[(j + k) % 3], 3, seed=10)
+    refreshed = [call for call, new in made if new.basis.refreshes != call[2].basis.refreshes]
+    assert len(refreshed) >= len(made) // 2
+    assert not any(call[4] for call in refreshed)  # a refresh reads the new factors: nothing left to the state write
 
 
 def _same_deferred(defer, defer_ref):
