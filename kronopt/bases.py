@@ -295,7 +295,7 @@ class QrBasis:
         Q_new, e, perm = linalg.sorted_power_step(X, Q, sort=self.sort, quotients=quotients, canonical_null=canonical)
         for _ in range(self.power_steps - 1):
             Q_new = linalg.power_qr(X, Q_new, canonical_null=canonical)
-        # untested, the caller tests the new state and makes a call with a non-finite block again, tested
+        # untested, the caller tests the new state and makes a call whose new basis is not finite again, tested
         ok = linalg.finite_blocks(Q_new, e) if tested else None
         if ok is None or linalg.cpu_all(ok):  # nearly every refresh, read on a CPU for free: no block falls back
             return _SideRefresh(Q=Q_new, lam=lam if e is None else e, perm=perm, solved=True)

@@ -989,7 +989,7 @@ def _rows_in_order(X: Tensor, perm: Tensor) -> Tensor:
     if b == 1:
         return X[0].index_select(0, perm[0]).unsqueeze(0)
     rows = perm + torch.arange(0, b * k, k, device=X.device).unsqueeze(-1)  # each block's rows in the stack's
-    return X.reshape(b * k, n).index_select(0, rows.view(-1)).view(b, k, n)
+    return X.reshape(b * k, n).index_select(0, rows.reshape(-1)).view(b, k, n)  # perm may lie in any layout
 
 
 def permute_along(X: Tensor, perm: Tensor, dim: int) -> Tensor:

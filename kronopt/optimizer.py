@@ -443,6 +443,18 @@ class _Run:
         return self.staged.changed(self.D)
 
 
+def _untested_basis_not_finite(run: _Run) -> bool:
+    """Whether a run made together (:func:`compose.rotated_adams`) replaced its basis, whose refresh left its new one
+    untested there (:attr:`StepContext.finite_fallback`), with one holding a non-finite entry: only such a call comes
+    out otherwise through the pipeline, whose refresh keeps those blocks' old basis (any other non-finite tensor of a
+    run is the pipeline's too)."""
+    basis = run.new.basis
+    if basis is run.old.basis:
+        return False
+    tensors = [t for t in (basis.Q_L, basis.Q_R, basis.lam_L, basis.lam_R) if t is not None]
+    return bool(tensors) and not bool(linalg.finite_each(tensors).all())
+
+
 class _Pending:
     """A device value on its way to the host, read without a synchronisation.
 
@@ -2017,7 +2029,7 @@ class KronOptimizer(torch.optim.Optimizer):
             for i, (run, tensors) in enumerate(zip(runs, changed)):
                 finite = all(flags[start : start + len(tensors)])
                 start += len(tensors)
-                if not finite and i in made_together and run.new.basis is not run.old.basis:  # type: ignore[union-attr]
+                if not finite and i in made_together and _untested_basis_not_finite(run):
                     # a refresh made together left its new basis untested (compose.rotated_adams): the pipeline
                     # makes the call again, keeping the old basis of a block whose new one is not finite
                     run = self._run(run.bucket, run.cfg)
@@ -2166,7 +2178,7 @@ class KronOptimizer(torch.optim.Optimizer):
         # counts its call); a pass over the gradients at a first call only
         uncounted = old.calls == 0 and _uncounted(0, _used(linalg.finite_each([p.grad for p in bucket.params]), step_ok))  # type: ignore[union-attr, misc]
         calls, step = (old.calls, old.step) if uncounted else (old.calls + 1, old.step + 1)  # type: ignore[union-attr]
-        bucket.state = attrs.evolve(old, calls=calls, step=step)  # type: ignore[misc]
+        bucket.state = compose.evolve(old, calls=calls, step=step)  # type: ignore[misc]
         if isinstance(ok, list):
             # verdicts read on the host: with every block finite (nearly every step) there is nothing to
             # count and nothing to report

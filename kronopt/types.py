@@ -161,8 +161,8 @@ class StepContext:
             refresh follows), on a CPU bucket whose state is kept in the compute dtype.
         finite_fallback: whether a refresh itself tests its new basis for blocks it left non-finite and keeps
             their old one (``True``, what a stage must do wherever the caller does not say otherwise). ``False``:
-            the caller tests every tensor of the call's new state anyway and makes a call with a non-finite one
-            again through :func:`kronopt.compose.step`, with this ``True``, so a refresh may skip its own test
+            the caller tests every tensor of the call's new state anyway and makes a call whose new basis is not
+            finite again through :func:`kronopt.compose.step`, with this ``True``, so a refresh may skip its own test
             (the CPU's small buckets made together, :func:`kronopt.compose.rotated_adams`).
     """
 
