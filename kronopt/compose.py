@@ -707,8 +707,8 @@ _ROTATED_ADAM: dict[tuple[Any, ...], tuple[KronConfig, bool]] = {}
 
 
 def _rotated_adam_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
-    """Whether :func:`rotated_adams` takes a config's plain calls on ``layout`` in compute dtype ``dtype``: the ``adam``
-    inner rule without ``normalize`` in whatever basis (SOAP, DyKAF), a factor estimator updated after the direction that
+    """Whether :func:`rotated_adams` takes a config's calls past the first on ``layout`` in compute dtype ``dtype``: the
+    ``adam`` inner rule without ``normalize`` in whatever basis (SOAP, DyKAF), a factor estimator updated after the direction that
     reads no rotation of its own (``reads_rotated``), the full split, a plain ``post``, no restricted side, the state
     stored in the compute dtype, no ``compile``, kronopt's own stages alone (none checked)."""
     from .inner_rules.adam import AdamInner

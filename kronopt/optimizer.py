@@ -2000,17 +2000,19 @@ class KronOptimizer(torch.optim.Optimizer):
         """:meth:`_step_bucket` for small buckets of a CPU (:meth:`_small_cpu`) together, the same bits: on small
         blocks the calls around the pipeline, not its arithmetic, are the cost.
 
-        Each bucket's pipeline runs in turn (:meth:`_run`), but for the plain rotated-Adam calls, made together
-        (:meth:`_rotated_adams`, :func:`compose.rotated_adam_due`); then every tensor their steps changed is tested
-        at once (:func:`linalg.finite_each`: their extremes, and one read on the host),
-        and only a bucket with a non-finite one is tested block by block (:func:`compose.finite_new_state`);
+        Each bucket's pipeline runs in turn (:meth:`_run`), but for the rotated-Adam calls, a refresh due or not, made
+        together (:meth:`_rotated_adams`, :func:`compose.rotated_adam_due`); then every tensor their steps changed is
+        tested at once (:func:`linalg.finite_each`: their extremes, and one read on the host), and only a bucket with a
+        non-finite one is tested block by block (:func:`compose.finite_new_state`), made again by its pipeline first
+        where its refresh made together left a non-finite new basis (:func:`_untested_basis_not_finite`: the
+        pipeline's refresh keeps such a block's old basis);
         then their writes go together (:meth:`_finish`). The buckets' new states are all held until then:
         :meth:`step` hands them over in runs of at most ``_SMALL_TOGETHER_BUDGET`` entries. No compiled twin
         runs here (the buckets of compiled groups are not taken), and when one bucket's pipeline raises,
         nothing of the run is written. Returns the reports to queue, by ``id`` of the bucket."""
         with compiled.scope(False):  # each bucket's own turn runs in its group's scope: none is compiled here
             runs: list[_Run | None] = []
-            together: list[tuple[int, _Bucket, KronConfig]] = []  # rotated Adam's plain calls (compose.rotated_adams)
+            together: list[tuple[int, _Bucket, KronConfig]] = []  # rotated Adam's calls (compose.rotated_adams)
             for bucket, cfg in work:
                 if bucket.state is None:
                     self._init_bucket(bucket)
@@ -3405,7 +3407,7 @@ def _torch_hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]
 #: stacks themselves (:class:`kronopt.linalg.DeferredWrite`); ``False`` computes them in the step (the same bits)
 _DEFER_FACTOR_UPDATES = True
 
-#: whether the small buckets' plain rotated-Adam calls (SOAP's, DyKAF's: compose.rotated_adam_due) step together (:func:`compose.rotated_adams`;
+#: whether the small buckets' rotated-Adam calls (SOAP's, DyKAF's, a refresh due or not: compose.rotated_adam_due) step together (:func:`compose.rotated_adams`;
 #: the tests compare the bits with it off)
 _ROTATED_ADAMS_TOGETHER = True
 

@@ -211,6 +211,24 @@ def test_permute_columns_moves_each_blocks_columns_and_keeps_the_layout(seed, n,
     assert got.mT.is_contiguous() if column_major and k > 1 else got.is_contiguous()
 
 
+@pytest.mark.parametrize("b", [0, 1, 3])
+@pytest.mark.parametrize(("m", "n"), [(64, 64), (100, 41), (41, 100)])
+def test_permutations_of_blocks_past_the_row_move_size(b, m, n):
+    """Blocks of ``_ROWS_BY_SELECT_MIN`` entries on move whole rows (``_rows_in_order``): the same entries as an
+    index per block, in the layouts the smaller ones keep, a permutation stored transposed included."""
+    assert m * n >= linalg._ROWS_BY_SELECT_MIN
+    gen = torch.Generator().manual_seed(b + m)
+    X = torch.randn(b, m, n, generator=gen)
+    pr = torch.stack([torch.randperm(m, generator=gen) for _ in range(b)]) if b else torch.zeros(0, m, dtype=torch.long)
+    pc = torch.stack([torch.randperm(n, generator=gen) for _ in range(b)]) if b else torch.zeros(0, n, dtype=torch.long)
+    Q = X.mT.contiguous().mT  # column-major, as a refresh's power product and bases
+    for perm_rows, perm_cols in ((pr, pc), (pr.mT.contiguous().mT, pc.mT.contiguous().mT)):
+        rows, cols = linalg.permute_along(X, perm_rows, 1), linalg.permute_columns(Q, perm_cols)
+        assert rows.shape == X.shape and cols.shape == Q.shape and rows.is_contiguous() and cols.mT.is_contiguous()
+        for i in range(b):
+            assert torch.equal(rows[i], X[i][pr[i], :]) and torch.equal(cols[i], X[i][:, pc[i]])
+
+
 def test_permute_along_bad_dim_raises():
     X = torch.zeros(1, 2, 2)
     with pytest.raises(ValueError, match="dim must be 1 or 2"):

@@ -106,10 +106,11 @@ REFRESHING = {
 
 
 def test_refresh_calls_made_together_equal_the_pipeline_bit_for_bit():
-    """Calls at the tenth and twentieth updates (a refresh due) among plain ones, of seven configs (the power step
-    sorted and not, two power steps, the canonical null space, an ``eigh`` refresh, DyKAF) on the layouts above,
-    float32 and float64, in one call, against each bucket's ``compose.step``: the new basis, its eigenvalue
-    estimates, the moments carried into it, the factors (not deferred: the refresh reads them), the counters."""
+    """Calls at the tenth and twentieth updates (a refresh due) among plain ones, of eight configs (the power step
+    sorted and not, two power steps, the canonical null space, an ``eigh`` refresh, DyKAF, three Adam settings) on
+    tall, wide, one-sided and stacked layouts, float32 and float64, in one call, against each bucket's
+    ``compose.step``: the new basis, its eigenvalue estimates, the moments carried into it, the factors (not
+    deferred: the refresh reads them), the counters."""
     layouts = [
         Layout(batch=1, m=9, n=4, left="full", right="full"), Layout(batch=3, m=5, n=12, left="full", right="full"),
         Layout(batch=2, m=1, n=9, left="none", right="full"), Layout(batch=2, m=13, n=3, left="full", right="none"),
@@ -243,7 +244,7 @@ def _train(monkeypatch, preset, *, together, overrides=None, steps=24, poison=Tr
     [
         ("soap", None),
         ("dykaf", None),
-        ("soap", {"refresh.stagger": True}),  # some buckets refresh while the others are made together
+        ("soap", {"refresh.stagger": True}),  # some buckets refresh at an update where the others do not
         ("soap", {"inner.eps_placement": "after_correction", "lr": 0.02}),
     ],
 )

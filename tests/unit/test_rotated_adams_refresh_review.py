@@ -3,7 +3,8 @@ untested power step of ``QrBasis._side`` under ``StepContext.finite_fallback = F
 bucket whose together call left a non-finite new basis, ``KronOptimizer._step_small_buckets``).
 
 The existing tests (tests/unit/test_rotated_adams.py) make a QR fail at a refresh with nothing else wrong, and poison
-gradients on a plain update only. Here: the failing refresh meets a NaN gradient in the same stacked bucket, an
+gradients on a plain update (but for the staggered run, where the NaN falls on its block's refresh, whose QR does not
+fail). Here: the failing refresh meets a NaN gradient in the same stacked bucket, an
 overflowing gradient on the refresh update itself (the redo's own new state is still not finite: its blocks must
 still be tested), a factor that overflows into the refresh, a state saved and loaded just before the refresh, under
 ``nonfinite`` = ``warn`` / ``skip`` / ``raise`` and both scopes; how often the redo runs; the contract of
