@@ -992,7 +992,7 @@ _ROWS_BY_SELECT_MIN = 4096
 
 
 def _rows_in_order(X: Tensor, perm: Tensor) -> Tensor:
-    """The rows of each block of a row-major ``X (b k n)`` (``b, k ≥ 1``) reordered by ``perm (b k)``, row-major:
+    """The rows of each block of a row-major ``X (b k n)`` (``k ≥ 1``) reordered by ``perm (b k)``, row-major:
     whole rows copied by one ``index_select`` over the stack's rows, the same entries as an advanced index
     ``X[arange(b)[:, None], perm]`` or a gather, in cheaper calls on large blocks (measured: 33 against 70 µs on
     ``4 × 256²``, 0.75 against 1.03 ms on ``4 × 1024²``; a gather 157 µs and 2.6 ms there)."""
