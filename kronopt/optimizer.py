@@ -452,7 +452,7 @@ def _untested_basis_not_finite(run: _Run) -> bool:
     if basis is run.old.basis:
         return False
     tensors = [t for t in (basis.Q_L, basis.Q_R, basis.lam_L, basis.lam_R) if t is not None]
-    return bool(tensors) and not bool(linalg.finite_each(tensors).all())
+    return bool(tensors) and not bool(linalg.all_finite(tensors))
 
 
 class _Pending:
