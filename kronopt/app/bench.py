@@ -139,6 +139,13 @@ def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
     return per_layer * layers
 
 
+#: ``--groups``: how a bench puts its parameters in param groups (:func:`param_groups`)
+GROUPINGS: tuple[str, ...] = ("one", "decay", "layers")
+
+#: ``--groups layers``: each numbered layer's learning rate over that of the layer numbered one above it
+LAYER_DECAY = 0.9
+
+
 @attrs.frozen
 class ParamSet:
     """The parameters a bench steps: their shapes, the names kronopt's optimizers see them by (routing
@@ -150,12 +157,15 @@ class ParamSet:
         names: one name per parameter, as ``model.named_parameters()`` gives them.
         dtypes: one floating dtype per parameter.
         source: where the set came from, for the report (``None``: shapes given as such).
+        grouping: how the optimizers put the parameters in param groups, one of :data:`GROUPINGS`
+            (:func:`param_groups`; ``--groups``).
     """
 
     shapes: tuple[tuple[int, ...], ...] = attrs.field(converter=lambda shapes: tuple(tuple(s) for s in shapes))
     names: tuple[str, ...] = attrs.field(converter=tuple)
     dtypes: tuple[torch.dtype, ...] = attrs.field(converter=tuple)
     source: str | None = None
+    grouping: str = attrs.field(default="one", validator=attrs.validators.in_(GROUPINGS))
 
     def __attrs_post_init__(self) -> None:
         if not len(self.shapes) == len(self.names) == len(self.dtypes):
@@ -180,6 +190,43 @@ class ParamSet:
     def draw(self, gen: torch.Generator) -> list[Tensor]:
         """One tensor per parameter from ``gen``, standard normal, in its shape and dtype (on the CPU)."""
         return [torch.randn(s, generator=gen, dtype=d) for s, d in zip(self.shapes, self.dtypes)]
+
+
+def _layer(name: str) -> int | None:
+    """The layer a parameter's name places it in: its first dotted part that is a number, else ``None``."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
+def param_groups(params: ParamSet) -> list[tuple[list[int], dict[str, float]]]:
+    """The param groups ``params.grouping`` makes: each group's parameters (positions in the set) and its rates,
+    ``lr_scale`` (a factor on the optimizer's own learning rate) and ``weight_decay``, which every optimizer of a bench,
+    kronopt's and the peers', takes once built (:func:`_set_rates`: a peer sets its own rates in its constructor).
+
+    * ``"one"``: every parameter in one group (the default).
+    * ``"decay"``: the split language-model training scripts make: the parameters of two or more dimensions keep the
+      optimizer's weight decay, the others (gains, biases) take none.
+    * ``"layers"``: a group per layer, read from the name: its first dotted part that is a number
+      (``model.layers.7.mlp.up_proj.weight``: 7), the parameters whose names hold none (an embedding, a final norm, a
+      head) in one group; each numbered layer's learning rate is :data:`LAYER_DECAY` times that of the layer numbered
+      one above it, the top layer's and the unnumbered group's the optimizer's own (layer-wise learning-rate decay,
+      as fine-tuning uses it). The transformer-shaped set and ``--shapes`` name each parameter ``blocks.<i>.weight``:
+      a learning rate per parameter there.
+
+    Groups come in the order of their first parameter; none is empty. A rate's value changes no step's work (a
+    weight decay of 0 may: torch's AdamW then skips it, as kronopt's write does)."""
+    n = len(params.shapes)
+    if params.grouping == "decay":
+        decayed = [i for i, s in enumerate(params.shapes) if len(s) >= 2]
+        flat = [i for i, s in enumerate(params.shapes) if len(s) < 2]
+        return [(g, rates) for g, rates in ((decayed, {}), (flat, {"weight_decay": 0.0})) if g]
+    if params.grouping == "layers":
+        layers = [_layer(name) for name in params.names]
+        top = max((layer for layer in layers if layer is not None), default=0)
+        order: dict[int | None, list[int]] = {}
+        for i, layer in enumerate(layers):
+            order.setdefault(layer, []).append(i)
+        return [(g, {} if layer is None else {"lr_scale": LAYER_DECAY ** (top - layer)}) for layer, g in order.items()]
+    return [(list(range(n)), {})]
 
 
 #: ``path/to/nets.py:factory`` and its arguments, if any
@@ -996,17 +1043,43 @@ def _is_peer(name: str) -> bool:
     return name in peers.PEERS or peers.is_import_name(name)
 
 
-def _make(name: str, params: list[torch.nn.Parameter], param_names: Sequence[str] | None = None) -> tuple[Any, Any]:
+def _make(
+    name: str, params: list[torch.nn.Parameter], param_set: "ParamSet | Sequence[str] | None" = None
+) -> tuple[Any, Any]:
     """The optimizer ``name`` on ``params``: a peer on the list (its own defaults), a kronopt preset or config on
-    the named parameters (``param_names``, which its routing reads; default ``blocks.<i>.weight``)."""
+    the named parameters (``param_set``'s names, which its routing reads; default ``blocks.<i>.weight``), in the
+    set's param groups (:func:`param_groups`: one without a set, or given its names alone) with their rates."""
+    if not isinstance(param_set, ParamSet):
+        default = ParamSet.of([tuple(p.shape) for p in params])
+        param_set = default if param_set is None else attrs.evolve(default, names=param_set)
+    groups = param_groups(param_set)
+    at = [g for g, _ in groups]
     if name in peers.PEERS:
-        return peers.build(name, params, param_names)
-    if peers.is_import_name(name):
-        return peers.build_imported(name, params)
-    if param_names is None:
-        param_names = ParamSet.of([tuple(p.shape) for p in params]).names
-    opt = kronopt.build(list(zip(param_names, params)), name)
-    return opt, opt.state_bytes
+        opt, size = peers.build(name, params, param_set.names, at)
+    elif peers.is_import_name(name):
+        opt, size = peers.build_imported(name, params, at)
+    else:
+        made = kronopt.build(peers.in_groups(list(zip(param_set.names, params)), at), name)
+        opt, size = made, made.state_bytes
+    _set_rates(opt, params, groups)
+    return opt, size
+
+
+def _set_rates(opt: Any, params: Sequence[Tensor], groups: Sequence[tuple[list[int], dict[str, float]]]) -> None:
+    """Each param group of ``opt`` (of each optimizer a :class:`peers.StepAll` holds) takes the rates of the group of
+    :func:`param_groups` its parameters come from: its learning rate times ``lr_scale``, ``weight_decay`` as given."""
+    rates = {id(params[i]): r for g, r in groups if r for i in g}
+    if not rates:
+        return
+    for o in opt.opts if isinstance(opt, peers.StepAll) else (opt,):
+        for group in getattr(o, "param_groups", ()):
+            r = next((rates[id(p)] for p in group["params"] if id(p) in rates), None)
+            if r is None:
+                continue
+            if "lr_scale" in r and "lr" in group:
+                group["lr"] = group["lr"] * r["lr_scale"]
+            if "weight_decay" in r and "weight_decay" in group:
+                group["weight_decay"] = r["weight_decay"]
 
 
 def _check_run(names: Sequence[str], shapes: Sequence[tuple[int, ...]], steps: int, warmup: int) -> None:
@@ -1270,7 +1343,7 @@ def _bench_once(
         run = {"name": name, "params": tensors, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
                "peer": not made and _is_peer(name), "failed": None, "step_bytes": None, "faults": 0, "stages": None}
         try:
-            run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, tensors, params.names)
+            run["opt"], run["state_bytes"] = makers[name]() if made else _make(name, tensors, params)
         except (Exception, SystemExit) as exc:
             if not run["peer"]:
                 raise
@@ -1444,11 +1517,11 @@ def _give_grads(run: dict[str, Any], grads: Sequence[Tensor]) -> None:
 
 def scaling(
     names: Sequence[str], widths: Sequence[int], *, steps: int, warmup: int, device: str, seed: int = 0,
-    repeat: int = 1, dtype: torch.dtype | None = None,
+    repeat: int = 1, dtype: torch.dtype | None = None, grouping: str = "one",
 ) -> list[dict[str, Any]]:
     """:func:`bench` on a one-layer transformer-shaped set (:func:`transformer_shapes`) of ``dtype`` parameters
-    (float32 by default) at each width ``d``, with each kronopt optimizer's matrix work alone (:class:`_Replay`)
-    stepped in the same rounds.
+    (float32 by default; in the param groups ``grouping`` makes, :func:`param_groups`) at each width ``d``, with each
+    kronopt optimizer's matrix work alone (:class:`_Replay`) stepped in the same rounds.
 
     The replay of step k runs beside step k itself, interleaved with the optimizers, so the
     machine's load hits both alike, and both figures are the mean over the same timed steps
@@ -1466,7 +1539,7 @@ def scaling(
     """
     table = []
     for d in widths:
-        shapes = ParamSet.of(transformer_shapes(d, 1), dtype)
+        shapes = attrs.evolve(ParamSet.of(transformer_shapes(d, 1), dtype), grouping=grouping)
         recorded, makers = replay_makers(names, shapes, steps=warmup + steps, device=device, seed=seed)
         timing = dict(steps=steps, warmup=warmup, device=device, seed=seed)
         rows = bench([*names, *makers], shapes, **timing, repeat=repeat, makers=makers)
@@ -1599,7 +1672,7 @@ def record_matrix_work(
     param_set = ParamSet.of(shapes, dtype)
     params = [torch.nn.Parameter(t.to(device)) for t in param_set.draw(gen)]
     grads = [[g.to(device) for g in param_set.draw(gen)] for _ in range(4)]
-    opt, _ = _make(name, params, param_set.names)
+    opt, _ = _make(name, params, param_set)
     per_step = []
     for k in range(steps):
         for p, g in zip(params, grads[k % len(grads)]):
@@ -1676,7 +1749,7 @@ def _rank_rows(job: dict[str, Any], agree: Callable[[bool], bool]) -> list[dict[
         run = {"params": params, "opt": None, "state_bytes": None, "times": [], "grads": _own(grads[0]),
                "peer": _is_peer(name), "failed": None, "dropped": False, "faults": 0}
         try:
-            run["opt"], run["state_bytes"] = _make(name, params, param_set.names)
+            run["opt"], run["state_bytes"] = _make(name, params, param_set)
         except (Exception, SystemExit) as exc:
             if not run["peer"]:
                 raise
@@ -1954,6 +2027,12 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     dtype_text = getattr(args, "dtype", None)
     dtype = None if dtype_text is None else p.value("--dtype", dtype_text, _dtype, torch.float32)
     params = ParamSet.of(params, dtype)
+    grouping = getattr(args, "groups", None)
+    if grouping is not None:
+        if grouping.strip() in GROUPINGS:
+            params = attrs.evolve(params, grouping=grouping.strip())
+        else:
+            p.add("--groups", f"{grouping!r} is not one of: {', '.join(GROUPINGS)}")
     for flag, given in (("--d", args.d), ("--layers", args.layers)):
         if given is not None and (model is not None or args.shapes is not None):
             p.add(flag, f"sizes the transformer-shaped set; cannot be combined with {'--model' if model is not None else '--shapes'}")
@@ -2377,10 +2456,13 @@ def _print_routing(plan: BenchPlan) -> None:
 
 
 def _describe(params: ParamSet) -> str:
-    """The report's words for the parameter set: its size, where it came from, and its dtypes where not float32."""
+    """The report's words for the parameter set: its size, where it came from, its param groups (``--groups``, where
+    not one) and its dtypes where not float32."""
     text = f"{len(params.shapes)} parameters, {params.numel / 1e6:.2f} M numbers"
     if params.source:
         text += f" ({params.source})"
+    if params.grouping != "one":
+        text += f", {len(param_groups(params))} param groups (--groups {params.grouping})"
     dtypes = sorted({str(d).removeprefix("torch.") for d in params.dtypes})
     return text if dtypes == ["float32"] else f"{text}, {'/'.join(dtypes)}"
 
@@ -2452,7 +2534,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             memory_steps=plan.memory_steps, stage_steps=plan.stage_steps,
         )
         rows = every[: len(plan.names)]
-        table = scaling(plan.names, plan.widths, **timing, repeat=counts["repeat"], dtype=plan.dtype) if plan.widths else []
+        table = scaling(
+            plan.names, plan.widths, **timing, repeat=counts["repeat"], dtype=plan.dtype, grouping=plan.params.grouping
+        ) if plan.widths else []
     finally:
         torch.set_num_threads(threads)
     loads = (load, _load_average())
@@ -2489,7 +2573,7 @@ def record(
     retained: bool,
 ) -> dict[str, Any]:
     """The record ``--json`` writes: what was run (``settings``: the optimizers, the parameter set, ``--dtype``, the
-    counts, the threads (under ``--world`` the ``--threads`` given, 0 for the default: each world size's are in its
+    counts, ``groups`` (``--groups``), the threads (under ``--world`` the ``--threads`` given, 0 for the default: each world size's are in its
     rows), the device, the ``--ratio`` pairs asked for, the peers missing, and for a model's parameters where each
     kronopt optimizer routes them, :func:`routing`), on what (``versions``,
     ``machine``), when it was written (``time``, UTC: the end of the run), the load average at the start and the end
@@ -2505,6 +2589,7 @@ def record(
             "dtypes": [str(d).removeprefix("torch.") for d in params.dtypes],
         },
         "dtype": None if plan.dtype is None else str(plan.dtype).removeprefix("torch."),
+        "groups": params.grouping,
         **{k: plan.counts[k] for k in ("steps", "warmup", "seed", "repeat")},
         "threads": threads, "device": plan.device, "worlds": list(plan.worlds), "widths": list(plan.widths),
         "ratios": [list(pair) for pair in plan.ratios], "alone": plan.alone, "memory_steps": plan.memory_steps,
@@ -2677,7 +2762,7 @@ def _json_input_problem(path: Path, optimizers: Sequence[str], model: str | None
 #: the flags that set a run: ``--compare`` reads two records and runs nothing, so none may be given, even at its
 #: default value (each defaults to ``None``, or ``False`` for a switch, so that a given one is told apart)
 _RUN_FLAGS = (
-    "d", "layers", "shapes", "model", "dtype", "steps", "warmup", "scaling", "world", "device", "threads", "seed",
+    "d", "layers", "shapes", "model", "dtype", "groups", "steps", "warmup", "scaling", "world", "device", "threads", "seed",
     "repeat", "ratio", "alone", "memory", "stages", "json", "retain_freed_memory",
 )
 
@@ -2863,8 +2948,8 @@ def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     return {"rows": rows, "ratios": pairs, "scaling": scaling, "matrix_work": work, "stages": stages, "differences": differences}
 
 
-#: the settings a record written before they existed ran with: ``--stages`` unasked
-_SETTINGS_BEFORE: dict[str, Any] = {"stage_steps": 0}
+#: the settings a record written before they existed ran with: ``--stages`` unasked, every parameter in one group
+_SETTINGS_BEFORE: dict[str, Any] = {"stage_steps": 0, "groups": "one"}
 
 #: the figures of a ``--stages`` split, as a row of a record holds them
 _STAGE_COLUMNS: tuple[str, ...] = ("step_ms", *stage_times.SHARES)
@@ -3150,6 +3235,13 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument(
         "--dtype", default=None,
         help=f"the parameters' dtype, one of {', '.join(DTYPES)} (default: the model's own, else float32)",
+    )
+    p.add_argument(
+        "--groups", default=None,
+        help="how every optimizer of the run, kronopt's and the others', puts the parameters in param groups: one (the "
+        "default); decay (as training scripts do: weight decay on parameters of two or more dimensions, none on "
+        "gains and biases); layers (a group per layer, by the first number in a parameter's name, each layer's "
+        f"learning rate {LAYER_DECAY} × the one above it; one per parameter on --d and --shapes sets)",
     )
     p.add_argument("--steps", default=None, help=f"timed steps (≥ 1; default {_COUNT_DEFAULTS['steps']})")
     p.add_argument("--warmup", default=None, help=f"untimed steps first (≥ 0; default {_COUNT_DEFAULTS['warmup']})")

@@ -32,8 +32,8 @@ import torch
 import kronopt
 
 __all__ = [
-    "PEERS", "PEER_PACKAGES", "Peer", "StepAll", "build", "build_imported", "eager", "is_import_name", "is_peer_name",
-    "state_bytes", "unavailable", "unavailable_imported",
+    "PEERS", "PEER_PACKAGES", "Peer", "StepAll", "build", "build_imported", "eager", "grouped", "in_groups",
+    "is_import_name", "is_peer_name", "state_bytes", "unavailable", "unavailable_imported",
 ]
 
 #: the install hint printed for a missing optional peer
@@ -77,9 +77,34 @@ def state_bytes(*opts: torch.optim.Optimizer) -> int:
     return total
 
 
-def _split(params: list[torch.nn.Parameter], *, ndim: int) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(parameters with at least ``ndim`` dimensions, the rest)."""
-    return [p for p in params if p.ndim >= ndim], [p for p in params if p.ndim < ndim]
+def _groups(params: list) -> list[list[torch.nn.Parameter]]:
+    """The parameters of each param group in ``params``: a list of tensors (one group) or of dicts (torch.optim's
+    param groups, as :func:`grouped` makes them)."""
+    return [list(g["params"]) for g in params] if params and isinstance(params[0], dict) else [list(params)]
+
+
+def grouped(parts: Sequence[Sequence[torch.nn.Parameter]]) -> list:
+    """Parameters in param groups as a constructor takes them: one group as its plain list of tensors (how the bench
+    has always built every optimizer), several as torch.optim's dicts, each ``{"params": [...]}`` with no setting of
+    its own (``kronopt bench --groups`` sets the groups' rates once the optimizer is built). Empty groups are
+    dropped; none left gives ``[]``."""
+    parts = [list(ps) for ps in parts if len(ps)]
+    if len(parts) <= 1:
+        return parts[0] if parts else []
+    return [{"params": ps} for ps in parts]
+
+
+def in_groups(items: Sequence[Any], groups: Sequence[Sequence[int]] | None = None, keep: Sequence[bool] | None = None) -> list:
+    """``items`` (parameters, or ``(name, parameter)`` pairs) in the param groups ``groups`` (each a list of positions in
+    ``items``; ``None``: one group), those where ``keep`` holds (all without it), as :func:`grouped` gives them."""
+    at = [range(len(items))] if groups is None else groups
+    return grouped([[items[i] for i in g if keep is None or keep[i]] for g in at])
+
+
+def _split(params: list, keep: Callable[[torch.nn.Parameter], bool]) -> tuple[list, list]:
+    """(the parameters ``keep`` holds for, the rest), each in its param groups (:func:`grouped`)."""
+    groups = _groups(params)
+    return grouped([[p for p in g if keep(p)] for g in groups]), grouped([[p for p in g if not keep(p)] for g in groups])
 
 
 def _with_adamw_rest(main: Any, rest: list[torch.nn.Parameter], make_rest: Callable[[list], Any]) -> tuple[Any, Callable[[], int]]:
@@ -104,8 +129,7 @@ def _muon_rest(params: list) -> torch.optim.Optimizer:
 
 
 def _torch_muon(torch_: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
-    mats = [p for p in params if p.ndim == 2]  # torch.optim.Muon takes exactly 2-D parameters
-    rest = [p for p in params if p.ndim != 2]
+    mats, rest = _split(params, lambda p: p.ndim == 2)  # torch.optim.Muon takes exactly 2-D parameters
     return _with_adamw_rest(torch_.optim.Muon(mats), rest, _muon_rest)
 
 
@@ -119,10 +143,10 @@ def _po_soap(po: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
 
 
 def _po_muon(po: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
-    mats, rest = _split(params, ndim=2)
-    groups = [dict(params=mats, use_muon=True)]
+    mats, rest = _split(params, lambda p: p.ndim >= 2)
+    groups = [dict(params=ps, use_muon=True) for ps in _groups(mats)]
     if rest:  # its own AdamW groups, set like the muon preset's fallback
-        groups.append(dict(params=rest, use_muon=False))
+        groups += [dict(params=ps, use_muon=False) for ps in _groups(rest)]
     opt = po.Muon(
         groups, lr=1e-3, momentum=0.95, weight_decay=0.1, nesterov=True, ns_steps=5,
         adamw_lr=3e-4, adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_wd=0.0,
@@ -147,7 +171,7 @@ def _hb_kl_shampoo(hb: ModuleType, params: list) -> tuple[Any, Callable[[], int]
 
 
 def _hb_muon(hb: ModuleType, params: list) -> tuple[Any, Callable[[], int]]:
-    mats, rest = _split(params, ndim=2)
+    mats, rest = _split(params, lambda p: p.ndim >= 2)
     main = hb.Muon(mats, lr=1e-3, betas=(0.95, 0.95), weight_decay=0.1, nesterov=True, multi_tensor=True, compile_step=False)
     return _with_adamw_rest(
         main, rest,
@@ -166,7 +190,8 @@ class Peer:
         attribute: the class the constructor uses, looked up on ``package`` (dotted for ``optim.AdamW``).
         settings: the settings, for the documentation table.
         matches: the kronopt preset the settings follow.
-        construct: ``(package module, parameters) -> (optimizer with .step(), state bytes function)``.
+        construct: ``(package module, parameters) -> (optimizer with .step(), state bytes function)``; the
+            parameters a list of tensors or of param-group dicts (:func:`grouped`).
         matrices: the parameters its main class takes, ``"2-D"`` (exactly two dimensions) or ``"≥ 2-D"``,
             the others going to an AdamW beside it (a run needs one it takes); ``None``: any.
     """
@@ -187,27 +212,28 @@ class Peer:
         return any(len(s) == 2 if self.matrices == "2-D" else len(s) >= 2 for s in shapes)
 
     def build_on(
-        self, package: ModuleType, params: list[torch.nn.Parameter], names: Sequence[str] | None = None
+        self, package: ModuleType, params: list[torch.nn.Parameter], names: Sequence[str] | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
     ) -> tuple[Any, Callable[[], int]]:
-        """:attr:`construct` on ``params``; with their ``names``, those that the matched preset sends to its
+        """:attr:`construct` on ``params``, in the param groups ``groups`` (each a list of positions in ``params``;
+        ``None``: one group); with their ``names``, those that the matched preset sends to its
         fallback by name (an embedding, a head: ``route.fallback_names``) go instead to a
         ``torch.optim.AdamW`` with that fallback's settings, as the preset's own do, so that both do the
         same work on a model (Muon orthogonalises no embedding); where that leaves nothing the main class takes
         (a model whose only matrices are an embedding and a head), every parameter goes to the AdamW, as the
-        preset's would."""
+        preset's would. Each group keeps its parameters on either side (:func:`grouped`)."""
         if names is None:
-            return self.construct(package, params)
+            return self.construct(package, in_groups(params, groups))
         if len(names) != len(params):
             raise ValueError(f"{self.name}: {len(names)} names for {len(params)} parameters")
         preset = kronopt.PRESETS[self.matches]
         fallback = preset.fallback
         aside = [fallback is not None and preset.route.named_to_fallback(n) for n in names]
         if not any(aside):
-            return self.construct(package, params)
-        main = [p for p, a in zip(params, aside) if not a]
-        if not self.takes([tuple(p.shape) for p in main]):  # nothing left for the main class: all to the AdamW
-            main, aside = [], [True] * len(params)
-        rest = [p for p, a in zip(params, aside) if a]
+            return self.construct(package, in_groups(params, groups))
+        if not self.takes([tuple(p.shape) for p, a in zip(params, aside) if not a]):
+            aside = [True] * len(params)  # nothing left for the main class: all to the AdamW
+        main, rest = in_groups(params, groups, [not a for a in aside]), in_groups(params, groups, aside)
         adamw = torch.optim.AdamW(
             rest, lr=fallback.lr, betas=fallback.inner.betas, eps=fallback.inner.eps, weight_decay=fallback.weight_decay
         )
@@ -305,16 +331,19 @@ def _version(distribution: str) -> str:
         return "(unknown version)"
 
 
-def build(name: str, params: list[torch.nn.Parameter], names: Sequence[str] | None = None) -> tuple[Any, Callable[[], int]]:
-    """The peer ``name`` on ``params`` (named ``names``: :meth:`Peer.build_on`): ``(optimizer with .step(), state
-    bytes function)``.
+def build(
+    name: str, params: list[torch.nn.Parameter], names: Sequence[str] | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[Any, Callable[[], int]]:
+    """The peer ``name`` on ``params`` (named ``names``, in the param groups ``groups``: :meth:`Peer.build_on`):
+    ``(optimizer with .step(), state bytes function)``.
 
     Raises:
         KeyError: ``name`` is not in :data:`PEERS`.
         ImportError: its package is missing (check :func:`unavailable` first).
     """
     peer = PEERS[name]
-    return peer.build_on(importlib.import_module(peer.package), params, names)
+    return peer.build_on(importlib.import_module(peer.package), params, names, groups)
 
 
 # -- any optimizer class by import path: ``module:Class`` ------------------------------------------------
@@ -370,8 +399,11 @@ def _not_steppable(cls: type) -> str | None:
     return None
 
 
-def build_imported(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Callable[[], int]]:
-    """The optimizer class ``module:Class`` on ``params`` with its own defaults: ``Class(params)``.
+def build_imported(
+    name: str, params: list[torch.nn.Parameter], groups: Sequence[Sequence[int]] | None = None
+) -> tuple[Any, Callable[[], int]]:
+    """The optimizer class ``module:Class`` on ``params`` with its own defaults: ``Class(params)``, or with several
+    param ``groups`` (positions in ``params``) ``Class([{"params": ...}, ...])``, as torch.optim takes them.
 
     For an optimizer kronopt has no entry for, e.g. the reference SOAP
     (``nikhilvyas/SOAP``'s ``soap.py`` on ``PYTHONPATH`` as ``soap:SOAP``: its defaults
@@ -380,7 +412,7 @@ def build_imported(name: str, params: list[torch.nn.Parameter]) -> tuple[Any, Ca
     """
     module_name, _, attr = name.partition(":")
     cls = _resolve(importlib.import_module(module_name), attr)
-    opt = cls(params)
+    opt = cls(in_groups(params, groups))
     return opt, lambda: state_bytes(opt)
 
 
