@@ -145,8 +145,8 @@ def _every_block_plainly(lr: Any, weight_decay: Any, ok: Tensor, all_ok: bool = 
 def apply_together_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, float, Tensor]], *, all_ok: bool = False) -> None:
     """:meth:`Post.apply_` of several buckets' steps, each ``(post, params, D, lr, weight_decay, ok)``, the same
     bits. The buckets that :meth:`Post.apply_` would write with one shared factor are written together: one
-    set of ``foreach`` calls (the decay and the step) per weight-decay order, factor dtype, device, ``lr`` and
-    ``weight_decay``; the others in turn. ``all_ok``: every ``ok`` is known to be all True on a CPU (read on
+    set of ``foreach`` calls (the decay and the step) per weight-decay order, factor dtype, device and whether it
+    decays, whatever their ``lr`` and ``weight_decay`` (:func:`_apply_plainly_`); the others in turn. ``all_ok``: every ``ok`` is known to be all True on a CPU (read on
     the host already)."""
     plain = []
     for post, params, D, lr, weight_decay, ok in work:
@@ -160,19 +160,25 @@ def apply_together_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, 
 def _apply_plainly_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, float]]) -> None:
     """Steps whose every block is written with one shared factor (:func:`_every_block_plainly`), each
     ``(post, params, D, lr, weight_decay)``: one set of ``foreach`` calls per weight-decay order, factor dtype,
-    device, ``lr`` and ``weight_decay``."""
+    device and whether it decays, each block with its own step's factors (:func:`_block_factors`; a ``foreach``
+    call takes a factor per tensor, so param groups of other rates cost no call of their own: the same kernel on
+    each block, the same bits)."""
     together: dict[tuple, tuple[Post, list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]] = {}
     for post, params, D, lr, weight_decay in work:
         dtype = _factor_dtype(D.dtype)
-        key = (post.weight_decay_order, dtype, D.device, float(lr), float(weight_decay))
+        scale, decay = _block_factors(dtype, D.device, lr, weight_decay)
+        key = (post.weight_decay_order, dtype, D.device, decay is None)
         if key not in together:
-            scale, decay = _block_factors(dtype, D.device, lr, weight_decay)
-            together[key] = (post, [], [], [scale], None if decay is None else [decay])
-        _, ps, steps, _, _ = together[key]
+            together[key] = (post, [], [], [], None if decay is None else [])
+        _, ps, steps, scales, decays = together[key]
+        blocks = [D.view(params[0].shape)] if len(params) == 1 else [d.view(p.shape) for d, p in zip(D.unbind(0), params)]
         ps.extend(params)
-        steps.extend([D.view(params[0].shape)] if len(params) == 1 else [d.view(p.shape) for d, p in zip(D.unbind(0), params)])
-    for post, ps, steps, scale, decay in together.values():
-        post._apply_all_(ps, steps, scale * len(steps), None if decay is None else decay * len(steps))
+        steps.extend(blocks)
+        scales.extend([scale] * len(blocks))
+        if decays is not None:
+            decays.extend([decay] * len(blocks))  # type: ignore[list-item]
+    for post, ps, steps, scales, decays in together.values():
+        post._apply_all_(ps, steps, scales, decays)
 
 
 @functools.cache

@@ -421,3 +421,27 @@ def test_an_optimizer_pickled_before_shared_buckets_joins_no_blocks_of_other_con
         runs.append([p.detach().clone() for group in ps for p in group])
     for p, q in zip(*runs):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
+def test_the_groups_rates_cost_the_write_no_call_of_their_own(monkeypatch):
+    """Four layers of four learning rates (weight decay on two of them): a step writes every written block in one
+    set of ``foreach`` calls per kind of write (with a decay factor or without), each block with its own group's
+    factors, where a set per learning rate made four; the same bits as the blocks written group by group."""
+    from kronopt import post as post_module
+
+    calls = []
+    real_apply_all = post_module.Post._apply_all_
+    monkeypatch.setattr(post_module.Post, "_apply_all_", lambda self, *a: calls.append(len(a[0])) or real_apply_all(self, *a))
+    real_plainly = post_module._apply_plainly_
+    by_group = lambda work: [real_plainly([w]) for w in work]  # noqa: E731 (a set of calls per group's run, as before)
+    together, apart = _layers(), _layers()
+    opt, alone = _per_layer("soap", together), _per_layer("soap", apart)
+    for step in range(STEPS):
+        calls.clear()
+        _step_all([opt], together, seed=step)
+        if step:  # (soap's first call writes nothing) a layer's five parameters, two layers with a decay, two without
+            assert sorted(calls) == [10, 10], calls
+        monkeypatch.setattr(post_module, "_apply_plainly_", by_group)
+        _step_all([alone], apart, seed=step)
+        monkeypatch.setattr(post_module, "_apply_plainly_", real_plainly)
+    _assert_same(together, apart, "one write set against one per group", rtol=0, atol=0)
