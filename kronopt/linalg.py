@@ -2974,9 +2974,6 @@ def gram_update_finite(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tenso
     return diagonal + energy <= bound
 
 
-
-
-
 def kl_clamp_value(d: int, max_clamp: float) -> float:
     r"""KL-Shampoo's ceiling on an inverse root of a side of size ``d``: :math:`\max(10, \min(d, c_{\max}))`."""
     return float(max(10.0, min(float(d), float(max_clamp))))
