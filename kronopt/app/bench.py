@@ -139,6 +139,18 @@ def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
     return per_layer * layers
 
 
+#: the names of a transformer-shaped layer's parameters, in :func:`transformer_shapes`' order (none that a preset
+#: routes by name: ``out`` is no ``output``)
+_LAYER_PARTS = ("attn.qkv.weight", "attn.out.weight", "mlp.up.weight", "mlp.down.weight", "norm1.weight", "norm2.weight")
+
+
+def transformer_set(d: int, layers: int, dtype: torch.dtype | None = None) -> "ParamSet":
+    """:func:`transformer_shapes` as a parameter set of ``dtype`` (float32 by default), each named by its layer,
+    ``layers.<l>.attn.qkv.weight`` …, so that ``--groups layers`` puts each layer in a group."""
+    names = [f"layers.{k}.{part}" for k in range(layers) for part in _LAYER_PARTS]
+    return ParamSet(transformer_shapes(d, layers), names, [dtype or torch.float32] * (6 * layers))
+
+
 #: ``--groups``: how a bench puts its parameters in param groups (:func:`param_groups`)
 GROUPINGS: tuple[str, ...] = ("one", "decay", "layers")
 
@@ -194,7 +206,7 @@ class ParamSet:
 
 def _layer(name: str) -> int | None:
     """The layer a parameter's name places it in: its first dotted part that is a number, else ``None``."""
-    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+    return next((int(part) for part in name.split(".") if part.isdecimal()), None)  # (isdigit takes "²", int() not)
 
 
 def param_groups(params: ParamSet) -> list[tuple[list[int], dict[str, float]]]:
@@ -209,8 +221,8 @@ def param_groups(params: ParamSet) -> list[tuple[list[int], dict[str, float]]]:
       (``model.layers.7.mlp.up_proj.weight``: 7), the parameters whose names hold none (an embedding, a final norm, a
       head) in one group; each numbered layer's learning rate is :data:`LAYER_DECAY` times that of the layer numbered
       one above it, the top layer's and the unnumbered group's the optimizer's own (layer-wise learning-rate decay,
-      as fine-tuning uses it). The transformer-shaped set and ``--shapes`` name each parameter ``blocks.<i>.weight``:
-      a learning rate per parameter there.
+      as fine-tuning uses it). The transformer-shaped set names its parameters by layer (:func:`transformer_set`);
+      ``--shapes`` names each ``blocks.<i>.weight``: a learning rate per parameter there.
 
     Groups come in the order of their first parameter; none is empty. A rate's value changes no step's work (a
     weight decay of 0 may: torch's AdamW then skips it, as kronopt's write does)."""
@@ -1067,7 +1079,9 @@ def _make(
 
 def _set_rates(opt: Any, params: Sequence[Tensor], groups: Sequence[tuple[list[int], dict[str, float]]]) -> None:
     """Each param group of ``opt`` (of each optimizer a :class:`peers.StepAll` holds) takes the rates of the group of
-    :func:`param_groups` its parameters come from: its learning rate times ``lr_scale``, ``weight_decay`` as given."""
+    :func:`param_groups` its parameters come from: its learning rate times ``lr_scale``, ``weight_decay`` as given. A
+    group whose learning rate is ``None`` (an optimizer of relative steps) keeps it; an optimizer without
+    ``param_groups`` (a wrapper of another) keeps the rates it was built with."""
     rates = {id(params[i]): r for g, r in groups if r for i in g}
     if not rates:
         return
@@ -1076,7 +1090,7 @@ def _set_rates(opt: Any, params: Sequence[Tensor], groups: Sequence[tuple[list[i
             r = next((rates[id(p)] for p in group["params"] if id(p) in rates), None)
             if r is None:
                 continue
-            if "lr_scale" in r and "lr" in group:
+            if "lr_scale" in r and group.get("lr") is not None:  # (an optimizer may hold no rate: Adafactor's relative step)
                 group["lr"] = group["lr"] * r["lr_scale"]
             if "weight_decay" in r and "weight_decay" in group:
                 group["weight_decay"] = r["weight_decay"]
@@ -1539,7 +1553,7 @@ def scaling(
     """
     table = []
     for d in widths:
-        shapes = attrs.evolve(ParamSet.of(transformer_shapes(d, 1), dtype), grouping=grouping)
+        shapes = attrs.evolve(transformer_set(d, 1, dtype), grouping=grouping)
         recorded, makers = replay_makers(names, shapes, steps=warmup + steps, device=device, seed=seed)
         timing = dict(steps=steps, warmup=warmup, device=device, seed=seed)
         rows = bench([*names, *makers], shapes, **timing, repeat=repeat, makers=makers)
@@ -2023,7 +2037,7 @@ def check_bench(args: argparse.Namespace) -> BenchPlan:
     else:
         d = p.integer("--d", "256" if args.d is None else args.d, minimum=1)
         layers = p.integer("--layers", "4" if args.layers is None else args.layers, minimum=1)
-        params = ParamSet.of(transformer_shapes(d, layers))
+        params = transformer_set(d, layers)
     dtype_text = getattr(args, "dtype", None)
     dtype = None if dtype_text is None else p.value("--dtype", dtype_text, _dtype, torch.float32)
     params = ParamSet.of(params, dtype)
@@ -2462,7 +2476,8 @@ def _describe(params: ParamSet) -> str:
     if params.source:
         text += f" ({params.source})"
     if params.grouping != "one":
-        text += f", {len(param_groups(params))} param groups (--groups {params.grouping})"
+        count = len(param_groups(params))
+        text += f", {count} param group{'s' if count != 1 else ''} (--groups {params.grouping})"
     dtypes = sorted({str(d).removeprefix("torch.") for d in params.dtypes})
     return text if dtypes == ["float32"] else f"{text}, {'/'.join(dtypes)}"
 
@@ -3241,7 +3256,7 @@ def add_subcommand(sub: Any) -> None:
         help="how every optimizer of the run, kronopt's and the others', puts the parameters in param groups: one (the "
         "default); decay (as training scripts do: weight decay on parameters of two or more dimensions, none on "
         "gains and biases); layers (a group per layer, by the first number in a parameter's name, each layer's "
-        f"learning rate {LAYER_DECAY} × the one above it; one per parameter on --d and --shapes sets)",
+        f"learning rate {LAYER_DECAY} × the one above it; one per parameter on a --shapes set)",
     )
     p.add_argument("--steps", default=None, help=f"timed steps (≥ 1; default {_COUNT_DEFAULTS['steps']})")
     p.add_argument("--warmup", default=None, help=f"untimed steps first (≥ 0; default {_COUNT_DEFAULTS['warmup']})")

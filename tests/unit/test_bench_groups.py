@@ -78,6 +78,8 @@ def test_kronopt_takes_the_groups_and_their_rates_and_shares_its_buckets(preset)
         plain, _ = bench._make(preset, plain_params, _set("one"))
         own = _rates_by_param(plain, plain_params)
         assert own[1] == (cfg.lr, cfg.weight_decay)  # a layer's matrix: the preset's own rates
+        if preset == "adamw" and grouping == "decay":  # its vectors stay in its one pipeline: decayed in one group
+            assert own[2][1] == cfg.weight_decay > 0
         wanted = {i: r for g, r in bench.param_groups(_set(grouping)) for i in g}
         for i, ((lr, wd), (lr0, wd0)) in enumerate(zip(_rates_by_param(opt, params), own)):
             assert lr == pytest.approx(lr0 * wanted[i].get("lr_scale", 1.0)), NET[i][0]
@@ -135,9 +137,9 @@ def test_a_peer_takes_the_same_groups_and_rates(peer, grouping):
 def test_an_imported_optimizer_takes_several_groups_as_dicts():
     """``module:Class`` gets torch.optim's group dicts, its rates set on them."""
     params = _params()
-    opt, _ = bench._make("torch.optim:Adam", params, _set("decay"))
+    opt, _ = bench._make("torch.optim:AdamW", params, _set("decay"))
     assert [len(g["params"]) for g in opt.param_groups] == [5, 2]
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]  # Adam's own is 0: the decay group keeps it
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]  # AdamW's own, and none on the vectors
 
 
 def test_the_other_libraries_take_the_groups():
@@ -193,3 +195,20 @@ def test_the_scaling_table_and_the_world_ranks_step_in_the_groups(monkeypatch):
         {"names": ["adamw"], "params": _set("layers"), "seed": 0, "warmup": 0, "steps": 1}, lambda failed: failed
     )
     assert seen[-1] == "layers" and rows[0]["failed"] is None
+
+
+def test_the_transformer_shaped_set_is_named_by_layer_so_layers_are_its_layers(capsys):
+    """``--d``/``--layers``' set: ``layers.<l>.…`` names (none a preset routes by name), a group per layer under
+    ``--groups layers``, the top layer at the optimizer's own rate."""
+    params = bench.transformer_set(8, 3)
+    assert params.names[:6] == ("layers.0.attn.qkv.weight", "layers.0.attn.out.weight", "layers.0.mlp.up.weight",
+                                "layers.0.mlp.down.weight", "layers.0.norm1.weight", "layers.0.norm2.weight")
+    assert list(params.shapes) == bench.transformer_shapes(8, 3) and params.names[-1] == "layers.2.norm2.weight"
+    groups = bench.param_groups(bench.ParamSet(params.shapes, params.names, params.dtypes, grouping="layers"))
+    assert groups == [(list(range(0, 6)), {"lr_scale": 0.9**2}), (list(range(6, 12)), {"lr_scale": 0.9}),
+                      (list(range(12, 18)), {"lr_scale": 1.0})]
+    for name in ("muon", "kl_shampoo"):  # the presets that route by name: every matrix stays in the main pipeline
+        assert bench.routing(name, params) == bench.routing(name, bench.ParamSet.of(params.shapes))
+    assert cli.main(["bench", "adamw", "--d", "8", "--layers", "3", "--steps", "1", "--warmup", "0", "--threads", "1",
+                     "--groups", "layers"]) == 0
+    assert "18 parameters, 0.00 M numbers, 3 param groups (--groups layers)" in capsys.readouterr().out
