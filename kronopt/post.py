@@ -196,13 +196,12 @@ _FACTORS: dict[tuple[torch.dtype, torch.device, float, float], tuple[Tensor, Ten
 def _block_factors(dtype: torch.dtype, device: torch.device, lr: float, weight_decay: float) -> tuple[Tensor, Tensor | None]:
     """``(−lr, 1 − lr·wd)`` as 0-d tensors, computed from a mask entry of 1 as :meth:`Post.apply_`
     computes them (the same bits), and kept: the buckets of a step share them (a schedule's new
-    learning rate adds an entry; the cache is emptied past 1024, so that a step over hundreds of param groups of
-    their own rates, a learning rate per layer, keeps finding its factors)."""
+    learning rate adds an entry; the cache is emptied past 64)."""
     lr, weight_decay = float(lr), float(weight_decay)  # made from the key's numbers: a tensor's dtype must not enter
     key = (dtype, device, lr, weight_decay)
     hit = _FACTORS.get(key)
     if hit is None:
-        if len(_FACTORS) >= 1024:
+        if len(_FACTORS) >= 64:
             _FACTORS.clear()
         with torch.inference_mode(False):
             one = torch.ones((), dtype=dtype, device=device)

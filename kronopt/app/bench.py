@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 import weakref
 from functools import partial
 from pathlib import Path
@@ -1066,10 +1067,19 @@ def _make(
         param_set = default if param_set is None else attrs.evolve(default, names=param_set)
     groups = param_groups(param_set)
     at = [g for g, _ in groups]
-    if name in peers.PEERS:
-        opt, size = peers.build(name, params, param_set.names, at)
-    elif peers.is_import_name(name):
-        opt, size = peers.build_imported(name, params, at)
+    if _is_peer(name):
+        try:
+            if name in peers.PEERS:
+                opt, size = peers.build(name, params, param_set.names, at)
+            else:
+                opt, size = peers.build_imported(name, params, at)
+        except BaseException as exc:  # (the bench reports a peer's failure with its notes)
+            if len(at) > 1:
+                exc.add_note(
+                    f"built in {len(at)} param groups (--groups {param_set.grouping}); --groups one builds it on a "
+                    "plain list of tensors"
+                )
+            raise
     else:
         made = kronopt.build(peers.in_groups(list(zip(param_set.names, params)), at), name)
         opt, size = made, made.state_bytes
@@ -1081,12 +1091,19 @@ def _set_rates(opt: Any, params: Sequence[Tensor], groups: Sequence[tuple[list[i
     """Each param group of ``opt`` (of each optimizer a :class:`peers.StepAll` holds) takes the rates of the group of
     :func:`param_groups` its parameters come from: its learning rate times ``lr_scale``, ``weight_decay`` as given. A
     group whose learning rate is ``None`` (an optimizer of relative steps) keeps it; an optimizer without
-    ``param_groups`` (a wrapper of another) keeps the rates it was built with."""
+    ``param_groups`` (a wrapper of another) keeps the rates it was built with, with a warning."""
     rates = {id(params[i]): r for g, r in groups if r for i in g}
     if not rates:
         return
     for o in opt.opts if isinstance(opt, peers.StepAll) else (opt,):
-        for group in getattr(o, "param_groups", ()):
+        if not hasattr(o, "param_groups"):
+            warnings.warn(
+                f"{type(o).__module__}:{type(o).__qualname__} holds no param_groups: built in the groups, it keeps the "
+                "rates it was built with",
+                stacklevel=2,
+            )
+            continue
+        for group in o.param_groups:
             r = next((rates[id(p)] for p in group["params"] if id(p) in rates), None)
             if r is None:
                 continue
@@ -1509,9 +1526,12 @@ def _median_or_none(values: Sequence[float | None]) -> float | None:
 def _drop(run: dict[str, Any], step: int, exc: BaseException) -> None:
     """Takes a peer that raised at ``step`` (1-based, warm-up included; 0: when built) out of the rest of its
     run (an exception, or a ``sys.exit()``: a peer's ``SystemExit`` is its failure, not the bench's end; a
-    ``KeyboardInterrupt`` still ends the bench): records its failure (``step``, and ``error``: the exception's type and message) and lets go of its
+    ``KeyboardInterrupt`` still ends the bench): records its failure (``step``, and ``error``: the exception's type and
+    message, and its notes, each in brackets: a peer built in several param groups says so) and lets go of its
     times and its optimizer (its state is freed before the others' next step)."""
-    run["failed"] = {"step": step, "error": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__}
+    error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    notes = [str(n) for n in getattr(exc, "__notes__", ())]
+    run["failed"] = {"step": step, "error": error + "".join(f" ({n})" for n in notes)}
     run["opt"] = run["state_bytes"] = None
     run["times"] = []
 

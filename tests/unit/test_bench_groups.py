@@ -212,3 +212,20 @@ def test_the_transformer_shaped_set_is_named_by_layer_so_layers_are_its_layers(c
     assert cli.main(["bench", "adamw", "--d", "8", "--layers", "3", "--steps", "1", "--warmup", "0", "--threads", "1",
                      "--groups", "layers"]) == 0
     assert "18 parameters, 0.00 M numbers, 3 param groups (--groups layers)" in capsys.readouterr().out
+
+
+def test_an_optimizer_without_param_groups_keeps_its_rates_with_a_warning(tmp_path, monkeypatch):
+    """A ``module:Class`` that wraps another optimizer and holds no ``param_groups`` of its own cannot take the groups'
+    rates: said, not silently passed over."""
+    (tmp_path / "wrapped_opt.py").write_text(
+        "import torch\n\n"
+        "class Wrapper:\n"
+        "    def __init__(self, params):\n"
+        "        self.inner = torch.optim.SGD(params, lr=0.01)\n\n"
+        "    def step(self):\n"
+        "        self.inner.step()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(UserWarning, match="wrapped_opt:Wrapper holds no param_groups"):
+        opt, _ = bench._make("wrapped_opt:Wrapper", _params(), _set("layers"))
+    assert [g["lr"] for g in opt.inner.param_groups] == [0.01] * 3

@@ -228,6 +228,10 @@ def test_an_optimizer_class_without_group_dicts_fails_loudly_not_silently(tmp_pa
     """)
     rows = bench.bench(["adamw", "review_tensors_only:TensorsOnly"], _set("decay"), steps=1, warmup=0, device="cpu")
     assert rows[1]["failed"] is not None and rows[1]["failed"]["step"] == 0
+    # the line says why: the groups (the class's own assertion has no message)
+    assert rows[1]["failed"]["error"] == (
+        "AssertionError (built in 2 param groups (--groups decay); --groups one builds it on a plain list of tensors)"
+    )
     rows = bench.bench(["adamw", "review_tensors_only:TensorsOnly"], _set("one"), steps=1, warmup=0, device="cpu")
     assert rows[1]["failed"] is None
 
