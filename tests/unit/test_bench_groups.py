@@ -22,25 +22,44 @@ NET = [
 ]
 
 
-def _set(grouping, net=NET):
+def _set(grouping, net=NET, dtype=torch.float32):
     names, shapes = zip(*net)
-    return bench.ParamSet(shapes, names, [torch.float32] * len(shapes), grouping=grouping)
+    return bench.ParamSet(shapes, names, [dtype] * len(shapes), grouping=grouping)
 
 
-def _params(net=NET, seed=0):
+def _params(net=NET, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for _, shape in net]
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)) for _, shape in net]
+
+
+def _opts(opt):
+    return opt.opts if isinstance(opt, peers.StepAll) else (opt,)
 
 
 def _rates_by_param(opt, params):
-    """Each parameter's ``(lr, weight_decay)`` as the optimizer (or each one a StepAll holds) will use them, by position."""
+    """Each parameter's ``(lr, weight_decay)`` in the optimizer (each one a StepAll holds), by position; a parameter in
+    two groups fails."""
     found = {}
-    for o in opt.opts if isinstance(opt, peers.StepAll) else (opt,):
+    for o in _opts(opt):
         for group in o.param_groups:
             for p in group["params"]:
                 assert id(p) not in found, "a parameter in two param groups"
-                found[id(p)] = (group["lr"], group.get("weight_decay"))
+                found[id(p)] = (group.get("lr"), group.get("weight_decay"))
     return [found[id(p)] for p in params]
+
+
+def _assert_rates_follow_the_groups(name, grouping, net=NET):
+    """``name`` built in ``grouping``'s groups: each parameter's rates are :func:`bench.param_groups`' over those it has
+    in one group (the optimizer's own rates, or its fallback's for what it routes there). Returns the optimizer and
+    its parameters."""
+    params, plain_params = _params(net), _params(net)
+    opt, _ = bench._make(name, params, _set(grouping, net))
+    plain, _ = bench._make(name, plain_params, _set("one", net))
+    wanted = {i: r for g, r in bench.param_groups(_set(grouping, net)) for i in g}
+    for i, ((lr, wd), (lr0, wd0)) in enumerate(zip(_rates_by_param(opt, params), _rates_by_param(plain, plain_params))):
+        assert lr == pytest.approx(lr0 * wanted[i].get("lr_scale", 1.0), rel=1e-12), (name, grouping, net[i][0])
+        assert wd == wanted[i].get("weight_decay", wd0), (name, grouping, net[i][0])
+    return opt, params
 
 
 def test_the_groupings_partition_a_models_parameters_as_documented():
@@ -73,17 +92,13 @@ def test_kronopt_takes_the_groups_and_their_rates_and_shares_its_buckets(preset)
     Fails on a group left out, a rate on the wrong group, or a step that stacks by group."""
     cfg = kronopt.resolve(preset)
     for grouping in ("layers", "decay"):
-        params, plain_params = _params(), _params()
-        opt, _ = bench._make(preset, params, _set(grouping))
+        opt, params = _assert_rates_follow_the_groups(preset, grouping)
+        plain_params = _params()
         plain, _ = bench._make(preset, plain_params, _set("one"))
         own = _rates_by_param(plain, plain_params)
         assert own[1] == (cfg.lr, cfg.weight_decay)  # a layer's matrix: the preset's own rates
         if preset == "adamw" and grouping == "decay":  # its vectors stay in its one pipeline: decayed in one group
-            assert own[2][1] == cfg.weight_decay > 0
-        wanted = {i: r for g, r in bench.param_groups(_set(grouping)) for i in g}
-        for i, ((lr, wd), (lr0, wd0)) in enumerate(zip(_rates_by_param(opt, params), own)):
-            assert lr == pytest.approx(lr0 * wanted[i].get("lr_scale", 1.0)), NET[i][0]
-            assert wd == wanted[i].get("weight_decay", wd0), NET[i][0]
+            assert own[2][1] == cfg.weight_decay > 0 and _rates_by_param(opt, params)[2][1] == 0.0
         for p, g in zip([*params, *plain_params], [*_params(seed=1), *_params(seed=1)]):
             p.grad = g.detach()
         opt.step()
@@ -120,15 +135,7 @@ def test_a_peer_takes_the_same_groups_and_rates(peer, grouping):
     """torch's AdamW and Muon (plus its AdamW for the rest, and the muon preset's fallback AdamW for the embedding
     and the head, by name): every parameter in exactly one group, with its group's rates over the optimizer's own
     (read from a build in one group). Fails on a peer that drops the groups or takes the rates on other groups."""
-    params, plain_params = _params(), _params()
-    opt, _ = bench._make(peer, params, _set(grouping))
-    plain, _ = bench._make(peer, plain_params, _set("one"))
-    own = _rates_by_param(plain, plain_params)
-    wanted = {i: r for g, r in bench.param_groups(_set(grouping)) for i in g}
-    got = _rates_by_param(opt, params)
-    for i, ((lr, wd), (lr0, wd0)) in enumerate(zip(got, own)):
-        assert lr == pytest.approx(lr0 * wanted[i].get("lr_scale", 1.0)), NET[i][0]
-        assert wd == wanted[i].get("weight_decay", wd0), NET[i][0]
+    opt, params = _assert_rates_follow_the_groups(peer, grouping)
     for p, g in zip(params, _params(seed=1)):
         p.grad = g.detach()
     opt.step()

@@ -16,55 +16,7 @@ import torch
 import kronopt
 from kronopt import post as post_module
 from kronopt.app import bench, cli, peers
-
-#: a small model's names and shapes: an embedding, two numbered layers, a final norm and a head
-NET = [
-    ("embed.weight", (16, 8)),
-    ("model.layers.0.attn.weight", (8, 8)),
-    ("model.layers.0.norm.weight", (8,)),
-    ("model.layers.1.attn.weight", (8, 8)),
-    ("model.layers.1.mlp.weight", (12, 8)),
-    ("norm.weight", (8,)),
-    ("lm_head.weight", (16, 8)),
-]
-
-
-def _set(grouping, net=NET, dtype=torch.float32):
-    names, shapes = zip(*net)
-    return bench.ParamSet(shapes, names, [dtype] * len(shapes), grouping=grouping)
-
-
-def _params(net=NET, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)) for _, shape in net]
-
-
-def _opts(opt):
-    return opt.opts if isinstance(opt, peers.StepAll) else (opt,)
-
-
-def _rates_by_param(opt, params):
-    """Each parameter's ``(lr, weight_decay)`` in the optimizer (each one a StepAll holds), by position; a parameter in
-    two groups fails."""
-    found = {}
-    for o in _opts(opt):
-        for group in o.param_groups:
-            for p in group["params"]:
-                assert id(p) not in found, "a parameter in two param groups"
-                found[id(p)] = (group.get("lr"), group.get("weight_decay"))
-    return [found[id(p)] for p in params]
-
-
-def _assert_rates_follow_the_groups(name, grouping, net=NET):
-    params, plain_params = _params(net), _params(net)
-    opt, _ = bench._make(name, params, _set(grouping, net))
-    plain, _ = bench._make(name, plain_params, _set("one", net))
-    wanted = {i: r for g, r in bench.param_groups(_set(grouping, net)) for i in g}
-    for i, ((lr, wd), (lr0, wd0)) in enumerate(zip(_rates_by_param(opt, params), _rates_by_param(plain, plain_params))):
-        assert lr == pytest.approx(lr0 * wanted[i].get("lr_scale", 1.0), rel=1e-12), (name, grouping, net[i][0])
-        assert wd == wanted[i].get("weight_decay", wd0), (name, grouping, net[i][0])
-    return opt, params
-
+from tests.unit.test_bench_groups import NET, _assert_rates_follow_the_groups, _opts, _params, _rates_by_param, _set  # noqa: F401
 
 def _module(tmp_path, monkeypatch, name, source):
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
