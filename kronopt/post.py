@@ -146,8 +146,8 @@ def apply_together_(work: Sequence[tuple[Post, Sequence[Tensor], Tensor, float, 
     """:meth:`Post.apply_` of several buckets' steps, each ``(post, params, D, lr, weight_decay, ok)``, the same
     bits. The buckets that :meth:`Post.apply_` would write with one shared factor are written together: one
     set of ``foreach`` calls (the decay and the step) per weight-decay order, factor dtype, device and whether it
-    decays, whatever their ``lr`` and ``weight_decay`` (:func:`_apply_plainly_`); the others in turn. ``all_ok``: every ``ok`` is known to be all True on a CPU (read on
-    the host already)."""
+    decays, whatever their ``lr`` and ``weight_decay`` (:func:`_apply_plainly_`); the others in turn. ``all_ok``:
+    every ``ok`` is known to be all True on a CPU (read on the host already)."""
     plain = []
     for post, params, D, lr, weight_decay, ok in work:
         if compiled.variant("post_apply") is not None or not _every_block_plainly(lr, weight_decay, ok, all_ok):

@@ -213,7 +213,7 @@ def _layer(name: str) -> int | None:
 def param_groups(params: ParamSet) -> list[tuple[list[int], dict[str, float]]]:
     """The param groups ``params.grouping`` makes: each group's parameters (positions in the set) and its rates,
     ``lr_scale`` (a factor on the optimizer's own learning rate) and ``weight_decay``, which every optimizer of a bench,
-    kronopt's and the peers', takes once built (:func:`_set_rates`: a peer sets its own rates in its constructor).
+    kronopt's and the peers', takes once built (:func:`_set_rates`), over the rates its constructor gave it.
 
     * ``"one"``: every parameter in one group (the default).
     * ``"decay"``: the split language-model training scripts make: the parameters of two or more dimensions keep the
@@ -2608,8 +2608,8 @@ def record(
     retained: bool,
 ) -> dict[str, Any]:
     """The record ``--json`` writes: what was run (``settings``: the optimizers, the parameter set, ``--dtype``, the
-    counts, ``groups`` (``--groups``), the threads (under ``--world`` the ``--threads`` given, 0 for the default: each world size's are in its
-    rows), the device, the ``--ratio`` pairs asked for, the peers missing, and for a model's parameters where each
+    counts, ``groups`` (``--groups``), the threads (under ``--world`` the ``--threads`` given, 0 for the default: each
+    world size's are in its rows), the device, the ``--ratio`` pairs asked for, the peers missing, and for a model's parameters where each
     kronopt optimizer routes them, :func:`routing`), on what (``versions``,
     ``machine``), when it was written (``time``, UTC: the end of the run), the load average at the start and the end
     (as the header gives them), and the ``results`` as the tables

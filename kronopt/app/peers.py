@@ -94,7 +94,9 @@ def grouped(parts: Sequence[Sequence[torch.nn.Parameter]]) -> list:
     return [{"params": ps} for ps in parts]
 
 
-def in_groups(items: Sequence[Any], groups: Sequence[Sequence[int]] | None = None, keep: Sequence[bool] | None = None) -> list:
+def in_groups(
+    items: Sequence[Any], groups: Sequence[Sequence[int]] | None = None, keep: Sequence[bool] | None = None
+) -> list:
     """``items`` (parameters, or ``(name, parameter)`` pairs) in the param groups ``groups`` (each a list of positions in
     ``items``; ``None``: one group), those where ``keep`` holds (all without it), as :func:`grouped` gives them."""
     at = [range(len(items))] if groups is None else groups
@@ -107,7 +109,7 @@ def _split(params: list, keep: Callable[[torch.nn.Parameter], bool]) -> tuple[li
     return grouped([[p for p in g if keep(p)] for g in groups]), grouped([[p for p in g if not keep(p)] for g in groups])
 
 
-def _with_adamw_rest(main: Any, rest: list[torch.nn.Parameter], make_rest: Callable[[list], Any]) -> tuple[Any, Callable[[], int]]:
+def _with_adamw_rest(main: Any, rest: list, make_rest: Callable[[list], Any]) -> tuple[Any, Callable[[], int]]:
     if not rest:
         return main, lambda: state_bytes(main)
     other = make_rest(rest)
