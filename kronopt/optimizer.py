@@ -3407,8 +3407,8 @@ def _torch_hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]
 #: stacks themselves (:class:`kronopt.linalg.DeferredWrite`); ``False`` computes them in the step (the same bits)
 _DEFER_FACTOR_UPDATES = True
 
-#: whether the small buckets' rotated-Adam calls (SOAP's, DyKAF's, a refresh due or not: compose.rotated_adam_due) step together (:func:`compose.rotated_adams`;
-#: the tests compare the bits with it off)
+#: whether the small buckets' rotated-Adam calls (SOAP's, DyKAF's, a refresh due or not: compose.rotated_adam_due) step
+#: together (:func:`compose.rotated_adams`; the tests compare the bits with it off)
 _ROTATED_ADAMS_TOGETHER = True
 
 

@@ -134,22 +134,25 @@ def _storages(t: Any) -> list[torch.UntypedStorage]:
         return []
 
 
+#: a transformer-shaped layer's parameters: each one's name and its shape in multiples of the width (none that a
+#: preset routes by name: ``out`` is no ``output``)
+_LAYER_PARTS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("attn.qkv.weight", (3, 1)), ("attn.out.weight", (1, 1)), ("mlp.up.weight", (4, 1)), ("mlp.down.weight", (1, 4)),
+    ("norm1.weight", (1,)), ("norm2.weight", (1,)),
+)
+
+
 def transformer_shapes(d: int, layers: int) -> list[tuple[int, ...]]:
     """Per layer: qkv (3d, d), out (d, d), mlp up (4d, d), mlp down (d, 4d) and two gains (d,)."""
-    per_layer = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
-    return per_layer * layers
-
-
-#: the names of a transformer-shaped layer's parameters, in :func:`transformer_shapes`' order (none that a preset
-#: routes by name: ``out`` is no ``output``)
-_LAYER_PARTS = ("attn.qkv.weight", "attn.out.weight", "mlp.up.weight", "mlp.down.weight", "norm1.weight", "norm2.weight")
+    return [tuple(k * d for k in multiples) for _, multiples in _LAYER_PARTS] * layers
 
 
 def transformer_set(d: int, layers: int, dtype: torch.dtype | None = None) -> "ParamSet":
     """:func:`transformer_shapes` as a parameter set of ``dtype`` (float32 by default), each named by its layer,
     ``layers.<l>.attn.qkv.weight`` …, so that ``--groups layers`` puts each layer in a group."""
-    names = [f"layers.{k}.{part}" for k in range(layers) for part in _LAYER_PARTS]
-    return ParamSet(transformer_shapes(d, layers), names, [dtype or torch.float32] * (6 * layers))
+    shapes = transformer_shapes(d, layers)
+    names = [f"layers.{k}.{part}" for k in range(layers) for part, _ in _LAYER_PARTS]
+    return ParamSet(shapes, names, [dtype or torch.float32] * len(shapes))
 
 
 #: ``--groups``: how a bench puts its parameters in param groups (:func:`param_groups`)
