@@ -731,20 +731,31 @@ def _rotated_adam_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) ->
 
 def rotated_adams(
     calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
+    *, in_place: Sequence[Callable[[], bool] | None] | None = None,
 ) -> list[tuple[Tensor, BucketState]]:
     """:func:`step` of several buckets, each ``(cfg, layout, state, G, defer)`` a call where :func:`rotated_adam_due`
     holds, the same bits on a CPU (the only device the optimizer takes it on: an accelerator's fused ``foreach`` kernels
-    may round otherwise): the directions of them all (:func:`rotated_adam_directions`), then the factor updates, of
-    several buckets at once where their stage can (an ``update_each`` method: the ``ema`` estimator's), else each
-    in its turn, then each due refresh in its turn (:func:`_refreshed`). On small blocks a step costs its calls, not
+    may round otherwise): the factor updates, of several buckets at once where their stage can (an ``update_each``
+    method: the ``ema`` estimator's), else each in its turn, then the directions of them all
+    (:func:`rotated_adam_directions`), then each due refresh in its turn (:func:`_refreshed`). The factor updates
+    read neither the directions nor the moments (the ``after`` update of :func:`step` reads the old basis, which
+    they leave as it was), so their order changes no bit. On small blocks a step costs its calls, not
     its arithmetic: a SOAP bucket's step is about 33 operator calls and the Python around each stage, nine of them
     elementwise.
+
+    ``in_place``: per call, ``None`` or its caller's proof, a function that says whether the call's new moments and
+    direction are sure to be finite on every block, every block being written (its gradients finite, every block
+    taken). It is asked only where nothing else of the step can make a block fail: no refresh due, and the factor
+    update left whole to the state write (a :class:`~kronopt.linalg.DeferredWrite` is made only where proven
+    finite), its new factor record holding none of the floating tensors the guard tests. Where it says so, the
+    call's moments are updated in their stacks (:func:`kronopt.linalg.adam_moments_each_`: no new tensor, nothing
+    to test or copy); elsewhere new moments are made, as without it. The caller tells the calls made in place by
+    their new moments, the stacks themselves.
 
     A refresh made here does not test its new basis itself (:attr:`StepContext.finite_fallback` off): where its
     result is finite, that test keeps it as it is, so the result is the same. The caller tests every tensor of the
     new states (the optimizer does, :meth:`~kronopt.KronOptimizer._step_small_buckets`) and makes a call whose
     new basis is not finite again with :func:`step`, where the refresh keeps the old basis of such a block."""
-    directions = rotated_adam_directions(calls)
     due = [cfg.refresh.due(state.step + 1, first_call=False) for cfg, _, state, _, _ in calls]
     ctxs = [
         context(cfg, layout, state, state.step + 1, {}, refresh_follows=d, defer=None if d else defer, finite_fallback=False)
@@ -762,6 +773,13 @@ def rotated_adams(
         made = stage.update_each([calls[i][2].factors for i in at], [calls[i][3] for i in at], [ctxs[i] for i in at])
         for i, record in zip(at, made):
             factors[i] = record
+    # (a factor update that left nothing to the write made new factors: no walk of its record needed to tell)
+    proven = [
+        in_place is not None and (prove := in_place[i]) is not None and not due[i] and bool(calls[i][4])
+        and not changed_tensors(record, calls[i][2].factors) and prove()
+        for i, record in enumerate(factors)
+    ]
+    directions = rotated_adam_directions(calls, in_place=proven)
     made = []
     for (cfg, layout, state, G, _), (D, inner), record, ctx, d in zip(calls, directions, factors, ctxs, due):
         counters = {"calls": state.calls + 1, "step": state.step + 1}
@@ -774,10 +792,12 @@ def rotated_adams(
 
 def rotated_adam_directions(
     calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
+    *, in_place: Sequence[bool] | None = None,
 ) -> list[tuple[Tensor, Any]]:
     """The ``adam`` inner rule's ``direction`` of each call of :func:`rotated_adams`, ``(D, new moments)``, the same
     bits: each bucket's rotations in its turn, the elementwise work of them all in one ``foreach`` call per
-    operation, Adam setting and update (on a CPU each runs the very kernel on every tensor, without the Python around it)."""
+    operation, Adam setting and update (on a CPU each runs the very kernel on every tensor, without the Python around it).
+    ``in_place``: the calls whose moments are updated in their stacks (:func:`rotated_adams`)."""
     from .inner_rules.adam import AdamState
 
     # a state stored in the compute dtype (rotated_adam_due) holds its basis exactly
@@ -790,9 +810,16 @@ def rotated_adam_directions(
     out: list[Any] = [None] * len(calls)
     for (betas, eps, placement, bias_correction, t), at in settings.items():
         states = [calls[i][2] for i in at]
-        m, v = linalg.adam_moments_each(
-            [s.inner.exp_avg for s in states], [s.inner.exp_avg_sq for s in states], [H[i] for i in at], betas
-        )
+        m, v = [s.inner.exp_avg for s in states], [s.inner.exp_avg_sq for s in states]
+        own = [k for k, i in enumerate(at) if in_place is not None and in_place[i]]
+        if own:
+            linalg.adam_moments_each_([m[k] for k in own], [v[k] for k in own], [H[at[k]] for k in own], betas)
+        if len(own) < len(at):
+            taken = set(own)
+            new = [k for k in range(len(at)) if k not in taken]
+            made_m, made_v = linalg.adam_moments_each([m[k] for k in new], [v[k] for k in new], [H[at[k]] for k in new], betas)
+            for k, m_k, v_k in zip(new, made_m, made_v):
+                m[k], v[k] = m_k, v_k
         N, scale = linalg.adam_ratio_each(
             m, v, step=t, betas=betas, eps=eps, eps_placement=placement, bias_correction=bias_correction
         )
@@ -801,6 +828,38 @@ def rotated_adam_directions(
         for k, i in enumerate(at):
             out[i] = (D[k], AdamState(m[k], v[k]))
     return out
+
+
+def rotated_gradient_bound(entries: int, g_abs: float, columns: float = 1.0) -> float:
+    r"""A bound on every entry of a block's rotated gradient :math:`H = Q_L^\top G Q_R` from :math:`|G| \le` ``g_abs``,
+    the block having ``entries`` = :math:`mn` entries and ``columns`` the product of the two bases' largest column
+    norms (1 for orthonormal bases, and on a side without one): :math:`|H_{ij}| \le \|Q_{L,:i}\|\,\|G\|_2\,
+    \|Q_{R,:j}\|`, and :math:`\|G\|_2 \le \|G\|_F \le \sqrt{mn}\,g_{abs}`; taken twice over for the rounding of
+    the products (NaN stays NaN)."""
+    return 2.0 * math.sqrt(entries) * g_abs * columns
+
+
+def rotated_adam_is_safe(
+    cfg: KronConfig, t: int, dtype: torch.dtype, entries: int, h_abs: float, m_abs: float, v_max: float,
+    spread: float = 1.0,
+) -> bool:
+    r"""Whether a rotated Adam call (:func:`rotated_adams`) at update ``t`` in ``dtype`` is sure to give finite moments
+    and a finite direction on a block of ``entries`` = :math:`mn` entries bounded by :math:`|H| \le` ``h_abs``
+    (:func:`rotated_gradient_bound`), :math:`|m| \le` ``m_abs`` and :math:`0 \le v \le` ``v_max``, whose bases'
+    spectral norms multiply to at most ``spread`` (1 for orthonormal bases); ``False`` where it cannot say (a
+    non-finite bound, ``eps`` 0 as the dtype holds it).
+
+    :math:`|m'| \le a = \max(m_{abs}, h_{abs})` (a convex combination), :math:`v' \le v_{max} + h_{abs}^2`, and every
+    entry of the direction :math:`s\,Q_L N Q_R^\top`, :math:`N = m' / (\sqrt{v'}/d + \epsilon)`, is at most its
+    Frobenius norm, :math:`\|Q_L\|_2 \|N\|_F \|Q_R\|_2\,s \le \mathrm{spread}\,\sqrt{mn}\,a / \epsilon / c_1` (the
+    scale :math:`s` is at most :math:`1/c_1`). Each, and :math:`h_{abs}^2`, kept under a quarter of the dtype's
+    largest value: room for every rounding on the way (:func:`adam_block_is_safe`'s margin)."""
+    eps, c1, big = adam_safety_terms(cfg, t, dtype)
+    finite = all(map(math.isfinite, (h_abs, m_abs, v_max, spread)))
+    if not (eps > 0 and c1 > 0 and finite):
+        return False
+    a = max(m_abs, h_abs)
+    return h_abs < math.sqrt(big) and v_max + h_abs * h_abs < big and spread * math.sqrt(entries) * a / eps / c1 < big
 
 
 def momentum_block_is_safe(dtype: torch.dtype, g_abs: float, buf_abs: float) -> bool:

@@ -1052,6 +1052,15 @@ def adam_moments_each(
     return list(torch._foreach_lerp(m, G, 1 - beta1)), list(v_new)
 
 
+def adam_moments_each_(m: Sequence[Tensor], v: Sequence[Tensor], G: Sequence[Tensor], betas: tuple[float, float]) -> None:
+    """:func:`adam_moments_each` written into ``m`` and ``v`` themselves, the same bits (the same kernels, each
+    writing over its first operand): for moments proven to stay finite beforehand, whose old values nothing needs."""
+    beta1, beta2 = betas
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, G, G, value=1 - beta2)
+    torch._foreach_lerp_(m, G, 1 - beta1)
+
+
 def adam_ratio(
     m: Tensor,
     v: Tensor,
@@ -2797,19 +2806,33 @@ def accumulate_gram_left(
     increment is PSD by construction.
 
     ``defer`` (a list, :attr:`StepContext.defer`; ``X`` a symmetric PSD stack of the state): an
-    update :func:`sym_product` computes by tiles, and that :func:`gram_update_finite` proves finite
-    on every block, is not computed now but appended there as a :class:`DeferredWrite` into ``X``
-    itself, and ``X`` is returned unchanged. Any other update is computed as without it.
+    update :func:`sym_product` computes by tiles, or densely on a side of at least ``_DEFER_DENSE_MIN``, and
+    that :func:`gram_update_finite` proves finite on every block, is not computed now but appended there as a
+    :class:`DeferredWrite` into ``X`` itself, and ``X`` is returned unchanged: the tiled form is made in ``X``'s
+    memory, the dense one's sum with its transpose written there (the same bits either way). Any other update is
+    computed as without it. (A factor update left whole to the write also lets the rotated Adam moments of its
+    step be updated in place, :func:`kronopt.compose.rotated_adams`.)
     """
     _check_batched("A", A)
     _check_batched_square("X", X)
+    tiled = _tiled(X, A)
     if (
-        defer is not None and _tiled(X, A) and X.dtype == A.dtype and isinstance(beta, float)
+        defer is not None and (tiled or X.shape[-1] >= _DEFER_DENSE_MIN) and X.dtype == A.dtype and isinstance(beta, float)
         and cpu_all(gram_update_finite(X, A, beta, alpha))
     ):
-        defer.append(DeferredWrite(target=X, into=lambda out: _tiled_sym_product(X, A, A, beta, alpha, out=out)))
+        if tiled:
+            defer.append(DeferredWrite(target=X, into=lambda out: _tiled_sym_product(X, A, A, beta, alpha, out=out)))
+        else:  # _dense_sym_product's sum with its transpose written into out (X read whole before it)
+            defer.append(DeferredWrite(
+                target=X, into=lambda out: sym_sum(_weighted_product(X, A, A, beta * 0.5, alpha * 0.5), out=out)
+            ))
         return X
     return sym_product(X, A, A, beta=beta, alpha=alpha)
+
+
+#: the side from which :func:`accumulate_gram_left` leaves a dense update to the state write (``defer``): below it
+#: the proof's calls cost more than the test and the copy they spare (many small blocks, :func:`accumulate_grams_each`)
+_DEFER_DENSE_MIN = 128
 
 
 def accumulate_grams_each(
@@ -2824,7 +2847,8 @@ def accumulate_grams_each(
     for i, (X_i, A_i) in enumerate(zip(X, A)):
         _check_batched("A", A_i)
         _check_batched_square("X", X_i)
-        if _tiled(X_i, A_i) or not isinstance(beta, float) or _sym_blocked(X_i):
+        deferred = defer is not None and defer[i] is not None and X_i.shape[-1] >= _DEFER_DENSE_MIN
+        if _tiled(X_i, A_i) or not isinstance(beta, float) or _sym_blocked(X_i) or deferred:
             out[i] = accumulate_gram_left(X_i, A_i, beta, alpha, defer=None if defer is None else defer[i])
         else:
             dense.append(i)

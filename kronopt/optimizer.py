@@ -87,7 +87,8 @@ _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-p
 #: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
 #: wrapper holds the original), which torch's own ``Optimizer.__getstate__`` leaves out too
 _NOT_COPIED = frozenset({
-    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_kept_scratch", "_moment_bounds", "step", "_opt_called",
+    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_kept_scratch", "_moment_bounds", "_kept_basis_bounds", "step",
+    "_opt_called",
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
@@ -393,6 +394,15 @@ class _GradChecks:
     extremes: Tensor
     each: Tensor
     read: list[bool] | None
+    #: :attr:`extremes` read on the host, once something asked (:meth:`abs_bound`)
+    _host: list[list[float]] | None = attrs.field(default=None, init=False)
+
+    def abs_bound(self, k: int) -> float:
+        """``max |g|`` of row ``k``'s gradient, read on the host (the table once, at the first call; NaN where it
+        holds one)."""
+        if self._host is None:
+            self._host = self.extremes.tolist()
+        return _abs_bound(*self._host[k])
 
     @staticmethod
     def rows(hits: "Sequence[tuple[_GradChecks, int]]", field: str) -> Tensor:
@@ -433,14 +443,20 @@ class _Run:
     #: the new state walked against the old before the verdicts (:func:`compose.stage_write`; ``None``: not
     #: walked, or a field is replaced), which the finiteness test and the write share
     staged: compose.StagedWrite | None = None
+    #: where the run updated its rotated Adam moments in their stacks (:meth:`KronOptimizer._in_place_proof`), each
+    #: block's ``(max |H|, max |m|, max v)`` its proof used, else ``None``
+    in_place: list[tuple[float, float, float]] | None = None
 
     def changed(self) -> list[Tensor]:
         """The floating tensors the run made (its new state's and its direction): what its verdict tests. Walks
-        the state once for this and the write (:attr:`staged`) where the step replaces no field."""
+        the state once for this and the write (:attr:`staged`) where the step replaces no field. A run made in
+        place (:attr:`in_place`) was proven finite beforehand, its direction included: nothing of it is tested but
+        what its state holds new beside the moments (nothing, :func:`compose.rotated_adams`)."""
+        D = None if self.in_place is not None else self.D
         self.staged = compose.stage_write(self.old, self.new)
         if self.staged is None:
-            return compose.changed_tensors(self.new, self.old, self.D)
-        return self.staged.changed(self.D)
+            return compose.changed_tensors(self.new, self.old, D)
+        return self.staged.changed(D)
 
 
 def _untested_basis_not_finite(run: _Run) -> bool:
@@ -1900,12 +1916,27 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         if self._step_plain_muon(bucket, step_ok, cfg):
             return
-        run = self._run(bucket, cfg)
+        if self._in_place_due(bucket, cfg):
+            (run,) = self._rotated_adams([(0, bucket, cfg)], step_ok)  # the same bits as _run's
+        else:
+            run = self._run(bucket, cfg)
         # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
         ok_new = compose.finite_blocks_of(run.changed())  # (a deferred update is proven finite beforehand)
         (report,) = self._finish([(run, run.ok if ok_new is None else run.ok & ok_new)], step_ok)
+        self._carry_bounds((run,))
         if report is not None:
             self._pending.append(report)
+
+    def _in_place_due(self, bucket: _Bucket, cfg: KronConfig) -> bool:
+        """Whether a bucket that :meth:`_step_bucket` steps takes :meth:`_rotated_adams`, which may update its moments
+        in place: a rotated Adam call (:func:`compose.rotated_adam_due`) on a CPU, of a group not compiled, with no
+        refresh due (a refresh step makes new moments: it rotates them)."""
+        state = bucket.state
+        return (
+            _ROTATED_MOMENTS_IN_PLACE and bucket.blocks[0].device.type == "cpu" and not self._group_cfgs[bucket.group].compile
+            and compose.rotated_adam_due(cfg, bucket.layout, state, bucket.state_dtype)  # type: ignore[arg-type]
+            and not cfg.refresh.due(state.step + 1, first_call=False)  # type: ignore[union-attr]
+        )
 
     def _run(self, bucket: _Bucket, cfg: KronConfig) -> "_Run":
         """The bucket's pipeline on its sanitized gradients: the direction and new state, nothing written yet."""
@@ -1914,19 +1945,114 @@ class KronOptimizer(torch.optim.Optimizer):
         D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
         return _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
 
-    def _rotated_adams(self, work: list[tuple[int, _Bucket, KronConfig]]) -> list["_Run"]:
+    def _rotated_adams(self, work: list[tuple[int, _Bucket, KronConfig]], step_ok: Tensor | None) -> list["_Run"]:
         """:meth:`_run` of buckets whose call :func:`compose.rotated_adams` makes together (``(_, bucket, config)``,
-        :func:`compose.rotated_adam_due`), the same runs."""
-        calls, flags = [], []
+        :func:`compose.rotated_adam_due`), the same bits; a call proven finite beforehand updates its moments in
+        their stacks (:meth:`_in_place_proof`; the run's :attr:`_Run.in_place`). ``step_ok``: the step's flag under
+        ``nonfinite_scope = "step"``."""
+        calls, flags, proofs, used = [], [], [], []
         for _, bucket, cfg in work:
             G, ok, defer = self._inputs(bucket)
             calls.append((cfg, bucket.layout, bucket.state, G, defer))
             flags.append(ok)
-        steps = compose.rotated_adams(calls)  # type: ignore[arg-type]
-        return [
-            _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
-            for (_, bucket, cfg), ok, (_, _, old, _, defer), (D, new) in zip(work, flags, calls, steps)
-        ]
+            used.append([])
+            proofs.append(self._in_place_proof(bucket, cfg, step_ok, used[-1]))
+        steps = compose.rotated_adams(calls, in_place=proofs)  # type: ignore[arg-type]
+        runs = []
+        for (_, bucket, cfg), ok, (_, _, old, _, defer), (D, new), bounds in zip(work, flags, calls, steps, used):
+            run = _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
+            if new.inner.exp_avg is old.inner.exp_avg:  # made in place (compose.rotated_adams)
+                run.in_place = bounds
+            runs.append(run)
+        return runs
+
+    def _in_place_proof(
+        self, bucket: _Bucket, cfg: KronConfig, step_ok: Tensor | None, used: list[tuple[float, float, float]]
+    ) -> Callable[[], bool] | None:
+        """The proof :func:`compose.rotated_adams` asks for before it updates a bucket's moments in their stacks
+        (its ``in_place``), or ``None`` where the call may not be made so: off a CPU, where the step's flag is not
+        read True, or where the moments keep no version counter (inference tensors).
+
+        The proof, asked after the factor update, holds only where every gradient of the bucket was read finite on the
+        host by this step's check (:meth:`_all_finite`, made under ``nonfinite_scope = "step"`` or ``nonfinite =
+        "raise"``) and is of the state's dtype. It bounds each block's rotated gradient from its gradient's largest
+        entry (:func:`compose.rotated_gradient_bound`) and its moments by the bounds the last step left
+        (:class:`_MomentBounds`, where they still hold: no refresh, load or edit since) or read from the moments,
+        and holds where :func:`compose.rotated_adam_is_safe` does on every block; it fills ``used`` with each
+        block's ``(max |H|, max |m|, max v)``, which :meth:`_carry_bounds` moves past the step."""
+        state = bucket.state
+        m, v = state.inner.exp_avg, state.inner.exp_avg_sq  # type: ignore[union-attr]
+        if not _ROTATED_MOMENTS_IN_PLACE or m.device.type != "cpu" or m.is_inference() or v.is_inference() or not m.numel():
+            return None
+        if step_ok is not None and not (linalg.host_verdicts(step_ok) and bool(step_ok)):
+            return None
+
+        def prove() -> bool:
+            hits = []
+            for p in bucket.params:
+                hit = self._checked(p.grad)  # type: ignore[arg-type]
+                if hit is None or p.grad.dtype != bucket.state_dtype or hit[0].read is None or not hit[0].read[hit[1]]:  # type: ignore[union-attr]
+                    return False
+                hits.append(hit)
+            t, entries = state.step + 1, bucket.layout.m * bucket.layout.n  # type: ignore[union-attr]
+            bases = self._basis_bounds(bucket)
+            if bases is None:
+                return False
+            H = [compose.rotated_gradient_bound(entries, table.abs_bound(k), c) for (table, k), (c, _) in zip(hits, bases)]
+            known = _MomentBounds.valid(self._carried_bounds().pop(bucket, None), bucket)
+            for attempt in ("carried", "read"):
+                if attempt == "carried" and known is None:
+                    continue
+                if attempt == "carried":
+                    ms, vs = known.m, known.v  # type: ignore[union-attr]
+                else:  # the test is monotone in its bounds: where the carried ones say no, the moments are read
+                    lo, hi = m.flatten(1).aminmax(dim=1)
+                    rows = torch.stack([lo, hi, v.flatten(1).amax(dim=1)], dim=1).tolist()
+                    ms, vs = [max(-a, b) for a, b, _ in rows], [c for _, _, c in rows]
+                if all(compose.rotated_adam_is_safe(cfg, t, m.dtype, entries, h, a, b, spread)
+                       for h, a, b, (_, spread) in zip(H, ms, vs, bases)):
+                    used.extend(zip(H, ms, vs))
+                    return True
+            return False
+
+        return prove
+
+    def _basis_bounds(self, bucket: _Bucket) -> list[tuple[float, float]] | None:
+        r"""Each block's ``(columns, spread)`` for :meth:`_in_place_proof`: the product of its two bases' largest column
+        norms, and of their spectral norms' bounds :math:`\sqrt{k}` times that (1 on a side without a basis), about
+        ``(1, √(mn))`` for the orthonormal bases the refreshes make, but read, not assumed: a basis loaded from a
+        checkpoint or edited may hold anything, and NaN there makes the proof fail. Read once per basis (two norms a
+        side and one host read) and kept, by bucket, with the stacks (weakly) and their version counters, so a refresh,
+        load or edit reads them again (``None`` where a side keeps no version counter: an inference tensor)."""
+        basis = bucket.state.basis  # type: ignore[union-attr]
+        sides = [Q for Q in (basis.Q_L, basis.Q_R) if Q is not None]
+        versions = [_version(Q) for Q in sides]
+        if None in versions:
+            return None
+        kept = self.__dict__.setdefault("_kept_basis_bounds", weakref.WeakKeyDictionary())
+        held = kept.get(bucket)
+        if held is not None and held[1] == versions and all(r() is Q for r, Q in zip(held[0], sides)):
+            return held[2]
+        b = bucket.layout.batch
+        columns, spread = [1.0] * b, [1.0] * b
+        if sides:
+            norms = torch.stack([torch.linalg.vector_norm(Q, dim=-2).amax(-1) for Q in sides]).tolist()
+            for Q, row in zip(sides, norms):
+                for i, c in enumerate(row):
+                    columns[i] *= c
+                    spread[i] *= c * math.sqrt(Q.shape[-1])
+        values = list(zip(columns, spread))
+        kept[bucket] = ([weakref.ref(Q) for Q in sides], versions, values)
+        return values
+
+    def _carry_bounds(self, runs: Iterable["_Run"]) -> None:
+        """The moment bounds each run made in place leaves for the next step (:class:`_MomentBounds`), once its writes
+        are made (the version counters are taken after them)."""
+        for run in runs:
+            if run.in_place is not None:
+                after = _MomentBounds.after(run.bucket, run.cfg.inner.betas, run.in_place, [True] * len(run.in_place))  # type: ignore[attr-defined]
+                if after is not None:
+                    self._carried_bounds()[run.bucket] = after
 
     def _inputs(self, bucket: _Bucket) -> tuple[Tensor, Tensor, list[linalg.DeferredWrite] | None]:
         """A bucket call's inputs (:meth:`_run`, :meth:`_rotated_adams`): its sanitized gradients ``G``, their blocks'
@@ -2022,7 +2148,7 @@ class KronOptimizer(torch.optim.Optimizer):
                 else:
                     runs.append(self._run(bucket, cfg))
             if together:
-                for (at, _, _), run in zip(together, self._rotated_adams(together)):
+                for (at, _, _), run in zip(together, self._rotated_adams(together, step_ok)):
                     runs[at] = run
             changed = [run.changed() for run in runs]  # type: ignore[union-attr]
             every = [t for tensors in changed for t in tensors]
@@ -2048,6 +2174,7 @@ class KronOptimizer(torch.optim.Optimizer):
             else:
                 clean = all(flags) and linalg.host_verdicts(step_ok) and bool(step_ok)
             reports = self._finish(judged, step_ok, clean=clean)
+            self._carry_bounds(run for run, _ in judged)
         return {id(run.bucket): report for (run, _), report in zip(judged, reports) if report is not None}
 
     def _plain_adam_cpu(self, bucket: _Bucket) -> tuple[KronConfig, list[Tensor]] | None:
@@ -3410,6 +3537,9 @@ _DEFER_FACTOR_UPDATES = True
 #: whether the small buckets' rotated-Adam calls (SOAP's, DyKAF's, a refresh due or not: compose.rotated_adam_due) step
 #: together (:func:`compose.rotated_adams`; the tests compare the bits with it off)
 _ROTATED_ADAMS_TOGETHER = True
+#: whether a CPU bucket's rotated Adam moments are updated in their stacks where its call is proven finite beforehand
+#: (:meth:`KronOptimizer._in_place_proof`); off, every call makes new moments, tests and copies them: the same bits
+_ROTATED_MOMENTS_IN_PLACE = True
 
 
 _CPU = torch.device("cpu")
@@ -3543,7 +3673,9 @@ def _abs_bound(lo: float, hi: float) -> float:
 class _MomentBounds:
     r"""Upper bounds on a plain AdamW bucket's moments, block by block (``m`` of :math:`|m|`, ``v`` of :math:`v`),
     carried from one step to the next on a CPU, so that :meth:`KronOptimizer._step_plain_adams` proves a large
-    block's in-place update finite (:func:`compose.adam_block_is_safe`) without reading its moments again. A step
+    block's in-place update finite (:func:`compose.adam_block_is_safe`) without reading its moments again; and a
+    rotated Adam bucket's moments in its basis, for :meth:`KronOptimizer._in_place_proof` (there :math:`g` is the
+    bound on the rotated gradient, :func:`compose.rotated_gradient_bound`). A step
     moves a block's moments to :math:`\beta_1 m + (1-\beta_1) g` and :math:`\beta_2 v + (1-\beta_2) g^2`, so from
     the gradient's bound :math:`G` (read by the step's check anyway) the new bounds are
     :math:`\beta_1 M + (1-\beta_1) G` and :math:`\beta_2 V + (1-\beta_2) G^2`, each plus four units of rounding of

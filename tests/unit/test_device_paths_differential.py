@@ -1,7 +1,8 @@
 """The paths a GPU takes, run on the CPU, against the CPU's own paths; and CUDA-only checks of what the CPU cannot show.
 
 No CUDA device has run kronopt. Much of a CPU step takes shortcuts a GPU never takes: verdicts read on the host
-(``linalg._CPU_HOST_VERDICTS``: plain copies, skipped masks, the plain KSL step first, deferred factor writes),
+(``linalg._CPU_HOST_VERDICTS``: plain copies, skipped masks, the plain KSL step first, deferred factor writes,
+rotated Adam moments updated in place),
 the block-by-block AdamW loop (``optimizer._BLOCKWISE_MIN``), the small buckets stepped together, tiled and split
 symmetric products, the padded QR, the blocked transpose and bfloat16 arithmetic in float32 kernels. The fixture
 ``gpu_paths`` turns every one of them off, so a CPU run takes the device-agnostic branches, the GPU's; a trip wire
@@ -40,6 +41,7 @@ GPU_SWITCHES = [
     (kopt, "_CPU_KEEPS_SCRATCH", False),  # _scratch: fresh tensors each step
     (kopt, "_PLAIN_MUON_CPU", False),  # _plain_muon_cpu (also off through host_verdicts): Muon on the stacks
     (kopt, "_DEFER_FACTOR_UPDATES", False),  # _run: no factor update left to the write
+    (kopt, "_ROTATED_MOMENTS_IN_PLACE", False),  # _in_place_due / _in_place_proof: new moments, tested and copied
     (kopt, "_SMALL_TOGETHER_MAX", 0),  # _small_cpu (also off through host_verdicts)
     (linalg, "_GRAM_TILED_MIN", 10**9),  # _tiled: one dense product
     (linalg, "_SPLIT_SANDWICH_MIN", 10**9),  # split_pays: the plain sandwich
@@ -60,6 +62,7 @@ CPU_ONLY = [
     (linalg, "_newton_schulz_in_buffers"),
     (linalg, "_onednn_mm"),
     (linalg, "DeferredWrite"),
+    (linalg, "adam_moments_each_"),  # rotated Adam moments updated in their stacks
     (torch, "_foreach_copy_"),  # the plain copies of a write with every block ok
 ]
 
@@ -86,6 +89,8 @@ DEVICE_BRANCHES = {
         "KronOptimizer._plain_adam_cpu",  # _BLOCKWISE_MIN
         "KronOptimizer._join",  # _BLOCKWISE_MIN (_blockwise: which buckets never join)
         "KronOptimizer._scratch",  # _CPU_KEEPS_SCRATCH
+        "KronOptimizer._in_place_due",  # _ROTATED_MOMENTS_IN_PLACE
+        "KronOptimizer._in_place_proof",  # _ROTATED_MOMENTS_IN_PLACE
         "_gradients_in_parameters",  # only a CPU's buckets step together (_SMALL_TOGETHER_MAX, _BLOCKWISE_MIN)
     },
     "validators.py": {"one_cpu_number"},  # an lr tensor read as its number (the tests of tensor rates below)

@@ -219,9 +219,9 @@ def _train(monkeypatch, preset, *, together, overrides=None, steps=24, poison=Tr
         patch.setattr(optimizer_module, "_ROTATED_ADAMS_TOGETHER", together)
         real = compose.rotated_adams
 
-        def counted(calls):
+        def counted(calls, **kwargs):
             taken.append(len(calls))
-            return real(calls)
+            return real(calls, **kwargs)
 
         patch.setattr(compose, "rotated_adams", counted)
         named = [(f"p{i}", p) for i, p in enumerate(params)]
@@ -324,7 +324,7 @@ def test_the_calls_made_together_follow_the_float64_reference_of_the_spec(monkey
     opt = kronopt.build(ours, "soap", lr=3e-3, **overrides)
     taken = []
     real = compose.rotated_adams
-    monkeypatch.setattr(compose, "rotated_adams", lambda calls: taken.append(len(calls)) or real(calls))
+    monkeypatch.setattr(compose, "rotated_adams", lambda calls, **kw: taken.append(len(calls)) or real(calls, **kw))
     history = run_history(opt, ours, grads)
     # 25 calls: the first builds the basis, the other 24 are made together (updates 10 and 20 with a refresh), each
     # of the four buckets (the two 6 × 4 blocks stacked, 4 × 6, 5 × 5, and the bias, whose sides are not rotated)
@@ -334,8 +334,9 @@ def test_the_calls_made_together_follow_the_float64_reference_of_the_spec(monkey
 
 def test_the_factor_updates_of_several_buckets_equal_each_alone():
     """``linalg.accumulate_grams_each`` against ``accumulate_gram_left`` on each pair: small dense sums made together,
-    an inner side of 1 (entry by entry), a side the transpose is added to block by block, and one whose update is
-    tiled and left to the state write (``defer``), float32 and float64, stacked and alone."""
+    an inner side of 1 (entry by entry), a side the transpose is added to block by block (its dense update left to
+    the state write, ``defer``), and one whose update is tiled and left to it, float32 and float64, stacked and
+    alone."""
     from kronopt import linalg
 
     gen = torch.Generator().manual_seed(7)
@@ -353,7 +354,9 @@ def test_the_factor_updates_of_several_buckets_equal_each_alone():
         assert torch.equal(got, want) and torch.equal(got, got.mT)
         assert (got is X_i) == (want is X_i)
         _same_deferred(d, d_ref)
-    assert sum(map(len, defer)) == 1  # the tiled one, into its own stack
+    # the tiled one and the dense one of a side from _DEFER_DENSE_MIN (400: its transpose added block by block), each
+    # into its own stack; the smaller dense ones are made at once
+    assert sum(map(len, defer)) == 2 and [bool(d) for d in defer] == [False, False, False, True, True, False]
     assert torch.allclose(made[0], 0.9 * X[0] + 0.1 * A[0] @ A[0].mT, atol=1e-5)  # the EMA of the Gram, not only a copy
 
 
@@ -434,7 +437,7 @@ def _train_groups(monkeypatch, preset, *, together, groups, grads, overrides=Non
         warnings.simplefilter("always")
         patch.setattr(optimizer_module, "_ROTATED_ADAMS_TOGETHER", together)
         real = compose.rotated_adams
-        patch.setattr(compose, "rotated_adams", lambda calls: taken.append(len(calls)) or real(calls))
+        patch.setattr(compose, "rotated_adams", lambda calls, **kw: taken.append(len(calls)) or real(calls, **kw))
         named = [(f"p{i}", p) for i, p in enumerate(params)]
         opt = kronopt.build(groups(named), preset, **(overrides or {}))
         for step in range(steps):
@@ -562,7 +565,7 @@ def test_the_stage_clock_times_each_operator_of_the_calls_together_in_its_slot(m
     seen: dict[str, set] = {}
     taken = []
     real = compose.rotated_adams
-    monkeypatch.setattr(compose, "rotated_adams", lambda calls: taken.append(len(calls)) or real(calls))
+    monkeypatch.setattr(compose, "rotated_adams", lambda calls, **kw: taken.append(len(calls)) or real(calls, **kw))
 
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
