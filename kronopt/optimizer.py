@@ -1971,7 +1971,8 @@ class KronOptimizer(torch.optim.Optimizer):
     ) -> Callable[[], bool] | None:
         """The proof :func:`compose.rotated_adams` asks for before it updates a bucket's moments in their stacks
         (its ``in_place``), or ``None`` where the call may not be made so: off a CPU, where the step's flag is not
-        read True, or where the moments keep no version counter (inference tensors).
+        read True, where the moments keep no version counter (inference tensors), or on a bucket of fewer than
+        ``_IN_PLACE_MIN`` moment entries (there the proof's Python costs what the test and the copy it spares do).
 
         The proof, asked after the factor update, holds only where every gradient of the bucket was read finite on the
         host by this step's check (:meth:`_all_finite`, made under ``nonfinite_scope = "step"`` or ``nonfinite =
@@ -1982,7 +1983,7 @@ class KronOptimizer(torch.optim.Optimizer):
         block's ``(max |H|, max |m|, max v)``, which :meth:`_carry_bounds` moves past the step."""
         state = bucket.state
         m, v = state.inner.exp_avg, state.inner.exp_avg_sq  # type: ignore[union-attr]
-        if not _ROTATED_MOMENTS_IN_PLACE or m.device.type != "cpu" or m.is_inference() or v.is_inference() or not m.numel():
+        if not _ROTATED_MOMENTS_IN_PLACE or m.numel() < _IN_PLACE_MIN or m.device.type != "cpu" or m.is_inference() or v.is_inference():
             return None
         if step_ok is not None and not (linalg.host_verdicts(step_ok) and bool(step_ok)):
             return None
@@ -3540,6 +3541,9 @@ _ROTATED_ADAMS_TOGETHER = True
 #: whether a CPU bucket's rotated Adam moments are updated in their stacks where its call is proven finite beforehand
 #: (:meth:`KronOptimizer._in_place_proof`); off, every call makes new moments, tests and copies them: the same bits
 _ROTATED_MOMENTS_IN_PLACE = True
+#: the fewest entries of a bucket's first moment for which its call offers that proof (many small buckets: its Python
+#: costs as much as the allocations, tests and copies it spares)
+_IN_PLACE_MIN = 1 << 14
 
 
 _CPU = torch.device("cpu")

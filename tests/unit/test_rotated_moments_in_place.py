@@ -92,6 +92,7 @@ def test_in_place_moments_take_the_same_bits_as_new_ones(preset, monkeypatch):
     assert refreshes == 4
     assert made["in_place"].count((160, 130)) == 19 - refreshes and made["new"].count((160, 130)) == 0
     assert made["in_place"].count((128, 128)) == 19 - refreshes and made["new"].count((128, 128)) == refreshes + 19
+    assert (12, 7) in made["new"] and (12, 7) not in made["in_place"]  # fewer entries than _IN_PLACE_MIN: not offered
 
 
 def test_a_step_in_place_keeps_the_moment_stacks_and_makes_no_new_moments(monkeypatch):
