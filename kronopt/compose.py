@@ -749,7 +749,8 @@ def rotated_adams(
     update left whole to the state write (a :class:`~kronopt.linalg.DeferredWrite` is made only where proven
     finite), its new factor record holding none of the floating tensors the guard tests. Where it says so, the
     call's moments are updated in their stacks (:func:`kronopt.linalg.adam_moments_each_`: no new tensor, nothing
-    to test or copy); elsewhere new moments are made, as without it. The caller tells the calls made in place by
+    to test or copy), after every other call of the run and its refresh, so that a call that raises leaves no
+    moment written; elsewhere new moments are made, as without it. The caller tells the calls made in place by
     their new moments, the stacks themselves.
 
     A refresh made here does not test its new basis itself (:attr:`StepContext.finite_fallback` off): where its
@@ -779,14 +780,21 @@ def rotated_adams(
         and not changed_tensors(record, calls[i][2].factors) and prove()
         for i, record in enumerate(factors)
     ]
-    directions = rotated_adam_directions(calls, in_place=proven)
-    made = []
-    for (cfg, layout, state, G, _), (D, inner), record, ctx, d in zip(calls, directions, factors, ctxs, due):
-        counters = {"calls": state.calls + 1, "step": state.step + 1}
-        if d:
-            made.append((D, evolve(_refreshed(cfg, layout, evolve(state, inner=inner), record, ctx, G), **counters)))
-        else:
-            made.append((D, evolve(state, factors=record, inner=inner, **counters)))
+    # the calls made in place last, after every refresh: a call that raises (a refresh's solver) leaves no moment
+    # of the run written
+    made: list[Any] = [None] * len(calls)
+    for own in (False, True):
+        at = [i for i in range(len(calls)) if proven[i] == own]
+        if not at:
+            continue
+        directions = rotated_adam_directions([calls[i] for i in at], in_place=[own] * len(at))
+        for i, (D, inner) in zip(at, directions):
+            cfg, layout, state, G, _ = calls[i]
+            counters = {"calls": state.calls + 1, "step": state.step + 1}
+            if due[i]:
+                made[i] = (D, evolve(_refreshed(cfg, layout, evolve(state, inner=inner), factors[i], ctxs[i], G), **counters))
+            else:
+                made[i] = (D, evolve(state, factors=factors[i], inner=inner, **counters))
     return made
 
 

@@ -87,8 +87,8 @@ _STATE_VERSION = 2  # 1: stacked buckets under "kronopt"; 2: torch.optim's per-p
 #: ``id`` (a copy makes them again); torch's hooks and what an LR scheduler puts on the instance (its ``step``
 #: wrapper holds the original), which torch's own ``Optimizer.__getstate__`` leaves out too
 _NOT_COPIED = frozenset({
-    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_kept_scratch", "_moment_bounds", "_kept_basis_bounds", "step",
-    "_opt_called",
+    "_grad_flags", "_plain_adam", "_plain_muon", "_views_flat", "_kept_scratch", "_moment_bounds", "_kept_basis_bounds",
+    "step", "_opt_called",
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
@@ -332,6 +332,11 @@ class _Bucket:
     #: each block's param group (by position in :attr:`blocks`) where they are not all :attr:`group`'s
     #: (:meth:`KronOptimizer._make_buckets`), else ``None``
     groups: list[int] | None = None
+    #: a plain AdamW bucket's second-moment stack (weakly) and its version counter as its last step left them, every
+    #: block written (:meth:`KronOptimizer._step_plain_adams`): while they hold its entries are at least 0, which the
+    #: proofs take, and its small blocks are not read for one below 0 (an edit of ``state[p]``, a load or another path's
+    #: step moves the version: the next step reads them)
+    nonnegative_v: "_Seen | None" = attrs.field(default=None, init=False)
     #: :attr:`runs`, made once
     _runs: list[tuple[int, int, int]] | None = attrs.field(default=None, init=False)
 
@@ -1928,14 +1933,16 @@ class KronOptimizer(torch.optim.Optimizer):
             self._pending.append(report)
 
     def _in_place_due(self, bucket: _Bucket, cfg: KronConfig) -> bool:
-        """Whether a bucket that :meth:`_step_bucket` steps takes :meth:`_rotated_adams`, which may update its moments
-        in place: a rotated Adam call (:func:`compose.rotated_adam_due`) on a CPU, of a group not compiled, with no
-        refresh due (a refresh step makes new moments: it rotates them)."""
+        """Whether a bucket's call may update its moments in place (:meth:`_rotated_adams`; :meth:`_step_bucket` takes
+        that call for it, :meth:`_step_small_buckets` makes it after the others): a rotated Adam call
+        (:func:`compose.rotated_adam_due`) on a CPU, of a group not compiled, with no refresh due (a refresh step makes
+        new moments: it rotates them), of at least ``_IN_PLACE_MIN`` moment entries."""
         state = bucket.state
         return (
             _ROTATED_MOMENTS_IN_PLACE and bucket.blocks[0].device.type == "cpu" and not self._group_cfgs[bucket.group].compile
             and compose.rotated_adam_due(cfg, bucket.layout, state, bucket.state_dtype)  # type: ignore[arg-type]
             and not cfg.refresh.due(state.step + 1, first_call=False)  # type: ignore[union-attr]
+            and bucket.layout.batch * bucket.layout.m * bucket.layout.n >= _IN_PLACE_MIN
         )
 
     def _run(self, bucket: _Bucket, cfg: KronConfig) -> "_Run":
@@ -2007,9 +2014,13 @@ class KronOptimizer(torch.optim.Optimizer):
                 if attempt == "carried":
                     ms, vs = known.m, known.v  # type: ignore[union-attr]
                 else:  # the test is monotone in its bounds: where the carried ones say no, the moments are read
-                    lo, hi = m.flatten(1).aminmax(dim=1)
-                    rows = torch.stack([lo, hi, v.flatten(1).amax(dim=1)], dim=1).tolist()
-                    ms, vs = [max(-a, b) for a, b, _ in rows], [c for _, _, c in rows]
+                    # (v's smallest entry too: the proof takes v ≥ 0, which an edit or a checkpoint may break, and
+                    # NaN where an entry is: a square root of a negative entry is NaN, of -inf too)
+                    m_lo, m_hi = m.flatten(1).aminmax(dim=1)
+                    v_lo, v_hi = v.flatten(1).aminmax(dim=1)
+                    rows = torch.stack([m_lo, m_hi, v_lo, v_hi], dim=1).tolist()
+                    ms = [max(-a, b) for a, b, _, _ in rows]
+                    vs = [d if c >= 0 else math.nan for _, _, c, d in rows]  # as _second_moment_bound: NaN fails it
                 if all(compose.rotated_adam_is_safe(cfg, t, m.dtype, entries, h, a, b, spread)
                        for h, a, b, (_, spread) in zip(H, ms, vs, bases)):
                     used.extend(zip(H, ms, vs))
@@ -2020,11 +2031,13 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _basis_bounds(self, bucket: _Bucket) -> list[tuple[float, float]] | None:
         r"""Each block's ``(columns, spread)`` for :meth:`_in_place_proof`: the product of its two bases' largest column
-        norms, and of their spectral norms' bounds :math:`\sqrt{k}` times that (1 on a side without a basis), about
-        ``(1, √(mn))`` for the orthonormal bases the refreshes make, but read, not assumed: a basis loaded from a
-        checkpoint or edited may hold anything, and NaN there makes the proof fail. Read once per basis (two norms a
-        side and one host read) and kept, by bucket, with the stacks (weakly) and their version counters, so a refresh,
-        load or edit reads them again (``None`` where a side keeps no version counter: an inference tensor)."""
+        norms, and of their spectral norms' bounds :math:`\sqrt{k}` times that (1 on a side without a basis; each
+        side's factor taken as at least 1, which bounds the first product of each pair, of one side alone, as well
+        as the whole), about ``(1, √(mn))`` for the orthonormal bases the refreshes make, but read, not assumed: a
+        basis loaded from a checkpoint or edited may hold anything, and NaN there makes the proof fail. Read once per
+        basis (two norms a side and one host read) and kept, by bucket, with the stacks (weakly) and their version
+        counters, so a refresh, load or edit reads them again (``None`` where a side keeps no version counter: an
+        inference tensor)."""
         basis = bucket.state.basis  # type: ignore[union-attr]
         sides = [Q for Q in (basis.Q_L, basis.Q_R) if Q is not None]
         versions = [_version(Q) for Q in sides]
@@ -2040,8 +2053,11 @@ class KronOptimizer(torch.optim.Optimizer):
             norms = torch.stack([torch.linalg.vector_norm(Q, dim=-2).amax(-1) for Q in sides]).tolist()
             for Q, row in zip(sides, norms):
                 for i, c in enumerate(row):
-                    columns[i] *= c
-                    spread[i] *= c * math.sqrt(Q.shape[-1])
+                    # each side's factor at least 1, so that a product of one side alone (Q_Lᵀ G, Q_L N: the first of
+                    # each pair) is bounded too, not only both together (a side of small columns would hide the
+                    # other's overflow there); NaN stays NaN (max keeps its first argument against a NaN second)
+                    columns[i] *= max(c, 1.0) if c == c else c
+                    spread[i] *= max(c * math.sqrt(Q.shape[-1]), 1.0) if c == c else c
         values = list(zip(columns, spread))
         kept[bucket] = ([weakref.ref(Q) for Q in sides], versions, values)
         return values
@@ -2140,33 +2156,26 @@ class KronOptimizer(torch.optim.Optimizer):
         with compiled.scope(False):  # each bucket's own turn runs in its group's scope: none is compiled here
             runs: list[_Run | None] = []
             together: list[tuple[int, _Bucket, KronConfig]] = []  # rotated Adam's calls (compose.rotated_adams)
+            last: list[tuple[int, _Bucket, KronConfig]] = []  # those that may update their moments in place
             for bucket, cfg in work:
                 if bucket.state is None:
                     self._init_bucket(bucket)
                 if _ROTATED_ADAMS_TOGETHER and compose.rotated_adam_due(cfg, bucket.layout, bucket.state, bucket.state_dtype):  # type: ignore[arg-type]
-                    together.append((len(runs), bucket, cfg))
+                    (last if self._in_place_due(bucket, cfg) else together).append((len(runs), bucket, cfg))
                     runs.append(None)
                 else:
                     runs.append(self._run(bucket, cfg))
-            if together:
-                for (at, _, _), run in zip(together, self._rotated_adams(together, step_ok)):
-                    runs[at] = run
-            changed = [run.changed() for run in runs]  # type: ignore[union-attr]
-            every = [t for tensors in changed for t in tensors]
-            flags = linalg.finite_each(every).tolist() if every else []  # one read on the host for all
-            judged, start, made_together = [], 0, {at for at, _, _ in together}
-            for i, (run, tensors) in enumerate(zip(runs, changed)):
-                finite = all(flags[start : start + len(tensors)])
-                start += len(tensors)
-                if not finite and i in made_together and _untested_basis_not_finite(run):
-                    # a refresh made together left its new basis untested (compose.rotated_adams): the pipeline
-                    # makes the call again, keeping the old basis of a block whose new one is not finite
-                    run = self._run(run.bucket, run.cfg)
-                    tensors = run.changed()
-                ok = run.ok
-                if not finite and tensors:
-                    ok = ok & linalg.finite_blocks(*tensors)  # block by block: compose.finite_new_state's test
-                judged.append((run, ok))
+            # the calls that may update their moments in place (no refresh due) come last, once every other call is
+            # made, tested and made again where it must be: a call that raises before then leaves no moment written
+            verdicts: dict[int, tuple[_Run, Tensor]] = {}
+            flags: list[bool] = []
+            for calls in (together, last):
+                if calls:
+                    for (at, _, _), run in zip(calls, self._rotated_adams(calls, step_ok)):
+                        runs[at] = run
+                made = [(i, run) for i, run in enumerate(runs) if run is not None and i not in verdicts]
+                flags += self._judge(made, {at for at, _, _ in together}, verdicts)
+            judged = [verdicts[i] for i in range(len(runs))]
             # every new state finite, and every gradient (the step's flag, or the runs' own): read here, where
             # it costs nothing, instead of each bucket's masks combined, read and counted at its writes (a step
             # flag on another device, whose first gradients lie there, is not waited for: no clean run then)
@@ -2177,6 +2186,30 @@ class KronOptimizer(torch.optim.Optimizer):
             reports = self._finish(judged, step_ok, clean=clean)
             self._carry_bounds(run for run, _ in judged)
         return {id(run.bucket): report for (run, _), report in zip(judged, reports) if report is not None}
+
+    def _judge(self, made: list[tuple[int, "_Run"]], made_together: set[int], verdicts: dict[int, tuple["_Run", Tensor]]) -> list[bool]:
+        """:meth:`_step_small_buckets`' test of runs ``(position, run)``: every tensor their steps changed at once
+        (:func:`linalg.finite_each`: their extremes, and one read on the host), a run with a non-finite one block by
+        block (:func:`compose.finite_new_state`), made again by its pipeline first where its refresh made together
+        (at a position in ``made_together``) left a non-finite new basis. Puts each run's ``(run, ok)`` into
+        ``verdicts`` by position; returns the flags read."""
+        changed = [run.changed() for _, run in made]
+        every = [t for tensors in changed for t in tensors]
+        flags = linalg.finite_each(every).tolist() if every else []  # one read on the host for all
+        start = 0
+        for (i, run), tensors in zip(made, changed):
+            finite = all(flags[start : start + len(tensors)])
+            start += len(tensors)
+            if not finite and i in made_together and _untested_basis_not_finite(run):
+                # a refresh made together left its new basis untested (compose.rotated_adams): the pipeline
+                # makes the call again, keeping the old basis of a block whose new one is not finite
+                run = self._run(run.bucket, run.cfg)
+                tensors = run.changed()
+            ok = run.ok
+            if not finite and tensors:
+                ok = ok & linalg.finite_blocks(*tensors)  # block by block: compose.finite_new_state's test
+            verdicts[i] = (run, ok)
+        return flags
 
     def _plain_adam_cpu(self, bucket: _Bucket) -> tuple[KronConfig, list[Tensor]] | None:
         """``(config, raw gradients)`` of a bucket that :meth:`_step_plain_adams` steps together with the
@@ -2347,15 +2380,19 @@ class KronOptimizer(torch.optim.Optimizer):
         terms: list[tuple[float, float, float]] = []
         places: list[list[int]] = []
         runs: list[tuple[int, Tensor | None, Tensor | None]] = []  # per bucket: its small blocks, its moments' stacks
+        check: list[bool] = []  # per small block: its second moment read for an entry below 0 (_Bucket.nonnegative_v)
         for (bucket, cfg, _), (ms, vs) in zip(work, moments):
             these = [i for i, p in enumerate(bucket.params) if p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX] if whole else []
             small += [(bucket.params[i].grad, ms[i], vs[i]) for i in these]  # type: ignore[misc]
+            if these:
+                held, v_stack = bucket.nonnegative_v, bucket.state.inner.exp_avg_sq  # type: ignore[union-attr]
+                check += [held is None or not held.holds(v_stack)] * len(these)
             terms += [compose.adam_safety_terms(cfg, bucket.state.step + 1, ms[0].dtype)] * len(these)  # type: ignore[union-attr]
             places.append(these)
             whole_stack = len(these) == len(ms) >= _ADAM_STACK_EXTREMES_MIN
             inner = bucket.state.inner  # type: ignore[union-attr]
             runs.append((len(these), inner.exp_avg if whole_stack else None, inner.exp_avg_sq if whole_stack else None))
-        judged = iter(self._adam_small_verdicts(small, terms, runs))
+        judged = iter(self._adam_small_verdicts(small, terms, runs, check))
         fused: dict[tuple, tuple[KronConfig, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         verdicts: list[list[bool]] = []
         carried: list[tuple[_Bucket, KronConfig, list[tuple[float, float, float]], list[bool]]] = []
@@ -2431,6 +2468,14 @@ class KronOptimizer(torch.optim.Optimizer):
             after = _MomentBounds.after(bucket, cfg.inner.betas, used, written)
             if after is not None:
                 self._carried_bounds()[bucket] = after
+        for (bucket, _, _), mine, these in zip(work, verdicts, places):
+            # every block written: each new second moment is β₂ v + (1 − β₂) g² of a v ≥ 0 (a block whose v held an entry
+            # below 0 is written only where its new v holds none, its direction being finite)
+            if not these:
+                continue
+            v_stack = bucket.state.inner.exp_avg_sq  # type: ignore[union-attr]
+            written = len(mine) == len(bucket.params) and all(mine)
+            bucket.nonnegative_v = _Seen.of(v_stack, bucket.nonnegative_v) if written else None
         return reports
 
     def _run_factors(self, bucket: _Bucket, post_: post.Post, like: Tensor) -> Iterator[tuple[int, int, Any, Any, tuple[Tensor, Tensor | None]]]:
@@ -2487,12 +2532,14 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _adam_bounds(self, grad: Tensor, m: Tensor, v: Tensor) -> tuple[float, float, float]:
         """``max |g|``, ``max |m|`` and ``max v`` of one block (``grad`` its parameter's gradient, ``m``, ``v``
-        its moments), read on the host (NaN where ``g`` holds one). The gradient's extremes come from
-        :meth:`_all_finite` when it checked it this step, else from one pass over it."""
+        its moments), read on the host (NaN where ``g`` holds one, and for ``max v`` where an entry of ``v`` is below
+        0: :func:`_second_moment_bound`). The gradient's extremes come from :meth:`_all_finite` when it checked it this
+        step, else from one pass over it."""
         g_lo, g_hi = self._grad_extremes(grad)
         m_lo, m_hi = torch.aminmax(m)
-        lo, hi, m0, m1, v1 = torch.stack([g_lo, g_hi, m_lo, m_hi, v.amax()]).tolist()
-        return _bounds(lo, hi, m0, m1, v1)
+        v_lo, v_hi = torch.aminmax(v)
+        lo, hi, m0, m1, v0, v1 = torch.stack([g_lo, g_hi, m_lo, m_hi, v_lo, v_hi]).tolist()
+        return _bounds(lo, hi, m0, m1, v1 if v0 >= 0 else math.nan)
 
     def _grad_extremes(self, grad: Tensor) -> tuple[Tensor, Tensor]:
         """The smallest and largest entries of a parameter's gradient: from :meth:`_all_finite` where it read them
@@ -2502,48 +2549,58 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _adam_small_verdicts(
         self, blocks: list[tuple[Tensor, Tensor, Tensor]], terms: list[tuple[float, float, float]],
-        runs: list[tuple[int, Tensor | None, Tensor | None]] | None = None,
+        runs: list[tuple[int, Tensor | None, Tensor | None]] | None = None, check: list[bool] | None = None,
     ) -> list[bool]:
         """:func:`compose.adam_block_is_safe` of small blocks ``(grad, m, v)``, each with its
         :func:`compose.adam_safety_terms`: from :meth:`_adam_bounds_small` one by one, or, from
         ``_ADAM_VERDICTS_TOGETHER_MIN`` blocks, their extremes judged together on the host's device in float64
         (:func:`compose.adam_blocks_are_safe`, the same verdicts in a dozen calls). ``runs``: the blocks in order by
         bucket, each ``(count, m stack, v stack)``, the stacks given where the run is its bucket's every block
-        (:meth:`_adam_extremes_small`)."""
+        (:meth:`_adam_extremes_small`). ``check``: the blocks whose second moment is read for an entry below 0
+        (:meth:`_moment_extremes`)."""
         if len(blocks) < _ADAM_VERDICTS_TOGETHER_MIN:
-            bounds = self._adam_bounds_small(blocks)
+            bounds = self._adam_bounds_small(blocks, check)
             return [compose.adam_block_is_safe_of_terms(term, *bound) for term, bound in zip(terms, bounds)]
-        extremes = self._adam_extremes_small(blocks, runs).double()
+        extremes = self._adam_extremes_small(blocks, runs, check).double()
         return compose.adam_blocks_are_safe(extremes, torch.tensor(terms, dtype=torch.float64)).tolist()
 
-    def _adam_bounds_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]]) -> list[tuple[float, float, float]]:
+    def _adam_bounds_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]], check: list[bool] | None = None) -> list[tuple[float, float, float]]:
         """:meth:`_adam_bounds` of many small blocks ``(grad, m, v)`` at once, the same values: each
         extreme by a ``foreach`` reduction over all the blocks (a smallest entry as the largest of the
         negated block) and one read on the host, instead of five calls and a read per block."""
         if not blocks:
             return []
-        return [_bounds(*row) for row in self._adam_extremes_small(blocks).tolist()]
+        return [_bounds(*row) for row in self._adam_extremes_small(blocks, check=check).tolist()]
 
     def _adam_extremes_small(
-        self, blocks: list[tuple[Tensor, Tensor, Tensor]], runs: list[tuple[int, Tensor | None, Tensor | None]] | None = None
+        self, blocks: list[tuple[Tensor, Tensor, Tensor]], runs: list[tuple[int, Tensor | None, Tensor | None]] | None = None,
+        check: list[bool] | None = None,
     ) -> Tensor:
         """``(k, 5)``: each small block's ``(min g, max g, min m, max m, max v)`` (:meth:`_adam_bounds_small`). With
         ``runs`` (:meth:`_adam_small_verdicts`), a run given its bucket's stacks takes its moments' extremes from
         them, three reductions over the stacks (the same values: a smallest or largest entry is exact), where the
         ``foreach`` reductions cost a call's work per block."""
         grads, ms, vs = (list(x) for x in zip(*blocks))
+        check = [True] * len(vs) if check is None else check
         if runs is not None and any(m is not None for _, m, _ in runs):
-            return torch.cat([self._grad_extremes_small(grads), *self._moment_extremes_by_run(ms, vs, runs)], dim=1)
-        return torch.cat([self._grad_extremes_small(grads), *self._moment_extremes(ms, vs)], dim=1)
+            return torch.cat([self._grad_extremes_small(grads), *self._moment_extremes_by_run(ms, vs, runs, check)], dim=1)
+        return torch.cat([self._grad_extremes_small(grads), *self._moment_extremes(ms, vs, check)], dim=1)
 
     @staticmethod
-    def _moment_extremes(ms: list[Tensor], vs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """``(k, 1)`` each: the blocks' smallest and largest first moment and largest second moment, by ``foreach``."""
-        m = _foreach_extremes(ms)
-        return m[:, 0:1], m[:, 1:2], torch.stack(torch._foreach_max(vs))[:, None]
+    def _moment_extremes(ms: list[Tensor], vs: list[Tensor], check: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k, 1)`` each: the blocks' smallest and largest first moment and largest second moment, by ``foreach``;
+        the second moment NaN where a block flagged in ``check`` holds an entry below 0 (:func:`_second_moment_bound`;
+        the others' stacks are known to be as the last step left them, whose updates keep ``v ≥ 0``)."""
+        m, v_hi = _foreach_extremes(ms), torch.stack(torch._foreach_max(vs))
+        at = [i for i, c in enumerate(check) if c]
+        if at:
+            lo = _foreach_extremes([vs[i] for i in at])[:, 0]
+            index = torch.tensor(at, device=v_hi.device)
+            v_hi = v_hi.index_copy(0, index, _second_moment_bound(lo, v_hi[index]))
+        return m[:, 0:1], m[:, 1:2], v_hi[:, None]
 
     def _moment_extremes_by_run(
-        self, ms: list[Tensor], vs: list[Tensor], runs: list[tuple[int, Tensor | None, Tensor | None]]
+        self, ms: list[Tensor], vs: list[Tensor], runs: list[tuple[int, Tensor | None, Tensor | None]], check: list[bool]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`_moment_extremes`, a run with its stacks from them and the others' blocks in one ``foreach`` set."""
         rest, start = [], 0
@@ -2551,7 +2608,7 @@ class KronOptimizer(torch.optim.Optimizer):
             if m_stack is None:
                 rest += range(start, start + count)
             start += count
-        apart = torch.cat(self._moment_extremes([ms[i] for i in rest], [vs[i] for i in rest]), dim=1) if rest else None
+        apart = torch.cat(self._moment_extremes([ms[i] for i in rest], [vs[i] for i in rest], [check[i] for i in rest]), dim=1) if rest else None
         pieces, taken = [], 0
         for count, m_stack, v_stack in runs:
             if not count:  # a bucket without small blocks
@@ -2561,7 +2618,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 taken += count
             else:
                 lo, hi = m_stack.flatten(1).aminmax(dim=1)
-                pieces.append(torch.stack([lo, hi, v_stack.flatten(1).amax(dim=1)], dim=1))  # type: ignore[union-attr]
+                v_lo, v_hi = v_stack.flatten(1).aminmax(dim=1)  # type: ignore[union-attr]
+                pieces.append(torch.stack([lo, hi, _second_moment_bound(v_lo, v_hi)], dim=1))
         table = torch.cat(pieces)
         return table[:, 0:1], table[:, 1:2], table[:, 2:3]
 
@@ -3661,6 +3719,40 @@ def _foreach_extremes(tensors: list[Tensor]) -> Tensor:
     smallest entry as the negated largest of the negated tensor): a few calls for many small tensors."""
     lo = torch.stack(torch._foreach_max(torch._foreach_neg(tensors))).neg_()
     return torch.stack([lo, torch.stack(torch._foreach_max(tensors))], dim=1)
+
+
+class _Seen:
+    """A tensor (held weakly) at the version counter it had when recorded: :meth:`holds` while it is that very tensor at
+    that version (nothing torch counts has written it since). A copy or a pickle of its holder gets ``None`` in its
+    place (a weak reference is neither copied nor pickled), so a copied optimizer reads again what it was for."""
+
+    __slots__ = ("ref", "version")
+
+    def __init__(self, t: Tensor, version: int, ref: "weakref.ref[Tensor] | None" = None) -> None:
+        self.ref, self.version = (weakref.ref(t) if ref is None else ref), version
+
+    @staticmethod
+    def of(t: Tensor, before: "_Seen | None") -> "_Seen | None":
+        """``t`` at its version now (``None`` for an inference tensor, which keeps no version counter); ``before``'s
+        weak reference kept where it is ``t``'s."""
+        version = _version(t)
+        if version is None:
+            return None
+        return _Seen(t, version, before.ref if before is not None and before.ref() is t else None)
+
+    def holds(self, t: Tensor) -> bool:
+        return self.version == _version(t) and self.ref() is t
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (type(None), ())
+
+
+def _second_moment_bound(v_lo: Tensor, v_hi: Tensor) -> Tensor:
+    """Each block's largest second moment from its smallest ``v_lo`` and largest ``v_hi`` entries, NaN where the
+    smallest is below 0 (or NaN): the proofs take ``v ≥ 0``, which the optimizer's own updates keep but an edit of
+    ``state[p]`` or a checkpoint may break (a square root of a negative entry, or of ``-inf``, is NaN), and NaN makes
+    them fail, so the block goes through the path that tests its result."""
+    return torch.where(v_lo >= 0, v_hi, torch.full_like(v_hi, math.nan))
 
 
 def _bounds(g_lo: float, g_hi: float, m_lo: float, m_hi: float, v_hi: float) -> tuple[float, float, float]:

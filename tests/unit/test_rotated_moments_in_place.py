@@ -266,3 +266,64 @@ def test_a_basis_spoilt_between_steps_is_read_again_and_never_steps_a_parameter_
     assert torch.equal(params[0], weights)
     after = _moments(opt, params)
     assert torch.equal(after[0][0], before[0][0]) and torch.equal(after[0][1], before[0][1])
+
+
+@pytest.mark.parametrize("shapes", [[(160, 130)], [(12, 7)], [(12, 7)] * 8], ids=["large", "small", "stack of 8"])
+@pytest.mark.parametrize("how", ["negative", "-inf"])
+def test_plain_adamw_never_steps_a_second_moment_below_zero_unchecked(shapes, how):
+    """The plain AdamW path's proofs take ``v ≥ 0`` too (found with the rotated one's): a second moment set below 0
+    by an edit, or a checkpoint's -inf, left ``max v`` finite, the block was proven and updated unchecked, and
+    ``sqrt(v')`` put NaN into the parameter. Now the reads take ``v``'s smallest entry as well (large blocks one by
+    one, small ones by ``foreach``, a stack of 8 small ones off the stack), and such a block is skipped."""
+    gen = torch.Generator().manual_seed(13)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = kronopt.build(params, "adamw", nonfinite="skip")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 0.01
+            opt.step()
+        v = opt.state[params[0]]["inner.exp_avg_sq"]
+        if how == "negative":
+            v.fill_(-1e3)
+        else:
+            v.view(-1)[0] = -math.inf
+        weights = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 0.01
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert torch.equal(params[0], weights[0])
+    assert all(not torch.equal(p, w) for p, w in zip(params[1:], weights[1:]))
+
+
+@pytest.mark.parametrize("preset", ["adamw", "soap"])
+def test_an_optimizer_with_its_records_of_unwritten_stacks_pickles_and_copies(preset):
+    """The records that spare reads (a plain AdamW bucket's second-moment stack as its last step left it, the bases'
+    norms, the carried bounds) hold weak references: ``torch.save`` and ``copy.deepcopy`` of a stepped optimizer work,
+    and the copies step as the original, bit for bit (they read again what the records were for)."""
+    import copy
+    import io
+
+    gen = torch.Generator().manual_seed(14)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(12, 7), (160, 130), (7,)]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = kronopt.build(params, preset)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 0.01
+            opt.step()
+        buffer = io.BytesIO()
+        torch.save((params, opt), buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        copied = copy.deepcopy((params, opt))
+        grads = [torch.randn(p.shape, generator=gen) * 0.01 for p in params]
+        for ps, o in ((params, opt), loaded, copied):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.step()
+    for ps, _ in (loaded, copied):
+        assert all(torch.equal(a, b) for a, b in zip(ps, params))
