@@ -1937,12 +1937,12 @@ class KronOptimizer(torch.optim.Optimizer):
         that call for it, :meth:`_step_small_buckets` makes it after the others): a rotated Adam call
         (:func:`compose.rotated_adam_due`) on a CPU, of a group not compiled, with no refresh due (a refresh step makes
         new moments: it rotates them), of at least ``_IN_PLACE_MIN`` moment entries."""
-        state = bucket.state
-        return (
-            _ROTATED_MOMENTS_IN_PLACE and bucket.blocks[0].device.type == "cpu" and not self._group_cfgs[bucket.group].compile
-            and compose.rotated_adam_due(cfg, bucket.layout, state, bucket.state_dtype)  # type: ignore[arg-type]
+        state, layout = bucket.state, bucket.layout
+        return (  # the cheapest tests first: on many small buckets this runs for each, each step
+            _ROTATED_MOMENTS_IN_PLACE and layout.batch * layout.m * layout.n >= _IN_PLACE_MIN
+            and bucket.blocks[0].device.type == "cpu" and not self._group_cfgs[bucket.group].compile
+            and compose.rotated_adam_due(cfg, layout, state, bucket.state_dtype)  # type: ignore[arg-type]
             and not cfg.refresh.due(state.step + 1, first_call=False)  # type: ignore[union-attr]
-            and bucket.layout.batch * bucket.layout.m * bucket.layout.n >= _IN_PLACE_MIN
         )
 
     def _run(self, bucket: _Bucket, cfg: KronConfig) -> "_Run":
