@@ -787,7 +787,7 @@ def rotated_adams(
         at = [i for i in range(len(calls)) if proven[i] == own]
         if not at:
             continue
-        directions = rotated_adam_directions([calls[i] for i in at], in_place=[own] * len(at))
+        directions = rotated_adam_directions([calls[i] for i in at], in_place=own)
         for i, (D, inner) in zip(at, directions):
             cfg, layout, state, G, _ = calls[i]
             counters = {"calls": state.calls + 1, "step": state.step + 1}
@@ -800,12 +800,12 @@ def rotated_adams(
 
 def rotated_adam_directions(
     calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
-    *, in_place: Sequence[bool] | None = None,
+    *, in_place: bool = False,
 ) -> list[tuple[Tensor, Any]]:
     """The ``adam`` inner rule's ``direction`` of each call of :func:`rotated_adams`, ``(D, new moments)``, the same
     bits: each bucket's rotations in its turn, the elementwise work of them all in one ``foreach`` call per
     operation, Adam setting and update (on a CPU each runs the very kernel on every tensor, without the Python around it).
-    ``in_place``: the calls whose moments are updated in their stacks (:func:`rotated_adams`)."""
+    ``in_place``: the moments of every call are updated in their stacks (:func:`rotated_adams`)."""
     from .inner_rules.adam import AdamState
 
     # a state stored in the compute dtype (rotated_adam_due) holds its basis exactly
@@ -819,15 +819,10 @@ def rotated_adam_directions(
     for (betas, eps, placement, bias_correction, t), at in settings.items():
         states = [calls[i][2] for i in at]
         m, v = [s.inner.exp_avg for s in states], [s.inner.exp_avg_sq for s in states]
-        own = [k for k, i in enumerate(at) if in_place is not None and in_place[i]]
-        if own:
-            linalg.adam_moments_each_([m[k] for k in own], [v[k] for k in own], [H[at[k]] for k in own], betas)
-        if len(own) < len(at):
-            taken = set(own)
-            new = [k for k in range(len(at)) if k not in taken]
-            made_m, made_v = linalg.adam_moments_each([m[k] for k in new], [v[k] for k in new], [H[at[k]] for k in new], betas)
-            for k, m_k, v_k in zip(new, made_m, made_v):
-                m[k], v[k] = m_k, v_k
+        if in_place:
+            linalg.adam_moments_each_(m, v, [H[i] for i in at], betas)
+        else:
+            m, v = linalg.adam_moments_each(m, v, [H[i] for i in at], betas)
         N, scale = linalg.adam_ratio_each(
             m, v, step=t, betas=betas, eps=eps, eps_placement=placement, bias_correction=bias_correction
         )
@@ -861,13 +856,13 @@ def rotated_adam_is_safe(
     entry of the direction :math:`s\,Q_L N Q_R^\top`, :math:`N = m' / (\sqrt{v'}/d + \epsilon)`, is at most its
     Frobenius norm, :math:`\|Q_L\|_2 \|N\|_F \|Q_R\|_2\,s \le \mathrm{spread}\,\sqrt{mn}\,a / \epsilon / c_1` (the
     scale :math:`s` is at most :math:`1/c_1`). Each, and :math:`h_{abs}^2`, kept under a quarter of the dtype's
-    largest value: room for every rounding on the way (:func:`adam_block_is_safe`'s margin)."""
-    eps, c1, big = adam_safety_terms(cfg, t, dtype)
-    finite = all(map(math.isfinite, (h_abs, m_abs, v_max, spread)))
-    if not (eps > 0 and c1 > 0 and finite):
+    largest value: room for every rounding on the way. :func:`adam_block_is_safe_of_terms`' test with ``h_abs`` for
+    the gradient's bound, and the direction's bound times ``spread · √(mn)`` (at least 1)."""
+    terms = adam_safety_terms(cfg, t, dtype)
+    if not adam_block_is_safe_of_terms(terms, h_abs, m_abs, v_max):  # the unrotated block's terms, h for |g|
         return False
-    a = max(m_abs, h_abs)
-    return h_abs < math.sqrt(big) and v_max + h_abs * h_abs < big and spread * math.sqrt(entries) * a / eps / c1 < big
+    eps, c1, big = terms
+    return math.isfinite(spread) and spread * math.sqrt(entries) * max(m_abs, h_abs) / eps / c1 < big
 
 
 def momentum_block_is_safe(dtype: torch.dtype, g_abs: float, buf_abs: float) -> bool:

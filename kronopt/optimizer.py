@@ -2020,7 +2020,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     v_lo, v_hi = v.flatten(1).aminmax(dim=1)
                     rows = torch.stack([m_lo, m_hi, v_lo, v_hi], dim=1).tolist()
                     ms = [max(-a, b) for a, b, _, _ in rows]
-                    vs = [d if c >= 0 else math.nan for _, _, c, d in rows]  # as _second_moment_bound: NaN fails it
+                    vs = [_second_moment_max(c, d) for _, _, c, d in rows]
                 if all(compose.rotated_adam_is_safe(cfg, t, m.dtype, entries, h, a, b, spread)
                        for h, a, b, (_, spread) in zip(H, ms, vs, bases)):
                     used.extend(zip(H, ms, vs))
@@ -2539,7 +2539,7 @@ class KronOptimizer(torch.optim.Optimizer):
         m_lo, m_hi = torch.aminmax(m)
         v_lo, v_hi = torch.aminmax(v)
         lo, hi, m0, m1, v0, v1 = torch.stack([g_lo, g_hi, m_lo, m_hi, v_lo, v_hi]).tolist()
-        return _bounds(lo, hi, m0, m1, v1 if v0 >= 0 else math.nan)
+        return _bounds(lo, hi, m0, m1, _second_moment_max(v0, v1))
 
     def _grad_extremes(self, grad: Tensor) -> tuple[Tensor, Tensor]:
         """The smallest and largest entries of a parameter's gradient: from :meth:`_all_finite` where it read them
@@ -3753,6 +3753,11 @@ def _second_moment_bound(v_lo: Tensor, v_hi: Tensor) -> Tensor:
     ``state[p]`` or a checkpoint may break (a square root of a negative entry, or of ``-inf``, is NaN), and NaN makes
     them fail, so the block goes through the path that tests its result."""
     return torch.where(v_lo >= 0, v_hi, torch.full_like(v_hi, math.nan))
+
+
+def _second_moment_max(v_lo: float, v_hi: float) -> float:
+    """:func:`_second_moment_bound` of one block read on the host: ``v_hi``, or NaN where ``v_lo`` is below 0 (or NaN)."""
+    return v_hi if v_lo >= 0 else math.nan
 
 
 def _bounds(g_lo: float, g_hi: float, m_lo: float, m_hi: float, v_hi: float) -> tuple[float, float, float]:
