@@ -19,6 +19,7 @@ import itertools
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -2805,9 +2806,10 @@ def accumulate_gram_left(
     :math:`\rho L + (1-\rho)/n \cdot G \hat R^{-1} G^\top`; as a Gram product the
     increment is PSD by construction.
 
-    ``defer`` (a list, :attr:`StepContext.defer`; ``X`` a symmetric PSD stack of the state): an
+    ``defer`` (a list, :attr:`StepContext.defer`; ``X`` a stack of the state): an
     update :func:`sym_product` computes by tiles, or densely on a side of at least ``_DEFER_DENSE_MIN``, and
-    that :func:`gram_update_finite` proves finite on every block, is not computed now but appended there as a
+    that :func:`gram_update_finite` proves finite on every block (from the bound on its entries the last such write
+    left, or from ``X``'s entries read), is not computed now but appended there as a
     :class:`DeferredWrite` into ``X`` itself, and ``X`` is returned unchanged: the tiled form is made in ``X``'s
     memory, the dense one's sum with its transpose written there (the same bits either way). Any other update is
     computed as without it. (A factor update left whole to the write also lets the rotated Adam moments of its
@@ -2816,17 +2818,20 @@ def accumulate_gram_left(
     _check_batched("A", A)
     _check_batched_square("X", X)
     tiled = _tiled(X, A)
-    if (
-        defer is not None and (tiled or X.shape[-1] >= _DEFER_DENSE_MIN) and X.dtype == A.dtype and isinstance(beta, float)
-        and cpu_all(gram_update_finite(X, A, beta, alpha))
-    ):
-        if tiled:
-            defer.append(DeferredWrite(target=X, into=lambda out: _tiled_sym_product(X, A, A, beta, alpha, out=out)))
-        else:  # _dense_sym_product's sum with its transpose written into out (X read whole before it)
-            defer.append(DeferredWrite(
-                target=X, into=lambda out: sym_sum(_weighted_product(X, A, A, beta * 0.5, alpha * 0.5), out=out)
-            ))
-        return X
+    if defer is not None and (tiled or X.shape[-1] >= _DEFER_DENSE_MIN) and X.dtype == A.dtype and isinstance(beta, float):
+        bound = gram_update_bound(X, A, beta, alpha)
+        if cpu_all(gram_update_finite(X, A, beta, alpha, bound=bound)):
+
+            def into(out: Tensor) -> None:
+                if tiled:
+                    _tiled_sym_product(X, A, A, beta, alpha, out=out)
+                else:  # _dense_sym_product's sum with its transpose written into out (X read whole before it)
+                    sym_sum(_weighted_product(X, A, A, beta * 0.5, alpha * 0.5), out=out)
+                if out is X:  # the next step's proof takes this bound on X's entries instead of reading them
+                    _ENTRY_BOUNDS.put(X, bound)
+
+            defer.append(DeferredWrite(target=X, into=into))
+            return X
     return sym_product(X, A, A, beta=beta, alpha=alpha)
 
 
@@ -2972,30 +2977,83 @@ class DeferredWrite:
     into: Callable[[Tensor], Any]
 
 
-#: a Gram update is proven finite while its new diagonal stays below this share of the dtype's largest
-#: number: every entry is then at most twice the largest diagonal entry, and a symmetrised tile's sum of
-#: two entries stays finite too
+#: a Gram update is proven finite while the bound on its new entries (:func:`gram_update_bound`) stays below this
+#: share of the dtype's largest number: a symmetrised entry's sum of two halves stays finite too
 _GRAM_DIAGONAL_SHARE = 1 / 8
 
 
-def gram_update_finite(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
-    r"""``(b)``: whether :math:`\beta X + \alpha A A^\top` is finite, read from a bound on its diagonal.
+def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+    r"""``(b)``: a bound on every entry of :math:`\beta X + \alpha A A^\top` as :func:`sym_product` makes it.
 
-    For a symmetric PSD ``X`` every entry is at most its largest diagonal entry in magnitude
-    (:math:`|X_{ij}| \le \sqrt{X_{ii} X_{jj}}`), and so is every entry of :math:`A A^\top`. So with
-    ``X`` and ``A`` finite, every entry of the new value is at most
-    :math:`|\beta| \max_i |X_{ii}| + |\alpha| \max_i \|a_i\|^2 \le |\beta| \max_i |X_{ii}| + |\alpha| \|A\|_F^2`,
-    and a symmetrised entry (the mean of two such) too: the value is finite when that bound stays below
-    ``_GRAM_DIAGONAL_SHARE`` of the dtype's largest number. True proves the value finite; False proves
-    nothing (a block between that share and overflow, or with NaN or inf in ``A`` or on ``X``'s
-    diagonal). One read of ``A``, in its memory order whatever its strides (the rows' own norms
-    read a transposed operand 3 times slower, through a temporary), where reading the new value
-    costs ``m²``.
-    """
-    diagonal = torch.diagonal(X, dim1=-2, dim2=-1).abs().amax(dim=-1) * abs(beta)
-    energy = torch.linalg.vector_norm(A, dim=(-2, -1)).square() * abs(alpha)
-    bound = torch.finfo(diagonal.dtype).max * _GRAM_DIAGONAL_SHARE
-    return diagonal + energy <= bound
+    Every entry of :math:`A A^\top` is at most :math:`\|A\|_F^2` in magnitude (:math:`|a_i \cdot a_j| \le
+    \|a_i\|\|a_j\|`), so the new value's entries are at most :math:`|\beta| \max|X| + |\alpha| \|A\|_F^2`, raised
+    here by ``k + 8`` units of the dtype's rounding (``k`` the inner side: the product's sums and the symmetrisation's
+    steps). ``max |X|`` is the bound this function gave for the update that wrote ``X``, where that write went into
+    ``X`` itself and nothing has written it since (:data:`_ENTRY_BOUNDS`: the same tensor at the version counter the
+    write left); otherwise it is read, one pass over ``X``. A stack's diagonal alone does not bound it: a factor
+    loaded from a checkpoint or edited need not be PSD, and a NaN or an infinity off its diagonal would pass
+    unseen into the deferred write (the optimizer's guard would have refused it in the step). NaN in ``X`` or
+    ``A`` gives NaN, which no test below a limit passes. One read of ``A``, in its memory order whatever its strides
+    (the rows' own norms read a transposed operand 3 times slower, through a temporary)."""
+    b = X.shape[0]
+    entries = _ENTRY_BOUNDS.get(X)
+    if entries is None:
+        if X.numel() == 0:
+            entries = X.new_zeros(b)
+        else:
+            lo, hi = torch.aminmax(X.reshape(b, -1), dim=-1)  # NaN propagates into both
+            entries = torch.maximum(hi, -lo)
+    energy = torch.linalg.vector_norm(A, dim=(-2, -1)).square()
+    slack = 1.0 + (A.shape[-1] + 8) * torch.finfo(energy.dtype).eps
+    return (entries * abs(beta) + energy * abs(alpha)) * slack
+
+
+def gram_update_finite(X: Tensor, A: Tensor, beta: float, alpha: float, *, bound: Tensor | None = None) -> Tensor:
+    r"""``(b)``: whether :math:`\beta X + \alpha A A^\top` is proven finite: its entries' bound
+    (:func:`gram_update_bound`, or ``bound`` where the caller made it) below ``_GRAM_DIAGONAL_SHARE`` of the
+    dtype's largest number. True proves the value finite; False proves nothing (a block between that share and
+    overflow, or with NaN or inf in ``A`` or ``X``)."""
+    bound = gram_update_bound(X, A, beta, alpha) if bound is None else bound
+    return bound <= torch.finfo(bound.dtype).max * _GRAM_DIAGONAL_SHARE
+
+
+class _EntryBounds:
+    """Bounds ``(b)`` on the largest entry of state stacks, each kept from the deferred Gram update that wrote the
+    stack in place (:func:`accumulate_gram_left`), with the stack (held weakly) and the version counter the write
+    left it at. :meth:`get` gives a bound only for that very tensor at that version: after a load, an edit, the
+    optimizer's copy of an update made in the step (a refresh step's), for a copy of the stack, another tensor at
+    its address, or an inference tensor (no version counter), the caller reads the entries again. A write that torch
+    does not count (through ``.data``) is not seen, as with the optimizer's other carried bounds."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple["weakref.ref[Tensor]", int, Tensor]] = {}
+
+    def get(self, X: Tensor) -> Tensor | None:
+        held = self._held.get(id(X))
+        if held is None or held[0]() is not X or held[1] != _version_or_none(X):
+            return None
+        return held[2]
+
+    def put(self, X: Tensor, bound: Tensor) -> None:
+        version = _version_or_none(X)
+        if version is None:
+            return
+        key, held = id(X), self._held
+
+        def gone(ref: "weakref.ref[Tensor]") -> None:  # the stack freed: its entry goes (not a newer one at its id)
+            if held.get(key, (None,))[0] is ref:
+                held.pop(key, None)
+
+        held[key] = (weakref.ref(X, gone), version, bound)
+
+
+def _version_or_none(t: Tensor) -> int | None:
+    """``t``'s version counter, ``None`` for an inference tensor (which keeps none)."""
+    return None if t.is_inference() else t._version
+
+
+#: the entries' bounds of the stacks the deferred Gram updates wrote (:func:`gram_update_bound`)
+_ENTRY_BOUNDS = _EntryBounds()
 
 
 def kl_clamp_value(d: int, max_clamp: float) -> float:

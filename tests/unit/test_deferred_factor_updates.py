@@ -5,7 +5,7 @@ On a CPU, a tiled Gram update of a factor that nothing later in the call reads i
 optimizer's state write, which computes it into the factor's stack in place once it knows the
 written blocks. Each test runs the same steps both ways (``optimizer._DEFER_FACTOR_UPDATES``) and
 finds the same parameters and state bit for bit: every block written, a block skipped for a NaN
-gradient (the masked path), a block whose factor would overflow (predicted from the diagonal).
+gradient (the masked path), a block whose factor would overflow (predicted from a bound on its entries, ``linalg.gram_update_bound``).
 """
 
 import math
@@ -114,7 +114,7 @@ def test_in_place_tiled_product_is_the_fresh_ones_bits(in_place, monkeypatch):
 
 @settings(max_examples=40, deadline=None)
 @given(scale=st.floats(min_value=-30.0, max_value=25.0), x_scale=st.floats(min_value=-30.0, max_value=38.0), seed=st.integers(0, 2**16))
-def test_gram_update_finite_from_the_diagonal(scale, x_scale, seed):
+def test_gram_update_finite_proves_the_new_value_finite(scale, x_scale, seed):
     """Proven finite ⇒ the new value is finite everywhere (and its diagonal below the share)."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(2, 12, 5, generator=g) * 10.0**scale
@@ -163,8 +163,8 @@ def test_a_block_not_proven_finite_keeps_the_update_in_the_step(monkeypatch):
     and judged by the guard as before (the same bits), and nothing of that bucket is deferred."""
     real = linalg.gram_update_finite
 
-    def second_block_unproven(X, A, beta, alpha):
-        flags = real(X, A, beta, alpha)
+    def second_block_unproven(X, A, beta, alpha, **kw):
+        flags = real(X, A, beta, alpha, **kw)
         return flags & torch.tensor([True, False]) if X.shape[0] == 2 else flags
 
     monkeypatch.setattr(linalg, "gram_update_finite", second_block_unproven)
