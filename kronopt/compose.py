@@ -1506,9 +1506,8 @@ def _write_all_(
         else:
             torch._foreach_copy_([o for o, _ in writes], [n for _, n in writes])
     else:
-        weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         for o, n in writes:
-            masked_write_(o, n, ok, weights, all_ok=False)  # the verdict is read once, above
+            masked_write_(o, n, ok, all_ok=False)  # the verdict is read once, above
 
 
 def run_deferred_(deferred: Sequence[linalg.DeferredWrite], ok: Tensor, *, all_ok: bool | None = None) -> None:
@@ -1524,11 +1523,10 @@ def run_deferred_(deferred: Sequence[linalg.DeferredWrite], ok: Tensor, *, all_o
         for d in deferred:
             d.into(d.target)
         return
-    weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
     for d in deferred:
         new = torch.empty_like(d.target)
         d.into(new)
-        masked_write_(d.target, new, ok, weights, all_ok=False)
+        masked_write_(d.target, new, ok, all_ok=False)
 
 
 _INIT_NAMES: dict[type, tuple[tuple[str, str | None], ...] | None] = {}
@@ -1576,42 +1574,30 @@ def _tensor_pairs(new: Any, old: Any, out: list[tuple[Tensor, Any]] | None = Non
     return out
 
 
-#: below this many entries per block a masked write is one ``torch.where`` (fewer launches)
+#: below this many entries per block a masked write on a CPU is one ``torch.where`` (fewer calls than a copy a block)
 _BLEND_MIN = 4096
 
 
-def masked_write_(
-    old: Tensor, new: Tensor, ok: Tensor, weights: dict[torch.dtype, tuple[Tensor, Tensor]] | None = None,
-    *, all_ok: bool | None = None,
-) -> None:
-    """``old[i] ← new[i]`` where ``ok[i]``, in place; blocks where ``ok`` is False keep ``old`` exactly.
+def masked_write_(old: Tensor, new: Tensor, ok: Tensor, *, all_ok: bool | None = None) -> None:
+    """``old[i] ← new[i]`` where ``ok[i]``, in place; blocks where ``ok`` is False keep ``old`` exactly, the others take
+    ``new``'s bits whatever ``old`` held there.
 
-    For large floating blocks this is the blend ``old·(1−w) + sanitize(new)·w`` with a per-block
-    ``w ∈ {0, 1}``: exact (a product by 1 or 0, a sum with 0), and on CPU several times faster
-    than ``torch.where``, whose kernel is not vectorized. It needs ``old`` finite, which every
-    stack is (the optimizer never writes a non-finite block), and zeroes the non-finite entries
-    of ``new`` in place first (they lie in blocks where ``ok`` is False). Other tensors take
-    ``torch.where(..., out=old)``. ``weights`` caches ``(1−w, w)`` per dtype across calls.
-
-    On a CPU, where reading the verdict on the host waits for nothing, a large write with
-    every block ``ok`` (nearly every step) is one plain copy instead: the blend's three passes
-    over ``old`` and ``new`` cost about twice as much, and the whole state is written every step.
-    The same values; only the sign of a zero can differ (the copy keeps a ``-0.0`` of ``new``,
-    which the blend turns into ``+0.0`` where ``old ≥ 0``). ``all_ok``, when given, is that
-    verdict already read (:func:`kronopt.linalg.cpu_all`), so a caller writing many tensors reads it once.
+    On a CPU, where reading the verdict on the host waits for nothing, a write of large floating blocks with every
+    block ``ok`` (nearly every step) is one plain copy, and with some blocks refused, a copy of each written block
+    (torch's ``where`` kernel is not vectorised there: several times slower). ``all_ok``, when given, is that verdict
+    already read (:func:`kronopt.linalg.cpu_all`), so a caller writing many tensors reads it once. Elsewhere (a
+    device, whose verdicts stay there; small blocks; integer state) one ``torch.where(..., out=old)``. A blend
+    ``old·(1−w) + new·w``, which this was on those paths until the sixty-seventh session, keeps a NaN or an
+    infinity of ``old`` in a written block (``0 · inf`` is NaN): a stack loaded from a checkpoint or edited may hold
+    one, which the block's new value replaces on every path now.
     """
     shape = (-1, *([1] * (old.ndim - 1)))
-    if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLEND_MIN:
+    if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLEND_MIN or not linalg.host_verdicts(ok):
         torch.where(ok.view(shape), new, old, out=old)
         return
-    if old.device.type == "cpu" and (linalg.cpu_all(ok) if all_ok is None else all_ok):
+    if all_ok if all_ok is not None else bool(ok.all()):
         old.copy_(new)
         return
-    if weights is None:
-        weights = {}
-    if old.dtype not in weights:
-        w = ok.to(old.dtype)
-        weights[old.dtype] = (1 - w, w)
-    keep, take = weights[old.dtype]
-    new.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    old.mul_(keep.view(shape)).addcmul_(new, take.view(shape))
+    for i, written in enumerate(ok.tolist()):
+        if written:
+            old[i].copy_(new[i])

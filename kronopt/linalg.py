@@ -2499,7 +2499,7 @@ def _ksl(
     else:
         scale_L, scale_R = inv_K * root / sigma, (root * sigma).clamp(min=tiny).reciprocal()
         finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())
-    if defer is None or not finite:
+    if defer is None or not finite or not (L.is_contiguous() and R.is_contiguous()):
         return _scaled(K, scale_L), _scaled(R_hat, scale_R)
     defer.append(DeferredWrite(target=L, into=lambda out: _scaled(K, scale_L, out=out)))
     defer.append(DeferredWrite(target=R, into=lambda out: _scaled(R_hat, scale_R, out=out)))
@@ -2818,7 +2818,10 @@ def accumulate_gram_left(
     _check_batched("A", A)
     _check_batched_square("X", X)
     tiled = _tiled(X, A)
-    if defer is not None and (tiled or X.shape[-1] >= _DEFER_DENSE_MIN) and X.dtype == A.dtype and isinstance(beta, float):
+    if (
+        defer is not None and (tiled or X.shape[-1] >= _DEFER_DENSE_MIN) and X.dtype == A.dtype and isinstance(beta, float)
+        and X.is_contiguous()  # products into a stack of another layout round by it: the step's update goes row-major
+    ):
         bound = gram_update_bound(X, A, beta, alpha)
         if cpu_all(gram_update_finite(X, A, beta, alpha, bound=bound)):
 

@@ -2239,9 +2239,8 @@ class KronOptimizer(torch.optim.Optimizer):
         write = ok if step_ok is None else ok & step_ok
         for post_, params, D_, lr, weight_decay, write_ in self._by_rates(cfg.post, bucket, bucket.params, D, write):
             post_.apply_(params, D_, lr=lr, weight_decay=weight_decay, ok=write_)
-        weights: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
-        compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write, weights)  # type: ignore[union-attr]
-        compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write, weights)  # type: ignore[union-attr]
+        compose.masked_write_(old.inner.exp_avg, new.inner.exp_avg, write)  # type: ignore[union-attr]
+        compose.masked_write_(old.inner.exp_avg_sq, new.inner.exp_avg_sq, write)  # type: ignore[union-attr]
         report = self._count_plain(bucket, ok, step_ok)
         if report is not None:
             self._pending.append(report)

@@ -274,12 +274,19 @@ def _joined(state: SubspaceMomentumState, basis: BasisState) -> Tensor:
 
 
 def _resplit(state: SubspaceMomentumState, old: BasisState, new: BasisState) -> SubspaceMomentumState:
-    """The momentum rebuilt from its parts against the old subspace and split against the new one."""
+    """The momentum rebuilt from its parts against the old subspace and split against the new one. A block whose
+    subspace the refresh left exactly as it was (where it failed and kept the old basis) keeps its parts as they
+    are, on every path: a split against the same subspace would move them by rounding, and the old basis comes
+    back as the very tensor only where the verdicts are read on the host and every block kept it."""
     left = _left(state)
     U_old, U_new = (old.Q_L, new.Q_L) if left else (old.Q_R, new.Q_R)
     if U_new is U_old:
         return state
-    return SubspaceMomentumState(*linalg.subspace_split(_joined(state, old), U_new, left=left))  # type: ignore[arg-type]
+    coords, complement = linalg.subspace_split(_joined(state, old), U_new, left=left)  # type: ignore[arg-type]
+    kept = (U_new == U_old).flatten(1).all(1)  # type: ignore[operator]
+    return SubspaceMomentumState(
+        linalg.select_blocks(kept, state.momentum_coords, coords), linalg.select_blocks(kept, state.momentum_complement, complement)
+    )
 
 
 def _rotated(X: Tensor, ctx: StepContext) -> Tensor:

@@ -68,7 +68,7 @@ CPU_ONLY = [
 
 #: every function of the library that branches on a tensor's device or the processor, and what covers it
 DEVICE_BRANCHES = {
-    "compose.py": {"_write_all_", "masked_write_"},  # _CPU_HOST_VERDICTS (cpu_all)
+    "compose.py": {"_write_all_"},  # _CPU_HOST_VERDICTS (cpu_all; masked_write_ asks host_verdicts itself)
     "linalg.py": {
         "_sym_blocked",  # _SYM_BLOCKED_MIN
         "_tiled",  # _GRAM_TILED_MIN

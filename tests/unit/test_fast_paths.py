@@ -3,6 +3,8 @@
 Each is checked against the plain formula it replaces, bit for bit where the docstring promises it.
 """
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,19 +16,26 @@ from tests.torch_compat import assert_block_as_alone
 NONFINITE = [float("nan"), float("inf"), -float("inf")]
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 80, 64)])  # the torch.where path and the 0/1 blend (≥ 4096 per block)
+@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 80, 64)])  # the torch.where path and the copies a block (≥ 4096 per block)
 @pytest.mark.parametrize("bad", NONFINITE)
-def test_masked_write_keeps_masked_blocks_bit_for_bit_and_writes_the_others(shape, bad):
+@pytest.mark.parametrize("host", [True, False])  # the CPU's path, and the device path (torch.where)
+def test_masked_write_keeps_masked_blocks_bit_for_bit_and_writes_the_others(shape, bad, host, monkeypatch):
     gen = torch.Generator().manual_seed(0)
-    old = torch.randn(shape, generator=gen) * 1e30  # large but finite: the blend must not overflow
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+    old = torch.randn(shape, generator=gen) * 1e30
     new = torch.randn(shape, generator=gen) * 1e-30
     new[1, 0, 0] = bad  # a block the caller masks off because its new value is not finite
+    old[0, 1, 2] = bad  # a written block's old value, as a loaded or edited stack may hold: replaced whole
+    old[3, 2, 1] = bad  # a kept block's: kept as it is
+    new[0, 2, 0] = -0.0  # a written block takes its new value's bits, the sign of a zero included
     ok = torch.tensor([True, False, True, False])
     before, expected_new = old.clone(), new.clone()
     view = old[2]  # a per-parameter view must see the write
     compose.masked_write_(old, new, ok)
     assert torch.equal(old[0], expected_new[0]) and torch.equal(old[2], expected_new[2])
-    assert torch.equal(old[1], before[1]) and torch.equal(old[3], before[3])
+    assert torch.equal(old[1], before[1])
+    torch.testing.assert_close(old[3], before[3], rtol=0, atol=0, equal_nan=True)  # its NaN, inf or -inf kept
+    assert old[0, 2, 0].item() == 0.0 and math.copysign(1.0, old[0, 2, 0].item()) == -1.0
     assert torch.equal(view, expected_new[2])
 
 
@@ -71,11 +80,12 @@ class _Calls(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("ok", [[True] * 4, [True, False, True, True]])
-def test_masked_write_on_cpu_is_one_copy_when_every_block_is_ok_and_a_blend_otherwise(ok):
+def test_masked_write_on_cpu_is_one_copy_when_every_block_is_ok_and_a_copy_a_written_block_otherwise(ok):
     old, new = torch.zeros(4, 80, 64), torch.ones(4, 80, 64)
     with _Writes() as writes:
         compose.masked_write_(old, new, torch.tensor(ok))
-    assert writes.names == (["copy_.default"] if all(ok) else ["nan_to_num_.default", "mul_.Tensor", "addcmul_.default"])
+    assert writes.names == ["copy_.default"] * (1 if all(ok) else sum(ok))
+    assert old.tolist() == [new[i].tolist() if w else torch.zeros(80, 64).tolist() for i, w in enumerate(ok)]
 
 
 def test_masked_write_of_integer_state_selects_blocks():
