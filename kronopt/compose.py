@@ -1575,7 +1575,7 @@ def _tensor_pairs(new: Any, old: Any, out: list[tuple[Tensor, Any]] | None = Non
 
 
 #: below this many entries per block a masked write on a CPU is one ``torch.where`` (fewer calls than a copy a block)
-_BLEND_MIN = 4096
+_BLOCK_COPIES_MIN = 4096
 
 
 def masked_write_(old: Tensor, new: Tensor, ok: Tensor, *, all_ok: bool | None = None) -> None:
@@ -1592,7 +1592,7 @@ def masked_write_(old: Tensor, new: Tensor, ok: Tensor, *, all_ok: bool | None =
     one, which the block's new value replaces on every path now.
     """
     shape = (-1, *([1] * (old.ndim - 1)))
-    if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLEND_MIN or not linalg.host_verdicts(ok):
+    if not old.is_floating_point() or old.ndim < 2 or old[0].numel() < _BLOCK_COPIES_MIN or not linalg.host_verdicts(ok):
         torch.where(ok.view(shape), new, old, out=old)
         return
     if all_ok if all_ok is not None else bool(ok.all()):

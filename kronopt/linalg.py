@@ -2982,7 +2982,7 @@ class DeferredWrite:
 
 #: a Gram update is proven finite while the bound on its new entries (:func:`gram_update_bound`) stays below this
 #: share of the dtype's largest number: a symmetrised entry's sum of two halves stays finite too
-_GRAM_DIAGONAL_SHARE = 1 / 8
+_GRAM_ENTRY_SHARE = 1 / 8
 
 
 def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
@@ -3013,11 +3013,11 @@ def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor
 
 def gram_update_finite(X: Tensor, A: Tensor, beta: float, alpha: float, *, bound: Tensor | None = None) -> Tensor:
     r"""``(b)``: whether :math:`\beta X + \alpha A A^\top` is proven finite: its entries' bound
-    (:func:`gram_update_bound`, or ``bound`` where the caller made it) below ``_GRAM_DIAGONAL_SHARE`` of the
+    (:func:`gram_update_bound`, or ``bound`` where the caller made it) below ``_GRAM_ENTRY_SHARE`` of the
     dtype's largest number. True proves the value finite; False proves nothing (a block between that share and
     overflow, or with NaN or inf in ``A`` or ``X``)."""
     bound = gram_update_bound(X, A, beta, alpha) if bound is None else bound
-    return bound <= torch.finfo(bound.dtype).max * _GRAM_DIAGONAL_SHARE
+    return bound <= torch.finfo(bound.dtype).max * _GRAM_ENTRY_SHARE
 
 
 class _EntryBounds:

@@ -14,8 +14,8 @@ tensor of one parameter set to NaN, ±inf, 1e38 or -1e30 (a second moment below 
 PSD), off or on the diagonal, loaded into a new optimizer and stepped 4 more times with the same seeded
 gradients, once with every fast path on (as shipped) and once with each switch below off. Every parameter
 must be finite after every step, and the two runs must agree bit for bit: the parameters after each step and
-every entry of ``state[p]`` (NaN where NaN; ``assert_close`` compares values, so the sign of a zero, which the
-docs allow a plain copy and a masked blend to differ in, is not compared). The keys are read from the state
+every entry of ``state[p]`` (NaN where NaN; ``assert_close`` compares values, so the sign of a zero is not
+compared). The keys are read from the state
 dict itself; every key of the tiled bucket's first block (0), of the densely deferred block (2), of the small
 block (3) and of the vector (4) is taken, each with the next (value, position) of the ten in turn (two for
 blocks 0 and 2, where the proofs run), so that the matrix stays small and deterministic. A few keys are also
@@ -379,10 +379,12 @@ def test_the_compared_fast_paths_are_taken():
 # -- minimal reproductions of the defects found ---------------------------------------------------------------
 
 
-def test_masked_write_gives_a_written_block_its_new_value_whatever_its_old_one_held():
+@pytest.mark.parametrize("host", [True, False])  # a copy a written block (the CPU's), torch.where (a device's)
+def test_masked_write_gives_a_written_block_its_new_value_whatever_its_old_one_held(host, monkeypatch):
     """``masked_write_`` on a stack with a NaN (as loaded) in the block it writes, the other block kept: the written
-    block must take the new value (a plain copy, ``torch.where`` and a block under ``_BLEND_MIN`` entries do)."""
-    old = torch.zeros(2, 64, 64)  # 4096 entries a block: the blend
+    block takes the new value (the 0/1 blend this was kept the NaN: ``0 · NaN`` is NaN)."""
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+    old = torch.zeros(2, 64, 64)  # 4096 entries a block: not the small blocks' torch.where
     old[0, 3, 7] = math.nan
     new = torch.ones(2, 64, 64)
     compose.masked_write_(old, new, torch.tensor([True, False]))
@@ -432,8 +434,8 @@ def _assert_same_small(a, b):
 
 def test_shampoo_basis_loaded_with_nan_steps_alike_on_the_device_path():
     """One 72 × 8 block, shampoo, a NaN in its left basis: the step skips the block until the refresh (step 6)
-    makes a new basis by ``eigh``; the CPU's plain copy writes it and the block steps again, the device path's
-    blend keeps the NaN and skips the block at steps 7 and 8 as well."""
+    makes a new basis by ``eigh``, which the write must give the block whole on the device path as the CPU's plain
+    copy does (the blend this was kept the NaN and skipped the block at steps 7 and 8 as well)."""
 
     def change(state):
         state[0]["basis.Q_L"][3, 7] = math.nan
@@ -446,8 +448,8 @@ def test_shampoo_basis_loaded_with_nan_steps_alike_on_the_device_path():
 
 def test_a_block_with_a_nan_loaded_in_its_basis_steps_as_beside_a_clean_neighbour():
     """On the CPU, no switch: two 72 × 8 blocks in one shampoo bucket, a NaN in the first's basis. Whether the
-    second block is skipped (a NaN in its momentum) must not change the first's steps; it does, since the
-    refresh step's write is then the blend, not the plain copy."""
+    second block is skipped (a NaN in its momentum) must not change the first's steps (it did while the refresh
+    step's write was then the blend, not the plain copy)."""
 
     def first(state):
         state[0]["basis.Q_L"][3, 7] = math.nan
