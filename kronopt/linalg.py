@@ -3029,30 +3029,57 @@ class _EntryBounds:
     does not count (through ``.data``) is not seen, as with the optimizer's other carried bounds."""
 
     def __init__(self) -> None:
-        self._held: dict[int, tuple["weakref.ref[Tensor]", int, Tensor]] = {}
+        self._held: dict[int, tuple["_Seen", Tensor]] = {}
 
     def get(self, X: Tensor) -> Tensor | None:
         held = self._held.get(id(X))
-        if held is None or held[0]() is not X or held[1] != _version_or_none(X):
-            return None
-        return held[2]
+        return held[1] if held is not None and held[0].holds(X) else None
 
     def put(self, X: Tensor, bound: Tensor) -> None:
-        version = _version_or_none(X)
+        version = _version(X)
         if version is None:
             return
         key, held = id(X), self._held
 
         def gone(ref: "weakref.ref[Tensor]") -> None:  # the stack freed: its entry goes (not a newer one at its id)
-            if held.get(key, (None,))[0] is ref:
+            if key in held and held[key][0].ref is ref:
                 held.pop(key, None)
 
-        held[key] = (weakref.ref(X, gone), version, bound)
+        held[key] = (_Seen(X, version, weakref.ref(X, gone)), bound)
 
 
-def _version_or_none(t: Tensor) -> int | None:
-    """``t``'s version counter, ``None`` for an inference tensor (which keeps none)."""
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter (how many in-place changes it has seen); ``None`` for an inference tensor, which
+    keeps none (a gradient made under ``torch.inference_mode()``): such a tensor may only change in place inside
+    that mode, not between a step's check of its gradients and their use."""
     return None if t.is_inference() else t._version
+
+
+
+class _Seen:
+    """A tensor (held weakly) at the version counter it had when recorded: :meth:`holds` while it is that very tensor at
+    that version (nothing torch counts has written it since). A copy or a pickle of its holder gets ``None`` in its
+    place (a weak reference is neither copied nor pickled), so a copied optimizer reads again what it was for."""
+
+    __slots__ = ("ref", "version")
+
+    def __init__(self, t: Tensor, version: int, ref: "weakref.ref[Tensor] | None" = None) -> None:
+        self.ref, self.version = (weakref.ref(t) if ref is None else ref), version
+
+    @staticmethod
+    def of(t: Tensor, before: "_Seen | None") -> "_Seen | None":
+        """``t`` at its version now (``None`` for an inference tensor, which keeps no version counter); ``before``'s
+        weak reference kept where it is ``t``'s."""
+        version = _version(t)
+        if version is None:
+            return None
+        return _Seen(t, version, before.ref if before is not None and before.ref() is t else None)
+
+    def holds(self, t: Tensor) -> bool:
+        return self.version == _version(t) and self.ref() is t
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (type(None), ())
 
 
 #: the entries' bounds of the stacks the deferred Gram updates wrote (:func:`gram_update_bound`)

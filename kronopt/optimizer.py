@@ -36,6 +36,8 @@ from .refresh import Staggered
 from .types import Layout, capabilities
 from .validators import one_cpu_number, real_number
 
+_version, _Seen = linalg._version, linalg._Seen  # a tensor's version counter, and a record of it (linalg)
+
 #: param-group keys that are not config overrides
 _RESERVED = ("params", "param_names", "pipeline", "overrides", "initial_lr", "name")
 
@@ -3640,13 +3642,6 @@ def _overlapping(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> bool:
     return False
 
 
-def _version(t: Tensor) -> int | None:
-    """``t``'s version counter (how many in-place changes it has seen); ``None`` for an inference tensor, which
-    keeps none (a gradient made under ``torch.inference_mode()``): such a tensor may only change in place inside
-    that mode, not between a step's check of its gradients and their use."""
-    return None if t.is_inference() else t._version
-
-
 def _used(flags: Tensor, step_ok: Tensor | None) -> Tensor:
     """The blocks whose gradient a call used: finite (``flags``) in a step not skipped whole."""
     return flags if step_ok is None else flags & step_ok.to(flags.device)
@@ -3720,30 +3715,6 @@ def _foreach_extremes(tensors: list[Tensor]) -> Tensor:
     return torch.stack([lo, torch.stack(torch._foreach_max(tensors))], dim=1)
 
 
-class _Seen:
-    """A tensor (held weakly) at the version counter it had when recorded: :meth:`holds` while it is that very tensor at
-    that version (nothing torch counts has written it since). A copy or a pickle of its holder gets ``None`` in its
-    place (a weak reference is neither copied nor pickled), so a copied optimizer reads again what it was for."""
-
-    __slots__ = ("ref", "version")
-
-    def __init__(self, t: Tensor, version: int, ref: "weakref.ref[Tensor] | None" = None) -> None:
-        self.ref, self.version = (weakref.ref(t) if ref is None else ref), version
-
-    @staticmethod
-    def of(t: Tensor, before: "_Seen | None") -> "_Seen | None":
-        """``t`` at its version now (``None`` for an inference tensor, which keeps no version counter); ``before``'s
-        weak reference kept where it is ``t``'s."""
-        version = _version(t)
-        if version is None:
-            return None
-        return _Seen(t, version, before.ref if before is not None and before.ref() is t else None)
-
-    def holds(self, t: Tensor) -> bool:
-        return self.version == _version(t) and self.ref() is t
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        return (type(None), ())
 
 
 def _second_moment_bound(v_lo: Tensor, v_hi: Tensor) -> Tensor:
