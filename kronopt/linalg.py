@@ -174,9 +174,11 @@ def gram_right(G: Tensor) -> Tensor:
     return sym(G.mT @ G)
 
 
-#: on CPU, a Gram update of at least this side is computed by tiles of ``_GRAM_TILE``, lower triangle only
+#: on CPU, a Gram update of at least this side is computed by tiles of :func:`_gram_tile`, lower triangle only
 _GRAM_TILED_MIN = 512
-_GRAM_TILE = 256
+#: the side of those tiles (and of :func:`split_sandwich`'s and the held factors', :class:`LowerTiles`); ``None``: the
+#: processor's choice (:func:`_gram_tile`)
+_GRAM_TILE: int | None = None
 
 
 _CPUINFO = "/proc/cpuinfo"
@@ -215,6 +217,24 @@ def _processor() -> _Processor:
         fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split()), int(family) if family.isdigit() else 0,
         fields.get("model name", ""),
     )
+
+
+def _gram_tile() -> int:
+    """The side of the tiles of :func:`sym_product`, :func:`split_sandwich` and :class:`LowerTiles`: ``_GRAM_TILE``
+    where set, else 192 on a processor whose products run in MKL and that is not AMD's, 256 on the others. A
+    smaller tile spends fewer multiply-adds on the diagonal's tiles (made whole: ``t(t+1)/2`` of ``t²`` tile
+    products, 10 of 16 on a side of 768 by 192 against 6 of 9 by 256) for products that run a little slower.
+    Measured on an Intel Xeon with AMX (2 threads; docs/performance_log.md, sixty-eighth session): DyKAF's KSL step
+    on stacks of four ``768 × 256`` blocks 0.96 of its time by 256, on ``256 × 768`` 0.96, on ``1024 × 256`` and
+    ``256 × 1024`` 0.99–1.01, on one layer of d = 512's shapes 0.97–1.00; tiles of 128 no faster, of 384 or 512
+    slower.
+    Where oneDNN takes the products (:func:`_onednn_products_fast`) its cut-off (``_ONEDNN_MIN_WORK``) and the
+    measurements behind the split's rule (:func:`split_pays`) were made at 256, and no AMD processor has been
+    measured at 192: they keep 256."""
+    if _GRAM_TILE is not None:
+        return _GRAM_TILE
+    onednn = _onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32
+    return 256 if onednn or _processor().vendor == "AuthenticAMD" else 192
 
 
 def _tiles_in_place() -> bool:
@@ -449,8 +469,8 @@ def _tiled_sym_product(
 
 
 def _tile_slices(m: int) -> list[slice]:
-    """The tiles of ``_GRAM_TILE`` along a side of ``m`` (the last one shorter)."""
-    edges = [*range(0, m, _GRAM_TILE), m]
+    """The tiles of :func:`_gram_tile` along a side of ``m`` (the last one shorter)."""
+    edges = [*range(0, m, _gram_tile()), m]
     return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
@@ -468,7 +488,7 @@ class LowerTiles:
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
         self.shape, self.dtype, self.device = shape, dtype, device
-        self.slices = _tile_slices(shape[-1])  # fixed at creation, whatever _GRAM_TILE says later
+        self.slices = _tile_slices(shape[-1])  # fixed at creation, whatever _gram_tile says later
         self.tiles: dict[tuple[int, int], Tensor] = {}
         self.panels: dict[int, Tensor] = {}
 
@@ -545,7 +565,7 @@ def split_pays(A: Tensor, S: Tensor, *, held: bool = False) -> bool:
         return False
     if held or k >= _SPLIT_DENSE_MIN_OUTER:
         return True
-    t = min(_GRAM_TILE, d)
+    t = min(_gram_tile(), d)
     return not _by_onednn(A[..., :t], S[:, :t, :t])
 
 
@@ -554,7 +574,7 @@ def split_sandwich(
 ) -> Tensor:
     r""":math:`\alpha A S A^\top` for a symmetric ``S``: ``b k d, b d d -> b k k``, exactly symmetric.
 
-    ``S = T + T^\top`` with ``T`` its tiles (of ``_GRAM_TILE``, or a :class:`LowerTiles`' own)
+    ``S = T + T^\top`` with ``T`` its tiles (of :func:`_gram_tile`, or a :class:`LowerTiles`' own)
     below the diagonal and half of each diagonal tile, so :math:`A S A^\top = H + H^\top` with
     :math:`H = (A T) A^\top`. The product :math:`A T` needs only the tiles on and below the
     diagonal (``t(t+1)/2`` of ``t²`` tile products), made tile column by tile column (a held row's panel,

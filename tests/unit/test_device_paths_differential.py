@@ -73,6 +73,7 @@ DEVICE_BRANCHES = {
         "_sym_blocked",  # _SYM_BLOCKED_MIN
         "_tiled",  # _GRAM_TILED_MIN
         "_tiles_in_place",  # reached from the tiled product only
+        "_gram_tile",  # reached from the tiled product and the split only (their tiles' side)
         "split_pays",  # _SPLIT_SANDWICH_MIN
         "_form_q",  # _QR_PAD_MAX
         "host_verdicts",  # _CPU_HOST_VERDICTS

@@ -1262,6 +1262,29 @@ def test_tiles_in_place_except_on_amd_processors(text, in_place, tmp_path, monke
     assert _on_processor(text, tmp_path, monkeypatch, linalg._tiles_in_place) is in_place
 
 
+
+@pytest.mark.parametrize(
+    ("text", "onednn", "tile"),
+    [
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", None, 192),
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n", None, 256),  # AMD, products in MKL
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nflags\t\t: avx512f\n", None, 256),
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", True, 256),  # oneDNN forced: its tile
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n", False, 256),
+        ("processor\t: 0\n", None, 192),
+        (None, None, 192),
+    ],
+)
+def test_gram_tile_read_from_the_processor(text, onednn, tile, tmp_path, monkeypatch):
+    """192 where MKL takes the products on a processor not AMD's (the one measured faster so), 256 on AMD's and
+    wherever oneDNN takes them; a side of 768 then makes 4 tiles or 3."""
+    monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", onednn)
+    assert _on_processor(text, tmp_path, monkeypatch, linalg._gram_tile) == tile
+    slices = _on_processor(text, tmp_path, monkeypatch, lambda: linalg._tile_slices(768))
+    assert [(t.start, t.stop) for t in slices] == [(lo, min(lo + tile, 768)) for lo in range(0, 768, tile)]
+    monkeypatch.setattr(linalg, "_GRAM_TILE", 100)  # set: it, whatever the processor
+    assert _on_processor(text, tmp_path, monkeypatch, linalg._gram_tile) == 100
+
 def test_tiled_update_with_only_beta_tracked_and_into_another_dtype():
     """The tiles go in place only where they may: a per-block β that autograd tracks alone gets its
     gradient (∂/∂β_b of Σ P ⊙ W is Σ X_b ⊙ W_b), and a result of a wider dtype than the operands
