@@ -219,22 +219,27 @@ def _processor() -> _Processor:
     )
 
 
-def _gram_tile() -> int:
-    """The side of the tiles of :func:`sym_product`, :func:`split_sandwich` and :class:`LowerTiles`: ``_GRAM_TILE``
-    where set, else 192 on a processor whose products run in MKL and that is not AMD's, 256 on the others. A
-    smaller tile spends fewer multiply-adds on the diagonal's tiles (made whole: ``t(t+1)/2`` of ``t²`` tile
-    products, 10 of 16 on a side of 768 by 192 against 6 of 9 by 256) for products that run a little slower.
-    Measured on an Intel Xeon with AMX (2 threads; docs/performance_log.md, sixty-eighth session): DyKAF's KSL step
-    on stacks of four ``768 × 256`` blocks 0.96 of its time by 256, on ``256 × 768`` 0.96, on ``1024 × 256`` and
-    ``256 × 1024`` 0.99–1.01, on one layer of d = 512's shapes 0.97–1.00; tiles of 128 no faster, of 384 or 512
-    slower.
-    Where oneDNN takes the products (:func:`_onednn_products_fast`) its cut-off (``_ONEDNN_MIN_WORK``) and the
-    measurements behind the split's rule (:func:`split_pays`) were made at 256, and no AMD processor has been
-    measured at 192: they keep 256."""
+#: the longest side tiled by 192 where the processor takes that tile (:func:`_gram_tile`); longer sides take 256
+_SMALL_TILES_MAX = 2048
+
+
+def _gram_tile(side: int) -> int:
+    """The side of the tiles of :func:`sym_product`, :func:`split_sandwich` and :class:`LowerTiles` along a side of
+    ``side``: ``_GRAM_TILE`` where set, else 192 up to ``_SMALL_TILES_MAX`` on a processor whose products run in MKL
+    and that is not AMD's, 256 on longer sides and on the other processors. A smaller tile spends fewer
+    multiply-adds on the diagonal's tiles (made whole: ``t(t+1)/2`` of ``t²`` tile products, 10 of 16 on a side of
+    768 by 192 against 6 of 9 by 256) in more, smaller products, which run a little slower. Measured on an Intel Xeon
+    with AMX (2 threads; docs/performance_log.md, sixty-eighth session), DyKAF's KSL step by 192 over its time by 256,
+    on stacks of four ``768 × 256`` blocks 0.96, ``256 × 768`` 0.96, ``1024 × 256`` and ``256 × 1024`` 0.99–1.01, one
+    layer of d = 512's shapes (sides of 1536 and 2048) 0.97–1.00; on one block of ``3072 × 1024`` 1.05, of
+    ``4096 × 1024`` and ``1024 × 4096`` 1.01–1.04 (there 384 read 0.96–1.02): past 2048 the products' calls outweigh
+    the multiply-adds spared. Tiles of 128 were no faster than 192. Where oneDNN takes the products
+    (:func:`_onednn_products_fast`) its cut-off (``_ONEDNN_MIN_WORK``) and the measurements behind the split's rule
+    (:func:`split_pays`) were made at 256, and no AMD processor has been measured at 192: they keep 256."""
     if _GRAM_TILE is not None:
         return _GRAM_TILE
     onednn = _onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32
-    return 256 if onednn or _processor().vendor == "AuthenticAMD" else 192
+    return 256 if side > _SMALL_TILES_MAX or onednn or _processor().vendor == "AuthenticAMD" else 192
 
 
 def _tiles_in_place() -> bool:
@@ -470,7 +475,7 @@ def _tiled_sym_product(
 
 def _tile_slices(m: int) -> list[slice]:
     """The tiles of :func:`_gram_tile` along a side of ``m`` (the last one shorter)."""
-    edges = [*range(0, m, _gram_tile()), m]
+    edges = [*range(0, m, _gram_tile(m)), m]
     return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
@@ -565,7 +570,7 @@ def split_pays(A: Tensor, S: Tensor, *, held: bool = False) -> bool:
         return False
     if held or k >= _SPLIT_DENSE_MIN_OUTER:
         return True
-    t = min(_gram_tile(), d)
+    t = min(_gram_tile(d), d)
     return not _by_onednn(A[..., :t], S[:, :t, :t])
 
 

@@ -1275,15 +1275,20 @@ def test_tiles_in_place_except_on_amd_processors(text, in_place, tmp_path, monke
         (None, None, 192),
     ],
 )
-def test_gram_tile_read_from_the_processor(text, onednn, tile, tmp_path, monkeypatch):
-    """192 where MKL takes the products on a processor not AMD's (the one measured faster so), 256 on AMD's and
-    wherever oneDNN takes them; a side of 768 then makes 4 tiles or 3."""
+def test_gram_tile_read_from_the_processor_and_the_side(text, onednn, tile, tmp_path, monkeypatch):
+    """192 where MKL takes the products on a processor not AMD's (the one measured faster so) up to a side of
+    ``_SMALL_TILES_MAX``, 256 past it, on AMD's and wherever oneDNN takes them; a side of 768 then makes 4 tiles
+    or 3, one of 3072 twelve."""
     monkeypatch.setattr(linalg, "_ONEDNN_FLOAT32", onednn)
-    assert _on_processor(text, tmp_path, monkeypatch, linalg._gram_tile) == tile
+    assert _on_processor(text, tmp_path, monkeypatch, lambda: linalg._gram_tile(2048)) == tile
+    assert _on_processor(text, tmp_path, monkeypatch, lambda: linalg._gram_tile(2049)) == 256
     slices = _on_processor(text, tmp_path, monkeypatch, lambda: linalg._tile_slices(768))
     assert [(t.start, t.stop) for t in slices] == [(lo, min(lo + tile, 768)) for lo in range(0, 768, tile)]
-    monkeypatch.setattr(linalg, "_GRAM_TILE", 100)  # set: it, whatever the processor
-    assert _on_processor(text, tmp_path, monkeypatch, linalg._gram_tile) == 100
+    long = _on_processor(text, tmp_path, monkeypatch, lambda: linalg._tile_slices(3072))
+    assert [t.start for t in long] == [*range(0, 3072, 256)]
+    monkeypatch.setattr(linalg, "_GRAM_TILE", 100)  # set: it, whatever the processor and the side
+    assert _on_processor(text, tmp_path, monkeypatch, lambda: linalg._gram_tile(4096)) == 100
+
 
 def test_tiled_update_with_only_beta_tracked_and_into_another_dtype():
     """The tiles go in place only where they may: a per-block β that autograd tracks alone gets its

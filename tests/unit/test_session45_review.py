@@ -183,7 +183,7 @@ def test_split_sandwich_at_onednn_sizes_is_the_float64_product(monkeypatch, oned
     if middle == "dense":
         S = X + F @ F.mT
         S = (S + S.mT) / 2
-        S_in = _upper_tiles_nan(S, linalg._gram_tile())
+        S_in = _upper_tiles_nan(S, linalg._gram_tile(d))
         assert linalg._by_onednn(A[..., :256], S[:, :256, :256]) is onednn
     else:  # held: its tiles made apart, or a row's as one panel (linalg._held_panels set either way)
         monkeypatch.setattr(linalg, "_held_panels", lambda: middle == "held-panels")
