@@ -1262,7 +1262,6 @@ def test_tiles_in_place_except_on_amd_processors(text, in_place, tmp_path, monke
     assert _on_processor(text, tmp_path, monkeypatch, linalg._tiles_in_place) is in_place
 
 
-
 @pytest.mark.parametrize(
     ("text", "onednn", "tile"),
     [
