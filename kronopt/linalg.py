@@ -238,7 +238,7 @@ def _gram_tile(side: int) -> int:
     (:func:`split_pays`) were made at 256, and no AMD processor has been measured at 192: they keep 256."""
     if _GRAM_TILE is not None:
         return _GRAM_TILE
-    onednn = _onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32
+    onednn = _onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32  # as _by_onednn asks it
     return 256 if side > _SMALL_TILES_MAX or onednn or _processor().vendor == "AuthenticAMD" else 192
 
 
@@ -3078,7 +3078,6 @@ def _version(t: Tensor) -> int | None:
     keeps none (a gradient made under ``torch.inference_mode()``): such a tensor may only change in place inside
     that mode, not between a step's check of its gradients and their use."""
     return None if t.is_inference() else t._version
-
 
 
 class _Seen:

@@ -3715,8 +3715,6 @@ def _foreach_extremes(tensors: list[Tensor]) -> Tensor:
     return torch.stack([lo, torch.stack(torch._foreach_max(tensors))], dim=1)
 
 
-
-
 def _second_moment_bound(v_lo: Tensor, v_hi: Tensor) -> Tensor:
     """Each block's largest second moment from its smallest ``v_lo`` and largest ``v_hi`` entries, NaN where the
     smallest is below 0 (or NaN): the proofs take ``v ≥ 0``, which the optimizer's own updates keep but an edit of
