@@ -1477,10 +1477,10 @@ def _column_major_product(A: Tensor, Q: Tensor) -> Tensor:
     return mm(Q.mT, A.mT).mT
 
 
-#: on a CPU with MKL, the Q of a square QR whose side is a multiple of ``_QR_PAD_SIDE`` up to
-#: ``_QR_PAD_MAX`` is formed with ``_QR_PAD_ROWS`` zero rows below it (:func:`_form_q`)
+#: on a CPU with MKL, the QR of a square side that is a multiple of ``_QR_PAD_SIDE`` up to ``_QR_PAD_MAX`` is taken
+#: of the matrix with ``_QR_PAD_ROWS`` zero rows below it (:func:`_padded_q`)
 _QR_PAD_SIDE = 512
-_QR_PAD_MAX = 3072
+_QR_PAD_MAX = 4096
 _QR_PAD_ROWS = 16
 
 
@@ -1489,7 +1489,7 @@ def q_factor(P: Tensor, *, overwrite: bool = False, r_diagonal: Tensor | None = 
 
     The same Householder routines as :func:`torch.linalg.qr` (``geqrf``, then
     ``householder_product``), so the same ``Q`` bit for bit on CPU except where
-    :func:`_form_q` pads the reflectors; ``torch.linalg.qr`` also copies out the
+    :func:`_padded_q` takes the QR with zero rows below ``P``; ``torch.linalg.qr`` also copies out the
     triangle ``R``, which the callers here discard.
 
     With ``overwrite`` both routines work in ``P``'s own memory and the result is ``P``
@@ -1498,13 +1498,16 @@ def q_factor(P: Tensor, *, overwrite: bool = False, r_diagonal: Tensor | None = 
     as :func:`_column_major_product` makes; another layout (for which torch would copy
     into a temporary and back, four copies instead of two), or a ``P`` that is not plain
     (:func:`_plain`: autograd tracks it, a forward-mode tangent or a ``torch.func`` transform wraps it;
-    ``out=`` refuses each), takes the path without ``overwrite``.
+    ``out=`` refuses each), takes the path without ``overwrite``. Where the QR is padded, the Q is
+    copied into a column-major ``P`` the same way.
 
     ``r_diagonal``: a ``(b k)`` tensor that receives :math:`|R_{jj}|` (read off the reflectors, where
     ``geqrf`` leaves ``R``, before the Q is formed over them).
     """
     if P.shape[-1] > P.shape[-2]:
         raise ValueError(f"q_factor needs k ≤ n columns, got shape {tuple(P.shape)}")
+    if _pads_qr(P):
+        return _padded_q(P, overwrite=overwrite, r_diagonal=r_diagonal)
     if _lapack_in_place(P, overwrite):
         reflectors, tau, out = P, P.new_empty(P.shape[:-2] + (P.shape[-1],)), P
         torch.geqrf(P, out=(P, tau))
@@ -1512,7 +1515,7 @@ def q_factor(P: Tensor, *, overwrite: bool = False, r_diagonal: Tensor | None = 
         (reflectors, tau), out = torch.geqrf(P), None
     if r_diagonal is not None:
         torch.abs(torch.diagonal(reflectors, dim1=-2, dim2=-1), out=r_diagonal)
-    return _form_q(reflectors, tau, out=out)
+    return _householder_product(reflectors, tau, out)
 
 
 def _lapack_in_place(X: Tensor, overwrite: bool) -> bool:
@@ -1530,36 +1533,46 @@ def _householder_product(reflectors: Tensor, tau: Tensor, out: Tensor | None) ->
     return torch.linalg.householder_product(reflectors, tau, out=out)
 
 
-def _form_q(reflectors: Tensor, tau: Tensor, *, out: Tensor | None) -> Tensor:
-    r"""``householder_product(reflectors, tau)``, into ``out`` (``reflectors`` itself, column-major) or a new tensor.
+def _pads_qr(P: Tensor) -> bool:
+    """Whether :func:`q_factor` takes ``P``'s QR padded (:func:`_padded_q`): a square, non-empty stack on a CPU whose
+    LAPACK is MKL, its side a multiple of ``_QR_PAD_SIDE`` up to ``_QR_PAD_MAX``, and plain (:func:`_plain`: the
+    routines write the padded copy with ``out=``, which autograd and the ``torch.func`` transforms refuse)."""
+    n, k = P.shape[-2], P.shape[-1]
+    return (
+        n == k and n > 0 and not n % _QR_PAD_SIDE and n <= _QR_PAD_MAX
+        and P.device.type == "cpu" and torch.backends.mkl.is_available() and _plain(P)
+    )
 
-    On a CPU whose LAPACK is MKL, a square stack whose side ``n`` is a multiple of ``_QR_PAD_SIDE``
-    (512, 1024, 1536, 2048, …) is formed as the ``(n + 16) × n`` product of the same reflectors with
-    zero rows below, and its top ``n`` rows copied out. The reflections leave the zero rows zero, so
-    that is the same ``Q`` in exact arithmetic, rounded otherwise (entries differ by about float32's
-    machine epsilon, 1e-7). MKL's ``orgqr`` runs far below its speed elsewhere on such sides,
-    measured on one machine (two cores of an AMD EPYC with AVX-512, MKL 2024.2; not on an Intel CPU
-    nor another LAPACK): alone, the padded form takes 0.60 of the square one's time at 1024, 0.71 at
-    512, 0.79 at 2048; a whole refresh of one side (:func:`sorted_power_step`, the copies and their
-    page faults included) 0.81–0.86 at 1024, 0.88–0.91 at 512, 0.87–0.98 at 2048, 0.95 at 1536,
-    0.88 at 3072. At 256, 768 and 1280 the copies ate the gain (0.98–1.03), and at 4096 the padded
-    buffer's copies and page faults (67 MB) made it slower (1.12), so those are not padded. Not where
-    autograd tracks ``reflectors`` or ``tau`` (``householder_product`` is called with ``out=``,
-    which autograd refuses).
+
+def _padded_q(P: Tensor, *, overwrite: bool, r_diagonal: Tensor | None) -> Tensor:
+    r""":func:`q_factor` of a square ``P`` (:func:`_pads_qr`) taken as the QR of the ``(n + 16) × n`` matrix with
+    ``P`` on top and zero rows below: both ``geqrf`` and ``householder_product`` work in one column-major copy of
+    that shape, and the Q is its top ``n`` rows, copied into ``P`` (``overwrite``, column-major ``P``) or into a new
+    column-major tensor.
+
+    The same QR in exact arithmetic: each reflector is zero on the zero rows (they add nothing to the norms), so
+    ``R`` is ``P``'s and the reflections leave those rows zero; rounded otherwise (entries of ``Q`` differ by a few
+    of float32's machine epsilon). MKL's two routines run below their speed on these sides, a leading dimension of a
+    multiple of 512 entries. Timed on an Intel Xeon with AMX (2 threads, MKL of torch 2.13; docs/performance_log.md,
+    sixty-ninth session), the whole QR, copies included, against ``geqrf`` on the square ``P`` and the Q formed
+    padded: 0.95 of the time at 1536, 0.96 at 2048, 0.92 at 3072, 1.00 at 512 and 1024; against both square, 0.90 at
+    4096. Earlier only the Q was formed so (the reflectors copied into the padded buffer), measured on two cores of
+    an AMD EPYC with AVX-512 (MKL 2024.2): alone 0.60 of the square form's time at 1024, 0.71 at 512, 0.79 at 2048;
+    at 256, 768 and 1280 the copies ate the gain (0.98–1.03), so sides that are no multiple of 512 are not padded.
     """
-    *batch, n, k = reflectors.shape
-    tracked = torch.is_grad_enabled() and (reflectors.requires_grad or tau.requires_grad)
-    mkl = reflectors.device.type == "cpu" and torch.backends.mkl.is_available()
-    if not mkl or n != k or n == 0 or n % _QR_PAD_SIDE or n > _QR_PAD_MAX or tracked:
-        return _householder_product(reflectors, tau, out)
-    padded = reflectors.new_empty((*batch, k, n + _QR_PAD_ROWS)).mT  # column-major, as LAPACK works
-    padded[..., :n, :].copy_(reflectors)
+    *batch, n, k = P.shape
+    padded = P.new_empty((*batch, k, n + _QR_PAD_ROWS)).mT  # column-major, as LAPACK works
+    padded[..., :n, :].copy_(P)
     padded[..., n:, :].zero_()
+    tau = P.new_empty((*batch, k))
+    torch.geqrf(padded, out=(padded, tau))
+    if r_diagonal is not None:
+        torch.abs(torch.diagonal(padded, dim1=-2, dim2=-1), out=r_diagonal)
     torch.linalg.householder_product(padded, tau, out=padded)
     Q = padded[..., :n, :]
-    if out is None:
-        return Q.mT.contiguous().mT  # column-major, as householder_product returns it
-    return out.copy_(Q)
+    if overwrite and P.mT.is_contiguous():
+        return P.copy_(Q)
+    return Q.mT.contiguous().mT  # column-major, as householder_product returns it
 
 
 def finite_blocks(*tensors: Tensor | None) -> Tensor:
@@ -3216,7 +3229,7 @@ def orthonormalize(X: Tensor, *, overwrite: bool = False) -> Tensor:
         tau = X.new_empty(X.shape[:-2] + (X.shape[-1],))
         torch.geqrf(X, out=(X, tau))
         signs = torch.sign(torch.diagonal(X, dim1=-2, dim2=-1))  # R's diagonal, before Q overwrites it
-        # torch's own householder_product, not _form_q's padded one: the bits of torch.linalg.qr on every shape
+        # torch's own routines, not _padded_q's: the bits of torch.linalg.qr on every shape
         return _householder_product(X, tau, X).mul_(_unit_signs(signs).unsqueeze(-2))
     Q, R = torch.linalg.qr(X)
     return Q * _unit_signs(torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))).unsqueeze(-2)

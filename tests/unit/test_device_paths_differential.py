@@ -46,7 +46,7 @@ GPU_SWITCHES = [
     (linalg, "_GRAM_TILED_MIN", 10**9),  # _tiled: one dense product
     (linalg, "_SPLIT_SANDWICH_MIN", 10**9),  # split_pays: the plain sandwich
     (linalg, "_SYM_BLOCKED_MIN", 10**9),  # sym_sum: torch.add(A, A.mT)
-    (linalg, "_QR_PAD_MAX", 0),  # _form_q: householder_product as it is
+    (linalg, "_QR_PAD_MAX", 0),  # _pads_qr: geqrf and householder_product on P as it is
     (linalg, "_bfloat16_in_float32", lambda U, dtype: False),  # Newton–Schulz in bfloat16 kernels
     (linalg, "_ONEDNN_FLOAT32", False),  # _by_onednn: float32 products in MKL, as torch.bmm
     (linalg, "_BLOCKWISE_TRANSPOSE_MIN", 2**62),  # contiguous: Tensor.contiguous of the whole stack
@@ -75,7 +75,7 @@ DEVICE_BRANCHES = {
         "_tiles_in_place",  # reached from the tiled product only
         "_gram_tile",  # reached from the tiled product and the split only (their tiles' side)
         "split_pays",  # _SPLIT_SANDWICH_MIN
-        "_form_q",  # _QR_PAD_MAX
+        "_pads_qr",  # _QR_PAD_MAX
         "host_verdicts",  # _CPU_HOST_VERDICTS
         "_bfloat16_in_float32",  # patched
         "_bfloat16_products_fast",  # reached from _bfloat16_in_float32 only

@@ -340,13 +340,31 @@ def householder_shapes(monkeypatch):
     return shapes
 
 
+@pytest.fixture
+def geqrf_shapes(monkeypatch):
+    """The shapes ``torch.geqrf`` is called with, in order (a padded QR shows as ``n + 16`` rows)."""
+    shapes = []
+    geqrf = torch.geqrf
+
+    def spy(A, **kw):
+        shapes.append(tuple(A.shape))
+        return geqrf(A, **kw)
+
+    monkeypatch.setattr(torch, "geqrf", spy)
+    return shapes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("b", [3, 0])
-def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypatch, householder_shapes, dtype, overwrite, b):
-    """A square side that is a multiple of ``_QR_PAD_SIDE`` (up to ``_QR_PAD_MAX``) forms Q with zero rows below the reflectors
-    (LAPACK's faster path there): torch's Q but for rounding, with the same column signs, orthonormal,
-    column-major, and in ``P``'s memory with ``overwrite``. A side that is not such a multiple is not padded."""
+def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(
+    monkeypatch, householder_shapes, geqrf_shapes, dtype, overwrite, b
+):
+    """A square side that is a multiple of ``_QR_PAD_SIDE`` (up to ``_QR_PAD_MAX``) takes its QR with zero rows below
+    ``P`` (MKL's faster path there), both routines on the padded copy: torch's Q but for rounding, with the same
+    column signs, orthonormal, column-major, in ``P``'s memory with ``overwrite``, and ``|R_jj|`` as torch's R's. A side
+    that is not such a multiple is not padded. Would catch: a Q read off the wrong rows, or reflectors of the padded
+    matrix whose zero rows were not zero (garbage of the freed buffer)."""
     if not torch.backends.mkl.is_available():
         pytest.skip("the padded Q is formed only where torch's LAPACK is MKL")
     monkeypatch.setattr(linalg, "_QR_PAD_SIDE", 8)
@@ -356,13 +374,17 @@ def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypat
     for n in (16, 12, 24):
         P = torch.randn(b, n, n, generator=gen, dtype=dtype).mT.contiguous().mT
         expected = torch.linalg.qr(P)[0]
+        expected_r = torch.linalg.qr(P)[1].diagonal(dim1=-2, dim2=-1).abs()
         before = P.clone()
-        del shapes[:]
+        del shapes[:], geqrf_shapes[:]
         torch.full((b, n, n + linalg._QR_PAD_ROWS), float("nan"), dtype=dtype)  # freed: garbage for the next buffer
-        Q = linalg.q_factor(P, overwrite=overwrite)
-        assert shapes == [(b, n + linalg._QR_PAD_ROWS, n) if n == 16 else (b, n, n)]  # 12: no multiple, 24: past the max
+        r = torch.empty(b, n, dtype=dtype)
+        Q = linalg.q_factor(P, overwrite=overwrite, r_diagonal=r)
+        padded = [(b, n + linalg._QR_PAD_ROWS, n) if n == 16 else (b, n, n)]  # 12: no multiple, 24: past the max
+        assert shapes == padded and geqrf_shapes == padded
         tol = 1e-5 if dtype == torch.float32 else 1e-13
         assert torch.allclose(Q, expected, atol=tol, rtol=0)
+        assert torch.allclose(r, expected_r, atol=tol * n, rtol=tol)
         eye = torch.eye(n, dtype=dtype).expand(b, n, n)
         assert torch.allclose(Q.mT @ Q, eye, atol=tol, rtol=0)
         assert Q.mT.is_contiguous()
@@ -379,9 +401,13 @@ def test_q_factor_on_a_padded_side_is_the_q_of_torch_qr_up_to_rounding(monkeypat
 
 
 def test_q_factor_pads_the_sides_of_the_shipped_threshold(householder_shapes):
-    """As shipped, a side of 512 takes the padded path and 256 and 768 do not; the Q is torch's up to rounding."""
+    """As shipped, a side of 512 takes the padded path and 256 and 768 do not; the Q is torch's up to rounding. Sides
+    up to 4096 are padded (measured), 4608 not; a tall or tracked stack never."""
     if not torch.backends.mkl.is_available():
         pytest.skip("the padded Q is formed only where torch's LAPACK is MKL")
+    pads = [linalg._pads_qr(torch.empty(1, n, k)) for n, k in [(1024, 1024), (4096, 4096), (4608, 4608), (4096, 2048)]]
+    assert pads == [True, True, False, False]
+    assert not linalg._pads_qr(torch.empty(1, 512, 512, requires_grad=True))
     shapes = householder_shapes
     gen = torch.Generator().manual_seed(7)
     for n in (256, 512, 768):
