@@ -11,6 +11,7 @@ between the two versions' parameters at the end (0 where the change keeps the bi
     git worktree add /tmp/kronopt-base <old commit>
     python docs/inprocess_ab.py soap 60 small --base /tmp/kronopt-base          # 30 shapes, 8x8 .. 37x66
     python docs/inprocess_ab.py dykaf 40 256 --base /tmp/kronopt-base           # 4 layers of d = 256
+    python docs/inprocess_ab.py soap 40 1024x1 --base /tmp/kronopt-base         # one layer of d = 1024
     python docs/inprocess_ab.py adamw 60 many256x32 --base /tmp/kronopt-base    # 256 blocks of 32 x 32
     python docs/inprocess_ab.py adamw 30 vectors2000x64 --base /tmp/kronopt-base  # 2000 vectors of 64
     python docs/inprocess_ab.py soap 40 64 --groups 4 --base /tmp/kronopt-base  # a param group per layer
@@ -59,8 +60,9 @@ def _shapes(kind: str) -> tuple[list[tuple[int, ...]], int]:
     if kind.startswith("vectors"):
         count, side = map(int, kind[7:].split("x"))
         return [(side,)] * count, 10
-    d = int(kind)
-    return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * 4 + [(d,)] * 8, 1
+    d, _, layers = kind.partition("x")
+    layers = int(layers or 4)
+    return [(3 * int(d), int(d)), (int(d), int(d)), (4 * int(d), int(d)), (int(d), 4 * int(d))] * layers + [(int(d),)] * (2 * layers), 1
 
 
 def _groups(kind: str, params: list, count: int) -> list:
@@ -80,7 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("preset")
     parser.add_argument("rounds", type=int)
-    parser.add_argument("kind", help="small | many<count>x<side> | vectors<count>x<size> | <d> (4 transformer layers of width d)")
+    parser.add_argument(
+        "kind", help="small | many<count>x<side> | vectors<count>x<size> | <d> (4 transformer layers of width d) | <d>x<layers>"
+    )
     parser.add_argument("--base", type=Path, required=True, help="the tree of the code before (a git worktree)")
     parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent, help="default: this tree")
     parser.add_argument("--threads", type=int, default=2)
