@@ -1552,8 +1552,8 @@ def _padded_q(P: Tensor, *, overwrite: bool, r_diagonal: Tensor | None) -> Tenso
 
     The same QR in exact arithmetic: each reflector is zero on the zero rows (they add nothing to the norms), so
     ``R`` is ``P``'s and the reflections leave those rows zero; rounded otherwise (entries of ``Q`` differ by a few
-    of float32's machine epsilon). MKL's two routines run below their speed on these sides, a leading dimension of a
-    multiple of 512 entries. Timed on an Intel Xeon with AMX (2 threads, MKL of torch 2.13; docs/performance_log.md,
+    of float32's machine epsilon). MKL's two routines run below their speed on these sides, whose leading dimension is
+    a multiple of 512 entries (the padded copy's is not). Timed on an Intel Xeon with AMX (2 threads, MKL of torch 2.13; docs/performance_log.md,
     sixty-ninth session), the whole QR, copies included, against ``geqrf`` on the square ``P`` and the Q formed
     padded: 0.95 of the time at 1536, 0.96 at 2048, 0.92 at 3072, 1.00 at 512 and 1024; against both square, 0.90 at
     4096. Earlier only the Q was formed so (the reflectors copied into the padded buffer), measured on two cores of

@@ -2512,6 +2512,10 @@ class KronOptimizer(torch.optim.Optimizer):
             # each read finite on the host by this step's check (of this very tensor at this version,
             # _checked): nothing to zero, one copy
             if all(t.read is not None and t.read[k] for t, k in hits):  # type: ignore[misc]
+                if len(blocks) == 1 and blocks[0].is_contiguous():
+                    # one block: a view of it, not a copy (the stages read G and never write it; the pipeline's
+                    # checks name a stage that does)
+                    return blocks[0].unsqueeze(0), ok
                 return torch.stack(blocks), ok
             # stacked and sanitized in one pass per block
             G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)
