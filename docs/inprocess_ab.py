@@ -60,9 +60,9 @@ def _shapes(kind: str) -> tuple[list[tuple[int, ...]], int]:
     if kind.startswith("vectors"):
         count, side = map(int, kind[7:].split("x"))
         return [(side,)] * count, 10
-    d, _, layers = kind.partition("x")
-    layers = int(layers or 4)
-    return [(3 * int(d), int(d)), (int(d), int(d)), (4 * int(d), int(d)), (int(d), 4 * int(d))] * layers + [(int(d),)] * (2 * layers), 1
+    width, _, layers = kind.partition("x")
+    d, count = int(width), int(layers or 4)
+    return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * count + [(d,)] * (2 * count), 1
 
 
 def _groups(kind: str, params: list, count: int) -> list:
@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("preset")
     parser.add_argument("rounds", type=int)
     parser.add_argument(
-        "kind", help="small | many<count>x<side> | vectors<count>x<size> | <d> (4 transformer layers of width d) | <d>x<layers>"
+        "kind",
+        help="small | many<count>x<side> | vectors<count>x<size> | <d> (4 transformer layers of width d) | <d>x<layers>",
     )
     parser.add_argument("--base", type=Path, required=True, help="the tree of the code before (a git worktree)")
     parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent, help="default: this tree")
