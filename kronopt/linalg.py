@@ -1478,7 +1478,7 @@ def _column_major_product(A: Tensor, Q: Tensor) -> Tensor:
 
 
 #: on a CPU with MKL, the QR of a square side that is a multiple of ``_QR_PAD_SIDE`` up to ``_QR_PAD_MAX`` is taken
-#: of the matrix with ``_QR_PAD_ROWS`` zero rows below it (:func:`_padded_q`)
+#: of the matrix with ``_QR_PAD_ROWS`` zero rows below it (:func:`_padded`)
 _QR_PAD_SIDE = 512
 _QR_PAD_MAX = 4096
 _QR_PAD_ROWS = 16
@@ -1489,7 +1489,7 @@ def q_factor(P: Tensor, *, overwrite: bool = False, r_diagonal: Tensor | None = 
 
     The same Householder routines as :func:`torch.linalg.qr` (``geqrf``, then
     ``householder_product``), so the same ``Q`` bit for bit on CPU except where
-    :func:`_padded_q` takes the QR with zero rows below ``P``; ``torch.linalg.qr`` also copies out the
+    :func:`_padded` puts zero rows below ``P``; ``torch.linalg.qr`` also copies out the
     triangle ``R``, which the callers here discard.
 
     With ``overwrite`` both routines work in ``P``'s own memory and the result is ``P``
@@ -1506,16 +1506,22 @@ def q_factor(P: Tensor, *, overwrite: bool = False, r_diagonal: Tensor | None = 
     """
     if P.shape[-1] > P.shape[-2]:
         raise ValueError(f"q_factor needs k ≤ n columns, got shape {tuple(P.shape)}")
-    if _pads_qr(P):
-        return _padded_q(P, overwrite=overwrite, r_diagonal=r_diagonal)
-    if _lapack_in_place(P, overwrite):
-        reflectors, tau, out = P, P.new_empty(P.shape[:-2] + (P.shape[-1],)), P
-        torch.geqrf(P, out=(P, tau))
+    n = P.shape[-2]
+    # the memory both routines work in: a padded copy (_padded), P itself where the caller gives it up, or none
+    # (geqrf makes its own)
+    work = _padded(P) if _pads_qr(P) else P if _lapack_in_place(P, overwrite) else None
+    if work is None:
+        reflectors, tau = torch.geqrf(P)
     else:
-        (reflectors, tau), out = torch.geqrf(P), None
+        reflectors, tau = work, P.new_empty(P.shape[:-2] + (P.shape[-1],))
+        torch.geqrf(work, out=(work, tau))
     if r_diagonal is not None:
         torch.abs(torch.diagonal(reflectors, dim1=-2, dim2=-1), out=r_diagonal)
-    return _householder_product(reflectors, tau, out)
+    Q = _householder_product(reflectors, tau, work)
+    if work is None or work is P:
+        return Q
+    Q = Q[..., :n, :]  # the padded copy's top rows
+    return P.copy_(Q) if _lapack_in_place(P, overwrite) else Q.mT.contiguous().mT  # column-major, as torch's
 
 
 def _lapack_in_place(X: Tensor, overwrite: bool) -> bool:
@@ -1534,7 +1540,7 @@ def _householder_product(reflectors: Tensor, tau: Tensor, out: Tensor | None) ->
 
 
 def _pads_qr(P: Tensor) -> bool:
-    """Whether :func:`q_factor` takes ``P``'s QR padded (:func:`_padded_q`): a square, non-empty stack on a CPU whose
+    """Whether :func:`q_factor` takes ``P``'s QR padded (:func:`_padded`): a square, non-empty stack on a CPU whose
     LAPACK is MKL, its side a multiple of ``_QR_PAD_SIDE`` up to ``_QR_PAD_MAX``, and plain (:func:`_plain`: the
     routines write the padded copy with ``out=``, which autograd and the ``torch.func`` transforms refuse)."""
     n, k = P.shape[-2], P.shape[-1]
@@ -1544,19 +1550,18 @@ def _pads_qr(P: Tensor) -> bool:
     )
 
 
-def _padded_q(P: Tensor, *, overwrite: bool, r_diagonal: Tensor | None) -> Tensor:
-    r""":func:`q_factor` of a square ``P`` (:func:`_pads_qr`) taken as the QR of the ``(n + 16) × n`` matrix with
-    ``P`` on top and zero rows below: both ``geqrf`` and ``householder_product`` work in one column-major copy of
-    that shape, and the Q is its top ``n`` rows, copied into ``P`` (``overwrite``, column-major ``P``) or into a new
-    column-major tensor.
+def _padded(P: Tensor) -> Tensor:
+    r"""``P (b n k)`` copied on top of ``_QR_PAD_ROWS`` zero rows, column-major: where :func:`q_factor` takes the QR of a
+    square ``P`` (:func:`_pads_qr`), both ``geqrf`` and ``householder_product`` working in it, and the Q its top
+    ``n`` rows.
 
     The same QR in exact arithmetic: each reflector is zero on the zero rows (they add nothing to the norms), so
     ``R`` is ``P``'s and the reflections leave those rows zero; rounded otherwise (entries of ``Q`` differ by a few
     of float32's machine epsilon). MKL's two routines run below their speed on these sides, whose leading dimension is
-    a multiple of 512 entries (the padded copy's is not). Timed on an Intel Xeon with AMX (2 threads, MKL of torch 2.13; docs/performance_log.md,
-    sixty-ninth session), the whole QR, copies included, against ``geqrf`` on the square ``P`` and the Q formed
-    padded: 0.95 of the time at 1536, 0.96 at 2048, 0.92 at 3072, 1.00 at 512 and 1024; against both square, 0.90 at
-    4096. Earlier only the Q was formed so (the reflectors copied into the padded buffer), measured on two cores of
+    a multiple of 512 entries (the padded copy's is not). Timed on an Intel Xeon with AMX (2 threads, MKL of torch
+    2.13; docs/performance_log.md, sixty-ninth session), the whole QR, copies included, against ``geqrf`` on the
+    square ``P`` and the Q formed padded: 0.95 of the time at 1536, 0.96 at 2048, 0.92 at 3072, 1.00 at 512 and 1024;
+    against both square, 0.90 at 4096. Earlier only the Q was formed so (the reflectors copied into the padded buffer), measured on two cores of
     an AMD EPYC with AVX-512 (MKL 2024.2): alone 0.60 of the square form's time at 1024, 0.71 at 512, 0.79 at 2048;
     at 256, 768 and 1280 the copies ate the gain (0.98–1.03), so sides that are no multiple of 512 are not padded.
     """
@@ -1564,15 +1569,7 @@ def _padded_q(P: Tensor, *, overwrite: bool, r_diagonal: Tensor | None) -> Tenso
     padded = P.new_empty((*batch, k, n + _QR_PAD_ROWS)).mT  # column-major, as LAPACK works
     padded[..., :n, :].copy_(P)
     padded[..., n:, :].zero_()
-    tau = P.new_empty((*batch, k))
-    torch.geqrf(padded, out=(padded, tau))
-    if r_diagonal is not None:
-        torch.abs(torch.diagonal(padded, dim1=-2, dim2=-1), out=r_diagonal)
-    torch.linalg.householder_product(padded, tau, out=padded)
-    Q = padded[..., :n, :]
-    if overwrite and P.mT.is_contiguous():
-        return P.copy_(Q)
-    return Q.mT.contiguous().mT  # column-major, as householder_product returns it
+    return padded
 
 
 def finite_blocks(*tensors: Tensor | None) -> Tensor:
@@ -3229,7 +3226,7 @@ def orthonormalize(X: Tensor, *, overwrite: bool = False) -> Tensor:
         tau = X.new_empty(X.shape[:-2] + (X.shape[-1],))
         torch.geqrf(X, out=(X, tau))
         signs = torch.sign(torch.diagonal(X, dim1=-2, dim2=-1))  # R's diagonal, before Q overwrites it
-        # torch's own routines, not _padded_q's: the bits of torch.linalg.qr on every shape
+        # torch's own routines on X, not on a padded copy: the bits of torch.linalg.qr on every shape
         return _householder_product(X, tau, X).mul_(_unit_signs(signs).unsqueeze(-2))
     Q, R = torch.linalg.qr(X)
     return Q * _unit_signs(torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))).unsqueeze(-2)

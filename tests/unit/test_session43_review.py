@@ -237,7 +237,7 @@ def test_restricted_refresh_forward_mode_ad_later_refresh():
 @pytest.mark.parametrize("n, pad_side", [(64, 64), (512, None)], ids=["patched-64", "default-512"])
 def test_overwrite_same_bits_as_plain_on_padded_square_sides(monkeypatch, n, pad_side):
     """BUG (rounding, minor): the docstring promises the overwrite path "the same bits" as torch.linalg.qr, but a
-    square side that ``q_factor`` pads (``_padded_q``: a multiple of ``_QR_PAD_SIDE``, 512 by default, up to
+    square side that ``q_factor`` pads (``_padded``: a multiple of ``_QR_PAD_SIDE``, 512 by default, up to
     ``_QR_PAD_MAX``) is formed with zero rows below on the overwrite path only: ~1e-7 differences. The plain path never
     pads."""
     if pad_side is not None:
