@@ -873,6 +873,128 @@ def momentum_block_is_safe(dtype: torch.dtype, g_abs: float, buf_abs: float) -> 
     return math.isfinite(g_abs) and math.isfinite(buf_abs) and max(g_abs, buf_abs) < torch.finfo(dtype).max / 4
 
 
+def eigen_momentum_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype: torch.dtype) -> bool:
+    """Whether :func:`momentum_in_place_step` may stand in for :func:`step` on this call of a bucket: a config,
+    layout and compute dtype it takes (:func:`_eigen_momentum_config`), past the first call, with no refresh due
+    (a refresh rotates the momentum into a new tensor)."""
+    if state.calls == 0 or cfg.refresh.due(state.step + 1, first_call=False):
+        return False
+    key = (id(cfg), layout, dtype, CHECK_OWN_STAGES)
+    hit = _EIGEN_MOMENTUM.get(key)
+    if hit is None or hit[0] is not cfg:
+        if len(_EIGEN_MOMENTUM) >= 64:
+            _EIGEN_MOMENTUM.clear()
+        hit = _EIGEN_MOMENTUM[key] = (cfg, _eigen_momentum_config(cfg, layout, dtype))
+    return hit[1]
+
+
+#: :func:`_eigen_momentum_config`'s verdicts, by config (its ``id``, the config kept), layout, dtype and
+#: :data:`CHECK_OWN_STAGES`, as :data:`_ROTATED_ADAM`'s
+_EIGEN_MOMENTUM: dict[tuple[Any, ...], tuple[KronConfig, bool]] = {}
+
+
+def _eigen_momentum_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+    """Whether :func:`momentum_in_place_step` takes a config's calls on ``layout`` in compute dtype ``dtype``: the
+    ``eigenvalue`` inner rule (KL-Shampoo's) without ``normalize``, its momentum whole (``momentum_basis``
+    ``"original"`` or ``"eigen"``), a scale of its eigenvalues bounded by its ``eps`` (``exponent`` below 0), the
+    factor update after the direction, the full split, a plain ``post``, no restricted side, the state stored in the
+    compute dtype, no ``compile``, kronopt's own stages alone (none checked)."""
+    from .inner_rules.eigenvalue import EigenvalueInner
+    from .splits import FullSplit
+
+    inner = cfg.inner
+    return (
+        type(inner) is EigenvalueInner
+        and not inner.normalize
+        and inner.momentum_basis in ("original", "eigen")
+        and inner.exponent < 0
+        and cfg.factor_update == "after"
+        and type(cfg.split) is FullSplit
+        and not cfg.post.normalize
+        and cfg.post.grafting == "none"
+        and not cfg.compile
+        and "restricted" not in (layout.left, layout.right)
+        and storage_dtypes(cfg.storage, dtype) is None
+        and not _checked_slots(cfg)
+    )
+
+
+def momentum_in_place_step(
+    cfg: KronConfig, layout: Layout, state: BucketState, G: Tensor, defer: list[linalg.DeferredWrite],
+    prove: Callable[[StepContext], bool],
+) -> tuple[Tensor, BucketState]:
+    """:func:`step` of a call where :func:`eigen_momentum_due` holds, the same bits, its momentum updated in its stack
+    where ``prove`` says the call cannot fail.
+
+    The factor update runs first: it reads the old state alone, as the direction does (the direction reads the old
+    eigenvalue estimates, and the factor update no moment), so the order changes no bit, and the rotation of ``G``
+    one makes serves the other as before. The update's factors are left to the state write where they are proven
+    finite beforehand (``defer``), and whatever it made anew (the eigenvalue estimates, a factor it did not leave to
+    the write) is read finite here; then nothing but the momentum and the direction can make a block fail, and
+    ``prove(ctx)``, the caller's, says whether those are sure to be finite on every block
+    (:func:`eigen_momentum_is_safe`). Where it does
+    the rule updates its momentum in its own stack (``direction(..., in_place=True)``): no new tensor, nothing to
+    test or copy. Elsewhere the call is :func:`step`'s. The caller tells the calls made in place by their new
+    momentum, the stack itself."""
+    t = state.step + 1
+    shared: dict[str, Any] = {}
+    factors = _observe(cfg, layout, state, G, t=t, first_call=False, shared=shared, defer=defer).factors
+    ctx = context(cfg, layout, state, t, shared)
+    # the update's new tensors (its eigenvalue estimates, a factor it did not leave to the write) and the
+    # direction's eigenvalue estimates, read finite in one test
+    read = changed_tensors(factors, state.factors) + [lam for lam in ctx.eigvals if lam is not None]
+    in_place = (not read or linalg.cpu_all(linalg.all_finite(read))) and prove(ctx)
+    D, inner = cfg.inner.direction(state.inner, G, ctx, in_place=in_place)  # type: ignore[call-arg]
+    D, split = cfg.split.complement(state.split, G, D, ctx, lambda: cfg.inner.moment(inner, ctx))
+    D, post = cfg.post.graft(state.post, G, D, ctx)
+    return D, evolve(state, factors=factors, inner=inner, split=split, post=post, calls=state.calls + 1, step=t)
+
+
+def eigen_momentum_is_safe(
+    cfg: KronConfig, ctx: StepContext, dtype: torch.dtype, x_abs: float, m_abs: float, columns: float = 1.0,
+    spread: float = 1.0,
+) -> bool:
+    r"""Whether the ``eigenvalue`` rule's call (:func:`momentum_in_place_step`) at ``ctx``, its eigenvalue estimates
+    (``ctx.eigvals``) read finite by the caller, in ``dtype`` is sure to give
+    a finite momentum and a finite direction on a block whose momentum's input (the rotated gradient :math:`H`
+    under ``momentum_basis = "eigen"``, the gradient under ``"original"``) is bounded by ``x_abs`` and its momentum by
+    ``m_abs``, its bases' largest column norms multiplying to ``columns`` and their spectral norms to at most
+    ``spread`` (1 and about :math:`\sqrt{mn}` for orthonormal bases); ``False`` where it cannot say (a non-finite
+    bound, ``eps`` 0 as the dtype holds it).
+
+    The new momentum is a convex combination, :math:`|m'| \le a = \max(m_{abs}, x_{abs})`, and ``lerp`` forms a
+    difference of at most their sum on the way (:func:`momentum_block_is_safe`). Bias-corrected, :math:`a/c_1`.
+    Under ``"original"`` it is rotated into the basis first: at most :func:`rotated_gradient_bound` of that. The
+    scale of each entry is at most :math:`1/\epsilon` (``eps_placement`` ``"product"``: the denominator
+    :math:`(\lambda_{L,i}\lambda_{R,j})^{-p} + \epsilon` of finite non-negative roots; ``"outside"``: per rotated
+    side), or :math:`\epsilon^{p}` a side (``"inside"``: :math:`(\lambda + \epsilon)^{p}`, ``p < 0``), and the
+    rotation back multiplies the largest entry by at most ``spread`` times :math:`\sqrt{mn}`; each bound is kept
+    under a quarter of the dtype's largest value, room for every rounding on the way. Before the first refresh
+    (``ctx.basis.ready`` false) the direction is the momentum itself."""
+    inner = cfg.inner
+    big = torch.finfo(dtype).max / 4
+    eps = _held_as(inner.eps, dtype)
+    if not (eps > 0 and math.isfinite(columns) and math.isfinite(spread) and momentum_block_is_safe(dtype, x_abs, m_abs)):
+        return False
+    c1 = 1 - inner.momentum**ctx.step if inner.bias_correction else 1.0
+    a = max(m_abs, x_abs) / c1
+    if not (c1 > 0 and a < big):
+        return False
+    if not ctx.basis.ready:
+        return True
+    sides = [lam for lam in ctx.eigvals if lam is not None]
+    m, n = ctx.layout.m, ctx.layout.n
+    if inner.momentum_basis == "original":
+        a = rotated_gradient_bound(m * n, a, columns)
+    if inner.eps_placement == "inside":
+        scale = eps ** (inner.exponent * len(sides))
+    elif inner.eps_placement == "outside":
+        scale = eps ** -len(sides)
+    else:
+        scale = 1 / eps
+    return a * scale < big and spread * math.sqrt(m * n) * a * scale < big
+
+
 def muon_look_ahead(buf: Tensor, g: Tensor, weight: float, *, out: Tensor) -> Tensor:
     """Plain Muon's look-ahead of one block into ``out`` (the CPU's block-by-block form,
     :meth:`kronopt.KronOptimizer._step_plain_muon`): the momentum ``buf`` moved ``weight`` of the way to the

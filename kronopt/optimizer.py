@@ -451,8 +451,9 @@ class _Run:
     #: walked, or a field is replaced), which the finiteness test and the write share
     staged: compose.StagedWrite | None = None
     #: where the run updated its rotated Adam moments in their stacks (:meth:`KronOptimizer._in_place_proof`), each
-    #: block's ``(max |H|, max |m|, max v)`` its proof used, else ``None``
-    in_place: list[tuple[float, float, float]] | None = None
+    #: block's ``(max |H|, max |m|, max v)`` its proof used, or its ``eigenvalue`` rule's momentum
+    #: (:meth:`KronOptimizer._momentum_proof`), each block's ``(max |x|, max |m|)``; else ``None``
+    in_place: list[tuple[float, ...]] | None = None
 
     def changed(self) -> list[Tensor]:
         """The floating tensors the run made (its new state's and its direction): what its verdict tests. Walks
@@ -1925,6 +1926,8 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         if self._in_place_due(bucket, cfg):
             (run,) = self._rotated_adams([(0, bucket, cfg)], step_ok)  # the same bits as _run's
+        elif self._momentum_due(bucket, cfg):
+            run = self._momentum_run(bucket, cfg, step_ok)  # the same bits as _run's
         else:
             run = self._run(bucket, cfg)
         # a finite gradient whose update or state overflows (e.g. 1e20 in float32) is skipped too
@@ -1946,6 +1949,93 @@ class KronOptimizer(torch.optim.Optimizer):
             and compose.rotated_adam_due(cfg, layout, state, bucket.state_dtype)  # type: ignore[arg-type]
             and not cfg.refresh.due(state.step + 1, first_call=False)  # type: ignore[union-attr]
         )
+
+    def _momentum_due(self, bucket: _Bucket, cfg: KronConfig) -> bool:
+        """Whether a bucket's call may update its ``eigenvalue`` rule's momentum in place (:meth:`_momentum_run`): a call
+        :func:`compose.eigen_momentum_due` takes (no refresh due) on a CPU, of a group not compiled, of at least
+        ``_IN_PLACE_MIN`` momentum entries."""
+        layout = bucket.layout
+        return (
+            _MOMENTUM_IN_PLACE and layout.batch * layout.m * layout.n >= _IN_PLACE_MIN
+            and bucket.blocks[0].device.type == "cpu" and not self._group_cfgs[bucket.group].compile
+            and compose.eigen_momentum_due(cfg, layout, bucket.state, bucket.state_dtype)  # type: ignore[arg-type]
+        )
+
+    def _momentum_run(self, bucket: _Bucket, cfg: KronConfig, step_ok: Tensor | None) -> "_Run":
+        """:meth:`_run` of a call :func:`compose.momentum_in_place_step` takes (:meth:`_momentum_due`), the same bits: its
+        momentum updated in its stack where :meth:`_momentum_proof` proves the call finite (the run's
+        :attr:`_Run.in_place`). ``step_ok``: the step's flag under ``nonfinite_scope = "step"``."""
+        G, ok, defer = self._inputs(bucket)
+        old = bucket.state
+        used: list[tuple[float, float]] = []
+        prove = self._momentum_proof(bucket, cfg, step_ok, used)
+        if defer is None or prove is None:
+            D, new = compose.step(cfg, bucket.layout, old, G, defer=defer)  # type: ignore[arg-type]
+        else:
+            D, new = compose.momentum_in_place_step(cfg, bucket.layout, old, G, defer, prove)  # type: ignore[arg-type]
+        run = _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
+        if _momentum_of(new.inner) is _momentum_of(old.inner):  # made in place
+            run.in_place = used  # type: ignore[assignment]
+        return run
+
+    def _momentum_proof(
+        self, bucket: _Bucket, cfg: KronConfig, step_ok: Tensor | None, used: list[tuple[float, float]]
+    ) -> Callable[[Any], bool] | None:
+        """The proof :func:`compose.momentum_in_place_step` asks for before it updates a bucket's momentum in its stack
+        (a function of the call's context), or ``None`` where the call may not be made so, as :meth:`_in_place_proof`
+        says for rotated Adam's moments (off a CPU, where the step's flag is not read True, on inference tensors, below
+        ``_IN_PLACE_MIN`` entries).
+
+        It holds only where every gradient of the bucket was read finite on the host by this step's check and is of the
+        state's dtype. It bounds each block's momentum input, the gradient or (``momentum_basis = "eigen"`` once the
+        basis is made) the rotated gradient (:func:`compose.rotated_gradient_bound`), from the gradient's largest entry,
+        and its momentum by the bounds the last step left (:class:`_MomentumBounds`, where they still hold) or read
+        from the momentum, and holds where :func:`compose.eigen_momentum_is_safe` does on every block; it fills ``used``
+        with each block's ``(max |x|, max |m|)``, which :meth:`_carry_bounds` moves past the step."""
+        momentum = _momentum_of(bucket.state.inner)  # type: ignore[union-attr]
+        if momentum is None or momentum.numel() < _IN_PLACE_MIN or momentum.device.type != "cpu" or momentum.is_inference():
+            return None
+        if step_ok is not None and not (linalg.host_verdicts(step_ok) and bool(step_ok)):
+            return None
+
+        def prove(ctx: Any) -> bool:
+            hits = self._read_finite(bucket)
+            bases = None if hits is None else self._basis_bounds(bucket)
+            if bases is None:
+                return False
+            entries = bucket.layout.m * bucket.layout.n
+            rotated = cfg.inner.momentum_basis == "eigen" and ctx.basis.ready  # type: ignore[attr-defined]
+            X = [
+                compose.rotated_gradient_bound(entries, table.abs_bound(k), c) if rotated else table.abs_bound(k)
+                for (table, k), (c, _) in zip(hits, bases)  # type: ignore[arg-type]
+            ]
+            known = _MomentumBounds.valid(self._carried_bounds().pop(bucket, None), bucket)
+            for attempt in ("carried", "read"):
+                if attempt == "carried" and known is None:
+                    continue
+                if attempt == "carried":
+                    ms = known.m  # type: ignore[union-attr]
+                else:  # the test is monotone in its bounds: where the carried ones say no, the momentum is read
+                    lo, hi = linalg.block_min_max(momentum)
+                    ms = [_abs_bound(a, b) for a, b in zip(lo.tolist(), hi.tolist())]
+                if all(compose.eigen_momentum_is_safe(cfg, ctx, momentum.dtype, x, a, c, spread)
+                       for x, a, (c, spread) in zip(X, ms, bases)):
+                    used.extend(zip(X, ms))
+                    return True
+            return False
+
+        return prove
+
+    def _read_finite(self, bucket: _Bucket) -> list[tuple[Any, int]] | None:
+        """Each of the bucket's gradients' row in this step's check table (:meth:`_checked`), where every one was read
+        finite on the host there and is of the state's dtype; else ``None`` (the in-place proofs then fail)."""
+        hits = []
+        for p in bucket.params:
+            hit = self._checked(p.grad)  # type: ignore[arg-type]
+            if hit is None or p.grad.dtype != bucket.state_dtype or hit[0].read is None or not hit[0].read[hit[1]]:  # type: ignore[union-attr]
+                return None
+            hits.append(hit)
+        return hits
 
     def _run(self, bucket: _Bucket, cfg: KronConfig) -> "_Run":
         """The bucket's pipeline on its sanitized gradients: the direction and new state, nothing written yet."""
@@ -1998,12 +2088,9 @@ class KronOptimizer(torch.optim.Optimizer):
             return None
 
         def prove() -> bool:
-            hits = []
-            for p in bucket.params:
-                hit = self._checked(p.grad)  # type: ignore[arg-type]
-                if hit is None or p.grad.dtype != bucket.state_dtype or hit[0].read is None or not hit[0].read[hit[1]]:  # type: ignore[union-attr]
-                    return False
-                hits.append(hit)
+            hits = self._read_finite(bucket)
+            if hits is None:
+                return False
             t, entries = state.step + 1, bucket.layout.m * bucket.layout.n  # type: ignore[union-attr]
             bases = self._basis_bounds(bucket)
             if bases is None:
@@ -2018,8 +2105,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 else:  # the test is monotone in its bounds: where the carried ones say no, the moments are read
                     # (v's smallest entry too: the proof takes v ≥ 0, which an edit or a checkpoint may break, and
                     # NaN where an entry is: a square root of a negative entry is NaN, of -inf too)
-                    m_lo, m_hi = m.flatten(1).aminmax(dim=1)
-                    v_lo, v_hi = v.flatten(1).aminmax(dim=1)
+                    m_lo, m_hi = linalg.block_min_max(m)
+                    v_lo, v_hi = linalg.block_min_max(v)
                     rows = torch.stack([m_lo, m_hi, v_lo, v_hi], dim=1).tolist()
                     ms = [max(-a, b) for a, b, _, _ in rows]
                     vs = [_second_moment_max(c, d) for _, _, c, d in rows]
@@ -2068,10 +2155,14 @@ class KronOptimizer(torch.optim.Optimizer):
         """The moment bounds each run made in place leaves for the next step (:class:`_MomentBounds`), once its writes
         are made (the version counters are taken after them)."""
         for run in runs:
-            if run.in_place is not None:
+            if run.in_place is None:
+                continue
+            if _momentum_of(run.bucket.state.inner) is not None:  # the eigenvalue rule's momentum (_momentum_run)
+                after: Any = _MomentumBounds.after(run.bucket, run.cfg.inner.momentum, run.in_place)  # type: ignore[attr-defined, arg-type]
+            else:
                 after = _MomentBounds.after(run.bucket, run.cfg.inner.betas, run.in_place, [True] * len(run.in_place))  # type: ignore[attr-defined]
-                if after is not None:
-                    self._carried_bounds()[run.bucket] = after
+            if after is not None:
+                self._carried_bounds()[run.bucket] = after
 
     def _inputs(self, bucket: _Bucket) -> tuple[Tensor, Tensor, list[linalg.DeferredWrite] | None]:
         """A bucket call's inputs (:meth:`_run`, :meth:`_rotated_adams`): its sanitized gradients ``G``, their blocks'
@@ -2622,8 +2713,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 pieces.append(apart[taken : taken + count])  # type: ignore[index]
                 taken += count
             else:
-                lo, hi = m_stack.flatten(1).aminmax(dim=1)
-                v_lo, v_hi = v_stack.flatten(1).aminmax(dim=1)  # type: ignore[union-attr]
+                lo, hi = linalg.block_min_max(m_stack)
+                v_lo, v_hi = linalg.block_min_max(v_stack)  # type: ignore[arg-type]
                 pieces.append(torch.stack([lo, hi, _second_moment_bound(v_lo, v_hi)], dim=1))
         table = torch.cat(pieces)
         return table[:, 0:1], table[:, 1:2], table[:, 2:3]
@@ -3608,6 +3699,10 @@ _ROTATED_MOMENTS_IN_PLACE = True
 #: costs as much as the allocations, tests and copies it spares)
 _IN_PLACE_MIN = 1 << 14
 
+#: whether a CPU step may update an ``eigenvalue`` rule's momentum in its stack where it is proven finite beforehand
+#: (:meth:`KronOptimizer._momentum_run`); off, every call makes a new momentum, tests and copies it: the same bits
+_MOMENTUM_IN_PLACE = True
+
 
 _CPU = torch.device("cpu")
 
@@ -3737,6 +3832,57 @@ def _bounds(g_lo: float, g_hi: float, m_lo: float, m_hi: float, v_hi: float) -> 
     return _abs_bound(g_lo, g_hi), max(-m_lo, m_hi), v_hi
 
 
+def _momentum_of(inner: Any) -> Tensor | None:
+    """The whole momentum stack of an ``eigenvalue`` rule's state (``"original"``'s buffer, ``"eigen"``'s), else ``None``."""
+    from .inner_rules._common import MomentumState
+    from .inner_rules.eigenvalue import EigenMomentumState
+
+    if isinstance(inner, EigenMomentumState):
+        return inner.momentum_eigen
+    if isinstance(inner, MomentumState):
+        return inner.momentum_buffer
+    return None
+
+
+@attrs.frozen
+class _MomentumBounds:
+    r"""Upper bounds on an ``eigenvalue`` rule bucket's momentum, block by block (``m`` of :math:`|m|`), carried
+    from one step to the next on a CPU as :class:`_MomentBounds` carries Adam's, for
+    :meth:`KronOptimizer._momentum_proof`: a step moves the momentum to :math:`\mu m + (1-\mu) x` (:math:`x` the
+    rotated gradient, or the gradient in the original coordinates), so from the bound :math:`X` on :math:`|x|` the new
+    bound is :math:`\mu M + (1-\mu) X`, plus four units of rounding of the larger and the dtype's smallest normal
+    number. They hold only for the stack they were made on (held weakly), at the version counter and step count it
+    was left with; writes torch does not count are not seen (as for :class:`_MomentBounds`)."""
+
+    momentum: "weakref.ref[Tensor]"
+    version: int
+    step: int
+    m: list[float]
+
+    @staticmethod
+    def valid(known: Any, bucket: "_Bucket") -> "_MomentumBounds | None":
+        """``known`` where it still holds for the bucket's momentum as it is now, else ``None``."""
+        momentum = _momentum_of(bucket.state.inner)  # type: ignore[union-attr]
+        if not isinstance(known, _MomentumBounds) or momentum is None or known.momentum() is not momentum:
+            return None
+        if known.step != bucket.state.step or known.version != momentum._version:  # type: ignore[union-attr]
+            return None
+        return known
+
+    @staticmethod
+    def after(bucket: "_Bucket", beta: float, used: list[tuple[float, float]]) -> "_MomentumBounds | None":
+        """The bounds the bucket's momentum keeps after a step made in place with ``used`` (each block's ``(max |x|,
+        max |m|)``), every block written; ``None`` where one is not finite, or the stack keeps no version counter."""
+        momentum = _momentum_of(bucket.state.inner)  # type: ignore[union-attr]
+        if momentum is None or momentum.is_inference():
+            return None
+        info = torch.finfo(momentum.dtype)
+        u, tiny = 4 * info.eps, info.tiny
+        ms = [beta * m + (1 - beta) * x + u * max(m, x) + tiny for x, m in used]
+        if not all(math.isfinite(m) for m in ms):
+            return None
+        return _MomentumBounds(weakref.ref(momentum), momentum._version, bucket.state.step, ms)  # type: ignore[union-attr]
+
 def _abs_bound(lo: float, hi: float) -> float:
     """``max |x|`` of a tensor from its smallest and largest entries (NaN where one is)."""
     return math.nan if math.isnan(lo + hi) else max(-lo, hi)
@@ -3771,7 +3917,7 @@ class _MomentBounds:
     def valid(known: "_MomentBounds | None", bucket: "_Bucket") -> "_MomentBounds | None":
         """``known`` where it still holds for the bucket's moments as they are now, else ``None``."""
         inner = bucket.state.inner  # type: ignore[union-attr]
-        if known is None or known.exp_avg() is not inner.exp_avg or known.exp_avg_sq() is not inner.exp_avg_sq:
+        if not isinstance(known, _MomentBounds) or known.exp_avg() is not inner.exp_avg or known.exp_avg_sq() is not inner.exp_avg_sq:
             return None
         if known.step != bucket.state.step or known.versions != (inner.exp_avg._version, inner.exp_avg_sq._version):  # type: ignore[union-attr]
             return None

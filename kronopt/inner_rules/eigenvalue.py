@@ -140,8 +140,13 @@ class EigenvalueInner:
         return 1.0 / (linalg.power(lam, -self.exponent) + self.eps)
 
     def direction(
-        self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, G: Tensor, ctx: StepContext
+        self, state: MomentumState | EigenMomentumState | SubspaceMomentumState, G: Tensor, ctx: StepContext,
+        *, in_place: bool = False,
     ) -> tuple[Tensor, MomentumState | EigenMomentumState | SubspaceMomentumState]:
+        """The step's direction and new momentum. ``in_place``: a whole momentum (``"original"``, ``"eigen"``) is
+        updated in its own stack (``lerp_``, the same bits) instead of a new tensor, which only a caller that proved
+        the new momentum and the direction finite on every block beforehand asks for
+        (:func:`kronopt.compose.momentum_in_place_step`): a block refused afterwards would have lost its momentum."""
         beta = self.momentum
         basis = ctx.basis
         if isinstance(state, SubspaceMomentumState):
@@ -160,12 +165,13 @@ class EigenvalueInner:
             return self._scaled_back(P, ctx), new
         if isinstance(state, EigenMomentumState):
             # before the first refresh the bases are the identity: the momentum is in the original coordinates
-            P = state.momentum_eigen.lerp(ctx.rotated(G).H if basis.ready else G, 1 - beta)
+            X = ctx.rotated(G).H if basis.ready else G
+            P = state.momentum_eigen.lerp_(X, 1 - beta) if in_place else state.momentum_eigen.lerp(X, 1 - beta)
             P_hat = P / (1 - beta**ctx.step) if self.bias_correction else P
             if not basis.ready:
                 return P_hat, EigenMomentumState(P)
             return self._scaled_back(P_hat, ctx), EigenMomentumState(P)
-        m = state.momentum_buffer.lerp(G, 1 - beta)
+        m = state.momentum_buffer.lerp_(G, 1 - beta) if in_place else state.momentum_buffer.lerp(G, 1 - beta)
         m_hat = m / (1 - beta**ctx.step) if self.bias_correction else m
         if not basis.ready:
             return m_hat, MomentumState(m)

@@ -27,6 +27,8 @@ Switches turned off in the slow run (module, name, value), each a CPU-only path 
   (``linalg.gram_update_finite``/``gram_update_bound``, the KSL step's norms in ``linalg.projector_split_ksl``)
 * ``optimizer._ROTATED_MOMENTS_IN_PLACE = False``: new rotated Adam moments, tested, copied
   (``KronOptimizer._in_place_proof``, ``compose.rotated_adam_is_safe``, carried ``_MomentBounds``)
+* ``optimizer._MOMENTUM_IN_PLACE = False``: a new ``eigenvalue`` rule momentum, tested, copied
+  (``KronOptimizer._momentum_proof``, ``compose.eigen_momentum_is_safe``, carried ``_MomentumBounds``)
 * ``optimizer._ROTATED_ADAMS_TOGETHER = False``: each small bucket's rotated Adam call in its own pipeline
 * ``optimizer._SMALL_TOGETHER_MAX = 0``: each small bucket stepped in its own turn
 * ``optimizer._PLAIN_MUON_CPU = False``: plain Muon on the stacks (``compose.momentum_block_is_safe``)
@@ -82,6 +84,7 @@ BOTH = [(kopt, "_FUSED_ADAMW", False)]
 SLOW = [
     (kopt, "_DEFER_FACTOR_UPDATES", False),
     (kopt, "_ROTATED_MOMENTS_IN_PLACE", False),
+    (kopt, "_MOMENTUM_IN_PLACE", False),
     (kopt, "_ROTATED_ADAMS_TOGETHER", False),
     (kopt, "_SMALL_TOGETHER_MAX", 0),
     (kopt, "_PLAIN_MUON_CPU", False),

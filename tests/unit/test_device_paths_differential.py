@@ -42,6 +42,7 @@ GPU_SWITCHES = [
     (kopt, "_PLAIN_MUON_CPU", False),  # _plain_muon_cpu (also off through host_verdicts): Muon on the stacks
     (kopt, "_DEFER_FACTOR_UPDATES", False),  # _run: no factor update left to the write
     (kopt, "_ROTATED_MOMENTS_IN_PLACE", False),  # _in_place_due / _in_place_proof: new moments, tested and copied
+    (kopt, "_MOMENTUM_IN_PLACE", False),  # _momentum_due / _momentum_proof: a new eigenvalue-rule momentum, tested, copied
     (kopt, "_SMALL_TOGETHER_MAX", 0),  # _small_cpu (also off through host_verdicts)
     (linalg, "_GRAM_TILED_MIN", 10**9),  # _tiled: one dense product
     (linalg, "_SPLIT_SANDWICH_MIN", 10**9),  # split_pays: the plain sandwich
@@ -63,6 +64,7 @@ CPU_ONLY = [
     (linalg, "_onednn_mm"),
     (linalg, "DeferredWrite"),
     (linalg, "adam_moments_each_"),  # rotated Adam moments updated in their stacks
+    (compose, "momentum_in_place_step"),  # the eigenvalue rule's momentum updated in its stack
     (torch, "_foreach_copy_"),  # the plain copies of a write with every block ok
 ]
 
@@ -92,6 +94,8 @@ DEVICE_BRANCHES = {
         "KronOptimizer._scratch",  # _CPU_KEEPS_SCRATCH
         "KronOptimizer._in_place_due",  # _ROTATED_MOMENTS_IN_PLACE
         "KronOptimizer._in_place_proof",  # _ROTATED_MOMENTS_IN_PLACE
+        "KronOptimizer._momentum_due",  # _MOMENTUM_IN_PLACE
+        "KronOptimizer._momentum_proof",  # _MOMENTUM_IN_PLACE
         "_gradients_in_parameters",  # only a CPU's buckets step together (_SMALL_TOGETHER_MAX, _BLOCKWISE_MIN)
     },
     "validators.py": {"one_cpu_number"},  # an lr tensor read as its number (the tests of tensor rates below)

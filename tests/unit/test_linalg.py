@@ -1526,3 +1526,22 @@ def test_power_of_a_row_does_not_depend_on_how_many_rows_share_the_call(exponent
     if exponent != -1 / 3:  # any other exponent is torch's pow, which makes no such promise
         assert all(torch.equal(linalg.power(x[:k], exponent), full[:k]) for k in range(1, 40))
         assert all(torch.equal(linalg.power(x[i : i + 1], exponent), full[i : i + 1]) for i in range(40))
+
+
+def test_block_min_max_is_each_blocks_smallest_and_largest_entry_nan_where_it_holds_one():
+    """``block_min_max`` against ``aminmax`` of each block alone: over stacks of 1, 3 and 4 blocks, a strided one, with
+    an infinity, a NaN (in both results) and a block of one entry (two reductions must not drop a NaN nor mix blocks)."""
+    gen = torch.Generator().manual_seed(0)
+    stacks = [torch.randn(1, 64, 48, generator=gen), torch.randn(3, 7, 5, generator=gen), torch.randn(4, 1, 1, generator=gen)]
+    stacks.append(torch.randn(4, 30, 20, generator=gen).mT)  # not contiguous
+    stacks[1][1, 2, 3] = math.inf
+    stacks[1][2, 0, 0] = math.nan
+    stacks[3][0, 5, 7] = -math.inf
+    for t in stacks:
+        lo, hi = linalg.block_min_max(t)
+        for k in range(t.shape[0]):
+            want_lo, want_hi = torch.aminmax(t[k])
+            assert torch.equal(lo[k], want_lo) or (lo[k].isnan() and want_lo.isnan())
+            assert torch.equal(hi[k], want_hi) or (hi[k].isnan() and want_hi.isnan())
+    lo, hi = linalg.block_min_max(stacks[1])
+    assert lo[2].isnan() and hi[2].isnan() and hi[1] == math.inf and not lo[0].isnan()
