@@ -1050,9 +1050,13 @@ def block_norm(X: Tensor) -> Tensor:
 def nonzero_blocks(X: Tensor) -> Tensor:
     """``(b)`` mask: True where a block holds a nonzero entry (NaN counts). By the largest magnitude, not the
     norm, whose squares underflow: a float32 block of entries below about 1e-23 has norm 0 (as
-    :func:`_nonzero_each` reads a gradient before a first call)."""
+    :func:`_nonzero_each` reads a gradient before a first call). From the smallest and largest entries
+    (:func:`block_min_max`: the infinity norm along two dimensions ran 6–10 times slower on a CPU)."""
     _check_batched("X", X)
-    return torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1)).ne(0)
+    if X.shape[-2] * X.shape[-1] == 0:
+        return torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
+    lo, hi = block_min_max(X)
+    return lo.ne(0) | hi.ne(0)  # NaN, in both, is not 0
 
 
 def match_norm(D: Tensor, A: Tensor) -> Tensor:

@@ -1545,3 +1545,20 @@ def test_block_min_max_is_each_blocks_smallest_and_largest_entry_nan_where_it_ho
             assert torch.equal(hi[k], want_hi) or (hi[k].isnan() and want_hi.isnan())
     lo, hi = linalg.block_min_max(stacks[1])
     assert lo[2].isnan() and hi[2].isnan() and hi[1] == math.inf and not lo[0].isnan()
+
+
+def test_nonzero_blocks_counts_any_nonzero_entry_nan_and_subnormals_included_and_no_negative_zero():
+    """``nonzero_blocks`` against each block's entries read one by one: a lone negative entry, a subnormal one (whose
+    square, and so the norm, underflows), NaN, an infinity, and blocks of zeros, negative zeros included, or of no
+    entries, which hold none."""
+    X = torch.zeros(7, 3, 4)
+    X[1, 0, 0] = -1e-30
+    X[2, 1, 1] = math.nan
+    X[3, 2, 3] = math.inf
+    X[4] = -0.0
+    X[5, 2, 0] = 1e-44  # subnormal in float32
+    X[6, 1, 2] = -math.inf
+    want = [bool(((X[k] != 0) | X[k].isnan()).any()) for k in range(7)]
+    assert linalg.nonzero_blocks(X).tolist() == want == [False, True, True, True, False, True, True]
+    assert linalg.nonzero_blocks(X.mT).tolist() == want  # a strided stack
+    assert linalg.nonzero_blocks(torch.zeros(2, 0, 3)).tolist() == [False, False]
