@@ -1725,7 +1725,7 @@ def block_min_max(t: Tensor) -> tuple[Tensor, Tensor]:
     where the block holds one. Two reductions: on a CPU ``aminmax`` along a dimension runs 3 to 10 times slower than
     ``amin`` and ``amax`` together (torch 2.13, 2 threads: a ``1 × 2048 × 512`` stack 1.94 against 0.24 ms, ``4 ×
     262144`` 1.19 against 0.12, ``64 × 256`` 24 against 7 µs), where its whole-tensor form is as fast as they."""
-    rows = t.reshape(t.shape[0], -1)
+    rows = t.flatten(1)  # (an empty stack too: reshape(0, -1) is ambiguous)
     return rows.amin(dim=1), rows.amax(dim=1)
 
 

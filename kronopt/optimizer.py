@@ -3852,7 +3852,9 @@ class _MomentumBounds:
     rotated gradient, or the gradient in the original coordinates), so from the bound :math:`X` on :math:`|x|` the new
     bound is :math:`\mu M + (1-\mu) X`, plus four units of rounding of the larger and the dtype's smallest normal
     number. They hold only for the stack they were made on (held weakly), at the version counter and step count it
-    was left with; writes torch does not count are not seen (as for :class:`_MomentBounds`)."""
+    was left with; writes torch does not count (through ``.data``, NumPy, DLPack or the storage) are not seen, as for
+    :class:`_MomentBounds`: a momentum made huge so between steps is then moved in place, and its direction, untested,
+    can step the parameter to a non-finite value (unsupported, as such writes are for every carried bound)."""
 
     momentum: "weakref.ref[Tensor]"
     version: int

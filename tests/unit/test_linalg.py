@@ -1562,3 +1562,4 @@ def test_nonzero_blocks_counts_any_nonzero_entry_nan_and_subnormals_included_and
     assert linalg.nonzero_blocks(X).tolist() == want == [False, True, True, True, False, True, True]
     assert linalg.nonzero_blocks(X.mT).tolist() == want  # a strided stack
     assert linalg.nonzero_blocks(torch.zeros(2, 0, 3)).tolist() == [False, False]
+    assert linalg.nonzero_blocks(torch.zeros(0, 3, 4)).tolist() == []  # a stack of no blocks
