@@ -690,20 +690,45 @@ def rotated_adam_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype:
     """Whether :func:`rotated_adams` may stand in for :func:`step` on this call of a bucket: a config, layout and
     compute dtype it takes (:func:`_rotated_adam_config`), past the first call (a refresh due at this update
     included)."""
-    if state.calls == 0:
-        return False
-    key = (id(cfg), layout, dtype, CHECK_OWN_STAGES)
-    hit = _ROTATED_ADAM.get(key)
-    if hit is None or hit[0] is not cfg:
-        if len(_ROTATED_ADAM) >= 64:
-            _ROTATED_ADAM.clear()
-        hit = _ROTATED_ADAM[key] = (cfg, _rotated_adam_config(cfg, layout, dtype))
-    return hit[1]
+    return state.calls > 0 and _config_verdict(_ROTATED_ADAM, _rotated_adam_config, cfg, layout, dtype)
 
 
 #: :func:`_rotated_adam_config`'s verdicts, by config (its ``id``, the config kept to tell a reused one), layout, dtype
 #: and :data:`CHECK_OWN_STAGES`: one dictionary read a bucket and step
 _ROTATED_ADAM: dict[tuple[Any, ...], tuple[KronConfig, bool]] = {}
+
+
+def _config_verdict(
+    cache: dict[tuple[Any, ...], tuple[KronConfig, bool]], verdict: Callable[[KronConfig, Layout, torch.dtype], bool],
+    cfg: KronConfig, layout: Layout, dtype: torch.dtype,
+) -> bool:
+    """``verdict(cfg, layout, dtype)``, kept in ``cache`` by config (its ``id``, the config kept to tell a reused one),
+    layout, dtype and :data:`CHECK_OWN_STAGES` (at most 64 entries): one dictionary read a bucket and step."""
+    key = (id(cfg), layout, dtype, CHECK_OWN_STAGES)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not cfg:
+        if len(cache) >= 64:
+            cache.clear()
+        hit = cache[key] = (cfg, verdict(cfg, layout, dtype))
+    return hit[1]
+
+
+def _plain_tail(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+    """What the CPU's in-place paths ask of a config past its inner rule: the factor update after the direction,
+    the full split, a plain ``post``, no restricted side, the state stored in the compute dtype, no ``compile``,
+    kronopt's own stages alone (none checked)."""
+    from .splits import FullSplit
+
+    return (
+        cfg.factor_update == "after"
+        and type(cfg.split) is FullSplit
+        and not cfg.post.normalize
+        and cfg.post.grafting == "none"
+        and not cfg.compile
+        and "restricted" not in (layout.left, layout.right)
+        and storage_dtypes(cfg.storage, dtype) is None
+        and not _checked_slots(cfg)
+    )
 
 
 def _rotated_adam_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
@@ -712,20 +737,12 @@ def _rotated_adam_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) ->
     reads no rotation of its own (``reads_rotated``), the full split, a plain ``post``, no restricted side, the state
     stored in the compute dtype, no ``compile``, kronopt's own stages alone (none checked)."""
     from .inner_rules.adam import AdamInner
-    from .splits import FullSplit
 
     return (
         type(cfg.inner) is AdamInner
         and not cfg.inner.normalize
-        and cfg.factor_update == "after"
         and not capabilities(cfg.factors).reads_rotated
-        and type(cfg.split) is FullSplit
-        and not cfg.post.normalize
-        and cfg.post.grafting == "none"
-        and not cfg.compile
-        and "restricted" not in (layout.left, layout.right)
-        and storage_dtypes(cfg.storage, dtype) is None
-        and not _checked_slots(cfg)
+        and _plain_tail(cfg, layout, dtype)
     )
 
 
@@ -879,13 +896,7 @@ def eigen_momentum_due(cfg: KronConfig, layout: Layout, state: BucketState, dtyp
     (a refresh rotates the momentum into a new tensor)."""
     if state.calls == 0 or cfg.refresh.due(state.step + 1, first_call=False):
         return False
-    key = (id(cfg), layout, dtype, CHECK_OWN_STAGES)
-    hit = _EIGEN_MOMENTUM.get(key)
-    if hit is None or hit[0] is not cfg:
-        if len(_EIGEN_MOMENTUM) >= 64:
-            _EIGEN_MOMENTUM.clear()
-        hit = _EIGEN_MOMENTUM[key] = (cfg, _eigen_momentum_config(cfg, layout, dtype))
-    return hit[1]
+    return _config_verdict(_EIGEN_MOMENTUM, _eigen_momentum_config, cfg, layout, dtype)
 
 
 #: :func:`_eigen_momentum_config`'s verdicts, by config (its ``id``, the config kept), layout, dtype and
@@ -900,7 +911,6 @@ def _eigen_momentum_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) 
     factor update after the direction, the full split, a plain ``post``, no restricted side, the state stored in the
     compute dtype, no ``compile``, kronopt's own stages alone (none checked)."""
     from .inner_rules.eigenvalue import EigenvalueInner
-    from .splits import FullSplit
 
     inner = cfg.inner
     return (
@@ -908,14 +918,7 @@ def _eigen_momentum_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) 
         and not inner.normalize
         and inner.momentum_basis in ("original", "eigen")
         and inner.exponent < 0
-        and cfg.factor_update == "after"
-        and type(cfg.split) is FullSplit
-        and not cfg.post.normalize
-        and cfg.post.grafting == "none"
-        and not cfg.compile
-        and "restricted" not in (layout.left, layout.right)
-        and storage_dtypes(cfg.storage, dtype) is None
-        and not _checked_slots(cfg)
+        and _plain_tail(cfg, layout, dtype)
     )
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import kronopt
 from kronopt import compose
 from kronopt import optimizer as optimizer_module
+from tests.unit.test_rotated_moments_in_place import _step as _step_with
 
 #: a block stepped alone (more than _SMALL_TOGETHER_MAX entries, past _IN_PLACE_MIN), a small one, a vector
 SHAPES = [(160, 130), (12, 7), (130,)]
@@ -51,12 +52,7 @@ def _build(flag, monkeypatch, shapes=SHAPES, **overrides):
 
 
 def _step(params, opt, grads, flag, monkeypatch):
-    monkeypatch.setattr(optimizer_module, "_MOMENTUM_IN_PLACE", flag)
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt.step()
+    _step_with(params, opt, grads, flag, monkeypatch, switch="_MOMENTUM_IN_PLACE")
 
 
 def _spy(monkeypatch):

@@ -40,8 +40,9 @@ def _build(preset, in_place, monkeypatch, **overrides):
     return params, opt
 
 
-def _step(params, opt, grads, in_place, monkeypatch):
-    monkeypatch.setattr(optimizer_module, "_ROTATED_MOMENTS_IN_PLACE", in_place)
+def _step(params, opt, grads, in_place, monkeypatch, switch="_ROTATED_MOMENTS_IN_PLACE"):
+    """One step with the in-place ``switch`` of the optimizer module set to ``in_place``, warnings ignored."""
+    monkeypatch.setattr(optimizer_module, switch, in_place)
     for p, g in zip(params, grads):
         p.grad = g.clone()
     with warnings.catch_warnings():
