@@ -1716,8 +1716,7 @@ def _block_extremes(t: Tensor) -> list[Tensor]:
         return [t]
     if t.numel() == 0:  # no blocks, or blocks with no entries (e.g. a rank-0 subspace): trivially finite
         return [torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)]
-    dims = tuple(range(1, t.ndim))
-    return [t.amax(dim=dims), t.amin(dim=dims)]
+    return list(block_min_max(t))
 
 
 def block_min_max(t: Tensor) -> tuple[Tensor, Tensor]:

@@ -3878,9 +3878,7 @@ class _MomentumBounds:
         momentum = _momentum_of(bucket.state.inner)  # type: ignore[union-attr]
         if momentum is None or momentum.is_inference():
             return None
-        info = torch.finfo(momentum.dtype)
-        u, tiny = 4 * info.eps, info.tiny
-        ms = [beta * m + (1 - beta) * x + u * max(m, x) + tiny for x, m in used]
+        ms = [_ema_bound(beta, m, x, momentum.dtype) for x, m in used]
         if not all(math.isfinite(m) for m in ms):
             return None
         return _MomentumBounds(weakref.ref(momentum), momentum._version, bucket.state.step, ms)  # type: ignore[union-attr]
@@ -3888,6 +3886,14 @@ class _MomentumBounds:
 def _abs_bound(lo: float, hi: float) -> float:
     """``max |x|`` of a tensor from its smallest and largest entries (NaN where one is)."""
     return math.nan if math.isnan(lo + hi) else max(-lo, hi)
+
+
+def _ema_bound(beta: float, old: float, new: float, dtype: torch.dtype) -> float:
+    """A bound on ``β a + (1 − β) b`` computed in ``dtype`` for ``a ≤ old``, ``b ≤ new`` (non-negative bounds): the exact
+    value plus four units of rounding of the larger and the dtype's smallest normal number (rounding among subnormal
+    numbers is absolute, and an EMA there can stop decaying)."""
+    info = torch.finfo(dtype)
+    return beta * old + (1 - beta) * new + 4 * info.eps * max(old, new) + info.tiny
 
 
 @attrs.frozen
@@ -3937,14 +3943,10 @@ class _MomentBounds:
         if exp_avg.is_inference() or exp_avg_sq.is_inference():
             return None
         beta1, beta2 = betas
-        info = torch.finfo(exp_avg.dtype)
-        u, tiny = 4 * info.eps, info.tiny
         ms, vs = [], []
         for (g, m, v), wrote in zip(used, written):
             if wrote:
-                g2 = g * g
-                m = beta1 * m + (1 - beta1) * g + u * max(m, g) + tiny
-                v = beta2 * v + (1 - beta2) * g2 + u * max(v, g2) + tiny
+                m, v = _ema_bound(beta1, m, g, exp_avg.dtype), _ema_bound(beta2, v, g * g, exp_avg.dtype)
             if not (math.isfinite(m) and math.isfinite(v)):
                 return None
             ms.append(m)

@@ -22,6 +22,7 @@ import kronopt
 from kronopt import compose
 from kronopt import optimizer as optimizer_module
 from tests.unit.test_rotated_moments_in_place import _step as _step_with
+from tests.unit.test_rotated_moments_in_place import _step_in_turn_to_the_same_bits
 
 #: a block stepped alone (more than _SMALL_TOGETHER_MAX entries, past _IN_PLACE_MIN), a small one, a vector
 SHAPES = [(160, 130), (12, 7), (130,)]
@@ -78,18 +79,8 @@ def test_an_in_place_momentum_takes_the_same_bits_as_a_new_one(case, monkeypatch
     arithmetic, in the order of the factor update and the direction, or in which calls take it, shows here)."""
     runs = {flag: _build(flag, monkeypatch, **CASES[case]) for flag in (True, False)}
     made = _spy(monkeypatch)
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(20):
-        grads = _grads(gen)
-        for flag, (params, opt) in runs.items():
-            _step(params, opt, grads, flag, monkeypatch)
-    (p_on, opt_on), (p_off, opt_off) = runs[True], runs[False]
-    for a, b in zip(p_on, p_off):
-        assert torch.equal(a, b)
-    for a, b in zip(opt_on.state.values(), opt_off.state.values()):
-        for key in a:
-            if isinstance(a[key], torch.Tensor):
-                assert torch.equal(a[key], b[key]), key
+    _step_in_turn_to_the_same_bits(runs, _grads, monkeypatch, switch="_MOMENTUM_IN_PLACE")
+    opt_on = runs[True][1]
     bucket = next(b for b in opt_on._buckets if b.layout.m == 160)
     last = bucket.state.step
     # the updates of the 19 calls past the first (which observes only): each with no refresh due is made in place

@@ -50,6 +50,23 @@ def _step(params, opt, grads, in_place, monkeypatch, switch="_ROTATED_MOMENTS_IN
         opt.step()
 
 
+def _step_in_turn_to_the_same_bits(runs, grads_of, monkeypatch, steps=20, switch="_ROTATED_MOMENTS_IN_PLACE"):
+    """``runs`` ``{flag: (params, opt)}`` stepped in turn ``steps`` times on the same gradients (``grads_of(gen)``), each
+    with ``switch`` set to its flag; then the parameters and every tensor of ``state[p]`` equal bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        grads = grads_of(gen)
+        for flag, (params, opt) in runs.items():
+            _step(params, opt, grads, flag, monkeypatch, switch)
+    (p_on, opt_on), (p_off, opt_off) = runs[True], runs[False]
+    for a, b in zip(p_on, p_off):
+        assert torch.equal(a, b)
+    for a, b in zip(opt_on.state.values(), opt_off.state.values()):
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key
+
+
 def _spy_in_place(monkeypatch):
     """Counts the calls made in place and the calls made with new moments, by ``(m, n)`` of the bucket."""
     made = {"in_place": [], "new": []}
@@ -73,18 +90,8 @@ def test_in_place_moments_take_the_same_bits_as_new_ones(preset, monkeypatch):
     in-place arithmetic, or in which calls take it, shows here)."""
     runs = {flag: _build(preset, flag, monkeypatch) for flag in (True, False)}
     made = _spy_in_place(monkeypatch)
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(20):
-        grads = _grads(gen)
-        for flag, (params, opt) in runs.items():
-            _step(params, opt, grads, flag, monkeypatch)
-    (p_on, opt_on), (p_off, opt_off) = runs[True], runs[False]
-    for a, b in zip(p_on, p_off):
-        assert torch.equal(a, b)
-    for a, b in zip(opt_on.state.values(), opt_off.state.values()):
-        for key in a:
-            if isinstance(a[key], torch.Tensor):
-                assert torch.equal(a[key], b[key]), key
+    _step_in_turn_to_the_same_bits(runs, _grads, monkeypatch)
+    opt_on = runs[True][1]
     # past the first call, the plain updates of the run in place (the refreshes, every 4th update, make new
     # moments: they rotate them; the general path makes those, and every update of the run without, through the
     # pipeline, the small path through rotated_adams)
