@@ -1047,6 +1047,40 @@ def block_norm(X: Tensor) -> Tensor:
     return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
 
 
+def block_norm_wide(X: Tensor) -> Tensor:
+    """:func:`block_norm` with its digits kept where the squares it sums leave the dtype's range.
+
+    The plain norm sums its entries' squares in their own dtype: in float32 a block whose entries lie below about
+    ``2^-63`` squares them into subnormals (``‖X‖`` of ``2^-70`` read 17 % low on a ``64 × 64`` block) or zeros
+    (below ``2^-75`` a nonzero block reads 0), and one past ``2^64`` overflows. Where the plain norm lies outside
+    :func:`norm_digits_range` on a block, that block's norm is taken in float64 (the squares of float32 entries
+    exact there, their sum far inside its range) and rounded back; elsewhere the plain norm itself, the same bits.
+    On a CPU the verdict is read on the host, so a stack in range costs nothing more; other devices take both
+    norms and choose per block. A float64 ``X`` keeps the plain norm."""
+    return wide_norm_where(block_norm(X), X.shape[-2] * X.shape[-1], lambda: block_norm(X.double()))
+
+
+def norm_digits_range(numel: int, dtype: torch.dtype) -> tuple[float, float]:
+    r"""``(lo, hi)``: the Frobenius norms of ``numel`` entries of ``dtype`` whose plain sum of squares keeps its
+    digits. Below :math:`\sqrt{\text{numel} \cdot \text{tiny}}` the squares that round as subnormals (each off by at
+    most half their spacing) or to zero can move the sum by more than half an ulp; from :math:`\sqrt{\max}/2` up
+    the sum may overflow."""
+    info = torch.finfo(dtype)
+    return math.sqrt(max(numel, 1) * info.tiny), math.sqrt(info.max) / 2
+
+
+def wide_norm_where(norm: Tensor, numel: int, wide: Callable[[], Tensor]) -> Tensor:
+    """``norm`` (per block, of ``numel`` entries each) where :func:`norm_digits_range` holds it, else ``wide()``
+    (the same norm summed in float64) cast back; ``norm`` itself where every block is in range on a CPU."""
+    if norm.dtype == torch.float64 or not norm.dtype.is_floating_point:
+        return norm
+    lo, hi = norm_digits_range(numel, norm.dtype)
+    inside = (norm >= lo) & (norm <= hi)  # False where NaN: the wide norm is NaN there too
+    if cpu_all(inside):
+        return norm
+    return torch.where(inside, norm, wide().to(norm.dtype))
+
+
 def nonzero_blocks(X: Tensor) -> Tensor:
     """``(b)`` mask: True where a block holds a nonzero entry (NaN counts). By the largest magnitude, not the
     norm, whose squares underflow: a float32 block of entries below about 1e-23 has norm 0 (as
@@ -2342,9 +2376,23 @@ def power_of_two_scale(*norms: Tensor) -> Tensor:
     top = norms[0]
     for norm in norms[1:]:
         top = torch.maximum(top, norm)  # NaN where either is
-    limit = math.frexp(torch.finfo(top.dtype).max)[1] // 2 - 4
+    limit = _scale_limit(top.dtype)
     scale = torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent.neg_().clamp_(-limit, limit))
     return torch.where(top.isfinite(), scale, torch.nan)
+
+
+def _scale_limit(dtype: torch.dtype) -> int:
+    """The largest exponent :func:`power_of_two_scale` scales by (60 in float32)."""
+    return math.frexp(torch.finfo(dtype).max)[1] // 2 - 4
+
+
+def empty_state_norm(dtype: torch.dtype) -> float:
+    """The norm below which a rank-one tracker's state (DyKAF's ``‖R‖``, ``‖L‖``) holds nothing and starts again
+    (2^-85 in float32). Brought up by the largest scale :func:`power_of_two_scale` takes, such a state's step with
+    a gradient as small still sums squares of norms in :func:`_plain_range`, so it keeps its digits; below, a
+    tiny state and a tiny gradient would step on rounding. Its norm is read with its digits
+    (:func:`block_norm_wide`); it is the direction of a state this small that a gradient of ordinary size meets."""
+    return math.sqrt(_plain_range(dtype)[0]) * 2.0 ** -_scale_limit(dtype)
 
 
 def _fresh_directions(fresh: Tensor, X: Tensor) -> Tensor:
@@ -2424,11 +2472,13 @@ def projector_split_ksl(
     # bits as the plain step wherever that stays in range. On a CPU the plain step runs first
     # and its norms are read on the host (free there; a pass over G for ‖G‖ is not): only a
     # stack with a block out of range runs again, scaled. Other devices always run it scaled.
-    # A state whose ‖R‖ reads 0 (never started, or decayed below the float's range by a long
-    # run of zero gradients) holds nothing: it takes a fresh block's direction I/√n, so the next
-    # nonzero gradient starts it again (from R̄ = 0 the step would return zeros for good).
-    norm_R = block_norm(R)
-    empty = norm_R.view(-1) == 0
+    # A state whose ‖R‖ lies below empty_state_norm (never started, or decayed there by a long run
+    # of zero gradients) holds nothing: it takes a fresh block's direction I/√n, so the next
+    # nonzero gradient starts it again (from R̄ = 0 the step would return zeros for good). Above it
+    # its direction counts, however small: ‖R‖ is read with its digits (block_norm_wide; the plain
+    # norm of a float32 state of 2^-70 reads 17 % low, of 2^-80 reads 0).
+    norm_R = block_norm_wide(R)
+    empty = norm_R.view(-1) < empty_state_norm(R.dtype)
     host = host_verdicts(norm_R)
     if not host or bool(empty.any()):
         fresh = empty if fresh is None else fresh | empty
@@ -2495,8 +2545,9 @@ def _ksl(
     else:
         if G.shape[-2] < n:
             # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
-            # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖
-            GR = _times_(mm(G, R).mul_(inv), sigma2)
+            # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖. Scaled, it
+            # is made of σ G (entries of size ‖G‖‖R‖ underflow where both are tiny) and takes σ once more
+            GR = _times_(mm(_times(G, sigma), R).mul_(inv), sigma)
             if unit is not None:
                 GR.addcmul_(G, unit)
         else:
@@ -2605,8 +2656,9 @@ def projector_split_parallel(
     # homogeneous as the KSL step: run on L, R, G times the power of two σ that brings their
     # largest norm near 1, and scale back (power_of_two_scale); a state whose norm reads 0 takes
     # the fresh directions, as in projector_split_ksl
-    ell, r = block_norm(L), block_norm(R)
-    empty = (ell.view(-1) == 0) | (r.view(-1) == 0)
+    ell, r = block_norm_wide(L), block_norm_wide(R)
+    floor = empty_state_norm(L.dtype)
+    empty = (ell.view(-1) < floor) | (r.view(-1) < floor)
     fresh = empty if fresh is None else fresh | empty
     sigma = power_of_two_scale(ell, r, block_norm(G))
     scale = math.sqrt(beta) * sigma

@@ -264,8 +264,11 @@ class ProjectorSplittingFactors:
         # homogeneous (L, S, μ, G times λ: every result times λ): run on them times the power of two
         # σ that brings the larger of ‖R‖ and ‖G‖ near 1, and scale back (linalg.power_of_two_scale);
         # a state whose ‖R‖ reads 0 takes the fresh direction, as in linalg.projector_split_ksl
-        norm_R = (sub.square().sum((-2, -1)) + (n - r) * mu.square()).sqrt().view(b, 1, 1)
-        fresh = ~initialised | (norm_R.view(-1) == 0)
+        norm_R = linalg.wide_norm_where(
+            (sub.square().sum((-2, -1)) + (n - r) * mu.square()).sqrt().view(b, 1, 1), r * r + n - r,
+            lambda: (sub.double().square().sum((-2, -1)) + (n - r) * mu.double().square()).sqrt().view(b, 1, 1),
+        )  # a tiny state's direction counts: its norm keeps its digits (as linalg.block_norm_wide's)
+        fresh = ~initialised | (norm_R.view(-1) < linalg.empty_state_norm(sub.dtype))
         sigma = linalg.power_of_two_scale(norm_R, norm_G)
         s = sigma.view(b)
         L = linalg.select_blocks(fresh, torch.zeros_like(L), L * (beta**0.5 * sigma))

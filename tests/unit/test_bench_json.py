@@ -95,12 +95,16 @@ def test_the_record_names_the_processor_the_dtype_and_a_models_routing(tmp_path,
     plan = bench.check_bench(args)
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: GenuineTest\ncpu family\t: 6\nmodel name\t: Test CPU @ 1 GHz\nflags\t: fpu\n")
-    monkeypatch.setattr(linalg, "_CPUINFO", str(info))
-    linalg._processor.cache_clear()
-    try:
-        data = bench.record(plan, {}, threads=1, load=(0.5, None), retained=False)
-    finally:
+    # the real file back before the cache is cleared: a reading of the test's processor left cached (by the checks
+    # below) made later tests take another processor's paths
+    with monkeypatch.context() as patch:
+        patch.setattr(linalg, "_CPUINFO", str(info))
         linalg._processor.cache_clear()
+        try:
+            data = bench.record(plan, {}, threads=1, load=(0.5, None), retained=False)
+        finally:
+            patch.undo()
+            linalg._processor.cache_clear()
     assert data["machine"]["processor"] == "Test CPU @ 1 GHz" and data["machine"]["vendor"] == "GenuineTest"
     assert data["settings"]["dtype"] == "bfloat16" and set(data["settings"]["params"]["dtypes"]) == {"bfloat16"}
     expected = {where: {"parameters": c, "numbers": n} for where, (c, n) in bench.routing("adamw", plan.params).items()}

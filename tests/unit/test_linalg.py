@@ -646,16 +646,19 @@ def test_bfloat16_products_fast_read_from_the_processor_flags(text, fast, tmp_pa
 
 def _on_processor(text, tmp_path, monkeypatch, read):
     """``read()`` with ``/proc/cpuinfo`` replaced by ``text`` (no file where it is ``None``); the cached
-    reading of the processor cleared before and after."""
+    reading of the processor cleared before and after, the real file back first (a later reading of the test's
+    processor left cached would send later tests down another processor's paths)."""
     info = tmp_path / "cpuinfo"
     if text is not None:
         info.write_text(text)
-    monkeypatch.setattr(linalg, "_CPUINFO", str(info))
-    linalg._processor.cache_clear()
-    try:
-        return read()
-    finally:
+    with monkeypatch.context() as patch:
+        patch.setattr(linalg, "_CPUINFO", str(info))
         linalg._processor.cache_clear()
+        try:
+            return read()
+        finally:
+            patch.undo()
+            linalg._processor.cache_clear()
 
 
 def test_compiled_newton_schulz_stays_a_bfloat16_iteration(gen):
@@ -1563,3 +1566,34 @@ def test_nonzero_blocks_counts_any_nonzero_entry_nan_and_subnormals_included_and
     assert linalg.nonzero_blocks(X.mT).tolist() == want  # a strided stack
     assert linalg.nonzero_blocks(torch.zeros(2, 0, 3)).tolist() == [False, False]
     assert linalg.nonzero_blocks(torch.zeros(0, 3, 4)).tolist() == []  # a stack of no blocks
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu", "device"])
+def test_block_norm_wide_keeps_digits_out_of_range_and_the_plain_bits_inside(host, monkeypatch):
+    """``block_norm_wide`` against the float64 norm of each block: blocks of float32 entries near 2^-76 (whose plain
+    norm reads 37 % low), 2^-90 (plain 0), 2^-130 (subnormal entries, a normal norm), 2^70 (plain infinity) and a lone subnormal
+    entry are within an ulp or two; blocks in range keep the plain norm's bits; NaN, infinity and zero blocks read
+    as the plain norm does. The same bits whether the CPU reads its verdict on the host or not (another device's
+    path), in one stack with blocks in range."""
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 24, 40, generator=gen)
+    scales = [2.0**-76, 2.0**-90, 2.0**-130, 2.0**70, 1.0, 2.0**-40, 1.0, 1.0, 0.0]
+    X = base * torch.tensor(scales).view(-1, 1, 1)
+    X[6] = 0.0
+    X[6, 3, 5] = 2.0**-149  # a lone subnormal: plain reads 0
+    X[7, 1, 1] = math.nan
+    X[8, 0, 0] = math.inf
+    plain = linalg.block_norm(X).view(-1)
+    got = linalg.block_norm_wide(X).view(-1)
+    want = linalg.block_norm(X.double()).view(-1)
+    for k in range(6):
+        assert abs(got[k].item() / want[k].item() - 1) <= 2 * torch.finfo(torch.float32).eps, k
+    assert plain[0] < 0.7 * want[0] and plain[1] == 0 and plain[3] == math.inf  # what the plain norm reads
+    assert got[6].item() == 2.0**-149 and plain[6] == 0
+    assert torch.equal(got[4], plain[4]) and torch.equal(got[5], plain[5])  # in range: the plain bits
+    assert got[7].isnan() and got[8] == math.inf
+    inside = X[[4, 5]]
+    assert torch.equal(linalg.block_norm_wide(inside), linalg.block_norm(inside))
+    # float64: the plain norm
+    torch.testing.assert_close(linalg.block_norm_wide(X.double()), linalg.block_norm(X.double()), rtol=0, atol=0, equal_nan=True)

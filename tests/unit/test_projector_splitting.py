@@ -320,6 +320,73 @@ def test_restricted_float32_step_is_exactly_homogeneous_far_out_of_range(gen, si
             assert torch.equal(got, want * lam), lam
 
 
+_TINY = ((2.0**-70, 1.0), (2.0**-80, 1.0), (2.0**-84, 1.0), (2.0**-70, 2.0**-70), (2.0**-80, 2.0**-80), (2.0**-84, 2.0**-84))
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu", "device"])
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+@pytest.mark.parametrize("form", ["plain", "split", "tiled"])
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
+def test_a_tiny_float32_state_keeps_its_direction(variant, form, shape, host):
+    """A state decayed far below float32's squares (‖L‖ = ‖R‖ of 2^-70 to 2^-84, as after a long run of zero
+    gradients; ``linalg.empty_state_norm`` is 2^-85) still counts with its direction: with a gradient of norm 1, or as tiny as the state, the float32
+    step agrees with the float64 one. The plain norm of such an ``R`` sums squares that round as subnormals
+    (2^-70: 17 % off) or vanish (a state read as empty, restarted from the identity: 60-80 % off), and a wide
+    block's ``G R`` of two tiny factors underflows; on the CPU's path and on the one other devices take, which
+    agree bit for bit. A state below ``empty_state_norm`` steps as a fresh block."""
+    gen = generator(23)
+    m, n = shape
+    L0, R0, G0 = spd_matrix(gen, 2, m), spd_matrix(gen, 2, n), randn(gen, 2, m, n)
+    L0, R0 = L0 / linalg.block_norm(L0), R0 / linalg.block_norm(R0)
+    step = linalg.projector_split_ksl if variant == "ksl" else linalg.projector_split_parallel
+    with pytest.MonkeyPatch.context() as patch:
+        _split(patch, form != "plain", tiled=form == "tiled")
+        for state, grad in _TINY:
+            L, R, G = L0 * state, R0 * state, G0 * grad
+            L64, R64 = step(L, R, G, 0.9)
+            got = {}
+            for on_host in (host, not host):
+                patch.setattr(linalg, "_CPU_HOST_VERDICTS", on_host)
+                got[on_host] = step(L.float(), R.float(), G.float(), 0.9)
+            L1, R1 = got[host]
+            assert _rel(L1.double(), L64) <= 1e-5 and _rel(R1.double(), R64) <= 1e-5, (state, grad)
+            assert all(torch.equal(a, b) for a, b in zip(got[True], got[False])), (state, grad)
+        # below linalg.empty_state_norm the state holds nothing: the step of a fresh block
+        patch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
+        L, R, G = (L0 * 2.0**-90).float(), (R0 * 2.0**-90).float(), G0.float()
+        fresh = step(L, R, G, 0.9, fresh=torch.ones(2, dtype=torch.bool))
+        assert all(torch.equal(a, b) for a, b in zip(step(L, R, G, 0.9), fresh))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_tiny_float32_restricted_state_keeps_its_direction(gen, side):
+    """The restricted step's state (L, S, μ) at 2^-80 and 2^-84 with a gradient of norm 1 steps as in float64: its
+    norm, from the squares of S and μ, keeps its digits (read plainly it is 0, and the state restarts)."""
+    m, n, r = (6, 9, 3) if side == "right" else (9, 6, 3)
+    est = ProjectorSplittingFactors(beta=0.9)
+    kw = {"rank_right": r} if side == "right" else {"rank_left": r}
+    layout = Layout(batch=2, m=m, n=n, left="full" if side == "right" else "restricted", right="restricted" if side == "right" else "full", **kw)
+    d, other = (n, m) if side == "right" else (m, n)
+    U = torch.linalg.qr(randn(gen, 2, d, d))[0][:, :, :r]
+    full, sub, mu = spd_matrix(gen, 2, other), spd_matrix(gen, 2, r), torch.tensor([0.3, 2.0], dtype=torch.float64)
+    G = randn(gen, 2, m, n)
+    names = ("R", "sub_L", "mu_L", "power_L") if side == "left" else ("L", "sub_R", "mu_R", "power_R")
+
+    def run(lam, dtype):
+        Q = {"Q_R": U.to(dtype), "Q_L": None} if side == "right" else {"Q_L": U.to(dtype), "Q_R": None}
+        basis = BasisState(**Q, lam_L=None, lam_R=None, failures=torch.zeros(2, dtype=torch.int64))
+        ctx = StepContext(step=4, layout=layout, basis=basis, refresh_follows=True)
+        st = est.init(layout, dtype=dtype, device=CPU)
+        start = [(t * lam).to(dtype) for t in (full, sub, mu)]
+        st = attrs.evolve(st, **dict(zip(names[:3], start)), initialised=torch.ones(2, dtype=torch.bool), calls=3)
+        new = est.update(st, G.to(dtype), ctx)
+        return [getattr(new, name).double() for name in names]
+
+    for lam in (2.0**-80, 2.0**-84):
+        for got, want in zip(run(lam, torch.float32), run(lam, torch.float64)):
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), lam
+
+
 def test_ksl_splits_the_larger_side_at_the_default_threshold(monkeypatch):
     """At the defaults a 768 × 8 (tall) and an 8 × 768 (wide) block take one split sandwich each, a square or a
     512-sided one none; in float32 the split step agrees with the plain float64 step."""
@@ -558,9 +625,9 @@ def test_float32_factors_survive_a_gradient_spike(gen):
 @pytest.mark.parametrize("variant", ["ksl", "parallel"])
 def test_factors_decayed_to_nothing_start_again(gen, variant):
     """A long run of zero gradients decays the float32 factors past the float's range (β = 0.5: √β a call), never
-    through NaN; once their norm reads 0 the state is empty and the next gradients start it again, as the
-    integrator from L = 0 with the direction I/√n (the same bits), where the zero direction R/‖R‖ would have kept
-    zero factors for good."""
+    through NaN; once their norm falls below ``linalg.empty_state_norm`` the state is empty and the next gradients
+    start it again, as the integrator from L = 0 with the direction I/√n (the same bits), where the zero direction
+    R/‖R‖ would have kept zero factors for good."""
     est = ProjectorSplittingFactors(beta=0.5, variant=variant)
     layout = Layout(batch=2, m=6, n=4, left="full", right="full")
     later = [randn(gen, 2, 6, 4).float() for _ in range(4)]
@@ -580,15 +647,16 @@ def test_factors_decayed_to_nothing_start_again(gen, variant):
 
 @pytest.mark.parametrize("shape", [(16, 8), (8, 8), (8, 16)], ids=["tall", "square", "wide"])
 def test_factors_decay_to_zero_at_the_default_beta(shape):
-    """At DyKAF's β = 0.95 zero gradients take a float32 state to exact zeros (about 2 000 calls), never through
-    NaN: no weight of the step becomes a subnormal number whose rounding cancels the decay (R̂'s weight of R̄, of
-    size ‖R‖‖L‖, stalled tall and square blocks near ‖R‖ = 1e-22)."""
+    """At DyKAF's β = 0.95 zero gradients take a float32 state to exact zeros (about 2 500 calls from norms near
+    2^9: √β a call down to ``linalg.empty_state_norm``, 2^-85, then nothing), never through NaN: no weight of the
+    step becomes a subnormal number whose rounding cancels the decay (R̂'s weight of R̄, of size ‖R‖‖L‖, stalled
+    tall and square blocks near ‖R‖ = 1e-22)."""
     gen = generator(2)
     m, n = shape
     L, R = spd_matrix(gen, 1, m).float(), spd_matrix(gen, 1, n).float()
     L, R = linalg.projector_split_ksl(L, R, randn(gen, 1, m, n).float(), 0.95)
     G = torch.zeros(1, m, n)
-    for call in range(2400):
+    for call in range(3000):
         L, R = linalg.projector_split_ksl(L, R, G, 0.95)
         if not L.any() and not R.any():
             break
@@ -600,8 +668,8 @@ def test_factors_decay_to_zero_at_the_default_beta(shape):
 @pytest.mark.parametrize("form", ["plain", "split"])
 @pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
 def test_ksl_fresh_blocks_leave_the_others_bits(shape, form, host, monkeypatch):
-    """A stack's fresh blocks (flagged, or holding a state whose norm reads 0, or a large one flagged) step as from
-    L = 0 in the direction I/√n, finite, and leave the other blocks' bits as they are without a mask; a fresh
+    """A stack's fresh blocks (flagged, or holding a state below ``linalg.empty_state_norm``, or a large one flagged)
+    step as from L = 0 in the direction I/√n, finite, and leave the other blocks' bits as they are without a mask; a fresh
     block with no gradient is zero and does not make the CPU run the stack again."""
     monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
     _split(monkeypatch, form == "split")
@@ -612,7 +680,7 @@ def test_ksl_fresh_blocks_leave_the_others_bits(shape, form, host, monkeypatch):
     G = randn(gen, 4, m, n).float()
     base = linalg.projector_split_ksl(L, R, G, 0.9)
     L2, R2, G2 = L.clone(), R.clone(), G.clone()
-    L2[1], R2[1] = L[1] * 2.0**-80, R[1] * 2.0**-80  # nonzero, its norm reads 0
+    L2[1], R2[1] = L[1] * 2.0**-90, R[1] * 2.0**-90  # nonzero, below empty_state_norm (2^-85)
     L2[2], R2[2] = L[2] * 2.0**40, R[2] * 2.0**40  # flagged fresh below
     L2[3], R2[3], G2[3] = 0.0, 0.0, 0.0  # nothing to integrate
     runs = []
@@ -633,9 +701,9 @@ def test_ksl_fresh_blocks_leave_the_others_bits(shape, form, host, monkeypatch):
 @pytest.mark.parametrize("shape", [(9, 4), (4, 9), (7, 7)], ids=["tall", "wide", "square"])
 @pytest.mark.parametrize("size", [2.0**-30, 2.0**-60, 2.0**30])
 def test_an_empty_state_starts_like_a_fresh_block_at_any_gradient_size(shape, form, host, size, monkeypatch):
-    """A state whose norm reads 0 (2^-100 of a real one) and a gradient of any size give the fresh start's bits:
-    where the plain step's ‖K‖ reads 0 from squares that underflow (a small gradient), its K is not zero and the
-    step runs again, scaled (taking such a K as zero made factors of 1e13 from a gradient of 1e-9)."""
+    """A state below ``linalg.empty_state_norm`` (2^-100 of a real one) and a gradient of any size give the fresh
+    start's bits: where the plain step's ‖K‖ reads 0 from squares that underflow (a small gradient), its K is not
+    zero and the step runs again, scaled (taking such a K as zero made factors of 1e13 from a gradient of 1e-9)."""
     monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
     _split(monkeypatch, form == "split")
     gen = generator(6)
