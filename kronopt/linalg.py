@@ -1053,11 +1053,29 @@ def block_norm_wide(X: Tensor) -> Tensor:
     The plain norm sums its entries' squares in their own dtype: in float32 a block whose entries lie below about
     ``2^-63`` squares them into subnormals (``‖X‖`` of ``2^-70`` read 17 % low on a ``64 × 64`` block) or zeros
     (below ``2^-75`` a nonzero block reads 0), and one past ``2^64`` overflows. Where the plain norm lies outside
-    :func:`norm_digits_range` on a block, that block's norm is taken in float64 (the squares of float32 entries
-    exact there, their sum far inside its range) and rounded back; elsewhere the plain norm itself, the same bits.
-    On a CPU the verdict is read on the host, so a stack in range costs nothing more; other devices take both
-    norms and choose per block. A float64 ``X`` keeps the plain norm."""
-    return wide_norm_where(block_norm(X), X.shape[-2] * X.shape[-1], lambda: block_norm(X.double()))
+    :func:`norm_digits_range` on a block, that block's norm is taken of its entries brought near 1 first (times the
+    power of two :func:`power_of_two_scale` makes of its largest magnitude, exact) and scaled back; elsewhere the
+    plain norm itself, the same bits. In ``X``'s own dtype (a device without float64 takes it too). On a CPU the
+    verdict is read on the host, so a stack in range costs nothing more; other devices take both norms and choose
+    per block."""
+    return wide_norm_where(block_norm(X), X.shape[-2] * X.shape[-1], lambda: _scaled_block_norm(X))
+
+
+def _scaled_block_norm(X: Tensor) -> Tensor:
+    """Each block's norm taken of ``X`` brought near 1 (:func:`near_one_scale` of its largest magnitude), then
+    scaled back; a block with a non-finite entry keeps the plain norm's infinity or NaN."""
+    lo, hi = block_min_max(X)
+    sigma = near_one_scale(torch.maximum(lo.abs(), hi.abs()).view(-1, 1, 1))
+    return block_norm(X * sigma) / sigma
+
+
+def near_one_scale(top: Tensor) -> Tensor:
+    """The power of two that brings each ``top`` (a largest magnitude) into ``[1/2, 1)``, within the dtype's normal
+    range (``2^±126`` in float32, so that a subnormal's square is normal once scaled), and 1 where ``top`` is 0 or
+    not finite. Multiplying by it, and dividing by it after, is exact."""
+    limit = math.frexp(torch.finfo(top.dtype).max)[1] - 2
+    exponent = torch.frexp(top).exponent.neg_().clamp_(-limit, limit)
+    return torch.where(top.isfinite(), torch.ldexp(torch.ones_like(top), exponent), 1.0)
 
 
 def norm_digits_range(numel: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -1071,14 +1089,13 @@ def norm_digits_range(numel: int, dtype: torch.dtype) -> tuple[float, float]:
 
 def wide_norm_where(norm: Tensor, numel: int, wide: Callable[[], Tensor]) -> Tensor:
     """``norm`` (per block, of ``numel`` entries each) where :func:`norm_digits_range` holds it, else ``wide()``
-    (the same norm summed in float64) cast back; ``norm`` itself where every block is in range on a CPU."""
-    if norm.dtype == torch.float64 or not norm.dtype.is_floating_point:
-        return norm
+    (the same norm taken so that it keeps its digits there); ``norm`` itself where every block is in range on a
+    CPU (read on the host), without calling ``wide``."""
     lo, hi = norm_digits_range(numel, norm.dtype)
     inside = (norm >= lo) & (norm <= hi)  # False where NaN: the wide norm is NaN there too
     if cpu_all(inside):
         return norm
-    return torch.where(inside, norm, wide().to(norm.dtype))
+    return torch.where(inside, norm, wide())
 
 
 def nonzero_blocks(X: Tensor) -> Tensor:

@@ -263,11 +263,17 @@ class ProjectorSplittingFactors:
         tiny = linalg._tiny(L)
         # homogeneous (L, S, μ, G times λ: every result times λ): run on them times the power of two
         # σ that brings the larger of ‖R‖ and ‖G‖ near 1, and scale back (linalg.power_of_two_scale);
-        # a state whose ‖R‖ reads 0 takes the fresh direction, as in linalg.projector_split_ksl
-        norm_R = linalg.wide_norm_where(
-            (sub.square().sum((-2, -1)) + (n - r) * mu.square()).sqrt().view(b, 1, 1), r * r + n - r,
-            lambda: (sub.double().square().sum((-2, -1)) + (n - r) * mu.double().square()).sqrt().view(b, 1, 1),
-        )  # a tiny state's direction counts: its norm keeps its digits (as linalg.block_norm_wide's)
+        # a state whose ‖R‖ lies below linalg.empty_state_norm takes the fresh direction, as in
+        # linalg.projector_split_ksl
+        def restricted_norm(S: Tensor, m: Tensor) -> Tensor:
+            return (S.square().sum((-2, -1)) + (n - r) * m.square()).sqrt().view(b, 1, 1)
+
+        def wide() -> Tensor:  # of (S, μ) brought near 1 first, then scaled back (as linalg.block_norm_wide's)
+            scale = linalg.near_one_scale(torch.maximum(sub.abs().amax((-2, -1)), mu.abs()).view(b, 1, 1))
+            return restricted_norm(sub * scale, mu * scale.view(b)) / scale
+
+        # a tiny state's direction counts: its norm keeps its digits
+        norm_R = linalg.wide_norm_where(restricted_norm(sub, mu), r * r + n - r, wide)
         fresh = ~initialised | (norm_R.view(-1) < linalg.empty_state_norm(sub.dtype))
         sigma = linalg.power_of_two_scale(norm_R, norm_G)
         s = sigma.view(b)
@@ -276,7 +282,7 @@ class ProjectorSplittingFactors:
         sub = linalg.select_blocks(fresh, eye / n**0.5, sub * (beta**0.5 * sigma))
         mu = torch.where(fresh, torch.full_like(mu, n**-0.5), mu * (beta**0.5 * s))
         Gs = G * ((1.0 - beta) ** 0.5 * sigma)
-        norm_R = (sub.square().sum((-2, -1)) + (n - r) * mu.square()).sqrt().view(b, 1, 1)
+        norm_R = restricted_norm(sub, mu)
         Y = Gs @ U  # (b m r)
         GGt = Gs @ Gs.mT
         mu_ = mu.view(b, 1, 1)

@@ -1597,3 +1597,23 @@ def test_block_norm_wide_keeps_digits_out_of_range_and_the_plain_bits_inside(hos
     assert torch.equal(linalg.block_norm_wide(inside), linalg.block_norm(inside))
     # float64: the plain norm
     torch.testing.assert_close(linalg.block_norm_wide(X.double()), linalg.block_norm(X.double()), rtol=0, atol=0, equal_nan=True)
+
+
+def test_block_norm_wide_stays_in_its_dtype(monkeypatch):
+    """The digits are kept in the block's own dtype, on the path other devices take too (some have no float64):
+    no float64 tensor is made."""
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", False)
+    made = []
+
+    class Dtypes(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend(t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    X = torch.randn(3, 16, 24) * torch.tensor([2.0**-90, 1.0, 2.0**70]).view(-1, 1, 1)
+    with Dtypes():
+        got = linalg.block_norm_wide(X)
+    assert made and torch.float64 not in made
+    want = linalg.block_norm(X.double())
+    assert ((got.double() / want - 1).abs() <= 2 * torch.finfo(torch.float32).eps).all()
