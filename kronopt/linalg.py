@@ -1048,16 +1048,18 @@ def block_norm(X: Tensor) -> Tensor:
 
 
 def block_norm_wide(X: Tensor) -> Tensor:
-    """:func:`block_norm` with its digits kept where the squares it sums leave the dtype's range.
+    """:func:`block_norm` with its digits kept where the squares it sums underflow.
 
     The plain norm sums its entries' squares in their own dtype: in float32 a block whose entries lie below about
     ``2^-63`` squares them into subnormals (``‖X‖`` of ``2^-70`` read 17 % low on a ``64 × 64`` block) or zeros
-    (below ``2^-75`` a nonzero block reads 0), and one past ``2^64`` overflows. Where the plain norm lies outside
-    :func:`norm_digits_range` on a block, that block's norm is taken of its entries brought near 1 first (times the
-    power of two :func:`power_of_two_scale` makes of its largest magnitude, exact) and scaled back; elsewhere the
-    plain norm itself, the same bits. In ``X``'s own dtype (a device without float64 takes it too). On a CPU the
-    verdict is read on the host, so a stack in range costs nothing more; other devices take both norms and choose
-    per block."""
+    (below ``2^-75`` a nonzero block reads 0). Where the plain norm lies below :func:`norm_digits_floor` on a block,
+    that block's norm is taken of its entries brought near 1 first (times the power of two :func:`near_one_scale`
+    makes of its largest magnitude, exact) and scaled back; elsewhere the plain norm itself, the same bits (an
+    overflow too, which the callers refuse as before). In ``X``'s own dtype (a device without float64 takes it
+    too). On a CPU the verdict is read on the host, so a stack in range costs nothing more; other devices take both
+    norms and choose per block. Blocks of no entries have norm 0."""
+    if X.shape[-2] * X.shape[-1] == 0:
+        return block_norm(X)
     return wide_norm_where(block_norm(X), X.shape[-2] * X.shape[-1], lambda: _scaled_block_norm(X))
 
 
@@ -1078,21 +1080,18 @@ def near_one_scale(top: Tensor) -> Tensor:
     return torch.where(top.isfinite(), torch.ldexp(torch.ones_like(top), exponent), 1.0)
 
 
-def norm_digits_range(numel: int, dtype: torch.dtype) -> tuple[float, float]:
-    r"""``(lo, hi)``: the Frobenius norms of ``numel`` entries of ``dtype`` whose plain sum of squares keeps its
-    digits. Below :math:`\sqrt{\text{numel} \cdot \text{tiny}}` the squares that round as subnormals (each off by at
-    most half their spacing) or to zero can move the sum by more than half an ulp; from :math:`\sqrt{\max}/2` up
-    the sum may overflow."""
-    info = torch.finfo(dtype)
-    return math.sqrt(max(numel, 1) * info.tiny), math.sqrt(info.max) / 2
+def norm_digits_floor(numel: int, dtype: torch.dtype) -> float:
+    r"""The Frobenius norm of ``numel`` entries of ``dtype`` below which their plain sum of squares may lose digits:
+    :math:`\sqrt{\text{numel} \cdot \text{tiny}}`, where the squares that round as subnormals (each off by at most
+    half their spacing) or to zero can move the sum by more than half an ulp."""
+    return math.sqrt(max(numel, 1) * torch.finfo(dtype).tiny)
 
 
 def wide_norm_where(norm: Tensor, numel: int, wide: Callable[[], Tensor]) -> Tensor:
-    """``norm`` (per block, of ``numel`` entries each) where :func:`norm_digits_range` holds it, else ``wide()``
-    (the same norm taken so that it keeps its digits there); ``norm`` itself where every block is in range on a
+    """``norm`` (per block, of ``numel`` entries each) where it is at least :func:`norm_digits_floor`, else ``wide()``
+    (the same norm taken so that it keeps its digits there); ``norm`` itself where every block is at least that on a
     CPU (read on the host), without calling ``wide``."""
-    lo, hi = norm_digits_range(numel, norm.dtype)
-    inside = (norm >= lo) & (norm <= hi)  # False where NaN: the wide norm is NaN there too
+    inside = norm >= norm_digits_floor(numel, norm.dtype)  # False where NaN: the wide norm is NaN there too
     if cpu_all(inside):
         return norm
     return torch.where(inside, norm, wide())
@@ -2404,12 +2403,15 @@ def _scale_limit(dtype: torch.dtype) -> int:
 
 
 def empty_state_norm(dtype: torch.dtype) -> float:
-    """The norm below which a rank-one tracker's state (DyKAF's ``‖R‖``, ``‖L‖``) holds nothing and starts again
-    (2^-85 in float32). Brought up by the largest scale :func:`power_of_two_scale` takes, such a state's step with
-    a gradient as small still sums squares of norms in :func:`_plain_range`, so it keeps its digits; below, a
-    tiny state and a tiny gradient would step on rounding. Its norm is read with its digits
-    (:func:`block_norm_wide`); it is the direction of a state this small that a gradient of ordinary size meets."""
-    return math.sqrt(_plain_range(dtype)[0]) * 2.0 ** -_scale_limit(dtype)
+    r"""The norm below which a rank-one tracker's state (DyKAF's ``‖R‖``, ``‖L‖``) holds nothing and starts again
+    (about ``2^-73.3`` in float32). A state this small meeting a gradient as small steps on ``L`` and ``R`` lifted by
+    the largest scale :func:`power_of_two_scale` takes (``σ``, ``2^60`` in float32), where ``⟨K, L⟩`` sums products
+    of entries of size :math:`\sigma^2\|R\|^3/d^2` (sides ``d`` up to ``2^13``): the threshold keeps them normal
+    numbers, :math:`(\text{tiny} \cdot 2^{26} / \sigma^2)^{1/3}` (at most :math:`\sqrt{\text{tiny}}`, for the half
+    dtypes). Its norm is read with its digits (:func:`block_norm_wide`): above the threshold the direction of a
+    state however small counts where a gradient of ordinary size meets it."""
+    tiny = torch.finfo(dtype).tiny
+    return min(2.0 ** ((math.log2(tiny) + 26 - 2 * _scale_limit(dtype)) / 3), math.sqrt(tiny))
 
 
 def _fresh_directions(fresh: Tensor, X: Tensor) -> Tensor:

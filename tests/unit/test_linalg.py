@@ -1571,10 +1571,11 @@ def test_nonzero_blocks_counts_any_nonzero_entry_nan_and_subnormals_included_and
 @pytest.mark.parametrize("host", [True, False], ids=["cpu", "device"])
 def test_block_norm_wide_keeps_digits_out_of_range_and_the_plain_bits_inside(host, monkeypatch):
     """``block_norm_wide`` against the float64 norm of each block: blocks of float32 entries near 2^-76 (whose plain
-    norm reads 37 % low), 2^-90 (plain 0), 2^-130 (subnormal entries, a normal norm), 2^70 (plain infinity) and a lone subnormal
-    entry are within an ulp or two; blocks in range keep the plain norm's bits; NaN, infinity and zero blocks read
-    as the plain norm does. The same bits whether the CPU reads its verdict on the host or not (another device's
-    path), in one stack with blocks in range."""
+    norm reads 37 % low), 2^-90 (plain 0), 2^-130 (subnormal entries, a normal norm) and a lone subnormal entry are
+    within an ulp or two; blocks in range keep the plain norm's bits, and so does one whose squares overflow (2^70:
+    infinity, which the callers refuse); NaN, infinity and zero blocks read as the plain norm does. The same bits
+    whether the CPU reads its verdict on the host or not (another device's path), in one stack with blocks in range;
+    blocks of no entries have norm 0."""
     monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", host)
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(9, 24, 40, generator=gen)
@@ -1587,12 +1588,14 @@ def test_block_norm_wide_keeps_digits_out_of_range_and_the_plain_bits_inside(hos
     plain = linalg.block_norm(X).view(-1)
     got = linalg.block_norm_wide(X).view(-1)
     want = linalg.block_norm(X.double()).view(-1)
-    for k in range(6):
+    for k in (0, 1, 2, 4, 5):
         assert abs(got[k].item() / want[k].item() - 1) <= 2 * torch.finfo(torch.float32).eps, k
-    assert plain[0] < 0.7 * want[0] and plain[1] == 0 and plain[3] == math.inf  # what the plain norm reads
+    assert plain[0] < 0.7 * want[0] and plain[1] == 0  # what the plain norm reads
+    assert got[3] == plain[3] == math.inf
     assert got[6].item() == 2.0**-149 and plain[6] == 0
     assert torch.equal(got[4], plain[4]) and torch.equal(got[5], plain[5])  # in range: the plain bits
     assert got[7].isnan() and got[8] == math.inf
+    assert not linalg.block_norm_wide(torch.zeros(2, 0, 3)).any() and not linalg.block_norm_wide(torch.zeros(2, 3, 0)).any()
     inside = X[[4, 5]]
     assert torch.equal(linalg.block_norm_wide(inside), linalg.block_norm(inside))
     # float64: the plain norm
@@ -1611,7 +1614,7 @@ def test_block_norm_wide_stays_in_its_dtype(monkeypatch):
             made.extend(t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
             return out
 
-    X = torch.randn(3, 16, 24) * torch.tensor([2.0**-90, 1.0, 2.0**70]).view(-1, 1, 1)
+    X = torch.randn(3, 16, 24) * torch.tensor([2.0**-90, 1.0, 2.0**-70]).view(-1, 1, 1)
     with Dtypes():
         got = linalg.block_norm_wide(X)
     assert made and torch.float64 not in made
