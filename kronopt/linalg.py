@@ -1075,9 +1075,13 @@ def near_one_scale(top: Tensor) -> Tensor:
     """The power of two that brings each ``top`` (a largest magnitude) into ``[1/2, 1)``, within the dtype's normal
     range (``2^±126`` in float32, so that a subnormal's square is normal once scaled), and 1 where ``top`` is 0 or
     not finite. Multiplying by it, and dividing by it after, is exact."""
-    limit = math.frexp(torch.finfo(top.dtype).max)[1] - 2
-    exponent = torch.frexp(top).exponent.neg_().clamp_(-limit, limit)
-    return torch.where(top.isfinite(), torch.ldexp(torch.ones_like(top), exponent), 1.0)
+    return torch.where(top.isfinite(), _power_of_two_toward_one(top, math.frexp(torch.finfo(top.dtype).max)[1] - 2), 1.0)
+
+
+def _power_of_two_toward_one(top: Tensor, limit: int) -> Tensor:
+    """``2^-e`` with ``e`` the binary exponent of each ``top`` (so ``top · 2^-e`` lies in ``[1/2, 1)``), ``e`` clamped
+    to ``±limit``; 1 where ``top`` is 0."""
+    return torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent.neg_().clamp_(-limit, limit))
 
 
 def norm_digits_floor(numel: int, dtype: torch.dtype) -> float:
@@ -2392,9 +2396,7 @@ def power_of_two_scale(*norms: Tensor) -> Tensor:
     top = norms[0]
     for norm in norms[1:]:
         top = torch.maximum(top, norm)  # NaN where either is
-    limit = _scale_limit(top.dtype)
-    scale = torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent.neg_().clamp_(-limit, limit))
-    return torch.where(top.isfinite(), scale, torch.nan)
+    return torch.where(top.isfinite(), _power_of_two_toward_one(top, _scale_limit(top.dtype)), torch.nan)
 
 
 def _scale_limit(dtype: torch.dtype) -> int:
@@ -2673,8 +2675,8 @@ def projector_split_parallel(
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
     tiny = _tiny(L)
     # homogeneous as the KSL step: run on L, R, G times the power of two σ that brings their
-    # largest norm near 1, and scale back (power_of_two_scale); a state whose norm reads 0 takes
-    # the fresh directions, as in projector_split_ksl
+    # largest norm near 1, and scale back (power_of_two_scale); a state whose norm lies below
+    # empty_state_norm takes the fresh directions, as in projector_split_ksl (norms read with their digits)
     ell, r = block_norm_wide(L), block_norm_wide(R)
     floor = empty_state_norm(L.dtype)
     empty = (ell.view(-1) < floor) | (r.view(-1) < floor)

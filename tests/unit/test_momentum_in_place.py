@@ -22,7 +22,7 @@ import kronopt
 from kronopt import compose
 from kronopt import optimizer as optimizer_module
 from tests.unit.test_rotated_moments_in_place import _step as _step_with
-from tests.unit.test_rotated_moments_in_place import _step_in_turn_to_the_same_bits
+from tests.unit.test_rotated_moments_in_place import _step_in_turn_to_the_same_bits, _steps_at_jumping_scales
 
 #: a block stepped alone (more than _SMALL_TOGETHER_MAX entries, past _IN_PLACE_MIN), a small one, a vector
 SHAPES = [(160, 130), (12, 7), (130,)]
@@ -191,28 +191,19 @@ def test_the_carried_bounds_bound_the_momentum(scales, basis):
     momentum's own largest entry, read from the stack, over gradients whose size jumps by up to 18 orders of
     magnitude from step to step (a recurrence that dropped the rotation's factor, or the rounding term, would fall
     below)."""
-    gen = torch.Generator().manual_seed(10)
-    shapes = [(160, 130), (130, 160)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
     seen = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = kronopt.build(params, "kl_shampoo", **{"refresh.every": 3, "inner.momentum_basis": basis})
-        for k in range(3 + len(scales)):
-            scale = 10.0 ** (scales[k - 3] if k >= 3 else -2)
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen) * scale
-            opt.step()
-            for bucket in opt._buckets:
-                # a bound left by an earlier step that no longer holds (a refresh rotated the momentum since) is not
-                # the next step's: valid() says which is
-                bounds = optimizer_module._MomentumBounds.valid(opt._carried_bounds().get(bucket), bucket)
-                if bounds is None:
-                    continue
-                seen += 1
-                momentum = optimizer_module._momentum_of(bucket.state.inner)
-                actual = momentum.abs().flatten(1).amax(1).tolist()
-                assert all(a <= b for a, b in zip(actual, bounds.m)), (actual, bounds.m)
+    overrides = {"refresh.every": 3, "inner.momentum_basis": basis}
+    for _, opt in _steps_at_jumping_scales("kl_shampoo", scales, 3, **overrides):
+        for bucket in opt._buckets:
+            # a bound left by an earlier step that no longer holds (a refresh rotated the momentum since) is not the
+            # next step's: valid() says which is
+            bounds = optimizer_module._MomentumBounds.valid(opt._carried_bounds().get(bucket), bucket)
+            if bounds is None:
+                continue
+            seen += 1
+            momentum = optimizer_module._momentum_of(bucket.state.inner)
+            actual = momentum.abs().flatten(1).amax(1).tolist()
+            assert all(a <= b for a, b in zip(actual, bounds.m)), (actual, bounds.m)
     assert seen or all(s > 4 for s in scales)  # some step in place, unless every gradient was too large to prove
 
 

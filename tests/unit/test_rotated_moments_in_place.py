@@ -190,25 +190,32 @@ def test_the_carried_bounds_bound_the_moments(scales, preset):
     """After every step in place, the carried bounds (``_MomentBounds``: ``max |m|`` and ``max v`` of each block) are at
     least the moments' own extremes, read from the stacks, over gradients whose size jumps by up to 18 orders of
     magnitude from step to step (a recurrence that dropped the rotation's factor, or a term, would fall below)."""
+    for k, opt in _steps_at_jumping_scales(preset, scales, 2, **{"refresh.every": 100}):
+        for bucket in opt._buckets:
+            bounds = opt._carried_bounds().get(bucket)
+            if bounds is None or k < 2:
+                continue
+            inner = bucket.state.inner
+            for i in range(bucket.layout.batch):
+                assert bounds.m[i] >= inner.exp_avg[i].abs().max().item()
+                assert bounds.v[i] >= inner.exp_avg_sq[i].max().item()
+
+
+def _steps_at_jumping_scales(preset, scales, warm, **overrides):
+    """``(k, optimizer)`` after each step ``k`` of ``preset`` on a ``160 × 130`` and a ``130 × 160`` block: ``warm``
+    steps of gradients of size 1e-2, then one of size ``10**s`` for each ``s`` in ``scales``."""
     gen = torch.Generator().manual_seed(10)
     shapes = [(160, 130), (130, 160)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = kronopt.build(params, preset, **{"refresh.every": 100})
-        for k in range(2 + len(scales)):
-            scale = 10.0 ** (scales[k - 2] if k >= 2 else -2)
+        opt = kronopt.build(params, preset, **overrides)
+        for k in range(warm + len(scales)):
+            scale = 10.0 ** (scales[k - warm] if k >= warm else -2)
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen) * scale
             opt.step()
-            for bucket in opt._buckets:
-                bounds = opt._carried_bounds().get(bucket)
-                if bounds is None or k < 2:
-                    continue
-                inner = bucket.state.inner
-                for i in range(bucket.layout.batch):
-                    assert bounds.m[i] >= inner.exp_avg[i].abs().max().item()
-                    assert bounds.v[i] >= inner.exp_avg_sq[i].max().item()
+            yield k, opt
 
 
 @pytest.mark.parametrize("side", [128, 200, 400])
