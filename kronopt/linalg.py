@@ -2512,6 +2512,89 @@ def projector_split_ksl(
     return _ksl(L, R, G, beta, norm_R, power_of_two_scale(norm_R, block_norm(G)), fresh, defer)
 
 
+def projector_split_ksl_each(
+    L: Sequence[Tensor], R: Sequence[Tensor], G: Sequence[Tensor], beta: float,
+    defer: Sequence[list["DeferredWrite"] | None] | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`projector_split_ksl` of each call ``(L[i], R[i], G[i])`` (``defer[i]`` its ``defer``), the same bits.
+
+    On a CPU, the calls whose plain step runs in dense products (sides below ``_GRAM_TILED_MIN``, so no tiles and no
+    split; untracked; one dtype) are made together: each call's products and reductions in its turn, their per-block
+    scalars (``1/‖R‖``, the weights, ``1/‖K‖``, ``⟨U, L⟩``, the range test and the last scalings) in one tensor for
+    them all, with one read on the host for them all where a call alone makes three of its own. A call with a norm out
+    of the plain range on a block (``‖R‖``, ``‖K‖`` or ``‖R̂‖``: a state empty, tiny or not finite among them, whose
+    norm :func:`block_norm_wide` takes otherwise) is made again alone, scaled where it needs; so is every other call. Many small buckets' steps pay for their calls, not their arithmetic (DyKAF's rotated-Adam buckets,
+    :meth:`kronopt.factors.projector_splitting.ProjectorSplittingFactors.update_each`)."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must lie in (0, 1), got {beta}")
+    calls = list(zip(L, R, G, defer if defer is not None else [None] * len(L), strict=True))
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(calls)
+    together: dict[torch.dtype, list[int]] = {}
+    for i, (L_i, R_i, G_i, _) in enumerate(calls):
+        if _ksl_plain_dense(L_i, R_i, G_i):
+            together.setdefault(L_i.dtype, []).append(i)
+    for at in together.values():
+        if len(at) > 1:
+            _ksl_together([calls[i] for i in at], beta, out, at)
+    for i, (L_i, R_i, G_i, defer_i) in enumerate(calls):
+        if out[i] is None:
+            out[i] = projector_split_ksl(L_i, R_i, G_i, beta, defer=defer_i)
+    return out  # type: ignore[return-value]
+
+
+def _ksl_plain_dense(L: Tensor, R: Tensor, G: Tensor) -> bool:
+    """Whether :func:`projector_split_ksl_each` may make this call with others: on a CPU whose verdicts are read on
+    the host, untracked, of one floating dtype and well formed, with blocks of entries whose products and
+    reductions are the dense ones (no tiles, no split sandwich)."""
+    if not (L.ndim == R.ndim == G.ndim == 3 and host_verdicts(L) and L.dtype == R.dtype == G.dtype and L.is_floating_point()):
+        return False
+    b, m, n = G.shape
+    if not (b and m and n and L.shape == (b, m, m) and R.shape == (b, n, n) and L.device == R.device == G.device):
+        return False
+    if torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad):
+        return False
+    return max(m, n) < min(_GRAM_TILED_MIN, _SPLIT_SANDWICH_MIN)  # neither side tiled (_tiled) nor split (split_pays)
+
+
+def _ksl_together(
+    calls: list[tuple[Tensor, Tensor, Tensor, list["DeferredWrite"] | None]], beta: float,
+    out: list[tuple[Tensor, Tensor] | None], at: list[int],
+) -> None:
+    """:func:`projector_split_ksl_each`'s calls made together: ``out[at[k]]`` set for each call ``k`` that kept the
+    plain range on every block (the others are left ``None``, to be made alone)."""
+    tiny = _tiny(calls[0][0])
+    # ‖R‖ as block_norm_wide and projector_split_ksl take it wherever the plain step runs: a state whose plain norm
+    # needs the wide form or is empty (below norm_digits_floor or empty_state_norm, both under _plain_range's lower
+    # end on sides below 2^13) leaves the plain range, and is made alone below
+    norm_R = torch.cat([block_norm(R_i) for _, R_i, _, _ in calls])
+    slices, start = [], 0
+    for _, R_i, _, _ in calls:
+        slices.append(slice(start, start + R_i.shape[0]))
+        start += R_i.shape[0]
+    # the per-block scalars of every call at once, each operation as _ksl makes it on one call's (elementwise)
+    inv = norm_R.clamp(min=tiny).reciprocal_()
+    weight = beta * norm_R
+    left = [
+        _ksl_K(L_i, R_i, G_i, beta, inv[s], weight[s], None, None, None, None, tracked=False, tall_split=False)
+        for (L_i, R_i, G_i, _), s in zip(calls, slices)
+    ]
+    norm_K = torch.cat([k[2] for k in left])
+    inv_K = norm_K.clamp(min=tiny).reciprocal_()
+    inner = torch.cat([k[1] for k in left]) * inv_K
+    weight_R = weight * inner * inv
+    right = [
+        _ksl_R_hat(R_i, G_i, K[0], beta, inv_K[s], weight_R[s], None, None, tracked=False, tall_split=False)
+        for (_, R_i, G_i, _), K, s in zip(calls, left, slices)
+    ]
+    norm_R_hat = torch.cat([r[1] for r in right])
+    root = norm_R_hat.sqrt()
+    bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, None).tolist()
+    scale_L, scale_R = inv_K * root, root.clamp(min=tiny).reciprocal()
+    for (L_i, R_i, _, defer_i), K, (R_hat, _), s, i in zip(calls, left, right, slices, at):
+        if not any(bad[s]):
+            out[i] = _ksl_written(L_i, R_i, K[0], R_hat, scale_L[s], scale_R[s], finite=True, defer=defer_i)
+
+
 def _plain_range(dtype: torch.dtype) -> tuple[float, float]:
     """The range of ``‖K‖``, ``‖R̂‖`` and ``‖R‖`` in which :func:`projector_split_ksl`'s plain step keeps its
     digits: their squares (summed tile by tile) stay below the dtype's largest number with room to spare, and
@@ -2553,60 +2636,17 @@ def _ksl(
     # kept tiles (written into place with out=, which autograd refuses)
     tracked = torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad)
     tall_split = not tracked and split_pays(G.mT, L, held=True)
-    if not tracked and split_pays(G, R):
-        # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
-        # R̄ is not formed: a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖,
-        # as without a mask. The sum with L is symmetrised once, inside the split (plus), so K stays
-        # exactly symmetric whatever L's rounding.
-        S, s = R, inv
-        if fresh is not None:
-            S, s = _fresh_directions(fresh, R), inv + fresh.to(L.dtype).view(b, 1, 1)  # inv is 0 on a fresh block
-        K = split_sandwich(_times(G, sigma), S, alpha=(1.0 - beta) * s, plus=(L, weight))
-        K_dot_L, norm_K = _dense_stats(K, L)
-    else:
-        if G.shape[-2] < n:
-            # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
-            # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖. Scaled, it
-            # is made of σ G (entries of size ‖G‖‖R‖ underflow where both are tiny) and takes σ once more
-            GR = _times_(mm(_times(G, sigma), R).mul_(inv), sigma)
-            if unit is not None:
-                GR.addcmul_(G, unit)
-        else:
-            # R̄ (σ² R̄ scaled) is G R̄'s operand only: R̂ takes R with 1/‖R‖ as on a wide block, where
-            # its weight is of the size of ‖L‖ (S̃ R̄'s weight, of ‖R‖‖L‖, leaves float's range first)
-            Rbar = _times_(R * inv, sigma2)
-            if unit is not None:
-                Rbar.diagonal(dim1=-2, dim2=-1).add_(unit.view(b, 1))
-            GR = mm(G, Rbar)
-        # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
-        # On a tall block K is then read only by the split below and its last scaling, so its tiles
-        # are kept apart, unmirrored (LowerTiles).
-        K, K_dot_L, norm_K = sym_product_stats(L, GR, G, beta=weight, alpha=1.0 - beta, other=L, tiles=tall_split)
+    K, K_dot_L, norm_K = _ksl_K(L, R, G, beta, inv, weight, sigma, sigma2, fresh, unit, tracked=tracked, tall_split=tall_split)
     # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and Gᵀ U G as a factor, and the
     # returned L' = √S U as one scaling of K.
     inv_K = norm_K.clamp(min=tiny).reciprocal_()
     inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
     # R̂ takes R with 1/‖R‖ (R̄ = R/‖R‖); a fresh block's weight is 0, so its R̂ takes nothing of R
     weight_R = weight * inner * inv
-    if tall_split:
-        # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
-        R_hat = split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K, plus=(R, weight_R))
-        norm_R_hat = block_norm(R_hat)
-    else:
-        # R̂'s product is Gᵀ (U G): where oneDNN takes its tiles, which read both operands' rows laid, Gᵀ is laid
-        # once here and (U G)ᵀ made as Gᵀ U in rows (U symmetric), instead of U G laid again transposed
-        Gt = G.mT
-        if _tiles_by_onednn(R, Gt, Gt):
-            Gt = contiguous(Gt)
-            UGt = _times_(mm(Gt, K).mul_(inv_K), sigma2)  # type: ignore[operator]  # K is a tensor: tiles are kept only for the split
-        else:
-            UGt = _times_(mm(K, G).mul_(inv_K), sigma2).mT  # type: ignore[operator]
-        R_hat, _, norm_R_hat = sym_product_stats(R, Gt, UGt, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
+    R_hat, norm_R_hat = _ksl_R_hat(R, G, K, beta, inv_K, weight_R, sigma, sigma2, tracked=tracked, tall_split=tall_split)
     root = norm_R_hat.sqrt()  # σ √S
     if sigma is None:
-        lo, hi = _plain_range(L.dtype)
-        norms = torch.cat([norm_K, norm_R_hat, norm_R if fresh is None else norm_R.masked_fill(fresh.view(b, 1, 1), 1.0)])
-        bad = ~((norms >= lo) & (norms <= hi)).view(3, b).all(0)  # also where one is NaN
+        bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, fresh)
         scale_L, scale_R = inv_K * root, root.clamp(min=tiny).reciprocal()
         finite = True  # ‖K‖, ‖R̂‖ in range: they and √S/‖K‖ are finite
         if bool(bad.any()):
@@ -2618,6 +2658,82 @@ def _ksl(
     else:
         scale_L, scale_R = inv_K * root / sigma, (root * sigma).clamp(min=tiny).reciprocal()
         finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())
+    return _ksl_written(L, R, K, R_hat, scale_L, scale_R, finite=finite, defer=defer)
+
+
+def _ksl_K(
+    L: Tensor, R: Tensor, G: Tensor, beta: float, inv: Tensor, weight: Tensor, sigma: Tensor | None,
+    sigma2: Tensor | None, fresh: Tensor | None, unit: Tensor | None, *, tracked: bool, tall_split: bool,
+) -> tuple["Tensor | LowerTiles", Tensor, Tensor]:
+    """:func:`_ksl`'s K-step: ``K = weight · L + (1−β) G R̄ Gᵀ`` (``R̄ = inv · R``, a fresh block's ``I/√n`` at
+    ``unit``), with ``⟨K, L⟩`` and ``‖K‖``; ``K`` held as its tiles (:class:`LowerTiles`) for a tall block's split."""
+    b = R.shape[0]
+    if not tracked and split_pays(G, R):
+        # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
+        # R̄ is not formed: a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖,
+        # as without a mask. The sum with L is symmetrised once, inside the split (plus), so K stays
+        # exactly symmetric whatever L's rounding.
+        S, s = R, inv
+        if fresh is not None:
+            S, s = _fresh_directions(fresh, R), inv + fresh.to(L.dtype).view(b, 1, 1)  # inv is 0 on a fresh block
+        K = split_sandwich(_times(G, sigma), S, alpha=(1.0 - beta) * s, plus=(L, weight))
+        K_dot_L, norm_K = _dense_stats(K, L)
+        return K, K_dot_L, norm_K  # type: ignore[return-value]
+    if G.shape[-2] < R.shape[-1]:
+        # a wide block: R̄ is not formed; the m × n product G R takes the scaling (and a fresh
+        # block's G/√n), a smaller pass than the n × n one, and R̂'s weight of R̄ takes 1/‖R‖. Scaled, it
+        # is made of σ G (entries of size ‖G‖‖R‖ underflow where both are tiny) and takes σ once more
+        GR = _times_(mm(_times(G, sigma), R).mul_(inv), sigma)
+        if unit is not None:
+            GR.addcmul_(G, unit)
+    else:
+        # R̄ (σ² R̄ scaled) is G R̄'s operand only: R̂ takes R with 1/‖R‖ as on a wide block, where
+        # its weight is of the size of ‖L‖ (S̃ R̄'s weight, of ‖R‖‖L‖, leaves float's range first)
+        Rbar = _times_(R * inv, sigma2)
+        if unit is not None:
+            Rbar.diagonal(dim1=-2, dim2=-1).add_(unit.view(b, 1))
+        GR = mm(G, Rbar)
+    # both products are symmetric in exact arithmetic (G R̄ Gᵀ, Gᵀ U G): sym_product computes half.
+    # On a tall block K is then read only by the split below and its last scaling, so its tiles
+    # are kept apart, unmirrored (LowerTiles).
+    return sym_product_stats(L, GR, G, beta=weight, alpha=1.0 - beta, other=L, tiles=tall_split)  # type: ignore[return-value]
+
+
+def _ksl_R_hat(
+    R: Tensor, G: Tensor, K: "Tensor | LowerTiles", beta: float, inv_K: Tensor, weight_R: Tensor,
+    sigma: Tensor | None, sigma2: Tensor | None, *, tracked: bool, tall_split: bool,
+) -> tuple["Tensor | LowerTiles", Tensor]:
+    """:func:`_ksl`'s S- and L-steps: ``R̂ = weight_R · R + (1−β) Gᵀ U G`` (``U = inv_K · K``) and ``‖R̂‖``."""
+    if tall_split:
+        # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
+        R_hat = split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K, plus=(R, weight_R))
+        return R_hat, block_norm(R_hat)
+    # R̂'s product is Gᵀ (U G): where oneDNN takes its tiles, which read both operands' rows laid, Gᵀ is laid
+    # once here and (U G)ᵀ made as Gᵀ U in rows (U symmetric), instead of U G laid again transposed
+    Gt = G.mT
+    if _tiles_by_onednn(R, Gt, Gt):
+        Gt = contiguous(Gt)
+        UGt = _times_(mm(Gt, K).mul_(inv_K), sigma2)  # type: ignore[arg-type]  # K is a tensor: tiles are kept only for the split
+    else:
+        UGt = _times_(mm(K, G).mul_(inv_K), sigma2).mT  # type: ignore[arg-type]
+    R_hat, _, norm_R_hat = sym_product_stats(R, Gt, UGt, beta=weight_R, alpha=1.0 - beta, tiles=not tracked)
+    return R_hat, norm_R_hat
+
+
+def _out_of_plain_range(norm_K: Tensor, norm_R_hat: Tensor, norm_R: Tensor, fresh: Tensor | None) -> Tensor:
+    """``(b)``: where ``‖K‖``, ``‖R̂‖`` or (on a block not fresh) ``‖R‖`` leaves :func:`_plain_range`, or is NaN."""
+    b = norm_K.shape[0]
+    lo, hi = _plain_range(norm_K.dtype)
+    norms = torch.cat([norm_K, norm_R_hat, norm_R if fresh is None else norm_R.masked_fill(fresh.view(b, 1, 1), 1.0)])
+    return ~((norms >= lo) & (norms <= hi)).view(3, b).all(0)  # also where one is NaN
+
+
+def _ksl_written(
+    L: Tensor, R: Tensor, K: "Tensor | LowerTiles", R_hat: "Tensor | LowerTiles", scale_L: Tensor, scale_R: Tensor, *,
+    finite: bool, defer: list["DeferredWrite"] | None,
+) -> tuple[Tensor, Tensor]:
+    """``(scale_L · K, scale_R · R̂)``, or, with ``defer`` (results ``finite`` and the state's stacks ``L``, ``R``
+    contiguous), the two scalings left to the state write into ``L`` and ``R``, which are returned unchanged."""
     if defer is None or not finite or not (L.is_contiguous() and R.is_contiguous()):
         return _scaled(K, scale_L), _scaled(R_hat, scale_R)
     defer.append(DeferredWrite(target=L, into=lambda out: _scaled(K, scale_L, out=out)))

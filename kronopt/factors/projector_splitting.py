@@ -7,6 +7,7 @@ with a rank-one dynamical low-rank integrator on the rearranged matrix
 :func:`kronopt.linalg.projector_split_ksl`.
 """
 
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import attrs
@@ -186,6 +187,36 @@ class ProjectorSplittingFactors:
         if R is not None:
             R = self._one_sided(R, G.mT)
         return ProjectorSplittingState(L=L, R=R, initialised=state.initialised, calls=state.calls + 1)
+
+    def update_each(
+        self, states: Sequence[ProjectorSplittingState], G: Sequence[Tensor], ctxs: Sequence[StepContext]
+    ) -> list[ProjectorSplittingState]:
+        """:meth:`update` of several buckets' factors, the same bits: the KSL steps of the buckets past their first
+        call with both sides full and every block started (read on the host for them all at once, on a CPU) made
+        together (:func:`kronopt.linalg.projector_split_ksl_each`: a call of many small buckets pays for its calls,
+        not its arithmetic); every other bucket by :meth:`update`."""
+        out: list[ProjectorSplittingState | None] = [None] * len(states)
+        work = [
+            i for i, state in enumerate(states)
+            if self.variant == "ksl" and state.calls > 0 and state.L is not None and state.R is not None
+            and state.sub_L is None and state.sub_R is None and linalg.host_verdicts(state.initialised)
+        ]
+        if len(work) > 1:
+            flags = torch.cat([states[i].initialised for i in work]).tolist()  # one read on the host for them all
+            started, start = [], 0
+            for i in work:
+                count = states[i].initialised.shape[0]
+                if all(flags[start : start + count]):
+                    started.append(i)
+                start += count
+            made = linalg.projector_split_ksl_each(
+                [states[i].L for i in started], [states[i].R for i in started], [G[i] for i in started],  # type: ignore[misc]
+                float(self.beta), [ctxs[i].defer for i in started],
+            )
+            for i, (L, R) in zip(started, made):
+                state = states[i]
+                out[i] = ProjectorSplittingState(L=L, R=R, initialised=state.initialised, calls=state.calls + 1)
+        return [self.update(state, g, ctx) if new is None else new for state, g, ctx, new in zip(states, G, ctxs, out)]
 
     def factors(self, state: ProjectorSplittingState) -> tuple[Tensor | None, Tensor | None]:
         """``(L, R)``; on a restricted side the power product ``(b d r)`` instead of a factor."""

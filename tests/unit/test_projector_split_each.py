@@ -1,0 +1,215 @@
+"""DyKAF's KSL steps of several buckets made together (``linalg.projector_split_ksl_each``,
+``ProjectorSplittingFactors.update_each``) against each bucket's own step, bit for bit.
+
+The calls made together share their per-block scalars (norms' scalings, weights, range tests) in one tensor and read
+the host twice for all; every call they cannot make as the plain dense step (a state whose norm needs its wide form
+or is empty, a result out of the plain range, a tiled or split side, a tracked call, another dtype) is made alone.
+Each test asks which calls were made together, so that a fallback taken for every call cannot pass for the shared
+path, and the shared path's results are checked against the dense float64 reference of the spec (§3).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from kronopt import compose, linalg
+from kronopt.factors.projector_splitting import ProjectorSplittingFactors
+from tests.reference.dykaf import ksl_dense
+
+
+def _state(b, m, n, gen, dtype=torch.float32, scale=1.0):
+    """A started DyKAF state (symmetric PSD factors of equal norms) and a gradient."""
+    A = torch.randn(b, m, m + 1, generator=gen, dtype=dtype)
+    B = torch.randn(b, n, n + 2, generator=gen, dtype=dtype)
+    L, R = A @ A.mT, B @ B.mT
+    L, R = linalg.sym(L / linalg.block_norm(L)) * scale, linalg.sym(R / linalg.block_norm(R)) * scale
+    return L, R, torch.randn(b, m, n, generator=gen, dtype=dtype) * 0.3
+
+
+def _same(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(a), torch.signbit(b))
+
+
+def _same_deferred(defer, defer_ref):
+    """The same deferred writes: into the same stacks, with the same values once run (each on the stack as it was)."""
+    assert len(defer) == len(defer_ref)
+    for d, d_ref in zip(defer, defer_ref):
+        assert d.target is d_ref.target
+        ok = torch.ones(d.target.shape[0], dtype=torch.bool)
+        kept = d.target.clone()
+        compose.run_deferred_([d_ref], ok)
+        want = d.target.clone()
+        d.target.copy_(kept)
+        compose.run_deferred_([d], ok)
+        _same(d.target, want)
+        d.target.copy_(kept)
+
+
+def _alone_counted(monkeypatch):
+    """Which calls ``projector_split_ksl_each`` makes alone: the ids of the ``L`` each alone call is given."""
+    alone, real = [], linalg.projector_split_ksl
+
+    def counted(L, R, G, beta, **kw):
+        alone.append(id(L))
+        return real(L, R, G, beta, **kw)
+
+    monkeypatch.setattr(linalg, "projector_split_ksl", counted)
+    return alone, real
+
+
+def _calls(gen):
+    """Plain small calls (wide, tall, square, stacked), and calls each made alone for a reason of its own."""
+    plain = [_state(b, m, n, gen) for b, m, n in [(1, 5, 9), (2, 12, 7), (1, 6, 6), (3, 3, 17), (1, 1, 8), (2, 9, 1)]]
+    special = {
+        "float64": _state(2, 7, 4, gen, torch.float64),
+        "empty": tuple(torch.zeros_like(t) if k < 2 else t for k, t in enumerate(_state(1, 4, 6, gen))),
+        "tiny": _state(2, 6, 5, gen, scale=2.0**-70),  # its norm read in the wide form
+        "huge gradient": _state(1, 8, 3, gen)[:2] + (torch.full((1, 8, 3), 1e25),),  # out of the plain range: scaled
+        "one block out of range": _huge_second_block(gen),
+        "NaN": _nan_state(gen),
+        "tracked": tuple(t.requires_grad_() if k == 2 else t for k, t in enumerate(_state(1, 5, 4, gen))),
+    }
+    return plain, special
+
+
+def _huge_second_block(gen):
+    L, R, G = _state(2, 6, 4, gen)
+    G[1] *= 1e22
+    return L, R, G
+
+
+def _nan_state(gen):
+    L, R, G = _state(1, 4, 7, gen)
+    R[0, 1, 2] = R[0, 2, 1] = float("nan")
+    return L, R, G
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_calls_made_together_equal_each_alone_bit_for_bit(monkeypatch, deferred):
+    gen = torch.Generator().manual_seed(3)
+    plain, special = _calls(gen)
+    calls = [c for pair in itertools.zip_longest(plain, special.values()) for c in pair if c is not None]
+    inputs = [tuple(t.detach().clone() for t in c) for c in calls]
+    want, want_defer = [], []
+    for L, R, G in calls:
+        defer = [] if deferred else None  # nothing is written before the deferred writes run: the same stacks serve
+        want.append(linalg.projector_split_ksl(L, R, G, 0.93, defer=defer))
+        want_defer.append(defer)
+    alone, _ = _alone_counted(monkeypatch)
+    defers = [[] if deferred else None for _ in calls]
+    got = linalg.projector_split_ksl_each([c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls], 0.93, defers)
+    # every special call alone (the tracked one: the caller's grad mode), every plain one together
+    specials = {id(c[0]) for c in special.values()}
+    assert set(alone) == specials and len(alone) == len(specials)
+    for (L, R, G), (L_in, R_in, G_in), (gL, gR), (wL, wR), d, wd in zip(calls, inputs, got, want, defers, want_defer):
+        for t, t_in in ((L, L_in), (R, R_in), (G, G_in)):
+            _same(t.detach(), t_in)  # no input written
+        if deferred and id(L) not in specials:
+            assert gL is L and gR is R and len(d) == 2  # left to the state write, as alone
+        if deferred and gL is L:
+            with torch.no_grad():  # as the optimizer writes its state
+                _same_deferred(d, wd)
+        else:
+            _same(gL.detach(), wL.detach())
+            _same(gR.detach(), wR.detach())
+
+
+def test_calls_made_together_follow_the_dense_reference_of_the_spec():
+    """§3 on the explicit m² × n² matrices, in float64, against the calls made together in float32 and float64."""
+    gen = torch.Generator().manual_seed(11)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
+        calls = [_state(b, m, n, gen, dtype) for b, m, n in [(2, 4, 6), (1, 7, 3), (1, 5, 5)]]
+        got = linalg.projector_split_ksl_each([c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls], 0.9)
+        for (L, R, G), (gL, gR) in zip(calls, got):
+            for k in range(L.shape[0]):
+                rL, rR = ksl_dense(L[k].double(), R[k].double(), G[k].double(), 0.9)
+                assert torch.allclose(gL[k].double(), rL, rtol=0, atol=tol * rL.abs().max())
+                assert torch.allclose(gR[k].double(), rR, rtol=0, atol=tol * rR.abs().max())
+            assert torch.equal(gL, gL.mT) and torch.equal(gR, gR.mT)
+
+
+def test_tiled_and_split_sides_are_made_alone(monkeypatch):
+    """A side from ``_GRAM_TILED_MIN`` (tiled products) or ``_SPLIT_SANDWICH_MIN`` (a split sandwich) takes its own
+    step: the calls together make dense products only."""
+    monkeypatch.setattr(linalg, "_GRAM_TILED_MIN", 16)
+    gen = torch.Generator().manual_seed(5)
+    calls = [_state(1, 6, 9, gen), _state(1, 16, 5, gen), _state(1, 4, 20, gen), _state(2, 7, 3, gen)]
+    alone, real = _alone_counted(monkeypatch)
+    got = linalg.projector_split_ksl_each([c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls], 0.9)
+    assert alone == [id(calls[1][0]), id(calls[2][0])]
+    for (L, R, G), (gL, gR) in zip(calls, got):
+        wL, wR = real(L, R, G, 0.9)
+        _same(gL, wL)
+        _same(gR, wR)
+
+
+def test_update_each_equals_update_bit_for_bit(monkeypatch):
+    """Buckets past their first call with every block started are made together; a bucket at its first call, one with
+    a block not started (a zero first gradient) and a one-sided one are updated alone, as ``update`` makes them."""
+    from kronopt.types import Layout
+
+    stage = ProjectorSplittingFactors(beta=0.9)
+    gen = torch.Generator().manual_seed(2)
+    ctx_of = _contexts()
+    states, grads, kinds = [], [], []
+    for kind, (b, m, n, left, right) in {
+        "plain": (2, 6, 9, "full", "full"), "plain tall": (1, 11, 4, "full", "full"), "first": (1, 5, 5, "full", "full"),
+        "not started": (2, 4, 7, "full", "full"), "one-sided": (1, 6, 3, "full", "none"), "plain 2": (3, 3, 8, "full", "full"),
+    }.items():
+        layout = Layout(batch=b, m=m, n=n, left=left, right=right)
+        state = stage.init(layout, dtype=torch.float32, device=torch.device("cpu"))
+        if kind != "first":
+            G0 = torch.randn(b, m, n, generator=gen)
+            if kind == "not started":
+                G0[1] = 0
+            state = stage.update(state, G0, ctx_of(layout))
+            if kind != "not started":  # its block 1 is still empty after a first call on a zero gradient
+                state = stage.update(state, torch.randn(b, m, n, generator=gen), ctx_of(layout))
+        states.append(state)
+        grads.append(torch.randn(b, m, n, generator=gen))
+        kinds.append(kind)
+    layouts = [Layout(batch=g.shape[0], m=g.shape[1], n=g.shape[2], left="full", right="none" if k == "one-sided" else "full") for g, k in zip(grads, kinds)]
+    want = [stage.update(s, g, ctx_of(layout)) for s, g, layout in zip(states, grads, layouts)]
+    together = []
+    real = linalg.projector_split_ksl_each
+    monkeypatch.setattr(linalg, "projector_split_ksl_each", lambda L, *a, **k: together.append(len(L)) or real(L, *a, **k))
+    got = stage.update_each(states, grads, [ctx_of(layout) for layout in layouts])
+    assert together == [3]  # the three plain buckets
+    for s, w, g in zip(states, want, got):
+        assert g.calls == w.calls == s.calls + 1
+        for field in ("L", "R", "initialised"):
+            a, b = getattr(g, field), getattr(w, field)
+            assert (a is None) == (b is None)
+            if a is not None:
+                _same(a.float(), b.float())
+    # the parallel variant is made by update alone
+    parallel = ProjectorSplittingFactors(beta=0.9, variant="parallel")
+    together.clear()
+    parallel.update_each([states[0], states[5]], [grads[0], grads[5]], [ctx_of(layouts[0]), ctx_of(layouts[5])])
+    assert together == []
+
+
+def _contexts():
+    """A step context for a layout (the projector-splitting update reads only ``defer`` and, on a restricted side,
+    the basis)."""
+    from kronopt.types import BasisState, StepContext
+
+    def of(layout):
+        basis = BasisState(Q_L=None, Q_R=None, lam_L=None, lam_R=None, failures=torch.zeros(layout.batch, dtype=torch.int64))
+        return StepContext(step=1, layout=layout, basis=basis)
+
+    return of
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_state_the_plain_norm_misreads_is_out_of_the_plain_range(dtype):
+    """The calls together take ``‖R‖`` plainly and leave to the range test every state that
+    ``block_norm_wide`` reads otherwise or that ``empty_state_norm`` calls empty: both thresholds lie under the
+    plain range's lower end on every side the calls together take (below ``_GRAM_TILED_MIN``)."""
+    lo, _ = linalg._plain_range(dtype)
+    side = min(linalg._GRAM_TILED_MIN, linalg._SPLIT_SANDWICH_MIN) - 1
+    assert linalg.norm_digits_floor(side * side, dtype) < lo
+    assert linalg.empty_state_norm(dtype) < lo
