@@ -13,9 +13,10 @@ import itertools
 import pytest
 import torch
 
-from kronopt import compose, linalg
+from kronopt import linalg
 from kronopt.factors.projector_splitting import ProjectorSplittingFactors
 from tests.reference.dykaf import ksl_dense
+from tests.unit.test_rotated_adams import _same_deferred
 
 
 def _state(b, m, n, gen, dtype=torch.float32, scale=1.0):
@@ -31,21 +32,6 @@ def _same(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(torch.signbit(a), torch.signbit(b))
-
-
-def _same_deferred(defer, defer_ref):
-    """The same deferred writes: into the same stacks, with the same values once run (each on the stack as it was)."""
-    assert len(defer) == len(defer_ref)
-    for d, d_ref in zip(defer, defer_ref):
-        assert d.target is d_ref.target
-        ok = torch.ones(d.target.shape[0], dtype=torch.bool)
-        kept = d.target.clone()
-        compose.run_deferred_([d_ref], ok)
-        want = d.target.clone()
-        d.target.copy_(kept)
-        compose.run_deferred_([d], ok)
-        _same(d.target, want)
-        d.target.copy_(kept)
 
 
 def _alone_counted(monkeypatch):
