@@ -2519,7 +2519,7 @@ def projector_split_ksl_each(
     """:func:`projector_split_ksl` of each call ``(L[i], R[i], G[i])`` (``defer[i]`` its ``defer``), the same bits.
 
     On a CPU, the calls whose plain step runs in dense products (sides below ``_GRAM_TILED_MIN``, so no tiles and no
-    split; untracked; one dtype) are made together: each call's products and reductions in its turn, their per-block
+    split; untracked; of one dtype whose plain range is not empty, not float16's) are made together: each call's products and reductions in its turn, their per-block
     scalars (``1/‖R‖``, the weights, ``1/‖K‖``, ``⟨U, L⟩``, the range test and the last scalings) in one tensor for
     them all, with one read on the host for them all where a call alone makes three of its own. A call with a norm out
     of the plain range on a block (``‖R‖``, ``‖K‖`` or ``‖R̂‖``: a state empty, tiny or not finite among them, whose
@@ -2533,23 +2533,30 @@ def projector_split_ksl_each(
     for i, (L_i, R_i, G_i, _) in enumerate(calls):
         if _ksl_plain_dense(L_i, R_i, G_i):
             together.setdefault(L_i.dtype, []).append(i)
+    made: list[tuple[Any, ...] | None] = [None] * len(calls)
     for at in together.values():
         if len(at) > 1:
-            _ksl_together([calls[i] for i in at], beta, out, at)
-    for i, (L_i, R_i, G_i, defer_i) in enumerate(calls):
-        if out[i] is None:
+            _ksl_together([calls[i] for i in at], beta, made, at)
+    # in the calls' order, the deferred writes too (a list shared by calls gets them as the calls in turn would)
+    for i, ((L_i, R_i, G_i, defer_i), of) in enumerate(zip(calls, made)):
+        if of is None:
             out[i] = projector_split_ksl(L_i, R_i, G_i, beta, defer=defer_i)
+        else:
+            out[i] = _ksl_written(L_i, R_i, *of, finite=True, defer=defer_i)
     return out  # type: ignore[return-value]
 
 
 def _ksl_plain_dense(L: Tensor, R: Tensor, G: Tensor) -> bool:
     """Whether :func:`projector_split_ksl_each` may make this call with others: on a CPU whose verdicts are read on
-    the host, untracked, of one floating dtype and well formed, with blocks of entries whose products and
+    the host, untracked, of one floating dtype with a plain range (:func:`_plain_range`) and well formed, with blocks of entries whose products and
     reductions are the dense ones (no tiles, no split sandwich)."""
     if not (L.ndim == R.ndim == G.ndim == 3 and host_verdicts(L) and L.dtype == R.dtype == G.dtype and L.is_floating_point()):
         return False
     b, m, n = G.shape
     if not (b and m and n and L.shape == (b, m, m) and R.shape == (b, n, n) and L.device == R.device == G.device):
+        return False
+    lo, hi = _plain_range(L.dtype)
+    if not lo < hi:  # float16's is empty: every call would be made twice
         return False
     if torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad):
         return False
@@ -2558,10 +2565,11 @@ def _ksl_plain_dense(L: Tensor, R: Tensor, G: Tensor) -> bool:
 
 def _ksl_together(
     calls: list[tuple[Tensor, Tensor, Tensor, list["DeferredWrite"] | None]], beta: float,
-    out: list[tuple[Tensor, Tensor] | None], at: list[int],
+    made: list[tuple[Any, ...] | None], at: list[int],
 ) -> None:
-    """:func:`projector_split_ksl_each`'s calls made together: ``out[at[k]]`` set for each call ``k`` that kept the
-    plain range on every block (the others are left ``None``, to be made alone)."""
+    """:func:`projector_split_ksl_each`'s calls made together: ``made[at[k]]`` set to ``(K, R̂, scale_L, scale_R)``
+    (:func:`_ksl_written`'s) for each call ``k`` that kept the plain range on every block (the others are left
+    ``None``, to be made alone)."""
     tiny = _tiny(calls[0][0])
     # ‖R‖ as block_norm_wide and projector_split_ksl take it wherever the plain step runs: a state whose plain norm
     # needs the wide form or is empty (below norm_digits_floor or empty_state_norm, both under _plain_range's lower
@@ -2588,11 +2596,11 @@ def _ksl_together(
     ]
     norm_R_hat = torch.cat([r[1] for r in right])
     root = norm_R_hat.sqrt()
-    bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, None).tolist()
+    bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, None, calls[0][0].dtype).tolist()
     scale_L, scale_R = inv_K * root, root.clamp(min=tiny).reciprocal()
-    for (L_i, R_i, _, defer_i), K, (R_hat, _), s, i in zip(calls, left, right, slices, at):
+    for K, (R_hat, _), s, i in zip(left, right, slices, at):
         if not any(bad[s]):
-            out[i] = _ksl_written(L_i, R_i, K[0], R_hat, scale_L[s], scale_R[s], finite=True, defer=defer_i)
+            made[i] = (K[0], R_hat, scale_L[s], scale_R[s])
 
 
 def _plain_range(dtype: torch.dtype) -> tuple[float, float]:
@@ -2646,7 +2654,7 @@ def _ksl(
     R_hat, norm_R_hat = _ksl_R_hat(R, G, K, beta, inv_K, weight_R, sigma, sigma2, tracked=tracked, tall_split=tall_split)
     root = norm_R_hat.sqrt()  # σ √S
     if sigma is None:
-        bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, fresh)
+        bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, fresh, L.dtype)
         scale_L, scale_R = inv_K * root, root.clamp(min=tiny).reciprocal()
         finite = True  # ‖K‖, ‖R̂‖ in range: they and √S/‖K‖ are finite
         if bool(bad.any()):
@@ -2720,10 +2728,13 @@ def _ksl_R_hat(
     return R_hat, norm_R_hat
 
 
-def _out_of_plain_range(norm_K: Tensor, norm_R_hat: Tensor, norm_R: Tensor, fresh: Tensor | None) -> Tensor:
-    """``(b)``: where ``‖K‖``, ``‖R̂‖`` or (on a block not fresh) ``‖R‖`` leaves :func:`_plain_range`, or is NaN."""
+def _out_of_plain_range(
+    norm_K: Tensor, norm_R_hat: Tensor, norm_R: Tensor, fresh: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """``(b)``: where ``‖K‖``, ``‖R̂‖`` or (on a block not fresh) ``‖R‖`` leaves :func:`_plain_range` of ``dtype`` (the
+    state's: the norms may come out wider, of a wider gradient), or is NaN."""
     b = norm_K.shape[0]
-    lo, hi = _plain_range(norm_K.dtype)
+    lo, hi = _plain_range(dtype)
     norms = torch.cat([norm_K, norm_R_hat, norm_R if fresh is None else norm_R.masked_fill(fresh.view(b, 1, 1), 1.0)])
     return ~((norms >= lo) & (norms <= hi)).view(3, b).all(0)  # also where one is NaN
 

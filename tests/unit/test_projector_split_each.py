@@ -2,7 +2,7 @@
 ``ProjectorSplittingFactors.update_each``) against each bucket's own step, bit for bit.
 
 The calls made together share their per-block scalars (norms' scalings, weights, range tests) in one tensor and read
-the host twice for all; every call they cannot make as the plain dense step (a state whose norm needs its wide form
+the host once for all; every call they cannot make as the plain dense step (a state whose norm needs its wide form
 or is empty, a result out of the plain range, a tiled or split side, a tracked call, another dtype) is made alone.
 Each test asks which calls were made together, so that a fallback taken for every call cannot pass for the shared
 path, and the shared path's results are checked against the dense float64 reference of the spec (§3).
@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from kronopt import linalg
+from kronopt import compose, linalg
 from kronopt.factors.projector_splitting import ProjectorSplittingFactors
 from tests.reference.dykaf import ksl_dense
 from tests.unit.test_rotated_adams import _same_deferred
@@ -199,3 +199,57 @@ def test_a_state_the_plain_norm_misreads_is_out_of_the_plain_range(dtype):
     side = min(linalg._GRAM_TILED_MIN, linalg._SPLIT_SANDWICH_MIN) - 1
     assert linalg.norm_digits_floor(side * side, dtype) < lo
     assert linalg.empty_state_norm(dtype) < lo
+
+
+def test_a_state_narrower_than_its_gradient_is_judged_in_its_own_range():
+    """A review's find in the shared range test: a float32 state of norm 2^-70 with a float64 gradient as small makes
+    norms that float64 holds and float32's plain step does not (‖K‖ about 2^-140): the state's range sends it down
+    the scaled step, which follows the float64 step of the same values."""
+    gen = torch.Generator().manual_seed(0)
+    L, R, G = _state(1, 5, 4, gen, torch.float64)
+    s = 2.0**-70
+    L, R, G = (L * s).float(), R * s, G * s
+    want = linalg.projector_split_ksl(L.double(), R, G, 0.9)
+    got = linalg.projector_split_ksl(L, R, G, 0.9)
+    for g, w in zip(got, want):
+        assert ((g.double() - w).norm() / w.norm()).item() < 1e-5
+
+
+def test_float16_calls_are_made_alone_once(monkeypatch):
+    """float16's plain range is empty (every call of it takes the scaled step): such calls are not made together, where
+    each would be made twice."""
+    assert not linalg._plain_range(torch.float16)[0] < linalg._plain_range(torch.float16)[1]
+    gen = torch.Generator().manual_seed(4)
+    calls = [tuple(t.half() for t in _state(1, 6, 9, gen)) for _ in range(3)]
+    k_steps, real = [], linalg._ksl_K
+    monkeypatch.setattr(linalg, "_ksl_K", lambda *a, **k: k_steps.append(1) or real(*a, **k))
+    got = linalg.projector_split_ksl_each([c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls], 0.9)
+    alone = len(k_steps)
+    want = [linalg.projector_split_ksl(*c, 0.9) for c in calls]
+    assert alone == len(k_steps) - alone  # the K-steps of the calls alone, no more
+    for (gL, gR), (wL, wR) in zip(got, want):
+        _same(gL, wL)
+        _same(gR, wR)
+
+
+def test_a_defer_list_shared_by_calls_gets_their_writes_in_the_calls_order():
+    """The same stacks stepped three times into one ``defer`` list, the first call out of the plain range (made alone,
+    deferred): run in order, the writes leave what the calls in turn leave (the last call's factors)."""
+    gen = torch.Generator().manual_seed(0)
+    L, R, G = _state(1, 5, 4, gen)
+    grads = [G * 1e12, G, G * 0.5]
+
+    def final(step):
+        Lw, Rw, defer = L.clone(), R.clone(), []
+        step(Lw, Rw, defer)
+        compose.run_deferred_(defer, torch.ones(1, dtype=torch.bool))
+        return Lw, Rw
+
+    def in_turn(Lw, Rw, defer):
+        for g in grads:
+            linalg.projector_split_ksl(Lw, Rw, g, 0.9, defer=defer)
+
+    want = final(in_turn)
+    got = final(lambda Lw, Rw, defer: linalg.projector_split_ksl_each([Lw] * 3, [Rw] * 3, grads, 0.9, [defer] * 3))
+    for g, w in zip(got, want):
+        _same(g, w)
