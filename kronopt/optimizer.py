@@ -2462,42 +2462,74 @@ class KronOptimizer(torch.optim.Optimizer):
         device to wait for). The extremes of the small blocks are read together (:meth:`_adam_bounds_small`:
         a few calls and one read for all of them, where a bucket of one small block used to cost about as
         many calls as a large one); a large block's are read right before its work, which then finds
-        them in cache. Returns the reports to queue (:meth:`_count_plain`), by ``id`` of the bucket."""
+        them in cache. Where the last step's bounds still hold (:class:`_MomentBounds`), a large block's, and a
+        small block's while fewer than ``_ADAM_VERDICTS_TOGETHER_MIN`` step, are taken instead where they prove the
+        block. Returns the reports to queue (:meth:`_count_plain`), by ``id`` of the bucket."""
         whole = True if step_ok is None else bool(step_ok)
         # each bucket's moments as block views, made in one call each
         moments = [(b.state.inner.exp_avg.unbind(0), b.state.inner.exp_avg_sq.unbind(0)) for b, _, _ in work]  # type: ignore[union-attr]
+        # each bucket's moments' bounds from the last step's, where they still hold (_MomentBounds.valid: no load, edit
+        # or other path's write since), popped now and made again below once this step's writes are done
+        held = [self._carried_bounds().pop(b, None) for b, _, _ in work]
+        knowns = [_MomentBounds.valid(h, b) if whole else None for h, (b, _, _) in zip(held, work)]
         # the small blocks' verdicts, per bucket by block (None: a large block's, made at its turn); without a whole
         # step nothing is proven (nor read)
+        places = [
+            [i for i, p in enumerate(bucket.params) if p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX] if whole else []
+            for bucket, _, _ in work
+        ]
+        # below _ADAM_VERDICTS_TOGETHER_MIN small blocks in the step (judged one by one in Python, their moments read by
+        # a few foreach reductions whose calls cost a block's work each), their bounds are carried past the step as a
+        # large block's are: a bucket of them whose bounds were carried reads no moment where those bounds and its
+        # gradients' extremes (the step's check's, read together) prove every block. The test is monotone in its
+        # bounds, so where a looser carried one says no, the moments are read and judged as without it. From that
+        # many, their verdicts are made on tensors and nothing is carried (a bound a block kept in Python costs more)
+        carry = sum(map(len, places)) < _ADAM_VERDICTS_TOGETHER_MIN
+        by_known = [k for k, (these, known) in enumerate(zip(places, knowns)) if carry and these and known is not None]
+        carried_grads = [work[k][0].params[i].grad for k in by_known for i in places[k]]
+        extremes = iter(self._grad_extremes_small(carried_grads).tolist() if carried_grads else [])  # type: ignore[arg-type]
+        from_known: dict[int, list[tuple[float, float, float]]] = {}
+        for k in by_known:
+            (bucket, cfg, _), known, dtype = work[k], knowns[k], moments[k][0][0].dtype
+            t = bucket.state.step + 1  # type: ignore[union-attr]
+            bounds = [(_abs_bound(*next(extremes)), known.m[i], known.v[i]) for i in places[k]]  # type: ignore[union-attr]
+            if all(compose.adam_block_is_safe(cfg, t, dtype, *bound) for bound in bounds):
+                from_known[k] = bounds
         small: list[tuple[Tensor, Tensor, Tensor]] = []
         terms: list[tuple[float, float, float]] = []
-        places: list[list[int]] = []
         runs: list[tuple[int, Tensor | None, Tensor | None]] = []  # per bucket: its small blocks, its moments' stacks
         check: list[bool] = []  # per small block: its second moment read for an entry below 0 (_Bucket.nonnegative_v)
-        for (bucket, cfg, _), (ms, vs) in zip(work, moments):
-            these = [i for i, p in enumerate(bucket.params) if p.numel() <= _ADAM_BOUNDS_TOGETHER_MAX] if whole else []
+        for k, ((bucket, cfg, _), (ms, vs), these) in enumerate(zip(work, moments, places)):
+            if k in from_known:
+                runs.append((0, None, None))
+                continue
             small += [(bucket.params[i].grad, ms[i], vs[i]) for i in these]  # type: ignore[misc]
             if these:
-                held, v_stack = bucket.nonnegative_v, bucket.state.inner.exp_avg_sq  # type: ignore[union-attr]
-                check += [held is None or not held.holds(v_stack)] * len(these)
+                nonnegative, v_stack = bucket.nonnegative_v, bucket.state.inner.exp_avg_sq  # type: ignore[union-attr]
+                check += [nonnegative is None or not nonnegative.holds(v_stack)] * len(these)
             terms += [compose.adam_safety_terms(cfg, bucket.state.step + 1, ms[0].dtype)] * len(these)  # type: ignore[union-attr]
-            places.append(these)
             whole_stack = len(these) == len(ms) >= _ADAM_STACK_EXTREMES_MIN
             inner = bucket.state.inner  # type: ignore[union-attr]
             runs.append((len(these), inner.exp_avg if whole_stack else None, inner.exp_avg_sq if whole_stack else None))
-        judged = iter(self._adam_small_verdicts(small, terms, runs, check))
+        verdicts_read, bounds_read = self._adam_small_verdicts(small, terms, runs, check)
+        judged, read_bounds = iter(verdicts_read), None if bounds_read is None else iter(bounds_read)
         fused: dict[tuple, tuple[KronConfig, list[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         verdicts: list[list[bool]] = []
         carried: list[tuple[_Bucket, KronConfig, list[tuple[float, float, float]], list[bool]]] = []
-        for (bucket, cfg, grads), (ms, vs), these in zip(work, moments, places):
+        for k, ((bucket, cfg, grads), (ms, vs), these, known) in enumerate(zip(work, moments, places, knowns)):
             state = bucket.state
             t = state.step + 1  # type: ignore[union-attr]
             safe: list[bool | None] = [None] * len(bucket.params)
-            for i in these:
-                safe[i] = next(judged)
-            # a bucket of large blocks judged this step: its moments' bounds from the last step's where they hold
-            # (_MomentBounds.valid), else read; each block's (max |g|, max |m|, max v) and whether it was written
-            held = self._carried_bounds().pop(bucket, None)  # made again below, once this step's writes are done
-            known = _MomentBounds.valid(held, bucket) if whole and not these else None
+            # each block's (max |g|, max |m|, max v) and whether it was written: a small block's from the bounds carried
+            # (with its gradient's) or from its moments read above, a large block's from the carried bounds where they
+            # hold, else read at its turn
+            bounds_of: list[tuple[float, float, float] | None] = [None] * len(bucket.params)
+            for j, i in enumerate(these):
+                if k in from_known:
+                    safe[i], bounds_of[i] = True, from_known[k][j]
+                else:
+                    safe[i] = next(judged)
+                    bounds_of[i] = None if read_bounds is None else next(read_bounds)
             used: list[tuple[float, float, float]] = []
             written: list[bool] = []
             # the block-sized scratch set is taken only where a block is computed outside the fused kernel: a run
@@ -2510,7 +2542,9 @@ class KronOptimizer(torch.optim.Optimizer):
             for i, p, g, factors, into in self._rated_blocks(bucket, grads, cfg, t, fused if fuse else None):
                 m, v = ms[i], vs[i]
                 verdict = safe[i]
-                if verdict is None and whole:  # a large block's bounds are read right before its work, in cache
+                if bounds_of[i] is not None:  # a small block's, judged above
+                    used.append(bounds_of[i])  # type: ignore[arg-type]
+                elif verdict is None and whole:  # a large block's bounds are read right before its work, in cache
                     bounds = None
                     if known is not None:  # its moments' from the last step's, its gradient's from the step's check
                         bounds = (_abs_bound(*torch.stack(self._grad_extremes(p.grad)).tolist()), known.m[i], known.v[i])  # type: ignore[arg-type]
@@ -2646,19 +2680,20 @@ class KronOptimizer(torch.optim.Optimizer):
     def _adam_small_verdicts(
         self, blocks: list[tuple[Tensor, Tensor, Tensor]], terms: list[tuple[float, float, float]],
         runs: list[tuple[int, Tensor | None, Tensor | None]] | None = None, check: list[bool] | None = None,
-    ) -> list[bool]:
+    ) -> tuple[list[bool], list[tuple[float, float, float]] | None]:
         """:func:`compose.adam_block_is_safe` of small blocks ``(grad, m, v)``, each with its
-        :func:`compose.adam_safety_terms`: from :meth:`_adam_bounds_small` one by one, or, from
+        :func:`compose.adam_safety_terms`, and each block's bounds ``(max |g|, max |m|, max v)`` (:func:`_bounds`, for
+        the bounds carried past the step): from :meth:`_adam_bounds_small` one by one, or, from
         ``_ADAM_VERDICTS_TOGETHER_MIN`` blocks, their extremes judged together on the host's device in float64
-        (:func:`compose.adam_blocks_are_safe`, the same verdicts in a dozen calls). ``runs``: the blocks in order by
+        (:func:`compose.adam_blocks_are_safe`, the same verdicts in a dozen calls; no bounds then: ``None``). ``runs``: the blocks in order by
         bucket, each ``(count, m stack, v stack)``, the stacks given where the run is its bucket's every block
         (:meth:`_adam_extremes_small`). ``check``: the blocks whose second moment is read for an entry below 0
         (:meth:`_moment_extremes`)."""
         if len(blocks) < _ADAM_VERDICTS_TOGETHER_MIN:
             bounds = self._adam_bounds_small(blocks, check)
-            return [compose.adam_block_is_safe_of_terms(term, *bound) for term, bound in zip(terms, bounds)]
+            return [compose.adam_block_is_safe_of_terms(term, *bound) for term, bound in zip(terms, bounds)], bounds
         extremes = self._adam_extremes_small(blocks, runs, check).double()
-        return compose.adam_blocks_are_safe(extremes, torch.tensor(terms, dtype=torch.float64)).tolist()
+        return compose.adam_blocks_are_safe(extremes, torch.tensor(terms, dtype=torch.float64)).tolist(), None
 
     def _adam_bounds_small(self, blocks: list[tuple[Tensor, Tensor, Tensor]], check: list[bool] | None = None) -> list[tuple[float, float, float]]:
         """:meth:`_adam_bounds` of many small blocks ``(grad, m, v)`` at once, the same values: each
@@ -3900,7 +3935,8 @@ def _ema_bound(beta: float, old: float, new: float, dtype: torch.dtype) -> float
 class _MomentBounds:
     r"""Upper bounds on a plain AdamW bucket's moments, block by block (``m`` of :math:`|m|`, ``v`` of :math:`v`),
     carried from one step to the next on a CPU, so that :meth:`KronOptimizer._step_plain_adams` proves a large
-    block's in-place update finite (:func:`compose.adam_block_is_safe`) without reading its moments again; and a
+    block's in-place update finite (:func:`compose.adam_block_is_safe`) without reading its moments again (a small
+    block's too, while fewer than ``_ADAM_VERDICTS_TOGETHER_MIN`` step); and a
     rotated Adam bucket's moments in its basis, for :meth:`KronOptimizer._in_place_proof` (there :math:`g` is the
     bound on the rotated gradient, :func:`compose.rotated_gradient_bound`). A step
     moves a block's moments to :math:`\beta_1 m + (1-\beta_1) g` and :math:`\beta_2 v + (1-\beta_2) g^2`, so from

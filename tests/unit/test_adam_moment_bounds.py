@@ -1,7 +1,9 @@
 """Plain AdamW's moment bounds carried across steps on a CPU (``optimizer._MomentBounds``).
 
-A large block's in-place update is proven finite from bounds on its moments; after a step the bounds come from
-the last step's and the gradient's, not from reading the moments again. Checked: the bounds hold the moments
+A block's in-place update is proven finite from bounds on its moments; after a step the bounds come from the last
+step's and the gradient's, not from reading the moments again. Every test runs on large blocks (each judged at its
+turn) and on small ones (judged together, by ``foreach`` reductions or off their buckets' stacks, below 64 blocks a
+step: from 64 on their moments are read every step). Checked: the bounds hold the moments
 (every step, gradients of changing scale, subnormal moments that stop decaying), the moments are read once and
 then no more, every result is the same bits as with the moments read each step (also with gradients at the safety
 test's thresholds, where blocks go through the checked scratch path and back), and anything that writes the
@@ -19,7 +21,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kronopt
 from kronopt import optimizer as kopt
 
-SHAPES = [(256, 128), (256, 128), (128, 256)]  # blocks past the size whose bounds are read together with others'
+SHAPES = [(256, 128), (256, 128), (128, 256)]  # set by the fixture below
+SIDE = 130  # the side of test_the_same_bits_with_gradients_at_the_thresholds' blocks, set by the fixture below
+
+# blocks past the size whose bounds are read together with others' (kopt._ADAM_BOUNDS_TOGETHER_MAX); small blocks in
+# buckets of fewer than kopt._ADAM_STACK_EXTREMES_MIN, whose moments are read by foreach reductions; small blocks in a
+# bucket of more, read off its stacks
+SETS = {
+    "large": ([(256, 128), (256, 128), (128, 256)], 130),
+    "small": ([(32, 16), (32, 16), (16, 32)], 30),
+    "stacked small": ([(12, 8)] * 10 + [(8, 12)] * 2, 20),
+}
+
+
+@pytest.fixture(autouse=True, params=list(SETS))
+def _blocks(request, monkeypatch):
+    shapes, side = SETS[request.param]
+    monkeypatch.setattr(__import__(__name__, fromlist=["SHAPES"]), "SHAPES", shapes)
+    monkeypatch.setattr(__import__(__name__, fromlist=["SIDE"]), "SIDE", side)
 
 
 def _params(seed=0):
@@ -59,8 +78,9 @@ def _moment_reads(opt):
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
+            flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
             if name in ("aminmax", "amax", "max", "_foreach_max") and any(
-                isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in stacks for a in args
+                isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in stacks for t in flat
             ):
                 reads.append(name)
             return func(*args, **(kwargs or {}))
@@ -244,7 +264,7 @@ def test_the_same_bits_with_gradients_at_the_thresholds(case, never_carried):
 
     def run(seed):
         rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-        params = [torch.nn.Parameter(torch.randn(130, 130, generator=gen)) for _ in range(3)]
+        params = [torch.nn.Parameter(torch.randn(SIDE, SIDE, generator=gen)) for _ in range(3)]
         opt = kronopt.build([(f"w{i}", p) for i, p in enumerate(params)], "adamw", nonfinite="skip", **overrides)
         for _ in range(30):
             for p in params:
