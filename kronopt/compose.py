@@ -753,8 +753,8 @@ def rotated_adams(
     """:func:`step` of several buckets, each ``(cfg, layout, state, G, defer)`` a call where :func:`rotated_adam_due`
     holds, the same bits on a CPU (the only device the optimizer takes it on: an accelerator's fused ``foreach`` kernels
     may round otherwise): the factor updates, of several buckets at once where their stage can (an ``update_each``
-    method: the ``ema`` and ``projector_splitting`` estimators'), else each in its turn, then the directions of them all
-    (:func:`rotated_adam_directions`), then each due refresh in its turn (:func:`_refreshed`). The factor updates
+    method: the ``ema`` and ``projector_splitting`` estimators'), else each in its turn, then the directions of them
+    all (:func:`rotated_adam_directions`), then each due refresh in its turn (:func:`_refreshed`). The factor updates
     read neither the directions nor the moments (the ``after`` update of :func:`step` reads the old basis, which
     they leave as it was), so their order changes no bit. On small blocks a step costs its calls, not
     its arithmetic: a SOAP bucket's step is about 33 operator calls and the Python around each stage, nine of them

@@ -2519,11 +2519,13 @@ def projector_split_ksl_each(
     """:func:`projector_split_ksl` of each call ``(L[i], R[i], G[i])`` (``defer[i]`` its ``defer``), the same bits.
 
     On a CPU, the calls whose plain step runs in dense products (sides below ``_GRAM_TILED_MIN``, so no tiles and no
-    split; untracked; of one dtype whose plain range is not empty, not float16's) are made together: each call's products and reductions in its turn, their per-block
-    scalars (``1/‖R‖``, the weights, ``1/‖K‖``, ``⟨U, L⟩``, the range test and the last scalings) in one tensor for
-    them all, with one read on the host for them all where a call alone makes three of its own. A call with a norm out
-    of the plain range on a block (``‖R‖``, ``‖K‖`` or ``‖R̂‖``: a state empty, tiny or not finite among them, whose
-    norm :func:`block_norm_wide` takes otherwise) is made again alone, scaled where it needs; so is every other call. Many small buckets' steps pay for their calls, not their arithmetic (DyKAF's rotated-Adam buckets,
+    split; untracked; of one dtype whose plain range is not empty, not float16's) are made together: each call's
+    products and reductions in its turn, their per-block scalars (``1/‖R‖``, the weights, ``1/‖K‖``, ``⟨U, L⟩``, the
+    range test and the last scalings) in one tensor for them all, with one read on the host for them all where a call
+    alone makes three of its own. A call with a norm out of the plain range on a block (``‖R‖``, ``‖K‖`` or ``‖R̂‖``:
+    a state empty, tiny or not finite among them, whose norm :func:`block_norm_wide` takes otherwise) is made again
+    alone, scaled where it needs; so is every other call. The results, and the deferred writes, come in the calls'
+    order. Many small buckets' steps pay for their calls, not their arithmetic (DyKAF's rotated-Adam buckets,
     :meth:`kronopt.factors.projector_splitting.ProjectorSplittingFactors.update_each`)."""
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
@@ -2548,9 +2550,11 @@ def projector_split_ksl_each(
 
 def _ksl_plain_dense(L: Tensor, R: Tensor, G: Tensor) -> bool:
     """Whether :func:`projector_split_ksl_each` may make this call with others: on a CPU whose verdicts are read on
-    the host, untracked, of one floating dtype with a plain range (:func:`_plain_range`) and well formed, with blocks of entries whose products and
-    reductions are the dense ones (no tiles, no split sandwich)."""
-    if not (L.ndim == R.ndim == G.ndim == 3 and host_verdicts(L) and L.dtype == R.dtype == G.dtype and L.is_floating_point()):
+    the host, untracked, of one floating dtype with a plain range (:func:`_plain_range`) and well formed, with blocks
+    of entries whose products and reductions are the dense ones (no tiles, no split sandwich)."""
+    if not (L.ndim == R.ndim == G.ndim == 3 and host_verdicts(L)):
+        return False
+    if not (L.dtype == R.dtype == G.dtype and L.is_floating_point()):
         return False
     b, m, n = G.shape
     if not (b and m and n and L.shape == (b, m, m) and R.shape == (b, n, n) and L.device == R.device == G.device):

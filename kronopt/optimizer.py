@@ -2685,10 +2685,10 @@ class KronOptimizer(torch.optim.Optimizer):
         :func:`compose.adam_safety_terms`, and each block's bounds ``(max |g|, max |m|, max v)`` (:func:`_bounds`, for
         the bounds carried past the step): from :meth:`_adam_bounds_small` one by one, or, from
         ``_ADAM_VERDICTS_TOGETHER_MIN`` blocks, their extremes judged together on the host's device in float64
-        (:func:`compose.adam_blocks_are_safe`, the same verdicts in a dozen calls; no bounds then: ``None``). ``runs``: the blocks in order by
-        bucket, each ``(count, m stack, v stack)``, the stacks given where the run is its bucket's every block
-        (:meth:`_adam_extremes_small`). ``check``: the blocks whose second moment is read for an entry below 0
-        (:meth:`_moment_extremes`)."""
+        (:func:`compose.adam_blocks_are_safe`, the same verdicts in a dozen calls; no bounds then: ``None``).
+        ``runs``: the blocks in order by bucket, each ``(count, m stack, v stack)``, the stacks given where the run is
+        its bucket's every block (:meth:`_adam_extremes_small`). ``check``: the blocks whose second moment is read for
+        an entry below 0 (:meth:`_moment_extremes`)."""
         if len(blocks) < _ADAM_VERDICTS_TOGETHER_MIN:
             bounds = self._adam_bounds_small(blocks, check)
             return [compose.adam_block_is_safe_of_terms(term, *bound) for term, bound in zip(terms, bounds)], bounds
@@ -3936,8 +3936,8 @@ class _MomentBounds:
     r"""Upper bounds on a plain AdamW bucket's moments, block by block (``m`` of :math:`|m|`, ``v`` of :math:`v`),
     carried from one step to the next on a CPU, so that :meth:`KronOptimizer._step_plain_adams` proves a large
     block's in-place update finite (:func:`compose.adam_block_is_safe`) without reading its moments again (a small
-    block's too, while fewer than ``_ADAM_VERDICTS_TOGETHER_MIN`` step); and a
-    rotated Adam bucket's moments in its basis, for :meth:`KronOptimizer._in_place_proof` (there :math:`g` is the
+    block's too, while fewer than ``_ADAM_VERDICTS_TOGETHER_MIN`` step); and a rotated Adam bucket's moments in its
+    basis, for :meth:`KronOptimizer._in_place_proof` (there :math:`g` is the
     bound on the rotated gradient, :func:`compose.rotated_gradient_bound`). A step
     moves a block's moments to :math:`\beta_1 m + (1-\beta_1) g` and :math:`\beta_2 v + (1-\beta_2) g^2`, so from
     the gradient's bound :math:`G` (read by the step's check anyway) the new bounds are

@@ -36,8 +36,8 @@ OWN = "kronopt"
 SHARES: tuple[str, ...] = (*SLOTS, OWN)
 
 #: the methods timed on each slot's stage (those a stage has; the pipeline's calls, :func:`kronopt.compose.step`,
-#: and the CPU's fast paths: the ``ema`` and ``projector_splitting`` estimators' ``update_each``, plain Muon's ``orthogonalize`` and the parameter
-#: writes ``apply_`` and ``apply_block_``)
+#: and the CPU's fast paths: the ``ema`` and ``projector_splitting`` estimators' ``update_each``, plain Muon's
+#: ``orthogonalize`` and the parameter writes ``apply_`` and ``apply_block_``)
 SLOT_METHODS: dict[str, tuple[str, ...]] = {
     "factors": ("update", "update_each", "factors", "on_basis_change", "eigvals", "flat_eigvals"),
     "basis": ("refresh",),

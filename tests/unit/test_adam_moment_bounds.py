@@ -3,13 +3,13 @@
 A block's in-place update is proven finite from bounds on its moments; after a step the bounds come from the last
 step's and the gradient's, not from reading the moments again. Every test runs on large blocks (each judged at its
 turn), on small ones (their moments read together by ``foreach`` reductions, fewer than 64 a step: from 64 on
-their verdicts are made on tensors and their moments read every step, tested below) and on both in one step. Checked: the bounds hold the moments
-(every step, gradients of changing scale, subnormal moments that stop decaying), the moments are read once and
-then no more, every result is the same bits as with the moments read each step (also with gradients at the safety
-test's thresholds, where blocks go through the checked scratch path and back), and anything that writes the
-moments otherwise (an edit of ``state[p]``, a load, a copy of the optimizer, a skipped step) makes the next step
-read them again, so a huge moment put there by hand is still refused before it reaches a parameter; an ``eps``
-that the state's dtype rounds to 0 proves nothing.
+their verdicts are made on tensors and their moments read every step, tested below) and on both in one step.
+Checked: the bounds hold the moments (every step, gradients of changing scale, subnormal moments that stop
+decaying), the moments are read once and then no more, every result is the same bits as with the moments read each
+step (also with gradients at the safety test's thresholds, where blocks go through the checked scratch path and
+back), and anything that writes the moments otherwise (an edit of ``state[p]``, a load, a copy of the optimizer, a
+skipped step) makes the next step read them again, so a huge moment put there by hand is still refused before it
+reaches a parameter; an ``eps`` that the state's dtype rounds to 0 proves nothing.
 """
 
 import copy
@@ -320,9 +320,11 @@ def test_small_blocks_carry_their_bounds_below_the_count_judged_on_tensors(count
         opt = kronopt.build([(f"w{i}", p) for i, p in enumerate(ps)], "adamw", nonfinite="skip")
         for k in range(12):
             for i, (p, s) in enumerate(zip(ps, shapes)):
-                p.grad = None if (k % 3 == 1 and i % 4 == 0) else torch.randn(*s, generator=gen) * (1e30 if k == 7 and i == 1 else 1.0)
+                scale = 1e30 if k == 7 and i == 1 else 1.0  # past the safety test: the checked path, skipped
+                p.grad = None if (k % 3 == 1 and i % 4 == 0) else torch.randn(*s, generator=gen) * scale
             opt.step()
-        return [p.detach().clone() for p in ps] + [t.clone() for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        states = [t.clone() for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return [p.detach().clone() for p in ps] + states
 
     carried = run(count)
     never_carried()

@@ -86,7 +86,7 @@ def test_calls_made_together_equal_each_alone_bit_for_bit(monkeypatch, deferred)
         want_defer.append(defer)
     alone, _ = _alone_counted(monkeypatch)
     defers = [[] if deferred else None for _ in calls]
-    got = linalg.projector_split_ksl_each([c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls], 0.93, defers)
+    got = linalg.projector_split_ksl_each(*(list(x) for x in zip(*calls)), 0.93, defers)
     # every special call alone (the tracked one: the caller's grad mode), every plain one together
     specials = {id(c[0]) for c in special.values()}
     assert set(alone) == specials and len(alone) == len(specials)
@@ -142,8 +142,9 @@ def test_update_each_equals_update_bit_for_bit(monkeypatch):
     ctx_of = _contexts()
     states, grads, kinds = [], [], []
     for kind, (b, m, n, left, right) in {
-        "plain": (2, 6, 9, "full", "full"), "plain tall": (1, 11, 4, "full", "full"), "first": (1, 5, 5, "full", "full"),
-        "not started": (2, 4, 7, "full", "full"), "one-sided": (1, 6, 3, "full", "none"), "plain 2": (3, 3, 8, "full", "full"),
+        "plain": (2, 6, 9, "full", "full"), "plain tall": (1, 11, 4, "full", "full"),
+        "first": (1, 5, 5, "full", "full"), "not started": (2, 4, 7, "full", "full"),
+        "one-sided": (1, 6, 3, "full", "none"), "plain 2": (3, 3, 8, "full", "full"),
     }.items():
         layout = Layout(batch=b, m=m, n=n, left=left, right=right)
         state = stage.init(layout, dtype=torch.float32, device=torch.device("cpu"))
@@ -157,11 +158,15 @@ def test_update_each_equals_update_bit_for_bit(monkeypatch):
         states.append(state)
         grads.append(torch.randn(b, m, n, generator=gen))
         kinds.append(kind)
-    layouts = [Layout(batch=g.shape[0], m=g.shape[1], n=g.shape[2], left="full", right="none" if k == "one-sided" else "full") for g, k in zip(grads, kinds)]
+    layouts = [
+        Layout(batch=g.shape[0], m=g.shape[1], n=g.shape[2], left="full", right="none" if k == "one-sided" else "full")
+        for g, k in zip(grads, kinds)
+    ]
     want = [stage.update(s, g, ctx_of(layout)) for s, g, layout in zip(states, grads, layouts)]
     together = []
     real = linalg.projector_split_ksl_each
-    monkeypatch.setattr(linalg, "projector_split_ksl_each", lambda L, *a, **k: together.append(len(L)) or real(L, *a, **k))
+    counted = lambda L, *a, **k: together.append(len(L)) or real(L, *a, **k)  # noqa: E731
+    monkeypatch.setattr(linalg, "projector_split_ksl_each", counted)
     got = stage.update_each(states, grads, [ctx_of(layout) for layout in layouts])
     assert together == [3]  # the three plain buckets
     for s, w, g in zip(states, want, got):
@@ -184,7 +189,8 @@ def _contexts():
     from kronopt.types import BasisState, StepContext
 
     def of(layout):
-        basis = BasisState(Q_L=None, Q_R=None, lam_L=None, lam_R=None, failures=torch.zeros(layout.batch, dtype=torch.int64))
+        failures = torch.zeros(layout.batch, dtype=torch.int64)
+        basis = BasisState(Q_L=None, Q_R=None, lam_L=None, lam_R=None, failures=failures)
         return StepContext(step=1, layout=layout, basis=basis)
 
     return of
