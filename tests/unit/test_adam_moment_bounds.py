@@ -3,7 +3,8 @@
 A block's in-place update is proven finite from bounds on its moments; after a step the bounds come from the last
 step's and the gradient's, not from reading the moments again. Every test runs on large blocks (each judged at its
 turn), on small ones (their moments read together by ``foreach`` reductions, fewer than 64 a step: from 64 on
-their verdicts are made on tensors and their moments read every step, tested below) and on both in one step.
+their verdicts are made on tensors and their moments read every step, test_adam_small_bounds.py) and on both
+in one step.
 Checked: the bounds hold the moments (every step, gradients of changing scale, subnormal moments that stop
 decaying), the moments are read once and then no more, every result is the same bits as with the moments read each
 step (also with gradients at the safety test's thresholds, where blocks go through the checked scratch path and
@@ -294,39 +295,3 @@ def test_an_eps_the_state_rounds_to_zero_proves_nothing():
         assert torch.isfinite(p).all()
         assert torch.equal(p, b)
     assert sum(opt.nonfinite_counts().values()) == len(params)
-
-
-@pytest.mark.parametrize("count", [kopt._ADAM_VERDICTS_TOGETHER_MIN - 1, kopt._ADAM_VERDICTS_TOGETHER_MIN])
-def test_small_blocks_carry_their_bounds_below_the_count_judged_on_tensors(count, never_carried):
-    """Below ``_ADAM_VERDICTS_TOGETHER_MIN`` small blocks a step their bounds are carried (the moments read once), from
-    that many their verdicts are made on tensors and their moments read every step; a run whose count crosses it
-    from step to step (parameters without gradients on some steps) is the same bits as one reading every step."""
-    shapes = [(7, 5)] * (count // 2) + [(5, 7)] * (count - count // 2)
-    gen = torch.Generator().manual_seed(count)
-    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
-    opt = kronopt.build([(f"w{i}", p) for i, p in enumerate(params)], "adamw")
-    mode, reads = _moment_reads(opt)
-    with mode:
-        _step(opt, params, [torch.randn(*s, generator=gen) for s in shapes])
-        first = len(reads)
-        for k in range(3):
-            _step(opt, params, [torch.randn(*s, generator=gen) for s in shapes])
-    carried = count < kopt._ADAM_VERDICTS_TOGETHER_MIN
-    assert first > 0 and (len(reads) == first) == carried == bool(opt._carried_bounds())
-
-    def run(seed):
-        gen = torch.Generator().manual_seed(seed)
-        ps = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
-        opt = kronopt.build([(f"w{i}", p) for i, p in enumerate(ps)], "adamw", nonfinite="skip")
-        for k in range(12):
-            for i, (p, s) in enumerate(zip(ps, shapes)):
-                scale = 1e30 if k == 7 and i == 1 else 1.0  # past the safety test: the checked path, skipped
-                p.grad = None if (k % 3 == 1 and i % 4 == 0) else torch.randn(*s, generator=gen) * scale
-            opt.step()
-        states = [t.clone() for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-        return [p.detach().clone() for p in ps] + states
-
-    carried = run(count)
-    never_carried()
-    for x, y in zip(carried, run(count)):
-        assert torch.equal(x.nan_to_num(), y.nan_to_num()) and torch.equal(x.isnan(), y.isnan())
