@@ -300,7 +300,9 @@ class ProjectorSplittingFactors:
             return (S.square().sum((-2, -1)) + (n - r) * m.square()).sqrt().view(b, 1, 1)
 
         def wide() -> Tensor:  # of (S, μ) brought near 1 first, then scaled back (as linalg.block_norm_wide's)
-            scale = linalg.near_one_scale(torch.maximum(sub.abs().amax((-2, -1)), mu.abs()).view(b, 1, 1))
+            # (a side of rank 0, a side of 1 to 3 under the preset's fraction 1/4, has no S: μ alone)
+            top = mu.abs() if r == 0 else torch.maximum(sub.abs().amax((-2, -1)), mu.abs())
+            scale = linalg.near_one_scale(top.view(b, 1, 1))
             return restricted_norm(sub * scale, mu * scale.view(b)) / scale
 
         # a tiny state's direction counts: its norm keeps its digits

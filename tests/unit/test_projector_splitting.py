@@ -387,6 +387,40 @@ def test_a_tiny_float32_restricted_state_keeps_its_direction(gen, side):
             assert (got - want).abs().max() <= 1e-5 * want.abs().max(), lam
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_tiny_float32_state_of_a_rank_zero_restricted_side_keeps_its_direction(gen, side):
+    """A restricted side of rank 0 (a side of 1 to 3 under the pro presets' fraction 1/4: nothing but its flat
+    eigenvalue μ) with a state far under float32's plain range steps as in float64. Catches the wide norm's scale
+    taken from the empty ``S``'s largest entry, which raised (a pro_dykaf step on a 1 × 1 block whose gradients
+    fell to 1e-30, found by the composition fuzz)."""
+    m, n = (3, 2) if side == "right" else (2, 3)
+    est = ProjectorSplittingFactors(beta=0.9)
+    kw = {"rank_right": 0} if side == "right" else {"rank_left": 0}
+    left, right = ("full", "restricted") if side == "right" else ("restricted", "full")
+    layout = Layout(batch=2, m=m, n=n, left=left, right=right, **kw)
+    d, other = (n, m) if side == "right" else (m, n)
+    full, mu = spd_matrix(gen, 2, other), torch.tensor([0.3, 2.0], dtype=torch.float64)
+    G = randn(gen, 2, m, n)
+    names = ("R", "sub_L", "mu_L") if side == "left" else ("L", "sub_R", "mu_R")
+
+    def run(lam, dtype):
+        U = torch.zeros(2, d, 0, dtype=dtype)  # a subspace of rank 0
+        Q = {"Q_R": U, "Q_L": None} if side == "right" else {"Q_L": U, "Q_R": None}
+        basis = BasisState(**Q, lam_L=None, lam_R=None, failures=torch.zeros(2, dtype=torch.int64))
+        ctx = StepContext(step=4, layout=layout, basis=basis, refresh_follows=False)
+        st = est.init(layout, dtype=dtype, device=CPU)
+        start = [(full * lam).to(dtype), torch.zeros(2, 0, 0, dtype=dtype), (mu * lam).to(dtype)]
+        st = attrs.evolve(st, **dict(zip(names, start)), initialised=torch.ones(2, dtype=torch.bool), calls=3)
+        new = est.update(st, G.to(dtype), ctx)
+        return [getattr(new, name).double() for name in names]
+
+    for lam in (2.0**-70, 2.0**-73, 1.0):
+        for got, want in zip(run(lam, torch.float32), run(lam, torch.float64)):
+            assert got.shape == want.shape and torch.isfinite(got).all()
+            if want.numel():
+                assert (got - want).abs().max() <= 1e-5 * want.abs().max(), lam
+
+
 def test_ksl_splits_the_larger_side_at_the_default_threshold(monkeypatch):
     """At the defaults a 768 × 8 (tall) and an 8 × 768 (wide) block take one split sandwich each, a square or a
     512-sided one none; in float32 the split step agrees with the plain float64 step."""
