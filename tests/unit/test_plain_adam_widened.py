@@ -1,0 +1,142 @@
+"""Plain AdamW's CPU fast path on gradients narrower than its state (bfloat16 or float16 parameters with the default
+float32 state, float32 parameters under ``state_dtype = "float64"``): each block's gradient is cast into the state's
+dtype in a block-sized scratch tensor before its arithmetic, and the step must be the general path's (the gradients
+stacked and cast to the state's dtype, every changed tensor checked) bit for bit, skipped blocks and counts included.
+
+The general path is forced by making ``compose.is_plain_adam`` answer False while that optimizer is built and stepped.
+"""
+
+import pytest
+import torch
+
+import kronopt
+from kronopt import compose
+from kronopt import optimizer as optimizer_module
+
+SHAPES = [(6, 5), (6, 5), (6, 5), (7, 3), (9,)]  # a bucket of three blocks, a one-block bucket, a gain
+
+#: (parameter dtype, state dtype, a finite gradient entry whose square overflows the state's dtype, or None)
+CASES = {
+    "bfloat16-params": (torch.bfloat16, None, 1e22),
+    "float16-params": (torch.float16, None, None),  # float16 holds nothing whose square overflows float32
+    "float32-params-float64-state": (torch.float32, "float64", None),
+}
+
+
+def _grads(step, gen, dtype, huge):
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    if step == 2:
+        grads[1][2, 3] = float("nan")  # one block of the three-block bucket
+    if step == 3:
+        grads[3][0, 0] = float("inf")  # the one-block bucket
+        grads[0][1, 1] = -float("inf")
+    if step == 4 and huge is not None:
+        grads[2][4, 4] = huge  # finite, but (1 - β₂)·g² overflows the state's dtype
+        grads[4][0] = huge
+    return grads
+
+
+def _run(monkeypatch, case, *, fast, scope, calls):
+    dtype, state_dtype, huge = CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+    with monkeypatch.context() as patch:
+        if not fast:
+            patch.setattr(compose, "is_plain_adam", lambda *a: False)
+        real = compose.adam_block
+
+        def counted(cfg, t, m, v, g, out):
+            calls.append(g.dtype)  # the dtype the block's arithmetic read its gradient in
+            return real(cfg, t, m, v, g, out)
+
+        patch.setattr(compose, "adam_block", counted)
+        kw = {} if state_dtype is None else {"state_dtype": state_dtype}
+        named = [(f"p{i}", p) for i, p in enumerate(params)]
+        opt = kronopt.build(named, "adamw", nonfinite_scope=scope, lr=0.05, **kw)
+        gen = torch.Generator().manual_seed(2)
+        for step in range(8):
+            for p, g in zip(params, _grads(step, gen, dtype, huge)):
+                p.grad = g
+            opt.step()
+    state = {
+        i: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for i, p in enumerate(params)
+    }
+    return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), opt.skipped_steps()
+
+
+@pytest.mark.parametrize("scope", ["block", "step"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_narrow_gradients_step_as_the_general_path_bit_for_bit(monkeypatch, case, scope):
+    """Catches: a block whose gradient reaches the arithmetic uncast (a dtype error, or moments rounded to the
+    gradient's dtype), a cast that writes the scratch tensor the direction is read from before the moments are
+    made, such a block sent to torch's fused kernel, and a bucket that leaves the fast path for the general one
+    (the calls are counted: the test would pass vacuously)."""
+    fast_calls, slow_calls = [], []
+    fast = _run(monkeypatch, case, fast=True, scope=scope, calls=fast_calls)
+    slow = _run(monkeypatch, case, fast=False, scope=scope, calls=slow_calls)
+    state_dtype = torch.float64 if CASES[case][1] == "float64" else torch.float32
+    # every block of every call past the first went through the block form, in the state's dtype
+    assert len(fast_calls) >= 7 * len(SHAPES) and set(fast_calls) == {state_dtype}
+    assert not slow_calls
+    for a, b in zip(fast[0], slow[0]):
+        assert a.dtype == b.dtype == CASES[case][0]
+        assert torch.equal(a, b)
+    for i in fast[1]:
+        assert fast[1][i].keys() == slow[1][i].keys()
+        for key in fast[1][i]:
+            assert fast[1][i][key].dtype == slow[1][i][key].dtype
+            assert torch.equal(fast[1][i][key], slow[1][i][key]), (case, i, key)
+    assert fast[2] == slow[2]
+    assert fast[3] == slow[3]
+    assert any(fast[2].values())  # the non-finite gradients were met and counted
+
+
+def test_a_skipped_bfloat16_block_keeps_its_weights_and_moments_exactly():
+    """A block whose bfloat16 gradient holds a NaN is refused whole: its parameter and its float32 moments stay as
+    they were (its counters advance, as on every path), while its bucket's other blocks step. Catches: a cast
+    scratch tensor whose NaN reaches the moments before the verdict, or the refused block's parameter written
+    anyway."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(8, 6, generator=gen).bfloat16()) for _ in range(3)]
+    opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "adamw", nonfinite_scope="block", lr=0.05)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(8, 6, generator=gen).bfloat16()
+        opt.step()
+    before = [p.detach().clone() for p in params]
+    moments = [{k: opt.state[p][k].clone() for k in ("inner.exp_avg", "inner.exp_avg_sq")} for p in params]
+    for p in params:
+        p.grad = torch.randn(8, 6, generator=gen).bfloat16()
+    params[1].grad[3, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match="p1"):
+        opt.step()
+        opt.flush_warnings()  # a CPU's report may wait for the next step
+    assert torch.equal(params[1].detach(), before[1])
+    for key, value in moments[1].items():
+        assert torch.equal(opt.state[params[1]][key], value), key
+    for i in (0, 2):
+        assert not torch.equal(params[i].detach(), before[i])
+        assert opt.state[params[i]]["inner.exp_avg"].dtype == torch.float32
+    assert opt.nonfinite_counts() == {"p0": 0, "p1": 1, "p2": 0}
+
+
+@pytest.mark.parametrize(
+    ("narrow", "wide", "exact"),
+    [
+        (torch.bfloat16, torch.float32, True),
+        (torch.float16, torch.float32, True),
+        (torch.float32, torch.float64, True),
+        (torch.bfloat16, torch.float64, True),
+        (torch.float16, torch.bfloat16, False),  # a wider range, fewer digits: not every float16 is a bfloat16
+        (torch.bfloat16, torch.float16, False),
+        (torch.float32, torch.float32, False),  # not narrower: taken as it is, no cast
+        (torch.float64, torch.float32, False),
+    ],
+)
+def test_only_exact_widenings_are_taken(narrow, wide, exact):
+    """Checked against the dtypes themselves: every finite value of the narrower dtype survives the round trip."""
+    assert optimizer_module._widens_exactly(narrow, wide) is exact
+    if exact:
+        info = torch.finfo(narrow)
+        values = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, 1 + info.eps], dtype=narrow)
+        assert torch.equal(values.to(wide).to(narrow), values)
