@@ -16,6 +16,7 @@ between the two versions' parameters at the end (0 where the change keeps the bi
     python docs/inprocess_ab.py adamw 30 vectors2000x64 --base /tmp/kronopt-base  # 2000 vectors of 64
     python docs/inprocess_ab.py soap 40 64 --groups 4 --base /tmp/kronopt-base  # a param group per layer
     python docs/inprocess_ab.py soap 40 64 --groups 4 --base-groups 0 --base .  # per layer against one group
+    python docs/inprocess_ab.py muon 40 256 --dtype bfloat16 --base /tmp/kronopt-base  # bfloat16 parameters
 
 Run the same tree as both (``--base`` the repository itself) to see the harness's own bias (about 1.00).
 """
@@ -91,19 +92,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--groups", type=int, default=0, help="param groups of their own learning rates (<d>: one per layer)")
     parser.add_argument("--base-groups", type=int, default=None, help="the base's param groups (default: --groups)")
+    parser.add_argument("--dtype", default="float32", help="the parameters' and gradients' dtype (bfloat16, ...)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     tables = {"base": _load(args.base), "new": _load(args.new)}
     shapes, per = _shapes(args.kind)
+    dtype = getattr(torch, args.dtype)
     runs = {}
     for name, table in tables.items():
         sys.modules.update(table)
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in shapes]
+        params = [torch.nn.Parameter((torch.randn(*s) * 0.1).to(dtype)) for s in shapes]
         count = args.groups if name == "new" or args.base_groups is None else args.base_groups
         runs[name] = (table, params, table["kronopt"].build(_groups(args.kind, params, count), args.preset))
-    grads = [[torch.randn(*s) for s in shapes] for _ in range(8)]
+    grads = [[torch.randn(*s).to(dtype) for s in shapes] for _ in range(8)]
 
     def step(name: str, i: int) -> None:
         table, params, opt = runs[name]
@@ -131,7 +134,7 @@ def main() -> None:
         f"{statistics.median(n) / statistics.median(b):.3f}, of means {statistics.mean(n) / statistics.mean(b):.3f}, "
         f"median of paired ratios {statistics.median([y / x for x, y in zip(b, n)]):.3f}"
     )
-    diff = max((x - y).abs().max().item() for x, y in zip(runs["base"][1], runs["new"][1]))
+    diff = max((x.double() - y.double()).abs().max().item() for x, y in zip(runs["base"][1], runs["new"][1]))
     print(f"largest difference between the two versions' parameters: {diff:.3g}")
 
 

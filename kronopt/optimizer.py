@@ -2342,7 +2342,8 @@ class KronOptimizer(torch.optim.Optimizer):
     def _plain_muon_cpu(self, bucket: _Bucket, cfg: KronConfig) -> bool:
         """Whether :meth:`_step_plain_muon` may step this bucket: a plain Muon bucket (:func:`compose.is_plain_muon`,
         the verdict kept per config, layout and dtype) of a CPU whose verdicts are read on the host
-        (:func:`linalg.host_verdicts`), neither work-sharded nor FSDP2, its gradients in its state's dtype and
+        (:func:`linalg.host_verdicts`), neither work-sharded nor FSDP2, its gradients in its state's dtype (or a
+        narrower one it holds exactly, :func:`_widens_exactly`: each block cast before its arithmetic) and
         in memory of their own, and its momentum a contiguous stack that may be updated in place here (not an
         inference tensor outside ``inference_mode``: the general path replaces such a stack)."""
         if not _PLAIN_MUON_CPU or bucket.plan is not None or bucket.fsdp is not None or not linalg.host_verdicts(bucket.blocks[0]):
@@ -2354,16 +2355,18 @@ class KronOptimizer(torch.optim.Optimizer):
         if not plain:
             return False
         buf = bucket.state.inner.momentum_buffer  # type: ignore[union-attr]
+        grads, dtype = [p.grad for p in bucket.params], bucket.state_dtype
         return (
             buf.numel() > 0
             # a stack of the momentum's own layout (one loaded as saved, compose._stack_like) makes the general
             # path's iteration read it in that layout, which may round otherwise
             and buf.is_contiguous()
             and (torch.is_inference_mode_enabled() or not buf.is_inference())
-            and all(p.grad.dtype == bucket.state_dtype for p in bucket.params)  # type: ignore[union-attr]
+            # gradients of the state's dtype, or of a narrower one it holds exactly (cast block by block)
+            and all(g.dtype == dtype or _widens_exactly(g.dtype, dtype) for g in grads)  # type: ignore[union-attr]
             # a gradient in a parameter's memory (p.grad = p.detach(), or a view into a buffer it shares) would be
             # read again after that parameter's write; the general path reads every gradient into its stack first
-            and not _overlapping([p.grad for p in bucket.params], bucket.params)  # type: ignore[misc]
+            and not _overlapping(grads, bucket.params)  # type: ignore[arg-type]
         )
 
     def _step_plain_muon(self, bucket: _Bucket, step_ok: Tensor | None, cfg: KronConfig) -> bool:
@@ -2395,7 +2398,8 @@ class KronOptimizer(torch.optim.Optimizer):
         extremes = []
         for k, (p, g) in enumerate(zip(bucket.params, grads)):
             extremes.extend([*self._grad_extremes(p.grad), *torch.aminmax(buf[k])])  # type: ignore[arg-type]
-            compose.muon_look_ahead(buf[k], g, w, out=U[k])  # the look-ahead (without Nesterov: the new momentum), in cache
+            # the look-ahead (without Nesterov: the new momentum), in cache; a narrower gradient cast into D first
+            compose.muon_look_ahead(buf[k], _widened_block(g, D), w, out=U[k])
         bounds = torch.stack(extremes).view(-1, 4).abs_().tolist()
         if not all(compose.momentum_block_is_safe(buf.dtype, max(g0, g1), max(b0, b1)) for g0, g1, b0, b1 in bounds):
             return False  # a non-finite or huge gradient, or a huge momentum: the general path's guards decide
@@ -2411,7 +2415,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 verdicts.append(good)
                 if good and whole:
                     cfg.post.apply_block_(p, direction, factors)
-                    compose.muon_momentum_(buf[k], g, inner.momentum)  # type: ignore[union-attr]
+                    # (D, the direction, written: a narrower gradient cast into it again)
+                    compose.muon_momentum_(buf[k], _widened_block(g, D), inner.momentum)  # type: ignore[union-attr]
         report = self._count_plain(bucket, verdicts, step_ok)
         if report is not None:
             self._pending.append(report)

@@ -1,10 +1,14 @@
-"""Plain AdamW's CPU fast path on gradients narrower than its state (bfloat16 or float16 parameters with the default
-float32 state, float32 parameters under ``state_dtype = "float64"``): each block's gradient is cast into the state's
-dtype in a block-sized scratch tensor before its arithmetic, and the step must be the general path's (the gradients
-stacked and cast to the state's dtype, every changed tensor checked) bit for bit, skipped blocks and counts included.
+"""Plain AdamW's and plain Muon's CPU fast paths on gradients narrower than their state (bfloat16 or float16 parameters
+with the default float32 state, float32 parameters under ``state_dtype = "float64"``): each block's gradient is cast
+into the state's dtype in a block-sized scratch tensor before its arithmetic, and the step must be the general path's
+(the gradients stacked and cast to the state's dtype, every changed tensor checked) bit for bit, skipped blocks and
+counts included.
 
-The general path is forced by making ``compose.is_plain_adam`` answer False while that optimizer is built and stepped.
+The general path is forced by making ``compose.is_plain_adam`` answer False (AdamW), or by turning
+``optimizer._PLAIN_MUON_CPU`` off (Muon), while that optimizer is built and stepped.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ import torch
 import kronopt
 from kronopt import compose
 from kronopt import optimizer as optimizer_module
+from tests.unit.test_plain_muon_fast_path import count_plain_steps
 
 SHAPES = [(6, 5), (6, 5), (6, 5), (7, 3), (9,)]  # a bucket of three blocks, a one-block bucket, a gain
 
@@ -140,3 +145,62 @@ def test_only_exact_widenings_are_taken(narrow, wide, exact):
         info = torch.finfo(narrow)
         values = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, 1 + info.eps], dtype=narrow)
         assert torch.equal(values.to(wide).to(narrow), values)
+
+
+#: a Muon bucket of three blocks, a one-block bucket, a gain for the AdamW fallback (the blocks too large for the
+#: small buckets' path, which the test turns off)
+MUON_SHAPES = [(24, 16), (24, 16), (24, 16), (40, 12), (9,)]
+
+
+def _muon_run(monkeypatch, case, *, fast):
+    dtype, state_dtype, _ = CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in MUON_SHAPES]
+    stepped, casts = [], []
+    with monkeypatch.context() as patch:
+        patch.setattr(optimizer_module, "_PLAIN_MUON_CPU", fast)
+        patch.setattr(optimizer_module, "_SMALL_TOGETHER_MAX", 0)
+        count_plain_steps(patch, stepped)
+        real = compose.muon_look_ahead
+
+        def spied(buf, g, weight, *, out):
+            casts.append(g.dtype)  # the dtype the look-ahead read its gradient in
+            return real(buf, g, weight, out=out)
+
+        patch.setattr(compose, "muon_look_ahead", spied)
+        kw = {} if state_dtype is None else {"state_dtype": state_dtype}
+        opt = kronopt.build([(f"p{i}", p) for i, p in enumerate(params)], "muon", lr=0.02, **kw)
+        gen = torch.Generator().manual_seed(2)
+        for step in range(6):
+            grads = [torch.randn(s, generator=gen).to(dtype) for s in MUON_SHAPES]
+            if step == 2:
+                grads[1][2, 3] = float("nan")  # that bucket goes to the general path for the step
+            for p, g in zip(params, grads):
+                p.grad = g
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+    state = {
+        i: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for i, p in enumerate(params)
+    }
+    return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), stepped, casts
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_narrow_gradients_take_plain_muon_with_the_general_paths_bits(monkeypatch, case):
+    """Catches: a gradient read uncast by the look-ahead or the momentum's advance (a dtype error, or a momentum
+    advanced by the rounded values), the second cast skipped after the direction took its scratch tensor, and a
+    bucket of narrow gradients sent to the general path (the plain path's calls are counted)."""
+    fast = _muon_run(monkeypatch, case, fast=True)
+    slow = _muon_run(monkeypatch, case, fast=False)
+    state_dtype = torch.float64 if CASES[case][1] == "float64" else torch.float32
+    assert fast[3].count(True) >= 2 * 5 and not any(slow[3])  # both matrix buckets, every call but the NaN one
+    assert fast[4] and set(fast[4]) == {state_dtype}
+    for a, b in zip(fast[0], slow[0]):
+        assert a.dtype == b.dtype == CASES[case][0]
+        assert torch.equal(a, b)
+    for i in fast[1]:
+        assert fast[1][i].keys() == slow[1][i].keys()
+        for key in fast[1][i]:
+            assert torch.equal(fast[1][i][key], slow[1][i][key]), (case, i, key)
+    assert fast[2] == slow[2] and fast[2]["p1"] == 1
