@@ -9,6 +9,7 @@ everything bit for bit.
 import bisect
 import collections
 import contextlib
+import functools
 import itertools
 import math
 import operator
@@ -2642,17 +2643,24 @@ class KronOptimizer(torch.optim.Optimizer):
         """The bucket's gradients stacked ``(b m n)`` with non-finite entries zeroed (which keeps bad
         blocks out of batched solvers), and the ``(b)`` flags of the blocks that were finite."""
         hits = [self._checked(g) for g in grads]
-        if all(h is not None and g.dtype == dtype for h, g in zip(hits, grads)):
+        # every gradient checked this step (of this very tensor at this version, _checked), in the state's dtype or a
+        # narrower one it holds exactly (a bfloat16 parameter's under a float32 state: cast as it is stacked)
+        if all(h is not None and (g.dtype == dtype or _widens_exactly(g.dtype, dtype)) for h, g in zip(hits, grads)):
             ok = _GradChecks.rows(hits, "each")  # type: ignore[arg-type]
             blocks = [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
-            # each read finite on the host by this step's check (of this very tensor at this version,
-            # _checked): nothing to zero, one copy
+            same = all(block.dtype == dtype for block in blocks)
+            # each read finite on the host by the check: nothing to zero, one copy
             if all(t.read is not None and t.read[k] for t, k in hits):  # type: ignore[misc]
-                if len(blocks) == 1 and blocks[0].is_contiguous():
+                if same and len(blocks) == 1 and blocks[0].is_contiguous():
                     # one block: a view of it, not a copy (the stages read G and never write it; the pipeline's
                     # checks name a stage that does)
                     return blocks[0].unsqueeze(0), ok
-                return torch.stack(blocks), ok
+                if same:
+                    return torch.stack(blocks), ok
+                G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)
+                for i, block in enumerate(blocks):
+                    G[i].copy_(block)  # cast as it is placed: one pass
+                return G, ok
             # stacked and sanitized in one pass per block
             G = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, device=blocks[0].device)
             for i, block in enumerate(blocks):
@@ -4009,10 +4017,12 @@ class _MomentBounds:
         return _MomentBounds(weakref.ref(exp_avg), weakref.ref(exp_avg_sq), versions, bucket.state.step, ms, vs)  # type: ignore[union-attr]
 
 
+@functools.cache
 def _widens_exactly(narrow: torch.dtype, wide: torch.dtype) -> bool:
     """Whether every value of the floating dtype ``narrow`` is one of ``wide``'s and ``narrow`` is the narrower
     (bfloat16 and float16 in float32 or float64, float32 in float64; not float16 in bfloat16, whose range
-    is wider but whose digits are fewer): a cast from one to the other is exact."""
+    is wider but whose digits are fewer): a cast from one to the other is exact. (Kept per pair: asked per
+    gradient and step, and ``torch.promote_types`` is an operator call.)"""
     return narrow != wide and narrow.is_floating_point and torch.promote_types(narrow, wide) == wide
 
 

@@ -16,6 +16,7 @@ import torch
 import kronopt
 from kronopt import compose
 from kronopt import optimizer as optimizer_module
+from tests.torch_compat import needs_grad_dtype
 from tests.unit.test_plain_muon_fast_path import count_plain_steps
 
 SHAPES = [(6, 5), (6, 5), (6, 5), (7, 3), (9,)]  # a bucket of three blocks, a one-block bucket, a gain
@@ -204,3 +205,50 @@ def test_narrow_gradients_take_plain_muon_with_the_general_paths_bits(monkeypatc
         for key in fast[1][i]:
             assert torch.equal(fast[1][i][key], slow[1][i][key]), (case, i, key)
     assert fast[2] == slow[2] and fast[2]["p1"] == 1
+
+
+@needs_grad_dtype
+@pytest.mark.parametrize("scope", ["block", "step"])
+@pytest.mark.parametrize("preset", ["soap", "kl_shampoo", "pro_kl_shampoo", "dykaf"])
+def test_narrow_gradients_stack_as_gradients_cast_by_hand(preset, scope):
+    """The pipeline's stack of bfloat16 gradients under the float32 state (cast as each block is placed, where the
+    step's check read every one finite; else cast and zeroed where not finite) against the same gradients cast to
+    float32 by hand (``p.grad_dtype = None``), bit for bit, skipped blocks and counts included (under ``"block"``
+    no check of the step's gradients is made, and the stack is cast and tested as before: the same comparison).
+    Catches: a block placed uncast or from the wrong gradient, the check's flags taken for the wrong blocks, a
+    non-finite entry left in the stack (a cast perturbed by an ulp fails every ``"step"`` case)."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(12, 8), (12, 8), (12, 8), (10, 6), (8,)]
+    init = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    stream = []
+    for step in range(7):
+        row = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+        if step == 3:
+            row[1][2, 3] = float("nan")
+        if step == 4:
+            row[3][0, 0] = float("inf")
+        stream.append(row)
+
+    def run(cast):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        for p in ps:
+            p.grad_dtype = None
+        opt = kronopt.build([(f"layers.{i}.weight", p) for i, p in enumerate(ps)], preset, lr=1e-2, nonfinite_scope=scope)
+        for row in stream:
+            for p, g in zip(ps, row):
+                p.grad = g.float() if cast else g.clone()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+        # the float32 state too: a bfloat16 parameter's rounding hides a last bit of its update
+        state = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p in ps]
+        return [p.detach().clone() for p in ps], state, opt.nonfinite_counts()
+
+    (got, got_state, got_counts), (ref, ref_state, ref_counts) = run(cast=False), run(cast=True)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b), preset
+    for a, b in zip(got_state, ref_state):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (preset, key)
+    assert got_counts == ref_counts and any(got_counts.values())
