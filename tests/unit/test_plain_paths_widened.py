@@ -70,6 +70,18 @@ def _run(monkeypatch, case, *, fast, scope, calls):
     return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), opt.skipped_steps()
 
 
+def _same_bits(fast, slow, case):
+    """The two runs' parameters (of the case's dtype) and state tensors, the same bits."""
+    for a, b in zip(fast[0], slow[0]):
+        assert a.dtype == b.dtype == CASES[case][0]
+        assert torch.equal(a, b)
+    for i in fast[1]:
+        assert fast[1][i].keys() == slow[1][i].keys()
+        for key in fast[1][i]:
+            assert fast[1][i][key].dtype == slow[1][i][key].dtype
+            assert torch.equal(fast[1][i][key], slow[1][i][key]), (case, i, key)
+
+
 @pytest.mark.parametrize("scope", ["block", "step"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_narrow_gradients_step_as_the_general_path_bit_for_bit(monkeypatch, case, scope):
@@ -84,14 +96,7 @@ def test_narrow_gradients_step_as_the_general_path_bit_for_bit(monkeypatch, case
     # every block of every call past the first went through the block form, in the state's dtype
     assert len(fast_calls) >= 7 * len(SHAPES) and set(fast_calls) == {state_dtype}
     assert not slow_calls
-    for a, b in zip(fast[0], slow[0]):
-        assert a.dtype == b.dtype == CASES[case][0]
-        assert torch.equal(a, b)
-    for i in fast[1]:
-        assert fast[1][i].keys() == slow[1][i].keys()
-        for key in fast[1][i]:
-            assert fast[1][i][key].dtype == slow[1][i][key].dtype
-            assert torch.equal(fast[1][i][key], slow[1][i][key]), (case, i, key)
+    _same_bits(fast, slow, case)
     assert fast[2] == slow[2]
     assert fast[3] == slow[3]
     assert any(fast[2].values())  # the non-finite gradients were met and counted
@@ -197,13 +202,7 @@ def test_narrow_gradients_take_plain_muon_with_the_general_paths_bits(monkeypatc
     state_dtype = torch.float64 if CASES[case][1] == "float64" else torch.float32
     assert fast[3].count(True) >= 2 * 5 and not any(slow[3])  # both matrix buckets, every call but the NaN one
     assert fast[4] and set(fast[4]) == {state_dtype}
-    for a, b in zip(fast[0], slow[0]):
-        assert a.dtype == b.dtype == CASES[case][0]
-        assert torch.equal(a, b)
-    for i in fast[1]:
-        assert fast[1][i].keys() == slow[1][i].keys()
-        for key in fast[1][i]:
-            assert torch.equal(fast[1][i][key], slow[1][i][key]), (case, i, key)
+    _same_bits(fast, slow, case)
     assert fast[2] == slow[2] and fast[2]["p1"] == 1
 
 
@@ -233,7 +232,8 @@ def test_narrow_gradients_stack_as_gradients_cast_by_hand(preset, scope):
         ps = [torch.nn.Parameter(x.clone()) for x in init]
         for p in ps:
             p.grad_dtype = None
-        opt = kronopt.build([(f"layers.{i}.weight", p) for i, p in enumerate(ps)], preset, lr=1e-2, nonfinite_scope=scope)
+        named = [(f"layers.{i}.weight", p) for i, p in enumerate(ps)]
+        opt = kronopt.build(named, preset, lr=1e-2, nonfinite_scope=scope)
         for row in stream:
             for p, g in zip(ps, row):
                 p.grad = g.float() if cast else g.clone()
