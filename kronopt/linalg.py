@@ -2465,7 +2465,8 @@ def projector_split_ksl(
             results' last scalings go to the state write as :class:`DeferredWrite` records
             into ``L`` and ``R`` themselves, which are returned unchanged, when both results are
             proven finite on every block: ``‖K‖``, ``‖R̂‖`` and ``L``'s scale :math:`\sqrt S/\|K\|`
-            finite bound every entry (``|K_ij| ≤ ‖K‖``, ``|R̂_ij| ≤ ‖R̂‖``).
+            finite bound every entry (``|K_ij| ≤ ‖K‖``, ``|R̂_ij| ≤ ‖R̂‖``). Not where autograd tracks
+            ``L``, ``R`` or ``G``: the results are then returned, in the graph, and nothing is deferred.
 
     Returns:
         ``(L', R')``, exactly symmetric and PSD. A block with ``L = 0`` or ``R = 0`` and
@@ -2670,7 +2671,8 @@ def _ksl(
     else:
         scale_L, scale_R = inv_K * root / sigma, (root * sigma).clamp(min=tiny).reciprocal()
         finite = cpu_all(torch.isfinite(torch.cat([norm_K, norm_R_hat, scale_L])).all())
-    return _ksl_written(L, R, K, R_hat, scale_L, scale_R, finite=finite, defer=defer)
+    # a tracked step's results stay in the graph: the state write's out= would refuse them (nothing deferred)
+    return _ksl_written(L, R, K, R_hat, scale_L, scale_R, finite=finite, defer=None if tracked else defer)
 
 
 def _ksl_K(

@@ -259,3 +259,23 @@ def test_a_defer_list_shared_by_calls_gets_their_writes_in_the_calls_order():
     got = final(lambda Lw, Rw, defer: linalg.projector_split_ksl_each([Lw] * 3, [Rw] * 3, grads, 0.9, [defer] * 3))
     for g, w in zip(got, want):
         _same(g, w)
+
+
+def test_a_tracked_step_with_a_defer_list_returns_its_results_in_the_graph():
+    """``projector_split_ksl`` under autograd (``G`` or the state tracked) with a ``defer`` list: the results come back
+    as tensors in the graph, the list stays empty, and a gradient flows to ``G``, equal to the untracked step's
+    values. Catches the deferral taken for a tracked step (the state write's ``out=`` refused tracked tensors)."""
+    gen = torch.Generator().manual_seed(11)
+    G0 = torch.randn(2, 6, 9, generator=gen, dtype=torch.float64)
+    L = linalg.gram_left(torch.randn(2, 6, 9, generator=gen, dtype=torch.float64))
+    R = linalg.gram_right(torch.randn(2, 6, 9, generator=gen, dtype=torch.float64))
+    want = linalg.projector_split_ksl(L.clone(), R.clone(), G0, 0.9)
+    G = G0.clone().requires_grad_(True)
+    defer = []
+    got = linalg.projector_split_ksl(L.clone(), R.clone(), G, 0.9, defer=defer)
+    assert defer == []
+    for a, b in zip(got, want):
+        assert a.requires_grad
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-14)
+    (got[0].sum() + got[1].square().sum()).backward()
+    assert G.grad is not None and torch.isfinite(G.grad).all() and G.grad.abs().sum() > 0
