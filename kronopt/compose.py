@@ -1021,7 +1021,8 @@ def adam_step(
     cfg: KronConfig, state: BucketState, grads: Sequence[Tensor], out: tuple[Tensor, Tensor, Tensor]
 ) -> tuple[Tensor, BucketState]:
     """:func:`step` for a bucket where :func:`is_plain_adam` holds, bit for bit, on the blocks' gradients
-    ``grads`` (``b`` tensors ``(m n)``, only read: no stacking copy), with the new moments and the
+    ``grads`` (``b`` tensors ``(m n)``, only read: no stacking copy; of the state's dtype or a narrower one it holds
+    exactly, each cast into its block of ``D`` before the moments read it), with the new moments and the
     direction written into ``out = (m, v, D)`` (scratch tensors ``(b m n)``) instead of fresh ones: on
     CPU a fresh tensor of a few MiB costs as much as a pass over it (the allocator hands the pages back
     and takes them again). The other stages keep nothing here, so only the inner rule's record and the
@@ -1029,9 +1030,19 @@ def adam_step(
     t = state.step + 1
     m, v = out[0], out[1]
     for i, g in enumerate(grads):  # the same entrywise operations as on the stack, block by block
-        _adam_moments(cfg, state.inner.exp_avg[i], state.inner.exp_avg_sq[i], g, m[i], v[i])
+        # (a gradient narrower than the state cast into the direction's block first: written last, below)
+        _adam_moments(cfg, state.inner.exp_avg[i], state.inner.exp_avg_sq[i], widened_block(g, out[2][i]), m[i], v[i])
     D = _adam_direction(cfg, t, m, v, out[2])
     return D, attrs.evolve(state, inner=attrs.evolve(state.inner, exp_avg=m, exp_avg_sq=v), calls=state.calls + 1, step=t)
+
+
+def widened_block(g: Tensor, into: Tensor) -> Tensor:
+    """A block's gradient ``g`` in the dtype of ``into`` (a scratch tensor of the block's shape): ``g`` itself where it
+    is of that dtype, else cast into ``into``, exactly (a narrower dtype the state's holds: the optimizer's
+    ``_widens_exactly``): the values the general path's stack of the gradients cast to the state's dtype holds, so
+    the block's arithmetic gives its bits. The caller's arithmetic reads it before it writes ``into``
+    (:func:`adam_block` and :func:`adam_step` write their direction there last)."""
+    return g if g.dtype == into.dtype else into.copy_(g)
 
 
 def adam_block(cfg: KronConfig, t: int, m: Tensor, v: Tensor, g: Tensor, out: tuple[Tensor, Tensor, Tensor]) -> Tensor:

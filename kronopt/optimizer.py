@@ -1919,7 +1919,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if bucket.state is None:
             self._init_bucket(bucket)
         cfg = self._bucket_config(bucket)
-        raw = self._raw_gradients(cfg, bucket)
+        raw = self._raw_gradients(cfg, bucket, widened=True)
         if raw is not None:
             self._step_plain_adam(bucket, step_ok, cfg, raw)
             return
@@ -2229,7 +2229,7 @@ class KronOptimizer(torch.optim.Optimizer):
         ):
             return None
         cfg = self._bucket_config(bucket)
-        if self._raw_gradients(cfg, bucket) is not None:
+        if self._raw_gradients(cfg, bucket, widened=True) is not None:
             return None  # a plain AdamW bucket keeps its own path (_step_plain_adam)
         return cfg
 
@@ -2400,7 +2400,7 @@ class KronOptimizer(torch.optim.Optimizer):
         for k, (p, g) in enumerate(zip(bucket.params, grads)):
             extremes.extend([*self._grad_extremes(p.grad), *torch.aminmax(buf[k])])  # type: ignore[arg-type]
             # the look-ahead (without Nesterov: the new momentum), in cache; a narrower gradient cast into D first
-            compose.muon_look_ahead(buf[k], _widened_block(g, D), w, out=U[k])
+            compose.muon_look_ahead(buf[k], compose.widened_block(g, D), w, out=U[k])
         bounds = torch.stack(extremes).view(-1, 4).abs_().tolist()
         if not all(compose.momentum_block_is_safe(buf.dtype, max(g0, g1), max(b0, b1)) for g0, g1, b0, b1 in bounds):
             return False  # a non-finite or huge gradient, or a huge momentum: the general path's guards decide
@@ -2417,7 +2417,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 if good and whole:
                     cfg.post.apply_block_(p, direction, factors)
                     # (D, the direction, written: a narrower gradient cast into it again)
-                    compose.muon_momentum_(buf[k], _widened_block(g, D), inner.momentum)  # type: ignore[union-attr]
+                    g = compose.widened_block(g, D)
+                    compose.muon_momentum_(buf[k], g, inner.momentum)  # type: ignore[union-attr]
         report = self._count_plain(bucket, verdicts, step_ok)
         if report is not None:
             self._pending.append(report)
@@ -2461,8 +2462,8 @@ class KronOptimizer(torch.optim.Optimizer):
         one step's together whatever their shapes, block by block so that a block's work stays in cache, as
         a per-tensor AdamW's does (passes over whole stacks run at memory speed). A gradient narrower than the state
         (a bfloat16 parameter's, under the float32 state) is cast block by block into the block's scratch tensor of
-        the state's dtype first (:func:`_widened_block`): the values the general path's stack would hold, the same bits,
-        without that stack (the general path cost 2.4 × torch's AdamW on bfloat16 parameters, this one 1.2 ×).
+        the state's dtype first (:func:`compose.widened_block`): the values the general path's stack would hold, the
+        same bits, without that stack (the general path cost 2.4 × torch's AdamW on bfloat16 parameters, this 1.2 ×).
 
         A block proven finite from its extremes (:func:`compose.adam_block_is_safe`) is updated in place,
         through torch's fused AdamW kernel with every other proven block of the same settings, across the
@@ -2577,11 +2578,11 @@ class KronOptimizer(torch.optim.Optimizer):
                         into.append((to_block(p, bucket.specs[i]), g, m, v))
                         continue
                     out = out or self._scratch(bucket, batched=False)
-                    D = compose.adam_block(cfg, t, m, v, _widened_block(g, out[2]), (m, v, out[2]))
+                    D = compose.adam_block(cfg, t, m, v, compose.widened_block(g, out[2]), (m, v, out[2]))
                     cfg.post.apply_block_(p, D, factors)
                     continue
                 out = out or self._scratch(bucket, batched=False)
-                D = compose.adam_block(cfg, t, m, v, _widened_block(g, out[2]), out)
+                D = compose.adam_block(cfg, t, m, v, compose.widened_block(g, out[2]), out)
                 good = bool(_plain_adam_ok(out[1][None], D[None]))
                 mine.append(good)
                 written[-1] = good and whole
@@ -2824,7 +2825,7 @@ class KronOptimizer(torch.optim.Optimizer):
         then sees. ``None`` for any other bucket, and where a gradient is not of the state's dtype; with
         ``widened``, a gradient of a narrower floating dtype that the state's holds exactly (bfloat16 or
         float16 gradients of a float32 state, the usual state of bfloat16 parameters) is taken too, for a
-        caller that casts each block into the state's dtype before its arithmetic (:func:`_widened_block`)."""
+        caller that casts each block into the state's dtype before its arithmetic (:func:`compose.widened_block`)."""
         key = (id(cfg), bucket.layout, bucket.state_dtype)
         fast = self.__dict__.setdefault("_plain_adam", {}).get(key)
         if fast is None:
@@ -4024,14 +4025,6 @@ def _widens_exactly(narrow: torch.dtype, wide: torch.dtype) -> bool:
     is wider but whose digits are fewer): a cast from one to the other is exact. (Kept per pair: asked per
     gradient and step, and ``torch.promote_types`` is an operator call.)"""
     return narrow != wide and narrow.is_floating_point and torch.promote_types(narrow, wide) == wide
-
-
-def _widened_block(g: Tensor, into: Tensor) -> Tensor:
-    """A block's gradient ``g`` in the dtype of ``into`` (a block-sized scratch tensor): ``g`` itself where it is of
-    that dtype, else cast into ``into`` (exact, :func:`_widens_exactly`): the values the general path's stack of
-    the gradients cast to the state's dtype holds, so the block's arithmetic gives its bits. The caller's
-    arithmetic reads it before it writes ``into`` (:func:`compose.adam_block` writes its direction there last)."""
-    return g if g.dtype == into.dtype else into.copy_(g)
 
 
 def _plain_adam_ok(v: Tensor, D: Tensor) -> Tensor:

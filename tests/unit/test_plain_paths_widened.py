@@ -42,20 +42,23 @@ def _grads(step, gen, dtype, huge):
     return grads
 
 
-def _run(monkeypatch, case, *, fast, scope, calls):
+def _run(monkeypatch, case, *, fast, scope, calls, form="block_by_block"):
     dtype, state_dtype, huge = CASES[case]
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
     with monkeypatch.context() as patch:
         if not fast:
             patch.setattr(compose, "is_plain_adam", lambda *a: False)
-        real = compose.adam_block
+        # the CPU's block-by-block form, or the stacks' (the form of other devices) for every bucket
+        patch.setattr(optimizer_module, "_BLOCKWISE_MIN", 1 if form == "block_by_block" else 10**12)
+        real = compose.widened_block
 
-        def counted(cfg, t, m, v, g, out):
-            calls.append(g.dtype)  # the dtype the block's arithmetic read its gradient in
-            return real(cfg, t, m, v, g, out)
+        def counted(g, into):
+            out = real(g, into)
+            calls.append(out.dtype)  # the dtype the block's arithmetic read its gradient in
+            return out
 
-        patch.setattr(compose, "adam_block", counted)
+        patch.setattr(compose, "widened_block", counted)
         kw = {} if state_dtype is None else {"state_dtype": state_dtype}
         named = [(f"p{i}", p) for i, p in enumerate(params)]
         opt = kronopt.build(named, "adamw", nonfinite_scope=scope, lr=0.05, **kw)
@@ -82,16 +85,18 @@ def _same_bits(fast, slow, case):
             assert torch.equal(fast[1][i][key], slow[1][i][key]), (case, i, key)
 
 
+@pytest.mark.parametrize("form", ["block_by_block", "stacks"])
 @pytest.mark.parametrize("scope", ["block", "step"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_narrow_gradients_step_as_the_general_path_bit_for_bit(monkeypatch, case, scope):
-    """Catches: a block whose gradient reaches the arithmetic uncast (a dtype error, or moments rounded to the
-    gradient's dtype), a cast that writes the scratch tensor the direction is read from before the moments are
-    made, such a block sent to torch's fused kernel, and a bucket that leaves the fast path for the general one
-    (the calls are counted: the test would pass vacuously)."""
+def test_narrow_gradients_step_as_the_general_path_bit_for_bit(monkeypatch, case, scope, form):
+    """Both forms of the fast path, the CPU's block by block and the stacks' (other devices'). Catches: a block whose
+    gradient reaches the arithmetic uncast (a dtype error, or moments rounded to the gradient's dtype), a cast that
+    writes the scratch tensor the direction is read from before the moments are made, such a block sent to torch's
+    fused kernel, and a bucket that leaves the fast path for the general one (the casts are counted: the test would
+    pass vacuously)."""
     fast_calls, slow_calls = [], []
-    fast = _run(monkeypatch, case, fast=True, scope=scope, calls=fast_calls)
-    slow = _run(monkeypatch, case, fast=False, scope=scope, calls=slow_calls)
+    fast = _run(monkeypatch, case, fast=True, scope=scope, calls=fast_calls, form=form)
+    slow = _run(monkeypatch, case, fast=False, scope=scope, calls=slow_calls, form=form)
     state_dtype = torch.float64 if CASES[case][1] == "float64" else torch.float32
     # every block of every call past the first went through the block form, in the state's dtype
     assert len(fast_calls) >= 7 * len(SHAPES) and set(fast_calls) == {state_dtype}
