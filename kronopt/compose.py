@@ -1036,10 +1036,26 @@ def adam_step(
     return D, attrs.evolve(state, inner=attrs.evolve(state.inner, exp_avg=m, exp_avg_sq=v), calls=state.calls + 1, step=t)
 
 
+@functools.cache
+def widens_exactly(narrow: torch.dtype, wide: torch.dtype) -> bool:
+    """Whether every value of the floating dtype ``narrow`` is one of ``wide``'s and ``narrow`` is the narrower
+    (bfloat16 and float16 in float32 or float64, float32 in float64; not float16 in bfloat16, whose range
+    is wider but whose digits are fewer): a cast from one to the other is exact, and the plain paths take such
+    gradients (:func:`widened_block`). (Kept per pair: asked per gradient and step, and ``torch.promote_types``
+    is an operator call.)"""
+    return narrow != wide and narrow.is_floating_point and torch.promote_types(narrow, wide) == wide
+
+
+def state_holds(dtype: torch.dtype, state: torch.dtype) -> bool:
+    """Whether a plain path takes a gradient of ``dtype`` beside a state of dtype ``state``: the state's own, or a
+    narrower one it holds exactly (:func:`widens_exactly`), which it casts block by block (:func:`widened_block`)."""
+    return dtype == state or widens_exactly(dtype, state)
+
+
 def widened_block(g: Tensor, into: Tensor) -> Tensor:
     """A block's gradient ``g`` in the dtype of ``into`` (a scratch tensor of the block's shape): ``g`` itself where it
-    is of that dtype, else cast into ``into``, exactly (a narrower dtype the state's holds: the optimizer's
-    ``_widens_exactly``): the values the general path's stack of the gradients cast to the state's dtype holds, so
+    is of that dtype, else cast into ``into``, exactly (a narrower dtype the state's holds:
+    :func:`widens_exactly`): the values the general path's stack of the gradients cast to the state's dtype holds, so
     the block's arithmetic gives its bits. The caller's arithmetic reads it before it writes ``into``
     (:func:`adam_block` and :func:`adam_step` write their direction there last)."""
     return g if g.dtype == into.dtype else into.copy_(g)

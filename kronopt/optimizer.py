@@ -9,7 +9,6 @@ everything bit for bit.
 import bisect
 import collections
 import contextlib
-import functools
 import itertools
 import math
 import operator
@@ -1919,7 +1918,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if bucket.state is None:
             self._init_bucket(bucket)
         cfg = self._bucket_config(bucket)
-        raw = self._raw_gradients(cfg, bucket, widened=True)
+        raw = self._raw_gradients(cfg, bucket)
         if raw is not None:
             self._step_plain_adam(bucket, step_ok, cfg, raw)
             return
@@ -2229,7 +2228,7 @@ class KronOptimizer(torch.optim.Optimizer):
         ):
             return None
         cfg = self._bucket_config(bucket)
-        if self._raw_gradients(cfg, bucket, widened=True) is not None:
+        if self._raw_gradients(cfg, bucket) is not None:
             return None  # a plain AdamW bucket keeps its own path (_step_plain_adam)
         return cfg
 
@@ -2307,15 +2306,15 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _plain_adam_cpu(self, bucket: _Bucket) -> tuple[KronConfig, list[Tensor]] | None:
         """``(config, raw gradients)`` of a bucket that :meth:`_step_plain_adams` steps together with the
-        others: a plain AdamW bucket (:meth:`_raw_gradients`, its gradients of the state's dtype or, widened, of a
-        narrower one: bfloat16 parameters under a float32 state) of a CPU, neither work-sharded nor FSDP2, whose
+        others: a plain AdamW bucket (:meth:`_raw_gradients`, its gradients of the state's dtype or of a narrower
+        one: bfloat16 parameters under a float32 state) of a CPU, neither work-sharded nor FSDP2, whose
         blocks take the block-by-block form (``_BLOCKWISE_MIN``); ``None`` for any other bucket."""
         if bucket.plan is not None or not bucket.params or bucket.blocks[0].device.type != "cpu":
             return None
         if bucket.layout.m * bucket.layout.n < _BLOCKWISE_MIN:
             return None
         cfg = self._bucket_config(bucket)
-        grads = self._raw_gradients(cfg, bucket, widened=True)
+        grads = self._raw_gradients(cfg, bucket)
         if grads is None:
             return None
         if bucket.state is None:  # as _step_bucket would at its turn
@@ -2344,7 +2343,7 @@ class KronOptimizer(torch.optim.Optimizer):
         """Whether :meth:`_step_plain_muon` may step this bucket: a plain Muon bucket (:func:`compose.is_plain_muon`,
         the verdict kept per config, layout and dtype) of a CPU whose verdicts are read on the host
         (:func:`linalg.host_verdicts`), neither work-sharded nor FSDP2, its gradients in its state's dtype (or a
-        narrower one it holds exactly, :func:`_widens_exactly`: each block cast before its arithmetic) and
+        narrower one it holds exactly, :func:`compose.widens_exactly`: each block cast before its arithmetic) and
         in memory of their own, and its momentum a contiguous stack that may be updated in place here (not an
         inference tensor outside ``inference_mode``: the general path replaces such a stack)."""
         if not _PLAIN_MUON_CPU or bucket.plan is not None or bucket.fsdp is not None or not linalg.host_verdicts(bucket.blocks[0]):
@@ -2364,7 +2363,7 @@ class KronOptimizer(torch.optim.Optimizer):
             and buf.is_contiguous()
             and (torch.is_inference_mode_enabled() or not buf.is_inference())
             # gradients of the state's dtype, or of a narrower one it holds exactly (cast block by block)
-            and all(g.dtype == dtype or _widens_exactly(g.dtype, dtype) for g in grads)  # type: ignore[union-attr]
+            and all(compose.state_holds(g.dtype, dtype) for g in grads)  # type: ignore[union-attr]
             # a gradient in a parameter's memory (p.grad = p.detach(), or a view into a buffer it shares) would be
             # read again after that parameter's write; the general path reads every gradient into its stack first
             and not _overlapping(grads, bucket.params)  # type: ignore[arg-type]
@@ -2646,7 +2645,7 @@ class KronOptimizer(torch.optim.Optimizer):
         hits = [self._checked(g) for g in grads]
         # every gradient checked this step (of this very tensor at this version, _checked), in the state's dtype or a
         # narrower one it holds exactly (a bfloat16 parameter's under a float32 state: cast as it is stacked)
-        if all(h is not None and (g.dtype == dtype or _widens_exactly(g.dtype, dtype)) for h, g in zip(hits, grads)):
+        if all(h is not None and compose.state_holds(g.dtype, dtype) for h, g in zip(hits, grads)):
             ok = _GradChecks.rows(hits, "each")  # type: ignore[arg-type]
             blocks = [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
             same = all(block.dtype == dtype for block in blocks)
@@ -2818,14 +2817,14 @@ class KronOptimizer(torch.optim.Optimizer):
                 scratch[key] = make()
         return scratch[key]
 
-    def _raw_gradients(self, cfg: KronConfig, bucket: _Bucket, *, widened: bool = False) -> list[Tensor] | None:
+    def _raw_gradients(self, cfg: KronConfig, bucket: _Bucket) -> list[Tensor] | None:
         """For a plain AdamW bucket (:func:`compose.is_plain_adam`), its blocks' gradients ``(m n)`` as
         they are (views). Nothing is sanitized (no batched solver mixes the entries) and nothing is
         checked here: a non-finite gradient makes the new second moment non-finite, which the guard
-        then sees. ``None`` for any other bucket, and where a gradient is not of the state's dtype; with
-        ``widened``, a gradient of a narrower floating dtype that the state's holds exactly (bfloat16 or
-        float16 gradients of a float32 state, the usual state of bfloat16 parameters) is taken too, for a
-        caller that casts each block into the state's dtype before its arithmetic (:func:`compose.widened_block`)."""
+        then sees. ``None`` for any other bucket, and where a gradient is neither of the state's dtype nor of a
+        narrower one the state's holds exactly (:func:`compose.widens_exactly`: bfloat16 or float16 gradients of a
+        float32 state, the usual state of bfloat16 parameters), which each form casts block by block before its
+        arithmetic (:func:`compose.widened_block`)."""
         key = (id(cfg), bucket.layout, bucket.state_dtype)
         fast = self.__dict__.setdefault("_plain_adam", {}).get(key)
         if fast is None:
@@ -2835,7 +2834,7 @@ class KronOptimizer(torch.optim.Optimizer):
             return None
         dtype = bucket.state_dtype
         grads = [p.grad for p in bucket.params]
-        if not all(g.dtype == dtype or (widened and _widens_exactly(g.dtype, dtype)) for g in grads):  # type: ignore[union-attr]
+        if not all(compose.state_holds(g.dtype, dtype) for g in grads):  # type: ignore[union-attr]
             return None
         return [to_block(g, s) for g, s in zip(grads, bucket.specs)]  # type: ignore[arg-type]
 
@@ -4016,15 +4015,6 @@ class _MomentBounds:
             vs.append(v)
         versions = (exp_avg._version, exp_avg_sq._version)
         return _MomentBounds(weakref.ref(exp_avg), weakref.ref(exp_avg_sq), versions, bucket.state.step, ms, vs)  # type: ignore[union-attr]
-
-
-@functools.cache
-def _widens_exactly(narrow: torch.dtype, wide: torch.dtype) -> bool:
-    """Whether every value of the floating dtype ``narrow`` is one of ``wide``'s and ``narrow`` is the narrower
-    (bfloat16 and float16 in float32 or float64, float32 in float64; not float16 in bfloat16, whose range
-    is wider but whose digits are fewer): a cast from one to the other is exact. (Kept per pair: asked per
-    gradient and step, and ``torch.promote_types`` is an operator call.)"""
-    return narrow != wide and narrow.is_floating_point and torch.promote_types(narrow, wide) == wide
 
 
 def _plain_adam_ok(v: Tensor, D: Tensor) -> Tensor:

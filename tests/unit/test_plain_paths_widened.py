@@ -151,7 +151,7 @@ def test_a_skipped_bfloat16_block_keeps_its_weights_and_moments_exactly():
 )
 def test_only_exact_widenings_are_taken(narrow, wide, exact):
     """Checked against the dtypes themselves: every finite value of the narrower dtype survives the round trip."""
-    assert optimizer_module._widens_exactly(narrow, wide) is exact
+    assert compose.widens_exactly(narrow, wide) is exact
     if exact:
         info = torch.finfo(narrow)
         values = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, 1 + info.eps], dtype=narrow)
