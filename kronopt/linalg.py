@@ -235,7 +235,10 @@ def _gram_tile(side: int) -> int:
     ``4096 × 1024`` and ``1024 × 4096`` 1.01–1.04 (there 384 read 0.96–1.02): past 2048 the products' calls outweigh
     the multiply-adds spared. Tiles of 128 were no faster than 192. Where oneDNN takes the products
     (:func:`_onednn_products_fast`) its cut-off (``_ONEDNN_MIN_WORK``) and the measurements behind the split's rule
-    (:func:`split_pays`) were made at 256, and no AMD processor has been measured at 192: they keep 256."""
+    (:func:`split_pays`) were made at 256. On an AMD EPYC (Zen 4, 2 threads, MKL; the seventy-fourth session),
+    dykaf stepped in turn in one process with tiles of 192 and of 256 read by 192 1.00 of its median step on 4 layers
+    of d = 256 (0.99 of the mean) and 1.00 of its mean on one layer of d = 512 (1.03 of the median): AMD processors
+    keep 256."""
     if _GRAM_TILE is not None:
         return _GRAM_TILE
     onednn = _onednn_products_fast() if _ONEDNN_FLOAT32 is None else _ONEDNN_FLOAT32  # as _by_onednn asks it
@@ -257,7 +260,9 @@ def _tiles_in_place() -> bool:
     strided 3-D view block by block (one call per block, not one batched call), and MKL scaled the
     accumulator by β in a pass of its own in ``perf``'s samples. So: in place, by panels, except on AMD
     processors (``/proc/cpuinfo``'s ``vendor_id``), and in place where that cannot be read (other
-    systems) or names another vendor: three machines measured, two of them Intel."""
+    systems) or names another vendor: three machines measured, two of them Intel. The Zen 4 again (the
+    seventy-fourth session), in place against apart stepped in turn in one process on 4 layers of d = 256:
+    kl_shampoo 1.03 of its mean step, dykaf 1.00; on one layer of d = 512 dykaf 0.98 (within the noise)."""
     return _processor().vendor != "AuthenticAMD"
 
 
@@ -738,8 +743,10 @@ def _onednn_products_fast() -> bool:
     2024.2: MKL 101–112 G multiply-adds a second on the presets' products (``4 × 1024 × 1024 × 256`` to
     ``4 × 256³``), oneDNN's block by block 197–238, 0.44–0.55 of the time (docs/performance_log.md,
     fortieth session). On a Zen 4 (family 25, AVX-512 in two halves) an earlier session measured
-    oneDNN's float32 products at 0.86–1.29 of MKL's, so it stays with MKL; an Intel processor's MKL
-    takes AVX-512 itself. Where oneDNN is not built in, never."""
+    oneDNN's float32 products at 0.86–1.29 of MKL's, and the seventy-fourth session, stepping the presets in
+    turn in one process with the switch on and off (4 layers of d = 256), read kl_shampoo's mean step 1.15 ×
+    and soap's 1.02 × with oneDNN's, so it stays with MKL; an Intel processor's MKL takes AVX-512 itself.
+    Where oneDNN is not built in, never."""
     processor = _processor()
     return (
         processor.vendor == "AuthenticAMD"
@@ -1622,6 +1629,8 @@ def _padded(P: Tensor) -> Tensor:
     against both square, 0.90 at 4096. Earlier only the Q was formed so (the reflectors copied into the padded buffer), measured on two cores of
     an AMD EPYC with AVX-512 (MKL 2024.2): alone 0.60 of the square form's time at 1024, 0.71 at 512, 0.79 at 2048;
     at 256, 768 and 1280 the copies ate the gain (0.98–1.03), so sides that are no multiple of 512 are not padded.
+    The whole padded QR on the Zen 4 (2 threads; the seventy-fourth session), against the square one, in turn:
+    0.93 of the time at 512, 0.74 on ``4 × 1024²``, 0.91 at 1536, 0.79 at 2048; at 256 1.11 and 768 1.01.
     """
     *batch, n, k = P.shape
     padded = P.new_empty((*batch, k, n + _QR_PAD_ROWS)).mT  # column-major, as LAPACK works
