@@ -1838,12 +1838,17 @@ def select_blocks(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
     On a CPU the verdict is read on the host for free: where every block is ok (nearly always)
     the result is ``new`` itself, where none is ``old`` itself (for two tensors of one shape,
     dtype and device), without a pass over both. Callers treat the result as read-only.
+
+    The result is laid out as ``new`` on every path (``torch.where`` lays its result out as its first tensor):
+    where ``old`` lies otherwise (a stack loaded from a checkpoint in another layout), no block ok takes the
+    general form too, not ``old`` itself. Products that read the result may round by its layout (MKL's on AMD
+    processors do), so a device's path and the CPU's then keep the same bits.
     """
     if ok.ndim == 1 and new.shape == old.shape and new.dtype == old.dtype and new.device == old.device and host_verdicts(ok):
         flags = ok.tolist()
         if all(flags):
             return new
-        if not any(flags):
+        if not any(flags) and old.stride() == new.stride():
             return old
     return torch.where(ok.view(-1, *([1] * (new.ndim - 1))), new, old)
 

@@ -281,6 +281,30 @@ def test_finite_blocks_and_select_blocks():
         linalg.finite_blocks(None)
 
 
+
+@pytest.mark.parametrize("flags", [[True, True, True], [False, False, False], [True, False, True]])
+def test_select_blocks_lays_its_result_out_as_new_on_the_host_and_device_paths(monkeypatch, flags):
+    """``new`` row-major and ``old`` column-major (a stack loaded from a checkpoint in another layout): every
+    verdict gives the same values and the same strides whether read on the host or not, ``new``'s. Products that
+    read the result round by its layout on AMD processors (pro_kl_shampoo's momentum, re-split at a refresh where
+    no block kept its subspace, parted the CPU's path from a device's by an ulp on a Zen 4). Would catch: the
+    host's path handing back ``old`` itself where no block is ok."""
+    gen = torch.Generator().manual_seed(0)
+    new = torch.randn(3, 6, 4, generator=gen)
+    old = torch.randn(3, 6, 4, generator=gen).mT.contiguous().mT
+    ok = torch.tensor(flags)
+    host = linalg.select_blocks(ok, new, old)
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", False)
+    device = linalg.select_blocks(ok, new, old)
+    want = torch.where(ok.view(-1, 1, 1), new, old)
+    assert torch.equal(host, want) and torch.equal(device, want)
+    assert host.stride() == device.stride() == new.stride()
+    # where the layouts agree, no block ok hands back ``old`` itself (no pass over it)
+    monkeypatch.setattr(linalg, "_CPU_HOST_VERDICTS", True)
+    if not any(flags):
+        same = old.contiguous()
+        assert linalg.select_blocks(ok, new, same) is same
+
 # -- eigh ----------------------------------------------------------------------------------
 
 
