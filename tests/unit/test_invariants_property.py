@@ -729,7 +729,7 @@ def test_a_bucket_equals_its_blocks_alone_when_a_refresh_sees_a_rank_deficient_f
 
 
 #: the presets and shapes that part in a bucket of two from alone under MKL's default branch on an AMD processor (the
-#: Zen 4 of the seventy-fourth session: each by 0.03 to 0.2 of its displacement after 12 steps)
+#: Zen 4 of the seventy-fourth session: each by 0.06 to 0.4 of its displacement after 12 steps)
 _PARTED_ON_AMD = [("dykaf", (2, 5)), ("kl_shampoo", (2, 5)), ("soap", (13, 9)), ("dykaf", (9, 13)), ("kl_shampoo", (11, 5))]
 
 

@@ -281,7 +281,6 @@ def test_finite_blocks_and_select_blocks():
         linalg.finite_blocks(None)
 
 
-
 @pytest.mark.parametrize("flags", [[True, True, True], [False, False, False], [True, False, True]])
 def test_select_blocks_lays_its_result_out_as_new_on_the_host_and_device_paths(monkeypatch, flags):
     """``new`` row-major and ``old`` column-major (a stack loaded from a checkpoint in another layout): every
@@ -304,6 +303,7 @@ def test_select_blocks_lays_its_result_out_as_new_on_the_host_and_device_paths(m
     if not any(flags):
         same = old.contiguous()
         assert linalg.select_blocks(ok, new, same) is same
+
 
 # -- eigh ----------------------------------------------------------------------------------
 
