@@ -67,6 +67,32 @@ def _mkl_gives_stack_bits() -> bool:
 STACK_BITS_EXACT = _mkl_gives_stack_bits()
 
 
+def _solvers_round_by_place() -> bool:
+    """Whether this CPU's batched ``eigh`` rounds a block by where it lies in its stack: three symmetric ``7 × 7``
+    float64 blocks (392 bytes each, so the second and third start off a 64-byte boundary) against each alone."""
+    gen = torch.Generator().manual_seed(0)
+    S = torch.randn(3, 7, 7, generator=gen, dtype=torch.float64)
+    S = S + S.mT
+    alone = torch.cat([torch.linalg.eigh(S[i : i + 1].clone())[1] for i in range(3)])
+    return not torch.equal(torch.linalg.eigh(S)[1], alone)
+
+
+#: Whether MKL on this processor rounds a misaligned block (its bytes no multiple of 64: a side that is no multiple
+#: of 4) by its place in a stack, probed on ``eigh``: so on MKL's default code branch of the AMD Zen 4 (the
+#: seventy-fourth session; its solvers and some products), not on the Intel Xeons measured, and not under
+#: ``MKL_CBWR=AVX2``. There a misaligned block whose factor is rank-deficient steps otherwise in a bucket than alone
+#: by O(1) of a step: the open degenerate-eigenspace bug (docs/architecture.md, "Degenerate eigenspaces"), which the
+#: tests of such blocks' bits mark as expected to fail there.
+MISALIGNED_BLOCKS_ROUND_BY_PLACE = _solvers_round_by_place()
+
+#: the reason those tests give where they are expected to fail
+MISALIGNED_REASON = (
+    "BUG (open; docs/architecture.md, 'Degenerate eigenspaces'): this processor's MKL rounds a block whose bytes are no "
+    "multiple of 64 by its place in the stack, and this block's rank-deficient factor turns that rounding into another "
+    "basis of its null space (MKL_CBWR=AVX2 makes it hold; test_invariants_property.py runs that)"
+)
+
+
 def assert_block_as_alone(got: torch.Tensor, alone: torch.Tensor, what: object = "") -> None:
     """A block's result in a stack against the same block stepped alone: the same bits where ``STACK_BITS_EXACT``,
     else within 100 units of rounding of the dtype, relative to the largest entry."""

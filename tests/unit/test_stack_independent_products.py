@@ -15,9 +15,12 @@ import torch
 
 import kronopt
 from kronopt import linalg
-from tests.torch_compat import assert_block_as_alone
+from tests.torch_compat import MISALIGNED_BLOCKS_ROUND_BY_PLACE, MISALIGNED_REASON, assert_block_as_alone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: every shape below is misaligned (its bytes no multiple of 64), and every preset's factor of it starts rank-deficient
+misaligned = pytest.mark.xfail(MISALIGNED_BLOCKS_ROUND_BY_PLACE, strict=False, reason=MISALIGNED_REASON)
 
 
 def _bucket_and_alone(preset, shape, dtype, steps=6, **overrides):
@@ -39,11 +42,13 @@ def _bucket_and_alone(preset, shape, dtype, steps=6, **overrides):
     return together, apart
 
 
+@misaligned
 @pytest.mark.parametrize("shape, dtype", [((17, 70), torch.float32), ((31, 45), torch.float32), ((45, 69), torch.float32), ((17, 70), torch.float64)])
 def test_pro_dykaf_steps_a_block_in_a_bucket_as_alone_on_odd_sides(shape, dtype):
     _bucket_and_alone("pro_dykaf", shape, dtype, **{"refresh.every": 2})
 
 
+@misaligned
 @pytest.mark.parametrize("preset", ["soap", "shampoo", "kl_shampoo", "dykaf"])
 @pytest.mark.parametrize("shape, dtype", [((1, 53), torch.float64), ((53, 1), torch.float32)])
 def test_a_one_row_block_steps_in_a_bucket_as_alone(preset, shape, dtype):
