@@ -63,7 +63,9 @@ def _mkl_gives_stack_bits() -> bool:
 #: (MKL's generic kernels, oneDNN's block by block), where the tests below pin it bit for bit. On an Intel Xeon with
 #: AMX (the fiftieth session) MKL's own kernels round some of these stacks by their size (matrix-vector stacks of
 #: 100 × 300, a rank-one side's power product, DyKAF's step on 128 × 640 blocks), within a few units of rounding:
-#: there the tests hold them to DESIGN.md's invariant 4 as written, the block alone up to float rounding.
+#: there the tests hold them to DESIGN.md's invariant 4 as written, the block alone up to float rounding. On the AMD
+#: Zen 4 of the seventy-fourth session it holds for blocks whose bytes are multiples of 64; a misaligned block is
+#: rounded by its place there (``MISALIGNED_BLOCKS_ROUND_BY_PLACE``, below).
 STACK_BITS_EXACT = _mkl_gives_stack_bits()
 
 
