@@ -715,8 +715,8 @@ def _trajectory_in_a_bucket_and_alone(preset: str, shape: tuple[int, int], steps
     "of a numerically degenerate eigenspace, is basis.null_space = 'canonical' (the test after the next), off by default for "
     "its cost in real training; a named MKL branch (MKL_CBWR=AVX2 on an AMD processor, at about the default's speed "
     "there; COMPATIBLE at 2.1–2.6 × its step) makes it hold too (the next test). "
-    "Seen on AMD processors, whose MKL default code branch rounds such a block by its place; on an Intel Xeon with AMX (the fiftieth session) it "
-    "passes, every preset stepping misaligned blocks in a bucket exactly as alone",
+    "Seen on AMD processors, whose MKL default code branch rounds such a block by its place; on an Intel Xeon with "
+    "AMX (the fiftieth session) it passes, every preset stepping misaligned blocks in a bucket exactly as alone",
 )
 @pytest.mark.parametrize("preset", ["dykaf", "kl_shampoo"])
 def test_a_bucket_equals_its_blocks_alone_when_a_refresh_sees_a_rank_deficient_factor(preset):
