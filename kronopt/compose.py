@@ -521,8 +521,13 @@ def context(
     return StepContext(
         step=t, layout=layout, basis=basis, eigvals=eigvals, eigvals_from_basis=from_basis, flat=flat, shared=shared,
         exact_basis=_held_in_compute_dtype(cfg.storage.basis, basis), refresh_follows=refresh_follows, defer=defer,
-        finite_fallback=finite_fallback,
+        finite_fallback=finite_fallback, rotation_dtype=rotation_dtype(cfg),
     )
+
+
+def rotation_dtype(cfg: KronConfig) -> torch.dtype | None:
+    """The products' dtype of the rotations under ``cfg`` (its ``rotation_dtype``; ``None``: the compute dtype)."""
+    return None if cfg.rotation_dtype == "compute" else _STORAGE_NAMES[cfg.rotation_dtype]
 
 
 def _held_in_compute_dtype(choice: str, basis: BasisState) -> bool:
@@ -826,7 +831,10 @@ def rotated_adam_directions(
     from .inner_rules.adam import AdamState
 
     # a state stored in the compute dtype (rotated_adam_due) holds its basis exactly
-    H = [rotate_in(G, state.basis.Q_L, state.basis.Q_R, exact_basis=True).H for _, _, state, G, _ in calls]
+    H = [
+        rotate_in(G, state.basis.Q_L, state.basis.Q_R, exact_basis=True, dtype=rotation_dtype(cfg)).H
+        for cfg, _, state, G, _ in calls
+    ]
     settings: dict[tuple[Any, ...], list[int]] = {}
     for i, (cfg, _, state, _, _) in enumerate(calls):
         inner = cfg.inner
@@ -843,7 +851,10 @@ def rotated_adam_directions(
         N, scale = linalg.adam_ratio_each(
             m, v, step=t, betas=betas, eps=eps, eps_placement=placement, bias_correction=bias_correction
         )
-        D = [linalg.unrotate(N_i, s.basis.Q_L, s.basis.Q_R) for N_i, s in zip(N, states)]
+        D = [
+            linalg.unrotate(N_i, s.basis.Q_L, s.basis.Q_R, dtype=rotation_dtype(calls[i][0]))
+            for N_i, s, i in zip(N, states, at)
+        ]
         torch._foreach_mul_(D, scale)
         for k, i in enumerate(at):
             out[i] = (D[k], AdamState(m[k], v[k]))

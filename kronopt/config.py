@@ -212,6 +212,14 @@ class KronConfig:
             with the step count and ``lr`` passed as tensors so they never recompile).
             Falls back to eager with a warning where compilation fails. Per group
             and per ``[fallback]``.
+        rotation_dtype: the products that take a block into its basis and back each step (the
+            gradient's and the momentum's rotations, the direction's return; KL's factor update reads the
+            rotated gradient too): ``"compute"`` (the default) runs them in the compute dtype;
+            ``"bfloat16"`` rounds their operands and results to bfloat16, each product summed in at least
+            float32 (:class:`kronopt.linalg.NarrowProducts`): about 0.2 % of each entry, where a GPU's tensor
+            cores or a CPU with AMX or ``avx512_bf16`` multiply about twice as fast or more. The factors, the
+            bases, their refreshes and the moments' change of basis keep the compute dtype. Per group and per
+            ``[fallback]``; no effect on a block without a basis (AdamW, Muon).
         matmul_precision: the float32 products of the step (factors, bases, rotations):
             ``"highest"`` runs them at full float32 precision whatever the process set for its
             model (TF32 on a GPU, bfloat16 products on a CPU), restoring the process's setting
@@ -257,6 +265,9 @@ class KronConfig:
         default="highest", converter=to_str, validator=in_(("highest", "inherit"))
     )
     compile: bool = attrs.field(default=False, converter=to_bool)
+    rotation_dtype: Literal["compute", "bfloat16"] = attrs.field(
+        default="compute", converter=to_str, validator=in_(("compute", "bfloat16"))
+    )
     bucket_cap_mib: float = attrs.field(default=0.0, converter=to_float, validator=[ge(0.0), le(2.0**43)])  # 8 EiB
     factors: Any
     basis: Any

@@ -914,15 +914,19 @@ def matvec(A: Tensor, x: Tensor) -> Tensor:
     return mm(x.unsqueeze(-2), A.mT).squeeze(-2)
 
 
-def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
+def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, dtype: torch.dtype | None = None) -> Tensor:
     r"""Into the basis: :math:`Q_L^\top X Q_R` (``None`` is the identity), ``b m n``.
 
     With both sides the two products go in the cheaper order (:func:`_left_first`): a
     restricted side's ``d × r`` basis is applied first, so :math:`X U` costs
     :math:`mnr` and never the :math:`m^2 n` of rotating the full block first. Either
     order is the same product up to rounding; with full bases on both sides the cost is the same
-    and the left goes first.
+    and the left goes first. ``dtype``: the products' precision where it is narrower than ``X``'s
+    (:class:`NarrowProducts`; the config's ``rotation_dtype``), ``None`` for ``X``'s own.
     """
+    narrow = NarrowProducts.of(X, dtype, Q_L, Q_R)
+    if narrow is not None:
+        return narrow.rotate(X, Q_L, Q_R)
     if Q_L is not None and Q_R is not None and not _left_first(Q_L.shape[-1], X.shape[-2], X.shape[-1], Q_R.shape[-1]):
         return mm(Q_L.mT, mm(X, Q_R))
     if Q_L is not None:
@@ -932,9 +936,13 @@ def rotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
     return X
 
 
-def unrotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
+def unrotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, dtype: torch.dtype | None = None) -> Tensor:
     r"""Back from the basis: :math:`Q_L X Q_R^\top` (``None`` is the identity), ``b m n``, the two
-    products in the cheaper order (:func:`_left_first`; left first when the cost is the same)."""
+    products in the cheaper order (:func:`_left_first`; left first when the cost is the same). ``dtype`` as
+    :func:`rotate`'s."""
+    narrow = NarrowProducts.of(X, dtype, Q_L, Q_R)
+    if narrow is not None:
+        return narrow.unrotate(X, Q_L, Q_R)
     if Q_L is not None and Q_R is not None and not _left_first(Q_L.shape[-2], X.shape[-2], X.shape[-1], Q_R.shape[-2]):
         return mm(Q_L, mm(X, Q_R.mT))
     if Q_L is not None:
@@ -942,6 +950,93 @@ def unrotate(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
     if Q_R is not None:
         X = mm(X, Q_R.mT)
     return X
+
+
+@attrs.frozen
+class NarrowProducts:
+    r"""Products of a rotation in a narrower dtype than the block's (``rotation_dtype = "bfloat16"``): each operand
+    is rounded to ``dtype``, each product is summed in at least float32 and its result rounded to ``dtype``; the
+    rotated block comes back in the block's dtype. Where the narrow dtype's kernels are the fast ones (a GPU's
+    tensor cores, a CPU with AMX or ``avx512_bf16``) the products run in them; elsewhere (a CPU without them, a
+    product below :data:`_BF16_EMULATED`'s upper bound, a float64 block) they run in the block's own kernels on
+    operands and results rounded in place of them (``emulated``): the same roundings, the sums in the wider
+    dtype, so the two forms differ only where a sum's last bits tip a rounding. A rotation on a CPU without
+    fast narrow kernels then costs a little more than in the wide dtype: the option buys speed only where the
+    kernels are there (docs/configs.md)."""
+
+    dtype: torch.dtype
+    wide: torch.dtype
+    emulated: bool
+
+    @staticmethod
+    def of(X: Tensor, dtype: torch.dtype | None, Q_L: Tensor | None, Q_R: Tensor | None) -> "NarrowProducts | None":
+        """The narrow form for rotating ``X`` with these bases, ``None`` where there is nothing to narrow: no
+        ``dtype``, one no narrower than ``X``'s, no basis (the identity on both sides)."""
+        if dtype is None or (Q_L is None and Q_R is None) or dtype.itemsize >= X.dtype.itemsize:
+            return None
+        return NarrowProducts(dtype, X.dtype, _narrow_emulated(X, dtype, Q_L, Q_R))
+
+    def operand(self, t: Tensor) -> Tensor:
+        """``t`` rounded to the narrow dtype, as the products read it."""
+        return t.to(self.dtype).to(self.wide) if self.emulated else t.to(self.dtype)
+
+    def mm(self, A: Tensor, B: Tensor) -> Tensor:
+        """``A B`` of two operands (:meth:`operand`), its result rounded to the narrow dtype."""
+        P = mm(A, B)
+        return P.to(self.dtype).to(self.wide) if self.emulated else P
+
+    def back(self, t: Tensor) -> Tensor:
+        """A result of :meth:`mm` in the block's dtype."""
+        return t if self.emulated else t.to(self.wide)
+
+    def rotate(self, X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
+        """:func:`rotate` in these products, the same order."""
+        return self.back(self.rotate_halves(X, Q_L, Q_R)[0])
+
+    def rotate_halves(
+        self, X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, right_first: bool | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(H, left, right)`` as :func:`rotate`'s products make them, narrow: ``H`` and the half product, ``left``
+        :math:`Q_L^\top X` where the left side went first, ``right`` :math:`X Q_R` where the right side did (the other
+        ``None``; both ``None`` with one side). ``right_first``: that order, ``None`` :func:`rotate`'s."""
+        X_ = self.operand(X)
+        if Q_L is None or Q_R is None:
+            H = self.mm(self.operand(Q_L).mT, X_) if Q_L is not None else self.mm(X_, self.operand(Q_R))  # type: ignore[arg-type]
+            return H, None, None
+        if right_first is None:
+            right_first = not _left_first(Q_L.shape[-1], X.shape[-2], X.shape[-1], Q_R.shape[-1])
+        if right_first:
+            right = self.mm(X_, self.operand(Q_R))
+            return self.mm(self.operand(Q_L).mT, right), None, right
+        left = self.mm(self.operand(Q_L).mT, X_)
+        return self.mm(left, self.operand(Q_R)), left, None
+
+    def unrotate(self, X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
+        """:func:`unrotate` in these products, the same order."""
+        X = self.operand(X)
+        if Q_L is not None and Q_R is not None and not _left_first(Q_L.shape[-2], X.shape[-2], X.shape[-1], Q_R.shape[-2]):
+            return self.back(self.mm(self.operand(Q_L), self.mm(X, self.operand(Q_R).mT)))
+        if Q_L is not None:
+            X = self.mm(self.operand(Q_L), X)
+        if Q_R is not None:
+            X = self.mm(X, self.operand(Q_R).mT)
+        return self.back(X)
+
+
+def _narrow_emulated(X: Tensor, dtype: torch.dtype, Q_L: Tensor | None, Q_R: Tensor | None) -> bool:
+    """Whether :class:`NarrowProducts` rounds in ``X``'s own kernels (``emulated``) rather than running the narrow
+    ones: for a float64 block (the narrow kernels sum in float32), and on a CPU where the narrow kernels are not
+    the faster ones: without fast bfloat16 products (:func:`_bfloat16_products_fast`), and for a product of at
+    most :data:`_BF16_EMULATED`'s upper bound of multiply-adds (measured for Newton–Schulz's products, taken as
+    it is); not inside ``torch.compile``, which would fuse the round trips away (:func:`_bfloat16_in_float32`)."""
+    if X.dtype == torch.float64:
+        return True
+    if X.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    m, n = X.shape[-2:]
+    side = max(Q_L.shape[-1] if Q_L is not None else 1, Q_R.shape[-1] if Q_R is not None else 1)
+    work = math.prod(X.shape[:-2]) * m * n * side
+    return work <= _BF16_EMULATED[1] or dtype != torch.bfloat16 or not _bfloat16_products_fast()
 
 
 def _left_first(p: int, m: int, n: int, q: int) -> bool:

@@ -103,20 +103,34 @@ class BasisChange:
 class Rotation:
     r"""A block in its basis, :math:`H = Q_L^\top G Q_R`, with the half product it was made through
     (:meth:`StepContext.rotated`): ``left`` :math:`Q_L^\top G` where the left side went first, ``right``
-    :math:`G Q_R` where the right side did (the other is ``None``)."""
+    :math:`G Q_R` where the right side did (the other is ``None``). Under a narrow ``rotation_dtype``
+    (:class:`kronopt.linalg.NarrowProducts`) ``H`` is in ``G``'s dtype and the half product may be in the narrow
+    one: a reader casts it (``.to(G.dtype)``)."""
 
     H: Tensor
     left: Tensor | None
     right: Tensor | None
 
 
-def rotate_in(G: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, exact_basis: bool) -> Rotation:
+def rotate_in(
+    G: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, exact_basis: bool, dtype: torch.dtype | None = None
+) -> Rotation:
     r""":math:`Q_L^\top G Q_R` (a ``None`` side is the identity) as :meth:`StepContext.rotated` makes it: the right
     side first on a tall block (``m > n``) whose bases keep every digit of the compute dtype (``exact_basis``), the
-    left side first otherwise."""
-    if Q_L is not None and Q_R is not None and G.shape[-2] > G.shape[-1] and exact_basis:
+    left side first otherwise; ``dtype``: the products' (:func:`kronopt.linalg.rotate`'s)."""
+    right_first = Q_L is not None and Q_R is not None and G.shape[-2] > G.shape[-1] and exact_basis
+    narrow = linalg.NarrowProducts.of(G, dtype, Q_L, Q_R)
+    if narrow is not None:
+        if Q_R is None:  # the left side alone: its product is H
+            H = narrow.back(narrow.rotate_halves(G, Q_L, None)[0])
+            return Rotation(H=H, left=H, right=None)
+        if Q_L is None:
+            return Rotation(H=narrow.back(narrow.rotate_halves(G, None, Q_R)[0]), left=G, right=None)
+        H, left, right = narrow.rotate_halves(G, Q_L, Q_R, right_first=right_first)
+        return Rotation(H=narrow.back(H), left=left, right=right)
+    if right_first:
         right = linalg.mm(G, Q_R)
-        return Rotation(H=linalg.mm(Q_L.mT, right), left=None, right=right)
+        return Rotation(H=linalg.mm(Q_L.mT, right), left=None, right=right)  # type: ignore[union-attr]
     left = G if Q_L is None else linalg.mm(Q_L.mT, G)
     return Rotation(H=left if Q_R is None else linalg.mm(left, Q_R), left=left, right=None)
 
@@ -159,6 +173,11 @@ class StepContext:
             only an update proven finite on every block beforehand), else ``None``. Set only for a
             factor update that nothing later in the call reads (``factor_update = "after"``, no
             refresh follows), on a CPU bucket whose state is kept in the compute dtype.
+        rotation_dtype: the dtype of the products that take a block into its basis and back
+            (:meth:`rotated`, :meth:`rotate`, :meth:`unrotate`; the config's ``rotation_dtype``,
+            :class:`kronopt.linalg.NarrowProducts`), ``None`` for the compute dtype. A stage that rotates
+            through these methods follows the setting; the factors, the bases and their refreshes keep the
+            compute dtype.
         finite_fallback: whether a refresh itself tests its new basis for blocks it left non-finite and keeps
             their old one (``True``, what a stage must do wherever the caller does not say otherwise). ``False``:
             the caller tests every tensor of the call's new state anyway and makes a call whose new basis is not
@@ -177,6 +196,7 @@ class StepContext:
     refresh_follows: bool = True
     defer: "list[linalg.DeferredWrite] | None" = attrs.field(default=None, repr=False)
     finite_fallback: bool = True
+    rotation_dtype: torch.dtype | None = None
 
     def rotated(self, G: Tensor) -> "Rotation":
         r"""``G`` in this context's basis, :math:`Q_L^\top G Q_R` (a ``None`` side is the identity), with the
@@ -193,9 +213,19 @@ class StepContext:
         hit = self.shared.get("rotated")
         if hit is not None and hit[0] is G and hit[1] is Q_L and hit[2] is Q_R:
             return hit[3]
-        rotation = rotate_in(G, Q_L, Q_R, exact_basis=self.exact_basis)
+        rotation = rotate_in(G, Q_L, Q_R, exact_basis=self.exact_basis, dtype=self.rotation_dtype)
         self.shared["rotated"] = (G, Q_L, Q_R, rotation)
         return rotation
+
+    def rotate(self, X: Tensor) -> Tensor:
+        r""":math:`Q_L^\top X Q_R` in this context's basis and :attr:`rotation_dtype` (:func:`kronopt.linalg.rotate`);
+        not kept (:meth:`rotated` keeps the gradient's)."""
+        return linalg.rotate(X, self.basis.Q_L, self.basis.Q_R, dtype=self.rotation_dtype)
+
+    def unrotate(self, X: Tensor) -> Tensor:
+        r""":math:`Q_L X Q_R^\top`: back from this context's basis, in :attr:`rotation_dtype`
+        (:func:`kronopt.linalg.unrotate`)."""
+        return linalg.unrotate(X, self.basis.Q_L, self.basis.Q_R, dtype=self.rotation_dtype)
 
     def _restricted_subspace(self) -> tuple[bool, Tensor]:
         """``(left, U)``: whether the restricted side is the left one (the left one where both are) and its

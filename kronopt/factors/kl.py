@@ -259,6 +259,8 @@ class KlKronFactors:
         if ctx is not None:
             rotation = ctx.rotated(G)
             Gl, Gr, H = rotation.left, rotation.right, rotation.H  # Q_Lᵀ G or G Q_R (the other None), Q_Lᵀ G Q_R
+            # (a narrow rotation_dtype's half product is in that dtype: Rotation)
+            Gl, Gr = (None if h is None else h.to(G.dtype) for h in (Gl, Gr))
         else:
             Gl = G if left.Q is None else left.Q.mT @ G
             Gr, H = None, (Gl if right.Q is None else Gl @ right.Q)

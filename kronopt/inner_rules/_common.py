@@ -56,8 +56,8 @@ class AdamConventions:
         )
         if self.normalize:  # per coordinate of the basis: on a restricted side the m × r subspace coordinates, so
             N = linalg.normalize_rms(N)  # that with the split's complement (match_subspace_rms) the step has RMS c_t
-        return linalg.unrotate(N, ctx.basis.Q_L, ctx.basis.Q_R).mul_(scale)
+        return ctx.unrotate(N).mul_(scale)
 
     def moment(self, state: Any, ctx: StepContext) -> Tensor:
         """The first moment (``state.exp_avg``, kept in the basis) in the original coordinates."""
-        return linalg.unrotate(state.exp_avg, ctx.basis.Q_L, ctx.basis.Q_R)
+        return ctx.unrotate(state.exp_avg)

@@ -95,11 +95,10 @@ class AdamInner(AdamConventions):
 
     def direction(self, state: AdamState | AdamSubspaceState, G: Tensor, ctx: StepContext) -> tuple[Tensor, AdamState | AdamSubspaceState]:
         if isinstance(state, AdamSubspaceState):
-            Q_L, Q_R = ctx.basis.Q_L, ctx.basis.Q_R
             M = torch.lerp(state.exp_avg, G, 1 - self.betas[0])
-            G_rot = linalg.rotate(G, Q_L, Q_R)
+            G_rot = ctx.rotate(G)
             v = state.exp_avg_sq.mul(self.betas[1]).addcmul_(G_rot, G_rot, value=1 - self.betas[1])
-            D = self.adam_direction(linalg.rotate(M, Q_L, Q_R), v, ctx)
+            D = self.adam_direction(ctx.rotate(M), v, ctx)
             return D, AdamSubspaceState(M, v)
         G_rot = ctx.rotated(G).H  # Q_Lᵀ G Q_R, shared with a factor estimator that rotates G too (KL)
         m, v = linalg.adam_moments(state.exp_avg, state.exp_avg_sq, G_rot, self.betas)

@@ -191,7 +191,7 @@ class EigenvalueInner:
                 P = P * self._scale(lam_L).unsqueeze(-1)
             if lam_R is not None:
                 P = P * self._scale(lam_R).unsqueeze(-2)
-        D = linalg.unrotate(P, basis.Q_L, basis.Q_R)
+        D = ctx.unrotate(P)
         if self.normalize:
             D = linalg.normalize_rms(D)
         return D
@@ -236,7 +236,7 @@ class EigenvalueInner:
         if isinstance(state, SubspaceMomentumState):
             M = _joined(state, ctx.basis)
         elif isinstance(state, EigenMomentumState):
-            M = state.momentum_eigen if not ctx.basis.ready else linalg.unrotate(state.momentum_eigen, ctx.basis.Q_L, ctx.basis.Q_R)
+            M = state.momentum_eigen if not ctx.basis.ready else ctx.unrotate(state.momentum_eigen)
         else:
             M = state.momentum_buffer
         return M / (1 - self.momentum**ctx.step) if self.bias_correction else M
@@ -298,15 +298,16 @@ def _resplit(state: SubspaceMomentumState, old: BasisState, new: BasisState) -> 
 def _rotated(X: Tensor, ctx: StepContext) -> Tensor:
     """``X`` in the basis, :math:`Q_L^\top X Q_R`. With one restricted side its subspace goes first (the
     cheaper order), through :meth:`StepContext.subspace_coordinates`, which the split's complement reuses;
-    with two (a plugin layout), :func:`kronopt.linalg.rotate`."""
+    with two (a plugin layout), :meth:`StepContext.rotate`. The subspace coordinates, which the split's complement
+    subtracts from, keep the compute dtype whatever ``rotation_dtype`` says."""
     layout, basis = ctx.layout, ctx.basis
     if layout.left == "restricted" and layout.right == "restricted":
-        return linalg.rotate(X, basis.Q_L, basis.Q_R)
+        return ctx.rotate(X)
     if layout.right == "restricted":
         Y = ctx.subspace_coordinates(X)
         return Y if basis.Q_L is None else linalg.mm(basis.Q_L.mT, Y)
     if layout.left == "restricted":
         Y = ctx.subspace_coordinates(X)
         return Y if basis.Q_R is None else linalg.mm(Y, basis.Q_R)
-    return linalg.rotate(X, basis.Q_L, basis.Q_R)
+    return ctx.rotate(X)
 

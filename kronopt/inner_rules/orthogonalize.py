@@ -122,8 +122,8 @@ class OrthogonalizeInner:
         else:
             B = state.momentum_buffer * beta + G
             U = G + beta * B if self.nesterov else B
-        O = self.orthogonalize(linalg.rotate(U, basis.Q_L, basis.Q_R)).to(G.dtype)
-        return linalg.unrotate(O, basis.Q_L, basis.Q_R).mul_(self.shape_factor(ctx.layout)), MomentumState(B)  # a fresh tensor: scaled in place
+        O = self.orthogonalize(ctx.rotate(U)).to(G.dtype)
+        return ctx.unrotate(O).mul_(self.shape_factor(ctx.layout)), MomentumState(B)  # a fresh tensor: scaled in place
 
     def orthogonalize(self, U: Tensor, *, buffers: dict[str, Tensor] | None = None) -> Tensor:
         """The Newton–Schulz iteration of ``U (b m n)`` with this rule's schedule, ε, norm and dtype (``buffers``:

@@ -38,6 +38,7 @@ class SoapHyper:
     normalize_grads: bool
     correct_bias: bool
     null_space: str = "solver"  # "canonical": tests/reference/null_space.py
+    rotations: str = "exact"  # "bfloat16": kronopt's rotation_dtype (rotate_rounded, unrotate_rounded)
 
 
 @dataclass
@@ -81,6 +82,39 @@ def unrotate(X: torch.Tensor, Q_L: torch.Tensor | None, Q_R: torch.Tensor | None
         X = Q_L @ X
     if Q_R is not None:
         X = X @ Q_R.T
+    return X
+
+
+def _rounded(X: torch.Tensor) -> torch.Tensor:
+    """X rounded to the nearest bfloat16, kept in float64."""
+    return X.to(torch.bfloat16).to(DTYPE)
+
+
+def rotate_rounded(X: torch.Tensor, Q_L: torch.Tensor | None, Q_R: torch.Tensor | None) -> torch.Tensor:
+    """rotate() as kronopt's rotation_dtype = "bfloat16" defines it: every product's operands and its result rounded
+    to bfloat16 (the sums exact here); with two bases the right one first on a tall block (rows > cols), as kronopt
+    orders a gradient's rotation. Without a basis nothing is rounded."""
+    if Q_L is None and Q_R is None:
+        return X
+    X = _rounded(X)
+    if Q_L is not None and Q_R is not None and X.shape[0] > X.shape[1]:
+        return _rounded(_rounded(Q_L).T @ _rounded(X @ _rounded(Q_R)))
+    if Q_L is not None:
+        X = _rounded(_rounded(Q_L).T @ X)
+    if Q_R is not None:
+        X = _rounded(X @ _rounded(Q_R))
+    return X
+
+
+def unrotate_rounded(X: torch.Tensor, Q_L: torch.Tensor | None, Q_R: torch.Tensor | None) -> torch.Tensor:
+    """unrotate() under rotation_dtype = "bfloat16", the left side first."""
+    if Q_L is None and Q_R is None:
+        return X
+    X = _rounded(X)
+    if Q_L is not None:
+        X = _rounded(_rounded(Q_L) @ X)
+    if Q_R is not None:
+        X = _rounded(X @ _rounded(Q_R).T)
     return X
 
 
@@ -146,12 +180,13 @@ def soap_update(W: torch.Tensor, G: torch.Tensor, state: SoapState, hp: SoapHype
     t = state.t
 
     # 1-2. moments of the gradient rotated with the current (old) basis
-    G_rot = rotate(G, state.Q_L, state.Q_R)
+    rounded = hp.rotations == "bfloat16"
+    G_rot = (rotate_rounded if rounded else rotate)(G, state.Q_L, state.Q_R)
     state.m = b1 * state.m + (1.0 - b1) * G_rot
     state.v = b2 * state.v + (1.0 - b2) * G_rot * G_rot
 
     # 3. Adam direction in the rotated basis, eps on the un-bias-corrected sqrt(v); back to the original basis
-    N = unrotate(state.m / (torch.sqrt(state.v) + hp.eps), state.Q_L, state.Q_R)
+    N = (unrotate_rounded if rounded else unrotate)(state.m / (torch.sqrt(state.v) + hp.eps), state.Q_L, state.Q_R)
 
     # 4. optional RMS normalisation over the whole tensor
     if hp.normalize_grads:
@@ -204,6 +239,7 @@ def make_soap_hyper(
     normalize_grads: bool = False,
     correct_bias: bool = True,
     null_space: str = "solver",
+    rotations: str = "exact",
 ) -> SoapHyper:
     beta1, beta2 = betas
     rho = beta2 if shampoo_beta < 0 else shampoo_beta
@@ -219,6 +255,7 @@ def make_soap_hyper(
         normalize_grads=normalize_grads,
         correct_bias=correct_bias,
         null_space=null_space,
+        rotations=rotations,
     )
 
 
@@ -236,6 +273,7 @@ def soap_reference(
     normalize_grads=False,
     correct_bias=True,
     null_space="solver",
+    rotations="exact",
 ) -> list[list[torch.Tensor]]:
     """params: initial parameters (1-D or 2-D tensors). grads[k][i]: gradient of param i at call k (k = 0..K-1).
     Returns history with history[k][i] = param i after call k (clones). Everything computed in float64."""
@@ -250,6 +288,7 @@ def soap_reference(
         normalize_grads=normalize_grads,
         correct_bias=correct_bias,
         null_space=null_space,
+        rotations=rotations,
     )
     weights = [p.detach().to(DTYPE).clone() for p in params]
     states = [SoapState() for _ in params]

@@ -49,6 +49,8 @@ GPU_SWITCHES = [
     (linalg, "_SYM_BLOCKED_MIN", 10**9),  # sym_sum: torch.add(A, A.mT)
     (linalg, "_QR_PAD_MAX", 0),  # _pads_qr: geqrf and householder_product on P as it is
     (linalg, "_bfloat16_in_float32", lambda U, dtype: False),  # Newton–Schulz in bfloat16 kernels
+    # bfloat16 rotations (rotation_dtype) in bfloat16 kernels; a float64 block's still rounded in its own
+    (linalg, "_narrow_emulated", lambda X, dtype, Q_L, Q_R: X.dtype == torch.float64),
     (linalg, "_ONEDNN_FLOAT32", False),  # _by_onednn: float32 products in MKL, as torch.bmm
     (linalg, "_BLOCKWISE_TRANSPOSE_MIN", 2**62),  # contiguous: Tensor.contiguous of the whole stack
 ]
@@ -80,7 +82,8 @@ DEVICE_BRANCHES = {
         "_pads_qr",  # _QR_PAD_MAX
         "host_verdicts",  # _CPU_HOST_VERDICTS
         "_bfloat16_in_float32",  # patched
-        "_bfloat16_products_fast",  # reached from _bfloat16_in_float32 only
+        "_bfloat16_products_fast",  # reached from _bfloat16_in_float32 and _narrow_emulated only
+        "_narrow_emulated",  # patched
         "_by_onednn",  # _ONEDNN_FLOAT32
         "_onednn_products_fast",  # reached from _by_onednn only
         "contiguous",  # _BLOCKWISE_TRANSPOSE_MIN

@@ -21,7 +21,6 @@ import attrs
 import torch
 from torch import Tensor
 
-from kronopt import linalg
 from kronopt.validators import ge, lt, to_float
 from kronopt.types import BasisChange, InnerCapabilities, Layout, StepContext
 
@@ -41,7 +40,8 @@ class SignMomentumInner:
         B \leftarrow \beta B + (1-\beta) G,\qquad
         D = Q_L\,\operatorname{sign}\!\big(Q_L^\top B\, Q_R\big)\,Q_R^\top .
 
-    Reads ``ctx.basis`` (``Q_L``, ``Q_R``; ``None`` is the identity) and nothing
+    Rotates through ``ctx.rotate`` and ``ctx.unrotate`` (the basis ``Q_L``, ``Q_R``,
+    ``None`` the identity, in the config's ``rotation_dtype``) and reads nothing
     else from the context. The buffer is kept in the original coordinates, so a
     basis refresh leaves the state as it is. The sign commutes with permuting
     and flipping basis columns, so a refresh that only re-sorts the columns does
@@ -61,9 +61,8 @@ class SignMomentumInner:
 
     def direction(self, state: SignMomentumState, G: Tensor, ctx: StepContext) -> tuple[Tensor, SignMomentumState]:
         B = state.momentum_buffer.lerp(G, 1 - self.momentum)
-        basis = ctx.basis
-        S = torch.sign(linalg.rotate(B, basis.Q_L, basis.Q_R))
-        return linalg.unrotate(S, basis.Q_L, basis.Q_R), SignMomentumState(B)
+        S = torch.sign(ctx.rotate(B))  # Q_Lᵀ B Q_R
+        return ctx.unrotate(S), SignMomentumState(B)
 
     def on_basis_change(self, state: SignMomentumState, change: BasisChange) -> SignMomentumState:
         return state
