@@ -190,3 +190,21 @@ def test_the_setting_survives_a_dump_and_a_load():
     again = kronopt.resolve(kronopt.config.to_dict(cfg))
     assert again.rotation_dtype == "bfloat16" and again == cfg
     assert kronopt.resolve("kl_shampoo").rotation_dtype == "compute"
+
+
+def test_a_param_group_narrows_its_own_rotations_only(gen):
+    ws = [torch.randn(16, 24, generator=gen), torch.randn(16, 24, generator=gen)]
+    grads = [[torch.randn(w.shape, generator=gen) for w in ws] for _ in range(6)]
+
+    def run(first_group):
+        ps = [torch.nn.Parameter(w.clone()) for w in ws]
+        opt = kronopt.build([{"params": [ps[0]], **first_group}, {"params": [ps[1]]}], "soap")
+        for step in grads:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in ps]
+
+    plain, narrowed = run({}), run({"rotation_dtype": "bfloat16"})
+    assert not torch.equal(plain[0], narrowed[0])  # the group that asked
+    assert torch.equal(plain[1], narrowed[1])  # the other group, bit for bit
