@@ -1026,16 +1026,17 @@ class NarrowProducts:
 def _narrow_emulated(X: Tensor, dtype: torch.dtype, Q_L: Tensor | None, Q_R: Tensor | None) -> bool:
     """Whether :class:`NarrowProducts` rounds in ``X``'s own kernels (``emulated``) rather than running the narrow
     ones: for a float64 block (the narrow kernels sum in float32), and on a CPU where the narrow kernels are not
-    the faster ones: without fast bfloat16 products (:func:`_bfloat16_products_fast`), and for a product of at
-    most :data:`_BF16_EMULATED`'s upper bound of multiply-adds (measured for Newton–Schulz's products, taken as
-    it is); not inside ``torch.compile``, which would fuse the round trips away (:func:`_bfloat16_in_float32`)."""
+    the faster ones: without fast bfloat16 products (:func:`_bfloat16_products_fast`), and for a block's product of
+    at most :data:`_BF16_EMULATED`'s upper bound of multiply-adds (measured for Newton–Schulz's products, taken as
+    it is; counted per block, so that a block rounds alike in a bucket, alone, and on its owner under work
+    sharding: the two forms' sums tip a rounding differently now and then); not inside ``torch.compile``, which would fuse the round trips away (:func:`_bfloat16_in_float32`)."""
     if X.dtype == torch.float64:
         return True
     if X.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     m, n = X.shape[-2:]
     side = max(Q_L.shape[-1] if Q_L is not None else 1, Q_R.shape[-1] if Q_R is not None else 1)
-    work = math.prod(X.shape[:-2]) * m * n * side
+    work = m * n * side  # a block's, not the stack's: a block takes the same form in a bucket as alone
     return work <= _BF16_EMULATED[1] or dtype != torch.bfloat16 or not _bfloat16_products_fast()
 
 

@@ -158,11 +158,7 @@ class EigenvalueInner:
             if not basis.ready:
                 return self.moment(new, ctx), new  # moment() is bias-corrected already
             coords = new.momentum_coords / (1 - beta**ctx.step) if self.bias_correction else new.momentum_coords
-            if ctx.layout.left == "restricted":
-                P = coords if basis.Q_R is None else linalg.mm(coords, basis.Q_R)
-            else:
-                P = coords if basis.Q_L is None else linalg.mm(basis.Q_L.mT, coords)
-            return self._scaled_back(P, ctx), new
+            return self._scaled_back(_full_side(coords, ctx, left_restricted=ctx.layout.left == "restricted"), ctx), new
         if isinstance(state, EigenMomentumState):
             # before the first refresh the bases are the identity: the momentum is in the original coordinates
             X = ctx.rotated(G).H if basis.ready else G
@@ -297,17 +293,24 @@ def _resplit(state: SubspaceMomentumState, old: BasisState, new: BasisState) -> 
 
 def _rotated(X: Tensor, ctx: StepContext) -> Tensor:
     """``X`` in the basis, :math:`Q_L^\top X Q_R`. With one restricted side its subspace goes first (the
-    cheaper order), through :meth:`StepContext.subspace_coordinates`, which the split's complement reuses;
-    with two (a plugin layout), :meth:`StepContext.rotate`. The subspace coordinates, which the split's complement
-    subtracts from, keep the compute dtype whatever ``rotation_dtype`` says."""
-    layout, basis = ctx.layout, ctx.basis
+    cheaper order), through :meth:`StepContext.subspace_coordinates`, which the split's complement reuses, then the
+    full side (:func:`_full_side`); with two (a plugin layout), :meth:`StepContext.rotate`. The subspace
+    coordinates, which the split's complement subtracts from, keep the compute dtype whatever ``rotation_dtype``
+    says; the full side's product follows it."""
+    layout = ctx.layout
     if layout.left == "restricted" and layout.right == "restricted":
         return ctx.rotate(X)
-    if layout.right == "restricted":
-        Y = ctx.subspace_coordinates(X)
-        return Y if basis.Q_L is None else linalg.mm(basis.Q_L.mT, Y)
-    if layout.left == "restricted":
-        Y = ctx.subspace_coordinates(X)
-        return Y if basis.Q_R is None else linalg.mm(Y, basis.Q_R)
+    if "restricted" in (layout.left, layout.right):
+        return _full_side(ctx.subspace_coordinates(X), ctx, left_restricted=layout.left == "restricted")
     return ctx.rotate(X)
+
+
+def _full_side(Y: Tensor, ctx: StepContext, *, left_restricted: bool) -> Tensor:
+    """Subspace coordinates ``Y`` taken into the full side's basis: :math:`Y Q_R` where the left side is the
+    restricted one, :math:`Q_L^\top Y` where the right is (``None`` is the identity), in the context's
+    ``rotation_dtype``."""
+    basis = ctx.basis
+    if left_restricted:
+        return linalg.rotate(Y, None, basis.Q_R, dtype=ctx.rotation_dtype)
+    return linalg.rotate(Y, basis.Q_L, None, dtype=ctx.rotation_dtype)
 

@@ -208,3 +208,35 @@ def test_a_param_group_narrows_its_own_rotations_only(gen):
     plain, narrowed = run({}), run({"rotation_dtype": "bfloat16"})
     assert not torch.equal(plain[0], narrowed[0])  # the group that asked
     assert torch.equal(plain[1], narrowed[1])  # the other group, bit for bit
+
+
+@pytest.mark.parametrize("side", [64, 128])  # a block's rotation below and above the emulated form's bound
+def test_a_block_rounds_alike_in_a_bucket_and_alone(gen, side, monkeypatch):
+    """Which form a block's narrow products take is decided by the block's own size, not its stack's, so a block
+    steps the same bits in one bucket of eight as in a bucket of its own (``bucket_cap_mib``), the rule every
+    bucket keeps (docs/configs.md). On a processor with fast bfloat16 products a stack-sized decision took the
+    kernels for the bucket and the emulated form for the block alone, and the two tip roundings otherwise."""
+    monkeypatch.setattr(linalg, "_bfloat16_products_fast", lambda: True)
+    ws = [torch.randn(side, side, generator=gen) for _ in range(8)]
+    grads = [[torch.randn(side, side, generator=gen) for _ in ws] for _ in range(8)]
+    together, _ = _run("soap", ws, grads, rotation_dtype="bfloat16")
+    apart, opt = _run("soap", ws, grads, rotation_dtype="bfloat16", bucket_cap_mib=side * side * 4 * 6 / 2**20)
+    assert len(opt._buckets) == 8
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
+
+
+def test_a_restricted_layouts_full_side_follows_the_setting(gen, monkeypatch):
+    """pro_kl_shampoo rotates its subspace momentum into the full side's basis with one product (the subspace
+    coordinates, shared with the split's complement, stay in the compute dtype): that product is narrowed."""
+    seen = []
+    real = linalg.rotate
+
+    def spy(X, Q_L, Q_R, *, dtype=None):
+        seen.append((Q_L is None) != (Q_R is None) and dtype == torch.bfloat16)
+        return real(X, Q_L, Q_R, dtype=dtype)
+
+    monkeypatch.setattr(linalg, "rotate", spy)
+    ws = [torch.randn(32, 96, generator=gen)]
+    grads = [[torch.randn(32, 96, generator=gen)] for _ in range(5)]
+    _run("pro_kl_shampoo", ws, grads, rotation_dtype="bfloat16")
+    assert sum(seen) >= 3  # one a step after the first call
