@@ -996,13 +996,16 @@ class NarrowProducts:
     def rotate_halves(
         self, X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, right_first: bool | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(H, left, right)`` as :func:`rotate`'s products make them, narrow: ``H`` and the half product, ``left``
-        :math:`Q_L^\top X` where the left side went first, ``right`` :math:`X Q_R` where the right side did (the other
-        ``None``; both ``None`` with one side). ``right_first``: that order, ``None`` :func:`rotate`'s."""
+        """``(H, left, right)`` as :func:`rotate`'s products make them, narrow, with the half product as
+        :class:`kronopt.types.Rotation` holds it: ``left`` :math:`Q_L^\top X` where the left side went first (``H``
+        itself with the left side alone, ``X`` with the right side alone), ``right`` :math:`X Q_R` where the right side
+        did (the other ``None``). ``right_first``: that order, ``None`` :func:`rotate`'s."""
         X_ = self.operand(X)
-        if Q_L is None or Q_R is None:
-            H = self.mm(self.operand(Q_L).mT, X_) if Q_L is not None else self.mm(X_, self.operand(Q_R))  # type: ignore[arg-type]
-            return H, None, None
+        if Q_R is None:
+            H = self.mm(self.operand(Q_L).mT, X_)  # type: ignore[union-attr]
+            return H, H, None
+        if Q_L is None:
+            return self.mm(X_, self.operand(Q_R)), X, None
         if right_first is None:
             right_first = not _left_first(Q_L.shape[-1], X.shape[-2], X.shape[-1], Q_R.shape[-1])
         if right_first:

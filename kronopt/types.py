@@ -121,11 +121,6 @@ def rotate_in(
     right_first = Q_L is not None and Q_R is not None and G.shape[-2] > G.shape[-1] and exact_basis
     narrow = linalg.NarrowProducts.of(G, dtype, Q_L, Q_R)
     if narrow is not None:
-        if Q_R is None:  # the left side alone: its product is H
-            H = narrow.back(narrow.rotate_halves(G, Q_L, None)[0])
-            return Rotation(H=H, left=H, right=None)
-        if Q_L is None:
-            return Rotation(H=narrow.back(narrow.rotate_halves(G, None, Q_R)[0]), left=G, right=None)
         H, left, right = narrow.rotate_halves(G, Q_L, Q_R, right_first=right_first)
         return Rotation(H=narrow.back(H), left=left, right=right)
     if right_first:

@@ -175,7 +175,6 @@ class EigenvalueInner:
 
     def _scaled_back(self, P: Tensor, ctx: StepContext) -> Tensor:
         """The momentum ``P`` in the basis, scaled by the eigenvalue powers and rotated back."""
-        basis = ctx.basis
         lam_L, lam_R = ctx.eigvals
         if self.eps_placement == "product":
             if lam_L is None and lam_R is None:  # no rotated side: s ≡ 1 on both
