@@ -656,14 +656,20 @@ def _symmetrised(H: Tensor, alpha: float | Tensor, plus: "tuple[Tensor, float | 
     return sym_sum(H.addcmul_(X, w * 0.5) if isinstance(w, Tensor) else H.add_(X, alpha=w * 0.5))
 
 
-def ema_gram_left(L: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:
-    r""":math:`\beta L + (1-\beta) G G^\top`, exactly symmetric (:func:`accumulate_gram_left`, ``defer`` too)."""
-    return accumulate_gram_left(L, G, beta, 1 - beta, defer=defer)
+def ema_gram_left(
+    L: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    r""":math:`\beta L + (1-\beta) G G^\top`, exactly symmetric (:func:`accumulate_gram_left`, ``defer`` and
+    ``dtype`` too)."""
+    return accumulate_gram_left(L, G, beta, 1 - beta, defer=defer, dtype=dtype)
 
 
-def ema_gram_right(R: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None) -> Tensor:
-    r""":math:`\beta R + (1-\beta) G^\top G`, exactly symmetric (:func:`accumulate_gram_right`, ``defer`` too)."""
-    return accumulate_gram_right(R, G, beta, 1 - beta, defer=defer)
+def ema_gram_right(
+    R: Tensor, G: Tensor, beta: float, *, defer: list["DeferredWrite"] | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    r""":math:`\beta R + (1-\beta) G^\top G`, exactly symmetric (:func:`accumulate_gram_right`, ``defer`` and
+    ``dtype`` too)."""
+    return accumulate_gram_right(R, G, beta, 1 - beta, defer=defer, dtype=dtype)
 
 
 def mm(A: Tensor, B: Tensor) -> Tensor:
@@ -974,7 +980,18 @@ class NarrowProducts:
         ``dtype``, one no narrower than ``X``'s, no basis (the identity on both sides)."""
         if dtype is None or (Q_L is None and Q_R is None) or dtype.itemsize >= X.dtype.itemsize:
             return None
-        return NarrowProducts(dtype, X.dtype, _narrow_emulated(X, dtype, Q_L, Q_R))
+        m, n = X.shape[-2:]
+        side = max(Q_L.shape[-1] if Q_L is not None else 1, Q_R.shape[-1] if Q_R is not None else 1)
+        return NarrowProducts(dtype, X.dtype, _narrow_emulated(X, dtype, m * n * side))
+
+    @staticmethod
+    def of_gram(A: Tensor, dtype: torch.dtype | None) -> "NarrowProducts | None":
+        """The narrow form of the Gram product ``A Aᵀ`` (``A (b m k)``; a factor estimator's ``product_dtype``),
+        ``None`` where there is nothing to narrow: no ``dtype``, or one no narrower than ``A``'s."""
+        if dtype is None or dtype.itemsize >= A.dtype.itemsize:
+            return None
+        m, k = A.shape[-2:]
+        return NarrowProducts(dtype, A.dtype, _narrow_emulated(A, dtype, m * m * k))
 
     def operand(self, t: Tensor) -> Tensor:
         """``t`` rounded to the narrow dtype, as the products read it."""
@@ -1026,20 +1043,18 @@ class NarrowProducts:
         return self.back(X)
 
 
-def _narrow_emulated(X: Tensor, dtype: torch.dtype, Q_L: Tensor | None, Q_R: Tensor | None) -> bool:
+def _narrow_emulated(X: Tensor, dtype: torch.dtype, work: int) -> bool:
     """Whether :class:`NarrowProducts` rounds in ``X``'s own kernels (``emulated``) rather than running the narrow
     ones: for a float64 block (the narrow kernels sum in float32), and on a CPU where the narrow kernels are not
     the faster ones: without fast bfloat16 products (:func:`_bfloat16_products_fast`), and for a block's product of
     at most :data:`_BF16_EMULATED`'s upper bound of multiply-adds (measured for Newton–Schulz's products, taken as
-    it is; counted per block, so that a block rounds alike in a bucket, alone, and on its owner under work
-    sharding: the two forms' sums tip a rounding differently now and then); not inside ``torch.compile``, which would fuse the round trips away (:func:`_bfloat16_in_float32`)."""
+    it is; ``work`` is one block's, not the stack's, so that a block rounds alike in a bucket, alone, and on its
+    owner under work sharding: the two forms' sums tip a rounding differently now and then); not inside
+    ``torch.compile``, which would fuse the round trips away (:func:`_bfloat16_in_float32`)."""
     if X.dtype == torch.float64:
         return True
     if X.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    m, n = X.shape[-2:]
-    side = max(Q_L.shape[-1] if Q_L is not None else 1, Q_R.shape[-1] if Q_R is not None else 1)
-    work = m * n * side  # a block's, not the stack's: a block takes the same form in a bucket as alone
     return work <= _BF16_EMULATED[1] or dtype != torch.bfloat16 or not _bfloat16_products_fast()
 
 
@@ -3167,13 +3182,18 @@ def nearest_kron_power(
 
 
 def accumulate_gram_left(
-    X: Tensor, A: Tensor, beta: float, alpha: float, *, defer: list["DeferredWrite"] | None = None
+    X: Tensor, A: Tensor, beta: float, alpha: float, *, defer: list["DeferredWrite"] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     r""":math:`\beta X + \alpha A A^\top` (``b m k -> b m m``), exactly symmetric (:func:`sym_product`).
 
     With :math:`A = G Q_R\,\mathrm{diag}(s_R)` this is KL-Shampoo's left factor update
     :math:`\rho L + (1-\rho)/n \cdot G \hat R^{-1} G^\top`; as a Gram product the
     increment is PSD by construction.
+
+    ``dtype``: the Gram product's precision where it is narrower than ``A``'s (a factor estimator's
+    ``product_dtype``): ``A`` and each product's result rounded to it, the sums in at least float32, the weighted
+    sum with ``X`` in ``X``'s dtype (:func:`_narrow_gram_update`); ``None`` for ``A``'s own.
 
     ``defer`` (a list, :attr:`StepContext.defer`; ``X`` a stack of the state): an
     update :func:`sym_product` computes by tiles, or densely on a side of at least ``_DEFER_DENSE_MIN``, and
@@ -3187,24 +3207,70 @@ def accumulate_gram_left(
     _check_batched("A", A)
     _check_batched_square("X", X)
     tiled = _tiled(X, A)
+    narrow = NarrowProducts.of_gram(A, dtype)
+
+    def update(out: Tensor | None = None) -> Tensor:
+        if narrow is not None:
+            return _narrow_gram_update(X, A, beta, alpha, narrow, out=out)
+        if tiled:
+            return _tiled_sym_product(X, A, A, beta, alpha, out=out)  # type: ignore[return-value]
+        # _dense_sym_product's sum with its transpose, written into out where given (X read whole before it)
+        return sym_sum(_weighted_product(X, A, A, beta * 0.5, alpha * 0.5), out=out)
+
     if (
         defer is not None and (tiled or X.shape[-1] >= _DEFER_DENSE_MIN) and X.dtype == A.dtype and isinstance(beta, float)
         and X.is_contiguous()  # products into a stack of another layout round by it: the step's update goes row-major
     ):
-        bound = gram_update_bound(X, A, beta, alpha)
+        bound = gram_update_bound(X, A, beta, alpha, narrow=None if narrow is None else narrow.dtype)
         if cpu_all(gram_update_finite(X, A, beta, alpha, bound=bound)):
 
             def into(out: Tensor) -> None:
-                if tiled:
-                    _tiled_sym_product(X, A, A, beta, alpha, out=out)
-                else:  # _dense_sym_product's sum with its transpose written into out (X read whole before it)
-                    sym_sum(_weighted_product(X, A, A, beta * 0.5, alpha * 0.5), out=out)
+                update(out)
                 if out is X:  # the next step's proof takes this bound on X's entries instead of reading them
                     _ENTRY_BOUNDS.put(X, bound)
 
             defer.append(DeferredWrite(target=X, into=into))
             return X
-    return sym_product(X, A, A, beta=beta, alpha=alpha)
+    return update()
+
+
+def _narrow_gram_update(
+    X: Tensor, A: Tensor, beta: float | Tensor, alpha: float, narrow: NarrowProducts, *, out: Tensor | None = None
+) -> Tensor:
+    r""":math:`\beta X + \alpha A A^\top` with the Gram product in ``narrow``'s products, exactly symmetric, into
+    ``out`` (a new tensor where ``None``; ``X`` itself is allowed).
+
+    ``A`` is rounded once (:meth:`NarrowProducts.operand`); each product's result comes rounded
+    (:meth:`NarrowProducts.mm`) and is weighted and added to ``β X`` in ``X``'s dtype. On a CPU from side
+    ``_GRAM_TILED_MIN`` on (:func:`_tiled`) only the products on and below the diagonal are made: a row's part below
+    the diagonal as one panel (one product, its weighted sum made apart, then placed and mirrored), each diagonal
+    tile at half weight and summed with its transpose (:func:`sym_sum`); elsewhere one product, then the same at
+    half weight.
+    A row reads only ``X``'s parts on and below its diagonal, each before it is written, and its mirror lands in
+    the rows above, which no later row reads, so ``out = X`` gives the same bits as a new ``out``. A number
+    ``beta`` of 0 never reads ``X``."""
+    A_ = narrow.operand(A)
+    out = torch.empty(X.shape, dtype=X.dtype, device=X.device) if out is None else out
+
+    def weighted(P: Tensor, Xp: Tensor, b: float | Tensor, a: float) -> Tensor:
+        """``a P + b Xp`` in ``X``'s dtype, contiguous (``P`` a fresh result of the narrow products; a number ``b``
+        of 0 never reads ``Xp``): widened first, then weighted in place (an ``add`` of mixed dtypes converts the
+        narrow operand in a pass of its own)."""
+        T = P.to(X.dtype).mul_(a)
+        if isinstance(b, Tensor):
+            return T.addcmul_(Xp, b)
+        return T if b == 0 else T.add_(Xp, alpha=b)
+
+    if not _tiled(X, A):
+        return sym_sum(weighted(narrow.mm(A_, A_.mT), X, beta * 0.5, alpha * 0.5), out=out)
+    for i, I in enumerate(_tile_slices(X.shape[-1])):
+        if i:  # the row's part below the diagonal, as one panel made apart, then placed and mirrored
+            J = slice(0, I.start)
+            part = weighted(narrow.mm(A_[:, I], A_[:, J].mT), X[:, I, J], beta, alpha)
+            out[:, I, J] = part
+            out[:, J, I] = part.mT
+        sym_sum(weighted(narrow.mm(A_[:, I], A_[:, I].mT), X[:, I, I], beta * 0.5, alpha * 0.5), out=out[:, I, I])
+    return out
 
 
 #: the side from which :func:`accumulate_gram_left` leaves a dense update to the state write (``defer``): below it
@@ -3214,19 +3280,21 @@ _DEFER_DENSE_MIN = 128
 
 def accumulate_grams_each(
     X: Sequence[Tensor], A: Sequence[Tensor], beta: float, alpha: float,
-    defer: Sequence[list["DeferredWrite"] | None] | None = None,
+    defer: Sequence[list["DeferredWrite"] | None] | None = None, dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
-    r""":func:`accumulate_gram_left` of each pair ``(X[i], A[i])`` (``defer[i]`` its ``defer``), the same bits: the
-    dense sums with their transposes (:func:`sym_sum`'s plain form, sides under ``_SYM_BLOCKED_MIN``) in one
-    ``foreach`` call for them all, each other pair as :func:`accumulate_gram_left` makes it."""
+    r""":func:`accumulate_gram_left` of each pair ``(X[i], A[i])`` (``defer[i]`` its ``defer``, ``dtype`` all's), the
+    same bits: the dense sums with their transposes (:func:`sym_sum`'s plain form, sides under ``_SYM_BLOCKED_MIN``)
+    in one ``foreach`` call for them all, each other pair (and each narrowed by ``dtype``) as
+    :func:`accumulate_gram_left` makes it."""
     out: list[Tensor | None] = [None] * len(X)
     dense = []
     for i, (X_i, A_i) in enumerate(zip(X, A)):
         _check_batched("A", A_i)
         _check_batched_square("X", X_i)
         deferred = defer is not None and defer[i] is not None and X_i.shape[-1] >= _DEFER_DENSE_MIN
-        if _tiled(X_i, A_i) or not isinstance(beta, float) or _sym_blocked(X_i) or deferred:
-            out[i] = accumulate_gram_left(X_i, A_i, beta, alpha, defer=None if defer is None else defer[i])
+        narrow = NarrowProducts.of_gram(A_i, dtype) is not None
+        if _tiled(X_i, A_i) or not isinstance(beta, float) or _sym_blocked(X_i) or deferred or narrow:
+            out[i] = accumulate_gram_left(X_i, A_i, beta, alpha, defer=None if defer is None else defer[i], dtype=dtype)
         else:
             dense.append(i)
     if dense:
@@ -3301,12 +3369,13 @@ def rotated_diagonal(C: Tensor, Q: Tensor) -> Tensor:
 
 
 def accumulate_gram_right(
-    X: Tensor, A: Tensor, beta: float, alpha: float, *, defer: list["DeferredWrite"] | None = None
+    X: Tensor, A: Tensor, beta: float, alpha: float, *, defer: list["DeferredWrite"] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     r""":math:`\beta X + \alpha A^\top A` (``b k n -> b n n``), exactly symmetric (:func:`sym_product`;
-    ``defer``: :func:`accumulate_gram_left`)."""
+    ``defer`` and ``dtype``: :func:`accumulate_gram_left`)."""
     _check_batched("A", A)
-    return accumulate_gram_left(X, A.mT, beta, alpha, defer=defer)
+    return accumulate_gram_left(X, A.mT, beta, alpha, defer=defer, dtype=dtype)
 
 
 def accumulate_sandwich(X: Tensor, Q: Tensor, Y: Tensor, beta: float, alpha: float) -> Tensor:
@@ -3354,13 +3423,14 @@ class DeferredWrite:
 _GRAM_ENTRY_SHARE = 1 / 8
 
 
-def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float, *, narrow: torch.dtype | None = None) -> Tensor:
     r"""``(b)``: a bound on every entry of :math:`\beta X + \alpha A A^\top` as :func:`sym_product` makes it.
 
     Every entry of :math:`A A^\top` is at most :math:`\|A\|_F^2` in magnitude (:math:`|a_i \cdot a_j| \le
     \|a_i\|\|a_j\|`), so the new value's entries are at most :math:`|\beta| \max|X| + |\alpha| \|A\|_F^2`, raised
     here by ``k + 8`` units of the dtype's rounding (``k`` the inner side: the product's sums and the symmetrisation's
-    steps). ``max |X|`` is the bound this function gave for the update that wrote ``X``, where that write went into
+    steps), and by two units of ``narrow``'s where the product rounds its operand and results to that dtype
+    (:func:`_narrow_gram_update`). ``max |X|`` is the bound this function gave for the update that wrote ``X``, where that write went into
     ``X`` itself and nothing has written it since (:data:`_ENTRY_BOUNDS`: the same tensor at the version counter the
     write left); otherwise it is read, one pass over ``X``. A stack's diagonal alone does not bound it: a factor
     loaded from a checkpoint or edited need not be PSD, and a NaN or an infinity off its diagonal would pass
@@ -3377,6 +3447,8 @@ def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor
             entries = torch.maximum(hi, -lo)
     energy = torch.linalg.vector_norm(A, dim=(-2, -1)).square()
     slack = 1.0 + (A.shape[-1] + 8) * torch.finfo(energy.dtype).eps
+    if narrow is not None:  # A's entries and the products' results rounded to it: (1 + u)³ ≤ 1 + 4u, u = eps / 2
+        slack *= 1.0 + 2 * torch.finfo(narrow).eps
     return (entries * abs(beta) + energy * abs(alpha)) * slack
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from ..validators import ge, lt, to_beta, unless_tie
+from ..validators import ge, in_, lt, to_beta, to_str, unless_tie
 from ..registry import FACTORS
 from ._restricted import factors_or_power, flat_eigvals, follow_subspace
 from ..types import BasisChange, FactorCapabilities, Layout, NoState, StepContext
@@ -72,6 +72,12 @@ class EmaKronFactors:
         beta: retention :math:`\beta \in [0, 1)` (SOAP's ``shampoo_beta``), or ``"beta2"``:
             the inner rule's :math:`\beta_2` (``shampoo_beta = -1``, resolved by
             :meth:`kronopt.config.KronConfig.bound` when the optimizer is built).
+        product_dtype: the Gram products' precision on a full side: ``"compute"`` (the default) the
+            compute dtype; ``"bfloat16"`` rounds :math:`G` and each product's result to bfloat16, each
+            product summed in at least float32, and adds it to :math:`\beta L` in the compute dtype
+            (:func:`kronopt.linalg.accumulate_gram_left`, ``dtype=``; docs/configs.md): about twice the
+            products' speed where a GPU's tensor cores or a CPU with AMX or ``avx512_bf16`` run them. A
+            restricted side's products keep the compute dtype.
 
     Invariants:
         Exactly symmetric and PSD; ``beta = 0`` gives ``G Gᵀ``, ``Gᵀ G``
@@ -82,6 +88,12 @@ class EmaKronFactors:
         provides_factors=True, follows_basis=True, supports_restricted=True
     )
     beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(ge(0.0), lt(1.0)))
+    product_dtype: str = attrs.field(default="compute", converter=to_str, validator=in_(("compute", "bfloat16")))
+
+    @property
+    def _narrow(self) -> torch.dtype | None:
+        """The Gram products' dtype where narrowed (``product_dtype``), ``None`` for the compute dtype."""
+        return None if self.product_dtype == "compute" else torch.bfloat16
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> KronFactorsState:
         if layout.left == "restricted" and layout.right == "restricted":
@@ -100,8 +112,9 @@ class EmaKronFactors:
     def update(self, state: KronFactorsState, G: Tensor, ctx: StepContext) -> KronFactorsState:
         beta = self.beta
         assert isinstance(beta, float), "factors.beta is bound to a number (KronConfig.bound)"
-        L = None if state.L is None else linalg.ema_gram_left(state.L, G, beta, defer=ctx.defer)
-        R = None if state.R is None else linalg.ema_gram_right(state.R, G, beta, defer=ctx.defer)
+        narrow = self._narrow
+        L = None if state.L is None else linalg.ema_gram_left(state.L, G, beta, defer=ctx.defer, dtype=narrow)
+        R = None if state.R is None else linalg.ema_gram_right(state.R, G, beta, defer=ctx.defer, dtype=narrow)
         out = attrs.evolve(state, L=L, R=R)
         first = ctx.step == 0
         follows = first or ctx.refresh_follows
@@ -134,7 +147,9 @@ class EmaKronFactors:
         new: dict[tuple[int, str], Tensor] = {}
         for side, work in sides.items():
             if work:
-                made = linalg.accumulate_grams_each([w[1] for w in work], [w[2] for w in work], beta, 1 - beta, [w[3] for w in work])
+                made = linalg.accumulate_grams_each(
+                    [w[1] for w in work], [w[2] for w in work], beta, 1 - beta, [w[3] for w in work], dtype=self._narrow
+                )
                 new.update(((w[0], side), X) for w, X in zip(work, made))
         for i, state in enumerate(states):
             if out[i] is None:

@@ -37,3 +37,24 @@ def test_soap_with_bfloat16_rotations_matches_the_reference_rounding_them(gen, o
     # the rounding shows: the exact reference is off by far more than the comparison's tolerance
     apart = max((a - b).abs().max().item() for a_k, b_k in zip(ours, exact) for a, b in zip(a_k, b_k))
     assert apart > 1e-6
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["small-buckets-together", "bucket-by-bucket"])
+@pytest.mark.parametrize("rotations", ["exact", "bfloat16"])
+def test_soap_with_bfloat16_gram_products_matches_the_reference_rounding_them(gen, rotations, together, monkeypatch):
+    """``factors.product_dtype = "bfloat16"`` (the EMA's Gram products: the gradient and each product rounded), alone
+    and with the rotations narrowed too, against the reference rounding the same values by hand."""
+    if not together:
+        monkeypatch.setattr(kopt, "_SMALL_TOGETHER_MAX", 0)
+    steps = 30
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = reference_grads(gen, SHAPES, steps)
+    ref = soap_reference(params, grads, lr=3e-3, rotations=rotations, grams="bfloat16")
+    exact_grams = soap_reference(params, grads, lr=3e-3, rotations=rotations)
+    overrides = {"lr": 3e-3, "rotation_dtype": "compute" if rotations == "exact" else "bfloat16",
+                 "factors.product_dtype": "bfloat16"}
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    ours = run_history(kronopt.build(ours_params, "soap", **overrides), ours_params, grads)
+    assert_histories_close(ours, ref)
+    apart = max((a - b).abs().max().item() for a_k, b_k in zip(ours, exact_grams) for a, b in zip(a_k, b_k))
+    assert apart > 1e-6

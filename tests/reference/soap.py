@@ -39,6 +39,7 @@ class SoapHyper:
     correct_bias: bool
     null_space: str = "solver"  # "canonical": tests/reference/null_space.py
     rotations: str = "exact"  # "bfloat16": kronopt's rotation_dtype (rotate_rounded, unrotate_rounded)
+    grams: str = "exact"  # "bfloat16": kronopt's factors.product_dtype (gram_rounded)
 
 
 @dataclass
@@ -88,6 +89,17 @@ def unrotate(X: torch.Tensor, Q_L: torch.Tensor | None, Q_R: torch.Tensor | None
 def _rounded(X: torch.Tensor) -> torch.Tensor:
     """X rounded to the nearest bfloat16, kept in float64."""
     return X.to(torch.bfloat16).to(DTYPE)
+
+
+def gram_rounded(A: torch.Tensor) -> torch.Tensor:
+    """A Aᵀ as kronopt's factors.product_dtype = "bfloat16" defines it: A rounded to bfloat16, the product (its sums
+    exact here) rounded to bfloat16."""
+    A = _rounded(A)
+    return _rounded(A @ A.T)
+
+
+def _gram(A: torch.Tensor, hp: "SoapHyper") -> torch.Tensor:
+    return gram_rounded(A) if hp.grams == "bfloat16" else A @ A.T
 
 
 def rotate_rounded(X: torch.Tensor, Q_L: torch.Tensor | None, Q_R: torch.Tensor | None) -> torch.Tensor:
@@ -165,10 +177,10 @@ def soap_update(W: torch.Tensor, G: torch.Tensor, state: SoapState, hp: SoapHype
         state.initialised = True
         state.t = 0
         if left_factored:
-            state.L = (1.0 - hp.rho) * (G @ G.T)
+            state.L = (1.0 - hp.rho) * _gram(G, hp)
             state.Q_L = _initial_basis(state.L, hp)
         if right_factored:
-            state.R = (1.0 - hp.rho) * (G.T @ G)
+            state.R = (1.0 - hp.rho) * _gram(G.T, hp)
             state.Q_R = _initial_basis(state.R, hp)
         state.m = torch.zeros(rows, cols, dtype=DTYPE)
         state.v = torch.zeros(rows, cols, dtype=DTYPE)
@@ -205,9 +217,9 @@ def soap_update(W: torch.Tensor, G: torch.Tensor, state: SoapState, hp: SoapHype
 
     # 7. factor EMAs with the same gradient
     if left_factored:
-        state.L = hp.rho * state.L + (1.0 - hp.rho) * (G @ G.T)
+        state.L = hp.rho * state.L + (1.0 - hp.rho) * _gram(G, hp)
     if right_factored:
-        state.R = hp.rho * state.R + (1.0 - hp.rho) * (G.T @ G)
+        state.R = hp.rho * state.R + (1.0 - hp.rho) * _gram(G.T, hp)
 
     # 8-9. basis refresh every f updates; m follows the basis, v is only permuted
     if t % hp.precondition_frequency == 0:
@@ -240,6 +252,7 @@ def make_soap_hyper(
     correct_bias: bool = True,
     null_space: str = "solver",
     rotations: str = "exact",
+    grams: str = "exact",
 ) -> SoapHyper:
     beta1, beta2 = betas
     rho = beta2 if shampoo_beta < 0 else shampoo_beta
@@ -256,6 +269,7 @@ def make_soap_hyper(
         correct_bias=correct_bias,
         null_space=null_space,
         rotations=rotations,
+        grams=grams,
     )
 
 
@@ -274,6 +288,7 @@ def soap_reference(
     correct_bias=True,
     null_space="solver",
     rotations="exact",
+    grams="exact",
 ) -> list[list[torch.Tensor]]:
     """params: initial parameters (1-D or 2-D tensors). grads[k][i]: gradient of param i at call k (k = 0..K-1).
     Returns history with history[k][i] = param i after call k (clones). Everything computed in float64."""
@@ -289,6 +304,7 @@ def soap_reference(
         correct_bias=correct_bias,
         null_space=null_space,
         rotations=rotations,
+        grams=grams,
     )
     weights = [p.detach().to(DTYPE).clone() for p in params]
     states = [SoapState() for _ in params]

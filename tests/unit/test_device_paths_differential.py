@@ -50,7 +50,7 @@ GPU_SWITCHES = [
     (linalg, "_QR_PAD_MAX", 0),  # _pads_qr: geqrf and householder_product on P as it is
     (linalg, "_bfloat16_in_float32", lambda U, dtype: False),  # Newton–Schulz in bfloat16 kernels
     # bfloat16 rotations (rotation_dtype) in bfloat16 kernels; a float64 block's still rounded in its own
-    (linalg, "_narrow_emulated", lambda X, dtype, Q_L, Q_R: X.dtype == torch.float64),
+    (linalg, "_narrow_emulated", lambda X, dtype, work: X.dtype == torch.float64),
     (linalg, "_ONEDNN_FLOAT32", False),  # _by_onednn: float32 products in MKL, as torch.bmm
     (linalg, "_BLOCKWISE_TRANSPOSE_MIN", 2**62),  # contiguous: Tensor.contiguous of the whole stack
 ]

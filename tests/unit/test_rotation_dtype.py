@@ -82,7 +82,7 @@ def test_the_emulated_form_rounds_every_operand_and_result(gen, case, back):
 @pytest.mark.parametrize("emulated", [True, False], ids=["emulated", "kernels"])
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-{c[4]}")
 def test_float32_blocks_round_as_by_hand_in_either_form(gen, case, back, emulated, monkeypatch):
-    monkeypatch.setattr(linalg, "_narrow_emulated", lambda X, dtype, Q_L, Q_R: emulated)
+    monkeypatch.setattr(linalg, "_narrow_emulated", lambda X, dtype, work: emulated)
     X, Q_L, Q_R = (None if t is None else t.float() for t in _operands(gen, *case, back))
     ours = (linalg.unrotate if back else linalg.rotate)(X, Q_L, Q_R, dtype=torch.bfloat16)
     exact = (linalg.unrotate if back else linalg.rotate)(X, Q_L, Q_R)
@@ -110,7 +110,7 @@ def test_the_half_product_a_factor_estimator_reads_is_the_rounded_one(gen, monke
     block, in the narrow dtype for a reader to cast."""
     from kronopt.types import rotate_in
 
-    monkeypatch.setattr(linalg, "_narrow_emulated", lambda X, dtype, Q_L, Q_R: False)
+    monkeypatch.setattr(linalg, "_narrow_emulated", lambda X, dtype, work: False)
     G = torch.randn(2, 20, 12, generator=gen)
     Q_L, Q_R = _basis(gen, 2, 20).float(), _basis(gen, 2, 12).float()
     tall = rotate_in(G, Q_L, Q_R, exact_basis=True, dtype=torch.bfloat16)

@@ -1,0 +1,186 @@
+"""A factor estimator's ``product_dtype = "bfloat16"``: the EMA's Gram products with bfloat16 operands and results.
+
+The expected values round by hand, in float64 (``_rounded``): the gradient rounded to bfloat16, its Gram product
+summed exactly and rounded to bfloat16, then weighted and added to ``β X`` in the factor's dtype. The emulated form
+(the block's own kernels on rounded values: float64 blocks, a CPU without fast bfloat16 products, small products)
+gives those values but for a sum's last bits; the bfloat16 kernels sum in float32 and round once, so an entry whose
+sum lies within its rounding of a bfloat16 boundary may round the other way: they are compared by how far they lie
+from the hand-rounded value against how far the float32 update lies from it.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import kronopt
+from kronopt import linalg
+from kronopt.config import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rounded(X):
+    return X.to(torch.bfloat16).to(torch.float64)
+
+
+def _sym_psd(gen, b, d, dtype=torch.float64):
+    B = torch.randn(b, d, d + 3, generator=gen, dtype=torch.float64)
+    return linalg.sym(B @ B.mT).to(dtype)
+
+
+def _by_hand(X, A, beta, alpha):
+    """β X + α round(round(A) round(A)ᵀ), in float64, symmetrised as kronopt does (exact halving)."""
+    A_ = _rounded(A.double())
+    new = beta * X.double() + alpha * _rounded(A_ @ A_.mT)
+    return (new + new.mT) / 2
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+SIDES = [(3, 40, 24), (2, 24, 56), (2, 520, 24)]  # dense, wide, and tiled on a CPU (a short last row of tiles)
+
+
+@pytest.mark.parametrize("shape", SIDES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("per_block", [False, True], ids=["number-beta", "per-block-beta"])
+def test_the_emulated_form_rounds_the_operand_and_every_result(gen, shape, per_block):
+    b, m, k = shape
+    X, A = _sym_psd(gen, b, m), torch.randn(b, m, k, generator=gen, dtype=torch.float64)
+    beta = torch.tensor([0.9, 0.5, 0.7][:b], dtype=torch.float64).view(b, 1, 1) if per_block else 0.9
+    narrow = linalg.NarrowProducts.of_gram(A, torch.bfloat16)
+    assert narrow is not None and narrow.emulated  # float64: the block's own kernels
+    ours = linalg._narrow_gram_update(X, A, beta, 0.1, narrow)
+    exact = linalg.sym_product(X, A, A, beta=beta, alpha=0.1)
+    assert ours.dtype == torch.float64 and torch.equal(ours, ours.mT)
+    torch.testing.assert_close(ours, _by_hand(X, A, beta, 0.1), rtol=1e-10, atol=1e-10)
+    increment = (exact - X * beta).norm()
+    assert 1e-4 < ((ours - exact).norm() / increment).item() < 2e-2  # bfloat16's precision off the exact update
+
+
+@pytest.mark.parametrize("shape", SIDES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("emulated", [True, False], ids=["emulated", "kernels"])
+def test_float32_factors_round_as_by_hand_in_either_form(gen, shape, emulated, monkeypatch):
+    monkeypatch.setattr(linalg, "_narrow_emulated", lambda X, dtype, work: emulated)
+    b, m, k = shape
+    X, A = _sym_psd(gen, b, m, torch.float32), torch.randn(b, m, k, generator=gen)
+    ours = linalg.accumulate_gram_left(X, A, 0.9, 0.1, dtype=torch.bfloat16)
+    exact = linalg.accumulate_gram_left(X, A, 0.9, 0.1)
+    assert ours.dtype == torch.float32 and torch.equal(ours, ours.mT)
+    by_hand = _by_hand(X, A, 0.9, 0.1)
+    # the increment's rounding is what separates the two; a float32 sum tips a bfloat16 rounding now and then
+    assert _rel(ours - 0.9 * X, by_hand - 0.9 * X.double()) < 0.1 * _rel(exact - 0.9 * X, by_hand - 0.9 * X.double())
+
+
+def test_the_right_side_rounds_the_transposed_product(gen):
+    A = torch.randn(2, 30, 12, generator=gen, dtype=torch.float64)
+    X = _sym_psd(gen, 2, 12)
+    ours = linalg.accumulate_gram_right(X, A, 0.8, 0.2, dtype=torch.bfloat16)
+    torch.testing.assert_close(ours, _by_hand(X, A.mT, 0.8, 0.2), rtol=1e-10, atol=1e-10)
+
+
+def test_a_zero_beta_never_reads_the_factor(gen):
+    A = torch.randn(2, 20, 9, generator=gen, dtype=torch.float64)
+    X = torch.full((2, 20, 20), float("nan"), dtype=torch.float64)
+    ours = linalg._narrow_gram_update(X, A, 0.0, 1.0, linalg.NarrowProducts.of_gram(A, torch.bfloat16))
+    torch.testing.assert_close(ours, _by_hand(torch.zeros_like(X), A, 0.0, 1.0), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("side", [200, 520], ids=["dense", "tiled"])
+def test_the_deferred_write_gives_the_bits_of_the_update_made_in_the_step(gen, side, monkeypatch):
+    monkeypatch.setattr(linalg, "_narrow_emulated", lambda X, dtype, work: False)
+    X, A = _sym_psd(gen, 2, side, torch.float32), torch.randn(2, side, 16, generator=gen)
+    made = linalg.accumulate_gram_left(X, A, 0.95, 0.05, dtype=torch.bfloat16)
+    defer: list = []
+    assert linalg.accumulate_gram_left(X, A, 0.95, 0.05, defer=defer, dtype=torch.bfloat16) is X
+    assert len(defer) == 1
+    defer[0].into(X)
+    assert torch.equal(X, made)
+
+
+def test_the_finiteness_bound_covers_the_roundings(gen):
+    """The proof's bound on the new entries widens by two units of bfloat16's rounding: the operand and the result
+    each round up by at most half a unit, so a bound without it could sit under an entry the narrow update makes."""
+    X, A = _sym_psd(gen, 2, 16, torch.float32), torch.randn(2, 16, 8, generator=gen)
+    plain = linalg.gram_update_bound(X, A, 0.9, 0.1)
+    narrow = linalg.gram_update_bound(X, A, 0.9, 0.1, narrow=torch.bfloat16)
+    torch.testing.assert_close(narrow / plain, torch.full_like(plain, 1 + 2**-6))
+    made = linalg.accumulate_gram_left(X, A, 0.9, 0.1, dtype=torch.bfloat16)
+    assert (made.abs().amax((-2, -1)) <= narrow).all()
+
+
+def test_many_buckets_together_give_each_buckets_own_bits(gen, monkeypatch):
+    monkeypatch.setattr(linalg, "_narrow_emulated", lambda X, dtype, work: False)
+    Xs = [_sym_psd(gen, 2, d, torch.float32) for d in (8, 12, 30)]
+    As = [torch.randn(2, d, 5, generator=gen) for d in (8, 12, 30)]
+    together = linalg.accumulate_grams_each(Xs, As, 0.9, 0.1, dtype=torch.bfloat16)
+    for X, A, got in zip(Xs, As, together):
+        assert torch.equal(got, linalg.accumulate_gram_left(X, A, 0.9, 0.1, dtype=torch.bfloat16))
+        assert not torch.equal(got, linalg.accumulate_gram_left(X, A, 0.9, 0.1))
+
+
+def _run(preset, ws, grads, **overrides):
+    ps = [torch.nn.Parameter(w.clone()) for w in ws]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unnamed parameters: no routing by name
+        opt = kronopt.build(ps, preset, **overrides)
+    for step in grads:
+        for p, g in zip(ps, step):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in ps], opt
+
+
+@pytest.mark.parametrize("preset", ["soap", "shampoo", "pro_soap"])
+@pytest.mark.parametrize("small_together", [True, False], ids=["small-buckets-together", "bucket-by-bucket"])
+def test_every_ema_preset_keeps_its_factors_near_the_float32_ones(gen, preset, small_together, monkeypatch):
+    """The same gradients with the Gram products in bfloat16 leave each full side's factor a few parts in a thousand
+    off the float32 run's, and not on it: the option acts, and a wrong side, a lost weight or an unrounded product
+    would put it far off or on it. (The factors are EMAs of the gradients given, whatever path the weights took; the
+    weights themselves part by as much as the float32 run parts from a float64 one where a SOAP basis follows
+    crowded eigenvalues.)"""
+    if not small_together:
+        monkeypatch.setattr(kronopt.optimizer, "_SMALL_TOGETHER_MAX", 0)
+    ws = [torch.randn(24, 40, generator=gen), torch.randn(40, 24, generator=gen), torch.randn(8, generator=gen)]
+    grads = [[torch.randn(w.shape, generator=gen) for w in ws] for _ in range(14)]
+    exact, plain = _run(preset, ws, grads)
+    narrow, opt = _run(preset, ws, grads, **{"factors.product_dtype": "bfloat16"})
+    assert opt.config.factors.product_dtype == "bfloat16"
+    compared = 0
+    for p, q in zip(plain.param_groups[0]["params"][:2], opt.param_groups[0]["params"][:2]):
+        for key in ("factors.L", "factors.R"):
+            if key in plain.state[p]:
+                assert 1e-4 < _rel(opt.state[q][key], plain.state[p][key]) < 1e-2
+                compared += 1
+    assert compared == (2 if preset == "pro_soap" else 4)
+    assert all(torch.isfinite(w).all() for w in narrow)
+    assert torch.equal(exact[2], narrow[2])  # a vector keeps no factors: nothing narrowed
+
+
+@pytest.mark.parametrize("side", [64, 128])  # a block's Gram product below and above the emulated form's bound
+def test_a_block_rounds_alike_in_a_bucket_and_alone(gen, side, monkeypatch):
+    """The form a block's narrow Gram products take goes by the block's own size, not its stack's: a block steps
+    the same bits in one bucket of eight as in a bucket of its own."""
+    monkeypatch.setattr(linalg, "_bfloat16_products_fast", lambda: True)
+    ws = [torch.randn(side, side, generator=gen) for _ in range(8)]
+    grads = [[torch.randn(side, side, generator=gen) for _ in ws] for _ in range(8)]
+    narrow = {"factors.product_dtype": "bfloat16"}
+    together, _ = _run("soap", ws, grads, **narrow)
+    apart, opt = _run("soap", ws, grads, **narrow, bucket_cap_mib=side * side * 4 * 6 / 2**20)
+    assert len(opt._buckets) == 8
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
+
+
+def test_a_bad_product_dtype_is_listed_with_the_other_errors():
+    with pytest.raises(ConfigError) as err:
+        kronopt.resolve("soap", **{"factors.product_dtype": "float16", "lr": -1.0})
+    text = str(err.value)
+    assert "product_dtype" in text and "'float16'" in text and "lr" in text
+
+
+def test_the_setting_survives_a_dump_and_a_load():
+    cfg = kronopt.resolve("soap", **{"factors.product_dtype": "bfloat16"})
+    again = kronopt.resolve(kronopt.config.to_dict(cfg))
+    assert again.factors.product_dtype == "bfloat16" and again == cfg
+    assert kronopt.resolve("soap").factors.product_dtype == "compute"
