@@ -3378,7 +3378,9 @@ def accumulate_gram_right(
     return accumulate_gram_left(X, A.mT, beta, alpha, defer=defer, dtype=dtype)
 
 
-def accumulate_sandwich(X: Tensor, Q: Tensor, Y: Tensor, beta: float, alpha: float) -> Tensor:
+def accumulate_sandwich(
+    X: Tensor, Q: Tensor, Y: Tensor, beta: float, alpha: float, *, dtype: torch.dtype | None = None
+) -> Tensor:
     r""":math:`\beta X + \alpha\, Q (Y Y^\top) Q^\top` (``b d d, b d d, b d k -> b d d``), exactly symmetric
     (:func:`sym_product`).
 
@@ -3386,11 +3388,16 @@ def accumulate_sandwich(X: Tensor, Q: Tensor, Y: Tensor, beta: float, alpha: flo
     :math:`d \times k` product: :math:`d^2 k` multiply-adds become :math:`2 d^3` for the sandwich, fewer
     where :math:`k > 2d`. KL-Shampoo's factor update of a block's short side takes it, with ``Y`` the
     scaled rotated gradient (:class:`kronopt.factors.kl.KlKronFactors`). The increment is PSD up to
-    rounding, as a congruence of the Gram matrix :math:`Y Y^\top`.
+    rounding, as a congruence of the Gram matrix :math:`Y Y^\top`. ``dtype``: the Gram product :math:`Y Y^\top`'s
+    precision where narrower than ``Y``'s (:func:`_narrow_gram_update`; the congruence keeps ``X``'s dtype).
     """
     _check_batched("Y", Y)
     _check_batched_square("X", X)
     _check_batched_square("Q", Q)
+    narrow = NarrowProducts.of_gram(Y, dtype)
+    if narrow is not None:
+        gram = _narrow_gram_update(torch.empty_like(X), Y, 0.0, 1.0, narrow)  # beta = 0 never reads the empty start
+        return sym_product(X, mm(Q, gram), Q, beta=beta, alpha=alpha)
     # Y Yᵀ by tiles on a CPU from side _GRAM_TILED_MIN (half the flops; beta = 0 never reads the empty start),
     # else one product: its asymmetry in rounding is removed with the result's
     gram = sym_product(torch.empty_like(X), Y, Y, beta=0.0, alpha=1.0) if _tiled(X, Y) else mm(Y, Y.mT)

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from ..validators import ge, in_, lt, to_beta, to_str, unless_tie
+from ..validators import ge, lt, to_beta, unless_tie
 from ..registry import FACTORS
+from ._products import narrow_dtype, product_dtype_field
 from ._restricted import factors_or_power, flat_eigvals, follow_subspace
 from ..types import BasisChange, FactorCapabilities, Layout, NoState, StepContext
 
@@ -88,12 +89,7 @@ class EmaKronFactors:
         provides_factors=True, follows_basis=True, supports_restricted=True
     )
     beta: float | str = attrs.field(default=0.95, converter=to_beta, validator=unless_tie(ge(0.0), lt(1.0)))
-    product_dtype: str = attrs.field(default="compute", converter=to_str, validator=in_(("compute", "bfloat16")))
-
-    @property
-    def _narrow(self) -> torch.dtype | None:
-        """The Gram products' dtype where narrowed (``product_dtype``), ``None`` for the compute dtype."""
-        return None if self.product_dtype == "compute" else torch.bfloat16
+    product_dtype: str = product_dtype_field()
 
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> KronFactorsState:
         if layout.left == "restricted" and layout.right == "restricted":
@@ -112,7 +108,7 @@ class EmaKronFactors:
     def update(self, state: KronFactorsState, G: Tensor, ctx: StepContext) -> KronFactorsState:
         beta = self.beta
         assert isinstance(beta, float), "factors.beta is bound to a number (KronConfig.bound)"
-        narrow = self._narrow
+        narrow = narrow_dtype(self.product_dtype)
         L = None if state.L is None else linalg.ema_gram_left(state.L, G, beta, defer=ctx.defer, dtype=narrow)
         R = None if state.R is None else linalg.ema_gram_right(state.R, G, beta, defer=ctx.defer, dtype=narrow)
         out = attrs.evolve(state, L=L, R=R)
@@ -148,7 +144,7 @@ class EmaKronFactors:
         for side, work in sides.items():
             if work:
                 made = linalg.accumulate_grams_each(
-                    [w[1] for w in work], [w[2] for w in work], beta, 1 - beta, [w[3] for w in work], dtype=self._narrow
+                    [w[1] for w in work], [w[2] for w in work], beta, 1 - beta, [w[3] for w in work], dtype=narrow_dtype(self.product_dtype)
                 )
                 new.update(((w[0], side), X) for w, X in zip(work, made))
         for i, state in enumerate(states):

@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_bool, to_float, to_str
 from ..registry import FACTORS
+from ._products import narrow_dtype, product_dtype_field
 from ._restricted import factors_or_power, flat_eigvals
 from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
@@ -140,6 +141,11 @@ class KlKronFactors:
         max_clamp: :math:`c_{\max} \ge 1`.
         tracker: how a restricted side's power product is formed: ``"power"`` (this
             step's gradient only) or ``"sketch"`` (EMA over the refresh period).
+        product_dtype: a full side's Gram product :math:`A A^\top`, :math:`A = G Q_R\,\mathrm{diag}(s_R)`
+            (or the sandwich's :math:`\tilde H \tilde H^\top`): ``"compute"`` (the default) in the compute
+            dtype; ``"bfloat16"`` rounds its operand and results to bfloat16, summed in at least float32,
+            added to :math:`\rho L` in the compute dtype (as ``ema``'s; docs/configs.md). The operand's own
+            product and a restricted side's products keep the compute dtype.
 
     Invariants:
         Factors exactly symmetric and PSD; inverse roots finite and in ``[0, c]``
@@ -158,6 +164,7 @@ class KlKronFactors:
     tracker: Literal["power", "sketch"] = attrs.field(
         default="power", converter=to_str, validator=in_(("power", "sketch"))
     )
+    product_dtype: str = product_dtype_field()
 
     # -- helpers ---------------------------------------------------------------------------
     def _clamp(self, d: int) -> float | None:
@@ -303,19 +310,19 @@ class KlKronFactors:
         * otherwise :math:`G (Q_R \mathrm{diag}(s_R))` (:math:`m n^2`, the scaling on the ``n × n`` basis).
 
         Every form is the same update in exact arithmetic; they differ in rounding."""
-        rho = self.beta
+        rho, narrow = self.beta, narrow_dtype(self.product_dtype)
         m, n = G.shape[-2], G.shape[-1]
         if Q_other is None:
             A = G if s_other is None else G * s_other
         elif half is not None:
             A = half if s_other is None else half * s_other
         elif Q is not None and exact and n > 2 * m:
-            return linalg.accumulate_sandwich(F, Q, H if s_other is None else H * s_other, rho, alpha)
+            return linalg.accumulate_sandwich(F, Q, H if s_other is None else H * s_other, rho, alpha, dtype=narrow)
         elif Q is not None and exact and m < n:
             A = linalg.mm(Q, H if s_other is None else H * s_other)
         else:
             A = linalg.mm(G, Q_other if s_other is None else Q_other * s_other)
-        return linalg.accumulate_gram_left(F, A, rho, alpha, defer=defer)
+        return linalg.accumulate_gram_left(F, A, rho, alpha, defer=defer, dtype=narrow)
 
     def _tracked(self, side: _Side, F: Tensor, d: Tensor, other: _Side, G: Tensor) -> _Side:
         """The side with its new factor ``F`` and its eigenvalue EMA fed the statistic ``d`` (+ damping)."""
@@ -393,13 +400,15 @@ class KlKronFactors:
 
     def _first(self, G: Tensor, left: _Side, right: _Side) -> tuple[_Side, _Side]:
         """kl_shampoo.md §5: factors from G alone, eigenvalue estimates stay at ``init_factor``."""
-        rho = self.beta
+        rho, narrow = self.beta, narrow_dtype(self.product_dtype)
         m, n = G.shape[-2], G.shape[-1]
         new_left, new_right = left, right
         if left.F is not None:
-            new_left = attrs.evolve(left, F=linalg.accumulate_gram_left(torch.zeros_like(left.F), G, 0.0, (1 - rho) / n))
+            F = linalg.accumulate_gram_left(torch.zeros_like(left.F), G, 0.0, (1 - rho) / n, dtype=narrow)
+            new_left = attrs.evolve(left, F=F)
         if right.F is not None:
-            new_right = attrs.evolve(right, F=linalg.accumulate_gram_right(torch.zeros_like(right.F), G, 0.0, (1 - rho) / m))
+            F = linalg.accumulate_gram_right(torch.zeros_like(right.F), G, 0.0, (1 - rho) / m, dtype=narrow)
+            new_right = attrs.evolve(right, F=F)
         elif right.kind == "restricted":
             U0 = linalg.top_right_singular(G, right.rank)
             Y = G @ U0

@@ -164,3 +164,24 @@ def test_kl_presets_route_vectors_embeddings_and_head_to_adamw(gen):
         for k in ("embed.weight", "blocks.0.bias", "lm_head.weight"):
             torch.testing.assert_close(ours[k], theirs[k], rtol=1e-12, atol=1e-14)
         assert not torch.equal(ours["blocks.0.weight"], theirs["blocks.0.weight"])
+
+
+@pytest.mark.parametrize("klsoap", [False, True], ids=["kl_shampoo", "kl_soap"])
+@pytest.mark.parametrize("options", [{}, {"precondition_frequency": 3, "lr": 1e-2}])
+def test_kl_presets_with_bfloat16_gram_products_match_the_reference_rounding_them(gen, options, klsoap):
+    """``factors.product_dtype = "bfloat16"``: the reference rounds the Gram operand ``G Q_R diag(s_R)`` and the
+    product by hand. On shapes whose sides take that operand (no side more than twice as long as the other: the
+    sandwich form rounds another Gram product, tested in tests/unit/test_product_dtype.py)."""
+    shapes = [(6, 4), (4, 6), (5, 5), (7, 4)]
+    options = {"lr": 1e-4, **options}
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = reference_grads(gen, shapes, 40)
+    ref = kl_reference(params, grads, using_klsoap=klsoap, grams="bfloat16", **options)
+    exact = kl_reference(params, grads, using_klsoap=klsoap, **options)
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    overrides = _overrides(options, klsoap) | {"factors.product_dtype": "bfloat16"}
+    opt = kronopt.build(_named(ours_params), "kl_soap" if klsoap else "kl_shampoo", **overrides)
+    ours = run_history(opt, ours_params, grads)
+    assert_histories_close(ours, ref)
+    apart = max((a - b).abs().max().item() for a_k, b_k in zip(ours, exact) for a, b in zip(a_k, b_k))
+    assert apart > 1e-8

@@ -36,6 +36,7 @@ class KlHyper:
     normalize_grads: bool = False
     klsoap: bool = False
     max_precond_dim: int = 10000
+    grams: str = "exact"  # "bfloat16": kronopt's factors.product_dtype (_gram)
 
 
 @dataclass
@@ -47,6 +48,15 @@ class KlState:
     s: list = field(default_factory=lambda: [None, None])  # tracked inverse roots lambda^{-1/2}
     m: torch.Tensor | None = None  # momentum (KL-Shampoo: original basis; KL-SOAP: rotated basis)
     v: torch.Tensor | None = None  # KL-SOAP second moment (rotated basis)
+
+
+def _gram(A: torch.Tensor, hp: KlHyper) -> torch.Tensor:
+    """A Aᵀ; under grams = "bfloat16" as kronopt's factors.product_dtype defines it: the operand rounded to bfloat16,
+    the product (its sums exact here) rounded to bfloat16."""
+    if hp.grams != "bfloat16":
+        return A @ A.T
+    A = A.to(torch.bfloat16).to(DTYPE)
+    return (A @ A.T).to(torch.bfloat16).to(DTYPE)
 
 
 def _eye(n: int) -> torch.Tensor:
@@ -93,11 +103,11 @@ def kl_update(W: torch.Tensor, G: torch.Tensor, state: KlState, hp: KlHyper) -> 
     if not state.initialised:
         state.initialised = True
         if factored[0]:
-            state.S[0] = (1.0 - rho) * (G @ G.T) / cols
+            state.S[0] = (1.0 - rho) * _gram(G, hp) / cols
             state.Q[0] = _first_basis(state.S[0])
             state.s[0] = torch.full((rows,), hp.init_factor**-0.5, dtype=DTYPE)
         if factored[1]:
-            state.S[1] = (1.0 - rho) * (G.T @ G) / rows
+            state.S[1] = (1.0 - rho) * _gram(G.T, hp) / rows
             state.Q[1] = _first_basis(state.S[1])
             state.s[1] = torch.full((cols,), hp.init_factor**-0.5, dtype=DTYPE)
         state.m = torch.zeros(rows, cols, dtype=DTYPE)
@@ -124,10 +134,14 @@ def kl_update(W: torch.Tensor, G: torch.Tensor, state: KlState, hp: KlHyper) -> 
     # ---- §6 step 3: factors with the other side's inverse from the tracked roots (both from the old state)
     inv_R = Q_R @ torch.diag(s_R**2) @ Q_R.T
     inv_L = Q_L @ torch.diag(s_L**2) @ Q_L.T
+    # (grams = "bfloat16": as the Gram product of G Q_R diag(s_R), which rounds that operand and the product, _gram)
+    rounded = hp.grams == "bfloat16"
     if factored[0]:
-        state.S[0] = rho * state.S[0] + (1.0 - rho) / cols * (G @ inv_R @ G.T)
+        inc = _gram(G @ Q_R @ torch.diag(s_R), hp) if rounded else G @ inv_R @ G.T
+        state.S[0] = rho * state.S[0] + (1.0 - rho) / cols * inc
     if factored[1]:
-        state.S[1] = rho * state.S[1] + (1.0 - rho) / rows * (G.T @ inv_L @ G)
+        inc = _gram(G.T @ Q_L @ torch.diag(s_L), hp) if rounded else G.T @ inv_L @ G
+        state.S[1] = rho * state.S[1] + (1.0 - rho) / rows * inc
 
     # ---- §6 step 4: eigenvalue statistics in the old basis, damping with the old roots
     H = Q_L.T @ G @ Q_R
@@ -180,6 +194,7 @@ def kl_reference(
     normalize_grads: bool = False,
     using_klsoap: bool = False,
     max_precond_dim: int = 10000,
+    grams: str = "exact",
 ) -> list[list[torch.Tensor]]:
     """history[k][i] = parameter i (2-D) after call k, in float64 (reference constructor defaults)."""
     hp = KlHyper(
@@ -197,6 +212,7 @@ def kl_reference(
         normalize_grads=normalize_grads,
         klsoap=using_klsoap,
         max_precond_dim=max_precond_dim,
+        grams=grams,
     )
     weights = [p.detach().to(DTYPE).clone() for p in params]
     states = [KlState() for _ in params]
