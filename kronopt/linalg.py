@@ -3248,9 +3248,8 @@ def _narrow_gram_update(
     half weight.
     A row reads only ``X``'s parts on and below its diagonal, each before it is written, and its mirror lands in
     the rows above, which no later row reads, so ``out = X`` gives the same bits as a new ``out``. A number
-    ``beta`` of 0 never reads ``X``."""
+    ``beta`` of 0 never reads ``X``. Where autograd tracks an operand the dense form is taken (it refuses ``out=``)."""
     A_ = narrow.operand(A)
-    out = torch.empty(X.shape, dtype=X.dtype, device=X.device) if out is None else out
 
     def weighted(P: Tensor, Xp: Tensor, b: float | Tensor, a: float) -> Tensor:
         """``a P + b Xp`` in ``X``'s dtype, contiguous (``P`` a fresh result of the narrow products; a number ``b``
@@ -3261,8 +3260,10 @@ def _narrow_gram_update(
             return T.addcmul_(Xp, b)
         return T if b == 0 else T.add_(Xp, alpha=b)
 
-    if not _tiled(X, A):
+    tracked = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (X, A, beta))
+    if not _tiled(X, A) or tracked:  # autograd refuses out=: a tracked update takes the dense form
         return sym_sum(weighted(narrow.mm(A_, A_.mT), X, beta * 0.5, alpha * 0.5), out=out)
+    out = torch.empty(X.shape, dtype=X.dtype, device=X.device) if out is None else out
     for i, I in enumerate(_tile_slices(X.shape[-1])):
         if i:  # the row's part below the diagonal, as one panel made apart, then placed and mirrored
             J = slice(0, I.start)
@@ -3437,7 +3438,9 @@ def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float, *, narrow
     \|a_i\|\|a_j\|`), so the new value's entries are at most :math:`|\beta| \max|X| + |\alpha| \|A\|_F^2`, raised
     here by ``k + 8`` units of the dtype's rounding (``k`` the inner side: the product's sums and the symmetrisation's
     steps), and by two units of ``narrow``'s where the product rounds its operand and results to that dtype
-    (:func:`_narrow_gram_update`). ``max |X|`` is the bound this function gave for the update that wrote ``X``, where that write went into
+    (:func:`_narrow_gram_update`); there the bound is also at least the unweighted product's, ``‖A‖²_F`` with that
+    slack: the product is rounded to the narrow dtype before it is weighted, and a product past its largest value
+    would be infinite however small the weight (a row's energy between bfloat16's and float32's largest values). ``max |X|`` is the bound this function gave for the update that wrote ``X``, where that write went into
     ``X`` itself and nothing has written it since (:data:`_ENTRY_BOUNDS`: the same tensor at the version counter the
     write left); otherwise it is read, one pass over ``X``. A stack's diagonal alone does not bound it: a factor
     loaded from a checkpoint or edited need not be PSD, and a NaN or an infinity off its diagonal would pass
@@ -3454,8 +3457,12 @@ def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float, *, narrow
             entries = torch.maximum(hi, -lo)
     energy = torch.linalg.vector_norm(A, dim=(-2, -1)).square()
     slack = 1.0 + (A.shape[-1] + 8) * torch.finfo(energy.dtype).eps
-    if narrow is not None:  # A's entries and the products' results rounded to it: (1 + u)³ ≤ 1 + 4u, u = eps / 2
+    if narrow is not None:
+        # A's entries and the products' results rounded to it: (1 + u)³ ≤ 1 + 4u, u = eps / 2; and the product is
+        # rounded before it is weighted, so it must stay in range itself: ‖A‖²_F bounds its entries (a larger
+        # bound on the new entries is still one)
         slack *= 1.0 + 2 * torch.finfo(narrow).eps
+        return torch.maximum(entries * abs(beta) + energy * abs(alpha), energy) * slack
     return (entries * abs(beta) + energy * abs(alpha)) * slack
 
 

@@ -145,7 +145,8 @@ class KlKronFactors:
             (or the sandwich's :math:`\tilde H \tilde H^\top`): ``"compute"`` (the default) in the compute
             dtype; ``"bfloat16"`` rounds its operand and results to bfloat16, summed in at least float32,
             added to :math:`\rho L` in the compute dtype (as ``ema``'s; docs/configs.md). The operand's own
-            product and a restricted side's products keep the compute dtype.
+            product, a restricted side's products and a full side's beside a restricted one (its two-Gram
+            update) keep the compute dtype.
 
     Invariants:
         Factors exactly symmetric and PSD; inverse roots finite and in ``[0, c]``
@@ -309,7 +310,9 @@ class KlKronFactors:
           (:math:`m^2 n`) where it is longer; both use :math:`Q_L Q_L^\top = I`, so only with ``exact``;
         * otherwise :math:`G (Q_R \mathrm{diag}(s_R))` (:math:`m n^2`, the scaling on the ``n × n`` basis).
 
-        Every form is the same update in exact arithmetic; they differ in rounding."""
+        Every form is the same update in exact arithmetic; they differ in rounding (under ``product_dtype =
+        "bfloat16"`` by bfloat16's: the sandwich rounds the Gram product of :math:`H\,\mathrm{diag}(s_R)`, the
+        others that of :math:`A`)."""
         rho, narrow = self.beta, narrow_dtype(self.product_dtype)
         m, n = G.shape[-2], G.shape[-1]
         if Q_other is None:
@@ -400,8 +403,9 @@ class KlKronFactors:
 
     def _first(self, G: Tensor, left: _Side, right: _Side) -> tuple[_Side, _Side]:
         """kl_shampoo.md §5: factors from G alone, eigenvalue estimates stay at ``init_factor``."""
-        rho, narrow = self.beta, narrow_dtype(self.product_dtype)
-        m, n = G.shape[-2], G.shape[-1]
+        rho, m, n = self.beta, G.shape[-2], G.shape[-1]
+        # a full side beside a restricted one keeps the compute dtype: its later updates (the two-Gram form) do
+        narrow = None if right.kind == "restricted" else narrow_dtype(self.product_dtype)
         new_left, new_right = left, right
         if left.F is not None:
             F = linalg.accumulate_gram_left(torch.zeros_like(left.F), G, 0.0, (1 - rho) / n, dtype=narrow)
