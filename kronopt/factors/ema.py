@@ -81,8 +81,9 @@ class EmaKronFactors:
             restricted side's products keep the compute dtype.
 
     Invariants:
-        Exactly symmetric and PSD; ``beta = 0`` gives ``G Gᵀ``, ``Gᵀ G``
-        (``tests/unit/test_factors.py``); :math:`\mu \ge 0`.
+        Exactly symmetric and PSD (under ``product_dtype = "bfloat16"`` PSD up to the increments' rounding:
+        the smallest eigenvalue at least −2⁻⁸ of the trace, ``tests/unit/test_invariants_property.py``);
+        ``beta = 0`` gives ``G Gᵀ``, ``Gᵀ G`` (``tests/unit/test_factors.py``); :math:`\mu \ge 0`.
     """
 
     capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(

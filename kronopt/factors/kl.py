@@ -149,8 +149,8 @@ class KlKronFactors:
             update) keep the compute dtype.
 
     Invariants:
-        Factors exactly symmetric and PSD; inverse roots finite and in ``[0, c]``
-        (``tests/unit/test_kl_factors.py``).
+        Factors exactly symmetric and PSD (under ``product_dtype = "bfloat16"`` up to the increments'
+        rounding, as ``ema``'s); inverse roots finite and in ``[0, c]`` (``tests/unit/test_kl_factors.py``).
     """
 
     capabilities: ClassVar[FactorCapabilities] = FactorCapabilities(
