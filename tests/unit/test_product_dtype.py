@@ -8,14 +8,13 @@ sum lies within its rounding of a bfloat16 boundary may round the other way: the
 from the hand-rounded value against how far the float32 update lies from it.
 """
 
-import warnings
-
 import pytest
 import torch
 
 import kronopt
 from kronopt import linalg
 from kronopt.config import ConfigError
+from tests.unit.test_rotation_dtype import _run  # a preset's run on given weights and gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,18 +137,6 @@ def test_many_buckets_together_give_each_buckets_own_bits(gen, monkeypatch):
     for X, A, got in zip(Xs, As, together):
         assert torch.equal(got, linalg.accumulate_gram_left(X, A, 0.9, 0.1, dtype=torch.bfloat16))
         assert not torch.equal(got, linalg.accumulate_gram_left(X, A, 0.9, 0.1))
-
-
-def _run(preset, ws, grads, **overrides):
-    ps = [torch.nn.Parameter(w.clone()) for w in ws]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unnamed parameters: no routing by name
-        opt = kronopt.build(ps, preset, **overrides)
-    for step in grads:
-        for p, g in zip(ps, step):
-            p.grad = g.clone()
-        opt.step()
-    return [p.detach() for p in ps], opt
 
 
 @pytest.mark.parametrize("preset", ["soap", "shampoo", "pro_soap", "kl_shampoo", "kl_soap"])
