@@ -217,10 +217,10 @@ class KronConfig:
             rotated gradient too): ``"compute"`` (the default) runs them in the compute dtype;
             ``"bfloat16"`` rounds their operands and results to bfloat16, each product summed in at least
             float32 (:class:`kronopt.linalg.NarrowProducts`; each rounding at most 2⁻⁸, 0.4 %, of what it rounds;
-            about 0.4 % of a rotated entry in all), where a GPU's tensor cores or a CPU with AMX or ``avx512_bf16`` multiply about twice as
-            fast or more. The factors, the
-            bases, their refreshes and the moments' change of basis keep the compute dtype. Per group and per
-            ``[fallback]``; no effect on a block without a basis (AdamW, Muon).
+            about 0.4 % of a rotated entry in all), where a GPU's tensor cores or a CPU with AMX or
+            ``avx512_bf16`` multiply about twice as fast or more. The factors, the bases, their refreshes and the
+            moments' change of basis keep the compute dtype. Per group and per ``[fallback]``; no effect on a
+            block without a basis (AdamW, Muon).
         matmul_precision: the float32 products of the step (factors, bases, rotations):
             ``"highest"`` runs them at full float32 precision whatever the process set for its
             model (TF32 on a GPU, bfloat16 products on a CPU), restoring the process's setting

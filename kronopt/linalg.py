@@ -3189,7 +3189,7 @@ def accumulate_gram_left(
 
     With :math:`A = G Q_R\,\mathrm{diag}(s_R)` this is KL-Shampoo's left factor update
     :math:`\rho L + (1-\rho)/n \cdot G \hat R^{-1} G^\top`; as a Gram product the
-    increment is PSD by construction.
+    increment is PSD by construction (narrowed by ``dtype``, up to its result's rounding).
 
     ``dtype``: the Gram product's precision where it is narrower than ``A``'s (a factor estimator's
     ``product_dtype``): ``A`` and each product's result rounded to it, the sums in at least float32, the weighted
@@ -3431,20 +3431,23 @@ class DeferredWrite:
 _GRAM_ENTRY_SHARE = 1 / 8
 
 
-def gram_update_bound(X: Tensor, A: Tensor, beta: float, alpha: float, *, narrow: torch.dtype | None = None) -> Tensor:
+def gram_update_bound(
+    X: Tensor, A: Tensor, beta: float, alpha: float, *, narrow: torch.dtype | None = None
+) -> Tensor:
     r"""``(b)``: a bound on every entry of :math:`\beta X + \alpha A A^\top` as :func:`sym_product` makes it.
 
     Every entry of :math:`A A^\top` is at most :math:`\|A\|_F^2` in magnitude (:math:`|a_i \cdot a_j| \le
     \|a_i\|\|a_j\|`), so the new value's entries are at most :math:`|\beta| \max|X| + |\alpha| \|A\|_F^2`, raised
-    here by ``k + 8`` units of the dtype's rounding (``k`` the inner side: the product's sums and the symmetrisation's
-    steps), and by two units of ``narrow``'s where the product rounds its operand and results to that dtype
-    (:func:`_narrow_gram_update`); there the bound is also at least the unweighted product's, ``‖A‖²_F`` with that
-    slack: the product is rounded to the narrow dtype before it is weighted, and a product past its largest value
-    would be infinite however small the weight (a row's energy between bfloat16's and float32's largest values). ``max |X|`` is the bound this function gave for the update that wrote ``X``, where that write went into
-    ``X`` itself and nothing has written it since (:data:`_ENTRY_BOUNDS`: the same tensor at the version counter the
-    write left); otherwise it is read, one pass over ``X``. A stack's diagonal alone does not bound it: a factor
-    loaded from a checkpoint or edited need not be PSD, and a NaN or an infinity off its diagonal would pass
-    unseen into the deferred write (the optimizer's guard would have refused it in the step). NaN in ``X`` or
+    here by ``k + 8`` units of the dtype's rounding (``k`` the inner side: the product's sums and the
+    symmetrisation's steps), and by two units of ``narrow``'s where the product rounds its operand and results to
+    that dtype (:func:`_narrow_gram_update`); there the bound is also at least the unweighted product's, ``‖A‖²_F``
+    with that slack: the product is rounded to the narrow dtype before it is weighted, and a product past its
+    largest value would be infinite however small the weight (a row's energy between bfloat16's and float32's
+    largest values). ``max |X|`` is the bound this function gave for the update that wrote ``X``, where that write
+    went into ``X`` itself and nothing has written it since (:data:`_ENTRY_BOUNDS`: the same tensor at the version
+    counter the write left); otherwise it is read, one pass over ``X``. A stack's diagonal alone does not bound it:
+    a factor loaded from a checkpoint or edited need not be PSD, and a NaN or an infinity off its diagonal would
+    pass unseen into the deferred write (the optimizer's guard would have refused it in the step). NaN in ``X`` or
     ``A`` gives NaN, which no test below a limit passes. One read of ``A``, in its memory order whatever its strides
     (the rows' own norms read a transposed operand 3 times slower, through a temporary)."""
     b = X.shape[0]

@@ -142,10 +142,11 @@ class EmaKronFactors:
             if state.R is not None:
                 sides["R"].append((i, state.R, g.mT, ctx.defer))
         new: dict[tuple[int, str], Tensor] = {}
+        narrow = narrow_dtype(self.product_dtype)
         for side, work in sides.items():
             if work:
                 made = linalg.accumulate_grams_each(
-                    [w[1] for w in work], [w[2] for w in work], beta, 1 - beta, [w[3] for w in work], dtype=narrow_dtype(self.product_dtype)
+                    [w[1] for w in work], [w[2] for w in work], beta, 1 - beta, [w[3] for w in work], dtype=narrow
                 )
                 new.update(((w[0], side), X) for w, X in zip(work, made))
         for i, state in enumerate(states):
