@@ -79,7 +79,7 @@ def test_format_errors_are_listed_with_their_paths():
         parse_ablation({"ablation": {"base": "soap"}})
 
 
-@pytest.mark.parametrize("name", ["paper", "factors", "inner"])
+@pytest.mark.parametrize("name", ["paper", "factors", "inner", "storage", "precision"])
 def test_shipped_ablation_files_parse(name):
     ab = load_ablation(ROOT / "configs" / "ablations" / f"{name}.toml")
     assert ab.name == name and len(ab.variants) >= 3
