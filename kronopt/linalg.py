@@ -362,12 +362,19 @@ def _tiled(X: Tensor, A: Tensor) -> bool:
     return A.device.type == "cpu" and m >= _GRAM_TILED_MIN and X.shape[-1] == m
 
 
-def _dense_sym_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float) -> Tensor:
+def _dense_sym_product(
+    X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float, *, out: Tensor | None = None,
+    narrow: "NarrowProducts | None" = None,
+) -> Tensor:
+    """:func:`sym_product`'s dense form, into ``out`` where given (``X`` read whole before it is written); ``narrow``
+    as :func:`_weighted_product`'s."""
     # made at half weight and summed with its transpose: sym of the full-weight product, one pass fewer (sym_sum)
-    return sym_sum(_weighted_product(X, A, B, beta * 0.5, alpha * 0.5))
+    return sym_sum(_weighted_product(X, A, B, beta * 0.5, alpha * 0.5, narrow=narrow), out=out)
 
 
-def _weighted_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float) -> Tensor:
+def _weighted_product(
+    X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float, *, narrow: "NarrowProducts | None" = None
+) -> Tensor:
     """``β X + α A Bᵀ`` in a new tensor, ``β`` a number (then, as BLAS does, 0 never reads ``X``) or a
     per-block ``(b 1 1)`` tensor (``X`` scaled first: a product takes only a number). Where oneDNN takes the
     product (:func:`_by_onednn`) it is made apart, then scaled and ``β X`` added to it. An inner side of 1 (the
@@ -376,8 +383,20 @@ def _weighted_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alp
     and a rank-one factor's null space then takes another basis in a bucket than alone. Each step is rounded apart
     (a fused ``add`` or ``addcmul`` rounds otherwise than the specs' float64 references, which a factor of rank
     below its side turns into another basis): four passes over the block, about 2.4 × ``baddbmm``'s time on a
-    ``2048²`` side, paid by ``1 × n`` blocks, vectors under ``precondition_1d`` and rank-one splits only."""
+    ``2048²`` side, paid by ``1 × n`` blocks, vectors under ``precondition_1d`` and rank-one splits only.
+
+    ``narrow`` (a factor estimator's ``product_dtype``; ``A`` and ``B`` its rounded operands,
+    :meth:`NarrowProducts.operand`): the product is made in its products, its result rounded, then widened to
+    ``X``'s dtype, scaled and ``β X`` added to it (an ``add`` of mixed dtypes would convert the narrow operand in
+    a pass of its own)."""
     Bt = B.mT
+    if narrow is not None:
+        P = narrow.mm(A, Bt).to(X.dtype)
+        if alpha != 1.0:
+            P.mul_(alpha)
+        if isinstance(beta, Tensor):
+            return P.addcmul_(X, beta)
+        return P if beta == 0 else P.add_(X, alpha=beta)
     if A.shape[-1] == 1:  # each step rounded apart, as the spec writes it: β X + (α (A Bᵀ))
         P = A * Bt
         if alpha != 1.0:
@@ -400,6 +419,7 @@ def _weighted_product(X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alp
 def _tiled_sym_product(
     X: Tensor, A: Tensor, B: Tensor, beta: float | Tensor, alpha: float,
     each: Callable[[Tensor, slice, slice], None] | None = None, out: "Tensor | LowerTiles | None" = None,
+    narrow: "NarrowProducts | None" = None,
 ) -> "Tensor | LowerTiles":
     """The tiled form of :func:`sym_product`; ``each(part, I, J)`` sees every part of the lower triangle.
 
@@ -421,7 +441,8 @@ def _tiled_sym_product(
     before, on a contiguous tile. Nothing goes in place where autograd tracks an operand (it
     refuses ``out=``), nor into an ``out`` of another dtype than ``A`` and ``B``. A
     :class:`LowerTiles` ``out`` keeps the tiles (made apart) as they are, unmirrored, a row's below the diagonal
-    made as one panel where the processor runs that faster (:func:`_held_panels`)."""
+    made as one panel where the processor runs that faster (:func:`_held_panels`). ``narrow`` (``A`` and ``B`` its
+    rounded operands): every tile made apart in those products (:func:`_weighted_product`), none in place."""
     m = A.shape[-2]
     per_block = isinstance(beta, Tensor)
     if out is None:
@@ -431,7 +452,7 @@ def _tiled_sym_product(
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in operands)  # type: ignore[union-attr]
     # in place: not where autograd tracks an operand (it refuses out=), nor into a result of another
     # dtype than the operands' (a product writes only its own dtype; a tile made apart is cast on copy)
-    in_place = not (held or tracked) and out.dtype == A.dtype == B.dtype  # type: ignore[union-attr]
+    in_place = not (held or tracked or narrow) and out.dtype == A.dtype == B.dtype  # type: ignore[union-attr]
     placed = in_place and each is None  # a diagonal tile symmetrised straight into its place
     below_in_place = in_place and _tiles_in_place()  # a row's tiles below the diagonal in their place in out, as one panel
     held_panels = held and _held_panels()  # a held row's tiles below the diagonal made apart as one panel
@@ -456,7 +477,7 @@ def _tiled_sym_product(
                     part.baddbmm_(A[:, I], B[:, J].mT, beta=beta, alpha=alpha)  # type: ignore[arg-type]
                 out[:, J, I] = part.mT  # type: ignore[index]
             else:
-                part = _weighted_product(X[:, I, J], A[:, I], B[:, J], beta, alpha)
+                part = _weighted_product(X[:, I, J], A[:, I], B[:, J], beta, alpha, narrow=narrow)
                 if held and j is None:
                     out.hold_panel(i, part)  # type: ignore[union-attr]
                 elif held:
@@ -467,7 +488,7 @@ def _tiled_sym_product(
             if each is not None:
                 each(part, I, J)
         # a diagonal tile is made at half weight and summed with its transpose (sym_sum): its sym
-        tile = _weighted_product(X[:, I, I], A[:, I], B[:, I], beta * 0.5, alpha * 0.5)
+        tile = _weighted_product(X[:, I, I], A[:, I], B[:, I], beta * 0.5, alpha * 0.5, narrow=narrow)
         tile = sym_sum(tile, out=out[:, I, I] if placed else None)  # type: ignore[index]
         if held:
             out.tiles[i, i] = tile  # type: ignore[union-attr]
@@ -3214,8 +3235,7 @@ def accumulate_gram_left(
             return _narrow_gram_update(X, A, beta, alpha, narrow, out=out)
         if tiled:
             return _tiled_sym_product(X, A, A, beta, alpha, out=out)  # type: ignore[return-value]
-        # _dense_sym_product's sum with its transpose, written into out where given (X read whole before it)
-        return sym_sum(_weighted_product(X, A, A, beta * 0.5, alpha * 0.5), out=out)
+        return _dense_sym_product(X, A, A, beta, alpha, out=out)
 
     if (
         defer is not None and (tiled or X.shape[-1] >= _DEFER_DENSE_MIN) and X.dtype == A.dtype and isinstance(beta, float)
@@ -3238,40 +3258,17 @@ def _narrow_gram_update(
     X: Tensor, A: Tensor, beta: float | Tensor, alpha: float, narrow: NarrowProducts, *, out: Tensor | None = None
 ) -> Tensor:
     r""":math:`\beta X + \alpha A A^\top` with the Gram product in ``narrow``'s products, exactly symmetric, into
-    ``out`` (a new tensor where ``None``; ``X`` itself is allowed).
+    ``out`` (a new tensor where ``None``; ``X`` itself is allowed, the same bits).
 
-    ``A`` is rounded once (:meth:`NarrowProducts.operand`); each product's result comes rounded
-    (:meth:`NarrowProducts.mm`) and is weighted and added to ``β X`` in ``X``'s dtype. On a CPU from side
-    ``_GRAM_TILED_MIN`` on (:func:`_tiled`) only the products on and below the diagonal are made: a row's part below
-    the diagonal as one panel (one product, its weighted sum made apart, then placed and mirrored), each diagonal
-    tile at half weight and summed with its transpose (:func:`sym_sum`); elsewhere one product, then the same at
-    half weight.
-    A row reads only ``X``'s parts on and below its diagonal, each before it is written, and its mirror lands in
-    the rows above, which no later row reads, so ``out = X`` gives the same bits as a new ``out``. A number
-    ``beta`` of 0 never reads ``X``. Where autograd tracks an operand the dense form is taken (it refuses ``out=``)."""
+    ``A`` is rounded once (:meth:`NarrowProducts.operand`); each product's result comes rounded and is weighted and
+    added to ``β X`` in ``X``'s dtype (:func:`_weighted_product`'s ``narrow``): by tiles where :func:`sym_product`
+    takes them (every tile made apart), else one product; where autograd tracks an operand, the dense form (it
+    refuses ``out=``). A number ``beta`` of 0 never reads ``X``."""
     A_ = narrow.operand(A)
-
-    def weighted(P: Tensor, Xp: Tensor, b: float | Tensor, a: float) -> Tensor:
-        """``a P + b Xp`` in ``X``'s dtype, contiguous (``P`` a fresh result of the narrow products; a number ``b``
-        of 0 never reads ``Xp``): widened first, then weighted in place (an ``add`` of mixed dtypes converts the
-        narrow operand in a pass of its own)."""
-        T = P.to(X.dtype).mul_(a)
-        if isinstance(b, Tensor):
-            return T.addcmul_(Xp, b)
-        return T if b == 0 else T.add_(Xp, alpha=b)
-
     tracked = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (X, A, beta))
-    if not _tiled(X, A) or tracked:  # autograd refuses out=: a tracked update takes the dense form
-        return sym_sum(weighted(narrow.mm(A_, A_.mT), X, beta * 0.5, alpha * 0.5), out=out)
-    out = torch.empty(X.shape, dtype=X.dtype, device=X.device) if out is None else out
-    for i, I in enumerate(_tile_slices(X.shape[-1])):
-        if i:  # the row's part below the diagonal, as one panel made apart, then placed and mirrored
-            J = slice(0, I.start)
-            part = weighted(narrow.mm(A_[:, I], A_[:, J].mT), X[:, I, J], beta, alpha)
-            out[:, I, J] = part
-            out[:, J, I] = part.mT
-        sym_sum(weighted(narrow.mm(A_[:, I], A_[:, I].mT), X[:, I, I], beta * 0.5, alpha * 0.5), out=out[:, I, I])
-    return out
+    if not _tiled(X, A) or tracked:
+        return _dense_sym_product(X, A_, A_, beta, alpha, out=out, narrow=narrow)
+    return _tiled_sym_product(X, A_, A_, beta, alpha, out=out, narrow=narrow)  # type: ignore[return-value]
 
 
 #: the side from which :func:`accumulate_gram_left` leaves a dense update to the state write (``defer``): below it
