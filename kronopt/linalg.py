@@ -302,7 +302,7 @@ def sym_product(X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha:
 
 def sym_product_stats(
     X: Tensor, A: Tensor, B: Tensor, *, beta: float | Tensor, alpha: float, other: Tensor | None = None,
-    tiles: bool = False,
+    tiles: bool = False, narrow: "NarrowProducts | None" = None,
 ) -> tuple["Tensor | LowerTiles", Tensor | None, Tensor]:
     r""":func:`sym_product` :math:`P` with reductions of it per block, ``(b 1 1)`` each:
     :math:`\langle P, Y\rangle_F` for a symmetric ``other`` :math:`Y` ``(b m m)`` (``None`` without one),
@@ -313,10 +313,11 @@ def sym_product_stats(
     matrix and an ``m × m`` temporary for :math:`P \odot Y`. Both are sums over the same
     entries, in another order: equal up to rounding. With ``tiles``, the tiled form returns
     :math:`P` as its :class:`LowerTiles` (for a caller that scales it once more before it
-    stores it); the dense form returns a tensor either way.
+    stores it); the dense form returns a tensor either way. ``narrow`` (``A`` and ``B`` its rounded operands): the
+    product in its products, as :func:`_weighted_product`'s (each tile made apart in the tiled form).
     """
     if not _tiled(X, A):
-        P = _dense_sym_product(X, A, B, beta, alpha)
+        P = _dense_sym_product(X, A, B, beta, alpha, narrow=narrow)
         return P, *_dense_stats(P, other)
     # each part's reductions, kept apart by weight (a part below the diagonal counts twice) and summed once
     # at the end: three kernels a part instead of six to eight (on a side of 2048, 15 to 36 parts a product)
@@ -333,7 +334,8 @@ def sym_product_stats(
         else:  # a part in its place in the result: row by row (one strided norm is 8 times slower)
             rows[below].append(torch.linalg.vector_norm(tile, dim=-1))
 
-    P = _tiled_sym_product(X, A, B, beta, alpha, reduce, out=LowerTiles(X.shape, torch.result_type(X, A), X.device) if tiles else None)
+    held = LowerTiles(X.shape, torch.result_type(X, A), X.device) if tiles else None
+    P = _tiled_sym_product(X, A, B, beta, alpha, reduce, out=held, narrow=narrow)
     b = X.shape[0]
     parts = [(torch.stack(d, dim=-1), 1.0 + k) for k, d in enumerate(dots) if d]
     dot = None if other is None else _weighted_sum(parts).view(b, 1, 1)
@@ -1013,6 +1015,15 @@ class NarrowProducts:
             return None
         m, k = A.shape[-2:]
         return NarrowProducts(dtype, A.dtype, _narrow_emulated(A, dtype, m * m * k))
+
+    @staticmethod
+    def of_sandwiches(G: Tensor, dtype: torch.dtype | None) -> "NarrowProducts | None":
+        """The narrow form of the sandwich products of ``G (b m n)`` (``G R̄ Gᵀ`` and ``Gᵀ U G``: DyKAF's KSL step),
+        one for its four products, decided by the largest's work; ``None`` as :meth:`of_gram`."""
+        if dtype is None or dtype.itemsize >= G.dtype.itemsize:
+            return None
+        m, n = G.shape[-2:]
+        return NarrowProducts(dtype, G.dtype, _narrow_emulated(G, dtype, m * n * max(m, n)))
 
     def operand(self, t: Tensor) -> Tensor:
         """``t`` rounded to the narrow dtype, as the products read it."""
@@ -2577,7 +2588,7 @@ def _fresh_directions(fresh: Tensor, X: Tensor) -> Tensor:
 
 def projector_split_ksl(
     L: Tensor, R: Tensor, G: Tensor, beta: float, *, fresh: Tensor | None = None,
-    defer: list["DeferredWrite"] | None = None,
+    defer: list["DeferredWrite"] | None = None, dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""One KSL (Lie–Trotter projector-splitting) step of the rank-1 Kronecker tracker.
 
@@ -2619,9 +2630,16 @@ def projector_split_ksl(
             proven finite on every block: ``‖K‖``, ``‖R̂‖`` and ``L``'s scale :math:`\sqrt S/\|K\|`
             finite bound every entry (``|K_ij| ≤ ‖K‖``, ``|R̂_ij| ≤ ‖R̂‖``). Not where autograd tracks
             ``L``, ``R`` or ``G``: the results are then returned, in the graph, and nothing is deferred.
+        dtype: the sandwiches' precision where it is narrower than ``G``'s (the estimator's ``product_dtype``):
+            each of the four products (:math:`G \bar R`, its product with :math:`G^\top`, :math:`G^\top U` and
+            :math:`G^\top (U G)`) reads its operands rounded to it (:math:`G`, :math:`\bar R`, :math:`U = K/\|K\|`
+            and the products before) and rounds its result, its sums in at least float32
+            (:meth:`NarrowProducts.of_sandwiches`); the weights (:math:`1-\beta`, :math:`\beta\|R\|`,
+            :math:`\tilde S`), the sums with :math:`L` and :math:`R` and the norms stay in ``G``'s dtype. ``R̄`` is
+            then formed on every block and the split sandwiches are not taken. ``None``: ``G``'s own.
 
     Returns:
-        ``(L', R')``, exactly symmetric and PSD. A block with ``L = 0`` or ``R = 0`` and
+        ``(L', R')``, exactly symmetric and PSD (with ``dtype``, PSD up to the narrow products' rounding). A block with ``L = 0`` or ``R = 0`` and
         ``G = 0`` returns zeros (never NaN).
 
     Invariants:
@@ -2658,18 +2676,20 @@ def projector_split_ksl(
         fresh = empty if fresh is None else fresh | empty
     if fresh is not None:  # a fresh block's (finite) state is taken as zero: its ‖R‖ enters neither σ nor the weights
         norm_R = norm_R.masked_fill(fresh.view(-1, 1, 1), 0.0)
+    narrow = NarrowProducts.of_sandwiches(G, dtype)
     if host:
-        plain = _ksl(L, R, G, beta, norm_R, None, fresh, defer)
+        plain = _ksl(L, R, G, beta, norm_R, None, fresh, defer, narrow)
         if plain is not None:
             return plain
-    return _ksl(L, R, G, beta, norm_R, power_of_two_scale(norm_R, block_norm(G)), fresh, defer)
+    return _ksl(L, R, G, beta, norm_R, power_of_two_scale(norm_R, block_norm(G)), fresh, defer, narrow)
 
 
 def projector_split_ksl_each(
     L: Sequence[Tensor], R: Sequence[Tensor], G: Sequence[Tensor], beta: float,
-    defer: Sequence[list["DeferredWrite"] | None] | None = None,
+    defer: Sequence[list["DeferredWrite"] | None] | None = None, dtype: torch.dtype | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """:func:`projector_split_ksl` of each call ``(L[i], R[i], G[i])`` (``defer[i]`` its ``defer``), the same bits.
+    """:func:`projector_split_ksl` of each call ``(L[i], R[i], G[i])`` (``defer[i]`` its ``defer``; ``dtype`` theirs),
+    the same bits.
 
     On a CPU, the calls whose plain step runs in dense products (sides below ``_GRAM_TILED_MIN``, so no tiles and no
     split; untracked; of one dtype whose plain range is not empty, not float16's) are made together: each call's
@@ -2691,11 +2711,11 @@ def projector_split_ksl_each(
     made: list[tuple[Any, ...] | None] = [None] * len(calls)
     for at in together.values():
         if len(at) > 1:
-            _ksl_together([calls[i] for i in at], beta, made, at)
+            _ksl_together([calls[i] for i in at], beta, made, at, dtype)
     # in the calls' order, the deferred writes too (a list shared by calls gets them as the calls in turn would)
     for i, ((L_i, R_i, G_i, defer_i), of) in enumerate(zip(calls, made)):
         if of is None:
-            out[i] = projector_split_ksl(L_i, R_i, G_i, beta, defer=defer_i)
+            out[i] = projector_split_ksl(L_i, R_i, G_i, beta, defer=defer_i, dtype=dtype)
         else:
             out[i] = _ksl_written(L_i, R_i, *of, finite=True, defer=defer_i)
     return out  # type: ignore[return-value]
@@ -2722,7 +2742,7 @@ def _ksl_plain_dense(L: Tensor, R: Tensor, G: Tensor) -> bool:
 
 def _ksl_together(
     calls: list[tuple[Tensor, Tensor, Tensor, list["DeferredWrite"] | None]], beta: float,
-    made: list[tuple[Any, ...] | None], at: list[int],
+    made: list[tuple[Any, ...] | None], at: list[int], dtype: torch.dtype | None = None,
 ) -> None:
     """:func:`projector_split_ksl_each`'s calls made together: ``made[at[k]]`` set to ``(K, R̂, scale_L, scale_R)``
     (:func:`_ksl_written`'s) for each call ``k`` that kept the plain range on every block (the others are left
@@ -2739,25 +2759,39 @@ def _ksl_together(
     # the per-block scalars of every call at once, each operation as _ksl makes it on one call's (elementwise)
     inv = norm_R.clamp(min=tiny).reciprocal_()
     weight = beta * norm_R
+    narrow = [_narrowed(G_i, NarrowProducts.of_sandwiches(G_i, dtype)) for _, _, G_i, _ in calls]
     left = [
-        _ksl_K(L_i, R_i, G_i, beta, inv[s], weight[s], None, None, None, None, tracked=False, tall_split=False)
-        for (L_i, R_i, G_i, _), s in zip(calls, slices)
+        _ksl_K(L_i, R_i, G_i, beta, inv[s], weight[s], None, None, None, None, tracked=False, tall_split=False, narrow=n)
+        for (L_i, R_i, G_i, _), s, n in zip(calls, slices, narrow)
     ]
     norm_K = torch.cat([k[2] for k in left])
     inv_K = norm_K.clamp(min=tiny).reciprocal_()
     inner = torch.cat([k[1] for k in left]) * inv_K
     weight_R = weight * inner * inv
     right = [
-        _ksl_R_hat(R_i, G_i, K[0], beta, inv_K[s], weight_R[s], None, None, tracked=False, tall_split=False)
-        for (_, R_i, G_i, _), K, s in zip(calls, left, slices)
+        _ksl_R_hat(R_i, G_i, K[0], beta, inv_K[s], weight_R[s], None, None, tracked=False, tall_split=False, narrow=n)
+        for (_, R_i, G_i, _), K, s, n in zip(calls, left, slices, narrow)
     ]
     norm_R_hat = torch.cat([r[1] for r in right])
     root = norm_R_hat.sqrt()
-    bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, None, calls[0][0].dtype).tolist()
+    bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, None, _range_dtype(calls[0][0], narrow[0])).tolist()
     scale_L, scale_R = inv_K * root, root.clamp(min=tiny).reciprocal()
     for K, (R_hat, _), s, i in zip(left, right, slices, at):
         if not any(bad[s]):
             made[i] = (K[0], R_hat, scale_L[s], scale_R[s])
+
+
+def _range_dtype(L: Tensor, narrow: "tuple[NarrowProducts, Tensor] | None") -> torch.dtype:
+    """The dtype whose :func:`_plain_range` a KSL step's norms must keep: the narrow products' where they round (a
+    float64 block's bfloat16 products have float32's range: a tiny gradient's sandwich would underflow in them, so
+    the step runs scaled), else the state's."""
+    return L.dtype if narrow is None else narrow[0].dtype
+
+
+def _narrowed(G: Tensor, narrow: "NarrowProducts | None") -> "tuple[NarrowProducts, Tensor] | None":
+    """``(narrow, G rounded as its products read it)``, ``None`` without ``narrow``: the KSL step's two sandwiches
+    read ``G`` so, rounded once."""
+    return None if narrow is None else (narrow, narrow.operand(G))
 
 
 def _plain_range(dtype: torch.dtype) -> tuple[float, float]:
@@ -2771,11 +2805,12 @@ def _plain_range(dtype: torch.dtype) -> tuple[float, float]:
 
 def _ksl(
     L: Tensor, R: Tensor, G: Tensor, beta: float, norm_R: Tensor, sigma: Tensor | None,
-    fresh: Tensor | None, defer: list["DeferredWrite"] | None,
+    fresh: Tensor | None, defer: list["DeferredWrite"] | None, narrow: "NarrowProducts | None" = None,
 ) -> tuple[Tensor, Tensor] | None:
     """:func:`projector_split_ksl`'s step, run as on ``L``, ``R`` and ``G`` times ``sigma`` (a power of
     two per block, ``b 1 1``), or plainly (``sigma = None``): then ``None`` where ``‖K‖``, ``‖R̂‖`` or
-    (on a block not fresh) ``‖R‖`` leaves :func:`_plain_range` on a block (read on the host)."""
+    (on a block not fresh) ``‖R‖`` leaves :func:`_plain_range` on a block (read on the host). ``narrow``: the
+    sandwiches' products in it (:func:`projector_split_ksl`'s ``dtype``)."""
     tiny = _tiny(L)
     b, n = R.shape[0], R.shape[-1]
     # The scalings are folded into per-block factors and the products' alpha, so no scaled
@@ -2800,18 +2835,23 @@ def _ksl(
     # a tracked step takes neither the split (its middle's gradient would fall on the lower tiles alone) nor the
     # kept tiles (written into place with out=, which autograd refuses)
     tracked = torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad)
-    tall_split = not tracked and split_pays(G.mT, L, held=True)
-    K, K_dot_L, norm_K = _ksl_K(L, R, G, beta, inv, weight, sigma, sigma2, fresh, unit, tracked=tracked, tall_split=tall_split)
+    tall_split = not tracked and narrow is None and split_pays(G.mT, L, held=True)
+    rounded = _narrowed(_times(G, sigma), narrow)  # σ G: a power of two, exact in the rounding
+    K, K_dot_L, norm_K = _ksl_K(
+        L, R, G, beta, inv, weight, sigma, sigma2, fresh, unit, tracked=tracked, tall_split=tall_split, narrow=rounded
+    )
     # U = K/‖K‖ is never formed: its norm enters ⟨U, L⟩ and Gᵀ U G as a factor, and the
     # returned L' = √S U as one scaling of K.
     inv_K = norm_K.clamp(min=tiny).reciprocal_()
     inner = K_dot_L * inv_K  # type: ignore[operator]  # ⟨U, L⟩, summed pairwise (a dot product loses digits)
     # R̂ takes R with 1/‖R‖ (R̄ = R/‖R‖); a fresh block's weight is 0, so its R̂ takes nothing of R
     weight_R = weight * inner * inv
-    R_hat, norm_R_hat = _ksl_R_hat(R, G, K, beta, inv_K, weight_R, sigma, sigma2, tracked=tracked, tall_split=tall_split)
+    R_hat, norm_R_hat = _ksl_R_hat(
+        R, G, K, beta, inv_K, weight_R, sigma, sigma2, tracked=tracked, tall_split=tall_split, narrow=rounded
+    )
     root = norm_R_hat.sqrt()  # σ √S
     if sigma is None:
-        bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, fresh, L.dtype)
+        bad = _out_of_plain_range(norm_K, norm_R_hat, norm_R, fresh, _range_dtype(L, rounded))
         scale_L, scale_R = inv_K * root, root.clamp(min=tiny).reciprocal()
         finite = True  # ‖K‖, ‖R̂‖ in range: they and √S/‖K‖ are finite
         if bool(bad.any()):
@@ -2830,10 +2870,22 @@ def _ksl(
 def _ksl_K(
     L: Tensor, R: Tensor, G: Tensor, beta: float, inv: Tensor, weight: Tensor, sigma: Tensor | None,
     sigma2: Tensor | None, fresh: Tensor | None, unit: Tensor | None, *, tracked: bool, tall_split: bool,
+    narrow: "tuple[NarrowProducts, Tensor] | None" = None,
 ) -> tuple["Tensor | LowerTiles", Tensor, Tensor]:
     """:func:`_ksl`'s K-step: ``K = weight · L + (1−β) G R̄ Gᵀ`` (``R̄ = inv · R``, a fresh block's ``I/√n`` at
-    ``unit``), with ``⟨K, L⟩`` and ``‖K‖``; ``K`` held as its tiles (:class:`LowerTiles`) for a tall block's split."""
+    ``unit``), with ``⟨K, L⟩`` and ``‖K‖``; ``K`` held as its tiles (:class:`LowerTiles`) for a tall block's split.
+    ``narrow``: ``(products, σ G rounded)`` (:func:`_narrowed`), the two products in them, ``R̄`` formed and rounded."""
     b = R.shape[0]
+    if narrow is not None:
+        # the spec's products as they stand, every operand rounded: R̄ formed on every block (a fresh block's I/√n),
+        # G R̄ rounded, then (G R̄) Gᵀ rounded in sym_product's forms. Scaled, G comes as σ G (the products' operands
+        # then near 1, in the narrow dtype's range, where σ² R̄'s would leave it in a float64 block's scaled step)
+        products, G_ = narrow
+        Rbar = R * inv
+        if fresh is not None:
+            Rbar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(R.dtype) / math.sqrt(R.shape[-1])).view(b, 1))
+        GR = products.mm(G_, products.operand(Rbar))
+        return sym_product_stats(L, GR, G_, beta=weight, alpha=1.0 - beta, other=L, narrow=products)  # type: ignore[return-value]
     if not tracked and split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
         # R̄ is not formed: a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖,
@@ -2868,8 +2920,18 @@ def _ksl_K(
 def _ksl_R_hat(
     R: Tensor, G: Tensor, K: "Tensor | LowerTiles", beta: float, inv_K: Tensor, weight_R: Tensor,
     sigma: Tensor | None, sigma2: Tensor | None, *, tracked: bool, tall_split: bool,
+    narrow: "tuple[NarrowProducts, Tensor] | None" = None,
 ) -> tuple["Tensor | LowerTiles", Tensor]:
-    """:func:`_ksl`'s S- and L-steps: ``R̂ = weight_R · R + (1−β) Gᵀ U G`` (``U = inv_K · K``) and ``‖R̂‖``."""
+    """:func:`_ksl`'s S- and L-steps: ``R̂ = weight_R · R + (1−β) Gᵀ U G`` (``U = inv_K · K``) and ``‖R̂‖``.
+    ``narrow`` as :func:`_ksl_K`'s: ``U`` formed and rounded, ``Gᵀ U`` rounded, then ``Gᵀ (U G)`` rounded."""
+    if narrow is not None:
+        products, G_ = narrow  # σ G where scaled: the products come out times σ², as the others'
+        Gt = G_.mT
+        UGt = products.mm(Gt, products.operand(K * inv_K))  # type: ignore[operator]  # K dense: no split when narrow
+        R_hat, _, norm_R_hat = sym_product_stats(
+            R, Gt, UGt, beta=weight_R, alpha=1.0 - beta, tiles=not tracked, narrow=products
+        )
+        return R_hat, norm_R_hat
     if tall_split:
         # a tall block: Gᵀ K G from K's lower tiles, instead of the m × m × n product K G
         R_hat = split_sandwich(_times(G, sigma).mT, K, alpha=(1.0 - beta) * inv_K, plus=(R, weight_R))

@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import linalg
 from ..validators import ge, gt, in_, lt, to_beta, to_int, to_str, unless_tie
 from ..registry import FACTORS
+from ._products import narrow_dtype, product_dtype_field
 from ._restricted import factors_or_power, flat_eigvals, follow_subspace
 from ..types import BasisChange, FactorCapabilities, Layout, StepContext
 
@@ -116,6 +117,12 @@ class ProjectorSplittingFactors:
             :math:`(\sigma_2/\sigma_1)^{2k}`, and a 64 × 64 Gaussian gradient's ratio is 0.94–0.98, where 20
             left the ``kron`` start 0.2–1.3 off in relative error; nearer 1 on larger blocks, see docs/dykaf.md).
         one_sided: the factor of a block with one side not rotated: ``"ema"`` (SOAP) or ``"sum"`` (authors').
+        product_dtype: the precision of the KSL step's sandwich products (and a one-sided block's Gram product):
+            ``"compute"`` (the default) the compute dtype; ``"bfloat16"`` rounds each product's operands
+            (:math:`G`, :math:`\bar R`, :math:`U` and the products before) and its result to bfloat16, each product
+            summed in at least float32; the weights, the sums with :math:`L` and :math:`R` and the norms stay in the
+            compute dtype (:func:`kronopt.linalg.projector_split_ksl`, ``dtype=``; docs/configs.md). Only with
+            ``variant = "ksl"``; the first call's start and a restricted side's products keep the compute dtype.
 
     **Restricted side** (rank ``r``, right shown; ``docs/pro.md``; ``variant = "ksl"``,
     ``initialization = "kron"`` and the other side full, else :meth:`init` refuses):
@@ -134,7 +141,8 @@ class ProjectorSplittingFactors:
     :math:`(S, \mu)` are re-projected, trace kept. O(nr + r²) numbers on that side.
 
     Invariants:
-        Factors exactly symmetric and PSD with equal Frobenius norms; ``initialization = "kron"``
+        Factors exactly symmetric and PSD with equal Frobenius norms (under ``product_dtype = "bfloat16"`` PSD up
+        to the products' rounding); ``initialization = "kron"``
         equals the EMA after one gradient; ``G = 0`` gives :math:`\beta\,L\otimes R`
         (``tests/unit/test_projector_splitting.py``).
     """
@@ -150,6 +158,14 @@ class ProjectorSplittingFactors:
     init_solver: Literal["svd", "power"] = attrs.field(default="svd", converter=to_str, validator=in_(INIT_SOLVERS))
     power_iters: int = attrs.field(default=100, converter=to_int, validator=ge(1))
     one_sided: Literal["ema", "sum"] = attrs.field(default="ema", converter=to_str, validator=in_(ONE_SIDED))
+    product_dtype: str = product_dtype_field()
+
+    def __attrs_post_init__(self) -> None:
+        if self.product_dtype != "compute" and self.variant != "ksl":
+            raise ValueError(
+                f"product_dtype = {self.product_dtype!r} is built for variant = 'ksl' only (the 'parallel' "
+                "integrator's sandwiches have no narrow form); set variant = 'ksl' or product_dtype = 'compute'"
+            )
 
     # -- slot API ----------------------------------------------------------------------------
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> ProjectorSplittingState:
@@ -211,7 +227,7 @@ class ProjectorSplittingFactors:
                 start += count
             made = linalg.projector_split_ksl_each(
                 [states[i].L for i in started], [states[i].R for i in started], [G[i] for i in started],  # type: ignore[misc]
-                float(self.beta), [ctxs[i].defer for i in started],
+                float(self.beta), [ctxs[i].defer for i in started], dtype=narrow_dtype(self.product_dtype),
             )
             for i, (L, R) in zip(started, made):
                 state = states[i]
@@ -346,15 +362,20 @@ class ProjectorSplittingFactors:
 
     def _one_sided(self, X: Tensor, G: Tensor) -> Tensor:
         """``X ← βX + (1−β) G Gᵀ`` (``ema``) or ``X ← X + G Gᵀ`` (``sum``); ``G`` is ``b d k``."""
+        narrow = narrow_dtype(self.product_dtype)
         if self.one_sided == "ema":
-            return linalg.ema_gram_left(X, G, self.beta)
+            return linalg.ema_gram_left(X, G, self.beta, dtype=narrow)
+        if narrow is not None:
+            return linalg.accumulate_gram_left(X, G, 1.0, 1.0, dtype=narrow)
         return linalg.sym(X + linalg.gram_left(G))
 
     def _integrate(
         self, L: Tensor, R: Tensor, G: Tensor, fresh: Tensor | None = None, defer: list[linalg.DeferredWrite] | None = None
     ) -> tuple[Tensor, Tensor]:
         if self.variant == "ksl":
-            return linalg.projector_split_ksl(L, R, G, self.beta, fresh=fresh, defer=defer)
+            return linalg.projector_split_ksl(
+                L, R, G, self.beta, fresh=fresh, defer=defer, dtype=narrow_dtype(self.product_dtype)
+            )
         return linalg.projector_split_parallel(L, R, G, self.beta, fresh=fresh)
 
     def _start(self, G: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import kronopt
-from tests.equivalence._helpers import reference_grads, run_history
+from kronopt import optimizer as kopt
+from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.dykaf import dykaf_reference
 
 SHAPES = [(6, 4), (4, 6), (5, 5), (7,), (6, 4)]
@@ -55,6 +56,37 @@ def test_dykaf_preset_matches_reference(gen, options, first):
     for k, (a_k, b_k) in enumerate(zip(ours, ref)):
         for i, (a, b) in enumerate(zip(a_k, b_k)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, k=k, i=i: f"call {k}, param {i}: {m}")
+
+
+@pytest.mark.parametrize(
+    "options,first",
+    [
+        ({}, "single"),
+        ({"init": "eps", "precondition_frequency": 4}, "surplus"),
+        ({"init": "sum", "shampoo_beta": 0.9, "precondition_frequency": 5}, "surplus"),
+        ({"max_precond_dim": 5, "precondition_frequency": 3}, "single"),
+        ({"max_precond_dim": 5, "one_sided": "sum", "precondition_frequency": 3}, "single"),
+    ],
+)
+@pytest.mark.parametrize("together", [True, False], ids=["small-buckets-together", "bucket-by-bucket"])
+def test_dykaf_with_bfloat16_products_matches_the_reference_rounding_them(gen, options, first, together, monkeypatch):
+    """``factors.product_dtype = "bfloat16"``: the KSL step's four sandwich products (and a one-sided block's Gram
+    product) with bfloat16 operands and results, against the reference's §3 pseudo-code rounding the same values by
+    hand (tests/reference/dykaf.py, ``ksl_sandwich``); and measurably off the exact products' run."""
+    if not together:
+        monkeypatch.setattr(kopt, "_SMALL_TOGETHER_MAX", 0)
+    options = {"lr": 3e-3, **options}
+    steps = 30
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = reference_grads(gen, SHAPES, steps, first=first)
+    ref = dykaf_reference(params, grads, grams="bfloat16", **options)
+    exact = dykaf_reference(params, grads, **options)
+    overrides = {KEYMAP[k]: v for k, v in options.items()} | {"factors.product_dtype": "bfloat16"}
+    ours_params = [torch.nn.Parameter(p.clone()) for p in params]
+    ours = run_history(kronopt.build(ours_params, "dykaf", **overrides), ours_params, grads)
+    assert_histories_close(ours, ref)
+    apart = max((a - b).abs().max().item() for a_k, b_k in zip(ours, exact) for a, b in zip(a_k, b_k))
+    assert apart > 1e-6
 
 
 @pytest.mark.parametrize("options", [{}, {"precondition_frequency": 3, "variant": "parallel"}])

@@ -11,6 +11,7 @@ vec is row-major (``X.reshape(-1)``), so the rearrangement of vec G vec Gᵀ is 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 
 DTYPE = torch.float64
 
-__all__ = ["dykaf_reference", "ksl_dense", "parallel_dense"]
+__all__ = ["dykaf_reference", "ksl_dense", "ksl_sandwich", "parallel_dense"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Hyper:
     init: str
     one_sided: str
     rank1: bool
+    grams: str = "exact"  # "bfloat16": kronopt's factors.product_dtype (ksl_sandwich(rounded=True), _gram)
 
 
 @dataclass
@@ -72,6 +74,43 @@ def ksl_dense(L: torch.Tensor, R: torch.Tensor, G: torch.Tensor, beta: float) ->
     L_new = math.sqrt(S1) * U1.reshape(m, m)
     R_new = math.sqrt(S1) * V1.reshape(n, n)
     return (L_new + L_new.T) / 2, (R_new + R_new.T) / 2
+
+
+def _rounded(X: torch.Tensor) -> torch.Tensor:
+    """X rounded to the nearest bfloat16, kept in float64."""
+    return X.to(torch.bfloat16).to(DTYPE)
+
+
+def ksl_sandwich(
+    L: torch.Tensor, R: torch.Tensor, G: torch.Tensor, beta: float, *, rounded: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """§3's proj_split_ksl as its pseudo-code writes it, on m×m and n×n matrices (the same step as ksl_dense).
+
+    rounded: kronopt's factors.product_dtype = "bfloat16": each of the four products (G R̄, then (G R̄) Gᵀ; U G, then
+    Gᵀ (U G)) reads its operands rounded to bfloat16 (G, R̄ = R/‖R‖, U = K/‖K‖ and the product before) and its
+    result is rounded (the sums exact here); the EMA's weights (√β on the state, √(1−β) on G: 1 − β on a product of
+    two G) are applied outside the products, the rest in float64."""
+    rnd = _rounded if rounded else (lambda X: X)
+    r = math.sqrt(beta) * torch.linalg.norm(R)  # ‖√β R‖
+    R_bar = R / torch.linalg.norm(R)
+    G_ = rnd(G)
+    C = rnd(rnd(G_ @ rnd(R_bar)) @ G_.T)
+    C = (1.0 - beta) * (C + C.T) / 2  # G R̄ Gᵀ of √(1−β) G
+    K = r * math.sqrt(beta) * L + C  # r · (√β L) + C
+    U = K / torch.linalg.norm(K)
+    S_tilde = r * math.sqrt(beta) * (U * L).sum()  # r ⟨U, √β L⟩
+    D = rnd(G_.T @ rnd(rnd(U) @ G_))
+    R_hat = S_tilde * R_bar + (1.0 - beta) * (D + D.T) / 2
+    S = torch.linalg.norm(R_hat)
+    return math.sqrt(S) * U, R_hat / math.sqrt(S)
+
+
+def _gram(G: torch.Tensor, hp: "Hyper") -> torch.Tensor:
+    """G Gᵀ; under grams = "bfloat16" G and the product rounded to bfloat16 (kronopt's product_dtype)."""
+    if hp.grams == "bfloat16":
+        G_ = _rounded(G)
+        return _rounded(G_ @ G_.T)
+    return G @ G.T
 
 
 def parallel_dense(L: torch.Tensor, R: torch.Tensor, G: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +188,12 @@ def _factors(state: State, G: torch.Tensor, hp: Hyper, *, first: bool) -> None:
     """Update L and R with G (§6 for two factored sides, §8 for one)."""
     rho = hp.rho
     if state.L is not None and state.R is not None:
-        step = ksl_dense if hp.variant == "ksl" else parallel_dense
+        assert hp.grams == "exact" or hp.variant == "ksl", "kronopt narrows the KSL step's products only"
+        if hp.grams == "bfloat16":
+            step = functools.partial(ksl_sandwich, rounded=True)
+        else:
+            step = ksl_dense if hp.variant == "ksl" else parallel_dense
+
         if first:
             if hp.init in ("kron", "kron_reference"):
                 state.L, state.R = kron_init(G, rho, hp.init)
@@ -167,7 +211,7 @@ def _factors(state: State, G: torch.Tensor, hp: Hyper, *, first: bool) -> None:
         X = getattr(state, side)
         if X is None:
             continue
-        GG = G @ G.T if side == "L" else G.T @ G
+        GG = _gram(G, hp) if side == "L" else _gram(G.T, hp)
         if hp.one_sided == "ema":
             X = rho * X + (1 - rho) * GG
         else:
@@ -247,6 +291,7 @@ def dykaf_reference(
     init="kron",
     one_sided="ema",
     rank1=False,
+    grams="exact",
 ):
     """history[k][i] = param i after call k, in float64 (like ``soap_reference``)."""
     hp = Hyper(
@@ -262,6 +307,7 @@ def dykaf_reference(
         init=init,
         one_sided=one_sided,
         rank1=rank1,
+        grams=grams,
     )
     weights = [p.detach().to(DTYPE).clone() for p in params]
     states = [State() for _ in params]
