@@ -1029,6 +1029,13 @@ class NarrowProducts:
         """``t`` rounded to the narrow dtype, as the products read it."""
         return t.to(self.dtype).to(self.wide) if self.emulated else t.to(self.dtype)
 
+    def scaled_operand(self, t: Tensor, scale: Tensor) -> Tensor:
+        """:meth:`operand` of ``t * scale`` (the product in ``t``'s dtype, then rounded: the same bits), in one pass
+        into the narrow dtype where the products read it so (a multiply writes its result converted)."""
+        if self.emulated or torch.is_grad_enabled() and (t.requires_grad or scale.requires_grad):
+            return self.operand(t * scale)
+        return torch.mul(t, scale, out=torch.empty(t.shape, dtype=self.dtype, device=t.device))
+
     def mm(self, A: Tensor, B: Tensor) -> Tensor:
         """``A B`` of two operands (:meth:`operand`), its result rounded to the narrow dtype."""
         P = mm(A, B)
@@ -2505,6 +2512,13 @@ def sandwich_t(G: Tensor, Y: Tensor) -> Tensor:
     return split_sandwich(G.mT, Y) if split_pays(G.mT, Y) else sym(mm(mm(G.mT, Y), G))
 
 
+def _narrow_sandwich(A: Tensor, X: Tensor, *, narrow: "NarrowProducts", weight: float) -> Tensor:
+    """``weight · A X Aᵀ`` (symmetrised) in ``narrow``'s products: ``A`` (rounded, :meth:`NarrowProducts.operand`) times
+    ``X`` rounded, that result rounded, times ``Aᵀ``, rounded; the weight and the symmetrisation in ``X``'s dtype."""
+    P = narrow.back(narrow.mm(narrow.mm(A, narrow.operand(X)), A.mT))
+    return sym(P.mul_(weight))
+
+
 def rearrange_kron(A: Tensor, m: int, n: int) -> Tensor:
     r"""Van Loan–Pitsianis rearrangement :math:`\mathcal R: \mathbb R^{mn\times mn} \to \mathbb R^{m^2 \times n^2}`.
 
@@ -2881,10 +2895,13 @@ def _ksl_K(
         # G R̄ rounded, then (G R̄) Gᵀ rounded in sym_product's forms. Scaled, G comes as σ G (the products' operands
         # then near 1, in the narrow dtype's range, where σ² R̄'s would leave it in a float64 block's scaled step)
         products, G_ = narrow
-        Rbar = R * inv
-        if fresh is not None:
+        if fresh is None:
+            Rbar = products.scaled_operand(R, inv)
+        else:
+            Rbar = R * inv
             Rbar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(R.dtype) / math.sqrt(R.shape[-1])).view(b, 1))
-        GR = products.mm(G_, products.operand(Rbar))
+            Rbar = products.operand(Rbar)
+        GR = products.mm(G_, Rbar)
         return sym_product_stats(L, GR, G_, beta=weight, alpha=1.0 - beta, other=L, narrow=products)  # type: ignore[return-value]
     if not tracked and split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
@@ -2927,7 +2944,7 @@ def _ksl_R_hat(
     if narrow is not None:
         products, G_ = narrow  # σ G where scaled: the products come out times σ², as the others'
         Gt = G_.mT
-        UGt = products.mm(Gt, products.operand(K * inv_K))  # type: ignore[operator]  # K dense: no split when narrow
+        UGt = products.mm(Gt, products.scaled_operand(K, inv_K))  # type: ignore[arg-type]  # K dense: no split when narrow
         R_hat, _, norm_R_hat = sym_product_stats(
             R, Gt, UGt, beta=weight_R, alpha=1.0 - beta, tiles=not tracked, narrow=products
         )
@@ -2995,7 +3012,7 @@ def _scaled(P: "Tensor | LowerTiles", scale: Tensor, *, out: Tensor | None = Non
 
 
 def projector_split_parallel(
-    L: Tensor, R: Tensor, G: Tensor, beta: float, *, fresh: Tensor | None = None
+    L: Tensor, R: Tensor, G: Tensor, beta: float, *, fresh: Tensor | None = None, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
     r"""One parallel (basis-update & Galerkin) step of the rank-1 Kronecker tracker.
 
@@ -3010,7 +3027,10 @@ def projector_split_parallel(
     returning :math:`(\sqrt{S_1}\,U, \sqrt{S_1}\,V)` (unit-norm :math:`U, V`). Cost
     :math:`3mn(m+n)`. ``fresh`` flags blocks that hold nothing yet: :math:`S_0 = 0`
     and :math:`\bar L = I_m/\sqrt m`, :math:`\bar R = I_n/\sqrt n` (as in
-    :func:`projector_split_ksl`).
+    :func:`projector_split_ksl`). ``dtype``: the three sandwiches' precision where it is narrower than ``G``'s, as
+    :func:`projector_split_ksl`'s: each of their six products reads its operands rounded to it (:math:`G`, the
+    middle :math:`\bar R`, :math:`\bar L` or :math:`V`, and the product before) and rounds its result; the weight
+    :math:`1-\beta` of a product of two gradients, the sums and the norms stay in ``G``'s dtype.
 
     References:
         Ceruti & Lubich, BIT 62 (2022); Vepricov/LIB ``dykaf.py`` @0c470ea.
@@ -3031,17 +3051,24 @@ def projector_split_parallel(
     sigma = power_of_two_scale(ell, r, block_norm(G))
     scale = math.sqrt(beta) * sigma
     L, R, ell, r = L * scale, R * scale, ell * scale, r * scale
-    Gs = G * (math.sqrt(1.0 - beta) * sigma)
+    narrow = NarrowProducts.of_sandwiches(G, dtype)
+    if narrow is None:
+        Gs = G * (math.sqrt(1.0 - beta) * sigma)
+        sandwich_of, sandwich_t_of = functools.partial(sandwich, Gs), functools.partial(sandwich_t, Gs)
+    else:  # σ G rounded (a power of two: exact in the rounding), the weight 1 − β on each sandwich after it
+        G_ = narrow.operand(G * sigma)
+        sandwich_of = functools.partial(_narrow_sandwich, G_, narrow=narrow, weight=1.0 - beta)
+        sandwich_t_of = functools.partial(_narrow_sandwich, G_.mT, narrow=narrow, weight=1.0 - beta)
     S0 = ell * r
     L_bar, R_bar = L / ell.clamp(min=tiny), R / r.clamp(min=tiny)
     if fresh is not None:
         S0 = select_blocks(fresh, torch.zeros_like(S0), S0)
         L_bar, R_bar = _fresh_directions(fresh, L_bar), _fresh_directions(fresh, R_bar)
-    U = sym(S0 * L_bar + sandwich(Gs, R_bar))
+    U = sym(S0 * L_bar + sandwich_of(R_bar))
     U = U / block_norm(U).clamp(min=tiny)
-    V = sym(S0 * R_bar + sandwich_t(Gs, L_bar))
+    V = sym(S0 * R_bar + sandwich_t_of(L_bar))
     V = V / block_norm(V).clamp(min=tiny)
-    galerkin = (U * sandwich(Gs, V)).sum(dim=(-2, -1), keepdim=True)
+    galerkin = (U * sandwich_of(V)).sum(dim=(-2, -1), keepdim=True)
     S1 = S0 * (L_bar * U).sum(dim=(-2, -1), keepdim=True) * (R_bar * V).sum(dim=(-2, -1), keepdim=True) + galerkin
     root = S1.clamp(min=0.0).sqrt() / sigma
     return U * root, V * root

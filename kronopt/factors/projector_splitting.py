@@ -117,12 +117,13 @@ class ProjectorSplittingFactors:
             :math:`(\sigma_2/\sigma_1)^{2k}`, and a 64 × 64 Gaussian gradient's ratio is 0.94–0.98, where 20
             left the ``kron`` start 0.2–1.3 off in relative error; nearer 1 on larger blocks, see docs/dykaf.md).
         one_sided: the factor of a block with one side not rotated: ``"ema"`` (SOAP) or ``"sum"`` (authors').
-        product_dtype: the precision of the KSL step's sandwich products (and a one-sided block's Gram product):
+        product_dtype: the precision of the integrator's sandwich products (and a one-sided block's Gram product):
             ``"compute"`` (the default) the compute dtype; ``"bfloat16"`` rounds each product's operands
-            (:math:`G`, :math:`\bar R`, :math:`U` and the products before) and its result to bfloat16, each product
-            summed in at least float32; the weights, the sums with :math:`L` and :math:`R` and the norms stay in the
-            compute dtype (:func:`kronopt.linalg.projector_split_ksl`, ``dtype=``; docs/configs.md). Only with
-            ``variant = "ksl"``; the first call's start and a restricted side's products keep the compute dtype.
+            (:math:`G`, the sandwich's middle :math:`\bar R`, :math:`U`, ..., and the product before) and its result
+            to bfloat16, each product summed in at least float32; the weights, the sums with :math:`L` and :math:`R`
+            and the norms stay in the compute dtype (:func:`kronopt.linalg.projector_split_ksl` and
+            :func:`~kronopt.linalg.projector_split_parallel`, ``dtype=``; docs/configs.md). The first call's start
+            and a restricted side's products keep the compute dtype.
 
     **Restricted side** (rank ``r``, right shown; ``docs/pro.md``; ``variant = "ksl"``,
     ``initialization = "kron"`` and the other side full, else :meth:`init` refuses):
@@ -159,13 +160,6 @@ class ProjectorSplittingFactors:
     power_iters: int = attrs.field(default=100, converter=to_int, validator=ge(1))
     one_sided: Literal["ema", "sum"] = attrs.field(default="ema", converter=to_str, validator=in_(ONE_SIDED))
     product_dtype: str = product_dtype_field()
-
-    def __attrs_post_init__(self) -> None:
-        if self.product_dtype != "compute" and self.variant != "ksl":
-            raise ValueError(
-                f"product_dtype = {self.product_dtype!r} is built for variant = 'ksl' only (the 'parallel' "
-                "integrator's sandwiches have no narrow form); set variant = 'ksl' or product_dtype = 'compute'"
-            )
 
     # -- slot API ----------------------------------------------------------------------------
     def init(self, layout: Layout, *, dtype: torch.dtype, device: torch.device) -> ProjectorSplittingState:
@@ -376,7 +370,7 @@ class ProjectorSplittingFactors:
             return linalg.projector_split_ksl(
                 L, R, G, self.beta, fresh=fresh, defer=defer, dtype=narrow_dtype(self.product_dtype)
             )
-        return linalg.projector_split_parallel(L, R, G, self.beta, fresh=fresh)
+        return linalg.projector_split_parallel(L, R, G, self.beta, fresh=fresh, dtype=narrow_dtype(self.product_dtype))
 
     def _start(self, G: Tensor) -> tuple[Tensor, Tensor]:
         """The initial factors of every block from its first gradient ``G``."""

@@ -66,13 +66,16 @@ def test_dykaf_preset_matches_reference(gen, options, first):
         ({"init": "sum", "shampoo_beta": 0.9, "precondition_frequency": 5}, "surplus"),
         ({"max_precond_dim": 5, "precondition_frequency": 3}, "single"),
         ({"max_precond_dim": 5, "one_sided": "sum", "precondition_frequency": 3}, "single"),
+        ({"variant": "parallel", "precondition_frequency": 4}, "single"),
+        ({"init": "eps", "variant": "parallel"}, "surplus"),
     ],
 )
 @pytest.mark.parametrize("together", [True, False], ids=["small-buckets-together", "bucket-by-bucket"])
 def test_dykaf_with_bfloat16_products_matches_the_reference_rounding_them(gen, options, first, together, monkeypatch):
-    """``factors.product_dtype = "bfloat16"``: the KSL step's four sandwich products (and a one-sided block's Gram
-    product) with bfloat16 operands and results, against the reference's §3 pseudo-code rounding the same values by
-    hand (tests/reference/dykaf.py, ``ksl_sandwich``); and measurably off the exact products' run."""
+    """``factors.product_dtype = "bfloat16"``: the KSL step's four sandwich products (the parallel step's six; a
+    one-sided block's Gram product) with bfloat16 operands and results, against the reference's §3 and §4
+    pseudo-code rounding the same values by hand (tests/reference/dykaf.py, ``ksl_sandwich``, ``parallel_sandwich``);
+    and measurably off the exact products' run."""
     if not together:
         monkeypatch.setattr(kopt, "_SMALL_TOGETHER_MAX", 0)
     options = {"lr": 3e-3, **options}

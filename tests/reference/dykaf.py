@@ -19,7 +19,7 @@ import torch
 
 DTYPE = torch.float64
 
-__all__ = ["dykaf_reference", "ksl_dense", "ksl_sandwich", "parallel_dense"]
+__all__ = ["dykaf_reference", "ksl_dense", "ksl_sandwich", "parallel_dense", "parallel_sandwich"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,34 @@ def ksl_sandwich(
     return math.sqrt(S) * U, R_hat / math.sqrt(S)
 
 
+def parallel_sandwich(
+    L: torch.Tensor, R: torch.Tensor, G: torch.Tensor, beta: float, *, rounded: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """§4's proj_split_parallel as its pseudo-code writes it (the same step as parallel_dense); rounded as
+    ksl_sandwich's: each sandwich's two products read their operands rounded to bfloat16 (G, the middle, the
+    product before) and round their results, the weight 1 − β (√(1−β) on each G) outside them."""
+    rnd = _rounded if rounded else (lambda X: X)
+    G_ = rnd(G)
+
+    def sand(X):  # G X Gᵀ of √(1−β) G
+        P = rnd(rnd(G_ @ rnd(X)) @ G_.T)
+        return (1.0 - beta) * (P + P.T) / 2
+
+    def sand_t(Y):  # Gᵀ Y G of √(1−β) G
+        P = rnd(rnd(G_.T @ rnd(Y)) @ G_)
+        return (1.0 - beta) * (P + P.T) / 2
+
+    ell, r = math.sqrt(beta) * torch.linalg.norm(L), math.sqrt(beta) * torch.linalg.norm(R)
+    S0 = ell * r
+    L_bar, R_bar = L / torch.linalg.norm(L), R / torch.linalg.norm(R)
+    U = S0 * L_bar + sand(R_bar)
+    U = U / torch.linalg.norm(U)
+    V = S0 * R_bar + sand_t(L_bar)  # V from the OLD L̄
+    V = V / torch.linalg.norm(V)
+    S1 = S0 * (L_bar * U).sum() * (R_bar * V).sum() + (U * sand(V)).sum()
+    return math.sqrt(S1) * U, math.sqrt(S1) * V
+
+
 def _gram(G: torch.Tensor, hp: "Hyper") -> torch.Tensor:
     """G Gᵀ; under grams = "bfloat16" G and the product rounded to bfloat16 (kronopt's product_dtype)."""
     if hp.grams == "bfloat16":
@@ -188,9 +216,8 @@ def _factors(state: State, G: torch.Tensor, hp: Hyper, *, first: bool) -> None:
     """Update L and R with G (§6 for two factored sides, §8 for one)."""
     rho = hp.rho
     if state.L is not None and state.R is not None:
-        assert hp.grams == "exact" or hp.variant == "ksl", "kronopt narrows the KSL step's products only"
         if hp.grams == "bfloat16":
-            step = functools.partial(ksl_sandwich, rounded=True)
+            step = functools.partial(ksl_sandwich if hp.variant == "ksl" else parallel_sandwich, rounded=True)
         else:
             step = ksl_dense if hp.variant == "ksl" else parallel_dense
 

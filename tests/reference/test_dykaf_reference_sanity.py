@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .dykaf import dykaf_reference, kron_init, ksl_dense, ksl_sandwich, parallel_dense
+from .dykaf import dykaf_reference, kron_init, ksl_dense, ksl_sandwich, parallel_dense, parallel_sandwich
 
 F64 = torch.float64
 STEPS = {"ksl": ksl_dense, "parallel": parallel_dense}
@@ -109,23 +109,26 @@ def test_first_call_leaves_w_unchanged(variant, init):
 
 @pytest.mark.parametrize("shape", [(4, 3), (3, 7), (6, 6)])
 @pytest.mark.parametrize("beta", [0.5, 0.95])
-def test_the_sandwich_form_is_the_dense_ksl_step(shape, beta):
-    """§3's pseudo-code (ksl_sandwich, the form the rounded reference rounds) against the K-, S- and L-steps on the
-    dense rearranged matrices: one step, in float64."""
+@pytest.mark.parametrize("variant", ["ksl", "parallel"])
+def test_the_sandwich_form_is_the_dense_step(shape, beta, variant):
+    """§3's and §4's pseudo-code (ksl_sandwich, parallel_sandwich: the forms the rounded reference rounds) against the
+    steps on the dense rearranged matrices: one step, in float64."""
     gen = torch.Generator().manual_seed(3)
     m, n = shape
     L, R, G = spd(gen, m), spd(gen, n), randn(gen, m, n)
-    for a, b in zip(ksl_sandwich(L, R, G, beta), ksl_dense(L, R, G, beta)):
+    sandwiches, dense = (ksl_sandwich, ksl_dense) if variant == "ksl" else (parallel_sandwich, parallel_dense)
+    for a, b in zip(sandwiches(L, R, G, beta), dense(L, R, G, beta)):
         assert rel(a, b) <= 1e-12
 
 
-def test_the_rounded_sandwich_form_lies_bfloat16s_rounding_off_the_exact_step():
+@pytest.mark.parametrize("step", [ksl_sandwich, parallel_sandwich])
+def test_the_rounded_sandwich_form_lies_bfloat16s_rounding_off_the_exact_step(step):
     """rounded=True rounds to bfloat16 (2⁻⁸ relative) and nothing coarser: a step of a large increment lies about
     that far from the exact one, and its factors stay exactly symmetric."""
     gen = torch.Generator().manual_seed(4)
     L, R, G = spd(gen, 5), spd(gen, 4), 10 * randn(gen, 5, 4)
-    exact = ksl_sandwich(L, R, G, 0.5)
-    narrow = ksl_sandwich(L, R, G, 0.5, rounded=True)
+    exact = step(L, R, G, 0.5)
+    narrow = step(L, R, G, 0.5, rounded=True)
     for a, b in zip(narrow, exact):
         assert 1e-5 < rel(a, b) < 1e-2
         assert torch.equal(a, a.T)

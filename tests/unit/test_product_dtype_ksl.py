@@ -19,7 +19,7 @@ import torch
 import kronopt
 from kronopt import linalg
 from kronopt.config import ConfigError
-from tests.reference.dykaf import ksl_sandwich
+from tests.reference.dykaf import ksl_sandwich, parallel_sandwich
 from tests.unit.test_rotation_dtype import _run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -234,12 +234,44 @@ def test_dykafs_factors_stay_near_the_float32_ones(gen, small_together, monkeypa
     assert torch.equal(exact[2], narrow[2])
 
 
-def test_the_parallel_integrator_refuses_the_option_with_the_other_errors():
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=IDS[:3])
+def test_the_parallel_step_rounds_its_six_products_by_hand(gen, shape):
+    """The parallel integrator (dykaf.md §4) under the option: its three sandwiches' products rounded as the
+    reference's pseudo-code rounds them (float64 blocks, the emulated form), a fresh block's too."""
+    b, m, n = shape
+    L, R = _state(gen, b, m, n)
+    G = 3.0 * torch.randn(b, m, n, generator=gen, dtype=torch.float64)
+    L1, R1 = linalg.projector_split_parallel(L, R, G, 0.8, dtype=BF16)
+    exact = linalg.projector_split_parallel(L, R, G, 0.8)
+    assert torch.equal(L1, L1.mT) and torch.equal(R1, R1.mT)
+    for k in range(b):
+        for ours, hand, plain in zip((L1[k], R1[k]), parallel_sandwich(L[k], R[k], G[k], 0.8, rounded=True), exact):
+            torch.testing.assert_close(ours, hand, rtol=1e-10, atol=1e-14)
+            assert 1e-6 < _rel(ours, plain[k]) < 1e-2
+    # a fresh block: S₀ = 0 and the directions I/√m, I/√n, so U ∝ G G ᵀ/√n, V ∝ Gᵀ G/√m and S₁ = ⟨U, G V Gᵀ⟩
+    fresh = torch.zeros(b, dtype=torch.bool)
+    fresh[0] = True
+    L1, R1 = linalg.projector_split_parallel(L, R, G, 0.8, fresh=fresh, dtype=BF16)
+    G_ = _rounded(G[0])
+
+    def sandwich(A, X):
+        P = _rounded(_rounded(A @ _rounded(X)) @ A.T)
+        return 0.2 * (P + P.T) / 2
+
+    U = sandwich(G_, torch.eye(n, dtype=torch.float64) / n**0.5)
+    V = sandwich(G_.T, torch.eye(m, dtype=torch.float64) / m**0.5)
+    U, V = U / U.norm(), V / V.norm()
+    root = (U * sandwich(G_, V)).sum().sqrt()
+    torch.testing.assert_close(L1[0], U * root, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(R1[0], V * root, rtol=1e-10, atol=1e-14)
+
+
+def test_a_bad_product_dtype_is_listed_with_the_other_errors():
     with pytest.raises(ConfigError) as err:
-        kronopt.resolve("dykaf", **{"factors.product_dtype": "bfloat16", "factors.variant": "parallel", "lr": -1.0})
+        kronopt.resolve("dykaf", **{"factors.product_dtype": "float16", "lr": -1.0})
     text = str(err.value)
-    assert "product_dtype" in text and "'parallel'" in text and "lr" in text
-    assert kronopt.resolve("dykaf", **{"factors.product_dtype": "bfloat16"}).factors.product_dtype == "bfloat16"
+    assert "product_dtype" in text and "'float16'" in text and "lr" in text
+    assert kronopt.resolve("dykaf", **{"factors.product_dtype": "bfloat16", "factors.variant": "parallel"})
     assert kronopt.resolve("dykaf").factors.product_dtype == "compute"
 
 
