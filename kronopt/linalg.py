@@ -2653,7 +2653,8 @@ def projector_split_ksl(
             then formed on every block and the split sandwiches are not taken. ``None``: ``G``'s own.
 
     Returns:
-        ``(L', R')``, exactly symmetric and PSD (with ``dtype``, PSD up to the narrow products' rounding). A block with ``L = 0`` or ``R = 0`` and
+        ``(L', R')``, exactly symmetric and PSD (with ``dtype``, PSD up to the narrow products'
+        rounding). A block with ``L = 0`` or ``R = 0`` and
         ``G = 0`` returns zeros (never NaN).
 
     Invariants:
@@ -2775,7 +2776,9 @@ def _ksl_together(
     weight = beta * norm_R
     narrow = [_narrowed(G_i, NarrowProducts.of_sandwiches(G_i, dtype)) for _, _, G_i, _ in calls]
     left = [
-        _ksl_K(L_i, R_i, G_i, beta, inv[s], weight[s], None, None, None, None, tracked=False, tall_split=False, narrow=n)
+        _ksl_K(
+            L_i, R_i, G_i, beta, inv[s], weight[s], None, None, None, None, tracked=False, tall_split=False, narrow=n
+        )
         for (L_i, R_i, G_i, _), s, n in zip(calls, slices, narrow)
     ]
     norm_K = torch.cat([k[2] for k in left])
@@ -2902,7 +2905,8 @@ def _ksl_K(
             Rbar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(R.dtype) / math.sqrt(R.shape[-1])).view(b, 1))
             Rbar = products.operand(Rbar)
         GR = products.mm(G_, Rbar)
-        return sym_product_stats(L, GR, G_, beta=weight, alpha=1.0 - beta, other=L, narrow=products)  # type: ignore[return-value]
+        K = sym_product_stats(L, GR, G_, beta=weight, alpha=1.0 - beta, other=L, narrow=products)
+        return K  # type: ignore[return-value]
     if not tracked and split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
         # R̄ is not formed: a fresh block's middle is I/√n with weight 1, the others' R with 1/‖R‖,
@@ -2944,7 +2948,7 @@ def _ksl_R_hat(
     if narrow is not None:
         products, G_ = narrow  # σ G where scaled: the products come out times σ², as the others'
         Gt = G_.mT
-        UGt = products.mm(Gt, products.scaled_operand(K, inv_K))  # type: ignore[arg-type]  # K dense: no split when narrow
+        UGt = products.mm(Gt, products.scaled_operand(K, inv_K))  # type: ignore[arg-type]  # K dense: no split
         R_hat, _, norm_R_hat = sym_product_stats(
             R, Gt, UGt, beta=weight_R, alpha=1.0 - beta, tiles=not tracked, narrow=products
         )
