@@ -2853,7 +2853,7 @@ def _ksl(
     # kept tiles (written into place with out=, which autograd refuses)
     tracked = torch.is_grad_enabled() and (L.requires_grad or R.requires_grad or G.requires_grad)
     tall_split = not tracked and narrow is None and split_pays(G.mT, L, held=True)
-    rounded = _narrowed(_times(G, sigma), narrow)  # σ G: a power of two, exact in the rounding
+    rounded = None if narrow is None else _narrowed(_times(G, sigma), narrow)  # σ G: a power of two, exact rounded
     K, K_dot_L, norm_K = _ksl_K(
         L, R, G, beta, inv, weight, sigma, sigma2, fresh, unit, tracked=tracked, tall_split=tall_split, narrow=rounded
     )
