@@ -1029,9 +1029,14 @@ class NarrowProducts:
         """``t`` rounded to the narrow dtype, as the products read it."""
         return t.to(self.dtype).to(self.wide) if self.emulated else t.to(self.dtype)
 
-    def scaled_operand(self, t: Tensor, scale: Tensor) -> Tensor:
+    def scaled_operand(self, t: "Tensor | LowerTiles", scale: Tensor) -> Tensor:
         """:meth:`operand` of ``t * scale`` (the product in ``t``'s dtype, then rounded: the same bits), in one pass
-        into the narrow dtype where the products read it so (a multiply writes its result converted)."""
+        into the narrow dtype where the products read it so (a multiply writes its result converted); ``t`` may come
+        as its tiles (:class:`LowerTiles`: written scaled, mirrors included)."""
+        if isinstance(t, LowerTiles):
+            if self.emulated:
+                return self.operand(t.write(scale=scale))
+            return t.write(torch.empty(t.shape, dtype=self.dtype, device=t.device), scale=scale)
         if self.emulated or torch.is_grad_enabled() and (t.requires_grad or scale.requires_grad):
             return self.operand(t * scale)
         return torch.mul(t, scale, out=torch.empty(t.shape, dtype=self.dtype, device=t.device))
@@ -2905,7 +2910,8 @@ def _ksl_K(
             Rbar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(R.dtype) / math.sqrt(R.shape[-1])).view(b, 1))
             Rbar = products.operand(Rbar)
         GR = products.mm(G_, Rbar)
-        K = sym_product_stats(L, GR, G_, beta=weight, alpha=1.0 - beta, other=L, narrow=products)
+        # K held as its tiles where the tiled form makes it (no dense K: U and the last scaling are written from them)
+        K = sym_product_stats(L, GR, G_, beta=weight, alpha=1.0 - beta, other=L, tiles=not tracked, narrow=products)
         return K  # type: ignore[return-value]
     if not tracked and split_pays(G, R):
         # a wide block with a large R: G R Gᵀ from R's lower tiles, scaled by 1/‖R‖ as a factor;
@@ -2948,7 +2954,7 @@ def _ksl_R_hat(
     if narrow is not None:
         products, G_ = narrow  # σ G where scaled: the products come out times σ², as the others'
         Gt = G_.mT
-        UGt = products.mm(Gt, products.scaled_operand(K, inv_K))  # type: ignore[arg-type]  # K dense: no split
+        UGt = products.mm(Gt, products.scaled_operand(K, inv_K))
         R_hat, _, norm_R_hat = sym_product_stats(
             R, Gt, UGt, beta=weight_R, alpha=1.0 - beta, tiles=not tracked, narrow=products
         )
