@@ -92,13 +92,13 @@ $py -m kronopt.app show pro_kl_shampoo --set split.ns_form=gram >"$cfg/pro_kl_sh
 for preset in soap dykaf kl_shampoo; do  # the rotations' products in bfloat16 (rotation_dtype)
     $py -m kronopt.app show $preset --set rotation_dtype=bfloat16 >"$cfg/$preset+rot16.toml"
 done
-for preset in soap kl_shampoo; do  # and the factors' Gram products too ([factors] product_dtype)
+for preset in soap dykaf kl_shampoo; do  # and the factors' products too ([factors] product_dtype)
     $py -m kronopt.app show $preset --set rotation_dtype=bfloat16 --set factors.product_dtype=bfloat16 \
         >"$cfg/$preset+all16.toml"
 done
 # 5 warm-up steps take the compilation
 part 5_compile_bf16 110 $bench --warmup 5 soap "$cfg/soap+compile.toml" "$cfg/soap+bf16.toml" "$cfg/soap+rot16.toml" \
-    "$cfg/soap+all16.toml" dykaf "$cfg/dykaf+rot16.toml" "$cfg/kl_shampoo+rot16.toml" "$cfg/kl_shampoo+all16.toml" muon "$cfg/muon+compile.toml" "$cfg/muon+gram.toml" "$cfg/muon+gram16.toml" adamw "$cfg/adamw+compile.toml" \
+    "$cfg/soap+all16.toml" dykaf "$cfg/dykaf+rot16.toml" "$cfg/dykaf+all16.toml" "$cfg/kl_shampoo+rot16.toml" "$cfg/kl_shampoo+all16.toml" muon "$cfg/muon+compile.toml" "$cfg/muon+gram.toml" "$cfg/muon+gram16.toml" adamw "$cfg/adamw+compile.toml" \
     kl_shampoo "$cfg/kl_shampoo+compile.toml" "$cfg/kl_shampoo+bf16.toml" pro_kl_shampoo "$cfg/pro_kl_shampoo+gram.toml" \
     --d "$d" --layers "$layers" --json "$out/5_compile_bf16.json"
 
