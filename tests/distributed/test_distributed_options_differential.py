@@ -1,6 +1,7 @@
 """Differential checks of the multi-process paths combined with options no other distributed test combines.
 
-The options: ``[storage]`` narrowed to bfloat16 (factors, basis, moments), ``[refresh] stagger = true``,
+The options: ``[storage]`` narrowed to bfloat16 (factors, basis, moments), bfloat16 products (DyKAF's
+``[factors] product_dtype`` and ``rotation_dtype``), ``[refresh] stagger = true``,
 a bucket cap (``bucket_cap_mib``: blocks of one shape in buckets of their own),
 ``nonfinite_scope = "block"`` and ``"step"``, a NaN on the very first step (a first call that used no
 gradient is not counted, on every rank alike), ``add_param_group`` mid-training (itself with a NaN at its
@@ -48,7 +49,12 @@ FIRST = {(0, "a.weight"): 1, (0, "c.weight"): 0, (ADD_AT, "extra.weight"): 0}
 CASES = {
     "soap_step": ("soap", {**BF16, **STAGGER, "nonfinite_scope": "step"}, FIRST),
     "soap_block": ("soap", {**BF16, **STAGGER, "nonfinite_scope": "block"}, {**FIRST, (0, "a.bias"): 1}),
-    "dykaf_block": ("dykaf", {**BF16, **STAGGER, "nonfinite_scope": "block"}, FIRST),
+    # and its products in bfloat16: the KSL step's sandwiches and the rotations (a block's form by its own size)
+    "dykaf_block": (
+        "dykaf",
+        {**BF16, **STAGGER, "nonfinite_scope": "block", "factors.product_dtype": "bfloat16", "rotation_dtype": "bfloat16"},
+        FIRST,
+    ),
     "pro_kl_shampoo_block": ("pro_kl_shampoo", {**BF16, **STAGGER, "nonfinite_scope": "block"}, {**FIRST, (0, "d.weight"): 1, (0, "a.bias"): 0}),
     "pro_soap_step": ("pro_soap", {**BF16, **STAGGER, "nonfinite_scope": "step"}, FIRST),
     # no stagger: the bucket cap alone keeps the two (9, 9) blocks in buckets of their own
