@@ -1001,29 +1001,33 @@ class NarrowProducts:
     def of(X: Tensor, dtype: torch.dtype | None, Q_L: Tensor | None, Q_R: Tensor | None) -> "NarrowProducts | None":
         """The narrow form for rotating ``X`` with these bases, ``None`` where there is nothing to narrow: no
         ``dtype``, one no narrower than ``X``'s, no basis (the identity on both sides)."""
-        if dtype is None or (Q_L is None and Q_R is None) or dtype.itemsize >= X.dtype.itemsize:
+        if Q_L is None and Q_R is None:
             return None
         m, n = X.shape[-2:]
         side = max(Q_L.shape[-1] if Q_L is not None else 1, Q_R.shape[-1] if Q_R is not None else 1)
-        return NarrowProducts(dtype, X.dtype, _narrow_emulated(X, dtype, m * n * side))
+        return NarrowProducts.of_work(X, dtype, m * n * side)
 
     @staticmethod
     def of_gram(A: Tensor, dtype: torch.dtype | None) -> "NarrowProducts | None":
         """The narrow form of the Gram product ``A Aᵀ`` (``A (b m k)``; a factor estimator's ``product_dtype``),
         ``None`` where there is nothing to narrow: no ``dtype``, or one no narrower than ``A``'s."""
-        if dtype is None or dtype.itemsize >= A.dtype.itemsize:
-            return None
         m, k = A.shape[-2:]
-        return NarrowProducts(dtype, A.dtype, _narrow_emulated(A, dtype, m * m * k))
+        return NarrowProducts.of_work(A, dtype, m * m * k)
 
     @staticmethod
     def of_sandwiches(G: Tensor, dtype: torch.dtype | None) -> "NarrowProducts | None":
         """The narrow form of the sandwich products of ``G (b m n)`` (``G R̄ Gᵀ`` and ``Gᵀ U G``: DyKAF's KSL step),
         one for its four products, decided by the largest's work; ``None`` as :meth:`of_gram`."""
-        if dtype is None or dtype.itemsize >= G.dtype.itemsize:
-            return None
         m, n = G.shape[-2:]
-        return NarrowProducts(dtype, G.dtype, _narrow_emulated(G, dtype, m * n * max(m, n)))
+        return NarrowProducts.of_work(G, dtype, m * n * max(m, n))
+
+    @staticmethod
+    def of_work(X: Tensor, dtype: torch.dtype | None, work: int) -> "NarrowProducts | None":
+        """The narrow form of products of ``X``'s dtype whose largest makes ``work`` multiply-adds a block
+        (:func:`_narrow_emulated`), ``None`` where there is nothing to narrow: no ``dtype``, or one no narrower."""
+        if dtype is None or dtype.itemsize >= X.dtype.itemsize:
+            return None
+        return NarrowProducts(dtype, X.dtype, _narrow_emulated(X, dtype, work))
 
     def operand(self, t: Tensor) -> Tensor:
         """``t`` rounded to the narrow dtype, as the products read it."""
@@ -1033,13 +1037,11 @@ class NarrowProducts:
         """:meth:`operand` of ``t * scale`` (the product in ``t``'s dtype, then rounded: the same bits), in one pass
         into the narrow dtype where the products read it so (a multiply writes its result converted); ``t`` may come
         as its tiles (:class:`LowerTiles`: written scaled, mirrors included)."""
-        if isinstance(t, LowerTiles):
-            if self.emulated:
-                return self.operand(t.write(scale=scale))
-            return t.write(torch.empty(t.shape, dtype=self.dtype, device=t.device), scale=scale)
-        if self.emulated or torch.is_grad_enabled() and (t.requires_grad or scale.requires_grad):
-            return self.operand(t * scale)
-        return torch.mul(t, scale, out=torch.empty(t.shape, dtype=self.dtype, device=t.device))
+        if isinstance(t, Tensor) and torch.is_grad_enabled() and (t.requires_grad or scale.requires_grad):
+            return self.operand(t * scale)  # tracked: no out=
+        out = torch.empty(t.shape, dtype=self.wide if self.emulated else self.dtype, device=t.device)
+        scaled = _scaled(t, scale, out=out)
+        return self.operand(scaled) if self.emulated else scaled
 
     def mm(self, A: Tensor, B: Tensor) -> Tensor:
         """``A B`` of two operands (:meth:`operand`), its result rounded to the narrow dtype."""
@@ -2478,7 +2480,7 @@ def _tiny(X: Tensor) -> float:
     return torch.finfo(X.dtype).tiny
 
 
-def sandwich(G: Tensor, X: Tensor) -> Tensor:
+def sandwich(G: Tensor, X: Tensor, *, narrow: "NarrowProducts | None" = None) -> Tensor:
     r""":math:`G X G^\top`: ``b m n, b n n2, b m2 n2 -> b m m2``, symmetrised.
 
     By the identity :math:`(G \otimes G)\,\mathrm{vec}\,X = \mathrm{vec}(G X G^\top)`
@@ -2490,6 +2492,8 @@ def sandwich(G: Tensor, X: Tensor) -> Tensor:
     Args:
         G: ``b m n`` batch.
         X: ``b n n`` symmetric batch.
+        narrow: the products' narrow form (DyKAF's ``product_dtype``; ``G`` already its rounded operand,
+            :meth:`NarrowProducts.operand`): ``X`` and each product's result rounded to it, the split not taken.
 
     Returns:
         ``b m m``, exactly symmetric.
@@ -2501,27 +2505,24 @@ def sandwich(G: Tensor, X: Tensor) -> Tensor:
     _check_batched_square("X", X)
     if X.shape[-1] != G.shape[-1]:
         raise ValueError(f"sandwich needs X of shape (b {G.shape[-1]} {G.shape[-1]}), got {tuple(X.shape)}")
+    if narrow is not None:  # G rounded (its operand), X and each product rounded; no split (its middle is halved)
+        return sym(narrow.back(narrow.mm(narrow.mm(G, narrow.operand(X)), G.mT)))
     return split_sandwich(G, X) if split_pays(G, X) else sym(mm(mm(G, X), G.mT))
 
 
-def sandwich_t(G: Tensor, Y: Tensor) -> Tensor:
+def sandwich_t(G: Tensor, Y: Tensor, *, narrow: "NarrowProducts | None" = None) -> Tensor:
     r""":math:`G^\top Y G`: ``b m n, b m m2, b m2 n2 -> b n n2``, symmetrised.
 
     The adjoint of :func:`sandwich`: :math:`(G \otimes G)^\top \mathrm{vec}\,Y = \mathrm{vec}(G^\top Y G)`,
-    taken from ``Y``'s lower tiles where that pays (:func:`split_sandwich`).
+    taken from ``Y``'s lower tiles where that pays (:func:`split_sandwich`); ``narrow`` as :func:`sandwich`'s.
     """
     _check_batched("G", G)
     _check_batched_square("Y", Y)
     if Y.shape[-1] != G.shape[-2]:
         raise ValueError(f"sandwich_t needs Y of shape (b {G.shape[-2]} {G.shape[-2]}), got {tuple(Y.shape)}")
-    return split_sandwich(G.mT, Y) if split_pays(G.mT, Y) else sym(mm(mm(G.mT, Y), G))
-
-
-def _narrow_sandwich(A: Tensor, X: Tensor, *, narrow: "NarrowProducts", weight: float) -> Tensor:
-    """``weight · A X Aᵀ`` (symmetrised) in ``narrow``'s products: ``A`` (rounded, :meth:`NarrowProducts.operand`) times
-    ``X`` rounded, that result rounded, times ``Aᵀ``, rounded; the weight and the symmetrisation in ``X``'s dtype."""
-    P = narrow.back(narrow.mm(narrow.mm(A, narrow.operand(X)), A.mT))
-    return sym(P.mul_(weight))
+    return sandwich(G.mT, Y, narrow=narrow) if narrow is not None else (
+        split_sandwich(G.mT, Y) if split_pays(G.mT, Y) else sym(mm(mm(G.mT, Y), G))
+    )
 
 
 def rearrange_kron(A: Tensor, m: int, n: int) -> Tensor:
@@ -2906,9 +2907,7 @@ def _ksl_K(
         if fresh is None:
             Rbar = products.scaled_operand(R, inv)
         else:
-            Rbar = R * inv
-            Rbar.diagonal(dim1=-2, dim2=-1).add_((fresh.to(R.dtype) / math.sqrt(R.shape[-1])).view(b, 1))
-            Rbar = products.operand(Rbar)
+            Rbar = products.operand(_fresh_directions(fresh, R * inv))
         GR = products.mm(G_, Rbar)
         # K held as its tiles where the tiled form makes it (no dense K: U and the last scaling are written from them)
         K = sym_product_stats(L, GR, G_, beta=weight, alpha=1.0 - beta, other=L, tiles=not tracked, narrow=products)
@@ -3067,8 +3066,12 @@ def projector_split_parallel(
         sandwich_of, sandwich_t_of = functools.partial(sandwich, Gs), functools.partial(sandwich_t, Gs)
     else:  # σ G rounded (a power of two: exact in the rounding), the weight 1 − β on each sandwich after it
         G_ = narrow.operand(G * sigma)
-        sandwich_of = functools.partial(_narrow_sandwich, G_, narrow=narrow, weight=1.0 - beta)
-        sandwich_t_of = functools.partial(_narrow_sandwich, G_.mT, narrow=narrow, weight=1.0 - beta)
+
+        def sandwich_of(X: Tensor) -> Tensor:
+            return sandwich(G_, X, narrow=narrow).mul_(1.0 - beta)
+
+        def sandwich_t_of(Y: Tensor) -> Tensor:
+            return sandwich_t(G_, Y, narrow=narrow).mul_(1.0 - beta)
     S0 = ell * r
     L_bar, R_bar = L / ell.clamp(min=tiny), R / r.clamp(min=tiny)
     if fresh is not None:
