@@ -718,17 +718,18 @@ def _config_verdict(
     return hit[1]
 
 
-def _plain_tail(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+def _plain_tail(cfg: KronConfig, layout: Layout, dtype: torch.dtype, *, together: bool = False) -> bool:
     """What the CPU's in-place paths ask of a config past its inner rule: the factor update after the direction,
     the full split, a plain ``post``, no restricted side, the state stored in the compute dtype, no ``compile``,
-    kronopt's own stages alone (none checked)."""
+    kronopt's own stages alone (none checked). ``together`` (:func:`eigen_steps`' terms): the factor update before
+    the direction and a grafting ``post`` too."""
     from .splits import FullSplit
 
     return (
-        cfg.factor_update == "after"
+        (together or cfg.factor_update == "after")
         and type(cfg.split) is FullSplit
         and not cfg.post.normalize
-        and cfg.post.grafting == "none"
+        and (together or cfg.post.grafting == "none")
         and not cfg.compile
         and "restricted" not in (layout.left, layout.right)
         and storage_dtypes(cfg.storage, dtype) is None
@@ -858,6 +859,126 @@ def rotated_adam_directions(
         torch._foreach_mul_(D, scale)
         for k, i in enumerate(at):
             out[i] = (D[k], AdamState(m[k], v[k]))
+    return out
+
+
+def eigen_steps_due(cfg: KronConfig, layout: Layout, state: BucketState, dtype: torch.dtype) -> bool:
+    """Whether :func:`eigen_steps` may stand in for :func:`step` on this call of a bucket: a config, layout and compute
+    dtype it takes (:func:`_eigen_steps_config`), past the first call (a refresh due at this update included)."""
+    return state.calls > 0 and _config_verdict(_EIGEN_STEPS, _eigen_steps_config, cfg, layout, dtype)
+
+
+#: :func:`_eigen_steps_config`'s verdicts, by config (its ``id``, the config kept), layout, dtype and
+#: :data:`CHECK_OWN_STAGES`, as :data:`_ROTATED_ADAM`'s
+_EIGEN_STEPS: dict[tuple[Any, ...], tuple[KronConfig, bool]] = {}
+
+
+def _eigen_steps_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
+    """Whether :func:`eigen_steps` takes a config's calls past the first on ``layout`` in compute dtype ``dtype``: the
+    ``eigenvalue`` inner rule (KL-Shampoo's, Shampoo's) without ``normalize``, its momentum whole (``momentum_basis``
+    ``"original"`` or ``"eigen"``), whatever factor estimator, then :func:`_plain_tail`'s terms, the factor update
+    before the direction and grafting allowed (the full split, no normalising ``post``, no restricted side, the state
+    in the compute dtype, no ``compile``, kronopt's own stages alone)."""
+    from .inner_rules.eigenvalue import EigenvalueInner
+
+    inner = cfg.inner
+    return (
+        type(inner) is EigenvalueInner
+        and not inner.normalize
+        and inner.momentum_basis in ("original", "eigen")
+        and _plain_tail(cfg, layout, dtype, together=True)
+    )
+
+
+def eigen_steps(
+    calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
+) -> list[tuple[Tensor, BucketState]]:
+    """:func:`step` of several buckets, each ``(cfg, layout, state, G, defer)`` a call where :func:`eigen_steps_due`
+    holds, the same bits on a CPU (the only device the optimizer takes it on): the factor updates (each stage's calls
+    together where it can: ``update_each``, the ``kl`` and ``ema`` estimators') and due refreshes of the calls that
+    update before the direction (``factor_update = "before"``, Shampoo's), then the directions of each inner rule's
+    calls together (:meth:`~kronopt.inner_rules.eigenvalue.EigenvalueInner.direction_each`) and each call's grafting
+    (``post.graft``), then the factor updates and refreshes of the others. The estimators' eigenvalues a context reads
+    are taken for many calls at once where the stage can (``eigvals_each``, the ``kl`` estimator's). A call whose
+    factors update after the direction shares one context between the two, so its rotation of ``G`` is made once
+    (:meth:`StepContext.rotated`), as :func:`step`'s stages share it; the factor update reads neither the direction
+    nor the momentum, so the order changes no bit.
+
+    As in :func:`rotated_adams`, a refresh made here does not test its new basis (:attr:`StepContext.finite_fallback`
+    off): the caller tests every new tensor and makes a call whose new basis is not finite again with :func:`step`."""
+    t = [state.step + 1 for _, _, state, _, _ in calls]
+    due = [cfg.refresh.due(t_i, first_call=False) for (cfg, _, _, _, _), t_i in zip(calls, t)]
+    states = [call[2] for call in calls]
+    shared: list[dict[str, Any]] = [{} for _ in calls]
+    before = [i for i, call in enumerate(calls) if call[0].factor_update == "before"]
+    after = [i for i, call in enumerate(calls) if call[0].factor_update != "before"]
+
+    def contexts(at: list[int], *, observing: bool) -> dict[int, StepContext]:
+        """The contexts of the calls at ``at`` on their ``states``, their eigenvalues taken together; ``observing``:
+        a factor update's (its refresh and deferral as :func:`_observe` sets them)."""
+        for group in _by_stage([calls[i] for i in at], "factors", "eigvals_each").values():
+            stage = calls[at[group[0]]][0].factors
+            for k, eigvals in zip(group, stage.eigvals_each([states[at[k]].factors for k in group])):
+                shared[at[k]]["eigvals"] = (states[at[k]].factors, eigvals)  # as context() keeps them
+        out = {}
+        for i in at:
+            cfg, layout, _, _, defer = calls[i]
+            held = defer if observing and not due[i] and cfg.factor_update == "after" else None
+            out[i] = context(
+                cfg, layout, states[i], t[i], shared[i], refresh_follows=due[i] if observing else True, defer=held,
+                finite_fallback=False,
+            )
+        return out
+
+    def observe(at: list[int], ctxs: dict[int, StepContext]) -> None:
+        """:func:`_observe` of the calls at ``at`` with their contexts ``ctxs``, into ``states``."""
+        by_stage = _by_stage([calls[i] for i in at], "factors", "update_each")
+        factors: dict[int, Any] = {}
+        for group in by_stage.values():
+            stage = calls[at[group[0]]][0].factors
+            positions = [at[k] for k in group]
+            made = stage.update_each(
+                [states[i].factors for i in positions], [calls[i][3] for i in positions], [ctxs[i] for i in positions]
+            )
+            factors.update(zip(positions, made))
+        for i in at:
+            cfg, layout, _, G, _ = calls[i]
+            record = factors[i] if i in factors else cfg.factors.update(states[i].factors, G, ctxs[i])
+            if due[i]:
+                states[i] = _refreshed(cfg, layout, states[i], record, ctxs[i], G)
+            else:
+                states[i] = evolve(states[i], factors=record)
+
+    if before:
+        observe(before, contexts(before, observing=True))
+    ctxs = {**contexts(before, observing=False), **contexts(after, observing=True)}
+    directions: list[Any] = [None] * len(calls)
+    for group in _by_stage(calls, "inner", "direction_each").values():
+        rule = calls[group[0]][0].inner
+        inputs = [states[i].inner for i in group], [calls[i][3] for i in group], [ctxs[i] for i in group]
+        made = rule.direction_each(*inputs)
+        for i, (D, inner) in zip(group, made):
+            cfg, _, _, G, _ = calls[i]
+            post = states[i].post
+            if cfg.post.grafting != "none":
+                D, post = cfg.post.graft(post, G, D, ctxs[i])
+            directions[i] = D
+            states[i] = evolve(states[i], inner=inner, post=post)
+    if after:
+        observe(after, ctxs)
+    return [
+        (D, evolve(state, calls=call[2].calls + 1, step=t_i))
+        for D, state, call, t_i in zip(directions, states, calls, t)
+    ]
+
+
+def _by_stage(calls: Sequence[tuple[Any, ...]], slot: str, method: str) -> dict[int, list[int]]:
+    """The positions of the calls whose config's stage in ``slot`` has ``method``, by that stage (its ``id``)."""
+    out: dict[int, list[int]] = {}
+    for i, call in enumerate(calls):
+        stage = getattr(call[0], slot)
+        if hasattr(stage, method):
+            out.setdefault(id(stage), []).append(i)
     return out
 
 

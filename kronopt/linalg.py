@@ -3379,14 +3379,15 @@ _DEFER_DENSE_MIN = 128
 
 
 def accumulate_grams_each(
-    X: Sequence[Tensor], A: Sequence[Tensor], beta: float, alpha: float,
+    X: Sequence[Tensor], A: Sequence[Tensor], beta: float, alpha: float | Sequence[float],
     defer: Sequence[list["DeferredWrite"] | None] | None = None, dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
-    r""":func:`accumulate_gram_left` of each pair ``(X[i], A[i])`` (``defer[i]`` its ``defer``, ``dtype`` all's), the
-    same bits: the dense sums with their transposes (:func:`sym_sum`'s plain form, sides under ``_SYM_BLOCKED_MIN``)
-    in one ``foreach`` call for them all, each other pair (and each narrowed by ``dtype``) as
-    :func:`accumulate_gram_left` makes it."""
+    r""":func:`accumulate_gram_left` of each pair ``(X[i], A[i])`` (``alpha[i]`` its weight where ``alpha`` is a
+    sequence, ``defer[i]`` its ``defer``, ``dtype`` all's), the same bits: the dense sums with their transposes
+    (:func:`sym_sum`'s plain form, sides under ``_SYM_BLOCKED_MIN``) in one ``foreach`` call for them all, each other
+    pair (and each narrowed by ``dtype``) as :func:`accumulate_gram_left` makes it."""
     out: list[Tensor | None] = [None] * len(X)
+    alphas = [alpha] * len(X) if isinstance(alpha, (int, float)) else list(alpha)
     dense = []
     for i, (X_i, A_i) in enumerate(zip(X, A)):
         _check_batched("A", A_i)
@@ -3394,11 +3395,12 @@ def accumulate_grams_each(
         deferred = defer is not None and defer[i] is not None and X_i.shape[-1] >= _DEFER_DENSE_MIN
         narrow = NarrowProducts.of_gram(A_i, dtype) is not None
         if _tiled(X_i, A_i) or not isinstance(beta, float) or _sym_blocked(X_i) or deferred or narrow:
-            out[i] = accumulate_gram_left(X_i, A_i, beta, alpha, defer=None if defer is None else defer[i], dtype=dtype)
+            held = None if defer is None else defer[i]
+            out[i] = accumulate_gram_left(X_i, A_i, beta, alphas[i], defer=held, dtype=dtype)
         else:
             dense.append(i)
     if dense:
-        halves = [_weighted_product(X[i], A[i], A[i], beta * 0.5, alpha * 0.5) for i in dense]
+        halves = [_weighted_product(X[i], A[i], A[i], beta * 0.5, alphas[i] * 0.5) for i in dense]
         for i, S in zip(dense, torch._foreach_add(halves, [T.mT for T in halves])):
             out[i] = S
     return out  # type: ignore[return-value]
@@ -3720,6 +3722,106 @@ def tracked_inverse_root_ema(s: Tensor, d: Tensor, rho: float, clamp: float | No
 def inverse_square(s: Tensor) -> Tensor:
     r"""Eigenvalues from stored inverse roots: :math:`\lambda = 1/s^2` (:math:`s = 0` gives :math:`+\infty`)."""
     return s.square().reciprocal_()
+
+
+def joined(vectors: Sequence[Tensor]) -> Tensor:
+    """The entries of every tensor of ``vectors`` (one dtype and device: :func:`alike` groups them) in one flat
+    vector, in order: the elementwise work of many small buckets' vectors made in one call each (:func:`parted`
+    gives the parts back). Every elementwise kernel used on it rounds an entry alone, wherever it lies (tested
+    so: ``tests/unit/test_eigen_steps.py``), so each part comes out as it would alone. The parts are views into
+    one vector, at any offset: not for products, which MKL rounds by their operands' alignment."""
+    return torch.cat([v.reshape(-1) for v in vectors])
+
+
+def parted(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """``flat`` (:func:`joined`) cut back into views shaped as ``like``'s tensors."""
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def alike(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """The positions of ``tensors``, grouped by dtype and device (each group one :func:`joined` vector)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return list(groups.values())
+
+
+def flat_each(fn: Callable[[Tensor], Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``fn`` (elementwise, made of kernels that round an entry alone: :func:`joined`) of each tensor, the same bits,
+    in one call for each dtype and device among them."""
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for group in alike(tensors):
+        part = [tensors[i] for i in group]
+        for i, t in zip(group, parted(fn(joined(part)), part)):
+            out[i] = t
+    return out
+
+
+def inverse_squares_each(s: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`inverse_square` of each tensor of ``s``, the same bits, in one pass over them all."""
+    return flat_each(inverse_square, s)
+
+
+def tracked_inverse_root_ema_each(
+    s: Sequence[Tensor], d: Sequence[Tensor], rho: float, clamp: Sequence[float | None],
+    divisors: Sequence[float] | None = None,
+) -> list[Tensor]:
+    """:func:`tracked_inverse_root_ema` of each ``(s[i], d[i] / divisors[i], rho, clamp[i])`` (no division where
+    ``divisors`` is ``None``), the same bits: the elementwise work of them all on one flat vector for each dtype and
+    device (:func:`joined`), each entry divided by and clamped at its own part's numbers (a ``None`` ceiling: none;
+    a division by a tensor of the number rounds as by the number)."""
+    for s_i, d_i in zip(s, d):
+        if s_i.shape != d_i.shape:
+            raise ValueError(f"s and d must have the same shape, got {tuple(s_i.shape)} and {tuple(d_i.shape)}")
+    out: list[Tensor] = [None] * len(s)  # type: ignore[list-item]
+    for group in alike(s):
+        part = [s[i] for i in group]
+        S, D = joined(part), joined([d[i] for i in group])
+        counts = torch.tensor([t.numel() for t in part], device=S.device)
+
+        def spread(values: Sequence[float]) -> Tensor:
+            return torch.tensor(values, dtype=S.dtype, device=S.device).repeat_interleave(counts, output_size=S.numel())
+
+        if divisors is not None:
+            D = D / spread([divisors[i] for i in group])
+        flat = tracked_inverse_root_ema(S, D, rho, None)
+        ceilings = [clamp[i] for i in group]
+        if any(c is not None for c in ceilings):
+            # min(x, c) rounds nothing: the same bits as each part's clamp (x is finite here)
+            flat = torch.minimum(flat, spread([math.inf if c is None else c for c in ceilings]))
+        for i, t in zip(group, parted(flat, part)):
+            out[i] = t
+    return out
+
+
+def product_inverse_root_denominators_each(
+    lam_L: Sequence[Tensor], lam_R: Sequence[Tensor], exponent: float, eps: float
+) -> list[Tensor]:
+    """:func:`product_inverse_root_denominator` of each pair ``(lam_L[i], lam_R[i])`` (both sides given), the same
+    bits: the sides' roots of them all on one flat vector (for the exponents whose :func:`power` rounds an entry
+    alone, :data:`POSITION_FREE_EXPONENTS`), their outer products and ``ε`` in a ``foreach`` call each, and one read
+    on the host for the NaN mend (made on every denominator where any root is zero: a denominator without NaN
+    comes out of it unchanged, its entries being at least ``ε ≥ 0``)."""
+    if not lam_L:
+        return []
+    if -exponent not in POSITION_FREE_EXPONENTS:
+        return [product_inverse_root_denominator(a, b, exponent, eps) for a, b in zip(lam_L, lam_R)]
+    sides = [*lam_L, *lam_R]
+    roots: list[Tensor] = [None] * len(sides)  # type: ignore[list-item]
+    positive = all(t.numel() for t in sides)  # no root zero (an empty side counts as one: as alone)
+    for group in alike(sides):
+        part = [sides[i] for i in group]
+        flat = power(joined(part).clamp(min=0.0), -exponent).nan_to_num(nan=math.inf, posinf=math.inf)
+        positive = positive and host_verdicts(flat) and cpu_all(flat.amin() > 0)
+        for i, r in zip(group, parted(flat, part)):
+            roots[i] = r
+    k = len(lam_L)
+    out = torch._foreach_mul([r.unsqueeze(-1) for r in roots[:k]], [r.unsqueeze(-2) for r in roots[k:]])
+    torch._foreach_add_(out, eps)
+    if not positive:
+        for t in out:
+            t.nan_to_num_(nan=math.inf, posinf=math.inf)
+    return out
 
 
 def orthonormalize(X: Tensor, *, overwrite: bool = False) -> Tensor:
@@ -4048,6 +4150,12 @@ def product_inverse_root_scale(lam_L: Tensor | None, lam_R: Tensor | None, expon
     :func:`product_inverse_root_denominator`, which a step divides by instead.
     """
     return product_inverse_root_denominator(lam_L, lam_R, exponent, eps).reciprocal()
+
+
+#: the exponents :math:`e` whose :func:`power` rounds each entry alone, wherever it lies in its tensor (square roots, a
+#: reciprocal; ``±1/2`` torch's ``pow`` takes as ``sqrt`` and ``rsqrt``, ``±1`` as itself and a division): a flat
+#: vector of many blocks' entries (:func:`joined`) then gives each the bits it has alone
+POSITION_FREE_EXPONENTS = frozenset((0.25, -0.25, 0.5, -0.5, 1.0, -1.0))
 
 
 def power(x: Tensor, exponent: float) -> Tensor:

@@ -2065,6 +2065,20 @@ class KronOptimizer(torch.optim.Optimizer):
             runs.append(run)
         return runs
 
+    def _eigen_steps(self, work: list[tuple[int, _Bucket, KronConfig]]) -> list["_Run"]:
+        """:meth:`_run` of buckets whose call :func:`compose.eigen_steps` makes together (``(_, bucket, config)``,
+        :func:`compose.eigen_steps_due`), the same bits."""
+        calls, flags = [], []
+        for _, bucket, cfg in work:
+            G, ok, defer = self._inputs(bucket)
+            calls.append((cfg, bucket.layout, bucket.state, G, defer))
+            flags.append(ok)
+        steps = compose.eigen_steps(calls)  # type: ignore[arg-type]
+        return [
+            _Run(bucket, cfg, ok, old, new, D, defer)  # type: ignore[arg-type]
+            for (_, bucket, cfg), ok, (_, _, old, _, defer), (D, new) in zip(work, flags, calls, steps)
+        ]
+
     def _in_place_proof(
         self, bucket: _Bucket, cfg: KronConfig, step_ok: Tensor | None, used: list[tuple[float, float, float]]
     ) -> Callable[[], bool] | None:
@@ -2250,14 +2264,23 @@ class KronOptimizer(torch.optim.Optimizer):
             runs: list[_Run | None] = []
             together: list[tuple[int, _Bucket, KronConfig]] = []  # rotated Adam's calls (compose.rotated_adams)
             last: list[tuple[int, _Bucket, KronConfig]] = []  # those that may update their moments in place
+            eigen: list[tuple[int, _Bucket, KronConfig]] = []  # the eigenvalue rule's calls (compose.eigen_steps)
             for bucket, cfg in work:
                 if bucket.state is None:
                     self._init_bucket(bucket)
                 if _ROTATED_ADAMS_TOGETHER and compose.rotated_adam_due(cfg, bucket.layout, bucket.state, bucket.state_dtype):  # type: ignore[arg-type]
                     (last if self._in_place_due(bucket, cfg) else together).append((len(runs), bucket, cfg))
                     runs.append(None)
+                elif _EIGEN_STEPS_TOGETHER and compose.eigen_steps_due(
+                    cfg, bucket.layout, bucket.state, bucket.state_dtype  # type: ignore[arg-type]
+                ):
+                    eigen.append((len(runs), bucket, cfg))
+                    runs.append(None)
                 else:
                     runs.append(self._run(bucket, cfg))
+            if eigen:
+                for (at, _, _), run in zip(eigen, self._eigen_steps(eigen)):
+                    runs[at] = run
             # the calls that may update their moments in place (no refresh due) come last, once every other call is
             # made, tested and made again where it must be: a call that raises before then leaves no moment written
             verdicts: dict[int, tuple[_Run, Tensor]] = {}
@@ -2267,7 +2290,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     for (at, _, _), run in zip(calls, self._rotated_adams(calls, step_ok)):
                         runs[at] = run
                 made = [(i, run) for i, run in enumerate(runs) if run is not None and i not in verdicts]
-                flags += self._judge(made, {at for at, _, _ in together}, verdicts)
+                flags += self._judge(made, {at for at, _, _ in (*together, *eigen)}, verdicts)
             judged = [verdicts[i] for i in range(len(runs))]
             # every new state finite, and every gradient (the step's flag, or the runs' own): read here, where
             # it costs nothing, instead of each bucket's masks combined, read and counted at its writes (a step
@@ -3753,6 +3776,9 @@ _DEFER_FACTOR_UPDATES = True
 #: whether the small buckets' rotated-Adam calls (SOAP's, DyKAF's, a refresh due or not: compose.rotated_adam_due) step
 #: together (:func:`compose.rotated_adams`; the tests compare the bits with it off)
 _ROTATED_ADAMS_TOGETHER = True
+#: whether the small buckets' ``eigenvalue``-rule calls (KL-Shampoo's, Shampoo's, a refresh due or not:
+#: compose.eigen_steps_due) step together (:func:`compose.eigen_steps`; the tests compare the bits with it off)
+_EIGEN_STEPS_TOGETHER = True
 #: whether a CPU bucket's rotated Adam moments are updated in their stacks where its call is proven finite beforehand
 #: (:meth:`KronOptimizer._in_place_proof`); off, every call makes new moments, tests and copies them: the same bits
 _ROTATED_MOMENTS_IN_PLACE = True

@@ -36,12 +36,13 @@ OWN = "kronopt"
 SHARES: tuple[str, ...] = (*SLOTS, OWN)
 
 #: the methods timed on each slot's stage (those a stage has; the pipeline's calls, :func:`kronopt.compose.step`,
-#: and the CPU's fast paths: the ``ema`` and ``projector_splitting`` estimators' ``update_each``, plain Muon's
-#: ``orthogonalize`` and the parameter writes ``apply_`` and ``apply_block_``)
+#: and the CPU's fast paths: the ``ema``, ``projector_splitting`` and ``kl`` estimators' ``update_each``, ``kl``'s
+#: ``eigvals_each``, the ``eigenvalue`` rule's ``direction_each``, plain Muon's ``orthogonalize`` and the parameter
+#: writes ``apply_`` and ``apply_block_``)
 SLOT_METHODS: dict[str, tuple[str, ...]] = {
-    "factors": ("update", "update_each", "factors", "on_basis_change", "eigvals", "flat_eigvals"),
+    "factors": ("update", "update_each", "factors", "on_basis_change", "eigvals", "eigvals_each", "flat_eigvals"),
     "basis": ("refresh",),
-    "inner": ("direction", "on_basis_change", "moment", "orthogonalize"),
+    "inner": ("direction", "direction_each", "on_basis_change", "moment", "orthogonalize"),
     "split": ("complement", "on_basis_change"),
     "post": ("graft", "apply_", "apply_block_"),
 }

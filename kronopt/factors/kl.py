@@ -5,7 +5,8 @@ Specs: ``shared/specs/kl_shampoo.md`` §5–§6 (full sides) and
 ``docs/kl.md``).
 """
 
-from typing import ClassVar, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import attrs
 import torch
@@ -82,6 +83,24 @@ def _mean_inverse(side: _Side, like: Tensor) -> Tensor:
     if side.kind == "restricted":
         total = total + (side.d - side.rank) / side.mu.unsqueeze(-1)  # type: ignore[union-attr]
     return total / side.d
+
+
+def _gram_operand(
+    G: Tensor, H: Tensor, *, Q: Tensor | None, Q_other: Tensor | None, s_other: Tensor | None, half: Tensor | None,
+    exact: bool,
+) -> Tensor | None:
+    r"""The Gram operand :math:`G Q_R\,\mathrm{diag}(s_R)` of :meth:`KlKronFactors._factor_update` from its
+    cheapest source, or ``None`` where the update goes through the sandwich instead."""
+    m, n = G.shape[-2], G.shape[-1]
+    if Q_other is None:
+        return G if s_other is None else G * s_other
+    if half is not None:
+        return half if s_other is None else half * s_other
+    if Q is not None and exact and n > 2 * m:
+        return None
+    if Q is not None and exact and m < n:
+        return linalg.mm(Q, H if s_other is None else H * s_other)
+    return linalg.mm(G, Q_other if s_other is None else Q_other * s_other)
 
 
 @FACTORS.register(
@@ -222,6 +241,103 @@ class KlKronFactors:
             new_left, new_right = self._update(G, left, right, first=first, ctx=ctx, power_follows=follows, parts=parts)
         return _pack(new_left, new_right)
 
+    def eigvals_each(self, states: Sequence[KlFactorsState]) -> list[tuple[Tensor | None, Tensor | None]]:
+        """:meth:`eigvals` of several buckets' states, the same bits, in one pass over them all
+        (:func:`kronopt.linalg.inverse_squares_each`)."""
+        s = [t for state in states for t in (state.s_L, state.s_R) if t is not None]
+        lam = iter(linalg.inverse_squares_each(s))
+        return [(None if st.s_L is None else next(lam), None if st.s_R is None else next(lam)) for st in states]
+
+    def update_each(
+        self, states: Sequence[KlFactorsState], G: Sequence[Tensor], ctxs: Sequence[StepContext]
+    ) -> list[KlFactorsState]:
+        """:meth:`update` of several buckets' factors, the same bits: each bucket's products in its turn (the
+        rotation shared through its context, :meth:`StepContext.rotated`; the statistics' matrix-vector products),
+        the elementwise work of them all in one ``foreach`` call or one pass over one flat vector per operation (the
+        squared rotations, the scaled Gram operands, the squared inverse roots, the eigenvalue estimates:
+        :func:`kronopt.linalg.tracked_inverse_root_ema_each`), their Gram updates' small sums together
+        (:func:`kronopt.linalg.accumulate_grams_each`): on many small buckets a step costs its calls, not its
+        arithmetic. A first call, a bucket with a restricted side and ``damping`` go through :meth:`update`."""
+        rho = self.beta
+        out: list[Any] = [None] * len(states)
+        work: list[tuple[int, _Side, _Side, Tensor, Any]] = []  # (bucket, left, right, G, rotation)
+        for i, (state, g, ctx) in enumerate(zip(states, G, ctxs)):
+            left, right = _sides(state, ctx.layout, ctx)
+            if ctx.step == 0 or "restricted" in (left.kind, right.kind) or self.damping:
+                out[i] = self.update(state, g, ctx)
+            else:
+                work.append((i, left, right, g, ctx.rotated(g)))
+        if not work:
+            return out
+        H2 = torch._foreach_mul([w[4].H for w in work], [w[4].H for w in work])
+        # the squared roots each in memory of its own: a product reads them, and MKL rounds a product by its
+        # operands' alignment (a view into one flat vector of them all moved bits on a 17 × 26 block)
+        s = [t for w in work for t in (w[1].s, w[2].s) if t is not None]
+        squares = iter(torch._foreach_mul(s, s) if s else [])
+        # per bucket: each side's Gram operand A = X Q_other diag(s_other) (a product, a scaling of the half rotation
+        # or of G, scaled below in one call; None: the sandwich), then the statistics' products
+        grams: list[tuple[int, str, _Side, Tensor | None, float, Any]] = []  # (bucket, side, side, A, alpha, defer)
+        scale: list[tuple[int, Tensor, Tensor]] = []  # (position in grams, X, s_other): A = X * s_other
+        made: dict[tuple[int, str], Tensor] = {}  # factors made otherwise (the sandwich)
+        # (bucket, side, s, d, divisor, ceiling)
+        tracked: list[tuple[int, str, Tensor, Tensor, float, float | None]] = []
+        for (i, left, right, g, rotation), H2_i in zip(work, H2):
+            ctx, (m, n) = ctxs[i], g.shape[-2:]
+            sq_L = None if left.s is None else next(squares)
+            sq_R = None if right.s is None else next(squares)
+            sL = None if left.s is None else left.s.unsqueeze(-1)
+            sR = None if right.s is None else right.s.unsqueeze(-2)
+            H = rotation.H
+            Gl, Gr = (None if h is None else h.to(g.dtype) for h in (rotation.left, rotation.right))
+            for name, side, X, Xh, Q_other, s_other, half, alpha in (
+                ("L", left, g, H, right.Q, sR, Gr, (1 - rho) / n),
+                ("R", right, g.mT, H.mT, left.Q, None if sL is None else sL.mT, None if Gl is None else Gl.mT,
+                 (1 - rho) / m),
+            ):
+                if side.F is None:
+                    continue
+                base = X if Q_other is None else half
+                if base is not None and s_other is not None:  # _gram_operand's scaled forms, scaled below
+                    scale.append((len(grams), base, s_other))
+                    grams.append((i, name, side, None, alpha, ctx.defer))
+                    continue
+                A = _gram_operand(X, Xh, Q=side.Q, Q_other=Q_other, s_other=s_other, half=half, exact=ctx.exact_basis)
+                if A is None:
+                    made[i, name] = linalg.accumulate_sandwich(
+                        side.F, side.Q, Xh if s_other is None else Xh * s_other, rho, alpha,
+                        dtype=narrow_dtype(self.product_dtype),
+                    )
+                else:
+                    grams.append((i, name, side, A, alpha, ctx.defer))
+            if left.F is not None:
+                d_L = H2_i.sum(-1) if sq_R is None else linalg.matvec(H2_i, sq_R)
+                tracked.append((i, "L", left.s, d_L, n, self._clamp(left.d)))  # type: ignore[arg-type]
+            if right.F is not None:
+                # @, not linalg.mm: as update's (a transposed row-vector stack, which @ rounds otherwise)
+                d_R = H2_i.sum(-2) if sq_L is None else (sq_L.unsqueeze(-1).mT @ H2_i).squeeze(-2)
+                tracked.append((i, "R", right.s, d_R, m, self._clamp(right.d)))  # type: ignore[arg-type]
+        if scale:
+            for (k, _, _), A in zip(scale, torch._foreach_mul([x for _, x, _ in scale], [y for _, _, y in scale])):
+                grams[k] = (*grams[k][:3], A, *grams[k][4:])
+        if grams:
+            new = linalg.accumulate_grams_each(
+                [w[2].F for w in grams], [w[3] for w in grams], rho,  # type: ignore[misc]
+                [w[4] for w in grams], [w[5] for w in grams],
+                dtype=narrow_dtype(self.product_dtype),
+            )
+            made.update(((w[0], w[1]), F) for w, F in zip(grams, new))
+        roots = linalg.tracked_inverse_root_ema_each(
+            [w[2] for w in tracked], [w[3] for w in tracked], rho, [w[5] for w in tracked],
+            divisors=[w[4] for w in tracked],
+        )
+        s_new = {(w[0], w[1]): r for w, r in zip(tracked, roots)}
+        for i, left, right, _, _ in work:
+            out[i] = attrs.evolve(
+                states[i], L=made.get((i, "L"), left.F), R=made.get((i, "R"), right.F),
+                s_L=s_new.get((i, "L"), left.s), s_R=s_new.get((i, "R"), right.s),
+            )
+        return out
+
     def on_basis_change(self, state: KlFactorsState, change: BasisChange) -> KlFactorsState:
         """Keep the estimates attached to their columns; re-project a restricted side onto its new subspace."""
         old, new = change.old, change.new
@@ -314,17 +430,9 @@ class KlKronFactors:
         "bfloat16"`` by bfloat16's: the sandwich rounds the Gram product of :math:`H\,\mathrm{diag}(s_R)`, the
         others that of :math:`A`)."""
         rho, narrow = self.beta, narrow_dtype(self.product_dtype)
-        m, n = G.shape[-2], G.shape[-1]
-        if Q_other is None:
-            A = G if s_other is None else G * s_other
-        elif half is not None:
-            A = half if s_other is None else half * s_other
-        elif Q is not None and exact and n > 2 * m:
+        A = _gram_operand(G, H, Q=Q, Q_other=Q_other, s_other=s_other, half=half, exact=exact)
+        if A is None:
             return linalg.accumulate_sandwich(F, Q, H if s_other is None else H * s_other, rho, alpha, dtype=narrow)
-        elif Q is not None and exact and m < n:
-            A = linalg.mm(Q, H if s_other is None else H * s_other)
-        else:
-            A = linalg.mm(G, Q_other if s_other is None else Q_other * s_other)
         return linalg.accumulate_gram_left(F, A, rho, alpha, defer=defer, dtype=narrow)
 
     def _tracked(self, side: _Side, F: Tensor, d: Tensor, other: _Side, G: Tensor) -> _Side:

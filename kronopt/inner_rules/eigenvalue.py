@@ -1,6 +1,7 @@
 """Inner rule ``eigenvalue``: Shampoo-style scaling by powers of the eigenvalue estimates."""
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -172,6 +173,70 @@ class EigenvalueInner:
         if not basis.ready:
             return m_hat, MomentumState(m)
         return self._scaled_back(_rotated(m_hat, ctx), ctx), MomentumState(m)
+
+    def direction_each(
+        self, states: Sequence[MomentumState | EigenMomentumState], G: Sequence[Tensor], ctxs: Sequence[StepContext]
+    ) -> list[tuple[Tensor, MomentumState | EigenMomentumState]]:
+        """:meth:`direction` of several buckets, each with a whole momentum (``"original"`` or ``"eigen"``) and no
+        restricted side, the same bits: each bucket's rotations in its turn, the momenta of them all in one ``foreach``
+        call per operation, and their scales in one pass over the eigenvalues of them all where each entry's power
+        rounds alone (``-exponent`` in :data:`kronopt.linalg.POSITION_FREE_EXPONENTS`): the roots of
+        ``eps_placement = "product"`` (:func:`kronopt.linalg.product_inverse_root_denominators_each`), a side's
+        scale under ``"inside"`` and ``"outside"``; else each call's scales by :meth:`_scaled_back`. ``normalize`` is
+        not taken."""
+        assert not self.normalize, "direction_each does not normalise"
+        beta = self.momentum
+        eigen = [isinstance(state, EigenMomentumState) for state in states]
+        X = [ctx.rotated(g).H if e and ctx.basis.ready else g for e, g, ctx in zip(eigen, G, ctxs)]
+        old = [
+            st.momentum_eigen if e else st.momentum_buffer for e, st in zip(eigen, states)  # type: ignore[union-attr]
+        ]
+        new = torch._foreach_lerp(old, X, 1 - beta)
+        hat = list(new)
+        if self.bias_correction:
+            by_step: dict[int, list[int]] = {}
+            for i, ctx in enumerate(ctxs):
+                by_step.setdefault(ctx.step, []).append(i)
+            for t, at in by_step.items():
+                for i, q in zip(at, torch._foreach_div([new[i] for i in at], 1 - beta**t)):
+                    hat[i] = q
+        out: list[Any] = [None] * len(states)
+        together: list[int] = []  # the calls whose scales go together
+        flat = -self.exponent in linalg.POSITION_FREE_EXPONENTS
+        for i, (e, ctx) in enumerate(zip(eigen, ctxs)):
+            record = EigenMomentumState(new[i]) if e else MomentumState(new[i])
+            out[i] = (hat[i], record)
+            if not ctx.basis.ready:
+                continue
+            sides = [lam is not None for lam in ctx.eigvals]
+            if flat and (all(sides) if self.eps_placement == "product" else any(sides)):
+                together.append(i)
+            else:
+                out[i] = (self._scaled_back(hat[i] if e else _rotated(hat[i], ctx), ctx), record)
+        if not together:
+            return out
+        P = [hat[i] if eigen[i] else _rotated(hat[i], ctxs[i]) for i in together]
+        lam = [ctxs[i].eigvals for i in together]
+        if self.eps_placement == "product":
+            denominators = linalg.product_inverse_root_denominators_each(
+                [pair[0] for pair in lam], [pair[1] for pair in lam], self.exponent, self.eps  # type: ignore[misc]
+            )
+            P = torch._foreach_div(P, denominators)
+        else:
+            present = [v for pair in lam for v in pair if v is not None]
+            scales = iter(linalg.flat_each(self._scale, present))
+            per_call = [tuple(None if v is None else next(scales) for v in pair) for pair in lam]
+            for side, dim in ((0, -1), (1, -2)):  # as _scaled_back: the left side's scale first
+                at = [k for k, pair in enumerate(per_call) if pair[side] is not None]
+                if at:
+                    scaled = torch._foreach_mul(
+                        [P[k] for k in at], [per_call[k][side].unsqueeze(dim) for k in at]  # type: ignore[union-attr]
+                    )
+                    for k, Q in zip(at, scaled):
+                        P[k] = Q
+        for i, Q in zip(together, P):
+            out[i] = (ctxs[i].unrotate(Q), out[i][1])
+        return out
 
     def _scaled_back(self, P: Tensor, ctx: StepContext) -> Tensor:
         """The momentum ``P`` in the basis, scaled by the eigenvalue powers and rotated back."""

@@ -30,6 +30,8 @@ Switches turned off in the slow run (module, name, value), each a CPU-only path 
 * ``optimizer._MOMENTUM_IN_PLACE = False``: a new ``eigenvalue`` rule momentum, tested, copied
   (``KronOptimizer._momentum_proof``, ``compose.eigen_momentum_is_safe``, carried ``_MomentumBounds``)
 * ``optimizer._ROTATED_ADAMS_TOGETHER = False``: each small bucket's rotated Adam call in its own pipeline
+* ``optimizer._EIGEN_STEPS_TOGETHER = False``: each small bucket's ``eigenvalue``-rule call in its own pipeline
+  (KL-Shampoo's, Shampoo's: ``compose.eigen_steps``)
 * ``optimizer._SMALL_TOGETHER_MAX = 0``: each small bucket stepped in its own turn
 * ``optimizer._PLAIN_MUON_CPU = False``: plain Muon on the stacks (``compose.momentum_block_is_safe``)
 * ``optimizer._BLOCKWISE_MIN = 10**12``: plain AdamW on the stacks, every block tested (no
@@ -86,6 +88,7 @@ SLOW = [
     (kopt, "_ROTATED_MOMENTS_IN_PLACE", False),
     (kopt, "_MOMENTUM_IN_PLACE", False),
     (kopt, "_ROTATED_ADAMS_TOGETHER", False),
+    (kopt, "_EIGEN_STEPS_TOGETHER", False),
     (kopt, "_SMALL_TOGETHER_MAX", 0),
     (kopt, "_PLAIN_MUON_CPU", False),
     (kopt, "_BLOCKWISE_MIN", 10**12),

@@ -209,21 +209,30 @@ def test_the_directions_rotation_is_kept_for_the_factor_update_only_when_it_read
     assert seen[-1] is kept
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["pipeline", "small buckets together"])
 @pytest.mark.parametrize(("order", "calls"), [("after", 1), ("before", 2)])
-def test_the_estimators_eigenvalues_are_taken_once_per_factor_record(order, calls, monkeypatch):
+def test_the_estimators_eigenvalues_are_taken_once_per_factor_record(order, calls, together, monkeypatch):
     """The contexts of one call share the estimator's eigenvalues while they see the same factor record: once per
     plain step with the update after the direction; twice with it before (the direction must see the updated
-    record's, not the cached ones of the record before)."""
+    record's, not the cached ones of the record before). The same where a CPU's small buckets step together
+    (``compose.eigen_steps``, whose contexts take them for many buckets at once: ``eigvals_each``)."""
+    from kronopt import optimizer as optimizer_module
     from kronopt.factors import KlKronFactors
 
     seen = []
-    eigvals = KlKronFactors.eigvals
+    eigvals, eigvals_each = KlKronFactors.eigvals, KlKronFactors.eigvals_each
 
     def spy(self, state):
         seen.append(state)
         return eigvals(self, state)
 
+    def spy_each(self, states):
+        seen.extend(states)
+        return eigvals_each(self, states)
+
     monkeypatch.setattr(KlKronFactors, "eigvals", spy)
+    monkeypatch.setattr(KlKronFactors, "eigvals_each", spy_each)
+    monkeypatch.setattr(optimizer_module, "_EIGEN_STEPS_TOGETHER", together)
     gen = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(12, 8, generator=gen))
     opt = kronopt.build([("w", w)], "kl_shampoo", **{"refresh.every": 100, "factor_update": order})

@@ -1,0 +1,479 @@
+"""The small buckets' ``eigenvalue``-rule calls made together (``compose.eigen_steps``, the CPU's
+``KronOptimizer._step_small_buckets``) against the pipeline (``compose.step``), bit for bit.
+
+``eigen_steps`` makes KL-Shampoo's and Shampoo's calls of many buckets with one ``foreach`` call (or one pass over a
+flat vector of every bucket's entries) per elementwise operation: the momenta, the scales of the eigenvalues, the
+``kl`` estimator's eigenvalue estimates and Gram operands. ``compose.step`` makes each bucket's with the stages' own
+methods. They must agree on every bit of the direction and the new state for every setting the path takes (a
+refresh, a factor update before the direction, grafting included), and the path must turn down every call it
+cannot make as the pipeline would. A flat vector gives each part its bits alone only where every kernel on it
+rounds an entry alone, wherever it lies: tested here for each kernel used, and the scales of other exponents go
+block by block.
+"""
+
+import math
+
+import attrs
+import pytest
+import torch
+
+import kronopt
+from kronopt import compose, linalg
+from kronopt import optimizer as optimizer_module
+from kronopt.app import stage_times
+from kronopt.types import Layout
+from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
+from tests.reference.kl_shampoo import kl_reference
+
+
+def _equal(a, b, path="state"):
+    """Two records (or tensors) equal bit for bit, field by field."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b)), path
+        return
+    if a is None or isinstance(a, (int, float, bool, str)):
+        assert a == b, path
+        return
+    assert type(a) is type(b), path
+    for field in attrs.fields(type(a)):
+        _equal(getattr(a, field.name), getattr(b, field.name), f"{path}.{field.name}")
+
+
+def _states(cfg, layout, steps, gen, dtype=torch.float32):
+    """A bucket's state after ``steps`` calls of the pipeline on random gradients, and the next gradient."""
+    state = compose.init_state(cfg, layout, dtype=dtype, device=torch.device("cpu"))
+    shape = (layout.batch, layout.m, layout.n)
+    for _ in range(steps):
+        _, state = compose.step(cfg, layout, state, torch.randn(shape, generator=gen, dtype=dtype))
+    return state, torch.randn(shape, generator=gen, dtype=dtype)
+
+
+def _same_deferred(defer, defer_ref):
+    """The same deferred factor updates: into the same stacks, with the same values once run."""
+    assert len(defer) == len(defer_ref)
+    assert all(a.target is b.target for a, b in zip(defer, defer_ref))
+    for d, d_ref in zip(defer, defer_ref):
+        ok = torch.ones(d.target.shape[0], dtype=torch.bool)
+        kept = d.target.clone()
+        compose.run_deferred_([d_ref], ok)
+        made = d.target.clone()
+        d.target.copy_(kept)
+        compose.run_deferred_([d], ok)
+        assert torch.equal(made, d.target)
+        d.target.copy_(kept)
+
+
+CONFIGS = {
+    "kl_shampoo": ("kl_shampoo", {}),
+    "kl_shampoo, momentum in the original coordinates": ("kl_shampoo", {"inner.momentum_basis": "original"}),
+    "kl_shampoo, bias-corrected, ε inside": ("kl_shampoo", {"inner.bias_correction": True, "inner.eps_placement": "inside"}),
+    "kl_shampoo, ε outside, exponent -1/4": (
+        "kl_shampoo", {"inner.eps_placement": "outside", "inner.exponent": -0.25, "inner.eps": 1e-3}
+    ),
+    "kl_shampoo, exponent -0.3 (scales block by block)": ("kl_shampoo", {"inner.exponent": -0.3}),
+    "kl_shampoo, damped": ("kl_shampoo", {"factors.damping": 1e-3}),
+    "kl_shampoo, unclamped, other retention": ("kl_shampoo", {"factors.clamping": False, "factors.beta": 0.9}),
+    "kl_shampoo, factors before the direction": ("kl_shampoo", {"factor_update": "before"}),
+    "kl_shampoo, grafted": ("kl_shampoo", {"post.grafting": "adam"}),
+    "kl_shampoo, bfloat16 products and rotations": (
+        "kl_shampoo", {"factors.product_dtype": "bfloat16", "rotation_dtype": "bfloat16"}
+    ),
+    "kl_shampoo, eigh refresh": ("kl_shampoo", {"basis.type": "eigh"}),
+    "shampoo": ("shampoo", {}),
+    "shampoo, momentum in the basis": ("shampoo", {"inner.momentum_basis": "eigen", "basis.type": "qr"}),
+}
+
+LAYOUTS = [
+    Layout(batch=1, m=9, n=4, left="full", right="full"),  # tall: the right side's half rotation
+    Layout(batch=3, m=5, n=12, left="full", right="full"),  # wide, more than twice: KL's sandwich
+    Layout(batch=2, m=7, n=7, left="full", right="full"),
+    Layout(batch=1, m=6, n=11, left="none", right="full"),
+    Layout(batch=2, m=13, n=3, left="full", right="none"),
+    Layout(batch=2, m=3, n=5, left="none", right="none"),  # neither side rotated: no estimate to track
+]
+
+
+def _made_together_as_the_pipeline(configs, layouts, update, seed):
+    """A bucket of each config on each layout, some in float64, stepped by the pipeline until its next call is
+    update ``update(j, k)``; that call of them all made in one ``eigen_steps`` call against each bucket's
+    ``compose.step``, bit for bit, deferred factor updates included. Returns ``[(call, new state)]``."""
+    gen = torch.Generator().manual_seed(seed)
+    calls, expected = [], []
+    for k, (name, overrides) in enumerate(configs.values()):
+        cfg = kronopt.resolve(name, **overrides).bound()
+        for j, layout in enumerate(layouts):
+            dtype = torch.float64 if (j + k) % 3 == 0 else torch.float32
+            state, G = _states(cfg, layout, update(j, k) - 1 + cfg.skip_first_call, gen, dtype)
+            assert state.step + 1 == update(j, k)
+            assert compose.eigen_steps_due(cfg, layout, state, dtype)
+            defer_ref = []
+            expected.append((*compose.step(cfg, layout, state, G.clone(), defer=defer_ref), defer_ref))
+            calls.append((cfg, layout, state, G, []))
+    got = compose.eigen_steps(calls)
+    for (D, new), (D_ref, new_ref, defer_ref), call in zip(got, expected, calls):
+        _equal(D, D_ref, "D")
+        _equal(new, new_ref)
+        _same_deferred(call[4], defer_ref)
+    return [(call, new) for call, (_, new) in zip(calls, got)]
+
+
+def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bit():
+    """Buckets of thirteen configs (KL-Shampoo's momentum in either coordinates, three ε placements, exponents whose
+    scales go flat and one that goes block by block, damping, no clamping, the factors before the direction,
+    grafting, bfloat16 products, eigh; Shampoo's ``ema`` factors and grafting) on tall, wide, square, one-sided
+    and stacked layouts, float32 and float64, past the first refresh, at updates with no refresh due."""
+    made = _made_together_as_the_pipeline(CONFIGS, LAYOUTS, lambda j, k: 12 + (j + k) % 6, seed=0)
+    assert not any(call[0].refresh.due(call[2].step + 1, first_call=False) for call, _ in made)
+    assert len(made) == len(CONFIGS) * len(LAYOUTS)
+
+
+def test_refresh_calls_made_together_equal_the_pipeline_bit_for_bit():
+    """Calls at the tenth and twentieth updates (a refresh due) among plain ones: the new basis, the eigenvalue
+    estimates following its columns, the momentum carried into it, the factors the refresh read."""
+    made = _made_together_as_the_pipeline(CONFIGS, LAYOUTS, lambda j, k: (10, 20, 15)[(j + k) % 3], seed=10)
+    refreshed = [call for call, new in made if new.basis.refreshes != call[2].basis.refreshes]
+    assert len(refreshed) >= len(made) // 2
+    assert not any(call[4] for call in refreshed)  # a refresh reads the new factors: nothing left to the write
+
+
+@pytest.mark.parametrize(
+    ("update", "overrides", "deferred"),
+    [(12, {}, 1), (20, {}, 0), (12, {"factor_update": "before"}, 0)],
+    ids=["plain", "a refresh due", "factors before the direction"],
+)
+def test_deferred_factor_updates_are_left_as_the_pipeline_leaves_them(update, overrides, deferred):
+    """A side from the dense deferral's size on leaves its KL factor update to the state write, together as alone;
+    not where a refresh follows (it reads the new factor) nor before the direction (the pipeline defers none there)."""
+    gen = torch.Generator().manual_seed(1)
+    cfg = kronopt.resolve("kl_shampoo", **overrides).bound()
+    layouts = [Layout(batch=1, m=4, n=linalg._DEFER_DENSE_MIN, left="full", right="full"),
+               Layout(batch=2, m=linalg._DEFER_DENSE_MIN, n=3, left="full", right="full")]
+    calls, expected = [], []
+    for layout in layouts:
+        state, G = _states(cfg, layout, update, gen)
+        assert state.step + 1 == update
+        defer_ref = []
+        expected.append((*compose.step(cfg, layout, state, G.clone(), defer=defer_ref), defer_ref))
+        calls.append((cfg, layout, state, G, []))
+    for (D, new), (D_ref, new_ref, defer_ref), call in zip(compose.eigen_steps(calls), expected, calls):
+        _equal(D, D_ref, "D")
+        _equal(new, new_ref)
+        assert len(call[4]) == deferred  # the long side's factor, where deferred
+        _same_deferred(call[4], defer_ref)
+
+
+def _due(name="kl_shampoo", steps=12, layout=Layout(batch=1, m=6, n=8, left="full", right="full"), **overrides):
+    cfg = kronopt.resolve(name, **overrides).bound()
+    state, _ = _states(cfg, layout, steps, torch.Generator().manual_seed(2))
+    return compose.eigen_steps_due(cfg, layout, state, torch.float32)
+
+
+def test_plain_calls_are_taken():
+    assert _due()
+    assert _due("shampoo")
+    assert _due(steps=9)  # a refresh is due at this update
+    assert _due(layout=Layout(batch=2, m=1, n=9, left="none", right="full"))
+    assert _due(**{"post.grafting": "adam", "factor_update": "before"})
+
+
+@pytest.mark.parametrize(
+    ("why", "kwargs"),
+    [
+        ("the first call", {"steps": 0}),
+        ("a normalised direction", {"inner.normalize": True}),
+        ("a normalised post", {"post.normalize": True}),
+        ("compiled", {"compile": True}),
+        ("momentum stored in bfloat16", {"storage.moments": "bfloat16"}),
+        ("factors stored in bfloat16", {"storage.factors": "bfloat16"}),
+        ("another inner rule", {"name": "soap"}),
+        ("KL's factors with Adam's rule", {"name": "kl_soap"}),
+        ("a split", {"name": "pro_kl_shampoo"}),
+    ],
+)
+def test_calls_the_pipeline_must_make_are_refused(why, kwargs):
+    with pytest.warns(DeprecationWarning) if "inner.normalize" in kwargs else _nothing():
+        assert not _due(**kwargs), why
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_restricted_side_is_refused():
+    layout = Layout(batch=1, m=6, n=8, left="full", right="restricted", rank_right=2)
+    cfg = kronopt.resolve("kl_shampoo", **{"inner.momentum_basis": "original"}).bound()
+    state = compose.init_state(cfg, layout, dtype=torch.float32, device=torch.device("cpu"))
+    assert not compose.eigen_steps_due(cfg, layout, attrs.evolve(state, calls=5, step=4), torch.float32)
+
+
+def test_a_stage_from_outside_kronopt_is_refused(monkeypatch):
+    """A plugin's stage has its outputs checked (``compose._checked_slots``), which only the pipeline does."""
+    assert _due()
+    monkeypatch.setattr(compose, "CHECK_OWN_STAGES", True)
+    assert not _due()
+
+
+# -- the flat vectors ------------------------------------------------------------------------------
+
+
+def _vectors(gen, dtype, lengths=(1, 3, 7, 16, 17, 33, 64, 65)):
+    """Vectors of awkward lengths holding zeros, infinities, NaN, subnormals and values of every size."""
+    out = []
+    for k in lengths:
+        v = torch.randn(k, generator=gen, dtype=dtype).abs() * 10.0 ** torch.randint(-30, 30, (k,), generator=gen).to(dtype)
+        specials = torch.tensor([0.0, math.inf, math.nan, torch.finfo(dtype).tiny / 8, 1e-45, 3e38], dtype=dtype)
+        v[: min(k, 6)] = specials[: min(k, 6)][torch.randperm(min(k, 6), generator=gen)]
+        out.append(v.reshape(1, k) if k % 2 else v.reshape(k // 16 or 1, -1))
+    return out
+
+
+KERNELS = {
+    "square": lambda x, y: x.square(),
+    "reciprocal": lambda x, y: x.reciprocal(),
+    "nan_to_num": lambda x, y: torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0),
+    "lerp": lambda x, y: torch.lerp(x, y, 0.02),
+    "lerp past a half": lambda x, y: torch.lerp(x, y, 0.9),
+    "rsqrt": lambda x, y: x.rsqrt(),
+    "sqrt": lambda x, y: x.sqrt(),
+    "clamp": lambda x, y: x.clamp(min=0.0),
+    "minimum": lambda x, y: torch.minimum(x, y),
+    "divide": lambda x, y: x / y,
+    "add": lambda x, y: x + y,
+    **{f"power {e}": (lambda e: lambda x, y: linalg.power(x, e))(e) for e in sorted(linalg.POSITION_FREE_EXPONENTS)},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_each_kernel_on_a_flat_vector_rounds_each_entry_as_alone(name, dtype):
+    """What ``linalg.joined`` relies on: each elementwise kernel the flat paths use gives an entry the same bits
+    wherever it lies in a vector (a vectorised body or a scalar tail), so a part of one flat vector comes out as
+    the part alone."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = _vectors(gen, dtype), _vectors(gen, dtype)
+    fn = KERNELS[name]
+    whole = linalg.parted(fn(linalg.joined(x), linalg.joined(y)), x)
+    for part, a, b in zip(whole, x, y):
+        alone = fn(a, b)
+        assert torch.equal(part.nan_to_num(7.0), alone.nan_to_num(7.0)) and torch.equal(part.isnan(), alone.isnan())
+        for e in range(a.numel()):  # and each entry in a tensor of its own
+            one = fn(a.reshape(-1)[e : e + 1], b.reshape(-1)[e : e + 1])
+            assert torch.equal(one.nan_to_num(7.0), part.reshape(-1)[e : e + 1].nan_to_num(7.0))
+
+
+def test_joined_and_parted_give_every_tensor_back():
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(2, 3, generator=gen), torch.randn(5, generator=gen), torch.randn(1, 1, generator=gen)]
+    back = linalg.parted(linalg.joined(xs), xs)
+    assert [b.shape for b in back] == [x.shape for x in xs]
+    assert all(torch.equal(a, b) for a, b in zip(back, xs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_tracked_inverse_roots_of_many_equal_each_alone(dtype):
+    """Zero roots (an infinite previous eigenvalue), NaN and infinite statistics, clamped and unclamped parts, each
+    statistic divided by its own number."""
+    gen = torch.Generator().manual_seed(5)
+    s = [v.abs().clamp(max=1e4).nan_to_num(0.5) for v in _vectors(gen, dtype)]
+    d = _vectors(gen, dtype)
+    clamp = [None if k % 3 == 0 else float(10 + k) for k in range(len(s))]
+    divisors = [float(3 + 2 * k) for k in range(len(s))]
+    made = linalg.tracked_inverse_root_ema_each(s, d, 0.98, clamp, divisors=divisors)
+    for m, s_i, d_i, c, n in zip(made, s, d, clamp, divisors):
+        alone = linalg.tracked_inverse_root_ema(s_i, d_i / n, 0.98, c)
+        assert m.shape == s_i.shape and torch.equal(m, alone)
+    undivided = linalg.tracked_inverse_root_ema_each(s, d, 0.5, clamp)
+    assert all(torch.equal(u, linalg.tracked_inverse_root_ema(a, b, 0.5, c)) for u, a, b, c in zip(undivided, s, d, clamp))
+    with pytest.raises(ValueError, match="same shape"):
+        linalg.tracked_inverse_root_ema_each([s[0]], [d[1]], 0.9, [None])
+
+
+@pytest.mark.parametrize("exponent", [-0.5, -0.25, -1.0, -0.3])
+def test_the_product_denominators_of_many_equal_each_alone(exponent):
+    """Zero and infinite eigenvalues (the NaN mend of ``0 · ∞``), negative ones, in some pairs only; the exponent
+    -0.3, whose power may round by place, block by block."""
+    gen = torch.Generator().manual_seed(6)
+    lam_L = [torch.rand(b, m, generator=gen) * 10 for b, m in ((1, 4), (2, 7), (1, 17), (3, 2))]
+    lam_R = [torch.rand(b, n, generator=gen) * 10 for b, n in ((1, 9), (2, 3), (1, 33), (3, 5))]
+    lam_L[1][0, 2], lam_R[1][0, 1] = 0.0, math.inf  # a zero root against an infinite one in a block: 0 · ∞
+    lam_L[2][0, 5], lam_R[3][2, 4] = -1.0, math.nan
+    made = linalg.product_inverse_root_denominators_each(lam_L, lam_R, exponent, 1e-8)
+    for m, a, b in zip(made, lam_L, lam_R):
+        alone = linalg.product_inverse_root_denominator(a, b, exponent, 1e-8)
+        assert torch.equal(m, alone)
+    assert torch.isinf(made[1][0, 2, 1])  # the mended 0 · ∞: no step
+    # where no root is zero nothing is mended, and each part is still as alone
+    clean = linalg.product_inverse_root_denominators_each(lam_L[:1], lam_R[:1], exponent, 0.0)
+    assert torch.equal(clean[0], linalg.product_inverse_root_denominator(lam_L[0], lam_R[0], exponent, 0.0))
+
+
+def test_the_estimators_eigenvalues_of_many_equal_each_alone():
+    cfg = kronopt.resolve("kl_shampoo").bound()
+    gen = torch.Generator().manual_seed(7)
+    states = []
+    for layout in LAYOUTS:
+        state, _ = _states(cfg, layout, 12, gen)
+        states.append(state.factors)
+    states[0] = attrs.evolve(states[0], s_L=torch.zeros_like(states[0].s_L))  # s = 0: an infinite eigenvalue
+    for made, state in zip(cfg.factors.eigvals_each(states), states):
+        for a, b in zip(made, cfg.factors.eigvals(state)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a, b)
+
+
+# -- through the optimizer ------------------------------------------------------------------------
+
+SHAPES = [(6, 5), (6, 5), (7, 3), (3, 9), (9,), (5, 4), (4, 7), (12, 40), (2, 2), (17, 26)]
+
+
+def _train(monkeypatch, preset, *, together, overrides=None, steps=24, poison=True, failing=None):
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    taken = []
+    with monkeypatch.context() as patch:
+        patch.setattr(optimizer_module, "_EIGEN_STEPS_TOGETHER", together)
+        real = compose.eigen_steps
+        patch.setattr(compose, "eigen_steps", lambda calls: taken.append(len(calls)) or real(calls))
+        if failing is not None:
+            failing(patch)
+        named = [(f"p{i}", p) for i, p in enumerate(params)]
+        groups = [{"params": named[:5]}, {"params": named[5:], "lr": 0.003, "weight_decay": 0.1}]
+        opt = kronopt.build(groups, preset, nonfinite="skip", nonfinite_scope="block", **(overrides or {}))
+        for step in range(steps):
+            grads = [torch.randn(s, generator=gen) for s in SHAPES]
+            if poison and step == 13:
+                grads[2][1, 1] = math.nan
+                grads[5][0, 0] = 1e30  # finite; its square overflows the factor
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+    state = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), taken
+
+
+def _same_runs(fast, slow):
+    for a, b in zip(fast[0], slow[0]):
+        assert torch.equal(a, b)
+    for i in fast[1]:
+        for key, value in fast[1][i].items():
+            other = slow[1][i][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, key)
+    assert fast[2] == slow[2]
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("kl_shampoo", None),
+        ("shampoo", None),
+        ("kl_shampoo", {"refresh.stagger": True}),  # some buckets refresh at an update where the others do not
+        ("kl_shampoo", {"inner.momentum_basis": "original", "inner.bias_correction": True}),
+    ],
+)
+def test_the_optimizer_takes_the_same_steps_with_the_calls_together(monkeypatch, preset, overrides):
+    """Two param groups of other rates, a NaN gradient and an overflowing one (skipped blocks), refreshes: the same
+    parameters, state and skip counts as each bucket through its pipeline."""
+    fast = _train(monkeypatch, preset, together=True, overrides=overrides)
+    slow = _train(monkeypatch, preset, together=False, overrides=overrides)
+    assert fast[3] and max(fast[3]) >= 5 and not slow[3]  # the path was taken, for several buckets at once
+    _same_runs(fast, slow)
+    assert fast[2]["p2"] >= 1 and fast[2]["p0"] == 0
+
+
+def _failing_qr(at):
+    """Patches ``linalg.q_factor`` so that every 7 × 7 side's QR returns a NaN column on its first block at the
+    twentieth update's refresh (the 7 × 3 block's left side, the 4 × 7 block's right one)."""
+
+    def install(patch):
+        real = linalg.q_factor
+        real_step = kronopt.KronOptimizer.step
+
+        def failing(P, **kwargs):
+            Q = real(P, **kwargs)
+            if at["step"] == 21 and P.shape[-2:] == (7, 7):
+                Q[0, :, 3] = math.nan
+                at["made"] += 1
+            return Q
+
+        def counted_step(self, closure=None):
+            at["step"] += 1
+            return real_step(self, closure)
+
+        patch.setattr(linalg, "q_factor", failing)
+        patch.setattr(kronopt.KronOptimizer, "step", counted_step)
+
+    return install
+
+
+def test_a_failed_refresh_made_together_keeps_the_old_basis_as_the_pipeline_does(monkeypatch):
+    """A refresh made together does not test its new basis; the optimizer's test of the new state finds the NaN and
+    makes the call again through the pipeline, whose refresh keeps that block's old basis: parameters, state and
+    counts as with the path off, nothing skipped."""
+    runs = {}
+    for together in (True, False):
+        at = {"step": 0, "made": 0}
+        runs[together] = (_train(monkeypatch, "kl_shampoo", together=together, poison=False, failing=_failing_qr(at)), at)
+    (fast, at_fast), (slow, at_slow) = runs[True], runs[False]
+    assert at_slow["made"] == 2 and at_fast["made"] == 4  # each failing side once with the path off, twice with it on
+    _same_runs(fast, slow)
+    assert all(torch.isfinite(p).all() for p in fast[0]) and not any(fast[2].values())
+
+
+def test_the_calls_made_together_follow_the_float64_reference_of_the_spec(monkeypatch):
+    """The path against the clean-room float64 KL-Shampoo written from the spec (tests/reference/kl_shampoo.py), not
+    only against the pipeline: every call past the first is made by ``eigen_steps``."""
+    shapes = [(6, 4), (4, 6), (5, 5), (6, 4), (3, 7)]
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = reference_grads(gen, shapes, 25)
+    ref = kl_reference(params, grads, lr=1e-3)
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = kronopt.build([(f"blocks.{i}.weight", p) for i, p in enumerate(ours)], "kl_shampoo", lr=1e-3)
+    taken = []
+    real = compose.eigen_steps
+    monkeypatch.setattr(compose, "eigen_steps", lambda calls: taken.append(len(calls)) or real(calls))
+    history = run_history(opt, ours, grads)
+    assert len(taken) == 24 and set(taken) == {4}  # the two 6 × 4 blocks stacked, 4 × 6, 5 × 5, 3 × 7
+    assert_histories_close(history, ref)
+
+
+def test_the_stage_clock_times_each_operator_of_the_calls_together_in_its_slot(monkeypatch):
+    """On the updates made together, the momenta, scales and rotations are the inner rule's, the Gram products and
+    eigenvalue estimates the factors' (``kronopt bench --stages``): the slot open at each such operator."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = [(6, 5), (6, 5), (7, 3), (3, 9)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    opt = kronopt.build(params, "kl_shampoo")
+    clock = stage_times.StageClock()
+    seen: dict[str, set] = {}
+    taken = []
+    real = compose.eigen_steps
+    monkeypatch.setattr(compose, "eigen_steps", lambda calls: taken.append(len(calls)) or real(calls))
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.setdefault(func.overloadpacket.__name__, set()).add(clock._open[-1] if clock._open else None)
+            return func(*args, **(kwargs or {}))
+
+    with stage_times.StageClock.installed(stage_times.stages_of(opt)):
+        for k in range(13):  # the first call (skipped, a refresh), then updates made together, a refresh at the tenth
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + k))
+            if k == 0:
+                opt.step()
+                continue
+            with clock.running(), Watch():
+                opt.step()
+    assert taken == [3] * 12  # the stacked 6 × 5 pair, 7 × 3, 3 × 9
+    for name in ("_foreach_lerp", "_foreach_div"):  # the momenta and the scaled direction
+        assert seen.get(name) == {"inner"}, (name, seen.get(name))
+    for name in ("baddbmm", "_foreach_add", "rsqrt"):  # the Gram products, their sums, the eigenvalue estimates
+        assert seen.get(name) == {"factors"}, (name, seen.get(name))
+    assert "basis" in seen.get("linalg_householder_product", set()) | seen.get("geqrf", set())
