@@ -905,7 +905,9 @@ def eigen_steps(
     nor the momentum, so the order changes no bit.
 
     As in :func:`rotated_adams`, a refresh made here does not test its new basis (:attr:`StepContext.finite_fallback`
-    off): the caller tests every new tensor and makes a call whose new basis is not finite again with :func:`step`."""
+    off): the caller tests every new tensor and makes a call whose new basis is not finite again with :func:`step`.
+    The new states' small vectors (the ``kl`` estimator's inverse roots) may be views into one vector of the call's
+    buckets: the optimizer copies them into its own stacks; another caller keeping them should copy them too."""
     t = [state.step + 1 for _, _, state, _, _ in calls]
     due = [cfg.refresh.due(t_i, first_call=False) for (cfg, _, _, _, _), t_i in zip(calls, t)]
     states = [call[2] for call in calls]

@@ -3739,18 +3739,23 @@ def parted(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 
 def alike(tensors: Sequence[Tensor]) -> list[list[int]]:
-    """The positions of ``tensors``, grouped by dtype and device (each group one :func:`joined` vector)."""
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    """The positions of ``tensors``, grouped by dtype and device (each group one :func:`joined` vector); a tensor
+    that is not row-major (contiguous) in a group of its own, so that a result made from it alone keeps its layout."""
+    groups: dict[Any, list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault((t.dtype, t.device), []).append(i)
+        groups.setdefault((t.dtype, t.device) if t.is_contiguous() else i, []).append(i)
     return list(groups.values())
 
 
 def flat_each(fn: Callable[[Tensor], Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
     """``fn`` (elementwise, made of kernels that round an entry alone: :func:`joined`) of each tensor, the same bits,
-    in one call for each dtype and device among them."""
+    in one call for each dtype and device among them; a tensor laid out otherwise than row-major alone, so that its
+    result keeps its layout as ``fn`` of it alone does."""
     out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     for group in alike(tensors):
+        if len(group) == 1:
+            out[group[0]] = fn(tensors[group[0]])
+            continue
         part = [tensors[i] for i in group]
         for i, t in zip(group, parted(fn(joined(part)), part)):
             out[i] = t
@@ -3775,6 +3780,10 @@ def tracked_inverse_root_ema_each(
             raise ValueError(f"s and d must have the same shape, got {tuple(s_i.shape)} and {tuple(d_i.shape)}")
     out: list[Tensor] = [None] * len(s)  # type: ignore[list-item]
     for group in alike(s):
+        if len(group) == 1:  # alone, as the part's own call (a stack of another layout keeps it)
+            i = group[0]
+            out[i] = tracked_inverse_root_ema(s[i], d[i] if divisors is None else d[i] / divisors[i], rho, clamp[i])
+            continue
         part = [s[i] for i in group]
         S, D = joined(part), joined([d[i] for i in group])
         counts = torch.tensor([t.numel() for t in part], device=S.device)
@@ -3811,9 +3820,10 @@ def product_inverse_root_denominators_each(
     positive = all(t.numel() for t in sides)  # no root zero (an empty side counts as one: as alone)
     for group in alike(sides):
         part = [sides[i] for i in group]
-        flat = power(joined(part).clamp(min=0.0), -exponent).nan_to_num(nan=math.inf, posinf=math.inf)
+        flat = power((part[0] if len(group) == 1 else joined(part)).clamp(min=0.0), -exponent)
+        flat = flat.nan_to_num(nan=math.inf, posinf=math.inf)
         positive = positive and host_verdicts(flat) and cpu_all(flat.amin() > 0)
-        for i, r in zip(group, parted(flat, part)):
+        for i, r in zip(group, [flat] if len(group) == 1 else parted(flat, part)):
             roots[i] = r
     k = len(lam_L)
     out = torch._foreach_mul([r.unsqueeze(-1) for r in roots[:k]], [r.unsqueeze(-2) for r in roots[k:]])

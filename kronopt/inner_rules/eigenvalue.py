@@ -221,7 +221,10 @@ class EigenvalueInner:
             denominators = linalg.product_inverse_root_denominators_each(
                 [pair[0] for pair in lam], [pair[1] for pair in lam], self.exponent, self.eps  # type: ignore[misc]
             )
-            P = torch._foreach_div(P, denominators)
+            # the quotient laid out as the pipeline's, which writes it over its row-major denominator
+            # (divide_by_product_inverse_root): a momentum stack loaded column-major would lay it out otherwise,
+            # and the products rotating it back round by layout
+            P = torch._foreach_div([p.contiguous() for p in P], denominators)
         else:
             present = [v for pair in lam for v in pair if v is not None]
             scales = iter(linalg.flat_each(self._scale, present))

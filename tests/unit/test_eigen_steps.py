@@ -11,6 +11,7 @@ rounds an entry alone, wherever it lies: tested here for each kernel used, and t
 block by block.
 """
 
+import itertools
 import math
 
 import attrs
@@ -40,13 +41,14 @@ def _equal(a, b, path="state"):
         _equal(getattr(a, field.name), getattr(b, field.name), f"{path}.{field.name}")
 
 
-def _states(cfg, layout, steps, gen, dtype=torch.float32):
-    """A bucket's state after ``steps`` calls of the pipeline on random gradients, and the next gradient."""
+def _states(cfg, layout, steps, gen, dtype=torch.float32, scale=1.0):
+    """A bucket's state after ``steps`` calls of the pipeline on random gradients (times ``scale``), and the next
+    gradient."""
     state = compose.init_state(cfg, layout, dtype=dtype, device=torch.device("cpu"))
     shape = (layout.batch, layout.m, layout.n)
     for _ in range(steps):
-        _, state = compose.step(cfg, layout, state, torch.randn(shape, generator=gen, dtype=dtype))
-    return state, torch.randn(shape, generator=gen, dtype=dtype)
+        _, state = compose.step(cfg, layout, state, scale * torch.randn(shape, generator=gen, dtype=dtype))
+    return state, scale * torch.randn(shape, generator=gen, dtype=dtype)
 
 
 def _same_deferred(defer, defer_ref):
@@ -72,6 +74,8 @@ CONFIGS = {
         "kl_shampoo", {"inner.eps_placement": "outside", "inner.exponent": -0.25, "inner.eps": 1e-3}
     ),
     "kl_shampoo, exponent -0.3 (scales block by block)": ("kl_shampoo", {"inner.exponent": -0.3}),
+    "kl_shampoo, exponent -0.3, ε inside": ("kl_shampoo", {"inner.exponent": -0.3, "inner.eps_placement": "inside"}),
+    "kl_shampoo, exponent -0.3, ε outside": ("kl_shampoo", {"inner.exponent": -0.3, "inner.eps_placement": "outside"}),
     "kl_shampoo, damped": ("kl_shampoo", {"factors.damping": 1e-3}),
     "kl_shampoo, unclamped, other retention": ("kl_shampoo", {"factors.clamping": False, "factors.beta": 0.9}),
     "kl_shampoo, factors before the direction": ("kl_shampoo", {"factor_update": "before"}),
@@ -94,7 +98,7 @@ LAYOUTS = [
 ]
 
 
-def _made_together_as_the_pipeline(configs, layouts, update, seed):
+def _made_together_as_the_pipeline(configs, layouts, update, seed, scale=1.0):
     """A bucket of each config on each layout, some in float64, stepped by the pipeline until its next call is
     update ``update(j, k)``; that call of them all made in one ``eigen_steps`` call against each bucket's
     ``compose.step``, bit for bit, deferred factor updates included. Returns ``[(call, new state)]``."""
@@ -104,7 +108,7 @@ def _made_together_as_the_pipeline(configs, layouts, update, seed):
         cfg = kronopt.resolve(name, **overrides).bound()
         for j, layout in enumerate(layouts):
             dtype = torch.float64 if (j + k) % 3 == 0 else torch.float32
-            state, G = _states(cfg, layout, update(j, k) - 1 + cfg.skip_first_call, gen, dtype)
+            state, G = _states(cfg, layout, update(j, k) - 1 + cfg.skip_first_call, gen, dtype, scale)
             assert state.step + 1 == update(j, k)
             assert compose.eigen_steps_due(cfg, layout, state, dtype)
             defer_ref = []
@@ -119,13 +123,51 @@ def _made_together_as_the_pipeline(configs, layouts, update, seed):
 
 
 def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bit():
-    """Buckets of thirteen configs (KL-Shampoo's momentum in either coordinates, three ε placements, exponents whose
-    scales go flat and one that goes block by block, damping, no clamping, the factors before the direction,
-    grafting, bfloat16 products, eigh; Shampoo's ``ema`` factors and grafting) on tall, wide, square, one-sided
-    and stacked layouts, float32 and float64, past the first refresh, at updates with no refresh due."""
+    """Buckets of fifteen configs (KL-Shampoo's momentum in either coordinates, three ε placements, exponents whose
+    scales go flat and one that goes block by block under each placement, damping, no clamping, the factors before
+    the direction, grafting, bfloat16 products, eigh; Shampoo's ``ema`` factors and grafting) on tall, wide,
+    square, one-sided, unrotated and stacked layouts, float32 and float64 in one call, past the first refresh, at
+    updates with no refresh due."""
     made = _made_together_as_the_pipeline(CONFIGS, LAYOUTS, lambda j, k: 12 + (j + k) % 6, seed=0)
     assert not any(call[0].refresh.due(call[2].step + 1, first_call=False) for call, _ in made)
     assert len(made) == len(CONFIGS) * len(LAYOUTS)
+
+
+def test_the_ceilings_of_the_inverse_roots_are_reached_and_each_side_s_own():
+    """Small eigenvalue estimates (``init_factor`` 1e-4, gradients of 1e-3) put inverse roots at their ceilings
+    ``max(10, min(d, c))``, each side's own, made together as alone."""
+    configs = {"kl_shampoo": ("kl_shampoo", {"factors.init_factor": 1e-4}),
+               "before": ("kl_shampoo", {"factors.init_factor": 1e-4, "factor_update": "before"})}
+    made = _made_together_as_the_pipeline(configs, LAYOUTS, lambda j, k: 5 + 6 * ((j + k) % 2), seed=5, scale=1e-3)
+    at = set()
+    for (cfg, layout, _, _, _), new in made:
+        for s, d in ((new.factors.s_L, layout.m), (new.factors.s_R, layout.n)):
+            if s is not None:
+                at |= {d for c in [cfg.factors._clamp(d)] if (s == c).any()}
+    assert len(at) >= 3  # sides of several sizes, each at its own ceiling
+
+
+def test_states_laid_out_column_major_step_as_the_pipeline_steps_them():
+    """A momentum and inverse roots laid out column-major (a checkpoint's stacks keep their layout): the quotient
+    of KL's scale laid out as the pipeline's (its products round by layout), the new roots in their layout, and the
+    scales of an exponent whose power rounds by place made on the roots as laid out."""
+    layout = Layout(batch=2, m=17, n=26, left="full", right="full")
+    for overrides in ({}, {"inner.exponent": -0.3, "inner.eps_placement": "inside"}):
+        cfg = kronopt.resolve("kl_shampoo", **overrides).bound()
+        calls, expected = [], []
+        for seed, dtype in itertools.product(range(3), (torch.float32, torch.float64)):
+            state, G = _states(cfg, layout, 12 + seed, torch.Generator().manual_seed(seed), dtype)
+            f, m = state.factors, state.inner.momentum_eigen
+            state = attrs.evolve(
+                state, factors=attrs.evolve(f, s_L=f.s_L.t().contiguous().t(), s_R=f.s_R.t().contiguous().t()),
+                inner=attrs.evolve(state.inner, momentum_eigen=m.mT.contiguous().mT),
+            )
+            expected.append(compose.step(cfg, layout, state, G.clone()))
+            calls.append((cfg, layout, state, G, None))
+        for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
+            _equal(D, D_ref, "D")
+            _equal(new, new_ref)
+            assert new.factors.s_L.stride() == new_ref.factors.s_L.stride()
 
 
 def test_refresh_calls_made_together_equal_the_pipeline_bit_for_bit():
@@ -307,6 +349,11 @@ def test_the_product_denominators_of_many_equal_each_alone(exponent):
         alone = linalg.product_inverse_root_denominator(a, b, exponent, 1e-8)
         assert torch.equal(m, alone)
     assert torch.isinf(made[1][0, 2, 1])  # the mended 0 · ∞: no step
+    # float64 pairs beside them, none with a zero root: the float32 pair's 0 · ∞ still mended
+    wide = [torch.rand(1, 3, dtype=torch.float64) + 1, torch.rand(1, 4, dtype=torch.float64) + 1]
+    mixed = linalg.product_inverse_root_denominators_each([lam_L[1], wide[0]], [lam_R[1], wide[1]], exponent, 1e-8)
+    for m, a, b in zip(mixed, (lam_L[1], wide[0]), (lam_R[1], wide[1])):
+        assert torch.equal(m, linalg.product_inverse_root_denominator(a, b, exponent, 1e-8))
     # where no root is zero nothing is mended, and each part is still as alone
     clean = linalg.product_inverse_root_denominators_each(lam_L[:1], lam_R[:1], exponent, 0.0)
     assert torch.equal(clean[0], linalg.product_inverse_root_denominator(lam_L[0], lam_R[0], exponent, 0.0))
