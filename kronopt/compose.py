@@ -739,17 +739,12 @@ def _plain_tail(cfg: KronConfig, layout: Layout, dtype: torch.dtype, *, together
 
 def _rotated_adam_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
     """Whether :func:`rotated_adams` takes a config's calls past the first on ``layout`` in compute dtype ``dtype``: the
-    ``adam`` inner rule without ``normalize`` in whatever basis (SOAP, DyKAF), a factor estimator updated after the direction that
-    reads no rotation of its own (``reads_rotated``), the full split, a plain ``post``, no restricted side, the state
-    stored in the compute dtype, no ``compile``, kronopt's own stages alone (none checked)."""
+    ``adam`` inner rule without ``normalize`` in whatever basis (SOAP, DyKAF, KL-SOAP), a factor estimator updated after
+    the direction, the full split, a plain ``post``, no restricted side, the state stored in the compute dtype, no
+    ``compile``, kronopt's own stages alone (none checked)."""
     from .inner_rules.adam import AdamInner
 
-    return (
-        type(cfg.inner) is AdamInner
-        and not cfg.inner.normalize
-        and not capabilities(cfg.factors).reads_rotated
-        and _plain_tail(cfg, layout, dtype)
-    )
+    return type(cfg.inner) is AdamInner and not cfg.inner.normalize and _plain_tail(cfg, layout, dtype)
 
 
 def rotated_adams(
@@ -759,8 +754,9 @@ def rotated_adams(
     """:func:`step` of several buckets, each ``(cfg, layout, state, G, defer)`` a call where :func:`rotated_adam_due`
     holds, the same bits on a CPU (the only device the optimizer takes it on: an accelerator's fused ``foreach`` kernels
     may round otherwise): the factor updates, of several buckets at once where their stage can (an ``update_each``
-    method: the ``ema`` and ``projector_splitting`` estimators'), else each in its turn, then the directions of them
-    all (:func:`rotated_adam_directions`), then each due refresh in its turn (:func:`_refreshed`). The factor updates
+    method: the ``ema``, ``projector_splitting`` and ``kl`` estimators'), else each in its turn, then the directions of
+    them all (:func:`rotated_adam_directions`, each reading its call's rotation of ``G`` where the factor update made
+    it: KL-SOAP's), then each due refresh in its turn (:func:`_refreshed`). The factor updates
     read neither the directions nor the moments (the ``after`` update of :func:`step` reads the old basis, which
     they leave as it was), so their order changes no bit. On small blocks a step costs its calls, not
     its arithmetic: a SOAP bucket's step is about 33 operator calls and the Python around each stage, nine of them
@@ -781,9 +777,12 @@ def rotated_adams(
     new states (the optimizer does, :meth:`~kronopt.KronOptimizer._step_small_buckets`) and makes a call whose
     new basis is not finite again with :func:`step`, where the refresh keeps the old basis of such a block."""
     due = [cfg.refresh.due(state.step + 1, first_call=False) for cfg, _, state, _, _ in calls]
+    shared: list[dict[str, Any]] = [{} for _ in calls]
+    _seed_eigvals(calls, list(range(len(calls))), [call[2] for call in calls], shared)
     ctxs = [
-        context(cfg, layout, state, state.step + 1, {}, refresh_follows=d, defer=None if d else defer, finite_fallback=False)
-        for (cfg, layout, state, _, defer), d in zip(calls, due)
+        context(cfg, layout, state, state.step + 1, shared[i], refresh_follows=d, defer=None if d else defer,
+                finite_fallback=False)
+        for i, ((cfg, layout, state, _, defer), d) in enumerate(zip(calls, due))
     ]
     by_stage: dict[int, list[int]] = {}  # the calls of each factor stage that updates several buckets at once
     factors: list[Any] = [None] * len(calls)
@@ -810,7 +809,7 @@ def rotated_adams(
         at = [i for i in range(len(calls)) if proven[i] == own]
         if not at:
             continue
-        directions = rotated_adam_directions([calls[i] for i in at], in_place=own)
+        directions = rotated_adam_directions([calls[i] for i in at], in_place=own, ctxs=[ctxs[i] for i in at])
         for i, (D, inner) in zip(at, directions):
             cfg, layout, state, G, _ = calls[i]
             counters = {"calls": state.calls + 1, "step": state.step + 1}
@@ -823,18 +822,21 @@ def rotated_adams(
 
 def rotated_adam_directions(
     calls: Sequence[tuple[KronConfig, Layout, BucketState, Tensor, list[linalg.DeferredWrite] | None]],
-    *, in_place: bool = False,
+    *, in_place: bool = False, ctxs: Sequence[StepContext] | None = None,
 ) -> list[tuple[Tensor, Any]]:
     """The ``adam`` inner rule's ``direction`` of each call of :func:`rotated_adams`, ``(D, new moments)``, the same
     bits: each bucket's rotations in its turn, the elementwise work of them all in one ``foreach`` call per
     operation, Adam setting and update (on a CPU each runs the very kernel on every tensor, without the Python around it).
-    ``in_place``: the moments of every call are updated in their stacks (:func:`rotated_adams`)."""
+    ``in_place``: the moments of every call are updated in their stacks (:func:`rotated_adams`). ``ctxs``: each call's
+    context, whose rotation of ``G`` a factor update may have made already (``kl``'s, :meth:`StepContext.rotated`):
+    taken from there, as the pipeline's stages share it."""
     from .inner_rules.adam import AdamState
 
     # a state stored in the compute dtype (rotated_adam_due) holds its basis exactly
     H = [
         rotate_in(G, state.basis.Q_L, state.basis.Q_R, exact_basis=True, dtype=rotation_dtype(cfg)).H
-        for cfg, _, state, G, _ in calls
+        if ctxs is None else ctxs[i].rotated(G).H
+        for i, (cfg, _, state, G, _) in enumerate(calls)
     ]
     settings: dict[tuple[Any, ...], list[int]] = {}
     for i, (cfg, _, state, _, _) in enumerate(calls):
@@ -918,10 +920,7 @@ def eigen_steps(
     def contexts(at: list[int], *, observing: bool) -> dict[int, StepContext]:
         """The contexts of the calls at ``at`` on their ``states``, their eigenvalues taken together; ``observing``:
         a factor update's (its refresh and deferral as :func:`_observe` sets them)."""
-        for group in _by_stage([calls[i] for i in at], "factors", "eigvals_each").values():
-            stage = calls[at[group[0]]][0].factors
-            for k, eigvals in zip(group, stage.eigvals_each([states[at[k]].factors for k in group])):
-                shared[at[k]]["eigvals"] = (states[at[k]].factors, eigvals)  # as context() keeps them
+        _seed_eigvals(calls, at, states, shared)
         out = {}
         for i in at:
             cfg, layout, _, _, defer = calls[i]
@@ -972,6 +971,17 @@ def eigen_steps(
         (D, evolve(state, calls=call[2].calls + 1, step=t_i))
         for D, state, call, t_i in zip(directions, states, calls, t)
     ]
+
+
+def _seed_eigvals(
+    calls: Sequence[tuple[Any, ...]], at: list[int], states: Sequence[BucketState], shared: list[dict[str, Any]]
+) -> None:
+    """The estimators' eigenvalues of the calls at ``at`` (their ``states``), taken together where their stage can
+    (``eigvals_each``, the ``kl`` estimator's) and put in each call's ``shared`` as :func:`context` keeps them."""
+    for group in _by_stage([calls[i] for i in at], "factors", "eigvals_each").values():
+        stage = calls[at[group[0]]][0].factors
+        for k, eigvals in zip(group, stage.eigvals_each([states[at[k]].factors for k in group])):
+            shared[at[k]]["eigvals"] = (states[at[k]].factors, eigvals)
 
 
 def _by_stage(calls: Sequence[tuple[Any, ...]], slot: str, method: str) -> dict[int, list[int]]:

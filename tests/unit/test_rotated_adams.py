@@ -58,6 +58,7 @@ CONFIGS = {
     "soap without bias correction": ("soap", {"inner.bias_correction": False}),
     "dykaf": ("dykaf", {}),
     "soap, power refresh unsorted": ("soap", {"basis.sort": False}),
+    "kl_soap (its factor update reads the call's rotation)": ("kl_soap", {}),
 }
 
 
@@ -86,9 +87,9 @@ def _made_together_as_the_pipeline(configs, layouts, steps, float64_every, seed)
 
 
 def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bit():
-    """Buckets of five configs (three Adam settings, two factor estimators), tall, wide, square, one-sided and
-    stacked, float32 and float64, at different updates (so different bias corrections) in one call, against
-    each bucket's ``compose.step``; the deferred factor updates too."""
+    """Buckets of six configs (three Adam settings, three factor estimators: KL-SOAP's reads the call's rotation),
+    tall, wide, square, one-sided and stacked, float32 and float64, at different updates (so different bias
+    corrections) in one call, against each bucket's ``compose.step``; the deferred factor updates too."""
     layouts = [
         Layout(batch=1, m=9, n=4, left="full", right="full"), Layout(batch=3, m=5, n=12, left="full", right="full"), Layout(batch=2, m=7, n=7, left="full", right="full"),
         Layout(batch=1, m=6, n=11, left="none", right="full"), Layout(batch=2, m=13, n=3, left="full", right="none"),
@@ -167,6 +168,7 @@ def test_plain_calls_are_taken():
     assert _due(layout=Layout(batch=2, m=1, n=9, left="none", right="full"))
     assert _due(steps=10)  # a refresh is due at this update (the tenth)
     assert _due("dykaf", steps=10)
+    assert _due("kl_soap")  # KL's factors read the call's rotation: shared with the direction (StepContext.rotated)
 
 
 @pytest.mark.parametrize(
@@ -180,7 +182,6 @@ def test_plain_calls_are_taken():
         ("compiled", {"compile": True}),
         ("moments stored in bfloat16", {"storage.moments": "bfloat16"}),
         ("another inner rule", {"name": "shampoo"}),
-        ("a factor estimator that reads its own rotation", {"name": "kl_soap"}),
         ("another split", {"name": "pro_soap"}),
     ],
 )
@@ -244,6 +245,7 @@ def _train(monkeypatch, preset, *, together, overrides=None, steps=24, poison=Tr
     [
         ("soap", None),
         ("dykaf", None),
+        ("kl_soap", None),
         ("soap", {"refresh.stagger": True}),  # some buckets refresh at an update where the others do not
         ("soap", {"inner.eps_placement": "after_correction", "lr": 0.02}),
     ],
