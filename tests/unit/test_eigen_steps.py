@@ -20,50 +20,16 @@ import torch
 
 import kronopt
 from kronopt import compose, linalg
-from kronopt import optimizer as optimizer_module
-from kronopt.app import stage_times
 from kronopt.types import Layout
 from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.kl_shampoo import kl_reference
+from tests.unit._together import (
+    assert_records_equal, assert_same_deferred, assert_same_training, made_together_as_the_pipeline, pipeline_state,
+    slots_seen, train_two_groups,
+)
 
 
-def _equal(a, b, path="state"):
-    """Two records (or tensors) equal bit for bit, field by field."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b)), path
-        return
-    if a is None or isinstance(a, (int, float, bool, str)):
-        assert a == b, path
-        return
-    assert type(a) is type(b), path
-    for field in attrs.fields(type(a)):
-        _equal(getattr(a, field.name), getattr(b, field.name), f"{path}.{field.name}")
-
-
-def _states(cfg, layout, steps, gen, dtype=torch.float32, scale=1.0):
-    """A bucket's state after ``steps`` calls of the pipeline on random gradients (times ``scale``), and the next
-    gradient."""
-    state = compose.init_state(cfg, layout, dtype=dtype, device=torch.device("cpu"))
-    shape = (layout.batch, layout.m, layout.n)
-    for _ in range(steps):
-        _, state = compose.step(cfg, layout, state, scale * torch.randn(shape, generator=gen, dtype=dtype))
-    return state, scale * torch.randn(shape, generator=gen, dtype=dtype)
-
-
-def _same_deferred(defer, defer_ref):
-    """The same deferred factor updates: into the same stacks, with the same values once run."""
-    assert len(defer) == len(defer_ref)
-    assert all(a.target is b.target for a, b in zip(defer, defer_ref))
-    for d, d_ref in zip(defer, defer_ref):
-        ok = torch.ones(d.target.shape[0], dtype=torch.bool)
-        kept = d.target.clone()
-        compose.run_deferred_([d_ref], ok)
-        made = d.target.clone()
-        d.target.copy_(kept)
-        compose.run_deferred_([d], ok)
-        assert torch.equal(made, d.target)
-        d.target.copy_(kept)
+_states, _equal, _same_deferred = pipeline_state, assert_records_equal, assert_same_deferred
 
 
 CONFIGS = {
@@ -102,24 +68,16 @@ def _made_together_as_the_pipeline(configs, layouts, update, seed, scale=1.0):
     """A bucket of each config on each layout, some in float64, stepped by the pipeline until its next call is
     update ``update(j, k)``; that call of them all made in one ``eigen_steps`` call against each bucket's
     ``compose.step``, bit for bit, deferred factor updates included. Returns ``[(call, new state)]``."""
-    gen = torch.Generator().manual_seed(seed)
-    calls, expected = [], []
-    for k, (name, overrides) in enumerate(configs.values()):
-        cfg = kronopt.resolve(name, **overrides).bound()
-        for j, layout in enumerate(layouts):
-            dtype = torch.float64 if (j + k) % 3 == 0 else torch.float32
-            state, G = _states(cfg, layout, update(j, k) - 1 + cfg.skip_first_call, gen, dtype, scale)
-            assert state.step + 1 == update(j, k)
-            assert compose.eigen_steps_due(cfg, layout, state, dtype)
-            defer_ref = []
-            expected.append((*compose.step(cfg, layout, state, G.clone(), defer=defer_ref), defer_ref))
-            calls.append((cfg, layout, state, G, []))
-    got = compose.eigen_steps(calls)
-    for (D, new), (D_ref, new_ref, defer_ref), call in zip(got, expected, calls):
-        _equal(D, D_ref, "D")
-        _equal(new, new_ref)
-        _same_deferred(call[4], defer_ref)
-    return [(call, new) for call, (_, new) in zip(calls, got)]
+    made = made_together_as_the_pipeline(
+        compose.eigen_steps, compose.eigen_steps_due, configs, layouts,
+        lambda cfg, j, k: update(j, k) - 1 + cfg.skip_first_call, lambda j, k: (j + k) % 3 == 0, seed, scale,
+    )
+    assert all(call[2].step + 1 == update(j, k) for (call, _), (j, k) in zip(made, _positions(configs, layouts)))
+    return made
+
+
+def _positions(configs, layouts):
+    return [(j, k) for k in range(len(configs)) for j in range(len(layouts))]
 
 
 def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bit():
@@ -380,38 +338,13 @@ SHAPES = [(6, 5), (6, 5), (7, 3), (3, 9), (9,), (5, 4), (4, 7), (12, 40), (2, 2)
 
 
 def _train(monkeypatch, preset, *, together, overrides=None, steps=24, poison=True, failing=None):
-    gen = torch.Generator().manual_seed(8)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    taken = []
-    with monkeypatch.context() as patch:
-        patch.setattr(optimizer_module, "_EIGEN_STEPS_TOGETHER", together)
-        real = compose.eigen_steps
-        patch.setattr(compose, "eigen_steps", lambda calls: taken.append(len(calls)) or real(calls))
-        if failing is not None:
-            failing(patch)
-        named = [(f"p{i}", p) for i, p in enumerate(params)]
-        groups = [{"params": named[:5]}, {"params": named[5:], "lr": 0.003, "weight_decay": 0.1}]
-        opt = kronopt.build(groups, preset, nonfinite="skip", nonfinite_scope="block", **(overrides or {}))
-        for step in range(steps):
-            grads = [torch.randn(s, generator=gen) for s in SHAPES]
-            if poison and step == 13:
-                grads[2][1, 1] = math.nan
-                grads[5][0, 0] = 1e30  # finite; its square overflows the factor
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
-    state = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()} for i, p in enumerate(params)}
-    return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), taken
+    return train_two_groups(
+        monkeypatch, preset, SHAPES, switch="_EIGEN_STEPS_TOGETHER", function="eigen_steps", together=together,
+        overrides=overrides, steps=steps, poison=poison, patches=failing,
+    )
 
 
-def _same_runs(fast, slow):
-    for a, b in zip(fast[0], slow[0]):
-        assert torch.equal(a, b)
-    for i in fast[1]:
-        for key, value in fast[1][i].items():
-            other = slow[1][i][key]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, key)
-    assert fast[2] == slow[2]
+_same_runs = assert_same_training
 
 
 @pytest.mark.parametrize(
@@ -493,31 +426,10 @@ def test_the_calls_made_together_follow_the_float64_reference_of_the_spec(monkey
 def test_the_stage_clock_times_each_operator_of_the_calls_together_in_its_slot(monkeypatch):
     """On the updates made together, the momenta, scales and rotations are the inner rule's, the Gram products and
     eigenvalue estimates the factors' (``kronopt bench --stages``): the slot open at each such operator."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     shapes = [(6, 5), (6, 5), (7, 3), (3, 9)]
     params = [torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
     opt = kronopt.build(params, "kl_shampoo")
-    clock = stage_times.StageClock()
-    seen: dict[str, set] = {}
-    taken = []
-    real = compose.eigen_steps
-    monkeypatch.setattr(compose, "eigen_steps", lambda calls: taken.append(len(calls)) or real(calls))
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.setdefault(func.overloadpacket.__name__, set()).add(clock._open[-1] if clock._open else None)
-            return func(*args, **(kwargs or {}))
-
-    with stage_times.StageClock.installed(stage_times.stages_of(opt)):
-        for k in range(13):  # the first call (skipped, a refresh), then updates made together, a refresh at the tenth
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + k))
-            if k == 0:
-                opt.step()
-                continue
-            with clock.running(), Watch():
-                opt.step()
+    seen, taken = slots_seen(monkeypatch, opt, params, "eigen_steps", 12)
     assert taken == [3] * 12  # the stacked 6 × 5 pair, 7 × 3, 3 × 9
     for name in ("_foreach_lerp", "_foreach_div"):  # the momenta and the scaled direction
         assert seen.get(name) == {"inner"}, (name, seen.get(name))

@@ -20,34 +20,16 @@ import torch
 import kronopt
 from kronopt import compose, linalg
 from kronopt import optimizer as optimizer_module
-from kronopt.app import stage_times
 from kronopt.types import Layout
 from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.soap import soap_reference
+from tests.unit._together import (
+    assert_records_equal, assert_same_deferred, assert_same_training, made_together_as_the_pipeline, pipeline_state,
+    slots_seen, train_two_groups,
+)
 
 
-def _states(cfg, layout, steps, gen, dtype=torch.float32):
-    """A bucket's state after ``steps`` calls of the pipeline on random gradients (its first call and, at 10,
-    a refresh included), and the next gradient."""
-    state = compose.init_state(cfg, layout, dtype=dtype, device=torch.device("cpu"))
-    shape = (layout.batch, layout.m, layout.n)
-    for _ in range(steps):
-        _, state = compose.step(cfg, layout, state, torch.randn(shape, generator=gen, dtype=dtype))
-    return state, torch.randn(shape, generator=gen, dtype=dtype)
-
-
-def _equal(a, b):
-    """Two records (or tensors) equal bit for bit, field by field."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
-        return
-    if a is None or isinstance(a, (int, float, bool, str)):
-        assert a == b
-        return
-    assert type(a) is type(b)
-    for field in attrs.fields(type(a)):
-        _equal(getattr(a, field.name), getattr(b, field.name))
+_states, _equal, _same_deferred = pipeline_state, assert_records_equal, assert_same_deferred
 
 
 CONFIGS = {
@@ -67,23 +49,10 @@ def _made_together_as_the_pipeline(configs, layouts, steps, float64_every, seed)
     index, ``k`` the config's), some in float64; the next call of them all made in one ``rotated_adams`` call
     against each bucket's ``compose.step``, bit for bit, deferred factor updates included. Returns
     ``[(call, new state)]``."""
-    gen = torch.Generator().manual_seed(seed)
-    calls, expected = [], []
-    for k, (name, overrides) in enumerate(configs.values()):
-        cfg = kronopt.resolve(name, **overrides).bound()
-        for j, layout in enumerate(layouts):
-            dtype = torch.float64 if (j + k) % float64_every == 0 else torch.float32
-            state, G = _states(cfg, layout, steps(j, k), gen, dtype)
-            assert compose.rotated_adam_due(cfg, layout, state, dtype)
-            defer_ref = []
-            expected.append((*compose.step(cfg, layout, state, G.clone(), defer=defer_ref), defer_ref))
-            calls.append((cfg, layout, state, G, []))
-    got = compose.rotated_adams(calls)
-    for (D, new), (D_ref, new_ref, defer_ref), call in zip(got, expected, calls):
-        _equal(D, D_ref)
-        _equal(new, new_ref)
-        _same_deferred(call[4], defer_ref)
-    return [(call, new) for call, (_, new) in zip(calls, got)]
+    return made_together_as_the_pipeline(
+        compose.rotated_adams, compose.rotated_adam_due, configs, layouts, lambda cfg, j, k: steps(j, k),
+        lambda j, k: (j + k) % float64_every == 0, seed,
+    )
 
 
 def test_the_calls_of_several_buckets_and_settings_equal_the_pipeline_bit_for_bit():
@@ -121,22 +90,6 @@ def test_refresh_calls_made_together_equal_the_pipeline_bit_for_bit():
     refreshed = [call for call, new in made if new.basis.refreshes != call[2].basis.refreshes]
     assert len(refreshed) >= len(made) // 2
     assert not any(call[4] for call in refreshed)  # a refresh reads the new factors: nothing left to the state write
-
-
-def _same_deferred(defer, defer_ref):
-    """The same deferred factor updates: into the same stacks, with the same values once run (each run on the
-    stack as it was, which is then put back)."""
-    assert len(defer) == len(defer_ref)
-    assert all(a.target is b.target for a, b in zip(defer, defer_ref))
-    for d, d_ref in zip(defer, defer_ref):
-        ok = torch.ones(d.target.shape[0], dtype=torch.bool)
-        kept = d.target.clone()
-        compose.run_deferred_([d_ref], ok)
-        made = d.target.clone()
-        d.target.copy_(kept)
-        compose.run_deferred_([d], ok)
-        assert torch.equal(made, d.target)
-        d.target.copy_(kept)
 
 
 def test_a_deferred_factor_update_is_left_as_the_pipeline_leaves_it():
@@ -213,31 +166,10 @@ SHAPES = [(6, 5), (6, 5), (7, 3), (3, 9), (9,), (5, 4), (4, 7), (12, 40), (2, 2)
 
 
 def _train(monkeypatch, preset, *, together, overrides=None, steps=24, poison=True):
-    gen = torch.Generator().manual_seed(4)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    taken = []
-    with monkeypatch.context() as patch:
-        patch.setattr(optimizer_module, "_ROTATED_ADAMS_TOGETHER", together)
-        real = compose.rotated_adams
-
-        def counted(calls, **kwargs):
-            taken.append(len(calls))
-            return real(calls, **kwargs)
-
-        patch.setattr(compose, "rotated_adams", counted)
-        named = [(f"p{i}", p) for i, p in enumerate(params)]
-        groups = [{"params": named[:5]}, {"params": named[5:], "lr": 0.003, "weight_decay": 0.1}]
-        opt = kronopt.build(groups, preset, nonfinite="skip", nonfinite_scope="block", **(overrides or {}))
-        for step in range(steps):
-            grads = [torch.randn(s, generator=gen) for s in SHAPES]
-            if poison and step == 13:
-                grads[2][1, 1] = math.nan
-                grads[5][0, 0] = 1e30  # finite; its square overflows the second moment
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
-    state = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()} for i, p in enumerate(params)}
-    return [p.detach().clone() for p in params], state, opt.nonfinite_counts(), taken
+    return train_two_groups(
+        monkeypatch, preset, SHAPES, switch="_ROTATED_ADAMS_TOGETHER", function="rotated_adams", together=together,
+        overrides=overrides, steps=steps, poison=poison, seed=4,
+    )
 
 
 @pytest.mark.parametrize(
@@ -254,14 +186,8 @@ def test_the_optimizer_takes_the_same_steps_with_the_calls_together(monkeypatch,
     fast = _train(monkeypatch, preset, together=True, overrides=overrides)
     slow = _train(monkeypatch, preset, together=False, overrides=overrides)
     assert fast[3] and max(fast[3]) >= 5 and not slow[3]  # the path was taken, for several buckets at once
-    for a, b in zip(fast[0], slow[0]):
-        assert torch.equal(a, b)
-    for i in fast[1]:
-        for key, value in fast[1][i].items():
-            other = slow[1][i][key]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, key)
+    assert_same_training(fast, slow)
     counts = fast[2]
-    assert counts == slow[2]
     # the NaN's block skipped, and the block whose moment overflows (DyKAF's first calls may skip it earlier)
     assert counts["p2"] == 1 and counts["p5"] >= 1 and counts["p0"] == 0
 
@@ -455,14 +381,7 @@ def _train_groups(monkeypatch, preset, *, together, groups, grads, overrides=Non
 
 def _same_runs(fast, slow):
     assert fast[4] and not slow[4]  # the calls were made together in one run and not in the other
-    for i, (a, b) in enumerate(zip(fast[0], slow[0])):
-        assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()), i
-    for i in fast[1]:
-        assert fast[1][i].keys() == slow[1][i].keys()
-        for key, value in fast[1][i].items():
-            other = slow[1][i][key]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, key)
-    assert fast[2] == slow[2]
+    assert_same_training(fast, slow)
     assert fast[3] == slow[3]
 
 
@@ -558,32 +477,10 @@ def test_a_state_loaded_in_other_memory_layouts_steps_alike(monkeypatch, preset)
 def test_the_stage_clock_times_each_operator_of_the_calls_together_in_its_slot(monkeypatch):
     """On the updates made together, the rotations and the elementwise Adam work are the inner rule's and the EMA's
     Gram products the factors' (``kronopt bench --stages``): the slot open at each such operator."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     shapes = [(6, 5), (6, 5), (7, 3), (3, 9), (9,)]
     params = [torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
     opt = kronopt.build(params, "soap")
-    clock = stage_times.StageClock()
-    seen: dict[str, set] = {}
-    taken = []
-    real = compose.rotated_adams
-    monkeypatch.setattr(compose, "rotated_adams", lambda calls, **kw: taken.append(len(calls)) or real(calls, **kw))
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            seen.setdefault(name, set()).add(clock._open[-1] if clock._open else None)
-            return func(*args, **(kwargs or {}))
-
-    with stage_times.StageClock.installed(stage_times.stages_of(opt)):
-        for k in range(4):  # the first call (skipped, a refresh), then three updates made together
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + k))
-            if k == 0:
-                opt.step()
-                continue
-            with clock.running(), Watch():
-                opt.step()
+    seen, taken = slots_seen(monkeypatch, opt, params, "rotated_adams", 3)
     assert taken == [4, 4, 4]  # the stacked 6 × 5 pair, 7 × 3, 3 × 9 and the bias
     # the elementwise Adam work is one foreach call per operation (the dispatcher sees those, not the kernels in them)
     for name in ("bmm", "_foreach_lerp", "_foreach_mul", "_foreach_sqrt", "_foreach_div"):
