@@ -191,7 +191,11 @@ def test_rotated_goes_right_first_only_on_a_tall_block_held_exactly(m, n, exact,
 def test_the_directions_rotation_is_kept_for_the_factor_update_only_when_it_reads_it(preset, kept, monkeypatch):
     """With ``factor_update = "after"`` the direction's ``Q_Lᵀ G Q_R`` stays in the call's cache for a factor
     estimator that reads it (KL, ``reads_rotated``) and is dropped before an update that does not (soap's EMA
-    factors), so two gradient-sized tensors are not held through the update and a refresh."""
+    factors), so two gradient-sized tensors are not held through the update and a refresh. (The pipeline's: a CPU's
+    small buckets made together, ``compose.rotated_adams``, are turned off here.)"""
+    from kronopt import optimizer as optimizer_module
+
+    monkeypatch.setattr(optimizer_module, "_ROTATED_ADAMS_TOGETHER", False)
     seen = []
     observe = kronopt.compose._observe
 
