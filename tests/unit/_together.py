@@ -19,10 +19,14 @@ def pipeline_state(cfg, layout, steps, gen, dtype=torch.float32, scale=1.0):
 
 
 def assert_records_equal(a, b, path="state"):
-    """Two records (or tensors) equal bit for bit, field by field, signs of zeros included (``path`` names the field
-    in a failure)."""
+    """Two records (or tensors) equal bit for bit, field by field, signs of zeros included, NaN where the other has NaN
+    (``path`` names the field in a failure)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        nan = a.isnan()
+        assert torch.equal(nan, b.isnan()), path
+        if nan.any():
+            a, b = a.masked_fill(nan, 0.0), b.masked_fill(nan, 0.0)
         assert torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b)), path
         return
     if a is None or isinstance(a, (int, float, bool, str)):

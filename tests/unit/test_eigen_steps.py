@@ -17,6 +17,8 @@ import math
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kronopt
 from kronopt import compose, linalg
@@ -436,3 +438,68 @@ def test_the_stage_clock_times_each_operator_of_the_calls_together_in_its_slot(m
     for name in ("baddbmm", "_foreach_add", "rsqrt"):  # the Gram products, their sums, the eigenvalue estimates
         assert seen.get(name) == {"factors"}, (name, seen.get(name))
     assert "basis" in seen.get("linalg_householder_product", set()) | seen.get("geqrf", set())
+
+
+# -- drawn settings ---------------------------------------------------------------------------------
+
+_SIDES = st.sampled_from([("full", "full"), ("full", "full"), ("none", "full"), ("full", "none"), ("none", "none")])
+
+
+@st.composite
+def _drawn_calls(draw):
+    """A few buckets of drawn layouts (sides up to 14, stacks of up to 3, one-sided and unrotated ones among them) under
+    drawn settings of the ``eigenvalue`` rule and the ``kl`` or ``ema`` estimator, each at a drawn update (a refresh
+    due or not), some in float64: ``(configs, layouts, updates, float64 flags)``."""
+    k = draw(st.integers(1, 4))
+    configs, layouts, updates, wide = {}, [], [], []
+    for i in range(k):
+        preset = draw(st.sampled_from(["kl_shampoo", "shampoo"]))
+        overrides = {
+            "inner.momentum_basis": draw(st.sampled_from(["original", "eigen"])),
+            "inner.eps_placement": draw(st.sampled_from(["inside", "outside", "product"])),
+            "inner.exponent": draw(st.sampled_from([-0.5, -0.25, -1.0, -0.3])),
+            "inner.bias_correction": draw(st.booleans()),
+            "inner.eps": draw(st.sampled_from([0.0, 1e-12, 1e-3])),
+            "factor_update": draw(st.sampled_from(["after", "before"])),
+            "post.grafting": draw(st.sampled_from(["none", "adam"])),
+            "refresh.every": draw(st.integers(2, 6)),
+        }
+        if preset == "kl_shampoo":
+            overrides["factors.damping"] = draw(st.sampled_from([0.0, 0.0, 1e-4]))
+            overrides["factors.clamping"] = draw(st.booleans())
+            overrides["factors.init_factor"] = draw(st.sampled_from([0.1, 1e-4]))
+        if overrides["inner.momentum_basis"] == "eigen" or preset == "kl_shampoo":
+            overrides["basis.type"] = "qr"
+        configs[f"{preset} {i}"] = (preset, overrides)
+        left, right = draw(_SIDES)
+        layouts.append(Layout(batch=draw(st.integers(1, 3)), m=draw(st.integers(1, 14)), n=draw(st.integers(1, 14)),
+                              left=left, right=right))
+        updates.append(draw(st.integers(2, 13)))  # past the first call of either preset
+        wide.append(draw(st.booleans()))
+    return configs, layouts, updates, wide
+
+
+@settings(max_examples=30, deadline=None)
+@given(_drawn_calls(), st.integers(0, 2**16))
+def test_drawn_settings_made_together_equal_the_pipeline_bit_for_bit(drawn, seed):
+    """Each drawn config on its own layout, all in one ``eigen_steps`` call, against each bucket's ``compose.step``:
+    the settings the path takes in every combination the tables above do not spell out."""
+    configs, layouts, updates, wide = drawn
+    for k, (name, (preset, overrides)) in enumerate(configs.items()):
+        made = made_together_as_the_pipeline(
+            compose.eigen_steps, compose.eigen_steps_due, {name: (preset, overrides)}, [layouts[k]],
+            lambda cfg, j, i: updates[k] - 1 + cfg.skip_first_call, lambda j, i: wide[k], seed,
+        )
+        assert made[0][0][2].step + 1 == updates[k]
+    calls_all = []  # and all of them in one call
+    gen = torch.Generator().manual_seed(seed)
+    expected = []
+    for k, (preset, overrides) in enumerate(configs.values()):
+        cfg = kronopt.resolve(preset, **overrides).bound()
+        dtype = torch.float64 if wide[k] else torch.float32
+        state, G = pipeline_state(cfg, layouts[k], updates[k] - 1 + cfg.skip_first_call, gen, dtype)
+        expected.append(compose.step(cfg, layouts[k], state, G.clone()))
+        calls_all.append((cfg, layouts[k], state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls_all), expected):
+        _equal(D, D_ref, "D")
+        _equal(new, new_ref)
