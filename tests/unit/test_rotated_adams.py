@@ -16,6 +16,8 @@ import warnings
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kronopt
 from kronopt import compose, linalg
@@ -515,3 +517,46 @@ def test_a_large_kl_soap_bucket_takes_the_call_alone_as_the_pipeline(monkeypatch
         (fast, alone), (slow, small) = run(True, dtype), run(False, dtype)
         assert len(alone) > len(small)  # the large buckets' calls too, each alone (the 40 × 40 one's in both)
         assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+@st.composite
+def _drawn_adam_calls(draw):
+    """A few buckets of drawn layouts (sides up to 14, stacks of up to 3, one-sided and unrotated ones) under drawn Adam
+    settings of soap, dykaf and kl_soap (whose factor update reads the call's rotation), each at a drawn update."""
+    out = []
+    for i in range(draw(st.integers(1, 4))):
+        preset = draw(st.sampled_from(["soap", "dykaf", "kl_soap"]))
+        overrides = {
+            "inner.eps_placement": draw(st.sampled_from(["before_correction", "after_correction"])),
+            "inner.bias_correction": draw(st.booleans()),
+            "inner.betas": draw(st.sampled_from([[0.9, 0.98], [0.95, 0.95], [0.0, 0.5]])),
+            "refresh.every": draw(st.integers(2, 6)),
+        }
+        if preset == "kl_soap":
+            overrides["factors.init_factor"] = draw(st.sampled_from([0.1, 1e-4]))
+            overrides["factors.clamping"] = draw(st.booleans())
+        left, right = draw(st.sampled_from([("full", "full"), ("full", "full"), ("none", "full"), ("full", "none"),
+                                            ("none", "none")]))
+        layout = Layout(batch=draw(st.integers(1, 3)), m=draw(st.integers(1, 14)), n=draw(st.integers(1, 14)),
+                        left=left, right=right)
+        out.append((preset, overrides, layout, draw(st.integers(2, 13)), draw(st.booleans())))
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(_drawn_adam_calls(), st.integers(0, 2**16))
+def test_drawn_settings_made_together_equal_the_pipeline_bit_for_bit(drawn, seed):
+    """Drawn buckets in one ``rotated_adams`` call against each bucket's ``compose.step``, bit for bit (NaN where the
+    pipeline's has NaN)."""
+    gen = torch.Generator().manual_seed(seed)
+    calls, expected = [], []
+    for preset, overrides, layout, update, wide in drawn:
+        cfg = kronopt.resolve(preset, **overrides).bound()
+        dtype = torch.float64 if wide else torch.float32
+        state, G = _states(cfg, layout, update - 1 + cfg.skip_first_call, gen, dtype)
+        assert compose.rotated_adam_due(cfg, layout, state, dtype)
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.rotated_adams(calls), expected):
+        _equal(D, D_ref, "D")
+        _equal(new, new_ref)
