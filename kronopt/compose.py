@@ -784,18 +784,8 @@ def rotated_adams(
                 finite_fallback=False)
         for i, ((cfg, layout, state, _, defer), d) in enumerate(zip(calls, due))
     ]
-    by_stage: dict[int, list[int]] = {}  # the calls of each factor stage that updates several buckets at once
-    factors: list[Any] = [None] * len(calls)
-    for i, (cfg, _, state, G, _) in enumerate(calls):
-        if hasattr(cfg.factors, "update_each"):
-            by_stage.setdefault(id(cfg.factors), []).append(i)
-        else:
-            factors[i] = cfg.factors.update(state.factors, G, ctxs[i])
-    for at in by_stage.values():
-        stage = calls[at[0]][0].factors
-        made = stage.update_each([calls[i][2].factors for i in at], [calls[i][3] for i in at], [ctxs[i] for i in at])
-        for i, record in zip(at, made):
-            factors[i] = record
+    updated = _updated_factors(calls, list(range(len(calls))), [call[2].factors for call in calls], ctxs)
+    factors = [updated[i] for i in range(len(calls))]
     # (a factor update that left nothing to the write made new factors: no walk of its record needed to tell)
     proven = [
         in_place is not None and (prove := in_place[i]) is not None and not due[i] and bool(calls[i][4])
@@ -933,18 +923,10 @@ def eigen_steps(
 
     def observe(at: list[int], ctxs: dict[int, StepContext]) -> None:
         """:func:`_observe` of the calls at ``at`` with their contexts ``ctxs``, into ``states``."""
-        by_stage = _by_stage([calls[i] for i in at], "factors", "update_each")
-        factors: dict[int, Any] = {}
-        for group in by_stage.values():
-            stage = calls[at[group[0]]][0].factors
-            positions = [at[k] for k in group]
-            made = stage.update_each(
-                [states[i].factors for i in positions], [calls[i][3] for i in positions], [ctxs[i] for i in positions]
-            )
-            factors.update(zip(positions, made))
+        factors = _updated_factors(calls, at, {i: states[i].factors for i in at}, ctxs)
         for i in at:
             cfg, layout, _, G, _ = calls[i]
-            record = factors[i] if i in factors else cfg.factors.update(states[i].factors, G, ctxs[i])
+            record = factors[i]
             if due[i]:
                 states[i] = _refreshed(cfg, layout, states[i], record, ctxs[i], G)
             else:
@@ -971,6 +953,27 @@ def eigen_steps(
         (D, evolve(state, calls=call[2].calls + 1, step=t_i))
         for D, state, call, t_i in zip(directions, states, calls, t)
     ]
+
+
+def _updated_factors(
+    calls: Sequence[tuple[Any, ...]], at: list[int], records: Any, ctxs: Any
+) -> dict[int, Any]:
+    """The new factor records of the calls at ``at`` (``records[i]`` and ``ctxs[i]`` call ``i``'s factor record and
+    context), by position: the calls of each stage that updates several buckets at once in one ``update_each`` (the
+    ``ema``, ``projector_splitting`` and ``kl`` estimators'), every other call's ``update`` in its turn. The calls
+    read each their own bucket, so their order changes no bit."""
+    out: dict[int, Any] = {}
+    for group in _by_stage([calls[i] for i in at], "factors", "update_each").values():
+        positions = [at[k] for k in group]
+        stage = calls[positions[0]][0].factors
+        made = stage.update_each(
+            [records[i] for i in positions], [calls[i][3] for i in positions], [ctxs[i] for i in positions]
+        )
+        out.update(zip(positions, made))
+    for i in at:
+        if i not in out:
+            out[i] = calls[i][0].factors.update(records[i], calls[i][3], ctxs[i])
+    return out
 
 
 def _seed_eigvals(

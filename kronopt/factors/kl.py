@@ -88,19 +88,33 @@ def _mean_inverse(side: _Side, like: Tensor) -> Tensor:
 def _gram_operand(
     G: Tensor, H: Tensor, *, Q: Tensor | None, Q_other: Tensor | None, s_other: Tensor | None, half: Tensor | None,
     exact: bool,
-) -> Tensor | None:
+) -> tuple[Tensor, Tensor | None] | None:
     r"""The Gram operand :math:`G Q_R\,\mathrm{diag}(s_R)` of :meth:`KlKronFactors._factor_update` from its
-    cheapest source, or ``None`` where the update goes through the sandwich instead."""
+    cheapest source, as ``(X, s)``: the operand is ``X * s`` (``X`` itself where ``s`` is ``None``; the scaling left
+    to the caller, which may make many in one call, :meth:`KlKronFactors.update_each`); ``None`` where the update goes
+    through the sandwich instead."""
     m, n = G.shape[-2], G.shape[-1]
     if Q_other is None:
-        return G if s_other is None else G * s_other
+        return G, s_other
     if half is not None:
-        return half if s_other is None else half * s_other
+        return half, s_other
     if Q is not None and exact and n > 2 * m:
         return None
     if Q is not None and exact and m < n:
-        return linalg.mm(Q, H if s_other is None else H * s_other)
-    return linalg.mm(G, Q_other if s_other is None else Q_other * s_other)
+        return linalg.mm(Q, H if s_other is None else H * s_other), None
+    return linalg.mm(G, Q_other if s_other is None else Q_other * s_other), None
+
+
+def _left_statistic(H2: Tensor, sq_R: Tensor | None) -> Tensor:
+    """A full left side's eigenvalue statistic before its division by ``n``, ``(b m)``: the rotated gradient's squares
+    ``H2`` weighted by the right side's squared inverse roots ``sq_R (b n)`` (``None``: ones), summed along each row."""
+    return H2.sum(-1) if sq_R is None else linalg.matvec(H2, sq_R)
+
+
+def _right_statistic(H2: Tensor, sq_L: Tensor | None) -> Tensor:
+    """:func:`_left_statistic` of the right side, before its division by ``m``, ``(b n)``."""
+    # @, not linalg.mm: sL²ᵀ is a transposed row-vector stack, which @ rounds otherwise
+    return H2.sum(-2) if sq_L is None else (sq_L.unsqueeze(-1).mT @ H2).squeeze(-2)
 
 
 @FACTORS.register(
@@ -276,7 +290,7 @@ class KlKronFactors:
         squares = iter(torch._foreach_mul(s, s) if s else [])
         # per bucket: each side's Gram operand A = X Q_other diag(s_other) (a product, a scaling of the half rotation
         # or of G, scaled below in one call; None: the sandwich), then the statistics' products
-        grams: list[tuple[int, str, _Side, Tensor | None, float, Any]] = []  # (bucket, side, side, A, alpha, defer)
+        grams: list[tuple[int, str, _Side, Tensor, float, Any]] = []  # (bucket, side, side, A, alpha, defer)
         scale: list[tuple[int, Tensor, Tensor]] = []  # (position in grams, X, s_other): A = X * s_other
         made: dict[tuple[int, str], Tensor] = {}  # factors made otherwise (the sandwich)
         # (bucket, side, s, d, divisor, ceiling)
@@ -296,25 +310,21 @@ class KlKronFactors:
             ):
                 if side.F is None:
                     continue
-                base = X if Q_other is None else half
-                if base is not None and s_other is not None:  # _gram_operand's scaled forms, scaled below
-                    scale.append((len(grams), base, s_other))
-                    grams.append((i, name, side, None, alpha, ctx.defer))
+                operand = _gram_operand(
+                    X, Xh, Q=side.Q, Q_other=Q_other, s_other=s_other, half=half, exact=ctx.exact_basis
+                )
+                if operand is None:
+                    made[i, name] = self._sandwich(side.F, side.Q, Xh, s_other, alpha)  # type: ignore[arg-type]
                     continue
-                A = _gram_operand(X, Xh, Q=side.Q, Q_other=Q_other, s_other=s_other, half=half, exact=ctx.exact_basis)
-                if A is None:
-                    made[i, name] = linalg.accumulate_sandwich(
-                        side.F, side.Q, Xh if s_other is None else Xh * s_other, rho, alpha,
-                        dtype=narrow_dtype(self.product_dtype),
-                    )
-                else:
-                    grams.append((i, name, side, A, alpha, ctx.defer))
+                A, s_A = operand
+                if s_A is not None:  # scaled below, in one call for them all
+                    scale.append((len(grams), A, s_A))
+                grams.append((i, name, side, A, alpha, ctx.defer))
             if left.F is not None:
-                d_L = H2_i.sum(-1) if sq_R is None else linalg.matvec(H2_i, sq_R)
+                d_L = _left_statistic(H2_i, sq_R)
                 tracked.append((i, "L", left.s, d_L, n, self._clamp(left.d)))  # type: ignore[arg-type]
             if right.F is not None:
-                # @, not linalg.mm: as update's (a transposed row-vector stack, which @ rounds otherwise)
-                d_R = H2_i.sum(-2) if sq_L is None else (sq_L.unsqueeze(-1).mT @ H2_i).squeeze(-2)
+                d_R = _right_statistic(H2_i, sq_L)
                 tracked.append((i, "R", right.s, d_R, m, self._clamp(right.d)))  # type: ignore[arg-type]
         if scale:
             for (k, _, _), A in zip(scale, torch._foreach_mul([x for _, x, _ in scale], [y for _, _, y in scale])):
@@ -396,7 +406,7 @@ class KlKronFactors:
             F = self._factor_update(
                 left.F, G, H, Q=left.Q, Q_other=right.Q, s_other=sR, half=Gr, exact=exact, alpha=(1 - rho) / n, defer=defer
             )
-            d_L = (H2.sum(-1) if sR is None else linalg.matvec(H2, sR.square().squeeze(-2))) / n
+            d_L = _left_statistic(H2, None if right.s is None else right.s.square()) / n
             new_left = self._tracked(left, F, d_L, right, G)
         if right.F is not None:
             sL_row = None if sL is None else sL.mT  # (b 1 m)
@@ -404,8 +414,7 @@ class KlKronFactors:
                 right.F, G.mT, H.mT, Q=right.Q, Q_other=left.Q, s_other=sL_row, half=None if Gl is None else Gl.mT,
                 exact=exact, alpha=(1 - rho) / m, defer=defer,
             )
-            # @, not linalg.mm: sL²ᵀ is a transposed row-vector stack, which @ rounds otherwise
-            d_R = (H2.sum(-2) if sL is None else (sL.square().mT @ H2).squeeze(-2)) / m
+            d_R = _right_statistic(H2, None if left.s is None else left.s.square()) / m
             new_right = self._tracked(right, F, d_R, left, G)
         return new_left, new_right
 
@@ -429,11 +438,18 @@ class KlKronFactors:
         Every form is the same update in exact arithmetic; they differ in rounding (under ``product_dtype =
         "bfloat16"`` by bfloat16's: the sandwich rounds the Gram product of :math:`H\,\mathrm{diag}(s_R)`, the
         others that of :math:`A`)."""
-        rho, narrow = self.beta, narrow_dtype(self.product_dtype)
-        A = _gram_operand(G, H, Q=Q, Q_other=Q_other, s_other=s_other, half=half, exact=exact)
-        if A is None:
-            return linalg.accumulate_sandwich(F, Q, H if s_other is None else H * s_other, rho, alpha, dtype=narrow)
-        return linalg.accumulate_gram_left(F, A, rho, alpha, defer=defer, dtype=narrow)
+        operand = _gram_operand(G, H, Q=Q, Q_other=Q_other, s_other=s_other, half=half, exact=exact)
+        if operand is None:
+            return self._sandwich(F, Q, H, s_other, alpha)  # type: ignore[arg-type]
+        A, s = operand
+        A = A if s is None else A * s
+        return linalg.accumulate_gram_left(F, A, self.beta, alpha, defer=defer, dtype=narrow_dtype(self.product_dtype))
+
+    def _sandwich(self, F: Tensor, Q: Tensor, H: Tensor, s_other: Tensor | None, alpha: float) -> Tensor:
+        r""":meth:`_factor_update`'s sandwich form, :math:`\rho F + \alpha\, Q (\tilde H \tilde H^\top) Q^\top`
+        with :math:`\tilde H = H\,\mathrm{diag}(s)`."""
+        H = H if s_other is None else H * s_other
+        return linalg.accumulate_sandwich(F, Q, H, self.beta, alpha, dtype=narrow_dtype(self.product_dtype))
 
     def _tracked(self, side: _Side, F: Tensor, d: Tensor, other: _Side, G: Tensor) -> _Side:
         """The side with its new factor ``F`` and its eigenvalue EMA fed the statistic ``d`` (+ damping)."""
