@@ -718,20 +718,26 @@ def _config_verdict(
     return hit[1]
 
 
-def _plain_tail(cfg: KronConfig, layout: Layout, dtype: torch.dtype, *, together: bool = False) -> bool:
+def _plain_tail(
+    cfg: KronConfig, layout: Layout, dtype: torch.dtype, *, together: bool = False, restricted: bool = False
+) -> bool:
     """What the CPU's in-place paths ask of a config past its inner rule: the factor update after the direction,
     the full split, a plain ``post``, no restricted side, the state stored in the compute dtype, no ``compile``,
     kronopt's own stages alone (none checked). ``together`` (:func:`eigen_steps`' terms): the factor update before
-    the direction and a grafting ``post`` too."""
-    from .splits import FullSplit
+    the direction and a grafting ``post`` too; ``restricted`` (theirs for pro_kl_shampoo's calls): the ``lowrank_flat``
+    split and at most one restricted side, instead of the full split and none."""
+    from .splits import FullSplit, LowRankFlatSplit
 
+    sides = (layout.left, layout.right).count("restricted")
     return (
         (together or cfg.factor_update == "after")
-        and type(cfg.split) is FullSplit
+        and (
+            type(cfg.split) is LowRankFlatSplit and sides <= 1 if restricted
+            else type(cfg.split) is FullSplit and not sides
+        )
         and not cfg.post.normalize
         and (together or cfg.post.grafting == "none")
         and not cfg.compile
-        and "restricted" not in (layout.left, layout.right)
         and storage_dtypes(cfg.storage, dtype) is None
         and not _checked_slots(cfg)
     )
@@ -867,19 +873,19 @@ _EIGEN_STEPS: dict[tuple[Any, ...], tuple[KronConfig, bool]] = {}
 
 def _eigen_steps_config(cfg: KronConfig, layout: Layout, dtype: torch.dtype) -> bool:
     """Whether :func:`eigen_steps` takes a config's calls past the first on ``layout`` in compute dtype ``dtype``: the
-    ``eigenvalue`` inner rule (KL-Shampoo's, Shampoo's) without ``normalize``, its momentum whole (``momentum_basis``
-    ``"original"`` or ``"eigen"``), whatever factor estimator, then :func:`_plain_tail`'s terms, the factor update
-    before the direction and grafting allowed (the full split, no normalising ``post``, no restricted side, the state
-    in the compute dtype, no ``compile``, kronopt's own stages alone)."""
+    ``eigenvalue`` inner rule (KL-Shampoo's, Shampoo's, Pro-KLShampoo's) without ``normalize``, whatever factor
+    estimator, then :func:`_plain_tail`'s terms, the factor update before the direction and grafting allowed: its
+    momentum whole (``momentum_basis`` ``"original"`` or ``"eigen"``) with the full split and no restricted side, or
+    split against the subspace of a restricted side (``"subspace"``) with the ``lowrank_flat`` split and at most one
+    (no normalising ``post``, the state in the compute dtype, no ``compile``, kronopt's own stages alone)."""
     from .inner_rules.eigenvalue import EigenvalueInner
 
     inner = cfg.inner
-    return (
-        type(inner) is EigenvalueInner
-        and not inner.normalize
-        and inner.momentum_basis in ("original", "eigen")
-        and _plain_tail(cfg, layout, dtype, together=True)
-    )
+    if type(inner) is not EigenvalueInner or inner.normalize:
+        return False
+    if inner.momentum_basis == "subspace":  # split where the layout has one restricted side, else whole
+        return _plain_tail(cfg, layout, dtype, together=True, restricted=True)
+    return _plain_tail(cfg, layout, dtype, together=True)
 
 
 def eigen_steps(
@@ -939,14 +945,24 @@ def eigen_steps(
     for group in _by_stage(calls, "inner", "direction_each").values():
         rule = calls[group[0]][0].inner
         inputs = [states[i].inner for i in group], [calls[i][3] for i in group], [ctxs[i] for i in group]
-        made = rule.direction_each(*inputs)
-        for i, (D, inner) in zip(group, made):
-            cfg, _, _, G, _ = calls[i]
-            post = states[i].post
-            if cfg.post.grafting != "none":
-                D, post = cfg.post.graft(post, G, D, ctxs[i])
+        for i, (D, inner) in zip(group, rule.direction_each(*inputs)):
             directions[i] = D
-            states[i] = evolve(states[i], inner=inner, post=post)
+            states[i] = evolve(states[i], inner=inner)
+    # the complements of the lowrank_flat split's calls, together
+    for at in _by_stage(calls, "split", "complement_each").values():
+        split = calls[at[0]][0].split
+        made = split.complement_each(
+            [states[i].split for i in at], [calls[i][3] for i in at], [directions[i] for i in at],
+            [ctxs[i] for i in at],
+            [functools.partial(calls[i][0].inner.moment, states[i].inner, ctxs[i]) for i in at],
+        )
+        for i, (D, record) in zip(at, made):
+            directions[i] = D
+            states[i] = evolve(states[i], split=record)
+    for i, (cfg, _, _, G, _) in enumerate(calls):
+        if cfg.post.grafting != "none":
+            directions[i], post = cfg.post.graft(states[i].post, G, directions[i], ctxs[i])
+            states[i] = evolve(states[i], post=post)
     if after:
         observe(after, ctxs)
     return [

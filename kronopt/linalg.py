@@ -2150,10 +2150,7 @@ def newton_schulz(
     """
     if (twin := compiled.variant("newton_schulz")) is not None: return twin(U, coefficients, eps=eps, dtype=dtype, norm=norm, form=form, restarts=restarts if isinstance(restarts, str) else tuple(restarts))  # noqa: E701
     _check_batched("U", U)
-    if norm not in ("clamp", "add"):
-        raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
-    if form not in NS_FORMS:
-        raise ValueError(f"form must be one of {', '.join(map(repr, NS_FORMS))}, got {form!r}")
+    _check_ns_call(norm, form)
     if form == "gram":
         restarts = ns_restarts(restarts, len(coefficients))
     gram = form == "gram" and gram_pays(*U.shape[-2:], len(coefficients), restarts)  # type: ignore[arg-type]
@@ -2183,6 +2180,52 @@ def newton_schulz(
         B = rnd(torch.baddbmm(A, A, A, beta=b, alpha=c))
         X = rnd(torch.baddbmm(X, X, B.mT, beta=a) if tall else torch.baddbmm(X, B, X, beta=a))
     return X.to(dtype) if emulated else X
+
+
+def newton_schulz_each(
+    Us: Sequence[Tensor],
+    coefficients: Sequence[tuple[float, float, float]],
+    *,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+    norm: str = "clamp",
+    form: str = "standard",
+    restarts: Sequence[int] | str = "auto",
+) -> list[Tensor]:
+    """:func:`newton_schulz` of each of ``Us`` (batches of any shapes), the same bits: those whose bfloat16
+    arithmetic runs in float32 kernels (:func:`_bfloat16_in_float32`) in the standard iteration go together, their
+    iterations interleaved, each product in its turn and each rounding of them all in one pair of ``foreach`` copies
+    (:func:`_newton_schulz_in_buffers_each`); every other one alone. On many small blocks the calls, not the products,
+    are the iteration's cost."""
+    _check_ns_call(norm, form)
+    out: list[Tensor | None] = [None] * len(Us)
+    together: list[int] = []
+    if compiled.variant("newton_schulz") is None and not torch.compiler.is_compiling():
+        for i, U in enumerate(Us):
+            _check_batched("U", U)
+            steps = len(coefficients)
+            gram = form == "gram" and gram_pays(*U.shape[-2:], steps, ns_restarts(restarts, steps))
+            if not gram and _bfloat16_in_float32(U, dtype) and _plain(U):
+                together.append(i)
+    if len(together) > 1:
+        made = _newton_schulz_in_buffers_each(
+            [Us[i] for i in together], coefficients, eps=eps, norm=norm, dtype=dtype, rounded=True,
+            kept=[None] * len(together),
+        )
+        for i, O in zip(together, made):
+            out[i] = O
+    return [
+        newton_schulz(U, coefficients, eps=eps, dtype=dtype, norm=norm, form=form, restarts=restarts) if O is None else O
+        for U, O in zip(Us, out)
+    ]
+
+
+def _check_ns_call(norm: str, form: str) -> None:
+    """:func:`newton_schulz`'s checks of its ``norm`` and ``form``."""
+    if norm not in ("clamp", "add"):
+        raise ValueError(f"norm must be 'clamp' or 'add', got {norm!r}")
+    if form not in NS_FORMS:
+        raise ValueError(f"form must be one of {', '.join(map(repr, NS_FORMS))}, got {form!r}")
 
 
 #: the forms of :func:`newton_schulz` (a config's ``ns_form``)
@@ -2400,50 +2443,85 @@ def _newton_schulz_in_buffers(
     of other strides (a transposed view) is read into contiguous memory first, where the functional form's
     first products read it as it lies; the products' sums may then run in another order and round a few
     entries the other way, in any dtype (float32: about 1e-6 relative), equally the dtype's arithmetic."""
-    batch, m, n = U.shape
-    tall, side = m > n, min(m, n)
+    return _newton_schulz_in_buffers_each(
+        [U], coefficients, eps=eps, norm=norm, dtype=dtype, rounded=rounded, kept=[kept], restarts=restarts
+    )[0]
+
+
+def _newton_schulz_in_buffers_each(
+    Us: Sequence[Tensor], coefficients: Sequence[tuple[float, float, float]], *, eps: float, norm: str,
+    dtype: torch.dtype, rounded: bool, kept: Sequence[dict[str, Tensor] | None], restarts: Sequence[int] | None = None,
+) -> list[Tensor]:
+    """:func:`_newton_schulz_in_buffers` of each of ``Us`` (``kept``: each one's dict, or ``None``), the iterations of
+    them all interleaved: each product in its turn, and each rounding of the results of them all (``rounded``) in one
+    pair of ``foreach`` copies through their bfloat16 scratches. Each result is the one it has alone: a product reads
+    the same buffers, and a copy rounds each entry alone."""
     work = torch.float32 if rounded else dtype
 
-    def buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        t = None if kept is None else kept.get(name)
+    def buffer(
+        U: Tensor, keep: dict[str, Tensor] | None, name: str, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> Tensor:
+        t = None if keep is None else keep.get(name)
         if t is None or t.shape != shape or t.dtype != dtype or t.device != U.device:
             with torch.inference_mode(False):  # a kept buffer serves later calls outside that mode too
                 t = torch.empty(shape, dtype=dtype, device=U.device)
-            if kept is not None:
-                kept[name] = t
+            if keep is not None:
+                keep[name] = t
         return t
 
-    X, Y = buffer("X", U.shape, work), buffer("Y", U.shape, work)
-    A, B = buffer("A", (batch, side, side), work), buffer("B", (batch, side, side), work)
+    tall = [U.shape[-2] > U.shape[-1] for U in Us]
+    X = [buffer(U, k, "X", U.shape, work) for U, k in zip(Us, kept)]
+    Y = [buffer(U, k, "Y", U.shape, work) for U, k in zip(Us, kept)]
+    square = [(U.shape[0], min(U.shape[-2:]), min(U.shape[-2:])) for U in Us]
+    A = [buffer(U, k, "A", shape, work) for U, k, shape in zip(Us, kept, square)]
+    B = [buffer(U, k, "B", shape, work) for U, k, shape in zip(Us, kept, square)]
     if rounded:
-        scratch = buffer("half", U.shape, torch.bfloat16)
-        halves: dict[torch.Size, Tensor] = {}  # the scratch's view of each shape rounded, made once per call
+        scratch = [buffer(U, k, "half", U.shape, torch.bfloat16) for U, k in zip(Us, kept)]
+        halves: dict[tuple[int, torch.Size], Tensor] = {}  # each scratch's view of each shape rounded, made once
 
-        def rnd_(t: Tensor) -> Tensor:  # t rounded to the nearest bfloat16, in place
-            half = halves.get(t.shape)
-            if half is None:
-                half = halves[t.shape] = scratch.view(-1)[: t.numel()].view(t.shape)
-            return t.copy_(half.copy_(t))
+        def half(j: int, t: Tensor) -> Tensor:
+            view = halves.get((j, t.shape))
+            if view is None:
+                view = halves[j, t.shape] = scratch[j].view(-1)[: t.numel()].view(t.shape)
+            return view
 
-        source = X.copy_(U if U.dtype == torch.bfloat16 else scratch.copy_(U))
+        def rnd_each(ts: Sequence[Tensor]) -> Sequence[Tensor]:  # each t rounded to the nearest bfloat16, in place
+            hs = [half(j, t) for j, t in enumerate(ts)]
+            torch._foreach_copy_(hs, ts)
+            torch._foreach_copy_(ts, hs)  # type: ignore[arg-type]
+            return ts
+
+        source = [
+            x.copy_(U) if U.dtype == torch.bfloat16 else x.copy_(h.copy_(U)) for x, U, h in zip(X, Us, scratch)
+        ]
     else:
-        def rnd_(t: Tensor) -> Tensor:
-            return t
+        def rnd_each(ts: Sequence[Tensor]) -> Sequence[Tensor]:
+            return ts
 
-        source = U if U.dtype == work else X.copy_(U)  # normalised straight into X where no cast comes first
-    nrm = rnd_(torch.linalg.vector_norm(source, dim=(-2, -1), keepdim=True))
-    rnd_(torch.div(source, rnd_(nrm.clamp_(min=eps) if norm == "clamp" else nrm.add_(eps)), out=X))
-    if restarts is not None:  # the Gram form, its results in buffers of the same dict
-        X = _gram_iteration(X, coefficients, restarts, rnd_, lambda name, shape: buffer(name, shape, work))
-        return scratch.copy_(X) if rounded else X
+        # normalised straight into X where no cast comes first
+        source = [U if U.dtype == work else x.copy_(U) for x, U in zip(X, Us)]
+    nrm = rnd_each([torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) for x in source])
+    nrm = rnd_each([t.clamp_(min=eps) if norm == "clamp" else t.add_(eps) for t in nrm])
+    rnd_each([torch.div(x, t, out=out) for x, t, out in zip(source, nrm, X)])
+    if restarts is not None:  # the Gram form, its results in buffers of the same dicts, each in its turn
+        out = []
+        for j, (U, k) in enumerate(zip(Us, kept)):
+            x = _gram_iteration(
+                X[j], coefficients, restarts,
+                (lambda t, j=j: t.copy_(half(j, t).copy_(t))) if rounded else (lambda t: t),
+                lambda name, shape, U=U, k=k: buffer(U, k, name, shape, work),
+            )
+            out.append(scratch[j].copy_(x) if rounded else x)
+        return out
     for i, (a, b, c) in enumerate(coefficients):
-        rnd_(torch.bmm(X.mT, X, out=A) if tall else torch.bmm(X, X.mT, out=A))
-        rnd_(torch.baddbmm(A, A, A, beta=b, alpha=c, out=B))
-        torch.baddbmm(X, X, B.mT, beta=a, out=Y) if tall else torch.baddbmm(X, B, X, beta=a, out=Y)
+        rnd_each([torch.bmm(x.mT, x, out=g) if t else torch.bmm(x, x.mT, out=g) for x, g, t in zip(X, A, tall)])
+        rnd_each([torch.baddbmm(g, g, g, beta=b, alpha=c, out=p) for g, p in zip(A, B)])
+        for x, p, y, t in zip(X, B, Y, tall):
+            torch.baddbmm(x, x, p.mT, beta=a, out=y) if t else torch.baddbmm(x, p, x, beta=a, out=y)
         X, Y = Y, X
         if rounded and i < len(coefficients) - 1:
-            rnd_(X)  # the last one rounds in the conversion below
-    return scratch.copy_(X) if rounded else X
+            rnd_each(X)  # the last one rounds in the conversion below
+    return [h.copy_(x) for h, x in zip(scratch, X)] if rounded else X
 
 
 def _round_to_bfloat16(t: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ rank-r subspace plus a flat eigenvalue and orthogonalizes the complement.
 
 import math
 from fractions import Fraction
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -198,24 +198,57 @@ class LowRankFlatSplit:
             c = float(self.complement_scale)
         return c * self.complement_mult
 
+    def complement_each(
+        self, states: Sequence[NoState], G: Sequence[Tensor], D: Sequence[Tensor], ctxs: Sequence[StepContext],
+        moments: Sequence[Callable[[], Tensor]],
+    ) -> list[tuple[Tensor, NoState]]:
+        """:meth:`complement` of several buckets, the same bits: the Newton–Schulz iterations of them all together
+        (:func:`kronopt.linalg.newton_schulz_each`), the rest each in its turn."""
+        operands = [self._operands(ctx, moment) for ctx, moment in zip(ctxs, moments)]
+        made = iter(self._orthogonalized([op[1] for op in operands if op is not None]))
+        return [
+            (d, state) if op is None else (self._added(d, next(made).to(d.dtype), op, ctx), state)
+            for state, d, ctx, op in zip(states, D, ctxs, operands)
+        ]
+
     def complement(
         self, state: NoState, G: Tensor, D: Tensor, ctx: StepContext, moment: Callable[[], Tensor]
     ) -> tuple[Tensor, NoState]:
-        layout = ctx.layout
-        if layout.left == "restricted":
-            side, C = "left", ctx.moment_complement(moment)
-            Q_other, lam_other, mu = ctx.basis.Q_R, ctx.eigvals[1], ctx.flat[0]
-        elif layout.right == "restricted":
-            side, C = "right", ctx.moment_complement(moment)
-            Q_other, lam_other, mu = ctx.basis.Q_L, ctx.eigvals[0], ctx.flat[1]
-        else:
+        operands = self._operands(ctx, moment)
+        if operands is None:
             return D, state
-        schedule = linalg.ns_schedule(self.ns_coefficients, self.ns_steps)
         # O in D's dtype before its norm and the scaled sum: on a CPU, one conversion and two passes of
         # one dtype take less time than a norm and a sum that each convert a bfloat16 O as they read it
-        O = linalg.newton_schulz(
+        (O,) = self._orthogonalized([operands[1]])
+        return self._added(D, O.to(D.dtype), operands, ctx), state
+
+    def _operands(
+        self, ctx: StepContext, moment: Callable[[], Tensor]
+    ) -> tuple[str, Tensor, Tensor | None, Tensor | None, Tensor | None] | None:
+        """``(side, C, Q_other, lam_other, mu)``: the restricted side, the moment's complement, the other side's
+        basis and eigenvalues, and the restricted side's flat eigenvalue; ``None`` on a layout with no restricted
+        side."""
+        layout = ctx.layout
+        if layout.left == "restricted":
+            return "left", ctx.moment_complement(moment), ctx.basis.Q_R, ctx.eigvals[1], ctx.flat[0]
+        if layout.right == "restricted":
+            return "right", ctx.moment_complement(moment), ctx.basis.Q_L, ctx.eigvals[0], ctx.flat[1]
+        return None
+
+    def _orthogonalized(self, C: list[Tensor]) -> list[Tensor]:
+        """The complements' Newton–Schulz iterations (one alone, several together), in ``ns_dtype``."""
+        schedule = linalg.ns_schedule(self.ns_coefficients, self.ns_steps)
+        return linalg.newton_schulz_each(
             C, schedule, eps=self.ns_eps, dtype=linalg.DTYPES[self.ns_dtype], form=self.ns_form, restarts=self.ns_restarts
-        ).to(D.dtype)
+        )
+
+    def _added(
+        self, D: Tensor, O: Tensor, operands: tuple[str, Tensor, Tensor | None, Tensor | None, Tensor | None],
+        ctx: StepContext,
+    ) -> Tensor:
+        """The direction ``D`` with the orthogonalized complement ``O`` (in ``D``'s dtype) scaled and added."""
+        layout = ctx.layout
+        side, C, Q_other, lam_other, mu = operands
         if self.complement_scale == "whitened":
             assert mu is not None, "a restricted side's factor estimator gives its flat eigenvalue (validated)"
             nu = linalg.whitened_complement_norm(
@@ -228,5 +261,5 @@ class LowRankFlatSplit:
             other = layout.n if side == "left" else layout.m
             w = linalg.rescale_factor(O, linalg.subspace_rms_complement_norm(D, d, r, other))
         else:
-            return torch.add(D, O, alpha=self.scale(layout)), state
-        return torch.addcmul(D, O, w.mul_(self.scale(layout))), state
+            return torch.add(D, O, alpha=self.scale(layout))
+        return torch.addcmul(D, O, w.mul_(self.scale(layout)))

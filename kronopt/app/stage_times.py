@@ -43,7 +43,7 @@ SLOT_METHODS: dict[str, tuple[str, ...]] = {
     "factors": ("update", "update_each", "factors", "on_basis_change", "eigvals", "eigvals_each", "flat_eigvals"),
     "basis": ("refresh",),
     "inner": ("direction", "direction_each", "on_basis_change", "moment", "orthogonalize"),
-    "split": ("complement", "on_basis_change"),
+    "split": ("complement", "complement_each", "on_basis_change"),
     "post": ("graft", "apply_", "apply_block_"),
 }
 

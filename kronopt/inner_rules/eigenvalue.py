@@ -175,47 +175,75 @@ class EigenvalueInner:
         return self._scaled_back(_rotated(m_hat, ctx), ctx), MomentumState(m)
 
     def direction_each(
-        self, states: Sequence[MomentumState | EigenMomentumState], G: Sequence[Tensor], ctxs: Sequence[StepContext]
-    ) -> list[tuple[Tensor, MomentumState | EigenMomentumState]]:
-        """:meth:`direction` of several buckets, each with a whole momentum (``"original"`` or ``"eigen"``) and no
-        restricted side, the same bits: each bucket's rotations in its turn, the momenta of them all in one ``foreach``
-        call per operation, and their scales in one pass over the eigenvalues of them all where each entry's power
-        rounds alone (``-exponent`` in :data:`kronopt.linalg.POSITION_FREE_EXPONENTS`): the roots of
+        self, states: Sequence[MomentumState | EigenMomentumState | SubspaceMomentumState], G: Sequence[Tensor],
+        ctxs: Sequence[StepContext],
+    ) -> list[tuple[Tensor, MomentumState | EigenMomentumState | SubspaceMomentumState]]:
+        """:meth:`direction` of several buckets, the same bits: each bucket's rotations (and a restricted side's split
+        of its gradient) in its turn, the momenta of them all (whole, or a ``"subspace"`` momentum's two parts) in one
+        ``foreach`` call per operation, and their scales in one pass over the eigenvalues of them all where each
+        entry's power rounds alone (``-exponent`` in :data:`kronopt.linalg.POSITION_FREE_EXPONENTS`): the roots of
         ``eps_placement = "product"`` (:func:`kronopt.linalg.product_inverse_root_denominators_each`), a side's
         scale under ``"inside"`` and ``"outside"``; else each call's scales by :meth:`_scaled_back`. ``normalize`` is
         not taken."""
         assert not self.normalize, "direction_each does not normalise"
         beta = self.momentum
-        eigen = [isinstance(state, EigenMomentumState) for state in states]
-        X = [ctx.rotated(g).H if e and ctx.basis.ready else g for e, g, ctx in zip(eigen, G, ctxs)]
-        old = [
-            st.momentum_eigen if e else st.momentum_buffer for e, st in zip(eigen, states)  # type: ignore[union-attr]
-        ]
+        X: list[Tensor] = []  # the momenta's inputs, and the momenta they update (a subspace momentum: two each)
+        old: list[Tensor] = []
+        for state, g, ctx in zip(states, G, ctxs):
+            if isinstance(state, SubspaceMomentumState):
+                X.extend(ctx.subspace_split(g))
+                old += [state.momentum_coords, state.momentum_complement]
+            elif isinstance(state, EigenMomentumState):
+                X.append(ctx.rotated(g).H if ctx.basis.ready else g)
+                old.append(state.momentum_eigen)
+            else:
+                X.append(g)
+                old.append(state.momentum_buffer)
         new = torch._foreach_lerp(old, X, 1 - beta)
         hat = list(new)
         if self.bias_correction:
             by_step: dict[int, list[int]] = {}
-            for i, ctx in enumerate(ctxs):
-                by_step.setdefault(ctx.step, []).append(i)
+            k = 0
+            for state, ctx in zip(states, ctxs):
+                parts = 2 if isinstance(state, SubspaceMomentumState) else 1
+                by_step.setdefault(ctx.step, []).extend(range(k, k + parts))
+                k += parts
             for t, at in by_step.items():
-                for i, q in zip(at, torch._foreach_div([new[i] for i in at], 1 - beta**t)):
-                    hat[i] = q
+                for k, q in zip(at, torch._foreach_div([new[k] for k in at], 1 - beta**t)):
+                    hat[k] = q
         out: list[Any] = [None] * len(states)
         together: list[int] = []  # the calls whose scales go together
+        P: list[Tensor] = []  # their momenta in the basis
         flat = -self.exponent in linalg.POSITION_FREE_EXPONENTS
-        for i, (e, ctx) in enumerate(zip(eigen, ctxs)):
-            record = EigenMomentumState(new[i]) if e else MomentumState(new[i])
-            out[i] = (hat[i], record)
-            if not ctx.basis.ready:
-                continue
+        k = 0
+        for i, (state, ctx) in enumerate(zip(states, ctxs)):
+            record: Any
+            if isinstance(state, SubspaceMomentumState):
+                record = SubspaceMomentumState(new[k], new[k + 1])
+                ctx.offer_moment_complement(hat[k + 1])
+                if not ctx.basis.ready:
+                    out[i] = (self.moment(record, ctx), record)  # moment() is bias-corrected already
+                    k += 2
+                    continue
+                rotated = _full_side(hat[k], ctx, left_restricted=ctx.layout.left == "restricted")
+                k += 2
+            else:
+                eigen = isinstance(state, EigenMomentumState)
+                record = EigenMomentumState(new[k]) if eigen else MomentumState(new[k])
+                out[i] = (hat[k], record)
+                k += 1
+                if not ctx.basis.ready:
+                    continue
+                rotated = hat[k - 1] if eigen else _rotated(hat[k - 1], ctx)
             sides = [lam is not None for lam in ctx.eigvals]
             if flat and (all(sides) if self.eps_placement == "product" else any(sides)):
                 together.append(i)
+                P.append(rotated)
+                out[i] = (None, record)
             else:
-                out[i] = (self._scaled_back(hat[i] if e else _rotated(hat[i], ctx), ctx), record)
+                out[i] = (self._scaled_back(rotated, ctx), record)
         if not together:
             return out
-        P = [hat[i] if eigen[i] else _rotated(hat[i], ctxs[i]) for i in together]
         lam = [ctxs[i].eigvals for i in together]
         if self.eps_placement == "product":
             denominators = linalg.product_inverse_root_denominators_each(

@@ -190,7 +190,7 @@ def test_plain_calls_are_taken():
         ("factors stored in bfloat16", {"storage.factors": "bfloat16"}),
         ("another inner rule", {"name": "soap"}),
         ("KL's factors with Adam's rule", {"name": "kl_soap"}),
-        ("a split", {"name": "pro_kl_shampoo"}),
+        ("a split with the momentum whole", {"name": "pro_kl_shampoo", "inner.momentum_basis": "original"}),
     ],
 )
 def test_calls_the_pipeline_must_make_are_refused(why, kwargs):
