@@ -2453,10 +2453,21 @@ def _newton_schulz_in_buffers_each(
     dtype: torch.dtype, rounded: bool, kept: Sequence[dict[str, Tensor] | None], restarts: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """:func:`_newton_schulz_in_buffers` of each of ``Us`` (``kept``: each one's dict, or ``None``), the iterations of
-    them all interleaved: each product in its turn, and each rounding of the results of them all (``rounded``) in one
-    pair of ``foreach`` copies through their bfloat16 scratches. Each result is the one it has alone: a product reads
-    the same buffers, and a copy rounds each entry alone."""
+    them all interleaved, each product in its turn, each rounding of their results (``rounded``) made for them all
+    at once. Each result is the one it has alone: a product reads the same values, and a copy rounds each entry alone.
+
+    Several blocks rounded in the standard form with no kept buffers (:func:`newton_schulz_each`'s) keep each kind of
+    buffer (iterates, Gram matrices, polynomials, norms) as 64-byte-aligned views into one zeroed arena of its own
+    (:func:`_aligned_views`), so that a rounding of them all is two copies of an arena (position-free: the float32
+    to bfloat16 conversion rounds each entry alone, tested entry by entry) and a product reads an aligned view as it
+    reads a tensor of its own (MKL rounds a product by its operands' alignment, not by their place: the same bits
+    as each block's own buffers, measured on every shape of the small set at shuffled offsets); else each block's
+    buffers are its own, rounded in one pair of ``foreach`` copies through their bfloat16 scratches."""
     work = torch.float32 if rounded else dtype
+    tall = [U.shape[-2] > U.shape[-1] for U in Us]
+    square = [(U.shape[0], min(U.shape[-2:]), min(U.shape[-2:])) for U in Us]
+    if rounded and len(Us) > 1 and restarts is None and all(k is None for k in kept):
+        return _newton_schulz_in_arenas(Us, coefficients, eps=eps, norm=norm, tall=tall, square=square)
 
     def buffer(
         U: Tensor, keep: dict[str, Tensor] | None, name: str, shape: tuple[int, ...], dtype: torch.dtype
@@ -2469,10 +2480,8 @@ def _newton_schulz_in_buffers_each(
                 keep[name] = t
         return t
 
-    tall = [U.shape[-2] > U.shape[-1] for U in Us]
     X = [buffer(U, k, "X", U.shape, work) for U, k in zip(Us, kept)]
     Y = [buffer(U, k, "Y", U.shape, work) for U, k in zip(Us, kept)]
-    square = [(U.shape[0], min(U.shape[-2:]), min(U.shape[-2:])) for U in Us]
     A = [buffer(U, k, "A", shape, work) for U, k, shape in zip(Us, kept, square)]
     B = [buffer(U, k, "B", shape, work) for U, k, shape in zip(Us, kept, square)]
     if rounded:
@@ -2513,15 +2522,84 @@ def _newton_schulz_in_buffers_each(
             )
             out.append(scratch[j].copy_(x) if rounded else x)
         return out
+    X = _standard_iterations(X, Y, A, B, tall, coefficients, rnd_each if rounded else None)
+    return [h.copy_(x) for h, x in zip(scratch, X)] if rounded else X
+
+
+def _standard_iterations(
+    X: list[Tensor], Y: list[Tensor], A: list[Tensor], B: list[Tensor], tall: list[bool],
+    coefficients: Sequence[tuple[float, float, float]], rnd_each: Callable[[list[Tensor]], Any] | None,
+) -> list[Tensor]:
+    """The standard Newton–Schulz iterations of each block from its normalised iterate ``X`` (``Y``: the other
+    iterate's buffer, ``A`` and ``B`` the Gram matrix's and the polynomial's), the blocks interleaved; ``rnd_each``
+    rounds each result of them all to bfloat16 in place (the last iterate is left to the caller's conversion).
+    Returns the buffers holding the last iterates."""
     for i, (a, b, c) in enumerate(coefficients):
-        rnd_each([torch.bmm(x.mT, x, out=g) if t else torch.bmm(x, x.mT, out=g) for x, g, t in zip(X, A, tall)])
-        rnd_each([torch.baddbmm(g, g, g, beta=b, alpha=c, out=p) for g, p in zip(A, B)])
+        made = [torch.bmm(x.mT, x, out=g) if t else torch.bmm(x, x.mT, out=g) for x, g, t in zip(X, A, tall)]
+        if rnd_each is not None:
+            rnd_each(made)
+        made = [torch.baddbmm(g, g, g, beta=b, alpha=c, out=p) for g, p in zip(A, B)]
+        if rnd_each is not None:
+            rnd_each(made)
         for x, p, y, t in zip(X, B, Y, tall):
             torch.baddbmm(x, x, p.mT, beta=a, out=y) if t else torch.baddbmm(x, p, x, beta=a, out=y)
         X, Y = Y, X
-        if rounded and i < len(coefficients) - 1:
-            rnd_each(X)  # the last one rounds in the conversion below
-    return [h.copy_(x) for h, x in zip(scratch, X)] if rounded else X
+        if rnd_each is not None and i < len(coefficients) - 1:
+            rnd_each(X)  # the last one rounds in the conversion that follows
+    return X
+
+
+def _newton_schulz_in_arenas(
+    Us: Sequence[Tensor], coefficients: Sequence[tuple[float, float, float]], *, eps: float, norm: str,
+    tall: list[bool], square: list[tuple[int, int, int]],
+) -> list[Tensor]:
+    """:func:`_newton_schulz_in_buffers_each` of several blocks rounded in the standard form, each kind of buffer a
+    set of aligned views into one arena (:func:`_aligned_views`), each rounding of them all two copies of an arena."""
+    device = Us[0].device
+    shapes = [tuple(U.shape) for U in Us]
+    (x_arena, X), (y_arena, Y) = _aligned_views(shapes, device), _aligned_views(shapes, device)
+    (a_arena, A), (b_arena, B) = _aligned_views(square, device), _aligned_views(square, device)
+    n_arena, nrm = _aligned_views([(U.shape[0], 1, 1) for U in Us], device)
+    halves = {x_arena.numel(): torch.empty_like(x_arena, dtype=torch.bfloat16)}
+    halves.setdefault(a_arena.numel(), torch.empty_like(a_arena, dtype=torch.bfloat16))
+    halves.setdefault(n_arena.numel(), torch.empty_like(n_arena, dtype=torch.bfloat16))
+    arenas = {t.data_ptr(): t for t in (x_arena, y_arena, a_arena, b_arena, n_arena)}
+
+    def rnd_each(ts: list[Tensor]) -> None:  # the arena the views lie in (its first one at its start), rounded
+        arena = arenas[ts[0].data_ptr()]
+        arena.copy_(halves[arena.numel()].copy_(arena))
+
+    for x, U in zip(X, Us):
+        x.copy_(U)
+    rnd_each(X)  # a bfloat16 input is kept as it is: its rounding changes nothing
+    for x, t in zip(X, nrm):
+        torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, out=t)
+    rnd_each(nrm)
+    n_arena.clamp_(min=eps) if norm == "clamp" else n_arena.add_(eps)
+    rnd_each(nrm)
+    for x, t in zip(X, nrm):
+        torch.div(x, t, out=x)
+    rnd_each(X)
+    X = _standard_iterations(X, Y, A, B, tall, coefficients, rnd_each)
+    last = x_arena if X[0].data_ptr() == x_arena.data_ptr() else y_arena
+    whole = halves[x_arena.numel()].copy_(last)
+    return _aligned_views(shapes, device, whole)[1]
+
+
+def _aligned_views(
+    shapes: Sequence[tuple[int, ...]], device: torch.device, arena: Tensor | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """A zeroed float32 arena (or ``arena``, of the size this makes) and a view of it of each shape, each starting
+    at a multiple of 16 entries (64 bytes of float32) past the arena's start, which the allocator aligns to 64
+    bytes: a product reads such a view as it reads a tensor of its own."""
+    offsets, total = [], 0
+    for shape in shapes:
+        offsets.append(total)
+        total += -(-math.prod(shape) // 16) * 16
+    if arena is None:
+        with torch.inference_mode(False):
+            arena = torch.zeros(total, dtype=torch.float32, device=device)
+    return arena, [arena[o : o + math.prod(shape)].view(shape) for o, shape in zip(offsets, shapes)]
 
 
 def _round_to_bfloat16(t: Tensor) -> Tensor:

@@ -147,16 +147,28 @@ def test_newton_schulz_of_many_blocks_equals_each_alone(options):
         assert len(together) >= 3 and len({O.data_ptr() for O in together}) == len(together)
 
 
-def test_newton_schulz_of_many_blocks_makes_its_iterations_together(monkeypatch):
-    """The roundings of the blocks whose bfloat16 iteration runs in float32 kernels go in ``foreach`` copies of them
-    all: one pair per rounding, not one per block."""
-    copies = []
-    real = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda a, b, **kw: copies.append(len(a)) or real(a, b, **kw))
-    U = [torch.randn(s) for s in ((1, 17, 26), (1, 20, 32), (1, 26, 44))]
-    linalg.newton_schulz_each(U, linalg.ns_schedule("kj", 5))
-    assert copies and set(copies) == {3}
-    assert len(copies) == 2 * (3 + 3 * 5 - 1)  # the norm, its floor, the division; three a step but the last X
+def test_newton_schulz_of_many_blocks_makes_its_roundings_together():
+    """The blocks whose bfloat16 iteration runs in float32 kernels are rounded all at once: twice as many blocks add
+    only their input copies to the copies the iteration makes, not a rounding each."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Copies.count += func.overloadpacket.__name__ == "copy_"
+            return func(*args, **(kwargs or {}))
+
+    def copies(shapes):
+        Copies.count = 0
+        U = [torch.randn(s) for s in shapes]
+        with Copies():
+            made = linalg.newton_schulz_each(U, linalg.ns_schedule("kj", 5))
+        assert all(torch.equal(O, linalg.newton_schulz(u, linalg.ns_schedule("kj", 5))) for O, u in zip(made, U))
+        return Copies.count
+
+    three = [(1, 17, 26), (1, 20, 32), (1, 26, 44)]
+    assert copies(three * 2) - copies(three) == 3
 
 
 def test_newton_schulz_of_many_blocks_checks_its_options():
