@@ -271,16 +271,27 @@ class KlKronFactors:
         squared rotations, the scaled Gram operands, the squared inverse roots, the eigenvalue estimates:
         :func:`kronopt.linalg.tracked_inverse_root_ema_each`), their Gram updates' small sums together
         (:func:`kronopt.linalg.accumulate_grams_each`): on many small buckets a step costs its calls, not its
-        arithmetic. A first call, a bucket with a restricted side and ``damping`` go through :meth:`update`."""
+        arithmetic. A restricted side's plain updates likewise (:meth:`_restricted_each`); a first call, ``damping``
+        and a restricted side's other updates go through :meth:`update`."""
         rho = self.beta
         out: list[Any] = [None] * len(states)
         work: list[tuple[int, _Side, _Side, Tensor, Any]] = []  # (bucket, left, right, G, rotation)
+        restricted: list[tuple[int, Tensor, _Side, _Side, tuple[Tensor, Tensor], bool]] = []
         for i, (state, g, ctx) in enumerate(zip(states, G, ctxs)):
             left, right = _sides(state, ctx.layout, ctx)
-            if ctx.step == 0 or "restricted" in (left.kind, right.kind) or self.damping:
+            if ctx.step == 0 or self.damping:
                 out[i] = self.update(state, g, ctx)
+            elif "restricted" in (left.kind, right.kind):
+                taken = self._restricted_call(g, left, right, ctx)
+                if taken is None:
+                    out[i] = self.update(state, g, ctx)
+                else:
+                    restricted.append((i, *taken))
             else:
                 work.append((i, left, right, g, ctx.rotated(g)))
+        if restricted:
+            for i, (new_left, new_right) in self._restricted_each(restricted).items():
+                out[i] = _pack(new_left, new_right)
         if not work:
             return out
         H2 = torch._foreach_mul([w[4].H for w in work], [w[4].H for w in work])
@@ -346,6 +357,117 @@ class KlKronFactors:
                 states[i], L=made.get((i, "L"), left.F), R=made.get((i, "R"), right.F),
                 s_L=s_new.get((i, "L"), left.s), s_R=s_new.get((i, "R"), right.s),
             )
+        return out
+
+    def _restricted_call(
+        self, G: Tensor, left: _Side, right: _Side, ctx: StepContext
+    ) -> tuple[Tensor, _Side, _Side, tuple[Tensor, Tensor], bool] | None:
+        """A call of a bucket with a restricted side that :meth:`_restricted_each` makes with others, as
+        ``(G, left, right, (G U, G P⊥), swapped)`` with the restricted side on the right (``swapped``: the layout's
+        left one, ``G`` and its parts transposed, as :meth:`update` runs it), or ``None`` where :meth:`update` makes
+        it: its ``"power"`` tracker's product not due (no refresh follows), the other side full and rotated and
+        shorter (:func:`kronopt.linalg.accumulate_two_grams_left_with_energy`'s Gram form), neither summed by blocks
+        nor tiled, in float32 or wider."""
+        if self.tracker != "power" or ctx.refresh_follows:
+            return None
+        parts = ctx.subspace_split(G)
+        swapped = left.kind == "restricted"
+        if swapped:
+            G, left, right, parts = G.mT, right, left, (parts[0].mT, parts[1].mT)
+        m, n = G.shape[-2], G.shape[-1]
+        if (
+            right.kind != "restricted" or left.F is None or left.Q is None or n <= m
+            or m >= linalg._SYM_BLOCKED_MIN or linalg._tiled(left.F, parts[1])
+            or torch.finfo(G.dtype).eps > torch.finfo(torch.float32).eps
+        ):
+            return None
+        return G, left, right, parts, swapped
+
+    def _restricted_each(
+        self, calls: Sequence[tuple[int, Tensor, _Side, _Side, tuple[Tensor, Tensor], bool]]
+    ) -> dict[int, tuple[_Side, _Side]]:
+        r""":meth:`_update_restricted` of several buckets' calls (:meth:`_restricted_call`'s, by position), the same
+        bits: each bucket's products and sums in its turn, the elementwise work of them all in one ``foreach`` call
+        or one pass over one flat vector per operation, the Gram sums of the subspace factors together
+        (:func:`kronopt.linalg.accumulate_grams_each`), the eigenvalue estimates of both sides of them all in one
+        pass (:func:`kronopt.linalg.tracked_inverse_root_ema_each`). Returns each call's new ``(left, right)`` in
+        the layout's order."""
+        rho = self.beta
+        G = [c[1] for c in calls]
+        left, right = [c[2] for c in calls], [c[3] for c in calls]
+        Y, Gc = [c[4][0] for c in calls], [c[4][1] for c in calls]
+        m = [g.shape[-2] for g in G]
+        n = [g.shape[-1] for g in G]
+        Hy = [linalg.mm(L.Q.mT, y) for L, y in zip(left, Y)]  # type: ignore[union-attr]  # Q_Lᵀ G U
+        inv_mu = [t.view(-1, 1, 1) for t in torch._foreach_reciprocal([R.mu for R in right])]  # type: ignore[misc]
+        tau = [R.s for R in right]
+        A = torch._foreach_mul(Y, [t.unsqueeze(-2) for t in tau])  # type: ignore[union-attr]
+        # the left factors, as accumulate_two_grams_left_with_energy's Gram form: the half-weight products of the
+        # scaled coordinates, the complement's Gram weighted by 1/μ added, each summed with its transpose
+        C = [linalg.mm(c, c.mT) for c in Gc]
+        alpha = [(1 - rho) / k for k in n]
+        T = [
+            linalg._weighted_product(L.F, a, a, rho * 0.5, w * 0.5)  # type: ignore[arg-type]
+            for L, a, w in zip(left, A, alpha)
+        ]
+        torch._foreach_addcmul_(T, C, inv_mu, [w * 0.5 for w in alpha])
+        F = torch._foreach_add(T, [t.mT for t in T])
+        # the complement's rows' energies in the left basis, diag(Q_Lᵀ C Q_L) floored at 0 (rotated_diagonal)
+        QtC = [linalg.mm(L.Q.mT, c) for L, c in zip(left, C)]  # type: ignore[union-attr]
+        e_c = [x.sum(-1) for x in torch._foreach_mul(QtC, [L.Q.mT for L in left])]  # type: ignore[union-attr]
+        torch._foreach_clamp_min_(e_c, 0.0)
+        # the statistics: d_L = (Σ_j (Q_Lᵀ G U)²_ij τ_j² + e_c / μ) / n, d_R = Σ_i Ŷ²_ij / m with
+        # Ŷ = diag(s_L) Q_Lᵀ G U, d_μ = Σ_i e_c,i s_L,i² / (m (n - r))
+        energy = [x.sum(-1) for x in torch._foreach_mul(
+            torch._foreach_mul(Hy, Hy),
+            [t.unsqueeze(-2) for t in torch._foreach_mul(tau, tau)],  # type: ignore[arg-type]
+        )]
+        d_L = torch._foreach_add(energy, torch._foreach_mul([t.squeeze(-1) for t in inv_mu], e_c))
+        sL = [L.s for L in left]
+        Yh = torch._foreach_mul(Hy, [s.unsqueeze(-1) for s in sL])  # type: ignore[union-attr]
+        sub = linalg.accumulate_grams_each(
+            [R.sub for R in right], [y.mT for y in Yh], rho, [(1 - rho) / k for k in m]  # type: ignore[misc]
+        )
+        d_R = [x.sum(-2) for x in torch._foreach_mul(Yh, Yh)]
+        roots = linalg.tracked_inverse_root_ema_each(
+            [*sL, *tau], [*d_L, *d_R], rho,  # type: ignore[list-item]
+            [*(self._clamp(k) for k in m), *(self._clamp(k) for k in n)],
+            divisors=[*n, *m],
+        )
+        d_mu = [x.sum(-1) for x in torch._foreach_mul(e_c, torch._foreach_mul(sL, sL))]  # type: ignore[arg-type]
+        d_mu = torch._foreach_div(d_mu, [k * max(j - R.rank, 1) for k, j, R in zip(m, n, right)])
+        mu = self._flat_mu_each([R.mu for R in right], d_mu, n)  # type: ignore[misc]
+        out = {}
+        for k, (i, _, L, R, _, swapped) in enumerate(calls):
+            new_left = attrs.evolve(L, F=F[k], s=roots[k])
+            new_right = attrs.evolve(R, sub=sub[k], s=roots[len(calls) + k], mu=mu[k])
+            out[i] = (new_right, new_left) if swapped else (new_left, new_right)
+        return out
+
+    def _mu_step(self, mu: Tensor, d_mu: Tensor, d: int) -> Tensor:
+        """A restricted side's flat eigenvalue after one EMA step toward the statistic ``d_mu`` (NaN: the start
+        value), floored (``d``: the side's size)."""
+        return torch.lerp(mu, d_mu, 1 - self.beta).nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(d, mu))
+
+    def _flat_mu_each(self, mu: list[Tensor], d_mu: list[Tensor], d: list[int]) -> list[Tensor]:
+        """The flat eigenvalues' EMA step of :meth:`_update_restricted` for several buckets (``d``: each restricted
+        side's size, its floor's), the same bits, in one pass over one flat vector per dtype and device."""
+        out: list[Tensor] = [None] * len(mu)  # type: ignore[list-item]
+        for group in linalg.alike(mu):
+            if len(group) == 1:  # alone, as the pipeline makes it (a stack of another layout keeps it)
+                i = group[0]
+                out[i] = self._mu_step(mu[i], d_mu[i], d[i])
+                continue
+            part = [mu[i] for i in group]
+            new = torch.lerp(linalg.joined(part), linalg.joined([d_mu[i] for i in group]), 1 - self.beta)
+            new = new.nan_to_num(nan=self.init_factor)
+            floors = [self._mu_floor(d[i], mu[i]) for i in group]
+            # max(x, floor) rounds nothing: the same bits as each part's clamp (no NaN is left)
+            spread = torch.tensor(floors, dtype=new.dtype, device=new.device).repeat_interleave(
+                torch.tensor([t.numel() for t in part], device=new.device), output_size=new.numel()
+            )
+            for i, t in zip(group, linalg.parted(torch.maximum(new, spread), part)):
+                out[i] = t
         return out
 
     def on_basis_change(self, state: KlFactorsState, change: BasisChange) -> KlFactorsState:
@@ -507,7 +629,7 @@ class KlKronFactors:
         d_mu = (e_c if sL is None else e_c * sL.squeeze(-1).square()).sum(-1) / (m * max(n - r, 1))
         if self.damping:
             d_mu = d_mu + extra.squeeze(-1)  # type: ignore[union-attr]
-        mu_new = torch.lerp(mu, d_mu, 1 - rho).nan_to_num(nan=self.init_factor).clamp(min=self._mu_floor(n, mu))
+        mu_new = self._mu_step(mu, d_mu, n)
         if not power_follows and self.tracker == "power":
             return new_left, attrs.evolve(right, sub=sub, s=tau, mu=mu_new)
         # Ĝᵀ Ŷ = (Q_Lᵀ G)ᵀ W with W = diag(s_L²) Q_Lᵀ G U: where the complement's rotation Hc = Q_Lᵀ G P⊥ was made

@@ -8,6 +8,7 @@ over the eigenvalues of them all, and the complements' Newton–Schulz iteration
 path takes, refreshes (the subspace's re-projection) included.
 """
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -47,6 +48,7 @@ LAYOUTS = [
     Layout(batch=1, m=9, n=12, left="full", right="restricted", rank_right=3),  # bfloat16 kernels (16³ or fewer)
     Layout(batch=1, m=6, n=30, left="none", right="restricted", rank_right=7),  # the other side not rotated
     Layout(batch=2, m=7, n=7, left="full", right="full"),  # the rank reaches the side: no complement
+    Layout(batch=1, m=5, n=9, left="full", right="restricted", rank_right=8),  # a complement of one direction
 ]
 
 
@@ -95,6 +97,53 @@ def test_small_gradients_put_the_estimates_at_their_floors_and_ceilings_as_alone
             if mu is not None and (mu == 1.0 / (c * c)).any():
                 floors.add(d)
     assert len(ceilings) >= 3 and len(floors) >= 2
+
+
+def test_a_complement_of_rank_one_rounds_its_energies_below_zero_and_both_paths_floor_them():
+    """A gradient that is one outer product outside the restricted subspace, along the other side's first basis
+    column, on a state whose other side's eigenvalue estimates are infinite (inverse roots 0, as after a vanishing
+    direction): the complement's rows' energies in that basis are zero but for the first, and their rounding goes
+    below zero in part, which would make a new estimate negative (its inverse root 0) where the floor at 0 leaves
+    it positive; both paths floor them, as alone."""
+    cfg = kronopt.resolve("pro_kl_shampoo", **{"factors.clamping": False}).bound()
+    calls, expected, negative = [], [], 0
+    for seed, layout in enumerate([LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]]):
+        gen = torch.Generator().manual_seed(20 + seed)
+        state, _ = pipeline_state(cfg, layout, 12, gen)
+        left = layout.left == "restricted"
+        U, Q = (state.basis.Q_L, state.basis.Q_R) if left else (state.basis.Q_R, state.basis.Q_L)
+        f = state.factors
+        f = attrs.evolve(f, s_R=torch.zeros_like(f.s_R)) if left else attrs.evolve(f, s_L=torch.zeros_like(f.s_L))
+        state = attrs.evolve(state, factors=f)
+        v = torch.randn(U.shape[0], U.shape[1], 1, generator=gen)
+        G = Q[:, :, :1] * (v - U @ (U.mT @ v)).mT  # outside the subspace
+        Gc = G - (G @ U) @ U.mT
+        negative += int(((linalg.mm(Q.mT, linalg.mm(Gc, Gc.mT)) * Q.mT).sum(-1) < 0).sum())
+        G = G.mT if left else G
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    assert negative > 0  # the floor is reached
+    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
+        assert_records_equal(D, D_ref, "D")
+        assert_records_equal(new, new_ref)
+
+
+def test_non_finite_gradients_give_the_pipeline_s_new_state():
+    """A NaN and an infinite gradient entry (the optimizer skips such blocks, but the call's new state is made first):
+    the same state, NaN where the pipeline's has NaN, the flat eigenvalue's NaN statistic taken as its start value."""
+    cfg = kronopt.resolve("pro_kl_shampoo").bound()
+    calls, expected = [], []
+    for seed, (layout, bad) in enumerate(zip(LAYOUTS[:3], (float("nan"), float("inf"), float("nan")))):
+        gen = torch.Generator().manual_seed(30 + seed)
+        state, G = pipeline_state(cfg, layout, 12, gen)
+        G[0, 1, 2] = bad
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
+        assert_records_equal(D, D_ref, "D")
+        assert_records_equal(new, new_ref)
+    mus = [new.factors.mu_R for _, new in expected if new.factors.mu_R is not None]
+    assert any(bool((mu == cfg.factors.init_factor).any()) for mu in mus)
 
 
 def test_calls_whose_momentum_is_kept_whole_or_normalised_are_refused():
