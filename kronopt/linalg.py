@@ -4148,6 +4148,54 @@ def whitened_complement_norm(
     return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * mu.rsqrt().view(-1, 1, 1)
 
 
+def whitened_complement_norms_each(
+    C: Sequence[Tensor], Q_other: Sequence[Tensor | None], lam_other: Sequence[Tensor | None], mu: Sequence[Tensor],
+    restricted: Sequence[str],
+) -> list[Tensor]:
+    """:func:`whitened_complement_norm` of each block stack (without ``solved``: tracked eigenvalues), the same bits:
+    the weights and the flat eigenvalues' roots of them all in one pass over one flat vector each
+    (:func:`flat_each`), the weighted bases in one ``foreach`` call, each product and norm in its turn. A product
+    oneDNN makes, or a side not rotated, is made alone."""
+    out: list[Tensor | None] = [None] * len(C)
+    at = []
+    for i, (c, Q, lam, side) in enumerate(zip(C, Q_other, lam_other, restricted)):
+        if Q is None or lam is None or side not in ("left", "right"):
+            out[i] = whitened_complement_norm(c, Q, lam, mu[i], restricted=side)
+        else:
+            _check_batched("C", c)
+            A, B = (Q.mT, c) if side == "right" else (c, Q)
+            if _by_onednn(A, B):
+                out[i] = whitened_complement_norm(c, Q, lam, mu[i], restricted=side)
+            else:
+                at.append(i)
+    if not at:
+        return out  # type: ignore[return-value]
+    weights = flat_each(torch.rsqrt, [lam_other[i] for i in at])  # type: ignore[misc]
+    Q = torch._foreach_mul([Q_other[i] for i in at], [w.unsqueeze(-2) for w in weights])  # type: ignore[misc]
+    products = [mm(q.mT, C[i]) if restricted[i] == "right" else mm(C[i], q) for i, q in zip(at, Q)]
+    norms = [torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) for X in products]
+    roots = flat_each(torch.rsqrt, [mu[i] for i in at])
+    for i, nu in zip(at, torch._foreach_mul(norms, [r.view(-1, 1, 1) for r in roots])):
+        out[i] = nu
+    return out  # type: ignore[return-value]
+
+
+def rescale_factors_each(D: Sequence[Tensor], norms: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`rescale_factor` of each ``(D[i], norms[i])``, the same bits: each block's norm in its turn, the ratios
+    of them all in one pass over one flat vector per dtype and device."""
+    norm_D = [torch.linalg.vector_norm(d, dim=(-2, -1), keepdim=True, dtype=n.dtype) for d, n in zip(D, norms)]
+    out: list[Tensor] = [None] * len(D)  # type: ignore[list-item]
+    for group in alike(list(norms)):
+        if len(group) == 1:
+            out[group[0]] = rescale_factor(D[group[0]], norms[group[0]])
+            continue
+        N, ND = joined([norms[i] for i in group]), joined([norm_D[i] for i in group])
+        ratio = N / ND.clamp(min=torch.finfo(N.dtype).tiny)
+        for i, t in zip(group, parted(torch.where(ND > 0, ratio, torch.zeros_like(ratio)), [norms[i] for i in group])):
+            out[i] = t
+    return out
+
+
 def restricted_refresh(P: Tensor, U: Tensor, lam: Tensor, *, first: bool) -> tuple[Tensor, Tensor, Tensor]:
     r"""New subspace of a restricted side from the power product :math:`P = \hat F U` ``(b d r)``.
 

@@ -205,11 +205,23 @@ class LowRankFlatSplit:
         """:meth:`complement` of several buckets, the same bits: the Newton–Schulz iterations of them all together
         (:func:`kronopt.linalg.newton_schulz_each`), the rest each in its turn."""
         operands = [self._operands(ctx, moment) for ctx, moment in zip(ctxs, moments)]
-        made = iter(self._orthogonalized([op[1] for op in operands if op is not None]))
-        return [
-            (d, state) if op is None else (self._added(d, next(made).to(d.dtype), op, ctx), state)
-            for state, d, ctx, op in zip(states, D, ctxs, operands)
-        ]
+        at = [i for i, op in enumerate(operands) if op is not None]
+        made = self._orthogonalized([operands[i][1] for i in at])  # type: ignore[index]
+        out = [(d, state) for d, state in zip(D, states)]
+        if at and self.complement_scale == "whitened" and not any(ctxs[i].eigvals_from_basis for i in at):
+            # the tracked eigenvalues' norms and rescalings of them all together (an eigensolver's take the
+            # pseudo-inverse root: alone, as _added makes them)
+            O = [o.to(D[i].dtype) for i, o in zip(at, made)]
+            side, C, Q_other, lam_other, mu = (list(x) for x in zip(*(operands[i] for i in at)))  # type: ignore[misc]
+            nu = linalg.whitened_complement_norms_each(C, Q_other, lam_other, mu, side)
+            w = linalg.rescale_factors_each(O, linalg.flat_each(linalg.finite_or_zero, nu))
+            w = [t.mul_(self.complement_mult) for t in w] if self.complement_mult != 1.0 else w
+            for i, d in zip(at, torch._foreach_addcmul([D[i] for i in at], O, w)):
+                out[i] = (d, states[i])
+            return out
+        for i, o in zip(at, made):
+            out[i] = (self._added(D[i], o.to(D[i].dtype), operands[i], ctxs[i]), states[i])  # type: ignore[arg-type]
+        return out
 
     def complement(
         self, state: NoState, G: Tensor, D: Tensor, ctx: StepContext, moment: Callable[[], Tensor]

@@ -30,6 +30,7 @@ CONFIGS = {
     "the identity's complement scale": ("pro_kl_shampoo", {"split.complement_scale": "identity"}),
     "a numeric complement scale": ("pro_kl_shampoo", {"split.complement_scale": 0.7, "split.complement_mult": 2.0}),
     "the subspace block's RMS": ("pro_kl_shampoo", {"split.complement_scale": "match_subspace_rms"}),
+    "whitened, doubled": ("pro_kl_shampoo", {"split.complement_mult": 2.0}),
     "the sketch tracker": ("pro_kl_shampoo", {"factors.tracker": "sketch"}),
     "damped": ("pro_kl_shampoo", {"factors.damping": 1e-3}),
     "factors before the direction": ("pro_kl_shampoo", {"factor_update": "before"}),
@@ -62,11 +63,16 @@ def _made(configs, layouts, update, seed, scale=1.0):
 
 
 def test_plain_calls_of_many_settings_equal_the_pipeline_bit_for_bit():
-    """Fifteen settings on restricted layouts of either side, stacked, tall and wide, with the other side rotated or
+    """Seventeen settings on restricted layouts of either side, stacked, tall and wide, with the other side rotated or
     not, and one whose rank reaches its side, float32 and float64 in one call, at updates with no refresh due."""
     made = _made(CONFIGS, LAYOUTS, lambda j, k: 12 + (j + k) % 7, seed=0)
     assert not any(call[0].refresh.due(call[2].step + 1, first_call=False) for call, _ in made)
     assert len(made) == len(CONFIGS) * len(LAYOUTS)
+
+
+def test_calls_with_no_restricted_side_alone_are_kl_shampoo_s():
+    """A call of buckets whose rank reaches their side only (no complement to add), as the pipeline makes them."""
+    _made(CONFIGS, [LAYOUTS[5], Layout(batch=1, m=3, n=3, left="full", right="full")], lambda j, k: 12 + j, seed=6)
 
 
 def test_refresh_calls_made_together_equal_the_pipeline_bit_for_bit():
@@ -144,6 +150,27 @@ def test_non_finite_gradients_give_the_pipeline_s_new_state():
         assert_records_equal(new, new_ref)
     mus = [new.factors.mu_R for _, new in expected if new.factors.mu_R is not None]
     assert any(bool((mu == cfg.factors.init_factor).any()) for mu in mus)
+
+
+def test_a_zero_flat_eigenvalue_leaves_the_complement_out_as_alone():
+    """A flat eigenvalue of 0 (an estimator whose complement has seen no energy) makes the whitened norm infinite:
+    both paths leave that block's complement out (a zero rescaling), the other blocks' in."""
+    cfg = kronopt.resolve("pro_kl_shampoo").bound()
+    calls, expected = [], []
+    for seed, layout in enumerate([LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]]):
+        state, G = pipeline_state(cfg, layout, 12, torch.Generator().manual_seed(40 + seed))
+        f = state.factors
+        if layout.right == "restricted":
+            f = attrs.evolve(f, mu_R=f.mu_R.clone().index_fill_(0, torch.tensor([0]), 0.0))
+        else:
+            f = attrs.evolve(f, mu_L=f.mu_L.clone().index_fill_(0, torch.tensor([0]), 0.0))
+        state = attrs.evolve(state, factors=f)
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
+        assert_records_equal(D, D_ref, "D")
+        assert_records_equal(new, new_ref)
+    assert all(torch.isfinite(D).all() for D, _ in expected)
 
 
 def test_calls_whose_momentum_is_kept_whole_or_normalised_are_refused():
@@ -226,6 +253,35 @@ def test_newton_schulz_of_many_blocks_checks_its_options():
     with pytest.raises(ValueError, match="form must be"):
         linalg.newton_schulz_each([torch.randn(1, 4, 5)], [(3.0, -4.0, 2.0)], form="cubic")
     assert linalg.newton_schulz_each([], [(3.0, -4.0, 2.0)]) == []
+
+
+def test_the_whitened_norms_and_rescalings_of_many_equal_each_alone():
+    """Complements of either restricted side, a side not rotated, float32 beside float64, a zero flat eigenvalue
+    (an infinite norm), an infinite eigenvalue (a zero weight), a zero block (a zero rescaling)."""
+    gen = torch.Generator().manual_seed(7)
+    cases = [((2, 6, 9), "right", 6), ((1, 12, 5), "left", 5), ((3, 4, 11), "right", 4), ((1, 7, 3), "right", None),
+             ((1, 5, 8), "right", 5)]
+    C, Q, lam, mu, side = [], [], [], [], []
+    for k, ((b, m, n), where, d) in enumerate(cases):
+        dtype = torch.float64 if k == 2 else torch.float32
+        C.append(torch.randn(b, m, n, generator=gen, dtype=dtype))
+        Q.append(None if d is None else torch.linalg.qr(torch.randn(b, d, d, generator=gen, dtype=dtype))[0])
+        lam.append(None if d is None else torch.rand(b, d, generator=gen, dtype=dtype) + 0.1)
+        mu.append(torch.rand(b, generator=gen, dtype=dtype) + 0.1)
+        side.append(where)
+    mu[0][1] = 0.0  # an infinite norm
+    lam[1][0, 2] = float("inf")  # a zero weight
+    made = linalg.whitened_complement_norms_each(C, Q, lam, mu, side)
+    for nu, c, q, l_, m_, s_ in zip(made, C, Q, lam, mu, side):
+        assert torch.equal(nu, linalg.whitened_complement_norm(c, q, l_, m_, restricted=s_))
+    assert torch.isinf(made[0][1]).all()
+    O = [torch.randn(c.shape, generator=gen, dtype=c.dtype) for c in C]
+    O[3].zero_()
+    norms = [linalg.finite_or_zero(nu) for nu in made]
+    for w, o, nu in zip(linalg.rescale_factors_each(O, norms), O, norms):
+        assert torch.equal(w, linalg.rescale_factor(o, nu))
+    with pytest.raises(ValueError, match="restricted must be"):
+        linalg.whitened_complement_norms_each(C[:1], Q[:1], lam[:1], mu[:1], ["top"])
 
 
 # -- through the optimizer ----------------------------------------------------------------------------------
