@@ -895,17 +895,20 @@ def eigen_steps(
     holds, the same bits on a CPU (the only device the optimizer takes it on): the factor updates (each stage's calls
     together where it can: ``update_each``, the ``kl`` and ``ema`` estimators') and due refreshes of the calls that
     update before the direction (``factor_update = "before"``, Shampoo's), then the directions of each inner rule's
-    calls together (:meth:`~kronopt.inner_rules.eigenvalue.EigenvalueInner.direction_each`) and each call's grafting
-    (``post.graft``), then the factor updates and refreshes of the others. The estimators' eigenvalues a context reads
-    are taken for many calls at once where the stage can (``eigvals_each``, the ``kl`` estimator's). A call whose
+    calls together (:meth:`~kronopt.inner_rules.eigenvalue.EigenvalueInner.direction_each`), the complements of each
+    ``lowrank_flat`` split's calls together (:meth:`~kronopt.splits.LowRankFlatSplit.complement_each`) and each call's
+    grafting (``post.graft``), then the factor updates and refreshes of the others. The estimators' eigenvalues a
+    context reads are taken for many calls at once where the stage can (``eigvals_each``, the ``kl`` estimator's). A
+    call whose
     factors update after the direction shares one context between the two, so its rotation of ``G`` is made once
     (:meth:`StepContext.rotated`), as :func:`step`'s stages share it; the factor update reads neither the direction
     nor the momentum, so the order changes no bit.
 
     As in :func:`rotated_adams`, a refresh made here does not test its new basis (:attr:`StepContext.finite_fallback`
     off): the caller tests every new tensor and makes a call whose new basis is not finite again with :func:`step`.
-    The new states' small vectors (the ``kl`` estimator's inverse roots) may be views into one vector of the call's
-    buckets: the optimizer copies them into its own stacks; another caller keeping them should copy them too."""
+    The new states' small vectors (the ``kl`` estimator's inverse roots and flat eigenvalues) may be views into one
+    vector of the call's buckets: the optimizer copies them into its own stacks; another caller keeping them should
+    copy them too."""
     t = [state.step + 1 for _, _, state, _, _ in calls]
     due = [cfg.refresh.due(t_i, first_call=False) for (cfg, _, _, _, _), t_i in zip(calls, t)]
     states = [call[2] for call in calls]
