@@ -151,6 +151,26 @@ def made_together_as_the_pipeline(together, due, configs, layouts, calls_before,
     return [(call, new) for call, (_, new) in zip(calls, got)]
 
 
+def drawn_calls_as_the_pipeline(together, due, drawn, seed):
+    """Drawn calls ``(preset, overrides, layout, update, float64)``, each bucket stepped by the pipeline until its next
+    call is update ``update`` (in float64 where drawn so) and that call taken by ``due``, made in one call of
+    ``together`` against each bucket's ``compose.step``, bit for bit (NaN where the pipeline's has NaN)."""
+    import kronopt
+
+    gen = torch.Generator().manual_seed(seed)
+    calls, expected = [], []
+    for preset, overrides, layout, update, wide in drawn:
+        cfg = kronopt.resolve(preset, **overrides).bound()
+        dtype = torch.float64 if wide else torch.float32
+        state, G = pipeline_state(cfg, layout, update - 1 + cfg.skip_first_call, gen, dtype)
+        assert due(cfg, layout, state, dtype)
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(together(calls), expected):
+        assert_records_equal(D, D_ref, "D")
+        assert_records_equal(new, new_ref)
+
+
 def assert_same_training(fast, slow):
     """Two runs of :func:`train_two_groups` (the path made together, then not) equal bit for bit: parameters (signs of
     zeros included), every state entry, the skip counts."""

@@ -26,8 +26,8 @@ from kronopt.types import Layout
 from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.kl_shampoo import kl_reference
 from tests.unit._together import (
-    assert_records_equal, assert_same_deferred, assert_same_training, made_together_as_the_pipeline, pipeline_state,
-    slots_seen, train_two_groups,
+    assert_records_equal, assert_same_deferred, assert_same_training, drawn_calls_as_the_pipeline,
+    made_together_as_the_pipeline, pipeline_state, slots_seen, train_two_groups,
 )
 
 
@@ -491,15 +491,10 @@ def test_drawn_settings_made_together_equal_the_pipeline_bit_for_bit(drawn, seed
             lambda cfg, j, i: updates[k] - 1 + cfg.skip_first_call, lambda j, i: wide[k], seed,
         )
         assert made[0][0][2].step + 1 == updates[k]
-    calls_all = []  # and all of them in one call
-    gen = torch.Generator().manual_seed(seed)
-    expected = []
-    for k, (preset, overrides) in enumerate(configs.values()):
-        cfg = kronopt.resolve(preset, **overrides).bound()
-        dtype = torch.float64 if wide[k] else torch.float32
-        state, G = pipeline_state(cfg, layouts[k], updates[k] - 1 + cfg.skip_first_call, gen, dtype)
-        expected.append(compose.step(cfg, layouts[k], state, G.clone()))
-        calls_all.append((cfg, layouts[k], state, G, None))
-    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls_all), expected):
-        _equal(D, D_ref, "D")
-        _equal(new, new_ref)
+    # and all of them in one call
+    drawn_calls_as_the_pipeline(
+        compose.eigen_steps, compose.eigen_steps_due,
+        [(preset, overrides, layouts[k], updates[k], wide[k])
+         for k, (preset, overrides) in enumerate(configs.values())],
+        seed,
+    )

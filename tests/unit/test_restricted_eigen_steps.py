@@ -18,7 +18,8 @@ import kronopt
 from kronopt import compose, linalg
 from kronopt.types import Layout
 from tests.unit._together import (
-    assert_records_equal, assert_same_training, made_together_as_the_pipeline, pipeline_state, train_two_groups,
+    assert_records_equal, assert_same_training, drawn_calls_as_the_pipeline, made_together_as_the_pipeline,
+    pipeline_state, train_two_groups,
 )
 
 CONFIGS = {
@@ -347,15 +348,7 @@ def _drawn_calls(draw):
 @given(_drawn_calls(), st.integers(0, 2**16))
 def test_drawn_settings_made_together_equal_the_pipeline_bit_for_bit(drawn, seed):
     """The drawn calls in one ``eigen_steps`` call, against each bucket's ``compose.step``."""
-    gen = torch.Generator().manual_seed(seed)
-    calls, expected = [], []
-    for overrides, layout, update, wide in drawn:
-        cfg = kronopt.resolve("pro_kl_shampoo", **overrides).bound()
-        dtype = torch.float64 if wide else torch.float32
-        state, G = pipeline_state(cfg, layout, update - 1 + cfg.skip_first_call, gen, dtype)
-        assert compose.eigen_steps_due(cfg, layout, state, dtype)
-        expected.append(compose.step(cfg, layout, state, G.clone()))
-        calls.append((cfg, layout, state, G, None))
-    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
-        assert_records_equal(D, D_ref, "D")
-        assert_records_equal(new, new_ref)
+    drawn_calls_as_the_pipeline(
+        compose.eigen_steps, compose.eigen_steps_due,
+        [("pro_kl_shampoo", overrides, layout, update, wide) for overrides, layout, update, wide in drawn], seed,
+    )

@@ -26,8 +26,8 @@ from kronopt.types import Layout
 from tests.equivalence._helpers import assert_histories_close, reference_grads, run_history
 from tests.reference.soap import soap_reference
 from tests.unit._together import (
-    assert_records_equal, assert_same_deferred, assert_same_training, made_together_as_the_pipeline, pipeline_state,
-    slots_seen, train_two_groups,
+    assert_records_equal, assert_same_deferred, assert_same_training, drawn_calls_as_the_pipeline,
+    made_together_as_the_pipeline, pipeline_state, slots_seen, train_two_groups,
 )
 
 
@@ -548,15 +548,4 @@ def _drawn_adam_calls(draw):
 def test_drawn_settings_made_together_equal_the_pipeline_bit_for_bit(drawn, seed):
     """Drawn buckets in one ``rotated_adams`` call against each bucket's ``compose.step``, bit for bit (NaN where the
     pipeline's has NaN)."""
-    gen = torch.Generator().manual_seed(seed)
-    calls, expected = [], []
-    for preset, overrides, layout, update, wide in drawn:
-        cfg = kronopt.resolve(preset, **overrides).bound()
-        dtype = torch.float64 if wide else torch.float32
-        state, G = _states(cfg, layout, update - 1 + cfg.skip_first_call, gen, dtype)
-        assert compose.rotated_adam_due(cfg, layout, state, dtype)
-        expected.append(compose.step(cfg, layout, state, G.clone()))
-        calls.append((cfg, layout, state, G, None))
-    for (D, new), (D_ref, new_ref) in zip(compose.rotated_adams(calls), expected):
-        _equal(D, D_ref, "D")
-        _equal(new, new_ref)
+    drawn_calls_as_the_pipeline(compose.rotated_adams, compose.rotated_adam_due, drawn, seed)
