@@ -4422,7 +4422,12 @@ def divide_by_product_inverse_root(P: Tensor, lam_L: Tensor | None, lam_R: Tenso
     r""":math:`P` divided by :func:`product_inverse_root_denominator`, ``b m n``: KL-Shampoo's scaled step
     in the eigenbasis. Where the denominator is a whole ``b m n`` tensor of the quotient's dtype the
     quotient is written over it, which spares a second tensor of the block's size."""
-    denominator = product_inverse_root_denominator(lam_L, lam_R, exponent, eps)
+    return divided_over(P, product_inverse_root_denominator(lam_L, lam_R, exponent, eps))
+
+
+def divided_over(P: Tensor, denominator: Tensor) -> Tensor:
+    """``P / denominator``, written over ``denominator`` (in its layout) where it is a whole tensor of the quotient's
+    shape and dtype that no autograd tracks: :func:`divide_by_product_inverse_root`'s quotient."""
     tracked = torch.is_grad_enabled() and (P.requires_grad or denominator.requires_grad)
     if tracked or denominator.shape != P.shape or denominator.dtype != torch.result_type(P, denominator):
         return P / denominator

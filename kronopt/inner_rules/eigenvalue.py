@@ -249,10 +249,17 @@ class EigenvalueInner:
             denominators = linalg.product_inverse_root_denominators_each(
                 [pair[0] for pair in lam], [pair[1] for pair in lam], self.exponent, self.eps  # type: ignore[misc]
             )
-            # the quotient laid out as the pipeline's, which writes it over its row-major denominator
-            # (divide_by_product_inverse_root): a momentum stack loaded column-major would lay it out otherwise,
-            # and the products rotating it back round by layout
-            P = torch._foreach_div([p.contiguous() for p in P], denominators)
+            # the quotient laid out as the pipeline's, which writes it over its denominator (divided_over): a
+            # momentum stack loaded column-major would lay it out otherwise, and the products rotating it back
+            # round by layout. A row-major denominator (both sides' roots row-major) takes the quotients of them
+            # all in one call; one of another layout (a side's roots loaded column-major) is written over alone
+            row = [k for k, d in enumerate(denominators) if d.is_contiguous() and d.shape == P[k].shape]
+            if row:
+                quotients = torch._foreach_div([P[k].contiguous() for k in row], [denominators[k] for k in row])
+                for k, q in zip(row, quotients):
+                    P[k] = q
+            for k in sorted(set(range(len(P))) - set(row)):
+                P[k] = linalg.divided_over(P[k], denominators[k])
         else:
             present = [v for pair in lam for v in pair if v is not None]
             scales = iter(linalg.flat_each(self._scale, present))

@@ -38,6 +38,11 @@ CONFIGS = {
     "grafted": ("pro_kl_shampoo", {"post.grafting": "adam"}),
     "Newton–Schulz on the Gram matrix": ("pro_kl_shampoo", {"split.ns_form": "gram"}),
     "Newton–Schulz in float32": ("pro_kl_shampoo", {"split.ns_dtype": "float32"}),
+    "the ema estimator (eigenvalues from the basis)": ("pro_kl_shampoo", {"factors.type": "ema"}),
+    "Shampoo with the split": ("shampoo", {
+        "split.type": "lowrank_flat", "inner.momentum_basis": "subspace", "basis.type": "qr", "skip_first_call": True,
+        "refresh.at_first_call": True,
+    }),
     "Newton–Schulz, other schedule and norm floor": (
         "pro_kl_shampoo", {"split.ns_coefficients": "polar_express", "split.ns_steps": 4, "split.ns_eps": 1e-3}
     ),
@@ -64,7 +69,8 @@ def _made(configs, layouts, update, seed, scale=1.0):
 
 
 def test_plain_calls_of_many_settings_equal_the_pipeline_bit_for_bit():
-    """Seventeen settings on restricted layouts of either side, stacked, tall and wide, with the other side rotated or
+    """Nineteen settings (the ``ema`` estimator's and Shampoo's eigenvalues from the basis among them) on restricted
+    layouts of either side, stacked, tall and wide, with the other side rotated or
     not, and one whose rank reaches its side, float32 and float64 in one call, at updates with no refresh due."""
     made = _made(CONFIGS, LAYOUTS, lambda j, k: 12 + (j + k) % 7, seed=0)
     assert not any(call[0].refresh.due(call[2].step + 1, first_call=False) for call, _ in made)
@@ -92,7 +98,10 @@ def test_the_first_calls_after_the_one_that_builds_the_factors_are_taken_as_the_
 def test_small_gradients_put_the_estimates_at_their_floors_and_ceilings_as_alone():
     """Gradients of 1e-3 against estimates that start at 1e-4: inverse roots at their ceilings and flat eigenvalues
     at their floors, each side's own, made together as alone."""
-    configs = {name: (preset, {**overrides, "factors.init_factor": 1e-4}) for name, (preset, overrides) in CONFIGS.items()}
+    configs = {
+        name: (preset, {**overrides, "factors.init_factor": 1e-4}) for name, (preset, overrides) in CONFIGS.items()
+        if preset == "pro_kl_shampoo" and "factors.type" not in overrides  # KL's estimates
+    }
     made = _made(configs, LAYOUTS[:3], lambda j, k: 5 + 6 * ((j + k) % 2), seed=3, scale=1e-3)
     ceilings, floors = set(), set()
     for (cfg, layout, *_), new in made:
@@ -174,6 +183,51 @@ def test_a_zero_flat_eigenvalue_leaves_the_complement_out_as_alone():
     assert all(torch.isfinite(D).all() for D, _ in expected)
 
 
+@pytest.mark.parametrize("preset", ["pro_kl_shampoo", "kl_shampoo"])
+def test_inverse_roots_laid_out_column_major_step_as_the_pipeline_steps_them(preset):
+    """A side's inverse roots loaded column-major (a checkpoint's stacks keep their layout) beside the other's
+    row-major: the denominator of KL's product scale then has neither's layout, the pipeline writes the quotient over it, and the
+    products rotating it back round by layout; the calls made together lay it out the same (rank-one restricted sides
+    and sides of one, where a size-1 axis lets the roots' layout decide, among them)."""
+    cfg = kronopt.resolve(preset).bound()
+    layouts = (
+        [Layout(batch=2, m=31, n=17, left="full", right="restricted", rank_right=1),
+         Layout(batch=2, m=27, n=30, left="restricted", right="full", rank_left=1), LAYOUTS[2]]
+        if preset == "pro_kl_shampoo" else
+        [Layout(batch=2, m=31, n=1, left="full", right="full"), Layout(batch=3, m=7, n=12, left="full", right="full")]
+    )
+    calls, expected = [], []
+    for seed, (layout, side) in enumerate((layout, side) for layout in layouts for side in ("s_L", "s_R")):
+        state, G = pipeline_state(cfg, layout, 8, torch.Generator().manual_seed(50 + seed))
+        s_ = getattr(state.factors, side)
+        state = attrs.evolve(state, factors=attrs.evolve(state.factors, **{side: s_.mT.contiguous().mT}))
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
+        assert_records_equal(D, D_ref, "D")
+        assert_records_equal(new, new_ref)
+
+
+def test_a_solver_s_eigenvalues_of_zero_take_the_pseudo_inverse_root_as_alone():
+    """The ``ema`` estimator's eigenvalues are its basis's (a solver's): those within its rounding of zero (a factor
+    rank-deficient at its last refresh) weigh 0 in the whitened norm, where tracked ones would weigh their inverse
+    root; the calls made together take them so too."""
+    cfg = kronopt.resolve("pro_kl_shampoo", **{"factors.type": "ema"}).bound()
+    calls, expected = [], []
+    for seed, layout in enumerate([LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]]):
+        state, G = pipeline_state(cfg, layout, 12, torch.Generator().manual_seed(60 + seed))
+        side = "lam_L" if layout.right == "restricted" else "lam_R"  # the full side's
+        lam = getattr(state.basis, side).clone()
+        lam[..., -2:] = 0.0
+        state = attrs.evolve(state, basis=attrs.evolve(state.basis, **{side: lam}))
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
+        assert_records_equal(D, D_ref, "D")
+        assert_records_equal(new, new_ref)
+    assert all(torch.isfinite(D).all() for D, _ in expected)
+
+
 def test_calls_whose_momentum_is_kept_whole_or_normalised_are_refused():
     layout = LAYOUTS[0]
 
@@ -214,6 +268,7 @@ def test_newton_schulz_of_many_blocks_equals_each_alone(options):
     U[2] = torch.randn(1, 12, 9, generator=gen).mT  # a view of other strides
     U[4] = U[4].to(torch.bfloat16)
     U[6] = torch.zeros(2, 5, 5)
+    U += [torch.zeros(1, 20, 32), 1e-30 * torch.randn(1, 17, 26, generator=gen)]  # zero, tiny blocks rounded together
     schedule = linalg.ns_schedule("kj", 5)
     made = linalg.newton_schulz_each(U, schedule, **options)
     for O, u in zip(made, U):
@@ -278,6 +333,7 @@ def test_the_whitened_norms_and_rescalings_of_many_equal_each_alone():
     assert torch.isinf(made[0][1]).all()
     O = [torch.randn(c.shape, generator=gen, dtype=c.dtype) for c in C]
     O[3].zero_()
+    O[4] = O[4] * 1e-42  # subnormal entries, whose squares underflow: a zero norm, a zero rescaling
     norms = [linalg.finite_or_zero(nu) for nu in made]
     for w, o, nu in zip(linalg.rescale_factors_each(O, norms), O, norms):
         assert torch.equal(w, linalg.rescale_factor(o, nu))
