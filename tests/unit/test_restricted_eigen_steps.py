@@ -186,9 +186,9 @@ def test_a_zero_flat_eigenvalue_leaves_the_complement_out_as_alone():
 @pytest.mark.parametrize("preset", ["pro_kl_shampoo", "kl_shampoo"])
 def test_inverse_roots_laid_out_column_major_step_as_the_pipeline_steps_them(preset):
     """A side's inverse roots loaded column-major (a checkpoint's stacks keep their layout) beside the other's
-    row-major: the denominator of KL's product scale then has neither's layout, the pipeline writes the quotient over it, and the
-    products rotating it back round by layout; the calls made together lay it out the same (rank-one restricted sides
-    and sides of one, where a size-1 axis lets the roots' layout decide, among them)."""
+    row-major: the denominator of KL's product scale then has neither's layout, the pipeline writes the quotient
+    over it, and the products rotating it back round by layout; the calls made together lay it out the same
+    (rank-one restricted sides and sides of one, where a size-1 axis lets the roots' layout decide, among them)."""
     cfg = kronopt.resolve(preset).bound()
     layouts = (
         [Layout(batch=2, m=31, n=17, left="full", right="restricted", rank_right=1),
