@@ -115,49 +115,58 @@ def test_small_gradients_put_the_estimates_at_their_floors_and_ceilings_as_alone
     assert len(ceilings) >= 3 and len(floors) >= 2
 
 
+def _edited_as_the_pipeline(cfg, layouts, seed, edit, steps=12):
+    """A bucket on each layout after ``steps`` calls of the pipeline, its state and next gradient edited by
+    ``edit(state, G, layout, gen)`` (which returns both), that call of them all made in one ``eigen_steps`` call
+    against each bucket's ``compose.step``, bit for bit. Returns the pipeline's ``[(D, new state)]``."""
+    calls, expected = [], []
+    for k, layout in enumerate(layouts):
+        gen = torch.Generator().manual_seed(seed + k)
+        state, G = pipeline_state(cfg, layout, steps, gen)
+        state, G = edit(state, G, layout, gen)
+        expected.append(compose.step(cfg, layout, state, G.clone()))
+        calls.append((cfg, layout, state, G, None))
+    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
+        assert_records_equal(D, D_ref, "D")
+        assert_records_equal(new, new_ref)
+    return expected
+
+
 def test_a_complement_of_rank_one_rounds_its_energies_below_zero_and_both_paths_floor_them():
     """A gradient that is one outer product outside the restricted subspace, along the other side's first basis
     column, on a state whose other side's eigenvalue estimates are infinite (inverse roots 0, as after a vanishing
     direction): the complement's rows' energies in that basis are zero but for the first, and their rounding goes
     below zero in part, which would make a new estimate negative (its inverse root 0) where the floor at 0 leaves
     it positive; both paths floor them, as alone."""
-    cfg = kronopt.resolve("pro_kl_shampoo", **{"factors.clamping": False}).bound()
-    calls, expected, negative = [], [], 0
-    for seed, layout in enumerate([LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]]):
-        gen = torch.Generator().manual_seed(20 + seed)
-        state, _ = pipeline_state(cfg, layout, 12, gen)
+    negative = []
+
+    def edit(state, G, layout, gen):
         left = layout.left == "restricted"
         U, Q = (state.basis.Q_L, state.basis.Q_R) if left else (state.basis.Q_R, state.basis.Q_L)
         f = state.factors
         f = attrs.evolve(f, s_R=torch.zeros_like(f.s_R)) if left else attrs.evolve(f, s_L=torch.zeros_like(f.s_L))
-        state = attrs.evolve(state, factors=f)
         v = torch.randn(U.shape[0], U.shape[1], 1, generator=gen)
         G = Q[:, :, :1] * (v - U @ (U.mT @ v)).mT  # outside the subspace
         Gc = G - (G @ U) @ U.mT
-        negative += int(((linalg.mm(Q.mT, linalg.mm(Gc, Gc.mT)) * Q.mT).sum(-1) < 0).sum())
-        G = G.mT if left else G
-        expected.append(compose.step(cfg, layout, state, G.clone()))
-        calls.append((cfg, layout, state, G, None))
-    assert negative > 0  # the floor is reached
-    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
-        assert_records_equal(D, D_ref, "D")
-        assert_records_equal(new, new_ref)
+        negative.append(int(((linalg.mm(Q.mT, linalg.mm(Gc, Gc.mT)) * Q.mT).sum(-1) < 0).sum()))
+        return attrs.evolve(state, factors=f), G.mT if left else G
+
+    cfg = kronopt.resolve("pro_kl_shampoo", **{"factors.clamping": False}).bound()
+    _edited_as_the_pipeline(cfg, [LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]], 20, edit)
+    assert sum(negative) > 0  # the floor is reached
 
 
 def test_non_finite_gradients_give_the_pipeline_s_new_state():
     """A NaN and an infinite gradient entry (the optimizer skips such blocks, but the call's new state is made first):
     the same state, NaN where the pipeline's has NaN, the flat eigenvalue's NaN statistic taken as its start value."""
+    bad = iter((float("nan"), float("inf"), float("nan")))
+
+    def edit(state, G, layout, gen):
+        G[0, 1, 2] = next(bad)
+        return state, G
+
     cfg = kronopt.resolve("pro_kl_shampoo").bound()
-    calls, expected = [], []
-    for seed, (layout, bad) in enumerate(zip(LAYOUTS[:3], (float("nan"), float("inf"), float("nan")))):
-        gen = torch.Generator().manual_seed(30 + seed)
-        state, G = pipeline_state(cfg, layout, 12, gen)
-        G[0, 1, 2] = bad
-        expected.append(compose.step(cfg, layout, state, G.clone()))
-        calls.append((cfg, layout, state, G, None))
-    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
-        assert_records_equal(D, D_ref, "D")
-        assert_records_equal(new, new_ref)
+    expected = _edited_as_the_pipeline(cfg, LAYOUTS[:3], 30, edit)
     mus = [new.factors.mu_R for _, new in expected if new.factors.mu_R is not None]
     assert any(bool((mu == cfg.factors.init_factor).any()) for mu in mus)
 
@@ -165,21 +174,14 @@ def test_non_finite_gradients_give_the_pipeline_s_new_state():
 def test_a_zero_flat_eigenvalue_leaves_the_complement_out_as_alone():
     """A flat eigenvalue of 0 (an estimator whose complement has seen no energy) makes the whitened norm infinite:
     both paths leave that block's complement out (a zero rescaling), the other blocks' in."""
+
+    def edit(state, G, layout, gen):
+        side = "mu_R" if layout.right == "restricted" else "mu_L"
+        mu = getattr(state.factors, side).clone().index_fill_(0, torch.tensor([0]), 0.0)
+        return attrs.evolve(state, factors=attrs.evolve(state.factors, **{side: mu})), G
+
     cfg = kronopt.resolve("pro_kl_shampoo").bound()
-    calls, expected = [], []
-    for seed, layout in enumerate([LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]]):
-        state, G = pipeline_state(cfg, layout, 12, torch.Generator().manual_seed(40 + seed))
-        f = state.factors
-        if layout.right == "restricted":
-            f = attrs.evolve(f, mu_R=f.mu_R.clone().index_fill_(0, torch.tensor([0]), 0.0))
-        else:
-            f = attrs.evolve(f, mu_L=f.mu_L.clone().index_fill_(0, torch.tensor([0]), 0.0))
-        state = attrs.evolve(state, factors=f)
-        expected.append(compose.step(cfg, layout, state, G.clone()))
-        calls.append((cfg, layout, state, G, None))
-    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
-        assert_records_equal(D, D_ref, "D")
-        assert_records_equal(new, new_ref)
+    expected = _edited_as_the_pipeline(cfg, [LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]], 40, edit)
     assert all(torch.isfinite(D).all() for D, _ in expected)
 
 
@@ -189,42 +191,34 @@ def test_inverse_roots_laid_out_column_major_step_as_the_pipeline_steps_them(pre
     row-major: the denominator of KL's product scale then has neither's layout, the pipeline writes the quotient
     over it, and the products rotating it back round by layout; the calls made together lay it out the same
     (rank-one restricted sides and sides of one, where a size-1 axis lets the roots' layout decide, among them)."""
-    cfg = kronopt.resolve(preset).bound()
     layouts = (
         [Layout(batch=2, m=31, n=17, left="full", right="restricted", rank_right=1),
          Layout(batch=2, m=27, n=30, left="restricted", right="full", rank_left=1), LAYOUTS[2]]
         if preset == "pro_kl_shampoo" else
         [Layout(batch=2, m=31, n=1, left="full", right="full"), Layout(batch=3, m=7, n=12, left="full", right="full")]
     )
-    calls, expected = [], []
-    for seed, (layout, side) in enumerate((layout, side) for layout in layouts for side in ("s_L", "s_R")):
-        state, G = pipeline_state(cfg, layout, 8, torch.Generator().manual_seed(50 + seed))
-        s_ = getattr(state.factors, side)
-        state = attrs.evolve(state, factors=attrs.evolve(state.factors, **{side: s_.mT.contiguous().mT}))
-        expected.append(compose.step(cfg, layout, state, G.clone()))
-        calls.append((cfg, layout, state, G, None))
-    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
-        assert_records_equal(D, D_ref, "D")
-        assert_records_equal(new, new_ref)
+    for side in ("s_L", "s_R"):
+
+        def edit(state, G, layout, gen):
+            s_ = getattr(state.factors, side)
+            return attrs.evolve(state, factors=attrs.evolve(state.factors, **{side: s_.mT.contiguous().mT})), G
+
+        _edited_as_the_pipeline(kronopt.resolve(preset).bound(), layouts, 50, edit, steps=8)
 
 
 def test_a_solver_s_eigenvalues_of_zero_take_the_pseudo_inverse_root_as_alone():
     """The ``ema`` estimator's eigenvalues are its basis's (a solver's): those within its rounding of zero (a factor
     rank-deficient at its last refresh) weigh 0 in the whitened norm, where tracked ones would weigh their inverse
     root; the calls made together take them so too."""
-    cfg = kronopt.resolve("pro_kl_shampoo", **{"factors.type": "ema"}).bound()
-    calls, expected = [], []
-    for seed, layout in enumerate([LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]]):
-        state, G = pipeline_state(cfg, layout, 12, torch.Generator().manual_seed(60 + seed))
+
+    def edit(state, G, layout, gen):
         side = "lam_L" if layout.right == "restricted" else "lam_R"  # the full side's
         lam = getattr(state.basis, side).clone()
         lam[..., -2:] = 0.0
-        state = attrs.evolve(state, basis=attrs.evolve(state.basis, **{side: lam}))
-        expected.append(compose.step(cfg, layout, state, G.clone()))
-        calls.append((cfg, layout, state, G, None))
-    for (D, new), (D_ref, new_ref) in zip(compose.eigen_steps(calls), expected):
-        assert_records_equal(D, D_ref, "D")
-        assert_records_equal(new, new_ref)
+        return attrs.evolve(state, basis=attrs.evolve(state.basis, **{side: lam})), G
+
+    cfg = kronopt.resolve("pro_kl_shampoo", **{"factors.type": "ema"}).bound()
+    expected = _edited_as_the_pipeline(cfg, [LAYOUTS[0], LAYOUTS[2], LAYOUTS[1]], 60, edit)
     assert all(torch.isfinite(D).all() for D, _ in expected)
 
 
