@@ -2194,9 +2194,9 @@ def newton_schulz_each(
 ) -> list[Tensor]:
     """:func:`newton_schulz` of each of ``Us`` (batches of any shapes), the same bits: those whose bfloat16
     arithmetic runs in float32 kernels (:func:`_bfloat16_in_float32`) in the standard iteration go together, their
-    iterations interleaved, each product in its turn and each rounding of them all in one pair of ``foreach`` copies
-    (:func:`_newton_schulz_in_buffers_each`); every other one alone. On many small blocks the calls, not the products,
-    are the iteration's cost."""
+    iterations interleaved, each product in its turn and each rounding of them all two copies of one arena of their
+    buffers (:func:`_newton_schulz_in_arenas`); every other one alone. On many small blocks the calls, not the
+    products, are the iteration's cost."""
     _check_ns_call(norm, form)
     out: list[Tensor | None] = [None] * len(Us)
     together: list[int] = []

@@ -215,7 +215,8 @@ class LowRankFlatSplit:
             side, C, Q_other, lam_other, mu = (list(x) for x in zip(*(operands[i] for i in at)))  # type: ignore[misc]
             nu = linalg.whitened_complement_norms_each(C, Q_other, lam_other, mu, side)
             w = linalg.rescale_factors_each(O, linalg.flat_each(linalg.finite_or_zero, nu))
-            w = [t.mul_(self.complement_mult) for t in w] if self.complement_mult != 1.0 else w
+            scales = [self.scale(ctxs[i].layout) for i in at]  # the whitened rule's: complement_mult
+            w = w if all(c == 1.0 for c in scales) else [t.mul_(c) for t, c in zip(w, scales)]
             for i, d in zip(at, torch._foreach_addcmul([D[i] for i in at], O, w)):
                 out[i] = (d, states[i])
             return out
