@@ -2201,10 +2201,11 @@ def newton_schulz_each(
     out: list[Tensor | None] = [None] * len(Us)
     together: list[int] = []
     if compiled.variant("newton_schulz") is None and not torch.compiler.is_compiling():
+        steps = len(coefficients)
+        plan = ns_restarts(restarts, steps) if form == "gram" else ()
         for i, U in enumerate(Us):
             _check_batched("U", U)
-            steps = len(coefficients)
-            gram = form == "gram" and gram_pays(*U.shape[-2:], steps, ns_restarts(restarts, steps))
+            gram = form == "gram" and gram_pays(*U.shape[-2:], steps, plan)
             if not gram and _bfloat16_in_float32(U, dtype) and _plain(U):
                 together.append(i)
     if len(together) > 1:
@@ -3903,6 +3904,14 @@ def alike(tensors: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+def spread(values: Sequence[float], parts: Sequence[Tensor], flat: Tensor) -> Tensor:
+    """A vector like ``flat`` (:func:`joined` of ``parts``) holding ``values[i]`` at every entry of part ``i``: each
+    part's own number, for an operation on the flat vector."""
+    counts = torch.tensor([t.numel() for t in parts], device=flat.device)
+    numbers = torch.tensor(values, dtype=flat.dtype, device=flat.device)
+    return numbers.repeat_interleave(counts, output_size=flat.numel())
+
+
 def flat_each(fn: Callable[[Tensor], Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
     """``fn`` (elementwise, made of kernels that round an entry alone: :func:`joined`) of each tensor, the same bits,
     in one call for each dtype and device among them; a tensor laid out otherwise than row-major alone, so that its
@@ -3942,18 +3951,13 @@ def tracked_inverse_root_ema_each(
             continue
         part = [s[i] for i in group]
         S, D = joined(part), joined([d[i] for i in group])
-        counts = torch.tensor([t.numel() for t in part], device=S.device)
-
-        def spread(values: Sequence[float]) -> Tensor:
-            return torch.tensor(values, dtype=S.dtype, device=S.device).repeat_interleave(counts, output_size=S.numel())
-
         if divisors is not None:
-            D = D / spread([divisors[i] for i in group])
+            D = D / spread([divisors[i] for i in group], part, S)
         flat = tracked_inverse_root_ema(S, D, rho, None)
         ceilings = [clamp[i] for i in group]
         if any(c is not None for c in ceilings):
             # min(x, c) rounds nothing: the same bits as each part's clamp (x is finite here)
-            flat = torch.minimum(flat, spread([math.inf if c is None else c for c in ceilings]))
+            flat = torch.minimum(flat, spread([math.inf if c is None else c for c in ceilings], part, S))
         for i, t in zip(group, parted(flat, part)):
             out[i] = t
     return out

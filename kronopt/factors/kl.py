@@ -402,26 +402,18 @@ class KlKronFactors:
         inv_mu = [t.view(-1, 1, 1) for t in torch._foreach_reciprocal([R.mu for R in right])]  # type: ignore[misc]
         tau = [R.s for R in right]
         A = torch._foreach_mul(Y, [t.unsqueeze(-2) for t in tau])  # type: ignore[union-attr]
-        # the left factors, as accumulate_two_grams_left_with_energy's Gram form: the half-weight products of the
-        # scaled coordinates, the complement's Gram weighted by 1/μ added, each summed with its transpose
+        # the left factors and the complement's rows' energies in the left basis, as
+        # accumulate_two_grams_left_with_energy's Gram form makes them; d_L's weighted energies
         C = [linalg.mm(c, c.mT) for c in Gc]
-        alpha = [(1 - rho) / k for k in n]
-        T = [
-            linalg._weighted_product(L.F, a, a, rho * 0.5, w * 0.5)  # type: ignore[arg-type]
-            for L, a, w in zip(left, A, alpha)
+        F = [
+            linalg._two_grams(L.F, a, c, w, rho, (1 - rho) / k)  # type: ignore[arg-type]
+            for L, a, c, w, k in zip(left, A, C, inv_mu, n)
         ]
-        torch._foreach_addcmul_(T, C, inv_mu, [w * 0.5 for w in alpha])
-        F = torch._foreach_add(T, [t.mT for t in T])
-        # the complement's rows' energies in the left basis, diag(Q_Lᵀ C Q_L) floored at 0 (rotated_diagonal)
-        QtC = [linalg.mm(L.Q.mT, c) for L, c in zip(left, C)]  # type: ignore[union-attr]
-        e_c = [x.sum(-1) for x in torch._foreach_mul(QtC, [L.Q.mT for L in left])]  # type: ignore[union-attr]
-        torch._foreach_clamp_min_(e_c, 0.0)
+        e_c = [linalg.rotated_diagonal(c, L.Q) for L, c in zip(left, C)]  # type: ignore[arg-type]
         # the statistics: d_L = (Σ_j (Q_Lᵀ G U)²_ij τ_j² + e_c / μ) / n, d_R = Σ_i Ŷ²_ij / m with
         # Ŷ = diag(s_L) Q_Lᵀ G U, d_μ = Σ_i e_c,i s_L,i² / (m (n - r))
-        energy = [x.sum(-1) for x in torch._foreach_mul(
-            torch._foreach_mul(Hy, Hy),
-            [t.unsqueeze(-2) for t in torch._foreach_mul(tau, tau)],  # type: ignore[arg-type]
-        )]
+        squares = torch._foreach_mul(tau, tau)  # type: ignore[arg-type]
+        energy = [linalg.weighted_row_energy(h, t) for h, t in zip(Hy, squares)]
         d_L = torch._foreach_add(energy, torch._foreach_mul([t.squeeze(-1) for t in inv_mu], e_c))
         sL = [L.s for L in left]
         Yh = torch._foreach_mul(Hy, [s.unsqueeze(-1) for s in sL])  # type: ignore[union-attr]
@@ -461,12 +453,9 @@ class KlKronFactors:
             part = [mu[i] for i in group]
             new = torch.lerp(linalg.joined(part), linalg.joined([d_mu[i] for i in group]), 1 - self.beta)
             new = new.nan_to_num(nan=self.init_factor)
-            floors = [self._mu_floor(d[i], mu[i]) for i in group]
+            floors = linalg.spread([self._mu_floor(d[i], mu[i]) for i in group], part, new)
             # max(x, floor) rounds nothing: the same bits as each part's clamp (no NaN is left)
-            spread = torch.tensor(floors, dtype=new.dtype, device=new.device).repeat_interleave(
-                torch.tensor([t.numel() for t in part], device=new.device), output_size=new.numel()
-            )
-            for i, t in zip(group, linalg.parted(torch.maximum(new, spread), part)):
+            for i, t in zip(group, linalg.parted(torch.maximum(new, floors), part)):
                 out[i] = t
         return out
 
